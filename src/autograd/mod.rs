@@ -1,0 +1,191 @@
+//! Reverse-mode automatic differentiation with an explicit tape.
+//!
+//! A training step owns one [`Tape`]. Parameters are registered with [`Tape::watch`]; every op whose inputs include
+//! a watched tensor (or the output of a recorded op) appends a node holding its backward function and whatever it
+//! saved from the forward pass. [`Tape::backward`] walks the nodes in reverse, hands each node the gradient of its
+//! output, and accumulates the gradients of its inputs:
+//!
+//! ```text
+//!   dL/d(input_i) += backward_i(dL/d(output))      for nodes from last to first
+//! ```
+//!
+//! Nodes are dropped as soon as they have run, so saved activations are released during the backward pass, and the
+//! tape is empty afterwards. A tape made with [`Tape::no_grad`] records nothing (inference).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::tensor::{Tensor, TensorId};
+use crate::{ensure, Result};
+
+/// The backward half of an op: given dL/d(output), the gradients of the op's inputs.
+pub trait Backward {
+    /// The op's name, for error messages.
+    fn name(&self) -> &'static str;
+
+    /// Returns one entry per input, in the order the inputs were given to [`Tape::record`]. `needs[i]` says whether
+    /// input i wants a gradient; entries it does not want may be `None` (skipping the work).
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+}
+
+struct Node {
+    inputs: Vec<TensorId>,
+    output: TensorId,
+    op: Box<dyn Backward>,
+}
+
+/// The record of one forward pass.
+pub struct Tape {
+    enabled: bool,
+    nodes: Vec<Node>,
+    /// Tensors whose gradient is wanted or flows: watched leaves and outputs of recorded nodes.
+    tracked: HashSet<TensorId>,
+    leaves: HashSet<TensorId>,
+}
+
+/// Gradients of the watched tensors after [`Tape::backward`].
+#[derive(Default)]
+pub struct Gradients {
+    map: HashMap<TensorId, Tensor>,
+}
+
+impl Gradients {
+    /// The gradient of `t`, if any flowed to it.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.map.get(&t.id())
+    }
+
+    /// Removes and returns the gradient of `t`.
+    pub fn take(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.map.remove(&t.id())
+    }
+
+    /// The number of gradients held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no gradient is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Tape::new()
+    }
+}
+
+impl Tape {
+    /// A tape that records ops.
+    pub fn new() -> Tape {
+        Tape { enabled: true, nodes: Vec::new(), tracked: HashSet::new(), leaves: HashSet::new() }
+    }
+
+    /// A tape that records nothing: ops run forward only and save nothing.
+    pub fn no_grad() -> Tape {
+        Tape { enabled: false, ..Tape::new() }
+    }
+
+    /// Whether ops are being recorded.
+    pub fn is_recording(&self) -> bool {
+        self.enabled
+    }
+
+    /// The number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Marks `t` as a leaf whose gradient [`Tape::backward`] must return (a parameter, or an input under test).
+    pub fn watch(&mut self, t: &Tensor) {
+        if self.enabled {
+            self.tracked.insert(t.id());
+            self.leaves.insert(t.id());
+        }
+    }
+
+    /// Whether a gradient will flow to `t`.
+    pub fn tracks(&self, t: &Tensor) -> bool {
+        self.tracked.contains(&t.id())
+    }
+
+    /// Whether an op with these inputs must be recorded. Ops call this before saving anything for the backward.
+    pub fn needs_grad(&self, inputs: &[&Tensor]) -> bool {
+        self.enabled && inputs.iter().any(|t| self.tracks(t))
+    }
+
+    /// Records that `output = op(inputs)`, if any input is tracked; otherwise drops `op`.
+    pub fn record(&mut self, inputs: &[&Tensor], output: &Tensor, op: impl Backward + 'static) {
+        if !self.needs_grad(inputs) {
+            return;
+        }
+        self.tracked.insert(output.id());
+        self.nodes.push(Node {
+            inputs: inputs.iter().map(|t| t.id()).collect(),
+            output: output.id(),
+            op: Box::new(op),
+        });
+    }
+
+    /// Back-propagates from a scalar `loss` (seed gradient 1).
+    pub fn backward(&mut self, loss: &Tensor) -> Result<Gradients> {
+        ensure!(loss.numel() == 1, Shape, "backward() needs a one-element loss, got shape {:?}", loss.shape());
+        let seed = Tensor::full(loss.shape(), 1.0, loss.dtype(), &loss.device())?;
+        self.backward_from(loss, seed)
+    }
+
+    /// Back-propagates from `output` with the given seed gradient dL/d(output), consuming the tape. Returns the
+    /// gradients of the watched leaves.
+    pub fn backward_from(&mut self, output: &Tensor, seed: Tensor) -> Result<Gradients> {
+        output.check_same_kind(&seed, "backward seed")?;
+        seed.check_shape(output.shape(), "backward seed")?;
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        grads.insert(output.id(), seed);
+        while let Some(node) = self.nodes.pop() {
+            // An output's gradient is complete once every later node has run; nodes no gradient reached are skipped.
+            let Some(grad_out) = grads.remove(&node.output) else { continue };
+            let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
+            let input_grads = node.op.backward(&grad_out, &needs)?;
+            ensure!(
+                input_grads.len() == node.inputs.len(),
+                Shape,
+                "backward of {} returned {} gradients for {} inputs",
+                node.op.name(),
+                input_grads.len(),
+                node.inputs.len()
+            );
+            for ((id, g), need) in node.inputs.iter().zip(input_grads).zip(needs) {
+                if let (Some(g), true) = (g, need) {
+                    accumulate(&mut grads, *id, g)?;
+                }
+            }
+        }
+        grads.retain(|id, _| self.leaves.contains(id));
+        self.clear();
+        Ok(Gradients { map: grads })
+    }
+
+    /// Drops every recorded node and what it saved, and forgets the watched tensors.
+    pub fn clear(&mut self) {
+        self.nodes.clear();
+        self.tracked.clear();
+        self.leaves.clear();
+    }
+}
+
+fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
+    let sum = match grads.remove(&id) {
+        Some(prev) => crate::tensor::add(&prev, &g)?,
+        None => g,
+    };
+    grads.insert(id, sum);
+    Ok(())
+}
+
+pub mod gradcheck;

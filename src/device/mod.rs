@@ -1,0 +1,42 @@
+//! Where tensors live: host memory or one CUDA GPU.
+
+pub mod cuda;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use cuda::Gpu;
+
+/// A compute device. CPU tensors hold `Vec<f32>`/`Vec<f64>`; CUDA tensors hold a buffer on one GPU's stream.
+#[derive(Clone)]
+pub enum Device {
+    /// Host memory; ops run their readable reference implementation.
+    Cpu,
+    /// One GPU with its context, stream and loaded kernels.
+    Cuda(Arc<Gpu>),
+}
+
+impl Device {
+    /// Whether this is the CPU.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+
+    /// Whether two devices are the same (the same GPU for CUDA).
+    pub fn same(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(g) => write!(f, "cuda:{}", g.ordinal()),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Pointwise activations.
+//!
+//! ```text
+//!   LeakyReLU(x) = x if x > 0 else 0.01 x        d/dx = 1 if x > 0 else 0.01
+//!   SiLU(x)      = x * s(x), s = 1/(1+e^-x)      d/dx = s(x) * (1 + x * (1 - s(x)))
+//!   softplus(x)  = ln(1 + e^x), = x for x > 20   d/dx = s(x), = 1 for x > 20
+//! ```
+//! The backward pass needs only the input, which each op saves.
+
+use crate::autograd::{Backward, Tape};
+use crate::tensor::{map, zip_map, Real, Tensor};
+use crate::{by_dtype, Result};
+
+/// The pointwise functions of this file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// LeakyReLU with negative slope 0.01 (nnU-Net's nonlinearity).
+    LeakyRelu,
+    /// x * sigmoid(x) (Mamba's gate and conv nonlinearity).
+    Silu,
+    /// ln(1 + e^x), linear above 20 as in PyTorch (Mamba's step size).
+    Softplus,
+}
+
+/// The negative slope of LeakyReLU.
+pub const LEAKY_SLOPE: f64 = 0.01;
+/// Above this input softplus returns its input (as PyTorch's threshold does).
+pub const SOFTPLUS_THRESHOLD: f64 = 20.0;
+
+fn sigmoid<T: Real>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+impl Activation {
+    fn name(self) -> &'static str {
+        match self {
+            Activation::LeakyRelu => "leaky_relu",
+            Activation::Silu => "silu",
+            Activation::Softplus => "softplus",
+        }
+    }
+
+    /// f(x).
+    pub fn value<T: Real>(self, x: T) -> T {
+        match self {
+            Activation::LeakyRelu => {
+                if x > T::zero() {
+                    x
+                } else {
+                    x * T::from_f64(LEAKY_SLOPE)
+                }
+            }
+            Activation::Silu => x * sigmoid(x),
+            Activation::Softplus => {
+                if x > T::from_f64(SOFTPLUS_THRESHOLD) {
+                    x
+                } else {
+                    x.exp().ln_1p()
+                }
+            }
+        }
+    }
+
+    /// f'(x).
+    pub fn derivative<T: Real>(self, x: T) -> T {
+        match self {
+            Activation::LeakyRelu => {
+                if x > T::zero() {
+                    T::one()
+                } else {
+                    T::from_f64(LEAKY_SLOPE)
+                }
+            }
+            Activation::Silu => {
+                let s = sigmoid(x);
+                s * (T::one() + x * (T::one() - s))
+            }
+            Activation::Softplus => {
+                if x > T::from_f64(SOFTPLUS_THRESHOLD) {
+                    T::one()
+                } else {
+                    sigmoid(x)
+                }
+            }
+        }
+    }
+}
+
+/// Applies `act` to every element of `x`.
+pub fn activation(tape: &mut Tape, x: &Tensor, act: Activation) -> Result<Tensor> {
+    fn cpu<T: Real>(x: &Tensor, act: Activation) -> Result<Tensor> {
+        map::<T>(x, |v| act.value(v))
+    }
+    let y = by_dtype!(x.dtype(), cpu(x, act))?;
+    tape.record(&[x], &y, ActivationBackward { x: x.clone(), act });
+    Ok(y)
+}
+
+/// LeakyReLU(x), slope 0.01.
+pub fn leaky_relu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    activation(tape, x, Activation::LeakyRelu)
+}
+
+/// SiLU(x) = x * sigmoid(x).
+pub fn silu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    activation(tape, x, Activation::Silu)
+}
+
+/// softplus(x) = ln(1 + e^x), linear above 20.
+pub fn softplus(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    activation(tape, x, Activation::Softplus)
+}
+
+struct ActivationBackward {
+    x: Tensor,
+    act: Activation,
+}
+
+impl Backward for ActivationBackward {
+    fn name(&self) -> &'static str {
+        self.act.name()
+    }
+
+    fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        fn cpu<T: Real>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
+            zip_map::<T>(x, g, |x, g| g * act.derivative(x))
+        }
+        Ok(vec![Some(by_dtype!(self.x.dtype(), cpu(&self.x, grad_out, self.act))?)])
+    }
+}

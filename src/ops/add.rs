@@ -1,0 +1,28 @@
+//! Elementwise addition of two tensors of the same shape (residual connections).
+//!
+//! ```text
+//!   y = a + b        dL/da = dL/dy,  dL/db = dL/dy
+//! ```
+
+use crate::autograd::{Backward, Tape};
+use crate::tensor::{self, Tensor};
+use crate::Result;
+
+/// `a + b`.
+pub fn add(tape: &mut Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let y = tensor::add(a, b)?;
+    tape.record(&[a, b], &y, AddBackward);
+    Ok(y)
+}
+
+struct AddBackward;
+
+impl Backward for AddBackward {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(needs.iter().map(|&n| n.then(|| grad_out.clone())).collect())
+    }
+}

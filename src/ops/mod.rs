@@ -1,0 +1,90 @@
+//! The ops of LKM-UNet, one per file. Each file holds the op's math (forward and backward), its CPU implementation
+//! (the readable reference every CUDA kernel is checked against) and, on the GPU, the launch of its kernels.
+//!
+//! Every op takes the [`Tape`](crate::autograd::Tape) first and records its backward there when a gradient must
+//! flow through it. Layout conventions:
+//! - feature maps are `(N, C, H, W)` (2D) or `(N, C, D, H, W)` (3D); 2D ops run as 3D ops with D = 1;
+//! - token sequences are `(G, L, C)`: G independent sequences of L tokens with C channels, channels last.
+
+pub mod activation;
+pub mod add;
+pub mod argmax;
+pub mod avg_pool;
+pub mod causal_conv1d;
+pub mod concat;
+pub mod conv;
+pub mod conv_transpose;
+pub mod cross_entropy;
+pub mod dice;
+pub mod flip;
+pub mod instance_norm;
+pub mod layer_norm;
+pub mod linear;
+pub mod narrow;
+pub mod pim;
+pub mod reshape;
+pub mod selective_scan;
+pub mod upsample;
+
+use crate::tensor::Tensor;
+use crate::{bail, ensure, Result};
+
+/// The sizes of a feature map, with 2D maps seen as 3D maps of depth 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDims {
+    /// Batch size N.
+    pub n: usize,
+    /// Channels C.
+    pub c: usize,
+    /// Spatial sizes [D, H, W] (D = 1 for 2D maps).
+    pub s: [usize; 3],
+    /// 2 or 3: how many spatial axes the tensor really has.
+    pub spatial_rank: usize,
+}
+
+impl MapDims {
+    /// Reads the dims of a `(N, C, H, W)` or `(N, C, D, H, W)` tensor; `op` names the caller in errors.
+    pub fn of(x: &Tensor, op: &str) -> Result<MapDims> {
+        let s = x.shape();
+        match s.len() {
+            4 => Ok(MapDims { n: s[0], c: s[1], s: [1, s[2], s[3]], spatial_rank: 2 }),
+            5 => Ok(MapDims { n: s[0], c: s[1], s: [s[2], s[3], s[4]], spatial_rank: 3 }),
+            _ => bail!(Shape, "{op}: expected a feature map (N, C, H, W) or (N, C, D, H, W), got shape {s:?}"),
+        }
+    }
+
+    /// Voxels per channel: D * H * W.
+    pub fn voxels(&self) -> usize {
+        self.s.iter().product()
+    }
+
+    /// The tensor shape for these dims with `c` channels and spatial sizes `s` (dropping D for 2D maps).
+    pub fn shape_with(&self, c: usize, s: [usize; 3]) -> Vec<usize> {
+        if self.spatial_rank == 2 {
+            vec![self.n, c, s[1], s[2]]
+        } else {
+            vec![self.n, c, s[0], s[1], s[2]]
+        }
+    }
+}
+
+/// Expands a per-axis setting (kernel, stride, factor, window) given for the map's spatial axes to [D, H, W],
+/// with 1 for the missing depth axis of 2D maps; `what` names the setting in errors.
+pub fn per_axis(values: &[usize], spatial_rank: usize, what: &str) -> Result<[usize; 3]> {
+    ensure!(
+        values.len() == spatial_rank,
+        Shape,
+        "{what}: {} values {values:?} given for a map with {spatial_rank} spatial axes",
+        values.len()
+    );
+    ensure!(values.iter().all(|&v| v > 0), Shape, "{what}: values must be positive, got {values:?}");
+    Ok(if spatial_rank == 2 { [1, values[0], values[1]] } else { [values[0], values[1], values[2]] })
+}
+
+/// Reads a token-sequence tensor `(G, L, C)`; `op` names the caller in errors.
+pub fn seq_dims(x: &Tensor, op: &str) -> Result<(usize, usize, usize)> {
+    match x.shape() {
+        &[g, l, c] => Ok((g, l, c)),
+        s => bail!(Shape, "{op}: expected token sequences (G, L, C), got shape {s:?}"),
+    }
+}

@@ -1,0 +1,298 @@
+//! Tensors: a shape of up to five axes (N, C, D, H, W), a dtype and contiguous storage on one device.
+//!
+//! A [`Tensor`] is an immutable handle: cloning it shares the storage (an `Arc`) and keeps its identity, which is
+//! what the autograd tape keys gradients on. Ops return new tensors. The only in-place writes are the optimiser's,
+//! through [`Tensor::storage_mut`], which is allowed once nothing else (such as a tape) holds the storage.
+
+mod real;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use real::Real;
+
+use crate::device::cuda::GpuBuffer;
+use crate::device::Device;
+use crate::{bail, ensure, Error, Result};
+
+/// The largest rank a tensor may have: (N, C, D, H, W).
+pub const MAX_RANK: usize = 5;
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    /// 32-bit float: training and inference.
+    F32,
+    /// 64-bit float: gradient checks on the CPU.
+    F64,
+}
+
+/// The memory behind a tensor.
+pub enum Storage {
+    /// Host float32.
+    F32(Vec<f32>),
+    /// Host float64.
+    F64(Vec<f64>),
+    /// Device float32.
+    Cuda(GpuBuffer),
+}
+
+/// A unique tensor identity, stable across clones of the same handle.
+pub type TensorId = u64;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn fresh_id() -> TensorId {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A contiguous, row-major tensor (the last axis varies fastest).
+#[derive(Clone)]
+pub struct Tensor {
+    id: TensorId,
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+}
+
+/// Checks that `shape` is a valid tensor shape, naming `what` in the error.
+fn check_shape(shape: &[usize], what: &str) -> Result<()> {
+    ensure!(
+        !shape.is_empty() && shape.len() <= MAX_RANK,
+        Shape,
+        "{what}: rank must be 1 to {MAX_RANK}, got shape {shape:?}"
+    );
+    Ok(())
+}
+
+impl Tensor {
+    /// Wraps a host vector. Fails if the length does not match the shape.
+    pub fn from_vec<T: Real>(data: Vec<T>, shape: &[usize]) -> Result<Tensor> {
+        check_shape(shape, "Tensor::from_vec")?;
+        let n: usize = shape.iter().product();
+        ensure!(data.len() == n, Shape, "Tensor::from_vec: {} values for shape {shape:?} ({n} elements)", data.len());
+        Ok(Tensor::from_storage(T::into_storage(data), shape.to_vec()))
+    }
+
+    /// Builds a tensor from storage that is known to match `shape`.
+    pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>) -> Tensor {
+        Tensor { id: fresh_id(), shape, storage: Arc::new(storage) }
+    }
+
+    /// A host tensor of the given dtype whose element i is `f(i)`.
+    pub fn from_fn(shape: &[usize], dtype: DType, f: impl FnMut(usize) -> f64) -> Result<Tensor> {
+        check_shape(shape, "Tensor::from_fn")?;
+        let n = shape.iter().product();
+        let values = (0..n).map(f);
+        let storage = match dtype {
+            DType::F32 => Storage::F32(values.map(|v| v as f32).collect()),
+            DType::F64 => Storage::F64(values.collect()),
+        };
+        Ok(Tensor::from_storage(storage, shape.to_vec()))
+    }
+
+    /// A tensor filled with `value` on `device`.
+    pub fn full(shape: &[usize], value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::from_fn(shape, dtype, |_| value)?.to_device(device)
+    }
+
+    /// A tensor of zeros on `device`.
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::full(shape, 0.0, dtype, device)
+    }
+
+    /// A zero tensor with the shape, dtype and device of `self`.
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Tensor::zeros(&self.shape, self.dtype(), &self.device())
+    }
+
+    /// The identity the autograd tape keys this tensor's gradient on.
+    pub fn id(&self) -> TensorId {
+        self.id
+    }
+
+    /// The axis lengths.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of axes.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match &*self.storage {
+            Storage::F32(_) | Storage::Cuda(_) => DType::F32,
+            Storage::F64(_) => DType::F64,
+        }
+    }
+
+    /// The device holding the storage.
+    pub fn device(&self) -> Device {
+        match &*self.storage {
+            Storage::Cuda(b) => Device::Cuda(b.gpu.clone()),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// The storage, for ops.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Mutable storage for in-place updates (the optimiser). Fails while any other handle shares it, e.g. a tape that
+    /// still holds the parameter: free the tape first.
+    pub fn storage_mut(&mut self) -> Result<&mut Storage> {
+        let shape = self.shape.clone();
+        Arc::get_mut(&mut self.storage).ok_or_else(|| {
+            Error::Mismatch(format!("in-place update of a tensor {shape:?} that is still shared (free the tape first)"))
+        })
+    }
+
+    /// The host elements, if this tensor is a CPU tensor of element type `T`.
+    pub fn cpu<T: Real>(&self) -> Result<&[T]> {
+        T::slice(&self.storage).ok_or_else(|| {
+            Error::Mismatch(format!(
+                "expected a CPU {:?} tensor, found a {:?} tensor on {:?} with shape {:?}",
+                T::DTYPE,
+                self.dtype(),
+                self.device(),
+                self.shape
+            ))
+        })
+    }
+
+    /// The same storage seen with another shape of equal size (a new identity; no autograd, see `ops::reshape`).
+    pub fn with_shape(&self, shape: &[usize]) -> Result<Tensor> {
+        check_shape(shape, "reshape")?;
+        ensure!(
+            shape.iter().product::<usize>() == self.numel(),
+            Shape,
+            "cannot view a tensor of shape {:?} as {shape:?}",
+            self.shape
+        );
+        Ok(Tensor { id: fresh_id(), shape: shape.to_vec(), storage: self.storage.clone() })
+    }
+
+    /// Copies every element to the host as f64 (for checks, metrics and printing).
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        match &*self.storage {
+            Storage::F32(v) => Ok(v.iter().map(|&x| x as f64).collect()),
+            Storage::F64(v) => Ok(v.clone()),
+            Storage::Cuda(b) => Ok(b.to_host()?.into_iter().map(|x| x as f64).collect()),
+        }
+    }
+
+    /// Copies every element to the host as f32.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        match &*self.storage {
+            Storage::F32(v) => Ok(v.clone()),
+            Storage::F64(v) => Ok(v.iter().map(|&x| x as f32).collect()),
+            Storage::Cuda(b) => b.to_host(),
+        }
+    }
+
+    /// The single element of a one-element tensor (reads the GPU, so it synchronises).
+    pub fn scalar(&self) -> Result<f64> {
+        ensure!(self.numel() == 1, Shape, "scalar() on a tensor of shape {:?}", self.shape);
+        Ok(self.to_vec_f64()?[0])
+    }
+
+    /// This tensor on `device` (a copy, or a cheap clone when it is already there). GPU tensors are float32.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device().same(device) {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::F32(self.to_vec_f32()?),
+            Device::Cuda(gpu) => {
+                if self.dtype() != DType::F32 {
+                    bail!(Mismatch, "only float32 tensors can move to the GPU; this one is {:?}", self.dtype());
+                }
+                Storage::Cuda(GpuBuffer::from_host(gpu, self.cpu::<f32>()?)?)
+            }
+        };
+        Ok(Tensor::from_storage(storage, self.shape.clone()))
+    }
+
+    /// This host tensor converted to `dtype` (a cheap clone when it already has it).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        ensure!(self.device().is_cpu(), Mismatch, "dtype conversion is only supported on the CPU");
+        let storage = match dtype {
+            DType::F32 => Storage::F32(self.to_vec_f32()?),
+            DType::F64 => Storage::F64(self.to_vec_f64()?),
+        };
+        Ok(Tensor::from_storage(storage, self.shape.clone()))
+    }
+
+    /// Fails unless `self` and `other` share dtype and device; `op` names the caller in the message.
+    pub fn check_same_kind(&self, other: &Tensor, op: &str) -> Result<()> {
+        ensure!(
+            self.dtype() == other.dtype() && self.device().same(&other.device()),
+            Mismatch,
+            "{op}: operands differ: {:?} on {:?} {:?} vs {:?} on {:?} {:?}",
+            self.dtype(),
+            self.device(),
+            self.shape,
+            other.dtype(),
+            other.device(),
+            other.shape
+        );
+        Ok(())
+    }
+
+    /// Fails unless the shape equals `expected`; `what` names the operand in the message.
+    pub fn check_shape(&self, expected: &[usize], what: &str) -> Result<()> {
+        ensure!(self.shape == expected, Shape, "{what}: expected shape {expected:?}, got {:?}", self.shape);
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor(#{} {:?} {:?} on {:?})", self.id, self.shape, self.dtype(), self.device())
+    }
+}
+
+/// Runs a generic CPU function at the element type of a dtype: `by_dtype!(x.dtype(), f(a, b))` calls `f::<f32>(a, b)`
+/// or `f::<f64>(a, b)`.
+#[macro_export]
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => $f::<f32>($($arg),*),
+            $crate::tensor::DType::F64 => $f::<f64>($($arg),*),
+        }
+    };
+}
+
+mod arith;
+pub use arith::{add, map, mul, scale, sum_all, zip_map};
+
+impl Tensor {
+    /// Standard-normal samples on the host (Box-Muller, so the sequence depends only on the generator).
+    pub fn randn(shape: &[usize], dtype: DType, rng: &mut impl rand::Rng) -> Result<Tensor> {
+        use rand::RngExt;
+        Tensor::from_fn(shape, dtype, |_| {
+            let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1], so ln is finite
+            let u2: f64 = rng.random();
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+    }
+
+    /// Uniform samples in [lo, hi) on the host.
+    pub fn uniform(shape: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut impl rand::Rng) -> Result<Tensor> {
+        use rand::RngExt;
+        Tensor::from_fn(shape, dtype, |_| lo + (hi - lo) * rng.random::<f64>())
+    }
+}
