@@ -92,7 +92,7 @@ pub fn check_gradients(
         let floor = (1e-3 * scale).max(1e-12);
         for (j, (a, n)) in analytic.iter().zip(&numeric).enumerate() {
             let err = ((a - n).abs() - rounding).max(0.0) / a.abs().max(n.abs()).max(floor);
-            if !(err <= report.max_error) {
+            if err.is_nan() || err > report.max_error {
                 report.max_error = err;
                 report.worst = format!("input {i} {:?} element {j}: analytic {a:e}, numeric {n:e}", x.shape());
             }
