@@ -1,16 +1,28 @@
-//! The CUDA device: one context, one stream, stream-ordered allocation from the driver's pool.
+//! The CUDA device: one context, one stream, stream-ordered allocation from the driver's memory pool, and the
+//! kernels of `cuda/*.cu`, compiled by `build.rs` and embedded in the binary.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DriverError, LaunchConfig,
+};
 
-use crate::{bail, Result};
+pub use cudarc::driver::PushKernelArg;
+
+use crate::{bail, Error, Result};
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// One GPU as the engine uses it: a context and the single stream every kernel of a training step runs on.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     name: String,
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    poison: AtomicBool,
 }
 
 /// A float32 buffer on a GPU, tied to the GPU that owns it.
@@ -21,9 +33,22 @@ pub struct GpuBuffer {
     pub gpu: Arc<Gpu>,
 }
 
+/// Turns a driver error into an engine error naming what was being done.
+pub(crate) fn driver_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
 impl Gpu {
-    /// Opens GPU `ordinal`. Fails with a plain message when no driver or no such GPU is present.
+    /// Opens GPU `ordinal` and loads the embedded kernels. Fails with a plain message when no driver, no such GPU,
+    /// or no compiled kernels (a build without nvcc) are present.
     pub fn new(ordinal: usize) -> Result<Arc<Gpu>> {
+        if KERNEL_FILES.is_empty() {
+            bail!(
+                Device,
+                "this lkm-engine was built without CUDA kernels (nvcc was not found at build time): run \
+                 tools/install-nvcc.sh and rebuild, or use --device cpu"
+            );
+        }
         // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             bail!(
@@ -31,18 +56,31 @@ impl Gpu {
                 "no CUDA driver found (libcuda.so is not loadable): use --device cpu, or install the NVIDIA driver"
             );
         }
-        let count =
-            CudaContext::device_count().map_err(|e| crate::Error::Device(format!("cuDeviceGetCount failed: {e}")))?;
+        let count = CudaContext::device_count().map_err(driver_err("counting GPUs"))?;
         if ordinal as i32 >= count {
             bail!(Device, "GPU {ordinal} requested but the driver sees {count} GPU(s)");
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| crate::Error::Device(format!("creating a context on GPU {ordinal}: {e}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(driver_err(format!("creating a context on GPU {ordinal}")))?;
         // One stream runs everything, so per-buffer event tracking (two events per allocation) buys nothing.
+        // SAFETY: called before any buffer exists; all work is ordered on the one stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Arc::new(Gpu { ctx, stream, name }))
+        let mut modules = Vec::new();
+        for (file, image) in KERNEL_FILES {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                .map_err(driver_err(format!("loading kernels of cuda/{file}.cu on {name}")))?;
+            modules.push((*file, m));
+        }
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            name,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            poison: AtomicBool::new(false),
+        }))
     }
 
     /// The device index.
@@ -50,7 +88,7 @@ impl Gpu {
         self.ctx.ordinal()
     }
 
-    /// The GPU's marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -59,11 +97,85 @@ impl Gpu {
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(driver_err("querying GPU memory"))
+    }
+
+    /// Waits for all queued work; surfaces asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_err("synchronising the GPU stream"))
+    }
+
+    /// The kernel `name` from whichever embedded file defines it.
+    pub fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().expect("kernel cache poisoned");
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .modules
+            .iter()
+            .find_map(|(_, m)| m.load_function(name).ok())
+            .ok_or_else(|| Error::Device(format!("kernel {name} is not in any compiled cuda/*.cu file")))?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// A new uninitialised buffer of `len` floats from the stream-ordered pool. Out of memory is reported with the
+    /// request and what is free.
+    pub fn alloc(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer> {
+        // SAFETY: every kernel that receives a fresh buffer writes all of it before anything reads it.
+        let mut slice = unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| self.oom_error(len, what, e))?;
+        if self.poison.load(Ordering::Relaxed) {
+            let bytes = slice.num_bytes();
+            let (ptr, _record) = slice.device_ptr_mut(&self.stream);
+            // SAFETY: ptr addresses `bytes` bytes of the buffer just allocated on this stream.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
+                .map_err(driver_err(format!("poisoning {what}")))?;
+        }
+        Ok(GpuBuffer { slice, gpu: self.clone() })
+    }
+
+    /// When on, every new buffer is filled with NaN (all bits set), so a kernel that leaves an output element
+    /// unwritten is caught by the GPU tests.
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// A zero-filled buffer of `len` floats.
+    pub fn zeros(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer> {
+        let mut b = self.alloc(len, what)?;
+        self.stream.memset_zeros(&mut b.slice).map_err(driver_err(format!("zeroing {what}")))?;
+        Ok(b)
+    }
+
+    fn oom_error(&self, len: usize, what: &str, e: DriverError) -> Error {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        match self.memory() {
+            Ok((free, total)) => Error::Device(format!(
+                "allocating {:.3} GiB for {what} failed ({e}); {:.2} GiB of {:.2} GiB free on {}: lower the batch \
+                 size or the patch size",
+                gib(len * 4),
+                gib(free),
+                gib(total),
+                self.name
+            )),
+            Err(_) => Error::Device(format!("allocating {} floats for {what} failed: {e}", len)),
+        }
+    }
 }
 
-/// Turns a driver error into an engine error naming what was being done.
-pub(crate) fn driver_err(what: impl std::fmt::Display) -> impl FnOnce(cudarc::driver::DriverError) -> crate::Error {
-    move |e| crate::Error::Device(format!("{what}: {e}"))
+/// A 1-D launch configuration covering `n` threads in blocks of 256.
+pub fn grid_1d(n: usize) -> LaunchConfig {
+    let block = 256u32;
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Checks a launch result, naming the kernel and the shapes it ran on.
+pub fn check_launch<T>(r: std::result::Result<T, DriverError>, kernel: &str, shapes: &str) -> Result<T> {
+    r.map_err(|e| Error::Device(format!("launching {kernel} on {shapes}: {e}")))
 }
 
 impl GpuBuffer {
@@ -81,4 +193,19 @@ impl GpuBuffer {
             .clone_dtoh(&self.slice)
             .map_err(driver_err(format!("copying {} floats from the GPU", self.slice.len())))
     }
+}
+
+/// Launches a kernel of `cuda/*.cu` on the GPU's stream, checking the launch and naming the kernel and `shapes` in
+/// any error: `launch!(gpu, "add_f32", grid_1d(n), format!("{shape:?}"), [&a, &b, &mut y, &n])`.
+#[macro_export]
+macro_rules! launch {
+    ($gpu:expr, $kernel:literal, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {{
+        use $crate::device::cuda::PushKernelArg as _;
+        let function = $gpu.function($kernel)?;
+        let mut builder = $gpu.stream().launch_builder(&function);
+        $( builder.arg($arg); )*
+        // SAFETY: the arguments match the kernel's parameter list in cuda/*.cu in type and order, and the caller sized
+        // every buffer for the launch.
+        $crate::device::cuda::check_launch(unsafe { builder.launch($cfg) }, $kernel, &$shapes).map(|_| ())
+    }};
 }

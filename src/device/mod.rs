@@ -17,6 +17,31 @@ pub enum Device {
 }
 
 impl Device {
+    /// GPU `ordinal`, with its kernels loaded.
+    pub fn cuda(ordinal: usize) -> crate::Result<Device> {
+        Ok(Device::Cuda(Gpu::new(ordinal)?))
+    }
+
+    /// Parses a `--device` value: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (GPU 0 when one is usable, else CPU,
+    /// saying why on stderr).
+    pub fn parse(spec: &str) -> crate::Result<Device> {
+        match spec {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Device::cuda(0),
+            "auto" => match Device::cuda(0) {
+                Ok(d) => Ok(d),
+                Err(e) => {
+                    eprintln!("--device auto: using the CPU ({e})");
+                    Ok(Device::Cpu)
+                }
+            },
+            s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Device::cuda(n),
+                None => crate::bail!(Config, "unknown device {s:?}: use cpu, cuda, cuda:N or auto"),
+            },
+        }
+    }
+
     /// Whether this is the CPU.
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)

@@ -8,18 +8,19 @@
 //! The backward pass needs only the input, which each op saves.
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::grid_1d;
 use crate::tensor::{map, zip_map, Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, launch, Result};
 
-/// The pointwise functions of this file.
+/// The pointwise functions of this file. The discriminants are the codes of `cuda/common.cuh`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     /// LeakyReLU with negative slope 0.01 (nnU-Net's nonlinearity).
-    LeakyRelu,
+    LeakyRelu = 0,
     /// x * sigmoid(x) (Mamba's gate and conv nonlinearity).
-    Silu,
+    Silu = 1,
     /// ln(1 + e^x), linear above 20 as in PyTorch (Mamba's step size).
-    Softplus,
+    Softplus = 2,
 }
 
 /// The negative slope of LeakyReLU.
@@ -91,7 +92,22 @@ pub fn activation(tape: &mut Tape, x: &Tensor, act: Activation) -> Result<Tensor
     fn cpu<T: Real>(x: &Tensor, act: Activation) -> Result<Tensor> {
         map::<T>(x, |v| act.value(v))
     }
-    let y = by_dtype!(x.dtype(), cpu(x, act))?;
+    let y = match x.gpu_buffer() {
+        Some(xb) => {
+            let gpu = &xb.gpu;
+            let (n, code) = (x.numel() as i64, act as i32);
+            let mut y = gpu.alloc(x.numel(), act.name())?;
+            launch!(
+                gpu,
+                "activation_forward",
+                grid_1d(x.numel()),
+                format!("{} {:?}", act.name(), x.shape()),
+                [&xb.slice, &mut y.slice, &n, &code]
+            )?;
+            Tensor::from_gpu(y, x.shape())?
+        }
+        None => by_dtype!(x.dtype(), cpu(x, act))?,
+    };
     tape.record(&[x], &y, ActivationBackward { x: x.clone(), act });
     Ok(y)
 }
@@ -124,6 +140,21 @@ impl Backward for ActivationBackward {
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         fn cpu<T: Real>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
             zip_map::<T>(x, g, |x, g| g * act.derivative(x))
+        }
+        self.x.check_same_kind(grad_out, "activation backward")?;
+        if let (Some(xb), Some(gb)) = (self.x.gpu_buffer(), grad_out.gpu_buffer()) {
+            let gpu = &xb.gpu;
+            let (n, code) = (self.x.numel() as i64, self.act as i32);
+            let mut dx = gpu.alloc(self.x.numel(), self.act.name())?;
+            let shapes = format!("{} {:?}", self.act.name(), self.x.shape());
+            launch!(
+                gpu,
+                "activation_backward",
+                grid_1d(self.x.numel()),
+                shapes,
+                [&xb.slice, &gb.slice, &mut dx.slice, &n, &code]
+            )?;
+            return Ok(vec![Some(Tensor::from_gpu(dx, self.x.shape())?)]);
         }
         Ok(vec![Some(by_dtype!(self.x.dtype(), cpu(&self.x, grad_out, self.act))?)])
     }

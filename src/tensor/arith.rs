@@ -2,7 +2,8 @@
 //! accumulation), the ops' backward passes and the optimiser share.
 
 use super::{Real, Tensor};
-use crate::{ensure, Result};
+use crate::device::cuda::grid_1d;
+use crate::{ensure, launch, Result};
 
 /// Applies `f` elementwise to two host tensors of equal shape.
 pub fn zip_map<T: Real>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T) -> Result<Tensor> {
@@ -22,26 +23,62 @@ fn check_binary(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
     Ok(())
 }
 
+/// The elementwise binary kernels of `cuda/elementwise.cu`.
+#[derive(Clone, Copy)]
+enum Binary {
+    Add,
+    Mul,
+}
+
+fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
+    let name = match op {
+        Binary::Add => "add",
+        Binary::Mul => "mul",
+    };
+    check_binary(a, b, name)?;
+    if let (Some(ab), Some(bb)) = (a.gpu_buffer(), b.gpu_buffer()) {
+        let gpu = &ab.gpu;
+        let n = a.numel() as i64;
+        let mut y = gpu.alloc(a.numel(), name)?;
+        let shapes = format!("{:?}", a.shape());
+        match op {
+            Binary::Add => {
+                launch!(gpu, "add_f32", grid_1d(a.numel()), shapes, [&ab.slice, &bb.slice, &mut y.slice, &n])?
+            }
+            Binary::Mul => {
+                launch!(gpu, "mul_f32", grid_1d(a.numel()), shapes, [&ab.slice, &bb.slice, &mut y.slice, &n])?
+            }
+        }
+        return Tensor::from_gpu(y, a.shape());
+    }
+    fn cpu<T: Real>(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
+        match op {
+            Binary::Add => zip_map::<T>(a, b, |x, y| x + y),
+            Binary::Mul => zip_map::<T>(a, b, |x, y| x * y),
+        }
+    }
+    by_dtype!(a.dtype(), cpu(a, b, op))
+}
+
 /// `a + b`, same shapes.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    check_binary(a, b, "add")?;
-    fn cpu<T: Real>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        zip_map::<T>(a, b, |x, y| x + y)
-    }
-    by_dtype!(a.dtype(), cpu(a, b))
+    binary(a, b, Binary::Add)
 }
 
 /// `a * b` elementwise, same shapes.
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    check_binary(a, b, "mul")?;
-    fn cpu<T: Real>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        zip_map::<T>(a, b, |x, y| x * y)
-    }
-    by_dtype!(a.dtype(), cpu(a, b))
+    binary(a, b, Binary::Mul)
 }
 
 /// `s * a`.
 pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
+    if let Some(ab) = a.gpu_buffer() {
+        let gpu = &ab.gpu;
+        let (n, s) = (a.numel() as i64, s as f32);
+        let mut y = gpu.alloc(a.numel(), "scale")?;
+        launch!(gpu, "scale_f32", grid_1d(a.numel()), format!("{:?}", a.shape()), [&ab.slice, &s, &mut y.slice, &n])?;
+        return Tensor::from_gpu(y, a.shape());
+    }
     fn cpu<T: Real>(a: &Tensor, s: f64) -> Result<Tensor> {
         let s = T::from_f64(s);
         map::<T>(a, |x| x * s)

@@ -147,6 +147,22 @@ impl Tensor {
         &self.storage
     }
 
+    /// The GPU buffer, if this is a GPU tensor.
+    pub fn gpu_buffer(&self) -> Option<&GpuBuffer> {
+        match &*self.storage {
+            Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Wraps a GPU buffer holding exactly `shape`'s elements.
+    pub fn from_gpu(buffer: GpuBuffer, shape: &[usize]) -> Result<Tensor> {
+        check_shape(shape, "Tensor::from_gpu")?;
+        let n: usize = shape.iter().product();
+        ensure!(buffer.slice.len() == n, Shape, "GPU buffer of {} floats for shape {shape:?}", buffer.slice.len());
+        Ok(Tensor::from_storage(Storage::Cuda(buffer), shape.to_vec()))
+    }
+
     /// Mutable storage for in-place updates (the optimiser). Fails while any other handle shares it, e.g. a tape that
     /// still holds the parameter: free the tape first.
     pub fn storage_mut(&mut self) -> Result<&mut Storage> {

@@ -1,0 +1,88 @@
+//! Shared by the GPU tests: a GPU with poisoned allocations, and the comparison of an op's forward and backward on
+//! the GPU (float32) with its CPU reference (float64 on the same float32-rounded inputs).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use lkm_engine::autograd::Tape;
+use lkm_engine::device::{Device, Gpu};
+use lkm_engine::tensor::DType;
+use lkm_engine::{Result, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// GPU 0 with NaN-poisoned allocations; panics with the reason when there is none (these tests are `#[ignore]`d).
+pub fn gpu() -> Arc<Gpu> {
+    let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"));
+    gpu.set_poison(true);
+    gpu
+}
+
+/// Fresh standard-normal float32 CPU inputs, scaled by `scale`.
+pub fn randn32(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+    let t = Tensor::randn(shape, DType::F32, &mut StdRng::seed_from_u64(seed)).unwrap();
+    lkm_engine::tensor::scale(&t, scale).unwrap()
+}
+
+/// ||a - b|| / ||b||, with NaN anywhere giving infinity.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    if a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Runs `f` on the GPU and on the CPU (float64) from the same float32 `inputs`, back-propagates the same random seed
+/// gradient through both, and asserts the relative error of the output and of every input's gradient is below
+/// `tol`. Returns the worst error.
+pub fn check_op(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) -> f64 {
+    check_op_inputs(name, inputs, &vec![true; inputs.len()], tol, f)
+}
+
+/// As [`check_op`], with `differentiable[i]` saying which inputs have gradients (labels do not).
+pub fn check_op_inputs(
+    name: &str,
+    inputs: &[Tensor],
+    differentiable: &[bool],
+    tol: f64,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> f64 {
+    let gpu = Device::Cuda(gpu());
+    let run = |xs: Vec<Tensor>, seed_dtype_device: (DType, &Device)| {
+        let mut tape = Tape::new();
+        for (x, &d) in xs.iter().zip(differentiable) {
+            if d {
+                tape.watch(x);
+            }
+        }
+        let y = f(&mut tape, &xs).unwrap_or_else(|e| panic!("{name} forward failed: {e}"));
+        let seed =
+            randn32(y.shape(), 1.0, 99).to_dtype(seed_dtype_device.0).unwrap().to_device(seed_dtype_device.1).unwrap();
+        let out = y.to_vec_f64().unwrap();
+        let mut grads = tape.backward_from(&y, seed).unwrap_or_else(|e| panic!("{name} backward failed: {e}"));
+        let g: Vec<Option<Vec<f64>>> = xs.iter().map(|x| grads.take(x).map(|g| g.to_vec_f64().unwrap())).collect();
+        (out, g)
+    };
+    let cpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect();
+    let gpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&gpu).unwrap()).collect();
+    let (ref_out, ref_grads) = run(cpu_inputs, (DType::F64, &Device::Cpu));
+    let (out, grads) = run(gpu_inputs, (DType::F32, &gpu));
+    let mut worst = rel_err(&out, &ref_out);
+    assert!(worst < tol, "{name}: forward relative error {worst:e} >= {tol:e}");
+    for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
+        match (g, r) {
+            (Some(g), Some(r)) => {
+                let e = rel_err(g, r);
+                assert!(e < tol, "{name}: gradient of input {i} relative error {e:e} >= {tol:e}");
+                worst = worst.max(e);
+            }
+            (None, None) => {}
+            _ => panic!("{name}: input {i} has a gradient on one device only"),
+        }
+    }
+    eprintln!("{name}: worst relative error {worst:.2e}");
+    worst
+}
