@@ -12,6 +12,7 @@ pub mod autograd;
 pub mod device;
 mod error;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -1,1 +1,169 @@
-//! (being written)
+//! Soft Dice loss on softmax probabilities, without the background class: nnU-Net v2's `MemoryEfficientSoftDiceLoss`
+//! with `apply_nonlin = softmax`, `do_bg = False`, `smooth = 1e-5`.
+//!
+//! Logits x are `(N, K, spatial)`, the target t `(N, 1, spatial)` holds class indices. With p = softmax over k of x
+//! and the one-hot target y_kv = [t_v == k], each group j is a class k >= 1 and a sample n (or, with batch Dice, a
+//! class k over the whole batch), and the sums run over the voxels v of that group:
+//!
+//! ```text
+//!   I_j = sum_v p_kv y_kv      P_j = sum_v p_kv      G_j = sum_v y_kv
+//!   D_j = max(P_j + G_j + s, 1e-8)      dc_j = (2 I_j + s) / D_j      L = -(1/M) sum_j dc_j
+//! ```
+//! with M groups: N (K - 1), or K - 1 with batch Dice. Since P_j, G_j >= 0 and s > 1e-8, the clip never binds and
+//! dD_j/dP_j = 1. The gradient with respect to the probabilities of a voxel in group j is, for k >= 1,
+//!
+//! ```text
+//!   dL/dp_kv = -(1/M) (2 y_kv - dc_j) / D_j          (and 0 for the background, k = 0)
+//! ```
+//! and the softmax backward gives dL/dx_cv = p_cv (dL/dp_cv - sum_k p_kv dL/dp_kv). The backward recomputes the
+//! softmax from the saved logits and keeps only the per-group dc_j and D_j from the forward. Sums are accumulated
+//! in f64. The target receives no gradient.
+
+use crate::autograd::{Backward, Tape};
+use crate::ops::cross_entropy::{check_labels, check_loss_operands, class_of, softmax_stats};
+use crate::ops::MapDims;
+use crate::tensor::{Real, Tensor};
+use crate::{by_dtype, Result};
+
+/// The smoothing term s of the Dice ratio (nnU-Net's default), which makes a class absent from both the target and
+/// the prediction score 1 rather than 0/0.
+pub const DICE_SMOOTH: f64 = 1e-5;
+
+/// Lower clip of the Dice denominator (nnU-Net's `torch.clip(..., 1e-8)`).
+const DENOMINATOR_FLOOR: f64 = 1e-8;
+
+/// The soft Dice loss -mean(dc) of the softmax of `logits` `(N, K, spatial)` against the class indices in `target`
+/// `(N, 1, spatial)`, over the foreground classes 1..K and, unless `batch_dice`, the samples (with `batch_dice` each
+/// class's sums run over the whole batch). A tensor of shape [1]; needs K >= 2. Differentiable in the logits only.
+pub fn soft_dice_loss(tape: &mut Tape, logits: &Tensor, target: &Tensor, batch_dice: bool) -> Result<Tensor> {
+    let dims = check_loss_operands(logits, target, 2, "soft_dice_loss")?;
+    let groups = by_dtype!(logits.dtype(), group_sums_cpu(logits, target, dims))?.into_groups(dims, batch_dice);
+    let loss = -groups.iter().map(|g| g.dc).sum::<f64>() / groups.len() as f64;
+    let y = Tensor::from_fn(&[1], logits.dtype(), |_| loss)?;
+    tape.record(
+        &[logits, target],
+        &y,
+        DiceBackward { logits: logits.clone(), target: target.clone(), dims, batch_dice, groups },
+    );
+    Ok(y)
+}
+
+/// I, P and G of every (sample, foreground class), sample-major.
+struct GroupSums(Vec<[f64; 3]>);
+
+/// The ratio of one group and its denominator.
+#[derive(Clone, Copy, Debug)]
+struct Group {
+    dc: f64,
+    denominator: f64,
+}
+
+impl GroupSums {
+    /// Merges the samples for batch Dice and forms dc_j and D_j.
+    fn into_groups(self, dims: MapDims, batch_dice: bool) -> Vec<Group> {
+        let fg = dims.c - 1;
+        let sums = if batch_dice {
+            let mut merged = vec![[0.0; 3]; fg];
+            for (i, s) in self.0.iter().enumerate() {
+                for (acc, v) in merged[i % fg].iter_mut().zip(s) {
+                    *acc += v;
+                }
+            }
+            merged
+        } else {
+            self.0
+        };
+        sums.iter()
+            .map(|&[i, p, g]| {
+                let denominator = (p + g + DICE_SMOOTH).max(DENOMINATOR_FLOOR);
+                Group { dc: (2.0 * i + DICE_SMOOTH) / denominator, denominator }
+            })
+            .collect()
+    }
+}
+
+fn group_sums_cpu<T: Real>(logits: &Tensor, target: &Tensor, dims: MapDims) -> Result<GroupSums> {
+    let (x, t) = (logits.cpu::<T>()?, target.cpu::<T>()?);
+    check_labels(t, dims.c, "soft_dice_loss")?;
+    let v = dims.voxels();
+    let (mut m, mut s, mut p) = (vec![T::zero(); v], vec![T::zero(); v], vec![T::zero(); dims.c * v]);
+    let mut sums = Vec::with_capacity(dims.n * (dims.c - 1));
+    for (xn, tn) in x.chunks_exact(dims.c * v).zip(t.chunks_exact(v)) {
+        softmax_stats(xn, &mut m, &mut s, Some(&mut p));
+        for (k, pk) in p.chunks_exact(v).enumerate().skip(1) {
+            let label = T::from_f64(k as f64);
+            let (mut inter, mut pred, mut gt) = (0.0f64, 0.0f64, 0.0f64);
+            for (&pi, &ti) in pk.iter().zip(tn) {
+                let pi = pi.to_f64();
+                pred += pi;
+                if ti == label {
+                    inter += pi;
+                    gt += 1.0;
+                }
+            }
+            sums.push([inter, pred, gt]);
+        }
+    }
+    Ok(GroupSums(sums))
+}
+
+struct DiceBackward {
+    logits: Tensor,
+    target: Tensor,
+    dims: MapDims,
+    batch_dice: bool,
+    groups: Vec<Group>,
+}
+
+impl Backward for DiceBackward {
+    fn name(&self) -> &'static str {
+        "soft_dice_loss"
+    }
+
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        if !needs[0] {
+            return Ok(vec![None, None]);
+        }
+        let dx = by_dtype!(self.logits.dtype(), backward_cpu(self, grad_out))?;
+        Ok(vec![Some(dx), None])
+    }
+}
+
+fn backward_cpu<T: Real>(op: &DiceBackward, grad_out: &Tensor) -> Result<Tensor> {
+    let (x, t) = (op.logits.cpu::<T>()?, op.target.cpu::<T>()?);
+    let (dims, v, fg) = (op.dims, op.dims.voxels(), op.dims.c - 1);
+    let g = grad_out.cpu::<T>()?[0].to_f64() / op.groups.len() as f64;
+    // dL/dp_kv = c_k + e_k y_kv for the group of sample n and class k >= 1; index 0 (background) stays 0.
+    let (mut c, mut e) = (vec![T::zero(); dims.c], vec![T::zero(); dims.c]);
+    let (mut m, mut s, mut dot) = (vec![T::zero(); v], vec![T::zero(); v], vec![T::zero(); v]);
+    let mut dx = vec![T::zero(); x.len()];
+    for (n, ((xn, tn), dn)) in
+        x.chunks_exact(dims.c * v).zip(t.chunks_exact(v)).zip(dx.chunks_exact_mut(dims.c * v)).enumerate()
+    {
+        for k in 1..dims.c {
+            let group = op.groups[if op.batch_dice { k - 1 } else { n * fg + k - 1 }];
+            c[k] = T::from_f64(g * group.dc / group.denominator);
+            e[k] = T::from_f64(-2.0 * g / group.denominator);
+        }
+        // dn holds the probabilities until it is overwritten with the gradient.
+        softmax_stats(xn, &mut m, &mut s, Some(&mut *dn));
+        dot.fill(T::zero());
+        for (k, pk) in dn.chunks_exact(v).enumerate().skip(1) {
+            for (di, &pi) in dot.iter_mut().zip(pk) {
+                *di += pi * c[k];
+            }
+        }
+        for ((di, &ti), i) in dot.iter_mut().zip(tn).zip(0..) {
+            let k = class_of(ti);
+            *di += dn[k * v + i] * e[k];
+        }
+        for (k, dk) in dn.chunks_exact_mut(v).enumerate() {
+            let label = T::from_f64(k as f64);
+            for ((d, &di), &ti) in dk.iter_mut().zip(&dot).zip(tn) {
+                let on_label = if ti == label { e[k] } else { T::zero() };
+                *d *= c[k] + on_label - di;
+            }
+        }
+    }
+    Tensor::from_vec(dx, op.logits.shape())
+}

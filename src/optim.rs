@@ -1,0 +1,205 @@
+//! The optimiser of nnU-Net v2: SGD with Nesterov momentum and weight decay, global gradient-norm clipping and the
+//! polynomial learning-rate schedule.
+//!
+//! One step of PyTorch's `torch.optim.SGD(nesterov=True, dampening=0)`, per parameter element, with the momentum
+//! buffer b starting at 0 (so the first step sets b = g, as PyTorch's copy does, bit for bit):
+//!
+//! ```text
+//!   g = grad + wd * p          weight decay as an L2 term in the gradient (not decoupled)
+//!   b = mu * b + g             momentum buffer
+//!   p = p - lr * (g + mu * b)  Nesterov: step along the gradient plus the look-ahead momentum
+//! ```
+//! computed in the parameter's dtype in exactly that order. `torch.nn.utils.clip_grad_norm_`:
+//!
+//! ```text
+//!   norm = sqrt(sum over all gradients and elements of g^2)       (accumulated in f64)
+//!   g = g * min(1, max_norm / (norm + 1e-6))
+//! ```
+//! and the schedule `lr(epoch) = base * (1 - epoch / max_epochs)^0.9`.
+
+use crate::tensor::{Real, Tensor};
+use crate::{bail, by_dtype, ensure, Error, Result};
+
+/// nnU-Net's initial learning rate.
+pub const DEFAULT_LR: f64 = 1e-2;
+/// nnU-Net's Nesterov momentum: high, so the update averages the gradients of about 100 steps.
+pub const DEFAULT_MOMENTUM: f64 = 0.99;
+/// nnU-Net's weight decay (an L2 term added to the gradient).
+pub const DEFAULT_WEIGHT_DECAY: f64 = 3e-5;
+/// nnU-Net's bound on the global L2 norm of the gradients, which tames the rare huge step that high momentum would
+/// otherwise carry on for many iterations.
+pub const DEFAULT_GRAD_CLIP: f64 = 12.0;
+/// The exponent of the polynomial learning-rate decay.
+pub const POLY_EXPONENT: f64 = 0.9;
+/// Added to the norm in the clipping ratio, as PyTorch does, so the ratio stays finite.
+const CLIP_EPS: f64 = 1e-6;
+
+/// Stochastic gradient descent with Nesterov momentum and weight decay (PyTorch's `SGD(nesterov=True,
+/// dampening=0)`). Parameters are identified by their position in the slice given to [`Sgd::step`], so pass them
+/// in the same order every step.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    /// Learning rate of the next step (set it from [`poly_lr`] each epoch).
+    pub lr: f64,
+    /// Momentum factor mu.
+    pub momentum: f64,
+    /// Weight decay wd (L2 penalty coefficient).
+    pub weight_decay: f64,
+    /// Momentum buffer per parameter position; empty, or `None` entries, before the first step.
+    buffers: Vec<Option<Tensor>>,
+}
+
+impl Default for Sgd {
+    /// nnU-Net's settings: lr 1e-2, momentum 0.99, weight decay 3e-5.
+    fn default() -> Sgd {
+        Sgd::new(DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_WEIGHT_DECAY)
+    }
+}
+
+impl Sgd {
+    /// An optimiser with no momentum history.
+    pub fn new(lr: f64, momentum: f64, weight_decay: f64) -> Sgd {
+        Sgd { lr, momentum, weight_decay, buffers: Vec::new() }
+    }
+
+    /// The momentum buffers, one per parameter position (`None` before that parameter's first step), for
+    /// checkpoints. Clones of them are snapshots: later steps never write into a buffer that is shared.
+    pub fn momentum_buffers(&self) -> &[Option<Tensor>] {
+        &self.buffers
+    }
+
+    /// Restores momentum buffers saved with [`Sgd::momentum_buffers`]; they are checked against the parameters
+    /// (count, shape, dtype, device) at the next step.
+    pub fn set_momentum_buffers(&mut self, buffers: Vec<Option<Tensor>>) {
+        self.buffers = buffers;
+    }
+
+    /// Updates every parameter in place from its gradient (`grads[i]` belongs to `params[i]`). Fails, changing
+    /// nothing, on a count, shape, dtype or device mismatch, on negative or non-finite settings, or when a parameter's
+    /// storage is still shared (e.g. by a tape that has not been freed).
+    pub fn step(&mut self, params: &mut [Tensor], grads: &[Tensor]) -> Result<()> {
+        for (name, value) in [("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay)] {
+            ensure!(value.is_finite() && value >= 0.0, Config, "Sgd: {name} must be finite and >= 0, got {value}");
+        }
+        ensure!(
+            params.len() == grads.len(),
+            Shape,
+            "Sgd::step: {} parameters but {} gradients",
+            params.len(),
+            grads.len()
+        );
+        if self.buffers.is_empty() {
+            self.buffers = vec![None; params.len()];
+        }
+        ensure!(
+            self.buffers.len() == params.len(),
+            Shape,
+            "Sgd::step: {} parameters but momentum buffers for {} (restored from another model?)",
+            params.len(),
+            self.buffers.len()
+        );
+        for (i, ((p, g), b)) in params.iter_mut().zip(grads).zip(&self.buffers).enumerate() {
+            let what = format!("Sgd::step: gradient of parameter {i}");
+            p.check_same_kind(g, &what)?;
+            g.check_shape(p.shape(), &what)?;
+            if let Some(b) = b {
+                let what = format!("Sgd::step: momentum buffer of parameter {i}");
+                p.check_same_kind(b, &what)?;
+                b.check_shape(p.shape(), &what)?;
+            }
+            p.storage_mut()?;
+        }
+        let hyper = [self.lr, self.momentum, self.weight_decay];
+        for ((p, g), b) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()) {
+            let b = match b {
+                Some(b) => b,
+                None => b.insert(p.zeros_like()?),
+            };
+            by_dtype!(p.dtype(), update_cpu(p, g, b, hyper))?;
+        }
+        Ok(())
+    }
+}
+
+fn update_cpu<T: Real>(param: &mut Tensor, grad: &Tensor, buf: &mut Tensor, [lr, mu, wd]: [f64; 3]) -> Result<()> {
+    let (lr, mu, wd) = (T::from_f64(lr), T::from_f64(mu), T::from_f64(wd));
+    let grad = grad.cpu::<T>()?;
+    let b = unique_host_mut::<T>(buf)?;
+    let p = host_mut::<T>(param)?;
+    for ((pi, &gi), bi) in p.iter_mut().zip(grad).zip(b.iter_mut()) {
+        let g = gi + wd * *pi;
+        *bi = mu * *bi + g;
+        *pi -= lr * (g + mu * *bi);
+    }
+    Ok(())
+}
+
+/// The host elements of an unshared tensor, for writing.
+fn host_mut<T: Real>(t: &mut Tensor) -> Result<&mut [T]> {
+    let shape = t.shape().to_vec();
+    T::slice_mut(t.storage_mut()?)
+        .ok_or_else(|| Error::Mismatch(format!("optimiser: expected a CPU {:?} tensor of shape {shape:?}", T::DTYPE)))
+}
+
+/// The host elements of `t` for writing, after replacing `t` by a private copy if its storage is shared
+/// (copy-on-write: a snapshot taken by the caller keeps its values).
+fn unique_host_mut<T: Real>(t: &mut Tensor) -> Result<&mut [T]> {
+    if t.storage_mut().is_err() {
+        *t = Tensor::from_vec(t.cpu::<T>()?.to_vec(), t.shape())?;
+    }
+    host_mut(t)
+}
+
+/// Clips the global L2 norm of `grads` to `max_norm` like PyTorch's `clip_grad_norm_`: computes the norm over every
+/// element of every gradient (accumulated in f64) and returns it, and, when `max_norm / (norm + 1e-6) < 1`, scales
+/// each gradient by that ratio (replacing the tensors in the slice; shared ones are copied first). A NaN or infinite
+/// norm is an [`Error::NonFinite`] that leaves the gradients untouched.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        bail!(Config, "clip_grad_norm: max_norm must be positive, got {max_norm}");
+    }
+    let mut total = 0.0f64;
+    let mut first_bad = None;
+    for (i, g) in grads.iter().enumerate() {
+        let sq = by_dtype!(g.dtype(), sum_squares_cpu(g))?;
+        if !sq.is_finite() && first_bad.is_none() {
+            first_bad = Some(format!("first in gradient {i} of shape {:?}", g.shape()));
+        }
+        total += sq;
+    }
+    let norm = total.sqrt();
+    if !norm.is_finite() {
+        let at = first_bad.unwrap_or_else(|| "the sum of squares overflowed".into());
+        return Err(Error::NonFinite(format!(
+            "gradient norm is NaN or infinite ({norm}; {at}); the gradients were left unchanged: lower the learning \
+             rate or check the data"
+        )));
+    }
+    let ratio = max_norm / (norm + CLIP_EPS);
+    if ratio < 1.0 {
+        for g in grads.iter_mut() {
+            by_dtype!(g.dtype(), scale_in_place_cpu(g, ratio))?;
+        }
+    }
+    Ok(norm)
+}
+
+fn sum_squares_cpu<T: Real>(g: &Tensor) -> Result<f64> {
+    Ok(g.cpu::<T>()?.iter().map(|&x| x.to_f64() * x.to_f64()).sum())
+}
+
+fn scale_in_place_cpu<T: Real>(g: &mut Tensor, ratio: f64) -> Result<()> {
+    let ratio = T::from_f64(ratio);
+    for x in unique_host_mut::<T>(g)? {
+        *x *= ratio;
+    }
+    Ok(())
+}
+
+/// nnU-Net's polynomial learning-rate schedule, `base_lr * (1 - epoch / max_epochs)^0.9`; 0 from `max_epochs` on.
+pub fn poly_lr(base_lr: f64, epoch: usize, max_epochs: usize) -> f64 {
+    if epoch >= max_epochs {
+        return 0.0;
+    }
+    base_lr * (1.0 - epoch as f64 / max_epochs as f64).powf(POLY_EXPONENT)
+}
