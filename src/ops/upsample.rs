@@ -1,1 +1,121 @@
-//! (being written)
+//! Nearest-neighbour upsampling by an integer factor f per spatial axis, over 2D (N, C, H, W) and 3D
+//! (N, C, D, H, W) maps (PyTorch `interpolate(mode="nearest", scale_factor=f)` for integer f).
+//!
+//! The output has f_a S_a positions along each spatial axis a, and every output voxel copies the input voxel it
+//! falls in; the backward sums the gradient over each f_d x f_h x f_w block:
+//!
+//! ```text
+//!   y_(i_d, i_h, i_w) = x_(i_d / f_d, i_h / f_h, i_w / f_w)        (integer division)
+//!   dL/dx_j = sum_{i : i / f = j} g_i
+//! ```
+//!
+//! Upsampling by f is the adjoint of summing over f-blocks, so `avg_pool(upsample_nearest(x, f), f) = x`.
+
+use crate::autograd::{Backward, Tape};
+use crate::ops::{per_axis, MapDims};
+use crate::tensor::{Real, Tensor};
+use crate::{by_dtype, Result};
+
+/// Repeats every voxel of `x` (N, C, H, W) or (N, C, D, H, W) `factor[a]` times along each spatial axis a (one
+/// positive value per spatial axis).
+pub fn upsample_nearest(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result<Tensor> {
+    let dims = MapDims::of(x, "upsample_nearest")?;
+    let f = per_axis(factor, dims.spatial_rank, "upsample_nearest factor")?;
+    let mut out = [0; 3];
+    for a in 0..3 {
+        out[a] = dims.s[a].checked_mul(f[a]).ok_or_else(|| {
+            crate::Error::Shape(format!("upsample_nearest: factor {factor:?} on spatial sizes {:?} overflows", dims.s))
+        })?;
+    }
+    let plan = Upsample { dims, f, out };
+    let y = by_dtype!(x.dtype(), forward_cpu(x, &plan))?;
+    tape.record(&[x], &y, UpsampleBackward { plan });
+    Ok(y)
+}
+
+/// The sizes of one upsampling: input map, factors, output spatial sizes.
+#[derive(Clone, Copy, Debug)]
+struct Upsample {
+    dims: MapDims,
+    f: [usize; 3],
+    out: [usize; 3],
+}
+
+impl Upsample {
+    fn out_voxels(&self) -> usize {
+        self.out.iter().product()
+    }
+}
+
+fn forward_cpu<T: Real>(x: &Tensor, plan: &Upsample) -> Result<Tensor> {
+    let xs = x.cpu::<T>()?;
+    let [d, h, w] = plan.dims.s;
+    let [fd, fh, fw] = plan.f;
+    let [_, oh, ow] = plan.out;
+    let (vin, vout) = (plan.dims.voxels(), plan.out_voxels());
+    let mut y = vec![T::zero(); plan.dims.n * plan.dims.c * vout];
+    // An empty map has an empty buffer, so `.max(1)` only keeps chunks_exact_mut from a zero size.
+    for (p, yp) in y.chunks_exact_mut(vout.max(1)).enumerate() {
+        let xp = &xs[p * vin..(p + 1) * vin];
+        for zd in 0..d {
+            for zh in 0..h {
+                // Widen the input row once into the first output row of its block, then copy that row to the
+                // other fd * fh - 1 rows of the block.
+                let xrow = &xp[(zd * h + zh) * w..(zd * h + zh + 1) * w];
+                let first = (zd * fd * oh + zh * fh) * ow;
+                for (chunk, &v) in yp[first..first + ow].chunks_exact_mut(fw).zip(xrow) {
+                    chunk.fill(v);
+                }
+                for a in 0..fd {
+                    for b in 0..fh {
+                        let row = ((zd * fd + a) * oh + zh * fh + b) * ow;
+                        if row != first {
+                            yp.copy_within(first..first + ow, row);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(y, &plan.dims.shape_with(plan.dims.c, plan.out))
+}
+
+struct UpsampleBackward {
+    plan: Upsample,
+}
+
+impl Backward for UpsampleBackward {
+    fn name(&self) -> &'static str {
+        "upsample_nearest"
+    }
+
+    fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?)])
+    }
+}
+
+fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
+    let gs = grad_out.cpu::<T>()?;
+    let [d, h, w] = plan.dims.s;
+    let [fd, fh, fw] = plan.f;
+    let [_, oh, ow] = plan.out;
+    let (vin, vout) = (plan.dims.voxels(), plan.out_voxels());
+    let mut dx = vec![T::zero(); plan.dims.n * plan.dims.c * vin];
+    for (p, dxp) in dx.chunks_exact_mut(vin.max(1)).enumerate() {
+        let gp = &gs[p * vout..(p + 1) * vout];
+        for zd in 0..d {
+            for zh in 0..h {
+                let dxrow = &mut dxp[(zd * h + zh) * w..(zd * h + zh + 1) * w];
+                for a in 0..fd {
+                    for b in 0..fh {
+                        let row = ((zd * fd + a) * oh + zh * fh + b) * ow;
+                        for (dv, chunk) in dxrow.iter_mut().zip(gp[row..row + ow].chunks_exact(fw)) {
+                            *dv += chunk.iter().copied().sum::<T>();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(dx, &plan.dims.shape_with(plan.dims.c, plan.dims.s))
+}
