@@ -1,1 +1,97 @@
-//! (being written)
+//! Concatenation of tensors along axis 1 (the channels of feature maps): the decoder's [upsampled, skip].
+//!
+//! Inputs x_k of shapes (N, C_k, rest...) with equal N and rest give y of shape (N, sum C_k, rest...):
+//!
+//! ```text
+//!   y[n, o_k + c, r] = x_k[n, c, r],    o_k = C_0 + ... + C_(k-1)
+//!   dL/dx_k[n, c, r] = dL/dy[n, o_k + c, r]      (the gradient split back at the same offsets)
+//! ```
+//! For each n the inputs' blocks of C_k * prod(rest) elements are contiguous, so both directions copy whole blocks.
+
+use crate::autograd::{Backward, Tape};
+use crate::tensor::{Real, Tensor};
+use crate::{by_dtype, ensure, Result};
+
+/// Concatenates tensors of rank >= 2 along axis 1; all other axes must be equal.
+pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
+    ensure!(!xs.is_empty(), Shape, "concat_channels: no inputs");
+    let first = xs[0];
+    ensure!(first.rank() >= 2, Shape, "concat_channels: inputs need rank >= 2, got shape {:?}", first.shape());
+    for x in &xs[1..] {
+        first.check_same_kind(x, "concat_channels")?;
+        let same_rest =
+            x.rank() == first.rank() && x.shape()[0] == first.shape()[0] && x.shape()[2..] == first.shape()[2..];
+        ensure!(
+            same_rest,
+            Shape,
+            "concat_channels: shapes must agree on every axis but 1: {:?}",
+            xs.iter().map(|x| x.shape()).collect::<Vec<_>>()
+        );
+    }
+    let channels: Vec<usize> = xs.iter().map(|x| x.shape()[1]).collect();
+    let mut shape = first.shape().to_vec();
+    shape[1] = channels.iter().sum();
+    let y = by_dtype!(first.dtype(), forward_cpu(xs, &shape))?;
+    tape.record(xs, &y, ConcatBackward { shape, channels });
+    Ok(y)
+}
+
+/// The elements per channel: the product of the axes after axis 1.
+fn inner_size(shape: &[usize]) -> usize {
+    shape[2..].iter().product()
+}
+
+fn forward_cpu<T: Real>(xs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+    let inner = inner_size(shape);
+    let srcs = xs.iter().map(|x| x.cpu::<T>()).collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for n in 0..shape[0] {
+        for (src, x) in srcs.iter().zip(xs) {
+            let block = x.shape()[1] * inner;
+            out.extend_from_slice(&src[n * block..(n + 1) * block]);
+        }
+    }
+    Tensor::from_vec(out, shape)
+}
+
+struct ConcatBackward {
+    /// The output's shape.
+    shape: Vec<usize>,
+    /// C_k of each input.
+    channels: Vec<usize>,
+}
+
+impl Backward for ConcatBackward {
+    fn name(&self) -> &'static str {
+        "concat_channels"
+    }
+
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let mut offset = 0;
+        let mut grads = Vec::with_capacity(self.channels.len());
+        for (&c, &need) in self.channels.iter().zip(needs) {
+            grads.push(if need {
+                Some(by_dtype!(grad_out.dtype(), split_cpu(grad_out, &self.shape, offset, c))?)
+            } else {
+                None
+            });
+            offset += c;
+        }
+        Ok(grads)
+    }
+}
+
+/// Channels [offset, offset + c) of `g` (shape `shape`), as a tensor of shape (N, c, rest...).
+fn split_cpu<T: Real>(g: &Tensor, shape: &[usize], offset: usize, c: usize) -> Result<Tensor> {
+    let src = g.cpu::<T>()?;
+    let inner = inner_size(shape);
+    let (row, block) = (shape[1] * inner, c * inner);
+    let mut out = Vec::with_capacity(shape[0] * block);
+    for n in 0..shape[0] {
+        let start = n * row + offset * inner;
+        out.extend_from_slice(&src[start..start + block]);
+    }
+    let mut part = shape.to_vec();
+    part[1] = c;
+    Tensor::from_vec(out, &part)
+}

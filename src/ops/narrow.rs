@@ -1,1 +1,68 @@
-//! (being written)
+//! A slice of the last axis: splits Mamba's in_proj output into x and z, and x_proj's output into dt, B and C.
+//!
+//! For x of shape (..., K) and 0 <= start, start + len <= K:
+//!
+//! ```text
+//!   y[..., k] = x[..., start + k],  k < len          y: (..., len)
+//!   dL/dx[..., j] = dL/dy[..., j - start] for start <= j < start + len, else 0
+//! ```
+
+use crate::autograd::{Backward, Tape};
+use crate::tensor::{Real, Tensor};
+use crate::{by_dtype, ensure, Result};
+
+/// Elements [start, start + len) of the last axis of `x` (any rank).
+pub fn narrow_last(tape: &mut Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    let k = *x.shape().last().expect("tensors have rank >= 1");
+    ensure!(
+        len > 0 && start <= k && len <= k - start,
+        Shape,
+        "narrow_last: slice [{start}, {}) is empty or outside the last axis of size {k} (shape {:?})",
+        start.saturating_add(len),
+        x.shape()
+    );
+    let y = by_dtype!(x.dtype(), narrow_cpu(x, start, len))?;
+    tape.record(&[x], &y, NarrowBackward { shape: x.shape().to_vec(), start });
+    Ok(y)
+}
+
+fn narrow_cpu<T: Real>(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    let src = x.cpu::<T>()?;
+    let k = x.shape()[x.rank() - 1];
+    let rows = x.numel() / k;
+    let mut out = Vec::with_capacity(rows * len);
+    for r in 0..rows {
+        out.extend_from_slice(&src[r * k + start..r * k + start + len]);
+    }
+    let mut shape = x.shape().to_vec();
+    shape[x.rank() - 1] = len;
+    Tensor::from_vec(out, &shape)
+}
+
+struct NarrowBackward {
+    /// The input's shape.
+    shape: Vec<usize>,
+    start: usize,
+}
+
+impl Backward for NarrowBackward {
+    fn name(&self) -> &'static str {
+        "narrow_last"
+    }
+
+    fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(by_dtype!(grad_out.dtype(), widen_cpu(grad_out, &self.shape, self.start))?)])
+    }
+}
+
+/// The gradient `g` of the slice written at `start` into zeros of the input's shape.
+fn widen_cpu<T: Real>(g: &Tensor, shape: &[usize], start: usize) -> Result<Tensor> {
+    let src = g.cpu::<T>()?;
+    let len = g.shape()[g.rank() - 1];
+    let k = shape[shape.len() - 1];
+    let mut out = vec![T::zero(); shape.iter().product()];
+    for (r, row) in src.chunks_exact(len).enumerate() {
+        out[r * k + start..r * k + start + len].copy_from_slice(row);
+    }
+    Tensor::from_vec(out, shape)
+}

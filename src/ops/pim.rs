@@ -1,1 +1,261 @@
-//! (being written)
+//! PiM's grouping of a feature map into token sequences, and its inverse.
+//!
+//! A map x of shape (N, C, D, H, W) (2D maps: D = 1 and no depth window) is cut along every spatial axis a of size
+//! S_a by a window p_a that divides it. Each index along the axis is written as
+//!
+//! ```text
+//!   s = i * p + j,      i < S / p  (which block),   j < p  (where inside the block)
+//! ```
+//!
+//! and the two layouts differ only in which of these digits pick the sequence and which pick the token:
+//!
+//! ```text
+//!   Window   group g = (n, i_d, i_h, i_w)   G = N * prod(S_a / p_a)   adjacent voxels: the paper's window
+//!            token l = (j_d, j_h, j_w)      L = prod(p_a)
+//!   Strided  group g = (n, j_d, j_h, j_w)   G = N * prod(p_a)         voxels p apart: the public code's grouping
+//!            token l = (i_d, i_h, i_w)      L = prod(S_a / p_a)
+//!
+//!   partition:  t[g, l, c] = x[n, c, i_d p_d + j_d, i_h p_h + j_h, i_w p_w + j_w]        t: (G, L, C)
+//!   merge:      the inverse, x[n, c, ...] = t[g, l, c]
+//! ```
+//!
+//! with every tuple in raster order (last entry fastest). Strided is exactly PyTorch's
+//! `x.reshape(B, C, D/p, p, H/p, p, W/p, p).permute(0, 3, 5, 7, 1, 2, 4, 6).reshape(B p^3, C, -1).transpose(1, 2)`.
+//! A Window layout whose window is the whole map gives one sequence per sample over all voxels in raster order,
+//! which is PaM's sequence.
+//!
+//! Both directions move every element to a distinct place, so each is the other's transpose and its backward:
+//!
+//! ```text
+//!   dL/dx = merge(dL/dt),   dL/dt = partition(dL/dx)
+//! ```
+//!
+//! The token row r = g L + l of voxel (n, d, h, w) is a sum of per-axis terms,
+//! `r = n V + R_d[d] + R_h[h] + R_w[w]` (V = D H W voxels per sample, since G/N * L = V), so one walk over the map in
+//! memory order, with three small tables, serves both layouts and both directions. The walk takes one line of W
+//! voxels at a time and goes through it channel by channel, so the map is touched in contiguous runs (not at the
+//! channel stride V, which for common sizes is a multiple of 4 KiB and makes the C channels of one voxel collide
+//! in the same cache set), while the line's W token rows stay in cache.
+
+use crate::autograd::{Backward, Tape};
+use crate::ops::{per_axis, MapDims};
+use crate::tensor::{Real, Tensor};
+use crate::{bail, by_dtype, ensure, Result};
+
+/// How PiM groups the voxels of a map into sequences (see the module docs for the index formulas).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PimLayout {
+    /// Each block of p_d x p_h x p_w adjacent voxels is one sequence, scanned in raster order: the paper's "kernel".
+    Window,
+    /// Each sequence takes every p-th voxel along each axis, spanning the whole map: the public code's grouping.
+    Strided,
+}
+
+/// The spatial axis names of the [D, H, W] positions, for messages.
+const AXIS_NAMES: [&str; 3] = ["D", "H", "W"];
+
+/// Checks that `window` (one size per spatial axis of the map of shape `map_shape`) divides every axis; `layer`
+/// names the layer in errors (e.g. "PiM stage 2").
+pub fn check_window(map_shape: &[usize], window: &[usize], layer: &str) -> Result<()> {
+    checked_window(map_shape, window, layer).map(|_| ())
+}
+
+/// The number of sequences G and their length L that [`partition`] makes of a map of shape `map_shape`.
+pub fn grouping(map_shape: &[usize], window: &[usize], layout: PimLayout) -> Result<(usize, usize)> {
+    let g = Grouping::new(map_shape, window, layout, "PiM")?;
+    Ok((g.groups, g.len))
+}
+
+/// Cuts the map `x` (N, C, [D,] H, W) into token sequences (G, L, C), channels last, with one window size per
+/// spatial axis.
+pub fn partition(tape: &mut Tape, x: &Tensor, window: &[usize], layout: PimLayout) -> Result<Tensor> {
+    let grouping = Grouping::new(x.shape(), window, layout, "PiM")?;
+    let t = grouping.apply(x, Direction::ToTokens)?;
+    tape.record(&[x], &t, PimBackward { grouping, forward: Direction::ToTokens });
+    Ok(t)
+}
+
+/// Puts token sequences (G, L, C) made by [`partition`] with the same window and layout back into a map of shape
+/// `map_shape`.
+pub fn merge(
+    tape: &mut Tape,
+    tokens: &Tensor,
+    map_shape: &[usize],
+    window: &[usize],
+    layout: PimLayout,
+) -> Result<Tensor> {
+    let grouping = Grouping::new(map_shape, window, layout, "PiM")?;
+    let x = grouping.apply(tokens, Direction::ToMap)?;
+    tape.record(&[tokens], &x, PimBackward { grouping, forward: Direction::ToMap });
+    Ok(x)
+}
+
+/// Reads the map dims from a shape and expands the window to [p_d, p_h, p_w] (p_d = 1 for 2D), checking that it
+/// divides every axis.
+fn checked_window(map_shape: &[usize], window: &[usize], layer: &str) -> Result<(MapDims, [usize; 3])> {
+    let dims = match *map_shape {
+        [n, c, h, w] => MapDims { n, c, s: [1, h, w], spatial_rank: 2 },
+        [n, c, d, h, w] => MapDims { n, c, s: [d, h, w], spatial_rank: 3 },
+        _ => bail!(Shape, "{layer}: expected a feature map (N, C, H, W) or (N, C, D, H, W), got shape {map_shape:?}"),
+    };
+    let p = per_axis(window, dims.spatial_rank, &format!("{layer}: window (map {map_shape:?})"))?;
+    for a in 3 - dims.spatial_rank..3 {
+        ensure!(
+            dims.s[a] % p[a] == 0,
+            Shape,
+            "{layer}: window {} does not divide axis {} of size {} (map {map_shape:?})",
+            p[a],
+            AXIS_NAMES[a],
+            dims.s[a]
+        );
+    }
+    Ok((dims, p))
+}
+
+/// Which way elements move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    /// Map (N, C, D, H, W) to tokens (G, L, C): partition.
+    ToTokens,
+    /// Tokens to map: merge.
+    ToMap,
+}
+
+impl Direction {
+    fn reversed(self) -> Direction {
+        match self {
+            Direction::ToTokens => Direction::ToMap,
+            Direction::ToMap => Direction::ToTokens,
+        }
+    }
+}
+
+/// The bijection between map voxels and token rows for one map shape, window and layout.
+struct Grouping {
+    map_shape: Vec<usize>,
+    dims: MapDims,
+    /// G: sequences over the whole batch.
+    groups: usize,
+    /// L: tokens per sequence.
+    len: usize,
+    /// `axis_rows[a][s]`: the term R_a[s] that index s of spatial axis a adds to the token row of a voxel.
+    axis_rows: [Vec<usize>; 3],
+}
+
+impl Grouping {
+    fn new(map_shape: &[usize], window: &[usize], layout: PimLayout, layer: &str) -> Result<Grouping> {
+        let (dims, p) = checked_window(map_shape, window, layer)?;
+        let blocks: [usize; 3] = std::array::from_fn(|a| dims.s[a] / p[a]);
+        // Extents of the digits that pick the group (beyond n) and the token, per axis.
+        let (group_ext, token_ext) = match layout {
+            PimLayout::Window => (blocks, p),
+            PimLayout::Strided => (p, blocks),
+        };
+        let len: usize = token_ext.iter().product();
+        let raster = |e: [usize; 3]| [e[1] * e[2], e[2], 1];
+        let (group_stride, token_stride) = (raster(group_ext), raster(token_ext));
+        let axis_rows = std::array::from_fn(|a| {
+            (0..dims.s[a])
+                .map(|s| {
+                    let (i, j) = (s / p[a], s % p[a]);
+                    let (group_digit, token_digit) = match layout {
+                        PimLayout::Window => (i, j),
+                        PimLayout::Strided => (j, i),
+                    };
+                    group_digit * group_stride[a] * len + token_digit * token_stride[a]
+                })
+                .collect()
+        });
+        Ok(Grouping {
+            map_shape: map_shape.to_vec(),
+            dims,
+            groups: dims.n * group_ext.iter().product::<usize>(),
+            len,
+            axis_rows,
+        })
+    }
+
+    fn token_shape(&self) -> [usize; 3] {
+        [self.groups, self.len, self.dims.c]
+    }
+
+    /// Calls `f(map_line, row_line)` for every line of W voxels (fixed n, d, h) in map memory order: `map_line` is
+    /// the flat map index of the line's first voxel in channel 0, and voxel w of the line goes to token row
+    /// `row_line + R_w[w]` (row = g L + l).
+    fn for_each_line(&self, mut f: impl FnMut(usize, usize)) {
+        let [_, sh, sw] = self.dims.s;
+        let voxels = self.dims.voxels();
+        let [rd, rh, _] = &self.axis_rows;
+        for n in 0..self.dims.n {
+            let map_base = n * self.dims.c * voxels;
+            let row_base = n * voxels;
+            for (d, &row_d) in rd.iter().enumerate() {
+                for (h, &row_h) in rh.iter().enumerate() {
+                    f(map_base + (d * sh + h) * sw, row_base + row_d + row_h);
+                }
+            }
+        }
+    }
+
+    /// Moves `input` (the map for `ToTokens`, the tokens for `ToMap`) to the other layout.
+    fn apply(&self, input: &Tensor, dir: Direction) -> Result<Tensor> {
+        match dir {
+            Direction::ToTokens => input.check_shape(&self.map_shape, "PiM partition input")?,
+            Direction::ToMap => {
+                input.check_shape(&self.token_shape(), &format!("PiM merge tokens (for map {:?})", self.map_shape))?
+            }
+        }
+        by_dtype!(input.dtype(), permute_cpu(self, input, dir))
+    }
+}
+
+/// One line of W voxels at a time, channel by channel: the map side is read or written in contiguous runs of W,
+/// and the line's token rows (W * C values) stay in cache while their C columns are filled.
+fn permute_cpu<T: Real>(grouping: &Grouping, input: &Tensor, dir: Direction) -> Result<Tensor> {
+    let src = input.cpu::<T>()?;
+    let mut out = vec![T::zero(); src.len()];
+    let c = grouping.dims.c;
+    let voxels = grouping.dims.voxels();
+    let rw = &grouping.axis_rows[2];
+    grouping.for_each_line(|map_line, row_line| {
+        for ch in 0..c {
+            let run = map_line + ch * voxels..map_line + ch * voxels + rw.len();
+            let token_col = |r: usize| (row_line + r) * c + ch;
+            match dir {
+                Direction::ToTokens => {
+                    for (&v, &r) in src[run].iter().zip(rw) {
+                        out[token_col(r)] = v;
+                    }
+                }
+                Direction::ToMap => {
+                    for (o, &r) in out[run].iter_mut().zip(rw) {
+                        *o = src[token_col(r)];
+                    }
+                }
+            }
+        }
+    });
+    match dir {
+        Direction::ToTokens => Tensor::from_vec(out, &grouping.token_shape()),
+        Direction::ToMap => Tensor::from_vec(out, &grouping.map_shape),
+    }
+}
+
+/// The backward of partition (`forward` = ToTokens) and of merge (`forward` = ToMap): the other direction.
+struct PimBackward {
+    grouping: Grouping,
+    forward: Direction,
+}
+
+impl Backward for PimBackward {
+    fn name(&self) -> &'static str {
+        match self.forward {
+            Direction::ToTokens => "pim_partition",
+            Direction::ToMap => "pim_merge",
+        }
+    }
+
+    fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(self.grouping.apply(grad_out, self.forward.reversed())?)])
+    }
+}
