@@ -11,6 +11,7 @@
 pub mod autograd;
 pub mod device;
 mod error;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

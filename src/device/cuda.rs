@@ -209,3 +209,28 @@ macro_rules! launch {
         $crate::device::cuda::check_launch(unsafe { builder.launch($cfg) }, $kernel, &$shapes).map(|_| ())
     }};
 }
+
+impl Gpu {
+    /// Runs `f` `warmup` times, then times each of `reps` further runs with CUDA events on the stream and returns the
+    /// times in milliseconds (one per run), for benchmarks.
+    pub fn time_ms(&self, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let start = self.stream.record_event(flags).map_err(driver_err("recording a timing event"))?;
+            f()?;
+            let end = self.stream.record_event(flags).map_err(driver_err("recording a timing event"))?;
+            end.synchronize().map_err(driver_err("waiting for a timed run"))?;
+            times.push(start.elapsed_ms(&end).map_err(driver_err("reading a timing event"))? as f64);
+        }
+        Ok(times)
+    }
+
+    /// Copies `src` into `dst` on the device (same length).
+    pub fn copy(&self, src: &GpuBuffer, dst: &mut GpuBuffer) -> Result<()> {
+        self.stream.memcpy_dtod(&src.slice, &mut dst.slice).map_err(driver_err("device-to-device copy"))
+    }
+}

@@ -1,0 +1,303 @@
+//! Kernel benchmark at the reference shapes of lkm-unet.md section 5 (3D configuration, stage 0).
+//!
+//! Each kernel is timed with CUDA events (median of several runs after warm-up) forward and forward + backward, and
+//! reported with its minimum memory traffic or FLOPs, the fraction of the machine's ceilings, and the time PyTorch
+//! took on the same shapes (from `tools/bench_torch.py`, run in the same session on the same GPU).
+//!
+//! Usage: `kernels [--torch torch_bench.json] [--out table.md] [--only SUBSTRING]`.
+//! The copy-bandwidth ceiling is measured here (device-to-device copy of 1 GiB, bytes read + written); the bf16 matrix
+//! rate comes from the PyTorch run (we have no bf16 GEMM of our own yet).
+
+use std::sync::Arc;
+
+use lkm_engine::autograd::Tape;
+use lkm_engine::device::{Device, Gpu};
+use lkm_engine::ops;
+use lkm_engine::tensor::DType;
+use lkm_engine::{Result, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+struct Case {
+    name: &'static str,
+    shape: String,
+    /// Minimum bytes moved by the forward (each input read once, each output written once).
+    bytes: f64,
+    /// Floating-point operations of the forward (0 when memory-bound).
+    flops: f64,
+    inputs: Vec<Tensor>,
+    f: Box<dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>>,
+    backward: bool,
+}
+
+struct Row {
+    name: String,
+    shape: String,
+    fwd_ms: f64,
+    fwd_bwd_ms: Option<f64>,
+    bytes: f64,
+    flops: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn randn(gpu: &Device, shape: &[usize], scale: f64, seed: u64) -> Tensor {
+    let t = Tensor::randn(shape, DType::F32, &mut StdRng::seed_from_u64(seed)).unwrap();
+    lkm_engine::tensor::scale(&t, scale).unwrap().to_device(gpu).unwrap()
+}
+
+fn run_case(gpu: &Arc<Gpu>, c: &Case) -> Result<Row> {
+    let reps = 7;
+    let fwd = gpu.time_ms(2, reps, || (c.f)(&mut Tape::no_grad(), &c.inputs).map(drop))?;
+    let fwd_bwd = if c.backward {
+        let y = (c.f)(&mut Tape::no_grad(), &c.inputs)?;
+        let seed = randn(&Device::Cuda(gpu.clone()), y.shape(), 1.0, 5);
+        drop(y);
+        Some(median(gpu.time_ms(1, reps, || {
+            let mut tape = Tape::new();
+            for x in &c.inputs {
+                tape.watch(x);
+            }
+            let y = (c.f)(&mut tape, &c.inputs)?;
+            tape.backward_from(&y, seed.clone()).map(drop)
+        })?))
+    } else {
+        None
+    };
+    Ok(Row { name: c.name.into(), shape: c.shape.clone(), fwd_ms: median(fwd), fwd_bwd_ms: fwd_bwd, bytes: c.bytes, flops: c.flops })
+}
+
+fn copy_bandwidth(gpu: &Arc<Gpu>) -> Result<f64> {
+    let n = 1usize << 28;
+    let src = gpu.zeros(n, "copy benchmark")?;
+    let mut dst = gpu.zeros(n, "copy benchmark")?;
+    let ms = median(gpu.time_ms(3, 10, || gpu.copy(&src, &mut dst))?);
+    Ok(2.0 * n as f64 * 4.0 / (ms * 1e-3) / 1e9)
+}
+
+fn cases(dev: &Device) -> Vec<Case> {
+    let (n, c, d, h, w) = (2, 32, 40, 224, 192);
+    let map = [n, c, d, h, w];
+    let vox = (n * d * h * w) as f64;
+    let map_bytes = vox * c as f64 * 4.0;
+    let x = randn(dev, &map, 1.0, 1);
+    let mut v = Vec::new();
+    for k in [[3usize, 3, 3], [1, 3, 3]] {
+        let wt = randn(dev, &[c, c, k[0], k[1], k[2]], 0.05, 2);
+        let b = randn(dev, &[c], 0.1, 3);
+        v.push(Case {
+            name: if k[0] == 3 { "conv3d 3x3x3 fp32" } else { "conv3d 1x3x3 fp32" },
+            shape: "2x32x40x224x192->32".into(),
+            bytes: 2.0 * map_bytes,
+            flops: 2.0 * vox * (c * c * k.iter().product::<usize>()) as f64,
+            inputs: vec![x.clone(), wt, b],
+            f: Box::new(|t, i| ops::conv::conv(t, &i[0], &i[1], Some(&i[2]), &[1, 1, 1])),
+            backward: true,
+        });
+    }
+    let gamma = randn(dev, &[c], 1.0, 4);
+    let beta = randn(dev, &[c], 1.0, 5);
+    v.push(Case {
+        name: "instance_norm",
+        shape: "2x32x40x224x192".into(),
+        bytes: 2.0 * map_bytes,
+        flops: 0.0,
+        inputs: vec![x.clone(), gamma.clone(), beta.clone()],
+        f: Box::new(|t, i| ops::instance_norm::instance_norm(t, &i[0], &i[1], &i[2], 1e-5)),
+        backward: true,
+    });
+    v.push(Case {
+        name: "leaky_relu",
+        shape: "2x32x40x224x192".into(),
+        bytes: 2.0 * map_bytes,
+        flops: 0.0,
+        inputs: vec![x.clone()],
+        f: Box::new(|t, i| ops::activation::leaky_relu(t, &i[0])),
+        backward: true,
+    });
+    let tokens = n * d * h * w;
+    let tok = randn(dev, &[2, tokens / 2, c], 1.0, 6);
+    v.push(Case {
+        name: "layer_norm",
+        shape: format!("{tokens}x32"),
+        bytes: 2.0 * map_bytes,
+        flops: 0.0,
+        inputs: vec![tok.clone(), gamma, beta],
+        f: Box::new(|t, i| ops::layer_norm::layer_norm(t, &i[0], &i[1], &i[2], 1e-5)),
+        backward: true,
+    });
+    v.push(Case {
+        name: "pim partition strided",
+        shape: "2x32x40x224x192 / (20,28,24)".into(),
+        bytes: 2.0 * map_bytes,
+        flops: 0.0,
+        inputs: vec![x.clone()],
+        f: Box::new(|t, i| ops::pim::partition(t, &i[0], &[20, 28, 24], ops::pim::PimLayout::Strided)),
+        backward: true,
+    });
+    let w_in = randn(dev, &[128, 32], 0.1, 7);
+    v.push(Case {
+        name: "linear in_proj fp32",
+        shape: format!("{tokens}x32->128"),
+        bytes: tokens as f64 * (32.0 + 128.0) * 4.0,
+        flops: 2.0 * tokens as f64 * 32.0 * 128.0,
+        inputs: vec![tok, w_in],
+        f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
+        backward: true,
+    });
+    let (g, l, din, ns) = (26880usize, 128usize, 64usize, 16usize);
+    let xs = randn(dev, &[g, l, din], 1.0, 8);
+    let wc = randn(dev, &[din, 4], 0.5, 9);
+    let bc = randn(dev, &[din], 0.1, 10);
+    v.push(Case {
+        name: "causal_conv1d depthwise",
+        shape: format!("{g}x{l}x{din} k4"),
+        bytes: 2.0 * (g * l * din) as f64 * 4.0,
+        flops: 0.0,
+        inputs: vec![xs, wc, bc],
+        f: Box::new(|t, i| ops::causal_conv1d::causal_conv1d(t, &i[0], &i[1], &i[2])),
+        backward: true,
+    });
+    for (name, g, l) in [
+        ("selective_scan PiM stage 0", 26880usize, 128usize),
+        ("selective_scan PiM stage 0 (quarter)", 6720, 128),
+        ("selective_scan PaM stage 0", 2, 26880),
+    ] {
+        let a_log: Vec<f32> = (0..din * ns).map(|i| ((i % ns + 1) as f32).ln()).collect();
+        let a_log = Tensor::from_vec(a_log, &[din, ns]).unwrap().to_device(dev).unwrap();
+        let delta = lkm_engine::tensor::add(
+            &randn(dev, &[g, l, din], 0.5, 11),
+            &Tensor::full(&[g, l, din], -1.0, DType::F32, dev).unwrap(),
+        )
+        .unwrap();
+        let inputs = vec![
+            randn(dev, &[g, l, din], 1.0, 12),
+            delta,
+            a_log,
+            randn(dev, &[g, l, ns], 1.0, 13),
+            randn(dev, &[g, l, ns], 1.0, 14),
+            randn(dev, &[din], 1.0, 15),
+            randn(dev, &[g, l, din], 1.0, 16),
+            randn(dev, &[din], 0.1, 17),
+        ];
+        v.push(Case {
+            name,
+            shape: format!("{g}x{din}x{l}x{ns}"),
+            bytes: ((4 * g * l * din) + 2 * g * l * ns) as f64 * 4.0,
+            flops: 0.0,
+            inputs,
+            f: Box::new(|t, i| {
+                let s = ops::selective_scan::ScanInputs {
+                    u: &i[0],
+                    delta: &i[1],
+                    a_log: &i[2],
+                    b: &i[3],
+                    c: &i[4],
+                    d_skip: &i[5],
+                    z: &i[6],
+                    delta_bias: &i[7],
+                };
+                ops::selective_scan::selective_scan(t, &s)
+            }),
+            backward: true,
+        });
+    }
+    let k = 14;
+    let logits = randn(dev, &[n, k, d, h, w], 1.0, 18);
+    let labels: Vec<f32> = (0..n * d * h * w).map(|i| ((i * 7919) % k) as f32).collect();
+    let labels = Tensor::from_vec(labels, &[n, 1, d, h, w]).unwrap().to_device(dev).unwrap();
+    v.push(Case {
+        name: "cross_entropy",
+        shape: format!("{n}x{k}x40x224x192"),
+        bytes: vox * (k as f64 + 1.0) * 4.0,
+        flops: 0.0,
+        inputs: vec![logits.clone(), labels.clone()],
+        f: Box::new(|t, i| ops::cross_entropy::cross_entropy(t, &i[0], &i[1])),
+        backward: false,
+    });
+    v.push(Case {
+        name: "soft_dice",
+        shape: format!("{n}x{k}x40x224x192"),
+        bytes: vox * (k as f64 + 1.0) * 4.0,
+        flops: 0.0,
+        inputs: vec![logits, labels],
+        f: Box::new(|t, i| ops::dice::soft_dice_loss(t, &i[0], &i[1], true)),
+        backward: false,
+    });
+    v
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    if let Err(e) = run(arg("--torch"), arg("--out"), arg("--only")) {
+        eprintln!("benchmark failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(torch: Option<String>, out: Option<String>, only: Option<String>) -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    let dev = Device::Cuda(gpu.clone());
+    let copy_gbs = copy_bandwidth(&gpu)?;
+    let torch: Option<serde_json::Value> =
+        torch.map(|p| serde_json::from_str(&std::fs::read_to_string(&p).expect("torch json readable")).expect("json"));
+    let bf16_tflops = torch.as_ref().and_then(|t| t["ceilings"]["bf16_TFLOPs"].as_f64());
+    let torch_ms = |name: &str| -> Option<(f64, Option<f64>)> {
+        let key = name.replace(" fp32", "");
+        torch.as_ref()?["rows"].as_array()?.iter().find_map(|r| {
+            let n = r["name"].as_str()?;
+            let matches = n.starts_with(&key) && (!n.contains("cuDNN") || n.ends_with("fp32"));
+            matches.then(|| (r["fwd_ms"].as_f64().unwrap_or(f64::NAN), r["fwd_bwd_ms"].as_f64()))
+        })
+    };
+    let mut rows = Vec::new();
+    for case in cases(&dev) {
+        if only.as_ref().is_some_and(|o| !case.name.contains(o.as_str())) {
+            continue;
+        }
+        match run_case(&gpu, &case) {
+            Ok(r) => {
+                eprintln!("{:40} fwd {:8.3} ms  fwd+bwd {:?}", r.name, r.fwd_ms, r.fwd_bwd_ms);
+                rows.push(r);
+            }
+            Err(e) => eprintln!("{:40} FAILED: {e}", case.name),
+        }
+    }
+    let mut md = format!(
+        "GPU: {}; copy ceiling {copy_gbs:.0} GB/s (measured here); bf16 matrix ceiling {} (from PyTorch, same run)\n\n",
+        gpu.name(),
+        bf16_tflops.map_or("n/a".into(), |t| format!("{t:.0} TFLOP/s"))
+    );
+    md += "| kernel | shape | fwd ms | fwd GB/s (% copy) | fwd TFLOP/s (% bf16) | fwd+bwd ms | PyTorch fwd ms | PyTorch fwd+bwd ms | fwd ratio (torch/ours) |\n|---|---|---|---|---|---|---|---|---|\n";
+    for r in &rows {
+        let gbs = r.bytes / (r.fwd_ms * 1e-3) / 1e9;
+        let tf = r.flops / (r.fwd_ms * 1e-3) / 1e12;
+        let (tf_s, gb_s) = (
+            if r.flops > 0.0 { format!("{tf:.1} ({:.1}%)", bf16_tflops.map_or(f64::NAN, |p| 100.0 * tf / p)) } else { "-".into() },
+            format!("{gbs:.0} ({:.0}%)", 100.0 * gbs / copy_gbs),
+        );
+        let t = torch_ms(&r.name);
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+        md += &format!(
+            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            r.shape,
+            r.fwd_ms,
+            gb_s,
+            tf_s,
+            fmt(r.fwd_bwd_ms),
+            fmt(t.map(|t| t.0)),
+            fmt(t.and_then(|t| t.1)),
+            t.map_or("-".into(), |t| format!("{:.2}", t.0 / r.fwd_ms))
+        );
+    }
+    println!("{md}");
+    if let Some(p) = out {
+        std::fs::write(&p, &md).map_err(|e| lkm_engine::Error::Io(format!("{p}: {e}")))?;
+    }
+    Ok(())
+}

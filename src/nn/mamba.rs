@@ -1,0 +1,209 @@
+//! The Mamba layers of LKM-UNet (lkm-unet.md sections 2 and 3).
+//!
+//! A [`Mamba`] block (Mamba v1 without its out_proj) maps tokens u (G, L, d_model) to (G, L, d_inner):
+//! ```text
+//!   [x, z] = in_proj(u)                      d_model -> 2 d_inner
+//!   x      = SiLU(causal_conv1d(x))          kernel d_conv, per channel
+//!   [dt, B, C] = x_proj(x)                   d_inner -> dt_rank + 2 d_state
+//!   delta  = dt_proj.weight @ dt             dt_rank -> d_inner (its bias is the scan's delta_bias)
+//!   y      = selective_scan(x, delta, A_log, B, C, D, z, dt_proj.bias)
+//! ```
+//! A [`BiMambaLayer`] runs two blocks over LayerNorm'd tokens, one on the reversed sequence, and projects their sum
+//! back with one shared out_proj: `out = x + ungroup(out_proj(fwd(t) + flip(bwd(flip(t)))))`, t = LN(group(x)).
+//! PiM groups pixels into windows ([`Grouping::Pixel`]); PaM averages r^3 patches, runs one sequence per sample
+//! over the pooled map and upsamples back ([`Grouping::Patch`]).
+
+use rand::rngs::StdRng;
+use rand::RngExt;
+
+use super::init::{constant, default_uniform};
+use super::params::{ParamId, Params};
+use crate::autograd::Tape;
+use crate::ops::activation::silu;
+use crate::ops::add::add;
+use crate::ops::avg_pool::avg_pool;
+use crate::ops::causal_conv1d::causal_conv1d;
+use crate::ops::flip::flip_seq;
+use crate::ops::layer_norm::{layer_norm, LN_EPS};
+use crate::ops::linear::linear;
+use crate::ops::narrow::narrow_last;
+use crate::ops::pim::{check_window, merge, partition, PimLayout};
+use crate::ops::reshape::reshape;
+use crate::ops::selective_scan::{selective_scan, ScanInputs};
+use crate::ops::upsample::upsample_nearest;
+use crate::tensor::{DType, Tensor};
+use crate::{ensure, Result};
+
+/// Mamba's hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MambaConfig {
+    /// State size N per channel (16).
+    pub d_state: usize,
+    /// Causal conv kernel (4).
+    pub d_conv: usize,
+    /// d_inner = expand * d_model (2).
+    pub expand: usize,
+}
+
+impl Default for MambaConfig {
+    fn default() -> Self {
+        MambaConfig { d_state: 16, d_conv: 4, expand: 2 }
+    }
+}
+
+/// One Mamba v1 block without out_proj.
+pub struct Mamba {
+    d_inner: usize,
+    dt_rank: usize,
+    d_state: usize,
+    d_conv: usize,
+    in_proj: ParamId,
+    conv_w: ParamId,
+    conv_b: ParamId,
+    x_proj: ParamId,
+    dt_proj_w: ParamId,
+    dt_proj_b: ParamId,
+    a_log: ParamId,
+    d_skip: ParamId,
+}
+
+impl Mamba {
+    /// Registers the block's parameters under `prefix` (e.g. `encoder.mamba_layers.0.mamba_forw`), initialised as
+    /// mamba_ssm does.
+    pub fn new(params: &mut Params, prefix: &str, d_model: usize, cfg: MambaConfig, rng: &mut StdRng) -> Mamba {
+        let d_inner = cfg.expand * d_model;
+        let dt_rank = d_model.div_ceil(16);
+        let n = cfg.d_state;
+        let name = |s: &str| format!("{prefix}.{s}");
+        let in_proj = params.add(name("in_proj.weight"), default_uniform(&[2 * d_inner, d_model], d_model, rng));
+        let conv_w = params.add(name("conv1d.weight"), default_uniform(&[d_inner, 1, cfg.d_conv], cfg.d_conv, rng));
+        let conv_b = params.add(name("conv1d.bias"), default_uniform(&[d_inner], cfg.d_conv, rng));
+        let x_proj = params.add(name("x_proj.weight"), default_uniform(&[dt_rank + 2 * n, d_inner], d_inner, rng));
+        let std = (dt_rank as f64).powf(-0.5);
+        let dt_w = Tensor::uniform(&[d_inner, dt_rank], -std, std, DType::F32, rng).expect("valid shape");
+        let dt_proj_w = params.add(name("dt_proj.weight"), dt_w);
+        // dt ~ exp(U(ln 1e-3, ln 1e-1)) floored at 1e-4; the bias is its inverse softplus, dt + ln(1 - e^-dt).
+        let (lo, hi) = (1e-3f64.ln(), 1e-1f64.ln());
+        let inv_softplus: Vec<f32> = (0..d_inner)
+            .map(|_| {
+                let dt = (lo + (hi - lo) * rng.random::<f64>()).exp().max(1e-4);
+                (dt + (-(-dt).exp_m1()).ln()) as f32
+            })
+            .collect();
+        let dt_proj_b = params.add(name("dt_proj.bias"), Tensor::from_vec(inv_softplus, &[d_inner]).expect("shape"));
+        let a: Vec<f32> = (0..d_inner * n).map(|i| ((i % n + 1) as f32).ln()).collect();
+        let a_log = params.add(name("A_log"), Tensor::from_vec(a, &[d_inner, n]).expect("shape"));
+        let d_skip = params.add(name("D"), constant(&[d_inner], 1.0));
+        Mamba { d_inner, dt_rank, d_state: n, d_conv: cfg.d_conv, in_proj, conv_w, conv_b, x_proj, dt_proj_w, dt_proj_b, a_log, d_skip }
+    }
+
+    /// Tokens u (G, L, d_model) to y (G, L, d_inner).
+    pub fn forward(&self, tape: &mut Tape, p: &Params, u: &Tensor) -> Result<Tensor> {
+        let (di, r, n) = (self.d_inner, self.dt_rank, self.d_state);
+        let xz = linear(tape, u, p.get(self.in_proj), None)?;
+        let x = narrow_last(tape, &xz, 0, di)?;
+        let z = narrow_last(tape, &xz, di, di)?;
+        let conv_w = reshape(tape, p.get(self.conv_w), &[di, self.d_conv])?;
+        let x = causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?;
+        let x = silu(tape, &x)?;
+        let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
+        let dt = narrow_last(tape, &dbc, 0, r)?;
+        let b = narrow_last(tape, &dbc, r, n)?;
+        let c = narrow_last(tape, &dbc, r + n, n)?;
+        let delta = linear(tape, &dt, p.get(self.dt_proj_w), None)?;
+        let inputs = ScanInputs {
+            u: &x,
+            delta: &delta,
+            a_log: p.get(self.a_log),
+            b: &b,
+            c: &c,
+            d_skip: p.get(self.d_skip),
+            z: &z,
+            delta_bias: p.get(self.dt_proj_b),
+        };
+        selective_scan(tape, &inputs)
+    }
+}
+
+/// How a [`BiMambaLayer`] turns the feature map into sequences.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Grouping {
+    /// PiM: windows of these per-axis sizes, in the given layout.
+    Pixel {
+        /// Window size per spatial axis.
+        window: Vec<usize>,
+        /// `Window` (adjacent pixels, the paper) or `Strided` (the public code).
+        layout: PimLayout,
+    },
+    /// PaM: average-pool by these per-axis factors, then one sequence per sample.
+    Patch {
+        /// Pooling factor per spatial axis (1 = no pooling).
+        pool: Vec<usize>,
+    },
+}
+
+/// A residual bidirectional Mamba layer: PiM or PaM.
+pub struct BiMambaLayer {
+    grouping: Grouping,
+    norm_w: ParamId,
+    norm_b: ParamId,
+    forw: Mamba,
+    backw: Mamba,
+    out_proj: ParamId,
+}
+
+impl BiMambaLayer {
+    /// Registers the layer under `prefix` (e.g. `encoder.mamba_layers.0`) with the public code's names.
+    pub fn new(
+        params: &mut Params,
+        prefix: &str,
+        dim: usize,
+        grouping: Grouping,
+        cfg: MambaConfig,
+        rng: &mut StdRng,
+    ) -> BiMambaLayer {
+        let norm_w = params.add(format!("{prefix}.norm.weight"), constant(&[dim], 1.0));
+        let norm_b = params.add(format!("{prefix}.norm.bias"), constant(&[dim], 0.0));
+        let forw = Mamba::new(params, &format!("{prefix}.mamba_forw"), dim, cfg, rng);
+        let d_inner = cfg.expand * dim;
+        let out_proj = params.add(format!("{prefix}.out_proj.weight"), default_uniform(&[dim, d_inner], d_inner, rng));
+        let backw = Mamba::new(params, &format!("{prefix}.mamba_backw"), dim, cfg, rng);
+        BiMambaLayer { grouping, norm_w, norm_b, forw, backw, out_proj }
+    }
+
+    /// Checks, before any training, that the grouping fits a feature map of `map_shape`; `layer` names the layer.
+    pub fn check_map(&self, map_shape: &[usize], layer: &str) -> Result<()> {
+        match &self.grouping {
+            Grouping::Pixel { window, .. } => check_window(map_shape, window, layer),
+            Grouping::Patch { pool } => check_window(map_shape, pool, layer),
+        }
+    }
+
+    /// `x + mixer(x)` for a feature map x (N, C, [D,] H, W).
+    pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let (tokens_of, map_shape, window, layout) = match &self.grouping {
+            Grouping::Pixel { window, layout } => (x.clone(), x.shape().to_vec(), window.clone(), *layout),
+            Grouping::Patch { pool } => {
+                let pooled = if pool.iter().all(|&f| f == 1) { x.clone() } else { avg_pool(tape, x, pool)? };
+                let whole = pooled.shape()[2..].to_vec();
+                (pooled.clone(), pooled.shape().to_vec(), whole, PimLayout::Window)
+            }
+        };
+        let t = partition(tape, &tokens_of, &window, layout)?;
+        let t = layer_norm(tape, &t, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?;
+        let yf = self.forw.forward(tape, p, &t)?;
+        let tb = flip_seq(tape, &t)?;
+        let yb = self.backw.forward(tape, p, &tb)?;
+        let yb = flip_seq(tape, &yb)?;
+        let y = add(tape, &yf, &yb)?;
+        let y = linear(tape, &y, p.get(self.out_proj), None)?;
+        let mut y = merge(tape, &y, &map_shape, &window, layout)?;
+        if let Grouping::Patch { pool } = &self.grouping {
+            if pool.iter().any(|&f| f != 1) {
+                y = upsample_nearest(tape, &y, pool)?;
+            }
+        }
+        ensure!(y.shape() == x.shape(), Shape, "Mamba layer output {:?} differs from its input {:?}", y.shape(), x.shape());
+        add(tape, &y, x)
+    }
+}

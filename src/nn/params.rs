@@ -1,0 +1,92 @@
+//! Named parameters. A layer owns no tensors: it records [`ParamId`]s into one [`Params`] store at build time and
+//! reads them in `forward`. One flat store makes checkpoints (names = the public PyTorch `state_dict` keys), the
+//! optimiser (one list) and gradient checks (swap in perturbed values) simple.
+
+use crate::autograd::Tape;
+use crate::device::Device;
+use crate::tensor::{DType, Tensor};
+use crate::{ensure, Result};
+
+/// The index of a parameter in its [`Params`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamId(usize);
+
+/// An ordered list of named parameter tensors.
+#[derive(Clone, Default)]
+pub struct Params {
+    names: Vec<String>,
+    tensors: Vec<Tensor>,
+}
+
+impl Params {
+    /// An empty store.
+    pub fn new() -> Params {
+        Params::default()
+    }
+
+    /// Adds a parameter under `name` (must be new) and returns its id.
+    pub fn add(&mut self, name: impl Into<String>, t: Tensor) -> ParamId {
+        let name = name.into();
+        debug_assert!(!self.names.contains(&name), "parameter {name} registered twice");
+        self.names.push(name);
+        self.tensors.push(t);
+        ParamId(self.tensors.len() - 1)
+    }
+
+    /// The tensor of `id`.
+    pub fn get(&self, id: ParamId) -> &Tensor {
+        &self.tensors[id.0]
+    }
+
+    /// The number of parameters.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The names, in registration order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The tensors, in registration order.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    /// The tensors for in-place updates (the optimiser).
+    pub fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
+    }
+
+    /// The total number of scalar parameters.
+    pub fn count(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+
+    /// The same names with new values of the same shapes (loading a checkpoint, gradient checks).
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Params> {
+        ensure!(tensors.len() == self.len(), Shape, "{} tensors given for {} parameters", tensors.len(), self.len());
+        for ((name, old), new) in self.names.iter().zip(&self.tensors).zip(&tensors) {
+            new.check_shape(old.shape(), name)?;
+        }
+        Ok(Params { names: self.names.clone(), tensors })
+    }
+
+    /// Every parameter converted to `dtype` and moved to `device`.
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Params> {
+        let tensors = self.tensors.iter().map(|t| t.to_dtype(dtype)?.to_device(device)).collect::<Result<_>>()?;
+        Ok(Params { names: self.names.clone(), tensors })
+    }
+
+    /// Registers every parameter on the tape as a leaf that wants a gradient.
+    pub fn watch(&self, tape: &mut Tape) {
+        for t in &self.tensors {
+            tape.watch(t);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""PyTorch yardstick for lkm-engine's kernel benchmark: the same ops at the same reference shapes (lkm-unet.md section
+5, 3D configuration, stage 0), timed with CUDA events on the same GPU, plus the two machine ceilings (device-to-device
+copy bandwidth and bf16 matrix-product rate).
+
+Usage: python3 tools/bench_torch.py --out DIR   (writes DIR/torch_bench.json and DIR/torch_bench.md)
+The selective scan here is plain PyTorch (mamba_ssm's selective_scan_ref formulation: a loop over time); mamba_ssm's
+CUDA kernel numbers measured on an H100 are in shared anchors (see benches/RESULTS.md)."""
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def ceilings():
+    n = 1 << 28  # 1 GiB of float32
+    a = torch.randn(n, device="cuda")
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), reps=20)
+    copy_gbs = 2 * a.numel() * 4 / ms / 1e6
+    m = 8192
+    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms_mm = timed(lambda: x @ y, reps=20)
+    return {"copy_GBps": copy_gbs, "bf16_TFLOPs": 2 * m**3 / ms_mm / 1e9}
+
+
+def scan_ref(u, delta, A, B, C, D, z, delta_bias):
+    """u, delta, z: (G, D, L); A: (D, N); B, C: (G, N, L). As mamba_ssm's selective_scan_ref."""
+    delta = F.softplus(delta + delta_bias[None, :, None])
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    # Per step rather than materialising (G, D, L, N) tensors, which would not fit at these shapes.
+    for t in range(u.shape[2]):
+        dt = delta[:, :, t, None]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=2) + u * D[None, :, None]
+    return y * F.silu(z)
+
+
+def bench(name, shape, fwd, inputs, flops=None, nbytes=None, reps=10, backward=True):
+    """Times fwd() and fwd()+backward of a random seed gradient."""
+    with torch.no_grad():
+        ms_f = timed(lambda: fwd(*inputs), reps=reps)
+    row = {"name": name, "shape": shape, "fwd_ms": ms_f, "flops": flops, "bytes": nbytes}
+    if backward:
+        for t in inputs:
+            if t.is_floating_point():
+                t.requires_grad_(True)
+        out = fwd(*inputs)
+        g = torch.randn_like(out)
+
+        def fb():
+            for t in inputs:
+                t.grad = None
+            fwd(*inputs).backward(g)
+
+        row["fwd_bwd_ms"] = timed(fb, warmup=2, reps=max(3, reps // 2))
+    print(f"{name:40s} {shape:40s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row.get('fwd_bwd_ms', float('nan')):9.3f} ms",
+          flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    dev = "cuda"
+    gpu = torch.cuda.get_device_name()
+    ceil = ceilings()
+    print(f"GPU {gpu}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}; ceilings {ceil}")
+    rows = []
+    r = lambda *s: torch.randn(*s, device=dev)
+    N, Cc, Dd, H, W = 2, 32, 40, 224, 192
+    vox = N * Dd * H * W
+    x = r(N, Cc, Dd, H, W)
+    for k in [(3, 3, 3), (1, 3, 3)]:
+        w, b = r(Cc, Cc, *k) * 0.05, r(Cc)
+        fl = 2 * vox * Cc * Cc * k[0] * k[1] * k[2]
+        by = 2 * x.numel() * 4
+        for mode in ["fp32", "tf32", "bf16"]:
+            torch.backends.cudnn.allow_tf32 = mode == "tf32"
+            if mode == "bf16":
+                xi, wi, bi = x.bfloat16(), w.bfloat16(), b.bfloat16()
+            else:
+                xi, wi, bi = x, w, b
+            rows.append(bench(f"conv3d {k[0]}x{k[1]}x{k[2]} cuDNN {mode}", "2x32x40x224x192->32",
+                              lambda a, ww, bb: F.conv3d(a, ww, bb, padding=(k[0] // 2, 1, 1)), [xi.clone(), wi.clone(), bi.clone()],
+                              flops=fl, nbytes=by // (2 if mode == "bf16" else 1)))
+    torch.backends.cudnn.allow_tf32 = False
+    g, bt = torch.ones(Cc, device=dev), torch.zeros(Cc, device=dev)
+    rows.append(bench("instance_norm+leaky_relu", "2x32x40x224x192",
+                      lambda a, gg, bb: F.leaky_relu(F.instance_norm(a, weight=gg, bias=bb, eps=1e-5), 0.01),
+                      [x.clone(), g.clone(), bt.clone()], nbytes=2 * x.numel() * 4))
+    rows.append(bench("instance_norm", "2x32x40x224x192",
+                      lambda a, gg, bb: F.instance_norm(a, weight=gg, bias=bb, eps=1e-5),
+                      [x.clone(), g.clone(), bt.clone()], nbytes=2 * x.numel() * 4))
+    rows.append(bench("leaky_relu", "2x32x40x224x192", lambda a: F.leaky_relu(a, 0.01), [x.clone()],
+                      nbytes=2 * x.numel() * 4))
+    tok = x.permute(0, 2, 3, 4, 1).reshape(-1, Cc).contiguous()
+    rows.append(bench("layer_norm", f"{tok.shape[0]}x32", lambda a, gg, bb: F.layer_norm(a, (Cc,), gg, bb, 1e-5),
+                      [tok.clone(), g.clone(), bt.clone()], nbytes=2 * tok.numel() * 4))
+    wi = r(128, 32) * 0.1
+    rows.append(bench("linear in_proj fp32", f"{tok.shape[0]}x32->128", lambda a, ww: a @ ww.t(), [tok.clone(), wi],
+                      flops=2 * tok.shape[0] * 32 * 128, nbytes=tok.numel() * 4 * 5))
+    # Mamba on PiM stage-0 sequences: 26,880 sequences of 128 tokens, d_inner 64 (the PyTorch loop's autograd
+    # graph does not fit at the full count, so the scan runs a quarter of them: 6,720; ours runs both).
+    G, L, Din, Ns = 26880, 128, 64, 16
+    xc = r(G, Din, L)
+    wc, bc = r(Din, 1, 4) * 0.5, r(Din)
+    rows.append(bench("causal_conv1d depthwise", f"{G}x{L}x{Din} k4",
+                      lambda a, ww, bb: F.conv1d(a, ww, bb, padding=3, groups=Din)[..., :L], [xc, wc, bc],
+                      nbytes=2 * xc.numel() * 4))
+    del xc
+    for (name, G, L) in [("PiM stage 0 (quarter)", 6720, 128), ("PaM stage 0", 2, 26880)]:
+        u, z = r(G, Din, L), r(G, Din, L)
+        delta = r(G, Din, L) * 0.5 - 1
+        A = -torch.arange(1, Ns + 1, device=dev, dtype=torch.float32).repeat(Din, 1)
+        Bm, Cm = r(G, Ns, L), r(G, Ns, L)
+        Dv, db = torch.ones(Din, device=dev), r(Din) * 0.1
+        nb = (4 * G * Din * L + 2 * G * Ns * L) * 4
+        reps = 3 if L > 1000 else 5
+        rows.append(bench(f"selective_scan {name} (PyTorch loop)", f"{G}x{Din}x{L}x{Ns}", scan_ref,
+                          [u, delta, A, Bm, Cm, Dv, z, db], nbytes=nb, reps=reps, backward=L <= 1000))
+        del u, z, delta, Bm, Cm
+        torch.cuda.empty_cache()
+    K = 14
+    logits, labels = r(N, K, Dd, H, W), torch.randint(0, K, (N, Dd, H, W), device=dev)
+    rows.append(bench("cross_entropy", f"{N}x{K}x40x224x192", lambda a: F.cross_entropy(a, labels), [logits],
+                      nbytes=logits.numel() * 4))
+    params = [torch.randn(63_450_000, device=dev)]
+    params[0].grad = torch.randn_like(params[0])
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    ms = timed(lambda: opt.step(), reps=10)
+    rows.append({"name": "sgd nesterov step (foreach)", "shape": "63.45M params", "fwd_ms": ms,
+                 "bytes": 63_450_000 * 4 * 5})
+    print(f"{'sgd nesterov step':40s} {'63.45M':40s} {ms:9.3f} ms")
+    res = {"gpu": gpu, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "ceilings": ceil,
+           "rows": rows}
+    with open(os.path.join(args.out, "torch_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
