@@ -58,6 +58,12 @@ fn grad_conv2d_k53_stride3() {
 }
 
 #[test]
+fn grad_conv2d_stride_beyond_size() {
+    // Strides larger than the map (and a kernel larger than the map): one output per axis, most taps in padding.
+    check_conv(&[2, 2, 2, 3], &[3, 2, 5, 5], &[3, 4], true, 16);
+}
+
+#[test]
 fn grad_conv3d_k3() {
     check_conv(&[2, 3, 5, 6, 7], &[4, 3, 3, 3, 3], &[1, 1, 1], true, 20);
 }

@@ -25,12 +25,16 @@
 //!   db[co]            = sum_{n,od,oh,ow} g[n,co,od,oh,ow]
 //! ```
 //!
-//! CPU layout of the work: every loop ends in a run over the W axis. For a fixed output row (n, co, od, oh) and a
-//! fixed tap (ci, a, b, c), the output positions ow whose input column i(ow, c) is in bounds form one interval
-//! [lo, hi), and the input columns they read are lo*s_w + c - p_w, stepping by s_w. So the forward adds a scaled
-//! input row (contiguous when s_w = 1) into a contiguous output row that stays in cache; dx adds a scaled gradient
-//! row into an input-gradient row (gather over the taps that reach that input row); dw takes the dot product of a
-//! gradient row and an input row. No im2col buffer is built.
+//! CPU layout of the work: every loop ends in a contiguous run over the W axis. For a fixed output row
+//! (n, co, od, oh) and a fixed tap (ci, a, b, c), the output positions ow whose input column i(ow, c) is in bounds
+//! form one interval [lo, hi), and the input columns they read are lo*s_w + c - p_w, stepping by s_w: all of one
+//! residue ("phase") modulo s_w. With s_w > 1 the input rows (and the input-gradient rows) are held regrouped by
+//! phase, a copy of the input's size, so these columns are adjacent. Then the forward adds a scaled input row into
+//! an output row that stays in cache; dx adds a scaled gradient row into an input-gradient row (gathering over the
+//! taps that reach that input row); dw takes the dot product of a gradient row and an input row. No im2col buffer
+//! is built.
+
+use std::borrow::Cow;
 
 use crate::autograd::{Backward, Tape};
 use crate::ops::{per_axis, MapDims};
@@ -136,13 +140,14 @@ impl ConvGeom {
     }
 }
 
-/// The output columns [lo, hi) that read in-bounds input columns at one tap of the W axis; the first of them reads
-/// input column `start`, the next ones step by the stride.
+/// The output columns [lo, hi) that read in-bounds input columns at one tap of the W axis. The first of them reads
+/// input column `start` and the next ones step by the stride, so in a row regrouped by phase (see [`to_phases`])
+/// they are the contiguous values from position `at`.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     lo: usize,
     hi: usize,
-    start: usize,
+    at: usize,
 }
 
 impl Run {
@@ -151,7 +156,8 @@ impl Run {
         let lo = if p > t { (p - t).div_ceil(s) } else { 0 };
         let hi = if len_in + p > t { ((len_in + p - t - 1) / s + 1).min(len_out) } else { 0 };
         let lo = lo.min(hi);
-        Run { lo, hi, start: (lo * s + t).saturating_sub(p) }
+        let start = (lo * s + t).saturating_sub(p);
+        Run { lo, hi, at: if lo < hi { phase_pos(start, len_in, s) } else { 0 } }
     }
 
     fn len(&self) -> usize {
@@ -159,55 +165,71 @@ impl Run {
     }
 }
 
-/// `dst[j] += a * src[j * step]` for j in 0..dst.len().
-fn axpy_strided<T: Real>(dst: &mut [T], a: T, src: &[T], step: usize) {
-    if step == 1 {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d += a * s;
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().zip(src.iter().step_by(step)) {
-            *d += a * s;
-        }
-    }
+/// Where column i of a row of `len` values lands when the row is regrouped by phase i mod s: the columns of phase 0
+/// (0, s, 2s, ...) come first, then those of phase 1, and so on. Phase q holds ceil((len - q)/s) columns.
+fn phase_pos(i: usize, len: usize, s: usize) -> usize {
+    (0..i % s).map(|q| (len - q).div_ceil(s)).sum::<usize>() + i / s
 }
 
-/// `dst[j * step] += a * src[j]` for j in 0..src.len().
-fn axpy_scatter<T: Real>(dst: &mut [T], a: T, src: &[T], step: usize) {
-    if step == 1 {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d += a * s;
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().step_by(step).zip(src) {
-            *d += a * s;
+/// Every row of `len` values of `v` regrouped by phase modulo `s` (borrowed unchanged when s = 1). A strided
+/// convolution reads each input row at one phase per tap, so in this order every read is contiguous.
+fn to_phases<T: Copy>(v: &[T], len: usize, s: usize) -> Cow<'_, [T]> {
+    if s == 1 {
+        return Cow::Borrowed(v);
+    }
+    let mut out = Vec::with_capacity(v.len());
+    for row in v.chunks_exact(len) {
+        for q in 0..s.min(len) {
+            out.extend(row[q..].iter().step_by(s));
         }
     }
+    Cow::Owned(out)
 }
 
-/// `sum_j a[j] * b[j * step]` over j in 0..a.len(), with four partial sums so the contiguous case vectorises.
-fn dot_strided<T: Real>(a: &[T], b: &[T], step: usize) -> T {
-    if step == 1 {
-        let n = a.len().min(b.len());
-        let (a, b) = (&a[..n], &b[..n]);
-        let mut acc = [T::zero(); 4];
-        for (ca, cb) in a.chunks_exact(4).zip(b.chunks_exact(4)) {
-            for l in 0..4 {
-                acc[l] += ca[l] * cb[l];
+/// The inverse of [`to_phases`].
+fn from_phases<T: Copy + Default>(v: Vec<T>, len: usize, s: usize) -> Vec<T> {
+    if s == 1 {
+        return v;
+    }
+    let mut out = vec![T::default(); v.len()];
+    for (src, dst) in v.chunks_exact(len).zip(out.chunks_exact_mut(len)) {
+        let mut src = src.iter();
+        for q in 0..s.min(len) {
+            for (d, &x) in dst[q..].iter_mut().step_by(s).zip(&mut src) {
+                *d = x;
             }
         }
-        let tail = n - n % 4;
-        let rest: T = a[tail..].iter().zip(&b[tail..]).map(|(&p, &q)| p * q).sum();
-        (acc[0] + acc[1]) + (acc[2] + acc[3]) + rest
-    } else {
-        a.iter().zip(b.iter().step_by(step)).map(|(&p, &q)| p * q).sum()
     }
+    out
+}
+
+/// `dst[j] += a * src[j]`.
+fn axpy<T: Real>(dst: &mut [T], a: T, src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += a * s;
+    }
+}
+
+/// `sum_j a[j] * b[j]` over the shorter length, with four partial sums so that it vectorises.
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 4];
+    for (ca, cb) in a.chunks_exact(4).zip(b.chunks_exact(4)) {
+        for l in 0..4 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let tail = n - n % 4;
+    let rest: T = a[tail..].iter().zip(&b[tail..]).map(|(&p, &q)| p * q).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + rest
 }
 
 fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) -> Result<Tensor> {
-    let (xs, ws) = (x.cpu::<T>()?, w.cpu::<T>()?);
-    let bs = bias.map(|b| b.cpu::<T>()).transpose()?;
     let MapDims { c: cin, s: [_, hi, wi], .. } = g.dims;
+    let xs = to_phases(x.cpu::<T>()?, wi, g.stride[2]);
+    let ws = w.cpu::<T>()?;
+    let bs = bias.map(|b| b.cpu::<T>()).transpose()?;
     let [kd, kh, kw] = g.k;
     let [dout, hout, wout] = g.out;
     let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
@@ -232,7 +254,7 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvG
                             let wtap = &wc[(a * kh + b) * kw..][..kw];
                             for (run, &wv) in runs.iter().zip(wtap) {
                                 if run.len() > 0 {
-                                    axpy_strided(&mut yrow[run.lo..run.hi], wv, &xrow[run.start..], g.stride[2]);
+                                    axpy(&mut yrow[run.lo..run.hi], wv, &xrow[run.at..]);
                                 }
                             }
                         }
@@ -245,7 +267,8 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvG
 }
 
 /// dx: for each input row (n, ci, id, ih), gather every (co, a, b) whose output row reads it, and for each tap c
-/// add the scaled gradient row into the input-gradient columns it came from.
+/// add the scaled gradient row into the input-gradient columns it came from (contiguous in phase order; the
+/// result is put back in column order at the end).
 fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tensor> {
     let (gs, ws) = (gy.cpu::<T>()?, w.cpu::<T>()?);
     let MapDims { n: batch, c: cin, s: [di, hi, wi], .. } = g.dims;
@@ -270,7 +293,7 @@ fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tens
                             let wtap = &wc[(a * kh + b) * kw..][..kw];
                             for (run, &wv) in runs.iter().zip(wtap) {
                                 if run.len() > 0 {
-                                    axpy_scatter(&mut dxrow[run.start..], wv, &grow[run.lo..run.hi], g.stride[2]);
+                                    axpy(&mut dxrow[run.at..], wv, &grow[run.lo..run.hi]);
                                 }
                             }
                         }
@@ -279,13 +302,14 @@ fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tens
             }
         }
     }
-    Tensor::from_vec(dx, &g.dims.shape_with(cin, g.dims.s))
+    Tensor::from_vec(from_phases(dx, wi, g.stride[2]), &g.dims.shape_with(cin, g.dims.s))
 }
 
 /// dw: for each weight slice (co, ci), the dot products of every gradient row with the input rows its taps read.
 fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &ConvGeom) -> Result<Tensor> {
-    let (gs, xs) = (gy.cpu::<T>()?, x.cpu::<T>()?);
     let MapDims { n: batch, c: cin, s: [_, hi, wi], .. } = g.dims;
+    let gs = gy.cpu::<T>()?;
+    let xs = to_phases(x.cpu::<T>()?, wi, g.stride[2]);
     let [kd, kh, kw] = g.k;
     let [dout, hout, wout] = g.out;
     let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
@@ -307,7 +331,7 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &Conv
                             let dwtap = &mut dwc[(a * kh + b) * kw..][..kw];
                             for (run, dwv) in runs.iter().zip(dwtap) {
                                 if run.len() > 0 {
-                                    *dwv += dot_strided(&grow[run.lo..run.hi], &xrow[run.start..], g.stride[2]);
+                                    *dwv += dot(&grow[run.lo..run.hi], &xrow[run.at..]);
                                 }
                             }
                         }

@@ -103,6 +103,65 @@ impl UpGeom {
     }
 }
 
+/// The three row kernels below work on a row of blocks of k = `w.len()` values, block i belonging to input column
+/// i. The decoder's kernels have k = 1 or 2 on the W axis; for those the block loop is compiled with k known, so it
+/// is unrolled.
+macro_rules! by_block_len {
+    ($k:expr, $f:ident ( $($arg:expr),* )) => {
+        match $k {
+            1 => $f::<T, 1>($($arg),*),
+            2 => $f::<T, 2>($($arg),*),
+            _ => $f::<T, 0>($($arg),*),
+        }
+    };
+}
+
+/// Block length `K`, or the runtime `k` when `K` = 0.
+fn block_len<const K: usize>(k: usize) -> usize {
+    if K == 0 {
+        k
+    } else {
+        K
+    }
+}
+
+/// `y[i*k + c] += x[i] * w[c]`: the forward of one input row and weight row.
+fn spread_add<T: Real>(y: &mut [T], x: &[T], w: &[T]) {
+    fn run<T: Real, const K: usize>(y: &mut [T], x: &[T], w: &[T]) {
+        let k = block_len::<K>(w.len());
+        for (yb, &xv) in y.chunks_exact_mut(k).zip(x) {
+            for (yv, &wv) in yb[..k].iter_mut().zip(&w[..k]) {
+                *yv += xv * wv;
+            }
+        }
+    }
+    by_block_len!(w.len(), run(y, x, w))
+}
+
+/// `dx[i] += sum_c g[i*k + c] * w[c]`: the input gradient from one gradient row and weight row.
+fn block_dots_add<T: Real>(dx: &mut [T], g: &[T], w: &[T]) {
+    fn run<T: Real, const K: usize>(dx: &mut [T], g: &[T], w: &[T]) {
+        let k = block_len::<K>(w.len());
+        for (dxv, gb) in dx.iter_mut().zip(g.chunks_exact(k)) {
+            *dxv += gb[..k].iter().zip(&w[..k]).map(|(&gv, &wv)| gv * wv).sum::<T>();
+        }
+    }
+    by_block_len!(w.len(), run(dx, g, w))
+}
+
+/// `dw[c] += sum_i x[i] * g[i*k + c]`: the weight gradient from one input row and gradient row.
+fn weighted_blocks_add<T: Real>(dw: &mut [T], x: &[T], g: &[T]) {
+    fn run<T: Real, const K: usize>(dw: &mut [T], x: &[T], g: &[T]) {
+        let k = block_len::<K>(dw.len());
+        for (&xv, gb) in x.iter().zip(g.chunks_exact(k)) {
+            for (dwv, &gv) in dw[..k].iter_mut().zip(&gb[..k]) {
+                *dwv += xv * gv;
+            }
+        }
+    }
+    by_block_len!(dw.len(), run(dw, x, g))
+}
+
 fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &UpGeom) -> Result<Tensor> {
     let (xs, ws) = (x.cpu::<T>()?, w.cpu::<T>()?);
     let bs = bias.map(|b| b.cpu::<T>()).transpose()?;
@@ -124,11 +183,7 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &UpGeo
                         for ci in 0..cin {
                             let xrow = &xs[(n * cin + ci) * in_vox + (id * hi + ih) * wi..][..wi];
                             let wrow = &ws[(ci * g.cout + co) * taps + (a * kh + b) * kw..][..kw];
-                            for (yblock, &xv) in yrow.chunks_exact_mut(kw).zip(xrow) {
-                                for (yv, &wv) in yblock.iter_mut().zip(wrow) {
-                                    *yv += xv * wv;
-                                }
-                            }
+                            spread_add(yrow, xrow, wrow);
                         }
                     }
                 }
@@ -158,9 +213,7 @@ fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &UpGeom) -> Result<Tensor
                             let grow = &gs[(n * g.cout + co) * out_vox + ((id * kd + a) * hout + ih * kh + b) * wout..]
                                 [..wout];
                             let wrow = &ws[(ci * g.cout + co) * taps + (a * kh + b) * kw..][..kw];
-                            for (dxv, gblock) in dxrow.iter_mut().zip(grow.chunks_exact(kw)) {
-                                *dxv += gblock.iter().zip(wrow).map(|(&gv, &wv)| gv * wv).sum::<T>();
-                            }
+                            block_dots_add(dxrow, grow, wrow);
                         }
                     }
                 }
@@ -191,11 +244,7 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &UpGe
                         for b in 0..kh {
                             let grow = &gc[((id * kd + a) * hout + ih * kh + b) * wout..][..wout];
                             let dwrow = &mut dwc[(a * kh + b) * kw..][..kw];
-                            for (&xv, gblock) in xrow.iter().zip(grow.chunks_exact(kw)) {
-                                for (dwv, &gv) in dwrow.iter_mut().zip(gblock) {
-                                    *dwv += xv * gv;
-                                }
-                            }
+                            weighted_blocks_add(dwrow, xrow, grow);
                         }
                     }
                 }
