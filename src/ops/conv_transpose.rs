@@ -1,1 +1,297 @@
-//! (being written)
+//! 2D and 3D transposed convolution whose kernel equals its stride and which has no padding (PyTorch's
+//! ConvTranspose2d/3d with `kernel_size = stride`): the U-Net decoder's upsampling. A 2D map is run as a 3D map of
+//! depth 1 with kernel depth 1.
+//!
+//! Shapes: x (N, Cin, D, H, W), w (Cin, Cout, kd, kh, kw) (PyTorch's layout: input channels first), b (Cout),
+//! y (N, Cout, D*kd, H*kh, W*kw). Because the stride equals the kernel, every output voxel receives exactly one tap:
+//! output index i*k + t (per axis, t in [0, k)) comes from input index i and kernel tap t only.
+//!
+//! ```text
+//!   y[n,co, id*kd+a, ih*kh+b, iw*kw+c] = b[co] + sum_ci x[n,ci,id,ih,iw] * w[ci,co,a,b,c]
+//! ```
+//!
+//! Backward, with g = dL/dy:
+//!
+//! ```text
+//!   dx[n,ci,id,ih,iw] = sum_{co,a,b,c} g[n,co, id*kd+a, ih*kh+b, iw*kw+c] * w[ci,co,a,b,c]
+//!   dw[ci,co,a,b,c]   = sum_{n,id,ih,iw} x[n,ci,id,ih,iw] * g[n,co, id*kd+a, ih*kh+b, iw*kw+c]
+//!   db[co]            = sum_{n, all output positions} g[n,co,...]
+//! ```
+//!
+//! CPU layout of the work: an output row (n, co, id*kd+a, ih*kh+b) of W*kw values is W blocks of kw values, block iw
+//! being x[n,ci,id,ih,iw] times the contiguous weight row w[ci,co,a,b,:] summed over ci. The backward walks the same
+//! rows: dx takes per block the dot product of the gradient block with the weight row, dw accumulates each block
+//! scaled by the input value.
+
+use crate::autograd::{Backward, Tape};
+use crate::ops::{per_axis, MapDims};
+use crate::tensor::{Real, Tensor};
+use crate::{by_dtype, ensure, Result};
+
+/// Transposed convolution of `x` (N, Cin, [D,] H, W) with `w` (Cin, Cout, [kd,] kh, kw) plus an optional `bias`
+/// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
+/// (N, Cout, [D*kd,] H*kh, W*kw).
+pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let geom = UpGeom::new(x, w, bias)?;
+    let y = by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?;
+    let saved = ConvTransposeBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
+    match bias {
+        Some(b) => tape.record(&[x, w, b], &y, saved),
+        None => tape.record(&[x, w], &y, saved),
+    }
+    Ok(y)
+}
+
+/// The sizes of one transposed convolution, spatial axes as [D, H, W].
+#[derive(Clone, Copy, Debug)]
+struct UpGeom {
+    dims: MapDims,
+    cout: usize,
+    k: [usize; 3],
+    out: [usize; 3],
+}
+
+impl UpGeom {
+    fn new(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<UpGeom> {
+        x.check_same_kind(w, "conv_transpose (input vs weight)")?;
+        let dims = MapDims::of(x, "conv_transpose")?;
+        ensure!(
+            w.rank() == x.rank(),
+            Shape,
+            "conv_transpose: weight shape {:?} must have the input's rank {} ((Cin, Cout{}) for input shape {:?})",
+            w.shape(),
+            x.rank(),
+            if dims.spatial_rank == 2 { ", kh, kw" } else { ", kd, kh, kw" },
+            x.shape()
+        );
+        ensure!(
+            w.shape()[0] == dims.c,
+            Shape,
+            "conv_transpose: weight shape {:?} expects {} input channels (axis 0), but the input {:?} has {}",
+            w.shape(),
+            w.shape()[0],
+            x.shape(),
+            dims.c
+        );
+        let cout = w.shape()[1];
+        let k = per_axis(&w.shape()[2..], dims.spatial_rank, "conv_transpose kernel")?;
+        // Non-empty spatial axes keep every row, and every chunk the loops split the maps into, non-empty.
+        ensure!(
+            dims.s.iter().all(|&s| s > 0),
+            Shape,
+            "conv_transpose: empty spatial axis in input shape {:?}",
+            x.shape()
+        );
+        if let Some(b) = bias {
+            x.check_same_kind(b, "conv_transpose (input vs bias)")?;
+            b.check_shape(&[cout], "conv_transpose bias")?;
+        }
+        let out = [0, 1, 2].map(|i| dims.s[i] * k[i]);
+        Ok(UpGeom { dims, cout, k, out })
+    }
+
+    fn taps(&self) -> usize {
+        self.k.iter().product()
+    }
+
+    fn out_voxels(&self) -> usize {
+        self.out.iter().product()
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        self.dims.shape_with(self.cout, self.out)
+    }
+}
+
+/// The three row kernels below work on a row of blocks of k = `w.len()` values, block i belonging to input column
+/// i. The decoder's kernels have k = 1 or 2 on the W axis; for those the block loop is compiled with k known, so it
+/// is unrolled.
+macro_rules! by_block_len {
+    ($k:expr, $f:ident ( $($arg:expr),* )) => {
+        match $k {
+            1 => $f::<T, 1>($($arg),*),
+            2 => $f::<T, 2>($($arg),*),
+            _ => $f::<T, 0>($($arg),*),
+        }
+    };
+}
+
+/// Block length `K`, or the runtime `k` when `K` = 0.
+fn block_len<const K: usize>(k: usize) -> usize {
+    if K == 0 {
+        k
+    } else {
+        K
+    }
+}
+
+/// `y[i*k + c] += x[i] * w[c]`: the forward of one input row and weight row.
+fn spread_add<T: Real>(y: &mut [T], x: &[T], w: &[T]) {
+    fn run<T: Real, const K: usize>(y: &mut [T], x: &[T], w: &[T]) {
+        let k = block_len::<K>(w.len());
+        for (yb, &xv) in y.chunks_exact_mut(k).zip(x) {
+            for (yv, &wv) in yb[..k].iter_mut().zip(&w[..k]) {
+                *yv += xv * wv;
+            }
+        }
+    }
+    by_block_len!(w.len(), run(y, x, w))
+}
+
+/// `dx[i] += sum_c g[i*k + c] * w[c]`: the input gradient from one gradient row and weight row.
+fn block_dots_add<T: Real>(dx: &mut [T], g: &[T], w: &[T]) {
+    fn run<T: Real, const K: usize>(dx: &mut [T], g: &[T], w: &[T]) {
+        let k = block_len::<K>(w.len());
+        for (dxv, gb) in dx.iter_mut().zip(g.chunks_exact(k)) {
+            *dxv += gb[..k].iter().zip(&w[..k]).map(|(&gv, &wv)| gv * wv).sum::<T>();
+        }
+    }
+    by_block_len!(w.len(), run(dx, g, w))
+}
+
+/// `dw[c] += sum_i x[i] * g[i*k + c]`: the weight gradient from one input row and gradient row.
+fn weighted_blocks_add<T: Real>(dw: &mut [T], x: &[T], g: &[T]) {
+    fn run<T: Real, const K: usize>(dw: &mut [T], x: &[T], g: &[T]) {
+        let k = block_len::<K>(dw.len());
+        for (&xv, gb) in x.iter().zip(g.chunks_exact(k)) {
+            for (dwv, &gv) in dw[..k].iter_mut().zip(&gb[..k]) {
+                *dwv += xv * gv;
+            }
+        }
+    }
+    by_block_len!(dw.len(), run(dw, x, g))
+}
+
+fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &UpGeom) -> Result<Tensor> {
+    let (xs, ws) = (x.cpu::<T>()?, w.cpu::<T>()?);
+    let bs = bias.map(|b| b.cpu::<T>()).transpose()?;
+    let MapDims { c: cin, s: [di, hi, wi], .. } = g.dims;
+    let [kd, kh, kw] = g.k;
+    let [_, hout, wout] = g.out;
+    let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
+    let mut y = vec![T::zero(); g.dims.n * g.cout * out_vox];
+    for (nco, yc) in y.chunks_exact_mut(out_vox).enumerate() {
+        let (n, co) = (nco / g.cout, nco % g.cout);
+        if let Some(b) = bs {
+            yc.fill(b[co]);
+        }
+        for id in 0..di {
+            for a in 0..kd {
+                for ih in 0..hi {
+                    for b in 0..kh {
+                        let yrow = &mut yc[((id * kd + a) * hout + ih * kh + b) * wout..][..wout];
+                        for ci in 0..cin {
+                            let xrow = &xs[(n * cin + ci) * in_vox + (id * hi + ih) * wi..][..wi];
+                            let wrow = &ws[(ci * g.cout + co) * taps + (a * kh + b) * kw..][..kw];
+                            spread_add(yrow, xrow, wrow);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(y, &g.out_shape())
+}
+
+/// dx: each input row (n, ci, id, ih) gathers, over co and the taps (a, b), the dot products of the gradient
+/// blocks of output row (id*kd+a, ih*kh+b) with the weight row w[ci,co,a,b,:].
+fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &UpGeom) -> Result<Tensor> {
+    let (gs, ws) = (gy.cpu::<T>()?, w.cpu::<T>()?);
+    let MapDims { n: batch, c: cin, s: [di, hi, wi], .. } = g.dims;
+    let [kd, kh, kw] = g.k;
+    let [_, hout, wout] = g.out;
+    let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
+    let mut dx = vec![T::zero(); batch * cin * in_vox];
+    for (nci, dxc) in dx.chunks_exact_mut(in_vox).enumerate() {
+        let (n, ci) = (nci / cin, nci % cin);
+        for id in 0..di {
+            for ih in 0..hi {
+                let dxrow = &mut dxc[(id * hi + ih) * wi..][..wi];
+                for co in 0..g.cout {
+                    for a in 0..kd {
+                        for b in 0..kh {
+                            let grow = &gs[(n * g.cout + co) * out_vox + ((id * kd + a) * hout + ih * kh + b) * wout..]
+                                [..wout];
+                            let wrow = &ws[(ci * g.cout + co) * taps + (a * kh + b) * kw..][..kw];
+                            block_dots_add(dxrow, grow, wrow);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(dx, &g.dims.shape_with(cin, g.dims.s))
+}
+
+/// dw: for each weight slice (ci, co), every gradient block scaled by the input value it came from, accumulated
+/// into the weight row of its taps (a, b).
+fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &UpGeom) -> Result<Tensor> {
+    let (gs, xs) = (gy.cpu::<T>()?, x.cpu::<T>()?);
+    let MapDims { n: batch, c: cin, s: [di, hi, wi], .. } = g.dims;
+    let [kd, kh, kw] = g.k;
+    let [_, hout, wout] = g.out;
+    let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
+    let mut dw = vec![T::zero(); cin * g.cout * taps];
+    for (cico, dwc) in dw.chunks_exact_mut(taps).enumerate() {
+        let (ci, co) = (cico / g.cout, cico % g.cout);
+        for n in 0..batch {
+            let xc = &xs[(n * cin + ci) * in_vox..][..in_vox];
+            let gc = &gs[(n * g.cout + co) * out_vox..][..out_vox];
+            for id in 0..di {
+                for ih in 0..hi {
+                    let xrow = &xc[(id * hi + ih) * wi..][..wi];
+                    for a in 0..kd {
+                        for b in 0..kh {
+                            let grow = &gc[((id * kd + a) * hout + ih * kh + b) * wout..][..wout];
+                            let dwrow = &mut dwc[(a * kh + b) * kw..][..kw];
+                            weighted_blocks_add(dwrow, xrow, grow);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(dw, w_shape)
+}
+
+/// db[co]: the sum of the gradient over the batch and all output positions of channel co.
+fn grad_bias_cpu<T: Real>(gy: &Tensor, g: &UpGeom) -> Result<Tensor> {
+    let gs = gy.cpu::<T>()?;
+    let out_vox = g.out_voxels();
+    let mut db = vec![T::zero(); g.cout];
+    for (nco, gc) in gs.chunks_exact(out_vox).enumerate() {
+        db[nco % g.cout] += gc.iter().copied().sum::<T>();
+    }
+    Tensor::from_vec(db, &[g.cout])
+}
+
+struct ConvTransposeBackward {
+    x: Tensor,
+    w: Tensor,
+    has_bias: bool,
+    geom: UpGeom,
+}
+
+impl Backward for ConvTransposeBackward {
+    fn name(&self) -> &'static str {
+        "conv_transpose"
+    }
+
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let g = &self.geom;
+        grad_out.check_shape(&g.out_shape(), "conv_transpose backward: output gradient")?;
+        grad_out.check_same_kind(&self.x, "conv_transpose backward")?;
+        let dtype = self.x.dtype();
+        let dx = if needs[0] { Some(by_dtype!(dtype, grad_input_cpu(grad_out, &self.w, g))?) } else { None };
+        let dw = if needs[1] {
+            Some(by_dtype!(dtype, grad_weight_cpu(grad_out, &self.x, self.w.shape(), g))?)
+        } else {
+            None
+        };
+        let mut grads = vec![dx, dw];
+        if self.has_bias {
+            grads.push(if needs[2] { Some(by_dtype!(dtype, grad_bias_cpu(grad_out, g))?) } else { None });
+        }
+        Ok(grads)
+    }
+}
