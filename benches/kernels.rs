@@ -18,6 +18,9 @@ use lkm_engine::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+/// An op under test: builds its output from the inputs on the given tape.
+type OpFn = Box<dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>>;
+
 struct Case {
     name: &'static str,
     shape: String,
@@ -26,7 +29,7 @@ struct Case {
     /// Floating-point operations of the forward (0 when memory-bound).
     flops: f64,
     inputs: Vec<Tensor>,
-    f: Box<dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>>,
+    f: OpFn,
     backward: bool,
 }
 
@@ -67,7 +70,14 @@ fn run_case(gpu: &Arc<Gpu>, c: &Case) -> Result<Row> {
     } else {
         None
     };
-    Ok(Row { name: c.name.into(), shape: c.shape.clone(), fwd_ms: median(fwd), fwd_bwd_ms: fwd_bwd, bytes: c.bytes, flops: c.flops })
+    Ok(Row {
+        name: c.name.into(),
+        shape: c.shape.clone(),
+        fwd_ms: median(fwd),
+        fwd_bwd_ms: fwd_bwd,
+        bytes: c.bytes,
+        flops: c.flops,
+    })
 }
 
 fn copy_bandwidth(gpu: &Arc<Gpu>) -> Result<f64> {
@@ -277,7 +287,11 @@ fn run(torch: Option<String>, out: Option<String>, only: Option<String>) -> Resu
         let gbs = r.bytes / (r.fwd_ms * 1e-3) / 1e9;
         let tf = r.flops / (r.fwd_ms * 1e-3) / 1e12;
         let (tf_s, gb_s) = (
-            if r.flops > 0.0 { format!("{tf:.1} ({:.1}%)", bf16_tflops.map_or(f64::NAN, |p| 100.0 * tf / p)) } else { "-".into() },
+            if r.flops > 0.0 {
+                format!("{tf:.1} ({:.1}%)", bf16_tflops.map_or(f64::NAN, |p| 100.0 * tf / p))
+            } else {
+                "-".into()
+            },
             format!("{gbs:.0} ({:.0}%)", 100.0 * gbs / copy_gbs),
         );
         let t = torch_ms(&r.name);

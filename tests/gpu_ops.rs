@@ -11,9 +11,10 @@ use lkm_engine::ops::add::add;
 #[ignore = "needs a CUDA device"]
 fn gpu_activations() {
     let x = randn32(&[3, 5, 7, 11], 10.0, 1);
-    check_op("leaky_relu", &[x.clone()], 1e-5, |t, x| leaky_relu(t, &x[0]));
-    check_op("silu", &[x.clone()], 1e-5, |t, x| silu(t, &x[0]));
-    check_op("softplus", &[x], 1e-5, |t, x| softplus(t, &x[0]));
+    let inputs = [x];
+    check_op("leaky_relu", &inputs, 1e-5, |t, x| leaky_relu(t, &x[0]));
+    check_op("silu", &inputs, 1e-5, |t, x| silu(t, &x[0]));
+    check_op("softplus", &inputs, 1e-5, |t, x| softplus(t, &x[0]));
 }
 
 #[test]

@@ -5,11 +5,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DriverError, LaunchConfig,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DriverError};
 
-pub use cudarc::driver::PushKernelArg;
+pub use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::{bail, Error, Result};
 
@@ -206,7 +204,8 @@ macro_rules! launch {
         $( builder.arg($arg); )*
         // SAFETY: the arguments match the kernel's parameter list in cuda/*.cu in type and order, and the caller sized
         // every buffer for the launch.
-        $crate::device::cuda::check_launch(unsafe { builder.launch($cfg) }, $kernel, &$shapes).map(|_| ())
+        let config: $crate::device::cuda::LaunchConfig = $cfg;
+        $crate::device::cuda::check_launch(unsafe { builder.launch(config) }, $kernel, &$shapes).map(|_| ())
     }};
 }
 

@@ -94,7 +94,20 @@ impl Mamba {
         let a: Vec<f32> = (0..d_inner * n).map(|i| ((i % n + 1) as f32).ln()).collect();
         let a_log = params.add(name("A_log"), Tensor::from_vec(a, &[d_inner, n]).expect("shape"));
         let d_skip = params.add(name("D"), constant(&[d_inner], 1.0));
-        Mamba { d_inner, dt_rank, d_state: n, d_conv: cfg.d_conv, in_proj, conv_w, conv_b, x_proj, dt_proj_w, dt_proj_b, a_log, d_skip }
+        Mamba {
+            d_inner,
+            dt_rank,
+            d_state: n,
+            d_conv: cfg.d_conv,
+            in_proj,
+            conv_w,
+            conv_b,
+            x_proj,
+            dt_proj_w,
+            dt_proj_b,
+            a_log,
+            d_skip,
+        }
     }
 
     /// Tokens u (G, L, d_model) to y (G, L, d_inner).
@@ -203,7 +216,13 @@ impl BiMambaLayer {
                 y = upsample_nearest(tape, &y, pool)?;
             }
         }
-        ensure!(y.shape() == x.shape(), Shape, "Mamba layer output {:?} differs from its input {:?}", y.shape(), x.shape());
+        ensure!(
+            y.shape() == x.shape(),
+            Shape,
+            "Mamba layer output {:?} differs from its input {:?}",
+            y.shape(),
+            x.shape()
+        );
         add(tape, &y, x)
     }
 }

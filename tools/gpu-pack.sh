@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the release binary, every test executable and the kernel benchmark with the CUDA kernels embedded, and
+# copies them into .gpu/ (git-ignored) so that they can be carried to a GPU machine that has no Rust toolchain.
+# There: bash tools/gpu-run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LKM_REQUIRE_NVCC=1
+rm -rf .gpu && mkdir -p .gpu/tests
+cargo build --release
+cp target/release/lkm-engine .gpu/
+for kind in "test --release --no-run" "bench --no-run"; do
+  # shellcheck disable=SC2086
+  cargo $kind --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
+        print(m["target"]["name"], m["executable"])' |
+    while read -r name exe; do cp "$exe" ".gpu/tests/$name"; done
+done
+ls -la .gpu/tests | tail -n +2
+du -sh .gpu
