@@ -1,0 +1,71 @@
+//! The LKM-UNet as built from its configurations: parameter counts and names against the public PyTorch model,
+//! output shapes, and configuration errors.
+
+use lkm_engine::autograd::Tape;
+use lkm_engine::nn::{LkmUnet, ModelConfig};
+use lkm_engine::tensor::DType;
+use lkm_engine::Tensor;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+#[test]
+fn reference_configs_have_the_public_parameter_counts() {
+    // anchors.md: the public PyTorch LKM-UNet has 63.45 M parameters (3D FLARE plan) and 80.89 M (2D AMOS).
+    for (cfg, expected) in [(ModelConfig::flare_3d(), 63.45e6), (ModelConfig::amos_2d(), 80.89e6)] {
+        let (_, params) = LkmUnet::new(cfg, 0).unwrap();
+        let count = params.count() as f64;
+        assert!((count - expected).abs() < 0.006e6, "{count} parameters, expected {expected}");
+    }
+}
+
+#[test]
+fn parameter_names_follow_the_public_module_paths() {
+    let (_, params) = LkmUnet::new(ModelConfig::flare_3d(), 0).unwrap();
+    let names = params.names();
+    for expected in [
+        "encoder.stem.convs.0.conv.weight",
+        "encoder.stages.0.blocks.0.conv1.conv.weight",
+        "encoder.stages.1.blocks.0.skip.1.conv.weight",
+        "encoder.stages.1.blocks.1.conv2.norm.weight",
+        "encoder.mamba_layers.0.mamba_forw.A_log",
+        "encoder.mamba_layers.5.out_proj.weight",
+        "encoder.w_mamba_layers.2.mamba_backw.dt_proj.bias",
+        "decoder.transpconvs.0.weight",
+        "decoder.stages.4.blocks.1.conv1.conv.bias",
+        "decoder.seg_layers.4.weight",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "missing {expected}");
+    }
+    assert!(
+        !names.iter().any(|n| n.starts_with("encoder.stages.0.blocks.0.skip")),
+        "stage 0 keeps its channels: no skip"
+    );
+    assert!(names.iter().any(|n| n == "decoder.stages.0.blocks.0.skip.0.conv.weight"), "decoder blocks halve channels");
+}
+
+#[test]
+fn tiny_model_outputs_one_map_per_decoder_level() {
+    let cfg = ModelConfig::tiny_3d();
+    let (model, params) = LkmUnet::new(cfg.clone(), 1).unwrap();
+    let x = Tensor::randn(&[1, 1, 32, 32, 32], DType::F32, &mut StdRng::seed_from_u64(2)).unwrap();
+    let outs = model.forward(&mut Tape::no_grad(), &params, &x).unwrap();
+    let shapes: Vec<Vec<usize>> = outs.iter().map(|o| o.shape().to_vec()).collect();
+    assert_eq!(shapes, vec![vec![1, 4, 32, 32, 32], vec![1, 4, 16, 16, 16], vec![1, 4, 8, 8, 8]]);
+    assert!(outs.iter().all(|o| o.to_vec_f64().unwrap().iter().all(|v| v.is_finite())));
+}
+
+#[test]
+fn window_that_does_not_divide_names_stage_axis_and_sizes() {
+    let mut cfg = ModelConfig::flare_3d();
+    cfg.pim_windows[2] = vec![10, 14, 11];
+    let err = LkmUnet::new(cfg, 0).err().expect("must fail").to_string();
+    assert!(err.contains("PiM stage 2") && err.contains("axis W") && err.contains("11") && err.contains("48"), "{err}");
+}
+
+#[test]
+fn patch_not_divisible_by_strides_is_an_error() {
+    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 0).unwrap();
+    let x = Tensor::zeros(&[1, 1, 32, 30, 32], DType::F32, &lkm_engine::device::Device::Cpu).unwrap();
+    let err = model.forward(&mut Tape::no_grad(), &params, &x).err().expect("must fail").to_string();
+    assert!(err.contains("30"), "{err}");
+}
