@@ -11,11 +11,15 @@
 //! ```
 //!
 //! Every input voxel lies in exactly one window, so the backward is a scatter without overlap.
+//!
+//! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element summing its window, and the backward
+//! one thread per input-gradient element reading its window's gradient (a gather: no atomics).
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, launch, Result};
 
 /// Averages `x` (N, C, H, W) or (N, C, D, H, W) over non-overlapping windows of `factor` voxels per spatial axis
 /// (one value per spatial axis, each positive). Output size per axis is ceil(size / factor); a window that
@@ -24,7 +28,10 @@ pub fn avg_pool(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result<Tensor>
     let dims = MapDims::of(x, "avg_pool")?;
     let k = per_axis(factor, dims.spatial_rank, "avg_pool factor")?;
     let plan = Pool::new(dims, k);
-    let y = by_dtype!(x.dtype(), forward_cpu(x, &plan))?;
+    let y = match x.gpu_buffer() {
+        Some(_) => forward_gpu(x, &plan)?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, &plan))?,
+    };
     tape.record(&[x], &y, AvgPoolBackward { plan });
     Ok(y)
 }
@@ -53,6 +60,18 @@ impl Pool {
 
     fn out_shape(&self) -> Vec<usize> {
         self.dims.shape_with(self.dims.c, self.out)
+    }
+
+    fn in_shape(&self) -> Vec<usize> {
+        self.dims.shape_with(self.dims.c, self.dims.s)
+    }
+
+    /// The kernels' size arguments: d, h, w, od, oh, ow, kd, kh, kw.
+    fn kernel_sizes(&self) -> [i64; 9] {
+        let [d, h, w] = self.dims.s;
+        let [od, oh, ow] = self.out;
+        let [kd, kh, kw] = self.k;
+        [d, h, w, od, oh, ow, kd, kh, kw].map(|v| v as i64)
     }
 
     /// 1 / |W(o)| for every output voxel of one plane.
@@ -107,7 +126,12 @@ impl Backward for AvgPoolBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?)])
+        grad_out.check_shape(&self.plan.out_shape(), "avg_pool backward gradient")?;
+        let dx = match grad_out.gpu_buffer() {
+            Some(_) => backward_gpu(grad_out, &self.plan)?,
+            None => by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?,
+        };
+        Ok(vec![Some(dx)])
     }
 }
 
@@ -132,6 +156,43 @@ fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
             }
         }
     }
-    let shape = plan.dims.shape_with(plan.dims.c, plan.dims.s);
-    Tensor::from_vec(dx, &shape)
+    Tensor::from_vec(dx, &plan.in_shape())
+}
+
+fn forward_gpu(x: &Tensor, plan: &Pool) -> Result<Tensor> {
+    let Some(xb) = x.gpu_buffer() else { crate::bail!(Mismatch, "avg_pool: x is not a GPU tensor") };
+    let gpu = &xb.gpu;
+    let out_shape = plan.out_shape();
+    let numel: usize = out_shape.iter().product();
+    let total = numel as i64;
+    let [d, h, w, od, oh, ow, kd, kh, kw] = plan.kernel_sizes();
+    let mut y = gpu.alloc(numel, "avg_pool output")?;
+    launch!(
+        gpu,
+        "avg_pool_forward",
+        grid_1d(numel),
+        format!("avg_pool {:?} factor {:?}", x.shape(), plan.k),
+        [&xb.slice, &mut y.slice, &total, &d, &h, &w, &od, &oh, &ow, &kd, &kh, &kw]
+    )?;
+    Tensor::from_gpu(y, &out_shape)
+}
+
+fn backward_gpu(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
+    let Some(gb) = grad_out.gpu_buffer() else {
+        crate::bail!(Mismatch, "avg_pool backward: gradient is not on the GPU")
+    };
+    let gpu = &gb.gpu;
+    let in_shape = plan.in_shape();
+    let numel: usize = in_shape.iter().product();
+    let total = numel as i64;
+    let [d, h, w, od, oh, ow, kd, kh, kw] = plan.kernel_sizes();
+    let mut dx = gpu.alloc(numel, "avg_pool input gradient")?;
+    launch!(
+        gpu,
+        "avg_pool_backward",
+        grid_1d(numel),
+        format!("avg_pool backward {:?} factor {:?}", in_shape, plan.k),
+        [&gb.slice, &mut dx.slice, &total, &d, &h, &w, &od, &oh, &ow, &kd, &kh, &kw]
+    )?;
+    Tensor::from_gpu(dx, &in_shape)
 }

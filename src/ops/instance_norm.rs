@@ -25,11 +25,21 @@
 //! float64 (N*C numbers), and xhat is formed in float64 in both passes: rounding mu to float32 would shift a map
 //! with mean 1000 by up to half an ulp of 1000 (3e-5 after normalisation), while this way only the final rounding
 //! of y and dL/dx to the tensor's dtype remains. The backward recomputes exactly the xhat of the forward.
+//!
+//! On the GPU (float32, kernels in `cuda/norm.cu`) each plane is cut into chunks of `IN_CHUNK` voxels, one block
+//! per (plane, chunk). The statistics are the exact two-pass ones regrouped by chunk: each chunk's mean m_k and
+//! squared deviation M2_k (two passes over the chunk held in registers), then per plane
+//! mu = (1/V) sum_k n_k m_k and var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2), sums of squares that no common
+//! offset can cancel. mu and rstd are saved as float32 GPU tensors. The backward's plane sums of g and g xhat are
+//! per-chunk block sums added per plane in a fixed order; dgamma, dbeta add the planes over n in order.
+
+use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::MapDims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Error, Result};
 
 /// The eps of every InstanceNorm in LKM-UNet (PyTorch's default).
 pub const IN_EPS: f64 = 1e-5;
@@ -45,7 +55,10 @@ pub fn instance_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
 
-    let (y, mean, rstd) = by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps))?;
+    let (y, mean, rstd) = match x.gpu_buffer() {
+        Some(_) => forward_gpu(x, gamma, beta, dims, eps)?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps))?,
+    };
     tape.record(&[x, gamma, beta], &y, InstanceNormBackward { x: x.clone(), gamma: gamma.clone(), mean, rstd, dims });
     Ok(y)
 }
@@ -99,9 +112,9 @@ fn forward_cpu<T: Real>(
 struct InstanceNormBackward {
     x: Tensor,
     gamma: Tensor,
-    /// Per-plane mean, shape (N, C), float64.
+    /// Per-plane mean, shape (N, C): float64 on the CPU, float32 on the GPU.
     mean: Tensor,
-    /// Per-plane 1/sqrt(var + eps), shape (N, C), float64.
+    /// Per-plane 1/sqrt(var + eps), shape (N, C): float64 on the CPU, float32 on the GPU.
     rstd: Tensor,
     dims: MapDims,
 }
@@ -112,7 +125,12 @@ impl Backward for InstanceNormBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs))
+        self.x.check_same_kind(grad_out, "instance_norm backward")?;
+        grad_out.check_shape(self.x.shape(), "instance_norm backward gradient")?;
+        match self.x.gpu_buffer() {
+            Some(_) => backward_gpu(self, grad_out, needs),
+            None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
+        }
     }
 }
 
@@ -153,4 +171,161 @@ fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[b
         if needs[1] { Some(per_channel(dgamma)?) } else { None },
         if needs[2] { Some(per_channel(dbeta)?) } else { None },
     ])
+}
+
+/// Voxels per block of the chunked kernels: IN_THREADS * IN_ITEMS of `cuda/norm.cu`.
+const IN_CHUNK: usize = 2048;
+/// Threads per block of the chunked kernels: IN_THREADS of `cuda/norm.cu` (the kernels rely on it).
+const IN_THREADS: u32 = 256;
+/// Threads per block of the per-plane reductions (any multiple of 32).
+const REDUCE_THREADS: u32 = 256;
+
+/// The GPU buffer of `t`, which the caller has checked to be on the same GPU as the op's first operand.
+fn gpu_of<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer> {
+    t.gpu_buffer().ok_or_else(|| Error::Mismatch(format!("instance_norm: {what} is not a GPU tensor")))
+}
+
+/// A launch of `blocks` blocks of `threads` threads, failing cleanly past the grid limit.
+fn blocks_of(blocks: usize, threads: u32, shape: &[usize]) -> Result<LaunchConfig> {
+    let grid = u32::try_from(blocks.max(1))
+        .ok()
+        .filter(|&g| g < (1 << 31))
+        .ok_or_else(|| Error::Shape(format!("instance_norm: shape {shape:?} needs {blocks} blocks, too many")))?;
+    Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The chunk layout of a map: (planes, chunks per plane). An empty plane still has one (empty) chunk.
+fn chunking(dims: MapDims) -> (usize, usize) {
+    (dims.n * dims.c, dims.voxels().div_ceil(IN_CHUNK).max(1))
+}
+
+/// Returns y and the per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
+fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, dims: MapDims, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let (xb, gb, bb) = (gpu_of(x, "x")?, gpu_of(gamma, "gamma")?, gpu_of(beta, "beta")?);
+    let gpu = &xb.gpu;
+    let (planes, chunks) = chunking(dims);
+    let stats_shape = [dims.n, dims.c];
+    if planes == 0 {
+        // No plane, nothing to launch (a grid of zero blocks is not a valid launch).
+        let empty = |what| -> Result<Tensor> { Tensor::from_gpu(gpu.alloc(0, what)?, &stats_shape) };
+        return Ok((
+            Tensor::from_gpu(gpu.alloc(0, "instance_norm output")?, x.shape())?,
+            empty("mean")?,
+            empty("rstd")?,
+        ));
+    }
+    let shapes = format!("instance_norm {:?}", x.shape());
+    let (v, c, nchunks, eps32) = (dims.voxels() as i64, dims.c as i64, chunks as i64, eps as f32);
+    let chunked = blocks_of(planes * chunks, IN_THREADS, x.shape())?;
+    let per_plane = blocks_of(planes, REDUCE_THREADS, x.shape())?;
+
+    let mut chunk_mean = gpu.alloc(planes * chunks, "instance_norm chunk means")?;
+    let mut chunk_m2 = gpu.alloc(planes * chunks, "instance_norm chunk squared deviations")?;
+    launch!(
+        gpu,
+        "instance_norm_chunk_moments",
+        chunked,
+        shapes,
+        [&xb.slice, &mut chunk_mean.slice, &mut chunk_m2.slice, &v, &nchunks]
+    )?;
+    let mut mean = gpu.alloc(planes, "instance_norm mean")?;
+    let mut rstd = gpu.alloc(planes, "instance_norm rstd")?;
+    launch!(
+        gpu,
+        "instance_norm_combine",
+        per_plane,
+        shapes,
+        [&chunk_mean.slice, &chunk_m2.slice, &mut mean.slice, &mut rstd.slice, &v, &nchunks, &eps32]
+    )?;
+    let mut y = gpu.alloc(x.numel(), "instance_norm output")?;
+    launch!(
+        gpu,
+        "instance_norm_apply",
+        chunked,
+        shapes,
+        [&xb.slice, &mean.slice, &rstd.slice, &gb.slice, &bb.slice, &mut y.slice, &v, &c, &nchunks]
+    )?;
+    Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &stats_shape)?, Tensor::from_gpu(rstd, &stats_shape)?))
+}
+
+fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    let (xb, gb, gammab) = (gpu_of(&b.x, "x")?, gpu_of(grad_out, "gradient")?, gpu_of(&b.gamma, "gamma")?);
+    let (mb, rb) = (gpu_of(&b.mean, "saved mean")?, gpu_of(&b.rstd, "saved rstd")?);
+    let gpu = &xb.gpu;
+    let dims = b.dims;
+    let (planes, chunks) = chunking(dims);
+    if planes == 0 {
+        // No plane: an empty input gradient, and zero parameter gradients.
+        let zeros =
+            |what| -> Result<Option<Tensor>> { Ok(Some(Tensor::from_gpu(gpu.zeros(dims.c, what)?, &[dims.c])?)) };
+        return Ok(vec![
+            if needs[0] {
+                Some(Tensor::from_gpu(gpu.alloc(0, "instance_norm input gradient")?, b.x.shape())?)
+            } else {
+                None
+            },
+            if needs[1] { zeros("instance_norm gamma gradient")? } else { None },
+            if needs[2] { zeros("instance_norm beta gradient")? } else { None },
+        ]);
+    }
+    let shapes = format!("instance_norm backward {:?}", b.x.shape());
+    let (v, c, n, nchunks) = (dims.voxels() as i64, dims.c as i64, dims.n as i64, chunks as i64);
+    let chunked = blocks_of(planes * chunks, IN_THREADS, b.x.shape())?;
+
+    // Plane sums of g and g * xhat: per chunk, then the chunks of each plane in order.
+    let mut chunk_g = gpu.alloc(planes * chunks, "instance_norm chunk sums of g")?;
+    let mut chunk_gx = gpu.alloc(planes * chunks, "instance_norm chunk sums of g xhat")?;
+    launch!(
+        gpu,
+        "instance_norm_chunk_grad_sums",
+        chunked,
+        shapes,
+        [&xb.slice, &gb.slice, &mb.slice, &rb.slice, &mut chunk_g.slice, &mut chunk_gx.slice, &v, &nchunks]
+    )?;
+    let per_plane = blocks_of(planes, REDUCE_THREADS, b.x.shape())?;
+    let mut sum_g = gpu.alloc(planes, "instance_norm plane sums of g")?;
+    let mut sum_gx = gpu.alloc(planes, "instance_norm plane sums of g xhat")?;
+    launch!(gpu, "norm_sum_rows", per_plane, shapes, [&chunk_g.slice, &mut sum_g.slice, &nchunks])?;
+    launch!(gpu, "norm_sum_rows", per_plane, shapes, [&chunk_gx.slice, &mut sum_gx.slice, &nchunks])?;
+
+    let dx = if needs[0] {
+        let mut dx = gpu.alloc(b.x.numel(), "instance_norm input gradient")?;
+        launch!(
+            gpu,
+            "instance_norm_backward_dx",
+            chunked,
+            shapes,
+            [
+                &xb.slice,
+                &gb.slice,
+                &mb.slice,
+                &rb.slice,
+                &gammab.slice,
+                &sum_g.slice,
+                &sum_gx.slice,
+                &mut dx.slice,
+                &v,
+                &c,
+                &nchunks
+            ]
+        )?;
+        Some(Tensor::from_gpu(dx, b.x.shape())?)
+    } else {
+        None
+    };
+    let (dgamma, dbeta) = if needs[1] || needs[2] {
+        let mut dgamma = gpu.alloc(dims.c, "instance_norm gamma gradient")?;
+        let mut dbeta = gpu.alloc(dims.c, "instance_norm beta gradient")?;
+        launch!(
+            gpu,
+            "instance_norm_param_grads",
+            grid_1d(dims.c),
+            shapes,
+            [&sum_g.slice, &sum_gx.slice, &mut dgamma.slice, &mut dbeta.slice, &n, &c]
+        )?;
+        (Some(Tensor::from_gpu(dgamma, &[dims.c])?), Some(Tensor::from_gpu(dbeta, &[dims.c])?))
+    } else {
+        (None, None)
+    };
+    Ok(vec![dx, if needs[1] { dgamma } else { None }, if needs[2] { dbeta } else { None }])
 }

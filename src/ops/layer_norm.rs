@@ -23,11 +23,19 @@
 //!
 //! As in instance norm, the statistics use two passes with float64 accumulation, mu and rstd are saved per row in
 //! float64, and xhat is formed in float64 in both passes, so only the final rounding to the tensor's dtype remains.
+//!
+//! On the GPU (float32, kernels in `cuda/norm.cu`) one warp normalises one row, with the same two passes (mean,
+//! then squared deviations) over the row; mu and rstd are saved as float32 GPU tensors. dL/dgamma and dL/dbeta are
+//! sums over all rows, made deterministic in two stages: each block of `LN_ROWS_PER_PARAM_BLOCK` rows writes its
+//! per-channel partial sums, then one block per channel adds those partials in a fixed order.
+
+use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::GpuBuffer;
 use crate::ops::instance_norm::moments;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Error, Result};
 
 /// The eps of the LayerNorm in front of every Mamba layer (PyTorch's default).
 pub const LN_EPS: f64 = 1e-5;
@@ -43,7 +51,10 @@ pub fn layer_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, ep
     beta.check_shape(&[c], "layer_norm beta (one per element of the last axis of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "layer_norm: eps must be positive and finite, got {eps}");
 
-    let (y, mean, rstd) = by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, eps))?;
+    let (y, mean, rstd) = match x.gpu_buffer() {
+        Some(_) => forward_gpu(x, gamma, beta, eps)?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, eps))?,
+    };
     tape.record(&[x, gamma, beta], &y, LayerNormBackward { x: x.clone(), gamma: gamma.clone(), mean, rstd });
     Ok(y)
 }
@@ -72,9 +83,9 @@ fn forward_cpu<T: Real>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> 
 struct LayerNormBackward {
     x: Tensor,
     gamma: Tensor,
-    /// Per-row mean, shape (rows), float64.
+    /// Per-row mean, shape (rows): float64 on the CPU, float32 on the GPU.
     mean: Tensor,
-    /// Per-row 1/sqrt(var + eps), shape (rows), float64.
+    /// Per-row 1/sqrt(var + eps), shape (rows): float64 on the CPU, float32 on the GPU.
     rstd: Tensor,
 }
 
@@ -84,7 +95,12 @@ impl Backward for LayerNormBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs))
+        self.x.check_same_kind(grad_out, "layer_norm backward")?;
+        grad_out.check_shape(self.x.shape(), "layer_norm backward gradient")?;
+        match self.x.gpu_buffer() {
+            Some(_) => backward_gpu(self, grad_out, needs),
+            None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
+        }
     }
 }
 
@@ -132,4 +148,101 @@ fn backward_cpu<T: Real>(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool
         if needs[1] { Some(per_channel(dgamma)?) } else { None },
         if needs[2] { Some(per_channel(dbeta)?) } else { None },
     ])
+}
+
+/// Threads per block of the one-warp-per-row kernels (8 rows per block).
+const LN_THREADS: u32 = 256;
+/// Rows whose gamma/beta gradients one block of `layer_norm_param_partials` sums.
+const LN_ROWS_PER_PARAM_BLOCK: usize = 256;
+/// Row groups of `layer_norm_param_partials`' blocks: LN_PARAM_SUBROWS of `cuda/norm.cu` (the kernel relies on it).
+const LN_PARAM_SUBROWS: u32 = 8;
+/// Threads per block of the final per-channel sums (any multiple of 32).
+const REDUCE_THREADS: u32 = 256;
+
+/// The GPU buffer of `t`, which the caller has checked to be on the same GPU as the op's first operand.
+fn gpu_of<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer> {
+    t.gpu_buffer().ok_or_else(|| Error::Mismatch(format!("layer_norm: {what} is not a GPU tensor")))
+}
+
+/// A grid of `blocks` (at least one) in x and `blocks_y` in y, failing cleanly past the grid limits.
+fn launch_config(blocks: usize, blocks_y: usize, threads: (u32, u32), shape: &[usize]) -> Result<LaunchConfig> {
+    let too_many = || Error::Shape(format!("layer_norm: shape {shape:?} needs {blocks} x {blocks_y} blocks, too many"));
+    let gx = u32::try_from(blocks.max(1)).ok().filter(|&g| g < (1 << 31)).ok_or_else(too_many)?;
+    let gy = u32::try_from(blocks_y.max(1)).ok().filter(|&g| g < (1 << 16)).ok_or_else(too_many)?;
+    Ok(LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (threads.0, threads.1, 1), shared_mem_bytes: 0 })
+}
+
+/// One warp per row: blocks of LN_THREADS threads.
+fn row_config(rows: usize, shape: &[usize]) -> Result<LaunchConfig> {
+    launch_config(rows.div_ceil((LN_THREADS / 32) as usize), 1, (LN_THREADS, 1), shape)
+}
+
+/// Returns y and the per-row mean and rstd, each of shape (rows) in float32 on the GPU.
+fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let (xb, gb, bb) = (gpu_of(x, "x")?, gpu_of(gamma, "gamma")?, gpu_of(beta, "beta")?);
+    let gpu = &xb.gpu;
+    let c = gamma.numel();
+    let rows = x.numel() / c;
+    let (nrows, nc, eps32) = (rows as i64, c as i64, eps as f32);
+    let mut y = gpu.alloc(x.numel(), "layer_norm output")?;
+    let mut mean = gpu.alloc(rows, "layer_norm mean")?;
+    let mut rstd = gpu.alloc(rows, "layer_norm rstd")?;
+    launch!(
+        gpu,
+        "layer_norm_forward",
+        row_config(rows, x.shape())?,
+        format!("layer_norm {:?}", x.shape()),
+        [&xb.slice, &gb.slice, &bb.slice, &mut y.slice, &mut mean.slice, &mut rstd.slice, &nrows, &nc, &eps32]
+    )?;
+    Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &[rows])?, Tensor::from_gpu(rstd, &[rows])?))
+}
+
+fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    let (xb, gb, gammab) = (gpu_of(&b.x, "x")?, gpu_of(grad_out, "gradient")?, gpu_of(&b.gamma, "gamma")?);
+    let (mb, rb) = (gpu_of(&b.mean, "saved mean")?, gpu_of(&b.rstd, "saved rstd")?);
+    let gpu = &xb.gpu;
+    let c = b.gamma.numel();
+    let rows = b.x.numel() / c;
+    let (nrows, nc) = (rows as i64, c as i64);
+    let shapes = format!("layer_norm backward {:?}", b.x.shape());
+
+    let dx = if needs[0] {
+        let mut dx = gpu.alloc(b.x.numel(), "layer_norm input gradient")?;
+        launch!(
+            gpu,
+            "layer_norm_backward_dx",
+            row_config(rows, b.x.shape())?,
+            shapes,
+            [&xb.slice, &gb.slice, &mb.slice, &rb.slice, &gammab.slice, &mut dx.slice, &nrows, &nc]
+        )?;
+        Some(Tensor::from_gpu(dx, b.x.shape())?)
+    } else {
+        None
+    };
+    let (dgamma, dbeta) = if needs[1] || needs[2] {
+        // Stage 1: per-(channel, row block) partial sums, laid out (c, row blocks) so stage 2 reads each channel's
+        // partials contiguously. A tensor without rows still gets one block, which writes zeros.
+        let row_blocks = rows.div_ceil(LN_ROWS_PER_PARAM_BLOCK).max(1);
+        let per_block = LN_ROWS_PER_PARAM_BLOCK as i64;
+        let mut pgamma = gpu.alloc(c * row_blocks, "layer_norm gamma gradient partials")?;
+        let mut pbeta = gpu.alloc(c * row_blocks, "layer_norm beta gradient partials")?;
+        launch!(
+            gpu,
+            "layer_norm_param_partials",
+            launch_config(row_blocks, c.div_ceil(32), (32, LN_PARAM_SUBROWS), b.x.shape())?,
+            shapes,
+            [&xb.slice, &gb.slice, &mb.slice, &rb.slice, &mut pgamma.slice, &mut pbeta.slice, &nrows, &nc, &per_block]
+        )?;
+        // Stage 2: one block per channel adds its partials in a fixed order.
+        let per_channel = launch_config(c, 1, (REDUCE_THREADS, 1), b.x.shape())?;
+        let len = row_blocks as i64;
+        let mut dgamma = gpu.alloc(c, "layer_norm gamma gradient")?;
+        let mut dbeta = gpu.alloc(c, "layer_norm beta gradient")?;
+        launch!(gpu, "norm_sum_rows", per_channel, shapes, [&pgamma.slice, &mut dgamma.slice, &len])?;
+        launch!(gpu, "norm_sum_rows", per_channel, shapes, [&pbeta.slice, &mut dbeta.slice, &len])?;
+        (Some(Tensor::from_gpu(dgamma, &[c])?), Some(Tensor::from_gpu(dbeta, &[c])?))
+    } else {
+        (None, None)
+    };
+    Ok(vec![dx, if needs[1] { dgamma } else { None }, if needs[2] { dbeta } else { None }])
 }

@@ -10,11 +10,16 @@
 //! ```
 //!
 //! Upsampling by f is the adjoint of summing over f-blocks, so `avg_pool(upsample_nearest(x, f), f) = x`.
+//!
+//! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element copying its source, and the backward
+//! one thread per input-gradient element summing its f-block of the gradient in a fixed order (a gather: no
+//! atomics).
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, launch, Result};
 
 /// Repeats every voxel of `x` (N, C, H, W) or (N, C, D, H, W) `factor[a]` times along each spatial axis a (one
 /// positive value per spatial axis).
@@ -28,7 +33,10 @@ pub fn upsample_nearest(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result
         })?;
     }
     let plan = Upsample { dims, f, out };
-    let y = by_dtype!(x.dtype(), forward_cpu(x, &plan))?;
+    let y = match x.gpu_buffer() {
+        Some(_) => forward_gpu(x, &plan)?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, &plan))?,
+    };
     tape.record(&[x], &y, UpsampleBackward { plan });
     Ok(y)
 }
@@ -44,6 +52,21 @@ struct Upsample {
 impl Upsample {
     fn out_voxels(&self) -> usize {
         self.out.iter().product()
+    }
+
+    fn in_shape(&self) -> Vec<usize> {
+        self.dims.shape_with(self.dims.c, self.dims.s)
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        self.dims.shape_with(self.dims.c, self.out)
+    }
+
+    /// The kernels' size arguments: d, h, w, fd, fh, fw.
+    fn kernel_sizes(&self) -> [i64; 6] {
+        let [d, h, w] = self.dims.s;
+        let [fd, fh, fw] = self.f;
+        [d, h, w, fd, fh, fw].map(|v| v as i64)
     }
 }
 
@@ -77,7 +100,7 @@ fn forward_cpu<T: Real>(x: &Tensor, plan: &Upsample) -> Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(y, &plan.dims.shape_with(plan.dims.c, plan.out))
+    Tensor::from_vec(y, &plan.out_shape())
 }
 
 struct UpsampleBackward {
@@ -90,7 +113,12 @@ impl Backward for UpsampleBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?)])
+        grad_out.check_shape(&self.plan.out_shape(), "upsample_nearest backward gradient")?;
+        let dx = match grad_out.gpu_buffer() {
+            Some(_) => backward_gpu(grad_out, &self.plan)?,
+            None => by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?,
+        };
+        Ok(vec![Some(dx)])
     }
 }
 
@@ -117,5 +145,43 @@ fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(dx, &plan.dims.shape_with(plan.dims.c, plan.dims.s))
+    Tensor::from_vec(dx, &plan.in_shape())
+}
+
+fn forward_gpu(x: &Tensor, plan: &Upsample) -> Result<Tensor> {
+    let Some(xb) = x.gpu_buffer() else { crate::bail!(Mismatch, "upsample_nearest: x is not a GPU tensor") };
+    let gpu = &xb.gpu;
+    let out_shape = plan.out_shape();
+    let numel: usize = out_shape.iter().product();
+    let total = numel as i64;
+    let [d, h, w, fd, fh, fw] = plan.kernel_sizes();
+    let mut y = gpu.alloc(numel, "upsample_nearest output")?;
+    launch!(
+        gpu,
+        "upsample_nearest_forward",
+        grid_1d(numel),
+        format!("upsample_nearest {:?} factor {:?}", x.shape(), plan.f),
+        [&xb.slice, &mut y.slice, &total, &d, &h, &w, &fd, &fh, &fw]
+    )?;
+    Tensor::from_gpu(y, &out_shape)
+}
+
+fn backward_gpu(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
+    let Some(gb) = grad_out.gpu_buffer() else {
+        crate::bail!(Mismatch, "upsample_nearest backward: gradient is not on the GPU")
+    };
+    let gpu = &gb.gpu;
+    let in_shape = plan.in_shape();
+    let numel: usize = in_shape.iter().product();
+    let total = numel as i64;
+    let [d, h, w, fd, fh, fw] = plan.kernel_sizes();
+    let mut dx = gpu.alloc(numel, "upsample_nearest input gradient")?;
+    launch!(
+        gpu,
+        "upsample_nearest_backward",
+        grid_1d(numel),
+        format!("upsample_nearest backward {:?} factor {:?}", in_shape, plan.f),
+        [&gb.slice, &mut dx.slice, &total, &d, &h, &w, &fd, &fh, &fw]
+    )?;
+    Tensor::from_gpu(dx, &in_shape)
 }

@@ -1,0 +1,275 @@
+// Normalisation kernels: InstanceNorm over the spatial axes of each (n, c) plane, LayerNorm over the last axis.
+//
+// InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of
+// IN_CHUNK = IN_THREADS * IN_ITEMS voxels; chunk k holds voxels [k*IN_CHUNK, k*IN_CHUNK + n_k), n_k = min(IN_CHUNK,
+// V - k*IN_CHUNK), and one block of IN_THREADS threads works on one (plane, chunk): blockIdx.x = p*chunks + k, its
+// thread t touching voxels k*IN_CHUNK + j*IN_THREADS + t, j < IN_ITEMS (coalesced).
+//   instance_norm_chunk_moments:  m_k = (1/n_k) sum_{i in k} x_i,  M2_k = sum_{i in k} (x_i - m_k)^2
+//                                 (two passes over the chunk held in registers)
+//   instance_norm_combine:        mu = (1/V) sum_k n_k m_k,  var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2),
+//                                 rstd = 1/sqrt(var + eps)
+//     Every term of var is a sum of squares, so a large common offset of x cancels nothing away (the exact
+//     two-pass variance, regrouped by chunk).
+//   instance_norm_apply:          y_i = (x_i - mu_p) * rstd_p * gamma_c + beta_c
+// Backward, g = dL/dy, xhat_i = (x_i - mu_p) rstd_p:
+//   instance_norm_chunk_grad_sums: per chunk  sum g_i  and  sum g_i xhat_i;  norm_sum_rows then adds the chunks of
+//                                  each plane: Sg_p, Sgx_p
+//   instance_norm_backward_dx:     dx_i = gamma_c rstd_p (g_i - Sg_p / V - xhat_i Sgx_p / V)
+//   instance_norm_param_grads:     dgamma_c = sum_n Sgx_(n,c),  dbeta_c = sum_n Sg_(n,c)   (n in increasing order)
+//
+// LayerNorm. x is (R, C): R rows of C contiguous channels; one warp per row (lane l takes channels l, l+32, ...),
+// LN_ROWS_PER_BLOCK = blockDim.x / 32 rows per block.
+//   layer_norm_forward:  mu_r = (1/C) sum_c x_rc,  var_r = (1/C) sum_c (x_rc - mu_r)^2 (second pass),
+//                        rstd_r = 1/sqrt(var_r + eps),  y_rc = (x_rc - mu_r) rstd_r gamma_c + beta_c
+//   layer_norm_backward_dx: h_rc = gamma_c g_rc,  dx_rc = rstd_r (h_rc - (1/C) sum_c h_rc - xhat_rc (1/C) sum_c h_rc xhat_rc)
+//   layer_norm_param_partials: block (bx, by) of 32 x LN_PARAM_SUBROWS threads sums rows
+//                        [bx*rows_per_block, (bx+1)*rows_per_block) for channels by*32 + threadIdx.x:
+//                        Pgamma[c, bx] = sum_r g_rc xhat_rc,  Pbeta[c, bx] = sum_r g_rc
+//                        (thread row ty takes rows ty, ty + LN_PARAM_SUBROWS, ...; the sub-rows are then added in
+//                        order ty = 0, 1, ...); norm_sum_rows then gives dgamma_c = sum_bx Pgamma[c, bx], same for beta.
+//
+//   norm_sum_rows:       out_r = sum_j a[r, j] for a (rows, len) row-major: one block per row, block_sum.
+//
+// Every reduction has a fixed order (per-thread loops, then block_sum's fixed tree), so results are reproducible.
+#include "common.cuh"
+
+#define IN_THREADS 256
+#define IN_ITEMS 8
+#define IN_CHUNK (IN_THREADS * IN_ITEMS)
+#define LN_PARAM_SUBROWS 8
+
+// Sum over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float norm_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The number of voxels of chunk k of a plane of v voxels (0 only for an empty plane).
+__device__ __forceinline__ int64_t in_chunk_count(int64_t v, int64_t k) {
+    int64_t rest = v - k * IN_CHUNK;
+    return rest < 0 ? 0 : (rest < IN_CHUNK ? rest : IN_CHUNK);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// InstanceNorm. Launch the chunk kernels with IN_THREADS threads and planes * chunks blocks.
+
+extern "C" __global__ void instance_norm_chunk_moments(const float* x, float* chunk_mean, float* chunk_m2, int64_t v,
+                                                       int64_t chunks) {
+    __shared__ float scratch[32];
+    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
+    const int64_t n = in_chunk_count(v, k);
+    const float* xc = x + p * v + k * IN_CHUNK;
+    float vals[IN_ITEMS];
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < IN_ITEMS; j++) {
+        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
+        vals[j] = i < n ? xc[i] : 0.0f;
+        s += vals[j];
+    }
+    s = block_sum(s, scratch);
+    const float m = n > 0 ? s / (float)n : 0.0f;
+    float q = 0.0f;
+#pragma unroll
+    for (int j = 0; j < IN_ITEMS; j++) {
+        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
+        float d = vals[j] - m;
+        if (i < n) q += d * d;
+    }
+    q = block_sum(q, scratch);
+    if (threadIdx.x == 0) {
+        chunk_mean[b] = m;
+        chunk_m2[b] = q;
+    }
+}
+
+// One block (any multiple of 32 threads) per plane.
+extern "C" __global__ void instance_norm_combine(const float* chunk_mean, const float* chunk_m2, float* mean,
+                                                 float* rstd, int64_t v, int64_t chunks, float eps) {
+    __shared__ float scratch[32];
+    const int64_t p = blockIdx.x;
+    const float* cm = chunk_mean + p * chunks;
+    const float* c2 = chunk_m2 + p * chunks;
+    const float inv_v = 1.0f / (float)(v > 0 ? v : 1);
+    float s = 0.0f;
+    for (int64_t k = threadIdx.x; k < chunks; k += blockDim.x) s += (float)in_chunk_count(v, k) * cm[k];
+    const float mu = block_sum(s, scratch) * inv_v;
+    float q = 0.0f;
+    for (int64_t k = threadIdx.x; k < chunks; k += blockDim.x) {
+        float d = cm[k] - mu;
+        q += c2[k] + (float)in_chunk_count(v, k) * d * d;
+    }
+    const float var = block_sum(q, scratch) * inv_v;
+    if (threadIdx.x == 0) {
+        mean[p] = mu;
+        rstd[p] = 1.0f / sqrtf(var + eps);
+    }
+}
+
+extern "C" __global__ void instance_norm_apply(const float* x, const float* mean, const float* rstd,
+                                               const float* gamma, const float* beta, float* y, int64_t v, int64_t c,
+                                               int64_t chunks) {
+    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
+    const int64_t n = in_chunk_count(v, k);
+    const int64_t base = p * v + k * IN_CHUNK;
+    const float mu = mean[p], scale = rstd[p] * gamma[p % c], shift = beta[p % c];
+#pragma unroll
+    for (int j = 0; j < IN_ITEMS; j++) {
+        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
+        if (i < n) y[base + i] = (x[base + i] - mu) * scale + shift;
+    }
+}
+
+extern "C" __global__ void instance_norm_chunk_grad_sums(const float* x, const float* g, const float* mean,
+                                                         const float* rstd, float* chunk_g, float* chunk_gx,
+                                                         int64_t v, int64_t chunks) {
+    __shared__ float scratch[32];
+    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
+    const int64_t n = in_chunk_count(v, k);
+    const int64_t base = p * v + k * IN_CHUNK;
+    const float mu = mean[p], r = rstd[p];
+    float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+    for (int j = 0; j < IN_ITEMS; j++) {
+        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
+        if (i < n) {
+            float gv = g[base + i];
+            sg += gv;
+            sgx += gv * ((x[base + i] - mu) * r);
+        }
+    }
+    sg = block_sum(sg, scratch);
+    sgx = block_sum(sgx, scratch);
+    if (threadIdx.x == 0) {
+        chunk_g[b] = sg;
+        chunk_gx[b] = sgx;
+    }
+}
+
+extern "C" __global__ void instance_norm_backward_dx(const float* x, const float* g, const float* mean,
+                                                     const float* rstd, const float* gamma, const float* sum_g,
+                                                     const float* sum_gx, float* dx, int64_t v, int64_t c,
+                                                     int64_t chunks) {
+    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
+    const int64_t n = in_chunk_count(v, k);
+    const int64_t base = p * v + k * IN_CHUNK;
+    const float inv_v = 1.0f / (float)(v > 0 ? v : 1);
+    const float mu = mean[p], r = rstd[p], scale = gamma[p % c] * r;
+    const float mean_g = sum_g[p] * inv_v, mean_gx = sum_gx[p] * inv_v;
+#pragma unroll
+    for (int j = 0; j < IN_ITEMS; j++) {
+        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
+        if (i < n) {
+            float xhat = (x[base + i] - mu) * r;
+            dx[base + i] = scale * (g[base + i] - mean_g - xhat * mean_gx);
+        }
+    }
+}
+
+// One thread per channel (grid-stride); sum_g and sum_gx are (N, C).
+extern "C" __global__ void instance_norm_param_grads(const float* sum_g, const float* sum_gx, float* dgamma,
+                                                     float* dbeta, int64_t n, int64_t c) {
+    FOR_EACH(ch, c) {
+        float a = 0.0f, s = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            a += sum_gx[i * c + ch];
+            s += sum_g[i * c + ch];
+        }
+        dgamma[ch] = a;
+        dbeta[ch] = s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LayerNorm. The row kernels take blockDim.x a multiple of 32; a warp past the last row exits as a whole.
+
+extern "C" __global__ void layer_norm_forward(const float* x, const float* gamma, const float* beta, float* y,
+                                              float* mean, float* rstd, int64_t rows, int64_t c, float eps) {
+    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* xr = x + row * c;
+    float* yr = y + row * c;
+    const float inv_c = 1.0f / (float)c;
+    float s = 0.0f;
+    for (int64_t j = lane; j < c; j += 32) s += xr[j];
+    const float mu = norm_warp_sum(s) * inv_c;
+    float q = 0.0f;
+    for (int64_t j = lane; j < c; j += 32) {
+        float d = xr[j] - mu;
+        q += d * d;
+    }
+    const float r = 1.0f / sqrtf(norm_warp_sum(q) * inv_c + eps);
+    for (int64_t j = lane; j < c; j += 32) yr[j] = (xr[j] - mu) * r * gamma[j] + beta[j];
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
+extern "C" __global__ void layer_norm_backward_dx(const float* x, const float* g, const float* mean,
+                                                  const float* rstd, const float* gamma, float* dx, int64_t rows,
+                                                  int64_t c) {
+    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float* xr = x + row * c;
+    const float* gr = g + row * c;
+    float* dxr = dx + row * c;
+    const float mu = mean[row], r = rstd[row], inv_c = 1.0f / (float)c;
+    float sh = 0.0f, shx = 0.0f;
+    for (int64_t j = lane; j < c; j += 32) {
+        float h = gamma[j] * gr[j];
+        sh += h;
+        shx += h * ((xr[j] - mu) * r);
+    }
+    const float mean_h = norm_warp_sum(sh) * inv_c, mean_hx = norm_warp_sum(shx) * inv_c;
+    for (int64_t j = lane; j < c; j += 32) {
+        float xhat = (xr[j] - mu) * r;
+        dxr[j] = r * (gamma[j] * gr[j] - mean_h - xhat * mean_hx);
+    }
+}
+
+// Block (32, LN_PARAM_SUBROWS); grid (row blocks, ceil(c / 32)). Writes Pgamma, Pbeta as (c, row blocks).
+extern "C" __global__ void layer_norm_param_partials(const float* x, const float* g, const float* mean,
+                                                     const float* rstd, float* pgamma, float* pbeta, int64_t rows,
+                                                     int64_t c, int64_t rows_per_block) {
+    __shared__ float sh_gx[LN_PARAM_SUBROWS][32];
+    __shared__ float sh_g[LN_PARAM_SUBROWS][32];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int64_t ch = (int64_t)blockIdx.y * 32 + tx;
+    const int64_t row0 = (int64_t)blockIdx.x * rows_per_block;
+    const int64_t row1 = row0 + rows_per_block < rows ? row0 + rows_per_block : rows;
+    float sgx = 0.0f, sg = 0.0f;
+    if (ch < c) {
+        for (int64_t r = row0 + ty; r < row1; r += LN_PARAM_SUBROWS) {
+            float gv = g[r * c + ch];
+            sg += gv;
+            sgx += gv * ((x[r * c + ch] - mean[r]) * rstd[r]);
+        }
+    }
+    sh_gx[ty][tx] = sgx;
+    sh_g[ty][tx] = sg;
+    __syncthreads();
+    if (ty == 0 && ch < c) {
+        float a = 0.0f, s = 0.0f;
+        for (int i = 0; i < LN_PARAM_SUBROWS; i++) {
+            a += sh_gx[i][tx];
+            s += sh_g[i][tx];
+        }
+        pgamma[ch * gridDim.x + blockIdx.x] = a;
+        pbeta[ch * gridDim.x + blockIdx.x] = s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fixed-order row sums of a (gridDim.x, len) matrix, one block (a multiple of 32 threads) per row.
+
+extern "C" __global__ void norm_sum_rows(const float* a, float* out, int64_t len) {
+    __shared__ float scratch[32];
+    const float* row = a + (int64_t)blockIdx.x * len;
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) s += row[j];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}

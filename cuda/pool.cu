@@ -1,0 +1,87 @@
+// Average pooling (kernel = stride = k, ceil mode, in-bounds counts) and nearest upsampling by integer factors f, on
+// maps of P = N*C planes, input spatial sizes (D, H, W), output spatial sizes (OD, OH, OW), row-major.
+//
+// avg_pool: OD = ceil(D / kd) etc.; window of output o: [o*k, min((o+1)*k, S)) per axis, count
+//   |W(o)| = cnt_d(od) cnt_h(oh) cnt_w(ow),  cnt_a(o) = min(k_a, S_a - o*k_a).
+//   forward  (one thread per output element y[p, od, oh, ow]):  y = (1 / |W(o)|) sum_{i in W(o)} x[p, i]
+//   backward (one thread per input element dx[p, zd, zh, zw]):  dx = g[p, zd/kd, zh/kh, zw/kw] / |W(that o)|
+//
+// upsample_nearest: OD = fd * D etc.
+//   forward  (one thread per output element):  y[p, zd, zh, zw] = x[p, zd/fd, zh/fh, zw/fw]
+//   backward (one thread per input element):   dx[p, jd, jh, jw] = sum_{a<fd, b<fh, e<fw}
+//                                                   g[p, jd*fd + a, jh*fh + b, jw*fw + e]   (in that loop order)
+//
+// Every thread writes its own element from a gather, so there are no atomics and no races; consecutive threads take
+// consecutive elements of the written tensor.
+#include "common.cuh"
+
+__device__ __forceinline__ int64_t pool_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+extern "C" __global__ void avg_pool_forward(const float* x, float* y, int64_t total, int64_t d, int64_t h, int64_t w,
+                                            int64_t od, int64_t oh, int64_t ow, int64_t kd, int64_t kh, int64_t kw) {
+    FOR_EACH(i, total) {
+        int64_t q = i;
+        const int64_t zw = q % ow; q /= ow;
+        const int64_t zh = q % oh; q /= oh;
+        const int64_t zd = q % od;
+        const int64_t p = q / od;
+        const int64_t d0 = zd * kd, d1 = pool_min(d0 + kd, d);
+        const int64_t h0 = zh * kh, h1 = pool_min(h0 + kh, h);
+        const int64_t w0 = zw * kw, w1 = pool_min(w0 + kw, w);
+        const float* xp = x + p * d * h * w;
+        float s = 0.0f;
+        for (int64_t a = d0; a < d1; a++)
+            for (int64_t b = h0; b < h1; b++) {
+                const float* xrow = xp + (a * h + b) * w;
+                for (int64_t e = w0; e < w1; e++) s += xrow[e];
+            }
+        y[i] = s / (float)((d1 - d0) * (h1 - h0) * (w1 - w0));
+    }
+}
+
+extern "C" __global__ void avg_pool_backward(const float* g, float* dx, int64_t total, int64_t d, int64_t h,
+                                             int64_t w, int64_t od, int64_t oh, int64_t ow, int64_t kd, int64_t kh,
+                                             int64_t kw) {
+    FOR_EACH(i, total) {
+        int64_t q = i;
+        const int64_t zw = q % w; q /= w;
+        const int64_t zh = q % h; q /= h;
+        const int64_t zd = q % d;
+        const int64_t p = q / d;
+        const int64_t jd = zd / kd, jh = zh / kh, jw = zw / kw;
+        const int64_t cnt = pool_min(kd, d - jd * kd) * pool_min(kh, h - jh * kh) * pool_min(kw, w - jw * kw);
+        dx[i] = g[((p * od + jd) * oh + jh) * ow + jw] / (float)cnt;
+    }
+}
+
+extern "C" __global__ void upsample_nearest_forward(const float* x, float* y, int64_t total, int64_t d, int64_t h,
+                                                    int64_t w, int64_t fd, int64_t fh, int64_t fw) {
+    const int64_t od = d * fd, oh = h * fh, ow = w * fw;
+    FOR_EACH(i, total) {
+        int64_t q = i;
+        const int64_t zw = q % ow; q /= ow;
+        const int64_t zh = q % oh; q /= oh;
+        const int64_t zd = q % od;
+        const int64_t p = q / od;
+        y[i] = x[((p * d + zd / fd) * h + zh / fh) * w + zw / fw];
+    }
+}
+
+extern "C" __global__ void upsample_nearest_backward(const float* g, float* dx, int64_t total, int64_t d, int64_t h,
+                                                     int64_t w, int64_t fd, int64_t fh, int64_t fw) {
+    const int64_t od = d * fd, oh = h * fh, ow = w * fw;
+    FOR_EACH(i, total) {
+        int64_t q = i;
+        const int64_t jw = q % w; q /= w;
+        const int64_t jh = q % h; q /= h;
+        const int64_t jd = q % d;
+        const int64_t p = q / d;
+        float s = 0.0f;
+        for (int64_t a = 0; a < fd; a++)
+            for (int64_t b = 0; b < fh; b++) {
+                const float* grow = g + ((p * od + jd * fd + a) * oh + jh * fh + b) * ow + jw * fw;
+                for (int64_t e = 0; e < fw; e++) s += grow[e];
+            }
+        dx[i] = s;
+    }
+}

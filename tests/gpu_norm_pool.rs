@@ -1,0 +1,165 @@
+//! The CUDA kernels of instance norm, layer norm (`cuda/norm.cu`), average pooling and nearest upsampling
+//! (`cuda/pool.cu`) against their CPU references: forward and every gradient, 2D and 3D, odd and ragged sizes
+//! (planes that are not a whole number of the kernels' 2048-voxel chunks, channel counts that are not multiples of
+//! 32, row counts that are not multiples of the 8 rows per block or the 256 rows per parameter-gradient block),
+//! NaN-poisoned outputs. Run on a GPU machine with `cargo test --release --test gpu_norm_pool -- --ignored`.
+
+mod common;
+
+use common::{check_op, randn32};
+use lkm_engine::autograd::Tape;
+use lkm_engine::ops::avg_pool::avg_pool;
+use lkm_engine::ops::instance_norm::{instance_norm, IN_EPS};
+use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
+use lkm_engine::ops::upsample::upsample_nearest;
+use lkm_engine::tensor::map;
+use lkm_engine::Tensor;
+
+/// 3 randn + 2 in float32: a nonzero mean and a scale other than 1, so the normalisation has work to do.
+fn shifted(shape: &[usize], seed: u64) -> Tensor {
+    map::<f32>(&randn32(shape, 3.0, seed), |v| v + 2.0).unwrap()
+}
+
+fn check_instance_norm(shape: &[usize], seed: u64) {
+    let c = shape[1];
+    let inputs = [shifted(shape, seed), randn32(&[c], 1.0, seed + 1), randn32(&[c], 1.0, seed + 2)];
+    check_op(&format!("instance_norm {shape:?}"), &inputs, 1e-4, |t: &mut Tape, x: &[Tensor]| {
+        instance_norm(t, &x[0], &x[1], &x[2], IN_EPS)
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_2d() {
+    // One partial chunk per plane (1517 voxels), then two chunks with a ragged last one (3015 voxels).
+    check_instance_norm(&[2, 3, 37, 41], 1);
+    check_instance_norm(&[3, 5, 67, 45], 4);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_3d() {
+    // 3059 voxels (2 chunks), 15283 voxels (8 chunks, the last ragged), and a tiny plane of 3 voxels.
+    check_instance_norm(&[2, 5, 7, 19, 23], 7);
+    check_instance_norm(&[1, 3, 17, 31, 29], 10);
+    check_instance_norm(&[3, 7, 1, 1, 3], 13);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_reference_plane() {
+    // The stage-0 planes of the 3D reference configuration (40 x 224 x 192 = 1,720,320 voxels, 840 chunks), with 2
+    // channels and batch 1 instead of 32 and 2 so that the float64 CPU reference (forward and backward) stays cheap.
+    check_instance_norm(&[1, 2, 40, 224, 192], 16);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_param_grads_only() {
+    // Only gamma and beta need gradients: the input-gradient kernel is skipped, the parameter gradients still match.
+    let shape = [2, 3, 5, 9, 11];
+    let x = shifted(&shape, 19);
+    let (gamma, beta) = (randn32(&[3], 1.0, 20), randn32(&[3], 1.0, 21));
+    let grads = |device: &lkm_engine::device::Device| {
+        let (x, gamma, beta) =
+            (x.to_device(device).unwrap(), gamma.to_device(device).unwrap(), beta.to_device(device).unwrap());
+        let mut tape = Tape::new();
+        tape.watch(&gamma);
+        tape.watch(&beta);
+        let y = instance_norm(&mut tape, &x, &gamma, &beta, IN_EPS).unwrap();
+        let seed = randn32(y.shape(), 1.0, 22).to_device(device).unwrap();
+        let mut g = tape.backward_from(&y, seed).unwrap();
+        assert!(g.get(&x).is_none());
+        [g.take(&gamma).unwrap().to_vec_f64().unwrap(), g.take(&beta).unwrap().to_vec_f64().unwrap()]
+    };
+    let gpu = lkm_engine::device::Device::Cuda(common::gpu());
+    let (on_gpu, on_cpu) = (grads(&gpu), grads(&lkm_engine::device::Device::Cpu));
+    for (g, r) in on_gpu.iter().zip(&on_cpu) {
+        let e = common::rel_err(g, r);
+        assert!(e < 1e-4, "instance_norm parameter gradient relative error {e:e}");
+    }
+}
+
+fn check_layer_norm(shape: &[usize], seed: u64) {
+    let c = *shape.last().unwrap();
+    let inputs = [shifted(shape, seed), randn32(&[c], 1.0, seed + 1), randn32(&[c], 1.0, seed + 2)];
+    check_op(&format!("layer_norm {shape:?}"), &inputs, 1e-4, |t: &mut Tape, x: &[Tensor]| {
+        layer_norm(t, &x[0], &x[1], &x[2], LN_EPS)
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_norm_channels() {
+    // C = 32 (stage 0), 48 and 7 (not multiples of the warp), 320 (stage 4); row counts 3 * 37 = 111, 517, 13, 45.
+    check_layer_norm(&[3, 37, 32], 31);
+    check_layer_norm(&[11, 47, 48], 34);
+    check_layer_norm(&[13, 7], 37);
+    check_layer_norm(&[5, 9, 320], 40);
+    check_layer_norm(&[2, 3, 5, 7, 96], 43);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_norm_reference_rows() {
+    // Stage-0 PiM of the 3D reference: sequences of 128 tokens with 32 channels; 1344 groups (a tenth of one
+    // sample's 13,440) keep the float64 CPU reference cheap while the parameter gradients still sum 172,032 rows in
+    // 672 partial blocks.
+    check_layer_norm(&[1344, 128, 32], 46);
+}
+
+fn check_avg_pool(shape: &[usize], factor: &[usize], seed: u64) {
+    check_op(&format!("avg_pool {shape:?} / {factor:?}"), &[randn32(shape, 1.0, seed)], 1e-5, |t, x| {
+        avg_pool(t, &x[0], factor)
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_avg_pool_2d() {
+    check_avg_pool(&[2, 3, 37, 41], &[2, 2], 51);
+    check_avg_pool(&[2, 3, 37, 41], &[3, 4], 52);
+    check_avg_pool(&[1, 2, 5, 7], &[7, 1], 53);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_avg_pool_3d() {
+    check_avg_pool(&[2, 3, 9, 19, 23], &[2, 2, 2], 54);
+    check_avg_pool(&[2, 3, 9, 19, 23], &[1, 2, 2], 55);
+    check_avg_pool(&[1, 5, 11, 13, 17], &[3, 4, 5], 56);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_avg_pool_reference() {
+    // Stage-0 PaM of the 3D reference (r = 4 on a 40 x 224 x 192 map), 2 channels and batch 1 to keep the CPU cheap.
+    check_avg_pool(&[1, 2, 40, 224, 192], &[4, 4, 4], 57);
+}
+
+fn check_upsample(shape: &[usize], factor: &[usize], seed: u64) {
+    check_op(&format!("upsample_nearest {shape:?} * {factor:?}"), &[randn32(shape, 1.0, seed)], 1e-5, |t, x| {
+        upsample_nearest(t, &x[0], factor)
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_upsample_2d() {
+    check_upsample(&[2, 3, 19, 21], &[2, 2], 61);
+    check_upsample(&[2, 3, 13, 11], &[3, 1], 62);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_upsample_3d() {
+    check_upsample(&[2, 3, 5, 9, 11], &[2, 2, 2], 63);
+    check_upsample(&[1, 5, 3, 7, 5], &[1, 3, 4], 64);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_upsample_reference() {
+    // Stage-0 PaM of the 3D reference: the pooled 10 x 56 x 48 map back up by 4, 2 channels and batch 1.
+    check_upsample(&[1, 2, 10, 56, 48], &[4, 4, 4], 65);
+}
