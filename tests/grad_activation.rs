@@ -42,3 +42,8 @@ fn add_rejects_different_shapes() {
     let err = add(&mut lkm_engine::autograd::Tape::new(), &randn64(&[2, 3], 0), &randn64(&[3, 2], 0)).unwrap_err();
     assert!(err.to_string().contains("[2, 3]"), "{err}");
 }
+
+#[test]
+fn grad_scale() {
+    assert_gradients(&[randn64(&[3, 4], 5)], 1e-6, |t, x| lkm_engine::ops::scale::scale(t, &x[0], -2.5));
+}

@@ -165,10 +165,12 @@ impl Gpu {
     }
 }
 
-/// A 1-D launch configuration covering `n` threads in blocks of 256.
+/// A 1-D launch configuration for a grid-stride kernel over `n` elements: blocks of 256 threads, at most 2^20
+/// blocks (the kernels loop over the rest).
 pub fn grid_1d(n: usize) -> LaunchConfig {
-    let block = 256u32;
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+    let block = 256usize;
+    let blocks = n.div_ceil(block).clamp(1, 1 << 20) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Checks a launch result, naming the kernel and the shapes it ran on.

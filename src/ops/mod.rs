@@ -23,6 +23,7 @@ pub mod linear;
 pub mod narrow;
 pub mod pim;
 pub mod reshape;
+pub mod scale;
 pub mod selective_scan;
 pub mod upsample;
 

@@ -1,0 +1,3 @@
+//! Training: the loss, and (next) the loop, checkpoints and metrics.
+
+pub mod loss;

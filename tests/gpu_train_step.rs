@@ -1,0 +1,85 @@
+//! One whole training step of a small LKM-UNet on the GPU matches the same step on the CPU: the loss over every
+//! deep-supervision output, every parameter's gradient, gradient clipping and the SGD update.
+
+mod common;
+
+use common::{gpu, rel_err};
+use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
+use lkm_engine::nn::{LkmUnet, ModelConfig, Params};
+use lkm_engine::optim::{clip_grad_norm, Sgd};
+use lkm_engine::tensor::DType;
+use lkm_engine::train::loss::{deep_supervision_loss, downsample_labels};
+use lkm_engine::Tensor;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+struct StepResult {
+    loss: f64,
+    grads: Vec<Vec<f64>>,
+    params_after: Vec<Vec<f64>>,
+}
+
+fn step(model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor) -> StepResult {
+    let mut params = params.clone();
+    let mut tape = Tape::new();
+    params.watch(&mut tape);
+    let outs = model.forward(&mut tape, &params, x).unwrap();
+    let targets: Vec<Tensor> = outs.iter().map(|o| downsample_labels(labels, &o.shape()[2..]).unwrap()).collect();
+    let loss = deep_supervision_loss(&mut tape, &outs, &targets, true).unwrap();
+    let mut grads = tape.backward(&loss).unwrap();
+    let mut g: Vec<Tensor> =
+        params.tensors().iter().map(|p| grads.take(p).expect("every parameter gets a gradient")).collect();
+    let grads_f64 = g.iter().map(|t| t.to_vec_f64().unwrap()).collect();
+    clip_grad_norm(&mut g, 12.0).unwrap();
+    let mut sgd = Sgd::new(1e-2, 0.99, 3e-5);
+    drop(outs);
+    sgd.step(params.tensors_mut(), &g).unwrap();
+    StepResult {
+        loss: loss.scalar().unwrap(),
+        grads: grads_f64,
+        params_after: params.tensors().iter().map(|t| t.to_vec_f64().unwrap()).collect(),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_training_step_matches_cpu() {
+    let mut cfg = ModelConfig::tiny_3d();
+    cfg.patch = vec![16, 16, 16];
+    cfg.pim_windows = vec![vec![4, 4, 4], vec![2, 4, 4], vec![2, 2, 2], vec![1, 1, 1]];
+    cfg.pam_pools = vec![vec![2, 2, 2], vec![2, 2, 2], vec![1, 1, 1], vec![1, 1, 1]];
+    let (model, params) = LkmUnet::new(cfg, 3).unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    let x = Tensor::randn(&[2, 1, 16, 16, 16], DType::F32, &mut rng).unwrap();
+    let labels: Vec<f32> = x.to_vec_f32().unwrap().iter().map(|v| ((v * 2.0).abs() as usize).min(3) as f32).collect();
+    let labels = Tensor::from_vec(labels, &[2, 1, 16, 16, 16]).unwrap();
+
+    let cpu = step(
+        &model,
+        &params.to(DType::F64, &Device::Cpu).unwrap(),
+        &x.to_dtype(DType::F64).unwrap(),
+        &labels.to_dtype(DType::F64).unwrap(),
+    );
+    let dev = Device::Cuda(gpu());
+    let gpu = step(
+        &model,
+        &params.to(DType::F32, &dev).unwrap(),
+        &x.to_device(&dev).unwrap(),
+        &labels.to_device(&dev).unwrap(),
+    );
+
+    let loss_err = (gpu.loss - cpu.loss).abs() / cpu.loss.abs();
+    assert!(loss_err < 1e-4, "loss {} vs {}", gpu.loss, cpu.loss);
+    let mut worst = (0.0, String::new());
+    for (i, name) in params.names().iter().enumerate() {
+        let e = rel_err(&gpu.grads[i], &cpu.grads[i]);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+        let p = rel_err(&gpu.params_after[i], &cpu.params_after[i]);
+        assert!(p < 1e-4, "{name}: parameters after the step differ by {p:e}");
+    }
+    eprintln!("loss {} (cpu {}), worst gradient error {:.2e} at {}", gpu.loss, cpu.loss, worst.0, worst.1);
+    assert!(worst.0 < 1e-3, "gradient of {} differs by {:e}", worst.1, worst.0);
+}
