@@ -49,14 +49,14 @@ pub struct ModelConfig {
     pub patch: Vec<usize>,
 }
 
-/// The public code's PiM base factor for stage s of n: `2^((n - s + 1) / 2 - 1)`.
+/// The public code's PiM base factor for stage s of n: `2^((n - s + 1) // 2 - 1)` ((n - s + 1) // 2 = ceil((n - s) / 2)).
 fn pim_base(n: usize, s: usize) -> usize {
-    1 << ((n - s + 1) / 2 - 1)
+    1 << ((n - s).div_ceil(2) - 1)
 }
 
 /// The public code's PaM pooling factor for stage s of n: `2^((n - s + 1) / 2) / 2`.
 fn pam_factor(n: usize, s: usize) -> usize {
-    (1 << ((n - s + 1) / 2)) / 2
+    (1 << (n - s).div_ceil(2)) / 2
 }
 
 impl ModelConfig {
