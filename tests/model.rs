@@ -58,7 +58,7 @@ fn tiny_model_outputs_one_map_per_decoder_level() {
 fn window_that_does_not_divide_names_stage_axis_and_sizes() {
     let mut cfg = ModelConfig::flare_3d();
     cfg.pim_windows[2] = vec![10, 14, 11];
-    let err = LkmUnet::new(cfg, 0).err().expect("must fail").to_string();
+    let err = LkmUnet::new(cfg, 0).err().expect("building must fail").to_string();
     assert!(err.contains("PiM stage 2") && err.contains("axis W") && err.contains("11") && err.contains("48"), "{err}");
 }
 
@@ -66,6 +66,6 @@ fn window_that_does_not_divide_names_stage_axis_and_sizes() {
 fn patch_not_divisible_by_strides_is_an_error() {
     let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 0).unwrap();
     let x = Tensor::zeros(&[1, 1, 32, 30, 32], DType::F32, &lkm_engine::device::Device::Cpu).unwrap();
-    let err = model.forward(&mut Tape::no_grad(), &params, &x).err().expect("must fail").to_string();
+    let err = model.forward(&mut Tape::no_grad(), &params, &x).expect_err("must fail").to_string();
     assert!(err.contains("30"), "{err}");
 }
