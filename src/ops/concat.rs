@@ -6,11 +6,13 @@
 //!   y[n, o_k + c, r] = x_k[n, c, r],    o_k = C_0 + ... + C_(k-1)
 //!   dL/dx_k[n, c, r] = dL/dy[n, o_k + c, r]      (the gradient split back at the same offsets)
 //! ```
-//! For each n the inputs' blocks of C_k * prod(rest) elements are contiguous, so both directions copy whole blocks.
+//! For each n the inputs' blocks of C_k * prod(rest) elements are contiguous, so both directions copy whole blocks
+//! (on the GPU one `copy_rows` launch per input, each writing its own blocks, so every output element is written).
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Result};
 
 /// Concatenates tensors of rank >= 2 along axis 1; all other axes must be equal.
 pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
@@ -31,7 +33,10 @@ pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
     let channels: Vec<usize> = xs.iter().map(|x| x.shape()[1]).collect();
     let mut shape = first.shape().to_vec();
     shape[1] = channels.iter().sum();
-    let y = by_dtype!(first.dtype(), forward_cpu(xs, &shape))?;
+    let y = match first.gpu_buffer() {
+        Some(_) => forward_gpu(xs, &shape)?,
+        None => by_dtype!(first.dtype(), forward_cpu(xs, &shape))?,
+    };
     tape.record(xs, &y, ConcatBackward { shape, channels });
     Ok(y)
 }
@@ -54,6 +59,47 @@ fn forward_cpu<T: Real>(xs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(out, shape)
 }
 
+/// Copies `rows` runs of `len` floats from `src` (run r at `r * src_row + src_off`) to `dst` (at
+/// `r * dst_row + dst_off`), with the `copy_rows` kernel.
+pub(crate) fn copy_rows_gpu(
+    src: &GpuBuffer,
+    dst: &mut GpuBuffer,
+    rows: usize,
+    len: usize,
+    (src_row, src_off): (usize, usize),
+    (dst_row, dst_off): (usize, usize),
+    shapes: &str,
+) -> Result<()> {
+    let gpu = &src.gpu;
+    let [rows_, len_, src_row, src_off, dst_row, dst_off] =
+        [rows, len, src_row, src_off, dst_row, dst_off].map(|v| v as i64);
+    launch!(
+        gpu,
+        "copy_rows",
+        grid_1d(rows * len),
+        shapes,
+        [&src.slice, &mut dst.slice, &rows_, &len_, &src_row, &src_off, &dst_row, &dst_off]
+    )
+}
+
+/// The GPU forward: each input's block of each sample goes to its channel offset in the output.
+fn forward_gpu(xs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+    let inner = inner_size(shape);
+    let out_row = shape[1] * inner;
+    let gpu = &xs[0].gpu_buffer().expect("called for GPU tensors").gpu;
+    let mut y = gpu.alloc(shape.iter().product(), "concat_channels")?;
+    let mut offset = 0;
+    for x in xs {
+        // check_same_kind has put every input on the first one's GPU.
+        let xb = x.gpu_buffer().expect("inputs are on one GPU");
+        let block = x.shape()[1] * inner;
+        let shapes = format!("concat_channels {:?} into {shape:?}", x.shape());
+        copy_rows_gpu(xb, &mut y, shape[0], block, (block, 0), (out_row, offset), &shapes)?;
+        offset += block;
+    }
+    Tensor::from_gpu(y, shape)
+}
+
 struct ConcatBackward {
     /// The output's shape.
     shape: Vec<usize>,
@@ -70,10 +116,12 @@ impl Backward for ConcatBackward {
         let mut offset = 0;
         let mut grads = Vec::with_capacity(self.channels.len());
         for (&c, &need) in self.channels.iter().zip(needs) {
-            grads.push(if need {
-                Some(by_dtype!(grad_out.dtype(), split_cpu(grad_out, &self.shape, offset, c))?)
-            } else {
+            grads.push(if !need {
                 None
+            } else if let Some(gb) = grad_out.gpu_buffer() {
+                Some(split_gpu(gb, &self.shape, offset, c)?)
+            } else {
+                Some(by_dtype!(grad_out.dtype(), split_cpu(grad_out, &self.shape, offset, c))?)
             });
             offset += c;
         }
@@ -94,4 +142,16 @@ fn split_cpu<T: Real>(g: &Tensor, shape: &[usize], offset: usize, c: usize) -> R
     let mut part = shape.to_vec();
     part[1] = c;
     Tensor::from_vec(out, &part)
+}
+
+/// The GPU version of [`split_cpu`].
+fn split_gpu(g: &GpuBuffer, shape: &[usize], offset: usize, c: usize) -> Result<Tensor> {
+    let inner = inner_size(shape);
+    let (row, block) = (shape[1] * inner, c * inner);
+    let mut part = shape.to_vec();
+    part[1] = c;
+    let mut out = g.gpu.alloc(shape[0] * block, "concat_channels gradient")?;
+    let shapes = format!("concat_channels backward {shape:?} channels [{offset}, {})", offset + c);
+    copy_rows_gpu(g, &mut out, shape[0], block, (row, offset * inner), (block, 0), &shapes)?;
+    Tensor::from_gpu(out, &part)
 }

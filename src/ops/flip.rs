@@ -3,19 +3,33 @@
 //! ```text
 //!   y[g, l, c] = x[g, L - 1 - l, c]        dL/dx = flip(dL/dy)    (the flip is its own inverse and transpose)
 //! ```
-//! Each token's C channels are contiguous, so a flip copies whole rows of C.
+//! Each token's C channels are contiguous, so a flip copies whole rows of C (on the GPU, one thread per output
+//! element, reading the mirrored row's same channel).
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::grid_1d;
 use crate::ops::seq_dims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, launch, Result};
 
 /// Reverses the L axis of token sequences (G, L, C).
 pub fn flip_seq(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
-    seq_dims(x, "flip_seq")?;
-    let y = by_dtype!(x.dtype(), flip_cpu(x))?;
+    let y = flip(x)?;
     tape.record(&[x], &y, FlipBackward);
     Ok(y)
+}
+
+/// The flip of `x` (G, L, C) on its device.
+fn flip(x: &Tensor) -> Result<Tensor> {
+    let (g, l, c) = seq_dims(x, "flip_seq")?;
+    let Some(xb) = x.gpu_buffer() else {
+        return by_dtype!(x.dtype(), flip_cpu(x));
+    };
+    let gpu = &xb.gpu;
+    let mut y = gpu.alloc(x.numel(), "flip_seq")?;
+    let [g, l, c] = [g, l, c].map(|v| v as i64);
+    launch!(gpu, "flip_seq", grid_1d(x.numel()), format!("{:?}", x.shape()), [&xb.slice, &mut y.slice, &g, &l, &c])?;
+    Tensor::from_gpu(y, x.shape())
 }
 
 /// The flip of a (G, L, C) tensor whose shape is already checked.
@@ -40,6 +54,6 @@ impl Backward for FlipBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(by_dtype!(grad_out.dtype(), flip_cpu(grad_out))?)])
+        Ok(vec![Some(flip(grad_out)?)])
     }
 }

@@ -6,10 +6,13 @@
 //!   y[..., k] = x[..., start + k],  k < len          y: (..., len)
 //!   dL/dx[..., j] = dL/dy[..., j - start] for start <= j < start + len, else 0
 //! ```
+//! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer.
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::ops::concat::copy_rows_gpu;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Result};
 
 /// Elements [start, start + len) of the last axis of `x` (any rank).
 pub fn narrow_last(tape: &mut Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
@@ -21,7 +24,10 @@ pub fn narrow_last(tape: &mut Tape, x: &Tensor, start: usize, len: usize) -> Res
         start.saturating_add(len),
         x.shape()
     );
-    let y = by_dtype!(x.dtype(), narrow_cpu(x, start, len))?;
+    let y = match x.gpu_buffer() {
+        Some(xb) => narrow_gpu(xb, x.shape(), start, len)?,
+        None => by_dtype!(x.dtype(), narrow_cpu(x, start, len))?,
+    };
     tape.record(&[x], &y, NarrowBackward { shape: x.shape().to_vec(), start });
     Ok(y)
 }
@@ -39,6 +45,17 @@ fn narrow_cpu<T: Real>(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     Tensor::from_vec(out, &shape)
 }
 
+fn narrow_gpu(x: &GpuBuffer, shape: &[usize], start: usize, len: usize) -> Result<Tensor> {
+    let k = shape[shape.len() - 1];
+    let rows = x.slice.len() / k;
+    let mut out_shape = shape.to_vec();
+    out_shape[shape.len() - 1] = len;
+    let mut y = x.gpu.alloc(rows * len, "narrow_last")?;
+    let shapes = format!("narrow_last {shape:?} [{start}, {})", start + len);
+    copy_rows_gpu(x, &mut y, rows, len, (k, start), (len, 0), &shapes)?;
+    Tensor::from_gpu(y, &out_shape)
+}
+
 struct NarrowBackward {
     /// The input's shape.
     shape: Vec<usize>,
@@ -51,7 +68,11 @@ impl Backward for NarrowBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(by_dtype!(grad_out.dtype(), widen_cpu(grad_out, &self.shape, self.start))?)])
+        let dx = match grad_out.gpu_buffer() {
+            Some(gb) => widen_gpu(gb, grad_out.shape(), &self.shape, self.start)?,
+            None => by_dtype!(grad_out.dtype(), widen_cpu(grad_out, &self.shape, self.start))?,
+        };
+        Ok(vec![Some(dx)])
     }
 }
 
@@ -65,4 +86,22 @@ fn widen_cpu<T: Real>(g: &Tensor, shape: &[usize], start: usize) -> Result<Tenso
         out[r * k + start..r * k + start + len].copy_from_slice(row);
     }
     Tensor::from_vec(out, shape)
+}
+
+/// The GPU version of [`widen_cpu`]: the `narrow_backward` kernel writes the slice and the zeros around it.
+fn widen_gpu(g: &GpuBuffer, g_shape: &[usize], shape: &[usize], start: usize) -> Result<Tensor> {
+    let len = g_shape[g_shape.len() - 1];
+    let k = shape[shape.len() - 1];
+    let numel: usize = shape.iter().product();
+    let gpu = &g.gpu;
+    let mut dx = gpu.alloc(numel, "narrow_last gradient")?;
+    let [rows, k, start, len] = [numel / k, k, start, len].map(|v| v as i64);
+    launch!(
+        gpu,
+        "narrow_backward",
+        grid_1d(numel),
+        format!("narrow_last backward {g_shape:?} into {shape:?}"),
+        [&g.slice, &mut dx.slice, &rows, &k, &start, &len]
+    )?;
+    Tensor::from_gpu(dx, shape)
 }

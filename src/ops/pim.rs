@@ -36,11 +36,18 @@
 //! voxels at a time and goes through it channel by channel, so the map is touched in contiguous runs (not at the
 //! channel stride V, which for common sizes is a multiple of 4 KiB and makes the C channels of one voxel collide
 //! in the same cache set), while the line's W token rows stay in cache.
+//!
+//! On the GPU (`cuda/layout.cu`) each term is computed from two multipliers per axis,
+//! `R_a[s] = (s / p_a) mi_a + (s % p_a) mj_a`, and both directions are a tiled transpose through shared memory:
+//! a block moves 32 channels x 32 consecutive voxels, touching the map along voxels and the tokens along channels.
+
+use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::GpuBuffer;
 use crate::ops::{per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, Result};
+use crate::{bail, by_dtype, ensure, launch, Result};
 
 /// How PiM groups the voxels of a map into sequences (see the module docs for the index formulas).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +145,10 @@ struct Grouping {
     groups: usize,
     /// L: tokens per sequence.
     len: usize,
+    /// The window [p_d, p_h, p_w].
+    window: [usize; 3],
+    /// `axis_mults[a] = [mi, mj]`: index s = i p + j of spatial axis a adds `i mi + j mj` to the token row.
+    axis_mults: [[usize; 2]; 3],
     /// `axis_rows[a][s]`: the term R_a[s] that index s of spatial axis a adds to the token row of a voxel.
     axis_rows: [Vec<usize>; 3],
 }
@@ -154,23 +165,25 @@ impl Grouping {
         let len: usize = token_ext.iter().product();
         let raster = |e: [usize; 3]| [e[1] * e[2], e[2], 1];
         let (group_stride, token_stride) = (raster(group_ext), raster(token_ext));
+        // A group digit moves the row by whole sequences (L rows each), a token digit by tokens.
+        let axis_mults: [[usize; 2]; 3] = std::array::from_fn(|a| {
+            let (group_mult, token_mult) = (group_stride[a] * len, token_stride[a]);
+            match layout {
+                PimLayout::Window => [group_mult, token_mult],
+                PimLayout::Strided => [token_mult, group_mult],
+            }
+        });
         let axis_rows = std::array::from_fn(|a| {
-            (0..dims.s[a])
-                .map(|s| {
-                    let (i, j) = (s / p[a], s % p[a]);
-                    let (group_digit, token_digit) = match layout {
-                        PimLayout::Window => (i, j),
-                        PimLayout::Strided => (j, i),
-                    };
-                    group_digit * group_stride[a] * len + token_digit * token_stride[a]
-                })
-                .collect()
+            let [mi, mj] = axis_mults[a];
+            (0..dims.s[a]).map(|s| s / p[a] * mi + s % p[a] * mj).collect()
         });
         Ok(Grouping {
             map_shape: map_shape.to_vec(),
             dims,
             groups: dims.n * group_ext.iter().product::<usize>(),
             len,
+            window: p,
+            axis_mults,
             axis_rows,
         })
     }
@@ -205,9 +218,65 @@ impl Grouping {
                 input.check_shape(&self.token_shape(), &format!("PiM merge tokens (for map {:?})", self.map_shape))?
             }
         }
-        by_dtype!(input.dtype(), permute_cpu(self, input, dir))
+        match input.gpu_buffer() {
+            Some(buffer) => self.permute_gpu(buffer, dir),
+            None => by_dtype!(input.dtype(), permute_cpu(self, input, dir)),
+        }
+    }
+
+    /// The GPU version of [`permute_cpu`]: `pim_partition` or `pim_merge` of `cuda/layout.cu`.
+    fn permute_gpu(&self, input: &GpuBuffer, dir: Direction) -> Result<Tensor> {
+        let gpu = &input.gpu;
+        let (n, c, [d, h, w]) = (self.dims.n, self.dims.c, self.dims.s);
+        let voxel_tiles = self.dims.voxels().div_ceil(PIM_TILE);
+        let (blocks_x, blocks_y) = (n * voxel_tiles, c.div_ceil(PIM_TILE));
+        ensure!(
+            blocks_x <= i32::MAX as usize && blocks_y <= u16::MAX as usize,
+            Shape,
+            "PiM: map {:?} is too large for one launch ({blocks_x} x {blocks_y} blocks)",
+            self.map_shape
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_x.max(1) as u32, blocks_y.max(1) as u32, 1),
+            block_dim: (PIM_TILE as u32, PIM_ROWS, 1),
+            shared_mem_bytes: 0,
+        };
+        let [c, d, h, w] = [c, d, h, w].map(|v| v as i64);
+        let [pd, ph, pw] = self.window.map(|v| v as i64);
+        let [[mid, mjd], [mih, mjh], [miw, mjw]] = self.axis_mults.map(|m| m.map(|v| v as i64));
+        let shapes = format!("map {:?} window {:?}", self.map_shape, self.window);
+        let mut out = gpu.alloc(input.slice.len(), "PiM output")?;
+        let (src, dst) = (&input.slice, &mut out.slice);
+        match dir {
+            // An empty map has nothing to move (and no voxel tiles to index blocks by).
+            _ if src.is_empty() => {}
+            Direction::ToTokens => launch!(
+                gpu,
+                "pim_partition",
+                cfg,
+                shapes,
+                [src, dst, &c, &d, &h, &w, &pd, &ph, &pw, &mid, &mih, &miw, &mjd, &mjh, &mjw]
+            )?,
+            Direction::ToMap => launch!(
+                gpu,
+                "pim_merge",
+                cfg,
+                shapes,
+                [src, dst, &c, &d, &h, &w, &pd, &ph, &pw, &mid, &mih, &miw, &mjd, &mjh, &mjw]
+            )?,
+        }
+        match dir {
+            Direction::ToTokens => Tensor::from_gpu(out, &self.token_shape()),
+            Direction::ToMap => Tensor::from_gpu(out, &self.map_shape),
+        }
     }
 }
+
+/// The side of the square tile (channels x voxels) that one block of the PiM kernels moves, as `PIM_TILE` in
+/// `cuda/layout.cu`.
+const PIM_TILE: usize = 32;
+/// Thread rows per PiM block (`PIM_ROWS` in `cuda/layout.cu`): each thread moves PIM_TILE / PIM_ROWS elements.
+const PIM_ROWS: u32 = 8;
 
 /// One line of W voxels at a time, channel by channel: the map side is read or written in contiguous runs of W,
 /// and the line's token rows (W * C values) stay in cache while their C columns are filled.

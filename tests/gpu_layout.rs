@@ -1,0 +1,173 @@
+//! The layout kernels of `cuda/layout.cu` against their CPU references: PiM partition and merge (both layouts, 2D
+//! and 3D), channel concatenation, sequence flip, last-axis slice and reshape, forward and backward, on odd sizes
+//! (C = 5 and 37, W = 7, windows and voxel counts that are not multiples of the 32 x 32 PiM tile), NaN-poisoned
+//! outputs, and PiM at the 3D reference patch. Run on a GPU machine with `cargo test --release -- --ignored`.
+//!
+//! These ops only move elements, so GPU and CPU must agree exactly: the tolerance is 1e-12, not 1e-5.
+
+mod common;
+
+use common::{check_op, check_op_inputs, randn32};
+use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
+use lkm_engine::ops::concat::concat_channels;
+use lkm_engine::ops::flip::flip_seq;
+use lkm_engine::ops::narrow::narrow_last;
+use lkm_engine::ops::pim::{grouping, merge, partition, PimLayout};
+use lkm_engine::ops::reshape::reshape;
+
+/// Moves are exact in float32.
+const EXACT: f64 = 1e-12;
+
+const LAYOUTS: [PimLayout; 2] = [PimLayout::Window, PimLayout::Strided];
+
+/// check_op of partition of a map and of merge of tokens, for both layouts.
+fn check_pim(map: &[usize], window: &[usize], seed: u64) {
+    for layout in LAYOUTS {
+        let name = format!("pim partition {layout:?} map {map:?} window {window:?}");
+        check_op(&name, &[randn32(map, 1.0, seed)], EXACT, |t, x| partition(t, &x[0], window, layout));
+        let (g, l) = grouping(map, window, layout).unwrap();
+        let name = format!("pim merge {layout:?} map {map:?} window {window:?}");
+        check_op(&name, &[randn32(&[g, l, map[1]], 1.0, seed + 1)], EXACT, |t, x| merge(t, &x[0], map, window, layout));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_3d_odd() {
+    // V = 252 voxels (7 full tiles and a partial one), C = 5 (a partial channel tile), W = 7.
+    check_pim(&[2, 5, 4, 9, 7], &[2, 3, 7], 1);
+    // C = 37: two channel tiles, the second with 5 channels; windows of 3 x 5 x 5.
+    check_pim(&[1, 37, 6, 10, 15], &[3, 5, 5], 3);
+    // Window 1 on some axes, and W = 7 with window 7.
+    check_pim(&[3, 5, 3, 4, 7], &[1, 2, 7], 5);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_2d_odd() {
+    check_pim(&[3, 5, 15, 7], &[5, 7], 11);
+    check_pim(&[2, 33, 12, 21], &[4, 3], 13);
+    check_pim(&[1, 7, 9, 35], &[3, 5], 15);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_whole_map_and_unit_windows() {
+    // Window = whole map: PaM's one sequence per sample (Window) or one token per sequence (Strided).
+    check_pim(&[2, 5, 3, 5, 7], &[3, 5, 7], 21);
+    check_pim(&[2, 5, 9, 7], &[9, 7], 23);
+    // Window 1: every voxel its own sequence (Window) or one sequence per sample (Strided).
+    check_pim(&[2, 5, 3, 5, 7], &[1, 1, 1], 25);
+}
+
+/// PiM partition (forward and, through its backward, merge) at the 3D reference patch of lkm-unet.md section 5,
+/// stage 0: one sample (the batch of 2 adds nothing but time), 32 channels, 40 x 224 x 192 voxels (55M elements;
+/// the float64 CPU reference is a permutation and takes a few seconds).
+fn check_pim_reference(window: &[usize], layout: PimLayout) {
+    let map = [1, 32, 40, 224, 192];
+    let name = format!("pim partition {layout:?} reference map {map:?} window {window:?}");
+    check_op(&name, &[randn32(&map, 1.0, 31)], EXACT, |t, x| partition(t, &x[0], window, layout));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_reference_window_20_28_24() {
+    check_pim_reference(&[20, 28, 24], PimLayout::Window);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_reference_strided_20_28_24() {
+    check_pim_reference(&[20, 28, 24], PimLayout::Strided);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_reference_window_2_2_2() {
+    check_pim_reference(&[2, 2, 2], PimLayout::Window);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_pim_reference_strided_2_2_2() {
+    check_pim_reference(&[2, 2, 2], PimLayout::Strided);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_concat_channels() {
+    let two_3d = [randn32(&[2, 5, 3, 4, 7], 1.0, 41), randn32(&[2, 3, 3, 4, 7], 1.0, 42)];
+    check_op("concat 3d", &two_3d, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    let three_2d = [randn32(&[3, 1, 5, 7], 1.0, 43), randn32(&[3, 4, 5, 7], 1.0, 44), randn32(&[3, 2, 5, 7], 1.0, 45)];
+    check_op("concat 2d three inputs", &three_2d, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1], &x[2]]));
+    let rank2 = [randn32(&[5, 3], 1.0, 46), randn32(&[5, 7], 1.0, 47)];
+    check_op("concat rank 2", &rank2, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    // Only the skip connection needs a gradient: the other input's split is skipped.
+    check_op_inputs("concat one gradient", &two_3d, &[false, true], EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    // A decoder level of the 3D network (upsampled 32 channels, skip 32 channels) at a quarter of the patch.
+    let decoder = [randn32(&[2, 32, 20, 56, 48], 1.0, 48), randn32(&[2, 32, 20, 56, 48], 1.0, 49)];
+    check_op("concat decoder", &decoder, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_concat_rejects_mixed_devices() {
+    let gpu = Device::Cuda(common::gpu());
+    let a = randn32(&[2, 3, 4, 5], 1.0, 0).to_device(&gpu).unwrap();
+    let b = randn32(&[2, 2, 4, 5], 1.0, 0);
+    let err = concat_channels(&mut Tape::new(), &[&a, &b]).unwrap_err().to_string();
+    assert!(err.contains("concat_channels"), "{err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_flip_seq() {
+    check_op("flip small", &[randn32(&[3, 37, 5], 1.0, 51)], EXACT, |t, x| flip_seq(t, &x[0]));
+    check_op("flip one token", &[randn32(&[2, 1, 7], 1.0, 52)], EXACT, |t, x| flip_seq(t, &x[0]));
+    // PaM at stage 0 of the 3D reference (one sequence per sample of 26,880 tokens, d_inner = 64).
+    check_op("flip pam", &[randn32(&[2, 26_880, 64], 1.0, 53)], EXACT, |t, x| flip_seq(t, &x[0]));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_narrow_last() {
+    check_op("narrow middle", &[randn32(&[7, 13], 1.0, 61)], EXACT, |t, x| narrow_last(t, &x[0], 3, 5));
+    check_op("narrow head", &[randn32(&[3, 11, 37], 1.0, 62)], EXACT, |t, x| narrow_last(t, &x[0], 0, 16));
+    check_op("narrow tail", &[randn32(&[3, 11, 37], 1.0, 63)], EXACT, |t, x| narrow_last(t, &x[0], 21, 16));
+    check_op("narrow one", &[randn32(&[2, 3, 5, 7, 9], 1.0, 64)], EXACT, |t, x| narrow_last(t, &x[0], 8, 1));
+    check_op("narrow all", &[randn32(&[5, 9], 1.0, 65)], EXACT, |t, x| narrow_last(t, &x[0], 0, 9));
+    // Mamba's x_proj output for d_model 32: dt_rank 2 + 2 x d_state 16 = 34 columns, split into dt, B and C.
+    let xp = [randn32(&[13_441, 34], 1.0, 66)];
+    check_op("narrow dt", &xp, EXACT, |t, x| narrow_last(t, &x[0], 0, 2));
+    check_op("narrow B", &xp, EXACT, |t, x| narrow_last(t, &x[0], 2, 16));
+    check_op("narrow C", &xp, EXACT, |t, x| narrow_last(t, &x[0], 18, 16));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_reshape() {
+    check_op("reshape", &[randn32(&[3, 5, 7], 1.0, 71)], EXACT, |t, x| reshape(t, &x[0], &[15, 7]));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layout_chain() {
+    // Map -> tokens -> flip -> rows (reshape) -> two column slices used twice -> back: gradients of the two slices
+    // and of both uses accumulate on the GPU, and the zeros the slice backward writes must add up right.
+    let (map, window) = ([2, 6, 4, 6, 10], [2, 3, 5]);
+    for layout in LAYOUTS {
+        let name = format!("layout chain {layout:?}");
+        check_op(&name, &[randn32(&map, 1.0, 81)], EXACT, |t, x| {
+            let tokens = partition(t, &x[0], &window, layout)?;
+            let flipped = flip_seq(t, &tokens)?;
+            let (g, l, c) = (flipped.shape()[0], flipped.shape()[1], flipped.shape()[2]);
+            let rows = reshape(t, &flipped, &[g * l, c])?;
+            let a = narrow_last(t, &rows, 1, 3)?;
+            let b = narrow_last(t, &rows, 2, 3)?;
+            let both = concat_channels(t, &[&a, &b])?;
+            let back = reshape(t, &both, &[g, l, 6])?;
+            merge(t, &back, &map, &window, layout)
+        });
+    }
+}
