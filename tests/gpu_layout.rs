@@ -18,6 +18,8 @@ use lkm_engine::ops::reshape::reshape;
 
 /// Moves are exact in float32.
 const EXACT: f64 = 1e-12;
+/// Where overlapping gradients are added (float32 on the GPU, float64 on the CPU), rounding appears: ~1e-8.
+const SUMMED: f64 = 1e-6;
 
 const LAYOUTS: [PimLayout; 2] = [PimLayout::Window, PimLayout::Strided];
 
@@ -158,7 +160,7 @@ fn gpu_layout_chain() {
     let (map, window) = ([2, 6, 4, 6, 10], [2, 3, 5]);
     for layout in LAYOUTS {
         let name = format!("layout chain {layout:?}");
-        check_op(&name, &[randn32(&map, 1.0, 81)], EXACT, |t, x| {
+        check_op(&name, &[randn32(&map, 1.0, 81)], SUMMED, |t, x| {
             let tokens = partition(t, &x[0], &window, layout)?;
             let flipped = flip_seq(t, &tokens)?;
             let (g, l, c) = (flipped.shape()[0], flipped.shape()[1], flipped.shape()[2]);

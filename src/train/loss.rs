@@ -54,7 +54,7 @@ pub fn downsample_labels(labels: &Tensor, size: &[usize]) -> Result<Tensor> {
     }
     let mut out_shape = vec![n, c];
     out_shape.extend_from_slice(size);
-    Tensor::from_vec(out, &out_shape)?.to_device(&labels.device())
+    Tensor::from_vec(out, &out_shape)?.to_dtype(labels.dtype())?.to_device(&labels.device())
 }
 
 /// The loss of one batch: `sum_i w_i (CE(out_i, y_i) + Dice(out_i, y_i))`, where `targets[i]` is the label map at the
