@@ -9,6 +9,7 @@
 //! 5. `nn`, `data`, `train`, `infer`, `metrics`: the network and the workflow around it.
 
 pub mod autograd;
+pub mod data;
 pub mod device;
 mod error;
 pub mod nn;
