@@ -16,9 +16,18 @@
 //!   g = g * min(1, max_norm / (norm + 1e-6))
 //! ```
 //! and the schedule `lr(epoch) = base * (1 - epoch / max_epochs)^0.9`.
+//!
+//! On the GPU (kernels in `cuda/optim.cu`) the step is one elementwise kernel per parameter, updating the parameter
+//! and its momentum buffer (which lives on the GPU) in place; each operation is rounded separately in the order
+//! above, so a GPU step gives the same float32 bits as the CPU's. The first step writes b = g into a fresh buffer
+//! instead of zeroing one. `clip_grad_norm` sums the squares of each gradient in float64 per block (a fixed tree),
+//! copies those partial sums to the host and adds them there in order (deterministic): that copy is the one host
+//! synchronisation of a training step, needed because the decision to scale, and the non-finite check, happen on
+//! the host. Scaling is then one in-place kernel per gradient.
 
-use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, Error, Result};
+use crate::device::cuda::{driver_err, grid_1d, GpuBuffer};
+use crate::tensor::{Real, Storage, Tensor};
+use crate::{bail, by_dtype, ensure, launch, Error, Result};
 
 /// nnU-Net's initial learning rate.
 pub const DEFAULT_LR: f64 = 1e-2;
@@ -111,6 +120,10 @@ impl Sgd {
         }
         let hyper = [self.lr, self.momentum, self.weight_decay];
         for ((p, g), b) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()) {
+            if p.gpu_buffer().is_some() {
+                update_gpu(p, g, b, hyper)?;
+                continue;
+            }
             let b = match b {
                 Some(b) => b,
                 None => b.insert(p.zeros_like()?),
@@ -119,6 +132,53 @@ impl Sgd {
         }
         Ok(())
     }
+}
+
+/// One step of one GPU parameter: `buf` is created (written with b = g by the kernel) on the first step, and
+/// replaced by a private copy when its storage is shared (a checkpoint snapshot keeps its values).
+fn update_gpu(param: &mut Tensor, grad: &Tensor, buf: &mut Option<Tensor>, [lr, mu, wd]: [f64; 3]) -> Result<()> {
+    let shape = param.shape().to_vec();
+    let g = grad.gpu_buffer().ok_or_else(|| {
+        Error::Mismatch(format!("Sgd::step: the gradient of a GPU parameter {shape:?} is not on the GPU"))
+    })?;
+    let gpu = g.gpu.clone();
+    let first = buf.is_none();
+    let buf = match buf {
+        Some(b) => {
+            if b.storage_mut().is_err() {
+                *b = gpu_copy(b)?;
+            }
+            b
+        }
+        None => buf.insert(Tensor::from_gpu(gpu.alloc(param.numel(), "momentum buffer")?, &shape)?),
+    };
+    let b = gpu_mut(buf)?;
+    let p = gpu_mut(param)?;
+    let (n, first) = (shape.iter().product::<usize>() as i64, first as i32);
+    let (lr, mu, wd) = (lr as f32, mu as f32, wd as f32);
+    launch!(
+        gpu,
+        "sgd_nesterov_step",
+        grid_1d(n as usize),
+        format!("Sgd::step {shape:?}"),
+        [&mut p.slice, &g.slice, &mut b.slice, &n, &lr, &mu, &wd, &first]
+    )
+}
+
+/// The device buffer of an unshared GPU tensor, for writing.
+fn gpu_mut(t: &mut Tensor) -> Result<&mut GpuBuffer> {
+    let shape = t.shape().to_vec();
+    match t.storage_mut()? {
+        Storage::Cuda(b) => Ok(b),
+        _ => Err(Error::Mismatch(format!("optimiser: expected a GPU tensor of shape {shape:?}"))),
+    }
+}
+
+/// A new GPU tensor holding a copy of `t`'s elements.
+fn gpu_copy(t: &Tensor) -> Result<Tensor> {
+    let b = t.gpu_buffer().ok_or_else(|| Error::Mismatch(format!("optimiser: {t:?} is not on the GPU")))?;
+    let slice = b.gpu.stream().clone_dtod(&b.slice).map_err(driver_err(format!("copying {t:?} on the GPU")))?;
+    Tensor::from_gpu(GpuBuffer { slice, gpu: b.gpu.clone() }, t.shape())
 }
 
 fn update_cpu<T: Real>(param: &mut Tensor, grad: &Tensor, buf: &mut Tensor, [lr, mu, wd]: [f64; 3]) -> Result<()> {
@@ -158,10 +218,13 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     if max_norm.is_nan() || max_norm <= 0.0 {
         bail!(Config, "clip_grad_norm: max_norm must be positive, got {max_norm}");
     }
+    let squares = match grads.iter().position(|g| g.gpu_buffer().is_some()) {
+        Some(first_gpu) => sum_squares_gpu(grads, first_gpu)?,
+        None => grads.iter().map(|g| by_dtype!(g.dtype(), sum_squares_cpu(g))).collect::<Result<Vec<f64>>>()?,
+    };
     let mut total = 0.0f64;
     let mut first_bad = None;
-    for (i, g) in grads.iter().enumerate() {
-        let sq = by_dtype!(g.dtype(), sum_squares_cpu(g))?;
+    for (i, (g, &sq)) in grads.iter().zip(&squares).enumerate() {
         if !sq.is_finite() && first_bad.is_none() {
             first_bad = Some(format!("first in gradient {i} of shape {:?}", g.shape()));
         }
@@ -178,7 +241,11 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let ratio = max_norm / (norm + CLIP_EPS);
     if ratio < 1.0 {
         for g in grads.iter_mut() {
-            by_dtype!(g.dtype(), scale_in_place_cpu(g, ratio))?;
+            if g.gpu_buffer().is_some() {
+                scale_in_place_gpu(g, ratio)?;
+            } else {
+                by_dtype!(g.dtype(), scale_in_place_cpu(g, ratio))?;
+            }
         }
     }
     Ok(norm)
@@ -186,6 +253,70 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 
 fn sum_squares_cpu<T: Real>(g: &Tensor) -> Result<f64> {
     Ok(g.cpu::<T>()?.iter().map(|&x| x.to_f64() * x.to_f64()).sum())
+}
+
+/// Threads per block and the most blocks (partial sums) per gradient of the sum of squares; fixed numbers, so the
+/// summation order depends only on the gradient's size.
+const SQUARES_BLOCK: usize = 256;
+const SQUARES_MAX_BLOCKS: usize = 512;
+
+/// The sum of squares of every gradient, when they are all on the GPU of `grads[first_gpu]`: per-block float64
+/// partial sums on the device, one copy of them to the host (which synchronises), added there in order.
+fn sum_squares_gpu(grads: &[Tensor], first_gpu: usize) -> Result<Vec<f64>> {
+    let reference = &grads[first_gpu];
+    for (i, g) in grads.iter().enumerate() {
+        reference.check_same_kind(g, &format!("clip_grad_norm: gradient {i}"))?;
+    }
+    let not_on_gpu = |i: usize| Error::Mismatch(format!("clip_grad_norm: gradient {i} is not on the GPU"));
+    let gpu = reference.gpu_buffer().ok_or_else(|| not_on_gpu(first_gpu))?.gpu.clone();
+    let blocks: Vec<usize> =
+        grads.iter().map(|g| g.numel().div_ceil(SQUARES_BLOCK).clamp(1, SQUARES_MAX_BLOCKS)).collect();
+    let mut partial = gpu
+        .stream()
+        .alloc_zeros::<f64>(blocks.iter().sum())
+        .map_err(driver_err("allocating the partial sums of clip_grad_norm"))?;
+    let mut offset = 0;
+    for (i, (g, &nb)) in grads.iter().zip(&blocks).enumerate() {
+        let b = g.gpu_buffer().ok_or_else(|| not_on_gpu(i))?;
+        let n = g.numel() as i64;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (nb as u32, 1, 1),
+            block_dim: (SQUARES_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut out = partial.slice_mut(offset..offset + nb);
+        launch!(
+            gpu,
+            "optim_sum_squares_partial",
+            cfg,
+            format!("clip_grad_norm {:?}", g.shape()),
+            [&b.slice, &n, &mut out]
+        )?;
+        offset += nb;
+    }
+    let host = gpu.stream().clone_dtoh(&partial).map_err(driver_err("reading the gradient norm back"))?;
+    let mut sums = Vec::with_capacity(grads.len());
+    let mut rest = host.as_slice();
+    for &nb in &blocks {
+        let (mine, tail) = rest.split_at(nb);
+        sums.push(mine.iter().sum());
+        rest = tail;
+    }
+    Ok(sums)
+}
+
+/// Scales a GPU gradient in place, or, when its storage is shared, replaces it by a scaled copy.
+fn scale_in_place_gpu(g: &mut Tensor, ratio: f64) -> Result<()> {
+    if g.storage_mut().is_err() {
+        *g = crate::tensor::scale(g, ratio)?;
+        return Ok(());
+    }
+    let shapes = format!("clip_grad_norm scale {:?}", g.shape());
+    let n = g.numel() as i64;
+    let s = ratio as f32;
+    let b = gpu_mut(g)?;
+    let gpu = b.gpu.clone();
+    launch!(gpu, "optim_scale_in_place", grid_1d(n as usize), shapes, [&mut b.slice, &s, &n])
 }
 
 fn scale_in_place_cpu<T: Real>(g: &mut Tensor, ratio: f64) -> Result<()> {

@@ -5,10 +5,14 @@
 //! ```
 //! Logits are `(N, K, spatial)`, the result `(N, 1, spatial)` holds class indices as floats of the logits' dtype,
 //! like a label map. It is piecewise constant, so it is not differentiable and records nothing on a tape.
+//!
+//! On the GPU (`argmax_classes` in `cuda/loss.cu`) one thread per voxel scans the classes in the same order with the
+//! same strict comparison, so its result equals the CPU's exactly, ties and NaN included.
 
+use crate::device::cuda::grid_1d;
 use crate::ops::MapDims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Result};
 
 /// The class index (as a float) of the largest logit per voxel of `logits` `(N, K, spatial)`, shape
 /// `(N, 1, spatial)`; ties go to the lowest index. A NaN logit never wins against a number (comparisons with NaN are
@@ -16,7 +20,20 @@ use crate::{by_dtype, ensure, Result};
 pub fn argmax(logits: &Tensor) -> Result<Tensor> {
     let dims = MapDims::of(logits, "argmax")?;
     ensure!(dims.c > 0, Shape, "argmax: logits of shape {:?} have no classes", logits.shape());
-    by_dtype!(logits.dtype(), argmax_cpu(logits, dims))
+    let Some(x) = logits.gpu_buffer() else {
+        return by_dtype!(logits.dtype(), argmax_cpu(logits, dims));
+    };
+    let gpu = &x.gpu;
+    let (nv, v, k) = ((dims.n * dims.voxels()) as i64, dims.voxels() as i64, dims.c as i32);
+    let mut y = gpu.alloc(nv as usize, "argmax")?;
+    launch!(
+        gpu,
+        "argmax_classes",
+        grid_1d(nv as usize),
+        format!("argmax {:?}", logits.shape()),
+        [&x.slice, &mut y.slice, &nv, &v, &k]
+    )?;
+    Tensor::from_gpu(y, &dims.shape_with(1, dims.s))
 }
 
 fn argmax_cpu<T: Real>(logits: &Tensor, dims: MapDims) -> Result<Tensor> {

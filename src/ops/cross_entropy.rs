@@ -12,11 +12,58 @@
 //! between the passes. The target receives no gradient.
 //!
 //! The label checks and the per-voxel softmax here are shared with the soft Dice loss.
+//!
+//! On the GPU (kernels in `cuda/loss.cu`) the loss stays on the device as a [1] tensor: the forward pass sums the
+//! voxels' terms in per-block partial sums and adds those in a fixed order (deterministic), and nothing is read
+//! back.
+//!
+//! Bad labels. The CPU path rejects a label that is not an integer class index in [0, K) at once, with an
+//! [`Error::Data`](crate::Error::Data) naming it. The GPU path cannot do that without copying the target back every
+//! step, so it relies on the data loader, which validates every label map before upload. As a last line of
+//! defence the kernels never index with a bad label (no out-of-bounds read) and flag it in band instead: the
+//! voxel's loss term and its gradient become NaN. A device-side error word would have no reader, since these
+//! losses never synchronise; the NaN reaches the loss (seen whenever it is read) and the gradients, where
+//! [`clip_grad_norm`](crate::optim::clip_grad_norm), which reads the gradient norm back every step, stops training
+//! with [`Error::NonFinite`](crate::Error::NonFinite). Nothing is clamped. The soft Dice loss follows the same rule.
+
+use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::MapDims;
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, Result};
+use crate::{bail, by_dtype, ensure, launch, Result};
+
+/// The most blocks a partial-sum kernel of the losses launches: a fixed number (not the GPU's multiprocessor
+/// count), so the summation order, and thus the result, depends only on the shapes.
+pub(crate) const MAX_PARTIAL_BLOCKS: usize = 1024;
+
+/// Threads per block of the loss kernels.
+const BLOCK: u32 = 256;
+
+/// A grid-stride launch over `n` items in blocks of 256 threads, with at most [`MAX_PARTIAL_BLOCKS`] blocks (one
+/// partial sum each).
+fn partial_grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_PARTIAL_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of 256 threads, for the final fixed-order reductions.
+pub(crate) fn one_block() -> LaunchConfig {
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Fails unless `grad_out`, the gradient of a loss, is a one-element tensor of the logits' dtype and device.
+pub(crate) fn check_loss_grad(logits: &Tensor, grad_out: &Tensor, op: &str) -> Result<()> {
+    logits.check_same_kind(grad_out, op)?;
+    ensure!(
+        grad_out.numel() == 1,
+        Shape,
+        "{op}: the loss gradient must have one element, got shape {:?}",
+        grad_out.shape()
+    );
+    Ok(())
+}
 
 /// Checks that `logits` is a feature map `(N, K, spatial)` with at least `min_classes` classes and at least one voxel,
 /// and that `target` is `(N, 1, spatial)` of the same dtype and device; `op` names the caller in errors.
@@ -103,7 +150,10 @@ pub(crate) fn softmax_stats<T: Real>(x: &[T], m: &mut [T], s: &mut [T], p: Optio
 /// `(N, 1, spatial)`, over all N * spatial voxels; a tensor of shape [1]. Differentiable in the logits only.
 pub fn cross_entropy(tape: &mut Tape, logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let dims = check_loss_operands(logits, target, 1, "cross_entropy")?;
-    let y = by_dtype!(logits.dtype(), forward_cpu(logits, target, dims))?;
+    let y = match (logits.gpu_buffer(), target.gpu_buffer()) {
+        (Some(x), Some(t)) => forward_gpu(x, t, dims, logits.shape())?,
+        _ => by_dtype!(logits.dtype(), forward_cpu(logits, target, dims))?,
+    };
     tape.record(&[logits, target], &y, CrossEntropyBackward { logits: logits.clone(), target: target.clone(), dims });
     Ok(y)
 }
@@ -123,6 +173,25 @@ fn forward_cpu<T: Real>(logits: &Tensor, target: &Tensor, dims: MapDims) -> Resu
     Tensor::from_vec(vec![T::from_f64(total / (dims.n * v) as f64)], &[1])
 }
 
+/// The sizes the loss kernels take: N * V voxels, V voxels per sample and class, K classes.
+pub(crate) fn kernel_sizes(dims: MapDims) -> (i64, i64, i32) {
+    ((dims.n * dims.voxels()) as i64, dims.voxels() as i64, dims.c as i32)
+}
+
+fn forward_gpu(x: &GpuBuffer, t: &GpuBuffer, dims: MapDims, shape: &[usize]) -> Result<Tensor> {
+    let gpu = &x.gpu;
+    let (nv, v, k) = kernel_sizes(dims);
+    let cfg = partial_grid(nv as usize);
+    let blocks = cfg.grid_dim.0 as i64;
+    let mut partial = gpu.alloc(blocks as usize, "cross_entropy partial sums")?;
+    let shapes = format!("cross_entropy {shape:?}");
+    launch!(gpu, "cross_entropy_partial", cfg, shapes, [&x.slice, &t.slice, &mut partial.slice, &nv, &v, &k])?;
+    let scale = (1.0 / nv as f64) as f32;
+    let mut y = gpu.alloc(1, "cross_entropy loss")?;
+    launch!(gpu, "loss_sum_partials", one_block(), shapes, [&partial.slice, &blocks, &scale, &mut y.slice])?;
+    Tensor::from_gpu(y, &[1])
+}
+
 struct CrossEntropyBackward {
     logits: Tensor,
     target: Tensor,
@@ -138,7 +207,11 @@ impl Backward for CrossEntropyBackward {
         if !needs[0] {
             return Ok(vec![None, None]);
         }
-        let dx = by_dtype!(self.logits.dtype(), backward_cpu(&self.logits, &self.target, grad_out, self.dims))?;
+        check_loss_grad(&self.logits, grad_out, "cross_entropy backward")?;
+        let dx = match (self.logits.gpu_buffer(), self.target.gpu_buffer(), grad_out.gpu_buffer()) {
+            (Some(x), Some(t), Some(g)) => backward_gpu(x, t, g, self.dims, self.logits.shape())?,
+            _ => by_dtype!(self.logits.dtype(), backward_cpu(&self.logits, &self.target, grad_out, self.dims))?,
+        };
         Ok(vec![Some(dx), None])
     }
 }
@@ -159,4 +232,19 @@ fn backward_cpu<T: Real>(logits: &Tensor, target: &Tensor, grad_out: &Tensor, di
         }
     }
     Tensor::from_vec(dx, logits.shape())
+}
+
+fn backward_gpu(x: &GpuBuffer, t: &GpuBuffer, g: &GpuBuffer, dims: MapDims, shape: &[usize]) -> Result<Tensor> {
+    let gpu = &x.gpu;
+    let (nv, v, k) = kernel_sizes(dims);
+    let inv_count = (1.0 / nv as f64) as f32;
+    let mut dx = gpu.alloc(x.slice.len(), "cross_entropy gradient")?;
+    launch!(
+        gpu,
+        "cross_entropy_backward",
+        grid_1d(nv as usize),
+        format!("cross_entropy backward {shape:?}"),
+        [&x.slice, &t.slice, &g.slice, &mut dx.slice, &nv, &v, &k, &inv_count]
+    )?;
+    Tensor::from_gpu(dx, shape)
 }

@@ -18,12 +18,25 @@
 //! and the softmax backward gives dL/dx_cv = p_cv (dL/dp_cv - sum_k p_kv dL/dp_kv). The backward recomputes the
 //! softmax from the saved logits and keeps only the per-group dc_j and D_j from the forward. Sums are accumulated
 //! in f64. The target receives no gradient.
+//!
+//! On the GPU (kernels in `cuda/loss.cu`) a first kernel computes per-block partial sums of (I, P, G) for every
+//! foreground class of a sample, with the softmax of each voxel computed in registers; a second, single-block kernel
+//! adds them in a fixed order, forms dc_j and D_j (kept on the device, M x 2 floats, for the backward) and the loss,
+//! which stays on the device as a [1] tensor. Sums are float32 in a fixed tree order (deterministic). A label that
+//! is not a class index in [0, K) is not used as an index: it makes the loss and the gradient NaN (the in-band flag
+//! explained in [`cross_entropy`](crate::ops::cross_entropy)); the CPU path rejects it at once.
+
+use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::ops::cross_entropy::{check_labels, check_loss_operands, class_of, softmax_stats};
+use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::ops::cross_entropy::{
+    check_labels, check_loss_grad, check_loss_operands, class_of, kernel_sizes, one_block, softmax_stats,
+    MAX_PARTIAL_BLOCKS,
+};
 use crate::ops::MapDims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, ensure, launch, Result};
 
 /// The smoothing term s of the Dice ratio (nnU-Net's default), which makes a class absent from both the target and
 /// the prediction score 1 rather than 0/0.
@@ -37,15 +50,88 @@ const DENOMINATOR_FLOOR: f64 = 1e-8;
 /// class's sums run over the whole batch). A tensor of shape [1]; needs K >= 2. Differentiable in the logits only.
 pub fn soft_dice_loss(tape: &mut Tape, logits: &Tensor, target: &Tensor, batch_dice: bool) -> Result<Tensor> {
     let dims = check_loss_operands(logits, target, 2, "soft_dice_loss")?;
-    let groups = by_dtype!(logits.dtype(), group_sums_cpu(logits, target, dims))?.into_groups(dims, batch_dice);
-    let loss = -groups.iter().map(|g| g.dc).sum::<f64>() / groups.len() as f64;
-    let y = Tensor::from_fn(&[1], logits.dtype(), |_| loss)?;
+    let (y, groups) = match (logits.gpu_buffer(), target.gpu_buffer()) {
+        (Some(x), Some(t)) => {
+            let (y, stats) = forward_gpu(x, t, dims, batch_dice, logits.shape())?;
+            (y, Saved::Gpu(stats))
+        }
+        _ => {
+            let groups = by_dtype!(logits.dtype(), group_sums_cpu(logits, target, dims))?.into_groups(dims, batch_dice);
+            let loss = -groups.iter().map(|g| g.dc).sum::<f64>() / groups.len() as f64;
+            (Tensor::from_fn(&[1], logits.dtype(), |_| loss)?, Saved::Cpu(groups))
+        }
+    };
     tape.record(
         &[logits, target],
         &y,
         DiceBackward { logits: logits.clone(), target: target.clone(), dims, batch_dice, groups },
     );
     Ok(y)
+}
+
+/// What the backward keeps of the forward: (dc_j, D_j) of every group.
+enum Saved {
+    /// On the host.
+    Cpu(Vec<Group>),
+    /// On the GPU, an (M, 2) tensor of rows (dc_j, D_j).
+    Gpu(Tensor),
+}
+
+/// The shared memory the partial-sum kernel may use per block without opting in to more (48 KiB).
+const SHARED_BYTES: usize = 48 * 1024;
+
+/// The number of Dice groups M: K - 1 with batch Dice, else N (K - 1).
+fn group_count(dims: MapDims, batch_dice: bool) -> usize {
+    if batch_dice {
+        dims.c - 1
+    } else {
+        dims.n * (dims.c - 1)
+    }
+}
+
+/// The loss and the (M, 2) tensor of (dc_j, D_j) on the GPU.
+fn forward_gpu(
+    x: &GpuBuffer,
+    t: &GpuBuffer,
+    dims: MapDims,
+    batch_dice: bool,
+    shape: &[usize],
+) -> Result<(Tensor, Tensor)> {
+    let gpu = &x.gpu;
+    let (_, v, k) = kernel_sizes(dims);
+    let fg = dims.c - 1;
+    // Each thread keeps 3 (K - 1) running sums in its own column of shared memory; fewer threads per block leave
+    // room for more classes.
+    let block = [128usize, 64, 32].into_iter().find(|b| 3 * fg * b * 4 <= SHARED_BYTES).ok_or_else(|| {
+        crate::Error::Shape(format!(
+            "soft_dice_loss on the GPU supports at most {} classes, logits of shape {shape:?} have {}",
+            SHARED_BYTES / (3 * 32 * 4) + 1,
+            dims.c
+        ))
+    })?;
+    ensure!(dims.n <= 65535, Shape, "soft_dice_loss on the GPU: batch of {} exceeds 65535 samples", dims.n);
+    let per_sample = dims.voxels().div_ceil(block).clamp(1, (MAX_PARTIAL_BLOCKS / dims.n).max(1));
+    let cfg = LaunchConfig {
+        grid_dim: (per_sample as u32, dims.n as u32, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: (3 * fg * block * 4) as u32,
+    };
+    let shapes = format!("soft_dice_loss {shape:?}");
+    let mut partial = gpu.alloc(dims.n * per_sample * 3 * fg, "soft_dice_loss partial sums")?;
+    launch!(gpu, "dice_partial_sums", cfg, shapes, [&x.slice, &t.slice, &mut partial.slice, &v, &k])?;
+    let groups = group_count(dims, batch_dice);
+    let mut stats = gpu.alloc(2 * groups, "soft_dice_loss group ratios")?;
+    let mut loss = gpu.alloc(1, "soft_dice_loss loss")?;
+    let (n, fg, nb, batch) = (dims.n as i32, fg as i32, per_sample as i32, batch_dice as i32);
+    let (smooth, floor) = (DICE_SMOOTH as f32, DENOMINATOR_FLOOR as f32);
+    launch!(
+        gpu,
+        "dice_finish",
+        one_block(),
+        shapes,
+        [&partial.slice, &mut stats.slice, &mut loss.slice, &n, &fg, &nb, &batch, &smooth, &floor]
+    )?;
+    Ok((Tensor::from_gpu(loss, &[1])?, Tensor::from_gpu(stats, &[groups, 2])?))
 }
 
 /// I, P and G of every (sample, foreground class), sample-major.
@@ -112,7 +198,7 @@ struct DiceBackward {
     target: Tensor,
     dims: MapDims,
     batch_dice: bool,
-    groups: Vec<Group>,
+    groups: Saved,
 }
 
 impl Backward for DiceBackward {
@@ -124,15 +210,41 @@ impl Backward for DiceBackward {
         if !needs[0] {
             return Ok(vec![None, None]);
         }
-        let dx = by_dtype!(self.logits.dtype(), backward_cpu(self, grad_out))?;
+        check_loss_grad(&self.logits, grad_out, "soft_dice_loss backward")?;
+        let dx = match (&self.groups, self.logits.gpu_buffer(), self.target.gpu_buffer(), grad_out.gpu_buffer()) {
+            (Saved::Gpu(stats), Some(x), Some(t), Some(g)) => self.backward_gpu(x, t, stats, g)?,
+            (Saved::Cpu(groups), ..) => by_dtype!(self.logits.dtype(), backward_cpu(self, groups, grad_out))?,
+            _ => crate::bail!(Mismatch, "soft_dice_loss backward: operands left the device of the forward pass"),
+        };
         Ok(vec![Some(dx), None])
     }
 }
 
-fn backward_cpu<T: Real>(op: &DiceBackward, grad_out: &Tensor) -> Result<Tensor> {
+impl DiceBackward {
+    fn backward_gpu(&self, x: &GpuBuffer, t: &GpuBuffer, stats: &Tensor, g: &GpuBuffer) -> Result<Tensor> {
+        let gpu = &x.gpu;
+        let stats = stats
+            .gpu_buffer()
+            .ok_or_else(|| crate::Error::Mismatch("soft_dice_loss backward: group ratios are not on the GPU".into()))?;
+        let (nv, v, k) = kernel_sizes(self.dims);
+        let batch = self.batch_dice as i32;
+        let inv_groups = (1.0 / group_count(self.dims, self.batch_dice) as f64) as f32;
+        let mut dx = gpu.alloc(x.slice.len(), "soft_dice_loss gradient")?;
+        launch!(
+            gpu,
+            "dice_backward",
+            grid_1d(nv as usize),
+            format!("soft_dice_loss backward {:?}", self.logits.shape()),
+            [&x.slice, &t.slice, &stats.slice, &g.slice, &mut dx.slice, &nv, &v, &k, &batch, &inv_groups]
+        )?;
+        Tensor::from_gpu(dx, self.logits.shape())
+    }
+}
+
+fn backward_cpu<T: Real>(op: &DiceBackward, groups: &[Group], grad_out: &Tensor) -> Result<Tensor> {
     let (x, t) = (op.logits.cpu::<T>()?, op.target.cpu::<T>()?);
     let (dims, v, fg) = (op.dims, op.dims.voxels(), op.dims.c - 1);
-    let g = grad_out.cpu::<T>()?[0].to_f64() / op.groups.len() as f64;
+    let g = grad_out.cpu::<T>()?[0].to_f64() / groups.len() as f64;
     // dL/dp_kv = c_k + e_k y_kv for the group of sample n and class k >= 1; index 0 (background) stays 0.
     let (mut c, mut e) = (vec![T::zero(); dims.c], vec![T::zero(); dims.c]);
     let (mut m, mut s, mut dot) = (vec![T::zero(); v], vec![T::zero(); v], vec![T::zero(); v]);
@@ -141,7 +253,7 @@ fn backward_cpu<T: Real>(op: &DiceBackward, grad_out: &Tensor) -> Result<Tensor>
         x.chunks_exact(dims.c * v).zip(t.chunks_exact(v)).zip(dx.chunks_exact_mut(dims.c * v)).enumerate()
     {
         for k in 1..dims.c {
-            let group = op.groups[if op.batch_dice { k - 1 } else { n * fg + k - 1 }];
+            let group = groups[if op.batch_dice { k - 1 } else { n * fg + k - 1 }];
             c[k] = T::from_f64(g * group.dc / group.denominator);
             e[k] = T::from_f64(-2.0 * g / group.denominator);
         }
