@@ -18,8 +18,8 @@ use crate::ops::pim::PimLayout;
 use crate::tensor::Tensor;
 use crate::{bail, ensure, Result};
 
-/// Everything that defines an LKM-UNet.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything that defines an LKM-UNet (stored as JSON in checkpoints).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
     /// Input channels (modalities).
     pub in_channels: usize,

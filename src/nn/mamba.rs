@@ -35,7 +35,7 @@ use crate::tensor::{DType, Tensor};
 use crate::{ensure, Result};
 
 /// Mamba's hyper-parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MambaConfig {
     /// State size N per channel (16).
     pub d_state: usize,

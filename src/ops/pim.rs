@@ -50,7 +50,8 @@ use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, ensure, launch, Result};
 
 /// How PiM groups the voxels of a map into sequences (see the module docs for the index formulas).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PimLayout {
     /// Each block of p_d x p_h x p_w adjacent voxels is one sequence, scanned in raster order: the paper's "kernel".
     Window,

@@ -1,3 +1,5 @@
 //! Training: the loss, and (next) the loop, checkpoints and metrics.
 
+pub mod checkpoint;
 pub mod loss;
+pub mod trainer;

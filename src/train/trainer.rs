@@ -1,0 +1,271 @@
+//! The training loop (nnU-Net's recipe, lkm-unet.md section 4): per iteration a batch of patches, the deep-supervised
+//! Dice + CE loss, backward, gradient clipping at 12, SGD with Nesterov momentum; per epoch the poly learning rate
+//! `lr (1 - epoch/epochs)^0.9`, validation Dice per class by sliding-window prediction of the validation cases, one
+//! JSON line in `metrics.jsonl` and an atomic checkpoint (`latest.safetensors`).
+//!
+//! Reproducibility and resume: every epoch draws from its own generator seeded by (seed, epoch), so a run resumed
+//! from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::checkpoint;
+use super::loss::{deep_supervision_loss, downsample_labels};
+use crate::autograd::Tape;
+use crate::data::sampler::{ForegroundIndex, PatchSampler};
+use crate::data::Case;
+use crate::device::Device;
+use crate::metrics::dice_per_class;
+use crate::nn::{LkmUnet, Params};
+use crate::optim::{clip_grad_norm, poly_lr, Sgd};
+use crate::tensor::Tensor;
+use crate::{bail, Error, Result};
+
+/// Settings of a training run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainOptions {
+    /// Number of epochs.
+    pub epochs: usize,
+    /// Iterations (batches) per epoch.
+    pub iters_per_epoch: usize,
+    /// Patches per batch.
+    pub batch: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// Nesterov momentum.
+    pub momentum: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm limit.
+    pub grad_clip: f64,
+    /// Seed of sampling and augmentation.
+    pub seed: u64,
+    /// Dice over the whole batch (nnU-Net 3d_fullres) or per sample.
+    pub batch_dice: bool,
+    /// Validate every this many epochs (and after the last).
+    pub val_every: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            epochs: 1000,
+            iters_per_epoch: 250,
+            batch: 2,
+            lr: crate::optim::DEFAULT_LR,
+            momentum: crate::optim::DEFAULT_MOMENTUM,
+            weight_decay: crate::optim::DEFAULT_WEIGHT_DECAY,
+            grad_clip: crate::optim::DEFAULT_GRAD_CLIP,
+            seed: 12345,
+            batch_dice: true,
+            val_every: 1,
+            progress: true,
+        }
+    }
+}
+
+/// One epoch's record, as written to `metrics.jsonl`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EpochRecord {
+    /// Epoch index (0-based).
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Validation Dice per foreground class (None: class absent from prediction and reference in every case).
+    pub val_dice: Option<Vec<Option<f64>>>,
+    /// Mean of the present per-class Dice values.
+    pub val_mean_dice: Option<f64>,
+    /// Seconds the epoch took (training and validation).
+    pub seconds: f64,
+    /// Training throughput in patch voxels per second.
+    pub voxels_per_second: f64,
+}
+
+/// Everything a run needs besides the data.
+pub struct Run<'a> {
+    /// The network.
+    pub model: &'a LkmUnet,
+    /// Where to compute.
+    pub device: Device,
+    /// The settings.
+    pub opts: TrainOptions,
+    /// Output folder: metrics.jsonl, latest.safetensors.
+    pub out_dir: PathBuf,
+    /// Extra metadata stored with checkpoints (normalisation, class names, data source).
+    pub meta: serde_json::Value,
+}
+
+/// Where training starts: fresh parameters, or a checkpoint's parameters, momentum and epoch.
+pub struct Start {
+    /// Parameters (any device; moved to the run's device).
+    pub params: Params,
+    /// Momentum buffers aligned with the parameters.
+    pub momentum: Vec<Option<Tensor>>,
+    /// The first epoch to run.
+    pub epoch: usize,
+}
+
+/// The epoch generator: a fixed function of (seed, epoch).
+fn epoch_rng(seed: u64, epoch: usize) -> StdRng {
+    StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+impl Run<'_> {
+    /// Trains from `start` to `opts.epochs`, returning the records of the epochs run and the final parameters.
+    pub fn train(&self, train: &[Case], val: &[Case], start: Start) -> Result<(Vec<EpochRecord>, Params)> {
+        let cfg = &self.model.config;
+        let o = &self.opts;
+        if train.is_empty() {
+            bail!(Data, "no training cases");
+        }
+        let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?;
+        let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
+        let momentum = start.momentum.iter().map(|m| m.as_ref().map(|t| t.to_device(&self.device)).transpose()).collect::<Result<Vec<_>>>()?;
+        if momentum.iter().any(|m| m.is_some()) {
+            sgd.set_momentum_buffers(momentum);
+        }
+        let fg: Vec<ForegroundIndex> = train.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
+        let sampler = PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true };
+        std::fs::create_dir_all(&self.out_dir).map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
+        let log_path = self.out_dir.join("metrics.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::Io(format!("opening {}: {e}", log_path.display())))?;
+        let mut records = Vec::new();
+        let patch_voxels = (o.batch * cfg.patch.iter().product::<usize>()) as f64;
+        for epoch in start.epoch..o.epochs {
+            let t0 = Instant::now();
+            let mut rng = epoch_rng(o.seed, epoch);
+            sgd.lr = poly_lr(o.lr, epoch, o.epochs);
+            let bar = self.progress_bar(epoch);
+            let mut loss_sum = 0.0;
+            for it in 0..o.iters_per_epoch {
+                let (x, y) = sampler.batch(train, &fg, o.batch, &mut rng)?;
+                let loss = self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &y.to_device(&self.device)?)?;
+                if !loss.is_finite() {
+                    bail!(
+                        NonFinite,
+                        "the loss is {loss} at epoch {epoch}, iteration {it}; training stopped and the last checkpoint \
+                         ({}) is intact: resume from it with a lower --lr",
+                        self.out_dir.join("latest.safetensors").display()
+                    );
+                }
+                loss_sum += loss;
+                if let Some(b) = &bar {
+                    let vps = patch_voxels * (it + 1) as f64 / t0.elapsed().as_secs_f64();
+                    b.set_message(format!("loss {:.4}  {:.2} Mvox/s", loss_sum / (it + 1) as f64, vps / 1e6));
+                    b.inc(1);
+                }
+            }
+            if let Some(b) = bar {
+                b.finish();
+            }
+            let train_seconds = t0.elapsed().as_secs_f64();
+            let validate = !val.is_empty() && ((epoch + 1) % o.val_every.max(1) == 0 || epoch + 1 == o.epochs);
+            let val_dice = if validate { Some(self.validate(&params, val)?) } else { None };
+            let present: Vec<f64> = val_dice.iter().flatten().flatten().copied().collect();
+            let rec = EpochRecord {
+                epoch,
+                lr: sgd.lr,
+                train_loss: loss_sum / o.iters_per_epoch.max(1) as f64,
+                val_mean_dice: (!present.is_empty()).then(|| present.iter().sum::<f64>() / present.len() as f64),
+                val_dice,
+                seconds: t0.elapsed().as_secs_f64(),
+                voxels_per_second: patch_voxels * o.iters_per_epoch as f64 / train_seconds,
+            };
+            eprintln!("{}", epoch_summary(&rec));
+            writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
+                .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
+            self.save(&self.out_dir.join("latest.safetensors"), &params, &sgd, epoch + 1)?;
+            records.push(rec);
+        }
+        Ok((records, params))
+    }
+
+    /// One optimisation step; returns the loss (read back from the device).
+    fn step(&self, params: &mut Params, sgd: &mut Sgd, x: &Tensor, y: &Tensor) -> Result<f64> {
+        let mut tape = Tape::new();
+        params.watch(&mut tape);
+        let outputs = self.model.forward(&mut tape, params, x)?;
+        let targets = outputs.iter().map(|o| downsample_labels(y, &o.shape()[2..])).collect::<Result<Vec<_>>>()?;
+        let loss = deep_supervision_loss(&mut tape, &outputs, &targets, self.opts.batch_dice)?;
+        drop((outputs, targets));
+        let mut grads = tape.backward(&loss)?;
+        let mut g = params
+            .tensors()
+            .iter()
+            .zip(params.names())
+            .map(|(p, n)| grads.take(p).ok_or_else(|| Error::Shape(format!("no gradient reached parameter {n}"))))
+            .collect::<Result<Vec<_>>>()?;
+        clip_grad_norm(&mut g, self.opts.grad_clip)?;
+        sgd.step(params.tensors_mut(), &g)?;
+        loss.scalar()
+    }
+
+    /// Mean Dice per foreground class over the validation cases (sliding window, no mirroring).
+    fn validate(&self, params: &Params, val: &[Case]) -> Result<Vec<Option<f64>>> {
+        let k = self.model.config.num_classes;
+        let mut sums = vec![(0.0, 0usize); k - 1];
+        let cfg = crate::infer::InferConfig { patch: self.model.config.patch.clone(), step_fraction: 0.5, mirror: false, batch: self.opts.batch };
+        for case in val {
+            let pred = crate::infer::predict_labels(self.model, params, &self.device, &case.image, case.channels, case.shape, &cfg)?;
+            let reference = case.label.as_ref().ok_or_else(|| Error::Data(format!("validation case {} has no labels", case.name)))?;
+            for (s, d) in sums.iter_mut().zip(dice_per_class(&pred, reference, k)) {
+                if let Some(d) = d {
+                    s.0 += d;
+                    s.1 += 1;
+                }
+            }
+        }
+        Ok(sums.iter().map(|&(s, n)| (n > 0).then(|| s / n as f64)).collect())
+    }
+
+    fn progress_bar(&self, epoch: usize) -> Option<indicatif::ProgressBar> {
+        if !self.opts.progress {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(self.opts.iters_per_epoch as u64);
+        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed} {msg}")
+            .expect("valid template")
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(format!("epoch {}/{}", epoch + 1, self.opts.epochs));
+        Some(bar)
+    }
+
+    /// Writes a checkpoint with the run's metadata and `epochs_done`.
+    fn save(&self, path: &Path, params: &Params, sgd: &Sgd, epochs_done: usize) -> Result<()> {
+        let meta = serde_json::json!({
+            "config": self.model.config,
+            "options": self.opts,
+            "epoch": epochs_done,
+            "run": self.meta,
+        });
+        checkpoint::save(path, params, sgd.momentum_buffers(), &meta)
+    }
+}
+
+/// A one-line summary of an epoch for the terminal.
+pub fn epoch_summary(r: &EpochRecord) -> String {
+    let dice = match (&r.val_dice, r.val_mean_dice) {
+        (Some(d), Some(m)) => format!(
+            "  val Dice {m:.4} [{}]",
+            d.iter().map(|v| v.map_or("-".into(), |v| format!("{v:.3}"))).collect::<Vec<_>>().join(" ")
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "epoch {:4}  lr {:.5}  loss {:.4}{dice}  {:.1}s  {:.2} Mvox/s",
+        r.epoch, r.lr, r.train_loss, r.seconds, r.voxels_per_second / 1e6
+    )
+}
