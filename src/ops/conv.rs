@@ -33,13 +33,21 @@
 //! an output row that stays in cache; dx adds a scaled gradient row into an input-gradient row (gathering over the
 //! taps that reach that input row); dw takes the dot product of a gradient row and an input row. No im2col buffer
 //! is built.
+//!
+//! GPU: every pass is one of three implicit matrix products of cuda/conv.cu on the `Pairing` of the wide map x
+//! with the narrow map y (forward: narrow from wide; dx: wide from narrow, one launch per stride phase; dw: the
+//! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum.
+//! conv_transpose runs on the same three products with the roles of its maps swapped.
 
 use std::borrow::Cow;
 
+use cudarc::driver::LaunchConfig;
+
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::{per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Error, Result};
 
 /// Cross-correlation of `x` (N, Cin, [D,] H, W) with `w` (Cout, Cin, [kd,] kh, kw) plus an optional `bias` (Cout),
 /// zero-padded by k/2 per axis (kernel sizes must be odd), with `stride` given for each spatial axis of the map.
@@ -47,7 +55,14 @@ use crate::{by_dtype, ensure, Result};
 /// `padding = k // 2`.
 pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<Tensor> {
     let geom = ConvGeom::new(x, w, bias, stride)?;
-    let y = by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?;
+    let y = match x.gpu_buffer() {
+        Some(xb) => {
+            let b = bias.map(|b| gpu_operand(b, "conv bias")).transpose()?;
+            let y = geom.pairing().narrow_from_wide(xb, gpu_operand(w, "conv weight")?, b, &geom.describe())?;
+            Tensor::from_gpu(y, &geom.out_shape())?
+        }
+        None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
+    };
     let saved = ConvBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved),
@@ -119,6 +134,28 @@ impl ConvGeom {
 
     fn out_shape(&self) -> Vec<usize> {
         self.dims.shape_with(self.cout, self.out)
+    }
+
+    /// The input is the wide map, the output the narrow one.
+    fn pairing(&self) -> Pairing {
+        Pairing {
+            batch: self.dims.n,
+            c_wide: self.dims.c,
+            c_narrow: self.cout,
+            wide: self.dims.s,
+            narrow: self.out,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
+
+    /// The sizes, for error messages.
+    fn describe(&self) -> String {
+        format!(
+            "conv (N {}, Cin {}, Cout {}, input {:?}, kernel {:?}, stride {:?})",
+            self.dims.n, self.dims.c, self.cout, self.dims.s, self.k, self.stride
+        )
     }
 
     /// For each tap t of the W axis: the output columns [lo, hi) whose input column lo*s + t - p.. is in bounds,
@@ -370,6 +407,23 @@ impl Backward for ConvBackward {
         let g = &self.geom;
         grad_out.check_shape(&g.out_shape(), "conv backward: output gradient")?;
         grad_out.check_same_kind(&self.x, "conv backward")?;
+        if let Some(gb) = grad_out.gpu_buffer() {
+            let (p, what) = (g.pairing(), format!("{} backward", g.describe()));
+            let mut grads = vec![None, None];
+            if needs[0] {
+                let dx = p.wide_from_narrow(gb, gpu_operand(&self.w, "conv weight")?, None, &what)?;
+                grads[0] = Some(Tensor::from_gpu(dx, self.x.shape())?);
+            }
+            if needs[1] {
+                let dw = p.weight_grad(gb, gpu_operand(&self.x, "conv input")?, &what)?;
+                grads[1] = Some(Tensor::from_gpu(dw, self.w.shape())?);
+            }
+            if self.has_bias {
+                let db = needs[2].then(|| channel_sums(gb, g.dims.n, g.cout, g.out_voxels(), &what)).transpose()?;
+                grads.push(db.map(|db| Tensor::from_gpu(db, &[g.cout])).transpose()?);
+            }
+            return Ok(grads);
+        }
         let dtype = self.x.dtype();
         let dx = if needs[0] { Some(by_dtype!(dtype, grad_input_cpu(grad_out, &self.w, g))?) } else { None };
         let dw = if needs[1] {
@@ -383,4 +437,323 @@ impl Backward for ConvBackward {
         }
         Ok(grads)
     }
+}
+
+// The tile of cuda/conv.cu (BM, BN, BK, THREADS there): rows and columns of the output per block, reduction indices
+// per shared-memory stage, threads per block.
+const TILE_M: usize = 128;
+const TILE_N: usize = 32;
+const TILE_K: usize = 16;
+const TILE_THREADS: u32 = 256;
+/// The weight gradient's reduction is split into enough slices for about this many blocks (a few per SM)...
+const WGRAD_TARGET_BLOCKS: usize = 1024;
+/// ... and into slices of at most this many terms, which bounds the float32 rounding of each partial sum.
+const WGRAD_MAX_SLICE: usize = 16384;
+/// Terms per block of the first level of [`channel_sums`].
+const CHANNEL_SUM_CHUNK: usize = 8192;
+
+/// How a convolution pairs a "wide" map (N, Cw, I) with a "narrow" map (N, Cn, O) through a weight (Cn, Cw, k),
+/// spatial axes as [D, H, W]: narrow position o meets wide position o*s + a - p at tap a. conv (x wide, y narrow)
+/// and conv_transpose (x narrow, y wide, s = k, p = 0) run every pass on the GPU as one of its three products,
+/// whose formulas open cuda/conv.cu.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pairing {
+    /// Batch size N.
+    pub(crate) batch: usize,
+    /// Channels of the wide map.
+    pub(crate) c_wide: usize,
+    /// Channels of the narrow map.
+    pub(crate) c_narrow: usize,
+    /// Spatial sizes of the wide map.
+    pub(crate) wide: [usize; 3],
+    /// Spatial sizes of the narrow map.
+    pub(crate) narrow: [usize; 3],
+    /// Kernel size.
+    pub(crate) k: [usize; 3],
+    /// Stride.
+    pub(crate) stride: [usize; 3],
+    /// Padding.
+    pub(crate) pad: [usize; 3],
+}
+
+/// The arguments of `conv_gemm` (the struct `GemmGeom` of cuda/conv.cu, same fields in the same order): one implicit
+/// product out[(n, r), col] = sum_{(c, q)} src[n, c, src_mul*r + src_add + src_tap*q] w[col*w_dst + c*w_src + tap(a)]
+/// with a = tap_mul*q + tap_add, written at out[n, col, dst_mul*r + dst_add].
+#[derive(Clone, Copy, Debug)]
+struct GemmGeom {
+    batch: usize,
+    c_src: usize,
+    c_dst: usize,
+    w_src: usize,
+    w_dst: usize,
+    has_bias: bool,
+    src: [usize; 3],
+    dst: [usize; 3],
+    kernel: [usize; 3],
+    rows: [usize; 3],
+    src_mul: [usize; 3],
+    src_add: [i64; 3],
+    dst_mul: [usize; 3],
+    dst_add: [usize; 3],
+    taps: [usize; 3],
+    src_tap: [i64; 3],
+    tap_mul: [usize; 3],
+    tap_add: [usize; 3],
+}
+
+impl GemmGeom {
+    /// The kernel's argument: 42 ints in the C struct's order. Every value fits (see [`Pairing::check_sizes`]).
+    fn to_args(self) -> [i32; 42] {
+        let u = |v: [usize; 3]| v.map(|x| x as i32);
+        let i = |v: [i64; 3]| v.map(|x| x as i32);
+        let head =
+            [self.batch, self.c_src, self.c_dst, self.w_src, self.w_dst, self.has_bias as usize].map(|x| x as i32);
+        let axes = [
+            u(self.src),
+            u(self.dst),
+            u(self.kernel),
+            u(self.rows),
+            u(self.src_mul),
+            i(self.src_add),
+            u(self.dst_mul),
+            u(self.dst_add),
+            u(self.taps),
+            i(self.src_tap),
+            u(self.tap_mul),
+            u(self.tap_add),
+        ];
+        let flat: Vec<i32> = head.into_iter().chain(axes.into_iter().flatten()).collect();
+        let mut args = [0; 42];
+        args.copy_from_slice(&flat);
+        args
+    }
+
+    /// Launches `conv_gemm` writing every output position this product enumerates.
+    fn launch(
+        &self,
+        src: &GpuBuffer,
+        w: &GpuBuffer,
+        bias: Option<&GpuBuffer>,
+        dst: &mut GpuBuffer,
+        what: &str,
+    ) -> Result<()> {
+        let rows = self.batch * self.rows.iter().product::<usize>();
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(TILE_M) as u32, self.c_dst.div_ceil(TILE_N) as u32, 1),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = self.to_args();
+        // Without a bias the kernel never reads its bias pointer; the weight stands in for it.
+        let b = bias.unwrap_or(w);
+        let gpu = &src.gpu;
+        launch!(gpu, "conv_gemm", cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
+    }
+}
+
+impl Pairing {
+    fn taps(&self) -> usize {
+        self.k.iter().product()
+    }
+
+    /// The kernels index rows, reduction indices and weights with 32-bit ints (flat offsets are 64-bit), and launch
+    /// no empty grids.
+    fn check_sizes(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.batch > 0 && self.c_wide > 0 && self.c_narrow > 0,
+            Shape,
+            "{what}: the GPU kernels need a non-empty batch and channel axes"
+        );
+        let limit = (i32::MAX / 2) as usize;
+        let taps = self.taps();
+        let largest = [
+            self.batch * self.wide.iter().product::<usize>(),
+            self.batch * self.narrow.iter().product::<usize>(),
+            self.c_narrow * self.c_wide * taps,
+            self.stride.iter().chain(&self.k).copied().max().unwrap_or(0),
+        ];
+        ensure!(
+            largest.iter().all(|&v| v <= limit),
+            Shape,
+            "{what}: too large for the GPU kernels' 32-bit indices (N * voxels, weight size and kernel/stride must \
+             stay below {limit})"
+        );
+        Ok(())
+    }
+
+    /// `Xn[n,cn,o] = b[cn] + sum_{cw,a} W[cn,cw,a] Xw[n,cw, o*s + a - p]`: one implicit product over the narrow
+    /// positions.
+    pub(crate) fn narrow_from_wide(
+        &self,
+        wide: &GpuBuffer,
+        w: &GpuBuffer,
+        bias: Option<&GpuBuffer>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
+        self.check_sizes(what)?;
+        let taps = self.taps();
+        let geom = GemmGeom {
+            batch: self.batch,
+            c_src: self.c_wide,
+            c_dst: self.c_narrow,
+            w_src: taps,
+            w_dst: self.c_wide * taps,
+            has_bias: bias.is_some(),
+            src: self.wide,
+            dst: self.narrow,
+            kernel: self.k,
+            rows: self.narrow,
+            src_mul: self.stride,
+            src_add: self.pad.map(|p| -(p as i64)),
+            dst_mul: [1; 3],
+            dst_add: [0; 3],
+            taps: self.k,
+            src_tap: [1; 3],
+            tap_mul: [1; 3],
+            tap_add: [0; 3],
+        };
+        let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
+        let mut out = wide.gpu.alloc(len, what)?;
+        geom.launch(wide, w, bias, &mut out, what)?;
+        Ok(out)
+    }
+
+    /// One axis of the stride phase `rho` of [`Pairing::wide_from_narrow`]: the wide positions i with
+    /// i + p = s*J + rho for J in [j0, j0 + rows), and the taps a = s*q + rho, q in [0, taps), that reach them (from
+    /// o = J - q). `None` when no wide position has this phase.
+    fn phase(&self, axis: usize, rho: usize) -> Option<(usize, usize, usize)> {
+        let (s, p, k) = (self.stride[axis], self.pad[axis], self.k[axis]);
+        let j0 = if p > rho { (p - rho).div_ceil(s) } else { 0 };
+        let last = (self.wide[axis] - 1 + p).checked_sub(rho)? / s;
+        let taps = if k > rho { (k - rho).div_ceil(s) } else { 0 };
+        (last >= j0).then_some((j0, last - j0 + 1, taps))
+    }
+
+    /// `Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i} W[cn,cw,a] Xn[n,cn,o]`: one implicit product per stride
+    /// phase (rho_d in [0, s_d) per axis), each over the wide positions of that phase and only the taps that reach
+    /// them. Together the phases write every wide position once.
+    pub(crate) fn wide_from_narrow(
+        &self,
+        narrow: &GpuBuffer,
+        w: &GpuBuffer,
+        bias: Option<&GpuBuffer>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
+        self.check_sizes(what)?;
+        let taps = self.taps();
+        let len = self.batch * self.c_wide * self.wide.iter().product::<usize>();
+        let mut out = narrow.gpu.alloc(len, what)?;
+        let [s0, s1, s2] = self.stride;
+        for rho in (0..s0).flat_map(|a| (0..s1).flat_map(move |b| (0..s2).map(move |c| [a, b, c]))) {
+            let [Some(d), Some(h), Some(w_ax)] = [0, 1, 2].map(|axis| self.phase(axis, rho[axis])) else { continue };
+            let axes = [d, h, w_ax];
+            let j0 = axes.map(|a| a.0);
+            let geom = GemmGeom {
+                batch: self.batch,
+                c_src: self.c_narrow,
+                c_dst: self.c_wide,
+                w_src: self.c_wide * taps,
+                w_dst: taps,
+                has_bias: bias.is_some(),
+                src: self.narrow,
+                dst: self.wide,
+                kernel: self.k,
+                rows: axes.map(|a| a.1),
+                src_mul: [1; 3],
+                src_add: j0.map(|j| j as i64),
+                dst_mul: self.stride,
+                dst_add: [0, 1, 2].map(|x| self.stride[x] * j0[x] + rho[x] - self.pad[x]),
+                taps: axes.map(|a| a.2),
+                src_tap: [-1; 3],
+                tap_mul: self.stride,
+                tap_add: rho,
+            };
+            geom.launch(narrow, w, bias, &mut out, what)?;
+        }
+        Ok(out)
+    }
+
+    /// `dW[cn,cw,a] = sum_{n,o} Xn[n,cn,o] Xw[n,cw, o*s + a - p]`, shape (Cn, Cw, k): rows (cw, a), columns cn, the
+    /// reduction over (n, o) cut into fixed slices summed in order afterwards, so the result does not depend on
+    /// scheduling.
+    pub(crate) fn weight_grad(&self, narrow: &GpuBuffer, wide: &GpuBuffer, what: &str) -> Result<GpuBuffer> {
+        self.check_sizes(what)?;
+        let gpu = &narrow.gpu;
+        let taps = self.taps();
+        let (rows, cols) = (self.c_wide * taps, self.c_narrow);
+        let k = self.batch * self.narrow.iter().product::<usize>();
+        let tiles = rows.div_ceil(TILE_M) * cols.div_ceil(TILE_N);
+        let k_stages = k.div_ceil(TILE_K);
+        let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).max(k.div_ceil(WGRAD_MAX_SLICE));
+        let slice_len = k_stages.div_ceil(wanted.clamp(1, k_stages.min(65535))) * TILE_K;
+        let slices = k.div_ceil(slice_len);
+        let u = |v: [usize; 3]| v.map(|x| x as i32);
+        // The kernel's argument: the 19 ints of cuda/conv.cu's WeightGradGeom, in its order.
+        let head = [self.batch, self.c_narrow, self.c_wide].map(|x| x as i32);
+        let axes = [u(self.narrow), u(self.wide), u(self.k), u(self.stride), u(self.pad)];
+        let flat: Vec<i32> = head.into_iter().chain(axes.into_iter().flatten()).chain([slice_len as i32]).collect();
+        let mut args = [0i32; 19];
+        args.copy_from_slice(&flat);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(TILE_M) as u32, cols.div_ceil(TILE_N) as u32, slices as u32),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let numel = cols * rows;
+        if slices == 1 {
+            let mut dw = gpu.alloc(numel, what)?;
+            launch!(gpu, "conv_weight_grad", cfg, what, [&narrow.slice, &wide.slice, &mut dw.slice, &args])?;
+            return Ok(dw);
+        }
+        let mut partial = gpu.alloc(slices * numel, what)?;
+        launch!(gpu, "conv_weight_grad", cfg, what, [&narrow.slice, &wide.slice, &mut partial.slice, &args])?;
+        let mut dw = gpu.alloc(numel, what)?;
+        let (n, s) = (numel as i64, slices as i32);
+        launch!(gpu, "sum_slices", grid_1d(numel), what, [&partial.slice, &mut dw.slice, &n, &s])?;
+        Ok(dw)
+    }
+}
+
+/// `out[c] = sum_{n,v} g[n,c,v]` for a map `g` of (batch, channels, voxels) (the bias gradient): fixed chunks of
+/// each row are summed by one block each, then the chunk sums of each channel the same way, until one remains.
+pub(crate) fn channel_sums(
+    g: &GpuBuffer,
+    batch: usize,
+    channels: usize,
+    voxels: usize,
+    what: &str,
+) -> Result<GpuBuffer> {
+    ensure!(
+        batch > 0 && channels > 0 && channels <= 65535 && voxels > 0,
+        Shape,
+        "{what}: the bias gradient on the GPU needs a non-empty map and at most 65535 channels"
+    );
+    let gpu = &g.gpu;
+    let (mut rows, mut len) = (batch, voxels);
+    let mut level: Option<GpuBuffer> = None;
+    loop {
+        let chunks = len.div_ceil(CHANNEL_SUM_CHUNK);
+        let mut out = gpu.alloc(channels * rows * chunks, what)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((rows * chunks) as u32, channels as u32, 1),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (c, l, cl, ch) = (channels as i32, len as i64, CHANNEL_SUM_CHUNK as i64, chunks as i32);
+        let input = level.as_ref().unwrap_or(g);
+        launch!(gpu, "channel_sums", cfg, what, [&input.slice, &mut out.slice, &c, &l, &cl, &ch])?;
+        if rows * chunks == 1 {
+            return Ok(out);
+        }
+        // The chunk sums (channels, rows * chunks) are the next level's map of one row.
+        (rows, len) = (1, rows * chunks);
+        level = Some(out);
+    }
+}
+
+/// The GPU buffer of an operand that `check_same_kind` has placed on the same GPU as the op's input.
+pub(crate) fn gpu_operand<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer> {
+    t.gpu_buffer().ok_or_else(|| {
+        Error::Mismatch(format!("{what}: expected a GPU tensor, got {:?} on {:?}", t.shape(), t.device()))
+    })
 }

@@ -22,8 +22,14 @@
 //! being x[n,ci,id,ih,iw] times the contiguous weight row w[ci,co,a,b,:] summed over ci. The backward walks the same
 //! rows: dx takes per block the dot product of the gradient block with the weight row, dw accumulates each block
 //! scaled by the input value.
+//!
+//! GPU: the products of conv's `Pairing` with x as the narrow map and y as the wide one (stride k, padding 0,
+//! and the weight (Cin, Cout, k) is exactly the pairing's (narrow, wide, k) weight): y is wide-from-narrow (one
+//! launch per tap phase, each a product over Cin), dx is narrow-from-wide, dw the pairing's weight gradient with
+//! x as the narrow map and g as the wide one, db conv's per-channel sum.
 
 use crate::autograd::{Backward, Tape};
+use crate::ops::conv::{channel_sums, gpu_operand, Pairing};
 use crate::ops::{per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, Result};
@@ -33,7 +39,15 @@ use crate::{by_dtype, ensure, Result};
 /// (N, Cout, [D*kd,] H*kh, W*kw).
 pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let geom = UpGeom::new(x, w, bias)?;
-    let y = by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?;
+    let y = match x.gpu_buffer() {
+        Some(xb) => {
+            let b = bias.map(|b| gpu_operand(b, "conv_transpose bias")).transpose()?;
+            let wb = gpu_operand(w, "conv_transpose weight")?;
+            let y = geom.pairing().wide_from_narrow(xb, wb, b, &geom.describe())?;
+            Tensor::from_gpu(y, &geom.out_shape())?
+        }
+        None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
+    };
     let saved = ConvTransposeBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved),
@@ -100,6 +114,28 @@ impl UpGeom {
 
     fn out_shape(&self) -> Vec<usize> {
         self.dims.shape_with(self.cout, self.out)
+    }
+
+    /// The input is the narrow map, the output the wide one; stride k, no padding.
+    fn pairing(&self) -> Pairing {
+        Pairing {
+            batch: self.dims.n,
+            c_wide: self.cout,
+            c_narrow: self.dims.c,
+            wide: self.out,
+            narrow: self.dims.s,
+            k: self.k,
+            stride: self.k,
+            pad: [0; 3],
+        }
+    }
+
+    /// The sizes, for error messages.
+    fn describe(&self) -> String {
+        format!(
+            "conv_transpose (N {}, Cin {}, Cout {}, input {:?}, kernel = stride {:?})",
+            self.dims.n, self.dims.c, self.cout, self.dims.s, self.k
+        )
     }
 }
 
@@ -281,6 +317,23 @@ impl Backward for ConvTransposeBackward {
         let g = &self.geom;
         grad_out.check_shape(&g.out_shape(), "conv_transpose backward: output gradient")?;
         grad_out.check_same_kind(&self.x, "conv_transpose backward")?;
+        if let Some(gb) = grad_out.gpu_buffer() {
+            let (p, what) = (g.pairing(), format!("{} backward", g.describe()));
+            let mut grads = vec![None, None];
+            if needs[0] {
+                let dx = p.narrow_from_wide(gb, gpu_operand(&self.w, "conv_transpose weight")?, None, &what)?;
+                grads[0] = Some(Tensor::from_gpu(dx, self.x.shape())?);
+            }
+            if needs[1] {
+                let dw = p.weight_grad(gpu_operand(&self.x, "conv_transpose input")?, gb, &what)?;
+                grads[1] = Some(Tensor::from_gpu(dw, self.w.shape())?);
+            }
+            if self.has_bias {
+                let db = needs[2].then(|| channel_sums(gb, g.dims.n, g.cout, g.out_voxels(), &what)).transpose()?;
+                grads.push(db.map(|db| Tensor::from_gpu(db, &[g.cout])).transpose()?);
+            }
+            return Ok(grads);
+        }
         let dtype = self.x.dtype();
         let dx = if needs[0] { Some(by_dtype!(dtype, grad_input_cpu(grad_out, &self.w, g))?) } else { None };
         let dw = if needs[1] {

@@ -1,0 +1,357 @@
+// Convolutions as implicit matrix products (no im2col buffer), float32: conv (2D/3D, any kernel per axis, any
+// stride, zero padding) and the transposed conv whose kernel equals its stride. 2D maps are 3D maps of depth 1.
+//
+// Every pass pairs a "wide" map Xw (N, Cw, I0, I1, I2) with a "narrow" map Xn (N, Cn, O0, O1, O2) through a weight
+// W (Cn, Cw, k0, k1, k2), a stride s and a padding p per axis: narrow position o meets wide position i = o*s + a - p
+// at tap a. Three products cover every forward and backward pass (wide positions outside [0, I) read as 0):
+//
+//   narrow_from_wide:  Xn[n,cn,o] = b[cn] + sum_{cw,a} W[cn,cw,a] Xw[n,cw, o*s + a - p]
+//   wide_from_narrow:  Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i, 0 <= o < O} W[cn,cw,a] Xn[n,cn,o]
+//   weight_grad:       dW[cn,cw,a] = sum_{n,o} Xn[n,cn,o] Xw[n,cw, o*s + a - p]
+//
+//   conv           (x wide, y narrow, p = k/2):               y = narrow_from_wide(x), dx = wide_from_narrow(g),
+//                                                             dw = weight_grad(g, x)
+//   conv_transpose (x narrow, y wide, s = k, p = 0, W is (Cin, Cout, k)):
+//                                                             y = wide_from_narrow(x), dx = narrow_from_wide(g),
+//                                                             dw = weight_grad(x, g)
+//
+// conv_gemm computes the first two as one matrix product per launch, out[m, col] = sum_k A[m, k] B[k, col]:
+//   rows m = (n, r0, r1, r2) over N x rows[0] x rows[1] x rows[2] output positions, columns col = output channels,
+//   reduction k = (c, q0, q1, q2) over the source channels x taps[0] x taps[1] x taps[2], and per axis d
+//     source coordinate  src_mul[d]*r[d] + src_add[d] + src_tap[d]*q[d]   (A gathers 0 outside [0, src[d]))
+//     output coordinate  dst_mul[d]*r[d] + dst_add[d]
+//     kernel tap         a[d] = tap_mul[d]*q[d] + tap_add[d],   B[k, col] = w[col*w_dst + c*w_src + tap(a)]
+//   narrow_from_wide is one launch: r = o, src coordinate o*s - p + q, a = q.
+//   wide_from_narrow is one launch per phase rho (per axis rho in [0, s)): the wide positions i with i + p = s*J + rho,
+//   J = J0 + r; only the taps a = s*q + rho reach them, from o = J - q. So a strided input gradient does no work on
+//   taps that cannot contribute, and the transposed conv's forward (s = k) is a plain product over Cin per phase.
+//
+// conv_weight_grad: dW[cn, j] with j = (cw, a), as rows j, columns cn, reduction over (n, o), split deterministically
+// into fixed K slices that write partial[slice, cn, j]; sum_slices adds the slices in order. channel_sums reduces a
+// map over (n, voxels) per channel (the bias gradient) in fixed chunks, then again over the chunks.
+//
+// Tiling (all three products): a block computes a BM x BN tile of out from shared-memory stages of BK reduction
+// indices; warp w owns columns 4w..4w+3 and lane l the rows l, l+32, l+64, l+96, so a warp's output writes and its
+// gathers along W are consecutive addresses. The decoded reduction indices of a stage (channel, coordinates, weight
+// offset) are computed once per block into a small table, double-buffered so one barrier pair per stage suffices.
+#include "common.cuh"
+
+namespace {
+
+constexpr int BM = 128;             // rows per block tile
+constexpr int BN = 32;              // columns per block tile
+constexpr int BK = 16;              // reduction indices per shared-memory stage
+constexpr int THREADS = 256;        // 8 warps x 4 columns = BN; 32 lanes x 4 rows = BM
+constexpr int A_STRIDE = BM + 4;    // padding keeps the k-major stores of the weight-gradient tiles at 2-way conflicts
+constexpr int B_STRIDE = BN + 4;    // a multiple of 4, so each row's 4 columns of a warp are one aligned float4
+
+static_assert(THREADS == 32 * (BN / 4) && BM == 4 * 32, "thread layout: warp = 4 columns, lane = 4 rows");
+static_assert(THREADS % BM == 0 && BK % (THREADS / BM) == 0, "A stage loads of conv_gemm");
+static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0 && BM % (THREADS / BK) == 0, "k-major stage loads");
+
+// acc[i][j] += sum_kk As[kk][lane + 32 i] * Bs[kk][4 warp + j]
+__device__ __forceinline__ void tile_product(const float (*As)[A_STRIDE], const float (*Bs)[B_STRIDE],
+                                             float (&acc)[4][4]) {
+    const int lane = threadIdx.x & 31, col = (threadIdx.x >> 5) * 4;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        float a[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[kk][lane + 32 * i];
+        const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][col]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i][0] = fmaf(a[i], b.x, acc[i][0]);
+            acc[i][1] = fmaf(a[i], b.y, acc[i][1]);
+            acc[i][2] = fmaf(a[i], b.z, acc[i][2]);
+            acc[i][3] = fmaf(a[i], b.w, acc[i][3]);
+        }
+    }
+}
+
+__device__ __forceinline__ bool in_box(const int c[3], const int size[3]) {
+    return (unsigned)c[0] < (unsigned)size[0] && (unsigned)c[1] < (unsigned)size[1] &&
+           (unsigned)c[2] < (unsigned)size[2];
+}
+
+// (c[0]*size[1] + c[1])*size[2] + c[2]
+__device__ __forceinline__ int64_t flat3(const int c[3], const int size[3]) {
+    return ((int64_t)c[0] * size[1] + c[1]) * size[2] + c[2];
+}
+
+// i -> (i / (e1*e2), i / e2 % e1, i % e2)
+__device__ __forceinline__ void split3(int i, const int e[3], int out[3]) {
+    out[2] = i % e[2];
+    i /= e[2];
+    out[1] = i % e[1];
+    out[0] = i / e[1];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// conv_gemm: narrow_from_wide and (one phase of) wide_from_narrow. Field order matches crate::ops::conv::GemmGeom.
+struct GemmGeom {
+    int batch, c_src, c_dst;
+    int w_src, w_dst;  // weight strides of a source channel and of an output channel
+    int has_bias;
+    int src[3], dst[3], kernel[3];  // spatial sizes of the source and output maps, full kernel size
+    int rows[3];                    // output positions enumerated per axis
+    int src_mul[3], src_add[3], dst_mul[3], dst_add[3];
+    int taps[3];  // taps enumerated per axis
+    int src_tap[3], tap_mul[3], tap_add[3];
+};
+static_assert(sizeof(GemmGeom) == 42 * sizeof(int), "crate::ops::conv::GemmGeom::to_args passes 42 ints");
+
+namespace {
+
+// A decoded reduction index k = (c, q) of conv_gemm: source channel, the tap's source-coordinate offset per axis,
+// and the weight offset c*w_src + tap(a).
+struct GemmK {
+    int c, w, off[3], ok;
+};
+
+__device__ __forceinline__ GemmK decode_gemm_k(const GemmGeom& g, int k, int K) {
+    GemmK e;
+    e.ok = k < K;
+    if (!e.ok) k = 0;  // any valid index; the entry is masked by ok
+    const int taps = g.taps[0] * g.taps[1] * g.taps[2];
+    e.c = k / taps;
+    int q[3];
+    split3(k - e.c * taps, g.taps, q);
+    int tap = 0;
+#pragma unroll
+    for (int d = 0; d < 3; ++d) {
+        tap = tap * g.kernel[d] + g.tap_mul[d] * q[d] + g.tap_add[d];
+        e.off[d] = g.src_tap[d] * q[d];
+    }
+    e.w = e.c * g.w_src + tap;
+    return e;
+}
+
+}  // namespace
+
+// Grid (ceil(M / BM), ceil(c_dst / BN)), THREADS threads; M = batch * prod(rows) < 2^31.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    conv_gemm(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,
+              float* __restrict__ dst, GemmGeom g) {
+    __shared__ __align__(16) float As[BK][A_STRIDE];
+    __shared__ __align__(16) float Bs[BK][B_STRIDE];
+    __shared__ GemmK ktab[2][BK];
+
+    const int t = threadIdx.x;
+    const int M = g.batch * g.rows[0] * g.rows[1] * g.rows[2];
+    const int K = g.c_src * g.taps[0] * g.taps[1] * g.taps[2];
+    const int m0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const int64_t src_vox = (int64_t)g.src[0] * g.src[1] * g.src[2];
+
+    // A stage: thread t gathers row m0 + t % BM at the reduction indices t / BM + (THREADS / BM) j.
+    const int a_row = t % BM, a_k = t / BM;
+    const bool row_ok = m0 + a_row < M;
+    int base[3];
+    int64_t src_n;
+    {
+        int r[3];
+        const int m = row_ok ? m0 + a_row : 0;
+        const int per_n = g.rows[0] * g.rows[1] * g.rows[2];
+        split3(m % per_n, g.rows, r);
+#pragma unroll
+        for (int d = 0; d < 3; ++d) base[d] = g.src_mul[d] * r[d] + g.src_add[d];
+        src_n = (int64_t)(m / per_n) * g.c_src * src_vox;
+    }
+    // B stage: thread t loads reduction index t % BK for the columns t / BK + (THREADS / BK) j.
+    const int b_k = t % BK, b_col = t / BK;
+
+    float acc[4][4] = {};
+    const int num_stages = (K + BK - 1) / BK;
+    if (num_stages > 0 && t < BK) ktab[0][t] = decode_gemm_k(g, t, K);
+    __syncthreads();
+    for (int stage = 0; stage < num_stages; ++stage) {
+        const GemmK* kt = ktab[stage & 1];
+#pragma unroll
+        for (int j = 0; j < BK / (THREADS / BM); ++j) {
+            const int kk = a_k + j * (THREADS / BM);
+            const GemmK e = kt[kk];
+            float v = 0.0f;
+            if (row_ok && e.ok) {
+                const int c[3] = {base[0] + e.off[0], base[1] + e.off[1], base[2] + e.off[2]};
+                if (in_box(c, g.src)) v = src[src_n + e.c * src_vox + flat3(c, g.src)];
+            }
+            As[kk][a_row] = v;
+        }
+        {
+            const GemmK e = kt[b_k];
+#pragma unroll
+            for (int j = 0; j < BN / (THREADS / BK); ++j) {
+                const int cc = b_col + j * (THREADS / BK), col = col0 + cc;
+                Bs[b_k][cc] = (e.ok && col < g.c_dst) ? w[(int64_t)col * g.w_dst + e.w] : 0.0f;
+            }
+        }
+        if (stage + 1 < num_stages && t < BK) ktab[(stage + 1) & 1][t] = decode_gemm_k(g, (stage + 1) * BK + t, K);
+        __syncthreads();
+        tile_product(As, Bs, acc);
+        __syncthreads();
+    }
+
+    const int lane = t & 31, warp_col = col0 + (t >> 5) * 4;
+    const int64_t dst_vox = (int64_t)g.dst[0] * g.dst[1] * g.dst[2];
+    const int per_n = g.rows[0] * g.rows[1] * g.rows[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + lane + 32 * i;
+        if (m >= M) continue;
+        int r[3], c[3];
+        split3(m % per_n, g.rows, r);
+#pragma unroll
+        for (int d = 0; d < 3; ++d) c[d] = g.dst_mul[d] * r[d] + g.dst_add[d];
+        const int64_t out = (int64_t)(m / per_n) * g.c_dst * dst_vox + flat3(c, g.dst);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = warp_col + j;
+            if (col < g.c_dst) dst[out + col * dst_vox] = acc[i][j] + (g.has_bias ? bias[col] : 0.0f);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// conv_weight_grad: dW[cn, j] over rows j = (cw, a) in [0, Cw * taps), columns cn, reduction k = (n, o) over
+// [0, N * prod(narrow)) cut into slices of slice_len (a multiple of BK); block z writes
+// partial[z, cn, j] = sum over slice z. Field order matches crate::ops::conv::WeightGradGeom.
+struct WeightGradGeom {
+    int batch, c_narrow, c_wide;
+    int narrow[3], wide[3], kernel[3], stride[3], pad[3];
+    int slice_len;
+};
+static_assert(sizeof(WeightGradGeom) == 19 * sizeof(int), "crate::ops::conv::Pairing::weight_grad passes 19 ints");
+
+namespace {
+
+// Row j = (cw, a) of dW: wide channel and a - p per axis.
+struct WideTap {
+    int c, off[3], ok;
+};
+
+// Reduction index k = (n, o): batch, narrow voxel, o*s per axis.
+struct NarrowPos {
+    int n, v, base[3], ok;
+};
+
+__device__ __forceinline__ WideTap decode_wide_tap(const WeightGradGeom& g, int j, int M) {
+    WideTap e;
+    e.ok = j < M;
+    if (!e.ok) j = 0;
+    const int taps = g.kernel[0] * g.kernel[1] * g.kernel[2];
+    e.c = j / taps;
+    int a[3];
+    split3(j - e.c * taps, g.kernel, a);
+#pragma unroll
+    for (int d = 0; d < 3; ++d) e.off[d] = a[d] - g.pad[d];
+    return e;
+}
+
+__device__ __forceinline__ NarrowPos decode_narrow_pos(const WeightGradGeom& g, int k, int k_end) {
+    NarrowPos p;
+    p.ok = k < k_end;
+    if (!p.ok) k = 0;
+    const int vox = g.narrow[0] * g.narrow[1] * g.narrow[2];
+    p.n = k / vox;
+    p.v = k - p.n * vox;
+    int o[3];
+    split3(p.v, g.narrow, o);
+#pragma unroll
+    for (int d = 0; d < 3; ++d) p.base[d] = o[d] * g.stride[d];
+    return p;
+}
+
+}  // namespace
+
+// Grid (ceil(Cw * taps / BM), ceil(Cn / BN), slices), THREADS threads; N * prod(narrow) < 2^31.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    conv_weight_grad(const float* __restrict__ narrow, const float* __restrict__ wide, float* __restrict__ partial,
+                     WeightGradGeom g) {
+    __shared__ __align__(16) float As[BK][A_STRIDE];
+    __shared__ __align__(16) float Bs[BK][B_STRIDE];
+    __shared__ WideTap jtab[BM];
+    __shared__ NarrowPos ktab[2][BK];
+
+    const int t = threadIdx.x;
+    const int M = g.c_wide * g.kernel[0] * g.kernel[1] * g.kernel[2];
+    const int narrow_vox = g.narrow[0] * g.narrow[1] * g.narrow[2];
+    const int64_t wide_vox = (int64_t)g.wide[0] * g.wide[1] * g.wide[2];
+    const int K = g.batch * narrow_vox;
+    const int m0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const int k_begin = blockIdx.z * g.slice_len, k_end = min(K, k_begin + g.slice_len);
+
+    if (t < BM) jtab[t] = decode_wide_tap(g, m0 + t, M);
+    const int num_stages = (k_end - k_begin + BK - 1) / BK;
+    if (num_stages > 0 && t < BK) ktab[0][t] = decode_narrow_pos(g, k_begin + t, k_end);
+    __syncthreads();
+
+    // Both stages are loaded k-major: thread t takes reduction index t % BK (consecutive narrow voxels across a
+    // half-warp) for the rows / columns t / BK + (THREADS / BK) j.
+    const int l_k = t % BK, l_row = t / BK;
+    float acc[4][4] = {};
+    for (int stage = 0; stage < num_stages; ++stage) {
+        const NarrowPos p = ktab[stage & 1][l_k];
+#pragma unroll
+        for (int j = 0; j < BM / (THREADS / BK); ++j) {
+            const int jj = l_row + j * (THREADS / BK);
+            const WideTap e = jtab[jj];
+            float v = 0.0f;
+            if (p.ok && e.ok) {
+                const int c[3] = {p.base[0] + e.off[0], p.base[1] + e.off[1], p.base[2] + e.off[2]};
+                if (in_box(c, g.wide)) v = wide[((int64_t)p.n * g.c_wide + e.c) * wide_vox + flat3(c, g.wide)];
+            }
+            As[l_k][jj] = v;
+        }
+#pragma unroll
+        for (int j = 0; j < BN / (THREADS / BK); ++j) {
+            const int cc = l_row + j * (THREADS / BK), cn = col0 + cc;
+            Bs[l_k][cc] = (p.ok && cn < g.c_narrow)
+                              ? narrow[((int64_t)p.n * g.c_narrow + cn) * narrow_vox + p.v]
+                              : 0.0f;
+        }
+        if (stage + 1 < num_stages && t < BK)
+            ktab[(stage + 1) & 1][t] = decode_narrow_pos(g, k_begin + (stage + 1) * BK + t, k_end);
+        __syncthreads();
+        tile_product(As, Bs, acc);
+        __syncthreads();
+    }
+
+    const int lane = t & 31, warp_col = col0 + (t >> 5) * 4;
+    float* out = partial + (int64_t)blockIdx.z * g.c_narrow * M;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int j = m0 + lane + 32 * i;
+        if (j >= M) continue;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+            const int cn = warp_col + jj;
+            if (cn < g.c_narrow) out[(int64_t)cn * M + j] = acc[i][jj];
+        }
+    }
+}
+
+// out[e] = sum_{z = 0 .. slices-1} partial[z * n + e], in that order.
+extern "C" __global__ void sum_slices(const float* __restrict__ partial, float* __restrict__ out, int64_t n,
+                                      int slices) {
+    FOR_EACH(e, n) {
+        float s = 0.0f;
+        for (int z = 0; z < slices; ++z) s += partial[z * n + e];
+        out[e] = s;
+    }
+}
+
+// x is (rows, channels, len); block (b = r * chunks + q, c) writes out[c, b] = sum_{v in chunk q} x[r, c, v], chunk q
+// being [q * chunk_len, min(len, (q + 1) * chunk_len)). Grid (rows * chunks, channels), blockDim a multiple of 32.
+extern "C" __global__ void channel_sums(const float* __restrict__ x, float* __restrict__ out, int channels,
+                                        int64_t len, int64_t chunk_len, int chunks) {
+    __shared__ float scratch[32];
+    const int c = blockIdx.y, r = blockIdx.x / chunks, q = blockIdx.x % chunks;
+    const float* row = x + ((int64_t)r * channels + c) * len;
+    const int64_t begin = q * chunk_len, end = min(len, begin + chunk_len);
+    float s = 0.0f;
+    for (int64_t v = begin + threadIdx.x; v < end; v += blockDim.x) s += row[v];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[(int64_t)c * gridDim.x + blockIdx.x] = s;
+}

@@ -1,0 +1,164 @@
+//! conv and conv_transpose on the GPU against their CPU reference (float64): forward and every gradient, fresh
+//! random inputs, odd sizes (not multiples of the 128 x 32 x 16 tiles), NaN-poisoned outputs. Tolerance 1e-4: every
+//! output is a float32 sum of up to a few thousand products (the weight gradient's of many more, in slices). Run on
+//! a GPU machine with `cargo test --release --test gpu_conv -- --ignored`.
+
+mod common;
+
+use common::{check_op, randn32, rel_err};
+use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
+use lkm_engine::ops::conv::conv;
+use lkm_engine::ops::conv_transpose::conv_transpose;
+use lkm_engine::tensor::DType;
+use lkm_engine::Tensor;
+
+const TOL: f64 = 1e-4;
+
+/// Checks conv with and without bias on an input of `x_shape` and a weight of `w_shape`.
+fn check_conv(name: &str, x_shape: &[usize], w_shape: &[usize], stride: &[usize], seed: u64) {
+    let x = randn32(x_shape, 1.0, seed);
+    let w = randn32(w_shape, 0.3, seed + 1);
+    let b = randn32(&[w_shape[0]], 1.0, seed + 2);
+    check_op(&format!("{name} with bias"), &[x.clone(), w.clone(), b], TOL, |t, v| {
+        conv(t, &v[0], &v[1], Some(&v[2]), stride)
+    });
+    check_op(&format!("{name} without bias"), &[x, w], TOL, |t, v| conv(t, &v[0], &v[1], None, stride));
+}
+
+/// Checks conv_transpose with and without bias on an input of `x_shape` and a weight of `w_shape`.
+fn check_conv_transpose(name: &str, x_shape: &[usize], w_shape: &[usize], seed: u64) {
+    let x = randn32(x_shape, 1.0, seed);
+    let w = randn32(w_shape, 0.3, seed + 1);
+    let b = randn32(&[w_shape[1]], 1.0, seed + 2);
+    check_op(&format!("{name} with bias"), &[x.clone(), w.clone(), b], TOL, |t, v| {
+        conv_transpose(t, &v[0], &v[1], Some(&v[2]))
+    });
+    check_op(&format!("{name} without bias"), &[x, w], TOL, |t, v| conv_transpose(t, &v[0], &v[1], None));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv3d_k333() {
+    check_conv("conv3d 3x3x3 stride 1", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[1, 1, 1], 10);
+    check_conv("conv3d 3x3x3 stride 2", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[2, 2, 2], 20);
+    check_conv("conv3d 3x3x3 stride 1,2,2", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[1, 2, 2], 30);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv3d_k133() {
+    check_conv("conv3d 1x3x3 stride 1", &[2, 5, 7, 9, 11], &[7, 5, 1, 3, 3], &[1, 1, 1], 40);
+    check_conv("conv3d 1x3x3 stride 1,2,2", &[2, 5, 7, 9, 11], &[7, 5, 1, 3, 3], &[1, 2, 2], 50);
+}
+
+/// 1x1x1 with stride 2: the input gradient's odd phases have no tap at all and must come out zero.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv3d_k111() {
+    check_conv("conv3d 1x1x1 stride 1", &[2, 5, 7, 9, 11], &[7, 5, 1, 1, 1], &[1, 1, 1], 60);
+    check_conv("conv3d 1x1x1 stride 2", &[2, 5, 7, 9, 11], &[7, 5, 1, 1, 1], &[2, 2, 2], 70);
+}
+
+/// Different odd kernels and strides on every axis, and strides beyond the map size.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv3d_mixed_axes() {
+    check_conv("conv3d 3x1x5 stride 2,1,3", &[2, 5, 7, 9, 11], &[7, 5, 3, 1, 5], &[2, 1, 3], 80);
+    check_conv("conv3d stride beyond the map", &[1, 2, 1, 3, 2], &[3, 2, 3, 3, 3], &[2, 4, 3], 90);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv2d() {
+    check_conv("conv2d 3x3 stride 1", &[2, 5, 13, 17], &[7, 5, 3, 3], &[1, 1], 100);
+    check_conv("conv2d 3x3 stride 2", &[2, 5, 13, 17], &[7, 5, 3, 3], &[2, 2], 110);
+    check_conv("conv2d 1x1 stride 1", &[2, 5, 13, 17], &[7, 5, 1, 1], &[1, 1], 120);
+    // A weight gradient whose reduction fits one slice (written directly, no slice sum).
+    check_conv("conv2d tiny", &[1, 3, 3, 5], &[4, 3, 3, 3], &[1, 1], 130);
+}
+
+/// Several column tiles (Cout 37 > 32), several row tiles of the weight gradient (Cin * taps = 297 > 128), and
+/// reductions of many stages.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv2d_many_channels() {
+    check_conv("conv2d 33 -> 37 channels", &[2, 33, 19, 23], &[37, 33, 3, 3], &[1, 1], 140);
+    check_conv("conv2d 33 -> 37 channels stride 2", &[2, 33, 19, 23], &[37, 33, 3, 3], &[2, 2], 150);
+}
+
+/// The stage-1 convolution of the 3D configuration (32 channels, 3x3x3, stride [1,2,2]) on a small map, forward and
+/// backward.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv3d_reference_channels() {
+    check_conv("conv3d 32 -> 32 3x3x3 stride 1,2,2", &[2, 32, 5, 28, 24], &[32, 32, 3, 3, 3], &[1, 2, 2], 160);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_transpose3d() {
+    check_conv_transpose("conv_transpose3d 2x2x2", &[2, 5, 3, 5, 7], &[5, 7, 2, 2, 2], 200);
+    check_conv_transpose("conv_transpose3d 1x2x2", &[2, 5, 3, 5, 7], &[5, 7, 1, 2, 2], 210);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_transpose2d() {
+    check_conv_transpose("conv_transpose2d 2x2", &[2, 5, 9, 11], &[5, 7, 2, 2], 220);
+    check_conv_transpose("conv_transpose2d 33 -> 37 channels", &[2, 33, 9, 11], &[33, 37, 2, 2], 230);
+}
+
+/// The stage-0 convolutions of the 3D configuration (lkm-unet.md section 5: 32 -> 32 channels, kernels 1x3x3 and
+/// 3x3x3, stride 1), forward only and on depth 8 instead of 40 with batch 1 instead of 2: the float64 CPU
+/// reference of the full 1x32x40x224x192 3x3x3 forward alone is about 95 GFLOP. Then times the GPU forward and
+/// forward + backward at the full shape (batch 2, depth 40).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv3d_reference_shape() {
+    let gpu = common::gpu();
+    let dev = Device::Cuda(gpu.clone());
+    for (kernel, seed) in [([1, 3, 3], 300), ([3, 3, 3], 310)] {
+        let x = randn32(&[1, 32, 8, 224, 192], 1.0, seed);
+        let w = randn32(&[32, 32, kernel[0], kernel[1], kernel[2]], 0.1, seed + 1);
+        let b = randn32(&[32], 1.0, seed + 2);
+        let run = |xs: [&Tensor; 3], dev: Option<&Device>| {
+            let [x, w, b] = xs.map(|t| match dev {
+                Some(d) => t.to_device(d).unwrap(),
+                None => t.to_dtype(DType::F64).unwrap(),
+            });
+            conv(&mut Tape::new(), &x, &w, Some(&b), &[1, 1, 1]).unwrap().to_vec_f64().unwrap()
+        };
+        let err = rel_err(&run([&x, &w, &b], Some(&dev)), &run([&x, &w, &b], None));
+        eprintln!("conv3d {kernel:?} 1x32x8x224x192 forward: relative error {err:.2e}");
+        assert!(err < TOL, "conv3d {kernel:?} reference shape: forward relative error {err:e} >= {TOL:e}");
+    }
+
+    gpu.set_poison(false);
+    for kernel in [[1, 3, 3], [3, 3, 3]] {
+        let x = randn32(&[2, 32, 40, 224, 192], 1.0, 1).to_device(&dev).unwrap();
+        let w = randn32(&[32, 32, kernel[0], kernel[1], kernel[2]], 0.1, 2).to_device(&dev).unwrap();
+        let b = randn32(&[32], 1.0, 3).to_device(&dev).unwrap();
+        let seed = randn32(&[2, 32, 40, 224, 192], 1.0, 4).to_device(&dev).unwrap();
+        let forward = gpu.time_ms(1, 3, || conv(&mut Tape::new(), &x, &w, Some(&b), &[1, 1, 1]).map(|_| ())).unwrap();
+        let both = gpu
+            .time_ms(1, 3, || {
+                let mut tape = Tape::new();
+                for t in [&x, &w, &b] {
+                    tape.watch(t);
+                }
+                let y = conv(&mut tape, &x, &w, Some(&b), &[1, 1, 1])?;
+                tape.backward_from(&y, seed.clone()).map(|_| ())
+            })
+            .unwrap();
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let flop = 2.0 * (2 * 40 * 224 * 192) as f64 * 32.0 * 32.0 * kernel.iter().product::<usize>() as f64;
+        eprintln!(
+            "conv3d {kernel:?} 2x32x40x224x192 on {}: forward {:.2} ms ({:.1} TFLOP/s), forward + dx + dw + db {:.2} ms",
+            gpu.name(),
+            best(&forward),
+            flop / best(&forward) * 1e-9,
+            best(&both)
+        );
+    }
+}
