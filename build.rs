@@ -26,6 +26,29 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
+/// The names of the `extern "C" __global__` kernels a .cu source defines (template kernels are not looked up by name).
+fn kernel_names(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in source.match_indices("__global__") {
+        let mut rest = source[i + "__global__".len()..].to_string();
+        // `__launch_bounds__(...)` sits between the return type and the name.
+        if let Some(lb) = rest.find("__launch_bounds__") {
+            if let Some(close) = rest[lb..].find(')') {
+                rest.replace_range(lb..lb + close + 1, "");
+            }
+        }
+        let Some(open) = rest.find('(') else { continue };
+        let head = &rest[..open];
+        if !source[..i].trim_end().ends_with("extern \"C\"") || head.contains('<') {
+            continue;
+        }
+        if let Some(name) = head.split_whitespace().last() {
+            out.push(name.trim_start_matches('*').to_string());
+        }
+    }
+    out
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(lkm_kernels)");
     println!("cargo::rerun-if-changed=cuda");
@@ -48,6 +71,7 @@ fn main() {
 
     let nvcc = find_nvcc(&root);
     let mut entries = Vec::new();
+    let mut names = Vec::new();
     match &nvcc {
         None if required => panic!("LKM_REQUIRE_NVCC=1 but no nvcc was found: run tools/install-nvcc.sh or set NVCC"),
         None => println!("cargo::warning=nvcc not found: building lkm-engine CPU-only (run tools/install-nvcc.sh)"),
@@ -87,14 +111,19 @@ fn main() {
                 }
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                 entries.push(format!("    ({stem:?}, include_bytes!({:?})),", fatbin.display().to_string()));
+                for kernel in kernel_names(&fs::read_to_string(&src).unwrap()) {
+                    names.push(format!("    ({kernel:?}, {stem:?}),"));
+                }
             }
             println!("cargo::rustc-cfg=lkm_kernels");
         }
     }
     let code = format!(
-        "/// The compiled kernel files: (file stem, sm_{} fatbin).\npub const KERNEL_FILES: &[(&str, &[u8])] = &[\n{}\n];\n",
+        "/// The compiled kernel files: (file stem, sm_{} fatbin).\npub const KERNEL_FILES: &[(&str, &[u8])] = &[\n{}\n];\n\
+         /// Which file defines each kernel: (kernel name, file stem).\npub const KERNEL_NAMES: &[(&str, &str)] = &[\n{}\n];\n",
         env::var("LKM_NVCC_ARCH").unwrap_or_else(|_| "90".into()),
-        entries.join("\n")
+        entries.join("\n"),
+        names.join("\n")
     );
     fs::write(out.join("kernels.rs"), code).unwrap();
 }

@@ -112,11 +112,13 @@ impl Gpu {
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
-        let f = self
-            .modules
+        let file = KERNEL_NAMES
             .iter()
-            .find_map(|(_, m)| m.load_function(name).ok())
-            .ok_or_else(|| Error::Device(format!("kernel {name} is not in any compiled cuda/*.cu file")))?;
+            .find(|(k, _)| *k == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| Error::Device(format!("kernel {name} is not defined in any cuda/*.cu file")))?;
+        let module = &self.modules.iter().find(|(f, _)| *f == file).expect("every kernel file is loaded").1;
+        let f = module.load_function(name).map_err(driver_err(format!("loading kernel {name} from cuda/{file}.cu")))?;
         cache.insert(name, f.clone());
         Ok(f)
     }
