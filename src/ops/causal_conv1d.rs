@@ -11,18 +11,28 @@
 //!   dL/db[c]       = sum_{g, t} g[g, t, c]
 //! ```
 //!
-//! The loops keep the channel axis innermost, where tokens are contiguous; the weight is used transposed to (K, C)
-//! so that its rows are contiguous too.
+//! CPU: the loops keep the channel axis innermost, where tokens are contiguous; the weight is used transposed to
+//! (K, C) so that its rows are contiguous too.
+//!
+//! GPU (cuda/conv1d.cu): the forward and dx run one thread per element; dw and db reduce over all G L tokens in two
+//! fixed-order stages (per-slice partials, then [`sum_rows`]), so they are deterministic.
+
+use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Result};
 
 /// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C).
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let d = ConvDims::of(x, w, bias)?;
-    let y = by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?;
+    let y = match (x.gpu_buffer(), w.gpu_buffer(), bias.gpu_buffer()) {
+        (Some(xb), Some(wb), Some(bb)) => Tensor::from_gpu(forward_gpu(xb, wb, bb, d)?, x.shape())?,
+        _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?,
+    };
     tape.record(&[x, w, bias], &y, CausalConv1dBackward { x: x.clone(), w: w.clone(), dims: d });
     Ok(y)
 }
@@ -146,6 +156,98 @@ impl Backward for CausalConv1dBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        by_dtype!(self.x.dtype(), backward_cpu(&self.x, &self.w, grad_out, self.dims, needs))
+        self.x.check_same_kind(grad_out, "causal_conv1d backward")?;
+        match (self.x.gpu_buffer(), self.w.gpu_buffer(), grad_out.gpu_buffer()) {
+            (Some(xb), Some(wb), Some(gb)) => {
+                let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, needs)?;
+                let wrap = |b: Option<GpuBuffer>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
+                Ok(vec![wrap(dx, self.x.shape())?, wrap(dw, self.w.shape())?, wrap(db, &[self.dims.c])?])
+            }
+            _ => by_dtype!(self.x.dtype(), backward_cpu(&self.x, &self.w, grad_out, self.dims, needs)),
+        }
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GPU
+
+/// The largest kernel size the GPU weight-gradient kernel supports (`CONV1D_MAX_K` in cuda/conv1d.cu).
+const GPU_MAX_K: usize = 8;
+/// Token rows per block of the weight- and bias-gradient partial sums.
+const PARAM_SLICE_ROWS: usize = 1024;
+
+fn check_gpu(d: ConvDims) -> Result<()> {
+    let ConvDims { g, l, c, k } = d;
+    ensure!(g * l * c > 0, Shape, "causal_conv1d on the GPU: empty input (G, L, C) = ({g}, {l}, {c})");
+    ensure!(k <= GPU_MAX_K, Shape, "causal_conv1d on the GPU supports kernels up to {GPU_MAX_K} taps, got K = {k}");
+    Ok(())
+}
+
+fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: &GpuBuffer, d: ConvDims) -> Result<GpuBuffer> {
+    check_gpu(d)?;
+    let ConvDims { g, l, c, k } = d;
+    let gpu = &x.gpu;
+    let mut y = gpu.alloc(g * l * c, "causal_conv1d output")?;
+    let (gi, li, ci, ki) = (g as i64, l as i64, c as i64, k as i32);
+    launch!(
+        gpu,
+        "causal_conv1d_forward",
+        grid_1d(g * l * c),
+        format!("causal_conv1d {d:?}"),
+        [&x.slice, &w.slice, &bias.slice, &mut y.slice, &gi, &li, &ci, &ki]
+    )?;
+    Ok(y)
+}
+
+/// dx (G, L, C), dw (C, K) and db (C) on the GPU, each only when wanted.
+type GpuConvGrads = (Option<GpuBuffer>, Option<GpuBuffer>, Option<GpuBuffer>);
+
+fn backward_gpu(x: &GpuBuffer, w: &GpuBuffer, gy: &GpuBuffer, d: ConvDims, needs: &[bool]) -> Result<GpuConvGrads> {
+    check_gpu(d)?;
+    let ConvDims { g, l, c, k } = d;
+    let gpu = &x.gpu;
+    let (gi, li, ci, ki) = (g as i64, l as i64, c as i64, k as i32);
+    let shapes = format!("causal_conv1d backward {d:?}");
+    let dx = if needs[0] {
+        let mut dx = gpu.alloc(g * l * c, "causal_conv1d dx")?;
+        launch!(
+            gpu,
+            "causal_conv1d_backward_input",
+            grid_1d(g * l * c),
+            shapes.clone(),
+            [&gy.slice, &w.slice, &mut dx.slice, &gi, &li, &ci, &ki]
+        )?;
+        Some(dx)
+    } else {
+        None
+    };
+    let (mut dw, mut db) = (None, None);
+    if needs[1] || needs[2] {
+        // One partial row [dw (C K) | db (C)] per fixed slice of token rows, then fixed-order sums over the slices.
+        let rows = g * l;
+        let per_slice = PARAM_SLICE_ROWS.max(rows.div_ceil(65_535));
+        let slices = rows.div_ceil(per_slice);
+        let width = c * k + c;
+        let mut part = gpu.alloc(slices * width, "causal_conv1d parameter partial sums")?;
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(32) as u32, slices as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let per_slice = per_slice as i64;
+        launch!(
+            gpu,
+            "causal_conv1d_param_partials",
+            cfg,
+            shapes,
+            [&x.slice, &gy.slice, &mut part.slice, &gi, &li, &ci, &ki, &per_slice]
+        )?;
+        if needs[1] {
+            dw = Some(sum_rows(gpu, &part.slice.slice(..), slices, c * k, width, "causal_conv1d dw")?);
+        }
+        if needs[2] {
+            db = Some(sum_rows(gpu, &part.slice.slice(c * k..), slices, c, width, "causal_conv1d db")?);
+        }
+    }
+    Ok((dx, dw, db))
 }

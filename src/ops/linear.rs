@@ -11,21 +11,35 @@
 //!   dL/db[j]    = sum_i g[i, j]
 //! ```
 //!
-//! Every loop runs over contiguous rows: the forward takes dot products of rows of x with rows of W, four rows of x at
-//! a time so that each load of W serves four of them; dx adds rows of W scaled by g[i, j]; dW adds the outer product
-//! g[i, :] x[i, :] one row i at a time.
+//! CPU: every loop runs over contiguous rows: the forward takes dot products of rows of x with rows of W, four rows of
+//! x at a time so that each load of W serves four of them; dx adds rows of W scaled by g[i, j]; dW adds the outer
+//! product g[i, :] x[i, :] one row i at a time.
+//!
+//! GPU: the three products run on one tiled kernel, `gemm_f32` (cuda/gemm.cu), that reads its operands through
+//! strides, so x W^T, g W and g^T x need no transposed copies. dW reduces over all M tokens while its output is
+//! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
+//! order ([`sum_rows`], also used for db); results are the same bits from run to run.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{Gpu, GpuBuffer};
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, launch, Result};
 
 /// `y = x W^T + b` over the last axis of `x` (..., Cin), with `w` (Cout, Cin) and `bias` (Cout); returns (..., Cout).
 pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let d = LinearDims::of(x, w, bias)?;
-    let y = by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank checked") = d.n;
-    let y = y.with_shape(&out_shape)?;
+    let y = match (x.gpu_buffer(), w.gpu_buffer()) {
+        (Some(xb), Some(wb)) => {
+            Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu_buffer), d)?, &out_shape)?
+        }
+        _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
+    };
     let saved = || LinearBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), dims: d };
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved()),
@@ -217,12 +231,193 @@ impl Backward for LinearBackward {
             let grads = backward_cpu::<T>(&op.x, &op.w, g, op.dims, needs)?;
             grads_to_tensors(grads, &op.x, &op.w, op.dims.n)
         }
+        self.x.check_same_kind(grad_out, "linear backward")?;
         let want = [needs[0], needs[1], self.has_bias && needs.get(2).copied().unwrap_or(false)];
-        let [dx, dw, db] = by_dtype!(self.x.dtype(), cpu(self, grad_out, want))?;
+        let [dx, dw, db] = match (self.x.gpu_buffer(), self.w.gpu_buffer(), grad_out.gpu_buffer()) {
+            (Some(xb), Some(wb), Some(gb)) => {
+                let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, want)?;
+                let wrap = |b: Option<GpuBuffer>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
+                [wrap(dx, self.x.shape())?, wrap(dw, self.w.shape())?, wrap(db, &[self.dims.n])?]
+            }
+            _ => by_dtype!(self.x.dtype(), cpu(self, grad_out, want))?,
+        };
         let mut out = vec![dx, dw];
         if self.has_bias {
             out.push(db);
         }
         Ok(out)
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GPU
+
+/// The output tile of `gemm_f32` (rows and columns) and its step along K (cuda/gemm.cu).
+const GEMM_TILE: usize = 64;
+const GEMM_TK: usize = 16;
+/// The weight gradient's split over M aims at about this many blocks (a few waves on an H100's 132 SMs) ...
+const GEMM_SPLIT_BLOCKS: usize = 1024;
+/// ... with at least this many rows of M per slice, so each block does real work.
+const GEMM_MIN_SLICE: usize = 256;
+
+/// One product C = A B (+ bias) for `gemm_f32`: A(i, k) = a[i * a_si + k * a_sk], B(k, j) = b[k * b_sk + j * b_sj],
+/// C (m, n) row-major.
+struct Gemm<'a> {
+    a: &'a CudaSlice<f32>,
+    a_si: usize,
+    a_sk: usize,
+    b: &'a CudaSlice<f32>,
+    b_sk: usize,
+    b_sj: usize,
+    bias: Option<&'a CudaSlice<f32>>,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl Gemm<'_> {
+    /// Launches the product into `c`. With `slices` > 1, K is cut into slices of `k_slice` and `c` receives `slices`
+    /// partial products of m x n one after another.
+    fn run(&self, gpu: &Arc<Gpu>, c: &mut CudaSlice<f32>, k_slice: usize, slices: usize, what: &str) -> Result<()> {
+        ensure!(
+            self.n.div_ceil(GEMM_TILE) <= 65_535 && slices <= 65_535,
+            Shape,
+            "{what}: {} output columns exceed the GPU grid (at most {})",
+            self.n,
+            65_535 * GEMM_TILE
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (self.m.div_ceil(GEMM_TILE) as u32, self.n.div_ceil(GEMM_TILE) as u32, slices as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (a_si, a_sk, b_sk, b_sj) = (self.a_si as i64, self.a_sk as i64, self.b_sk as i64, self.b_sj as i64);
+        let (m, n, k, ks, cs) = (self.m as i64, self.n as i64, self.k as i64, k_slice as i64, (self.m * self.n) as i64);
+        let has_bias = self.bias.is_some() as i32;
+        // Without a bias the kernel never reads its bias pointer; any valid buffer stands in.
+        let bias = self.bias.unwrap_or(self.a);
+        let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
+        launch!(
+            gpu,
+            "gemm_f32",
+            cfg,
+            shapes,
+            [self.a, &a_si, &a_sk, self.b, &b_sk, &b_sj, bias, &has_bias, c, &m, &n, &k, &ks, &cs]
+        )
+    }
+}
+
+/// Rows summed per block in the first round of [`sum_rows`] when one round would leave too few blocks.
+const SUM_SLICE_ROWS: usize = 2048;
+/// Up to this many rows [`sum_rows`] sums in one round (one block per 32 columns).
+const SUM_ONE_ROUND_ROWS: usize = 4096;
+
+/// Deterministic column sums on the GPU: y[q] = sum_{p < rows} x[p * ld + q] for q < cols (`x` may start at a column
+/// offset of a wider buffer). Many rows are summed in two rounds, slices then slice sums; the order depends only on
+/// the shapes (see `sum_rows_f32` in cuda/gemm.cu). Shared by the ops whose gradients reduce over tokens.
+pub(crate) fn sum_rows(
+    gpu: &Arc<Gpu>,
+    x: &CudaView<'_, f32>,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    what: &str,
+) -> Result<GpuBuffer> {
+    let per_slice = if rows <= SUM_ONE_ROUND_ROWS { rows.max(1) } else { SUM_SLICE_ROWS.max(rows.div_ceil(65_535)) };
+    let slices = rows.div_ceil(per_slice).max(1);
+    let mut y = gpu.alloc(slices * cols, what)?;
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(32) as u32, slices as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    let (r, c, l, p) = (rows as i64, cols as i64, ld as i64, per_slice as i64);
+    launch!(
+        gpu,
+        "sum_rows_f32",
+        cfg,
+        format!("{what}: sum of {rows} rows x {cols}"),
+        [x, &r, &c, &l, &p, &mut y.slice]
+    )?;
+    if slices == 1 {
+        return Ok(y);
+    }
+    sum_rows(gpu, &y.slice.slice(..), slices, cols, cols, what)
+}
+
+fn check_nonempty(d: LinearDims) -> Result<()> {
+    ensure!(
+        d.m > 0 && d.k > 0 && d.n > 0,
+        Shape,
+        "linear on the GPU: empty operand (M, K, N) = ({}, {}, {})",
+        d.m,
+        d.k,
+        d.n
+    );
+    Ok(())
+}
+
+fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: Option<&GpuBuffer>, d: LinearDims) -> Result<GpuBuffer> {
+    check_nonempty(d)?;
+    let gpu = &x.gpu;
+    let mut y = gpu.alloc(d.m * d.n, "linear output")?;
+    let prod = Gemm {
+        a: &x.slice,
+        a_si: d.k,
+        a_sk: 1,
+        b: &w.slice,
+        b_sk: 1,
+        b_sj: d.k,
+        bias: bias.map(|b| &b.slice),
+        m: d.m,
+        n: d.n,
+        k: d.k,
+    };
+    prod.run(gpu, &mut y.slice, d.k, 1, "linear forward")?;
+    Ok(y)
+}
+
+/// dx (M, K), dW (N, K) and db (N) on the GPU, each only when wanted.
+type GpuLinearGrads = (Option<GpuBuffer>, Option<GpuBuffer>, Option<GpuBuffer>);
+
+fn backward_gpu(
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    g: &GpuBuffer,
+    d: LinearDims,
+    needs: [bool; 3],
+) -> Result<GpuLinearGrads> {
+    check_nonempty(d)?;
+    let gpu = &x.gpu;
+    let LinearDims { m, k, n } = d;
+    let dx = if needs[0] {
+        let mut dx = gpu.alloc(m * k, "linear dx")?;
+        let prod = Gemm { a: &g.slice, a_si: n, a_sk: 1, b: &w.slice, b_sk: k, b_sj: 1, bias: None, m, n: k, k: n };
+        prod.run(gpu, &mut dx.slice, n, 1, "linear dx = g W")?;
+        Some(dx)
+    } else {
+        None
+    };
+    let dw = if needs[1] {
+        // dW = g^T x reduces over the M tokens: fixed slices of M, then a fixed-order sum of the partial products.
+        let prod = Gemm { a: &g.slice, a_si: 1, a_sk: n, b: &x.slice, b_sk: k, b_sj: 1, bias: None, m: n, n: k, k: m };
+        let tiles = n.div_ceil(GEMM_TILE) * k.div_ceil(GEMM_TILE);
+        let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
+        let k_slice = m.div_ceil(want).next_multiple_of(GEMM_TK).max(GEMM_MIN_SLICE);
+        let slices = m.div_ceil(k_slice);
+        let what = "linear dW = g^T x";
+        if slices == 1 {
+            let mut dw = gpu.alloc(n * k, "linear dW")?;
+            prod.run(gpu, &mut dw.slice, m, 1, what)?;
+            Some(dw)
+        } else {
+            let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
+            prod.run(gpu, &mut partial.slice, k_slice, slices, what)?;
+            Some(sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?)
+        }
+    } else {
+        None
+    };
+    let db = if needs[2] { Some(sum_rows(gpu, &g.slice.slice(..), m, n, n, "linear db")?) } else { None };
+    Ok((dx, dw, db))
 }

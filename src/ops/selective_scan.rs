@@ -41,12 +41,24 @@
 //! Nothing but the inputs is saved: the backward pass recomputes one sequence-channel's states h_t into an (L + 1) x N
 //! buffer (row 0 is h_{-1} = 0) together with dA_t, dt_t and s_t, then sweeps t from L-1 down to 0 carrying
 //! dA_t dh_t. The buffers are reused for every (g, d), so memory stays O(L N) rather than O(G L Dch N).
+//!
+//! On the GPU (cuda/scan.cu, whose header gives the design) sequences are cut into chunks of [`GPU_CHUNK`] tokens and
+//! only the state at each chunk start, (G, chunks, Dch, N), is saved for the backward (nothing for a single chunk).
+//! Many sequences (PiM) run whole in one thread per (sequence, channel); few long ones (PaM) run as a parallel scan
+//! over chunks: each chunk's decay and end state from zero, a sequential combine over the chunks, then every chunk
+//! again from its true initial state. The backward recomputes the states chunk by chunk from the saved ones and
+//! carries the adjoint backwards, across chunks of long sequences by the same combine in reverse. Gradients summed
+//! over tokens or channels are reduced in a fixed order, so they are deterministic. The GPU kernels support N <= 32.
+
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::activation::Activation;
+use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{bail, by_dtype, ensure, launch, Result};
 
 /// The eight inputs of [`selective_scan`], in the order they are recorded on the tape.
 #[derive(Clone, Copy, Debug)]
@@ -78,9 +90,12 @@ impl<'a> ScanInputs<'a> {
 /// The fused selective scan (see the module doc); returns y (G, L, Dch).
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
     let dims = ScanDims::of(inp)?;
-    let y = by_dtype!(inp.u.dtype(), forward_cpu(inp, dims))?;
     let all = inp.all();
-    let saved = ScanBackward { inputs: all.map(|t| t.clone()), dims };
+    let (y, chunk_states) = match gpu_buffers(all) {
+        Some(bufs) => forward_gpu(bufs, dims, tape.needs_grad(&all))?,
+        None => (by_dtype!(inp.u.dtype(), forward_cpu(inp, dims))?, None),
+    };
+    let saved = ScanBackward { inputs: all.map(|t| t.clone()), dims, chunk_states };
     tape.record(&all, &y, saved);
     Ok(y)
 }
@@ -187,6 +202,8 @@ fn forward_cpu<T: Real>(inp: &ScanInputs, dims: ScanDims) -> Result<Tensor> {
 struct ScanBackward {
     inputs: [Tensor; 8],
     dims: ScanDims,
+    /// GPU sequences longer than one chunk: the state at each chunk start (G, chunks, Dch, N).
+    chunk_states: Option<Tensor>,
 }
 
 fn backward_cpu<T: Real>(op: &ScanBackward, gout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
@@ -297,6 +314,396 @@ impl Backward for ScanBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        by_dtype!(self.inputs[0].dtype(), backward_cpu(self, grad_out, needs))
+        self.inputs[0].check_same_kind(grad_out, "selective_scan backward")?;
+        match (gpu_buffers(self.inputs.each_ref()), grad_out.gpu_buffer()) {
+            (Some(bufs), Some(gy)) => backward_gpu(self, bufs, gy, needs),
+            _ => by_dtype!(self.inputs[0].dtype(), backward_cpu(self, grad_out, needs)),
+        }
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GPU
+
+/// Tokens per chunk of the GPU scan: the backward recomputes states from the state saved at each chunk start, so a
+/// sequence of L > 64 tokens saves ceil(L / 64) states of N floats per channel (the first, zero, included), 1/4 of u's
+/// size at L = 128 and N = 16; one of at most 64 tokens saves nothing. A multiple of the backward's sub-chunk
+/// (`SCAN_BWD_SUB` = 8 in cuda/scan.cu).
+pub const GPU_CHUNK: usize = 64;
+
+/// With at least this many (sequence, channel) pairs the forward runs each whole sequence in one thread (every PiM
+/// grouping); with fewer (PaM) it runs the three-pass parallel scan over chunks so that the GPU has work.
+const SEQUENTIAL_MIN_THREADS: usize = 16_384;
+
+/// Threads of a backward block (`SCAN_BWD_THREADS`), and its sub-chunk and states per lane.
+const BWD_THREADS: usize = 128;
+const BWD_SUB: usize = 8;
+const BWD_STATES_PER_LANE: usize = 4;
+
+/// The kernels serving one range of state sizes N: states padded to `padded` (forward registers; backward lanes of
+/// 4 states each), and the longest sequence a backward block sweeps whole (its dB, dC accumulator must fit in shared
+/// memory); longer sequences are swept one chunk per block with the adjoint carried between chunks.
+#[derive(Clone, Copy)]
+struct Variant {
+    padded: usize,
+    whole_sequence_max: usize,
+}
+
+impl Variant {
+    fn for_states(n: usize) -> Result<Variant> {
+        match n {
+            1..=16 => Ok(Variant { padded: 16, whole_sequence_max: 128 }),
+            17..=32 => Ok(Variant { padded: 32, whole_sequence_max: 64 }),
+            _ => bail!(Shape, "selective_scan on the GPU supports 1 to 32 states, got N = {n} (a_log's second axis)"),
+        }
+    }
+
+    /// Dynamic shared memory of the backward kernel in bytes (the layout in cuda/scan.cu's `scan_backward_group`).
+    fn backward_shared_bytes(self, acc_rows: usize) -> usize {
+        let lanes_per_channel = self.padded / BWD_STATES_PER_LANE;
+        let channels = BWD_THREADS / lanes_per_channel;
+        let (v, warps) = (2 * self.padded, BWD_THREADS / 32);
+        let staged = 5 * BWD_SUB * channels + 2 * BWD_SUB * self.padded;
+        let sums = 3 * BWD_SUB * channels + BWD_SUB * warps * v;
+        let checkpoints = GPU_CHUNK / BWD_SUB * BWD_STATES_PER_LANE * BWD_THREADS;
+        4 * (staged + sums + acc_rows * v + checkpoints + 2 * BWD_THREADS)
+    }
+}
+
+/// Launches the N <= 16 or the N <= 32 build of a kernel (same arguments).
+macro_rules! launch_variant {
+    ($variant:expr, $gpu:expr, $n16:literal, $n32:literal, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {
+        if $variant.padded == 16 {
+            launch!($gpu, $n16, $cfg, $shapes, [$($arg),*])
+        } else {
+            launch!($gpu, $n32, $cfg, $shapes, [$($arg),*])
+        }
+    };
+}
+
+/// The GPU buffers of the eight inputs, when they live on a GPU (`ScanDims::of` has checked that they agree).
+fn gpu_buffers(t: [&Tensor; 8]) -> Option<[&GpuBuffer; 8]> {
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = t.map(Tensor::gpu_buffer);
+    Some([u?, delta?, a_log?, b?, c?, d_skip?, z?, delta_bias?])
+}
+
+/// Chunks per sequence, after checking that the sizes suit the kernels.
+fn gpu_chunks(dims: ScanDims) -> Result<usize> {
+    let ScanDims { g, l, dch, n } = dims;
+    ensure!(g * l * dch * n > 0, Shape, "selective_scan on the GPU: empty input {dims:?}");
+    let nc = l.div_ceil(GPU_CHUNK);
+    ensure!(
+        g * nc <= i32::MAX as usize,
+        Shape,
+        "selective_scan on the GPU: too many sequence chunks for one grid ({dims:?})"
+    );
+    Ok(nc)
+}
+
+/// y, and for sequences of several chunks (when `keep` asks) the state at every chunk start, (G, chunks, Dch, N).
+fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let ScanDims { g, l, dch, n } = dims;
+    let variant = Variant::for_states(n)?;
+    let nc = gpu_chunks(dims)?;
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = bufs;
+    let gpu = &u.gpu;
+    let threads = dch.next_multiple_of(32).min(128);
+    // Whole sequences per block (cpb = nc), or one chunk per block for the parallel scan.
+    let whole = nc == 1 || g * dch >= SEQUENTIAL_MIN_THREADS;
+    let cpb = if whole { nc } else { 1 };
+    let cfg = LaunchConfig {
+        grid_dim: ((g * nc.div_ceil(cpb)) as u32, dch.div_ceil(threads) as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (li, di, ni, ti, cpbi) = (l as i64, dch as i64, n as i32, GPU_CHUNK as i64, cpb as i64);
+    let shapes = format!("selective_scan {dims:?}");
+    let mut y = gpu.alloc(g * l * dch, "selective_scan output")?;
+    let (no, yes) = (0i32, 1i32);
+    if nc == 1 {
+        // From h = 0, nothing to record; the h_init, states and sum_dt pointers are unused (u stands in).
+        launch_variant!(
+            variant,
+            gpu,
+            "scan_forward_n16",
+            "scan_forward_n32",
+            cfg,
+            shapes,
+            [
+                &u.slice,
+                &delta.slice,
+                &a_log.slice,
+                &b.slice,
+                &c.slice,
+                &d_skip.slice,
+                &z.slice,
+                &delta_bias.slice,
+                &u.slice,
+                &no,
+                &mut y.slice,
+                &u.slice,
+                &u.slice,
+                &no,
+                &li,
+                &di,
+                &ni,
+                &ti,
+                &cpbi,
+                &no,
+            ]
+        )?;
+        return Ok((Tensor::from_gpu(y, &[g, l, dch])?, None));
+    }
+    let mut states = gpu.alloc(g * nc * dch * n, "selective_scan chunk states")?;
+    if whole {
+        // One pass that records the state at each chunk start (h_init and sum_dt unused).
+        launch_variant!(
+            variant,
+            gpu,
+            "scan_forward_n16",
+            "scan_forward_n32",
+            cfg,
+            shapes,
+            [
+                &u.slice,
+                &delta.slice,
+                &a_log.slice,
+                &b.slice,
+                &c.slice,
+                &d_skip.slice,
+                &z.slice,
+                &delta_bias.slice,
+                &u.slice,
+                &no,
+                &mut y.slice,
+                &mut states.slice,
+                &u.slice,
+                &yes,
+                &li,
+                &di,
+                &ni,
+                &ti,
+                &cpbi,
+                &no,
+            ]
+        )?;
+    } else {
+        // Pass 1: each chunk's end state from 0 and its sum of dt (h_init and y unused).
+        let mut sum_dt = gpu.alloc(g * nc * dch, "selective_scan chunk step sums")?;
+        launch_variant!(
+            variant,
+            gpu,
+            "scan_forward_n16",
+            "scan_forward_n32",
+            cfg,
+            shapes.clone(),
+            [
+                &u.slice,
+                &delta.slice,
+                &a_log.slice,
+                &b.slice,
+                &c.slice,
+                &d_skip.slice,
+                &z.slice,
+                &delta_bias.slice,
+                &u.slice,
+                &no,
+                &mut y.slice,
+                &mut states.slice,
+                &mut sum_dt.slice,
+                &no,
+                &li,
+                &di,
+                &ni,
+                &ti,
+                &cpbi,
+                &yes,
+            ]
+        )?;
+        // Pass 2: end states become true initial states, in place.
+        combine_chunks(&mut states, &sum_dt, a_log, dims, nc, false)?;
+        // Pass 3: every chunk from its initial state (sum_dt unused, nothing recorded).
+        launch_variant!(
+            variant,
+            gpu,
+            "scan_forward_n16",
+            "scan_forward_n32",
+            cfg,
+            shapes,
+            [
+                &u.slice,
+                &delta.slice,
+                &a_log.slice,
+                &b.slice,
+                &c.slice,
+                &d_skip.slice,
+                &z.slice,
+                &delta_bias.slice,
+                &states.slice,
+                &yes,
+                &mut y.slice,
+                &u.slice,
+                &u.slice,
+                &no,
+                &li,
+                &di,
+                &ni,
+                &ti,
+                &cpbi,
+                &no,
+            ]
+        )?;
+    }
+    let saved = if keep { Some(Tensor::from_gpu(states, &[g, nc, dch, n])?) } else { None };
+    Ok((Tensor::from_gpu(y, &[g, l, dch])?, saved))
+}
+
+/// `scan_chunk_combine`: turns per-chunk contributions (end states from 0, or carries from 0) into what enters each
+/// chunk, in chunk order or (`reverse`) backwards.
+fn combine_chunks(
+    states: &mut GpuBuffer,
+    sum_dt: &GpuBuffer,
+    a_log: &GpuBuffer,
+    dims: ScanDims,
+    nc: usize,
+    reverse: bool,
+) -> Result<()> {
+    let ScanDims { g, dch, n, .. } = dims;
+    let gpu = states.gpu.clone();
+    let (gi, nci, di, ni, rev) = (g as i64, nc as i64, dch as i64, n as i32, reverse as i32);
+    launch!(
+        gpu,
+        "scan_chunk_combine",
+        grid_1d(g * dch * n),
+        format!("selective_scan chunk combine {dims:?}"),
+        [&mut states.slice, &sum_dt.slice, &a_log.slice, &gi, &nci, &di, &ni, &rev]
+    )
+}
+
+fn backward_gpu(
+    op: &ScanBackward,
+    bufs: [&GpuBuffer; 8],
+    gy: &GpuBuffer,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let dims = op.dims;
+    let ScanDims { g, l, dch, n } = dims;
+    let variant = Variant::for_states(n)?;
+    let nc = gpu_chunks(dims)?;
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = bufs;
+    let gpu = &u.gpu;
+    let (gi, li, di, ni, ti) = (g as i64, l as i64, dch as i64, n as i32, GPU_CHUNK as i64);
+    let shapes = format!("selective_scan backward {dims:?}");
+
+    // A block sweeps a whole sequence when its dB, dC accumulator fits, else one chunk.
+    let cpb = if l <= variant.whole_sequence_max { nc } else { 1 };
+    let groups = nc.div_ceil(cpb);
+    let states = match (&op.chunk_states, nc > 1) {
+        (Some(s), true) => Some(s.gpu_buffer().ok_or_else(|| {
+            crate::Error::Mismatch("selective_scan backward: chunk states are not on the GPU".into())
+        })?),
+        (_, false) => None,
+        (None, true) => {
+            bail!(Mismatch, "selective_scan backward: the forward did not keep its chunk states ({dims:?})")
+        }
+    };
+    // Sequences split over several blocks: the adjoint carry entering each chunk from the right.
+    let carry = if groups > 1 {
+        let mut carry = gpu.alloc(g * nc * dch * n, "selective_scan chunk carries")?;
+        let mut sum_dt = gpu.alloc(g * nc * dch, "selective_scan chunk step sums")?;
+        launch!(
+            gpu,
+            "scan_backward_carry",
+            grid_1d(g * nc * dch * n),
+            shapes.clone(),
+            [
+                &delta.slice,
+                &a_log.slice,
+                &c.slice,
+                &z.slice,
+                &delta_bias.slice,
+                &gy.slice,
+                &mut carry.slice,
+                &mut sum_dt.slice,
+                &gi,
+                &li,
+                &di,
+                &ni,
+                &ti
+            ]
+        )?;
+        combine_chunks(&mut carry, &sum_dt, a_log, dims, nc, true)?;
+        Some(carry)
+    } else {
+        None
+    };
+    // Missing states or carries are never read; u stands in.
+    let h_init: &CudaSlice<f32> = states.map_or(&u.slice, |s| &s.slice);
+    let carry_in: &CudaSlice<f32> = carry.as_ref().map_or(&u.slice, |c| &c.slice);
+    let (has_init, has_carry) = (states.is_some() as i32, carry.is_some() as i32);
+
+    let tokens = g * l * dch;
+    let mut du = gpu.alloc(tokens, "selective_scan du")?;
+    let mut ddelta = gpu.alloc(tokens, "selective_scan ddelta")?;
+    let mut dz = gpu.alloc(tokens, "selective_scan dz")?;
+    let mut db = gpu.alloc(g * l * n, "selective_scan dB")?;
+    let mut dc = gpu.alloc(g * l * n, "selective_scan dC")?;
+    // One row per (g, group): [A sum e dt (Dch N) | sum q u (Dch) | sum ddelta (Dch)].
+    let width = dch * n + 2 * dch;
+    let mut part = gpu.alloc(g * groups * width, "selective_scan parameter partial sums")?;
+    let acc_rows = (cpb * GPU_CHUNK).min(l).next_multiple_of(BWD_SUB);
+    let cfg = LaunchConfig {
+        grid_dim: ((g * groups) as u32, 1, 1),
+        block_dim: (BWD_THREADS as u32, 1, 1),
+        shared_mem_bytes: variant.backward_shared_bytes(acc_rows) as u32,
+    };
+    let (cpbi, acc_rows) = (cpb as i64, acc_rows as i32);
+    launch_variant!(
+        variant,
+        gpu,
+        "scan_backward_n16",
+        "scan_backward_n32",
+        cfg,
+        shapes,
+        [
+            &u.slice,
+            &delta.slice,
+            &a_log.slice,
+            &b.slice,
+            &c.slice,
+            &d_skip.slice,
+            &z.slice,
+            &delta_bias.slice,
+            &gy.slice,
+            h_init,
+            &has_init,
+            carry_in,
+            &has_carry,
+            &mut du.slice,
+            &mut ddelta.slice,
+            &mut dz.slice,
+            &mut db.slice,
+            &mut dc.slice,
+            &mut part.slice,
+            &li,
+            &di,
+            &ni,
+            &ti,
+            &cpbi,
+            &acc_rows,
+        ]
+    )?;
+
+    let rows = g * groups;
+    let da_log = sum_rows(gpu, &part.slice.slice(..), rows, dch * n, width, "selective_scan da_log")?;
+    let dd = sum_rows(gpu, &part.slice.slice(dch * n..), rows, dch, width, "selective_scan dD")?;
+    let dbias = sum_rows(gpu, &part.slice.slice(dch * n + dch..), rows, dch, width, "selective_scan ddelta_bias")?;
+
+    let grads = [du, ddelta, da_log, db, dc, dd, dz, dbias];
+    grads
+        .into_iter()
+        .zip(&op.inputs)
+        .zip(needs)
+        .map(|((buf, x), &need)| need.then(|| Tensor::from_gpu(buf, x.shape())).transpose())
+        .collect()
 }

@@ -1,0 +1,88 @@
+// Depthwise causal convolution along the sequence axis (Mamba's conv1d). Tokens x (G, L, C) channels last, weight
+// w (C, K), bias b (C); taps before the start of a sequence are zero:
+//
+//   forward:  y[g, t, c]  = b[c] + sum_{k<K} w[c, k] x[g, t - (K-1) + k, c]           (terms with index < 0 dropped)
+//   input:    dx[g, s, c] = sum_{k<K} w[c, k] gy[g, s + (K-1) - k, c]                  (terms with index >= L dropped)
+//   weight:   dw[c, k]    = sum_{g, t} gy[g, t, c] x[g, t - (K-1) + k, c]
+//   bias:     db[c]       = sum_{g, t} gy[g, t, c]
+//
+// Flat index i = (g L + t) C + c; moving by one token moves i by C. The forward and the input gradient run one thread
+// per element; consecutive threads take consecutive channels, so every load and store is coalesced.
+//
+// The parameter gradients reduce over all G L tokens, deterministically in two stages: causal_conv1d_param_partials
+// gives each block 32 channels and one fixed slice of rows_per_slice token rows (r = g L + t); its 8 row lanes add
+// rows ty, ty + 8, ... in order, lane 0 adds the 8 lane sums in order, and the block writes one partial row
+//   part[s, c K + k] = slice-s part of dw[c, k],    part[s, C K + c] = slice-s part of db[c]
+// which sum_rows_f32 (gemm.cu) then sums over the slices s in order.
+#include "common.cuh"
+
+#define CONV1D_MAX_K 8  // largest kernel the parameter-gradient kernel keeps in registers (Mamba uses 4)
+
+extern "C" __global__ void causal_conv1d_forward(const float* __restrict__ x, const float* __restrict__ w,
+                                                 const float* __restrict__ bias, float* __restrict__ y, int64_t G,
+                                                 int64_t L, int64_t C, int K) {
+    FOR_EACH(i, G * L * C) {
+        const int64_t c = i % C, t = (i / C) % L;
+        float s = bias[c];
+        for (int k = 0; k < K; ++k) {
+            const int64_t src = t - (K - 1) + k;
+            if (src >= 0) s += w[c * K + k] * x[i + (src - t) * C];
+        }
+        y[i] = s;
+    }
+}
+
+extern "C" __global__ void causal_conv1d_backward_input(const float* __restrict__ gy, const float* __restrict__ w,
+                                                        float* __restrict__ dx, int64_t G, int64_t L, int64_t C,
+                                                        int K) {
+    FOR_EACH(i, G * L * C) {
+        const int64_t c = i % C, s = (i / C) % L;
+        float acc = 0.0f;
+        for (int k = 0; k < K; ++k) {
+            const int64_t t = s + (K - 1) - k;
+            if (t < L) acc += w[c * K + k] * gy[i + (t - s) * C];
+        }
+        dx[i] = acc;
+    }
+}
+
+// Block (32, 8), grid (ceil(C / 32), slices). part has one row of C K + C values per slice.
+extern "C" __global__ void __launch_bounds__(256) causal_conv1d_param_partials(const float* __restrict__ x,
+                                                                             const float* __restrict__ gy,
+                                                                             float* __restrict__ part, int64_t G,
+                                                                             int64_t L, int64_t C, int K,
+                                                                             int64_t rows_per_slice) {
+    __shared__ float lanes[8][CONV1D_MAX_K + 1][32];
+    const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x;
+    const int64_t r_begin = (int64_t)blockIdx.y * rows_per_slice;
+    const int64_t r_end = min(G * L, r_begin + rows_per_slice);
+    float acc[CONV1D_MAX_K + 1];  // acc[k] for the weight taps, acc[CONV1D_MAX_K] for the bias
+#pragma unroll
+    for (int k = 0; k <= CONV1D_MAX_K; ++k) acc[k] = 0.0f;
+    if (c < C) {
+        for (int64_t r = r_begin + threadIdx.y; r < r_end; r += 8) {
+            const int64_t t = r % L;
+            const float g = gy[r * C + c];
+            acc[CONV1D_MAX_K] += g;
+#pragma unroll
+            for (int k = 0; k < CONV1D_MAX_K; ++k) {
+                const int64_t src = t - (K - 1) + k;
+                if (k < K && src >= 0) acc[k] += g * x[(r + src - t) * C + c];
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k <= CONV1D_MAX_K; ++k) lanes[threadIdx.y][k][threadIdx.x] = acc[k];
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float* row = part + (int64_t)blockIdx.y * (C * K + C);
+        for (int k = 0; k <= K; ++k) {
+            const int slot = k < K ? k : CONV1D_MAX_K;
+            float s = 0.0f;
+#pragma unroll
+            for (int l = 0; l < 8; ++l) s += lanes[l][slot][threadIdx.x];
+            if (k < K) row[c * K + k] = s;
+            else row[C * K + c] = s;
+        }
+    }
+}

@@ -1,0 +1,482 @@
+// The fused Mamba v1 selective scan, forward and backward (math and CPU reference: src/ops/selective_scan.rs).
+//
+// Layout: u, delta, z, y (G, L, D) channels last, so token (g, t) of channel d is at (g L + t) D + d; B, C (G, L, N),
+// one row of N per token shared by all channels; a_log (D, N); d_skip, delta_bias (D). Per sequence g and channel d,
+// with A[n] = -exp(a_log[d, n]) and h_{-1} = 0:
+//
+//   dt_t = softplus(delta_t + delta_bias[d]),   dA_t[n] = exp(dt_t A[n]) = exp2(dt_t A[n] log2 e)
+//   h_t[n] = dA_t[n] h_{t-1}[n] + dt_t B_t[n] u_t,   s_t = sum_n C_t[n] h_t[n] + D[d] u_t,   y_t = s_t SiLU(z_t)
+//
+// Chunks. Sequences are cut into chunks of T tokens (the host passes T, a multiple of the backward's sub-chunk SUB).
+// The states at the start of every chunk, states (G, nc, D, N) with nc = ceil(L / T), are all the backward needs to
+// recompute any part of the sequence; the full history (G, L, D, N) is never stored. A block processes a group of
+// cpb consecutive chunks (cpb chosen by the host; groups = ceil(nc / cpb)).
+//
+// The recurrence h_t = a_t h_{t-1} + b_t composes associatively, (a1, b1) then (a2, b2) = (a2 a1, a2 b1 + b2), so a
+// chunk is summarised by its total decay prod_t dA_t[n] = exp(A[n] sum_t dt_t) and its end state from h = 0. Forward:
+//   enough sequences x channels to fill the GPU (PiM: 2 to 128 tokens, tens of thousands of sequences): one pass,
+//     cpb = nc, each thread runs its whole sequence, recording the state at each chunk start (record = 1).
+//   few (PaM: one or two sequences of up to ~27,000 tokens): three passes, each parallel over (g, chunk), cpb = 1:
+//     1. scan_forward with summary = 1: per (g, chunk, d) the end state from h = 0 -> states, and sum_t dt_t ->
+//        sum_dt (G, nc, D); no output;
+//     2. scan_chunk_combine: per (g, d, n), in chunk order, in[c + 1] = exp(A sum_dt[c]) in[c] + end[c], written over
+//        states, which then hold every chunk's true initial state;
+//     3. scan_forward from those initial states (has_init = 1), writing y.
+//
+// Forward threads: one thread per (g, d) and group, its N states in registers (NMAX = 16 or 32, unused states padded
+// with A = 0, B = C = 0 so they stay 0). Consecutive threads take consecutive channels d, so the loads of u, delta, z
+// and the store of y are coalesced; B and C rows are staged in shared memory 32 tokens at a time and read by every
+// thread of the block (broadcast).
+//
+// Backward, given gy = dL/dy (derivation in selective_scan.rs):
+//   q_t = gy_t SiLU(z_t),  dz_t = gy_t s_t SiLU'(z_t),  dh_t[n] = C_t[n] q_t + x_t[n]  with the adjoint carry
+//   x_t[n] = dA_{t+1}[n] dh_{t+1}[n] (x = 0 after the last token),   e_t[n] = dh_t[n] dA_t[n] h_{t-1}[n],
+//   du_t = q_t D + dt_t sum_n dh_t[n] B_t[n],   ddelta_t = (u_t sum_n dh_t[n] B_t[n] + sum_n e_t[n] A[n]) softplus'(.)
+//   dB_t[n] = sum_d dh_t[n] dt_t u_t,   dC_t[n] = sum_d q_t h_t[n]                    (B, C shared by the channels)
+//   da_log[d, n] = A[n] sum_{g,t} e_t[n] dt_t,   dD[d] = sum_{g,t} q_t u_t,   ddelta_bias[d] = sum_{g,t} ddelta_t
+// The carry runs backwards with the same associative structure as the state, x_{t-1} = dA_t (x_t + C_t q_t). A block
+// sweeps its group of chunks from the last to the first, carrying x. When a sequence is split into several groups
+// (long sequences, cpb = 1), scan_backward_carry gives each chunk's carry-out from x = 0 (and its sum of dt), and
+// scan_chunk_combine (reverse = 1) turns those into the carry entering each chunk from the right.
+//
+// Backward threads (scan_backward): one block of 128 threads per (g, group), looping over tiles of CH channels. In a
+// tile, P = NP / 4 consecutive lanes share a channel and each holds R = 4 of its states, so states and adjoints stay
+// in registers and sums over n take log2(P) shuffle steps. Per sub-chunk of SUB = 8 tokens the block first stages,
+// once per (token, channel) rather than once per lane, what every lane reads: dt, u, q, gy SiLU'(z), softplus'(.)
+// and the B, C rows, in shared memory with coalesced loads. h_{t-1} is needed in reverse time: a first pass runs each
+// chunk forward from its saved initial state and keeps the state at every sub-chunk start (shared memory); then, for
+// each sub-chunk from the last, its SUB states are recomputed into registers (fully unrolled) and its tokens swept
+// backwards. The per-(token, channel) results (du, ddelta, dz) are written by one thread per (token, channel) after
+// the sweep, so the stores are coalesced.
+//
+// Determinism, no atomics:
+//   dB, dC (sum over d): per token, each warp adds its channels by a fixed reduce-scatter of shuffles (each lane ends
+//   with one (B or C, n) sum), writes them to shared memory, and after each sub-chunk the block adds the warps' rows in
+//   warp order into an accumulator over the group's tokens that collects the channel tiles in tile order; the block
+//   then writes its rows of dB and dC, which no other block touches.
+//   da_log, dD, ddelta_bias (sums over g and t): each block writes one partial row per (g, group),
+//   part[g groups + group] = [A[d, n] sum e dt  (D N) | sum q u  (D) | sum ddelta  (D)], summed over rows in a
+//   fixed order by sum_rows_f32 (gemm.cu).
+#include "common.cuh"
+
+#define SCAN_LOG2E 1.4426950408889634f
+#define SCAN_STAGE 32  // forward: tokens of B and C staged in shared memory at a time
+#define FULL_MASK 0xffffffffu
+
+// One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x. SUMMARY (cpb = 1): from h = 0, leaves the
+// chunk's end state and sum of dt. Otherwise: from h_init of the group's first chunk (or 0), writes y, and with
+// record stores the state at the start of each chunk.
+template <int NMAX, bool SUMMARY>
+__device__ __forceinline__ void scan_forward_group(const float* __restrict__ u, const float* __restrict__ delta,
+                                                   const float* __restrict__ a_log, const float* __restrict__ bmat,
+                                                   const float* __restrict__ cmat, const float* __restrict__ d_skip,
+                                                   const float* __restrict__ z, const float* __restrict__ delta_bias,
+                                                   const float* __restrict__ h_init, int has_init,
+                                                   float* __restrict__ y, float* __restrict__ states,
+                                                   float* __restrict__ sum_dt, int record, int64_t L, int64_t D,
+                                                   int N, int64_t T, int64_t cpb) {
+    __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
+    __shared__ __align__(16) float sc[SCAN_STAGE][NMAX];
+    const int64_t nc = (L + T - 1) / T, groups = (nc + cpb - 1) / cpb;
+    const int64_t g = blockIdx.x / groups, c_begin = (blockIdx.x % groups) * cpb;
+    const int64_t c_end = min(nc, c_begin + cpb);
+    const int64_t d = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
+    const bool active = d < D;
+
+    float a2[NMAX], h[NMAX];
+#pragma unroll
+    for (int k = 0; k < NMAX; ++k) {
+        const bool on = active && k < N;
+        a2[k] = on ? -expf(a_log[d * N + k]) * SCAN_LOG2E : 0.0f;
+        h[k] = (on && has_init) ? h_init[((g * nc + c_begin) * D + d) * N + k] : 0.0f;
+    }
+    const float bias = active ? delta_bias[d] : 0.0f;
+    const float dsk = (active && !SUMMARY) ? d_skip[d] : 0.0f;
+    float dt_sum = 0.0f;
+
+    for (int64_t c = c_begin; c < c_end; ++c) {
+        if (!SUMMARY && record && active) {
+#pragma unroll
+            for (int k = 0; k < NMAX; ++k)
+                if (k < N) states[((g * nc + c) * D + d) * N + k] = h[k];
+        }
+        const int64_t t0 = c * T, len = min(T, L - t0);
+        for (int64_t s0 = 0; s0 < len; s0 += SCAN_STAGE) {
+            const int ns = (int)min((int64_t)SCAN_STAGE, len - s0);
+            const int64_t row0 = g * L + t0 + s0;  // token row (g, t0 + s0)
+            __syncthreads();                       // the previous stage has been read by everyone
+            for (int e = threadIdx.x; e < SCAN_STAGE * NMAX; e += blockDim.x) {
+                const int tt = e / NMAX, k = e % NMAX;
+                const bool on = tt < ns && k < N;
+                sb[tt][k] = on ? bmat[(row0 + tt) * N + k] : 0.0f;
+                if (!SUMMARY) sc[tt][k] = on ? cmat[(row0 + tt) * N + k] : 0.0f;
+            }
+            __syncthreads();
+            if (!active) continue;
+            for (int tt = 0; tt < ns; ++tt) {
+                const int64_t i = (row0 + tt) * D + d;
+                const float ut = u[i];
+                const float dt = softplusf(delta[i] + bias);
+                const float du = dt * ut;
+                dt_sum += dt;
+                float acc = 0.0f;
+#pragma unroll
+                for (int k = 0; k < NMAX; ++k) {
+                    h[k] = exp2f(dt * a2[k]) * h[k] + du * sb[tt][k];
+                    if (!SUMMARY) acc += sc[tt][k] * h[k];
+                }
+                if (!SUMMARY) {
+                    const float zt = z[i];
+                    y[i] = (acc + dsk * ut) * (zt * sigmoidf(zt));
+                }
+            }
+        }
+    }
+    if (SUMMARY && active) {
+#pragma unroll
+        for (int k = 0; k < NMAX; ++k)
+            if (k < N) states[((g * nc + c_begin) * D + d) * N + k] = h[k];
+        sum_dt[(g * nc + c_begin) * D + d] = dt_sum;
+    }
+}
+
+// Grid (G * groups, ceil(D / blockDim.x)), blockDim.x <= 128. summary = 1: pass 1 (y, C, z, d_skip, h_init unused);
+// summary = 0: y from h_init (when has_init) or from 0, chunk-start states stored when record (sum_dt unused).
+#define SCAN_FORWARD_KERNEL(NAME, NMAX)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                                        \
+        const float* u, const float* delta, const float* a_log, const float* bmat, const float* cmat,              \
+        const float* d_skip, const float* z, const float* delta_bias, const float* h_init, int has_init, float* y, \
+        float* states, float* sum_dt, int record, int64_t L, int64_t D, int N, int64_t T, int64_t cpb,             \
+        int summary) {                                                                                             \
+        if (summary)                                                                                               \
+            scan_forward_group<NMAX, true>(u, delta, a_log, bmat, cmat, d_skip, z, delta_bias, h_init, has_init,   \
+                                           y, states, sum_dt, record, L, D, N, T, cpb);                            \
+        else                                                                                                       \
+            scan_forward_group<NMAX, false>(u, delta, a_log, bmat, cmat, d_skip, z, delta_bias, h_init, has_init,  \
+                                            y, states, sum_dt, record, L, D, N, T, cpb);                           \
+    }
+SCAN_FORWARD_KERNEL(scan_forward_n16, 16)
+SCAN_FORWARD_KERNEL(scan_forward_n32, 32)
+
+// Per (g, d, n), over the chunks in order (reverse = 0) or backwards (reverse = 1): on entry states[c] holds the
+// chunk's own contribution (end state from 0, or carry-out from 0); on exit it holds what enters the chunk,
+//   in[first] = 0,   in[next] = exp(A[n] sum_dt[c]) in[c] + own[c].
+extern "C" __global__ void scan_chunk_combine(float* __restrict__ states, const float* __restrict__ sum_dt,
+                                              const float* __restrict__ a_log, int64_t G, int64_t nc, int64_t D,
+                                              int N, int reverse) {
+    FOR_EACH(i, G * D * N) {
+        const int64_t n = i % N, d = (i / N) % D, g = i / (N * D);
+        const float a = -expf(a_log[d * N + n]);
+        float carry = 0.0f;
+        for (int64_t s = 0; s < nc; ++s) {
+            const int64_t c = reverse ? nc - 1 - s : s;
+            const int64_t at = ((g * nc + c) * D + d) * N + n;
+            const float own = states[at];
+            states[at] = carry;
+            carry = expf(a * sum_dt[(g * nc + c) * D + d]) * carry + own;
+        }
+    }
+}
+
+// Per (g, chunk, d, n): the adjoint carry leaving the chunk at its first token when none enters at its end,
+// x <- dA_t (x + C_t[n] q_t) for t from the chunk's last token down to its first, into carry (G, nc, D, N); and the
+// chunk's sum of dt into sum_dt (G, nc, D) (written by the n = 0 thread).
+extern "C" __global__ void scan_backward_carry(const float* __restrict__ delta, const float* __restrict__ a_log,
+                                               const float* __restrict__ cmat, const float* __restrict__ z,
+                                               const float* __restrict__ delta_bias, const float* __restrict__ gy,
+                                               float* __restrict__ carry, float* __restrict__ sum_dt, int64_t G,
+                                               int64_t L, int64_t D, int N, int64_t T) {
+    const int64_t nc = (L + T - 1) / T;
+    FOR_EACH(i, G * nc * D * N) {
+        const int64_t n = i % N, d = (i / N) % D, gc = i / (N * D), g = gc / nc, c = gc % nc;
+        const float a2 = -expf(a_log[d * N + n]) * SCAN_LOG2E, bias = delta_bias[d];
+        const int64_t t0 = c * T, len = min(T, L - t0);
+        float x = 0.0f, dt_sum = 0.0f;
+        for (int64_t t = len - 1; t >= 0; --t) {
+            const int64_t row = g * L + t0 + t, at = row * D + d;
+            const float zt = z[at];
+            const float q = gy[at] * zt * sigmoidf(zt);
+            const float dt = softplusf(delta[at] + bias);
+            dt_sum += dt;
+            x = exp2f(dt * a2) * (x + cmat[row * N + n] * q);
+        }
+        carry[i] = x;
+        if (n == 0) sum_dt[gc * D + d] = dt_sum;
+    }
+}
+
+#define SCAN_BWD_THREADS 128
+#define SCAN_BWD_SUB 8  // tokens per sub-chunk: states recomputed into registers, per-token values staged
+#define SCAN_BWD_R 4    // states per lane
+
+// Shared memory of scan_backward in floats (the host computes the same, selective_scan.rs): staged dt, u, q,
+// gy SiLU'(z), softplus' [SUB][CH] each; B, C rows [SUB][NP] each; sums over n [SUB][CH][3]; per-warp dB | dC sums
+// [SUB][WARPS][2 NP]; accumulator [acc_rows][2 NP]; sub-chunk start states [T / SUB][R][THREADS]; [2][THREADS] for the
+// per-channel sums.
+template <int NP>
+__device__ __forceinline__ void scan_backward_group(
+    const float* __restrict__ u, const float* __restrict__ delta, const float* __restrict__ a_log,
+    const float* __restrict__ bmat, const float* __restrict__ cmat, const float* __restrict__ d_skip,
+    const float* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ gy,
+    const float* __restrict__ h_init, int has_init, const float* __restrict__ carry_in, int has_carry,
+    float* __restrict__ du, float* __restrict__ ddelta, float* __restrict__ dz, float* __restrict__ db,
+    float* __restrict__ dc, float* __restrict__ part, int64_t L, int64_t D, int N, int64_t T, int64_t cpb,
+    int acc_rows) {
+    constexpr int THREADS = SCAN_BWD_THREADS, S = SCAN_BWD_SUB, R = SCAN_BWD_R;
+    constexpr int P = NP / R;             // lanes per channel
+    constexpr int CH = THREADS / P;       // channels per tile
+    constexpr int WARPS = THREADS / 32;
+    constexpr int V = 2 * NP;             // per token: dB sums for n < NP, then dC sums
+    extern __shared__ __align__(16) float smem[];
+    float* st_dt = smem;                  // [S][CH]
+    float* st_u = st_dt + S * CH;         // [S][CH]
+    float* st_q = st_u + S * CH;          // [S][CH]  gy SiLU(z)
+    float* st_gz = st_q + S * CH;         // [S][CH]  gy SiLU'(z)
+    float* st_sp = st_gz + S * CH;        // [S][CH]  softplus'(delta + bias)
+    float* st_b = st_sp + S * CH;         // [S][NP]
+    float* st_c = st_b + S * NP;          // [S][NP]
+    float* sums = st_c + S * NP;          // [S][CH][3]: sum_n C h_t, sum_n dh B, sum_n e A
+    float* red = sums + S * CH * 3;       // [S][WARPS][V]
+    float* acc = red + S * WARPS * V;     // [acc_rows][V]
+    float* ckpt = acc + acc_rows * V;     // [T / S][R][THREADS]
+    float* chsum = ckpt + (T / S) * R * THREADS;  // [2][THREADS]
+
+    const int64_t nc = (L + T - 1) / T, groups = (nc + cpb - 1) / cpb;
+    const int64_t g = blockIdx.x / groups, grp = blockIdx.x % groups;
+    const int64_t c_begin = grp * cpb, c_end = min(nc, c_begin + cpb);
+    const int64_t tok_begin = c_begin * T;
+    const int rows = (int)(min(L, c_end * T) - tok_begin);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int p = tid % P, slot = tid / P;  // this lane's state group and channel within the tile
+    const int ech = tid % CH;               // the channel this thread stages and finishes (CH divides THREADS)
+    const int64_t part_row = (g * groups + grp) * (D * N + 2 * D);
+
+    for (int e = tid; e < rows * V; e += THREADS) acc[e] = 0.0f;
+
+    // Stages S tokens from t_first (count of them real, the rest zero) of the tile's channels: dt and u, and with
+    // full also q, gy SiLU'(z), softplus'(.) and C. Zero-padded tokens leave states and carries unchanged.
+    auto stage = [&](int64_t d0, int64_t t_first, int count, bool full) {
+        __syncthreads();  // the previous contents have been read
+        for (int e = tid; e < S * CH; e += THREADS) {
+            const int i = e / CH;
+            const int64_t dd = d0 + ech;
+            float dt = 0.0f, ut = 0.0f, q = 0.0f, gzc = 0.0f, sp = 0.0f;
+            if (i < count && dd < D) {
+                const int64_t at = (g * L + t_first + i) * D + dd;
+                const float pre = delta[at] + delta_bias[dd];
+                dt = softplusf(pre);
+                ut = u[at];
+                if (full) {
+                    const float zt = z[at], gyt = gy[at];
+                    q = gyt * zt * sigmoidf(zt);
+                    gzc = gyt * activation_derivative(ACT_SILU, zt);
+                    sp = activation_derivative(ACT_SOFTPLUS, pre);
+                }
+            }
+            st_dt[e] = dt;
+            st_u[e] = ut;
+            if (full) {
+                st_q[e] = q;
+                st_gz[e] = gzc;
+                st_sp[e] = sp;
+            }
+        }
+        for (int e = tid; e < S * NP; e += THREADS) {
+            const int i = e / NP, k = e % NP;
+            const bool on = i < count && k < N;
+            const int64_t at = (g * L + t_first + i) * N + k;
+            st_b[e] = on ? bmat[at] : 0.0f;
+            if (full) st_c[e] = on ? cmat[at] : 0.0f;
+        }
+        __syncthreads();
+    };
+
+    for (int64_t d0 = 0; d0 < D; d0 += CH) {
+        const int64_t d = d0 + slot;
+        const bool on_ch = d < D;
+        float a[R], a2[R], x[R], ga[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = p * R + r;
+            const bool on = on_ch && n < N;
+            a[r] = on ? -expf(a_log[d * N + n]) : 0.0f;
+            a2[r] = a[r] * SCAN_LOG2E;
+            x[r] = (on && has_carry) ? carry_in[((g * nc + c_end - 1) * D + d) * N + n] : 0.0f;
+            ga[r] = 0.0f;
+        }
+        const bool e_on = d0 + ech < D;
+        const float e_dsk = e_on ? d_skip[d0 + ech] : 0.0f;
+        float gd = 0.0f, gbias = 0.0f;  // channel ech: sum q u, sum ddelta
+
+        for (int64_t c = c_end - 1; c >= c_begin; --c) {
+            const int64_t t0 = c * T;
+            const int len = (int)min(T, L - t0);
+            const int nsub = (len + S - 1) / S;
+            float h[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int n = p * R + r;
+                h[r] = (on_ch && n < N && has_init) ? h_init[((g * nc + c) * D + d) * N + n] : 0.0f;
+            }
+            // The state at the start of every sub-chunk.
+            for (int j = 0; j < nsub; ++j) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) ckpt[(j * R + r) * THREADS + tid] = h[r];
+                if (j + 1 == nsub) break;
+                stage(d0, t0 + j * S, S, false);
+#pragma unroll
+                for (int i = 0; i < S; ++i) {
+                    const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
+                    const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
+                    const float bv[R] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+                    for (int r = 0; r < R; ++r) h[r] = exp2f(dt * a2[r]) * h[r] + dtu * bv[r];
+                }
+            }
+
+            for (int j = nsub - 1; j >= 0; --j) {
+                const int sublen = min(S, len - j * S);  // the same for the whole block
+                stage(d0, t0 + j * S, sublen, true);
+                // h_{t-1} of the sub-chunk's tokens.
+                float hist[S][R], hh[R];
+#pragma unroll
+                for (int r = 0; r < R; ++r) hh[r] = ckpt[(j * R + r) * THREADS + tid];
+#pragma unroll
+                for (int i = 0; i < S; ++i) {
+                    const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
+                    const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
+                    const float bv[R] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        hist[i][r] = hh[r];
+                        hh[r] = exp2f(dt * a2[r]) * hh[r] + dtu * bv[r];
+                    }
+                }
+#pragma unroll
+                for (int i = S - 1; i >= 0; --i) {
+                    if (i < sublen) {  // block-uniform, so the shuffles below see every lane
+                        const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
+                        const float q = st_q[i * CH + slot];
+                        const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
+                        const float4 c4 = *reinterpret_cast<const float4*>(st_c + i * NP + p * R);
+                        const float bv[R] = {b4.x, b4.y, b4.z, b4.w}, cv[R] = {c4.x, c4.y, c4.z, c4.w};
+                        float rs = 0.0f, rb = 0.0f, ra = 0.0f;
+                        float vals[2 * R];  // this channel's dB (first R) and dC (last R) terms
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                            const float da = exp2f(dt * a2[r]), hp = hist[i][r];
+                            const float hc = da * hp + dtu * bv[r];
+                            const float dh = x[r] + cv[r] * q;
+                            const float e = dh * da * hp;
+                            rs += cv[r] * hc;
+                            rb += dh * bv[r];
+                            ra += e * a[r];
+                            ga[r] += e * dt;
+                            vals[r] = dh * dtu;
+                            vals[R + r] = q * hc;
+                            x[r] = da * dh;
+                        }
+#pragma unroll
+                        for (int o = P / 2; o > 0; o >>= 1) {
+                            rs += __shfl_xor_sync(FULL_MASK, rs, o);
+                            rb += __shfl_xor_sync(FULL_MASK, rb, o);
+                            ra += __shfl_xor_sync(FULL_MASK, ra, o);
+                        }
+                        if (p == 0) {
+                            float* s = sums + (i * CH + slot) * 3;
+                            s[0] = rs;
+                            s[1] = rb;
+                            s[2] = ra;
+                        }
+                        // Sum the warp's channels (lanes that differ in the bits >= P): at each step a lane keeps
+                        // half of its values, adds the partner's copy of that half, and hands over the other half.
+                        int base = 0;
+#pragma unroll
+                        for (int off = 16, cnt = 2 * R; off >= P; off >>= 1) {
+                            const int half = cnt / 2;
+                            const bool upper = (lane & off) != 0;
+#pragma unroll
+                            for (int k = 0; k < half; ++k) {
+                                const float send = upper ? vals[k] : vals[k + half];
+                                const float keep = upper ? vals[k + half] : vals[k];
+                                vals[k] = keep + __shfl_xor_sync(FULL_MASK, send, off);
+                            }
+                            if (upper) base += half;
+                            cnt = half;
+                        }
+                        // Each lane now holds 2 R P / 32 sums: entries base + k of [dB terms | dC terms].
+                        float* w = red + (i * WARPS + warp) * V;
+#pragma unroll
+                        for (int k = 0; k < 2 * R * P / 32; ++k) {
+                            const int idx = base + k, kind = idx / R, r = idx % R;
+                            w[kind * NP + p * R + r] = vals[k];
+                        }
+                    }
+                }
+                __syncthreads();
+                const int64_t row0 = g * L + t0 + j * S;
+                for (int e = tid; e < sublen * CH; e += THREADS) {
+                    if (!e_on) continue;
+                    const int i = e / CH;
+                    const float* s = sums + e * 3;
+                    const float dt = st_dt[e], ut = st_u[e], q = st_q[e];
+                    const float gdl = (ut * s[1] + s[2]) * st_sp[e];
+                    const int64_t at = (row0 + i) * D + d0 + ech;
+                    du[at] = q * e_dsk + dt * s[1];
+                    ddelta[at] = gdl;
+                    dz[at] = st_gz[e] * (s[0] + e_dsk * ut);
+                    gd += q * ut;
+                    gbias += gdl;
+                }
+                const int acc0 = (int)(t0 + j * S - tok_begin);
+                for (int e = tid; e < sublen * V; e += THREADS) {
+                    const int i = e / V, v = e % V;
+                    float s = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < WARPS; ++w) s += red[(i * WARPS + w) * V + v];
+                    acc[(acc0 + i) * V + v] += s;
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = p * R + r;
+            if (on_ch && n < N) part[part_row + d * N + n] = a[r] * ga[r];
+        }
+        chsum[tid] = gd;
+        chsum[THREADS + tid] = gbias;
+        __syncthreads();
+        if (tid < CH && d0 + tid < D) {
+            float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+            for (int k = 0; k < THREADS / CH; ++k) {
+                s1 += chsum[k * CH + tid];
+                s2 += chsum[THREADS + k * CH + tid];
+            }
+            part[part_row + D * N + d0 + tid] = s1;
+            part[part_row + D * N + D + d0 + tid] = s2;
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < rows * N; e += THREADS) {
+        const int t = e / N, k = e % N;
+        const int64_t row = g * L + tok_begin + t;
+        db[row * N + k] = acc[t * V + k];
+        dc[row * N + k] = acc[t * V + NP + k];
+    }
+}
+
+// Grid (G * groups), SCAN_BWD_THREADS threads, dynamic shared memory as above. has_init: h_init holds the saved
+// chunk-start states (else every chunk starts from 0, valid for a single chunk); has_carry: carry_in holds the carry
+// entering each chunk from the right (needed when a sequence spans several groups).
+#define SCAN_BACKWARD_KERNEL(NAME, NP)                                                                               \
+    extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) NAME(                                           \
+        const float* u, const float* delta, const float* a_log, const float* bmat, const float* cmat,              \
+        const float* d_skip, const float* z, const float* delta_bias, const float* gy, const float* h_init,        \
+        int has_init, const float* carry_in, int has_carry, float* du, float* ddelta, float* dz, float* db,        \
+        float* dc, float* part, int64_t L, int64_t D, int N, int64_t T, int64_t cpb, int acc_rows) {               \
+        scan_backward_group<NP>(u, delta, a_log, bmat, cmat, d_skip, z, delta_bias, gy, h_init, has_init,          \
+                                carry_in, has_carry, du, ddelta, dz, db, dc, part, L, D, N, T, cpb, acc_rows);     \
+    }
+SCAN_BACKWARD_KERNEL(scan_backward_n16, 16)
+SCAN_BACKWARD_KERNEL(scan_backward_n32, 32)

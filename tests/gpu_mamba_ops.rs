@@ -1,0 +1,250 @@
+//! The Mamba block's CUDA kernels (linear, depthwise causal conv1d, selective scan) against their CPU references:
+//! forward and every gradient, fresh random inputs, odd sizes, NaN-poisoned outputs, and one case at the reference
+//! shapes of lkm-unet.md section 5 for each. Run on a GPU machine with `cargo test --release -- --ignored`.
+//!
+//! Tolerances (relative error ||gpu - ref|| / ||ref||, ref in float64 on the same float32 inputs): linear and conv1d
+//! forwards are short dot products (K terms), plain arithmetic, 1e-5; their weight and bias gradients reduce over all
+//! tokens, and the scans run recurrences over up to 26,880 steps, 1e-4.
+
+mod common;
+
+use common::{check_op, gpu, randn32, rel_err};
+use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
+use lkm_engine::ops::causal_conv1d::causal_conv1d;
+use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs, GPU_CHUNK};
+use lkm_engine::tensor::DType;
+use lkm_engine::{Result, Tensor};
+
+/// Asserts that `f` on the GPU matches `f` on the CPU in float64 (forward only) within `tol`.
+fn check_forward(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) {
+    let dev = Device::Cuda(gpu());
+    let cpu: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect();
+    let gpu_in: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&dev).unwrap()).collect();
+    let want = f(&mut Tape::no_grad(), &cpu).unwrap().to_vec_f64().unwrap();
+    let got = f(&mut Tape::no_grad(), &gpu_in).unwrap().to_vec_f64().unwrap();
+    let e = rel_err(&got, &want);
+    assert!(e < tol, "{name}: forward relative error {e:e} >= {tol:e}");
+}
+
+/// The gradients of `f`'s inputs on the GPU for the seed gradient of `check_op`, as host vectors (to compare runs).
+fn gpu_grads(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) -> Vec<Vec<f32>> {
+    let dev = Device::Cuda(gpu());
+    let xs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&dev).unwrap()).collect();
+    let mut tape = Tape::new();
+    for x in &xs {
+        tape.watch(x);
+    }
+    let y = f(&mut tape, &xs).unwrap();
+    let seed = randn32(y.shape(), 1.0, 99).to_device(&dev).unwrap();
+    let mut grads = tape.backward_from(&y, seed).unwrap();
+    xs.iter().map(|x| grads.take(x).unwrap().to_vec_f32().unwrap()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// linear
+
+fn linear_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u64) {
+    let k = *x_shape.last().unwrap();
+    let mut inputs = vec![randn32(x_shape, 1.0, seed), randn32(&[n_out, k], 0.2, seed + 1)];
+    if bias {
+        inputs.push(randn32(&[n_out], 1.0, seed + 2));
+    }
+    let f = |t: &mut Tape, x: &[Tensor]| linear(t, &x[0], &x[1], x.get(2));
+    check_forward(name, &inputs, 1e-5, f);
+    check_op(name, &inputs, 1e-4, f);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_bias() {
+    // M = 1000, K = 37, N = 53: no size is a multiple of the 64 x 64 x 16 tiles.
+    linear_case("linear 1000x37 -> 53 + bias", &[1000, 37], 53, true, 1);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_no_bias() {
+    // Rank-3 tokens (3, 333, 37): M = 999.
+    linear_case("linear (3, 333, 37) -> 53", &[3, 333, 37], 53, false, 4);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_single_row_and_column() {
+    linear_case("linear 1x5 -> 1 + bias", &[1, 5], 1, true, 7);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_reference_shape() {
+    // Stage 0's in_proj (32 -> 2 x 64 channels) over 100,003 tokens instead of the 3.4 million of a 3D batch, so that
+    // the float64 CPU reference takes about a second; enough rows for the split-K weight gradient and the two-round
+    // bias sum.
+    linear_case("linear in_proj (100003, 32) -> 128 + bias", &[100_003, 32], 128, true, 10);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_deterministic() {
+    let inputs = [randn32(&[20_001, 19], 1.0, 13), randn32(&[45, 19], 0.2, 14), randn32(&[45], 1.0, 15)];
+    let f = |t: &mut Tape, x: &[Tensor]| linear(t, &x[0], &x[1], Some(&x[2]));
+    assert_eq!(gpu_grads(&inputs, f), gpu_grads(&inputs, f), "linear gradients differ between two runs");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// causal conv1d
+
+fn conv_case(name: &str, g: usize, l: usize, c: usize, k: usize, seed: u64) {
+    let inputs = [randn32(&[g, l, c], 1.0, seed), randn32(&[c, k], 0.5, seed + 1), randn32(&[c], 1.0, seed + 2)];
+    let f = |t: &mut Tape, x: &[Tensor]| causal_conv1d(t, &x[0], &x[1], &x[2]);
+    check_forward(name, &inputs, 1e-5, f);
+    check_op(name, &inputs, 1e-4, f);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d() {
+    conv_case("causal_conv1d (5, 37, 19) k4", 5, 37, 19, 4, 20);
+    conv_case("causal_conv1d (3, 11, 70) k3", 3, 11, 70, 3, 23);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d_shorter_than_kernel() {
+    // L = 2 < K = 4: every output sees the zero padding; L = 1 and K = 1 are the extremes.
+    conv_case("causal_conv1d (7, 2, 33) k4", 7, 2, 33, 4, 26);
+    conv_case("causal_conv1d (4, 1, 5) k4", 4, 1, 5, 4, 29);
+    conv_case("causal_conv1d (4, 9, 5) k1", 4, 9, 5, 1, 32);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d_reference_shape() {
+    // PaM at stage 0: 2 sequences of 26,880 tokens, d_inner = 64 channels, kernel 4 (several weight-gradient slices).
+    conv_case("causal_conv1d (2, 26880, 64) k4", 2, 26_880, 64, 4, 35);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// selective scan
+
+/// Mamba-like inputs in the order of `ScanInputs`: u, z, B, C ~ N(0, 1); delta ~ 0.5 N(0, 1) - 1 before the bias;
+/// delta_bias = softplus^-1(dt) with dt log-uniform in [0.001, 0.1] (Mamba's dt_proj bias init); a_log[d, n] =
+/// ln(n + 1) (S4D-real init, A = -(n + 1)); D ~ 1 + 0.1 N(0, 1).
+fn scan_inputs(g: usize, l: usize, d: usize, n: usize, seed: u64) -> Vec<Tensor> {
+    let map = |t: Tensor, f: &dyn Fn(usize, f64) -> f64| {
+        let v: Vec<f32> = t.to_vec_f64().unwrap().iter().enumerate().map(|(i, &x)| f(i, x) as f32).collect();
+        Tensor::from_vec(v, t.shape()).unwrap()
+    };
+    let u = randn32(&[g, l, d], 1.0, seed);
+    let delta = map(randn32(&[g, l, d], 1.0, seed + 1), &|_, x| 0.5 * x - 1.0);
+    let a_log = map(randn32(&[d, n], 1.0, seed + 2), &|i, _| ((i % n) as f64 + 1.0).ln());
+    let b = randn32(&[g, l, n], 1.0, seed + 3);
+    let c = randn32(&[g, l, n], 1.0, seed + 4);
+    let d_skip = map(randn32(&[d], 1.0, seed + 5), &|_, x| 1.0 + 0.1 * x);
+    let z = randn32(&[g, l, d], 1.0, seed + 6);
+    let (lo, hi) = (0.001f64.ln(), 0.1f64.ln());
+    let delta_bias = map(randn32(&[d], 1.0, seed + 7), &|i, _| {
+        // Evenly spread over the log range (deterministic), then the inverse softplus: dt + ln(1 - e^-dt).
+        let dt = (lo + (hi - lo) * (i as f64 + 0.5) / d as f64).exp();
+        dt + (-(-dt).exp_m1()).ln()
+    });
+    vec![u, delta, a_log, b, c, d_skip, z, delta_bias]
+}
+
+fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
+    let inp = ScanInputs {
+        u: &x[0],
+        delta: &x[1],
+        a_log: &x[2],
+        b: &x[3],
+        c: &x[4],
+        d_skip: &x[5],
+        z: &x[6],
+        delta_bias: &x[7],
+    };
+    selective_scan(t, &inp)
+}
+
+fn scan_case(name: &str, g: usize, l: usize, d: usize, n: usize, seed: u64) {
+    check_op(name, &scan_inputs(g, l, d, n, seed), 1e-4, scan);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_short() {
+    // Many short sequences (the PiM regime): one pass; 37 channels leave part of a tile idle.
+    scan_case("selective_scan G300 L7 D37 N16", 300, 7, 37, 16, 40);
+    scan_case("selective_scan G5 L1 D3 N16", 5, 1, 3, 16, 41);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_chunk_boundary() {
+    // L = T: one chunk, nothing saved. L = T + 1: the smallest chunked scan (a 1-token second chunk); with few
+    // (sequence, channel) pairs the forward runs the three-pass parallel scan, and the backward sweeps the whole
+    // sequence in one block. L = 2T + 17 exceeds what one backward block sweeps: one chunk per block, with the adjoint
+    // carried across chunks.
+    scan_case("selective_scan L = T", 3, GPU_CHUNK, 37, 16, 50);
+    scan_case("selective_scan L = T + 1", 3, GPU_CHUNK + 1, 37, 16, 51);
+    scan_case("selective_scan L = 2T + 17", 2, 2 * GPU_CHUNK + 17, 21, 16, 52);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_long() {
+    // Few long sequences (the PaM regime): 79 chunks carried forward (states) and backward (adjoints).
+    scan_case("selective_scan G2 L5000 D8 N16", 2, 5000, 8, 16, 60);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_many_chunked_sequences() {
+    // Enough (sequence, channel) pairs (260 x 64) that the forward runs each sequence whole in one thread, recording
+    // the chunk-start states; 150 tokens are too many for one backward block, so the backward goes chunk by chunk.
+    scan_case("selective_scan G260 L150 D64 N16", 260, 150, 64, 16, 65);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_other_state_sizes() {
+    // N < 16 pads the 16-state kernels; 16 < N <= 32 takes the 32-state kernels: one chunk, two chunks (beyond what
+    // their backward block sweeps whole), many chunks.
+    scan_case("selective_scan N5", 7, 19, 13, 5, 70);
+    scan_case("selective_scan N23 short", 7, 19, 13, 23, 71);
+    scan_case("selective_scan N23 L100", 3, 100, 13, 23, 72);
+    scan_case("selective_scan N23 L300", 2, 300, 9, 23, 73);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_pim_stage0() {
+    // PiM at stage 0: sequences of 128 tokens (two chunks), d_inner = 64, N = 16. The real batch has 26,880 sequences;
+    // 256 keep the float64 CPU reference (forward and backward) to about a second and still take the one-pass forward.
+    scan_case("selective_scan PiM stage 0 (G256 of 26880) L128 D64 N16", 256, 128, 64, 16, 80);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_pam_stage0() {
+    // PaM at stage 0: one sequence of 26,880 tokens (the real batch has 2), d_inner = 64, N = 16: 420 chunks.
+    scan_case("selective_scan PaM stage 0 G1 L26880 D64 N16", 1, 26_880, 64, 16, 90);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_deterministic() {
+    // Parameter, B and C gradients are sums over tokens and channels: two runs must agree bit for bit.
+    let inputs = scan_inputs(3, 700, 40, 16, 100);
+    assert_eq!(gpu_grads(&inputs, scan), gpu_grads(&inputs, scan), "selective_scan gradients differ between runs");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_rejects_large_state() {
+    let dev = Device::Cuda(gpu());
+    let inputs: Vec<Tensor> = scan_inputs(1, 4, 2, 33, 110).iter().map(|x| x.to_device(&dev).unwrap()).collect();
+    let msg = scan(&mut Tape::new(), &inputs).unwrap_err().to_string();
+    assert!(msg.contains("N = 33"), "{msg}");
+}
