@@ -26,9 +26,17 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// The names of the `extern "C" __global__` kernels a .cu source defines (template kernels are not looked up by name).
+/// The names of the `extern "C" __global__` kernels a .cu source defines, and of those instantiated through a
+/// `NAME_KERNEL(kernel_name, ...)` macro at the start of a line (a macro whose definition declares the kernel).
 fn kernel_names(source: &str) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = source
+        .lines()
+        .filter_map(|l| {
+            let (mac, args) = l.split_once('(')?;
+            let is_instance = mac.ends_with("_KERNEL") && mac.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+            is_instance.then(|| args.split(',').next().unwrap_or("").trim().to_string())
+        })
+        .collect();
     for (i, _) in source.match_indices("__global__") {
         let mut rest = source[i + "__global__".len()..].to_string();
         // `__launch_bounds__(...)` sits between the return type and the name.

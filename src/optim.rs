@@ -87,6 +87,14 @@ impl Sgd {
     /// nothing, on a count, shape, dtype or device mismatch, on negative or non-finite settings, or when a parameter's
     /// storage is still shared (e.g. by a tape that has not been freed).
     pub fn step(&mut self, params: &mut [Tensor], grads: &[Tensor]) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = grads.iter().cloned().map(Some).collect();
+        self.step_partial(params, &grads)
+    }
+
+    /// As [`Sgd::step`], where a parameter whose gradient is `None` (no gradient reached it, e.g. the seg head of the
+    /// deepest deep-supervision output, whose loss weight is 0) is left untouched with its momentum, as PyTorch's
+    /// SGD skips parameters whose `.grad` is None.
+    pub fn step_partial(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()> {
         for (name, value) in [("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay)] {
             ensure!(value.is_finite() && value >= 0.0, Config, "Sgd: {name} must be finite and >= 0, got {value}");
         }
@@ -108,6 +116,7 @@ impl Sgd {
             self.buffers.len()
         );
         for (i, ((p, g), b)) in params.iter_mut().zip(grads).zip(&self.buffers).enumerate() {
+            let Some(g) = g else { continue };
             let what = format!("Sgd::step: gradient of parameter {i}");
             p.check_same_kind(g, &what)?;
             g.check_shape(p.shape(), &what)?;
@@ -120,6 +129,7 @@ impl Sgd {
         }
         let hyper = [self.lr, self.momentum, self.weight_decay];
         for ((p, g), b) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()) {
+            let Some(g) = g else { continue };
             if p.gpu_buffer().is_some() {
                 update_gpu(p, g, b, hyper)?;
                 continue;
@@ -325,6 +335,17 @@ fn scale_in_place_cpu<T: Real>(g: &mut Tensor, ratio: f64) -> Result<()> {
         *x *= ratio;
     }
     Ok(())
+}
+
+/// [`clip_grad_norm`] over the gradients that exist (`None`: no gradient reached that parameter).
+pub fn clip_present_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+    let norm = clip_grad_norm(&mut present, max_norm)?;
+    let mut clipped = present.into_iter();
+    for g in grads.iter_mut().flatten() {
+        *g = clipped.next().expect("one clipped gradient per present gradient");
+    }
+    Ok(norm)
 }
 
 /// nnU-Net's polynomial learning-rate schedule, `base_lr * (1 - epoch / max_epochs)^0.9`; 0 from `max_epochs` on.

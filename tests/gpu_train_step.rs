@@ -7,7 +7,7 @@ use common::{gpu, rel_err};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::nn::{LkmUnet, ModelConfig, Params};
-use lkm_engine::optim::{clip_grad_norm, Sgd};
+use lkm_engine::optim::{clip_present_grad_norm, Sgd};
 use lkm_engine::tensor::DType;
 use lkm_engine::train::loss::{deep_supervision_loss, downsample_labels};
 use lkm_engine::Tensor;

@@ -64,6 +64,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        keep_pool_memory(&ctx).map_err(driver_err(format!("configuring the memory pool of {name}")))?;
         let mut modules = Vec::new();
         for (file, image) in KERNEL_FILES {
             let m = ctx
@@ -164,6 +165,25 @@ impl Gpu {
             )),
             Err(_) => Error::Device(format!("allocating {} floats for {what} failed: {e}", len)),
         }
+    }
+}
+
+/// Stops the stream-ordered pool from returning freed memory to the driver at every synchronisation: by default its
+/// release threshold is 0, so each step after a sync would map its activations afresh, which costs more than
+/// the elementwise kernels that use them.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> std::result::Result<(), DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver calls on this context's device with valid out-pointers.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
     }
 }
 

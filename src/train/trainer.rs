@@ -21,7 +21,7 @@ use crate::data::Case;
 use crate::device::Device;
 use crate::metrics::dice_per_class;
 use crate::nn::{LkmUnet, Params};
-use crate::optim::{clip_grad_norm, poly_lr, Sgd};
+use crate::optim::{clip_present_grad_norm, poly_lr, Sgd};
 use crate::tensor::Tensor;
 use crate::{bail, Error, Result};
 
@@ -201,14 +201,10 @@ impl Run<'_> {
         let loss = deep_supervision_loss(&mut tape, &outputs, &targets, self.opts.batch_dice)?;
         drop((outputs, targets));
         let mut grads = tape.backward(&loss)?;
-        let mut g = params
-            .tensors()
-            .iter()
-            .zip(params.names())
-            .map(|(p, n)| grads.take(p).ok_or_else(|| Error::Shape(format!("no gradient reached parameter {n}"))))
-            .collect::<Result<Vec<_>>>()?;
-        clip_grad_norm(&mut g, self.opts.grad_clip)?;
-        sgd.step(params.tensors_mut(), &g)?;
+        // Parameters no gradient reaches (the deepest seg head: loss weight 0) are skipped, as PyTorch does.
+        let mut g: Vec<Option<Tensor>> = params.tensors().iter().map(|p| grads.take(p)).collect();
+        clip_present_grad_norm(&mut g, self.opts.grad_clip)?;
+        sgd.step_partial(params.tensors_mut(), &g)?;
         loss.scalar()
     }
 
