@@ -12,6 +12,7 @@ pub mod autograd;
 pub mod data;
 pub mod device;
 mod error;
+pub mod infer;
 pub mod nn;
 pub mod ops;
 pub mod optim;
