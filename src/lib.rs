@@ -14,6 +14,7 @@ pub mod device;
 mod error;
 pub mod nn;
 pub mod ops;
+pub mod metrics;
 pub mod optim;
 pub mod tensor;
 pub mod train;
