@@ -15,6 +15,7 @@ mod error;
 pub mod infer;
 pub mod nn;
 pub mod ops;
+pub mod metrics;
 pub mod optim;
 pub mod tensor;
 pub mod train;
