@@ -6,6 +6,7 @@
 //! in our order: [z, y, x] in millimetres.
 
 pub mod sampler;
+pub mod synth;
 
 /// One case in memory: an image with one or more channels and, for training data, its label map.
 #[derive(Clone, Debug, PartialEq)]
