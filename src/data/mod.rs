@@ -5,6 +5,11 @@
 //! with W fastest, so D = z, H = y, W = x and the bytes are in the same order (no transposition). Spacings are kept
 //! in our order: [z, y, x] in millimetres.
 
+pub mod dataset;
+pub mod nifti;
+pub mod normalize;
+pub mod resample;
+
 /// One case in memory: an image with one or more channels and, for training data, its label map.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
