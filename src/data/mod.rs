@@ -5,6 +5,10 @@
 //! with W fastest, so D = z, H = y, W = x and the bytes are in the same order (no transposition). Spacings are kept
 //! in our order: [z, y, x] in millimetres.
 
+pub mod dataset;
+pub mod nifti;
+pub mod normalize;
+pub mod resample;
 pub mod sampler;
 pub mod synth;
 

@@ -77,7 +77,8 @@ impl PatchSampler {
     /// Draws one patch from `case`.
     pub fn sample(&self, case: &Case, fg: &ForegroundIndex, rng: &mut StdRng) -> Result<Patch> {
         ensure!(matches!(self.patch.len(), 2 | 3), Config, "patch {:?} must have 2 or 3 axes", self.patch);
-        let label = case.label.as_ref().ok_or_else(|| crate::Error::Data(format!("case {} has no label map", case.name)))?;
+        let label =
+            case.label.as_ref().ok_or_else(|| crate::Error::Data(format!("case {} has no label map", case.name)))?;
         let p = self.box3();
         let s = case.shape;
         let present: Vec<&Vec<usize>> = fg.voxels.iter().filter(|v| !v.is_empty()).collect();
@@ -129,13 +130,25 @@ impl PatchSampler {
 
     /// A batch of `n` patches from randomly chosen cases: x (n, channels, patch...) and labels (n, 1, patch...) as
     /// float32 host tensors.
-    pub fn batch(&self, cases: &[Case], fg: &[ForegroundIndex], n: usize, rng: &mut StdRng) -> Result<(Tensor, Tensor)> {
+    pub fn batch(
+        &self,
+        cases: &[Case],
+        fg: &[ForegroundIndex],
+        n: usize,
+        rng: &mut StdRng,
+    ) -> Result<(Tensor, Tensor)> {
         ensure!(!cases.is_empty(), Data, "no training cases to sample from");
         let channels = cases[0].channels;
         let (mut xs, mut ys) = (Vec::new(), Vec::new());
         for _ in 0..n {
             let i = rng.random_range(0..cases.len());
-            ensure!(cases[i].channels == channels, Data, "case {} has {} channels, others {channels}", cases[i].name, cases[i].channels);
+            ensure!(
+                cases[i].channels == channels,
+                Data,
+                "case {} has {} channels, others {channels}",
+                cases[i].name,
+                cases[i].channels
+            );
             let patch = self.sample(&cases[i], &fg[i], rng)?;
             xs.extend(patch.image);
             ys.extend(patch.label.iter().map(|&l| l as f32));

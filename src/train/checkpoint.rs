@@ -44,15 +44,22 @@ pub fn save(path: &Path, params: &Params, momentum: &[Option<Tensor>], meta: &se
     }
     for (name, m) in params.names().iter().zip(momentum) {
         if let Some(m) = m {
-            host.push((format!("{MOMENTUM_PREFIX}{name}"), m.shape().to_vec(), bytemuck::cast_slice(&m.to_vec_f32()?).to_vec()));
+            host.push((
+                format!("{MOMENTUM_PREFIX}{name}"),
+                m.shape().to_vec(),
+                bytemuck::cast_slice(&m.to_vec_f32()?).to_vec(),
+            ));
         }
     }
     let views = host
         .iter()
-        .map(|(n, s, b)| Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Data(format!("{n}: {e}")))?)))
+        .map(|(n, s, b)| {
+            Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Data(format!("{n}: {e}")))?))
+        })
         .collect::<Result<Vec<_>>>()?;
     let info = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
-    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| Error::Data(format!("serialising a checkpoint: {e}")))?;
+    let bytes =
+        safetensors::serialize(views, Some(info)).map_err(|e| Error::Data(format!("serialising a checkpoint: {e}")))?;
     write_atomically(path, &bytes)
 }
 
@@ -72,18 +79,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Reads a checkpoint written by [`save`] (or converted from PyTorch by `tools/`).
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(io_err(path, "reading"))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Data(format!("{}: not a safetensors file ({e})", path.display())))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Data(format!("{}: not a safetensors file ({e})", path.display())))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
-        Some(s) => serde_json::from_str(s).map_err(|e| Error::Data(format!("{}: bad {META_KEY} metadata: {e}", path.display())))?,
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| Error::Data(format!("{}: bad {META_KEY} metadata: {e}", path.display())))?,
         None => serde_json::Value::Null,
     };
     let (mut tensors, mut momentum) = (HashMap::new(), HashMap::new());
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            bail!(Data, "{}: tensor {name} is {:?}; only float32 checkpoints are supported", path.display(), view.dtype());
+            bail!(
+                Data,
+                "{}: tensor {name} is {:?}; only float32 checkpoints are supported",
+                path.display(),
+                view.dtype()
+            );
         }
-        let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let t = Tensor::from_vec(values, view.shape())?;
         match name.strip_prefix(MOMENTUM_PREFIX) {
             Some(p) => momentum.insert(p.to_string(), t),

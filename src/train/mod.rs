@@ -2,4 +2,4 @@
 
 pub mod checkpoint;
 pub mod loss;
-//pub mod trainer;
+pub mod trainer;

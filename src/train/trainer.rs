@@ -128,13 +128,18 @@ impl Run<'_> {
         }
         let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?;
         let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
-        let momentum = start.momentum.iter().map(|m| m.as_ref().map(|t| t.to_device(&self.device)).transpose()).collect::<Result<Vec<_>>>()?;
+        let momentum = start
+            .momentum
+            .iter()
+            .map(|m| m.as_ref().map(|t| t.to_device(&self.device)).transpose())
+            .collect::<Result<Vec<_>>>()?;
         if momentum.iter().any(|m| m.is_some()) {
             sgd.set_momentum_buffers(momentum);
         }
         let fg: Vec<ForegroundIndex> = train.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
         let sampler = PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true };
-        std::fs::create_dir_all(&self.out_dir).map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
+        std::fs::create_dir_all(&self.out_dir)
+            .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
         let log_path = self.out_dir.join("metrics.jsonl");
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -151,7 +156,8 @@ impl Run<'_> {
             let mut loss_sum = 0.0;
             for it in 0..o.iters_per_epoch {
                 let (x, y) = sampler.batch(train, &fg, o.batch, &mut rng)?;
-                let loss = self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &y.to_device(&self.device)?)?;
+                let loss =
+                    self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &y.to_device(&self.device)?)?;
                 if !loss.is_finite() {
                     bail!(
                         NonFinite,
@@ -212,11 +218,27 @@ impl Run<'_> {
     fn validate(&self, params: &Params, val: &[Case]) -> Result<Vec<Option<f64>>> {
         let k = self.model.config.num_classes;
         let mut sums = vec![(0.0, 0usize); k - 1];
-        let cfg = crate::infer::InferConfig { patch: self.model.config.patch.clone(), step_fraction: 0.5, mirror: false, batch: self.opts.batch };
+        let cfg = crate::infer::InferConfig {
+            patch: self.model.config.patch.clone(),
+            step_fraction: 0.5,
+            mirror: false,
+            batch: self.opts.batch,
+        };
         for case in val {
-            let pred = crate::infer::predict_labels(self.model, params, &self.device, &case.image, case.channels, case.shape, &cfg)?;
-            let reference = case.label.as_ref().ok_or_else(|| Error::Data(format!("validation case {} has no labels", case.name)))?;
-            for (s, d) in sums.iter_mut().zip(dice_per_class(&pred, reference, k)) {
+            let pred = crate::infer::predict_labels(
+                self.model,
+                params,
+                &self.device,
+                &case.image,
+                case.channels,
+                case.shape,
+                &cfg,
+            )?;
+            let reference = case
+                .label
+                .as_ref()
+                .ok_or_else(|| Error::Data(format!("validation case {} has no labels", case.name)))?;
+            for (s, d) in sums.iter_mut().zip(dice_per_class(&pred, reference, k)?) {
                 if let Some(d) = d {
                     s.0 += d;
                     s.1 += 1;
@@ -262,6 +284,10 @@ pub fn epoch_summary(r: &EpochRecord) -> String {
     };
     format!(
         "epoch {:4}  lr {:.5}  loss {:.4}{dice}  {:.1}s  {:.2} Mvox/s",
-        r.epoch, r.lr, r.train_loss, r.seconds, r.voxels_per_second / 1e6
+        r.epoch,
+        r.lr,
+        r.train_loss,
+        r.seconds,
+        r.voxels_per_second / 1e6
     )
 }

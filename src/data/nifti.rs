@@ -1,0 +1,400 @@
+//! NIfTI-1 volumes (`.nii`, `.nii.gz`) in and out.
+//!
+//! Reading: the whole file is decompressed first (gzip is recognised by its magic bytes 1f 8b, not by the file
+//! name, and decoding to the end checks the gzip CRC-32 and length, so a truncated or corrupted download is an
+//! error rather than a silently wrong volume), then the 348-byte header is parsed by the `nifti` crate and the voxel
+//! block at `vox_offset` is converted to f32 with the scaling `value = scl_slope * stored + scl_inter` (no scaling
+//! when `scl_slope` is 0 or not finite, as the standard says).
+//!
+//! Axes: NIfTI stores the array [x, y, z] with x fastest; our arrays are (D, H, W) row-major with W fastest, so
+//! D = z, H = y, W = x and the bytes are already in our order: no transposition happens anywhere in this file.
+//! Spacings are reported in our order, `[z, y, x] = [pixdim[3], pixdim[2], pixdim[1]]`.
+//!
+//! The affine maps voxel indices (i, j, k) = (x, y, z) to world millimetres (NIfTI RAS+):
+//! - sform (`sform_code > 0`): the rows `srow_x`, `srow_y`, `srow_z`;
+//! - else qform (`qform_code > 0`): `world = R · diag(dx, dy, qfac·dz) · (i, j, k) + (qoffset_x, qoffset_y,
+//!   qoffset_z)`, with R the rotation of the unit quaternion (a, b, c, d), a = sqrt(1 - b² - c² - d²);
+//! - else the scaling diag(dx, dy, dz) with the origin at voxel 0 (the standard's "method 1").
+//!
+//! The affine is computed here rather than with the crate's helpers because those panic on some malformed headers
+//! (negative pixdim, a non-unit quaternion); bad input must be an error, never a panic.
+//!
+//! Writing: a label map is written as uint8 with the reference image's header (qform, sform, pixdim, units), so a
+//! prediction opens on the grid of the image it was predicted for.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use ::nifti::object::GzDecodedFile;
+use ::nifti::writer::WriterOptions;
+use ::nifti::{InMemNiftiVolume, IntoNdArray, NiftiError, NiftiHeader, NiftiType};
+
+use crate::{bail, ensure, Error, Result};
+
+/// A volume read from a NIfTI file, in our (D, H, W) order.
+#[derive(Clone, Debug)]
+pub struct NiftiVolume {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    /// Intensities (or label values) as f32, (D, H, W) row-major, scaling already applied.
+    pub data: Vec<f32>,
+    /// Spatial size [D, H, W] = [z, y, x].
+    pub shape: [usize; 3],
+    /// Voxel spacing [z, y, x] in the file's units (millimetres for medical images), from pixdim.
+    pub spacing: [f64; 3],
+    /// The header as read, kept to write predictions on the same grid (see [`write_label`]).
+    pub header: NiftiHeader,
+    /// Voxel (x, y, z) to world 4x4 affine, row-major (`affine[row][col]`), see the module header for the rules.
+    pub affine: [[f64; 4]; 4],
+}
+
+/// Reads a 3-D NIfTI-1 file (gzipped or not) of any numeric stored type into f32.
+///
+/// 4-D files whose 4th axis has length 1 are accepted; any other extra axis is an error (multi-channel data comes
+/// as one file per channel in nnU-Net datasets). 1-D and 2-D files are read as volumes with D (and H) of 1.
+pub fn read_volume(path: impl AsRef<Path>) -> Result<NiftiVolume> {
+    let path = path.as_ref();
+    let p = path.display();
+    let bytes = read_decompressed(path)?;
+    let header = NiftiHeader::from_reader(&bytes[..]).map_err(|e| match e {
+        NiftiError::Io(_) => Error::Data(format!(
+            "{p}: not a NIfTI file: {} bytes, shorter than the 348-byte NIfTI-1 header",
+            bytes.len()
+        )),
+        NiftiError::InvalidFormat => {
+            let magic: Vec<u8> = bytes.get(344..348).unwrap_or(&[]).to_vec();
+            Error::Data(format!(
+                "{p}: not a NIfTI-1 file (magic bytes at offset 344 are {magic:02x?}, expected \"n+1\\0\"){}",
+                if bytes.len() >= 4 && bytes[..4] == [0x1c, 0x02, 0, 0] {
+                    "; this looks like NIfTI-2, which is not supported"
+                } else {
+                    ""
+                }
+            ))
+        }
+        e => Error::Data(format!("{p}: bad NIfTI header: {e}")),
+    })?;
+    ensure!(
+        &header.magic == b"n+1\0",
+        Data,
+        "{p}: a NIfTI header-only file (magic \"ni1\", an .hdr/.img pair); only single-file .nii/.nii.gz is supported"
+    );
+    ensure!(
+        header.sizeof_hdr == 348,
+        Data,
+        "{p}: not a NIfTI-1 file (sizeof_hdr is {}, expected 348)",
+        header.sizeof_hdr
+    );
+
+    let ndim = header.dim[0] as usize;
+    ensure!(
+        (1..=7).contains(&ndim),
+        Data,
+        "{p}: corrupt header: dim[0] = {} (the number of axes must be 1 to 7)",
+        header.dim[0]
+    );
+    let dims = &header.dim[1..=ndim];
+    ensure!(
+        dims.iter().all(|&d| d > 0 && d <= i16::MAX as u16),
+        Data,
+        "{p}: a shape with zero (or negative) size: dim = {dims:?}"
+    );
+    ensure!(
+        dims.iter().skip(3).all(|&d| d == 1),
+        Data,
+        "{p}: a {ndim}-D image with dim = {dims:?}; only 3-D images (or 4-D with a 4th axis of 1) are supported \
+         (nnU-Net datasets store each channel in its own file, _0000, _0001, ...)"
+    );
+    let xyz = [0, 1, 2].map(|a| dims.get(a).copied().unwrap_or(1) as usize);
+    let shape = [xyz[2], xyz[1], xyz[0]];
+    let n: usize = shape.iter().product();
+
+    let spacing_of = |a: usize| -> Result<f64> {
+        if a >= ndim {
+            return Ok(1.0);
+        }
+        let s = header.pixdim[a + 1].abs() as f64;
+        ensure!(
+            s.is_finite() && s > 0.0,
+            Data,
+            "{p}: voxel spacing pixdim[{}] = {} is not a positive number",
+            a + 1,
+            header.pixdim[a + 1]
+        );
+        Ok(s)
+    };
+    let spacing = [spacing_of(2)?, spacing_of(1)?, spacing_of(0)?];
+
+    let datatype =
+        header.data_type().map_err(|_| Error::Data(format!("{p}: unknown NIfTI datatype code {}", header.datatype)))?;
+    let elem = match datatype {
+        NiftiType::Uint8 | NiftiType::Int8 => 1,
+        NiftiType::Uint16 | NiftiType::Int16 => 2,
+        NiftiType::Uint32 | NiftiType::Int32 | NiftiType::Float32 => 4,
+        NiftiType::Uint64 | NiftiType::Int64 | NiftiType::Float64 => 8,
+        other => bail!(
+            Data,
+            "{p}: voxel type {other:?} is not supported (only real scalar types: u8, i8, u16, i16, u32, i32, u64, \
+             i64, f32, f64)"
+        ),
+    };
+    let offset = header.vox_offset;
+    ensure!(offset.is_finite() && offset >= 348.0, Data, "{p}: corrupt header: vox_offset = {offset}");
+    let start = offset as usize;
+    let nbytes = n * elem;
+    ensure!(
+        bytes.len() >= start + nbytes,
+        Data,
+        "{p}: truncated: a {:?} volume of {xyz:?} voxels needs {nbytes} bytes after offset {start}, the file has {}",
+        datatype,
+        bytes.len().saturating_sub(start)
+    );
+
+    // The crate converts each stored type to f32 and applies slope and intercept; give it a 3-D header and a
+    // well-defined scaling so that a 4-D file with one volume or a NaN slope need no special case there.
+    let mut h3 = header.clone();
+    h3.dim = [3, xyz[0] as u16, xyz[1] as u16, xyz[2] as u16, 1, 1, 1, 1];
+    h3.bitpix = (elem * 8) as i16;
+    if !h3.scl_slope.is_finite() || h3.scl_slope == 0.0 {
+        h3.scl_slope = 0.0; // the crate's (and the standard's) code for "no scaling"
+        h3.scl_inter = 0.0;
+    } else if !h3.scl_inter.is_finite() {
+        h3.scl_inter = 0.0;
+    }
+    let raw = bytes[start..start + nbytes].to_vec();
+    drop(bytes);
+    let array = InMemNiftiVolume::from_raw_data(&h3, raw)
+        .and_then(|v| v.into_ndarray::<f32>())
+        .map_err(|e| Error::Data(format!("{p}: cannot decode the voxels: {e}")))?;
+    // The array is [x, y, z] in Fortran order, so its memory is x fastest: exactly our (D, H, W) row-major.
+    ensure!(array.t().is_standard_layout(), Data, "{p}: internal: the nifti crate returned a non-Fortran-order array");
+    let (data, off) = array.into_raw_vec_and_offset();
+    ensure!(
+        data.len() == n && off.unwrap_or(0) == 0,
+        Data,
+        "{p}: internal: decoded {} voxels, expected {n}",
+        data.len()
+    );
+
+    let affine = affine_of(&header);
+    Ok(NiftiVolume { path: path.to_path_buf(), data, shape, spacing, header, affine })
+}
+
+impl NiftiVolume {
+    /// The values as a label map: every value must be a whole number in 0..=255 (float-stored label maps, common
+    /// in converted datasets, are accepted when their values are whole numbers).
+    pub fn to_labels(&self) -> Result<Vec<u8>> {
+        labels_from_f32(&self.data, self.shape, &self.path.display().to_string())
+    }
+}
+
+/// Converts label values stored as f32 to u8, naming the first voxel that is not a whole number in 0..=255.
+fn labels_from_f32(data: &[f32], shape: [usize; 3], what: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len());
+    for (i, &v) in data.iter().enumerate() {
+        if !((0.0..=255.0).contains(&v) && v == v.round()) {
+            let (h, w) = (shape[1], shape[2]);
+            bail!(
+                Data,
+                "{what}: label value {v} at voxel (d, h, w) = ({}, {}, {}) is not a whole number in 0..=255",
+                i / (h * w),
+                (i / w) % h,
+                i % w
+            );
+        }
+        out.push(v as u8);
+    }
+    Ok(out)
+}
+
+/// Writes a uint8 label map of `shape` [D, H, W] on the grid of `reference` (its qform, sform, pixdim and units),
+/// gzip-compressed when the file name ends in `.gz`.
+///
+/// The reference's spatial size must equal `shape`: a prediction is written on the grid of the image it came from.
+pub fn write_label(path: impl AsRef<Path>, labels: &[u8], shape: [usize; 3], reference: &NiftiHeader) -> Result<()> {
+    let path = path.as_ref();
+    check_reference(path, shape, reference)?;
+    let mut h = reference.clone();
+    h.cal_min = 0.0;
+    h.cal_max = 0.0;
+    h.intent_code = 0;
+    write_array(path, labels, shape, &h, NiftiType::Uint8)
+}
+
+/// Writes an f32 image of `shape` [D, H, W] (one channel) with the grid of `reference`, gzip-compressed when the
+/// file name ends in `.gz`. Used to write synthetic datasets and resampled images.
+pub fn write_image(path: impl AsRef<Path>, data: &[f32], shape: [usize; 3], reference: &NiftiHeader) -> Result<()> {
+    let path = path.as_ref();
+    check_reference(path, shape, reference)?;
+    let mut h = reference.clone();
+    h.cal_min = 0.0;
+    h.cal_max = 0.0;
+    write_array(path, data, shape, &h, NiftiType::Float32)
+}
+
+/// A fresh header for a volume of `shape` [D, H, W] with `spacing` [z, y, x] in millimetres: axis-aligned (RAS+
+/// identity rotation), origin at voxel 0, qform and sform both set (code 1, scanner) so every viewer agrees.
+pub fn header_for(shape: [usize; 3], spacing: [f64; 3]) -> Result<NiftiHeader> {
+    ensure!(
+        shape.iter().all(|&s| s > 0 && s <= i16::MAX as usize),
+        Shape,
+        "header_for: shape {shape:?} must have sizes 1..=32767"
+    );
+    ensure!(
+        spacing.iter().all(|&s| s.is_finite() && s > 0.0),
+        Shape,
+        "header_for: spacing {spacing:?} must be positive"
+    );
+    let [sz, sy, sx] = spacing.map(|s| s as f32);
+    let mut h = NiftiHeader {
+        dim: [3, shape[2] as u16, shape[1] as u16, shape[0] as u16, 1, 1, 1, 1],
+        pixdim: [1.0, sx, sy, sz, 1.0, 1.0, 1.0, 1.0],
+        xyzt_units: 2, // millimetres
+        qform_code: 1,
+        sform_code: 1,
+        quatern_b: 0.0,
+        quatern_c: 0.0,
+        quatern_d: 0.0,
+        srow_x: [sx, 0.0, 0.0, 0.0],
+        srow_y: [0.0, sy, 0.0, 0.0],
+        srow_z: [0.0, 0.0, sz, 0.0],
+        magic: *b"n+1\0",
+        scl_slope: 1.0,
+        scl_inter: 0.0,
+        ..NiftiHeader::default()
+    };
+    h.descrip = b"lkm-engine".to_vec();
+    h.descrip.resize(80, 0);
+    Ok(h)
+}
+
+/// The reference header must describe a grid of the written shape.
+fn check_reference(path: &Path, shape: [usize; 3], reference: &NiftiHeader) -> Result<()> {
+    let p = path.display();
+    let ndim = (reference.dim[0] as usize).clamp(1, 7);
+    let xyz = [0, 1, 2].map(|a| if a < ndim { reference.dim[a + 1] as usize } else { 1 });
+    let ref_shape = [xyz[2], xyz[1], xyz[0]];
+    ensure!(
+        ref_shape == shape,
+        Shape,
+        "{p}: the volume to write has shape [D, H, W] = {shape:?} but its reference header describes {ref_shape:?}; \
+         a volume must be written on its own grid"
+    );
+    Ok(())
+}
+
+/// Writes `data` (our (D, H, W) order) with the reference header's geometry and the given stored type.
+fn write_array<T: ::nifti::DataElement + bytemuck::Pod>(
+    path: &Path,
+    data: &[T],
+    shape: [usize; 3],
+    reference: &NiftiHeader,
+    datatype: NiftiType,
+) -> Result<()> {
+    let p = path.display();
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    ensure!(
+        name.ends_with(".nii") || name.ends_with(".nii.gz"),
+        Config,
+        "{p}: a NIfTI output file name must end in .nii or .nii.gz"
+    );
+    ensure!(
+        shape.iter().all(|&s| s > 0 && s <= i16::MAX as usize),
+        Shape,
+        "{p}: cannot write a volume of shape {shape:?} (each size must be 1..=32767)"
+    );
+    let n: usize = shape.iter().product();
+    ensure!(data.len() == n, Shape, "{p}: {} values given for a volume of shape {shape:?} ({n} voxels)", data.len());
+    // Our (D, H, W) row-major buffer is the NIfTI [x, y, z] Fortran-order buffer; the crate's reader-side volume
+    // turns it into the Fortran-order array its writer expects.
+    let dim = [3, shape[2] as u16, shape[1] as u16, shape[0] as u16, 1, 1, 1, 1];
+    let bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
+    let array = InMemNiftiVolume::from_raw_fields(dim, datatype, 0.0, 0.0, bytes, ::nifti::Endianness::native())
+        .and_then(|v| v.into_ndarray::<T>())
+        .map_err(|e| Error::Data(format!("{p}: cannot prepare the volume for writing: {e}")))?;
+    let mut h = reference.clone();
+    h.endianness = ::nifti::Endianness::native();
+    h.magic = *b"n+1\0";
+    h.sizeof_hdr = 348;
+    if h.descrip.len() != 80 {
+        h.descrip.resize(80, 0);
+    }
+    WriterOptions::new(path)
+        .reference_header(&h)
+        .write_nifti(&array)
+        .map_err(|e| Error::Io(format!("{p}: cannot write: {e}")))
+}
+
+/// Reads the file, gunzipping it (to the end, so the CRC is checked) when it starts with the gzip magic bytes.
+fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
+    let p = path.display();
+    let io_err = |e: std::io::Error| Error::Io(format!("{p}: {e}"));
+    let mut file = File::open(path).map_err(io_err)?;
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match file.read(&mut magic[got..]).map_err(io_err)? {
+            0 => break,
+            k => got += k,
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    let mut bytes = Vec::new();
+    if got == 2 && magic == [0x1f, 0x8b] {
+        GzDecodedFile::new(BufReader::new(file)).read_to_end(&mut bytes).map_err(|e| {
+            Error::Data(format!("{p}: corrupt or truncated gzip data ({e}); re-copy or re-export the file"))
+        })?;
+    } else {
+        let _ = file.read_to_end(&mut bytes).map_err(io_err)?;
+    }
+    Ok(bytes)
+}
+
+/// The voxel-to-world affine by the NIfTI-1 rules (sform, else qform, else pixdim scaling); never panics.
+fn affine_of(h: &NiftiHeader) -> [[f64; 4]; 4] {
+    let px = [1, 2, 3].map(|a| {
+        let s = h.pixdim[a].abs() as f64;
+        if s.is_finite() && s > 0.0 {
+            s
+        } else {
+            1.0
+        }
+    });
+    if h.sform_code > 0 {
+        let r = |row: &[f32; 4]| row.map(|v| v as f64);
+        return [r(&h.srow_x), r(&h.srow_y), r(&h.srow_z), [0.0, 0.0, 0.0, 1.0]];
+    }
+    if h.qform_code > 0 {
+        let (mut b, mut c, mut d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
+        let n2 = b * b + c * c + d * d;
+        let a = if n2 < 1.0 {
+            (1.0 - n2).sqrt()
+        } else {
+            // A 180-degree rotation (a = 0); renormalise (b, c, d) so that R stays a rotation.
+            let n = n2.sqrt();
+            b /= n;
+            c /= n;
+            d /= n;
+            0.0
+        };
+        let rot = [
+            [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
+            [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
+            [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ];
+        let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let scale = [px[0], px[1], qfac * px[2]];
+        let off = [h.quatern_x, h.quatern_y, h.quatern_z].map(|v| v as f64);
+        let mut m = [[0.0; 4]; 4];
+        for r in 0..3 {
+            for col in 0..3 {
+                m[r][col] = rot[r][col] * scale[col];
+            }
+            m[r][3] = off[r];
+        }
+        m[3][3] = 1.0;
+        return m;
+    }
+    [[px[0], 0.0, 0.0, 0.0], [0.0, px[1], 0.0, 0.0], [0.0, 0.0, px[2], 0.0], [0.0, 0.0, 0.0, 1.0]]
+}
