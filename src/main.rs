@@ -1,7 +1,24 @@
-//! The `lkm-engine` command line.
+//! The `lkm-engine` command line: train, predict, evaluate, synth, devices.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use lkm_engine::device::Gpu;
+use lkm_engine::data::dataset::write_dataset;
+use lkm_engine::data::nifti::{read_volume, write_label};
+use lkm_engine::data::normalize::{normalize_case, Normalization};
+use lkm_engine::data::resample::{needs_resampling, resample_case, resample_nearest};
+use lkm_engine::data::synth::{phantom_dataset, SynthConfig, PHANTOM_LABELS};
+use lkm_engine::data::Case;
+use lkm_engine::device::{Device, Gpu};
+use lkm_engine::infer::{predict_labels, InferConfig};
+use lkm_engine::metrics::{evaluate_case, scores_csv, summary_table};
+use lkm_engine::nn::{LkmUnet, ModelConfig};
+use lkm_engine::ops::pim::PimLayout;
+use lkm_engine::train::checkpoint;
+use lkm_engine::train::prepare::{self, Prepared};
+use lkm_engine::train::trainer::{Run, Start, TrainOptions};
+use lkm_engine::{bail, Error, Result};
 
 #[derive(Parser)]
 #[command(name = "lkm-engine", version, about = "Train and run LKM-UNet segmentation models")]
@@ -12,13 +29,121 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model. Without --data, trains on the built-in synthetic phantom dataset, generated in memory.
+    Train(TrainArgs),
+    /// Segment NIfTI images with a trained checkpoint.
+    Predict {
+        /// The checkpoint (`latest.safetensors` of a run).
+        #[arg(long)]
+        model: PathBuf,
+        /// An image file, or a folder of images (nnU-Net naming `CASE_0000.nii.gz` for multi-channel input).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output folder for the label maps (`CASE.nii.gz`, on the input's grid and header).
+        #[arg(long)]
+        output: PathBuf,
+        /// Average predictions over all axis flips (slower, slightly better).
+        #[arg(long)]
+        mirror: bool,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Score predicted label maps against references: Dice and normalised surface Dice per class and case.
+    Evaluate {
+        /// Folder of predicted label maps.
+        #[arg(long)]
+        pred: PathBuf,
+        /// Folder of reference label maps with the same file names.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// NSD tolerance in mm: one value for all classes or one per foreground class, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2")]
+        tolerance: Vec<f64>,
+        /// Number of classes (default: the largest label found + 1).
+        #[arg(long)]
+        classes: Option<usize>,
+        /// Where to write the per-case CSV (default PRED/scores.csv).
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
+    /// Write the synthetic phantom dataset as an nnU-Net raw dataset folder.
+    Synth {
+        /// Output folder (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of cases.
+        #[arg(long, default_value_t = 24)]
+        cases: usize,
+        /// Volume size D,H,W.
+        #[arg(long, value_delimiter = ',', default_value = "48,48,48")]
+        shape: Vec<usize>,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Show which compute devices this build can use.
     Devices,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// An nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr). Default: synthetic phantoms in memory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Model configuration: tiny-3d, flare-3d or amos-2d (classes and channels are taken from the data).
+    #[arg(long, default_value = "tiny-3d")]
+    config: String,
+    /// Override the patch size (comma-separated, one value per spatial axis).
+    #[arg(long, value_delimiter = ',')]
+    patch: Option<Vec<usize>>,
+    /// PiM grouping: window (adjacent pixels, the paper) or strided (the public code).
+    #[arg(long, default_value = "window")]
+    pim_layout: String,
+    /// Epochs.
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    /// Iterations per epoch.
+    #[arg(long, default_value_t = 25)]
+    iters: usize,
+    /// Patches per batch.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Initial learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f64,
+    /// Seed of initialisation, sampling and augmentation.
+    #[arg(long, default_value_t = 12345)]
+    seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Run folder for metrics.jsonl and checkpoints.
+    #[arg(long, default_value = "runs/default")]
+    out: PathBuf,
+    /// Continue the run of this checkpoint (its model configuration and options; --epochs may extend it).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Fraction of cases held out for validation.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Synthetic dataset: number of cases.
+    #[arg(long, default_value_t = 24)]
+    synth_cases: usize,
+    /// Hide the progress bar.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Predict { model, input, output, mirror, device } => predict(&model, &input, &output, mirror, &device),
+        Command::Evaluate { pred, reference, tolerance, classes, csv } => {
+            evaluate(&pred, &reference, &tolerance, classes, csv.as_deref())
+        }
+        Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
     };
     if let Err(e) = result {
@@ -27,17 +152,236 @@ fn main() {
     }
 }
 
-fn devices() -> lkm_engine::Result<()> {
+fn train(a: TrainArgs) -> Result<()> {
+    let device = Device::parse(&a.device)?;
+    let t0 = Instant::now();
+    let data: Prepared = match &a.data {
+        Some(dir) => prepare::dataset(dir, a.val_fraction)?,
+        None => prepare::synthetic(&SynthConfig { cases: a.synth_cases, ..SynthConfig::default() }, a.val_fraction)?,
+    };
+    eprintln!(
+        "data: {} — {} training, {} validation cases, spacing {:?} mm, classes {:?} ({:.1}s)",
+        data.source,
+        data.train.len(),
+        data.val.len(),
+        data.spacing,
+        data.class_names,
+        t0.elapsed().as_secs_f64()
+    );
+    let resume = a.resume.as_deref().map(checkpoint::load).transpose()?;
+    let (config, mut opts, start_epoch) = match &resume {
+        Some(ck) => {
+            let config: ModelConfig = serde_json::from_value(ck.meta["config"].clone())
+                .map_err(|e| Error::Data(format!("checkpoint has no valid model config: {e}")))?;
+            let mut opts: TrainOptions = serde_json::from_value(ck.meta["options"].clone())
+                .map_err(|e| Error::Data(format!("checkpoint has no valid training options: {e}")))?;
+            opts.epochs = opts.epochs.max(a.epochs);
+            (config, opts, ck.meta["epoch"].as_u64().unwrap_or(0) as usize)
+        }
+        None => {
+            let mut config = ModelConfig::by_name(&a.config)?;
+            config.num_classes = data.num_classes();
+            config.in_channels = data.channels;
+            config.pim_layout = match a.pim_layout.as_str() {
+                "window" => PimLayout::Window,
+                "strided" => PimLayout::Strided,
+                s => bail!(Config, "--pim-layout must be window or strided, not {s:?}"),
+            };
+            if let Some(p) = &a.patch {
+                config.patch = p.clone();
+            }
+            let opts = TrainOptions {
+                epochs: a.epochs,
+                iters_per_epoch: a.iters,
+                batch: a.batch,
+                lr: a.lr,
+                seed: a.seed,
+                progress: !a.no_progress,
+                ..TrainOptions::default()
+            };
+            (config, opts, 0)
+        }
+    };
+    opts.progress = !a.no_progress;
+    let (model, fresh) = LkmUnet::new(config, opts.seed)?;
+    let start = match &resume {
+        Some(ck) => Start { params: ck.params_like(&fresh)?, momentum: ck.momentum_like(&fresh), epoch: start_epoch },
+        None => Start { params: fresh.clone(), momentum: Vec::new(), epoch: 0 },
+    };
+    eprintln!(
+        "model: LKM-UNet {} stages, {:.2} M parameters, patch {:?}, PiM {:?}; device {:?}; epochs {}..{} of {} iterations",
+        model.config.features.len(),
+        fresh.count() as f64 / 1e6,
+        model.config.patch,
+        model.config.pim_layout,
+        device,
+        start.epoch,
+        opts.epochs,
+        opts.iters_per_epoch
+    );
+    let run = Run { model: &model, device, opts, out_dir: a.out.clone(), meta: data.meta() };
+    let (records, _) = run.train(&data.train, &data.val, start)?;
+    if let Some(last) = records.iter().rev().find(|r| r.val_mean_dice.is_some()) {
+        eprintln!(
+            "done in {:.1}s: validation mean Dice {:.4}; checkpoint {}",
+            t0.elapsed().as_secs_f64(),
+            last.val_mean_dice.unwrap_or(f64::NAN),
+            a.out.join("latest.safetensors").display()
+        );
+    }
+    Ok(())
+}
+
+/// Groups the NIfTI files of `input` into cases: `NAME_XXXX.nii.gz` files are channels of case NAME; any other
+/// file is a one-channel case.
+fn input_cases(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let strip = |p: &Path| -> Option<String> {
+        let name = p.file_name()?.to_str()?;
+        name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).map(str::to_string)
+    };
+    let files: Vec<PathBuf> = if input.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(input)
+            .map_err(|e| Error::Io(format!("{}: {e}", input.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| strip(p).is_some())
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![input.to_path_buf()]
+    };
+    let mut cases: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for f in files {
+        let stem = strip(&f).ok_or_else(|| Error::Data(format!("{}: not a .nii or .nii.gz file", f.display())))?;
+        let case = match stem.rsplit_once('_') {
+            Some((c, ch)) if ch.len() == 4 && ch.chars().all(|d| d.is_ascii_digit()) => c.to_string(),
+            _ => stem,
+        };
+        match cases.iter_mut().find(|(c, _)| *c == case) {
+            Some((_, v)) => v.push(f),
+            None => cases.push((case, vec![f])),
+        }
+    }
+    if cases.is_empty() {
+        bail!(Data, "{}: no .nii or .nii.gz images found", input.display());
+    }
+    Ok(cases)
+}
+
+fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device: &str) -> Result<()> {
+    let device = Device::parse(device)?;
+    let ck = checkpoint::load(model_path)?;
+    let config: ModelConfig = serde_json::from_value(ck.meta["config"].clone())
+        .map_err(|e| Error::Data(format!("{}: no valid model config in the checkpoint: {e}", model_path.display())))?;
+    let run = &ck.meta["run"];
+    let normalization = Normalization::from_json(&run["normalization"])?;
+    let spacing: [f64; 3] = serde_json::from_value(run["spacing"].clone())
+        .map_err(|e| Error::Data(format!("{}: no training spacing in the checkpoint: {e}", model_path.display())))?;
+    let (model, fresh) = LkmUnet::new(config, 0)?;
+    let params = ck.params_like(&fresh)?.to(lkm_engine::tensor::DType::F32, &device)?;
+    let cfg = InferConfig { mirror, ..InferConfig::for_model(&model.config) };
+    std::fs::create_dir_all(output).map_err(|e| Error::Io(format!("creating {}: {e}", output.display())))?;
+    for (name, files) in input_cases(input)? {
+        let t0 = Instant::now();
+        let volumes = files.iter().map(read_volume).collect::<Result<Vec<_>>>()?;
+        let first = &volumes[0];
+        for v in &volumes[1..] {
+            if v.shape != first.shape {
+                bail!(
+                    Data,
+                    "{}: shape {:?} differs from {} {:?}",
+                    v.path.display(),
+                    v.shape,
+                    first.path.display(),
+                    first.shape
+                );
+            }
+        }
+        if volumes.len() != model.config.in_channels {
+            bail!(
+                Data,
+                "case {name}: {} channel file(s) but the model takes {}",
+                volumes.len(),
+                model.config.in_channels
+            );
+        }
+        let case = Case {
+            name: name.clone(),
+            image: volumes.iter().flat_map(|v| v.data.iter().copied()).collect(),
+            channels: volumes.len(),
+            shape: first.shape,
+            label: None,
+            spacing: first.spacing,
+        };
+        let mut work =
+            if needs_resampling(case.spacing, spacing) { resample_case(&case, spacing)? } else { case.clone() };
+        normalize_case(&mut work, &normalization)?;
+        let labels = predict_labels(&model, &params, &device, &work.image, work.channels, work.shape, &cfg)?;
+        let labels = if work.shape == case.shape { labels } else { resample_nearest(&labels, work.shape, case.shape) };
+        let out = output.join(format!("{name}.nii.gz"));
+        write_label(&out, &labels, case.shape, &first.header)?;
+        eprintln!("{name}: {:?} -> {} ({:.1}s)", case.shape, out.display(), t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn evaluate(
+    pred: &Path,
+    reference: &Path,
+    tolerance: &[f64],
+    classes: Option<usize>,
+    csv: Option<&Path>,
+) -> Result<()> {
+    let cases = input_cases(reference)?;
+    let mut loaded = Vec::new();
+    for (name, files) in &cases {
+        let r = read_volume(&files[0])?;
+        let p_path = pred.join(files[0].file_name().expect("a file"));
+        let p = read_volume(&p_path)?;
+        if p.shape != r.shape {
+            bail!(
+                Data,
+                "{}: shape {:?} differs from the reference {} {:?}",
+                p_path.display(),
+                p.shape,
+                files[0].display(),
+                r.shape
+            );
+        }
+        loaded.push((name.clone(), p.to_labels()?, r.to_labels()?, r.shape, r.spacing));
+    }
+    let k = classes.unwrap_or_else(|| {
+        loaded.iter().flat_map(|(_, p, r, _, _)| p.iter().chain(r.iter())).copied().max().unwrap_or(0) as usize + 1
+    });
+    let scores = loaded
+        .iter()
+        .map(|(n, p, r, shape, spacing)| evaluate_case(n, p, r, *shape, *spacing, k, tolerance))
+        .collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = (1..k).map(|c| format!("class {c}")).collect();
+    println!("{}", summary_table(&scores, &names));
+    let csv_path = csv.map(Path::to_path_buf).unwrap_or_else(|| pred.join("scores.csv"));
+    std::fs::write(&csv_path, scores_csv(&scores, &names))
+        .map_err(|e| Error::Io(format!("{}: {e}", csv_path.display())))?;
+    eprintln!("per-case scores: {}", csv_path.display());
+    Ok(())
+}
+
+fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
+    let shape: [usize; 3] =
+        shape.try_into().map_err(|_| Error::Config(format!("--shape needs 3 values, got {shape:?}")))?;
+    let cases = phantom_dataset(&SynthConfig { cases, shape, seed });
+    write_dataset(out, &cases, PHANTOM_LABELS, &["CT"])?;
+    eprintln!("wrote {} phantom cases of {shape:?} to {}", cases.len(), out.display());
+    Ok(())
+}
+
+fn devices() -> Result<()> {
     println!("cpu: available");
     match Gpu::new(0) {
         Ok(gpu) => {
             let (free, total) = gpu.memory()?;
-            println!(
-                "cuda:0: {} ({:.1} of {:.1} GiB free)",
-                gpu.name(),
-                free as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64
-            );
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            println!("cuda:0: {} ({:.1} of {:.1} GiB free)", gpu.name(), gib(free), gib(total));
         }
         Err(e) => println!("cuda: unavailable ({e})"),
     }

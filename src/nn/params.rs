@@ -83,6 +83,13 @@ impl Params {
         Ok(Params { names: self.names.clone(), tensors })
     }
 
+    /// A copy whose tensors own their storage, so the optimiser may update them in place whatever else holds the
+    /// originals (a checkpoint, the caller's initial parameters).
+    pub fn deep_copy(&self) -> Result<Params> {
+        let tensors = self.tensors.iter().map(Tensor::deep_copy).collect::<Result<_>>()?;
+        Ok(Params { names: self.names.clone(), tensors })
+    }
+
     /// Registers every parameter on the tape as a leaf that wants a gradient.
     pub fn watch(&self, tape: &mut Tape) {
         for t in &self.tensors {

@@ -197,6 +197,20 @@ impl Tensor {
         Ok(Tensor { id: fresh_id(), shape: shape.to_vec(), storage: self.storage.clone() })
     }
 
+    /// A copy with its own storage (and identity), on the same device.
+    pub fn deep_copy(&self) -> Result<Tensor> {
+        let storage = match &*self.storage {
+            Storage::F32(v) => Storage::F32(v.clone()),
+            Storage::F64(v) => Storage::F64(v.clone()),
+            Storage::Cuda(b) => {
+                let mut copy = b.gpu.alloc(b.slice.len(), "tensor copy")?;
+                b.gpu.copy(b, &mut copy)?;
+                Storage::Cuda(copy)
+            }
+        };
+        Ok(Tensor::from_storage(storage, self.shape.clone()))
+    }
+
     /// Copies every element to the host as f64 (for checks, metrics and printing).
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
         match &*self.storage {

@@ -2,4 +2,5 @@
 
 pub mod checkpoint;
 pub mod loss;
+pub mod prepare;
 pub mod trainer;

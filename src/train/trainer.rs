@@ -126,7 +126,7 @@ impl Run<'_> {
         if train.is_empty() {
             bail!(Data, "no training cases");
         }
-        let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?;
+        let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?.deep_copy()?;
         let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
         let momentum = start
             .momentum
