@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod predict;
 pub mod tensor;
 pub mod train;
 

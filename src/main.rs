@@ -5,16 +5,13 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use lkm_engine::data::dataset::write_dataset;
-use lkm_engine::data::nifti::{read_volume, write_label};
-use lkm_engine::data::normalize::{normalize_case, Normalization};
-use lkm_engine::data::resample::{needs_resampling, resample_case, resample_nearest};
+use lkm_engine::data::nifti::read_volume;
 use lkm_engine::data::synth::{phantom_dataset, SynthConfig, PHANTOM_LABELS};
-use lkm_engine::data::Case;
 use lkm_engine::device::{Device, Gpu};
-use lkm_engine::infer::{predict_labels, InferConfig};
 use lkm_engine::metrics::{evaluate_case, scores_csv, summary_table};
 use lkm_engine::nn::{LkmUnet, ModelConfig};
 use lkm_engine::ops::pim::PimLayout;
+use lkm_engine::predict::{input_cases, Predictor};
 use lkm_engine::train::checkpoint;
 use lkm_engine::train::prepare::{self, Prepared};
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
@@ -232,95 +229,12 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Groups the NIfTI files of `input` into cases: `NAME_XXXX.nii.gz` files are channels of case NAME; any other
-/// file is a one-channel case.
-fn input_cases(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
-    let strip = |p: &Path| -> Option<String> {
-        let name = p.file_name()?.to_str()?;
-        name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).map(str::to_string)
-    };
-    let files: Vec<PathBuf> = if input.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(input)
-            .map_err(|e| Error::Io(format!("{}: {e}", input.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| strip(p).is_some())
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![input.to_path_buf()]
-    };
-    let mut cases: Vec<(String, Vec<PathBuf>)> = Vec::new();
-    for f in files {
-        let stem = strip(&f).ok_or_else(|| Error::Data(format!("{}: not a .nii or .nii.gz file", f.display())))?;
-        let case = match stem.rsplit_once('_') {
-            Some((c, ch)) if ch.len() == 4 && ch.chars().all(|d| d.is_ascii_digit()) => c.to_string(),
-            _ => stem,
-        };
-        match cases.iter_mut().find(|(c, _)| *c == case) {
-            Some((_, v)) => v.push(f),
-            None => cases.push((case, vec![f])),
-        }
-    }
-    if cases.is_empty() {
-        bail!(Data, "{}: no .nii or .nii.gz images found", input.display());
-    }
-    Ok(cases)
-}
-
 fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device: &str) -> Result<()> {
-    let device = Device::parse(device)?;
-    let ck = checkpoint::load(model_path)?;
-    let config: ModelConfig = serde_json::from_value(ck.meta["config"].clone())
-        .map_err(|e| Error::Data(format!("{}: no valid model config in the checkpoint: {e}", model_path.display())))?;
-    let run = &ck.meta["run"];
-    let normalization = Normalization::from_json(&run["normalization"])?;
-    let spacing: [f64; 3] = serde_json::from_value(run["spacing"].clone())
-        .map_err(|e| Error::Data(format!("{}: no training spacing in the checkpoint: {e}", model_path.display())))?;
-    let (model, fresh) = LkmUnet::new(config, 0)?;
-    let params = ck.params_like(&fresh)?.to(lkm_engine::tensor::DType::F32, &device)?;
-    let cfg = InferConfig { mirror, ..InferConfig::for_model(&model.config) };
-    std::fs::create_dir_all(output).map_err(|e| Error::Io(format!("creating {}: {e}", output.display())))?;
+    let predictor = Predictor::from_checkpoint(model_path, Device::parse(device)?, mirror)?;
     for (name, files) in input_cases(input)? {
         let t0 = Instant::now();
-        let volumes = files.iter().map(read_volume).collect::<Result<Vec<_>>>()?;
-        let first = &volumes[0];
-        for v in &volumes[1..] {
-            if v.shape != first.shape {
-                bail!(
-                    Data,
-                    "{}: shape {:?} differs from {} {:?}",
-                    v.path.display(),
-                    v.shape,
-                    first.path.display(),
-                    first.shape
-                );
-            }
-        }
-        if volumes.len() != model.config.in_channels {
-            bail!(
-                Data,
-                "case {name}: {} channel file(s) but the model takes {}",
-                volumes.len(),
-                model.config.in_channels
-            );
-        }
-        let case = Case {
-            name: name.clone(),
-            image: volumes.iter().flat_map(|v| v.data.iter().copied()).collect(),
-            channels: volumes.len(),
-            shape: first.shape,
-            label: None,
-            spacing: first.spacing,
-        };
-        let mut work =
-            if needs_resampling(case.spacing, spacing) { resample_case(&case, spacing)? } else { case.clone() };
-        normalize_case(&mut work, &normalization)?;
-        let labels = predict_labels(&model, &params, &device, &work.image, work.channels, work.shape, &cfg)?;
-        let labels = if work.shape == case.shape { labels } else { resample_nearest(&labels, work.shape, case.shape) };
-        let out = output.join(format!("{name}.nii.gz"));
-        write_label(&out, &labels, case.shape, &first.header)?;
-        eprintln!("{name}: {:?} -> {} ({:.1}s)", case.shape, out.display(), t0.elapsed().as_secs_f64());
+        let out = predictor.predict_files(&name, &files, output)?;
+        eprintln!("{name}: {} ({:.1}s)", out.display(), t0.elapsed().as_secs_f64());
     }
     Ok(())
 }

@@ -198,7 +198,8 @@ impl Run<'_> {
         Ok((records, params))
     }
 
-    /// One optimisation step; returns the loss (read back from the device).
+    /// One optimisation step; returns the loss (read back from the device). A non-finite loss is returned before the
+    /// backward pass, leaving the parameters as they were.
     fn step(&self, params: &mut Params, sgd: &mut Sgd, x: &Tensor, y: &Tensor) -> Result<f64> {
         let mut tape = Tape::new();
         params.watch(&mut tape);
@@ -206,12 +207,16 @@ impl Run<'_> {
         let targets = outputs.iter().map(|o| downsample_labels(y, &o.shape()[2..])).collect::<Result<Vec<_>>>()?;
         let loss = deep_supervision_loss(&mut tape, &outputs, &targets, self.opts.batch_dice)?;
         drop((outputs, targets));
+        let value = loss.scalar()?;
+        if !value.is_finite() {
+            return Ok(value);
+        }
         let mut grads = tape.backward(&loss)?;
         // Parameters no gradient reaches (the deepest seg head: loss weight 0) are skipped, as PyTorch does.
         let mut g: Vec<Option<Tensor>> = params.tensors().iter().map(|p| grads.take(p)).collect();
         clip_present_grad_norm(&mut g, self.opts.grad_clip)?;
         sgd.step_partial(params.tensors_mut(), &g)?;
-        loss.scalar()
+        Ok(value)
     }
 
     /// Mean Dice per foreground class over the validation cases (sliding window, no mirroring).

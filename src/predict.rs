@@ -1,0 +1,140 @@
+//! Segmenting NIfTI files with a trained checkpoint: read the channels, bring them to the training spacing,
+//! normalise as in training, predict by sliding window, bring the labels back to the input's grid (nearest) and
+//! write them with the input's header, so the output overlays the input in any viewer.
+
+use std::path::{Path, PathBuf};
+
+use crate::data::nifti::{read_volume, write_label};
+use crate::data::normalize::{normalize_case, Normalization};
+use crate::data::resample::{needs_resampling, resample_case, resample_nearest};
+use crate::data::Case;
+use crate::device::Device;
+use crate::infer::{predict_labels, InferConfig};
+use crate::nn::{LkmUnet, ModelConfig, Params};
+use crate::tensor::DType;
+use crate::train::checkpoint;
+use crate::{bail, Error, Result};
+
+/// A trained model ready to segment files.
+pub struct Predictor {
+    /// The network.
+    pub model: LkmUnet,
+    params: Params,
+    device: Device,
+    normalization: Normalization,
+    spacing: [f64; 3],
+    /// Sliding-window settings.
+    pub infer: InferConfig,
+}
+
+impl Predictor {
+    /// Loads a checkpoint written by `lkm-engine train` onto `device`.
+    pub fn from_checkpoint(path: &Path, device: Device, mirror: bool) -> Result<Predictor> {
+        let ck = checkpoint::load(path)?;
+        let bad = |what: &str, e: String| {
+            Error::Data(format!("{}: {what} missing or invalid in the checkpoint: {e}", path.display()))
+        };
+        let config: ModelConfig =
+            serde_json::from_value(ck.meta["config"].clone()).map_err(|e| bad("model config", e.to_string()))?;
+        let run = &ck.meta["run"];
+        let normalization =
+            Normalization::from_json(&run["normalization"]).map_err(|e| bad("normalisation", e.to_string()))?;
+        let spacing: [f64; 3] =
+            serde_json::from_value(run["spacing"].clone()).map_err(|e| bad("training spacing", e.to_string()))?;
+        let (model, fresh) = LkmUnet::new(config, 0)?;
+        let params = ck.params_like(&fresh)?.to(DType::F32, &device)?;
+        let infer = InferConfig { mirror, ..InferConfig::for_model(&model.config) };
+        Ok(Predictor { model, params, device, normalization, spacing, infer })
+    }
+
+    /// Segments the case made of `files` (one per channel, same grid) and writes `output_dir/<name>.nii.gz`.
+    pub fn predict_files(&self, name: &str, files: &[PathBuf], output_dir: &Path) -> Result<PathBuf> {
+        let volumes = files.iter().map(read_volume).collect::<Result<Vec<_>>>()?;
+        let first = &volumes[0];
+        for v in &volumes[1..] {
+            if v.shape != first.shape {
+                bail!(
+                    Data,
+                    "{}: shape {:?} differs from {} {:?}",
+                    v.path.display(),
+                    v.shape,
+                    first.path.display(),
+                    first.shape
+                );
+            }
+        }
+        if volumes.len() != self.model.config.in_channels {
+            bail!(
+                Data,
+                "case {name}: {} channel file(s) but the model takes {}",
+                volumes.len(),
+                self.model.config.in_channels
+            );
+        }
+        let case = Case {
+            name: name.to_string(),
+            image: volumes.iter().flat_map(|v| v.data.iter().copied()).collect(),
+            channels: volumes.len(),
+            shape: first.shape,
+            label: None,
+            spacing: first.spacing,
+        };
+        let mut work = if needs_resampling(case.spacing, self.spacing) {
+            resample_case(&case, self.spacing)?
+        } else {
+            case.clone()
+        };
+        normalize_case(&mut work, &self.normalization)?;
+        let labels = predict_labels(
+            &self.model,
+            &self.params,
+            &self.device,
+            &work.image,
+            work.channels,
+            work.shape,
+            &self.infer,
+        )?;
+        let labels = if work.shape == case.shape { labels } else { resample_nearest(&labels, work.shape, case.shape) };
+        std::fs::create_dir_all(output_dir)
+            .map_err(|e| Error::Io(format!("creating {}: {e}", output_dir.display())))?;
+        let out = output_dir.join(format!("{name}.nii.gz"));
+        write_label(&out, &labels, case.shape, &first.header)?;
+        Ok(out)
+    }
+}
+
+/// Groups the NIfTI files of `input` (a file or a folder) into cases: `NAME_XXXX.nii[.gz]` files are the channels
+/// of case NAME (nnU-Net naming); any other file is a one-channel case named by its stem.
+pub fn input_cases(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let stem = |p: &Path| -> Option<String> {
+        let name = p.file_name()?.to_str()?;
+        name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).map(str::to_string)
+    };
+    let files: Vec<PathBuf> = if input.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(input)
+            .map_err(|e| Error::Io(format!("{}: {e}", input.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| stem(p).is_some())
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![input.to_path_buf()]
+    };
+    let mut cases: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for f in files {
+        let s = stem(&f).ok_or_else(|| Error::Data(format!("{}: not a .nii or .nii.gz file", f.display())))?;
+        let case = match s.rsplit_once('_') {
+            Some((c, ch)) if ch.len() == 4 && ch.chars().all(|d| d.is_ascii_digit()) => c.to_string(),
+            _ => s,
+        };
+        match cases.iter_mut().find(|(c, _)| *c == case) {
+            Some((_, v)) => v.push(f),
+            None => cases.push((case, vec![f])),
+        }
+    }
+    if cases.is_empty() {
+        bail!(Data, "{}: no .nii or .nii.gz images found", input.display());
+    }
+    Ok(cases)
+}

@@ -1,0 +1,207 @@
+//! The training workflow: patch sampling, the deep-supervision loss, checkpoints (round trip, atomic write,
+//! mismatch errors), resume (bit-identical to an uninterrupted run), a NaN loss, and predict's output grid.
+
+use std::path::PathBuf;
+
+use lkm_engine::autograd::Tape;
+use lkm_engine::data::nifti::{header_for, read_volume, write_image};
+use lkm_engine::data::sampler::{ForegroundIndex, PatchSampler};
+use lkm_engine::data::synth::{phantom_dataset, SynthConfig};
+use lkm_engine::data::Case;
+use lkm_engine::device::Device;
+use lkm_engine::nn::{LkmUnet, ModelConfig};
+use lkm_engine::ops::cross_entropy::cross_entropy;
+use lkm_engine::ops::dice::soft_dice_loss;
+use lkm_engine::ops::pim::PimLayout;
+use lkm_engine::predict::Predictor;
+use lkm_engine::train::checkpoint;
+use lkm_engine::train::loss::{deep_supervision_loss, deep_supervision_weights, downsample_labels};
+use lkm_engine::train::trainer::{Run, Start, TrainOptions};
+use lkm_engine::{Error, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lkm-train-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A model small enough to train a few iterations in well under a second: 2 stages on 8 x 16 x 16 patches.
+fn micro_config() -> ModelConfig {
+    ModelConfig {
+        in_channels: 1,
+        num_classes: 4,
+        features: vec![4, 8],
+        kernels: vec![vec![3, 3, 3]; 2],
+        strides: vec![vec![1, 1, 1], vec![2, 2, 2]],
+        blocks_enc: vec![1, 1],
+        blocks_dec: vec![1],
+        deep_supervision: true,
+        pim_windows: vec![vec![2, 4, 4], vec![2, 2, 2]],
+        pim_layout: PimLayout::Window,
+        pam_pools: vec![vec![2, 2, 2], vec![1, 1, 1]],
+        mamba: lkm_engine::nn::mamba::MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
+        patch: vec![8, 16, 16],
+    }
+}
+
+fn phantoms(n: usize) -> Vec<Case> {
+    let mut cases = phantom_dataset(&SynthConfig { cases: n, shape: [12, 20, 20], seed: 3 });
+    for c in &mut cases {
+        lkm_engine::data::normalize::normalize_case(c, &lkm_engine::data::normalize::Normalization::ZScore).unwrap();
+    }
+    cases
+}
+
+fn options(epochs: usize) -> TrainOptions {
+    TrainOptions { epochs, iters_per_epoch: 2, batch: 2, progress: false, ..TrainOptions::default() }
+}
+
+#[test]
+fn sampler_patches_have_the_patch_shape_and_aligned_labels() {
+    // An image that is its own label (as float): mirroring and cropping must move both identically.
+    let mut case = phantoms(1).remove(0);
+    let label = case.label.clone().unwrap();
+    case.image = label.iter().map(|&l| l as f32 * 10.0).collect();
+    let fg = ForegroundIndex::new(&case, 4);
+    let mut rng = StdRng::seed_from_u64(1);
+    for (patch, fg_fraction) in [(vec![8, 16, 16], 1.0), (vec![16, 32, 32], 0.0), (vec![16, 16], 1.0)] {
+        let s = PatchSampler { patch: patch.clone(), fg_fraction, augment: false };
+        let mirror = PatchSampler { augment: true, ..s.clone() };
+        for sampler in [&s, &mirror] {
+            for _ in 0..20 {
+                let p = sampler.sample(&case, &fg, &mut rng).unwrap();
+                assert_eq!(p.label.len(), patch.iter().product::<usize>());
+                if !sampler.augment {
+                    assert!(
+                        p.image.iter().zip(&p.label).all(|(i, &l)| *i == l as f32 * 10.0),
+                        "image and label moved apart"
+                    );
+                }
+                if fg_fraction == 1.0 {
+                    assert!(p.label.iter().any(|&l| l > 0), "a foreground-centred patch must contain foreground");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn deep_supervision_weights_and_loss_follow_nnunet() {
+    let w = deep_supervision_weights(4);
+    let expected = [1.0, 0.5, 0.25, 0.0].map(|v| v / 1.75);
+    assert!(w.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-12), "{w:?}");
+    let mut rng = StdRng::seed_from_u64(2);
+    let labels: Vec<f64> = (0..2 * 8 * 8 * 8).map(|i| ((i * 7) % 3) as f64).collect();
+    let labels = Tensor::from_vec(labels, &[2, 1, 8, 8, 8]).unwrap();
+    let small = downsample_labels(&labels, &[4, 4, 4]).unwrap();
+    // Voxel o of the reduced map is voxel 2o of the full one.
+    let (full, red) = (labels.to_vec_f64().unwrap(), small.to_vec_f64().unwrap());
+    assert_eq!(red[(4 + 2) * 4 + 3], full[(2 * 4 * 8 + 2 * 2) * 8 + 2 * 3]);
+    let outs = [
+        Tensor::randn(&[2, 3, 8, 8, 8], lkm_engine::DType::F64, &mut rng).unwrap(),
+        Tensor::randn(&[2, 3, 4, 4, 4], lkm_engine::DType::F64, &mut rng).unwrap(),
+    ];
+    let t = &mut Tape::no_grad();
+    let total = deep_supervision_loss(t, &outs, &[labels.clone(), small.clone()], true).unwrap().scalar().unwrap();
+    // Two outputs: weights (1, 0) normalised, so only the full-resolution term counts.
+    let ce = cross_entropy(t, &outs[0], &labels).unwrap().scalar().unwrap();
+    let dice = soft_dice_loss(t, &outs[0], &labels, true).unwrap().scalar().unwrap();
+    assert!((total - (ce + dice)).abs() < 1e-12, "{total} vs {}", ce + dice);
+}
+
+#[test]
+fn checkpoint_round_trip_is_exact_and_atomic() {
+    let dir = temp_dir("ckpt");
+    let (_, params) = LkmUnet::new(micro_config(), 5).unwrap();
+    let momentum: Vec<Option<Tensor>> =
+        params.tensors().iter().enumerate().map(|(i, t)| (i % 2 == 0).then(|| t.clone())).collect();
+    let meta = serde_json::json!({"epoch": 3, "config": micro_config()});
+    let path = dir.join("ck.safetensors");
+    checkpoint::save(&path, &params, &momentum, &meta).unwrap();
+    assert!(!path.with_extension("tmp").exists(), "the temporary file must be renamed away");
+    let ck = checkpoint::load(&path).unwrap();
+    assert_eq!(ck.meta, meta);
+    let back = ck.params_like(&params).unwrap();
+    for (a, b) in params.tensors().iter().zip(back.tensors()) {
+        assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    }
+    let m = ck.momentum_like(&params);
+    assert_eq!(m.iter().filter(|m| m.is_some()).count(), momentum.iter().filter(|m| m.is_some()).count());
+    // A checkpoint of another model is refused with the names that differ.
+    let mut other = micro_config();
+    other.features = vec![4, 12];
+    let (_, other_params) = LkmUnet::new(other, 5).unwrap();
+    let err = ck.params_like(&other_params).err().expect("shapes differ").to_string();
+    assert!(err.contains("expected shape"), "{err}");
+    // A truncated file is an error naming it, not a panic.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = checkpoint::load(&path).err().expect("truncated").to_string();
+    assert!(err.contains("ck.safetensors"), "{err}");
+}
+
+fn train_run(dir: &PathBuf, epochs: usize, start: Start) -> lkm_engine::nn::Params {
+    let (model, _) = LkmUnet::new(micro_config(), 5).unwrap();
+    let run = Run {
+        model: &model,
+        device: Device::Cpu,
+        opts: options(epochs),
+        out_dir: dir.clone(),
+        meta: serde_json::json!({}),
+    };
+    run.train(&phantoms(3), &[], start).unwrap().1
+}
+
+#[test]
+fn resume_continues_the_same_run_bit_for_bit() {
+    let (_, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let fresh = || Start { params: init.clone(), momentum: Vec::new(), epoch: 0 };
+    let straight = train_run(&temp_dir("straight"), 2, fresh());
+    let half = temp_dir("half");
+    train_run(&half, 1, fresh());
+    let ck = checkpoint::load(&half.join("latest.safetensors")).unwrap();
+    assert_eq!(ck.meta["epoch"], 1);
+    let resumed = Start { params: ck.params_like(&init).unwrap(), momentum: ck.momentum_like(&init), epoch: 1 };
+    assert!(resumed.momentum.iter().all(|m| m.is_some()), "the momentum of every trained parameter is saved");
+    let resumed = train_run(&half, 2, resumed);
+    for ((name, a), b) in init.names().iter().zip(straight.tensors()).zip(resumed.tensors()) {
+        assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap(), "{name} differs after resume");
+    }
+    let lines = std::fs::read_to_string(half.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2, "one metrics line per epoch across both runs");
+}
+
+#[test]
+fn a_nan_loss_stops_training_with_a_clear_error() {
+    let dir = temp_dir("nan");
+    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let opts = TrainOptions { lr: 1e30, ..options(3) };
+    let run = Run { model: &model, device: Device::Cpu, opts, out_dir: dir.clone(), meta: serde_json::json!({}) };
+    let err =
+        run.train(&phantoms(3), &[], Start { params: init, momentum: Vec::new(), epoch: 0 }).err().expect("must fail");
+    assert!(matches!(err, Error::NonFinite(_)), "{err}");
+    assert!(err.to_string().contains("lower --lr"), "{err}");
+}
+
+#[test]
+fn predict_writes_labels_on_the_input_grid() {
+    let dir = temp_dir("predict");
+    // Train briefly, then predict an image whose spacing differs from training (so it is resampled and back).
+    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let meta = serde_json::json!({"normalization": {"scheme": "zscore"}, "spacing": [1.5, 1.5, 1.5]});
+    let run = Run { model: &model, device: Device::Cpu, opts: options(1), out_dir: dir.clone(), meta };
+    run.train(&phantoms(3), &[], Start { params: init, momentum: Vec::new(), epoch: 0 }).unwrap();
+    let case = phantom_dataset(&SynthConfig { cases: 1, shape: [10, 21, 17], seed: 9 }).remove(0);
+    let header = header_for(case.shape, [2.0, 1.2, 1.4]).unwrap();
+    let input = dir.join("img_0000.nii.gz");
+    write_image(&input, &case.image, case.shape, &header).unwrap();
+    let predictor = Predictor::from_checkpoint(&dir.join("latest.safetensors"), Device::Cpu, false).unwrap();
+    let out = predictor.predict_files("img", &[input.clone()], &dir.join("out")).unwrap();
+    let (a, b) = (read_volume(&input).unwrap(), read_volume(&out).unwrap());
+    assert_eq!(b.shape, a.shape);
+    assert_eq!(b.affine, a.affine);
+    assert!(b.to_labels().unwrap().iter().all(|&l| l < 4));
+}
