@@ -67,9 +67,9 @@ pub struct Patch {
 impl PatchSampler {
     /// The patch as a 3D box [d, h, w] (d = 1 for 2D models).
     fn box3(&self) -> [usize; 3] {
-        match self.patch.as_slice() {
-            &[h, w] => [1, h, w],
-            &[d, h, w] => [d, h, w],
+        match self.patch[..] {
+            [h, w] => [1, h, w],
+            [d, h, w] => [d, h, w],
             _ => unreachable!("patch sizes are validated to have 2 or 3 axes"),
         }
     }
