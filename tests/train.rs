@@ -143,7 +143,7 @@ fn checkpoint_round_trip_is_exact_and_atomic() {
     assert!(err.contains("ck.safetensors"), "{err}");
 }
 
-fn train_run(dir: &PathBuf, epochs: usize, start: Start) -> lkm_engine::nn::Params {
+fn train_run(dir: &std::path::Path, epochs: usize, start: Start) -> lkm_engine::nn::Params {
     let (model, _) = LkmUnet::new(micro_config(), 5).unwrap();
     let run = Run {
         model: &model,
@@ -199,7 +199,7 @@ fn predict_writes_labels_on_the_input_grid() {
     let input = dir.join("img_0000.nii.gz");
     write_image(&input, &case.image, case.shape, &header).unwrap();
     let predictor = Predictor::from_checkpoint(&dir.join("latest.safetensors"), Device::Cpu, false).unwrap();
-    let out = predictor.predict_files("img", &[input.clone()], &dir.join("out")).unwrap();
+    let out = predictor.predict_files("img", std::slice::from_ref(&input), &dir.join("out")).unwrap();
     let (a, b) = (read_volume(&input).unwrap(), read_volume(&out).unwrap());
     assert_eq!(b.shape, a.shape);
     assert_eq!(b.affine, a.affine);
