@@ -149,7 +149,7 @@ fn train_run(dir: &std::path::Path, epochs: usize, start: Start) -> lkm_engine::
         model: &model,
         device: Device::Cpu,
         opts: options(epochs),
-        out_dir: dir.clone(),
+        out_dir: dir.to_path_buf(),
         meta: serde_json::json!({}),
     };
     run.train(&phantoms(3), &[], start).unwrap().1
