@@ -81,6 +81,27 @@ enum Command {
     },
     /// Show which compute devices this build can use.
     Devices,
+    /// Write one training step (weights, inputs, outputs, loss, gradients) and step timings for tools/parity.py.
+    DumpStep {
+        /// Model configuration: tiny-3d, flare-3d or amos-2d.
+        #[arg(long, default_value = "tiny-3d")]
+        config: String,
+        /// PiM grouping: window or strided.
+        #[arg(long, default_value = "window")]
+        pim_layout: String,
+        /// Batch size.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Timed training steps after the dump.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -142,6 +163,12 @@ fn main() {
         }
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
+        Command::DumpStep { config, pim_layout, batch, steps, device, out } => (|| {
+            let mut cfg = ModelConfig::by_name(&config)?;
+            cfg.pim_layout = parse_layout(&pim_layout)?;
+            std::fs::create_dir_all(&out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
+            lkm_engine::train::dump::dump_step(cfg, batch, 7, &Device::parse(&device)?, &out, steps)
+        })(),
     };
     if let Err(e) = result {
         eprintln!("lkm-engine: {e}");
@@ -179,11 +206,7 @@ fn train(a: TrainArgs) -> Result<()> {
             let mut config = ModelConfig::by_name(&a.config)?;
             config.num_classes = data.num_classes();
             config.in_channels = data.channels;
-            config.pim_layout = match a.pim_layout.as_str() {
-                "window" => PimLayout::Window,
-                "strided" => PimLayout::Strided,
-                s => bail!(Config, "--pim-layout must be window or strided, not {s:?}"),
-            };
+            config.pim_layout = parse_layout(&a.pim_layout)?;
             if let Some(p) = &a.patch {
                 config.patch = p.clone();
             }
@@ -287,6 +310,14 @@ fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
     write_dataset(out, &cases, PHANTOM_LABELS, &["CT"])?;
     eprintln!("wrote {} phantom cases of {shape:?} to {}", cases.len(), out.display());
     Ok(())
+}
+
+fn parse_layout(s: &str) -> Result<PimLayout> {
+    match s {
+        "window" => Ok(PimLayout::Window),
+        "strided" => Ok(PimLayout::Strided),
+        s => bail!(Config, "--pim-layout must be window or strided, not {s:?}"),
+    }
 }
 
 fn devices() -> Result<()> {

@@ -102,6 +102,42 @@ impl Gpu {
         self.ctx.mem_get_info().map_err(driver_err("querying GPU memory"))
     }
 
+    /// The most memory the engine's allocations have held at once since the start or the last
+    /// [`Gpu::reset_peak_memory`], in bytes (the pool's high-water mark).
+    pub fn peak_memory(&self) -> Result<u64> {
+        use cudarc::driver::sys;
+        let pool = default_pool(&self.ctx).map_err(driver_err("querying the memory pool"))?;
+        let mut value: u64 = 0;
+        // SAFETY: a plain driver query with a valid pointer to a u64.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut value as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+        .result()
+        .map_err(driver_err("reading the pool's peak usage"))?;
+        Ok(value)
+    }
+
+    /// Restarts [`Gpu::peak_memory`] from the current usage.
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        let pool = default_pool(&self.ctx).map_err(driver_err("querying the memory pool"))?;
+        let mut zero: u64 = 0;
+        // SAFETY: a plain driver call; 0 is the only value this attribute accepts.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+        .result()
+        .map_err(driver_err("resetting the pool's peak usage"))
+    }
+
     /// Waits for all queued work; surfaces asynchronous kernel errors.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver_err("synchronising the GPU stream"))
@@ -173,11 +209,10 @@ impl Gpu {
 /// the elementwise kernels that use them.
 fn keep_pool_memory(ctx: &Arc<CudaContext>) -> std::result::Result<(), DriverError> {
     use cudarc::driver::sys;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(ctx)?;
     let mut threshold: u64 = u64::MAX;
-    // SAFETY: plain driver calls on this context's device with valid out-pointers.
+    // SAFETY: a plain driver call on the device's pool with a valid pointer to a u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -185,6 +220,15 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) -> std::result::Result<(), DriverErr
         )
         .result()
     }
+}
+
+/// The device's default memory pool, which stream-ordered allocation draws from.
+fn default_pool(ctx: &Arc<CudaContext>) -> std::result::Result<cudarc::driver::sys::CUmemoryPool, DriverError> {
+    let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+    ctx.bind_to_thread()?;
+    // SAFETY: a plain driver query with a valid out-pointer.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()? };
+    Ok(pool)
 }
 
 /// A 1-D launch configuration for a grid-stride kernel over `n` elements: blocks of 256 threads, at most 2^20

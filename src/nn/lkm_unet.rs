@@ -153,6 +153,17 @@ impl ModelConfig {
             .collect()
     }
 
+    /// The spatial sizes of the network's outputs for an input of `size`: one per decoder level, highest
+    /// resolution first, with deep supervision; otherwise only the full resolution.
+    pub fn output_sizes(&self, size: &[usize]) -> Vec<Vec<usize>> {
+        let mut sizes = self.stage_sizes(size);
+        sizes.pop();
+        if !self.deep_supervision {
+            sizes.truncate(1);
+        }
+        sizes
+    }
+
     /// Checks the configuration's internal consistency and that every PiM window and PaM factor divides its stage's
     /// map for a patch of `size`, naming the stage, axis and sizes otherwise.
     pub fn validate(&self, size: &[usize]) -> Result<()> {

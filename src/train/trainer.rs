@@ -87,6 +87,10 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// Training throughput in patch voxels per second.
     pub voxels_per_second: f64,
+    /// Median milliseconds per training iteration (sampling included).
+    pub ms_per_iteration: f64,
+    /// Peak GPU memory of the engine's allocations during the epoch, GiB (None on the CPU).
+    pub peak_gib: Option<f64>,
 }
 
 /// Everything a run needs besides the data.
@@ -154,7 +158,12 @@ impl Run<'_> {
             sgd.lr = poly_lr(o.lr, epoch, o.epochs);
             let bar = self.progress_bar(epoch);
             let mut loss_sum = 0.0;
+            let mut iteration_ms = Vec::with_capacity(o.iters_per_epoch);
+            if let Device::Cuda(gpu) = &self.device {
+                gpu.reset_peak_memory()?;
+            }
             for it in 0..o.iters_per_epoch {
+                let t_it = Instant::now();
                 let (x, y) = sampler.batch(train, &fg, o.batch, &mut rng)?;
                 let loss =
                     self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &y.to_device(&self.device)?)?;
@@ -167,6 +176,7 @@ impl Run<'_> {
                     );
                 }
                 loss_sum += loss;
+                iteration_ms.push(t_it.elapsed().as_secs_f64() * 1e3);
                 if let Some(b) = &bar {
                     let vps = patch_voxels * (it + 1) as f64 / t0.elapsed().as_secs_f64();
                     b.set_message(format!("loss {:.4}  {:.2} Mvox/s", loss_sum / (it + 1) as f64, vps / 1e6));
@@ -177,6 +187,11 @@ impl Run<'_> {
                 b.finish();
             }
             let train_seconds = t0.elapsed().as_secs_f64();
+            let peak_gib = match &self.device {
+                Device::Cuda(gpu) => Some(gpu.peak_memory()? as f64 / (1u64 << 30) as f64),
+                Device::Cpu => None,
+            };
+            iteration_ms.sort_by(|a, b| a.total_cmp(b));
             let validate = !val.is_empty() && ((epoch + 1) % o.val_every.max(1) == 0 || epoch + 1 == o.epochs);
             let val_dice = if validate { Some(self.validate(&params, val)?) } else { None };
             let present: Vec<f64> = val_dice.iter().flatten().flatten().copied().collect();
@@ -188,6 +203,8 @@ impl Run<'_> {
                 val_dice,
                 seconds: t0.elapsed().as_secs_f64(),
                 voxels_per_second: patch_voxels * o.iters_per_epoch as f64 / train_seconds,
+                ms_per_iteration: iteration_ms.get(iteration_ms.len() / 2).copied().unwrap_or(f64::NAN),
+                peak_gib,
             };
             eprintln!("{}", epoch_summary(&rec));
             writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
