@@ -7,10 +7,10 @@
 //! right, as a radiological display of the array would show them. Each case holds, painted in this order (a later
 //! structure overwrites an earlier one; organs only inside the body):
 //! 1. the body: an ellipsoid of soft tissue (~40 HU) with a subcutaneous fat rim (~-100 HU), in air (-1000 HU);
-//! 2. two unlabelled distractors: a spleen (~50 HU, liver-like) on the left and a contrast-filled aorta (~170 HU,
+//! 2. two unlabelled distractors: a spleen (~50 HU, soft-tissue-like) on the left and a contrast-filled aorta (~170 HU,
 //!    kidney-like) in front of the spine, so that intensity alone cannot tell the classes apart;
-//! 3. the liver (class 1, ~62 HU): a union of 2-3 overlapping ellipsoids on the right;
-//! 4. the kidneys (class 2, ~150 HU, brighter cortex, darker medulla): two bent ellipsoids with a medial notch;
+//! 3. the liver (class 1, ~120 HU, contrast-enhanced): a union of 2-3 overlapping ellipsoids on the right;
+//! 4. the kidneys (class 2, ~230 HU, brighter cortex, darker medulla): two bent ellipsoids with a medial notch;
 //! 5. the spine (class 3, 320-740 HU): a vertical tube whose radius swells periodically (vertebrae) between narrower
 //!    discs, with a bright cortical shell; its axis tilts and curves gently.
 //!
@@ -527,7 +527,7 @@ fn layout(rng: &mut StdRng, shape: [usize; 3]) -> Vec<Structure> {
         class: LIVER,
         marks_body: false,
         clip_to_body: true,
-        base: 62.0,
+        base: 120.0,
         geom: Geom::Union(lobes),
         deform: Field::random(rng, shape, 3, liver_amp / 3.0, 0.5 * max3(shape), 1.0 * max3(shape)),
         texture: texture(rng, shape, 4.0),
@@ -558,7 +558,7 @@ fn layout(rng: &mut StdRng, shape: [usize; 3]) -> Vec<Structure> {
             class: KIDNEYS,
             marks_body: false,
             clip_to_body: true,
-            base: 150.0,
+            base: 230.0,
             geom: Geom::Bean { e, bend: uni(rng, 0.3, 0.5), notch_r2: uni(rng, 0.12, 0.22) },
             deform: Field::random(rng, shape, 2, amp / 2.0, 0.4 * d.max(8.0), 0.8 * d.max(8.0)),
             texture: texture(rng, shape, 5.0),
