@@ -70,9 +70,10 @@ pub fn dataset(dir: &Path, val_fraction: f64) -> Result<Prepared> {
     finish(cases, ds.modality(), ds.label_names().to_vec(), val_fraction, format!("dataset {}", dir.display()))
 }
 
-/// The last `val_fraction` of the cases (at least one when there are two or more) validate; the rest train.
+/// The last `val_fraction` of the cases (at least one when the fraction is positive and there are two or more cases)
+/// validate; the rest train.
 fn split(cases: &[Case], val_fraction: f64) -> (&[Case], &[Case]) {
-    let n_val = if cases.len() < 2 {
+    let n_val = if cases.len() < 2 || val_fraction <= 0.0 {
         0
     } else {
         ((cases.len() as f64 * val_fraction).round() as usize).clamp(1, cases.len() - 1)
