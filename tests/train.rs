@@ -97,9 +97,11 @@ fn deep_supervision_weights_and_loss_follow_nnunet() {
     let labels: Vec<f64> = (0..2 * 8 * 8 * 8).map(|i| ((i * 7) % 3) as f64).collect();
     let labels = Tensor::from_vec(labels, &[2, 1, 8, 8, 8]).unwrap();
     let small = downsample_labels(&labels, &[4, 4, 4]).unwrap();
-    // Voxel o of the reduced map is voxel 2o of the full one.
+    // Voxel o of the reduced map is voxel 2o + 1 of the full one (the block centre, as nnU-Net).
     let (full, red) = (labels.to_vec_f64().unwrap(), small.to_vec_f64().unwrap());
-    assert_eq!(red[(4 + 2) * 4 + 3], full[(2 * 4 * 8 + 2 * 2) * 8 + 2 * 3]);
+    for (o, i) in [([1, 2, 3], [3, 5, 7]), ([0, 0, 0], [1, 1, 1]), ([3, 1, 0], [7, 3, 1])] {
+        assert_eq!(red[(4 * 4 * 4) + (o[0] * 4 + o[1]) * 4 + o[2]], full[(8 * 8 * 8) + (i[0] * 8 + i[1]) * 8 + i[2]]);
+    }
     let outs = [
         Tensor::randn(&[2, 3, 8, 8, 8], lkm_engine::DType::F64, &mut rng).unwrap(),
         Tensor::randn(&[2, 3, 4, 4, 4], lkm_engine::DType::F64, &mut rng).unwrap(),

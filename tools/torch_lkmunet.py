@@ -557,19 +557,20 @@ def parameter_count(model):
 # Loss (nnU-Net v2: DC_and_CE_loss + DeepSupervisionWrapper)
 
 
-def downsample_labels(labels, size, mode="engine"):
-    """Labels (N, 1, *S) to `size` by integer factors f per axis. mode "engine": output voxel o takes input voxel
-    o * f, as lkm-engine's downsample_labels. mode "nearest-exact": o * f + f // 2, what nnU-Net v2's current
-    pipeline (batchgeneratorsv2 DownsampleSegForDSTransform, F.interpolate(mode='nearest-exact')) picks."""
+def downsample_labels(labels, size, mode="nearest-exact"):
+    """Labels (N, 1, *S) to `size` by integer factors f per axis. mode "nearest-exact" (the default, and what
+    lkm-engine's downsample_labels does): output voxel o takes input voxel o * f + f // 2, as nnU-Net v2's current
+    pipeline (batchgeneratorsv2 DownsampleSegForDSTransform, F.interpolate(mode='nearest-exact')) picks;
+    mode "first": o * f."""
     spatial = list(labels.shape[2:])
     if spatial == list(size):
         return labels
     factors = [a // b for a, b in zip(spatial, size)]
     if any(f < 1 or f * b != a for a, b, f in zip(spatial, size, factors)):
         raise ValueError(f"labels of spatial size {spatial} cannot be reduced to {list(size)} by integer factors")
-    if mode not in ("engine", "nearest-exact"):
+    if mode not in ("first", "nearest-exact"):
         raise ValueError(f"unknown label downsampling mode {mode!r}")
-    first = (lambda f: 0) if mode == "engine" else (lambda f: f // 2)
+    first = (lambda f: 0) if mode == "first" else (lambda f: f // 2)
     index = (slice(None), slice(None)) + tuple(slice(first(f), None, f) for f in factors)
     return labels[index]
 
@@ -606,7 +607,7 @@ def deep_supervision_weights(n):
     return [v / total for v in w]
 
 
-def deep_supervision_loss(outputs, labels, batch_dice=True, label_mode="engine"):
+def deep_supervision_loss(outputs, labels, batch_dice=True, label_mode="nearest-exact"):
     """sum_i w_i DC_and_CE(outputs[i], labels downsampled to outputs[i]); zero-weight outputs are skipped.
     `label_mode` as in downsample_labels."""
     total = None

@@ -38,6 +38,28 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)], meta: serde_json::Va
     write_atomically(path, &bytes)
 }
 
+/// At initialisation every residual branch ends in an InstanceNorm of scale 0 and every bias is 0, which makes many
+/// gradients exactly zero and a parity check of them vacuous: draw norm scales from U(0.5, 1.5) and biases (but
+/// dt_proj's, which sets Mamba's step sizes) from U(-0.1, 0.1).
+fn randomise_norms_and_biases(params: &Params, seed: u64) -> Result<Params> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED);
+    let tensors = params
+        .names()
+        .iter()
+        .zip(params.tensors())
+        .map(|(name, t)| {
+            if name.ends_with("norm.weight") {
+                Tensor::uniform(t.shape(), 0.5, 1.5, DType::F32, &mut rng)
+            } else if name.ends_with(".bias") && !name.contains("dt_proj") {
+                Tensor::uniform(t.shape(), -0.1, 0.1, DType::F32, &mut rng)
+            } else {
+                Ok(t.clone())
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    params.with_tensors(tensors)
+}
+
 /// Random inputs for a batch at the model's patch size: x ~ N(0, 1), labels uniform over the classes.
 pub fn random_batch(config: &ModelConfig, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -78,7 +100,7 @@ pub fn dump_step(
     steps: usize,
 ) -> Result<()> {
     let (model, params) = LkmUnet::new(config, seed)?;
-    let params = params.to(DType::F32, device)?.deep_copy()?;
+    let params = randomise_norms_and_biases(&params, seed)?.to(DType::F32, device)?.deep_copy()?;
     let (x, y) = random_batch(&model.config, batch, seed + 1)?;
     let meta = serde_json::json!({ "config": model.config, "batch_dice": true });
     let named = |p: &Params| p.names().iter().cloned().zip(p.tensors().iter().cloned()).collect::<Vec<_>>();

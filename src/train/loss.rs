@@ -22,7 +22,8 @@ pub fn deep_supervision_weights(n: usize) -> Vec<f64> {
 }
 
 /// The label map (N, 1, spatial) reduced to `size` by nearest neighbour: output voxel o takes input voxel
-/// o * factor on each axis (the factor must be an integer on every axis).
+/// o * f + f / 2 on each axis of integer factor f (the centre of its block, as nnU-Net v2's
+/// `F.interpolate(mode='nearest-exact')` picks).
 pub fn downsample_labels(labels: &Tensor, size: &[usize]) -> Result<Tensor> {
     let shape = labels.shape();
     let spatial = &shape[2..];
@@ -47,7 +48,8 @@ pub fn downsample_labels(labels: &Tensor, size: &[usize]) -> Result<Tensor> {
         for d in 0..o3[0] {
             for h in 0..o3[1] {
                 for w in 0..o3[2] {
-                    out.push(src[base + ((d * f3[0]) * i3[1] + h * f3[1]) * i3[2] + w * f3[2]]);
+                    let (sd, sh, sw) = (d * f3[0] + f3[0] / 2, h * f3[1] + f3[1] / 2, w * f3[2] + f3[2] / 2);
+                    out.push(src[base + (sd * i3[1] + sh) * i3[2] + sw]);
                 }
             }
         }
