@@ -16,8 +16,8 @@ for t in .gpu/tests/*; do
 done
 if [ "${1:-}" = "--bench" ]; then
   python3 tools/bench_torch.py --out "$out" >"$out/torch_bench.log" 2>&1 || echo "torch bench failed" >>"$out/torch_bench.log"
-  .gpu/tests/kernels --torch "$out/torch_bench.json" --out "$out/kernels.md" >"$out/kernels.log" 2>&1
-  tail -n 30 "$out/kernels.md" 2>/dev/null || tail -n 20 "$out/kernels.log"
+  .gpu/tests/kernels --torch "$out/torch_bench.json" --out "$out/kernels.md" >/dev/null 2>"$out/kernels.log"
+  cat "$out/kernels.md" 2>/dev/null || tail -n 20 "$out/kernels.log"
 fi
 grep -h -B2 -A12 "^failures:" "$out"/test_*.log | head -n 80
 printf '%s' "$summary"
