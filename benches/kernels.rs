@@ -256,12 +256,10 @@ fn run(torch: Option<String>, out: Option<String>, only: Option<String>) -> Resu
     let torch: Option<serde_json::Value> =
         torch.map(|p| serde_json::from_str(&std::fs::read_to_string(&p).expect("torch json readable")).expect("json"));
     let bf16_tflops = torch.as_ref().and_then(|t| t["ceilings"]["bf16_TFLOPs"].as_f64());
+    // PyTorch rows carry the same names as ours (tools/bench_torch.py), so only the same shapes are compared.
     let torch_ms = |name: &str| -> Option<(f64, Option<f64>)> {
-        let key = name.replace(" fp32", "");
         torch.as_ref()?["rows"].as_array()?.iter().find_map(|r| {
-            let n = r["name"].as_str()?;
-            let matches = n.starts_with(&key) && (!n.contains("cuDNN") || n.ends_with("fp32"));
-            matches.then(|| (r["fwd_ms"].as_f64().unwrap_or(f64::NAN), r["fwd_bwd_ms"].as_f64()))
+            (r["name"].as_str()? == name).then(|| (r["fwd_ms"].as_f64().unwrap_or(f64::NAN), r["fwd_bwd_ms"].as_f64()))
         })
     };
     let mut rows = Vec::new();

@@ -21,7 +21,7 @@ struct StepResult {
 }
 
 fn step(model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor) -> StepResult {
-    let mut params = params.clone();
+    let mut params = params.deep_copy().unwrap();
     let mut tape = Tape::new();
     params.watch(&mut tape);
     let outs = model.forward(&mut tape, &params, x).unwrap();

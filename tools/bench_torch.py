@@ -104,7 +104,8 @@ def main():
                 xi, wi, bi = x.bfloat16(), w.bfloat16(), b.bfloat16()
             else:
                 xi, wi, bi = x, w, b
-            rows.append(bench(f"conv3d {k[0]}x{k[1]}x{k[2]} cuDNN {mode}", "2x32x40x224x192->32",
+            # Named as lkm-engine's benchmark rows (the fp32 ones are compared with ours; cuDNN does all of them).
+            rows.append(bench(f"conv3d {k[0]}x{k[1]}x{k[2]} {mode}", "2x32x40x224x192->32",
                               lambda a, ww, bb: F.conv3d(a, ww, bb, padding=(k[0] // 2, 1, 1)), [xi.clone(), wi.clone(), bi.clone()],
                               flops=fl, nbytes=by // (2 if mode == "bf16" else 1)))
     torch.backends.cudnn.allow_tf32 = False
@@ -140,7 +141,7 @@ def main():
         Dv, db = torch.ones(Din, device=dev), r(Din) * 0.1
         nb = (4 * G * Din * L + 2 * G * Ns * L) * 4
         reps = 3 if L > 1000 else 5
-        rows.append(bench(f"selective_scan {name} (PyTorch loop)", f"{G}x{Din}x{L}x{Ns}", scan_ref,
+        rows.append(bench(f"selective_scan {name}", f"{G}x{Din}x{L}x{Ns}", scan_ref,
                           [u, delta, A, Bm, Cm, Dv, z, db], nbytes=nb, reps=reps, backward=L <= 1000))
         del u, z, delta, Bm, Cm
         torch.cuda.empty_cache()
@@ -152,7 +153,7 @@ def main():
     params[0].grad = torch.randn_like(params[0])
     opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     ms = timed(lambda: opt.step(), reps=10)
-    rows.append({"name": "sgd nesterov step (foreach)", "shape": "63.45M params", "fwd_ms": ms,
+    rows.append({"name": "sgd nesterov step", "shape": "63.45M params", "fwd_ms": ms,
                  "bytes": 63_450_000 * 4 * 5})
     print(f"{'sgd nesterov step':40s} {'63.45M':40s} {ms:9.3f} ms")
     res = {"gpu": gpu, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "ceilings": ceil,
