@@ -63,6 +63,10 @@ enum Command {
         /// Where to write the per-case CSV (default PRED/scores.csv).
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Score groups of labels as one class each, e.g. --group lungs=5,6 --group spine=2,3,4 (other labels
+        /// become background).
+        #[arg(long = "group", value_parser = parse_group)]
+        groups: Vec<(String, Vec<u8>)>,
     },
     /// Write the synthetic phantom dataset as an nnU-Net raw dataset folder.
     Synth {
@@ -151,6 +155,9 @@ struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// No mirroring augmentation (for datasets whose classes are left/right pairs, e.g. right and left lung).
+    #[arg(long)]
+    no_mirror: bool,
 }
 
 fn main() {
@@ -158,8 +165,8 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Predict { model, input, output, mirror, device } => predict(&model, &input, &output, mirror, &device),
-        Command::Evaluate { pred, reference, tolerance, classes, csv } => {
-            evaluate(&pred, &reference, &tolerance, classes, csv.as_deref())
+        Command::Evaluate { pred, reference, tolerance, classes, csv, groups } => {
+            evaluate(&pred, &reference, &tolerance, classes, csv.as_deref(), &groups)
         }
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
@@ -217,6 +224,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 lr: a.lr,
                 seed: a.seed,
                 progress: !a.no_progress,
+                mirror: !a.no_mirror,
                 ..TrainOptions::default()
             };
             (config, opts, 0)
@@ -262,13 +270,31 @@ fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device:
     Ok(())
 }
 
+/// Parses `NAME=a,b,c`.
+fn parse_group(s: &str) -> std::result::Result<(String, Vec<u8>), String> {
+    let (name, labels) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=label,label,..."))?;
+    let labels = labels
+        .split(',')
+        .map(|l| l.trim().parse::<u8>().map_err(|e| format!("{s:?}: {e}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((name.to_string(), labels))
+}
+
 fn evaluate(
     pred: &Path,
     reference: &Path,
     tolerance: &[f64],
     classes: Option<usize>,
     csv: Option<&Path>,
+    groups: &[(String, Vec<u8>)],
 ) -> Result<()> {
+    // With groups, label l becomes 1 + the index of the group holding it, or 0.
+    let regroup = |labels: Vec<u8>| -> Vec<u8> {
+        if groups.is_empty() {
+            return labels;
+        }
+        labels.iter().map(|l| groups.iter().position(|(_, g)| g.contains(l)).map_or(0, |i| i as u8 + 1)).collect()
+    };
     let cases = input_cases(reference)?;
     let mut loaded = Vec::new();
     for (name, files) in &cases {
@@ -285,16 +311,21 @@ fn evaluate(
                 r.shape
             );
         }
-        loaded.push((name.clone(), p.to_labels()?, r.to_labels()?, r.shape, r.spacing));
+        loaded.push((name.clone(), regroup(p.to_labels()?), regroup(r.to_labels()?), r.shape, r.spacing));
     }
-    let k = classes.unwrap_or_else(|| {
+    let k = if groups.is_empty() { classes } else { Some(groups.len() + 1) };
+    let k = k.unwrap_or_else(|| {
         loaded.iter().flat_map(|(_, p, r, _, _)| p.iter().chain(r.iter())).copied().max().unwrap_or(0) as usize + 1
     });
     let scores = loaded
         .iter()
         .map(|(n, p, r, shape, spacing)| evaluate_case(n, p, r, *shape, *spacing, k, tolerance))
         .collect::<Result<Vec<_>>>()?;
-    let names: Vec<String> = (1..k).map(|c| format!("class {c}")).collect();
+    let names: Vec<String> = if groups.is_empty() {
+        (1..k).map(|c| format!("class {c}")).collect()
+    } else {
+        groups.iter().map(|g| g.0.clone()).collect()
+    };
     println!("{}", summary_table(&scores, &names));
     let csv_path = csv.map(Path::to_path_buf).unwrap_or_else(|| pred.join("scores.csv"));
     std::fs::write(&csv_path, scores_csv(&scores, &names))

@@ -74,16 +74,35 @@ fn gpu_training_step_matches_cpu() {
         &labels.to_device(&dev).unwrap(),
     );
 
+    let before: Vec<Vec<f64>> = params.tensors().iter().map(|t| t.to_vec_f64().unwrap()).collect();
     let loss_err = (gpu.loss - cpu.loss).abs() / cpu.loss.abs();
     assert!(loss_err < 1e-4, "loss {} vs {}", gpu.loss, cpu.loss);
     let mut worst = (0.0, String::new());
-    for (i, name) in params.names().iter().enumerate() {
-        let e = rel_err(&gpu.grads[i], &cpu.grads[i]);
+    let names = params.names();
+    for (i, name) in names.iter().enumerate() {
+        // A conv bias followed by InstanceNorm has a gradient of exactly 0 in exact arithmetic, so both sides hold
+        // rounding noise: judge it against the scale of its conv weight's gradient (as tools/parity.py does).
+        let scale_of = |j: usize| cpu.grads[j].iter().map(|v| v * v).sum::<f64>().sqrt();
+        let weight =
+            name.strip_suffix("conv.bias").and_then(|p| names.iter().position(|n| *n == format!("{p}conv.weight")));
+        let e = match weight {
+            Some(j) => {
+                let diff: f64 = gpu.grads[i].iter().zip(&cpu.grads[i]).map(|(a, b)| (a - b) * (a - b)).sum();
+                diff.sqrt() / scale_of(j)
+            }
+            None => rel_err(&gpu.grads[i], &cpu.grads[i]),
+        };
         if e > worst.0 {
             worst = (e, name.clone());
         }
-        let p = rel_err(&gpu.params_after[i], &cpu.params_after[i]);
-        assert!(p < 1e-4, "{name}: parameters after the step differ by {p:e}");
+        // The update is lr (1 + mu) g for a first step: compare it, not the parameter, so tiny updates of large
+        // parameters are still checked.
+        let update =
+            |r: &StepResult| r.params_after[i].iter().zip(&before[i]).map(|(a, b)| a - b).collect::<Vec<f64>>();
+        if weight.is_none() && !cpu.grads[i].is_empty() {
+            let p = rel_err(&update(&gpu), &update(&cpu));
+            assert!(p < 1e-3, "{name}: the SGD update differs by {p:e}");
+        }
     }
     eprintln!("loss {} (cpu {}), worst gradient error {:.2e} at {}", gpu.loss, cpu.loss, worst.0, worst.1);
     assert!(worst.0 < 1e-3, "gradient of {} differs by {:e}", worst.1, worst.0);

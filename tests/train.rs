@@ -68,7 +68,7 @@ fn sampler_patches_have_the_patch_shape_and_aligned_labels() {
     let fg = ForegroundIndex::new(&case, 4);
     let mut rng = StdRng::seed_from_u64(1);
     for (patch, fg_fraction) in [(vec![8, 16, 16], 1.0), (vec![16, 32, 32], 0.0), (vec![16, 16], 1.0)] {
-        let s = PatchSampler { patch: patch.clone(), fg_fraction, augment: false };
+        let s = PatchSampler { patch: patch.clone(), fg_fraction, augment: false, mirror: true };
         let mirror = PatchSampler { augment: true, ..s.clone() };
         for sampler in [&s, &mirror] {
             for _ in 0..20 {

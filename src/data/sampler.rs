@@ -54,6 +54,8 @@ pub struct PatchSampler {
     pub fg_fraction: f64,
     /// Whether to augment (training) or not (validation patches).
     pub augment: bool,
+    /// Whether augmentation mirrors along the axes (off for data whose classes are left/right pairs).
+    pub mirror: bool,
 }
 
 /// One sampled patch: image (channels, patch...) and labels (patch...).
@@ -102,7 +104,8 @@ impl PatchSampler {
         let vox = p.iter().product::<usize>();
         let mut image = vec![0f32; case.channels * vox];
         let mut lab = vec![0u8; vox];
-        let mirror: Vec<bool> = (0..3).map(|a| self.augment && p[a] > 1 && rng.random::<f64>() < 0.5).collect();
+        let mirror: Vec<bool> =
+            (0..3).map(|a| self.augment && self.mirror && p[a] > 1 && rng.random::<f64>() < 0.5).collect();
         for d in 0..p[0] {
             for h in 0..p[1] {
                 for w in 0..p[2] {

@@ -50,6 +50,13 @@ pub struct TrainOptions {
     pub val_every: usize,
     /// Show a progress bar.
     pub progress: bool,
+    /// Mirror patches along every axis (nnU-Net's default; turn off when classes are left/right pairs).
+    #[serde(default = "default_true")]
+    pub mirror: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for TrainOptions {
@@ -66,6 +73,7 @@ impl Default for TrainOptions {
             batch_dice: true,
             val_every: 1,
             progress: true,
+            mirror: true,
         }
     }
 }
@@ -141,7 +149,8 @@ impl Run<'_> {
             sgd.set_momentum_buffers(momentum);
         }
         let fg: Vec<ForegroundIndex> = train.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
-        let sampler = PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true };
+        let sampler =
+            PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true, mirror: o.mirror };
         std::fs::create_dir_all(&self.out_dir)
             .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
         let log_path = self.out_dir.join("metrics.jsonl");
@@ -304,12 +313,14 @@ pub fn epoch_summary(r: &EpochRecord) -> String {
         ),
         _ => String::new(),
     };
+    let memory = r.peak_gib.map_or(String::new(), |g| format!("  peak {g:.2} GiB"));
     format!(
-        "epoch {:4}  lr {:.5}  loss {:.4}{dice}  {:.1}s  {:.2} Mvox/s",
+        "epoch {:4}  lr {:.5}  loss {:.4}{dice}  {:.1}s  {:.0} ms/it  {:.2} Mvox/s{memory}",
         r.epoch,
         r.lr,
         r.train_loss,
         r.seconds,
+        r.ms_per_iteration,
         r.voxels_per_second / 1e6
     )
 }
