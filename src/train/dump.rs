@@ -41,7 +41,7 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)], meta: serde_json::Va
 /// At initialisation every residual branch ends in an InstanceNorm of scale 0 and every bias is 0, which makes many
 /// gradients exactly zero and a parity check of them vacuous: draw norm scales from U(0.5, 1.5) and biases (but
 /// dt_proj's, which sets Mamba's step sizes) from U(-0.1, 0.1).
-fn randomise_norms_and_biases(params: &Params, seed: u64) -> Result<Params> {
+pub fn randomise_norms_and_biases(params: &Params, seed: u64) -> Result<Params> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED);
     let tensors = params
         .names()
