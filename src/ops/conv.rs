@@ -34,6 +34,10 @@
 //! taps that reach that input row); dw takes the dot product of a gradient row and an input row. No im2col buffer
 //! is built.
 //!
+//! The CPU passes run on rayon's thread pool, split over what each pass writes: the forward over output rows, dx
+//! over input-gradient rows, dw over weight slices (co, ci). Each of these is computed whole by one thread in the
+//! same order as a single-threaded run, so the results are the same bits for any number of threads.
+//!
 //! GPU: every pass is one of three implicit matrix products of cuda/conv.cu on the `Pairing` of the wide map x
 //! with the narrow map y (forward: narrow from wide; dx: wide from narrow, one launch per stride phase; dw: the
 //! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum.
@@ -42,6 +46,7 @@
 use std::borrow::Cow;
 
 use cudarc::driver::LaunchConfig;
+use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
@@ -240,6 +245,12 @@ fn from_phases<T: Copy + Default>(v: Vec<T>, len: usize, s: usize) -> Vec<T> {
     out
 }
 
+/// The (map, d, h) of row `row` of a stack of maps of `depth` x `height` rows: the rows of a map (n, c) come in
+/// (d, h) raster order and the maps one after another.
+fn row_coords(row: usize, depth: usize, height: usize) -> (usize, usize, usize) {
+    (row / (depth * height), row / height % depth, row % height)
+}
+
 /// `dst[j] += a * src[j]`.
 fn axpy<T: Real>(dst: &mut [T], a: T, src: &[T]) {
     for (d, &s) in dst.iter_mut().zip(src) {
@@ -269,37 +280,33 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &ConvG
     let bs = bias.map(|b| b.cpu::<T>()).transpose()?;
     let [kd, kh, kw] = g.k;
     let [dout, hout, wout] = g.out;
-    let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
+    let (in_vox, taps) = (g.dims.voxels(), g.taps());
     let runs = g.w_runs();
-    let mut y = vec![T::zero(); g.dims.n * g.cout * out_vox];
-    for (nco, yc) in y.chunks_exact_mut(out_vox).enumerate() {
+    let mut y = vec![T::zero(); g.dims.n * g.cout * g.out_voxels()];
+    y.par_chunks_mut(wout).enumerate().for_each(|(row, yrow)| {
+        let (nco, od, oh) = row_coords(row, dout, hout);
         let (n, co) = (nco / g.cout, nco % g.cout);
         if let Some(b) = bs {
-            yc.fill(b[co]);
+            yrow.fill(b[co]);
         }
-        for od in 0..dout {
-            for oh in 0..hout {
-                let yrow = &mut yc[(od * hout + oh) * wout..][..wout];
-                for ci in 0..cin {
-                    let xc = &xs[(n * cin + ci) * in_vox..][..in_vox];
-                    let wc = &ws[(co * cin + ci) * taps..][..taps];
-                    for a in 0..kd {
-                        let Some(id) = g.input_index(0, od, a) else { continue };
-                        for b in 0..kh {
-                            let Some(ih) = g.input_index(1, oh, b) else { continue };
-                            let xrow = &xc[(id * hi + ih) * wi..][..wi];
-                            let wtap = &wc[(a * kh + b) * kw..][..kw];
-                            for (run, &wv) in runs.iter().zip(wtap) {
-                                if run.len() > 0 {
-                                    axpy(&mut yrow[run.lo..run.hi], wv, &xrow[run.at..]);
-                                }
-                            }
+        for ci in 0..cin {
+            let xc = &xs[(n * cin + ci) * in_vox..][..in_vox];
+            let wc = &ws[(co * cin + ci) * taps..][..taps];
+            for a in 0..kd {
+                let Some(id) = g.input_index(0, od, a) else { continue };
+                for b in 0..kh {
+                    let Some(ih) = g.input_index(1, oh, b) else { continue };
+                    let xrow = &xc[(id * hi + ih) * wi..][..wi];
+                    let wtap = &wc[(a * kh + b) * kw..][..kw];
+                    for (run, &wv) in runs.iter().zip(wtap) {
+                        if run.len() > 0 {
+                            axpy(&mut yrow[run.lo..run.hi], wv, &xrow[run.at..]);
                         }
                     }
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(y, &g.out_shape())
 }
 
@@ -311,34 +318,30 @@ fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tens
     let MapDims { n: batch, c: cin, s: [di, hi, wi], .. } = g.dims;
     let [kd, kh, kw] = g.k;
     let [_, hout, wout] = g.out;
-    let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
+    let (out_vox, taps) = (g.out_voxels(), g.taps());
     let runs = g.w_runs();
-    let mut dx = vec![T::zero(); batch * cin * in_vox];
-    for (nci, dxc) in dx.chunks_exact_mut(in_vox).enumerate() {
+    let mut dx = vec![T::zero(); batch * cin * g.dims.voxels()];
+    dx.par_chunks_mut(wi).enumerate().for_each(|(row, dxrow)| {
+        let (nci, id, ih) = row_coords(row, di, hi);
         let (n, ci) = (nci / cin, nci % cin);
-        for id in 0..di {
-            for ih in 0..hi {
-                let dxrow = &mut dxc[(id * hi + ih) * wi..][..wi];
-                for co in 0..g.cout {
-                    let gc = &gs[(n * g.cout + co) * out_vox..][..out_vox];
-                    let wc = &ws[(co * cin + ci) * taps..][..taps];
-                    for a in 0..kd {
-                        let Some(od) = g.output_index(0, id, a) else { continue };
-                        for b in 0..kh {
-                            let Some(oh) = g.output_index(1, ih, b) else { continue };
-                            let grow = &gc[(od * hout + oh) * wout..][..wout];
-                            let wtap = &wc[(a * kh + b) * kw..][..kw];
-                            for (run, &wv) in runs.iter().zip(wtap) {
-                                if run.len() > 0 {
-                                    axpy(&mut dxrow[run.at..], wv, &grow[run.lo..run.hi]);
-                                }
-                            }
+        for co in 0..g.cout {
+            let gc = &gs[(n * g.cout + co) * out_vox..][..out_vox];
+            let wc = &ws[(co * cin + ci) * taps..][..taps];
+            for a in 0..kd {
+                let Some(od) = g.output_index(0, id, a) else { continue };
+                for b in 0..kh {
+                    let Some(oh) = g.output_index(1, ih, b) else { continue };
+                    let grow = &gc[(od * hout + oh) * wout..][..wout];
+                    let wtap = &wc[(a * kh + b) * kw..][..kw];
+                    for (run, &wv) in runs.iter().zip(wtap) {
+                        if run.len() > 0 {
+                            axpy(&mut dxrow[run.at..], wv, &grow[run.lo..run.hi]);
                         }
                     }
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(from_phases(dx, wi, g.stride[2]), &g.dims.shape_with(cin, g.dims.s))
 }
 
@@ -352,7 +355,7 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &Conv
     let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
     let runs = g.w_runs();
     let mut dw = vec![T::zero(); g.cout * cin * taps];
-    for (coci, dwc) in dw.chunks_exact_mut(taps).enumerate() {
+    dw.par_chunks_mut(taps).enumerate().for_each(|(coci, dwc)| {
         let (co, ci) = (coci / cin, coci % cin);
         for n in 0..batch {
             let gc = &gs[(n * g.cout + co) * out_vox..][..out_vox];
@@ -376,7 +379,7 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &Conv
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(dw, w_shape)
 }
 

@@ -23,10 +23,16 @@
 //! rows: dx takes per block the dot product of the gradient block with the weight row, dw accumulates each block
 //! scaled by the input value.
 //!
+//! The CPU passes run on rayon's thread pool, split over what each pass writes: the forward over output channels
+//! (n, co), dx over input channels (n, ci), dw over weight slices (ci, co). Each of these is computed whole by one
+//! thread in the same order as a single-threaded run, so the results are the same bits for any number of threads.
+//!
 //! GPU: the products of conv's `Pairing` with x as the narrow map and y as the wide one (stride k, padding 0,
 //! and the weight (Cin, Cout, k) is exactly the pairing's (narrow, wide, k) weight): y is wide-from-narrow (one
 //! launch per tap phase, each a product over Cin), dx is narrow-from-wide, dw the pairing's weight gradient with
 //! x as the narrow map and g as the wide one, db conv's per-channel sum.
+
+use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::ops::conv::{channel_sums, gpu_operand, Pairing};
@@ -206,7 +212,7 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &UpGeo
     let [_, hout, wout] = g.out;
     let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
     let mut y = vec![T::zero(); g.dims.n * g.cout * out_vox];
-    for (nco, yc) in y.chunks_exact_mut(out_vox).enumerate() {
+    y.par_chunks_mut(out_vox).enumerate().for_each(|(nco, yc)| {
         let (n, co) = (nco / g.cout, nco % g.cout);
         if let Some(b) = bs {
             yc.fill(b[co]);
@@ -225,7 +231,7 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &UpGeo
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(y, &g.out_shape())
 }
 
@@ -238,7 +244,7 @@ fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &UpGeom) -> Result<Tensor
     let [_, hout, wout] = g.out;
     let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
     let mut dx = vec![T::zero(); batch * cin * in_vox];
-    for (nci, dxc) in dx.chunks_exact_mut(in_vox).enumerate() {
+    dx.par_chunks_mut(in_vox).enumerate().for_each(|(nci, dxc)| {
         let (n, ci) = (nci / cin, nci % cin);
         for id in 0..di {
             for ih in 0..hi {
@@ -255,7 +261,7 @@ fn grad_input_cpu<T: Real>(gy: &Tensor, w: &Tensor, g: &UpGeom) -> Result<Tensor
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(dx, &g.dims.shape_with(cin, g.dims.s))
 }
 
@@ -268,7 +274,7 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &UpGe
     let [_, hout, wout] = g.out;
     let (in_vox, out_vox, taps) = (g.dims.voxels(), g.out_voxels(), g.taps());
     let mut dw = vec![T::zero(); cin * g.cout * taps];
-    for (cico, dwc) in dw.chunks_exact_mut(taps).enumerate() {
+    dw.par_chunks_mut(taps).enumerate().for_each(|(cico, dwc)| {
         let (ci, co) = (cico / g.cout, cico % g.cout);
         for n in 0..batch {
             let xc = &xs[(n * cin + ci) * in_vox..][..in_vox];
@@ -286,7 +292,7 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &UpGe
                 }
             }
         }
-    }
+    });
     Tensor::from_vec(dw, w_shape)
 }
 

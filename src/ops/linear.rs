@@ -15,6 +15,11 @@
 //! x at a time so that each load of W serves four of them; dx adds rows of W scaled by g[i, j]; dW adds the outer
 //! product g[i, :] x[i, :] one row i at a time.
 //!
+//! The CPU passes run on rayon's thread pool, split over what each pass writes: the forward over blocks of four rows
+//! of y, dx over rows of dx, dW over blocks of its rows j (each block sums its rows over all M rows i in order).
+//! Every output value is computed by one thread in the same order as a single-threaded run, so the results are the
+//! same bits for any number of threads.
+//!
 //! GPU: the three products run on one tiled kernel, `gemm_f32` (cuda/gemm.cu), that reads its operands through
 //! strides, so x W^T, g W and g^T x need no transposed copies. dW reduces over all M tokens while its output is
 //! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
@@ -23,6 +28,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{Gpu, GpuBuffer};
@@ -129,23 +135,24 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: Linear
     let bv = bias.map(|b| b.cpu::<T>()).transpose()?;
     let mut y = vec![T::zero(); d.m * d.n];
     if d.k > 0 && d.n > 0 {
-        // Four rows of x at a time share each load of a row of W.
-        let mut yq = y.chunks_exact_mut(4 * d.n);
-        let mut xq = xv.chunks_exact(4 * d.k);
-        for (yb, xb) in (&mut yq).zip(&mut xq) {
-            let x4: [&[T]; 4] = std::array::from_fn(|r| &xb[r * d.k..(r + 1) * d.k]);
-            for (j, wr) in wv.chunks_exact(d.k).enumerate() {
-                let s = dot4(x4, wr);
-                for r in 0..4 {
-                    yb[r * d.n + j] = s[r];
+        // Four rows of x at a time share each load of a row of W; the last block may hold fewer rows.
+        y.par_chunks_mut(4 * d.n).zip(xv.par_chunks(4 * d.k)).for_each(|(yb, xb)| {
+            if yb.len() == 4 * d.n {
+                let x4: [&[T]; 4] = std::array::from_fn(|r| &xb[r * d.k..(r + 1) * d.k]);
+                for (j, wr) in wv.chunks_exact(d.k).enumerate() {
+                    let s = dot4(x4, wr);
+                    for r in 0..4 {
+                        yb[r * d.n + j] = s[r];
+                    }
+                }
+            } else {
+                for (yr, xr) in yb.chunks_exact_mut(d.n).zip(xb.chunks_exact(d.k)) {
+                    for (yj, wr) in yr.iter_mut().zip(wv.chunks_exact(d.k)) {
+                        *yj = dot(xr, wr);
+                    }
                 }
             }
-        }
-        for (yr, xr) in yq.into_remainder().chunks_exact_mut(d.n).zip(xq.remainder().chunks_exact(d.k)) {
-            for (yj, wr) in yr.iter_mut().zip(wv.chunks_exact(d.k)) {
-                *yj = dot(xr, wr);
-            }
-        }
+        });
     }
     if let Some(bv) = bv {
         for yr in y.chunks_exact_mut(d.n) {
@@ -179,22 +186,28 @@ fn backward_cpu<T: Real>(
     let dx = needs[0].then(|| {
         let mut dx = vec![T::zero(); m * k];
         if k > 0 && n > 0 {
-            for (dxr, gr) in dx.chunks_exact_mut(k).zip(gv.chunks_exact(n)) {
+            dx.par_chunks_mut(k).zip(gv.par_chunks(n)).for_each(|(dxr, gr)| {
                 for (&gj, wr) in gr.iter().zip(wv.chunks_exact(k)) {
                     axpy(dxr, gj, wr);
                 }
-            }
+            });
         }
         dx
     });
     let dw = needs[1].then(|| {
         let mut dw = vec![T::zero(); n * k];
         if k > 0 && n > 0 {
-            for (gr, xr) in gv.chunks_exact(n).zip(xv.chunks_exact(k)) {
-                for (&gj, dwr) in gr.iter().zip(dw.chunks_exact_mut(k)) {
-                    axpy(dwr, gj, xr);
+            // One block of rows j per thread, so that each thread reads g and x once; how the rows are blocked does
+            // not change any value.
+            let rows = n.div_ceil(rayon::current_num_threads());
+            dw.par_chunks_mut(rows * k).enumerate().for_each(|(blk, dwb)| {
+                let j0 = blk * rows;
+                for (gr, xr) in gv.chunks_exact(n).zip(xv.chunks_exact(k)) {
+                    for (&gj, dwr) in gr[j0..].iter().zip(dwb.chunks_exact_mut(k)) {
+                        axpy(dwr, gj, xr);
+                    }
                 }
-            }
+            });
         }
         dw
     });

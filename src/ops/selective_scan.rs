@@ -40,7 +40,13 @@
 //!
 //! Nothing but the inputs is saved: the backward pass recomputes one sequence-channel's states h_t into an (L + 1) x N
 //! buffer (row 0 is h_{-1} = 0) together with dA_t, dt_t and s_t, then sweeps t from L-1 down to 0 carrying
-//! dA_t dh_t. The buffers are reused for every (g, d), so memory stays O(L N) rather than O(G L Dch N).
+//! dA_t dh_t. The buffers are reused for every (g, d), so memory stays O(L N) per thread rather than O(G L Dch N).
+//!
+//! The CPU passes run on rayon's thread pool, one task per sequence g, which runs its channels one after another:
+//! the sequence owns its rows of y and of every token-shaped gradient (dB and dC sum over its channels, so a
+//! sequence is the smallest independent unit of the backward), and the gradients of a_log, D and delta_bias are
+//! summed per sequence and then over the sequences in index order. The results are the same bits for any number of
+//! threads.
 //!
 //! On the GPU (cuda/scan.cu, whose header gives the design) sequences are cut into chunks of [`GPU_CHUNK`] tokens and
 //! only the state at each chunk start, (G, chunks, Dch, N), is saved for the backward (nothing for a single chunk).
@@ -51,6 +57,7 @@
 //! over tokens or channels are reduced in a fixed order, so they are deterministic. The GPU kernels support N <= 32.
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
+use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
@@ -124,6 +131,7 @@ impl ScanDims {
             inp.a_log.shape()
         );
         let n = inp.a_log.shape()[1];
+        ensure!(n > 0, Shape, "{op}: a_log {:?} must have at least one state (N >= 1)", inp.a_log.shape());
         inp.delta.check_shape(&[g, l, dch], "selective_scan: delta (G, L, Dch) like u")?;
         inp.z.check_shape(&[g, l, dch], "selective_scan: z (G, L, Dch) like u")?;
         inp.b.check_shape(&[g, l, n], "selective_scan: b (G, L, N), N from a_log")?;
@@ -173,29 +181,36 @@ fn forward_cpu<T: Real>(inp: &ScanInputs, dims: ScanDims) -> Result<Tensor> {
     let ScanDims { g, l, dch, n } = dims;
     let s = Slices::<T>::of(inp.all())?;
     let mut y = vec![T::zero(); g * l * dch];
-    let mut a = vec![T::zero(); n];
-    let mut h = vec![T::zero(); n];
-    for gi in 0..g {
-        for d in 0..dch {
-            s.fill_a(d, &mut a);
-            h.fill(T::zero());
-            let (dd, bias) = (s.d_skip[d], s.delta_bias[d]);
-            for t in 0..l {
-                let i = (gi * l + t) * dch + d;
-                let row = (gi * l + t) * n;
-                let (bt, ct) = (&s.b[row..row + n], &s.c[row..row + n]);
-                let u = s.u[i];
-                let dt = Activation::Softplus.value(s.delta[i] + bias);
-                let du = dt * u;
-                let mut acc = T::zero();
-                for (((hn, &an), &bn), &cn) in h.iter_mut().zip(&a).zip(bt).zip(ct) {
-                    *hn = (dt * an).exp() * *hn + du * bn;
-                    acc += cn * *hn;
+    // One task per sequence gi, which owns its rows of y; each task has its own A and state buffers.
+    y.par_chunks_mut((l * dch).max(1)).enumerate().for_each_init(
+        || (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]),
+        |(a, h, da), (gi, yg)| {
+            for d in 0..dch {
+                s.fill_a(d, a);
+                h.fill(T::zero());
+                let (dd, bias) = (s.d_skip[d], s.delta_bias[d]);
+                for t in 0..l {
+                    let i = (gi * l + t) * dch + d;
+                    let row = (gi * l + t) * n;
+                    let (bt, ct) = (&s.b[row..row + n], &s.c[row..row + n]);
+                    let u = s.u[i];
+                    let dt = Activation::Softplus.value(s.delta[i] + bias);
+                    let du = dt * u;
+                    // The exponentials in a loop of their own leave the state update free of calls, so that it
+                    // vectorises (about 15% off the forward); the values and their order are unchanged.
+                    for (dan, &an) in da.iter_mut().zip(&*a) {
+                        *dan = (dt * an).exp();
+                    }
+                    let mut acc = T::zero();
+                    for (((hn, &dan), &bn), &cn) in h.iter_mut().zip(&*da).zip(bt).zip(ct) {
+                        *hn = dan * *hn + du * bn;
+                        acc += cn * *hn;
+                    }
+                    yg[t * dch + d] = (acc + dd * u) * Activation::Silu.value(s.z[i]);
                 }
-                y[i] = (acc + dd * u) * Activation::Silu.value(s.z[i]);
             }
-        }
-    }
+        },
+    );
     Tensor::from_vec(y, inp.u.shape())
 }
 
@@ -206,93 +221,155 @@ struct ScanBackward {
     chunk_states: Option<Tensor>,
 }
 
+/// The gradients that belong to one sequence g: its rows of the token-shaped gradients, and its partial sums of the
+/// parameter gradients, `part` = [sum_t e_t[n] dt_t per (d, n) (Dch N) | sum_t q_t u_t (Dch) | sum_t ddelta_t (Dch)].
+struct SeqGrads<'a, T> {
+    u: &'a mut [T],
+    delta: &'a mut [T],
+    z: &'a mut [T],
+    b: &'a mut [T],
+    c: &'a mut [T],
+    part: &'a mut [T],
+}
+
+/// One worker's buffers for recomputing a sequence-channel (see the module doc).
+struct Scratch<T> {
+    /// h_{t-1} in row t and h_t in row t + 1.
+    hs: Vec<T>,
+    /// dA_t in row t.
+    das: Vec<T>,
+    dts: Vec<T>,
+    ss: Vec<T>,
+    a: Vec<T>,
+    dh: Vec<T>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new(l: usize, n: usize) -> Self {
+        let z = |len| vec![T::zero(); len];
+        Scratch { hs: z((l + 1) * n), das: z(l * n), dts: z(l), ss: z(l), a: z(n), dh: z(n) }
+    }
+}
+
+/// The backward of sequence `gi`, all its channels one after another.
+fn backward_sequence<T: Real>(
+    s: &Slices<T>,
+    gy: &[T],
+    gi: usize,
+    dims: ScanDims,
+    out: SeqGrads<T>,
+    w: &mut Scratch<T>,
+) {
+    let ScanDims { l, dch, n, .. } = dims;
+    let (part_a, part_rest) = out.part.split_at_mut(dch * n);
+    let (part_d, part_bias) = part_rest.split_at_mut(dch);
+    for d in 0..dch {
+        s.fill_a(d, &mut w.a);
+        let (dd, bias) = (s.d_skip[d], s.delta_bias[d]);
+
+        // Recompute the forward of this sequence-channel.
+        for t in 0..l {
+            let i = (gi * l + t) * dch + d;
+            let row = (gi * l + t) * n;
+            let (bt, ct) = (&s.b[row..row + n], &s.c[row..row + n]);
+            let u = s.u[i];
+            let dt = Activation::Softplus.value(s.delta[i] + bias);
+            let du = dt * u;
+            let (prev, cur) = w.hs[t * n..(t + 2) * n].split_at_mut(n);
+            let dat = &mut w.das[t * n..(t + 1) * n];
+            // The exponentials first, as in the forward.
+            for (dan, &an) in dat.iter_mut().zip(&w.a) {
+                *dan = (dt * an).exp();
+            }
+            let mut acc = T::zero();
+            for ((((hn, &hp), &dan), &bn), &cn) in cur.iter_mut().zip(&*prev).zip(&*dat).zip(bt).zip(ct) {
+                *hn = dan * hp + du * bn;
+                acc += cn * *hn;
+            }
+            w.dts[t] = dt;
+            w.ss[t] = acc + dd * u;
+        }
+
+        // Sweep backwards; `dh` holds dA_{t+1} dh_{t+1} on entry to step t.
+        w.dh.fill(T::zero());
+        let ga = &mut part_a[d * n..(d + 1) * n];
+        let (mut gd_acc, mut gbias_acc) = (T::zero(), T::zero());
+        for t in (0..l).rev() {
+            let i = (gi * l + t) * dch + d;
+            let row = (gi * l + t) * n;
+            let (u, z, dt) = (s.u[i], s.z[i], w.dts[t]);
+            out.z[t * dch + d] = gy[i] * w.ss[t] * Activation::Silu.derivative(z);
+            let q = gy[i] * Activation::Silu.value(z);
+            gd_acc += q * u;
+            let du = dt * u;
+            let (bt, ct) = (&s.b[row..row + n], &s.c[row..row + n]);
+            let (gbt, gct) = (&mut out.b[t * n..(t + 1) * n], &mut out.c[t * n..(t + 1) * n]);
+            let (hp, hc) = (&w.hs[t * n..(t + 1) * n], &w.hs[(t + 1) * n..(t + 2) * n]);
+            let dat = &w.das[t * n..(t + 1) * n];
+            let (mut dh_b, mut e_a) = (T::zero(), T::zero());
+            for n_ in 0..n {
+                let dhn = w.dh[n_] + ct[n_] * q;
+                gct[n_] += q * hc[n_];
+                gbt[n_] += dhn * du;
+                dh_b += dhn * bt[n_];
+                let e = dhn * dat[n_] * hp[n_];
+                e_a += e * w.a[n_];
+                ga[n_] += e * dt;
+                w.dh[n_] = dhn * dat[n_];
+            }
+            out.u[t * dch + d] = q * dd + dt * dh_b;
+            let gdt = u * dh_b + e_a;
+            let gdl = gdt * Activation::Softplus.derivative(s.delta[i] + bias);
+            out.delta[t * dch + d] = gdl;
+            gbias_acc += gdl;
+        }
+        part_d[d] = gd_acc;
+        part_bias[d] = gbias_acc;
+    }
+}
+
 fn backward_cpu<T: Real>(op: &ScanBackward, gout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let ScanDims { g, l, dch, n } = op.dims;
     let s = Slices::<T>::of(op.inputs.each_ref())?;
     let gy = gout.cpu::<T>()?;
-    let tok = g * l * dch;
-    let (mut gu, mut gdelta, mut gz) = (vec![T::zero(); tok], vec![T::zero(); tok], vec![T::zero(); tok]);
-    let (mut gb, mut gc) = (vec![T::zero(); g * l * n], vec![T::zero(); g * l * n]);
-    // dL/dA, turned into dL/da_log at the end.
-    let mut ga = vec![T::zero(); dch * n];
-    let (mut gd, mut gbias) = (vec![T::zero(); dch], vec![T::zero(); dch]);
-
-    // Per (g, d) work buffers: h_{t-1} in row t and h_t in row t + 1 of `hs`; dA_t in row t of `das`.
-    let mut hs = vec![T::zero(); (l + 1) * n];
-    let mut das = vec![T::zero(); l * n];
-    let (mut dts, mut ss) = (vec![T::zero(); l], vec![T::zero(); l]);
-    let mut a = vec![T::zero(); n];
-    let mut dh = vec![T::zero(); n];
-    let mut ga_local = vec![T::zero(); n];
-
-    for gi in 0..g {
-        for d in 0..dch {
-            s.fill_a(d, &mut a);
-            let (dd, bias) = (s.d_skip[d], s.delta_bias[d]);
-
-            // Recompute the forward of this sequence-channel.
-            for t in 0..l {
-                let i = (gi * l + t) * dch + d;
-                let row = (gi * l + t) * n;
-                let (bt, ct) = (&s.b[row..row + n], &s.c[row..row + n]);
-                let u = s.u[i];
-                let dt = Activation::Softplus.value(s.delta[i] + bias);
-                let du = dt * u;
-                let (prev, cur) = hs[t * n..(t + 2) * n].split_at_mut(n);
-                let dat = &mut das[t * n..(t + 1) * n];
-                let mut acc = T::zero();
-                for (((((hn, &hp), dan), &an), &bn), &cn) in
-                    cur.iter_mut().zip(&*prev).zip(dat.iter_mut()).zip(&a).zip(bt).zip(ct)
-                {
-                    *dan = (dt * an).exp();
-                    *hn = *dan * hp + du * bn;
-                    acc += cn * *hn;
-                }
-                dts[t] = dt;
-                ss[t] = acc + dd * u;
-            }
-
-            // Sweep backwards; `dh` holds dA_{t+1} dh_{t+1} on entry to step t.
-            dh.fill(T::zero());
-            ga_local.fill(T::zero());
-            let (mut gd_acc, mut gbias_acc) = (T::zero(), T::zero());
-            for t in (0..l).rev() {
-                let i = (gi * l + t) * dch + d;
-                let row = (gi * l + t) * n;
-                let (u, z, dt) = (s.u[i], s.z[i], dts[t]);
-                gz[i] = gy[i] * ss[t] * Activation::Silu.derivative(z);
-                let q = gy[i] * Activation::Silu.value(z);
-                gd_acc += q * u;
-                let du = dt * u;
-                let (bt, ct) = (&s.b[row..row + n], &s.c[row..row + n]);
-                let (gbt, gct) = (&mut gb[row..row + n], &mut gc[row..row + n]);
-                let (hp, hc) = (&hs[t * n..(t + 1) * n], &hs[(t + 1) * n..(t + 2) * n]);
-                let dat = &das[t * n..(t + 1) * n];
-                let (mut dh_b, mut e_a) = (T::zero(), T::zero());
-                for n_ in 0..n {
-                    let dhn = dh[n_] + ct[n_] * q;
-                    gct[n_] += q * hc[n_];
-                    gbt[n_] += dhn * du;
-                    dh_b += dhn * bt[n_];
-                    let e = dhn * dat[n_] * hp[n_];
-                    e_a += e * a[n_];
-                    ga_local[n_] += e * dt;
-                    dh[n_] = dhn * dat[n_];
-                }
-                gu[i] = q * dd + dt * dh_b;
-                let gdt = u * dh_b + e_a;
-                let gdl = gdt * Activation::Softplus.derivative(s.delta[i] + bias);
-                gdelta[i] = gdl;
-                gbias_acc += gdl;
-            }
-            for (gan, &gl) in ga[d * n..(d + 1) * n].iter_mut().zip(&ga_local) {
-                *gan += gl;
-            }
-            gd[d] += gd_acc;
-            gbias[d] += gbias_acc;
+    // Per sequence: L Dch token gradients, L N of dB and dC, and the partial sums of the parameter gradients.
+    let (tok, bc, width) = (l * dch, l * n, dch * n + 2 * dch);
+    let (mut gu, mut gdelta, mut gz) = (vec![T::zero(); g * tok], vec![T::zero(); g * tok], vec![T::zero(); g * tok]);
+    let (mut gb, mut gc) = (vec![T::zero(); g * bc], vec![T::zero(); g * bc]);
+    let mut part = vec![T::zero(); g * width];
+    // One task per sequence gi: it owns its rows of every token-shaped gradient (dB and dC sum over its channels)
+    // and its row of partial sums; each task has its own recompute buffers. (Every chunk length is positive when
+    // the buffer is not empty: N >= 1 is checked, and Dch = 0 or L = 0 leaves nothing to compute.)
+    let rows = |len: usize| len.max(1);
+    (
+        gu.par_chunks_mut(rows(tok)),
+        gdelta.par_chunks_mut(rows(tok)),
+        gz.par_chunks_mut(rows(tok)),
+        gb.par_chunks_mut(rows(bc)),
+        gc.par_chunks_mut(rows(bc)),
+        part.par_chunks_mut(rows(width)),
+    )
+        .into_par_iter()
+        .enumerate()
+        .for_each_init(
+            || Scratch::new(l, n),
+            |w, (gi, (u, delta, z, b, c, part))| {
+                backward_sequence(&s, gy, gi, op.dims, SeqGrads { u, delta, z, b, c, part }, w)
+            },
+        );
+    // The parameter gradients: the sequences' partial sums added in sequence order.
+    let mut sums = vec![T::zero(); width];
+    for row in part.chunks_exact(rows(width)) {
+        for (acc, &p) in sums.iter_mut().zip(row) {
+            *acc += p;
         }
     }
-    for (d, row) in ga.chunks_exact_mut(n.max(1)).enumerate().take(dch) {
+    let gbias = sums.split_off(dch * n + dch);
+    let gd = sums.split_off(dch * n);
+    // dL/dA to dL/da_log.
+    let mut ga = sums;
+    let mut a = vec![T::zero(); n];
+    for (d, row) in ga.chunks_exact_mut(rows(n)).enumerate().take(dch) {
         s.fill_a(d, &mut a);
         for (gan, &an) in row.iter_mut().zip(&a) {
             *gan *= an;
