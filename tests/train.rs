@@ -207,3 +207,18 @@ fn predict_writes_labels_on_the_input_grid() {
     assert_eq!(b.affine, a.affine);
     assert!(b.to_labels().unwrap().iter().all(|&l| l < 4));
 }
+
+#[test]
+fn a_patch_larger_than_a_volume_is_refused_with_the_sizes() {
+    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let run = Run {
+        model: &model,
+        device: Device::Cpu,
+        opts: options(1),
+        out_dir: temp_dir("big-patch"),
+        meta: serde_json::json!({}),
+    };
+    let small = phantom_dataset(&SynthConfig { cases: 1, shape: [6, 20, 20], seed: 3 });
+    let err = run.train(&small, &[], Start { params: init, momentum: Vec::new(), epoch: 0 }).err().expect("must fail");
+    assert!(err.to_string().contains("[6, 20, 20]") && err.to_string().contains("[8, 16, 16]"), "{err}");
+}

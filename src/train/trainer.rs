@@ -138,6 +138,20 @@ impl Run<'_> {
         if train.is_empty() {
             bail!(Data, "no training cases");
         }
+        // A 2D patch is cut from one slice: compare its two axes with H and W.
+        let patch3: Vec<usize> =
+            if cfg.patch.len() == 2 { [&[1][..], &cfg.patch[..]].concat() } else { cfg.patch.clone() };
+        for case in train {
+            if case.shape.iter().zip(&patch3).any(|(s, p)| s < p) {
+                bail!(
+                    Config,
+                    "case {} has shape {:?} (D, H, W) after resampling, smaller than the patch {:?}: choose a smaller --patch",
+                    case.name,
+                    case.shape,
+                    cfg.patch
+                );
+            }
+        }
         let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?.deep_copy()?;
         let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
         let momentum = start
