@@ -123,7 +123,7 @@ struct TrainArgs {
     #[arg(long, default_value = "window")]
     pim_layout: String,
     /// Epochs.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 10)]
     epochs: usize,
     /// Iterations per epoch.
     #[arg(long, default_value_t = 25)]

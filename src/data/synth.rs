@@ -550,7 +550,7 @@ fn layout(rng: &mut StdRng, shape: [usize; 3]) -> Vec<Structure> {
         let e = Ellipsoid {
             c,
             rot,
-            semi: [d * uni(rng, 0.14, 0.18), h * uni(rng, 0.075, 0.095), w * uni(rng, 0.085, 0.105)],
+            semi: [d * uni(rng, 0.18, 0.22), h * uni(rng, 0.105, 0.125), w * uni(rng, 0.115, 0.135)],
         };
         let amp: f64 = 0.12;
         let (lo, hi) = ball_box(c, e.max_semi() * (1.0 + amp).sqrt() * 1.1, shape);
