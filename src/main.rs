@@ -170,12 +170,9 @@ fn main() {
         }
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
-        Command::DumpStep { config, pim_layout, batch, steps, device, out } => (|| {
-            let mut cfg = ModelConfig::by_name(&config)?;
-            cfg.pim_layout = parse_layout(&pim_layout)?;
-            std::fs::create_dir_all(&out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
-            lkm_engine::train::dump::dump_step(cfg, batch, 7, &Device::parse(&device)?, &out, steps)
-        })(),
+        Command::DumpStep { config, pim_layout, batch, steps, device, out } => {
+            dump_step(&config, &pim_layout, batch, steps, &device, &out)
+        }
     };
     if let Err(e) = result {
         eprintln!("lkm-engine: {e}");
@@ -341,6 +338,13 @@ fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
     write_dataset(out, &cases, PHANTOM_LABELS, &["CT"])?;
     eprintln!("wrote {} phantom cases of {shape:?} to {}", cases.len(), out.display());
     Ok(())
+}
+
+fn dump_step(config: &str, layout: &str, batch: usize, steps: usize, device: &str, out: &Path) -> Result<()> {
+    let mut cfg = ModelConfig::by_name(config)?;
+    cfg.pim_layout = parse_layout(layout)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
+    lkm_engine::train::dump::dump_step(cfg, batch, 7, &Device::parse(device)?, out, steps)
 }
 
 fn parse_layout(s: &str) -> Result<PimLayout> {
