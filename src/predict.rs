@@ -103,7 +103,7 @@ impl Predictor {
     }
 }
 
-/// Groups the NIfTI files of `input` (a file or a folder) into cases: `NAME_XXXX.nii[.gz]` files are the channels
+/// Groups the NIfTI files of `input` (a file or a folder) into cases: `NAME_NNNN.nii[.gz]` files are the channels
 /// of case NAME (nnU-Net naming); any other file is a one-channel case named by its stem.
 pub fn input_cases(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let stem = |p: &Path| -> Option<String> {

@@ -6,9 +6,9 @@
 //! dataset.json                  {"channel_names": {"0": "CT"},
 //!                                "labels": {"background": 0, "liver": 1, ...},
 //!                                "numTraining": N, "file_ending": ".nii.gz"}
-//! imagesTr/{case}_{XXXX}.nii.gz one file per channel XXXX = 0000, 0001, ...
+//! imagesTr/{case}_{NNNN}.nii.gz one file per channel NNNN = 0000, 0001, ...
 //! labelsTr/{case}.nii.gz        the label map of each training case, values 0..K-1
-//! imagesTs/{case}_{XXXX}.nii.gz optional unlabelled test images
+//! imagesTs/{case}_{NNNN}.nii.gz optional unlabelled test images
 //! ```
 //!
 //! [`Dataset::open`] checks everything that can be checked without reading voxels (dataset.json keys, label values
@@ -379,7 +379,7 @@ fn list_files(dir: &Path, ending: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Cases of an images folder (`{case}_{XXXX}{ending}`), each with exactly the channels 0..C-1.
+/// Cases of an images folder (`{case}_{NNNN}{ending}`), each with exactly the channels 0..C-1.
 fn list_image_cases(dir: &Path, ending: &str, channels: usize) -> Result<BTreeSet<String>> {
     let mut found: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
     for name in list_files(dir, ending)? {
@@ -393,7 +393,7 @@ fn list_image_cases(dir: &Path, ending: &str, channels: usize) -> Result<BTreeSe
         });
         let (case, channel) = parsed.ok_or_else(|| {
             Error::Data(format!(
-                "{}: image file names must be {{case}}_{{XXXX}}{ending} with a 4-digit channel number",
+                "{}: image file names must be {{case}}_{{NNNN}}{ending} with a 4-digit channel number",
                 dir.join(&name).display()
             ))
         })?;
