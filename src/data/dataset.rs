@@ -1,6 +1,6 @@
 //! nnU-Net v2 raw datasets on disk.
 //!
-//! Layout of a dataset folder (the one nnU-Net calls `nnUNet_raw/DatasetXXX_Name`):
+//! Layout of a dataset folder (the one nnU-Net calls `nnUNet_raw/Dataset001_Name`):
 //!
 //! ```text
 //! dataset.json                  {"channel_names": {"0": "CT"},
