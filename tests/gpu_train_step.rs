@@ -1,5 +1,9 @@
 //! One whole training step of a small LKM-UNet on the GPU matches the same step on the CPU: the loss over every
 //! deep-supervision output, every parameter's gradient, gradient clipping and the SGD update.
+//!
+//! The reference is the CPU in float32, the GPU's precision: measured on the CPU, float32 and float64 steps differ by
+//! up to 5% in the gradients of Mamba's step-size path (x_proj, dt_proj, A_log: sums over tokens that cancel), so a
+//! float64 reference would measure that conditioning, not the kernels.
 
 mod common;
 
@@ -64,12 +68,7 @@ fn gpu_training_step_matches_cpu() {
     let labels: Vec<f32> = x.to_vec_f32().unwrap().iter().map(|v| ((v * 2.0).abs() as usize).min(3) as f32).collect();
     let labels = Tensor::from_vec(labels, &[2, 1, 16, 16, 16]).unwrap();
 
-    let cpu = step(
-        &model,
-        &params.to(DType::F64, &Device::Cpu).unwrap(),
-        &x.to_dtype(DType::F64).unwrap(),
-        &labels.to_dtype(DType::F64).unwrap(),
-    );
+    let cpu = step(&model, &params.to(DType::F32, &Device::Cpu).unwrap(), &x, &labels);
     let dev = Device::Cuda(gpu());
     let gpu = step(
         &model,
