@@ -31,15 +31,16 @@ __device__ __forceinline__ float activation_derivative(int act, float x) {
 }
 
 // Block-wide sum over blockDim.x threads (a multiple of 32, at most 1024); every thread gets the result.
-// `scratch` must hold 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// `scratch` must hold 32 values of shared memory. Used with float and double.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     int nwarps = (blockDim.x + 31) >> 5;
-    v = lane < nwarps ? scratch[lane] : 0.0f;
+    v = lane < nwarps ? scratch[lane] : T(0);
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }

@@ -20,19 +20,6 @@ extern "C" __global__ void sgd_nesterov_step(float* p, const float* grad, float*
     }
 }
 
-// block_sum of common.cuh for doubles: blockDim.x a multiple of 32, at most 1024; scratch holds 32 doubles.
-__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int nwarps = (blockDim.x + 31) >> 5;
-    v = lane < nwarps ? scratch[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 extern "C" __global__ void optim_sum_squares_partial(const float* g, int64_t n, double* partial) {
     __shared__ double scratch[32];
     double acc = 0.0;
@@ -40,7 +27,7 @@ extern "C" __global__ void optim_sum_squares_partial(const float* g, int64_t n, 
         double x = g[i];
         acc += x * x;
     }
-    acc = block_sum_f64(acc, scratch);
+    acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 

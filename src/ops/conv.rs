@@ -50,7 +50,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
-use crate::ops::{per_axis, MapDims};
+use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Error, Result};
 
@@ -383,17 +383,6 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &Conv
     Tensor::from_vec(dw, w_shape)
 }
 
-/// db[co]: the sum of the gradient over the batch and all output positions of channel co.
-fn grad_bias_cpu<T: Real>(gy: &Tensor, g: &ConvGeom) -> Result<Tensor> {
-    let gs = gy.cpu::<T>()?;
-    let out_vox = g.out_voxels();
-    let mut db = vec![T::zero(); g.cout];
-    for (nco, gc) in gs.chunks_exact(out_vox).enumerate() {
-        db[nco % g.cout] += gc.iter().copied().sum::<T>();
-    }
-    Tensor::from_vec(db, &[g.cout])
-}
-
 struct ConvBackward {
     x: Tensor,
     w: Tensor,
@@ -436,7 +425,11 @@ impl Backward for ConvBackward {
         };
         let mut grads = vec![dx, dw];
         if self.has_bias {
-            grads.push(if needs[2] { Some(by_dtype!(dtype, grad_bias_cpu(grad_out, g))?) } else { None });
+            grads.push(if needs[2] {
+                Some(by_dtype!(dtype, channel_sums_cpu(grad_out, g.cout, g.out_voxels()))?)
+            } else {
+                None
+            });
         }
         Ok(grads)
     }

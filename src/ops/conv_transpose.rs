@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::ops::conv::{channel_sums, gpu_operand, Pairing};
-use crate::ops::{per_axis, MapDims};
+use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, Result};
 
@@ -296,17 +296,6 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &UpGe
     Tensor::from_vec(dw, w_shape)
 }
 
-/// db[co]: the sum of the gradient over the batch and all output positions of channel co.
-fn grad_bias_cpu<T: Real>(gy: &Tensor, g: &UpGeom) -> Result<Tensor> {
-    let gs = gy.cpu::<T>()?;
-    let out_vox = g.out_voxels();
-    let mut db = vec![T::zero(); g.cout];
-    for (nco, gc) in gs.chunks_exact(out_vox).enumerate() {
-        db[nco % g.cout] += gc.iter().copied().sum::<T>();
-    }
-    Tensor::from_vec(db, &[g.cout])
-}
-
 struct ConvTransposeBackward {
     x: Tensor,
     w: Tensor,
@@ -349,7 +338,11 @@ impl Backward for ConvTransposeBackward {
         };
         let mut grads = vec![dx, dw];
         if self.has_bias {
-            grads.push(if needs[2] { Some(by_dtype!(dtype, grad_bias_cpu(grad_out, g))?) } else { None });
+            grads.push(if needs[2] {
+                Some(by_dtype!(dtype, channel_sums_cpu(grad_out, g.cout, g.out_voxels()))?)
+            } else {
+                None
+            });
         }
         Ok(grads)
     }

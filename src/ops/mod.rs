@@ -82,6 +82,15 @@ pub fn per_axis(values: &[usize], spatial_rank: usize, what: &str) -> Result<[us
     Ok(if spatial_rank == 2 { [1, values[0], values[1]] } else { [values[0], values[1], values[2]] })
 }
 
+/// The per-channel sums of a host map laid out (N, C, voxels): `out[c] = sum_{n, v} x[n, c, v]` (bias gradients).
+pub(crate) fn channel_sums_cpu<T: crate::tensor::Real>(x: &Tensor, channels: usize, voxels: usize) -> Result<Tensor> {
+    let mut sums = vec![T::zero(); channels];
+    for (nc, plane) in x.cpu::<T>()?.chunks_exact(voxels).enumerate() {
+        sums[nc % channels] += plane.iter().copied().sum::<T>();
+    }
+    Tensor::from_vec(sums, &[channels])
+}
+
 /// Reads a token-sequence tensor `(G, L, C)`; `op` names the caller in errors.
 pub fn seq_dims(x: &Tensor, op: &str) -> Result<(usize, usize, usize)> {
     match x.shape() {
