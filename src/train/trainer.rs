@@ -188,8 +188,7 @@ impl Run<'_> {
             for it in 0..o.iters_per_epoch {
                 let t_it = Instant::now();
                 let (x, y) = sampler.batch(train, &fg, o.batch, &mut rng)?;
-                let loss =
-                    self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &y.to_device(&self.device)?)?;
+                let loss = self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &self.targets(&y)?)?;
                 if !loss.is_finite() {
                     bail!(
                         NonFinite,
@@ -240,13 +239,19 @@ impl Run<'_> {
 
     /// One optimisation step; returns the loss (read back from the device). A non-finite loss is returned before the
     /// backward pass, leaving the parameters as they were.
-    fn step(&self, params: &mut Params, sgd: &mut Sgd, x: &Tensor, y: &Tensor) -> Result<f64> {
+    /// The label map of a host batch reduced to every output's resolution on the host, then moved to the device once
+    /// (reducing device labels would copy them back to the host every step).
+    fn targets(&self, y: &Tensor) -> Result<Vec<Tensor>> {
+        let cfg = &self.model.config;
+        cfg.output_sizes(&cfg.patch).iter().map(|s| downsample_labels(y, s)?.to_device(&self.device)).collect()
+    }
+
+    fn step(&self, params: &mut Params, sgd: &mut Sgd, x: &Tensor, targets: &[Tensor]) -> Result<f64> {
         let mut tape = Tape::new();
         params.watch(&mut tape);
         let outputs = self.model.forward(&mut tape, params, x)?;
-        let targets = outputs.iter().map(|o| downsample_labels(y, &o.shape()[2..])).collect::<Result<Vec<_>>>()?;
-        let loss = deep_supervision_loss(&mut tape, &outputs, &targets, self.opts.batch_dice)?;
-        drop((outputs, targets));
+        let loss = deep_supervision_loss(&mut tape, &outputs, targets, self.opts.batch_dice)?;
+        drop(outputs);
         let value = loss.scalar()?;
         if !value.is_finite() {
             return Ok(value);
