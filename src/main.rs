@@ -15,7 +15,7 @@ use lkm_engine::predict::{input_cases, Predictor};
 use lkm_engine::train::checkpoint;
 use lkm_engine::train::prepare::{self, Prepared};
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
-use lkm_engine::{bail, Error, Result};
+use lkm_engine::{bail, DType, Error, Result};
 
 #[derive(Parser)]
 #[command(name = "lkm-engine", version, about = "Train and run LKM-UNet segmentation models")]
@@ -102,6 +102,9 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
@@ -170,8 +173,8 @@ fn main() {
         }
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
-        Command::DumpStep { config, pim_layout, batch, steps, device, out } => {
-            dump_step(&config, &pim_layout, batch, steps, &device, &out)
+        Command::DumpStep { config, pim_layout, batch, steps, device, dtype, out } => {
+            dump_step(&config, &pim_layout, batch, steps, &device, &dtype, &out)
         }
     };
     if let Err(e) = result {
@@ -340,11 +343,24 @@ fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn dump_step(config: &str, layout: &str, batch: usize, steps: usize, device: &str, out: &Path) -> Result<()> {
+fn dump_step(
+    config: &str,
+    layout: &str,
+    batch: usize,
+    steps: usize,
+    device: &str,
+    dtype: &str,
+    out: &Path,
+) -> Result<()> {
     let mut cfg = ModelConfig::by_name(config)?;
     cfg.pim_layout = parse_layout(layout)?;
+    let dtype = match dtype {
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        s => bail!(Config, "--dtype must be f32 or f64, not {s:?}"),
+    };
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
-    lkm_engine::train::dump::dump_step(cfg, batch, 7, &Device::parse(device)?, out, steps)
+    lkm_engine::train::dump::dump_step(cfg, batch, 7, &Device::parse(device)?, dtype, out, steps)
 }
 
 fn parse_layout(s: &str) -> Result<PimLayout> {

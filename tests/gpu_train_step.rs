@@ -1,9 +1,11 @@
 //! One whole training step of a small LKM-UNet on the GPU matches the same step on the CPU: the loss over every
 //! deep-supervision output, every parameter's gradient, gradient clipping and the SGD update.
 //!
-//! The reference is the CPU in float32, the GPU's precision: measured on the CPU, float32 and float64 steps differ by
-//! up to 5% in the gradients of Mamba's step-size path (x_proj, dt_proj, A_log: sums over tokens that cancel), so a
-//! float64 reference would measure that conditioning, not the kernels.
+//! The reference is the CPU in float64 on the same float32 weights and inputs. Some gradients of this network are
+//! ill-conditioned in float32 (Mamba's step-size path, and the LayerNorm and InstanceNorm scales that feed it): for
+//! these weights the CPU's own float32 step differs from float64 by up to 3.6e-3 on dt_proj.bias, and other seeds
+//! and sizes give up to 5%. So each tensor's GPU error against float64 must be below 1e-3 or at most 3 times the
+//! CPU's float32 error on the same tensor: a kernel error shows up far above that floor.
 
 mod common;
 
@@ -13,11 +15,9 @@ use lkm_engine::device::Device;
 use lkm_engine::nn::{LkmUnet, ModelConfig, Params};
 use lkm_engine::optim::{clip_present_grad_norm, Sgd};
 use lkm_engine::tensor::DType;
-use lkm_engine::train::dump::randomise_norms_and_biases;
+use lkm_engine::train::dump::{random_batch, randomise_norms_and_biases};
 use lkm_engine::train::loss::{deep_supervision_loss, downsample_labels};
 use lkm_engine::Tensor;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 struct StepResult {
     loss: f64,
@@ -30,7 +30,8 @@ fn step(model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor) -> StepRe
     let mut tape = Tape::new();
     params.watch(&mut tape);
     let outs = model.forward(&mut tape, &params, x).unwrap();
-    let targets: Vec<Tensor> = outs.iter().map(|o| downsample_labels(labels, &o.shape()[2..]).unwrap()).collect();
+    let targets: Vec<Tensor> =
+        outs.iter().map(|o| downsample_labels(labels, &o.shape()[2..]).unwrap().to_dtype(x.dtype()).unwrap()).collect();
     let loss = deep_supervision_loss(&mut tape, &outs, &targets, true).unwrap();
     let mut grads = tape.backward(&loss).unwrap();
     // The deepest seg head's output has loss weight 0: no gradient reaches it and SGD leaves it alone.
@@ -55,20 +56,14 @@ fn step(model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor) -> StepRe
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_training_step_matches_cpu() {
-    let mut cfg = ModelConfig::tiny_3d();
-    cfg.patch = vec![16, 16, 16];
-    cfg.pim_windows = vec![vec![4, 4, 4], vec![2, 4, 4], vec![2, 2, 2], vec![1, 1, 1]];
-    cfg.pam_pools = vec![vec![2, 2, 2], vec![2, 2, 2], vec![1, 1, 1], vec![1, 1, 1]];
-    let (model, params) = LkmUnet::new(cfg, 3).unwrap();
+    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 3).unwrap();
     // At initialisation the last norm of every residual branch has scale 0, which makes the gradients of the whole
     // branch exactly 0 (rounding noise on both sides): draw norm scales and biases as the parity check does.
     let params = randomise_norms_and_biases(&params, 3).unwrap();
-    let mut rng = StdRng::seed_from_u64(4);
-    let x = Tensor::randn(&[2, 1, 16, 16, 16], DType::F32, &mut rng).unwrap();
-    let labels: Vec<f32> = x.to_vec_f32().unwrap().iter().map(|v| ((v * 2.0).abs() as usize).min(3) as f32).collect();
-    let labels = Tensor::from_vec(labels, &[2, 1, 16, 16, 16]).unwrap();
+    let (x, labels) = random_batch(&model.config, 2, 4).unwrap();
 
-    let cpu = step(&model, &params.to(DType::F32, &Device::Cpu).unwrap(), &x, &labels);
+    let exact = step(&model, &params.to(DType::F64, &Device::Cpu).unwrap(), &x.to_dtype(DType::F64).unwrap(), &labels);
+    let cpu32 = step(&model, &params.to(DType::F32, &Device::Cpu).unwrap(), &x, &labels);
     let dev = Device::Cuda(gpu());
     let gpu = step(
         &model,
@@ -78,35 +73,54 @@ fn gpu_training_step_matches_cpu() {
     );
 
     let before: Vec<Vec<f64>> = params.tensors().iter().map(|t| t.to_vec_f64().unwrap()).collect();
-    let loss_err = (gpu.loss - cpu.loss).abs() / cpu.loss.abs();
-    assert!(loss_err < 1e-4, "loss {} vs {}", gpu.loss, cpu.loss);
-    let mut worst = (0.0, String::new());
+    let loss_err = (gpu.loss - exact.loss).abs() / exact.loss.abs();
+    assert!(loss_err < 1e-4, "loss {} vs {}", gpu.loss, exact.loss);
     let names = params.names();
+    let (gpu_errs, floor_errs) = (errors(&gpu, &exact, &names, &before), errors(&cpu32, &exact, &names, &before));
+    let mut worst = (0.0, 0.0, String::new());
+    for ((name, e), f) in gpu_errs.iter().zip(&floor_errs) {
+        // The allowed error: 1e-3, or FLOOR_FACTOR times the CPU's own float32 error on the same tensor.
+        let limit = TOL.max(FLOOR_FACTOR * f.1);
+        assert!(e < &limit, "{name}: GPU error {e:.3e} against float64, the CPU's float32 error {:.3e}", f.1);
+        if *e > worst.0 {
+            worst = (*e, f.1, name.clone());
+        }
+    }
+    eprintln!(
+        "loss {} (float64 {}); worst GPU error {:.2e} at {} (CPU float32 there {:.2e})",
+        gpu.loss, exact.loss, worst.0, worst.2, worst.1
+    );
+}
+
+const TOL: f64 = 1e-3;
+const FLOOR_FACTOR: f64 = 3.0;
+
+/// Per parameter, the relative error of `got` against `exact`: "grad <name>" for every gradient (a conv bias before
+/// an InstanceNorm, zero in exact arithmetic, against the norm of its conv weight's gradient, as tools/parity.py
+/// does) and "update <name>" for the SGD step (p_after - p_before: for a first step lr (1 + mu) (g + wd p) after
+/// clipping, so tiny updates of large parameters are still checked).
+fn errors(got: &StepResult, exact: &StepResult, names: &[String], before: &[Vec<f64>]) -> Vec<(String, f64)> {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let update = |r: &StepResult, i: usize| r.params_after[i].iter().zip(&before[i]).map(|(a, b)| a - b).collect();
+    let mut out = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        // A conv bias followed by InstanceNorm has a gradient of exactly 0 in exact arithmetic, so both sides hold
-        // rounding noise: judge it against the scale of its conv weight's gradient (as tools/parity.py does).
-        let scale_of = |j: usize| cpu.grads[j].iter().map(|v| v * v).sum::<f64>().sqrt();
+        if exact.grads[i].is_empty() {
+            continue;
+        }
         let weight =
             name.strip_suffix("conv.bias").and_then(|p| names.iter().position(|n| *n == format!("{p}conv.weight")));
         let e = match weight {
             Some(j) => {
-                let diff: f64 = gpu.grads[i].iter().zip(&cpu.grads[i]).map(|(a, b)| (a - b) * (a - b)).sum();
-                diff.sqrt() / scale_of(j)
+                let diff: Vec<f64> = got.grads[i].iter().zip(&exact.grads[i]).map(|(a, b)| a - b).collect();
+                norm(&diff) / norm(&exact.grads[j])
             }
-            None => rel_err(&gpu.grads[i], &cpu.grads[i]),
+            None => rel_err(&got.grads[i], &exact.grads[i]),
         };
-        if e > worst.0 {
-            worst = (e, name.clone());
-        }
-        // The update is lr (1 + mu) g for a first step: compare it, not the parameter, so tiny updates of large
-        // parameters are still checked.
-        let update =
-            |r: &StepResult| r.params_after[i].iter().zip(&before[i]).map(|(a, b)| a - b).collect::<Vec<f64>>();
-        if weight.is_none() && !cpu.grads[i].is_empty() {
-            let p = rel_err(&update(&gpu), &update(&cpu));
-            assert!(p < 1e-3, "{name}: the SGD update differs by {p:e}");
+        out.push((format!("grad {name}"), e));
+        if weight.is_none() {
+            let (u, v): (Vec<f64>, Vec<f64>) = (update(got, i), update(exact, i));
+            out.push((format!("update {name}"), rel_err(&u, &v)));
         }
     }
-    eprintln!("loss {} (cpu {}), worst gradient error {:.2e} at {}", gpu.loss, cpu.loss, worst.0, worst.1);
-    assert!(worst.0 < 1e-3, "gradient of {} differs by {:e}", worst.1, worst.0);
+    out
 }

@@ -3,6 +3,7 @@
 
     python3 tools/convert_pth.py pth2st IN.pth OUT.safetensors [--config CFG.json | --config-name NAME]
                                         [--patch D H W] [--layout strided|window] [--trust-pickle]
+                                        [--normalization zscore|ct:LO,HI,MEAN,STD] [--spacing D H W]
     python3 tools/convert_pth.py st2pth IN.safetensors OUT.pth [--plain]
 
 pth2st reads an nnU-Net checkpoint ({'network_weights': state_dict, 'init_args': {...}, ...}) or a bare state_dict
@@ -18,7 +19,9 @@ JSON, or a checkpoint metadata JSON with a "config" field) or --config-name (fla
 it is inferred: channels, kernels, strides, block counts and Mamba sizes from the tensor shapes, the patch from the
 checkpoint's nnU-Net plans (or --patch), and the PiM windows / PaM factors from the public code's formulas with the
 public code's strided PiM grouping (--layout window for the paper's). The output's metadata key "lkm_engine" holds
-{"config": ..., "source": ...}; "batch_dice" is added when the plans give it.
+{"config": ..., "source": ..., "run": {"normalization": ..., "spacing": ...}}; "batch_dice" is added when the plans
+give it. "run" is what `lkm-engine predict` needs besides the weights: nnU-Net's CT or z-score normalisation and the
+training spacing, read from the plans or given by --normalization (zscore | ct:LO,HI,MEAN,STD) and --spacing D H W.
 
 st2pth writes {'network_weights': state_dict, 'lkm_engine': {...}} from an lkm-engine safetensors file (momentum
 buffers and other non-parameters are left out and reported). By default the state_dict also carries the public
@@ -149,8 +152,8 @@ def _count(sd, prefix):
     return len({int(m.group(1)) for m in map(pat.match, sd) if m})
 
 
-def plans_info(ckpt):
-    """(patch, batch_dice) from an nnU-Net checkpoint's init_args, or (None, None)."""
+def plans_configuration(ckpt):
+    """(plans, the configuration's dict with inherited keys) from an nnU-Net checkpoint's init_args, or None."""
     try:
         args = ckpt["init_args"]
         plans, name = args["plans"], args["configuration"]
@@ -161,9 +164,57 @@ def plans_info(ckpt):
             parent = conf.pop("inherits_from")
             seen.add(parent)
             conf = {**confs[parent], **conf}
-        return list(conf["patch_size"]), conf.get("batch_dice")
+        return plans, conf
     except (KeyError, TypeError):
+        return None
+
+
+def plans_info(ckpt):
+    """(patch, batch_dice) from an nnU-Net checkpoint's init_args, or (None, None)."""
+    pc = plans_configuration(ckpt)
+    if pc is None or "patch_size" not in pc[1]:
         return None, None
+    return list(pc[1]["patch_size"]), pc[1].get("batch_dice")
+
+
+def plans_run(ckpt):
+    """What `lkm-engine predict` needs besides the weights, from nnU-Net plans: {"normalization", "spacing"} (either
+    may be missing). nnU-Net's CTNormalization clips channel 0 to its foreground 0.5 / 99.5 percentiles and z-scores
+    it with the foreground mean and std; ZScoreNormalization z-scores each image. A 2D configuration's spacing has no
+    slice axis: the slice spacing is the dataset's original median (nnU-Net does not resample along it)."""
+    pc = plans_configuration(ckpt) if ckpt is not None else None
+    if pc is None:
+        return {}
+    plans, conf = pc
+    run = {}
+    schemes = conf.get("normalization_schemes") or []
+    if schemes and schemes[0] == "CTNormalization":
+        props = plans.get("foreground_intensity_properties_per_channel", {}).get("0")
+        if props:
+            run["normalization"] = {"scheme": "ct", "lo": props["percentile_00_5"], "hi": props["percentile_99_5"],
+                                    "mean": props["mean"], "std": props["std"]}
+    elif schemes and all(s == "ZScoreNormalization" for s in schemes):
+        run["normalization"] = {"scheme": "zscore"}
+    spacing = list(conf.get("spacing") or [])
+    if len(spacing) == 2 and plans.get("original_median_spacing_after_transp"):
+        spacing = [plans["original_median_spacing_after_transp"][0]] + spacing
+    if len(spacing) == 3:
+        run["spacing"] = [float(v) for v in spacing]
+    return run
+
+
+def parse_normalization(text):
+    """--normalization: "zscore" or "ct:LO,HI,MEAN,STD"."""
+    if text == "zscore":
+        return {"scheme": "zscore"}
+    try:
+        kind, values = text.split(":")
+        lo, hi, mean, std = (float(v) for v in values.split(","))
+        if kind == "ct":
+            return {"scheme": "ct", "lo": lo, "hi": hi, "mean": mean, "std": std}
+    except ValueError:
+        pass
+    raise SystemExit(f"--normalization {text!r}: give zscore or ct:LO,HI,MEAN,STD")
 
 
 def infer_config(sd, patch, layout):
@@ -237,8 +288,19 @@ def pth2st(args):
     if bad:
         raise SystemExit(f"shape differences (name, checkpoint, model): {bad[:8]}")
     tensors = OrderedDict((k, sd[k].detach().to(torch.float32).cpu().numpy()) for k in want)
-    meta = {META_KEY: json.dumps({"config": cfg, "source": os.path.basename(args.input),
-                                  "converted_by": "tools/convert_pth.py pth2st"})}
+    run = plans_run(outer)
+    if args.normalization:
+        run["normalization"] = parse_normalization(args.normalization)
+    if args.spacing:
+        run["spacing"] = args.spacing
+    missing_run = [k for k in ("normalization", "spacing") if k not in run]
+    if missing_run:
+        log(f"no {' or '.join(missing_run)} in the checkpoint's plans or the flags: the file loads for training and "
+            f"parity, but `lkm-engine predict` needs them (--normalization, --spacing)")
+    info = {"config": cfg, "source": os.path.basename(args.input), "converted_by": "tools/convert_pth.py pth2st"}
+    if run:
+        info["run"] = run
+    meta = {META_KEY: json.dumps(info)}
     if batch_dice is not None:
         meta["batch_dice"] = "true" if batch_dice else "false"
     safetensors_io.write(args.output, tensors, meta)
@@ -291,6 +353,9 @@ def main(argv=None):
     a.add_argument("--patch", type=int, nargs="+", help="patch size, when inferring without nnU-Net plans")
     a.add_argument("--layout", choices=["strided", "window"], default="strided",
                    help="PiM grouping when inferring (default: strided, the public code's)")
+    a.add_argument("--normalization", help="zscore or ct:LO,HI,MEAN,STD (default: from the nnU-Net plans)")
+    a.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"),
+                   help="training voxel spacing in mm, slice axis first (default: from the nnU-Net plans)")
     a.add_argument("--trust-pickle", action="store_true", help="allow the full unpickler for trusted files")
     a.set_defaults(fn=pth2st)
     b = sub.add_parser("st2pth", help="lkm-engine safetensors -> .pth checkpoint")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the release binary, every test executable and the kernel benchmark with the CUDA kernels embedded, and
-# copies them into .gpu/ (git-ignored) so that they can be carried to a GPU machine that has no Rust toolchain.
+# Builds the release binary, the GPU test executables (tests/gpu_*.rs, whose tests are #[ignore]d here) and the kernel
+# benchmark with the CUDA kernels embedded, and copies them into .gpu/ (git-ignored) so that they can be carried to a
+# GPU machine that has no Rust toolchain (the CPU tests are left out: they run here and in CI).
 # There: bash tools/gpu-run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,9 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
         print(m["target"]["name"], m["executable"])' |
-    while read -r name exe; do cp "$exe" ".gpu/tests/$name"; done
+    while read -r name exe; do
+      case "$name" in gpu_* | kernels) cp "$exe" ".gpu/tests/$name" ;; esac
+    done
 done
 ls -la .gpu/tests | tail -n +2
 du -sh .gpu

@@ -21,6 +21,8 @@ try:
     import torch.nn.functional as F
 
     import convert_pth as cv
+    import parity as pa
+    import predict_parity as pp
     import torch_lkmunet as tl
 except ImportError:  # numpy-only machine
     torch = None
@@ -157,6 +159,74 @@ def test_scan_matches_closed_form_and_chunking():
     assert torch.equal(y, y2)
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-12)
+    y3 = tl.selective_scan(*ins, chunk=L, group=1)  # pieces of one whole sequence each
+    g3 = torch.autograd.grad(y3.square().sum(), ins)
+    assert torch.equal(y, y3)
+    for a, b in zip(g1, g3):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_parity_floor_rule():
+    """compare(): relative errors, the conv-bias rule, missing tensors; the --floor limit of main()."""
+    if _needs_torch():
+        return
+    ref = {"out.0": np.ones((2, 3)), "loss": np.array([2.0]), "grad.a.conv.weight": np.full(4, 2.0),
+           "grad.a.conv.bias": np.zeros(2), "grad.b": np.array([3.0, 4.0])}
+    eng = {"out.0": np.ones((2, 3)) * (1 + 1e-6), "loss": np.array([2.0]), "grad.a.conv.weight": np.full(4, 2.0),
+           "grad.a.conv.bias": np.array([4e-3, 0.0]), "grad.b": np.array([3.0, 4.05])}
+    fwd, grads, kind, problems = pa.compare(eng, ref)
+    assert abs(fwd["out.0"] - 1e-6) < 1e-12 and fwd["loss"] == 0.0 and not problems
+    assert abs(grads["a.conv.bias"] - 1e-3) < 1e-12 and kind["a.conv.bias"] == "~"   # 4e-3 / ||(2, 2, 2, 2)||
+    assert abs(grads["b"] - 0.01) < 1e-12
+    del eng["grad.b"]
+    _, grads, _, problems = pa.compare(eng, ref)
+    assert grads["b"] == math.inf and any("grad.b" in p for p in problems)
+
+
+def test_predict_parity_window_and_nifti():
+    if _needs_torch():
+        return
+    # nnU-Net's compute_steps_for_sliding_window: n = ceil((S - P) / (P / 2)) + 1 starts, evenly spread, rounded.
+    assert pp.window_starts(48, 32) == [0, 16]
+    assert pp.window_starts(32, 32) == [0] and pp.window_starts(20, 32) == [0]
+    assert pp.window_starts(100, 32) == [0, 14, 27, 41, 54, 68]   # 68 / 5 = 13.6 apart
+    g = pp.gaussian([8, 16, 12])
+    assert g.shape == (8, 16, 12) and g.max() == 1.0 and g.min() > 0
+    assert np.unravel_index(g.argmax(), g.shape) == (4, 8, 6)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "ct-chest")
+    img, spacing = pp.read_nifti(os.path.join(root, "image.nii.gz"))
+    lab, _ = pp.read_nifti(os.path.join(root, "label.nii.gz"))
+    assert img.shape == lab.shape == (34, 128, 128), img.shape
+    assert abs(spacing[0] - 10.0) < 0.1 and abs(spacing[1] - 3.05) < 0.05, spacing
+    assert img.min() < -900 and img.max() > 500 and lab.max() > 0
+    props = {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 50.0, "std": 25.0}
+    assert np.allclose(pp.ct_normalize(np.array([-1000.0, 50.0, 1000.0]), props), [-6.0, 0.0, 10.0])
+
+
+def test_pth2st_run_metadata():
+    if _needs_torch():
+        return
+    props = {"mean": 80.0, "std": 40.0, "percentile_00_5": -50.0, "percentile_99_5": 400.0}
+    ckpt = {"init_args": {"configuration": "3d_lowres", "plans": {
+        "configurations": {"3d_fullres": {"patch_size": [40, 224, 192], "spacing": [2.5, 0.8, 0.8],
+                                          "normalization_schemes": ["CTNormalization"]},
+                           "3d_lowres": {"inherits_from": "3d_fullres", "spacing": [3.0, 1.5, 1.5]},
+                           "2d": {"patch_size": [320, 320], "spacing": [0.7, 0.7],
+                                  "normalization_schemes": ["ZScoreNormalization"]}},
+        "original_median_spacing_after_transp": [5.0, 0.7, 0.7],
+        "foreground_intensity_properties_per_channel": {"0": props}}}}
+    run = cv.plans_run(ckpt)
+    assert run == {"normalization": {"scheme": "ct", "lo": -50.0, "hi": 400.0, "mean": 80.0, "std": 40.0},
+                   "spacing": [3.0, 1.5, 1.5]}, run
+    ckpt["init_args"]["configuration"] = "2d"
+    assert cv.plans_run(ckpt) == {"normalization": {"scheme": "zscore"}, "spacing": [5.0, 0.7, 0.7]}
+    assert cv.plans_run({"network_weights": {}}) == {}
+    assert cv.parse_normalization("ct:-1,2,0.5,3") == {"scheme": "ct", "lo": -1.0, "hi": 2.0, "mean": 0.5, "std": 3.0}
+    try:
+        cv.parse_normalization("ct:1,2")
+        raise AssertionError("accepted a short ct normalisation")
+    except SystemExit as e:
+        assert "ct:LO,HI,MEAN,STD" in str(e)
 
 
 def test_reference_configs_and_names():

@@ -317,28 +317,36 @@ def _scan_steps(h, A, dt, u, B, C):
     return h, torch.stack(ys, dim=1)
 
 
-def selective_scan(u, delta, A_log, B, C, D, z, delta_bias, chunk=0):
+def selective_scan(u, delta, A_log, B, C, D, z, delta_bias, chunk=0, group=0):
     """Mamba v1's selective scan with softplus step and SiLU(z) gate, channels last.
 
     u, delta, z: (G, L, D); A_log: (D, N); B, C: (G, L, N); D, delta_bias: (D,). Per sequence g and channel d, with
     h_{-1} = 0:  dt_t = softplus(delta_t + delta_bias), h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t (A = -exp(A_log)),
     y_t = (<C_t, h_t> + D u_t) SiLU(z_t).
 
-    `chunk` > 0 runs the time loop in chunks of that many steps under activation checkpointing (autograd recomputes
-    a chunk's steps in the backward pass), trading time for memory; the gradients are autograd's either way."""
+    `chunk` > 0 runs the scan in pieces under activation checkpointing (autograd recomputes a piece in the backward
+    pass), trading time for memory; the gradients are autograd's either way. A piece is at most `chunk` steps of at
+    most `group` sequences (default max(1, chunk * 256 // steps)): long sequences (PiM windows) are cut in time, many short ones (the
+    strided grouping, whose sequences are as long as the number of windows) in groups of sequences."""
     dt = F.softplus(delta + delta_bias)   # threshold 20: the identity above it, as mamba_ssm
     A = -torch.exp(A_log)
     G, L, Dch = u.shape
-    h = u.new_zeros(G, Dch, A.shape[1])
-    if chunk and chunk < L and torch.is_grad_enabled():
+    if not (chunk and torch.is_grad_enabled()):
+        _, y = _scan_steps(u.new_zeros(G, Dch, A.shape[1]), A, dt, u, B, C)
+        return (y + u * D) * F.silu(z)
+    steps = min(chunk, L)
+    group = group or max(1, chunk * 256 // steps)
+    pieces = []
+    for g0 in range(0, G, group):
+        gs = slice(g0, g0 + group)
+        h = u.new_zeros(dt[gs].shape[0], Dch, A.shape[1])
         ys = []
-        for t0 in range(0, L, chunk):
-            sl = slice(t0, t0 + chunk)
-            h, y = checkpoint(_scan_steps, h, A, dt[:, sl], u[:, sl], B[:, sl], C[:, sl], use_reentrant=False)
+        for t0 in range(0, L, steps):
+            ts = slice(t0, t0 + steps)
+            h, y = checkpoint(_scan_steps, h, A, dt[gs, ts], u[gs, ts], B[gs, ts], C[gs, ts], use_reentrant=False)
             ys.append(y)
-        y = torch.cat(ys, dim=1)
-    else:
-        _, y = _scan_steps(h, A, dt, u, B, C)
+        pieces.append(torch.cat(ys, dim=1))
+    y = torch.cat(pieces, dim=0)
     return (y + u * D) * F.silu(z)
 
 

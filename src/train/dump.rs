@@ -16,18 +16,24 @@ use crate::device::Device;
 use crate::nn::{LkmUnet, ModelConfig, Params};
 use crate::optim::{clip_present_grad_norm, Sgd};
 use crate::tensor::{DType, Tensor};
-use crate::{Error, Result};
+use crate::{ensure, Error, Result};
 
-/// Writes named float32 tensors (any device) and string metadata as a safetensors file.
+/// Writes named tensors (any device; float64 ones as F64, the rest as F32) and string metadata as a safetensors file.
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)], meta: serde_json::Value) -> Result<()> {
     let host = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), bytemuck::cast_slice::<f32, u8>(&t.to_vec_f32()?).to_vec())))
+        .map(|(n, t)| {
+            let (dtype, bytes) = match t.dtype() {
+                DType::F64 => (safetensors::Dtype::F64, bytemuck::cast_slice::<f64, u8>(&t.to_vec_f64()?).to_vec()),
+                _ => (safetensors::Dtype::F32, bytemuck::cast_slice::<f32, u8>(&t.to_vec_f32()?).to_vec()),
+            };
+            Ok((n.clone(), dtype, t.shape().to_vec(), bytes))
+        })
         .collect::<Result<Vec<_>>>()?;
     let views = host
         .iter()
-        .map(|(n, s, b)| {
-            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+        .map(|(n, dtype, s, b)| {
+            let v = safetensors::tensor::TensorView::new(*dtype, s.clone(), b)
                 .map_err(|e| Error::Data(format!("{n}: {e}")))?;
             Ok((n.as_str(), v))
         })
@@ -89,20 +95,28 @@ fn forward_backward(
     Ok((outputs, loss, g))
 }
 
-/// Writes `dir/weights.safetensors`, `dir/inputs.safetensors` and `dir/engine.safetensors` for one step of
-/// `config` at batch `batch`, then times `steps` full training steps and writes `dir/engine_step.json`.
+/// Writes `dir/weights.safetensors`, `dir/inputs.safetensors` (float32) and `dir/engine.safetensors` for one step of
+/// `config` at batch `batch` computed in `dtype` (float64 on the CPU only: the exact-arithmetic side of the parity
+/// check), then times `steps` full training steps (after 2 untimed ones; none when `steps` is 0) and writes
+/// `dir/engine_step.json`.
 pub fn dump_step(
     config: ModelConfig,
     batch: usize,
     seed: u64,
     device: &Device,
+    dtype: DType,
     dir: &Path,
     steps: usize,
 ) -> Result<()> {
+    ensure!(
+        dtype == DType::F32 || matches!(device, Device::Cpu),
+        Config,
+        "dump-step: float64 runs on the CPU only (the CUDA kernels are float32)"
+    );
     let (model, params) = LkmUnet::new(config, seed)?;
-    let params = randomise_norms_and_biases(&params, seed)?.to(DType::F32, device)?.deep_copy()?;
+    let params = randomise_norms_and_biases(&params, seed)?.to(DType::F32, &Device::Cpu)?;
     let (x, y) = random_batch(&model.config, batch, seed + 1)?;
-    let meta = serde_json::json!({ "config": model.config, "batch_dice": true });
+    let meta = serde_json::json!({ "config": model.config, "batch_dice": true, "dtype": dtype_name(dtype) });
     let named = |p: &Params| p.names().iter().cloned().zip(p.tensors().iter().cloned()).collect::<Vec<_>>();
     write_tensors(&dir.join("weights.safetensors"), &named(&params), meta.clone())?;
     write_tensors(
@@ -110,9 +124,13 @@ pub fn dump_step(
         &[("x".into(), x.clone()), ("labels".into(), y.clone())],
         meta.clone(),
     )?;
-    let xd = x.to_device(device)?;
+    let params = params.to(dtype, device)?.deep_copy()?;
+    let xd = x.to_dtype(dtype)?.to_device(device)?;
     let sizes = model.config.output_sizes(&model.config.patch);
-    let targets = sizes.iter().map(|s| downsample_labels(&y, s)?.to_device(device)).collect::<Result<Vec<_>>>()?;
+    let targets = sizes
+        .iter()
+        .map(|s| downsample_labels(&y, s)?.to_dtype(dtype)?.to_device(device))
+        .collect::<Result<Vec<_>>>()?;
     let (outputs, loss, grads) = forward_backward(&model, &params, &xd, &targets)?;
     let mut results: Vec<(String, Tensor)> =
         outputs.iter().enumerate().map(|(i, o)| (format!("out.{i}"), o.clone())).collect();
@@ -133,7 +151,8 @@ pub fn dump_step(
         gpu.synchronize()?;
         gpu.reset_peak_memory()?;
     }
-    for i in 0..steps + 2 {
+    let warmup = if steps > 0 { 2 } else { 0 };
+    for i in 0..steps + warmup {
         let t0 = Instant::now();
         let (_, loss, mut g) = forward_backward(&model, &params, &xd, &targets)?;
         clip_present_grad_norm(&mut g, 12.0)?;
@@ -142,7 +161,7 @@ pub fn dump_step(
         if let Device::Cuda(gpu) = device {
             gpu.synchronize()?;
         }
-        if i >= 2 {
+        if i >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -157,6 +176,7 @@ pub fn dump_step(
     };
     let report = serde_json::json!({
         "device": device_name,
+        "dtype": dtype_name(dtype),
         "batch": batch,
         "parameters": params.count(),
         "ms_per_step_median": times.get(times.len() / 2),
@@ -164,4 +184,11 @@ pub fn dump_step(
         "peak_gib": peak,
     });
     write_atomically(&dir.join("engine_step.json"), report.to_string().as_bytes())
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F64 => "float64",
+        _ => "float32",
+    }
 }
