@@ -76,7 +76,7 @@ fn gpu_training_step_matches_cpu() {
     let loss_err = (gpu.loss - exact.loss).abs() / exact.loss.abs();
     assert!(loss_err < 1e-4, "loss {} vs {}", gpu.loss, exact.loss);
     let names = params.names();
-    let (gpu_errs, floor_errs) = (errors(&gpu, &exact, &names, &before), errors(&cpu32, &exact, &names, &before));
+    let (gpu_errs, floor_errs) = (errors(&gpu, &exact, names, &before), errors(&cpu32, &exact, names, &before));
     let mut worst = (0.0, 0.0, String::new());
     for ((name, e), f) in gpu_errs.iter().zip(&floor_errs) {
         // The allowed error: 1e-3, or FLOOR_FACTOR times the CPU's own float32 error on the same tensor.
