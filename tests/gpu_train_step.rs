@@ -1,11 +1,13 @@
 //! One whole training step of a small LKM-UNet on the GPU matches the same step on the CPU: the loss over every
 //! deep-supervision output, every parameter's gradient, gradient clipping and the SGD update.
 //!
-//! The reference is the CPU in float64 on the same float32 weights and inputs. Some gradients of this network are
-//! ill-conditioned in float32 (Mamba's step-size path, and the LayerNorm and InstanceNorm scales that feed it): for
-//! these weights the CPU's own float32 step differs from float64 by up to 3.6e-3 on dt_proj.bias, and other seeds
-//! and sizes give up to 5%. So each tensor's GPU error against float64 must be below 1e-3 or at most 3 times the
-//! CPU's float32 error on the same tensor: a kernel error shows up far above that floor.
+//! The reference is the CPU in float64 on the same float32 weights and inputs, and the CPU's own float32 step measures
+//! how well-conditioned each tensor is. Some gradients of this network are ill-conditioned in float32 for some weights
+//! (Mamba's step-size path, and the norms that feed it: with seeds 3 / 4 the CPU's float32 step differs from float64 by
+//! 3.6e-3 on a dt_proj.bias gradient and 5% on its SGD update), which would hide a GPU error of that size; these seeds
+//! (7 / 8, as `lkm-engine dump-step` uses) give well-conditioned gradients, where the CPU's float32 errors are at most
+//! 7e-6 (a few SGD updates stay ill-conditioned: weight decay nearly cancels a small gradient). Each tensor's GPU error
+//! against float64 must be below 1e-4 or at most 3 times the CPU's float32 error.
 
 mod common;
 
@@ -56,11 +58,11 @@ fn step(model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor) -> StepRe
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_training_step_matches_cpu() {
-    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 3).unwrap();
+    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 7).unwrap();
     // At initialisation the last norm of every residual branch has scale 0, which makes the gradients of the whole
     // branch exactly 0 (rounding noise on both sides): draw norm scales and biases as the parity check does.
-    let params = randomise_norms_and_biases(&params, 3).unwrap();
-    let (x, labels) = random_batch(&model.config, 2, 4).unwrap();
+    let params = randomise_norms_and_biases(&params, 7).unwrap();
+    let (x, labels) = random_batch(&model.config, 2, 8).unwrap();
 
     let exact = step(&model, &params.to(DType::F64, &Device::Cpu).unwrap(), &x.to_dtype(DType::F64).unwrap(), &labels);
     let cpu32 = step(&model, &params.to(DType::F32, &Device::Cpu).unwrap(), &x, &labels);
@@ -79,7 +81,7 @@ fn gpu_training_step_matches_cpu() {
     let (gpu_errs, floor_errs) = (errors(&gpu, &exact, names, &before), errors(&cpu32, &exact, names, &before));
     let mut worst = (0.0, 0.0, String::new());
     for ((name, e), f) in gpu_errs.iter().zip(&floor_errs) {
-        // The allowed error: 1e-3, or FLOOR_FACTOR times the CPU's own float32 error on the same tensor.
+        // The allowed error: TOL, or FLOOR_FACTOR times the CPU's own float32 error on the same tensor.
         let limit = TOL.max(FLOOR_FACTOR * f.1);
         assert!(e < &limit, "{name}: GPU error {e:.3e} against float64, the CPU's float32 error {:.3e}", f.1);
         if *e > worst.0 {
@@ -92,7 +94,7 @@ fn gpu_training_step_matches_cpu() {
     );
 }
 
-const TOL: f64 = 1e-3;
+const TOL: f64 = 1e-4;
 const FLOOR_FACTOR: f64 = 3.0;
 
 /// Per parameter, the relative error of `got` against `exact`: "grad <name>" for every gradient (a conv bias before

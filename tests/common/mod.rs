@@ -72,17 +72,19 @@ pub fn check_op_inputs(
     let (out, grads) = run(gpu_inputs, (DType::F32, &gpu));
     let mut worst = rel_err(&out, &ref_out);
     assert!(worst < tol, "{name}: forward relative error {worst:e} >= {tol:e}");
+    let mut report = format!("{name}: forward {worst:.1e}, gradients");
     for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
         match (g, r) {
             (Some(g), Some(r)) => {
                 let e = rel_err(g, r);
                 assert!(e < tol, "{name}: gradient of input {i} relative error {e:e} >= {tol:e}");
                 worst = worst.max(e);
+                report += &format!(" {e:.1e}");
             }
-            (None, None) => {}
+            (None, None) => report += " -",
             _ => panic!("{name}: input {i} has a gradient on one device only"),
         }
     }
-    eprintln!("{name}: worst relative error {worst:.2e}");
+    eprintln!("{report}");
     worst
 }
