@@ -17,7 +17,7 @@ use lkm_engine::predict::Predictor;
 use lkm_engine::train::checkpoint;
 use lkm_engine::train::loss::{deep_supervision_loss, deep_supervision_weights, downsample_labels};
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
-use lkm_engine::{Error, Tensor};
+use lkm_engine::{DType, Error, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -221,4 +221,36 @@ fn a_patch_larger_than_a_volume_is_refused_with_the_sizes() {
     let small = phantom_dataset(&SynthConfig { cases: 1, shape: [6, 20, 20], seed: 3 });
     let err = run.train(&small, &[], Start { params: init, momentum: Vec::new(), epoch: 0 }).err().expect("must fail");
     assert!(err.to_string().contains("[6, 20, 20]") && err.to_string().contains("[8, 16, 16]"), "{err}");
+}
+
+#[test]
+fn dump_step_writes_float32_and_float64_steps_that_agree() {
+    let read = |dir: &std::path::Path| {
+        let bytes = std::fs::read(dir.join("engine.safetensors")).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["lkm_engine"]).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let values = |name: &str| -> (safetensors::Dtype, Vec<f64>) {
+            let t = st.tensor(name).unwrap();
+            let v = match t.dtype() {
+                safetensors::Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(t.data()),
+                _ => bytemuck::pod_collect_to_vec::<u8, f32>(t.data()).iter().map(|&x| x as f64).collect(),
+            };
+            (t.dtype(), v)
+        };
+        let grad = "grad.encoder.stem.convs.0.conv.weight";
+        (meta["dtype"].as_str().unwrap().to_string(), values("loss"), values(grad))
+    };
+    let (d32, d64) = (temp_dir("dump32"), temp_dir("dump64"));
+    for (dir, dtype) in [(&d32, DType::F32), (&d64, DType::F64)] {
+        lkm_engine::train::dump::dump_step(micro_config(), 1, 7, &Device::Cpu, dtype, dir, 0).unwrap();
+    }
+    let (m32, l32, g32) = read(&d32);
+    let (m64, l64, g64) = read(&d64);
+    assert_eq!((m32.as_str(), m64.as_str()), ("float32", "float64"));
+    assert_eq!((l32.0, g64.0), (safetensors::Dtype::F32, safetensors::Dtype::F64));
+    assert!((l32.1[0] - l64.1[0]).abs() < 1e-5 * l64.1[0].abs(), "loss {} vs {}", l32.1[0], l64.1[0]);
+    let diff: f64 = g32.1.iter().zip(&g64.1).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let norm: f64 = g64.1.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(norm > 0.0 && diff < 1e-4 * norm, "stem gradient: float32 vs float64 {}", diff / norm);
 }

@@ -116,7 +116,7 @@ pub fn dump_step(
     let (model, params) = LkmUnet::new(config, seed)?;
     let params = randomise_norms_and_biases(&params, seed)?.to(DType::F32, &Device::Cpu)?;
     let (x, y) = random_batch(&model.config, batch, seed + 1)?;
-    let meta = serde_json::json!({ "config": model.config, "batch_dice": true, "dtype": dtype_name(dtype) });
+    let meta = serde_json::json!({ "config": model.config, "batch_dice": true });
     let named = |p: &Params| p.names().iter().cloned().zip(p.tensors().iter().cloned()).collect::<Vec<_>>();
     write_tensors(&dir.join("weights.safetensors"), &named(&params), meta.clone())?;
     write_tensors(
@@ -140,6 +140,8 @@ pub fn dump_step(
             results.push((format!("grad.{name}"), g.clone()));
         }
     }
+    let mut meta = meta;
+    meta["dtype"] = dtype_name(dtype).into();
     write_tensors(&dir.join("engine.safetensors"), &results, meta)?;
     drop((outputs, grads, results));
 
