@@ -10,7 +10,7 @@
 //! (conv biases that feed an InstanceNorm are left out: their exact gradient is 0).
 mod common;
 
-use common::{gpu, randn32, rel_err};
+use common::{gpu, randn32, rel_err, seeded_step};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::nn::blocks::ResidualBlock;
@@ -29,29 +29,17 @@ use lkm_engine::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-fn run(
-    inputs: &[Tensor],
-    dtype: DType,
-    dev: &Device,
-    f: &dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
-) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let xs: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(dtype).unwrap().to_device(dev).unwrap()).collect();
-    let mut tape = Tape::new();
-    for x in &xs {
-        tape.watch(x);
-    }
-    let y = f(&mut tape, &xs).unwrap();
-    let seed = randn32(y.shape(), 1.0, 99).to_dtype(dtype).unwrap().to_device(dev).unwrap();
-    let out = y.to_vec_f64().unwrap();
-    let mut g = tape.backward_from(&y, seed).unwrap();
-    (out, xs.iter().map(|x| g.take(x).map_or(vec![], |t| t.to_vec_f64().unwrap())).collect())
-}
-
 fn probe(name: &str, names: &[String], inputs: &[Tensor], f: &dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) {
     let gdev = Device::Cuda(gpu());
-    let (e_out, e_g) = run(inputs, DType::F64, &Device::Cpu, f);
-    let (c_out, c_g) = run(inputs, DType::F32, &Device::Cpu, f);
-    let (g_out, g_g) = run(inputs, DType::F32, &gdev, f);
+    let all = vec![true; inputs.len()];
+    let step = |dtype: DType, dev: &Device| {
+        let xs: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(dtype).unwrap().to_device(dev).unwrap()).collect();
+        let (out, grads) = seeded_step(name, &xs, &all, dev, f);
+        (out, grads.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>())
+    };
+    let (e_out, e_g) = step(DType::F64, &Device::Cpu);
+    let (c_out, c_g) = step(DType::F32, &Device::Cpu);
+    let (g_out, g_g) = step(DType::F32, &gdev);
     eprintln!("{name}: output gpu {:.2e} cpu32 {:.2e}", rel_err(&g_out, &e_out), rel_err(&c_out, &e_out));
     let mut rows: Vec<(f64, f64, &str)> = (0..inputs.len())
         .filter(|&i| !e_g[i].is_empty())

@@ -42,6 +42,28 @@ pub fn check_op(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, &
     check_op_inputs(name, inputs, &vec![true; inputs.len()], tol, f)
 }
 
+/// Runs `f` on `xs` (already of the wanted dtype and device) and back-propagates a fixed standard-normal gradient from
+/// its output: (output, gradient of each input with `differentiable[i]`) as float64 host vectors.
+pub fn seeded_step(
+    name: &str,
+    xs: &[Tensor],
+    differentiable: &[bool],
+    device: &Device,
+    f: &dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> (Vec<f64>, Vec<Option<Vec<f64>>>) {
+    let mut tape = Tape::new();
+    for (x, &d) in xs.iter().zip(differentiable) {
+        if d {
+            tape.watch(x);
+        }
+    }
+    let y = f(&mut tape, xs).unwrap_or_else(|e| panic!("{name} forward failed: {e}"));
+    let seed = randn32(y.shape(), 1.0, 99).to_dtype(y.dtype()).unwrap().to_device(device).unwrap();
+    let out = y.to_vec_f64().unwrap();
+    let mut grads = tape.backward_from(&y, seed).unwrap_or_else(|e| panic!("{name} backward failed: {e}"));
+    (out, xs.iter().map(|x| grads.take(x).map(|g| g.to_vec_f64().unwrap())).collect())
+}
+
 /// As [`check_op`], with `differentiable[i]` saying which inputs have gradients (labels do not).
 pub fn check_op_inputs(
     name: &str,
@@ -51,25 +73,10 @@ pub fn check_op_inputs(
     f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
 ) -> f64 {
     let gpu = Device::Cuda(gpu());
-    let run = |xs: Vec<Tensor>, seed_dtype_device: (DType, &Device)| {
-        let mut tape = Tape::new();
-        for (x, &d) in xs.iter().zip(differentiable) {
-            if d {
-                tape.watch(x);
-            }
-        }
-        let y = f(&mut tape, &xs).unwrap_or_else(|e| panic!("{name} forward failed: {e}"));
-        let seed =
-            randn32(y.shape(), 1.0, 99).to_dtype(seed_dtype_device.0).unwrap().to_device(seed_dtype_device.1).unwrap();
-        let out = y.to_vec_f64().unwrap();
-        let mut grads = tape.backward_from(&y, seed).unwrap_or_else(|e| panic!("{name} backward failed: {e}"));
-        let g: Vec<Option<Vec<f64>>> = xs.iter().map(|x| grads.take(x).map(|g| g.to_vec_f64().unwrap())).collect();
-        (out, g)
-    };
     let cpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect();
     let gpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&gpu).unwrap()).collect();
-    let (ref_out, ref_grads) = run(cpu_inputs, (DType::F64, &Device::Cpu));
-    let (out, grads) = run(gpu_inputs, (DType::F32, &gpu));
+    let (ref_out, ref_grads) = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
+    let (out, grads) = seeded_step(name, &gpu_inputs, differentiable, &gpu, &f);
     let mut worst = rel_err(&out, &ref_out);
     assert!(worst < tol, "{name}: forward relative error {worst:e} >= {tol:e}");
     let mut report = format!("{name}: forward {worst:.1e}, gradients");
