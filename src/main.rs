@@ -86,29 +86,35 @@ enum Command {
     /// Show which compute devices this build can use.
     Devices,
     /// Write one training step (weights, inputs, outputs, loss, gradients) and step timings for tools/parity.py.
-    DumpStep {
-        /// Model configuration: tiny-3d, flare-3d or amos-2d.
-        #[arg(long, default_value = "tiny-3d")]
-        config: String,
-        /// PiM grouping: window or strided.
-        #[arg(long, default_value = "window")]
-        pim_layout: String,
-        /// Batch size.
-        #[arg(long, default_value_t = 2)]
-        batch: usize,
-        /// Timed training steps after the dump.
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    DumpStep(DumpArgs),
+}
+
+#[derive(clap::Args)]
+struct DumpArgs {
+    /// Model configuration: tiny-3d, flare-3d or amos-2d.
+    #[arg(long, default_value = "tiny-3d")]
+    config: String,
+    /// PiM grouping: window or strided.
+    #[arg(long, default_value = "window")]
+    pim_layout: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Timed training steps after the dump.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Seed of the weights (norm scales and biases drawn at random too); the batch uses seed + 1.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -173,9 +179,7 @@ fn main() {
         }
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
-        Command::DumpStep { config, pim_layout, batch, steps, device, dtype, out } => {
-            dump_step(&config, &pim_layout, batch, steps, &device, &dtype, &out)
-        }
+        Command::DumpStep(a) => dump_step(&a),
     };
     if let Err(e) = result {
         eprintln!("lkm-engine: {e}");
@@ -343,24 +347,17 @@ fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn dump_step(
-    config: &str,
-    layout: &str,
-    batch: usize,
-    steps: usize,
-    device: &str,
-    dtype: &str,
-    out: &Path,
-) -> Result<()> {
-    let mut cfg = ModelConfig::by_name(config)?;
-    cfg.pim_layout = parse_layout(layout)?;
-    let dtype = match dtype {
+fn dump_step(a: &DumpArgs) -> Result<()> {
+    let mut cfg = ModelConfig::by_name(&a.config)?;
+    cfg.pim_layout = parse_layout(&a.pim_layout)?;
+    let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
         "f64" => DType::F64,
         s => bail!(Config, "--dtype must be f32 or f64, not {s:?}"),
     };
+    let out = &a.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
-    lkm_engine::train::dump::dump_step(cfg, batch, 7, &Device::parse(device)?, dtype, out, steps)
+    lkm_engine::train::dump::dump_step(cfg, a.batch, a.seed, &Device::parse(&a.device)?, dtype, out, a.steps)
 }
 
 fn parse_layout(s: &str) -> Result<PimLayout> {

@@ -1,16 +1,19 @@
-//! Where does the tiny model's GPU step lose precision? On an H200 (2026-11-27) the tiny-3d step on the GPU differs from
-//! float64 by up to 3.6e-3 in its gradients where the CPU's float32 step (and PyTorch's) differ by 1e-6, although every
-//! op alone, at the model's shapes, matches float64 to 1e-7 on the GPU. These tests narrow it down: the whole model
-//! back-propagating a random gradient from the full-resolution output (x's gradient: GPU 1.2e-3, CPU float32 1e-6) or
-//! from the lowest-resolution one (both 1.5e-6), the loss alone (both 6e-8), the ops of the full-resolution decoder
-//! stage alone, and the modules (a residual block, PiM and PaM layers) at stage-0 shapes.
+//! The tiny model on the GPU, op by op, module by module and node by node, against float64 on the CPU.
 //!
-//! Each compares the GPU (float32) and the CPU in float32 against the CPU in float64 on the same float32 inputs, and
-//! requires the GPU's error on every output and gradient to be at most 1e-5 or 10 times the CPU's float32 error
+//! These tests found what looked like a GPU precision defect (2026-11-27, H200): the tiny-3d step's gradients were up
+//! to 3.6e-3 off float64 on the GPU where the CPU's float32 step was within 5e-6, although every op alone matched to
+//! 1e-7. The node-by-node trace (`trace_tiny_model`) showed the cause: one of the step's 3.3 million LeakyReLU inputs
+//! lay 3e-8 below 0 in float64 and the GPU's float32 forward (error ~1e-6, like the CPU's) rounded it to +9e-7. At
+//! that voxel the derivative is 1 instead of 0.01, and that one voxel moves every gradient upstream by up to 4e-3.
+//! Every node before the crossing, and every node of the seeds with no crossing, matches float64 as closely as the
+//! CPU's float32 step does. It is a property of LeakyReLU (its derivative jumps at 0), not an error of the engine.
+//!
+//! Each probe compares the GPU (float32) and the CPU in float32 against the CPU in float64 on the same float32 inputs
+//! and requires the GPU's error on every output and gradient to be at most 1e-5 or 10 times the CPU's float32 error
 //! (conv biases that feed an InstanceNorm are left out: their exact gradient is 0).
 mod common;
 
-use common::{gpu, randn32, rel_err, seeded_step};
+use common::{gpu, leaky_relu_flips, randn32, rel_err, seeded_step, traced_model_step, TraceRow};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::nn::blocks::ResidualBlock;
@@ -69,22 +72,10 @@ fn probe(name: &str, names: &[String], inputs: &[Tensor], f: &dyn Fn(&mut Tape, 
 
 #[test]
 #[ignore = "needs a CUDA device"]
-fn probe_tiny_model() {
-    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 7).unwrap();
-    let params = randomise_norms_and_biases(&params, 7).unwrap();
-    let (x, y) = random_batch(&model.config, 2, 8).unwrap();
-    let mut inputs = vec![x.clone()];
-    inputs.extend(params.tensors().iter().cloned());
-    let mut names = vec!["x".to_string()];
-    names.extend(params.names().iter().cloned());
-    for out in [0usize, 2] {
-        let f = |t: &mut Tape, xs: &[Tensor]| -> Result<Tensor> {
-            let p = params.with_tensors(xs[1..].to_vec())?;
-            Ok(model.forward(t, &p, &xs[0])?[out].clone())
-        };
-        probe(&format!("model out.{out}, random seed gradient"), &names, &inputs, &f);
-    }
-    // The loss alone at the model's output shapes, on float32 logits.
+fn probe_loss() {
+    let (model, _) = LkmUnet::new(ModelConfig::tiny_3d(), 7).unwrap();
+    let (_, y) = random_batch(&model.config, 2, 8).unwrap();
+    // The deep-supervision loss alone at the model's output shapes, on float32 logits.
     let sizes = model.config.output_sizes(&model.config.patch);
     let logits: Vec<Tensor> = sizes
         .iter()
@@ -168,4 +159,101 @@ fn probe_modules() {
         let layer = BiMambaLayer::new(&mut p, "m", 8, grouping, cfg, &mut rng);
         module_probe(name, randn32(&[2, 8, 32, 32, 32], 1.0, 21), p, &|t, p, x| layer.forward(t, p, x));
     }
+}
+
+/// The whole tiny model, node by node: its forward pass and the backward pass of a random gradient from the
+/// full-resolution output are traced on the GPU (float32), the CPU (float32) and the CPU (float64), for both PiM
+/// layouts and weight seeds 7..=12 (batch seed + 1, as `lkm-engine dump-step --seed` draws them).
+///
+/// Every node's output and incoming gradient on the GPU must be within 1e-5 or 10 times the CPU's float32 error of
+/// float64, in backward order up to the first LeakyReLU whose input the GPU rounded across 0 (where float64 takes the
+/// other branch: the exact derivative there is 1 on one side and 0.01 on the other). The node below such a LeakyReLU
+/// must still match on every other element; past it the two runs differentiate different branches of the network
+/// and nothing is compared. Each layout must have at least one seed without such a crossing (checked to the end).
+/// The seeds without one are the ones `tools/gpu-parity.sh` may use for tiny-3d.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn trace_tiny_model() {
+    let gdev = Device::Cuda(gpu());
+    let mut failures = Vec::new();
+    for layout in [PimLayout::Window, PimLayout::Strided] {
+        let mut clean = Vec::new();
+        for seed in 7..=12u64 {
+            let mut config = ModelConfig::tiny_3d();
+            config.pim_layout = layout;
+            let (model, params) = LkmUnet::new(config, seed).unwrap();
+            let params = randomise_norms_and_biases(&params, seed).unwrap();
+            let (x, _) = random_batch(&model.config, 2, seed + 1).unwrap();
+            let exact = traced_model_step(&model, &params, &x, DType::F64, &Device::Cpu);
+            let cpu = traced_model_step(&model, &params, &x, DType::F32, &Device::Cpu);
+            let gpu = traced_model_step(&model, &params, &x, DType::F32, &gdev);
+            let flips = leaky_relu_flips(&gpu, &exact);
+            let relu: usize = exact.iter().filter(|r| r.op == "leaky_relu").map(|r| r.output.len()).sum();
+            let case = format!("{layout:?} seed {seed} ({relu} LeakyReLU inputs)");
+            match compare_trace(&case, &exact, &cpu, &gpu, &flips) {
+                Ok(()) if flips.is_empty() => clean.push(seed),
+                Ok(()) => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        eprintln!("{layout:?}: seeds whose GPU forward crosses no LeakyReLU kink: {clean:?}");
+        if clean.is_empty() {
+            failures.push(format!("{layout:?}: every seed crosses a LeakyReLU kink, nothing was checked end to end"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Compares one traced run (see [`trace_tiny_model`]); prints every crossing and the worst node.
+fn compare_trace(
+    case: &str,
+    exact: &[TraceRow],
+    cpu: &[TraceRow],
+    gpu: &[TraceRow],
+    flips: &[(usize, usize)],
+) -> std::result::Result<(), String> {
+    let limit = |cpu_err: f64| (10.0 * cpu_err).max(1e-5);
+    let first_flip = flips.iter().map(|f| f.0).min();
+    for &(r, i) in flips {
+        eprintln!(
+            "{case}: node {} ({}) element {i}: float64 {:.3e}, GPU {:.3e}, CPU float32 {:.3e}",
+            exact[r].index, exact[r].op, exact[r].output[i], gpu[r].output[i], cpu[r].output[i]
+        );
+    }
+    let mut worst = (0.0, String::new());
+    // Past the node that feeds the first crossed LeakyReLU, the runs differentiate different functions.
+    let end = first_flip.map_or(exact.len(), |f| (f + 2).min(exact.len()));
+    for r in 0..end {
+        let (e, c, g) = (&exact[r], &cpu[r], &gpu[r]);
+        // The node feeding the first crossed LeakyReLU: its gradient is wrong exactly at the crossed elements.
+        let keep: Vec<bool> = if let Some(f) = first_flip.filter(|f| r == f + 1) {
+            let relu = &exact[f];
+            if e.index + 1 != relu.index || e.shape != relu.shape {
+                return Err(format!("{case}: the LeakyReLU at node {} is not fed by node {}", relu.index, e.index));
+            }
+            let crossed: Vec<usize> = flips.iter().filter(|x| x.0 == f).map(|x| x.1).collect();
+            (0..e.grad.len()).map(|i| !crossed.contains(&i)).collect()
+        } else {
+            vec![true; e.grad.len()]
+        };
+        let masked = |v: &[f64]| v.iter().zip(&keep).filter(|(_, k)| **k).map(|(x, _)| *x).collect::<Vec<_>>();
+        let (eg, cg, gg) = (masked(&e.grad), masked(&c.grad), masked(&g.grad));
+        let checks = [
+            ("output", rel_err(&g.output, &e.output), rel_err(&c.output, &e.output)),
+            ("gradient", rel_err(&gg, &eg), rel_err(&cg, &eg)),
+        ];
+        for (what, gpu_err, cpu_err) in checks {
+            let at = format!("node {} {} {:?} {what}", e.index, e.op, e.shape);
+            if gpu_err > limit(cpu_err) {
+                return Err(format!("{case}: {at}: GPU {gpu_err:.2e}, CPU float32 {cpu_err:.2e}"));
+            }
+            if gpu_err > worst.0 {
+                worst = (gpu_err, format!("{at} (CPU float32 {cpu_err:.2e})"));
+            }
+        }
+    }
+    let span =
+        if flips.is_empty() { "whole trace".to_string() } else { format!("up to the crossing, {} flips", flips.len()) };
+    eprintln!("{case}: {span}: worst GPU error {:.2e} at {}", worst.0, worst.1);
+    Ok(())
 }

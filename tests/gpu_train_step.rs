@@ -2,16 +2,21 @@
 //! deep-supervision output, every parameter's gradient, gradient clipping and the SGD update.
 //!
 //! The reference is the CPU in float64 on the same float32 weights and inputs, and the CPU's own float32 step measures
-//! how well-conditioned each tensor is. Some gradients of this network are ill-conditioned in float32 for some weights
-//! (Mamba's step-size path, and the norms that feed it: with seeds 3 / 4 the CPU's float32 step differs from float64 by
-//! 3.6e-3 on a dt_proj.bias gradient and 5% on its SGD update), which would hide a GPU error of that size; these seeds
-//! (7 / 8, as `lkm-engine dump-step` uses) give well-conditioned gradients, where the CPU's float32 errors are at most
-//! 7e-6 (a few SGD updates stay ill-conditioned: weight decay nearly cancels a small gradient). Each tensor's GPU error
-//! against float64 must be below 1e-4 or at most 3 times the CPU's float32 error.
+//! how well-conditioned each tensor is. Two things make a float32 step legitimately differ from float64:
+//! - Ill-conditioning: some gradients of this network are ill-conditioned in float32 for some weights (Mamba's
+//!   step-size path, and the norms that feed it: with seeds 3 / 4 the CPU's float32 step differs from float64 by
+//!   3.6e-3 on a dt_proj.bias gradient and 5% on its SGD update). Each tensor's GPU error against float64 must be
+//!   below 1e-4 or at most 3 times the CPU's float32 error on that tensor.
+//! - LeakyReLU's kink: an input within float32 rounding of 0 may land on the other side of 0 than in float64, where
+//!   the derivative is 0.01 instead of 1 (on an H200, seed 7 has one of the ~3 million LeakyReLU inputs crossed, at
+//!   the last decoder block; that one voxel moves every gradient upstream by up to 4e-3). Such a step differentiates
+//!   another branch of the network than float64 does, so the seeds whose GPU forward crosses a kink
+//!   (`common::leaky_relu_flips`) are skipped, and at least one seed must be left. tests/gpu_model_probe.rs checks the
+//!   skipped ones node by node up to the crossing.
 
 mod common;
 
-use common::{gpu, rel_err};
+use common::{gpu, leaky_relu_flips, rel_err, traced_model_step};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::nn::{LkmUnet, ModelConfig, Params};
@@ -58,38 +63,53 @@ fn step(model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor) -> StepRe
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_training_step_matches_cpu() {
-    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 7).unwrap();
-    // At initialisation the last norm of every residual branch has scale 0, which makes the gradients of the whole
-    // branch exactly 0 (rounding noise on both sides): draw norm scales and biases as the parity check does.
-    let params = randomise_norms_and_biases(&params, 7).unwrap();
-    let (x, labels) = random_batch(&model.config, 2, 8).unwrap();
-
-    let exact = step(&model, &params.to(DType::F64, &Device::Cpu).unwrap(), &x.to_dtype(DType::F64).unwrap(), &labels);
-    let cpu32 = step(&model, &params.to(DType::F32, &Device::Cpu).unwrap(), &x, &labels);
     let dev = Device::Cuda(gpu());
-    let gpu = step(
-        &model,
-        &params.to(DType::F32, &dev).unwrap(),
-        &x.to_device(&dev).unwrap(),
-        &labels.to_device(&dev).unwrap(),
-    );
+    let mut checked = Vec::new();
+    for seed in 7..=10u64 {
+        let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), seed).unwrap();
+        // At initialisation the last norm of every residual branch has scale 0, which makes the gradients of the
+        // whole branch exactly 0 (rounding noise on both sides): draw norm scales and biases as the parity check does.
+        let params = randomise_norms_and_biases(&params, seed).unwrap();
+        let (x, labels) = random_batch(&model.config, 2, seed + 1).unwrap();
+        let traced = |dtype, d: &Device| traced_model_step(&model, &params, &x, dtype, d);
+        let flips = leaky_relu_flips(&traced(DType::F32, &dev), &traced(DType::F64, &Device::Cpu));
+        if !flips.is_empty() {
+            eprintln!("seed {seed}: skipped, the GPU forward rounds {} LeakyReLU inputs across 0", flips.len());
+            continue;
+        }
+        check_step(seed, &model, &params, &x, &labels, &dev);
+        checked.push(seed);
+    }
+    assert!(!checked.is_empty(), "every seed crosses a LeakyReLU kink on the GPU: nothing was checked");
+    eprintln!("checked seeds {checked:?}");
+}
 
+/// One step on the GPU against float64, with the CPU's float32 step as the floor (see the file's comment).
+fn check_step(seed: u64, model: &LkmUnet, params: &Params, x: &Tensor, labels: &Tensor, dev: &Device) {
+    let exact = step(model, &params.to(DType::F64, &Device::Cpu).unwrap(), &x.to_dtype(DType::F64).unwrap(), labels);
+    let cpu32 = step(model, &params.to(DType::F32, &Device::Cpu).unwrap(), x, labels);
+    let gpu =
+        step(model, &params.to(DType::F32, dev).unwrap(), &x.to_device(dev).unwrap(), &labels.to_device(dev).unwrap());
     let before: Vec<Vec<f64>> = params.tensors().iter().map(|t| t.to_vec_f64().unwrap()).collect();
     let loss_err = (gpu.loss - exact.loss).abs() / exact.loss.abs();
-    assert!(loss_err < 1e-4, "loss {} vs {}", gpu.loss, exact.loss);
+    assert!(loss_err < 1e-4, "seed {seed}: loss {} vs {}", gpu.loss, exact.loss);
     let names = params.names();
     let (gpu_errs, floor_errs) = (errors(&gpu, &exact, names, &before), errors(&cpu32, &exact, names, &before));
     let mut worst = (0.0, 0.0, String::new());
     for ((name, e), f) in gpu_errs.iter().zip(&floor_errs) {
         // The allowed error: TOL, or FLOOR_FACTOR times the CPU's own float32 error on the same tensor.
         let limit = TOL.max(FLOOR_FACTOR * f.1);
-        assert!(e < &limit, "{name}: GPU error {e:.3e} against float64, the CPU's float32 error {:.3e}", f.1);
+        assert!(
+            e < &limit,
+            "seed {seed}: {name}: GPU error {e:.3e} against float64, the CPU's float32 error {:.3e}",
+            f.1
+        );
         if *e > worst.0 {
             worst = (*e, f.1, name.clone());
         }
     }
     eprintln!(
-        "loss {} (float64 {}); worst GPU error {:.2e} at {} (CPU float32 there {:.2e})",
+        "seed {seed}: loss {} (float64 {}); worst GPU error {:.2e} at {} (CPU float32 there {:.2e})",
         gpu.loss, exact.loss, worst.0, worst.2, worst.1
     );
 }

@@ -71,3 +71,38 @@ fn grad_composed_conv_in_lrelu_pim_window_pam() {
 fn grad_composed_conv_in_lrelu_pim_strided_pam() {
     check(PimLayout::Strided);
 }
+
+/// A traced backward pass (`Tape::trace`, what the GPU probes compare node by node) returns the same gradients as an
+/// untraced one, and hands back every node once, last first, with the gradient the next node down received.
+#[test]
+fn traced_backward_matches_untraced() {
+    let s = build(PimLayout::Window);
+    let x = randn64(&[1, 2, 2, 4, 4], 12);
+    let run = |trace: bool| {
+        let mut tape = Tape::new();
+        tape.trace(trace);
+        tape.watch(&x);
+        s.params.watch(&mut tape);
+        let y = forward(&s, &mut tape, &s.params, &x).unwrap();
+        let nodes = tape.len();
+        let seed = randn64(y.shape(), 13);
+        let g = tape.backward_from(&y, seed.clone()).unwrap();
+        (nodes, seed, g)
+    };
+    let (nodes, seed, traced) = run(true);
+    let (_, _, plain) = run(false);
+    assert!(plain.trace().is_empty(), "an untraced tape keeps nothing");
+    let trace = traced.trace();
+    assert_eq!(trace.len(), nodes, "every node of this stack receives a gradient");
+    assert!(trace.windows(2).all(|w| w[0].index == w[1].index + 1), "nodes come last first");
+    assert_eq!(trace[0].grad.to_vec_f64().unwrap(), seed.to_vec_f64().unwrap(), "the last node gets the seed");
+    assert_eq!(trace.last().unwrap().op, "conv");
+    assert!(trace.iter().any(|n| n.op == "leaky_relu" && n.output.shape() == [1, C, 2, 4, 4]));
+    for n in trace {
+        assert_eq!(n.output.shape(), n.grad.shape(), "node {} ({})", n.index, n.op);
+    }
+    for t in std::iter::once(&x).chain(s.params.tensors()) {
+        let (a, b) = (traced.get(t).unwrap().to_vec_f64().unwrap(), plain.get(t).unwrap().to_vec_f64().unwrap());
+        assert_eq!(a, b, "tracing changed a gradient");
+    }
+}

@@ -31,6 +31,21 @@ struct Node {
     inputs: Vec<TensorId>,
     output: TensorId,
     op: Box<dyn Backward>,
+    /// The forward output, kept only while tracing.
+    traced_output: Option<Tensor>,
+}
+
+/// One recorded node as a tracing tape saw it (see [`Tape::trace`]): for comparing two runs of the same graph (the
+/// GPU against the CPU) op by op, forward and backward.
+pub struct TracedNode {
+    /// The node's position on the tape (the order of the forward pass).
+    pub index: usize,
+    /// The op's name.
+    pub op: &'static str,
+    /// Its forward output.
+    pub output: Tensor,
+    /// dL/d(output) as the backward pass handed it to the node.
+    pub grad: Tensor,
 }
 
 /// The record of one forward pass.
@@ -40,12 +55,14 @@ pub struct Tape {
     /// Tensors whose gradient is wanted or flows: watched leaves and outputs of recorded nodes.
     tracked: HashSet<TensorId>,
     leaves: HashSet<TensorId>,
+    tracing: bool,
 }
 
 /// Gradients of the watched tensors after [`Tape::backward`].
 #[derive(Default)]
 pub struct Gradients {
     map: HashMap<TensorId, Tensor>,
+    trace: Vec<TracedNode>,
 }
 
 impl Gradients {
@@ -68,6 +85,11 @@ impl Gradients {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+
+    /// The nodes a tracing tape ran, in backward order (last node first); empty unless [`Tape::trace`] was on.
+    pub fn trace(&self) -> &[TracedNode] {
+        &self.trace
+    }
 }
 
 impl Default for Tape {
@@ -79,12 +101,18 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records ops.
     pub fn new() -> Tape {
-        Tape { enabled: true, nodes: Vec::new(), tracked: HashSet::new(), leaves: HashSet::new() }
+        Tape { enabled: true, nodes: Vec::new(), tracked: HashSet::new(), leaves: HashSet::new(), tracing: false }
     }
 
     /// A tape that records nothing: ops run forward only and save nothing.
     pub fn no_grad() -> Tape {
         Tape { enabled: false, ..Tape::new() }
+    }
+
+    /// Keeps every node's forward output and output gradient for [`Gradients::trace`] (debugging: it holds all
+    /// activations and their gradients until the gradients are dropped).
+    pub fn trace(&mut self, on: bool) {
+        self.tracing = on;
     }
 
     /// Whether ops are being recorded.
@@ -130,6 +158,7 @@ impl Tape {
             inputs: inputs.iter().map(|t| t.id()).collect(),
             output: output.id(),
             op: Box::new(op),
+            traced_output: self.tracing.then(|| output.clone()),
         });
     }
 
@@ -146,10 +175,15 @@ impl Tape {
         output.check_same_kind(&seed, "backward seed")?;
         seed.check_shape(output.shape(), "backward seed")?;
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        let mut trace = Vec::new();
         grads.insert(output.id(), seed);
         while let Some(node) = self.nodes.pop() {
             // An output's gradient is complete once every later node has run; nodes no gradient reached are skipped.
             let Some(grad_out) = grads.remove(&node.output) else { continue };
+            if let Some(out) = node.traced_output {
+                let (index, op) = (self.nodes.len(), node.op.name());
+                trace.push(TracedNode { index, op, output: out, grad: grad_out.clone() });
+            }
             let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
             let input_grads = node.op.backward(&grad_out, &needs)?;
             ensure!(
@@ -168,7 +202,7 @@ impl Tape {
         }
         grads.retain(|id, _| self.leaves.contains(id));
         self.clear();
-        Ok(Gradients { map: grads })
+        Ok(Gradients { map: grads, trace })
     }
 
     /// Drops every recorded node and what it saved, and forgets the watched tensors.

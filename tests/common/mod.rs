@@ -95,3 +95,62 @@ pub fn check_op_inputs(
     eprintln!("{report}");
     worst
 }
+
+/// One node of a traced forward/backward pass as float64 host data (see `Tape::trace`).
+pub struct TraceRow {
+    /// The node's position on the tape.
+    pub index: usize,
+    /// The op's name.
+    pub op: &'static str,
+    /// The output's shape.
+    pub shape: Vec<usize>,
+    /// The forward output.
+    pub output: Vec<f64>,
+    /// dL/d(output).
+    pub grad: Vec<f64>,
+}
+
+/// The tiny model's forward pass in `dtype` on `dev` with weights `params` and input `x` (float32 CPU), then the
+/// backward pass of a fixed random gradient from the full-resolution output, traced node by node (backward order).
+pub fn traced_model_step(
+    model: &lkm_engine::nn::LkmUnet,
+    params: &lkm_engine::nn::Params,
+    x: &Tensor,
+    dtype: DType,
+    dev: &Device,
+) -> Vec<TraceRow> {
+    let p = params.to(dtype, dev).unwrap();
+    let x = x.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let mut tape = Tape::new();
+    tape.trace(true);
+    tape.watch(&x);
+    p.watch(&mut tape);
+    let y = model.forward(&mut tape, &p, &x).unwrap()[0].clone();
+    let seed = randn32(y.shape(), 1.0, 99).to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let g = tape.backward_from(&y, seed).unwrap();
+    g.trace()
+        .iter()
+        .map(|n| TraceRow {
+            index: n.index,
+            op: n.op,
+            shape: n.output.shape().to_vec(),
+            output: n.output.to_vec_f64().unwrap(),
+            grad: n.grad.to_vec_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The elements where `got` and `exact` fall on different sides of 0 at a LeakyReLU (whose output has its input's
+/// sign): (row position in the trace, element). There the exact derivative jumps from 1 to the negative slope, so a
+/// float32 forward that rounds an input across 0 differentiates another branch of the function than float64 does.
+pub fn leaky_relu_flips(got: &[TraceRow], exact: &[TraceRow]) -> Vec<(usize, usize)> {
+    assert_eq!(got.len(), exact.len(), "the two runs recorded different graphs");
+    let mut flips = Vec::new();
+    for (r, (g, e)) in got.iter().zip(exact).enumerate() {
+        if e.op == "leaky_relu" {
+            let crossed = g.output.iter().zip(&e.output).enumerate().filter(|(_, (a, b))| (**a > 0.0) != (**b > 0.0));
+            flips.extend(crossed.map(|(i, _)| (r, i)));
+        }
+    }
+    flips
+}
