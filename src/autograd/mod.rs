@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Nodes are dropped as soon as they have run, so saved activations are released during the backward pass, and the
-//! tape is empty afterwards. A tape made with [`Tape::no_grad`] records nothing (inference).
+//! tape is empty afterwards. A tape made with [`Tape::no_grad`] records nothing (inference). A tape with
+//! [`Tape::trace`] on keeps every node's output and incoming gradient ([`Gradients::trace`]), so that two runs of one
+//! graph (the GPU and the CPU, float32 and float64) can be compared op by op.
 
 use std::collections::{HashMap, HashSet};
 

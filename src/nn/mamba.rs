@@ -192,7 +192,7 @@ impl BiMambaLayer {
         }
     }
 
-    /// `x + mixer(x)` for a feature map x (N, C, [D,] H, W).
+    /// `x + mixer(x)` for a feature map x (N, C, \[D,\] H, W).
     pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
         let (tokens_of, map_shape, window, layout) = match &self.grouping {
             Grouping::Pixel { window, layout } => (x.clone(), x.shape().to_vec(), window.clone(), *layout),

@@ -15,7 +15,7 @@
 //! (K, C) so that its rows are contiguous too.
 //!
 //! GPU (cuda/conv1d.cu): the forward and dx run one thread per element; dw and db reduce over all G L tokens in two
-//! fixed-order stages (per-slice partials, then [`sum_rows`]), so they are deterministic.
+//! fixed-order stages (per-slice partials, then `sum_rows`), so they are deterministic.
 
 use cudarc::driver::LaunchConfig;
 

@@ -54,9 +54,9 @@ use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Error, Result};
 
-/// Cross-correlation of `x` (N, Cin, [D,] H, W) with `w` (Cout, Cin, [kd,] kh, kw) plus an optional `bias` (Cout),
+/// Cross-correlation of `x` (N, Cin, \[D,\] H, W) with `w` (Cout, Cin, \[kd,\] kh, kw) plus an optional `bias` (Cout),
 /// zero-padded by k/2 per axis (kernel sizes must be odd), with `stride` given for each spatial axis of the map.
-/// The output is (N, Cout, [Do,] Ho, Wo) with O = (I - 1)/s + 1 per axis, as PyTorch's Conv2d/Conv3d with
+/// The output is (N, Cout, \[Do,\] Ho, Wo) with O = (I - 1)/s + 1 per axis, as PyTorch's Conv2d/Conv3d with
 /// `padding = k // 2`.
 pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<Tensor> {
     let geom = ConvGeom::new(x, w, bias, stride)?;

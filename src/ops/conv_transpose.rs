@@ -19,7 +19,7 @@
 //! ```
 //!
 //! CPU layout of the work: an output row (n, co, id*kd+a, ih*kh+b) of W*kw values is W blocks of kw values, block iw
-//! being x[n,ci,id,ih,iw] times the contiguous weight row w[ci,co,a,b,:] summed over ci. The backward walks the same
+//! being `x[n,ci,id,ih,iw]` times the contiguous weight row `w[ci,co,a,b,:]` summed over ci. The backward walks the same
 //! rows: dx takes per block the dot product of the gradient block with the weight row, dw accumulates each block
 //! scaled by the input value.
 //!
@@ -40,9 +40,9 @@ use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, Result};
 
-/// Transposed convolution of `x` (N, Cin, [D,] H, W) with `w` (Cin, Cout, [kd,] kh, kw) plus an optional `bias`
+/// Transposed convolution of `x` (N, Cin, \[D,\] H, W) with `w` (Cin, Cout, \[kd,\] kh, kw) plus an optional `bias`
 /// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
-/// (N, Cout, [D*kd,] H*kh, W*kw).
+/// (N, Cout, \[D*kd,\] H*kh, W*kw).
 pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let geom = UpGeom::new(x, w, bias)?;
     let y = match x.gpu_buffer() {

@@ -13,7 +13,7 @@
 //!
 //! The label checks and the per-voxel softmax here are shared with the soft Dice loss.
 //!
-//! On the GPU (kernels in `cuda/loss.cu`) the loss stays on the device as a [1] tensor: the forward pass sums the
+//! On the GPU (kernels in `cuda/loss.cu`) the loss stays on the device as a `[1]` tensor: the forward pass sums the
 //! voxels' terms in per-block partial sums and adds those in a fixed order (deterministic), and nothing is read
 //! back.
 //!
@@ -147,7 +147,7 @@ pub(crate) fn softmax_stats<T: Real>(x: &[T], m: &mut [T], s: &mut [T], p: Optio
 }
 
 /// Mean softmax cross-entropy of `logits` `(N, K, spatial)` against the class indices in `target`
-/// `(N, 1, spatial)`, over all N * spatial voxels; a tensor of shape [1]. Differentiable in the logits only.
+/// `(N, 1, spatial)`, over all N * spatial voxels; a tensor of shape `[1]`. Differentiable in the logits only.
 pub fn cross_entropy(tape: &mut Tape, logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let dims = check_loss_operands(logits, target, 1, "cross_entropy")?;
     let y = match (logits.gpu_buffer(), target.gpu_buffer()) {

@@ -22,7 +22,7 @@
 //! On the GPU (kernels in `cuda/loss.cu`) a first kernel computes per-block partial sums of (I, P, G) for every
 //! foreground class of a sample, with the softmax of each voxel computed in registers; a second, single-block kernel
 //! adds them in a fixed order, forms dc_j and D_j (kept on the device, M x 2 floats, for the backward) and the loss,
-//! which stays on the device as a [1] tensor. Sums are float32 in a fixed tree order (deterministic). A label that
+//! which stays on the device as a `[1]` tensor. Sums are float32 in a fixed tree order (deterministic). A label that
 //! is not a class index in [0, K) is not used as an index: it makes the loss and the gradient NaN (the in-band flag
 //! explained in [`cross_entropy`](crate::ops::cross_entropy)); the CPU path rejects it at once.
 
@@ -47,7 +47,7 @@ const DENOMINATOR_FLOOR: f64 = 1e-8;
 
 /// The soft Dice loss -mean(dc) of the softmax of `logits` `(N, K, spatial)` against the class indices in `target`
 /// `(N, 1, spatial)`, over the foreground classes 1..K and, unless `batch_dice`, the samples (with `batch_dice` each
-/// class's sums run over the whole batch). A tensor of shape [1]; needs K >= 2. Differentiable in the logits only.
+/// class's sums run over the whole batch). A tensor of shape `[1]`; needs K >= 2. Differentiable in the logits only.
 pub fn soft_dice_loss(tape: &mut Tape, logits: &Tensor, target: &Tensor, batch_dice: bool) -> Result<Tensor> {
     let dims = check_loss_operands(logits, target, 2, "soft_dice_loss")?;
     let (y, groups) = match (logits.gpu_buffer(), target.gpu_buffer()) {

@@ -1,6 +1,6 @@
 //! Instance normalisation with a learnable per-channel scale and shift (PyTorch `InstanceNorm{2,3}d(affine=True)`).
 //!
-//! For a feature map x of shape (N, C, [D,] H, W), each plane p = (n, c) of V = D*H*W voxels is normalised with its
+//! For a feature map x of shape (N, C, \[D,\] H, W), each plane p = (n, c) of V = D*H*W voxels is normalised with its
 //! own mean and biased variance:
 //!
 //! ```text
@@ -11,7 +11,7 @@
 //!   y_pi    = gamma_c * xhat_pi + beta_c
 //! ```
 //!
-//! Backward, with g = dL/dy and the plane means <g>_p = (1/V) sum_i g_pi, <g xhat>_p = (1/V) sum_i g_pi xhat_pi
+//! Backward, with g = dL/dy and the plane means `<g>_p = (1/V) sum_i g_pi`, `<g xhat>_p = (1/V) sum_i g_pi xhat_pi`
 //! (the derivatives of mu and rstd with respect to every x_pi make the two correction terms):
 //!
 //! ```text

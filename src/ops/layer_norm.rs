@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Backward, with g = dL/dy, h_rc = gamma_c g_rc (the gradient reaching xhat) and the row means
-//! <h>_r = (1/C) sum_c h_rc, <h xhat>_r = (1/C) sum_c h_rc xhat_rc:
+//! `<h>_r = (1/C) sum_c h_rc`, `<h xhat>_r = (1/C) sum_c h_rc xhat_rc`:
 //!
 //! ```text
 //!   dL/dx_rc    = rstd_r * (h_rc - <h>_r - xhat_rc * <h xhat>_r)

@@ -23,7 +23,7 @@
 //! GPU: the three products run on one tiled kernel, `gemm_f32` (cuda/gemm.cu), that reads its operands through
 //! strides, so x W^T, g W and g^T x need no transposed copies. dW reduces over all M tokens while its output is
 //! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
-//! order ([`sum_rows`], also used for db); results are the same bits from run to run.
+//! order (`sum_rows`, also used for db); results are the same bits from run to run.
 
 use std::sync::Arc;
 
@@ -320,9 +320,9 @@ impl Gemm<'_> {
     }
 }
 
-/// Rows summed per block in the first round of [`sum_rows`] when one round would leave too few blocks.
+/// Rows summed per block in the first round of `sum_rows` when one round would leave too few blocks.
 const SUM_SLICE_ROWS: usize = 2048;
-/// Up to this many rows [`sum_rows`] sums in one round (one block per 32 columns).
+/// Up to this many rows `sum_rows` sums in one round (one block per 32 columns).
 const SUM_ONE_ROUND_ROWS: usize = 4096;
 
 /// Deterministic column sums on the GPU: y[q] = sum_{p < rows} x[p * ld + q] for q < cols (`x` may start at a column

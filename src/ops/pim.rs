@@ -74,7 +74,7 @@ pub fn grouping(map_shape: &[usize], window: &[usize], layout: PimLayout) -> Res
     Ok((g.groups, g.len))
 }
 
-/// Cuts the map `x` (N, C, [D,] H, W) into token sequences (G, L, C), channels last, with one window size per
+/// Cuts the map `x` (N, C, \[D,\] H, W) into token sequences (G, L, C), channels last, with one window size per
 /// spatial axis.
 pub fn partition(tape: &mut Tape, x: &Tensor, window: &[usize], layout: PimLayout) -> Result<Tensor> {
     let grouping = Grouping::new(x.shape(), window, layout, "PiM")?;
