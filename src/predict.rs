@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::dataset::check_same_grid;
 use crate::data::nifti::{read_volume, write_label};
 use crate::data::normalize::{normalize_case, Normalization};
 use crate::data::resample::{needs_resampling, resample_case, resample_nearest};
@@ -49,27 +50,18 @@ impl Predictor {
 
     /// Segments the case made of `files` (one per channel, same grid) and writes `output_dir/<name>.nii.gz`.
     pub fn predict_files(&self, name: &str, files: &[PathBuf], output_dir: &Path) -> Result<PathBuf> {
-        let volumes = files.iter().map(read_volume).collect::<Result<Vec<_>>>()?;
-        let first = &volumes[0];
-        for v in &volumes[1..] {
-            if v.shape != first.shape {
-                bail!(
-                    Data,
-                    "{}: shape {:?} differs from {} {:?}",
-                    v.path.display(),
-                    v.shape,
-                    first.path.display(),
-                    first.shape
-                );
-            }
-        }
-        if volumes.len() != self.model.config.in_channels {
+        if files.len() != self.model.config.in_channels {
             bail!(
                 Data,
                 "case {name}: {} channel file(s) but the model takes {}",
-                volumes.len(),
+                files.len(),
                 self.model.config.in_channels
             );
+        }
+        let volumes = files.iter().map(read_volume).collect::<Result<Vec<_>>>()?;
+        let first = &volumes[0];
+        for v in &volumes[1..] {
+            check_same_grid(first, v)?;
         }
         let case = Case {
             name: name.to_string(),

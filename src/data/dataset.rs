@@ -255,7 +255,7 @@ impl Dataset {
 }
 
 /// Two files of one case must describe the same grid: equal shapes and spacings within [`SPACING_RTOL`].
-fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
+pub(crate) fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
     ensure!(
         a.shape == b.shape,
         Data,
