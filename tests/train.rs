@@ -209,7 +209,7 @@ fn predict_writes_labels_on_the_input_grid() {
     // Two channel files for a one-channel model, and none at all: refused with the counts, nothing written.
     let twice = [input.clone(), input.clone()];
     for files in [&twice[..], &[]] {
-        let err = predictor.predict_files("bad", files, &dir.join("bad")).err().expect("must fail");
+        let err = predictor.predict_files("bad", files, &dir.join("bad")).expect_err("must fail");
         assert!(err.to_string().contains(&format!("case bad: {} channel file(s)", files.len())), "{err}");
     }
     assert!(!dir.join("bad").exists());
