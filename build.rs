@@ -27,15 +27,22 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 }
 
 /// The names of the `extern "C" __global__` kernels a .cu source defines, and of those instantiated through a
-/// `NAME_KERNEL(kernel_name, ...)` macro at the start of a line (a macro whose definition declares the kernel).
+/// `NAME_KERNEL(kernel_name, ..., CONSTANT, 16)` macro at the start of a line (a macro whose definition declares the
+/// kernels): its lower-case arguments are kernel names, upper-case ones and numbers are settings.
 fn kernel_names(source: &str) -> Vec<String> {
+    let is_kernel_name = |a: &&str| {
+        a.starts_with(|c: char| c.is_ascii_lowercase())
+            && a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
     let mut out: Vec<String> = source
         .lines()
         .filter_map(|l| {
             let (mac, args) = l.split_once('(')?;
             let is_instance = mac.ends_with("_KERNEL") && mac.chars().all(|c| c.is_ascii_uppercase() || c == '_');
-            is_instance.then(|| args.split(',').next().unwrap_or("").trim().to_string())
+            let args = args.split(')').next().unwrap_or("");
+            is_instance.then(|| args.split(',').map(str::trim).filter(is_kernel_name).map(String::from).collect::<Vec<_>>())
         })
+        .flatten()
         .collect();
     for (i, _) in source.match_indices("__global__") {
         let mut rest = source[i + "__global__".len()..].to_string();

@@ -15,7 +15,8 @@
 //                                                             y = wide_from_narrow(x), dx = narrow_from_wide(g),
 //                                                             dw = weight_grad(x, g)
 //
-// conv_gemm computes the first two as one matrix product per launch, out[m, col] = sum_k A[m, k] B[k, col]:
+// conv_gemm computes the first two as one matrix product per launch (kernels conv_fprop, conv_dgrad,
+// conv_transpose_fprop, conv_transpose_dgrad: one name per role), out[m, col] = sum_k A[m, k] B[k, col]:
 //   rows m = (n, r0, r1, r2) over N x rows[0] x rows[1] x rows[2] output positions, columns col = output channels,
 //   reduction k = (c, q0, q1, q2) over the source channels x taps[0] x taps[1] x taps[2], and per axis d
 //     source coordinate  src_mul[d]*r[d] + src_add[d] + src_tap[d]*q[d]   (A gathers 0 outside [0, src[d]))
@@ -26,8 +27,9 @@
 //   J = J0 + r; only the taps a = s*q + rho reach them, from o = J - q. So a strided input gradient does no work on
 //   taps that cannot contribute, and the transposed conv's forward (s = k) is a plain product over Cin per phase.
 //
-// conv_weight_grad: dW[cn, j] with j = (cw, a), as rows j, columns cn, reduction over (n, o), split deterministically
-// into fixed K slices that write partial[slice, cn, j]; sum_slices adds the slices in order. channel_sums reduces a
+// conv_weight_grad (kernels conv_wgrad, conv_transpose_wgrad): dW[cn, j] with j = (cw, a), as rows j, columns cn,
+// reduction over (n, o), split deterministically into fixed K slices that write partial[slice, cn, j]; sum_slices
+// adds the slices in order. channel_sums reduces a
 // map over (n, voxels) per channel (the bias gradient) in fixed chunks, then again over the chunks.
 //
 // Tiling (all three products): a block computes a BM x BN tile of out from shared-memory stages of BK reduction
@@ -132,9 +134,8 @@ __device__ __forceinline__ GemmK decode_gemm_k(const GemmGeom& g, int k, int K) 
 }  // namespace
 
 // Grid (ceil(M / BM), ceil(c_dst / BN)), THREADS threads; M = batch * prod(rows) < 2^31.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    conv_gemm(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,
-              float* __restrict__ dst, GemmGeom g) {
+__device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const float* __restrict__ w,
+                                          const float* __restrict__ bias, float* __restrict__ dst, const GemmGeom& g) {
     __shared__ __align__(16) float As[BK][A_STRIDE];
     __shared__ __align__(16) float Bs[BK][B_STRIDE];
     __shared__ GemmK ktab[2][BK];
@@ -213,6 +214,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
 }
 
+// One kernel name per role (the same product), so that a profile says which pass it is timing.
+#define CONV_GEMM_KERNEL(NAME)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        NAME(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,           \
+             float* __restrict__ dst, GemmGeom g) {                                                                \
+        conv_gemm(src, w, bias, dst, g);                                                                           \
+    }
+CONV_GEMM_KERNEL(conv_fprop)            // conv forward: narrow_from_wide(x)
+CONV_GEMM_KERNEL(conv_dgrad)            // conv input gradient: wide_from_narrow(g), one launch per stride phase
+CONV_GEMM_KERNEL(conv_transpose_fprop)  // transposed conv forward: wide_from_narrow(x)
+CONV_GEMM_KERNEL(conv_transpose_dgrad)  // transposed conv input gradient: narrow_from_wide(g)
+
 // ---------------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cn, j] over rows j = (cw, a) in [0, Cw * taps), columns cn, reduction k = (n, o) over
 // [0, N * prod(narrow)) cut into slices of slice_len (a multiple of BK); block z writes
@@ -266,9 +279,8 @@ __device__ __forceinline__ NarrowPos decode_narrow_pos(const WeightGradGeom& g, 
 }  // namespace
 
 // Grid (ceil(Cw * taps / BM), ceil(Cn / BN), slices), THREADS threads; N * prod(narrow) < 2^31.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    conv_weight_grad(const float* __restrict__ narrow, const float* __restrict__ wide, float* __restrict__ partial,
-                     WeightGradGeom g) {
+__device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narrow, const float* __restrict__ wide,
+                                                 float* __restrict__ partial, const WeightGradGeom& g) {
     __shared__ __align__(16) float As[BK][A_STRIDE];
     __shared__ __align__(16) float Bs[BK][B_STRIDE];
     __shared__ WideTap jtab[BM];
@@ -331,6 +343,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
     }
 }
+
+#define CONV_WGRAD_KERNEL(NAME)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        NAME(const float* __restrict__ narrow, const float* __restrict__ wide, float* __restrict__ partial,        \
+             WeightGradGeom g) {                                                                                   \
+        conv_weight_grad(narrow, wide, partial, g);                                                                \
+    }
+CONV_WGRAD_KERNEL(conv_wgrad)            // conv: weight_grad(g, x)
+CONV_WGRAD_KERNEL(conv_transpose_wgrad)  // transposed conv: weight_grad(x, g)
 
 // out[e] = sum_{z = 0 .. slices-1} partial[z * n + e], in that order.
 extern "C" __global__ void sum_slices(const float* __restrict__ partial, float* __restrict__ out, int64_t n,

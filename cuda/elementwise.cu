@@ -2,7 +2,7 @@
 //   add:        y = a + b
 //   mul:        y = a * b
 //   scale:      y = s * a
-//   activation: y = f(x),  activation_backward: dx = g * f'(x)   (f = LeakyReLU 0.01, SiLU or softplus, see common.cuh)
+//   {f}_forward: y = f(x),  {f}_backward: dx = g * f'(x)   for f = leaky_relu (slope 0.01), silu, softplus (common.cuh)
 #include "common.cuh"
 
 extern "C" __global__ void add_f32(const float* a, const float* b, float* y, int64_t n) {
@@ -17,10 +17,14 @@ extern "C" __global__ void scale_f32(const float* a, float s, float* y, int64_t 
     FOR_EACH(i, n) y[i] = s * a[i];
 }
 
-extern "C" __global__ void activation_forward(const float* x, float* y, int64_t n, int act) {
-    FOR_EACH(i, n) y[i] = activation_value(act, x[i]);
-}
-
-extern "C" __global__ void activation_backward(const float* x, const float* g, float* dx, int64_t n, int act) {
-    FOR_EACH(i, n) dx[i] = g[i] * activation_derivative(act, x[i]);
-}
+// One forward and one backward kernel per activation, so a profile names the function (the switch folds away).
+#define ACTIVATION_KERNEL(FORWARD, BACKWARD, ACT)                                                                   \
+    extern "C" __global__ void FORWARD(const float* x, float* y, int64_t n) {                                       \
+        FOR_EACH(i, n) y[i] = activation_value(ACT, x[i]);                                                         \
+    }                                                                                                              \
+    extern "C" __global__ void BACKWARD(const float* x, const float* g, float* dx, int64_t n) {                     \
+        FOR_EACH(i, n) dx[i] = g[i] * activation_derivative(ACT, x[i]);                                            \
+    }
+ACTIVATION_KERNEL(leaky_relu_forward, leaky_relu_backward, ACT_LEAKY_RELU)
+ACTIVATION_KERNEL(silu_forward, silu_backward, ACT_SILU)
+ACTIVATION_KERNEL(softplus_forward, softplus_backward, ACT_SOFTPLUS)

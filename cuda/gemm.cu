@@ -1,7 +1,8 @@
 // Matrix products for the fully connected layers, and the deterministic column sums that finish every reduction
 // over tokens (bias gradients, split-K partials, per-block partials of the scan and conv1d parameter gradients).
 //
-// gemm_f32: one kernel for the three products of a linear layer, with the operands addressed through strides:
+// gemm_f32: one device function for the three products of a linear layer (kernels linear_fprop, linear_dgrad,
+// linear_wgrad), with the operands addressed through strides:
 //
 //   C[z][i, j] = sum_{k in slice z} A(i, k) B(k, j)  (+ bias[j])     i < M, j < N,
 //   A(i, k) = a[i * a_si + k * a_sk],   B(k, j) = b[k * b_sk + j * b_sj],   C row-major (M, N), slice z at z * c_slice.
@@ -32,11 +33,10 @@
 #define GEMM_TK 16
 #define GEMM_PAD 4  // keeps the k-major slab stores off a single bank; rows stay 16-byte aligned for float4 reads
 
-extern "C" __global__ void __launch_bounds__(256) gemm_f32(const float* __restrict__ a, int64_t a_si, int64_t a_sk,
-                                                         const float* __restrict__ b, int64_t b_sk, int64_t b_sj,
-                                                         const float* __restrict__ bias, int has_bias,
-                                                         float* __restrict__ c, int64_t M, int64_t N, int64_t K,
-                                                         int64_t k_slice, int64_t c_slice) {
+__device__ __forceinline__ void gemm_f32(const float* __restrict__ a, int64_t a_si, int64_t a_sk,
+                                         const float* __restrict__ b, int64_t b_sk, int64_t b_sj,
+                                         const float* __restrict__ bias, int has_bias, float* __restrict__ c,
+                                         int64_t M, int64_t N, int64_t K, int64_t k_slice, int64_t c_slice) {
     __shared__ __align__(16) float as[GEMM_TK][GEMM_TM + GEMM_PAD];
     __shared__ __align__(16) float bs[GEMM_TK][GEMM_TN + GEMM_PAD];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -93,6 +93,18 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(const float* __restri
         }
     }
 }
+
+// One kernel name per product of a linear layer (the same code), so that a profile says which pass it is timing.
+#define LINEAR_GEMM_KERNEL(NAME)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        NAME(const float* __restrict__ a, int64_t a_si, int64_t a_sk, const float* __restrict__ b, int64_t b_sk,   \
+             int64_t b_sj, const float* __restrict__ bias, int has_bias, float* __restrict__ c, int64_t M,          \
+             int64_t N, int64_t K, int64_t k_slice, int64_t c_slice) {                                             \
+        gemm_f32(a, a_si, a_sk, b, b_sk, b_sj, bias, has_bias, c, M, N, K, k_slice, c_slice);                     \
+    }
+LINEAR_GEMM_KERNEL(linear_fprop)  // y = x W^T (+ b)
+LINEAR_GEMM_KERNEL(linear_dgrad)  // dx = g W
+LINEAR_GEMM_KERNEL(linear_wgrad)  // dW = g^T x, split over tokens
 
 // Block (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid (ceil(cols / 32), slices).
 extern "C" __global__ void __launch_bounds__(256) sum_rows_f32(const float* __restrict__ x, int64_t rows, int64_t cols,

@@ -28,7 +28,8 @@
 //                        (thread row ty takes rows ty, ty + LN_PARAM_SUBROWS, ...; the sub-rows are then added in
 //                        order ty = 0, 1, ...); norm_sum_rows then gives dgamma_c = sum_bx Pgamma[c, bx], same for beta.
 //
-//   norm_sum_rows:       out_r = sum_j a[r, j] for a (rows, len) row-major: one block per row, block_sum.
+//   norm_sum_rows:       out_r = sum_j a[r, j] for a (rows, len) row-major: one block per row, block_sum (kernels
+//                        instance_norm_sum_chunks and layer_norm_sum_partials).
 //
 // Every reduction has a fixed order (per-thread loops, then block_sum's fixed tree), so results are reproducible.
 #include "common.cuh"
@@ -265,11 +266,15 @@ extern "C" __global__ void layer_norm_param_partials(const float* x, const float
 // ---------------------------------------------------------------------------------------------------------------
 // Fixed-order row sums of a (gridDim.x, len) matrix, one block (a multiple of 32 threads) per row.
 
-extern "C" __global__ void norm_sum_rows(const float* a, float* out, int64_t len) {
-    __shared__ float scratch[32];
-    const float* row = a + (int64_t)blockIdx.x * len;
-    float s = 0.0f;
-    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) s += row[j];
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) out[blockIdx.x] = s;
-}
+// One kernel name per use: the instance norm's per-plane chunk sums and the layer norm's per-channel partials.
+#define NORM_SUM_ROWS_KERNEL(NAME)                                                                                 \
+    extern "C" __global__ void NAME(const float* a, float* out, int64_t len) {                                     \
+        __shared__ float scratch[32];                                                                              \
+        const float* row = a + (int64_t)blockIdx.x * len;                                                          \
+        float s = 0.0f;                                                                                            \
+        for (int64_t j = threadIdx.x; j < len; j += blockDim.x) s += row[j];                                       \
+        s = block_sum(s, scratch);                                                                                 \
+        if (threadIdx.x == 0) out[blockIdx.x] = s;                                                                 \
+    }
+NORM_SUM_ROWS_KERNEL(instance_norm_sum_chunks)
+NORM_SUM_ROWS_KERNEL(layer_norm_sum_partials)

@@ -362,6 +362,7 @@ fn aggregate_logits(
     let mut weight = vec![0.0f32; voxels];
     let tiles = plan.tiles();
     for chunk in tiles.chunks(cfg.batch) {
+        let _phase = crate::profile::phase("window_batch");
         let b = chunk.len();
         let overlaps: Vec<Overlap> = chunk.iter().map(|&s| Overlap::new(&plan, s, shape)).collect();
         let mut host = vec![0.0f32; b * channels * tile_voxels];

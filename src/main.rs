@@ -87,6 +87,36 @@ enum Command {
     Devices,
     /// Write one training step (weights, inputs, outputs, loss, gradients) and step timings for tools/parity.py.
     DumpStep(DumpArgs),
+    /// Time every op of a training step, forward and backward, and print where the time and memory go.
+    Profile(ProfileArgs),
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Model configuration: tiny-3d, flare-3d or amos-2d (the input is its patch).
+    #[arg(long, default_value = "tiny-3d")]
+    config: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// PiM grouping: window or strided.
+    #[arg(long, default_value = "window")]
+    pim_layout: String,
+    /// Steps measured each way (plain, with NVTX ranges, recorded per op), after 2 warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Write a Chrome trace-event JSON (Perfetto, chrome://tracing) of the recorded steps.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Write every row of the per-op table as CSV.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Rows of the per-op table to print.
+    #[arg(long, default_value_t = 40)]
+    top: usize,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +210,7 @@ fn main() {
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
         Command::DumpStep(a) => dump_step(&a),
+        Command::Profile(a) => profile(&a),
     };
     if let Err(e) = result {
         eprintln!("lkm-engine: {e}");
@@ -358,6 +389,29 @@ fn dump_step(a: &DumpArgs) -> Result<()> {
     let out = &a.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
     lkm_engine::train::dump::dump_step(cfg, a.batch, a.seed, &Device::parse(&a.device)?, dtype, out, a.steps)
+}
+
+fn profile(a: &ProfileArgs) -> Result<()> {
+    use lkm_engine::profile::report;
+    let mut config = ModelConfig::by_name(&a.config)?;
+    config.pim_layout = parse_layout(&a.pim_layout)?;
+    let device = Device::parse(&a.device)?;
+    let opts = lkm_engine::train::profile::ProfileOptions { config, batch: a.batch, steps: a.steps, device };
+    let p = lkm_engine::train::profile::run(&opts)?;
+    let title = format!("{} batch {} ({} PiM), {} recorded steps", a.config, a.batch, a.pim_layout, a.steps);
+    println!("{}", report::render(&title, &p.recording, &p.times, &p.ceilings, p.pool_peak_bytes, a.top));
+    let write = |path: &Path, text: String| {
+        std::fs::write(path, text).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
+    };
+    if let Some(path) = &a.trace {
+        write(path, report::trace_json(&p.recording).to_string())?;
+        eprintln!("trace: {} ({} op calls)", path.display(), p.recording.ops.len());
+    }
+    if let Some(path) = &a.csv {
+        write(path, report::csv(&p.recording, a.steps))?;
+        eprintln!("csv: {}", path.display());
+    }
+    Ok(())
 }
 
 fn parse_layout(s: &str) -> Result<PimLayout> {

@@ -188,7 +188,7 @@ fn gpu_mut(t: &mut Tensor) -> Result<&mut GpuBuffer> {
 fn gpu_copy(t: &Tensor) -> Result<Tensor> {
     let b = t.gpu_buffer().ok_or_else(|| Error::Mismatch(format!("optimiser: {t:?} is not on the GPU")))?;
     let slice = b.gpu.stream().clone_dtod(&b.slice).map_err(driver_err(format!("copying {t:?} on the GPU")))?;
-    Tensor::from_gpu(GpuBuffer { slice, gpu: b.gpu.clone() }, t.shape())
+    Tensor::from_gpu(GpuBuffer::new(slice, &b.gpu, "optimiser copy"), t.shape())
 }
 
 fn update_cpu<T: Real>(param: &mut Tensor, grad: &Tensor, buf: &mut Tensor, [lr, mu, wd]: [f64; 3]) -> Result<()> {

@@ -18,7 +18,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
         print(m["target"]["name"], m["executable"])' |
     while read -r name exe; do
-      case "$name" in gpu_* | kernels) cp "$exe" ".gpu/tests/$name" ;; esac
+      case "$name" in gpu_* | kernels | profile) cp "$exe" ".gpu/tests/$name" ;; esac
     done
 done
 ls -la .gpu/tests | tail -n +2

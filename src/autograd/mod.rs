@@ -15,6 +15,7 @@
 //! graph (the GPU and the CPU, float32 and float64) can be compared op by op.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::tensor::{Tensor, TensorId};
 use crate::{ensure, Result};
@@ -27,12 +28,19 @@ pub trait Backward {
     /// Returns one entry per input, in the order the inputs were given to [`Tape::record`]. `needs[i]` says whether
     /// input i wants a gradient; entries it does not want may be `None` (skipping the work).
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+
+    /// The floating-point operations of the backward pass, for profiles (0: not counted, a memory-bound op).
+    fn flops(&self) -> f64 {
+        0.0
+    }
 }
 
 struct Node {
     inputs: Vec<TensorId>,
     output: TensorId,
     op: Box<dyn Backward>,
+    /// The layer the op ran in, so its backward range carries the same name (None unless profiling).
+    layer: Option<Arc<str>>,
     /// The forward output, kept only while tracing.
     traced_output: Option<Tensor>,
 }
@@ -160,6 +168,7 @@ impl Tape {
             inputs: inputs.iter().map(|t| t.id()).collect(),
             output: output.id(),
             op: Box::new(op),
+            layer: crate::profile::current_layer(),
             traced_output: self.tracing.then(|| output.clone()),
         });
     }
@@ -187,7 +196,9 @@ impl Tape {
                 trace.push(TracedNode { index, op, output: out, grad: grad_out.clone() });
             }
             let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
+            let range = crate::profile::backward(node.op.name(), node.layer, &grad_out, node.op.flops());
             let input_grads = node.op.backward(&grad_out, &needs)?;
+            range.done(input_grads.iter().flatten());
             ensure!(
                 input_grads.len() == node.inputs.len(),
                 Shape,

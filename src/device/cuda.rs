@@ -29,6 +29,16 @@ pub struct GpuBuffer {
     pub slice: CudaSlice<f32>,
     /// The GPU the memory belongs to.
     pub gpu: Arc<Gpu>,
+    /// Its id in the profiler's memory tracking, when a profile was recording as it was allocated.
+    tracked: Option<u64>,
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let Some(id) = self.tracked {
+            crate::profile::track_free(id);
+        }
+    }
 }
 
 /// Turns a driver error into an engine error naming what was being done.
@@ -172,7 +182,7 @@ impl Gpu {
             unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
                 .map_err(driver_err(format!("poisoning {what}")))?;
         }
-        Ok(GpuBuffer { slice, gpu: self.clone() })
+        Ok(GpuBuffer::new(slice, self, what))
     }
 
     /// When on, every new buffer is filled with NaN (all bits set), so a kernel that leaves an output element
@@ -245,11 +255,17 @@ pub fn check_launch<T>(r: std::result::Result<T, DriverError>, kernel: &str, sha
 }
 
 impl GpuBuffer {
+    /// Wraps device memory of `gpu`; `what` names it in the profiler's memory table.
+    pub fn new(slice: CudaSlice<f32>, gpu: &Arc<Gpu>, what: &str) -> GpuBuffer {
+        let tracked = crate::profile::track_alloc(slice.num_bytes(), what);
+        GpuBuffer { slice, gpu: gpu.clone(), tracked }
+    }
+
     /// Copies host data into a new device buffer.
     pub fn from_host(gpu: &Arc<Gpu>, data: &[f32]) -> Result<GpuBuffer> {
         let slice =
             gpu.stream.clone_htod(data).map_err(driver_err(format!("copying {} floats to the GPU", data.len())))?;
-        Ok(GpuBuffer { slice, gpu: gpu.clone() })
+        Ok(GpuBuffer::new(slice, gpu, "copied from the host"))
     }
 
     /// Copies the buffer to the host (synchronises the stream).
@@ -262,10 +278,11 @@ impl GpuBuffer {
 }
 
 /// Launches a kernel of `cuda/*.cu` on the GPU's stream, checking the launch and naming the kernel and `shapes` in
-/// any error: `launch!(gpu, "add_f32", grid_1d(n), format!("{shape:?}"), [&a, &b, &mut y, &n])`.
+/// any error: `launch!(gpu, "add_f32", grid_1d(n), format!("{shape:?}"), [&a, &b, &mut y, &n])`. The kernel name is a
+/// `&'static str`.
 #[macro_export]
 macro_rules! launch {
-    ($gpu:expr, $kernel:literal, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {{
+    ($gpu:expr, $kernel:expr, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {{
         use $crate::device::cuda::PushKernelArg as _;
         let function = $gpu.function($kernel)?;
         let mut builder = $gpu.stream().launch_builder(&function);

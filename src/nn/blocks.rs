@@ -17,10 +17,12 @@ use crate::ops::avg_pool::avg_pool;
 use crate::ops::conv::conv;
 use crate::ops::instance_norm::{instance_norm, IN_EPS};
 use crate::tensor::Tensor;
+use crate::profile;
 use crate::Result;
 
 /// conv -> InstanceNorm -> optional LeakyReLU.
 pub struct ConvNormAct {
+    prefix: String,
     weight: ParamId,
     bias: Option<ParamId>,
     norm_w: ParamId,
@@ -57,11 +59,12 @@ impl ConvNormAct {
         let bias = spec.bias.then(|| params.add(format!("{prefix}.conv.bias"), constant(&[spec.cout], 0.0)));
         let norm_w = params.add(format!("{prefix}.norm.weight"), constant(&[spec.cout], spec.norm_scale));
         let norm_b = params.add(format!("{prefix}.norm.bias"), constant(&[spec.cout], 0.0));
-        ConvNormAct { weight, bias, norm_w, norm_b, stride: spec.stride.to_vec(), act: spec.act }
+        ConvNormAct { prefix: prefix.into(), weight, bias, norm_w, norm_b, stride: spec.stride.to_vec(), act: spec.act }
     }
 
     /// `act(IN(conv(x)))`.
     pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let _layer = profile::layer(&self.prefix);
         let y = conv(tape, x, p.get(self.weight), self.bias.map(|b| p.get(b)), &self.stride)?;
         let y = instance_norm(tape, &y, p.get(self.norm_w), p.get(self.norm_b), IN_EPS)?;
         if self.act {
@@ -74,6 +77,7 @@ impl ConvNormAct {
 
 /// nnU-Net's BasicBlockD.
 pub struct ResidualBlock {
+    prefix: String,
     conv1: ConvNormAct,
     conv2: ConvNormAct,
     pool: Option<Vec<usize>>,
@@ -102,11 +106,12 @@ impl ResidualBlock {
             let spec = ConvSpec { cin, cout, kernel: &ones, stride: &ones, bias: false, act: false, norm_scale: 1.0 };
             ConvNormAct::new(params, &format!("{prefix}.skip.{index}"), spec, rng)
         });
-        ResidualBlock { conv1, conv2, pool, projection }
+        ResidualBlock { prefix: prefix.into(), conv1, conv2, pool, projection }
     }
 
     /// `LReLU(branch(x) + skip(x))`.
     pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let _layer = profile::layer(&self.prefix);
         let y = self.conv1.forward(tape, p, x)?;
         let y = self.conv2.forward(tape, p, &y)?;
         let mut skip = match &self.pool {

@@ -15,6 +15,7 @@ use crate::ops::concat::concat_channels;
 use crate::ops::conv::conv;
 use crate::ops::conv_transpose::conv_transpose;
 use crate::ops::pim::PimLayout;
+use crate::profile;
 use crate::tensor::Tensor;
 use crate::{bail, ensure, Result};
 
@@ -359,11 +360,18 @@ impl LkmUnet {
         let mut below = skips.pop().expect("at least two stages");
         let last = self.decoder.len() - 1;
         for (i, level) in self.decoder.iter().enumerate() {
-            let up = conv_transpose(tape, &below, p.get(level.transp_w), Some(p.get(level.transp_b)))?;
+            let up = {
+                let _layer = profile::layer(&format!("decoder.transpconvs.{i}"));
+                conv_transpose(tape, &below, p.get(level.transp_w), Some(p.get(level.transp_b)))?
+            };
             let skip = skips.pop().expect("one skip per decoder level");
-            let cat = concat_channels(tape, &[&up, &skip])?;
+            let cat = {
+                let _layer = profile::layer(&format!("decoder.stages.{i}"));
+                concat_channels(tape, &[&up, &skip])?
+            };
             below = level.stage.forward(tape, p, &cat)?;
             if c.deep_supervision || i == last {
+                let _layer = profile::layer(&format!("decoder.seg_layers.{i}"));
                 let ones = vec![1; c.spatial_rank()];
                 outputs.push(conv(tape, &below, p.get(level.seg_w), Some(p.get(level.seg_b)), &ones)?);
             }

@@ -31,6 +31,7 @@ use crate::ops::pim::{check_window, merge, partition, PimLayout};
 use crate::ops::reshape::reshape;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
 use crate::ops::upsample::upsample_nearest;
+use crate::profile;
 use crate::tensor::{DType, Tensor};
 use crate::{ensure, Result};
 
@@ -53,6 +54,7 @@ impl Default for MambaConfig {
 
 /// One Mamba v1 block without out_proj.
 pub struct Mamba {
+    prefix: String,
     d_inner: usize,
     dt_rank: usize,
     d_state: usize,
@@ -95,6 +97,7 @@ impl Mamba {
         let a_log = params.add(name("A_log"), Tensor::from_vec(a, &[d_inner, n]).expect("shape"));
         let d_skip = params.add(name("D"), constant(&[d_inner], 1.0));
         Mamba {
+            prefix: prefix.into(),
             d_inner,
             dt_rank,
             d_state: n,
@@ -112,18 +115,31 @@ impl Mamba {
 
     /// Tokens u (G, L, d_model) to y (G, L, d_inner).
     pub fn forward(&self, tape: &mut Tape, p: &Params, u: &Tensor) -> Result<Tensor> {
+        let _layer = profile::layer(&self.prefix);
         let (di, r, n) = (self.d_inner, self.dt_rank, self.d_state);
-        let xz = linear(tape, u, p.get(self.in_proj), None)?;
+        let xz = {
+            let _layer = profile::sublayer(&self.prefix, "in_proj");
+            linear(tape, u, p.get(self.in_proj), None)?
+        };
         let x = narrow_last(tape, &xz, 0, di)?;
         let z = narrow_last(tape, &xz, di, di)?;
-        let conv_w = reshape(tape, p.get(self.conv_w), &[di, self.d_conv])?;
-        let x = causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?;
+        let x = {
+            let _layer = profile::sublayer(&self.prefix, "conv1d");
+            let conv_w = reshape(tape, p.get(self.conv_w), &[di, self.d_conv])?;
+            causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?
+        };
         let x = silu(tape, &x)?;
-        let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
+        let dbc = {
+            let _layer = profile::sublayer(&self.prefix, "x_proj");
+            linear(tape, &x, p.get(self.x_proj), None)?
+        };
         let dt = narrow_last(tape, &dbc, 0, r)?;
         let b = narrow_last(tape, &dbc, r, n)?;
         let c = narrow_last(tape, &dbc, r + n, n)?;
-        let delta = linear(tape, &dt, p.get(self.dt_proj_w), None)?;
+        let delta = {
+            let _layer = profile::sublayer(&self.prefix, "dt_proj");
+            linear(tape, &dt, p.get(self.dt_proj_w), None)?
+        };
         let inputs = ScanInputs {
             u: &x,
             delta: &delta,
@@ -157,6 +173,7 @@ pub enum Grouping {
 
 /// A residual bidirectional Mamba layer: PiM or PaM.
 pub struct BiMambaLayer {
+    prefix: String,
     grouping: Grouping,
     norm_w: ParamId,
     norm_b: ParamId,
@@ -181,7 +198,7 @@ impl BiMambaLayer {
         let d_inner = cfg.expand * dim;
         let out_proj = params.add(format!("{prefix}.out_proj.weight"), default_uniform(&[dim, d_inner], d_inner, rng));
         let backw = Mamba::new(params, &format!("{prefix}.mamba_backw"), dim, cfg, rng);
-        BiMambaLayer { grouping, norm_w, norm_b, forw, backw, out_proj }
+        BiMambaLayer { prefix: prefix.into(), grouping, norm_w, norm_b, forw, backw, out_proj }
     }
 
     /// Checks, before any training, that the grouping fits a feature map of `map_shape`; `layer` names the layer.
@@ -194,6 +211,7 @@ impl BiMambaLayer {
 
     /// `x + mixer(x)` for a feature map x (N, C, \[D,\] H, W).
     pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
+        let _layer = profile::layer(&self.prefix);
         let (tokens_of, map_shape, window, layout) = match &self.grouping {
             Grouping::Pixel { window, layout } => (x.clone(), x.shape().to_vec(), window.clone(), *layout),
             Grouping::Patch { pool } => {
@@ -203,13 +221,19 @@ impl BiMambaLayer {
             }
         };
         let t = partition(tape, &tokens_of, &window, layout)?;
-        let t = layer_norm(tape, &t, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?;
+        let t = {
+            let _layer = profile::sublayer(&self.prefix, "norm");
+            layer_norm(tape, &t, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?
+        };
         let yf = self.forw.forward(tape, p, &t)?;
         let tb = flip_seq(tape, &t)?;
         let yb = self.backw.forward(tape, p, &tb)?;
         let yb = flip_seq(tape, &yb)?;
         let y = add(tape, &yf, &yb)?;
-        let y = linear(tape, &y, p.get(self.out_proj), None)?;
+        let y = {
+            let _layer = profile::sublayer(&self.prefix, "out_proj");
+            linear(tape, &y, p.get(self.out_proj), None)?
+        };
         let mut y = merge(tape, &y, &map_shape, &window, layout)?;
         if let Grouping::Patch { pool } = &self.grouping {
             if pool.iter().any(|&f| f != 1) {

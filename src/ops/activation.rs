@@ -7,6 +7,7 @@
 //! ```
 //! The backward pass needs only the input, which each op saves.
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::tensor::{map, zip_map, Real, Tensor};
@@ -38,6 +39,15 @@ impl Activation {
             Activation::LeakyRelu => "leaky_relu",
             Activation::Silu => "silu",
             Activation::Softplus => "softplus",
+        }
+    }
+
+    /// The forward and backward kernels of cuda/elementwise.cu.
+    fn kernels(self) -> (&'static str, &'static str) {
+        match self {
+            Activation::LeakyRelu => ("leaky_relu_forward", "leaky_relu_backward"),
+            Activation::Silu => ("silu_forward", "silu_backward"),
+            Activation::Softplus => ("softplus_forward", "softplus_backward"),
         }
     }
 
@@ -92,22 +102,24 @@ pub fn activation(tape: &mut Tape, x: &Tensor, act: Activation) -> Result<Tensor
     fn cpu<T: Real>(x: &Tensor, act: Activation) -> Result<Tensor> {
         map::<T>(x, |v| act.value(v))
     }
+    let range = profile::forward(act.name(), &[x], 0.0);
     let y = match x.gpu_buffer() {
         Some(xb) => {
             let gpu = &xb.gpu;
-            let (n, code) = (x.numel() as i64, act as i32);
+            let n = x.numel() as i64;
             let mut y = gpu.alloc(x.numel(), act.name())?;
             launch!(
                 gpu,
-                "activation_forward",
+                act.kernels().0,
                 grid_1d(x.numel()),
                 format!("{} {:?}", act.name(), x.shape()),
-                [&xb.slice, &mut y.slice, &n, &code]
+                [&xb.slice, &mut y.slice, &n]
             )?;
             Tensor::from_gpu(y, x.shape())?
         }
         None => by_dtype!(x.dtype(), cpu(x, act))?,
     };
+    range.done([&y]);
     tape.record(&[x], &y, ActivationBackward { x: x.clone(), act });
     Ok(y)
 }
@@ -144,15 +156,15 @@ impl Backward for ActivationBackward {
         self.x.check_same_kind(grad_out, "activation backward")?;
         if let (Some(xb), Some(gb)) = (self.x.gpu_buffer(), grad_out.gpu_buffer()) {
             let gpu = &xb.gpu;
-            let (n, code) = (self.x.numel() as i64, self.act as i32);
+            let n = self.x.numel() as i64;
             let mut dx = gpu.alloc(self.x.numel(), self.act.name())?;
             let shapes = format!("{} {:?}", self.act.name(), self.x.shape());
             launch!(
                 gpu,
-                "activation_backward",
+                self.act.kernels().1,
                 grid_1d(self.x.numel()),
                 shapes,
-                [&xb.slice, &gb.slice, &mut dx.slice, &n, &code]
+                [&xb.slice, &gb.slice, &mut dx.slice, &n]
             )?;
             return Ok(vec![Some(Tensor::from_gpu(dx, self.x.shape())?)]);
         }

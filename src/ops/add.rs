@@ -4,13 +4,16 @@
 //!   y = a + b        dL/da = dL/dy,  dL/db = dL/dy
 //! ```
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::tensor::{self, Tensor};
 use crate::Result;
 
 /// `a + b`.
 pub fn add(tape: &mut Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let range = profile::forward("add", &[a, b], 0.0);
     let y = tensor::add(a, b)?;
+    range.done([&y]);
     tape.record(&[a, b], &y, AddBackward);
     Ok(y)
 }

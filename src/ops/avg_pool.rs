@@ -15,6 +15,7 @@
 //! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element summing its window, and the backward
 //! one thread per input-gradient element reading its window's gradient (a gather: no atomics).
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
@@ -28,10 +29,12 @@ pub fn avg_pool(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result<Tensor>
     let dims = MapDims::of(x, "avg_pool")?;
     let k = per_axis(factor, dims.spatial_rank, "avg_pool factor")?;
     let plan = Pool::new(dims, k);
+    let range = profile::forward("avg_pool", &[x], 0.0);
     let y = match x.gpu_buffer() {
         Some(_) => forward_gpu(x, &plan)?,
         None => by_dtype!(x.dtype(), forward_cpu(x, &plan))?,
     };
+    range.done([&y]);
     tape.record(&[x], &y, AvgPoolBackward { plan });
     Ok(y)
 }

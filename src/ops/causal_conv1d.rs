@@ -19,6 +19,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::linear::sum_rows;
@@ -29,10 +30,12 @@ use crate::{by_dtype, ensure, launch, Result};
 /// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C).
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let d = ConvDims::of(x, w, bias)?;
+    let range = profile::forward("causal_conv1d", &[x, w, bias], d.flops());
     let y = match (x.gpu_buffer(), w.gpu_buffer(), bias.gpu_buffer()) {
         (Some(xb), Some(wb), Some(bb)) => Tensor::from_gpu(forward_gpu(xb, wb, bb, d)?, x.shape())?,
         _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?,
     };
+    range.done([&y]);
     tape.record(&[x, w, bias], &y, CausalConv1dBackward { x: x.clone(), w: w.clone(), dims: d });
     Ok(y)
 }
@@ -47,6 +50,11 @@ struct ConvDims {
 }
 
 impl ConvDims {
+    /// Forward FLOPs, 2 G L C k.
+    fn flops(&self) -> f64 {
+        2.0 * (self.g * self.l * self.c * self.k) as f64
+    }
+
     fn of(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<ConvDims> {
         let (g, l, c) = seq_dims(x, "causal_conv1d")?;
         ensure!(
@@ -153,6 +161,10 @@ fn backward_cpu<T: Real>(
 impl Backward for CausalConv1dBackward {
     fn name(&self) -> &'static str {
         "causal_conv1d"
+    }
+
+    fn flops(&self) -> f64 {
+        2.0 * self.dims.flops()
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {

@@ -9,6 +9,7 @@
 //! For each n the inputs' blocks of C_k * prod(rest) elements are contiguous, so both directions copy whole blocks
 //! (on the GPU one `copy_rows` launch per input, each writing its own blocks, so every output element is written).
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::tensor::{Real, Tensor};
@@ -33,10 +34,12 @@ pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
     let channels: Vec<usize> = xs.iter().map(|x| x.shape()[1]).collect();
     let mut shape = first.shape().to_vec();
     shape[1] = channels.iter().sum();
+    let range = profile::forward("concat_channels", &[first], 0.0);
     let y = match first.gpu_buffer() {
         Some(_) => forward_gpu(xs, &shape)?,
         None => by_dtype!(first.dtype(), forward_cpu(xs, &shape))?,
     };
+    range.done([&y]);
     tape.record(xs, &y, ConcatBackward { shape, channels });
     Ok(y)
 }

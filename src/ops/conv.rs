@@ -48,6 +48,7 @@ use std::borrow::Cow;
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
@@ -60,6 +61,7 @@ use crate::{by_dtype, ensure, launch, Error, Result};
 /// `padding = k // 2`.
 pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<Tensor> {
     let geom = ConvGeom::new(x, w, bias, stride)?;
+    let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     let y = match x.gpu_buffer() {
         Some(xb) => {
             let b = bias.map(|b| gpu_operand(b, "conv bias")).transpose()?;
@@ -69,6 +71,7 @@ pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stri
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
     let saved = ConvBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
+    range.done([&y]);
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved),
         None => tape.record(&[x, w], &y, saved),
@@ -88,6 +91,20 @@ struct ConvGeom {
 }
 
 impl ConvGeom {
+    /// `conv2d` or `conv3d`: the op's name in profiles.
+    fn kind(&self) -> &'static str {
+        if self.dims.spatial_rank == 2 {
+            "conv2d"
+        } else {
+            "conv3d"
+        }
+    }
+
+    /// Forward FLOPs, 2 N Cout prod(out) Cin prod(k) (each of the input and weight gradients costs the same).
+    fn flops(&self) -> f64 {
+        2.0 * (self.dims.n * self.cout * self.out_voxels() * self.dims.c * self.taps()) as f64
+    }
+
     fn new(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<ConvGeom> {
         x.check_same_kind(w, "conv (input vs weight)")?;
         let dims = MapDims::of(x, "conv")?;
@@ -152,6 +169,7 @@ impl ConvGeom {
             k: self.k,
             stride: self.stride,
             pad: self.pad,
+            transposed: false,
         }
     }
 
@@ -392,7 +410,11 @@ struct ConvBackward {
 
 impl Backward for ConvBackward {
     fn name(&self) -> &'static str {
-        "conv"
+        self.geom.kind()
+    }
+
+    fn flops(&self) -> f64 {
+        2.0 * self.geom.flops()
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
@@ -470,6 +492,9 @@ pub(crate) struct Pairing {
     pub(crate) stride: [usize; 3],
     /// Padding.
     pub(crate) pad: [usize; 3],
+    /// Whether the pairing serves the transposed conv (x narrow, y wide) rather than the conv (x wide, y narrow):
+    /// it picks the kernel names, so that a profile tells the six passes apart.
+    pub(crate) transposed: bool,
 }
 
 /// The arguments of `conv_gemm` (the struct `GemmGeom` of cuda/conv.cu, same fields in the same order): one implicit
@@ -524,9 +549,10 @@ impl GemmGeom {
         args
     }
 
-    /// Launches `conv_gemm` writing every output position this product enumerates.
+    /// Launches `kernel` (a `conv_gemm` instance) writing every output position this product enumerates.
     fn launch(
         &self,
+        kernel: &'static str,
         src: &GpuBuffer,
         w: &GpuBuffer,
         bias: Option<&GpuBuffer>,
@@ -543,7 +569,7 @@ impl GemmGeom {
         // Without a bias the kernel never reads its bias pointer; the weight stands in for it.
         let b = bias.unwrap_or(w);
         let gpu = &src.gpu;
-        launch!(gpu, "conv_gemm", cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
+        launch!(gpu, kernel, cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
     }
 }
 
@@ -610,7 +636,8 @@ impl Pairing {
         };
         let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
         let mut out = wide.gpu.alloc(len, what)?;
-        geom.launch(wide, w, bias, &mut out, what)?;
+        let kernel = if self.transposed { "conv_transpose_dgrad" } else { "conv_fprop" };
+        geom.launch(kernel, wide, w, bias, &mut out, what)?;
         Ok(out)
     }
 
@@ -664,7 +691,8 @@ impl Pairing {
                 tap_mul: self.stride,
                 tap_add: rho,
             };
-            geom.launch(narrow, w, bias, &mut out, what)?;
+            let kernel = if self.transposed { "conv_transpose_fprop" } else { "conv_dgrad" };
+            geom.launch(kernel, narrow, w, bias, &mut out, what)?;
         }
         Ok(out)
     }
@@ -696,13 +724,14 @@ impl Pairing {
             shared_mem_bytes: 0,
         };
         let numel = cols * rows;
+        let kernel = if self.transposed { "conv_transpose_wgrad" } else { "conv_wgrad" };
         if slices == 1 {
             let mut dw = gpu.alloc(numel, what)?;
-            launch!(gpu, "conv_weight_grad", cfg, what, [&narrow.slice, &wide.slice, &mut dw.slice, &args])?;
+            launch!(gpu, kernel, cfg, what, [&narrow.slice, &wide.slice, &mut dw.slice, &args])?;
             return Ok(dw);
         }
         let mut partial = gpu.alloc(slices * numel, what)?;
-        launch!(gpu, "conv_weight_grad", cfg, what, [&narrow.slice, &wide.slice, &mut partial.slice, &args])?;
+        launch!(gpu, kernel, cfg, what, [&narrow.slice, &wide.slice, &mut partial.slice, &args])?;
         let mut dw = gpu.alloc(numel, what)?;
         let (n, s) = (numel as i64, slices as i32);
         launch!(gpu, "sum_slices", grid_1d(numel), what, [&partial.slice, &mut dw.slice, &n, &s])?;

@@ -34,6 +34,7 @@
 
 use rayon::prelude::*;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::ops::conv::{channel_sums, gpu_operand, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
@@ -45,6 +46,7 @@ use crate::{by_dtype, ensure, Result};
 /// (N, Cout, \[D*kd,\] H*kh, W*kw).
 pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let geom = UpGeom::new(x, w, bias)?;
+    let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     let y = match x.gpu_buffer() {
         Some(xb) => {
             let b = bias.map(|b| gpu_operand(b, "conv_transpose bias")).transpose()?;
@@ -55,6 +57,7 @@ pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Ten
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
     let saved = ConvTransposeBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
+    range.done([&y]);
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved),
         None => tape.record(&[x, w], &y, saved),
@@ -72,6 +75,20 @@ struct UpGeom {
 }
 
 impl UpGeom {
+    /// `conv_transpose2d` or `conv_transpose3d`: the op's name in profiles.
+    fn kind(&self) -> &'static str {
+        if self.dims.spatial_rank == 2 {
+            "conv_transpose2d"
+        } else {
+            "conv_transpose3d"
+        }
+    }
+
+    /// Forward FLOPs, 2 N Cin prod(in) Cout prod(k) (each of the input and weight gradients costs the same).
+    fn flops(&self) -> f64 {
+        2.0 * (self.dims.n * self.dims.c * self.dims.voxels() * self.cout * self.taps()) as f64
+    }
+
     fn new(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<UpGeom> {
         x.check_same_kind(w, "conv_transpose (input vs weight)")?;
         let dims = MapDims::of(x, "conv_transpose")?;
@@ -133,6 +150,7 @@ impl UpGeom {
             k: self.k,
             stride: self.k,
             pad: [0; 3],
+            transposed: true,
         }
     }
 
@@ -305,7 +323,11 @@ struct ConvTransposeBackward {
 
 impl Backward for ConvTransposeBackward {
     fn name(&self) -> &'static str {
-        "conv_transpose"
+        self.geom.kind()
+    }
+
+    fn flops(&self) -> f64 {
+        2.0 * self.geom.flops()
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {

@@ -28,6 +28,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::MapDims;
@@ -150,10 +151,12 @@ pub(crate) fn softmax_stats<T: Real>(x: &[T], m: &mut [T], s: &mut [T], p: Optio
 /// `(N, 1, spatial)`, over all N * spatial voxels; a tensor of shape `[1]`. Differentiable in the logits only.
 pub fn cross_entropy(tape: &mut Tape, logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let dims = check_loss_operands(logits, target, 1, "cross_entropy")?;
+    let range = profile::forward("cross_entropy", &[logits, target], 0.0);
     let y = match (logits.gpu_buffer(), target.gpu_buffer()) {
         (Some(x), Some(t)) => forward_gpu(x, t, dims, logits.shape())?,
         _ => by_dtype!(logits.dtype(), forward_cpu(logits, target, dims))?,
     };
+    range.done([&y]);
     tape.record(&[logits, target], &y, CrossEntropyBackward { logits: logits.clone(), target: target.clone(), dims });
     Ok(y)
 }

@@ -28,6 +28,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::cross_entropy::{
@@ -50,6 +51,7 @@ const DENOMINATOR_FLOOR: f64 = 1e-8;
 /// class's sums run over the whole batch). A tensor of shape `[1]`; needs K >= 2. Differentiable in the logits only.
 pub fn soft_dice_loss(tape: &mut Tape, logits: &Tensor, target: &Tensor, batch_dice: bool) -> Result<Tensor> {
     let dims = check_loss_operands(logits, target, 2, "soft_dice_loss")?;
+    let range = profile::forward("soft_dice_loss", &[logits, target], 0.0);
     let (y, groups) = match (logits.gpu_buffer(), target.gpu_buffer()) {
         (Some(x), Some(t)) => {
             let (y, stats) = forward_gpu(x, t, dims, batch_dice, logits.shape())?;
@@ -61,6 +63,7 @@ pub fn soft_dice_loss(tape: &mut Tape, logits: &Tensor, target: &Tensor, batch_d
             (Tensor::from_fn(&[1], logits.dtype(), |_| loss)?, Saved::Cpu(groups))
         }
     };
+    range.done([&y]);
     tape.record(
         &[logits, target],
         &y,

@@ -6,6 +6,7 @@
 //! Each token's C channels are contiguous, so a flip copies whole rows of C (on the GPU, one thread per output
 //! element, reading the mirrored row's same channel).
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::seq_dims;
@@ -14,7 +15,9 @@ use crate::{by_dtype, launch, Result};
 
 /// Reverses the L axis of token sequences (G, L, C).
 pub fn flip_seq(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    let range = profile::forward("flip_seq", &[x], 0.0);
     let y = flip(x)?;
+    range.done([&y]);
     tape.record(&[x], &y, FlipBackward);
     Ok(y)
 }

@@ -35,6 +35,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::MapDims;
@@ -55,10 +56,12 @@ pub fn instance_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
 
+    let range = profile::forward("instance_norm", &[x], 0.0);
     let (y, mean, rstd) = match x.gpu_buffer() {
         Some(_) => forward_gpu(x, gamma, beta, dims, eps)?,
         None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps))?,
     };
+    range.done([&y]);
     tape.record(&[x, gamma, beta], &y, InstanceNormBackward { x: x.clone(), gamma: gamma.clone(), mean, rstd, dims });
     Ok(y)
 }
@@ -285,8 +288,8 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     let per_plane = blocks_of(planes, REDUCE_THREADS, b.x.shape())?;
     let mut sum_g = gpu.alloc(planes, "instance_norm plane sums of g")?;
     let mut sum_gx = gpu.alloc(planes, "instance_norm plane sums of g xhat")?;
-    launch!(gpu, "norm_sum_rows", per_plane, shapes, [&chunk_g.slice, &mut sum_g.slice, &nchunks])?;
-    launch!(gpu, "norm_sum_rows", per_plane, shapes, [&chunk_gx.slice, &mut sum_gx.slice, &nchunks])?;
+    launch!(gpu, "instance_norm_sum_chunks", per_plane, shapes, [&chunk_g.slice, &mut sum_g.slice, &nchunks])?;
+    launch!(gpu, "instance_norm_sum_chunks", per_plane, shapes, [&chunk_gx.slice, &mut sum_gx.slice, &nchunks])?;
 
     let dx = if needs[0] {
         let mut dx = gpu.alloc(b.x.numel(), "instance_norm input gradient")?;

@@ -31,6 +31,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuBuffer;
 use crate::ops::instance_norm::moments;
@@ -51,10 +52,12 @@ pub fn layer_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, ep
     beta.check_shape(&[c], "layer_norm beta (one per element of the last axis of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "layer_norm: eps must be positive and finite, got {eps}");
 
+    let range = profile::forward("layer_norm", &[x], 0.0);
     let (y, mean, rstd) = match x.gpu_buffer() {
         Some(_) => forward_gpu(x, gamma, beta, eps)?,
         None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, eps))?,
     };
+    range.done([&y]);
     tape.record(&[x, gamma, beta], &y, LayerNormBackward { x: x.clone(), gamma: gamma.clone(), mean, rstd });
     Ok(y)
 }
@@ -238,8 +241,8 @@ fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Res
         let len = row_blocks as i64;
         let mut dgamma = gpu.alloc(c, "layer_norm gamma gradient")?;
         let mut dbeta = gpu.alloc(c, "layer_norm beta gradient")?;
-        launch!(gpu, "norm_sum_rows", per_channel, shapes, [&pgamma.slice, &mut dgamma.slice, &len])?;
-        launch!(gpu, "norm_sum_rows", per_channel, shapes, [&pbeta.slice, &mut dbeta.slice, &len])?;
+        launch!(gpu, "layer_norm_sum_partials", per_channel, shapes, [&pgamma.slice, &mut dgamma.slice, &len])?;
+        launch!(gpu, "layer_norm_sum_partials", per_channel, shapes, [&pbeta.slice, &mut dbeta.slice, &len])?;
         (Some(Tensor::from_gpu(dgamma, &[c])?), Some(Tensor::from_gpu(dbeta, &[c])?))
     } else {
         (None, None)

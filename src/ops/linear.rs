@@ -20,7 +20,8 @@
 //! Every output value is computed by one thread in the same order as a single-threaded run, so the results are the
 //! same bits for any number of threads.
 //!
-//! GPU: the three products run on one tiled kernel, `gemm_f32` (cuda/gemm.cu), that reads its operands through
+//! GPU: the three products run on one tiled product, `gemm_f32` (cuda/gemm.cu, kernels `linear_fprop`,
+//! `linear_dgrad`, `linear_wgrad`), that reads its operands through
 //! strides, so x W^T, g W and g^T x need no transposed copies. dW reduces over all M tokens while its output is
 //! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
 //! order (`sum_rows`, also used for db); results are the same bits from run to run.
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use rayon::prelude::*;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{Gpu, GpuBuffer};
 use crate::tensor::{Real, Tensor};
@@ -40,6 +42,7 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     let d = LinearDims::of(x, w, bias)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank checked") = d.n;
+    let range = profile::forward("linear", &[x, w], d.flops());
     let y = match (x.gpu_buffer(), w.gpu_buffer()) {
         (Some(xb), Some(wb)) => {
             Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu_buffer), d)?, &out_shape)?
@@ -47,6 +50,7 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
         _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
     };
     let saved = || LinearBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), dims: d };
+    range.done([&y]);
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved()),
         None => tape.record(&[x, w], &y, saved()),
@@ -63,6 +67,11 @@ struct LinearDims {
 }
 
 impl LinearDims {
+    /// Forward FLOPs, 2 M N K (each of dx and dW costs the same).
+    fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k) as f64
+    }
+
     fn of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<LinearDims> {
         let xs = x.shape();
         ensure!(xs.len() >= 2, Shape, "linear: input must have rank >= 2 (..., Cin), got shape {xs:?}");
@@ -239,6 +248,10 @@ impl Backward for LinearBackward {
         "linear"
     }
 
+    fn flops(&self) -> f64 {
+        2.0 * self.dims.flops()
+    }
+
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         fn cpu<T: Real>(op: &LinearBackward, g: &Tensor, needs: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
             let grads = backward_cpu::<T>(&op.x, &op.w, g, op.dims, needs)?;
@@ -273,6 +286,24 @@ const GEMM_SPLIT_BLOCKS: usize = 1024;
 /// ... with at least this many rows of M per slice, so each block does real work.
 const GEMM_MIN_SLICE: usize = 256;
 
+/// Which product of a linear layer a [`Gemm`] computes: each role has its own kernel name (cuda/gemm.cu).
+#[derive(Clone, Copy)]
+enum GemmRole {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+impl GemmRole {
+    fn kernel_and_description(self) -> (&'static str, &'static str) {
+        match self {
+            GemmRole::Forward => ("linear_fprop", "linear forward"),
+            GemmRole::InputGrad => ("linear_dgrad", "linear dx = g W"),
+            GemmRole::WeightGrad => ("linear_wgrad", "linear dW = g^T x"),
+        }
+    }
+}
+
 /// One product C = A B (+ bias) for `gemm_f32`: A(i, k) = a[i * a_si + k * a_sk], B(k, j) = b[k * b_sk + j * b_sj],
 /// C (m, n) row-major.
 struct Gemm<'a> {
@@ -291,7 +322,8 @@ struct Gemm<'a> {
 impl Gemm<'_> {
     /// Launches the product into `c`. With `slices` > 1, K is cut into slices of `k_slice` and `c` receives `slices`
     /// partial products of m x n one after another.
-    fn run(&self, gpu: &Arc<Gpu>, c: &mut CudaSlice<f32>, k_slice: usize, slices: usize, what: &str) -> Result<()> {
+    fn run(&self, gpu: &Arc<Gpu>, c: &mut CudaSlice<f32>, k_slice: usize, slices: usize, role: GemmRole) -> Result<()> {
+        let (kernel, what) = role.kernel_and_description();
         ensure!(
             self.n.div_ceil(GEMM_TILE) <= 65_535 && slices <= 65_535,
             Shape,
@@ -312,7 +344,7 @@ impl Gemm<'_> {
         let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
         launch!(
             gpu,
-            "gemm_f32",
+            kernel,
             cfg,
             shapes,
             [self.a, &a_si, &a_sk, self.b, &b_sk, &b_sj, bias, &has_bias, c, &m, &n, &k, &ks, &cs]
@@ -386,7 +418,7 @@ fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: Option<&GpuBuffer>, d: Linear
         n: d.n,
         k: d.k,
     };
-    prod.run(gpu, &mut y.slice, d.k, 1, "linear forward")?;
+    prod.run(gpu, &mut y.slice, d.k, 1, GemmRole::Forward)?;
     Ok(y)
 }
 
@@ -406,7 +438,7 @@ fn backward_gpu(
     let dx = if needs[0] {
         let mut dx = gpu.alloc(m * k, "linear dx")?;
         let prod = Gemm { a: &g.slice, a_si: n, a_sk: 1, b: &w.slice, b_sk: k, b_sj: 1, bias: None, m, n: k, k: n };
-        prod.run(gpu, &mut dx.slice, n, 1, "linear dx = g W")?;
+        prod.run(gpu, &mut dx.slice, n, 1, GemmRole::InputGrad)?;
         Some(dx)
     } else {
         None
@@ -418,14 +450,13 @@ fn backward_gpu(
         let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
         let k_slice = m.div_ceil(want).next_multiple_of(GEMM_TK).max(GEMM_MIN_SLICE);
         let slices = m.div_ceil(k_slice);
-        let what = "linear dW = g^T x";
         if slices == 1 {
             let mut dw = gpu.alloc(n * k, "linear dW")?;
-            prod.run(gpu, &mut dw.slice, m, 1, what)?;
+            prod.run(gpu, &mut dw.slice, m, 1, GemmRole::WeightGrad)?;
             Some(dw)
         } else {
             let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
-            prod.run(gpu, &mut partial.slice, k_slice, slices, what)?;
+            prod.run(gpu, &mut partial.slice, k_slice, slices, GemmRole::WeightGrad)?;
             Some(sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?)
         }
     } else {

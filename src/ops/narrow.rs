@@ -8,6 +8,7 @@
 //! ```
 //! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer.
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::concat::copy_rows_gpu;
@@ -24,10 +25,12 @@ pub fn narrow_last(tape: &mut Tape, x: &Tensor, start: usize, len: usize) -> Res
         start.saturating_add(len),
         x.shape()
     );
+    let range = profile::forward("narrow_last", &[x], 0.0);
     let y = match x.gpu_buffer() {
         Some(xb) => narrow_gpu(xb, x.shape(), start, len)?,
         None => by_dtype!(x.dtype(), narrow_cpu(x, start, len))?,
     };
+    range.done([&y]);
     tape.record(&[x], &y, NarrowBackward { shape: x.shape().to_vec(), start });
     Ok(y)
 }

@@ -43,6 +43,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuBuffer;
 use crate::ops::{per_axis, MapDims};
@@ -78,7 +79,9 @@ pub fn grouping(map_shape: &[usize], window: &[usize], layout: PimLayout) -> Res
 /// spatial axis.
 pub fn partition(tape: &mut Tape, x: &Tensor, window: &[usize], layout: PimLayout) -> Result<Tensor> {
     let grouping = Grouping::new(x.shape(), window, layout, "PiM")?;
+    let range = profile::forward("pim_partition", &[x], 0.0);
     let t = grouping.apply(x, Direction::ToTokens)?;
+    range.done([&t]);
     tape.record(&[x], &t, PimBackward { grouping, forward: Direction::ToTokens });
     Ok(t)
 }
@@ -93,7 +96,9 @@ pub fn merge(
     layout: PimLayout,
 ) -> Result<Tensor> {
     let grouping = Grouping::new(map_shape, window, layout, "PiM")?;
+    let range = profile::forward("pim_merge", &[tokens], 0.0);
     let x = grouping.apply(tokens, Direction::ToMap)?;
+    range.done([&x]);
     tape.record(&[tokens], &x, PimBackward { grouping, forward: Direction::ToMap });
     Ok(x)
 }

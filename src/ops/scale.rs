@@ -4,13 +4,16 @@
 //!   y = s x        dL/dx = s dL/dy
 //! ```
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::tensor::{self, Tensor};
 use crate::Result;
 
 /// `s * x`.
 pub fn scale(tape: &mut Tape, x: &Tensor, s: f64) -> Result<Tensor> {
+    let range = profile::forward("scale", &[x], 0.0);
     let y = tensor::scale(x, s)?;
+    range.done([&y]);
     tape.record(&[x], &y, ScaleBackward(s));
     Ok(y)
 }

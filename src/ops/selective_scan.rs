@@ -59,6 +59,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use rayon::prelude::*;
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::activation::Activation;
@@ -98,11 +99,13 @@ impl<'a> ScanInputs<'a> {
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
     let dims = ScanDims::of(inp)?;
     let all = inp.all();
+    let range = profile::forward("selective_scan", &all, dims.flops());
     let (y, chunk_states) = match gpu_buffers(all) {
         Some(bufs) => forward_gpu(bufs, dims, tape.needs_grad(&all))?,
         None => (by_dtype!(inp.u.dtype(), forward_cpu(inp, dims))?, None),
     };
     let saved = ScanBackward { inputs: all.map(|t| t.clone()), dims, chunk_states };
+    range.done([&y]);
     tape.record(&all, &y, saved);
     Ok(y)
 }
@@ -117,6 +120,12 @@ struct ScanDims {
 }
 
 impl ScanDims {
+    /// Forward FLOPs counted per (token, channel, state): exp(delta A), the state update delta B u + dA h (4) and
+    /// the C contraction (2), so 7 G L Dch N; softplus, the D skip and the gate are per (token, channel) and left out.
+    fn flops(&self) -> f64 {
+        7.0 * (self.g * self.l * self.dch * self.n) as f64
+    }
+
     fn of(inp: &ScanInputs) -> Result<ScanDims> {
         let op = "selective_scan";
         let (g, l, dch) = seq_dims(inp.u, op)?;
@@ -393,6 +402,11 @@ fn backward_cpu<T: Real>(op: &ScanBackward, gout: &Tensor, needs: &[bool]) -> Re
 impl Backward for ScanBackward {
     fn name(&self) -> &'static str {
         "selective_scan"
+    }
+
+    /// The backward pass recomputes the forward and then does about twice its work.
+    fn flops(&self) -> f64 {
+        3.0 * self.dims.flops()
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {

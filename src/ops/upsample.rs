@@ -15,6 +15,7 @@
 //! one thread per input-gradient element summing its f-block of the gradient in a fixed order (a gather: no
 //! atomics).
 
+use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
@@ -33,10 +34,12 @@ pub fn upsample_nearest(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result
         })?;
     }
     let plan = Upsample { dims, f, out };
+    let range = profile::forward("upsample_nearest", &[x], 0.0);
     let y = match x.gpu_buffer() {
         Some(_) => forward_gpu(x, &plan)?,
         None => by_dtype!(x.dtype(), forward_cpu(x, &plan))?,
     };
+    range.done([&y]);
     tape.record(&[x], &y, UpsampleBackward { plan });
     Ok(y)
 }

@@ -4,4 +4,6 @@ pub mod checkpoint;
 pub mod dump;
 pub mod loss;
 pub mod prepare;
+pub mod profile;
+pub mod step;
 pub mod trainer;

@@ -14,14 +14,15 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::checkpoint;
-use super::loss::{deep_supervision_loss, downsample_labels};
-use crate::autograd::Tape;
+use super::loss::downsample_labels;
+use super::step::train_step;
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
 use crate::data::Case;
 use crate::device::Device;
 use crate::metrics::dice_per_class;
 use crate::nn::{LkmUnet, Params};
-use crate::optim::{clip_present_grad_norm, poly_lr, Sgd};
+use crate::optim::{poly_lr, Sgd};
+use crate::profile::phase;
 use crate::tensor::Tensor;
 use crate::{bail, Error, Result};
 
@@ -187,8 +188,15 @@ impl Run<'_> {
             }
             for it in 0..o.iters_per_epoch {
                 let t_it = Instant::now();
-                let (x, y) = sampler.batch(train, &fg, o.batch, &mut rng)?;
-                let loss = self.step(&mut params, &mut sgd, &x.to_device(&self.device)?, &self.targets(&y)?)?;
+                let (x, y) = {
+                    let _phase = phase("sample");
+                    sampler.batch(train, &fg, o.batch, &mut rng)?
+                };
+                let (x, targets) = {
+                    let _phase = phase("to_device");
+                    (x.to_device(&self.device)?, self.targets(&y)?)
+                };
+                let loss = self.step(&mut params, &mut sgd, &x, &targets)?;
                 if !loss.is_finite() {
                     bail!(
                         NonFinite,
@@ -247,21 +255,7 @@ impl Run<'_> {
     }
 
     fn step(&self, params: &mut Params, sgd: &mut Sgd, x: &Tensor, targets: &[Tensor]) -> Result<f64> {
-        let mut tape = Tape::new();
-        params.watch(&mut tape);
-        let outputs = self.model.forward(&mut tape, params, x)?;
-        let loss = deep_supervision_loss(&mut tape, &outputs, targets, self.opts.batch_dice)?;
-        drop(outputs);
-        let value = loss.scalar()?;
-        if !value.is_finite() {
-            return Ok(value);
-        }
-        let mut grads = tape.backward(&loss)?;
-        // Parameters no gradient reaches (the deepest seg head: loss weight 0) are skipped, as PyTorch does.
-        let mut g: Vec<Option<Tensor>> = params.tensors().iter().map(|p| grads.take(p)).collect();
-        clip_present_grad_norm(&mut g, self.opts.grad_clip)?;
-        sgd.step_partial(params.tensors_mut(), &g)?;
-        Ok(value)
+        train_step(self.model, params, sgd, x, targets, self.opts.batch_dice, self.opts.grad_clip)
     }
 
     /// Mean Dice per foreground class over the validation cases (sliding window, no mirroring).
