@@ -4,8 +4,10 @@
 //! Three kinds of range, all opened by the code that does the work and closed when their guard drops:
 //! - a **layer** ([`layer`]): the parameter path of the module running, e.g. `encoder.stages.0.blocks.1.conv1`;
 //! - an **op** ([`forward`], [`backward`]): `LAYER/KIND.fwd` or `LAYER/KIND.bwd`, e.g.
-//!   `encoder.stages.0.blocks.1.conv1/conv3d.fwd`. The backward pass of an op runs with the layer it was recorded
-//!   under (the tape keeps it), so `.bwd` ranges carry the same paths as `.fwd` ones;
+//!   `encoder.stages.0.blocks.1.conv1/conv3d.fwd`. In NVTX that path is the range stack itself: a `KIND.fwd` range
+//!   nested in the layer's range, which is how Nsight tools write and filter nested ranges (`A/B`). The backward pass
+//!   of an op runs with the layer it was recorded under (the tape keeps it) and pushes that layer's range around its
+//!   `KIND.bwd` range, so `.bwd` ops carry the same paths as `.fwd` ones;
 //! - a **phase** ([`phase`]) of a training step (`sample`, `to_device`, `forward`, `loss`, `backward`, `clip`,
 //!   `optimiser`) or of prediction (`window_batch`).
 //!
@@ -344,7 +346,8 @@ pub fn track_free(id: u64) {
 
 /// The guard of an op's range: ends the NVTX range and the op's timing when dropped or [`OpRange::done`].
 pub struct OpRange {
-    _nvtx: Option<NvtxRange>,
+    /// The op's NVTX range and, in the backward pass, its layer's range around it (dropped in this order).
+    _nvtx: Option<(NvtxRange, Option<NvtxRange>)>,
     /// The index of the op's pending record in the recorder, when it is timed.
     timed: Option<usize>,
     previous_op: Option<Option<Arc<str>>>,
@@ -368,7 +371,10 @@ pub fn backward(kind: &'static str, layer: Option<Arc<str>>, grad_out: &Tensor, 
 
 fn open_op(kind: &'static str, pass: Pass, layer: Option<Arc<str>>, inputs: &[&Tensor], flops: f64) -> OpRange {
     let name: Arc<str> = Arc::from(op_name(layer.as_deref(), kind, pass));
-    let nvtx = nvtx_enabled().then(|| NvtxRange::push(&name));
+    let nvtx = nvtx_enabled().then(|| {
+        let layer_range = (pass == Pass::Backward).then(|| layer.as_deref().map(NvtxRange::push)).flatten();
+        (NvtxRange::push(&format!("{kind}.{}", pass.suffix())), layer_range)
+    });
     let previous_op = Some(CURRENT.with(|c| c.borrow_mut().1.replace(name)));
     let depth = OP_DEPTH.with(|d| d.replace(d.get() + 1));
     let timed = if depth == 0 {
