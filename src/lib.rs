@@ -14,7 +14,10 @@
 //! 5. [`nn`], [`data`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`]: the network and the workflow
 //!    around it.
 //!
-//! Each of these modules' pages opens with an example that runs in `cargo test --doc`.
+//! Examples that run in `cargo test --doc`, one or more per layer: [`device`], [`tensor`], [`autograd`] (an op
+//! forward and backward by hand) and [`autograd::gradcheck`] (finite differences), [`ops`], [`nn`] (the tiny model),
+//! [`data::nifti`], [`optim`], the [tour](tour#the-whole-step-spelled-out) (the selective scan against its
+//! recurrence, and one whole training step), [`predict`] (train, checkpoint, segment a NIfTI file) and [`metrics`].
 
 pub mod autograd;
 pub mod data;

@@ -1,4 +1,8 @@
-//! Training: the loss, and (next) the loop, checkpoints and metrics.
+//! Training: the loss, the loop, checkpoints, data preparation and the step dump for the parity check.
+//!
+//! One training step, spelled out with the public items and runnable, is in
+//! [the tour](crate::tour#the-whole-step-spelled-out); the [`predict`](crate::predict) example trains one iteration
+//! with [`Run::train`](trainer::Run::train) and segments a NIfTI file with the checkpoint it wrote.
 
 pub mod checkpoint;
 pub mod dump;
