@@ -264,8 +264,9 @@
 //! Every op has its formula and its cost per element (bytes and FLOPs, the counting rules in [`ops`](crate::ops)) in
 //! the header of its file, a CPU reference beside the launch of its kernels, a gradient check against finite
 //! differences in float64, a GPU test against the CPU reference, and (the ops that carry the step's time) a row in
-//! the kernel benchmark `benches/kernels.rs`. A dash is an honest gap. `tests/tour.rs` checks that every file, function,
-//! kernel and benchmark row named here exists and that every op module has a row.
+//! the kernel benchmark `benches/kernels.rs`, whose table sets each row's bytes and FLOPs per second against the
+//! machine's ceilings. A dash is a gap. `tests/tour.rs` checks that every file, function, kernel and benchmark row
+//! named here exists and that every op module has a row.
 //!
 //! | op (formula, cost) | CPU reference | CUDA kernels | gradient check | GPU test | benchmark row |
 //! |---|---|---|---|---|---|

@@ -3,6 +3,8 @@
 //! ```text
 //!   y = s x        dL/dx = s dL/dy
 //! ```
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes and 1 FLOP, in both directions.
 
 use crate::profile;
 use crate::autograd::{Backward, Tape};
