@@ -77,7 +77,8 @@
 //! 3. The bidirectional Mamba: one [`Mamba`] block on the tokens and one on the reversed tokens ([`flip_seq`]),
 //!    the second's output reversed back and [`add`]ed to the first's. [`Mamba::forward`] is
 //!    `[x, z] = in_proj(u)` ([`linear`], split by [`narrow_last`]), `x = SiLU(causal_conv1d(x))`
-//!    ([`causal_conv1d`], [`silu`]), `[dt, B, C] = x_proj(x)`, `delta = dt_proj(dt)`, then the selective scan.
+//!    ([`causal_conv1d`], [`silu`]), `[dt, B, C] = x_proj(x)`, `delta = dt_proj.weight dt` (the projection's bias
+//!    is the scan's `delta_bias`), then the selective scan.
 //! 4. `out_proj` ([`linear`]), [`merge`] back to the map, and the residual [`add`].
 //!
 //! ## 4c. The selective scan
@@ -190,8 +191,9 @@
 //!   g <- g + wd p      b <- mu b + g      p <- p - lr (g + mu b)          (Nesterov, mu = 0.99, wd = 3e-5)
 //! ```
 //!
-//! On the GPU the norm's partial sums are the one value copied back to the host in a step (the decision to scale
-//! is made there), and the update is one elementwise kernel per parameter (`cuda/optim.cu`).
+//! On the GPU the norm's partial sums are copied back to the host, where the decision to scale is made (with the
+//! loss, the only values a step reads back), and the update is one elementwise kernel per parameter
+//! (`cuda/optim.cu`).
 //!
 //! # 8. And back
 //!
