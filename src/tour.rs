@@ -9,9 +9,9 @@
 //! `lkm-engine train` (`src/main.rs`) parses the flags, picks the device ([`Device::parse`]: `auto` takes GPU 0 when
 //! one is usable and says why when it falls back to the CPU), prepares the data (stop 1), builds the network
 //! ([`ModelConfig::by_name`], [`LkmUnet::new`]: the layer structure and, separately, its named parameters
-//! [`Params`]) and hands everything to [`Run::train`], the loop. Each iteration of that loop is the training step
-//! this page follows; each epoch sets the learning rate by [`poly_lr`], `lr = lr0 (1 - epoch / epochs)^0.9`,
-//! validates and writes a checkpoint (stop 8).
+//! [`Params`]) and hands everything to [`Run::train`], the loop. Each iteration of that loop samples a batch
+//! (stops 1 and 2) and runs [`train_step`] (stops 3 to 7), the step this page follows; each epoch sets the learning
+//! rate by [`poly_lr`], `lr = lr0 (1 - epoch / epochs)^0.9`, validates and writes a checkpoint (stop 8).
 //!
 //! # 1. Data
 //!
@@ -39,7 +39,7 @@
 //!
 //! # 3. A fresh tape
 //!
-//! The step makes a [`Tape::new`] and registers every parameter on it as a leaf whose gradient is wanted
+//! [`train_step`] makes a [`Tape::new`] and registers every parameter on it as a leaf whose gradient is wanted
 //! ([`Params::watch`]). From here on every op takes the tape as its first argument and appends a node (its backward
 //! function and whatever it saved) whenever one of its inputs is tracked ([`Tape::record`]).
 //!
@@ -143,15 +143,16 @@
 //!
 //! ## 4d. Down to a kernel and back
 //!
-//! Every op is one file of [`ops`](crate::ops) and looks the same inside; take [`leaky_relu`]. It checks where its
-//! input lives: for a CPU tensor it runs the readable reference (a loop over the elements, in the tensor's dtype);
-//! for a GPU tensor ([`Tensor::gpu_buffer`]) it allocates the output from the stream-ordered pool
-//! ([`Gpu::alloc`]) and launches `activation_forward` of `cuda/elementwise.cu` with the [`launch!`](crate::launch!)
-//! macro: [`Gpu::function`] finds the kernel by name among those `build.rs` compiled with nvcc and embedded in the
-//! binary, cudarc queues it on the GPU's one stream, and [`check_launch`] turns a failure into an error naming the
-//! kernel and the shapes. Nothing waits for the kernel: the op wraps the buffer in a tensor ([`Tensor::from_gpu`])
-//! and returns, and the next op's kernel queues behind it. Last, the op records its backward on the tape, keeping
-//! the input it needs (`dx = g f'(x)`), which on the way back launches `activation_backward`.
+//! Every op is one file of [`ops`](crate::ops) and looks the same inside; take [`leaky_relu`]. It opens a profiling
+//! range ([`profile::forward`]: a no-op unless a profiler listens), then checks where its input lives: for a CPU
+//! tensor it runs the readable reference (a loop over the elements, in the tensor's dtype); for a GPU tensor
+//! ([`Tensor::gpu_buffer`]) it allocates the output from the stream-ordered pool ([`Gpu::alloc`]) and launches
+//! `leaky_relu_forward` of `cuda/elementwise.cu` with the [`launch!`](crate::launch!) macro: [`Gpu::function`]
+//! finds the kernel by name among those `build.rs` compiled with nvcc and embedded in the binary, cudarc queues it on
+//! the GPU's one stream, and [`check_launch`] turns a failure into an error naming the kernel and the shapes.
+//! Nothing waits for the kernel: the op wraps the buffer in a tensor ([`Tensor::from_gpu`]) and returns, and the
+//! next op's kernel queues behind it. Last, the op records its backward on the tape, keeping the input it needs
+//! (`dx = g f'(x)`), which on the way back launches `leaky_relu_backward`.
 //!
 //! # 5. The loss
 //!
@@ -203,8 +204,9 @@
 //!
 //! # The whole step, spelled out
 //!
-//! What [`Run::train`] does in one iteration, written with the public items above: the tiny 3D model on two
-//! synthetic phantoms. The loss on the same batch must be lower after the step.
+//! One iteration of [`Run::train`] written out with the items above (what [`train_step`] does, less its profiling
+//! phases): the tiny 3D model on two synthetic phantoms. The loss on the same batch must be lower after the step,
+//! and [`train_step`] from the same parameters must give the same bits, so this page cannot drift from the engine.
 //!
 //! ```
 //! use lkm_engine::autograd::Tape;
@@ -214,6 +216,7 @@
 //! use lkm_engine::nn::{LkmUnet, ModelConfig};
 //! use lkm_engine::optim::{clip_present_grad_norm, Sgd, DEFAULT_GRAD_CLIP};
 //! use lkm_engine::train::loss::{deep_supervision_loss, downsample_labels};
+//! use lkm_engine::train::step::train_step;
 //! use lkm_engine::Tensor;
 //! use rand::rngs::StdRng;
 //! use rand::SeedableRng;
@@ -223,6 +226,7 @@
 //! let mut config = ModelConfig::tiny_3d();
 //! config.patch = vec![16, 16, 16];
 //! let (model, mut params) = LkmUnet::new(config, 1)?;
+//! let initial = params.deep_copy()?;
 //!
 //! // Stops 1 and 2: two z-scored phantoms, a batch of two patches, labels at every output's resolution.
 //! let mut cases = phantom_dataset(&SynthConfig { cases: 2, shape: [20, 20, 20], seed: 1 });
@@ -257,6 +261,14 @@
 //! let outputs = model.forward(&mut Tape::no_grad(), &params, &x)?;
 //! let after = deep_supervision_loss(&mut Tape::no_grad(), &outputs, &targets, true)?.scalar()?;
 //! assert!(after < before, "loss {before} before the step, {after} after");
+//!
+//! // The engine's own step from the same start agrees to the bit.
+//! let mut engine_params = initial;
+//! let loss = train_step(&model, &mut engine_params, &mut Sgd::default(), &x, &targets, true, DEFAULT_GRAD_CLIP)?;
+//! assert_eq!(loss, before);
+//! for (ours, engine) in params.tensors().iter().zip(engine_params.tensors()) {
+//!     assert_eq!(ours.to_vec_f32()?, engine.to_vec_f32()?);
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -272,20 +284,20 @@
 //!
 //! | op (formula, cost) | CPU reference | CUDA kernels | gradient check | GPU test | benchmark row |
 //! |---|---|---|---|---|---|
-//! | [`activation`](crate::ops::activation) | `src/ops/activation.rs` `value` `derivative` | `cuda/elementwise.cu` `activation_forward` `activation_backward` | `tests/grad_activation.rs` `grad_leaky_relu` `grad_silu` `grad_softplus` | `tests/gpu_ops.rs` `gpu_activations` | `leaky_relu` |
+//! | [`activation`](crate::ops::activation) | `src/ops/activation.rs` `value` `derivative` | `cuda/elementwise.cu` `leaky_relu_forward` `leaky_relu_backward` `silu_forward` `silu_backward` `softplus_forward` `softplus_backward` | `tests/grad_activation.rs` `grad_leaky_relu` `grad_silu` `grad_softplus` | `tests/gpu_ops.rs` `gpu_activations` | `leaky_relu` |
 //! | [`add`](crate::ops::add) | `src/tensor/arith.rs` `add` | `cuda/elementwise.cu` `add_f32` | `tests/grad_activation.rs` `grad_add` | `tests/gpu_ops.rs` `gpu_add` | - |
 //! | [`argmax`](crate::ops::argmax) | `src/ops/argmax.rs` `argmax_cpu` | `cuda/loss.cu` `argmax_classes` | - (not differentiable) `tests/grad_loss.rs` `argmax_3d_matches_naive` | `tests/gpu_loss.rs` `gpu_argmax_matches_cpu_exactly` | - |
 //! | [`avg_pool`](crate::ops::avg_pool) | `src/ops/avg_pool.rs` `forward_cpu` `backward_cpu` | `cuda/pool.cu` `avg_pool_forward` `avg_pool_backward` | `tests/grad_norm_pool.rs` `grad_avg_pool_3d_ragged` | `tests/gpu_norm_pool.rs` `gpu_avg_pool_3d` | - |
 //! | [`causal_conv1d`](crate::ops::causal_conv1d) | `src/ops/causal_conv1d.rs` `forward_cpu` `backward_cpu` | `cuda/conv1d.cu` `causal_conv1d_forward` `causal_conv1d_backward_input` `causal_conv1d_param_partials` | `tests/grad_mamba_ops.rs` `grad_causal_conv1d` | `tests/gpu_mamba_ops.rs` `gpu_causal_conv1d` | `causal_conv1d depthwise` |
 //! | [`concat`](crate::ops::concat) | `src/ops/concat.rs` `forward_cpu` `split_cpu` | `cuda/layout.cu` `copy_rows` | `tests/grad_layout.rs` `grad_concat_two` | `tests/gpu_layout.rs` `gpu_concat_channels` | - |
-//! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_gemm` `conv_weight_grad` `sum_slices` `channel_sums` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` |
-//! | [`conv_transpose`](crate::ops::conv_transpose) | `src/ops/conv_transpose.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_gemm` `conv_weight_grad` `channel_sums` | `tests/grad_conv.rs` `grad_conv_transpose3d` | `tests/gpu_conv.rs` `gpu_conv_transpose3d` | - |
+//! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_fprop` `conv_dgrad` `conv_wgrad` `sum_slices` `channel_sums` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` |
+//! | [`conv_transpose`](crate::ops::conv_transpose) | `src/ops/conv_transpose.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_transpose_fprop` `conv_transpose_dgrad` `conv_transpose_wgrad` `sum_slices` `channel_sums` | `tests/grad_conv.rs` `grad_conv_transpose3d` | `tests/gpu_conv.rs` `gpu_conv_transpose3d` | - |
 //! | [`cross_entropy`](crate::ops::cross_entropy) | `src/ops/cross_entropy.rs` `forward_cpu` `backward_cpu` | `cuda/loss.cu` `cross_entropy_partial` `loss_sum_partials` `cross_entropy_backward` | `tests/grad_loss.rs` `grad_cross_entropy_3d_k4` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `cross_entropy` |
 //! | [`dice`](crate::ops::dice) | `src/ops/dice.rs` `group_sums_cpu` `backward_cpu` | `cuda/loss.cu` `dice_partial_sums` `dice_finish` `dice_backward` | `tests/grad_loss.rs` `grad_soft_dice_batch_3d_k3` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `soft_dice` |
 //! | [`flip`](crate::ops::flip) | `src/ops/flip.rs` `flip_cpu` | `cuda/layout.cu` `flip_seq` | `tests/grad_layout.rs` `grad_flip_seq` | `tests/gpu_layout.rs` `gpu_flip_seq` | - |
-//! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments` `instance_norm_combine` `instance_norm_apply` `instance_norm_chunk_grad_sums` `instance_norm_backward_dx` `instance_norm_param_grads` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` | `instance_norm` |
-//! | [`layer_norm`](crate::ops::layer_norm) | `src/ops/layer_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `layer_norm_forward` `layer_norm_backward_dx` `layer_norm_param_partials` `norm_sum_rows` | `tests/grad_norm_pool.rs` `grad_layer_norm` | `tests/gpu_norm_pool.rs` `gpu_layer_norm_channels` | `layer_norm` |
-//! | [`linear`](crate::ops::linear) | `src/ops/linear.rs` `forward_cpu` `backward_cpu` | `cuda/gemm.cu` `gemm_f32` `sum_rows_f32` | `tests/grad_mamba_ops.rs` `grad_linear_bias` | `tests/gpu_mamba_ops.rs` `gpu_linear_bias` | `linear in_proj fp32` |
+//! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments` `instance_norm_combine` `instance_norm_apply` `instance_norm_chunk_grad_sums` `instance_norm_backward_dx` `instance_norm_param_grads` `instance_norm_sum_chunks` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` | `instance_norm` |
+//! | [`layer_norm`](crate::ops::layer_norm) | `src/ops/layer_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `layer_norm_forward` `layer_norm_backward_dx` `layer_norm_param_partials` `layer_norm_sum_partials` | `tests/grad_norm_pool.rs` `grad_layer_norm` | `tests/gpu_norm_pool.rs` `gpu_layer_norm_channels` | `layer_norm` |
+//! | [`linear`](crate::ops::linear) | `src/ops/linear.rs` `forward_cpu` `backward_cpu` | `cuda/gemm.cu` `linear_fprop` `linear_dgrad` `linear_wgrad` `sum_rows_f32` | `tests/grad_mamba_ops.rs` `grad_linear_bias` | `tests/gpu_mamba_ops.rs` `gpu_linear_bias` | `linear in_proj fp32` |
 //! | [`narrow`](crate::ops::narrow) | `src/ops/narrow.rs` `narrow_cpu` `widen_cpu` | `cuda/layout.cu` `copy_rows` `narrow_backward` | `tests/grad_layout.rs` `grad_narrow_last_middle` | `tests/gpu_layout.rs` `gpu_narrow_last` | - |
 //! | [`pim`](crate::ops::pim) | `src/ops/pim.rs` `permute_cpu` | `cuda/layout.cu` `pim_partition` `pim_merge` | `tests/grad_layout.rs` `grad_pim_window_3d` `grad_pim_strided_3d` | `tests/gpu_layout.rs` `gpu_pim_3d_odd` | `pim partition strided` |
 //! | [`reshape`](crate::ops::reshape) | `src/ops/reshape.rs` `reshape` (no copy) | - (no kernel) | `tests/grad_layout.rs` `grad_reshape` | `tests/gpu_layout.rs` `gpu_reshape` | - |
@@ -305,6 +317,8 @@
 //! [`Params`]: crate::nn::Params
 //! [`Params::watch`]: crate::nn::Params::watch
 //! [`Run::train`]: crate::train::trainer::Run::train
+//! [`train_step`]: crate::train::step::train_step
+//! [`profile::forward`]: crate::profile::forward
 //! [`poly_lr`]: crate::optim::poly_lr
 //! [`prepare::dataset`]: crate::train::prepare::dataset
 //! [`prepare::synthetic`]: crate::train::prepare::synthetic

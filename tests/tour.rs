@@ -33,9 +33,27 @@ fn has_word(text: &str, name: &str) -> bool {
     })
 }
 
+/// Every `.rs` file under src/, concatenated: where kernels are launched by name.
+fn rust_sources() -> String {
+    fn walk(dir: &Path, text: &mut String) {
+        for entry in std::fs::read_dir(dir).expect("a source folder") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                walk(&path, text);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                text.push_str(&std::fs::read_to_string(&path).expect("a source file"));
+            }
+        }
+    }
+    let mut text = String::new();
+    walk(&Path::new(ROOT).join("src"), &mut text);
+    text
+}
+
 /// Problems with a cell that names files and, after each file, items in it: Rust functions (`fn name`) in `.rs`
-/// files, kernels (the identifier anywhere, since some are defined through macros) in `.cu` files.
-fn check_locations(cell: &str) -> Vec<String> {
+/// files; in `.cu` files kernels, which must occur in the file (some are defined through macros) and be launched by
+/// name (a string literal) somewhere in src/, so that a kernel renamed in both places is not kept alive by a comment.
+fn check_locations(cell: &str, sources: &str) -> Vec<String> {
     let mut problems = Vec::new();
     let mut file: Option<(&str, Option<String>)> = None;
     for span in code_spans(cell) {
@@ -55,6 +73,8 @@ fn check_locations(cell: &str) -> Vec<String> {
                     if path.ends_with(".rs") { has_word(text, &format!("fn {span}")) } else { has_word(text, span) };
                 if !found {
                     problems.push(format!("{path} has no {span}"));
+                } else if path.ends_with(".cu") && !sources.contains(&format!("\"{span}\"")) {
+                    problems.push(format!("no launch of {span} (the string \"{span}\") in src/"));
                 }
             }
         }
@@ -74,6 +94,7 @@ fn check_bench_rows(cell: &str, bench: &str) -> Vec<String> {
 /// Every problem with the index: its rows' locations and benchmark rows, and op modules without a row.
 fn index_problems(tour: &str) -> Vec<String> {
     let bench = read("benches/kernels.rs").expect("benches/kernels.rs");
+    let sources = rust_sources();
     let rows = index_rows(tour);
     let mut problems = Vec::new();
     let mut ops_listed = BTreeSet::new();
@@ -86,7 +107,7 @@ fn index_problems(tour: &str) -> Vec<String> {
             ops_listed.insert(name.split(')').next().unwrap_or_default().to_string());
         }
         for cell in [cpu, kernels, grad, gpu] {
-            problems.extend(check_locations(cell));
+            problems.extend(check_locations(cell, &sources));
         }
         problems.extend(check_bench_rows(bench_rows, &bench));
     }
@@ -113,11 +134,12 @@ fn tour_index_names_only_what_exists_and_every_op() {
 fn index_check_catches_missing_names() {
     let tour = "//! | op | cpu | kernels | grad | gpu | bench |\n//! |---|---|---|---|---|---|\n\
                 //! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `no_such_fn` | `cuda/conv.cu` `no_such_kernel` \
-                | `tests/no_such_test.rs` `x` | `gpu_conv3d_k333` | `no such row` |\n";
+                `THREADS` | `tests/no_such_test.rs` `x` | `gpu_conv3d_k333` | `no such row` |\n";
     let problems = index_problems(tour).join("\n");
     for expected in [
         "src/ops/conv.rs has no no_such_fn",
         "cuda/conv.cu has no no_such_kernel",
+        "no launch of THREADS",
         "tests/no_such_test.rs: no such file",
         "\"gpu_conv3d_k333\" is named before any file",
         "no row \"no such row\"",

@@ -11,9 +11,9 @@
 //! (LeakyReLU), 4 (SiLU) or 3 (softplus); backward 12 bytes (read x and dL/dy, write dL/dx) and 2, 8 or 5 FLOPs.
 //! Memory-bound.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
+use crate::profile;
 use crate::tensor::{map, zip_map, Real, Tensor};
 use crate::{by_dtype, launch, Result};
 

@@ -19,10 +19,10 @@
 //! forward 4 (1 + 1/k) bytes (read x, write one y per window) and 1 + 1/k FLOPs (an add per voxel, a division per
 //! window); backward 4 (1 + 1/k) bytes (read one dL/dy per window, write dL/dx) and 1 FLOP.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, launch, Result};
 

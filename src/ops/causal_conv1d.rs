@@ -23,11 +23,11 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Result};
 

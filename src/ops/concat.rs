@@ -12,9 +12,9 @@
 //! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes (one read, one write) and no FLOPs, in
 //! both directions.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Result};
 

@@ -55,10 +55,10 @@ use std::borrow::Cow;
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Error, Result};
 

@@ -39,10 +39,10 @@
 
 use rayon::prelude::*;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::ops::conv::{channel_sums, gpu_operand, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, Result};
 

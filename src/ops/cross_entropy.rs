@@ -33,10 +33,10 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::MapDims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, ensure, launch, Result};
 

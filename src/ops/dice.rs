@@ -32,7 +32,6 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::cross_entropy::{
@@ -40,6 +39,7 @@ use crate::ops::cross_entropy::{
     MAX_PARTIAL_BLOCKS,
 };
 use crate::ops::MapDims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Result};
 

@@ -36,10 +36,10 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuBuffer;
 use crate::ops::instance_norm::moments;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Error, Result};
 

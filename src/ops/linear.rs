@@ -36,9 +36,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{Gpu, GpuBuffer};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Result};
 

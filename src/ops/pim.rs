@@ -46,10 +46,10 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuBuffer;
 use crate::ops::{per_axis, MapDims};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, ensure, launch, Result};
 

@@ -6,8 +6,8 @@
 //!
 //! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes and 1 FLOP, in both directions.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
+use crate::profile;
 use crate::tensor::{self, Tensor};
 use crate::Result;
 

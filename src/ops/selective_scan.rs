@@ -68,12 +68,12 @@
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, ensure, launch, Result};
 

@@ -19,10 +19,10 @@
 //! 4 (1 + 1/f) bytes (read x once, write y) and no FLOPs; backward 4 (1 + 1/f) bytes (read dL/dy, write one dL/dx
 //! per block) and 1 FLOP (an add).
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, launch, Result};
 

@@ -1,4 +1,5 @@
-//! Training: the loss, the loop, checkpoints, data preparation and the step dump for the parity check.
+//! Training: the loss, one step ([`step::train_step`]), the loop, checkpoints, data preparation, the step dump for
+//! the parity check and the step profile.
 //!
 //! One training step, spelled out with the public items and runnable, is in
 //! [the tour](crate::tour#the-whole-step-spelled-out); the [`predict`](crate::predict) example trains one iteration
