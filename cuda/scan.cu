@@ -61,10 +61,11 @@
 // Cost per element of u (one token of one channel), N states, D channels (bytes: least traffic, 4 per float; FLOPs:
 // adds, multiplies, exponentials and logarithms count one each; see src/ops/mod.rs):
 //   forward   at least 4 (4 + 2N/D) bytes (u, delta, z, y; a token's B and C rows serve all D channels) and about
-//             6N + 11 FLOPs, N + 3 of them exponentials or logarithms; plus N / T floats of chunk-start states
+//             7N + 11 FLOPs (7 per state), N + 3 of them exponentials or logarithms; plus N / T floats of chunk-start
+//             states
 //   backward  at least 4 (7 + 4N/D) bytes (u, delta, z, gy, B, C read; du, ddelta, dz, dB, dC written) and about
-//             21N + 25 FLOPs (the forward recomputed, then about 15 per state for the adjoint)
-// At the PiM stage-0 shapes of the 3D reference (N = 16, D = 64) the forward does 107 FLOPs per 18 bytes, 6 per byte:
+//             21N + 25 FLOPs (the forward recomputed, then about twice its per-state work for the adjoint)
+// At the PiM stage-0 shapes of the 3D reference (N = 16, D = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte:
 // bound by memory and by the exponentials.
 #include "common.cuh"
 

@@ -32,7 +32,9 @@
 //! written once (what `benches/kernels.rs` counts), at 4 bytes per float32 element, and FLOPs count every add,
 //! multiply, division, comparison, exponential and logarithm as one. An op whose FLOPs per byte lie far below the
 //! machine's ratio of arithmetic rate to memory bandwidth (on an H100 about 20 for float32 FMA and 300 for bf16
-//! tensor cores) is bound by memory: its ceiling is the copy bandwidth.
+//! tensor cores) is bound by memory: its ceiling is the copy bandwidth. `lkm-engine profile` ([`crate::profile`])
+//! counts the same FLOPs for the ops that arithmetic can bound (convolutions, linear layers, the causal conv1d and
+//! the scan's per-state work) and none for the rest.
 
 pub mod activation;
 pub mod add;

@@ -58,11 +58,13 @@
 //!
 //! Cost per element of u (one token of one channel), with N states and Dch channels (the counting rules are in
 //! [`ops`](crate::ops)): forward at least 4 (4 + 2N/Dch) bytes (read u, delta and z, write y; the B and C rows of a
-//! token are shared by its Dch channels) and about 6N + 11 FLOPs, N + 3 of them exponentials or logarithms; backward
-//! at least 4 (7 + 4N/Dch) bytes (read u, delta, z, dL/dy, B and C; write dL/du, dL/ddelta, dL/dz, dL/dB and dL/dC)
-//! and about 21N + 25 FLOPs (the forward recomputed, then about 15 per state for the adjoint). The GPU also writes
+//! token are shared by its Dch channels) and about 7N + 11 FLOPs: 7 per state (dt A and its exponential, the
+//! update dA h + (dt u) B, the C contraction) and about 11 for the softplus, the D skip and the gate, N + 3 of them
+//! exponentials or logarithms; backward at least 4 (7 + 4N/Dch) bytes (read u, delta, z, dL/dy, B and C; write
+//! dL/du, dL/ddelta, dL/dz, dL/dB and dL/dC) and about 21N + 25 FLOPs (the forward recomputed, then about twice its
+//! per-state work for the adjoint). `lkm-engine profile` counts the per-state terms, 7N and 21N. The GPU also writes
 //! and reads back the chunk-start states, N / [`GPU_CHUNK`] floats per element. At the PiM stage-0 shapes of the 3D
-//! reference (N = 16, Dch = 64) the forward does 107 FLOPs per 18 bytes, 6 per byte: bound by memory and by the
+//! reference (N = 16, Dch = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte: bound by memory and by the
 //! exponentials.
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
