@@ -40,7 +40,8 @@ fn kernel_names(source: &str) -> Vec<String> {
             let (mac, args) = l.split_once('(')?;
             let is_instance = mac.ends_with("_KERNEL") && mac.chars().all(|c| c.is_ascii_uppercase() || c == '_');
             let args = args.split(')').next().unwrap_or("");
-            is_instance.then(|| args.split(',').map(str::trim).filter(is_kernel_name).map(String::from).collect::<Vec<_>>())
+            is_instance
+                .then(|| args.split(',').map(str::trim).filter(is_kernel_name).map(String::from).collect::<Vec<_>>())
         })
         .flatten()
         .collect();

@@ -36,6 +36,12 @@
 // indices; warp w owns columns 4w..4w+3 and lane l the rows l, l+32, l+64, l+96, so a warp's output writes and its
 // gathers along W are consecutive addresses. The decoded reduction indices of a stage (channel, coordinates, weight
 // offset) are computed once per block into a small table, double-buffered so one barrier pair per stage suffices.
+//
+// Cost (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see src/ops/mod.rs): each of
+// the three products does 2 Cn Cw k FLOPs per narrow position (k taps). Per element of a conv's y (Cin -> Cout,
+// stride volume s) that is 2 Cin k FLOPs for at least 4 (1 + Cin / (Cout s)) bytes: at stage 0 of the 3D reference
+// (32 -> 32 channels, 3x3x3) 1728 FLOPs per 8 bytes, 216 per byte, bound by arithmetic. sum_slices, channel_sums:
+// 4 bytes and 1 FLOP per element summed.
 #include "common.cuh"
 
 namespace {

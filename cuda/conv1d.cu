@@ -14,6 +14,10 @@
 // rows ty, ty + 8, ... in order, lane 0 adds the 8 lane sums in order, and the block writes one partial row
 //   part[s, c K + k] = slice-s part of dw[c, k],    part[s, C K + c] = slice-s part of db[c]
 // which sum_rows_f32 (gemm.cu) then sums over the slices s in order.
+//
+// Cost per element of x, K taps (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see
+// src/ops/mod.rs): causal_conv1d_forward and causal_conv1d_backward_input 8 bytes and 2K FLOPs;
+// causal_conv1d_param_partials 8 bytes (x and gy) and 2K + 1 FLOPs. Memory-bound.
 #include "common.cuh"
 
 #define CONV1D_MAX_K 8  // largest kernel the parameter-gradient kernel keeps in registers (Mamba uses 4)

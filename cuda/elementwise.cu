@@ -3,6 +3,12 @@
 //   mul:        y = a * b
 //   scale:      y = s * a
 //   {f}_forward: y = f(x),  {f}_backward: dx = g * f'(x)   for f = leaky_relu (slope 0.01), silu, softplus (common.cuh)
+//
+// Cost per element (bytes: least traffic, 4 per float; FLOPs: adds, multiplies, divisions, comparisons, exponentials
+// and logarithms count one each; see src/ops/mod.rs):
+//   add_f32, mul_f32: 12 bytes, 1 FLOP        scale_f32: 8 bytes, 1 FLOP
+//   {f}_forward: 8 bytes and 2 (leaky_relu), 4 (silu) or 3 (softplus) FLOPs;   {f}_backward: 12 bytes and 2, 8 or
+//   5 FLOPs
 #include "common.cuh"
 
 extern "C" __global__ void add_f32(const float* a, const float* b, float* y, int64_t n) {

@@ -24,6 +24,10 @@
 //                backward: the inverse split; narrow forward: a slice of each last-axis row)
 //   narrow_backward: dx[r, j] = g[r, j - start] for start <= j < start + len, else 0   (dx: rows x K; writes all)
 //   flip_seq:    y[g, l, c] = x[g, L - 1 - l, c]   (its own inverse, so also the backward)
+//
+// Cost (bytes: least traffic, 4 per float; see src/ops/mod.rs): every kernel here moves each element once, 8 bytes
+// per element and no FLOPs; narrow_backward writes all K columns of dx and reads only the len columns of g,
+// 4 (1 + len/K) bytes per element of dx.
 #include "common.cuh"
 
 #define PIM_TILE 32

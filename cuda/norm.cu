@@ -32,6 +32,16 @@
 //                        instance_norm_sum_chunks and layer_norm_sum_partials).
 //
 // Every reduction has a fixed order (per-thread loops, then block_sum's fixed tree), so results are reproducible.
+//
+// Cost per element (bytes: least traffic, 4 per float, then what these kernels move; FLOPs: adds, multiplies,
+// divisions and square roots count one each; see src/ops/mod.rs):
+//   InstanceNorm forward  at least 8 bytes, 12 as written (x is read by the moments and by the apply kernel: a plane
+//                         does not fit in cache); about 8 FLOPs
+//   InstanceNorm backward at least 12 bytes, 20 as written (x and g read by the chunk sums and by the dx kernel);
+//                         about 12 FLOPs
+//   LayerNorm forward     8 bytes (a row stays in cache across the passes); about 8 FLOPs
+//   LayerNorm backward    at least 12 bytes, 20 as written (layer_norm_param_partials reads x and g again); about
+//                         15 FLOPs
 #include "common.cuh"
 
 #define IN_THREADS 256

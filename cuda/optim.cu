@@ -7,6 +7,10 @@
 //   optim_sum_squares_partial:  partial[block] = sum of g_i^2 over the elements the block visits, in float64
 //     (fixed tree order; the host adds the partials in order, see src/optim.rs).
 //   optim_scale_in_place:  x = s x
+//
+// Cost per parameter element (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see
+// src/ops/mod.rs): sgd_nesterov_step 20 bytes (read p, grad, buf; write p, buf; 16 on the first step, which does not
+// read buf) and 8 FLOPs; optim_sum_squares_partial 4 bytes and 2 FLOPs; optim_scale_in_place 8 bytes and 1 FLOP.
 #include "common.cuh"
 
 extern "C" __global__ void sgd_nesterov_step(float* p, const float* grad, float* buf, int64_t n, float lr, float mu,

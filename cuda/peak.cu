@@ -7,6 +7,8 @@
 //
 // mma.sync is the tensor-core instruction our kernels can issue on every architecture since Ampere; Hopper's wgmma
 // reaches a higher rate, so this is the ceiling of mma.sync kernels, and the table says so.
+//
+// Cost per thread: iters * 4 * 4096 FLOPs and 4 bytes (the float written); nothing is read from memory.
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) peak_mma_bf16(float* out, int iters) {

@@ -13,6 +13,13 @@
 //
 // Every thread writes its own element from a gather, so there are no atomics and no races; consecutive threads take
 // consecutive elements of the written tensor.
+//
+// Cost (bytes: least traffic, 4 per float; FLOPs: adds and divisions count one each; see src/ops/mod.rs), with
+// k = kd kh kw and f = fd fh fw:
+//   avg_pool_forward            4 (1 + 1/k) bytes and 1 + 1/k FLOPs per input voxel
+//   avg_pool_backward           4 (1 + 1/k) bytes and 1 FLOP per input voxel
+//   upsample_nearest_forward    4 (1 + 1/f) bytes and no FLOPs per output voxel
+//   upsample_nearest_backward   4 (1 + 1/f) bytes and 1 FLOP per output-gradient voxel
 #include "common.cuh"
 
 __device__ __forceinline__ int64_t pool_min(int64_t a, int64_t b) { return a < b ? a : b; }

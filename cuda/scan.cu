@@ -57,6 +57,16 @@
 //   da_log, dD, ddelta_bias (sums over g and t): each block writes one partial row per (g, group),
 //   part[g groups + group] = [A[d, n] sum e dt  (D N) | sum q u  (D) | sum ddelta  (D)], summed over rows in a
 //   fixed order by sum_rows_f32 (gemm.cu).
+//
+// Cost per element of u (one token of one channel), N states, D channels (bytes: least traffic, 4 per float; FLOPs:
+// adds, multiplies, exponentials and logarithms count one each; see src/ops/mod.rs):
+//   forward   at least 4 (4 + 2N/D) bytes (u, delta, z, y; a token's B and C rows serve all D channels) and about
+//             7N + 11 FLOPs (7 per state), N + 3 of them exponentials or logarithms; plus N / T floats of chunk-start
+//             states
+//   backward  at least 4 (7 + 4N/D) bytes (u, delta, z, gy, B, C read; du, ddelta, dz, dB, dC written) and about
+//             21N + 25 FLOPs (the forward recomputed, then about twice its per-state work for the adjoint)
+// At the PiM stage-0 shapes of the 3D reference (N = 16, D = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte:
+// bound by memory and by the exponentials.
 #include "common.cuh"
 
 #define SCAN_LOG2E 1.4426950408889634f

@@ -30,6 +30,21 @@
 //! O(voxels) per axis, so a 128 x 128 x 34 volume takes milliseconds. Each class is moreover cropped to the bounding
 //! box of the union of its two masks: the sites and the query points all lie in that box, so the distances are
 //! unchanged, and a small organ costs only its box.
+//!
+//! ```
+//! use lkm_engine::metrics::dice_per_class;
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! // Eight voxels, classes 0 (background), 1, 2 and 3.
+//! let reference = [0, 1, 1, 1, 0, 2, 2, 0];
+//! let pred = [0, 1, 1, 0, 1, 2, 2, 0];
+//! let dice = dice_per_class(&pred, &reference, 4)?;
+//! // Class 1: |P| = 3, |R| = 3, two voxels in common: 2 * 2 / (3 + 3). Class 2: identical. Class 3: absent from both.
+//! assert_eq!(dice, [Some(4.0 / 6.0), Some(1.0), None]);
+//! assert!(dice_per_class(&pred, &reference[..7], 4).is_err()); // sizes differ
+//! # Ok(())
+//! # }
+//! ```
 
 use crate::Result;
 

@@ -24,6 +24,26 @@
 //! copies those partial sums to the host and adds them there in order (deterministic): that copy is the one host
 //! synchronisation of a training step, needed because the decision to scale, and the non-finite check, happen on
 //! the host. Scaling is then one in-place kernel per gradient.
+//!
+//! One clipped step by hand: the gradient (3, 4) has norm 5 and is scaled to norm 2.5, then the first Nesterov step
+//! (b = g) moves p by `-lr (1 + mu) g`.
+//!
+//! ```
+//! use lkm_engine::optim::{clip_grad_norm, Sgd};
+//! use lkm_engine::Tensor;
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! let mut params = [Tensor::from_vec(vec![1.0f64, -2.0], &[2])?];
+//! let mut grads = [Tensor::from_vec(vec![3.0f64, 4.0], &[2])?];
+//! assert_eq!(clip_grad_norm(&mut grads, 2.5)?, 5.0);
+//! let mut sgd = Sgd::new(0.1, 0.9, 0.0);
+//! sgd.step(&mut params, &grads)?;
+//! let p = params[0].to_vec_f64()?;
+//! let by_hand = [1.0 - 0.1 * 1.9 * 1.5, -2.0 - 0.1 * 1.9 * 2.0];
+//! assert!(p.iter().zip(by_hand).all(|(a, b)| (a - b).abs() < 1e-6), "{p:?}");
+//! # Ok(())
+//! # }
+//! ```
 
 use crate::device::cuda::{driver_err, grid_1d, GpuBuffer};
 use crate::tensor::{Real, Storage, Tensor};

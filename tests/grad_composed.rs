@@ -96,7 +96,7 @@ fn traced_backward_matches_untraced() {
     assert_eq!(trace.len(), nodes, "every node of this stack receives a gradient");
     assert!(trace.windows(2).all(|w| w[0].index == w[1].index + 1), "nodes come last first");
     assert_eq!(trace[0].grad.to_vec_f64().unwrap(), seed.to_vec_f64().unwrap(), "the last node gets the seed");
-    assert_eq!(trace.last().unwrap().op, "conv");
+    assert_eq!(trace.last().unwrap().op, "conv3d");
     assert!(trace.iter().any(|n| n.op == "leaky_relu" && n.output.shape() == [1, C, 2, 4, 4]));
     for n in trace {
         assert_eq!(n.output.shape(), n.grad.shape(), "node {} ({})", n.index, n.op);

@@ -10,6 +10,50 @@
 //! whose error is O(eps^2) (truncation) plus the rounding of the two sums, at most about
 //! `4 * EPSILON * sum|r * y| / eps`. That rounding bound is subtracted before an error is judged, so large outputs
 //! with small gradients do not fail a correct backward.
+//!
+//! The check of an op (here a strided 2D convolution), and of a new op written with [`Tape::record`] and a
+//! [`Backward`](super::Backward): `y = x^2` passes with `dy/dx = 2x` and fails with `x`, half the true gradient.
+//!
+//! ```
+//! use lkm_engine::autograd::gradcheck::{check_gradients, randn64};
+//! use lkm_engine::autograd::{Backward, Tape};
+//! use lkm_engine::ops::conv::conv;
+//! use lkm_engine::tensor::{mul, scale};
+//! use lkm_engine::{Result, Tensor};
+//!
+//! # fn main() -> Result<()> {
+//! let x = randn64(&[1, 2, 5, 6], 1); // (N, Cin, H, W)
+//! let w = randn64(&[3, 2, 3, 3], 2); // (Cout, Cin, kh, kw)
+//! let b = randn64(&[3], 3);
+//! let report = check_gradients(&[x, w, b], 1e-5, |tape, v| conv(tape, &v[0], &v[1], Some(&v[2]), &[2, 1]))?;
+//! assert_eq!(report.checked, 60 + 54 + 3);
+//! assert!(report.max_error < 1e-6, "{report:?}");
+//!
+//! struct SquareBackward {
+//!     x: Tensor,
+//!     slope: f64, // dy/dx = slope * x; the true slope is 2
+//! }
+//! impl Backward for SquareBackward {
+//!     fn name(&self) -> &'static str {
+//!         "square"
+//!     }
+//!     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+//!         Ok(vec![Some(mul(grad_out, &scale(&self.x, self.slope)?)?)])
+//!     }
+//! }
+//! fn square(tape: &mut Tape, x: &Tensor, slope: f64) -> Result<Tensor> {
+//!     let y = mul(x, x)?;
+//!     tape.record(&[x], &y, SquareBackward { x: x.clone(), slope });
+//!     Ok(y)
+//! }
+//! let x = randn64(&[4, 3], 4);
+//! let right = check_gradients(&[x.clone()], 1e-5, |tape, v| square(tape, &v[0], 2.0))?;
+//! let wrong = check_gradients(&[x], 1e-5, |tape, v| square(tape, &v[0], 1.0))?;
+//! assert!(right.max_error < 1e-8, "{right:?}");
+//! assert!((wrong.max_error - 0.5).abs() < 1e-6, "{wrong:?}"); // |x - 2x| / |2x|
+//! # Ok(())
+//! # }
+//! ```
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;

@@ -13,6 +13,35 @@
 //! tape is empty afterwards. A tape made with [`Tape::no_grad`] records nothing (inference). A tape with
 //! [`Tape::trace`] on keeps every node's output and incoming gradient ([`Gradients::trace`]), so that two runs of one
 //! graph (the GPU and the CPU, float32 and float64) can be compared op by op.
+//!
+//! An op forward and backward, by hand: `y = LeakyReLU(x W^T)` for one row x, seeded with `dL/dy = 1`, so that
+//! `dL/dW[j, k] = LeakyReLU'(h_j) x_k` with `h = x W^T`.
+//!
+//! ```
+//! use lkm_engine::autograd::Tape;
+//! use lkm_engine::device::Device;
+//! use lkm_engine::ops::activation::leaky_relu;
+//! use lkm_engine::ops::linear::linear;
+//! use lkm_engine::{DType, Tensor};
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! let x = Tensor::from_vec(vec![1.0f64, -2.0], &[1, 2])?;
+//! let w = Tensor::from_vec(vec![1.0f64, 0.25, -1.0, 1.0], &[2, 2])?; // (out, in)
+//! let mut tape = Tape::new();
+//! tape.watch(&w); // a parameter; x is data and gets no gradient
+//! let h = linear(&mut tape, &x, &w, None)?; // [1 - 0.5, -1 - 2] = [0.5, -3]
+//! let y = leaky_relu(&mut tape, &h)?; // [0.5, -0.03]
+//! assert_eq!(tape.len(), 2);
+//!
+//! let seed = Tensor::full(y.shape(), 1.0, DType::F64, &Device::Cpu)?;
+//! let grads = tape.backward_from(&y, seed)?;
+//! assert!(tape.is_empty() && grads.get(&x).is_none());
+//! let dw = grads.get(&w).expect("w is watched").to_vec_f64()?;
+//! let by_hand = [1.0, -2.0, 0.01, -0.02]; // rows: LeakyReLU'(0.5) = 1, LeakyReLU'(-3) = 0.01, times x
+//! assert!(dw.iter().zip(by_hand).all(|(a, b)| (a - b).abs() < 1e-15), "{dw:?}");
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

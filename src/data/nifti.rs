@@ -21,6 +21,34 @@
 //!
 //! Writing: a label map is written as uint8 with the reference image's header (qform, sform, pixdim, units), so a
 //! prediction opens on the grid of the image it was predicted for.
+//!
+//! A round trip: a synthetic phantom written as an image and a label map, read back unchanged; a file that is not
+//! NIfTI is refused with its name.
+//!
+//! ```
+//! use lkm_engine::data::nifti::{header_for, read_volume, write_image, write_label};
+//! use lkm_engine::data::synth::{phantom_case, SynthConfig};
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! let dir = std::env::temp_dir().join(format!("lkm-doc-nifti-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).expect("a temporary folder");
+//! let case = phantom_case(0, &SynthConfig { cases: 1, shape: [6, 10, 8], seed: 1 });
+//! let header = header_for(case.shape, [2.5, 0.8, 0.7])?; // spacing [z, y, x] = (D, H, W) in mm
+//! write_image(dir.join("p_0000.nii.gz"), &case.image, case.shape, &header)?;
+//! write_label(dir.join("p.nii.gz"), case.label.as_deref().expect("phantoms are labelled"), case.shape, &header)?;
+//!
+//! let image = read_volume(dir.join("p_0000.nii.gz"))?;
+//! assert_eq!((image.shape, image.data.as_slice()), ([6, 10, 8], case.image.as_slice()));
+//! assert!(image.spacing.iter().zip([2.5, 0.8, 0.7]).all(|(a, b)| (a - b).abs() < 1e-6));
+//! assert_eq!(Some(read_volume(dir.join("p.nii.gz"))?.to_labels()?), case.label);
+//!
+//! std::fs::write(dir.join("notes.nii"), "not an image").expect("a file");
+//! let err = read_volume(dir.join("notes.nii")).unwrap_err().to_string();
+//! assert!(err.contains("notes.nii") && err.contains("not a NIfTI"), "{err}");
+//! std::fs::remove_dir_all(&dir).expect("cleanup");
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};

@@ -1,4 +1,33 @@
 //! Where tensors live: host memory or one CUDA GPU.
+//!
+//! A [`Device`] is chosen once (`--device`) and every tensor of a step lives there; ops run their CPU reference or
+//! their CUDA kernels depending on where their inputs are, and never move data between devices on their own.
+//!
+//! ```
+//! use lkm_engine::device::Device;
+//! use lkm_engine::{DType, Tensor};
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! let cpu = Device::parse("cpu")?;
+//! let x = Tensor::from_vec(vec![1.0f32, -2.0, 3.5], &[3])?;
+//! assert!(x.device().same(&cpu));
+//!
+//! // A bad --device value is an error that names it and the accepted forms.
+//! let err = Device::parse("tpu").unwrap_err().to_string();
+//! assert!(err.contains("\"tpu\"") && err.contains("cuda:N"), "{err}");
+//!
+//! // With a GPU (and a build with kernels), a round trip through its memory keeps every bit.
+//! match Device::cuda(0) {
+//!     Ok(gpu) => {
+//!         let on_gpu = x.to_device(&gpu)?;
+//!         assert!(!on_gpu.device().is_cpu() && on_gpu.dtype() == DType::F32);
+//!         assert_eq!(on_gpu.to_device(&cpu)?.to_vec_f32()?, x.to_vec_f32()?);
+//!     }
+//!     Err(e) => println!("no GPU here: {e}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod cuda;
 

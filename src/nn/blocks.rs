@@ -16,8 +16,8 @@ use crate::ops::add::add;
 use crate::ops::avg_pool::avg_pool;
 use crate::ops::conv::conv;
 use crate::ops::instance_norm::{instance_norm, IN_EPS};
-use crate::tensor::Tensor;
 use crate::profile;
+use crate::tensor::Tensor;
 use crate::Result;
 
 /// conv -> InstanceNorm -> optional LeakyReLU.

@@ -14,11 +14,15 @@
 //!
 //! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element summing its window, and the backward
 //! one thread per input-gradient element reading its window's gradient (a gather: no atomics).
+//!
+//! Cost per input voxel, with windows of k = k_d k_h k_w voxels (the counting rules are in [`ops`](crate::ops)):
+//! forward 4 (1 + 1/k) bytes (read x, write one y per window) and 1 + 1/k FLOPs (an add per voxel, a division per
+//! window); backward 4 (1 + 1/k) bytes (read one dL/dy per window, write dL/dx) and 1 FLOP.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::{per_axis, MapDims};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, launch, Result};
 

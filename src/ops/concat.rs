@@ -8,10 +8,13 @@
 //! ```
 //! For each n the inputs' blocks of C_k * prod(rest) elements are contiguous, so both directions copy whole blocks
 //! (on the GPU one `copy_rows` launch per input, each writing its own blocks, so every output element is written).
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes (one read, one write) and no FLOPs, in
+//! both directions.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, launch, Result};
 

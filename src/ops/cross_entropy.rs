@@ -25,13 +25,18 @@
 //! losses never synchronise; the NaN reaches the loss (seen whenever it is read) and the gradients, where
 //! [`clip_grad_norm`](crate::optim::clip_grad_norm), which reads the gradient norm back every step, stops training
 //! with [`Error::NonFinite`](crate::Error::NonFinite). Nothing is clamped. The soft Dice loss follows the same rule.
+//!
+//! Cost per voxel with K classes (the counting rules are in [`ops`](crate::ops)): forward 4 (K + 1) bytes (read K
+//! logits and the label) and about 4K FLOPs (max, shift, exponential, sum; one logarithm); backward 4 (2K + 1) bytes
+//! (read logits and label, write dL/dx) and about 6K FLOPs (the softmax again, then (p - onehot) g / V).
+//! Memory-bound.
 
 use cudarc::driver::LaunchConfig;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::MapDims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, ensure, launch, Result};
 

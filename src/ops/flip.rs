@@ -5,11 +5,14 @@
 //! ```
 //! Each token's C channels are contiguous, so a flip copies whole rows of C (on the GPU, one thread per output
 //! element, reading the mirrored row's same channel).
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes (one read, one write) and no FLOPs, in
+//! both directions.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
 use crate::ops::seq_dims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, launch, Result};
 

@@ -5,6 +5,36 @@
 //! flow through it. Layout conventions:
 //! - feature maps are `(N, C, H, W)` (2D) or `(N, C, D, H, W)` (3D); 2D ops run as 3D ops with D = 1;
 //! - token sequences are `(G, L, C)`: G independent sequences of L tokens with C channels, channels last.
+//!
+//! For example, PiM's grouping of a 4 x 4 map into 2 x 2 windows, and its inverse:
+//!
+//! ```
+//! use lkm_engine::autograd::Tape;
+//! use lkm_engine::ops::pim::{merge, partition, PimLayout};
+//! use lkm_engine::{DType, Tensor};
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! let x = Tensor::from_fn(&[1, 1, 4, 4], DType::F32, |i| i as f64)?; // (N, C, H, W) holding 0..16
+//! let mut tape = Tape::no_grad();
+//! let windows = partition(&mut tape, &x, &[2, 2], PimLayout::Window)?;
+//! assert_eq!(windows.shape(), &[4, 4, 1]); // G = 4 sequences of L = 4 tokens, C = 1
+//! assert_eq!(windows.to_vec_f32()?[..4], [0.0, 1.0, 4.0, 5.0]); // the top-left window
+//! let strided = partition(&mut tape, &x, &[2, 2], PimLayout::Strided)?;
+//! assert_eq!(strided.to_vec_f32()?[..4], [0.0, 2.0, 8.0, 10.0]); // every second pixel
+//! let back = merge(&mut tape, &windows, x.shape(), &[2, 2], PimLayout::Window)?;
+//! assert_eq!(back.to_vec_f32()?, x.to_vec_f32()?);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Cost. Each op's header states its cost per element, so that a benchmark row can be set against the machine's
+//! ceilings without reading the benchmark: bytes are the least memory traffic, each input read once and each output
+//! written once (what `benches/kernels.rs` counts), at 4 bytes per float32 element, and FLOPs count every add,
+//! multiply, division, comparison, exponential and logarithm as one. An op whose FLOPs per byte lie far below the
+//! machine's ratio of arithmetic rate to memory bandwidth (on an H100 about 20 for float32 FMA and 300 for bf16
+//! tensor cores) is bound by memory: its ceiling is the copy bandwidth. `lkm-engine profile` ([`crate::profile`])
+//! counts the same FLOPs for the ops that arithmetic can bound (convolutions, linear layers, the causal conv1d and
+//! the scan's per-state work) and none for the rest.
 
 pub mod activation;
 pub mod add;

@@ -4,6 +4,8 @@
 //!   y = x viewed with shape s (same elements, same order)      dL/dx = dL/dy viewed with x's shape
 //! ```
 //! Tensors are contiguous, so both directions share the storage and copy nothing.
+//!
+//! Cost (the counting rules are in [`ops`](crate::ops)): no bytes and no FLOPs in either direction.
 
 use crate::autograd::{Backward, Tape};
 use crate::tensor::Tensor;

@@ -3,9 +3,11 @@
 //! ```text
 //!   y = s x        dL/dx = s dL/dy
 //! ```
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes and 1 FLOP, in both directions.
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
+use crate::profile;
 use crate::tensor::{self, Tensor};
 use crate::Result;
 

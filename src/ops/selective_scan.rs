@@ -55,16 +55,27 @@
 //! again from its true initial state. The backward recomputes the states chunk by chunk from the saved ones and
 //! carries the adjoint backwards, across chunks of long sequences by the same combine in reverse. Gradients summed
 //! over tokens or channels are reduced in a fixed order, so they are deterministic. The GPU kernels support N <= 32.
+//!
+//! Cost per element of u (one token of one channel), with N states and Dch channels (the counting rules are in
+//! [`ops`](crate::ops)): forward at least 4 (4 + 2N/Dch) bytes (read u, delta and z, write y; the B and C rows of a
+//! token are shared by its Dch channels) and about 7N + 11 FLOPs: 7 per state (dt A and its exponential, the
+//! update dA h + (dt u) B, the C contraction) and about 11 for the softplus, the D skip and the gate, N + 3 of them
+//! exponentials or logarithms; backward at least 4 (7 + 4N/Dch) bytes (read u, delta, z, dL/dy, B and C; write
+//! dL/du, dL/ddelta, dL/dz, dL/dB and dL/dC) and about 21N + 25 FLOPs (the forward recomputed, then about twice its
+//! per-state work for the adjoint). `lkm-engine profile` counts the per-state terms, 7N and 21N. The GPU also writes
+//! and reads back the chunk-start states, N / [`GPU_CHUNK`] floats per element. At the PiM stage-0 shapes of the 3D
+//! reference (N = 16, Dch = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte: bound by memory and by the
+//! exponentials.
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use rayon::prelude::*;
 
-use crate::profile;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
+use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, ensure, launch, Result};
 

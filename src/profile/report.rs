@@ -43,9 +43,10 @@ impl Ceilings {
                     block_dim: (threads as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let mma_ms = best(gpu.time_ms(1, 5, || {
-                    crate::launch!(gpu, "peak_mma_bf16", cfg, "peak", [&mut out.slice, &iters])
-                })?);
+                let mma_ms =
+                    best(gpu.time_ms(1, 5, || {
+                        crate::launch!(gpu, "peak_mma_bf16", cfg, "peak", [&mut out.slice, &iters])
+                    })?);
                 let flops = (blocks * threads / 32) as f64 * f64::from(iters) * 4.0 * (2 * 16 * 8 * 16) as f64;
                 Ok(Ceilings {
                     device: gpu.name().to_string(),
@@ -258,12 +259,8 @@ pub fn render(
         let _ = writeln!(s, "\nby {title}:");
         for (k, ms, bytes, flops) in sums {
             let rate = if flops > 0.0 { format!("  {:.2} TFLOP/s", flops / (ms * 1e9)) } else { String::new() };
-            let _ = writeln!(
-                s,
-                "  {k:<28} {ms:>10.3} ms {:>6}%  {:>8.0} GB/s{rate}",
-                pct(ms, step_ms),
-                bytes / (ms * 1e6)
-            );
+            let _ =
+                writeln!(s, "  {k:<28} {ms:>10.3} ms {:>6}%  {:>8.0} GB/s{rate}", pct(ms, step_ms), bytes / (ms * 1e6));
         }
     }
     let _ = writeln!(s, "\nby phase (time in the phase, of it in ops, the rest: launch gaps and host work):");
@@ -272,7 +269,8 @@ pub fn render(
         let in_ops: f64 = rows.iter().filter(|r| r.phase == name).map(|r| r.ms).sum();
         let _ = writeln!(s, "  {name:<10} {total:>10.3} ms  ops {in_ops:>10.3} ms  rest {:>9.3} ms", total - in_ops);
     }
-    let between = step_ms - ["forward", "loss", "backward", "clip", "optimiser"].iter().map(|p| phase_ms(p)).sum::<f64>();
+    let between =
+        step_ms - ["forward", "loss", "backward", "clip", "optimiser"].iter().map(|p| phase_ms(p)).sum::<f64>();
     let _ = writeln!(s, "  between phases (loss read-back, gradient gathering): {between:.3} ms");
     let _ = writeln!(s, "\nmemory:");
     match pool_peak_bytes {
@@ -296,7 +294,8 @@ pub fn render(
 
 /// Every row as CSV (op, layer, stage, shapes, calls, ms, bytes, flops per step, GB/s, TFLOP/s).
 pub fn csv(recording: &Recording, steps: usize) -> String {
-    let mut s = String::from("op,layer,stage,shapes,calls_per_step,ms_per_step,bytes_per_step,flops_per_step,gbps,tflops\n");
+    let mut s =
+        String::from("op,layer,stage,shapes,calls_per_step,ms_per_step,bytes_per_step,flops_per_step,gbps,tflops\n");
     for r in rows(recording, steps) {
         let _ = writeln!(
             s,

@@ -3,6 +3,32 @@
 //! A [`Tensor`] is an immutable handle: cloning it shares the storage (an `Arc`) and keeps its identity, which is
 //! what the autograd tape keys gradients on. Ops return new tensors. The only in-place writes are the optimiser's,
 //! through [`Tensor::storage_mut`], which is allowed once nothing else (such as a tape) holds the storage.
+//!
+//! ```
+//! use lkm_engine::tensor::{add, scale};
+//! use lkm_engine::{DType, Tensor};
+//!
+//! # fn main() -> lkm_engine::Result<()> {
+//! // Row-major: the last axis varies fastest.
+//! let x = Tensor::from_fn(&[2, 3], DType::F64, |i| i as f64)?;
+//! assert_eq!((x.shape(), x.rank(), x.numel()), (&[2, 3][..], 2, 6));
+//!
+//! // A clone is the same tensor (same identity, shared storage); a view with another shape is a new one.
+//! assert_eq!(x.clone().id(), x.id());
+//! let rows = x.with_shape(&[3, 2])?;
+//! assert_ne!(rows.id(), x.id());
+//! assert_eq!(rows.to_vec_f64()?, x.to_vec_f64()?);
+//!
+//! // Elementwise arithmetic (no autograd at this layer): x + 2x.
+//! let y = add(&x, &scale(&x, 2.0)?)?;
+//! assert_eq!(y.to_vec_f64()?, [0.0, 3.0, 6.0, 9.0, 12.0, 15.0]);
+//!
+//! // Sizes that do not match are an error that names them.
+//! let err = Tensor::from_vec(vec![1.0f32; 5], &[2, 3]).unwrap_err().to_string();
+//! assert!(err.contains("5 values") && err.contains("[2, 3]"), "{err}");
+//! # Ok(())
+//! # }
+//! ```
 
 mod real;
 

@@ -1,4 +1,9 @@
-//! Training: the loss, and (next) the loop, checkpoints and metrics.
+//! Training: the loss, one step ([`step::train_step`]), the loop, checkpoints, data preparation, the step dump for
+//! the parity check and the step profile.
+//!
+//! One training step, spelled out with the public items and runnable, is in
+//! [the tour](crate::tour#the-whole-step-spelled-out); the [`predict`](crate::predict) example trains one iteration
+//! with [`Run::train`](trainer::Run::train) and segments a NIfTI file with the checkpoint it wrote.
 
 pub mod checkpoint;
 pub mod dump;
