@@ -45,6 +45,9 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Math of the GPU convolutions: tf32 (tensor cores) or exact (float32 SIMT).
+        #[arg(long, default_value = "tf32")]
+        math: String,
     },
     /// Score predicted label maps against references: Dice and normalised surface Dice per class and case.
     Evaluate {
@@ -108,6 +111,10 @@ struct ProfileArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Math of the GPU convolutions: tf32 (tensor cores, float32 accumulation) or exact (float32 SIMT, for parity
+    /// checks).
+    #[arg(long, default_value = "tf32")]
+    math: String,
     /// Write a Chrome trace-event JSON (Perfetto, chrome://tracing) of the recorded steps.
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -136,6 +143,9 @@ struct DumpArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Math of the GPU convolutions: exact (float32 SIMT, the parity check's default) or tf32 (tensor cores).
+    #[arg(long, default_value = "exact")]
+    math: String,
     /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -179,6 +189,10 @@ struct TrainArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Math of the GPU convolutions: tf32 (tensor cores, float32 accumulation) or exact (float32 SIMT, for parity
+    /// checks).
+    #[arg(long, default_value = "tf32")]
+    math: String,
     /// Run folder for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
@@ -203,7 +217,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
-        Command::Predict { model, input, output, mirror, device } => predict(&model, &input, &output, mirror, &device),
+        Command::Predict { model, input, output, mirror, device, math } => {
+            open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d))
+        }
         Command::Evaluate { pred, reference, tolerance, classes, csv, groups } => {
             evaluate(&pred, &reference, &tolerance, classes, csv.as_deref(), &groups)
         }
@@ -219,7 +235,7 @@ fn main() {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let device = Device::parse(&a.device)?;
+    let device = open_device(&a.device, &a.math)?;
     let t0 = Instant::now();
     let data: Prepared = match &a.data {
         Some(dir) => prepare::dataset(dir, a.val_fraction)?,
@@ -272,12 +288,13 @@ fn train(a: TrainArgs) -> Result<()> {
         None => Start { params: fresh.clone(), momentum: Vec::new(), epoch: 0 },
     };
     eprintln!(
-        "model: LKM-UNet {} stages, {:.2} M parameters, patch {:?}, PiM {:?}; device {:?}; epochs {}..{} of {} iterations",
+        "model: LKM-UNet {} stages, {:.2} M parameters, patch {:?}, PiM {:?}; device {:?}{}; epochs {}..{} of {} iterations",
         model.config.features.len(),
         fresh.count() as f64 / 1e6,
         model.config.patch,
         model.config.pim_layout,
         device,
+        if device.is_cpu() { String::new() } else { format!(" ({} convolutions)", a.math) },
         start.epoch,
         opts.epochs,
         opts.iters_per_epoch
@@ -295,8 +312,8 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device: &str) -> Result<()> {
-    let predictor = Predictor::from_checkpoint(model_path, Device::parse(device)?, mirror)?;
+fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device: Device) -> Result<()> {
+    let predictor = Predictor::from_checkpoint(model_path, device, mirror)?;
     for (name, files) in input_cases(input)? {
         let t0 = Instant::now();
         let out = predictor.predict_files(&name, &files, output)?;
@@ -388,17 +405,20 @@ fn dump_step(a: &DumpArgs) -> Result<()> {
     };
     let out = &a.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
-    lkm_engine::train::dump::dump_step(cfg, a.batch, a.seed, &Device::parse(&a.device)?, dtype, out, a.steps)
+    lkm_engine::train::dump::dump_step(cfg, a.batch, a.seed, &open_device(&a.device, &a.math)?, dtype, out, a.steps)
 }
 
 fn profile(a: &ProfileArgs) -> Result<()> {
     use lkm_engine::profile::report;
     let mut config = ModelConfig::by_name(&a.config)?;
     config.pim_layout = parse_layout(&a.pim_layout)?;
-    let device = Device::parse(&a.device)?;
+    let device = open_device(&a.device, &a.math)?;
     let opts = lkm_engine::train::profile::ProfileOptions { config, batch: a.batch, steps: a.steps, device };
     let p = lkm_engine::train::profile::run(&opts)?;
-    let title = format!("{} batch {} ({} PiM), {} recorded steps", a.config, a.batch, a.pim_layout, a.steps);
+    let title = format!(
+        "{} batch {} ({} PiM, {} convolutions), {} recorded steps",
+        a.config, a.batch, a.pim_layout, a.math, a.steps
+    );
     println!("{}", report::render(&title, &p.recording, &p.times, &p.ceilings, p.pool_peak_bytes, a.top));
     let write = |path: &Path, text: String| {
         std::fs::write(path, text).map_err(|e| Error::Io(format!("writing {}: {e}", path.display())))
@@ -412,6 +432,20 @@ fn profile(a: &ProfileArgs) -> Result<()> {
         eprintln!("csv: {}", path.display());
     }
     Ok(())
+}
+
+/// Parses `--device` and applies `--math` (tf32 or exact) to a GPU.
+fn open_device(spec: &str, math: &str) -> Result<Device> {
+    let exact = match math {
+        "tf32" => false,
+        "exact" => true,
+        s => bail!(Config, "--math must be tf32 or exact, not {s:?}"),
+    };
+    let device = Device::parse(spec)?;
+    if let Device::Cuda(gpu) = &device {
+        gpu.set_exact_f32(exact);
+    }
+    Ok(device)
 }
 
 fn parse_layout(s: &str) -> Result<PimLayout> {

@@ -1,11 +1,13 @@
 //! conv and conv_transpose on the GPU against their CPU reference (float64): forward and every gradient, fresh
-//! random inputs, odd sizes (not multiples of the 128 x 32 x 16 tiles), NaN-poisoned outputs. Tolerance 1e-4: every
-//! output is a float32 sum of up to a few thousand products (the weight gradient's of many more, in slices). Run on
-//! a GPU machine with `cargo test --release --test gpu_conv -- --ignored`.
+//! random inputs, odd sizes (not multiples of the 128 x 32 x 16 tiles), NaN-poisoned outputs, in both maths. Exact
+//! float32 (SIMT): tolerance 1e-4, every output being a float32 sum of up to a few thousand products (the weight
+//! gradient's of many more, in slices). tf32 tensor cores: engine.md's 1e-2, and above 1e-6, which exact float32 never
+//! reaches here: a tf32 kernel that quietly ran in float32 would fail. Run on a GPU machine with
+//! `cargo test --release --test gpu_conv -- --ignored`.
 
 mod common;
 
-use common::{check_op, randn32, rel_err};
+use common::{check_op_on, randn32, rel_err, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::conv::conv;
@@ -14,27 +16,57 @@ use lkm_engine::tensor::DType;
 use lkm_engine::Tensor;
 
 const TOL: f64 = 1e-4;
+/// engine.md's tolerance for tf32 and bf16 products.
+const TF32_TOL: f64 = 1e-2;
+
+/// Runs `f` on `inputs` (the last one an optional bias) against the CPU, with and without the bias, on the exact
+/// float32 kernels and on the tf32 tensor-core kernels.
+fn check_both_maths(name: &str, inputs: [Tensor; 3], f: impl Fn(&mut Tape, &[Tensor]) -> lkm_engine::Result<Tensor>) {
+    let [x, w, b] = inputs;
+    for (math, gpu, tol) in [("float32", common::gpu(), TOL), ("tf32", tf32_gpu(), TF32_TOL)] {
+        let with_bias = [x.clone(), w.clone(), b.clone()];
+        let worst = check_op_on(gpu.clone(), &format!("{name} {math} with bias"), &with_bias, &[true; 3], tol, &f);
+        let no_bias = [x.clone(), w.clone()];
+        check_op_on(gpu, &format!("{name} {math} without bias"), &no_bias, &[true; 2], tol, &f);
+        if math == "tf32" {
+            assert!(worst > 1e-6, "{name}: the tf32 kernels match float64 to {worst:e}: are they running in float32?");
+        }
+    }
+}
 
 /// Checks conv with and without bias on an input of `x_shape` and a weight of `w_shape`.
 fn check_conv(name: &str, x_shape: &[usize], w_shape: &[usize], stride: &[usize], seed: u64) {
-    let x = randn32(x_shape, 1.0, seed);
-    let w = randn32(w_shape, 0.3, seed + 1);
-    let b = randn32(&[w_shape[0]], 1.0, seed + 2);
-    check_op(&format!("{name} with bias"), &[x.clone(), w.clone(), b], TOL, |t, v| {
-        conv(t, &v[0], &v[1], Some(&v[2]), stride)
-    });
-    check_op(&format!("{name} without bias"), &[x, w], TOL, |t, v| conv(t, &v[0], &v[1], None, stride));
+    let inputs = [randn32(x_shape, 1.0, seed), randn32(w_shape, 0.3, seed + 1), randn32(&[w_shape[0]], 1.0, seed + 2)];
+    check_both_maths(name, inputs, |t, v| conv(t, &v[0], &v[1], v.get(2), stride));
 }
 
 /// Checks conv_transpose with and without bias on an input of `x_shape` and a weight of `w_shape`.
 fn check_conv_transpose(name: &str, x_shape: &[usize], w_shape: &[usize], seed: u64) {
-    let x = randn32(x_shape, 1.0, seed);
-    let w = randn32(w_shape, 0.3, seed + 1);
-    let b = randn32(&[w_shape[1]], 1.0, seed + 2);
-    check_op(&format!("{name} with bias"), &[x.clone(), w.clone(), b], TOL, |t, v| {
-        conv_transpose(t, &v[0], &v[1], Some(&v[2]))
-    });
-    check_op(&format!("{name} without bias"), &[x, w], TOL, |t, v| conv_transpose(t, &v[0], &v[1], None));
+    let inputs = [randn32(x_shape, 1.0, seed), randn32(w_shape, 0.3, seed + 1), randn32(&[w_shape[1]], 1.0, seed + 2)];
+    check_both_maths(name, inputs, |t, v| conv_transpose(t, &v[0], &v[1], v.get(2)));
+}
+
+/// The tf32 kernels reduce in a fixed order (no atomics, split-K slices summed in order): two runs of a conv's forward
+/// and backward give the same bits.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_tf32_deterministic() {
+    let dev = Device::Cuda(tf32_gpu());
+    let x = randn32(&[2, 33, 9, 19, 23], 1.0, 400).to_device(&dev).unwrap();
+    let w = randn32(&[37, 33, 3, 3, 3], 0.3, 401).to_device(&dev).unwrap();
+    let seed = randn32(&[2, 37, 9, 19, 23], 1.0, 402).to_device(&dev).unwrap();
+    let run = || {
+        let mut tape = Tape::new();
+        tape.watch(&x);
+        tape.watch(&w);
+        let y = conv(&mut tape, &x, &w, None, &[1, 1, 1]).unwrap();
+        let mut g = tape.backward_from(&y, seed.clone()).unwrap();
+        [y, g.take(&x).unwrap(), g.take(&w).unwrap()].map(|t| t.to_vec_f32().unwrap())
+    };
+    let (a, b) = (run(), run());
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "output {i} differs between two runs");
+    }
 }
 
 #[test]
@@ -135,7 +167,8 @@ fn gpu_conv3d_reference_shape() {
     }
 
     gpu.set_poison(false);
-    for kernel in [[1, 3, 3], [3, 3, 3]] {
+    for (math, kernel) in [("float32", [1, 3, 3]), ("float32", [3, 3, 3]), ("tf32", [1, 3, 3]), ("tf32", [3, 3, 3])] {
+        gpu.set_exact_f32(math == "float32");
         let x = randn32(&[2, 32, 40, 224, 192], 1.0, 1).to_device(&dev).unwrap();
         let w = randn32(&[32, 32, kernel[0], kernel[1], kernel[2]], 0.1, 2).to_device(&dev).unwrap();
         let b = randn32(&[32], 1.0, 3).to_device(&dev).unwrap();
@@ -154,7 +187,7 @@ fn gpu_conv3d_reference_shape() {
         let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         let flop = 2.0 * (2 * 40 * 224 * 192) as f64 * 32.0 * 32.0 * kernel.iter().product::<usize>() as f64;
         eprintln!(
-            "conv3d {kernel:?} 2x32x40x224x192 on {}: forward {:.2} ms ({:.1} TFLOP/s), forward + dx + dw + db {:.2} ms",
+            "conv3d {kernel:?} 2x32x40x224x192 {math} on {}: forward {:.2} ms ({:.1} TFLOP/s), forward + dx + dw + db {:.2} ms",
             gpu.name(),
             best(&forward),
             flop / best(&forward) * 1e-9,

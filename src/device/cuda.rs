@@ -21,6 +21,7 @@ pub struct Gpu {
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     poison: AtomicBool,
+    exact_f32: AtomicBool,
 }
 
 /// A float32 buffer on a GPU, tied to the GPU that owns it.
@@ -89,6 +90,7 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
+            exact_f32: AtomicBool::new(false),
         }))
     }
 
@@ -189,6 +191,18 @@ impl Gpu {
     /// unwritten is caught by the GPU tests.
     pub fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Selects the math of the matrix products (convolutions): tf32 tensor cores with float32 accumulation (the
+    /// default, like PyTorch's default for cuDNN convolutions), or, when `exact` is set, float32 SIMT products whose
+    /// rounding matches a float32 CPU computation (for the parity checks against float64 and PyTorch).
+    pub fn set_exact_f32(&self, exact: bool) {
+        self.exact_f32.store(exact, Ordering::Relaxed);
+    }
+
+    /// Whether matrix products run in exact float32 ([`Gpu::set_exact_f32`]).
+    pub fn exact_f32(&self) -> bool {
+        self.exact_f32.load(Ordering::Relaxed)
     }
 
     /// A zero-filled buffer of `len` floats.

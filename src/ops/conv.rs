@@ -57,6 +57,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::Gpu;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -580,7 +581,33 @@ impl GemmGeom {
     }
 }
 
+/// The three implicit products of a [`Pairing`].
+#[derive(Clone, Copy)]
+enum Product {
+    NarrowFromWide,
+    WideFromNarrow,
+    WeightGrad,
+}
+
 impl Pairing {
+    /// The kernel of `product` for this pairing's op on `gpu`: one name per role (conv or transposed conv, forward,
+    /// input gradient or weight gradient) and math (exact float32 SIMT, or tf32 tensor cores: [`Gpu::set_exact_f32`]).
+    fn kernel(&self, product: Product, gpu: &Gpu) -> &'static str {
+        // [transposed][tf32]
+        let names: [[&'static str; 2]; 2] = match product {
+            Product::NarrowFromWide => {
+                [["conv_fprop", "conv_fprop_tf32"], ["conv_transpose_dgrad", "conv_transpose_dgrad_tf32"]]
+            }
+            Product::WideFromNarrow => {
+                [["conv_dgrad", "conv_dgrad_tf32"], ["conv_transpose_fprop", "conv_transpose_fprop_tf32"]]
+            }
+            Product::WeightGrad => {
+                [["conv_wgrad", "conv_wgrad_tf32"], ["conv_transpose_wgrad", "conv_transpose_wgrad_tf32"]]
+            }
+        };
+        names[usize::from(self.transposed)][usize::from(!gpu.exact_f32())]
+    }
+
     fn taps(&self) -> usize {
         self.k.iter().product()
     }
@@ -643,7 +670,7 @@ impl Pairing {
         };
         let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
         let mut out = wide.gpu.alloc(len, what)?;
-        let kernel = if self.transposed { "conv_transpose_dgrad" } else { "conv_fprop" };
+        let kernel = self.kernel(Product::NarrowFromWide, &wide.gpu);
         geom.launch(kernel, wide, w, bias, &mut out, what)?;
         Ok(out)
     }
@@ -698,7 +725,7 @@ impl Pairing {
                 tap_mul: self.stride,
                 tap_add: rho,
             };
-            let kernel = if self.transposed { "conv_transpose_fprop" } else { "conv_dgrad" };
+            let kernel = self.kernel(Product::WideFromNarrow, &narrow.gpu);
             geom.launch(kernel, narrow, w, bias, &mut out, what)?;
         }
         Ok(out)
@@ -731,7 +758,7 @@ impl Pairing {
             shared_mem_bytes: 0,
         };
         let numel = cols * rows;
-        let kernel = if self.transposed { "conv_transpose_wgrad" } else { "conv_wgrad" };
+        let kernel = self.kernel(Product::WeightGrad, gpu);
         if slices == 1 {
             let mut dw = gpu.alloc(numel, what)?;
             launch!(gpu, kernel, cfg, what, [&narrow.slice, &wide.slice, &mut dw.slice, &args])?;

@@ -11,10 +11,19 @@ use lkm_engine::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-/// GPU 0 with NaN-poisoned allocations; panics with the reason when there is none (these tests are `#[ignore]`d).
+/// GPU 0 with NaN-poisoned allocations and exact float32 products (these tests check float32 arithmetic against
+/// float64); panics with the reason when there is none (these tests are `#[ignore]`d).
 pub fn gpu() -> Arc<Gpu> {
     let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"));
     gpu.set_poison(true);
+    gpu.set_exact_f32(true);
+    gpu
+}
+
+/// As [`gpu`], with the convolutions on the tf32 tensor cores (the training default).
+pub fn tf32_gpu() -> Arc<Gpu> {
+    let gpu = gpu();
+    gpu.set_exact_f32(false);
     gpu
 }
 
@@ -72,7 +81,19 @@ pub fn check_op_inputs(
     tol: f64,
     f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
 ) -> f64 {
-    let gpu = Device::Cuda(gpu());
+    check_op_on(gpu(), name, inputs, differentiable, tol, f)
+}
+
+/// As [`check_op_inputs`], on a given GPU (e.g. [`tf32_gpu`]).
+pub fn check_op_on(
+    gpu: Arc<Gpu>,
+    name: &str,
+    inputs: &[Tensor],
+    differentiable: &[bool],
+    tol: f64,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> f64 {
+    let gpu = Device::Cuda(gpu);
     let cpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect();
     let gpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&gpu).unwrap()).collect();
     let (ref_out, ref_grads) = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
