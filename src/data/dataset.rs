@@ -293,8 +293,9 @@ impl DatasetJson {
     }
 }
 
-/// Two files of one case must describe the same grid: equal shapes and spacings within [`SPACING_RTOL`].
-pub(crate) fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
+/// Two files of one case (channels, label, prediction) must describe the same grid: equal shapes and spacings within
+/// [`SPACING_RTOL`].
+pub fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
     ensure!(
         a.shape == b.shape,
         Data,
