@@ -188,7 +188,7 @@ struct TrainArgs {
     out: PathBuf,
     /// Continue the run of this checkpoint, in its folder, with its data, configuration and options (a flag that
     /// differs from them is an error); --epochs may extend it.
-    #[arg(long, conflicts_with = "overwrite")]
+    #[arg(long)]
     resume: Option<PathBuf>,
     /// Start a fresh run even if --out holds one (its checkpoint and metrics are deleted).
     #[arg(long)]
@@ -347,6 +347,7 @@ fn resumed_launch(
             path.display()
         ))
     })?;
+    ensure!(!explicit("overwrite"), Config, "--overwrite starts a fresh run; it cannot be combined with --resume");
     let launch = Launch::resumed(&recorded, given, explicit, path, checkpoint_epoch(ck))?.validate()?;
     let folder = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     if explicit("out") {
