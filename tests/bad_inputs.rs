@@ -163,9 +163,7 @@ fn predict_never_writes_over_its_inputs_and_names_outputs_by_case() {
     std::fs::create_dir_all(&input).unwrap();
     let _ = std::fs::copy(data.join("imagesTr/phantom_0000_0000.nii.gz"), input.join("ct.v2.nii")).unwrap();
     let _ = expect_ok(&["predict", "--model", &ck, "--input", "in/ct.v2.nii", "--output", "out", "--device", "cpu"], &d);
-    let written: Vec<String> =
-        std::fs::read_dir(d.join("out")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!(written, vec!["ct.v2.nii.gz".to_string()]);
+    assert_eq!(names(&d.join("out")), ["ct.v2.nii.gz"]);
 }
 
 #[test]
@@ -196,9 +194,7 @@ fn a_fresh_train_refuses_a_folder_holding_a_run_and_a_locked_folder() {
     std::fs::write(d.join("run/latest.tmp"), b"half a checkpoint").unwrap();
     let msg = expect_ok(&train(&["--overwrite"]), &d);
     assert!(msg.contains("stale lock"), "{msg}");
-    let left: Vec<String> =
-        std::fs::read_dir(d.join("run")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert!(!left.iter().any(|f| f == "latest.tmp" || f == "train.lock"), "leftovers: {left:?}");
+    assert_eq!(names(&d.join("run")), ["latest.safetensors", "metrics.jsonl"], "leftovers");
     assert_eq!(std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().count(), 1);
 }
 
@@ -336,13 +332,10 @@ fn a_failed_synth_leaves_nothing_and_the_retry_works() {
     std::fs::write(d.join("blocker"), b"a file where a folder is needed").unwrap();
     let _ = expect_error(&["synth", "--out", "blocker/data", "--cases", "1", "--shape", "16,16,16"], &d, &["blocker"]);
     let _ = expect_error(&["synth", "--out", "blocker", "--cases", "1", "--shape", "16,16,16"], &d, &["blocker"]);
-    let names = |dir: &Path| -> Vec<String> {
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
-    };
-    assert_eq!(names(&d), vec!["blocker".to_string()], "a failed synth left something");
+    assert_eq!(names(&d), ["blocker"], "a failed synth left something");
     std::fs::create_dir(d.join("empty")).unwrap();
     let _ = expect_ok(&["synth", "--out", "empty", "--cases", "1", "--shape", "16,16,16"], &d);
-    assert_eq!(names(&d).len(), 2, "synth into an empty folder left a staging folder: {:?}", names(&d));
+    assert_eq!(names(&d), ["blocker", "empty"], "synth into an empty folder left a staging folder");
 }
 
 /// Starts `lkm-engine train` with `args` in `cwd`.
@@ -375,4 +368,27 @@ fn kill_9_then_resume_gives_the_uninterrupted_checkpoint_byte_for_byte() {
         text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap()).collect()
     };
     assert_eq!(epochs("killed"), vec![0, 1, 2, 3], "one metrics row per epoch, none repeated");
+}
+
+/// The names in `dir`.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn failed_writes_leave_no_temporary_or_partial_file() {
+    // The target names are taken by non-empty folders, so the final rename fails after the data was written.
+    let d = temp_dir("failed-writes");
+    for target in ["latest.safetensors", "case.nii.gz"] {
+        std::fs::create_dir_all(d.join(target).join("occupied")).unwrap();
+    }
+    let err = lkm_engine::train::checkpoint::write_atomically(&d.join("latest.safetensors"), b"bytes").unwrap_err();
+    assert!(err.to_string().contains("latest.safetensors"), "{err}");
+    let header = header_for([2, 3, 4], [1.0; 3]).unwrap();
+    let err = lkm_engine::data::nifti::write_label(d.join("case.nii.gz"), &[0; 24], [2, 3, 4], &header).unwrap_err();
+    assert!(err.to_string().contains("case.nii.gz"), "{err}");
+    assert_eq!(names(&d), ["case.nii.gz", "latest.safetensors"], "a failed write left a file behind");
 }
