@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
-use lkm_engine::data::dataset::write_dataset;
 use lkm_engine::data::dataset::check_same_grid;
+use lkm_engine::data::dataset::write_dataset;
 use lkm_engine::data::nifti::read_volume;
 use lkm_engine::data::synth::{phantom_dataset, SynthConfig, PHANTOM_LABELS};
 use lkm_engine::device::{Device, Gpu};

@@ -162,7 +162,8 @@ fn predict_never_writes_over_its_inputs_and_names_outputs_by_case() {
     let input = d.join("in");
     std::fs::create_dir_all(&input).unwrap();
     let _ = std::fs::copy(data.join("imagesTr/phantom_0000_0000.nii.gz"), input.join("ct.v2.nii")).unwrap();
-    let _ = expect_ok(&["predict", "--model", &ck, "--input", "in/ct.v2.nii", "--output", "out", "--device", "cpu"], &d);
+    let _ =
+        expect_ok(&["predict", "--model", &ck, "--input", "in/ct.v2.nii", "--output", "out", "--device", "cpu"], &d);
     assert_eq!(names(&d.join("out")), ["ct.v2.nii.gz"]);
 }
 

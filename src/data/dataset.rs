@@ -271,8 +271,7 @@ impl DatasetJson {
     pub fn parse(bytes: &[u8], jp: &str) -> Result<DatasetJson> {
         let json: Value =
             serde_json::from_slice(bytes).map_err(|e| Error::Data(format!("{jp}: not valid JSON: {e}")))?;
-        let obj =
-            json.as_object().ok_or_else(|| Error::Data(format!("{jp}: the top level must be a JSON object")))?;
+        let obj = json.as_object().ok_or_else(|| Error::Data(format!("{jp}: the top level must be a JSON object")))?;
         let channel_names = parse_channel_names(obj, jp)?;
         let label_names = parse_labels(obj, jp)?;
         let num_training = match obj.get("numTraining") {

@@ -57,9 +57,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use flate2::read::GzDecoder;
 use ::nifti::writer::WriterOptions;
 use ::nifti::{InMemNiftiVolume, IntoNdArray, NiftiError, NiftiHeader, NiftiType};
+use flate2::read::GzDecoder;
 
 use crate::{bail, ensure, Error, Result};
 
@@ -410,8 +410,9 @@ fn decompress<'a>(file: &'a [u8], path: &Path) -> Result<Cow<'a, [u8]>> {
         return Ok(Cow::Borrowed(file));
     }
     let p = path.display();
-    let corrupt =
-        |e: std::io::Error| Error::Data(format!("{p}: corrupt or truncated gzip data ({e}); re-copy or re-export the file"));
+    let corrupt = |e: std::io::Error| {
+        Error::Data(format!("{p}: corrupt or truncated gzip data ({e}); re-copy or re-export the file"))
+    };
     let mut gz = GzDecoder::new(file);
     let mut bytes = Vec::new();
     let _ = (&mut gz).take(HEADER_BYTES as u64).read_to_end(&mut bytes).map_err(corrupt)?;

@@ -98,8 +98,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Data(format!("{}: not a safetensors file ({e})", path.display())))?;
-    let (_, header) =
-        SafeTensors::read_metadata(bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
         Some(s) => serde_json::from_str(s)
             .map_err(|e| Error::Data(format!("{}: bad {META_KEY} metadata: {e}", path.display())))?,

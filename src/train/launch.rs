@@ -70,16 +70,11 @@ impl Launch {
         match &self.data {
             Some(dir) => {
                 ensure!(dir.is_dir(), Config, "--data {}: no such folder", dir.display());
-                self.data = Some(
-                    dir.canonicalize().map_err(|e| Error::Io(format!("--data {}: {e}", dir.display())))?,
-                );
+                self.data = Some(dir.canonicalize().map_err(|e| Error::Io(format!("--data {}: {e}", dir.display())))?);
             }
-            None => ensure!(
-                self.synth_cases >= 1,
-                Config,
-                "--synth-cases must be at least 1, got {}",
-                self.synth_cases
-            ),
+            None => {
+                ensure!(self.synth_cases >= 1, Config, "--synth-cases must be at least 1, got {}", self.synth_cases)
+            }
         }
         Ok(self)
     }
@@ -127,7 +122,8 @@ impl Launch {
         ck_epoch: usize,
     ) -> Result<Launch> {
         let same = |id: &str, r: &dyn Debug, g: &dyn Debug| -> Result<()> {
-            let (r, g) = (format!("{r:?}").trim_matches('"').to_string(), format!("{g:?}").trim_matches('"').to_string());
+            let (r, g) =
+                (format!("{r:?}").trim_matches('"').to_string(), format!("{g:?}").trim_matches('"').to_string());
             ensure!(
                 !explicit(id) || r == g,
                 Config,

@@ -24,14 +24,17 @@ pub const CHECKPOINT: &str = "latest.safetensors";
 /// The metrics log's name.
 pub const METRICS: &str = "metrics.jsonl";
 
-/// A run folder locked by this process; the lock is released on drop.
+/// A run folder locked by this process; the lock is released on drop (and the folder removed if this process
+/// created it and it stayed empty, so that a run refused later leaves nothing behind).
 pub struct RunDir {
     dir: PathBuf,
+    created: bool,
 }
 
 impl RunDir {
     /// Creates `dir` if needed, takes its lock and removes a `latest.tmp` left by a killed checkpoint write.
     pub fn lock(dir: &Path) -> Result<RunDir> {
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
         let lock = dir.join(LOCK);
         if !try_create_lock(&lock)? {
@@ -68,13 +71,14 @@ impl RunDir {
         if tmp.exists() {
             std::fs::remove_file(&tmp).map_err(|e| Error::Io(format!("removing {}: {e}", tmp.display())))?;
         }
-        Ok(RunDir { dir: dir.to_path_buf() })
+        Ok(RunDir { dir: dir.to_path_buf(), created })
     }
 
     /// Prepares a fresh run: a folder holding a run's checkpoint or metrics is refused unless `overwrite`, which
     /// removes them.
     pub fn start_fresh(&self, overwrite: bool) -> Result<()> {
-        let held: Vec<PathBuf> = [CHECKPOINT, METRICS].iter().map(|f| self.dir.join(f)).filter(|p| p.exists()).collect();
+        let held: Vec<PathBuf> =
+            [CHECKPOINT, METRICS].iter().map(|f| self.dir.join(f)).filter(|p| p.exists()).collect();
         if held.is_empty() {
             return Ok(());
         }
@@ -105,9 +109,9 @@ impl RunDir {
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let row: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| Error::Data(format!("{}: line {}: not a JSON row ({e})", path.display(), i + 1)))?;
-            let epoch = row["epoch"].as_u64().ok_or_else(|| {
-                Error::Data(format!("{}: line {}: no \"epoch\" number", path.display(), i + 1))
-            })?;
+            let epoch = row["epoch"]
+                .as_u64()
+                .ok_or_else(|| Error::Data(format!("{}: line {}: no \"epoch\" number", path.display(), i + 1)))?;
             if epoch < epochs_done as u64 {
                 kept.push_str(line);
                 kept.push('\n');
@@ -123,6 +127,9 @@ impl RunDir {
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(self.dir.join(LOCK));
+        if self.created {
+            let _ = std::fs::remove_dir(&self.dir); // fails, as it should, unless the folder is empty
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use rand::SeedableRng;
 
 use super::checkpoint;
 use super::loss::downsample_labels;
+use super::run_dir::{CHECKPOINT, METRICS};
 use super::step::train_step;
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
 use crate::data::Case;
@@ -168,7 +169,7 @@ impl Run<'_> {
             PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true, mirror: o.mirror };
         std::fs::create_dir_all(&self.out_dir)
             .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
-        let log_path = self.out_dir.join("metrics.jsonl");
+        let log_path = self.out_dir.join(METRICS);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -234,7 +235,7 @@ impl Run<'_> {
             eprintln!("{}", epoch_summary(&rec));
             writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
                 .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
-            self.save(&self.out_dir.join("latest.safetensors"), &params, &sgd, epoch + 1)?;
+            self.save(&self.out_dir.join(CHECKPOINT), &params, &sgd, epoch + 1)?;
             records.push(rec);
         }
         Ok((records, params))
@@ -291,7 +292,7 @@ impl Run<'_> {
     /// exists and what was last done. The images were checked finite when read and the loss of finite inputs is
     /// finite, so the parameters diverged.
     fn diverged(&self, loss: f64, epoch: usize, it: usize, start_epoch: usize, mean_loss: f64) -> String {
-        let ck = self.out_dir.join("latest.safetensors");
+        let ck = self.out_dir.join(CHECKPOINT);
         let checkpoint = if epoch > start_epoch || (epoch > 0 && ck.exists()) {
             format!("the checkpoint {} of epoch {epoch} is intact; resume from it with a lower --lr", ck.display())
         } else {
