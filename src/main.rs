@@ -286,6 +286,7 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
             let mut opts: TrainOptions = serde_json::from_value(ck.meta["options"].clone())
                 .map_err(|e| Error::Data(format!("{}: no valid training options: {e}", path.display())))?;
             opts.epochs = launch.epochs;
+            opts.lr = launch.lr;
             for (what, model, found) in
                 [("classes", config.num_classes, data.num_classes()), ("channels", config.in_channels, data.channels)]
             {

@@ -210,7 +210,7 @@ fn resume_restores_the_run_and_refuses_conflicting_flags() {
     let _ = expect_error(&resume(&["--epochs", "1"]), &d, &["--epochs 1", "not above", "1 epochs"]);
     let _ = expect_error(&resume(&["--epochs", "2", "--patch", "32,32,32"]), &d, &["--patch", "[32, 32, 32]", "[16"]);
     let _ = expect_error(&resume(&["--epochs", "2", "--config", "flare-3d"]), &d, &["--config flare-3d", "tiny-3d"]);
-    let _ = expect_error(&resume(&["--epochs", "2", "--lr", "0.5"]), &d, &["--lr 0.5", "0.01"]);
+    let _ = expect_error(&resume(&["--epochs", "2", "--seed", "7"]), &d, &["--seed 7", "12345"]);
     let _ = expect_error(&resume(&["--epochs", "2", "--out", "elsewhere"]), &d, &["--out elsewhere", "run"]);
     let _ = expect_error(&resume(&["--epochs", "2", "--data", "."]), &d, &["--data", "data"]);
     let _ = expect_error(&resume(&["--epochs", "2", "--overwrite"]), &d, &["--overwrite"]);
@@ -226,6 +226,19 @@ fn resume_restores_the_run_and_refuses_conflicting_flags() {
         &["4 classes", "the data 5"],
     );
     assert_eq!(hashes(&d.join("run")), before, "a refused resume changed the run");
+    // Metrics rows of epochs the checkpoint has not done (a run killed after logging, before saving) are dropped.
+    let metrics = d.join("run/metrics.jsonl");
+    let mut rows = std::fs::read_to_string(&metrics).unwrap();
+    rows.push_str("{\"epoch\":1,\"stale\":true}\n{\"epoch\":2,\"stale\":true}\n");
+    std::fs::write(&metrics, rows).unwrap();
+    let _ = expect_ok(&resume(&["--epochs", "2", "--device", "cpu"]), &d);
+    let rows = std::fs::read_to_string(&metrics).unwrap();
+    let epochs: Vec<u64> = rows
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [0, 1], "{rows}");
+    assert!(!rows.contains("stale"), "{rows}");
 }
 
 #[test]

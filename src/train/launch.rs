@@ -111,7 +111,7 @@ impl Launch {
     }
 
     /// The settings of a resumed run: those `recorded` in the checkpoint `ck` (which has completed `ck_epoch`
-    /// epochs), with `--epochs` taken from `given` when it was given. `explicit(id)` tells whether the user gave the
+    /// epochs), with `--epochs` and `--lr` taken from `given` when they were given. `explicit(id)` tells whether the user gave the
     /// flag of field `id` (clap's argument id); an explicit flag whose value differs from the recorded one is an
     /// error naming both. `--epochs` must lie above `ck_epoch`, and a finished run needs it.
     pub fn resumed(
@@ -140,7 +140,6 @@ impl Launch {
         same("pim_layout", &recorded.pim_layout, &given.pim_layout)?;
         same("iters", &recorded.iters, &given.iters)?;
         same("batch", &recorded.batch, &given.batch)?;
-        same("lr", &recorded.lr, &given.lr)?;
         same("seed", &recorded.seed, &given.seed)?;
         same("val_fraction", &recorded.val_fraction, &given.val_fraction)?;
         same("synth_cases", &recorded.synth_cases, &given.synth_cases)?;
@@ -165,7 +164,9 @@ impl Launch {
             );
             recorded.epochs
         };
-        Ok(Launch { epochs, ..recorded.clone() })
+        // A lower learning rate is the remedy for a diverged run, so --lr may change from here on.
+        let lr = if explicit("lr") { given.lr } else { recorded.lr };
+        Ok(Launch { epochs, lr, ..recorded.clone() })
     }
 }
 
