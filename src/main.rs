@@ -187,7 +187,7 @@ struct TrainArgs {
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
     /// Continue the run of this checkpoint, in its folder, with its data, configuration and options (a flag that
-    /// differs from them is an error); --epochs may extend it.
+    /// differs from them is an error); --epochs may extend it and --lr change it.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Start a fresh run even if --out holds one (its checkpoint and metrics are deleted).
@@ -349,7 +349,9 @@ fn resumed_launch(
         ))
     })?;
     ensure!(!explicit("overwrite"), Config, "--overwrite starts a fresh run; it cannot be combined with --resume");
-    let launch = Launch::resumed(&recorded, given, explicit, path, checkpoint_epoch(ck))?.validate()?;
+    let launch = Launch::resumed(&recorded, given, explicit, path, checkpoint_epoch(ck))?
+        .validate()
+        .map_err(|e| Error::Config(format!("{}: the run's recorded settings: {e}", path.display())))?;
     let folder = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     if explicit("out") {
         let canonical = |p: &Path| p.canonicalize().map_err(|e| Error::Io(format!("{}: {e}", p.display())));
