@@ -292,8 +292,8 @@ impl DatasetJson {
     }
 }
 
-/// Two files of one case (channels, label, prediction) must describe the same grid: equal shapes and spacings within
-/// [`SPACING_RTOL`].
+/// Two files of one case (channels, label, prediction) must describe the same grid: equal shapes, and spacings that
+/// agree within 1e-3 relative.
 pub fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
     ensure!(
         a.shape == b.shape,
