@@ -100,8 +100,8 @@ pub fn read_volume(path: impl AsRef<Path>) -> Result<NiftiVolume> {
 /// Parses the bytes of a NIfTI-1 file (gzipped or not), as [`read_volume`] does; `path` names the file in messages.
 ///
 /// Nothing is allocated beyond what the header asks for once that has been checked against the file's length (the
-/// gzip bound of `decompress`), and non-finite voxels are an error naming the file and counting them: a NaN would otherwise
-/// spread through the normalisation statistics and every window that overlaps it.
+/// gzip bound of `decompress`), and non-finite voxels are an error naming the file and counting them: a NaN would
+/// otherwise spread through the normalisation statistics and every window that overlaps it.
 pub fn parse_volume(file: &[u8], path: &Path) -> Result<NiftiVolume> {
     let p = path.display();
     let bytes = decompress(file, path)?;
