@@ -111,9 +111,9 @@ impl Launch {
     }
 
     /// The settings of a resumed run: those `recorded` in the checkpoint `ck` (which has completed `ck_epoch`
-    /// epochs), with `--epochs` and `--lr` taken from `given` when they were given. `explicit(id)` tells whether the user gave the
-    /// flag of field `id` (clap's argument id); an explicit flag whose value differs from the recorded one is an
-    /// error naming both. `--epochs` must lie above `ck_epoch`, and a finished run needs it.
+    /// epochs), with `--epochs` and `--lr` taken from `given` when they were given. `explicit(id)` tells whether the
+    /// user gave the flag of field `id` (clap's argument id); an explicit flag whose value differs from the recorded
+    /// one is an error naming both. `--epochs` must lie above `ck_epoch`, and a finished run needs it.
     pub fn resumed(
         recorded: &Launch,
         given: &Launch,
