@@ -6,7 +6,7 @@
 //!   taken over, with a message. Liveness is read from `/proc/<pid>`, and the process must have our executable's
 //!   name, so that a recycled pid of another program does not block forever. Where `/proc` does not exist (not
 //!   Linux), a lock is treated as held and the message says to delete it if no training runs.
-//! - A `latest.tmp` left by a checkpoint write that was killed is removed once the lock is held.
+//! - A `latest.tmp` (or `metrics.tmp`) left by a write that was killed is removed once the lock is held.
 //! - A fresh run refuses a folder holding `latest.safetensors` or `metrics.jsonl` unless `--overwrite`, which
 //!   removes them; a resumed run keeps the metrics rows of the epochs its checkpoint has done and drops later ones
 //!   (they belong to epochs that will be trained again).
@@ -32,7 +32,7 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `dir` if needed, takes its lock and removes a `latest.tmp` left by a killed checkpoint write.
+    /// Creates `dir` if needed, takes its lock and removes the `.tmp` files of a killed checkpoint or metrics write.
     pub fn lock(dir: &Path) -> Result<RunDir> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
@@ -42,7 +42,11 @@ impl RunDir {
             let pid = owner.trim().parse::<u32>().ok();
             match pid.map(process_alive) {
                 Some(Some(false)) => {
-                    eprintln!("{}: removing the stale lock of process {owner} (no longer running)", lock.display());
+                    eprintln!(
+                        "{}: removing the stale lock of process {} (no longer running)",
+                        lock.display(),
+                        owner.trim()
+                    );
                     let _ = std::fs::remove_file(&lock);
                     ensure!(
                         try_create_lock(&lock)?,
@@ -67,11 +71,13 @@ impl RunDir {
                 ),
             }
         }
-        let tmp = dir.join(CHECKPOINT).with_extension("tmp");
-        if tmp.exists() {
-            std::fs::remove_file(&tmp).map_err(|e| Error::Io(format!("removing {}: {e}", tmp.display())))?;
+        let run_dir = RunDir { dir: dir.to_path_buf(), created };
+        for tmp in [CHECKPOINT, METRICS].map(|f| dir.join(f).with_extension("tmp")) {
+            if tmp.exists() {
+                std::fs::remove_file(&tmp).map_err(|e| Error::Io(format!("removing {}: {e}", tmp.display())))?;
+            }
         }
-        Ok(RunDir { dir: dir.to_path_buf(), created })
+        Ok(run_dir)
     }
 
     /// Prepares a fresh run: a folder holding a run's checkpoint or metrics is refused unless `overwrite`, which
