@@ -190,8 +190,9 @@ fn a_fresh_train_refuses_a_folder_holding_a_run_and_a_locked_folder() {
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("train.lock"), "{}", stderr(&refused));
     assert_eq!(hashes(&d.join("run")).len(), before.len() + 1, "the refused run touched the folder");
-    // Its process gone (killed and reaped), the lock is stale and taken over; a killed checkpoint write's
-    // latest.tmp (or a metrics rewrite's metrics.tmp) is cleaned up; --overwrite replaces the run (one metrics row, not two).
+    // Its process gone (killed and reaped), the lock is stale and taken over; the latest.tmp of a killed checkpoint
+    // write and the metrics.tmp of a killed metrics rewrite are cleaned up; --overwrite replaces the run (one
+    // metrics row, not two).
     std::fs::write(d.join("run/latest.tmp"), b"half a checkpoint").unwrap();
     std::fs::write(d.join("run/metrics.tmp"), b"half a metrics rewrite").unwrap();
     let msg = expect_ok(&train(&["--overwrite"]), &d);
