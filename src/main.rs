@@ -3,19 +3,22 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use lkm_engine::data::dataset::check_same_grid;
 use lkm_engine::data::dataset::write_dataset;
 use lkm_engine::data::nifti::read_volume;
 use lkm_engine::data::synth::{phantom_dataset, SynthConfig, PHANTOM_LABELS};
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::metrics::{evaluate_case, scores_csv, summary_table};
 use lkm_engine::nn::{LkmUnet, ModelConfig};
-use lkm_engine::ops::pim::PimLayout;
-use lkm_engine::predict::{input_cases, Predictor};
-use lkm_engine::train::checkpoint;
+use lkm_engine::predict::{check_output, input_cases, pair_labels, Predictor};
+use lkm_engine::train::checkpoint::{self, Checkpoint};
+use lkm_engine::train::launch::{parse_pim_layout, Launch};
 use lkm_engine::train::prepare::{self, Prepared};
+use lkm_engine::train::run_dir::{RunDir, CHECKPOINT};
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
-use lkm_engine::{bail, DType, Error, Result};
+use lkm_engine::{bail, ensure, DType, Error, Result};
 
 #[derive(Parser)]
 #[command(name = "lkm-engine", version, about = "Train and run LKM-UNet segmentation models")]
@@ -54,7 +57,8 @@ enum Command {
         /// Folder of predicted label maps.
         #[arg(long)]
         pred: PathBuf,
-        /// Folder of reference label maps with the same file names.
+        /// Folder of reference label maps, one file per case (`CASE.nii.gz`); each needs the prediction of the same
+        /// case name.
         #[arg(long = "ref")]
         reference: PathBuf,
         /// NSD tolerance in mm: one value for all classes or one per foreground class, comma-separated.
@@ -196,9 +200,13 @@ struct TrainArgs {
     /// Run folder for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
-    /// Continue the run of this checkpoint (its model configuration and options; --epochs may extend it).
+    /// Continue the run of this checkpoint, in its folder, with its data, configuration and options (a flag that
+    /// differs from them is an error); --epochs may extend it and --lr change it.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start a fresh run even if --out holds one (its checkpoint and metrics are deleted).
+    #[arg(long)]
+    overwrite: bool,
     /// Fraction of cases held out for validation.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
@@ -214,9 +222,10 @@ struct TrainArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(args, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Predict { model, input, output, mirror, device, math } => {
             open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d))
         }
@@ -234,12 +243,48 @@ fn main() {
     }
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+impl TrainArgs {
+    /// The run settings these flags ask for.
+    fn launch(&self) -> Launch {
+        Launch {
+            data: self.data.clone(),
+            config: self.config.clone(),
+            patch: self.patch.clone(),
+            pim_layout: self.pim_layout.clone(),
+            epochs: self.epochs,
+            iters: self.iters,
+            batch: self.batch,
+            lr: self.lr,
+            seed: self.seed,
+            val_fraction: self.val_fraction,
+            synth_cases: self.synth_cases,
+            mirror: !self.no_mirror,
+        }
+    }
+}
+
+fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let device = open_device(&a.device, &a.math)?;
     let t0 = Instant::now();
-    let data: Prepared = match &a.data {
-        Some(dir) => prepare::dataset(dir, a.val_fraction)?,
-        None => prepare::synthetic(&SynthConfig { cases: a.synth_cases, ..SynthConfig::default() }, a.val_fraction)?,
+    let given = a.launch().validate()?;
+    let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    // A resumed run continues in its checkpoint's folder, with the settings recorded there.
+    let resume = a.resume.as_deref().map(|p| Ok::<_, Error>((p, checkpoint::load(p)?))).transpose()?;
+    let (launch, out) = match &resume {
+        Some((path, ck)) => resumed_launch(path, ck, &given, &explicit, &a.out)?,
+        None => (given, a.out.clone()),
+    };
+    let run_dir = RunDir::lock(&out)?;
+    match &resume {
+        Some((_, ck)) => run_dir.resume_at(checkpoint_epoch(ck))?,
+        None => run_dir.start_fresh(a.overwrite)?,
+    }
+    let data: Prepared = match &launch.data {
+        Some(dir) => prepare::dataset(dir, launch.val_fraction)?,
+        None => prepare::synthetic(
+            &SynthConfig { cases: launch.synth_cases, ..SynthConfig::default() },
+            launch.val_fraction,
+        )?,
     };
     eprintln!(
         "data: {} — {} training, {} validation cases, spacing {:?} mm, classes {:?} ({:.1}s)",
@@ -250,41 +295,31 @@ fn train(a: TrainArgs) -> Result<()> {
         data.class_names,
         t0.elapsed().as_secs_f64()
     );
-    let resume = a.resume.as_deref().map(checkpoint::load).transpose()?;
     let (config, mut opts, start_epoch) = match &resume {
-        Some(ck) => {
+        Some((path, ck)) => {
             let config: ModelConfig = serde_json::from_value(ck.meta["config"].clone())
-                .map_err(|e| Error::Data(format!("checkpoint has no valid model config: {e}")))?;
+                .map_err(|e| Error::Data(format!("{}: no valid model config: {e}", path.display())))?;
             let mut opts: TrainOptions = serde_json::from_value(ck.meta["options"].clone())
-                .map_err(|e| Error::Data(format!("checkpoint has no valid training options: {e}")))?;
-            opts.epochs = opts.epochs.max(a.epochs);
-            (config, opts, ck.meta["epoch"].as_u64().unwrap_or(0) as usize)
-        }
-        None => {
-            let mut config = ModelConfig::by_name(&a.config)?;
-            config.num_classes = data.num_classes();
-            config.in_channels = data.channels;
-            config.pim_layout = parse_layout(&a.pim_layout)?;
-            if let Some(p) = &a.patch {
-                config.patch = p.clone();
+                .map_err(|e| Error::Data(format!("{}: no valid training options: {e}", path.display())))?;
+            opts.epochs = launch.epochs;
+            opts.lr = launch.lr;
+            for (what, model, found) in
+                [("classes", config.num_classes, data.num_classes()), ("channels", config.in_channels, data.channels)]
+            {
+                if model != found {
+                    bail!(Data, "{}: the model has {model} {what}, the data {found} ({})", path.display(), data.source);
+                }
             }
-            let opts = TrainOptions {
-                epochs: a.epochs,
-                iters_per_epoch: a.iters,
-                batch: a.batch,
-                lr: a.lr,
-                seed: a.seed,
-                progress: !a.no_progress,
-                mirror: !a.no_mirror,
-                ..TrainOptions::default()
-            };
-            (config, opts, 0)
+            (config, opts, checkpoint_epoch(ck))
         }
+        None => (launch.model_config(data.num_classes(), data.channels)?, launch.train_options(true), 0),
     };
     opts.progress = !a.no_progress;
     let (model, fresh) = LkmUnet::new(config, opts.seed)?;
     let start = match &resume {
-        Some(ck) => Start { params: ck.params_like(&fresh)?, momentum: ck.momentum_like(&fresh), epoch: start_epoch },
+        Some((_, ck)) => {
+            Start { params: ck.params_like(&fresh)?, momentum: ck.momentum_like(&fresh), epoch: start_epoch }
+        }
         None => Start { params: fresh.clone(), momentum: Vec::new(), epoch: 0 },
     };
     eprintln!(
@@ -299,22 +334,65 @@ fn train(a: TrainArgs) -> Result<()> {
         opts.epochs,
         opts.iters_per_epoch
     );
-    let run = Run { model: &model, device, opts, out_dir: a.out.clone(), meta: data.meta() };
+    let mut meta = data.meta();
+    meta["launch"] = serde_json::to_value(&launch).expect("launch settings serialise");
+    let run = Run { model: &model, device, opts, out_dir: out.clone(), meta };
     let (records, _) = run.train(&data.train, &data.val, start)?;
+    drop(run_dir);
     if let Some(last) = records.iter().rev().find(|r| r.val_mean_dice.is_some()) {
         eprintln!(
             "done in {:.1}s: validation mean Dice {:.4}; checkpoint {}",
             t0.elapsed().as_secs_f64(),
             last.val_mean_dice.unwrap_or(f64::NAN),
-            a.out.join("latest.safetensors").display()
+            out.join(CHECKPOINT).display()
         );
     }
     Ok(())
 }
 
+/// The settings and run folder of `--resume path`: those recorded in the checkpoint (explicit flags must agree),
+/// and the checkpoint's folder (an explicit `--out` must be that folder).
+fn resumed_launch(
+    path: &Path,
+    ck: &Checkpoint,
+    given: &Launch,
+    explicit: &dyn Fn(&str) -> bool,
+    out: &Path,
+) -> Result<(Launch, PathBuf)> {
+    let recorded: Launch = serde_json::from_value(ck.meta["run"]["launch"].clone()).map_err(|e| {
+        Error::Data(format!(
+            "{}: no launch settings recorded ({e}); it was written by an older lkm-engine and cannot be resumed",
+            path.display()
+        ))
+    })?;
+    ensure!(!explicit("overwrite"), Config, "--overwrite starts a fresh run; it cannot be combined with --resume");
+    let launch = Launch::resumed(&recorded, given, explicit, path, checkpoint_epoch(ck))?
+        .validate()
+        .map_err(|e| Error::Config(format!("{}: the run's recorded settings: {e}", path.display())))?;
+    let folder = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    if explicit("out") {
+        let canonical = |p: &Path| p.canonicalize().map_err(|e| Error::Io(format!("{}: {e}", p.display())));
+        ensure!(
+            out.exists() && canonical(out)? == canonical(&folder)?,
+            Config,
+            "--out {} conflicts with the run being resumed, whose folder is {}; omit --out",
+            out.display(),
+            folder.display()
+        );
+    }
+    Ok((launch, folder))
+}
+
+/// The number of epochs a checkpoint has done.
+fn checkpoint_epoch(ck: &Checkpoint) -> usize {
+    ck.meta["epoch"].as_u64().unwrap_or(0) as usize
+}
+
 fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device: Device) -> Result<()> {
+    let cases = input_cases(input)?;
+    check_output(&cases, output)?;
     let predictor = Predictor::from_checkpoint(model_path, device, mirror)?;
-    for (name, files) in input_cases(input)? {
+    for (name, files) in cases {
         let t0 = Instant::now();
         let out = predictor.predict_files(&name, &files, output)?;
         eprintln!("{name}: {} ({:.1}s)", out.display(), t0.elapsed().as_secs_f64());
@@ -347,23 +425,15 @@ fn evaluate(
         }
         labels.iter().map(|l| groups.iter().position(|(_, g)| g.contains(l)).map_or(0, |i| i as u8 + 1)).collect()
     };
-    let cases = input_cases(reference)?;
+    if let Some(k) = classes {
+        ensure!(k >= 2, Config, "--classes must be at least 2 (background and one class), got {k}");
+    }
     let mut loaded = Vec::new();
-    for (name, files) in &cases {
-        let r = read_volume(&files[0])?;
-        let p_path = pred.join(files[0].file_name().expect("a file"));
+    for (name, p_path, r_path) in pair_labels(pred, reference)? {
+        let r = read_volume(&r_path)?;
         let p = read_volume(&p_path)?;
-        if p.shape != r.shape {
-            bail!(
-                Data,
-                "{}: shape {:?} differs from the reference {} {:?}",
-                p_path.display(),
-                p.shape,
-                files[0].display(),
-                r.shape
-            );
-        }
-        loaded.push((name.clone(), regroup(p.to_labels()?), regroup(r.to_labels()?), r.shape, r.spacing));
+        check_same_grid(&r, &p)?;
+        loaded.push((name, regroup(p.to_labels()?), regroup(r.to_labels()?), r.shape, r.spacing));
     }
     let k = if groups.is_empty() { classes } else { Some(groups.len() + 1) };
     let k = k.unwrap_or_else(|| {
@@ -389,7 +459,9 @@ fn evaluate(
 fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
     let shape: [usize; 3] =
         shape.try_into().map_err(|_| Error::Config(format!("--shape needs 3 values, got {shape:?}")))?;
-    let cases = phantom_dataset(&SynthConfig { cases, shape, seed });
+    let config = SynthConfig { cases, shape, seed };
+    config.validate()?;
+    let cases = phantom_dataset(&config);
     write_dataset(out, &cases, PHANTOM_LABELS, &["CT"])?;
     eprintln!("wrote {} phantom cases of {shape:?} to {}", cases.len(), out.display());
     Ok(())
@@ -397,7 +469,7 @@ fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
 
 fn dump_step(a: &DumpArgs) -> Result<()> {
     let mut cfg = ModelConfig::by_name(&a.config)?;
-    cfg.pim_layout = parse_layout(&a.pim_layout)?;
+    cfg.pim_layout = parse_pim_layout(&a.pim_layout)?;
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
         "f64" => DType::F64,
@@ -411,7 +483,7 @@ fn dump_step(a: &DumpArgs) -> Result<()> {
 fn profile(a: &ProfileArgs) -> Result<()> {
     use lkm_engine::profile::report;
     let mut config = ModelConfig::by_name(&a.config)?;
-    config.pim_layout = parse_layout(&a.pim_layout)?;
+    config.pim_layout = parse_pim_layout(&a.pim_layout)?;
     let device = open_device(&a.device, &a.math)?;
     let opts = lkm_engine::train::profile::ProfileOptions { config, batch: a.batch, steps: a.steps, device };
     let p = lkm_engine::train::profile::run(&opts)?;
@@ -446,14 +518,6 @@ fn open_device(spec: &str, math: &str) -> Result<Device> {
         gpu.set_exact_f32(exact);
     }
     Ok(device)
-}
-
-fn parse_layout(s: &str) -> Result<PimLayout> {
-    match s {
-        "window" => Ok(PimLayout::Window),
-        "strided" => Ok(PimLayout::Strided),
-        s => bail!(Config, "--pim-layout must be window or strided, not {s:?}"),
-    }
 }
 
 fn devices() -> Result<()> {

@@ -47,7 +47,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::data::dataset::check_same_grid;
+use crate::data::dataset::{check_same_grid, utf8_name};
 use crate::data::nifti::{read_volume, write_label};
 use crate::data::normalize::{normalize_case, Normalization};
 use crate::data::resample::{needs_resampling, resample_case, resample_nearest};
@@ -57,7 +57,7 @@ use crate::infer::{predict_labels, InferConfig};
 use crate::nn::{LkmUnet, ModelConfig, Params};
 use crate::tensor::DType;
 use crate::train::checkpoint;
-use crate::{bail, Error, Result};
+use crate::{bail, ensure, Error, Result};
 
 /// A trained model ready to segment files.
 pub struct Predictor {
@@ -141,35 +141,98 @@ impl Predictor {
 /// Groups the NIfTI files of `input` (a file or a folder) into cases: `NAME_NNNN.nii[.gz]` files are the channels
 /// of case NAME (nnU-Net naming); any other file is a one-channel case named by its stem.
 pub fn input_cases(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
-    let stem = |p: &Path| -> Option<String> {
-        let name = p.file_name()?.to_str()?;
-        name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).map(str::to_string)
-    };
-    let files: Vec<PathBuf> = if input.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(input)
-            .map_err(|e| Error::Io(format!("{}: {e}", input.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| stem(p).is_some())
-            .collect();
-        v.sort();
-        v
+    let files = if input.is_dir() {
+        nifti_files(input)?
     } else {
-        vec![input.to_path_buf()]
+        ensure!(input.exists(), Config, "--input {}: no such file or folder", input.display());
+        let stem = nifti_stem(&utf8_name(input)?)
+            .ok_or_else(|| Error::Data(format!("{}: not a .nii or .nii.gz file", input.display())))?;
+        vec![(stem, input.to_path_buf())]
     };
     let mut cases: Vec<(String, Vec<PathBuf>)> = Vec::new();
-    for f in files {
-        let s = stem(&f).ok_or_else(|| Error::Data(format!("{}: not a .nii or .nii.gz file", f.display())))?;
-        let case = match s.rsplit_once('_') {
+    for (stem, f) in files {
+        let case = match stem.rsplit_once('_') {
             Some((c, ch)) if ch.len() == 4 && ch.chars().all(|d| d.is_ascii_digit()) => c.to_string(),
-            _ => s,
+            _ => stem,
         };
         match cases.iter_mut().find(|(c, _)| *c == case) {
             Some((_, v)) => v.push(f),
             None => cases.push((case, vec![f])),
         }
     }
-    if cases.is_empty() {
-        bail!(Data, "{}: no .nii or .nii.gz images found", input.display());
-    }
+    ensure!(!cases.is_empty(), Data, "{}: no .nii or .nii.gz images found", input.display());
     Ok(cases)
+}
+
+/// Refuses an `output` folder where writing predictions could destroy inputs: an existing file, or the folder that
+/// holds input files (a prediction `CASE.nii.gz` has the name of a one-channel input).
+pub fn check_output(cases: &[(String, Vec<PathBuf>)], output: &Path) -> Result<()> {
+    if !output.exists() {
+        return Ok(());
+    }
+    ensure!(output.is_dir(), Config, "--output {}: exists and is not a folder", output.display());
+    let canonical = |p: &Path| p.canonicalize().map_err(|e| Error::Io(format!("{}: {e}", p.display())));
+    let out = canonical(output)?;
+    for file in cases.iter().flat_map(|(_, files)| files) {
+        let folder = canonical(file)?.parent().map(Path::to_path_buf);
+        ensure!(
+            folder.as_deref() != Some(out.as_path()),
+            Config,
+            "--output {} holds the input {}; predictions must go to another folder (inputs are never overwritten)",
+            output.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Pairs every reference label map in the folder `reference` (one file per case, named by the case) with the
+/// prediction of the same case name in `pred` (`.nii.gz` or `.nii`). Reference cases without a prediction are an
+/// error listing them all; predictions without a reference are not scored.
+pub fn pair_labels(pred: &Path, reference: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    ensure!(reference.is_dir(), Config, "--ref {}: no such folder", reference.display());
+    ensure!(pred.is_dir(), Config, "--pred {}: no such folder", pred.display());
+    let predictions = nifti_files(pred)?;
+    let mut pairs = Vec::new();
+    let mut missing = Vec::new();
+    for (case, r) in nifti_files(reference)? {
+        let matches: Vec<&PathBuf> = predictions.iter().filter(|(c, _)| *c == case).map(|(_, p)| p).collect();
+        match matches[..] {
+            [p] => pairs.push((case, p.clone(), r)),
+            [] => missing.push(case),
+            _ => bail!(Data, "{}: case {case} has predictions {matches:?}; keep one", pred.display()),
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        Data,
+        "{}: no prediction for {} of the {} reference case(s) in {}: {}",
+        pred.display(),
+        missing.len(),
+        missing.len() + pairs.len(),
+        reference.display(),
+        missing.join(", ")
+    );
+    ensure!(!pairs.is_empty(), Data, "--ref {}: no .nii or .nii.gz label maps found", reference.display());
+    Ok(pairs)
+}
+
+/// The NIfTI files of `dir` with their stems, sorted; hidden files (temporaries, macOS `._` files) are skipped.
+fn nifti_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let io = |e: std::io::Error| Error::Io(format!("{}: {e}", dir.display()));
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = utf8_name(&path)?;
+        if let Some(stem) = nifti_stem(&name).filter(|_| !name.starts_with('.')) {
+            files.push((stem, path));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The file name without `.nii.gz` or `.nii`; `None` for other files.
+fn nifti_stem(name: &str) -> Option<String> {
+    name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).map(str::to_string)
 }

@@ -47,27 +47,14 @@ impl Dataset {
     /// Opens `dir`, reads and validates `dataset.json`, and lists the training and test cases (sorted by name).
     pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
         let root = dir.as_ref().to_path_buf();
+        ensure!(root.is_dir(), Data, "{}: no such dataset folder", root.display());
         let json_path = root.join("dataset.json");
         let jp = json_path.display().to_string();
-        let text = fs::read_to_string(&json_path).map_err(|e| Error::Io(format!("{jp}: {e}")))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{jp}: not valid JSON: {e}")))?;
-        let obj = json.as_object().ok_or_else(|| Error::Data(format!("{jp}: the top level must be a JSON object")))?;
-
-        let channel_names = parse_channel_names(obj, &jp)?;
-        let label_names = parse_labels(obj, &jp)?;
-        let num_training = match obj.get("numTraining") {
-            None => bail!(Data, "{jp}: missing key \"numTraining\" (the number of training cases)"),
-            Some(v) => v.as_u64().ok_or_else(|| {
-                Error::Data(format!("{jp}: \"numTraining\" must be a non-negative integer, found {v}"))
-            })? as usize,
-        };
-        let file_ending = match obj.get("file_ending") {
-            None => bail!(Data, "{jp}: missing key \"file_ending\" (\".nii.gz\" or \".nii\")"),
-            Some(Value::String(s)) if s == ".nii.gz" || s == ".nii" => s.clone(),
-            Some(v) => bail!(Data, "{jp}: \"file_ending\" is {v}; only \".nii.gz\" and \".nii\" (NIfTI) are supported"),
-        };
+        let text = fs::read(&json_path).map_err(|e| Error::Io(format!("{jp}: {e}")))?;
+        let DatasetJson { channel_names, label_names, num_training, file_ending, has_v1_file_list } =
+            DatasetJson::parse(&text, &jp)?;
         ensure!(
-            obj.get("training").is_none() || root.join("imagesTr").is_dir(),
+            !has_v1_file_list || root.join("imagesTr").is_dir(),
             Data,
             "{jp}: has a \"training\" file list (nnU-Net v1) but no imagesTr folder; convert the dataset to the v2 \
              layout (nnUNetv2_convert_old_nnUNet_dataset)"
@@ -79,6 +66,16 @@ impl Dataset {
         ensure!(images_tr.is_dir(), Data, "{}: missing folder (the training images)", images_tr.display());
         ensure!(labels_tr.is_dir(), Data, "{}: missing folder (the training labels)", labels_tr.display());
         let training = list_image_cases(&images_tr, &file_ending, channels)?;
+        if training.is_empty() {
+            if let Some(other) = list_files(&images_tr, "")?.first() {
+                bail!(
+                    Data,
+                    "{jp}: \"file_ending\" is \"{file_ending}\" but no file in {} ends in it (it holds e.g. {other}); \
+                     set \"file_ending\" to the files' ending (\".nii.gz\" or \".nii\")",
+                    images_tr.display()
+                );
+            }
+        }
         let label_cases = list_label_cases(&labels_tr, &file_ending)?;
         for case in &training {
             let label = labels_tr.join(format!("{case}{file_ending}"));
@@ -254,8 +251,50 @@ impl Dataset {
     }
 }
 
-/// Two files of one case must describe the same grid: equal shapes and spacings within [`SPACING_RTOL`].
-pub(crate) fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
+/// What `dataset.json` declares, parsed and checked without looking at the folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatasetJson {
+    /// Channel names indexed by channel number.
+    pub channel_names: Vec<String>,
+    /// Class names indexed by label value, background first.
+    pub label_names: Vec<String>,
+    /// The declared number of training cases.
+    pub num_training: usize,
+    /// ".nii.gz" or ".nii".
+    pub file_ending: String,
+    /// Whether it has nnU-Net v1's `training` file list.
+    pub has_v1_file_list: bool,
+}
+
+impl DatasetJson {
+    /// Parses the bytes of a `dataset.json`; `jp` names the file in messages.
+    pub fn parse(bytes: &[u8], jp: &str) -> Result<DatasetJson> {
+        let json: Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::Data(format!("{jp}: not valid JSON: {e}")))?;
+        let obj = json.as_object().ok_or_else(|| Error::Data(format!("{jp}: the top level must be a JSON object")))?;
+        let channel_names = parse_channel_names(obj, jp)?;
+        let label_names = parse_labels(obj, jp)?;
+        let num_training = match obj.get("numTraining") {
+            None => bail!(Data, "{jp}: missing key \"numTraining\" (the number of training cases)"),
+            Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                Error::Data(format!("{jp}: \"numTraining\" must be a non-negative integer, found {v}"))
+            })?,
+        };
+        let file_ending = match obj.get("file_ending") {
+            None => bail!(Data, "{jp}: missing key \"file_ending\" (\".nii.gz\" or \".nii\")"),
+            Some(Value::String(s)) if s == ".nii.gz" || s == ".nii" => s.clone(),
+            Some(v) => {
+                bail!(Data, "{jp}: \"file_ending\" is {v}; only \".nii.gz\" and \".nii\" (NIfTI) are supported")
+            }
+        };
+        let has_v1_file_list = obj.get("training").is_some();
+        Ok(DatasetJson { channel_names, label_names, num_training, file_ending, has_v1_file_list })
+    }
+}
+
+/// Two files of one case (channels, label, prediction) must describe the same grid: equal shapes, and spacings that
+/// agree within 1e-3 relative.
+pub fn check_same_grid(a: &super::nifti::NiftiVolume, b: &super::nifti::NiftiVolume) -> Result<()> {
     ensure!(
         a.shape == b.shape,
         Data,
@@ -369,14 +408,24 @@ fn list_files(dir: &Path, ending: &str) -> Result<Vec<String>> {
     let io = |e: std::io::Error| Error::Io(format!("{}: {e}", dir.display()));
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = utf8_name(&entry.map_err(io)?.path())?;
         if name.ends_with(ending) && !name.starts_with('.') {
             names.push(name);
         }
     }
     names.sort();
     Ok(names)
+}
+
+/// The file name of `path` as UTF-8; case names are text, so any other name is an error naming the file.
+pub fn utf8_name(path: &Path) -> Result<String> {
+    let name = path.file_name().unwrap_or_default();
+    name.to_str().map(str::to_string).ok_or_else(|| {
+        Error::Data(format!(
+            "{}: the file name is not valid UTF-8 (its undecodable bytes are shown as U+FFFD); rename it",
+            path.display()
+        ))
+    })
 }
 
 /// Cases of an images folder (`{case}_{NNNN}{ending}`), each with exactly the channels 0..C-1.
@@ -480,6 +529,31 @@ pub fn write_dataset(
             "write_dataset: {d} exists and is not empty; choose a new folder (nothing is overwritten)"
         );
     }
+    // Written into a hidden sibling folder and renamed at the end, so that a failure leaves nothing behind (a
+    // half-written folder would make the retry fail as "not empty").
+    let name = dir.file_name().ok_or_else(|| Error::Config(format!("write_dataset: {d} is not a folder name")))?;
+    let staging = dir.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let written = write_dataset_files(&staging, &name.to_string_lossy(), cases, labels, channel_names).and_then(|()| {
+        if dir.exists() {
+            fs::remove_dir(dir).map_err(|e| Error::Io(format!("{d}: {e}")))?;
+        }
+        fs::rename(&staging, dir).map_err(|e| Error::Io(format!("renaming {} to {d}: {e}", staging.display())))
+    });
+    if written.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    written
+}
+
+/// The files of [`write_dataset`], written into `dir`; `name` is the dataset's name in dataset.json.
+fn write_dataset_files(
+    dir: &Path,
+    name: &str,
+    cases: &[Case],
+    labels: &[(&str, u8)],
+    channel_names: &[&str],
+) -> Result<()> {
     let mkdir = |sub: &str| {
         let p = dir.join(sub);
         fs::create_dir_all(&p).map_err(|e| Error::Io(format!("{}: {e}", p.display())))?;
@@ -516,7 +590,7 @@ pub fn write_dataset(
         "labels": label_json,
         "numTraining": num_training,
         "file_ending": ending,
-        "name": dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        "name": name,
         "description": "written by lkm-engine",
     });
     let path = dir.join("dataset.json");

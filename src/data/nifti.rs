@@ -1,10 +1,11 @@
 //! NIfTI-1 volumes (`.nii`, `.nii.gz`) in and out.
 //!
-//! Reading: the whole file is decompressed first (gzip is recognised by its magic bytes 1f 8b, not by the file
-//! name, and decoding to the end checks the gzip CRC-32 and length, so a truncated or corrupted download is an
-//! error rather than a silently wrong volume), then the 348-byte header is parsed by the `nifti` crate and the voxel
-//! block at `vox_offset` is converted to f32 with the scaling `value = scl_slope * stored + scl_inter` (no scaling
-//! when `scl_slope` is 0 or not finite, as the standard says).
+//! Reading: the file is decompressed first (gzip is recognised by its magic bytes 1f 8b, not by the file name, and
+//! decoding to the end checks the gzip CRC-32 and length, so a truncated or corrupted download is an error rather
+//! than a silently wrong volume; only the bytes the header declares are kept, after checking that the file can hold
+//! them), then the 348-byte header is parsed by the `nifti` crate and the voxel block at `vox_offset` is converted to
+//! f32 with the scaling `value = scl_slope * stored + scl_inter` (no scaling when `scl_slope` is 0 or not finite, as
+//! the standard says). A NaN or infinite voxel, or a spacing outside [`SPACING_RANGE`], is an error.
 //!
 //! Axes: NIfTI stores the array [x, y, z] with x fastest; our arrays are (D, H, W) row-major with W fastest, so
 //! D = z, H = y, W = x and the bytes are already in our order: no transposition happens anywhere in this file.
@@ -20,7 +21,8 @@
 //! (negative pixdim, a non-unit quaternion); bad input must be an error, never a panic.
 //!
 //! Writing: a label map is written as uint8 with the reference image's header (qform, sform, pixdim, units), so a
-//! prediction opens on the grid of the image it was predicted for.
+//! prediction opens on the grid of the image it was predicted for; files are written under a temporary name and
+//! renamed, so a failed write leaves no partial file.
 //!
 //! A round trip: a synthetic phantom written as an image and a label map, read back unchanged; a file that is not
 //! NIfTI is refused with its name.
@@ -50,15 +52,23 @@
 //! # }
 //! ```
 
-use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::borrow::Cow;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ::nifti::object::GzDecodedFile;
 use ::nifti::writer::WriterOptions;
 use ::nifti::{InMemNiftiVolume, IntoNdArray, NiftiError, NiftiHeader, NiftiType};
+use flate2::read::GzDecoder;
 
 use crate::{bail, ensure, Error, Result};
+
+/// The NIfTI-1 header's size in bytes.
+const HEADER_BYTES: usize = 348;
+/// The largest expansion of a deflate stream (its maximal run encoding), about 1032:1.
+const MAX_DEFLATE_RATIO: usize = 1032;
+/// Voxel spacings accepted, in the file's units (millimetres): from microscopy-like 1 µm to 1 m.
+pub const SPACING_RANGE: (f64, f64) = (1e-3, 1e3);
 
 /// A volume read from a NIfTI file, in our (D, H, W) order.
 #[derive(Clone, Debug)]
@@ -83,8 +93,18 @@ pub struct NiftiVolume {
 /// as one file per channel in nnU-Net datasets). 1-D and 2-D files are read as volumes with D (and H) of 1.
 pub fn read_volume(path: impl AsRef<Path>) -> Result<NiftiVolume> {
     let path = path.as_ref();
+    let file = std::fs::read(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+    parse_volume(&file, path)
+}
+
+/// Parses the bytes of a NIfTI-1 file (gzipped or not), as [`read_volume`] does; `path` names the file in messages.
+///
+/// Nothing is allocated beyond what the header asks for once that has been checked against the file's length (the
+/// gzip bound of `decompress`), and non-finite voxels are an error naming the file and counting them: a NaN would
+/// otherwise spread through the normalisation statistics and every window that overlaps it.
+pub fn parse_volume(file: &[u8], path: &Path) -> Result<NiftiVolume> {
     let p = path.display();
-    let bytes = read_decompressed(path)?;
+    let bytes = decompress(file, path)?;
     let header = NiftiHeader::from_reader(&bytes[..]).map_err(|e| match e {
         NiftiError::Io(_) => Error::Data(format!(
             "{p}: not a NIfTI file: {} bytes, shorter than the 348-byte NIfTI-1 header",
@@ -144,11 +164,13 @@ pub fn read_volume(path: impl AsRef<Path>) -> Result<NiftiVolume> {
         }
         let s = header.pixdim[a + 1].abs() as f64;
         ensure!(
-            s.is_finite() && s > 0.0,
+            s.is_finite() && (SPACING_RANGE.0..=SPACING_RANGE.1).contains(&s),
             Data,
-            "{p}: voxel spacing pixdim[{}] = {} is not a positive number",
+            "{p}: voxel spacing pixdim[{}] = {} is not in the range {} to {} (mm) that medical images use",
             a + 1,
-            header.pixdim[a + 1]
+            header.pixdim[a + 1],
+            SPACING_RANGE.0,
+            SPACING_RANGE.1
         );
         Ok(s)
     };
@@ -156,23 +178,19 @@ pub fn read_volume(path: impl AsRef<Path>) -> Result<NiftiVolume> {
 
     let datatype =
         header.data_type().map_err(|_| Error::Data(format!("{p}: unknown NIfTI datatype code {}", header.datatype)))?;
-    let elem = match datatype {
-        NiftiType::Uint8 | NiftiType::Int8 => 1,
-        NiftiType::Uint16 | NiftiType::Int16 => 2,
-        NiftiType::Uint32 | NiftiType::Int32 | NiftiType::Float32 => 4,
-        NiftiType::Uint64 | NiftiType::Int64 | NiftiType::Float64 => 8,
-        other => bail!(
+    let Some(elem) = bytes_per_voxel(datatype) else {
+        bail!(
             Data,
-            "{p}: voxel type {other:?} is not supported (only real scalar types: u8, i8, u16, i16, u32, i32, u64, \
+            "{p}: voxel type {datatype:?} is not supported (only real scalar types: u8, i8, u16, i16, u32, i32, u64, \
              i64, f32, f64)"
-        ),
+        )
     };
     let offset = header.vox_offset;
     ensure!(offset.is_finite() && offset >= 348.0, Data, "{p}: corrupt header: vox_offset = {offset}");
     let start = offset as usize;
     let nbytes = n * elem;
     ensure!(
-        bytes.len() >= start + nbytes,
+        start.checked_add(nbytes).is_some_and(|end| bytes.len() >= end),
         Data,
         "{p}: truncated: a {:?} volume of {xyz:?} voxels needs {nbytes} bytes after offset {start}, the file has {}",
         datatype,
@@ -205,6 +223,19 @@ pub fn read_volume(path: impl AsRef<Path>) -> Result<NiftiVolume> {
         data.len()
     );
 
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let i = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        let (h, w) = (shape[1], shape[2]);
+        bail!(
+            Data,
+            "{p}: {bad} of {n} voxels are NaN or infinite (the first at (d, h, w) = ({}, {}, {})); the engine does not \
+             invent values for them: replace them (e.g. with the image's minimum) and retry",
+            i / (h * w),
+            (i / w) % h,
+            i % w
+        );
+    }
     let affine = affine_of(&header);
     Ok(NiftiVolume { path: path.to_path_buf(), data, shape, spacing, header, affine })
 }
@@ -348,35 +379,76 @@ fn write_array<T: ::nifti::DataElement + bytemuck::Pod>(
     if h.descrip.len() != 80 {
         h.descrip.resize(80, 0);
     }
-    WriterOptions::new(path)
+    // The crate rebuilds the file name from its last extension (a case named `a.b.nii` would land in `a.nii`), and
+    // a failed write must not leave a partial file under the real name: write to a hidden temporary name with no
+    // other dot, then rename it.
+    static TEMPORARIES: AtomicUsize = AtomicUsize::new(0);
+    let ending = if name.ends_with(".gz") { "nii.gz" } else { "nii" };
+    let tmp = path.with_file_name(format!(
+        ".lkm-partial-{}-{}.{ending}",
+        std::process::id(),
+        TEMPORARIES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = WriterOptions::new(&tmp)
         .reference_header(&h)
         .write_nifti(&array)
         .map_err(|e| Error::Io(format!("{p}: cannot write: {e}")))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::Io(format!("{p}: cannot write: {e}"))));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
-/// Reads the file, gunzipping it (to the end, so the CRC is checked) when it starts with the gzip magic bytes.
-fn read_decompressed(path: &Path) -> Result<Vec<u8>> {
+/// The bytes of a NIfTI file after gunzipping (when it starts with the gzip magic bytes 1f 8b).
+///
+/// A gzip stream can expand about 1032 times, so a small file could ask for gigabytes. The header is decoded
+/// first; the bytes it declares (offset plus voxels) are decoded only if a deflate stream of this file's length can
+/// hold them, and the rest of the stream is decoded without being kept, so that the CRC and length are still checked.
+fn decompress<'a>(file: &'a [u8], path: &Path) -> Result<Cow<'a, [u8]>> {
+    if !file.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Cow::Borrowed(file));
+    }
     let p = path.display();
-    let io_err = |e: std::io::Error| Error::Io(format!("{p}: {e}"));
-    let mut file = File::open(path).map_err(io_err)?;
-    let mut magic = [0u8; 2];
-    let mut got = 0;
-    while got < 2 {
-        match file.read(&mut magic[got..]).map_err(io_err)? {
-            0 => break,
-            k => got += k,
-        }
-    }
-    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    let corrupt = |e: std::io::Error| {
+        Error::Data(format!("{p}: corrupt or truncated gzip data ({e}); re-copy or re-export the file"))
+    };
+    let mut gz = GzDecoder::new(file);
     let mut bytes = Vec::new();
-    if got == 2 && magic == [0x1f, 0x8b] {
-        GzDecodedFile::new(BufReader::new(file)).read_to_end(&mut bytes).map_err(|e| {
-            Error::Data(format!("{p}: corrupt or truncated gzip data ({e}); re-copy or re-export the file"))
-        })?;
-    } else {
-        let _ = file.read_to_end(&mut bytes).map_err(io_err)?;
+    let _ = (&mut gz).take(HEADER_BYTES as u64).read_to_end(&mut bytes).map_err(corrupt)?;
+    let declared = NiftiHeader::from_reader(&bytes[..]).ok().and_then(|h| declared_bytes(&h)).unwrap_or(0);
+    ensure!(
+        declared <= MAX_DEFLATE_RATIO.saturating_mul(file.len()),
+        Data,
+        "{p}: corrupt header: it declares {declared} bytes of data, more than a gzip file of {} bytes can hold",
+        file.len()
+    );
+    let rest = declared.saturating_sub(bytes.len()) as u64;
+    let _ = (&mut gz).take(rest).read_to_end(&mut bytes).map_err(corrupt)?;
+    let _ = std::io::copy(&mut gz, &mut std::io::sink()).map_err(corrupt)?;
+    Ok(Cow::Owned(bytes))
+}
+
+/// The header's `vox_offset` plus its voxel block in bytes, when the header is well-formed enough to say.
+fn declared_bytes(h: &NiftiHeader) -> Option<usize> {
+    let ndim = h.dim[0] as usize;
+    let dims = h.dim.get(1..=ndim).filter(|_| ndim >= 1)?;
+    let voxels = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d as usize))?;
+    let elem = bytes_per_voxel(h.data_type().ok()?)?;
+    let offset = h.vox_offset;
+    (offset.is_finite() && offset >= 0.0).then_some(())?;
+    voxels.checked_mul(elem)?.checked_add(offset as usize)
+}
+
+/// Bytes of one stored voxel for the real scalar types the reader converts; `None` for the others.
+fn bytes_per_voxel(t: NiftiType) -> Option<usize> {
+    match t {
+        NiftiType::Uint8 | NiftiType::Int8 => Some(1),
+        NiftiType::Uint16 | NiftiType::Int16 => Some(2),
+        NiftiType::Uint32 | NiftiType::Int32 | NiftiType::Float32 => Some(4),
+        NiftiType::Uint64 | NiftiType::Int64 | NiftiType::Float64 => Some(8),
+        _ => None,
     }
-    Ok(bytes)
 }
 
 /// The voxel-to-world affine by the NIfTI-1 rules (sform, else qform, else pixdim scaling); never panics.

@@ -34,6 +34,7 @@
 //! platform libm).
 
 use super::Case;
+use crate::{ensure, Result};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -66,6 +67,25 @@ impl Default for SynthConfig {
     /// 24 cases of 48 x 48 x 48 voxels (72 mm cubes at 1.5 mm), seed 1.
     fn default() -> Self {
         SynthConfig { cases: 24, shape: [48, 48, 48], seed: 1 }
+    }
+}
+
+/// Sizes allowed per axis of a phantom: below 8 voxels the organs vanish, above 512 a case no longer fits the memory
+/// of a small machine.
+pub const SHAPE_RANGE: (usize, usize) = (8, 512);
+
+impl SynthConfig {
+    /// Checks the settings against their allowed ranges, naming `lkm-engine synth`'s flags.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.cases >= 1, Config, "--cases must be at least 1, got {}", self.cases);
+        let (lo, hi) = SHAPE_RANGE;
+        ensure!(
+            self.shape.iter().all(|s| (lo..=hi).contains(s)),
+            Config,
+            "--shape {:?}: each size must be {lo} to {hi}",
+            self.shape
+        );
+        Ok(())
     }
 }
 

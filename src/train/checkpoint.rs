@@ -4,7 +4,9 @@
 //! same run and `predict` rebuilds the same network.
 //!
 //! Files are written atomically: to `<path>.tmp` in the same folder, flushed to disk, then renamed over `<path>`, so
-//! a crash or a full disk never leaves a truncated checkpoint where a good one was.
+//! a crash or a full disk never leaves a truncated checkpoint where a good one was (a failed write removes its
+//! `.tmp`; one left by a killed process is removed when the run folder is next opened, `run_dir`). Reading refuses
+//! non-float32 and non-finite tensors.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -63,26 +65,40 @@ pub fn save(path: &Path, params: &Params, momentum: &[Option<Tensor>], meta: &se
     write_atomically(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file (`<path>.tmp`) and a rename; on failure the temporary file is
+/// removed, so only the old file or the new one is ever there.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "creating"))?;
     }
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp, "creating"))?;
-    f.write_all(bytes).map_err(io_err(&tmp, "writing"))?;
-    f.sync_all().map_err(io_err(&tmp, "flushing"))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path, "renaming the new checkpoint onto"))
+    let written = write_synced(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err(path, "renaming the new file onto")));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Creates `path` with `bytes`, flushed to the disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io_err(path, "creating"))?;
+    f.write_all(bytes).map_err(io_err(path, "writing"))?;
+    f.sync_all().map_err(io_err(path, "flushing"))
 }
 
 /// Reads a checkpoint written by [`save`] (or converted from PyTorch by `tools/`).
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(io_err(path, "reading"))?;
-    let st = SafeTensors::deserialize(&bytes)
+    parse(&bytes, path)
+}
+
+/// Parses the bytes of a checkpoint file; `path` names it in messages. Tensors must be float32 and finite (a NaN
+/// weight would silently turn every prediction into class 0).
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Data(format!("{}: not a safetensors file ({e})", path.display())))?;
-    let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
         Some(s) => serde_json::from_str(s)
             .map_err(|e| Error::Data(format!("{}: bad {META_KEY} metadata: {e}", path.display())))?,
@@ -100,6 +116,16 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         }
         let values: Vec<f32> =
             view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            bail!(
+                NonFinite,
+                "{}: tensor {name} has {bad} NaN or infinite value(s) of {}; the checkpoint is unusable (resume from \
+                 an earlier one or retrain)",
+                path.display(),
+                values.len()
+            );
+        }
         let t = Tensor::from_vec(values, view.shape())?;
         match name.strip_prefix(MOMENTUM_PREFIX) {
             Some(p) => momentum.insert(p.to_string(), t),

@@ -1,5 +1,6 @@
-//! Training: the loss, one step ([`step::train_step`]), the loop, checkpoints, data preparation, the step dump for
-//! the parity check and the step profile.
+//! Training: the loss, one step ([`step::train_step`]), the loop, checkpoints, data preparation, the launch settings
+//! a run is resumed with ([`launch`]), the run folder and its lock ([`run_dir`]), the step dump for the parity check
+//! and the step profile.
 //!
 //! One training step, spelled out with the public items and runnable, is in
 //! [the tour](crate::tour#the-whole-step-spelled-out); the [`predict`](crate::predict) example trains one iteration
@@ -7,8 +8,10 @@
 
 pub mod checkpoint;
 pub mod dump;
+pub mod launch;
 pub mod loss;
 pub mod prepare;
 pub mod profile;
+pub mod run_dir;
 pub mod step;
 pub mod trainer;

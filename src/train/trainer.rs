@@ -15,6 +15,7 @@ use rand::SeedableRng;
 
 use super::checkpoint;
 use super::loss::downsample_labels;
+use super::run_dir::{CHECKPOINT, METRICS};
 use super::step::train_step;
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
 use crate::data::Case;
@@ -168,7 +169,7 @@ impl Run<'_> {
             PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true, mirror: o.mirror };
         std::fs::create_dir_all(&self.out_dir)
             .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
-        let log_path = self.out_dir.join("metrics.jsonl");
+        let log_path = self.out_dir.join(METRICS);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -198,12 +199,7 @@ impl Run<'_> {
                 };
                 let loss = self.step(&mut params, &mut sgd, &x, &targets)?;
                 if !loss.is_finite() {
-                    bail!(
-                        NonFinite,
-                        "the loss is {loss} at epoch {epoch}, iteration {it}; training stopped and the last checkpoint \
-                         ({}) is intact: resume from it with a lower --lr",
-                        self.out_dir.join("latest.safetensors").display()
-                    );
+                    bail!(NonFinite, "{}", self.diverged(loss, epoch, it, start.epoch, loss_sum / it.max(1) as f64));
                 }
                 loss_sum += loss;
                 iteration_ms.push(t_it.elapsed().as_secs_f64() * 1e3);
@@ -239,7 +235,7 @@ impl Run<'_> {
             eprintln!("{}", epoch_summary(&rec));
             writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
                 .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
-            self.save(&self.out_dir.join("latest.safetensors"), &params, &sgd, epoch + 1)?;
+            self.save(&self.out_dir.join(CHECKPOINT), &params, &sgd, epoch + 1)?;
             records.push(rec);
         }
         Ok((records, params))
@@ -290,6 +286,28 @@ impl Run<'_> {
             }
         }
         Ok(sums.iter().map(|&(s, n)| (n > 0).then(|| s / n as f64)).collect())
+    }
+
+    /// The message for a non-finite loss at (`epoch`, `it`) of a run started at `start_epoch`: which checkpoint
+    /// exists and what was last done. The images were checked finite when read and the loss of finite inputs is
+    /// finite, so the parameters diverged.
+    fn diverged(&self, loss: f64, epoch: usize, it: usize, start_epoch: usize, mean_loss: f64) -> String {
+        let ck = self.out_dir.join(CHECKPOINT);
+        let checkpoint = if epoch > start_epoch || (epoch > 0 && ck.exists()) {
+            format!("the checkpoint {} of epoch {epoch} is intact; resume from it with a lower --lr", ck.display())
+        } else {
+            "no checkpoint was written (the first epoch did not finish); start again with a lower --lr".to_string()
+        };
+        let done = if it > 0 {
+            format!("the {it} iteration(s) before it had a mean loss of {mean_loss:.4}")
+        } else {
+            format!("it was the epoch's first iteration ({} epoch(s) done in this run)", epoch - start_epoch)
+        };
+        format!(
+            "the loss is {loss} at epoch {epoch}, iteration {it}; {done}. The images were finite when read, so the \
+             weights diverged (lr {:.3e} at this epoch); training stopped: {checkpoint}",
+            poly_lr(self.opts.lr, epoch, self.opts.epochs)
+        )
     }
 
     fn progress_bar(&self, epoch: usize) -> Option<indicatif::ProgressBar> {
