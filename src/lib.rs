@@ -11,8 +11,8 @@
 //! 2. [`tensor`]: shapes, dtypes, storage;
 //! 3. [`autograd`]: the tape and gradient checks;
 //! 4. [`ops`]: every op with forward, backward, CPU reference and kernel launch;
-//! 5. [`nn`], [`data`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`]: the network and the workflow
-//!    around it.
+//! 5. [`nn`], [`data`], [`plan`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`]: the network and the
+//!    workflow around it.
 //!
 //! Examples that run in `cargo test --doc`, one or more per layer: [`device`], [`tensor`], [`autograd`] (an op
 //! forward and backward by hand) and [`autograd::gradcheck`] (finite differences), [`ops`], [`nn`] (the tiny model),
@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod plan;
 pub mod predict;
 pub mod profile;
 pub mod tensor;

@@ -5,7 +5,9 @@
 //! with W fastest, so D = z, H = y, W = x and the bytes are in the same order (no transposition). Spacings are kept
 //! in our order: [z, y, x] in millimetres.
 
+pub mod crop;
 pub mod dataset;
+pub mod fingerprint;
 pub mod nifti;
 pub mod normalize;
 pub mod resample;

@@ -9,10 +9,14 @@
 //! then every image maps `x -> (clamp(x, lo, hi) - mean) / max(std, 1e-8)`.
 //!
 //! Other modalities (MR, ...): intensities are arbitrary per scan, so each image channel is z-scored with its own
-//! statistics: `x -> (x - mean_c) / max(std_c, 1e-8)` over all voxels of channel c.
+//! statistics: `x -> (x - mean_c) / max(std_c, 1e-8)` over all voxels of channel c. With a nonzero mask (nnU-Net's
+//! `use_mask_for_norm`, chosen by the planner when cropping to the nonzero region shrinks the median case by a quarter
+//! or more) the statistics are taken over the voxels where any channel is nonzero, and the voxels outside stay 0: the
+//! zero background of a skull-stripped brain then no longer decides the scale of the brain's intensities.
 //!
 //! With several channels and channel 0 CT (PET/CT), channel 0 gets the CT mapping and the others the per-image
-//! z-score. Sums run in f64 so that millions of voxels do not lose precision.
+//! z-score; a plan gives every channel its own scheme ([`Normalization::PerChannel`]). Sums run in f64 so that
+//! millions of voxels do not lose precision.
 
 use serde_json::{json, Value};
 
@@ -38,20 +42,35 @@ pub struct CtStats {
     pub std: f32,
 }
 
-/// How the images of a dataset are normalised (stored with a checkpoint so inference does the same).
+/// How one image channel is normalised.
 #[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ChannelNorm {
+    /// Clip to the dataset's foreground percentiles and z-score with its foreground mean and std.
+    Ct(CtStats),
+    /// Z-score with the image's own statistics; with `nonzero_mask`, over the voxels where any channel is nonzero
+    /// only, the others set to 0.
+    ZScore {
+        /// Whether statistics and mapping are restricted to the nonzero voxels.
+        nonzero_mask: bool,
+    },
+}
+
+/// How the images of a dataset are normalised (stored with a checkpoint so inference does the same).
+#[derive(Clone, Debug, PartialEq)]
 pub enum Normalization {
     /// Channel 0 is CT: clip and z-score it with dataset statistics; other channels per-image z-score.
     Ct(CtStats),
     /// Every channel z-scored with its own per-image statistics.
     ZScore,
+    /// One scheme per channel (from a plan).
+    PerChannel(Vec<ChannelNorm>),
 }
 
 impl CtStats {
     /// Computes the statistics over channel 0 of labelled cases (foreground = label > 0). For datasets too large to
-    /// hold in memory at once, feed the cases one by one to a [`CtSampler`] instead.
+    /// hold in memory at once, feed the cases one by one to a [`ForegroundSampler`] instead.
     pub fn from_cases(cases: &[Case]) -> Result<CtStats> {
-        let mut sampler = CtSampler::default();
+        let mut sampler = ForegroundSampler::default();
         for case in cases {
             sampler.add_case(case)?;
         }
@@ -98,17 +117,23 @@ impl CtStats {
     }
 }
 
-/// Collects the foreground samples of CT cases one at a time (see [`CtStats::from_cases`]), so that the training
-/// set never has to be in memory at once.
+/// Collects the foreground intensities of one channel of cases one at a time (for [`CtStats::from_cases`] and the
+/// dataset fingerprint), so that the training set never has to be in memory at once.
 #[derive(Clone, Debug, Default)]
-pub struct CtSampler {
+pub struct ForegroundSampler {
+    channel: usize,
     samples: Vec<f32>,
     cases: usize,
 }
 
-impl CtSampler {
-    /// Adds at most [`CT_SAMPLES_PER_CASE`] foreground intensities of channel 0 of `case`, evenly spread in raster
-    /// order (non-finite values are skipped).
+impl ForegroundSampler {
+    /// A sampler of channel `channel` (the default samples channel 0).
+    pub fn for_channel(channel: usize) -> ForegroundSampler {
+        ForegroundSampler { channel, ..ForegroundSampler::default() }
+    }
+
+    /// Adds at most [`CT_SAMPLES_PER_CASE`] foreground intensities of the sampled channel of `case`, evenly spread
+    /// in raster order (non-finite values are skipped).
     pub fn add_case(&mut self, case: &Case) -> Result<()> {
         let label = case.label.as_ref().ok_or_else(|| {
             Error::Data(format!(
@@ -118,16 +143,17 @@ impl CtSampler {
         })?;
         let n = case.voxels();
         crate::ensure!(
-            label.len() == n && case.image.len() >= n,
+            label.len() == n && case.image.len() >= (self.channel + 1) * n,
             Shape,
-            "case \"{}\": {} label values and {} image values for shape {:?}",
+            "case \"{}\": {} label values and {} image values for shape {:?} (channel {} sampled)",
             case.name,
             label.len(),
             case.image.len(),
-            case.shape
+            case.shape,
+            self.channel
         );
         self.cases += 1;
-        let image = &case.image[..n];
+        let image = &case.image[self.channel * n..(self.channel + 1) * n];
         let count = label.iter().filter(|&&l| l > 0).count();
         if count == 0 {
             return Ok(());
@@ -159,15 +185,21 @@ impl CtSampler {
     }
 
     /// The statistics of everything added.
-    pub fn finish(mut self) -> Result<CtStats> {
+    pub fn finish(self) -> Result<CtStats> {
+        Ok(CtStats::from_samples(&mut self.into_samples()?))
+    }
+
+    /// The samples collected (at least one, or an error).
+    pub fn into_samples(self) -> Result<Vec<f32>> {
         crate::ensure!(
             !self.samples.is_empty(),
             Data,
-            "no foreground voxels (label > 0) with finite intensities in the {} case(s); CT statistics need \
-             labelled foreground",
+            "no foreground voxels (label > 0) with finite intensities in channel {} of the {} case(s); CT statistics \
+             need labelled foreground",
+            self.channel,
             self.cases
         );
-        Ok(CtStats::from_samples(&mut self.samples))
+        Ok(self.samples)
     }
 }
 
@@ -182,15 +214,24 @@ impl Normalization {
         }
     }
 
-    /// As JSON: `{"scheme": "ct", "lo": .., "hi": .., "mean": .., "std": ..}` or `{"scheme": "zscore"}`.
+    /// The scheme of channel `c`.
+    pub fn channel(&self, c: usize) -> ChannelNorm {
+        match self {
+            Normalization::Ct(s) if c == 0 => ChannelNorm::Ct(*s),
+            Normalization::PerChannel(v) => v.get(c).copied().unwrap_or(ChannelNorm::ZScore { nonzero_mask: false }),
+            _ => ChannelNorm::ZScore { nonzero_mask: false },
+        }
+    }
+
+    /// As JSON: `{"scheme": "ct", "lo": .., "hi": .., "mean": .., "std": ..}`, `{"scheme": "zscore"}` or
+    /// `{"scheme": "per_channel", "channels": [{"scheme": "ct", ..}, {"scheme": "zscore", "nonzero_mask": true}]}`.
     pub fn to_json(&self) -> Value {
         match self {
-            Normalization::Ct(s) => {
-                let mut v = s.to_json();
-                v["scheme"] = json!("ct");
-                v
-            }
+            Normalization::Ct(s) => ChannelNorm::Ct(*s).to_json(),
             Normalization::ZScore => json!({ "scheme": "zscore" }),
+            Normalization::PerChannel(v) => {
+                json!({ "scheme": "per_channel", "channels": v.iter().map(ChannelNorm::to_json).collect::<Vec<_>>() })
+            }
         }
     }
 
@@ -199,8 +240,52 @@ impl Normalization {
         match v.get("scheme").and_then(Value::as_str) {
             Some("ct") => Ok(Normalization::Ct(CtStats::from_json(v)?)),
             Some("zscore") => Ok(Normalization::ZScore),
-            _ => crate::bail!(Data, "normalisation: \"scheme\" must be \"ct\" or \"zscore\" in {v}"),
+            Some("per_channel") => {
+                let channels = v.get("channels").and_then(Value::as_array).ok_or_else(|| {
+                    Error::Data(format!("normalisation: \"per_channel\" needs a \"channels\" list in {v}"))
+                })?;
+                Ok(Normalization::PerChannel(channels.iter().map(ChannelNorm::from_json).collect::<Result<_>>()?))
+            }
+            _ => crate::bail!(Data, "normalisation: \"scheme\" must be \"ct\", \"zscore\" or \"per_channel\" in {v}"),
         }
+    }
+}
+
+impl ChannelNorm {
+    /// As JSON: `{"scheme": "ct", "lo": .., "hi": .., "mean": .., "std": ..}` or
+    /// `{"scheme": "zscore", "nonzero_mask": ..}`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            ChannelNorm::Ct(s) => {
+                let mut v = s.to_json();
+                v["scheme"] = json!("ct");
+                v
+            }
+            ChannelNorm::ZScore { nonzero_mask } => json!({ "scheme": "zscore", "nonzero_mask": nonzero_mask }),
+        }
+    }
+
+    /// Reads a scheme written by [`ChannelNorm::to_json`] (`nonzero_mask` defaults to false).
+    pub fn from_json(v: &Value) -> Result<ChannelNorm> {
+        match v.get("scheme").and_then(Value::as_str) {
+            Some("ct") => Ok(ChannelNorm::Ct(CtStats::from_json(v)?)),
+            Some("zscore") => {
+                Ok(ChannelNorm::ZScore { nonzero_mask: v.get("nonzero_mask").and_then(Value::as_bool).unwrap_or(false) })
+            }
+            _ => crate::bail!(Data, "normalisation of a channel: \"scheme\" must be \"ct\" or \"zscore\" in {v}"),
+        }
+    }
+}
+
+impl serde::Serialize for Normalization {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Normalization {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Normalization::from_json(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -216,38 +301,46 @@ pub fn normalize_case(case: &mut Case, norm: &Normalization) -> Result<()> {
         case.channels,
         case.shape
     );
+    // The nonzero mask is taken from the raw image, before any channel is changed.
+    let masked = (0..case.channels).any(|c| norm.channel(c) == ChannelNorm::ZScore { nonzero_mask: true });
+    let mask: Option<Vec<bool>> = masked.then(|| {
+        (0..n).map(|i| (0..case.channels).any(|c| case.image[c * n + i] != 0.0)).collect()
+    });
     for (c, channel) in case.image.chunks_mut(n).enumerate() {
-        match norm {
-            Normalization::Ct(s) if c == 0 => {
+        match norm.channel(c) {
+            ChannelNorm::Ct(s) => {
                 let inv = 1.0 / (s.std as f64).max(STD_FLOOR);
                 let (lo, hi, mean) = (s.lo, s.hi, s.mean as f64);
                 for x in channel.iter_mut() {
                     *x = ((x.clamp(lo, hi) as f64 - mean) * inv) as f32;
                 }
             }
-            _ => zscore(channel),
+            ChannelNorm::ZScore { nonzero_mask } => zscore(channel, mask.as_deref().filter(|_| nonzero_mask)),
         }
     }
     Ok(())
 }
 
-/// In-place z-score of one channel with its own mean and population std (floored).
-fn zscore(x: &mut [f32]) {
-    if x.is_empty() {
+/// In-place z-score of one channel with its own mean and population std (floored); with a mask, over the masked
+/// voxels only, the others set to 0.
+fn zscore(x: &mut [f32], mask: Option<&[bool]>) {
+    let inside = |i: usize| mask.is_none_or(|m| m[i]);
+    let n = (0..x.len()).filter(|&i| inside(i)).count();
+    if n == 0 {
         return;
     }
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let n = n as f64;
+    let mean = x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| v as f64).sum::<f64>() / n;
+    let var = x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let inv = 1.0 / var.sqrt().max(STD_FLOOR);
-    for v in x.iter_mut() {
-        *v = ((*v as f64 - mean) * inv) as f32;
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = if inside(i) { ((*v as f64 - mean) * inv) as f32 } else { 0.0 };
     }
 }
 
 /// The p-th percentile (0..=100) with linear interpolation between the order statistics at ranks floor(h) and
 /// floor(h) + 1, h = p/100 * (n - 1) (numpy's default); O(n) by selection. `v` must be non-empty and NaN-free.
-fn percentile(v: &mut [f32], p: f64) -> f64 {
+pub fn percentile(v: &mut [f32], p: f64) -> f64 {
     let h = p / 100.0 * (v.len() - 1) as f64;
     let k = h.floor() as usize;
     let frac = h - k as f64;

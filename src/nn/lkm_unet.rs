@@ -51,12 +51,12 @@ pub struct ModelConfig {
 }
 
 /// The public code's PiM base factor for stage s of n: `2^((n - s + 1) // 2 - 1)` ((n - s + 1) // 2 = ceil((n - s) / 2)).
-fn pim_base(n: usize, s: usize) -> usize {
+pub(crate) fn pim_base(n: usize, s: usize) -> usize {
     1 << ((n - s).div_ceil(2) - 1)
 }
 
 /// The public code's PaM pooling factor for stage s of n: `2^((n - s + 1) / 2) / 2`.
-fn pam_factor(n: usize, s: usize) -> usize {
+pub(crate) fn pam_factor(n: usize, s: usize) -> usize {
     (1 << (n - s).div_ceil(2)) / 2
 }
 

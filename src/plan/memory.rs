@@ -1,0 +1,156 @@
+//! How much GPU memory a training step of this engine needs: the planner's memory model.
+//!
+//! A float32 training step holds the weights, their gradients and the momentum (12 bytes per parameter), and the
+//! activations the backward pass needs, which grow with the patch voxels times the batch. The model is
+//!
+//! ```text
+//! peak bytes = 12 P + batch * k * E(config, patch)
+//! ```
+//!
+//! with P the parameter count ([`parameter_count`], exact) and E the number of activation values one sample keeps
+//! for the backward pass, counted from the network's structure ([`activation_elements`]): per residual block seven
+//! maps of its width (two convolutions, two norms, the activation, the sum, the output activation), plus its
+//! shortcut's pooled input and projection; per Mamba layer, for every token, six values per channel of the layer (norm,
+//! partition, flip, projection back, unpartition, residual) and per direction seven of the inner width (the two halves
+//! of in_proj, convolution, SiLU, delta, scan output, gate) and x_proj's outputs; per decoder level the upsampled map,
+//! the concatenation and its blocks; the logits and the loss's softmax. The count is a proxy: the engine's
+//! temporaries, the pool's rounding and anything the count misses are absorbed by k, the bytes per counted value,
+//! which is fitted per configuration family (3D, 2D) to one measured peak of the engine:
+//!
+//! - 3D: the FLARE reference configuration, batch 2, patch 40 x 224 x 192, fp32: 40.8 GiB (H200, 2026-12-02,
+//!   `anchors.md`);
+//! - 2D: the AMOS reference configuration, batch 12, patch 320 x 320: 17.4 GiB (same card and day).
+//!
+//! So the model is linear in voxels x batch within a family, exact at the two measured points, and its structure
+//! decides how it extrapolates to other depths, widths and windows. Those two fits give k = 4 bytes times about 1.3
+//! (3D) and 1.2 (2D) (see the test `memory_model_is_calibrated`): the counted values are close to what the engine
+//! keeps, which is what makes the extrapolation credible.
+
+use crate::nn::mamba::MambaConfig;
+use crate::nn::ModelConfig;
+
+/// One GiB in bytes.
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// A measured peak of the engine's training step.
+struct Measured {
+    config: fn() -> ModelConfig,
+    batch: usize,
+    peak_gib: f64,
+}
+
+/// The 3D calibration point (see the module header).
+const MEASURED_3D: Measured = Measured { config: ModelConfig::flare_3d, batch: 2, peak_gib: 40.8 };
+/// The 2D calibration point.
+const MEASURED_2D: Measured = Measured { config: ModelConfig::amos_2d, batch: 12, peak_gib: 17.4 };
+
+/// Bytes per parameter held during training: the weight, its gradient and its momentum, float32.
+const BYTES_PER_PARAMETER: f64 = 12.0;
+
+/// The number of parameters of the network `cfg` builds (equal to `LkmUnet::new(cfg)`'s count).
+pub fn parameter_count(cfg: &ModelConfig) -> usize {
+    let conv = |cin: usize, cout: usize, k: &[usize], bias: bool| cin * cout * k.iter().product::<usize>() + bias as usize * cout;
+    let conv_norm = |cin, cout, k: &[usize]| conv(cin, cout, k, true) + 2 * cout;
+    let ones = vec![1; cfg.spatial_rank()];
+    let block = |cin, cout, k: &[usize]| {
+        let projection = if cin != cout { conv(cin, cout, &ones, false) + 2 * cout } else { 0 };
+        conv_norm(cin, cout, k) + conv_norm(cout, cout, k) + projection
+    };
+    let stage = |n_blocks: usize, cin, cout, k: &[usize]| {
+        (0..n_blocks).map(|i| block(if i == 0 { cin } else { cout }, cout, k)).sum::<usize>()
+    };
+    let m = cfg.mamba;
+    let mamba = |f: usize| {
+        let (d, r, n) = (m.expand * f, f.div_ceil(16), m.d_state);
+        2 * d * f + d * m.d_conv + d + (r + 2 * n) * d + d * r + d + d * n + d
+    };
+    let bi_mamba = |f: usize| 2 * f + 2 * mamba(f) + f * m.expand * f;
+    let f = &cfg.features;
+    let mut total = conv_norm(cfg.in_channels, f[0], &cfg.kernels[0]);
+    for s in 0..f.len() {
+        let cin = if s == 0 { f[0] } else { f[s - 1] };
+        total += stage(cfg.blocks_enc[s], cin, f[s], &cfg.kernels[s]) + 2 * bi_mamba(f[s]);
+    }
+    for s in 0..f.len() - 1 {
+        let up = f[s + 1] * f[s] * cfg.strides[s + 1].iter().product::<usize>() + f[s];
+        let head = cfg.num_classes * f[s] + cfg.num_classes;
+        total += up + stage(cfg.blocks_dec[s], 2 * f[s], f[s], &cfg.kernels[s]) + head;
+    }
+    total
+}
+
+/// Values one Mamba layer keeps per token at width `f` (see the module header).
+fn mamba_values_per_token(f: usize, m: MambaConfig) -> usize {
+    let d = m.expand * f;
+    6 * f + 2 * (7 * d + f.div_ceil(16) + 2 * m.d_state) + 2 * d
+}
+
+/// Values one residual block keeps per voxel: seven maps of `cout`, the pooled input of a strided block, the
+/// projection and its norm when the width changes.
+fn block_values_per_voxel(cin: usize, cout: usize, strided: bool) -> usize {
+    7 * cout + if strided { cin } else { 0 } + if cin != cout { 2 * cout } else { 0 }
+}
+
+/// Activation values one sample keeps for the backward pass at `cfg.patch` (see the module header).
+pub fn activation_elements(cfg: &ModelConfig) -> f64 {
+    let maps = cfg.stage_sizes(&cfg.patch);
+    let voxels: Vec<f64> = maps.iter().map(|m| m.iter().product::<usize>() as f64).collect();
+    let f = &cfg.features;
+    let k = cfg.num_classes as f64;
+    let n = f.len();
+    let stage_blocks = |n_blocks: usize, cin: usize, cout: usize, strided: bool| {
+        (0..n_blocks)
+            .map(|i| {
+                let first = i == 0;
+                block_values_per_voxel(if first { cin } else { cout }, cout, first && strided) as f64
+            })
+            .sum::<f64>()
+    };
+    // Input, stem (conv, norm, activation).
+    let mut total = voxels[0] * (cfg.in_channels + 3 * f[0]) as f64;
+    for s in 0..n {
+        let cin = if s == 0 { f[0] } else { f[s - 1] };
+        let strided = cfg.strides[s].iter().any(|&x| x != 1);
+        total += voxels[s] * stage_blocks(cfg.blocks_enc[s], cin, f[s], strided);
+        let per_token = mamba_values_per_token(f[s], cfg.mamba) as f64;
+        total += voxels[s] * per_token;
+        let pool = cfg.pam_pools[s].iter().product::<usize>() as f64;
+        total += if pool > 1.0 {
+            // Pooled tokens, the pooled map, the upsampled map and the sum.
+            voxels[s] / pool * (per_token + f[s] as f64) + voxels[s] * 2.0 * f[s] as f64
+        } else {
+            voxels[s] * per_token
+        };
+    }
+    for s in 0..n - 1 {
+        let emits = cfg.deep_supervision || s == 0;
+        // The upsampled map, the concatenation, the blocks, and the logits with the loss's softmax and gradient.
+        total += voxels[s] * (3 * f[s]) as f64 + voxels[s] * stage_blocks(cfg.blocks_dec[s], 2 * f[s], f[s], false);
+        total += if emits { voxels[s] * 3.0 * k } else { 0.0 };
+    }
+    total
+}
+
+/// The fitted bytes per counted activation value of a family (3D or 2D, by `rank`): its measured peak less the
+/// parameters' share, over batch x values.
+pub fn bytes_per_value(rank: usize) -> f64 {
+    let m = if rank == 2 { &MEASURED_2D } else { &MEASURED_3D };
+    let cfg = (m.config)();
+    let fixed = BYTES_PER_PARAMETER * parameter_count(&cfg) as f64;
+    (m.peak_gib * GIB - fixed) / (m.batch as f64 * activation_elements(&cfg))
+}
+
+/// Estimated peak GiB of a training step of `cfg` (at its patch) with `batch` samples.
+pub fn estimate_gib(cfg: &ModelConfig, batch: usize) -> f64 {
+    (fixed_bytes(cfg) + batch as f64 * sample_bytes(cfg)) / GIB
+}
+
+/// Bytes independent of the batch: weights, gradients, momentum.
+pub fn fixed_bytes(cfg: &ModelConfig) -> f64 {
+    BYTES_PER_PARAMETER * parameter_count(cfg) as f64
+}
+
+/// Bytes each sample of the batch adds.
+pub fn sample_bytes(cfg: &ModelConfig) -> f64 {
+    bytes_per_value(cfg.spatial_rank()) * activation_elements(cfg)
+}
