@@ -1,4 +1,4 @@
-//! The `lkm-engine` command line: train, predict, evaluate, synth, devices.
+//! The `lkm-engine` command line: plan, train, predict, evaluate, synth, devices.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,6 +12,7 @@ use lkm_engine::data::synth::{phantom_dataset, SynthConfig, PHANTOM_LABELS};
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::metrics::{evaluate_case, scores_csv, summary_table};
 use lkm_engine::nn::{LkmUnet, ModelConfig};
+use lkm_engine::plan::{self, Dims, Plan, PlanOptions, Plans};
 use lkm_engine::predict::{check_output, input_cases, pair_labels, Predictor};
 use lkm_engine::train::checkpoint::{self, Checkpoint};
 use lkm_engine::train::launch::{parse_pim_layout, Launch};
@@ -29,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fingerprint an nnU-Net raw dataset and plan its training (spacing, patch, batch, network, normalisation).
+    Plan(PlanArgs),
     /// Train a model. Without --data, trains on the built-in synthetic phantom dataset, generated in memory.
     Train(TrainArgs),
     /// Segment NIfTI images with a trained checkpoint.
@@ -162,13 +165,45 @@ struct DumpArgs {
 }
 
 #[derive(clap::Args)]
+struct PlanArgs {
+    /// An nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr).
+    #[arg(long)]
+    data: PathBuf,
+    /// GPU memory in GiB to plan for (default: the memory of GPU 0, or 8 without a GPU).
+    #[arg(long)]
+    gpu_memory: Option<f64>,
+    /// 3d or 2d (default: 3d unless the images are one slice deep).
+    #[arg(long)]
+    dims: Option<String>,
+    /// Where to write the plans.
+    #[arg(long, default_value = "plans.json")]
+    out: PathBuf,
+    /// Features of the first stage (nnU-Net: 32); smaller for quick experiments.
+    #[arg(long, default_value_t = 32)]
+    base_features: usize,
+}
+
+#[derive(clap::Args)]
 struct TrainArgs {
     /// An nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr). Default: synthetic phantoms in memory.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Model configuration: tiny-3d, flare-3d or amos-2d (classes and channels are taken from the data).
-    #[arg(long, default_value = "tiny-3d")]
-    config: String,
+    /// Model configuration: tiny-3d, flare-3d or amos-2d (classes and channels are taken from the data). Default:
+    /// with --data, plan the dataset (as `lkm-engine plan`); without, tiny-3d on the phantoms.
+    #[arg(long, conflicts_with = "plans")]
+    config: Option<String>,
+    /// Train by a plans file written by `lkm-engine plan` (needs --data).
+    #[arg(long, requires = "data")]
+    plans: Option<PathBuf>,
+    /// GPU memory in GiB for planning with --data and no --config (default: the device's, or 8 on the CPU).
+    #[arg(long)]
+    gpu_memory: Option<f64>,
+    /// Set the PiM window of one stage, e.g. 0=20x28x24 (or 0=16 for every axis); repeatable.
+    #[arg(long = "pim-window", value_parser = plan::parse_stage_sizes)]
+    pim_window: Vec<(usize, Vec<usize>)>,
+    /// Set the PaM pooling factor of one stage, e.g. 1=2x4x4 (or 1=2); repeatable.
+    #[arg(long = "pam-factor", value_parser = plan::parse_stage_sizes)]
+    pam_factor: Vec<(usize, Vec<usize>)>,
     /// Override the patch size (comma-separated, one value per spatial axis).
     #[arg(long, value_delimiter = ',')]
     patch: Option<Vec<usize>>,
@@ -181,7 +216,7 @@ struct TrainArgs {
     /// Iterations per epoch.
     #[arg(long, default_value_t = 25)]
     iters: usize,
-    /// Patches per batch.
+    /// Patches per batch (with a plan: the plan's unless given).
     #[arg(long, default_value_t = 2)]
     batch: usize,
     /// Initial learning rate.
@@ -225,6 +260,7 @@ fn main() {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
+        Command::Plan(args) => plan_command(&args),
         Command::Train(args) => train(args, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Predict { model, input, output, mirror, device, math } => {
             open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d))
@@ -244,16 +280,22 @@ fn main() {
 }
 
 impl TrainArgs {
-    /// The run settings these flags ask for.
-    fn launch(&self) -> Launch {
+    /// The run settings these flags ask for, with `plan` (the batch is the plan's unless `--batch` was given).
+    fn launch(&self, plan: Option<Plan>, batch_given: bool) -> Launch {
         Launch {
             data: self.data.clone(),
             config: self.config.clone(),
+            batch: match &plan {
+                Some(p) if !batch_given => p.batch,
+                _ => self.batch,
+            },
+            plan,
+            pim_window: self.pim_window.clone(),
+            pam_factor: self.pam_factor.clone(),
             patch: self.patch.clone(),
             pim_layout: self.pim_layout.clone(),
             epochs: self.epochs,
             iters: self.iters,
-            batch: self.batch,
             lr: self.lr,
             seed: self.seed,
             val_fraction: self.val_fraction,
@@ -263,11 +305,51 @@ impl TrainArgs {
     }
 }
 
+/// GPU memory to plan for: the flag, else the total memory of the GPU the run uses, else the planner's default.
+fn planning_memory_gib(flag: Option<f64>, device: &Device) -> Result<f64> {
+    Ok(match (flag, device) {
+        (Some(g), _) => g,
+        (None, Device::Cuda(gpu)) => gpu.memory()?.1 as f64 / plan::memory::GIB,
+        (None, Device::Cpu) => PlanOptions::default().gpu_memory_gib,
+    })
+}
+
+fn plan_command(a: &PlanArgs) -> Result<()> {
+    let opts = PlanOptions {
+        gpu_memory_gib: planning_memory_gib(a.gpu_memory, &Device::cuda(0).unwrap_or(Device::Cpu))?,
+        dims: a.dims.as_deref().map(Dims::parse).transpose()?,
+        base_features: a.base_features,
+        ..PlanOptions::default()
+    };
+    let plans = plan::plan_dataset(&a.data, &opts)?;
+    print!("{}", plan::summary(&plans.fingerprint, &plans.plan));
+    plans.save(&a.out)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// The plan of a run: the --plans file, or, for --data without --config or --resume, one made now.
+fn run_plan(a: &TrainArgs, device: &Device) -> Result<Option<Plan>> {
+    if let Some(path) = &a.plans {
+        return Ok(Some(Plans::load(path)?.plan));
+    }
+    match (&a.data, &a.config, &a.resume) {
+        (Some(dir), None, None) => {
+            let opts =
+                PlanOptions { gpu_memory_gib: planning_memory_gib(a.gpu_memory, device)?, ..PlanOptions::default() };
+            let plans = plan::plan_dataset(dir, &opts)?;
+            eprint!("no --config: planned the dataset\n{}", plan::summary(&plans.fingerprint, &plans.plan));
+            Ok(Some(plans.plan))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let device = open_device(&a.device, &a.math)?;
     let t0 = Instant::now();
-    let given = a.launch().validate()?;
     let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let given = a.launch(run_plan(&a, &device)?, explicit("batch")).validate()?;
     // A resumed run continues in its checkpoint's folder, with the settings recorded there.
     let resume = a.resume.as_deref().map(|p| Ok::<_, Error>((p, checkpoint::load(p)?))).transpose()?;
     let (launch, out) = match &resume {
@@ -279,9 +361,10 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         Some((_, ck)) => run_dir.resume_at(checkpoint_epoch(ck))?,
         None => run_dir.start_fresh(a.overwrite)?,
     }
-    let data: Prepared = match &launch.data {
-        Some(dir) => prepare::dataset(dir, launch.val_fraction)?,
-        None => prepare::synthetic(
+    let data: Prepared = match (&launch.data, &launch.plan) {
+        (Some(dir), Some(plan)) => prepare::planned(dir, plan, launch.val_fraction)?,
+        (Some(dir), None) => prepare::dataset(dir, launch.val_fraction)?,
+        (None, _) => prepare::synthetic(
             &SynthConfig { cases: launch.synth_cases, ..SynthConfig::default() },
             launch.val_fraction,
         )?,

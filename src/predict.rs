@@ -1,6 +1,7 @@
-//! Segmenting NIfTI files with a trained checkpoint: read the channels, bring them to the training spacing,
-//! normalise as in training, predict by sliding window, bring the labels back to the input's grid (nearest) and
-//! write them with the input's header, so the output overlays the input in any viewer.
+//! Segmenting NIfTI files with a trained checkpoint: read the channels, crop them to their nonzero region, bring them
+//! to the training spacing, normalise as in training, predict by sliding window, bring the labels back to the cropped
+//! grid (nearest), put them into a full-size map (background outside the crop) and write it with the input's header,
+//! so the output overlays the input in any viewer.
 //!
 //! From training to a label map on disk: one iteration of the tiny model writes a checkpoint, which then segments a
 //! NIfTI image whose slices are twice as thick as the training data's (so the image is resampled for the network
@@ -47,6 +48,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::crop::{crop_to_nonzero, uncrop_labels};
 use crate::data::dataset::{check_same_grid, utf8_name};
 use crate::data::nifti::{read_volume, write_label};
 use crate::data::normalize::{normalize_case, Normalization};
@@ -55,6 +57,7 @@ use crate::data::Case;
 use crate::device::Device;
 use crate::infer::{predict_labels, InferConfig};
 use crate::nn::{LkmUnet, ModelConfig, Params};
+use crate::plan::Plan;
 use crate::tensor::DType;
 use crate::train::checkpoint;
 use crate::{bail, ensure, Error, Result};
@@ -67,6 +70,7 @@ pub struct Predictor {
     device: Device,
     normalization: Normalization,
     spacing: [f64; 3],
+    plan: Option<Plan>,
     /// Sliding-window settings.
     pub infer: InferConfig,
 }
@@ -85,10 +89,11 @@ impl Predictor {
             Normalization::from_json(&run["normalization"]).map_err(|e| bad("normalisation", e.to_string()))?;
         let spacing: [f64; 3] =
             serde_json::from_value(run["spacing"].clone()).map_err(|e| bad("training spacing", e.to_string()))?;
+        let plan: Option<Plan> = serde_json::from_value(run["plan"].clone()).map_err(|e| bad("plan", e.to_string()))?;
         let (model, fresh) = LkmUnet::new(config, 0)?;
         let params = ck.params_like(&fresh)?.to(DType::F32, &device)?;
         let infer = InferConfig { mirror, ..InferConfig::for_model(&model.config) };
-        Ok(Predictor { model, params, device, normalization, spacing, infer })
+        Ok(Predictor { model, params, device, normalization, spacing, plan, infer })
     }
 
     /// Segments the case made of `files` (one per channel, same grid) and writes `output_dir/<name>.nii.gz`.
@@ -114,11 +119,10 @@ impl Predictor {
             label: None,
             spacing: first.spacing,
         };
-        let mut work = if needs_resampling(case.spacing, self.spacing) {
-            resample_case(&case, self.spacing)?
-        } else {
-            case.clone()
-        };
+        let (cropped, bbox) = crop_to_nonzero(&case)?;
+        let target = self.plan.as_ref().map_or(self.spacing, |p| p.target_spacing_for(case.spacing));
+        let mut work =
+            if needs_resampling(case.spacing, target) { resample_case(&cropped, target)? } else { cropped.clone() };
         normalize_case(&mut work, &self.normalization)?;
         let labels = predict_labels(
             &self.model,
@@ -129,7 +133,7 @@ impl Predictor {
             work.shape,
             &self.infer,
         )?;
-        let labels = if work.shape == case.shape { labels } else { resample_nearest(&labels, work.shape, case.shape) };
+        let labels = uncrop_labels(&resample_nearest(&labels, work.shape, cropped.shape), &bbox, case.shape);
         std::fs::create_dir_all(output_dir)
             .map_err(|e| Error::Io(format!("creating {}: {e}", output_dir.display())))?;
         let out = output_dir.join(format!("{name}.nii.gz"));

@@ -48,7 +48,12 @@ fn micro_config() -> ModelConfig {
 }
 
 fn phantoms(n: usize) -> Vec<Case> {
-    let mut cases = phantom_dataset(&SynthConfig { cases: n, shape: [12, 20, 20], seed: 3 });
+    phantoms_of([12, 20, 20], n)
+}
+
+/// `n` z-scored phantoms of `shape`.
+fn phantoms_of(shape: [usize; 3], n: usize) -> Vec<Case> {
+    let mut cases = phantom_dataset(&SynthConfig { cases: n, shape, seed: 3 });
     for c in &mut cases {
         lkm_engine::data::normalize::normalize_case(c, &lkm_engine::data::normalize::Normalization::ZScore).unwrap();
     }
@@ -216,7 +221,8 @@ fn predict_writes_labels_on_the_input_grid() {
 }
 
 #[test]
-fn a_patch_larger_than_a_volume_is_refused_with_the_sizes() {
+fn a_volume_smaller_than_the_patch_is_zero_padded() {
+    // nnU-Net pads such cases (a plan's patch, rounded up to its divisibility, can exceed the median case).
     let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
     let run = Run {
         model: &model,
@@ -225,9 +231,9 @@ fn a_patch_larger_than_a_volume_is_refused_with_the_sizes() {
         out_dir: temp_dir("big-patch"),
         meta: serde_json::json!({}),
     };
-    let small = phantom_dataset(&SynthConfig { cases: 1, shape: [6, 20, 20], seed: 3 });
-    let err = run.train(&small, &[], Start { params: init, momentum: Vec::new(), epoch: 0 }).err().expect("must fail");
-    assert!(err.to_string().contains("[6, 20, 20]") && err.to_string().contains("[8, 16, 16]"), "{err}");
+    let small = phantoms_of([6, 20, 20], 2);
+    let (records, _) = run.train(&small, &small[..1], Start { params: init, momentum: Vec::new(), epoch: 0 }).unwrap();
+    assert!(records[0].train_loss.is_finite() && records[0].val_mean_dice.is_some(), "{:?}", records[0]);
 }
 
 #[test]

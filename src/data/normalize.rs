@@ -269,9 +269,9 @@ impl ChannelNorm {
     pub fn from_json(v: &Value) -> Result<ChannelNorm> {
         match v.get("scheme").and_then(Value::as_str) {
             Some("ct") => Ok(ChannelNorm::Ct(CtStats::from_json(v)?)),
-            Some("zscore") => {
-                Ok(ChannelNorm::ZScore { nonzero_mask: v.get("nonzero_mask").and_then(Value::as_bool).unwrap_or(false) })
-            }
+            Some("zscore") => Ok(ChannelNorm::ZScore {
+                nonzero_mask: v.get("nonzero_mask").and_then(Value::as_bool).unwrap_or(false),
+            }),
             _ => crate::bail!(Data, "normalisation of a channel: \"scheme\" must be \"ct\" or \"zscore\" in {v}"),
         }
     }
@@ -303,9 +303,8 @@ pub fn normalize_case(case: &mut Case, norm: &Normalization) -> Result<()> {
     );
     // The nonzero mask is taken from the raw image, before any channel is changed.
     let masked = (0..case.channels).any(|c| norm.channel(c) == ChannelNorm::ZScore { nonzero_mask: true });
-    let mask: Option<Vec<bool>> = masked.then(|| {
-        (0..n).map(|i| (0..case.channels).any(|c| case.image[c * n + i] != 0.0)).collect()
-    });
+    let mask: Option<Vec<bool>> =
+        masked.then(|| (0..n).map(|i| (0..case.channels).any(|c| case.image[c * n + i] != 0.0)).collect());
     for (c, channel) in case.image.chunks_mut(n).enumerate() {
         match norm.channel(c) {
             ChannelNorm::Ct(s) => {
@@ -331,7 +330,8 @@ fn zscore(x: &mut [f32], mask: Option<&[bool]>) {
     }
     let n = n as f64;
     let mean = x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| v as f64).sum::<f64>() / n;
-    let var = x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let var =
+        x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let inv = 1.0 / var.sqrt().max(STD_FLOOR);
     for (i, v) in x.iter_mut().enumerate() {
         *v = if inside(i) { ((*v as f64 - mean) * inv) as f32 } else { 0.0 };

@@ -49,7 +49,9 @@ const BYTES_PER_PARAMETER: f64 = 12.0;
 
 /// The number of parameters of the network `cfg` builds (equal to `LkmUnet::new(cfg)`'s count).
 pub fn parameter_count(cfg: &ModelConfig) -> usize {
-    let conv = |cin: usize, cout: usize, k: &[usize], bias: bool| cin * cout * k.iter().product::<usize>() + bias as usize * cout;
+    let conv = |cin: usize, cout: usize, k: &[usize], bias: bool| {
+        cin * cout * k.iter().product::<usize>() + bias as usize * cout
+    };
     let conv_norm = |cin, cout, k: &[usize]| conv(cin, cout, k, true) + 2 * cout;
     let ones = vec![1; cfg.spatial_rank()];
     let block = |cin, cout, k: &[usize]| {

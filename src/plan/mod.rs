@@ -159,8 +159,9 @@ impl Plans {
     /// Reads plans written by [`Plans::save`], checking that the network fits its patch.
     pub fn load(path: &Path) -> Result<Plans> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-        let plans: Plans = serde_json::from_str(&text)
-            .map_err(|e| Error::Data(format!("{}: not a plans file written by `lkm-engine plan`: {e}", path.display())))?;
+        let plans: Plans = serde_json::from_str(&text).map_err(|e| {
+            Error::Data(format!("{}: not a plans file written by `lkm-engine plan`: {e}", path.display()))
+        })?;
         let m = &plans.plan.model;
         m.validate(&m.patch).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok(plans)
@@ -175,8 +176,8 @@ pub fn target_spacing(fp: &Fingerprint) -> ([f64; 3], bool) {
     let others: Vec<usize> = (0..3).filter(|&a| a != worst).collect();
     let other_spacing = others.iter().map(|&a| target[a]).fold(f64::MIN, f64::max);
     let other_size = others.iter().map(|&a| size[a]).fold(f64::MAX, f64::min);
-    let anisotropic = target[worst] > ANISOTROPY_THRESHOLD * other_spacing
-        && size[worst] * ANISOTROPY_THRESHOLD < other_size;
+    let anisotropic =
+        target[worst] > ANISOTROPY_THRESHOLD * other_spacing && size[worst] * ANISOTROPY_THRESHOLD < other_size;
     if anisotropic {
         let p10 = percentile_of(fp.cases.iter().map(|c| c.spacing[worst]).collect(), 10.0);
         target[worst] = if p10 < other_spacing { other_spacing.max(p10) + 1e-5 } else { p10 };
@@ -269,22 +270,33 @@ pub fn plan(fp: &Fingerprint, opts: &PlanOptions) -> Result<Plan> {
         // shrunk patch (nnU-Net subtracts, re-derives the step, and subtracts that, so that no valid size is skipped).
         let ratio = |a: usize| cfg.patch[a] as f64 / med[a] as f64;
         let a = (0..sp.len()).max_by(|&x, &y| ratio(x).total_cmp(&ratio(y)).then(x.cmp(&y))).expect("an axis");
-        let mut smaller = cfg.patch.clone();
-        if smaller[a] <= divisor[a] {
-            bail!(
-                Config,
-                "--gpu-memory {} GiB: even a batch of {MIN_BATCH} patches of {:?} needs about {:.1} GiB; give more memory",
+        let too_small = || {
+            Error::Config(format!(
+                "--gpu-memory {} GiB: even a batch of {MIN_BATCH} patches of {:?} needs about {:.3} GiB; give more memory",
                 opts.gpu_memory_gib,
                 cfg.patch,
                 memory::estimate_gib(&cfg, MIN_BATCH)
-            );
+            ))
+        };
+        let mut smaller = cfg.patch.clone();
+        if smaller[a] <= divisor[a] {
+            return Err(too_small());
         }
         smaller[a] -= divisor[a];
         let step = topology(&sp, &smaller).divisor[a];
         let mut patch = cfg.patch.clone();
         patch[a] -= step;
-        (cfg, divisor) = network(&sp, &patch, fp, opts);
+        let next = network(&sp, &patch, fp, opts);
+        if next.0.features.len() < 2 {
+            return Err(too_small());
+        }
+        (cfg, divisor) = next;
     }
+    cfg.validate(&cfg.patch).map_err(|e| {
+        Error::Config(format!(
+            "the median case after cropping and resampling, {med:?} voxels, is too small for a U-Net: {e}"
+        ))
+    })?;
     // Rule 5.
     let fits = ((budget * memory::GIB - memory::fixed_bytes(&cfg)) / memory::sample_bytes(&cfg)).floor() as usize;
     let dataset_voxels = med.iter().product::<usize>() as f64 * fp.cases.len() as f64;
@@ -309,8 +321,7 @@ pub fn plan(fp: &Fingerprint, opts: &PlanOptions) -> Result<Plan> {
 pub fn override_stages(cfg: &mut ModelConfig, pim: &[(usize, Vec<usize>)], pam: &[(usize, Vec<usize>)]) -> Result<()> {
     let r = cfg.spatial_rank();
     let stages = cfg.features.len();
-    for (what, list, table) in
-        [("--pim-window", pim, &mut cfg.pim_windows), ("--pam-factor", pam, &mut cfg.pam_pools)]
+    for (what, list, table) in [("--pim-window", pim, &mut cfg.pim_windows), ("--pam-factor", pam, &mut cfg.pam_pools)]
     {
         for (s, sizes) in list {
             ensure!(*s < stages, Config, "{what} {s}=...: the model has stages 0..{}", stages - 1);
@@ -396,11 +407,22 @@ pub fn summary(fp: &Fingerprint, plan: &Plan) -> String {
     }
     for c in 0..fp.channel_names.len() {
         let how = match plan.normalization.channel(c) {
-            ChannelNorm::Ct(s) => format!("CT: clip to [{:.2}, {:.2}], z-score with mean {:.2} std {:.2}", s.lo, s.hi, s.mean, s.std),
-            ChannelNorm::ZScore { nonzero_mask: true } => "z-score over the nonzero voxels (the crop removes a quarter or more)".into(),
+            ChannelNorm::Ct(s) => {
+                format!("CT: clip to [{:.2}, {:.2}], z-score with mean {:.2} std {:.2}", s.lo, s.hi, s.mean, s.std)
+            }
+            ChannelNorm::ZScore { nonzero_mask: true } => {
+                "z-score over the nonzero voxels (the crop removes a quarter or more)".into()
+            }
             ChannelNorm::ZScore { nonzero_mask: false } => "z-score over the whole image".into(),
         };
         out += &format!("  normalisation of channel {c} ({}): {how}\n", fp.channel_names[c]);
     }
     out
+}
+
+/// Fingerprints the nnU-Net raw dataset at `dir` and plans it.
+pub fn plan_dataset(dir: &Path, opts: &PlanOptions) -> Result<Plans> {
+    let fingerprint = Fingerprint::of_dataset(dir)?;
+    let plan = plan(&fingerprint, opts)?;
+    Ok(Plans { fingerprint, plan })
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::trainer::TrainOptions;
 use crate::nn::ModelConfig;
 use crate::ops::pim::PimLayout;
+use crate::plan::{override_stages, Plan};
 use crate::{bail, ensure, Error, Result};
 
 /// What `lkm-engine train` was asked to do; each field is one command-line flag.
@@ -16,8 +17,17 @@ use crate::{bail, ensure, Error, Result};
 pub struct Launch {
     /// `--data`: the dataset folder (absolute), or `None` for the built-in phantoms.
     pub data: Option<PathBuf>,
-    /// `--config`: the model configuration's name.
-    pub config: String,
+    /// `--config`: the model configuration's name (none: the plan's network, or tiny-3d without a plan).
+    pub config: Option<String>,
+    /// The plan of `--plans`, or the one made for `--data` without `--config` (none for a named configuration).
+    #[serde(default)]
+    pub plan: Option<Plan>,
+    /// `--pim-window`: PiM windows set per stage.
+    #[serde(default)]
+    pub pim_window: Vec<(usize, Vec<usize>)>,
+    /// `--pam-factor`: PaM factors set per stage.
+    #[serde(default)]
+    pub pam_factor: Vec<(usize, Vec<usize>)>,
     /// `--patch`: the patch size, when it overrides the configuration's.
     pub patch: Option<Vec<usize>>,
     /// `--pim-layout`: window or strided.
@@ -54,17 +64,14 @@ impl Launch {
             self.val_fraction
         );
         ensure!(self.lr.is_finite() && self.lr > 0.0, Config, "--lr must be a positive number, got {}", self.lr);
-        let config = ModelConfig::by_name(&self.config)
-            .map_err(|e| Error::Config(format!("--config {:?}: {e}", self.config)))?;
+        let config = self.base_config()?;
         let _ = self.layout()?;
         if let Some(patch) = &self.patch {
             let rank = config.spatial_rank();
             ensure!(
                 patch.len() == rank && patch.iter().all(|&p| p >= 1),
                 Config,
-                "--patch {patch:?}: the {} model needs {rank} sizes of at least 1 (one per spatial axis, \
-                 comma-separated)",
-                self.config
+                "--patch {patch:?}: the model needs {rank} sizes of at least 1 (one per spatial axis, comma-separated)"
             );
         }
         match &self.data {
@@ -84,15 +91,27 @@ impl Launch {
         parse_pim_layout(&self.pim_layout)
     }
 
+    /// The network before the flags that change it: the plan's, or the named configuration (tiny-3d by default).
+    fn base_config(&self) -> Result<ModelConfig> {
+        match (&self.plan, &self.config) {
+            (Some(p), _) => Ok(p.model.clone()),
+            (None, name) => {
+                let name = name.as_deref().unwrap_or(DEFAULT_CONFIG);
+                ModelConfig::by_name(name).map_err(|e| Error::Config(format!("--config {name:?}: {e}")))
+            }
+        }
+    }
+
     /// The model of a fresh run for data of `num_classes` classes and `channels` image channels.
     pub fn model_config(&self, num_classes: usize, channels: usize) -> Result<ModelConfig> {
-        let mut config = ModelConfig::by_name(&self.config)?;
+        let mut config = self.base_config()?;
         config.num_classes = num_classes;
         config.in_channels = channels;
         config.pim_layout = self.layout()?;
         if let Some(p) = &self.patch {
             config.patch = p.clone();
         }
+        override_stages(&mut config, &self.pim_window, &self.pam_factor)?;
         Ok(config)
     }
 
@@ -135,7 +154,16 @@ impl Launch {
             Ok(())
         };
         same("data", &shown(&recorded.data), &shown(&given.data))?;
-        same("config", &recorded.config, &given.config)?;
+        same("config", &shown(&recorded.config), &shown(&given.config))?;
+        ensure!(
+            !explicit("plans") || recorded.plan == given.plan,
+            Config,
+            "--plans gives another plan than the one the run being resumed ({}) was trained with; leave the flag out \
+             to continue that run, or start a new run without --resume",
+            ck.display()
+        );
+        same("pim_window", &recorded.pim_window, &given.pim_window)?;
+        same("pam_factor", &recorded.pam_factor, &given.pam_factor)?;
         same("patch", &shown(&recorded.patch), &shown(&given.patch))?;
         same("pim_layout", &recorded.pim_layout, &given.pim_layout)?;
         same("iters", &recorded.iters, &given.iters)?;
@@ -169,6 +197,9 @@ impl Launch {
         Ok(Launch { epochs, lr, ..recorded.clone() })
     }
 }
+
+/// The configuration of a run without `--config` and without a plan (the phantoms).
+const DEFAULT_CONFIG: &str = "tiny-3d";
 
 /// The PiM layout named by a `--pim-layout` flag: window or strided.
 pub fn parse_pim_layout(s: &str) -> Result<PimLayout> {

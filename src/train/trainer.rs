@@ -143,16 +143,19 @@ impl Run<'_> {
         // A 2D patch is cut from one slice: compare its two axes with H and W.
         let patch3: Vec<usize> =
             if cfg.patch.len() == 2 { [&[1][..], &cfg.patch[..]].concat() } else { cfg.patch.clone() };
-        for case in train {
-            if case.shape.iter().zip(&patch3).any(|(s, p)| s < p) {
-                bail!(
-                    Config,
-                    "case {} has shape {:?} (D, H, W) after resampling, smaller than the patch {:?}: choose a smaller --patch",
-                    case.name,
-                    case.shape,
-                    cfg.patch
-                );
-            }
+        // As in nnU-Net, a case smaller than the patch is zero-padded to it (a plan's patch can exceed the median
+        // case once it is rounded up to its divisibility); say so, since a preset patch far larger wastes compute.
+        let small: Vec<&str> =
+            train.iter().filter(|c| c.shape.iter().zip(&patch3).any(|(s, p)| s < p)).map(|c| c.name.as_str()).collect();
+        if !small.is_empty() {
+            eprintln!(
+                "note: {} of {} training case(s) ({}) are smaller than the patch {:?} along some axis and are \
+                 zero-padded to it",
+                small.len(),
+                train.len(),
+                small.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+                cfg.patch
+            );
         }
         let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?.deep_copy()?;
         let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
