@@ -51,7 +51,7 @@ pub fn nonzero_bbox(case: &Case) -> BoundingBox {
             hi[a] = hi[a].max(p[a] + 1);
         }
     }
-    if hi.iter().any(|&e| e == 0) {
+    if hi.contains(&0) {
         return BoundingBox::full(case.shape);
     }
     BoundingBox { start: lo, end: hi }
