@@ -96,16 +96,7 @@ impl Fingerprint {
         acc.finish(ds.channel_names().to_vec(), ds.label_names().to_vec(), &dir.display().to_string())
     }
 
-    /// The fingerprint of cases in memory (every case labelled), with the given channel and class names.
-    pub fn of_cases(cases: &[Case], channel_names: Vec<String>, class_names: Vec<String>) -> Result<Fingerprint> {
-        let mut acc = Accumulator::new(channel_names.len(), class_names.len());
-        for case in cases {
-            acc.add(case)?;
-        }
-        acc.finish(channel_names, class_names, "the cases given")
-    }
-
-    /// Whether channel 0 is CT (which selects the CT normalisation for it).
+    /// Whether channel `channel` is named CT (which selects the CT normalisation for it).
     pub fn is_ct(&self, channel: usize) -> bool {
         self.channel_names.get(channel).is_some_and(|n| n.eq_ignore_ascii_case("ct"))
     }
