@@ -234,6 +234,46 @@ fn network(spacing: &[f64], patch: &[usize], fp: &Fingerprint, opts: &PlanOption
     (cfg, topo.divisor)
 }
 
+/// Rule 4's loop: the network for `start`, its patch shrunk until a batch of 2 fits `budget` GiB.
+fn fit_to_budget(
+    sp: &[f64],
+    med: &[usize],
+    start: &[usize],
+    budget: f64,
+    fp: &Fingerprint,
+    opts: &PlanOptions,
+) -> Result<ModelConfig> {
+    let (mut cfg, mut divisor) = network(sp, start, fp, opts);
+    while memory::estimate_gib(&cfg, MIN_BATCH) > budget {
+        // Shrink the axis largest relative to the median shape (ties: the last), by the divisibility step of the
+        // shrunk patch (nnU-Net subtracts, re-derives the step, and subtracts that, so that no valid size is skipped).
+        let ratio = |a: usize| cfg.patch[a] as f64 / med[a] as f64;
+        let a = (0..sp.len()).max_by(|&x, &y| ratio(x).total_cmp(&ratio(y)).then(x.cmp(&y))).expect("an axis");
+        let too_small = || {
+            Error::Config(format!(
+                "--gpu-memory {} GiB: even a batch of {MIN_BATCH} patches of {:?} needs about {:.3} GiB; give more memory",
+                opts.gpu_memory_gib,
+                cfg.patch,
+                memory::estimate_gib(&cfg, MIN_BATCH)
+            ))
+        };
+        let mut smaller = cfg.patch.clone();
+        if smaller[a] <= divisor[a] {
+            return Err(too_small());
+        }
+        smaller[a] -= divisor[a];
+        let step = topology(sp, &smaller).divisor[a];
+        let mut patch = cfg.patch.clone();
+        patch[a] -= step;
+        let next = network(sp, &patch, fp, opts);
+        if next.0.features.len() < 2 {
+            return Err(too_small());
+        }
+        (cfg, divisor) = next;
+    }
+    Ok(cfg)
+}
+
 /// Plans training for the dataset of `fp` (see the module header).
 pub fn plan(fp: &Fingerprint, opts: &PlanOptions) -> Result<Plan> {
     ensure!(!fp.cases.is_empty(), Data, "plan: the fingerprint has no cases");
@@ -264,34 +304,7 @@ pub fn plan(fp: &Fingerprint, opts: &PlanOptions) -> Result<Plan> {
     let scale = (start_volume / aspect.iter().product::<f64>()).powf(1.0 / sp.len() as f64);
     let start: Vec<usize> = aspect.iter().zip(&med).map(|(a, &m)| ((a * scale).round() as usize).clamp(1, m)).collect();
     let budget = opts.gpu_memory_gib * USABLE_MEMORY_FRACTION;
-    let (mut cfg, mut divisor) = network(&sp, &start, fp, opts);
-    while memory::estimate_gib(&cfg, MIN_BATCH) > budget {
-        // Shrink the axis largest relative to the median shape (ties: the last), by the divisibility step of the
-        // shrunk patch (nnU-Net subtracts, re-derives the step, and subtracts that, so that no valid size is skipped).
-        let ratio = |a: usize| cfg.patch[a] as f64 / med[a] as f64;
-        let a = (0..sp.len()).max_by(|&x, &y| ratio(x).total_cmp(&ratio(y)).then(x.cmp(&y))).expect("an axis");
-        let too_small = || {
-            Error::Config(format!(
-                "--gpu-memory {} GiB: even a batch of {MIN_BATCH} patches of {:?} needs about {:.3} GiB; give more memory",
-                opts.gpu_memory_gib,
-                cfg.patch,
-                memory::estimate_gib(&cfg, MIN_BATCH)
-            ))
-        };
-        let mut smaller = cfg.patch.clone();
-        if smaller[a] <= divisor[a] {
-            return Err(too_small());
-        }
-        smaller[a] -= divisor[a];
-        let step = topology(&sp, &smaller).divisor[a];
-        let mut patch = cfg.patch.clone();
-        patch[a] -= step;
-        let next = network(&sp, &patch, fp, opts);
-        if next.0.features.len() < 2 {
-            return Err(too_small());
-        }
-        (cfg, divisor) = next;
-    }
+    let cfg = fit_to_budget(&sp, &med, &start, budget, fp, opts)?;
     cfg.validate(&cfg.patch).map_err(|e| {
         Error::Config(format!(
             "the median case after cropping and resampling, {med:?} voxels, is too small for a U-Net: {e}"
