@@ -324,14 +324,13 @@ pub fn normalize_case(case: &mut Case, norm: &Normalization) -> Result<()> {
 /// voxels only, the others set to 0.
 fn zscore(x: &mut [f32], mask: Option<&[bool]>) {
     let inside = |i: usize| mask.is_none_or(|m| m[i]);
-    let n = (0..x.len()).filter(|&i| inside(i)).count();
-    if n == 0 {
+    let values = || x.iter().enumerate().filter(|&(i, _)| inside(i)).map(|(_, &v)| v as f64);
+    let n = values().count() as f64;
+    if n == 0.0 {
         return;
     }
-    let n = n as f64;
-    let mean = x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| v as f64).sum::<f64>() / n;
-    let var =
-        x.iter().enumerate().filter(|(i, _)| inside(*i)).map(|(_, &v)| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = values().sum::<f64>() / n;
+    let var = values().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
     let inv = 1.0 / var.sqrt().max(STD_FLOOR);
     for (i, v) in x.iter_mut().enumerate() {
         *v = if inside(i) { ((*v as f64 - mean) * inv) as f32 } else { 0.0 };
