@@ -16,8 +16,9 @@
 //! # 1. Data
 //!
 //! [`prepare::dataset`] opens an nnU-Net raw folder ([`Dataset::open`] checks `dataset.json` and the file list before
-//! any voxel is read), reads every case's NIfTI files ([`read_volume`]), resamples each case to the training cases'
-//! median spacing ([`median_spacing`], [`resample_case`]: trilinear image, nearest label) and normalises it
+//! any voxel is read), reads every case's NIfTI files ([`read_volume`]), crops each case to the box of its nonzero
+//! voxels ([`crop_to_nonzero`]), resamples it to the training cases' median spacing ([`median_spacing`],
+//! [`resample_case`]: trilinear image, nearest label) and normalises it
 //! ([`normalize_case`]): for CT, with the 0.5 and 99.5 percentiles lo, hi and the mean and std of the foreground
 //! intensities of the training set,
 //!
@@ -25,8 +26,9 @@
 //!   x -> (clamp(x, lo, hi) - mean) / std
 //! ```
 //!
-//! and a per-image z-score for other modalities. Without `--data`, [`prepare::synthetic`] makes CT-like phantoms in
-//! memory instead. Either way the result, a [`Prepared`], holds whole volumes ([`Case`]) in host memory.
+//! and a per-image z-score for other modalities. With `--plans`, or `--data` and no `--config`, [`prepare::planned`]
+//! does the same with the spacing and normalisation of a [`plan`] instead. Without `--data`, [`prepare::synthetic`] makes CT-like
+//! phantoms in memory. Either way the result, a [`Prepared`], holds whole volumes ([`Case`]) in host memory.
 //!
 //! # 2. Patch sampling
 //!
@@ -322,6 +324,9 @@
 //! [`poly_lr`]: crate::optim::poly_lr
 //! [`prepare::dataset`]: crate::train::prepare::dataset
 //! [`prepare::synthetic`]: crate::train::prepare::synthetic
+//! [`prepare::planned`]: crate::train::prepare::planned
+//! [`plan`]: crate::plan
+//! [`crop_to_nonzero`]: crate::data::crop::crop_to_nonzero
 //! [`Prepared`]: crate::train::prepare::Prepared
 //! [`Dataset::open`]: crate::data::dataset::Dataset::open
 //! [`read_volume`]: crate::data::nifti::read_volume
