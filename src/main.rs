@@ -349,7 +349,12 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let device = open_device(&a.device, &a.math)?;
     let t0 = Instant::now();
     let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    let given = a.launch(run_plan(&a, &device)?, explicit("batch")).validate()?;
+    // Every flag is checked before any data is read; then the plan, if any, is made or read.
+    let flags = a.launch(None, false).validate()?;
+    let given = match run_plan(&a, &device)? {
+        Some(plan) => a.launch(Some(plan), explicit("batch")).validate()?,
+        None => flags,
+    };
     // A resumed run continues in its checkpoint's folder, with the settings recorded there.
     let resume = a.resume.as_deref().map(|p| Ok::<_, Error>((p, checkpoint::load(p)?))).transpose()?;
     let (launch, out) = match &resume {

@@ -16,7 +16,9 @@ use lkm_engine::data::nifti::{header_for, read_volume, write_image};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lkm-engine");
 /// Train flags that make a run take about a second per epoch on the CPU.
-const QUICK: &[&str] = &["--patch", "16,16,16", "--iters", "1", "--batch", "1", "--no-progress", "--device", "cpu"];
+/// A quick tiny-3d run (`--data` without `--config` would plan the dataset instead).
+const QUICK: &[&str] =
+    &["--config", "tiny-3d", "--patch", "16,16,16", "--iters", "1", "--batch", "1", "--no-progress", "--device", "cpu"];
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lkm-bad-inputs-{name}-{}", std::process::id()));

@@ -313,3 +313,41 @@ fn plans_of_awkward_datasets_train_and_predict_in_3d_and_2d() {
     assert_eq!(p.normalization.channel(0), ChannelNorm::ZScore { nonzero_mask: true }, "the frame is over a quarter");
     assert_eq!(read_volume(&pred).unwrap().shape, [1, 70, 90]);
 }
+
+#[test]
+fn resume_restores_the_plan_and_refuses_another() {
+    use lkm_engine::train::launch::Launch;
+    let fp = fingerprint(&[[37, 61, 53]], &[[3.0, 0.8, 0.8]], 4, "CT", 1.0);
+    let planned = plan(&fp, &tiny_options()).unwrap();
+    let recorded = Launch {
+        data: None,
+        config: None,
+        plan: Some(planned.clone()),
+        pim_window: Vec::new(),
+        pam_factor: Vec::new(),
+        patch: None,
+        pim_layout: "window".into(),
+        epochs: 2,
+        iters: 1,
+        batch: planned.batch,
+        lr: 0.01,
+        seed: 1,
+        val_fraction: 0.2,
+        synth_cases: 4,
+        mirror: true,
+    };
+    // `train --resume ck --epochs 3`: no plan on the command line; the recorded one comes back, network included.
+    let given = Launch { plan: None, epochs: 3, ..recorded.clone() };
+    let ck = std::path::Path::new("run/latest.safetensors");
+    let resumed = Launch::resumed(&recorded, &given, &|id| id == "epochs", ck, 1).unwrap();
+    assert_eq!((resumed.plan.as_ref(), resumed.epochs), (Some(&planned), 3));
+    assert_eq!(resumed.model_config(14, 1).unwrap(), planned.model);
+    // An explicit --plans with another plan, or another --pim-window, is refused.
+    let other = plan(&fp, &PlanOptions { base_features: 8, ..tiny_options() }).unwrap();
+    let given = Launch { plan: Some(other), ..given };
+    let err = Launch::resumed(&recorded, &given, &|id| id == "plans", ck, 1).unwrap_err().to_string();
+    assert!(err.contains("--plans") && err.contains("run/latest.safetensors"), "{err}");
+    let given = Launch { plan: None, pim_window: vec![(0, vec![4])], ..recorded.clone() };
+    let err = Launch::resumed(&recorded, &given, &|id| id == "pim_window", ck, 1).unwrap_err().to_string();
+    assert!(err.contains("--pim-window"), "{err}");
+}

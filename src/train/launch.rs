@@ -64,9 +64,10 @@ impl Launch {
             self.val_fraction
         );
         ensure!(self.lr.is_finite() && self.lr > 0.0, Config, "--lr must be a positive number, got {}", self.lr);
-        let config = self.base_config()?;
         let _ = self.layout()?;
-        if let Some(patch) = &self.patch {
+        // Without the network (a plan still to be made), the patch is checked against it once it is planned.
+        let config = if self.plan_pending() { None } else { Some(self.base_config()?) };
+        if let (Some(patch), Some(config)) = (&self.patch, config) {
             let rank = config.spatial_rank();
             ensure!(
                 patch.len() == rank && patch.iter().all(|&p| p >= 1),
@@ -89,6 +90,11 @@ impl Launch {
     /// The PiM layout named by `--pim-layout`.
     pub fn layout(&self) -> Result<PimLayout> {
         parse_pim_layout(&self.pim_layout)
+    }
+
+    /// Whether the network comes from a plan not made yet: `--data` without `--config` or a plan.
+    pub fn plan_pending(&self) -> bool {
+        self.data.is_some() && self.config.is_none() && self.plan.is_none()
     }
 
     /// The network before the flags that change it: the plan's, or the named configuration (tiny-3d by default).
@@ -154,7 +160,8 @@ impl Launch {
             Ok(())
         };
         same("data", &shown(&recorded.data), &shown(&given.data))?;
-        same("config", &shown(&recorded.config), &shown(&given.config))?;
+        let name = |c: &Option<String>| c.clone().unwrap_or_else(|| "none".into());
+        same("config", &name(&recorded.config), &name(&given.config))?;
         ensure!(
             !explicit("plans") || recorded.plan == given.plan,
             Config,
