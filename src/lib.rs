@@ -12,7 +12,8 @@
 //! 3. [`autograd`]: the tape and gradient checks;
 //! 4. [`ops`]: every op with forward, backward, CPU reference and kernel launch;
 //! 5. [`nn`], [`data`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`]: the network and the workflow
-//!    around it.
+//!    around it;
+//! 6. [`viz`]: pictures of runs and predictions (training curves, overlays, the HTML run report).
 //!
 //! Examples that run in `cargo test --doc`, one or more per layer: [`device`], [`tensor`], [`autograd`] (an op
 //! forward and backward by hand) and [`autograd::gradcheck`] (finite differences), [`ops`], [`nn`] (the tiny model),
@@ -33,6 +34,7 @@ pub mod profile;
 pub mod tensor;
 pub mod tour;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};

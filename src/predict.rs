@@ -67,6 +67,8 @@ pub struct Predictor {
     device: Device,
     normalization: Normalization,
     spacing: [f64; 3],
+    /// Class names, background first (empty for checkpoints without them).
+    pub class_names: Vec<String>,
     /// Sliding-window settings.
     pub infer: InferConfig,
 }
@@ -88,7 +90,8 @@ impl Predictor {
         let (model, fresh) = LkmUnet::new(config, 0)?;
         let params = ck.params_like(&fresh)?.to(DType::F32, &device)?;
         let infer = InferConfig { mirror, ..InferConfig::for_model(&model.config) };
-        Ok(Predictor { model, params, device, normalization, spacing, infer })
+        let class_names = crate::viz::class_names(run);
+        Ok(Predictor { model, params, device, normalization, spacing, class_names, infer })
     }
 
     /// Segments the case made of `files` (one per channel, same grid) and writes `output_dir/<name>.nii.gz`.
