@@ -123,6 +123,11 @@ fn metrics_reader_keeps_the_last_record_of_an_epoch_and_names_a_bad_line() {
     assert!(err.contains("metrics.jsonl line 2"), "{err}");
 }
 
+/// The index of voxel (z, y, x) in a 4 x 8 x 8 volume.
+fn voxel(z: usize, y: usize, x: usize) -> usize {
+    (z * 8 + y) * 8 + x
+}
+
 /// A 4 x 8 x 8 volume with distinct intensities and spacing 1 mm.
 fn small_volume() -> (Vec<f32>, Grid) {
     let grid = Grid { shape: [4, 8, 8], spacing: [1.0; 3] };
@@ -160,14 +165,14 @@ fn an_empty_label_map_draws_the_grey_image_and_a_label_its_colour() {
     let scale = 256 / 8;
     for y in 0..grey.height {
         for x in 0..grey.width {
-            let v = image[(2 * 8 + y / scale) * 8 + x / scale];
+            let v = image[voxel(2, y / scale, x / scale)];
             let g = (((v - window.0) / (window.1 - window.0)).clamp(0.0, 1.0) * 255.0) as u8;
             assert_eq!(grey.get(x, y), [g; 3], "pixel ({x}, {y})");
         }
     }
     // Class 2 at voxel (2, 1, 3): only its block changes, to the half-way blend of grey and the class colour.
     let mut labels = empty.clone();
-    labels[(2 * 8 + 1) * 8 + 3] = 2;
+    labels[voxel(2, 1, 3)] = 2;
     let drawn = draw_slice(&image, &labels, &grid, View::Axial, 2, window);
     for y in 0..grey.height {
         for x in 0..grey.width {
@@ -188,7 +193,7 @@ fn an_empty_label_map_draws_the_grey_image_and_a_label_its_colour() {
 }
 
 fn grey_at(image: &[f32], [z, y, x]: [usize; 3], window: (f32, f32)) -> [u8; 3] {
-    let v = image[(z * 8 + y) * 8 + x];
+    let v = image[voxel(z, y, x)];
     [(((v - window.0) / (window.1 - window.0)).clamp(0.0, 1.0) * 255.0) as u8; 3]
 }
 
@@ -198,7 +203,7 @@ fn the_grey_window_is_robust_to_outliers() {
     image[17] = 1e6;
     image[18] = f32::NAN;
     let (lo, hi) = grey_window(&image);
-    assert!(lo >= 0.0 && lo < 0.01 && hi > 0.99 && hi <= 1.0, "({lo}, {hi})");
+    assert!((0.0..0.01).contains(&lo) && (0.99..=1.0).contains(&hi), "({lo}, {hi})");
     assert_eq!(grey_window(&[5.0; 10]), (5.0, 6.0), "a flat image gets a window of width 1");
 }
 
@@ -207,9 +212,9 @@ fn centroids_and_case_pictures_cover_each_present_class() {
     let (image, grid) = small_volume();
     let mut reference = vec![0u8; 256];
     let mut prediction = vec![0u8; 256];
-    reference[(1 * 8 + 2) * 8 + 2] = 1;
-    reference[(3 * 8 + 2) * 8 + 2] = 1;
-    prediction[(2 * 8 + 5) * 8 + 6] = 3;
+    reference[voxel(1, 2, 2)] = 1;
+    reference[voxel(3, 2, 2)] = 1;
+    prediction[voxel(2, 5, 6)] = 3;
     assert_eq!(centroid(&reference, grid.shape, 1), Some([2, 2, 2]));
     assert_eq!(centroid(&reference, grid.shape, 3), None);
     let names: Vec<String> = ["background", "liver", "kidneys", "spine"].map(String::from).to_vec();
@@ -380,7 +385,7 @@ fn prediction_and_evaluation_overlays_read_their_files_and_name_bad_ones() {
     let (image, grid) = small_volume();
     let header = header_for(grid.shape, [2.0, 1.0, 1.0]).unwrap();
     let mut labels = vec![0u8; 256];
-    labels[(1 * 8 + 4) * 8 + 4] = 2;
+    labels[voxel(1, 4, 4)] = 2;
     write_image(dir.join("img_0000.nii.gz"), &image, grid.shape, &header).unwrap();
     write_label(dir.join("img.nii.gz"), &labels, grid.shape, &header).unwrap();
     let names = vec!["background".to_string(), "liver".to_string(), "spine".to_string()];

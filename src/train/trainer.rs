@@ -236,8 +236,10 @@ impl Run<'_> {
             eprintln!("{}", epoch_summary(&rec));
             writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
                 .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
-            crate::viz::progress::write_progress(&self.out_dir, &crate::viz::class_names(&self.meta))?;
             self.save(&self.out_dir.join(CHECKPOINT), &params, &sgd, epoch + 1)?;
+            // After the checkpoint, and only a warning if it fails: a picture never costs training.
+            crate::viz::progress::write_progress(&self.out_dir, &crate::viz::class_names(&self.meta))
+                .unwrap_or_else(|e| eprintln!("progress.png not drawn: {e}"));
             records.push(rec);
         }
         Ok((records, params))

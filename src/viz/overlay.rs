@@ -274,7 +274,8 @@ impl CaseOverlay<'_> {
         let height = top + sizes.iter().map(|s| s.1 + GAP).sum::<usize>() + LEGEND_HEIGHT;
         let legend: Vec<(u8, String)> = present.iter().map(|&k| (k, self.class_name(k))).collect();
         let legend_width: usize = legend.iter().map(|(_, name)| LEGEND_ENTRY + text_width(name, 14)).sum();
-        let width = width.max(2 * GAP + text_width(title, 16)).max(GAP + legend_width);
+        // Text widths are estimates: leave some slack after the title.
+        let width = width.max(4 * GAP + text_width(title, 16)).max(GAP + legend_width);
         let mut picture = RgbImage::filled(width, height, BACKGROUND);
         picture.text(title, GAP as i32, 8, 16, TEXT)?;
         let mut y = top;
