@@ -210,10 +210,11 @@ impl CaseOverlay<'_> {
     /// `CASE_center.png` through the volume's centre when no map has any foreground.
     pub fn pictures(&self) -> Result<Vec<(String, RgbImage)>> {
         let voxels = self.grid.shape.iter().product::<usize>();
-        if self.image.len() != voxels || self.maps.iter().any(|(_, m)| m.len() != voxels) {
+        if voxels == 0 || self.image.len() != voxels || self.maps.iter().any(|(_, m)| m.len() != voxels) {
             bail!(
                 Shape,
-                "overlay of case {}: the image ({} voxels) and label maps ({:?} voxels) must all fill the grid {:?}",
+                "overlay of case {}: the image ({} voxels) and label maps ({:?} voxels) must all fill the non-empty \
+                 grid {:?}",
                 self.case,
                 self.image.len(),
                 self.maps.iter().map(|(_, m)| m.len()).collect::<Vec<_>>(),

@@ -118,8 +118,15 @@ pub fn draw_progress(points: &[EpochPoint], class_names: &[String]) -> Result<Rg
     let panels = panels(points, class_names);
     {
         let root = BitMapBackend::with_buffer(&mut image.pixels, (width as u32, height as u32)).into_drawing_area();
-        let breaks: Vec<i32> = PANEL_HEIGHTS.iter().scan(0, |y, h| Some(*y + *h as i32).inspect(|b| *y = *b)).collect();
-        let areas = root.split_by_breakpoints::<i32, i32, _, _>([], &breaks[..breaks.len() - 1]);
+        // Where each panel but the first starts: the running sums of the heights above it.
+        let tops: Vec<i32> = PANEL_HEIGHTS[..PANEL_HEIGHTS.len() - 1]
+            .iter()
+            .scan(0, |y, h| {
+                *y += *h as i32;
+                Some(*y)
+            })
+            .collect();
+        let areas = root.split_by_breakpoints::<i32, i32, _, _>([], tops);
         for (area, panel) in areas.iter().zip(&panels) {
             draw_panel(area, &epochs, panel)?;
         }
