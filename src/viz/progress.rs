@@ -266,7 +266,10 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, epochs: &[f64], pane
         .axis_desc_style((FONT, 15))
         .x_labels(((last - first) as usize + 1).min(11))
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.decimals$}"))
+        // A tick that rounds to zero prints as 0, not -0.
+        .y_label_formatter(&|y| {
+            format!("{:.decimals$}", if y.abs() < 0.5 * 0.1f64.powi(decimals as i32) { 0.0 } else { *y })
+        })
         .draw()
         .map_err(fail)?;
     for curve in &panel.curves {
