@@ -11,9 +11,9 @@
 //! 2. [`tensor`]: shapes, dtypes, storage;
 //! 3. [`autograd`]: the tape and gradient checks;
 //! 4. [`ops`]: every op with forward, backward, CPU reference and kernel launch;
-//! 5. [`nn`], [`data`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`]: the network and the workflow
-//!    around it;
-//! 6. [`viz`]: pictures of runs and predictions (training curves, overlays, the HTML run report).
+//! 5. [`nn`], [`data`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`], [`viz`]: the network and the
+//!    workflow around it (`viz`: the pictures of runs and predictions, drawn by the trainer, `predict`,
+//!    `evaluate` and `report`).
 //!
 //! Examples that run in `cargo test --doc`, one or more per layer: [`device`], [`tensor`], [`autograd`] (an op
 //! forward and backward by hand) and [`autograd::gradcheck`] (finite differences), [`ops`], [`nn`] (the tiny model),

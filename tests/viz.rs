@@ -12,6 +12,7 @@ use lkm_engine::device::Device;
 use lkm_engine::metrics::CaseScores;
 use lkm_engine::nn::{LkmUnet, ModelConfig};
 use lkm_engine::ops::pim::PimLayout;
+use lkm_engine::train::run_dir::RunDir;
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
 use lkm_engine::viz::overlay::{
     centroid, class_colour, draw_slice, grey_window, write_evaluation, write_prediction, CaseOverlay, Grid, View,
@@ -425,4 +426,19 @@ fn prediction_and_evaluation_overlays_read_their_files_and_name_bad_ones() {
     assert!(err.to_string().contains("no image for case other"), "{err}");
     let err = write_evaluation(&dir, &dir, [4, 8, 9], [&labels, &labels], &scores, &names).expect_err("other shape");
     assert!(err.to_string().contains("img_0000.nii.gz") && err.to_string().contains("[4, 8, 9]"), "{err}");
+}
+
+#[test]
+fn a_fresh_run_removes_the_pictures_and_environment_of_an_earlier_one() {
+    let dir = temp_dir("fresh");
+    train_micro(&dir, 1, &["background", "liver", "kidneys", "spine"]);
+    let leftovers = ["progress.png", "environment.jsonl"].map(|f| dir.join(f));
+    assert!(leftovers.iter().all(|p| p.is_file()));
+    let run_dir = RunDir::lock(&dir).unwrap();
+    run_dir.start_fresh(true).unwrap();
+    assert!(leftovers.iter().all(|p| !p.exists()), "--overwrite leaves no picture or environment of the old run");
+    // Without a checkpoint or metrics there is no run to protect: stray pictures go without --overwrite.
+    std::fs::write(&leftovers[1], "{}\n").unwrap();
+    run_dir.start_fresh(false).unwrap();
+    assert!(!leftovers[1].exists());
 }

@@ -15,8 +15,11 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::{class_label, drawing_error, register_font, write_png, RgbImage, FONT};
+use crate::train::run_dir::METRICS;
 use crate::{Error, Result};
 
+/// The picture's file name in a run folder.
+pub const PROGRESS_FILE: &str = "progress.png";
 /// Width and height of `progress.png` in pixels.
 pub const PROGRESS_SIZE: (usize, usize) = (1200, 1200);
 /// Heights of the four panels (loss, Dice, learning rate, ms per iteration), top to bottom; they add up to the
@@ -70,8 +73,8 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochPoint>> {
 /// Redraws `run_dir/progress.png` from `run_dir/metrics.jsonl`; `class_names` (background first) name the Dice
 /// curves.
 pub fn write_progress(run_dir: &Path, class_names: &[String]) -> Result<()> {
-    let points = read_metrics(&run_dir.join("metrics.jsonl"))?;
-    write_png(&run_dir.join("progress.png"), &draw_progress(&points, class_names)?)
+    let points = read_metrics(&run_dir.join(METRICS))?;
+    write_png(&run_dir.join(PROGRESS_FILE), &draw_progress(&points, class_names)?)
 }
 
 /// The moving average of a series with gaps (see the module header); `None` where the series has no value.

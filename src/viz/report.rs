@@ -11,23 +11,27 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde_json::Value;
 
-use super::progress::{draw_progress, read_metrics, EpochPoint};
+use super::progress::{draw_progress, read_metrics, EpochPoint, PROGRESS_FILE};
 use super::{class_label, class_names, encode_png};
 use crate::device::Device;
 use crate::train::checkpoint::{read_meta, write_atomically};
+use crate::train::run_dir::{CHECKPOINT, METRICS};
 use crate::{bail, Error, Result};
 
 /// The file in a run folder that holds one line per training session: where and how it ran.
 pub const ENVIRONMENT_FILE: &str = "environment.jsonl";
 
-/// Appends this training session's environment (engine version, device, GPU and CUDA driver version, precision,
-/// CPU threads, operating system) to `run_dir/environment.jsonl`, with the epoch the session starts at.
+/// Appends this training session's environment (engine version, device, GPU and CUDA driver version, precision of
+/// the arithmetic, CPU threads, operating system) to `run_dir/environment.jsonl`, with the epoch the session starts at.
 pub fn record_environment(run_dir: &Path, device: &Device, first_epoch: usize) -> Result<()> {
-    let (gpu, driver) = match device {
-        Device::Cpu => (None, None),
+    // Weights, activations, gradients and optimiser state are float32 on every device; on a GPU the convolutions'
+    // products run on the tf32 tensor cores (float32 accumulation) unless exact float32 was chosen (`--math`).
+    let (gpu, driver, precision) = match device {
+        Device::Cpu => (None, None, "float32"),
         Device::Cuda(g) => {
             let driver = g.driver_version().map_or_else(|e| format!("unknown ({e})"), |(a, b)| format!("CUDA {a}.{b}"));
-            (Some(g.name().to_string()), Some(driver))
+            let precision = if g.exact_f32() { "float32 (exact)" } else { "float32, tf32 convolutions" };
+            (Some(g.name().to_string()), Some(driver), precision)
         }
     };
     let line = serde_json::json!({
@@ -36,8 +40,7 @@ pub fn record_environment(run_dir: &Path, device: &Device, first_epoch: usize) -
         "device": format!("{device:?}"),
         "gpu": gpu,
         "driver": driver,
-        // The trainer keeps weights, activations, gradients and optimiser state in float32 on every device.
-        "precision": "float32",
+        "precision": precision,
         "cpu_threads": rayon::current_num_threads(),
         "os": format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
     });
@@ -61,10 +64,10 @@ pub fn write_report(run_dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
 /// The report page of `run_dir` (see the module header). A folder with neither `metrics.jsonl` nor
 /// `latest.safetensors` is refused; what is missing from a run folder is said on the page.
 pub fn render_report(run_dir: &Path) -> Result<String> {
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let checkpoint_path = run_dir.join("latest.safetensors");
+    let metrics_path = run_dir.join(METRICS);
+    let checkpoint_path = run_dir.join(CHECKPOINT);
     if !metrics_path.is_file() && !checkpoint_path.is_file() {
-        bail!(Data, "{}: not a run folder (no metrics.jsonl and no latest.safetensors)", run_dir.display());
+        bail!(Data, "{}: not a run folder (no {METRICS} and no {CHECKPOINT})", run_dir.display());
     }
     let points = if metrics_path.is_file() { read_metrics(&metrics_path)? } else { Vec::new() };
     let meta = if checkpoint_path.is_file() { read_meta(&checkpoint_path)? } else { Value::Null };
@@ -73,13 +76,13 @@ pub fn render_report(run_dir: &Path) -> Result<String> {
     let mut page = Page::default();
     page.h(1, &format!("Run report: {}", run_dir.display()));
     page.p(&format!(
-        "Written by lkm-engine {} from the run folder's metrics.jsonl, latest.safetensors and {ENVIRONMENT_FILE}.",
+        "Written by lkm-engine {} from the run folder's {METRICS}, {CHECKPOINT} and {ENVIRONMENT_FILE}.",
         env!("CARGO_PKG_VERSION")
     ));
 
     page.h(2, "Configuration and plan");
     if meta.is_null() {
-        page.p("No latest.safetensors (or it holds no lkm-engine metadata): the configuration is unknown.");
+        page.p(&format!("No {CHECKPOINT} (or it holds no lkm-engine metadata): the configuration is unknown."));
     } else {
         page.p(&format!("Epochs completed: {}.", meta["epoch"]));
         for (title, value) in [("Model", &meta["config"]), ("Training", &meta["options"]), ("Data", &meta["run"])] {
@@ -93,7 +96,7 @@ pub fn render_report(run_dir: &Path) -> Result<String> {
 
     page.h(2, "Curves");
     if points.is_empty() {
-        page.p("No metrics.jsonl records: no curves.");
+        page.p(&format!("No {METRICS} records: no curves."));
     } else {
         page.img(&encode_png(&draw_progress(&points, &names)?)?, "training curves");
     }
@@ -131,7 +134,7 @@ fn pngs_under(dir: &Path) -> Result<Vec<PathBuf>> {
             let path = entry.map_err(|e| Error::Io(format!("reading {}: {e}", folder.display())))?.path();
             if path.is_dir() {
                 folders.push(path);
-            } else if path.extension().is_some_and(|e| e == "png") && path != dir.join("progress.png") {
+            } else if path.extension().is_some_and(|e| e == "png") && path != dir.join(PROGRESS_FILE) {
                 found.push(path);
             }
         }
