@@ -8,11 +8,13 @@
 //!
 //! The modules are layers; each uses only those above it in this list:
 //! 1. [`device`]: CPU and CUDA memory, streams, kernels;
-//! 2. [`tensor`]: shapes, dtypes, storage;
+//! 2. [`tensor`]: shapes, dtypes, storage; [`profile`]: NVTX ranges and the per-op recorder, which the layers
+//!    below open ranges in;
 //! 3. [`autograd`]: the tape and gradient checks;
 //! 4. [`ops`]: every op with forward, backward, CPU reference and kernel launch;
-//! 5. [`nn`], [`data`], [`plan`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`]: the network and the
-//!    workflow around it.
+//! 5. [`nn`], [`data`], [`plan`], [`optim`], [`train`], [`infer`], [`predict`], [`metrics`], [`viz`]: the network
+//!    and the workflow around it (`viz`: the pictures of runs and predictions, drawn by the trainer, `predict`,
+//!    `evaluate` and `report`).
 //!
 //! Examples that run in `cargo test --doc`, one or more per layer: [`device`], [`tensor`], [`autograd`] (an op
 //! forward and backward by hand) and [`autograd::gradcheck`] (finite differences), [`ops`], [`nn`] (the tiny model),
@@ -34,6 +36,7 @@ pub mod profile;
 pub mod tensor;
 pub mod tour;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};

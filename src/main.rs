@@ -19,6 +19,7 @@ use lkm_engine::train::launch::{parse_pim_layout, Launch};
 use lkm_engine::train::prepare::{self, Prepared};
 use lkm_engine::train::run_dir::{RunDir, CHECKPOINT};
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
+use lkm_engine::viz::overlay;
 use lkm_engine::{bail, ensure, DType, Error, Result};
 
 #[derive(Parser)]
@@ -54,6 +55,9 @@ enum Command {
         /// Math of the GPU convolutions: tf32 (tensor cores) or exact (float32 SIMT).
         #[arg(long, default_value = "tf32")]
         math: String,
+        /// Also write PNG slices of each image with its predicted labels over it into this folder.
+        #[arg(long)]
+        overlay: Option<PathBuf>,
     },
     /// Score predicted label maps against references: Dice and normalised surface Dice per class and case.
     Evaluate {
@@ -77,6 +81,22 @@ enum Command {
         /// become background).
         #[arg(long = "group", value_parser = parse_group)]
         groups: Vec<(String, Vec<u8>)>,
+        /// Also write PNG slices of each case, reference and prediction side by side over the image, with the
+        /// case's Dice, into this folder (needs --images).
+        #[arg(long, requires = "images")]
+        overlay: Option<PathBuf>,
+        /// Folder of the images under the label maps, for --overlay (channel 0: CASE_0000.nii.gz, or CASE.nii.gz).
+        #[arg(long)]
+        images: Option<PathBuf>,
+    },
+    /// Write one self-contained HTML page about a training run: configuration, environment, curves, final metrics
+    /// and the overlays found in the run folder.
+    Report {
+        /// The run folder (metrics.jsonl, latest.safetensors).
+        run_dir: PathBuf,
+        /// Where to write the page (default RUN_DIR/report.html).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Write the synthetic phantom dataset as an nnU-Net raw dataset folder.
     Synth {
@@ -262,12 +282,15 @@ fn main() {
     let result = match cli.command {
         Command::Plan(args) => plan_command(&args),
         Command::Train(args) => train(args, matches.subcommand_matches("train").expect("the train subcommand")),
-        Command::Predict { model, input, output, mirror, device, math } => {
-            open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d))
+        Command::Predict { model, input, output, mirror, device, math, overlay } => {
+            open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d, overlay.as_deref()))
         }
-        Command::Evaluate { pred, reference, tolerance, classes, csv, groups } => {
-            evaluate(&pred, &reference, &tolerance, classes, csv.as_deref(), &groups)
+        Command::Evaluate { pred, reference, tolerance, classes, csv, groups, overlay, images } => {
+            let overlay = overlay.as_deref().zip(images.as_deref());
+            evaluate(&pred, &reference, &tolerance, classes, csv.as_deref(), &groups, overlay)
         }
+        Command::Report { run_dir, out } => lkm_engine::viz::report::write_report(&run_dir, out.as_deref())
+            .map(|path| eprintln!("report: {}", path.display())),
         Command::Synth { out, cases, shape, seed } => synth(&out, cases, &shape, seed),
         Command::Devices => devices(),
         Command::DumpStep(a) => dump_step(&a),
@@ -476,7 +499,14 @@ fn checkpoint_epoch(ck: &Checkpoint) -> usize {
     ck.meta["epoch"].as_u64().unwrap_or(0) as usize
 }
 
-fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device: Device) -> Result<()> {
+fn predict(
+    model_path: &Path,
+    input: &Path,
+    output: &Path,
+    mirror: bool,
+    device: Device,
+    overlay: Option<&Path>,
+) -> Result<()> {
     let cases = input_cases(input)?;
     check_output(&cases, output)?;
     let predictor = Predictor::from_checkpoint(model_path, device, mirror)?;
@@ -484,6 +514,9 @@ fn predict(model_path: &Path, input: &Path, output: &Path, mirror: bool, device:
         let t0 = Instant::now();
         let out = predictor.predict_files(&name, &files, output)?;
         eprintln!("{name}: {} ({:.1}s)", out.display(), t0.elapsed().as_secs_f64());
+        if let Some(dir) = overlay {
+            overlay::write_prediction(dir, &name, &files[0], &out, &predictor.class_names)?;
+        }
     }
     Ok(())
 }
@@ -505,6 +538,7 @@ fn evaluate(
     classes: Option<usize>,
     csv: Option<&Path>,
     groups: &[(String, Vec<u8>)],
+    overlay: Option<(&Path, &Path)>,
 ) -> Result<()> {
     // With groups, label l becomes 1 + the index of the group holding it, or 0.
     let regroup = |labels: Vec<u8>| -> Vec<u8> {
@@ -541,6 +575,13 @@ fn evaluate(
     std::fs::write(&csv_path, scores_csv(&scores, &names))
         .map_err(|e| Error::Io(format!("{}: {e}", csv_path.display())))?;
     eprintln!("per-case scores: {}", csv_path.display());
+    if let Some((dir, images)) = overlay {
+        let class_names: Vec<String> = ["background".to_string()].into_iter().chain(names).collect();
+        for ((_, p, r, shape, _), s) in loaded.iter().zip(&scores) {
+            overlay::write_evaluation(dir, images, *shape, [r, p], s, &class_names)?;
+        }
+        eprintln!("overlays: {}", dir.display());
+    }
     Ok(())
 }
 

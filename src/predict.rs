@@ -71,6 +71,8 @@ pub struct Predictor {
     normalization: Normalization,
     spacing: [f64; 3],
     plan: Option<Plan>,
+    /// Class names, background first (empty for checkpoints without them).
+    pub class_names: Vec<String>,
     /// Sliding-window settings.
     pub infer: InferConfig,
 }
@@ -93,7 +95,8 @@ impl Predictor {
         let (model, fresh) = LkmUnet::new(config, 0)?;
         let params = ck.params_like(&fresh)?.to(DType::F32, &device)?;
         let infer = InferConfig { mirror, ..InferConfig::for_model(&model.config) };
-        Ok(Predictor { model, params, device, normalization, spacing, plan, infer })
+        let class_names = crate::viz::class_names(run);
+        Ok(Predictor { model, params, device, normalization, spacing, plan, class_names, infer })
     }
 
     /// Segments the case made of `files` (one per channel, same grid) and writes `output_dir/<name>.nii.gz`.

@@ -199,7 +199,9 @@ fn a_fresh_train_refuses_a_folder_holding_a_run_and_a_locked_folder() {
     std::fs::write(d.join("run/metrics.tmp"), b"half a metrics rewrite").unwrap();
     let msg = expect_ok(&train(&["--overwrite"]), &d);
     assert!(msg.contains("stale lock"), "{msg}");
-    assert_eq!(names(&d.join("run")), ["latest.safetensors", "metrics.jsonl"], "leftovers");
+    // The new run's environment log and curves (viz) beside its checkpoint and metrics; no temporary file, no lock.
+    let run_files = ["environment.jsonl", "latest.safetensors", "metrics.jsonl", "progress.png"];
+    assert_eq!(names(&d.join("run")), run_files, "leftovers");
     assert_eq!(std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().count(), 1);
 }
 

@@ -104,6 +104,16 @@ impl Gpu {
         &self.name
     }
 
+    /// The CUDA version the driver supports, as (major, minor), e.g. (13, 0).
+    pub fn driver_version(&self) -> Result<(i32, i32)> {
+        let mut version = 0;
+        // SAFETY: writes one int; the driver library is loaded (this GPU has a context).
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(driver_err("asking the driver for its CUDA version"))?;
+        Ok((version / 1000, version % 1000 / 10))
+    }
+
     /// The stream all work is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -135,6 +135,29 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { tensors, momentum, meta })
 }
 
+/// The engine's metadata of a checkpoint, read from the file's header alone (not its tensors); `Null` when the file
+/// has none.
+pub fn read_meta(path: &Path) -> Result<serde_json::Value> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io_err(path, "opening"))?;
+    // A safetensors file opens with the header's length (u64, little-endian), then the header: JSON.
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io_err(path, "reading the header of"))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        bail!(Data, "{}: not a safetensors file (header length {len})", path.display());
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(io_err(path, "reading the header of"))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::Data(format!("{}: not a safetensors file ({e})", path.display())))?;
+    match header["__metadata__"][META_KEY].as_str() {
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| Error::Data(format!("{}: bad {META_KEY} metadata: {e}", path.display()))),
+        None => Ok(serde_json::Value::Null),
+    }
+}
+
 impl Checkpoint {
     /// The parameters of `like` (same names, same shapes) taken from this checkpoint. Missing or extra names and shape
     /// differences are errors that list them.

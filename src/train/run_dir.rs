@@ -15,6 +15,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::write_atomically;
+use crate::viz::progress::PROGRESS_FILE;
+use crate::viz::report::ENVIRONMENT_FILE;
 use crate::{bail, ensure, Error, Result};
 
 /// The lock file's name.
@@ -81,22 +83,21 @@ impl RunDir {
     }
 
     /// Prepares a fresh run: a folder holding a run's checkpoint or metrics is refused unless `overwrite`, which
-    /// removes them.
+    /// removes them. The pictures and environment log of an earlier run (`progress.png`, `environment.jsonl`) are
+    /// removed too, so that the new run's do not mix with them.
     pub fn start_fresh(&self, overwrite: bool) -> Result<()> {
         let held: Vec<PathBuf> =
             [CHECKPOINT, METRICS].iter().map(|f| self.dir.join(f)).filter(|p| p.exists()).collect();
-        if held.is_empty() {
-            return Ok(());
-        }
         ensure!(
-            overwrite,
+            held.is_empty() || overwrite,
             Config,
             "{} holds a run ({}); resume it with --resume {}, choose another --out, or give --overwrite to replace it",
             self.dir.display(),
             held.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             self.dir.join(CHECKPOINT).display()
         );
-        for p in held {
+        let leftovers = [ENVIRONMENT_FILE, PROGRESS_FILE].iter().map(|f| self.dir.join(f)).filter(|p| p.exists());
+        for p in held.into_iter().chain(leftovers) {
             std::fs::remove_file(&p).map_err(|e| Error::Io(format!("removing {}: {e}", p.display())))?;
         }
         Ok(())

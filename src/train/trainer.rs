@@ -1,7 +1,7 @@
 //! The training loop (nnU-Net's recipe, lkm-unet.md section 4): per iteration a batch of patches, the deep-supervised
 //! Dice + CE loss, backward, gradient clipping at 12, SGD with Nesterov momentum; per epoch the poly learning rate
 //! `lr (1 - epoch/epochs)^0.9`, validation Dice per class by sliding-window prediction of the validation cases, one
-//! JSON line in `metrics.jsonl` and an atomic checkpoint (`latest.safetensors`).
+//! JSON line in `metrics.jsonl`, the curves redrawn in `progress.png` and an atomic checkpoint (`latest.safetensors`).
 //!
 //! Reproducibility and resume: every epoch draws from its own generator seeded by (seed, epoch), so a run resumed
 //! from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
@@ -172,6 +172,7 @@ impl Run<'_> {
             PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true, mirror: o.mirror };
         std::fs::create_dir_all(&self.out_dir)
             .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
+        crate::viz::report::record_environment(&self.out_dir, &self.device, start.epoch)?;
         let log_path = self.out_dir.join(METRICS);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -239,6 +240,9 @@ impl Run<'_> {
             writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
                 .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
             self.save(&self.out_dir.join(CHECKPOINT), &params, &sgd, epoch + 1)?;
+            // After the checkpoint, and only a warning if it fails: a picture never costs training.
+            crate::viz::progress::write_progress(&self.out_dir, &crate::viz::class_names(&self.meta))
+                .unwrap_or_else(|e| eprintln!("progress.png not drawn: {e}"));
             records.push(rec);
         }
         Ok((records, params))
