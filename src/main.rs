@@ -274,6 +274,12 @@ struct TrainArgs {
     /// No mirroring augmentation (for datasets whose classes are left/right pairs, e.g. right and left lung).
     #[arg(long)]
     no_mirror: bool,
+    /// No augmentation at all (plain crops; for debugging).
+    #[arg(long)]
+    no_aug: bool,
+    /// Threads preparing batches ahead of the training step (0: on the training thread; the batches are the same).
+    #[arg(long, default_value_t = lkm_engine::train::trainer::default_loader_workers())]
+    loader_workers: usize,
 }
 
 fn main() {
@@ -324,6 +330,7 @@ impl TrainArgs {
             val_fraction: self.val_fraction,
             synth_cases: self.synth_cases,
             mirror: !self.no_mirror,
+            augment: !self.no_aug,
         }
     }
 }
@@ -426,6 +433,7 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         None => (launch.model_config(data.num_classes(), data.channels)?, launch.train_options(true), 0),
     };
     opts.progress = !a.no_progress;
+    opts.loader_workers = a.loader_workers;
     let (model, fresh) = LkmUnet::new(config, opts.seed)?;
     let start = match &resume {
         Some((_, ck)) => {

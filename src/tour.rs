@@ -34,10 +34,12 @@
 //!
 //! The network trains on patches. [`PatchSampler::batch`] draws `batch` of them, each with [`PatchSampler::sample`]:
 //! a random case, a random position or (with probability 1/3) one centred on a random voxel of a random foreground
-//! class present in the case ([`ForegroundIndex`]), then mirroring and intensity augmentation. The batch is a pair of
-//! host tensors, images `(N, C, D, H, W)` and labels `(N, 1, D, H, W)` holding class indices as floats. The labels are
-//! reduced to the resolution of every deep-supervision output on the host ([`downsample_labels`]: the centre voxel
-//! of each block), and everything is copied to the device once ([`Tensor::to_device`]).
+//! class present in the case ([`ForegroundIndex`]), then nnU-Net's augmentation ([`Augmenter`]: rotation, scaling and
+//! mirroring as one resampling of the patch, then the intensity transforms). The trainer takes its batches from a
+//! [`Loader`], whose threads draw them ahead, iteration i of epoch e from a generator seeded by (seed, e, i). The batch
+//! is a pair of host tensors, images `(N, C, D, H, W)` and labels `(N, 1, D, H, W)` holding class indices as floats.
+//! The labels are reduced to the resolution of every deep-supervision output on the host ([`downsample_labels`]: the
+//! centre voxel of each block), and everything is copied to the device once ([`Tensor::to_device`]).
 //!
 //! # 3. A fresh tape
 //!
@@ -337,6 +339,8 @@
 //! [`PatchSampler::batch`]: crate::data::sampler::PatchSampler::batch
 //! [`PatchSampler::sample`]: crate::data::sampler::PatchSampler::sample
 //! [`ForegroundIndex`]: crate::data::sampler::ForegroundIndex
+//! [`Augmenter`]: crate::data::augment::Augmenter
+//! [`Loader`]: crate::train::loader::Loader
 //! [`downsample_labels`]: crate::train::loss::downsample_labels
 //! [`Tensor::to_device`]: crate::Tensor::to_device
 //! [`Tensor::gpu_buffer`]: crate::Tensor::gpu_buffer

@@ -335,6 +335,7 @@ fn resume_restores_the_plan_and_refuses_another() {
         val_fraction: 0.2,
         synth_cases: 4,
         mirror: true,
+        augment: true,
     };
     // `train --resume ck --epochs 3`: no plan on the command line; the recorded one comes back, network included.
     let given = Launch { plan: None, epochs: 3, ..recorded.clone() };

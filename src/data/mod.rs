@@ -5,6 +5,7 @@
 //! with W fastest, so D = z, H = y, W = x and the bytes are in the same order (no transposition). Spacings are kept
 //! in our order: [z, y, x] in millimetres.
 
+pub mod augment;
 pub mod crop;
 pub mod dataset;
 pub mod fingerprint;

@@ -129,8 +129,9 @@ pub fn resample_linear(x: &[f32], from: [usize; 3], to: [usize; 3]) -> Vec<f32> 
     c
 }
 
-/// Nearest-neighbour resampling of a label map from `from` to `to` ([D, H, W]); see the module header.
-pub fn resample_nearest(x: &[u8], from: [usize; 3], to: [usize; 3]) -> Vec<u8> {
+/// Nearest-neighbour resampling of a label map (or any voxel values) from `from` to `to` ([D, H, W]); see the module
+/// header.
+pub fn resample_nearest<T: Copy>(x: &[T], from: [usize; 3], to: [usize; 3]) -> Vec<T> {
     if from == to {
         return x.to_vec();
     }

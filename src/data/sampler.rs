@@ -1,17 +1,16 @@
-//! Training patches: nnU-Net's sampling and a subset of its augmentation.
+//! Training patches: nnU-Net's sampling, then its augmentation ([`super::augment`]).
 //!
 //! - A patch of the model's size is cut at a uniformly random position; with probability `fg_fraction` (1/3) it is
 //!   instead centred on a random voxel of a random foreground class present in the case (nnU-Net's oversampling).
 //!   Volumes smaller than the patch are zero-padded (label 0).
 //! - 2D models train on 2D patches cut from a random slice along D.
-//! - Augmentation, each drawn per sample: mirroring along every axis (p = 0.5 each), multiplicative brightness
-//!   U(0.75, 1.25) (p = 0.15), contrast U(0.75, 1.25) around the mean with the range preserved (p = 0.15),
-//!   Gaussian noise with variance U(0, 0.1) (p = 0.1). Rotation, scaling, blur, low-resolution simulation and gamma
-//!   are not implemented yet.
+//! - Augmented patches are read through one rotation/scaling/mirroring map around the patch centre (trilinear image,
+//!   nearest label), then the intensity transforms run; unaugmented patches are plain crops.
 
 use rand::rngs::StdRng;
 use rand::RngExt;
 
+use super::augment::{patch_box, Augmenter, PatchGrid, IDENTITY};
 use super::Case;
 use crate::tensor::{DType, Tensor};
 use crate::{ensure, Result};
@@ -67,21 +66,12 @@ pub struct Patch {
 }
 
 impl PatchSampler {
-    /// The patch as a 3D box [d, h, w] (d = 1 for 2D models).
-    fn box3(&self) -> [usize; 3] {
-        match self.patch[..] {
-            [h, w] => [1, h, w],
-            [d, h, w] => [d, h, w],
-            _ => unreachable!("patch sizes are validated to have 2 or 3 axes"),
-        }
-    }
-
     /// Draws one patch from `case`.
     pub fn sample(&self, case: &Case, fg: &ForegroundIndex, rng: &mut StdRng) -> Result<Patch> {
         ensure!(matches!(self.patch.len(), 2 | 3), Config, "patch {:?} must have 2 or 3 axes", self.patch);
         let label =
             case.label.as_ref().ok_or_else(|| crate::Error::Data(format!("case {} has no label map", case.name)))?;
-        let p = self.box3();
+        let p = patch_box(&self.patch);
         let s = case.shape;
         let present: Vec<&Vec<usize>> = fg.voxels.iter().filter(|v| !v.is_empty()).collect();
         let center = if !present.is_empty() && rng.random::<f64>() < self.fg_fraction {
@@ -101,32 +91,19 @@ impl PatchSampler {
                 None => rng.random_range(lo..=hi),
             };
         }
-        let vox = p.iter().product::<usize>();
-        let mut image = vec![0f32; case.channels * vox];
-        let mut lab = vec![0u8; vox];
-        let mirror: Vec<bool> =
-            (0..3).map(|a| self.augment && self.mirror && p[a] > 1 && rng.random::<f64>() < 0.5).collect();
-        for d in 0..p[0] {
-            for h in 0..p[1] {
-                for w in 0..p[2] {
-                    let dst = [d, h, w];
-                    let src: Vec<i64> = (0..3)
-                        .map(|a| origin[a] + if mirror[a] { (p[a] - 1 - dst[a]) as i64 } else { dst[a] as i64 })
-                        .collect();
-                    if (0..3).any(|a| src[a] < 0 || src[a] >= s[a] as i64) {
-                        continue;
-                    }
-                    let si = (src[0] as usize * s[1] + src[1] as usize) * s[2] + src[2] as usize;
-                    let di = (d * p[1] + h) * p[2] + w;
-                    lab[di] = label[si];
-                    for c in 0..case.channels {
-                        image[c * vox + di] = case.image[c * case.voxels() + si];
-                    }
-                }
-            }
+        let augmenter = self.augment.then(|| Augmenter::new(&self.patch, self.mirror));
+        let grid = PatchGrid {
+            patch: p,
+            centre: [0, 1, 2].map(|a| origin[a] as f64 + (p[a] as f64 - 1.0) / 2.0),
+            matrix: augmenter.as_ref().map_or(IDENTITY, |aug| aug.draw_spatial(rng)),
+        };
+        let mut image = Vec::with_capacity(case.channels * p.iter().product::<usize>());
+        for channel in case.image.chunks_exact(case.voxels()) {
+            image.extend(grid.sample_linear(channel, s));
         }
-        if self.augment {
-            augment_intensity(&mut image, rng);
+        let lab = grid.sample_nearest(label, s);
+        if let Some(aug) = &augmenter {
+            aug.augment_intensity(&mut image, p, rng);
         }
         Ok(Patch { image, label: lab })
     }
@@ -161,26 +138,5 @@ impl PatchSampler {
         let mut yshape = vec![n, 1];
         yshape.extend_from_slice(&self.patch);
         Ok((Tensor::from_vec(xs, &xshape)?, Tensor::from_vec(ys, &yshape)?.to_dtype(DType::F32)?))
-    }
-}
-
-/// Brightness, contrast and noise, as nnU-Net draws them (per sample, all channels together).
-fn augment_intensity(image: &mut [f32], rng: &mut StdRng) {
-    if rng.random::<f64>() < 0.15 {
-        let f = rng.random_range(0.75..1.25) as f32;
-        image.iter_mut().for_each(|v| *v *= f);
-    }
-    if rng.random::<f64>() < 0.15 {
-        let f = rng.random_range(0.75..1.25) as f32;
-        let mean = image.iter().sum::<f32>() / image.len() as f32;
-        let (lo, hi) = image.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-        image.iter_mut().for_each(|v| *v = ((*v - mean) * f + mean).clamp(lo, hi));
-    }
-    if rng.random::<f64>() < 0.1 {
-        let sigma = rng.random_range(0.0..0.1f64).sqrt();
-        for v in image.iter_mut() {
-            let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
-            *v += (sigma * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32;
-        }
     }
 }

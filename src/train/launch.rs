@@ -48,6 +48,14 @@ pub struct Launch {
     pub synth_cases: usize,
     /// Not `--no-mirror`.
     pub mirror: bool,
+    /// Not `--no-aug`.
+    #[serde(default = "augment_by_default")]
+    pub augment: bool,
+}
+
+/// Runs recorded before `--no-aug` existed augmented.
+fn augment_by_default() -> bool {
+    true
 }
 
 impl Launch {
@@ -131,6 +139,7 @@ impl Launch {
             seed: self.seed,
             progress,
             mirror: self.mirror,
+            augment: self.augment,
             ..TrainOptions::default()
         }
     }
@@ -179,6 +188,7 @@ impl Launch {
         same("val_fraction", &recorded.val_fraction, &given.val_fraction)?;
         same("synth_cases", &recorded.synth_cases, &given.synth_cases)?;
         same("no_mirror", &!recorded.mirror, &!given.mirror)?;
+        same("no_aug", &!recorded.augment, &!given.augment)?;
         let epochs = if explicit("epochs") {
             ensure!(
                 given.epochs > ck_epoch,

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod dump;
 pub mod launch;
+pub mod loader;
 pub mod loss;
 pub mod prepare;
 pub mod profile;

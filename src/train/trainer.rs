@@ -3,17 +3,16 @@
 //! `lr (1 - epoch/epochs)^0.9`, validation Dice per class by sliding-window prediction of the validation cases, one
 //! JSON line in `metrics.jsonl`, the curves redrawn in `progress.png` and an atomic checkpoint (`latest.safetensors`).
 //!
-//! Reproducibility and resume: every epoch draws from its own generator seeded by (seed, epoch), so a run resumed
-//! from the checkpoint of epoch e continues exactly as the uninterrupted run would have.
+//! Reproducibility and resume: every iteration's batch is drawn from its own generator seeded by (seed, epoch,
+//! iteration) by the background loader ([`super::loader`]), so a run resumed from the checkpoint of epoch e continues
+//! exactly as the uninterrupted run would have, whatever the number of loader threads.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-
 use super::checkpoint;
+use super::loader::{BatchSource, Loader};
 use super::loss::downsample_labels;
 use super::run_dir::{CHECKPOINT, METRICS};
 use super::step::train_step;
@@ -55,11 +54,25 @@ pub struct TrainOptions {
     /// Mirror patches along every axis (nnU-Net's default; turn off when classes are left/right pairs).
     #[serde(default = "default_true")]
     pub mirror: bool,
+    /// Augment training patches (nnU-Net's default transforms); false samples plain crops, for debugging.
+    #[serde(default = "default_true")]
+    pub augment: bool,
+    /// Threads preparing batches ahead of the training step (0: on the training thread). Batches do not depend on it.
+    #[serde(default = "default_loader_workers")]
+    pub loader_workers: usize,
 }
 
 fn default_true() -> bool {
     true
 }
+
+/// One loader thread per spare core, at most 4 (the 3D reference patch is prepared in a fraction of a GPU step).
+pub fn default_loader_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)).clamp(1, 4)
+}
+
+/// Batches each loader thread prepares ahead.
+const LOADER_DEPTH: usize = 2;
 
 impl Default for TrainOptions {
     fn default() -> Self {
@@ -76,6 +89,8 @@ impl Default for TrainOptions {
             val_every: 1,
             progress: true,
             mirror: true,
+            augment: true,
+            loader_workers: default_loader_workers(),
         }
     }
 }
@@ -127,11 +142,6 @@ pub struct Start {
     pub epoch: usize,
 }
 
-/// The epoch generator: a fixed function of (seed, epoch).
-fn epoch_rng(seed: u64, epoch: usize) -> StdRng {
-    StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-}
-
 impl Run<'_> {
     /// Trains from `start` to `opts.epochs`, returning the records of the epochs run and the final parameters.
     pub fn train(&self, train: &[Case], val: &[Case], start: Start) -> Result<(Vec<EpochRecord>, Params)> {
@@ -157,6 +167,25 @@ impl Run<'_> {
                 cfg.patch
             );
         }
+        let fg: Vec<ForegroundIndex> = train.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
+        let source = BatchSource {
+            sampler: PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: o.augment, mirror: o.mirror },
+            cases: train,
+            foreground: &fg,
+            batch: o.batch,
+            seed: o.seed,
+            iters_per_epoch: o.iters_per_epoch,
+        };
+        std::thread::scope(|scope| {
+            let batches = Loader::start(scope, &source, start.epoch, o.epochs, o.loader_workers, LOADER_DEPTH);
+            self.run_epochs(batches, val, start)
+        })
+    }
+
+    /// The epochs of [`Run::train`], training on `batches`.
+    fn run_epochs(&self, mut batches: Loader, val: &[Case], start: Start) -> Result<(Vec<EpochRecord>, Params)> {
+        let cfg = &self.model.config;
+        let o = &self.opts;
         let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?.deep_copy()?;
         let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
         let momentum = start
@@ -167,9 +196,6 @@ impl Run<'_> {
         if momentum.iter().any(|m| m.is_some()) {
             sgd.set_momentum_buffers(momentum);
         }
-        let fg: Vec<ForegroundIndex> = train.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
-        let sampler =
-            PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: true, mirror: o.mirror };
         std::fs::create_dir_all(&self.out_dir)
             .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
         crate::viz::report::record_environment(&self.out_dir, &self.device, start.epoch)?;
@@ -183,7 +209,6 @@ impl Run<'_> {
         let patch_voxels = (o.batch * cfg.patch.iter().product::<usize>()) as f64;
         for epoch in start.epoch..o.epochs {
             let t0 = Instant::now();
-            let mut rng = epoch_rng(o.seed, epoch);
             sgd.lr = poly_lr(o.lr, epoch, o.epochs);
             let bar = self.progress_bar(epoch);
             let mut loss_sum = 0.0;
@@ -195,7 +220,7 @@ impl Run<'_> {
                 let t_it = Instant::now();
                 let (x, y) = {
                     let _phase = phase("sample");
-                    sampler.batch(train, &fg, o.batch, &mut rng)?
+                    batches.next_batch()?
                 };
                 let (x, targets) = {
                     let _phase = phase("to_device");
