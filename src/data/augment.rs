@@ -119,10 +119,7 @@ impl Augmenter {
         let vox: usize = shape.iter().product();
         if rng.random::<f64>() < P_NOISE {
             let std = rng.random_range(NOISE_STD.0..NOISE_STD.1);
-            let noise: Vec<f32> = (0..vox).map(|_| (std * standard_normal(rng)) as f32).collect();
-            for ch in image.chunks_exact_mut(vox) {
-                ch.iter_mut().zip(&noise).for_each(|(v, n)| *v += n);
-            }
+            add_gaussian_noise(image, vox, std, rng);
         }
         if rng.random::<f64>() < P_BLUR {
             for ch in image.chunks_exact_mut(vox) {
@@ -280,6 +277,15 @@ impl PatchGrid {
             }
         });
         out
+    }
+}
+
+/// Adds one field of N(0, std^2) noise to every channel of `image` (channels of `vox` voxels), as nnU-Net with
+/// synchronised channels.
+pub fn add_gaussian_noise(image: &mut [f32], vox: usize, std: f64, rng: &mut StdRng) {
+    let noise: Vec<f32> = (0..vox).map(|_| (std * standard_normal(rng)) as f32).collect();
+    for ch in image.chunks_exact_mut(vox) {
+        ch.iter_mut().zip(&noise).for_each(|(v, n)| *v += n);
     }
 }
 

@@ -169,7 +169,12 @@ impl Run<'_> {
         }
         let fg: Vec<ForegroundIndex> = train.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
         let source = BatchSource {
-            sampler: PatchSampler { patch: cfg.patch.clone(), fg_fraction: 1.0 / 3.0, augment: o.augment, mirror: o.mirror },
+            sampler: PatchSampler {
+                patch: cfg.patch.clone(),
+                fg_fraction: 1.0 / 3.0,
+                augment: o.augment,
+                mirror: o.mirror,
+            },
             cases: train,
             foreground: &fg,
             batch: o.batch,
