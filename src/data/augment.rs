@@ -240,26 +240,36 @@ impl PatchGrid {
         }
     }
 
+    /// True when every patch voxel reads exactly one volume voxel (no rotation or scaling, at most mirroring, and a
+    /// whole-voxel centre offset): then reading is copying.
+    fn reads_whole_voxels(&self) -> bool {
+        (0..3).all(|a| {
+            let start = self.centre[a] - (self.patch[a] as f64 - 1.0) / 2.0;
+            start.fract() == 0.0 && (0..3).all(|k| self.matrix[a][k].abs() == if a == k { 1.0 } else { 0.0 })
+        })
+    }
+
     /// One channel `x` of a volume of `shape`, read trilinearly (zero outside the volume).
     pub fn sample_linear(&self, x: &[f32], shape: [usize; 3]) -> Vec<f32> {
+        if self.reads_whole_voxels() {
+            return self.sample_nearest(x, shape);
+        }
+        let strides = [shape[1] * shape[2], shape[2], 1];
         let mut out = vec![0.0f32; self.patch.iter().product()];
         self.for_each_source(|i, u| {
-            let lo = u.map(|c| c.floor());
-            let frac = [0, 1, 2].map(|a| (u[a] - lo[a]) as f32);
+            // Per axis, the two neighbouring voxels: (offset in x, weight), None outside the volume.
+            let taps = [0, 1, 2].map(|a| {
+                let lo = u[a].floor();
+                let f = (u[a] - lo) as f32;
+                [(lo as i64, 1.0 - f), (lo as i64 + 1, f)]
+                    .map(|(c, w)| (c >= 0 && (c as usize) < shape[a]).then(|| (c as usize * strides[a], w)))
+            });
             let mut sum = 0.0f32;
-            for corner in 0..8 {
-                let mut weight = 1.0f32;
-                let mut index = 0usize;
-                let mut inside = true;
-                for a in 0..3 {
-                    let high = (corner >> (2 - a)) & 1 == 1;
-                    let c = lo[a] as i64 + high as i64;
-                    weight *= if high { frac[a] } else { 1.0 - frac[a] };
-                    inside &= c >= 0 && (c as usize) < shape[a];
-                    index = index * shape[a] + c.max(0) as usize;
-                }
-                if inside && weight != 0.0 {
-                    sum += weight * x[index];
+            for (od, wd) in taps[0].iter().flatten() {
+                for (oh, wh) in taps[1].iter().flatten() {
+                    for (ow, ww) in taps[2].iter().flatten() {
+                        sum += wd * wh * ww * x[od + oh + ow];
+                    }
                 }
             }
             out[i] = sum;
@@ -267,13 +277,13 @@ impl PatchGrid {
         out
     }
 
-    /// A label map of `shape`, read by nearest neighbour (label 0 outside the volume).
-    pub fn sample_nearest(&self, labels: &[u8], shape: [usize; 3]) -> Vec<u8> {
-        let mut out = vec![0u8; self.patch.iter().product()];
+    /// Voxel values (a label map) of a volume of `shape`, read by nearest neighbour (zero outside the volume).
+    pub fn sample_nearest<T: Copy + Default>(&self, x: &[T], shape: [usize; 3]) -> Vec<T> {
+        let mut out = vec![T::default(); self.patch.iter().product()];
         self.for_each_source(|i, u| {
             let c = u.map(|c| (c + 0.5).floor());
             if (0..3).all(|a| c[a] >= 0.0 && c[a] < shape[a] as f64) {
-                out[i] = labels[(c[0] as usize * shape[1] + c[1] as usize) * shape[2] + c[2] as usize];
+                out[i] = x[(c[0] as usize * shape[1] + c[1] as usize) * shape[2] + c[2] as usize];
             }
         });
         out
