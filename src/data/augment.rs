@@ -158,7 +158,8 @@ impl Augmenter {
     }
 }
 
-/// A patch of 2 or 3 sizes as a 3D box [D, H, W] (D = 1 for 2D).
+/// A patch of 2 or 3 sizes as a 3D box [D, H, W] (D = 1 for 2D); panics on other lengths (model configurations are
+/// validated to have 2 or 3).
 pub fn patch_box(patch: &[usize]) -> [usize; 3] {
     match patch {
         [h, w] => [1, *h, *w],
