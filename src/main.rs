@@ -236,12 +236,12 @@ struct TrainArgs {
     /// Iterations per epoch.
     #[arg(long, default_value_t = 25)]
     iters: usize,
-    /// Patches per batch (with a plan: the plan's unless given).
-    #[arg(long, default_value_t = 2)]
-    batch: usize,
-    /// Initial learning rate.
-    #[arg(long, default_value_t = 1e-2)]
-    lr: f64,
+    /// Patches per batch (default: the plan's with a plan, else nnU-Net's 2 with --data, 1 on the built-in phantoms).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Initial learning rate (default: nnU-Net's 1e-2 with --data, 2e-2 on the built-in phantoms).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Seed of initialisation, sampling and augmentation.
     #[arg(long, default_value_t = 12345)]
     seed: u64,
@@ -308,6 +308,12 @@ fn main() {
     }
 }
 
+/// The default run's batch and learning rate on the built-in phantoms: with nnU-Net's full augmentation, the 2-core
+/// CPU passes validation Dice 0.8 after 200 iterations this way (README, "Measured"); half the work per step at twice
+/// the rate learns faster per second there than nnU-Net's batch 2 at 1e-2.
+const PHANTOM_BATCH: usize = 1;
+const PHANTOM_LR: f64 = 2e-2;
+
 impl TrainArgs {
     /// The run settings these flags ask for, with `plan` (the batch is the plan's unless `--batch` was given).
     fn launch(&self, plan: Option<Plan>, batch_given: bool) -> Launch {
@@ -316,7 +322,7 @@ impl TrainArgs {
             config: self.config.clone(),
             batch: match &plan {
                 Some(p) if !batch_given => p.batch,
-                _ => self.batch,
+                _ => self.batch.unwrap_or(if self.data.is_some() { 2 } else { PHANTOM_BATCH }),
             },
             plan,
             pim_window: self.pim_window.clone(),
@@ -325,7 +331,7 @@ impl TrainArgs {
             pim_layout: self.pim_layout.clone(),
             epochs: self.epochs,
             iters: self.iters,
-            lr: self.lr,
+            lr: self.lr.unwrap_or(if self.data.is_some() { lkm_engine::optim::DEFAULT_LR } else { PHANTOM_LR }),
             seed: self.seed,
             val_fraction: self.val_fraction,
             synth_cases: self.synth_cases,
