@@ -4,16 +4,17 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use lkm_engine::autograd::Tape;
 use lkm_engine::data::nifti::{header_for, read_volume, write_image};
 use lkm_engine::data::sampler::{ForegroundIndex, PatchSampler};
 use lkm_engine::data::synth::{phantom_dataset, SynthConfig};
 use lkm_engine::data::Case;
 use lkm_engine::device::Device;
-use lkm_engine::nn::{LkmUnet, ModelConfig};
+use lkm_engine::nn::LkmUnet;
 use lkm_engine::ops::cross_entropy::cross_entropy;
 use lkm_engine::ops::dice::soft_dice_loss;
-use lkm_engine::ops::pim::PimLayout;
 use lkm_engine::predict::Predictor;
 use lkm_engine::train::checkpoint;
 use lkm_engine::train::loader::{BatchSource, Loader};
@@ -28,25 +29,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A model small enough to train a few iterations in well under a second: 2 stages on 8 x 16 x 16 patches.
-fn micro_config() -> ModelConfig {
-    ModelConfig {
-        in_channels: 1,
-        num_classes: 4,
-        features: vec![4, 8],
-        kernels: vec![vec![3, 3, 3]; 2],
-        strides: vec![vec![1, 1, 1], vec![2, 2, 2]],
-        blocks_enc: vec![1, 1],
-        blocks_dec: vec![1],
-        deep_supervision: true,
-        pim_windows: vec![vec![2, 4, 4], vec![2, 2, 2]],
-        pim_layout: PimLayout::Window,
-        pam_pools: vec![vec![2, 2, 2], vec![1, 1, 1]],
-        mamba: lkm_engine::nn::mamba::MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
-        patch: vec![8, 16, 16],
-    }
 }
 
 fn phantoms(n: usize) -> Vec<Case> {
@@ -153,10 +135,10 @@ fn deep_supervision_weights_and_loss_follow_nnunet() {
 #[test]
 fn checkpoint_round_trip_is_exact_and_atomic() {
     let dir = temp_dir("ckpt");
-    let (_, params) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (_, params) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let momentum: Vec<Option<Tensor>> =
         params.tensors().iter().enumerate().map(|(i, t)| (i % 2 == 0).then(|| t.clone())).collect();
-    let meta = serde_json::json!({"epoch": 3, "config": micro_config()});
+    let meta = serde_json::json!({"epoch": 3, "config": common::micro_config()});
     let path = dir.join("ck.safetensors");
     checkpoint::save(&path, &params, &momentum, &meta).unwrap();
     assert!(!path.with_extension("tmp").exists(), "the temporary file must be renamed away");
@@ -169,7 +151,7 @@ fn checkpoint_round_trip_is_exact_and_atomic() {
     let m = ck.momentum_like(&params);
     assert_eq!(m.iter().filter(|m| m.is_some()).count(), momentum.iter().filter(|m| m.is_some()).count());
     // A checkpoint of another model is refused with the names that differ.
-    let mut other = micro_config();
+    let mut other = common::micro_config();
     other.features = vec![4, 12];
     let (_, other_params) = LkmUnet::new(other, 5).unwrap();
     let err = ck.params_like(&other_params).err().expect("shapes differ").to_string();
@@ -182,7 +164,7 @@ fn checkpoint_round_trip_is_exact_and_atomic() {
 }
 
 fn train_run(dir: &std::path::Path, epochs: usize, start: Start) -> lkm_engine::nn::Params {
-    let (model, _) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (model, _) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let run = Run {
         model: &model,
         device: Device::Cpu,
@@ -195,7 +177,7 @@ fn train_run(dir: &std::path::Path, epochs: usize, start: Start) -> lkm_engine::
 
 #[test]
 fn resume_continues_the_same_run_bit_for_bit() {
-    let (_, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (_, init) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let fresh = || Start { params: init.clone(), momentum: Vec::new(), epoch: 0 };
     let straight = train_run(&temp_dir("straight"), 2, fresh());
     let half = temp_dir("half");
@@ -215,7 +197,7 @@ fn resume_continues_the_same_run_bit_for_bit() {
 #[test]
 fn a_nan_loss_stops_training_with_a_clear_error() {
     let dir = temp_dir("nan");
-    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (model, init) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let opts = TrainOptions { lr: 1e30, ..options(3) };
     let run = Run { model: &model, device: Device::Cpu, opts, out_dir: dir.clone(), meta: serde_json::json!({}) };
     let err =
@@ -228,7 +210,7 @@ fn a_nan_loss_stops_training_with_a_clear_error() {
 fn predict_writes_labels_on_the_input_grid() {
     let dir = temp_dir("predict");
     // Train briefly, then predict an image whose spacing differs from training (so it is resampled and back).
-    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (model, init) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let meta = serde_json::json!({"normalization": {"scheme": "zscore"}, "spacing": [1.5, 1.5, 1.5]});
     let run = Run { model: &model, device: Device::Cpu, opts: options(1), out_dir: dir.clone(), meta };
     run.train(&phantoms(3), &[], Start { params: init, momentum: Vec::new(), epoch: 0 }).unwrap();
@@ -254,7 +236,7 @@ fn predict_writes_labels_on_the_input_grid() {
 #[test]
 fn a_volume_smaller_than_the_patch_is_zero_padded() {
     // nnU-Net pads such cases (a plan's patch, rounded up to its divisibility, can exceed the median case).
-    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (model, init) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let run = Run {
         model: &model,
         device: Device::Cpu,
@@ -287,7 +269,7 @@ fn dump_step_writes_float32_and_float64_steps_that_agree() {
     };
     let (d32, d64) = (temp_dir("dump32"), temp_dir("dump64"));
     for (dir, dtype) in [(&d32, DType::F32), (&d64, DType::F64)] {
-        lkm_engine::train::dump::dump_step(micro_config(), 1, 7, &Device::Cpu, dtype, dir, 0).unwrap();
+        lkm_engine::train::dump::dump_step(common::micro_config(), 1, 7, &Device::Cpu, dtype, dir, 0).unwrap();
     }
     let (m32, l32, g32) = read(&d32);
     let (m64, l64, g64) = read(&d64);

@@ -5,13 +5,14 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use base64::Engine as _;
 use lkm_engine::data::nifti::{header_for, write_image, write_label};
 use lkm_engine::data::synth::{phantom_dataset, SynthConfig};
 use lkm_engine::device::Device;
 use lkm_engine::metrics::CaseScores;
-use lkm_engine::nn::{LkmUnet, ModelConfig};
-use lkm_engine::ops::pim::PimLayout;
+use lkm_engine::nn::LkmUnet;
 use lkm_engine::train::run_dir::RunDir;
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
 use lkm_engine::viz::overlay::{
@@ -249,25 +250,6 @@ fn centroids_and_case_pictures_cover_each_present_class() {
     assert!(err.contains("case c1") && err.contains("255"), "{err}");
 }
 
-/// The micro model of tests/train.rs: trains an epoch in well under a second.
-fn micro_config() -> ModelConfig {
-    ModelConfig {
-        in_channels: 1,
-        num_classes: 4,
-        features: vec![4, 8],
-        kernels: vec![vec![3, 3, 3]; 2],
-        strides: vec![vec![1, 1, 1], vec![2, 2, 2]],
-        blocks_enc: vec![1, 1],
-        blocks_dec: vec![1],
-        deep_supervision: true,
-        pim_windows: vec![vec![2, 4, 4], vec![2, 2, 2]],
-        pim_layout: PimLayout::Window,
-        pam_pools: vec![vec![2, 2, 2], vec![1, 1, 1]],
-        mamba: lkm_engine::nn::mamba::MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
-        patch: vec![8, 16, 16],
-    }
-}
-
 /// Trains the micro model up to `epochs` epochs (validating on one phantom) into `dir`, resuming from its checkpoint
 /// when there is one.
 fn train_micro(dir: &Path, epochs: usize, class_names: &[&str]) {
@@ -276,7 +258,7 @@ fn train_micro(dir: &Path, epochs: usize, class_names: &[&str]) {
         lkm_engine::data::normalize::normalize_case(c, &lkm_engine::data::normalize::Normalization::ZScore).unwrap();
     }
     let val = cases.split_off(2);
-    let (model, init) = LkmUnet::new(micro_config(), 5).unwrap();
+    let (model, init) = LkmUnet::new(common::micro_config(), 5).unwrap();
     let opts = TrainOptions { epochs, iters_per_epoch: 1, batch: 1, progress: false, ..TrainOptions::default() };
     let meta = serde_json::json!({ "class_names": class_names, "spacing": [1.5, 1.5, 1.5] });
     let start = match lkm_engine::train::checkpoint::load(&dir.join("latest.safetensors")) {

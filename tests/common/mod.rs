@@ -1,5 +1,6 @@
-//! Shared by the GPU tests: a GPU with poisoned allocations, and the comparison of an op's forward and backward on
-//! the GPU (float32) with its CPU reference (float64 on the same float32-rounded inputs).
+//! Shared by the tests: a GPU with poisoned allocations, the comparison of an op's forward and backward on the GPU
+//! (float32) with its CPU reference (float64 on the same float32-rounded inputs), and a micro model for workflow
+//! tests.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -174,4 +175,23 @@ pub fn leaky_relu_flips(got: &[TraceRow], exact: &[TraceRow]) -> Vec<(usize, usi
         }
     }
     flips
+}
+
+/// A model small enough to train a few iterations in well under a second: 2 stages on 8 x 16 x 16 patches.
+pub fn micro_config() -> lkm_engine::nn::ModelConfig {
+    lkm_engine::nn::ModelConfig {
+        in_channels: 1,
+        num_classes: 4,
+        features: vec![4, 8],
+        kernels: vec![vec![3, 3, 3]; 2],
+        strides: vec![vec![1, 1, 1], vec![2, 2, 2]],
+        blocks_enc: vec![1, 1],
+        blocks_dec: vec![1],
+        deep_supervision: true,
+        pim_windows: vec![vec![2, 4, 4], vec![2, 2, 2]],
+        pim_layout: lkm_engine::ops::pim::PimLayout::Window,
+        pam_pools: vec![vec![2, 2, 2], vec![1, 1, 1]],
+        mamba: lkm_engine::nn::mamba::MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
+        patch: vec![8, 16, 16],
+    }
 }
