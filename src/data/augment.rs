@@ -399,7 +399,7 @@ fn for_each_line(x: &mut [f32], shape: [usize; 3], axis: usize, mut f: impl FnMu
     }
 }
 
-/// Simulates a coarser acquisition: one channel of `shape` is downsampled to round(shape[a] factor[a]) voxels per axis
+/// Simulates a coarser acquisition: one channel of `shape` is downsampled to round(shape\[a\] factor\[a\]) voxels per axis
 /// by nearest neighbour and upsampled back linearly (both on voxel centres, as torch's `nearest-exact` and
 /// `trilinear` with align_corners false).
 pub fn simulate_low_resolution(x: &mut [f32], shape: [usize; 3], factor: [f64; 3]) {
