@@ -11,10 +11,11 @@ use rand::{RngExt, SeedableRng};
 
 use super::checkpoint::write_atomically;
 use super::loss::{deep_supervision_loss, downsample_labels};
+use super::step::train_step;
 use crate::autograd::Tape;
 use crate::device::Device;
 use crate::nn::{LkmUnet, ModelConfig, Params};
-use crate::optim::{clip_present_grad_norm, Sgd};
+use crate::optim::{Sgd, DEFAULT_GRAD_CLIP};
 use crate::tensor::{DType, Tensor};
 use crate::{ensure, Error, Result};
 
@@ -145,7 +146,8 @@ pub fn dump_step(
     write_tensors(&dir.join("engine.safetensors"), &results, meta)?;
     drop((outputs, grads, results));
 
-    // Whole training steps, as the trainer runs them (clip 12, SGD Nesterov), timed on the host after a sync.
+    // Whole training steps, the trainer's own (clip 12, SGD Nesterov, the loss read back), timed on the host after a
+    // sync.
     let mut params = params;
     let mut sgd = Sgd::default();
     let mut times = Vec::new();
@@ -156,10 +158,7 @@ pub fn dump_step(
     let warmup = if steps > 0 { 2 } else { 0 };
     for i in 0..steps + warmup {
         let t0 = Instant::now();
-        let (_, loss, mut g) = forward_backward(&model, &params, &xd, &targets)?;
-        clip_present_grad_norm(&mut g, 12.0)?;
-        drop(loss);
-        sgd.step_partial(params.tensors_mut(), &g)?;
+        train_step(&model, &mut params, &mut sgd, &xd, &targets, true, DEFAULT_GRAD_CLIP)?;
         if let Device::Cuda(gpu) = device {
             gpu.synchronize()?;
         }
