@@ -2,7 +2,8 @@
 # Builds the release binary, the GPU test executables (tests/gpu_*.rs, whose tests are #[ignore]d here) and the kernel
 # benchmark with the CUDA kernels embedded, and copies them into .gpu/ (git-ignored) so that they can be carried to a
 # GPU machine that has no Rust toolchain (the CPU tests are left out: they run here and in CI).
-# There: bash tools/gpu-run.sh
+# There: bash tools/gpu-run.sh. The binaries are stripped, and also packed into .gpu.tar.xz (about a quarter of the
+# size) for carriers with a size limit: there, `tar xJf .gpu.tar.xz` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LKM_REQUIRE_NVCC=1
@@ -21,5 +22,7 @@ for line in sys.stdin:
       case "$name" in gpu_* | kernels | profile) cp "$exe" ".gpu/tests/$name" ;; esac
     done
 done
+strip .gpu/lkm-engine .gpu/tests/*
+tar cf - .gpu | xz -T0 -3 >.gpu.tar.xz
 ls -la .gpu/tests | tail -n +2
-du -sh .gpu
+du -sh .gpu .gpu.tar.xz

@@ -7,7 +7,7 @@
 # reductions, convolution: gpu_mamba_ops, gpu_norm_pool, gpu_loss, gpu_conv), under racecheck (shared-memory
 # hazards) and synccheck (barrier misuse). Each tool's summary line ("ERROR SUMMARY: N errors", racecheck's
 # "RACECHECK SUMMARY: ...") goes into the final summary. compute-sanitizer is taken from $COMPUTE_SANITIZER, PATH,
-# $CUDA_HOME/bin or /usr/local/cuda/bin.
+# $CUDA_HOME/bin or /usr/local/cuda/bin. The sanitizer runs go side by side (SANITIZE_JOBS, SANITIZE_TIMEOUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bench=0 sanitize=0
@@ -32,23 +32,41 @@ if [ "$sanitize" = 1 ]; then
   fi
   "$sanitizer" --version | tail -n 1 | tee "$out/sanitizer.txt"
 fi
-summary=""
+# Every (binary, tool) run is independent: "plain" runs a test binary as it is, the others under compute-sanitizer.
+# Without --sanitize the plain runs go one at a time; with it all runs go side by side (SANITIZE_JOBS at once, default
+# 6; each under SANITIZE_TIMEOUT seconds, default none), since memcheck multiplies the binaries' run time.
+runs=()
 for t in .gpu/tests/*; do
   name=$(basename "$t")
   [ "$name" = kernels ] && continue
-  "$t" --ignored --test-threads=1 >"$out/test_$name.log" 2>&1
-  line=$(grep -E "^test result" "$out/test_$name.log" | tail -n 1)
-  summary+="$name: ${line:-CRASHED (see test_$name.log)}"$'\n'
+  runs+=("plain $name")
   [ "$sanitize" = 1 ] || continue
-  tools=memcheck
-  case "$name" in gpu_mamba_ops | gpu_norm_pool | gpu_loss | gpu_conv) tools="memcheck racecheck synccheck" ;; esac
-  for tool in $tools; do
-    log="$out/sanitize_${tool}_$name.log"
-    "$sanitizer" --tool "$tool" --error-exitcode 1 "$t" --ignored --test-threads=1 >"$log" 2>&1
-    rc=$?
+  runs+=("memcheck $name")
+  case "$name" in gpu_mamba_ops | gpu_norm_pool | gpu_loss | gpu_conv) runs+=("racecheck $name" "synccheck $name") ;; esac
+done
+parallel=1
+[ "$sanitize" = 1 ] && parallel=${SANITIZE_JOBS:-6}
+printf '%s\n' "${runs[@]}" | xargs -P "$parallel" -L 1 sh -c '
+  if [ "$2" = plain ]; then
+    ".gpu/tests/$3" --ignored --test-threads=1 >"$0/test_$3.log" 2>&1
+  else
+    log="$0/sanitize_$2_$3.log"
+    timeout "${SANITIZE_TIMEOUT:-0}" "$1" --tool "$2" --error-exitcode 1 ".gpu/tests/$3" --ignored --test-threads=1 \
+      >"$log" 2>&1
+    echo "exit $?" >>"$log"
+  fi' "$out" "${sanitizer:-none}"
+summary=""
+for run in "${runs[@]}"; do
+  set -- $run
+  if [ "$1" = plain ]; then
+    line=$(grep -E "^test result" "$out/test_$2.log" | tail -n 1)
+    summary+="$2: ${line:-CRASHED (see test_$2.log)}"$'\n'
+  else
+    log="$out/sanitize_$1_$2.log"
     line=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$log" | tail -n 1 | sed 's/^========= //')
-    summary+="  $tool: ${line:-no summary line (see $(basename "$log"))} (exit $rc)"$'\n'
-  done
+    tests=$(grep -E "^test result" "$log" | tail -n 1 | cut -d';' -f1)
+    summary+="  $2 $1: ${line:-no summary line (see $(basename "$log"))}; ${tests:-no test result}; $(tail -n 1 "$log")"$'\n'
+  fi
 done
 if [ "$bench" = 1 ]; then
   python3 tools/bench_torch.py --out "$out" >"$out/torch_bench.log" 2>&1 || echo "torch bench failed" >>"$out/torch_bench.log"
