@@ -23,7 +23,7 @@
 //        sum_dt (G, nc, D); no output;
 //     2. scan_chunk_combine: per (g, d, n), in chunk order, in[c + 1] = exp(A sum_dt[c]) in[c] + end[c], written over
 //        states, which then hold every chunk's true initial state;
-//     3. scan_forward from those initial states (has_init = 1), writing y.
+//     3. scan_forward from those initial states (h_init = states), writing y.
 //
 // Forward threads: one thread per (g, d) and group, its N states in registers (NMAX = 16 or 32, unused states padded
 // with A = 0, B = C = 0 so they stay 0). Consecutive threads take consecutive channels d, so the loads of u, delta, z

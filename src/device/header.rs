@@ -636,8 +636,8 @@ mod tests {
 #include <stdint.h>
 
 // Threads per block.
-constexpr int THREADS = 128;
-constexpr int TILE = (THREADS / 32 + 1) * 2 - 1;  // = 9
+constexpr int BLOCK_THREADS = 128;
+constexpr int TILE = (BLOCK_THREADS / 32 + 1) * 2 - 1;  // = 9
 
 // What the kernel reads.
 // Two lines.
@@ -665,7 +665,7 @@ extern "C" __global__ void gen_f32(const Gen<float> p);
     fn parses_the_subset_with_docs_and_layout() {
         let h = parse("x.cuh", SAMPLE).unwrap();
         assert_eq!(h.consts.len(), 2);
-        assert_eq!((h.consts[0].name.as_str(), h.consts[0].value), ("THREADS", 128));
+        assert_eq!((h.consts[0].name.as_str(), h.consts[0].value), ("BLOCK_THREADS", 128));
         assert_eq!(h.consts[0].doc, vec!["Threads per block."]);
         assert_eq!((h.consts[1].value, h.consts[1].doc.clone()), (9, vec!["= 9".to_string()]));
         let s = &h.structs[0];
@@ -680,7 +680,10 @@ extern "C" __global__ void gen_f32(const Gen<float> p);
         assert_eq!((s.line, h.kernels[0].line), (11, 21));
         assert_eq!(h.kernels[0].params, "Params");
         assert!(h.kernels[0].doc.is_empty());
-        assert_eq!([Scalar::I32, Scalar::I64, Scalar::F32, Scalar::F64].map(Scalar::rust), ["i32", "i64", "f32", "f64"]);
+        assert_eq!(
+            [Scalar::I32, Scalar::I64, Scalar::F32, Scalar::F64].map(Scalar::rust),
+            ["i32", "i64", "f32", "f64"]
+        );
         let g = &h.structs[1];
         assert_eq!(g.param.as_deref(), Some("T"));
         assert_eq!(g.fields[0].ty, FieldType::Ptr { pointee: Pointee::Param, mutable: false });

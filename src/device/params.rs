@@ -19,7 +19,11 @@
 //!
 //! Device pointers travel inside the struct as [`ConstPtr`] (`const float*`: the kernel only reads) or [`MutPtr`]
 //! (`float*`), taken from the buffers ([`GpuBuffer::ptr`], [`GpuBuffer::ptr_mut`]); a pointer a kernel does not use
-//! in a given launch is [`ConstPtr::NULL`] / [`MutPtr::NULL`]. A struct may be generic over its storage type
+//! in a given launch is [`ConstPtr::NULL`] / [`MutPtr::NULL`]. A family's kernels share one struct, so an op builds
+//! the fields they all read once and each launch adds its own with struct update syntax
+//! (`ScanParams { y: y.ptr_mut(), ..base }`); `Default` gives null pointers and zeros. A buffer that one kernel of a
+//! family writes and a later launch reads only through a shared reference (a saved tensor) has two fields, e.g.
+//! `float* mean_out` for the forward and `const float* mean` for the backward. A struct may be generic over its storage type
 //! (`template <typename T> struct P { const T* x; };`, Rust `P<T>`, kernels declared as `(const P<float> p)`), the
 //! form kernels templated over float32 and bf16 storage take.
 //!
