@@ -4,11 +4,22 @@
 //! nvcc is looked up in `$NVCC`, then `.toolchain/cuda/bin/nvcc` (where `tools/install-nvcc.sh` puts it), then
 //! `$CUDA_HOME/bin`, `/usr/local/cuda/bin` and `PATH`. Without nvcc the crate still builds, CPU-only, and says so; with
 //! `LKM_REQUIRE_NVCC=1` (CI) a missing nvcc or a kernel that does not compile fails the build.
+//!
+//! It also reads the kernel parameter headers, `cuda/X.cuh` beside each `cuda/X.cu` (the subset of C++ described in
+//! src/device/header.rs), and generates their Rust side, `params.rs` (structs, constants and typed kernel handles,
+//! included by src/device/params.rs), with or without nvcc; a header outside the subset fails the build naming its
+//! file and line. With nvcc it also compiles `params_check.cu`, generated here, whose static_asserts hold nvcc's
+//! layout of every struct to the one the Rust side was generated with.
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+// The crate's tests use the parts build.rs does not (the parse of a whole file into a layout table, for instance).
+#[allow(dead_code)]
+#[path = "src/device/header.rs"]
+mod header;
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
@@ -28,7 +39,8 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 
 /// The names of the `extern "C" __global__` kernels a .cu source defines, and of those instantiated through a
 /// `NAME_KERNEL(kernel_name, ..., CONSTANT, 16)` macro at the start of a line (a macro whose definition declares the
-/// kernels): its lower-case arguments are kernel names, upper-case ones and numbers are settings.
+/// kernels): its lower-case arguments are kernel names, upper-case ones and numbers are settings. Kernel names are
+/// lower case.
 fn kernel_names(source: &str) -> Vec<String> {
     let is_kernel_name = |a: &&str| {
         a.starts_with(|c: char| c.is_ascii_lowercase())
@@ -58,11 +70,220 @@ fn kernel_names(source: &str) -> Vec<String> {
         if !source[..i].trim_end().ends_with("extern \"C\"") || head.contains('<') {
             continue;
         }
-        if let Some(name) = head.split_whitespace().last() {
-            out.push(name.trim_start_matches('*').to_string());
+        // An upper-case name is a macro's parameter (`extern "C" __global__ void NAME(` in a #define), not a kernel.
+        if let Some(name) = head.split_whitespace().last().map(|n| n.trim_start_matches('*')).filter(is_kernel_name) {
+            out.push(name.to_string());
         }
     }
     out
+}
+
+/// The parameter headers: every `cuda/X.cuh` beside a `cuda/X.cu` (so not `common.cuh`), parsed, by stem. A header
+/// outside the subset, a name defined by two headers, or a kernel declared in `X.cuh` but not defined in `X.cu` (or
+/// the other way round) fails the build with the file and line.
+fn read_headers(root: &Path, sources: &[PathBuf]) -> Vec<(String, header::Header)> {
+    let mut out: Vec<(String, header::Header)> = Vec::new();
+    for src in sources {
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        let path = root.join("cuda").join(format!("{stem}.cuh"));
+        if !path.is_file() {
+            continue;
+        }
+        println!("cargo::rerun-if-changed={}", path.display());
+        let shown = format!("cuda/{stem}.cuh");
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {shown}: {e}"));
+        let parsed = header::parse(&shown, &text).unwrap_or_else(|e| panic!("{e}"));
+        let defined = kernel_names(&fs::read_to_string(src).unwrap());
+        for k in &parsed.kernels {
+            if !defined.contains(&k.name) {
+                panic!(
+                    "{shown}:{}: kernel `{}` is declared here but cuda/{stem}.cu does not define it",
+                    k.line, k.name
+                );
+            }
+        }
+        for name in &defined {
+            if !parsed.kernels.iter().any(|k| &k.name == name) {
+                panic!(
+                    "cuda/{stem}.cu defines kernel `{name}` but {shown} does not declare it: add \
+                     `extern \"C\" __global__ void {name}(const SomeParams p);` to {shown}"
+                );
+            }
+        }
+        let names = |h: &header::Header| -> Vec<String> {
+            let consts = h.consts.iter().map(|c| c.name.clone());
+            let structs = h.structs.iter().map(|s| s.name.clone());
+            consts.chain(structs).chain(h.kernels.iter().map(|k| k.name.clone())).collect()
+        };
+        for name in names(&parsed) {
+            if let Some((other, _)) = out.iter().find(|(_, h)| names(h).contains(&name)) {
+                panic!("{shown}: `{name}` is also defined in cuda/{other}.cuh: names are shared by all headers");
+            }
+        }
+        out.push((stem, parsed));
+    }
+    out
+}
+
+/// Header comment text as a Rust doc line: outside `code spans`, the characters rustdoc would read as links, HTML or
+/// emphasis (`[`, `]`, `<`, `>`, `*`) are escaped, so a comment like `[S][CH]` stays text.
+fn doc_line(indent: &str, text: &str) -> String {
+    let mut out = format!("{indent}///");
+    if !text.is_empty() {
+        out.push(' ');
+    }
+    let mut code = false;
+    for c in text.chars() {
+        if c == '`' {
+            code = !code;
+        } else if !code && "[]<>*".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\n');
+    out
+}
+
+fn doc_block(indent: &str, lines: &[String]) -> String {
+    lines.iter().map(|l| doc_line(indent, l)).collect()
+}
+
+/// The Rust type of a field (element type, then the array around it).
+fn rust_type(f: &header::Field, param: Option<&str>) -> String {
+    use header::{FieldType, Pointee};
+    let elem = match f.ty {
+        FieldType::Scalar(s) => s.rust().to_string(),
+        FieldType::Ptr { pointee, mutable } => {
+            let t = match pointee {
+                Pointee::Scalar(s) => s.rust(),
+                Pointee::Param => param.expect("a generic struct"),
+            };
+            format!("{}<{t}>", if mutable { "MutPtr" } else { "ConstPtr" })
+        }
+    };
+    match f.count {
+        Some(n) => format!("[{elem}; {n}]"),
+        None => elem,
+    }
+}
+
+/// The Rust side of the headers: constants, `#[repr(C)]` structs, kernel handles and the layout table of the tests.
+fn rust_params(headers: &[(String, header::Header)]) -> String {
+    let mut code = String::from("// Generated by build.rs from the kernel parameter headers cuda/*.cuh: edit those.\n");
+    let mut kernels = String::new();
+    let mut layouts = String::new();
+    for (stem, h) in headers {
+        code.push_str(&format!("\n// cuda/{stem}.cuh\n"));
+        for c in &h.consts {
+            code.push_str(&doc_block("", &c.doc));
+            code.push_str(&format!("pub const {}: usize = {};\n", c.name, c.value));
+        }
+        for s in &h.structs {
+            let (generics, param) = match &s.param {
+                Some(p) => (format!("<{p}>"), Some(p.as_str())),
+                None => (String::new(), None),
+            };
+            code.push_str(&doc_block("", &s.doc));
+            if !s.doc.is_empty() {
+                code.push_str("///\n");
+            }
+            code.push_str(&format!("/// Declared in `cuda/{stem}.cuh` (line {}).\n", s.line));
+            // Field names are the header's, which are the math's (L, D, N): the same on both sides.
+            code.push_str("#[repr(C)]\n#[derive(Clone, Copy, Debug, Default)]\n#[allow(non_snake_case)]\n");
+            code.push_str(&format!("pub struct {}{generics} {{\n", s.name));
+            for f in &s.fields {
+                code.push_str(&doc_block("    ", &f.doc));
+                code.push_str(&format!("    pub {}: {},\n", f.name, rust_type(f, param)));
+            }
+            code.push_str("}\n");
+            let bound = s.param.as_ref().map_or(String::new(), |p| format!("<{p}: Copy>"));
+            code.push_str(&format!(
+                "// SAFETY: #[repr(C)], fields in the C order with types of the C sizes and alignments (checked by the\n\
+                 // static_asserts of params_check.cu under nvcc and by the layout test of src/device/params.rs).\n\
+                 unsafe impl{bound} cudarc::driver::DeviceRepr for {}{generics} {{}}\n",
+                s.name
+            ));
+            let concrete = match &s.param {
+                Some(_) => format!("{}<f32>", s.name),
+                None => s.name.clone(),
+            };
+            let offsets: Vec<String> = s
+                .fields
+                .iter()
+                .map(|f| format!("({:?}, std::mem::offset_of!({concrete}, {}))", f.name, f.name))
+                .collect();
+            layouts.push_str(&format!(
+                "    ({:?}, {:?}, std::mem::size_of::<{concrete}>(), std::mem::align_of::<{concrete}>(), &[{}]),\n",
+                format!("cuda/{stem}.cuh"),
+                s.name,
+                offsets.join(", ")
+            ));
+        }
+        for k in &h.kernels {
+            let ty = match k.arg {
+                Some(a) => format!("{}<{}>", k.params, a.rust()),
+                None => k.params.clone(),
+            };
+            kernels.push_str(&doc_block("    ", &k.doc));
+            if !k.doc.is_empty() {
+                kernels.push_str("    ///\n");
+            }
+            kernels.push_str(&format!(
+                "    /// Defined in `cuda/{stem}.cu`, declared in `cuda/{stem}.cuh` (line {}).\n",
+                k.line
+            ));
+            kernels.push_str(&format!("    pub const {}: Kernel<{ty}> = Kernel::new({:?});\n", k.name, k.name));
+        }
+    }
+    code.push_str(
+        "\n/// The kernels declared in the headers, each typed by the parameter struct it takes: launch with\n\
+         /// [`Gpu::launch`](crate::device::Gpu::launch).\n\
+         #[allow(non_upper_case_globals)]\npub mod kernel {\n    use super::*;\n\n",
+    );
+    code.push_str(&kernels);
+    code.push_str("}\n");
+    code.push_str(
+        "\n/// (header, struct, size_of, align_of, [(field, offset_of)]) of every generated struct, for the layout test.\n\
+         #[cfg(test)]\n#[allow(clippy::type_complexity)]\n\
+         pub(crate) const RUST_LAYOUTS: &[(&str, &str, usize, usize, &[(&str, usize)])] = &[\n",
+    );
+    code.push_str(&layouts);
+    code.push_str("];\n");
+    code
+}
+
+/// A CUDA file that includes every header and asserts the layout the Rust side was generated with, so nvcc itself
+/// confirms that the two sides agree (sizes, alignments, offsets).
+fn layout_check_cu(headers: &[(String, header::Header)]) -> String {
+    let mut code =
+        String::from("// Generated by build.rs: nvcc's layout of each parameter struct is the Rust side's.\n");
+    code.push_str("#include <stddef.h>\n");
+    for (stem, _) in headers {
+        code.push_str(&format!("#include \"{stem}.cuh\"\n"));
+    }
+    for (stem, h) in headers {
+        for s in &h.structs {
+            let l = header::layout(s);
+            let ty = match &s.param {
+                Some(_) => format!("{}<float>", s.name),
+                None => s.name.clone(),
+            };
+            let at = format!("cuda/{stem}.cuh:{}: {}", s.line, s.name);
+            code.push_str(&format!(
+                "static_assert(sizeof({ty}) == {}, \"{at}: size differs from the Rust side's\");\n",
+                l.size
+            ));
+            code.push_str(&format!("static_assert(alignof({ty}) == {}, \"{at}: alignment differs\");\n", l.align));
+            for (f, off) in s.fields.iter().zip(&l.offsets) {
+                code.push_str(&format!(
+                    "static_assert(offsetof({ty}, {}) == {off}, \"{at}: offset of {} differs\");\n",
+                    f.name, f.name
+                ));
+            }
+        }
+    }
+    code
 }
 
 fn main() {
@@ -85,6 +306,12 @@ fn main() {
         println!("cargo::rerun-if-changed={}", s.display());
     }
 
+    // The Rust side of the parameter headers exists with or without nvcc: it comes from the headers alone.
+    let headers = read_headers(&root, &sources);
+    fs::write(out.join("params.rs"), rust_params(&headers)).unwrap();
+    let check = out.join("params_check.cu");
+    fs::write(&check, layout_check_cu(&headers)).unwrap();
+
     let nvcc = find_nvcc(&root);
     let mut entries = Vec::new();
     let mut names = Vec::new();
@@ -95,8 +322,10 @@ fn main() {
             let arch = env::var("LKM_NVCC_ARCH").unwrap_or_else(|_| "90".into());
             // Compile the files in parallel: nvcc is slow and single-threaded per file.
             let results: Vec<(PathBuf, PathBuf, std::process::Output)> = std::thread::scope(|scope| {
+                // params_check.cu is compiled for its static_asserts only; its (empty) fatbin is not embedded.
                 let handles: Vec<_> = sources
                     .iter()
+                    .chain([&check])
                     .map(|src| {
                         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                         let fatbin = out.join(format!("{stem}.fatbin"));
@@ -124,6 +353,9 @@ fn main() {
                         String::from_utf8_lossy(&output.stdout),
                         String::from_utf8_lossy(&output.stderr)
                     );
+                }
+                if src == check {
+                    continue;
                 }
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                 entries.push(format!("    ({stem:?}, include_bytes!({:?})),", fatbin.display().to_string()));

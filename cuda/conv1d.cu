@@ -12,6 +12,7 @@
 // The parameter gradients reduce over all G L tokens, deterministically in two stages: causal_conv1d_param_partials
 // gives each block 32 channels and one fixed slice of rows_per_slice token rows (r = g L + t); its 8 row lanes add
 // rows ty, ty + 8, ... in order, lane 0 adds the 8 lane sums in order, and the block writes one partial row
+// (32 = CONV1D_COLS and 8 = CONV1D_LANES of conv1d.cuh, where Conv1dParams, taken by all three kernels, is declared)
 //   part[s, c K + k] = slice-s part of dw[c, k],    part[s, C K + c] = slice-s part of db[c]
 // which sum_rows_f32 (gemm.cu) then sums over the slices s in order.
 //
@@ -19,13 +20,16 @@
 // src/ops/mod.rs): causal_conv1d_forward and causal_conv1d_backward_input 8 bytes and 2K FLOPs;
 // causal_conv1d_param_partials 8 bytes (x and gy) and 2K + 1 FLOPs. Memory-bound.
 #include "common.cuh"
+#include "conv1d.cuh"
 
-#define CONV1D_MAX_K 8  // largest kernel the parameter-gradient kernel keeps in registers (Mamba uses 4)
-
-extern "C" __global__ void causal_conv1d_forward(const float* __restrict__ x, const float* __restrict__ w,
-                                                 const float* __restrict__ bias, float* __restrict__ y, int64_t G,
-                                                 int64_t L, int64_t C, int K) {
-    FOR_EACH(i, G * L * C) {
+extern "C" __global__ void causal_conv1d_forward(const Conv1dParams p) {
+    const float* __restrict__ x = p.x;
+    const float* __restrict__ w = p.w;
+    const float* __restrict__ bias = p.bias;
+    float* __restrict__ y = p.out;
+    const int64_t L = p.L, C = p.C;
+    const int K = p.K;
+    FOR_EACH(i, p.G * L * C) {
         const int64_t c = i % C, t = (i / C) % L;
         float s = bias[c];
         for (int k = 0; k < K; ++k) {
@@ -36,10 +40,13 @@ extern "C" __global__ void causal_conv1d_forward(const float* __restrict__ x, co
     }
 }
 
-extern "C" __global__ void causal_conv1d_backward_input(const float* __restrict__ gy, const float* __restrict__ w,
-                                                        float* __restrict__ dx, int64_t G, int64_t L, int64_t C,
-                                                        int K) {
-    FOR_EACH(i, G * L * C) {
+extern "C" __global__ void causal_conv1d_backward_input(const Conv1dParams p) {
+    const float* __restrict__ gy = p.gy;
+    const float* __restrict__ w = p.w;
+    float* __restrict__ dx = p.out;
+    const int64_t L = p.L, C = p.C;
+    const int K = p.K;
+    FOR_EACH(i, p.G * L * C) {
         const int64_t c = i % C, s = (i / C) % L;
         float acc = 0.0f;
         for (int k = 0; k < K; ++k) {
@@ -50,21 +57,24 @@ extern "C" __global__ void causal_conv1d_backward_input(const float* __restrict_
     }
 }
 
-// Block (32, 8), grid (ceil(C / 32), slices). part has one row of C K + C values per slice.
-extern "C" __global__ void __launch_bounds__(256) causal_conv1d_param_partials(const float* __restrict__ x,
-                                                                             const float* __restrict__ gy,
-                                                                             float* __restrict__ part, int64_t G,
-                                                                             int64_t L, int64_t C, int K,
-                                                                             int64_t rows_per_slice) {
-    __shared__ float lanes[8][CONV1D_MAX_K + 1][32];
-    const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x;
-    const int64_t r_begin = (int64_t)blockIdx.y * rows_per_slice;
-    const int64_t r_end = min(G * L, r_begin + rows_per_slice);
+// Block (CONV1D_COLS, CONV1D_LANES), grid (ceil(C / CONV1D_COLS), slices). part has one row of C K + C values per
+// slice.
+extern "C" __global__ void __launch_bounds__(CONV1D_COLS * CONV1D_LANES)
+    causal_conv1d_param_partials(const Conv1dParams p) {
+    const float* __restrict__ x = p.x;
+    const float* __restrict__ gy = p.gy;
+    float* __restrict__ part = p.part;
+    const int64_t L = p.L, C = p.C;
+    const int K = p.K;
+    __shared__ float lanes[CONV1D_LANES][CONV1D_MAX_K + 1][CONV1D_COLS];
+    const int64_t c = (int64_t)blockIdx.x * CONV1D_COLS + threadIdx.x;
+    const int64_t r_begin = (int64_t)blockIdx.y * p.rows_per_slice;
+    const int64_t r_end = min(p.G * L, r_begin + p.rows_per_slice);
     float acc[CONV1D_MAX_K + 1];  // acc[k] for the weight taps, acc[CONV1D_MAX_K] for the bias
 #pragma unroll
     for (int k = 0; k <= CONV1D_MAX_K; ++k) acc[k] = 0.0f;
     if (c < C) {
-        for (int64_t r = r_begin + threadIdx.y; r < r_end; r += 8) {
+        for (int64_t r = r_begin + threadIdx.y; r < r_end; r += CONV1D_LANES) {
             const int64_t t = r % L;
             const float g = gy[r * C + c];
             acc[CONV1D_MAX_K] += g;
@@ -84,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(256) causal_conv1d_param_partials(c
             const int slot = k < K ? k : CONV1D_MAX_K;
             float s = 0.0f;
 #pragma unroll
-            for (int l = 0; l < 8; ++l) s += lanes[l][slot][threadIdx.x];
+            for (int l = 0; l < CONV1D_LANES; ++l) s += lanes[l][slot][threadIdx.x];
             if (k < K) row[c * K + k] = s;
             else row[C * K + c] = s;
         }

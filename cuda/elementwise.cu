@@ -1,4 +1,4 @@
-// Elementwise kernels, one thread per element (grid-stride):
+// Elementwise kernels, one thread per element (grid-stride), all taking EltwiseParams (elementwise.cuh):
 //   add:        y = a + b
 //   mul:        y = a * b
 //   scale:      y = s * a
@@ -10,26 +10,27 @@
 //   {f}_forward: 8 bytes and 2 (leaky_relu), 4 (silu) or 3 (softplus) FLOPs;   {f}_backward: 12 bytes and 2, 8 or
 //   5 FLOPs
 #include "common.cuh"
+#include "elementwise.cuh"
 
-extern "C" __global__ void add_f32(const float* a, const float* b, float* y, int64_t n) {
-    FOR_EACH(i, n) y[i] = a[i] + b[i];
+extern "C" __global__ void add_f32(const EltwiseParams p) {
+    FOR_EACH(i, p.n) p.y[i] = p.a[i] + p.b[i];
 }
 
-extern "C" __global__ void mul_f32(const float* a, const float* b, float* y, int64_t n) {
-    FOR_EACH(i, n) y[i] = a[i] * b[i];
+extern "C" __global__ void mul_f32(const EltwiseParams p) {
+    FOR_EACH(i, p.n) p.y[i] = p.a[i] * p.b[i];
 }
 
-extern "C" __global__ void scale_f32(const float* a, float s, float* y, int64_t n) {
-    FOR_EACH(i, n) y[i] = s * a[i];
+extern "C" __global__ void scale_f32(const EltwiseParams p) {
+    FOR_EACH(i, p.n) p.y[i] = p.s * p.a[i];
 }
 
 // One forward and one backward kernel per activation, so a profile names the function (the switch folds away).
 #define ACTIVATION_KERNEL(FORWARD, BACKWARD, ACT)                                                                   \
-    extern "C" __global__ void FORWARD(const float* x, float* y, int64_t n) {                                       \
-        FOR_EACH(i, n) y[i] = activation_value(ACT, x[i]);                                                         \
+    extern "C" __global__ void FORWARD(const EltwiseParams p) {                                                    \
+        FOR_EACH(i, p.n) p.y[i] = activation_value(ACT, p.a[i]);                                                   \
     }                                                                                                              \
-    extern "C" __global__ void BACKWARD(const float* x, const float* g, float* dx, int64_t n) {                     \
-        FOR_EACH(i, n) dx[i] = g[i] * activation_derivative(ACT, x[i]);                                            \
+    extern "C" __global__ void BACKWARD(const EltwiseParams p) {                                                   \
+        FOR_EACH(i, p.n) p.y[i] = p.b[i] * activation_derivative(ACT, p.a[i]);                                     \
     }
 ACTIVATION_KERNEL(leaky_relu_forward, leaky_relu_backward, ACT_LEAKY_RELU)
 ACTIVATION_KERNEL(silu_forward, silu_backward, ACT_SILU)

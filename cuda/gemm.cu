@@ -2,7 +2,8 @@
 // over tokens (bias gradients, split-K partials, per-block partials of the scan and conv1d parameter gradients).
 //
 // gemm_f32: one device function for the three products of a linear layer (kernels linear_fprop, linear_dgrad,
-// linear_wgrad), with the operands addressed through strides:
+// linear_wgrad, taking GemmParams of gemm.cuh; sum_rows_f32 takes SumRowsParams), with the operands addressed
+// through strides:
 //
 //   C[z][i, j] = sum_{k in slice z} A(i, k) B(k, j)  (+ bias[j])     i < M, j < N,
 //   A(i, k) = a[i * a_si + k * a_sk],   B(k, j) = b[k * b_sk + j * b_sj],   C row-major (M, N), slice z at z * c_slice.
@@ -33,11 +34,11 @@
 // the 3D reference (K = 32, N = 128) has 13 FLOPs per byte, bound by memory in float32. sum_rows_f32: 4 bytes and
 // 1 FLOP per element summed.
 #include "common.cuh"
+#include "gemm.cuh"
 
-#define GEMM_TM 64
-#define GEMM_TN 64
-#define GEMM_TK 16
-#define GEMM_PAD 4  // keeps the k-major slab stores off a single bank; rows stay 16-byte aligned for float4 reads
+// GEMM_PAD keeps the k-major slab stores off a single bank; rows stay 16-byte aligned for float4 reads.
+static_assert(GEMM_THREADS == (GEMM_TM / 4) * (GEMM_TN / 4) && GEMM_TM == GEMM_TN, "a 4 x 4 sub-tile per thread");
+static_assert(GEMM_TM * GEMM_TK == 4 * GEMM_THREADS, "4 staged elements of each operand per thread");
 
 __device__ __forceinline__ void gemm_f32(const float* __restrict__ a, int64_t a_si, int64_t a_sk,
                                          const float* __restrict__ b, int64_t b_sk, int64_t b_sj,
@@ -102,19 +103,21 @@ __device__ __forceinline__ void gemm_f32(const float* __restrict__ a, int64_t a_
 
 // One kernel name per product of a linear layer (the same code), so that a profile says which pass it is timing.
 #define LINEAR_GEMM_KERNEL(NAME)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256)                                                              \
-        NAME(const float* __restrict__ a, int64_t a_si, int64_t a_sk, const float* __restrict__ b, int64_t b_sk,   \
-             int64_t b_sj, const float* __restrict__ bias, int has_bias, float* __restrict__ c, int64_t M,          \
-             int64_t N, int64_t K, int64_t k_slice, int64_t c_slice) {                                             \
-        gemm_f32(a, a_si, a_sk, b, b_sk, b_sj, bias, has_bias, c, M, N, K, k_slice, c_slice);                     \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) NAME(const GemmParams p) {                          \
+        gemm_f32(p.a, p.a_si, p.a_sk, p.b, p.b_sk, p.b_sj, p.bias, p.bias != nullptr, p.c, p.M, p.N, p.K,          \
+                 p.k_slice, p.c_slice);                                                                            \
     }
 LINEAR_GEMM_KERNEL(linear_fprop)  // y = x W^T (+ b)
 LINEAR_GEMM_KERNEL(linear_dgrad)  // dx = g W
 LINEAR_GEMM_KERNEL(linear_wgrad)  // dW = g^T x, split over tokens
 
-// Block (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid (ceil(cols / 32), slices).
-extern "C" __global__ void __launch_bounds__(256) sum_rows_f32(const float* __restrict__ x, int64_t rows, int64_t cols,
-                                                             int64_t ld, int64_t rows_per_slice, float* __restrict__ y) {
+// Block (SUM_ROWS_COLS, SUM_ROWS_LANES) = (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid
+// (ceil(cols / 32), slices).
+static_assert(SUM_ROWS_COLS == 32 && SUM_ROWS_LANES == 8, "the lane sums below are written for blocks of (32, 8)");
+extern "C" __global__ void __launch_bounds__(SUM_ROWS_COLS * SUM_ROWS_LANES) sum_rows_f32(const SumRowsParams p) {
+    const float* __restrict__ x = p.x;
+    float* __restrict__ y = p.y;
+    const int64_t rows = p.rows, cols = p.cols, ld = p.ld, rows_per_slice = p.rows_per_slice;
     __shared__ float lanes[8][33];
     const int64_t q = (int64_t)blockIdx.x * 32 + threadIdx.x;
     const int64_t r_begin = (int64_t)blockIdx.y * rows_per_slice;

@@ -6,7 +6,8 @@
 //   r = n V + R_d(d) + R_h(h) + R_w(w),    V = D H W,
 //   R_a(s) = (s / p_a) * mi_a + (s % p_a) * mj_a     (block index i = s / p_a, offset inside the block j = s % p_a)
 //
-// where the host (src/ops/pim.rs) sets the per-axis multipliers mi_a, mj_a for the layout (Window: i picks the
+// where the host (src/ops/pim.rs) sets the per-axis multipliers mi_a, mj_a (PimParams' outer, inner in layout.cuh)
+// for the layout (Window: i picks the
 // group, j the token; Strided: the other way round). pim_voxel_row is that map, used by both kernels; partition
 // writes t from x and merge, the inverse permutation, writes x from t.
 //
@@ -18,52 +19,52 @@
 // channels [c0, c0 + PIM_TILE). A tile's voxels may span several lines of W; the token rows of its voxels are
 // computed once per block and shared by all its channels.
 //
-// Copies (one thread per element, grid-stride, consecutive threads on consecutive addresses on both sides):
+// Copies (one thread per element, grid-stride, consecutive threads on consecutive addresses on both sides; parameters
+// CopyRowsParams and FlipParams of layout.cuh):
 //   copy_rows:   dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k],  r < rows, k < len
 //                (concat forward: one launch per input places its (C_k * inner) block of each sample; concat
 //                backward: the inverse split; narrow forward: a slice of each last-axis row)
-//   narrow_backward: dx[r, j] = g[r, j - start] for start <= j < start + len, else 0   (dx: rows x K; writes all)
+//   narrow_backward: dx[r, j] = g[r, j - start] for start <= j < start + len, else 0   (dx: rows x K; writes all;
+//                start = dst_off, K = dst_row)
 //   flip_seq:    y[g, l, c] = x[g, L - 1 - l, c]   (its own inverse, so also the backward)
 //
 // Cost (bytes: least traffic, 4 per float; see src/ops/mod.rs): every kernel here moves each element once, 8 bytes
 // per element and no FLOPs; narrow_backward writes all K columns of dx and reads only the len columns of g,
 // 4 (1 + len/K) bytes per element of dx.
 #include "common.cuh"
-
-#define PIM_TILE 32
-#define PIM_ROWS 8
+#include "layout.cuh"
 
 // The token row of voxel v of sample n, minus n V (see the header).
-__device__ __forceinline__ int64_t pim_voxel_row(int64_t v, int64_t H, int64_t W, int64_t pd, int64_t ph, int64_t pw,
-                                                 int64_t mid, int64_t mih, int64_t miw, int64_t mjd, int64_t mjh,
-                                                 int64_t mjw) {
+__device__ __forceinline__ int64_t pim_voxel_row(const PimParams& p, int64_t v) {
+    const int64_t H = p.size[1], W = p.size[2];
     const int64_t w = v % W, h = (v / W) % H, d = v / (W * H);
-    return (d / pd) * mid + (d % pd) * mjd + (h / ph) * mih + (h % ph) * mjh + (w / pw) * miw + (w % pw) * mjw;
+    const int64_t pd = p.window[0], ph = p.window[1], pw = p.window[2];
+    return (d / pd) * p.outer[0] + (d % pd) * p.inner[0] + (h / ph) * p.outer[1] + (h % ph) * p.inner[1] +
+           (w / pw) * p.outer[2] + (w % pw) * p.inner[2];
 }
 
 // Fills rows[k] with the token row of voxel v0 + k of sample n (for k with v0 + k < V), then syncs the block.
-__device__ __forceinline__ void pim_tile_rows(int64_t* rows, int64_t n, int64_t v0, int64_t V, int64_t H, int64_t W,
-                                              int64_t pd, int64_t ph, int64_t pw, int64_t mid, int64_t mih,
-                                              int64_t miw, int64_t mjd, int64_t mjh, int64_t mjw) {
+__device__ __forceinline__ void pim_tile_rows(const PimParams& p, int64_t* rows, int64_t n, int64_t v0, int64_t V) {
     const int64_t v = v0 + threadIdx.x;
     if (threadIdx.y == 0 && v < V) {
-        rows[threadIdx.x] = n * V + pim_voxel_row(v, H, W, pd, ph, pw, mid, mih, miw, mjd, mjh, mjw);
+        rows[threadIdx.x] = n * V + pim_voxel_row(p, v);
     }
     __syncthreads();
 }
 
 // t (G, L, C) from x (N, C, D, H, W). Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_TILE),
 // ceil(C / PIM_TILE)).
-extern "C" __global__ void pim_partition(const float* __restrict__ x, float* __restrict__ t, int64_t C, int64_t D,
-                                         int64_t H, int64_t W, int64_t pd, int64_t ph, int64_t pw, int64_t mid,
-                                         int64_t mih, int64_t miw, int64_t mjd, int64_t mjh, int64_t mjw) {
+extern "C" __global__ void pim_partition(const PimParams p) {
+    const float* __restrict__ x = p.src;
+    float* __restrict__ t = p.dst;
+    const int64_t C = p.C;
     __shared__ float tile[PIM_TILE][PIM_TILE + 1];  // [channel - c0][voxel - v0]
     __shared__ int64_t rows[PIM_TILE];
-    const int64_t V = D * H * W;
+    const int64_t V = p.size[0] * p.size[1] * p.size[2];
     const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
     const int64_t n = blockIdx.x / tiles, v0 = (blockIdx.x % tiles) * PIM_TILE, c0 = (int64_t)blockIdx.y * PIM_TILE;
     const int tx = threadIdx.x;
-    pim_tile_rows(rows, n, v0, V, H, W, pd, ph, pw, mid, mih, miw, mjd, mjh, mjw);
+    pim_tile_rows(p, rows, n, v0, V);
     // Read along voxels: thread tx takes voxel v0 + tx of channel c0 + cy.
     for (int cy = threadIdx.y; cy < PIM_TILE; cy += PIM_ROWS) {
         const int64_t c = c0 + cy, v = v0 + tx;
@@ -78,16 +79,17 @@ extern "C" __global__ void pim_partition(const float* __restrict__ x, float* __r
 }
 
 // x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch.
-extern "C" __global__ void pim_merge(const float* __restrict__ t, float* __restrict__ x, int64_t C, int64_t D,
-                                     int64_t H, int64_t W, int64_t pd, int64_t ph, int64_t pw, int64_t mid,
-                                     int64_t mih, int64_t miw, int64_t mjd, int64_t mjh, int64_t mjw) {
+extern "C" __global__ void pim_merge(const PimParams p) {
+    const float* __restrict__ t = p.src;
+    float* __restrict__ x = p.dst;
+    const int64_t C = p.C;
     __shared__ float tile[PIM_TILE][PIM_TILE + 1];  // [channel - c0][voxel - v0]
     __shared__ int64_t rows[PIM_TILE];
-    const int64_t V = D * H * W;
+    const int64_t V = p.size[0] * p.size[1] * p.size[2];
     const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
     const int64_t n = blockIdx.x / tiles, v0 = (blockIdx.x % tiles) * PIM_TILE, c0 = (int64_t)blockIdx.y * PIM_TILE;
     const int tx = threadIdx.x;
-    pim_tile_rows(rows, n, v0, V, H, W, pd, ph, pw, mid, mih, miw, mjd, mjh, mjw);
+    pim_tile_rows(p, rows, n, v0, V);
     // Read along channels of each token row.
     for (int vy = threadIdx.y; vy < PIM_TILE; vy += PIM_ROWS) {
         const int64_t c = c0 + tx, v = v0 + vy;
@@ -101,25 +103,32 @@ extern "C" __global__ void pim_merge(const float* __restrict__ t, float* __restr
     }
 }
 
-extern "C" __global__ void copy_rows(const float* __restrict__ src, float* __restrict__ dst, int64_t rows,
-                                     int64_t len, int64_t src_row, int64_t src_off, int64_t dst_row, int64_t dst_off) {
-    FOR_EACH(i, rows * len) {
+extern "C" __global__ void copy_rows(const CopyRowsParams p) {
+    const float* __restrict__ src = p.src;
+    float* __restrict__ dst = p.dst;
+    const int64_t len = p.len;
+    FOR_EACH(i, p.rows * len) {
         const int64_t r = i / len, k = i % len;
-        dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k];
+        dst[r * p.dst_row + p.dst_off + k] = src[r * p.src_row + p.src_off + k];
     }
 }
 
-extern "C" __global__ void narrow_backward(const float* __restrict__ g, float* __restrict__ dx, int64_t rows,
-                                           int64_t K, int64_t start, int64_t len) {
-    FOR_EACH(i, rows * K) {
+// dx = dst (rows x K, K = dst_row), g = src (rows x len), start = dst_off.
+extern "C" __global__ void narrow_backward(const CopyRowsParams p) {
+    const float* __restrict__ g = p.src;
+    float* __restrict__ dx = p.dst;
+    const int64_t K = p.dst_row, start = p.dst_off, len = p.len;
+    FOR_EACH(i, p.rows * K) {
         const int64_t r = i / K, j = i % K - start;
         dx[i] = (j >= 0 && j < len) ? g[r * len + j] : 0.0f;
     }
 }
 
-extern "C" __global__ void flip_seq(const float* __restrict__ x, float* __restrict__ y, int64_t G, int64_t L,
-                                    int64_t C) {
-    FOR_EACH(i, G * L * C) {
+extern "C" __global__ void flip_seq(const FlipParams p) {
+    const float* __restrict__ x = p.x;
+    float* __restrict__ y = p.y;
+    const int64_t L = p.L, C = p.C;
+    FOR_EACH(i, p.G * L * C) {
         const int64_t c = i % C, l = (i / C) % L, g = i / (C * L);
         y[i] = x[(g * L + (L - 1 - l)) * C + c];
     }

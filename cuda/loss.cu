@@ -1,4 +1,5 @@
-// Losses over a feature map of logits x (N, K, V) with V = D*H*W voxels per channel, flat index
+// Losses over a feature map of logits x (N, K, V) with V = D*H*W voxels per channel (parameters: LossParams of
+// loss.cuh), flat index
 // x[(n*K + k)*V + v], and a label map t (N, 1, V) holding class indices as floats, flat index t[n*V + v].
 // Consecutive threads take consecutive voxels v, so every read of a class row is coalesced. Per voxel, with
 // m = max_k x_k and s = sum_k e^(x_k - m), the softmax is p_k = e^(x_k - m) / s.
@@ -24,6 +25,7 @@
 //   dice_partial_sums      4 (K + 1) bytes, about 8K FLOPs      dice_backward           4 (2K + 1) bytes, about 12K
 //   argmax_classes         4 (K + 1) bytes, K - 1 comparisons   (loss_sum_partials, dice_finish: one block, tiny)
 #include "common.cuh"
+#include "loss.cuh"
 
 __device__ __forceinline__ float nan_flag() { return __int_as_float(0x7fc00000); }
 
@@ -44,7 +46,11 @@ __device__ __forceinline__ void softmax_stats(const float* x, int64_t V, int K, 
 
 // out[0] = scale * sum_i partial[i], by one block of threads: thread j adds partial[j], partial[j + blockDim], ...
 // in order, then block_sum adds the threads' sums in a fixed tree.
-extern "C" __global__ void loss_sum_partials(const float* partial, int64_t count, float scale, float* out) {
+extern "C" __global__ void loss_sum_partials(const LossParams args) {
+    const float* partial = args.partial;
+    const int64_t count = args.blocks;
+    const float scale = args.scale;
+    float* out = args.out;
     __shared__ float scratch[32];
     float acc = 0.0f;
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
@@ -53,8 +59,12 @@ extern "C" __global__ void loss_sum_partials(const float* partial, int64_t count
 }
 
 // partial[block] = sum of loss_v over the voxels this block visits (grid-stride over all N*V voxels).
-extern "C" __global__ void cross_entropy_partial(const float* x, const float* t, float* partial, int64_t NV,
-                                                 int64_t V, int K) {
+extern "C" __global__ void cross_entropy_partial(const LossParams args) {
+    const float* x = args.x;
+    const float* t = args.t;
+    float* partial = args.partial;
+    const int64_t NV = args.NV, V = args.V;
+    const int K = args.K;
     __shared__ float scratch[32];
     float acc = 0.0f;
     FOR_EACH(i, NV) {
@@ -70,8 +80,14 @@ extern "C" __global__ void cross_entropy_partial(const float* x, const float* t,
 }
 
 // dx_kv = g[0] * inv_count * (p_kv - [k == t_v]), one thread per voxel writing all K classes.
-extern "C" __global__ void cross_entropy_backward(const float* x, const float* t, const float* g, float* dx,
-                                                  int64_t NV, int64_t V, int K, float inv_count) {
+extern "C" __global__ void cross_entropy_backward(const LossParams args) {
+    const float* x = args.x;
+    const float* t = args.t;
+    const float* g = args.g;
+    float* dx = args.out;
+    const int64_t NV = args.NV, V = args.V;
+    const int K = args.K;
+    const float inv_count = args.scale;
     float scale = g[0] * inv_count;
     FOR_EACH(i, NV) {
         int64_t n = i / V, v = i - n * V;
@@ -92,7 +108,12 @@ extern "C" __global__ void cross_entropy_backward(const float* x, const float* t
 // every row r is reduced with block_sum into
 //   partial[((n * gridDim.x + blockIdx.x) * (K - 1) + k - 1) * 3 + q].
 // A bad label adds NaN to I of class 1 of its sample.
-extern "C" __global__ void dice_partial_sums(const float* x, const float* t, float* partial, int64_t V, int K) {
+extern "C" __global__ void dice_partial_sums(const LossParams args) {
+    const float* x = args.x;
+    const float* t = args.t;
+    float* partial = args.partial;
+    const int64_t V = args.V;
+    const int K = args.K;
     extern __shared__ float acc[];
     __shared__ float scratch[32];
     const int B = blockDim.x, tid = threadIdx.x, rows = 3 * (K - 1);
@@ -127,8 +148,12 @@ extern "C" __global__ void dice_partial_sums(const float* x, const float* t, flo
 // One block: for every group j (batch_dice: j = k - 1 over all samples; else j = n (K - 1) + k - 1) adds the
 // partials of its samples in order (sample-major, then block), forms D_j and dc_j into stats[2j], stats[2j + 1],
 // and writes loss[0] = -(1/M) sum_j dc_j, summed by thread 0 in group order. F = K - 1; nb = blocks per sample.
-extern "C" __global__ void dice_finish(const float* partial, float* stats, float* loss, int N, int F, int nb,
-                                       int batch_dice, float smooth, float floor_) {
+extern "C" __global__ void dice_finish(const LossParams args) {
+    const float* partial = args.partial;
+    float* stats = args.stats_out;
+    float* loss = args.out;
+    const int N = args.N, F = args.K - 1, nb = (int)args.blocks, batch_dice = args.batch_dice;
+    const float smooth = args.smooth, floor_ = args.floor_;
     __shared__ float scratch[32];
     const int M = batch_dice ? F : N * F;
     float dc_sum = 0.0f;
@@ -159,8 +184,15 @@ extern "C" __global__ void dice_finish(const float* partial, float* stats, float
 
 // dx_cv = p_cv (a_cv - sum_k p_kv a_kv), one thread per voxel; stats holds (dc_j, D_j) per group as written by
 // dice_finish and inv_groups = 1/M.
-extern "C" __global__ void dice_backward(const float* x, const float* t, const float* stats, const float* g,
-                                         float* dx, int64_t NV, int64_t V, int K, int batch_dice, float inv_groups) {
+extern "C" __global__ void dice_backward(const LossParams args) {
+    const float* x = args.x;
+    const float* t = args.t;
+    const float* stats = args.stats;
+    const float* g = args.g;
+    float* dx = args.out;
+    const int64_t NV = args.NV, V = args.V;
+    const int K = args.K, batch_dice = args.batch_dice;
+    const float inv_groups = args.scale;
     const float gs = g[0] * inv_groups;
     FOR_EACH(i, NV) {
         int64_t n = i / V, v = i - n * V;
@@ -189,7 +221,11 @@ extern "C" __global__ void dice_backward(const float* x, const float* t, const f
 }
 
 // y[n*V + v] = argmax over k of x[(n*K + k)*V + v] as a float, ties and NaN handled as the CPU scan does.
-extern "C" __global__ void argmax_classes(const float* x, float* y, int64_t NV, int64_t V, int K) {
+extern "C" __global__ void argmax_classes(const LossParams args) {
+    const float* x = args.x;
+    float* y = args.out;
+    const int64_t NV = args.NV, V = args.V;
+    const int K = args.K;
     FOR_EACH(i, NV) {
         int64_t n = i / V, v = i - n * V;
         const float* xv = x + n * K * V + v;

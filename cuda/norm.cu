@@ -1,4 +1,5 @@
 // Normalisation kernels: InstanceNorm over the spatial axes of each (n, c) plane, LayerNorm over the last axis.
+// Parameters (InstanceNormParams, LayerNormParams, NormSumRowsParams) and the block sizes: norm.cuh.
 //
 // InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of
 // IN_CHUNK = IN_THREADS * IN_ITEMS voxels; chunk k holds voxels [k*IN_CHUNK, k*IN_CHUNK + n_k), n_k = min(IN_CHUNK,
@@ -44,10 +45,7 @@
 //                         15 FLOPs
 #include "common.cuh"
 
-#define IN_THREADS 256
-#define IN_ITEMS 8
-#define IN_CHUNK (IN_THREADS * IN_ITEMS)
-#define LN_PARAM_SUBROWS 8
+#include "norm.cuh"
 
 // Sum over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float norm_warp_sum(float v) {
@@ -64,8 +62,11 @@ __device__ __forceinline__ int64_t in_chunk_count(int64_t v, int64_t k) {
 // ---------------------------------------------------------------------------------------------------------------
 // InstanceNorm. Launch the chunk kernels with IN_THREADS threads and planes * chunks blocks.
 
-extern "C" __global__ void instance_norm_chunk_moments(const float* x, float* chunk_mean, float* chunk_m2, int64_t v,
-                                                       int64_t chunks) {
+extern "C" __global__ void instance_norm_chunk_moments(const InstanceNormParams args) {
+    const float* x = args.x;
+    float* chunk_mean = args.chunk_mean;
+    float* chunk_m2 = args.chunk_m2;
+    const int64_t v = args.V, chunks = args.chunks;
     __shared__ float scratch[32];
     const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
     const int64_t n = in_chunk_count(v, k);
@@ -95,8 +96,13 @@ extern "C" __global__ void instance_norm_chunk_moments(const float* x, float* ch
 }
 
 // One block (any multiple of 32 threads) per plane.
-extern "C" __global__ void instance_norm_combine(const float* chunk_mean, const float* chunk_m2, float* mean,
-                                                 float* rstd, int64_t v, int64_t chunks, float eps) {
+extern "C" __global__ void instance_norm_combine(const InstanceNormParams args) {
+    const float* chunk_mean = args.chunk_mean;
+    const float* chunk_m2 = args.chunk_m2;
+    float* mean = args.mean_out;
+    float* rstd = args.rstd_out;
+    const int64_t v = args.V, chunks = args.chunks;
+    const float eps = args.eps;
     __shared__ float scratch[32];
     const int64_t p = blockIdx.x;
     const float* cm = chunk_mean + p * chunks;
@@ -117,9 +123,14 @@ extern "C" __global__ void instance_norm_combine(const float* chunk_mean, const 
     }
 }
 
-extern "C" __global__ void instance_norm_apply(const float* x, const float* mean, const float* rstd,
-                                               const float* gamma, const float* beta, float* y, int64_t v, int64_t c,
-                                               int64_t chunks) {
+extern "C" __global__ void instance_norm_apply(const InstanceNormParams args) {
+    const float* x = args.x;
+    const float* mean = args.mean;
+    const float* rstd = args.rstd;
+    const float* gamma = args.gamma;
+    const float* beta = args.beta;
+    float* y = args.out;
+    const int64_t v = args.V, c = args.C, chunks = args.chunks;
     const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
     const int64_t n = in_chunk_count(v, k);
     const int64_t base = p * v + k * IN_CHUNK;
@@ -131,9 +142,14 @@ extern "C" __global__ void instance_norm_apply(const float* x, const float* mean
     }
 }
 
-extern "C" __global__ void instance_norm_chunk_grad_sums(const float* x, const float* g, const float* mean,
-                                                         const float* rstd, float* chunk_g, float* chunk_gx,
-                                                         int64_t v, int64_t chunks) {
+extern "C" __global__ void instance_norm_chunk_grad_sums(const InstanceNormParams args) {
+    const float* x = args.x;
+    const float* g = args.g;
+    const float* mean = args.mean;
+    const float* rstd = args.rstd;
+    float* chunk_g = args.chunk_g;
+    float* chunk_gx = args.chunk_gx;
+    const int64_t v = args.V, chunks = args.chunks;
     __shared__ float scratch[32];
     const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
     const int64_t n = in_chunk_count(v, k);
@@ -157,10 +173,16 @@ extern "C" __global__ void instance_norm_chunk_grad_sums(const float* x, const f
     }
 }
 
-extern "C" __global__ void instance_norm_backward_dx(const float* x, const float* g, const float* mean,
-                                                     const float* rstd, const float* gamma, const float* sum_g,
-                                                     const float* sum_gx, float* dx, int64_t v, int64_t c,
-                                                     int64_t chunks) {
+extern "C" __global__ void instance_norm_backward_dx(const InstanceNormParams args) {
+    const float* x = args.x;
+    const float* g = args.g;
+    const float* mean = args.mean;
+    const float* rstd = args.rstd;
+    const float* gamma = args.gamma;
+    const float* sum_g = args.sum_g;
+    const float* sum_gx = args.sum_gx;
+    float* dx = args.out;
+    const int64_t v = args.V, c = args.C, chunks = args.chunks;
     const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
     const int64_t n = in_chunk_count(v, k);
     const int64_t base = p * v + k * IN_CHUNK;
@@ -178,8 +200,12 @@ extern "C" __global__ void instance_norm_backward_dx(const float* x, const float
 }
 
 // One thread per channel (grid-stride); sum_g and sum_gx are (N, C).
-extern "C" __global__ void instance_norm_param_grads(const float* sum_g, const float* sum_gx, float* dgamma,
-                                                     float* dbeta, int64_t n, int64_t c) {
+extern "C" __global__ void instance_norm_param_grads(const InstanceNormParams args) {
+    const float* sum_g = args.sum_g;
+    const float* sum_gx = args.sum_gx;
+    float* dgamma = args.dgamma;
+    float* dbeta = args.dbeta;
+    const int64_t n = args.N, c = args.C;
     FOR_EACH(ch, c) {
         float a = 0.0f, s = 0.0f;
         for (int64_t i = 0; i < n; i++) {
@@ -194,8 +220,15 @@ extern "C" __global__ void instance_norm_param_grads(const float* sum_g, const f
 // ---------------------------------------------------------------------------------------------------------------
 // LayerNorm. The row kernels take blockDim.x a multiple of 32; a warp past the last row exits as a whole.
 
-extern "C" __global__ void layer_norm_forward(const float* x, const float* gamma, const float* beta, float* y,
-                                              float* mean, float* rstd, int64_t rows, int64_t c, float eps) {
+extern "C" __global__ void layer_norm_forward(const LayerNormParams p) {
+    const float* x = p.x;
+    const float* gamma = p.gamma;
+    const float* beta = p.beta;
+    float* y = p.out;
+    float* mean = p.mean_out;
+    float* rstd = p.rstd_out;
+    const int64_t rows = p.rows, c = p.C;
+    const float eps = p.eps;
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -218,9 +251,14 @@ extern "C" __global__ void layer_norm_forward(const float* x, const float* gamma
     }
 }
 
-extern "C" __global__ void layer_norm_backward_dx(const float* x, const float* g, const float* mean,
-                                                  const float* rstd, const float* gamma, float* dx, int64_t rows,
-                                                  int64_t c) {
+extern "C" __global__ void layer_norm_backward_dx(const LayerNormParams p) {
+    const float* x = p.x;
+    const float* g = p.g;
+    const float* mean = p.mean;
+    const float* rstd = p.rstd;
+    const float* gamma = p.gamma;
+    float* dx = p.out;
+    const int64_t rows = p.rows, c = p.C;
     const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -242,9 +280,14 @@ extern "C" __global__ void layer_norm_backward_dx(const float* x, const float* g
 }
 
 // Block (32, LN_PARAM_SUBROWS); grid (row blocks, ceil(c / 32)). Writes Pgamma, Pbeta as (c, row blocks).
-extern "C" __global__ void layer_norm_param_partials(const float* x, const float* g, const float* mean,
-                                                     const float* rstd, float* pgamma, float* pbeta, int64_t rows,
-                                                     int64_t c, int64_t rows_per_block) {
+extern "C" __global__ void layer_norm_param_partials(const LayerNormParams p) {
+    const float* x = p.x;
+    const float* g = p.g;
+    const float* mean = p.mean;
+    const float* rstd = p.rstd;
+    float* pgamma = p.pgamma;
+    float* pbeta = p.pbeta;
+    const int64_t rows = p.rows, c = p.C, rows_per_block = p.rows_per_block;
     __shared__ float sh_gx[LN_PARAM_SUBROWS][32];
     __shared__ float sh_g[LN_PARAM_SUBROWS][32];
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -278,13 +321,13 @@ extern "C" __global__ void layer_norm_param_partials(const float* x, const float
 
 // One kernel name per use: the instance norm's per-plane chunk sums and the layer norm's per-channel partials.
 #define NORM_SUM_ROWS_KERNEL(NAME)                                                                                 \
-    extern "C" __global__ void NAME(const float* a, float* out, int64_t len) {                                     \
+    extern "C" __global__ void NAME(const NormSumRowsParams p) {                                                   \
         __shared__ float scratch[32];                                                                              \
-        const float* row = a + (int64_t)blockIdx.x * len;                                                          \
+        const float* row = p.a + (int64_t)blockIdx.x * p.len;                                                      \
         float s = 0.0f;                                                                                            \
-        for (int64_t j = threadIdx.x; j < len; j += blockDim.x) s += row[j];                                       \
+        for (int64_t j = threadIdx.x; j < p.len; j += blockDim.x) s += row[j];                                     \
         s = block_sum(s, scratch);                                                                                 \
-        if (threadIdx.x == 0) out[blockIdx.x] = s;                                                                 \
+        if (threadIdx.x == 0) p.out[blockIdx.x] = s;                                                               \
     }
 NORM_SUM_ROWS_KERNEL(instance_norm_sum_chunks)
 NORM_SUM_ROWS_KERNEL(layer_norm_sum_partials)

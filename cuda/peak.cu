@@ -1,6 +1,6 @@
 // Ceilings for `lkm-engine profile`, measured on the card it runs on:
 //
-//   peak_mma_bf16: every warp issues `iters` rounds of 4 independent bf16 tensor-core products
+//   peak_mma_bf16 (PeakParams, peak.cuh): every warp issues `iters` rounds of 4 independent bf16 tensor-core products
 //                  (mma.sync m16n8k16, float32 accumulation) on register operands, so nothing but the tensor pipe
 //                  limits it. FLOPs = blocks * warps per block * iters * 4 * (2 * 16 * 8 * 16). One float per thread
 //                  is written so that the products are not optimised away.
@@ -10,13 +10,14 @@
 //
 // Cost per thread: iters * 4 * 4096 FLOPs and 4 bytes (the float written); nothing is read from memory.
 #include "common.cuh"
+#include "peak.cuh"
 
-extern "C" __global__ void __launch_bounds__(256) peak_mma_bf16(float* out, int iters) {
+extern "C" __global__ void __launch_bounds__(PEAK_THREADS) peak_mma_bf16(const PeakParams p) {
     // Arbitrary operand bits that depend on the thread, so the compiler cannot fold the products.
     const unsigned seed = 0x3f803f80u ^ (threadIdx.x * 0x00010001u);
     const unsigned a0 = seed, a1 = seed ^ 1u, a2 = seed ^ 2u, a3 = seed ^ 3u, b0 = seed ^ 4u, b1 = seed ^ 5u;
     float acc[4][4] = {};
-    for (int i = 0; i < iters; ++i) {
+    for (int i = 0; i < p.iters; ++i) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             asm volatile(
@@ -29,5 +30,5 @@ extern "C" __global__ void __launch_bounds__(256) peak_mma_bf16(float* out, int 
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) s += acc[j][0] + acc[j][1] + acc[j][2] + acc[j][3];
-    out[(int64_t)blockIdx.x * blockDim.x + threadIdx.x] = s;
+    p.out[(int64_t)blockIdx.x * blockDim.x + threadIdx.x] = s;
 }

@@ -11,8 +11,8 @@
 //   backward (one thread per input element):   dx[p, jd, jh, jw] = sum_{a<fd, b<fh, e<fw}
 //                                                   g[p, jd*fd + a, jh*fh + b, jw*fw + e]   (in that loop order)
 //
-// Every thread writes its own element from a gather, so there are no atomics and no races; consecutive threads take
-// consecutive elements of the written tensor.
+// All four take PoolParams (pool.cuh). Every thread writes its own element from a gather, so there are no atomics
+// and no races; consecutive threads take consecutive elements of the written tensor.
 //
 // Cost (bytes: least traffic, 4 per float; FLOPs: adds and divisions count one each; see src/ops/mod.rs), with
 // k = kd kh kw and f = fd fh fw:
@@ -21,21 +21,26 @@
 //   upsample_nearest_forward    4 (1 + 1/f) bytes and no FLOPs per output voxel
 //   upsample_nearest_backward   4 (1 + 1/f) bytes and 1 FLOP per output-gradient voxel
 #include "common.cuh"
+#include "pool.cuh"
 
 __device__ __forceinline__ int64_t pool_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-extern "C" __global__ void avg_pool_forward(const float* x, float* y, int64_t total, int64_t d, int64_t h, int64_t w,
-                                            int64_t od, int64_t oh, int64_t ow, int64_t kd, int64_t kh, int64_t kw) {
-    FOR_EACH(i, total) {
+extern "C" __global__ void avg_pool_forward(const PoolParams p) {
+    const float* x = p.src;
+    float* y = p.dst;
+    const int64_t d = p.in_size[0], h = p.in_size[1], w = p.in_size[2];
+    const int64_t od = p.out_size[0], oh = p.out_size[1], ow = p.out_size[2];
+    const int64_t kd = p.factor[0], kh = p.factor[1], kw = p.factor[2];
+    FOR_EACH(i, p.total) {
         int64_t q = i;
         const int64_t zw = q % ow; q /= ow;
         const int64_t zh = q % oh; q /= oh;
         const int64_t zd = q % od;
-        const int64_t p = q / od;
+        const int64_t pl = q / od;
         const int64_t d0 = zd * kd, d1 = pool_min(d0 + kd, d);
         const int64_t h0 = zh * kh, h1 = pool_min(h0 + kh, h);
         const int64_t w0 = zw * kw, w1 = pool_min(w0 + kw, w);
-        const float* xp = x + p * d * h * w;
+        const float* xp = x + pl * d * h * w;
         float s = 0.0f;
         for (int64_t a = d0; a < d1; a++)
             for (int64_t b = h0; b < h1; b++) {
@@ -46,47 +51,56 @@ extern "C" __global__ void avg_pool_forward(const float* x, float* y, int64_t to
     }
 }
 
-extern "C" __global__ void avg_pool_backward(const float* g, float* dx, int64_t total, int64_t d, int64_t h,
-                                             int64_t w, int64_t od, int64_t oh, int64_t ow, int64_t kd, int64_t kh,
-                                             int64_t kw) {
-    FOR_EACH(i, total) {
+extern "C" __global__ void avg_pool_backward(const PoolParams p) {
+    const float* g = p.src;
+    float* dx = p.dst;
+    const int64_t d = p.in_size[0], h = p.in_size[1], w = p.in_size[2];
+    const int64_t od = p.out_size[0], oh = p.out_size[1], ow = p.out_size[2];
+    const int64_t kd = p.factor[0], kh = p.factor[1], kw = p.factor[2];
+    FOR_EACH(i, p.total) {
         int64_t q = i;
         const int64_t zw = q % w; q /= w;
         const int64_t zh = q % h; q /= h;
         const int64_t zd = q % d;
-        const int64_t p = q / d;
+        const int64_t pl = q / d;
         const int64_t jd = zd / kd, jh = zh / kh, jw = zw / kw;
         const int64_t cnt = pool_min(kd, d - jd * kd) * pool_min(kh, h - jh * kh) * pool_min(kw, w - jw * kw);
-        dx[i] = g[((p * od + jd) * oh + jh) * ow + jw] / (float)cnt;
+        dx[i] = g[((pl * od + jd) * oh + jh) * ow + jw] / (float)cnt;
     }
 }
 
-extern "C" __global__ void upsample_nearest_forward(const float* x, float* y, int64_t total, int64_t d, int64_t h,
-                                                    int64_t w, int64_t fd, int64_t fh, int64_t fw) {
-    const int64_t od = d * fd, oh = h * fh, ow = w * fw;
-    FOR_EACH(i, total) {
+extern "C" __global__ void upsample_nearest_forward(const PoolParams p) {
+    const float* x = p.src;
+    float* y = p.dst;
+    const int64_t d = p.in_size[0], h = p.in_size[1], w = p.in_size[2];
+    const int64_t od = p.out_size[0], oh = p.out_size[1], ow = p.out_size[2];
+    const int64_t fd = p.factor[0], fh = p.factor[1], fw = p.factor[2];
+    FOR_EACH(i, p.total) {
         int64_t q = i;
         const int64_t zw = q % ow; q /= ow;
         const int64_t zh = q % oh; q /= oh;
         const int64_t zd = q % od;
-        const int64_t p = q / od;
-        y[i] = x[((p * d + zd / fd) * h + zh / fh) * w + zw / fw];
+        const int64_t pl = q / od;
+        y[i] = x[((pl * d + zd / fd) * h + zh / fh) * w + zw / fw];
     }
 }
 
-extern "C" __global__ void upsample_nearest_backward(const float* g, float* dx, int64_t total, int64_t d, int64_t h,
-                                                     int64_t w, int64_t fd, int64_t fh, int64_t fw) {
-    const int64_t od = d * fd, oh = h * fh, ow = w * fw;
-    FOR_EACH(i, total) {
+extern "C" __global__ void upsample_nearest_backward(const PoolParams p) {
+    const float* g = p.src;
+    float* dx = p.dst;
+    const int64_t d = p.in_size[0], h = p.in_size[1], w = p.in_size[2];
+    const int64_t od = p.out_size[0], oh = p.out_size[1], ow = p.out_size[2];
+    const int64_t fd = p.factor[0], fh = p.factor[1], fw = p.factor[2];
+    FOR_EACH(i, p.total) {
         int64_t q = i;
         const int64_t jw = q % w; q /= w;
         const int64_t jh = q % h; q /= h;
         const int64_t jd = q % d;
-        const int64_t p = q / d;
+        const int64_t pl = q / d;
         float s = 0.0f;
         for (int64_t a = 0; a < fd; a++)
             for (int64_t b = 0; b < fh; b++) {
-                const float* grow = g + ((p * od + jd * fd + a) * oh + jh * fh + b) * ow + jw * fw;
+                const float* grow = g + ((pl * od + jd * fd + a) * oh + jh * fh + b) * ow + jw * fw;
                 for (int64_t e = 0; e < fw; e++) s += grow[e];
             }
         dx[i] = s;

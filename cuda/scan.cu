@@ -7,7 +7,9 @@
 //   dt_t = softplus(delta_t + delta_bias[d]),   dA_t[n] = exp(dt_t A[n]) = exp2(dt_t A[n] log2 e)
 //   h_t[n] = dA_t[n] h_{t-1}[n] + dt_t B_t[n] u_t,   s_t = sum_n C_t[n] h_t[n] + D[d] u_t,   y_t = s_t SiLU(z_t)
 //
-// Chunks. Sequences are cut into chunks of T tokens (the host passes T, a multiple of the backward's sub-chunk SUB).
+// Parameters: ScanParams and the constants below, in scan.cuh.
+//
+// Chunks. Sequences are cut into chunks of T = SCAN_CHUNK tokens (a multiple of the backward's sub-chunk SUB).
 // The states at the start of every chunk, states (G, nc, D, N) with nc = ceil(L / T), are all the backward needs to
 // recompute any part of the sequence; the full history (G, L, D, N) is never stored. A block processes a group of
 // cpb consecutive chunks (cpb chosen by the host; groups = ceil(nc / cpb)).
@@ -21,7 +23,7 @@
 //        sum_dt (G, nc, D); no output;
 //     2. scan_chunk_combine: per (g, d, n), in chunk order, in[c + 1] = exp(A sum_dt[c]) in[c] + end[c], written over
 //        states, which then hold every chunk's true initial state;
-//     3. scan_forward from those initial states (has_init = 1), writing y.
+//     3. scan_forward from those initial states (h_init = states), writing y.
 //
 // Forward threads: one thread per (g, d) and group, its N states in registers (NMAX = 16 or 32, unused states padded
 // with A = 0, B = C = 0 so they stay 0). Consecutive threads take consecutive channels d, so the loads of u, delta, z
@@ -68,10 +70,11 @@
 // At the PiM stage-0 shapes of the 3D reference (N = 16, D = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte:
 // bound by memory and by the exponentials.
 #include "common.cuh"
+#include "scan.cuh"
 
 #define SCAN_LOG2E 1.4426950408889634f
-#define SCAN_STAGE 32  // forward: tokens of B and C staged in shared memory at a time
 #define FULL_MASK 0xffffffffu
+static_assert(SCAN_CHUNK % SCAN_BWD_SUB == 0, "a chunk is a whole number of backward sub-chunks");
 
 // One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x. SUMMARY (cpb = 1): from h = 0, leaves the
 // chunk's end state and sum of dt. Otherwise: from h_init of the group's first chunk (or 0), writes y, and with
@@ -150,30 +153,33 @@ __device__ __forceinline__ void scan_forward_group(const float* __restrict__ u, 
     }
 }
 
-// Grid (G * groups, ceil(D / blockDim.x)), blockDim.x <= 128. summary = 1: pass 1 (y, C, z, d_skip, h_init unused);
-// summary = 0: y from h_init (when has_init) or from 0, chunk-start states stored when record (sum_dt unused).
+// Grid (G * groups, ceil(D / blockDim.x)), blockDim.x <= SCAN_FWD_THREADS. summary = 1: pass 1 (y, C, z, d_skip,
+// h_init unused; writes chunk_states and chunk_dt); summary = 0: y from h_init (when not null) or from 0, chunk-start
+// states stored in chunk_states when record (chunk_dt unused).
 #define SCAN_FORWARD_KERNEL(NAME, NMAX)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                                        \
-        const float* u, const float* delta, const float* a_log, const float* bmat, const float* cmat,              \
-        const float* d_skip, const float* z, const float* delta_bias, const float* h_init, int has_init, float* y, \
-        float* states, float* sum_dt, int record, int64_t L, int64_t D, int N, int64_t T, int64_t cpb,             \
-        int summary) {                                                                                             \
-        if (summary)                                                                                               \
-            scan_forward_group<NMAX, true>(u, delta, a_log, bmat, cmat, d_skip, z, delta_bias, h_init, has_init,   \
-                                           y, states, sum_dt, record, L, D, N, T, cpb);                            \
+    extern "C" __global__ void __launch_bounds__(SCAN_FWD_THREADS) NAME(const ScanParams p) {                      \
+        if (p.summary)                                                                                             \
+            scan_forward_group<NMAX, true>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,  \
+                                           p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L,    \
+                                           p.D, p.N, SCAN_CHUNK, p.cpb);                                           \
         else                                                                                                       \
-            scan_forward_group<NMAX, false>(u, delta, a_log, bmat, cmat, d_skip, z, delta_bias, h_init, has_init,  \
-                                            y, states, sum_dt, record, L, D, N, T, cpb);                           \
+            scan_forward_group<NMAX, false>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init, \
+                                            p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L,   \
+                                            p.D, p.N, SCAN_CHUNK, p.cpb);                                          \
     }
 SCAN_FORWARD_KERNEL(scan_forward_n16, 16)
 SCAN_FORWARD_KERNEL(scan_forward_n32, 32)
 
-// Per (g, d, n), over the chunks in order (reverse = 0) or backwards (reverse = 1): on entry states[c] holds the
-// chunk's own contribution (end state from 0, or carry-out from 0); on exit it holds what enters the chunk,
-//   in[first] = 0,   in[next] = exp(A[n] sum_dt[c]) in[c] + own[c].
-extern "C" __global__ void scan_chunk_combine(float* __restrict__ states, const float* __restrict__ sum_dt,
-                                              const float* __restrict__ a_log, int64_t G, int64_t nc, int64_t D,
-                                              int N, int reverse) {
+// Per (g, d, n), over the chunks in order (reverse = 0) or backwards (reverse = 1): on entry states[c]
+// (chunk_states) holds the chunk's own contribution (end state from 0, or carry-out from 0); on exit it holds what
+// enters the chunk,
+//   in[first] = 0,   in[next] = exp(A[n] sum_dt[c]) in[c] + own[c]        (sum_dt: chunk_dt).
+extern "C" __global__ void scan_chunk_combine(const ScanParams p) {
+    float* __restrict__ states = p.chunk_states;
+    const float* __restrict__ sum_dt = p.chunk_dt;
+    const float* __restrict__ a_log = p.a_log;
+    const int64_t G = p.G, nc = (p.L + SCAN_CHUNK - 1) / SCAN_CHUNK, D = p.D;
+    const int N = p.N, reverse = p.reverse;
     FOR_EACH(i, G * D * N) {
         const int64_t n = i % N, d = (i / N) % D, g = i / (N * D);
         const float a = -expf(a_log[d * N + n]);
@@ -189,13 +195,19 @@ extern "C" __global__ void scan_chunk_combine(float* __restrict__ states, const 
 }
 
 // Per (g, chunk, d, n): the adjoint carry leaving the chunk at its first token when none enters at its end,
-// x <- dA_t (x + C_t[n] q_t) for t from the chunk's last token down to its first, into carry (G, nc, D, N); and the
-// chunk's sum of dt into sum_dt (G, nc, D) (written by the n = 0 thread).
-extern "C" __global__ void scan_backward_carry(const float* __restrict__ delta, const float* __restrict__ a_log,
-                                               const float* __restrict__ cmat, const float* __restrict__ z,
-                                               const float* __restrict__ delta_bias, const float* __restrict__ gy,
-                                               float* __restrict__ carry, float* __restrict__ sum_dt, int64_t G,
-                                               int64_t L, int64_t D, int N, int64_t T) {
+// x <- dA_t (x + C_t[n] q_t) for t from the chunk's last token down to its first, into carry (G, nc, D, N)
+// (chunk_states); and the chunk's sum of dt into sum_dt (G, nc, D) (chunk_dt, written by the n = 0 thread).
+extern "C" __global__ void scan_backward_carry(const ScanParams p) {
+    const float* __restrict__ delta = p.delta;
+    const float* __restrict__ a_log = p.a_log;
+    const float* __restrict__ cmat = p.c;
+    const float* __restrict__ z = p.z;
+    const float* __restrict__ delta_bias = p.delta_bias;
+    const float* __restrict__ gy = p.gy;
+    float* __restrict__ carry = p.chunk_states;
+    float* __restrict__ sum_dt = p.chunk_dt;
+    const int64_t G = p.G, L = p.L, D = p.D, T = SCAN_CHUNK;
+    const int N = p.N;
     const int64_t nc = (L + T - 1) / T;
     FOR_EACH(i, G * nc * D * N) {
         const int64_t n = i % N, d = (i / N) % D, gc = i / (N * D), g = gc / nc, c = gc % nc;
@@ -214,10 +226,6 @@ extern "C" __global__ void scan_backward_carry(const float* __restrict__ delta, 
         if (n == 0) sum_dt[gc * D + d] = dt_sum;
     }
 }
-
-#define SCAN_BWD_THREADS 128
-#define SCAN_BWD_SUB 8  // tokens per sub-chunk: states recomputed into registers, per-token values staged
-#define SCAN_BWD_R 4    // states per lane
 
 // Shared memory of scan_backward in floats (the host computes the same, selective_scan.rs): staged dt, u, q,
 // gy SiLU'(z), softplus' [SUB][CH] each; B, C rows [SUB][NP] each; sums over n [SUB][CH][3]; per-warp dB | dC sums
@@ -476,17 +484,14 @@ __device__ __forceinline__ void scan_backward_group(
     }
 }
 
-// Grid (G * groups), SCAN_BWD_THREADS threads, dynamic shared memory as above. has_init: h_init holds the saved
-// chunk-start states (else every chunk starts from 0, valid for a single chunk); has_carry: carry_in holds the carry
-// entering each chunk from the right (needed when a sequence spans several groups).
+// Grid (G * groups), SCAN_BWD_THREADS threads, dynamic shared memory as above. h_init (when not null) holds the
+// saved chunk-start states (else every chunk starts from 0, valid for a single chunk); carry_in (when not null) holds
+// the carry entering each chunk from the right (needed when a sequence spans several groups).
 #define SCAN_BACKWARD_KERNEL(NAME, NP)                                                                               \
-    extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) NAME(                                           \
-        const float* u, const float* delta, const float* a_log, const float* bmat, const float* cmat,              \
-        const float* d_skip, const float* z, const float* delta_bias, const float* gy, const float* h_init,        \
-        int has_init, const float* carry_in, int has_carry, float* du, float* ddelta, float* dz, float* db,        \
-        float* dc, float* part, int64_t L, int64_t D, int N, int64_t T, int64_t cpb, int acc_rows) {               \
-        scan_backward_group<NP>(u, delta, a_log, bmat, cmat, d_skip, z, delta_bias, gy, h_init, has_init,          \
-                                carry_in, has_carry, du, ddelta, dz, db, dc, part, L, D, N, T, cpb, acc_rows);     \
+    extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) NAME(const ScanParams p) {                      \
+        scan_backward_group<NP>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.gy, p.h_init,      \
+                                p.h_init != nullptr, p.carry_in, p.carry_in != nullptr, p.du, p.ddelta, p.dz,      \
+                                p.db, p.dc, p.part, p.L, p.D, p.N, SCAN_CHUNK, p.cpb, p.acc_rows);                 \
     }
 SCAN_BACKWARD_KERNEL(scan_backward_n16, 16)
 SCAN_BACKWARD_KERNEL(scan_backward_n32, 32)

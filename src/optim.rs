@@ -46,8 +46,9 @@
 //! ```
 
 use crate::device::cuda::{driver_err, grid_1d, GpuBuffer};
+use crate::device::params::{kernel, MutPtr, OptimParams};
 use crate::tensor::{Real, Storage, Tensor};
-use crate::{bail, by_dtype, ensure, launch, Error, Result};
+use crate::{bail, by_dtype, ensure, Error, Result};
 
 /// nnU-Net's initial learning rate.
 pub const DEFAULT_LR: f64 = 1e-2;
@@ -184,15 +185,20 @@ fn update_gpu(param: &mut Tensor, grad: &Tensor, buf: &mut Option<Tensor>, [lr, 
     };
     let b = gpu_mut(buf)?;
     let p = gpu_mut(param)?;
-    let (n, first) = (shape.iter().product::<usize>() as i64, first as i32);
-    let (lr, mu, wd) = (lr as f32, mu as f32, wd as f32);
-    launch!(
-        gpu,
-        "sgd_nesterov_step",
-        grid_1d(n as usize),
-        format!("Sgd::step {shape:?}"),
-        [&mut p.slice, &g.slice, &mut b.slice, &n, &lr, &mu, &wd, &first]
-    )
+    let n = shape.iter().product::<usize>();
+    let params = OptimParams {
+        param: p.ptr_mut(),
+        grad: g.ptr(),
+        buf: b.ptr_mut(),
+        partial: MutPtr::NULL,
+        n: n as i64,
+        lr: lr as f32,
+        mu: mu as f32,
+        wd: wd as f32,
+        first: first as i32,
+        scale: 1.0,
+    };
+    gpu.launch(kernel::sgd_nesterov_step, grid_1d(n), &params, &format!("Sgd::step {shape:?}"))
 }
 
 /// The device buffer of an unshared GPU tensor, for writing.
@@ -308,20 +314,18 @@ fn sum_squares_gpu(grads: &[Tensor], first_gpu: usize) -> Result<Vec<f64>> {
     let mut offset = 0;
     for (i, (g, &nb)) in grads.iter().zip(&blocks).enumerate() {
         let b = g.gpu_buffer().ok_or_else(|| not_on_gpu(i))?;
-        let n = g.numel() as i64;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (nb as u32, 1, 1),
             block_dim: (SQUARES_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut out = partial.slice_mut(offset..offset + nb);
-        launch!(
-            gpu,
-            "optim_sum_squares_partial",
-            cfg,
-            format!("clip_grad_norm {:?}", g.shape()),
-            [&b.slice, &n, &mut out]
-        )?;
+        let params = OptimParams {
+            grad: b.ptr(),
+            partial: gpu.ptr_mut(&mut partial.slice_mut(offset..offset + nb)),
+            n: g.numel() as i64,
+            ..Default::default()
+        };
+        gpu.launch(kernel::optim_sum_squares_partial, cfg, &params, &format!("clip_grad_norm {:?}", g.shape()))?;
         offset += nb;
     }
     let host = gpu.stream().clone_dtoh(&partial).map_err(driver_err("reading the gradient norm back"))?;
@@ -342,11 +346,11 @@ fn scale_in_place_gpu(g: &mut Tensor, ratio: f64) -> Result<()> {
         return Ok(());
     }
     let shapes = format!("clip_grad_norm scale {:?}", g.shape());
-    let n = g.numel() as i64;
-    let s = ratio as f32;
+    let n = g.numel();
     let b = gpu_mut(g)?;
     let gpu = b.gpu.clone();
-    launch!(gpu, "optim_scale_in_place", grid_1d(n as usize), shapes, [&mut b.slice, &s, &n])
+    let params = OptimParams { param: b.ptr_mut(), n: n as i64, scale: ratio as f32, ..Default::default() };
+    gpu.launch(kernel::optim_scale_in_place, grid_1d(n), &params, &shapes)
 }
 
 fn scale_in_place_cpu<T: Real>(g: &mut Tensor, ratio: f64) -> Result<()> {

@@ -5,10 +5,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+};
 
 pub use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use crate::device::params::{ConstPtr, Kernel, MutPtr};
 use crate::{bail, Error, Result};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -182,6 +185,34 @@ impl Gpu {
         Ok(f)
     }
 
+    /// Launches `kernel` on the stream with its parameter struct, checking the launch and naming the kernel and
+    /// `shapes` in any error. The struct's type is the one the kernel's header declares ([`crate::device::params`]).
+    /// The caller fills the struct with pointers to buffers sized for `cfg` and the struct's sizes, as the kernel's
+    /// header comment describes; that is the contract every launch of the engine keeps.
+    pub fn launch<P: DeviceRepr>(&self, kernel: Kernel<P>, cfg: LaunchConfig, params: &P, shapes: &str) -> Result<()> {
+        let function = self.function(kernel.name())?;
+        let mut builder = self.stream.launch_builder(&function);
+        builder.arg(params);
+        // SAFETY: the one argument is the struct the kernel declares in its header (the Kernel type says so, and nvcc
+        // checked the definition against that declaration); its pointers come from live buffers of this GPU, which the
+        // stream-ordered pool frees only after queued work, and the caller sized them for the launch.
+        check_launch(unsafe { builder.launch(cfg) }, kernel.name(), shapes).map(|_| ())
+    }
+
+    /// The device address of `memory` (a buffer, a slice or a view of one) for a kernel to read.
+    pub fn ptr<T>(&self, memory: &impl DevicePtr<T>) -> ConstPtr<T> {
+        // Event tracking is off (Gpu::new) and all work is on one stream, so the read needs no record: the guard
+        // returned beside the address does nothing and is dropped.
+        let (address, _no_record) = memory.device_ptr(&self.stream);
+        ConstPtr::from_raw(address)
+    }
+
+    /// The device address of `memory` for a kernel to write.
+    pub fn ptr_mut<T>(&self, memory: &mut impl DevicePtrMut<T>) -> MutPtr<T> {
+        let (address, _no_record) = memory.device_ptr_mut(&self.stream);
+        MutPtr::from_raw(address)
+    }
+
     /// A new uninitialised buffer of `len` floats from the stream-ordered pool. Out of memory is reported with the
     /// request and what is free.
     pub fn alloc(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer> {
@@ -285,6 +316,16 @@ impl GpuBuffer {
         GpuBuffer { slice, gpu: gpu.clone(), tracked }
     }
 
+    /// The buffer's device address, for a kernel parameter the kernel reads.
+    pub fn ptr(&self) -> ConstPtr<f32> {
+        self.gpu.ptr(&self.slice)
+    }
+
+    /// The buffer's device address, for a kernel parameter the kernel writes.
+    pub fn ptr_mut(&mut self) -> MutPtr<f32> {
+        self.gpu.ptr_mut(&mut self.slice)
+    }
+
     /// Copies host data into a new device buffer.
     pub fn from_host(gpu: &Arc<Gpu>, data: &[f32]) -> Result<GpuBuffer> {
         let slice =
@@ -301,9 +342,10 @@ impl GpuBuffer {
     }
 }
 
-/// Launches a kernel of `cuda/*.cu` on the GPU's stream, checking the launch and naming the kernel and `shapes` in
-/// any error: `launch!(gpu, "add_f32", grid_1d(n), format!("{shape:?}"), [&a, &b, &mut y, &n])`. The kernel name is a
-/// `&'static str`.
+/// Launches a kernel with positional arguments on the GPU's stream, checking the launch and naming the kernel and
+/// `shapes` in any error: `launch!(gpu, "conv_fprop", cfg, what, [&src.slice, &w.slice, &mut dst.slice, &args])`.
+/// The kernel name is a `&'static str`. Only the kernels of `cuda/conv.cu`, which has no parameter header yet, are
+/// launched this way; every other kernel takes its header's struct through [`Gpu::launch`].
 #[macro_export]
 macro_rules! launch {
     ($gpu:expr, $kernel:expr, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {{

@@ -30,6 +30,9 @@
 //! ```
 
 pub mod cuda;
+#[cfg(test)]
+mod header;
+pub mod params;
 
 use std::fmt;
 use std::sync::Arc;

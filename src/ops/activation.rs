@@ -12,10 +12,10 @@
 //! Memory-bound.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::grid_1d;
+use crate::device::params::{kernel, EltwiseParams, Kernel};
 use crate::profile;
-use crate::tensor::{map, zip_map, Real, Tensor};
-use crate::{by_dtype, launch, Result};
+use crate::tensor::{eltwise_gpu, map, zip_map, Real, Tensor};
+use crate::{by_dtype, Result};
 
 /// The pointwise functions of this file. The discriminants are the codes of `cuda/common.cuh`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,11 +47,11 @@ impl Activation {
     }
 
     /// The forward and backward kernels of cuda/elementwise.cu.
-    fn kernels(self) -> (&'static str, &'static str) {
+    fn kernels(self) -> (Kernel<EltwiseParams>, Kernel<EltwiseParams>) {
         match self {
-            Activation::LeakyRelu => ("leaky_relu_forward", "leaky_relu_backward"),
-            Activation::Silu => ("silu_forward", "silu_backward"),
-            Activation::Softplus => ("softplus_forward", "softplus_backward"),
+            Activation::LeakyRelu => (kernel::leaky_relu_forward, kernel::leaky_relu_backward),
+            Activation::Silu => (kernel::silu_forward, kernel::silu_backward),
+            Activation::Softplus => (kernel::softplus_forward, kernel::softplus_backward),
         }
     }
 
@@ -109,17 +109,8 @@ pub fn activation(tape: &mut Tape, x: &Tensor, act: Activation) -> Result<Tensor
     let range = profile::forward(act.name(), &[x], 0.0);
     let y = match x.gpu_buffer() {
         Some(xb) => {
-            let gpu = &xb.gpu;
-            let n = x.numel() as i64;
-            let mut y = gpu.alloc(x.numel(), act.name())?;
-            launch!(
-                gpu,
-                act.kernels().0,
-                grid_1d(x.numel()),
-                format!("{} {:?}", act.name(), x.shape()),
-                [&xb.slice, &mut y.slice, &n]
-            )?;
-            Tensor::from_gpu(y, x.shape())?
+            let shapes = format!("{} {:?}", act.name(), x.shape());
+            Tensor::from_gpu(eltwise_gpu(act.kernels().0, xb, None, 1.0, act.name(), &shapes)?, x.shape())?
         }
         None => by_dtype!(x.dtype(), cpu(x, act))?,
     };
@@ -159,17 +150,8 @@ impl Backward for ActivationBackward {
         }
         self.x.check_same_kind(grad_out, "activation backward")?;
         if let (Some(xb), Some(gb)) = (self.x.gpu_buffer(), grad_out.gpu_buffer()) {
-            let gpu = &xb.gpu;
-            let n = self.x.numel() as i64;
-            let mut dx = gpu.alloc(self.x.numel(), self.act.name())?;
             let shapes = format!("{} {:?}", self.act.name(), self.x.shape());
-            launch!(
-                gpu,
-                self.act.kernels().1,
-                grid_1d(self.x.numel()),
-                shapes,
-                [&xb.slice, &gb.slice, &mut dx.slice, &n]
-            )?;
+            let dx = eltwise_gpu(self.act.kernels().1, xb, Some(gb), 1.0, self.act.name(), &shapes)?;
             return Ok(vec![Some(Tensor::from_gpu(dx, self.x.shape())?)]);
         }
         Ok(vec![Some(by_dtype!(self.x.dtype(), cpu(&self.x, grad_out, self.act))?)])

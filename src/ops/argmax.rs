@@ -13,9 +13,11 @@
 //! write one index) and K - 1 comparisons.
 
 use crate::device::cuda::grid_1d;
+use crate::device::params::{kernel, LossParams};
+use crate::ops::cross_entropy::loss_params;
 use crate::ops::MapDims;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Result};
+use crate::{by_dtype, ensure, Result};
 
 /// The class index (as a float) of the largest logit per voxel of `logits` `(N, K, spatial)`, shape
 /// `(N, 1, spatial)`; ties go to the lowest index. A NaN logit never wins against a number (comparisons with NaN are
@@ -27,15 +29,10 @@ pub fn argmax(logits: &Tensor) -> Result<Tensor> {
         return by_dtype!(logits.dtype(), argmax_cpu(logits, dims));
     };
     let gpu = &x.gpu;
-    let (nv, v, k) = ((dims.n * dims.voxels()) as i64, dims.voxels() as i64, dims.c as i32);
-    let mut y = gpu.alloc(nv as usize, "argmax")?;
-    launch!(
-        gpu,
-        "argmax_classes",
-        grid_1d(nv as usize),
-        format!("argmax {:?}", logits.shape()),
-        [&x.slice, &mut y.slice, &nv, &v, &k]
-    )?;
+    let nv = dims.n * dims.voxels();
+    let mut y = gpu.alloc(nv, "argmax")?;
+    let p = LossParams { out: y.ptr_mut(), ..loss_params(x, None, dims) };
+    gpu.launch(kernel::argmax_classes, grid_1d(nv), &p, &format!("argmax {:?}", logits.shape()))?;
     Tensor::from_gpu(y, &dims.shape_with(1, dims.s))
 }
 

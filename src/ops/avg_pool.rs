@@ -21,10 +21,11 @@
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
+use crate::device::params::{kernel, Kernel, PoolParams};
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, launch, Result};
+use crate::{by_dtype, Result};
 
 /// Averages `x` (N, C, H, W) or (N, C, D, H, W) over non-overlapping windows of `factor` voxels per spatial axis
 /// (one value per spatial axis, each positive). Output size per axis is ceil(size / factor); a window that
@@ -71,14 +72,6 @@ impl Pool {
 
     fn in_shape(&self) -> Vec<usize> {
         self.dims.shape_with(self.dims.c, self.dims.s)
-    }
-
-    /// The kernels' size arguments: d, h, w, od, oh, ow, kd, kh, kw.
-    fn kernel_sizes(&self) -> [i64; 9] {
-        let [d, h, w] = self.dims.s;
-        let [od, oh, ow] = self.out;
-        let [kd, kh, kw] = self.k;
-        [d, h, w, od, oh, ow, kd, kh, kw].map(|v| v as i64)
     }
 
     /// 1 / |W(o)| for every output voxel of one plane.
@@ -167,39 +160,39 @@ fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
 }
 
 fn forward_gpu(x: &Tensor, plan: &Pool) -> Result<Tensor> {
-    let Some(xb) = x.gpu_buffer() else { crate::bail!(Mismatch, "avg_pool: x is not a GPU tensor") };
-    let gpu = &xb.gpu;
-    let out_shape = plan.out_shape();
-    let numel: usize = out_shape.iter().product();
-    let total = numel as i64;
-    let [d, h, w, od, oh, ow, kd, kh, kw] = plan.kernel_sizes();
-    let mut y = gpu.alloc(numel, "avg_pool output")?;
-    launch!(
-        gpu,
-        "avg_pool_forward",
-        grid_1d(numel),
-        format!("avg_pool {:?} factor {:?}", x.shape(), plan.k),
-        [&xb.slice, &mut y.slice, &total, &d, &h, &w, &od, &oh, &ow, &kd, &kh, &kw]
-    )?;
-    Tensor::from_gpu(y, &out_shape)
+    resample_gpu(kernel::avg_pool_forward, x, plan.dims, plan.k, plan.out, false, "avg_pool")
 }
 
 fn backward_gpu(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
-    let Some(gb) = grad_out.gpu_buffer() else {
-        crate::bail!(Mismatch, "avg_pool backward: gradient is not on the GPU")
+    resample_gpu(kernel::avg_pool_backward, grad_out, plan.dims, plan.k, plan.out, true, "avg_pool backward")
+}
+
+/// Runs a kernel of cuda/pool.cu between a map of spatial size `dims.s` and one of size `out`, `factor` per axis (the
+/// pooling window or the upsampling repeat): forward (`backward` false) it writes the `out`-sized map from `src`,
+/// backward the `dims.s`-sized gradient from the `out`-sized `src`. `what` names the op and the new buffer.
+pub(crate) fn resample_gpu(
+    k: Kernel<PoolParams>,
+    src: &Tensor,
+    dims: MapDims,
+    factor: [usize; 3],
+    out: [usize; 3],
+    backward: bool,
+    what: &str,
+) -> Result<Tensor> {
+    let Some(sb) = src.gpu_buffer() else { crate::bail!(Mismatch, "{what}: the input is not on the GPU") };
+    let shape = dims.shape_with(dims.c, if backward { dims.s } else { out });
+    let numel: usize = shape.iter().product();
+    let gpu = &sb.gpu;
+    let mut dst = gpu.alloc(numel, what)?;
+    let sizes = |a: [usize; 3]| a.map(|v| v as i64);
+    let p = PoolParams {
+        src: sb.ptr(),
+        dst: dst.ptr_mut(),
+        total: numel as i64,
+        in_size: sizes(dims.s),
+        out_size: sizes(out),
+        factor: sizes(factor),
     };
-    let gpu = &gb.gpu;
-    let in_shape = plan.in_shape();
-    let numel: usize = in_shape.iter().product();
-    let total = numel as i64;
-    let [d, h, w, od, oh, ow, kd, kh, kw] = plan.kernel_sizes();
-    let mut dx = gpu.alloc(numel, "avg_pool input gradient")?;
-    launch!(
-        gpu,
-        "avg_pool_backward",
-        grid_1d(numel),
-        format!("avg_pool backward {:?} factor {:?}", in_shape, plan.k),
-        [&gb.slice, &mut dx.slice, &total, &d, &h, &w, &od, &oh, &ow, &kd, &kh, &kw]
-    )?;
-    Tensor::from_gpu(dx, &in_shape)
+    gpu.launch(k, grid_1d(numel), &p, &format!("{what} {:?} factor {factor:?}", src.shape()))?;
+    Tensor::from_gpu(dst, &shape)
 }

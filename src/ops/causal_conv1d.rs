@@ -25,11 +25,12 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, Conv1dParams, CONV1D_COLS, CONV1D_LANES, CONV1D_MAX_K};
 use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Result};
+use crate::{by_dtype, ensure, Result};
 
 /// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C).
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -187,31 +188,33 @@ impl Backward for CausalConv1dBackward {
 // ---------------------------------------------------------------------------------------------------------------
 // GPU
 
-/// The largest kernel size the GPU weight-gradient kernel supports (`CONV1D_MAX_K` in cuda/conv1d.cu).
-const GPU_MAX_K: usize = 8;
 /// Token rows per block of the weight- and bias-gradient partial sums.
 const PARAM_SLICE_ROWS: usize = 1024;
 
 fn check_gpu(d: ConvDims) -> Result<()> {
     let ConvDims { g, l, c, k } = d;
     ensure!(g * l * c > 0, Shape, "causal_conv1d on the GPU: empty input (G, L, C) = ({g}, {l}, {c})");
-    ensure!(k <= GPU_MAX_K, Shape, "causal_conv1d on the GPU supports kernels up to {GPU_MAX_K} taps, got K = {k}");
+    ensure!(
+        k <= CONV1D_MAX_K,
+        Shape,
+        "causal_conv1d on the GPU supports kernels up to {CONV1D_MAX_K} taps, got K = {k}"
+    );
     Ok(())
+}
+
+/// The parameters shared by the kernels of one conv1d on the GPU; each launch fills in its own pointers.
+fn gpu_params(d: ConvDims) -> Conv1dParams {
+    let ConvDims { g, l, c, k } = d;
+    Conv1dParams { G: g as i64, L: l as i64, C: c as i64, K: k as i32, ..Default::default() }
 }
 
 fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: &GpuBuffer, d: ConvDims) -> Result<GpuBuffer> {
     check_gpu(d)?;
-    let ConvDims { g, l, c, k } = d;
+    let ConvDims { g, l, c, .. } = d;
     let gpu = &x.gpu;
     let mut y = gpu.alloc(g * l * c, "causal_conv1d output")?;
-    let (gi, li, ci, ki) = (g as i64, l as i64, c as i64, k as i32);
-    launch!(
-        gpu,
-        "causal_conv1d_forward",
-        grid_1d(g * l * c),
-        format!("causal_conv1d {d:?}"),
-        [&x.slice, &w.slice, &bias.slice, &mut y.slice, &gi, &li, &ci, &ki]
-    )?;
+    let p = Conv1dParams { x: x.ptr(), w: w.ptr(), bias: bias.ptr(), out: y.ptr_mut(), ..gpu_params(d) };
+    gpu.launch(kernel::causal_conv1d_forward, grid_1d(g * l * c), &p, &format!("causal_conv1d {d:?}"))?;
     Ok(y)
 }
 
@@ -222,17 +225,11 @@ fn backward_gpu(x: &GpuBuffer, w: &GpuBuffer, gy: &GpuBuffer, d: ConvDims, needs
     check_gpu(d)?;
     let ConvDims { g, l, c, k } = d;
     let gpu = &x.gpu;
-    let (gi, li, ci, ki) = (g as i64, l as i64, c as i64, k as i32);
     let shapes = format!("causal_conv1d backward {d:?}");
     let dx = if needs[0] {
         let mut dx = gpu.alloc(g * l * c, "causal_conv1d dx")?;
-        launch!(
-            gpu,
-            "causal_conv1d_backward_input",
-            grid_1d(g * l * c),
-            shapes.clone(),
-            [&gy.slice, &w.slice, &mut dx.slice, &gi, &li, &ci, &ki]
-        )?;
+        let p = Conv1dParams { gy: gy.ptr(), w: w.ptr(), out: dx.ptr_mut(), ..gpu_params(d) };
+        gpu.launch(kernel::causal_conv1d_backward_input, grid_1d(g * l * c), &p, &shapes)?;
         Some(dx)
     } else {
         None
@@ -246,18 +243,18 @@ fn backward_gpu(x: &GpuBuffer, w: &GpuBuffer, gy: &GpuBuffer, d: ConvDims, needs
         let width = c * k + c;
         let mut part = gpu.alloc(slices * width, "causal_conv1d parameter partial sums")?;
         let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(32) as u32, slices as u32, 1),
-            block_dim: (32, 8, 1),
+            grid_dim: (c.div_ceil(CONV1D_COLS) as u32, slices as u32, 1),
+            block_dim: (CONV1D_COLS as u32, CONV1D_LANES as u32, 1),
             shared_mem_bytes: 0,
         };
-        let per_slice = per_slice as i64;
-        launch!(
-            gpu,
-            "causal_conv1d_param_partials",
-            cfg,
-            shapes,
-            [&x.slice, &gy.slice, &mut part.slice, &gi, &li, &ci, &ki, &per_slice]
-        )?;
+        let p = Conv1dParams {
+            x: x.ptr(),
+            gy: gy.ptr(),
+            part: part.ptr_mut(),
+            rows_per_slice: per_slice as i64,
+            ..gpu_params(d)
+        };
+        gpu.launch(kernel::causal_conv1d_param_partials, cfg, &p, &shapes)?;
         if needs[1] {
             dw = Some(sum_rows(gpu, &part.slice.slice(..), slices, c * k, width, "causal_conv1d dw")?);
         }

@@ -14,9 +14,10 @@
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, CopyRowsParams};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Result};
+use crate::{by_dtype, ensure, Result};
 
 /// Concatenates tensors of rank >= 2 along axis 1; all other axes must be equal.
 pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
@@ -76,16 +77,19 @@ pub(crate) fn copy_rows_gpu(
     (dst_row, dst_off): (usize, usize),
     shapes: &str,
 ) -> Result<()> {
-    let gpu = &src.gpu;
     let [rows_, len_, src_row, src_off, dst_row, dst_off] =
         [rows, len, src_row, src_off, dst_row, dst_off].map(|v| v as i64);
-    launch!(
-        gpu,
-        "copy_rows",
-        grid_1d(rows * len),
-        shapes,
-        [&src.slice, &mut dst.slice, &rows_, &len_, &src_row, &src_off, &dst_row, &dst_off]
-    )
+    let p = CopyRowsParams {
+        src: src.ptr(),
+        dst: dst.ptr_mut(),
+        rows: rows_,
+        len: len_,
+        src_row,
+        src_off,
+        dst_row,
+        dst_off,
+    };
+    src.gpu.launch(kernel::copy_rows, grid_1d(rows * len), &p, shapes)
 }
 
 /// The GPU forward: each input's block of each sample goes to its channel offset in the output.

@@ -35,10 +35,11 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, ConstPtr, LossParams};
 use crate::ops::MapDims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, launch, Result};
+use crate::{bail, by_dtype, ensure, Result};
 
 /// The most blocks a partial-sum kernel of the losses launches: a fixed number (not the GPU's multiprocessor
 /// count), so the summation order, and thus the result, depends only on the shapes.
@@ -181,22 +182,33 @@ fn forward_cpu<T: Real>(logits: &Tensor, target: &Tensor, dims: MapDims) -> Resu
     Tensor::from_vec(vec![T::from_f64(total / (dims.n * v) as f64)], &[1])
 }
 
-/// The sizes the loss kernels take: N * V voxels, V voxels per sample and class, K classes.
-pub(crate) fn kernel_sizes(dims: MapDims) -> (i64, i64, i32) {
-    ((dims.n * dims.voxels()) as i64, dims.voxels() as i64, dims.c as i32)
+/// What every loss kernel of `cuda/loss.cu` takes for logits `x` and labels `t` (none for argmax) of sizes `dims`:
+/// the operands, N V voxels, V per sample, K classes and N samples; each launch adds its own fields.
+pub(crate) fn loss_params(x: &GpuBuffer, t: Option<&GpuBuffer>, dims: MapDims) -> LossParams {
+    LossParams {
+        x: x.ptr(),
+        t: t.map_or(ConstPtr::NULL, GpuBuffer::ptr),
+        NV: (dims.n * dims.voxels()) as i64,
+        V: dims.voxels() as i64,
+        K: dims.c as i32,
+        N: dims.n as i32,
+        ..Default::default()
+    }
 }
 
 fn forward_gpu(x: &GpuBuffer, t: &GpuBuffer, dims: MapDims, shape: &[usize]) -> Result<Tensor> {
     let gpu = &x.gpu;
-    let (nv, v, k) = kernel_sizes(dims);
-    let cfg = partial_grid(nv as usize);
-    let blocks = cfg.grid_dim.0 as i64;
-    let mut partial = gpu.alloc(blocks as usize, "cross_entropy partial sums")?;
+    let base = loss_params(x, Some(t), dims);
+    let cfg = partial_grid(base.NV as usize);
+    let blocks = cfg.grid_dim.0 as usize;
+    let mut partial = gpu.alloc(blocks, "cross_entropy partial sums")?;
     let shapes = format!("cross_entropy {shape:?}");
-    launch!(gpu, "cross_entropy_partial", cfg, shapes, [&x.slice, &t.slice, &mut partial.slice, &nv, &v, &k])?;
-    let scale = (1.0 / nv as f64) as f32;
+    let p = LossParams { partial: partial.ptr_mut(), ..base };
+    gpu.launch(kernel::cross_entropy_partial, cfg, &p, &shapes)?;
     let mut y = gpu.alloc(1, "cross_entropy loss")?;
-    launch!(gpu, "loss_sum_partials", one_block(), shapes, [&partial.slice, &blocks, &scale, &mut y.slice])?;
+    let scale = (1.0 / base.NV as f64) as f32;
+    let p = LossParams { blocks: blocks as i64, scale, out: y.ptr_mut(), ..p };
+    gpu.launch(kernel::loss_sum_partials, one_block(), &p, &shapes)?;
     Tensor::from_gpu(y, &[1])
 }
 
@@ -244,15 +256,10 @@ fn backward_cpu<T: Real>(logits: &Tensor, target: &Tensor, grad_out: &Tensor, di
 
 fn backward_gpu(x: &GpuBuffer, t: &GpuBuffer, g: &GpuBuffer, dims: MapDims, shape: &[usize]) -> Result<Tensor> {
     let gpu = &x.gpu;
-    let (nv, v, k) = kernel_sizes(dims);
-    let inv_count = (1.0 / nv as f64) as f32;
+    let base = loss_params(x, Some(t), dims);
     let mut dx = gpu.alloc(x.slice.len(), "cross_entropy gradient")?;
-    launch!(
-        gpu,
-        "cross_entropy_backward",
-        grid_1d(nv as usize),
-        format!("cross_entropy backward {shape:?}"),
-        [&x.slice, &t.slice, &g.slice, &mut dx.slice, &nv, &v, &k, &inv_count]
-    )?;
+    let p = LossParams { g: g.ptr(), out: dx.ptr_mut(), scale: (1.0 / base.NV as f64) as f32, ..base };
+    let shapes = format!("cross_entropy backward {shape:?}");
+    gpu.launch(kernel::cross_entropy_backward, grid_1d(base.NV as usize), &p, &shapes)?;
     Tensor::from_gpu(dx, shape)
 }

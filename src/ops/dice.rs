@@ -34,14 +34,15 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, LossParams};
 use crate::ops::cross_entropy::{
-    check_labels, check_loss_grad, check_loss_operands, class_of, kernel_sizes, one_block, softmax_stats,
+    check_labels, check_loss_grad, check_loss_operands, class_of, loss_params, one_block, softmax_stats,
     MAX_PARTIAL_BLOCKS,
 };
 use crate::ops::MapDims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Result};
+use crate::{by_dtype, ensure, Result};
 
 /// The smoothing term s of the Dice ratio (nnU-Net's default), which makes a class absent from both the target and
 /// the prediction score 1 rather than 0/0.
@@ -105,7 +106,6 @@ fn forward_gpu(
     shape: &[usize],
 ) -> Result<(Tensor, Tensor)> {
     let gpu = &x.gpu;
-    let (_, v, k) = kernel_sizes(dims);
     let fg = dims.c - 1;
     // Each thread keeps 3 (K - 1) running sums in its own column of shared memory; fewer threads per block leave
     // room for more classes.
@@ -125,19 +125,21 @@ fn forward_gpu(
     };
     let shapes = format!("soft_dice_loss {shape:?}");
     let mut partial = gpu.alloc(dims.n * per_sample * 3 * fg, "soft_dice_loss partial sums")?;
-    launch!(gpu, "dice_partial_sums", cfg, shapes, [&x.slice, &t.slice, &mut partial.slice, &v, &k])?;
+    let p = LossParams { partial: partial.ptr_mut(), ..loss_params(x, Some(t), dims) };
+    gpu.launch(kernel::dice_partial_sums, cfg, &p, &shapes)?;
     let groups = group_count(dims, batch_dice);
     let mut stats = gpu.alloc(2 * groups, "soft_dice_loss group ratios")?;
     let mut loss = gpu.alloc(1, "soft_dice_loss loss")?;
-    let (n, fg, nb, batch) = (dims.n as i32, fg as i32, per_sample as i32, batch_dice as i32);
-    let (smooth, floor) = (DICE_SMOOTH as f32, DENOMINATOR_FLOOR as f32);
-    launch!(
-        gpu,
-        "dice_finish",
-        one_block(),
-        shapes,
-        [&partial.slice, &mut stats.slice, &mut loss.slice, &n, &fg, &nb, &batch, &smooth, &floor]
-    )?;
+    let p = LossParams {
+        stats_out: stats.ptr_mut(),
+        out: loss.ptr_mut(),
+        blocks: per_sample as i64,
+        batch_dice: batch_dice as i32,
+        smooth: DICE_SMOOTH as f32,
+        floor_: DENOMINATOR_FLOOR as f32,
+        ..p
+    };
+    gpu.launch(kernel::dice_finish, one_block(), &p, &shapes)?;
     Ok((Tensor::from_gpu(loss, &[1])?, Tensor::from_gpu(stats, &[groups, 2])?))
 }
 
@@ -233,17 +235,17 @@ impl DiceBackward {
         let stats = stats
             .gpu_buffer()
             .ok_or_else(|| crate::Error::Mismatch("soft_dice_loss backward: group ratios are not on the GPU".into()))?;
-        let (nv, v, k) = kernel_sizes(self.dims);
-        let batch = self.batch_dice as i32;
-        let inv_groups = (1.0 / group_count(self.dims, self.batch_dice) as f64) as f32;
         let mut dx = gpu.alloc(x.slice.len(), "soft_dice_loss gradient")?;
-        launch!(
-            gpu,
-            "dice_backward",
-            grid_1d(nv as usize),
-            format!("soft_dice_loss backward {:?}", self.logits.shape()),
-            [&x.slice, &t.slice, &stats.slice, &g.slice, &mut dx.slice, &nv, &v, &k, &batch, &inv_groups]
-        )?;
+        let p = LossParams {
+            stats: stats.ptr(),
+            g: g.ptr(),
+            out: dx.ptr_mut(),
+            batch_dice: self.batch_dice as i32,
+            scale: (1.0 / group_count(self.dims, self.batch_dice) as f64) as f32,
+            ..loss_params(x, Some(t), self.dims)
+        };
+        let shapes = format!("soft_dice_loss backward {:?}", self.logits.shape());
+        gpu.launch(kernel::dice_backward, grid_1d(p.NV as usize), &p, &shapes)?;
         Tensor::from_gpu(dx, self.logits.shape())
     }
 }

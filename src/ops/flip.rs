@@ -11,10 +11,11 @@
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::grid_1d;
+use crate::device::params::{kernel, FlipParams};
 use crate::ops::seq_dims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, launch, Result};
+use crate::{by_dtype, Result};
 
 /// Reverses the L axis of token sequences (G, L, C).
 pub fn flip_seq(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
@@ -34,7 +35,8 @@ fn flip(x: &Tensor) -> Result<Tensor> {
     let gpu = &xb.gpu;
     let mut y = gpu.alloc(x.numel(), "flip_seq")?;
     let [g, l, c] = [g, l, c].map(|v| v as i64);
-    launch!(gpu, "flip_seq", grid_1d(x.numel()), format!("{:?}", x.shape()), [&xb.slice, &mut y.slice, &g, &l, &c])?;
+    let p = FlipParams { x: xb.ptr(), y: y.ptr_mut(), G: g, L: l, C: c };
+    gpu.launch(kernel::flip_seq, grid_1d(x.numel()), &p, &format!("{:?}", x.shape()))?;
     Tensor::from_gpu(y, x.shape())
 }
 

@@ -43,10 +43,11 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS};
 use crate::ops::MapDims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Error, Result};
+use crate::{by_dtype, ensure, Error, Result};
 
 /// The eps of every InstanceNorm in LKM-UNet (PyTorch's default).
 pub const IN_EPS: f64 = 1e-5;
@@ -182,10 +183,6 @@ fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[b
     ])
 }
 
-/// Voxels per block of the chunked kernels: IN_THREADS * IN_ITEMS of `cuda/norm.cu`.
-const IN_CHUNK: usize = 2048;
-/// Threads per block of the chunked kernels: IN_THREADS of `cuda/norm.cu` (the kernels rely on it).
-const IN_THREADS: u32 = 256;
 /// Threads per block of the per-plane reductions (any multiple of 32).
 const REDUCE_THREADS: u32 = 256;
 
@@ -201,6 +198,17 @@ fn blocks_of(blocks: usize, threads: u32, shape: &[usize]) -> Result<LaunchConfi
         .filter(|&g| g < (1 << 31))
         .ok_or_else(|| Error::Shape(format!("instance_norm: shape {shape:?} needs {blocks} blocks, too many")))?;
     Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The sizes every instance-norm kernel of one map takes; each launch adds its pointers.
+fn gpu_params(dims: MapDims, chunks: usize) -> InstanceNormParams {
+    InstanceNormParams {
+        V: dims.voxels() as i64,
+        C: dims.c as i64,
+        N: dims.n as i64,
+        chunks: chunks as i64,
+        ..Default::default()
+    }
 }
 
 /// The chunk layout of a map: (planes, chunks per plane). An empty plane still has one (empty) chunk.
@@ -224,36 +232,29 @@ fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, dims: MapDims, eps: f6
         ));
     }
     let shapes = format!("instance_norm {:?}", x.shape());
-    let (v, c, nchunks, eps32) = (dims.voxels() as i64, dims.c as i64, chunks as i64, eps as f32);
-    let chunked = blocks_of(planes * chunks, IN_THREADS, x.shape())?;
+    let chunked = blocks_of(planes * chunks, IN_THREADS as u32, x.shape())?;
     let per_plane = blocks_of(planes, REDUCE_THREADS, x.shape())?;
+    let base = InstanceNormParams { x: xb.ptr(), eps: eps as f32, ..gpu_params(dims, chunks) };
 
     let mut chunk_mean = gpu.alloc(planes * chunks, "instance_norm chunk means")?;
     let mut chunk_m2 = gpu.alloc(planes * chunks, "instance_norm chunk squared deviations")?;
-    launch!(
-        gpu,
-        "instance_norm_chunk_moments",
-        chunked,
-        shapes,
-        [&xb.slice, &mut chunk_mean.slice, &mut chunk_m2.slice, &v, &nchunks]
-    )?;
+    let (chunk_mean, chunk_m2) = (chunk_mean.ptr_mut(), chunk_m2.ptr_mut());
+    let p = InstanceNormParams { chunk_mean, chunk_m2, ..base };
+    gpu.launch(kernel::instance_norm_chunk_moments, chunked, &p, &shapes)?;
     let mut mean = gpu.alloc(planes, "instance_norm mean")?;
     let mut rstd = gpu.alloc(planes, "instance_norm rstd")?;
-    launch!(
-        gpu,
-        "instance_norm_combine",
-        per_plane,
-        shapes,
-        [&chunk_mean.slice, &chunk_m2.slice, &mut mean.slice, &mut rstd.slice, &v, &nchunks, &eps32]
-    )?;
+    let p = InstanceNormParams { chunk_mean, chunk_m2, mean_out: mean.ptr_mut(), rstd_out: rstd.ptr_mut(), ..base };
+    gpu.launch(kernel::instance_norm_combine, per_plane, &p, &shapes)?;
     let mut y = gpu.alloc(x.numel(), "instance_norm output")?;
-    launch!(
-        gpu,
-        "instance_norm_apply",
-        chunked,
-        shapes,
-        [&xb.slice, &mean.slice, &rstd.slice, &gb.slice, &bb.slice, &mut y.slice, &v, &c, &nchunks]
-    )?;
+    let p = InstanceNormParams {
+        mean: mean.ptr(),
+        rstd: rstd.ptr(),
+        gamma: gb.ptr(),
+        beta: bb.ptr(),
+        out: y.ptr_mut(),
+        ..base
+    };
+    gpu.launch(kernel::instance_norm_apply, chunked, &p, &shapes)?;
     Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &stats_shape)?, Tensor::from_gpu(rstd, &stats_shape)?))
 }
 
@@ -278,46 +279,28 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
         ]);
     }
     let shapes = format!("instance_norm backward {:?}", b.x.shape());
-    let (v, c, n, nchunks) = (dims.voxels() as i64, dims.c as i64, dims.n as i64, chunks as i64);
-    let chunked = blocks_of(planes * chunks, IN_THREADS, b.x.shape())?;
+    let chunked = blocks_of(planes * chunks, IN_THREADS as u32, b.x.shape())?;
+    let base =
+        InstanceNormParams { x: xb.ptr(), g: gb.ptr(), mean: mb.ptr(), rstd: rb.ptr(), ..gpu_params(dims, chunks) };
 
     // Plane sums of g and g * xhat: per chunk, then the chunks of each plane in order.
     let mut chunk_g = gpu.alloc(planes * chunks, "instance_norm chunk sums of g")?;
     let mut chunk_gx = gpu.alloc(planes * chunks, "instance_norm chunk sums of g xhat")?;
-    launch!(
-        gpu,
-        "instance_norm_chunk_grad_sums",
-        chunked,
-        shapes,
-        [&xb.slice, &gb.slice, &mb.slice, &rb.slice, &mut chunk_g.slice, &mut chunk_gx.slice, &v, &nchunks]
-    )?;
+    let p = InstanceNormParams { chunk_g: chunk_g.ptr_mut(), chunk_gx: chunk_gx.ptr_mut(), ..base };
+    gpu.launch(kernel::instance_norm_chunk_grad_sums, chunked, &p, &shapes)?;
     let per_plane = blocks_of(planes, REDUCE_THREADS, b.x.shape())?;
     let mut sum_g = gpu.alloc(planes, "instance_norm plane sums of g")?;
     let mut sum_gx = gpu.alloc(planes, "instance_norm plane sums of g xhat")?;
-    launch!(gpu, "instance_norm_sum_chunks", per_plane, shapes, [&chunk_g.slice, &mut sum_g.slice, &nchunks])?;
-    launch!(gpu, "instance_norm_sum_chunks", per_plane, shapes, [&chunk_gx.slice, &mut sum_gx.slice, &nchunks])?;
+    for (chunk_sums, plane_sums) in [(&chunk_g, &mut sum_g), (&chunk_gx, &mut sum_gx)] {
+        let p = NormSumRowsParams { a: chunk_sums.ptr(), out: plane_sums.ptr_mut(), len: chunks as i64 };
+        gpu.launch(kernel::instance_norm_sum_chunks, per_plane, &p, &shapes)?;
+    }
+    let base = InstanceNormParams { sum_g: sum_g.ptr(), sum_gx: sum_gx.ptr(), ..base };
 
     let dx = if needs[0] {
         let mut dx = gpu.alloc(b.x.numel(), "instance_norm input gradient")?;
-        launch!(
-            gpu,
-            "instance_norm_backward_dx",
-            chunked,
-            shapes,
-            [
-                &xb.slice,
-                &gb.slice,
-                &mb.slice,
-                &rb.slice,
-                &gammab.slice,
-                &sum_g.slice,
-                &sum_gx.slice,
-                &mut dx.slice,
-                &v,
-                &c,
-                &nchunks
-            ]
-        )?;
+        let p = InstanceNormParams { gamma: gammab.ptr(), out: dx.ptr_mut(), ..base };
+        gpu.launch(kernel::instance_norm_backward_dx, chunked, &p, &shapes)?;
         Some(Tensor::from_gpu(dx, b.x.shape())?)
     } else {
         None
@@ -325,13 +308,8 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     let (dgamma, dbeta) = if needs[1] || needs[2] {
         let mut dgamma = gpu.alloc(dims.c, "instance_norm gamma gradient")?;
         let mut dbeta = gpu.alloc(dims.c, "instance_norm beta gradient")?;
-        launch!(
-            gpu,
-            "instance_norm_param_grads",
-            grid_1d(dims.c),
-            shapes,
-            [&sum_g.slice, &sum_gx.slice, &mut dgamma.slice, &mut dbeta.slice, &n, &c]
-        )?;
+        let p = InstanceNormParams { dgamma: dgamma.ptr_mut(), dbeta: dbeta.ptr_mut(), ..base };
+        gpu.launch(kernel::instance_norm_param_grads, grid_1d(dims.c), &p, &shapes)?;
         (Some(Tensor::from_gpu(dgamma, &[dims.c])?), Some(Tensor::from_gpu(dbeta, &[dims.c])?))
     } else {
         (None, None)

@@ -38,10 +38,11 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuBuffer;
+use crate::device::params::{kernel, LayerNormParams, NormSumRowsParams, LN_PARAM_SUBROWS};
 use crate::ops::instance_norm::moments;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Error, Result};
+use crate::{by_dtype, ensure, Error, Result};
 
 /// The eps of the LayerNorm in front of every Mamba layer (PyTorch's default).
 pub const LN_EPS: f64 = 1e-5;
@@ -162,8 +163,6 @@ fn backward_cpu<T: Real>(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool
 const LN_THREADS: u32 = 256;
 /// Rows whose gamma/beta gradients one block of `layer_norm_param_partials` sums.
 const LN_ROWS_PER_PARAM_BLOCK: usize = 256;
-/// Row groups of `layer_norm_param_partials`' blocks: LN_PARAM_SUBROWS of `cuda/norm.cu` (the kernel relies on it).
-const LN_PARAM_SUBROWS: u32 = 8;
 /// Threads per block of the final per-channel sums (any multiple of 32).
 const REDUCE_THREADS: u32 = 256;
 
@@ -191,17 +190,22 @@ fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(T
     let gpu = &xb.gpu;
     let c = gamma.numel();
     let rows = x.numel() / c;
-    let (nrows, nc, eps32) = (rows as i64, c as i64, eps as f32);
     let mut y = gpu.alloc(x.numel(), "layer_norm output")?;
     let mut mean = gpu.alloc(rows, "layer_norm mean")?;
     let mut rstd = gpu.alloc(rows, "layer_norm rstd")?;
-    launch!(
-        gpu,
-        "layer_norm_forward",
-        row_config(rows, x.shape())?,
-        format!("layer_norm {:?}", x.shape()),
-        [&xb.slice, &gb.slice, &bb.slice, &mut y.slice, &mut mean.slice, &mut rstd.slice, &nrows, &nc, &eps32]
-    )?;
+    let p = LayerNormParams {
+        x: xb.ptr(),
+        gamma: gb.ptr(),
+        beta: bb.ptr(),
+        out: y.ptr_mut(),
+        mean_out: mean.ptr_mut(),
+        rstd_out: rstd.ptr_mut(),
+        rows: rows as i64,
+        C: c as i64,
+        eps: eps as f32,
+        ..Default::default()
+    };
+    gpu.launch(kernel::layer_norm_forward, row_config(rows, x.shape())?, &p, &format!("layer_norm {:?}", x.shape()))?;
     Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &[rows])?, Tensor::from_gpu(rstd, &[rows])?))
 }
 
@@ -211,18 +215,21 @@ fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Res
     let gpu = &xb.gpu;
     let c = b.gamma.numel();
     let rows = b.x.numel() / c;
-    let (nrows, nc) = (rows as i64, c as i64);
     let shapes = format!("layer_norm backward {:?}", b.x.shape());
+    let base = LayerNormParams {
+        x: xb.ptr(),
+        g: gb.ptr(),
+        mean: mb.ptr(),
+        rstd: rb.ptr(),
+        rows: rows as i64,
+        C: c as i64,
+        ..Default::default()
+    };
 
     let dx = if needs[0] {
         let mut dx = gpu.alloc(b.x.numel(), "layer_norm input gradient")?;
-        launch!(
-            gpu,
-            "layer_norm_backward_dx",
-            row_config(rows, b.x.shape())?,
-            shapes,
-            [&xb.slice, &gb.slice, &mb.slice, &rb.slice, &gammab.slice, &mut dx.slice, &nrows, &nc]
-        )?;
+        let p = LayerNormParams { gamma: gammab.ptr(), out: dx.ptr_mut(), ..base };
+        gpu.launch(kernel::layer_norm_backward_dx, row_config(rows, b.x.shape())?, &p, &shapes)?;
         Some(Tensor::from_gpu(dx, b.x.shape())?)
     } else {
         None
@@ -231,23 +238,24 @@ fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Res
         // Stage 1: per-(channel, row block) partial sums, laid out (c, row blocks) so stage 2 reads each channel's
         // partials contiguously. A tensor without rows still gets one block, which writes zeros.
         let row_blocks = rows.div_ceil(LN_ROWS_PER_PARAM_BLOCK).max(1);
-        let per_block = LN_ROWS_PER_PARAM_BLOCK as i64;
         let mut pgamma = gpu.alloc(c * row_blocks, "layer_norm gamma gradient partials")?;
         let mut pbeta = gpu.alloc(c * row_blocks, "layer_norm beta gradient partials")?;
-        launch!(
-            gpu,
-            "layer_norm_param_partials",
-            launch_config(row_blocks, c.div_ceil(32), (32, LN_PARAM_SUBROWS), b.x.shape())?,
-            shapes,
-            [&xb.slice, &gb.slice, &mb.slice, &rb.slice, &mut pgamma.slice, &mut pbeta.slice, &nrows, &nc, &per_block]
-        )?;
+        let p = LayerNormParams {
+            pgamma: pgamma.ptr_mut(),
+            pbeta: pbeta.ptr_mut(),
+            rows_per_block: LN_ROWS_PER_PARAM_BLOCK as i64,
+            ..base
+        };
+        let cfg = launch_config(row_blocks, c.div_ceil(32), (32, LN_PARAM_SUBROWS as u32), b.x.shape())?;
+        gpu.launch(kernel::layer_norm_param_partials, cfg, &p, &shapes)?;
         // Stage 2: one block per channel adds its partials in a fixed order.
         let per_channel = launch_config(c, 1, (REDUCE_THREADS, 1), b.x.shape())?;
-        let len = row_blocks as i64;
         let mut dgamma = gpu.alloc(c, "layer_norm gamma gradient")?;
         let mut dbeta = gpu.alloc(c, "layer_norm beta gradient")?;
-        launch!(gpu, "layer_norm_sum_partials", per_channel, shapes, [&pgamma.slice, &mut dgamma.slice, &len])?;
-        launch!(gpu, "layer_norm_sum_partials", per_channel, shapes, [&pbeta.slice, &mut dbeta.slice, &len])?;
+        for (partials, sums) in [(&pgamma, &mut dgamma), (&pbeta, &mut dbeta)] {
+            let p = NormSumRowsParams { a: partials.ptr(), out: sums.ptr_mut(), len: row_blocks as i64 };
+            gpu.launch(kernel::layer_norm_sum_partials, per_channel, &p, &shapes)?;
+        }
         (Some(Tensor::from_gpu(dgamma, &[c])?), Some(Tensor::from_gpu(dbeta, &[c])?))
     } else {
         (None, None)

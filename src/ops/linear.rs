@@ -33,14 +33,18 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use cudarc::driver::{CudaView, LaunchConfig};
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{Gpu, GpuBuffer};
+use crate::device::params::{
+    kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN,
+    SUM_ROWS_COLS, SUM_ROWS_LANES,
+};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Result};
+use crate::{by_dtype, ensure, Result};
 
 /// `y = x W^T + b` over the last axis of `x` (..., Cin), with `w` (Cout, Cin) and `bias` (Cout); returns (..., Cout).
 pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -283,9 +287,6 @@ impl Backward for LinearBackward {
 // ---------------------------------------------------------------------------------------------------------------
 // GPU
 
-/// The output tile of `gemm_f32` (rows and columns) and its step along K (cuda/gemm.cu).
-const GEMM_TILE: usize = 64;
-const GEMM_TK: usize = 16;
 /// The weight gradient's split over M aims at about this many blocks (a few waves on an H100's 132 SMs) ...
 const GEMM_SPLIT_BLOCKS: usize = 1024;
 /// ... with at least this many rows of M per slice, so each block does real work.
@@ -300,60 +301,64 @@ enum GemmRole {
 }
 
 impl GemmRole {
-    fn kernel_and_description(self) -> (&'static str, &'static str) {
+    fn kernel_and_description(self) -> (Kernel<GemmParams>, &'static str) {
         match self {
-            GemmRole::Forward => ("linear_fprop", "linear forward"),
-            GemmRole::InputGrad => ("linear_dgrad", "linear dx = g W"),
-            GemmRole::WeightGrad => ("linear_wgrad", "linear dW = g^T x"),
+            GemmRole::Forward => (kernel::linear_fprop, "linear forward"),
+            GemmRole::InputGrad => (kernel::linear_dgrad, "linear dx = g W"),
+            GemmRole::WeightGrad => (kernel::linear_wgrad, "linear dW = g^T x"),
         }
     }
 }
 
 /// One product C = A B (+ bias) for `gemm_f32`: A(i, k) = a[i * a_si + k * a_sk], B(k, j) = b[k * b_sk + j * b_sj],
-/// C (m, n) row-major.
-struct Gemm<'a> {
-    a: &'a CudaSlice<f32>,
+/// C (m, n) row-major; no bias when `bias` is null.
+struct Gemm {
+    a: ConstPtr<f32>,
     a_si: usize,
     a_sk: usize,
-    b: &'a CudaSlice<f32>,
+    b: ConstPtr<f32>,
     b_sk: usize,
     b_sj: usize,
-    bias: Option<&'a CudaSlice<f32>>,
+    bias: ConstPtr<f32>,
     m: usize,
     n: usize,
     k: usize,
 }
 
-impl Gemm<'_> {
+impl Gemm {
     /// Launches the product into `c`. With `slices` > 1, K is cut into slices of `k_slice` and `c` receives `slices`
     /// partial products of m x n one after another.
-    fn run(&self, gpu: &Arc<Gpu>, c: &mut CudaSlice<f32>, k_slice: usize, slices: usize, role: GemmRole) -> Result<()> {
+    fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<f32>, k_slice: usize, slices: usize, role: GemmRole) -> Result<()> {
         let (kernel, what) = role.kernel_and_description();
         ensure!(
-            self.n.div_ceil(GEMM_TILE) <= 65_535 && slices <= 65_535,
+            self.n.div_ceil(GEMM_TN) <= 65_535 && slices <= 65_535,
             Shape,
             "{what}: {} output columns exceed the GPU grid (at most {})",
             self.n,
-            65_535 * GEMM_TILE
+            65_535 * GEMM_TN
         );
         let cfg = LaunchConfig {
-            grid_dim: (self.m.div_ceil(GEMM_TILE) as u32, self.n.div_ceil(GEMM_TILE) as u32, slices as u32),
-            block_dim: (256, 1, 1),
+            grid_dim: (self.m.div_ceil(GEMM_TM) as u32, self.n.div_ceil(GEMM_TN) as u32, slices as u32),
+            block_dim: (GEMM_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (a_si, a_sk, b_sk, b_sj) = (self.a_si as i64, self.a_sk as i64, self.b_sk as i64, self.b_sj as i64);
-        let (m, n, k, ks, cs) = (self.m as i64, self.n as i64, self.k as i64, k_slice as i64, (self.m * self.n) as i64);
-        let has_bias = self.bias.is_some() as i32;
-        // Without a bias the kernel never reads its bias pointer; any valid buffer stands in.
-        let bias = self.bias.unwrap_or(self.a);
+        let p = GemmParams {
+            a: self.a,
+            b: self.b,
+            bias: self.bias,
+            c,
+            a_si: self.a_si as i64,
+            a_sk: self.a_sk as i64,
+            b_sk: self.b_sk as i64,
+            b_sj: self.b_sj as i64,
+            M: self.m as i64,
+            N: self.n as i64,
+            K: self.k as i64,
+            k_slice: k_slice as i64,
+            c_slice: (self.m * self.n) as i64,
+        };
         let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
-        launch!(
-            gpu,
-            kernel,
-            cfg,
-            shapes,
-            [self.a, &a_si, &a_sk, self.b, &b_sk, &b_sj, bias, &has_bias, c, &m, &n, &k, &ks, &cs]
-        )
+        gpu.launch(kernel, cfg, &p, &shapes)
     }
 }
 
@@ -377,18 +382,19 @@ pub(crate) fn sum_rows(
     let slices = rows.div_ceil(per_slice).max(1);
     let mut y = gpu.alloc(slices * cols, what)?;
     let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(32) as u32, slices as u32, 1),
-        block_dim: (32, 8, 1),
+        grid_dim: (cols.div_ceil(SUM_ROWS_COLS) as u32, slices as u32, 1),
+        block_dim: (SUM_ROWS_COLS as u32, SUM_ROWS_LANES as u32, 1),
         shared_mem_bytes: 0,
     };
-    let (r, c, l, p) = (rows as i64, cols as i64, ld as i64, per_slice as i64);
-    launch!(
-        gpu,
-        "sum_rows_f32",
-        cfg,
-        format!("{what}: sum of {rows} rows x {cols}"),
-        [x, &r, &c, &l, &p, &mut y.slice]
-    )?;
+    let p = SumRowsParams {
+        x: gpu.ptr(x),
+        y: y.ptr_mut(),
+        rows: rows as i64,
+        cols: cols as i64,
+        ld: ld as i64,
+        rows_per_slice: per_slice as i64,
+    };
+    gpu.launch(kernel::sum_rows_f32, cfg, &p, &format!("{what}: sum of {rows} rows x {cols}"))?;
     if slices == 1 {
         return Ok(y);
     }
@@ -412,18 +418,18 @@ fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: Option<&GpuBuffer>, d: Linear
     let gpu = &x.gpu;
     let mut y = gpu.alloc(d.m * d.n, "linear output")?;
     let prod = Gemm {
-        a: &x.slice,
+        a: x.ptr(),
         a_si: d.k,
         a_sk: 1,
-        b: &w.slice,
+        b: w.ptr(),
         b_sk: 1,
         b_sj: d.k,
-        bias: bias.map(|b| &b.slice),
+        bias: bias.map_or(ConstPtr::NULL, GpuBuffer::ptr),
         m: d.m,
         n: d.n,
         k: d.k,
     };
-    prod.run(gpu, &mut y.slice, d.k, 1, GemmRole::Forward)?;
+    prod.run(gpu, y.ptr_mut(), d.k, 1, GemmRole::Forward)?;
     Ok(y)
 }
 
@@ -442,26 +448,28 @@ fn backward_gpu(
     let LinearDims { m, k, n } = d;
     let dx = if needs[0] {
         let mut dx = gpu.alloc(m * k, "linear dx")?;
-        let prod = Gemm { a: &g.slice, a_si: n, a_sk: 1, b: &w.slice, b_sk: k, b_sj: 1, bias: None, m, n: k, k: n };
-        prod.run(gpu, &mut dx.slice, n, 1, GemmRole::InputGrad)?;
+        let prod =
+            Gemm { a: g.ptr(), a_si: n, a_sk: 1, b: w.ptr(), b_sk: k, b_sj: 1, bias: ConstPtr::NULL, m, n: k, k: n };
+        prod.run(gpu, dx.ptr_mut(), n, 1, GemmRole::InputGrad)?;
         Some(dx)
     } else {
         None
     };
     let dw = if needs[1] {
         // dW = g^T x reduces over the M tokens: fixed slices of M, then a fixed-order sum of the partial products.
-        let prod = Gemm { a: &g.slice, a_si: 1, a_sk: n, b: &x.slice, b_sk: k, b_sj: 1, bias: None, m: n, n: k, k: m };
-        let tiles = n.div_ceil(GEMM_TILE) * k.div_ceil(GEMM_TILE);
+        let prod =
+            Gemm { a: g.ptr(), a_si: 1, a_sk: n, b: x.ptr(), b_sk: k, b_sj: 1, bias: ConstPtr::NULL, m: n, n: k, k: m };
+        let tiles = n.div_ceil(GEMM_TM) * k.div_ceil(GEMM_TN);
         let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
         let k_slice = m.div_ceil(want).next_multiple_of(GEMM_TK).max(GEMM_MIN_SLICE);
         let slices = m.div_ceil(k_slice);
         if slices == 1 {
             let mut dw = gpu.alloc(n * k, "linear dW")?;
-            prod.run(gpu, &mut dw.slice, m, 1, GemmRole::WeightGrad)?;
+            prod.run(gpu, dw.ptr_mut(), m, 1, GemmRole::WeightGrad)?;
             Some(dw)
         } else {
             let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
-            prod.run(gpu, &mut partial.slice, k_slice, slices, GemmRole::WeightGrad)?;
+            prod.run(gpu, partial.ptr_mut(), k_slice, slices, GemmRole::WeightGrad)?;
             Some(sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?)
         }
     } else {

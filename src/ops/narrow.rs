@@ -13,10 +13,11 @@
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, CopyRowsParams};
 use crate::ops::concat::copy_rows_gpu;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Result};
+use crate::{by_dtype, ensure, Result};
 
 /// Elements [start, start + len) of the last axis of `x` (any rank).
 pub fn narrow_last(tape: &mut Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
@@ -102,12 +103,18 @@ fn widen_gpu(g: &GpuBuffer, g_shape: &[usize], shape: &[usize], start: usize) ->
     let gpu = &g.gpu;
     let mut dx = gpu.alloc(numel, "narrow_last gradient")?;
     let [rows, k, start, len] = [numel / k, k, start, len].map(|v| v as i64);
-    launch!(
-        gpu,
-        "narrow_backward",
-        grid_1d(numel),
-        format!("narrow_last backward {g_shape:?} into {shape:?}"),
-        [&g.slice, &mut dx.slice, &rows, &k, &start, &len]
-    )?;
+    // dx is rows x k; g, rows x len, lands at column `start`.
+    let p = CopyRowsParams {
+        src: g.ptr(),
+        dst: dx.ptr_mut(),
+        rows,
+        len,
+        src_row: len,
+        src_off: 0,
+        dst_row: k,
+        dst_off: start,
+    };
+    let shapes = format!("narrow_last backward {g_shape:?} into {shape:?}");
+    gpu.launch(kernel::narrow_backward, grid_1d(numel), &p, &shapes)?;
     Tensor::from_gpu(dx, shape)
 }

@@ -48,10 +48,11 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuBuffer;
+use crate::device::params::{kernel, PimParams, PIM_ROWS, PIM_TILE};
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, launch, Result};
+use crate::{bail, by_dtype, ensure, Result};
 
 /// How PiM groups the voxels of a map into sequences (see the module docs for the index formulas).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -247,32 +248,25 @@ impl Grouping {
         );
         let cfg = LaunchConfig {
             grid_dim: (blocks_x.max(1) as u32, blocks_y.max(1) as u32, 1),
-            block_dim: (PIM_TILE as u32, PIM_ROWS, 1),
+            block_dim: (PIM_TILE as u32, PIM_ROWS as u32, 1),
             shared_mem_bytes: 0,
         };
-        let [c, d, h, w] = [c, d, h, w].map(|v| v as i64);
-        let [pd, ph, pw] = self.window.map(|v| v as i64);
-        let [[mid, mjd], [mih, mjh], [miw, mjw]] = self.axis_mults.map(|m| m.map(|v| v as i64));
         let shapes = format!("map {:?} window {:?}", self.map_shape, self.window);
         let mut out = gpu.alloc(input.slice.len(), "PiM output")?;
-        let (src, dst) = (&input.slice, &mut out.slice);
+        let p = PimParams {
+            src: input.ptr(),
+            dst: out.ptr_mut(),
+            C: c as i64,
+            size: [d, h, w].map(|v| v as i64),
+            window: self.window.map(|v| v as i64),
+            outer: self.axis_mults.map(|[i, _]| i as i64),
+            inner: self.axis_mults.map(|[_, j]| j as i64),
+        };
         match dir {
             // An empty map has nothing to move (and no voxel tiles to index blocks by).
-            _ if src.is_empty() => {}
-            Direction::ToTokens => launch!(
-                gpu,
-                "pim_partition",
-                cfg,
-                shapes,
-                [src, dst, &c, &d, &h, &w, &pd, &ph, &pw, &mid, &mih, &miw, &mjd, &mjh, &mjw]
-            )?,
-            Direction::ToMap => launch!(
-                gpu,
-                "pim_merge",
-                cfg,
-                shapes,
-                [src, dst, &c, &d, &h, &w, &pd, &ph, &pw, &mid, &mih, &miw, &mjd, &mjh, &mjw]
-            )?,
+            _ if input.slice.is_empty() => {}
+            Direction::ToTokens => gpu.launch(kernel::pim_partition, cfg, &p, &shapes)?,
+            Direction::ToMap => gpu.launch(kernel::pim_merge, cfg, &p, &shapes)?,
         }
         match dir {
             Direction::ToTokens => Tensor::from_gpu(out, &self.token_shape()),
@@ -280,12 +274,6 @@ impl Grouping {
         }
     }
 }
-
-/// The side of the square tile (channels x voxels) that one block of the PiM kernels moves, as `PIM_TILE` in
-/// `cuda/layout.cu`.
-const PIM_TILE: usize = 32;
-/// Thread rows per PiM block (`PIM_ROWS` in `cuda/layout.cu`): each thread moves PIM_TILE / PIM_ROWS elements.
-const PIM_ROWS: u32 = 8;
 
 /// One line of W voxels at a time, channel by channel: the map side is read or written in contiguous runs of W,
 /// and the line's token rows (W * C values) stay in cache while their C columns are filled.

@@ -67,17 +67,20 @@
 //! reference (N = 16, Dch = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte: bound by memory and by the
 //! exponentials.
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{
+    kernel, ConstPtr, Kernel, ScanParams, SCAN_BWD_R, SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_CHUNK, SCAN_FWD_THREADS,
+};
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
 use crate::ops::seq_dims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, launch, Result};
+use crate::{bail, by_dtype, ensure, Result};
 
 /// The eight inputs of [`selective_scan`], in the order they are recorded on the tape.
 #[derive(Clone, Copy, Debug)]
@@ -432,20 +435,14 @@ impl Backward for ScanBackward {
 // ---------------------------------------------------------------------------------------------------------------
 // GPU
 
-/// Tokens per chunk of the GPU scan: the backward recomputes states from the state saved at each chunk start, so a
-/// sequence of L > 64 tokens saves ceil(L / 64) states of N floats per channel (the first, zero, included), 1/4 of u's
-/// size at L = 128 and N = 16; one of at most 64 tokens saves nothing. A multiple of the backward's sub-chunk
-/// (`SCAN_BWD_SUB` = 8 in cuda/scan.cu).
-pub const GPU_CHUNK: usize = 64;
+/// Tokens per chunk of the GPU scan (`SCAN_CHUNK` of cuda/scan.cuh): the backward recomputes states from the state
+/// saved at each chunk start, so a sequence of L > 64 tokens saves ceil(L / 64) states of N floats per channel (the
+/// first, zero, included), 1/4 of u's size at L = 128 and N = 16; one of at most 64 tokens saves nothing.
+pub const GPU_CHUNK: usize = SCAN_CHUNK;
 
 /// With at least this many (sequence, channel) pairs the forward runs each whole sequence in one thread (every PiM
 /// grouping); with fewer (PaM) it runs the three-pass parallel scan over chunks so that the GPU has work.
 const SEQUENTIAL_MIN_THREADS: usize = 16_384;
-
-/// Threads of a backward block (`SCAN_BWD_THREADS`), and its sub-chunk and states per lane.
-const BWD_THREADS: usize = 128;
-const BWD_SUB: usize = 8;
-const BWD_STATES_PER_LANE: usize = 4;
 
 /// The kernels serving one range of state sizes N: states padded to `padded` (forward registers; backward lanes of
 /// 4 states each), and the longest sequence a backward block sweeps whole (its dB, dC accumulator must fit in shared
@@ -454,38 +451,39 @@ const BWD_STATES_PER_LANE: usize = 4;
 struct Variant {
     padded: usize,
     whole_sequence_max: usize,
+    forward: Kernel<ScanParams>,
+    backward: Kernel<ScanParams>,
 }
 
 impl Variant {
     fn for_states(n: usize) -> Result<Variant> {
         match n {
-            1..=16 => Ok(Variant { padded: 16, whole_sequence_max: 128 }),
-            17..=32 => Ok(Variant { padded: 32, whole_sequence_max: 64 }),
+            1..=16 => Ok(Variant {
+                padded: 16,
+                whole_sequence_max: 128,
+                forward: kernel::scan_forward_n16,
+                backward: kernel::scan_backward_n16,
+            }),
+            17..=32 => Ok(Variant {
+                padded: 32,
+                whole_sequence_max: 64,
+                forward: kernel::scan_forward_n32,
+                backward: kernel::scan_backward_n32,
+            }),
             _ => bail!(Shape, "selective_scan on the GPU supports 1 to 32 states, got N = {n} (a_log's second axis)"),
         }
     }
 
     /// Dynamic shared memory of the backward kernel in bytes (the layout in cuda/scan.cu's `scan_backward_group`).
     fn backward_shared_bytes(self, acc_rows: usize) -> usize {
-        let lanes_per_channel = self.padded / BWD_STATES_PER_LANE;
-        let channels = BWD_THREADS / lanes_per_channel;
-        let (v, warps) = (2 * self.padded, BWD_THREADS / 32);
-        let staged = 5 * BWD_SUB * channels + 2 * BWD_SUB * self.padded;
-        let sums = 3 * BWD_SUB * channels + BWD_SUB * warps * v;
-        let checkpoints = GPU_CHUNK / BWD_SUB * BWD_STATES_PER_LANE * BWD_THREADS;
-        4 * (staged + sums + acc_rows * v + checkpoints + 2 * BWD_THREADS)
+        let lanes_per_channel = self.padded / SCAN_BWD_R;
+        let channels = SCAN_BWD_THREADS / lanes_per_channel;
+        let (v, warps) = (2 * self.padded, SCAN_BWD_THREADS / 32);
+        let staged = 5 * SCAN_BWD_SUB * channels + 2 * SCAN_BWD_SUB * self.padded;
+        let sums = 3 * SCAN_BWD_SUB * channels + SCAN_BWD_SUB * warps * v;
+        let checkpoints = SCAN_CHUNK / SCAN_BWD_SUB * SCAN_BWD_R * SCAN_BWD_THREADS;
+        4 * (staged + sums + acc_rows * v + checkpoints + 2 * SCAN_BWD_THREADS)
     }
-}
-
-/// Launches the N <= 16 or the N <= 32 build of a kernel (same arguments).
-macro_rules! launch_variant {
-    ($variant:expr, $gpu:expr, $n16:literal, $n32:literal, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {
-        if $variant.padded == 16 {
-            launch!($gpu, $n16, $cfg, $shapes, [$($arg),*])
-        } else {
-            launch!($gpu, $n32, $cfg, $shapes, [$($arg),*])
-        }
-    };
 }
 
 /// The GPU buffers of the eight inputs, when they live on a GPU (`ScanDims::of` has checked that they agree).
@@ -507,14 +505,33 @@ fn gpu_chunks(dims: ScanDims) -> Result<usize> {
     Ok(nc)
 }
 
+/// What every scan kernel of one call reads: the eight inputs and the sizes; each launch adds its own fields.
+fn scan_params(bufs: [&GpuBuffer; 8], dims: ScanDims) -> ScanParams {
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = bufs.map(GpuBuffer::ptr);
+    ScanParams {
+        u,
+        delta,
+        a_log,
+        b,
+        c,
+        d_skip,
+        z,
+        delta_bias,
+        G: dims.g as i64,
+        L: dims.l as i64,
+        D: dims.dch as i64,
+        N: dims.n as i32,
+        ..Default::default()
+    }
+}
+
 /// y, and for sequences of several chunks (when `keep` asks) the state at every chunk start, (G, chunks, Dch, N).
 fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
     let ScanDims { g, l, dch, n } = dims;
     let variant = Variant::for_states(n)?;
     let nc = gpu_chunks(dims)?;
-    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = bufs;
-    let gpu = &u.gpu;
-    let threads = dch.next_multiple_of(32).min(128);
+    let gpu = &bufs[0].gpu;
+    let threads = dch.next_multiple_of(32).min(SCAN_FWD_THREADS);
     // Whole sequences per block (cpb = nc), or one chunk per block for the parallel scan.
     let whole = nc == 1 || g * dch >= SEQUENTIAL_MIN_THREADS;
     let cpb = if whole { nc } else { 1 };
@@ -523,168 +540,32 @@ fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Ten
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (li, di, ni, ti, cpbi) = (l as i64, dch as i64, n as i32, GPU_CHUNK as i64, cpb as i64);
     let shapes = format!("selective_scan {dims:?}");
     let mut y = gpu.alloc(g * l * dch, "selective_scan output")?;
-    let (no, yes) = (0i32, 1i32);
+    let base = ScanParams { y: y.ptr_mut(), cpb: cpb as i64, ..scan_params(bufs, dims) };
     if nc == 1 {
-        // From h = 0, nothing to record; the h_init, states and sum_dt pointers are unused (u stands in).
-        launch_variant!(
-            variant,
-            gpu,
-            "scan_forward_n16",
-            "scan_forward_n32",
-            cfg,
-            shapes,
-            [
-                &u.slice,
-                &delta.slice,
-                &a_log.slice,
-                &b.slice,
-                &c.slice,
-                &d_skip.slice,
-                &z.slice,
-                &delta_bias.slice,
-                &u.slice,
-                &no,
-                &mut y.slice,
-                &u.slice,
-                &u.slice,
-                &no,
-                &li,
-                &di,
-                &ni,
-                &ti,
-                &cpbi,
-                &no,
-            ]
-        )?;
+        // From h = 0, nothing to record.
+        gpu.launch(variant.forward, cfg, &base, &shapes)?;
         return Ok((Tensor::from_gpu(y, &[g, l, dch])?, None));
     }
     let mut states = gpu.alloc(g * nc * dch * n, "selective_scan chunk states")?;
     if whole {
-        // One pass that records the state at each chunk start (h_init and sum_dt unused).
-        launch_variant!(
-            variant,
-            gpu,
-            "scan_forward_n16",
-            "scan_forward_n32",
-            cfg,
-            shapes,
-            [
-                &u.slice,
-                &delta.slice,
-                &a_log.slice,
-                &b.slice,
-                &c.slice,
-                &d_skip.slice,
-                &z.slice,
-                &delta_bias.slice,
-                &u.slice,
-                &no,
-                &mut y.slice,
-                &mut states.slice,
-                &u.slice,
-                &yes,
-                &li,
-                &di,
-                &ni,
-                &ti,
-                &cpbi,
-                &no,
-            ]
-        )?;
+        // One pass that records the state at each chunk start.
+        let p = ScanParams { chunk_states: states.ptr_mut(), record: 1, ..base };
+        gpu.launch(variant.forward, cfg, &p, &shapes)?;
     } else {
-        // Pass 1: each chunk's end state from 0 and its sum of dt (h_init and y unused).
+        // Pass 1: each chunk's end state from 0 and its sum of dt (no output).
         let mut sum_dt = gpu.alloc(g * nc * dch, "selective_scan chunk step sums")?;
-        launch_variant!(
-            variant,
-            gpu,
-            "scan_forward_n16",
-            "scan_forward_n32",
-            cfg,
-            shapes.clone(),
-            [
-                &u.slice,
-                &delta.slice,
-                &a_log.slice,
-                &b.slice,
-                &c.slice,
-                &d_skip.slice,
-                &z.slice,
-                &delta_bias.slice,
-                &u.slice,
-                &no,
-                &mut y.slice,
-                &mut states.slice,
-                &mut sum_dt.slice,
-                &no,
-                &li,
-                &di,
-                &ni,
-                &ti,
-                &cpbi,
-                &yes,
-            ]
-        )?;
+        let p = ScanParams { chunk_states: states.ptr_mut(), chunk_dt: sum_dt.ptr_mut(), summary: 1, ..base };
+        gpu.launch(variant.forward, cfg, &p, &shapes)?;
         // Pass 2: end states become true initial states, in place.
-        combine_chunks(&mut states, &sum_dt, a_log, dims, nc, false)?;
-        // Pass 3: every chunk from its initial state (sum_dt unused, nothing recorded).
-        launch_variant!(
-            variant,
-            gpu,
-            "scan_forward_n16",
-            "scan_forward_n32",
-            cfg,
-            shapes,
-            [
-                &u.slice,
-                &delta.slice,
-                &a_log.slice,
-                &b.slice,
-                &c.slice,
-                &d_skip.slice,
-                &z.slice,
-                &delta_bias.slice,
-                &states.slice,
-                &yes,
-                &mut y.slice,
-                &u.slice,
-                &u.slice,
-                &no,
-                &li,
-                &di,
-                &ni,
-                &ti,
-                &cpbi,
-                &no,
-            ]
-        )?;
+        gpu.launch(kernel::scan_chunk_combine, grid_1d(g * dch * n), &p, &format!("selective_scan combine {dims:?}"))?;
+        // Pass 3: every chunk from its initial state, nothing recorded.
+        let p = ScanParams { h_init: states.ptr(), ..base };
+        gpu.launch(variant.forward, cfg, &p, &shapes)?;
     }
     let saved = if keep { Some(Tensor::from_gpu(states, &[g, nc, dch, n])?) } else { None };
     Ok((Tensor::from_gpu(y, &[g, l, dch])?, saved))
-}
-
-/// `scan_chunk_combine`: turns per-chunk contributions (end states from 0, or carries from 0) into what enters each
-/// chunk, in chunk order or (`reverse`) backwards.
-fn combine_chunks(
-    states: &mut GpuBuffer,
-    sum_dt: &GpuBuffer,
-    a_log: &GpuBuffer,
-    dims: ScanDims,
-    nc: usize,
-    reverse: bool,
-) -> Result<()> {
-    let ScanDims { g, dch, n, .. } = dims;
-    let gpu = states.gpu.clone();
-    let (gi, nci, di, ni, rev) = (g as i64, nc as i64, dch as i64, n as i32, reverse as i32);
-    launch!(
-        gpu,
-        "scan_chunk_combine",
-        grid_1d(g * dch * n),
-        format!("selective_scan chunk combine {dims:?}"),
-        [&mut states.slice, &sum_dt.slice, &a_log.slice, &gi, &nci, &di, &ni, &rev]
-    )
 }
 
 fn backward_gpu(
@@ -697,9 +578,7 @@ fn backward_gpu(
     let ScanDims { g, l, dch, n } = dims;
     let variant = Variant::for_states(n)?;
     let nc = gpu_chunks(dims)?;
-    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = bufs;
-    let gpu = &u.gpu;
-    let (gi, li, di, ni, ti) = (g as i64, l as i64, dch as i64, n as i32, GPU_CHUNK as i64);
+    let gpu = &bufs[0].gpu;
     let shapes = format!("selective_scan backward {dims:?}");
 
     // A block sweeps a whole sequence when its dB, dC accumulator fits, else one chunk.
@@ -714,40 +593,24 @@ fn backward_gpu(
             bail!(Mismatch, "selective_scan backward: the forward did not keep its chunk states ({dims:?})")
         }
     };
+    let base = ScanParams {
+        gy: gy.ptr(),
+        // Without saved states (a single chunk) every chunk starts from 0.
+        h_init: states.map_or(ConstPtr::NULL, GpuBuffer::ptr),
+        cpb: cpb as i64,
+        ..scan_params(bufs, dims)
+    };
     // Sequences split over several blocks: the adjoint carry entering each chunk from the right.
     let carry = if groups > 1 {
         let mut carry = gpu.alloc(g * nc * dch * n, "selective_scan chunk carries")?;
         let mut sum_dt = gpu.alloc(g * nc * dch, "selective_scan chunk step sums")?;
-        launch!(
-            gpu,
-            "scan_backward_carry",
-            grid_1d(g * nc * dch * n),
-            shapes.clone(),
-            [
-                &delta.slice,
-                &a_log.slice,
-                &c.slice,
-                &z.slice,
-                &delta_bias.slice,
-                &gy.slice,
-                &mut carry.slice,
-                &mut sum_dt.slice,
-                &gi,
-                &li,
-                &di,
-                &ni,
-                &ti
-            ]
-        )?;
-        combine_chunks(&mut carry, &sum_dt, a_log, dims, nc, true)?;
+        let p = ScanParams { chunk_states: carry.ptr_mut(), chunk_dt: sum_dt.ptr_mut(), reverse: 1, ..base };
+        gpu.launch(kernel::scan_backward_carry, grid_1d(g * nc * dch * n), &p, &shapes)?;
+        gpu.launch(kernel::scan_chunk_combine, grid_1d(g * dch * n), &p, &shapes)?;
         Some(carry)
     } else {
         None
     };
-    // Missing states or carries are never read; u stands in.
-    let h_init: &CudaSlice<f32> = states.map_or(&u.slice, |s| &s.slice);
-    let carry_in: &CudaSlice<f32> = carry.as_ref().map_or(&u.slice, |c| &c.slice);
-    let (has_init, has_carry) = (states.is_some() as i32, carry.is_some() as i32);
 
     let tokens = g * l * dch;
     let mut du = gpu.alloc(tokens, "selective_scan du")?;
@@ -758,48 +621,24 @@ fn backward_gpu(
     // One row per (g, group): [A sum e dt (Dch N) | sum q u (Dch) | sum ddelta (Dch)].
     let width = dch * n + 2 * dch;
     let mut part = gpu.alloc(g * groups * width, "selective_scan parameter partial sums")?;
-    let acc_rows = (cpb * GPU_CHUNK).min(l).next_multiple_of(BWD_SUB);
+    let acc_rows = (cpb * GPU_CHUNK).min(l).next_multiple_of(SCAN_BWD_SUB);
     let cfg = LaunchConfig {
         grid_dim: ((g * groups) as u32, 1, 1),
-        block_dim: (BWD_THREADS as u32, 1, 1),
+        block_dim: (SCAN_BWD_THREADS as u32, 1, 1),
         shared_mem_bytes: variant.backward_shared_bytes(acc_rows) as u32,
     };
-    let (cpbi, acc_rows) = (cpb as i64, acc_rows as i32);
-    launch_variant!(
-        variant,
-        gpu,
-        "scan_backward_n16",
-        "scan_backward_n32",
-        cfg,
-        shapes,
-        [
-            &u.slice,
-            &delta.slice,
-            &a_log.slice,
-            &b.slice,
-            &c.slice,
-            &d_skip.slice,
-            &z.slice,
-            &delta_bias.slice,
-            &gy.slice,
-            h_init,
-            &has_init,
-            carry_in,
-            &has_carry,
-            &mut du.slice,
-            &mut ddelta.slice,
-            &mut dz.slice,
-            &mut db.slice,
-            &mut dc.slice,
-            &mut part.slice,
-            &li,
-            &di,
-            &ni,
-            &ti,
-            &cpbi,
-            &acc_rows,
-        ]
-    )?;
+    let p = ScanParams {
+        carry_in: carry.as_ref().map_or(ConstPtr::NULL, GpuBuffer::ptr),
+        du: du.ptr_mut(),
+        ddelta: ddelta.ptr_mut(),
+        dz: dz.ptr_mut(),
+        db: db.ptr_mut(),
+        dc: dc.ptr_mut(),
+        part: part.ptr_mut(),
+        acc_rows: acc_rows as i32,
+        ..base
+    };
+    gpu.launch(variant.backward, cfg, &p, &shapes)?;
 
     let rows = g * groups;
     let da_log = sum_rows(gpu, &part.slice.slice(..), rows, dch * n, width, "selective_scan da_log")?;

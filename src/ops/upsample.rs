@@ -20,11 +20,12 @@
 //! per block) and 1 FLOP (an add).
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::grid_1d;
+use crate::device::params::kernel;
+use crate::ops::avg_pool::resample_gpu;
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, launch, Result};
+use crate::{by_dtype, Result};
 
 /// Repeats every voxel of `x` (N, C, H, W) or (N, C, D, H, W) `factor[a]` times along each spatial axis a (one
 /// positive value per spatial axis).
@@ -67,13 +68,6 @@ impl Upsample {
 
     fn out_shape(&self) -> Vec<usize> {
         self.dims.shape_with(self.dims.c, self.out)
-    }
-
-    /// The kernels' size arguments: d, h, w, fd, fh, fw.
-    fn kernel_sizes(&self) -> [i64; 6] {
-        let [d, h, w] = self.dims.s;
-        let [fd, fh, fw] = self.f;
-        [d, h, w, fd, fh, fw].map(|v| v as i64)
     }
 }
 
@@ -156,39 +150,10 @@ fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
 }
 
 fn forward_gpu(x: &Tensor, plan: &Upsample) -> Result<Tensor> {
-    let Some(xb) = x.gpu_buffer() else { crate::bail!(Mismatch, "upsample_nearest: x is not a GPU tensor") };
-    let gpu = &xb.gpu;
-    let out_shape = plan.out_shape();
-    let numel: usize = out_shape.iter().product();
-    let total = numel as i64;
-    let [d, h, w, fd, fh, fw] = plan.kernel_sizes();
-    let mut y = gpu.alloc(numel, "upsample_nearest output")?;
-    launch!(
-        gpu,
-        "upsample_nearest_forward",
-        grid_1d(numel),
-        format!("upsample_nearest {:?} factor {:?}", x.shape(), plan.f),
-        [&xb.slice, &mut y.slice, &total, &d, &h, &w, &fd, &fh, &fw]
-    )?;
-    Tensor::from_gpu(y, &out_shape)
+    resample_gpu(kernel::upsample_nearest_forward, x, plan.dims, plan.f, plan.out, false, "upsample_nearest")
 }
 
 fn backward_gpu(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
-    let Some(gb) = grad_out.gpu_buffer() else {
-        crate::bail!(Mismatch, "upsample_nearest backward: gradient is not on the GPU")
-    };
-    let gpu = &gb.gpu;
-    let in_shape = plan.in_shape();
-    let numel: usize = in_shape.iter().product();
-    let total = numel as i64;
-    let [d, h, w, fd, fh, fw] = plan.kernel_sizes();
-    let mut dx = gpu.alloc(numel, "upsample_nearest input gradient")?;
-    launch!(
-        gpu,
-        "upsample_nearest_backward",
-        grid_1d(numel),
-        format!("upsample_nearest backward {:?} factor {:?}", in_shape, plan.f),
-        [&gb.slice, &mut dx.slice, &total, &d, &h, &w, &fd, &fh, &fw]
-    )?;
-    Tensor::from_gpu(dx, &in_shape)
+    let k = kernel::upsample_nearest_backward;
+    resample_gpu(k, grad_out, plan.dims, plan.f, plan.out, true, "upsample_nearest backward")
 }

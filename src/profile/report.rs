@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use super::{Pass, Record, Recording};
+use crate::device::params::{kernel, PeakParams, PEAK_THREADS};
 use crate::device::Device;
 use crate::Result;
 
@@ -36,17 +37,15 @@ impl Ceilings {
                 let mut dst = gpu.alloc(n, "copy-bandwidth destination")?;
                 let copy_ms = best(gpu.time_ms(1, 5, || gpu.copy(&src, &mut dst))?);
                 drop((src, dst));
-                let (blocks, threads, iters) = (4096usize, 256usize, 512i32);
+                let (blocks, threads, iters) = (4096usize, PEAK_THREADS, 512i32);
                 let mut out = gpu.alloc(blocks * threads, "mma peak output")?;
                 let cfg = crate::device::cuda::LaunchConfig {
                     grid_dim: (blocks as u32, 1, 1),
                     block_dim: (threads as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let mma_ms =
-                    best(gpu.time_ms(1, 5, || {
-                        crate::launch!(gpu, "peak_mma_bf16", cfg, "peak", [&mut out.slice, &iters])
-                    })?);
+                let params = PeakParams { out: out.ptr_mut(), iters };
+                let mma_ms = best(gpu.time_ms(1, 5, || gpu.launch(kernel::peak_mma_bf16, cfg, &params, "peak"))?);
                 let flops = (blocks * threads / 32) as f64 * f64::from(iters) * 4.0 * (2 * 16 * 8 * 16) as f64;
                 Ok(Ceilings {
                     device: gpu.name().to_string(),

@@ -2,8 +2,9 @@
 //! accumulation), the ops' backward passes and the optimiser share.
 
 use super::{Real, Tensor};
-use crate::device::cuda::grid_1d;
-use crate::{ensure, launch, Result};
+use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{kernel, ConstPtr, EltwiseParams, Kernel};
+use crate::{ensure, Result};
 
 /// Applies `f` elementwise to two host tensors of equal shape.
 pub fn zip_map<T: Real>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T) -> Result<Tensor> {
@@ -37,18 +38,11 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
     };
     check_binary(a, b, name)?;
     if let (Some(ab), Some(bb)) = (a.gpu_buffer(), b.gpu_buffer()) {
-        let gpu = &ab.gpu;
-        let n = a.numel() as i64;
-        let mut y = gpu.alloc(a.numel(), name)?;
-        let shapes = format!("{:?}", a.shape());
-        match op {
-            Binary::Add => {
-                launch!(gpu, "add_f32", grid_1d(a.numel()), shapes, [&ab.slice, &bb.slice, &mut y.slice, &n])?
-            }
-            Binary::Mul => {
-                launch!(gpu, "mul_f32", grid_1d(a.numel()), shapes, [&ab.slice, &bb.slice, &mut y.slice, &n])?
-            }
-        }
+        let k = match op {
+            Binary::Add => kernel::add_f32,
+            Binary::Mul => kernel::mul_f32,
+        };
+        let y = eltwise_gpu(k, ab, Some(bb), 1.0, name, &format!("{:?}", a.shape()))?;
         return Tensor::from_gpu(y, a.shape());
     }
     fn cpu<T: Real>(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
@@ -73,10 +67,7 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `s * a`.
 pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
     if let Some(ab) = a.gpu_buffer() {
-        let gpu = &ab.gpu;
-        let (n, s) = (a.numel() as i64, s as f32);
-        let mut y = gpu.alloc(a.numel(), "scale")?;
-        launch!(gpu, "scale_f32", grid_1d(a.numel()), format!("{:?}", a.shape()), [&ab.slice, &s, &mut y.slice, &n])?;
+        let y = eltwise_gpu(kernel::scale_f32, ab, None, s as f32, "scale", &format!("{:?}", a.shape()))?;
         return Tensor::from_gpu(y, a.shape());
     }
     fn cpu<T: Real>(a: &Tensor, s: f64) -> Result<Tensor> {
@@ -84,6 +75,25 @@ pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
         map::<T>(a, |x| x * s)
     }
     by_dtype!(a.dtype(), cpu(a, s))
+}
+
+/// Runs an elementwise kernel of `cuda/elementwise.cu` over all of `a` (with `b`, of the same length, as its second
+/// operand, and `s` as its factor, where it takes them) into a new buffer named `what`; `shapes` names the operands
+/// in an error.
+pub(crate) fn eltwise_gpu(
+    k: Kernel<EltwiseParams>,
+    a: &GpuBuffer,
+    b: Option<&GpuBuffer>,
+    s: f32,
+    what: &str,
+    shapes: &str,
+) -> Result<GpuBuffer> {
+    let n = a.slice.len();
+    let gpu = &a.gpu;
+    let mut y = gpu.alloc(n, what)?;
+    let p = EltwiseParams { a: a.ptr(), b: b.map_or(ConstPtr::NULL, GpuBuffer::ptr), y: y.ptr_mut(), s, n: n as i64 };
+    gpu.launch(k, grid_1d(n), &p, shapes)?;
+    Ok(y)
 }
 
 /// The sum of all elements, accumulated in f64, as a host number.

@@ -333,6 +333,7 @@ macro_rules! by_dtype {
 }
 
 mod arith;
+pub(crate) use arith::eltwise_gpu;
 pub use arith::{add, map, mul, scale, sum_all, zip_map};
 
 impl Tensor {

@@ -1,0 +1,48 @@
+// Parameters of the matrix products and the column sums of gemm.cu.
+#pragma once
+#include <stdint.h>
+
+// The tile of C one block computes (GEMM_TM x GEMM_TN), the K step staged in shared memory, the shared-memory row
+// padding, and the threads per block (each owns a 4 x 4 sub-tile).
+constexpr int GEMM_TM = 64;
+constexpr int GEMM_TN = 64;
+constexpr int GEMM_TK = 16;
+constexpr int GEMM_PAD = 4;
+constexpr int GEMM_THREADS = 256;
+// sum_rows_f32: block (SUM_ROWS_COLS, SUM_ROWS_LANES): columns per block, row lanes.
+constexpr int SUM_ROWS_COLS = 32;
+constexpr int SUM_ROWS_LANES = 8;
+
+// One product C[z] = sum_{k in slice z} A(i, k) B(k, j) (+ bias[j]), A(i, k) = a[i a_si + k a_sk],
+// B(k, j) = b[k b_sk + j b_sj], C row-major (M, N), slice z at c + z c_slice. Grid (ceil(M / GEMM_TM),
+// ceil(N / GEMM_TN), slices), GEMM_THREADS threads.
+struct GemmParams {
+    const float* a;
+    const float* b;
+    const float* bias;  // (N), or null for none
+    float* c;
+    int64_t a_si;
+    int64_t a_sk;
+    int64_t b_sk;
+    int64_t b_sj;
+    int64_t M;
+    int64_t N;
+    int64_t K;
+    int64_t k_slice;  // reduction rows per slice (blockIdx.z)
+    int64_t c_slice;  // elements between the slices' partial products
+};
+
+// y[s, q] = sum_{p in slice s} x[p ld + q] for q < cols, slices of rows_per_slice rows. Grid (ceil(cols / 32), slices).
+struct SumRowsParams {
+    const float* x;
+    float* y;
+    int64_t rows;
+    int64_t cols;
+    int64_t ld;
+    int64_t rows_per_slice;
+};
+
+extern "C" __global__ void linear_fprop(const GemmParams p);  // y = x W^T (+ b)
+extern "C" __global__ void linear_dgrad(const GemmParams p);  // dx = g W
+extern "C" __global__ void linear_wgrad(const GemmParams p);  // dW = g^T x, split over tokens
+extern "C" __global__ void sum_rows_f32(const SumRowsParams p);

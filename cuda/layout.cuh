@@ -1,0 +1,48 @@
+// Parameters of the layout kernels of layout.cu (moves of elements, no arithmetic).
+#pragma once
+#include <stdint.h>
+
+// pim_partition / pim_merge: the side of the square tile (channels x voxels) one block moves, and its thread rows
+// (block (PIM_TILE, PIM_ROWS); each thread moves PIM_TILE / PIM_ROWS elements).
+constexpr int PIM_TILE = 32;
+constexpr int PIM_ROWS = 8;
+
+// A map (N, C, D, H, W) and its tokens (G, L, C); per spatial axis a (d, h, w), the token row of voxel coordinate s is
+// (s / window[a]) outer[a] + (s % window[a]) inner[a], summed over the axes, plus n D H W.
+struct PimParams {
+    const float* src;   // the map (partition) or the tokens (merge)
+    float* dst;         // the tokens (partition) or the map (merge)
+    int64_t C;          // channels
+    int64_t size[3];    // D, H, W
+    int64_t window[3];  // p_d, p_h, p_w
+    int64_t outer[3];   // mi_a: the row multiplier of the block index s / p_a
+    int64_t inner[3];   // mj_a: the row multiplier of the offset s % p_a
+};
+
+// copy_rows: dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k] for r < rows, k < len.
+// narrow_backward: dx (rows x dst_row) from g (rows x len): dx[r, j] = g[r, j - dst_off] inside the slice, else 0.
+struct CopyRowsParams {
+    const float* src;
+    float* dst;
+    int64_t rows;
+    int64_t len;
+    int64_t src_row;
+    int64_t src_off;
+    int64_t dst_row;
+    int64_t dst_off;
+};
+
+// flip_seq: y[g, l, c] = x[g, L - 1 - l, c].
+struct FlipParams {
+    const float* x;
+    float* y;
+    int64_t G;
+    int64_t L;
+    int64_t C;
+};
+
+extern "C" __global__ void pim_partition(const PimParams p);  // block (PIM_TILE, PIM_ROWS), grid in layout.cu
+extern "C" __global__ void pim_merge(const PimParams p);      // the same launch
+extern "C" __global__ void copy_rows(const CopyRowsParams p);        // one thread per element, any grid
+extern "C" __global__ void narrow_backward(const CopyRowsParams p);  // one thread per element of dx, any grid
+extern "C" __global__ void flip_seq(const FlipParams p);             // one thread per element, any grid

@@ -1,0 +1,58 @@
+// Parameters of the selective scan kernels of scan.cu (the math and the passes: scan.cu's header comment).
+#pragma once
+#include <stdint.h>
+
+// Tokens per chunk: the backward recomputes states from the state saved at each chunk start. A multiple of
+// SCAN_BWD_SUB.
+constexpr int SCAN_CHUNK = 64;
+// Forward: most threads per block (its __launch_bounds__), and tokens of B and C staged in shared memory at a time.
+constexpr int SCAN_FWD_THREADS = 128;
+constexpr int SCAN_STAGE = 32;
+// Backward: threads per block, tokens per sub-chunk (states recomputed into registers, per-token values staged), and
+// states per lane.
+constexpr int SCAN_BWD_THREADS = 128;
+constexpr int SCAN_BWD_SUB = 8;
+constexpr int SCAN_BWD_R = 4;
+
+// One selective scan: u, delta, z, y (G, L, D) channels last; B, C (G, L, N); a_log (D, N); d_skip, delta_bias (D);
+// per-chunk tensors (G, nc, D, N) and (G, nc, D) with nc = ceil(L / SCAN_CHUNK). Each kernel's comment in scan.cu
+// says which fields it uses; the others may be null.
+struct ScanParams {
+    const float* u;
+    const float* delta;
+    const float* a_log;
+    const float* b;           // B
+    const float* c;           // C
+    const float* d_skip;      // D
+    const float* z;
+    const float* delta_bias;
+    const float* gy;          // backward: dL/dy
+    const float* h_init;      // the state entering each chunk, or null: every chunk starts from 0
+    const float* carry_in;    // backward: the adjoint carry entering each chunk from the right, or null: none
+    float* y;                 // forward output
+    float* chunk_states;      // per chunk (G, nc, D, N): forward record: start states; summary: end states from 0;
+                              // backward_carry: carry-out from 0; combine: rewritten in place to what enters
+    float* chunk_dt;          // per chunk (G, nc, D): sum of dt (forward summary, backward_carry; combine reads)
+    float* du;                // backward outputs: du, ddelta, dz (G, L, D); dB, dC (G, L, N)
+    float* ddelta;
+    float* dz;
+    float* db;
+    float* dc;
+    float* part;              // backward: one row per (g, group): [A sum e dt (D N) | sum q u (D) | sum ddelta (D)]
+    int64_t G;                // sequences
+    int64_t L;                // tokens per sequence
+    int64_t D;                // channels
+    int N;                    // states
+    int64_t cpb;              // chunks per block (a group)
+    int record;               // forward: store the state at each chunk start
+    int summary;              // forward pass 1 of the chunked scan: end states and sums of dt only
+    int reverse;              // combine: backwards over the chunks (adjoint carries)
+    int acc_rows;             // backward: rows of the dB | dC accumulator in shared memory
+};
+
+extern "C" __global__ void scan_forward_n16(const ScanParams p);  // N <= 16
+extern "C" __global__ void scan_forward_n32(const ScanParams p);  // N <= 32
+extern "C" __global__ void scan_chunk_combine(const ScanParams p);
+extern "C" __global__ void scan_backward_carry(const ScanParams p);
+extern "C" __global__ void scan_backward_n16(const ScanParams p);
+extern "C" __global__ void scan_backward_n32(const ScanParams p);
