@@ -35,7 +35,7 @@ enum Command {
     /// Fingerprint an nnU-Net raw dataset and plan its training (spacing, patch, batch, network, normalisation).
     Plan(PlanArgs),
     /// Train a model. Without --data, trains on the built-in synthetic phantom dataset, generated in memory.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Segment NIfTI images with a trained checkpoint.
     Predict {
         /// The checkpoint (`latest.safetensors` of a run).
@@ -308,7 +308,7 @@ fn main() {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Plan(args) => plan_command(&args),
-        Command::Train(args) => train(args, matches.subcommand_matches("train").expect("the train subcommand")),
+        Command::Train(args) => train(*args, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Predict { model, input, output, mirror, device, math, overlay } => {
             open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d, overlay.as_deref()))
         }
@@ -418,7 +418,11 @@ fn launch_ranks(a: &TrainArgs, ordinals: &[usize]) -> Result<()> {
     a.launch(None, false).validate()?;
     math_is_exact(&a.math)?;
     if let Some(path) = &a.resume {
-        distributed::check_resume_world(checkpoint::load(path)?.meta["run"]["world_size"].as_u64(), ordinals.len(), path)?;
+        distributed::check_resume_world(
+            checkpoint::load(path)?.meta["run"]["world_size"].as_u64(),
+            ordinals.len(),
+            path,
+        )?;
     }
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     distributed::launch_local(ordinals, &args)

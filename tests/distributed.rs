@@ -63,7 +63,10 @@ fn flags_give_each_process_its_role() {
     assert_eq!(role(&devices("cuda:2"), &no_env).unwrap(), Role::Single(Some(2)));
     assert_eq!(role(&DistFlags { gpus: Some(1), ..DistFlags::default() }, &no_env).unwrap(), Role::Single(Some(0)));
     assert_eq!(role(&devices("cuda:1,cuda:0"), &no_env).unwrap(), Role::Launcher(vec![1, 0]));
-    assert_eq!(role(&DistFlags { gpus: Some(3), ..DistFlags::default() }, &no_env).unwrap(), Role::Launcher(vec![0, 1, 2]));
+    assert_eq!(
+        role(&DistFlags { gpus: Some(3), ..DistFlags::default() }, &no_env).unwrap(),
+        Role::Launcher(vec![0, 1, 2])
+    );
     // The processes the launcher starts: rank r trains on the r-th listed GPU.
     let child = DistFlags { rank: Some((1, 2, "ab".into())), ..devices("cuda:1,cuda:0") };
     assert_eq!(

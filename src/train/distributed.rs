@@ -603,11 +603,8 @@ fn last_lines(stream: impl std::io::Read, n: usize) -> Vec<String> {
 
 /// The error of a rank that exited with `status`, with its last messages (rank 0's are already on the terminal).
 fn rank_failed(rank: usize, ordinal: usize, status: ExitStatus, messages: &[String]) -> Error {
-    let shown = if messages.is_empty() {
-        String::new()
-    } else {
-        format!("; its last messages:\n  {}", messages.join("\n  "))
-    };
+    let shown =
+        if messages.is_empty() { String::new() } else { format!("; its last messages:\n  {}", messages.join("\n  ")) };
     Error::Device(format!(
         "rank {rank} (cuda:{ordinal}) exited with {status}; the other ranks were stopped (the checkpoint of the last \
          finished epoch, if any, is intact){shown}"

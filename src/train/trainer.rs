@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::checkpoint;
+use super::distributed::{rank_seed, Replica};
 use super::loader::{BatchSource, Loader};
 use super::loss::downsample_labels;
-use super::distributed::{rank_seed, Replica};
 use super::run_dir::{CHECKPOINT, METRICS};
 use super::step::{replica_step, StepInput};
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
