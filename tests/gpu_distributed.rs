@@ -180,12 +180,26 @@ fn two_gpus_average_gradients_and_keep_identical_weights_for_10_steps() {
     }
 }
 
+/// The `lkm-engine` binary: cargo's build of it, or, in the folder `tools/gpu-pack.sh` carries to a GPU machine
+/// (`.gpu/tests/THIS_TEST` beside `.gpu/lkm-engine`), the packed one.
+fn engine_bin() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_lkm-engine"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let packed = exe.parent().and_then(|d| d.parent()).map(|d| d.join("lkm-engine"));
+    packed
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| panic!("no lkm-engine binary at {} nor beside {}", built.display(), exe.display()))
+}
+
 fn engine(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_lkm-engine")).args(args).envs(env.iter().cloned()).spawn().expect("start")
+    Command::new(engine_bin()).args(args).envs(env.iter().cloned()).spawn().expect("start")
 }
 
 fn run_ok(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lkm-engine")).args(args).output().expect("run lkm-engine");
+    let out = Command::new(engine_bin()).args(args).output().expect("run lkm-engine");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
