@@ -15,6 +15,7 @@ use lkm_engine::nn::{LkmUnet, ModelConfig};
 use lkm_engine::plan::{self, Dims, Plan, PlanOptions, Plans};
 use lkm_engine::predict::{check_output, input_cases, pair_labels, Predictor};
 use lkm_engine::train::checkpoint::{self, Checkpoint};
+use lkm_engine::train::distributed::{self, DistFlags, NcclId, Replica, Role};
 use lkm_engine::train::launch::{parse_pim_layout, Launch};
 use lkm_engine::train::prepare::{self, Prepared};
 use lkm_engine::train::run_dir::{RunDir, CHECKPOINT};
@@ -34,7 +35,7 @@ enum Command {
     /// Fingerprint an nnU-Net raw dataset and plan its training (spacing, patch, batch, network, normalisation).
     Plan(PlanArgs),
     /// Train a model. Without --data, trains on the built-in synthetic phantom dataset, generated in memory.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Segment NIfTI images with a trained checkpoint.
     Predict {
         /// The checkpoint (`latest.safetensors` of a run).
@@ -248,6 +249,26 @@ struct TrainArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Train data-parallel on these GPUs, one process each, through NCCL: cuda:0,cuda:1,... (--batch is per GPU;
+    /// one GPU is the single-GPU run). NCCL is loaded at run time: README, "Several GPUs".
+    #[arg(long, conflicts_with_all = ["device", "gpus", "dist_env"])]
+    devices: Option<String>,
+    /// Train data-parallel on the first N GPUs (as --devices cuda:0,...,cuda:N-1).
+    #[arg(long, conflicts_with_all = ["device", "dist_env"])]
+    gpus: Option<usize>,
+    /// Be one rank of a run started by torchrun or another launcher (one process per GPU, on one host or several):
+    /// rank, number of ranks and GPU from RANK, WORLD_SIZE and LOCAL_RANK; the ranks meet at NCCL_COMM_ID=HOST:PORT.
+    #[arg(long, conflicts_with = "device")]
+    dist_env: bool,
+    /// Set by the launcher of --devices/--gpus for the rank processes it starts.
+    #[arg(long, hide = true, requires_all = ["world_size", "nccl_id"])]
+    rank: Option<usize>,
+    /// Set by the launcher of --devices/--gpus: the number of ranks.
+    #[arg(long, hide = true, requires = "rank")]
+    world_size: Option<usize>,
+    /// Set by the launcher of --devices/--gpus: the NCCL id the ranks meet by (hex).
+    #[arg(long, hide = true, requires = "rank")]
+    nccl_id: Option<String>,
     /// Math of the GPU convolutions: tf32 (tensor cores, float32 accumulation) or exact (float32 SIMT, for parity
     /// checks).
     #[arg(long, default_value = "tf32")]
@@ -287,7 +308,7 @@ fn main() {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Plan(args) => plan_command(&args),
-        Command::Train(args) => train(args, matches.subcommand_matches("train").expect("the train subcommand")),
+        Command::Train(args) => train(*args, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Predict { model, input, output, mirror, device, math, overlay } => {
             open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d, overlay.as_deref()))
         }
@@ -315,6 +336,16 @@ const PHANTOM_BATCH: usize = 1;
 const PHANTOM_LR: f64 = 2e-2;
 
 impl TrainArgs {
+    /// The distributed flags, for [`distributed::role`].
+    fn dist_flags(&self) -> DistFlags {
+        DistFlags {
+            devices: self.devices.clone(),
+            gpus: self.gpus,
+            dist_env: self.dist_env,
+            rank: self.rank.zip(self.world_size).zip(self.nccl_id.clone()).map(|((r, w), id)| (r, w, id)),
+        }
+    }
+
     /// The run settings these flags ask for, with `plan` (the batch is the plan's unless `--batch` was given).
     fn launch(&self, plan: Option<Plan>, batch_given: bool) -> Launch {
         Launch {
@@ -381,12 +412,55 @@ fn run_plan(a: &TrainArgs, device: &Device) -> Result<Option<Plan>> {
     }
 }
 
+/// `train` on several GPUs: checks every flag, and a resumed run's number of GPUs, before any rank starts, then
+/// starts one rank process per GPU and waits for them.
+fn launch_ranks(a: &TrainArgs, ordinals: &[usize]) -> Result<()> {
+    a.launch(None, false).validate()?;
+    math_is_exact(&a.math)?;
+    if let Some(path) = &a.resume {
+        distributed::check_resume_world(
+            checkpoint::load(path)?.meta["run"]["world_size"].as_u64(),
+            ordinals.len(),
+            path,
+        )?;
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    distributed::launch_local(ordinals, &args)
+}
+
+/// The device of a train process and, for a rank of a data-parallel run, its replica (NCCL joined).
+fn train_device(a: &TrainArgs, role: &Role) -> Result<(Device, Option<Replica>)> {
+    match role {
+        Role::Single(None) => Ok((open_device(&a.device, &a.math)?, None)),
+        Role::Single(Some(ordinal)) => Ok((open_device(&format!("cuda:{ordinal}"), &a.math)?, None)),
+        Role::Launcher(_) => unreachable!("the launcher trains nothing"),
+        Role::Rank(spec) => {
+            let device = open_device(&format!("cuda:{}", spec.ordinal), &a.math)?;
+            let Device::Cuda(gpu) = &device else { unreachable!("cuda:N opens a GPU") };
+            let id = match &spec.nccl_id {
+                Some(hex) => NcclId::from_hex(hex)?,
+                // --dist-env: NCCL derives the id from NCCL_COMM_ID, the same in every process.
+                None => NcclId::new()?,
+            };
+            let replica = Replica::new(gpu, spec.rank, spec.world, &id)?;
+            Ok((device, Some(replica)))
+        }
+    }
+}
+
 fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
-    let device = open_device(&a.device, &a.math)?;
+    let role = distributed::role(&a.dist_flags(), &|name| std::env::var(name).ok())?;
+    if let Role::Launcher(ordinals) = &role {
+        return launch_ranks(&a, ordinals);
+    }
+    // Every flag is checked before any device is opened or data is read; then the plan, if any, is made or read.
+    let flags = a.launch(None, false).validate()?;
+    let (device, replica) = train_device(&a, &role)?;
+    let world = replica.as_ref().map_or(1, Replica::world);
+    // Rank 0 (or the only process) owns the run folder; the other ranks write nothing.
+    let root = replica.as_ref().is_none_or(Replica::is_root);
     let t0 = Instant::now();
     let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    // Every flag is checked before any data is read; then the plan, if any, is made or read.
-    let flags = a.launch(None, false).validate()?;
     let given = match run_plan(&a, &device)? {
         Some(plan) => a.launch(Some(plan), explicit("batch")).validate()?,
         None => flags,
@@ -394,13 +468,17 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     // A resumed run continues in its checkpoint's folder, with the settings recorded there.
     let resume = a.resume.as_deref().map(|p| Ok::<_, Error>((p, checkpoint::load(p)?))).transpose()?;
     let (launch, out) = match &resume {
-        Some((path, ck)) => resumed_launch(path, ck, &given, &explicit, &a.out)?,
+        Some((path, ck)) => {
+            distributed::check_resume_world(ck.meta["run"]["world_size"].as_u64(), world, path)?;
+            resumed_launch(path, ck, &given, &explicit, &a.out)?
+        }
         None => (given, a.out.clone()),
     };
-    let run_dir = RunDir::lock(&out)?;
-    match &resume {
-        Some((_, ck)) => run_dir.resume_at(checkpoint_epoch(ck))?,
-        None => run_dir.start_fresh(a.overwrite)?,
+    let run_dir = if root { Some(RunDir::lock(&out)?) } else { None };
+    match (&run_dir, &resume) {
+        (Some(dir), Some((_, ck))) => dir.resume_at(checkpoint_epoch(ck))?,
+        (Some(dir), None) => dir.start_fresh(a.overwrite)?,
+        (None, _) => {}
     }
     let data: Prepared = match (&launch.data, &launch.plan) {
         (Some(dir), Some(plan)) => prepare::planned(dir, plan, launch.val_fraction)?,
@@ -438,7 +516,7 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         }
         None => (launch.model_config(data.num_classes(), data.channels)?, launch.train_options(true), 0),
     };
-    opts.progress = !a.no_progress;
+    opts.progress = !a.no_progress && root;
     opts.loader_workers = a.loader_workers;
     let (model, fresh) = LkmUnet::new(config, opts.seed)?;
     let start = match &resume {
@@ -447,8 +525,13 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         }
         None => Start { params: fresh.clone(), momentum: Vec::new(), epoch: 0 },
     };
+    let ranks = match &replica {
+        Some(r) => format!(" as rank {} of {} (batch {} per GPU)", r.rank(), r.world(), opts.batch),
+        None => String::new(),
+    };
     eprintln!(
-        "model: LKM-UNet {} stages, {:.2} M parameters, patch {:?}, PiM {:?}; device {:?}{}; epochs {}..{} of {} iterations",
+        "model: LKM-UNet {} stages, {:.2} M parameters, patch {:?}, PiM {:?}; device {:?}{}{ranks}; epochs {}..{} of {} \
+         iterations",
         model.config.features.len(),
         fresh.count() as f64 / 1e6,
         model.config.patch,
@@ -461,8 +544,10 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     );
     let mut meta = data.meta();
     meta["launch"] = serde_json::to_value(&launch).expect("launch settings serialise");
+    // The number of GPUs is part of the run: each draws its own batches (checked by --resume).
+    meta["world_size"] = world.into();
     let run = Run { model: &model, device, opts, out_dir: out.clone(), meta };
-    let (records, _) = run.train(&data.train, &data.val, start)?;
+    let (records, _) = run.train_replica(&data.train, &data.val, start, replica.as_ref())?;
     drop(run_dir);
     if let Some(last) = records.iter().rev().find(|r| r.val_mean_dice.is_some()) {
         eprintln!(
@@ -649,13 +734,18 @@ fn profile(a: &ProfileArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `--math` asks for exact float32 products (else tf32).
+fn math_is_exact(math: &str) -> Result<bool> {
+    match math {
+        "tf32" => Ok(false),
+        "exact" => Ok(true),
+        s => bail!(Config, "--math must be tf32 or exact, not {s:?}"),
+    }
+}
+
 /// Parses `--device` and applies `--math` (tf32 or exact) to a GPU.
 fn open_device(spec: &str, math: &str) -> Result<Device> {
-    let exact = match math {
-        "tf32" => false,
-        "exact" => true,
-        s => bail!(Config, "--math must be tf32 or exact, not {s:?}"),
-    };
+    let exact = math_is_exact(math)?;
     let device = Device::parse(spec)?;
     if let Device::Cuda(gpu) = &device {
         gpu.set_exact_f32(exact);

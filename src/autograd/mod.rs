@@ -212,39 +212,120 @@ impl Tape {
     /// Back-propagates from `output` with the given seed gradient dL/d(output), consuming the tape. Returns the
     /// gradients of the watched leaves.
     pub fn backward_from(&mut self, output: &Tensor, seed: Tensor) -> Result<Gradients> {
+        self.backward_inner(output, seed, None)
+    }
+
+    /// The watched leaves that recorded nodes take as inputs, in the order their gradients become final during
+    /// [`Tape::backward`]: a leaf's gradient is complete once the backward pass has run the first node (in forward
+    /// order) that uses it, and the pass runs nodes last to first. Leaves first used by the same node come in that
+    /// node's input order, so the order is a fixed function of the recorded graph (the same on every replica of a
+    /// data-parallel run, which must launch its gradient reductions in one order).
+    pub fn leaves_in_final_order(&self) -> Vec<TensorId> {
+        self.leaves_with_final_node().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// As [`Tape::backward`], handing each watched leaf's gradient to `on_final` as soon as it is complete (see
+    /// [`Tape::leaves_in_final_order`]), in that order, instead of returning it: `None` when no gradient reached the
+    /// leaf. Data-parallel training starts reducing a gradient across GPUs there, while the rest of the backward
+    /// pass runs. The returned [`Gradients`] hold only the leaves no recorded node uses (none, for a model's
+    /// parameters) and the trace.
+    pub fn backward_notify(
+        &mut self,
+        loss: &Tensor,
+        on_final: &mut dyn FnMut(TensorId, Option<Tensor>) -> Result<()>,
+    ) -> Result<Gradients> {
+        ensure!(loss.numel() == 1, Shape, "backward() needs a one-element loss, got shape {:?}", loss.shape());
+        let seed = Tensor::full(loss.shape(), 1.0, loss.dtype(), &loss.device())?;
+        self.backward_inner(loss, seed, Some(on_final))
+    }
+
+    /// [`Tape::leaves_in_final_order`], each leaf with the index of the node after which its gradient is final (the
+    /// first node that takes it as an input).
+    fn leaves_with_final_node(&self) -> Vec<(TensorId, usize)> {
+        let mut first_use = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for id in node.inputs.iter().filter(|id| self.leaves.contains(id)) {
+                first_use.entry(*id).or_insert(i);
+            }
+        }
+        let mut order = Vec::with_capacity(first_use.len());
+        for (i, node) in self.nodes.iter().enumerate().rev() {
+            for id in &node.inputs {
+                // `remove` emits a leaf once even when its first node takes it twice.
+                if first_use.get(id) == Some(&i) {
+                    first_use.remove(id);
+                    order.push((*id, i));
+                }
+            }
+        }
+        order
+    }
+
+    fn backward_inner(
+        &mut self,
+        output: &Tensor,
+        seed: Tensor,
+        mut on_final: Option<&mut dyn FnMut(TensorId, Option<Tensor>) -> Result<()>>,
+    ) -> Result<Gradients> {
+        // Node index -> the leaves whose gradient is complete once that node has run (only when someone listens).
+        let mut final_after: HashMap<usize, Vec<TensorId>> = HashMap::new();
+        if on_final.is_some() {
+            for (id, node) in self.leaves_with_final_node() {
+                final_after.entry(node).or_default().push(id);
+            }
+        }
         output.check_same_kind(&seed, "backward seed")?;
         seed.check_shape(output.shape(), "backward seed")?;
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
         let mut trace = Vec::new();
         grads.insert(output.id(), seed);
         while let Some(node) = self.nodes.pop() {
+            let index = self.nodes.len();
             // An output's gradient is complete once every later node has run; nodes no gradient reached are skipped.
-            let Some(grad_out) = grads.remove(&node.output) else { continue };
-            if let Some(out) = node.traced_output {
-                let (index, op) = (self.nodes.len(), node.op.name());
-                trace.push(TracedNode { index, op, output: out, grad: grad_out.clone() });
+            if let Some(grad_out) = grads.remove(&node.output) {
+                self.run_node(node, grad_out, &mut grads, &mut trace)?;
             }
-            let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
-            let range = crate::profile::backward(node.op.name(), node.layer, &grad_out, node.op.flops());
-            let input_grads = node.op.backward(&grad_out, &needs)?;
-            range.done(input_grads.iter().flatten());
-            ensure!(
-                input_grads.len() == node.inputs.len(),
-                Shape,
-                "backward of {} returned {} gradients for {} inputs",
-                node.op.name(),
-                input_grads.len(),
-                node.inputs.len()
-            );
-            for ((id, g), need) in node.inputs.iter().zip(input_grads).zip(needs) {
-                if let (Some(g), true) = (g, need) {
-                    accumulate(&mut grads, *id, g)?;
+            if let (Some(on_final), Some(leaves)) = (on_final.as_mut(), final_after.remove(&index)) {
+                for id in leaves {
+                    on_final(id, grads.remove(&id))?;
                 }
             }
         }
         grads.retain(|id, _| self.leaves.contains(id));
         self.clear();
         Ok(Gradients { map: grads, trace })
+    }
+
+    /// Runs one node's backward with its complete output gradient and accumulates its inputs' gradients.
+    fn run_node(
+        &self,
+        node: Node,
+        grad_out: Tensor,
+        grads: &mut HashMap<TensorId, Tensor>,
+        trace: &mut Vec<TracedNode>,
+    ) -> Result<()> {
+        if let Some(out) = node.traced_output {
+            let (index, op) = (self.nodes.len(), node.op.name());
+            trace.push(TracedNode { index, op, output: out, grad: grad_out.clone() });
+        }
+        let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
+        let range = crate::profile::backward(node.op.name(), node.layer, &grad_out, node.op.flops());
+        let input_grads = node.op.backward(&grad_out, &needs)?;
+        range.done(input_grads.iter().flatten());
+        ensure!(
+            input_grads.len() == node.inputs.len(),
+            Shape,
+            "backward of {} returned {} gradients for {} inputs",
+            node.op.name(),
+            input_grads.len(),
+            node.inputs.len()
+        );
+        for ((id, g), need) in node.inputs.iter().zip(input_grads).zip(needs) {
+            if let (Some(g), true) = (g, need) {
+                accumulate(grads, *id, g)?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops every recorded node and what it saved, and forgets the watched tensors.

@@ -1,4 +1,5 @@
-//! Training: the loss, one step ([`step::train_step`]), the loop, checkpoints, data preparation, the launch settings
+//! Training: the loss, one step ([`step::train_step`]), the loop, data-parallel training on several GPUs
+//! ([`distributed`]), checkpoints, data preparation, the launch settings
 //! a run is resumed with ([`launch`]), the run folder and its lock ([`run_dir`]), the step dump for the parity check
 //! and the step profile.
 //!
@@ -7,6 +8,7 @@
 //! with [`Run::train`](trainer::Run::train) and segments a NIfTI file with the checkpoint it wrote.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod dump;
 pub mod launch;
 pub mod loader;

@@ -1,6 +1,9 @@
 //! One training step, as the trainer, `dump-step` and `profile` run it: forward, the deep-supervision loss, the
-//! tape's backward pass, global gradient-norm clipping and the SGD update, each inside its profiling phase.
+//! tape's backward pass, global gradient-norm clipping and the SGD update, each inside its profiling phase. As one
+//! replica of a data-parallel run ([`Replica`]), the loss and the gradients are averaged over the replicas before
+//! they are used.
 
+use super::distributed::Replica;
 use super::loss::deep_supervision_loss;
 use crate::autograd::Tape;
 use crate::nn::{LkmUnet, Params};
@@ -8,6 +11,21 @@ use crate::optim::{clip_present_grad_norm, Sgd};
 use crate::profile::phase;
 use crate::tensor::Tensor;
 use crate::Result;
+
+/// What one step trains on: the model, a device batch and the labels at every output's resolution, and the loss and
+/// clipping settings.
+pub struct StepInput<'a> {
+    /// The network.
+    pub model: &'a LkmUnet,
+    /// The device batch (n, channels, patch...).
+    pub x: &'a Tensor,
+    /// The labels at every output's resolution.
+    pub targets: &'a [Tensor],
+    /// Dice over the whole batch (nnU-Net 3d_fullres) or per sample.
+    pub batch_dice: bool,
+    /// Global gradient-norm limit.
+    pub grad_clip: f64,
+}
 
 /// Runs one optimisation step of `model` on the device batch `x` with the labels at every output's resolution
 /// (`targets`) and returns the loss, read back from the device. A non-finite loss is returned before the backward
@@ -21,31 +39,48 @@ pub fn train_step(
     batch_dice: bool,
     grad_clip: f64,
 ) -> Result<f64> {
+    replica_step(&StepInput { model, x, targets, batch_dice, grad_clip }, params, sgd, None)
+}
+
+/// [`train_step`], as one replica of a data-parallel run when `replica` is given: the returned loss is the mean over
+/// the replicas (every replica reads the same value, so all stop together on a non-finite one), and every gradient is
+/// the mean over the replicas, reduced by NCCL in buckets while the backward pass runs ([`Replica::backward`]).
+/// Clipping and SGD then see the same gradients on every replica, so the weights stay identical. Without a replica
+/// this is the single-device step.
+pub fn replica_step(input: &StepInput, params: &mut Params, sgd: &mut Sgd, replica: Option<&Replica>) -> Result<f64> {
     let mut tape = Tape::new();
     params.watch(&mut tape);
     let outputs = {
         let _phase = phase("forward");
-        model.forward(&mut tape, params, x)?
+        input.model.forward(&mut tape, params, input.x)?
     };
     let loss = {
         let _phase = phase("loss");
         let _layer = crate::profile::layer("loss");
-        deep_supervision_loss(&mut tape, &outputs, targets, batch_dice)?
+        deep_supervision_loss(&mut tape, &outputs, input.targets, input.batch_dice)?
     };
     drop(outputs);
-    let value = loss.scalar()?;
+    let value = match replica {
+        Some(r) => r.average_loss(&loss)?.scalar()?,
+        None => loss.scalar()?,
+    };
     if !value.is_finite() {
         return Ok(value);
     }
-    let mut grads = {
-        let _phase = phase("backward");
-        tape.backward(&loss)?
-    };
     // Parameters no gradient reaches (the deepest seg head: loss weight 0) are skipped, as PyTorch does.
-    let mut g: Vec<Option<Tensor>> = params.tensors().iter().map(|p| grads.take(p)).collect();
+    let mut g: Vec<Option<Tensor>> = {
+        let _phase = phase("backward");
+        match replica {
+            Some(r) => r.backward(&mut tape, &loss, params)?,
+            None => {
+                let mut grads = tape.backward(&loss)?;
+                params.tensors().iter().map(|p| grads.take(p)).collect()
+            }
+        }
+    };
     {
         let _phase = phase("clip");
-        clip_present_grad_norm(&mut g, grad_clip)?;
+        clip_present_grad_norm(&mut g, input.grad_clip)?;
     }
     let _phase = phase("optimiser");
     sgd.step_partial(params.tensors_mut(), &g).map(|_| value)

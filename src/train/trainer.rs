@@ -6,16 +6,21 @@
 //! Reproducibility and resume: every iteration's batch is drawn from its own generator seeded by (seed, epoch,
 //! iteration) by the background loader ([`super::loader`]), so a run resumed from the checkpoint of epoch e continues
 //! exactly as the uninterrupted run would have, whatever the number of loader threads.
+//!
+//! On several GPUs ([`Run::train_replica`], [`super::distributed`]) each process runs this loop as one replica: its
+//! batches come from its rank's seed, its steps average loss and gradients with the other replicas, and only rank 0
+//! validates and writes the run folder.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::checkpoint;
+use super::distributed::{rank_seed, Replica};
 use super::loader::{BatchSource, Loader};
 use super::loss::downsample_labels;
 use super::run_dir::{CHECKPOINT, METRICS};
-use super::step::train_step;
+use super::step::{replica_step, StepInput};
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
 use crate::data::Case;
 use crate::device::Device;
@@ -145,6 +150,21 @@ pub struct Start {
 impl Run<'_> {
     /// Trains from `start` to `opts.epochs`, returning the records of the epochs run and the final parameters.
     pub fn train(&self, train: &[Case], val: &[Case], start: Start) -> Result<(Vec<EpochRecord>, Params)> {
+        self.train_replica(train, val, start, None)
+    }
+
+    /// [`Run::train`] as one replica of a data-parallel run when `replica` is given (the run's device must be the
+    /// replica's GPU): the replicas start from rank 0's parameters, rank r samples with [`rank_seed`]`(seed, r)`,
+    /// every step averages loss and gradients over the replicas, and only rank 0 validates, prints the epoch summary
+    /// and writes the run folder (the other ranks return records without validation). The records' throughput counts
+    /// the patches of every replica.
+    pub fn train_replica(
+        &self,
+        train: &[Case],
+        val: &[Case],
+        start: Start,
+        replica: Option<&Replica>,
+    ) -> Result<(Vec<EpochRecord>, Params)> {
         let cfg = &self.model.config;
         let o = &self.opts;
         if train.is_empty() {
@@ -178,20 +198,31 @@ impl Run<'_> {
             cases: train,
             foreground: &fg,
             batch: o.batch,
-            seed: o.seed,
+            seed: rank_seed(o.seed, replica.map_or(0, Replica::rank)),
             iters_per_epoch: o.iters_per_epoch,
         };
         std::thread::scope(|scope| {
             let batches = Loader::start(scope, &source, start.epoch, o.epochs, o.loader_workers, LOADER_DEPTH);
-            self.run_epochs(batches, val, start)
+            self.run_epochs(batches, val, start, replica)
         })
     }
 
-    /// The epochs of [`Run::train`], training on `batches`.
-    fn run_epochs(&self, mut batches: Loader, val: &[Case], start: Start) -> Result<(Vec<EpochRecord>, Params)> {
+    /// The epochs of [`Run::train_replica`], training on `batches`.
+    fn run_epochs(
+        &self,
+        mut batches: Loader,
+        val: &[Case],
+        start: Start,
+        replica: Option<&Replica>,
+    ) -> Result<(Vec<EpochRecord>, Params)> {
         let cfg = &self.model.config;
         let o = &self.opts;
+        // Rank 0 (or the only process) validates and writes; the other replicas only train.
+        let writes = replica.is_none_or(Replica::is_root);
         let mut params = start.params.to(crate::tensor::DType::F32, &self.device)?.deep_copy()?;
+        if let Some(r) = replica {
+            r.broadcast_params(&mut params)?;
+        }
         let mut sgd = Sgd::new(o.lr, o.momentum, o.weight_decay);
         let momentum = start
             .momentum
@@ -201,21 +232,28 @@ impl Run<'_> {
         if momentum.iter().any(|m| m.is_some()) {
             sgd.set_momentum_buffers(momentum);
         }
-        std::fs::create_dir_all(&self.out_dir)
-            .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
-        crate::viz::report::record_environment(&self.out_dir, &self.device, start.epoch)?;
         let log_path = self.out_dir.join(METRICS);
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::Io(format!("opening {}: {e}", log_path.display())))?;
+        let mut log = if writes {
+            std::fs::create_dir_all(&self.out_dir)
+                .map_err(|e| Error::Io(format!("creating {}: {e}", self.out_dir.display())))?;
+            crate::viz::report::record_environment(&self.out_dir, &self.device, start.epoch)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| Error::Io(format!("opening {}: {e}", log_path.display())))?;
+            Some(file)
+        } else {
+            None
+        };
         let mut records = Vec::new();
-        let patch_voxels = (o.batch * cfg.patch.iter().product::<usize>()) as f64;
+        // The patches of one iteration, over every replica.
+        let world = replica.map_or(1, Replica::world);
+        let patch_voxels = (world * o.batch * cfg.patch.iter().product::<usize>()) as f64;
         for epoch in start.epoch..o.epochs {
             let t0 = Instant::now();
             sgd.lr = poly_lr(o.lr, epoch, o.epochs);
-            let bar = self.progress_bar(epoch);
+            let bar = if writes { self.progress_bar(epoch) } else { None };
             let mut loss_sum = 0.0;
             let mut iteration_ms = Vec::with_capacity(o.iters_per_epoch);
             if let Device::Cuda(gpu) = &self.device {
@@ -231,7 +269,14 @@ impl Run<'_> {
                     let _phase = phase("to_device");
                     (x.to_device(&self.device)?, self.targets(&y)?)
                 };
-                let loss = self.step(&mut params, &mut sgd, &x, &targets)?;
+                let step = StepInput {
+                    model: self.model,
+                    x: &x,
+                    targets: &targets,
+                    batch_dice: o.batch_dice,
+                    grad_clip: o.grad_clip,
+                };
+                let loss = replica_step(&step, &mut params, &mut sgd, replica)?;
                 if !loss.is_finite() {
                     bail!(NonFinite, "{}", self.diverged(loss, epoch, it, start.epoch, loss_sum / it.max(1) as f64));
                 }
@@ -252,7 +297,8 @@ impl Run<'_> {
                 Device::Cpu => None,
             };
             iteration_ms.sort_by(|a, b| a.total_cmp(b));
-            let validate = !val.is_empty() && ((epoch + 1) % o.val_every.max(1) == 0 || epoch + 1 == o.epochs);
+            let validate =
+                writes && !val.is_empty() && ((epoch + 1) % o.val_every.max(1) == 0 || epoch + 1 == o.epochs);
             let val_dice = if validate { Some(self.validate(&params, val)?) } else { None };
             let present: Vec<f64> = val_dice.iter().flatten().flatten().copied().collect();
             let rec = EpochRecord {
@@ -266,29 +312,25 @@ impl Run<'_> {
                 ms_per_iteration: iteration_ms.get(iteration_ms.len() / 2).copied().unwrap_or(f64::NAN),
                 peak_gib,
             };
-            eprintln!("{}", epoch_summary(&rec));
-            writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
-                .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
-            self.save(&self.out_dir.join(CHECKPOINT), &params, &sgd, epoch + 1)?;
-            // After the checkpoint, and only a warning if it fails: a picture never costs training.
-            crate::viz::progress::write_progress(&self.out_dir, &crate::viz::class_names(&self.meta))
-                .unwrap_or_else(|e| eprintln!("progress.png not drawn: {e}"));
+            if let Some(log) = &mut log {
+                eprintln!("{}", epoch_summary(&rec));
+                writeln!(log, "{}", serde_json::to_string(&rec).expect("records serialise"))
+                    .map_err(|e| Error::Io(format!("writing {}: {e}", log_path.display())))?;
+                self.save(&self.out_dir.join(CHECKPOINT), &params, &sgd, epoch + 1)?;
+                // After the checkpoint, and only a warning if it fails: a picture never costs training.
+                crate::viz::progress::write_progress(&self.out_dir, &crate::viz::class_names(&self.meta))
+                    .unwrap_or_else(|e| eprintln!("progress.png not drawn: {e}"));
+            }
             records.push(rec);
         }
         Ok((records, params))
     }
 
-    /// One optimisation step; returns the loss (read back from the device). A non-finite loss is returned before the
-    /// backward pass, leaving the parameters as they were.
     /// The label map of a host batch reduced to every output's resolution on the host, then moved to the device once
     /// (reducing device labels would copy them back to the host every step).
     fn targets(&self, y: &Tensor) -> Result<Vec<Tensor>> {
         let cfg = &self.model.config;
         cfg.output_sizes(&cfg.patch).iter().map(|s| downsample_labels(y, s)?.to_device(&self.device)).collect()
-    }
-
-    fn step(&self, params: &mut Params, sgd: &mut Sgd, x: &Tensor, targets: &[Tensor]) -> Result<f64> {
-        train_step(self.model, params, sgd, x, targets, self.opts.batch_dice, self.opts.grad_clip)
     }
 
     /// Mean Dice per foreground class over the validation cases (sliding window, no mirroring).
