@@ -31,6 +31,15 @@ struct Case {
     inputs: Vec<Tensor>,
     f: OpFn,
     backward: bool,
+    /// The float32 math of the matrix products it runs (the other kernels ignore it).
+    math: Math,
+}
+
+/// Exact float32 SIMT products, or tf32 tensor-core ones ([`Gpu::set_exact_f32`]).
+#[derive(Clone, Copy)]
+enum Math {
+    Exact,
+    Tf32,
 }
 
 struct Row {
@@ -54,6 +63,7 @@ fn randn(gpu: &Device, shape: &[usize], scale: f64, seed: u64) -> Tensor {
 
 fn run_case(gpu: &Arc<Gpu>, c: &Case) -> Result<Row> {
     let reps = 7;
+    gpu.set_exact_f32(matches!(c.math, Math::Exact));
     let fwd = gpu.time_ms(2, reps, || (c.f)(&mut Tape::no_grad(), &c.inputs).map(drop))?;
     let fwd_bwd = if c.backward {
         let y = (c.f)(&mut Tape::no_grad(), &c.inputs)?;
@@ -95,17 +105,26 @@ fn cases(dev: &Device) -> Vec<Case> {
     let map_bytes = vox * c as f64 * 4.0;
     let x = randn(dev, &map, 1.0, 1);
     let mut v = Vec::new();
-    for k in [[3usize, 3, 3], [1, 3, 3]] {
+    // Both maths of our convolutions, named as cuDNN's rows of the same math: fp32 (exact SIMT against cuDNN with TF32
+    // off) and tf32 (tensor cores against cuDNN with TF32 on).
+    for (k, math) in [[3usize, 3, 3], [1, 3, 3]].into_iter().flat_map(|k| [(k, Math::Exact), (k, Math::Tf32)]) {
         let wt = randn(dev, &[c, c, k[0], k[1], k[2]], 0.05, 2);
         let b = randn(dev, &[c], 0.1, 3);
+        let name = match (k[0], math) {
+            (3, Math::Exact) => "conv3d 3x3x3 fp32",
+            (3, Math::Tf32) => "conv3d 3x3x3 tf32",
+            (_, Math::Exact) => "conv3d 1x3x3 fp32",
+            (_, Math::Tf32) => "conv3d 1x3x3 tf32",
+        };
         v.push(Case {
-            name: if k[0] == 3 { "conv3d 3x3x3 fp32" } else { "conv3d 1x3x3 fp32" },
+            name,
             shape: "2x32x40x224x192->32".into(),
             bytes: 2.0 * map_bytes,
             flops: 2.0 * vox * (c * c * k.iter().product::<usize>()) as f64,
             inputs: vec![x.clone(), wt, b],
             f: Box::new(|t, i| ops::conv::conv(t, &i[0], &i[1], Some(&i[2]), &[1, 1, 1])),
             backward: true,
+            math,
         });
     }
     let gamma = randn(dev, &[c], 1.0, 4);
@@ -118,6 +137,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![x.clone(), gamma.clone(), beta.clone()],
         f: Box::new(|t, i| ops::instance_norm::instance_norm(t, &i[0], &i[1], &i[2], 1e-5)),
         backward: true,
+        math: Math::Exact,
     });
     v.push(Case {
         name: "leaky_relu",
@@ -127,6 +147,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![x.clone()],
         f: Box::new(|t, i| ops::activation::leaky_relu(t, &i[0])),
         backward: true,
+        math: Math::Exact,
     });
     let tokens = n * d * h * w;
     let tok = randn(dev, &[2, tokens / 2, c], 1.0, 6);
@@ -138,6 +159,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![tok.clone(), gamma, beta],
         f: Box::new(|t, i| ops::layer_norm::layer_norm(t, &i[0], &i[1], &i[2], 1e-5)),
         backward: true,
+        math: Math::Exact,
     });
     v.push(Case {
         name: "pim partition strided",
@@ -147,6 +169,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![x.clone()],
         f: Box::new(|t, i| ops::pim::partition(t, &i[0], &[20, 28, 24], ops::pim::PimLayout::Strided)),
         backward: true,
+        math: Math::Exact,
     });
     let w_in = randn(dev, &[128, 32], 0.1, 7);
     v.push(Case {
@@ -157,6 +180,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![tok, w_in],
         f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
         backward: true,
+        math: Math::Exact,
     });
     let (g, l, din, ns) = (26880usize, 128usize, 64usize, 16usize);
     let xs = randn(dev, &[g, l, din], 1.0, 8);
@@ -170,6 +194,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![xs, wc, bc],
         f: Box::new(|t, i| ops::causal_conv1d::causal_conv1d(t, &i[0], &i[1], &i[2])),
         backward: true,
+        math: Math::Exact,
     });
     for (name, g, l) in [
         ("selective_scan PiM stage 0", 26880usize, 128usize),
@@ -213,6 +238,7 @@ fn cases(dev: &Device) -> Vec<Case> {
                 ops::selective_scan::selective_scan(t, &s)
             }),
             backward: true,
+            math: Math::Exact,
         });
     }
     let k = 14;
@@ -227,6 +253,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![logits.clone(), labels.clone()],
         f: Box::new(|t, i| ops::cross_entropy::cross_entropy(t, &i[0], &i[1])),
         backward: false,
+        math: Math::Exact,
     });
     v.push(Case {
         name: "soft_dice",
@@ -236,6 +263,7 @@ fn cases(dev: &Device) -> Vec<Case> {
         inputs: vec![logits, labels],
         f: Box::new(|t, i| ops::dice::soft_dice_loss(t, &i[0], &i[1], true)),
         backward: false,
+        math: Math::Exact,
     });
     v
 }

@@ -280,23 +280,18 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
     }
 }
 
-// One kernel name per role (the same product), so that a profile says which pass it is timing, and per math: the
-// exact float32 SIMT product (parity checks) or the tf32 tensor-core product (training).
-#define CONV_GEMM_KERNEL(NAME, NAME_TF32)                                                                          \
+// One kernel name per role (the same product), so that a profile says which pass it is timing. These are the exact
+// float32 SIMT products (parity checks); the tf32 tensor-core products of training are in conv_tc.cu.
+#define CONV_GEMM_KERNEL(NAME)                                                                                     \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         NAME(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,           \
              float* __restrict__ dst, GemmGeom g) {                                                                \
         conv_gemm<false>(src, w, bias, dst, g);                                                                    \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
-        NAME_TF32(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,      \
-                  float* __restrict__ dst, GemmGeom g) {                                                           \
-        conv_gemm<true>(src, w, bias, dst, g);                                                                     \
     }
-CONV_GEMM_KERNEL(conv_fprop, conv_fprop_tf32)  // conv forward: narrow_from_wide(x)
-CONV_GEMM_KERNEL(conv_dgrad, conv_dgrad_tf32)  // conv input gradient: wide_from_narrow(g), one launch per phase
-CONV_GEMM_KERNEL(conv_transpose_fprop, conv_transpose_fprop_tf32)  // transposed conv forward: wide_from_narrow(x)
-CONV_GEMM_KERNEL(conv_transpose_dgrad, conv_transpose_dgrad_tf32)  // its input gradient: narrow_from_wide(g)
+CONV_GEMM_KERNEL(conv_fprop)            // conv forward: narrow_from_wide(x)
+CONV_GEMM_KERNEL(conv_dgrad)            // conv input gradient: wide_from_narrow(g), one launch per phase
+CONV_GEMM_KERNEL(conv_transpose_fprop)  // transposed conv forward: wide_from_narrow(x)
+CONV_GEMM_KERNEL(conv_transpose_dgrad)  // its input gradient: narrow_from_wide(g)
 
 // ---------------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cn, j] over rows j = (cw, a) in [0, Cw * taps), columns cn, reduction k = (n, o) over

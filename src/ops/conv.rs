@@ -57,6 +57,9 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::params::{
+    kernel, ConvTcParams, Kernel, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
+};
 use crate::device::Gpu;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
@@ -557,10 +560,10 @@ impl GemmGeom {
         args
     }
 
-    /// Launches `kernel` (a `conv_gemm` instance) writing every output position this product enumerates.
+    /// Launches `kernel` writing every output position this product enumerates.
     fn launch(
         &self,
-        kernel: &'static str,
+        kernel: GemmKernel,
         src: &GpuBuffer,
         w: &GpuBuffer,
         bias: Option<&GpuBuffer>,
@@ -568,43 +571,105 @@ impl GemmGeom {
         what: &str,
     ) -> Result<()> {
         let rows = self.batch * self.rows.iter().product::<usize>();
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(TILE_M) as u32, self.c_dst.div_ceil(TILE_N) as u32, 1),
-            block_dim: (TILE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = self.to_args();
-        // Without a bias the kernel never reads its bias pointer; the weight stands in for it.
-        let b = bias.unwrap_or(w);
         let gpu = &src.gpu;
-        launch!(gpu, kernel, cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
+        match kernel {
+            GemmKernel::Exact(name) => {
+                let cfg = LaunchConfig {
+                    grid_dim: (rows.div_ceil(TILE_M) as u32, self.c_dst.div_ceil(TILE_N) as u32, 1),
+                    block_dim: (TILE_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let args = self.to_args();
+                // Without a bias the kernel never reads its bias pointer; the weight stands in for it.
+                let b = bias.unwrap_or(w);
+                launch!(gpu, name, cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
+            }
+            GemmKernel::TensorCore { wide, narrow } => {
+                ensure!(
+                    self.taps.iter().all(|&t| t <= CONV_TC_MAX_TAPS),
+                    Shape,
+                    "{what}: the tensor-core convolution enumerates at most {CONV_TC_MAX_TAPS} taps per axis, this \
+                     pass needs {:?}; use --math exact for such kernels",
+                    self.taps
+                );
+                let (kernel, bn) =
+                    if self.c_dst <= CONV_TC_BN_NARROW { (narrow, CONV_TC_BN_NARROW) } else { (wide, CONV_TC_BN) };
+                let cfg = LaunchConfig {
+                    grid_dim: (rows.div_ceil(CONV_TC_BM) as u32, self.c_dst.div_ceil(bn) as u32, 1),
+                    block_dim: (CONV_TC_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let u = |v: [usize; 3]| v.map(|x| x as i32);
+                let i = |v: [i64; 3]| v.map(|x| x as i32);
+                let params = ConvTcParams {
+                    src: src.ptr(),
+                    w: w.ptr(),
+                    bias: bias.map(GpuBuffer::ptr).unwrap_or_default(),
+                    dst: dst.ptr_mut(),
+                    batch: self.batch as i32,
+                    c_src: self.c_src as i32,
+                    c_dst: self.c_dst as i32,
+                    w_src: self.w_src as i32,
+                    w_dst: self.w_dst as i32,
+                    src_size: u(self.src),
+                    dst_size: u(self.dst),
+                    kernel: u(self.kernel),
+                    rows: u(self.rows),
+                    src_mul: u(self.src_mul),
+                    src_add: i(self.src_add),
+                    dst_mul: u(self.dst_mul),
+                    dst_add: u(self.dst_add),
+                    taps: u(self.taps),
+                    src_tap: i(self.src_tap),
+                    tap_mul: u(self.tap_mul),
+                    tap_add: u(self.tap_add),
+                };
+                gpu.launch(kernel, cfg, &params, what)
+            }
+        }
     }
 }
 
-/// The three implicit products of a [`Pairing`].
+/// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
+/// checks), or the tensor-core pair of cuda/conv_tc.cu (64-column tiles, and 32-column ones for narrow outputs).
+#[derive(Clone, Copy)]
+enum GemmKernel {
+    Exact(&'static str),
+    TensorCore { wide: Kernel<ConvTcParams>, narrow: Kernel<ConvTcParams> },
+}
+
+/// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
 #[derive(Clone, Copy)]
 enum Product {
     NarrowFromWide,
     WideFromNarrow,
-    WeightGrad,
 }
 
 impl Pairing {
-    /// The kernel of `product` for this pairing's op on `gpu`: one name per role (conv or transposed conv, forward,
-    /// input gradient or weight gradient) and math (exact float32 SIMT, or tf32 tensor cores: [`Gpu::set_exact_f32`]).
-    fn kernel(&self, product: Product, gpu: &Gpu) -> &'static str {
-        // [transposed][tf32]
-        let names: [[&'static str; 2]; 2] = match product {
-            Product::NarrowFromWide => {
-                [["conv_fprop", "conv_fprop_tf32"], ["conv_transpose_dgrad", "conv_transpose_dgrad_tf32"]]
+    /// The kernel of a `conv_gemm` product for this pairing's op on `gpu`: one name per role (conv or transposed
+    /// conv, forward or input gradient) and math (exact float32 SIMT, or tf32 tensor cores: [`Gpu::set_exact_f32`]).
+    fn gemm_kernel(&self, product: Product, gpu: &Gpu) -> GemmKernel {
+        let tc = |wide, narrow| GemmKernel::TensorCore { wide, narrow };
+        let exact = gpu.exact_f32();
+        match (product, self.transposed) {
+            (Product::NarrowFromWide, false) if exact => GemmKernel::Exact("conv_fprop"),
+            (Product::NarrowFromWide, false) => tc(kernel::conv_fprop_tf32, kernel::conv_fprop_tf32_n32),
+            (Product::NarrowFromWide, true) if exact => GemmKernel::Exact("conv_transpose_dgrad"),
+            (Product::NarrowFromWide, true) => {
+                tc(kernel::conv_transpose_dgrad_tf32, kernel::conv_transpose_dgrad_tf32_n32)
             }
-            Product::WideFromNarrow => {
-                [["conv_dgrad", "conv_dgrad_tf32"], ["conv_transpose_fprop", "conv_transpose_fprop_tf32"]]
+            (Product::WideFromNarrow, false) if exact => GemmKernel::Exact("conv_dgrad"),
+            (Product::WideFromNarrow, false) => tc(kernel::conv_dgrad_tf32, kernel::conv_dgrad_tf32_n32),
+            (Product::WideFromNarrow, true) if exact => GemmKernel::Exact("conv_transpose_fprop"),
+            (Product::WideFromNarrow, true) => {
+                tc(kernel::conv_transpose_fprop_tf32, kernel::conv_transpose_fprop_tf32_n32)
             }
-            Product::WeightGrad => {
-                [["conv_wgrad", "conv_wgrad_tf32"], ["conv_transpose_wgrad", "conv_transpose_wgrad_tf32"]]
-            }
-        };
+        }
+    }
+
+    /// The weight-gradient kernel for this pairing's op and math on `gpu`.
+    fn wgrad_kernel(&self, gpu: &Gpu) -> &'static str {
+        let names = [["conv_wgrad", "conv_wgrad_tf32"], ["conv_transpose_wgrad", "conv_transpose_wgrad_tf32"]];
         names[usize::from(self.transposed)][usize::from(!gpu.exact_f32())]
     }
 
@@ -625,14 +690,16 @@ impl Pairing {
         let largest = [
             self.batch * self.wide.iter().product::<usize>(),
             self.batch * self.narrow.iter().product::<usize>(),
+            self.c_wide * self.wide.iter().product::<usize>(),
+            self.c_narrow * self.narrow.iter().product::<usize>(),
             self.c_narrow * self.c_wide * taps,
             self.stride.iter().chain(&self.k).copied().max().unwrap_or(0),
         ];
         ensure!(
             largest.iter().all(|&v| v <= limit),
             Shape,
-            "{what}: too large for the GPU kernels' 32-bit indices (N * voxels, weight size and kernel/stride must \
-             stay below {limit})"
+            "{what}: too large for the GPU kernels' 32-bit indices (N * voxels, channels * voxels, weight size and \
+             kernel/stride must stay below {limit})"
         );
         Ok(())
     }
@@ -670,7 +737,7 @@ impl Pairing {
         };
         let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
         let mut out = wide.gpu.alloc(len, what)?;
-        let kernel = self.kernel(Product::NarrowFromWide, &wide.gpu);
+        let kernel = self.gemm_kernel(Product::NarrowFromWide, &wide.gpu);
         geom.launch(kernel, wide, w, bias, &mut out, what)?;
         Ok(out)
     }
@@ -725,7 +792,7 @@ impl Pairing {
                 tap_mul: self.stride,
                 tap_add: rho,
             };
-            let kernel = self.kernel(Product::WideFromNarrow, &narrow.gpu);
+            let kernel = self.gemm_kernel(Product::WideFromNarrow, &narrow.gpu);
             geom.launch(kernel, narrow, w, bias, &mut out, what)?;
         }
         Ok(out)
@@ -758,7 +825,7 @@ impl Pairing {
             shared_mem_bytes: 0,
         };
         let numel = cols * rows;
-        let kernel = self.kernel(Product::WeightGrad, gpu);
+        let kernel = self.wgrad_kernel(gpu);
         if slices == 1 {
             let mut dw = gpu.alloc(numel, what)?;
             launch!(gpu, kernel, cfg, what, [&narrow.slice, &wide.slice, &mut dw.slice, &args])?;
