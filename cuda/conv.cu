@@ -54,7 +54,6 @@ constexpr int A_STRIDE = BM + 4;    // padding keeps the k-major stores of the w
 constexpr int B_STRIDE = BN + 4;    // a multiple of 4, so each row's 4 columns of a warp are one aligned float4
 
 static_assert(THREADS == 32 * (BN / 4) && BM == 4 * 32, "thread layout: warp = 4 columns, lane = 4 rows");
-static_assert(BM == 16 * (THREADS / 32) && BN == 4 * 8 && BK % 8 == 0, "tf32 layout: warp = 16 rows x four n8 tiles");
 static_assert(THREADS % BM == 0 && BK % (THREADS / BM) == 0, "A stage loads of conv_gemm");
 static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0 && BM % (THREADS / BK) == 0, "k-major stage loads");
 
@@ -78,61 +77,10 @@ __device__ __forceinline__ void tile_product_simt(const float (*As)[A_STRIDE], c
     }
 }
 
-// Round to tf32 (10-bit mantissa, round to nearest, ties away), the operand format of the tf32 tensor-core product.
-__device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
-// The same product on the tensor cores: warp w owns rows 16w .. 16w+15 and all BN = 32 columns as four 16 x 8
-// accumulator tiles; per 8 reduction indices it issues four mma.sync.m16n8k8 (tf32 inputs, float32 accumulation).
-// With g = lane / 4, t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" with .tf32):
-//   A (16 x 8, m x k): a0 = (g, t), a1 = (g + 8, t), a2 = (g, t + 4), a3 = (g + 8, t + 4)
-//   B (8 x 8, k x n):  b0 = (t, g), b1 = (t + 4, g)
-//   C (16 x 8):        acc[j][0] = (g, 2t), [1] = (g, 2t + 1), [2] = (g + 8, 2t), [3] = (g + 8, 2t + 1), tile j at
-//                      columns 8j .. 8j + 7.
-__device__ __forceinline__ void tile_product_tf32(const float (*As)[A_STRIDE], const float (*Bs)[B_STRIDE],
-                                                  float (&acc)[4][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row = (threadIdx.x >> 5) * 16 + g;
-#pragma unroll
-    for (int k0 = 0; k0 < BK; k0 += 8) {
-        const unsigned a0 = to_tf32(As[k0 + t][row]), a1 = to_tf32(As[k0 + t][row + 8]);
-        const unsigned a2 = to_tf32(As[k0 + t + 4][row]), a3 = to_tf32(As[k0 + t + 4][row + 8]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const unsigned b0 = to_tf32(Bs[k0 + t][8 * j + g]), b1 = to_tf32(Bs[k0 + t + 4][8 * j + g]);
-            asm volatile(
-                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                "{%0, %1, %2, %3};\n"
-                : "+f"(acc[j][0]), "+f"(acc[j][1]), "+f"(acc[j][2]), "+f"(acc[j][3])
-                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-        }
-    }
-}
-
-template <bool TF32>
-__device__ __forceinline__ void tile_product(const float (*As)[A_STRIDE], const float (*Bs)[B_STRIDE],
-                                             float (&acc)[4][4]) {
-    if (TF32) {
-        tile_product_tf32(As, Bs, acc);
-    } else {
-        tile_product_simt(As, Bs, acc);
-    }
-}
-
-// Where acc[i][j] of this thread lies in the BM x BN tile: SIMT, row lane + 32 i and column 4 warp + j; tf32, row
-// 16 warp + g + 8 (j / 2) and column 8 i + 2 t + j % 2 (the C fragment above).
-template <bool TF32>
+// Where acc[i][j] of this thread lies in the BM x BN tile: row lane + 32 i, column 4 warp + j.
 __device__ __forceinline__ void acc_position(int i, int j, int& row, int& col) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (TF32) {
-        row = 16 * warp + (lane >> 2) + 8 * (j >> 1);
-        col = 8 * i + 2 * (lane & 3) + (j & 1);
-    } else {
-        row = lane + 32 * i;
-        col = 4 * warp + j;
-    }
+    row = (threadIdx.x & 31) + 32 * i;
+    col = 4 * (threadIdx.x >> 5) + j;
 }
 
 __device__ __forceinline__ bool in_box(const int c[3], const int size[3]) {
@@ -198,7 +146,6 @@ __device__ __forceinline__ GemmK decode_gemm_k(const GemmGeom& g, int k, int K) 
 }  // namespace
 
 // Grid (ceil(M / BM), ceil(c_dst / BN)), THREADS threads; M = batch * prod(rows) < 2^31.
-template <bool TF32>
 __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const float* __restrict__ w,
                                           const float* __restrict__ bias, float* __restrict__ dst, const GemmGeom& g) {
     __shared__ __align__(16) float As[BK][A_STRIDE];
@@ -255,7 +202,7 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
         }
         if (stage + 1 < num_stages && t < BK) ktab[(stage + 1) & 1][t] = decode_gemm_k(g, (stage + 1) * BK + t, K);
         __syncthreads();
-        tile_product<TF32>(As, Bs, acc);
+        tile_product_simt(As, Bs, acc);
         __syncthreads();
     }
 
@@ -266,7 +213,7 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             int row, col;
-            acc_position<TF32>(i, j, row, col);
+            acc_position(i, j, row, col);
             const int m = m0 + row;
             col += col0;
             if (m >= M || col >= g.c_dst) continue;
@@ -286,7 +233,7 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         NAME(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,           \
              float* __restrict__ dst, GemmGeom g) {                                                                \
-        conv_gemm<false>(src, w, bias, dst, g);                                                                    \
+        conv_gemm(src, w, bias, dst, g);                                                                    \
     }
 CONV_GEMM_KERNEL(conv_fprop)            // conv forward: narrow_from_wide(x)
 CONV_GEMM_KERNEL(conv_dgrad)            // conv input gradient: wide_from_narrow(g), one launch per phase
@@ -346,7 +293,6 @@ __device__ __forceinline__ NarrowPos decode_narrow_pos(const WeightGradGeom& g, 
 }  // namespace
 
 // Grid (ceil(Cw * taps / BM), ceil(Cn / BN), slices), THREADS threads; N * prod(narrow) < 2^31.
-template <bool TF32>
 __device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narrow, const float* __restrict__ wide,
                                                  float* __restrict__ partial, const WeightGradGeom& g) {
     __shared__ __align__(16) float As[BK][A_STRIDE];
@@ -394,7 +340,7 @@ __device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narro
         if (stage + 1 < num_stages && t < BK)
             ktab[(stage + 1) & 1][t] = decode_narrow_pos(g, k_begin + (stage + 1) * BK + t, k_end);
         __syncthreads();
-        tile_product<TF32>(As, Bs, acc);
+        tile_product_simt(As, Bs, acc);
         __syncthreads();
     }
 
@@ -404,26 +350,22 @@ __device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narro
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) {
             int row, col;
-            acc_position<TF32>(i, jj, row, col);
+            acc_position(i, jj, row, col);
             const int j = m0 + row, cn = col0 + col;
             if (j < M && cn < g.c_narrow) out[(int64_t)cn * M + j] = acc[i][jj];
         }
     }
 }
 
-#define CONV_WGRAD_KERNEL(NAME, NAME_TF32)                                                                         \
+// The exact float32 SIMT weight gradients (parity checks); the tf32 tensor-core ones are in conv_tc.cu.
+#define CONV_WGRAD_KERNEL(NAME)                                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         NAME(const float* __restrict__ narrow, const float* __restrict__ wide, float* __restrict__ partial,        \
              WeightGradGeom g) {                                                                                   \
-        conv_weight_grad<false>(narrow, wide, partial, g);                                                         \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
-        NAME_TF32(const float* __restrict__ narrow, const float* __restrict__ wide, float* __restrict__ partial,   \
-                  WeightGradGeom g) {                                                                              \
-        conv_weight_grad<true>(narrow, wide, partial, g);                                                          \
+        conv_weight_grad(narrow, wide, partial, g);                                                                \
     }
-CONV_WGRAD_KERNEL(conv_wgrad, conv_wgrad_tf32)                      // conv: weight_grad(g, x)
-CONV_WGRAD_KERNEL(conv_transpose_wgrad, conv_transpose_wgrad_tf32)  // transposed conv: weight_grad(x, g)
+CONV_WGRAD_KERNEL(conv_wgrad)            // conv: weight_grad(g, x)
+CONV_WGRAD_KERNEL(conv_transpose_wgrad)  // transposed conv: weight_grad(x, g)
 
 // out[e] = sum_{z = 0 .. slices-1} partial[z * n + e], in that order.
 extern "C" __global__ void sum_slices(const float* __restrict__ partial, float* __restrict__ out, int64_t n,

@@ -17,9 +17,17 @@
 // - Warp (wm, wn) of the 4 x 2 warps computes rows 32 wm .. 32 wm + 31 and BN / 2 columns with mma.sync.m16n8k8
 //   (tf32 operands rounded to nearest with cvt.rna). Shared rows are padded by 8 floats, so the fragment loads
 //   (lane g = l / 4, t = l % 4 reading [k0 + t][g]) hit 32 different banks.
-// Each output is one thread's sum in a fixed order: results do not depend on scheduling.
+// The weight gradient (conv.cu's weight_grad product, dW[cn, j] over rows j = (cw, a), reduction k = (n, o)) is laid
+// out the same way with the roles turned: wide[n, cw, o*s + a - p] = wide + off(j) + off(k) with off(j) =
+// cw*V + flat(a - p) and off(k) = n*c_wide*V + flat(o*s); each reduction index keeps the mask of taps a that land
+// inside the map at its o, each row the bits of its a. Its tiles are stored k-contiguous (both operands run along
+// the positions in memory), the products' tiles row-contiguous (A runs along the rows); the pipeline and the warp
+// products are shared.
+// Each output is one thread's sum in a fixed order (split reductions are summed in order by conv.cu's sum_slices):
+// results do not depend on scheduling.
 //
-// Cost: 2 c_src prod(taps) FLOPs per output element; bytes at least the source, weight and output once.
+// Cost: 2 c_src prod(taps) FLOPs per output element of a product, 2 N prod(narrow) Cn Cw prod(kernel) for the
+// weight gradient; bytes at least each operand and the output once.
 #include "common.cuh"
 #include "conv_tc.cuh"
 
@@ -92,23 +100,110 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The shared-memory tiles of one pipeline stage, for BN output columns. K_MAJOR: A stored [k][m] and B [k][n] (the
+// products gather A along the rows); otherwise A [m][k] and B [n][k] (the weight gradient reads both along k). Rows
+// are padded so that the fragment loads of a warp hit 32 different banks.
+template <int BN, bool K_MAJOR>
+struct Tiles {
+    static constexpr int A_LD = K_MAJOR ? BM + 8 : BK + 4;
+    static constexpr int B_LD = K_MAJOR ? BN + 8 : BK + 4;
+    static constexpr int A_SIZE = (K_MAJOR ? BK : BM) * A_LD;
+    static constexpr int B_SIZE = (K_MAJOR ? BK : BN) * B_LD;
+    float a[STAGES][A_SIZE];
+    float b[STAGES][B_SIZE];
+    __device__ __forceinline__ float* a_at(int slot, int m, int k) {
+        return K_MAJOR ? &a[slot][k * A_LD + m] : &a[slot][m * A_LD + k];
+    }
+    __device__ __forceinline__ float* b_at(int slot, int n, int k) {
+        return K_MAJOR ? &b[slot][k * B_LD + n] : &b[slot][n * B_LD + k];
+    }
+};
+
+// The accumulators of this thread: warp (wm, wn) of WARPS_M x WARPS_N owns rows BM / WARPS_M wm + 16 i + g (+ 8) and
+// columns BN / WARPS_N wn + 8 j + 2 t (+ 1); acc[i][j][h] is row + 8 (h / 2), column + h % 2.
+template <int BN>
+struct Acc {
+    static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
+    float v[MI][NI][4] = {};
+    __device__ __forceinline__ static int row(int i, int h) {
+        return (threadIdx.x >> 5) % WARPS_M * WTM + 16 * i + ((threadIdx.x & 31) >> 2) + 8 * (h >> 1);
+    }
+    __device__ __forceinline__ static int col(int j, int h) {
+        return (threadIdx.x >> 5) / WARPS_M * WTN + 8 * j + 2 * (threadIdx.x & 3) + (h & 1);
+    }
+};
+
+// acc += A B over the BK reduction indices of stage slot: per 8 indices, MI x NI mma.sync.m16n8k8 per warp. With
+// g = lane / 4, t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" with .tf32):
+//   A (m x k): (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);  B (k x n): (t, g), (t + 4, g).
+template <int BN, bool K_MAJOR>
+__device__ __forceinline__ void stage_product(Tiles<BN, K_MAJOR>& s, int slot, Acc<BN>& acc) {
+    using A = Acc<BN>;
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int k0 = 0; k0 < BK; k0 += 8) {
+        unsigned a[A::MI][4], b[A::NI][2];
+#pragma unroll
+        for (int i = 0; i < A::MI; ++i) {
+            const int r = A::row(i, 0);
+            a[i][0] = to_tf32(*s.a_at(slot, r, k0 + tq));
+            a[i][1] = to_tf32(*s.a_at(slot, r + 8, k0 + tq));
+            a[i][2] = to_tf32(*s.a_at(slot, r, k0 + tq + 4));
+            a[i][3] = to_tf32(*s.a_at(slot, r + 8, k0 + tq + 4));
+        }
+#pragma unroll
+        for (int j = 0; j < A::NI; ++j) {
+            const int c = (threadIdx.x >> 5) / WARPS_M * A::WTN + 8 * j + g;
+            b[j][0] = to_tf32(*s.b_at(slot, c, k0 + tq));
+            b[j][1] = to_tf32(*s.b_at(slot, c, k0 + tq + 4));
+        }
+#pragma unroll
+        for (int i = 0; i < A::MI; ++i)
+#pragma unroll
+            for (int j = 0; j < A::NI; ++j) mma_tf32(acc.v[i][j], a[i], b[j][0], b[j][1]);
+    }
+}
+
+// The pipeline over num_k stages of BK reduction indices. decode(stage, slot) fills the slot's table of decoded
+// reduction indices (threads t < BK), load(slot) issues the stage's cp.async copies from that table. Tables are
+// decoded STAGES ahead: slot kt % STAGES is free once the barrier of iteration kt has passed (its last reader, the
+// load of stage kt, came before it), and the next iteration's barrier publishes it before its load.
+template <int BN, bool K_MAJOR, typename Decode, typename Load>
+__device__ __forceinline__ void pipeline(Tiles<BN, K_MAJOR>& s, int num_k, Decode decode, Load load, Acc<BN>& acc) {
+    if (threadIdx.x < BK) {
+#pragma unroll
+        for (int st = 0; st < STAGES; ++st) decode(st, st);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < num_k) load(st);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < num_k; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < num_k) load(next % STAGES);
+        cp_async_commit();
+        const int slot = kt % STAGES;
+        if (threadIdx.x < BK) decode(kt + STAGES, slot);
+        stage_product(s, slot, acc);
+    }
+    cp_async_wait<0>();
+}
+
 template <int BN>
 __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
-    constexpr int WTN = BN / WARPS_N, MI = BM / WARPS_M / 16, NI = WTN / 8;
-    constexpr int A_STRIDE = BM + 8, B_STRIDE = BN + 8;
-    static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0, "B stage loads");
-    __shared__ __align__(16) float As[STAGES][BK][A_STRIDE];
-    __shared__ __align__(16) float Bs[STAGES][BK][B_STRIDE];
+    __shared__ __align__(16) Tiles<BN, true> tiles;
     __shared__ KEntry ktab[STAGES][BK];
 
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    const int wm = warp % WARPS_M, wn = warp / WARPS_M, g = lane >> 2, tq = lane & 3;
+    const int t = threadIdx.x;
     const int per_n = p.rows[0] * p.rows[1] * p.rows[2];
     const int M = p.batch * per_n;
     const int K = p.c_src * p.taps[0] * p.taps[1] * p.taps[2];
     const int src_vox = p.src_size[0] * p.src_size[1] * p.src_size[2];
     const int m0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
-    const int num_k = (K + BK - 1) / BK;
 
     // This thread's A row: its source offset and tap mask (0: no tap is inside, also for rows past M).
     const int a_row = t % BM, a_k = t / BM;
@@ -131,79 +226,34 @@ __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
     const float* a_src = p.src + row_off;
     // B: reduction index t % BK, columns t / BK + (THREADS / BK) j.
     const int b_k = t % BK, b_col = t / BK;
+    static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0, "B stage loads");
 
-    auto load_stage = [&](int stage, int slot) {
+    auto decode = [&](int stage, int slot) { ktab[slot][t] = decode_k(p, stage * BK + t, K, src_vox); };
+    auto load = [&](int slot) {
 #pragma unroll
         for (int j = 0; j < BK / (THREADS / BM); ++j) {
             const int kk = a_k + j * (THREADS / BM);
             const KEntry e = ktab[slot][kk];
             const bool ok = (row_mask & e.bits) == e.bits;
-            cp_async4(&As[slot][kk][a_row], ok ? a_src + e.src : p.src, ok);
+            cp_async4(tiles.a_at(slot, a_row, kk), ok ? a_src + e.src : p.src, ok);
         }
         const KEntry e = ktab[slot][b_k];
 #pragma unroll
         for (int j = 0; j < BN / (THREADS / BK); ++j) {
             const int cc = b_col + j * (THREADS / BK), col = col0 + cc;
             const bool ok = e.bits != PADDED_K && col < p.c_dst;
-            cp_async4(&Bs[slot][b_k][cc], ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
+            cp_async4(tiles.b_at(slot, cc, b_k), ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
         }
-        (void)stage;
     };
+    Acc<BN> acc;
+    pipeline(tiles, (K + BK - 1) / BK, decode, load, acc);
 
-    if (t < BK) {
-#pragma unroll
-        for (int s = 0; s < STAGES; ++s) ktab[s][t] = decode_k(p, s * BK + t, K, src_vox);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < num_k) load_stage(s, s);
-        cp_async_commit();
-    }
-
-    float acc[MI][NI][4] = {};
-    for (int kt = 0; kt < num_k; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < num_k) load_stage(next, next % STAGES);
-        cp_async_commit();
-        // The table slot of stage kt + STAGES is free: its last reader, the load of stage kt, was issued before the
-        // barrier above; the next iteration's barrier publishes it before the load of that stage.
-        const int slot = kt % STAGES;
-        if (t < BK) ktab[slot][t] = decode_k(p, (kt + STAGES) * BK + t, K, src_vox);
-#pragma unroll
-        for (int k0 = 0; k0 < BK; k0 += 8) {
-            unsigned a[MI][4], b[NI][2];
-#pragma unroll
-            for (int i = 0; i < MI; ++i) {
-                const int r = wm * (BM / WARPS_M) + 16 * i + g;
-                a[i][0] = to_tf32(As[slot][k0 + tq][r]);
-                a[i][1] = to_tf32(As[slot][k0 + tq][r + 8]);
-                a[i][2] = to_tf32(As[slot][k0 + tq + 4][r]);
-                a[i][3] = to_tf32(As[slot][k0 + tq + 4][r + 8]);
-            }
-#pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const int c = wn * WTN + 8 * j + g;
-                b[j][0] = to_tf32(Bs[slot][k0 + tq][c]);
-                b[j][1] = to_tf32(Bs[slot][k0 + tq + 4][c]);
-            }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) mma_tf32(acc[i][j], a[i], b[j][0], b[j][1]);
-        }
-    }
-    cp_async_wait<0>();
-
-    // Epilogue: acc[i][j][h] is row 16 i + g + 8 (h / 2) of the warp, column 8 j + 2 t + h % 2.
     const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
 #pragma unroll
-    for (int i = 0; i < MI; ++i) {
+    for (int i = 0; i < Acc<BN>::MI; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int m = m0 + wm * (BM / WARPS_M) + 16 * i + g + 8 * half;
+            const int m = m0 + Acc<BN>::row(i, 2 * half);
             if (m >= M) continue;
             const int n = m / per_n;
             int r[3];
@@ -213,16 +263,113 @@ __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
                                  (p.dst_mul[1] * r[1] + p.dst_add[1])) * p.dst_size[2] +
                                 p.dst_mul[2] * r[2] + p.dst_add[2];
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
+            for (int j = 0; j < Acc<BN>::NI; ++j) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int col = col0 + wn * WTN + 8 * j + 2 * tq + h;
+                    const int col = col0 + Acc<BN>::col(j, h);
                     if (col < p.c_dst)
-                        p.dst[out + (int64_t)col * dst_vox] = acc[i][j][2 * half + h] + (p.bias ? p.bias[col] : 0.0f);
+                        p.dst[out + (int64_t)col * dst_vox] = acc.v[i][j][2 * half + h] + (p.bias ? p.bias[col] : 0.0f);
                 }
             }
         }
     }
+}
+
+// A decoded reduction index k = (n, o) of the weight gradient: offsets of wide[n, 0, o*s] and narrow[n, 0, o], and
+// the mask of taps a (bit 10 d + a_d) with o_d s_d + a_d - p_d inside the wide map (0 past the slice).
+struct WgradK {
+    int64_t wide, narrow;
+    unsigned mask;
+    int ok;  // k < k_end
+};
+
+__device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradTcParams& p, int k, int k_end, int narrow_vox,
+                                                 int64_t wide_vox) {
+    WgradK e{0, 0, 0u, k < k_end};
+    if (!e.ok) return e;
+    const int n = k / narrow_vox, v = k - n * narrow_vox;
+    int o[3];
+    split3(v, p.narrow_size, o);
+    int64_t flat = 0;
+#pragma unroll
+    for (int d = 0; d < 3; ++d) {
+        const int base = o[d] * p.stride[d];
+        flat = flat * p.wide_size[d] + base;
+        for (int a = 0; a < p.kernel[d]; ++a) {
+            if ((unsigned)(base + a - p.pad[d]) < (unsigned)p.wide_size[d]) e.mask |= 1u << (CONV_TC_MAX_TAPS * d + a);
+        }
+    }
+    e.wide = (int64_t)n * p.c_wide * wide_vox + flat;
+    e.narrow = (int64_t)n * p.c_narrow * narrow_vox + v;
+    return e;
+}
+
+template <int BN>
+__device__ __forceinline__ void conv_wgrad_tc(const ConvWgradTcParams& p) {
+    __shared__ __align__(16) Tiles<BN, false> tiles;
+    __shared__ WgradK ktab[STAGES][BK];
+    constexpr int ROWS_PER_THREAD = BM / (THREADS / BK), COLS_PER_THREAD = BN / (THREADS / BK);
+    static_assert(THREADS % BK == 0 && BM % (THREADS / BK) == 0 && BN % (THREADS / BK) == 0, "k-major loads");
+
+    const int t = threadIdx.x;
+    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2];
+    const int M = p.c_wide * taps;
+    const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
+    const int64_t wide_vox = (int64_t)p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
+    const int K = p.batch * narrow_vox;
+    const int m0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
+    const int k_begin = blockIdx.z * p.slice_len, k_end = min(K, k_begin + p.slice_len);
+
+    // This thread loads reduction index t % BK of rows / columns t / BK + (THREADS / BK) i; its rows' offsets
+    // cw*V + flat(a - p) and tap bits (PADDED_K past the rows) stay in registers for the whole slice.
+    const int l_k = t % BK, l_row = t / BK;
+    int64_t row_off[ROWS_PER_THREAD];
+    unsigned row_bits[ROWS_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_THREAD; ++i) {
+        const int j = m0 + l_row + i * (THREADS / BK);
+        row_off[i] = 0;
+        row_bits[i] = PADDED_K;
+        if (j < M) {
+            const int cw = j / taps;
+            int a[3];
+            split3(j - cw * taps, p.kernel, a);
+            row_off[i] = cw * wide_vox +
+                         ((int64_t)(a[0] - p.pad[0]) * p.wide_size[1] + (a[1] - p.pad[1])) * p.wide_size[2] + a[2] - p.pad[2];
+            row_bits[i] = 1u << a[0] | 1u << (CONV_TC_MAX_TAPS + a[1]) | 1u << (2 * CONV_TC_MAX_TAPS + a[2]);
+        }
+    }
+
+    auto decode = [&](int stage, int slot) {
+        ktab[slot][t] = decode_wgrad_k(p, k_begin + stage * BK + t, k_end, narrow_vox, wide_vox);
+    };
+    auto load = [&](int slot) {
+        const WgradK e = ktab[slot][l_k];
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_THREAD; ++i) {
+            const bool ok = (e.mask & row_bits[i]) == row_bits[i];
+            cp_async4(tiles.a_at(slot, l_row + i * (THREADS / BK), l_k), ok ? p.wide + e.wide + row_off[i] : p.wide, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < COLS_PER_THREAD; ++i) {
+            const int cc = l_row + i * (THREADS / BK), cn = col0 + cc;
+            const bool ok = e.ok && cn < p.c_narrow;
+            cp_async4(tiles.b_at(slot, cc, l_k), ok ? p.narrow + e.narrow + (int64_t)cn * narrow_vox : p.narrow, ok);
+        }
+    };
+    Acc<BN> acc;
+    pipeline(tiles, (k_end - k_begin + BK - 1) / BK, decode, load, acc);
+
+    float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * M;
+#pragma unroll
+    for (int i = 0; i < Acc<BN>::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < Acc<BN>::NI; ++j)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int row = m0 + Acc<BN>::row(i, h), cn = col0 + Acc<BN>::col(j, h);
+                if (row < M && cn < p.c_narrow) out[(int64_t)cn * M + row] = acc.v[i][j][h];
+            }
 }
 
 }  // namespace
@@ -239,3 +386,10 @@ CONV_TC_KERNEL(conv_transpose_fprop_tf32, CONV_TC_BN)           // transposed co
 CONV_TC_KERNEL(conv_transpose_fprop_tf32_n32, CONV_TC_BN_NARROW)
 CONV_TC_KERNEL(conv_transpose_dgrad_tf32, CONV_TC_BN)           // its input gradient
 CONV_TC_KERNEL(conv_transpose_dgrad_tf32_n32, CONV_TC_BN_NARROW)
+
+#define CONV_WGRAD_TC_KERNEL(NAME, BN) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradTcParams p) { conv_wgrad_tc<BN>(p); }
+CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32, CONV_TC_BN)                     // conv weight gradient
+CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32_n32, CONV_TC_BN_NARROW)
+CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32, CONV_TC_BN)           // transposed conv weight gradient
+CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32_n32, CONV_TC_BN_NARROW)

@@ -44,6 +44,25 @@ struct ConvTcParams {
     int tap_add[3];
 };
 
+// The weight gradient dW[cn, j] = sum_{(n, o) in slice z} narrow[n, cn, o] wide[n, cw, o*s + a - p] over rows
+// j = (cw, a) (c_wide x prod(kernel)), columns cn (c_narrow), the reduction over (n, o) cut into slices of slice_len
+// (a multiple of CONV_TC_BK); block z writes partial[z, cn, j]. Grid (ceil(rows / CONV_TC_BM), ceil(c_narrow / BN),
+// slices), CONV_TC_THREADS threads; kernel sizes at most CONV_TC_MAX_TAPS.
+struct ConvWgradTcParams {
+    const float* narrow;
+    const float* wide;
+    float* partial;
+    int batch;
+    int c_narrow;
+    int c_wide;
+    int narrow_size[3];
+    int wide_size[3];
+    int kernel[3];
+    int stride[3];
+    int pad[3];
+    int slice_len;
+};
+
 // One name per role, tf32 operands, float32 accumulation; _n32 instances use CONV_TC_BN_NARROW columns.
 extern "C" __global__ void conv_fprop_tf32(const ConvTcParams p);
 extern "C" __global__ void conv_fprop_tf32_n32(const ConvTcParams p);
@@ -53,3 +72,7 @@ extern "C" __global__ void conv_transpose_fprop_tf32(const ConvTcParams p);
 extern "C" __global__ void conv_transpose_fprop_tf32_n32(const ConvTcParams p);
 extern "C" __global__ void conv_transpose_dgrad_tf32(const ConvTcParams p);
 extern "C" __global__ void conv_transpose_dgrad_tf32_n32(const ConvTcParams p);
+extern "C" __global__ void conv_wgrad_tf32(const ConvWgradTcParams p);
+extern "C" __global__ void conv_wgrad_tf32_n32(const ConvWgradTcParams p);
+extern "C" __global__ void conv_transpose_wgrad_tf32(const ConvWgradTcParams p);
+extern "C" __global__ void conv_transpose_wgrad_tf32_n32(const ConvWgradTcParams p);

@@ -58,7 +58,8 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::device::params::{
-    kernel, ConvTcParams, Kernel, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
+    kernel, ConvTcParams, ConvWgradTcParams, Kernel, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
@@ -473,6 +474,8 @@ impl Backward for ConvBackward {
 const TILE_M: usize = 128;
 const TILE_N: usize = 32;
 const TILE_K: usize = 16;
+// Weight-gradient slices are whole stages of both the exact and the tensor-core kernels.
+const _: () = assert!(TILE_K % CONV_TC_BK == 0);
 const TILE_THREADS: u32 = 256;
 /// The weight gradient's reduction is split into enough slices for about this many blocks (a few per SM)...
 const WGRAD_TARGET_BLOCKS: usize = 1024;
@@ -638,6 +641,14 @@ enum GemmKernel {
     TensorCore { wide: Kernel<ConvTcParams>, narrow: Kernel<ConvTcParams> },
 }
 
+/// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or the tensor-core pair of
+/// cuda/conv_tc.cu (64-column tiles, 32-column ones for at most 32 narrow channels).
+#[derive(Clone, Copy)]
+enum WgradKernel {
+    Exact(&'static str),
+    TensorCore([Kernel<ConvWgradTcParams>; 2]),
+}
+
 /// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
 #[derive(Clone, Copy)]
 enum Product {
@@ -668,9 +679,15 @@ impl Pairing {
     }
 
     /// The weight-gradient kernel for this pairing's op and math on `gpu`.
-    fn wgrad_kernel(&self, gpu: &Gpu) -> &'static str {
-        let names = [["conv_wgrad", "conv_wgrad_tf32"], ["conv_transpose_wgrad", "conv_transpose_wgrad_tf32"]];
-        names[usize::from(self.transposed)][usize::from(!gpu.exact_f32())]
+    fn wgrad_kernel(&self, gpu: &Gpu) -> WgradKernel {
+        match (self.transposed, gpu.exact_f32()) {
+            (false, true) => WgradKernel::Exact("conv_wgrad"),
+            (false, false) => WgradKernel::TensorCore([kernel::conv_wgrad_tf32, kernel::conv_wgrad_tf32_n32]),
+            (true, true) => WgradKernel::Exact("conv_transpose_wgrad"),
+            (true, false) => {
+                WgradKernel::TensorCore([kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32])
+            }
+        }
     }
 
     fn taps(&self) -> usize {
@@ -807,35 +824,70 @@ impl Pairing {
         let taps = self.taps();
         let (rows, cols) = (self.c_wide * taps, self.c_narrow);
         let k = self.batch * self.narrow.iter().product::<usize>();
-        let tiles = rows.div_ceil(TILE_M) * cols.div_ceil(TILE_N);
+        let kernel = self.wgrad_kernel(gpu);
+        let (tile_m, tile_n) = match kernel {
+            WgradKernel::Exact(_) => (TILE_M, TILE_N),
+            WgradKernel::TensorCore(_) if cols <= CONV_TC_BN_NARROW => (CONV_TC_BM, CONV_TC_BN_NARROW),
+            WgradKernel::TensorCore(_) => (CONV_TC_BM, CONV_TC_BN),
+        };
+        let tiles = rows.div_ceil(tile_m) * cols.div_ceil(tile_n);
         let k_stages = k.div_ceil(TILE_K);
         let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).max(k.div_ceil(WGRAD_MAX_SLICE));
         let slice_len = k_stages.div_ceil(wanted.clamp(1, k_stages.min(65535))) * TILE_K;
         let slices = k.div_ceil(slice_len);
-        let u = |v: [usize; 3]| v.map(|x| x as i32);
-        // The kernel's argument: the 19 ints of cuda/conv.cu's WeightGradGeom, in its order.
-        let head = [self.batch, self.c_narrow, self.c_wide].map(|x| x as i32);
-        let axes = [u(self.narrow), u(self.wide), u(self.k), u(self.stride), u(self.pad)];
-        let flat: Vec<i32> = head.into_iter().chain(axes.into_iter().flatten()).chain([slice_len as i32]).collect();
-        let mut args = [0i32; 19];
-        args.copy_from_slice(&flat);
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(TILE_M) as u32, cols.div_ceil(TILE_N) as u32, slices as u32),
+            grid_dim: (rows.div_ceil(tile_m) as u32, cols.div_ceil(tile_n) as u32, slices as u32),
             block_dim: (TILE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let numel = cols * rows;
-        let kernel = self.wgrad_kernel(gpu);
-        if slices == 1 {
-            let mut dw = gpu.alloc(numel, what)?;
-            launch!(gpu, kernel, cfg, what, [&narrow.slice, &wide.slice, &mut dw.slice, &args])?;
-            return Ok(dw);
+        // One slice writes dW itself; several write partial sums that sum_slices adds in order.
+        let mut out = gpu.alloc(slices * numel, what)?;
+        match kernel {
+            WgradKernel::Exact(name) => {
+                let u = |v: [usize; 3]| v.map(|x| x as i32);
+                // The kernel's argument: the 19 ints of cuda/conv.cu's WeightGradGeom, in its order.
+                let head = [self.batch, self.c_narrow, self.c_wide].map(|x| x as i32);
+                let axes = [u(self.narrow), u(self.wide), u(self.k), u(self.stride), u(self.pad)];
+                let flat: Vec<i32> =
+                    head.into_iter().chain(axes.into_iter().flatten()).chain([slice_len as i32]).collect();
+                let mut args = [0i32; 19];
+                args.copy_from_slice(&flat);
+                launch!(gpu, name, cfg, what, [&narrow.slice, &wide.slice, &mut out.slice, &args])?;
+            }
+            WgradKernel::TensorCore(pair) => {
+                ensure!(
+                    self.k.iter().all(|&t| t <= CONV_TC_MAX_TAPS),
+                    Shape,
+                    "{what}: the tensor-core convolution enumerates at most {CONV_TC_MAX_TAPS} taps per axis, this \
+                     kernel is {:?}; use --math exact for such kernels",
+                    self.k
+                );
+                let u = |v: [usize; 3]| v.map(|x| x as i32);
+                let params = ConvWgradTcParams {
+                    narrow: narrow.ptr(),
+                    wide: wide.ptr(),
+                    partial: out.ptr_mut(),
+                    batch: self.batch as i32,
+                    c_narrow: self.c_narrow as i32,
+                    c_wide: self.c_wide as i32,
+                    narrow_size: u(self.narrow),
+                    wide_size: u(self.wide),
+                    kernel: u(self.k),
+                    stride: u(self.stride),
+                    pad: u(self.pad),
+                    slice_len: slice_len as i32,
+                };
+                let launched = if cols <= CONV_TC_BN_NARROW { pair[1] } else { pair[0] };
+                gpu.launch(launched, cfg, &params, what)?;
+            }
         }
-        let mut partial = gpu.alloc(slices * numel, what)?;
-        launch!(gpu, kernel, cfg, what, [&narrow.slice, &wide.slice, &mut partial.slice, &args])?;
+        if slices == 1 {
+            return Ok(out);
+        }
         let mut dw = gpu.alloc(numel, what)?;
         let (n, s) = (numel as i64, slices as i32);
-        launch!(gpu, "sum_slices", grid_1d(numel), what, [&partial.slice, &mut dw.slice, &n, &s])?;
+        launch!(gpu, "sum_slices", grid_1d(numel), what, [&out.slice, &mut dw.slice, &n, &s])?;
         Ok(dw)
     }
 }
