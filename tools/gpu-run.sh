@@ -21,6 +21,18 @@ done
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+# NCCL for gpu_distributed: cudarc loads `libnccl.so`; where only libnccl.so.2 exists (the system's, or PyTorch's
+# wheel), link it under that name. NVLink multicast stays off on the lent machines (KINDS.md of the device tool).
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  nccl=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')
+  [ -z "$nccl" ] && nccl=$(python3 -c 'import nvidia.nccl as m; print(m.__path__[0] + "/lib/libnccl.so.2")' 2>/dev/null)
+  if [ -n "$nccl" ] && [ -e "$nccl" ]; then
+    mkdir -p "$out/nccl" && ln -sf "$nccl" "$out/nccl/libnccl.so"
+    export LD_LIBRARY_PATH="$out/nccl:${LD_LIBRARY_PATH:-}"
+    echo "NCCL: $nccl"
+  fi
+fi
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 if [ "$sanitize" = 1 ]; then
   sanitizer=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || true)}
   for dir in "${CUDA_HOME:-}/bin" /usr/local/cuda/bin; do

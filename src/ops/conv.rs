@@ -588,13 +588,7 @@ impl GemmGeom {
                 launch!(gpu, name, cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
             }
             GemmKernel::TensorCore { wide, narrow } => {
-                ensure!(
-                    self.taps.iter().all(|&t| t <= CONV_TC_MAX_TAPS),
-                    Shape,
-                    "{what}: the tensor-core convolution enumerates at most {CONV_TC_MAX_TAPS} taps per axis, this \
-                     pass needs {:?}; use --math exact for such kernels",
-                    self.taps
-                );
+                check_tc_taps(self.taps, what)?;
                 let (kernel, bn) =
                     if self.c_dst <= CONV_TC_BN_NARROW { (narrow, CONV_TC_BN_NARROW) } else { (wide, CONV_TC_BN) };
                 let cfg = LaunchConfig {
@@ -631,6 +625,17 @@ impl GemmGeom {
             }
         }
     }
+}
+
+/// The tensor-core kernels keep a mask of at most [`CONV_TC_MAX_TAPS`] taps per axis (cuda/conv_tc.cu).
+fn check_tc_taps(taps: [usize; 3], what: &str) -> Result<()> {
+    ensure!(
+        taps.iter().all(|&t| t <= CONV_TC_MAX_TAPS),
+        Shape,
+        "{what}: the tensor-core convolution enumerates at most {CONV_TC_MAX_TAPS} taps per axis, this pass needs \
+         {taps:?}; use --math exact for such kernels"
+    );
+    Ok(())
 }
 
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
@@ -856,13 +861,7 @@ impl Pairing {
                 launch!(gpu, name, cfg, what, [&narrow.slice, &wide.slice, &mut out.slice, &args])?;
             }
             WgradKernel::TensorCore(pair) => {
-                ensure!(
-                    self.k.iter().all(|&t| t <= CONV_TC_MAX_TAPS),
-                    Shape,
-                    "{what}: the tensor-core convolution enumerates at most {CONV_TC_MAX_TAPS} taps per axis, this \
-                     kernel is {:?}; use --math exact for such kernels",
-                    self.k
-                );
+                check_tc_taps(self.k, what)?;
                 let u = |v: [usize; 3]| v.map(|x| x as i32);
                 let params = ConvWgradTcParams {
                     narrow: narrow.ptr(),
