@@ -587,10 +587,9 @@ impl GemmGeom {
                 let b = bias.unwrap_or(w);
                 launch!(gpu, name, cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
             }
-            GemmKernel::TensorCore { wide, narrow } => {
+            GemmKernel::TensorCore(pair) => {
                 check_tc_taps(self.taps, what)?;
-                let (kernel, bn) =
-                    if self.c_dst <= CONV_TC_BN_NARROW { (narrow, CONV_TC_BN_NARROW) } else { (wide, CONV_TC_BN) };
+                let (kernel, bn) = pair.for_columns(self.c_dst);
                 let cfg = LaunchConfig {
                     grid_dim: (rows.div_ceil(CONV_TC_BM) as u32, self.c_dst.div_ceil(bn) as u32, 1),
                     block_dim: (CONV_TC_THREADS as u32, 1, 1),
@@ -638,20 +637,38 @@ fn check_tc_taps(taps: [usize; 3], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A tensor-core kernel of cuda/conv_tc.cu in its two tile widths: 64 output columns, and 32 for outputs of at most
+/// 32 channels (where 64 would leave half of the tile idle).
+#[derive(Clone, Copy)]
+struct TcPair<P: Copy> {
+    wide: Kernel<P>,
+    narrow: Kernel<P>,
+}
+
+impl<P: Copy> TcPair<P> {
+    /// The kernel for `columns` output columns, and its tile width.
+    fn for_columns(self, columns: usize) -> (Kernel<P>, usize) {
+        if columns <= CONV_TC_BN_NARROW {
+            (self.narrow, CONV_TC_BN_NARROW)
+        } else {
+            (self.wide, CONV_TC_BN)
+        }
+    }
+}
+
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
-/// checks), or the tensor-core pair of cuda/conv_tc.cu (64-column tiles, and 32-column ones for narrow outputs).
+/// checks), or a tensor-core pair.
 #[derive(Clone, Copy)]
 enum GemmKernel {
     Exact(&'static str),
-    TensorCore { wide: Kernel<ConvTcParams>, narrow: Kernel<ConvTcParams> },
+    TensorCore(TcPair<ConvTcParams>),
 }
 
-/// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or the tensor-core pair of
-/// cuda/conv_tc.cu (64-column tiles, 32-column ones for at most 32 narrow channels).
+/// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or a tensor-core pair.
 #[derive(Clone, Copy)]
 enum WgradKernel {
     Exact(&'static str),
-    TensorCore([Kernel<ConvWgradTcParams>; 2]),
+    TensorCore(TcPair<ConvWgradTcParams>),
 }
 
 /// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
@@ -665,7 +682,7 @@ impl Pairing {
     /// The kernel of a `conv_gemm` product for this pairing's op on `gpu`: one name per role (conv or transposed
     /// conv, forward or input gradient) and math (exact float32 SIMT, or tf32 tensor cores: [`Gpu::set_exact_f32`]).
     fn gemm_kernel(&self, product: Product, gpu: &Gpu) -> GemmKernel {
-        let tc = |wide, narrow| GemmKernel::TensorCore { wide, narrow };
+        let tc = |wide, narrow| GemmKernel::TensorCore(TcPair { wide, narrow });
         let exact = gpu.exact_f32();
         match (product, self.transposed) {
             (Product::NarrowFromWide, false) if exact => GemmKernel::Exact("conv_fprop"),
@@ -687,10 +704,13 @@ impl Pairing {
     fn wgrad_kernel(&self, gpu: &Gpu) -> WgradKernel {
         match (self.transposed, gpu.exact_f32()) {
             (false, true) => WgradKernel::Exact("conv_wgrad"),
-            (false, false) => WgradKernel::TensorCore([kernel::conv_wgrad_tf32, kernel::conv_wgrad_tf32_n32]),
+            (false, false) => {
+                WgradKernel::TensorCore(TcPair { wide: kernel::conv_wgrad_tf32, narrow: kernel::conv_wgrad_tf32_n32 })
+            }
             (true, true) => WgradKernel::Exact("conv_transpose_wgrad"),
             (true, false) => {
-                WgradKernel::TensorCore([kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32])
+                let (wide, narrow) = (kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32);
+                WgradKernel::TensorCore(TcPair { wide, narrow })
             }
         }
     }
@@ -832,8 +852,7 @@ impl Pairing {
         let kernel = self.wgrad_kernel(gpu);
         let (tile_m, tile_n) = match kernel {
             WgradKernel::Exact(_) => (TILE_M, TILE_N),
-            WgradKernel::TensorCore(_) if cols <= CONV_TC_BN_NARROW => (CONV_TC_BM, CONV_TC_BN_NARROW),
-            WgradKernel::TensorCore(_) => (CONV_TC_BM, CONV_TC_BN),
+            WgradKernel::TensorCore(pair) => (CONV_TC_BM, pair.for_columns(cols).1),
         };
         let tiles = rows.div_ceil(tile_m) * cols.div_ceil(tile_n);
         let k_stages = k.div_ceil(TILE_K);
@@ -877,8 +896,7 @@ impl Pairing {
                     pad: u(self.pad),
                     slice_len: slice_len as i32,
                 };
-                let launched = if cols <= CONV_TC_BN_NARROW { pair[1] } else { pair[0] };
-                gpu.launch(launched, cfg, &params, what)?;
+                gpu.launch(pair.for_columns(cols).0, cfg, &params, what)?;
             }
         }
         if slices == 1 {
