@@ -154,11 +154,6 @@ impl Tape {
         self.tracing = on;
     }
 
-    /// Whether ops are being recorded.
-    pub fn is_recording(&self) -> bool {
-        self.enabled
-    }
-
     /// The number of recorded nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()

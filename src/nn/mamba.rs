@@ -27,7 +27,7 @@ use crate::ops::flip::flip_seq;
 use crate::ops::layer_norm::{layer_norm, LN_EPS};
 use crate::ops::linear::linear;
 use crate::ops::narrow::narrow_last;
-use crate::ops::pim::{check_window, merge, partition, PimLayout};
+use crate::ops::pim::{merge, partition, PimLayout};
 use crate::ops::reshape::reshape;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
 use crate::ops::upsample::upsample_nearest;
@@ -199,14 +199,6 @@ impl BiMambaLayer {
         let out_proj = params.add(format!("{prefix}.out_proj.weight"), default_uniform(&[dim, d_inner], d_inner, rng));
         let backw = Mamba::new(params, &format!("{prefix}.mamba_backw"), dim, cfg, rng);
         BiMambaLayer { prefix: prefix.into(), grouping, norm_w, norm_b, forw, backw, out_proj }
-    }
-
-    /// Checks, before any training, that the grouping fits a feature map of `map_shape`; `layer` names the layer.
-    pub fn check_map(&self, map_shape: &[usize], layer: &str) -> Result<()> {
-        match &self.grouping {
-            Grouping::Pixel { window, .. } => check_window(map_shape, window, layer),
-            Grouping::Patch { pool } => check_window(map_shape, pool, layer),
-        }
     }
 
     /// `x + mixer(x)` for a feature map x (N, C, \[D,\] H, W).
