@@ -14,7 +14,9 @@ fn assert_close_accepts_differences_within_the_bound() {
 }
 
 #[test]
-#[should_panic(expected = "what-name: 1 of 3 elements differ by more than 1e-6 + 0e0 |want|; worst at 1: got 2.1, want 2")]
+#[should_panic(
+    expected = "what-name: 1 of 3 elements differ by more than 1e-6 + 0e0 |want|; worst at 1: got 2.1, want 2"
+)]
 fn assert_close_panics_past_the_bound_and_names_the_worst_element() {
     assert_close("what-name", &[1.0, 2.1, 3.0], &[1.0, 2.0, 3.0], 0.0, 1e-6);
 }

@@ -147,7 +147,13 @@ fn clip_grad_norm_leaves_shared_gradients_alone() {
     let mut grads = [g.clone()];
     clip_grad_norm(&mut grads, 5.0).unwrap();
     assert_eq!(values(&g), vec![30.0, 40.0]);
-    assert_close("clipped gradient", &values(&grads[0]), &[30.0 * 5.0 / (50.0 + 1e-6), 40.0 * 5.0 / (50.0 + 1e-6)], 0.0, 1e-12);
+    assert_close(
+        "clipped gradient",
+        &values(&grads[0]),
+        &[30.0 * 5.0 / (50.0 + 1e-6), 40.0 * 5.0 / (50.0 + 1e-6)],
+        0.0,
+        1e-12,
+    );
 }
 
 #[test]
