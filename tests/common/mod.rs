@@ -79,7 +79,8 @@ pub fn assert_close<G: Copy + Into<f64>, W: Copy + Into<f64>>(what: &str, got: &
         let (g, w): (f64, f64) = ((*g).into(), (*w).into());
         let d = (g - w).abs();
         let bound = atol + rtol * w.abs();
-        if !(d <= bound) {
+        // Written so that a NaN difference fails too.
+        if d.is_nan() || d > bound {
             failures += 1;
             let excess = if d.is_nan() { f64::INFINITY } else { d - bound };
             if worst.is_none_or(|(_, _, _, e)| excess > e) {
