@@ -14,6 +14,9 @@ use lkm_engine::data::synth::{phantom_dataset, SynthConfig};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+mod common;
+use common::assert_close;
+
 fn random_volume(shape: [usize; 3], seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..shape.iter().product()).map(|_| rng.random_range(-2.0..2.0f32)).collect()
@@ -28,13 +31,6 @@ fn centred(shape: [usize; 3], matrix: Mat3) -> PatchGrid {
     PatchGrid { patch: shape, centre: shape.map(|n| (n as f64 - 1.0) / 2.0), matrix }
 }
 
-fn assert_close(a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len());
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol, "element {i}: {x} vs {y}");
-    }
-}
-
 #[test]
 fn a_90_degree_rotation_is_a_flip_and_with_a_mirror_a_transpose() {
     // In the (H, W) plane: out[h][w] = x[n-1-w][h]; mirroring W as well gives out[h][w] = x[w][h].
@@ -47,8 +43,8 @@ fn a_90_degree_rotation_is_a_flip_and_with_a_mirror_a_transpose() {
     let transpose = centred(shape, mirror_w);
     let rotated: Vec<f32> = (0..36).map(|i| x[index(shape, 0, 5 - i % 6, i / 6)]).collect();
     let transposed: Vec<f32> = (0..36).map(|i| x[index(shape, 0, i % 6, i / 6)]).collect();
-    assert_close(&quarter.sample_linear(&x, shape), &rotated, 1e-5);
-    assert_close(&transpose.sample_linear(&x, shape), &transposed, 1e-5);
+    assert_close("90-degree rotation", &quarter.sample_linear(&x, shape), &rotated, 0.0, 1e-5);
+    assert_close("rotation with a mirror", &transpose.sample_linear(&x, shape), &transposed, 0.0, 1e-5);
     let transposed_labels: Vec<u8> = (0..36).map(|i| labels[index(shape, 0, i % 6, i / 6)]).collect();
     assert_eq!(transpose.sample_nearest(&labels, shape), transposed_labels);
     // About H in 3D: out[d][h][w] = x[n-1-w][h][d].
@@ -63,7 +59,7 @@ fn a_90_degree_rotation_is_a_flip_and_with_a_mirror_a_transpose() {
             }
         }
     }
-    assert_close(&grid.sample_linear(&x, shape), &expected, 1e-5);
+    assert_close("rotation about the second axis", &grid.sample_linear(&x, shape), &expected, 0.0, 1e-5);
 }
 
 #[test]
@@ -152,7 +148,7 @@ fn gamma_one_is_the_identity_and_gamma_keeps_mean_std_and_order() {
     for invert in [false, true] {
         let mut y = x.clone();
         gamma(&mut y, 1.0, invert);
-        assert_close(&y, &x, 1e-5);
+        assert_close(&format!("gamma 1 (invert {invert})"), &y, &x, 0.0, 1e-5);
     }
     let stats = |v: &[f32]| {
         let n = v.len() as f64;
@@ -190,7 +186,7 @@ fn noise_has_the_drawn_standard_deviation_and_is_shared_by_channels() {
 fn blur_has_the_drawn_width_per_axis_and_keeps_constants() {
     let mut flat = vec![3.0f32; 5 * 6 * 7];
     gaussian_blur(&mut flat, [5, 6, 7], [1.0, 0.7, 0.5]);
-    assert_close(&flat, &vec![3.0; 5 * 6 * 7], 1e-5);
+    assert_close("blurred constant", &flat, &vec![3.0f32; 5 * 6 * 7], 0.0, 1e-5);
     // A delta blurred along W only: its profile along W has unit mass and variance sigma^2 (the kernel spans about
     // 6 sigma: for sigma >= 0.75 that keeps the variance within 1%), and nothing spreads along H.
     let shape = [1, 3, 41];
@@ -215,9 +211,9 @@ fn brightness_multiplies_and_contrast_scales_around_the_mean_within_the_range() 
     let mean = x.iter().sum::<f32>() / x.len() as f32;
     let mut y = x.clone();
     adjust_contrast(&mut y, 1.0);
-    assert_close(&y, &x, 1e-6);
+    assert_close("contrast 1", &y, &x, 0.0, 1e-6);
     adjust_contrast(&mut y, 0.5);
-    assert_close(&y, &x.iter().map(|v| (v - mean) * 0.5 + mean).collect::<Vec<_>>(), 1e-5);
+    assert_close("contrast 0.5", &y, &x.iter().map(|v| (v - mean) * 0.5 + mean).collect::<Vec<_>>(), 0.0, 1e-5);
     let (lo, hi) = x.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let mut y = x.clone();
     adjust_contrast(&mut y, 1.25);
@@ -234,7 +230,7 @@ fn low_resolution_simulation_removes_fine_detail_only() {
     assert_eq!(y, x, "factor 1 is the identity");
     let mut flat = vec![0.5f32; 512];
     simulate_low_resolution(&mut flat, shape, [0.5; 3]);
-    assert_close(&flat, &vec![0.5; 512], 1e-6);
+    assert_close("low-resolution constant", &flat, &vec![0.5f32; 512], 0.0, 1e-6);
     // Alternating values along W are the finest detail there is: at half resolution every W row is flat; detail
     // along D (factor 1, as for the low-resolution axis of an anisotropic patch) is kept exactly.
     let board: Vec<f32> = (0..512).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
@@ -244,7 +240,7 @@ fn low_resolution_simulation_removes_fine_detail_only() {
     let slab: Vec<f32> = (0..512).map(|i| if (i / 64) % 2 == 0 { 1.0 } else { -1.0 }).collect();
     let mut y = slab.clone();
     simulate_low_resolution(&mut y, shape, [1.0, 0.5, 0.5]);
-    assert_close(&y, &slab, 1e-6);
+    assert_close("low-resolution slabs along D", &y, &slab, 0.0, 1e-6);
 }
 
 #[test]

@@ -13,6 +13,9 @@ use lkm_engine::data::resample::{median_spacing, needs_resampling, resample_case
 use lkm_engine::data::Case;
 use lkm_engine::Error;
 
+mod common;
+use common::assert_close;
+
 /// A fresh empty folder under the system temp dir, removed when dropped.
 struct TempDir(PathBuf);
 
@@ -178,9 +181,7 @@ fn nifti_label_roundtrip_gz_and_plain() {
         assert_eq!(back.shape, shape);
         assert_eq!(back.to_labels().unwrap(), labels);
         assert_eq!(back.header.datatype, 2, "stored as uint8");
-        for (a, b) in back.spacing.iter().zip([2.5, 0.7, 0.9]) {
-            assert!((a - b).abs() < 1e-6, "{:?}", back.spacing);
-        }
+        assert_close("spacing read back", &back.spacing, &[2.5, 0.7, 0.9], 0.0, 1e-6);
         assert_eq!(back.affine[0][0], 0.9f32 as f64);
         assert_eq!(back.affine[2][2], 2.5);
     }
@@ -226,11 +227,7 @@ fn nifti_qform_affine_and_roundtrip() {
     assert_eq!(v.shape, [4, 3, 2]);
     assert_eq!(v.spacing, [4.0, 3.0, 2.0]);
     let want = [[0.0, -3.0, 0.0, 10.0], [2.0, 0.0, 0.0, 20.0], [0.0, 0.0, -4.0, 30.0], [0.0, 0.0, 0.0, 1.0]];
-    for (r, row) in v.affine.iter().enumerate() {
-        for (c, &x) in row.iter().enumerate() {
-            assert!((x - want[r][c]).abs() < 1e-5, "affine {:?}", v.affine);
-        }
-    }
+    assert_close("affine (row-major)", &v.affine.concat(), &want.concat(), 0.0, 1e-5);
     let labels: Vec<u8> = (0..24).map(|i| i as u8).collect();
     let out = dir.path().join("q_label.nii.gz");
     write_label(&out, &labels, v.shape, &v.header).unwrap();
@@ -368,9 +365,7 @@ fn dataset_write_open_load() {
         assert_eq!((got.channels, got.shape), (2, want.shape));
         assert_eq!(got.image, want.image, "float32 images round-trip exactly");
         assert_eq!(got.label, want.label);
-        for (a, b) in got.spacing.iter().zip(&want.spacing) {
-            assert!((a - b).abs() < 1e-6);
-        }
+        assert_close("spacing", &got.spacing, &want.spacing, 0.0, 1e-6);
     }
     let (_, header) = ds.load_case_with_header("case_a").unwrap();
     assert_eq!(&header.dim[..4], &[3, 5, 6, 3]);
@@ -763,9 +758,7 @@ fn resample_median_spacing() {
         c.spacing = s;
     }
     let m = median_spacing(&cases).unwrap();
-    for (a, b) in m.iter().zip([2.5, 0.95, 0.65]) {
-        assert!((a - b).abs() < 1e-12, "{m:?}");
-    }
+    assert_close("median spacing", &m, &[2.5, 0.95, 0.65], 0.0, 1e-12);
     assert_eq!(median_spacing(&cases[..3]).unwrap(), [2.0, 1.0, 0.7]);
     assert!(matches!(median_spacing(&[]), Err(Error::Data(_))));
     assert!(matches!(resample_case(&cases[0], [0.0, 1.0, 1.0]), Err(Error::Shape(_))));

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{check_op_on, randn32, rel_err, tf32_gpu};
+use common::{assert_rel_err, check_op_on, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::conv::conv;
@@ -178,9 +178,9 @@ fn gpu_conv3d_reference_shape() {
         let reference = run([&x, &w, &b], None);
         for (math, tol) in [("float32", TOL), ("tf32", TF32_TOL)] {
             gpu.set_exact_f32(math == "float32");
-            let err = rel_err(&run([&x, &w, &b], Some(&dev)), &reference);
+            let what = format!("conv3d {kernel:?} reference shape, {math}: forward");
+            let err = assert_rel_err(&what, &run([&x, &w, &b], Some(&dev)), &reference, tol);
             eprintln!("conv3d {kernel:?} 1x32x8x224x192 {math} forward: relative error {err:.2e}");
-            assert!(err < tol, "conv3d {kernel:?} reference shape, {math}: forward relative error {err:e} >= {tol:e}");
         }
     }
 

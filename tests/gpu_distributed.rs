@@ -165,8 +165,7 @@ fn two_gpus_average_gradients_and_keep_identical_weights_for_10_steps() {
                 assert_ne!(l0, l1, "parameter {p}: the ranks' own gradients are equal; their batches should differ");
                 let mean: Vec<f64> = l0.iter().zip(l1).map(|(a, b)| (*a as f64 + *b as f64) / 2.0).collect();
                 let got: Vec<f64> = a0.iter().map(|&v| v as f64).collect();
-                let err = common::rel_err(&got, &mean);
-                assert!(err < 1e-6, "parameter {p}: averaged gradient off the mean by {err:.2e}");
+                common::assert_rel_err(&format!("parameter {p}: averaged gradient vs the mean"), &got, &mean, 1e-6);
             }
             (None, None, None, None) => {}
             _ => panic!("parameter {p}: gradient presence differs between ranks or paths"),

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{check_op_inputs, gpu, randn32, rel_err};
+use common::{assert_rel_err, check_op_inputs, gpu, randn32};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::argmax::argmax;
@@ -193,11 +193,11 @@ fn host(ts: &[Tensor]) -> Vec<Vec<f64>> {
     ts.iter().map(|t| t.to_vec_f64().unwrap()).collect()
 }
 
+/// [`assert_rel_err`] on each pair of host tensors; prints the worst error.
 fn assert_all_close(what: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol: f64) {
     let mut worst = 0.0f64;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = rel_err(g, w);
-        assert!(e < tol, "{what} {i}: relative error {e:e} >= {tol:e}");
+        let e = assert_rel_err(&format!("{what} {i}"), g, w, tol);
         worst = worst.max(e);
     }
     eprintln!("{what}: worst relative error {worst:.2e}");

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{check_op, gpu, randn32, rel_err};
+use common::{assert_rel_err, check_op, gpu, randn32};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
@@ -24,8 +24,7 @@ fn check_forward(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, 
     let gpu_in: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&dev).unwrap()).collect();
     let want = f(&mut Tape::no_grad(), &cpu).unwrap().to_vec_f64().unwrap();
     let got = f(&mut Tape::no_grad(), &gpu_in).unwrap().to_vec_f64().unwrap();
-    let e = rel_err(&got, &want);
-    assert!(e < tol, "{name}: forward relative error {e:e} >= {tol:e}");
+    assert_rel_err(&format!("{name}: forward"), &got, &want, tol);
 }
 
 /// The gradients of `f`'s inputs on the GPU for the seed gradient of `check_op`, as host vectors (to compare runs).

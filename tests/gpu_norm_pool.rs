@@ -75,8 +75,7 @@ fn gpu_instance_norm_param_grads_only() {
     let gpu = lkm_engine::device::Device::Cuda(common::gpu());
     let (on_gpu, on_cpu) = (grads(&gpu), grads(&lkm_engine::device::Device::Cpu));
     for (g, r) in on_gpu.iter().zip(&on_cpu) {
-        let e = common::rel_err(g, r);
-        assert!(e < 1e-4, "instance_norm parameter gradient relative error {e:e}");
+        common::assert_rel_err("instance_norm parameter gradient", g, r, 1e-4);
     }
 }
 

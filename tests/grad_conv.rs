@@ -7,6 +7,9 @@ use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
 use lkm_engine::{DType, Tensor};
 
+mod common;
+use common::assert_close;
+
 /// Gradient check of conv for input shape `x`, weight shape `w` and `stride`, with or without bias.
 fn check_conv(x: &[usize], w: &[usize], stride: &[usize], with_bias: bool, seed: u64) {
     let mut inputs = vec![randn64(x, seed), randn64(w, seed + 1)];
@@ -178,13 +181,6 @@ fn naive_conv3d(
     (y, [n, cout, od, oh, ow])
 }
 
-fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: element {i}: got {g}, want {w}");
-    }
-}
-
 /// conv against `naive_conv3d` for one configuration (2D when `x` has 4 axes).
 fn check_conv_forward(x: &[usize], w: &[usize], stride: &[usize], with_bias: bool, seed: u64) {
     let (xt, wt, bt) = (randn64(x, seed), randn64(w, seed + 1), randn64(&[w[0]], seed + 2));
@@ -209,7 +205,7 @@ fn check_conv_forward(x: &[usize], w: &[usize], stride: &[usize], with_bias: boo
     );
     let want_shape: Vec<usize> = if x.len() == 4 { vec![ys[0], ys[1], ys[3], ys[4]] } else { ys.to_vec() };
     assert_eq!(y.shape(), &want_shape[..], "conv {x:?} * {w:?} stride {stride:?}: output shape");
-    assert_close(&y.to_vec_f64().unwrap(), &want, 1e-12, &format!("conv {x:?} * {w:?} stride {stride:?}"));
+    assert_close(&format!("conv {x:?} * {w:?} stride {stride:?}"), &y.to_vec_f64().unwrap(), &want, 1e-12, 1e-12);
 }
 
 #[test]
@@ -240,7 +236,7 @@ fn conv_f32_matches_f64() {
     let [x32, w32, b32] = [&x, &w, &b].map(|t| t.to_dtype(DType::F32).unwrap());
     let y32 = conv(&mut Tape::new(), &x32, &w32, Some(&b32), &[1, 2, 2]).unwrap();
     assert_eq!(y32.dtype(), DType::F32);
-    assert_close(&y32.to_vec_f64().unwrap(), &y64, 1e-5, "conv f32 vs f64");
+    assert_close("conv f32 vs f64", &y32.to_vec_f64().unwrap(), &y64, 1e-5, 1e-5);
 }
 
 #[test]
@@ -296,7 +292,7 @@ fn conv_transpose3d_matches_direct_sum() {
             }
         }
     }
-    assert_close(&y.to_vec_f64().unwrap(), &want, 1e-12, "conv_transpose3d");
+    assert_close("conv_transpose3d", &y.to_vec_f64().unwrap(), &want, 1e-12, 1e-12);
 }
 
 fn conv_err(x: &[usize], w: &[usize], bias: Option<&[usize]>, stride: &[usize]) -> String {

@@ -7,6 +7,9 @@ use lkm_engine::ops::cross_entropy::cross_entropy;
 use lkm_engine::ops::dice::{soft_dice_loss, DICE_SMOOTH};
 use lkm_engine::{DType, Error, Tensor};
 
+mod common;
+use common::assert_close;
+
 /// Logits spread wide enough that the softmax is far from uniform.
 fn logits(shape: &[usize], seed: u64) -> Tensor {
     let v: Vec<f64> = randn64(shape, seed).to_vec_f64().unwrap().iter().map(|x| 2.0 * x).collect();
@@ -22,10 +25,6 @@ fn labels(shape: &[usize], classes: &[usize], seed: u64) -> Tensor {
         .map(|x| classes[(x.abs() * 1000.0) as usize % classes.len()] as f64)
         .collect();
     Tensor::from_vec(v, shape).unwrap()
-}
-
-fn close(a: f64, b: f64, tol: f64) -> bool {
-    (a - b).abs() <= tol * (1.0 + b.abs())
 }
 
 /// The loss and the gradient of the logits from one forward and backward pass.
@@ -95,13 +94,11 @@ fn cross_entropy_two_voxels_by_hand() {
     let (x, t) = two_voxel_case();
     let (loss, grad) = loss_and_grad(&x, |tape, x| cross_entropy(tape, x, &t));
     // L = (-ln(3/4) - ln(1/2)) / 2 = (ln(4/3) + ln 2) / 2 = ln(8/3) / 2.
-    assert!(close(loss, (8.0f64 / 3.0).ln() / 2.0, 1e-14), "{loss}");
+    assert_close("cross-entropy", &[loss], &[(8.0f64 / 3.0).ln() / 2.0], 1e-14, 1e-14);
     // dL/dx = (p - onehot) / 2: voxel 0 (1/4 - 0, 3/4 - 1) / 2 = (1/8, -1/8); voxel 1 (1/2 - 1, 1/2 - 0) / 2 =
     // (-1/4, 1/4). Layout [class 0: v0, v1; class 1: v0, v1].
     let expected = [0.125, -0.25, -0.125, 0.25];
-    for (g, e) in grad.iter().zip(expected) {
-        assert!(close(*g, e, 1e-14), "{grad:?}");
-    }
+    assert_close("cross-entropy gradient", &grad, &expected, 1e-14, 1e-14);
 }
 
 #[test]
@@ -120,14 +117,14 @@ fn cross_entropy_matches_naive_formula() {
         }
     }
     let loss = cross_entropy(&mut Tape::no_grad(), &x, &t).unwrap().scalar().unwrap();
-    assert!(close(loss, sum / (2 * v) as f64, 1e-13), "{loss} vs {}", sum / (2 * v) as f64);
+    assert_close("cross-entropy vs naive", &[loss], &[sum / (2 * v) as f64], 1e-13, 1e-13);
     // The float32 path agrees to float32 accuracy.
     let loss32 =
         cross_entropy(&mut Tape::no_grad(), &x.to_dtype(DType::F32).unwrap(), &t.to_dtype(DType::F32).unwrap())
             .unwrap()
             .scalar()
             .unwrap();
-    assert!(close(loss32, loss, 1e-6), "{loss32} vs {loss}");
+    assert_close("float32 cross-entropy", &[loss32], &[loss], 1e-6, 1e-6);
 }
 
 #[test]
@@ -136,7 +133,7 @@ fn cross_entropy_uniform_logits_is_ln_k() {
         let x = Tensor::full(&[2, k, 3, 5], 0.7, DType::F64, &lkm_engine::device::Device::Cpu).unwrap();
         let t = labels(&[2, 1, 3, 5], &(0..k).collect::<Vec<_>>(), 23);
         let loss = cross_entropy(&mut Tape::no_grad(), &x, &t).unwrap().scalar().unwrap();
-        assert!(close(loss, (k as f64).ln(), 1e-14), "K = {k}: {loss}");
+        assert_close(&format!("uniform cross-entropy, K = {k}"), &[loss], &[(k as f64).ln()], 1e-14, 1e-14);
     }
 }
 
@@ -147,7 +144,7 @@ fn cross_entropy_is_stable_for_huge_logits() {
     let x = Tensor::from_vec(vec![1000.0f32, 1000.0, 0.0, 0.0], &[1, 2, 1, 2]).unwrap();
     let t = Tensor::from_vec(vec![0.0f32, 1.0], &[1, 1, 1, 2]).unwrap();
     let (loss, grad) = loss_and_grad(&x, |tape, x| cross_entropy(tape, x, &t));
-    assert!(close(loss, 500.0, 1e-6), "{loss}");
+    assert_close("cross-entropy of logits 1000 apart", &[loss], &[500.0], 1e-6, 1e-6);
     assert!(grad.iter().all(|g| g.is_finite()), "{grad:?}");
 }
 
@@ -159,15 +156,13 @@ fn soft_dice_two_voxels_by_hand() {
     let dc = (1.5 + s) / (2.25 + s);
     for batch_dice in [false, true] {
         let (loss, grad) = loss_and_grad(&x, |tape, x| soft_dice_loss(tape, x, &t, batch_dice));
-        assert!(close(loss, -dc, 1e-14), "{loss} vs {}", -dc);
+        assert_close(&format!("soft Dice, batch_dice {batch_dice}"), &[loss], &[-dc], 1e-14, 1e-14);
         // dL/dp_1 = -(2 y - dc) / D with D = 9/4 + s; dL/dx_1 = p_0 p_1 (dL/dp_1), dL/dx_0 = -dL/dx_1 (softmax of
         // two classes). Voxel 0: p_0 p_1 = 3/16; voxel 1: 1/4.
         let d = 2.25 + s;
         let g1 = [-(2.0 - dc) / d * 3.0 / 16.0, -(0.0 - dc) / d * 0.25];
         let expected = [-g1[0], -g1[1], g1[0], g1[1]];
-        for (g, e) in grad.iter().zip(expected) {
-            assert!(close(*g, e, 1e-12), "{grad:?} vs {expected:?}");
-        }
+        assert_close(&format!("soft Dice gradient, batch_dice {batch_dice}"), &grad, &expected, 1e-12, 1e-12);
     }
 }
 
@@ -183,8 +178,8 @@ fn soft_dice_batch_and_per_sample_by_hand() {
     // Batch: I = 3/4, P = 3/4 + 1/2, G = 1: dc = (3/2 + s) / (9/4 + s).
     let batch = -(1.5 + s) / (2.25 + s);
     let f = |b| soft_dice_loss(&mut Tape::no_grad(), &x, &t, b).unwrap().scalar().unwrap();
-    assert!(close(f(false), per_sample, 1e-14), "{} vs {per_sample}", f(false));
-    assert!(close(f(true), batch, 1e-14), "{} vs {batch}", f(true));
+    assert_close("per-sample soft Dice", &[f(false)], &[per_sample], 1e-14, 1e-14);
+    assert_close("batch soft Dice", &[f(true)], &[batch], 1e-14, 1e-14);
 }
 
 /// Soft Dice computed straight from the definition, with the one-hot target and softmax written out per voxel.
@@ -219,10 +214,10 @@ fn soft_dice_matches_naive_formula() {
     for batch_dice in [false, true] {
         let loss = soft_dice_loss(&mut Tape::no_grad(), &x, &t, batch_dice).unwrap().scalar().unwrap();
         let want = naive_dice(&xv, &tv, 3, 4, 30, batch_dice);
-        assert!(close(loss, want, 1e-13), "batch_dice {batch_dice}: {loss} vs {want}");
+        assert_close(&format!("soft Dice vs naive, batch_dice {batch_dice}"), &[loss], &[want], 1e-13, 1e-13);
         let (x32, t32) = (x.to_dtype(DType::F32).unwrap(), t.to_dtype(DType::F32).unwrap());
         let loss32 = soft_dice_loss(&mut Tape::no_grad(), &x32, &t32, batch_dice).unwrap().scalar().unwrap();
-        assert!(close(loss32, loss, 1e-6), "float32 {loss32} vs {loss}");
+        assert_close(&format!("float32 soft Dice, batch_dice {batch_dice}"), &[loss32], &[loss], 1e-6, 1e-6);
     }
 }
 
@@ -244,7 +239,7 @@ fn soft_dice_of_perfect_confident_prediction_is_minus_one() {
     .unwrap();
     for batch_dice in [false, true] {
         let loss = soft_dice_loss(&mut Tape::no_grad(), &x, &t, batch_dice).unwrap().scalar().unwrap();
-        assert!(close(loss, -1.0, 1e-6), "batch_dice {batch_dice}: {loss}");
+        assert_close(&format!("soft Dice, batch_dice {batch_dice}"), &[loss], &[-1.0], 1e-6, 1e-6);
     }
     // The same prediction has cross-entropy ~ 3 e^-30.
     let ce = cross_entropy(&mut Tape::no_grad(), &x, &t).unwrap().scalar().unwrap();

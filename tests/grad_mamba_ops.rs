@@ -7,18 +7,14 @@ use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{DType, Tensor};
 
+mod common;
+use common::assert_close;
+
 /// `f(randn)` elementwise, as a new f64 tensor.
 fn randn_map(shape: &[usize], seed: u64, f: impl Fn(usize, f64) -> f64) -> Tensor {
     let v: Vec<f64> =
         randn64(shape, seed).to_vec_f64().unwrap().into_iter().enumerate().map(|(i, x)| f(i, x)).collect();
     Tensor::from_vec(v, shape).unwrap()
-}
-
-fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: element {i}: got {g}, want {w}");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -53,12 +49,12 @@ fn linear_forward_matches_naive() {
     }
     let y = linear(&mut Tape::new(), &x, &w, Some(&b)).unwrap();
     assert_eq!(y.shape(), &[3, 4, 6]);
-    assert_close(&y.to_vec_f64().unwrap(), &want, 1e-12, "linear f64");
+    assert_close("linear f64", &y.to_vec_f64().unwrap(), &want, 1e-12, 1e-12);
     // The float32 path against the same float64 reference.
     let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let y32 = linear(&mut Tape::new(), &f(&x), &f(&w), Some(&f(&b))).unwrap();
     assert_eq!(y32.dtype(), DType::F32);
-    assert_close(&y32.to_vec_f64().unwrap(), &want, 1e-5, "linear f32");
+    assert_close("linear f32", &y32.to_vec_f64().unwrap(), &want, 1e-5, 1e-5);
 }
 
 #[test]
@@ -105,7 +101,7 @@ fn causal_conv1d_forward_hand_worked() {
     let b = Tensor::from_vec(vec![0.5, -1.0], &[2]).unwrap();
     let y = causal_conv1d(&mut Tape::new(), &x, &w, &b).unwrap();
     assert_eq!(y.shape(), &[1, 3, 2]);
-    assert_close(&y.to_vec_f64().unwrap(), &[100.5, 19.0, 210.5, 29.0, 321.5, 44.0], 1e-14, "causal_conv1d");
+    assert_close("causal_conv1d", &y.to_vec_f64().unwrap(), &[100.5, 19.0, 210.5, 29.0, 321.5, 44.0], 1e-14, 1e-14);
 }
 
 #[test]
@@ -192,7 +188,7 @@ fn selective_scan_partial_gradients_match_full() {
     assert_eq!(gp.len(), 2);
     for i in [0, 2] {
         let (a, b) = (gf.get(&x[i]).unwrap().to_vec_f64().unwrap(), gp.get(&x[i]).unwrap().to_vec_f64().unwrap());
-        assert_close(&a, &b, 1e-14, "partial gradient");
+        assert_close("partial gradient", &a, &b, 1e-14, 1e-14);
     }
 }
 
@@ -235,11 +231,11 @@ fn selective_scan_forward_matches_closed_form() {
     let want = scan_closed_form(&x, g, l, dch, n);
     let y = scan(&mut Tape::new(), &x).unwrap();
     assert_eq!(y.shape(), &[g, l, dch]);
-    assert_close(&y.to_vec_f64().unwrap(), &want, 1e-10, "selective_scan f64");
+    assert_close("selective_scan f64", &y.to_vec_f64().unwrap(), &want, 1e-10, 1e-10);
     let x32: Vec<Tensor> = x.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
     let y32 = scan(&mut Tape::new(), &x32).unwrap();
     assert_eq!(y32.dtype(), DType::F32);
-    assert_close(&y32.to_vec_f64().unwrap(), &want, 1e-4, "selective_scan f32");
+    assert_close("selective_scan f32", &y32.to_vec_f64().unwrap(), &want, 1e-4, 1e-4);
 }
 
 #[test]

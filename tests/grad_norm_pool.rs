@@ -9,6 +9,9 @@ use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::upsample::upsample_nearest;
 use lkm_engine::{DType, Tensor};
 
+mod common;
+use common::max_abs_diff;
+
 /// 3 randn + 2: a nonzero mean and a scale other than 1, so the normalisation has work to do.
 fn shifted(shape: &[usize], seed: u64) -> Tensor {
     let v = randn64(shape, seed).to_vec_f64().unwrap().iter().map(|x| 3.0 * x + 2.0).collect();
@@ -17,11 +20,6 @@ fn shifted(shape: &[usize], seed: u64) -> Tensor {
 
 fn values(t: &Tensor) -> Vec<f64> {
     t.to_vec_f64().unwrap()
-}
-
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 /// Mean and biased variance, the textbook one-pass way (fine in f64 for these small inputs).

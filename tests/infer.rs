@@ -14,6 +14,9 @@ use lkm_engine::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+mod common;
+use common::max_abs_diff;
+
 /// `ModelConfig::tiny_3d` shrunk to a 16^3 patch (stage maps 16, 8, 4, 2) and half the features, to keep the
 /// tests quick.
 fn tiny_3d() -> (LkmUnet, Params) {
@@ -113,11 +116,6 @@ fn argmax_classes(p: &[f32], k: usize) -> Vec<u8> {
             best as u8
         })
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// Naive sliding window on one image (C, spatial...) with the model's own spatial rank: pad explicitly (centred),

@@ -9,9 +9,13 @@ use lkm_engine::Error;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-fn close(got: Option<f64>, want: f64) {
-    let g = got.unwrap_or_else(|| panic!("got None, want {want}"));
-    assert!((g - want).abs() < 1e-12, "got {g}, want {want}");
+mod common;
+use common::assert_close;
+
+/// A metric that must be defined (not `None`) and equal `want` to 1e-12 absolute.
+fn assert_metric(got: Option<f64>, want: f64) {
+    let g = got.unwrap_or_else(|| panic!("metric: got None, want {want}"));
+    assert_close("metric", &[g], &[want], 0.0, 1e-12);
 }
 
 /// A label map of `shape` with label 1 on the box z in zr, y in yr, x in xr (half-open ranges).
@@ -40,12 +44,12 @@ fn dice_hand_computed() {
     // Class 2: P = {3,4,9} (3), R = {2,3,8,9} (4), P∩R = {3,9} (2): 2*2/(3+4) = 4/7.
     let d = dice_per_class(&pred, &refr, 3).unwrap();
     assert_eq!(d.len(), 2);
-    close(d[0], 2.0 / 3.0);
-    close(d[1], 4.0 / 7.0);
+    assert_metric(d[0], 2.0 / 3.0);
+    assert_metric(d[1], 4.0 / 7.0);
     // Identical maps score 1 wherever the class is present.
     let same = dice_per_class(&refr, &refr, 3).unwrap();
-    close(same[0], 1.0);
-    close(same[1], 1.0);
+    assert_metric(same[0], 1.0);
+    assert_metric(same[1], 1.0);
 }
 
 #[test]
@@ -54,7 +58,7 @@ fn dice_absent_class_is_none() {
     let refr = [0, 1, 0, 0];
     // Class 1: 2*1/(2+1) = 2/3; classes 2 and 3 appear in neither map.
     let d = dice_per_class(&pred, &refr, 4).unwrap();
-    close(d[0], 2.0 / 3.0);
+    assert_metric(d[0], 2.0 / 3.0);
     assert_eq!(d[1], None);
     assert_eq!(d[2], None);
     // Only background: no foreground entries at all.
@@ -109,7 +113,7 @@ fn surface_map_hand_counts() {
 fn nsd_identical_is_one() {
     let cube = boxed(S7, (1, 4), (2, 6), (0, 3));
     for tol in [0.0, 1.0, 5.0] {
-        close(surface_dice(&cube, &cube, S7, [2.0, 0.7, 1.3], 1, tol).unwrap(), 1.0);
+        assert_metric(surface_dice(&cube, &cube, S7, [2.0, 0.7, 1.3], 1, tol).unwrap(), 1.0);
     }
 }
 
@@ -131,12 +135,12 @@ fn nsd_bar_shifted_by_one() {
     let p = boxed(shape, (0, 1), (0, 1), (2, 6));
     let r = boxed(shape, (0, 1), (0, 1), (3, 7));
     // Tolerance 0: shared points {3,4,5} on each side: (3 + 3) / 8.
-    close(surface_dice(&p, &r, shape, ISO, 1, 0.0).unwrap(), 0.75);
+    assert_metric(surface_dice(&p, &r, shape, ISO, 1, 0.0).unwrap(), 0.75);
     // Tolerance 1 mm with 1 mm spacing: x = 2 and x = 6 are 1 mm from the other bar: 8 / 8.
-    close(surface_dice(&p, &r, shape, ISO, 1, 1.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&p, &r, shape, ISO, 1, 1.0).unwrap(), 1.0);
     // Spacing 2 mm along x: the two end points are 2 mm away, outside 1.5 mm, inside 2 mm.
-    close(surface_dice(&p, &r, shape, [1.0, 1.0, 2.0], 1, 1.5).unwrap(), 0.75);
-    close(surface_dice(&p, &r, shape, [1.0, 1.0, 2.0], 1, 2.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&p, &r, shape, [1.0, 1.0, 2.0], 1, 1.5).unwrap(), 0.75);
+    assert_metric(surface_dice(&p, &r, shape, [1.0, 1.0, 2.0], 1, 2.0).unwrap(), 1.0);
 }
 
 #[test]
@@ -146,11 +150,11 @@ fn nsd_cube_shifted_by_one_voxel() {
     let b = boxed(S7, (2, 5), (2, 5), (2, 5));
     // S_A ∩ S_B: layer x = 2 has 9 voxels in both cubes, minus A's centre (3,3,2): 8; layer x = 3 likewise minus
     // B's centre (3,3,3): 8. So 16 points of each surface are at distance 0: (16 + 16) / 52 = 8/13.
-    close(surface_dice(&a, &b, S7, ISO, 1, 0.0).unwrap(), 8.0 / 13.0);
-    close(surface_dice(&a, &b, S7, ISO, 1, 0.5).unwrap(), 8.0 / 13.0);
+    assert_metric(surface_dice(&a, &b, S7, ISO, 1, 0.0).unwrap(), 8.0 / 13.0);
+    assert_metric(surface_dice(&a, &b, S7, ISO, 1, 0.5).unwrap(), 8.0 / 13.0);
     // The other 10 points of S_A (face x = 1 and B's centre (3,3,3)) are 1 mm from S_B (the face x = 2 of B, and
     // (3,3,2) resp.), and symmetrically for S_B: all 52 are within 1 mm.
-    close(surface_dice(&a, &b, S7, ISO, 1, 1.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&a, &b, S7, ISO, 1, 1.0).unwrap(), 1.0);
 }
 
 #[test]
@@ -159,11 +163,11 @@ fn nsd_cube_shifted_by_two_voxels() {
     let a = boxed(S7, (2, 5), (2, 5), (1, 4));
     let b = boxed(S7, (2, 5), (2, 5), (3, 6));
     // Tolerance 0: (9 + 9) / 52 = 9/26.
-    close(surface_dice(&a, &b, S7, ISO, 1, 0.0).unwrap(), 9.0 / 26.0);
+    assert_metric(surface_dice(&a, &b, S7, ISO, 1, 0.0).unwrap(), 9.0 / 26.0);
     // Tolerance 1: add the 8 surface points of A's middle layer x = 2 (1 mm from x = 3) but not its face x = 1
     // (2 mm away); same for B: (17 + 17) / 52 = 17/26.
-    close(surface_dice(&a, &b, S7, ISO, 1, 1.0).unwrap(), 17.0 / 26.0);
-    close(surface_dice(&a, &b, S7, ISO, 1, 2.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&a, &b, S7, ISO, 1, 1.0).unwrap(), 17.0 / 26.0);
+    assert_metric(surface_dice(&a, &b, S7, ISO, 1, 2.0).unwrap(), 1.0);
 }
 
 #[test]
@@ -174,13 +178,13 @@ fn nsd_anisotropic_spacing() {
     // surface are shared. The 9 points of A's face z = 1 are 3 mm from every point of S_B (all have z >= 2): outside
     // 2 mm. A's point (3,3,3) (B's centre) is 1 mm from (3,2,3) on S_B: inside. Same for B: (17 + 17) / 52.
     let az = boxed(S7, (1, 4), (2, 5), (2, 5));
-    close(surface_dice(&az, &a, S7, spacing, 1, 2.0).unwrap(), 17.0 / 26.0);
-    close(surface_dice(&az, &a, S7, spacing, 1, 3.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&az, &a, S7, spacing, 1, 2.0).unwrap(), 17.0 / 26.0);
+    assert_metric(surface_dice(&az, &a, S7, spacing, 1, 3.0).unwrap(), 1.0);
     // The same shift along x (1 mm voxels) is inside 2 mm everywhere.
     let ax = boxed(S7, (2, 5), (2, 5), (1, 4));
-    close(surface_dice(&ax, &a, S7, spacing, 1, 2.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&ax, &a, S7, spacing, 1, 2.0).unwrap(), 1.0);
     // And the z shift with isotropic spacing is too.
-    close(surface_dice(&az, &a, S7, ISO, 1, 2.0).unwrap(), 1.0);
+    assert_metric(surface_dice(&az, &a, S7, ISO, 1, 2.0).unwrap(), 1.0);
 }
 
 #[test]
@@ -310,7 +314,7 @@ fn nsd_matches_brute_force() {
                 let got = surface_dice(&pred, &refr, shape, spacing, class, tol).unwrap();
                 match (got, want) {
                     (Some(g), Some(w)) => {
-                        assert!((g - w).abs() < 1e-12, "class {class} tol {tol} {spacing:?}: got {g}, want {w}");
+                        assert_close(&format!("NSD class {class} tol {tol} {spacing:?}"), &[g], &[w], 0.0, 1e-12);
                         nontrivial += usize::from(w > 0.0 && w < 1.0);
                     }
                     _ => assert_eq!(got, want, "class {class} tol {tol}"),
@@ -331,15 +335,15 @@ fn evaluate_case_per_class() {
     refr[0] = 2;
     let s = evaluate_case("c1", &pred, &refr, S7, ISO, 4, &[0.0, 3.0, 3.0]).unwrap();
     assert_eq!(s.case, "c1");
-    close(s.dice[0], 2.0 / 3.0);
-    close(s.dice[1], 1.0);
+    assert_metric(s.dice[0], 2.0 / 3.0);
+    assert_metric(s.dice[1], 1.0);
     assert_eq!(s.dice[2], None);
-    close(s.nsd[0], 8.0 / 13.0);
-    close(s.nsd[1], 1.0);
+    assert_metric(s.nsd[0], 8.0 / 13.0);
+    assert_metric(s.nsd[1], 1.0);
     assert_eq!(s.nsd[2], None);
     // One tolerance for all classes.
     let s = evaluate_case("c1", &pred, &refr, S7, ISO, 4, &[1.0]).unwrap();
-    close(s.nsd[0], 1.0);
+    assert_metric(s.nsd[0], 1.0);
     // The same numbers as the single-class functions.
     let d = dice_per_class(&pred, &refr, 4).unwrap();
     assert_eq!(s.dice, d);
@@ -441,7 +445,7 @@ fn evaluate_full_size_volume_quickly() {
     eprintln!("evaluate_case on 34x128x128: {elapsed:?}, scores {s:?}");
     // A 1-2 voxel (0.8-1.6 mm) shift is within 5 mm and 2 mm tolerances; the Dice reflects the overlap.
     // (The caps of the small ellipsoid, 2.5 mm slices, leave a few surface points just beyond 2 mm.)
-    close(s.nsd[0], 1.0);
+    assert_metric(s.nsd[0], 1.0);
     assert!(s.nsd[1].unwrap() > 0.99 && s.nsd[1].unwrap() <= 1.0, "{s:?}");
     assert!(s.dice[0].unwrap() > 0.9 && s.dice[1].unwrap() > 0.8 && s.dice[1].unwrap() < 1.0, "{s:?}");
     // Below one voxel of tolerance only the shared surface counts.

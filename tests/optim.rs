@@ -4,19 +4,15 @@
 use lkm_engine::optim::{clip_grad_norm, poly_lr, Sgd, DEFAULT_GRAD_CLIP, DEFAULT_LR, DEFAULT_MOMENTUM};
 use lkm_engine::{Error, Tensor};
 
+mod common;
+use common::assert_close;
+
 fn t(v: &[f64]) -> Tensor {
     Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap()
 }
 
 fn values(x: &Tensor) -> Vec<f64> {
     x.to_vec_f64().unwrap()
-}
-
-fn assert_close(got: &[f64], want: &[f64]) {
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(want) {
-        assert!((g - w).abs() < 1e-12, "got {got:?}, want {want:?}");
-    }
 }
 
 const G1: [f64; 2] = [1.0, -0.5];
@@ -30,17 +26,17 @@ fn sgd_nesterov_three_steps_by_hand() {
     let mut p = [t(&[1.0, -2.0])];
     // Step 1: b = g1 = (1, -0.5); d = g1 + 0.9 b = (1.9, -0.95); p = (1 - 0.19, -2 + 0.095) = (0.81, -1.905).
     sgd.step(&mut p, &[t(&G1)]).unwrap();
-    assert_close(&values(&p[0]), &[0.81, -1.905]);
-    assert_close(&values(sgd.momentum_buffers()[0].as_ref().unwrap()), &[1.0, -0.5]);
+    assert_close("parameter", &values(&p[0]), &[0.81, -1.905], 0.0, 1e-12);
+    assert_close("momentum buffer", &values(sgd.momentum_buffers()[0].as_ref().unwrap()), &[1.0, -0.5], 0.0, 1e-12);
     // Step 2: b = 0.9 (1, -0.5) + (-2, 0.25) = (-1.1, -0.2); d = (-2, 0.25) + 0.9 b = (-2.99, 0.07);
     // p = (0.81 + 0.299, -1.905 - 0.007) = (1.109, -1.912).
     sgd.step(&mut p, &[t(&G2)]).unwrap();
-    assert_close(&values(&p[0]), &[1.109, -1.912]);
+    assert_close("parameter", &values(&p[0]), &[1.109, -1.912], 0.0, 1e-12);
     // Step 3: b = 0.9 (-1.1, -0.2) + (0.5, 1) = (-0.49, 0.82); d = (0.5, 1) + 0.9 b = (0.059, 1.738);
     // p = (1.109 - 0.0059, -1.912 - 0.1738) = (1.1031, -2.0858).
     sgd.step(&mut p, &[t(&G3)]).unwrap();
-    assert_close(&values(&p[0]), &[1.1031, -2.0858]);
-    assert_close(&values(sgd.momentum_buffers()[0].as_ref().unwrap()), &[-0.49, 0.82]);
+    assert_close("parameter", &values(&p[0]), &[1.1031, -2.0858], 0.0, 1e-12);
+    assert_close("momentum buffer", &values(sgd.momentum_buffers()[0].as_ref().unwrap()), &[-0.49, 0.82], 0.0, 1e-12);
 }
 
 #[test]
@@ -49,7 +45,7 @@ fn sgd_weight_decay_shrinks_toward_zero() {
     // p = (1 - 0.019, -2 + 0.038) = (0.981, -1.962).
     let mut p = [t(&[1.0, -2.0])];
     Sgd::new(0.1, 0.9, 0.1).step(&mut p, &[t(&[0.0, 0.0])]).unwrap();
-    assert_close(&values(&p[0]), &[0.981, -1.962]);
+    assert_close("parameter", &values(&p[0]), &[0.981, -1.962], 0.0, 1e-12);
     // Without weight decay a zero gradient moves nothing.
     let mut q = [t(&[1.0, -2.0])];
     Sgd::new(0.1, 0.9, 0.0).step(&mut q, &[t(&[0.0, 0.0])]).unwrap();
@@ -65,9 +61,7 @@ fn sgd_float32_matches_float64_roughly() {
         a.step(&mut p64, &[t(&g)]).unwrap();
         b.step(&mut p32, &[Tensor::from_vec(vec![g[0] as f32, g[1] as f32], &[2]).unwrap()]).unwrap();
     }
-    for (x, y) in values(&p64[0]).iter().zip(values(&p32[0])) {
-        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
-    }
+    assert_close("float32 vs float64 parameters", &values(&p32[0]), &values(&p64[0]), 0.0, 1e-6);
 }
 
 #[test]
@@ -132,7 +126,7 @@ fn clip_grad_norm_scales_above_max() {
     let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
     assert_eq!(norm, 5.0);
     let ratio = 1.0 / (5.0 + 1e-6);
-    assert_close(&values(&grads[0]), &[3.0 * ratio, 0.0]);
+    assert_close("clipped gradient", &values(&grads[0]), &[3.0 * ratio, 0.0], 0.0, 1e-12);
     assert!((values(&grads[1])[0] - 4.0 * ratio).abs() < 1e-6);
     // After clipping the norm is max_norm (up to the 1e-6 guard).
     let after = clip_grad_norm(&mut grads, 100.0).unwrap();
@@ -153,7 +147,13 @@ fn clip_grad_norm_leaves_shared_gradients_alone() {
     let mut grads = [g.clone()];
     clip_grad_norm(&mut grads, 5.0).unwrap();
     assert_eq!(values(&g), vec![30.0, 40.0]);
-    assert_close(&values(&grads[0]), &[30.0 * 5.0 / (50.0 + 1e-6), 40.0 * 5.0 / (50.0 + 1e-6)]);
+    assert_close(
+        "clipped gradient",
+        &values(&grads[0]),
+        &[30.0 * 5.0 / (50.0 + 1e-6), 40.0 * 5.0 / (50.0 + 1e-6)],
+        0.0,
+        1e-12,
+    );
 }
 
 #[test]

@@ -20,6 +20,9 @@ use lkm_engine::predict::Predictor;
 use lkm_engine::train::prepare;
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
 
+mod common;
+use common::assert_close;
+
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lkm-plan-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -286,7 +289,7 @@ fn plans_of_awkward_datasets_train_and_predict_in_3d_and_2d() {
     write_image(&image, &framed, full, &header_for(full, [3.0, 0.8, 0.8]).unwrap()).unwrap();
     let (p, pred) = plan_train_predict(&dir, &image, "framed");
     assert_eq!(p.dims, Dims::ThreeD);
-    assert!(p.spacing.iter().zip([3.0, 0.8, 0.8]).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", p.spacing);
+    assert_close("planned spacing", &p.spacing, &[3.0, 0.8, 0.8], 0.0, 1e-6);
     assert_eq!(p.model.patch, vec![40, 64, 56], "37 x 61 x 53 padded to the 8 x 16 x 8 divisibility");
     assert_eq!(p.model.kernels[0], vec![1, 3, 3]);
     let (a, b) = (read_volume(&image).unwrap(), read_volume(&pred).unwrap());

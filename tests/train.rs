@@ -110,7 +110,7 @@ fn loader_batches_depend_only_on_seed_epoch_and_iteration() {
 fn deep_supervision_weights_and_loss_follow_nnunet() {
     let w = deep_supervision_weights(4);
     let expected = [1.0, 0.5, 0.25, 0.0].map(|v| v / 1.75);
-    assert!(w.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-12), "{w:?}");
+    common::assert_close("deep supervision weights", &w, &expected, 0.0, 1e-12);
     let mut rng = StdRng::seed_from_u64(2);
     let labels: Vec<f64> = (0..2 * 8 * 8 * 8).map(|i| ((i * 7) % 3) as f64).collect();
     let labels = Tensor::from_vec(labels, &[2, 1, 8, 8, 8]).unwrap();

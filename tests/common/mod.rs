@@ -1,4 +1,5 @@
-//! Shared by the tests: a GPU with poisoned allocations, the comparison of an op's forward and backward on the GPU
+//! Shared by the tests: one elementwise closeness check ([`assert_close`]) and the error measures ([`rel_err`],
+//! [`max_abs_diff`]), a GPU with poisoned allocations, the comparison of an op's forward and backward on the GPU
 //! (float32) with its CPU reference (float64 on the same float32-rounded inputs), and a micro model for workflow
 //! tests.
 #![allow(dead_code)]
@@ -43,6 +44,58 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den.max(1e-300)).sqrt()
+}
+
+/// Asserts rel_err(`got`, `want`) < `tol` (see [`rel_err`]) and returns the error; the panic names `what`.
+pub fn assert_rel_err(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
+    let e = rel_err(got, want);
+    assert!(e < tol, "{what}: relative error {e:e} >= {tol:e}");
+    e
+}
+
+/// max_i |a_i - b_i| for float32 or float64 slices, computed in float64; NaN when any difference is NaN (so every
+/// comparison of the result fails rather than a NaN being skipped by `max`).
+pub fn max_abs_diff<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let mut worst = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        let d = ((*x).into() - (*y).into()).abs();
+        if d.is_nan() {
+            return f64::NAN;
+        }
+        worst = worst.max(d);
+    }
+    worst
+}
+
+/// Asserts |got_i - want_i| <= `atol` + `rtol` |want_i| for every i (float32 or float64 slices, compared in
+/// float64; a NaN fails). The panic names `what`, how many elements fail, and the worst one (largest excess over its
+/// bound) with its index and both values.
+pub fn assert_close<G: Copy + Into<f64>, W: Copy + Into<f64>>(what: &str, got: &[G], want: &[W], rtol: f64, atol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ (got {}, want {})", got.len(), want.len());
+    let mut failures = 0usize;
+    let mut worst: Option<(usize, f64, f64, f64)> = None; // (index, got, want, excess)
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w): (f64, f64) = ((*g).into(), (*w).into());
+        let d = (g - w).abs();
+        let bound = atol + rtol * w.abs();
+        // Written so that a NaN difference fails too.
+        if d.is_nan() || d > bound {
+            failures += 1;
+            let excess = if d.is_nan() { f64::INFINITY } else { d - bound };
+            if worst.is_none_or(|(_, _, _, e)| excess > e) {
+                worst = Some((i, g, w, excess));
+            }
+        }
+    }
+    if let Some((i, g, w, _)) = worst {
+        panic!(
+            "{what}: {failures} of {} elements differ by more than {atol:e} + {rtol:e} |want|; worst at {i}: got {g}, \
+             want {w} (difference {:e})",
+            got.len(),
+            (g - w).abs()
+        );
+    }
 }
 
 /// Runs `f` on the GPU and on the CPU (float64) from the same float32 `inputs`, back-propagates the same random seed
@@ -99,14 +152,12 @@ pub fn check_op_on(
     let gpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&gpu).unwrap()).collect();
     let (ref_out, ref_grads) = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
     let (out, grads) = seeded_step(name, &gpu_inputs, differentiable, &gpu, &f);
-    let mut worst = rel_err(&out, &ref_out);
-    assert!(worst < tol, "{name}: forward relative error {worst:e} >= {tol:e}");
+    let mut worst = assert_rel_err(&format!("{name}: forward"), &out, &ref_out, tol);
     let mut report = format!("{name}: forward {worst:.1e}, gradients");
     for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
         match (g, r) {
             (Some(g), Some(r)) => {
-                let e = rel_err(g, r);
-                assert!(e < tol, "{name}: gradient of input {i} relative error {e:e} >= {tol:e}");
+                let e = assert_rel_err(&format!("{name}: gradient of input {i}"), g, r, tol);
                 worst = worst.max(e);
                 report += &format!(" {e:.1e}");
             }
