@@ -6,6 +6,14 @@
 #define FOR_EACH(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (int64_t)(n); \
                             i += (int64_t)gridDim.x * blockDim.x)
 
+// A flat index over a box of sizes e[0] x e[1] x e[2] -> its coordinates: (i / (e1*e2), i / e2 % e1, i % e2).
+__device__ __forceinline__ void split3(int i, const int e[3], int out[3]) {
+    out[2] = i % e[2];
+    i /= e[2];
+    out[1] = i % e[1];
+    out[0] = i / e[1];
+}
+
 // Activation codes, matching crate::ops::activation::Activation.
 enum ActivationCode { ACT_LEAKY_RELU = 0, ACT_SILU = 1, ACT_SOFTPLUS = 2 };
 

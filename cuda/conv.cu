@@ -93,14 +93,6 @@ __device__ __forceinline__ int64_t flat3(const int c[3], const int size[3]) {
     return ((int64_t)c[0] * size[1] + c[1]) * size[2] + c[2];
 }
 
-// i -> (i / (e1*e2), i / e2 % e1, i % e2)
-__device__ __forceinline__ void split3(int i, const int e[3], int out[3]) {
-    out[2] = i % e[2];
-    i /= e[2];
-    out[1] = i % e[1];
-    out[0] = i / e[1];
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------

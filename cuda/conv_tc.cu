@@ -48,13 +48,6 @@ struct KEntry {
     int unused;
 };
 
-__device__ __forceinline__ void split3(int i, const int e[3], int out[3]) {
-    out[2] = i % e[2];
-    i /= e[2];
-    out[1] = i % e[1];
-    out[0] = i / e[1];
-}
-
 __device__ __forceinline__ KEntry decode_k(const ConvTcParams& p, int k, int K, int src_vox) {
     KEntry e{0, 0, PADDED_K, 0};
     if (k >= K) return e;

@@ -539,23 +539,21 @@ struct GemmGeom {
 impl GemmGeom {
     /// The kernel's argument: 42 ints in the C struct's order. Every value fits (see [`Pairing::check_sizes`]).
     fn to_args(self) -> [i32; 42] {
-        let u = |v: [usize; 3]| v.map(|x| x as i32);
-        let i = |v: [i64; 3]| v.map(|x| x as i32);
         let head =
             [self.batch, self.c_src, self.c_dst, self.w_src, self.w_dst, self.has_bias as usize].map(|x| x as i32);
         let axes = [
-            u(self.src),
-            u(self.dst),
-            u(self.kernel),
-            u(self.rows),
-            u(self.src_mul),
-            i(self.src_add),
-            u(self.dst_mul),
-            u(self.dst_add),
-            u(self.taps),
-            i(self.src_tap),
-            u(self.tap_mul),
-            u(self.tap_add),
+            ints(self.src),
+            ints(self.dst),
+            ints(self.kernel),
+            ints(self.rows),
+            ints(self.src_mul),
+            signed_ints(self.src_add),
+            ints(self.dst_mul),
+            ints(self.dst_add),
+            ints(self.taps),
+            signed_ints(self.src_tap),
+            ints(self.tap_mul),
+            ints(self.tap_add),
         ];
         let flat: Vec<i32> = head.into_iter().chain(axes.into_iter().flatten()).collect();
         let mut args = [0; 42];
@@ -595,8 +593,6 @@ impl GemmGeom {
                     block_dim: (CONV_TC_THREADS as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let u = |v: [usize; 3]| v.map(|x| x as i32);
-                let i = |v: [i64; 3]| v.map(|x| x as i32);
                 let params = ConvTcParams {
                     src: src.ptr(),
                     w: w.ptr(),
@@ -607,23 +603,33 @@ impl GemmGeom {
                     c_dst: self.c_dst as i32,
                     w_src: self.w_src as i32,
                     w_dst: self.w_dst as i32,
-                    src_size: u(self.src),
-                    dst_size: u(self.dst),
-                    kernel: u(self.kernel),
-                    rows: u(self.rows),
-                    src_mul: u(self.src_mul),
-                    src_add: i(self.src_add),
-                    dst_mul: u(self.dst_mul),
-                    dst_add: u(self.dst_add),
-                    taps: u(self.taps),
-                    src_tap: i(self.src_tap),
-                    tap_mul: u(self.tap_mul),
-                    tap_add: u(self.tap_add),
+                    src_size: ints(self.src),
+                    dst_size: ints(self.dst),
+                    kernel: ints(self.kernel),
+                    rows: ints(self.rows),
+                    src_mul: ints(self.src_mul),
+                    src_add: signed_ints(self.src_add),
+                    dst_mul: ints(self.dst_mul),
+                    dst_add: ints(self.dst_add),
+                    taps: ints(self.taps),
+                    src_tap: signed_ints(self.src_tap),
+                    tap_mul: ints(self.tap_mul),
+                    tap_add: ints(self.tap_add),
                 };
                 gpu.launch(kernel, cfg, &params, what)
             }
         }
     }
+}
+
+/// Per-axis sizes as the kernels' ints (every value fits: [`Pairing::check_sizes`]).
+fn ints(v: [usize; 3]) -> [i32; 3] {
+    v.map(|x| x as i32)
+}
+
+/// Per-axis signed offsets as the kernels' ints.
+fn signed_ints(v: [i64; 3]) -> [i32; 3] {
+    v.map(|x| x as i32)
 }
 
 /// The tensor-core kernels keep a mask of at most [`CONV_TC_MAX_TAPS`] taps per axis (cuda/conv_tc.cu).
@@ -869,10 +875,9 @@ impl Pairing {
         let mut out = gpu.alloc(slices * numel, what)?;
         match kernel {
             WgradKernel::Exact(name) => {
-                let u = |v: [usize; 3]| v.map(|x| x as i32);
                 // The kernel's argument: the 19 ints of cuda/conv.cu's WeightGradGeom, in its order.
                 let head = [self.batch, self.c_narrow, self.c_wide].map(|x| x as i32);
-                let axes = [u(self.narrow), u(self.wide), u(self.k), u(self.stride), u(self.pad)];
+                let axes = [ints(self.narrow), ints(self.wide), ints(self.k), ints(self.stride), ints(self.pad)];
                 let flat: Vec<i32> =
                     head.into_iter().chain(axes.into_iter().flatten()).chain([slice_len as i32]).collect();
                 let mut args = [0i32; 19];
@@ -881,7 +886,6 @@ impl Pairing {
             }
             WgradKernel::TensorCore(pair) => {
                 check_tc_taps(self.k, what)?;
-                let u = |v: [usize; 3]| v.map(|x| x as i32);
                 let params = ConvWgradTcParams {
                     narrow: narrow.ptr(),
                     wide: wide.ptr(),
@@ -889,11 +893,11 @@ impl Pairing {
                     batch: self.batch as i32,
                     c_narrow: self.c_narrow as i32,
                     c_wide: self.c_wide as i32,
-                    narrow_size: u(self.narrow),
-                    wide_size: u(self.wide),
-                    kernel: u(self.k),
-                    stride: u(self.stride),
-                    pad: u(self.pad),
+                    narrow_size: ints(self.narrow),
+                    wide_size: ints(self.wide),
+                    kernel: ints(self.k),
+                    stride: ints(self.stride),
+                    pad: ints(self.pad),
                     slice_len: slice_len as i32,
                 };
                 gpu.launch(pair.for_columns(cols).0, cfg, &params, what)?;
