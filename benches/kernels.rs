@@ -171,17 +171,28 @@ fn cases(dev: &Device) -> Vec<Case> {
         backward: true,
         math: Math::Exact,
     });
-    let w_in = randn(dev, &[128, 32], 0.1, 7);
-    v.push(Case {
-        name: "linear in_proj fp32",
-        shape: format!("{tokens}x32->128"),
-        bytes: tokens as f64 * (32.0 + 128.0) * 4.0,
-        flops: 2.0 * tokens as f64 * 32.0 * 128.0,
-        inputs: vec![tok, w_in],
-        f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
-        backward: true,
-        math: Math::Exact,
-    });
+    // Stage 0's Mamba projections: in_proj (32 -> 2 x 64) and out_proj (64 -> 32), named as PyTorch's rows of the
+    // same math (fp32: cuBLAS with TF32 off; tf32: on).
+    let tok64 = randn(dev, &[tokens, 64], 1.0, 11);
+    let projections = [("in_proj", &tok, 32usize, 128usize), ("out_proj", &tok64, 64, 32)];
+    for ((proj, x_in, k_in, n_out), math) in projections.into_iter().flat_map(|p| [(p, Math::Exact), (p, Math::Tf32)]) {
+        let name = match (proj, math) {
+            ("in_proj", Math::Exact) => "linear in_proj fp32",
+            ("in_proj", Math::Tf32) => "linear in_proj tf32",
+            (_, Math::Exact) => "linear out_proj fp32",
+            (_, Math::Tf32) => "linear out_proj tf32",
+        };
+        v.push(Case {
+            name,
+            shape: format!("{tokens}x{k_in}->{n_out}"),
+            bytes: tokens as f64 * (k_in + n_out) as f64 * 4.0,
+            flops: 2.0 * (tokens * k_in * n_out) as f64,
+            inputs: vec![x_in.clone(), randn(dev, &[n_out, k_in], 0.1, 7)],
+            f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
+            backward: true,
+            math,
+        });
+    }
     let (g, l, din, ns) = (26880usize, 128usize, 64usize, 16usize);
     let xs = randn(dev, &[g, l, din], 1.0, 8);
     let wc = randn(dev, &[din, 4], 0.5, 9);

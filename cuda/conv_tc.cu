@@ -30,11 +30,16 @@
 // weight gradient; bytes at least each operand and the output once.
 #include "common.cuh"
 #include "conv_tc.cuh"
+#include "mma.cuh"
 
 namespace {
 
 constexpr int BM = CONV_TC_BM, BK = CONV_TC_BK, STAGES = CONV_TC_STAGES, THREADS = CONV_TC_THREADS;
 constexpr int WARPS_M = 4, WARPS_N = 2;
+template <int BN>
+using Shape = mma::Shape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;
+using mma::Acc;
+using mma::cp_async4;
 constexpr unsigned PADDED_K = 1u << 31;  // the bits of a reduction index past K: never in a row mask
 static_assert(WARPS_M * WARPS_N * 32 == THREADS && BM % (16 * WARPS_M) == 0, "warp layout");
 static_assert(THREADS % BM == 0 && BK % (THREADS / BM) == 0 && BK % 8 == 0, "A stage loads: one row per thread");
@@ -68,127 +73,10 @@ __device__ __forceinline__ KEntry decode_k(const ConvTcParams& p, int k, int K, 
     return e;
 }
 
-// dst <- 4 bytes at src when valid, else 0 (a zero-byte copy fills the destination with zeros).
-__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool valid) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// The shared-memory tiles of one pipeline stage, for BN output columns. K_MAJOR: A stored [k][m] and B [k][n] (the
-// products gather A along the rows); otherwise A [m][k] and B [n][k] (the weight gradient reads both along k). Rows
-// are padded so that the fragment loads of a warp hit 32 different banks.
-template <int BN, bool K_MAJOR>
-struct Tiles {
-    static constexpr int A_LD = K_MAJOR ? BM + 8 : BK + 4;
-    static constexpr int B_LD = K_MAJOR ? BN + 8 : BK + 4;
-    static constexpr int A_SIZE = (K_MAJOR ? BK : BM) * A_LD;
-    static constexpr int B_SIZE = (K_MAJOR ? BK : BN) * B_LD;
-    float a[STAGES][A_SIZE];
-    float b[STAGES][B_SIZE];
-    __device__ __forceinline__ float* a_at(int slot, int m, int k) {
-        return K_MAJOR ? &a[slot][k * A_LD + m] : &a[slot][m * A_LD + k];
-    }
-    __device__ __forceinline__ float* b_at(int slot, int n, int k) {
-        return K_MAJOR ? &b[slot][k * B_LD + n] : &b[slot][n * B_LD + k];
-    }
-};
-
-// The accumulators of this thread: warp (wm, wn) of WARPS_M x WARPS_N owns rows BM / WARPS_M wm + 16 i + g (+ 8) and
-// columns BN / WARPS_N wn + 8 j + 2 t (+ 1); acc[i][j][h] is row + 8 (h / 2), column + h % 2.
-template <int BN>
-struct Acc {
-    static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
-    float v[MI][NI][4] = {};
-    __device__ __forceinline__ static int row(int i, int h) {
-        return (threadIdx.x >> 5) % WARPS_M * WTM + 16 * i + ((threadIdx.x & 31) >> 2) + 8 * (h >> 1);
-    }
-    __device__ __forceinline__ static int col(int j, int h) {
-        return (threadIdx.x >> 5) / WARPS_M * WTN + 8 * j + 2 * (threadIdx.x & 3) + (h & 1);
-    }
-};
-
-// acc += A B over the BK reduction indices of stage slot: per 8 indices, MI x NI mma.sync.m16n8k8 per warp. With
-// g = lane / 4, t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" with .tf32):
-//   A (m x k): (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);  B (k x n): (t, g), (t + 4, g).
-template <int BN, bool K_MAJOR>
-__device__ __forceinline__ void stage_product(Tiles<BN, K_MAJOR>& s, int slot, Acc<BN>& acc) {
-    using A = Acc<BN>;
-    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-#pragma unroll
-    for (int k0 = 0; k0 < BK; k0 += 8) {
-        unsigned a[A::MI][4], b[A::NI][2];
-#pragma unroll
-        for (int i = 0; i < A::MI; ++i) {
-            const int r = A::row(i, 0);
-            a[i][0] = to_tf32(*s.a_at(slot, r, k0 + tq));
-            a[i][1] = to_tf32(*s.a_at(slot, r + 8, k0 + tq));
-            a[i][2] = to_tf32(*s.a_at(slot, r, k0 + tq + 4));
-            a[i][3] = to_tf32(*s.a_at(slot, r + 8, k0 + tq + 4));
-        }
-#pragma unroll
-        for (int j = 0; j < A::NI; ++j) {
-            const int c = (threadIdx.x >> 5) / WARPS_M * A::WTN + 8 * j + g;
-            b[j][0] = to_tf32(*s.b_at(slot, c, k0 + tq));
-            b[j][1] = to_tf32(*s.b_at(slot, c, k0 + tq + 4));
-        }
-#pragma unroll
-        for (int i = 0; i < A::MI; ++i)
-#pragma unroll
-            for (int j = 0; j < A::NI; ++j) mma_tf32(acc.v[i][j], a[i], b[j][0], b[j][1]);
-    }
-}
-
-// The pipeline over num_k stages of BK reduction indices. decode(stage, slot) fills the slot's table of decoded
-// reduction indices (threads t < BK), load(slot) issues the stage's cp.async copies from that table. Tables are
-// decoded STAGES ahead: slot kt % STAGES is free once the barrier of iteration kt has passed (its last reader, the
-// load of stage kt, came before it), and the next iteration's barrier publishes it before its load.
-template <int BN, bool K_MAJOR, typename Decode, typename Load>
-__device__ __forceinline__ void pipeline(Tiles<BN, K_MAJOR>& s, int num_k, Decode decode, Load load, Acc<BN>& acc) {
-    if (threadIdx.x < BK) {
-#pragma unroll
-        for (int st = 0; st < STAGES; ++st) decode(st, st);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < num_k) load(st);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < num_k; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < num_k) load(next % STAGES);
-        cp_async_commit();
-        const int slot = kt % STAGES;
-        if (threadIdx.x < BK) decode(kt + STAGES, slot);
-        stage_product(s, slot, acc);
-    }
-    cp_async_wait<0>();
-}
-
 template <int BN>
 __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
-    __shared__ __align__(16) Tiles<BN, true> tiles;
+    using S = Shape<BN>;
+    __shared__ __align__(16) mma::Tiles<S, true, true> tiles;
     __shared__ KEntry ktab[STAGES][BK];
 
     const int t = threadIdx.x;
@@ -222,7 +110,7 @@ __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
     static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0, "B stage loads");
 
     auto decode = [&](int stage, int slot) { ktab[slot][t] = decode_k(p, stage * BK + t, K, src_vox); };
-    auto load = [&](int slot) {
+    auto load = [&](int, int slot) {
 #pragma unroll
         for (int j = 0; j < BK / (THREADS / BM); ++j) {
             const int kk = a_k + j * (THREADS / BM);
@@ -238,15 +126,15 @@ __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
             cp_async4(tiles.b_at(slot, cc, b_k), ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
         }
     };
-    Acc<BN> acc;
-    pipeline(tiles, (K + BK - 1) / BK, decode, load, acc);
+    Acc<S> acc;
+    mma::pipeline(tiles, (K + BK - 1) / BK, decode, load, acc);
 
     const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
 #pragma unroll
-    for (int i = 0; i < Acc<BN>::MI; ++i) {
+    for (int i = 0; i < Acc<S>::MI; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int m = m0 + Acc<BN>::row(i, 2 * half);
+            const int m = m0 + Acc<S>::row(i, 2 * half);
             if (m >= M) continue;
             const int n = m / per_n;
             int r[3];
@@ -256,10 +144,10 @@ __device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
                                  (p.dst_mul[1] * r[1] + p.dst_add[1])) * p.dst_size[2] +
                                 p.dst_mul[2] * r[2] + p.dst_add[2];
 #pragma unroll
-            for (int j = 0; j < Acc<BN>::NI; ++j) {
+            for (int j = 0; j < Acc<S>::NI; ++j) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int col = col0 + Acc<BN>::col(j, h);
+                    const int col = col0 + Acc<S>::col(j, h);
                     if (col < p.c_dst)
                         p.dst[out + (int64_t)col * dst_vox] = acc.v[i][j][2 * half + h] + (p.bias ? p.bias[col] : 0.0f);
                 }
@@ -299,7 +187,8 @@ __device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradTcParams& p, int
 
 template <int BN>
 __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradTcParams& p) {
-    __shared__ __align__(16) Tiles<BN, false> tiles;
+    using S = Shape<BN>;
+    __shared__ __align__(16) mma::Tiles<S, false, false> tiles;
     __shared__ WgradK ktab[STAGES][BK];
     constexpr int ROWS_PER_THREAD = BM / (THREADS / BK), COLS_PER_THREAD = BN / (THREADS / BK);
     static_assert(THREADS % BK == 0 && BM % (THREADS / BK) == 0 && BN % (THREADS / BK) == 0, "k-major loads");
@@ -336,7 +225,7 @@ __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradTcParams& p) {
     auto decode = [&](int stage, int slot) {
         ktab[slot][t] = decode_wgrad_k(p, k_begin + stage * BK + t, k_end, narrow_vox, wide_vox);
     };
-    auto load = [&](int slot) {
+    auto load = [&](int, int slot) {
         const WgradK e = ktab[slot][l_k];
 #pragma unroll
         for (int i = 0; i < ROWS_PER_THREAD; ++i) {
@@ -350,17 +239,17 @@ __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradTcParams& p) {
             cp_async4(tiles.b_at(slot, cc, l_k), ok ? p.narrow + e.narrow + (int64_t)cn * narrow_vox : p.narrow, ok);
         }
     };
-    Acc<BN> acc;
-    pipeline(tiles, (k_end - k_begin + BK - 1) / BK, decode, load, acc);
+    Acc<S> acc;
+    mma::pipeline(tiles, (k_end - k_begin + BK - 1) / BK, decode, load, acc);
 
     float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * M;
 #pragma unroll
-    for (int i = 0; i < Acc<BN>::MI; ++i)
+    for (int i = 0; i < Acc<S>::MI; ++i)
 #pragma unroll
-        for (int j = 0; j < Acc<BN>::NI; ++j)
+        for (int j = 0; j < Acc<S>::NI; ++j)
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
-                const int row = m0 + Acc<BN>::row(i, h), cn = col0 + Acc<BN>::col(j, h);
+                const int row = m0 + Acc<S>::row(i, h), cn = col0 + Acc<S>::col(j, h);
                 if (row < M && cn < p.c_narrow) out[(int64_t)cn * M + row] = acc.v[i][j][h];
             }
 }

@@ -9,6 +9,14 @@ constexpr int GEMM_TN = 64;
 constexpr int GEMM_TK = 16;
 constexpr int GEMM_PAD = 4;
 constexpr int GEMM_THREADS = 256;
+// The tensor-core products (linear_*_tf32): block tile GEMM_TC_BM rows x GEMM_TC_BN or GEMM_TC_BN_NARROW columns,
+// GEMM_TC_BK reduction indices per stage, GEMM_TC_STAGES stages in flight, GEMM_TC_THREADS threads (8 warps).
+constexpr int GEMM_TC_BM = 128;
+constexpr int GEMM_TC_BN = 64;
+constexpr int GEMM_TC_BN_NARROW = 32;
+constexpr int GEMM_TC_BK = 16;
+constexpr int GEMM_TC_STAGES = 3;
+constexpr int GEMM_TC_THREADS = 256;
 // sum_rows_f32: block (SUM_ROWS_COLS, SUM_ROWS_LANES): columns per block, row lanes.
 constexpr int SUM_ROWS_COLS = 32;
 constexpr int SUM_ROWS_LANES = 8;
@@ -42,7 +50,16 @@ struct SumRowsParams {
     int64_t rows_per_slice;
 };
 
-extern "C" __global__ void linear_fprop(const GemmParams p);  // y = x W^T (+ b)
-extern "C" __global__ void linear_dgrad(const GemmParams p);  // dx = g W
-extern "C" __global__ void linear_wgrad(const GemmParams p);  // dW = g^T x, split over tokens
+// Exact float32 SIMT products (GEMM_TM x GEMM_TN tiles): the parity path (--math exact).
+extern "C" __global__ void linear_fprop_f32(const GemmParams p);  // y = x W^T (+ b)
+extern "C" __global__ void linear_dgrad_f32(const GemmParams p);  // dx = g W
+extern "C" __global__ void linear_wgrad_f32(const GemmParams p);  // dW = g^T x, split over tokens
+// The same products on the tensor cores (tf32 operands, float32 accumulation); _n32 for N <= GEMM_TC_BN_NARROW.
+// Each role fixes which strides are 1: fprop a_sk = b_sk = 1, dgrad a_sk = b_sj = 1, wgrad a_si = b_sj = 1.
+extern "C" __global__ void linear_fprop_tf32(const GemmParams p);
+extern "C" __global__ void linear_fprop_tf32_n32(const GemmParams p);
+extern "C" __global__ void linear_dgrad_tf32(const GemmParams p);
+extern "C" __global__ void linear_dgrad_tf32_n32(const GemmParams p);
+extern "C" __global__ void linear_wgrad_tf32(const GemmParams p);
+extern "C" __global__ void linear_wgrad_tf32_n32(const GemmParams p);
 extern "C" __global__ void sum_rows_f32(const SumRowsParams p);

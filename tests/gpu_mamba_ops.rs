@@ -4,13 +4,16 @@
 //!
 //! Tolerances (relative error ||gpu - ref|| / ||ref||, ref in float64 on the same float32 inputs): linear and conv1d
 //! forwards are short dot products (K terms), plain arithmetic, 1e-5; their weight and bias gradients reduce over all
-//! tokens, and the scans run recurrences over up to 26,880 steps, 1e-4.
+//! tokens, and the scans run recurrences over up to 26,880 steps, 1e-4. linear also runs on the tf32 tensor cores
+//! (the training default), against engine.md's 1e-2.
 
 mod common;
 
-use common::{assert_rel_err, check_op, gpu, randn32};
+use std::sync::Arc;
+
+use common::{assert_rel_err, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
-use lkm_engine::device::Device;
+use lkm_engine::device::{Device, Gpu};
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs, GPU_CHUNK};
@@ -28,8 +31,8 @@ fn check_forward(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, 
 }
 
 /// The gradients of `f`'s inputs on the GPU for the seed gradient of `check_op`, as host vectors (to compare runs).
-fn gpu_grads(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) -> Vec<Vec<f32>> {
-    let dev = Device::Cuda(gpu());
+fn gpu_grads(gpu: &Arc<Gpu>, inputs: &[Tensor], f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) -> Vec<Vec<f32>> {
+    let dev = Device::Cuda(gpu.clone());
     let xs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&dev).unwrap()).collect();
     let mut tape = Tape::new();
     for x in &xs {
@@ -44,6 +47,8 @@ fn gpu_grads(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tenso
 // ---------------------------------------------------------------------------------------------------------------
 // linear
 
+/// linear on `x_shape` -> `n_out` against float64, in exact float32 (SIMT tiles) and in tf32 (tensor cores: engine.md's
+/// 1e-2, and above 1e-6, which float32 never reaches here, so a tf32 path quietly running in float32 fails).
 fn linear_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u64) {
     let k = *x_shape.last().unwrap();
     let mut inputs = vec![randn32(x_shape, 1.0, seed), randn32(&[n_out, k], 0.2, seed + 1)];
@@ -53,6 +58,9 @@ fn linear_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u6
     let f = |t: &mut Tape, x: &[Tensor]| linear(t, &x[0], &x[1], x.get(2));
     check_forward(name, &inputs, 1e-5, f);
     check_op(name, &inputs, 1e-4, f);
+    let all = vec![true; inputs.len()];
+    let worst = check_op_on(tf32_gpu(), &format!("{name} tf32"), &inputs, &all, 1e-2, f);
+    assert!(worst > 1e-6, "{name}: tf32 linear matches float64 to {worst:e}: is it running in float32?");
 }
 
 #[test]
@@ -67,6 +75,15 @@ fn gpu_linear_bias() {
 fn gpu_linear_no_bias() {
     // Rank-3 tokens (3, 333, 37): M = 999.
     linear_case("linear (3, 333, 37) -> 53", &[3, 333, 37], 53, false, 4);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_aligned_rows() {
+    // K and N multiples of 4 (the tensor-core kernels' 16-byte copies), M odd, N past one 64-column tile.
+    linear_case("linear 1001x64 -> 96 + bias", &[1001, 64], 96, true, 21);
+    // At most 32 output columns: the 32-wide tiles.
+    linear_case("linear 999x40 -> 20", &[999, 40], 20, false, 24);
 }
 
 #[test]
@@ -89,7 +106,11 @@ fn gpu_linear_reference_shape() {
 fn gpu_linear_deterministic() {
     let inputs = [randn32(&[20_001, 19], 1.0, 13), randn32(&[45, 19], 0.2, 14), randn32(&[45], 1.0, 15)];
     let f = |t: &mut Tape, x: &[Tensor]| linear(t, &x[0], &x[1], Some(&x[2]));
-    assert_eq!(gpu_grads(&inputs, f), gpu_grads(&inputs, f), "linear gradients differ between two runs");
+    for gpu in [gpu(), tf32_gpu()] {
+        let math = if gpu.exact_f32() { "float32" } else { "tf32" };
+        let (a, b) = (gpu_grads(&gpu, &inputs, f), gpu_grads(&gpu, &inputs, f));
+        assert_eq!(a, b, "{math} linear gradients differ between two runs");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +257,11 @@ fn gpu_selective_scan_pam_stage0() {
 fn gpu_selective_scan_deterministic() {
     // Parameter, B and C gradients are sums over tokens and channels: two runs must agree bit for bit.
     let inputs = scan_inputs(3, 700, 40, 16, 100);
-    assert_eq!(gpu_grads(&inputs, scan), gpu_grads(&inputs, scan), "selective_scan gradients differ between runs");
+    assert_eq!(
+        gpu_grads(&gpu(), &inputs, scan),
+        gpu_grads(&gpu(), &inputs, scan),
+        "selective_scan gradients differ between runs"
+    );
 }
 
 #[test]

@@ -123,9 +123,17 @@ def main():
     tok = x.permute(0, 2, 3, 4, 1).reshape(-1, Cc).contiguous()
     rows.append(bench("layer_norm", f"{tok.shape[0]}x32", lambda a, gg, bb: F.layer_norm(a, (Cc,), gg, bb, 1e-5),
                       [tok.clone(), g.clone(), bt.clone()], nbytes=2 * tok.numel() * 4))
-    wi = r(128, 32) * 0.1
-    rows.append(bench("linear in_proj fp32", f"{tok.shape[0]}x32->128", lambda a, ww: a @ ww.t(), [tok.clone(), wi],
-                      flops=2 * tok.shape[0] * 32 * 128, nbytes=tok.numel() * 4 * 5))
+    # Stage 0's Mamba projections: in_proj (32 -> 2 x 64) and out_proj (64 -> 32), in both float32 maths.
+    tok64 = r(tok.shape[0], 64)
+    for (proj, a, k_in, n_out) in [("in_proj", tok, 32, 128), ("out_proj", tok64, 64, 32)]:
+        wi = r(n_out, k_in) * 0.1
+        for mode in ["fp32", "tf32"]:
+            torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+            rows.append(bench(f"linear {proj} {mode}", f"{a.shape[0]}x{k_in}->{n_out}", lambda x_, ww: x_ @ ww.t(),
+                              [a.clone(), wi.clone()], flops=2 * a.shape[0] * k_in * n_out,
+                              nbytes=a.shape[0] * (k_in + n_out) * 4))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    del tok64
     # Mamba on PiM stage-0 sequences: 26,880 sequences of 128 tokens, d_inner 64 (the PyTorch loop's autograd
     # graph does not fit at the full count, so the scan runs a quarter of them: 6,720; ours runs both).
     G, L, Din, Ns = 26880, 128, 64, 16

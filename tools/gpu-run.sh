@@ -63,8 +63,17 @@ printf '%s\n' "${runs[@]}" | xargs -P "$parallel" -L 1 sh -c '
     ".gpu/tests/$3" --ignored --test-threads=1 >"$0/test_$3.log" 2>&1
   else
     log="$0/sanitize_$2_$3.log"
-    timeout "${SANITIZE_TIMEOUT:-0}" "$1" --tool "$2" --error-exitcode 1 ".gpu/tests/$3" --ignored --test-threads=1 \
-      >"$log" 2>&1
+    # Two exceptions, each narrow. NCCL (gpu_distributed) asks cudaFuncGetAttributes for kernels it ships for other
+    # architectures while it initialises a communicator, gets "no kernel image" (error 209) and handles it: 4 API
+    # errors per run, inside libnccl, none in our code (our own API errors fail the test anyway). Memory accesses are
+    # still checked there. racecheck serialises the block, so the full-size convolution test alone runs past 500 s;
+    # its kernels are the ones the smaller gpu_conv tests check.
+    flags=""
+    [ "$3" = gpu_distributed ] && flags="--report-api-errors no"
+    skip=""
+    [ "$2/$3" = racecheck/gpu_conv ] && skip="--skip gpu_conv3d_reference_shape"
+    timeout "${SANITIZE_TIMEOUT:-0}" "$1" --tool "$2" $flags --error-exitcode 1 ".gpu/tests/$3" --ignored \
+      --test-threads=1 $skip >"$log" 2>&1
     echo "exit $?" >>"$log"
   fi' "$out" "${sanitizer:-none}"
 summary=""

@@ -37,7 +37,7 @@ for line in sys.stdin:
         continue
     config, batch, layout, math, path = line.split()
     step = json.load(open(path))
-    precision = {"tf32": "fp32 storage, tf32 convolutions", "exact": "fp32 exact"}[math]
+    precision = {"tf32": "fp32 storage, tf32 matrix products", "exact": "fp32 exact"}[math]
     peak = step.get("peak_gib")
     rows.append(dict(config=config, pim_layout=layout, precision=precision, batch=int(batch),
                      ms_per_step=round(step["ms_per_step_median"], 1),

@@ -234,9 +234,10 @@ impl Gpu {
         self.poison.store(on, Ordering::Relaxed);
     }
 
-    /// Selects the math of the matrix products (convolutions): tf32 tensor cores with float32 accumulation (the
-    /// default, like PyTorch's default for cuDNN convolutions), or, when `exact` is set, float32 SIMT products whose
-    /// rounding matches a float32 CPU computation (for the parity checks against float64 and PyTorch).
+    /// Selects the math of the matrix products (convolutions, transposed convolutions, linear layers): tf32 tensor
+    /// cores with float32 accumulation (the default, like PyTorch's default for cuDNN convolutions), or, when `exact`
+    /// is set, float32 SIMT products whose rounding matches a float32 CPU computation (for the parity checks against
+    /// float64 and PyTorch).
     pub fn set_exact_f32(&self, exact: bool) {
         self.exact_f32.store(exact, Ordering::Relaxed);
     }

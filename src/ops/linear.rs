@@ -20,9 +20,11 @@
 //! Every output value is computed by one thread in the same order as a single-threaded run, so the results are the
 //! same bits for any number of threads.
 //!
-//! GPU: the three products run on one tiled product, `gemm_f32` (cuda/gemm.cu, kernels `linear_fprop`,
-//! `linear_dgrad`, `linear_wgrad`), that reads its operands through
-//! strides, so x W^T, g W and g^T x need no transposed copies. dW reduces over all M tokens while its output is
+//! GPU: the three products read their operands through strides, so x W^T, g W and g^T x need no transposed copies.
+//! They run on the tensor cores (cuda/gemm.cu, `linear_fprop_tf32`, `linear_dgrad_tf32`, `linear_wgrad_tf32`: tf32
+//! operands, float32 accumulation, the cp.async pipeline and warp tiles of cuda/mma.cuh that the convolutions
+//! share), or, when the GPU's math is exact float32 ([`Gpu::set_exact_f32`], `--math exact`, the parity checks),
+//! on float32 SIMT tiles whose rounding matches the CPU's (`linear_*_f32`). dW reduces over all M tokens while its output is
 //! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
 //! order (`sum_rows`, also used for db); results are the same bits from run to run.
 //!
@@ -39,8 +41,8 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{Gpu, GpuBuffer};
 use crate::device::params::{
-    kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN,
-    SUM_ROWS_COLS, SUM_ROWS_LANES,
+    kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
+    GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -292,26 +294,53 @@ const GEMM_SPLIT_BLOCKS: usize = 1024;
 /// ... with at least this many rows of M per slice, so each block does real work.
 const GEMM_MIN_SLICE: usize = 256;
 
-/// Which product of a linear layer a [`Gemm`] computes: each role has its own kernel name (cuda/gemm.cu).
+/// Which product of a linear layer a [`Gemm`] computes: each role has its own kernel names (cuda/gemm.cu).
 #[derive(Clone, Copy)]
 enum GemmRole {
+    /// y = x W^T (+ b).
     Forward,
+    /// dx = g W.
     InputGrad,
+    /// dW = g^T x (split over tokens).
     WeightGrad,
 }
 
+/// A product's kernel and the block tile it covers.
+struct GemmKernel {
+    kernel: Kernel<GemmParams>,
+    /// Rows and columns of C per block.
+    tile: (usize, usize),
+    /// Reduction indices per stage (the split of the weight gradient is a multiple of it).
+    depth: usize,
+    threads: usize,
+}
+
 impl GemmRole {
-    fn kernel_and_description(self) -> (Kernel<GemmParams>, &'static str) {
-        match self {
-            GemmRole::Forward => (kernel::linear_fprop, "linear forward"),
-            GemmRole::InputGrad => (kernel::linear_dgrad, "linear dx = g W"),
-            GemmRole::WeightGrad => (kernel::linear_wgrad, "linear dW = g^T x"),
-        }
+    /// The role's kernel for the GPU's math ([`Gpu::exact_f32`]: exact float32 SIMT tiles; otherwise tf32 on the
+    /// tensor cores, 32 columns wide for at most 32 output columns), and its description for errors.
+    fn kernel(self, gpu: &Gpu, n: usize) -> (GemmKernel, &'static str) {
+        use kernel::*;
+        let ([exact, tf32, tf32_n32], what) = match self {
+            GemmRole::Forward => ([linear_fprop_f32, linear_fprop_tf32, linear_fprop_tf32_n32], "linear forward"),
+            GemmRole::InputGrad => ([linear_dgrad_f32, linear_dgrad_tf32, linear_dgrad_tf32_n32], "linear dx = g W"),
+            GemmRole::WeightGrad => ([linear_wgrad_f32, linear_wgrad_tf32, linear_wgrad_tf32_n32], "linear dW = g^T x"),
+        };
+        let tc =
+            |kernel, bn| GemmKernel { kernel, tile: (GEMM_TC_BM, bn), depth: GEMM_TC_BK, threads: GEMM_TC_THREADS };
+        let k = if gpu.exact_f32() {
+            GemmKernel { kernel: exact, tile: (GEMM_TM, GEMM_TN), depth: GEMM_TK, threads: GEMM_THREADS }
+        } else if n <= GEMM_TC_BN_NARROW {
+            tc(tf32_n32, GEMM_TC_BN_NARROW)
+        } else {
+            tc(tf32, GEMM_TC_BN)
+        };
+        (k, what)
     }
 }
 
-/// One product C = A B (+ bias) for `gemm_f32`: A(i, k) = a[i * a_si + k * a_sk], B(k, j) = b[k * b_sk + j * b_sj],
-/// C (m, n) row-major; no bias when `bias` is null.
+/// One product C = A B (+ bias): A(i, k) = a[i * a_si + k * a_sk], B(k, j) = b[k * b_sk + j * b_sj], C (m, n)
+/// row-major; no bias when `bias` is null. Each role reads its operands with the strides its kernels expect (see
+/// cuda/gemm.cuh).
 struct Gemm {
     a: ConstPtr<f32>,
     a_si: usize,
@@ -323,23 +352,25 @@ struct Gemm {
     m: usize,
     n: usize,
     k: usize,
+    role: GemmRole,
 }
 
 impl Gemm {
-    /// Launches the product into `c`. With `slices` > 1, K is cut into slices of `k_slice` and `c` receives `slices`
-    /// partial products of m x n one after another.
-    fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<f32>, k_slice: usize, slices: usize, role: GemmRole) -> Result<()> {
-        let (kernel, what) = role.kernel_and_description();
+    /// Runs the product into `c`, its reduction cut into `slices` slices of `k_slice` (slice z written at
+    /// c + z m n).
+    fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<f32>, k_slice: usize, slices: usize) -> Result<()> {
+        let (k, what) = self.role.kernel(gpu, self.n);
+        let (bm, bn) = k.tile;
         ensure!(
-            self.n.div_ceil(GEMM_TN) <= 65_535 && slices <= 65_535,
+            self.n.div_ceil(bn) <= 65_535 && slices <= 65_535,
             Shape,
             "{what}: {} output columns exceed the GPU grid (at most {})",
             self.n,
-            65_535 * GEMM_TN
+            65_535 * bn
         );
         let cfg = LaunchConfig {
-            grid_dim: (self.m.div_ceil(GEMM_TM) as u32, self.n.div_ceil(GEMM_TN) as u32, slices as u32),
-            block_dim: (GEMM_THREADS as u32, 1, 1),
+            grid_dim: (self.m.div_ceil(bm) as u32, self.n.div_ceil(bn) as u32, slices as u32),
+            block_dim: (k.threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let p = GemmParams {
@@ -358,7 +389,18 @@ impl Gemm {
             c_slice: (self.m * self.n) as i64,
         };
         let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
-        gpu.launch(kernel, cfg, &p, &shapes)
+        gpu.launch(k.kernel, cfg, &p, &shapes)
+    }
+
+    /// The split of the reduction (k_slice, slices) that gives about GEMM_SPLIT_BLOCKS blocks, in slices of at least
+    /// GEMM_MIN_SLICE rows and a multiple of the kernel's stage depth: a function of the shapes and the math alone,
+    /// so the summation order is the same on every run.
+    fn split(&self, gpu: &Gpu) -> (usize, usize) {
+        let (k, _) = self.role.kernel(gpu, self.n);
+        let tiles = self.m.div_ceil(k.tile.0) * self.n.div_ceil(k.tile.1);
+        let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
+        let k_slice = self.k.div_ceil(want).next_multiple_of(k.depth).max(GEMM_MIN_SLICE);
+        (k_slice, self.k.div_ceil(k_slice))
     }
 }
 
@@ -428,8 +470,9 @@ fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: Option<&GpuBuffer>, d: Linear
         m: d.m,
         n: d.n,
         k: d.k,
+        role: GemmRole::Forward,
     };
-    prod.run(gpu, y.ptr_mut(), d.k, 1, GemmRole::Forward)?;
+    prod.run(gpu, y.ptr_mut(), d.k, 1)?;
     Ok(y)
 }
 
@@ -448,28 +491,49 @@ fn backward_gpu(
     let LinearDims { m, k, n } = d;
     let dx = if needs[0] {
         let mut dx = gpu.alloc(m * k, "linear dx")?;
-        let prod =
-            Gemm { a: g.ptr(), a_si: n, a_sk: 1, b: w.ptr(), b_sk: k, b_sj: 1, bias: ConstPtr::NULL, m, n: k, k: n };
-        prod.run(gpu, dx.ptr_mut(), n, 1, GemmRole::InputGrad)?;
+        let role = GemmRole::InputGrad;
+        let prod = Gemm {
+            a: g.ptr(),
+            a_si: n,
+            a_sk: 1,
+            b: w.ptr(),
+            b_sk: k,
+            b_sj: 1,
+            bias: ConstPtr::NULL,
+            m,
+            n: k,
+            k: n,
+            role,
+        };
+        prod.run(gpu, dx.ptr_mut(), n, 1)?;
         Some(dx)
     } else {
         None
     };
     let dw = if needs[1] {
         // dW = g^T x reduces over the M tokens: fixed slices of M, then a fixed-order sum of the partial products.
-        let prod =
-            Gemm { a: g.ptr(), a_si: 1, a_sk: n, b: x.ptr(), b_sk: k, b_sj: 1, bias: ConstPtr::NULL, m: n, n: k, k: m };
-        let tiles = n.div_ceil(GEMM_TM) * k.div_ceil(GEMM_TN);
-        let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
-        let k_slice = m.div_ceil(want).next_multiple_of(GEMM_TK).max(GEMM_MIN_SLICE);
-        let slices = m.div_ceil(k_slice);
+        let role = GemmRole::WeightGrad;
+        let prod = Gemm {
+            a: g.ptr(),
+            a_si: 1,
+            a_sk: n,
+            b: x.ptr(),
+            b_sk: k,
+            b_sj: 1,
+            bias: ConstPtr::NULL,
+            m: n,
+            n: k,
+            k: m,
+            role,
+        };
+        let (k_slice, slices) = prod.split(gpu);
         if slices == 1 {
             let mut dw = gpu.alloc(n * k, "linear dW")?;
-            prod.run(gpu, dw.ptr_mut(), m, 1, GemmRole::WeightGrad)?;
+            prod.run(gpu, dw.ptr_mut(), m, 1)?;
             Some(dw)
         } else {
             let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
-            prod.run(gpu, partial.ptr_mut(), k_slice, slices, GemmRole::WeightGrad)?;
+            prod.run(gpu, partial.ptr_mut(), k_slice, slices)?;
             Some(sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?)
         }
     } else {

@@ -30,7 +30,7 @@ pub fn record_environment(run_dir: &Path, device: &Device, first_epoch: usize) -
         Device::Cpu => (None, None, "float32"),
         Device::Cuda(g) => {
             let driver = g.driver_version().map_or_else(|e| format!("unknown ({e})"), |(a, b)| format!("CUDA {a}.{b}"));
-            let precision = if g.exact_f32() { "float32 (exact)" } else { "float32, tf32 convolutions" };
+            let precision = if g.exact_f32() { "float32 (exact)" } else { "float32, tf32 matrix products" };
             (Some(g.name().to_string()), Some(driver), precision)
         }
     };

@@ -1,0 +1,152 @@
+// The tensor-core tile machinery shared by the implicit-GEMM convolutions (conv_tc.cu) and the linear layers'
+// products (gemm.cu): shared-memory tiles filled through a cp.async pipeline, and warp products with
+// mma.sync.m16n8k8 on tf32 operands accumulating in float32.
+//
+//   acc[m, n] += sum_k A[m, k] B[k, n]   over BK reduction indices per pipeline stage,
+//
+// a block tile of S::BM rows x S::BN columns, S::WARPS_M x S::WARPS_N warps each owning a (BM / WARPS_M) x
+// (BN / WARPS_N) sub-tile. What differs between the users is how a stage's tiles are gathered (their load callbacks)
+// and how the accumulators are written out; the pieces here do not depend on it.
+// Not a parameter header (no mma.cu beside it): no kernel is declared here.
+#pragma once
+#include <stdint.h>
+
+namespace mma {
+
+// The block tile: BM rows x BN columns, BK reduction indices per stage, STAGES stages in flight, warps laid out
+// WARPS_M along the rows x WARPS_N along the columns.
+template <int BM_, int BN_, int BK_, int STAGES_, int WARPS_M_, int WARPS_N_>
+struct Shape {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+    static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+    static_assert(BM % (16 * WARPS_M) == 0 && BN % (8 * WARPS_N) == 0 && BK % 8 == 0, "whole mma fragments");
+};
+
+// dst <- 4 bytes at src when valid, else 0 (a zero-byte copy fills the destination with zeros).
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
+}
+// dst[0..4) <- the first `count` floats at src (0 to 4), the rest 0. dst and src 16-byte aligned.
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, int count) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(4 * count));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The shared-memory tiles of the pipeline's stages. Each operand is stored k-major ([k][m], [k][n]: the layout when
+// it runs along the rows or columns in memory) or k-contiguous ([m][k], [n][k]: when it runs along k). Rows are
+// padded so that the fragment loads of a warp hit 32 different banks, and stay 16-byte aligned for cp_async16.
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR>
+struct Tiles {
+    static constexpr int A_LD = A_K_MAJOR ? S::BM + 8 : S::BK + 4;
+    static constexpr int B_LD = B_K_MAJOR ? S::BN + 8 : S::BK + 4;
+    static constexpr int A_SIZE = (A_K_MAJOR ? S::BK : S::BM) * A_LD;
+    static constexpr int B_SIZE = (B_K_MAJOR ? S::BK : S::BN) * B_LD;
+    static_assert(A_LD % 4 == 0 && B_LD % 4 == 0 && A_SIZE % 4 == 0, "16-byte aligned rows");
+    float a[S::STAGES][A_SIZE];
+    float b[S::STAGES][B_SIZE];
+    __device__ __forceinline__ float* a_at(int slot, int m, int k) {
+        return A_K_MAJOR ? &a[slot][k * A_LD + m] : &a[slot][m * A_LD + k];
+    }
+    __device__ __forceinline__ float* b_at(int slot, int n, int k) {
+        return B_K_MAJOR ? &b[slot][k * B_LD + n] : &b[slot][n * B_LD + k];
+    }
+};
+
+// The accumulators of this thread: warp (wm, wn) of WARPS_M x WARPS_N owns rows BM / WARPS_M wm + 16 i + g (+ 8) and
+// columns BN / WARPS_N wn + 8 j + 2 t (+ 1); v[i][j][h] is row + 8 (h / 2), column + h % 2.
+template <class S>
+struct Acc {
+    static constexpr int WTM = S::BM / S::WARPS_M, WTN = S::BN / S::WARPS_N, MI = WTM / 16, NI = WTN / 8;
+    float v[MI][NI][4] = {};
+    __device__ __forceinline__ static int row(int i, int h) {
+        return (threadIdx.x >> 5) % S::WARPS_M * WTM + 16 * i + ((threadIdx.x & 31) >> 2) + 8 * (h >> 1);
+    }
+    __device__ __forceinline__ static int col(int j, int h) {
+        return (threadIdx.x >> 5) / S::WARPS_M * WTN + 8 * j + 2 * (threadIdx.x & 3) + (h & 1);
+    }
+};
+
+// acc += A B over the BK reduction indices of stage slot: per 8 indices, MI x NI mma.sync.m16n8k8 per warp. With
+// g = lane / 4, t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" with .tf32):
+//   A (m x k): (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);  B (k x n): (t, g), (t + 4, g).
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR>
+__device__ __forceinline__ void stage_product(Tiles<S, A_K_MAJOR, B_K_MAJOR>& s, int slot, Acc<S>& acc) {
+    using A = Acc<S>;
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int k0 = 0; k0 < S::BK; k0 += 8) {
+        unsigned a[A::MI][4], b[A::NI][2];
+#pragma unroll
+        for (int i = 0; i < A::MI; ++i) {
+            const int r = A::row(i, 0);
+            a[i][0] = to_tf32(*s.a_at(slot, r, k0 + tq));
+            a[i][1] = to_tf32(*s.a_at(slot, r + 8, k0 + tq));
+            a[i][2] = to_tf32(*s.a_at(slot, r, k0 + tq + 4));
+            a[i][3] = to_tf32(*s.a_at(slot, r + 8, k0 + tq + 4));
+        }
+#pragma unroll
+        for (int j = 0; j < A::NI; ++j) {
+            const int c = (threadIdx.x >> 5) / S::WARPS_M * A::WTN + 8 * j + g;
+            b[j][0] = to_tf32(*s.b_at(slot, c, k0 + tq));
+            b[j][1] = to_tf32(*s.b_at(slot, c, k0 + tq + 4));
+        }
+#pragma unroll
+        for (int i = 0; i < A::MI; ++i)
+#pragma unroll
+            for (int j = 0; j < A::NI; ++j) mma_tf32(acc.v[i][j], a[i], b[j][0], b[j][1]);
+    }
+}
+
+// The pipeline over num_k stages of BK reduction indices. decode(stage, slot) fills the slot's table of decoded
+// reduction indices (threads t < BK; users whose loads need no table pass a lambda that does nothing), load(slot)
+// issues the stage's cp.async copies. Tables are decoded STAGES ahead: slot kt % STAGES is free once the barrier of
+// iteration kt has passed (its last reader, the load of stage kt, came before it), and the next iteration's barrier
+// publishes it before its load.
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename Decode, typename Load>
+__device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR>& s, int num_k, Decode decode, Load load,
+                                         Acc<S>& acc) {
+    constexpr int STAGES = S::STAGES;
+    if (threadIdx.x < S::BK) {
+#pragma unroll
+        for (int st = 0; st < STAGES; ++st) decode(st, st);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < num_k) load(st, st);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < num_k; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < num_k) load(next, next % STAGES);
+        cp_async_commit();
+        const int slot = kt % STAGES;
+        if (threadIdx.x < S::BK) decode(kt + STAGES, slot);
+        stage_product(s, slot, acc);
+    }
+    cp_async_wait<0>();
+}
+
+}  // namespace mma
