@@ -11,8 +11,9 @@
 //                                 rstd = 1/sqrt(var + eps)
 //     Every term of var is a sum of squares, so a large common offset of x cancels nothing away (the exact
 //     two-pass variance, regrouped by chunk).
-//   instance_norm_apply:          y_i = (x_i - mu_p) * rstd_p * gamma_c + beta_c
-// Backward, g = dL/dy, xhat_i = (x_i - mu_p) rstd_p:
+//   instance_norm_apply:          y_i = (x_i - mu_p) * rstd_p * gamma_c + beta_c,  out_i = act(y_i) (act >= 0) or y_i
+// Backward, g = dL/dy, xhat_i = (x_i - mu_p) rstd_p; with a fused activation g_i = dL/dout_i act'(y_i), y_i
+// recomputed exactly as the apply kernel computed it (the same bits as an unfused norm then activation):
 //   instance_norm_chunk_grad_sums: per chunk  sum g_i  and  sum g_i xhat_i;  norm_sum_rows then adds the chunks of
 //                                  each plane: Sg_p, Sgx_p
 //   instance_norm_backward_dx:     dx_i = gamma_c rstd_p (g_i - Sg_p / V - xhat_i Sgx_p / V)
@@ -123,6 +124,13 @@ extern "C" __global__ void instance_norm_combine(const InstanceNormParams args) 
     }
 }
 
+// The gradient reaching y = affine(x): g itself, or with a fused activation g act'(y), y formed as in
+// instance_norm_apply (scale = rstd_p gamma_c, shift = beta_c).
+__device__ __forceinline__ float grad_at_affine(const InstanceNormParams& a, float gv, float xv, float mu, float scale,
+                                                float shift) {
+    return a.act < 0 ? gv : gv * activation_derivative(a.act, (xv - mu) * scale + shift);
+}
+
 extern "C" __global__ void instance_norm_apply(const InstanceNormParams args) {
     const float* x = args.x;
     const float* mean = args.mean;
@@ -138,7 +146,10 @@ extern "C" __global__ void instance_norm_apply(const InstanceNormParams args) {
 #pragma unroll
     for (int j = 0; j < IN_ITEMS; j++) {
         int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
-        if (i < n) y[base + i] = (x[base + i] - mu) * scale + shift;
+        if (i < n) {
+            const float yv = (x[base + i] - mu) * scale + shift;
+            y[base + i] = args.act < 0 ? yv : activation_value(args.act, yv);
+        }
     }
 }
 
@@ -155,12 +166,15 @@ extern "C" __global__ void instance_norm_chunk_grad_sums(const InstanceNormParam
     const int64_t n = in_chunk_count(v, k);
     const int64_t base = p * v + k * IN_CHUNK;
     const float mu = mean[p], r = rstd[p];
+    // Read only with a fused activation (gamma and beta are null otherwise).
+    const int64_t c = p % args.C;
+    const float scale = args.act < 0 ? 0.0f : r * args.gamma[c], shift = args.act < 0 ? 0.0f : args.beta[c];
     float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
     for (int j = 0; j < IN_ITEMS; j++) {
         int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
         if (i < n) {
-            float gv = g[base + i];
+            float gv = grad_at_affine(args, g[base + i], x[base + i], mu, scale, shift);
             sg += gv;
             sgx += gv * ((x[base + i] - mu) * r);
         }
@@ -188,13 +202,16 @@ extern "C" __global__ void instance_norm_backward_dx(const InstanceNormParams ar
     const int64_t base = p * v + k * IN_CHUNK;
     const float inv_v = 1.0f / (float)(v > 0 ? v : 1);
     const float mu = mean[p], r = rstd[p], scale = gamma[p % c] * r;
+    // The apply kernel's scale and shift (rstd gamma, in that order), for a fused activation's derivative.
+    const float y_scale = r * gamma[p % c], y_shift = args.act < 0 ? 0.0f : args.beta[p % c];
     const float mean_g = sum_g[p] * inv_v, mean_gx = sum_gx[p] * inv_v;
 #pragma unroll
     for (int j = 0; j < IN_ITEMS; j++) {
         int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
         if (i < n) {
-            float xhat = (x[base + i] - mu) * r;
-            dx[base + i] = scale * (g[base + i] - mean_g - xhat * mean_gx);
+            const float xv = x[base + i];
+            float xhat = (xv - mu) * r;
+            dx[base + i] = scale * (grad_at_affine(args, g[base + i], xv, mu, y_scale, y_shift) - mean_g - xhat * mean_gx);
         }
     }
 }

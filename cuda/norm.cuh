@@ -34,6 +34,7 @@ struct InstanceNormParams {
     int64_t N;           // samples
     int64_t chunks;      // chunks per plane
     float eps;
+    int act;             // -1: none; else the ActivationCode fused after the affine (apply, grad sums, dx)
 };
 
 // LayerNorm of x (rows, C) over each row of C contiguous channels.

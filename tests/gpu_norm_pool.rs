@@ -8,8 +8,10 @@ mod common;
 
 use common::{check_op, randn32};
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
+use lkm_engine::ops::activation::{leaky_relu, Activation::LeakyRelu};
 use lkm_engine::ops::avg_pool::avg_pool;
-use lkm_engine::ops::instance_norm::{instance_norm, IN_EPS};
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::upsample::upsample_nearest;
 use lkm_engine::tensor::map;
@@ -51,6 +53,27 @@ fn gpu_instance_norm_reference_plane() {
     // The stage-0 planes of the 3D reference configuration (40 x 224 x 192 = 1,720,320 voxels, 840 chunks), with 2
     // channels and batch 1 instead of 32 and 2 so that the float64 CPU reference (forward and backward) stays cheap.
     check_instance_norm(&[1, 2, 40, 224, 192], 16);
+}
+
+/// The fused norm + LeakyReLU against float64 on the CPU, and against the two separate ops on the GPU, bit for bit.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_leaky_relu() {
+    let fused = |t: &mut Tape, x: &[Tensor]| instance_norm_act(t, &x[0], &x[1], &x[2], IN_EPS, Some(LeakyRelu));
+    let two_ops = |t: &mut Tape, x: &[Tensor]| {
+        let y = instance_norm(t, &x[0], &x[1], &x[2], IN_EPS)?;
+        leaky_relu(t, &y)
+    };
+    let dev = Device::Cuda(common::gpu());
+    for (shape, seed) in [(&[2, 3, 37, 41][..], 30), (&[2, 5, 7, 19, 23][..], 33)] {
+        let c = shape[1];
+        // Mean 0 after the norm and shifts of either sign: a good share of the elements on each side of the kink.
+        let inputs = [shifted(shape, seed), randn32(&[c], 1.0, seed + 1), randn32(&[c], 0.5, seed + 2)];
+        check_op(&format!("instance_norm_leaky_relu {shape:?}"), &inputs, 1e-4, fused);
+        let on_gpu: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+        let name = format!("fused against two ops {shape:?}");
+        common::assert_same_bits(&name, &on_gpu, &dev, &fused, &two_ops);
+    }
 }
 
 #[test]

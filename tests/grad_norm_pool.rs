@@ -3,8 +3,10 @@
 
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
+use lkm_engine::ops::activation::{leaky_relu, Activation};
 use lkm_engine::ops::avg_pool::avg_pool;
-use lkm_engine::ops::instance_norm::{instance_norm, IN_EPS};
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::upsample::upsample_nearest;
 use lkm_engine::{DType, Tensor};
@@ -37,6 +39,35 @@ fn check_instance_norm_grad(shape: &[usize]) {
     let c = shape[1];
     let inputs = [shifted(shape, 11), randn64(&[c], 12), randn64(&[c], 13)];
     assert_gradients(&inputs, 1e-6, |t, x| instance_norm(t, &x[0], &x[1], &x[2], IN_EPS));
+}
+
+fn norm_then_leaky_relu(t: &mut Tape, x: &[Tensor]) -> lkm_engine::Result<Tensor> {
+    let y = instance_norm(t, &x[0], &x[1], &x[2], IN_EPS)?;
+    leaky_relu(t, &y)
+}
+
+fn fused_norm_leaky_relu(t: &mut Tape, x: &[Tensor]) -> lkm_engine::Result<Tensor> {
+    instance_norm_act(t, &x[0], &x[1], &x[2], IN_EPS, Some(Activation::LeakyRelu))
+}
+
+#[test]
+fn grad_instance_norm_leaky_relu() {
+    let inputs = [shifted(&[2, 3, 3, 4, 5], 14), randn64(&[3], 15), randn64(&[3], 16)];
+    assert_gradients(&inputs, 1e-6, fused_norm_leaky_relu);
+}
+
+/// The fused op is instance_norm then leaky_relu, to the bit, in both dtypes (its backward recomputes the
+/// activation's input exactly as the forward formed it).
+#[test]
+fn instance_norm_leaky_relu_equals_the_two_ops() {
+    for dtype in [DType::F32, DType::F64] {
+        let inputs: Vec<Tensor> = [shifted(&[2, 5, 3, 6, 7], 17), randn64(&[5], 18), randn64(&[5], 19)]
+            .iter()
+            .map(|t| t.to_dtype(dtype).unwrap())
+            .collect();
+        let name = format!("instance_norm_leaky_relu {dtype:?}");
+        common::assert_same_bits(&name, &inputs, &Device::Cpu, &fused_norm_leaky_relu, &norm_then_leaky_relu);
+    }
 }
 
 #[test]

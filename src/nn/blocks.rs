@@ -1,6 +1,7 @@
 //! nnU-Net's convolution blocks (dynamic_network_architectures), with the public code's parameter names.
 //!
-//! - [`ConvNormAct`] (`ConvDropoutNormReLU`): `y = act(IN(conv(x)))`, act = LeakyReLU(0.01) or none.
+//! - [`ConvNormAct`] (`ConvDropoutNormReLU`): `y = act(IN(conv(x)))`, act = LeakyReLU(0.01) or none (fused into the
+//!   norm op, which recomputes its input in the backward pass instead of storing it).
 //! - [`ResidualBlock`] (`BasicBlockD`): `y = LReLU(IN(conv2(LReLU(IN(conv1_stride(x))))) + skip(x))` where
 //!   `skip = [AvgPool(stride)] -> [conv 1x1 (no bias) -> IN]` when the stride is not 1 / the channels change.
 //!   The second IN starts with scale 0, so every block starts as its shortcut (nnU-Net's
@@ -11,11 +12,11 @@ use rand::rngs::StdRng;
 use super::init::{constant, he_normal};
 use super::params::{ParamId, Params};
 use crate::autograd::Tape;
-use crate::ops::activation::leaky_relu;
+use crate::ops::activation::{leaky_relu, Activation};
 use crate::ops::add::add;
 use crate::ops::avg_pool::avg_pool;
 use crate::ops::conv::conv;
-use crate::ops::instance_norm::{instance_norm, IN_EPS};
+use crate::ops::instance_norm::{instance_norm_act, IN_EPS};
 use crate::profile;
 use crate::tensor::Tensor;
 use crate::Result;
@@ -66,12 +67,8 @@ impl ConvNormAct {
     pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
         let _layer = profile::layer(&self.prefix);
         let y = conv(tape, x, p.get(self.weight), self.bias.map(|b| p.get(b)), &self.stride)?;
-        let y = instance_norm(tape, &y, p.get(self.norm_w), p.get(self.norm_b), IN_EPS)?;
-        if self.act {
-            leaky_relu(tape, &y)
-        } else {
-            Ok(y)
-        }
+        let act = self.act.then_some(Activation::LeakyRelu);
+        instance_norm_act(tape, &y, p.get(self.norm_w), p.get(self.norm_b), IN_EPS, act)
     }
 }
 

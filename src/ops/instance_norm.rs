@@ -20,6 +20,12 @@
 //!   dL/dbeta_c  = sum_n sum_i g_pi
 //! ```
 //!
+//! Fused activation ([`instance_norm_act`], nnU-Net's InstanceNorm -> LeakyReLU): out = act(y) is computed by the
+//! same kernel, and the backward recomputes y from the saved x and statistics to form dL/dy = dL/dout act'(y), so y
+//! is never stored: one full-size tensor less per conv block, and one read and write of it less each way. y is
+//! formed by the same expression in the forward and the backward, so the results are the same bits as
+//! instance_norm followed by the activation op.
+//!
 //! The statistics are computed in two passes (mean, then the mean squared deviation) with float64 accumulation for
 //! both dtypes, so a large common offset in x does not cancel the variance away. mu and rstd are saved per plane in
 //! float64 (N*C numbers), and xhat is formed in float64 in both passes: rounding mu to float32 would shift a map
@@ -44,6 +50,7 @@ use cudarc::driver::LaunchConfig;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::device::params::{kernel, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS};
+use crate::ops::activation::Activation;
 use crate::ops::MapDims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -56,6 +63,19 @@ pub const IN_EPS: f64 = 1e-5;
 /// over its spatial axes with its biased variance and `eps`, then scaled by `gamma[c]` and shifted by `beta[c]`
 /// (`gamma`, `beta` of shape (C)).
 pub fn instance_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    instance_norm_act(tape, x, gamma, beta, eps, None)
+}
+
+/// [`instance_norm`] followed by `act` (when given) in one op: the activation's input is recomputed in the backward
+/// pass instead of being stored (see the module docs).
+pub fn instance_norm_act(
+    tape: &mut Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<Tensor> {
     let dims = MapDims::of(x, "instance_norm")?;
     x.check_same_kind(gamma, "instance_norm gamma")?;
     x.check_same_kind(beta, "instance_norm beta")?;
@@ -63,14 +83,32 @@ pub fn instance_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor,
     beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
 
-    let range = profile::forward("instance_norm", &[x], 0.0);
+    let name = op_name(act);
+    let range = profile::forward(name, &[x], 0.0);
     let (y, mean, rstd) = match x.gpu_buffer() {
-        Some(_) => forward_gpu(x, gamma, beta, dims, eps)?,
-        None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps))?,
+        Some(_) => forward_gpu(x, gamma, beta, dims, eps, act)?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps, act))?,
     };
     range.done([&y]);
-    tape.record(&[x, gamma, beta], &y, InstanceNormBackward { x: x.clone(), gamma: gamma.clone(), mean, rstd, dims });
+    let saved =
+        InstanceNormBackward { x: x.clone(), gamma: gamma.clone(), beta: beta.clone(), mean, rstd, dims, act, name };
+    tape.record(&[x, gamma, beta], &y, saved);
     Ok(y)
+}
+
+/// The op's name in traces and profiles.
+fn op_name(act: Option<Activation>) -> &'static str {
+    match act {
+        None => "instance_norm",
+        Some(Activation::LeakyRelu) => "instance_norm_leaky_relu",
+        Some(Activation::Silu) => "instance_norm_silu",
+        Some(Activation::Softplus) => "instance_norm_softplus",
+    }
+}
+
+/// The kernels' code for `act` (-1 for none; else the ActivationCode of cuda/common.cuh).
+fn act_code(act: Option<Activation>) -> i32 {
+    act.map_or(-1, |a| a as i32)
 }
 
 /// Mean and 1/sqrt(var + eps) of one plane or row, in two passes with float64 accumulation (empty: 0 and
@@ -96,6 +134,7 @@ fn forward_cpu<T: Real>(
     beta: &Tensor,
     dims: MapDims,
     eps: f64,
+    act: Option<Activation>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (xs, gs, bs) = (x.cpu::<T>()?, gamma.cpu::<T>()?, beta.cpu::<T>()?);
     let v = dims.voxels();
@@ -110,7 +149,7 @@ fn forward_cpu<T: Real>(
         let scale = gs[c].to_f64() * r;
         let shift = bs[c].to_f64();
         for (yv, &xv) in y[p * v..(p + 1) * v].iter_mut().zip(xp) {
-            *yv = T::from_f64((xv.to_f64() - m) * scale + shift);
+            *yv = activated(act, T::from_f64((xv.to_f64() - m) * scale + shift));
         }
         mean.push(m);
         rstd.push(r);
@@ -119,19 +158,28 @@ fn forward_cpu<T: Real>(
     Ok((Tensor::from_vec(y, x.shape())?, Tensor::from_vec(mean, &stats_shape)?, Tensor::from_vec(rstd, &stats_shape)?))
 }
 
+/// `act(y)`, or y without an activation.
+fn activated<T: Real>(act: Option<Activation>, y: T) -> T {
+    act.map_or(y, |a| a.value(y))
+}
+
 struct InstanceNormBackward {
     x: Tensor,
     gamma: Tensor,
+    /// Read by the backward pass only with a fused activation (to recompute its input).
+    beta: Tensor,
     /// Per-plane mean, shape (N, C): float64 on the CPU, float32 on the GPU.
     mean: Tensor,
     /// Per-plane 1/sqrt(var + eps), shape (N, C): float64 on the CPU, float32 on the GPU.
     rstd: Tensor,
     dims: MapDims,
+    act: Option<Activation>,
+    name: &'static str,
 }
 
 impl Backward for InstanceNormBackward {
     fn name(&self) -> &'static str {
-        "instance_norm"
+        self.name
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
@@ -145,7 +193,7 @@ impl Backward for InstanceNormBackward {
 }
 
 fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let (xs, gs, gamma) = (b.x.cpu::<T>()?, grad_out.cpu::<T>()?, b.gamma.cpu::<T>()?);
+    let (xs, gs, gamma, beta) = (b.x.cpu::<T>()?, grad_out.cpu::<T>()?, b.gamma.cpu::<T>()?, b.beta.cpu::<T>()?);
     let (ms, rs) = (b.mean.cpu::<f64>()?, b.rstd.cpu::<f64>()?);
     let dims = b.dims;
     let v = dims.voxels();
@@ -157,7 +205,17 @@ fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[b
         let c = p % dims.c;
         let (m, r) = (ms[p], rs[p]);
         let xp = &xs[p * v..(p + 1) * v];
-        let gp = &gs[p * v..(p + 1) * v];
+        // dL/dy: the incoming gradient, through the fused activation's derivative at y (formed as the forward did).
+        let (scale, shift) = (gamma[c].to_f64() * r, beta[c].to_f64());
+        let gp: Vec<T> = match b.act {
+            None => gs[p * v..(p + 1) * v].to_vec(),
+            Some(a) => xp
+                .iter()
+                .zip(&gs[p * v..(p + 1) * v])
+                .map(|(&xv, &gv)| gv * a.derivative(T::from_f64((xv.to_f64() - m) * scale + shift)))
+                .collect(),
+        };
+        let gp = &gp[..];
         let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
         for (&xv, &gv) in xp.iter().zip(gp) {
             let g = gv.to_f64();
@@ -207,6 +265,7 @@ fn gpu_params(dims: MapDims, chunks: usize) -> InstanceNormParams {
         C: dims.c as i64,
         N: dims.n as i64,
         chunks: chunks as i64,
+        act: act_code(None),
         ..Default::default()
     }
 }
@@ -217,7 +276,14 @@ fn chunking(dims: MapDims) -> (usize, usize) {
 }
 
 /// Returns y and the per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
-fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, dims: MapDims, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+fn forward_gpu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    dims: MapDims,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (xb, gb, bb) = (gpu_of(x, "x")?, gpu_of(gamma, "gamma")?, gpu_of(beta, "beta")?);
     let gpu = &xb.gpu;
     let (planes, chunks) = chunking(dims);
@@ -234,7 +300,7 @@ fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, dims: MapDims, eps: f6
     let shapes = format!("instance_norm {:?}", x.shape());
     let chunked = blocks_of(planes * chunks, IN_THREADS as u32, x.shape())?;
     let per_plane = blocks_of(planes, REDUCE_THREADS, x.shape())?;
-    let base = InstanceNormParams { x: xb.ptr(), eps: eps as f32, ..gpu_params(dims, chunks) };
+    let base = InstanceNormParams { x: xb.ptr(), eps: eps as f32, act: act_code(act), ..gpu_params(dims, chunks) };
 
     let mut chunk_mean = gpu.alloc(planes * chunks, "instance_norm chunk means")?;
     let mut chunk_m2 = gpu.alloc(planes * chunks, "instance_norm chunk squared deviations")?;
@@ -280,8 +346,18 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     }
     let shapes = format!("instance_norm backward {:?}", b.x.shape());
     let chunked = blocks_of(planes * chunks, IN_THREADS as u32, b.x.shape())?;
-    let base =
-        InstanceNormParams { x: xb.ptr(), g: gb.ptr(), mean: mb.ptr(), rstd: rb.ptr(), ..gpu_params(dims, chunks) };
+    // gamma and beta are read by the gradient sums only to recompute a fused activation's input.
+    let beta = gpu_of(&b.beta, "beta")?;
+    let base = InstanceNormParams {
+        x: xb.ptr(),
+        g: gb.ptr(),
+        mean: mb.ptr(),
+        rstd: rb.ptr(),
+        gamma: gammab.ptr(),
+        beta: beta.ptr(),
+        act: act_code(b.act),
+        ..gpu_params(dims, chunks)
+    };
 
     // Plane sums of g and g * xhat: per chunk, then the chunks of each plane in order.
     let mut chunk_g = gpu.alloc(planes * chunks, "instance_norm chunk sums of g")?;
@@ -299,7 +375,7 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
 
     let dx = if needs[0] {
         let mut dx = gpu.alloc(b.x.numel(), "instance_norm input gradient")?;
-        let p = InstanceNormParams { gamma: gammab.ptr(), out: dx.ptr_mut(), ..base };
+        let p = InstanceNormParams { out: dx.ptr_mut(), ..base };
         gpu.launch(kernel::instance_norm_backward_dx, chunked, &p, &shapes)?;
         Some(Tensor::from_gpu(dx, b.x.shape())?)
     } else {

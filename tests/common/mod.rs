@@ -127,6 +127,25 @@ pub fn seeded_step(
     (out, xs.iter().map(|x| grads.take(x).map(|g| g.to_vec_f64().unwrap())).collect())
 }
 
+/// Asserts that `f` and `g` give the same output and input gradients, bit for bit, on `xs` (already on `device`), for
+/// the seed gradient of [`seeded_step`]: a fused op against the ops it replaces.
+pub fn assert_same_bits(
+    name: &str,
+    xs: &[Tensor],
+    device: &Device,
+    f: &dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+    g: &dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) {
+    let all = vec![true; xs.len()];
+    let (out_f, grads_f) = seeded_step(name, xs, &all, device, f);
+    let (out_g, grads_g) = seeded_step(name, xs, &all, device, g);
+    assert!(out_f == out_g, "{name}: outputs differ (max |diff| {:e})", max_abs_diff(&out_f, &out_g));
+    for (i, (a, b)) in grads_f.iter().zip(&grads_g).enumerate() {
+        let (a, b) = (a.as_ref().expect("a gradient"), b.as_ref().expect("a gradient"));
+        assert!(a == b, "{name}: gradients of input {i} differ (max |diff| {:e})", max_abs_diff(a, b));
+    }
+}
+
 /// As [`check_op`], with `differentiable[i]` saying which inputs have gradients (labels do not).
 pub fn check_op_inputs(
     name: &str,
@@ -214,13 +233,14 @@ pub fn traced_model_step(
 }
 
 /// The elements where `got` and `exact` fall on different sides of 0 at a LeakyReLU (whose output has its input's
-/// sign): (row position in the trace, element). There the exact derivative jumps from 1 to the negative slope, so a
+/// sign; the op `leaky_relu` or a norm with it fused, `instance_norm_leaky_relu`): (row position in the trace,
+/// element). There the exact derivative jumps from 1 to the negative slope, so a
 /// float32 forward that rounds an input across 0 differentiates another branch of the function than float64 does.
 pub fn leaky_relu_flips(got: &[TraceRow], exact: &[TraceRow]) -> Vec<(usize, usize)> {
     assert_eq!(got.len(), exact.len(), "the two runs recorded different graphs");
     let mut flips = Vec::new();
     for (r, (g, e)) in got.iter().zip(exact).enumerate() {
-        if e.op == "leaky_relu" {
+        if e.op.ends_with("leaky_relu") {
             let crossed = g.output.iter().zip(&e.output).enumerate().filter(|(_, (a, b))| (**a > 0.0) != (**b > 0.0));
             flips.extend(crossed.map(|(i, _)| (r, i)));
         }
