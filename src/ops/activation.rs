@@ -5,7 +5,8 @@
 //!   SiLU(x)      = x * s(x), s = 1/(1+e^-x)      d/dx = s(x) * (1 + x * (1 - s(x)))
 //!   softplus(x)  = ln(1 + e^x), = x for x > 20   d/dx = s(x), = 1 for x > 20
 //! ```
-//! The backward pass needs only the input, which each op saves.
+//! The backward pass needs only the input; LeakyReLU's derivative is also that function of its output (same sign), so
+//! LeakyReLU saves its output, which the next op usually keeps anyway, and its input can be freed.
 //!
 //! Cost per element (the counting rules are in [`ops`](crate::ops)): forward 8 bytes (read x, write y) and 2 FLOPs
 //! (LeakyReLU), 4 (SiLU) or 3 (softplus); backward 12 bytes (read x and dL/dy, write dL/dx) and 2, 8 or 5 FLOPs.
@@ -115,7 +116,11 @@ pub fn activation(tape: &mut Tape, x: &Tensor, act: Activation) -> Result<Tensor
         None => by_dtype!(x.dtype(), cpu(x, act))?,
     };
     range.done([&y]);
-    tape.record(&[x], &y, ActivationBackward { x: x.clone(), act });
+    // LeakyReLU's derivative is the same function of its output as of its input (the output has the input's sign,
+    // 0 and NaN included), and the output is usually kept anyway (the next convolution saves its input), so saving
+    // it lets the input be freed after the forward pass. SiLU and softplus need their input.
+    let saved = if act == Activation::LeakyRelu { y.clone() } else { x.clone() };
+    tape.record(&[x], &y, ActivationBackward { saved, act });
     Ok(y)
 }
 
@@ -135,7 +140,8 @@ pub fn softplus(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
 }
 
 struct ActivationBackward {
-    x: Tensor,
+    /// Where the derivative is taken: the output for LeakyReLU, the input otherwise (see [`activation`]).
+    saved: Tensor,
     act: Activation,
 }
 
@@ -148,12 +154,13 @@ impl Backward for ActivationBackward {
         fn cpu<T: Real>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
             zip_map::<T>(x, g, |x, g| g * act.derivative(x))
         }
-        self.x.check_same_kind(grad_out, "activation backward")?;
-        if let (Some(xb), Some(gb)) = (self.x.gpu_buffer(), grad_out.gpu_buffer()) {
-            let shapes = format!("{} {:?}", self.act.name(), self.x.shape());
+        let at = &self.saved;
+        at.check_same_kind(grad_out, "activation backward")?;
+        if let (Some(xb), Some(gb)) = (at.gpu_buffer(), grad_out.gpu_buffer()) {
+            let shapes = format!("{} {:?}", self.act.name(), at.shape());
             let dx = eltwise_gpu(self.act.kernels().1, xb, Some(gb), 1.0, self.act.name(), &shapes)?;
-            return Ok(vec![Some(Tensor::from_gpu(dx, self.x.shape())?)]);
+            return Ok(vec![Some(Tensor::from_gpu(dx, at.shape())?)]);
         }
-        Ok(vec![Some(by_dtype!(self.x.dtype(), cpu(&self.x, grad_out, self.act))?)])
+        Ok(vec![Some(by_dtype!(at.dtype(), cpu(at, grad_out, self.act))?)])
     }
 }
