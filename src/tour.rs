@@ -80,9 +80,10 @@
 //! 2. [`layer_norm`] over the channels of each token.
 //! 3. The bidirectional Mamba: one [`Mamba`] block on the tokens and one on the reversed tokens ([`flip_seq`]),
 //!    the second's output reversed back and [`add`]ed to the first's. [`Mamba::forward`] is
-//!    `[x, z] = in_proj(u)` ([`linear`], split by [`narrow_last`]), `x = SiLU(causal_conv1d(x))`
-//!    ([`causal_conv1d`], [`silu`]), `[dt, B, C] = x_proj(x)`, `delta = dt_proj.weight dt` (the projection's bias
-//!    is the scan's `delta_bias`), then the selective scan.
+//!    `[x, z] = in_proj(u)` (two [`linear`]s, one per half of the weight's rows, cut by [`narrow`]),
+//!    `x = SiLU(causal_conv1d(x))` ([`causal_conv1d`], [`silu`]), `[dt, B, C] = x_proj(x)` (its output cut by
+//!    [`narrow`]), `delta = dt_proj.weight dt` (the projection's bias is the scan's `delta_bias`), then the selective
+//!    scan.
 //! 4. `out_proj` ([`linear`]), [`merge`] back to the map, and the residual [`add`].
 //!
 //! ## 4c. The selective scan
@@ -304,7 +305,7 @@
 //! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments` `instance_norm_combine` `instance_norm_apply` `instance_norm_chunk_grad_sums` `instance_norm_backward_dx` `instance_norm_param_grads` `instance_norm_sum_chunks` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` | `instance_norm` |
 //! | [`layer_norm`](crate::ops::layer_norm) | `src/ops/layer_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `layer_norm_forward` `layer_norm_backward_dx` `layer_norm_param_partials` `layer_norm_sum_partials` | `tests/grad_norm_pool.rs` `grad_layer_norm` | `tests/gpu_norm_pool.rs` `gpu_layer_norm_channels` | `layer_norm` |
 //! | [`linear`](crate::ops::linear) | `src/ops/linear.rs` `forward_cpu` `backward_cpu` | `cuda/gemm.cu` `linear_fprop` `linear_dgrad` `linear_wgrad` `sum_rows_f32` | `tests/grad_mamba_ops.rs` `grad_linear_bias` | `tests/gpu_mamba_ops.rs` `gpu_linear_bias` | `linear in_proj fp32` |
-//! | [`narrow`](crate::ops::narrow) | `src/ops/narrow.rs` `narrow_cpu` `widen_cpu` | `cuda/layout.cu` `copy_rows` `narrow_backward` | `tests/grad_layout.rs` `grad_narrow_last_middle` | `tests/gpu_layout.rs` `gpu_narrow_last` | - |
+//! | [`narrow`](crate::ops::narrow) | `src/ops/narrow.rs` `narrow_cpu` `widen_cpu` | `cuda/layout.cu` `copy_rows` `narrow_backward` | `tests/grad_layout.rs` `grad_narrow_each_axis` | `tests/gpu_layout.rs` `gpu_narrow` | - |
 //! | [`pim`](crate::ops::pim) | `src/ops/pim.rs` `permute_cpu` | `cuda/layout.cu` `pim_partition` `pim_merge` | `tests/grad_layout.rs` `grad_pim_window_3d` `grad_pim_strided_3d` | `tests/gpu_layout.rs` `gpu_pim_3d_odd` | `pim partition strided` |
 //! | [`reshape`](crate::ops::reshape) | `src/ops/reshape.rs` `reshape` (no copy) | - (no kernel) | `tests/grad_layout.rs` `grad_reshape` | `tests/gpu_layout.rs` `gpu_reshape` | - |
 //! | [`scale`](crate::ops::scale) | `src/tensor/arith.rs` `scale` | `cuda/elementwise.cu` `scale_f32` | `tests/grad_activation.rs` `grad_scale` | - (in `tests/gpu_train_step.rs` `gpu_training_step_matches_cpu`) | - |
@@ -378,7 +379,7 @@
 //! [`flip_seq`]: crate::ops::flip::flip_seq
 //! [`add`]: crate::ops::add::add
 //! [`linear`]: crate::ops::linear::linear
-//! [`narrow_last`]: crate::ops::narrow::narrow_last
+//! [`narrow`]: crate::ops::narrow::narrow
 //! [`causal_conv1d`]: crate::ops::causal_conv1d::causal_conv1d
 //! [`selective_scan`]: crate::ops::selective_scan::selective_scan
 //! [`Gpu::alloc`]: crate::device::cuda::Gpu::alloc

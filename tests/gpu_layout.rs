@@ -12,7 +12,7 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::concat::concat_channels;
 use lkm_engine::ops::flip::flip_seq;
-use lkm_engine::ops::narrow::narrow_last;
+use lkm_engine::ops::narrow::narrow;
 use lkm_engine::ops::pim::{grouping, merge, partition, PimLayout};
 use lkm_engine::ops::reshape::reshape;
 
@@ -133,17 +133,27 @@ fn gpu_flip_seq() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
-fn gpu_narrow_last() {
-    check_op("narrow middle", &[randn32(&[7, 13], 1.0, 61)], EXACT, |t, x| narrow_last(t, &x[0], 3, 5));
-    check_op("narrow head", &[randn32(&[3, 11, 37], 1.0, 62)], EXACT, |t, x| narrow_last(t, &x[0], 0, 16));
-    check_op("narrow tail", &[randn32(&[3, 11, 37], 1.0, 63)], EXACT, |t, x| narrow_last(t, &x[0], 21, 16));
-    check_op("narrow one", &[randn32(&[2, 3, 5, 7, 9], 1.0, 64)], EXACT, |t, x| narrow_last(t, &x[0], 8, 1));
-    check_op("narrow all", &[randn32(&[5, 9], 1.0, 65)], EXACT, |t, x| narrow_last(t, &x[0], 0, 9));
+fn gpu_narrow() {
+    for (name, shape, axis, start, len, seed) in [
+        ("narrow middle", &[7, 13][..], 1, 3, 5, 61),
+        ("narrow head", &[3, 11, 37], 2, 0, 16, 62),
+        ("narrow tail", &[3, 11, 37], 2, 21, 16, 63),
+        ("narrow one", &[2, 3, 5, 7, 9], 4, 8, 1, 64),
+        ("narrow all", &[5, 9], 1, 0, 9, 65),
+        // A middle axis: runs of 7 x 9 elements out of rows of 5 x 7 x 9.
+        ("narrow axis 2 of 5", &[2, 3, 5, 7, 9], 2, 1, 3, 67),
+        // Mamba's in_proj weight (2 d_inner, d_model) at d_model 32: the rows of x and those of z.
+        ("narrow in_proj x rows", &[128, 32], 0, 0, 64, 68),
+        ("narrow in_proj z rows", &[128, 32], 0, 64, 64, 69),
+        ("narrow rows, odd", &[37, 3, 5], 0, 11, 19, 70),
+    ] {
+        check_op(name, &[randn32(shape, 1.0, seed)], EXACT, |t, x| narrow(t, &x[0], axis, start, len));
+    }
     // Mamba's x_proj output for d_model 32: dt_rank 2 + 2 x d_state 16 = 34 columns, split into dt, B and C.
     let xp = [randn32(&[13_441, 34], 1.0, 66)];
-    check_op("narrow dt", &xp, EXACT, |t, x| narrow_last(t, &x[0], 0, 2));
-    check_op("narrow B", &xp, EXACT, |t, x| narrow_last(t, &x[0], 2, 16));
-    check_op("narrow C", &xp, EXACT, |t, x| narrow_last(t, &x[0], 18, 16));
+    check_op("narrow dt", &xp, EXACT, |t, x| narrow(t, &x[0], 1, 0, 2));
+    check_op("narrow B", &xp, EXACT, |t, x| narrow(t, &x[0], 1, 2, 16));
+    check_op("narrow C", &xp, EXACT, |t, x| narrow(t, &x[0], 1, 18, 16));
 }
 
 #[test]
@@ -165,8 +175,8 @@ fn gpu_layout_chain() {
             let flipped = flip_seq(t, &tokens)?;
             let (g, l, c) = (flipped.shape()[0], flipped.shape()[1], flipped.shape()[2]);
             let rows = reshape(t, &flipped, &[g * l, c])?;
-            let a = narrow_last(t, &rows, 1, 3)?;
-            let b = narrow_last(t, &rows, 2, 3)?;
+            let a = narrow(t, &rows, 1, 1, 3)?;
+            let b = narrow(t, &rows, 1, 2, 3)?;
             let both = concat_channels(t, &[&a, &b])?;
             let back = reshape(t, &both, &[g, l, 6])?;
             merge(t, &back, &map, &window, layout)

@@ -1,11 +1,13 @@
-//! Layout ops: PiM partition/merge, channel concatenation, sequence flip, last-axis slice and reshape. Forward
-//! results are compared with index formulas written independently here; backward passes with finite differences.
+//! Layout ops: PiM partition/merge, channel concatenation, sequence flip, slices along an axis (narrow) and
+//! reshape. Forward results are compared with index formulas written independently here; backward passes with finite
+//! differences.
 
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
 use lkm_engine::ops::concat::concat_channels;
 use lkm_engine::ops::flip::flip_seq;
-use lkm_engine::ops::narrow::narrow_last;
+use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::narrow::narrow;
 use lkm_engine::ops::pim::{check_window, grouping, merge, partition, PimLayout};
 use lkm_engine::ops::reshape::reshape;
 use lkm_engine::Tensor;
@@ -308,24 +310,51 @@ fn grad_flip_seq() {
 }
 
 #[test]
-fn narrow_last_by_hand() {
-    let y = narrow_last(&mut Tape::new(), &iota(&[2, 5]), 1, 3).unwrap();
+fn narrow_by_hand() {
+    // (2, 5) holding 0..10: columns 1..4 of each row, then row 1 whole.
+    let y = narrow(&mut Tape::new(), &iota(&[2, 5]), 1, 1, 3).unwrap();
     assert_eq!(y.shape(), &[2, 3]);
     assert_eq!(values(&y), [1., 2., 3., 6., 7., 8.]);
+    let y = narrow(&mut Tape::new(), &iota(&[2, 5]), 0, 1, 1).unwrap();
+    assert_eq!(y.shape(), &[1, 5]);
+    assert_eq!(values(&y), [5., 6., 7., 8., 9.]);
+    // (2, 3, 2) holding 0..12, the middle axis [1, 3): element (o, k, i) is 6 o + 2 (1 + k) + i.
+    let y = narrow(&mut Tape::new(), &iota(&[2, 3, 2]), 1, 1, 2).unwrap();
+    assert_eq!(y.shape(), &[2, 2, 2]);
+    assert_eq!(values(&y), [2., 3., 4., 5., 8., 9., 10., 11.]);
 }
 
 #[test]
-fn grad_narrow_last_middle() {
-    assert_gradients(&[randn64(&[3, 5, 11], 51)], 1e-6, |t, x| narrow_last(t, &x[0], 3, 5));
+fn grad_narrow_each_axis() {
+    for (axis, start, len) in [(0, 1, 2), (1, 2, 3), (2, 3, 5)] {
+        assert_gradients(&[randn64(&[4, 5, 11], 51)], 1e-6, |t, x| narrow(t, &x[0], axis, start, len));
+    }
+}
+
+/// Two row slices of one weight, each in its own product, as Mamba's in_proj uses them: the tape must add both
+/// slices' gradients (each zero outside its rows) into the weight's.
+#[test]
+fn grad_narrow_two_row_slices_of_one_weight() {
+    // Rows (6, 4) of tokens: the products are (6, 2) and (6, 4), concatenated along the channels into (6, 6).
+    let xs = [randn64(&[6, 4], 52), randn64(&[6, 4], 53)];
+    assert_gradients(&xs, 1e-6, |t, v| {
+        let (w_a, w_b) = (narrow(t, &v[1], 0, 0, 2)?, narrow(t, &v[1], 0, 2, 4)?);
+        let a = linear(t, &v[0], &w_a, None)?;
+        let b = linear(t, &v[0], &w_b, None)?;
+        concat_channels(t, &[&a, &b])
+    });
 }
 
 #[test]
-fn narrow_last_rejects_out_of_range() {
+fn narrow_rejects_out_of_range() {
     let x = randn64(&[3, 11], 0);
-    let err = narrow_last(&mut Tape::new(), &x, 8, 4).unwrap_err().to_string();
-    assert!(err.contains("[8, 12)") && err.contains("size 11"), "{err}");
-    assert!(narrow_last(&mut Tape::new(), &x, 12, 0).is_err());
-    assert!(narrow_last(&mut Tape::new(), &x, usize::MAX, 2).is_err());
+    let err = narrow(&mut Tape::new(), &x, 1, 8, 4).unwrap_err().to_string();
+    assert!(err.contains("[8, 12)") && err.contains("axis 1 of size 11"), "{err}");
+    assert!(narrow(&mut Tape::new(), &x, 1, 12, 0).is_err());
+    assert!(narrow(&mut Tape::new(), &x, 1, usize::MAX, 2).is_err());
+    assert!(narrow(&mut Tape::new(), &x, 0, 2, 2).is_err());
+    let err = narrow(&mut Tape::new(), &x, 2, 0, 1).unwrap_err().to_string();
+    assert!(err.contains("axis 2") && err.contains("rank 2"), "{err}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! A [`Mamba`] block (Mamba v1 without its out_proj) maps tokens u (G, L, d_model) to (G, L, d_inner):
 //! ```text
-//!   [x, z] = in_proj(u)                      d_model -> 2 d_inner
+//!   [x, z] = in_proj(u)                      d_model -> 2 d_inner (x and z from the two halves of its weight's rows)
 //!   x      = SiLU(causal_conv1d(x))          kernel d_conv, per channel
 //!   [dt, B, C] = x_proj(x)                   d_inner -> dt_rank + 2 d_state
 //!   delta  = dt_proj.weight @ dt             dt_rank -> d_inner (its bias is the scan's delta_bias)
@@ -26,7 +26,7 @@ use crate::ops::causal_conv1d::causal_conv1d;
 use crate::ops::flip::flip_seq;
 use crate::ops::layer_norm::{layer_norm, LN_EPS};
 use crate::ops::linear::linear;
-use crate::ops::narrow::narrow_last;
+use crate::ops::narrow::narrow;
 use crate::ops::pim::{merge, partition, PimLayout};
 use crate::ops::reshape::reshape;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
@@ -117,25 +117,35 @@ impl Mamba {
     pub fn forward(&self, tape: &mut Tape, p: &Params, u: &Tensor) -> Result<Tensor> {
         let _layer = profile::layer(&self.prefix);
         let (di, r, n) = (self.d_inner, self.dt_rank, self.d_state);
-        let xz = {
+        // in_proj's output [x, z] is split by splitting its weight (2 d_inner, d_model) into the rows that make x and
+        // those that make z: x = u W[0..di]^T, z = u W[di..2di]^T are the same dot products as the columns of
+        // u W^T, but neither the (G, L, 2 d_inner) product nor copies of its halves are ever made, and the gradients
+        // of x and z flow back without a zero-filled (G, L, 2 d_inner) gradient. The tape adds the two row slices'
+        // gradients into W's, and the two products' gradients into u's.
+        let (x, z) = {
             let _layer = profile::sublayer(&self.prefix, "in_proj");
-            linear(tape, u, p.get(self.in_proj), None)?
+            let mut rows_product = |start| {
+                let w_rows = narrow(tape, p.get(self.in_proj), 0, start, di)?;
+                linear(tape, u, &w_rows, None)
+            };
+            (rows_product(0)?, rows_product(di)?)
         };
-        let x = narrow_last(tape, &xz, 0, di)?;
-        let z = narrow_last(tape, &xz, di, di)?;
         let x = {
             let _layer = profile::sublayer(&self.prefix, "conv1d");
             let conv_w = reshape(tape, p.get(self.conv_w), &[di, self.d_conv])?;
             causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?
         };
         let x = silu(tape, &x)?;
-        let dbc = {
+        // x_proj's output (G, L, dt_rank + 2 d_state) is sliced along its last axis, not through its weight as in_proj
+        // is: here the output is narrower than x (34 columns against 64 at d_model 32), and three products would read
+        // x three times forward and in dW, add three (G, L, d_inner) gradients into x's, and (gemm_f32 computes 64 x 64
+        // output tiles) each do the arithmetic of the one 34-column product. The output itself is saved by no op, so
+        // it is freed at the end of this block, before the scan runs.
+        let (dt, b, c) = {
             let _layer = profile::sublayer(&self.prefix, "x_proj");
-            linear(tape, &x, p.get(self.x_proj), None)?
+            let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
+            (narrow(tape, &dbc, 2, 0, r)?, narrow(tape, &dbc, 2, r, n)?, narrow(tape, &dbc, 2, r + n, n)?)
         };
-        let dt = narrow_last(tape, &dbc, 0, r)?;
-        let b = narrow_last(tape, &dbc, r, n)?;
-        let c = narrow_last(tape, &dbc, r + n, n)?;
         let delta = {
             let _layer = profile::sublayer(&self.prefix, "dt_proj");
             linear(tape, &dt, p.get(self.dt_proj_w), None)?

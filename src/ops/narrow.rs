@@ -1,15 +1,21 @@
-//! A slice of the last axis: splits Mamba's in_proj output into x and z, and x_proj's output into dt, B and C.
+//! A slice along one axis: splits Mamba's in_proj weight into the rows that make x and those that make z (the first
+//! axis), and x_proj's output into dt, B and C (the last axis).
 //!
-//! For x of shape (..., K) and 0 <= start, start + len <= K:
+//! For x of shape (s_0, ..., s_{r-1}), an axis a and 0 <= start, start + len <= s_a, with the axes before a flattened
+//! to `outer` and those after it to `inner` (1 for the last axis, and `outer` is 1 for the first):
 //!
 //! ```text
-//!   y[..., k] = x[..., start + k],  k < len          y: (..., len)
-//!   dL/dx[..., j] = dL/dy[..., j - start] for start <= j < start + len, else 0
+//!   y[o, k, i] = x[o, start + k, i],  k < len            y: s_a replaced by len
+//!   dL/dx[o, j, i] = dL/dy[o, j - start, i] for start <= j < start + len, else 0
 //! ```
-//! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer.
+//! In memory x is `outer` rows of K = s_a * inner contiguous elements, and the slice is the contiguous run
+//! [start * inner, (start + len) * inner) of each row, so one row copy serves every axis: a slice of the last axis
+//! is a short run of every row, a slice of the first axis (rows of a weight (Cout, Cin)) one contiguous range.
+//! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer; when
+//! two slices of one tensor are used (in_proj's x and z rows), the tape adds their two gradients.
 //!
 //! Cost (the counting rules are in [`ops`](crate::ops)): forward 8 bytes per element of y and no FLOPs; backward
-//! 4 (1 + len/K) bytes per element of dL/dx (all K columns written, zeros included; dL/dy read once) and no FLOPs.
+//! 4 (1 + len/s_a) bytes per element of dL/dx (all of dL/dx written, zeros included; dL/dy read once) and no FLOPs.
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
@@ -19,91 +25,124 @@ use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, ensure, Result};
 
-/// Elements [start, start + len) of the last axis of `x` (any rank).
-pub fn narrow_last(tape: &mut Tape, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    let k = *x.shape().last().expect("tensors have rank >= 1");
+/// Elements [start, start + len) of axis `axis` of `x` (any rank); the other axes are kept whole.
+pub fn narrow(tape: &mut Tape, x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
     ensure!(
-        len > 0 && start <= k && len <= k - start,
+        axis < x.rank(),
         Shape,
-        "narrow_last: slice [{start}, {}) is empty or outside the last axis of size {k} (shape {:?})",
+        "narrow: axis {axis} is outside a tensor of rank {} (shape {:?}); axes count from 0",
+        x.rank(),
+        x.shape()
+    );
+    let size = x.shape()[axis];
+    ensure!(
+        len > 0 && start <= size && len <= size - start,
+        Shape,
+        "narrow: slice [{start}, {}) is empty or outside axis {axis} of size {size} (shape {:?})",
         start.saturating_add(len),
         x.shape()
     );
-    let range = profile::forward("narrow_last", &[x], 0.0);
+    let slice = RowSlice::of(x.shape(), axis, start, len);
+    let range = profile::forward("narrow", &[x], 0.0);
     let y = match x.gpu_buffer() {
-        Some(xb) => narrow_gpu(xb, x.shape(), start, len)?,
-        None => by_dtype!(x.dtype(), narrow_cpu(x, start, len))?,
+        Some(xb) => narrow_gpu(xb, x.shape(), &slice)?,
+        None => by_dtype!(x.dtype(), narrow_cpu(x, &slice))?,
     };
     range.done([&y]);
-    tape.record(&[x], &y, NarrowBackward { shape: x.shape().to_vec(), start });
+    tape.record(&[x], &y, NarrowBackward { slice });
     Ok(y)
 }
 
-fn narrow_cpu<T: Real>(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    let src = x.cpu::<T>()?;
-    let k = x.shape()[x.rank() - 1];
-    let rows = x.numel() / k;
-    let mut out = Vec::with_capacity(rows * len);
-    for r in 0..rows {
-        out.extend_from_slice(&src[r * k + start..r * k + start + len]);
-    }
-    let mut shape = x.shape().to_vec();
-    shape[x.rank() - 1] = len;
-    Tensor::from_vec(out, &shape)
+/// A slice seen in memory: `rows` rows of `row` elements, of which the run [`start`, `start + len`) is kept.
+struct RowSlice {
+    /// The input's shape.
+    shape: Vec<usize>,
+    /// The output's shape: the input's with the sliced axis shortened.
+    out_shape: Vec<usize>,
+    /// outer: the product of the sizes before the axis.
+    rows: usize,
+    /// K = s_a * inner: elements per row of the input.
+    row: usize,
+    /// start * inner.
+    start: usize,
+    /// len * inner: elements per row of the output.
+    len: usize,
 }
 
-fn narrow_gpu(x: &GpuBuffer, shape: &[usize], start: usize, len: usize) -> Result<Tensor> {
-    let k = shape[shape.len() - 1];
-    let rows = x.slice.len() / k;
-    let mut out_shape = shape.to_vec();
-    out_shape[shape.len() - 1] = len;
-    let mut y = x.gpu.alloc(rows * len, "narrow_last")?;
-    let shapes = format!("narrow_last {shape:?} [{start}, {})", start + len);
-    copy_rows_gpu(x, &mut y, rows, len, (k, start), (len, 0), &shapes)?;
-    Tensor::from_gpu(y, &out_shape)
+impl RowSlice {
+    fn of(shape: &[usize], axis: usize, start: usize, len: usize) -> RowSlice {
+        let inner: usize = shape[axis + 1..].iter().product();
+        let mut out_shape = shape.to_vec();
+        out_shape[axis] = len;
+        RowSlice {
+            shape: shape.to_vec(),
+            out_shape,
+            rows: shape[..axis].iter().product(),
+            row: shape[axis] * inner,
+            start: start * inner,
+            len: len * inner,
+        }
+    }
+
+    /// The input's and output's shapes with the slice, for GPU error messages.
+    fn describe(&self, what: &str) -> String {
+        let (s, l) = (self.start, self.len);
+        format!("{what} {:?} -> {:?} (rows of {}, run [{s}, {}))", self.shape, self.out_shape, self.row, s + l)
+    }
+}
+
+fn narrow_cpu<T: Real>(x: &Tensor, s: &RowSlice) -> Result<Tensor> {
+    let src = x.cpu::<T>()?;
+    let mut out = Vec::with_capacity(s.rows * s.len);
+    // An axis of size 0 after the sliced one makes rows of 0 elements; `max(1)` then walks the empty input once.
+    for row in src.chunks_exact(s.row.max(1)) {
+        out.extend_from_slice(&row[s.start..s.start + s.len]);
+    }
+    Tensor::from_vec(out, &s.out_shape)
+}
+
+fn narrow_gpu(x: &GpuBuffer, shape: &[usize], s: &RowSlice) -> Result<Tensor> {
+    debug_assert_eq!(shape, s.shape);
+    let mut y = x.gpu.alloc(s.rows * s.len, "narrow")?;
+    copy_rows_gpu(x, &mut y, s.rows, s.len, (s.row, s.start), (s.len, 0), &s.describe("narrow"))?;
+    Tensor::from_gpu(y, &s.out_shape)
 }
 
 struct NarrowBackward {
-    /// The input's shape.
-    shape: Vec<usize>,
-    start: usize,
+    slice: RowSlice,
 }
 
 impl Backward for NarrowBackward {
     fn name(&self) -> &'static str {
-        "narrow_last"
+        "narrow"
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let dx = match grad_out.gpu_buffer() {
-            Some(gb) => widen_gpu(gb, grad_out.shape(), &self.shape, self.start)?,
-            None => by_dtype!(grad_out.dtype(), widen_cpu(grad_out, &self.shape, self.start))?,
+            Some(gb) => widen_gpu(gb, &self.slice)?,
+            None => by_dtype!(grad_out.dtype(), widen_cpu(grad_out, &self.slice))?,
         };
         Ok(vec![Some(dx)])
     }
 }
 
-/// The gradient `g` of the slice written at `start` into zeros of the input's shape.
-fn widen_cpu<T: Real>(g: &Tensor, shape: &[usize], start: usize) -> Result<Tensor> {
+/// The gradient `g` of the slice written into zeros of the input's shape.
+fn widen_cpu<T: Real>(g: &Tensor, s: &RowSlice) -> Result<Tensor> {
     let src = g.cpu::<T>()?;
-    let len = g.shape()[g.rank() - 1];
-    let k = shape[shape.len() - 1];
-    let mut out = vec![T::zero(); shape.iter().product()];
-    for (r, row) in src.chunks_exact(len).enumerate() {
-        out[r * k + start..r * k + start + len].copy_from_slice(row);
+    let mut out = vec![T::zero(); s.rows * s.row];
+    for (dst, row) in out.chunks_exact_mut(s.row.max(1)).zip(src.chunks_exact(s.len.max(1))) {
+        dst[s.start..s.start + s.len].copy_from_slice(row);
     }
-    Tensor::from_vec(out, shape)
+    Tensor::from_vec(out, &s.shape)
 }
 
 /// The GPU version of [`widen_cpu`]: the `narrow_backward` kernel writes the slice and the zeros around it.
-fn widen_gpu(g: &GpuBuffer, g_shape: &[usize], shape: &[usize], start: usize) -> Result<Tensor> {
-    let len = g_shape[g_shape.len() - 1];
-    let k = shape[shape.len() - 1];
-    let numel: usize = shape.iter().product();
+fn widen_gpu(g: &GpuBuffer, s: &RowSlice) -> Result<Tensor> {
+    let numel = s.rows * s.row;
     let gpu = &g.gpu;
-    let mut dx = gpu.alloc(numel, "narrow_last gradient")?;
-    let [rows, k, start, len] = [numel / k, k, start, len].map(|v| v as i64);
-    // dx is rows x k; g, rows x len, lands at column `start`.
+    let mut dx = gpu.alloc(numel, "narrow gradient")?;
+    let [rows, row, start, len] = [s.rows, s.row, s.start, s.len].map(|v| v as i64);
+    // dx is rows x row; g, rows x len, lands at column `start` of each row.
     let p = CopyRowsParams {
         src: g.ptr(),
         dst: dx.ptr_mut(),
@@ -111,10 +150,9 @@ fn widen_gpu(g: &GpuBuffer, g_shape: &[usize], shape: &[usize], start: usize) ->
         len,
         src_row: len,
         src_off: 0,
-        dst_row: k,
+        dst_row: row,
         dst_off: start,
     };
-    let shapes = format!("narrow_last backward {g_shape:?} into {shape:?}");
-    gpu.launch(kernel::narrow_backward, grid_1d(numel), &p, &shapes)?;
-    Tensor::from_gpu(dx, shape)
+    gpu.launch(kernel::narrow_backward, grid_1d(numel), &p, &s.describe("narrow backward"))?;
+    Tensor::from_gpu(dx, &s.shape)
 }
