@@ -65,8 +65,9 @@
 //!   LReLU  y = x if x > 0 else 0.01 x
 //! ```
 //!
-//! ([`conv`], [`instance_norm`], [`leaky_relu`]). A [`ResidualBlock`] is two of these (the second without the
-//! LeakyReLU) plus a shortcut: `LReLU(branch(x) + skip(x))`.
+//! ([`conv`], then IN and LReLU as one op, [`instance_norm_act`], whose backward recomputes the norm's output
+//! instead of storing it). A [`ResidualBlock`] is two of these (the second without the LeakyReLU) plus a shortcut:
+//! `LReLU(branch(x) + skip(x))` ([`leaky_relu`], which saves its output: its derivative depends only on the sign).
 //!
 //! ## 4b. A PiM layer
 //!
@@ -302,9 +303,9 @@
 //! | [`cross_entropy`](crate::ops::cross_entropy) | `src/ops/cross_entropy.rs` `forward_cpu` `backward_cpu` | `cuda/loss.cu` `cross_entropy_partial` `loss_sum_partials` `cross_entropy_backward` | `tests/grad_loss.rs` `grad_cross_entropy_3d_k4` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `cross_entropy` |
 //! | [`dice`](crate::ops::dice) | `src/ops/dice.rs` `group_sums_cpu` `backward_cpu` | `cuda/loss.cu` `dice_partial_sums` `dice_finish` `dice_backward` | `tests/grad_loss.rs` `grad_soft_dice_batch_3d_k3` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `soft_dice` |
 //! | [`flip`](crate::ops::flip) | `src/ops/flip.rs` `flip_cpu` | `cuda/layout.cu` `flip_seq` | `tests/grad_layout.rs` `grad_flip_seq` | `tests/gpu_layout.rs` `gpu_flip_seq` | - |
-//! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments` `instance_norm_combine` `instance_norm_apply` `instance_norm_chunk_grad_sums` `instance_norm_backward_dx` `instance_norm_param_grads` `instance_norm_sum_chunks` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` | `instance_norm` |
+//! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments` `instance_norm_combine` `instance_norm_apply` `instance_norm_chunk_grad_sums` `instance_norm_backward_dx` `instance_norm_param_grads` `instance_norm_sum_chunks` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` `grad_instance_norm_leaky_relu` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` `gpu_instance_norm_leaky_relu` | `instance_norm` |
 //! | [`layer_norm`](crate::ops::layer_norm) | `src/ops/layer_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `layer_norm_forward` `layer_norm_backward_dx` `layer_norm_param_partials` `layer_norm_sum_partials` | `tests/grad_norm_pool.rs` `grad_layer_norm` | `tests/gpu_norm_pool.rs` `gpu_layer_norm_channels` | `layer_norm` |
-//! | [`linear`](crate::ops::linear) | `src/ops/linear.rs` `forward_cpu` `backward_cpu` | `cuda/gemm.cu` `linear_fprop` `linear_dgrad` `linear_wgrad` `sum_rows_f32` | `tests/grad_mamba_ops.rs` `grad_linear_bias` | `tests/gpu_mamba_ops.rs` `gpu_linear_bias` | `linear in_proj fp32` |
+//! | [`linear`](crate::ops::linear) | `src/ops/linear.rs` `forward_cpu` `backward_cpu` | `cuda/gemm.cu` `linear_fprop_tf32` `linear_dgrad_tf32` `linear_wgrad_tf32` `linear_fprop_f32` `linear_dgrad_f32` `linear_wgrad_f32` `sum_rows_f32` | `tests/grad_mamba_ops.rs` `grad_linear_bias` | `tests/gpu_mamba_ops.rs` `gpu_linear_bias` | `linear in_proj tf32` |
 //! | [`narrow`](crate::ops::narrow) | `src/ops/narrow.rs` `narrow_cpu` `widen_cpu` | `cuda/layout.cu` `copy_rows` `narrow_backward` | `tests/grad_layout.rs` `grad_narrow_each_axis` | `tests/gpu_layout.rs` `gpu_narrow` | - |
 //! | [`pim`](crate::ops::pim) | `src/ops/pim.rs` `permute_cpu` | `cuda/layout.cu` `pim_partition` `pim_merge` | `tests/grad_layout.rs` `grad_pim_window_3d` `grad_pim_strided_3d` | `tests/gpu_layout.rs` `gpu_pim_3d_odd` | `pim partition strided` |
 //! | [`reshape`](crate::ops::reshape) | `src/ops/reshape.rs` `reshape` (no copy) | - (no kernel) | `tests/grad_layout.rs` `grad_reshape` | `tests/gpu_layout.rs` `gpu_reshape` | - |
@@ -369,6 +370,7 @@
 //! [`conv_transpose`]: crate::ops::conv_transpose::conv_transpose
 //! [`concat_channels`]: crate::ops::concat::concat_channels
 //! [`instance_norm`]: crate::ops::instance_norm::instance_norm
+//! [`instance_norm_act`]: crate::ops::instance_norm::instance_norm_act
 //! [`leaky_relu`]: crate::ops::activation::leaky_relu
 //! [`silu`]: crate::ops::activation::silu
 //! [`partition`]: crate::ops::pim::partition

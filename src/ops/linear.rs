@@ -305,6 +305,14 @@ enum GemmRole {
     WeightGrad,
 }
 
+/// Per role (forward, input gradient, weight gradient): the exact float32 kernel, the tf32 one, the tf32 one for at
+/// most 32 output columns.
+const LINEAR_KERNELS: [[Kernel<GemmParams>; 3]; 3] = [
+    [kernel::linear_fprop_f32, kernel::linear_fprop_tf32, kernel::linear_fprop_tf32_n32],
+    [kernel::linear_dgrad_f32, kernel::linear_dgrad_tf32, kernel::linear_dgrad_tf32_n32],
+    [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
+];
+
 /// A product's kernel and the block tile it covers.
 struct GemmKernel {
     kernel: Kernel<GemmParams>,
@@ -319,11 +327,10 @@ impl GemmRole {
     /// The role's kernel for the GPU's math ([`Gpu::exact_f32`]: exact float32 SIMT tiles; otherwise tf32 on the
     /// tensor cores, 32 columns wide for at most 32 output columns), and its description for errors.
     fn kernel(self, gpu: &Gpu, n: usize) -> (GemmKernel, &'static str) {
-        use kernel::*;
         let ([exact, tf32, tf32_n32], what) = match self {
-            GemmRole::Forward => ([linear_fprop_f32, linear_fprop_tf32, linear_fprop_tf32_n32], "linear forward"),
-            GemmRole::InputGrad => ([linear_dgrad_f32, linear_dgrad_tf32, linear_dgrad_tf32_n32], "linear dx = g W"),
-            GemmRole::WeightGrad => ([linear_wgrad_f32, linear_wgrad_tf32, linear_wgrad_tf32_n32], "linear dW = g^T x"),
+            GemmRole::Forward => (LINEAR_KERNELS[0], "linear forward"),
+            GemmRole::InputGrad => (LINEAR_KERNELS[1], "linear dx = g W"),
+            GemmRole::WeightGrad => (LINEAR_KERNELS[2], "linear dW = g^T x"),
         };
         let tc =
             |kernel, bn| GemmKernel { kernel, tile: (GEMM_TC_BM, bn), depth: GEMM_TC_BK, threads: GEMM_TC_THREADS };
