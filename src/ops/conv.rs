@@ -40,7 +40,9 @@
 //!
 //! GPU: every pass is one of three implicit matrix products of cuda/conv.cu on the `Pairing` of the wide map x
 //! with the narrow map y (forward: narrow from wide; dx: wide from narrow, one launch per stride phase; dw: the
-//! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum.
+//! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum. Each
+//! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
+//! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones.
 //! conv_transpose runs on the same three products with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
