@@ -29,8 +29,11 @@
 //
 // conv_weight_grad (kernels conv_wgrad, conv_transpose_wgrad): dW[cn, j] with j = (cw, a), as rows j, columns cn,
 // reduction over (n, o), split deterministically into fixed K slices that write partial[slice, cn, j]; sum_slices
-// adds the slices in order. channel_sums reduces a
-// map over (n, voxels) per channel (the bias gradient) in fixed chunks, then again over the chunks.
+// adds the slices in order. channel_sums reduces a map over (n, voxels) per channel (the bias gradient) in fixed
+// chunks, then again over the chunks.
+//
+// The parameter structs (ConvGemmParams for conv_gemm, ConvWgradParams, SumSlicesParams, ChannelSumsParams), the tile
+// sizes and the kernels are declared in conv.cuh; every kernel takes its struct by value.
 //
 // Tiling (all three products): a block computes a BM x BN tile of out from shared-memory stages of BK reduction
 // indices; warp w owns columns 4w..4w+3 and lane l the rows l, l+32, l+64, l+96, so a warp's output writes and its
@@ -43,13 +46,13 @@
 // (32 -> 32 channels, 3x3x3) 1728 FLOPs per 8 bytes, 216 per byte, bound by arithmetic. sum_slices, channel_sums:
 // 4 bytes and 1 FLOP per element summed.
 #include "common.cuh"
+#include "conv.cuh"
 
 namespace {
 
-constexpr int BM = 128;             // rows per block tile
-constexpr int BN = 32;              // columns per block tile
-constexpr int BK = 16;              // reduction indices per shared-memory stage
-constexpr int THREADS = 256;        // 8 warps x 4 columns = BN; 32 lanes x 4 rows = BM
+// Rows and columns per block tile, reduction indices per shared-memory stage, threads (8 warps x 4 columns = BN;
+// 32 lanes x 4 rows = BM).
+constexpr int BM = CONV_BM, BN = CONV_BN, BK = CONV_BK, THREADS = CONV_THREADS;
 constexpr int A_STRIDE = BM + 4;    // padding keeps the k-major stores of the weight-gradient tiles at 2-way conflicts
 constexpr int B_STRIDE = BN + 4;    // a multiple of 4, so each row's 4 columns of a warp are one aligned float4
 
@@ -96,18 +99,7 @@ __device__ __forceinline__ int64_t flat3(const int c[3], const int size[3]) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
-// conv_gemm: narrow_from_wide and (one phase of) wide_from_narrow. Field order matches crate::ops::conv::GemmGeom.
-struct GemmGeom {
-    int batch, c_src, c_dst;
-    int w_src, w_dst;  // weight strides of a source channel and of an output channel
-    int has_bias;
-    int src[3], dst[3], kernel[3];  // spatial sizes of the source and output maps, full kernel size
-    int rows[3];                    // output positions enumerated per axis
-    int src_mul[3], src_add[3], dst_mul[3], dst_add[3];
-    int taps[3];  // taps enumerated per axis
-    int src_tap[3], tap_mul[3], tap_add[3];
-};
-static_assert(sizeof(GemmGeom) == 42 * sizeof(int), "crate::ops::conv::GemmGeom::to_args passes 42 ints");
+// conv_gemm: narrow_from_wide and (one phase of) wide_from_narrow, on the fields of ConvGemmParams (conv.cuh).
 
 namespace {
 
@@ -117,7 +109,7 @@ struct GemmK {
     int c, w, off[3], ok;
 };
 
-__device__ __forceinline__ GemmK decode_gemm_k(const GemmGeom& g, int k, int K) {
+__device__ __forceinline__ GemmK decode_gemm_k(const ConvGemmParams& g, int k, int K) {
     GemmK e;
     e.ok = k < K;
     if (!e.ok) k = 0;  // any valid index; the entry is masked by ok
@@ -138,8 +130,11 @@ __device__ __forceinline__ GemmK decode_gemm_k(const GemmGeom& g, int k, int K) 
 }  // namespace
 
 // Grid (ceil(M / BM), ceil(c_dst / BN)), THREADS threads; M = batch * prod(rows) < 2^31.
-__device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const float* __restrict__ w,
-                                          const float* __restrict__ bias, float* __restrict__ dst, const GemmGeom& g) {
+__device__ __forceinline__ void conv_gemm(const ConvGemmParams& g) {
+    const float* __restrict__ src = g.src;
+    const float* __restrict__ w = g.w;
+    const float* __restrict__ bias = g.bias;
+    float* __restrict__ dst = g.dst;
     __shared__ __align__(16) float As[BK][A_STRIDE];
     __shared__ __align__(16) float Bs[BK][B_STRIDE];
     __shared__ GemmK ktab[2][BK];
@@ -148,7 +143,7 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
     const int M = g.batch * g.rows[0] * g.rows[1] * g.rows[2];
     const int K = g.c_src * g.taps[0] * g.taps[1] * g.taps[2];
     const int m0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
-    const int64_t src_vox = (int64_t)g.src[0] * g.src[1] * g.src[2];
+    const int64_t src_vox = (int64_t)g.src_size[0] * g.src_size[1] * g.src_size[2];
 
     // A stage: thread t gathers row m0 + t % BM at the reduction indices t / BM + (THREADS / BM) j.
     const int a_row = t % BM, a_k = t / BM;
@@ -180,7 +175,7 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
             float v = 0.0f;
             if (row_ok && e.ok) {
                 const int c[3] = {base[0] + e.off[0], base[1] + e.off[1], base[2] + e.off[2]};
-                if (in_box(c, g.src)) v = src[src_n + e.c * src_vox + flat3(c, g.src)];
+                if (in_box(c, g.src_size)) v = src[src_n + e.c * src_vox + flat3(c, g.src_size)];
             }
             As[kk][a_row] = v;
         }
@@ -198,7 +193,7 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
         __syncthreads();
     }
 
-    const int64_t dst_vox = (int64_t)g.dst[0] * g.dst[1] * g.dst[2];
+    const int64_t dst_vox = (int64_t)g.dst_size[0] * g.dst_size[1] * g.dst_size[2];
     const int per_n = g.rows[0] * g.rows[1] * g.rows[2];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -213,20 +208,16 @@ __device__ __forceinline__ void conv_gemm(const float* __restrict__ src, const f
             split3(m % per_n, g.rows, r);
 #pragma unroll
             for (int d = 0; d < 3; ++d) c[d] = g.dst_mul[d] * r[d] + g.dst_add[d];
-            const int64_t out = (int64_t)(m / per_n) * g.c_dst * dst_vox + flat3(c, g.dst);
-            dst[out + col * dst_vox] = acc[i][j] + (g.has_bias ? bias[col] : 0.0f);
+            const int64_t out = (int64_t)(m / per_n) * g.c_dst * dst_vox + flat3(c, g.dst_size);
+            dst[out + col * dst_vox] = acc[i][j] + (bias ? bias[col] : 0.0f);
         }
     }
 }
 
 // One kernel name per role (the same product), so that a profile says which pass it is timing. These are the exact
 // float32 SIMT products (parity checks); the tf32 tensor-core products of training are in conv_tc.cu.
-#define CONV_GEMM_KERNEL(NAME)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
-        NAME(const float* __restrict__ src, const float* __restrict__ w, const float* __restrict__ bias,           \
-             float* __restrict__ dst, GemmGeom g) {                                                                \
-        conv_gemm(src, w, bias, dst, g);                                                                    \
-    }
+#define CONV_GEMM_KERNEL(NAME) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvGemmParams p) { conv_gemm(p); }
 CONV_GEMM_KERNEL(conv_fprop)            // conv forward: narrow_from_wide(x)
 CONV_GEMM_KERNEL(conv_dgrad)            // conv input gradient: wide_from_narrow(g), one launch per phase
 CONV_GEMM_KERNEL(conv_transpose_fprop)  // transposed conv forward: wide_from_narrow(x)
@@ -235,13 +226,7 @@ CONV_GEMM_KERNEL(conv_transpose_dgrad)  // its input gradient: narrow_from_wide(
 // ---------------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cn, j] over rows j = (cw, a) in [0, Cw * taps), columns cn, reduction k = (n, o) over
 // [0, N * prod(narrow)) cut into slices of slice_len (a multiple of BK); block z writes
-// partial[z, cn, j] = sum over slice z. Field order matches crate::ops::conv::WeightGradGeom.
-struct WeightGradGeom {
-    int batch, c_narrow, c_wide;
-    int narrow[3], wide[3], kernel[3], stride[3], pad[3];
-    int slice_len;
-};
-static_assert(sizeof(WeightGradGeom) == 19 * sizeof(int), "crate::ops::conv::Pairing::weight_grad passes 19 ints");
+// partial[z, cn, j] = sum over slice z. Its fields: ConvWgradParams (conv.cuh).
 
 namespace {
 
@@ -255,7 +240,7 @@ struct NarrowPos {
     int n, v, base[3], ok;
 };
 
-__device__ __forceinline__ WideTap decode_wide_tap(const WeightGradGeom& g, int j, int M) {
+__device__ __forceinline__ WideTap decode_wide_tap(const ConvWgradParams& g, int j, int M) {
     WideTap e;
     e.ok = j < M;
     if (!e.ok) j = 0;
@@ -268,15 +253,15 @@ __device__ __forceinline__ WideTap decode_wide_tap(const WeightGradGeom& g, int 
     return e;
 }
 
-__device__ __forceinline__ NarrowPos decode_narrow_pos(const WeightGradGeom& g, int k, int k_end) {
+__device__ __forceinline__ NarrowPos decode_narrow_pos(const ConvWgradParams& g, int k, int k_end) {
     NarrowPos p;
     p.ok = k < k_end;
     if (!p.ok) k = 0;
-    const int vox = g.narrow[0] * g.narrow[1] * g.narrow[2];
+    const int vox = g.narrow_size[0] * g.narrow_size[1] * g.narrow_size[2];
     p.n = k / vox;
     p.v = k - p.n * vox;
     int o[3];
-    split3(p.v, g.narrow, o);
+    split3(p.v, g.narrow_size, o);
 #pragma unroll
     for (int d = 0; d < 3; ++d) p.base[d] = o[d] * g.stride[d];
     return p;
@@ -285,8 +270,10 @@ __device__ __forceinline__ NarrowPos decode_narrow_pos(const WeightGradGeom& g, 
 }  // namespace
 
 // Grid (ceil(Cw * taps / BM), ceil(Cn / BN), slices), THREADS threads; N * prod(narrow) < 2^31.
-__device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narrow, const float* __restrict__ wide,
-                                                 float* __restrict__ partial, const WeightGradGeom& g) {
+__device__ __forceinline__ void conv_weight_grad(const ConvWgradParams& g) {
+    const float* __restrict__ narrow = g.narrow;
+    const float* __restrict__ wide = g.wide;
+    float* __restrict__ partial = g.partial;
     __shared__ __align__(16) float As[BK][A_STRIDE];
     __shared__ __align__(16) float Bs[BK][B_STRIDE];
     __shared__ WideTap jtab[BM];
@@ -294,8 +281,8 @@ __device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narro
 
     const int t = threadIdx.x;
     const int M = g.c_wide * g.kernel[0] * g.kernel[1] * g.kernel[2];
-    const int narrow_vox = g.narrow[0] * g.narrow[1] * g.narrow[2];
-    const int64_t wide_vox = (int64_t)g.wide[0] * g.wide[1] * g.wide[2];
+    const int narrow_vox = g.narrow_size[0] * g.narrow_size[1] * g.narrow_size[2];
+    const int64_t wide_vox = (int64_t)g.wide_size[0] * g.wide_size[1] * g.wide_size[2];
     const int K = g.batch * narrow_vox;
     const int m0 = blockIdx.x * BM, col0 = blockIdx.y * BN;
     const int k_begin = blockIdx.z * g.slice_len, k_end = min(K, k_begin + g.slice_len);
@@ -318,7 +305,7 @@ __device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narro
             float v = 0.0f;
             if (p.ok && e.ok) {
                 const int c[3] = {p.base[0] + e.off[0], p.base[1] + e.off[1], p.base[2] + e.off[2]};
-                if (in_box(c, g.wide)) v = wide[((int64_t)p.n * g.c_wide + e.c) * wide_vox + flat3(c, g.wide)];
+                if (in_box(c, g.wide_size)) v = wide[((int64_t)p.n * g.c_wide + e.c) * wide_vox + flat3(c, g.wide_size)];
             }
             As[l_k][jj] = v;
         }
@@ -350,35 +337,32 @@ __device__ __forceinline__ void conv_weight_grad(const float* __restrict__ narro
 }
 
 // The exact float32 SIMT weight gradients (parity checks); the tf32 tensor-core ones are in conv_tc.cu.
-#define CONV_WGRAD_KERNEL(NAME)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
-        NAME(const float* __restrict__ narrow, const float* __restrict__ wide, float* __restrict__ partial,        \
-             WeightGradGeom g) {                                                                                   \
-        conv_weight_grad(narrow, wide, partial, g);                                                                \
-    }
+#define CONV_WGRAD_KERNEL(NAME) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradParams p) { conv_weight_grad(p); }
 CONV_WGRAD_KERNEL(conv_wgrad)            // conv: weight_grad(g, x)
 CONV_WGRAD_KERNEL(conv_transpose_wgrad)  // transposed conv: weight_grad(x, g)
 
 // out[e] = sum_{z = 0 .. slices-1} partial[z * n + e], in that order.
-extern "C" __global__ void sum_slices(const float* __restrict__ partial, float* __restrict__ out, int64_t n,
-                                      int slices) {
+extern "C" __global__ void sum_slices(const SumSlicesParams p) {
+    const float* __restrict__ partial = p.partial;
+    float* __restrict__ out = p.out;
+    const int64_t n = p.n;
     FOR_EACH(e, n) {
         float s = 0.0f;
-        for (int z = 0; z < slices; ++z) s += partial[z * n + e];
+        for (int z = 0; z < p.slices; ++z) s += partial[z * n + e];
         out[e] = s;
     }
 }
 
 // x is (rows, channels, len); block (b = r * chunks + q, c) writes out[c, b] = sum_{v in chunk q} x[r, c, v], chunk q
 // being [q * chunk_len, min(len, (q + 1) * chunk_len)). Grid (rows * chunks, channels), blockDim a multiple of 32.
-extern "C" __global__ void channel_sums(const float* __restrict__ x, float* __restrict__ out, int channels,
-                                        int64_t len, int64_t chunk_len, int chunks) {
+extern "C" __global__ void channel_sums(const ChannelSumsParams p) {
     __shared__ float scratch[32];
-    const int c = blockIdx.y, r = blockIdx.x / chunks, q = blockIdx.x % chunks;
-    const float* row = x + ((int64_t)r * channels + c) * len;
-    const int64_t begin = q * chunk_len, end = min(len, begin + chunk_len);
+    const int c = blockIdx.y, r = blockIdx.x / p.chunks, q = blockIdx.x % p.chunks;
+    const float* row = p.x + ((int64_t)r * p.channels + c) * p.len;
+    const int64_t begin = q * p.chunk_len, end = min(p.len, begin + p.chunk_len);
     float s = 0.0f;
     for (int64_t v = begin + threadIdx.x; v < end; v += blockDim.x) s += row[v];
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) out[(int64_t)c * gridDim.x + blockIdx.x] = s;
+    if (threadIdx.x == 0) p.out[(int64_t)c * gridDim.x + blockIdx.x] = s;
 }

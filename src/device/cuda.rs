@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    PushKernelArg,
 };
 
-pub use cudarc::driver::{LaunchConfig, PushKernelArg};
+pub use cudarc::driver::LaunchConfig;
 
 use crate::device::params::{ConstPtr, Kernel, MutPtr};
 use crate::{bail, Error, Result};
@@ -341,24 +342,6 @@ impl GpuBuffer {
             .clone_dtoh(&self.slice)
             .map_err(driver_err(format!("copying {} floats from the GPU", self.slice.len())))
     }
-}
-
-/// Launches a kernel with positional arguments on the GPU's stream, checking the launch and naming the kernel and
-/// `shapes` in any error: `launch!(gpu, "conv_fprop", cfg, what, [&src.slice, &w.slice, &mut dst.slice, &args])`.
-/// The kernel name is a `&'static str`. Only the kernels of `cuda/conv.cu`, which has no parameter header yet, are
-/// launched this way; every other kernel takes its header's struct through [`Gpu::launch`].
-#[macro_export]
-macro_rules! launch {
-    ($gpu:expr, $kernel:expr, $cfg:expr, $shapes:expr, [$($arg:expr),* $(,)?]) => {{
-        use $crate::device::cuda::PushKernelArg as _;
-        let function = $gpu.function($kernel)?;
-        let mut builder = $gpu.stream().launch_builder(&function);
-        $( builder.arg($arg); )*
-        // SAFETY: the arguments match the kernel's parameter list in cuda/*.cu in type and order, and the caller sized
-        // every buffer for the launch.
-        let config: $crate::device::cuda::LaunchConfig = $cfg;
-        $crate::device::cuda::check_launch(unsafe { builder.launch(config) }, $kernel, &$shapes).map(|_| ())
-    }};
 }
 
 impl Gpu {

@@ -40,7 +40,9 @@
 //!
 //! GPU: every pass is one of three implicit matrix products of cuda/conv.cu on the `Pairing` of the wide map x
 //! with the narrow map y (forward: narrow from wide; dx: wide from narrow, one launch per stride phase; dw: the
-//! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum.
+//! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum. Each
+//! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
+//! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones.
 //! conv_transpose runs on the same three products with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
@@ -58,14 +60,15 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::device::params::{
-    kernel, ConvTcParams, ConvWgradTcParams, Kernel, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
-    CONV_TC_MAX_TAPS, CONV_TC_THREADS,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvTcParams, ConvWgradParams, ConvWgradTcParams, Kernel,
+    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, launch, Error, Result};
+use crate::{by_dtype, ensure, Error, Result};
 
 /// Cross-correlation of `x` (N, Cin, \[D,\] H, W) with `w` (Cout, Cin, \[kd,\] kh, kw) plus an optional `bias` (Cout),
 /// zero-padded by k/2 per axis (kernel sizes must be odd), with `stride` given for each spatial axis of the map.
@@ -469,20 +472,17 @@ impl Backward for ConvBackward {
     }
 }
 
-// The tile of cuda/conv.cu (BM, BN, BK, THREADS there): rows and columns of the output per block, reduction indices
-// per shared-memory stage, threads per block.
-const TILE_M: usize = 128;
-const TILE_N: usize = 32;
-const TILE_K: usize = 16;
-// Weight-gradient slices are whole stages of both the exact and the tensor-core kernels.
-const _: () = assert!(TILE_K % CONV_TC_BK == 0);
-const TILE_THREADS: u32 = 256;
+// Weight-gradient slices are whole stages of both the exact kernels (cuda/conv.cuh) and the tensor-core ones
+// (cuda/conv_tc.cuh).
+const _: () = assert!(CONV_BK % CONV_TC_BK == 0);
 /// The weight gradient's reduction is split into enough slices for about this many blocks (a few per SM)...
 const WGRAD_TARGET_BLOCKS: usize = 1024;
 /// ... and into slices of at most this many terms, which bounds the float32 rounding of each partial sum.
 const WGRAD_MAX_SLICE: usize = 16384;
 /// Terms per block of the first level of [`channel_sums`].
 const CHANNEL_SUM_CHUNK: usize = 8192;
+/// Threads per block of [`channel_sums`] (its kernel takes any multiple of 32 up to 1024).
+const CHANNEL_SUM_THREADS: u32 = 256;
 
 /// How a convolution pairs a "wide" map (N, Cw, I) with a "narrow" map (N, Cn, O) through a weight (Cn, Cw, k),
 /// spatial axes as [D, H, W]: narrow position o meets wide position o*s + a - p at tap a. conv (x wide, y narrow)
@@ -511,131 +511,254 @@ pub(crate) struct Pairing {
     pub(crate) transposed: bool,
 }
 
-/// The arguments of `conv_gemm` (the struct `GemmGeom` of cuda/conv.cu, same fields in the same order): one implicit
-/// product out[(n, r), col] = sum_{(c, q)} src[n, c, src_mul*r + src_add + src_tap*q] w[col*w_dst + c*w_src + tap(a)]
-/// with a = tap_mul*q + tap_add, written at out[n, col, dst_mul*r + dst_add].
+/// A [`Pairing`]'s sizes as the kernels' 32-bit ints, made by [`Pairing::kernel_dims`] once they are known to fit.
 #[derive(Clone, Copy, Debug)]
-struct GemmGeom {
-    batch: usize,
-    c_src: usize,
-    c_dst: usize,
-    w_src: usize,
-    w_dst: usize,
-    has_bias: bool,
-    src: [usize; 3],
-    dst: [usize; 3],
-    kernel: [usize; 3],
-    rows: [usize; 3],
-    src_mul: [usize; 3],
-    src_add: [i64; 3],
-    dst_mul: [usize; 3],
-    dst_add: [usize; 3],
-    taps: [usize; 3],
-    src_tap: [i64; 3],
-    tap_mul: [usize; 3],
-    tap_add: [usize; 3],
+struct KernelDims {
+    batch: i32,
+    c_wide: i32,
+    c_narrow: i32,
+    wide: [i32; 3],
+    narrow: [i32; 3],
+    k: [i32; 3],
+    stride: [i32; 3],
+    pad: [i32; 3],
 }
 
-impl GemmGeom {
-    /// The kernel's argument: 42 ints in the C struct's order. Every value fits (see [`Pairing::check_sizes`]).
-    fn to_args(self) -> [i32; 42] {
-        let head =
-            [self.batch, self.c_src, self.c_dst, self.w_src, self.w_dst, self.has_bias as usize].map(|x| x as i32);
-        let axes = [
-            ints(self.src),
-            ints(self.dst),
-            ints(self.kernel),
-            ints(self.rows),
-            ints(self.src_mul),
-            signed_ints(self.src_add),
-            ints(self.dst_mul),
-            ints(self.dst_add),
-            ints(self.taps),
-            signed_ints(self.src_tap),
-            ints(self.tap_mul),
-            ints(self.tap_add),
-        ];
-        let flat: Vec<i32> = head.into_iter().chain(axes.into_iter().flatten()).collect();
-        let mut args = [0; 42];
-        args.copy_from_slice(&flat);
-        args
+impl KernelDims {
+    fn taps(&self) -> i32 {
+        self.k.iter().product()
     }
 
-    /// Launches `kernel` writing every output position this product enumerates.
-    fn launch(
-        &self,
-        kernel: GemmKernel,
-        src: &GpuBuffer,
-        w: &GpuBuffer,
-        bias: Option<&GpuBuffer>,
-        dst: &mut GpuBuffer,
-        what: &str,
-    ) -> Result<()> {
-        let rows = self.batch * self.rows.iter().product::<usize>();
-        let gpu = &src.gpu;
-        match kernel {
-            GemmKernel::Exact(name) => {
-                let cfg = LaunchConfig {
-                    grid_dim: (rows.div_ceil(TILE_M) as u32, self.c_dst.div_ceil(TILE_N) as u32, 1),
-                    block_dim: (TILE_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
+    /// narrow_from_wide as one `conv_gemm` product (formula in cuda/conv.cuh; the pointers are left null for the
+    /// launch to fill): rows r = o over the narrow map, reduction (c, q) = (cw, a) over every tap, source coordinate
+    /// o*s - p + a, weight W[cn, cw, a] at cn*(Cw k) + cw*k + tap(a).
+    fn narrow_from_wide(&self) -> ConvGemmParams {
+        let taps = self.taps();
+        ConvGemmParams {
+            batch: self.batch,
+            c_src: self.c_wide,
+            c_dst: self.c_narrow,
+            w_src: taps,
+            w_dst: self.c_wide * taps,
+            src_size: self.wide,
+            dst_size: self.narrow,
+            kernel: self.k,
+            rows: self.narrow,
+            src_mul: self.stride,
+            src_add: self.pad.map(|p| -p),
+            dst_mul: [1; 3],
+            dst_add: [0; 3],
+            taps: self.k,
+            src_tap: [1; 3],
+            tap_mul: [1; 3],
+            tap_add: [0; 3],
+            ..ConvGemmParams::default()
+        }
+    }
+
+    /// wide_from_narrow as one `conv_gemm` product per stride phase rho (rho_d in [0, s_d) per axis, pointers left
+    /// null): rows J in [j0, j0 + rows) per axis (see [`KernelDims::phase`]) writing wide position s*J + rho - p,
+    /// reduction (c, q) = (cn, q) over the taps a = s*q + rho that reach it, from narrow position o = J - q, weight
+    /// W[cn, cw, a] at cn*(Cw k) + cw*k + tap(a). Phases with no wide position are left out; the others write every
+    /// wide position once.
+    fn wide_from_narrow(&self) -> Vec<ConvGemmParams> {
+        let taps = self.taps();
+        let [s0, s1, s2] = self.stride;
+        let phases = (0..s0).flat_map(|a| (0..s1).flat_map(move |b| (0..s2).map(move |c| [a, b, c])));
+        phases
+            .filter_map(|rho| {
+                let [Some(ax0), Some(ax1), Some(ax2)] = [0, 1, 2].map(|axis| self.phase(axis, rho[axis])) else {
+                    return None;
                 };
-                let args = self.to_args();
-                // Without a bias the kernel never reads its bias pointer; the weight stands in for it.
-                let b = bias.unwrap_or(w);
-                launch!(gpu, name, cfg, what, [&src.slice, &w.slice, &b.slice, &mut dst.slice, &args])
-            }
-            GemmKernel::TensorCore(pair) => {
-                check_tc_taps(self.taps, what)?;
-                let (kernel, bn) = pair.for_columns(self.c_dst);
-                let cfg = LaunchConfig {
-                    grid_dim: (rows.div_ceil(CONV_TC_BM) as u32, self.c_dst.div_ceil(bn) as u32, 1),
-                    block_dim: (CONV_TC_THREADS as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let params = ConvTcParams {
-                    src: src.ptr(),
-                    w: w.ptr(),
-                    bias: bias.map(GpuBuffer::ptr).unwrap_or_default(),
-                    dst: dst.ptr_mut(),
-                    batch: self.batch as i32,
-                    c_src: self.c_src as i32,
-                    c_dst: self.c_dst as i32,
-                    w_src: self.w_src as i32,
-                    w_dst: self.w_dst as i32,
-                    src_size: ints(self.src),
-                    dst_size: ints(self.dst),
-                    kernel: ints(self.kernel),
-                    rows: ints(self.rows),
-                    src_mul: ints(self.src_mul),
-                    src_add: signed_ints(self.src_add),
-                    dst_mul: ints(self.dst_mul),
-                    dst_add: ints(self.dst_add),
-                    taps: ints(self.taps),
-                    src_tap: signed_ints(self.src_tap),
-                    tap_mul: ints(self.tap_mul),
-                    tap_add: ints(self.tap_add),
-                };
-                gpu.launch(kernel, cfg, &params, what)
-            }
+                let axes = [ax0, ax1, ax2];
+                let j0 = axes.map(|a| a.0);
+                Some(ConvGemmParams {
+                    batch: self.batch,
+                    c_src: self.c_narrow,
+                    c_dst: self.c_wide,
+                    w_src: self.c_wide * taps,
+                    w_dst: taps,
+                    src_size: self.narrow,
+                    dst_size: self.wide,
+                    kernel: self.k,
+                    rows: axes.map(|a| a.1),
+                    src_mul: [1; 3],
+                    src_add: j0,
+                    dst_mul: self.stride,
+                    dst_add: [0, 1, 2].map(|x| self.stride[x] * j0[x] + rho[x] - self.pad[x]),
+                    taps: axes.map(|a| a.2),
+                    src_tap: [-1; 3],
+                    tap_mul: self.stride,
+                    tap_add: rho,
+                    ..ConvGemmParams::default()
+                })
+            })
+            .collect()
+    }
+
+    /// One axis of a stride phase `rho` of [`KernelDims::wide_from_narrow`]: the wide positions i with
+    /// i + p = s*J + rho for J in [j0, j0 + rows), and the taps a = s*q + rho, q in [0, taps), that reach them (from
+    /// o = J - q), as (j0, rows, taps); `None` when no wide position has this phase. With I the wide size, j0 =
+    /// ceil((p - rho) / s) when p > rho (else 0) is the first J with i >= 0, floor((I - 1 + p - rho) / s) the last
+    /// with i <= I - 1, and taps = ceil((k - rho) / s) when k > rho (else 0).
+    fn phase(&self, axis: usize, rho: i32) -> Option<(i32, i32, i32)> {
+        let (s, p, k) = (self.stride[axis], self.pad[axis], self.k[axis]);
+        let j0 = if p > rho { (p - rho + s - 1) / s } else { 0 };
+        let top = self.wide[axis] - 1 + p - rho;
+        if top < 0 {
+            return None;
+        }
+        let last = top / s;
+        let taps = if k > rho { (k - rho + s - 1) / s } else { 0 };
+        (last >= j0).then_some((j0, last - j0 + 1, taps))
+    }
+
+    /// The weight gradient with its reduction over (n, o) cut into slices of `slice_len` terms (pointers left null).
+    fn weight_grad(&self, slice_len: i32) -> ConvWgradParams {
+        ConvWgradParams {
+            batch: self.batch,
+            c_narrow: self.c_narrow,
+            c_wide: self.c_wide,
+            narrow_size: self.narrow,
+            wide_size: self.wide,
+            kernel: self.k,
+            stride: self.stride,
+            pad: self.pad,
+            slice_len,
+            ..ConvWgradParams::default()
         }
     }
 }
 
-/// Per-axis sizes as the kernels' ints (every value fits: [`Pairing::check_sizes`]).
-fn ints(v: [usize; 3]) -> [i32; 3] {
-    v.map(|x| x as i32)
+/// The tensor-core products take the same fields as the exact ones (cuda/conv_tc.cuh's `ConvTcParams` repeats
+/// cuda/conv.cuh's `ConvGemmParams`, so that the headers stay independent): one product description serves both
+/// maths. The exhaustive pattern and the struct literal make a field that one struct has and the other lacks a
+/// compile error here.
+impl From<ConvGemmParams> for ConvTcParams {
+    fn from(p: ConvGemmParams) -> ConvTcParams {
+        let ConvGemmParams {
+            src,
+            w,
+            bias,
+            dst,
+            batch,
+            c_src,
+            c_dst,
+            w_src,
+            w_dst,
+            src_size,
+            dst_size,
+            kernel,
+            rows,
+            src_mul,
+            src_add,
+            dst_mul,
+            dst_add,
+            taps,
+            src_tap,
+            tap_mul,
+            tap_add,
+        } = p;
+        ConvTcParams {
+            src,
+            w,
+            bias,
+            dst,
+            batch,
+            c_src,
+            c_dst,
+            w_src,
+            w_dst,
+            src_size,
+            dst_size,
+            kernel,
+            rows,
+            src_mul,
+            src_add,
+            dst_mul,
+            dst_add,
+            taps,
+            src_tap,
+            tap_mul,
+            tap_add,
+        }
+    }
 }
 
-/// Per-axis signed offsets as the kernels' ints.
-fn signed_ints(v: [i64; 3]) -> [i32; 3] {
-    v.map(|x| x as i32)
+/// The weight gradient's fields, shared the same way as the products' (see the `ConvTcParams` conversion).
+impl From<ConvWgradParams> for ConvWgradTcParams {
+    fn from(p: ConvWgradParams) -> ConvWgradTcParams {
+        let ConvWgradParams {
+            narrow,
+            wide,
+            partial,
+            batch,
+            c_narrow,
+            c_wide,
+            narrow_size,
+            wide_size,
+            kernel,
+            stride,
+            pad,
+            slice_len,
+        } = p;
+        ConvWgradTcParams {
+            narrow,
+            wide,
+            partial,
+            batch,
+            c_narrow,
+            c_wide,
+            narrow_size,
+            wide_size,
+            kernel,
+            stride,
+            pad,
+            slice_len,
+        }
+    }
+}
+
+/// Launches one `conv_gemm` product, `product` (pointers null) on the buffers, with `kernel`: it writes every output
+/// position the product enumerates.
+fn launch_product(
+    kernel: GemmKernel,
+    product: ConvGemmParams,
+    src: &GpuBuffer,
+    w: &GpuBuffer,
+    bias: Option<&GpuBuffer>,
+    dst: &mut GpuBuffer,
+    what: &str,
+) -> Result<()> {
+    let p = ConvGemmParams {
+        src: src.ptr(),
+        w: w.ptr(),
+        bias: bias.map(GpuBuffer::ptr).unwrap_or_default(),
+        dst: dst.ptr_mut(),
+        ..product
+    };
+    let rows = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+    let columns = p.c_dst as usize;
+    let grid = |tile_m: usize, tile_n: usize, threads: usize| LaunchConfig {
+        grid_dim: (rows.div_ceil(tile_m) as u32, columns.div_ceil(tile_n) as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let gpu = &src.gpu;
+    match kernel {
+        GemmKernel::Exact(exact) => gpu.launch(exact, grid(CONV_BM, CONV_BN, CONV_THREADS), &p, what),
+        GemmKernel::TensorCore(pair) => {
+            check_tc_taps(p.taps, what)?;
+            let (tc, tile_n) = pair.for_columns(columns);
+            gpu.launch(tc, grid(CONV_TC_BM, tile_n, CONV_TC_THREADS), &ConvTcParams::from(p), what)
+        }
+    }
 }
 
 /// The tensor-core kernels keep a mask of at most [`CONV_TC_MAX_TAPS`] taps per axis (cuda/conv_tc.cu).
-fn check_tc_taps(taps: [usize; 3], what: &str) -> Result<()> {
+fn check_tc_taps(taps: [i32; 3], what: &str) -> Result<()> {
     ensure!(
-        taps.iter().all(|&t| t <= CONV_TC_MAX_TAPS),
+        taps.iter().all(|&t| t as usize <= CONV_TC_MAX_TAPS),
         Shape,
         "{what}: the tensor-core convolution enumerates at most {CONV_TC_MAX_TAPS} taps per axis, this pass needs \
          {taps:?}; use --math exact for such kernels"
@@ -666,14 +789,14 @@ impl<P: Copy> TcPair<P> {
 /// checks), or a tensor-core pair.
 #[derive(Clone, Copy)]
 enum GemmKernel {
-    Exact(&'static str),
+    Exact(Kernel<ConvGemmParams>),
     TensorCore(TcPair<ConvTcParams>),
 }
 
 /// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or a tensor-core pair.
 #[derive(Clone, Copy)]
 enum WgradKernel {
-    Exact(&'static str),
+    Exact(Kernel<ConvWgradParams>),
     TensorCore(TcPair<ConvWgradTcParams>),
 }
 
@@ -691,15 +814,15 @@ impl Pairing {
         let tc = |wide, narrow| GemmKernel::TensorCore(TcPair { wide, narrow });
         let exact = gpu.exact_f32();
         match (product, self.transposed) {
-            (Product::NarrowFromWide, false) if exact => GemmKernel::Exact("conv_fprop"),
+            (Product::NarrowFromWide, false) if exact => GemmKernel::Exact(kernel::conv_fprop),
             (Product::NarrowFromWide, false) => tc(kernel::conv_fprop_tf32, kernel::conv_fprop_tf32_n32),
-            (Product::NarrowFromWide, true) if exact => GemmKernel::Exact("conv_transpose_dgrad"),
+            (Product::NarrowFromWide, true) if exact => GemmKernel::Exact(kernel::conv_transpose_dgrad),
             (Product::NarrowFromWide, true) => {
                 tc(kernel::conv_transpose_dgrad_tf32, kernel::conv_transpose_dgrad_tf32_n32)
             }
-            (Product::WideFromNarrow, false) if exact => GemmKernel::Exact("conv_dgrad"),
+            (Product::WideFromNarrow, false) if exact => GemmKernel::Exact(kernel::conv_dgrad),
             (Product::WideFromNarrow, false) => tc(kernel::conv_dgrad_tf32, kernel::conv_dgrad_tf32_n32),
-            (Product::WideFromNarrow, true) if exact => GemmKernel::Exact("conv_transpose_fprop"),
+            (Product::WideFromNarrow, true) if exact => GemmKernel::Exact(kernel::conv_transpose_fprop),
             (Product::WideFromNarrow, true) => {
                 tc(kernel::conv_transpose_fprop_tf32, kernel::conv_transpose_fprop_tf32_n32)
             }
@@ -709,11 +832,11 @@ impl Pairing {
     /// The weight-gradient kernel for this pairing's op and math on `gpu`.
     fn wgrad_kernel(&self, gpu: &Gpu) -> WgradKernel {
         match (self.transposed, gpu.exact_f32()) {
-            (false, true) => WgradKernel::Exact("conv_wgrad"),
+            (false, true) => WgradKernel::Exact(kernel::conv_wgrad),
             (false, false) => {
                 WgradKernel::TensorCore(TcPair { wide: kernel::conv_wgrad_tf32, narrow: kernel::conv_wgrad_tf32_n32 })
             }
-            (true, true) => WgradKernel::Exact("conv_transpose_wgrad"),
+            (true, true) => WgradKernel::Exact(kernel::conv_transpose_wgrad),
             (true, false) => {
                 let (wide, narrow) = (kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32);
                 WgradKernel::TensorCore(TcPair { wide, narrow })
@@ -725,9 +848,9 @@ impl Pairing {
         self.k.iter().product()
     }
 
-    /// The kernels index rows, reduction indices and weights with 32-bit ints (flat offsets are 64-bit), and launch
-    /// no empty grids.
-    fn check_sizes(&self, what: &str) -> Result<()> {
+    /// The pairing's sizes as the kernels' ints, after checking that they fit: the kernels index rows, reduction
+    /// indices and weights with 32-bit ints (flat offsets are 64-bit), and launch no empty grids.
+    fn kernel_dims(&self, what: &str) -> Result<KernelDims> {
         ensure!(
             self.batch > 0 && self.c_wide > 0 && self.c_narrow > 0,
             Shape,
@@ -749,7 +872,18 @@ impl Pairing {
             "{what}: too large for the GPU kernels' 32-bit indices (N * voxels, channels * voxels, weight size and \
              kernel/stride must stay below {limit})"
         );
-        Ok(())
+        // Every size is at most one of the bounded values above (a padding at most its kernel), so each cast is exact.
+        let int = |v: usize| v as i32;
+        Ok(KernelDims {
+            batch: int(self.batch),
+            c_wide: int(self.c_wide),
+            c_narrow: int(self.c_narrow),
+            wide: self.wide.map(int),
+            narrow: self.narrow.map(int),
+            k: self.k.map(int),
+            stride: self.stride.map(int),
+            pad: self.pad.map(int),
+        })
     }
 
     /// `Xn[n,cn,o] = b[cn] + sum_{cw,a} W[cn,cw,a] Xw[n,cw, o*s + a - p]`: one implicit product over the narrow
@@ -761,49 +895,17 @@ impl Pairing {
         bias: Option<&GpuBuffer>,
         what: &str,
     ) -> Result<GpuBuffer> {
-        self.check_sizes(what)?;
-        let taps = self.taps();
-        let geom = GemmGeom {
-            batch: self.batch,
-            c_src: self.c_wide,
-            c_dst: self.c_narrow,
-            w_src: taps,
-            w_dst: self.c_wide * taps,
-            has_bias: bias.is_some(),
-            src: self.wide,
-            dst: self.narrow,
-            kernel: self.k,
-            rows: self.narrow,
-            src_mul: self.stride,
-            src_add: self.pad.map(|p| -(p as i64)),
-            dst_mul: [1; 3],
-            dst_add: [0; 3],
-            taps: self.k,
-            src_tap: [1; 3],
-            tap_mul: [1; 3],
-            tap_add: [0; 3],
-        };
+        let product = self.kernel_dims(what)?.narrow_from_wide();
         let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
         let mut out = wide.gpu.alloc(len, what)?;
         let kernel = self.gemm_kernel(Product::NarrowFromWide, &wide.gpu);
-        geom.launch(kernel, wide, w, bias, &mut out, what)?;
+        launch_product(kernel, product, wide, w, bias, &mut out, what)?;
         Ok(out)
     }
 
-    /// One axis of the stride phase `rho` of [`Pairing::wide_from_narrow`]: the wide positions i with
-    /// i + p = s*J + rho for J in [j0, j0 + rows), and the taps a = s*q + rho, q in [0, taps), that reach them (from
-    /// o = J - q). `None` when no wide position has this phase.
-    fn phase(&self, axis: usize, rho: usize) -> Option<(usize, usize, usize)> {
-        let (s, p, k) = (self.stride[axis], self.pad[axis], self.k[axis]);
-        let j0 = if p > rho { (p - rho).div_ceil(s) } else { 0 };
-        let last = (self.wide[axis] - 1 + p).checked_sub(rho)? / s;
-        let taps = if k > rho { (k - rho).div_ceil(s) } else { 0 };
-        (last >= j0).then_some((j0, last - j0 + 1, taps))
-    }
-
     /// `Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i} W[cn,cw,a] Xn[n,cn,o]`: one implicit product per stride
-    /// phase (rho_d in [0, s_d) per axis), each over the wide positions of that phase and only the taps that reach
-    /// them. Together the phases write every wide position once.
+    /// phase ([`KernelDims::wide_from_narrow`]), each over the wide positions of that phase and only the taps that
+    /// reach them. Together the phases write every wide position once.
     pub(crate) fn wide_from_narrow(
         &self,
         narrow: &GpuBuffer,
@@ -811,37 +913,12 @@ impl Pairing {
         bias: Option<&GpuBuffer>,
         what: &str,
     ) -> Result<GpuBuffer> {
-        self.check_sizes(what)?;
-        let taps = self.taps();
+        let products = self.kernel_dims(what)?.wide_from_narrow();
         let len = self.batch * self.c_wide * self.wide.iter().product::<usize>();
         let mut out = narrow.gpu.alloc(len, what)?;
-        let [s0, s1, s2] = self.stride;
-        for rho in (0..s0).flat_map(|a| (0..s1).flat_map(move |b| (0..s2).map(move |c| [a, b, c]))) {
-            let [Some(d), Some(h), Some(w_ax)] = [0, 1, 2].map(|axis| self.phase(axis, rho[axis])) else { continue };
-            let axes = [d, h, w_ax];
-            let j0 = axes.map(|a| a.0);
-            let geom = GemmGeom {
-                batch: self.batch,
-                c_src: self.c_narrow,
-                c_dst: self.c_wide,
-                w_src: self.c_wide * taps,
-                w_dst: taps,
-                has_bias: bias.is_some(),
-                src: self.narrow,
-                dst: self.wide,
-                kernel: self.k,
-                rows: axes.map(|a| a.1),
-                src_mul: [1; 3],
-                src_add: j0.map(|j| j as i64),
-                dst_mul: self.stride,
-                dst_add: [0, 1, 2].map(|x| self.stride[x] * j0[x] + rho[x] - self.pad[x]),
-                taps: axes.map(|a| a.2),
-                src_tap: [-1; 3],
-                tap_mul: self.stride,
-                tap_add: rho,
-            };
-            let kernel = self.gemm_kernel(Product::WideFromNarrow, &narrow.gpu);
-            geom.launch(kernel, narrow, w, bias, &mut out, what)?;
+        let kernel = self.gemm_kernel(Product::WideFromNarrow, &narrow.gpu);
+        for product in products {
+            launch_product(kernel, product, narrow, w, bias, &mut out, what)?;
         }
         Ok(out)
     }
@@ -850,65 +927,49 @@ impl Pairing {
     /// reduction over (n, o) cut into fixed slices summed in order afterwards, so the result does not depend on
     /// scheduling.
     pub(crate) fn weight_grad(&self, narrow: &GpuBuffer, wide: &GpuBuffer, what: &str) -> Result<GpuBuffer> {
-        self.check_sizes(what)?;
+        let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
         let taps = self.taps();
         let (rows, cols) = (self.c_wide * taps, self.c_narrow);
         let k = self.batch * self.narrow.iter().product::<usize>();
-        let kernel = self.wgrad_kernel(gpu);
-        let (tile_m, tile_n) = match kernel {
-            WgradKernel::Exact(_) => (TILE_M, TILE_N),
-            WgradKernel::TensorCore(pair) => (CONV_TC_BM, pair.for_columns(cols).1),
+        let wgrad = self.wgrad_kernel(gpu);
+        let (tile_m, tile_n, threads) = match wgrad {
+            WgradKernel::Exact(_) => (CONV_BM, CONV_BN, CONV_THREADS),
+            WgradKernel::TensorCore(pair) => (CONV_TC_BM, pair.for_columns(cols).1, CONV_TC_THREADS),
         };
         let tiles = rows.div_ceil(tile_m) * cols.div_ceil(tile_n);
-        let k_stages = k.div_ceil(TILE_K);
+        let k_stages = k.div_ceil(CONV_BK);
         let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).max(k.div_ceil(WGRAD_MAX_SLICE));
-        let slice_len = k_stages.div_ceil(wanted.clamp(1, k_stages.min(65535))) * TILE_K;
+        let slice_len = k_stages.div_ceil(wanted.clamp(1, k_stages.min(65535))) * CONV_BK;
         let slices = k.div_ceil(slice_len);
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(tile_m) as u32, cols.div_ceil(tile_n) as u32, slices as u32),
-            block_dim: (TILE_THREADS, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let numel = cols * rows;
         // One slice writes dW itself; several write partial sums that sum_slices adds in order.
         let mut out = gpu.alloc(slices * numel, what)?;
-        match kernel {
-            WgradKernel::Exact(name) => {
-                // The kernel's argument: the 19 ints of cuda/conv.cu's WeightGradGeom, in its order.
-                let head = [self.batch, self.c_narrow, self.c_wide].map(|x| x as i32);
-                let axes = [ints(self.narrow), ints(self.wide), ints(self.k), ints(self.stride), ints(self.pad)];
-                let flat: Vec<i32> =
-                    head.into_iter().chain(axes.into_iter().flatten()).chain([slice_len as i32]).collect();
-                let mut args = [0i32; 19];
-                args.copy_from_slice(&flat);
-                launch!(gpu, name, cfg, what, [&narrow.slice, &wide.slice, &mut out.slice, &args])?;
-            }
+        let params = ConvWgradParams {
+            narrow: narrow.ptr(),
+            wide: wide.ptr(),
+            partial: out.ptr_mut(),
+            // Less than k + CONV_BK, and k is bounded by kernel_dims.
+            ..d.weight_grad(slice_len as i32)
+        };
+        match wgrad {
+            WgradKernel::Exact(exact) => gpu.launch(exact, cfg, &params, what)?,
             WgradKernel::TensorCore(pair) => {
-                check_tc_taps(self.k, what)?;
-                let params = ConvWgradTcParams {
-                    narrow: narrow.ptr(),
-                    wide: wide.ptr(),
-                    partial: out.ptr_mut(),
-                    batch: self.batch as i32,
-                    c_narrow: self.c_narrow as i32,
-                    c_wide: self.c_wide as i32,
-                    narrow_size: ints(self.narrow),
-                    wide_size: ints(self.wide),
-                    kernel: ints(self.k),
-                    stride: ints(self.stride),
-                    pad: ints(self.pad),
-                    slice_len: slice_len as i32,
-                };
-                gpu.launch(pair.for_columns(cols).0, cfg, &params, what)?;
+                check_tc_taps(d.k, what)?;
+                gpu.launch(pair.for_columns(cols).0, cfg, &ConvWgradTcParams::from(params), what)?;
             }
         }
         if slices == 1 {
             return Ok(out);
         }
         let mut dw = gpu.alloc(numel, what)?;
-        let (n, s) = (numel as i64, slices as i32);
-        launch!(gpu, "sum_slices", grid_1d(numel), what, [&out.slice, &mut dw.slice, &n, &s])?;
+        let sums = SumSlicesParams { partial: out.ptr(), out: dw.ptr_mut(), n: numel as i64, slices: slices as i32 };
+        gpu.launch(kernel::sum_slices, grid_1d(numel), &sums, what)?;
         Ok(dw)
     }
 }
@@ -935,12 +996,18 @@ pub(crate) fn channel_sums(
         let mut out = gpu.alloc(channels * rows * chunks, what)?;
         let cfg = LaunchConfig {
             grid_dim: ((rows * chunks) as u32, channels as u32, 1),
-            block_dim: (TILE_THREADS, 1, 1),
+            block_dim: (CHANNEL_SUM_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (c, l, cl, ch) = (channels as i32, len as i64, CHANNEL_SUM_CHUNK as i64, chunks as i32);
-        let input = level.as_ref().unwrap_or(g);
-        launch!(gpu, "channel_sums", cfg, what, [&input.slice, &mut out.slice, &c, &l, &cl, &ch])?;
+        let params = ChannelSumsParams {
+            x: level.as_ref().unwrap_or(g).ptr(),
+            out: out.ptr_mut(),
+            channels: channels as i32,
+            len: len as i64,
+            chunk_len: CHANNEL_SUM_CHUNK as i64,
+            chunks: chunks as i32,
+        };
+        gpu.launch(kernel::channel_sums, cfg, &params, what)?;
         if rows * chunks == 1 {
             return Ok(out);
         }
@@ -955,4 +1022,262 @@ pub(crate) fn gpu_operand<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer
     t.gpu_buffer().ok_or_else(|| {
         Error::Mismatch(format!("{what}: expected a GPU tensor, got {:?} on {:?}", t.shape(), t.device()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The GPU products' parameters, checked on the CPU: each `ConvGemmParams` / `ConvWgradParams` that
+    //! [`KernelDims`] builds is evaluated here by the formula of cuda/conv.cuh (what the kernels compute, in float64)
+    //! and compared with the three products of a [`Pairing`] written out directly from their definitions.
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    fn pairing(
+        batch: usize,
+        c_wide: usize,
+        c_narrow: usize,
+        wide: [usize; 3],
+        k: [usize; 3],
+        s: [usize; 3],
+    ) -> Pairing {
+        // conv: padding k/2, narrow size (I - 1)/s + 1.
+        let pad = k.map(|k| k / 2);
+        let narrow = [0, 1, 2].map(|d| (wide[d] - 1) / s[d] + 1);
+        Pairing { batch, c_wide, c_narrow, wide, narrow, k, stride: s, pad, transposed: false }
+    }
+
+    fn transposed(batch: usize, c_wide: usize, c_narrow: usize, narrow: [usize; 3], k: [usize; 3]) -> Pairing {
+        // conv_transpose: stride = kernel, no padding, wide size O k.
+        let wide = [0, 1, 2].map(|d| narrow[d] * k[d]);
+        Pairing { batch, c_wide, c_narrow, wide, narrow, k, stride: k, pad: [0; 3], transposed: true }
+    }
+
+    fn voxels(s: [usize; 3]) -> usize {
+        s.iter().product()
+    }
+
+    fn flat(c: [usize; 3], s: [usize; 3]) -> usize {
+        (c[0] * s[1] + c[1]) * s[2] + c[2]
+    }
+
+    /// Every point of the box `s`, in raster order.
+    fn points(s: [usize; 3]) -> impl Iterator<Item = [usize; 3]> {
+        (0..s[0]).flat_map(move |a| (0..s[1]).flat_map(move |b| (0..s[2]).map(move |c| [a, b, c])))
+    }
+
+    /// The wide coordinate o*s + a - p, if inside the wide map.
+    fn wide_at(p: &Pairing, o: [usize; 3], a: [usize; 3]) -> Option<[usize; 3]> {
+        let i = [0, 1, 2].map(|d| (o[d] * p.stride[d] + a[d]).checked_sub(p.pad[d]).filter(|&i| i < p.wide[d]));
+        Some([i[0]?, i[1]?, i[2]?])
+    }
+
+    fn random(len: usize, rng: &mut StdRng) -> Vec<f64> {
+        (0..len).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect()
+    }
+
+    /// `Xn[n,cn,o] = b[cn] + sum_{cw,a} W[cn,cw,a] Xw[n,cw, o*s + a - p]`.
+    fn narrow_from_wide_direct(p: &Pairing, xw: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
+        let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
+        let mut out = vec![0.0; p.batch * p.c_narrow * vn];
+        for n in 0..p.batch {
+            for cn in 0..p.c_narrow {
+                for o in points(p.narrow) {
+                    let mut acc = b.map_or(0.0, |b| b[cn]);
+                    for cw in 0..p.c_wide {
+                        for a in points(p.k) {
+                            if let Some(i) = wide_at(p, o, a) {
+                                acc += w[(cn * p.c_wide + cw) * taps + flat(a, p.k)]
+                                    * xw[(n * p.c_wide + cw) * vw + flat(i, p.wide)];
+                            }
+                        }
+                    }
+                    out[(n * p.c_narrow + cn) * vn + flat(o, p.narrow)] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    /// `Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i} W[cn,cw,a] Xn[n,cn,o]`, scattered from each (o, a).
+    fn wide_from_narrow_direct(p: &Pairing, xn: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
+        let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
+        let mut out = vec![0.0; p.batch * p.c_wide * vw];
+        for n in 0..p.batch {
+            for cw in 0..p.c_wide {
+                out[(n * p.c_wide + cw) * vw..][..vw].fill(b.map_or(0.0, |b| b[cw]));
+                for cn in 0..p.c_narrow {
+                    for o in points(p.narrow) {
+                        for a in points(p.k) {
+                            if let Some(i) = wide_at(p, o, a) {
+                                out[(n * p.c_wide + cw) * vw + flat(i, p.wide)] += w
+                                    [(cn * p.c_wide + cw) * taps + flat(a, p.k)]
+                                    * xn[(n * p.c_narrow + cn) * vn + flat(o, p.narrow)];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `dW[cn,cw,a] = sum_{n,o} Xn[n,cn,o] Xw[n,cw, o*s + a - p]`.
+    fn weight_grad_direct(p: &Pairing, xn: &[f64], xw: &[f64]) -> Vec<f64> {
+        let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
+        let mut out = vec![0.0; p.c_narrow * p.c_wide * taps];
+        for cn in 0..p.c_narrow {
+            for cw in 0..p.c_wide {
+                for a in points(p.k) {
+                    let mut acc = 0.0;
+                    for n in 0..p.batch {
+                        for o in points(p.narrow) {
+                            if let Some(i) = wide_at(p, o, a) {
+                                acc += xn[(n * p.c_narrow + cn) * vn + flat(o, p.narrow)]
+                                    * xw[(n * p.c_wide + cw) * vw + flat(i, p.wide)];
+                            }
+                        }
+                    }
+                    out[(cn * p.c_wide + cw) * taps + flat(a, p.k)] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    fn usize3(v: [i32; 3]) -> [usize; 3] {
+        v.map(|x| usize::try_from(x).expect("a size or coordinate the product enumerates is not negative"))
+    }
+
+    /// What `conv_gemm` computes for `p` (cuda/conv.cuh): out[m, col] = b[col] + sum_k A[m, k] B[k, col], written at
+    /// dst[n, col, dst_mul*r + dst_add]; counts the writes of each output element in `writes`. Panics on a weight tap
+    /// or an output coordinate outside its box.
+    fn conv_gemm(p: &ConvGemmParams, src: &[f64], w: &[f64], b: Option<&[f64]>, dst: &mut [f64], writes: &mut [u32]) {
+        let (src_size, dst_size, kernel) = (usize3(p.src_size), usize3(p.dst_size), usize3(p.kernel));
+        let (vs, vd) = (voxels(src_size), voxels(dst_size));
+        let (c_src, c_dst) = (p.c_src as usize, p.c_dst as usize);
+        for n in 0..p.batch as usize {
+            for r in points(usize3(p.rows)) {
+                let r = r.map(|x| x as i32);
+                let out_at = usize3([0, 1, 2].map(|d| p.dst_mul[d] * r[d] + p.dst_add[d]));
+                assert!((0..3).all(|d| out_at[d] < dst_size[d]), "output {out_at:?} outside {dst_size:?}");
+                for col in 0..c_dst {
+                    let mut acc = 0.0;
+                    for c in 0..c_src {
+                        for q in points(usize3(p.taps)) {
+                            let q = q.map(|x| x as i32);
+                            let at = [0, 1, 2].map(|d| p.src_mul[d] * r[d] + p.src_add[d] + p.src_tap[d] * q[d]);
+                            if (0..3).any(|d| at[d] < 0 || at[d] >= p.src_size[d]) {
+                                continue;
+                            }
+                            let a = usize3([0, 1, 2].map(|d| p.tap_mul[d] * q[d] + p.tap_add[d]));
+                            assert!((0..3).all(|d| a[d] < kernel[d]), "tap {a:?} outside the kernel {kernel:?}");
+                            acc += src[(n * c_src + c) * vs + flat(usize3(at), src_size)]
+                                * w[col * p.w_dst as usize + c * p.w_src as usize + flat(a, kernel)];
+                        }
+                    }
+                    let e = (n * c_dst + col) * vd + flat(out_at, dst_size);
+                    dst[e] = acc + b.map_or(0.0, |b| b[col]);
+                    writes[e] += 1;
+                }
+            }
+        }
+    }
+
+    /// What `conv_wgrad` and `sum_slices` compute for `p`: partial[z, cn, j] over rows j = (cw, a), reduction
+    /// (n, o) in slice z, then the slices added in order.
+    fn conv_wgrad(p: &ConvWgradParams, xn: &[f64], xw: &[f64]) -> Vec<f64> {
+        let (narrow, wide, kernel) = (usize3(p.narrow_size), usize3(p.wide_size), usize3(p.kernel));
+        let (vn, vw, taps) = (voxels(narrow), voxels(wide), voxels(kernel));
+        let (c_narrow, c_wide) = (p.c_narrow as usize, p.c_wide as usize);
+        let positions: Vec<(usize, [usize; 3])> =
+            (0..p.batch as usize).flat_map(|n| points(narrow).map(move |o| (n, o))).collect();
+        let mut dw = vec![0.0; c_narrow * c_wide * taps];
+        for slice in positions.chunks(p.slice_len as usize) {
+            for (cn, j) in (0..c_narrow).flat_map(|cn| (0..c_wide * taps).map(move |j| (cn, j))) {
+                let (cw, a) = (j / taps, usize3(split(j % taps, p.kernel)));
+                let mut acc = 0.0;
+                for &(n, o) in slice {
+                    let at = [0, 1, 2].map(|d| (o[d] * p.stride[d] as usize + a[d]) as i32 - p.pad[d]);
+                    if (0..3).any(|d| at[d] < 0 || at[d] >= p.wide_size[d]) {
+                        continue;
+                    }
+                    acc += xn[(n * c_narrow + cn) * vn + flat(o, narrow)]
+                        * xw[(n * c_wide + cw) * vw + flat(usize3(at), wide)];
+                }
+                dw[cn * c_wide * taps + j] += acc;
+            }
+        }
+        dw
+    }
+
+    fn split(i: usize, s: [i32; 3]) -> [i32; 3] {
+        let s = usize3(s);
+        [i / (s[1] * s[2]), i / s[2] % s[1], i % s[2]].map(|x| x as i32)
+    }
+
+    fn assert_near(got: &[f64], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (e, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{what}: element {e} is {g}, expected {w}");
+        }
+    }
+
+    /// conv shapes (odd kernels, padding k/2, strides up to 3, a stride above its kernel, depth-1 maps) and
+    /// transposed-conv shapes (stride = kernel, even kernels).
+    fn pairings() -> Vec<Pairing> {
+        vec![
+            pairing(2, 3, 2, [3, 4, 5], [3, 3, 3], [1, 1, 1]),
+            pairing(1, 2, 3, [5, 4, 7], [3, 3, 3], [2, 2, 2]),
+            pairing(2, 2, 2, [1, 7, 6], [1, 3, 3], [1, 2, 1]),
+            pairing(1, 3, 2, [2, 5, 6], [1, 1, 1], [1, 2, 2]),
+            pairing(1, 2, 2, [4, 7, 8], [3, 3, 5], [3, 3, 2]),
+            pairing(1, 2, 3, [1, 9, 4], [1, 5, 3], [1, 4, 3]),
+            transposed(2, 2, 3, [2, 3, 2], [2, 2, 2]),
+            transposed(1, 3, 2, [1, 2, 3], [1, 2, 3]),
+        ]
+    }
+
+    #[test]
+    fn gemm_products_compute_the_pairing_products() {
+        let mut rng = StdRng::seed_from_u64(12);
+        for p in pairings() {
+            let d = p.kernel_dims("test").unwrap();
+            let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
+            let xw = random(p.batch * p.c_wide * vw, &mut rng);
+            let xn = random(p.batch * p.c_narrow * vn, &mut rng);
+            let w = random(p.c_narrow * p.c_wide * taps, &mut rng);
+            let (b_narrow, b_wide) = (random(p.c_narrow, &mut rng), random(p.c_wide, &mut rng));
+
+            let mut got = vec![f64::NAN; xn.len()];
+            let mut writes = vec![0; xn.len()];
+            conv_gemm(&d.narrow_from_wide(), &xw, &w, Some(&b_narrow), &mut got, &mut writes);
+            assert!(writes.iter().all(|&n| n == 1), "{p:?}: narrow_from_wide writes each output once");
+            assert_near(&got, &narrow_from_wide_direct(&p, &xw, &w, Some(&b_narrow)), &format!("{p:?} narrow"));
+
+            let mut got = vec![f64::NAN; xw.len()];
+            let mut writes = vec![0; xw.len()];
+            for product in d.wide_from_narrow() {
+                conv_gemm(&product, &xn, &w, Some(&b_wide), &mut got, &mut writes);
+            }
+            assert!(writes.iter().all(|&n| n == 1), "{p:?}: the phases of wide_from_narrow write each output once");
+            assert_near(&got, &wide_from_narrow_direct(&p, &xn, &w, Some(&b_wide)), &format!("{p:?} wide"));
+
+            let want = weight_grad_direct(&p, &xn, &xw);
+            for slice_len in [CONV_BK, 2 * CONV_BK, p.batch * vn] {
+                let got = conv_wgrad(&d.weight_grad(slice_len as i32), &xn, &xw);
+                assert_near(&got, &want, &format!("{p:?} weight gradient, slices of {slice_len}"));
+            }
+        }
+    }
+
+    /// A stride above the kernel leaves wide positions that no tap reaches: their phases have no taps, and the
+    /// product writes them with the bias alone.
+    #[test]
+    fn phases_without_taps_still_cover_the_wide_map() {
+        let d = pairing(1, 1, 1, [1, 1, 7], [1, 1, 1], [1, 1, 3]).kernel_dims("test").unwrap();
+        let phases: Vec<(i32, i32, i32)> = (0..3).filter_map(|rho| d.phase(2, rho)).collect();
+        // Wide positions 0, 3, 6 (phase 0, the one tap), 1, 4 and 2, 5 (no tap).
+        assert_eq!(phases, vec![(0, 3, 1), (0, 2, 0), (0, 2, 0)]);
+    }
 }

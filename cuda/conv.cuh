@@ -1,0 +1,105 @@
+// Parameters of the exact float32 convolution products and the ordered sums of conv.cu.
+#pragma once
+#include <stdint.h>
+
+// The block tile of conv_gemm and conv_weight_grad: CONV_BM rows (output positions, or weight rows (cw, a)) x
+// CONV_BN columns (output channels), CONV_BK reduction indices per shared-memory stage, CONV_THREADS threads
+// (8 warps of 4 columns; 32 lanes of 4 rows).
+constexpr int CONV_BM = 128;
+constexpr int CONV_BN = 32;
+constexpr int CONV_BK = 16;
+constexpr int CONV_THREADS = 256;
+
+// One implicit product out[m, col] = b[col] + sum_k A[m, k] B[k, col] (the same fields as conv_tc.cuh's ConvTcParams,
+// so that one product description serves both maths): rows m = (n, r) over batch x rows[0] x rows[1] x rows[2],
+// columns col over c_dst output channels, reduction k = (c, q) over c_src source channels x taps[0] x taps[1] x
+// taps[2], per axis d:
+//   A[m, k] = src[n, c, src_mul*r + src_add + src_tap*q]   (0 outside the source map)
+//   B[k, col] = w[col*w_dst + c*w_src + tap(a)],  a = tap_mul*q + tap_add,  tap(a) = (a0*kernel1 + a1)*kernel2 + a2
+//   written at dst[n, col, dst_mul*r + dst_add].
+// narrow_from_wide (conv forward, transposed conv input gradient) is one launch; wide_from_narrow (conv input
+// gradient, transposed conv forward) one launch per stride phase. Grid (ceil(batch * prod(rows) / CONV_BM),
+// ceil(c_dst / CONV_BN)), CONV_THREADS threads; batch * prod(rows) < 2^31.
+struct ConvGemmParams {
+    const float* src;
+    const float* w;
+    const float* bias;  // (c_dst), or null for none
+    float* dst;
+    int batch;
+    int c_src;
+    int c_dst;
+    int w_src;  // weight stride of a source channel
+    int w_dst;  // weight stride of an output channel
+    int src_size[3];  // spatial sizes of the source map
+    int dst_size[3];  // spatial sizes of the output map
+    int kernel[3];  // full kernel size
+    int rows[3];  // output positions enumerated per axis
+    int src_mul[3];
+    int src_add[3];
+    int dst_mul[3];
+    int dst_add[3];
+    int taps[3];  // taps enumerated per axis
+    int src_tap[3];
+    int tap_mul[3];
+    int tap_add[3];
+};
+
+// The weight gradient dW[cn, j] = sum_{(n, o) in slice z} narrow[n, cn, o] wide[n, cw, o*s + a - p] over rows
+// j = (cw, a) (c_wide x prod(kernel)), columns cn (c_narrow), the reduction over (n, o) (batch x prod(narrow_size))
+// cut into slices of slice_len (a multiple of CONV_BK); block z writes partial[z, cn, j]. The same fields as
+// conv_tc.cuh's ConvWgradTcParams. Grid (ceil(c_wide * prod(kernel) / CONV_BM), ceil(c_narrow / CONV_BN), slices),
+// CONV_THREADS threads; batch * prod(narrow_size) < 2^31.
+struct ConvWgradParams {
+    const float* narrow;
+    const float* wide;
+    float* partial;
+    int batch;
+    int c_narrow;
+    int c_wide;
+    int narrow_size[3];
+    int wide_size[3];
+    int kernel[3];
+    int stride[3];
+    int pad[3];
+    int slice_len;
+};
+
+// out[e] = sum_{z = 0 .. slices-1} partial[z * n + e] for e < n, in that order (the weight gradient's slices, of
+// either math). Grid-stride: any grid.
+struct SumSlicesParams {
+    const float* partial;
+    float* out;
+    int64_t n;
+    int slices;
+};
+
+// x is (rows, channels, len); block (b = r * chunks + q, c) writes out[c, b] = sum_{v in chunk q} x[r, c, v], chunk q
+// being [q * chunk_len, min(len, (q + 1) * chunk_len)). Grid (rows * chunks, channels), blockDim a multiple of 32,
+// at most 1024.
+struct ChannelSumsParams {
+    const float* x;
+    float* out;
+    int channels;
+    int64_t len;
+    int64_t chunk_len;
+    int chunks;
+};
+
+// One name per role of the same product, so that a profile says which pass it is timing.
+
+// conv forward: narrow_from_wide(x)
+extern "C" __global__ void conv_fprop(const ConvGemmParams p);
+// conv input gradient: wide_from_narrow(g), one launch per stride phase
+extern "C" __global__ void conv_dgrad(const ConvGemmParams p);
+// transposed conv forward: wide_from_narrow(x), one launch per stride phase
+extern "C" __global__ void conv_transpose_fprop(const ConvGemmParams p);
+// transposed conv input gradient: narrow_from_wide(g)
+extern "C" __global__ void conv_transpose_dgrad(const ConvGemmParams p);
+// conv weight gradient: weight_grad(g, x), slices
+extern "C" __global__ void conv_wgrad(const ConvWgradParams p);
+// transposed conv weight gradient: weight_grad(x, g), slices
+extern "C" __global__ void conv_transpose_wgrad(const ConvWgradParams p);
+// the weight gradient's slices (of either math) added in order
+extern "C" __global__ void sum_slices(const SumSlicesParams p);
+// one level of the bias gradient's per-channel sums
+extern "C" __global__ void channel_sums(const ChannelSumsParams p);
