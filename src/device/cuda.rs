@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
-    PushKernelArg,
+    PushKernelArg, ValidAsZeroBits,
 };
 
 pub use cudarc::driver::LaunchConfig;
@@ -28,17 +28,23 @@ pub struct Gpu {
     exact_f32: AtomicBool,
 }
 
-/// A float32 buffer on a GPU, tied to the GPU that owns it.
-pub struct GpuBuffer {
+/// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
+/// [`crate::tensor::DType::BF16`] tensors).
+pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {}
+impl GpuElement for f32 {}
+impl GpuElement for half::bf16 {}
+
+/// A buffer of `T` (float32 unless said otherwise) on a GPU, tied to the GPU that owns it.
+pub struct GpuBuffer<T: GpuElement = f32> {
     /// The device memory.
-    pub slice: CudaSlice<f32>,
+    pub slice: CudaSlice<T>,
     /// The GPU the memory belongs to.
     pub gpu: Arc<Gpu>,
     /// Its id in the profiler's memory tracking, when a profile was recording as it was allocated.
     tracked: Option<u64>,
 }
 
-impl Drop for GpuBuffer {
+impl<T: GpuElement> Drop for GpuBuffer<T> {
     fn drop(&mut self) {
         if let Some(id) = self.tracked {
             crate::profile::track_free(id);
@@ -217,8 +223,14 @@ impl Gpu {
     /// A new uninitialised buffer of `len` floats from the stream-ordered pool. Out of memory is reported with the
     /// request and what is free.
     pub fn alloc(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer> {
+        self.alloc_of::<f32>(len, what)
+    }
+
+    /// [`Gpu::alloc`] for elements of type `T`.
+    pub fn alloc_of<T: GpuElement>(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer<T>> {
+        let bytes = len * std::mem::size_of::<T>();
         // SAFETY: every kernel that receives a fresh buffer writes all of it before anything reads it.
-        let mut slice = unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| self.oom_error(len, what, e))?;
+        let mut slice = unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.oom_error(bytes, what, e))?;
         if self.poison.load(Ordering::Relaxed) {
             let bytes = slice.num_bytes();
             let (ptr, _record) = slice.device_ptr_mut(&self.stream);
@@ -255,18 +267,18 @@ impl Gpu {
         Ok(b)
     }
 
-    fn oom_error(&self, len: usize, what: &str, e: DriverError) -> Error {
+    fn oom_error(&self, bytes: usize, what: &str, e: DriverError) -> Error {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         match self.memory() {
             Ok((free, total)) => Error::Device(format!(
                 "allocating {:.3} GiB for {what} failed ({e}); {:.2} GiB of {:.2} GiB free on {}: lower the batch \
                  size or the patch size",
-                gib(len * 4),
+                gib(bytes),
                 gib(free),
                 gib(total),
                 self.name
             )),
-            Err(_) => Error::Device(format!("allocating {} floats for {what} failed: {e}", len)),
+            Err(_) => Error::Device(format!("allocating {bytes} bytes for {what} failed: {e}")),
         }
     }
 }
@@ -311,36 +323,36 @@ pub fn check_launch<T>(r: std::result::Result<T, DriverError>, kernel: &str, sha
     r.map_err(|e| Error::Device(format!("launching {kernel} on {shapes}: {e}")))
 }
 
-impl GpuBuffer {
+impl<T: GpuElement> GpuBuffer<T> {
     /// Wraps device memory of `gpu`; `what` names it in the profiler's memory table.
-    pub fn new(slice: CudaSlice<f32>, gpu: &Arc<Gpu>, what: &str) -> GpuBuffer {
+    pub fn new(slice: CudaSlice<T>, gpu: &Arc<Gpu>, what: &str) -> GpuBuffer<T> {
         let tracked = crate::profile::track_alloc(slice.num_bytes(), what);
         GpuBuffer { slice, gpu: gpu.clone(), tracked }
     }
 
     /// The buffer's device address, for a kernel parameter the kernel reads.
-    pub fn ptr(&self) -> ConstPtr<f32> {
+    pub fn ptr(&self) -> ConstPtr<T> {
         self.gpu.ptr(&self.slice)
     }
 
     /// The buffer's device address, for a kernel parameter the kernel writes.
-    pub fn ptr_mut(&mut self) -> MutPtr<f32> {
+    pub fn ptr_mut(&mut self) -> MutPtr<T> {
         self.gpu.ptr_mut(&mut self.slice)
     }
 
     /// Copies host data into a new device buffer.
-    pub fn from_host(gpu: &Arc<Gpu>, data: &[f32]) -> Result<GpuBuffer> {
+    pub fn from_host(gpu: &Arc<Gpu>, data: &[T]) -> Result<GpuBuffer<T>> {
         let slice =
-            gpu.stream.clone_htod(data).map_err(driver_err(format!("copying {} floats to the GPU", data.len())))?;
+            gpu.stream.clone_htod(data).map_err(driver_err(format!("copying {} values to the GPU", data.len())))?;
         Ok(GpuBuffer::new(slice, gpu, "copied from the host"))
     }
 
     /// Copies the buffer to the host (synchronises the stream).
-    pub fn to_host(&self) -> Result<Vec<f32>> {
+    pub fn to_host(&self) -> Result<Vec<T>> {
         self.gpu
             .stream
             .clone_dtoh(&self.slice)
-            .map_err(driver_err(format!("copying {} floats from the GPU", self.slice.len())))
+            .map_err(driver_err(format!("copying {} values from the GPU", self.slice.len())))
     }
 }
 
@@ -364,7 +376,7 @@ impl Gpu {
     }
 
     /// Copies `src` into `dst` on the device (same length).
-    pub fn copy(&self, src: &GpuBuffer, dst: &mut GpuBuffer) -> Result<()> {
+    pub fn copy<T: GpuElement>(&self, src: &GpuBuffer<T>, dst: &mut GpuBuffer<T>) -> Result<()> {
         self.stream.memcpy_dtod(&src.slice, &mut dst.slice).map_err(driver_err("device-to-device copy"))
     }
 }

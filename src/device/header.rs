@@ -11,7 +11,7 @@
 //!   extern "C" __global__ void kernel(const Name<float> p);   (a generic struct, instantiated)
 //!
 //!   FIELD:  int a  |  int64_t b  |  float c  |  double d  |  int e[3]  |  int64_t f[NAME]
-//!           const float* x  |  float* y    (pointers to int, int64_t, float, double or T)
+//!           const float* x  |  float* y    (pointers to int, int64_t, float, double, __nv_bfloat16 or T)
 //! ```
 //!
 //! The `//` lines right above an item or field (no blank line between) and a `//` comment after a field on its line
@@ -20,7 +20,7 @@
 
 use std::fmt;
 
-/// A scalar type of the subset: C `int`, `int64_t`, `float`, `double`.
+/// A scalar type of the subset: C `int`, `int64_t`, `float`, `double`, `__nv_bfloat16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scalar {
     /// `int`, Rust `i32`.
@@ -31,6 +31,8 @@ pub enum Scalar {
     F32,
     /// `double`, Rust `f64`.
     F64,
+    /// `__nv_bfloat16` (cuda_bf16.h), Rust `half::bf16`: the GPU's low-precision storage type.
+    Bf16,
 }
 
 impl Scalar {
@@ -40,6 +42,7 @@ impl Scalar {
             "int64_t" => Some(Scalar::I64),
             "float" => Some(Scalar::F32),
             "double" => Some(Scalar::F64),
+            "__nv_bfloat16" => Some(Scalar::Bf16),
             _ => None,
         }
     }
@@ -51,12 +54,14 @@ impl Scalar {
             Scalar::I64 => "i64",
             Scalar::F32 => "f32",
             Scalar::F64 => "f64",
+            Scalar::Bf16 => "half::bf16",
         }
     }
 
     /// Size and alignment in bytes (equal for these types on every CUDA target).
     pub fn size(self) -> usize {
         match self {
+            Scalar::Bf16 => 2,
             Scalar::I32 | Scalar::F32 => 4,
             Scalar::I64 | Scalar::F64 => 8,
         }
@@ -447,7 +452,9 @@ impl Parser<'_> {
                     self.at += 1;
                     let t = self.ident("a type argument")?;
                     let Some(t) = Scalar::from_c(&t) else {
-                        return self.err(format!("`{t}` is not a type of the subset (int, int64_t, float, double)"));
+                        return self.err(format!(
+                            "`{t}` is not a type of the subset (int, int64_t, float, double, __nv_bfloat16)"
+                        ));
                     };
                     self.punct('>')?;
                     Some(t)
@@ -503,8 +510,9 @@ impl Parser<'_> {
                 match Scalar::from_c(&ty_name) {
                     Some(s) => Pointee::Scalar(s),
                     None => {
-                        return self
-                            .err(format!("`{ty_name}` is not a type of the subset (int, int64_t, float, double)"))
+                        return self.err(format!(
+                            "`{ty_name}` is not a type of the subset (int, int64_t, float, double, __nv_bfloat16)"
+                        ))
                     }
                 }
             };

@@ -40,6 +40,7 @@ pub mod activation;
 pub mod add;
 pub mod argmax;
 pub mod avg_pool;
+pub mod cast;
 pub mod causal_conv1d;
 pub mod concat;
 pub mod conv;

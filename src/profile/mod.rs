@@ -34,7 +34,7 @@ use std::time::Instant;
 use cudarc::driver::{CudaEvent, CudaStream};
 
 use crate::device::Device;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use crate::Result;
 
 /// Forward or backward half of an op.
@@ -160,11 +160,7 @@ pub fn current_layer() -> Option<Arc<str>> {
 
 /// The bytes a tensor occupies.
 pub fn tensor_bytes(t: &Tensor) -> f64 {
-    let size = match t.dtype() {
-        DType::F32 => 4,
-        DType::F64 => 8,
-    };
-    (t.numel() * size) as f64
+    (t.numel() * t.dtype().size()) as f64
 }
 
 /// A point in time on a device: a CUDA event on the stream, or the host clock.

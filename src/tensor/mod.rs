@@ -52,6 +52,20 @@ pub enum DType {
     F32,
     /// 64-bit float: gradient checks on the CPU.
     F64,
+    /// bfloat16 (float32's 8-bit exponent, 8 significand bits): low-precision storage on the GPU only. The CPU
+    /// reference computes in float32 or float64; a bf16 tensor comes to the host as float32 (exactly).
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
 }
 
 /// The memory behind a tensor.
@@ -62,6 +76,8 @@ pub enum Storage {
     F64(Vec<f64>),
     /// Device float32.
     Cuda(GpuBuffer),
+    /// Device bf16.
+    CudaBf16(GpuBuffer<half::bf16>),
 }
 
 /// A unique tensor identity, stable across clones of the same handle.
@@ -113,12 +129,16 @@ impl Tensor {
         let storage = match dtype {
             DType::F32 => Storage::F32(values.map(|v| v as f32).collect()),
             DType::F64 => Storage::F64(values.collect()),
+            DType::BF16 => bail!(Mismatch, "{}", BF16_ON_HOST),
         };
         Ok(Tensor::from_storage(storage, shape.to_vec()))
     }
 
     /// A tensor filled with `value` on `device`.
     pub fn full(shape: &[usize], value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        if dtype == DType::BF16 {
+            return Tensor::full(shape, value, DType::F32, device)?.to_dtype(dtype);
+        }
         Tensor::from_fn(shape, dtype, |_| value)?.to_device(device)
     }
 
@@ -157,6 +177,7 @@ impl Tensor {
         match &*self.storage {
             Storage::F32(_) | Storage::Cuda(_) => DType::F32,
             Storage::F64(_) => DType::F64,
+            Storage::CudaBf16(_) => DType::BF16,
         }
     }
 
@@ -164,6 +185,7 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cuda(b) => Device::Cuda(b.gpu.clone()),
+            Storage::CudaBf16(b) => Device::Cuda(b.gpu.clone()),
             _ => Device::Cpu,
         }
     }
@@ -173,10 +195,18 @@ impl Tensor {
         &self.storage
     }
 
-    /// The GPU buffer, if this is a GPU tensor.
+    /// The GPU buffer, if this is a float32 GPU tensor.
     pub fn gpu_buffer(&self) -> Option<&GpuBuffer> {
         match &*self.storage {
             Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The GPU buffer, if this is a bf16 GPU tensor.
+    pub fn gpu_bf16(&self) -> Option<&GpuBuffer<half::bf16>> {
+        match &*self.storage {
+            Storage::CudaBf16(b) => Some(b),
             _ => None,
         }
     }
@@ -233,6 +263,11 @@ impl Tensor {
                 b.gpu.copy(b, &mut copy)?;
                 Storage::Cuda(copy)
             }
+            Storage::CudaBf16(b) => {
+                let mut copy = b.gpu.alloc_of(b.slice.len(), "tensor copy")?;
+                b.gpu.copy(b, &mut copy)?;
+                Storage::CudaBf16(copy)
+            }
         };
         Ok(Tensor::from_storage(storage, self.shape.clone()))
     }
@@ -243,6 +278,7 @@ impl Tensor {
             Storage::F32(v) => Ok(v.iter().map(|&x| x as f64).collect()),
             Storage::F64(v) => Ok(v.clone()),
             Storage::Cuda(b) => Ok(b.to_host()?.into_iter().map(|x| x as f64).collect()),
+            Storage::CudaBf16(b) => Ok(b.to_host()?.into_iter().map(f64::from).collect()),
         }
     }
 
@@ -252,6 +288,7 @@ impl Tensor {
             Storage::F32(v) => Ok(v.clone()),
             Storage::F64(v) => Ok(v.iter().map(|&x| x as f32).collect()),
             Storage::Cuda(b) => b.to_host(),
+            Storage::CudaBf16(b) => Ok(b.to_host()?.into_iter().map(f32::from).collect()),
         }
     }
 
@@ -261,7 +298,8 @@ impl Tensor {
         Ok(self.to_vec_f64()?[0])
     }
 
-    /// This tensor on `device` (a copy, or a cheap clone when it is already there). GPU tensors are float32.
+    /// This tensor on `device` (a copy, or a cheap clone when it is already there). Tensors move to the GPU as float32
+    /// and to the host as float32 (from either GPU type; convert on the GPU with [`Tensor::to_dtype`]).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device().same(device) {
             return Ok(self.clone());
@@ -278,15 +316,21 @@ impl Tensor {
         Ok(Tensor::from_storage(storage, self.shape.clone()))
     }
 
-    /// This host tensor converted to `dtype` (a cheap clone when it already has it).
+    /// This tensor converted to `dtype` on its device (a cheap clone when it already has it): float32 and float64 on
+    /// the host, float32 and bf16 on the GPU (bf16 rounded to nearest, ties to even; cuda/cast.cu). Outside autograd:
+    /// [`crate::ops::cast::cast`] is the op that carries gradients.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        ensure!(self.device().is_cpu(), Mismatch, "dtype conversion is only supported on the CPU");
-        let storage = match dtype {
-            DType::F32 => Storage::F32(self.to_vec_f32()?),
-            DType::F64 => Storage::F64(self.to_vec_f64()?),
+        let storage = match (&*self.storage, dtype) {
+            (Storage::F32(_) | Storage::F64(_), DType::F32) => Storage::F32(self.to_vec_f32()?),
+            (Storage::F32(_) | Storage::F64(_), DType::F64) => Storage::F64(self.to_vec_f64()?),
+            (Storage::Cuda(b), DType::BF16) => Storage::CudaBf16(cast::to_bf16(b)?),
+            (Storage::CudaBf16(b), DType::F32) => Storage::Cuda(cast::to_f32(b)?),
+            (_, DType::BF16) => bail!(Mismatch, "{}", BF16_ON_HOST),
+            (_, DType::F64) => bail!(Mismatch, "float64 is a CPU type: move the tensor to the CPU first"),
+            (Storage::Cuda(_), DType::F32) => unreachable!("dtype already equal"),
         };
         Ok(Tensor::from_storage(storage, self.shape.clone()))
     }
@@ -321,16 +365,33 @@ impl fmt::Debug for Tensor {
 }
 
 /// Runs a generic CPU function at the element type of a dtype: `by_dtype!(x.dtype(), f(a, b))` calls `f::<f32>(a, b)`
-/// or `f::<f64>(a, b)`.
+/// or `f::<f64>(a, b)`. A bf16 tensor reaching an op's CPU path is a GPU tensor that op has no bf16 kernel for:
+/// the error names the op's module.
 #[macro_export]
 macro_rules! by_dtype {
     ($dtype:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
         match $dtype {
             $crate::tensor::DType::F32 => $f::<f32>($($arg),*),
             $crate::tensor::DType::F64 => $f::<f64>($($arg),*),
+            $crate::tensor::DType::BF16 => Err($crate::tensor::no_bf16_kernel(module_path!())),
         }
     };
 }
+
+/// The error of an op given a bf16 tensor it has no kernel for; `module` is the op's module path.
+pub fn no_bf16_kernel(module: &str) -> Error {
+    let op = module.rsplit("::").next().unwrap_or(module);
+    Error::Mismatch(format!(
+        "{op}: no bf16 kernel for this op yet; convert its input to float32 first (ops::cast::cast or \
+         Tensor::to_dtype)"
+    ))
+}
+
+/// Why a bf16 tensor cannot be made on the host.
+const BF16_ON_HOST: &str =
+    "bf16 is a GPU storage type: make or move the tensor to the GPU as float32, then convert it there";
+
+mod cast;
 
 mod arith;
 pub(crate) use arith::eltwise_gpu;

@@ -1,0 +1,43 @@
+//! A change of storage type, with autograd: float32 <-> bf16 on the GPU (the mixed-precision boundary, as autocast
+//! casts around the ops that run in bf16), float32 <-> float64 on the host.
+//!
+//! ```text
+//!   y = round(x)          to bf16: nearest, ties to even; to a wider type: exact
+//!   dL/dx = dL/dy converted back to x's type (the rounding's derivative is taken as 1, as autocast does)
+//! ```
+//!
+//! The kernels (`cuda/cast.cu`) and the host conversions are [`Tensor::to_dtype`]'s; the CPU reference of the bf16
+//! rounding is the `half` crate's `bf16::from_f32`, which the GPU tests compare against bit for bit.
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)): the input's and the output's element sizes in
+//! bytes (6 for float32 <-> bf16), no FLOPs, in both directions. Memory-bound.
+
+use crate::autograd::{Backward, Tape};
+use crate::profile;
+use crate::tensor::{DType, Tensor};
+use crate::Result;
+
+/// `x` stored as `dtype` (a cheap clone when it already is).
+pub fn cast(tape: &mut Tape, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        return Ok(x.clone());
+    }
+    let range = profile::forward("cast", &[x], 0.0);
+    let y = x.to_dtype(dtype)?;
+    range.done([&y]);
+    tape.record(&[x], &y, CastBackward(x.dtype()));
+    Ok(y)
+}
+
+/// The input's dtype, which the gradient is converted back to.
+struct CastBackward(DType);
+
+impl Backward for CastBackward {
+    fn name(&self) -> &'static str {
+        "cast"
+    }
+
+    fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad_out.to_dtype(self.0)?)])
+    }
+}
