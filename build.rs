@@ -39,8 +39,8 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 
 /// The names of the `extern "C" __global__` kernels a .cu source defines, and of those instantiated through a
 /// `NAME_KERNEL(kernel_name, ..., CONSTANT, 16, false)` macro at the start of a line (a macro whose definition
-/// declares the kernels): its lower-case arguments other than `true` and `false` are kernel names, upper-case ones,
-/// numbers and booleans are settings. Kernel names are lower case.
+/// declares the kernels): its lower-case arguments other than C++ keywords (`true`, `false`, `float`, `double`,
+/// `int`) are kernel names; upper-case ones, numbers, booleans and types are settings. Kernel names are lower case.
 fn kernel_names(source: &str) -> Vec<String> {
     let is_kernel_name = |a: &&str| {
         a.starts_with(|c: char| c.is_ascii_lowercase())
@@ -52,7 +52,8 @@ fn kernel_names(source: &str) -> Vec<String> {
             let (mac, args) = l.split_once('(')?;
             let is_instance = mac.ends_with("_KERNEL") && mac.chars().all(|c| c.is_ascii_uppercase() || c == '_');
             let args = args.split(')').next().unwrap_or("");
-            let names = args.split(',').map(str::trim).filter(|a| is_kernel_name(a) && !matches!(*a, "true" | "false"));
+            let setting = |a: &str| matches!(a, "true" | "false" | "float" | "double" | "int");
+            let names = args.split(',').map(str::trim).filter(|a| is_kernel_name(a) && !setting(a));
             is_instance.then(|| names.map(String::from).collect::<Vec<_>>())
         })
         .flatten()

@@ -103,10 +103,11 @@ __device__ __forceinline__ void gemm_f32(const float* __restrict__ a, int64_t a_
 }
 
 // One kernel name per product of a linear layer (the same code), so that a profile says which pass it is timing.
+// The weight gradient writes c_acc (its partial products), the other roles c: the one that is not null.
 #define LINEAR_GEMM_KERNEL(NAME)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) NAME(const GemmParams p) {                          \
-        gemm_f32(p.a, p.a_si, p.a_sk, p.b, p.b_sk, p.b_sj, p.bias, p.bias != nullptr, p.c, p.M, p.N, p.K,          \
-                 p.k_slice, p.c_slice);                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) NAME(const GemmParams<float> p) {                   \
+        gemm_f32(p.a, p.a_si, p.a_sk, p.b, p.b_sk, p.b_sj, p.bias, p.bias != nullptr, p.c_acc ? p.c_acc : p.c,     \
+                 p.M, p.N, p.K, p.k_slice, p.c_slice);                                                             \
     }
 LINEAR_GEMM_KERNEL(linear_fprop_f32)  // y = x W^T (+ b)
 LINEAR_GEMM_KERNEL(linear_dgrad_f32)  // dx = g W
@@ -118,21 +119,24 @@ template <int BN>
 using TcShape = mma::Shape<GEMM_TC_BM, BN, GEMM_TC_BK, GEMM_TC_STAGES, 4, 2>;
 static_assert(TcShape<GEMM_TC_BN>::THREADS == GEMM_TC_THREADS, "8 warps");
 
-// Issues the cp.async copies of the R x C block at (r0, c0) of a row-major operand whose rows are ld floats apart
-// and of which rows < r_end and columns < c_end exist (the rest is zero-filled), into shared rows of sld floats.
-// vec4: 16-byte copies (the operand's base and ld are multiples of 4 floats; c0 is); else 4-byte copies.
-template <int R, int C, int THREADS>
-__device__ __forceinline__ void load_block(float* dst, int sld, const float* src, int64_t ld, int64_t r0,
-                                           int64_t r_end, int64_t c0, int64_t c_end, bool vec4) {
-    if (vec4) {
-        constexpr int V = R * C / 4;
-        static_assert(C % 4 == 0 && (V % THREADS == 0 || THREADS % V == 0), "whole float4s per thread");
+// Issues the copies of the R x C block at (r0, c0) of a row-major operand of T elements whose rows are ld elements
+// apart and of which rows < r_end and columns < c_end exist (the rest is zero-filled), into shared rows of sld
+// elements. vec: 16-byte cp.async copies (the operand's base is 16-byte aligned and ld a multiple of 16 bytes; c0
+// is); else one element at a time (cp.async for 4-byte elements; a plain load and store for bf16, which cp.async
+// cannot copy alone: visible to the block after the pipeline's next barrier all the same).
+template <int R, int C, int THREADS, typename T>
+__device__ __forceinline__ void load_block(T* dst, int sld, const T* src, int64_t ld, int64_t r0, int64_t r_end,
+                                           int64_t c0, int64_t c_end, bool vec) {
+    constexpr int E = 16 / sizeof(T);  // elements per 16 bytes
+    if (vec) {
+        constexpr int V = R * C / E;
+        static_assert(C % E == 0 && (V % THREADS == 0 || THREADS % V == 0), "whole 16-byte chunks per thread");
 #pragma unroll
         for (int i = 0; i < (V + THREADS - 1) / THREADS; ++i) {
-            const int e = threadIdx.x + i * THREADS, r = e / (C / 4), c = e % (C / 4) * 4;
+            const int e = threadIdx.x + i * THREADS, r = e / (C / E), c = e % (C / E) * E;
             if (V < THREADS && e >= V) break;
             const int64_t gr = r0 + r, gc = c0 + c;
-            const int count = gr < r_end ? (int)max((int64_t)0, min((int64_t)4, c_end - gc)) : 0;
+            const int count = gr < r_end ? (int)max((int64_t)0, min((int64_t)E, c_end - gc)) : 0;
             mma::cp_async16(dst + r * sld + c, count > 0 ? src + gr * ld + gc : src, count);
         }
     } else {
@@ -142,29 +146,73 @@ __device__ __forceinline__ void load_block(float* dst, int sld, const float* src
             const int e = threadIdx.x + i * THREADS, r = e / C, c = e % C;
             const int64_t gr = r0 + r, gc = c0 + c;
             const bool ok = gr < r_end && gc < c_end;
-            mma::cp_async4(dst + r * sld + c, ok ? src + gr * ld + gc : src, ok);
+            if constexpr (sizeof(T) == 4) {
+                mma::cp_async4(dst + r * sld + c, ok ? src + gr * ld + gc : src, ok);
+            } else {
+                dst[r * sld + c] = ok ? src[gr * ld + gc] : T(0.0f);
+            }
         }
     }
 }
 
 // Whether an operand can be copied 16 bytes at a time: 16-byte aligned base and rows.
-__device__ __forceinline__ bool aligned4(const float* base, int64_t ld) {
-    return ((uintptr_t)base & 15) == 0 && ld % 4 == 0;
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* base, int64_t ld) {
+    return ((uintptr_t)base & 15) == 0 && (ld * (int64_t)sizeof(T)) % 16 == 0;
 }
 
-// C[z] = sum_{k in slice z} A(i, k) B(k, j) (+ bias[j]) on the tensor cores. A_K_MAJOR: A runs along i in memory
-// (a_si = 1, stored [k][i]), else along k (a_sk = 1, stored [i][k]); B_K_MAJOR: B runs along j (b_sj = 1, [k][j]),
-// else along k (b_sk = 1, [j][k]).
-template <int BN, bool A_K_MAJOR, bool B_K_MAJOR>
-__device__ __forceinline__ void gemm_tc(const GemmParams& p) {
+// Writes the block's accumulators (+ bias[j] when given) to out, row-major (M, N), as float or rounded to bf16;
+// two adjacent columns at once where N and out allow.
+template <class Acc, typename O, typename B>
+__device__ __forceinline__ void store_tile(const Acc& acc, O* out, int64_t i0, int64_t j0, int64_t M, int64_t N,
+                                           const B* bias) {
+    const bool pairs = N % 2 == 0 && ((uintptr_t)out & (2 * sizeof(O) - 1)) == 0;
+#pragma unroll
+    for (int i = 0; i < Acc::MI; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int64_t row = i0 + Acc::row(i, 2 * half);
+            if (row >= M) continue;
+#pragma unroll
+            for (int j = 0; j < Acc::NI; ++j) {
+                const int64_t col = j0 + Acc::col(j, 0);
+                float v0 = acc.v[i][j][2 * half], v1 = acc.v[i][j][2 * half + 1];
+                if (bias) {
+                    if (col < N) v0 += (float)bias[col];
+                    if (col + 1 < N) v1 += (float)bias[col + 1];
+                }
+                O* at = out + row * N + col;
+                if constexpr (std::is_same<O, float>::value) {
+                    if (pairs && col + 1 < N) {
+                        *reinterpret_cast<float2*>(at) = make_float2(v0, v1);
+                        continue;
+                    }
+                } else {
+                    if (pairs && col + 1 < N) {
+                        *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(v0, v1);
+                        continue;
+                    }
+                }
+                if (col < N) at[0] = O(v0);
+                if (col + 1 < N) at[1] = O(v1);
+            }
+        }
+}
+
+// C[z] = sum_{k in slice z} A(i, k) B(k, j) (+ bias[j]) on the tensor cores, operands of type T. A_K_MAJOR: A runs
+// along i in memory (a_si = 1, stored [k][i]), else along k (a_sk = 1, [i][k]); B_K_MAJOR: B runs along j (b_sj = 1,
+// [k][j]), else along k (b_sk = 1, [j][k]). ACC: write float32 partial products to c_acc (the weight gradient),
+// else T to c.
+template <typename T, int BN, bool A_K_MAJOR, bool B_K_MAJOR, bool ACC>
+__device__ __forceinline__ void gemm_tc(const GemmParams<T>& p) {
     using S = TcShape<BN>;
     using Acc = mma::Acc<S>;
     constexpr int BM = S::BM, BK = S::BK;
-    __shared__ __align__(16) mma::Tiles<S, A_K_MAJOR, B_K_MAJOR> tiles;
+    __shared__ __align__(16) mma::Tiles<S, A_K_MAJOR, B_K_MAJOR, T> tiles;
     const int64_t i0 = (int64_t)blockIdx.x * BM, j0 = (int64_t)blockIdx.y * BN;
     const int64_t k_begin = (int64_t)blockIdx.z * p.k_slice, k_end = min(p.K, k_begin + p.k_slice);
     const int64_t a_ld = A_K_MAJOR ? p.a_sk : p.a_si, b_ld = B_K_MAJOR ? p.b_sk : p.b_sj;
-    const bool a_vec = aligned4(p.a, a_ld), b_vec = aligned4(p.b, b_ld);
+    const bool a_vec = aligned16(p.a, a_ld), b_vec = aligned16(p.b, b_ld);
 
     auto no_table = [](int, int) {};
     auto load = [&](int stage, int slot) {
@@ -181,45 +229,34 @@ __device__ __forceinline__ void gemm_tc(const GemmParams& p) {
     Acc acc;
     mma::pipeline(tiles, (int)((k_end - k_begin + BK - 1) / BK), no_table, load, acc);
 
-    float* out = p.c + (int64_t)blockIdx.z * p.c_slice;
-    const bool pairs = p.N % 2 == 0 && ((uintptr_t)out & 7) == 0;
-#pragma unroll
-    for (int i = 0; i < Acc::MI; ++i)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int64_t row = i0 + Acc::row(i, 2 * half);
-            if (row >= p.M) continue;
-#pragma unroll
-            for (int j = 0; j < Acc::NI; ++j) {
-                const int64_t col = j0 + Acc::col(j, 0);
-                float v0 = acc.v[i][j][2 * half], v1 = acc.v[i][j][2 * half + 1];
-                if (p.bias) {
-                    if (col < p.N) v0 += p.bias[col];
-                    if (col + 1 < p.N) v1 += p.bias[col + 1];
-                }
-                if (pairs && col + 1 < p.N) {
-                    *reinterpret_cast<float2*>(out + row * p.N + col) = make_float2(v0, v1);
-                } else {
-                    if (col < p.N) out[row * p.N + col] = v0;
-                    if (col + 1 < p.N) out[row * p.N + col + 1] = v1;
-                }
-            }
-        }
+    if constexpr (ACC) {
+        float* out = p.c_acc + (int64_t)blockIdx.z * p.c_slice;
+        store_tile<Acc>(acc, out, i0, j0, p.M, p.N, (const float*)nullptr);
+    } else {
+        store_tile<Acc>(acc, p.c, i0, j0, p.M, p.N, p.bias);
+    }
 }
 
 }  // namespace
 
-// One name per role (the storage each role reads fixes the tile layouts), _n32 for at most 32 output columns.
-#define LINEAR_TC_KERNEL(NAME, BN, A_K_MAJOR, B_K_MAJOR)                                                         \
-    extern "C" __global__ void __launch_bounds__(GEMM_TC_THREADS) NAME(const GemmParams p) {                     \
-        gemm_tc<BN, A_K_MAJOR, B_K_MAJOR>(p);                                                                    \
+// One name per role and storage type (the storage each role reads fixes the tile layouts), _n32 for at most 32
+// output columns.
+#define LINEAR_TC_KERNEL(NAME, T, BN, A_K_MAJOR, B_K_MAJOR, ACC)                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMM_TC_THREADS) NAME(const GemmParams<T> p) {                  \
+        gemm_tc<T, BN, A_K_MAJOR, B_K_MAJOR, ACC>(p);                                                            \
     }
-LINEAR_TC_KERNEL(linear_fprop_tf32, GEMM_TC_BN, false, false)  // y = x W^T: x along k, W along k
-LINEAR_TC_KERNEL(linear_fprop_tf32_n32, GEMM_TC_BN_NARROW, false, false)
-LINEAR_TC_KERNEL(linear_dgrad_tf32, GEMM_TC_BN, false, true)  // dx = g W: g along k, W along j
-LINEAR_TC_KERNEL(linear_dgrad_tf32_n32, GEMM_TC_BN_NARROW, false, true)
-LINEAR_TC_KERNEL(linear_wgrad_tf32, GEMM_TC_BN, true, true)  // dW = g^T x: g along i, x along j
-LINEAR_TC_KERNEL(linear_wgrad_tf32_n32, GEMM_TC_BN_NARROW, true, true)
+LINEAR_TC_KERNEL(linear_fprop_tf32, float, GEMM_TC_BN, false, false, false)  // y = x W^T: x along k, W along k
+LINEAR_TC_KERNEL(linear_fprop_tf32_n32, float, GEMM_TC_BN_NARROW, false, false, false)
+LINEAR_TC_KERNEL(linear_dgrad_tf32, float, GEMM_TC_BN, false, true, false)  // dx = g W: g along k, W along j
+LINEAR_TC_KERNEL(linear_dgrad_tf32_n32, float, GEMM_TC_BN_NARROW, false, true, false)
+LINEAR_TC_KERNEL(linear_wgrad_tf32, float, GEMM_TC_BN, true, true, true)  // dW = g^T x: g along i, x along j
+LINEAR_TC_KERNEL(linear_wgrad_tf32_n32, float, GEMM_TC_BN_NARROW, true, true, true)
+LINEAR_TC_KERNEL(linear_fprop_bf16, __nv_bfloat16, GEMM_TC_BN, false, false, false)
+LINEAR_TC_KERNEL(linear_fprop_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, false, false, false)
+LINEAR_TC_KERNEL(linear_dgrad_bf16, __nv_bfloat16, GEMM_TC_BN, false, true, false)
+LINEAR_TC_KERNEL(linear_dgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, false, true, false)
+LINEAR_TC_KERNEL(linear_wgrad_bf16, __nv_bfloat16, GEMM_TC_BN, true, true, true)
+LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, true, true)
 
 // Block (SUM_ROWS_COLS, SUM_ROWS_LANES) = (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid
 // (ceil(cols / 32), slices).

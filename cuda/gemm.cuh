@@ -1,5 +1,6 @@
 // Parameters of the matrix products and the column sums of gemm.cu.
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 // The tile of C one block computes (GEMM_TM x GEMM_TN), the K step staged in shared memory, the shared-memory row
@@ -22,13 +23,16 @@ constexpr int SUM_ROWS_COLS = 32;
 constexpr int SUM_ROWS_LANES = 8;
 
 // One product C[z] = sum_{k in slice z} A(i, k) B(k, j) (+ bias[j]), A(i, k) = a[i a_si + k a_sk],
-// B(k, j) = b[k b_sk + j b_sj], C row-major (M, N), slice z at c + z c_slice. Grid (ceil(M / GEMM_TM),
-// ceil(N / GEMM_TN), slices), GEMM_THREADS threads.
+// B(k, j) = b[k b_sk + j b_sj], C row-major (M, N): written to c in the storage type T (forward, input gradient) or,
+// for the weight gradient, slice z to c_acc + z c_slice in float32 (partial sums stay float32 until sum_rows_f32 has
+// added them). Grid (ceil(M / tile rows), ceil(N / tile columns), slices). T is float or __nv_bfloat16.
+template <typename T>
 struct GemmParams {
-    const float* a;
-    const float* b;
-    const float* bias;  // (N), or null for none
-    float* c;
+    const T* a;
+    const T* b;
+    const T* bias;  // (N), or null for none
+    T* c;           // forward and input gradient
+    float* c_acc;   // weight gradient: the float32 partial products
     int64_t a_si;
     int64_t a_sk;
     int64_t b_sk;
@@ -51,15 +55,22 @@ struct SumRowsParams {
 };
 
 // Exact float32 SIMT products (GEMM_TM x GEMM_TN tiles): the parity path (--math exact).
-extern "C" __global__ void linear_fprop_f32(const GemmParams p);  // y = x W^T (+ b)
-extern "C" __global__ void linear_dgrad_f32(const GemmParams p);  // dx = g W
-extern "C" __global__ void linear_wgrad_f32(const GemmParams p);  // dW = g^T x, split over tokens
-// The same products on the tensor cores (tf32 operands, float32 accumulation); _n32 for N <= GEMM_TC_BN_NARROW.
-// Each role fixes which strides are 1: fprop a_sk = b_sk = 1, dgrad a_sk = b_sj = 1, wgrad a_si = b_sj = 1.
-extern "C" __global__ void linear_fprop_tf32(const GemmParams p);
-extern "C" __global__ void linear_fprop_tf32_n32(const GemmParams p);
-extern "C" __global__ void linear_dgrad_tf32(const GemmParams p);
-extern "C" __global__ void linear_dgrad_tf32_n32(const GemmParams p);
-extern "C" __global__ void linear_wgrad_tf32(const GemmParams p);
-extern "C" __global__ void linear_wgrad_tf32_n32(const GemmParams p);
+extern "C" __global__ void linear_fprop_f32(const GemmParams<float> p);  // y = x W^T (+ b)
+extern "C" __global__ void linear_dgrad_f32(const GemmParams<float> p);  // dx = g W
+extern "C" __global__ void linear_wgrad_f32(const GemmParams<float> p);  // dW = g^T x, split over tokens
+// The same products on the tensor cores, float32 accumulation: tf32 from float32 storage, bf16 from bf16 storage;
+// _n32 for N <= GEMM_TC_BN_NARROW. Each role fixes which strides are 1: fprop a_sk = b_sk = 1, dgrad a_sk = b_sj = 1,
+// wgrad a_si = b_sj = 1.
+extern "C" __global__ void linear_fprop_tf32(const GemmParams<float> p);
+extern "C" __global__ void linear_fprop_tf32_n32(const GemmParams<float> p);
+extern "C" __global__ void linear_dgrad_tf32(const GemmParams<float> p);
+extern "C" __global__ void linear_dgrad_tf32_n32(const GemmParams<float> p);
+extern "C" __global__ void linear_wgrad_tf32(const GemmParams<float> p);
+extern "C" __global__ void linear_wgrad_tf32_n32(const GemmParams<float> p);
+extern "C" __global__ void linear_fprop_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_fprop_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_wgrad_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_wgrad_bf16_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void sum_rows_f32(const SumRowsParams p);

@@ -9,7 +9,10 @@
 // and how the accumulators are written out; the pieces here do not depend on it.
 // Not a parameter header (no mma.cu beside it): no kernel is declared here.
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace mma {
 
@@ -27,10 +30,12 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src, bool val
     const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
 }
-// dst[0..4) <- the first `count` floats at src (0 to 4), the rest 0. dst and src 16-byte aligned.
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, int count) {
+// The 16 bytes at dst <- the first `count` elements at src (0 to 16 / sizeof(T)), the rest 0. dst and src 16-byte
+// aligned.
+template <typename T>
+__device__ __forceinline__ void cp_async16(T* dst, const T* src, int count) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(4 * count));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"((int)sizeof(T) * count));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -52,22 +57,24 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The shared-memory tiles of the pipeline's stages. Each operand is stored k-major ([k][m], [k][n]: the layout when
-// it runs along the rows or columns in memory) or k-contiguous ([m][k], [n][k]: when it runs along k). Rows are
-// padded so that the fragment loads of a warp hit 32 different banks, and stay 16-byte aligned for cp_async16.
-template <class S, bool A_K_MAJOR, bool B_K_MAJOR>
+// The shared-memory tiles of the pipeline's stages, of T elements (float: tf32 products; __nv_bfloat16: bf16
+// products). Each operand is stored k-major ([k][m], [k][n]: the layout when it runs along the rows or columns in
+// memory) or k-contiguous ([m][k], [n][k]: when it runs along k). Rows are padded (32 bytes k-major, 16 bytes
+// k-contiguous) so that the fragment loads of a warp spread over the banks, and stay 16-byte aligned for cp_async16.
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T = float>
 struct Tiles {
-    static constexpr int A_LD = A_K_MAJOR ? S::BM + 8 : S::BK + 4;
-    static constexpr int B_LD = B_K_MAJOR ? S::BN + 8 : S::BK + 4;
+    static constexpr int VEC = 16 / sizeof(T);  // elements per 16 bytes
+    static constexpr int A_LD = A_K_MAJOR ? S::BM + 2 * VEC : S::BK + VEC;
+    static constexpr int B_LD = B_K_MAJOR ? S::BN + 2 * VEC : S::BK + VEC;
     static constexpr int A_SIZE = (A_K_MAJOR ? S::BK : S::BM) * A_LD;
     static constexpr int B_SIZE = (B_K_MAJOR ? S::BK : S::BN) * B_LD;
-    static_assert(A_LD % 4 == 0 && B_LD % 4 == 0 && A_SIZE % 4 == 0, "16-byte aligned rows");
-    float a[S::STAGES][A_SIZE];
-    float b[S::STAGES][B_SIZE];
-    __device__ __forceinline__ float* a_at(int slot, int m, int k) {
+    static_assert(A_LD % VEC == 0 && B_LD % VEC == 0 && A_SIZE % VEC == 0, "16-byte aligned rows");
+    T a[S::STAGES][A_SIZE];
+    T b[S::STAGES][B_SIZE];
+    __device__ __forceinline__ T* a_at(int slot, int m, int k) {
         return A_K_MAJOR ? &a[slot][k * A_LD + m] : &a[slot][m * A_LD + k];
     }
-    __device__ __forceinline__ float* b_at(int slot, int n, int k) {
+    __device__ __forceinline__ T* b_at(int slot, int n, int k) {
         return B_K_MAJOR ? &b[slot][k * B_LD + n] : &b[slot][n * B_LD + k];
     }
 };
@@ -86,34 +93,78 @@ struct Acc {
     }
 };
 
-// acc += A B over the BK reduction indices of stage slot: per 8 indices, MI x NI mma.sync.m16n8k8 per warp. With
-// g = lane / 4, t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" with .tf32):
-//   A (m x k): (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);  B (k x n): (t, g), (t + 4, g).
-template <class S, bool A_K_MAJOR, bool B_K_MAJOR>
-__device__ __forceinline__ void stage_product(Tiles<S, A_K_MAJOR, B_K_MAJOR>& s, int slot, Acc<S>& acc) {
+// Two bf16 of consecutive reduction indices k, k + 1 in one register, k in the low half (the mma operand order).
+__device__ __forceinline__ unsigned pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// acc += A B over the BK reduction indices of stage slot, per warp MI x NI mma.sync per step. With g = lane / 4,
+// t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" / "mma.m16n8k16"):
+//   tf32, m16n8k8 per 8 indices:  A (m x k): (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);  B (k x n): (t, g),
+//                                 (t + 4, g)
+//   bf16, m16n8k16 per 16 indices: A: the pairs (g, 2t..2t+1), (g + 8, 2t..), (g, 2t+8..), (g + 8, 2t+8..);
+//                                 B: the pairs (2t..2t+1, g), (2t+8..2t+9, g)
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T>
+__device__ __forceinline__ void stage_product(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>& s, int slot, Acc<S>& acc) {
     using A = Acc<S>;
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
-    for (int k0 = 0; k0 < S::BK; k0 += 8) {
-        unsigned a[A::MI][4], b[A::NI][2];
+        for (int k0 = 0; k0 < S::BK; k0 += 8) {
+            unsigned a[A::MI][4], b[A::NI][2];
 #pragma unroll
-        for (int i = 0; i < A::MI; ++i) {
-            const int r = A::row(i, 0);
-            a[i][0] = to_tf32(*s.a_at(slot, r, k0 + tq));
-            a[i][1] = to_tf32(*s.a_at(slot, r + 8, k0 + tq));
-            a[i][2] = to_tf32(*s.a_at(slot, r, k0 + tq + 4));
-            a[i][3] = to_tf32(*s.a_at(slot, r + 8, k0 + tq + 4));
+            for (int i = 0; i < A::MI; ++i) {
+                const int r = A::row(i, 0);
+                a[i][0] = to_tf32(*s.a_at(slot, r, k0 + tq));
+                a[i][1] = to_tf32(*s.a_at(slot, r + 8, k0 + tq));
+                a[i][2] = to_tf32(*s.a_at(slot, r, k0 + tq + 4));
+                a[i][3] = to_tf32(*s.a_at(slot, r + 8, k0 + tq + 4));
+            }
+#pragma unroll
+            for (int j = 0; j < A::NI; ++j) {
+                const int c = (threadIdx.x >> 5) / S::WARPS_M * A::WTN + 8 * j + g;
+                b[j][0] = to_tf32(*s.b_at(slot, c, k0 + tq));
+                b[j][1] = to_tf32(*s.b_at(slot, c, k0 + tq + 4));
+            }
+#pragma unroll
+            for (int i = 0; i < A::MI; ++i)
+#pragma unroll
+                for (int j = 0; j < A::NI; ++j) mma_tf32(acc.v[i][j], a[i], b[j][0], b[j][1]);
         }
+    } else {
+        static_assert(std::is_same<T, __nv_bfloat16>::value && S::BK % 16 == 0, "bf16 steps of 16 indices");
+        auto a_pair = [&](int m, int k) { return pack_bf16(*s.a_at(slot, m, k), *s.a_at(slot, m, k + 1)); };
+        auto b_pair = [&](int n, int k) { return pack_bf16(*s.b_at(slot, n, k), *s.b_at(slot, n, k + 1)); };
 #pragma unroll
-        for (int j = 0; j < A::NI; ++j) {
-            const int c = (threadIdx.x >> 5) / S::WARPS_M * A::WTN + 8 * j + g;
-            b[j][0] = to_tf32(*s.b_at(slot, c, k0 + tq));
-            b[j][1] = to_tf32(*s.b_at(slot, c, k0 + tq + 4));
+        for (int k0 = 0; k0 < S::BK; k0 += 16) {
+            unsigned a[A::MI][4], b[A::NI][2];
+#pragma unroll
+            for (int i = 0; i < A::MI; ++i) {
+                const int r = A::row(i, 0);
+                a[i][0] = a_pair(r, k0 + 2 * tq);
+                a[i][1] = a_pair(r + 8, k0 + 2 * tq);
+                a[i][2] = a_pair(r, k0 + 2 * tq + 8);
+                a[i][3] = a_pair(r + 8, k0 + 2 * tq + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < A::NI; ++j) {
+                const int c = (threadIdx.x >> 5) / S::WARPS_M * A::WTN + 8 * j + g;
+                b[j][0] = b_pair(c, k0 + 2 * tq);
+                b[j][1] = b_pair(c, k0 + 2 * tq + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < A::MI; ++i)
+#pragma unroll
+                for (int j = 0; j < A::NI; ++j) mma_bf16(acc.v[i][j], a[i], b[j][0], b[j][1]);
         }
-#pragma unroll
-        for (int i = 0; i < A::MI; ++i)
-#pragma unroll
-            for (int j = 0; j < A::NI; ++j) mma_tf32(acc.v[i][j], a[i], b[j][0], b[j][1]);
     }
 }
 
@@ -122,8 +173,8 @@ __device__ __forceinline__ void stage_product(Tiles<S, A_K_MAJOR, B_K_MAJOR>& s,
 // issues the stage's cp.async copies. Tables are decoded STAGES ahead: slot kt % STAGES is free once the barrier of
 // iteration kt has passed (its last reader, the load of stage kt, came before it), and the next iteration's barrier
 // publishes it before its load.
-template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename Decode, typename Load>
-__device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR>& s, int num_k, Decode decode, Load load,
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T, typename Decode, typename Load>
+__device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>& s, int num_k, Decode decode, Load load,
                                          Acc<S>& acc) {
     constexpr int STAGES = S::STAGES;
     if (threadIdx.x < S::BK) {

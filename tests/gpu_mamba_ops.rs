@@ -14,6 +14,7 @@ use std::sync::Arc;
 use common::{assert_rel_err, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
+use lkm_engine::ops::cast::cast;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs, GPU_CHUNK};
@@ -75,6 +76,44 @@ fn gpu_linear_bias() {
 fn gpu_linear_no_bias() {
     // Rank-3 tokens (3, 333, 37): M = 999.
     linear_case("linear (3, 333, 37) -> 53", &[3, 333, 37], 53, false, 4);
+}
+
+/// linear with its operands stored as bf16 on the GPU (cast from float32 by the cast op, as a bf16 step casts the
+/// float32 master weights), against the float64 reference on the float32 inputs: engine.md's bf16 tolerance 1e-2,
+/// and above 1e-6 (rounding to bf16 alone moves every operand by up to 2^-9).
+fn linear_bf16_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u64) {
+    let k = *x_shape.last().unwrap();
+    let mut inputs = vec![randn32(x_shape, 1.0, seed), randn32(&[n_out, k], 0.2, seed + 1)];
+    if bias {
+        inputs.push(randn32(&[n_out], 1.0, seed + 2));
+    }
+    let f = |t: &mut Tape, x: &[Tensor]| {
+        let on_gpu = !x[0].device().is_cpu();
+        let low = |t: &mut Tape, v: &Tensor| if on_gpu { cast(t, v, DType::BF16) } else { Ok(v.clone()) };
+        let (xb, wb) = (low(t, &x[0])?, low(t, &x[1])?);
+        let bb = x.get(2).map(|b| low(t, b)).transpose()?;
+        let y = linear(t, &xb, &wb, bb.as_ref())?;
+        if on_gpu {
+            assert_eq!(y.dtype(), DType::BF16, "{name}: the bf16 linear's output is bf16");
+            cast(t, &y, DType::F32)
+        } else {
+            Ok(y)
+        }
+    };
+    let all = vec![true; inputs.len()];
+    let worst = check_op_on(tf32_gpu(), &format!("{name} bf16"), &inputs, &all, 1e-2, f);
+    assert!(worst > 1e-6, "{name}: bf16 linear matches float64 to {worst:e}: is it running in float32?");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_bf16() {
+    // 16-byte copies (K, N multiples of 8), 64- and 32-column tiles, the element-wise loads of odd sizes, and the
+    // reference in_proj with its split weight gradient.
+    linear_bf16_case("linear 1001x64 -> 96 + bias", &[1001, 64], 96, true, 40);
+    linear_bf16_case("linear 999x40 -> 20", &[999, 40], 20, false, 43);
+    linear_bf16_case("linear 1000x37 -> 53 + bias", &[1000, 37], 53, true, 46);
+    linear_bf16_case("linear in_proj (100003, 32) -> 128", &[100_003, 32], 128, false, 49);
 }
 
 #[test]

@@ -30,9 +30,36 @@ pub struct Gpu {
 
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
 /// [`crate::tensor::DType::BF16`] tensors).
-pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {}
-impl GpuElement for f32 {}
-impl GpuElement for half::bf16 {}
+pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {
+    /// The tensor storage holding a buffer of this type.
+    fn storage(buffer: GpuBuffer<Self>) -> crate::tensor::Storage;
+    /// The buffer of a storage of this type, if it is one.
+    fn buffer(storage: &crate::tensor::Storage) -> Option<&GpuBuffer<Self>>;
+}
+
+impl GpuElement for f32 {
+    fn storage(buffer: GpuBuffer<f32>) -> crate::tensor::Storage {
+        crate::tensor::Storage::Cuda(buffer)
+    }
+    fn buffer(storage: &crate::tensor::Storage) -> Option<&GpuBuffer<f32>> {
+        match storage {
+            crate::tensor::Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+impl GpuElement for half::bf16 {
+    fn storage(buffer: GpuBuffer<half::bf16>) -> crate::tensor::Storage {
+        crate::tensor::Storage::CudaBf16(buffer)
+    }
+    fn buffer(storage: &crate::tensor::Storage) -> Option<&GpuBuffer<half::bf16>> {
+        match storage {
+            crate::tensor::Storage::CudaBf16(b) => Some(b),
+            _ => None,
+        }
+    }
+}
 
 /// A buffer of `T` (float32 unless said otherwise) on a GPU, tied to the GPU that owns it.
 pub struct GpuBuffer<T: GpuElement = f32> {

@@ -24,7 +24,10 @@
 //! They run on the tensor cores (cuda/gemm.cu, `linear_fprop_tf32`, `linear_dgrad_tf32`, `linear_wgrad_tf32`: tf32
 //! operands, float32 accumulation, the cp.async pipeline and warp tiles of cuda/mma.cuh that the convolutions
 //! share), or, when the GPU's math is exact float32 ([`Gpu::set_exact_f32`], `--math exact`, the parity checks),
-//! on float32 SIMT tiles whose rounding matches the CPU's (`linear_*_f32`). dW reduces over all M tokens while its output is
+//! on float32 SIMT tiles whose rounding matches the CPU's (`linear_*_f32`). Operands stored as bf16 (all of x, W, b
+//! and the gradient, e.g. cast by [`crate::ops::cast`]) run on `linear_*_bf16` (mma.sync m16n8k16, float32
+//! accumulation) and give bf16 results; the weight gradient's slices stay float32 until they are summed, then round
+//! once. dW reduces over all M tokens while its output is
 //! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
 //! order (`sum_rows`, also used for db); results are the same bits from run to run.
 //!
@@ -39,14 +42,16 @@ use cudarc::driver::{CudaView, LaunchConfig};
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{Gpu, GpuBuffer};
+use half::bf16;
+
+use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
     GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, ensure, Error, Result};
 
 /// `y = x W^T + b` over the last axis of `x` (..., Cin), with `w` (Cout, Cin) and `bias` (Cout); returns (..., Cout).
 pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -54,9 +59,10 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank checked") = d.n;
     let range = profile::forward("linear", &[x, w], d.flops());
-    let y = match (x.gpu_buffer(), w.gpu_buffer()) {
-        (Some(xb), Some(wb)) => {
-            Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu_buffer), d)?, &out_shape)?
+    let y = match (x.gpu::<f32>(), w.gpu::<f32>(), x.gpu::<bf16>(), w.gpu::<bf16>()) {
+        (Some(xb), Some(wb), ..) => Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu), d)?, &out_shape)?,
+        (_, _, Some(xb), Some(wb)) => {
+            Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu), d)?, &out_shape)?
         }
         _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
     };
@@ -270,19 +276,35 @@ impl Backward for LinearBackward {
         }
         self.x.check_same_kind(grad_out, "linear backward")?;
         let want = [needs[0], needs[1], self.has_bias && needs.get(2).copied().unwrap_or(false)];
-        let [dx, dw, db] = match (self.x.gpu_buffer(), self.w.gpu_buffer(), grad_out.gpu_buffer()) {
-            (Some(xb), Some(wb), Some(gb)) => {
-                let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, want)?;
-                let wrap = |b: Option<GpuBuffer>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
-                [wrap(dx, self.x.shape())?, wrap(dw, self.w.shape())?, wrap(db, &[self.dims.n])?]
-            }
-            _ => by_dtype!(self.x.dtype(), cpu(self, grad_out, want))?,
+        let [dx, dw, db] = match self.x.dtype() {
+            _ if self.x.gpu::<f32>().is_some() => self.backward_on_gpu::<f32>(grad_out, want)?,
+            _ if self.x.gpu::<bf16>().is_some() => self.backward_on_gpu::<bf16>(grad_out, want)?,
+            dtype => by_dtype!(dtype, cpu(self, grad_out, want))?,
         };
         let mut out = vec![dx, dw];
         if self.has_bias {
             out.push(db);
         }
         Ok(out)
+    }
+}
+
+/// The buffer of a backward operand stored as `T` (x's GPU type).
+fn gpu_operand<'a, T: GpuElement>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer<T>> {
+    t.gpu::<T>().ok_or_else(|| Error::Mismatch(format!("linear backward: {what} is not stored as x is ({t:?})")))
+}
+
+impl LinearBackward {
+    /// The wanted gradients on the GPU, every operand stored as `T`.
+    fn backward_on_gpu<T: LinearElement>(&self, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
+        let (xb, wb, gb) = (
+            gpu_operand::<T>(&self.x, "x")?,
+            gpu_operand::<T>(&self.w, "the weight")?,
+            gpu_operand::<T>(g, "the gradient")?,
+        );
+        let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, want)?;
+        let wrap = |b: Option<GpuBuffer<T>>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
+        Ok([wrap(dx, self.x.shape())?, wrap(dw, self.w.shape())?, wrap(db, &[self.dims.n])?])
     }
 }
 
@@ -305,17 +327,52 @@ enum GemmRole {
     WeightGrad,
 }
 
-/// Per role (forward, input gradient, weight gradient): the exact float32 kernel, the tf32 one, the tf32 one for at
-/// most 32 output columns.
-const LINEAR_KERNELS: [[Kernel<GemmParams>; 3]; 3] = [
-    [kernel::linear_fprop_f32, kernel::linear_fprop_tf32, kernel::linear_fprop_tf32_n32],
-    [kernel::linear_dgrad_f32, kernel::linear_dgrad_tf32, kernel::linear_dgrad_tf32_n32],
-    [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
-];
+/// A storage type the linear kernels take: its kernels per role (forward, input gradient, weight gradient), each as
+/// [exact float32 SIMT, tensor cores, tensor cores for at most 32 output columns]; bf16 has only tensor-core kernels
+/// (its exact entry is the tensor-core one).
+trait LinearElement: GpuElement {
+    const KERNELS: [[Kernel<GemmParams<Self>>; 3]; 3];
+    /// Whether `--math exact` can select float32 SIMT kernels for this type.
+    const HAS_EXACT: bool;
+    /// The float32 weight gradient (summed slices) in this type.
+    fn from_f32(dw: GpuBuffer) -> Result<GpuBuffer<Self>>;
+    /// The column sums of g (M, N) in float32: the bias gradient before [`LinearElement::from_f32`].
+    fn column_sums(g: &GpuBuffer<Self>, m: usize, n: usize) -> Result<GpuBuffer>;
+}
+
+impl LinearElement for f32 {
+    const KERNELS: [[Kernel<GemmParams<f32>>; 3]; 3] = [
+        [kernel::linear_fprop_f32, kernel::linear_fprop_tf32, kernel::linear_fprop_tf32_n32],
+        [kernel::linear_dgrad_f32, kernel::linear_dgrad_tf32, kernel::linear_dgrad_tf32_n32],
+        [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
+    ];
+    const HAS_EXACT: bool = true;
+    fn from_f32(dw: GpuBuffer) -> Result<GpuBuffer> {
+        Ok(dw)
+    }
+    fn column_sums(g: &GpuBuffer, m: usize, n: usize) -> Result<GpuBuffer> {
+        sum_rows(&g.gpu, &g.slice.slice(..), m, n, n, "linear db")
+    }
+}
+
+impl LinearElement for bf16 {
+    const KERNELS: [[Kernel<GemmParams<bf16>>; 3]; 3] = [
+        [kernel::linear_fprop_bf16, kernel::linear_fprop_bf16, kernel::linear_fprop_bf16_n32],
+        [kernel::linear_dgrad_bf16, kernel::linear_dgrad_bf16, kernel::linear_dgrad_bf16_n32],
+        [kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16_n32],
+    ];
+    const HAS_EXACT: bool = false;
+    fn from_f32(dw: GpuBuffer) -> Result<GpuBuffer<bf16>> {
+        crate::tensor::cast::to_bf16(&dw)
+    }
+    fn column_sums(g: &GpuBuffer<bf16>, m: usize, n: usize) -> Result<GpuBuffer> {
+        f32::column_sums(&crate::tensor::cast::to_f32(g)?, m, n)
+    }
+}
 
 /// A product's kernel and the block tile it covers.
-struct GemmKernel {
-    kernel: Kernel<GemmParams>,
+struct GemmKernel<T> {
+    kernel: Kernel<GemmParams<T>>,
     /// Rows and columns of C per block.
     tile: (usize, usize),
     /// Reduction indices per stage (the split of the weight gradient is a multiple of it).
@@ -324,17 +381,18 @@ struct GemmKernel {
 }
 
 impl GemmRole {
-    /// The role's kernel for the GPU's math ([`Gpu::exact_f32`]: exact float32 SIMT tiles; otherwise tf32 on the
-    /// tensor cores, 32 columns wide for at most 32 output columns), and its description for errors.
-    fn kernel(self, gpu: &Gpu, n: usize) -> (GemmKernel, &'static str) {
+    /// The role's kernel for storage `T` and the GPU's math ([`Gpu::exact_f32`]: exact float32 SIMT tiles for
+    /// float32; otherwise the tensor cores, tf32 or bf16, 32 columns wide for at most 32 output columns), and its
+    /// description for errors.
+    fn kernel<T: LinearElement>(self, gpu: &Gpu, n: usize) -> (GemmKernel<T>, &'static str) {
         let ([exact, tf32, tf32_n32], what) = match self {
-            GemmRole::Forward => (LINEAR_KERNELS[0], "linear forward"),
-            GemmRole::InputGrad => (LINEAR_KERNELS[1], "linear dx = g W"),
-            GemmRole::WeightGrad => (LINEAR_KERNELS[2], "linear dW = g^T x"),
+            GemmRole::Forward => (T::KERNELS[0], "linear forward"),
+            GemmRole::InputGrad => (T::KERNELS[1], "linear dx = g W"),
+            GemmRole::WeightGrad => (T::KERNELS[2], "linear dW = g^T x"),
         };
         let tc =
             |kernel, bn| GemmKernel { kernel, tile: (GEMM_TC_BM, bn), depth: GEMM_TC_BK, threads: GEMM_TC_THREADS };
-        let k = if gpu.exact_f32() {
+        let k = if gpu.exact_f32() && T::HAS_EXACT {
             GemmKernel { kernel: exact, tile: (GEMM_TM, GEMM_TN), depth: GEMM_TK, threads: GEMM_THREADS }
         } else if n <= GEMM_TC_BN_NARROW {
             tc(tf32_n32, GEMM_TC_BN_NARROW)
@@ -348,25 +406,25 @@ impl GemmRole {
 /// One product C = A B (+ bias): A(i, k) = a[i * a_si + k * a_sk], B(k, j) = b[k * b_sk + j * b_sj], C (m, n)
 /// row-major; no bias when `bias` is null. Each role reads its operands with the strides its kernels expect (see
 /// cuda/gemm.cuh).
-struct Gemm {
-    a: ConstPtr<f32>,
+struct Gemm<T> {
+    a: ConstPtr<T>,
     a_si: usize,
     a_sk: usize,
-    b: ConstPtr<f32>,
+    b: ConstPtr<T>,
     b_sk: usize,
     b_sj: usize,
-    bias: ConstPtr<f32>,
+    bias: ConstPtr<T>,
     m: usize,
     n: usize,
     k: usize,
     role: GemmRole,
 }
 
-impl Gemm {
-    /// Runs the product into `c`, its reduction cut into `slices` slices of `k_slice` (slice z written at
-    /// c + z m n).
-    fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<f32>, k_slice: usize, slices: usize) -> Result<()> {
-        let (k, what) = self.role.kernel(gpu, self.n);
+impl<T: LinearElement> Gemm<T> {
+    /// Runs the product into `c` (forward, input gradient) or `c_acc` (the weight gradient's float32 partial
+    /// products), its reduction cut into `slices` slices of `k_slice` (slice z written at c_acc + z m n).
+    fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<T>, c_acc: MutPtr<f32>, k_slice: usize, slices: usize) -> Result<()> {
+        let (k, what) = self.role.kernel::<T>(gpu, self.n);
         let (bm, bn) = k.tile;
         ensure!(
             self.n.div_ceil(bn) <= 65_535 && slices <= 65_535,
@@ -385,6 +443,7 @@ impl Gemm {
             b: self.b,
             bias: self.bias,
             c,
+            c_acc,
             a_si: self.a_si as i64,
             a_sk: self.a_sk as i64,
             b_sk: self.b_sk as i64,
@@ -403,7 +462,7 @@ impl Gemm {
     /// GEMM_MIN_SLICE rows and a multiple of the kernel's stage depth: a function of the shapes and the math alone,
     /// so the summation order is the same on every run.
     fn split(&self, gpu: &Gpu) -> (usize, usize) {
-        let (k, _) = self.role.kernel(gpu, self.n);
+        let (k, _) = self.role.kernel::<T>(gpu, self.n);
         let tiles = self.m.div_ceil(k.tile.0) * self.n.div_ceil(k.tile.1);
         let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
         let k_slice = self.k.div_ceil(want).next_multiple_of(k.depth).max(GEMM_MIN_SLICE);
@@ -462,10 +521,15 @@ fn check_nonempty(d: LinearDims) -> Result<()> {
     Ok(())
 }
 
-fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: Option<&GpuBuffer>, d: LinearDims) -> Result<GpuBuffer> {
+fn forward_gpu<T: LinearElement>(
+    x: &GpuBuffer<T>,
+    w: &GpuBuffer<T>,
+    bias: Option<&GpuBuffer<T>>,
+    d: LinearDims,
+) -> Result<GpuBuffer<T>> {
     check_nonempty(d)?;
     let gpu = &x.gpu;
-    let mut y = gpu.alloc(d.m * d.n, "linear output")?;
+    let mut y = gpu.alloc_of::<T>(d.m * d.n, "linear output")?;
     let prod = Gemm {
         a: x.ptr(),
         a_si: d.k,
@@ -479,25 +543,25 @@ fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: Option<&GpuBuffer>, d: Linear
         k: d.k,
         role: GemmRole::Forward,
     };
-    prod.run(gpu, y.ptr_mut(), d.k, 1)?;
+    prod.run(gpu, y.ptr_mut(), MutPtr::NULL, d.k, 1)?;
     Ok(y)
 }
 
 /// dx (M, K), dW (N, K) and db (N) on the GPU, each only when wanted.
-type GpuLinearGrads = (Option<GpuBuffer>, Option<GpuBuffer>, Option<GpuBuffer>);
+type GpuLinearGrads<T> = (Option<GpuBuffer<T>>, Option<GpuBuffer<T>>, Option<GpuBuffer<T>>);
 
-fn backward_gpu(
-    x: &GpuBuffer,
-    w: &GpuBuffer,
-    g: &GpuBuffer,
+fn backward_gpu<T: LinearElement>(
+    x: &GpuBuffer<T>,
+    w: &GpuBuffer<T>,
+    g: &GpuBuffer<T>,
     d: LinearDims,
     needs: [bool; 3],
-) -> Result<GpuLinearGrads> {
+) -> Result<GpuLinearGrads<T>> {
     check_nonempty(d)?;
     let gpu = &x.gpu;
     let LinearDims { m, k, n } = d;
     let dx = if needs[0] {
-        let mut dx = gpu.alloc(m * k, "linear dx")?;
+        let mut dx = gpu.alloc_of::<T>(m * k, "linear dx")?;
         let role = GemmRole::InputGrad;
         let prod = Gemm {
             a: g.ptr(),
@@ -512,13 +576,14 @@ fn backward_gpu(
             k: n,
             role,
         };
-        prod.run(gpu, dx.ptr_mut(), n, 1)?;
+        prod.run(gpu, dx.ptr_mut(), MutPtr::NULL, n, 1)?;
         Some(dx)
     } else {
         None
     };
     let dw = if needs[1] {
-        // dW = g^T x reduces over the M tokens: fixed slices of M, then a fixed-order sum of the partial products.
+        // dW = g^T x reduces over the M tokens: fixed slices of M with float32 partial products, then a fixed-order
+        // sum of the slices (float32), then the weight's storage type.
         let role = GemmRole::WeightGrad;
         let prod = Gemm {
             a: g.ptr(),
@@ -534,18 +599,17 @@ fn backward_gpu(
             role,
         };
         let (k_slice, slices) = prod.split(gpu);
-        if slices == 1 {
-            let mut dw = gpu.alloc(n * k, "linear dW")?;
-            prod.run(gpu, dw.ptr_mut(), m, 1)?;
-            Some(dw)
+        let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
+        prod.run(gpu, MutPtr::NULL, partial.ptr_mut(), k_slice, slices)?;
+        let dw = if slices == 1 {
+            partial
         } else {
-            let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
-            prod.run(gpu, partial.ptr_mut(), k_slice, slices)?;
-            Some(sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?)
-        }
+            sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?
+        };
+        Some(T::from_f32(dw)?)
     } else {
         None
     };
-    let db = if needs[2] { Some(sum_rows(gpu, &g.slice.slice(..), m, n, n, "linear db")?) } else { None };
+    let db = if needs[2] { Some(T::from_f32(T::column_sums(g, m, n)?)?) } else { None };
     Ok((dx, dw, db))
 }

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 pub use real::Real;
 
-use crate::device::cuda::GpuBuffer;
+use crate::device::cuda::{GpuBuffer, GpuElement};
 use crate::device::Device;
 use crate::{bail, ensure, Error, Result};
 
@@ -197,26 +197,20 @@ impl Tensor {
 
     /// The GPU buffer, if this is a float32 GPU tensor.
     pub fn gpu_buffer(&self) -> Option<&GpuBuffer> {
-        match &*self.storage {
-            Storage::Cuda(b) => Some(b),
-            _ => None,
-        }
+        self.gpu::<f32>()
     }
 
-    /// The GPU buffer, if this is a bf16 GPU tensor.
-    pub fn gpu_bf16(&self) -> Option<&GpuBuffer<half::bf16>> {
-        match &*self.storage {
-            Storage::CudaBf16(b) => Some(b),
-            _ => None,
-        }
+    /// The GPU buffer, if this is a GPU tensor stored as `T` (`f32` or `half::bf16`).
+    pub fn gpu<T: GpuElement>(&self) -> Option<&GpuBuffer<T>> {
+        T::buffer(&self.storage)
     }
 
     /// Wraps a GPU buffer holding exactly `shape`'s elements.
-    pub fn from_gpu(buffer: GpuBuffer, shape: &[usize]) -> Result<Tensor> {
+    pub fn from_gpu<T: GpuElement>(buffer: GpuBuffer<T>, shape: &[usize]) -> Result<Tensor> {
         check_shape(shape, "Tensor::from_gpu")?;
         let n: usize = shape.iter().product();
-        ensure!(buffer.slice.len() == n, Shape, "GPU buffer of {} floats for shape {shape:?}", buffer.slice.len());
-        Ok(Tensor::from_storage(Storage::Cuda(buffer), shape.to_vec()))
+        ensure!(buffer.slice.len() == n, Shape, "GPU buffer of {} values for shape {shape:?}", buffer.slice.len());
+        Ok(Tensor::from_storage(T::storage(buffer), shape.to_vec()))
     }
 
     /// Mutable storage for in-place updates (the optimiser). Fails while any other handle shares it, e.g. a tape that
@@ -391,7 +385,7 @@ pub fn no_bf16_kernel(module: &str) -> Error {
 const BF16_ON_HOST: &str =
     "bf16 is a GPU storage type: make or move the tensor to the GPU as float32, then convert it there";
 
-mod cast;
+pub(crate) mod cast;
 
 mod arith;
 pub(crate) use arith::eltwise_gpu;
