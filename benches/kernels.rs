@@ -35,11 +35,13 @@ struct Case {
     math: Math,
 }
 
-/// Exact float32 SIMT products, or tf32 tensor-core ones ([`Gpu::set_exact_f32`]).
+/// Exact float32 SIMT products, tf32 tensor-core ones ([`Gpu::set_exact_f32`]), or bf16 tensor-core ones (the
+/// inputs stored as bf16).
 #[derive(Clone, Copy)]
 enum Math {
     Exact,
     Tf32,
+    Bf16,
 }
 
 struct Row {
@@ -67,7 +69,7 @@ fn run_case(gpu: &Arc<Gpu>, c: &Case) -> Result<Row> {
     let fwd = gpu.time_ms(2, reps, || (c.f)(&mut Tape::no_grad(), &c.inputs).map(drop))?;
     let fwd_bwd = if c.backward {
         let y = (c.f)(&mut Tape::no_grad(), &c.inputs)?;
-        let seed = randn(&Device::Cuda(gpu.clone()), y.shape(), 1.0, 5);
+        let seed = randn(&Device::Cuda(gpu.clone()), y.shape(), 1.0, 5).to_dtype(y.dtype())?;
         drop(y);
         Some(median(gpu.time_ms(1, reps, || {
             let mut tape = Tape::new();
@@ -115,6 +117,7 @@ fn cases(dev: &Device) -> Vec<Case> {
             (3, Math::Tf32) => "conv3d 3x3x3 tf32",
             (_, Math::Exact) => "conv3d 1x3x3 fp32",
             (_, Math::Tf32) => "conv3d 1x3x3 tf32",
+            (_, Math::Bf16) => unreachable!("no bf16 convolution kernels yet"),
         };
         v.push(Case {
             name,
@@ -175,19 +178,24 @@ fn cases(dev: &Device) -> Vec<Case> {
     // same math (fp32: cuBLAS with TF32 off; tf32: on).
     let tok64 = randn(dev, &[tokens, 64], 1.0, 11);
     let projections = [("in_proj", &tok, 32usize, 128usize), ("out_proj", &tok64, 64, 32)];
-    for ((proj, x_in, k_in, n_out), math) in projections.into_iter().flat_map(|p| [(p, Math::Exact), (p, Math::Tf32)]) {
+    let maths = |p| [(p, Math::Exact), (p, Math::Tf32), (p, Math::Bf16)];
+    for ((proj, x_in, k_in, n_out), math) in projections.into_iter().flat_map(maths) {
         let name = match (proj, math) {
             ("in_proj", Math::Exact) => "linear in_proj fp32",
             ("in_proj", Math::Tf32) => "linear in_proj tf32",
+            ("in_proj", Math::Bf16) => "linear in_proj bf16",
             (_, Math::Exact) => "linear out_proj fp32",
             (_, Math::Tf32) => "linear out_proj tf32",
+            (_, Math::Bf16) => "linear out_proj bf16",
         };
+        let dtype = if matches!(math, Math::Bf16) { DType::BF16 } else { DType::F32 };
+        let inputs = [x_in.clone(), randn(dev, &[n_out, k_in], 0.1, 7)];
         v.push(Case {
             name,
             shape: format!("{tokens}x{k_in}->{n_out}"),
-            bytes: tokens as f64 * (k_in + n_out) as f64 * 4.0,
+            bytes: tokens as f64 * (k_in + n_out) as f64 * dtype.size() as f64,
             flops: 2.0 * (tokens * k_in * n_out) as f64,
-            inputs: vec![x_in.clone(), randn(dev, &[n_out, k_in], 0.1, 7)],
+            inputs: inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect(),
             f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
             backward: true,
             math,

@@ -127,11 +127,12 @@ def main():
     tok64 = r(tok.shape[0], 64)
     for (proj, a, k_in, n_out) in [("in_proj", tok, 32, 128), ("out_proj", tok64, 64, 32)]:
         wi = r(n_out, k_in) * 0.1
-        for mode in ["fp32", "tf32"]:
+        for mode in ["fp32", "tf32", "bf16"]:
             torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+            ai, wii = (a.bfloat16(), wi.bfloat16()) if mode == "bf16" else (a, wi)
             rows.append(bench(f"linear {proj} {mode}", f"{a.shape[0]}x{k_in}->{n_out}", lambda x_, ww: x_ @ ww.t(),
-                              [a.clone(), wi.clone()], flops=2 * a.shape[0] * k_in * n_out,
-                              nbytes=a.shape[0] * (k_in + n_out) * 4))
+                              [ai.clone(), wii.clone()], flops=2 * a.shape[0] * k_in * n_out,
+                              nbytes=a.shape[0] * (k_in + n_out) * (2 if mode == "bf16" else 4)))
     torch.backends.cuda.matmul.allow_tf32 = False
     del tok64
     # Mamba on PiM stage-0 sequences: 26,880 sequences of 128 tokens, d_inner 64 (the PyTorch loop's autograd
