@@ -1,14 +1,17 @@
 //! Convolution and transposed convolution: gradient checks (input, weight and bias together), forward values
-//! against direct sums written here, and shape errors.
+//! against direct sums written here, and shape errors. The shape errors, output sizes, a hand-worked transposed
+//! convolution and run-to-run determinism are device tests (`common::device_test!`): `NAME::cpu` here, `NAME::gpu`
+//! (and `NAME::tf32`) with `cargo test --release --test grad_conv -- --ignored` on a GPU machine.
 
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
 use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
-use lkm_engine::{DType, Tensor};
+use lkm_engine::DType;
 
 mod common;
-use common::assert_close;
+use common::{assert_close, device_test, randn_on, tensor_on};
 
 /// Gradient check of conv for input shape `x`, weight shape `w` and `stride`, with or without bias.
 fn check_conv(x: &[usize], w: &[usize], stride: &[usize], with_bias: bool, seed: u64) {
@@ -221,13 +224,35 @@ fn conv_forward_matches_direct_sum() {
     check_conv_forward(&[1, 1, 1, 1, 1], &[2, 1, 3, 3, 3], &[2, 2, 2], true, 48);
 }
 
-#[test]
-fn conv_output_sizes_match_pytorch() {
+fn conv_output_sizes_match_pytorch(dev: &Device) {
     // floor((I + 2 (k/2) - k) / s) + 1: 5 -> 3 and 7 -> 4 at stride 2; 6 -> 2 at stride 3.
-    let x = randn64(&[1, 1, 5, 7, 6], 0);
-    let y = conv(&mut Tape::new(), &x, &randn64(&[2, 1, 3, 3, 3], 1), None, &[2, 2, 3]).unwrap();
+    let x = randn_on(dev, &[1, 1, 5, 7, 6], 1.0, 0);
+    let y = conv(&mut Tape::new(), &x, &randn_on(dev, &[2, 1, 3, 3, 3], 1.0, 1), None, &[2, 2, 3]).unwrap();
     assert_eq!(y.shape(), &[1, 2, 3, 4, 2]);
+    assert!(y.device().same(dev), "the output is on {:?}", y.device());
 }
+device_test!(conv_output_sizes_match_pytorch);
+
+/// The reductions run in a fixed order (on the GPU no atomics, split-K slices summed in order, in both maths): two
+/// runs of a conv's forward and backward give the same bits.
+fn conv_twice_same_bits(dev: &Device) {
+    let x = randn_on(dev, &[2, 33, 9, 19, 23], 1.0, 400);
+    let w = randn_on(dev, &[37, 33, 3, 3, 3], 0.3, 401);
+    let seed = randn_on(dev, &[2, 37, 9, 19, 23], 1.0, 402);
+    let run = || {
+        let mut tape = Tape::new();
+        tape.watch(&x);
+        tape.watch(&w);
+        let y = conv(&mut tape, &x, &w, None, &[1, 1, 1]).unwrap();
+        let mut g = tape.backward_from(&y, seed.clone()).unwrap();
+        [y, g.take(&x).unwrap(), g.take(&w).unwrap()].map(|t| t.to_vec_f32().unwrap())
+    };
+    let (a, b) = (run(), run());
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "output {i} differs between two runs");
+    }
+}
+device_test!(conv_twice_same_bits, tf32);
 
 #[test]
 fn conv_f32_matches_f64() {
@@ -239,19 +264,20 @@ fn conv_f32_matches_f64() {
     assert_close("conv f32 vs f64", &y32.to_vec_f64().unwrap(), &y64, 1e-5, 1e-5);
 }
 
-#[test]
-fn conv_transpose_hand_worked() {
+fn conv_transpose_hand_worked(dev: &Device) {
     // Cin 2, Cout 1, kernel 2x2, one row of two pixels: each input pixel i becomes the 2x2 block at columns
     // 2i..2i+2 with value 0.5 + x0[i] w0 + x1[i] w1.
     //   x0 = [1, 2], x1 = [3, -1], w0 = [[1, 2], [3, 4]], w1 = [[0, 1], [-1, 2]]
     //   i = 0: [[1+0, 2+3], [3-3, 4+6]] = [[1, 5], [0, 10]]   i = 1: [[2-0, 4-1], [6+1, 8-2]] = [[2, 3], [7, 6]]
-    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, -1.0], &[1, 2, 1, 2]).unwrap();
-    let w = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 0.0, 1.0, -1.0, 2.0], &[2, 1, 2, 2]).unwrap();
-    let b = Tensor::from_vec(vec![0.5], &[1]).unwrap();
+    // Every value is a small multiple of 1/2: exact in float32 and in tf32 (10 mantissa bits).
+    let x = tensor_on(dev, vec![1.0, 2.0, 3.0, -1.0], &[1, 2, 1, 2]);
+    let w = tensor_on(dev, vec![1.0, 2.0, 3.0, 4.0, 0.0, 1.0, -1.0, 2.0], &[2, 1, 2, 2]);
+    let b = tensor_on(dev, vec![0.5], &[1]);
     let y = conv_transpose(&mut Tape::new(), &x, &w, Some(&b)).unwrap();
     assert_eq!(y.shape(), &[1, 1, 2, 4]);
     assert_eq!(y.to_vec_f64().unwrap(), vec![1.5, 5.5, 2.5, 3.5, 0.5, 10.5, 7.5, 6.5]);
 }
+device_test!(conv_transpose_hand_worked, tf32);
 
 #[test]
 fn conv_transpose3d_matches_direct_sum() {
@@ -295,44 +321,47 @@ fn conv_transpose3d_matches_direct_sum() {
     assert_close("conv_transpose3d", &y.to_vec_f64().unwrap(), &want, 1e-12, 1e-12);
 }
 
-fn conv_err(x: &[usize], w: &[usize], bias: Option<&[usize]>, stride: &[usize]) -> String {
-    let b = bias.map(|s| randn64(s, 2));
-    conv(&mut Tape::new(), &randn64(x, 0), &randn64(w, 1), b.as_ref(), stride).unwrap_err().to_string()
+/// The message of conv's error on float32 operands of these shapes on `dev`: the same checks run before either
+/// device's kernels, so both refuse alike.
+fn conv_err(dev: &Device, x: &[usize], w: &[usize], bias: Option<&[usize]>, stride: &[usize]) -> String {
+    let b = bias.map(|s| randn_on(dev, s, 1.0, 2));
+    let (x, w) = (randn_on(dev, x, 1.0, 0), randn_on(dev, w, 1.0, 1));
+    conv(&mut Tape::new(), &x, &w, b.as_ref(), stride).unwrap_err().to_string()
 }
 
-#[test]
-fn conv_rejects_channel_mismatch() {
-    let err = conv_err(&[1, 3, 5, 5], &[4, 2, 3, 3], None, &[1, 1]);
+fn conv_rejects_channel_mismatch(dev: &Device) {
+    let err = conv_err(dev, &[1, 3, 5, 5], &[4, 2, 3, 3], None, &[1, 1]);
     assert!(err.contains("input channels") && err.contains("[4, 2, 3, 3]"), "{err}");
 }
+device_test!(conv_rejects_channel_mismatch);
 
-#[test]
-fn conv_rejects_even_kernel() {
-    let err = conv_err(&[1, 3, 5, 5, 5], &[4, 3, 3, 2, 3], None, &[1, 1, 1]);
+fn conv_rejects_even_kernel(dev: &Device) {
+    let err = conv_err(dev, &[1, 3, 5, 5, 5], &[4, 3, 3, 2, 3], None, &[1, 1, 1]);
     assert!(err.contains("odd") && err.contains("[4, 3, 3, 2, 3]"), "{err}");
 }
+device_test!(conv_rejects_even_kernel);
 
-#[test]
-fn conv_rejects_wrong_stride_count() {
-    let err = conv_err(&[1, 3, 5, 5, 5], &[4, 3, 3, 3, 3], None, &[2, 2]);
+fn conv_rejects_wrong_stride_count(dev: &Device) {
+    let err = conv_err(dev, &[1, 3, 5, 5, 5], &[4, 3, 3, 3, 3], None, &[2, 2]);
     assert!(err.contains("conv stride") && err.contains("3 spatial axes"), "{err}");
-    let err = conv_err(&[1, 3, 5, 5], &[4, 3, 3, 3], None, &[1, 0]);
+    let err = conv_err(dev, &[1, 3, 5, 5], &[4, 3, 3, 3], None, &[1, 0]);
     assert!(err.contains("conv stride") && err.contains("positive"), "{err}");
 }
+device_test!(conv_rejects_wrong_stride_count);
 
-#[test]
-fn conv_rejects_rank_mismatch() {
-    let err = conv_err(&[1, 3, 5, 5], &[4, 3, 3, 3, 3], None, &[1, 1]);
+fn conv_rejects_rank_mismatch(dev: &Device) {
+    let err = conv_err(dev, &[1, 3, 5, 5], &[4, 3, 3, 3, 3], None, &[1, 1]);
     assert!(err.contains("rank") && err.contains("[4, 3, 3, 3, 3]"), "{err}");
-    let err = conv_err(&[3, 5, 5], &[4, 3, 3, 3], None, &[1, 1]);
+    let err = conv_err(dev, &[3, 5, 5], &[4, 3, 3, 3], None, &[1, 1]);
     assert!(err.contains("feature map") && err.contains("[3, 5, 5]"), "{err}");
 }
+device_test!(conv_rejects_rank_mismatch);
 
-#[test]
-fn conv_rejects_bad_bias() {
-    let err = conv_err(&[1, 3, 5, 5], &[4, 3, 3, 3], Some(&[3]), &[1, 1]);
+fn conv_rejects_bad_bias(dev: &Device) {
+    let err = conv_err(dev, &[1, 3, 5, 5], &[4, 3, 3, 3], Some(&[3]), &[1, 1]);
     assert!(err.contains("conv bias") && err.contains("[4]"), "{err}");
 }
+device_test!(conv_rejects_bad_bias);
 
 #[test]
 fn conv_rejects_mixed_dtypes() {
@@ -341,17 +370,19 @@ fn conv_rejects_mixed_dtypes() {
     assert!(err.contains("conv") && err.contains("F64"), "{err}");
 }
 
-fn conv_transpose_err(x: &[usize], w: &[usize], bias: Option<&[usize]>) -> String {
-    let b = bias.map(|s| randn64(s, 2));
-    conv_transpose(&mut Tape::new(), &randn64(x, 0), &randn64(w, 1), b.as_ref()).unwrap_err().to_string()
+/// As [`conv_err`], for conv_transpose.
+fn conv_transpose_err(dev: &Device, x: &[usize], w: &[usize], bias: Option<&[usize]>) -> String {
+    let b = bias.map(|s| randn_on(dev, s, 1.0, 2));
+    let (x, w) = (randn_on(dev, x, 1.0, 0), randn_on(dev, w, 1.0, 1));
+    conv_transpose(&mut Tape::new(), &x, &w, b.as_ref()).unwrap_err().to_string()
 }
 
-#[test]
-fn conv_transpose_rejects_bad_shapes() {
-    let err = conv_transpose_err(&[1, 3, 4, 4], &[2, 4, 2, 2], None);
+fn conv_transpose_rejects_bad_shapes(dev: &Device) {
+    let err = conv_transpose_err(dev, &[1, 3, 4, 4], &[2, 4, 2, 2], None);
     assert!(err.contains("input channels") && err.contains("[2, 4, 2, 2]"), "{err}");
-    let err = conv_transpose_err(&[1, 3, 4, 4, 4], &[3, 4, 2, 2], None);
+    let err = conv_transpose_err(dev, &[1, 3, 4, 4, 4], &[3, 4, 2, 2], None);
     assert!(err.contains("rank") && err.contains("[3, 4, 2, 2]"), "{err}");
-    let err = conv_transpose_err(&[1, 3, 4, 4], &[3, 4, 2, 2], Some(&[3]));
+    let err = conv_transpose_err(dev, &[1, 3, 4, 4], &[3, 4, 2, 2], Some(&[3]));
     assert!(err.contains("conv_transpose bias") && err.contains("[4]"), "{err}");
 }
+device_test!(conv_transpose_rejects_bad_shapes);

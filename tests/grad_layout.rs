@@ -1,9 +1,12 @@
 //! Layout ops: PiM partition/merge, channel concatenation, sequence flip, slices along an axis (narrow) and
 //! reshape. Forward results are compared with index formulas written independently here; backward passes with finite
-//! differences.
+//! differences. The forward checks and the shape errors are device tests (`common::device_test!`): moves are exact,
+//! so the GPU kernels must give the very same elements and refuse the same shapes with the same messages (`NAME::gpu`,
+//! `cargo test --release --test grad_layout -- --ignored` on a GPU machine).
 
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
 use lkm_engine::ops::concat::concat_channels;
 use lkm_engine::ops::flip::flip_seq;
 use lkm_engine::ops::linear::linear;
@@ -12,9 +15,12 @@ use lkm_engine::ops::pim::{check_window, grouping, merge, partition, PimLayout};
 use lkm_engine::ops::reshape::reshape;
 use lkm_engine::Tensor;
 
-/// A tensor whose element i is i, so every output value says where it came from.
-fn iota(shape: &[usize]) -> Tensor {
-    Tensor::from_fn(shape, lkm_engine::DType::F64, |i| i as f64).unwrap()
+mod common;
+use common::{device_test, randn_on};
+
+/// A float32 tensor on `dev` whose element i is i (exact below 2^24), so every output value says where it came from.
+fn iota(dev: &Device, shape: &[usize]) -> Tensor {
+    Tensor::from_fn(shape, lkm_engine::DType::F32, |i| i as f64).unwrap().to_device(dev).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
@@ -73,8 +79,8 @@ fn naive_partition(x: &[f64], map: &[usize], window: &[usize], layout: PimLayout
     (out, [g_total, len, c])
 }
 
-fn check_against_naive(map: &[usize], window: &[usize], layout: PimLayout) {
-    let x = iota(map);
+fn check_against_naive(dev: &Device, map: &[usize], window: &[usize], layout: PimLayout) {
+    let x = iota(dev, map);
     let t = partition(&mut Tape::new(), &x, window, layout).unwrap();
     let (expected, shape) = naive_partition(&values(&x), map, window, layout);
     assert_eq!(t.shape(), &shape, "{layout:?} {map:?} {window:?}");
@@ -82,30 +88,29 @@ fn check_against_naive(map: &[usize], window: &[usize], layout: PimLayout) {
     assert_eq!(grouping(map, window, layout).unwrap(), (shape[0], shape[1]));
 }
 
-#[test]
-fn pim_window_3d_matches_naive() {
-    check_against_naive(&[2, 3, 4, 6, 10], &[2, 3, 5], PimLayout::Window);
+fn pim_window_3d_matches_naive(dev: &Device) {
+    check_against_naive(dev, &[2, 3, 4, 6, 10], &[2, 3, 5], PimLayout::Window);
 }
+device_test!(pim_window_3d_matches_naive);
 
-#[test]
-fn pim_window_2d_matches_naive() {
-    check_against_naive(&[2, 3, 6, 10], &[3, 5], PimLayout::Window);
+fn pim_window_2d_matches_naive(dev: &Device) {
+    check_against_naive(dev, &[2, 3, 6, 10], &[3, 5], PimLayout::Window);
 }
+device_test!(pim_window_2d_matches_naive);
 
-#[test]
-fn pim_strided_3d_matches_naive() {
-    check_against_naive(&[2, 3, 4, 6, 10], &[2, 3, 5], PimLayout::Strided);
+fn pim_strided_3d_matches_naive(dev: &Device) {
+    check_against_naive(dev, &[2, 3, 4, 6, 10], &[2, 3, 5], PimLayout::Strided);
 }
+device_test!(pim_strided_3d_matches_naive);
 
-#[test]
-fn pim_strided_2d_matches_naive() {
-    check_against_naive(&[2, 3, 6, 10], &[3, 5], PimLayout::Strided);
+fn pim_strided_2d_matches_naive(dev: &Device) {
+    check_against_naive(dev, &[2, 3, 6, 10], &[3, 5], PimLayout::Strided);
 }
+device_test!(pim_strided_2d_matches_naive);
 
-#[test]
-fn pim_window_small_2d_by_hand() {
+fn pim_window_small_2d_by_hand(dev: &Device) {
     // Map 1x1x2x4 = [[0 1 2 3], [4 5 6 7]], window 2x2: blocks {0,1,4,5} and {2,3,6,7}.
-    let x = iota(&[1, 1, 2, 4]);
+    let x = iota(dev, &[1, 1, 2, 4]);
     let w = partition(&mut Tape::new(), &x, &[2, 2], PimLayout::Window).unwrap();
     assert_eq!(w.shape(), &[2, 4, 1]);
     assert_eq!(values(&w), [0., 1., 4., 5., 2., 3., 6., 7.]);
@@ -114,6 +119,7 @@ fn pim_window_small_2d_by_hand() {
     assert_eq!(s.shape(), &[4, 2, 1]);
     assert_eq!(values(&s), [0., 2., 1., 3., 4., 6., 5., 7.]);
 }
+device_test!(pim_window_small_2d_by_hand);
 
 /// y = x.permute(perm) for a row-major array of shape `shape`.
 fn permute(x: &[f64], shape: &[usize], perm: &[usize]) -> Vec<f64> {
@@ -138,11 +144,10 @@ fn permute(x: &[f64], shape: &[usize], perm: &[usize]) -> Vec<f64> {
     out
 }
 
-#[test]
-fn pim_strided_matches_pytorch_reshape_permute() {
+fn pim_strided_matches_pytorch_reshape_permute(dev: &Device) {
     // x.reshape(B, C, D/p, p, H/p, p, W/p, p).permute(0, 3, 5, 7, 1, 2, 4, 6).reshape(B p^3, C, L).transpose(1, 2)
     let (b, c, s, p) = (2, 3, [4, 6, 10], [2, 3, 5]);
-    let x = iota(&[b, c, s[0], s[1], s[2]]);
+    let x = iota(dev, &[b, c, s[0], s[1], s[2]]);
     let split = [b, c, s[0] / p[0], p[0], s[1] / p[1], p[1], s[2] / p[2], p[2]];
     let permuted = permute(&values(&x), &split, &[0, 3, 5, 7, 1, 2, 4, 6]);
     let (g, l) = (b * p.iter().product::<usize>(), s.iter().zip(&p).map(|(s, p)| s / p).product::<usize>());
@@ -151,11 +156,11 @@ fn pim_strided_matches_pytorch_reshape_permute() {
     assert_eq!(t.shape(), &[g, l, c]);
     assert_eq!(values(&t), expected);
 }
+device_test!(pim_strided_matches_pytorch_reshape_permute);
 
-#[test]
-fn pim_strided_group0_holds_every_pth_voxel() {
+fn pim_strided_group0_holds_every_pth_voxel(dev: &Device) {
     let (map, p) = ([1, 2, 4, 6, 10], [2, 3, 5]);
-    let x = iota(&map);
+    let x = iota(dev, &map);
     let xv = values(&x);
     let t = partition(&mut Tape::new(), &x, &p, PimLayout::Strided).unwrap();
     let tv = values(&t);
@@ -174,6 +179,7 @@ fn pim_strided_group0_holds_every_pth_voxel() {
     }
     assert_eq!(l, t.shape()[1]);
 }
+device_test!(pim_strided_group0_holds_every_pth_voxel);
 
 #[test]
 fn pim_merge_inverts_partition() {
@@ -190,17 +196,17 @@ fn pim_merge_inverts_partition() {
     }
 }
 
-#[test]
-fn pim_whole_map_window_is_one_sequence_per_sample() {
+fn pim_whole_map_window_is_one_sequence_per_sample(dev: &Device) {
     // PaM: window = whole map, so token l of sample n is voxel l in raster order: tokens[n] = x[n].reshape(C, V)^T.
     let map = [2, 3, 3, 4, 5];
-    let x = iota(&map);
+    let x = iota(dev, &map);
     let t = partition(&mut Tape::new(), &x, &map[2..], PimLayout::Window).unwrap();
     let (n, c, v) = (2, 3, 60);
     assert_eq!(t.shape(), &[n, v, c]);
     assert_eq!(grouping(&map, &map[2..], PimLayout::Window).unwrap(), (n, v));
     assert_eq!(values(&t), permute(&values(&x), &[n, c, v], &[0, 2, 1]));
 }
+device_test!(pim_whole_map_window_is_one_sequence_per_sample);
 
 #[test]
 fn grad_pim_window_2d() {
@@ -235,13 +241,12 @@ fn grad_pim_merge_3d() {
     }
 }
 
-#[test]
-fn pim_rejects_window_that_does_not_divide() {
+fn pim_rejects_window_that_does_not_divide(dev: &Device) {
     let err = check_window(&[2, 64, 40, 30, 24], &[20, 20, 12], "PiM stage 2").unwrap_err().to_string();
     for part in ["PiM stage 2", "axis H", "size 30", "window 20"] {
         assert!(err.contains(part), "missing {part:?} in: {err}");
     }
-    let x = randn64(&[1, 2, 6, 10], 0);
+    let x = randn_on(dev, &[1, 2, 6, 10], 1.0, 0);
     let err = partition(&mut Tape::new(), &x, &[4, 5], PimLayout::Window).unwrap_err().to_string();
     for part in ["PiM", "axis H", "size 6", "window 4"] {
         assert!(err.contains(part), "missing {part:?} in: {err}");
@@ -249,32 +254,33 @@ fn pim_rejects_window_that_does_not_divide() {
     let err = grouping(&[1, 2, 6, 10], &[3, 4], PimLayout::Strided).unwrap_err().to_string();
     assert!(err.contains("axis W") && err.contains("size 10") && err.contains("window 4"), "{err}");
 }
+device_test!(pim_rejects_window_that_does_not_divide);
 
-#[test]
-fn pim_rejects_window_with_wrong_number_of_axes() {
-    let x = randn64(&[1, 2, 6, 10], 0);
+fn pim_rejects_window_with_wrong_number_of_axes(dev: &Device) {
+    let x = randn_on(dev, &[1, 2, 6, 10], 1.0, 0);
     let err = partition(&mut Tape::new(), &x, &[3, 5, 5], PimLayout::Window).unwrap_err().to_string();
     assert!(err.contains("[3, 5, 5]") && err.contains("2 spatial axes"), "{err}");
     let err = check_window(&[1, 2, 4, 6, 10], &[2, 3], "PiM stage 0").unwrap_err().to_string();
     assert!(err.contains("PiM stage 0") && err.contains("3 spatial axes"), "{err}");
 }
+device_test!(pim_rejects_window_with_wrong_number_of_axes);
 
-#[test]
-fn pim_merge_rejects_tokens_of_wrong_shape() {
-    let t = randn64(&[4, 15, 2], 0);
+fn pim_merge_rejects_tokens_of_wrong_shape(dev: &Device) {
+    let t = randn_on(dev, &[4, 15, 2], 1.0, 0);
     let err = merge(&mut Tape::new(), &t, &[1, 3, 6, 10], &[3, 5], PimLayout::Window).unwrap_err().to_string();
     assert!(err.contains("[4, 15, 3]") && err.contains("[4, 15, 2]"), "{err}");
 }
+device_test!(pim_merge_rejects_tokens_of_wrong_shape);
 
-#[test]
-fn concat_channels_by_hand() {
+fn concat_channels_by_hand(dev: &Device) {
     // a: (2, 1, 2), b: (2, 2, 2); per sample the channels of a come first.
-    let a = Tensor::from_vec(vec![0., 1., 10., 11.], &[2, 1, 2]).unwrap();
-    let b = Tensor::from_vec(vec![2., 3., 4., 5., 12., 13., 14., 15.], &[2, 2, 2]).unwrap();
+    let a = common::tensor_on(dev, vec![0., 1., 10., 11.], &[2, 1, 2]);
+    let b = common::tensor_on(dev, vec![2., 3., 4., 5., 12., 13., 14., 15.], &[2, 2, 2]);
     let y = concat_channels(&mut Tape::new(), &[&a, &b]).unwrap();
     assert_eq!(y.shape(), &[2, 3, 2]);
     assert_eq!(values(&y), [0., 1., 2., 3., 4., 5., 10., 11., 12., 13., 14., 15.]);
 }
+device_test!(concat_channels_by_hand);
 
 #[test]
 fn grad_concat_two() {
@@ -288,41 +294,41 @@ fn grad_concat_three() {
     assert_gradients(&xs, 1e-6, |t, x| concat_channels(t, &[&x[0], &x[1], &x[2]]));
 }
 
-#[test]
-fn concat_rejects_mismatched_spatial_sizes() {
-    let (a, b) = (randn64(&[2, 3, 4, 5], 0), randn64(&[2, 3, 4, 6], 0));
+fn concat_rejects_mismatched_spatial_sizes(dev: &Device) {
+    let (a, b) = (randn_on(dev, &[2, 3, 4, 5], 1.0, 0), randn_on(dev, &[2, 3, 4, 6], 1.0, 0));
     let err = concat_channels(&mut Tape::new(), &[&a, &b]).unwrap_err().to_string();
     assert!(err.contains("[2, 3, 4, 5]") && err.contains("[2, 3, 4, 6]"), "{err}");
-    let c = randn64(&[2, 3, 4], 0);
+    let c = randn_on(dev, &[2, 3, 4], 1.0, 0);
     assert!(concat_channels(&mut Tape::new(), &[&a, &c]).is_err());
 }
+device_test!(concat_rejects_mismatched_spatial_sizes);
 
-#[test]
-fn flip_seq_by_hand() {
+fn flip_seq_by_hand(dev: &Device) {
     // (G, L, C) = (2, 3, 2): token rows reversed within each sequence.
-    let y = flip_seq(&mut Tape::new(), &iota(&[2, 3, 2])).unwrap();
+    let y = flip_seq(&mut Tape::new(), &iota(dev, &[2, 3, 2])).unwrap();
     assert_eq!(values(&y), [4., 5., 2., 3., 0., 1., 10., 11., 8., 9., 6., 7.]);
 }
+device_test!(flip_seq_by_hand);
 
 #[test]
 fn grad_flip_seq() {
     assert_gradients(&[randn64(&[3, 7, 5], 41)], 1e-6, |t, x| flip_seq(t, &x[0]));
 }
 
-#[test]
-fn narrow_by_hand() {
+fn narrow_by_hand(dev: &Device) {
     // (2, 5) holding 0..10: columns 1..4 of each row, then row 1 whole.
-    let y = narrow(&mut Tape::new(), &iota(&[2, 5]), 1, 1, 3).unwrap();
+    let y = narrow(&mut Tape::new(), &iota(dev, &[2, 5]), 1, 1, 3).unwrap();
     assert_eq!(y.shape(), &[2, 3]);
     assert_eq!(values(&y), [1., 2., 3., 6., 7., 8.]);
-    let y = narrow(&mut Tape::new(), &iota(&[2, 5]), 0, 1, 1).unwrap();
+    let y = narrow(&mut Tape::new(), &iota(dev, &[2, 5]), 0, 1, 1).unwrap();
     assert_eq!(y.shape(), &[1, 5]);
     assert_eq!(values(&y), [5., 6., 7., 8., 9.]);
     // (2, 3, 2) holding 0..12, the middle axis [1, 3): element (o, k, i) is 6 o + 2 (1 + k) + i.
-    let y = narrow(&mut Tape::new(), &iota(&[2, 3, 2]), 1, 1, 2).unwrap();
+    let y = narrow(&mut Tape::new(), &iota(dev, &[2, 3, 2]), 1, 1, 2).unwrap();
     assert_eq!(y.shape(), &[2, 2, 2]);
     assert_eq!(values(&y), [2., 3., 4., 5., 8., 9., 10., 11.]);
 }
+device_test!(narrow_by_hand);
 
 #[test]
 fn grad_narrow_each_axis() {
@@ -345,9 +351,8 @@ fn grad_narrow_two_row_slices_of_one_weight() {
     });
 }
 
-#[test]
-fn narrow_rejects_out_of_range() {
-    let x = randn64(&[3, 11], 0);
+fn narrow_rejects_out_of_range(dev: &Device) {
+    let x = randn_on(dev, &[3, 11], 1.0, 0);
     let err = narrow(&mut Tape::new(), &x, 1, 8, 4).unwrap_err().to_string();
     assert!(err.contains("[8, 12)") && err.contains("axis 1 of size 11"), "{err}");
     assert!(narrow(&mut Tape::new(), &x, 1, 12, 0).is_err());
@@ -356,15 +361,16 @@ fn narrow_rejects_out_of_range() {
     let err = narrow(&mut Tape::new(), &x, 2, 0, 1).unwrap_err().to_string();
     assert!(err.contains("axis 2") && err.contains("rank 2"), "{err}");
 }
+device_test!(narrow_rejects_out_of_range);
 
-#[test]
-fn reshape_keeps_data() {
-    let x = iota(&[2, 3, 4]);
+fn reshape_keeps_data(dev: &Device) {
+    let x = iota(dev, &[2, 3, 4]);
     let y = reshape(&mut Tape::new(), &x, &[6, 4]).unwrap();
     assert_eq!(y.shape(), &[6, 4]);
     assert_eq!(values(&y), values(&x));
     assert!(reshape(&mut Tape::new(), &x, &[5, 5]).is_err());
 }
+device_test!(reshape_keeps_data);
 
 #[test]
 fn grad_reshape() {

@@ -1,14 +1,18 @@
-//! Gradient checks and forward checks of the losses (cross-entropy, soft Dice) and of argmax.
+//! Gradient checks and forward checks of the losses (cross-entropy, soft Dice) and of argmax. The checks that hold
+//! alike on every device (shape errors, a single class, huge logits, a perfect prediction, argmax's ties) are device
+//! tests (`common::device_test!`; `NAME::gpu` with `cargo test --release --test grad_loss -- --ignored` on a GPU
+//! machine). Bad label values are not among them: the CPU refuses them, the GPU flags them as NaN (tests/gpu_loss.rs).
 
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
 use lkm_engine::ops::argmax::argmax;
 use lkm_engine::ops::cross_entropy::cross_entropy;
 use lkm_engine::ops::dice::{soft_dice_loss, DICE_SMOOTH};
 use lkm_engine::{DType, Error, Tensor};
 
 mod common;
-use common::assert_close;
+use common::{assert_close, device_test, randn_on, tensor_on};
 
 /// Logits spread wide enough that the softmax is far from uniform.
 fn logits(shape: &[usize], seed: u64) -> Tensor {
@@ -137,16 +141,26 @@ fn cross_entropy_uniform_logits_is_ln_k() {
     }
 }
 
-#[test]
-fn cross_entropy_is_stable_for_huge_logits() {
+fn cross_entropy_is_stable_for_huge_logits(dev: &Device) {
     // Logits 1000 apart would overflow e^x without the max shift. Voxel 0 is labelled with the winning class (loss
     // ~ 0), voxel 1 with the losing one (loss ~ 1000).
-    let x = Tensor::from_vec(vec![1000.0f32, 1000.0, 0.0, 0.0], &[1, 2, 1, 2]).unwrap();
-    let t = Tensor::from_vec(vec![0.0f32, 1.0], &[1, 1, 1, 2]).unwrap();
+    let x = tensor_on(dev, vec![1000.0, 1000.0, 0.0, 0.0], &[1, 2, 1, 2]);
+    let t = tensor_on(dev, vec![0.0, 1.0], &[1, 1, 1, 2]);
     let (loss, grad) = loss_and_grad(&x, |tape, x| cross_entropy(tape, x, &t));
     assert_close("cross-entropy of logits 1000 apart", &[loss], &[500.0], 1e-6, 1e-6);
     assert!(grad.iter().all(|g| g.is_finite()), "{grad:?}");
 }
+device_test!(cross_entropy_is_stable_for_huge_logits);
+
+/// K = 1: every voxel's softmax is 1 on its only class, so the loss is exactly 0 and so is its gradient.
+fn cross_entropy_of_one_class_is_zero(dev: &Device) {
+    let x = randn_on(dev, &[2, 1, 7, 9], 2.0, 7);
+    let t = Tensor::zeros(&[2, 1, 7, 9], DType::F32, dev).unwrap();
+    let (loss, grad) = loss_and_grad(&x, |tape, x| cross_entropy(tape, x, &t));
+    assert_eq!(loss, 0.0);
+    assert!(grad.iter().all(|&v| v == 0.0), "{grad:?}");
+}
+device_test!(cross_entropy_of_one_class_is_zero);
 
 #[test]
 fn soft_dice_two_voxels_by_hand() {
@@ -221,14 +235,14 @@ fn soft_dice_matches_naive_formula() {
     }
 }
 
-#[test]
-fn soft_dice_of_perfect_confident_prediction_is_minus_one() {
+fn soft_dice_of_perfect_confident_prediction_is_minus_one(dev: &Device) {
     // Logits 30 on the labelled class and 0 elsewhere: p = 1 - O(e^-30) on the label. Class 3 is absent from the
     // target and predicted nowhere, so its ratio is s / (P + s) ~ 1 as well.
     let t = labels(&[2, 1, 3, 4, 5], &[0, 1, 2], 41);
     let tv = t.to_vec_f64().unwrap();
+    let t = t.to_dtype(DType::F32).unwrap().to_device(dev).unwrap();
     let v = 3 * 4 * 5;
-    let x = Tensor::from_fn(&[2, 4, 3, 4, 5], DType::F64, |j| {
+    let x = Tensor::from_fn(&[2, 4, 3, 4, 5], DType::F32, |j| {
         let (n, k, i) = (j / (4 * v), j / v % 4, j % v);
         if tv[n * v + i] as usize == k {
             30.0
@@ -236,6 +250,8 @@ fn soft_dice_of_perfect_confident_prediction_is_minus_one() {
             0.0
         }
     })
+    .unwrap()
+    .to_device(dev)
     .unwrap();
     for batch_dice in [false, true] {
         let loss = soft_dice_loss(&mut Tape::no_grad(), &x, &t, batch_dice).unwrap().scalar().unwrap();
@@ -245,18 +261,18 @@ fn soft_dice_of_perfect_confident_prediction_is_minus_one() {
     let ce = cross_entropy(&mut Tape::no_grad(), &x, &t).unwrap().scalar().unwrap();
     assert!(ce < 1e-12, "{ce}");
 }
+device_test!(soft_dice_of_perfect_confident_prediction_is_minus_one);
 
-#[test]
-fn argmax_small_case_with_ties() {
+fn argmax_small_case_with_ties(dev: &Device) {
     // (N, K, H, W) = (1, 3, 1, 4); per voxel the logits of classes 0, 1, 2:
     // v0 (1, 5, 2) -> 1; v1 (4, 4, 0) -> 0 (tie, lowest wins); v2 (-1, 2, 2) -> 1 (tie); v3 (-3, -2, -1) -> 2.
-    let x = Tensor::from_vec(vec![1.0f32, 4.0, -1.0, -3.0, 5.0, 4.0, 2.0, -2.0, 2.0, 0.0, 2.0, -1.0], &[1, 3, 1, 4])
-        .unwrap();
+    let x = tensor_on(dev, vec![1.0, 4.0, -1.0, -3.0, 5.0, 4.0, 2.0, -2.0, 2.0, 0.0, 2.0, -1.0], &[1, 3, 1, 4]);
     let y = argmax(&x).unwrap();
     assert_eq!(y.shape(), &[1, 1, 1, 4]);
     assert_eq!(y.dtype(), DType::F32);
     assert_eq!(y.to_vec_f64().unwrap(), vec![1.0, 0.0, 1.0, 2.0]);
 }
+device_test!(argmax_small_case_with_ties);
 
 #[test]
 fn argmax_3d_matches_naive() {
@@ -276,11 +292,11 @@ fn argmax_3d_matches_naive() {
     assert_eq!(y.to_vec_f64().unwrap(), want);
 }
 
-#[test]
-fn argmax_rejects_non_map() {
-    let err = argmax(&randn64(&[3, 4], 0)).unwrap_err();
+fn argmax_rejects_non_map(dev: &Device) {
+    let err = argmax(&randn_on(dev, &[3, 4], 1.0, 0)).unwrap_err();
     assert!(err.to_string().contains("argmax") && err.to_string().contains("[3, 4]"), "{err}");
 }
+device_test!(argmax_rejects_non_map);
 
 fn data_error(r: lkm_engine::Result<Tensor>) -> String {
     match r {
@@ -315,11 +331,10 @@ fn losses_reject_non_integer_label() {
     assert!(m.contains("label NaN"), "{m}");
 }
 
-#[test]
-fn losses_reject_target_shape_mismatch() {
-    let x = logits(&[2, 3, 4, 5], 63);
+fn losses_reject_target_shape_mismatch(dev: &Device) {
+    let x = randn_on(dev, &[2, 3, 4, 5], 2.0, 63);
     for bad in [&[2, 1, 5, 4][..], &[2, 3, 4, 5], &[1, 1, 4, 5], &[2, 1, 1, 4, 5]] {
-        let t = Tensor::zeros(bad, DType::F64, &lkm_engine::device::Device::Cpu).unwrap();
+        let t = Tensor::zeros(bad, DType::F32, dev).unwrap();
         for err in [
             cross_entropy(&mut Tape::new(), &x, &t).unwrap_err(),
             soft_dice_loss(&mut Tape::new(), &x, &t, false).unwrap_err(),
@@ -330,18 +345,19 @@ fn losses_reject_target_shape_mismatch() {
         }
     }
 }
+device_test!(losses_reject_target_shape_mismatch);
 
-#[test]
-fn losses_reject_bad_logits() {
-    let t = Tensor::zeros(&[2, 1, 4, 5], DType::F64, &lkm_engine::device::Device::Cpu).unwrap();
+fn losses_reject_bad_logits(dev: &Device) {
+    let t = Tensor::zeros(&[2, 1, 4, 5], DType::F32, dev).unwrap();
     // Soft Dice without background needs a foreground class.
-    let err = soft_dice_loss(&mut Tape::new(), &logits(&[2, 1, 4, 5], 64), &t, false).unwrap_err();
+    let err = soft_dice_loss(&mut Tape::new(), &randn_on(dev, &[2, 1, 4, 5], 2.0, 64), &t, false).unwrap_err();
     assert!(err.to_string().contains("at least 2 classes"), "{err}");
-    // Mixed dtypes.
-    let err =
-        cross_entropy(&mut Tape::new(), &logits(&[2, 3, 4, 5], 65), &t.to_dtype(DType::F32).unwrap()).unwrap_err();
+    // Mixed kinds: a float64 host target (on the GPU the devices differ too).
+    let t64 = Tensor::zeros(&[2, 1, 4, 5], DType::F64, &Device::Cpu).unwrap();
+    let err = cross_entropy(&mut Tape::new(), &randn_on(dev, &[2, 3, 4, 5], 2.0, 65), &t64).unwrap_err();
     assert!(matches!(err, Error::Mismatch(_)), "{err}");
     // Not a feature map.
-    let err = cross_entropy(&mut Tape::new(), &logits(&[2, 3, 4], 66), &t).unwrap_err();
+    let err = cross_entropy(&mut Tape::new(), &randn_on(dev, &[2, 3, 4], 2.0, 66), &t).unwrap_err();
     assert!(err.to_string().contains("[2, 3, 4]"), "{err}");
 }
+device_test!(losses_reject_bad_logits);

@@ -1,12 +1,15 @@
 //! The LKM-UNet as built from its configurations: parameter counts and names against the public PyTorch model,
-//! output shapes, and configuration errors.
+//! output shapes, configuration errors, and the tape releasing what a step saved. The forward checks are device tests
+//! (`common::device_test!`; `NAME::gpu` with `cargo test --release --test model -- --ignored` on a GPU machine).
 
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Device;
 use lkm_engine::nn::{LkmUnet, ModelConfig};
 use lkm_engine::tensor::DType;
 use lkm_engine::Tensor;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+
+mod common;
+use common::{device_test, randn_on};
 
 #[test]
 fn reference_configs_have_the_public_parameter_counts() {
@@ -43,16 +46,44 @@ fn parameter_names_follow_the_public_module_paths() {
     assert!(names.iter().any(|n| n == "decoder.stages.0.blocks.0.skip.0.conv.weight"), "decoder blocks halve channels");
 }
 
-#[test]
-fn tiny_model_outputs_one_map_per_decoder_level() {
+fn tiny_model_outputs_one_map_per_decoder_level(dev: &Device) {
     let cfg = ModelConfig::tiny_3d();
     let (model, params) = LkmUnet::new(cfg.clone(), 1).unwrap();
-    let x = Tensor::randn(&[1, 1, 32, 32, 32], DType::F32, &mut StdRng::seed_from_u64(2)).unwrap();
+    let params = params.to(DType::F32, dev).unwrap();
+    let x = randn_on(dev, &[1, 1, 32, 32, 32], 1.0, 2);
     let outs = model.forward(&mut Tape::no_grad(), &params, &x).unwrap();
     let shapes: Vec<Vec<usize>> = outs.iter().map(|o| o.shape().to_vec()).collect();
     assert_eq!(shapes, vec![vec![1, 4, 32, 32, 32], vec![1, 4, 16, 16, 16], vec![1, 4, 8, 8, 8]]);
     assert!(outs.iter().all(|o| o.to_vec_f64().unwrap().iter().all(|v| v.is_finite())));
 }
+device_test!(tiny_model_outputs_one_map_per_decoder_level);
+
+/// The tape holds what the forward pass saved for the backward pass (activations, and the weights each op reads)
+/// and lets go of it as the backward pass runs: after the backward pass of a step every parameter is held by its
+/// `Params` alone again, so the optimiser can update it in place (`Tensor::storage_mut` fails on a shared tensor).
+fn backward_releases_what_the_forward_saved(dev: &Device) {
+    let (model, initial) = LkmUnet::new(common::micro_config(), 3).unwrap();
+    // On the CPU `to` shares the float32 storage of `initial`: drop it, so that only the tape can share a parameter.
+    let mut params = initial.to(DType::F32, dev).unwrap();
+    drop(initial);
+    let x = randn_on(dev, &[1, 1, 8, 16, 16], 1.0, 4);
+    let mut tape = Tape::new();
+    params.watch(&mut tape);
+    let outs = model.forward(&mut tape, &params, &x).unwrap();
+    let held = params.tensors_mut().iter_mut().map(|p| p.storage_mut().is_err()).filter(|&shared| shared).count();
+    assert!(held > 0, "the forward pass saved no parameter: this test would check nothing");
+    let seed = randn_on(dev, outs[0].shape(), 1.0, 5);
+    let grads = tape.backward_from(&outs[0], seed).unwrap();
+    assert!(tape.is_empty(), "{} nodes left on the tape after the backward pass", tape.len());
+    assert!(!grads.is_empty(), "the backward pass reached no parameter");
+    let names = params.names().to_vec();
+    for (name, p) in names.iter().zip(params.tensors_mut()) {
+        if let Err(e) = p.storage_mut() {
+            panic!("{name} is still shared after the backward pass ({held} were during the forward): {e}");
+        }
+    }
+}
+device_test!(backward_releases_what_the_forward_saved);
 
 #[test]
 fn window_that_does_not_divide_names_stage_axis_and_sizes() {
@@ -62,10 +93,11 @@ fn window_that_does_not_divide_names_stage_axis_and_sizes() {
     assert!(err.contains("PiM stage 2") && err.contains("axis W") && err.contains("11") && err.contains("48"), "{err}");
 }
 
-#[test]
-fn patch_not_divisible_by_strides_is_an_error() {
+fn patch_not_divisible_by_strides_is_an_error(dev: &Device) {
     let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 0).unwrap();
-    let x = Tensor::zeros(&[1, 1, 32, 30, 32], DType::F32, &lkm_engine::device::Device::Cpu).unwrap();
+    let params = params.to(DType::F32, dev).unwrap();
+    let x = Tensor::zeros(&[1, 1, 32, 30, 32], DType::F32, dev).unwrap();
     let err = model.forward(&mut Tape::no_grad(), &params, &x).expect_err("must fail").to_string();
     assert!(err.contains("30"), "{err}");
 }
+device_test!(patch_not_divisible_by_strides_is_an_error);

@@ -1,11 +1,13 @@
 //! The optimiser: SGD with Nesterov momentum against hand-computed steps, momentum checkpoints, gradient clipping and
-//! the learning-rate schedule.
+//! the learning-rate schedule. SGD's refusals and clipping's no-op and non-finite cases are device tests
+//! (`common::device_test!`; `NAME::gpu` with `cargo test --release --test optim -- --ignored` on a GPU machine).
 
+use lkm_engine::device::Device;
 use lkm_engine::optim::{clip_grad_norm, poly_lr, Sgd, DEFAULT_GRAD_CLIP, DEFAULT_LR, DEFAULT_MOMENTUM};
 use lkm_engine::{Error, Tensor};
 
 mod common;
-use common::assert_close;
+use common::{assert_close, device_test};
 
 fn t(v: &[f64]) -> Tensor {
     Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap()
@@ -97,8 +99,13 @@ fn sgd_restored_momentum_gives_identical_steps() {
     assert_ne!(values(&pc[0]), values(&pa[0]));
 }
 
-#[test]
-fn sgd_rejects_shared_and_mismatched_parameters() {
+/// `v` as a float32 vector on `dev`.
+fn t_on(dev: &Device, v: &[f32]) -> Tensor {
+    common::tensor_on(dev, v.to_vec(), &[v.len()])
+}
+
+fn sgd_rejects_shared_and_mismatched_parameters(dev: &Device) {
+    let t = |v: &[f32]| t_on(dev, v);
     let p = t(&[1.0, 2.0]);
     let mut params = [p.clone()];
     let err = Sgd::default().step(&mut params, &[t(&[0.1, 0.1])]).unwrap_err();
@@ -118,6 +125,7 @@ fn sgd_rejects_shared_and_mismatched_parameters() {
     let err = Sgd::new(-0.1, 0.9, 0.0).step(&mut params, &[t(&[0.1, 0.1])]).unwrap_err();
     assert!(matches!(err, Error::Config(_)) && err.to_string().contains("lr"), "{err}");
 }
+device_test!(sgd_rejects_shared_and_mismatched_parameters);
 
 #[test]
 fn clip_grad_norm_scales_above_max() {
@@ -133,13 +141,14 @@ fn clip_grad_norm_scales_above_max() {
     assert!((after - 1.0).abs() < 1e-6, "{after}");
 }
 
-#[test]
-fn clip_grad_norm_is_a_no_op_below_max() {
-    let mut grads = [t(&[3.0, 0.0]), t(&[4.0])];
+fn clip_grad_norm_is_a_no_op_below_max(dev: &Device) {
+    // 3^2 + 0^2 + 4^2 = 25 exactly in float32, so the norm is exactly 5 on every device.
+    let mut grads = [t_on(dev, &[3.0, 0.0]), t_on(dev, &[4.0])];
     assert_eq!(clip_grad_norm(&mut grads, DEFAULT_GRAD_CLIP).unwrap(), 5.0);
     assert_eq!(values(&grads[0]), vec![3.0, 0.0]);
     assert_eq!(values(&grads[1]), vec![4.0]);
 }
+device_test!(clip_grad_norm_is_a_no_op_below_max);
 
 #[test]
 fn clip_grad_norm_leaves_shared_gradients_alone() {
@@ -156,10 +165,9 @@ fn clip_grad_norm_leaves_shared_gradients_alone() {
     );
 }
 
-#[test]
-fn clip_grad_norm_rejects_non_finite_and_keeps_gradients() {
-    for bad in [f64::NAN, f64::INFINITY] {
-        let mut grads = [t(&[30.0, 40.0]), t(&[1.0, bad])];
+fn clip_grad_norm_rejects_non_finite_and_keeps_gradients(dev: &Device) {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut grads = [t_on(dev, &[30.0, 40.0]), t_on(dev, &[1.0, bad])];
         let err = clip_grad_norm(&mut grads, 1.0).unwrap_err();
         match &err {
             Error::NonFinite(m) => {
@@ -172,6 +180,7 @@ fn clip_grad_norm_rejects_non_finite_and_keeps_gradients() {
         assert!(values(&grads[1])[1].is_nan() || values(&grads[1])[1].is_infinite());
     }
 }
+device_test!(clip_grad_norm_rejects_non_finite_and_keeps_gradients);
 
 #[test]
 fn poly_lr_schedule() {

@@ -1,7 +1,27 @@
 //! Shared by the tests: one elementwise closeness check ([`assert_close`]) and the error measures ([`rel_err`],
-//! [`max_abs_diff`]), a GPU with poisoned allocations, the comparison of an op's forward and backward on the GPU
-//! (float32) with its CPU reference (float64 on the same float32-rounded inputs), and a micro model for workflow
-//! tests.
+//! [`max_abs_diff`]), a GPU with poisoned allocations, one way to run a test on the CPU and, when present, on the GPU
+//! ([`device_test!`]), the comparison of an op's forward and backward on the GPU (float32) with its CPU reference
+//! (float64 on the same float32-rounded inputs), and a micro model for workflow tests.
+//!
+//! A check that must hold alike on every device (an op refusing a bad shape with the same message, a forward small
+//! enough to work out by hand, two runs giving the same bits, the tape letting go of what it saved) is written once,
+//! as a function of the device, and expanded into one test per device:
+//!
+//! ```ignore
+//! /// conv names the weight whose input channels do not match the map's.
+//! fn conv_rejects_channel_mismatch(dev: &Device) {
+//!     let (x, w) = (common::randn_on(dev, &[1, 3, 5, 5], 1.0, 0), common::randn_on(dev, &[4, 2, 3, 3], 1.0, 1));
+//!     let err = conv(&mut Tape::new(), &x, &w, None, &[1, 1]).unwrap_err().to_string();
+//!     assert!(err.contains("input channels"), "{err}");
+//! }
+//! common::device_test!(conv_rejects_channel_mismatch);
+//! ```
+//!
+//! makes the module `conv_rejects_channel_mismatch` with the tests `cpu` (runs everywhere) and `gpu` (ignored: "needs
+//! a CUDA device"; run with `-- --ignored`), the latter on [`gpu`] (NaN-poisoned allocations, exact float32
+//! products). `device_test!(name, tf32)` adds `tf32`, on [`tf32_gpu`] (the convolutions and linear layers on the
+//! tensor cores). GPU tensors are float32, so the body builds float32 tensors on `dev` ([`randn_on`],
+//! [`tensor_on`]). The body is a plain function, so rustfmt and clippy see it as they see any test.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -27,6 +47,55 @@ pub fn tf32_gpu() -> Arc<Gpu> {
     let gpu = gpu();
     gpu.set_exact_f32(false);
     gpu
+}
+
+/// Expands a test body `fn name(dev: &Device)` defined beside it into a module `name` of tests, one per device: `cpu`
+/// (`Device::Cpu`), `gpu` ([`gpu`]: poisoned allocations, exact float32), and with `tf32` as second argument also
+/// `tf32` ([`tf32_gpu`]); the GPU tests are ignored ("needs a CUDA device"). See the module documentation.
+#[allow(unused_macros)] // Test binaries that write no device test leave it unused.
+macro_rules! device_test {
+    ($name:ident) => {
+        $crate::common::device_test!(@module $name {});
+    };
+    ($name:ident, tf32) => {
+        $crate::common::device_test!(@module $name {
+            #[test]
+            #[ignore = "needs a CUDA device"]
+            fn tf32() {
+                super::$name(&::lkm_engine::device::Device::Cuda($crate::common::tf32_gpu()));
+            }
+        });
+    };
+    // A function and a module may share a name (they live in different namespaces), so `name::cpu` reads as the
+    // test `name` on the CPU and a filter on `name` selects every device's run of it.
+    (@module $name:ident { $($extra:item)* }) => {
+        mod $name {
+            #[test]
+            fn cpu() {
+                super::$name(&::lkm_engine::device::Device::Cpu);
+            }
+
+            #[test]
+            #[ignore = "needs a CUDA device"]
+            fn gpu() {
+                super::$name(&::lkm_engine::device::Device::Cuda($crate::common::gpu()));
+            }
+
+            $($extra)*
+        }
+    };
+}
+#[allow(unused_imports)] // Test binaries that write no device test leave it unused.
+pub(crate) use device_test;
+
+/// Standard-normal float32 inputs scaled by `scale` (those of [`randn32`]) on `dev`.
+pub fn randn_on(dev: &Device, shape: &[usize], scale: f64, seed: u64) -> Tensor {
+    randn32(shape, scale, seed).to_device(dev).unwrap()
+}
+
+/// The float32 `values` of `shape` on `dev`.
+pub fn tensor_on(dev: &Device, values: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(values, shape).unwrap().to_device(dev).unwrap()
 }
 
 /// Fresh standard-normal float32 CPU inputs, scaled by `scale`.
