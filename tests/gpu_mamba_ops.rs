@@ -48,14 +48,20 @@ fn gpu_grads(gpu: &Arc<Gpu>, inputs: &[Tensor], f: impl Fn(&mut Tape, &[Tensor])
 // ---------------------------------------------------------------------------------------------------------------
 // linear
 
-/// linear on `x_shape` -> `n_out` against float64, in exact float32 (SIMT tiles) and in tf32 (tensor cores: engine.md's
-/// 1e-2, and above 1e-6, which float32 never reaches here, so a tf32 path quietly running in float32 fails).
-fn linear_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u64) {
+/// Random x (`x_shape`), weight (`n_out`, K) and, with `bias`, a bias (`n_out`), float32 on the host.
+fn linear_inputs(x_shape: &[usize], n_out: usize, bias: bool, seed: u64) -> Vec<Tensor> {
     let k = *x_shape.last().unwrap();
     let mut inputs = vec![randn32(x_shape, 1.0, seed), randn32(&[n_out, k], 0.2, seed + 1)];
     if bias {
         inputs.push(randn32(&[n_out], 1.0, seed + 2));
     }
+    inputs
+}
+
+/// linear on `x_shape` -> `n_out` against float64, in exact float32 (SIMT tiles) and in tf32 (tensor cores: engine.md's
+/// 1e-2, and above 1e-6, which float32 never reaches here, so a tf32 path quietly running in float32 fails).
+fn linear_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u64) {
+    let inputs = linear_inputs(x_shape, n_out, bias, seed);
     let f = |t: &mut Tape, x: &[Tensor]| linear(t, &x[0], &x[1], x.get(2));
     check_forward(name, &inputs, 1e-5, f);
     check_op(name, &inputs, 1e-4, f);
@@ -82,11 +88,7 @@ fn gpu_linear_no_bias() {
 /// float32 master weights), against the float64 reference on the float32 inputs: engine.md's bf16 tolerance 1e-2,
 /// and above 1e-6 (rounding to bf16 alone moves every operand by up to 2^-9).
 fn linear_bf16_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, seed: u64) {
-    let k = *x_shape.last().unwrap();
-    let mut inputs = vec![randn32(x_shape, 1.0, seed), randn32(&[n_out, k], 0.2, seed + 1)];
-    if bias {
-        inputs.push(randn32(&[n_out], 1.0, seed + 2));
-    }
+    let inputs = linear_inputs(x_shape, n_out, bias, seed);
     let f = |t: &mut Tape, x: &[Tensor]| {
         let on_gpu = !x[0].device().is_cpu();
         let low = |t: &mut Tape, v: &Tensor| if on_gpu { cast(t, v, DType::BF16) } else { Ok(v.clone()) };

@@ -45,6 +45,8 @@
 //! (statistics, then apply: 12 bytes) and x and dL/dy twice in the backward (plane sums, then dL/dx: 20 bytes).
 //! Memory-bound.
 
+use std::borrow::Cow;
+
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
@@ -207,8 +209,8 @@ fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[b
         let xp = &xs[p * v..(p + 1) * v];
         // dL/dy: the incoming gradient, through the fused activation's derivative at y (formed as the forward did).
         let (scale, shift) = (gamma[c].to_f64() * r, beta[c].to_f64());
-        let gp: Vec<T> = match b.act {
-            None => gs[p * v..(p + 1) * v].to_vec(),
+        let gp: Cow<[T]> = match b.act {
+            None => Cow::Borrowed(&gs[p * v..(p + 1) * v]),
             Some(a) => xp
                 .iter()
                 .zip(&gs[p * v..(p + 1) * v])
