@@ -93,7 +93,9 @@ fn read_headers(root: &Path, sources: &[PathBuf]) -> Vec<(String, header::Header
         println!("cargo::rerun-if-changed={}", path.display());
         let shown = format!("cuda/{stem}.cuh");
         let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {shown}: {e}"));
-        let parsed = header::parse(&shown, &text).unwrap_or_else(|e| panic!("{e}"));
+        // A header may take structs of the headers before it (sources are sorted): conv_tc.cuh uses conv.cuh's.
+        let earlier: Vec<header::Struct> = out.iter().flat_map(|(_, h)| h.structs.iter().cloned()).collect();
+        let parsed = header::parse_with(&shown, &text, &earlier).unwrap_or_else(|e| panic!("{e}"));
         let defined = kernel_names(&fs::read_to_string(src).unwrap());
         for k in &parsed.kernels {
             if !defined.contains(&k.name) {

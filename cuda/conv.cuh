@@ -10,8 +10,8 @@ constexpr int CONV_BN = 32;
 constexpr int CONV_BK = 16;
 constexpr int CONV_THREADS = 256;
 
-// One implicit product out[m, col] = b[col] + sum_k A[m, k] B[k, col] (the same fields as conv_tc.cuh's ConvTcParams,
-// so that one product description serves both maths): rows m = (n, r) over batch x rows[0] x rows[1] x rows[2],
+// One implicit product out[m, col] = b[col] + sum_k A[m, k] B[k, col] (also taken by conv_tc.cu's tensor-core
+// kernels, so that one product description serves both maths): rows m = (n, r) over batch x rows[0] x rows[1] x rows[2],
 // columns col over c_dst output channels, reduction k = (c, q) over c_src source channels x taps[0] x taps[1] x
 // taps[2], per axis d:
 //   A[m, k] = src[n, c, src_mul*r + src_add + src_tap*q]   (0 outside the source map)
@@ -46,8 +46,8 @@ struct ConvGemmParams {
 
 // The weight gradient dW[cn, j] = sum_{(n, o) in slice z} narrow[n, cn, o] wide[n, cw, o*s + a - p] over rows
 // j = (cw, a) (c_wide x prod(kernel)), columns cn (c_narrow), the reduction over (n, o) (batch x prod(narrow_size))
-// cut into slices of slice_len (a multiple of CONV_BK); block z writes partial[z, cn, j]. The same fields as
-// conv_tc.cuh's ConvWgradTcParams. Grid (ceil(c_wide * prod(kernel) / CONV_BM), ceil(c_narrow / CONV_BN), slices),
+// cut into slices of slice_len (a multiple of CONV_BK); block z writes partial[z, cn, j]. Also taken by conv_tc.cu.
+// Grid (ceil(c_wide * prod(kernel) / CONV_BM), ceil(c_narrow / CONV_BN), slices),
 // CONV_THREADS threads; batch * prod(narrow_size) < 2^31.
 struct ConvWgradParams {
     const float* narrow;

@@ -53,7 +53,7 @@ struct KEntry {
     int unused;
 };
 
-__device__ __forceinline__ KEntry decode_k(const ConvTcParams& p, int k, int K, int src_vox) {
+__device__ __forceinline__ KEntry decode_k(const ConvGemmParams& p, int k, int K, int src_vox) {
     KEntry e{0, 0, PADDED_K, 0};
     if (k >= K) return e;
     const int taps = p.taps[0] * p.taps[1] * p.taps[2];
@@ -74,7 +74,7 @@ __device__ __forceinline__ KEntry decode_k(const ConvTcParams& p, int k, int K, 
 }
 
 template <int BN>
-__device__ __forceinline__ void conv_tc(const ConvTcParams& p) {
+__device__ __forceinline__ void conv_tc(const ConvGemmParams& p) {
     using S = Shape<BN>;
     __shared__ __align__(16) mma::Tiles<S, true, true> tiles;
     __shared__ KEntry ktab[STAGES][BK];
@@ -164,7 +164,7 @@ struct WgradK {
     int ok;  // k < k_end
 };
 
-__device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradTcParams& p, int k, int k_end, int narrow_vox,
+__device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradParams& p, int k, int k_end, int narrow_vox,
                                                  int64_t wide_vox) {
     WgradK e{0, 0, 0u, k < k_end};
     if (!e.ok) return e;
@@ -186,7 +186,7 @@ __device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradTcParams& p, int
 }
 
 template <int BN>
-__device__ __forceinline__ void conv_wgrad_tc(const ConvWgradTcParams& p) {
+__device__ __forceinline__ void conv_wgrad_tc(const ConvWgradParams& p) {
     using S = Shape<BN>;
     __shared__ __align__(16) mma::Tiles<S, false, false> tiles;
     __shared__ WgradK ktab[STAGES][BK];
@@ -259,7 +259,7 @@ __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradTcParams& p) {
 // One name per role (the same product), so that a profile says which pass it times; _n32 for outputs of at most 32
 // channels, where a 64-column tile would leave half of the tensor-core work idle.
 #define CONV_TC_KERNEL(NAME, BN) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvTcParams p) { conv_tc<BN>(p); }
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvGemmParams p) { conv_tc<BN>(p); }
 CONV_TC_KERNEL(conv_fprop_tf32, CONV_TC_BN)                     // conv forward
 CONV_TC_KERNEL(conv_fprop_tf32_n32, CONV_TC_BN_NARROW)
 CONV_TC_KERNEL(conv_dgrad_tf32, CONV_TC_BN)                     // conv input gradient, one launch per phase
@@ -270,7 +270,7 @@ CONV_TC_KERNEL(conv_transpose_dgrad_tf32, CONV_TC_BN)           // its input gra
 CONV_TC_KERNEL(conv_transpose_dgrad_tf32_n32, CONV_TC_BN_NARROW)
 
 #define CONV_WGRAD_TC_KERNEL(NAME, BN) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradTcParams p) { conv_wgrad_tc<BN>(p); }
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradParams p) { conv_wgrad_tc<BN>(p); }
 CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32, CONV_TC_BN)                     // conv weight gradient
 CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32_n32, CONV_TC_BN_NARROW)
 CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32, CONV_TC_BN)           // transposed conv weight gradient

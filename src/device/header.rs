@@ -339,6 +339,8 @@ struct Parser<'a> {
     toks: Vec<Token>,
     at: usize,
     header: Header,
+    /// Structs of the headers this one includes, which its kernels may take.
+    included: &'a [Struct],
 }
 
 impl Parser<'_> {
@@ -444,8 +446,10 @@ impl Parser<'_> {
                 self.punct('(')?;
                 self.keyword("const")?;
                 let params = self.ident("the parameter struct")?;
-                let Some(s) = self.header.structs.iter().find(|s| s.name == params) else {
-                    return self.err(format!("`{params}` is not a struct declared above in this header"));
+                let Some(s) = self.header.structs.iter().chain(self.included).find(|s| s.name == params) else {
+                    return self.err(format!(
+                        "`{params}` is not a struct declared above in this header or in a header read before it"
+                    ));
                 };
                 let generic = s.param.is_some();
                 let arg = if self.peek() == Some(&Tok::Punct('<')) {
@@ -627,8 +631,15 @@ impl Parser<'_> {
 
 /// Parses one header; `file` names it in errors (e.g. `cuda/scan.cuh`).
 pub fn parse(file: &str, text: &str) -> Result<Header, ParseError> {
+    parse_with(file, text, &[])
+}
+
+/// [`parse`] for a header that includes others (`#include "other.cuh"`): its kernels may take a struct of
+/// `included`, the structs of the headers read before it. The generated Rust names the struct once, where it is
+/// declared.
+pub fn parse_with(file: &str, text: &str, included: &[Struct]) -> Result<Header, ParseError> {
     let toks = tokenize(file, text)?;
-    let mut p = Parser { file, toks, at: 0, header: Header::default() };
+    let mut p = Parser { file, toks, at: 0, header: Header::default(), included };
     while p.at < p.toks.len() {
         p.item()?;
     }
@@ -721,5 +732,16 @@ extern "C" __global__ void gen_f32(const Gen<float> p);
             assert_eq!(e.line, *line, "{text:?}: {shown}");
             assert!(shown.starts_with(&format!("cuda/t.cuh:{line}: ")) && shown.contains(what), "{text:?}: {shown}");
         }
+    }
+
+    /// A kernel may take a struct of a header read before (included), and only then.
+    #[test]
+    fn kernels_may_take_included_structs() {
+        let base = parse("cuda/a.cuh", "struct P { const float* x; int n; };").unwrap();
+        let text = "#include \"a.cuh\"\nextern \"C\" __global__ void k(const P p);";
+        let h = parse_with("cuda/b.cuh", text, &base.structs).unwrap();
+        assert_eq!((h.kernels[0].params.as_str(), h.structs.len()), ("P", 0));
+        let e = parse("cuda/b.cuh", text).unwrap_err().to_string();
+        assert!(e.contains("`P` is not a struct declared above"), "{e}");
     }
 }

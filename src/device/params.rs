@@ -6,7 +6,9 @@
 //! - the constants both sides need (threads per block, tile sizes, chunk lengths: `constexpr int SCAN_CHUNK = 64;`),
 //! - one parameter struct per family of kernels (`struct ScanParams { const float* u; ...; int64_t L; ... };`),
 //!   holding the device pointers and the sizes, so that a launch passes one argument,
-//! - the kernels that take it by value (`extern "C" __global__ void scan_forward_n16(const ScanParams p);`).
+//! - the kernels that take it by value (`extern "C" __global__ void scan_forward_n16(const ScanParams p);`), or take
+//!   a struct of a header it includes and that is read before it (conv_tc.cuh's kernels take conv.cuh's
+//!   `ConvGemmParams`: one product description for both maths).
 //!
 //! `build.rs` reads the headers and generates this module's contents: a `pub const` per constant (a `usize`), a
 //! `#[repr(C)]` struct per parameter struct with the header's comments as docs, its `DeviceRepr`, and in [`kernel`]
@@ -140,13 +142,17 @@ mod tests {
     fn rust_layout_matches_the_headers() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut seen = 0;
-        for entry in std::fs::read_dir(root.join("cuda")).unwrap() {
-            let path = entry.unwrap().path();
+        // In build.rs's order (sorted), each header seeing the structs of those before it.
+        let mut paths: Vec<_> = std::fs::read_dir(root.join("cuda")).unwrap().map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        let mut earlier: Vec<header::Struct> = Vec::new();
+        for path in paths {
             if path.extension().is_none_or(|e| e != "cuh") || !path.with_extension("cu").is_file() {
                 continue;
             }
             let shown = format!("cuda/{}", path.file_name().unwrap().to_string_lossy());
-            let parsed = header::parse(&shown, &std::fs::read_to_string(&path).unwrap()).unwrap();
+            let parsed = header::parse_with(&shown, &std::fs::read_to_string(&path).unwrap(), &earlier).unwrap();
+            earlier.extend(parsed.structs.iter().cloned());
             for s in &parsed.structs {
                 let (_, _, size, align, fields) = RUST_LAYOUTS
                     .iter()

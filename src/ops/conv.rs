@@ -60,9 +60,8 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvTcParams, ConvWgradParams, ConvWgradTcParams, Kernel,
-    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
-    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvWgradParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
+    CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
@@ -630,95 +629,6 @@ impl KernelDims {
     }
 }
 
-/// The tensor-core products take the same fields as the exact ones (cuda/conv_tc.cuh's `ConvTcParams` repeats
-/// cuda/conv.cuh's `ConvGemmParams`, so that the headers stay independent): one product description serves both
-/// maths. The exhaustive pattern and the struct literal make a field that one struct has and the other lacks a
-/// compile error here.
-impl From<ConvGemmParams> for ConvTcParams {
-    fn from(p: ConvGemmParams) -> ConvTcParams {
-        let ConvGemmParams {
-            src,
-            w,
-            bias,
-            dst,
-            batch,
-            c_src,
-            c_dst,
-            w_src,
-            w_dst,
-            src_size,
-            dst_size,
-            kernel,
-            rows,
-            src_mul,
-            src_add,
-            dst_mul,
-            dst_add,
-            taps,
-            src_tap,
-            tap_mul,
-            tap_add,
-        } = p;
-        ConvTcParams {
-            src,
-            w,
-            bias,
-            dst,
-            batch,
-            c_src,
-            c_dst,
-            w_src,
-            w_dst,
-            src_size,
-            dst_size,
-            kernel,
-            rows,
-            src_mul,
-            src_add,
-            dst_mul,
-            dst_add,
-            taps,
-            src_tap,
-            tap_mul,
-            tap_add,
-        }
-    }
-}
-
-/// The weight gradient's fields, shared the same way as the products' (see the `ConvTcParams` conversion).
-impl From<ConvWgradParams> for ConvWgradTcParams {
-    fn from(p: ConvWgradParams) -> ConvWgradTcParams {
-        let ConvWgradParams {
-            narrow,
-            wide,
-            partial,
-            batch,
-            c_narrow,
-            c_wide,
-            narrow_size,
-            wide_size,
-            kernel,
-            stride,
-            pad,
-            slice_len,
-        } = p;
-        ConvWgradTcParams {
-            narrow,
-            wide,
-            partial,
-            batch,
-            c_narrow,
-            c_wide,
-            narrow_size,
-            wide_size,
-            kernel,
-            stride,
-            pad,
-            slice_len,
-        }
-    }
-}
-
 /// Launches one `conv_gemm` product, `product` (pointers null) on the buffers, with `kernel`: it writes every output
 /// position the product enumerates.
 fn launch_product(
@@ -750,7 +660,7 @@ fn launch_product(
         GemmKernel::TensorCore(pair) => {
             check_tc_taps(p.taps, what)?;
             let (tc, tile_n) = pair.for_columns(columns);
-            gpu.launch(tc, grid(CONV_TC_BM, tile_n, CONV_TC_THREADS), &ConvTcParams::from(p), what)
+            gpu.launch(tc, grid(CONV_TC_BM, tile_n, CONV_TC_THREADS), &p, what)
         }
     }
 }
@@ -790,14 +700,14 @@ impl<P: Copy> TcPair<P> {
 #[derive(Clone, Copy)]
 enum GemmKernel {
     Exact(Kernel<ConvGemmParams>),
-    TensorCore(TcPair<ConvTcParams>),
+    TensorCore(TcPair<ConvGemmParams>),
 }
 
 /// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or a tensor-core pair.
 #[derive(Clone, Copy)]
 enum WgradKernel {
     Exact(Kernel<ConvWgradParams>),
-    TensorCore(TcPair<ConvWgradTcParams>),
+    TensorCore(TcPair<ConvWgradParams>),
 }
 
 /// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
@@ -961,7 +871,7 @@ impl Pairing {
             WgradKernel::Exact(exact) => gpu.launch(exact, cfg, &params, what)?,
             WgradKernel::TensorCore(pair) => {
                 check_tc_taps(d.k, what)?;
-                gpu.launch(pair.for_columns(cols).0, cfg, &ConvWgradTcParams::from(params), what)?;
+                gpu.launch(pair.for_columns(cols).0, cfg, &params, what)?;
             }
         }
         if slices == 1 {
