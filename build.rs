@@ -41,6 +41,7 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 /// `NAME_KERNEL(kernel_name, ..., CONSTANT, 16, false)` macro at the start of a line (a macro whose definition
 /// declares the kernels): its lower-case arguments other than C++ keywords (`true`, `false`, `float`, `double`,
 /// `int`) are kernel names; upper-case ones, numbers, booleans and types are settings. Kernel names are lower case.
+/// Of common.cuh's `TYPED_KERNEL(name_f32, name_bf16, body, Params)` only the first two arguments are kernels.
 fn kernel_names(source: &str) -> Vec<String> {
     let is_kernel_name = |a: &&str| {
         a.starts_with(|c: char| c.is_ascii_lowercase())
@@ -53,7 +54,9 @@ fn kernel_names(source: &str) -> Vec<String> {
             let is_instance = mac.ends_with("_KERNEL") && mac.chars().all(|c| c.is_ascii_uppercase() || c == '_');
             let args = args.split(')').next().unwrap_or("");
             let setting = |a: &str| matches!(a, "true" | "false" | "float" | "double" | "int");
-            let names = args.split(',').map(str::trim).filter(|a| is_kernel_name(a) && !setting(a));
+            // TYPED_KERNEL(name_f32, name_bf16, body, Params) (common.cuh): its first two arguments are the kernels.
+            let take = if mac.trim() == "TYPED_KERNEL" { 2 } else { usize::MAX };
+            let names = args.split(',').map(str::trim).take(take).filter(|a| is_kernel_name(a) && !setting(a));
             is_instance.then(|| names.map(String::from).collect::<Vec<_>>())
         })
         .flatten()
@@ -238,6 +241,7 @@ fn rust_params(headers: &[(String, header::Header)]) -> String {
             ));
             kernels.push_str(&format!("    pub const {}: Kernel<{ty}> = Kernel::new({:?});\n", k.name, k.name));
         }
+        kernels.push_str(&typed_accessors(h));
     }
     code.push_str(
         "\n/// The kernels declared in the headers, each typed by the parameter struct it takes: launch with\n\
@@ -254,6 +258,33 @@ fn rust_params(headers: &[(String, header::Header)]) -> String {
     code.push_str(&layouts);
     code.push_str("];\n");
     code
+}
+
+/// The storage-generic handles of a header: for each kernel `X_f32` taking `P<float>` with a sibling `X_bf16` taking
+/// `P<__nv_bfloat16>` (the two instances of one template, common.cuh's `TYPED_KERNEL`), a function
+/// `X::<T>() -> Kernel<P<T>>` that picks the instance by storage type. Not for a stem that also has an `X_tf32`
+/// kernel: there `X_f32` is the exact float32 kernel, a different algorithm from `X_bf16`'s tensor cores.
+fn typed_accessors(h: &header::Header) -> String {
+    let mut out = String::new();
+    for k in &h.kernels {
+        let Some(stem) = k.name.strip_suffix("_f32") else { continue };
+        let bf16 = format!("{stem}_bf16");
+        let tf32 = format!("{stem}_tf32");
+        let pair = h.kernels.iter().find(|o| o.name == bf16 && o.params == k.params);
+        if k.arg != Some(header::Scalar::F32)
+            || pair.is_none_or(|o| o.arg != Some(header::Scalar::Bf16))
+            || h.kernels.iter().any(|o| o.name == tf32)
+        {
+            continue;
+        }
+        out.push_str(&format!(
+            "    /// `{}` or `{bf16}`, by storage type `T` (`f32` or `half::bf16`).\n    \
+             pub fn {stem}<T: crate::device::cuda::GpuElement>() -> Kernel<{}<T>> {{\n        \
+             Kernel::new(T::pick({:?}, {bf16:?}))\n    }}\n",
+            k.name, k.params, k.name
+        ));
+    }
+    out
 }
 
 /// A CUDA file that includes every header and asserts the layout the Rust side was generated with, so nvcc itself

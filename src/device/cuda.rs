@@ -31,6 +31,16 @@ pub struct Gpu {
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
 /// [`crate::tensor::DType::BF16`] tensors).
 pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {
+    /// The tensor element type.
+    const DTYPE: crate::tensor::DType;
+    /// Of a kernel's two instances (common.cuh's `TYPED_KERNEL`), the name of the one for this type.
+    fn pick(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+        if Self::DTYPE == crate::tensor::DType::BF16 {
+            bf16_name
+        } else {
+            f32_name
+        }
+    }
     /// The tensor storage holding a buffer of this type.
     fn storage(buffer: GpuBuffer<Self>) -> crate::tensor::Storage;
     /// The buffer of a storage of this type, if it is one.
@@ -38,6 +48,7 @@ pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync 
 }
 
 impl GpuElement for f32 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::F32;
     fn storage(buffer: GpuBuffer<f32>) -> crate::tensor::Storage {
         crate::tensor::Storage::Cuda(buffer)
     }
@@ -50,6 +61,7 @@ impl GpuElement for f32 {
 }
 
 impl GpuElement for half::bf16 {
+    const DTYPE: crate::tensor::DType = crate::tensor::DType::BF16;
     fn storage(buffer: GpuBuffer<half::bf16>) -> crate::tensor::Storage {
         crate::tensor::Storage::CudaBf16(buffer)
     }

@@ -40,7 +40,9 @@
 //! use lkm_engine::device::params::{kernel, ConstPtr, EltwiseParams, MutPtr, SCAN_CHUNK};
 //! // The handle knows its kernel's name and, in its type, its parameter struct.
 //! assert_eq!(kernel::add_f32.name(), "add_f32");
-//! let p = EltwiseParams { a: ConstPtr::NULL, b: ConstPtr::NULL, y: MutPtr::NULL, s: 1.0, n: 0 };
+//! // A kernel templated over the storage type: its instance for a type (f32 or half::bf16).
+//! assert_eq!(kernel::add::<half::bf16>().name(), "add_bf16");
+//! let p = EltwiseParams::<f32> { a: ConstPtr::NULL, b: ConstPtr::NULL, y: MutPtr::NULL, s: 1.0, n: 0 };
 //! assert_eq!(format!("{:?}", p.a), "0x0");
 //! // Constants come from the headers too: the selective scan's chunk length.
 //! assert_eq!(SCAN_CHUNK, 64);

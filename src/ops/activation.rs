@@ -13,10 +13,11 @@
 //! Memory-bound.
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::GpuElement;
 use crate::device::params::{kernel, EltwiseParams, Kernel};
 use crate::profile;
 use crate::tensor::{eltwise_gpu, map, zip_map, Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, by_gpu_type, Result};
 
 /// The pointwise functions of this file. The discriminants are the codes of `cuda/common.cuh`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,12 +48,12 @@ impl Activation {
         }
     }
 
-    /// The forward and backward kernels of cuda/elementwise.cu.
-    fn kernels(self) -> (Kernel<EltwiseParams>, Kernel<EltwiseParams>) {
+    /// The forward and backward kernels of cuda/elementwise.cu for storage type `T`.
+    fn kernels<T: GpuElement>(self) -> (Kernel<EltwiseParams<T>>, Kernel<EltwiseParams<T>>) {
         match self {
-            Activation::LeakyRelu => (kernel::leaky_relu_forward, kernel::leaky_relu_backward),
-            Activation::Silu => (kernel::silu_forward, kernel::silu_backward),
-            Activation::Softplus => (kernel::softplus_forward, kernel::softplus_backward),
+            Activation::LeakyRelu => (kernel::leaky_relu_forward::<T>(), kernel::leaky_relu_backward::<T>()),
+            Activation::Silu => (kernel::silu_forward::<T>(), kernel::silu_backward::<T>()),
+            Activation::Softplus => (kernel::softplus_forward::<T>(), kernel::softplus_backward::<T>()),
         }
     }
 
@@ -107,12 +108,14 @@ pub fn activation(tape: &mut Tape, x: &Tensor, act: Activation) -> Result<Tensor
     fn cpu<T: Real>(x: &Tensor, act: Activation) -> Result<Tensor> {
         map::<T>(x, |v| act.value(v))
     }
+    fn gpu<T: GpuElement>(x: &Tensor, act: Activation) -> Result<Tensor> {
+        let shapes = format!("{} {:?}", act.name(), x.shape());
+        let xb = x.gpu_operand::<T>(act.name())?;
+        Tensor::from_gpu(eltwise_gpu(act.kernels::<T>().0, xb, None, 1.0, act.name(), &shapes)?, x.shape())
+    }
     let range = profile::forward(act.name(), &[x], 0.0);
-    let y = match x.gpu_buffer() {
-        Some(xb) => {
-            let shapes = format!("{} {:?}", act.name(), x.shape());
-            Tensor::from_gpu(eltwise_gpu(act.kernels().0, xb, None, 1.0, act.name(), &shapes)?, x.shape())?
-        }
+    let y = match by_gpu_type!(x, gpu(x, act)) {
+        Some(y) => y?,
         None => by_dtype!(x.dtype(), cpu(x, act))?,
     };
     range.done([&y]);
@@ -154,13 +157,17 @@ impl Backward for ActivationBackward {
         fn cpu<T: Real>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
             zip_map::<T>(x, g, |x, g| g * act.derivative(x))
         }
+        fn gpu<T: GpuElement>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
+            let shapes = format!("{} {:?}", act.name(), x.shape());
+            let (xb, gb) = (x.gpu_operand::<T>(act.name())?, g.gpu_operand::<T>(act.name())?);
+            Tensor::from_gpu(eltwise_gpu(act.kernels::<T>().1, xb, Some(gb), 1.0, act.name(), &shapes)?, x.shape())
+        }
         let at = &self.saved;
         at.check_same_kind(grad_out, "activation backward")?;
-        if let (Some(xb), Some(gb)) = (at.gpu_buffer(), grad_out.gpu_buffer()) {
-            let shapes = format!("{} {:?}", self.act.name(), at.shape());
-            let dx = eltwise_gpu(self.act.kernels().1, xb, Some(gb), 1.0, self.act.name(), &shapes)?;
-            return Ok(vec![Some(Tensor::from_gpu(dx, at.shape())?)]);
-        }
-        Ok(vec![Some(by_dtype!(at.dtype(), cpu(at, grad_out, self.act))?)])
+        let dx = match by_gpu_type!(at, gpu(at, grad_out, self.act)) {
+            Some(dx) => dx?,
+            None => by_dtype!(at.dtype(), cpu(at, grad_out, self.act))?,
+        };
+        Ok(vec![Some(dx)])
     }
 }

@@ -2,7 +2,7 @@
 //! accumulation), the ops' backward passes and the optimiser share.
 
 use super::{Real, Tensor};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, ConstPtr, EltwiseParams, Kernel};
 use crate::{ensure, Result};
 
@@ -37,13 +37,16 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
         Binary::Mul => "mul",
     };
     check_binary(a, b, name)?;
-    if let (Some(ab), Some(bb)) = (a.gpu_buffer(), b.gpu_buffer()) {
+    fn gpu<T: GpuElement>(a: &Tensor, b: &Tensor, op: Binary, name: &str) -> Result<Tensor> {
         let k = match op {
-            Binary::Add => kernel::add_f32,
-            Binary::Mul => kernel::mul_f32,
+            Binary::Add => kernel::add::<T>(),
+            Binary::Mul => kernel::mul::<T>(),
         };
-        let y = eltwise_gpu(k, ab, Some(bb), 1.0, name, &format!("{:?}", a.shape()))?;
-        return Tensor::from_gpu(y, a.shape());
+        let (ab, bb) = (a.gpu_operand::<T>(name)?, b.gpu_operand::<T>(name)?);
+        Tensor::from_gpu(eltwise_gpu(k, ab, Some(bb), 1.0, name, &format!("{:?}", a.shape()))?, a.shape())
+    }
+    if let Some(y) = by_gpu_type!(a, gpu(a, b, op, name)) {
+        return y;
     }
     fn cpu<T: Real>(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
         match op {
@@ -66,9 +69,13 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `s * a`.
 pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
-    if let Some(ab) = a.gpu_buffer() {
-        let y = eltwise_gpu(kernel::scale_f32, ab, None, s as f32, "scale", &format!("{:?}", a.shape()))?;
-        return Tensor::from_gpu(y, a.shape());
+    fn gpu<T: GpuElement>(a: &Tensor, s: f64) -> Result<Tensor> {
+        let ab = a.gpu_operand::<T>("scale")?;
+        let y = eltwise_gpu(kernel::scale::<T>(), ab, None, s as f32, "scale", &format!("{:?}", a.shape()))?;
+        Tensor::from_gpu(y, a.shape())
+    }
+    if let Some(y) = by_gpu_type!(a, gpu(a, s)) {
+        return y;
     }
     fn cpu<T: Real>(a: &Tensor, s: f64) -> Result<Tensor> {
         let s = T::from_f64(s);
@@ -80,17 +87,17 @@ pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
 /// Runs an elementwise kernel of `cuda/elementwise.cu` over all of `a` (with `b`, of the same length, as its second
 /// operand, and `s` as its factor, where it takes them) into a new buffer named `what`; `shapes` names the operands
 /// in an error.
-pub(crate) fn eltwise_gpu(
-    k: Kernel<EltwiseParams>,
-    a: &GpuBuffer,
-    b: Option<&GpuBuffer>,
+pub(crate) fn eltwise_gpu<T: GpuElement>(
+    k: Kernel<EltwiseParams<T>>,
+    a: &GpuBuffer<T>,
+    b: Option<&GpuBuffer<T>>,
     s: f32,
     what: &str,
     shapes: &str,
-) -> Result<GpuBuffer> {
+) -> Result<GpuBuffer<T>> {
     let n = a.slice.len();
     let gpu = &a.gpu;
-    let mut y = gpu.alloc(n, what)?;
+    let mut y = gpu.alloc_of::<T>(n, what)?;
     let p = EltwiseParams { a: a.ptr(), b: b.map_or(ConstPtr::NULL, GpuBuffer::ptr), y: y.ptr_mut(), s, n: n as i64 };
     gpu.launch(k, grid_1d(n), &p, shapes)?;
     Ok(y)

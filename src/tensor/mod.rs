@@ -205,6 +205,21 @@ impl Tensor {
         T::buffer(&self.storage)
     }
 
+    /// The GPU buffer of an operand that must be stored as `T` on the GPU (the op dispatched on another operand's
+    /// type with [`by_gpu_type!`]); `op` names the caller in the error.
+    pub fn gpu_operand<T: GpuElement>(&self, op: &str) -> Result<&GpuBuffer<T>> {
+        self.gpu::<T>().ok_or_else(|| {
+            Error::Mismatch(format!(
+                "{op}: expected a GPU {:?} operand, got a {:?} tensor on {:?} with shape {:?} (operands of one op \
+                 share device and storage type: convert with ops::cast::cast)",
+                T::DTYPE,
+                self.dtype(),
+                self.device(),
+                self.shape
+            ))
+        })
+    }
+
     /// Wraps a GPU buffer holding exactly `shape`'s elements.
     pub fn from_gpu<T: GpuElement>(buffer: GpuBuffer<T>, shape: &[usize]) -> Result<Tensor> {
         check_shape(shape, "Tensor::from_gpu")?;
@@ -368,6 +383,21 @@ macro_rules! by_dtype {
             $crate::tensor::DType::F32 => $f::<f32>($($arg),*),
             $crate::tensor::DType::F64 => $f::<f64>($($arg),*),
             $crate::tensor::DType::BF16 => Err($crate::tensor::no_bf16_kernel(module_path!())),
+        }
+    };
+}
+
+/// Runs a function generic over the GPU storage type ([`GpuElement`]) at the storage type of the tensor `x`:
+/// `by_gpu_type!(x, f(a, b))` is `Some(f::<f32>(a, b))` for a float32 GPU tensor, `Some(f::<half::bf16>(a, b))` for
+/// a bf16 one and `None` on the host, where the op runs its CPU reference. The one place where an op's GPU path
+/// dispatches on the storage type; inside, [`Tensor::gpu_operand`] gets each operand's buffer.
+#[macro_export]
+macro_rules! by_gpu_type {
+    ($x:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $x.storage() {
+            $crate::tensor::Storage::Cuda(_) => Some($f::<f32>($($arg),*)),
+            $crate::tensor::Storage::CudaBf16(_) => Some($f::<half::bf16>($($arg),*)),
+            _ => None,
         }
     };
 }

@@ -257,6 +257,52 @@ pub fn check_op_on(
     worst
 }
 
+/// The bf16 check of an op's GPU kernels: the inputs with `bf16[i]` are rounded to bf16 on the GPU (the others stay
+/// float32: norm weights, the scan's A and D), `f` runs there and back-propagates the bf16-rounded seed gradient, and
+/// the output and every gradient are held to `tol` (engine.md: 1e-2 for bf16) against the float64 CPU reference run
+/// on the same rounded inputs, so the measure is the kernels' own error. Returns the worst error.
+pub fn check_op_bf16(
+    name: &str,
+    inputs: &[Tensor],
+    differentiable: &[bool],
+    bf16: &[bool],
+    tol: f64,
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> f64 {
+    let gpu = Device::Cuda(gpu());
+    let gpu_inputs: Vec<Tensor> = inputs
+        .iter()
+        .zip(bf16)
+        .map(|(x, &low)| {
+            let x = x.to_device(&gpu).unwrap();
+            if low {
+                x.to_dtype(DType::BF16).unwrap()
+            } else {
+                x
+            }
+        })
+        .collect();
+    let cpu_inputs: Vec<Tensor> =
+        gpu_inputs.iter().map(|x| Tensor::from_vec(x.to_vec_f64().unwrap(), x.shape()).unwrap()).collect();
+    let (ref_out, ref_grads) = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
+    let (out, grads) = seeded_step(name, &gpu_inputs, differentiable, &gpu, &f);
+    let mut worst = assert_rel_err(&format!("{name} (bf16): forward"), &out, &ref_out, tol);
+    let mut report = format!("{name} (bf16): forward {worst:.1e}, gradients");
+    for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
+        match (g, r) {
+            (Some(g), Some(r)) => {
+                let e = assert_rel_err(&format!("{name} (bf16): gradient of input {i}"), g, r, tol);
+                worst = worst.max(e);
+                report += &format!(" {e:.1e}");
+            }
+            (None, None) => report += " -",
+            _ => panic!("{name}: input {i} has a gradient on one device only"),
+        }
+    }
+    eprintln!("{report}");
+    worst
+}
+
 /// One node of a traced forward/backward pass as float64 host data (see `Tape::trace`).
 pub struct TraceRow {
     /// The node's position on the tape.
