@@ -15,8 +15,8 @@
 //                                                             y = wide_from_narrow(x), dx = narrow_from_wide(g),
 //                                                             dw = weight_grad(x, g)
 //
-// conv_gemm computes the first two as one matrix product per launch (kernels conv_fprop, conv_dgrad,
-// conv_transpose_fprop, conv_transpose_dgrad: one name per role), out[m, col] = sum_k A[m, k] B[k, col]:
+// conv_gemm computes the first two as one matrix product per launch (kernels conv_fprop_f32, conv_dgrad_f32,
+// conv_transpose_fprop_f32, conv_transpose_dgrad_f32: one name per role), out[m, col] = sum_k A[m, k] B[k, col]:
 //   rows m = (n, r0, r1, r2) over N x rows[0] x rows[1] x rows[2] output positions, columns col = output channels,
 //   reduction k = (c, q0, q1, q2) over the source channels x taps[0] x taps[1] x taps[2], and per axis d
 //     source coordinate  src_mul[d]*r[d] + src_add[d] + src_tap[d]*q[d]   (A gathers 0 outside [0, src[d]))
@@ -27,7 +27,7 @@
 //   J = J0 + r; only the taps a = s*q + rho reach them, from o = J - q. So a strided input gradient does no work on
 //   taps that cannot contribute, and the transposed conv's forward (s = k) is a plain product over Cin per phase.
 //
-// conv_weight_grad (kernels conv_wgrad, conv_transpose_wgrad): dW[cn, j] with j = (cw, a), as rows j, columns cn,
+// conv_weight_grad (kernels conv_wgrad_f32, conv_transpose_wgrad_f32): dW[cn, j] with j = (cw, a), as rows j, columns cn,
 // reduction over (n, o), split deterministically into fixed K slices that write partial[slice, cn, j]; sum_slices
 // adds the slices in order. channel_sums reduces a map over (n, voxels) per channel (the bias gradient) in fixed
 // chunks, then again over the chunks.
@@ -109,7 +109,7 @@ struct GemmK {
     int c, w, off[3], ok;
 };
 
-__device__ __forceinline__ GemmK decode_gemm_k(const ConvGemmParams& g, int k, int K) {
+__device__ __forceinline__ GemmK decode_gemm_k(const ConvGemmParams<float>& g, int k, int K) {
     GemmK e;
     e.ok = k < K;
     if (!e.ok) k = 0;  // any valid index; the entry is masked by ok
@@ -130,7 +130,7 @@ __device__ __forceinline__ GemmK decode_gemm_k(const ConvGemmParams& g, int k, i
 }  // namespace
 
 // Grid (ceil(M / BM), ceil(c_dst / BN)), THREADS threads; M = batch * prod(rows) < 2^31.
-__device__ __forceinline__ void conv_gemm(const ConvGemmParams& g) {
+__device__ __forceinline__ void conv_gemm(const ConvGemmParams<float>& g) {
     const float* __restrict__ src = g.src;
     const float* __restrict__ w = g.w;
     const float* __restrict__ bias = g.bias;
@@ -217,11 +217,11 @@ __device__ __forceinline__ void conv_gemm(const ConvGemmParams& g) {
 // One kernel name per role (the same product), so that a profile says which pass it is timing. These are the exact
 // float32 SIMT products (parity checks); the tf32 tensor-core products of training are in conv_tc.cu.
 #define CONV_GEMM_KERNEL(NAME) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvGemmParams p) { conv_gemm(p); }
-CONV_GEMM_KERNEL(conv_fprop)            // conv forward: narrow_from_wide(x)
-CONV_GEMM_KERNEL(conv_dgrad)            // conv input gradient: wide_from_narrow(g), one launch per phase
-CONV_GEMM_KERNEL(conv_transpose_fprop)  // transposed conv forward: wide_from_narrow(x)
-CONV_GEMM_KERNEL(conv_transpose_dgrad)  // its input gradient: narrow_from_wide(g)
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvGemmParams<float> p) { conv_gemm(p); }
+CONV_GEMM_KERNEL(conv_fprop_f32)        // conv forward: narrow_from_wide(x)
+CONV_GEMM_KERNEL(conv_dgrad_f32)        // conv input gradient: wide_from_narrow(g), one launch per phase
+CONV_GEMM_KERNEL(conv_transpose_fprop_f32)  // transposed conv forward: wide_from_narrow(x)
+CONV_GEMM_KERNEL(conv_transpose_dgrad_f32)  // its input gradient: narrow_from_wide(g)
 
 // ---------------------------------------------------------------------------------------------------------------
 // conv_weight_grad: dW[cn, j] over rows j = (cw, a) in [0, Cw * taps), columns cn, reduction k = (n, o) over
@@ -240,7 +240,7 @@ struct NarrowPos {
     int n, v, base[3], ok;
 };
 
-__device__ __forceinline__ WideTap decode_wide_tap(const ConvWgradParams& g, int j, int M) {
+__device__ __forceinline__ WideTap decode_wide_tap(const ConvWgradParams<float>& g, int j, int M) {
     WideTap e;
     e.ok = j < M;
     if (!e.ok) j = 0;
@@ -253,7 +253,7 @@ __device__ __forceinline__ WideTap decode_wide_tap(const ConvWgradParams& g, int
     return e;
 }
 
-__device__ __forceinline__ NarrowPos decode_narrow_pos(const ConvWgradParams& g, int k, int k_end) {
+__device__ __forceinline__ NarrowPos decode_narrow_pos(const ConvWgradParams<float>& g, int k, int k_end) {
     NarrowPos p;
     p.ok = k < k_end;
     if (!p.ok) k = 0;
@@ -270,7 +270,7 @@ __device__ __forceinline__ NarrowPos decode_narrow_pos(const ConvWgradParams& g,
 }  // namespace
 
 // Grid (ceil(Cw * taps / BM), ceil(Cn / BN), slices), THREADS threads; N * prod(narrow) < 2^31.
-__device__ __forceinline__ void conv_weight_grad(const ConvWgradParams& g) {
+__device__ __forceinline__ void conv_weight_grad(const ConvWgradParams<float>& g) {
     const float* __restrict__ narrow = g.narrow;
     const float* __restrict__ wide = g.wide;
     float* __restrict__ partial = g.partial;
@@ -338,9 +338,9 @@ __device__ __forceinline__ void conv_weight_grad(const ConvWgradParams& g) {
 
 // The exact float32 SIMT weight gradients (parity checks); the tf32 tensor-core ones are in conv_tc.cu.
 #define CONV_WGRAD_KERNEL(NAME) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradParams p) { conv_weight_grad(p); }
-CONV_WGRAD_KERNEL(conv_wgrad)            // conv: weight_grad(g, x)
-CONV_WGRAD_KERNEL(conv_transpose_wgrad)  // transposed conv: weight_grad(x, g)
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradParams<float> p) { conv_weight_grad(p); }
+CONV_WGRAD_KERNEL(conv_wgrad_f32)        // conv: weight_grad(g, x)
+CONV_WGRAD_KERNEL(conv_transpose_wgrad_f32)  // transposed conv: weight_grad(x, g)
 
 // out[e] = sum_{z = 0 .. slices-1} partial[z * n + e], in that order.
 extern "C" __global__ void sum_slices(const SumSlicesParams p) {
@@ -355,14 +355,19 @@ extern "C" __global__ void sum_slices(const SumSlicesParams p) {
 }
 
 // x is (rows, channels, len); block (b = r * chunks + q, c) writes out[c, b] = sum_{v in chunk q} x[r, c, v], chunk q
-// being [q * chunk_len, min(len, (q + 1) * chunk_len)). Grid (rows * chunks, channels), blockDim a multiple of 32.
-extern "C" __global__ void channel_sums(const ChannelSumsParams p) {
+// being [q * chunk_len, min(len, (q + 1) * chunk_len)), summed in float32. Grid (rows * chunks, channels), blockDim a
+// multiple of 32.
+namespace {
+template <typename T>
+__device__ void channel_sums(const ChannelSumsParams<T>& p) {
     __shared__ float scratch[32];
     const int c = blockIdx.y, r = blockIdx.x / p.chunks, q = blockIdx.x % p.chunks;
-    const float* row = p.x + ((int64_t)r * p.channels + c) * p.len;
+    const T* row = p.x + ((int64_t)r * p.channels + c) * p.len;
     const int64_t begin = q * p.chunk_len, end = min(p.len, begin + p.chunk_len);
     float s = 0.0f;
-    for (int64_t v = begin + threadIdx.x; v < end; v += blockDim.x) s += row[v];
+    for (int64_t v = begin + threadIdx.x; v < end; v += blockDim.x) s += to_f32(row[v]);
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) p.out[(int64_t)c * gridDim.x + blockIdx.x] = s;
 }
+}  // namespace
+TYPED_KERNEL(channel_sums_f32, channel_sums_bf16, channel_sums, ChannelSumsParams)

@@ -1,5 +1,6 @@
 // Parameters of the exact float32 convolution products and the ordered sums of conv.cu.
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 // The block tile of conv_gemm and conv_weight_grad: CONV_BM rows (output positions, or weight rows (cw, a)) x
@@ -19,12 +20,14 @@ constexpr int CONV_THREADS = 256;
 //   written at dst[n, col, dst_mul*r + dst_add].
 // narrow_from_wide (conv forward, transposed conv input gradient) is one launch; wide_from_narrow (conv input
 // gradient, transposed conv forward) one launch per stride phase. Grid (ceil(batch * prod(rows) / CONV_BM),
-// ceil(c_dst / CONV_BN)), CONV_THREADS threads; batch * prod(rows) < 2^31.
+// ceil(c_dst / CONV_BN)), CONV_THREADS threads; batch * prod(rows) < 2^31. T is the storage type: float (the exact
+// kernels here and tf32 ones of conv_tc.cu) or __nv_bfloat16 (conv_tc.cu's bf16 kernels); sums are float32.
+template <typename T>
 struct ConvGemmParams {
-    const float* src;
-    const float* w;
-    const float* bias;  // (c_dst), or null for none
-    float* dst;
+    const T* src;
+    const T* w;
+    const T* bias;  // (c_dst), or null for none
+    T* dst;
     int batch;
     int c_src;
     int c_dst;
@@ -48,10 +51,11 @@ struct ConvGemmParams {
 // j = (cw, a) (c_wide x prod(kernel)), columns cn (c_narrow), the reduction over (n, o) (batch x prod(narrow_size))
 // cut into slices of slice_len (a multiple of CONV_BK); block z writes partial[z, cn, j]. Also taken by conv_tc.cu.
 // Grid (ceil(c_wide * prod(kernel) / CONV_BM), ceil(c_narrow / CONV_BN), slices),
-// CONV_THREADS threads; batch * prod(narrow_size) < 2^31.
+// CONV_THREADS threads; batch * prod(narrow_size) < 2^31. The maps are of storage type T, the partial sums float32.
+template <typename T>
 struct ConvWgradParams {
-    const float* narrow;
-    const float* wide;
+    const T* narrow;
+    const T* wide;
     float* partial;
     int batch;
     int c_narrow;
@@ -74,10 +78,11 @@ struct SumSlicesParams {
 };
 
 // x is (rows, channels, len); block (b = r * chunks + q, c) writes out[c, b] = sum_{v in chunk q} x[r, c, v], chunk q
-// being [q * chunk_len, min(len, (q + 1) * chunk_len)). Grid (rows * chunks, channels), blockDim a multiple of 32,
-// at most 1024.
+// being [q * chunk_len, min(len, (q + 1) * chunk_len)), in float32 from x of storage type T. Grid (rows * chunks,
+// channels), blockDim a multiple of 32, at most 1024.
+template <typename T>
 struct ChannelSumsParams {
-    const float* x;
+    const T* x;
     float* out;
     int channels;
     int64_t len;
@@ -87,19 +92,21 @@ struct ChannelSumsParams {
 
 // One name per role of the same product, so that a profile says which pass it is timing.
 
+// The exact float32 SIMT kernels (the parity path, --math exact), one name per role:
 // conv forward: narrow_from_wide(x)
-extern "C" __global__ void conv_fprop(const ConvGemmParams p);
+extern "C" __global__ void conv_fprop_f32(const ConvGemmParams<float> p);
 // conv input gradient: wide_from_narrow(g), one launch per stride phase
-extern "C" __global__ void conv_dgrad(const ConvGemmParams p);
+extern "C" __global__ void conv_dgrad_f32(const ConvGemmParams<float> p);
 // transposed conv forward: wide_from_narrow(x), one launch per stride phase
-extern "C" __global__ void conv_transpose_fprop(const ConvGemmParams p);
+extern "C" __global__ void conv_transpose_fprop_f32(const ConvGemmParams<float> p);
 // transposed conv input gradient: narrow_from_wide(g)
-extern "C" __global__ void conv_transpose_dgrad(const ConvGemmParams p);
+extern "C" __global__ void conv_transpose_dgrad_f32(const ConvGemmParams<float> p);
 // conv weight gradient: weight_grad(g, x), slices
-extern "C" __global__ void conv_wgrad(const ConvWgradParams p);
+extern "C" __global__ void conv_wgrad_f32(const ConvWgradParams<float> p);
 // transposed conv weight gradient: weight_grad(x, g), slices
-extern "C" __global__ void conv_transpose_wgrad(const ConvWgradParams p);
-// the weight gradient's slices (of either math) added in order
+extern "C" __global__ void conv_transpose_wgrad_f32(const ConvWgradParams<float> p);
+// the weight gradient's slices (of either math and type) added in order
 extern "C" __global__ void sum_slices(const SumSlicesParams p);
-// one level of the bias gradient's per-channel sums
-extern "C" __global__ void channel_sums(const ChannelSumsParams p);
+// one level of the bias gradient's per-channel sums, from either storage type
+extern "C" __global__ void channel_sums_f32(const ChannelSumsParams<float> p);
+extern "C" __global__ void channel_sums_bf16(const ChannelSumsParams<__nv_bfloat16> p);

@@ -1,4 +1,5 @@
-// Convolutions on the tensor cores (tf32 operands, float32 accumulation): the conv_gemm product of conv.cu,
+// Convolutions on the tensor cores (tf32 operands from float32 storage, or bf16 operands from bf16 storage; float32
+// accumulation): the conv_gemm product of conv.cu,
 //
 //   out[m, col] = b[col] + sum_k A[m, k] B[k, col],   A[m, k] = src[n, c, src_mul*r + src_add + src_tap*q],
 //                                                      B[k, col] = w[col*w_dst + c*w_src + tap(a)],
@@ -13,7 +14,8 @@
 //   table entry, an and, a compare and an add.
 // - The tiles arrive through cp.async (4-byte copies; a zero-fill copy of 0 bytes where A or B is 0) in a
 //   CONV_TC_STAGES-deep pipeline, so the gathers of the next stages are in flight while the tensor cores work on this
-//   one: one barrier per stage.
+//   one: one barrier per stage. bf16 elements (2 bytes, below cp.async's smallest copy) go through registers
+//   (mma::copy_elem): the same stages and barriers, but the gathers are not in flight during the products.
 // - Warp (wm, wn) of the 4 x 2 warps computes rows 32 wm .. 32 wm + 31 and BN / 2 columns with mma.sync.m16n8k8
 //   (tf32 operands rounded to nearest with cvt.rna). Shared rows are padded by 8 floats, so the fragment loads
 //   (lane g = l / 4, t = l % 4 reading [k0 + t][g]) hit 32 different banks.
@@ -39,7 +41,6 @@ constexpr int WARPS_M = 4, WARPS_N = 2;
 template <int BN>
 using Shape = mma::Shape<BM, BN, BK, STAGES, WARPS_M, WARPS_N>;
 using mma::Acc;
-using mma::cp_async4;
 constexpr unsigned PADDED_K = 1u << 31;  // the bits of a reduction index past K: never in a row mask
 static_assert(WARPS_M * WARPS_N * 32 == THREADS && BM % (16 * WARPS_M) == 0, "warp layout");
 static_assert(THREADS % BM == 0 && BK % (THREADS / BM) == 0 && BK % 8 == 0, "A stage loads: one row per thread");
@@ -53,7 +54,8 @@ struct KEntry {
     int unused;
 };
 
-__device__ __forceinline__ KEntry decode_k(const ConvGemmParams& p, int k, int K, int src_vox) {
+template <typename T>
+__device__ __forceinline__ KEntry decode_k(const ConvGemmParams<T>& p, int k, int K, int src_vox) {
     KEntry e{0, 0, PADDED_K, 0};
     if (k >= K) return e;
     const int taps = p.taps[0] * p.taps[1] * p.taps[2];
@@ -73,10 +75,10 @@ __device__ __forceinline__ KEntry decode_k(const ConvGemmParams& p, int k, int K
     return e;
 }
 
-template <int BN>
-__device__ __forceinline__ void conv_tc(const ConvGemmParams& p) {
+template <int BN, typename T>
+__device__ __forceinline__ void conv_tc(const ConvGemmParams<T>& p) {
     using S = Shape<BN>;
-    __shared__ __align__(16) mma::Tiles<S, true, true> tiles;
+    __shared__ __align__(16) mma::Tiles<S, true, true, T> tiles;
     __shared__ KEntry ktab[STAGES][BK];
 
     const int t = threadIdx.x;
@@ -104,7 +106,7 @@ __device__ __forceinline__ void conv_tc(const ConvGemmParams& p) {
         }
         row_off = (int64_t)n * p.c_src * src_vox + ((int64_t)base[0] * p.src_size[1] + base[1]) * p.src_size[2] + base[2];
     }
-    const float* a_src = p.src + row_off;
+    const T* a_src = p.src + row_off;
     // B: reduction index t % BK, columns t / BK + (THREADS / BK) j.
     const int b_k = t % BK, b_col = t / BK;
     static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0, "B stage loads");
@@ -116,14 +118,14 @@ __device__ __forceinline__ void conv_tc(const ConvGemmParams& p) {
             const int kk = a_k + j * (THREADS / BM);
             const KEntry e = ktab[slot][kk];
             const bool ok = (row_mask & e.bits) == e.bits;
-            cp_async4(tiles.a_at(slot, a_row, kk), ok ? a_src + e.src : p.src, ok);
+            mma::copy_elem(tiles.a_at(slot, a_row, kk), ok ? a_src + e.src : p.src, ok);
         }
         const KEntry e = ktab[slot][b_k];
 #pragma unroll
         for (int j = 0; j < BN / (THREADS / BK); ++j) {
             const int cc = b_col + j * (THREADS / BK), col = col0 + cc;
             const bool ok = e.bits != PADDED_K && col < p.c_dst;
-            cp_async4(tiles.b_at(slot, cc, b_k), ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
+            mma::copy_elem(tiles.b_at(slot, cc, b_k), ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
         }
     };
     Acc<S> acc;
@@ -149,7 +151,8 @@ __device__ __forceinline__ void conv_tc(const ConvGemmParams& p) {
                 for (int h = 0; h < 2; ++h) {
                     const int col = col0 + Acc<S>::col(j, h);
                     if (col < p.c_dst)
-                        p.dst[out + (int64_t)col * dst_vox] = acc.v[i][j][2 * half + h] + (p.bias ? p.bias[col] : 0.0f);
+                        p.dst[out + (int64_t)col * dst_vox] =
+                            from_f32<T>(acc.v[i][j][2 * half + h] + (p.bias ? to_f32(p.bias[col]) : 0.0f));
                 }
             }
         }
@@ -164,7 +167,8 @@ struct WgradK {
     int ok;  // k < k_end
 };
 
-__device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradParams& p, int k, int k_end, int narrow_vox,
+template <typename T>
+__device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradParams<T>& p, int k, int k_end, int narrow_vox,
                                                  int64_t wide_vox) {
     WgradK e{0, 0, 0u, k < k_end};
     if (!e.ok) return e;
@@ -185,10 +189,10 @@ __device__ __forceinline__ WgradK decode_wgrad_k(const ConvWgradParams& p, int k
     return e;
 }
 
-template <int BN>
-__device__ __forceinline__ void conv_wgrad_tc(const ConvWgradParams& p) {
+template <int BN, typename T>
+__device__ __forceinline__ void conv_wgrad_tc(const ConvWgradParams<T>& p) {
     using S = Shape<BN>;
-    __shared__ __align__(16) mma::Tiles<S, false, false> tiles;
+    __shared__ __align__(16) mma::Tiles<S, false, false, T> tiles;
     __shared__ WgradK ktab[STAGES][BK];
     constexpr int ROWS_PER_THREAD = BM / (THREADS / BK), COLS_PER_THREAD = BN / (THREADS / BK);
     static_assert(THREADS % BK == 0 && BM % (THREADS / BK) == 0 && BN % (THREADS / BK) == 0, "k-major loads");
@@ -230,13 +234,13 @@ __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradParams& p) {
 #pragma unroll
         for (int i = 0; i < ROWS_PER_THREAD; ++i) {
             const bool ok = (e.mask & row_bits[i]) == row_bits[i];
-            cp_async4(tiles.a_at(slot, l_row + i * (THREADS / BK), l_k), ok ? p.wide + e.wide + row_off[i] : p.wide, ok);
+            mma::copy_elem(tiles.a_at(slot, l_row + i * (THREADS / BK), l_k), ok ? p.wide + e.wide + row_off[i] : p.wide, ok);
         }
 #pragma unroll
         for (int i = 0; i < COLS_PER_THREAD; ++i) {
             const int cc = l_row + i * (THREADS / BK), cn = col0 + cc;
             const bool ok = e.ok && cn < p.c_narrow;
-            cp_async4(tiles.b_at(slot, cc, l_k), ok ? p.narrow + e.narrow + (int64_t)cn * narrow_vox : p.narrow, ok);
+            mma::copy_elem(tiles.b_at(slot, cc, l_k), ok ? p.narrow + e.narrow + (int64_t)cn * narrow_vox : p.narrow, ok);
         }
     };
     Acc<S> acc;
@@ -256,22 +260,34 @@ __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradParams& p) {
 
 }  // namespace
 
-// One name per role (the same product), so that a profile says which pass it times; _n32 for outputs of at most 32
-// channels, where a 64-column tile would leave half of the tensor-core work idle.
-#define CONV_TC_KERNEL(NAME, BN) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvGemmParams p) { conv_tc<BN>(p); }
-CONV_TC_KERNEL(conv_fprop_tf32, CONV_TC_BN)                     // conv forward
-CONV_TC_KERNEL(conv_fprop_tf32_n32, CONV_TC_BN_NARROW)
-CONV_TC_KERNEL(conv_dgrad_tf32, CONV_TC_BN)                     // conv input gradient, one launch per phase
-CONV_TC_KERNEL(conv_dgrad_tf32_n32, CONV_TC_BN_NARROW)
-CONV_TC_KERNEL(conv_transpose_fprop_tf32, CONV_TC_BN)           // transposed conv forward
-CONV_TC_KERNEL(conv_transpose_fprop_tf32_n32, CONV_TC_BN_NARROW)
-CONV_TC_KERNEL(conv_transpose_dgrad_tf32, CONV_TC_BN)           // its input gradient
-CONV_TC_KERNEL(conv_transpose_dgrad_tf32_n32, CONV_TC_BN_NARROW)
+// One name per role and type (the same product), so that a profile says which pass it times; _n32 for outputs of at
+// most 32 channels, where a 64-column tile would leave half of the tensor-core work idle.
+#define CONV_TC_KERNEL(NAME, BN, T) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvGemmParams<T> p) { conv_tc<BN>(p); }
+CONV_TC_KERNEL(conv_fprop_tf32, CONV_TC_BN, float)                     // conv forward
+CONV_TC_KERNEL(conv_fprop_tf32_n32, CONV_TC_BN_NARROW, float)
+CONV_TC_KERNEL(conv_dgrad_tf32, CONV_TC_BN, float)                     // conv input gradient, one launch per phase
+CONV_TC_KERNEL(conv_dgrad_tf32_n32, CONV_TC_BN_NARROW, float)
+CONV_TC_KERNEL(conv_transpose_fprop_tf32, CONV_TC_BN, float)           // transposed conv forward
+CONV_TC_KERNEL(conv_transpose_fprop_tf32_n32, CONV_TC_BN_NARROW, float)
+CONV_TC_KERNEL(conv_transpose_dgrad_tf32, CONV_TC_BN, float)           // its input gradient
+CONV_TC_KERNEL(conv_transpose_dgrad_tf32_n32, CONV_TC_BN_NARROW, float)
+CONV_TC_KERNEL(conv_fprop_bf16, CONV_TC_BN, __nv_bfloat16)             // the same in bf16
+CONV_TC_KERNEL(conv_fprop_bf16_n32, CONV_TC_BN_NARROW, __nv_bfloat16)
+CONV_TC_KERNEL(conv_dgrad_bf16, CONV_TC_BN, __nv_bfloat16)
+CONV_TC_KERNEL(conv_dgrad_bf16_n32, CONV_TC_BN_NARROW, __nv_bfloat16)
+CONV_TC_KERNEL(conv_transpose_fprop_bf16, CONV_TC_BN, __nv_bfloat16)
+CONV_TC_KERNEL(conv_transpose_fprop_bf16_n32, CONV_TC_BN_NARROW, __nv_bfloat16)
+CONV_TC_KERNEL(conv_transpose_dgrad_bf16, CONV_TC_BN, __nv_bfloat16)
+CONV_TC_KERNEL(conv_transpose_dgrad_bf16_n32, CONV_TC_BN_NARROW, __nv_bfloat16)
 
-#define CONV_WGRAD_TC_KERNEL(NAME, BN) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradParams p) { conv_wgrad_tc<BN>(p); }
-CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32, CONV_TC_BN)                     // conv weight gradient
-CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32_n32, CONV_TC_BN_NARROW)
-CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32, CONV_TC_BN)           // transposed conv weight gradient
-CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32_n32, CONV_TC_BN_NARROW)
+#define CONV_WGRAD_TC_KERNEL(NAME, BN, T) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvWgradParams<T> p) { conv_wgrad_tc<BN>(p); }
+CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32, CONV_TC_BN, float)                     // conv weight gradient
+CONV_WGRAD_TC_KERNEL(conv_wgrad_tf32_n32, CONV_TC_BN_NARROW, float)
+CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32, CONV_TC_BN, float)           // transposed conv weight gradient
+CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_tf32_n32, CONV_TC_BN_NARROW, float)
+CONV_WGRAD_TC_KERNEL(conv_wgrad_bf16, CONV_TC_BN, __nv_bfloat16)             // the same in bf16
+CONV_WGRAD_TC_KERNEL(conv_wgrad_bf16_n32, CONV_TC_BN_NARROW, __nv_bfloat16)
+CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_bf16, CONV_TC_BN, __nv_bfloat16)
+CONV_WGRAD_TC_KERNEL(conv_transpose_wgrad_bf16_n32, CONV_TC_BN_NARROW, __nv_bfloat16)

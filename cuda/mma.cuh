@@ -37,6 +37,13 @@ __device__ __forceinline__ void cp_async16(T* dst, const T* src, int count) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"((int)sizeof(T) * count));
 }
+// One element of a stage's tile: dst <- *src when valid, else 0. float: a 4-byte cp.async (asynchronous, waited for
+// by the pipeline); bf16: 2 bytes are below cp.async's smallest copy, so a load through a register and a shared store
+// (synchronous; the pipeline's barriers order it like the copies).
+__device__ __forceinline__ void copy_elem(float* dst, const float* src, bool valid) { cp_async4(dst, src, valid); }
+__device__ __forceinline__ void copy_elem(__nv_bfloat16* dst, const __nv_bfloat16* src, bool valid) {
+    *dst = valid ? *src : __ushort_as_bfloat16(0);
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

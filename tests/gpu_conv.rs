@@ -1,14 +1,15 @@
 //! conv and conv_transpose on the GPU against their CPU reference (float64): forward and every gradient, fresh
-//! random inputs, odd sizes (not multiples of the 128 x 32 x 16 tiles), NaN-poisoned outputs, in both maths. Exact
+//! random inputs, odd sizes (not multiples of the 128 x 32 x 16 tiles), NaN-poisoned outputs, in all three maths. Exact
 //! float32 (SIMT): tolerance 1e-4, every output being a float32 sum of up to a few thousand products (the weight
 //! gradient's of many more, in slices). tf32 tensor cores: engine.md's 1e-2, and above 1e-6, which exact float32 never
-//! reaches here: a tf32 kernel that quietly ran in float32 would fail. Run on a GPU machine with
+//! reaches here: a tf32 kernel that quietly ran in float32 would fail. bf16 storage (bf16 tensor cores): 1e-2 against
+//! float64 on the same bf16-rounded inputs. Run on a GPU machine with
 //! `cargo test --release --test gpu_conv -- --ignored`. Run-to-run determinism and the shape errors, the same on
 //! every device, are device tests in tests/grad_conv.rs.
 
 mod common;
 
-use common::{assert_rel_err, check_op_on, randn32, tf32_gpu};
+use common::{assert_rel_err, check_op_bf16, check_op_on, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::conv::conv;
@@ -21,8 +22,9 @@ const TOL: f64 = 1e-4;
 const TF32_TOL: f64 = 1e-2;
 
 /// Runs `f` on `inputs` (the last one an optional bias) against the CPU, with and without the bias, on the exact
-/// float32 kernels and on the tf32 tensor-core kernels.
-fn check_both_maths(name: &str, inputs: [Tensor; 3], f: impl Fn(&mut Tape, &[Tensor]) -> lkm_engine::Result<Tensor>) {
+/// float32 kernels, on the tf32 tensor-core kernels, and on the bf16 tensor-core kernels (bf16 storage of every
+/// operand, against float64 on the same rounded inputs).
+fn check_all_maths(name: &str, inputs: [Tensor; 3], f: impl Fn(&mut Tape, &[Tensor]) -> lkm_engine::Result<Tensor>) {
     let [x, w, b] = inputs;
     for (math, gpu, tol) in [("float32", common::gpu(), TOL), ("tf32", tf32_gpu(), TF32_TOL)] {
         let with_bias = [x.clone(), w.clone(), b.clone()];
@@ -33,18 +35,21 @@ fn check_both_maths(name: &str, inputs: [Tensor; 3], f: impl Fn(&mut Tape, &[Ten
             assert!(worst > 1e-6, "{name}: the tf32 kernels match float64 to {worst:e}: are they running in float32?");
         }
     }
+    let bf16_name = format!("{name} bf16");
+    check_op_bf16(&bf16_name, &[x.clone(), w.clone(), b], &[true; 3], &[true; 3], TF32_TOL, &f);
+    check_op_bf16(&bf16_name, &[x, w], &[true; 2], &[true; 2], TF32_TOL, &f);
 }
 
 /// Checks conv with and without bias on an input of `x_shape` and a weight of `w_shape`.
 fn check_conv(name: &str, x_shape: &[usize], w_shape: &[usize], stride: &[usize], seed: u64) {
     let inputs = [randn32(x_shape, 1.0, seed), randn32(w_shape, 0.3, seed + 1), randn32(&[w_shape[0]], 1.0, seed + 2)];
-    check_both_maths(name, inputs, |t, v| conv(t, &v[0], &v[1], v.get(2), stride));
+    check_all_maths(name, inputs, |t, v| conv(t, &v[0], &v[1], v.get(2), stride));
 }
 
 /// Checks conv_transpose with and without bias on an input of `x_shape` and a weight of `w_shape`.
 fn check_conv_transpose(name: &str, x_shape: &[usize], w_shape: &[usize], seed: u64) {
     let inputs = [randn32(x_shape, 1.0, seed), randn32(w_shape, 0.3, seed + 1), randn32(&[w_shape[1]], 1.0, seed + 2)];
-    check_both_maths(name, inputs, |t, v| conv_transpose(t, &v[0], &v[1], v.get(2)));
+    check_all_maths(name, inputs, |t, v| conv_transpose(t, &v[0], &v[1], v.get(2)));
 }
 
 #[test]

@@ -50,6 +50,12 @@ fn rust_sources() -> String {
     text
 }
 
+/// Whether `kernel` is an instance `stem_f32` or `stem_bf16` launched through `kernel::stem::<..>()`.
+fn typed_launch(sources: &str, kernel: &str) -> bool {
+    let stem = kernel.strip_suffix("_f32").or_else(|| kernel.strip_suffix("_bf16"));
+    stem.is_some_and(|stem| sources.contains(&format!("kernel::{stem}::<")))
+}
+
 /// Problems with a cell that names files and, after each file, items in it: Rust functions (`fn name`) in `.rs`
 /// files; in `.cu` files kernels, which must occur in the file (some are defined through macros) and be launched by
 /// name (a string literal) somewhere in src/, so that a kernel renamed in both places is not kept alive by a comment.
@@ -76,9 +82,11 @@ fn check_locations(cell: &str, sources: &str) -> Vec<String> {
                 } else if path.ends_with(".cu")
                     && !sources.contains(&format!("\"{span}\""))
                     && !has_word(sources, &format!("kernel::{span}"))
+                    && !typed_launch(sources, span)
                 {
-                    // Launched through its typed handle (`kernel::name`, crate::device::params) or, for the kernels
-                    // without a parameter header yet, by its name as a string.
+                    // Launched through its typed handle (`kernel::name`, crate::device::params), through the
+                    // storage-generic handle of its pair (`kernel::stem::<T>()` for stem_f32 / stem_bf16) or, for
+                    // the kernels without a parameter header yet, by its name as a string.
                     problems.push(format!("no launch of {span} (kernel::{span} or the string \"{span}\") in src/"));
                 }
             }

@@ -58,7 +58,9 @@ use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use half::bf16;
+
+use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvWgradParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
     CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
@@ -67,7 +69,7 @@ use crate::device::Gpu;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Error, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// Cross-correlation of `x` (N, Cin, \[D,\] H, W) with `w` (Cout, Cin, \[kd,\] kh, kw) plus an optional `bias` (Cout),
 /// zero-padded by k/2 per axis (kernel sizes must be odd), with `stride` given for each spatial axis of the map.
@@ -76,12 +78,13 @@ use crate::{by_dtype, ensure, Error, Result};
 pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<Tensor> {
     let geom = ConvGeom::new(x, w, bias, stride)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
-    let y = match x.gpu_buffer() {
-        Some(xb) => {
-            let b = bias.map(|b| gpu_operand(b, "conv bias")).transpose()?;
-            let y = geom.pairing().narrow_from_wide(xb, gpu_operand(w, "conv weight")?, b, &geom.describe())?;
-            Tensor::from_gpu(y, &geom.out_shape())?
-        }
+    fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &ConvGeom) -> Result<Tensor> {
+        let b = bias.map(|b| b.gpu_operand::<T>("conv bias")).transpose()?;
+        let (xb, wb) = (x.gpu_operand::<T>("conv input")?, w.gpu_operand::<T>("conv weight")?);
+        Tensor::from_gpu(geom.pairing().narrow_from_wide(xb, wb, b, &geom.describe())?, &geom.out_shape())
+    }
+    let y = match by_gpu_type!(x, gpu(x, w, bias, &geom)) {
+        Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
     let saved = ConvBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
@@ -435,22 +438,14 @@ impl Backward for ConvBackward {
         let g = &self.geom;
         grad_out.check_shape(&g.out_shape(), "conv backward: output gradient")?;
         grad_out.check_same_kind(&self.x, "conv backward")?;
-        if let Some(gb) = grad_out.gpu_buffer() {
-            let (p, what) = (g.pairing(), format!("{} backward", g.describe()));
-            let mut grads = vec![None, None];
-            if needs[0] {
-                let dx = p.wide_from_narrow(gb, gpu_operand(&self.w, "conv weight")?, None, &what)?;
-                grads[0] = Some(Tensor::from_gpu(dx, self.x.shape())?);
-            }
-            if needs[1] {
-                let dw = p.weight_grad(gb, gpu_operand(&self.x, "conv input")?, &what)?;
-                grads[1] = Some(Tensor::from_gpu(dw, self.w.shape())?);
-            }
-            if self.has_bias {
-                let db = needs[2].then(|| channel_sums(gb, g.dims.n, g.cout, g.out_voxels(), &what)).transpose()?;
-                grads.push(db.map(|db| Tensor::from_gpu(db, &[g.cout])).transpose()?);
-            }
-            return Ok(grads);
+        fn gpu<T: ConvElement>(s: &ConvBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let (g, what) = (&s.geom, format!("{} backward", s.geom.describe()));
+            let gb = grad_out.gpu_operand::<T>("conv backward")?;
+            let (x, w) = (s.x.gpu_operand::<T>("conv input")?, s.w.gpu_operand::<T>("conv weight")?);
+            g.pairing().backward(gb, x, w, needs, [s.x.shape(), s.w.shape()], &what)
+        }
+        if let Some(grads) = by_gpu_type!(grad_out, gpu(self, grad_out, needs)) {
+            return grads;
         }
         let dtype = self.x.dtype();
         let dx = if needs[0] { Some(by_dtype!(dtype, grad_input_cpu(grad_out, &self.w, g))?) } else { None };
@@ -531,7 +526,7 @@ impl KernelDims {
     /// narrow_from_wide as one `conv_gemm` product (formula in cuda/conv.cuh; the pointers are left null for the
     /// launch to fill): rows r = o over the narrow map, reduction (c, q) = (cw, a) over every tap, source coordinate
     /// o*s - p + a, weight W[cn, cw, a] at cn*(Cw k) + cw*k + tap(a).
-    fn narrow_from_wide(&self) -> ConvGemmParams {
+    fn narrow_from_wide<T: GpuElement>(&self) -> ConvGemmParams<T> {
         let taps = self.taps();
         ConvGemmParams {
             batch: self.batch,
@@ -560,7 +555,7 @@ impl KernelDims {
     /// reduction (c, q) = (cn, q) over the taps a = s*q + rho that reach it, from narrow position o = J - q, weight
     /// W[cn, cw, a] at cn*(Cw k) + cw*k + tap(a). Phases with no wide position are left out; the others write every
     /// wide position once.
-    fn wide_from_narrow(&self) -> Vec<ConvGemmParams> {
+    fn wide_from_narrow<T: GpuElement>(&self) -> Vec<ConvGemmParams<T>> {
         let taps = self.taps();
         let [s0, s1, s2] = self.stride;
         let phases = (0..s0).flat_map(|a| (0..s1).flat_map(move |b| (0..s2).map(move |c| [a, b, c])));
@@ -613,7 +608,7 @@ impl KernelDims {
     }
 
     /// The weight gradient with its reduction over (n, o) cut into slices of `slice_len` terms (pointers left null).
-    fn weight_grad(&self, slice_len: i32) -> ConvWgradParams {
+    fn weight_grad<T: GpuElement>(&self, slice_len: i32) -> ConvWgradParams<T> {
         ConvWgradParams {
             batch: self.batch,
             c_narrow: self.c_narrow,
@@ -631,13 +626,13 @@ impl KernelDims {
 
 /// Launches one `conv_gemm` product, `product` (pointers null) on the buffers, with `kernel`: it writes every output
 /// position the product enumerates.
-fn launch_product(
-    kernel: GemmKernel,
-    product: ConvGemmParams,
-    src: &GpuBuffer,
-    w: &GpuBuffer,
-    bias: Option<&GpuBuffer>,
-    dst: &mut GpuBuffer,
+fn launch_product<T: ConvElement>(
+    kernel: GemmKernel<T>,
+    product: ConvGemmParams<T>,
+    src: &GpuBuffer<T>,
+    w: &GpuBuffer<T>,
+    bias: Option<&GpuBuffer<T>>,
+    dst: &mut GpuBuffer<T>,
     what: &str,
 ) -> Result<()> {
     let p = ConvGemmParams {
@@ -679,7 +674,7 @@ fn check_tc_taps(taps: [i32; 3], what: &str) -> Result<()> {
 /// A tensor-core kernel of cuda/conv_tc.cu in its two tile widths: 64 output columns, and 32 for outputs of at most
 /// 32 channels (where 64 would leave half of the tile idle).
 #[derive(Clone, Copy)]
-struct TcPair<P: Copy> {
+pub(crate) struct TcPair<P: Copy> {
     wide: Kernel<P>,
     narrow: Kernel<P>,
 }
@@ -698,16 +693,16 @@ impl<P: Copy> TcPair<P> {
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
 /// checks), or a tensor-core pair.
 #[derive(Clone, Copy)]
-enum GemmKernel {
-    Exact(Kernel<ConvGemmParams>),
-    TensorCore(TcPair<ConvGemmParams>),
+enum GemmKernel<T: Copy> {
+    Exact(Kernel<ConvGemmParams<T>>),
+    TensorCore(TcPair<ConvGemmParams<T>>),
 }
 
 /// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or a tensor-core pair.
 #[derive(Clone, Copy)]
-enum WgradKernel {
-    Exact(Kernel<ConvWgradParams>),
-    TensorCore(TcPair<ConvWgradParams>),
+enum WgradKernel<T: Copy> {
+    Exact(Kernel<ConvWgradParams<T>>),
+    TensorCore(TcPair<ConvWgradParams<T>>),
 }
 
 /// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
@@ -717,41 +712,119 @@ enum Product {
     WideFromNarrow,
 }
 
+/// A storage type the convolution kernels take, and its kernels per role: one name per role (conv or transposed
+/// conv; forward, input gradient, weight gradient) so that a profile tells the six passes apart.
+pub(crate) trait ConvElement: GpuElement {
+    /// The products, indexed [transposed][product]: (exact float32 kernel if the type has one, tensor-core pair).
+    const GEMM: [[(Option<Kernel<ConvGemmParams<Self>>>, TcPair<ConvGemmParams<Self>>); 2]; 2];
+    /// The weight gradients, indexed [transposed].
+    const WGRAD: [(Option<Kernel<ConvWgradParams<Self>>>, TcPair<ConvWgradParams<Self>>); 2];
+}
+
+const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
+    TcPair { wide, narrow }
+}
+
+impl ConvElement for f32 {
+    const GEMM: [[(Option<Kernel<ConvGemmParams<f32>>>, TcPair<ConvGemmParams<f32>>); 2]; 2] = [
+        [
+            (Some(kernel::conv_fprop_f32), tc(kernel::conv_fprop_tf32, kernel::conv_fprop_tf32_n32)),
+            (Some(kernel::conv_dgrad_f32), tc(kernel::conv_dgrad_tf32, kernel::conv_dgrad_tf32_n32)),
+        ],
+        [
+            (
+                Some(kernel::conv_transpose_dgrad_f32),
+                tc(kernel::conv_transpose_dgrad_tf32, kernel::conv_transpose_dgrad_tf32_n32),
+            ),
+            (
+                Some(kernel::conv_transpose_fprop_f32),
+                tc(kernel::conv_transpose_fprop_tf32, kernel::conv_transpose_fprop_tf32_n32),
+            ),
+        ],
+    ];
+    const WGRAD: [(Option<Kernel<ConvWgradParams<f32>>>, TcPair<ConvWgradParams<f32>>); 2] = [
+        (Some(kernel::conv_wgrad_f32), tc(kernel::conv_wgrad_tf32, kernel::conv_wgrad_tf32_n32)),
+        (
+            Some(kernel::conv_transpose_wgrad_f32),
+            tc(kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32),
+        ),
+    ];
+}
+
+/// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
+impl ConvElement for bf16 {
+    const GEMM: [[(Option<Kernel<ConvGemmParams<bf16>>>, TcPair<ConvGemmParams<bf16>>); 2]; 2] = [
+        [
+            (None, tc(kernel::conv_fprop_bf16, kernel::conv_fprop_bf16_n32)),
+            (None, tc(kernel::conv_dgrad_bf16, kernel::conv_dgrad_bf16_n32)),
+        ],
+        [
+            (None, tc(kernel::conv_transpose_dgrad_bf16, kernel::conv_transpose_dgrad_bf16_n32)),
+            (None, tc(kernel::conv_transpose_fprop_bf16, kernel::conv_transpose_fprop_bf16_n32)),
+        ],
+    ];
+    const WGRAD: [(Option<Kernel<ConvWgradParams<bf16>>>, TcPair<ConvWgradParams<bf16>>); 2] = [
+        (None, tc(kernel::conv_wgrad_bf16, kernel::conv_wgrad_bf16_n32)),
+        (None, tc(kernel::conv_transpose_wgrad_bf16, kernel::conv_transpose_wgrad_bf16_n32)),
+    ];
+}
+
 impl Pairing {
-    /// The kernel of a `conv_gemm` product for this pairing's op on `gpu`: one name per role (conv or transposed
-    /// conv, forward or input gradient) and math (exact float32 SIMT, or tf32 tensor cores: [`Gpu::set_exact_f32`]).
-    fn gemm_kernel(&self, product: Product, gpu: &Gpu) -> GemmKernel {
-        let tc = |wide, narrow| GemmKernel::TensorCore(TcPair { wide, narrow });
-        let exact = gpu.exact_f32();
-        match (product, self.transposed) {
-            (Product::NarrowFromWide, false) if exact => GemmKernel::Exact(kernel::conv_fprop),
-            (Product::NarrowFromWide, false) => tc(kernel::conv_fprop_tf32, kernel::conv_fprop_tf32_n32),
-            (Product::NarrowFromWide, true) if exact => GemmKernel::Exact(kernel::conv_transpose_dgrad),
-            (Product::NarrowFromWide, true) => {
-                tc(kernel::conv_transpose_dgrad_tf32, kernel::conv_transpose_dgrad_tf32_n32)
-            }
-            (Product::WideFromNarrow, false) if exact => GemmKernel::Exact(kernel::conv_dgrad),
-            (Product::WideFromNarrow, false) => tc(kernel::conv_dgrad_tf32, kernel::conv_dgrad_tf32_n32),
-            (Product::WideFromNarrow, true) if exact => GemmKernel::Exact(kernel::conv_transpose_fprop),
-            (Product::WideFromNarrow, true) => {
-                tc(kernel::conv_transpose_fprop_tf32, kernel::conv_transpose_fprop_tf32_n32)
-            }
+    /// The kernel of a `conv_gemm` product for this pairing's op on `gpu`: the exact float32 SIMT kernel when
+    /// [`Gpu::set_exact_f32`] asks for it and the type has one, else the tensor cores (tf32 or bf16).
+    fn gemm_kernel<T: ConvElement>(&self, product: Product, gpu: &Gpu) -> GemmKernel<T> {
+        let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
+        match exact {
+            Some(k) if gpu.exact_f32() => GemmKernel::Exact(k),
+            _ => GemmKernel::TensorCore(pair),
         }
     }
 
     /// The weight-gradient kernel for this pairing's op and math on `gpu`.
-    fn wgrad_kernel(&self, gpu: &Gpu) -> WgradKernel {
-        match (self.transposed, gpu.exact_f32()) {
-            (false, true) => WgradKernel::Exact(kernel::conv_wgrad),
-            (false, false) => {
-                WgradKernel::TensorCore(TcPair { wide: kernel::conv_wgrad_tf32, narrow: kernel::conv_wgrad_tf32_n32 })
-            }
-            (true, true) => WgradKernel::Exact(kernel::conv_transpose_wgrad),
-            (true, false) => {
-                let (wide, narrow) = (kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32);
-                WgradKernel::TensorCore(TcPair { wide, narrow })
-            }
+    fn wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> WgradKernel<T> {
+        let (exact, pair) = T::WGRAD[self.transposed as usize];
+        match exact {
+            Some(k) if gpu.exact_f32() => WgradKernel::Exact(k),
+            _ => WgradKernel::TensorCore(pair),
         }
+    }
+
+    /// The GPU backward pass of the op this pairing serves, from dL/dy `g`, the op's input `x` and weight `w`: the
+    /// gradients [dx, dW] and, when `needs` has a third entry, db (each `None` unless `needs` asks for it), in the
+    /// storage type; `shapes` are x's and W's. dW and db are summed in float32 and rounded once. conv: x is the wide
+    /// map, dx = wide_from_narrow(g), dW = weight_grad(g, x); transposed: x is the narrow map, dx =
+    /// narrow_from_wide(g), dW = weight_grad(x, g).
+    pub(crate) fn backward<T: ConvElement>(
+        &self,
+        g: &GpuBuffer<T>,
+        x: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        needs: &[bool],
+        shapes: [&[usize]; 2],
+        what: &str,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = vec![None, None];
+        if needs[0] {
+            let dx = match self.transposed {
+                false => self.wide_from_narrow(g, w, None, what)?,
+                true => self.narrow_from_wide(g, w, None, what)?,
+            };
+            grads[0] = Some(Tensor::from_gpu(dx, shapes[0])?);
+        }
+        if needs[1] {
+            let (narrow, wide) = if self.transposed { (x, g) } else { (g, x) };
+            grads[1] = Some(Tensor::from_gpu(self.weight_grad(narrow, wide, what)?, shapes[1])?.to_dtype(T::DTYPE)?);
+        }
+        if needs.len() > 2 {
+            // The bias gradient sums g over the batch and the positions of the map it lives on.
+            let (channels, map) = if self.transposed { (self.c_wide, self.wide) } else { (self.c_narrow, self.narrow) };
+            let db = match needs[2] {
+                true => Some(channel_sums(g, self.batch, channels, map.iter().product(), what)?),
+                false => None,
+            };
+            grads.push(db.map(|db| Tensor::from_gpu(db, &[channels])?.to_dtype(T::DTYPE)).transpose()?);
+        }
+        Ok(grads)
     }
 
     fn taps(&self) -> usize {
@@ -798,16 +871,16 @@ impl Pairing {
 
     /// `Xn[n,cn,o] = b[cn] + sum_{cw,a} W[cn,cw,a] Xw[n,cw, o*s + a - p]`: one implicit product over the narrow
     /// positions.
-    pub(crate) fn narrow_from_wide(
+    pub(crate) fn narrow_from_wide<T: ConvElement>(
         &self,
-        wide: &GpuBuffer,
-        w: &GpuBuffer,
-        bias: Option<&GpuBuffer>,
+        wide: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        bias: Option<&GpuBuffer<T>>,
         what: &str,
-    ) -> Result<GpuBuffer> {
+    ) -> Result<GpuBuffer<T>> {
         let product = self.kernel_dims(what)?.narrow_from_wide();
         let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
-        let mut out = wide.gpu.alloc(len, what)?;
+        let mut out = wide.gpu.alloc_of::<T>(len, what)?;
         let kernel = self.gemm_kernel(Product::NarrowFromWide, &wide.gpu);
         launch_product(kernel, product, wide, w, bias, &mut out, what)?;
         Ok(out)
@@ -816,16 +889,16 @@ impl Pairing {
     /// `Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i} W[cn,cw,a] Xn[n,cn,o]`: one implicit product per stride
     /// phase ([`KernelDims::wide_from_narrow`]), each over the wide positions of that phase and only the taps that
     /// reach them. Together the phases write every wide position once.
-    pub(crate) fn wide_from_narrow(
+    pub(crate) fn wide_from_narrow<T: ConvElement>(
         &self,
-        narrow: &GpuBuffer,
-        w: &GpuBuffer,
-        bias: Option<&GpuBuffer>,
+        narrow: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        bias: Option<&GpuBuffer<T>>,
         what: &str,
-    ) -> Result<GpuBuffer> {
+    ) -> Result<GpuBuffer<T>> {
         let products = self.kernel_dims(what)?.wide_from_narrow();
         let len = self.batch * self.c_wide * self.wide.iter().product::<usize>();
-        let mut out = narrow.gpu.alloc(len, what)?;
+        let mut out = narrow.gpu.alloc_of::<T>(len, what)?;
         let kernel = self.gemm_kernel(Product::WideFromNarrow, &narrow.gpu);
         for product in products {
             launch_product(kernel, product, narrow, w, bias, &mut out, what)?;
@@ -835,8 +908,13 @@ impl Pairing {
 
     /// `dW[cn,cw,a] = sum_{n,o} Xn[n,cn,o] Xw[n,cw, o*s + a - p]`, shape (Cn, Cw, k): rows (cw, a), columns cn, the
     /// reduction over (n, o) cut into fixed slices summed in order afterwards, so the result does not depend on
-    /// scheduling.
-    pub(crate) fn weight_grad(&self, narrow: &GpuBuffer, wide: &GpuBuffer, what: &str) -> Result<GpuBuffer> {
+    /// scheduling. float32 whatever the maps' storage type.
+    pub(crate) fn weight_grad<T: ConvElement>(
+        &self,
+        narrow: &GpuBuffer<T>,
+        wide: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
         let taps = self.taps();
@@ -886,8 +964,8 @@ impl Pairing {
 
 /// `out[c] = sum_{n,v} g[n,c,v]` for a map `g` of (batch, channels, voxels) (the bias gradient): fixed chunks of
 /// each row are summed by one block each, then the chunk sums of each channel the same way, until one remains.
-pub(crate) fn channel_sums(
-    g: &GpuBuffer,
+pub(crate) fn channel_sums<T: GpuElement>(
+    g: &GpuBuffer<T>,
     batch: usize,
     channels: usize,
     voxels: usize,
@@ -899,39 +977,27 @@ pub(crate) fn channel_sums(
         "{what}: the bias gradient on the GPU needs a non-empty map and at most 65535 channels"
     );
     let gpu = &g.gpu;
-    let (mut rows, mut len) = (batch, voxels);
-    let mut level: Option<GpuBuffer> = None;
-    loop {
-        let chunks = len.div_ceil(CHANNEL_SUM_CHUNK);
-        let mut out = gpu.alloc(channels * rows * chunks, what)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((rows * chunks) as u32, channels as u32, 1),
-            block_dim: (CHANNEL_SUM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let params = ChannelSumsParams {
-            x: level.as_ref().unwrap_or(g).ptr(),
-            out: out.ptr_mut(),
-            channels: channels as i32,
-            len: len as i64,
-            chunk_len: CHANNEL_SUM_CHUNK as i64,
-            chunks: chunks as i32,
-        };
-        gpu.launch(kernel::channel_sums, cfg, &params, what)?;
-        if rows * chunks == 1 {
-            return Ok(out);
-        }
-        // The chunk sums (channels, rows * chunks) are the next level's map of one row.
-        (rows, len) = (1, rows * chunks);
-        level = Some(out);
+    let chunks = voxels.div_ceil(CHANNEL_SUM_CHUNK);
+    let mut out = gpu.alloc(channels * batch * chunks, what)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * chunks) as u32, channels as u32, 1),
+        block_dim: (CHANNEL_SUM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let params = ChannelSumsParams {
+        x: g.ptr(),
+        out: out.ptr_mut(),
+        channels: channels as i32,
+        len: voxels as i64,
+        chunk_len: CHANNEL_SUM_CHUNK as i64,
+        chunks: chunks as i32,
+    };
+    gpu.launch(kernel::channel_sums::<T>(), cfg, &params, what)?;
+    if batch * chunks == 1 {
+        return Ok(out);
     }
-}
-
-/// The GPU buffer of an operand that `check_same_kind` has placed on the same GPU as the op's input.
-pub(crate) fn gpu_operand<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer> {
-    t.gpu_buffer().ok_or_else(|| {
-        Error::Mismatch(format!("{what}: expected a GPU tensor, got {:?} on {:?}", t.shape(), t.device()))
-    })
+    // The chunk sums (channels, batch * chunks) are the next level's map of one row.
+    channel_sums(&out, 1, channels, batch * chunks, what)
 }
 
 #[cfg(test)]
@@ -1062,7 +1128,14 @@ mod tests {
     /// What `conv_gemm` computes for `p` (cuda/conv.cuh): out[m, col] = b[col] + sum_k A[m, k] B[k, col], written at
     /// dst[n, col, dst_mul*r + dst_add]; counts the writes of each output element in `writes`. Panics on a weight tap
     /// or an output coordinate outside its box.
-    fn conv_gemm(p: &ConvGemmParams, src: &[f64], w: &[f64], b: Option<&[f64]>, dst: &mut [f64], writes: &mut [u32]) {
+    fn conv_gemm(
+        p: &ConvGemmParams<f32>,
+        src: &[f64],
+        w: &[f64],
+        b: Option<&[f64]>,
+        dst: &mut [f64],
+        writes: &mut [u32],
+    ) {
         let (src_size, dst_size, kernel) = (usize3(p.src_size), usize3(p.dst_size), usize3(p.kernel));
         let (vs, vd) = (voxels(src_size), voxels(dst_size));
         let (c_src, c_dst) = (p.c_src as usize, p.c_dst as usize);
@@ -1096,7 +1169,7 @@ mod tests {
 
     /// What `conv_wgrad` and `sum_slices` compute for `p`: partial[z, cn, j] over rows j = (cw, a), reduction
     /// (n, o) in slice z, then the slices added in order.
-    fn conv_wgrad(p: &ConvWgradParams, xn: &[f64], xw: &[f64]) -> Vec<f64> {
+    fn conv_wgrad(p: &ConvWgradParams<f32>, xn: &[f64], xw: &[f64]) -> Vec<f64> {
         let (narrow, wide, kernel) = (usize3(p.narrow_size), usize3(p.wide_size), usize3(p.kernel));
         let (vn, vw, taps) = (voxels(narrow), voxels(wide), voxels(kernel));
         let (c_narrow, c_wide) = (p.c_narrow as usize, p.c_wide as usize);

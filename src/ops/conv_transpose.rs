@@ -40,11 +40,11 @@
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
-use crate::ops::conv::{channel_sums, gpu_operand, Pairing};
+use crate::ops::conv::{ConvElement, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// Transposed convolution of `x` (N, Cin, \[D,\] H, W) with `w` (Cin, Cout, \[kd,\] kh, kw) plus an optional `bias`
 /// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
@@ -52,13 +52,13 @@ use crate::{by_dtype, ensure, Result};
 pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let geom = UpGeom::new(x, w, bias)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
-    let y = match x.gpu_buffer() {
-        Some(xb) => {
-            let b = bias.map(|b| gpu_operand(b, "conv_transpose bias")).transpose()?;
-            let wb = gpu_operand(w, "conv_transpose weight")?;
-            let y = geom.pairing().wide_from_narrow(xb, wb, b, &geom.describe())?;
-            Tensor::from_gpu(y, &geom.out_shape())?
-        }
+    fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &UpGeom) -> Result<Tensor> {
+        let b = bias.map(|b| b.gpu_operand::<T>("conv_transpose bias")).transpose()?;
+        let (xb, wb) = (x.gpu_operand::<T>("conv_transpose input")?, w.gpu_operand::<T>("conv_transpose weight")?);
+        Tensor::from_gpu(geom.pairing().wide_from_narrow(xb, wb, b, &geom.describe())?, &geom.out_shape())
+    }
+    let y = match by_gpu_type!(x, gpu(x, w, bias, &geom)) {
+        Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
     let saved = ConvTransposeBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
@@ -339,22 +339,19 @@ impl Backward for ConvTransposeBackward {
         let g = &self.geom;
         grad_out.check_shape(&g.out_shape(), "conv_transpose backward: output gradient")?;
         grad_out.check_same_kind(&self.x, "conv_transpose backward")?;
-        if let Some(gb) = grad_out.gpu_buffer() {
-            let (p, what) = (g.pairing(), format!("{} backward", g.describe()));
-            let mut grads = vec![None, None];
-            if needs[0] {
-                let dx = p.narrow_from_wide(gb, gpu_operand(&self.w, "conv_transpose weight")?, None, &what)?;
-                grads[0] = Some(Tensor::from_gpu(dx, self.x.shape())?);
-            }
-            if needs[1] {
-                let dw = p.weight_grad(gpu_operand(&self.x, "conv_transpose input")?, gb, &what)?;
-                grads[1] = Some(Tensor::from_gpu(dw, self.w.shape())?);
-            }
-            if self.has_bias {
-                let db = needs[2].then(|| channel_sums(gb, g.dims.n, g.cout, g.out_voxels(), &what)).transpose()?;
-                grads.push(db.map(|db| Tensor::from_gpu(db, &[g.cout])).transpose()?);
-            }
-            return Ok(grads);
+        fn gpu<T: ConvElement>(
+            s: &ConvTransposeBackward,
+            grad_out: &Tensor,
+            needs: &[bool],
+        ) -> Result<Vec<Option<Tensor>>> {
+            let (g, what) = (&s.geom, format!("{} backward", s.geom.describe()));
+            let gb = grad_out.gpu_operand::<T>("conv_transpose backward")?;
+            let x = s.x.gpu_operand::<T>("conv_transpose input")?;
+            let w = s.w.gpu_operand::<T>("conv_transpose weight")?;
+            g.pairing().backward(gb, x, w, needs, [s.x.shape(), s.w.shape()], &what)
+        }
+        if let Some(grads) = by_gpu_type!(grad_out, gpu(self, grad_out, needs)) {
+            return grads;
         }
         let dtype = self.x.dtype();
         let dx = if needs[0] { Some(by_dtype!(dtype, grad_input_cpu(grad_out, &self.w, g))?) } else { None };
