@@ -190,7 +190,7 @@ pub fn seeded_step(
         }
     }
     let y = f(&mut tape, xs).unwrap_or_else(|e| panic!("{name} forward failed: {e}"));
-    let seed = randn32(y.shape(), 1.0, 99).to_dtype(y.dtype()).unwrap().to_device(device).unwrap();
+    let seed = randn32(y.shape(), 1.0, 99).to_device(device).unwrap().to_dtype(y.dtype()).unwrap();
     let out = y.to_vec_f64().unwrap();
     let mut grads = tape.backward_from(&y, seed).unwrap_or_else(|e| panic!("{name} backward failed: {e}"));
     (out, xs.iter().map(|x| grads.take(x).map(|g| g.to_vec_f64().unwrap())).collect())
@@ -333,7 +333,7 @@ pub fn traced_model_step(
     tape.watch(&x);
     p.watch(&mut tape);
     let y = model.forward(&mut tape, &p, &x).unwrap()[0].clone();
-    let seed = randn32(y.shape(), 1.0, 99).to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let seed = randn32(y.shape(), 1.0, 99).to_device(dev).unwrap().to_dtype(dtype).unwrap();
     let g = tape.backward_from(&y, seed).unwrap();
     g.trace()
         .iter()
