@@ -1,4 +1,7 @@
-// Layout kernels: moves of elements, no arithmetic (src/ops/pim.rs, concat.rs, flip.rs, narrow.rs).
+// Layout kernels: moves of elements, no arithmetic (src/ops/pim.rs, concat.rs, flip.rs, narrow.rs). Each is a
+// template over the storage type T (float or __nv_bfloat16) with instances NAME_f32 and NAME_bf16 (common.cuh's
+// TYPED_KERNEL). They move elements as T, without converting to float32 and back: a move is then bit-exact in
+// either type (NaN payloads included), and the bf16 instance moves half the bytes.
 //
 // PiM partition / merge. A map x (N, C, D, H, W) and tokens t (G, L, C), channels last, hold the same elements:
 //
@@ -7,14 +10,15 @@
 //   R_a(s) = (s / p_a) * mi_a + (s % p_a) * mj_a     (block index i = s / p_a, offset inside the block j = s % p_a)
 //
 // where the host (src/ops/pim.rs) sets the per-axis multipliers mi_a, mj_a (PimParams' outer, inner in layout.cuh)
-// for the layout (Window: i picks the
-// group, j the token; Strided: the other way round). pim_voxel_row is that map, used by both kernels; partition
-// writes t from x and merge, the inverse permutation, writes x from t.
+// for the layout (Window: i picks the group, j the token; Strided: the other way round). pim_voxel_row is that map,
+// used by both kernels; partition writes t from x and merge, the inverse permutation, writes x from t.
 //
 // Both are transposes between a C-major and a C-minor layout, done through a shared tile of PIM_TILE channels x
 // PIM_TILE voxels: the map side is read or written along consecutive voxels v (contiguous within a channel), the
-// token side along consecutive channels c (contiguous within a row). The tile is padded to PIM_TILE + 1 columns so
-// that both the row-wise and the column-wise pass hit 32 distinct banks. Block (PIM_TILE, PIM_ROWS) threads; grid
+// token side along consecutive channels c (contiguous within a row). Each tile row is padded by one 4-byte word
+// (PIM_PAD<T> elements: 1 float, 2 bf16), so a row spans an odd number of words (33 float, 17 bf16): the column-wise
+// pass hits 32 distinct banks, and the row-wise pass reads consecutive words (two bf16 threads share one word, which
+// is no conflict). Block (PIM_TILE, PIM_ROWS) threads; grid
 // (N * ceil(V / PIM_TILE), ceil(C / PIM_TILE)): block x covers voxels [v0, v0 + PIM_TILE) of sample n, block y
 // channels [c0, c0 + PIM_TILE). A tile's voxels may span several lines of W; the token rows of its voxels are
 // computed once per block and shared by all its channels.
@@ -28,14 +32,21 @@
 //                start = dst_off, K = dst_row)
 //   flip_seq:    y[g, l, c] = x[g, L - 1 - l, c]   (its own inverse, so also the backward)
 //
-// Cost (bytes: least traffic, 4 per float; see src/ops/mod.rs): every kernel here moves each element once, 8 bytes
-// per element and no FLOPs; narrow_backward writes all K columns of dx and reads only the len columns of g,
-// 4 (1 + len/K) bytes per element of dx.
+// Cost, in units of the storage size E (4 bytes float32, 2 bf16; least traffic, see src/ops/mod.rs): every kernel
+// here moves each element once, 2E bytes per element and no FLOPs; narrow_backward writes all K columns of dx and
+// reads only the len columns of g, E (1 + len/K) bytes per element of dx.
 #include "common.cuh"
 #include "layout.cuh"
 
+namespace {
+
+// The padding of a PiM tile row: one 4-byte word (see the header).
+template <typename T>
+constexpr int PIM_PAD = 4 / sizeof(T);
+
 // The token row of voxel v of sample n, minus n V (see the header).
-__device__ __forceinline__ int64_t pim_voxel_row(const PimParams& p, int64_t v) {
+template <typename T>
+__device__ __forceinline__ int64_t pim_voxel_row(const PimParams<T>& p, int64_t v) {
     const int64_t H = p.size[1], W = p.size[2];
     const int64_t w = v % W, h = (v / W) % H, d = v / (W * H);
     const int64_t pd = p.window[0], ph = p.window[1], pw = p.window[2];
@@ -44,7 +55,8 @@ __device__ __forceinline__ int64_t pim_voxel_row(const PimParams& p, int64_t v) 
 }
 
 // Fills rows[k] with the token row of voxel v0 + k of sample n (for k with v0 + k < V), then syncs the block.
-__device__ __forceinline__ void pim_tile_rows(const PimParams& p, int64_t* rows, int64_t n, int64_t v0, int64_t V) {
+template <typename T>
+__device__ __forceinline__ void pim_tile_rows(const PimParams<T>& p, int64_t* rows, int64_t n, int64_t v0, int64_t V) {
     const int64_t v = v0 + threadIdx.x;
     if (threadIdx.y == 0 && v < V) {
         rows[threadIdx.x] = n * V + pim_voxel_row(p, v);
@@ -54,11 +66,12 @@ __device__ __forceinline__ void pim_tile_rows(const PimParams& p, int64_t* rows,
 
 // t (G, L, C) from x (N, C, D, H, W). Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_TILE),
 // ceil(C / PIM_TILE)).
-extern "C" __global__ void pim_partition(const PimParams p) {
-    const float* __restrict__ x = p.src;
-    float* __restrict__ t = p.dst;
+template <typename T>
+__device__ void pim_partition(const PimParams<T>& p) {
+    const T* __restrict__ x = p.src;
+    T* __restrict__ t = p.dst;
     const int64_t C = p.C;
-    __shared__ float tile[PIM_TILE][PIM_TILE + 1];  // [channel - c0][voxel - v0]
+    __shared__ T tile[PIM_TILE][PIM_TILE + PIM_PAD<T>];  // [channel - c0][voxel - v0]
     __shared__ int64_t rows[PIM_TILE];
     const int64_t V = p.size[0] * p.size[1] * p.size[2];
     const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
@@ -79,11 +92,12 @@ extern "C" __global__ void pim_partition(const PimParams p) {
 }
 
 // x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch.
-extern "C" __global__ void pim_merge(const PimParams p) {
-    const float* __restrict__ t = p.src;
-    float* __restrict__ x = p.dst;
+template <typename T>
+__device__ void pim_merge(const PimParams<T>& p) {
+    const T* __restrict__ t = p.src;
+    T* __restrict__ x = p.dst;
     const int64_t C = p.C;
-    __shared__ float tile[PIM_TILE][PIM_TILE + 1];  // [channel - c0][voxel - v0]
+    __shared__ T tile[PIM_TILE][PIM_TILE + PIM_PAD<T>];  // [channel - c0][voxel - v0]
     __shared__ int64_t rows[PIM_TILE];
     const int64_t V = p.size[0] * p.size[1] * p.size[2];
     const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
@@ -103,9 +117,10 @@ extern "C" __global__ void pim_merge(const PimParams p) {
     }
 }
 
-extern "C" __global__ void copy_rows(const CopyRowsParams p) {
-    const float* __restrict__ src = p.src;
-    float* __restrict__ dst = p.dst;
+template <typename T>
+__device__ void copy_rows(const CopyRowsParams<T>& p) {
+    const T* __restrict__ src = p.src;
+    T* __restrict__ dst = p.dst;
     const int64_t len = p.len;
     FOR_EACH(i, p.rows * len) {
         const int64_t r = i / len, k = i % len;
@@ -114,22 +129,32 @@ extern "C" __global__ void copy_rows(const CopyRowsParams p) {
 }
 
 // dx = dst (rows x K, K = dst_row), g = src (rows x len), start = dst_off.
-extern "C" __global__ void narrow_backward(const CopyRowsParams p) {
-    const float* __restrict__ g = p.src;
-    float* __restrict__ dx = p.dst;
+template <typename T>
+__device__ void narrow_backward(const CopyRowsParams<T>& p) {
+    const T* __restrict__ g = p.src;
+    T* __restrict__ dx = p.dst;
     const int64_t K = p.dst_row, start = p.dst_off, len = p.len;
     FOR_EACH(i, p.rows * K) {
         const int64_t r = i / K, j = i % K - start;
-        dx[i] = (j >= 0 && j < len) ? g[r * len + j] : 0.0f;
+        dx[i] = (j >= 0 && j < len) ? g[r * len + j] : from_f32<T>(0.0f);
     }
 }
 
-extern "C" __global__ void flip_seq(const FlipParams p) {
-    const float* __restrict__ x = p.x;
-    float* __restrict__ y = p.y;
+template <typename T>
+__device__ void flip_seq(const FlipParams<T>& p) {
+    const T* __restrict__ x = p.x;
+    T* __restrict__ y = p.y;
     const int64_t L = p.L, C = p.C;
     FOR_EACH(i, p.G * L * C) {
         const int64_t c = i % C, l = (i / C) % L, g = i / (C * L);
         y[i] = x[(g * L + (L - 1 - l)) * C + c];
     }
 }
+
+}  // namespace
+
+TYPED_KERNEL(pim_partition_f32, pim_partition_bf16, pim_partition, PimParams)
+TYPED_KERNEL(pim_merge_f32, pim_merge_bf16, pim_merge, PimParams)
+TYPED_KERNEL(copy_rows_f32, copy_rows_bf16, copy_rows, CopyRowsParams)
+TYPED_KERNEL(narrow_backward_f32, narrow_backward_bf16, narrow_backward, CopyRowsParams)
+TYPED_KERNEL(flip_seq_f32, flip_seq_bf16, flip_seq, FlipParams)

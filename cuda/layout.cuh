@@ -1,5 +1,7 @@
-// Parameters of the layout kernels of layout.cu (moves of elements, no arithmetic).
+// Parameters of the layout kernels of layout.cu (moves of elements, no arithmetic), generic over the storage type T
+// (float or __nv_bfloat16); every kernel comes in a float32 and a bf16 instance, NAME_f32 and NAME_bf16.
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 // pim_partition / pim_merge: the side of the square tile (channels x voxels) one block moves, and its thread rows
@@ -9,9 +11,10 @@ constexpr int PIM_ROWS = 8;
 
 // A map (N, C, D, H, W) and its tokens (G, L, C); per spatial axis a (d, h, w), the token row of voxel coordinate s is
 // (s / window[a]) outer[a] + (s % window[a]) inner[a], summed over the axes, plus n D H W.
+template <typename T>
 struct PimParams {
-    const float* src;   // the map (partition) or the tokens (merge)
-    float* dst;         // the tokens (partition) or the map (merge)
+    const T* src;       // the map (partition) or the tokens (merge)
+    T* dst;             // the tokens (partition) or the map (merge)
     int64_t C;          // channels
     int64_t size[3];    // D, H, W
     int64_t window[3];  // p_d, p_h, p_w
@@ -21,9 +24,10 @@ struct PimParams {
 
 // copy_rows: dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k] for r < rows, k < len.
 // narrow_backward: dx (rows x dst_row) from g (rows x len): dx[r, j] = g[r, j - dst_off] inside the slice, else 0.
+template <typename T>
 struct CopyRowsParams {
-    const float* src;
-    float* dst;
+    const T* src;
+    T* dst;
     int64_t rows;
     int64_t len;
     int64_t src_row;
@@ -33,16 +37,27 @@ struct CopyRowsParams {
 };
 
 // flip_seq: y[g, l, c] = x[g, L - 1 - l, c].
+template <typename T>
 struct FlipParams {
-    const float* x;
-    float* y;
+    const T* x;
+    T* y;
     int64_t G;
     int64_t L;
     int64_t C;
 };
 
-extern "C" __global__ void pim_partition(const PimParams p);  // block (PIM_TILE, PIM_ROWS), grid in layout.cu
-extern "C" __global__ void pim_merge(const PimParams p);      // the same launch
-extern "C" __global__ void copy_rows(const CopyRowsParams p);        // one thread per element, any grid
-extern "C" __global__ void narrow_backward(const CopyRowsParams p);  // one thread per element of dx, any grid
-extern "C" __global__ void flip_seq(const FlipParams p);             // one thread per element, any grid
+// block (PIM_TILE, PIM_ROWS), grid in layout.cu
+extern "C" __global__ void pim_partition_f32(const PimParams<float> p);
+extern "C" __global__ void pim_partition_bf16(const PimParams<__nv_bfloat16> p);
+// the same launch
+extern "C" __global__ void pim_merge_f32(const PimParams<float> p);
+extern "C" __global__ void pim_merge_bf16(const PimParams<__nv_bfloat16> p);
+// one thread per element, any grid
+extern "C" __global__ void copy_rows_f32(const CopyRowsParams<float> p);
+extern "C" __global__ void copy_rows_bf16(const CopyRowsParams<__nv_bfloat16> p);
+// one thread per element of dx, any grid
+extern "C" __global__ void narrow_backward_f32(const CopyRowsParams<float> p);
+extern "C" __global__ void narrow_backward_bf16(const CopyRowsParams<__nv_bfloat16> p);
+// one thread per element, any grid
+extern "C" __global__ void flip_seq_f32(const FlipParams<float> p);
+extern "C" __global__ void flip_seq_bf16(const FlipParams<__nv_bfloat16> p);

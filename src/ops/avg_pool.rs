@@ -15,17 +15,20 @@
 //! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element summing its window, and the backward
 //! one thread per input-gradient element reading its window's gradient (a gather: no atomics).
 //!
-//! Cost per input voxel, with windows of k = k_d k_h k_w voxels (the counting rules are in [`ops`](crate::ops)):
-//! forward 4 (1 + 1/k) bytes (read x, write one y per window) and 1 + 1/k FLOPs (an add per voxel, a division per
-//! window); backward 4 (1 + 1/k) bytes (read one dL/dy per window, write dL/dx) and 1 FLOP.
+//! x may be float32 or bf16 on the GPU; y and dL/dx have its storage type, computed in float32 and rounded once.
+//!
+//! Cost per input voxel, with windows of k = k_d k_h k_w voxels and E the storage size (4 bytes float32, 2 bf16; the
+//! counting rules are in [`ops`](crate::ops)): forward E (1 + 1/k) bytes (read x, write one y per window) and
+//! 1 + 1/k FLOPs (an add per voxel, a division per window); backward E (1 + 1/k) bytes (read one dL/dy per window,
+//! write dL/dx) and 1 FLOP.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::grid_1d;
+use crate::device::cuda::{grid_1d, GpuElement};
 use crate::device::params::{kernel, Kernel, PoolParams};
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, by_gpu_type, Result};
 
 /// Averages `x` (N, C, H, W) or (N, C, D, H, W) over non-overlapping windows of `factor` voxels per spatial axis
 /// (one value per spatial axis, each positive). Output size per axis is ceil(size / factor); a window that
@@ -35,8 +38,8 @@ pub fn avg_pool(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result<Tensor>
     let k = per_axis(factor, dims.spatial_rank, "avg_pool factor")?;
     let plan = Pool::new(dims, k);
     let range = profile::forward("avg_pool", &[x], 0.0);
-    let y = match x.gpu_buffer() {
-        Some(_) => forward_gpu(x, &plan)?,
+    let y = match by_gpu_type!(x, forward_gpu(x, &plan)) {
+        Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, &plan))?,
     };
     range.done([&y]);
@@ -127,8 +130,8 @@ impl Backward for AvgPoolBackward {
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         grad_out.check_shape(&self.plan.out_shape(), "avg_pool backward gradient")?;
-        let dx = match grad_out.gpu_buffer() {
-            Some(_) => backward_gpu(grad_out, &self.plan)?,
+        let dx = match by_gpu_type!(grad_out, backward_gpu(grad_out, &self.plan)) {
+            Some(dx) => dx?,
             None => by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?,
         };
         Ok(vec![Some(dx)])
@@ -159,19 +162,20 @@ fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
     Tensor::from_vec(dx, &plan.in_shape())
 }
 
-fn forward_gpu(x: &Tensor, plan: &Pool) -> Result<Tensor> {
-    resample_gpu(kernel::avg_pool_forward, x, plan.dims, plan.k, plan.out, false, "avg_pool")
+fn forward_gpu<T: GpuElement>(x: &Tensor, plan: &Pool) -> Result<Tensor> {
+    resample_gpu(kernel::avg_pool_forward::<T>(), x, plan.dims, plan.k, plan.out, false, "avg_pool")
 }
 
-fn backward_gpu(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
-    resample_gpu(kernel::avg_pool_backward, grad_out, plan.dims, plan.k, plan.out, true, "avg_pool backward")
+fn backward_gpu<T: GpuElement>(grad_out: &Tensor, plan: &Pool) -> Result<Tensor> {
+    resample_gpu(kernel::avg_pool_backward::<T>(), grad_out, plan.dims, plan.k, plan.out, true, "avg_pool backward")
 }
 
 /// Runs a kernel of cuda/pool.cu between a map of spatial size `dims.s` and one of size `out`, `factor` per axis (the
 /// pooling window or the upsampling repeat): forward (`backward` false) it writes the `out`-sized map from `src`,
-/// backward the `dims.s`-sized gradient from the `out`-sized `src`. `what` names the op and the new buffer.
-pub(crate) fn resample_gpu(
-    k: Kernel<PoolParams>,
+/// backward the `dims.s`-sized gradient from the `out`-sized `src`; `src` and the result are stored as `T`. `what`
+/// names the op and the new buffer.
+pub(crate) fn resample_gpu<T: GpuElement>(
+    k: Kernel<PoolParams<T>>,
     src: &Tensor,
     dims: MapDims,
     factor: [usize; 3],
@@ -179,11 +183,11 @@ pub(crate) fn resample_gpu(
     backward: bool,
     what: &str,
 ) -> Result<Tensor> {
-    let Some(sb) = src.gpu_buffer() else { crate::bail!(Mismatch, "{what}: the input is not on the GPU") };
+    let sb = src.gpu_operand::<T>(what)?;
     let shape = dims.shape_with(dims.c, if backward { dims.s } else { out });
     let numel: usize = shape.iter().product();
     let gpu = &sb.gpu;
-    let mut dst = gpu.alloc(numel, what)?;
+    let mut dst = gpu.alloc_of::<T>(numel, what)?;
     let sizes = |a: [usize; 3]| a.map(|v| v as i64);
     let p = PoolParams {
         src: sb.ptr(),

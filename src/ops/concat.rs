@@ -9,15 +9,18 @@
 //! For each n the inputs' blocks of C_k * prod(rest) elements are contiguous, so both directions copy whole blocks
 //! (on the GPU one `copy_rows` launch per input, each writing its own blocks, so every output element is written).
 //!
-//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes (one read, one write) and no FLOPs, in
-//! both directions.
+//! On the GPU the inputs are all float32 or all bf16, and the output and the gradients have their storage type; the
+//! copies do no arithmetic, so they are bit-exact in either type.
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)), with E the storage size (4 bytes float32, 2
+//! bf16): 2E bytes (one read, one write) and no FLOPs, in both directions.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, CopyRowsParams};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// Concatenates tensors of rank >= 2 along axis 1; all other axes must be equal.
 pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
@@ -39,8 +42,8 @@ pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
     let mut shape = first.shape().to_vec();
     shape[1] = channels.iter().sum();
     let range = profile::forward("concat_channels", &[first], 0.0);
-    let y = match first.gpu_buffer() {
-        Some(_) => forward_gpu(xs, &shape)?,
+    let y = match by_gpu_type!(first, forward_gpu(xs, &shape)) {
+        Some(y) => y?,
         None => by_dtype!(first.dtype(), forward_cpu(xs, &shape))?,
     };
     range.done([&y]);
@@ -66,11 +69,11 @@ fn forward_cpu<T: Real>(xs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(out, shape)
 }
 
-/// Copies `rows` runs of `len` floats from `src` (run r at `r * src_row + src_off`) to `dst` (at
-/// `r * dst_row + dst_off`), with the `copy_rows` kernel.
-pub(crate) fn copy_rows_gpu(
-    src: &GpuBuffer,
-    dst: &mut GpuBuffer,
+/// Copies `rows` runs of `len` elements from `src` (run r at `r * src_row + src_off`) to `dst` (at
+/// `r * dst_row + dst_off`), with the `copy_rows` kernel for storage type `T`.
+pub(crate) fn copy_rows_gpu<T: GpuElement>(
+    src: &GpuBuffer<T>,
+    dst: &mut GpuBuffer<T>,
     rows: usize,
     len: usize,
     (src_row, src_off): (usize, usize),
@@ -89,19 +92,19 @@ pub(crate) fn copy_rows_gpu(
         dst_row,
         dst_off,
     };
-    src.gpu.launch(kernel::copy_rows, grid_1d(rows * len), &p, shapes)
+    src.gpu.launch(kernel::copy_rows::<T>(), grid_1d(rows * len), &p, shapes)
 }
 
-/// The GPU forward: each input's block of each sample goes to its channel offset in the output.
-fn forward_gpu(xs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+/// The GPU forward, for storage type `T`: each input's block of each sample goes to its channel offset in the output.
+fn forward_gpu<T: GpuElement>(xs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
     let inner = inner_size(shape);
     let out_row = shape[1] * inner;
-    let gpu = &xs[0].gpu_buffer().expect("called for GPU tensors").gpu;
-    let mut y = gpu.alloc(shape.iter().product(), "concat_channels")?;
+    let gpu = &xs[0].gpu_operand::<T>("concat_channels")?.gpu;
+    let mut y = gpu.alloc_of::<T>(shape.iter().product(), "concat_channels")?;
     let mut offset = 0;
     for x in xs {
-        // check_same_kind has put every input on the first one's GPU.
-        let xb = x.gpu_buffer().expect("inputs are on one GPU");
+        // check_same_kind has put every input on the first one's GPU, in its storage type.
+        let xb = x.gpu_operand::<T>("concat_channels")?;
         let block = x.shape()[1] * inner;
         let shapes = format!("concat_channels {:?} into {shape:?}", x.shape());
         copy_rows_gpu(xb, &mut y, shape[0], block, (block, 0), (out_row, offset), &shapes)?;
@@ -128,10 +131,11 @@ impl Backward for ConcatBackward {
         for (&c, &need) in self.channels.iter().zip(needs) {
             grads.push(if !need {
                 None
-            } else if let Some(gb) = grad_out.gpu_buffer() {
-                Some(split_gpu(gb, &self.shape, offset, c)?)
             } else {
-                Some(by_dtype!(grad_out.dtype(), split_cpu(grad_out, &self.shape, offset, c))?)
+                Some(match by_gpu_type!(grad_out, split_gpu(grad_out, &self.shape, offset, c)) {
+                    Some(g) => g?,
+                    None => by_dtype!(grad_out.dtype(), split_cpu(grad_out, &self.shape, offset, c))?,
+                })
             });
             offset += c;
         }
@@ -154,13 +158,14 @@ fn split_cpu<T: Real>(g: &Tensor, shape: &[usize], offset: usize, c: usize) -> R
     Tensor::from_vec(out, &part)
 }
 
-/// The GPU version of [`split_cpu`].
-fn split_gpu(g: &GpuBuffer, shape: &[usize], offset: usize, c: usize) -> Result<Tensor> {
+/// The GPU version of [`split_cpu`], for storage type `T`.
+fn split_gpu<T: GpuElement>(g: &Tensor, shape: &[usize], offset: usize, c: usize) -> Result<Tensor> {
+    let g = g.gpu_operand::<T>("concat_channels backward")?;
     let inner = inner_size(shape);
     let (row, block) = (shape[1] * inner, c * inner);
     let mut part = shape.to_vec();
     part[1] = c;
-    let mut out = g.gpu.alloc(shape[0] * block, "concat_channels gradient")?;
+    let mut out = g.gpu.alloc_of::<T>(shape[0] * block, "concat_channels gradient")?;
     let shapes = format!("concat_channels backward {shape:?} channels [{offset}, {})", offset + c);
     copy_rows_gpu(g, &mut out, shape[0], block, (row, offset * inner), (block, 0), &shapes)?;
     Tensor::from_gpu(out, &part)

@@ -6,16 +6,18 @@
 //! Each token's C channels are contiguous, so a flip copies whole rows of C (on the GPU, one thread per output
 //! element, reading the mirrored row's same channel).
 //!
-//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes (one read, one write) and no FLOPs, in
-//! both directions.
+//! On the GPU x may be float32 or bf16; y and dL/dx have its storage type, and the flip is a bit-exact copy.
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)), with E the storage size (4 bytes float32, 2
+//! bf16): 2E bytes (one read, one write) and no FLOPs, in both directions.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::grid_1d;
+use crate::device::cuda::{grid_1d, GpuElement};
 use crate::device::params::{kernel, FlipParams};
 use crate::ops::seq_dims;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, by_gpu_type, Result};
 
 /// Reverses the L axis of token sequences (G, L, C).
 pub fn flip_seq(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
@@ -28,15 +30,21 @@ pub fn flip_seq(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
 
 /// The flip of `x` (G, L, C) on its device.
 fn flip(x: &Tensor) -> Result<Tensor> {
-    let (g, l, c) = seq_dims(x, "flip_seq")?;
-    let Some(xb) = x.gpu_buffer() else {
-        return by_dtype!(x.dtype(), flip_cpu(x));
-    };
+    let dims = seq_dims(x, "flip_seq")?;
+    match by_gpu_type!(x, flip_gpu(x, dims)) {
+        Some(y) => y,
+        None => by_dtype!(x.dtype(), flip_cpu(x)),
+    }
+}
+
+/// The flip of a GPU tensor of storage type `T` with sizes `(G, L, C)`: the `flip_seq` kernel.
+fn flip_gpu<T: GpuElement>(x: &Tensor, (g, l, c): (usize, usize, usize)) -> Result<Tensor> {
+    let xb = x.gpu_operand::<T>("flip_seq")?;
     let gpu = &xb.gpu;
-    let mut y = gpu.alloc(x.numel(), "flip_seq")?;
+    let mut y = gpu.alloc_of::<T>(x.numel(), "flip_seq")?;
     let [g, l, c] = [g, l, c].map(|v| v as i64);
     let p = FlipParams { x: xb.ptr(), y: y.ptr_mut(), G: g, L: l, C: c };
-    gpu.launch(kernel::flip_seq, grid_1d(x.numel()), &p, &format!("{:?}", x.shape()))?;
+    gpu.launch(kernel::flip_seq::<T>(), grid_1d(x.numel()), &p, &format!("{:?}", x.shape()))?;
     Tensor::from_gpu(y, x.shape())
 }
 

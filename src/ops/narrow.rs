@@ -14,16 +14,19 @@
 //! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer; when
 //! two slices of one tensor are used (in_proj's x and z rows), the tape adds their two gradients.
 //!
-//! Cost (the counting rules are in [`ops`](crate::ops)): forward 8 bytes per element of y and no FLOPs; backward
-//! 4 (1 + len/s_a) bytes per element of dL/dx (all of dL/dx written, zeros included; dL/dy read once) and no FLOPs.
+//! On the GPU x may be float32 or bf16; y and dL/dx have its storage type, and both directions are bit-exact copies.
+//!
+//! Cost (the counting rules are in [`ops`](crate::ops)), with E the storage size (4 bytes float32, 2 bf16): forward
+//! 2E bytes per element of y and no FLOPs; backward E (1 + len/s_a) bytes per element of dL/dx (all of dL/dx
+//! written, zeros included; dL/dy read once) and no FLOPs.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_1d, GpuElement};
 use crate::device::params::{kernel, CopyRowsParams};
 use crate::ops::concat::copy_rows_gpu;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// Elements [start, start + len) of axis `axis` of `x` (any rank); the other axes are kept whole.
 pub fn narrow(tape: &mut Tape, x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
@@ -44,8 +47,8 @@ pub fn narrow(tape: &mut Tape, x: &Tensor, axis: usize, start: usize, len: usize
     );
     let slice = RowSlice::of(x.shape(), axis, start, len);
     let range = profile::forward("narrow", &[x], 0.0);
-    let y = match x.gpu_buffer() {
-        Some(xb) => narrow_gpu(xb, x.shape(), &slice)?,
+    let y = match by_gpu_type!(x, narrow_gpu(x, &slice)) {
+        Some(y) => y?,
         None => by_dtype!(x.dtype(), narrow_cpu(x, &slice))?,
     };
     range.done([&y]);
@@ -101,10 +104,12 @@ fn narrow_cpu<T: Real>(x: &Tensor, s: &RowSlice) -> Result<Tensor> {
     Tensor::from_vec(out, &s.out_shape)
 }
 
-fn narrow_gpu(x: &GpuBuffer, shape: &[usize], s: &RowSlice) -> Result<Tensor> {
-    debug_assert_eq!(shape, s.shape);
-    let mut y = x.gpu.alloc(s.rows * s.len, "narrow")?;
-    copy_rows_gpu(x, &mut y, s.rows, s.len, (s.row, s.start), (s.len, 0), &s.describe("narrow"))?;
+/// The GPU version of [`narrow_cpu`], for storage type `T`.
+fn narrow_gpu<T: GpuElement>(x: &Tensor, s: &RowSlice) -> Result<Tensor> {
+    debug_assert_eq!(x.shape(), s.shape);
+    let xb = x.gpu_operand::<T>("narrow")?;
+    let mut y = xb.gpu.alloc_of::<T>(s.rows * s.len, "narrow")?;
+    copy_rows_gpu(xb, &mut y, s.rows, s.len, (s.row, s.start), (s.len, 0), &s.describe("narrow"))?;
     Tensor::from_gpu(y, &s.out_shape)
 }
 
@@ -118,8 +123,8 @@ impl Backward for NarrowBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let dx = match grad_out.gpu_buffer() {
-            Some(gb) => widen_gpu(gb, &self.slice)?,
+        let dx = match by_gpu_type!(grad_out, widen_gpu(grad_out, &self.slice)) {
+            Some(dx) => dx?,
             None => by_dtype!(grad_out.dtype(), widen_cpu(grad_out, &self.slice))?,
         };
         Ok(vec![Some(dx)])
@@ -136,11 +141,13 @@ fn widen_cpu<T: Real>(g: &Tensor, s: &RowSlice) -> Result<Tensor> {
     Tensor::from_vec(out, &s.shape)
 }
 
-/// The GPU version of [`widen_cpu`]: the `narrow_backward` kernel writes the slice and the zeros around it.
-fn widen_gpu(g: &GpuBuffer, s: &RowSlice) -> Result<Tensor> {
+/// The GPU version of [`widen_cpu`], for storage type `T`: the `narrow_backward` kernel writes the slice and the
+/// zeros around it.
+fn widen_gpu<T: GpuElement>(g: &Tensor, s: &RowSlice) -> Result<Tensor> {
+    let g = g.gpu_operand::<T>("narrow backward")?;
     let numel = s.rows * s.row;
     let gpu = &g.gpu;
-    let mut dx = gpu.alloc(numel, "narrow gradient")?;
+    let mut dx = gpu.alloc_of::<T>(numel, "narrow gradient")?;
     let [rows, row, start, len] = [s.rows, s.row, s.start, s.len].map(|v| v as i64);
     // dx is rows x row; g, rows x len, lands at column `start` of each row.
     let p = CopyRowsParams {
@@ -153,6 +160,6 @@ fn widen_gpu(g: &GpuBuffer, s: &RowSlice) -> Result<Tensor> {
         dst_row: row,
         dst_off: start,
     };
-    gpu.launch(kernel::narrow_backward, grid_1d(numel), &p, &s.describe("narrow backward"))?;
+    gpu.launch(kernel::narrow_backward::<T>(), grid_1d(numel), &p, &s.describe("narrow backward"))?;
     Tensor::from_gpu(dx, &s.shape)
 }

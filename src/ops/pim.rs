@@ -41,18 +41,21 @@
 //! `R_a[s] = (s / p_a) mi_a + (s % p_a) mj_a`, and both directions are a tiled transpose through shared memory:
 //! a block moves 32 channels x 32 consecutive voxels, touching the map along voxels and the tokens along channels.
 //!
-//! Cost per element (the counting rules are in [`ops`](crate::ops)): 8 bytes (one read, one write) and no FLOPs, in
-//! both directions.
+//! Both run on float32 and bf16 GPU tensors alike (the output and the gradient in the input's storage type); a move
+//! does no arithmetic, so it is bit-exact in either type.
+//!
+//! Cost per element (the counting rules are in [`ops`](crate::ops)), with E the storage size (4 bytes float32, 2
+//! bf16): 2E bytes (one read, one write) and no FLOPs, in both directions.
 
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::GpuBuffer;
+use crate::device::cuda::GpuElement;
 use crate::device::params::{kernel, PimParams, PIM_ROWS, PIM_TILE};
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, Result};
+use crate::{bail, by_dtype, by_gpu_type, ensure, Result};
 
 /// How PiM groups the voxels of a map into sequences (see the module docs for the index formulas).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -228,50 +231,51 @@ impl Grouping {
                 input.check_shape(&self.token_shape(), &format!("PiM merge tokens (for map {:?})", self.map_shape))?
             }
         }
-        match input.gpu_buffer() {
-            Some(buffer) => self.permute_gpu(buffer, dir),
+        match by_gpu_type!(input, permute_gpu(self, input, dir)) {
+            Some(out) => out,
             None => by_dtype!(input.dtype(), permute_cpu(self, input, dir)),
         }
     }
+}
 
-    /// The GPU version of [`permute_cpu`]: `pim_partition` or `pim_merge` of `cuda/layout.cu`.
-    fn permute_gpu(&self, input: &GpuBuffer, dir: Direction) -> Result<Tensor> {
-        let gpu = &input.gpu;
-        let (n, c, [d, h, w]) = (self.dims.n, self.dims.c, self.dims.s);
-        let voxel_tiles = self.dims.voxels().div_ceil(PIM_TILE);
-        let (blocks_x, blocks_y) = (n * voxel_tiles, c.div_ceil(PIM_TILE));
-        ensure!(
-            blocks_x <= i32::MAX as usize && blocks_y <= u16::MAX as usize,
-            Shape,
-            "PiM: map {:?} is too large for one launch ({blocks_x} x {blocks_y} blocks)",
-            self.map_shape
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_x.max(1) as u32, blocks_y.max(1) as u32, 1),
-            block_dim: (PIM_TILE as u32, PIM_ROWS as u32, 1),
-            shared_mem_bytes: 0,
-        };
-        let shapes = format!("map {:?} window {:?}", self.map_shape, self.window);
-        let mut out = gpu.alloc(input.slice.len(), "PiM output")?;
-        let p = PimParams {
-            src: input.ptr(),
-            dst: out.ptr_mut(),
-            C: c as i64,
-            size: [d, h, w].map(|v| v as i64),
-            window: self.window.map(|v| v as i64),
-            outer: self.axis_mults.map(|[i, _]| i as i64),
-            inner: self.axis_mults.map(|[_, j]| j as i64),
-        };
-        match dir {
-            // An empty map has nothing to move (and no voxel tiles to index blocks by).
-            _ if input.slice.is_empty() => {}
-            Direction::ToTokens => gpu.launch(kernel::pim_partition, cfg, &p, &shapes)?,
-            Direction::ToMap => gpu.launch(kernel::pim_merge, cfg, &p, &shapes)?,
-        }
-        match dir {
-            Direction::ToTokens => Tensor::from_gpu(out, &self.token_shape()),
-            Direction::ToMap => Tensor::from_gpu(out, &self.map_shape),
-        }
+/// The GPU version of [`permute_cpu`], for storage type `T`: `pim_partition` or `pim_merge` of `cuda/layout.cu`.
+fn permute_gpu<T: GpuElement>(grouping: &Grouping, input: &Tensor, dir: Direction) -> Result<Tensor> {
+    let input = input.gpu_operand::<T>("PiM")?;
+    let gpu = &input.gpu;
+    let (n, c, [d, h, w]) = (grouping.dims.n, grouping.dims.c, grouping.dims.s);
+    let voxel_tiles = grouping.dims.voxels().div_ceil(PIM_TILE);
+    let (blocks_x, blocks_y) = (n * voxel_tiles, c.div_ceil(PIM_TILE));
+    ensure!(
+        blocks_x <= i32::MAX as usize && blocks_y <= u16::MAX as usize,
+        Shape,
+        "PiM: map {:?} is too large for one launch ({blocks_x} x {blocks_y} blocks)",
+        grouping.map_shape
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_x.max(1) as u32, blocks_y.max(1) as u32, 1),
+        block_dim: (PIM_TILE as u32, PIM_ROWS as u32, 1),
+        shared_mem_bytes: 0,
+    };
+    let shapes = format!("map {:?} window {:?}", grouping.map_shape, grouping.window);
+    let mut out = gpu.alloc_of::<T>(input.slice.len(), "PiM output")?;
+    let p = PimParams {
+        src: input.ptr(),
+        dst: out.ptr_mut(),
+        C: c as i64,
+        size: [d, h, w].map(|v| v as i64),
+        window: grouping.window.map(|v| v as i64),
+        outer: grouping.axis_mults.map(|[i, _]| i as i64),
+        inner: grouping.axis_mults.map(|[_, j]| j as i64),
+    };
+    match dir {
+        // An empty map has nothing to move (and no voxel tiles to index blocks by).
+        _ if input.slice.is_empty() => {}
+        Direction::ToTokens => gpu.launch(kernel::pim_partition::<T>(), cfg, &p, &shapes)?,
+        Direction::ToMap => gpu.launch(kernel::pim_merge::<T>(), cfg, &p, &shapes)?,
+    }
+    match dir {
+        Direction::ToTokens => Tensor::from_gpu(out, &grouping.token_shape()),
+        Direction::ToMap => Tensor::from_gpu(out, &grouping.map_shape),
     }
 }
 

@@ -15,17 +15,21 @@
 //! one thread per input-gradient element summing its f-block of the gradient in a fixed order (a gather: no
 //! atomics).
 //!
-//! Cost per element of y, with f = f_d f_h f_w (the counting rules are in [`ops`](crate::ops)): forward
-//! 4 (1 + 1/f) bytes (read x once, write y) and no FLOPs; backward 4 (1 + 1/f) bytes (read dL/dy, write one dL/dx
-//! per block) and 1 FLOP (an add).
+//! x may be float32 or bf16 on the GPU; y and dL/dx have its storage type: the forward is a bit-exact copy, the
+//! backward sums in float32 and rounds once.
+//!
+//! Cost per element of y, with f = f_d f_h f_w and E the storage size (4 bytes float32, 2 bf16; the counting rules
+//! are in [`ops`](crate::ops)): forward E (1 + 1/f) bytes (read x once, write y) and no FLOPs; backward
+//! E (1 + 1/f) bytes (read dL/dy, write one dL/dx per block) and 1 FLOP (an add).
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::GpuElement;
 use crate::device::params::kernel;
 use crate::ops::avg_pool::resample_gpu;
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, Result};
+use crate::{by_dtype, by_gpu_type, Result};
 
 /// Repeats every voxel of `x` (N, C, H, W) or (N, C, D, H, W) `factor[a]` times along each spatial axis a (one
 /// positive value per spatial axis).
@@ -40,8 +44,8 @@ pub fn upsample_nearest(tape: &mut Tape, x: &Tensor, factor: &[usize]) -> Result
     }
     let plan = Upsample { dims, f, out };
     let range = profile::forward("upsample_nearest", &[x], 0.0);
-    let y = match x.gpu_buffer() {
-        Some(_) => forward_gpu(x, &plan)?,
+    let y = match by_gpu_type!(x, forward_gpu(x, &plan)) {
+        Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, &plan))?,
     };
     range.done([&y]);
@@ -115,8 +119,8 @@ impl Backward for UpsampleBackward {
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         grad_out.check_shape(&self.plan.out_shape(), "upsample_nearest backward gradient")?;
-        let dx = match grad_out.gpu_buffer() {
-            Some(_) => backward_gpu(grad_out, &self.plan)?,
+        let dx = match by_gpu_type!(grad_out, backward_gpu(grad_out, &self.plan)) {
+            Some(dx) => dx?,
             None => by_dtype!(grad_out.dtype(), backward_cpu(grad_out, &self.plan))?,
         };
         Ok(vec![Some(dx)])
@@ -149,11 +153,11 @@ fn backward_cpu<T: Real>(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
     Tensor::from_vec(dx, &plan.in_shape())
 }
 
-fn forward_gpu(x: &Tensor, plan: &Upsample) -> Result<Tensor> {
-    resample_gpu(kernel::upsample_nearest_forward, x, plan.dims, plan.f, plan.out, false, "upsample_nearest")
+fn forward_gpu<T: GpuElement>(x: &Tensor, plan: &Upsample) -> Result<Tensor> {
+    resample_gpu(kernel::upsample_nearest_forward::<T>(), x, plan.dims, plan.f, plan.out, false, "upsample_nearest")
 }
 
-fn backward_gpu(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
-    let k = kernel::upsample_nearest_backward;
+fn backward_gpu<T: GpuElement>(grad_out: &Tensor, plan: &Upsample) -> Result<Tensor> {
+    let k = kernel::upsample_nearest_backward::<T>();
     resample_gpu(k, grad_out, plan.dims, plan.f, plan.out, true, "upsample_nearest backward")
 }
