@@ -9,7 +9,7 @@ use lkm_engine::data::dataset::check_same_grid;
 use lkm_engine::data::dataset::write_dataset;
 use lkm_engine::data::nifti::read_volume;
 use lkm_engine::data::synth::{phantom_dataset, SynthConfig, PHANTOM_LABELS};
-use lkm_engine::device::{Device, Gpu};
+use lkm_engine::device::{Device, Gpu, Precision};
 use lkm_engine::metrics::{evaluate_case, scores_csv, summary_table};
 use lkm_engine::nn::{LkmUnet, ModelConfig};
 use lkm_engine::plan::{self, Dims, Plan, PlanOptions, Plans};
@@ -56,6 +56,10 @@ enum Command {
         /// Math of the GPU convolutions: tf32 (tensor cores) or exact (float32 SIMT).
         #[arg(long, default_value = "tf32")]
         math: String,
+        /// Storage type of the activations on a GPU: bf16 (the default there: float32 master weights, gradients,
+        /// optimiser state and accumulation) or fp32. --math exact implies fp32.
+        #[arg(long)]
+        precision: Option<String>,
         /// Also write PNG slices of each image with its predicted labels over it into this folder.
         #[arg(long)]
         overlay: Option<PathBuf>,
@@ -143,6 +147,10 @@ struct ProfileArgs {
     /// checks).
     #[arg(long, default_value = "tf32")]
     math: String,
+    /// Storage type of the activations on a GPU: bf16 (the default there: float32 master weights, gradients,
+    /// optimiser state and accumulation) or fp32. --math exact implies fp32.
+    #[arg(long)]
+    precision: Option<String>,
     /// Write a Chrome trace-event JSON (Perfetto, chrome://tracing) of the recorded steps.
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -174,6 +182,10 @@ struct DumpArgs {
     /// Math of the GPU convolutions: exact (float32 SIMT, the parity check's default) or tf32 (tensor cores).
     #[arg(long, default_value = "exact")]
     math: String,
+    /// Storage type of the activations on a GPU: bf16 (the default there: float32 master weights, gradients,
+    /// optimiser state and accumulation) or fp32. --math exact implies fp32.
+    #[arg(long)]
+    precision: Option<String>,
     /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -273,6 +285,10 @@ struct TrainArgs {
     /// checks).
     #[arg(long, default_value = "tf32")]
     math: String,
+    /// Storage type of the activations on a GPU: bf16 (the default there: float32 master weights, gradients,
+    /// optimiser state and accumulation) or fp32. --math exact implies fp32.
+    #[arg(long)]
+    precision: Option<String>,
     /// Run folder for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
@@ -309,8 +325,9 @@ fn main() {
     let result = match cli.command {
         Command::Plan(args) => plan_command(&args),
         Command::Train(args) => train(*args, matches.subcommand_matches("train").expect("the train subcommand")),
-        Command::Predict { model, input, output, mirror, device, math, overlay } => {
-            open_device(&device, &math).and_then(|d| predict(&model, &input, &output, mirror, d, overlay.as_deref()))
+        Command::Predict { model, input, output, mirror, device, math, precision, overlay } => {
+            open_device(&device, &math, precision.as_deref())
+                .and_then(|d| predict(&model, &input, &output, mirror, d, overlay.as_deref()))
         }
         Command::Evaluate { pred, reference, tolerance, classes, csv, groups, overlay, images } => {
             let overlay = overlay.as_deref().zip(images.as_deref());
@@ -416,7 +433,7 @@ fn run_plan(a: &TrainArgs, device: &Device) -> Result<Option<Plan>> {
 /// starts one rank process per GPU and waits for them.
 fn launch_ranks(a: &TrainArgs, ordinals: &[usize]) -> Result<()> {
     a.launch(None, false).validate()?;
-    math_is_exact(&a.math)?;
+    numerics(&a.math, a.precision.as_deref())?;
     if let Some(path) = &a.resume {
         distributed::check_resume_world(
             checkpoint::load(path)?.meta["run"]["world_size"].as_u64(),
@@ -431,11 +448,13 @@ fn launch_ranks(a: &TrainArgs, ordinals: &[usize]) -> Result<()> {
 /// The device of a train process and, for a rank of a data-parallel run, its replica (NCCL joined).
 fn train_device(a: &TrainArgs, role: &Role) -> Result<(Device, Option<Replica>)> {
     match role {
-        Role::Single(None) => Ok((open_device(&a.device, &a.math)?, None)),
-        Role::Single(Some(ordinal)) => Ok((open_device(&format!("cuda:{ordinal}"), &a.math)?, None)),
+        Role::Single(None) => Ok((open_device(&a.device, &a.math, a.precision.as_deref())?, None)),
+        Role::Single(Some(ordinal)) => {
+            Ok((open_device(&format!("cuda:{ordinal}"), &a.math, a.precision.as_deref())?, None))
+        }
         Role::Launcher(_) => unreachable!("the launcher trains nothing"),
         Role::Rank(spec) => {
-            let device = open_device(&format!("cuda:{}", spec.ordinal), &a.math)?;
+            let device = open_device(&format!("cuda:{}", spec.ordinal), &a.math, a.precision.as_deref())?;
             let Device::Cuda(gpu) = &device else { unreachable!("cuda:N opens a GPU") };
             let id = match &spec.nccl_id {
                 Some(hex) => NcclId::from_hex(hex)?,
@@ -537,7 +556,7 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         model.config.patch,
         model.config.pim_layout,
         device,
-        if device.is_cpu() { String::new() } else { format!(" ({} convolutions)", a.math) },
+        if device.is_cpu() { String::new() } else { format!(" ({}, {} products)", device.precision(), a.math) },
         start.epoch,
         opts.epochs,
         opts.iters_per_epoch
@@ -705,18 +724,27 @@ fn dump_step(a: &DumpArgs) -> Result<()> {
     };
     let out = &a.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Io(format!("creating {}: {e}", out.display())))?;
-    lkm_engine::train::dump::dump_step(cfg, a.batch, a.seed, &open_device(&a.device, &a.math)?, dtype, out, a.steps)
+    lkm_engine::train::dump::dump_step(
+        cfg,
+        a.batch,
+        a.seed,
+        &open_device(&a.device, &a.math, a.precision.as_deref())?,
+        dtype,
+        out,
+        a.steps,
+    )
 }
 
 fn profile(a: &ProfileArgs) -> Result<()> {
     use lkm_engine::profile::report;
     let mut config = ModelConfig::by_name(&a.config)?;
     config.pim_layout = parse_pim_layout(&a.pim_layout)?;
-    let device = open_device(&a.device, &a.math)?;
+    let device = open_device(&a.device, &a.math, a.precision.as_deref())?;
+    let precision = device.precision();
     let opts = lkm_engine::train::profile::ProfileOptions { config, batch: a.batch, steps: a.steps, device };
     let p = lkm_engine::train::profile::run(&opts)?;
     let title = format!(
-        "{} batch {} ({} PiM, {} convolutions), {} recorded steps",
+        "{} batch {} ({} PiM, {precision}, {} products), {} recorded steps",
         a.config, a.batch, a.pim_layout, a.math, a.steps
     );
     println!("{}", report::render(&title, &p.recording, &p.times, &p.ceilings, p.pool_peak_bytes, a.top));
@@ -743,12 +771,35 @@ fn math_is_exact(math: &str) -> Result<bool> {
     }
 }
 
-/// Parses `--device` and applies `--math` (tf32 or exact) to a GPU.
-fn open_device(spec: &str, math: &str) -> Result<Device> {
+/// `--math` and `--precision` checked together: (exact float32 products, the precision asked for, if any).
+fn numerics(math: &str, precision: Option<&str>) -> Result<(bool, Option<Precision>)> {
     let exact = math_is_exact(math)?;
+    let precision = precision.map(Precision::parse).transpose()?;
+    if exact && precision == Some(Precision::Bf16) {
+        bail!(
+            Config,
+            "--math exact is float32 arithmetic, --precision bf16 runs bf16 products: give --math tf32 with bf16 \
+             (dump-step's --math defaults to exact), or --precision fp32 with exact"
+        );
+    }
+    Ok((exact, precision))
+}
+
+/// Parses `--device` and applies `--math` (tf32 or exact) and `--precision` (bf16 unless asked otherwise or exact) to
+/// a GPU; `--precision bf16` on the CPU is an error.
+fn open_device(spec: &str, math: &str, precision: Option<&str>) -> Result<Device> {
+    let (exact, precision) = numerics(math, precision)?;
     let device = Device::parse(spec)?;
-    if let Device::Cuda(gpu) = &device {
-        gpu.set_exact_f32(exact);
+    match &device {
+        Device::Cuda(gpu) => {
+            gpu.set_exact_f32(exact);
+            let default = if exact { Precision::Fp32 } else { Precision::Bf16 };
+            gpu.set_precision(precision.unwrap_or(default));
+        }
+        Device::Cpu if precision == Some(Precision::Bf16) => {
+            bail!(Config, "--precision bf16 needs a GPU (bf16 is a GPU storage type): use --precision fp32 on the CPU")
+        }
+        Device::Cpu => {}
     }
     Ok(device)
 }

@@ -412,3 +412,16 @@ fn failed_writes_leave_no_temporary_or_partial_file() {
     assert!(err.to_string().contains("case.nii.gz"), "{err}");
     assert_eq!(names(&d), ["case.nii.gz", "latest.safetensors"], "a failed write left a file behind");
 }
+
+/// `--precision` takes fp32 or bf16; bf16 needs a GPU and float32 arithmetic (`--math exact`) excludes it.
+#[test]
+fn precision_flag_is_checked() {
+    let dir = temp_dir("precision_flag");
+    let base = ["dump-step", "--config", "tiny-3d", "--batch", "1", "--steps", "0", "--out", "d"];
+    expect_error(&owned(&[&base, &["--device", "cpu", "--precision", "fp16"]]), &dir, &["--precision", "fp16"]);
+    let bf16 = ["--device", "cpu", "--math", "tf32", "--precision", "bf16"];
+    expect_error(&owned(&[&base, &bf16]), &dir, &["bf16", "needs a GPU"]);
+    // dump-step's --math defaults to exact.
+    expect_error(&owned(&[&base, &["--device", "cpu", "--precision", "bf16"]]), &dir, &["--math exact", "--math tf32"]);
+    expect_ok(&owned(&[&base, &["--device", "cpu", "--precision", "fp32"]]), &dir);
+}

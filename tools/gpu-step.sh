@@ -7,7 +7,8 @@
 #
 # Environment: BIN (default .gpu/lkm-engine; e.g. a previous binary for a before/after pair in one call), STEPS
 # (default 5), RUNS (default: "flare-3d 2 strided", "flare-3d 2 window", "amos-2d 12 strided", "amos-2d 12 window"),
-# MATHS (default "tf32 exact"), DEVICE (default cuda).
+# MATHS (default "bf16 tf32 exact": bf16 activations with bf16 products, float32 storage with tf32 products, exact
+# float32), DEVICE (default cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/out}
@@ -19,10 +20,15 @@ results=()
 IFS=';' read -ra run_list <<<"$runs"
 for run in "${run_list[@]}"; do
   read -r config batch layout <<<"$run"
-  for math in ${MATHS:-tf32 exact}; do
+  for math in ${MATHS:-bf16 tf32 exact}; do
     dir="$out/step_${config}_b${batch}_${layout}_${math}"
+    case "$math" in
+      bf16) flags=(--math tf32 --precision bf16) ;;
+      tf32) flags=(--math tf32 --precision fp32) ;;
+      *) flags=(--math "$math") ;;
+    esac
     if timeout 600 "$bin" dump-step --config "$config" --batch "$batch" --pim-layout "$layout" --steps "$steps" \
-      --math "$math" --device "${DEVICE:-cuda}" --out "$dir" >"$dir.log" 2>&1; then
+      "${flags[@]}" --device "${DEVICE:-cuda}" --out "$dir" >"$dir.log" 2>&1; then
       results+=("$config $batch $layout $math $dir/engine_step.json")
     else
       echo "$config b$batch $layout $math failed: $(tail -n 3 "$dir.log")"
@@ -37,7 +43,8 @@ for line in sys.stdin:
         continue
     config, batch, layout, math, path = line.split()
     step = json.load(open(path))
-    precision = {"tf32": "fp32 storage, tf32 matrix products", "exact": "fp32 exact"}[math]
+    precision = {"bf16": "bf16 storage, bf16 matrix products", "tf32": "fp32 storage, tf32 matrix products",
+                 "exact": "fp32 exact"}[math]
     peak = step.get("peak_gib")
     rows.append(dict(config=config, pim_layout=layout, precision=precision, batch=int(batch),
                      ms_per_step=round(step["ms_per_step_median"], 1),

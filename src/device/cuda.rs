@@ -26,6 +26,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     poison: AtomicBool,
     exact_f32: AtomicBool,
+    /// Whether runs store activations in bf16 ([`Gpu::set_precision`]).
+    bf16: AtomicBool,
 }
 
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
@@ -142,6 +144,7 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
             exact_f32: AtomicBool::new(false),
+            bf16: AtomicBool::new(false),
         }))
     }
 
@@ -299,6 +302,21 @@ impl Gpu {
     /// Whether matrix products run in exact float32 ([`Gpu::set_exact_f32`]).
     pub fn exact_f32(&self) -> bool {
         self.exact_f32.load(Ordering::Relaxed)
+    }
+
+    /// Selects the storage type of a run's activations on this GPU (see [`Precision`](super::Precision)); float32
+    /// unless set.
+    pub fn set_precision(&self, precision: super::Precision) {
+        self.bf16.store(precision == super::Precision::Bf16, Ordering::Relaxed);
+    }
+
+    /// The precision of runs on this GPU ([`Gpu::set_precision`]).
+    pub fn precision(&self) -> super::Precision {
+        if self.bf16.load(Ordering::Relaxed) {
+            super::Precision::Bf16
+        } else {
+            super::Precision::Fp32
+        }
     }
 
     /// A zero-filled buffer of `len` floats.

@@ -39,6 +39,48 @@ use std::sync::Arc;
 
 pub use cuda::Gpu;
 
+/// The storage type of a GPU run's activations (`--precision`). Master weights, gradients of the weights and the
+/// optimiser state stay float32 in both; with `Bf16` the network's input is rounded to bf16 on entry, every op reads
+/// and writes bf16 activations (computing in float32 inside its kernels), the convolutions and linear layers take
+/// their float32 weights rounded to bf16 ([`crate::ops::cast::cast_like`]), normalisations keep float32 statistics
+/// and parameters, the scan a float32 state, and the logits return to float32 before the losses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Float32 storage everywhere (products on the tf32 tensor cores, or exact with `--math exact`).
+    #[default]
+    Fp32,
+    /// bf16 activations, float32 weights and accumulation.
+    Bf16,
+}
+
+impl Precision {
+    /// Parses a `--precision` value: `fp32` or `bf16`.
+    pub fn parse(s: &str) -> crate::Result<Precision> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            s => crate::bail!(Config, "--precision must be fp32 or bf16, not {s:?}"),
+        }
+    }
+
+    /// The storage type of activations.
+    pub fn dtype(self) -> crate::tensor::DType {
+        match self {
+            Precision::Fp32 => crate::tensor::DType::F32,
+            Precision::Bf16 => crate::tensor::DType::BF16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// A compute device. CPU tensors hold `Vec<f32>`/`Vec<f64>`; CUDA tensors hold a buffer on one GPU's stream.
 #[derive(Clone)]
 pub enum Device {
@@ -71,6 +113,15 @@ impl Device {
                 Some(n) => Device::cuda(n),
                 None => crate::bail!(Config, "unknown device {s:?}: use cpu, cuda, cuda:N or auto"),
             },
+        }
+    }
+
+    /// The precision of runs on this device: the GPU's setting ([`Gpu::set_precision`]); float32 on the CPU (whose
+    /// reference ops compute in the tensors' own float32 or float64).
+    pub fn precision(&self) -> Precision {
+        match self {
+            Device::Cpu => Precision::Fp32,
+            Device::Cuda(gpu) => gpu.precision(),
         }
     }
 

@@ -11,12 +11,14 @@ use super::init::{constant, he_normal};
 use super::mamba::{BiMambaLayer, Grouping, MambaConfig};
 use super::params::{ParamId, Params};
 use crate::autograd::Tape;
+use crate::device::Precision;
+use crate::ops::cast::cast;
 use crate::ops::concat::concat_channels;
 use crate::ops::conv::conv;
 use crate::ops::conv_transpose::conv_transpose;
 use crate::ops::pim::PimLayout;
 use crate::profile;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::{bail, ensure, Result};
 
 /// Everything that defines an LKM-UNet (stored as JSON in checkpoints).
@@ -348,6 +350,10 @@ impl LkmUnet {
             x.shape()
         );
         c.validate(spatial)?;
+        let x_dtype = x.dtype();
+        // The run's precision (crate::device::Precision): bf16 activations from here to the logits, which return to
+        // float32 for the losses, the softmax of inference and the metrics.
+        let x = &cast(tape, x, activation_dtype(x))?;
         let mut h = self.stem.forward(tape, p, x)?;
         let mut skips = Vec::new();
         for s in 0..self.stages.len() {
@@ -377,6 +383,15 @@ impl LkmUnet {
             }
         }
         outputs.reverse();
-        Ok(outputs)
+        outputs.iter().map(|o| cast(tape, o, x_dtype)).collect()
+    }
+}
+
+/// The storage type of the network's activations for an input `x`: bf16 when its device runs in bf16
+/// ([`Precision`]), else the input's own (float32, or float64 for the CPU checks).
+fn activation_dtype(x: &Tensor) -> DType {
+    match x.device().precision() {
+        Precision::Bf16 => DType::BF16,
+        Precision::Fp32 => x.dtype(),
     }
 }

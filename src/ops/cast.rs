@@ -29,6 +29,18 @@ pub fn cast(tape: &mut Tape, x: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(y)
 }
 
+/// A parameter `t` as the op whose input is `x` takes it: a float32 weight or bias of a convolution or linear layer
+/// whose input is bf16 is rounded to bf16 here, recorded on the tape, so that its gradient returns to the float32
+/// master as float32 (autocast's rule for these ops); otherwise `t` itself. The one place where the precision policy
+/// turns a weight into the activations' storage type.
+pub fn cast_like(tape: &mut Tape, t: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 && t.dtype() == DType::F32 {
+        cast(tape, t, DType::BF16)
+    } else {
+        Ok(t.clone())
+    }
+}
+
 /// The input's dtype, which the gradient is converted back to.
 struct CastBackward(DType);
 

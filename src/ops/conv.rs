@@ -66,6 +66,7 @@ use crate::device::params::{
     CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
+use crate::ops::cast::cast_like;
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -76,6 +77,8 @@ use crate::{by_dtype, by_gpu_type, ensure, Result};
 /// The output is (N, Cout, \[Do,\] Ho, Wo) with O = (I - 1)/s + 1 per axis, as PyTorch's Conv2d/Conv3d with
 /// `padding = k // 2`.
 pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<Tensor> {
+    let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
+    let bias = bias.as_ref();
     let geom = ConvGeom::new(x, w, bias, stride)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &ConvGeom) -> Result<Tensor> {
@@ -712,13 +715,16 @@ enum Product {
     WideFromNarrow,
 }
 
+/// The kernels of one role: the exact float32 kernel if the type has one, and the tensor-core pair.
+pub(crate) type RoleKernels<P> = (Option<Kernel<P>>, TcPair<P>);
+
 /// A storage type the convolution kernels take, and its kernels per role: one name per role (conv or transposed
 /// conv; forward, input gradient, weight gradient) so that a profile tells the six passes apart.
 pub(crate) trait ConvElement: GpuElement {
     /// The products, indexed [transposed][product]: (exact float32 kernel if the type has one, tensor-core pair).
-    const GEMM: [[(Option<Kernel<ConvGemmParams<Self>>>, TcPair<ConvGemmParams<Self>>); 2]; 2];
+    const GEMM: [[RoleKernels<ConvGemmParams<Self>>; 2]; 2];
     /// The weight gradients, indexed [transposed].
-    const WGRAD: [(Option<Kernel<ConvWgradParams<Self>>>, TcPair<ConvWgradParams<Self>>); 2];
+    const WGRAD: [RoleKernels<ConvWgradParams<Self>>; 2];
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -726,7 +732,7 @@ const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
 }
 
 impl ConvElement for f32 {
-    const GEMM: [[(Option<Kernel<ConvGemmParams<f32>>>, TcPair<ConvGemmParams<f32>>); 2]; 2] = [
+    const GEMM: [[RoleKernels<ConvGemmParams<f32>>; 2]; 2] = [
         [
             (Some(kernel::conv_fprop_f32), tc(kernel::conv_fprop_tf32, kernel::conv_fprop_tf32_n32)),
             (Some(kernel::conv_dgrad_f32), tc(kernel::conv_dgrad_tf32, kernel::conv_dgrad_tf32_n32)),
@@ -742,7 +748,7 @@ impl ConvElement for f32 {
             ),
         ],
     ];
-    const WGRAD: [(Option<Kernel<ConvWgradParams<f32>>>, TcPair<ConvWgradParams<f32>>); 2] = [
+    const WGRAD: [RoleKernels<ConvWgradParams<f32>>; 2] = [
         (Some(kernel::conv_wgrad_f32), tc(kernel::conv_wgrad_tf32, kernel::conv_wgrad_tf32_n32)),
         (
             Some(kernel::conv_transpose_wgrad_f32),
@@ -753,7 +759,7 @@ impl ConvElement for f32 {
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
 impl ConvElement for bf16 {
-    const GEMM: [[(Option<Kernel<ConvGemmParams<bf16>>>, TcPair<ConvGemmParams<bf16>>); 2]; 2] = [
+    const GEMM: [[RoleKernels<ConvGemmParams<bf16>>; 2]; 2] = [
         [
             (None, tc(kernel::conv_fprop_bf16, kernel::conv_fprop_bf16_n32)),
             (None, tc(kernel::conv_dgrad_bf16, kernel::conv_dgrad_bf16_n32)),
@@ -763,7 +769,7 @@ impl ConvElement for bf16 {
             (None, tc(kernel::conv_transpose_fprop_bf16, kernel::conv_transpose_fprop_bf16_n32)),
         ],
     ];
-    const WGRAD: [(Option<Kernel<ConvWgradParams<bf16>>>, TcPair<ConvWgradParams<bf16>>); 2] = [
+    const WGRAD: [RoleKernels<ConvWgradParams<bf16>>; 2] = [
         (None, tc(kernel::conv_wgrad_bf16, kernel::conv_wgrad_bf16_n32)),
         (None, tc(kernel::conv_transpose_wgrad_bf16, kernel::conv_transpose_wgrad_bf16_n32)),
     ];

@@ -40,6 +40,7 @@
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
+use crate::ops::cast::cast_like;
 use crate::ops::conv::{ConvElement, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
@@ -50,6 +51,8 @@ use crate::{by_dtype, by_gpu_type, ensure, Result};
 /// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
 /// (N, Cout, \[D*kd,\] H*kh, W*kw).
 pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
+    let bias = bias.as_ref();
     let geom = UpGeom::new(x, w, bias)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &UpGeom) -> Result<Tensor> {

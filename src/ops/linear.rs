@@ -49,21 +49,26 @@ use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
     GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
+use crate::ops::cast::cast_like;
 use crate::profile;
-use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Error, Result};
+use crate::tensor::{Real, Storage, Tensor};
+use crate::{by_dtype, ensure, Result};
 
 /// `y = x W^T + b` over the last axis of `x` (..., Cin), with `w` (Cout, Cin) and `bias` (Cout); returns (..., Cout).
 pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
+    let bias = bias.as_ref();
     let d = LinearDims::of(x, w, bias)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank checked") = d.n;
     let range = profile::forward("linear", &[x, w], d.flops());
-    let y = match (x.gpu::<f32>(), w.gpu::<f32>(), x.gpu::<bf16>(), w.gpu::<bf16>()) {
-        (Some(xb), Some(wb), ..) => Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu), d)?, &out_shape)?,
-        (_, _, Some(xb), Some(wb)) => {
-            Tensor::from_gpu(forward_gpu(xb, wb, bias.and_then(Tensor::gpu), d)?, &out_shape)?
-        }
+    fn gpu<T: LinearElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: LinearDims) -> Result<GpuBuffer<T>> {
+        let b = bias.map(|b| b.gpu_operand::<T>("linear bias")).transpose()?;
+        forward_gpu(x.gpu_operand::<T>("linear input")?, w.gpu_operand::<T>("linear weight")?, b, d)
+    }
+    let y = match x.storage() {
+        Storage::Cuda(_) => Tensor::from_gpu(gpu::<f32>(x, w, bias, d)?, &out_shape)?,
+        Storage::CudaBf16(_) => Tensor::from_gpu(gpu::<bf16>(x, w, bias, d)?, &out_shape)?,
         _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
     };
     let saved = || LinearBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), dims: d };
@@ -276,10 +281,10 @@ impl Backward for LinearBackward {
         }
         self.x.check_same_kind(grad_out, "linear backward")?;
         let want = [needs[0], needs[1], self.has_bias && needs.get(2).copied().unwrap_or(false)];
-        let [dx, dw, db] = match self.x.dtype() {
-            _ if self.x.gpu::<f32>().is_some() => self.backward_on_gpu::<f32>(grad_out, want)?,
-            _ if self.x.gpu::<bf16>().is_some() => self.backward_on_gpu::<bf16>(grad_out, want)?,
-            dtype => by_dtype!(dtype, cpu(self, grad_out, want))?,
+        let [dx, dw, db] = match self.x.storage() {
+            Storage::Cuda(_) => self.backward_on_gpu::<f32>(grad_out, want)?,
+            Storage::CudaBf16(_) => self.backward_on_gpu::<bf16>(grad_out, want)?,
+            _ => by_dtype!(self.x.dtype(), cpu(self, grad_out, want))?,
         };
         let mut out = vec![dx, dw];
         if self.has_bias {
@@ -289,18 +294,13 @@ impl Backward for LinearBackward {
     }
 }
 
-/// The buffer of a backward operand stored as `T` (x's GPU type).
-fn gpu_operand<'a, T: GpuElement>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer<T>> {
-    t.gpu::<T>().ok_or_else(|| Error::Mismatch(format!("linear backward: {what} is not stored as x is ({t:?})")))
-}
-
 impl LinearBackward {
     /// The wanted gradients on the GPU, every operand stored as `T`.
     fn backward_on_gpu<T: LinearElement>(&self, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
         let (xb, wb, gb) = (
-            gpu_operand::<T>(&self.x, "x")?,
-            gpu_operand::<T>(&self.w, "the weight")?,
-            gpu_operand::<T>(g, "the gradient")?,
+            self.x.gpu_operand::<T>("linear backward: x")?,
+            self.w.gpu_operand::<T>("linear backward: the weight")?,
+            g.gpu_operand::<T>("linear backward: the gradient")?,
         );
         let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, want)?;
         let wrap = |b: Option<GpuBuffer<T>>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();

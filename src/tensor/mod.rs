@@ -406,7 +406,7 @@ macro_rules! by_gpu_type {
 pub fn no_bf16_kernel(module: &str) -> Error {
     let op = module.rsplit("::").next().unwrap_or(module);
     Error::Mismatch(format!(
-        "{op}: no bf16 kernel for this op yet; convert its input to float32 first (ops::cast::cast or \
+        "{op}: no bf16 kernel (this op reads float32); convert its input to float32 first (ops::cast::cast or \
          Tensor::to_dtype)"
     ))
 }

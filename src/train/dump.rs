@@ -178,6 +178,7 @@ pub fn dump_step(
     let report = serde_json::json!({
         "device": device_name,
         "dtype": dtype_name(dtype),
+        "precision": device.precision().to_string(),
         "batch": batch,
         "parameters": params.count(),
         "ms_per_step_median": times.get(times.len() / 2),
