@@ -2,20 +2,25 @@
 # On a GPU machine (after tools/gpu-pack.sh here): parity of one training step with the PyTorch reference
 # (tools/torch_lkmunet.py) and the step-time table.
 #
-# Usage: bash tools/gpu-parity.sh [--f64] [CASE...]   CASE = config:layout:batch[:time[:seed]], e.g. flare-3d:strided:2:3
+# Usage: bash tools/gpu-parity.sh [--f64 | --bf16] [CASE...]   CASE = config:layout:batch[:time[:seed]], e.g. flare-3d:strided:2:3
 #   (seed: dump-step --seed, default 7). tiny-3d runs at seed 8: at seed 7 our GPU's float32 forward rounds one
 #   LeakyReLU input across 0, which changes its gradients by up to 4e-3 (benches/RESULTS.md, LeakyReLU's kink).
 #   default     the engine's float32 step on the GPU against a float64 PyTorch reference, PyTorch's own float32 step
 #               beside it (parity.py --floor); engine steps timed, and PyTorch float32 steps when time > 0.
 #   --f64       the engine's float64 step on the CPU against the float64 reference on the GPU (exact arithmetic:
 #               the two must compute the same function); nothing timed.
+#   --bf16      the engine's bf16 step (--precision bf16) against the float64 reference, PyTorch's own bf16 autocast
+#               step beside it (parity.py --autocast: median error ratio <= 1.5, none above 4).
 # Results: ${OUT:-/tmp/out}/parity_<mode>_<config>_<layout>.{txt,json} and, without --f64, step_table.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 mode=f32
-if [ "${1:-}" = "--f64" ]; then mode=f64; shift; fi
+case "${1:-}" in
+  --f64) mode=f64; shift ;;
+  --bf16) mode=bf16; shift ;;
+esac
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(amos-2d:window:2:0 amos-2d:strided:2:0 flare-3d:window:1:0 flare-3d:strided:1:0 tiny-3d:window:2:0:8
   tiny-3d:strided:2:0:8)
@@ -26,6 +31,9 @@ for c in "${cases[@]}"; do
   if [ $mode = f64 ]; then
     dump=(--device cpu --dtype f64 --steps 0)
     check=()
+  elif [ $mode = bf16 ]; then
+    dump=(--device cuda --precision bf16 --math tf32 --steps 10)
+    check=(--autocast --time "${time:-0}")
   else
     dump=(--device cuda --steps 10)
     check=(--floor --time "${time:-0}")

@@ -2,7 +2,7 @@
 """Parity of lkm-engine with the PyTorch reference (tools/torch_lkmunet.py): forward logits, loss and every
 parameter gradient of one training step.
 
-    python3 tools/parity.py --dir DIR [--device cuda|cpu] [--dtype float32|float64] [--floor] [--time N]
+    python3 tools/parity.py --dir DIR [--device cuda|cpu] [--dtype float32|float64] [--floor | --autocast] [--time N]
                             [--warmup W] [--scan-chunk K] [--save-torch] [--tf32] [--fwd-tol 1e-4] [--grad-tol 1e-3]
 
 DIR holds (as `lkm-engine dump-step` writes it)
@@ -29,6 +29,12 @@ Two ways to use it:
   1-2%), so two float32 implementations cannot agree to 1e-3 there, and neither can agree with float64. The
   engine's error against float64 is then judged against PyTorch's own: a tensor passes when its error is below the
   tolerance or at most FLOOR_FACTOR (3) times PyTorch's float32 error on the same tensor.
+
+- --autocast, for a bf16 engine run (`dump-step --precision bf16`, "precision" in the engine's metadata): the
+  reference runs in float64, and PyTorch's own mixed-precision step (float32 weights, forward and loss under
+  torch.autocast(bfloat16), as nnU-Net trains) is compared with it as well. Over every output, the loss and every
+  gradient, the ratio (engine error / PyTorch autocast error) must have a median of at most AUTOCAST_MEDIAN (1.5) and
+  no value above AUTOCAST_MAX (4); the per-tensor ratios are printed and written to parity.json.
 
 Prints every output, the loss and the 10 worst gradients (with PyTorch's float32 error beside them under --floor);
 writes DIR/parity.json; exits 1 if any tensor fails, 2 on unusable inputs.
@@ -133,10 +139,11 @@ def build(weights_path, device, scan_chunk):
     return model.to(device), cfg, meta
 
 
-def forward_backward(model, x, labels, batch_dice):
+def forward_backward(model, x, labels, batch_dice, autocast=False):
     model.zero_grad(set_to_none=True)
-    outs = model(x)
-    loss = tl.deep_supervision_loss(outs, labels, batch_dice)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        outs = model(x)
+        loss = tl.deep_supervision_loss(outs, labels, batch_dice)
     loss.backward()
     return outs, loss
 
@@ -172,14 +179,17 @@ def time_steps(model, x, labels, batch_dice, n, warmup, device):
 
 
 FLOOR_FACTOR = 3.0
+AUTOCAST_MEDIAN = 1.5
+AUTOCAST_MAX = 4.0
 
 
-def reference_step(model, x, labels, batch_dice, dtype):
-    """One forward/backward of the reference in `dtype`: ({"out.i", "loss", "grad.<name>"} as float64 numpy, seconds).
-    Parameters no gradient reaches (the deepest seg head: deep-supervision weight 0) have none."""
+def reference_step(model, x, labels, batch_dice, dtype, autocast=False):
+    """One forward/backward of the reference in `dtype` (under bf16 autocast if asked): ({"out.i", "loss",
+    "grad.<name>"} as float64 numpy, seconds). Parameters no gradient reaches (the deepest seg head: deep-supervision
+    weight 0) have none."""
     model.to(dtype)
     t0 = time.perf_counter()
-    outs, loss = forward_backward(model, x.to(dtype), labels, batch_dice)
+    outs, loss = forward_backward(model, x.to(dtype), labels, batch_dice, autocast)
     seconds = time.perf_counter() - t0
     out = {f"out.{i}": o.detach().cpu().double().numpy() for i, o in enumerate(outs)}
     out["loss"] = np.array([float(loss.detach().cpu())])
@@ -252,6 +262,9 @@ def main(argv=None):
     ap.add_argument("--grad-tol", type=float, default=1e-3)
     ap.add_argument("--dtype", choices=("float32", "float64"),
                     help="precision of the reference (default: the engine's, from its metadata \"dtype\")")
+    ap.add_argument("--autocast", action="store_true",
+                    help="float64 reference; judge a bf16 engine run against PyTorch's bf16 autocast step (median "
+                         "error ratio <= 1.5, none above 4)")
     ap.add_argument("--floor", action="store_true",
                     help="float64 reference; also time PyTorch's float32 step against it and judge the engine's "
                          "float32 errors against that floor")
@@ -272,6 +285,13 @@ def main(argv=None):
                    if "batch_dice" in m), ("true", "default"))
     batch_dice = parse_bool(bd_src[0], bd_src[1])
     engine_dtype = emeta.get("dtype", "float32")
+    engine_precision = emeta.get("precision", "fp32")
+    if args.floor and args.autocast:
+        fail("--floor (a float32 engine run) and --autocast (a bf16 one) exclude each other")
+    if args.autocast:
+        if engine_precision != "bf16":
+            fail("--autocast judges a bf16 engine run (dump-step --precision bf16); this one is " + engine_precision)
+        args.dtype = "float64"
     if args.floor:
         if engine_dtype != "float32":
             fail("--floor judges a float32 engine run; this one is " + engine_dtype)
@@ -291,6 +311,12 @@ def main(argv=None):
         t32, _ = reference_step(model, x, labels, batch_dice, torch.float32)
         floor = compare(t32, ref)
         del t32
+    mixed = None
+    if args.autocast:
+        # PyTorch's own bf16 autocast step (float32 weights) against the same float64 reference.
+        tac, _ = reference_step(model, x, labels, batch_dice, torch.float32, autocast=True)
+        mixed = compare(tac, ref)
+        del tac
 
     max_fwd = max(forward.values())
     max_grad = max(grad_err.values()) if grad_err else math.inf
@@ -301,22 +327,41 @@ def main(argv=None):
             limit[k] = max(limit.get(k, 0.0), FLOOR_FACTOR * v)
         problems += [f"PyTorch float32: {p}" for p in floor[3]]
     failed = {k for k, v in list(forward.items()) + list(grad_err.items()) if v > limit[k]}
+    ratios = {}
+    if mixed:
+        # Error ratios against PyTorch's autocast step; a tensor both compute exactly (error 0) is left out.
+        theirs = dict(mixed[0]) | dict(mixed[1])
+        ours = dict(forward) | dict(grad_err)
+        ratios = {k: ours[k] / theirs[k] for k in ours if k in theirs and theirs[k] > 0}
+        problems += [f"PyTorch autocast: {p}" for p in mixed[3]]
+        median = statistics.median(ratios.values()) if ratios else math.inf
+        worst_ratio = max(ratios.values(), default=math.inf)
+        failed = {k for k, r in ratios.items() if r > AUTOCAST_MAX}
+        if median > AUTOCAST_MEDIAN:
+            problems.append(f"median error ratio {median:.2f} > {AUTOCAST_MEDIAN}")
     ok = not problems and not failed
 
     print(f"parity  dir={d}  device={device}  torch={torch.__version__}  engine {engine_dtype}  reference "
           f"{args.dtype}  batch_dice={batch_dice}  x={list(x.shape)}  params={tl.parameter_count(model)}  "
           f"reference step {ref_seconds:.2f}s")
-    fl = (lambda k, table: f" {table.get(k, math.nan):>12.3e}") if floor else (lambda k, table: "")
-    print(f"{'tensor':<72} {'engine err':>11}" + (f" {'torch32 err':>12}" if floor else ""))
+    beside = floor or mixed
+    fl = (lambda k, table: f" {table.get(k, math.nan):>12.3e}") if beside else (lambda k, table: "")
+    label = "torch32 err" if floor else "autocast err"
+    print(f"{'tensor':<72} {'engine err':>11}" + (f" {label:>12}" if beside else ""))
     for k, v in forward.items():
-        print(f"{k:<72} {v:>11.3e}{fl(k, floor[0] if floor else {})}{'  FAIL' if k in failed else ''}")
+        print(f"{k:<72} {v:>11.3e}{fl(k, beside[0] if beside else {})}{'  FAIL' if k in failed else ''}")
     print(f"{'  (loss engine ' + repr(float(np.asarray(engine['loss']).ravel()[0])) + ', torch ' + repr(float(ref['loss'][0])) + ')':<72}"
           if "loss" in engine else "")
     worst = sorted(grad_err.items(), key=lambda kv: -kv[1])[:10]
     print(f"worst gradients of {len(grad_err)} (~ = bias before InstanceNorm, relative to its weight's gradient):")
     for k, v in worst:
-        print(f"{'grad.' + k + grad_kind.get(k, ''):<72} {v:>11.3e}{fl(k, floor[1] if floor else {})}"
+        print(f"{'grad.' + k + grad_kind.get(k, ''):<72} {v:>11.3e}{fl(k, beside[1] if beside else {})}"
               f"{'  FAIL' if k in failed else ''}")
+    if mixed:
+        top = sorted(ratios.items(), key=lambda kv: -kv[1])[:10]
+        print(f"error ratio engine / PyTorch autocast over {len(ratios)} tensors: median "
+              f"{statistics.median(ratios.values()):.2f} (limit {AUTOCAST_MEDIAN}), max {max(ratios.values()):.2f} "
+              f"(limit {AUTOCAST_MAX}); largest: " + ", ".join(f"{k} {r:.2f}" for k, r in top[:5]))
     if floor:
         worst_floor = max(floor[1].items(), key=lambda kv: kv[1])
         ratio = max((grad_err[k] / max(v, 1e-300) for k, v in floor[1].items()), default=math.nan)
@@ -324,7 +369,9 @@ def main(argv=None):
               f"gradient {worst_floor[1]:.3e} ({worst_floor[0]}); engine/torch32 error ratio at most {ratio:.2f}")
     for p in problems:
         print(f"problem: {p}")
-    rule = (f"engine error <= max(tol, {FLOOR_FACTOR:g} x PyTorch float32 error)" if floor else "engine error <= tol")
+    rule = (f"engine error <= max(tol, {FLOOR_FACTOR:g} x PyTorch float32 error)" if floor else
+            f"median(engine error / PyTorch autocast error) <= {AUTOCAST_MEDIAN:g}, each <= {AUTOCAST_MAX:g}"
+            if mixed else "engine error <= tol")
     print(f"max forward {max_fwd:.3e} (tol {args.fwd_tol:g}), max gradient {max_grad:.3e} (tol {args.grad_tol:g}), "
           f"{rule}: {'PASS' if ok else 'FAIL'}")
 
@@ -354,6 +401,12 @@ def main(argv=None):
     }
     if floor:
         report["float32_floor"] = {"forward": floor[0], "grads": floor[1], "factor": FLOOR_FACTOR}
+    if mixed:
+        report["autocast"] = {"forward": mixed[0], "grads": mixed[1], "ratios": ratios,
+                              "median_ratio": statistics.median(ratios.values()) if ratios else None,
+                              "max_ratio": max(ratios.values(), default=None), "median_limit": AUTOCAST_MEDIAN,
+                              "max_limit": AUTOCAST_MAX}
+        report["engine_precision"] = engine_precision
     if args.save_torch:
         safetensors_io.write(os.path.join(d, "torch.safetensors"), ref, {"torch": torch.__version__,
                                                                           "dtype": args.dtype})

@@ -143,6 +143,7 @@ pub fn dump_step(
     }
     let mut meta = meta;
     meta["dtype"] = dtype_name(dtype).into();
+    meta["precision"] = device.precision().to_string().into();
     write_tensors(&dir.join("engine.safetensors"), &results, meta)?;
     drop((outputs, grads, results));
 
