@@ -107,24 +107,28 @@ fn cases(dev: &Device) -> Vec<Case> {
     let map_bytes = vox * c as f64 * 4.0;
     let x = randn(dev, &map, 1.0, 1);
     let mut v = Vec::new();
-    // Both maths of our convolutions, named as cuDNN's rows of the same math: fp32 (exact SIMT against cuDNN with TF32
-    // off) and tf32 (tensor cores against cuDNN with TF32 on).
-    for (k, math) in [[3usize, 3, 3], [1, 3, 3]].into_iter().flat_map(|k| [(k, Math::Exact), (k, Math::Tf32)]) {
+    // The three maths of our convolutions, named as cuDNN's rows of the same math: fp32 (exact SIMT against cuDNN
+    // with TF32 off), tf32 (tensor cores against cuDNN with TF32 on) and bf16 (bf16 storage and tensor cores against
+    // cuDNN bf16).
+    let all_maths = |k| [(k, Math::Exact), (k, Math::Tf32), (k, Math::Bf16)];
+    for (k, math) in [[3usize, 3, 3], [1, 3, 3]].into_iter().flat_map(all_maths) {
         let wt = randn(dev, &[c, c, k[0], k[1], k[2]], 0.05, 2);
         let b = randn(dev, &[c], 0.1, 3);
         let name = match (k[0], math) {
             (3, Math::Exact) => "conv3d 3x3x3 fp32",
             (3, Math::Tf32) => "conv3d 3x3x3 tf32",
+            (3, Math::Bf16) => "conv3d 3x3x3 bf16",
             (_, Math::Exact) => "conv3d 1x3x3 fp32",
             (_, Math::Tf32) => "conv3d 1x3x3 tf32",
-            (_, Math::Bf16) => unreachable!("no bf16 convolution kernels yet"),
+            (_, Math::Bf16) => "conv3d 1x3x3 bf16",
         };
+        let dtype = if matches!(math, Math::Bf16) { DType::BF16 } else { DType::F32 };
         v.push(Case {
             name,
             shape: "2x32x40x224x192->32".into(),
-            bytes: 2.0 * map_bytes,
+            bytes: 2.0 * map_bytes * dtype.size() as f64 / 4.0,
             flops: 2.0 * vox * (c * c * k.iter().product::<usize>()) as f64,
-            inputs: vec![x.clone(), wt, b],
+            inputs: [&x, &wt, &b].iter().map(|t| t.to_dtype(dtype).unwrap()).collect(),
             f: Box::new(|t, i| ops::conv::conv(t, &i[0], &i[1], Some(&i[2]), &[1, 1, 1])),
             backward: true,
             math,

@@ -15,7 +15,8 @@
 // - The tiles arrive through cp.async (4-byte copies; a zero-fill copy of 0 bytes where A or B is 0) in a
 //   CONV_TC_STAGES-deep pipeline, so the gathers of the next stages are in flight while the tensor cores work on this
 //   one: one barrier per stage. bf16 elements (2 bytes, below cp.async's smallest copy) go through registers
-//   (mma::copy_elem): the same stages and barriers, but the gathers are not in flight during the products.
+//   (mma::Stager): loaded when their stage is issued, stored to shared memory after that iteration's products, so
+//   they too are in flight while the tensor cores work.
 // - Warp (wm, wn) of the 4 x 2 warps computes rows 32 wm .. 32 wm + 31 and BN / 2 columns with mma.sync.m16n8k8
 //   (tf32 operands rounded to nearest with cvt.rna). Shared rows are padded by 8 floats, so the fragment loads
 //   (lane g = l / 4, t = l % 4 reading [k0 + t][g]) hit 32 different banks.
@@ -112,24 +113,26 @@ __device__ __forceinline__ void conv_tc(const ConvGemmParams<T>& p) {
     static_assert(THREADS % BK == 0 && BN % (THREADS / BK) == 0, "B stage loads");
 
     auto decode = [&](int stage, int slot) { ktab[slot][t] = decode_k(p, stage * BK + t, K, src_vox); };
+    constexpr int A_PER = BK / (THREADS / BM), B_PER = BN / (THREADS / BK);
+    mma::Stager<T, A_PER + B_PER> stager;
     auto load = [&](int, int slot) {
 #pragma unroll
-        for (int j = 0; j < BK / (THREADS / BM); ++j) {
+        for (int j = 0; j < A_PER; ++j) {
             const int kk = a_k + j * (THREADS / BM);
             const KEntry e = ktab[slot][kk];
             const bool ok = (row_mask & e.bits) == e.bits;
-            mma::copy_elem(tiles.a_at(slot, a_row, kk), ok ? a_src + e.src : p.src, ok);
+            stager.put(j, tiles.a_at(slot, a_row, kk), ok ? a_src + e.src : p.src, ok);
         }
         const KEntry e = ktab[slot][b_k];
 #pragma unroll
-        for (int j = 0; j < BN / (THREADS / BK); ++j) {
+        for (int j = 0; j < B_PER; ++j) {
             const int cc = b_col + j * (THREADS / BK), col = col0 + cc;
             const bool ok = e.bits != PADDED_K && col < p.c_dst;
-            mma::copy_elem(tiles.b_at(slot, cc, b_k), ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
+            stager.put(A_PER + j, tiles.b_at(slot, cc, b_k), ok ? p.w + (int64_t)col * p.w_dst + e.w : p.w, ok);
         }
     };
     Acc<S> acc;
-    mma::pipeline(tiles, (K + BK - 1) / BK, decode, load, acc);
+    mma::pipeline(tiles, (K + BK - 1) / BK, decode, load, [&] { stager.flush(); }, acc);
 
     const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
 #pragma unroll
@@ -229,22 +232,24 @@ __device__ __forceinline__ void conv_wgrad_tc(const ConvWgradParams<T>& p) {
     auto decode = [&](int stage, int slot) {
         ktab[slot][t] = decode_wgrad_k(p, k_begin + stage * BK + t, k_end, narrow_vox, wide_vox);
     };
+    mma::Stager<T, ROWS_PER_THREAD + COLS_PER_THREAD> stager;
     auto load = [&](int, int slot) {
         const WgradK e = ktab[slot][l_k];
 #pragma unroll
         for (int i = 0; i < ROWS_PER_THREAD; ++i) {
             const bool ok = (e.mask & row_bits[i]) == row_bits[i];
-            mma::copy_elem(tiles.a_at(slot, l_row + i * (THREADS / BK), l_k), ok ? p.wide + e.wide + row_off[i] : p.wide, ok);
+            stager.put(i, tiles.a_at(slot, l_row + i * (THREADS / BK), l_k), ok ? p.wide + e.wide + row_off[i] : p.wide, ok);
         }
 #pragma unroll
         for (int i = 0; i < COLS_PER_THREAD; ++i) {
             const int cc = l_row + i * (THREADS / BK), cn = col0 + cc;
             const bool ok = e.ok && cn < p.c_narrow;
-            mma::copy_elem(tiles.b_at(slot, cc, l_k), ok ? p.narrow + e.narrow + (int64_t)cn * narrow_vox : p.narrow, ok);
+            stager.put(ROWS_PER_THREAD + i, tiles.b_at(slot, cc, l_k),
+                       ok ? p.narrow + e.narrow + (int64_t)cn * narrow_vox : p.narrow, ok);
         }
     };
     Acc<S> acc;
-    mma::pipeline(tiles, (k_end - k_begin + BK - 1) / BK, decode, load, acc);
+    mma::pipeline(tiles, (k_end - k_begin + BK - 1) / BK, decode, load, [&] { stager.flush(); }, acc);
 
     float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * M;
 #pragma unroll

@@ -37,13 +37,30 @@ __device__ __forceinline__ void cp_async16(T* dst, const T* src, int count) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"((int)sizeof(T) * count));
 }
-// One element of a stage's tile: dst <- *src when valid, else 0. float: a 4-byte cp.async (asynchronous, waited for
-// by the pipeline); bf16: 2 bytes are below cp.async's smallest copy, so a load through a register and a shared store
-// (synchronous; the pipeline's barriers order it like the copies).
-__device__ __forceinline__ void copy_elem(float* dst, const float* src, bool valid) { cp_async4(dst, src, valid); }
-__device__ __forceinline__ void copy_elem(__nv_bfloat16* dst, const __nv_bfloat16* src, bool valid) {
-    *dst = valid ? *src : __ushort_as_bfloat16(0);
-}
+// The gathers of one stage, up to N elements per thread: put(i, dst, src, valid) sets dst <- *src when valid, else 0.
+// float: a 4-byte cp.async, in flight until the pipeline waits for it. bf16: 2 bytes are below cp.async's smallest
+// copy, so the element is loaded into a register at put and stored to shared memory at flush, which the pipeline
+// calls after the products of the iteration that issued the stage: the loads are in flight during those products.
+template <typename T, int N>
+struct Stager;
+template <int N>
+struct Stager<float, N> {
+    __device__ __forceinline__ void put(int, float* dst, const float* src, bool valid) { cp_async4(dst, src, valid); }
+    __device__ __forceinline__ void flush() {}
+};
+template <int N>
+struct Stager<__nv_bfloat16, N> {
+    __nv_bfloat16 v[N];
+    __nv_bfloat16* dst[N];
+    __device__ __forceinline__ void put(int i, __nv_bfloat16* d, const __nv_bfloat16* src, bool valid) {
+        v[i] = valid ? *src : __ushort_as_bfloat16(0);
+        dst[i] = d;
+    }
+    __device__ __forceinline__ void flush() {
+#pragma unroll
+        for (int i = 0; i < N; ++i) *dst[i] = v[i];
+    }
+};
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -176,13 +193,15 @@ __device__ __forceinline__ void stage_product(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>&
 }
 
 // The pipeline over num_k stages of BK reduction indices. decode(stage, slot) fills the slot's table of decoded
-// reduction indices (threads t < BK; users whose loads need no table pass a lambda that does nothing), load(slot)
-// issues the stage's cp.async copies. Tables are decoded STAGES ahead: slot kt % STAGES is free once the barrier of
-// iteration kt has passed (its last reader, the load of stage kt, came before it), and the next iteration's barrier
-// publishes it before its load.
-template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T, typename Decode, typename Load>
+// reduction indices (threads t < BK; users whose loads need no table pass a lambda that does nothing), load(stage,
+// slot) issues the stage's copies, flush() completes the copies a Stager holds in registers (bf16 gathers; a no-op
+// for cp.async users). Tables are decoded STAGES ahead: slot kt % STAGES is free once the barrier of iteration kt has
+// passed (its last reader, the load of stage kt, came before it), and the next iteration's barrier publishes it
+// before its load. A stage loaded in iteration kt is flushed after that iteration's products (which read slot
+// kt % STAGES, not its slot) and published by the next iteration's barrier.
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T, typename Decode, typename Load, typename Flush>
 __device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>& s, int num_k, Decode decode, Load load,
-                                         Acc<S>& acc) {
+                                         Flush flush, Acc<S>& acc) {
     constexpr int STAGES = S::STAGES;
     if (threadIdx.x < S::BK) {
 #pragma unroll
@@ -191,7 +210,10 @@ __device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>& s, i
     __syncthreads();
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < num_k) load(st, st);
+        if (st < num_k) {
+            load(st, st);
+            flush();
+        }
         cp_async_commit();
     }
     for (int kt = 0; kt < num_k; ++kt) {
@@ -203,8 +225,16 @@ __device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>& s, i
         const int slot = kt % STAGES;
         if (threadIdx.x < S::BK) decode(kt + STAGES, slot);
         stage_product(s, slot, acc);
+        if (next < num_k) flush();
     }
     cp_async_wait<0>();
+}
+
+// The pipeline of users whose loads are all cp.async (nothing to flush).
+template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T, typename Decode, typename Load>
+__device__ __forceinline__ void pipeline(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>& s, int num_k, Decode decode, Load load,
+                                         Acc<S>& acc) {
+    pipeline(s, num_k, decode, load, [] {}, acc);
 }
 
 }  // namespace mma
