@@ -29,8 +29,9 @@ pub struct Gpu {
 }
 
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
-/// [`crate::tensor::DType::BF16`] tensors).
-pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {
+/// [`crate::tensor::DType::BF16`] tensors). `Default` lets generic code fill a kernel's parameter struct with
+/// `..Default::default()` (the generated structs derive it, which asks it of their storage type).
+pub trait GpuElement: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + 'static {
     /// The tensor element type.
     const DTYPE: crate::tensor::DType;
     /// Of a kernel's two instances (common.cuh's `TYPED_KERNEL`), the name of the one for this type.
