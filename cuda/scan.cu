@@ -189,6 +189,8 @@ __device__ __forceinline__ void scan_forward(const ScanParams<E>& p) {
     }
 #define SCAN_FORWARD_KERNEL(NAME_F32, NAME_BF16, NMAX) \
     SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_forward, NMAX, SCAN_FWD_THREADS)
+// scan_forward_n16 (N <= 16) and scan_forward_n32 (N <= 32), each in both instances; the host picks one with
+// kernel::scan_forward_n16::<T>().
 SCAN_FORWARD_KERNEL(scan_forward_n16_f32, scan_forward_n16_bf16, 16)
 SCAN_FORWARD_KERNEL(scan_forward_n32_f32, scan_forward_n32_bf16, 32)
 
@@ -519,5 +521,6 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& p) {
 }
 #define SCAN_BACKWARD_KERNEL(NAME_F32, NAME_BF16, NP) \
     SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_backward, NP, SCAN_BWD_THREADS)
+// scan_backward_n16 (N <= 16) and scan_backward_n32 (N <= 32), each in both instances.
 SCAN_BACKWARD_KERNEL(scan_backward_n16_f32, scan_backward_n16_bf16, 16)
 SCAN_BACKWARD_KERNEL(scan_backward_n32_f32, scan_backward_n32_bf16, 32)
