@@ -6,6 +6,10 @@
 //   weight:   dw[c, k]    = sum_{g, t} gy[g, t, c] x[g, t - (K-1) + k, c]
 //   bias:     db[c]       = sum_{g, t} gy[g, t, c]
 //
+// Storage: every kernel is a template over the storage type T of the tokens x, gy and the output (float or
+// __nv_bfloat16), in two instances NAME_f32 and NAME_bf16 that compute in float32 (each element read with to_f32, each
+// output rounded once with from_f32<T>); the weight, the bias and the partial sums of their gradients are float32.
+//
 // Flat index i = (g L + t) C + c; moving by one token moves i by C. The forward and the input gradient run one thread
 // per element; consecutive threads take consecutive channels, so every load and store is coalesced.
 //
@@ -16,17 +20,21 @@
 //   part[s, c K + k] = slice-s part of dw[c, k],    part[s, C K + c] = slice-s part of db[c]
 // which sum_rows_f32 (gemm.cu) then sums over the slices s in order.
 //
-// Cost per element of x, K taps (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see
-// src/ops/mod.rs): causal_conv1d_forward and causal_conv1d_backward_input 8 bytes and 2K FLOPs;
-// causal_conv1d_param_partials 8 bytes (x and gy) and 2K + 1 FLOPs. Memory-bound.
+// Cost per element of x, K taps, in units of the storage size E (4 bytes float32, 2 bf16; bytes: least traffic;
+// FLOPs: adds and multiplies count one each; see src/ops/mod.rs): causal_conv1d_forward and
+// causal_conv1d_backward_input 2E bytes and 2K FLOPs; causal_conv1d_param_partials 2E bytes (x and gy) and 2K + 1
+// FLOPs. Memory-bound.
 #include "common.cuh"
 #include "conv1d.cuh"
 
-extern "C" __global__ void causal_conv1d_forward(const Conv1dParams p) {
-    const float* __restrict__ x = p.x;
+namespace {
+
+template <typename T>
+__device__ void causal_conv1d_forward(const Conv1dParams<T>& p) {
+    const T* __restrict__ x = p.x;
     const float* __restrict__ w = p.w;
     const float* __restrict__ bias = p.bias;
-    float* __restrict__ y = p.out;
+    T* __restrict__ y = p.out;
     const int64_t L = p.L, C = p.C;
     const int K = p.K;
     FOR_EACH(i, p.G * L * C) {
@@ -34,16 +42,17 @@ extern "C" __global__ void causal_conv1d_forward(const Conv1dParams p) {
         float s = bias[c];
         for (int k = 0; k < K; ++k) {
             const int64_t src = t - (K - 1) + k;
-            if (src >= 0) s += w[c * K + k] * x[i + (src - t) * C];
+            if (src >= 0) s += w[c * K + k] * to_f32(x[i + (src - t) * C]);
         }
-        y[i] = s;
+        y[i] = from_f32<T>(s);
     }
 }
 
-extern "C" __global__ void causal_conv1d_backward_input(const Conv1dParams p) {
-    const float* __restrict__ gy = p.gy;
+template <typename T>
+__device__ void causal_conv1d_backward_input(const Conv1dParams<T>& p) {
+    const T* __restrict__ gy = p.gy;
     const float* __restrict__ w = p.w;
-    float* __restrict__ dx = p.out;
+    T* __restrict__ dx = p.out;
     const int64_t L = p.L, C = p.C;
     const int K = p.K;
     FOR_EACH(i, p.G * L * C) {
@@ -51,18 +60,18 @@ extern "C" __global__ void causal_conv1d_backward_input(const Conv1dParams p) {
         float acc = 0.0f;
         for (int k = 0; k < K; ++k) {
             const int64_t t = s + (K - 1) - k;
-            if (t < L) acc += w[c * K + k] * gy[i + (t - s) * C];
+            if (t < L) acc += w[c * K + k] * to_f32(gy[i + (t - s) * C]);
         }
-        dx[i] = acc;
+        dx[i] = from_f32<T>(acc);
     }
 }
 
 // Block (CONV1D_COLS, CONV1D_LANES), grid (ceil(C / CONV1D_COLS), slices). part has one row of C K + C values per
 // slice.
-extern "C" __global__ void __launch_bounds__(CONV1D_COLS * CONV1D_LANES)
-    causal_conv1d_param_partials(const Conv1dParams p) {
-    const float* __restrict__ x = p.x;
-    const float* __restrict__ gy = p.gy;
+template <typename T>
+__device__ void causal_conv1d_param_partials(const Conv1dParams<T>& p) {
+    const T* __restrict__ x = p.x;
+    const T* __restrict__ gy = p.gy;
     float* __restrict__ part = p.part;
     const int64_t L = p.L, C = p.C;
     const int K = p.K;
@@ -76,12 +85,12 @@ extern "C" __global__ void __launch_bounds__(CONV1D_COLS * CONV1D_LANES)
     if (c < C) {
         for (int64_t r = r_begin + threadIdx.y; r < r_end; r += CONV1D_LANES) {
             const int64_t t = r % L;
-            const float g = gy[r * C + c];
+            const float g = to_f32(gy[r * C + c]);
             acc[CONV1D_MAX_K] += g;
 #pragma unroll
             for (int k = 0; k < CONV1D_MAX_K; ++k) {
                 const int64_t src = t - (K - 1) + k;
-                if (k < K && src >= 0) acc[k] += g * x[(r + src - t) * C + c];
+                if (k < K && src >= 0) acc[k] += g * to_f32(x[(r + src - t) * C + c]);
             }
         }
     }
@@ -100,3 +109,17 @@ extern "C" __global__ void __launch_bounds__(CONV1D_COLS * CONV1D_LANES)
         }
     }
 }
+
+}  // namespace
+
+TYPED_KERNEL(causal_conv1d_forward_f32, causal_conv1d_forward_bf16, causal_conv1d_forward, Conv1dParams)
+TYPED_KERNEL(causal_conv1d_backward_input_f32, causal_conv1d_backward_input_bf16, causal_conv1d_backward_input,
+             Conv1dParams)
+
+// The parameter partials with their launch bounds (a block of CONV1D_COLS x CONV1D_LANES threads), in both instances.
+#define PARAM_PARTIALS_KERNEL(NAME, TYPE)                                                                       \
+    extern "C" __global__ void __launch_bounds__(CONV1D_COLS * CONV1D_LANES) NAME(const Conv1dParams<TYPE> p) { \
+        causal_conv1d_param_partials<TYPE>(p);                                                                  \
+    }
+PARAM_PARTIALS_KERNEL(causal_conv1d_param_partials_f32, float)
+PARAM_PARTIALS_KERNEL(causal_conv1d_param_partials_bf16, __nv_bfloat16)

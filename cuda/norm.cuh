@@ -1,5 +1,6 @@
 // Parameters of the normalisation kernels of norm.cu.
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 // InstanceNorm: threads per block of the chunked kernels, voxels per thread, and so voxels per chunk (one block).
@@ -10,10 +11,12 @@ constexpr int IN_CHUNK = IN_THREADS * IN_ITEMS;
 constexpr int LN_PARAM_SUBROWS = 8;
 
 // InstanceNorm of x (N, C, V) over each plane p = n C + c of V voxels; stats are per plane, chunk values per
-// (plane, chunk) of IN_CHUNK voxels. Each kernel's comment in norm.cu says which fields it uses.
+// (plane, chunk) of IN_CHUNK voxels. Each kernel's comment in norm.cu says which fields it uses. x, g and out are of
+// the storage type T (float or __nv_bfloat16); gamma, beta, the statistics and every sum are float32.
+template <typename T>
 struct InstanceNormParams {
-    const float* x;      // the input
-    const float* g;      // backward: the gradient of y
+    const T* x;          // the input
+    const T* g;          // backward: the gradient of y
     const float* gamma;  // (C)
     const float* beta;   // (C)
     const float* mean;   // per plane (apply, backward)
@@ -26,7 +29,7 @@ struct InstanceNormParams {
     float* chunk_gx;     // per chunk: sum of g xhat
     float* mean_out;     // combine: per-plane mean
     float* rstd_out;     // combine: per-plane rstd
-    float* out;          // y (apply) or dx (backward_dx)
+    T* out;              // y (apply) or dx (backward_dx)
     float* dgamma;       // param_grads
     float* dbeta;        // param_grads
     int64_t V;           // voxels per plane
@@ -37,15 +40,17 @@ struct InstanceNormParams {
     int act;             // -1: none; else the ActivationCode fused after the affine (apply, grad sums, dx)
 };
 
-// LayerNorm of x (rows, C) over each row of C contiguous channels.
+// LayerNorm of x (rows, C) over each row of C contiguous channels. x, g and out are of the storage type T; gamma,
+// beta, the statistics and the partial sums are float32.
+template <typename T>
 struct LayerNormParams {
-    const float* x;
-    const float* g;        // backward: the gradient of y
+    const T* x;
+    const T* g;            // backward: the gradient of y
     const float* gamma;    // (C)
     const float* beta;     // (C)
     const float* mean;     // backward: per row
     const float* rstd;     // backward: per row
-    float* out;            // y (forward) or dx (backward_dx)
+    T* out;                // y (forward) or dx (backward_dx)
     float* mean_out;       // forward: per-row mean
     float* rstd_out;       // forward: per-row rstd
     float* pgamma;         // param_partials: (C, row blocks)
@@ -63,14 +68,30 @@ struct NormSumRowsParams {
     int64_t len;
 };
 
-extern "C" __global__ void instance_norm_chunk_moments(const InstanceNormParams p);    // x -> chunk_mean, chunk_m2
-extern "C" __global__ void instance_norm_combine(const InstanceNormParams p);          // -> mean_out, rstd_out
-extern "C" __global__ void instance_norm_apply(const InstanceNormParams p);            // x, mean, rstd -> out = y
-extern "C" __global__ void instance_norm_chunk_grad_sums(const InstanceNormParams p);  // -> chunk_g, chunk_gx
-extern "C" __global__ void instance_norm_backward_dx(const InstanceNormParams p);      // -> out = dx
-extern "C" __global__ void instance_norm_param_grads(const InstanceNormParams p);      // sum_g, sum_gx -> dgamma, dbeta
-extern "C" __global__ void layer_norm_forward(const LayerNormParams p);                // -> out = y, mean_out, rstd_out
-extern "C" __global__ void layer_norm_backward_dx(const LayerNormParams p);            // -> out = dx
-extern "C" __global__ void layer_norm_param_partials(const LayerNormParams p);         // -> pgamma, pbeta
+// The kernels that read or write x, g or out, each in a float32 and a bf16 instance (computing in float32).
+// x -> chunk_mean, chunk_m2
+extern "C" __global__ void instance_norm_chunk_moments_f32(const InstanceNormParams<float> p);
+extern "C" __global__ void instance_norm_chunk_moments_bf16(const InstanceNormParams<__nv_bfloat16> p);
+// x, mean, rstd, gamma, beta -> out = y
+extern "C" __global__ void instance_norm_apply_f32(const InstanceNormParams<float> p);
+extern "C" __global__ void instance_norm_apply_bf16(const InstanceNormParams<__nv_bfloat16> p);
+// x, g, mean, rstd (gamma, beta with an activation) -> chunk_g, chunk_gx
+extern "C" __global__ void instance_norm_chunk_grad_sums_f32(const InstanceNormParams<float> p);
+extern "C" __global__ void instance_norm_chunk_grad_sums_bf16(const InstanceNormParams<__nv_bfloat16> p);
+// x, g, mean, rstd, gamma, sum_g, sum_gx (beta with an activation) -> out = dx
+extern "C" __global__ void instance_norm_backward_dx_f32(const InstanceNormParams<float> p);
+extern "C" __global__ void instance_norm_backward_dx_bf16(const InstanceNormParams<__nv_bfloat16> p);
+// x, gamma, beta -> out = y, mean_out, rstd_out
+extern "C" __global__ void layer_norm_forward_f32(const LayerNormParams<float> p);
+extern "C" __global__ void layer_norm_forward_bf16(const LayerNormParams<__nv_bfloat16> p);
+// x, g, mean, rstd, gamma -> out = dx
+extern "C" __global__ void layer_norm_backward_dx_f32(const LayerNormParams<float> p);
+extern "C" __global__ void layer_norm_backward_dx_bf16(const LayerNormParams<__nv_bfloat16> p);
+// x, g, mean, rstd -> pgamma, pbeta
+extern "C" __global__ void layer_norm_param_partials_f32(const LayerNormParams<float> p);
+extern "C" __global__ void layer_norm_param_partials_bf16(const LayerNormParams<__nv_bfloat16> p);
+// The kernels of float32 statistics only: they read none of x, g and out, so one instance serves both storage types.
+extern "C" __global__ void instance_norm_combine(const InstanceNormParams<float> p);      // -> mean_out, rstd_out
+extern "C" __global__ void instance_norm_param_grads(const InstanceNormParams<float> p);  // -> dgamma, dbeta
 extern "C" __global__ void instance_norm_sum_chunks(const NormSumRowsParams p);
 extern "C" __global__ void layer_norm_sum_partials(const NormSumRowsParams p);

@@ -9,6 +9,15 @@
 //
 // Parameters: ScanParams and the constants below, in scan.cuh.
 //
+// Storage (issue 12: the scan keeps its state and its exp/softplus in float32, its inputs and outputs may be bf16).
+// The kernels are templates over the storage type T of the token-shaped tensors u, delta, B, C, z, y, gy and the
+// gradients du, ddelta, dz, dB, dC (float or __nv_bfloat16), in two instances NAME_f32 and NAME_bf16: each element is
+// read with to_f32 and each output rounded once with from_f32<T>, and everything between is float32: the states
+// and adjoints in registers, what is staged in shared memory, the chunk states, carries and sums of dt, the sums over
+// channels of dB and dC, and the partial sums of the parameter gradients. a_log, d_skip and delta_bias and their
+// gradients are float32 for both instances. The float32 instance is the float32 kernel it always was. (In this file
+// the storage type parameter is E, as T is the chunk length.)
+//
 // Chunks. Sequences are cut into chunks of T = SCAN_CHUNK tokens (a multiple of the backward's sub-chunk SUB).
 // The states at the start of every chunk, states (G, nc, D, N) with nc = ceil(L / T), are all the backward needs to
 // recompute any part of the sequence; the full history (G, L, D, N) is never stored. A block processes a group of
@@ -60,15 +69,16 @@
 //   part[g groups + group] = [A[d, n] sum e dt  (D N) | sum q u  (D) | sum ddelta  (D)], summed over rows in a
 //   fixed order by sum_rows_f32 (gemm.cu).
 //
-// Cost per element of u (one token of one channel), N states, D channels (bytes: least traffic, 4 per float; FLOPs:
-// adds, multiplies, exponentials and logarithms count one each; see src/ops/mod.rs):
-//   forward   at least 4 (4 + 2N/D) bytes (u, delta, z, y; a token's B and C rows serve all D channels) and about
-//             7N + 11 FLOPs (7 per state), N + 3 of them exponentials or logarithms; plus N / T floats of chunk-start
-//             states
-//   backward  at least 4 (7 + 4N/D) bytes (u, delta, z, gy, B, C read; du, ddelta, dz, dB, dC written) and about
+// Cost per element of u (one token of one channel), N states, D channels, in units of the storage size E (4 bytes
+// float32, 2 bf16; bytes: least traffic; FLOPs: adds, multiplies, exponentials and logarithms count one each; see
+// src/ops/mod.rs):
+//   forward   at least E (4 + 2N/D) bytes (u, delta, z, y; a token's B and C rows serve all D channels) and about
+//             7N + 11 FLOPs (7 per state), N + 3 of them exponentials or logarithms; plus N / T float32 chunk-start
+//             states (4 bytes each, whatever E)
+//   backward  at least E (7 + 4N/D) bytes (u, delta, z, gy, B, C read; du, ddelta, dz, dB, dC written) and about
 //             21N + 25 FLOPs (the forward recomputed, then about twice its per-state work for the adjoint)
-// At the PiM stage-0 shapes of the 3D reference (N = 16, D = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte:
-// bound by memory and by the exponentials.
+// At the PiM stage-0 shapes of the 3D reference (N = 16, D = 64) the forward does 123 FLOPs per 18 bytes in float32
+// (7 per byte) or 9 in bf16 (14 per byte): bound by memory and by the exponentials.
 #include "common.cuh"
 #include "scan.cuh"
 
@@ -79,13 +89,13 @@ static_assert(SCAN_CHUNK % SCAN_BWD_SUB == 0, "a chunk is a whole number of back
 // One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x. SUMMARY (cpb = 1): from h = 0, leaves the
 // chunk's end state and sum of dt. Otherwise: from h_init of the group's first chunk (or 0), writes y, and with
 // record stores the state at the start of each chunk.
-template <int NMAX, bool SUMMARY>
-__device__ __forceinline__ void scan_forward_group(const float* __restrict__ u, const float* __restrict__ delta,
-                                                   const float* __restrict__ a_log, const float* __restrict__ bmat,
-                                                   const float* __restrict__ cmat, const float* __restrict__ d_skip,
-                                                   const float* __restrict__ z, const float* __restrict__ delta_bias,
+template <typename E, int NMAX, bool SUMMARY>
+__device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, const E* __restrict__ delta,
+                                                   const float* __restrict__ a_log, const E* __restrict__ bmat,
+                                                   const E* __restrict__ cmat, const float* __restrict__ d_skip,
+                                                   const E* __restrict__ z, const float* __restrict__ delta_bias,
                                                    const float* __restrict__ h_init, int has_init,
-                                                   float* __restrict__ y, float* __restrict__ states,
+                                                   E* __restrict__ y, float* __restrict__ states,
                                                    float* __restrict__ sum_dt, int record, int64_t L, int64_t D,
                                                    int N, int64_t T, int64_t cpb) {
     __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
@@ -121,15 +131,15 @@ __device__ __forceinline__ void scan_forward_group(const float* __restrict__ u, 
             for (int e = threadIdx.x; e < SCAN_STAGE * NMAX; e += blockDim.x) {
                 const int tt = e / NMAX, k = e % NMAX;
                 const bool on = tt < ns && k < N;
-                sb[tt][k] = on ? bmat[(row0 + tt) * N + k] : 0.0f;
-                if (!SUMMARY) sc[tt][k] = on ? cmat[(row0 + tt) * N + k] : 0.0f;
+                sb[tt][k] = on ? to_f32(bmat[(row0 + tt) * N + k]) : 0.0f;
+                if (!SUMMARY) sc[tt][k] = on ? to_f32(cmat[(row0 + tt) * N + k]) : 0.0f;
             }
             __syncthreads();
             if (!active) continue;
             for (int tt = 0; tt < ns; ++tt) {
                 const int64_t i = (row0 + tt) * D + d;
-                const float ut = u[i];
-                const float dt = softplusf(delta[i] + bias);
+                const float ut = to_f32(u[i]);
+                const float dt = softplusf(to_f32(delta[i]) + bias);
                 const float du = dt * ut;
                 dt_sum += dt;
                 float acc = 0.0f;
@@ -139,8 +149,8 @@ __device__ __forceinline__ void scan_forward_group(const float* __restrict__ u, 
                     if (!SUMMARY) acc += sc[tt][k] * h[k];
                 }
                 if (!SUMMARY) {
-                    const float zt = z[i];
-                    y[i] = (acc + dsk * ut) * (zt * sigmoidf(zt));
+                    const float zt = to_f32(z[i]);
+                    y[i] = from_f32<E>((acc + dsk * ut) * (zt * sigmoidf(zt)));
                 }
             }
         }
@@ -156,25 +166,39 @@ __device__ __forceinline__ void scan_forward_group(const float* __restrict__ u, 
 // Grid (G * groups, ceil(D / blockDim.x)), blockDim.x <= SCAN_FWD_THREADS. summary = 1: pass 1 (y, C, z, d_skip,
 // h_init unused; writes chunk_states and chunk_dt); summary = 0: y from h_init (when not null) or from 0, chunk-start
 // states stored in chunk_states when record (chunk_dt unused).
-#define SCAN_FORWARD_KERNEL(NAME, NMAX)                                                                              \
-    extern "C" __global__ void __launch_bounds__(SCAN_FWD_THREADS) NAME(const ScanParams p) {                      \
-        if (p.summary)                                                                                             \
-            scan_forward_group<NMAX, true>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,  \
-                                           p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L,    \
-                                           p.D, p.N, SCAN_CHUNK, p.cpb);                                           \
-        else                                                                                                       \
-            scan_forward_group<NMAX, false>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init, \
-                                            p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L,   \
-                                            p.D, p.N, SCAN_CHUNK, p.cpb);                                          \
+template <typename E, int NMAX>
+__device__ __forceinline__ void scan_forward(const ScanParams<E>& p) {
+    if (p.summary)
+        scan_forward_group<E, NMAX, true>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
+                                          p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
+                                          p.N, SCAN_CHUNK, p.cpb);
+    else
+        scan_forward_group<E, NMAX, false>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
+                                           p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
+                                           p.N, SCAN_CHUNK, p.cpb);
+}
+
+// The float32 and bf16 instances of the scan kernel BODY<E, NSTATES> (NSTATES padded states), with its launch bounds;
+// SCAN_FORWARD_KERNEL and SCAN_BACKWARD_KERNEL name the instances (build.rs reads their first two arguments).
+#define SCAN_INSTANCES(NAME_F32, NAME_BF16, BODY, NSTATES, THREADS)                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME_F32(const ScanParams<float> p) {                \
+        BODY<float, NSTATES>(p);                                                                              \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME_BF16(const ScanParams<__nv_bfloat16> p) {       \
+        BODY<__nv_bfloat16, NSTATES>(p);                                                                      \
     }
-SCAN_FORWARD_KERNEL(scan_forward_n16, 16)
-SCAN_FORWARD_KERNEL(scan_forward_n32, 32)
+#define SCAN_FORWARD_KERNEL(NAME_F32, NAME_BF16, NMAX) \
+    SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_forward, NMAX, SCAN_FWD_THREADS)
+// scan_forward_n16 (N <= 16) and scan_forward_n32 (N <= 32), each in both instances; the host picks one with
+// kernel::scan_forward_n16::<T>().
+SCAN_FORWARD_KERNEL(scan_forward_n16_f32, scan_forward_n16_bf16, 16)
+SCAN_FORWARD_KERNEL(scan_forward_n32_f32, scan_forward_n32_bf16, 32)
 
 // Per (g, d, n), over the chunks in order (reverse = 0) or backwards (reverse = 1): on entry states[c]
 // (chunk_states) holds the chunk's own contribution (end state from 0, or carry-out from 0); on exit it holds what
 // enters the chunk,
 //   in[first] = 0,   in[next] = exp(A[n] sum_dt[c]) in[c] + own[c]        (sum_dt: chunk_dt).
-extern "C" __global__ void scan_chunk_combine(const ScanParams p) {
+extern "C" __global__ void scan_chunk_combine(const ScanParams<float> p) {
     float* __restrict__ states = p.chunk_states;
     const float* __restrict__ sum_dt = p.chunk_dt;
     const float* __restrict__ a_log = p.a_log;
@@ -197,13 +221,14 @@ extern "C" __global__ void scan_chunk_combine(const ScanParams p) {
 // Per (g, chunk, d, n): the adjoint carry leaving the chunk at its first token when none enters at its end,
 // x <- dA_t (x + C_t[n] q_t) for t from the chunk's last token down to its first, into carry (G, nc, D, N)
 // (chunk_states); and the chunk's sum of dt into sum_dt (G, nc, D) (chunk_dt, written by the n = 0 thread).
-extern "C" __global__ void scan_backward_carry(const ScanParams p) {
-    const float* __restrict__ delta = p.delta;
+template <typename E>
+__device__ void scan_backward_carry(const ScanParams<E>& p) {
+    const E* __restrict__ delta = p.delta;
     const float* __restrict__ a_log = p.a_log;
-    const float* __restrict__ cmat = p.c;
-    const float* __restrict__ z = p.z;
+    const E* __restrict__ cmat = p.c;
+    const E* __restrict__ z = p.z;
     const float* __restrict__ delta_bias = p.delta_bias;
-    const float* __restrict__ gy = p.gy;
+    const E* __restrict__ gy = p.gy;
     float* __restrict__ carry = p.chunk_states;
     float* __restrict__ sum_dt = p.chunk_dt;
     const int64_t G = p.G, L = p.L, D = p.D, T = SCAN_CHUNK;
@@ -216,29 +241,30 @@ extern "C" __global__ void scan_backward_carry(const ScanParams p) {
         float x = 0.0f, dt_sum = 0.0f;
         for (int64_t t = len - 1; t >= 0; --t) {
             const int64_t row = g * L + t0 + t, at = row * D + d;
-            const float zt = z[at];
-            const float q = gy[at] * zt * sigmoidf(zt);
-            const float dt = softplusf(delta[at] + bias);
+            const float zt = to_f32(z[at]);
+            const float q = to_f32(gy[at]) * zt * sigmoidf(zt);
+            const float dt = softplusf(to_f32(delta[at]) + bias);
             dt_sum += dt;
-            x = exp2f(dt * a2) * (x + cmat[row * N + n] * q);
+            x = exp2f(dt * a2) * (x + to_f32(cmat[row * N + n]) * q);
         }
         carry[i] = x;
         if (n == 0) sum_dt[gc * D + d] = dt_sum;
     }
 }
+TYPED_KERNEL(scan_backward_carry_f32, scan_backward_carry_bf16, scan_backward_carry, ScanParams)
 
 // Shared memory of scan_backward in floats (the host computes the same, selective_scan.rs): staged dt, u, q,
 // gy SiLU'(z), softplus' [SUB][CH] each; B, C rows [SUB][NP] each; sums over n [SUB][CH][3]; per-warp dB | dC sums
 // [SUB][WARPS][2 NP]; accumulator [acc_rows][2 NP]; sub-chunk start states [T / SUB][R][THREADS]; [2][THREADS] for the
 // per-channel sums.
-template <int NP>
+template <typename E, int NP>
 __device__ __forceinline__ void scan_backward_group(
-    const float* __restrict__ u, const float* __restrict__ delta, const float* __restrict__ a_log,
-    const float* __restrict__ bmat, const float* __restrict__ cmat, const float* __restrict__ d_skip,
-    const float* __restrict__ z, const float* __restrict__ delta_bias, const float* __restrict__ gy,
+    const E* __restrict__ u, const E* __restrict__ delta, const float* __restrict__ a_log,
+    const E* __restrict__ bmat, const E* __restrict__ cmat, const float* __restrict__ d_skip,
+    const E* __restrict__ z, const float* __restrict__ delta_bias, const E* __restrict__ gy,
     const float* __restrict__ h_init, int has_init, const float* __restrict__ carry_in, int has_carry,
-    float* __restrict__ du, float* __restrict__ ddelta, float* __restrict__ dz, float* __restrict__ db,
-    float* __restrict__ dc, float* __restrict__ part, int64_t L, int64_t D, int N, int64_t T, int64_t cpb,
+    E* __restrict__ du, E* __restrict__ ddelta, E* __restrict__ dz, E* __restrict__ db,
+    E* __restrict__ dc, float* __restrict__ part, int64_t L, int64_t D, int N, int64_t T, int64_t cpb,
     int acc_rows) {
     constexpr int THREADS = SCAN_BWD_THREADS, S = SCAN_BWD_SUB, R = SCAN_BWD_R;
     constexpr int P = NP / R;             // lanes per channel
@@ -281,11 +307,11 @@ __device__ __forceinline__ void scan_backward_group(
             float dt = 0.0f, ut = 0.0f, q = 0.0f, gzc = 0.0f, sp = 0.0f;
             if (i < count && dd < D) {
                 const int64_t at = (g * L + t_first + i) * D + dd;
-                const float pre = delta[at] + delta_bias[dd];
+                const float pre = to_f32(delta[at]) + delta_bias[dd];
                 dt = softplusf(pre);
-                ut = u[at];
+                ut = to_f32(u[at]);
                 if (full) {
-                    const float zt = z[at], gyt = gy[at];
+                    const float zt = to_f32(z[at]), gyt = to_f32(gy[at]);
                     q = gyt * zt * sigmoidf(zt);
                     gzc = gyt * activation_derivative(ACT_SILU, zt);
                     sp = activation_derivative(ACT_SOFTPLUS, pre);
@@ -303,8 +329,8 @@ __device__ __forceinline__ void scan_backward_group(
             const int i = e / NP, k = e % NP;
             const bool on = i < count && k < N;
             const int64_t at = (g * L + t_first + i) * N + k;
-            st_b[e] = on ? bmat[at] : 0.0f;
-            if (full) st_c[e] = on ? cmat[at] : 0.0f;
+            st_b[e] = on ? to_f32(bmat[at]) : 0.0f;
+            if (full) st_c[e] = on ? to_f32(cmat[at]) : 0.0f;
         }
         __syncthreads();
     };
@@ -440,9 +466,9 @@ __device__ __forceinline__ void scan_backward_group(
                     const float dt = st_dt[e], ut = st_u[e], q = st_q[e];
                     const float gdl = (ut * s[1] + s[2]) * st_sp[e];
                     const int64_t at = (row0 + i) * D + d0 + ech;
-                    du[at] = q * e_dsk + dt * s[1];
-                    ddelta[at] = gdl;
-                    dz[at] = st_gz[e] * (s[0] + e_dsk * ut);
+                    du[at] = from_f32<E>(q * e_dsk + dt * s[1]);
+                    ddelta[at] = from_f32<E>(gdl);
+                    dz[at] = from_f32<E>(st_gz[e] * (s[0] + e_dsk * ut));
                     gd += q * ut;
                     gbias += gdl;
                 }
@@ -479,19 +505,22 @@ __device__ __forceinline__ void scan_backward_group(
     for (int e = tid; e < rows * N; e += THREADS) {
         const int t = e / N, k = e % N;
         const int64_t row = g * L + tok_begin + t;
-        db[row * N + k] = acc[t * V + k];
-        dc[row * N + k] = acc[t * V + NP + k];
+        db[row * N + k] = from_f32<E>(acc[t * V + k]);
+        dc[row * N + k] = from_f32<E>(acc[t * V + NP + k]);
     }
 }
 
 // Grid (G * groups), SCAN_BWD_THREADS threads, dynamic shared memory as above. h_init (when not null) holds the
 // saved chunk-start states (else every chunk starts from 0, valid for a single chunk); carry_in (when not null) holds
 // the carry entering each chunk from the right (needed when a sequence spans several groups).
-#define SCAN_BACKWARD_KERNEL(NAME, NP)                                                                               \
-    extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) NAME(const ScanParams p) {                      \
-        scan_backward_group<NP>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.gy, p.h_init,      \
-                                p.h_init != nullptr, p.carry_in, p.carry_in != nullptr, p.du, p.ddelta, p.dz,      \
-                                p.db, p.dc, p.part, p.L, p.D, p.N, SCAN_CHUNK, p.cpb, p.acc_rows);                 \
-    }
-SCAN_BACKWARD_KERNEL(scan_backward_n16, 16)
-SCAN_BACKWARD_KERNEL(scan_backward_n32, 32)
+template <typename E, int NP>
+__device__ __forceinline__ void scan_backward(const ScanParams<E>& p) {
+    scan_backward_group<E, NP>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.gy, p.h_init,
+                               p.h_init != nullptr, p.carry_in, p.carry_in != nullptr, p.du, p.ddelta, p.dz, p.db,
+                               p.dc, p.part, p.L, p.D, p.N, SCAN_CHUNK, p.cpb, p.acc_rows);
+}
+#define SCAN_BACKWARD_KERNEL(NAME_F32, NAME_BF16, NP) \
+    SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_backward, NP, SCAN_BWD_THREADS)
+// scan_backward_n16 (N <= 16) and scan_backward_n32 (N <= 32), each in both instances.
+SCAN_BACKWARD_KERNEL(scan_backward_n16_f32, scan_backward_n16_bf16, 16)
+SCAN_BACKWARD_KERNEL(scan_backward_n32_f32, scan_backward_n32_bf16, 32)

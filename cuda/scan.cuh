@@ -1,5 +1,6 @@
 // Parameters of the selective scan kernels of scan.cu (the math and the passes: scan.cu's header comment).
 #pragma once
+#include <cuda_bf16.h>
 #include <stdint.h>
 
 // Tokens per chunk: the backward recomputes states from the state saved at each chunk start. A multiple of
@@ -16,28 +17,31 @@ constexpr int SCAN_BWD_R = 4;
 
 // One selective scan: u, delta, z, y (G, L, D) channels last; B, C (G, L, N); a_log (D, N); d_skip, delta_bias (D);
 // per-chunk tensors (G, nc, D, N) and (G, nc, D) with nc = ceil(L / SCAN_CHUNK). Each kernel's comment in scan.cu
-// says which fields it uses; the others may be null.
+// says which fields it uses; the others may be null. The token-shaped tensors (u, delta, B, C, z, y, dL/dy and
+// their gradients) are of the storage type T (float or __nv_bfloat16); the parameters a_log, d_skip, delta_bias, the
+// states, carries and partial sums are float32.
+template <typename T>
 struct ScanParams {
-    const float* u;
-    const float* delta;
+    const T* u;
+    const T* delta;
     const float* a_log;
-    const float* b;           // B
-    const float* c;           // C
+    const T* b;               // B
+    const T* c;               // C
     const float* d_skip;      // D
-    const float* z;
+    const T* z;
     const float* delta_bias;
-    const float* gy;          // backward: dL/dy
+    const T* gy;              // backward: dL/dy
     const float* h_init;      // the state entering each chunk, or null: every chunk starts from 0
     const float* carry_in;    // backward: the adjoint carry entering each chunk from the right, or null: none
-    float* y;                 // forward output
+    T* y;                     // forward output
     float* chunk_states;      // per chunk (G, nc, D, N): forward record: start states; summary: end states from 0;
                               // backward_carry: carry-out from 0; combine: rewritten in place to what enters
     float* chunk_dt;          // per chunk (G, nc, D): sum of dt (forward summary, backward_carry; combine reads)
-    float* du;                // backward outputs: du, ddelta, dz (G, L, D); dB, dC (G, L, N)
-    float* ddelta;
-    float* dz;
-    float* db;
-    float* dc;
+    T* du;                    // backward outputs: du, ddelta, dz (G, L, D); dB, dC (G, L, N)
+    T* ddelta;
+    T* dz;
+    T* db;
+    T* dc;
     float* part;              // backward: one row per (g, group): [A sum e dt (D N) | sum q u (D) | sum ddelta (D)]
     int64_t G;                // sequences
     int64_t L;                // tokens per sequence
@@ -50,9 +54,16 @@ struct ScanParams {
     int acc_rows;             // backward: rows of the dB | dC accumulator in shared memory
 };
 
-extern "C" __global__ void scan_forward_n16(const ScanParams p);  // N <= 16
-extern "C" __global__ void scan_forward_n32(const ScanParams p);  // N <= 32
-extern "C" __global__ void scan_chunk_combine(const ScanParams p);
-extern "C" __global__ void scan_backward_carry(const ScanParams p);
-extern "C" __global__ void scan_backward_n16(const ScanParams p);
-extern "C" __global__ void scan_backward_n32(const ScanParams p);
+// Each in a float32 and a bf16 instance (computing in float32), for N <= 16 or N <= 32 states.
+extern "C" __global__ void scan_forward_n16_f32(const ScanParams<float> p);
+extern "C" __global__ void scan_forward_n16_bf16(const ScanParams<__nv_bfloat16> p);
+extern "C" __global__ void scan_forward_n32_f32(const ScanParams<float> p);
+extern "C" __global__ void scan_forward_n32_bf16(const ScanParams<__nv_bfloat16> p);
+extern "C" __global__ void scan_backward_carry_f32(const ScanParams<float> p);
+extern "C" __global__ void scan_backward_carry_bf16(const ScanParams<__nv_bfloat16> p);
+extern "C" __global__ void scan_backward_n16_f32(const ScanParams<float> p);
+extern "C" __global__ void scan_backward_n16_bf16(const ScanParams<__nv_bfloat16> p);
+extern "C" __global__ void scan_backward_n32_f32(const ScanParams<float> p);
+extern "C" __global__ void scan_backward_n32_bf16(const ScanParams<__nv_bfloat16> p);
+// Reads only float32 fields (a_log, chunk_states, chunk_dt): one instance serves both storage types.
+extern "C" __global__ void scan_chunk_combine(const ScanParams<float> p);

@@ -8,6 +8,8 @@
 //! (the training default), against engine.md's 1e-2.
 
 mod common;
+#[path = "common/mamba.rs"]
+mod mamba;
 
 use std::sync::Arc;
 
@@ -17,9 +19,10 @@ use lkm_engine::device::{Device, Gpu};
 use lkm_engine::ops::cast::cast;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
 use lkm_engine::ops::linear::linear;
-use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs, GPU_CHUNK};
+use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::DType;
 use lkm_engine::{Result, Tensor};
+use mamba::{scan, scan_inputs};
 
 /// Asserts that `f` on the GPU matches `f` on the CPU in float64 (forward only) within `tol`.
 fn check_forward(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) {
@@ -189,44 +192,6 @@ fn gpu_causal_conv1d_reference_shape() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // selective scan
-
-/// Mamba-like inputs in the order of `ScanInputs`: u, z, B, C ~ N(0, 1); delta ~ 0.5 N(0, 1) - 1 before the bias;
-/// delta_bias = softplus^-1(dt) with dt log-uniform in [0.001, 0.1] (Mamba's dt_proj bias init); a_log[d, n] =
-/// ln(n + 1) (S4D-real init, A = -(n + 1)); D ~ 1 + 0.1 N(0, 1).
-fn scan_inputs(g: usize, l: usize, d: usize, n: usize, seed: u64) -> Vec<Tensor> {
-    let map = |t: Tensor, f: &dyn Fn(usize, f64) -> f64| {
-        let v: Vec<f32> = t.to_vec_f64().unwrap().iter().enumerate().map(|(i, &x)| f(i, x) as f32).collect();
-        Tensor::from_vec(v, t.shape()).unwrap()
-    };
-    let u = randn32(&[g, l, d], 1.0, seed);
-    let delta = map(randn32(&[g, l, d], 1.0, seed + 1), &|_, x| 0.5 * x - 1.0);
-    let a_log = map(randn32(&[d, n], 1.0, seed + 2), &|i, _| ((i % n) as f64 + 1.0).ln());
-    let b = randn32(&[g, l, n], 1.0, seed + 3);
-    let c = randn32(&[g, l, n], 1.0, seed + 4);
-    let d_skip = map(randn32(&[d], 1.0, seed + 5), &|_, x| 1.0 + 0.1 * x);
-    let z = randn32(&[g, l, d], 1.0, seed + 6);
-    let (lo, hi) = (0.001f64.ln(), 0.1f64.ln());
-    let delta_bias = map(randn32(&[d], 1.0, seed + 7), &|i, _| {
-        // Evenly spread over the log range (deterministic), then the inverse softplus: dt + ln(1 - e^-dt).
-        let dt = (lo + (hi - lo) * (i as f64 + 0.5) / d as f64).exp();
-        dt + (-(-dt).exp_m1()).ln()
-    });
-    vec![u, delta, a_log, b, c, d_skip, z, delta_bias]
-}
-
-fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
-    let inp = ScanInputs {
-        u: &x[0],
-        delta: &x[1],
-        a_log: &x[2],
-        b: &x[3],
-        c: &x[4],
-        d_skip: &x[5],
-        z: &x[6],
-        delta_bias: &x[7],
-    };
-    selective_scan(t, &inp)
-}
 
 fn scan_case(name: &str, g: usize, l: usize, d: usize, n: usize, seed: u64) {
     check_op(name, &scan_inputs(g, l, d, n, seed), 1e-4, scan);

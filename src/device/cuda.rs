@@ -31,7 +31,8 @@ pub struct Gpu {
 }
 
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
-/// [`crate::tensor::DType::BF16`] tensors).
+/// [`crate::tensor::DType::BF16`] tensors). `Default` lets generic code fill a kernel's parameter struct with
+/// `..Default::default()` (the generated structs derive it, which asks it of their storage type).
 pub trait GpuElement:
     DeviceRepr + ValidAsZeroBits + Copy + Default + std::fmt::Debug + Unpin + Send + Sync + 'static
 {

@@ -4,11 +4,12 @@
 //! src/device/header.rs, the reader that build.rs and the tests share):
 //!
 //! - the constants both sides need (threads per block, tile sizes, chunk lengths: `constexpr int SCAN_CHUNK = 64;`),
-//! - one parameter struct per family of kernels (`struct ScanParams { const float* u; ...; int64_t L; ... };`),
+//! - one parameter struct per family of kernels (`struct NormSumRowsParams { const float* a; float* out; ... };`),
 //!   holding the device pointers and the sizes, so that a launch passes one argument,
-//! - the kernels that take it by value (`extern "C" __global__ void scan_forward_n16(const ScanParams p);`), or take
-//!   a struct of a header it includes and that is read before it (conv_tc.cuh's kernels take conv.cuh's
-//!   `ConvGemmParams`: one product description for both maths).
+//! - the kernels that take it by value
+//!   (`extern "C" __global__ void layer_norm_sum_partials(const NormSumRowsParams p);`), or take a struct of a header
+//!   it includes and that is read before it (conv_tc.cuh's kernels take conv.cuh's `ConvGemmParams`: one product
+//!   description for both maths).
 //!
 //! `build.rs` reads the headers and generates this module's contents: a `pub const` per constant (a `usize`), a
 //! `#[repr(C)]` struct per parameter struct with the header's comments as docs, its `DeviceRepr`, and in [`kernel`]

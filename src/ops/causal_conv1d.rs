@@ -15,30 +15,34 @@
 //! (K, C) so that its rows are contiguous too.
 //!
 //! GPU (cuda/conv1d.cu): the forward and dx run one thread per element; dw and db reduce over all G L tokens in two
-//! fixed-order stages (per-slice partials, then `sum_rows`), so they are deterministic.
+//! fixed-order stages (per-slice partials, then `sum_rows`), so they are deterministic. The tokens (x, y, dL/dy,
+//! dL/dx) are stored as float32 or bf16 and computed on in float32; the weight, the bias and their gradients are
+//! float32 for both (issue 12).
 //!
-//! Cost per element of x (G L C), with K taps (the counting rules are in [`ops`](crate::ops)): forward 8 bytes (read
-//! x, write y) and 2K FLOPs; backward 12 bytes (read x and dL/dy, write dL/dx) and 4K + 1 FLOPs (2K for dL/dx, 2K for
-//! dL/dw, 1 for dL/db); the GPU's two backward kernels read dL/dy twice (16 bytes).
+//! Cost per element of x (G L C), with K taps, in units of the storage size E of the tokens (4 bytes float32, 2 bf16;
+//! the counting rules are in [`ops`](crate::ops)): forward 2E bytes (read x, write y) and 2K FLOPs; backward 3E bytes
+//! (read x and dL/dy, write dL/dx) and 4K + 1 FLOPs (2K for dL/dx, 2K for dL/dw, 1 for dL/db); the GPU's two backward
+//! kernels read dL/dy twice (4E bytes).
 
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_1d, GpuElement};
 use crate::device::params::{kernel, Conv1dParams, CONV1D_COLS, CONV1D_LANES, CONV1D_MAX_K};
 use crate::ops::linear::sum_rows;
-use crate::ops::seq_dims;
+use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Result};
 
-/// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C).
+/// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C) of x's dtype. `w`
+/// and `bias` have x's dtype, or float32 for bf16 tokens.
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let d = ConvDims::of(x, w, bias)?;
     let range = profile::forward("causal_conv1d", &[x, w, bias], d.flops());
-    let y = match (x.gpu_buffer(), w.gpu_buffer(), bias.gpu_buffer()) {
-        (Some(xb), Some(wb), Some(bb)) => Tensor::from_gpu(forward_gpu(xb, wb, bb, d)?, x.shape())?,
-        _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?,
+    let y = match by_gpu_type!(x, forward_gpu(x, w, bias, d)) {
+        Some(y) => y?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?,
     };
     range.done([&y]);
     tape.record(&[x, w, bias], &y, CausalConv1dBackward { x: x.clone(), w: w.clone(), dims: d });
@@ -69,8 +73,8 @@ impl ConvDims {
             x.shape(),
             w.shape()
         );
-        x.check_same_kind(w, "causal_conv1d")?;
-        x.check_same_kind(bias, "causal_conv1d")?;
+        check_param_kind(x, w, "causal_conv1d weight")?;
+        check_param_kind(x, bias, "causal_conv1d bias")?;
         bias.check_shape(&[c], "causal_conv1d: bias (C)")?;
         Ok(ConvDims { g, l, c, k: w.shape()[1] })
     }
@@ -174,13 +178,9 @@ impl Backward for CausalConv1dBackward {
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         self.x.check_same_kind(grad_out, "causal_conv1d backward")?;
-        match (self.x.gpu_buffer(), self.w.gpu_buffer(), grad_out.gpu_buffer()) {
-            (Some(xb), Some(wb), Some(gb)) => {
-                let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, needs)?;
-                let wrap = |b: Option<GpuBuffer>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
-                Ok(vec![wrap(dx, self.x.shape())?, wrap(dw, self.w.shape())?, wrap(db, &[self.dims.c])?])
-            }
-            _ => by_dtype!(self.x.dtype(), backward_cpu(&self.x, &self.w, grad_out, self.dims, needs)),
+        match by_gpu_type!(self.x, backward_gpu(&self.x, &self.w, grad_out, self.dims, needs)) {
+            Some(grads) => grads,
+            None => by_dtype!(self.x.dtype(), backward_cpu(&self.x, &self.w, grad_out, self.dims, needs)),
         }
     }
 }
@@ -203,34 +203,43 @@ fn check_gpu(d: ConvDims) -> Result<()> {
 }
 
 /// The parameters shared by the kernels of one conv1d on the GPU; each launch fills in its own pointers.
-fn gpu_params(d: ConvDims) -> Conv1dParams {
+fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
     let ConvDims { g, l, c, k } = d;
     Conv1dParams { G: g as i64, L: l as i64, C: c as i64, K: k as i32, ..Default::default() }
 }
 
-fn forward_gpu(x: &GpuBuffer, w: &GpuBuffer, bias: &GpuBuffer, d: ConvDims) -> Result<GpuBuffer> {
+/// y (G, L, C) stored as `T`, like x.
+fn forward_gpu<T: GpuElement>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> Result<Tensor> {
     check_gpu(d)?;
     let ConvDims { g, l, c, .. } = d;
-    let gpu = &x.gpu;
-    let mut y = gpu.alloc(g * l * c, "causal_conv1d output")?;
-    let p = Conv1dParams { x: x.ptr(), w: w.ptr(), bias: bias.ptr(), out: y.ptr_mut(), ..gpu_params(d) };
-    gpu.launch(kernel::causal_conv1d_forward, grid_1d(g * l * c), &p, &format!("causal_conv1d {d:?}"))?;
-    Ok(y)
+    let op = "causal_conv1d";
+    let (xb, wb, bb) = (x.gpu_operand::<T>(op)?, w.gpu_operand::<f32>(op)?, bias.gpu_operand::<f32>(op)?);
+    let gpu = &xb.gpu;
+    let mut y = gpu.alloc_of::<T>(g * l * c, "causal_conv1d output")?;
+    let p = Conv1dParams { x: xb.ptr(), w: wb.ptr(), bias: bb.ptr(), out: y.ptr_mut(), ..gpu_params(d) };
+    gpu.launch(kernel::causal_conv1d_forward::<T>(), grid_1d(g * l * c), &p, &format!("causal_conv1d {d:?}"))?;
+    Tensor::from_gpu(y, x.shape())
 }
 
-/// dx (G, L, C), dw (C, K) and db (C) on the GPU, each only when wanted.
-type GpuConvGrads = (Option<GpuBuffer>, Option<GpuBuffer>, Option<GpuBuffer>);
-
-fn backward_gpu(x: &GpuBuffer, w: &GpuBuffer, gy: &GpuBuffer, d: ConvDims, needs: &[bool]) -> Result<GpuConvGrads> {
+/// dx (G, L, C) stored as `T`, like x, and the float32 dw (C, K) and db (C), each only when wanted.
+fn backward_gpu<T: GpuElement>(
+    x: &Tensor,
+    w: &Tensor,
+    grad_out: &Tensor,
+    d: ConvDims,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
     check_gpu(d)?;
     let ConvDims { g, l, c, k } = d;
-    let gpu = &x.gpu;
+    let op = "causal_conv1d backward";
+    let (xb, wb, gy) = (x.gpu_operand::<T>(op)?, w.gpu_operand::<f32>(op)?, grad_out.gpu_operand::<T>(op)?);
+    let gpu = &xb.gpu;
     let shapes = format!("causal_conv1d backward {d:?}");
     let dx = if needs[0] {
-        let mut dx = gpu.alloc(g * l * c, "causal_conv1d dx")?;
-        let p = Conv1dParams { gy: gy.ptr(), w: w.ptr(), out: dx.ptr_mut(), ..gpu_params(d) };
-        gpu.launch(kernel::causal_conv1d_backward_input, grid_1d(g * l * c), &p, &shapes)?;
-        Some(dx)
+        let mut dx = gpu.alloc_of::<T>(g * l * c, "causal_conv1d dx")?;
+        let p = Conv1dParams { gy: gy.ptr(), w: wb.ptr(), out: dx.ptr_mut(), ..gpu_params(d) };
+        gpu.launch(kernel::causal_conv1d_backward_input::<T>(), grid_1d(g * l * c), &p, &shapes)?;
+        Some(Tensor::from_gpu(dx, x.shape())?)
     } else {
         None
     };
@@ -248,19 +257,21 @@ fn backward_gpu(x: &GpuBuffer, w: &GpuBuffer, gy: &GpuBuffer, d: ConvDims, needs
             shared_mem_bytes: 0,
         };
         let p = Conv1dParams {
-            x: x.ptr(),
+            x: xb.ptr(),
             gy: gy.ptr(),
             part: part.ptr_mut(),
             rows_per_slice: per_slice as i64,
             ..gpu_params(d)
         };
-        gpu.launch(kernel::causal_conv1d_param_partials, cfg, &p, &shapes)?;
+        gpu.launch(kernel::causal_conv1d_param_partials::<T>(), cfg, &p, &shapes)?;
         if needs[1] {
-            dw = Some(sum_rows(gpu, &part.slice.slice(..), slices, c * k, width, "causal_conv1d dw")?);
+            let sums = sum_rows(gpu, &part.slice.slice(..), slices, c * k, width, "causal_conv1d dw")?;
+            dw = Some(Tensor::from_gpu(sums, w.shape())?);
         }
         if needs[2] {
-            db = Some(sum_rows(gpu, &part.slice.slice(c * k..), slices, c, width, "causal_conv1d db")?);
+            let sums = sum_rows(gpu, &part.slice.slice(c * k..), slices, c, width, "causal_conv1d db")?;
+            db = Some(Tensor::from_gpu(sums, &[c])?);
         }
     }
-    Ok((dx, dw, db))
+    Ok(vec![dx, dw, db])
 }

@@ -32,38 +32,40 @@
 //! with mean 1000 by up to half an ulp of 1000 (3e-5 after normalisation), while this way only the final rounding
 //! of y and dL/dx to the tensor's dtype remains. The backward recomputes exactly the xhat of the forward.
 //!
-//! On the GPU (float32, kernels in `cuda/norm.cu`) each plane is cut into chunks of `IN_CHUNK` voxels, one block
-//! per (plane, chunk). The statistics are the exact two-pass ones regrouped by chunk: each chunk's mean m_k and
-//! squared deviation M2_k (two passes over the chunk held in registers), then per plane
-//! mu = (1/V) sum_k n_k m_k and var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2), sums of squares that no common
-//! offset can cancel. mu and rstd are saved as float32 GPU tensors. The backward's plane sums of g and g xhat are
-//! per-chunk block sums added per plane in a fixed order; dgamma, dbeta add the planes over n in order.
+//! On the GPU (kernels in `cuda/norm.cu`, x and y stored as float32 or bf16, computed in float32) each plane is cut
+//! into chunks of `IN_CHUNK` voxels, one block per (plane, chunk). The statistics are the exact two-pass ones
+//! regrouped by chunk: each chunk's mean m_k and squared deviation M2_k (two passes over the chunk held in
+//! registers), then per plane mu = (1/V) sum_k n_k m_k and var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2), sums of
+//! squares that no common offset can cancel. mu and rstd are saved as float32 GPU tensors. The backward's plane sums of g and g xhat are
+//! per-chunk block sums added per plane in a fixed order; dgamma, dbeta add the planes over n in order. With bf16
+//! activations (x, y, dL/dy, dL/dx in bf16) gamma, beta, the statistics, every sum and dL/dgamma, dL/dbeta stay
+//! float32 (issue 12: normalisation statistics in float32); each bf16 output is rounded once.
 //!
-//! Cost per element (the counting rules are in [`ops`](crate::ops)): forward at least 8 bytes (read x, write y) and
-//! about 8 FLOPs (mean 1, squared deviation 3, normalise, scale and shift 4); backward at least 12 bytes (read x and
-//! dL/dy, write dL/dx) and about 12 FLOPs. A plane does not fit in cache, so the GPU reads x twice in the forward
-//! (statistics, then apply: 12 bytes) and x and dL/dy twice in the backward (plane sums, then dL/dx: 20 bytes).
-//! Memory-bound.
+//! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
+//! [`ops`](crate::ops)): forward at least 2E bytes (read x, write y) and about 8 FLOPs (mean 1, squared deviation 3,
+//! normalise, scale and shift 4); backward at least 3E bytes (read x and dL/dy, write dL/dx) and about 12 FLOPs. A
+//! plane does not fit in cache, so the GPU reads x twice in the forward (statistics, then apply: 3E bytes) and x and
+//! dL/dy twice in the backward (plane sums, then dL/dx: 5E bytes). Memory-bound.
 
 use std::borrow::Cow;
 
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_1d, GpuElement};
 use crate::device::params::{kernel, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS};
 use crate::ops::activation::Activation;
-use crate::ops::MapDims;
+use crate::ops::{check_param_kind, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Error, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Error, Result};
 
 /// The eps of every InstanceNorm in LKM-UNet (PyTorch's default).
 pub const IN_EPS: f64 = 1e-5;
 
 /// Instance normalisation of a feature map `x` (N, C, H, W) or (N, C, D, H, W): each (n, c) plane is normalised
 /// over its spatial axes with its biased variance and `eps`, then scaled by `gamma[c]` and shifted by `beta[c]`
-/// (`gamma`, `beta` of shape (C)).
+/// (`gamma`, `beta` of shape (C), of x's dtype, or float32 for a bf16 `x`).
 pub fn instance_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     instance_norm_act(tape, x, gamma, beta, eps, None)
 }
@@ -79,16 +81,16 @@ pub fn instance_norm_act(
     act: Option<Activation>,
 ) -> Result<Tensor> {
     let dims = MapDims::of(x, "instance_norm")?;
-    x.check_same_kind(gamma, "instance_norm gamma")?;
-    x.check_same_kind(beta, "instance_norm beta")?;
+    check_param_kind(x, gamma, "instance_norm gamma")?;
+    check_param_kind(x, beta, "instance_norm beta")?;
     gamma.check_shape(&[dims.c], "instance_norm gamma (one per channel of the input)")?;
     beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
 
     let name = op_name(act);
     let range = profile::forward(name, &[x], 0.0);
-    let (y, mean, rstd) = match x.gpu_buffer() {
-        Some(_) => forward_gpu(x, gamma, beta, dims, eps, act)?,
+    let (y, mean, rstd) = match by_gpu_type!(x, forward_gpu(x, gamma, beta, dims, eps, act)) {
+        Some(out) => out?,
         None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps, act))?,
     };
     range.done([&y]);
@@ -187,8 +189,8 @@ impl Backward for InstanceNormBackward {
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         self.x.check_same_kind(grad_out, "instance_norm backward")?;
         grad_out.check_shape(self.x.shape(), "instance_norm backward gradient")?;
-        match self.x.gpu_buffer() {
-            Some(_) => backward_gpu(self, grad_out, needs),
+        match by_gpu_type!(self.x, backward_gpu(self, grad_out, needs)) {
+            Some(grads) => grads,
             None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
         }
     }
@@ -246,11 +248,6 @@ fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[b
 /// Threads per block of the per-plane reductions (any multiple of 32).
 const REDUCE_THREADS: u32 = 256;
 
-/// The GPU buffer of `t`, which the caller has checked to be on the same GPU as the op's first operand.
-fn gpu_of<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer> {
-    t.gpu_buffer().ok_or_else(|| Error::Mismatch(format!("instance_norm: {what} is not a GPU tensor")))
-}
-
 /// A launch of `blocks` blocks of `threads` threads, failing cleanly past the grid limit.
 fn blocks_of(blocks: usize, threads: u32, shape: &[usize]) -> Result<LaunchConfig> {
     let grid = u32::try_from(blocks.max(1))
@@ -261,7 +258,7 @@ fn blocks_of(blocks: usize, threads: u32, shape: &[usize]) -> Result<LaunchConfi
 }
 
 /// The sizes every instance-norm kernel of one map takes; each launch adds its pointers.
-fn gpu_params(dims: MapDims, chunks: usize) -> InstanceNormParams {
+fn gpu_params<T: GpuElement>(dims: MapDims, chunks: usize) -> InstanceNormParams<T> {
     InstanceNormParams {
         V: dims.voxels() as i64,
         C: dims.c as i64,
@@ -277,8 +274,8 @@ fn chunking(dims: MapDims) -> (usize, usize) {
     (dims.n * dims.c, dims.voxels().div_ceil(IN_CHUNK).max(1))
 }
 
-/// Returns y and the per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
-fn forward_gpu(
+/// Returns y (stored as `T`, like x) and the per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
+fn forward_gpu<T: GpuElement>(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -286,7 +283,8 @@ fn forward_gpu(
     eps: f64,
     act: Option<Activation>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (xb, gb, bb) = (gpu_of(x, "x")?, gpu_of(gamma, "gamma")?, gpu_of(beta, "beta")?);
+    let op = "instance_norm";
+    let (xb, gb, bb) = (x.gpu_operand::<T>(op)?, gamma.gpu_operand::<f32>(op)?, beta.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let (planes, chunks) = chunking(dims);
     let stats_shape = [dims.n, dims.c];
@@ -294,7 +292,7 @@ fn forward_gpu(
         // No plane, nothing to launch (a grid of zero blocks is not a valid launch).
         let empty = |what| -> Result<Tensor> { Tensor::from_gpu(gpu.alloc(0, what)?, &stats_shape) };
         return Ok((
-            Tensor::from_gpu(gpu.alloc(0, "instance_norm output")?, x.shape())?,
+            Tensor::from_gpu(gpu.alloc_of::<T>(0, "instance_norm output")?, x.shape())?,
             empty("mean")?,
             empty("rstd")?,
         ));
@@ -308,12 +306,20 @@ fn forward_gpu(
     let mut chunk_m2 = gpu.alloc(planes * chunks, "instance_norm chunk squared deviations")?;
     let (chunk_mean, chunk_m2) = (chunk_mean.ptr_mut(), chunk_m2.ptr_mut());
     let p = InstanceNormParams { chunk_mean, chunk_m2, ..base };
-    gpu.launch(kernel::instance_norm_chunk_moments, chunked, &p, &shapes)?;
+    gpu.launch(kernel::instance_norm_chunk_moments::<T>(), chunked, &p, &shapes)?;
     let mut mean = gpu.alloc(planes, "instance_norm mean")?;
     let mut rstd = gpu.alloc(planes, "instance_norm rstd")?;
-    let p = InstanceNormParams { chunk_mean, chunk_m2, mean_out: mean.ptr_mut(), rstd_out: rstd.ptr_mut(), ..base };
+    // The combine reads only float32 chunk statistics: its one instance takes the float32 struct.
+    let p = InstanceNormParams::<f32> {
+        chunk_mean,
+        chunk_m2,
+        mean_out: mean.ptr_mut(),
+        rstd_out: rstd.ptr_mut(),
+        eps: eps as f32,
+        ..gpu_params(dims, chunks)
+    };
     gpu.launch(kernel::instance_norm_combine, per_plane, &p, &shapes)?;
-    let mut y = gpu.alloc(x.numel(), "instance_norm output")?;
+    let mut y = gpu.alloc_of::<T>(x.numel(), "instance_norm output")?;
     let p = InstanceNormParams {
         mean: mean.ptr(),
         rstd: rstd.ptr(),
@@ -322,13 +328,20 @@ fn forward_gpu(
         out: y.ptr_mut(),
         ..base
     };
-    gpu.launch(kernel::instance_norm_apply, chunked, &p, &shapes)?;
+    gpu.launch(kernel::instance_norm_apply::<T>(), chunked, &p, &shapes)?;
     Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &stats_shape)?, Tensor::from_gpu(rstd, &stats_shape)?))
 }
 
-fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let (xb, gb, gammab) = (gpu_of(&b.x, "x")?, gpu_of(grad_out, "gradient")?, gpu_of(&b.gamma, "gamma")?);
-    let (mb, rb) = (gpu_of(&b.mean, "saved mean")?, gpu_of(&b.rstd, "saved rstd")?);
+/// dL/dx (stored as `T`, like x) and the float32 dL/dgamma, dL/dbeta, each when `needs` asks.
+fn backward_gpu<T: GpuElement>(
+    b: &InstanceNormBackward,
+    grad_out: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let op = "instance_norm backward";
+    let (xb, gb) = (b.x.gpu_operand::<T>(op)?, grad_out.gpu_operand::<T>(op)?);
+    let (gammab, mb, rb) =
+        (b.gamma.gpu_operand::<f32>(op)?, b.mean.gpu_operand::<f32>(op)?, b.rstd.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let dims = b.dims;
     let (planes, chunks) = chunking(dims);
@@ -338,7 +351,7 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
             |what| -> Result<Option<Tensor>> { Ok(Some(Tensor::from_gpu(gpu.zeros(dims.c, what)?, &[dims.c])?)) };
         return Ok(vec![
             if needs[0] {
-                Some(Tensor::from_gpu(gpu.alloc(0, "instance_norm input gradient")?, b.x.shape())?)
+                Some(Tensor::from_gpu(gpu.alloc_of::<T>(0, "instance_norm input gradient")?, b.x.shape())?)
             } else {
                 None
             },
@@ -349,7 +362,7 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     let shapes = format!("instance_norm backward {:?}", b.x.shape());
     let chunked = blocks_of(planes * chunks, IN_THREADS as u32, b.x.shape())?;
     // gamma and beta are read by the gradient sums only to recompute a fused activation's input.
-    let beta = gpu_of(&b.beta, "beta")?;
+    let beta = b.beta.gpu_operand::<f32>(op)?;
     let base = InstanceNormParams {
         x: xb.ptr(),
         g: gb.ptr(),
@@ -365,7 +378,7 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     let mut chunk_g = gpu.alloc(planes * chunks, "instance_norm chunk sums of g")?;
     let mut chunk_gx = gpu.alloc(planes * chunks, "instance_norm chunk sums of g xhat")?;
     let p = InstanceNormParams { chunk_g: chunk_g.ptr_mut(), chunk_gx: chunk_gx.ptr_mut(), ..base };
-    gpu.launch(kernel::instance_norm_chunk_grad_sums, chunked, &p, &shapes)?;
+    gpu.launch(kernel::instance_norm_chunk_grad_sums::<T>(), chunked, &p, &shapes)?;
     let per_plane = blocks_of(planes, REDUCE_THREADS, b.x.shape())?;
     let mut sum_g = gpu.alloc(planes, "instance_norm plane sums of g")?;
     let mut sum_gx = gpu.alloc(planes, "instance_norm plane sums of g xhat")?;
@@ -376,9 +389,9 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     let base = InstanceNormParams { sum_g: sum_g.ptr(), sum_gx: sum_gx.ptr(), ..base };
 
     let dx = if needs[0] {
-        let mut dx = gpu.alloc(b.x.numel(), "instance_norm input gradient")?;
+        let mut dx = gpu.alloc_of::<T>(b.x.numel(), "instance_norm input gradient")?;
         let p = InstanceNormParams { out: dx.ptr_mut(), ..base };
-        gpu.launch(kernel::instance_norm_backward_dx, chunked, &p, &shapes)?;
+        gpu.launch(kernel::instance_norm_backward_dx::<T>(), chunked, &p, &shapes)?;
         Some(Tensor::from_gpu(dx, b.x.shape())?)
     } else {
         None
@@ -386,7 +399,14 @@ fn backward_gpu(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> 
     let (dgamma, dbeta) = if needs[1] || needs[2] {
         let mut dgamma = gpu.alloc(dims.c, "instance_norm gamma gradient")?;
         let mut dbeta = gpu.alloc(dims.c, "instance_norm beta gradient")?;
-        let p = InstanceNormParams { dgamma: dgamma.ptr_mut(), dbeta: dbeta.ptr_mut(), ..base };
+        // Reads only the float32 plane sums: its one instance takes the float32 struct.
+        let p = InstanceNormParams::<f32> {
+            sum_g: sum_g.ptr(),
+            sum_gx: sum_gx.ptr(),
+            dgamma: dgamma.ptr_mut(),
+            dbeta: dbeta.ptr_mut(),
+            ..gpu_params(dims, chunks)
+        };
         gpu.launch(kernel::instance_norm_param_grads, grid_1d(dims.c), &p, &shapes)?;
         (Some(Tensor::from_gpu(dgamma, &[dims.c])?), Some(Tensor::from_gpu(dbeta, &[dims.c])?))
     } else {

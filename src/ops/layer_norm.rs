@@ -24,43 +24,47 @@
 //! As in instance norm, the statistics use two passes with float64 accumulation, mu and rstd are saved per row in
 //! float64, and xhat is formed in float64 in both passes, so only the final rounding to the tensor's dtype remains.
 //!
-//! On the GPU (float32, kernels in `cuda/norm.cu`) one warp normalises one row, with the same two passes (mean,
-//! then squared deviations) over the row; mu and rstd are saved as float32 GPU tensors. dL/dgamma and dL/dbeta are
+//! On the GPU (kernels in `cuda/norm.cu`, x and y stored as float32 or bf16, computed in float32) one warp normalises
+//! one row, with the same two passes (mean, then squared deviations) over the row; mu and rstd are saved as float32
+//! GPU tensors. With bf16 activations (x, y, dL/dy, dL/dx) gamma, beta, the statistics, the partial sums and
+//! dL/dgamma, dL/dbeta stay float32 (issue 12: normalisation statistics in float32). dL/dgamma and dL/dbeta are
 //! sums over all rows, made deterministic in two stages: each block of `LN_ROWS_PER_PARAM_BLOCK` rows writes its
 //! per-channel partial sums, then one block per channel adds those partials in a fixed order.
 //!
-//! Cost per element (the counting rules are in [`ops`](crate::ops)): forward 8 bytes (read x, write y; a row stays in
-//! cache between the passes) and about 8 FLOPs; backward at least 12 bytes (read x and dL/dy, write dL/dx) and about
-//! 15 FLOPs (10 for dL/dx, 5 for dL/dgamma and dL/dbeta); the GPU's parameter-gradient kernel reads x and dL/dy a
-//! second time (20 bytes). Memory-bound.
+//! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
+//! [`ops`](crate::ops)): forward 2E bytes (read x, write y; a row stays in cache between the passes) and about 8
+//! FLOPs; backward at least 3E bytes (read x and dL/dy, write dL/dx) and about 15 FLOPs (10 for dL/dx, 5 for dL/dgamma
+//! and dL/dbeta); the GPU's parameter-gradient kernel reads x and dL/dy a second time (5E bytes). Memory-bound.
 
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::GpuBuffer;
+use crate::device::cuda::GpuElement;
 use crate::device::params::{kernel, LayerNormParams, NormSumRowsParams, LN_PARAM_SUBROWS};
+use crate::ops::check_param_kind;
 use crate::ops::instance_norm::moments;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, ensure, Error, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Error, Result};
 
 /// The eps of the LayerNorm in front of every Mamba layer (PyTorch's default).
 pub const LN_EPS: f64 = 1e-5;
 
 /// Layer normalisation of `x` over its last axis (size C) with `eps`, then `gamma[c] * xhat + beta[c]` (`gamma`,
-/// `beta` of shape (C)). `x` may have any rank; every position of the leading axes is one row.
+/// `beta` of shape (C), of x's dtype, or float32 for a bf16 `x`). `x` may have any rank; every position of the
+/// leading axes is one row.
 pub fn layer_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let c = x.shape().last().copied().unwrap_or(0);
     ensure!(c > 0, Shape, "layer_norm: the last axis (channels) of x is empty, shape {:?}", x.shape());
-    x.check_same_kind(gamma, "layer_norm gamma")?;
-    x.check_same_kind(beta, "layer_norm beta")?;
+    check_param_kind(x, gamma, "layer_norm gamma")?;
+    check_param_kind(x, beta, "layer_norm beta")?;
     gamma.check_shape(&[c], "layer_norm gamma (one per element of the last axis of the input)")?;
     beta.check_shape(&[c], "layer_norm beta (one per element of the last axis of the input)")?;
     ensure!(eps.is_finite() && eps > 0.0, Shape, "layer_norm: eps must be positive and finite, got {eps}");
 
     let range = profile::forward("layer_norm", &[x], 0.0);
-    let (y, mean, rstd) = match x.gpu_buffer() {
-        Some(_) => forward_gpu(x, gamma, beta, eps)?,
+    let (y, mean, rstd) = match by_gpu_type!(x, forward_gpu(x, gamma, beta, eps)) {
+        Some(out) => out?,
         None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, eps))?,
     };
     range.done([&y]);
@@ -106,8 +110,8 @@ impl Backward for LayerNormBackward {
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         self.x.check_same_kind(grad_out, "layer_norm backward")?;
         grad_out.check_shape(self.x.shape(), "layer_norm backward gradient")?;
-        match self.x.gpu_buffer() {
-            Some(_) => backward_gpu(self, grad_out, needs),
+        match by_gpu_type!(self.x, backward_gpu(self, grad_out, needs)) {
+            Some(grads) => grads,
             None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
         }
     }
@@ -166,11 +170,6 @@ const LN_ROWS_PER_PARAM_BLOCK: usize = 256;
 /// Threads per block of the final per-channel sums (any multiple of 32).
 const REDUCE_THREADS: u32 = 256;
 
-/// The GPU buffer of `t`, which the caller has checked to be on the same GPU as the op's first operand.
-fn gpu_of<'a>(t: &'a Tensor, what: &str) -> Result<&'a GpuBuffer> {
-    t.gpu_buffer().ok_or_else(|| Error::Mismatch(format!("layer_norm: {what} is not a GPU tensor")))
-}
-
 /// A grid of `blocks` (at least one) in x and `blocks_y` in y, failing cleanly past the grid limits.
 fn launch_config(blocks: usize, blocks_y: usize, threads: (u32, u32), shape: &[usize]) -> Result<LaunchConfig> {
     let too_many = || Error::Shape(format!("layer_norm: shape {shape:?} needs {blocks} x {blocks_y} blocks, too many"));
@@ -184,13 +183,14 @@ fn row_config(rows: usize, shape: &[usize]) -> Result<LaunchConfig> {
     launch_config(rows.div_ceil((LN_THREADS / 32) as usize), 1, (LN_THREADS, 1), shape)
 }
 
-/// Returns y and the per-row mean and rstd, each of shape (rows) in float32 on the GPU.
-fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
-    let (xb, gb, bb) = (gpu_of(x, "x")?, gpu_of(gamma, "gamma")?, gpu_of(beta, "beta")?);
+/// Returns y (stored as `T`, like x) and the per-row mean and rstd, each of shape (rows) in float32 on the GPU.
+fn forward_gpu<T: GpuElement>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "layer_norm";
+    let (xb, gb, bb) = (x.gpu_operand::<T>(op)?, gamma.gpu_operand::<f32>(op)?, beta.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let c = gamma.numel();
     let rows = x.numel() / c;
-    let mut y = gpu.alloc(x.numel(), "layer_norm output")?;
+    let mut y = gpu.alloc_of::<T>(x.numel(), "layer_norm output")?;
     let mut mean = gpu.alloc(rows, "layer_norm mean")?;
     let mut rstd = gpu.alloc(rows, "layer_norm rstd")?;
     let p = LayerNormParams {
@@ -205,13 +205,21 @@ fn forward_gpu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(T
         eps: eps as f32,
         ..Default::default()
     };
-    gpu.launch(kernel::layer_norm_forward, row_config(rows, x.shape())?, &p, &format!("layer_norm {:?}", x.shape()))?;
+    let cfg = row_config(rows, x.shape())?;
+    gpu.launch(kernel::layer_norm_forward::<T>(), cfg, &p, &format!("layer_norm {:?}", x.shape()))?;
     Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &[rows])?, Tensor::from_gpu(rstd, &[rows])?))
 }
 
-fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let (xb, gb, gammab) = (gpu_of(&b.x, "x")?, gpu_of(grad_out, "gradient")?, gpu_of(&b.gamma, "gamma")?);
-    let (mb, rb) = (gpu_of(&b.mean, "saved mean")?, gpu_of(&b.rstd, "saved rstd")?);
+/// dL/dx (stored as `T`, like x) and the float32 dL/dgamma, dL/dbeta, each when `needs` asks.
+fn backward_gpu<T: GpuElement>(
+    b: &LayerNormBackward,
+    grad_out: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let op = "layer_norm backward";
+    let (xb, gb) = (b.x.gpu_operand::<T>(op)?, grad_out.gpu_operand::<T>(op)?);
+    let (gammab, mb, rb) =
+        (b.gamma.gpu_operand::<f32>(op)?, b.mean.gpu_operand::<f32>(op)?, b.rstd.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let c = b.gamma.numel();
     let rows = b.x.numel() / c;
@@ -227,9 +235,9 @@ fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Res
     };
 
     let dx = if needs[0] {
-        let mut dx = gpu.alloc(b.x.numel(), "layer_norm input gradient")?;
+        let mut dx = gpu.alloc_of::<T>(b.x.numel(), "layer_norm input gradient")?;
         let p = LayerNormParams { gamma: gammab.ptr(), out: dx.ptr_mut(), ..base };
-        gpu.launch(kernel::layer_norm_backward_dx, row_config(rows, b.x.shape())?, &p, &shapes)?;
+        gpu.launch(kernel::layer_norm_backward_dx::<T>(), row_config(rows, b.x.shape())?, &p, &shapes)?;
         Some(Tensor::from_gpu(dx, b.x.shape())?)
     } else {
         None
@@ -247,7 +255,7 @@ fn backward_gpu(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Res
             ..base
         };
         let cfg = launch_config(row_blocks, c.div_ceil(32), (32, LN_PARAM_SUBROWS as u32), b.x.shape())?;
-        gpu.launch(kernel::layer_norm_param_partials, cfg, &p, &shapes)?;
+        gpu.launch(kernel::layer_norm_param_partials::<T>(), cfg, &p, &shapes)?;
         // Stage 2: one block per channel adds its partials in a fixed order.
         let per_channel = launch_config(c, 1, (REDUCE_THREADS, 1), b.x.shape())?;
         let mut dgamma = gpu.alloc(c, "layer_norm gamma gradient")?;

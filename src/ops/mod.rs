@@ -58,7 +58,7 @@ pub mod scale;
 pub mod selective_scan;
 pub mod upsample;
 
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::{bail, ensure, Result};
 
 /// The sizes of a feature map, with 2D maps seen as 3D maps of depth 1.
@@ -120,6 +120,25 @@ pub(crate) fn channel_sums_cpu<T: crate::tensor::Real>(x: &Tensor, channels: usi
         sums[nc % channels] += plane.iter().copied().sum::<T>();
     }
     Tensor::from_vec(sums, &[channels])
+}
+
+/// Checks that `param` (a norm's gamma or beta, conv1d's weight or bias, the scan's A, D or delta bias) may go with
+/// the activations `x`: on x's device and of x's dtype, except float32 for bf16 activations (issue 12: parameters and
+/// their gradients stay float32 when activations are stored in bf16); `what` names it in the error.
+pub(crate) fn check_param_kind(x: &Tensor, param: &Tensor, what: &str) -> Result<()> {
+    let want = if x.dtype() == DType::BF16 { DType::F32 } else { x.dtype() };
+    ensure!(
+        param.dtype() == want && param.device().same(&x.device()),
+        Mismatch,
+        "{what}: a {:?} input on {:?} takes {want:?} parameters on the same device, got a {:?} tensor on {:?} with \
+         shape {:?}",
+        x.dtype(),
+        x.device(),
+        param.dtype(),
+        param.device(),
+        param.shape()
+    );
+    Ok(())
 }
 
 /// Reads a token-sequence tensor `(G, L, C)`; `op` names the caller in errors.

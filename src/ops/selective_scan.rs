@@ -56,33 +56,42 @@
 //! carries the adjoint backwards, across chunks of long sequences by the same combine in reverse. Gradients summed
 //! over tokens or channels are reduced in a fixed order, so they are deterministic. The GPU kernels support N <= 32.
 //!
-//! Cost per element of u (one token of one channel), with N states and Dch channels (the counting rules are in
-//! [`ops`](crate::ops)): forward at least 4 (4 + 2N/Dch) bytes (read u, delta and z, write y; the B and C rows of a
-//! token are shared by its Dch channels) and about 7N + 11 FLOPs: 7 per state (dt A and its exponential, the
-//! update dA h + (dt u) B, the C contraction) and about 11 for the softplus, the D skip and the gate, N + 3 of them
-//! exponentials or logarithms; backward at least 4 (7 + 4N/Dch) bytes (read u, delta, z, dL/dy, B and C; write
-//! dL/du, dL/ddelta, dL/dz, dL/dB and dL/dC) and about 21N + 25 FLOPs (the forward recomputed, then about twice its
-//! per-state work for the adjoint). `lkm-engine profile` counts the per-state terms, 7N and 21N. The GPU also writes
-//! and reads back the chunk-start states, N / [`GPU_CHUNK`] floats per element. At the PiM stage-0 shapes of the 3D
-//! reference (N = 16, Dch = 64) the forward does 123 FLOPs per 18 bytes, 7 per byte: bound by memory and by the
-//! exponentials.
+//! bf16 (issue 12: the scan keeps its state and its exp/softplus in float32, its inputs and outputs may be bf16). On
+//! the GPU the token-shaped tensors u, delta, B, C, z, the output y and their gradients may be stored as bf16, all
+//! five inputs alike; a_log, D and delta_bias then stay float32, and so do their gradients. The kernels read every
+//! element into float32 and round each output once: the states, the adjoints, the chunk states and carries, the sums
+//! of dB and dC over channels and the parameters' partial sums are float32 throughout. Any other mix of storage
+//! types is refused, naming the operand.
+//!
+//! Cost per element of u (one token of one channel), with N states and Dch channels, in units of the storage size E
+//! of the token-shaped tensors (4 bytes float32, 2 bf16; the counting rules are in [`ops`](crate::ops)): forward at
+//! least E (4 + 2N/Dch) bytes (read u, delta and z, write y; the B and C rows of a token are shared by its Dch
+//! channels) and about 7N + 11 FLOPs: 7 per state (dt A and its exponential, the update dA h + (dt u) B, the C
+//! contraction) and about 11 for the softplus, the D skip and the gate, N + 3 of them exponentials or logarithms;
+//! backward at least E (7 + 4N/Dch) bytes (read u, delta, z, dL/dy, B and C; write dL/du, dL/ddelta, dL/dz, dL/dB
+//! and dL/dC) and about 21N + 25 FLOPs (the forward recomputed, then about twice its per-state work for the adjoint).
+//! `lkm-engine profile` counts the per-state terms, 7N and 21N. The GPU also writes and reads back the chunk-start
+//! states, N / [`GPU_CHUNK`] float32 values per element. At the PiM stage-0 shapes of the 3D reference (N = 16,
+//! Dch = 64) the forward does 123 FLOPs per 18 bytes in float32 (7 per byte), per 9 in bf16 (14 per byte): bound by
+//! memory and by the exponentials.
 
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, Kernel, ScanParams, SCAN_BWD_R, SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_CHUNK, SCAN_FWD_THREADS,
 };
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
-use crate::ops::seq_dims;
+use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{bail, by_dtype, ensure, Result};
+use crate::{bail, by_dtype, by_gpu_type, ensure, Result};
 
-/// The eight inputs of [`selective_scan`], in the order they are recorded on the tape.
+/// The eight inputs of [`selective_scan`], in the order they are recorded on the tape. The token-shaped ones (u, delta,
+/// b, c, z) share one dtype; the parameters (a_log, d_skip, delta_bias) have it too, or are float32 when it is bf16.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanInputs<'a> {
     /// The scanned signal u (G, L, Dch).
@@ -114,8 +123,8 @@ pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
     let dims = ScanDims::of(inp)?;
     let all = inp.all();
     let range = profile::forward("selective_scan", &all, dims.flops());
-    let (y, chunk_states) = match gpu_buffers(all) {
-        Some(bufs) => forward_gpu(bufs, dims, tape.needs_grad(&all))?,
+    let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(inp, dims, tape.needs_grad(&all))) {
+        Some(out) => out?,
         None => (by_dtype!(inp.u.dtype(), forward_cpu(inp, dims))?, None),
     };
     let saved = ScanBackward { inputs: all.map(|t| t.clone()), dims, chunk_states };
@@ -143,8 +152,11 @@ impl ScanDims {
     fn of(inp: &ScanInputs) -> Result<ScanDims> {
         let op = "selective_scan";
         let (g, l, dch) = seq_dims(inp.u, op)?;
-        for t in inp.all() {
-            inp.u.check_same_kind(t, op)?;
+        for (t, what) in [(inp.delta, "delta"), (inp.b, "b"), (inp.c, "c"), (inp.z, "z")] {
+            inp.u.check_same_kind(t, &format!("{op}: u and {what}"))?;
+        }
+        for (t, what) in [(inp.a_log, "a_log"), (inp.d_skip, "d_skip"), (inp.delta_bias, "delta_bias")] {
+            check_param_kind(inp.u, t, &format!("{op}: {what}"))?;
         }
         ensure!(
             inp.a_log.rank() == 2 && inp.a_log.shape()[0] == dch,
@@ -425,9 +437,9 @@ impl Backward for ScanBackward {
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         self.inputs[0].check_same_kind(grad_out, "selective_scan backward")?;
-        match (gpu_buffers(self.inputs.each_ref()), grad_out.gpu_buffer()) {
-            (Some(bufs), Some(gy)) => backward_gpu(self, bufs, gy, needs),
-            _ => by_dtype!(self.inputs[0].dtype(), backward_cpu(self, grad_out, needs)),
+        match by_gpu_type!(self.inputs[0], backward_gpu(self, grad_out, needs)) {
+            Some(grads) => grads,
+            None => by_dtype!(self.inputs[0].dtype(), backward_cpu(self, grad_out, needs)),
         }
     }
 }
@@ -444,31 +456,32 @@ pub const GPU_CHUNK: usize = SCAN_CHUNK;
 /// grouping); with fewer (PaM) it runs the three-pass parallel scan over chunks so that the GPU has work.
 const SEQUENTIAL_MIN_THREADS: usize = 16_384;
 
-/// The kernels serving one range of state sizes N: states padded to `padded` (forward registers; backward lanes of
-/// 4 states each), and the longest sequence a backward block sweeps whole (its dB, dC accumulator must fit in shared
-/// memory); longer sequences are swept one chunk per block with the adjoint carried between chunks.
+/// The kernels serving one range of state sizes N, for storage type `T`: states padded to `padded` (forward
+/// registers; backward lanes of 4 states each), and the longest sequence a backward block sweeps whole (its dB, dC
+/// accumulator must fit in shared memory); longer sequences are swept one chunk per block with the adjoint carried
+/// between chunks.
 #[derive(Clone, Copy)]
-struct Variant {
+struct Variant<T> {
     padded: usize,
     whole_sequence_max: usize,
-    forward: Kernel<ScanParams>,
-    backward: Kernel<ScanParams>,
+    forward: Kernel<ScanParams<T>>,
+    backward: Kernel<ScanParams<T>>,
 }
 
-impl Variant {
-    fn for_states(n: usize) -> Result<Variant> {
+impl<T: GpuElement> Variant<T> {
+    fn for_states(n: usize) -> Result<Variant<T>> {
         match n {
             1..=16 => Ok(Variant {
                 padded: 16,
                 whole_sequence_max: 128,
-                forward: kernel::scan_forward_n16,
-                backward: kernel::scan_backward_n16,
+                forward: kernel::scan_forward_n16::<T>(),
+                backward: kernel::scan_backward_n16::<T>(),
             }),
             17..=32 => Ok(Variant {
                 padded: 32,
                 whole_sequence_max: 64,
-                forward: kernel::scan_forward_n32,
-                backward: kernel::scan_backward_n32,
+                forward: kernel::scan_forward_n32::<T>(),
+                backward: kernel::scan_backward_n32::<T>(),
             }),
             _ => bail!(Shape, "selective_scan on the GPU supports 1 to 32 states, got N = {n} (a_log's second axis)"),
         }
@@ -486,12 +499,6 @@ impl Variant {
     }
 }
 
-/// The GPU buffers of the eight inputs, when they live on a GPU (`ScanDims::of` has checked that they agree).
-fn gpu_buffers(t: [&Tensor; 8]) -> Option<[&GpuBuffer; 8]> {
-    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = t.map(Tensor::gpu_buffer);
-    Some([u?, delta?, a_log?, b?, c?, d_skip?, z?, delta_bias?])
-}
-
 /// Chunks per sequence, after checking that the sizes suit the kernels.
 fn gpu_chunks(dims: ScanDims) -> Result<usize> {
     let ScanDims { g, l, dch, n } = dims;
@@ -505,32 +512,53 @@ fn gpu_chunks(dims: ScanDims) -> Result<usize> {
     Ok(nc)
 }
 
-/// What every scan kernel of one call reads: the eight inputs and the sizes; each launch adds its own fields.
-fn scan_params(bufs: [&GpuBuffer; 8], dims: ScanDims) -> ScanParams {
-    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = bufs.map(GpuBuffer::ptr);
-    ScanParams {
-        u,
-        delta,
-        a_log,
-        b,
-        c,
-        d_skip,
-        z,
-        delta_bias,
+/// What every scan kernel of one call reads: the eight inputs (`inputs` in the order of [`ScanInputs`], the
+/// token-shaped ones stored as `T`, the parameters as float32) and the sizes; each launch adds its own fields.
+fn scan_params<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<ScanParams<T>> {
+    let op = "selective_scan";
+    let token = |x: &Tensor| x.gpu_operand::<T>(op).map(GpuBuffer::ptr);
+    let param = |x: &Tensor| x.gpu_operand::<f32>(op).map(GpuBuffer::ptr);
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs;
+    Ok(ScanParams {
+        u: token(u)?,
+        delta: token(delta)?,
+        a_log: param(a_log)?,
+        b: token(b)?,
+        c: token(c)?,
+        d_skip: param(d_skip)?,
+        z: token(z)?,
+        delta_bias: param(delta_bias)?,
         G: dims.g as i64,
         L: dims.l as i64,
         D: dims.dch as i64,
         N: dims.n as i32,
         ..Default::default()
+    })
+}
+
+/// The fields `scan_chunk_combine` reads (a_log, the per-chunk states and sums of dt, the direction and the sizes),
+/// in the float32 struct its one instance takes: it never touches the token-shaped tensors.
+fn combine_params<T: GpuElement>(p: &ScanParams<T>) -> ScanParams<f32> {
+    ScanParams {
+        a_log: p.a_log,
+        chunk_states: p.chunk_states,
+        chunk_dt: p.chunk_dt,
+        reverse: p.reverse,
+        G: p.G,
+        L: p.L,
+        D: p.D,
+        N: p.N,
+        ..Default::default()
     }
 }
 
-/// y, and for sequences of several chunks (when `keep` asks) the state at every chunk start, (G, chunks, Dch, N).
-fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// y (stored as `T`, like u), and for sequences of several chunks (when `keep` asks) the float32 state at every
+/// chunk start, (G, chunks, Dch, N).
+fn forward_gpu<T: GpuElement>(inp: &ScanInputs, dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
     let ScanDims { g, l, dch, n } = dims;
-    let variant = Variant::for_states(n)?;
+    let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
-    let gpu = &bufs[0].gpu;
+    let gpu = &inp.u.gpu_operand::<T>("selective_scan")?.gpu;
     let threads = dch.next_multiple_of(32).min(SCAN_FWD_THREADS);
     // Whole sequences per block (cpb = nc), or one chunk per block for the parallel scan.
     let whole = nc == 1 || g * dch >= SEQUENTIAL_MIN_THREADS;
@@ -541,8 +569,8 @@ fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Ten
         shared_mem_bytes: 0,
     };
     let shapes = format!("selective_scan {dims:?}");
-    let mut y = gpu.alloc(g * l * dch, "selective_scan output")?;
-    let base = ScanParams { y: y.ptr_mut(), cpb: cpb as i64, ..scan_params(bufs, dims) };
+    let mut y = gpu.alloc_of::<T>(g * l * dch, "selective_scan output")?;
+    let base = ScanParams { y: y.ptr_mut(), cpb: cpb as i64, ..scan_params::<T>(inp.all(), dims)? };
     if nc == 1 {
         // From h = 0, nothing to record.
         gpu.launch(variant.forward, cfg, &base, &shapes)?;
@@ -559,7 +587,13 @@ fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Ten
         let p = ScanParams { chunk_states: states.ptr_mut(), chunk_dt: sum_dt.ptr_mut(), summary: 1, ..base };
         gpu.launch(variant.forward, cfg, &p, &shapes)?;
         // Pass 2: end states become true initial states, in place.
-        gpu.launch(kernel::scan_chunk_combine, grid_1d(g * dch * n), &p, &format!("selective_scan combine {dims:?}"))?;
+        let combine = combine_params(&p);
+        gpu.launch(
+            kernel::scan_chunk_combine,
+            grid_1d(g * dch * n),
+            &combine,
+            &format!("selective_scan combine {dims:?}"),
+        )?;
         // Pass 3: every chunk from its initial state, nothing recorded.
         let p = ScanParams { h_init: states.ptr(), ..base };
         gpu.launch(variant.forward, cfg, &p, &shapes)?;
@@ -568,26 +602,22 @@ fn forward_gpu(bufs: [&GpuBuffer; 8], dims: ScanDims, keep: bool) -> Result<(Ten
     Ok((Tensor::from_gpu(y, &[g, l, dch])?, saved))
 }
 
-fn backward_gpu(
-    op: &ScanBackward,
-    bufs: [&GpuBuffer; 8],
-    gy: &GpuBuffer,
-    needs: &[bool],
-) -> Result<Vec<Option<Tensor>>> {
+/// The gradients of the eight inputs, each when `needs` asks: the token-shaped ones stored as `T` (like their
+/// inputs), those of a_log, D and delta_bias as float32.
+fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let dims = op.dims;
     let ScanDims { g, l, dch, n } = dims;
-    let variant = Variant::for_states(n)?;
+    let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
-    let gpu = &bufs[0].gpu;
+    let gy = grad_out.gpu_operand::<T>("selective_scan backward")?;
+    let gpu = &gy.gpu;
     let shapes = format!("selective_scan backward {dims:?}");
 
     // A block sweeps a whole sequence when its dB, dC accumulator fits, else one chunk.
     let cpb = if l <= variant.whole_sequence_max { nc } else { 1 };
     let groups = nc.div_ceil(cpb);
     let states = match (&op.chunk_states, nc > 1) {
-        (Some(s), true) => Some(s.gpu_buffer().ok_or_else(|| {
-            crate::Error::Mismatch("selective_scan backward: chunk states are not on the GPU".into())
-        })?),
+        (Some(s), true) => Some(s.gpu_operand::<f32>("selective_scan backward: chunk states")?),
         (_, false) => None,
         (None, true) => {
             bail!(Mismatch, "selective_scan backward: the forward did not keep its chunk states ({dims:?})")
@@ -598,26 +628,26 @@ fn backward_gpu(
         // Without saved states (a single chunk) every chunk starts from 0.
         h_init: states.map_or(ConstPtr::NULL, GpuBuffer::ptr),
         cpb: cpb as i64,
-        ..scan_params(bufs, dims)
+        ..scan_params::<T>(op.inputs.each_ref(), dims)?
     };
     // Sequences split over several blocks: the adjoint carry entering each chunk from the right.
     let carry = if groups > 1 {
         let mut carry = gpu.alloc(g * nc * dch * n, "selective_scan chunk carries")?;
         let mut sum_dt = gpu.alloc(g * nc * dch, "selective_scan chunk step sums")?;
         let p = ScanParams { chunk_states: carry.ptr_mut(), chunk_dt: sum_dt.ptr_mut(), reverse: 1, ..base };
-        gpu.launch(kernel::scan_backward_carry, grid_1d(g * nc * dch * n), &p, &shapes)?;
-        gpu.launch(kernel::scan_chunk_combine, grid_1d(g * dch * n), &p, &shapes)?;
+        gpu.launch(kernel::scan_backward_carry::<T>(), grid_1d(g * nc * dch * n), &p, &shapes)?;
+        gpu.launch(kernel::scan_chunk_combine, grid_1d(g * dch * n), &combine_params(&p), &shapes)?;
         Some(carry)
     } else {
         None
     };
 
     let tokens = g * l * dch;
-    let mut du = gpu.alloc(tokens, "selective_scan du")?;
-    let mut ddelta = gpu.alloc(tokens, "selective_scan ddelta")?;
-    let mut dz = gpu.alloc(tokens, "selective_scan dz")?;
-    let mut db = gpu.alloc(g * l * n, "selective_scan dB")?;
-    let mut dc = gpu.alloc(g * l * n, "selective_scan dC")?;
+    let mut du = gpu.alloc_of::<T>(tokens, "selective_scan du")?;
+    let mut ddelta = gpu.alloc_of::<T>(tokens, "selective_scan ddelta")?;
+    let mut dz = gpu.alloc_of::<T>(tokens, "selective_scan dz")?;
+    let mut db = gpu.alloc_of::<T>(g * l * n, "selective_scan dB")?;
+    let mut dc = gpu.alloc_of::<T>(g * l * n, "selective_scan dC")?;
     // One row per (g, group): [A sum e dt (Dch N) | sum q u (Dch) | sum ddelta (Dch)].
     let width = dch * n + 2 * dch;
     let mut part = gpu.alloc(g * groups * width, "selective_scan parameter partial sums")?;
@@ -645,11 +675,17 @@ fn backward_gpu(
     let dd = sum_rows(gpu, &part.slice.slice(dch * n..), rows, dch, width, "selective_scan dD")?;
     let dbias = sum_rows(gpu, &part.slice.slice(dch * n + dch..), rows, dch, width, "selective_scan ddelta_bias")?;
 
-    let grads = [du, ddelta, da_log, db, dc, dd, dz, dbias];
-    grads
-        .into_iter()
-        .zip(&op.inputs)
-        .zip(needs)
-        .map(|((buf, x), &need)| need.then(|| Tensor::from_gpu(buf, x.shape())).transpose())
-        .collect()
+    // Each gradient has its input's shape and storage type: T for the token-shaped ones, float32 for the parameters.
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = op.inputs.each_ref().map(Tensor::shape);
+    let grads = [
+        Tensor::from_gpu(du, u)?,
+        Tensor::from_gpu(ddelta, delta)?,
+        Tensor::from_gpu(da_log, a_log)?,
+        Tensor::from_gpu(db, b)?,
+        Tensor::from_gpu(dc, c)?,
+        Tensor::from_gpu(dd, d_skip)?,
+        Tensor::from_gpu(dz, z)?,
+        Tensor::from_gpu(dbias, delta_bias)?,
+    ];
+    Ok(grads.into_iter().zip(needs).map(|(grad, &need)| need.then_some(grad)).collect())
 }

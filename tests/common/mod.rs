@@ -190,7 +190,7 @@ pub fn seeded_step(
         }
     }
     let y = f(&mut tape, xs).unwrap_or_else(|e| panic!("{name} forward failed: {e}"));
-    // Moved before the cast: bf16 exists only on the GPU.
+    // Onto the device first: a bf16 output takes its seed rounded to bf16 there (the host has no bf16).
     let seed = randn32(y.shape(), 1.0, 99).to_device(device).unwrap().to_dtype(y.dtype()).unwrap();
     let out = y.to_vec_f64().unwrap();
     let mut grads = tape.backward_from(&y, seed).unwrap_or_else(|e| panic!("{name} backward failed: {e}"));

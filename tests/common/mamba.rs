@@ -1,0 +1,47 @@
+//! Inputs and the call of the selective scan shared by the GPU tests of tests/gpu_mamba_ops.rs (float32) and
+//! tests/gpu_bf16_mamba.rs (bf16), which include this file with `#[path]` beside `mod common`.
+
+use lkm_engine::autograd::Tape;
+use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
+use lkm_engine::{Result, Tensor};
+
+use crate::common::randn32;
+
+/// Mamba-like inputs in the order of `ScanInputs`: u, z, B, C ~ N(0, 1); delta ~ 0.5 N(0, 1) - 1 before the bias;
+/// delta_bias = softplus^-1(dt) with dt log-uniform in [0.001, 0.1] (Mamba's dt_proj bias init); a_log[d, n] =
+/// ln(n + 1) (S4D-real init, A = -(n + 1)); D ~ 1 + 0.1 N(0, 1).
+pub fn scan_inputs(g: usize, l: usize, d: usize, n: usize, seed: u64) -> Vec<Tensor> {
+    let map = |t: Tensor, f: &dyn Fn(usize, f64) -> f64| {
+        let v: Vec<f32> = t.to_vec_f64().unwrap().iter().enumerate().map(|(i, &x)| f(i, x) as f32).collect();
+        Tensor::from_vec(v, t.shape()).unwrap()
+    };
+    let u = randn32(&[g, l, d], 1.0, seed);
+    let delta = map(randn32(&[g, l, d], 1.0, seed + 1), &|_, x| 0.5 * x - 1.0);
+    let a_log = map(randn32(&[d, n], 1.0, seed + 2), &|i, _| ((i % n) as f64 + 1.0).ln());
+    let b = randn32(&[g, l, n], 1.0, seed + 3);
+    let c = randn32(&[g, l, n], 1.0, seed + 4);
+    let d_skip = map(randn32(&[d], 1.0, seed + 5), &|_, x| 1.0 + 0.1 * x);
+    let z = randn32(&[g, l, d], 1.0, seed + 6);
+    let (lo, hi) = (0.001f64.ln(), 0.1f64.ln());
+    let delta_bias = map(randn32(&[d], 1.0, seed + 7), &|i, _| {
+        // Evenly spread over the log range (deterministic), then the inverse softplus: dt + ln(1 - e^-dt).
+        let dt = (lo + (hi - lo) * (i as f64 + 0.5) / d as f64).exp();
+        dt + (-(-dt).exp_m1()).ln()
+    });
+    vec![u, delta, a_log, b, c, d_skip, z, delta_bias]
+}
+
+/// The selective scan of `x`, the eight inputs in the order of `ScanInputs` (as [`scan_inputs`] makes them).
+pub fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
+    let inp = ScanInputs {
+        u: &x[0],
+        delta: &x[1],
+        a_log: &x[2],
+        b: &x[3],
+        c: &x[4],
+        d_skip: &x[5],
+        z: &x[6],
+        delta_bias: &x[7],
+    };
+    selective_scan(t, &inp)
+}
