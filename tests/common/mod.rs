@@ -174,6 +174,9 @@ pub fn check_op(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, &
     check_op_inputs(name, inputs, &vec![true; inputs.len()], tol, f)
 }
 
+/// A step's output and the gradient of each input (`None` where none flows), as float64 host vectors.
+pub type SeededStep = (Vec<f64>, Vec<Option<Vec<f64>>>);
+
 /// Runs `f` on `xs` (already of the wanted dtype and device) and back-propagates a fixed standard-normal gradient from
 /// its output: (output, gradient of each input with `differentiable[i]`) as float64 host vectors.
 pub fn seeded_step(
@@ -182,7 +185,7 @@ pub fn seeded_step(
     differentiable: &[bool],
     device: &Device,
     f: &dyn Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
-) -> (Vec<f64>, Vec<Option<Vec<f64>>>) {
+) -> SeededStep {
     let mut tape = Tape::new();
     for (x, &d) in xs.iter().zip(differentiable) {
         if d {
@@ -239,11 +242,17 @@ pub fn check_op_on(
     let gpu = Device::Cuda(gpu);
     let cpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect();
     let gpu_inputs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&gpu).unwrap()).collect();
-    let (ref_out, ref_grads) = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
-    let (out, grads) = seeded_step(name, &gpu_inputs, differentiable, &gpu, &f);
-    let mut worst = assert_rel_err(&format!("{name}: forward"), &out, &ref_out, tol);
+    let reference = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
+    assert_steps_close(name, &seeded_step(name, &gpu_inputs, differentiable, &gpu, &f), &reference, tol)
+}
+
+/// Asserts that a GPU step (the output and the input gradients of [`seeded_step`]) is within `tol` of the CPU
+/// reference's (relative error), prints each error, and returns the worst.
+fn assert_steps_close(name: &str, got: &SeededStep, reference: &SeededStep, tol: f64) -> f64 {
+    let ((out, grads), (ref_out, ref_grads)) = (got, reference);
+    let mut worst = assert_rel_err(&format!("{name}: forward"), out, ref_out, tol);
     let mut report = format!("{name}: forward {worst:.1e}, gradients");
-    for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
+    for (i, (g, r)) in grads.iter().zip(ref_grads).enumerate() {
         match (g, r) {
             (Some(g), Some(r)) => {
                 let e = assert_rel_err(&format!("{name}: gradient of input {i}"), g, r, tol);
@@ -285,23 +294,9 @@ pub fn check_op_bf16(
         .collect();
     let cpu_inputs: Vec<Tensor> =
         gpu_inputs.iter().map(|x| Tensor::from_vec(x.to_vec_f64().unwrap(), x.shape()).unwrap()).collect();
-    let (ref_out, ref_grads) = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
-    let (out, grads) = seeded_step(name, &gpu_inputs, differentiable, &gpu, &f);
-    let mut worst = assert_rel_err(&format!("{name} (bf16): forward"), &out, &ref_out, tol);
-    let mut report = format!("{name} (bf16): forward {worst:.1e}, gradients");
-    for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
-        match (g, r) {
-            (Some(g), Some(r)) => {
-                let e = assert_rel_err(&format!("{name} (bf16): gradient of input {i}"), g, r, tol);
-                worst = worst.max(e);
-                report += &format!(" {e:.1e}");
-            }
-            (None, None) => report += " -",
-            _ => panic!("{name}: input {i} has a gradient on one device only"),
-        }
-    }
-    eprintln!("{report}");
-    worst
+    let reference = seeded_step(name, &cpu_inputs, differentiable, &Device::Cpu, &f);
+    let got = seeded_step(name, &gpu_inputs, differentiable, &gpu, &f);
+    assert_steps_close(&format!("{name} (bf16)"), &got, &reference, tol)
 }
 
 /// One node of a traced forward/backward pass as float64 host data (see `Tape::trace`).
