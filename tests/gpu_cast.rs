@@ -86,7 +86,7 @@ fn gpu_ops_without_a_bf16_kernel_refuse_bf16_by_name() {
     let dev = Device::Cuda(gpu());
     let x = randn32(&[2, 3, 4, 5], 1.0, 4).to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
     // The losses compute in float32 by design (the model hands them float32 logits).
-    let target = Tensor::zeros(&[2, 1, 4, 5], DType::F32, &dev).unwrap();
+    let target = Tensor::zeros(&[2, 1, 4, 5], DType::BF16, &dev).unwrap();
     let err = cross_entropy(&mut Tape::no_grad(), &x, &target).unwrap_err().to_string();
     assert!(err.contains("cross_entropy") && err.contains("no bf16 kernel"), "{err}");
     // And a bf16 GPU tensor is 2 bytes per element on the host side of the accounting.
