@@ -101,3 +101,74 @@ fn patch_not_divisible_by_strides_is_an_error(dev: &Device) {
     assert!(err.contains("30"), "{err}");
 }
 device_test!(patch_not_divisible_by_strides_is_an_error);
+
+/// `ModelConfig::convolutions` (the benchmarks' list of a forward pass's convolutions) has exactly the network's
+/// convolution weights, counted, and every layer it names exists.
+#[test]
+fn convolution_list_matches_the_network_weights() {
+    use lkm_engine::nn::ConvKind;
+    for cfg in [ModelConfig::tiny_3d(), ModelConfig::amos_2d(), ModelConfig::flare_3d()] {
+        let convs = cfg.convolutions(2);
+        let (_, params) = LkmUnet::new(cfg, 0).unwrap();
+        let is_conv_weight = |n: &str| {
+            n.ends_with(".conv.weight")
+                || (n.starts_with("decoder.transpconvs.") || n.starts_with("decoder.seg_layers."))
+                    && n.ends_with(".weight")
+        };
+        let mut want: Vec<Vec<usize>> = params
+            .names()
+            .iter()
+            .zip(params.tensors())
+            .filter(|(n, _)| is_conv_weight(n))
+            .map(|(_, t)| t.shape().to_vec())
+            .collect();
+        let mut got: Vec<Vec<usize>> =
+            convs.iter().flat_map(|c| std::iter::repeat_n(c.weight.clone(), c.count)).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "convolution weights");
+        for c in &convs {
+            let name = match c.kind {
+                ConvKind::Conv | ConvKind::Projection => format!("{}.conv.weight", c.layer),
+                ConvKind::Transposed | ConvKind::Head => format!("{}.weight", c.layer),
+            };
+            assert!(params.names().contains(&name), "{name}");
+            assert_eq!(c.bias(), params.names().contains(&name.replace("weight", "bias")), "{name} bias");
+        }
+    }
+}
+
+/// The input map of every listed convolution is the one the network gives it: the traced forward of the tiny
+/// model has a convolution output of each listed layer's output shape, as many times as listed.
+#[test]
+fn convolution_list_has_the_traced_map_sizes() {
+    let cfg = ModelConfig::tiny_3d();
+    let convs = cfg.convolutions(1);
+    let (model, params) = LkmUnet::new(cfg.clone(), 0).unwrap();
+    let x = randn_on(&Device::Cpu, &[1, 1, 32, 32, 32], 1.0, 1);
+    let mut tape = Tape::new();
+    tape.trace(true);
+    params.watch(&mut tape);
+    let y = model.forward(&mut tape, &params, &x).unwrap();
+    let seed = Tensor::full(y[0].shape(), 1.0, DType::F32, &Device::Cpu).unwrap();
+    let grads = tape.backward_from(&y[0], seed).unwrap();
+    let mut traced: Vec<Vec<usize>> =
+        grads.trace().iter().filter(|n| n.op.starts_with("conv")).map(|n| n.output.shape().to_vec()).collect();
+    let mut listed: Vec<Vec<usize>> = Vec::new();
+    for c in &convs {
+        let cout = if c.kind == lkm_engine::nn::ConvKind::Transposed { c.weight[1] } else { c.weight[0] };
+        let spatial: Vec<usize> = match c.kind {
+            lkm_engine::nn::ConvKind::Transposed => c.input[2..].iter().zip(&c.stride).map(|(l, s)| l * s).collect(),
+            _ => c.input[2..].iter().zip(&c.stride).map(|(l, s)| l.div_ceil(*s)).collect(),
+        };
+        // The trace holds what the seed at the full-resolution output reaches: every convolution but the heads of
+        // the coarser levels.
+        if c.kind == lkm_engine::nn::ConvKind::Head && spatial != cfg.patch {
+            continue;
+        }
+        listed.extend(std::iter::repeat_n([&[1, cout][..], &spatial].concat(), c.count));
+    }
+    traced.sort();
+    listed.sort();
+    assert_eq!(traced, listed, "convolution outputs of the traced forward vs the list");
+}

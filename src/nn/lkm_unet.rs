@@ -156,6 +156,46 @@ impl ModelConfig {
             .collect()
     }
 
+    /// Every convolution of one forward pass at batch `batch` and the configuration's patch, as the benchmarks rebuild
+    /// them: the stem, each residual block's two convolutions and 1x1 skip projection, the transposed convolutions and
+    /// the segmentation heads (those of every decoder level with deep supervision), in network order, each distinct
+    /// shape once with the number of layers that have it.
+    pub fn convolutions(&self, batch: usize) -> Vec<ConvUse> {
+        let n = self.features.len();
+        let f = &self.features;
+        let sizes = self.stage_sizes(&self.patch);
+        let mut list = ConvList { batch, ones: vec![1; self.spatial_rank()], all: Vec::new() };
+        let ones = list.ones.clone();
+        let stem = [&[f[0], self.in_channels][..], &self.kernels[0]].concat();
+        list.push("encoder.stem.convs.0".into(), &self.patch, stem, &ones, ConvKind::Conv);
+        for s in 0..n {
+            let (cin, input) = if s == 0 { (f[0], &self.patch) } else { (f[s - 1], &sizes[s - 1]) };
+            let maps = (&input[..], &sizes[s][..]);
+            let prefix = format!("encoder.stages.{s}");
+            list.stage(&prefix, self.blocks_enc[s], (cin, f[s]), maps, &self.kernels[s], &self.strides[s]);
+        }
+        for i in 0..n - 1 {
+            let s = n - 2 - i;
+            let k = &self.strides[s + 1];
+            let up = [&[f[s + 1], f[s]][..], k].concat();
+            list.push(format!("decoder.transpconvs.{i}"), &sizes[s + 1], up, k, ConvKind::Transposed);
+            let maps = (&sizes[s][..], &sizes[s][..]);
+            list.stage(
+                &format!("decoder.stages.{i}"),
+                self.blocks_dec[s],
+                (2 * f[s], f[s]),
+                maps,
+                &self.kernels[s],
+                &ones,
+            );
+            if self.deep_supervision || i == n - 2 {
+                let head = [&[self.num_classes, f[s]][..], &ones].concat();
+                list.push(format!("decoder.seg_layers.{i}"), &sizes[s], head, &ones, ConvKind::Head);
+            }
+        }
+        list.all
+    }
+
     /// The spatial sizes of the network's outputs for an input of `size`: one per decoder level, highest
     /// resolution first, with deep supervision; otherwise only the full resolution.
     pub fn output_sizes(&self, size: &[usize]) -> Vec<Vec<usize>> {
@@ -228,6 +268,100 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// What a convolution of [`ModelConfig::convolutions`] is in the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKind {
+    /// A block's (or the stem's) convolution, with bias, before an InstanceNorm.
+    Conv,
+    /// A residual block's 1x1 skip projection (no bias).
+    Projection,
+    /// A decoder level's transposed convolution (kernel = stride), with bias.
+    Transposed,
+    /// A segmentation head (1x1, with bias).
+    Head,
+}
+
+/// One distinct convolution shape of a forward pass ([`ModelConfig::convolutions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvUse {
+    /// The first layer with this shape (its parameter prefix, e.g. `encoder.stages.1.blocks.0.conv1`).
+    pub layer: String,
+    /// The input map (N, C, spatial...).
+    pub input: Vec<usize>,
+    /// The weight: (Cout, Cin, kernel...), or (Cin, Cout, kernel...) for a transposed convolution.
+    pub weight: Vec<usize>,
+    /// The stride per spatial axis (for a transposed convolution: its kernel, by which it upsamples).
+    pub stride: Vec<usize>,
+    /// Which kind of layer it is.
+    pub kind: ConvKind,
+    /// How many layers of one forward pass have exactly this shape.
+    pub count: usize,
+}
+
+impl ConvUse {
+    /// Whether the layer has a bias (all but the skip projections).
+    pub fn bias(&self) -> bool {
+        self.kind != ConvKind::Projection
+    }
+
+    /// Multiply-adds x 2 of the forward pass (also of each gradient pass): 2 N prod(output) Cout Cin prod(kernel).
+    pub fn flops(&self) -> f64 {
+        let (n, sp) = (self.input[0] as f64, &self.input[2..]);
+        let k: usize = self.weight[2..].iter().product();
+        let positions: f64 = match self.kind {
+            // Each input position meets every tap once.
+            ConvKind::Transposed => sp.iter().product::<usize>() as f64,
+            _ => sp.iter().zip(&self.stride).map(|(&l, &s)| l.div_ceil(s)).product::<usize>() as f64,
+        };
+        2.0 * n * positions * (self.weight[0] * self.weight[1] * k) as f64
+    }
+}
+
+/// The convolutions of [`ModelConfig::convolutions`] as they are listed: each distinct shape once, with its count.
+struct ConvList {
+    batch: usize,
+    ones: Vec<usize>,
+    all: Vec<ConvUse>,
+}
+
+impl ConvList {
+    /// Adds a layer reading a map of spatial size `size` with `weight` (whose second axis is the input's channels,
+    /// first for a transposed convolution).
+    fn push(&mut self, layer: String, size: &[usize], weight: Vec<usize>, stride: &[usize], kind: ConvKind) {
+        let cin = if kind == ConvKind::Transposed { weight[0] } else { weight[1] };
+        let input = [&[self.batch, cin][..], size].concat();
+        let same = |c: &&mut ConvUse| c.input == input && c.weight == weight && c.stride == stride && c.kind == kind;
+        match self.all.iter_mut().find(same) {
+            Some(c) => c.count += 1,
+            None => self.all.push(ConvUse { layer, input, weight, stride: stride.to_vec(), kind, count: 1 }),
+        }
+    }
+
+    /// A residual stage (blocks.rs): block 0 takes `cin` channels at the `maps.0` size with `stride`, the others
+    /// `cout` at `maps.1`; each has conv1, conv2 and, where the channels change, a 1x1 skip projection.
+    fn stage(
+        &mut self,
+        prefix: &str,
+        blocks: usize,
+        (cin, cout): (usize, usize),
+        maps: (&[usize], &[usize]),
+        kernel: &[usize],
+        stride: &[usize],
+    ) {
+        let ones = self.ones.clone();
+        for b in 0..blocks {
+            let (ci, st, size) = if b == 0 { (cin, stride, maps.0) } else { (cout, &ones[..], maps.1) };
+            let p = format!("{prefix}.blocks.{b}");
+            self.push(format!("{p}.conv1"), size, [&[cout, ci][..], kernel].concat(), st, ConvKind::Conv);
+            self.push(format!("{p}.conv2"), maps.1, [&[cout, cout][..], kernel].concat(), &ones, ConvKind::Conv);
+            if ci != cout {
+                let skip = format!("{p}.skip.{}", usize::from(st.iter().any(|&s| s != 1)));
+                self.push(skip, maps.1, [&[cout, ci][..], &ones].concat(), &ones, ConvKind::Projection);
+            }
+        }
     }
 }
 

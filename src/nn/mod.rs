@@ -37,5 +37,5 @@ pub mod lkm_unet;
 pub mod mamba;
 pub mod params;
 
-pub use lkm_unet::{LkmUnet, ModelConfig};
+pub use lkm_unet::{ConvKind, ConvUse, LkmUnet, ModelConfig};
 pub use params::{ParamId, Params};

@@ -206,7 +206,7 @@ impl Tensor {
     }
 
     /// The GPU buffer of an operand that must be stored as `T` on the GPU (the op dispatched on another operand's
-    /// type with [`by_gpu_type!`]); `op` names the caller in the error.
+    /// type with [`by_gpu_type!`](crate::by_gpu_type)); `op` names the caller in the error.
     pub fn gpu_operand<T: GpuElement>(&self, op: &str) -> Result<&GpuBuffer<T>> {
         self.gpu::<T>().ok_or_else(|| {
             Error::Mismatch(format!(
