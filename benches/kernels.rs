@@ -5,6 +5,13 @@
 //! took on the same shapes (from `tools/bench_torch.py`, run in the same session on the same GPU).
 //!
 //! Usage: `kernels [--torch torch_bench.json] [--out table.md] [--only SUBSTRING]`.
+//!
+//! Per-shape convolutions (the tensor-core convolution issue's table): `kernels --list-convs convs.json` writes every
+//! distinct convolution of a flare-3d (batch 2) and an amos-2d (batch 12) training step (`ModelConfig::convolutions`;
+//! no GPU needed), `tools/bench_torch.py --convs convs.json --out DIR` times cuDNN on them (bf16 channels-last and
+//! tf32, `cudnn.benchmark` on), and `kernels --convs convs.json [--torch DIR/torch_convs.json] [--out conv.md]` times
+//! ours, each role alone: forward, input gradient and weight gradient (+ bias), the gradients as (forward + that
+//! backward) - forward, in bf16 and tf32, and prints the table with cuDNN time / ours per row and per role.
 //! The copy-bandwidth ceiling is measured here (device-to-device copy of 1 GiB, bytes read + written); the bf16 matrix
 //! rate comes from the PyTorch run (we have no bf16 GEMM of our own yet).
 
@@ -294,7 +301,12 @@ fn cases(dev: &Device) -> Vec<Case> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    if let Err(e) = run(arg("--torch"), arg("--out"), arg("--only")) {
+    let result = match (arg("--list-convs"), arg("--convs")) {
+        (Some(path), _) => convs::write_list(&path),
+        (None, Some(list)) => convs::run(&list, arg("--torch"), arg("--out")),
+        (None, None) => run(arg("--torch"), arg("--out"), arg("--only")),
+    };
+    if let Err(e) = result {
         eprintln!("benchmark failed: {e}");
         std::process::exit(1);
     }
@@ -364,3 +376,6 @@ fn run(torch: Option<String>, out: Option<String>, only: Option<String>) -> Resu
     }
     Ok(())
 }
+
+#[path = "kernels/convs.rs"]
+mod convs;

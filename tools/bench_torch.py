@@ -4,6 +4,9 @@
 copy bandwidth and bf16 matrix-product rate).
 
 Usage: python3 tools/bench_torch.py --out DIR   (writes DIR/torch_bench.json and DIR/torch_bench.md)
+       python3 tools/bench_torch.py --convs convs.json --out DIR   (writes DIR/torch_convs.json: cuDNN on every
+       convolution shape of the list that `kernels --list-convs` writes, each role alone (fprop, dgrad, wgrad with the
+       bias gradient) in bf16 channels-last and tf32, cudnn.benchmark on; rows named as lkm-engine's)
 The selective scan here is plain PyTorch (mamba_ssm's selective_scan_ref formulation: a loop over time); mamba_ssm's
 CUDA kernel numbers measured on an H100 are in shared anchors (see benches/RESULTS.md)."""
 import argparse
@@ -79,11 +82,63 @@ def bench(name, shape, fwd, inputs, flops=None, nbytes=None, reps=10, backward=T
     return row
 
 
+def conv_roles(c, variant):
+    """Milliseconds of one convolution shape's forward, input gradient and weight (+ bias) gradient, each alone:
+    variant "bf16_cl" (bf16, channels-last) or "tf32" (float32 storage, TF32 on)."""
+    torch.backends.cudnn.allow_tf32 = variant == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
+    dtype = torch.bfloat16 if variant == "bf16_cl" else torch.float32
+    spatial = len(c["input"]) - 2
+    fmt = (torch.channels_last_3d if spatial == 3 else torch.channels_last) if variant == "bf16_cl" \
+        else torch.contiguous_format
+    x = torch.randn(*c["input"], device="cuda").to(dtype).to(memory_format=fmt).requires_grad_(True)
+    w = (torch.randn(*c["weight"], device="cuda") * 0.05).to(dtype).to(memory_format=fmt).requires_grad_(True)
+    cout = c["weight"][1] if c["transposed"] else c["weight"][0]
+    b = (torch.randn(cout, device="cuda") * 0.1).to(dtype).requires_grad_(True) if c["bias"] else None
+    k = c["weight"][2:]
+    if c["transposed"]:
+        conv = F.conv_transpose3d if spatial == 3 else F.conv_transpose2d
+        fwd = lambda: conv(x, w, b, stride=c["stride"])
+    else:
+        conv = F.conv3d if spatial == 3 else F.conv2d
+        fwd = lambda: conv(x, w, b, stride=c["stride"], padding=[kk // 2 for kk in k])
+    y = fwd()
+    g = torch.randn_like(y)
+    wrt = [w] + ([b] if b is not None else [])
+    times = [timed(lambda: fwd(), warmup=2, reps=7),
+             timed(lambda: torch.autograd.grad(y, [x], g, retain_graph=True), warmup=2, reps=7),
+             timed(lambda: torch.autograd.grad(y, wrt, g, retain_graph=True), warmup=2, reps=7)]
+    del x, w, b, y, g
+    return times
+
+
+def bench_convs(path, out):
+    """cuDNN beside lkm-engine's per-shape convolution table (benches/kernels/convs.rs)."""
+    torch.backends.cudnn.benchmark = True
+    shapes = json.load(open(path))
+    rows = []
+    for c in shapes:
+        for variant, math in [("bf16_cl", 0), ("tf32", 1)]:
+            for role, ms in zip(["fprop", "dgrad", "wgrad"], conv_roles(c, variant)):
+                names = c["names"][["fprop", "dgrad", "wgrad"].index(role)]
+                rows.append({"name": names[math], "variant": variant, "ms": ms})
+        print(f"{c['config']} {c['layer']}: " + " ".join(f"{r['ms']:.3f}" for r in rows[-6:]), flush=True)
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+           "ceilings": ceilings(), "rows": rows}
+    with open(os.path.join(out, "torch_convs.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--convs", help="the convolution list of `kernels --list-convs`: time cuDNN on it instead")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.convs:
+        torch.manual_seed(0)
+        bench_convs(args.convs, args.out)
+        return
     torch.manual_seed(0)
     # cuDNN picks its fastest algorithm per shape (what a tuned PyTorch training run uses).
     torch.backends.cudnn.benchmark = True

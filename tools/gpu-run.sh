@@ -2,6 +2,9 @@
 # On a GPU machine, after tools/gpu-pack.sh here: runs every GPU test (the ignored ones) and, with --bench, the kernel
 # benchmark beside the PyTorch yardstick. Writes logs and tables to ${OUT:-/tmp/out}; prints a summary last.
 #
+# --convs: only the per-shape convolution table (every convolution of the flare-3d and amos-2d steps, each role, bf16
+# and tf32, beside cuDNN bf16 channels-last and tf32; benches/kernels/convs.rs), no tests: $OUT/convs.md.
+#
 # --sanitize: also runs every GPU test binary under compute-sanitizer memcheck (out-of-bounds and misaligned
 # accesses, use of freed memory, API errors), and the kernel-heavy ones, whose threads share memory (scan, norms,
 # reductions, convolution: gpu_mamba_ops, gpu_norm_pool, gpu_loss, gpu_conv), under racecheck (shared-memory
@@ -10,17 +13,27 @@
 # $CUDA_HOME/bin or /usr/local/cuda/bin. The sanitizer runs go side by side (SANITIZE_JOBS, SANITIZE_TIMEOUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bench=0 sanitize=0
+bench=0 sanitize=0 convs=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
     --sanitize) sanitize=1 ;;
-    *) echo "usage: $0 [--bench] [--sanitize]" >&2; exit 2 ;;
+    --convs) convs=1 ;;
+    *) echo "usage: $0 [--bench] [--sanitize] [--convs]" >&2; exit 2 ;;
   esac
 done
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+if [ "$convs" = 1 ]; then
+  .gpu/tests/kernels --list-convs "$out/convs.json"
+  python3 tools/bench_torch.py --convs "$out/convs.json" --out "$out" >"$out/torch_convs.log" 2>&1 ||
+    { echo "torch conv bench failed"; tail -n 5 "$out/torch_convs.log"; }
+  .gpu/tests/kernels --convs "$out/convs.json" --torch "$out/torch_convs.json" --out "$out/convs.md" \
+    2>"$out/kernels_convs.log" >/dev/null || tail -n 5 "$out/kernels_convs.log"
+  cat "$out/convs.md"
+  exit 0
+fi
 # NCCL for gpu_distributed: cudarc loads `libnccl.so`; where only libnccl.so.2 exists (the system's, or PyTorch's
 # wheel), link it under that name. NVLink multicast stays off on the lent machines (KINDS.md of the device tool).
 if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
