@@ -1,6 +1,6 @@
 // Elementwise kernels, one thread per element (grid-stride), all taking EltwiseParams<T> (elementwise.cuh), each in a
 // float32 and a bf16 instance that computes in float32:
-//   add:        y = a + b
+//   add:        y = a + b   (also in place, y == a: tensor::add_assign, the tape's gradient accumulation)
 //   mul:        y = a * b
 //   scale:      y = s * a
 //   {f}_forward: y = f(x),  {f}_backward: dx = g * f'(x)   for f = leaky_relu (slope 0.01), silu, softplus (common.cuh)

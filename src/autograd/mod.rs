@@ -331,13 +331,16 @@ impl Tape {
     }
 }
 
+/// Adds `g` to the gradient of `id`: in place into the gradient so far when nothing else holds its storage (see
+/// [`crate::tensor::add_assign`]), so accumulating allocates nothing.
 fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
-    let sum = match grads.remove(&id) {
-        Some(prev) => crate::tensor::add(&prev, &g)?,
-        None => g,
-    };
-    grads.insert(id, sum);
-    Ok(())
+    match grads.get_mut(&id) {
+        Some(prev) => crate::tensor::add_assign(prev, &g),
+        None => {
+            grads.insert(id, g);
+            Ok(())
+        }
+    }
 }
 
 pub mod gradcheck;

@@ -1,7 +1,7 @@
 //! Elementwise arithmetic on whole tensors, without autograd: the building blocks that the autograd layer (gradient
 //! accumulation), the ops' backward passes and the optimiser share.
 
-use super::{Real, Tensor};
+use super::{Real, Storage, Tensor};
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, ConstPtr, EltwiseParams, Kernel};
 use crate::{ensure, Result};
@@ -67,6 +67,33 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     binary(a, b, Binary::Mul)
 }
 
+/// `a += b` (same shapes, storage types and device): in place when nothing else shares `a`'s storage (the tape's
+/// gradient accumulation: no new buffer per sum), otherwise `a` is replaced by a new sum. The same bits either way.
+pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
+    check_binary(a, b, "add")?;
+    let shapes = format!("{:?} += {:?}", a.shape(), b.shape());
+    let Ok(storage) = a.storage_mut() else {
+        *a = add(a, b)?;
+        return Ok(());
+    };
+    match storage {
+        Storage::F32(v) => v.iter_mut().zip(b.cpu::<f32>()?).for_each(|(x, y)| *x += y),
+        Storage::F64(v) => v.iter_mut().zip(b.cpu::<f64>()?).for_each(|(x, y)| *x += y),
+        Storage::Cuda(y) => add_in_place_gpu(y, b.gpu_operand::<f32>("add")?, &shapes)?,
+        Storage::CudaBf16(y) => add_in_place_gpu(y, b.gpu_operand::<half::bf16>("add")?, &shapes)?,
+    }
+    Ok(())
+}
+
+/// `y += b` on the GPU: cuda/elementwise.cu's add with its output as its first operand (each thread reads its
+/// element before writing it, so the aliasing is safe).
+fn add_in_place_gpu<T: GpuElement>(y: &mut GpuBuffer<T>, b: &GpuBuffer<T>, shapes: &str) -> Result<()> {
+    let n = y.slice.len();
+    let out = y.ptr_mut();
+    let p = EltwiseParams { a: ConstPtr::from_raw(out.address()), b: b.ptr(), y: out, s: 1.0, n: n as i64 };
+    y.gpu.launch(kernel::add::<T>(), grid_1d(n), &p, shapes)
+}
+
 /// `s * a`.
 pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
     fn gpu<T: GpuElement>(a: &Tensor, s: f64) -> Result<Tensor> {
@@ -106,4 +133,29 @@ pub(crate) fn eltwise_gpu<T: GpuElement>(
 /// The sum of all elements, accumulated in f64, as a host number.
 pub fn sum_all(a: &Tensor) -> Result<f64> {
     Ok(a.to_vec_f64()?.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor nothing else holds is summed into in place; one whose storage is shared (a clone, a view) is replaced,
+    /// and the other holders keep their values.
+    #[test]
+    fn add_assign_is_in_place_only_when_unshared() {
+        let b = Tensor::from_vec(vec![10.0f32, 20.0, 30.0], &[3]).unwrap();
+        let mut a = Tensor::from_vec(vec![1.0f32, 2.0, 3.0], &[3]).unwrap();
+        let before = a.cpu::<f32>().unwrap().as_ptr();
+        add_assign(&mut a, &b).unwrap();
+        assert_eq!(a.cpu::<f32>().unwrap(), [11.0, 22.0, 33.0]);
+        assert_eq!(a.cpu::<f32>().unwrap().as_ptr(), before, "summed in place");
+
+        let view = a.with_shape(&[3, 1]).unwrap();
+        add_assign(&mut a, &b).unwrap();
+        assert_eq!(a.cpu::<f32>().unwrap(), [21.0, 42.0, 63.0]);
+        assert_eq!(view.cpu::<f32>().unwrap(), [11.0, 22.0, 33.0], "the shared storage is left alone");
+
+        let err = add_assign(&mut a, &Tensor::from_vec(vec![1.0f32; 2], &[2]).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("shapes differ"), "{err}");
+    }
 }

@@ -419,7 +419,7 @@ pub(crate) mod cast;
 
 mod arith;
 pub(crate) use arith::eltwise_gpu;
-pub use arith::{add, map, mul, scale, sum_all, zip_map};
+pub use arith::{add, add_assign, map, mul, scale, sum_all, zip_map};
 
 impl Tensor {
     /// Standard-normal samples on the host (Box-Muller, so the sequence depends only on the generator).
