@@ -42,15 +42,18 @@
 //! with the narrow map y (forward: narrow from wide; dx: wide from narrow, one launch per stride phase; dw: the
 //! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum. Each
 //! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
-//! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones.
-//! conv_transpose runs on the same three products with the roles of its maps swapped.
+//! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones: tf32 from
+//! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones). With a
+//! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
+//! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
+//! with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
 //! [`ops`](crate::ops)): forward 2 Cin k FLOPs (a multiply and an add per input channel and tap) and at least
-//! 4 (1 + Cin / (Cout s)) bytes (x read once, y written once; the weights are small); backward 4 Cin k FLOPs (dL/dx
-//! and dL/dw each as many as the forward) and at least 4 (1 + 2 Cin / (Cout s)) bytes (read dL/dy and x, write
-//! dL/dx). At stage 0 of the 3D reference (32 to 32 channels, 3x3x3) that is 1728 FLOPs per 8 bytes, 216 per byte:
-//! bound by arithmetic, not by memory.
+//! E (1 + Cin / (Cout s)) bytes with E = 4 for float32 and 2 for bf16 storage (x read once, y written once; the
+//! weights are small); backward 4 Cin k FLOPs (dL/dx and dL/dw each as many as the forward) and at least
+//! E (1 + 2 Cin / (Cout s)) bytes (read dL/dy and x, write dL/dx). At stage 0 of the 3D reference (32 to 32
+//! channels, 3x3x3, float32) that is 1728 FLOPs per 8 bytes, 216 per byte: bound by arithmetic, not by memory.
 
 use std::borrow::Cow;
 
