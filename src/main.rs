@@ -794,7 +794,14 @@ fn open_device(spec: &str, math: &str, precision: Option<&str>) -> Result<Device
         Device::Cuda(gpu) => {
             gpu.set_exact_f32(exact);
             let default = if exact { Precision::Fp32 } else { Precision::Bf16 };
-            gpu.set_precision(precision.unwrap_or(default));
+            let precision = precision.unwrap_or(default);
+            gpu.set_precision(precision);
+            let products = match (precision, exact) {
+                (Precision::Bf16, _) => "bf16 activations, bf16 tensor-core products",
+                (Precision::Fp32, false) => "float32 activations, tf32 tensor-core products",
+                (Precision::Fp32, true) => "float32 activations, exact float32 products",
+            };
+            eprintln!("{device:?}: precision {precision} ({products}; float32 weights and accumulation)");
         }
         Device::Cpu if precision == Some(Precision::Bf16) => {
             bail!(Config, "--precision bf16 needs a GPU (bf16 is a GPU storage type): use --precision fp32 on the CPU")
