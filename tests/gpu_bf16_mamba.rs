@@ -6,9 +6,8 @@
 //! rounding, about 2^-9. Run on a GPU machine with `cargo test --release --test gpu_bf16_mamba -- --ignored`.
 
 mod common;
-#[path = "common/mamba.rs"]
-mod mamba;
 
+use common::mamba::{scan, scan_inputs};
 use common::{check_op_bf16, gpu, randn32};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
@@ -19,7 +18,6 @@ use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::{map, DType};
 use lkm_engine::{Result, Tensor};
-use mamba::{scan, scan_inputs};
 
 /// engine.md's tolerance for bf16 storage.
 const TOL: f64 = 1e-2;

@@ -8,11 +8,10 @@
 //! (the training default), against engine.md's 1e-2.
 
 mod common;
-#[path = "common/mamba.rs"]
-mod mamba;
 
 use std::sync::Arc;
 
+use common::mamba::{scan, scan_inputs};
 use common::{assert_rel_err, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
@@ -22,7 +21,6 @@ use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::DType;
 use lkm_engine::{Result, Tensor};
-use mamba::{scan, scan_inputs};
 
 /// Asserts that `f` on the GPU matches `f` on the CPU in float64 (forward only) within `tol`.
 fn check_forward(name: &str, inputs: &[Tensor], tol: f64, f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>) {

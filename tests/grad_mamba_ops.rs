@@ -4,11 +4,11 @@ use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
 use lkm_engine::ops::linear::linear;
-use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{DType, Tensor};
 
 mod common;
 use common::assert_close;
+use common::mamba::scan;
 
 /// `f(randn)` elementwise, as a new f64 tensor.
 fn randn_map(shape: &[usize], seed: u64, f: impl Fn(usize, f64) -> f64) -> Tensor {
@@ -130,20 +130,6 @@ fn scan_inputs(g: usize, l: usize, dch: usize, n: usize, seed: u64) -> Vec<Tenso
         randn64(&[g, l, dch], seed + 6),
         randn_map(&[dch], seed + 7, |_, v| 0.3 * v),
     ]
-}
-
-fn scan(t: &mut Tape, x: &[Tensor]) -> lkm_engine::Result<Tensor> {
-    let inp = ScanInputs {
-        u: &x[0],
-        delta: &x[1],
-        a_log: &x[2],
-        b: &x[3],
-        c: &x[4],
-        d_skip: &x[5],
-        z: &x[6],
-        delta_bias: &x[7],
-    };
-    selective_scan(t, &inp)
 }
 
 #[test]

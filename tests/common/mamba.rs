@@ -1,11 +1,11 @@
-//! Inputs and the call of the selective scan shared by the GPU tests of tests/gpu_mamba_ops.rs (float32) and
-//! tests/gpu_bf16_mamba.rs (bf16), which include this file with `#[path]` beside `mod common`.
+//! Inputs and the call of the selective scan shared by its tests (tests/grad_mamba_ops.rs, the GPU tests of
+//! tests/gpu_mamba_ops.rs in float32 and tests/gpu_bf16_mamba.rs in bf16).
 
 use lkm_engine::autograd::Tape;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{Result, Tensor};
 
-use crate::common::randn32;
+use super::randn32;
 
 /// Mamba-like inputs in the order of `ScanInputs`: u, z, B, C ~ N(0, 1); delta ~ 0.5 N(0, 1) - 1 before the bias;
 /// delta_bias = softplus^-1(dt) with dt log-uniform in [0.001, 0.1] (Mamba's dt_proj bias init); a_log[d, n] =

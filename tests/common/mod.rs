@@ -26,6 +26,8 @@
 
 use std::sync::Arc;
 
+pub mod mamba;
+
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::tensor::DType;
