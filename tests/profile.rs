@@ -74,6 +74,8 @@ fn profile_tiny_gpu() {
     let peak = p.pool_peak_bytes.expect("the pool peak on the GPU");
     assert!(peak > 0 && p.recording.peak_bytes > 0 && !p.recording.at_peak.is_empty(), "memory was not tracked");
     assert!(p.recording.at_peak.windows(2).all(|w| w[0].bytes >= w[1].bytes), "largest tensors not sorted");
+    let planned: usize = p.recording.by_op_at_peak.iter().map(|g| g.bytes).sum();
+    assert_eq!(planned, p.recording.peak_bytes, "the memory plan accounts for every buffer alive at the peak");
     assert!(p.ceilings.bf16_tflops.is_some_and(|t| t > 1.0) && p.ceilings.copy_gbps > 10.0);
 }
 

@@ -228,6 +228,41 @@ pub struct LiveTensor {
     pub made_by: String,
 }
 
+/// The buffers alive at the memory peak that one kind of op made (its kind and pass, every layer together), or that
+/// were made outside any op (named by their phase and what they are).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryByOp {
+    /// The op kind and pass (`conv3d.fwd`), or the phase and the buffer's name outside ops.
+    pub made_by: String,
+    /// Their total size.
+    pub bytes: usize,
+    /// How many buffers.
+    pub buffers: usize,
+}
+
+/// The op kind and pass of a buffer's `made_by` ("layer/conv3d.fwd: conv output" -> "conv3d.fwd"); the whole of it
+/// when it was made outside any op.
+fn op_kind(made_by: &str) -> &str {
+    match made_by.split_once(": ") {
+        Some((op, _)) if op.contains('.') => op.rsplit('/').next().unwrap_or(op),
+        _ => made_by,
+    }
+}
+
+/// Every live buffer grouped by [`op_kind`], largest total first.
+fn by_op(live: &HashMap<u64, LiveTensor>) -> Vec<MemoryByOp> {
+    let mut groups: HashMap<&str, (usize, usize)> = HashMap::new();
+    for t in live.values() {
+        let g = groups.entry(op_kind(&t.made_by)).or_default();
+        g.0 += t.bytes;
+        g.1 += 1;
+    }
+    let mut out: Vec<MemoryByOp> =
+        groups.into_iter().map(|(k, (bytes, buffers))| MemoryByOp { made_by: k.to_string(), bytes, buffers }).collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.made_by.cmp(&b.made_by)));
+    out
+}
+
 #[derive(Default)]
 struct Memory {
     next_id: u64,
@@ -235,6 +270,7 @@ struct Memory {
     live_bytes: usize,
     peak_bytes: usize,
     at_peak: Vec<LiveTensor>,
+    by_op_at_peak: Vec<MemoryByOp>,
 }
 
 /// What a recorder collected: per-op and per-phase records and the memory peak.
@@ -247,6 +283,9 @@ pub struct Recording {
     pub peak_bytes: usize,
     /// The ten largest buffers alive at that peak.
     pub at_peak: Vec<LiveTensor>,
+    /// Every buffer alive at that peak, grouped by the kind of op that made it: the step's memory plan (what the
+    /// forward pass leaves for the backward pass, and the gradients, where the peak falls).
+    pub by_op_at_peak: Vec<MemoryByOp>,
 }
 
 /// Collects timed records of the ops and phases run on this thread while installed ([`Recorder::install`]).
@@ -297,6 +336,7 @@ impl Recorder {
             phases: resolve(recorder.phases),
             peak_bytes: recorder.memory.peak_bytes,
             at_peak: recorder.memory.at_peak,
+            by_op_at_peak: recorder.memory.by_op_at_peak,
         })
     }
 }
@@ -326,6 +366,7 @@ pub fn track_alloc(bytes: usize, what: &str) -> Option<u64> {
             live.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.made_by.cmp(&b.made_by)));
             live.truncate(10);
             m.at_peak = live;
+            m.by_op_at_peak = by_op(&m.live);
         }
         m.next_id
     })
@@ -460,5 +501,40 @@ impl Drop for PhaseRange {
             with_recorder(|rec| rec.phases[i].end = Mark::now(rec.stream.as_ref()));
         }
         CURRENT.with(|c| c.borrow_mut().0 = previous);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The memory plan groups every buffer alive at the peak by the kind of op that made it (all layers together),
+    /// and buffers made outside ops by their phase and name; buffers freed before the peak are not in it.
+    #[test]
+    fn memory_plan_groups_the_peak_by_op() {
+        let x = Tensor::from_vec(vec![0.0f32; 4], &[4]).unwrap();
+        Recorder::install(&Device::Cpu).unwrap();
+        let mut ids = Vec::new();
+        {
+            let _phase = phase("forward");
+            for layer in ["stages.0", "stages.1"] {
+                let _layer = self::layer(layer);
+                let range = forward("conv3d", &[&x], 0.0);
+                ids.push(track_alloc(100, "conv output").unwrap());
+                range.done([&x]);
+            }
+            let range = forward("add", &[&x], 0.0);
+            let freed = track_alloc(1000, "sum").unwrap();
+            track_free(freed);
+            range.done([&x]);
+            ids.push(track_alloc(30, "momentum").unwrap());
+        }
+        let recording = Recorder::finish().unwrap();
+        assert_eq!(recording.peak_bytes, 1200, "the peak is while the sum was alive");
+        let plan: Vec<(&str, usize, usize)> =
+            recording.by_op_at_peak.iter().map(|g| (g.made_by.as_str(), g.bytes, g.buffers)).collect();
+        assert_eq!(plan, [("add.fwd", 1000, 1), ("conv3d.fwd", 200, 2)]);
+        assert_eq!(op_kind("forward: momentum"), "forward: momentum");
+        assert_eq!(op_kind("stages.1/conv3d.bwd: dx"), "conv3d.bwd");
     }
 }

@@ -283,6 +283,10 @@ pub fn render(
             for t in &recording.at_peak {
                 let _ = writeln!(s, "  {:>9.3} GiB  {}", gib(t.bytes as f64), t.made_by);
             }
+            let _ = writeln!(s, "  every buffer alive then, by the op that made it (the memory plan):");
+            for g in recording.by_op_at_peak.iter().take(top.max(12)) {
+                let _ = writeln!(s, "  {:>9.3} GiB  {:>5} buffers  {}", gib(g.bytes as f64), g.buffers, g.made_by);
+            }
         }
         None => {
             let _ = writeln!(s, "  (not tracked on the CPU)");
