@@ -49,7 +49,11 @@
 //!
 //! # 4. The forward pass
 //!
-//! [`LkmUnet::forward`] runs the encoder: a stem [`ConvNormAct`], then per stage a [`ResidualStage`] of
+//! [`LkmUnet::forward`] first rounds its input to bf16 when the GPU runs in bf16 (`--precision`, the GPU default:
+//! [`Precision`](crate::device::Precision)); from there every activation is stored as bf16, each convolution and
+//! linear layer takes its float32 weight rounded by [`cast_like`](crate::ops::cast::cast_like) (the gradient returns
+//! to the float32 weight through that cast), and the logits return to float32 before the loss. In fp32 nothing is
+//! cast. Then it runs the encoder: a stem [`ConvNormAct`], then per stage a [`ResidualStage`] of
 //! [`ResidualBlock`]s followed by two residual [`BiMambaLayer`]s, PiM ([`Grouping::Pixel`]: windows of adjacent
 //! pixels) and PaM ([`Grouping::Patch`]: one sequence over the average-pooled map). The decoder upsamples with
 //! [`conv_transpose`] (kernel = stride), concatenates the skip ([`concat_channels`]), runs a residual stage and,
@@ -301,7 +305,7 @@
 //! | [`cast`](crate::ops::cast) | `src/tensor/cast.rs` `to_bf16` `to_f32` (the host's rounding: half::bf16::from_f32) | `cuda/cast.cu` `cast_f32_to_bf16` `cast_bf16_to_f32` | - (rounding; the gradient passes through) `tests/dtype.rs` `cast_op_gradient_returns_in_the_input_type` | `tests/gpu_cast.rs` `gpu_bf16_rounding_matches_the_host_bit_for_bit` | - |
 //! | [`causal_conv1d`](crate::ops::causal_conv1d) | `src/ops/causal_conv1d.rs` `forward_cpu` `backward_cpu` | `cuda/conv1d.cu` `causal_conv1d_forward_f32` `causal_conv1d_backward_input_f32` `causal_conv1d_param_partials_f32` | `tests/grad_mamba_ops.rs` `grad_causal_conv1d` | `tests/gpu_mamba_ops.rs` `gpu_causal_conv1d` | `causal_conv1d depthwise` |
 //! | [`concat`](crate::ops::concat) | `src/ops/concat.rs` `forward_cpu` `split_cpu` | `cuda/layout.cu` `copy_rows_f32` | `tests/grad_layout.rs` `grad_concat_two` | `tests/gpu_layout.rs` `gpu_concat_channels` | - |
-//! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_fprop_f32` `conv_dgrad_f32` `conv_wgrad_f32` `sum_slices` `channel_sums_f32`, `cuda/conv_tc.cu` `conv_fprop_tf32` `conv_dgrad_tf32` `conv_wgrad_tf32` `conv_fprop_bf16` `conv_dgrad_bf16` `conv_wgrad_bf16` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` `conv3d 3x3x3 tf32` `conv3d 1x3x3 tf32` |
+//! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_fprop_f32` `conv_dgrad_f32` `conv_wgrad_f32` `sum_slices` `channel_sums_f32`, `cuda/conv_tc.cu` `conv_fprop_tf32` `conv_dgrad_tf32` `conv_wgrad_tf32` `conv_fprop_bf16` `conv_dgrad_bf16` `conv_wgrad_bf16` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` `conv3d 3x3x3 tf32` `conv3d 1x3x3 tf32` `conv3d 3x3x3 bf16` `conv3d 1x3x3 bf16` |
 //! | [`conv_transpose`](crate::ops::conv_transpose) | `src/ops/conv_transpose.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_transpose_fprop_f32` `conv_transpose_dgrad_f32` `conv_transpose_wgrad_f32` `sum_slices` `channel_sums_bf16`, `cuda/conv_tc.cu` `conv_transpose_fprop_tf32` `conv_transpose_dgrad_tf32` `conv_transpose_wgrad_tf32` `conv_transpose_fprop_bf16` | `tests/grad_conv.rs` `grad_conv_transpose3d` | `tests/gpu_conv.rs` `gpu_conv_transpose3d` | - |
 //! | [`cross_entropy`](crate::ops::cross_entropy) | `src/ops/cross_entropy.rs` `forward_cpu` `backward_cpu` | `cuda/loss.cu` `cross_entropy_partial` `loss_sum_partials` `cross_entropy_backward` | `tests/grad_loss.rs` `grad_cross_entropy_3d_k4` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `cross_entropy` |
 //! | [`dice`](crate::ops::dice) | `src/ops/dice.rs` `group_sums_cpu` `backward_cpu` | `cuda/loss.cu` `dice_partial_sums` `dice_finish` `dice_backward` | `tests/grad_loss.rs` `grad_soft_dice_batch_3d_k3` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `soft_dice` |
