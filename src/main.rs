@@ -151,6 +151,10 @@ struct ProfileArgs {
     /// optimiser state and accumulation) or fp32. --math exact implies fp32.
     #[arg(long)]
     precision: Option<String>,
+    /// What the step recomputes in the backward pass instead of keeping: none (the default), or mamba (each Mamba
+    /// block's input branch: in_proj's x half, the causal conv1d and SiLU; less memory, the same gradients).
+    #[arg(long)]
+    recompute: Option<String>,
     /// Write a Chrome trace-event JSON (Perfetto, chrome://tracing) of the recorded steps.
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -186,6 +190,10 @@ struct DumpArgs {
     /// optimiser state and accumulation) or fp32. --math exact implies fp32.
     #[arg(long)]
     precision: Option<String>,
+    /// What the step recomputes in the backward pass instead of keeping: none (the default), or mamba (each Mamba
+    /// block's input branch: in_proj's x half, the causal conv1d and SiLU; less memory, the same gradients).
+    #[arg(long)]
+    recompute: Option<String>,
     /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -289,6 +297,10 @@ struct TrainArgs {
     /// optimiser state and accumulation) or fp32. --math exact implies fp32.
     #[arg(long)]
     precision: Option<String>,
+    /// What the step recomputes in the backward pass instead of keeping: none (the default), or mamba (each Mamba
+    /// block's input branch: in_proj's x half, the causal conv1d and SiLU; less memory, the same gradients).
+    #[arg(long)]
+    recompute: Option<String>,
     /// Run folder for metrics.jsonl and checkpoints.
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
@@ -434,6 +446,7 @@ fn run_plan(a: &TrainArgs, device: &Device) -> Result<Option<Plan>> {
 fn launch_ranks(a: &TrainArgs, ordinals: &[usize]) -> Result<()> {
     a.launch(None, false).validate()?;
     numerics(&a.math, a.precision.as_deref())?;
+    recompute_flag(a.recompute.as_deref())?;
     if let Some(path) = &a.resume {
         distributed::check_resume_world(
             checkpoint::load(path)?.meta["run"]["world_size"].as_u64(),
@@ -516,7 +529,7 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         data.class_names,
         t0.elapsed().as_secs_f64()
     );
-    let (config, mut opts, start_epoch) = match &resume {
+    let (mut config, mut opts, start_epoch) = match &resume {
         Some((path, ck)) => {
             let config: ModelConfig = serde_json::from_value(ck.meta["config"].clone())
                 .map_err(|e| Error::Data(format!("{}: no valid model config: {e}", path.display())))?;
@@ -535,6 +548,7 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         }
         None => (launch.model_config(data.num_classes(), data.channels)?, launch.train_options(true), 0),
     };
+    apply_recompute(&mut config, a.recompute.as_deref())?;
     opts.progress = !a.no_progress && root;
     opts.loader_workers = a.loader_workers;
     let (model, fresh) = LkmUnet::new(config, opts.seed)?;
@@ -717,6 +731,7 @@ fn synth(out: &Path, cases: usize, shape: &[usize], seed: u64) -> Result<()> {
 fn dump_step(a: &DumpArgs) -> Result<()> {
     let mut cfg = ModelConfig::by_name(&a.config)?;
     cfg.pim_layout = parse_pim_layout(&a.pim_layout)?;
+    apply_recompute(&mut cfg, a.recompute.as_deref())?;
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
         "f64" => DType::F64,
@@ -739,6 +754,7 @@ fn profile(a: &ProfileArgs) -> Result<()> {
     use lkm_engine::profile::report;
     let mut config = ModelConfig::by_name(&a.config)?;
     config.pim_layout = parse_pim_layout(&a.pim_layout)?;
+    apply_recompute(&mut config, a.recompute.as_deref())?;
     let device = open_device(&a.device, &a.math, a.precision.as_deref())?;
     let precision = device.precision();
     let opts = lkm_engine::train::profile::ProfileOptions { config, batch: a.batch, steps: a.steps, device };
@@ -758,6 +774,25 @@ fn profile(a: &ProfileArgs) -> Result<()> {
     if let Some(path) = &a.csv {
         write(path, report::csv(&p.recording, a.steps))?;
         eprintln!("csv: {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--recompute`: none or mamba, as whether Mamba blocks recompute their input branch (`None` without the flag).
+fn recompute_flag(flag: Option<&str>) -> Result<Option<bool>> {
+    match flag {
+        None => Ok(None),
+        Some("none") => Ok(Some(false)),
+        Some("mamba") => Ok(Some(true)),
+        Some(s) => bail!(Config, "--recompute must be none or mamba, not {s:?}"),
+    }
+}
+
+/// Applies `--recompute` to a model configuration; without the flag the configuration keeps its own setting (a
+/// resumed run continues as it was saved).
+fn apply_recompute(cfg: &mut ModelConfig, flag: Option<&str>) -> Result<()> {
+    if let Some(on) = recompute_flag(flag)? {
+        cfg.mamba.recompute = on;
     }
     Ok(())
 }

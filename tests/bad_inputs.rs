@@ -414,6 +414,7 @@ fn failed_writes_leave_no_temporary_or_partial_file() {
 }
 
 /// `--precision` takes fp32 or bf16; bf16 needs a GPU and float32 arithmetic (`--math exact`) excludes it.
+/// `--recompute` takes none or mamba.
 #[test]
 fn precision_flag_is_checked() {
     let dir = temp_dir("precision_flag");
@@ -424,4 +425,6 @@ fn precision_flag_is_checked() {
     // dump-step's --math defaults to exact.
     expect_error(&owned(&[&base, &["--device", "cpu", "--precision", "bf16"]]), &dir, &["--math exact", "--math tf32"]);
     expect_ok(&owned(&[&base, &["--device", "cpu", "--precision", "fp32"]]), &dir);
+    expect_error(&owned(&[&base, &["--device", "cpu", "--recompute", "all"]]), &dir, &["--recompute", "\"all\""]);
+    expect_ok(&owned(&[&base, &["--device", "cpu", "--recompute", "mamba"]]), &dir);
 }

@@ -149,7 +149,7 @@ fn probe_modules() {
     let mut p = Params::new();
     let block = ResidualBlock::new(&mut p, "blk", 16, 8, &[3, 3, 3], &[1, 1, 1], &mut rng);
     module_probe("residual block 16->8", randn32(&[2, 16, 32, 32, 32], 1.0, 20), p, &|t, p, x| block.forward(t, p, x));
-    let cfg = MambaConfig { d_state: 8, d_conv: 4, expand: 2 };
+    let cfg = MambaConfig { d_state: 8, d_conv: 4, expand: 2, recompute: false };
     for (name, grouping) in [
         ("PiM window 4", Grouping::Pixel { window: vec![4, 4, 4], layout: PimLayout::Window }),
         ("PiM strided 4", Grouping::Pixel { window: vec![4, 4, 4], layout: PimLayout::Strided }),

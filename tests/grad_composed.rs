@@ -32,7 +32,7 @@ fn build(layout: PimLayout) -> Stack {
     params.add("conv.bias", constant(&[C], 0.1));
     params.add("norm.weight", constant(&[C], 1.3));
     params.add("norm.bias", constant(&[C], -0.2));
-    let cfg = MambaConfig { d_state: 3, d_conv: 4, expand: 2 };
+    let cfg = MambaConfig { d_state: 3, d_conv: 4, expand: 2, recompute: false };
     let pixel = Grouping::Pixel { window: vec![2, 2, 4], layout };
     let pim = BiMambaLayer::new(&mut params, "pim", C, pixel, cfg, &mut rng);
     let pam = BiMambaLayer::new(&mut params, "pam", C, Grouping::Patch { pool: vec![1, 2, 2] }, cfg, &mut rng);

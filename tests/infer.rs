@@ -42,7 +42,7 @@ fn tiny_2d() -> (LkmUnet, Params) {
         pim_windows: vec![vec![4, 4], vec![2, 2], vec![1, 1]],
         pim_layout: PimLayout::Window,
         pam_pools: vec![vec![2, 2], vec![1, 1], vec![1, 1]],
-        mamba: MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
+        mamba: MambaConfig { d_state: 4, d_conv: 4, expand: 2, recompute: false },
         patch: vec![16, 16],
     };
     LkmUnet::new(cfg, 3).unwrap()

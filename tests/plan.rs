@@ -55,7 +55,7 @@ fn tiny_options() -> PlanOptions {
     PlanOptions {
         base_features: 4,
         blocks_per_stage: 1,
-        mamba: MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
+        mamba: MambaConfig { d_state: 4, d_conv: 4, expand: 2, recompute: false },
         ..PlanOptions::default()
     }
 }

@@ -343,4 +343,5 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
     }
 }
 
+pub mod checkpoint;
 pub mod gradcheck;

@@ -123,7 +123,7 @@ impl ModelConfig {
             pim_windows: vec![vec![4, 4, 4], vec![4, 4, 4], vec![2, 2, 2], vec![2, 2, 2]],
             pim_layout: PimLayout::Window,
             pam_pools: vec![vec![4, 4, 4], vec![2, 2, 2], vec![1, 1, 1], vec![1, 1, 1]],
-            mamba: MambaConfig { d_state: 8, d_conv: 4, expand: 2 },
+            mamba: MambaConfig { d_state: 8, d_conv: 4, expand: 2, recompute: false },
             patch: vec![32, 32, 32],
         }
     }

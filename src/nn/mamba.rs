@@ -18,6 +18,7 @@ use rand::RngExt;
 
 use super::init::{constant, default_uniform};
 use super::params::{ParamId, Params};
+use crate::autograd::checkpoint::checkpoint;
 use crate::autograd::Tape;
 use crate::ops::activation::silu;
 use crate::ops::add::add;
@@ -44,11 +45,16 @@ pub struct MambaConfig {
     pub d_conv: usize,
     /// d_inner = expand * d_model (2).
     pub expand: usize,
+    /// Recompute each block's input branch (in_proj's x half, the causal conv1d and SiLU) in the backward pass
+    /// instead of keeping its two (G, L, d_inner) intermediates ([`checkpoint`]; `--recompute mamba`): less memory,
+    /// the same gradients, one more small product, conv1d and SiLU per block. Off by default.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for MambaConfig {
     fn default() -> Self {
-        MambaConfig { d_state: 16, d_conv: 4, expand: 2 }
+        MambaConfig { d_state: 16, d_conv: 4, expand: 2, recompute: false }
     }
 }
 
@@ -67,6 +73,8 @@ pub struct Mamba {
     dt_proj_b: ParamId,
     a_log: ParamId,
     d_skip: ParamId,
+    /// [`MambaConfig::recompute`].
+    recompute: bool,
 }
 
 impl Mamba {
@@ -110,6 +118,7 @@ impl Mamba {
             dt_proj_b,
             a_log,
             d_skip,
+            recompute: cfg.recompute,
         }
     }
 
@@ -122,20 +131,41 @@ impl Mamba {
         // u W^T, but neither the (G, L, 2 d_inner) product nor copies of its halves are ever made, and the gradients
         // of x and z flow back without a zero-filled (G, L, 2 d_inner) gradient. The tape adds the two row slices'
         // gradients into W's, and the two products' gradients into u's.
-        let (x, z) = {
-            let _layer = profile::sublayer(&self.prefix, "in_proj");
-            let mut rows_product = |start| {
-                let w_rows = narrow(tape, p.get(self.in_proj), 0, start, di)?;
-                linear(tape, u, &w_rows, None)
+        let rows = |tape: &mut Tape, start| narrow(tape, p.get(self.in_proj), 0, start, di);
+        let conv_w = |tape: &mut Tape| reshape(tape, p.get(self.conv_w), &[di, self.d_conv]);
+        let x = if self.recompute {
+            // The input branch x = SiLU(conv1d(u W[0..di]^T)) as one checkpoint: it keeps u (which z's product keeps
+            // anyway) and the small weights, and rebuilds its two (G, L, d_inner) intermediates in the backward pass.
+            let (w_rows, conv_w) = (rows(tape, 0)?, conv_w(tape)?);
+            let inputs = [u, &w_rows, &conv_w, p.get(self.conv_b)];
+            let prefix = self.prefix.clone();
+            checkpoint(tape, "mamba input branch", &inputs, move |t, v| {
+                let x = {
+                    let _layer = profile::sublayer(&prefix, "in_proj");
+                    linear(t, &v[0], &v[1], None)?
+                };
+                let _layer = profile::sublayer(&prefix, "conv1d");
+                let x = causal_conv1d(t, &x, &v[2], &v[3])?;
+                silu(t, &x)
+            })?
+        } else {
+            let x = {
+                let _layer = profile::sublayer(&self.prefix, "in_proj");
+                let w_rows = rows(tape, 0)?;
+                linear(tape, u, &w_rows, None)?
             };
-            (rows_product(0)?, rows_product(di)?)
+            let x = {
+                let _layer = profile::sublayer(&self.prefix, "conv1d");
+                let conv_w = conv_w(tape)?;
+                causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?
+            };
+            silu(tape, &x)?
         };
-        let x = {
-            let _layer = profile::sublayer(&self.prefix, "conv1d");
-            let conv_w = reshape(tape, p.get(self.conv_w), &[di, self.d_conv])?;
-            causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?
+        let z = {
+            let _layer = profile::sublayer(&self.prefix, "in_proj");
+            let w_rows = rows(tape, di)?;
+            linear(tape, u, &w_rows, None)?
         };
-        let x = silu(tape, &x)?;
         // x_proj's output (G, L, dt_rank + 2 d_state) is sliced along its last axis, not through its weight as in_proj
         // is: here the output is narrower than x (34 columns against 64 at d_model 32), and three products would read
         // x three times forward and in dW, add three (G, L, d_inner) gradients into x's, and (gemm_f32 computes 64 x 64

@@ -375,7 +375,7 @@ pub fn micro_config() -> lkm_engine::nn::ModelConfig {
         pim_windows: vec![vec![2, 4, 4], vec![2, 2, 2]],
         pim_layout: lkm_engine::ops::pim::PimLayout::Window,
         pam_pools: vec![vec![2, 2, 2], vec![1, 1, 1]],
-        mamba: lkm_engine::nn::mamba::MambaConfig { d_state: 4, d_conv: 4, expand: 2 },
+        mamba: lkm_engine::nn::mamba::MambaConfig { d_state: 4, d_conv: 4, expand: 2, recompute: false },
         patch: vec![8, 16, 16],
     }
 }
