@@ -8,7 +8,7 @@
 # Environment: BIN (default .gpu/lkm-engine; e.g. a previous binary for a before/after pair in one call), STEPS
 # (default 5), RUNS (default: "flare-3d 2 strided", "flare-3d 2 window", "amos-2d 12 strided", "amos-2d 12 window"),
 # MATHS (default "bf16 tf32 exact": bf16 activations with bf16 products, float32 storage with tf32 products, exact
-# float32), DEVICE (default cuda).
+# float32), DEVICE (default cuda), RECOMPUTE (dump-step --recompute: none or mamba; default the configuration's, none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/out}
@@ -27,6 +27,7 @@ for run in "${run_list[@]}"; do
       tf32) flags=(--math tf32 --precision fp32) ;;
       *) flags=(--math "$math") ;;
     esac
+    [ -n "${RECOMPUTE:-}" ] && flags+=(--recompute "$RECOMPUTE")
     if timeout 600 "$bin" dump-step --config "$config" --batch "$batch" --pim-layout "$layout" --steps "$steps" \
       "${flags[@]}" --device "${DEVICE:-cuda}" --out "$dir" >"$dir.log" 2>&1; then
       results+=("$config $batch $layout $math $dir/engine_step.json")
