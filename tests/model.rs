@@ -174,21 +174,22 @@ fn convolution_list_has_the_traced_map_sizes() {
 }
 
 /// `--recompute mamba` (MambaConfig::recompute: each Mamba block's input branch as a checkpoint) records fewer nodes
-/// and gives the same output and parameter gradients, bit for bit, as keeping everything.
-#[test]
-fn recomputed_mamba_input_branch_gives_the_same_gradients() {
+/// and gives the same output and parameter gradients, bit for bit, as keeping everything (on the GPU also the test of
+/// the in-place gradient accumulation there: the same bits as before it).
+fn recomputed_mamba_input_branch_gives_the_same_gradients(dev: &Device) {
     let step = |recompute: bool| {
         let mut cfg = common::micro_config();
         cfg.mamba.recompute = recompute;
         let (model, params) = LkmUnet::new(cfg.clone(), 3).unwrap();
+        let params = params.to(DType::F32, dev).unwrap();
         let mut shape = vec![2, cfg.in_channels];
         shape.extend_from_slice(&cfg.patch);
-        let x = randn_on(&Device::Cpu, &shape, 1.0, 5);
+        let x = randn_on(dev, &shape, 1.0, 5);
         let mut tape = Tape::new();
         params.watch(&mut tape);
         let y = model.forward(&mut tape, &params, &x).unwrap().remove(0);
         let nodes = tape.len();
-        let seed = common::randn32(y.shape(), 1.0, 9);
+        let seed = common::randn32(y.shape(), 1.0, 9).to_device(dev).unwrap();
         let mut grads = tape.backward_from(&y, seed).unwrap();
         let g: Vec<Vec<f64>> =
             params.tensors().iter().map(|p| grads.take(p).map_or(vec![], |g| g.to_vec_f64().unwrap())).collect();
@@ -203,3 +204,4 @@ fn recomputed_mamba_input_branch_gives_the_same_gradients() {
     }
     assert!(nodes_recomputed < nodes_kept, "{nodes_recomputed} nodes with the checkpoints, {nodes_kept} without");
 }
+device_test!(recomputed_mamba_input_branch_gives_the_same_gradients, tf32);
