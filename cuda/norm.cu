@@ -5,7 +5,7 @@
 // in two instances, NAME_f32 and NAME_bf16 (common.cuh's TYPED_KERNEL); both compute in float32, reading each element
 // with to_f32 and rounding each output once with from_f32<T>, so the float32 instance is the float32 kernel it always
 // was. gamma, beta, the statistics (mean, rstd), every chunk, plane and partial sum, and dgamma, dbeta are float32 for
-// both (issue 12's precision policy: normalisation statistics in float32); the kernels that see only those
+// both (the precision policy: normalisation statistics in float32); the kernels that see only those
 // (instance_norm_combine, instance_norm_param_grads, the row sums) have one instance.
 //
 // InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of

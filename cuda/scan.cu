@@ -9,7 +9,8 @@
 //
 // Parameters: ScanParams and the constants below, in scan.cuh.
 //
-// Storage (issue 12: the scan keeps its state and its exp/softplus in float32, its inputs and outputs may be bf16).
+// Storage (the precision policy: the scan keeps its state and its exp/softplus in float32, its inputs and outputs may
+// be bf16).
 // The kernels are templates over the storage type T of the token-shaped tensors u, delta, B, C, z, y, gy and the
 // gradients du, ddelta, dz, dB, dC (float or __nv_bfloat16), in two instances NAME_f32 and NAME_bf16: each element is
 // read with to_f32 and each output rounded once with from_f32<T>, and everything between is float32: the states

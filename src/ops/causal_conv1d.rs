@@ -17,7 +17,7 @@
 //! GPU (cuda/conv1d.cu): the forward and dx run one thread per element; dw and db reduce over all G L tokens in two
 //! fixed-order stages (per-slice partials, then `sum_rows`), so they are deterministic. The tokens (x, y, dL/dy,
 //! dL/dx) are stored as float32 or bf16 and computed on in float32; the weight, the bias and their gradients are
-//! float32 for both (issue 12).
+//! float32 for both (the precision policy, README "GPU").
 //!
 //! Cost per element of x (G L C), with K taps, in units of the storage size E of the tokens (4 bytes float32, 2 bf16;
 //! the counting rules are in [`ops`](crate::ops)): forward 2E bytes (read x, write y) and 2K FLOPs; backward 3E bytes

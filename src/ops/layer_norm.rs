@@ -25,11 +25,11 @@
 //! float64, and xhat is formed in float64 in both passes, so only the final rounding to the tensor's dtype remains.
 //!
 //! On the GPU (kernels in `cuda/norm.cu`, x and y stored as float32 or bf16, computed in float32) one warp normalises
-//! one row, with the same two passes (mean, then squared deviations) over the row; mu and rstd are saved as float32
-//! GPU tensors. With bf16 activations (x, y, dL/dy, dL/dx) gamma, beta, the statistics, the partial sums and
-//! dL/dgamma, dL/dbeta stay float32 (issue 12: normalisation statistics in float32). dL/dgamma and dL/dbeta are
-//! sums over all rows, made deterministic in two stages: each block of `LN_ROWS_PER_PARAM_BLOCK` rows writes its
-//! per-channel partial sums, then one block per channel adds those partials in a fixed order.
+//! one row, with the same two passes (mean, then squared deviations) over the row; mu and rstd are saved as float32 GPU
+//! tensors. With bf16 activations (x, y, dL/dy, dL/dx) gamma, beta, the statistics, the partial sums and dL/dgamma,
+//! dL/dbeta stay float32 (the precision policy: normalisation statistics in float32). dL/dgamma and dL/dbeta are sums
+//! over all rows, made deterministic in two stages: each block of `LN_ROWS_PER_PARAM_BLOCK` rows writes its per-channel
+//! partial sums, then one block per channel adds those partials in a fixed order.
 //!
 //! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
 //! [`ops`](crate::ops)): forward 2E bytes (read x, write y; a row stays in cache between the passes) and about 8

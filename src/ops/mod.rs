@@ -123,8 +123,8 @@ pub(crate) fn channel_sums_cpu<T: crate::tensor::Real>(x: &Tensor, channels: usi
 }
 
 /// Checks that `param` (a norm's gamma or beta, conv1d's weight or bias, the scan's A, D or delta bias) may go with
-/// the activations `x`: on x's device and of x's dtype, except float32 for bf16 activations (issue 12: parameters and
-/// their gradients stay float32 when activations are stored in bf16); `what` names it in the error.
+/// the activations `x`: on x's device and of x's dtype, except float32 for bf16 activations (the precision policy:
+/// parameters and their gradients stay float32 when activations are stored in bf16); `what` names it in the error.
 pub(crate) fn check_param_kind(x: &Tensor, param: &Tensor, what: &str) -> Result<()> {
     let want = if x.dtype() == DType::BF16 { DType::F32 } else { x.dtype() };
     ensure!(

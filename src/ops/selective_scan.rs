@@ -56,11 +56,11 @@
 //! carries the adjoint backwards, across chunks of long sequences by the same combine in reverse. Gradients summed
 //! over tokens or channels are reduced in a fixed order, so they are deterministic. The GPU kernels support N <= 32.
 //!
-//! bf16 (issue 12: the scan keeps its state and its exp/softplus in float32, its inputs and outputs may be bf16). On
-//! the GPU the token-shaped tensors u, delta, B, C, z, the output y and their gradients may be stored as bf16, all
-//! five inputs alike; a_log, D and delta_bias then stay float32, and so do their gradients. The kernels read every
-//! element into float32 and round each output once: the states, the adjoints, the chunk states and carries, the sums
-//! of dB and dC over channels and the parameters' partial sums are float32 throughout. Any other mix of storage
+//! bf16 (the precision policy: the scan keeps its state and its exp/softplus in float32, its inputs and outputs may be
+//! bf16). On the GPU the token-shaped tensors u, delta, B, C, z, the output y and their gradients may be stored as
+//! bf16, all five inputs alike; a_log, D and delta_bias then stay float32, and so do their gradients. The kernels read
+//! every element into float32 and round each output once: the states, the adjoints, the chunk states and carries, the
+//! sums of dB and dC over channels and the parameters' partial sums are float32 throughout. Any other mix of storage
 //! types is refused, naming the operand.
 //!
 //! Cost per element of u (one token of one channel), with N states and Dch channels, in units of the storage size E
