@@ -152,7 +152,8 @@ struct ProfileArgs {
     #[arg(long)]
     precision: Option<String>,
     /// What the step recomputes in the backward pass instead of keeping: none (the default), or mamba (each Mamba
-    /// block's input branch: in_proj's x half, the causal conv1d and SiLU; less memory, the same gradients).
+    /// block's input branch, in_proj's x half, causal conv1d and SiLU, and its dt product and scan; less memory, the
+    /// same gradients).
     #[arg(long)]
     recompute: Option<String>,
     /// Write a Chrome trace-event JSON (Perfetto, chrome://tracing) of the recorded steps.
@@ -191,7 +192,8 @@ struct DumpArgs {
     #[arg(long)]
     precision: Option<String>,
     /// What the step recomputes in the backward pass instead of keeping: none (the default), or mamba (each Mamba
-    /// block's input branch: in_proj's x half, the causal conv1d and SiLU; less memory, the same gradients).
+    /// block's input branch, in_proj's x half, causal conv1d and SiLU, and its dt product and scan; less memory, the
+    /// same gradients).
     #[arg(long)]
     recompute: Option<String>,
     /// Precision of the dumped step: f32, or f64 (CPU only; the exact side of the parity check).
@@ -298,7 +300,8 @@ struct TrainArgs {
     #[arg(long)]
     precision: Option<String>,
     /// What the step recomputes in the backward pass instead of keeping: none (the default), or mamba (each Mamba
-    /// block's input branch: in_proj's x half, the causal conv1d and SiLU; less memory, the same gradients).
+    /// block's input branch, in_proj's x half, causal conv1d and SiLU, and its dt product and scan; less memory, the
+    /// same gradients).
     #[arg(long)]
     recompute: Option<String>,
     /// Run folder for metrics.jsonl and checkpoints.

@@ -173,10 +173,10 @@ fn convolution_list_has_the_traced_map_sizes() {
     assert_eq!(traced, listed, "convolution outputs of the traced forward vs the list");
 }
 
-/// `--recompute mamba` (MambaConfig::recompute: each Mamba block's input branch as a checkpoint) records fewer nodes
-/// and gives the same output and parameter gradients, bit for bit, as keeping everything (on the GPU also the test of
-/// the in-place gradient accumulation there: the same bits as before it).
-fn recomputed_mamba_input_branch_gives_the_same_gradients(dev: &Device) {
+/// `--recompute mamba` (MambaConfig::recompute: each Mamba block's input branch and scan as checkpoints) records fewer
+/// nodes and gives the same output and parameter gradients, bit for bit, as keeping everything (on the GPU also the
+/// test of the in-place gradient accumulation there: the same bits as before it).
+fn recomputed_mamba_blocks_give_the_same_gradients(dev: &Device) {
     let step = |recompute: bool| {
         let mut cfg = common::micro_config();
         cfg.mamba.recompute = recompute;
@@ -204,4 +204,4 @@ fn recomputed_mamba_input_branch_gives_the_same_gradients(dev: &Device) {
     }
     assert!(nodes_recomputed < nodes_kept, "{nodes_recomputed} nodes with the checkpoints, {nodes_kept} without");
 }
-device_test!(recomputed_mamba_input_branch_gives_the_same_gradients, tf32);
+device_test!(recomputed_mamba_blocks_give_the_same_gradients, tf32);

@@ -45,9 +45,10 @@ pub struct MambaConfig {
     pub d_conv: usize,
     /// d_inner = expand * d_model (2).
     pub expand: usize,
-    /// Recompute each block's input branch (in_proj's x half, the causal conv1d and SiLU) in the backward pass
-    /// instead of keeping its two (G, L, d_inner) intermediates ([`checkpoint`]; `--recompute mamba`): less memory,
-    /// the same gradients, one more small product, conv1d and SiLU per block. Off by default.
+    /// Recompute in the backward pass, instead of keeping, each block's input branch (in_proj's x half, the causal
+    /// conv1d and SiLU: two (G, L, d_inner) intermediates) and its step sizes and scan (delta, (G, L, d_inner), and
+    /// the scan's per-chunk states), as two [`checkpoint`]s (`--recompute mamba`): less memory, the same gradients;
+    /// per block one more small product, conv1d, SiLU, dt product and scan forward. Off by default.
     #[serde(default)]
     pub recompute: bool,
 }
@@ -176,21 +177,36 @@ impl Mamba {
             let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
             (narrow(tape, &dbc, 2, 0, r)?, narrow(tape, &dbc, 2, r, n)?, narrow(tape, &dbc, 2, r + n, n)?)
         };
-        let delta = {
-            let _layer = profile::sublayer(&self.prefix, "dt_proj");
-            linear(tape, &dt, p.get(self.dt_proj_w), None)?
+        // delta = dt W_dt^T, then the scan. As a checkpoint (recompute) it keeps dt (dt_rank channels) instead of
+        // delta (d_inner) and the scan's per-chunk states, and reruns the small product and the scan's forward in the
+        // backward pass; x, B, C and z are kept either way (the scan's inputs).
+        let (dt_w, a_log, d_skip, dt_b) =
+            (p.get(self.dt_proj_w), p.get(self.a_log), p.get(self.d_skip), p.get(self.dt_proj_b));
+        let prefix = self.prefix.clone();
+        let scan = move |t: &mut Tape, v: &[Tensor]| {
+            let delta = {
+                let _layer = profile::sublayer(&prefix, "dt_proj");
+                linear(t, &v[1], &v[2], None)?
+            };
+            let inputs = ScanInputs {
+                u: &v[0],
+                delta: &delta,
+                a_log: &v[3],
+                b: &v[4],
+                c: &v[5],
+                d_skip: &v[6],
+                z: &v[7],
+                delta_bias: &v[8],
+            };
+            selective_scan(t, &inputs)
         };
-        let inputs = ScanInputs {
-            u: &x,
-            delta: &delta,
-            a_log: p.get(self.a_log),
-            b: &b,
-            c: &c,
-            d_skip: p.get(self.d_skip),
-            z: &z,
-            delta_bias: p.get(self.dt_proj_b),
-        };
-        selective_scan(tape, &inputs)
+        let inputs = [&x, &dt, dt_w, a_log, &b, &c, d_skip, &z, dt_b];
+        if self.recompute {
+            checkpoint(tape, "mamba scan", &inputs, scan)
+        } else {
+            let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+            scan(tape, &owned)
+        }
     }
 }
 
