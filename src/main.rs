@@ -760,10 +760,11 @@ fn profile(a: &ProfileArgs) -> Result<()> {
     apply_recompute(&mut config, a.recompute.as_deref())?;
     let device = open_device(&a.device, &a.math, a.precision.as_deref())?;
     let precision = device.precision();
+    let recompute = if config.mamba.recompute { ", Mamba blocks recomputed" } else { "" };
     let opts = lkm_engine::train::profile::ProfileOptions { config, batch: a.batch, steps: a.steps, device };
     let p = lkm_engine::train::profile::run(&opts)?;
     let title = format!(
-        "{} batch {} ({} PiM, {precision}, {} products), {} recorded steps",
+        "{} batch {} ({} PiM, {precision}, {} products{recompute}), {} recorded steps",
         a.config, a.batch, a.pim_layout, a.math, a.steps
     );
     println!("{}", report::render(&title, &p.recording, &p.times, &p.ceilings, p.pool_peak_bytes, a.top));

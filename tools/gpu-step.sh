@@ -45,7 +45,7 @@ for line in sys.stdin:
     config, batch, layout, math, path = line.split()
     step = json.load(open(path))
     precision = {"bf16": "bf16 storage, bf16 matrix products", "tf32": "fp32 storage, tf32 matrix products",
-                 "exact": "fp32 exact"}[math]
+                 "exact": "fp32 exact"}[math] + (", Mamba recomputed" if step.get("recompute_mamba") else "")
     peak = step.get("peak_gib")
     rows.append(dict(config=config, pim_layout=layout, precision=precision, batch=int(batch),
                      ms_per_step=round(step["ms_per_step_median"], 1),

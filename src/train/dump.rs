@@ -180,6 +180,7 @@ pub fn dump_step(
         "device": device_name,
         "dtype": dtype_name(dtype),
         "precision": device.precision().to_string(),
+        "recompute_mamba": model.config.mamba.recompute,
         "batch": batch,
         "parameters": params.count(),
         "ms_per_step_median": times.get(times.len() / 2),
