@@ -15,6 +15,8 @@ use lkm_engine::nn::{ConvKind, ConvUse, ModelConfig};
 use lkm_engine::ops;
 use lkm_engine::tensor::DType;
 use lkm_engine::{Error, Result, Tensor};
+
+use super::median;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -66,11 +68,6 @@ struct RoleSummary {
     ratios: Vec<f64>,
     ours_ms: f64,
     cudnn_ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Median milliseconds of forward, forward + input gradient and forward + weight (and bias) gradient of one shape,

@@ -51,8 +51,8 @@ use crate::device::params::{
 };
 use crate::ops::cast::cast_like;
 use crate::profile;
-use crate::tensor::{Real, Storage, Tensor};
-use crate::{by_dtype, ensure, Result};
+use crate::tensor::{Real, Tensor};
+use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// `y = x W^T + b` over the last axis of `x` (..., Cin), with `w` (Cout, Cin) and `bias` (Cout); returns (..., Cout).
 pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -62,14 +62,20 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank checked") = d.n;
     let range = profile::forward("linear", &[x, w], d.flops());
-    fn gpu<T: LinearElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: LinearDims) -> Result<GpuBuffer<T>> {
-        let b = bias.map(|b| b.gpu_operand::<T>("linear bias")).transpose()?;
-        forward_gpu(x.gpu_operand::<T>("linear input")?, w.gpu_operand::<T>("linear weight")?, b, d)
+    fn gpu<T: LinearElement>(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        d: LinearDims,
+        out: &[usize],
+    ) -> Result<Tensor> {
+        let b = b.map(|b| b.gpu_operand::<T>("linear bias")).transpose()?;
+        let y = forward_gpu(x.gpu_operand::<T>("linear input")?, w.gpu_operand::<T>("linear weight")?, b, d)?;
+        Tensor::from_gpu(y, out)
     }
-    let y = match x.storage() {
-        Storage::Cuda(_) => Tensor::from_gpu(gpu::<f32>(x, w, bias, d)?, &out_shape)?,
-        Storage::CudaBf16(_) => Tensor::from_gpu(gpu::<bf16>(x, w, bias, d)?, &out_shape)?,
-        _ => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
+    let y = match by_gpu_type!(x, gpu(x, w, bias, d, &out_shape)) {
+        Some(y) => y?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
     };
     let saved = || LinearBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), dims: d };
     range.done([&y]);
@@ -281,10 +287,9 @@ impl Backward for LinearBackward {
         }
         self.x.check_same_kind(grad_out, "linear backward")?;
         let want = [needs[0], needs[1], self.has_bias && needs.get(2).copied().unwrap_or(false)];
-        let [dx, dw, db] = match self.x.storage() {
-            Storage::Cuda(_) => self.backward_on_gpu::<f32>(grad_out, want)?,
-            Storage::CudaBf16(_) => self.backward_on_gpu::<bf16>(grad_out, want)?,
-            _ => by_dtype!(self.x.dtype(), cpu(self, grad_out, want))?,
+        let [dx, dw, db] = match by_gpu_type!(self.x, backward_on_gpu(self, grad_out, want)) {
+            Some(grads) => grads?,
+            None => by_dtype!(self.x.dtype(), cpu(self, grad_out, want))?,
         };
         let mut out = vec![dx, dw];
         if self.has_bias {
@@ -294,18 +299,16 @@ impl Backward for LinearBackward {
     }
 }
 
-impl LinearBackward {
-    /// The wanted gradients on the GPU, every operand stored as `T`.
-    fn backward_on_gpu<T: LinearElement>(&self, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
-        let (xb, wb, gb) = (
-            self.x.gpu_operand::<T>("linear backward: x")?,
-            self.w.gpu_operand::<T>("linear backward: the weight")?,
-            g.gpu_operand::<T>("linear backward: the gradient")?,
-        );
-        let (dx, dw, db) = backward_gpu(xb, wb, gb, self.dims, want)?;
-        let wrap = |b: Option<GpuBuffer<T>>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
-        Ok([wrap(dx, self.x.shape())?, wrap(dw, self.w.shape())?, wrap(db, &[self.dims.n])?])
-    }
+/// The wanted gradients of `op` on the GPU, every operand stored as `T`.
+fn backward_on_gpu<T: LinearElement>(op: &LinearBackward, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
+    let (xb, wb, gb) = (
+        op.x.gpu_operand::<T>("linear backward: x")?,
+        op.w.gpu_operand::<T>("linear backward: the weight")?,
+        g.gpu_operand::<T>("linear backward: the gradient")?,
+    );
+    let (dx, dw, db) = backward_gpu(xb, wb, gb, op.dims, want)?;
+    let wrap = |b: Option<GpuBuffer<T>>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
+    Ok([wrap(dx, op.x.shape())?, wrap(dw, op.w.shape())?, wrap(db, &[op.dims.n])?])
 }
 
 // ---------------------------------------------------------------------------------------------------------------
