@@ -9,9 +9,10 @@
 //! Per-shape convolutions (the tensor-core convolution issue's table): `kernels --list-convs convs.json` writes every
 //! distinct convolution of a flare-3d (batch 2) and an amos-2d (batch 12) training step (`ModelConfig::convolutions`;
 //! no GPU needed), `tools/bench_torch.py --convs convs.json --out DIR` times cuDNN on them (bf16 channels-last and
-//! tf32, `cudnn.benchmark` on), and `kernels --convs convs.json [--torch DIR/torch_convs.json] [--out conv.md]` times
-//! ours, each role alone: forward, input gradient and weight gradient (+ bias), the gradients as (forward + that
-//! backward) - forward, in bf16 and tf32, and prints the table with cuDNN time / ours per row and per role.
+//! tf32, `cudnn.benchmark` on; `--variants bf16_cl` for one), and `kernels --convs convs.json [--torch
+//! DIR/torch_convs.json] [--out conv.md] [--maths bf16]` times ours, each role alone: forward, input gradient and
+//! weight gradient (+ bias), the gradients as (forward + that backward) - forward, in bf16 and tf32 (or the maths
+//! given), and prints the table with cuDNN time / ours per row and per role.
 //! The copy-bandwidth ceiling is measured here (device-to-device copy of 1 GiB, bytes read + written); the bf16 matrix
 //! rate (the ceiling the TFLOP/s columns are set against) is PyTorch's 8192^3 bf16 product in the same run.
 
@@ -303,7 +304,7 @@ fn main() {
     let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let result = match (arg("--list-convs"), arg("--convs")) {
         (Some(path), _) => convs::write_list(&path),
-        (None, Some(list)) => convs::run(&list, arg("--torch"), arg("--out")),
+        (None, Some(list)) => convs::run(&list, arg("--torch"), arg("--out"), arg("--maths")),
         (None, None) => run(arg("--torch"), arg("--out"), arg("--only")),
     };
     if let Err(e) = result {

@@ -104,6 +104,21 @@ fn gpu_conv2d_many_channels() {
     check_conv("conv2d 70 -> 67 channels", &[1, 70, 11, 13], &[67, 70, 3, 3], &[1, 1], 170);
 }
 
+/// The stride-1 products with at least 16 source channels, which bf16 runs on the halo-tile kernels
+/// (cuda/conv_halo.cu): channel counts that are not multiples of the 16-channel stage, outputs in both tile widths
+/// (at most 32 columns, and more than 64), maps that are not multiples of any box (the box's extent along the last
+/// axis is 8, 16 or 32), every kernel size up to 3x3x3; the forward and the input gradient (a stride-1 product with
+/// the kernel flipped) both go through them.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_halo_tiles() {
+    check_conv("conv3d 3x3x3 19 -> 21, x 37", &[2, 19, 5, 9, 37], &[21, 19, 3, 3, 3], &[1, 1, 1], 400);
+    check_conv("conv3d 1x3x3 17 -> 40, x 12", &[1, 17, 3, 20, 12], &[40, 17, 1, 3, 3], &[1, 1, 1], 410);
+    check_conv("conv3d 1x1x1 32 -> 14", &[2, 32, 3, 5, 7], &[14, 32, 1, 1, 1], &[1, 1, 1], 420);
+    check_conv("conv3d 3x1x3 24 -> 70, x 70", &[1, 24, 4, 3, 70], &[70, 24, 3, 1, 3], &[1, 1, 1], 430);
+    check_conv("conv2d 3x3 48 -> 33, 9 x 70", &[2, 48, 9, 70], &[33, 48, 3, 3], &[1, 1], 440);
+}
+
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
 /// so and names the way out, not computed wrongly.
 #[test]

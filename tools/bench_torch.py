@@ -112,17 +112,18 @@ def conv_roles(c, variant):
     return times
 
 
-def bench_convs(path, out):
-    """cuDNN beside lkm-engine's per-shape convolution table (benches/kernels/convs.rs)."""
+def bench_convs(path, out, variants):
+    """cuDNN beside lkm-engine's per-shape convolution table (benches/kernels/convs.rs), in the given variants."""
     torch.backends.cudnn.benchmark = True
     shapes = json.load(open(path))
     rows = []
     for c in shapes:
-        for variant, math in [("bf16_cl", 0), ("tf32", 1)]:
+        for variant, math in [(v, m) for v, m in [("bf16_cl", 0), ("tf32", 1)] if v in variants]:
             for role, ms in zip(["fprop", "dgrad", "wgrad"], conv_roles(c, variant)):
                 names = c["names"][["fprop", "dgrad", "wgrad"].index(role)]
                 rows.append({"name": names[math], "variant": variant, "ms": ms})
-        print(f"{c['config']} {c['layer']}: " + " ".join(f"{r['ms']:.3f}" for r in rows[-6:]), flush=True)
+        print(f"{c['config']} {c['layer']}: " + " ".join(f"{r['ms']:.3f}" for r in rows[-3 * len(variants):]),
+              flush=True)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
            "ceilings": ceilings(), "rows": rows}
     with open(os.path.join(out, "torch_convs.json"), "w") as f:
@@ -133,11 +134,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--convs", help="the convolution list of `kernels --list-convs`: time cuDNN on it instead")
+    ap.add_argument("--variants", default="bf16_cl,tf32", help="with --convs: bf16_cl (channels-last bf16), tf32")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.convs:
         torch.manual_seed(0)
-        bench_convs(args.convs, args.out)
+        bench_convs(args.convs, args.out, args.variants.split(","))
         return
     torch.manual_seed(0)
     # cuDNN picks its fastest algorithm per shape (what a tuned PyTorch training run uses).

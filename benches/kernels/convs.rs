@@ -110,7 +110,13 @@ fn time_roles(gpu: &Arc<Gpu>, c: &ConvUse, dtype: DType) -> Result<[f64; 3]> {
 
 /// Times every shape in both maths and prints (and writes to `out`) the table beside cuDNN's rows of
 /// `torch` (tools/bench_torch.py --convs).
-pub fn run(list: &str, torch: Option<String>, out: Option<String>) -> Result<()> {
+/// `maths` (comma-separated, default both) picks which of our maths to time; the others' cells read "-".
+pub fn run(list: &str, torch: Option<String>, out: Option<String>, maths: Option<String>) -> Result<()> {
+    let maths = maths.unwrap_or_else(|| "bf16,tf32".into());
+    let timed: Vec<bool> = MATHS.iter().map(|(m, _)| maths.split(',').any(|x| x == *m)).collect();
+    if !timed.contains(&true) {
+        return Err(Error::Config(format!("--maths {maths}: choose from bf16, tf32")));
+    }
     let gpu = Gpu::new(0)?;
     gpu.set_exact_f32(false);
     let read = |p: &str| -> Result<serde_json::Value> {
@@ -139,11 +145,18 @@ pub fn run(list: &str, torch: Option<String>, out: Option<String>) -> Result<()>
     );
     let mut summary: BTreeMap<(String, &str, &str), RoleSummary> = BTreeMap::new();
     for (config, c) in &shapes {
-        let times: Vec<[f64; 3]> = MATHS.iter().map(|&(_, dtype)| time_roles(&gpu, c, dtype)).collect::<Result<_>>()?;
+        let times: Vec<Option<[f64; 3]>> = MATHS
+            .iter()
+            .zip(&timed)
+            .map(|(&(_, dtype), &t)| t.then(|| time_roles(&gpu, c, dtype)).transpose())
+            .collect::<Result<_>>()?;
         for (r, role) in ROLES.iter().enumerate() {
             let mut cells = Vec::new();
             for (m, (math, _)) in MATHS.iter().enumerate() {
-                let ours = times[m][r];
+                let Some(ours) = times[m].map(|t| t[r]) else {
+                    cells.push(if *math == "bf16" { "- | - | - | -" } else { "- | - | -" }.to_string());
+                    continue;
+                };
                 let theirs = cudnn(&row_name(config, c, role, math), if *math == "bf16" { "bf16_cl" } else { "tf32" });
                 let ratio = theirs.map(|t| t / ours);
                 let entry = summary.entry((config.to_string(), role, math)).or_default();

@@ -17,6 +17,9 @@ use crate::{bail, Error, Result};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
+/// Bytes of dynamic shared memory a launch gets without asking (CUDA's default per block); more is set per function.
+const STATIC_SHARED_LIMIT: u32 = 48 * 1024;
+
 /// One GPU as the engine uses it: a context and the single stream every kernel of a training step runs on.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -243,6 +246,19 @@ impl Gpu {
     /// header comment describes; that is the contract every launch of the engine keeps.
     pub fn launch<P: DeviceRepr>(&self, kernel: Kernel<P>, cfg: LaunchConfig, params: &P, shapes: &str) -> Result<()> {
         let function = self.function(kernel.name())?;
+        if cfg.shared_mem_bytes > STATIC_SHARED_LIMIT {
+            // Dynamic shared memory beyond the default 48 KB must be asked for per function (sm_90: up to 227 KB).
+            function
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_mem_bytes as i32,
+                )
+                .map_err(driver_err(format!(
+                    "{}: {} bytes of shared memory ({shapes})",
+                    kernel.name(),
+                    cfg.shared_mem_bytes
+                )))?;
+        }
         let mut builder = self.stream.launch_builder(&function);
         builder.arg(params);
         // SAFETY: the one argument is the struct the kernel declares in its header (the Kernel type says so, and nvcc

@@ -57,6 +57,8 @@
 
 use std::borrow::Cow;
 
+use std::sync::Arc;
+
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
@@ -65,8 +67,10 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvWgradParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
-    CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradParams, Kernel,
+    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_CK,
+    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_THREADS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
+    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -658,12 +662,97 @@ fn launch_product<T: ConvElement>(
     let gpu = &src.gpu;
     match kernel {
         GemmKernel::Exact(exact) => gpu.launch(exact, grid(CONV_BM, CONV_BN, CONV_THREADS), &p, what),
-        GemmKernel::TensorCore(pair) => {
+        GemmKernel::TensorCore(_, Some(halo)) if halo_suits(&p) => launch_halo(halo, &p, gpu, what),
+        GemmKernel::TensorCore(pair, _) => {
             check_tc_taps(p.taps, what)?;
             let (tc, tile_n) = pair.for_columns(columns);
             gpu.launch(tc, grid(CONV_TC_BM, tile_n, CONV_TC_THREADS), &p, what)
         }
     }
+}
+
+/// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a stride-1 product (source and output walked one
+/// position per row, the source one position per tap, either way) of at most [`CONV_HALO_MAX_TAPS`] taps per axis,
+/// with at least one stage of [`CONV_HALO_CK`] source channels (fewer would leave most of each product zero: the
+/// 1-channel stem stays on conv_tc.cu's gathers).
+fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
+    (0..3).all(|d| {
+        p.src_mul[d] == 1
+            && p.dst_mul[d] == 1
+            && p.src_tap[d].abs() == 1
+            && (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d])
+    }) && p.c_src as usize >= CONV_HALO_CK
+}
+
+/// The halo box's extent along the last axis (8, 16 or 32; the box holds [`CONV_HALO_BM`] positions): the one that
+/// stages the fewest halo voxels over the map, counting the positions past its edge that a box covers for nothing.
+fn halo_tile_x(rows: [i32; 3], taps: [i32; 3]) -> i32 {
+    let cost = |tile_x: i32| {
+        let tile_y = CONV_HALO_BM as i32 / tile_x;
+        let along = |len: i32, tile: i32, taps: i32| ((len + tile - 1) / tile) as i64 * (tile + taps - 1) as i64;
+        (along(rows[2], tile_x, taps[2]) * along(rows[1], tile_y, taps[1]), -tile_x)
+    };
+    [32, 16, 8].into_iter().min_by_key(|&t| cost(t)).expect("three candidates")
+}
+
+/// Launches the stride-1 product `p` (pointers filled) on the halo-tile kernels: packs the weight for the product's
+/// taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
+fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
+    let (product, tile_n) = halo.product.for_columns(p.c_dst as usize);
+    let taps = p.taps.iter().product::<i32>() as usize;
+    let (c_src, c_dst) = (p.c_src as usize, p.c_dst as usize);
+    let c_dst_pad = c_dst.next_multiple_of(tile_n);
+    let len = c_src.div_ceil(CONV_HALO_CK) * taps * c_dst_pad * CONV_HALO_CK;
+    let mut packed = gpu.alloc_of::<T>(len, what)?;
+    let pack = ConvPackParams {
+        w: p.w,
+        packed: packed.ptr_mut(),
+        c_src: p.c_src,
+        c_dst: p.c_dst,
+        c_dst_pad: c_dst_pad as i32,
+        w_src: p.w_src,
+        w_dst: p.w_dst,
+        kernel: p.kernel,
+        taps: p.taps,
+        tap_mul: p.tap_mul,
+        tap_add: p.tap_add,
+        flip: p.src_tap.map(|t| (t < 0) as i32),
+        len: len as i64,
+    };
+    gpu.launch(halo.pack, grid_1d(len), &pack, what)?;
+    let tile_x = halo_tile_x(p.rows, p.taps);
+    let tile_y = CONV_HALO_BM as i32 / tile_x;
+    // A tap walked backwards (src_tap -1) starts taps - 1 positions before src_add.
+    let lo = [0, 1, 2].map(|d| p.src_add[d] - if p.src_tap[d] < 0 { p.taps[d] - 1 } else { 0 });
+    let params = ConvHaloParams {
+        src: p.src,
+        packed: packed.ptr(),
+        bias: p.bias,
+        dst: p.dst,
+        batch: p.batch,
+        c_src: p.c_src,
+        c_dst: p.c_dst,
+        c_dst_pad: c_dst_pad as i32,
+        src_size: p.src_size,
+        dst_size: p.dst_size,
+        rows: p.rows,
+        lo,
+        dst_add: p.dst_add,
+        taps: p.taps,
+        tile_x,
+    };
+    let boxes = p.batch as usize
+        * p.rows[0] as usize
+        * (p.rows[1] as usize).div_ceil(tile_y as usize)
+        * (p.rows[2] as usize).div_ceil(tile_x as usize);
+    let pair_words = CONV_HALO_CK / 2;
+    let stage_bytes = 4 * (pair_words * CONV_HALO_PAIR_STRIDE + taps * tile_n * pair_words);
+    let cfg = LaunchConfig {
+        grid_dim: (boxes as u32, c_dst.div_ceil(tile_n) as u32, 1),
+        block_dim: (CONV_HALO_THREADS as u32, 1, 1),
+        shared_mem_bytes: (2 * stage_bytes) as u32,
+    };
+    gpu.launch(product, cfg, &params, what)
 }
 
 /// The tensor-core kernels keep a mask of at most [`CONV_TC_MAX_TAPS`] taps per axis (cuda/conv_tc.cu).
@@ -677,31 +766,39 @@ fn check_tc_taps(taps: [i32; 3], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A tensor-core kernel of cuda/conv_tc.cu in its two tile widths: 64 output columns, and 32 for outputs of at most
-/// 32 channels (where 64 would leave half of the tile idle).
+/// A tensor-core kernel in its two tile widths (cuda/conv_tc.cu's 64 and 32 output columns, conv_halo.cu's the
+/// same): the narrow one for outputs that fit it, where the wide one would leave half of the tile idle.
 #[derive(Clone, Copy)]
 pub(crate) struct TcPair<P: Copy> {
-    wide: Kernel<P>,
-    narrow: Kernel<P>,
+    wide: (Kernel<P>, usize),
+    narrow: (Kernel<P>, usize),
 }
 
 impl<P: Copy> TcPair<P> {
     /// The kernel for `columns` output columns, and its tile width.
     fn for_columns(self, columns: usize) -> (Kernel<P>, usize) {
-        if columns <= CONV_TC_BN_NARROW {
-            (self.narrow, CONV_TC_BN_NARROW)
+        if columns <= self.narrow.1 {
+            self.narrow
         } else {
-            (self.wide, CONV_TC_BN)
+            self.wide
         }
     }
 }
 
+/// The halo-tile kernels of one role (cuda/conv_halo.cu): the weight packing and the product.
+#[derive(Clone, Copy)]
+pub(crate) struct HaloKernels<T: Copy> {
+    pack: Kernel<ConvPackParams<T>>,
+    product: TcPair<ConvHaloParams<T>>,
+}
+
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
-/// checks), or a tensor-core pair.
+/// checks), or a tensor-core pair and, where the type and role have them, the halo-tile kernels that take the
+/// stride-1 products ([`halo_suits`]).
 #[derive(Clone, Copy)]
 enum GemmKernel<T: Copy> {
     Exact(Kernel<ConvGemmParams<T>>),
-    TensorCore(TcPair<ConvGemmParams<T>>),
+    TensorCore(TcPair<ConvGemmParams<T>>, Option<HaloKernels<T>>),
 }
 
 /// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or a tensor-core pair.
@@ -728,10 +825,20 @@ pub(crate) trait ConvElement: GpuElement {
     const GEMM: [[RoleKernels<ConvGemmParams<Self>>; 2]; 2];
     /// The weight gradients, indexed [transposed].
     const WGRAD: [RoleKernels<ConvWgradParams<Self>>; 2];
+    /// The halo-tile kernels of the conv's forward and input gradient (indexed by product), if the type has them.
+    const HALO: [Option<HaloKernels<Self>>; 2];
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
-    TcPair { wide, narrow }
+    TcPair { wide: (wide, CONV_TC_BN), narrow: (narrow, CONV_TC_BN_NARROW) }
+}
+
+const fn halo<T: Copy>(
+    pack: Kernel<ConvPackParams<T>>,
+    wide: Kernel<ConvHaloParams<T>>,
+    narrow: Kernel<ConvHaloParams<T>>,
+) -> Option<HaloKernels<T>> {
+    Some(HaloKernels { pack, product: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) } })
 }
 
 impl ConvElement for f32 {
@@ -758,6 +865,7 @@ impl ConvElement for f32 {
             tc(kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32),
         ),
     ];
+    const HALO: [Option<HaloKernels<f32>>; 2] = [None, None];
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -776,6 +884,10 @@ impl ConvElement for bf16 {
         (None, tc(kernel::conv_wgrad_bf16, kernel::conv_wgrad_bf16_n32)),
         (None, tc(kernel::conv_transpose_wgrad_bf16, kernel::conv_transpose_wgrad_bf16_n32)),
     ];
+    const HALO: [Option<HaloKernels<bf16>>; 2] = [
+        halo(kernel::conv_fprop_pack_bf16, kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32),
+        halo(kernel::conv_dgrad_pack_bf16, kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32),
+    ];
 }
 
 impl Pairing {
@@ -783,9 +895,11 @@ impl Pairing {
     /// [`Gpu::set_exact_f32`] asks for it and the type has one, else the tensor cores (tf32 or bf16).
     fn gemm_kernel<T: ConvElement>(&self, product: Product, gpu: &Gpu) -> GemmKernel<T> {
         let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
+        // The transposed conv's products are never stride 1 here (its kernel is its stride): no halo kernels.
+        let halo = if self.transposed { None } else { T::HALO[product as usize] };
         match exact {
             Some(k) if gpu.exact_f32() => GemmKernel::Exact(k),
-            _ => GemmKernel::TensorCore(pair),
+            _ => GemmKernel::TensorCore(pair, halo),
         }
     }
 
