@@ -1,4 +1,5 @@
-// Stride-1 convolutions on the tensor cores from a halo tile (bf16 operands, float32 accumulation):
+// Stride-1 convolutions on the tensor cores from a halo tile (bf16 operands from bf16 storage, or tf32 operands from
+// float32 storage; float32 accumulation):
 //
 //   out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
 //
@@ -7,20 +8,22 @@
 // conv_tc.cu gathers each A element once per tap that reads it (27 times for a 3x3x3 kernel), two bytes at a time;
 // here a block reads the source box its 128 outputs need once per channel chunk:
 // - A block owns a box of 1 x tile_y x tile_x output positions (tile_x * tile_y = 128) of one batch item and BN
-//   output channels. Per stage of CONV_HALO_CK = 16 source channels it stages the halo, the box grown by taps - 1
-//   along each axis (at most 3 x 6 x 34 voxels), as pairs of channels in 32-bit words: halo[c / 2][voxel], the even
-//   channel in the low half, the order of the mma operand. The product of tap q is then a 128 x 16 x BN mma whose A
-//   rows are the halo voxels shifted by q: the fragment of row m reads word (voxel(m) + offset(q)), 8 consecutive
-//   rows 8 consecutive words, and the pair rows are CONV_HALO_PAIR_STRIDE = 8 (mod 32) words apart, so a warp's 32
-//   loads hit 32 banks.
-// - The weights are packed once per launch (conv_pack_*, a few MB at most) into [chunk][tap][col][16 channels] and
-//   copied with 16-byte cp.async: a stage's [tap][BN][16] slice. Each (tap, col) row is two 16-byte halves, swapped
-//   when bit 2 of col is set, so the B fragment loads of a warp (8 columns x 4 pairs) hit 32 banks.
+//   output channels. Per stage of a chunk of source channels (CONV_HALO_WORDS = 8 words: 16 bf16 channels as pairs,
+//   the even channel in the low half, the order of the mma operand; or 8 float32 channels rounded to tf32) it stages
+//   the halo, the box grown by taps - 1 along each axis (at most 3 x 6 x 34 voxels): halo[word][voxel]. The product
+//   of tap q is then a 128 x chunk x BN mma (one m16n8k16 bf16 or m16n8k8 tf32 step) whose A rows are the halo voxels
+//   shifted by q: the fragment of row m reads word (voxel(m) + offset(q)), 8 consecutive rows 8 consecutive words,
+//   and the word rows are CONV_HALO_PAIR_STRIDE = 8 (mod 32) words apart, so a warp's 32 loads hit 32 banks.
+// - The weights are packed once per launch (conv_pack_*, a few MB at most) into [chunk][tap][col][chunk channels]
+//   and copied with 16-byte cp.async: a stage's [tap][BN][8 words] slice. Each (tap, col) row is two 16-byte
+//   halves, swapped when bit 2 of col is set, so the B fragment loads of a warp (8 columns x 4 words) hit 32 banks.
 // - Two stages in flight: while the tensor cores work through the taps of chunk i, the weights of chunk i + 1 are in
 //   flight through cp.async and its halo through registers (2-byte loads, stored as pairs after the products).
-// - Warp (wm, wn) of the 4 x 2 warps computes positions 32 wm .. 32 wm + 31 and BN / 2 columns with
-//   mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16": with g = lane / 4, t = lane % 4, A holds the
-//   pairs (g, 2t..2t+1), (g + 8, 2t..), (g, 2t+8..), (g + 8, 2t+8..); B the pairs (2t..2t+1, g), (2t+8..2t+9, g)).
+// - Warp (wm, wn) of the 4 x 2 warps computes positions 32 wm .. 32 wm + 31 and BN / 2 columns with mma.sync
+//   (PTX ISA, "Matrix Fragments": with g = lane / 4, t = lane % 4, m16n8k16 bf16 takes in A the pairs (g, 2t..2t+1),
+//   (g + 8, 2t..), (g, 2t+8..), (g + 8, 2t+8..) and in B the pairs (2t..2t+1, g), (2t+8..2t+9, g); m16n8k8 tf32 the
+//   single elements (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) and (t, g), (t + 4, g): in both, the words
+//   t and t + 4 of rows g and g + 8, so one addressing serves both).
 // Each output is one thread's sum in a fixed order: results do not depend on scheduling.
 //
 // Cost: 2 c_src prod(taps) FLOPs per output element; bytes about the source once per column tile (plus the halo's
@@ -31,7 +34,7 @@
 
 namespace {
 
-constexpr int BM = CONV_HALO_BM, CK = CONV_HALO_CK, THREADS = CONV_HALO_THREADS, PAIRS = CK / 2;
+constexpr int BM = CONV_HALO_BM, WORDS = CONV_HALO_WORDS, THREADS = CONV_HALO_THREADS;
 constexpr int PS = CONV_HALO_PAIR_STRIDE;
 constexpr int WARPS_M = 4, WARPS_N = 2;
 constexpr int MI = BM / WARPS_M / 16;  // 16-row fragments per warp
@@ -40,15 +43,31 @@ constexpr int HALO_VOX = (CONV_HALO_MAX_VOXELS + THREADS - 1) / THREADS;
 static_assert(PS >= CONV_HALO_MAX_VOXELS && PS % 32 == 8, "pair rows 8 banks apart");
 static_assert(CONV_HALO_MAX_VOXELS == CONV_HALO_MAX_TAPS * (BM / 32 + CONV_HALO_MAX_TAPS - 1) *
                                          (32 + CONV_HALO_MAX_TAPS - 1), "the largest halo: tile_x 32");
-static_assert(WARPS_M * WARPS_N * 32 == THREADS && CK == 16, "warp layout, one k-step per tap");
+static_assert(WARPS_M * WARPS_N * 32 == THREADS && WORDS == 8, "warp layout, one mma k-step per tap");
 
-// The bf16 pair (lo, hi) as one mma operand word.
-__device__ __forceinline__ unsigned pair_word(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+// Channels per 32-bit word and per chunk of T storage (bf16: pairs, 16 channels; float: 8 channels).
+template <typename T>
+constexpr int PER_WORD = 4 / sizeof(T);
+template <typename T>
+constexpr int CHUNK = WORDS * PER_WORD<T>;
+
+// The operand word of channels c (and c + 1 for bf16) at src (each valid or 0): bf16 pairs, the even channel in the
+// low half; float32 rounded to tf32.
+__device__ __forceinline__ unsigned operand_word(const __nv_bfloat16* at, int64_t step, bool lo_ok, bool hi_ok) {
+    const __nv_bfloat16 zero = __ushort_as_bfloat16(0);
+    return (unsigned)__bfloat16_as_ushort(lo_ok ? at[0] : zero) |
+           ((unsigned)__bfloat16_as_ushort(hi_ok ? at[step] : zero) << 16);
 }
+__device__ __forceinline__ unsigned operand_word(const float* at, int64_t, bool ok, bool) {
+    return mma::to_tf32(ok ? *at : 0.0f);
+}
+// A packed weight element: float32 rounded to tf32 (the products' operand), bf16 as it is.
+__device__ __forceinline__ __nv_bfloat16 pack_value(__nv_bfloat16 w) { return w; }
+__device__ __forceinline__ float pack_value(float w) { return __uint_as_float(mma::to_tf32(w)); }
 
 template <typename T>
 __device__ __forceinline__ void conv_pack(const ConvPackParams<T>& p) {
+    constexpr int CK = CHUNK<T>;
     const int taps = p.taps[0] * p.taps[1] * p.taps[2];
     FOR_EACH(e, p.len) {
         const int k_in = (int)(e % CK);
@@ -67,15 +86,15 @@ __device__ __forceinline__ void conv_pack(const ConvPackParams<T>& p) {
                 const int walked = p.flip[d] ? p.taps[d] - 1 - qd[d] : qd[d];
                 tap = tap * p.kernel[d] + p.tap_mul[d] * walked + p.tap_add[d];
             }
-            v = p.w[(int64_t)col * p.w_dst + (int64_t)c * p.w_src + tap];
+            v = pack_value(p.w[(int64_t)col * p.w_dst + (int64_t)c * p.w_src + tap]);
         }
         p.packed[e] = v;
     }
 }
 
-template <int BN>
-__device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p) {
-    constexpr int WTN = BN / WARPS_N, NI = WTN / 8;
+template <int BN, typename T>
+__device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
+    constexpr int WTN = BN / WARPS_N, NI = WTN / 8, CK = CHUNK<T>, PER = PER_WORD<T>;
     extern __shared__ __align__(16) unsigned smem[];
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, tq = lane & 3;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
@@ -84,11 +103,11 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p
     const int tile_x = p.tile_x, tile_y = BM / tile_x;
     const int hz = p.taps[0], hy = tile_y + p.taps[1] - 1, hx = tile_x + p.taps[2] - 1;
     const int halo_vox = hz * hy * hx;
-    const int weight_words = taps * BN * PAIRS;
+    const int weight_words = taps * BN * WORDS;
     // Stage b: its halo at smem + b * stage_words, its weights after the halo.
-    const int stage_words = PAIRS * PS + weight_words;
+    const int stage_words = WORDS * PS + weight_words;
     auto halo_of = [&](int b) { return smem + b * stage_words; };
-    auto weights_of = [&](int b) { return smem + b * stage_words + PAIRS * PS; };
+    auto weights_of = [&](int b) { return smem + b * stage_words + WORDS * PS; };
 
     // This block's box: batch item n, output slice z, rows y0 .., columns x0 .., output channels col0 ..
     const int x_tiles = (p.rows[2] + tile_x - 1) / tile_x, y_tiles = (p.rows[1] + tile_y - 1) / tile_y;
@@ -100,10 +119,10 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p
     const int z = b % p.rows[0], n = b / p.rows[0];
     const int col0 = blockIdx.y * BN;
     const int src_vox = p.src_size[0] * p.src_size[1] * p.src_size[2];
-    const __nv_bfloat16* src_n = p.src + (int64_t)n * p.c_src * src_vox;
+    const T* src_n = p.src + (int64_t)n * p.c_src * src_vox;
 
-    // The halo voxels this thread stages: v = t + THREADS i, each for all PAIRS channel pairs (shared word
-    // pair * PS + v); off is the voxel's source offset within a channel, -1 outside the map or past the halo.
+    // The halo voxels this thread stages: v = t + THREADS i, each for all WORDS words of the chunk (shared word
+    // w * PS + v); off is the voxel's source offset within a channel, -1 outside the map or past the halo.
     int off[HALO_VOX];
 #pragma unroll
     for (int i = 0; i < HALO_VOX; ++i) {
@@ -114,18 +133,15 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p
                             (unsigned)sx < (unsigned)p.src_size[2];
         off[i] = v < halo_vox && inside ? (sz * p.src_size[1] + sy) * p.src_size[2] + sx : -1;
     }
-    unsigned staged[HALO_VOX][PAIRS];
+    unsigned staged[HALO_VOX][WORDS];
     auto load_halo = [&](int chunk) {
-        const __nv_bfloat16 zero = __ushort_as_bfloat16(0);
 #pragma unroll
         for (int i = 0; i < HALO_VOX; ++i)
 #pragma unroll
-            for (int pair = 0; pair < PAIRS; ++pair) {
-                const int c = chunk * CK + 2 * pair;
-                const __nv_bfloat16* at = src_n + (int64_t)c * src_vox + off[i];
-                const __nv_bfloat16 lo = off[i] >= 0 && c < p.c_src ? at[0] : zero;
-                const __nv_bfloat16 hi = off[i] >= 0 && c + 1 < p.c_src ? at[src_vox] : zero;
-                staged[i][pair] = pair_word(lo, hi);
+            for (int w = 0; w < WORDS; ++w) {
+                const int c = chunk * CK + PER * w;
+                const T* at = src_n + (int64_t)c * src_vox + off[i];
+                staged[i][w] = operand_word(at, src_vox, off[i] >= 0 && c < p.c_src, off[i] >= 0 && c + 1 < p.c_src);
             }
     };
     auto store_halo = [&](unsigned* halo) {
@@ -133,16 +149,16 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p
         for (int i = 0; i < HALO_VOX; ++i)
             if (t + i * THREADS < halo_vox)
 #pragma unroll
-                for (int pair = 0; pair < PAIRS; ++pair) halo[pair * PS + t + i * THREADS] = staged[i][pair];
+                for (int w = 0; w < WORDS; ++w) halo[w * PS + t + i * THREADS] = staged[i][w];
     };
     // The weights of a chunk: taps * BN rows of two 16-byte halves, half h stored at h ^ (bit 2 of the column).
     auto load_weights = [&](int chunk, int buf) {
-        const __nv_bfloat16* from = p.packed + ((int64_t)chunk * taps * p.c_dst_pad + col0) * CK;
+        const T* from = p.packed + ((int64_t)chunk * taps * p.c_dst_pad + col0) * CK;
         for (int h = t; h < 2 * taps * BN; h += THREADS) {
             const int row = h >> 1, half = h & 1, q = row / BN, col = row - q * BN;
-            unsigned* to = weights_of(buf) + row * PAIRS + 4 * (half ^ ((col >> 2) & 1));
-            mma::cp_async16(reinterpret_cast<__nv_bfloat16*>(to), from + ((int64_t)q * p.c_dst_pad + col) * CK + 8 * half,
-                            8);
+            unsigned* to = weights_of(buf) + row * WORDS + 4 * (half ^ ((col >> 2) & 1));
+            mma::cp_async16(reinterpret_cast<T*>(to), from + ((int64_t)q * p.c_dst_pad + col) * CK + CK / 2 * half,
+                            CK / 2);
         }
         mma::cp_async_commit();
     };
@@ -189,14 +205,20 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p
 #pragma unroll
                     for (int j = 0; j < NI; ++j) {
                         const int col = wn * WTN + 8 * j + g, swap = (col & 4);
-                        const unsigned* row = b_s + (q * BN + col) * PAIRS;
+                        const unsigned* row = b_s + (q * BN + col) * WORDS;
                         bf[j][0] = row[tq ^ swap];
                         bf[j][1] = row[(tq + 4) ^ swap];
                     }
 #pragma unroll
                     for (int i = 0; i < MI; ++i)
 #pragma unroll
-                        for (int j = 0; j < NI; ++j) mma::mma_bf16(acc[i][j], a[i], bf[j][0], bf[j][1]);
+                        for (int j = 0; j < NI; ++j) {
+                            if constexpr (PER == 2) {
+                                mma::mma_bf16(acc[i][j], a[i], bf[j][0], bf[j][1]);
+                            } else {
+                                mma::mma_tf32(acc[i][j], a[i], bf[j][0], bf[j][1]);
+                            }
+                        }
                 }
         if (more) store_halo(halo_of(buf ^ 1));
         mma::cp_async_wait<0>();
@@ -219,20 +241,27 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<__nv_bfloat16>& p
                 for (int e = 0; e < 2; ++e) {
                     const int col = col0 + wn * WTN + 8 * j + 2 * tq + e;
                     if (col < p.c_dst)
-                        p.dst[out + (int64_t)col * dst_vox] = __float2bfloat16_rn(
-                            acc[i][j][2 * h + e] + (p.bias ? __bfloat162float(p.bias[col]) : 0.0f));
+                        p.dst[out + (int64_t)col * dst_vox] =
+                            from_f32<T>(acc[i][j][2 * h + e] + (p.bias ? to_f32(p.bias[col]) : 0.0f));
                 }
         }
 }
 
 }  // namespace
 
+// One name per role and math; _n32 for outputs of at most 32 channels.
+extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p) { conv_pack(p); }
+extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p) { conv_pack(p); }
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 
-#define CONV_HALO_KERNEL(NAME, BN) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvHaloParams<__nv_bfloat16> p) { conv_halo<BN>(p); }
-CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BN)  // conv forward
-CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BN_NARROW)
-CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BN)  // conv input gradient
-CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BN_NARROW)
+#define CONV_HALO_KERNEL(NAME, BN, T) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvHaloParams<T> p) { conv_halo<BN>(p); }
+CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BN, float)  // conv forward
+CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BN_NARROW, float)
+CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BN, float)  // conv input gradient
+CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32, CONV_HALO_BN_NARROW, float)
+CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BN, __nv_bfloat16)  // the same in bf16
+CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)

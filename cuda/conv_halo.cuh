@@ -1,29 +1,31 @@
-// Parameters of the halo-tile convolution products of conv_halo.cu (stride 1, at most 3 taps per axis, bf16).
+// Parameters of the halo-tile convolution products of conv_halo.cu (stride 1, at most 3 taps per axis; bf16 or tf32).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
 
 // The block tile: CONV_HALO_BM output positions (a box of 1 x (CONV_HALO_BM / tile_x) x tile_x) x CONV_HALO_BN or
-// CONV_HALO_BN_NARROW output channels, CONV_HALO_CK source channels per pipeline stage (one mma k-step per tap),
-// CONV_HALO_THREADS threads (8 warps: 4 along the positions x 2 along the channels).
+// CONV_HALO_BN_NARROW output channels; per pipeline stage a chunk of source channels of CONV_HALO_WORDS 32-bit
+// operand words (16 bf16 channels as pairs, or 8 float32 channels: one mma k-step per tap); CONV_HALO_THREADS
+// threads (8 warps: 4 along the positions x 2 along the channels).
 constexpr int CONV_HALO_BM = 128;
 constexpr int CONV_HALO_BN = 64;
 constexpr int CONV_HALO_BN_NARROW = 32;
-constexpr int CONV_HALO_CK = 16;
+constexpr int CONV_HALO_WORDS = 8;
 constexpr int CONV_HALO_THREADS = 256;
 // Taps per axis the halo holds, and the most halo voxels of a stage (3 x 6 x 34: 3 taps per axis, tile_x 32).
 constexpr int CONV_HALO_MAX_TAPS = 3;
 constexpr int CONV_HALO_MAX_VOXELS = 612;
-// 32-bit words between two channel pairs' rows of the halo (at least CONV_HALO_MAX_VOXELS; 8 mod 32 spreads a warp's
+// 32-bit words between two operand words' rows of the halo (at least CONV_HALO_MAX_VOXELS; 8 mod 32 spreads a warp's
 // fragment loads over the banks).
 constexpr int CONV_HALO_PAIR_STRIDE = 616;
 
 // One stride-1 product out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] over
 // output positions r in rows (per axis), source channels c < c_src and taps q in taps (per axis), source positions
-// outside src_size reading 0; Wp is the packed weight of conv_pack_*: [ceil(c_src / CONV_HALO_CK)][prod(taps)]
-// [c_dst_pad][CONV_HALO_CK]. Grid (batch * rows[0] * ceil(rows[1] / tile_y) * ceil(rows[2] / tile_x),
-// ceil(c_dst / BN)) with tile_y = CONV_HALO_BM / tile_x, CONV_HALO_THREADS threads, dynamic shared memory
-// 2 * 4 * (CONV_HALO_CK / 2 * CONV_HALO_PAIR_STRIDE + prod(taps) * BN * CONV_HALO_CK / 2) bytes.
+// outside src_size reading 0; Wp is the packed weight of conv_pack_*: [ceil(c_src / chunk)][prod(taps)]
+// [c_dst_pad][chunk], chunk = CONV_HALO_WORDS * 4 / sizeof(T) channels. Grid (batch * rows[0] *
+// ceil(rows[1] / tile_y) * ceil(rows[2] / tile_x), ceil(c_dst / BN)) with tile_y = CONV_HALO_BM / tile_x,
+// CONV_HALO_THREADS threads, dynamic shared memory 2 * 4 * CONV_HALO_WORDS * (CONV_HALO_PAIR_STRIDE + prod(taps) * BN)
+// bytes.
 template <typename T>
 struct ConvHaloParams {
     const T* src;
@@ -43,8 +45,8 @@ struct ConvHaloParams {
     int tile_x;  // 8, 16 or 32: output positions of the box along the last axis
 };
 
-// packed[((k / CONV_HALO_CK * prod(taps) + q) * c_dst_pad + col) * CONV_HALO_CK + k % CONV_HALO_CK] =
-// w[col*w_dst + k*w_src + tap(a)] for source channel k < c_src and col < c_dst (else 0), the tap a of the product's
+// packed[((k / chunk * prod(taps) + q) * c_dst_pad + col) * chunk + k % chunk] = w[col*w_dst + k*w_src + tap(a)]
+// (float32 rounded to tf32) for source channel k < c_src and col < c_dst (else 0), the tap a of the product's
 // enumeration (conv.cuh's ConvGemmParams) for halo tap q: per axis q' = taps - 1 - q where flip is set (the product
 // walks the source backwards), else q, and a = tap_mul*q' + tap_add, tap(a) flat over kernel. Grid-stride over len.
 template <typename T>
@@ -64,10 +66,16 @@ struct ConvPackParams {
     int64_t len;
 };
 
-// One name per role (conv forward, conv input gradient), each its weight packing and its product; _n32 for outputs
-// of at most 32 channels.
+// One name per role (conv forward, conv input gradient) and math, each its weight packing and its product; _n32 for
+// outputs of at most 32 channels.
+extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p);
+extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p);
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_halo_tf32(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_fprop_halo_tf32_n32(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_dgrad_halo_tf32(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_dgrad_halo_tf32_n32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_fprop_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);

@@ -123,7 +123,9 @@ pub fn run(list: &str, torch: Option<String>, out: Option<String>, maths: Option
         let text = std::fs::read_to_string(p).map_err(|e| Error::Io(format!("{p}: {e}")))?;
         serde_json::from_str(&text).map_err(|e| Error::Io(format!("{p}: {e}")))
     };
-    let listed = read(list)?.as_array().map_or(0, Vec::len);
+    let list_json = read(list)?;
+    let listed: Vec<&str> =
+        list_json.as_array().map_or(vec![], |l| l.iter().filter_map(|c| c["config"].as_str()).collect());
     let torch = torch.as_deref().map(read).transpose()?;
     let bf16_rate = torch.as_ref().and_then(|t| t["ceilings"]["bf16_TFLOPs"].as_f64());
     let cudnn = |name: &str, variant: &str| -> Option<f64> {
@@ -131,9 +133,14 @@ pub fn run(list: &str, torch: Option<String>, out: Option<String>, maths: Option
             (r["name"].as_str()? == name && r["variant"].as_str()? == variant).then(|| r["ms"].as_f64())?
         })
     };
-    let shapes = shapes()?;
-    if listed != shapes.len() {
-        eprintln!("note: {list} lists {listed} shapes, this binary {}: cuDNN rows may be missing", shapes.len());
+    // Only the configurations the list names (a list cut down to one configuration times only that one).
+    let shapes: Vec<_> = shapes()?.into_iter().filter(|(config, _)| listed.contains(config)).collect();
+    if listed.len() != shapes.len() {
+        eprintln!(
+            "note: {list} lists {} shapes, this binary {}: cuDNN rows may be missing",
+            listed.len(),
+            shapes.len()
+        );
     }
     let mut md = format!(
         "GPU: {}; bf16 matrix ceiling {} (PyTorch, same run). cuDNN: bf16 channels-last and tf32, cudnn.benchmark on; \

@@ -68,9 +68,9 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradParams, Kernel,
-    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_CK,
-    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_THREADS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
-    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
+    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
+    CONV_HALO_PAIR_STRIDE, CONV_HALO_THREADS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -671,17 +671,23 @@ fn launch_product<T: ConvElement>(
     }
 }
 
+/// Source channels per stage of the halo-tile kernels: [`CONV_HALO_WORDS`] 32-bit operand words (bf16 pairs or
+/// float32 singles).
+fn halo_chunk<T>() -> usize {
+    CONV_HALO_WORDS * 4 / std::mem::size_of::<T>()
+}
+
 /// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a stride-1 product (source and output walked one
 /// position per row, the source one position per tap, either way) of at most [`CONV_HALO_MAX_TAPS`] taps per axis,
-/// with at least one stage of [`CONV_HALO_CK`] source channels (fewer would leave most of each product zero: the
-/// 1-channel stem stays on conv_tc.cu's gathers).
+/// with at least one whole stage of source channels (fewer would leave most of each product zero: the 1-channel
+/// stem stays on conv_tc.cu's gathers).
 fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     (0..3).all(|d| {
         p.src_mul[d] == 1
             && p.dst_mul[d] == 1
             && p.src_tap[d].abs() == 1
             && (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d])
-    }) && p.c_src as usize >= CONV_HALO_CK
+    }) && p.c_src as usize >= halo_chunk::<T>()
 }
 
 /// The halo box's extent along the last axis (8, 16 or 32; the box holds [`CONV_HALO_BM`] positions): the one that
@@ -702,7 +708,8 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
     let taps = p.taps.iter().product::<i32>() as usize;
     let (c_src, c_dst) = (p.c_src as usize, p.c_dst as usize);
     let c_dst_pad = c_dst.next_multiple_of(tile_n);
-    let len = c_src.div_ceil(CONV_HALO_CK) * taps * c_dst_pad * CONV_HALO_CK;
+    let chunk = halo_chunk::<T>();
+    let len = c_src.div_ceil(chunk) * taps * c_dst_pad * chunk;
     let mut packed = gpu.alloc_of::<T>(len, what)?;
     let pack = ConvPackParams {
         w: p.w,
@@ -745,8 +752,7 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
         * p.rows[0] as usize
         * (p.rows[1] as usize).div_ceil(tile_y as usize)
         * (p.rows[2] as usize).div_ceil(tile_x as usize);
-    let pair_words = CONV_HALO_CK / 2;
-    let stage_bytes = 4 * (pair_words * CONV_HALO_PAIR_STRIDE + taps * tile_n * pair_words);
+    let stage_bytes = 4 * CONV_HALO_WORDS * (CONV_HALO_PAIR_STRIDE + taps * tile_n);
     let cfg = LaunchConfig {
         grid_dim: (boxes as u32, c_dst.div_ceil(tile_n) as u32, 1),
         block_dim: (CONV_HALO_THREADS as u32, 1, 1),
@@ -865,7 +871,10 @@ impl ConvElement for f32 {
             tc(kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32),
         ),
     ];
-    const HALO: [Option<HaloKernels<f32>>; 2] = [None, None];
+    const HALO: [Option<HaloKernels<f32>>; 2] = [
+        halo(kernel::conv_fprop_pack_tf32, kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32),
+        halo(kernel::conv_dgrad_pack_tf32, kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32),
+    ];
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
