@@ -43,7 +43,9 @@
 //! weight gradient, split deterministically over the reduction), and db is a two-level per-channel sum. Each
 //! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
 //! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones: tf32 from
-//! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones). With a
+//! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
+//! tensor-core maths run the stride-1 products of up to 3x3x3 taps (the conv's forward and input gradient) on the
+//! halo-tile kernels of cuda/conv_halo.cu instead ([`halo_suits`]), the rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
@@ -678,16 +680,18 @@ fn halo_chunk<T>() -> usize {
 }
 
 /// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a stride-1 product (source and output walked one
-/// position per row, the source one position per tap, either way) of at most [`CONV_HALO_MAX_TAPS`] taps per axis,
-/// with at least one whole stage of source channels (fewer would leave most of each product zero: the 1-channel
-/// stem stays on conv_tc.cu's gathers).
+/// position per row, the source one position per tap, either way) of at most [`CONV_HALO_MAX_TAPS`] taps per axis
+/// and more than one tap, with at least one whole stage of source channels. The others stay on conv_tc.cu's
+/// gathers: fewer channels would leave most of each product zero (the 1-channel stem), and a 1x1x1 product reuses no
+/// staged voxel (measured on the H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
 fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     (0..3).all(|d| {
         p.src_mul[d] == 1
             && p.dst_mul[d] == 1
             && p.src_tap[d].abs() == 1
             && (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d])
-    }) && p.c_src as usize >= halo_chunk::<T>()
+    }) && p.taps.iter().product::<i32>() > 1
+        && p.c_src as usize >= halo_chunk::<T>()
 }
 
 /// The halo box's extent along the last axis (8, 16 or 32; the box holds [`CONV_HALO_BM`] positions): the one that
