@@ -58,7 +58,6 @@
 //! channels, 3x3x3, float32) that is 1728 FLOPs per 8 bytes, 216 per byte: bound by arithmetic, not by memory.
 
 use std::borrow::Cow;
-
 use std::sync::Arc;
 
 use cudarc::driver::LaunchConfig;
