@@ -704,19 +704,16 @@ fn halo_tile_x(rows: [i32; 3], taps: [i32; 3]) -> i32 {
     [32, 16, 8].into_iter().min_by_key(|&t| cost(t)).expect("three candidates")
 }
 
-/// Launches the stride-1 product `p` (pointers filled) on the halo-tile kernels: packs the weight for the product's
-/// taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
-fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
-    let (product, tile_n) = halo.product.for_columns(p.c_dst as usize);
+/// The halo-tile launch of the stride-1 product `p` for tiles of `tile_n` columns: the weight packing's parameters
+/// (pointers left null) and the product's (its `packed` pointer null), with the grid's box count.
+fn halo_params<T: GpuElement>(p: &ConvGemmParams<T>, tile_n: usize) -> (ConvPackParams<T>, ConvHaloParams<T>, usize) {
     let taps = p.taps.iter().product::<i32>() as usize;
     let (c_src, c_dst) = (p.c_src as usize, p.c_dst as usize);
     let c_dst_pad = c_dst.next_multiple_of(tile_n);
     let chunk = halo_chunk::<T>();
     let len = c_src.div_ceil(chunk) * taps * c_dst_pad * chunk;
-    let mut packed = gpu.alloc_of::<T>(len, what)?;
     let pack = ConvPackParams {
         w: p.w,
-        packed: packed.ptr_mut(),
         c_src: p.c_src,
         c_dst: p.c_dst,
         c_dst_pad: c_dst_pad as i32,
@@ -728,15 +725,14 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
         tap_add: p.tap_add,
         flip: p.src_tap.map(|t| (t < 0) as i32),
         len: len as i64,
+        ..ConvPackParams::default()
     };
-    gpu.launch(halo.pack, grid_1d(len), &pack, what)?;
     let tile_x = halo_tile_x(p.rows, p.taps);
     let tile_y = CONV_HALO_BM as i32 / tile_x;
     // A tap walked backwards (src_tap -1) starts taps - 1 positions before src_add.
     let lo = [0, 1, 2].map(|d| p.src_add[d] - if p.src_tap[d] < 0 { p.taps[d] - 1 } else { 0 });
-    let params = ConvHaloParams {
+    let product = ConvHaloParams {
         src: p.src,
-        packed: packed.ptr(),
         bias: p.bias,
         dst: p.dst,
         batch: p.batch,
@@ -750,18 +746,30 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
         dst_add: p.dst_add,
         taps: p.taps,
         tile_x,
+        ..ConvHaloParams::default()
     };
     let boxes = p.batch as usize
         * p.rows[0] as usize
         * (p.rows[1] as usize).div_ceil(tile_y as usize)
         * (p.rows[2] as usize).div_ceil(tile_x as usize);
+    (pack, product, boxes)
+}
+
+/// Launches the stride-1 product `p` (pointers filled) on the halo-tile kernels: packs the weight for the product's
+/// taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
+fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
+    let (product, tile_n) = halo.product.for_columns(p.c_dst as usize);
+    let (pack, params, boxes) = halo_params(p, tile_n);
+    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
+    gpu.launch(halo.pack, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
+    let taps = p.taps.iter().product::<i32>() as usize;
     let stage_bytes = 4 * CONV_HALO_WORDS * (CONV_HALO_PAIR_STRIDE + taps * tile_n);
     let cfg = LaunchConfig {
-        grid_dim: (boxes as u32, c_dst.div_ceil(tile_n) as u32, 1),
+        grid_dim: (boxes as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
         block_dim: (CONV_HALO_THREADS as u32, 1, 1),
         shared_mem_bytes: (2 * stage_bytes) as u32,
     };
-    gpu.launch(product, cfg, &params, what)
+    gpu.launch(product, cfg, &ConvHaloParams { packed: packed.ptr(), ..params }, what)
 }
 
 /// The tensor-core kernels keep a mask of at most [`CONV_TC_MAX_TAPS`] taps per axis (cuda/conv_tc.cu).
@@ -1387,6 +1395,96 @@ mod tests {
                 assert_near(&got, &want, &format!("{p:?} weight gradient, slices of {slice_len}"));
             }
         }
+    }
+
+    /// What conv_pack_* and the halo product compute for `p` (cuda/conv_halo.cuh), in float64: the packed weight,
+    /// then out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col].
+    fn conv_halo(
+        (pack, h): (&ConvPackParams<f32>, &ConvHaloParams<f32>),
+        src: &[f64],
+        w: &[f64],
+        b: Option<&[f64]>,
+        dst: &mut [f64],
+    ) {
+        let chunk = halo_chunk::<f32>();
+        let (taps, c_pad) = (voxels(usize3(pack.taps)), pack.c_dst_pad as usize);
+        let packed: Vec<f64> = (0..pack.len as usize)
+            .map(|e| {
+                let (k_in, rest) = (e % chunk, e / chunk);
+                let (col, rest) = (rest % c_pad, rest / c_pad);
+                let (q, c) = (rest % taps, rest / taps * chunk + k_in);
+                if c >= pack.c_src as usize || col >= pack.c_dst as usize {
+                    return 0.0;
+                }
+                let qd = split(q, pack.taps);
+                let a = usize3([0, 1, 2].map(|d| {
+                    let walked = if pack.flip[d] != 0 { pack.taps[d] - 1 - qd[d] } else { qd[d] };
+                    pack.tap_mul[d] * walked + pack.tap_add[d]
+                }));
+                w[col * pack.w_dst as usize + c * pack.w_src as usize + flat(a, usize3(pack.kernel))]
+            })
+            .collect();
+        let (src_size, dst_size) = (usize3(h.src_size), usize3(h.dst_size));
+        let (c_src, c_dst) = (h.c_src as usize, h.c_dst as usize);
+        for n in 0..h.batch as usize {
+            for r in points(usize3(h.rows)) {
+                let out_at = usize3([0, 1, 2].map(|d| r[d] as i32 + h.dst_add[d]));
+                for col in 0..c_dst {
+                    let mut acc = b.map_or(0.0, |b| b[col]);
+                    for c in 0..c_src {
+                        for (q, qd) in points(usize3(h.taps)).enumerate() {
+                            let at = [0, 1, 2].map(|d| r[d] as i32 + h.lo[d] + qd[d] as i32);
+                            if (0..3).all(|d| at[d] >= 0 && at[d] < h.src_size[d]) {
+                                let wp = ((c / chunk * taps + q) * c_pad + col) * chunk + c % chunk;
+                                acc +=
+                                    src[(n * c_src + c) * voxels(src_size) + flat(usize3(at), src_size)] * packed[wp];
+                            }
+                        }
+                    }
+                    dst[(n * c_dst + col) * voxels(dst_size) + flat(out_at, dst_size)] = acc;
+                }
+            }
+        }
+    }
+
+    /// The halo-tile kernels' parameters ([`halo_params`]) compute the stride-1 products: the forward and the input
+    /// gradient (its taps walked backwards, the kernel flipped by the packing) of the stride-1 pairings, in both
+    /// tile widths; the strided products are not theirs.
+    #[test]
+    fn halo_products_compute_the_stride_1_pairing_products() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let stride_1 = [
+            pairing(2, 19, 21, [3, 4, 5], [3, 3, 3], [1, 1, 1]),
+            pairing(1, 9, 40, [1, 7, 6], [1, 3, 3], [1, 1, 1]),
+            pairing(1, 10, 3, [4, 1, 9], [3, 1, 3], [1, 1, 1]),
+        ];
+        for p in stride_1 {
+            let d = p.kernel_dims("test").unwrap();
+            let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
+            let xw = random(p.batch * p.c_wide * vw, &mut rng);
+            let xn = random(p.batch * p.c_narrow * vn, &mut rng);
+            let w = random(p.c_narrow * p.c_wide * taps, &mut rng);
+            let b = random(p.c_narrow.max(p.c_wide), &mut rng);
+            let forward = d.narrow_from_wide::<f32>();
+            let [backward]: [ConvGemmParams<f32>; 1] = d.wide_from_narrow().try_into().unwrap();
+            for tile_n in [CONV_HALO_BN_NARROW, CONV_HALO_BN] {
+                for (product, src, want) in [
+                    (forward, &xw, narrow_from_wide_direct(&p, &xw, &w, Some(&b[..p.c_narrow]))),
+                    (backward, &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide]))),
+                ] {
+                    assert!(halo_suits(&ConvGemmParams { c_src: 16, ..product }), "{p:?}: a stride-1 product");
+                    let (pack, h, _) = halo_params(&product, tile_n);
+                    let mut got = vec![f64::NAN; want.len()];
+                    conv_halo((&pack, &h), src, &w, Some(&b[..product.c_dst as usize]), &mut got);
+                    assert_near(&got, &want, &format!("{p:?} halo, {tile_n} columns"));
+                }
+            }
+        }
+        let strided = pairing(1, 16, 16, [5, 4, 7], [3, 3, 3], [1, 2, 2]).kernel_dims("test").unwrap();
+        assert!(!halo_suits(&strided.narrow_from_wide::<f32>()), "a strided forward is conv_tc.cu's");
+        assert!(strided.wide_from_narrow::<f32>().iter().all(|p| !halo_suits(p)), "so are its input gradient's phases");
+        let one_tap = pairing(1, 16, 16, [5, 4, 7], [1, 1, 1], [1, 1, 1]).kernel_dims("test").unwrap();
+        assert!(!halo_suits(&one_tap.narrow_from_wide::<f32>()), "a 1x1x1 product is conv_tc.cu's");
     }
 
     /// A stride above the kernel leaves wide positions that no tap reaches: their phases have no taps, and the
