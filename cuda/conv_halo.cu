@@ -5,7 +5,7 @@
 //
 // the conv forward of a stride-1 convolution (lo = -pad) and its input gradient (the same sum over the output
 // gradient with the kernel flipped and its channel axes swapped: conv.rs's wide_from_narrow of a stride-1 pairing).
-// conv_tc.cu gathers each A element once per tap that reads it (27 times for a 3x3x3 kernel), two bytes at a time;
+// conv_tc.cu gathers each A element once per tap that reads it (27 times for a 3x3x3 kernel), one element at a time;
 // here a block reads the source box its 128 outputs need once per channel chunk:
 // - A block owns a box of 1 x tile_y x tile_x output positions (tile_x * tile_y = 128) of one batch item and BN
 //   output channels. Per stage of a chunk of source channels (CONV_HALO_WORDS = 8 words: 16 bf16 channels as pairs,
@@ -18,7 +18,8 @@
 //   and copied with 16-byte cp.async: a stage's [tap][BN][8 words] slice. Each (tap, col) row is two 16-byte
 //   halves, swapped when bit 2 of col is set, so the B fragment loads of a warp (8 columns x 4 words) hit 32 banks.
 // - Two stages in flight: while the tensor cores work through the taps of chunk i, the weights of chunk i + 1 are in
-//   flight through cp.async and its halo through registers (2-byte loads, stored as pairs after the products).
+//   flight through cp.async and its halo through registers (element loads, stored as operand words after the
+//   products).
 // - Warp (wm, wn) of the 4 x 2 warps computes positions 32 wm .. 32 wm + 31 and BN / 2 columns with mma.sync
 //   (PTX ISA, "Matrix Fragments": with g = lane / 4, t = lane % 4, m16n8k16 bf16 takes in A the pairs (g, 2t..2t+1),
 //   (g + 8, 2t..), (g, 2t+8..), (g + 8, 2t+8..) and in B the pairs (2t..2t+1, g), (2t+8..2t+9, g); m16n8k8 tf32 the
