@@ -3,7 +3,9 @@
 # benchmark beside the PyTorch yardstick. Writes logs and tables to ${OUT:-/tmp/out}; prints a summary last.
 #
 # --convs: only the per-shape convolution table (every convolution of the flare-3d and amos-2d steps, each role, bf16
-# and tf32, beside cuDNN bf16 channels-last and tf32; benches/kernels/convs.rs), no tests: $OUT/convs.md.
+# and tf32, beside cuDNN bf16 channels-last and tf32; benches/kernels/convs.rs), no tests: $OUT/convs.md. Both
+# configurations and maths take about 6 minutes; CONVS_CONFIG (flare-3d or amos-2d) and CONVS_MATHS (bf16 or tf32)
+# time a part of it.
 #
 # --sanitize: also runs every GPU test binary under compute-sanitizer memcheck (out-of-bounds and misaligned
 # accesses, use of freed memory, API errors), and the kernel-heavy ones, whose threads share memory (scan, norms,
@@ -27,9 +29,16 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if [ "$convs" = 1 ]; then
   .gpu/tests/kernels --list-convs "$out/convs.json"
-  python3 tools/bench_torch.py --convs "$out/convs.json" --out "$out" >"$out/torch_convs.log" 2>&1 ||
+  if [ -n "${CONVS_CONFIG:-}" ]; then
+    python3 -c 'import json, sys
+shapes = [c for c in json.load(open(sys.argv[1])) if c["config"] == sys.argv[2]]
+json.dump(shapes, open(sys.argv[1], "w"))' "$out/convs.json" "$CONVS_CONFIG"
+  fi
+  maths=${CONVS_MATHS:-bf16,tf32}
+  variants=$(echo "$maths" | sed 's/bf16/bf16_cl/')
+  python3 tools/bench_torch.py --convs "$out/convs.json" --out "$out" --variants "$variants" >"$out/torch_convs.log" 2>&1 ||
     { echo "torch conv bench failed"; tail -n 5 "$out/torch_convs.log"; }
-  .gpu/tests/kernels --convs "$out/convs.json" --torch "$out/torch_convs.json" --out "$out/convs.md" \
+  .gpu/tests/kernels --convs "$out/convs.json" --torch "$out/torch_convs.json" --out "$out/convs.md" --maths "$maths" \
     2>"$out/kernels_convs.log" >/dev/null || tail -n 5 "$out/kernels_convs.log"
   cat "$out/convs.md"
   exit 0
