@@ -133,35 +133,28 @@ impl Mamba {
         // of x and z flow back without a zero-filled (G, L, 2 d_inner) gradient. The tape adds the two row slices'
         // gradients into W's, and the two products' gradients into u's.
         let rows = |tape: &mut Tape, start| narrow(tape, p.get(self.in_proj), 0, start, di);
-        let conv_w = |tape: &mut Tape| reshape(tape, p.get(self.conv_w), &[di, self.d_conv]);
-        let x = if self.recompute {
-            // The input branch x = SiLU(conv1d(u W[0..di]^T)) as one checkpoint: it keeps u (which z's product keeps
-            // anyway) and the small weights, and rebuilds its two (G, L, d_inner) intermediates in the backward pass.
-            let (w_rows, conv_w) = (rows(tape, 0)?, conv_w(tape)?);
-            let inputs = [u, &w_rows, &conv_w, p.get(self.conv_b)];
-            let prefix = self.prefix.clone();
-            checkpoint(tape, "mamba input branch", &inputs, move |t, v| {
-                let x = {
-                    let _layer = profile::sublayer(&prefix, "in_proj");
-                    linear(t, &v[0], &v[1], None)?
-                };
-                let _layer = profile::sublayer(&prefix, "conv1d");
-                let x = causal_conv1d(t, &x, &v[2], &v[3])?;
-                silu(t, &x)
-            })?
-        } else {
-            let x = {
-                let _layer = profile::sublayer(&self.prefix, "in_proj");
-                let w_rows = rows(tape, 0)?;
-                linear(tape, u, &w_rows, None)?
-            };
-            let x = {
-                let _layer = profile::sublayer(&self.prefix, "conv1d");
-                let conv_w = conv_w(tape)?;
-                causal_conv1d(tape, &x, &conv_w, p.get(self.conv_b))?
-            };
-            silu(tape, &x)?
+        // The input branch x = SiLU(conv1d(u W[0..di]^T)). As a checkpoint (recompute) it keeps u (which z's product
+        // keeps anyway) and the small weights, and rebuilds its two (G, L, d_inner) intermediates in the backward pass.
+        let w_rows = {
+            let _layer = profile::sublayer(&self.prefix, "in_proj");
+            rows(tape, 0)?
         };
+        let conv_w = {
+            let _layer = profile::sublayer(&self.prefix, "conv1d");
+            reshape(tape, p.get(self.conv_w), &[di, self.d_conv])?
+        };
+        let prefix = self.prefix.clone();
+        let branch = move |t: &mut Tape, v: &[Tensor]| {
+            let x = {
+                let _layer = profile::sublayer(&prefix, "in_proj");
+                linear(t, &v[0], &v[1], None)?
+            };
+            let _layer = profile::sublayer(&prefix, "conv1d");
+            let x = causal_conv1d(t, &x, &v[2], &v[3])?;
+            silu(t, &x)
+        };
+        let inputs = [u, &w_rows, &conv_w, p.get(self.conv_b)];
+        let x = piece(tape, self.recompute, "mamba input branch", &inputs, branch)?;
         let z = {
             let _layer = profile::sublayer(&self.prefix, "in_proj");
             let w_rows = rows(tape, di)?;
@@ -201,12 +194,24 @@ impl Mamba {
             selective_scan(t, &inputs)
         };
         let inputs = [&x, &dt, dt_w, a_log, &b, &c, d_skip, &z, dt_b];
-        if self.recompute {
-            checkpoint(tape, "mamba scan", &inputs, scan)
-        } else {
-            let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
-            scan(tape, &owned)
-        }
+        piece(tape, self.recompute, "mamba scan", &inputs, scan)
+    }
+}
+
+/// `f(inputs)` as a [`checkpoint`] named `name` (recomputed in the backward pass) when `recompute`, else recorded
+/// op by op as usual.
+fn piece(
+    tape: &mut Tape,
+    recompute: bool,
+    name: &'static str,
+    inputs: &[&Tensor],
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor> + 'static,
+) -> Result<Tensor> {
+    if recompute {
+        checkpoint(tape, name, inputs, f)
+    } else {
+        let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+        f(tape, &owned)
     }
 }
 

@@ -810,7 +810,7 @@ pub(crate) struct HaloKernels<T: Copy> {
 }
 
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
-/// checks), or a tensor-core pair and, where the type and role have them, the halo-tile kernels that take the
+/// checks), or a tensor-core pair and, for a conv (not a transposed one), the halo-tile kernels that take the
 /// stride-1 products ([`halo_suits`]).
 #[derive(Clone, Copy)]
 enum GemmKernel<T: Copy> {
@@ -842,8 +842,8 @@ pub(crate) trait ConvElement: GpuElement {
     const GEMM: [[RoleKernels<ConvGemmParams<Self>>; 2]; 2];
     /// The weight gradients, indexed [transposed].
     const WGRAD: [RoleKernels<ConvWgradParams<Self>>; 2];
-    /// The halo-tile kernels of the conv's forward and input gradient (indexed by product), if the type has them.
-    const HALO: [Option<HaloKernels<Self>>; 2];
+    /// The halo-tile kernels of the conv's forward and input gradient, indexed by product.
+    const HALO: [HaloKernels<Self>; 2];
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -854,8 +854,8 @@ const fn halo<T: Copy>(
     pack: Kernel<ConvPackParams<T>>,
     wide: Kernel<ConvHaloParams<T>>,
     narrow: Kernel<ConvHaloParams<T>>,
-) -> Option<HaloKernels<T>> {
-    Some(HaloKernels { pack, product: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) } })
+) -> HaloKernels<T> {
+    HaloKernels { pack, product: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) } }
 }
 
 impl ConvElement for f32 {
@@ -882,7 +882,7 @@ impl ConvElement for f32 {
             tc(kernel::conv_transpose_wgrad_tf32, kernel::conv_transpose_wgrad_tf32_n32),
         ),
     ];
-    const HALO: [Option<HaloKernels<f32>>; 2] = [
+    const HALO: [HaloKernels<f32>; 2] = [
         halo(kernel::conv_fprop_pack_tf32, kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32),
         halo(kernel::conv_dgrad_pack_tf32, kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32),
     ];
@@ -904,7 +904,7 @@ impl ConvElement for bf16 {
         (None, tc(kernel::conv_wgrad_bf16, kernel::conv_wgrad_bf16_n32)),
         (None, tc(kernel::conv_transpose_wgrad_bf16, kernel::conv_transpose_wgrad_bf16_n32)),
     ];
-    const HALO: [Option<HaloKernels<bf16>>; 2] = [
+    const HALO: [HaloKernels<bf16>; 2] = [
         halo(kernel::conv_fprop_pack_bf16, kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32),
         halo(kernel::conv_dgrad_pack_bf16, kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32),
     ];
@@ -916,7 +916,7 @@ impl Pairing {
     fn gemm_kernel<T: ConvElement>(&self, product: Product, gpu: &Gpu) -> GemmKernel<T> {
         let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
         // The transposed conv's products are never stride 1 here (its kernel is its stride): no halo kernels.
-        let halo = if self.transposed { None } else { T::HALO[product as usize] };
+        let halo = (!self.transposed).then_some(T::HALO[product as usize]);
         match exact {
             Some(k) if gpu.exact_f32() => GemmKernel::Exact(k),
             _ => GemmKernel::TensorCore(pair, halo),
