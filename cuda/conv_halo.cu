@@ -25,6 +25,9 @@
 //   (g + 8, 2t..), (g, 2t+8..), (g + 8, 2t+8..) and in B the pairs (2t..2t+1, g), (2t+8..2t+9, g); m16n8k8 tf32 the
 //   single elements (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) and (t, g), (t + 4, g): in both, the words
 //   t and t + 4 of rows g and g + 8, so one addressing serves both).
+// The weight gradient of a stride-1 conv (conv_wgrad_halo, after the products) reduces over positions instead: a
+// block stages the wide map's halo and the narrow map's box for each box of 128 positions and runs one small product
+// per tap on the halo shifted by it.
 // Each output is one thread's sum in a fixed order: results do not depend on scheduling.
 //
 // Cost: 2 c_src prod(taps) FLOPs per output element; bytes about the source once per column tile (plus the halo's
@@ -248,6 +251,158 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
         }
 }
 
+
+// The weight gradient's staged maps per storage type: row strides in 32-bit words, 4 (float) or 20 (bf16) mod 32 so
+// that a fragment load (8 rows x 4 consecutive words) hits 32 banks. float: one voxel per word (rounded to tf32);
+// bf16: pairs of voxels per word, the wide halo in two copies, pairs starting at even voxels and at odd ones, so
+// that a tap's shifted pair is always one aligned word.
+template <typename T>
+struct WgradLayout;
+template <>
+struct WgradLayout<float> {
+    static constexpr int X = 612, G = 132;
+};
+template <>
+struct WgradLayout<__nv_bfloat16> {
+    static constexpr int X = 308, G = 68;
+};
+constexpr int WG_ROWS = CONV_HALO_WG_ROWS, WG_COLS = CONV_HALO_WG_COLS;
+constexpr int WG_X_WORDS = 2 * WG_ROWS * WgradLayout<__nv_bfloat16>::X;  // the halo's region, either type
+constexpr int WG_TAPS_PER_WARP = (CONV_HALO_MAX_TAPS * CONV_HALO_MAX_TAPS * CONV_HALO_MAX_TAPS + 7) / 8;
+static_assert(WG_ROWS * WgradLayout<float>::X <= WG_X_WORDS && CONV_HALO_MAX_VOXELS <= WgradLayout<float>::X &&
+                  CONV_HALO_MAX_VOXELS <= 2 * (WgradLayout<__nv_bfloat16>::X - 1) &&
+                  WG_X_WORDS + WG_COLS * WgradLayout<float>::G <= CONV_HALO_WG_SHARED_WORDS &&
+                  BM <= WgradLayout<float>::G && BM <= 2 * WgradLayout<__nv_bfloat16>::G,
+              "the staged maps fit their rows and the shared memory");
+static_assert(WgradLayout<float>::X % 32 == 4 && WgradLayout<float>::G % 32 == 4 &&
+                  WgradLayout<__nv_bfloat16>::X % 32 == 20 && WgradLayout<__nv_bfloat16>::G % 32 == 4,
+              "conflict-free fragment loads");
+static_assert(WG_ROWS == 16 && THREADS % BM == 0 && WG_COLS % (THREADS / BM) == 0, "one 16-row fragment per warp");
+
+// Element i of a staged row: bf16 as its 16 bits (two per word), float32 as its tf32 word.
+__device__ __forceinline__ void put_element(unsigned* row, int i, __nv_bfloat16 v) {
+    reinterpret_cast<unsigned short*>(row)[i] = __bfloat16_as_ushort(v);
+}
+__device__ __forceinline__ void put_element(unsigned* row, int i, float v) { row[i] = mma::to_tf32(v); }
+
+// dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] over the block's boxes (formula in
+// conv_halo.cuh). Per box of 128 positions, the wide halo (WG_ROWS channels, the box grown by kernel - 1) and the
+// narrow box (WG_COLS channels) are staged; warp w computes taps w, w + 8, .. (at most 4): per tap a WG_ROWS x WG_COLS
+// product over the 128 positions, A = the halo rows shifted by the tap (m = cw, k = position), B = the box (k =
+// position, n = cn), in mma k-steps of 16 (bf16) or 8 (tf32) positions. Single stage per box; two blocks fit an SM.
+template <typename T>
+__device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p) {
+    using L = WgradLayout<T>;
+    constexpr int PER = PER_WORD<T>, KSTEP = 8 * PER, NI = WG_COLS / 8, COPIES = PER;
+    extern __shared__ __align__(16) unsigned smem[];
+    unsigned* xs = smem;  // [copy][WG_ROWS][L::X]
+    unsigned* gs = smem + WG_X_WORDS;  // [WG_COLS][L::G]
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, tq = lane & 3;
+    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2];
+    const int tile_x = p.tile_x, tile_y = BM / tile_x;
+    const int hz = p.kernel[0], hy = tile_y + p.kernel[1] - 1, hx = tile_x + p.kernel[2] - 1;
+    const int halo_vox = hz * hy * hx;
+    const int cw0 = blockIdx.x * WG_ROWS, cn0 = blockIdx.y * WG_COLS;
+    const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
+    const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
+    const int x_tiles = (p.narrow_size[2] + tile_x - 1) / tile_x, y_tiles = (p.narrow_size[1] + tile_y - 1) / tile_y;
+    const int box_begin = blockIdx.z * p.boxes_per_slice, box_end = min(p.boxes, box_begin + p.boxes_per_slice);
+
+    // This warp's taps a = warp + 8 j: the halo shift of each (pairs: from copy shift % 2).
+    int shift[WG_TAPS_PER_WARP];
+#pragma unroll
+    for (int j = 0; j < WG_TAPS_PER_WARP; ++j) {
+        const int a = min(warp + 8 * j, taps - 1);
+        int q[3];
+        split3(a, p.kernel, q);
+        shift[j] = (q[0] * hy + q[1]) * hx + q[2];
+    }
+    // The positions of this thread's fragment words (o = k0 + PER tq and k0 + PER (tq + 4)) are box positions whose
+    // halo voxel is vox(o) = (o / tile_x) hx + o % tile_x; with even tile_x and hx, bf16 pairs start at even voxels.
+    auto vox = [&](int o) { return o / tile_x * hx + o % tile_x; };
+    float acc[WG_TAPS_PER_WARP][NI][4] = {};
+
+    for (int box = box_begin; box < box_end; ++box) {
+        int b = box;
+        const int x0 = b % x_tiles * tile_x;
+        b /= x_tiles;
+        const int y0 = b % y_tiles * tile_y;
+        b /= y_tiles;
+        const int z = b % p.narrow_size[0], n = b / p.narrow_size[0];
+        // The wide halo: this thread's voxels v = t + THREADS i, every row.
+        for (int v = t; v < halo_vox; v += THREADS) {
+            const int vz = v / (hy * hx), vy = v / hx % hy, vx = v % hx;
+            const int sz = z - p.pad[0] + vz, sy = y0 - p.pad[1] + vy, sx = x0 - p.pad[2] + vx;
+            const bool inside = (unsigned)sz < (unsigned)p.wide_size[0] && (unsigned)sy < (unsigned)p.wide_size[1] &&
+                                (unsigned)sx < (unsigned)p.wide_size[2];
+            const T* at = p.wide + ((int64_t)n * p.c_wide + cw0) * wide_vox + (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+#pragma unroll 4
+            for (int r = 0; r < WG_ROWS; ++r) {
+                const T e = inside && cw0 + r < p.c_wide ? at[(int64_t)r * wide_vox] : from_f32<T>(0.0f);
+                put_element(xs + r * L::X, v, e);
+                if (COPIES == 2 && v > 0) put_element(xs + (WG_ROWS + r) * L::X, v - 1, e);
+            }
+        }
+        // The narrow box: position o = t % BM, rows t / BM + (THREADS / BM) c.
+        {
+            const int o = t % BM, y = y0 + o / tile_x, x = x0 + o % tile_x;
+            const bool inside = y < p.narrow_size[1] && x < p.narrow_size[2];
+            const T* at = p.narrow + ((int64_t)n * p.c_narrow + cn0) * narrow_vox + (z * p.narrow_size[1] + y) * p.narrow_size[2] + x;
+#pragma unroll
+            for (int c = t / BM; c < WG_COLS; c += THREADS / BM) {
+                const T e = inside && cn0 + c < p.c_narrow ? at[(int64_t)c * narrow_vox] : from_f32<T>(0.0f);
+                put_element(gs + c * L::G, o, e);
+            }
+        }
+        __syncthreads();
+#pragma unroll 2
+        for (int k0 = 0; k0 < BM; k0 += KSTEP) {
+            unsigned bf[NI][2];
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const unsigned* row = gs + (8 * j + g) * L::G + k0 / PER;
+                bf[j][0] = row[tq];
+                bf[j][1] = row[tq + 4];
+            }
+            const int v_lo = vox(k0 + PER * tq), v_hi = vox(k0 + PER * (tq + 4));
+#pragma unroll
+            for (int j = 0; j < WG_TAPS_PER_WARP; ++j) {
+                if (warp + 8 * j >= taps) break;
+                const int copy = COPIES == 2 ? shift[j] & 1 : 0;
+                const unsigned* x = xs + copy * WG_ROWS * L::X;
+                // The word of voxel v (pairs: of the pair starting at v, in its copy).
+                const int w_lo = (v_lo + shift[j] - copy) / PER, w_hi = (v_hi + shift[j] - copy) / PER;
+                const unsigned a[4] = {x[g * L::X + w_lo], x[(g + 8) * L::X + w_lo], x[g * L::X + w_hi],
+                                       x[(g + 8) * L::X + w_hi]};
+#pragma unroll
+                for (int i = 0; i < NI; ++i) {
+                    if constexpr (PER == 2) {
+                        mma::mma_bf16(acc[j][i], a, bf[i][0], bf[i][1]);
+                    } else {
+                        mma::mma_tf32(acc[j][i], a, bf[i][0], bf[i][1]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    const int rows = p.c_wide * taps;
+    float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * rows;
+#pragma unroll
+    for (int j = 0; j < WG_TAPS_PER_WARP; ++j) {
+        const int a = warp + 8 * j;
+        if (a >= taps) break;
+#pragma unroll
+        for (int i = 0; i < NI; ++i)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                const int cw = cw0 + g + 8 * (h >> 1), cn = cn0 + 8 * i + 2 * tq + (h & 1);
+                if (cw < p.c_wide && cn < p.c_narrow) out[(int64_t)cn * rows + cw * taps + a] = acc[j][i][h];
+            }
+    }
+}
+
 }  // namespace
 
 // One name per role and math; _n32 for outputs of at most 32 channels.
@@ -266,3 +421,11 @@ CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BN, __nv_bfloat16)  // the same
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BN, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)
+
+// The weight gradient of a stride-1 conv (conv.rs's weight_grad of a stride-1 pairing).
+extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {
+    conv_wgrad_halo(p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p) {
+    conv_wgrad_halo(p);
+}

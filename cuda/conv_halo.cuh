@@ -66,6 +66,36 @@ struct ConvPackParams {
     int64_t len;
 };
 
+// The weight gradient of a stride-1 convolution, dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad]
+// (a over kernel, at most 3 per axis), from halo tiles: block (x, y, z) computes rows cw of tile x
+// (CONV_HALO_WG_ROWS), columns cn of tile y (CONV_HALO_WG_COLS) and every tap, over the boxes of 128 narrow positions
+// (1 x (CONV_HALO_BM / tile_x) x tile_x, enumerated over batch x narrow_size) z * boxes_per_slice ..
+// min(boxes, (z + 1) * boxes_per_slice) - 1, and writes partial[z, cn, cw * prod(kernel) + a] (conv.cuh's slice
+// layout, summed in order by sum_slices). Grid (ceil(c_wide / CONV_HALO_WG_ROWS), ceil(c_narrow / CONV_HALO_WG_COLS),
+// slices), CONV_HALO_THREADS threads, dynamic shared memory 4 * CONV_HALO_WG_SHARED_WORDS bytes.
+template <typename T>
+struct ConvWgradHaloParams {
+    const T* narrow;
+    const T* wide;
+    float* partial;
+    int batch;
+    int c_narrow;
+    int c_wide;
+    int narrow_size[3];
+    int wide_size[3];
+    int kernel[3];
+    int pad[3];
+    int tile_x;
+    int boxes;
+    int boxes_per_slice;
+};
+// Its tile, and its shared memory in 32-bit words: the wide map's halo (CONV_HALO_WG_ROWS rows of at most 612
+// voxels; bf16 twice, as pairs starting at even and at odd voxels) and the narrow map's box (CONV_HALO_WG_COLS rows
+// of 128 positions).
+constexpr int CONV_HALO_WG_ROWS = 16;
+constexpr int CONV_HALO_WG_COLS = 32;
+constexpr int CONV_HALO_WG_SHARED_WORDS = 2 * CONV_HALO_WG_ROWS * 308 + CONV_HALO_WG_COLS * 132;
+
 // One name per role (conv forward, conv input gradient) and math, each its weight packing and its product; _n32 for
 // outputs of at most 32 channels.
 extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p);
@@ -80,3 +110,5 @@ extern "C" __global__ void conv_fprop_halo_bf16(const ConvHaloParams<__nv_bfloat
 extern "C" __global__ void conv_fprop_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p);
+extern "C" __global__ void conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p);

@@ -107,8 +107,9 @@ fn gpu_conv2d_many_channels() {
 /// The stride-1 products of more than one tap and at least one channel chunk (16 bf16, 8 float32), which the
 /// tensor-core maths run on the halo-tile kernels (cuda/conv_halo.cu): channel counts that are not multiples of the
 /// chunk, outputs in both tile widths (at most 32 columns, and more than 64), maps that are not multiples of any box
-/// (the box's extent along the last axis is 8, 16 or 32), kernels up to 3x3x3; the forward and the input gradient
-/// (a stride-1 product with the kernel flipped) both go through them. The 1x1x1 case is the gathers' (no halo).
+/// (the box's extent along the last axis is 8, 16 or 32), kernels up to 3x3x3; the forward, the input gradient (a
+/// stride-1 product with the kernel flipped) and the weight gradient (at least 16 input channels: row tiles of 16,
+/// boxes dealt to several slices) all go through them. The 1x1x1 case is the gathers' (no halo).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {

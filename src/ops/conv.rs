@@ -44,8 +44,9 @@
 //! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
 //! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones: tf32 from
 //! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
-//! tensor-core maths run the stride-1 products of up to 3x3x3 taps (the conv's forward and input gradient) on the
-//! halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`), the rest on cuda/conv_tc.cu's gathers. With a
+//! tensor-core maths run the stride-1 passes of up to 3x3x3 taps (the conv's forward, input gradient and weight
+//! gradient) on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`, `Pairing::halo_wgrad_suits`), the
+//! rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
@@ -68,9 +69,10 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradParams, Kernel,
-    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
-    CONV_HALO_PAIR_STRIDE, CONV_HALO_THREADS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradHaloParams, ConvWgradParams,
+    Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BN, CONV_HALO_BN_NARROW,
+    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
     CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
@@ -844,6 +846,8 @@ pub(crate) trait ConvElement: GpuElement {
     const WGRAD: [RoleKernels<ConvWgradParams<Self>>; 2];
     /// The halo-tile kernels of the conv's forward and input gradient, indexed by product.
     const HALO: [HaloKernels<Self>; 2];
+    /// The halo-tile kernel of the conv's weight gradient.
+    const HALO_WGRAD: Kernel<ConvWgradHaloParams<Self>>;
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -886,6 +890,7 @@ impl ConvElement for f32 {
         halo(kernel::conv_fprop_pack_tf32, kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32),
         halo(kernel::conv_dgrad_pack_tf32, kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32),
     ];
+    const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -908,6 +913,7 @@ impl ConvElement for bf16 {
         halo(kernel::conv_fprop_pack_bf16, kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32),
         halo(kernel::conv_dgrad_pack_bf16, kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32),
     ];
+    const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
 }
 
 impl Pairing {
@@ -1060,6 +1066,9 @@ impl Pairing {
     ) -> Result<GpuBuffer> {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
+        if self.halo_wgrad_suits() && !gpu.exact_f32() {
+            return self.weight_grad_halo(&d, narrow, wide, what);
+        }
         let taps = self.taps();
         let (rows, cols) = (self.c_wide * taps, self.c_narrow);
         let k = self.batch * self.narrow.iter().product::<usize>();
@@ -1095,14 +1104,77 @@ impl Pairing {
                 gpu.launch(pair.for_columns(cols).0, cfg, &params, what)?;
             }
         }
-        if slices == 1 {
-            return Ok(out);
-        }
-        let mut dw = gpu.alloc(numel, what)?;
-        let sums = SumSlicesParams { partial: out.ptr(), out: dw.ptr_mut(), n: numel as i64, slices: slices as i32 };
-        gpu.launch(kernel::sum_slices, grid_1d(numel), &sums, what)?;
-        Ok(dw)
+        sum_slices(gpu, out, slices, numel, what)
     }
+
+    /// Whether the halo-tile weight gradient of cuda/conv_halo.cu computes this pairing's: a stride-1 conv (not
+    /// transposed) of at most [`CONV_HALO_MAX_TAPS`] taps per axis and more than one tap, with at least one row
+    /// tile of wide channels (the 1-channel stem stays on the gathers).
+    fn halo_wgrad_suits(&self) -> bool {
+        !self.transposed
+            && self.stride.iter().all(|&s| s == 1)
+            && self.k.iter().all(|&k| k <= CONV_HALO_MAX_TAPS)
+            && self.taps() > 1
+            && self.c_wide >= CONV_HALO_WG_ROWS
+    }
+
+    /// [`Pairing::weight_grad`] on the halo-tile kernel: boxes of narrow positions, dealt in fixed runs to the
+    /// slices (formula in cuda/conv_halo.cuh), the slices summed in order.
+    fn weight_grad_halo<T: ConvElement>(
+        &self,
+        d: &KernelDims,
+        narrow: &GpuBuffer<T>,
+        wide: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
+        let gpu = &narrow.gpu;
+        let tile_x = halo_tile_x(d.narrow, d.k);
+        let tile_y = CONV_HALO_BM / tile_x as usize;
+        let boxes =
+            self.batch * self.narrow[0] * self.narrow[1].div_ceil(tile_y) * self.narrow[2].div_ceil(tile_x as usize);
+        let (row_tiles, col_tiles) =
+            (self.c_wide.div_ceil(CONV_HALO_WG_ROWS), self.c_narrow.div_ceil(CONV_HALO_WG_COLS));
+        let slices = WGRAD_TARGET_BLOCKS.div_ceil(row_tiles * col_tiles).clamp(1, boxes.min(65535));
+        let boxes_per_slice = boxes.div_ceil(slices);
+        let slices = boxes.div_ceil(boxes_per_slice);
+        let numel = self.c_narrow * self.c_wide * self.taps();
+        let mut out = gpu.alloc(slices * numel, what)?;
+        let params = ConvWgradHaloParams {
+            narrow: narrow.ptr(),
+            wide: wide.ptr(),
+            partial: out.ptr_mut(),
+            batch: d.batch,
+            c_narrow: d.c_narrow,
+            c_wide: d.c_wide,
+            narrow_size: d.narrow,
+            wide_size: d.wide,
+            kernel: d.k,
+            pad: d.pad,
+            tile_x,
+            // Bounded by batch * prod(narrow), which kernel_dims bounds.
+            boxes: boxes as i32,
+            boxes_per_slice: boxes_per_slice as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (row_tiles as u32, col_tiles as u32, slices as u32),
+            block_dim: (CONV_HALO_THREADS as u32, 1, 1),
+            shared_mem_bytes: (4 * CONV_HALO_WG_SHARED_WORDS) as u32,
+        };
+        gpu.launch(T::HALO_WGRAD, cfg, &params, what)?;
+        sum_slices(gpu, out, slices, numel, what)
+    }
+}
+
+/// The weight gradient from its `slices` partial sums of `numel` each: `partial` itself for one slice, else their
+/// sum in slice order (conv.cu's sum_slices).
+fn sum_slices(gpu: &Arc<Gpu>, partial: GpuBuffer, slices: usize, numel: usize, what: &str) -> Result<GpuBuffer> {
+    if slices == 1 {
+        return Ok(partial);
+    }
+    let mut dw = gpu.alloc(numel, what)?;
+    let sums = SumSlicesParams { partial: partial.ptr(), out: dw.ptr_mut(), n: numel as i64, slices: slices as i32 };
+    gpu.launch(kernel::sum_slices, grid_1d(numel), &sums, what)?;
+    Ok(dw)
 }
 
 /// `out[c] = sum_{n,v} g[n,c,v]` for a map `g` of (batch, channels, voxels) (the bias gradient): fixed chunks of
