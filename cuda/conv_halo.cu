@@ -193,37 +193,53 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
         }
         const unsigned* a_s = halo_of(buf);
         const unsigned* b_s = weights_of(buf);
-        int q = 0;
-        for (int qz = 0; qz < p.taps[0]; ++qz)
-            for (int qy = 0; qy < p.taps[1]; ++qy)
-                for (int qx = 0; qx < p.taps[2]; ++qx, ++q) {
-                    const int shift = (qz * hy + qy) * hx + qx;
-                    unsigned a[MI][4], bf[NI][2];
+        // The taps q = (qz, qy, qx) in order, two fragment sets in registers: tap q + 1's are loaded while tap q's
+        // mma run (the tap counts are runtime values, so the compiler cannot overlap them by unrolling).
+        unsigned a[2][MI][4], bf[2][NI][2];
+        int qz = 0, qy = 0, qx = 0;  // the next tap to load
+        auto load = [&](int set, int q) {
+            const int shift = (qz * hy + qy) * hx + qx;
 #pragma unroll
-                    for (int i = 0; i < MI; ++i) {
-                        a[i][0] = a_s[tq * PS + row_vox[i][0] + shift];
-                        a[i][1] = a_s[tq * PS + row_vox[i][1] + shift];
-                        a[i][2] = a_s[(tq + 4) * PS + row_vox[i][0] + shift];
-                        a[i][3] = a_s[(tq + 4) * PS + row_vox[i][1] + shift];
-                    }
+            for (int i = 0; i < MI; ++i) {
+                a[set][i][0] = a_s[tq * PS + row_vox[i][0] + shift];
+                a[set][i][1] = a_s[tq * PS + row_vox[i][1] + shift];
+                a[set][i][2] = a_s[(tq + 4) * PS + row_vox[i][0] + shift];
+                a[set][i][3] = a_s[(tq + 4) * PS + row_vox[i][1] + shift];
+            }
 #pragma unroll
-                    for (int j = 0; j < NI; ++j) {
-                        const int col = wn * WTN + 8 * j + g, swap = (col & 4);
-                        const unsigned* row = b_s + (q * BN + col) * WORDS;
-                        bf[j][0] = row[tq ^ swap];
-                        bf[j][1] = row[(tq + 4) ^ swap];
-                    }
-#pragma unroll
-                    for (int i = 0; i < MI; ++i)
-#pragma unroll
-                        for (int j = 0; j < NI; ++j) {
-                            if constexpr (PER == 2) {
-                                mma::mma_bf16(acc[i][j], a[i], bf[j][0], bf[j][1]);
-                            } else {
-                                mma::mma_tf32(acc[i][j], a[i], bf[j][0], bf[j][1]);
-                            }
-                        }
+            for (int j = 0; j < NI; ++j) {
+                const int col = wn * WTN + 8 * j + g, swap = (col & 4);
+                const unsigned* row = b_s + (q * BN + col) * WORDS;
+                bf[set][j][0] = row[tq ^ swap];
+                bf[set][j][1] = row[(tq + 4) ^ swap];
+            }
+            if (++qx == p.taps[2]) {
+                qx = 0;
+                if (++qy == p.taps[1]) {
+                    qy = 0;
+                    ++qz;
                 }
+            }
+        };
+        auto product = [&](int set) {
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) {
+                    if constexpr (PER == 2) {
+                        mma::mma_bf16(acc[i][j], a[set][i], bf[set][j][0], bf[set][j][1]);
+                    } else {
+                        mma::mma_tf32(acc[i][j], a[set][i], bf[set][j][0], bf[set][j][1]);
+                    }
+                }
+        };
+        load(0, 0);
+        for (int q = 0; q < taps; q += 2) {
+            if (q + 1 < taps) load(1, q + 1);
+            product(0);
+            if (q + 2 < taps) load(0, q + 2);
+            if (q + 1 < taps) product(1);
+        }
         if (more) store_halo(halo_of(buf ^ 1));
         mma::cp_async_wait<0>();
         __syncthreads();
@@ -412,7 +428,7 @@ extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 
 #define CONV_HALO_KERNEL(NAME, BN, T) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(const ConvHaloParams<T> p) { conv_halo<BN>(p); }
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvHaloParams<T> p) { conv_halo<BN>(p); }
 CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BN, float)  // conv forward
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BN, float)  // conv input gradient
