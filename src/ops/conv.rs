@@ -635,6 +635,36 @@ impl KernelDims {
             ..ConvWgradParams::default()
         }
     }
+
+    /// The stride-1 weight gradient on the halo-tile kernel (pointers left null), and its slice count: boxes of
+    /// CONV_HALO_BM narrow positions, dealt in runs of equal length to about WGRAD_TARGET_BLOCKS / tiles slices.
+    fn weight_grad_halo<T: GpuElement>(&self) -> (ConvWgradHaloParams<T>, usize) {
+        let tile_x = halo_tile_x(self.narrow, self.k);
+        let tile_y = CONV_HALO_BM as i32 / tile_x;
+        let boxes = self.batch as usize
+            * self.narrow[0] as usize
+            * ((self.narrow[1] + tile_y - 1) / tile_y) as usize
+            * ((self.narrow[2] + tile_x - 1) / tile_x) as usize;
+        let tiles =
+            (self.c_wide as usize).div_ceil(CONV_HALO_WG_ROWS) * (self.c_narrow as usize).div_ceil(CONV_HALO_WG_COLS);
+        let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).clamp(1, boxes.min(65535));
+        let boxes_per_slice = boxes.div_ceil(wanted);
+        let params = ConvWgradHaloParams {
+            batch: self.batch,
+            c_narrow: self.c_narrow,
+            c_wide: self.c_wide,
+            narrow_size: self.narrow,
+            wide_size: self.wide,
+            kernel: self.k,
+            pad: self.pad,
+            tile_x,
+            // Bounded by batch * prod(narrow), which kernel_dims bounds.
+            boxes: boxes as i32,
+            boxes_per_slice: boxes_per_slice as i32,
+            ..ConvWgradHaloParams::default()
+        };
+        (params, boxes.div_ceil(boxes_per_slice))
+    }
 }
 
 /// Launches one `conv_gemm` product, `product` (pointers null) on the buffers, with `kernel`: it writes every output
@@ -1128,33 +1158,12 @@ impl Pairing {
         what: &str,
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
-        let tile_x = halo_tile_x(d.narrow, d.k);
-        let tile_y = CONV_HALO_BM / tile_x as usize;
-        let boxes =
-            self.batch * self.narrow[0] * self.narrow[1].div_ceil(tile_y) * self.narrow[2].div_ceil(tile_x as usize);
-        let (row_tiles, col_tiles) =
-            (self.c_wide.div_ceil(CONV_HALO_WG_ROWS), self.c_narrow.div_ceil(CONV_HALO_WG_COLS));
-        let slices = WGRAD_TARGET_BLOCKS.div_ceil(row_tiles * col_tiles).clamp(1, boxes.min(65535));
-        let boxes_per_slice = boxes.div_ceil(slices);
-        let slices = boxes.div_ceil(boxes_per_slice);
+        let (product, slices) = d.weight_grad_halo::<T>();
         let numel = self.c_narrow * self.c_wide * self.taps();
         let mut out = gpu.alloc(slices * numel, what)?;
-        let params = ConvWgradHaloParams {
-            narrow: narrow.ptr(),
-            wide: wide.ptr(),
-            partial: out.ptr_mut(),
-            batch: d.batch,
-            c_narrow: d.c_narrow,
-            c_wide: d.c_wide,
-            narrow_size: d.narrow,
-            wide_size: d.wide,
-            kernel: d.k,
-            pad: d.pad,
-            tile_x,
-            // Bounded by batch * prod(narrow), which kernel_dims bounds.
-            boxes: boxes as i32,
-            boxes_per_slice: boxes_per_slice as i32,
-        };
+        let params = ConvWgradHaloParams { narrow: narrow.ptr(), wide: wide.ptr(), partial: out.ptr_mut(), ..product };
+        let (row_tiles, col_tiles) =
+            (self.c_wide.div_ceil(CONV_HALO_WG_ROWS), self.c_narrow.div_ceil(CONV_HALO_WG_COLS));
         let cfg = LaunchConfig {
             grid_dim: (row_tiles as u32, col_tiles as u32, slices as u32),
             block_dim: (CONV_HALO_THREADS as u32, 1, 1),
@@ -1557,6 +1566,65 @@ mod tests {
         assert!(strided.wide_from_narrow::<f32>().iter().all(|p| !halo_suits(p)), "so are its input gradient's phases");
         let one_tap = pairing(1, 16, 16, [5, 4, 7], [1, 1, 1], [1, 1, 1]).kernel_dims("test").unwrap();
         assert!(!halo_suits(&one_tap.narrow_from_wide::<f32>()), "a 1x1x1 product is conv_tc.cu's");
+    }
+
+    /// What conv_wgrad_halo and sum_slices compute for `h` (cuda/conv_halo.cuh), in float64: per slice, its run of
+    /// boxes (1 x (CONV_HALO_BM / tile_x) x tile_x narrow positions, enumerated over batch x narrow), every position of
+    /// a box inside the narrow map adding narrow[n, cn, o] wide[n, cw, o + a - pad]; then the slices in order.
+    fn conv_wgrad_halo(h: &ConvWgradHaloParams<f32>, slices: usize, xn: &[f64], xw: &[f64]) -> Vec<f64> {
+        let (narrow, wide, kernel) = (usize3(h.narrow_size), usize3(h.wide_size), usize3(h.kernel));
+        let (c_narrow, c_wide, taps) = (h.c_narrow as usize, h.c_wide as usize, voxels(kernel));
+        let (tile_x, boxes, per) = (h.tile_x as usize, h.boxes as usize, h.boxes_per_slice as usize);
+        let tile_y = CONV_HALO_BM / tile_x;
+        let (x_tiles, y_tiles) = (narrow[2].div_ceil(tile_x), narrow[1].div_ceil(tile_y));
+        let mut dw = vec![0.0; c_narrow * c_wide * taps];
+        for z in 0..slices {
+            let mut partial = vec![0.0; dw.len()];
+            for b in z * per..boxes.min((z + 1) * per) {
+                let (x0, y0) = (b % x_tiles * tile_x, b / x_tiles % y_tiles * tile_y);
+                let (d0, n) = (b / x_tiles / y_tiles % narrow[0], b / x_tiles / y_tiles / narrow[0]);
+                for o in (0..CONV_HALO_BM).map(|m| [d0, y0 + m / tile_x, x0 + m % tile_x]) {
+                    if o[1] >= narrow[1] || o[2] >= narrow[2] {
+                        continue;
+                    }
+                    for (j, a) in points(kernel).enumerate() {
+                        let at = [0, 1, 2].map(|d| (o[d] + a[d]) as i32 - h.pad[d]);
+                        if (0..3).any(|d| at[d] < 0 || at[d] >= h.wide_size[d]) {
+                            continue;
+                        }
+                        for (cn, cw) in (0..c_narrow).flat_map(|cn| (0..c_wide).map(move |cw| (cn, cw))) {
+                            partial[cn * c_wide * taps + cw * taps + j] += xn
+                                [(n * c_narrow + cn) * voxels(narrow) + flat(o, narrow)]
+                                * xw[(n * c_wide + cw) * voxels(wide) + flat(usize3(at), wide)];
+                        }
+                    }
+                }
+            }
+            dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+        }
+        dw
+    }
+
+    /// The halo weight gradient's boxes and slices ([`KernelDims::weight_grad_halo`]) cover every narrow position
+    /// once: its sum equals the pairing's weight gradient on maps that no box divides, in one slice and in several.
+    #[test]
+    fn halo_weight_gradient_covers_every_position_once() {
+        let mut rng = StdRng::seed_from_u64(14);
+        for p in [
+            pairing(2, 3, 2, [3, 9, 37], [3, 3, 3], [1, 1, 1]),
+            pairing(1, 2, 3, [1, 20, 12], [1, 3, 3], [1, 1, 1]),
+            pairing(3, 2, 2, [2, 3, 6], [3, 1, 3], [1, 1, 1]),
+        ] {
+            let d = p.kernel_dims("test").unwrap();
+            let xw = random(p.batch * p.c_wide * voxels(p.wide), &mut rng);
+            let xn = random(p.batch * p.c_narrow * voxels(p.narrow), &mut rng);
+            let (h, slices) = d.weight_grad_halo::<f32>();
+            assert!(slices > 1 || h.boxes == 1, "{p:?}: small tiles spread the boxes over slices");
+            let want = weight_grad_direct(&p, &xn, &xw);
+            assert_near(&conv_wgrad_halo(&h, slices, &xn, &xw), &want, &format!("{p:?} halo weight gradient"));
+            let one = ConvWgradHaloParams { boxes_per_slice: h.boxes, ..h };
+            assert_near(&conv_wgrad_halo(&one, 1, &xn, &xw), &want, &format!("{p:?} in one slice"));
+        }
     }
 
     /// A stride above the kernel leaves wide positions that no tap reaches: their phases have no taps, and the
