@@ -83,13 +83,17 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], 
 
 // The shared-memory tiles of the pipeline's stages, of T elements (float: tf32 products; __nv_bfloat16: bf16
 // products). Each operand is stored k-major ([k][m], [k][n]: the layout when it runs along the rows or columns in
-// memory) or k-contiguous ([m][k], [n][k]: when it runs along k). Rows are padded (32 bytes k-major, 16 bytes
-// k-contiguous) so that the fragment loads of a warp spread over the banks, and stay 16-byte aligned for cp_async16.
+// memory) or k-contiguous ([m][k], [n][k]: when it runs along k). Rows are padded so that the fragment loads of a
+// warp spread over the banks, and stay 16-byte aligned for cp_async16 and ldmatrix: float k-major rows by 32 bytes
+// (the scalar loads of lanes (t, g) at [k0 + t][g]); bf16 rows, read by ldmatrix as 8 rows of 16 bytes, by 16 bytes,
+// which makes every row length an odd multiple of 16 bytes modulo 128 (BM, BN and BK are multiples of 64 bytes
+// here): the 8 rows land in 8 different 16-byte bank groups.
 template <class S, bool A_K_MAJOR, bool B_K_MAJOR, typename T = float>
 struct Tiles {
     static constexpr int VEC = 16 / sizeof(T);  // elements per 16 bytes
-    static constexpr int A_LD = A_K_MAJOR ? S::BM + 2 * VEC : S::BK + VEC;
-    static constexpr int B_LD = B_K_MAJOR ? S::BN + 2 * VEC : S::BK + VEC;
+    static constexpr int MAJOR_PAD = sizeof(T) == 2 ? VEC : 2 * VEC;
+    static constexpr int A_LD = A_K_MAJOR ? S::BM + MAJOR_PAD : S::BK + VEC;
+    static constexpr int B_LD = B_K_MAJOR ? S::BN + MAJOR_PAD : S::BK + VEC;
     static constexpr int A_SIZE = (A_K_MAJOR ? S::BK : S::BM) * A_LD;
     static constexpr int B_SIZE = (B_K_MAJOR ? S::BK : S::BN) * B_LD;
     static_assert(A_LD % VEC == 0 && B_LD % VEC == 0 && A_SIZE % VEC == 0, "16-byte aligned rows");
@@ -117,9 +121,29 @@ struct Acc {
     }
 };
 
-// Two bf16 of consecutive reduction indices k, k + 1 in one register, k in the low half (the mma operand order).
-__device__ __forceinline__ unsigned pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+// ldmatrix: four (x4) or two (x2) 8 x 8 matrices of 16-bit elements from shared memory, lanes 8j .. 8j + 7 giving
+// the addresses of matrix j's 8 rows (16 bytes each); register j of lane l then holds row l / 4, elements
+// 2 (l % 4) and 2 (l % 4) + 1 of matrix j (low half first), or with .trans of matrix j transposed: elements
+// (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4) (PTX ISA, "ldmatrix").
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+}
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], const void* row) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
 }
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
@@ -165,29 +189,36 @@ __device__ __forceinline__ void stage_product(Tiles<S, A_K_MAJOR, B_K_MAJOR, T>&
         }
     } else {
         static_assert(std::is_same<T, __nv_bfloat16>::value && S::BK % 16 == 0, "bf16 steps of 16 indices");
-        auto a_pair = [&](int m, int k) { return pack_bf16(*s.a_at(slot, m, k), *s.a_at(slot, m, k + 1)); };
-        auto b_pair = [&](int n, int k) { return pack_bf16(*s.b_at(slot, n, k), *s.b_at(slot, n, k + 1)); };
+        // Each fragment in one ldmatrix; lane l addresses row l % 8 of matrix l / 8 (x2 reads lanes 0-15 only).
+        // A (x4): matrix j holds rows wm + 16 i + 8 (j % 2) .. + 7 and reduction indices k0 + 8 (j / 2) .. + 7, which
+        // gives a[0..3] in the order above; its 8 stored rows are 8 rows m when A is k-contiguous (no transpose), 8
+        // reduction indices when k-major (transposed on load, so a lane still gets two consecutive k of one row).
+        // B (x2): matrix j holds reduction indices k0 + 8 j .. + 7 of columns wn + 8 jn .. + 7, giving b[jn][j].
+        const int r = lane & 7, mat = lane >> 3;
+        const int wm = (threadIdx.x >> 5) % S::WARPS_M * A::WTM, wn = (threadIdx.x >> 5) / S::WARPS_M * A::WTN;
 #pragma unroll
         for (int k0 = 0; k0 < S::BK; k0 += 16) {
             unsigned a[A::MI][4], b[A::NI][2];
 #pragma unroll
             for (int i = 0; i < A::MI; ++i) {
-                const int r = A::row(i, 0);
-                a[i][0] = a_pair(r, k0 + 2 * tq);
-                a[i][1] = a_pair(r + 8, k0 + 2 * tq);
-                a[i][2] = a_pair(r, k0 + 2 * tq + 8);
-                a[i][3] = a_pair(r + 8, k0 + 2 * tq + 8);
+                const int m = wm + 16 * i + 8 * (mat & 1), k = k0 + 8 * (mat >> 1);
+                if constexpr (A_K_MAJOR)
+                    ldmatrix_x4<true>(a[i], s.a_at(slot, m, k + r));
+                else
+                    ldmatrix_x4<false>(a[i], s.a_at(slot, m + r, k));
             }
 #pragma unroll
-            for (int j = 0; j < A::NI; ++j) {
-                const int c = (threadIdx.x >> 5) / S::WARPS_M * A::WTN + 8 * j + g;
-                b[j][0] = b_pair(c, k0 + 2 * tq);
-                b[j][1] = b_pair(c, k0 + 2 * tq + 8);
+            for (int jn = 0; jn < A::NI; ++jn) {
+                const int n = wn + 8 * jn, k = k0 + 8 * (mat & 1);
+                if constexpr (B_K_MAJOR)
+                    ldmatrix_x2<true>(b[jn], s.b_at(slot, n, k + r));
+                else
+                    ldmatrix_x2<false>(b[jn], s.b_at(slot, n + r, k));
             }
 #pragma unroll
             for (int i = 0; i < A::MI; ++i)
 #pragma unroll
-                for (int j = 0; j < A::NI; ++j) mma_bf16(acc.v[i][j], a[i], b[j][0], b[j][1]);
+                for (int jn = 0; jn < A::NI; ++jn) mma_bf16(acc.v[i][jn], a[i], b[jn][0], b[jn][1]);
         }
     }
 }
