@@ -51,7 +51,9 @@
 // (long sequences, cpb = 1), scan_backward_carry gives each chunk's carry-out from x = 0 (and its sum of dt), and
 // scan_chunk_combine (reverse = 1) turns those into the carry entering each chunk from the right.
 //
-// Backward threads (scan_backward): one block of 128 threads per (g, group), looping over tiles of CH channels. In a
+// Backward threads (scan_backward): one block of 128 threads per (g, group) and channel split, looping over its tiles
+// of CH channels (one split covers them all when there are enough (g, group) blocks to fill the GPU; with few long
+// sequences of many channels, PaM's, the tiles are split over grid y so that the GPU has work). In a
 // tile, P = NP / 4 consecutive lanes share a channel and each holds R = 4 of its states, so states and adjoints stay
 // in registers and sums over n take log2(P) shuffle steps. Per sub-chunk of SUB = 8 tokens the block first stages,
 // once per (token, channel) rather than once per lane, what every lane reads: dt, u, q, gy SiLU'(z), softplus'(.)
@@ -65,8 +67,10 @@
 //   dB, dC (sum over d): per token, each warp adds its channels by a fixed reduce-scatter of shuffles (each lane ends
 //   with one (B or C, n) sum), writes them to shared memory, and after each sub-chunk the block adds the warps' rows in
 //   warp order into an accumulator over the group's tokens that collects the channel tiles in tile order; the block
-//   then writes its rows of dB and dC, which no other block touches.
-//   da_log, dD, ddelta_bias (sums over g and t): each block writes one partial row per (g, group),
+//   then writes its rows of dB and dC, which no other block touches; when the channels are split, each split writes
+//   its rows' sums (bc_part) and scan_sum_bc adds them in split order.
+//   da_log, dD, ddelta_bias (sums over g and t): each block writes one partial row per (g, group) (a split, its
+//   channels' columns of the row),
 //   part[g groups + group] = [A[d, n] sum e dt  (D N) | sum q u  (D) | sum ddelta  (D)], summed over rows in a
 //   fixed order by sum_rows_f32 (gemm.cu).
 //
@@ -259,14 +263,25 @@ TYPED_KERNEL(scan_backward_carry_f32, scan_backward_carry_bf16, scan_backward_ca
 // [SUB][WARPS][2 NP]; accumulator [acc_rows][2 NP]; sub-chunk start states [T / SUB][R][THREADS]; [2][THREADS] for the
 // per-channel sums.
 template <typename E, int NP>
-__device__ __forceinline__ void scan_backward_group(
-    const E* __restrict__ u, const E* __restrict__ delta, const float* __restrict__ a_log,
-    const E* __restrict__ bmat, const E* __restrict__ cmat, const float* __restrict__ d_skip,
-    const E* __restrict__ z, const float* __restrict__ delta_bias, const E* __restrict__ gy,
-    const float* __restrict__ h_init, int has_init, const float* __restrict__ carry_in, int has_carry,
-    E* __restrict__ du, E* __restrict__ ddelta, E* __restrict__ dz, E* __restrict__ db,
-    E* __restrict__ dc, float* __restrict__ part, int64_t L, int64_t D, int N, int64_t T, int64_t cpb,
-    int acc_rows) {
+__device__ __forceinline__ void scan_backward_group(const ScanParams<E>& prm) {
+    const E* __restrict__ u = prm.u;
+    const E* __restrict__ delta = prm.delta;
+    const float* __restrict__ a_log = prm.a_log;
+    const E* __restrict__ bmat = prm.b;
+    const E* __restrict__ cmat = prm.c;
+    const float* __restrict__ d_skip = prm.d_skip;
+    const E* __restrict__ z = prm.z;
+    const float* __restrict__ delta_bias = prm.delta_bias;
+    const E* __restrict__ gy = prm.gy;
+    const float* __restrict__ h_init = prm.h_init;
+    const float* __restrict__ carry_in = prm.carry_in;
+    const bool has_init = h_init != nullptr, has_carry = carry_in != nullptr;
+    E* __restrict__ du = prm.du;
+    E* __restrict__ ddelta = prm.ddelta;
+    E* __restrict__ dz = prm.dz;
+    float* __restrict__ part = prm.part;
+    const int64_t L = prm.L, D = prm.D, T = SCAN_CHUNK, cpb = prm.cpb;
+    const int N = prm.N, acc_rows = prm.acc_rows;
     constexpr int THREADS = SCAN_BWD_THREADS, S = SCAN_BWD_SUB, R = SCAN_BWD_R;
     constexpr int P = NP / R;             // lanes per channel
     constexpr int CH = THREADS / P;       // channels per tile
@@ -336,7 +351,10 @@ __device__ __forceinline__ void scan_backward_group(
         __syncthreads();
     };
 
-    for (int64_t d0 = 0; d0 < D; d0 += CH) {
+    // This block's channel tiles: split blockIdx.y of gridDim.y, equal runs of whole tiles.
+    const int64_t tiles = (D + CH - 1) / CH, per_split = (tiles + gridDim.y - 1) / gridDim.y;
+    const int64_t d_end = min(D, (blockIdx.y + 1) * per_split * CH);
+    for (int64_t d0 = blockIdx.y * per_split * CH; d0 < d_end; d0 += CH) {
         const int64_t d = d0 + slot;
         const bool on_ch = d < D;
         float a[R], a2[R], x[R], ga[R];
@@ -503,25 +521,48 @@ __device__ __forceinline__ void scan_backward_group(
         }
     }
     __syncthreads();
+    // dB, dC of the group's tokens: final when one block covers every channel, else this split's partial sums.
     for (int e = tid; e < rows * N; e += THREADS) {
         const int t = e / N, k = e % N;
         const int64_t row = g * L + tok_begin + t;
-        db[row * N + k] = from_f32<E>(acc[t * V + k]);
-        dc[row * N + k] = from_f32<E>(acc[t * V + NP + k]);
+        if (gridDim.y == 1) {
+            prm.db[row * N + k] = from_f32<E>(acc[t * V + k]);
+            prm.dc[row * N + k] = from_f32<E>(acc[t * V + NP + k]);
+        } else {
+            float* out = prm.bc_part + (blockIdx.y * prm.G * L + row) * 2 * N;
+            out[k] = acc[t * V + k];
+            out[N + k] = acc[t * V + NP + k];
+        }
     }
 }
 
-// Grid (G * groups), SCAN_BWD_THREADS threads, dynamic shared memory as above. h_init (when not null) holds the
+// Grid (G * groups, channel splits), SCAN_BWD_THREADS threads, dynamic shared memory as above. h_init (when not null) holds the
 // saved chunk-start states (else every chunk starts from 0, valid for a single chunk); carry_in (when not null) holds
 // the carry entering each chunk from the right (needed when a sequence spans several groups).
 template <typename E, int NP>
 __device__ __forceinline__ void scan_backward(const ScanParams<E>& p) {
-    scan_backward_group<E, NP>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.gy, p.h_init,
-                               p.h_init != nullptr, p.carry_in, p.carry_in != nullptr, p.du, p.ddelta, p.dz, p.db,
-                               p.dc, p.part, p.L, p.D, p.N, SCAN_CHUNK, p.cpb, p.acc_rows);
+    scan_backward_group<E, NP>(p);
 }
 #define SCAN_BACKWARD_KERNEL(NAME_F32, NAME_BF16, NP) \
     SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_backward, NP, SCAN_BWD_THREADS)
 // scan_backward_n16 (N <= 16) and scan_backward_n32 (N <= 32), each in both instances.
 SCAN_BACKWARD_KERNEL(scan_backward_n16_f32, scan_backward_n16_bf16, 16)
 SCAN_BACKWARD_KERNEL(scan_backward_n32_f32, scan_backward_n32_bf16, 32)
+
+// dB[g, t, n] = sum over splits s of bc_part[s, g L + t, n], dC the same from column N + n; s in order.
+template <typename E>
+__device__ void scan_sum_bc(const ScanParams<E>& p) {
+    const int64_t rows = p.G * p.L;
+    FOR_EACH(i, rows * p.N) {
+        const int64_t row = i / p.N, n = i % p.N;
+        float sb = 0.0f, sc = 0.0f;
+        for (int s = 0; s < p.splits; ++s) {
+            const float* at = p.bc_part + (s * rows + row) * 2 * p.N;
+            sb += at[n];
+            sc += at[p.N + n];
+        }
+        p.db[i] = from_f32<E>(sb);
+        p.dc[i] = from_f32<E>(sc);
+    }
+}
+TYPED_KERNEL(scan_sum_bc_f32, scan_sum_bc_bf16, scan_sum_bc, ScanParams)

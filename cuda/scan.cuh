@@ -43,6 +43,9 @@ struct ScanParams {
     T* db;
     T* dc;
     float* part;              // backward: one row per (g, group): [A sum e dt (D N) | sum q u (D) | sum ddelta (D)]
+    float* bc_part;           // backward split over channels (grid y > 1): per split (splits, G L, 2 N) its sums of
+                              // the dB | dC terms; scan_sum_bc adds them in split order
+    int splits;               // scan_sum_bc: the backward's channel splits (its grid y)
     int64_t G;                // sequences
     int64_t L;                // tokens per sequence
     int64_t D;                // channels
@@ -65,5 +68,8 @@ extern "C" __global__ void scan_backward_n16_f32(const ScanParams<float> p);
 extern "C" __global__ void scan_backward_n16_bf16(const ScanParams<__nv_bfloat16> p);
 extern "C" __global__ void scan_backward_n32_f32(const ScanParams<float> p);
 extern "C" __global__ void scan_backward_n32_bf16(const ScanParams<__nv_bfloat16> p);
+// dB, dC (G, L, N) from the backward's per-split partial sums bc_part, added in split order.
+extern "C" __global__ void scan_sum_bc_f32(const ScanParams<float> p);
+extern "C" __global__ void scan_sum_bc_bf16(const ScanParams<__nv_bfloat16> p);
 // Reads only float32 fields (a_log, chunk_states, chunk_dt): one instance serves both storage types.
 extern "C" __global__ void scan_chunk_combine(const ScanParams<float> p);

@@ -243,6 +243,16 @@ fn gpu_selective_scan_other_state_sizes() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_channel_splits() {
+    // Few sequences of many channels (amos-2d's deepest windowed layers: 12 x 100 tokens, 1024 channels): the
+    // backward splits the channel tiles over 32 blocks per sequence and adds their dB, dC sums afterwards. N = 23
+    // (16-channel tiles) over five chunks per sequence, 13 splits of one tile.
+    scan_case("selective_scan G12 L100 D1024 N16", 12, 100, 1024, 16, 75);
+    scan_case("selective_scan G2 L300 D200 N23", 2, 300, 200, 23, 76);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn gpu_selective_scan_pim_stage0() {
     // PiM at stage 0: sequences of 128 tokens (two chunks), d_inner = 64, N = 16. The real batch has 26,880 sequences;
     // 256 keep the float64 CPU reference (forward and backward) to about a second and still take the one-pass forward.

@@ -81,7 +81,8 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ConstPtr, Kernel, ScanParams, SCAN_BWD_R, SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_CHUNK, SCAN_FWD_THREADS,
+    kernel, ConstPtr, Kernel, MutPtr, ScanParams, SCAN_BWD_R, SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_CHUNK,
+    SCAN_FWD_THREADS,
 };
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
@@ -456,6 +457,11 @@ pub const GPU_CHUNK: usize = SCAN_CHUNK;
 /// grouping); with fewer (PaM) it runs the three-pass parallel scan over chunks so that the GPU has work.
 const SEQUENTIAL_MIN_THREADS: usize = 16_384;
 
+/// The backward splits each block's channel tiles over several blocks until about this many run (8 per SM of a
+/// 132-SM H200): PaM's few long sequences of hundreds of channels otherwise leave most of the GPU idle (12 blocks
+/// for amos-2d's deepest windowed layers, each sweeping 32 tiles in turn).
+const BACKWARD_MIN_BLOCKS: usize = 1024;
+
 /// The kernels serving one range of state sizes N, for storage type `T`: states padded to `padded` (forward
 /// registers; backward lanes of 4 states each), and the longest sequence a backward block sweeps whole (its dB, dC
 /// accumulator must fit in shared memory); longer sequences are swept one chunk per block with the adjoint carried
@@ -487,16 +493,27 @@ impl<T: GpuElement> Variant<T> {
         }
     }
 
+    /// Channels of one backward tile: each takes padded / SCAN_BWD_R lanes.
+    fn backward_tile_channels(self) -> usize {
+        SCAN_BWD_THREADS / (self.padded / SCAN_BWD_R)
+    }
+
     /// Dynamic shared memory of the backward kernel in bytes (the layout in cuda/scan.cu's `scan_backward_group`).
     fn backward_shared_bytes(self, acc_rows: usize) -> usize {
-        let lanes_per_channel = self.padded / SCAN_BWD_R;
-        let channels = SCAN_BWD_THREADS / lanes_per_channel;
+        let channels = self.backward_tile_channels();
         let (v, warps) = (2 * self.padded, SCAN_BWD_THREADS / 32);
         let staged = 5 * SCAN_BWD_SUB * channels + 2 * SCAN_BWD_SUB * self.padded;
         let sums = 3 * SCAN_BWD_SUB * channels + SCAN_BWD_SUB * warps * v;
         let checkpoints = SCAN_CHUNK / SCAN_BWD_SUB * SCAN_BWD_R * SCAN_BWD_THREADS;
         4 * (staged + sums + acc_rows * v + checkpoints + 2 * SCAN_BWD_THREADS)
     }
+}
+
+/// Channel splits of the backward: `blocks` (sequence, group) blocks, each with `tiles` channel tiles, split into
+/// equal runs of whole tiles until about [`BACKWARD_MIN_BLOCKS`] blocks run (1: no split).
+fn backward_splits(blocks: usize, tiles: usize) -> usize {
+    let wanted = BACKWARD_MIN_BLOCKS.div_ceil(blocks).clamp(1, tiles);
+    tiles.div_ceil(tiles.div_ceil(wanted))
 }
 
 /// Chunks per sequence, after checking that the sizes suit the kernels.
@@ -652,11 +669,15 @@ fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bo
     let width = dch * n + 2 * dch;
     let mut part = gpu.alloc(g * groups * width, "selective_scan parameter partial sums")?;
     let acc_rows = (cpb * GPU_CHUNK).min(l).next_multiple_of(SCAN_BWD_SUB);
+    let splits = backward_splits(g * groups, dch.div_ceil(variant.backward_tile_channels()));
     let cfg = LaunchConfig {
-        grid_dim: ((g * groups) as u32, 1, 1),
+        grid_dim: ((g * groups) as u32, splits as u32, 1),
         block_dim: (SCAN_BWD_THREADS as u32, 1, 1),
         shared_mem_bytes: variant.backward_shared_bytes(acc_rows) as u32,
     };
+    // Split channels: each split's dB | dC sums, added in split order afterwards.
+    let mut bc_part =
+        if splits > 1 { Some(gpu.alloc(splits * g * l * 2 * n, "selective_scan dB, dC partial sums")?) } else { None };
     let p = ScanParams {
         carry_in: carry.as_ref().map_or(ConstPtr::NULL, GpuBuffer::ptr),
         du: du.ptr_mut(),
@@ -665,10 +686,15 @@ fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bo
         db: db.ptr_mut(),
         dc: dc.ptr_mut(),
         part: part.ptr_mut(),
+        bc_part: bc_part.as_mut().map_or(MutPtr::NULL, GpuBuffer::ptr_mut),
+        splits: splits as i32,
         acc_rows: acc_rows as i32,
         ..base
     };
     gpu.launch(variant.backward, cfg, &p, &shapes)?;
+    if splits > 1 {
+        gpu.launch(kernel::scan_sum_bc::<T>(), grid_1d(g * l * n), &p, &shapes)?;
+    }
 
     let rows = g * groups;
     let da_log = sum_rows(gpu, &part.slice.slice(..), rows, dch * n, width, "selective_scan da_log")?;
@@ -688,4 +714,36 @@ fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bo
         Tensor::from_gpu(dbias, delta_bias)?,
     ];
     Ok(grads.into_iter().zip(needs).map(|(grad, &need)| need.then_some(grad)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backward_splits_cover_every_tile_in_nonempty_runs() {
+        // The kernel's runs: split s of `splits` takes tiles s per .. min(tiles, (s + 1) per), per = ceil(tiles /
+        // splits). Every tile in exactly one run, none empty, and the split only where blocks are few.
+        for blocks in [1, 2, 12, 54, 300, 1023, 1024, 26_880] {
+            for tiles in [1, 2, 13, 20, 32, 64] {
+                let splits = backward_splits(blocks, tiles);
+                let per = tiles.div_ceil(splits);
+                assert!(splits >= 1 && splits <= tiles, "blocks {blocks} tiles {tiles}: {splits} splits");
+                assert!(
+                    splits * per >= tiles && (splits - 1) * per < tiles,
+                    "blocks {blocks} tiles {tiles}: {splits} x {per}"
+                );
+                if blocks >= BACKWARD_MIN_BLOCKS {
+                    assert_eq!(splits, 1, "blocks {blocks}");
+                } else {
+                    assert!(
+                        blocks * splits >= BACKWARD_MIN_BLOCKS.min(blocks * tiles) / 2,
+                        "blocks {blocks} tiles {tiles}"
+                    );
+                }
+            }
+        }
+        // amos-2d's deepest windowed layers: 12 sequences of 1024 channels (32 tiles of 32) -> 32 splits.
+        assert_eq!(backward_splits(12, 32), 32);
+    }
 }
