@@ -482,6 +482,12 @@ impl Backward for ConvBackward {
 // Weight-gradient slices are whole stages of both the exact kernels (cuda/conv.cuh) and the tensor-core ones
 // (cuda/conv_tc.cuh).
 const _: () = assert!(CONV_BK % CONV_TC_BK == 0);
+/// The halo-tile weight gradient runs on maps of at least this many positions (batch x voxels). Each block stages
+/// a box of 128 positions at a time with one 16-bit load per element and no second stage, so it is bound by load
+/// latency; on a large map it still beat the gathers (H200, 2026-12-03, same call, flare-3d b2 bf16: 3.83 -> 3.69 ms
+/// at 64 channels x 40x112x96, 2.89 -> 2.20 ms at 32 x 40x224x192, 1.07 -> 0.95 ms at 256 x 10x28x24), on the
+/// small deep maps it lost (0.45 -> 0.61 ms at 320 x 10x14x12 = 3,360 positions, 0.16 -> 0.37 at 320 x 10x7x6).
+const HALO_WGRAD_MIN_POSITIONS: usize = 8192;
 /// The weight gradient's reduction is split into enough slices for about this many blocks (a few per SM)...
 const WGRAD_TARGET_BLOCKS: usize = 1024;
 /// ... and into slices of at most this many terms, which bounds the float32 rounding of each partial sum.
@@ -1139,13 +1145,15 @@ impl Pairing {
 
     /// Whether the halo-tile weight gradient of cuda/conv_halo.cu computes this pairing's: a stride-1 conv (not
     /// transposed) of at most [`CONV_HALO_MAX_TAPS`] taps per axis and more than one tap, with at least one row
-    /// tile of wide channels (the 1-channel stem stays on the gathers).
+    /// tile of wide channels (the 1-channel stem stays on the gathers) and at least [`HALO_WGRAD_MIN_POSITIONS`]
+    /// narrow positions.
     fn halo_wgrad_suits(&self) -> bool {
         !self.transposed
             && self.stride.iter().all(|&s| s == 1)
             && self.k.iter().all(|&k| k <= CONV_HALO_MAX_TAPS)
             && self.taps() > 1
             && self.c_wide >= CONV_HALO_WG_ROWS
+            && self.batch * self.narrow.iter().product::<usize>() >= HALO_WGRAD_MIN_POSITIONS
     }
 
     /// [`Pairing::weight_grad`] on the halo-tile kernel: boxes of narrow positions, dealt in fixed runs to the
