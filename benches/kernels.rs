@@ -12,7 +12,8 @@
 //! tf32, `cudnn.benchmark` on; `--variants bf16_cl` for one), and `kernels --convs convs.json [--torch
 //! DIR/torch_convs.json] [--out conv.md] [--maths bf16]` times ours, each role alone: forward, input gradient and
 //! weight gradient (+ bias), the gradients as (forward + that backward) - forward, in bf16 and tf32 (or the maths
-//! given), and prints the table with cuDNN time / ours per row and per role.
+//! given), and prints the table with cuDNN time / ours per row and per role. Both time only the shapes the list
+//! holds: cut it to some configurations or layers to time a part.
 //! The copy-bandwidth ceiling is measured here (device-to-device copy of 1 GiB, bytes read + written); the bf16 matrix
 //! rate (the ceiling the TFLOP/s columns are set against) is PyTorch's 8192^3 bf16 product in the same run.
 

@@ -124,8 +124,9 @@ pub fn run(list: &str, torch: Option<String>, out: Option<String>, maths: Option
         serde_json::from_str(&text).map_err(|e| Error::Io(format!("{p}: {e}")))
     };
     let list_json = read(list)?;
-    let listed: Vec<&str> =
-        list_json.as_array().map_or(vec![], |l| l.iter().filter_map(|c| c["config"].as_str()).collect());
+    let listed: Vec<(&str, &str)> = list_json
+        .as_array()
+        .map_or(vec![], |l| l.iter().filter_map(|c| Some((c["config"].as_str()?, c["layer"].as_str()?))).collect());
     let torch = torch.as_deref().map(read).transpose()?;
     let bf16_rate = torch.as_ref().and_then(|t| t["ceilings"]["bf16_TFLOPs"].as_f64());
     let cudnn = |name: &str, variant: &str| -> Option<f64> {
@@ -133,8 +134,9 @@ pub fn run(list: &str, torch: Option<String>, out: Option<String>, maths: Option
             (r["name"].as_str()? == name && r["variant"].as_str()? == variant).then(|| r["ms"].as_f64())?
         })
     };
-    // Only the configurations the list names (a list cut down to one configuration times only that one).
-    let shapes: Vec<_> = shapes()?.into_iter().filter(|(config, _)| listed.contains(config)).collect();
+    // Only the shapes the list names (a list cut down to one configuration, or to some layers, times only those).
+    let shapes: Vec<_> =
+        shapes()?.into_iter().filter(|(config, c)| listed.contains(&(*config, c.layer.as_str()))).collect();
     if listed.len() != shapes.len() {
         eprintln!(
             "note: {list} lists {} shapes, this binary {}: cuDNN rows may be missing",
