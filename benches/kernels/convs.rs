@@ -17,8 +17,6 @@ use lkm_engine::tensor::DType;
 use lkm_engine::{Error, Result, Tensor};
 
 use super::median;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 /// The configurations and batch sizes of the reference steps.
 const STEPS: [(&str, usize); 2] = [("flare-3d", 2), ("amos-2d", 12)];
@@ -74,10 +72,7 @@ struct RoleSummary {
 /// inputs stored as `dtype`.
 fn time_roles(gpu: &Arc<Gpu>, c: &ConvUse, dtype: DType) -> Result<[f64; 3]> {
     let dev = Device::Cuda(gpu.clone());
-    let randn = |shape: &[usize], scale: f64, seed: u64| -> Result<Tensor> {
-        let t = Tensor::randn(shape, DType::F32, &mut StdRng::seed_from_u64(seed))?;
-        lkm_engine::tensor::scale(&t, scale)?.to_device(&dev)?.to_dtype(dtype)
-    };
+    let randn = |shape: &[usize], scale: f64, seed: u64| super::randn(&dev, shape, scale, seed).to_dtype(dtype);
     let cout = if c.kind == ConvKind::Transposed { c.weight[1] } else { c.weight[0] };
     let inputs = [randn(&c.input, 1.0, 1)?, randn(&c.weight, 0.05, 2)?, randn(&[cout], 0.1, 3)?];
     let bias = c.bias();
