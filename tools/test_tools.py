@@ -14,6 +14,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ncu_summary  # noqa: E402
 import safetensors_io as st  # noqa: E402
 
 try:
@@ -372,6 +373,23 @@ def check_engine_names(path, config):
     assert ours == theirs, (sorted(set(ours) ^ set(theirs))[:10],
                             [k for k in ours if k in theirs and ours[k] != theirs[k]][:10])
     print(f"engine names of {config}: {len(ours)} tensors, identical names and shapes")
+
+
+def test_ncu_summary_columns_by_pattern():
+    # ncu's raw CSV page: header, units, one row per kernel; a missing metric prints "-", units are converted, the
+    # stall columns are ranked.
+    stall = ncu_summary.STALL_PREFIX + "{}" + ncu_summary.STALL_SUFFIX
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+              "launch__registers_per_thread", "launch__shared_mem_per_block_dynamic",
+              stall.format("long_scoreboard"), stall.format("barrier"), stall.format("wait")]
+    units = ["", "", "usecond", "%", "register/thread", "byte", "", "", ""]
+    rows = [header, units, ["0", "conv_wgrad_halo_bf16", "3,700.5", "12.5", "125", "56320", "9.5", "2.25", "0"]]
+    cols, lines = ncu_summary.summarise(rows)
+    got = dict(zip(cols, lines[0]))
+    assert got["kernel"] == "conv_wgrad_halo_bf16" and got["ms"] == "3.7", got
+    assert got["DRAM %"] == "12.5" and got["tensor %"] == "-" and got["regs"] == "125", got
+    assert got["smem KB"] == "55", got
+    assert got["top stalls (warps per issue)"] == "long_scoreboard 9.50, barrier 2.25", got
 
 
 def main(argv):
