@@ -225,13 +225,7 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < NI; ++j) {
-                    if constexpr (PER == 2) {
-                        mma::mma_bf16(acc[i][j], a[set][i], bf[set][j][0], bf[set][j][1]);
-                    } else {
-                        mma::mma_tf32(acc[i][j], a[set][i], bf[set][j][0], bf[set][j][1]);
-                    }
-                }
+                for (int j = 0; j < NI; ++j) mma::mma_k<T>(acc[i][j], a[set][i], bf[set][j][0], bf[set][j][1]);
         };
         load(0, 0);
         for (int q = 0; q < taps; q += 2) {
@@ -391,13 +385,7 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
                 const unsigned a[4] = {x[g * L::X + w_lo], x[(g + 8) * L::X + w_lo], x[g * L::X + w_hi],
                                        x[(g + 8) * L::X + w_hi]};
 #pragma unroll
-                for (int i = 0; i < NI; ++i) {
-                    if constexpr (PER == 2) {
-                        mma::mma_bf16(acc[j][i], a, bf[i][0], bf[i][1]);
-                    } else {
-                        mma::mma_tf32(acc[j][i], a, bf[i][0], bf[i][1]);
-                    }
-                }
+                for (int i = 0; i < NI; ++i) mma::mma_k<T>(acc[j][i], a, bf[i][0], bf[i][1]);
             }
         }
         __syncthreads();

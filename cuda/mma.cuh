@@ -154,6 +154,17 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// One k-step of the storage type T: m16n8k16 bf16 for __nv_bfloat16 (two values per operand word), m16n8k8 tf32 for
+// float (one).
+template <typename T>
+__device__ __forceinline__ void mma_k(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if constexpr (sizeof(T) == 2) {
+        mma_bf16(c, a, b0, b1);
+    } else {
+        mma_tf32(c, a, b0, b1);
+    }
+}
+
 // acc += A B over the BK reduction indices of stage slot, per warp MI x NI mma.sync per step. With g = lane / 4,
 // t = lane % 4 the fragments are (PTX ISA, "Matrix Fragments for mma.m16n8k8" / "mma.m16n8k16"):
 //   tf32, m16n8k8 per 8 indices:  A (m x k): (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);  B (k x n): (t, g),

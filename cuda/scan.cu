@@ -262,8 +262,11 @@ TYPED_KERNEL(scan_backward_carry_f32, scan_backward_carry_bf16, scan_backward_ca
 // gy SiLU'(z), softplus' [SUB][CH] each; B, C rows [SUB][NP] each; sums over n [SUB][CH][3]; per-warp dB | dC sums
 // [SUB][WARPS][2 NP]; accumulator [acc_rows][2 NP]; sub-chunk start states [T / SUB][R][THREADS]; [2][THREADS] for the
 // per-channel sums.
+// Grid (G * groups, channel splits), SCAN_BWD_THREADS threads, dynamic shared memory as above. h_init (when not
+// null) holds the saved chunk-start states (else every chunk starts from 0, valid for a single chunk); carry_in (when
+// not null) holds the carry entering each chunk from the right (needed when a sequence spans several groups).
 template <typename E, int NP>
-__device__ __forceinline__ void scan_backward_group(const ScanParams<E>& prm) {
+__device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     const E* __restrict__ u = prm.u;
     const E* __restrict__ delta = prm.delta;
     const float* __restrict__ a_log = prm.a_log;
@@ -536,13 +539,6 @@ __device__ __forceinline__ void scan_backward_group(const ScanParams<E>& prm) {
     }
 }
 
-// Grid (G * groups, channel splits), SCAN_BWD_THREADS threads, dynamic shared memory as above. h_init (when not null) holds the
-// saved chunk-start states (else every chunk starts from 0, valid for a single chunk); carry_in (when not null) holds
-// the carry entering each chunk from the right (needed when a sequence spans several groups).
-template <typename E, int NP>
-__device__ __forceinline__ void scan_backward(const ScanParams<E>& p) {
-    scan_backward_group<E, NP>(p);
-}
 // Left to itself ptxas gives the backward 158 registers, 3 blocks per SM; held to 4 blocks (128 registers, 48 bytes
 // spilled) it ran the bf16 steps 1.5% (flare-3d b2) and 2% (amos-2d b12) faster on the H200 (2026-12-03, same call).
 // Shared memory allows 4 at acc_rows = 128, not 5.
