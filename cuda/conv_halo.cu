@@ -262,128 +262,191 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
 }
 
 
-// The weight gradient's staged maps per storage type: row strides in 32-bit words, 4 (float) or 20 (bf16) mod 32 so
-// that a fragment load (8 rows x 4 consecutive words) hits 32 banks. float: one voxel per word (rounded to tf32);
-// bf16: pairs of voxels per word, the wide halo in two copies, pairs starting at even voxels and at odd ones, so
-// that a tap's shifted pair is always one aligned word.
+// The weight gradient's staged maps, per pipeline stage, in 32-bit words of storage (one float or two bf16):
+// - the wide halo (the box grown by kernel - 1 along each axis): WG_ROWS channel rows of XS words, each the hz x hy
+//   halo lines of RW words, the aligned storage words that cover the line's voxels from x0 - pad - e on (e = pad %
+//   PER: with W even a bf16 map's words start at even x, so the line is whole words that cp.async copies as they are);
+// - the narrow box: WG_COLS channel rows of GS words, its 128 positions in order, PER per word.
+// Row strides are 4 mod 32 words: a fragment load (8 rows x 4 consecutive words) hits 32 banks. The largest halo
+// (3 taps per axis, e = PER - 1) takes 3 (128 / tile_x + 2) ceil((tile_x + 2 + e) / PER) words: 612 float words (tile_x 32), 324
+// bf16 words (tile_x 32 or 8).
 template <typename T>
 struct WgradLayout;
 template <>
 struct WgradLayout<float> {
-    static constexpr int X = 612, G = 132;
+    static constexpr int XS = 612, GS = 132;
 };
 template <>
 struct WgradLayout<__nv_bfloat16> {
-    static constexpr int X = 308, G = 68;
+    static constexpr int XS = 324, GS = 68;
 };
-constexpr int WG_ROWS = CONV_HALO_WG_ROWS, WG_COLS = CONV_HALO_WG_COLS;
-constexpr int WG_X_WORDS = 2 * WG_ROWS * WgradLayout<__nv_bfloat16>::X;  // the halo's region, either type
+constexpr int WG_ROWS = CONV_HALO_WG_ROWS, WG_COLS = CONV_HALO_WG_COLS, WG_STAGES = CONV_HALO_WG_STAGES;
 constexpr int WG_TAPS_PER_WARP = (CONV_HALO_MAX_TAPS * CONV_HALO_MAX_TAPS * CONV_HALO_MAX_TAPS + 7) / 8;
-static_assert(WG_ROWS * WgradLayout<float>::X <= WG_X_WORDS && CONV_HALO_MAX_VOXELS <= WgradLayout<float>::X &&
-                  CONV_HALO_MAX_VOXELS <= 2 * (WgradLayout<__nv_bfloat16>::X - 1) &&
-                  WG_X_WORDS + WG_COLS * WgradLayout<float>::G <= CONV_HALO_WG_SHARED_WORDS &&
-                  BM <= WgradLayout<float>::G && BM <= 2 * WgradLayout<__nv_bfloat16>::G,
-              "the staged maps fit their rows and the shared memory");
-static_assert(WgradLayout<float>::X % 32 == 4 && WgradLayout<float>::G % 32 == 4 &&
-                  WgradLayout<__nv_bfloat16>::X % 32 == 20 && WgradLayout<__nv_bfloat16>::G % 32 == 4,
-              "conflict-free fragment loads");
-static_assert(WG_ROWS == 16 && THREADS % BM == 0 && WG_COLS % (THREADS / BM) == 0, "one 16-row fragment per warp");
-
-// Element i of a staged row: bf16 as its 16 bits (two per word), float32 as its tf32 word.
-__device__ __forceinline__ void put_element(unsigned* row, int i, __nv_bfloat16 v) {
-    reinterpret_cast<unsigned short*>(row)[i] = __bfloat16_as_ushort(v);
+// Halo words a thread stages per box: items of (halo word, 8 channel rows).
+constexpr int WG_GROUP = 8;
+template <typename T>
+constexpr int WG_ITEMS = (WgradLayout<T>::XS * (WG_ROWS / WG_GROUP) + THREADS - 1) / THREADS;
+template <typename T>
+constexpr int wgrad_halo_words(int tile_x) {
+    return CONV_HALO_MAX_TAPS * (BM / tile_x + CONV_HALO_MAX_TAPS - 1) *
+           ((tile_x + CONV_HALO_MAX_TAPS - 1 + 2 * (PER_WORD<T> - 1)) / PER_WORD<T>);
 }
-__device__ __forceinline__ void put_element(unsigned* row, int i, float v) { row[i] = mma::to_tf32(v); }
+template <typename T>
+constexpr bool wgrad_fits() {
+    using L = WgradLayout<T>;
+    return wgrad_halo_words<T>(32) <= L::XS && wgrad_halo_words<T>(16) <= L::XS && wgrad_halo_words<T>(8) <= L::XS &&
+           BM / PER_WORD<T> <= L::GS && (WG_ROWS - WG_GROUP + 1) * L::XS <= 8192 && L::XS % 32 == 4 && L::GS % 32 == 4 &&
+           WG_STAGES * (WG_ROWS * L::XS + WG_COLS * L::GS) <= CONV_HALO_WG_SHARED_WORDS;
+}
+static_assert(wgrad_fits<float>() && wgrad_fits<__nv_bfloat16>(), "the staged maps fit their rows, banks and memory");
+static_assert(BM / 8 + CONV_HALO_MAX_TAPS - 1 < 32 && 32 + CONV_HALO_MAX_TAPS < 64 && CONV_HALO_MAX_TAPS < 4,
+              "a halo item's offsets fit their bits (dz: 2, dy: 5, x word: 6)");
+static_assert(WG_ROWS == 16 && WG_ROWS % WG_GROUP == 0 && THREADS % BM == 0 && WG_COLS % (THREADS / BM) == 0,
+              "one 16-row fragment per warp");
+
+// dst <- the 4 bytes at src when valid, else 0, in flight until cp_async_wait (src and dst 4-byte aligned).
+__device__ __forceinline__ void cp_async_word(unsigned* dst, const void* src, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
+}
+// The storage word of the PER elements at `at`, element i read only where ok(i) (0 elsewhere): one cp.async where
+// the word is aligned (both bf16 halves then valid or not together, with W even), else element loads and a store.
+template <typename T, class Ok>
+__device__ __forceinline__ void stage_word(unsigned* dst, const T* at, bool aligned, Ok ok) {
+    if (aligned) {
+        cp_async_word(dst, at, ok(0));
+    } else if constexpr (PER_WORD<T> == 2) {
+        *dst = operand_word(at, 1, ok(0), ok(1));
+    } else {
+        *dst = __float_as_uint(ok(0) ? at[0] : 0.0f);
+    }
+}
+// A staged word as an mma operand: bf16 pairs as they are, float32 rounded to tf32.
+__device__ __forceinline__ unsigned operand_of(unsigned w, __nv_bfloat16) { return w; }
+__device__ __forceinline__ unsigned operand_of(unsigned w, float) { return mma::to_tf32(__uint_as_float(w)); }
 
 // dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] over the block's boxes (formula in
-// conv_halo.cuh). Per box of 128 positions, the wide halo (WG_ROWS channels, the box grown by kernel - 1) and the
-// narrow box (WG_COLS channels) are staged; warp w computes taps w, w + 8, .. (at most 4): per tap a WG_ROWS x WG_COLS
-// product over the 128 positions, A = the halo rows shifted by the tap (m = cw, k = position), B = the box (k =
-// position, n = cn), in mma k-steps of 16 (bf16) or 8 (tf32) positions. Single stage per box; two blocks fit an SM.
+// conv_halo.cuh). Per box of 128 positions the wide halo (WG_ROWS channels) and the narrow box (WG_COLS channels)
+// are staged (WgradLayout), WG_STAGES boxes in flight through cp.async: while the tensor cores work on box i, box i +
+// 1's words are copied. Warp w computes taps w, w + 8, .. (at most 4): per tap a WG_ROWS x WG_COLS product over the
+// 128 positions, A = the halo shifted by the tap (m = cw, k = position), B = the box (k = position, n = cn), in mma
+// k-steps of 16 (bf16) or 8 (tf32) positions. A bf16 pair of positions (o, o + 1) shifted by a tap whose x offset
+// plus e is odd straddles two staged words: its operand is the high half of one and the low half of the next.
 template <typename T>
 __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p) {
     using L = WgradLayout<T>;
-    constexpr int PER = PER_WORD<T>, KSTEP = 8 * PER, NI = WG_COLS / 8, COPIES = PER;
+    constexpr int PER = PER_WORD<T>, KSTEP = 8 * PER, NI = WG_COLS / 8, STAGE = WG_ROWS * L::XS + WG_COLS * L::GS;
     extern __shared__ __align__(16) unsigned smem[];
-    unsigned* xs = smem;  // [copy][WG_ROWS][L::X]
-    unsigned* gs = smem + WG_X_WORDS;  // [WG_COLS][L::G]
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, tq = lane & 3;
     const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2];
-    const int tile_x = p.tile_x, tile_y = BM / tile_x;
+    const int tile_x = p.tile_x, tile_y = BM / tile_x, tx_shift = __ffs(tile_x) - 1;
     const int hz = p.kernel[0], hy = tile_y + p.kernel[1] - 1, hx = tile_x + p.kernel[2] - 1;
-    const int halo_vox = hz * hy * hx;
+    const int e = p.pad[2] % PER, rw = (hx + e + PER - 1) / PER, halo_words = hz * hy * rw;
     const int cw0 = blockIdx.x * WG_ROWS, cn0 = blockIdx.y * WG_COLS;
     const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
     const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
     const int x_tiles = (p.narrow_size[2] + tile_x - 1) / tile_x, y_tiles = (p.narrow_size[1] + tile_y - 1) / tile_y;
     const int box_begin = blockIdx.z * p.boxes_per_slice, box_end = min(p.boxes, box_begin + p.boxes_per_slice);
+    // Rows start at whole storage words (bf16: W even and the maps 4-byte aligned; float: always): every staged word is
+    // an aligned word of the map.
+    const bool aligned = p.wide_size[2] % PER == 0 && p.narrow_size[2] % PER == 0 && (uintptr_t)p.wide % 4 == 0 &&
+                         (uintptr_t)p.narrow % 4 == 0;
 
-    // This warp's taps a = warp + 8 j: the halo shift of each (pairs: from copy shift % 2).
-    int shift[WG_TAPS_PER_WARP];
+    // This thread's halo items (word s of the 8 channel rows of group h), packed in one int: its first staged word
+    // (13 bits), its offset (dz, dy, x word) in the halo (2, 5 and 6 bits); -1 past the last.
+    int items[WG_ITEMS<T>];
 #pragma unroll
-    for (int j = 0; j < WG_TAPS_PER_WARP; ++j) {
-        const int a = min(warp + 8 * j, taps - 1);
-        int q[3];
-        split3(a, p.kernel, q);
-        shift[j] = (q[0] * hy + q[1]) * hx + q[2];
+    for (int i = 0; i < WG_ITEMS<T>; ++i) {
+        const int item = t + THREADS * i, s = item % halo_words, h = item / halo_words;
+        items[i] = h < WG_ROWS / WG_GROUP
+                       ? (h * WG_GROUP * L::XS + s) | s / (hy * rw) << 13 | s / rw % hy << 15 | s % rw << 20
+                       : -1;
     }
-    // The positions of this thread's fragment words (o = k0 + PER tq and k0 + PER (tq + 4)) are box positions whose
-    // halo voxel is vox(o) = (o / tile_x) hx + o % tile_x; with even tile_x and hx, bf16 pairs start at even voxels.
-    auto vox = [&](int o) { return o / tile_x * hx + o % tile_x; };
-    float acc[WG_TAPS_PER_WARP][NI][4] = {};
+    // This thread's narrow word: position o, rows t / (BM / PER) + (THREADS PER / BM) c.
+    const int g_word = t % (BM / PER), g_o = PER * g_word, g_y = g_o >> tx_shift, g_x = g_o & (tile_x - 1);
+    constexpr int G_ROW_STEP = THREADS * PER / BM;
 
-    for (int box = box_begin; box < box_end; ++box) {
+    // Copies box `box`'s words into stage `slot` (cp.async, or element loads where the rows are not word-aligned).
+    auto stage = [&](int box, int slot) {
+        unsigned* xs = smem + slot * STAGE;
+        unsigned* gs = xs + WG_ROWS * L::XS;
         int b = box;
         const int x0 = b % x_tiles * tile_x;
         b /= x_tiles;
         const int y0 = b % y_tiles * tile_y;
         b /= y_tiles;
         const int z = b % p.narrow_size[0], n = b / p.narrow_size[0];
-        // The wide halo: this thread's voxels v = t + THREADS i, every row.
-        for (int v = t; v < halo_vox; v += THREADS) {
-            const int vz = v / (hy * hx), vy = v / hx % hy, vx = v % hx;
-            const int sz = z - p.pad[0] + vz, sy = y0 - p.pad[1] + vy, sx = x0 - p.pad[2] + vx;
-            const bool inside = (unsigned)sz < (unsigned)p.wide_size[0] && (unsigned)sy < (unsigned)p.wide_size[1] &&
-                                (unsigned)sx < (unsigned)p.wide_size[2];
-            const T* at = p.wide + ((int64_t)n * p.c_wide + cw0) * wide_vox + (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
-#pragma unroll 4
-            for (int r = 0; r < WG_ROWS; ++r) {
-                const T e = inside && cw0 + r < p.c_wide ? at[(int64_t)r * wide_vox] : from_f32<T>(0.0f);
-                put_element(xs + r * L::X, v, e);
-                if (COPIES == 2 && v > 0) put_element(xs + (WG_ROWS + r) * L::X, v - 1, e);
-            }
-        }
-        // The narrow box: position o = t % BM, rows t / BM + (THREADS / BM) c.
-        {
-            const int o = t % BM, y = y0 + o / tile_x, x = x0 + o % tile_x;
-            const bool inside = y < p.narrow_size[1] && x < p.narrow_size[2];
-            const T* at = p.narrow + ((int64_t)n * p.c_narrow + cn0) * narrow_vox + (z * p.narrow_size[1] + y) * p.narrow_size[2] + x;
+        const int bz = z - p.pad[0], by = y0 - p.pad[1], bx = x0 - p.pad[2] - e;
 #pragma unroll
-            for (int c = t / BM; c < WG_COLS; c += THREADS / BM) {
-                const T e = inside && cn0 + c < p.c_narrow ? at[(int64_t)c * narrow_vox] : from_f32<T>(0.0f);
-                put_element(gs + c * L::G, o, e);
+        for (int i = 0; i < WG_ITEMS<T>; ++i) {
+            if (items[i] < 0) break;
+            const int word = items[i] & 8191;
+            const int sz = bz + (items[i] >> 13 & 3), sy = by + (items[i] >> 15 & 31), sx = bx + PER * (items[i] >> 20);
+            const bool in_zy = (unsigned)sz < (unsigned)p.wide_size[0] && (unsigned)sy < (unsigned)p.wide_size[1];
+            const int c = cw0 + word / L::XS;
+            const T* at = p.wide + ((int64_t)n * p.c_wide + c) * wide_vox + (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+#pragma unroll
+            for (int r = 0; r < WG_GROUP; ++r) {
+                const bool row_ok = in_zy && c + r < p.c_wide;
+                stage_word(xs + word + r * L::XS, row_ok ? at + (int64_t)r * wide_vox : p.wide, aligned,
+                           [&](int k) { return row_ok && (unsigned)(sx + k) < (unsigned)p.wide_size[2]; });
             }
         }
+        const int y = y0 + g_y, x = x0 + g_x;
+        const bool in_y = y < p.narrow_size[1];
+        const T* at = p.narrow + ((int64_t)n * p.c_narrow + cn0) * narrow_vox + (z * p.narrow_size[1] + y) * p.narrow_size[2] + x;
+#pragma unroll
+        for (int c = t / (BM / PER); c < WG_COLS; c += G_ROW_STEP) {
+            const bool row_ok = in_y && cn0 + c < p.c_narrow;
+            stage_word(gs + c * L::GS + g_word, row_ok ? at + (int64_t)c * narrow_vox : p.narrow, aligned,
+                       [&](int k) { return row_ok && x + k < p.narrow_size[2]; });
+        }
+    };
+
+    // This warp's taps a = warp + 8 j: the staged word of position 0 shifted by each, and whether the pair straddles.
+    int shift[WG_TAPS_PER_WARP];
+    bool straddles[WG_TAPS_PER_WARP];
+#pragma unroll
+    for (int j = 0; j < WG_TAPS_PER_WARP; ++j) {
+        const int a = min(warp + 8 * j, taps - 1);
+        int q[3];
+        split3(a, p.kernel, q);
+        shift[j] = (q[0] * hy + q[1]) * rw + (q[2] + e) / PER;
+        straddles[j] = (q[2] + e) % PER != 0;
+    }
+    // The staged word of box position o (o % tile_x a multiple of PER).
+    auto word_of = [&](int o) { return (o >> tx_shift) * rw + (o & (tile_x - 1)) / PER; };
+    float acc[WG_TAPS_PER_WARP][NI][4] = {};
+
+    if (box_begin < box_end) stage(box_begin, 0);
+    mma::cp_async_commit();
+    for (int box = box_begin, slot = 0; box < box_end; ++box, slot ^= 1) {
+        static_assert(WG_STAGES == 2, "one box in flight while another is computed");
+        if (box + 1 < box_end) stage(box + 1, slot ^ 1);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
         __syncthreads();
+        const unsigned* xs = smem + slot * STAGE;
+        const unsigned* gs = xs + WG_ROWS * L::XS;
 #pragma unroll 2
         for (int k0 = 0; k0 < BM; k0 += KSTEP) {
             unsigned bf[NI][2];
 #pragma unroll
             for (int j = 0; j < NI; ++j) {
-                const unsigned* row = gs + (8 * j + g) * L::G + k0 / PER;
-                bf[j][0] = row[tq];
-                bf[j][1] = row[tq + 4];
+                const unsigned* row = gs + (8 * j + g) * L::GS + k0 / PER;
+                bf[j][0] = operand_of(row[tq], T{});
+                bf[j][1] = operand_of(row[tq + 4], T{});
             }
-            const int v_lo = vox(k0 + PER * tq), v_hi = vox(k0 + PER * (tq + 4));
+            const int w_lo = word_of(k0 + PER * tq), w_hi = word_of(k0 + PER * (tq + 4));
 #pragma unroll
             for (int j = 0; j < WG_TAPS_PER_WARP; ++j) {
                 if (warp + 8 * j >= taps) break;
-                const int copy = COPIES == 2 ? shift[j] & 1 : 0;
-                const unsigned* x = xs + copy * WG_ROWS * L::X;
-                // The word of voxel v (pairs: of the pair starting at v, in its copy).
-                const int w_lo = (v_lo + shift[j] - copy) / PER, w_hi = (v_hi + shift[j] - copy) / PER;
-                const unsigned a[4] = {x[g * L::X + w_lo], x[(g + 8) * L::X + w_lo], x[g * L::X + w_hi],
-                                       x[(g + 8) * L::X + w_hi]};
+                const int at[4] = {g * L::XS + w_lo + shift[j], (g + 8) * L::XS + w_lo + shift[j],
+                                   g * L::XS + w_hi + shift[j], (g + 8) * L::XS + w_hi + shift[j]};
+                unsigned a[4];
+#pragma unroll
+                for (int h = 0; h < 4; ++h)
+                    a[h] = operand_of(straddles[j] ? __byte_perm(xs[at[h]], xs[at[h] + 1], 0x5432) : xs[at[h]], T{});
 #pragma unroll
                 for (int i = 0; i < NI; ++i) mma::mma_k<T>(acc[j][i], a, bf[i][0], bf[i][1]);
             }
@@ -427,9 +490,9 @@ CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BN, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)
 
 // The weight gradient of a stride-1 conv (conv.rs's weight_grad of a stride-1 pairing).
-extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {
     conv_wgrad_halo(p);
 }
-extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p) {
     conv_wgrad_halo(p);
 }

@@ -89,12 +89,13 @@ struct ConvWgradHaloParams {
     int boxes;
     int boxes_per_slice;
 };
-// Its tile, and its shared memory in 32-bit words: the wide map's halo (CONV_HALO_WG_ROWS rows of at most 612
-// voxels; bf16 twice, as pairs starting at even and at odd voxels) and the narrow map's box (CONV_HALO_WG_COLS rows
-// of 128 positions).
+// Its tile, its pipeline stages (boxes in flight) and its shared memory in 32-bit words: per stage the wide map's halo
+// (CONV_HALO_WG_ROWS rows of at most 612 words) and the narrow map's box (CONV_HALO_WG_COLS rows of 128 positions),
+// laid out for float32 (bf16 takes about half: conv_halo.cu's WgradLayout).
 constexpr int CONV_HALO_WG_ROWS = 16;
 constexpr int CONV_HALO_WG_COLS = 32;
-constexpr int CONV_HALO_WG_SHARED_WORDS = 2 * CONV_HALO_WG_ROWS * 308 + CONV_HALO_WG_COLS * 132;
+constexpr int CONV_HALO_WG_STAGES = 2;
+constexpr int CONV_HALO_WG_SHARED_WORDS = CONV_HALO_WG_STAGES * (CONV_HALO_WG_ROWS * 612 + CONV_HALO_WG_COLS * 132);
 
 // One name per role (conv forward, conv input gradient) and math, each its weight packing and its product; _n32 for
 // outputs of at most 32 channels.

@@ -17,16 +17,17 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 launches=${LAUNCHES:-2}
+kernels=${KERNELS:-.gpu/tests/kernels}  # the kernel benchmark (e.g. another build's, for a before/after pair)
 if [ "${1:-}" = --only ]; then
   row=${2:?--only needs a kernel-benchmark row name}
   parts=("kernels:${3:-.}:$launches:")
   tag=$(echo "$row" | tr -c 'A-Za-z0-9' '_')
-  cmd=(.gpu/tests/kernels --only "$row")
+  cmd=("$kernels" --only "$row")
 else
   config=${1:?usage: gpu-ncu.sh CONFIG LAYER[,LAYER...] | --only ROW [KERNEL_REGEX]}
   layers=${2:?which layers (comma-separated)}
   tag="${config}_$(echo "$layers" | tr -c 'A-Za-z0-9' '_')"
-  .gpu/tests/kernels --list-convs "$out/ncu_all.json" 2>/dev/null
+  "$kernels" --list-convs "$out/ncu_all.json" 2>/dev/null
   # One list per layer (the benchmark times a list layer by layer, so a role's first launch is its first layer's).
   parts=()
   IFS=, read -ra layer_list <<<"$layers"
@@ -43,7 +44,7 @@ fi
 rm -f "$out/ncu_$tag.md"
 for part in "${parts[@]}"; do
   IFS=: read -r name regex count list <<<"$part"
-  [ -n "$list" ] && cmd=(.gpu/tests/kernels --convs "$list" --maths bf16)
+  [ -n "$list" ] && cmd=("$kernels" --convs "$list" --maths bf16)
   rep="$out/ncu_${tag}_$(echo "$name" | tr -c 'A-Za-z0-9' '_')"
   echo "### $name" >>"$out/ncu_$tag.md"
   if ! timeout "${NCU_TIMEOUT:-300}" "$ncu" --set full --kernel-name "regex:$regex" --launch-count "$count" -f \
