@@ -316,40 +316,67 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
 
     for (int e = tid; e < rows * V; e += THREADS) acc[e] = 0.0f;
 
-    // Stages S tokens from t_first (count of them real, the rest zero) of the tile's channels: dt and u, and with
-    // full also q, gy SiLU'(z), softplus'(.) and C. Zero-padded tokens leave states and carries unchanged.
-    auto stage = [&](int64_t d0, int64_t t_first, int count, bool full) {
+    // Staging, in two halves so that a sub-chunk's global loads are in flight while the previous one is computed:
+    // fetch reads S tokens from t_first (count of them real, the rest zero) of the tile's channels into registers:
+    // delta and u, and with full also z, gy and C, and the B rows; put (between barriers) writes what every lane
+    // reads into shared memory: dt, u, and with full q, gy SiLU'(z), softplus'(.) and C. Zero-padded tokens leave
+    // states and carries unchanged.
+    constexpr int TOK_PER_THREAD = (S * CH + THREADS - 1) / THREADS, ROW_PER_THREAD = (S * NP + THREADS - 1) / THREADS;
+    struct Fetched {
+        float delta[TOK_PER_THREAD], u[TOK_PER_THREAD], z[TOK_PER_THREAD], gy[TOK_PER_THREAD];
+        float b[ROW_PER_THREAD], c[ROW_PER_THREAD];
+    } f;
+    auto fetch = [&](int64_t d0, int64_t t_first, int count, bool full) {
+#pragma unroll
+        for (int j = 0; j < TOK_PER_THREAD; ++j) {
+            const int e = tid + j * THREADS, i = e / CH;
+            const int64_t dd = d0 + ech, at = (g * L + t_first + i) * D + dd;
+            const bool on = e < S * CH && i < count && dd < D;
+            f.delta[j] = on ? to_f32(delta[at]) : 0.0f;
+            f.u[j] = on ? to_f32(u[at]) : 0.0f;
+            f.z[j] = on && full ? to_f32(z[at]) : 0.0f;
+            f.gy[j] = on && full ? to_f32(gy[at]) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < ROW_PER_THREAD; ++j) {
+            const int e = tid + j * THREADS, i = e / NP, k = e % NP;
+            const bool on = e < S * NP && i < count && k < N;
+            const int64_t at = (g * L + t_first + i) * N + k;
+            f.b[j] = on ? to_f32(bmat[at]) : 0.0f;
+            f.c[j] = on && full ? to_f32(cmat[at]) : 0.0f;
+        }
+    };
+    auto put = [&](int64_t d0, int count, bool full) {
         __syncthreads();  // the previous contents have been read
-        for (int e = tid; e < S * CH; e += THREADS) {
-            const int i = e / CH;
+#pragma unroll
+        for (int j = 0; j < TOK_PER_THREAD; ++j) {
+            const int e = tid + j * THREADS, i = e / CH;
+            if (e >= S * CH) break;
             const int64_t dd = d0 + ech;
-            float dt = 0.0f, ut = 0.0f, q = 0.0f, gzc = 0.0f, sp = 0.0f;
+            float dt = 0.0f, q = 0.0f, gzc = 0.0f, sp = 0.0f;
             if (i < count && dd < D) {
-                const int64_t at = (g * L + t_first + i) * D + dd;
-                const float pre = to_f32(delta[at]) + delta_bias[dd];
+                const float pre = f.delta[j] + delta_bias[dd], zt = f.z[j];
                 dt = softplusf(pre);
-                ut = to_f32(u[at]);
                 if (full) {
-                    const float zt = to_f32(z[at]), gyt = to_f32(gy[at]);
-                    q = gyt * zt * sigmoidf(zt);
-                    gzc = gyt * activation_derivative(ACT_SILU, zt);
+                    q = f.gy[j] * zt * sigmoidf(zt);
+                    gzc = f.gy[j] * activation_derivative(ACT_SILU, zt);
                     sp = activation_derivative(ACT_SOFTPLUS, pre);
                 }
             }
             st_dt[e] = dt;
-            st_u[e] = ut;
+            st_u[e] = f.u[j];
             if (full) {
                 st_q[e] = q;
                 st_gz[e] = gzc;
                 st_sp[e] = sp;
             }
         }
-        for (int e = tid; e < S * NP; e += THREADS) {
-            const int i = e / NP, k = e % NP;
-            const bool on = i < count && k < N;
-            const int64_t at = (g * L + t_first + i) * N + k;
-            st_b[e] = on ? to_f32(bmat[at]) : 0.0f;
-            if (full) st_c[e] = on ? to_f32(cmat[at]) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < ROW_PER_THREAD; ++j) {
+            const int e = tid + j * THREADS;
+            if (e >= S * NP) break;
+            st_b[e] = f.b[j];
+            if (full) st_c[e] = f.c[j];
         }
         __syncthreads();
     };
@@ -384,12 +411,14 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                 const int n = p * R + r;
                 h[r] = (on_ch && n < N && has_init) ? h_init[((g * nc + c) * D + d) * N + n] : 0.0f;
             }
-            // The state at the start of every sub-chunk.
+            // The state at the start of every sub-chunk (sub-chunk j + 1's loads in flight during j's steps).
+            if (nsub > 1) fetch(d0, t0, S, false);
             for (int j = 0; j < nsub; ++j) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) ckpt[(j * R + r) * THREADS + tid] = h[r];
                 if (j + 1 == nsub) break;
-                stage(d0, t0 + j * S, S, false);
+                put(d0, S, false);
+                if (j + 2 < nsub) fetch(d0, t0 + (j + 1) * S, S, false);
 #pragma unroll
                 for (int i = 0; i < S; ++i) {
                     const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
@@ -400,9 +429,12 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                 }
             }
 
+            // The sweep, from the last sub-chunk (sub-chunk j - 1's loads in flight during j's).
+            fetch(d0, t0 + (nsub - 1) * S, len - (nsub - 1) * S, true);
             for (int j = nsub - 1; j >= 0; --j) {
                 const int sublen = min(S, len - j * S);  // the same for the whole block
-                stage(d0, t0 + j * S, sublen, true);
+                put(d0, sublen, true);
+                if (j > 0) fetch(d0, t0 + (j - 1) * S, S, true);
                 // h_{t-1} of the sub-chunk's tokens.
                 float hist[S][R], hh[R];
 #pragma unroll
