@@ -39,15 +39,27 @@
 namespace {
 
 constexpr int BM = CONV_HALO_BM, WORDS = CONV_HALO_WORDS, THREADS = CONV_HALO_THREADS;
-constexpr int PS = CONV_HALO_PAIR_STRIDE;
 constexpr int WARPS_M = 4, WARPS_N = 2;
-constexpr int MI = BM / WARPS_M / 16;  // 16-row fragments per warp
-// Halo voxels a thread stages per chunk (each for every channel pair).
-constexpr int HALO_VOX = (CONV_HALO_MAX_VOXELS + THREADS - 1) / THREADS;
-static_assert(PS >= CONV_HALO_MAX_VOXELS && PS % 32 == 8, "pair rows 8 banks apart");
-static_assert(CONV_HALO_MAX_VOXELS == CONV_HALO_MAX_TAPS * (BM / 32 + CONV_HALO_MAX_TAPS - 1) *
-                                         (32 + CONV_HALO_MAX_TAPS - 1), "the largest halo: tile_x 32");
 static_assert(WARPS_M * WARPS_N * 32 == THREADS && WORDS == 8, "warp layout, one mma k-step per tap");
+
+// The forward / input-gradient box of POSITIONS positions: its most halo voxels (over tile_x 8, 16 and 32, 3 taps
+// per axis), the pair stride of its staged halo, the halo voxels a thread stages per chunk (each for every word) and
+// the 16-row fragments per warp.
+constexpr int halo_voxels(int positions, int tile_x) {
+    return CONV_HALO_MAX_TAPS * (positions / tile_x + CONV_HALO_MAX_TAPS - 1) * (tile_x + CONV_HALO_MAX_TAPS - 1);
+}
+template <int POSITIONS>
+struct Box {
+    static constexpr int MAX_VOXELS = halo_voxels(POSITIONS, 8) > halo_voxels(POSITIONS, 32)
+                                          ? halo_voxels(POSITIONS, 8)
+                                          : halo_voxels(POSITIONS, 32);
+    static constexpr int PS = POSITIONS == CONV_HALO_BM ? CONV_HALO_PAIR_STRIDE : CONV_HALO_PAIR_STRIDE_LARGE;
+    static constexpr int HALO_VOX = (MAX_VOXELS + THREADS - 1) / THREADS;
+    static constexpr int MI = POSITIONS / WARPS_M / 16;
+    static_assert((POSITIONS == CONV_HALO_BM || POSITIONS == CONV_HALO_BM_LARGE) && PS >= MAX_VOXELS &&
+                      halo_voxels(POSITIONS, 16) <= MAX_VOXELS && PS % 32 == 8 && POSITIONS % (16 * WARPS_M) == 0,
+                  "pair rows hold the halo, 8 banks apart; whole fragments");
+};
 
 // Channels per 32-bit word and per chunk of T storage (bf16: pairs, 16 channels; float: 8 channels).
 template <typename T>
@@ -96,15 +108,17 @@ __device__ __forceinline__ void conv_pack(const ConvPackParams<T>& p) {
     }
 }
 
-template <int BN, typename T>
+template <int POSITIONS, int BN, typename T>
 __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
+    using B = Box<POSITIONS>;
+    constexpr int PS = B::PS, HALO_VOX = B::HALO_VOX, MI = B::MI, WTM = POSITIONS / WARPS_M;
     constexpr int WTN = BN / WARPS_N, NI = WTN / 8, CK = CHUNK<T>, PER = PER_WORD<T>;
     extern __shared__ __align__(16) unsigned smem[];
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, tq = lane & 3;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;
 
     const int taps = p.taps[0] * p.taps[1] * p.taps[2];
-    const int tile_x = p.tile_x, tile_y = BM / tile_x;
+    const int tile_x = p.tile_x, tile_y = POSITIONS / tile_x;
     const int hz = p.taps[0], hy = tile_y + p.taps[1] - 1, hx = tile_x + p.taps[2] - 1;
     const int halo_vox = hz * hy * hx;
     const int weight_words = taps * BN * WORDS;
@@ -173,7 +187,7 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int m = 32 * wm + 16 * i + g + 8 * h;
+            const int m = WTM * wm + 16 * i + g + 8 * h;
             row_vox[i][h] = m / tile_x * hx + m % tile_x;
         }
     float acc[MI][NI][4] = {};
@@ -245,7 +259,7 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int m = 32 * wm + 16 * i + g + 8 * h, y = y0 + m / tile_x, x = x0 + m % tile_x;
+            const int m = WTM * wm + 16 * i + g + 8 * h, y = y0 + m / tile_x, x = x0 + m % tile_x;
             if (y >= p.rows[1] || x >= p.rows[2]) continue;
             const int64_t out = (int64_t)n * p.c_dst * dst_vox +
                                 (dst_z + y + p.dst_add[1]) * p.dst_size[2] + x + p.dst_add[2];
@@ -472,22 +486,28 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
 
 }  // namespace
 
-// One name per role and math; _n32 for outputs of at most 32 channels.
+// One name per role and math; _n32 for outputs of at most 32 channels, _m256 for the boxes of 256 positions.
 extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p) { conv_pack(p); }
 extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p) { conv_pack(p); }
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 
-#define CONV_HALO_KERNEL(NAME, BN, T) \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvHaloParams<T> p) { conv_halo<BN>(p); }
-CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BN, float)  // conv forward
-CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BN_NARROW, float)
-CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BN, float)  // conv input gradient
-CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32, CONV_HALO_BN_NARROW, float)
-CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BN, __nv_bfloat16)  // the same in bf16
-CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)
-CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BN, __nv_bfloat16)
-CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BN_NARROW, __nv_bfloat16)
+#define CONV_HALO_KERNEL(NAME, POSITIONS, BN, T)                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvHaloParams<T> p) {             \
+        conv_halo<POSITIONS, BN>(p);                                                                     \
+    }
+CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv forward
+CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
+CONV_HALO_KERNEL(conv_fprop_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
+CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv input gradient
+CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
+CONV_HALO_KERNEL(conv_dgrad_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
+CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)  // the same in bf16
+CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_fprop_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_dgrad_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
 
 // The weight gradient of a stride-1 conv (conv.rs's weight_grad of a stride-1 pairing).
 extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {

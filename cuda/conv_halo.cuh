@@ -3,29 +3,32 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// The block tile: CONV_HALO_BM output positions (a box of 1 x (CONV_HALO_BM / tile_x) x tile_x) x CONV_HALO_BN or
-// CONV_HALO_BN_NARROW output channels; per pipeline stage a chunk of source channels of CONV_HALO_WORDS 32-bit
-// operand words (16 bf16 channels as pairs, or 8 float32 channels: one mma k-step per tap); CONV_HALO_THREADS
-// threads (8 warps: 4 along the positions x 2 along the channels).
+// The block tile: a box of BM output positions (1 x (BM / tile_x) x tile_x), BM = CONV_HALO_BM or, for the wide
+// tiles on large maps, CONV_HALO_BM_LARGE, x CONV_HALO_BN or CONV_HALO_BN_NARROW output channels; per pipeline stage
+// a chunk of source channels of CONV_HALO_WORDS 32-bit operand words (16 bf16 channels as pairs, or 8 float32
+// channels: one mma k-step per tap); CONV_HALO_THREADS threads (8 warps: 4 along the positions x 2 along the
+// channels). The weight gradient's box is CONV_HALO_BM positions.
 constexpr int CONV_HALO_BM = 128;
+constexpr int CONV_HALO_BM_LARGE = 256;
 constexpr int CONV_HALO_BN = 64;
 constexpr int CONV_HALO_BN_NARROW = 32;
 constexpr int CONV_HALO_WORDS = 8;
 constexpr int CONV_HALO_THREADS = 256;
-// Taps per axis the halo holds, and the most halo voxels of a stage (3 x 6 x 34: 3 taps per axis, tile_x 32).
+// Taps per axis the halo holds.
 constexpr int CONV_HALO_MAX_TAPS = 3;
-constexpr int CONV_HALO_MAX_VOXELS = 612;
-// 32-bit words between two operand words' rows of the halo (at least CONV_HALO_MAX_VOXELS; 8 mod 32 spreads a warp's
-// fragment loads over the banks).
+// 32-bit words between two operand words' rows of the halo, per box: at least its most voxels (3 taps per axis:
+// 3 x 6 x 34 = 612 for 128 positions, 3 x 10 x 34 = 1020 for 256); 8 mod 32 spreads a warp's fragment loads over the
+// banks.
 constexpr int CONV_HALO_PAIR_STRIDE = 616;
+constexpr int CONV_HALO_PAIR_STRIDE_LARGE = 1032;
 
 // One stride-1 product out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] over
 // output positions r in rows (per axis), source channels c < c_src and taps q in taps (per axis), source positions
 // outside src_size reading 0; Wp is the packed weight of conv_pack_*: [ceil(c_src / chunk)][prod(taps)]
 // [c_dst_pad][chunk], chunk = CONV_HALO_WORDS * 4 / sizeof(T) channels. Grid (batch * rows[0] *
-// ceil(rows[1] / tile_y) * ceil(rows[2] / tile_x), ceil(c_dst / BN)) with tile_y = CONV_HALO_BM / tile_x,
-// CONV_HALO_THREADS threads, dynamic shared memory 2 * 4 * CONV_HALO_WORDS * (CONV_HALO_PAIR_STRIDE + prod(taps) * BN)
-// bytes.
+// ceil(rows[1] / tile_y) * ceil(rows[2] / tile_x), ceil(c_dst / BN)) with tile_y = BM / tile_x, CONV_HALO_THREADS
+// threads, dynamic shared memory 2 * 4 * CONV_HALO_WORDS * (pair stride + prod(taps) * BN) bytes (the pair stride
+// of the kernel's box: CONV_HALO_PAIR_STRIDE or _LARGE).
 template <typename T>
 struct ConvHaloParams {
     const T* src;
@@ -98,18 +101,22 @@ constexpr int CONV_HALO_WG_STAGES = 2;
 constexpr int CONV_HALO_WG_SHARED_WORDS = CONV_HALO_WG_STAGES * (CONV_HALO_WG_ROWS * 612 + CONV_HALO_WG_COLS * 132);
 
 // One name per role (conv forward, conv input gradient) and math, each its weight packing and its product; _n32 for
-// outputs of at most 32 channels.
+// outputs of at most 32 channels, _m256 for boxes of CONV_HALO_BM_LARGE positions.
 extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p);
 extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p);
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_halo_tf32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_fprop_halo_tf32_n32(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_fprop_halo_tf32_m256(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_dgrad_halo_tf32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_dgrad_halo_tf32_n32(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_dgrad_halo_tf32_m256(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_fprop_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_halo_bf16_m256(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_halo_bf16_m256(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p);
 extern "C" __global__ void conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p);

@@ -70,10 +70,10 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradHaloParams, ConvWgradParams,
-    Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BN, CONV_HALO_BN_NARROW,
-    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
-    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
-    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
+    Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BN,
+    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
+    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
+    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -645,7 +645,7 @@ impl KernelDims {
     /// The stride-1 weight gradient on the halo-tile kernel (pointers left null), and its slice count: boxes of
     /// CONV_HALO_BM narrow positions, dealt in runs of equal length to about WGRAD_TARGET_BLOCKS / tiles slices.
     fn weight_grad_halo<T: GpuElement>(&self) -> (ConvWgradHaloParams<T>, usize) {
-        let tile_x = halo_tile_x(self.narrow, self.k);
+        let tile_x = halo_tile_x(self.narrow, self.k, CONV_HALO_BM);
         let tile_y = CONV_HALO_BM as i32 / tile_x;
         let boxes = self.batch as usize
             * self.narrow[0] as usize
@@ -731,20 +731,25 @@ fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
         && p.c_src as usize >= halo_chunk::<T>()
 }
 
-/// The halo box's extent along the last axis (8, 16 or 32; the box holds [`CONV_HALO_BM`] positions): the one that
-/// stages the fewest halo voxels over the map, counting the positions past its edge that a box covers for nothing.
-fn halo_tile_x(rows: [i32; 3], taps: [i32; 3]) -> i32 {
+/// The extent along the last axis (8, 16 or 32) of a halo box of `positions` positions: the one that stages the
+/// fewest halo voxels over the map, counting the positions past its edge that a box covers for nothing.
+fn halo_tile_x(rows: [i32; 3], taps: [i32; 3], positions: usize) -> i32 {
     let cost = |tile_x: i32| {
-        let tile_y = CONV_HALO_BM as i32 / tile_x;
+        let tile_y = positions as i32 / tile_x;
         let along = |len: i32, tile: i32, taps: i32| ((len + tile - 1) / tile) as i64 * (tile + taps - 1) as i64;
         (along(rows[2], tile_x, taps[2]) * along(rows[1], tile_y, taps[1]), -tile_x)
     };
     [32, 16, 8].into_iter().min_by_key(|&t| cost(t)).expect("three candidates")
 }
 
-/// The halo-tile launch of the stride-1 product `p` for tiles of `tile_n` columns: the weight packing's parameters
-/// (pointers left null) and the product's (its `packed` pointer null), with the grid's box count.
-fn halo_params<T: GpuElement>(p: &ConvGemmParams<T>, tile_n: usize) -> (ConvPackParams<T>, ConvHaloParams<T>, usize) {
+/// The halo-tile launch of the stride-1 product `p` for tiles of `tile_n` columns and boxes of `positions`
+/// positions: the weight packing's parameters (pointers left null) and the product's (its `packed` pointer null),
+/// with the grid's box count.
+fn halo_params<T: GpuElement>(
+    p: &ConvGemmParams<T>,
+    tile_n: usize,
+    positions: usize,
+) -> (ConvPackParams<T>, ConvHaloParams<T>, usize) {
     let taps = p.taps.iter().product::<i32>() as usize;
     let (c_src, c_dst) = (p.c_src as usize, p.c_dst as usize);
     let c_dst_pad = c_dst.next_multiple_of(tile_n);
@@ -765,8 +770,8 @@ fn halo_params<T: GpuElement>(p: &ConvGemmParams<T>, tile_n: usize) -> (ConvPack
         len: len as i64,
         ..ConvPackParams::default()
     };
-    let tile_x = halo_tile_x(p.rows, p.taps);
-    let tile_y = CONV_HALO_BM as i32 / tile_x;
+    let tile_x = halo_tile_x(p.rows, p.taps, positions);
+    let tile_y = positions as i32 / tile_x;
     // A tap walked backwards (src_tap -1) starts taps - 1 positions before src_add.
     let lo = [0, 1, 2].map(|d| p.src_add[d] - if p.src_tap[d] < 0 { p.taps[d] - 1 } else { 0 });
     let product = ConvHaloParams {
@@ -796,12 +801,12 @@ fn halo_params<T: GpuElement>(p: &ConvGemmParams<T>, tile_n: usize) -> (ConvPack
 /// Launches the stride-1 product `p` (pointers filled) on the halo-tile kernels: packs the weight for the product's
 /// taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
 fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
-    let (product, tile_n) = halo.product.for_columns(p.c_dst as usize);
-    let (pack, params, boxes) = halo_params(p, tile_n);
+    let (product, tile_n, positions, pair_stride) = halo.for_product(p);
+    let (pack, params, boxes) = halo_params(p, tile_n, positions);
     let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
     gpu.launch(halo.pack, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
     let taps = p.taps.iter().product::<i32>() as usize;
-    let stage_bytes = 4 * CONV_HALO_WORDS * (CONV_HALO_PAIR_STRIDE + taps * tile_n);
+    let stage_bytes = 4 * CONV_HALO_WORDS * (pair_stride + taps * tile_n);
     let cfg = LaunchConfig {
         grid_dim: (boxes as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
         block_dim: (CONV_HALO_THREADS as u32, 1, 1),
@@ -840,11 +845,31 @@ impl<P: Copy> TcPair<P> {
     }
 }
 
-/// The halo-tile kernels of one role (cuda/conv_halo.cu): the weight packing and the product.
+/// The halo-tile kernels of one role (cuda/conv_halo.cu): the weight packing and the product, in boxes of
+/// [`CONV_HALO_BM`] positions in both tile widths and, for the wide tile, of [`CONV_HALO_BM_LARGE`].
 #[derive(Clone, Copy)]
 pub(crate) struct HaloKernels<T: Copy> {
     pack: Kernel<ConvPackParams<T>>,
     product: TcPair<ConvHaloParams<T>>,
+    large: Kernel<ConvHaloParams<T>>,
+}
+
+/// Output positions (batch x rows) from which a wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`]
+/// positions: twice the mma work per warp between two barriers and fewer shared-memory loads per mma, at the cost
+/// of more positions past the map's edge in each box.
+const HALO_LARGE_MIN_POSITIONS: usize = 32768;
+
+impl<T: Copy> HaloKernels<T> {
+    /// The product kernel for `p`, its tile width, its box's positions and its halo's pair stride.
+    fn for_product(self, p: &ConvGemmParams<T>) -> (Kernel<ConvHaloParams<T>>, usize, usize, usize) {
+        let (kernel, tile_n) = self.product.for_columns(p.c_dst as usize);
+        let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+        if tile_n == CONV_HALO_BN && positions >= HALO_LARGE_MIN_POSITIONS {
+            (self.large, tile_n, CONV_HALO_BM_LARGE, CONV_HALO_PAIR_STRIDE_LARGE)
+        } else {
+            (kernel, tile_n, CONV_HALO_BM, CONV_HALO_PAIR_STRIDE)
+        }
+    }
 }
 
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
@@ -894,8 +919,9 @@ const fn halo<T: Copy>(
     pack: Kernel<ConvPackParams<T>>,
     wide: Kernel<ConvHaloParams<T>>,
     narrow: Kernel<ConvHaloParams<T>>,
+    large: Kernel<ConvHaloParams<T>>,
 ) -> HaloKernels<T> {
-    HaloKernels { pack, product: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) } }
+    HaloKernels { pack, product: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) }, large }
 }
 
 impl ConvElement for f32 {
@@ -923,8 +949,18 @@ impl ConvElement for f32 {
         ),
     ];
     const HALO: [HaloKernels<f32>; 2] = [
-        halo(kernel::conv_fprop_pack_tf32, kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32),
-        halo(kernel::conv_dgrad_pack_tf32, kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32),
+        halo(
+            kernel::conv_fprop_pack_tf32,
+            kernel::conv_fprop_halo_tf32,
+            kernel::conv_fprop_halo_tf32_n32,
+            kernel::conv_fprop_halo_tf32_m256,
+        ),
+        halo(
+            kernel::conv_dgrad_pack_tf32,
+            kernel::conv_dgrad_halo_tf32,
+            kernel::conv_dgrad_halo_tf32_n32,
+            kernel::conv_dgrad_halo_tf32_m256,
+        ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
 }
@@ -946,8 +982,18 @@ impl ConvElement for bf16 {
         (None, tc(kernel::conv_transpose_wgrad_bf16, kernel::conv_transpose_wgrad_bf16_n32)),
     ];
     const HALO: [HaloKernels<bf16>; 2] = [
-        halo(kernel::conv_fprop_pack_bf16, kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32),
-        halo(kernel::conv_dgrad_pack_bf16, kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32),
+        halo(
+            kernel::conv_fprop_pack_bf16,
+            kernel::conv_fprop_halo_bf16,
+            kernel::conv_fprop_halo_bf16_n32,
+            kernel::conv_fprop_halo_bf16_m256,
+        ),
+        halo(
+            kernel::conv_dgrad_pack_bf16,
+            kernel::conv_dgrad_halo_bf16,
+            kernel::conv_dgrad_halo_bf16_n32,
+            kernel::conv_dgrad_halo_bf16_m256,
+        ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
 }
@@ -1556,16 +1602,28 @@ mod tests {
             let b = random(p.c_narrow.max(p.c_wide), &mut rng);
             let forward = d.narrow_from_wide::<f32>();
             let [backward]: [ConvGemmParams<f32>; 1] = d.wide_from_narrow().try_into().unwrap();
-            for tile_n in [CONV_HALO_BN_NARROW, CONV_HALO_BN] {
+            for (tile_n, positions) in
+                [(CONV_HALO_BN_NARROW, CONV_HALO_BM), (CONV_HALO_BN, CONV_HALO_BM), (CONV_HALO_BN, CONV_HALO_BM_LARGE)]
+            {
                 for (product, src, want) in [
                     (forward, &xw, narrow_from_wide_direct(&p, &xw, &w, Some(&b[..p.c_narrow]))),
                     (backward, &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide]))),
                 ] {
                     assert!(halo_suits(&ConvGemmParams { c_src: 16, ..product }), "{p:?}: a stride-1 product");
-                    let (pack, h, _) = halo_params(&product, tile_n);
+                    let (pack, h, boxes) = halo_params(&product, tile_n, positions);
+                    let box_rows = positions as i32 / h.tile_x;
+                    assert!(
+                        boxes as i32
+                            == h.batch
+                                * h.rows[0]
+                                * ((h.rows[1] + box_rows - 1) / box_rows)
+                                * ((h.rows[2] + h.tile_x - 1) / h.tile_x)
+                            && h.tile_x * box_rows == positions as i32,
+                        "{p:?}: whole boxes of {positions} positions cover the rows"
+                    );
                     let mut got = vec![f64::NAN; want.len()];
                     conv_halo((&pack, &h), src, &w, Some(&b[..product.c_dst as usize]), &mut got);
-                    assert_near(&got, &want, &format!("{p:?} halo, {tile_n} columns"));
+                    assert_near(&got, &want, &format!("{p:?} halo, {tile_n} columns, boxes of {positions}"));
                 }
             }
         }
