@@ -645,12 +645,7 @@ impl KernelDims {
     /// The stride-1 weight gradient on the halo-tile kernel (pointers left null), and its slice count: boxes of
     /// CONV_HALO_BM narrow positions, dealt in runs of equal length to about WGRAD_TARGET_BLOCKS / tiles slices.
     fn weight_grad_halo<T: GpuElement>(&self) -> (ConvWgradHaloParams<T>, usize) {
-        let tile_x = halo_tile_x(self.narrow, self.k, CONV_HALO_BM);
-        let tile_y = CONV_HALO_BM as i32 / tile_x;
-        let boxes = self.batch as usize
-            * self.narrow[0] as usize
-            * ((self.narrow[1] + tile_y - 1) / tile_y) as usize
-            * ((self.narrow[2] + tile_x - 1) / tile_x) as usize;
+        let (tile_x, boxes) = halo_boxes(self.batch, self.narrow, self.k, CONV_HALO_BM);
         let tiles =
             (self.c_wide as usize).div_ceil(CONV_HALO_WG_ROWS) * (self.c_narrow as usize).div_ceil(CONV_HALO_WG_COLS);
         let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).clamp(1, boxes.min(65535));
@@ -770,8 +765,7 @@ fn halo_params<T: GpuElement>(
         len: len as i64,
         ..ConvPackParams::default()
     };
-    let tile_x = halo_tile_x(p.rows, p.taps, positions);
-    let tile_y = positions as i32 / tile_x;
+    let (tile_x, boxes) = halo_boxes(p.batch, p.rows, p.taps, positions);
     // A tap walked backwards (src_tap -1) starts taps - 1 positions before src_add.
     let lo = [0, 1, 2].map(|d| p.src_add[d] - if p.src_tap[d] < 0 { p.taps[d] - 1 } else { 0 });
     let product = ConvHaloParams {
@@ -791,11 +785,19 @@ fn halo_params<T: GpuElement>(
         tile_x,
         ..ConvHaloParams::default()
     };
-    let boxes = p.batch as usize
-        * p.rows[0] as usize
-        * (p.rows[1] as usize).div_ceil(tile_y as usize)
-        * (p.rows[2] as usize).div_ceil(tile_x as usize);
     (pack, product, boxes)
+}
+
+/// The halo boxes of `positions` positions over `batch` maps of `rows` for `taps`: the box's extent along the last
+/// axis ([`halo_tile_x`]) and the box count.
+fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], positions: usize) -> (i32, usize) {
+    let tile_x = halo_tile_x(rows, taps, positions);
+    let tile_y = positions as i32 / tile_x;
+    let boxes = batch as usize
+        * rows[0] as usize
+        * (rows[1] as usize).div_ceil(tile_y as usize)
+        * (rows[2] as usize).div_ceil(tile_x as usize);
+    (tile_x, boxes)
 }
 
 /// Launches the stride-1 product `p` (pointers filled) on the halo-tile kernels: packs the weight for the product's
@@ -854,17 +856,21 @@ pub(crate) struct HaloKernels<T: Copy> {
     large: Kernel<ConvHaloParams<T>>,
 }
 
-/// Output positions (batch x rows) from which a wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`]
-/// positions: twice the mma work per warp between two barriers and fewer shared-memory loads per mma, at the cost
-/// of more positions past the map's edge in each box.
-const HALO_LARGE_MIN_POSITIONS: usize = 32768;
+/// A wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between two
+/// barriers, 1.5 instead of 2 shared-memory loads per mma) where they cover at most this many percent of the
+/// positions that boxes of [`CONV_HALO_BM`] cover (both counting the positions past the map's edge). Measured per
+/// shape on the H200 (benches/RESULTS.md): the large boxes won at 100% (flare-3d 10x14x12, amos-2d 10x10) and 114%
+/// (flare-3d 10x28x24) and lost at 120% (amos-2d 20x20) and 200% (10x7x6, 5x5).
+const HALO_LARGE_MAX_COVER_PERCENT: usize = 115;
 
 impl<T: Copy> HaloKernels<T> {
     /// The product kernel for `p`, its tile width, its box's positions and its halo's pair stride.
     fn for_product(self, p: &ConvGemmParams<T>) -> (Kernel<ConvHaloParams<T>>, usize, usize, usize) {
         let (kernel, tile_n) = self.product.for_columns(p.c_dst as usize);
-        let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
-        if tile_n == CONV_HALO_BN && positions >= HALO_LARGE_MIN_POSITIONS {
+        let cover = |positions| halo_boxes(p.batch, p.rows, p.taps, positions).1 * positions;
+        if tile_n == CONV_HALO_BN
+            && 100 * cover(CONV_HALO_BM_LARGE) <= HALO_LARGE_MAX_COVER_PERCENT * cover(CONV_HALO_BM)
+        {
             (self.large, tile_n, CONV_HALO_BM_LARGE, CONV_HALO_PAIR_STRIDE_LARGE)
         } else {
             (kernel, tile_n, CONV_HALO_BM, CONV_HALO_PAIR_STRIDE)
@@ -1632,6 +1638,31 @@ mod tests {
         assert!(strided.wide_from_narrow::<f32>().iter().all(|p| !halo_suits(p)), "so are its input gradient's phases");
         let one_tap = pairing(1, 16, 16, [5, 4, 7], [1, 1, 1], [1, 1, 1]).kernel_dims("test").unwrap();
         assert!(!halo_suits(&one_tap.narrow_from_wide::<f32>()), "a 1x1x1 product is conv_tc.cu's");
+    }
+
+    /// The wide-tile halo products take boxes of 256 positions exactly where those cover at most 15% more
+    /// positions than boxes of 128 (the shapes measured on the H200), and the narrow tiles always boxes of 128.
+    #[test]
+    fn halo_products_take_large_boxes_where_they_cover_little_more() {
+        let chosen = |batch, c, rows: [usize; 3], k| {
+            let d = pairing(batch, c, c, rows, k, [1, 1, 1]).kernel_dims("test").unwrap();
+            let (kernel, tile_n, positions, stride) = bf16::HALO[0].for_product(&d.narrow_from_wide::<bf16>());
+            let large = kernel.name() == "conv_fprop_halo_bf16_m256";
+            assert_eq!(large, positions == CONV_HALO_BM_LARGE && stride == CONV_HALO_PAIR_STRIDE_LARGE);
+            (large, tile_n)
+        };
+        for (batch, rows, k, large) in [
+            (2, [40, 112, 96], [3, 3, 3], true),
+            (2, [10, 28, 24], [3, 3, 3], true),
+            (2, [10, 14, 12], [3, 3, 3], true),
+            (12, [1, 10, 10], [1, 3, 3], true),
+            (12, [1, 20, 20], [1, 3, 3], false),
+            (2, [10, 7, 6], [3, 3, 3], false),
+            (12, [1, 5, 5], [1, 3, 3], false),
+        ] {
+            assert_eq!(chosen(batch, 64, rows, k), (large, CONV_HALO_BN), "{rows:?}");
+        }
+        assert_eq!(chosen(2, 32, [40, 112, 96], [3, 3, 3]), (false, CONV_HALO_BN_NARROW), "32 columns");
     }
 
     /// What conv_wgrad_halo and sum_slices compute for `h` (cuda/conv_halo.cuh), in float64: per slice, its run of
