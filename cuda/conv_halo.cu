@@ -499,15 +499,19 @@ extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat
 CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv forward
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
+CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv input gradient
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
+CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)  // the same in bf16
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, __nv_bfloat16)
 
 // The weight gradient of a stride-1 conv (conv.rs's weight_grad of a stride-1 pairing).
 extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {
