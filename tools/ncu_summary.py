@@ -15,7 +15,7 @@ COLUMNS = [
     ("ms", ["gpu__time_duration.sum"]),
     ("tensor %", ["pipe_tensor_op_hmma", "pct_of_peak_sustained_active"]),
     ("SM %", ["sm__throughput.avg.pct_of_peak_sustained_elapsed"]),
-    ("DRAM %", ["dram__throughput.avg.pct_of_peak_sustained_elapsed"]),
+    ("DRAM %", ["dram", "throughput.avg.pct_of_peak_sustained_elapsed"]),
     ("occupancy %", ["sm__warps_active.avg.pct_of_peak_sustained_active"]),
     ("regs", ["launch__registers_per_thread"]),
     ("smem KB", ["launch__shared_mem_per_block_dynamic"]),
@@ -51,8 +51,13 @@ def summarise(rows):
                 unit = units[col]
                 value /= {"ns": 1e6, "nsecond": 1e6, "us": 1e3, "usecond": 1e3}.get(unit, 1.0)
             if value is not None and label == "smem KB":
+                # Bytes, kilobytes or megabytes, spelled byte/Kbyte/Mbyte or B/KB/MB by ncu versions (the H200's
+                # ncu 2025 wrote KB: 150 KB read as bytes printed 0.146).
                 unit = units[col].lower()
-                value /= {"byte": 1024.0, "kbyte": 1.0, "mbyte": 1.0 / 1024}.get(unit, 1024.0)
+                scale = {"byte": 1024.0, "b": 1024.0, "kbyte": 1.0, "kb": 1.0, "mbyte": 1.0 / 1024, "mb": 1.0 / 1024}
+                if unit not in scale:
+                    sys.exit(f"shared memory in an unknown unit {units[col]!r}")
+                value /= scale[unit]
             cells.append("-" if value is None else f"{value:.3g}")
         top = sorted(((number(row[i]) or 0.0, header[i][len(STALL_PREFIX):-len(STALL_SUFFIX)]) for i in stalls),
                      reverse=True)[:4]

@@ -390,6 +390,10 @@ def test_ncu_summary_columns_by_pattern():
     assert got["DRAM %"] == "12.5" and got["tensor %"] == "-" and got["regs"] == "125", got
     assert got["smem KB"] == "55", got
     assert got["top stalls (warps per issue)"] == "long_scoreboard 9.50, barrier 2.25", got
+    # Newer ncu: KB, and DRAM throughput named gpu__dram_throughput.
+    header[3], units[5], rows[2][5] = "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "KB", "150"
+    got = dict(zip(cols, ncu_summary.summarise(rows)[1][0]))
+    assert got["smem KB"] == "150" and got["DRAM %"] == "12.5", got
 
 
 def main(argv):
