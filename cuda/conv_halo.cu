@@ -282,8 +282,8 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
 //   PER: with W even a bf16 map's words start at even x, so the line is whole words that cp.async copies as they are);
 // - the narrow box: WG_COLS channel rows of GS words, its 128 positions in order, PER per word.
 // Row strides are 4 mod 32 words: a fragment load (8 rows x 4 consecutive words) hits 32 banks. The largest halo
-// (3 taps per axis, e = PER - 1) takes 3 (128 / tile_x + 2) ceil((tile_x + 2 + e) / PER) words: 612 float words (tile_x 32), 324
-// bf16 words (tile_x 32 or 8).
+// (3 taps per axis, e = PER - 1) takes 3 (128 / tile_x + 2) ceil((tile_x + 2 + e) / PER) words: 612 float words
+// (tile_x 32), 324 bf16 words (tile_x 32 or 8).
 template <typename T>
 struct WgradLayout;
 template <>
@@ -309,7 +309,8 @@ template <typename T>
 constexpr bool wgrad_fits() {
     using L = WgradLayout<T>;
     return wgrad_halo_words<T>(32) <= L::XS && wgrad_halo_words<T>(16) <= L::XS && wgrad_halo_words<T>(8) <= L::XS &&
-           BM / PER_WORD<T> <= L::GS && (WG_ROWS - WG_GROUP + 1) * L::XS <= 8192 && L::XS % 32 == 4 && L::GS % 32 == 4 &&
+           BM / PER_WORD<T> <= L::GS && (WG_ROWS - WG_GROUP + 1) * L::XS <= 8192 && L::XS % 32 == 4 &&
+           L::GS % 32 == 4 &&
            WG_STAGES * (WG_ROWS * L::XS + WG_COLS * L::GS) <= CONV_HALO_WG_SHARED_WORDS;
 }
 static_assert(wgrad_fits<float>() && wgrad_fits<__nv_bfloat16>(), "the staged maps fit their rows, banks and memory");
@@ -398,7 +399,8 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
             const int sz = bz + (items[i] >> 13 & 3), sy = by + (items[i] >> 15 & 31), sx = bx + PER * (items[i] >> 20);
             const bool in_zy = (unsigned)sz < (unsigned)p.wide_size[0] && (unsigned)sy < (unsigned)p.wide_size[1];
             const int c = cw0 + word / L::XS;
-            const T* at = p.wide + ((int64_t)n * p.c_wide + c) * wide_vox + (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+            const T* at =
+                p.wide + ((int64_t)n * p.c_wide + c) * wide_vox + (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
 #pragma unroll
             for (int r = 0; r < WG_GROUP; ++r) {
                 const bool row_ok = in_zy && c + r < p.c_wide;
@@ -408,7 +410,8 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
         }
         const int y = y0 + g_y, x = x0 + g_x;
         const bool in_y = y < p.narrow_size[1];
-        const T* at = p.narrow + ((int64_t)n * p.c_narrow + cn0) * narrow_vox + (z * p.narrow_size[1] + y) * p.narrow_size[2] + x;
+        const T* at = p.narrow + ((int64_t)n * p.c_narrow + cn0) * narrow_vox +
+                      (z * p.narrow_size[1] + y) * p.narrow_size[2] + x;
 #pragma unroll
         for (int c = t / (BM / PER); c < WG_COLS; c += G_ROW_STEP) {
             const bool row_ok = in_y && cn0 + c < p.c_narrow;
@@ -514,9 +517,11 @@ CONV_HALO_KERNEL(conv_dgrad_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, __nv_bfloat16)
 
 // The weight gradient of a stride-1 conv (conv.rs's weight_grad of a stride-1 pairing).
-extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+    conv_wgrad_halo_tf32(const ConvWgradHaloParams<float> p) {
     conv_wgrad_halo(p);
 }
-extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
+    conv_wgrad_halo_bf16(const ConvWgradHaloParams<__nv_bfloat16> p) {
     conv_wgrad_halo(p);
 }

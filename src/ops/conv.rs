@@ -852,15 +852,15 @@ impl<P: Copy> TcPair<P> {
 #[derive(Clone, Copy)]
 pub(crate) struct HaloKernels<T: Copy> {
     pack: Kernel<ConvPackParams<T>>,
-    product: TcPair<ConvHaloParams<T>>,
+    small: TcPair<ConvHaloParams<T>>,
     large: TcPair<ConvHaloParams<T>>,
 }
 
 /// A halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between two
-/// barriers, fewer shared-memory loads per mma: 1.5 instead of 2 in the wide tile) where they cover at most this many percent of the
-/// positions that boxes of [`CONV_HALO_BM`] cover (both counting the positions past the map's edge). Measured per
-/// shape on the H200 (benches/RESULTS.md): the large boxes won at 100% (flare-3d 10x14x12, amos-2d 10x10) and 114%
-/// (flare-3d 10x28x24) and lost at 120% (amos-2d 20x20) and 200% (10x7x6, 5x5).
+/// barriers, fewer shared-memory loads per mma: 1.5 instead of 2 in the wide tile) where they cover at most this
+/// many percent of the positions that boxes of [`CONV_HALO_BM`] cover (both counting the positions past the map's
+/// edge). Measured per shape on the H200 (benches/RESULTS.md): the large boxes won at 100% (flare-3d 10x14x12,
+/// amos-2d 10x10) and 114% (flare-3d 10x28x24) and lost at 120% (amos-2d 20x20) and 200% (10x7x6, 5x5).
 const HALO_LARGE_MAX_COVER_PERCENT: usize = 115;
 
 impl<T: Copy> HaloKernels<T> {
@@ -871,7 +871,7 @@ impl<T: Copy> HaloKernels<T> {
             let (kernel, tile_n) = self.large.for_columns(p.c_dst as usize);
             (kernel, tile_n, CONV_HALO_BM_LARGE, CONV_HALO_PAIR_STRIDE_LARGE)
         } else {
-            let (kernel, tile_n) = self.product.for_columns(p.c_dst as usize);
+            let (kernel, tile_n) = self.small.for_columns(p.c_dst as usize);
             (kernel, tile_n, CONV_HALO_BM, CONV_HALO_PAIR_STRIDE)
         }
     }
@@ -927,7 +927,7 @@ const fn halo<T: Copy>(
 ) -> HaloKernels<T> {
     HaloKernels {
         pack,
-        product: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) },
+        small: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) },
         large: TcPair { wide: (wide_large, CONV_HALO_BN), narrow: (narrow_large, CONV_HALO_BN_NARROW) },
     }
 }
