@@ -489,7 +489,8 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
 
 }  // namespace
 
-// One name per role and math; _n32 for outputs of at most 32 channels, _m256 for the boxes of 256 positions.
+// One name per role and math; _n32 for outputs of at most 32 channels, _m256 for the boxes of 256 positions (wide
+// tiles only: the narrow tile's 128-position kernel, 120 registers, runs two blocks per SM and measured faster).
 extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p) { conv_pack(p); }
 extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p) { conv_pack(p); }
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
@@ -502,19 +503,15 @@ extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat
 CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv forward
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
-CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv input gradient
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
-CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)  // the same in bf16
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
-CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
-CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN_NARROW, __nv_bfloat16)
 
 // The weight gradient of a stride-1 conv (conv.rs's weight_grad of a stride-1 pairing).
 extern "C" __global__ void __launch_bounds__(THREADS, 2)

@@ -847,31 +847,34 @@ impl<P: Copy> TcPair<P> {
     }
 }
 
-/// The halo-tile kernels of one role (cuda/conv_halo.cu): the weight packing and the product in both tile widths,
-/// in boxes of [`CONV_HALO_BM`] and of [`CONV_HALO_BM_LARGE`] positions.
+/// The halo-tile kernels of one role (cuda/conv_halo.cu): the weight packing, the product in boxes of
+/// [`CONV_HALO_BM`] positions in both tile widths, and the wide tile's in boxes of [`CONV_HALO_BM_LARGE`].
 #[derive(Clone, Copy)]
 pub(crate) struct HaloKernels<T: Copy> {
     pack: Kernel<ConvPackParams<T>>,
     small: TcPair<ConvHaloParams<T>>,
-    large: TcPair<ConvHaloParams<T>>,
+    large: Kernel<ConvHaloParams<T>>,
 }
 
-/// A halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between two
-/// barriers, fewer shared-memory loads per mma: 1.5 instead of 2 in the wide tile) where they cover at most this
-/// many percent of the positions that boxes of [`CONV_HALO_BM`] cover (both counting the positions past the map's
-/// edge). Measured per shape on the H200 (benches/RESULTS.md): the large boxes won at 100% (flare-3d 10x14x12,
-/// amos-2d 10x10) and 114% (flare-3d 10x28x24) and lost at 120% (amos-2d 20x20) and 200% (10x7x6, 5x5).
+/// A wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between
+/// two barriers, 1.5 instead of 2 shared-memory loads per mma) where they cover at most this many percent of the
+/// positions that boxes of [`CONV_HALO_BM`] cover (both counting the positions past the map's edge). Measured per
+/// shape on the H200 (benches/RESULTS.md): the large boxes won at 100% (flare-3d 10x14x12, amos-2d 10x10) and 114%
+/// (flare-3d 10x28x24) and lost at 120% (amos-2d 20x20) and 200% (10x7x6, 5x5). The narrow tile (at most 32
+/// columns) keeps boxes of 128: in boxes of 256 it measured 14-16% slower on the 32-channel maps of 40x224x192 and
+/// 320x320 (its 128-position kernel runs two blocks per SM, the large one one).
 const HALO_LARGE_MAX_COVER_PERCENT: usize = 115;
 
 impl<T: Copy> HaloKernels<T> {
     /// The product kernel for `p`, its tile width, its box's positions and its halo's pair stride.
     fn for_product(self, p: &ConvGemmParams<T>) -> (Kernel<ConvHaloParams<T>>, usize, usize, usize) {
+        let (kernel, tile_n) = self.small.for_columns(p.c_dst as usize);
         let cover = |positions| halo_boxes(p.batch, p.rows, p.taps, positions).1 * positions;
-        if 100 * cover(CONV_HALO_BM_LARGE) <= HALO_LARGE_MAX_COVER_PERCENT * cover(CONV_HALO_BM) {
-            let (kernel, tile_n) = self.large.for_columns(p.c_dst as usize);
-            (kernel, tile_n, CONV_HALO_BM_LARGE, CONV_HALO_PAIR_STRIDE_LARGE)
+        if tile_n == CONV_HALO_BN
+            && 100 * cover(CONV_HALO_BM_LARGE) <= HALO_LARGE_MAX_COVER_PERCENT * cover(CONV_HALO_BM)
+        {
+            (self.large, tile_n, CONV_HALO_BM_LARGE, CONV_HALO_PAIR_STRIDE_LARGE)
         } else {
-            let (kernel, tile_n) = self.small.for_columns(p.c_dst as usize);
             (kernel, tile_n, CONV_HALO_BM, CONV_HALO_PAIR_STRIDE)
         }
     }
@@ -923,13 +926,9 @@ const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
 const fn halo<T: Copy>(
     pack: Kernel<ConvPackParams<T>>,
     [wide, narrow]: [Kernel<ConvHaloParams<T>>; 2],
-    [wide_large, narrow_large]: [Kernel<ConvHaloParams<T>>; 2],
+    large: Kernel<ConvHaloParams<T>>,
 ) -> HaloKernels<T> {
-    HaloKernels {
-        pack,
-        small: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) },
-        large: TcPair { wide: (wide_large, CONV_HALO_BN), narrow: (narrow_large, CONV_HALO_BN_NARROW) },
-    }
+    HaloKernels { pack, small: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) }, large }
 }
 
 impl ConvElement for f32 {
@@ -960,12 +959,12 @@ impl ConvElement for f32 {
         halo(
             kernel::conv_fprop_pack_tf32,
             [kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32],
-            [kernel::conv_fprop_halo_tf32_m256, kernel::conv_fprop_halo_tf32_n32_m256],
+            kernel::conv_fprop_halo_tf32_m256,
         ),
         halo(
             kernel::conv_dgrad_pack_tf32,
             [kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32],
-            [kernel::conv_dgrad_halo_tf32_m256, kernel::conv_dgrad_halo_tf32_n32_m256],
+            kernel::conv_dgrad_halo_tf32_m256,
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
@@ -991,12 +990,12 @@ impl ConvElement for bf16 {
         halo(
             kernel::conv_fprop_pack_bf16,
             [kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32],
-            [kernel::conv_fprop_halo_bf16_m256, kernel::conv_fprop_halo_bf16_n32_m256],
+            kernel::conv_fprop_halo_bf16_m256,
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
             [kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32],
-            [kernel::conv_dgrad_halo_bf16_m256, kernel::conv_dgrad_halo_bf16_n32_m256],
+            kernel::conv_dgrad_halo_bf16_m256,
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
@@ -1638,8 +1637,8 @@ mod tests {
         assert!(!halo_suits(&one_tap.narrow_from_wide::<f32>()), "a 1x1x1 product is conv_tc.cu's");
     }
 
-    /// The halo products take boxes of 256 positions exactly where those cover at most 15% more positions than boxes
-    /// of 128 (the shapes measured on the H200), in both tile widths.
+    /// The wide-tile halo products take boxes of 256 positions exactly where those cover at most 15% more positions
+    /// than boxes of 128 (the shapes measured on the H200), and the narrow tiles always boxes of 128.
     #[test]
     fn halo_products_take_large_boxes_where_they_cover_little_more() {
         let chosen = |batch, c, rows: [usize; 3], k| {
@@ -1660,8 +1659,7 @@ mod tests {
         ] {
             assert_eq!(chosen(batch, 64, rows, k), (large, CONV_HALO_BN), "{rows:?}");
         }
-        assert_eq!(chosen(2, 32, [40, 224, 192], [1, 3, 3]), (true, CONV_HALO_BN_NARROW), "32 columns");
-        assert_eq!(chosen(2, 32, [10, 7, 6], [3, 3, 3]), (false, CONV_HALO_BN_NARROW), "32 columns");
+        assert_eq!(chosen(2, 32, [40, 224, 192], [1, 3, 3]), (false, CONV_HALO_BN_NARROW), "32 columns");
     }
 
     /// What conv_wgrad_halo and sum_slices compute for `h` (cuda/conv_halo.cuh), in float64: per slice, its run of
