@@ -46,7 +46,8 @@
 //! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
 //! tensor-core maths run the stride-1 passes of up to 3x3x3 taps (the conv's forward, input gradient and weight
 //! gradient, the latter on maps of at least 8192 positions) on the halo-tile kernels of cuda/conv_halo.cu instead
-//! (`halo_suits`, `Pairing::halo_wgrad_suits`), the rest on cuda/conv_tc.cu's gathers. With a
+//! (`halo_suits`, `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256
+//! positions: `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
