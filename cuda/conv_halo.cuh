@@ -4,7 +4,8 @@
 #include <stdint.h>
 
 // The block tile: a box of BM output positions (1 x (BM / tile_x) x tile_x), BM = CONV_HALO_BM or, for the wide
-// tiles on large maps, CONV_HALO_BM_LARGE, x CONV_HALO_BN or CONV_HALO_BN_NARROW output channels; per pipeline stage
+// tile where such boxes cover little more of the map (conv.rs), CONV_HALO_BM_LARGE, x CONV_HALO_BN or
+// CONV_HALO_BN_NARROW output channels; per pipeline stage
 // a chunk of source channels of CONV_HALO_WORDS 32-bit operand words (16 bf16 channels as pairs, or 8 float32
 // channels: one mma k-step per tap); CONV_HALO_THREADS threads (8 warps: 4 along the positions x 2 along the
 // channels). The weight gradient's box is CONV_HALO_BM positions.

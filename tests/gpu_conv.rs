@@ -109,8 +109,9 @@ fn gpu_conv2d_many_channels() {
 /// chunk, outputs in both tile widths (at most 32 columns, and more than 64), maps that are not multiples of any box
 /// (the box's extent along the last axis is 8, 16 or 32), kernels up to 3x3x3; the forward, the input gradient (a
 /// stride-1 product with the kernel flipped; boxes of 256 positions for outputs of more than 32 channels where
-/// those cover little more of the map than boxes of 128) and, on maps of at least 8192 positions, the weight gradient (at least 16 input channels:
-/// row tiles of 16, boxes dealt to several slices) all go through them. The 1x1x1 case is the gathers' (no halo).
+/// those cover little more of the map than boxes of 128) and, on maps of at least 8192 positions, the weight
+/// gradient (at least 16 input channels: row tiles of 16, boxes dealt to several slices) all go through them. The
+/// 1x1x1 case is the gathers' (no halo).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {
