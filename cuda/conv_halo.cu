@@ -319,21 +319,15 @@ static_assert(BM / 8 + CONV_HALO_MAX_TAPS - 1 < 32 && 32 + CONV_HALO_MAX_TAPS < 
 static_assert(WG_ROWS == 16 && WG_ROWS % WG_GROUP == 0 && THREADS % BM == 0 && WG_COLS % (THREADS / BM) == 0,
               "one 16-row fragment per warp");
 
-// dst <- the 4 bytes at src when valid, else 0, in flight until cp_async_wait (src and dst 4-byte aligned).
-__device__ __forceinline__ void cp_async_word(unsigned* dst, const void* src, bool valid) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
-}
 // The storage word of the PER elements at `at`, element i read only where ok(i) (0 elsewhere): one cp.async where
-// the word is aligned (both bf16 halves then valid or not together, with W even), else element loads and a store.
+// the word is aligned (a float always; bf16 halves then valid or not together, with W even), else two element loads
+// and a store.
 template <typename T, class Ok>
 __device__ __forceinline__ void stage_word(unsigned* dst, const T* at, bool aligned, Ok ok) {
-    if (aligned) {
-        cp_async_word(dst, at, ok(0));
-    } else if constexpr (PER_WORD<T> == 2) {
-        *dst = operand_word(at, 1, ok(0), ok(1));
+    if (PER_WORD<T> == 1 || aligned) {
+        mma::cp_async4(dst, at, ok(0));
     } else {
-        *dst = __float_as_uint(ok(0) ? at[0] : 0.0f);
+        *dst = operand_word(at, 1, ok(0), ok(1));
     }
 }
 // A staged word as an mma operand: bf16 pairs as they are, float32 rounded to tf32.

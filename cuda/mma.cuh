@@ -25,8 +25,8 @@ struct Shape {
     static_assert(BM % (16 * WARPS_M) == 0 && BN % (8 * WARPS_N) == 0 && BK % 8 == 0, "whole mma fragments");
 };
 
-// dst <- 4 bytes at src when valid, else 0 (a zero-byte copy fills the destination with zeros).
-__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool valid) {
+// dst <- 4 bytes at src when valid, else 0 (a zero-byte copy fills the destination with zeros); both 4-byte aligned.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
 }

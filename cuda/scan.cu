@@ -571,8 +571,9 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     }
 }
 
-// Left to itself ptxas gives the backward 158 registers, 3 blocks per SM; held to 4 blocks (128 registers, 48 bytes
-// spilled) it ran the bf16 steps 1.5% (flare-3d b2) and 2% (amos-2d b12) faster on the H200 (2026-12-03, same call).
+// Left to itself ptxas gave the backward 158 registers, 3 blocks per SM; held to 4 blocks (128 registers) it ran the
+// bf16 steps 1.5% (flare-3d b2) and 2% (amos-2d b12) faster on the H200 (2026-12-03, same call). With the register
+// prefetch of the next sub-chunk n16 fits without spilling, n32 spills 16-36 bytes.
 // Shared memory allows 4 at acc_rows = 128, not 5.
 constexpr int SCAN_BWD_MIN_BLOCKS = 4;
 #define SCAN_BACKWARD_KERNEL(NAME_F32, NAME_BF16, NP) \
