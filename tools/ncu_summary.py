@@ -52,8 +52,8 @@ def summarise(rows):
                 value /= {"ns": 1e6, "nsecond": 1e6, "us": 1e3, "usecond": 1e3}.get(unit, 1.0)
             if value is not None and label == "smem KB":
                 # Bytes, kilobytes or megabytes, spelled byte/Kbyte/Mbyte or B/KB/MB by ncu versions (the H200's
-                # ncu 2025 wrote KB: 150 KB read as bytes printed 0.146).
-                unit = units[col].lower()
+                # ncu 2025 wrote KB: 150 KB read as bytes printed 0.146), some per block ("Kbyte/block").
+                unit = units[col].lower().removesuffix("/block")
                 scale = {"byte": 1024.0, "b": 1024.0, "kbyte": 1.0, "kb": 1.0, "mbyte": 1.0 / 1024, "mb": 1.0 / 1024}
                 if unit not in scale:
                     sys.exit(f"shared memory in an unknown unit {units[col]!r}")
