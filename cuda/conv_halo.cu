@@ -490,9 +490,12 @@ extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p) {
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 
-#define CONV_HALO_KERNEL(NAME, POSITIONS, BN, T)                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvHaloParams<T> p) {             \
-        conv_halo<POSITIONS, BN>(p);                                                                     \
+// Boxes of 128 positions ask for two blocks per SM (127 registers, no spills; shared memory lets two in where the
+// kernel has at most 9 taps: 76 KB each for the wide tile), boxes of 256 for one (211 registers).
+#define CONV_HALO_KERNEL(NAME, POSITIONS, BN, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, POSITIONS == CONV_HALO_BM ? 2 : 1)                  \
+        NAME(const ConvHaloParams<T> p) {                                                                        \
+        conv_halo<POSITIONS, BN>(p);                                                                           \
     }
 CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv forward
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
