@@ -150,7 +150,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                 float acc = 0.0f;
 #pragma unroll
                 for (int k = 0; k < NMAX; ++k) {
-                    h[k] = exp2f(dt * a2[k]) * h[k] + du * sb[tt][k];
+                    h[k] = exp2_approx(dt * a2[k]) * h[k] + du * sb[tt][k];
                     if (!SUMMARY) acc += sc[tt][k] * h[k];
                 }
                 if (!SUMMARY) {
@@ -250,7 +250,7 @@ __device__ void scan_backward_carry(const ScanParams<E>& p) {
             const float q = to_f32(gy[at]) * zt * sigmoidf(zt);
             const float dt = softplusf(to_f32(delta[at]) + bias);
             dt_sum += dt;
-            x = exp2f(dt * a2) * (x + to_f32(cmat[row * N + n]) * q);
+            x = exp2_approx(dt * a2) * (x + to_f32(cmat[row * N + n]) * q);
         }
         carry[i] = x;
         if (n == 0) sum_dt[gc * D + d] = dt_sum;
@@ -313,6 +313,19 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     const int p = tid % P, slot = tid / P;  // this lane's state group and channel within the tile
     const int ech = tid % CH;               // the channel this thread stages and finishes (CH divides THREADS)
     const int64_t part_row = (g * groups + grp) * (D * N + 2 * D);
+    // After the sweep's reduce-scatter over a warp's channels each lane holds RED_PER_LANE of the warp's 2 NP sums,
+    // entries base + k of [dB terms | dC terms], base fixed by the lane: their places in a warp's row of red.
+    constexpr int RED_PER_LANE = 2 * R * P / 32;
+    int red_at[RED_PER_LANE];
+    {
+        int base = 0;
+        for (int off = 16, cnt = 2 * R; off >= P; off >>= 1) {
+            cnt /= 2;
+            if (lane & off) base += cnt;
+        }
+#pragma unroll
+        for (int k = 0; k < RED_PER_LANE; ++k) red_at[k] = (base + k) / R * NP + p * R + (base + k) % R;
+    }
 
     for (int e = tid; e < rows * V; e += THREADS) acc[e] = 0.0f;
 
@@ -425,7 +438,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                     const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
                     const float bv[R] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
-                    for (int r = 0; r < R; ++r) h[r] = exp2f(dt * a2[r]) * h[r] + dtu * bv[r];
+                    for (int r = 0; r < R; ++r) h[r] = exp2_approx(dt * a2[r]) * h[r] + dtu * bv[r];
                 }
             }
 
@@ -435,20 +448,17 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                 const int sublen = min(S, len - j * S);  // the same for the whole block
                 put(d0, sublen, true);
                 if (j > 0) fetch(d0, t0 + (j - 1) * S, S, true);
-                // h_{t-1} of the sub-chunk's tokens.
-                float hist[S][R], hh[R];
+                // The states of the sub-chunk: hist[i] = h_{t-1} and hist[i + 1] = h_t of its token i.
+                float hist[S + 1][R];
 #pragma unroll
-                for (int r = 0; r < R; ++r) hh[r] = ckpt[(j * R + r) * THREADS + tid];
+                for (int r = 0; r < R; ++r) hist[0][r] = ckpt[(j * R + r) * THREADS + tid];
 #pragma unroll
                 for (int i = 0; i < S; ++i) {
                     const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
                     const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
                     const float bv[R] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        hist[i][r] = hh[r];
-                        hh[r] = exp2f(dt * a2[r]) * hh[r] + dtu * bv[r];
-                    }
+                    for (int r = 0; r < R; ++r) hist[i + 1][r] = exp2_approx(dt * a2[r]) * hist[i][r] + dtu * bv[r];
                 }
 #pragma unroll
                 for (int i = S - 1; i >= 0; --i) {
@@ -462,8 +472,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                         float vals[2 * R];  // this channel's dB (first R) and dC (last R) terms
 #pragma unroll
                         for (int r = 0; r < R; ++r) {
-                            const float da = exp2f(dt * a2[r]), hp = hist[i][r];
-                            const float hc = da * hp + dtu * bv[r];
+                            const float da = exp2_approx(dt * a2[r]), hp = hist[i][r], hc = hist[i + 1][r];
                             const float dh = x[r] + cv[r] * q;
                             const float e = dh * da * hp;
                             rs += cv[r] * hc;
@@ -488,7 +497,6 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                         }
                         // Sum the warp's channels (lanes that differ in the bits >= P): at each step a lane keeps
                         // half of its values, adds the partner's copy of that half, and hands over the other half.
-                        int base = 0;
 #pragma unroll
                         for (int off = 16, cnt = 2 * R; off >= P; off >>= 1) {
                             const int half = cnt / 2;
@@ -499,16 +507,11 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                                 const float keep = upper ? vals[k + half] : vals[k];
                                 vals[k] = keep + __shfl_xor_sync(FULL_MASK, send, off);
                             }
-                            if (upper) base += half;
                             cnt = half;
                         }
-                        // Each lane now holds 2 R P / 32 sums: entries base + k of [dB terms | dC terms].
                         float* w = red + (i * WARPS + warp) * V;
 #pragma unroll
-                        for (int k = 0; k < 2 * R * P / 32; ++k) {
-                            const int idx = base + k, kind = idx / R, r = idx % R;
-                            w[kind * NP + p * R + r] = vals[k];
-                        }
+                        for (int k = 0; k < RED_PER_LANE; ++k) w[red_at[k]] = vals[k];
                     }
                 }
                 __syncthreads();
