@@ -125,8 +125,9 @@ fn rank_zero_samples_the_single_gpu_batches_and_other_ranks_their_own() {
         batch: 2,
         seed,
         iters_per_epoch: 5,
+        target_sizes: vec![vec![8, 16, 16], vec![4, 8, 8]],
     };
-    let image = |seed, it| source(seed).batch(1, it).unwrap().0.to_vec_f32().unwrap();
+    let image = |seed, it| source(seed).batch(1, it).unwrap().image.to_vec_f32().unwrap();
     assert_eq!(image(rank_seed(7, 0), 3), image(7, 3));
     assert_ne!(image(rank_seed(7, 1), 3), image(7, 3));
     assert_eq!(image(rank_seed(7, 1), 3), image(rank_seed(7, 1), 3));

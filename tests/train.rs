@@ -17,7 +17,7 @@ use lkm_engine::ops::cross_entropy::cross_entropy;
 use lkm_engine::ops::dice::soft_dice_loss;
 use lkm_engine::predict::Predictor;
 use lkm_engine::train::checkpoint;
-use lkm_engine::train::loader::{BatchSource, Loader};
+use lkm_engine::train::loader::{Batch, BatchSource, Loader};
 use lkm_engine::train::loss::{deep_supervision_loss, deep_supervision_weights, downsample_labels};
 use lkm_engine::train::trainer::{Run, Start, TrainOptions};
 use lkm_engine::{DType, Error, Tensor};
@@ -82,25 +82,39 @@ fn loader_batches_depend_only_on_seed_epoch_and_iteration() {
     let cases = phantoms(3);
     let foreground: Vec<ForegroundIndex> = cases.iter().map(|c| ForegroundIndex::new(c, 4)).collect();
     let sampler = PatchSampler { patch: vec![8, 16, 16], fg_fraction: 1.0 / 3.0, augment: true, mirror: true };
-    let source = BatchSource { sampler, cases: &cases, foreground: &foreground, batch: 2, seed: 9, iters_per_epoch: 4 };
-    // Every batch (images then labels) of epochs first_epoch..3, drawn with `workers` threads.
+    let source = BatchSource {
+        sampler,
+        cases: &cases,
+        foreground: &foreground,
+        batch: 2,
+        seed: 9,
+        iters_per_epoch: 4,
+        target_sizes: vec![vec![8, 16, 16], vec![4, 8, 8], vec![2, 4, 4]],
+    };
+    // A batch as one vector: images, then the labels at each size.
+    let flat = |b: Batch| -> Vec<f32> {
+        std::iter::once(&b.image).chain(&b.targets).flat_map(|t| t.to_vec_f32().unwrap()).collect()
+    };
+    // Every batch of epochs first_epoch..3, drawn with `workers` threads.
     let batches = |first_epoch: usize, workers: usize| -> Vec<Vec<f32>> {
         std::thread::scope(|scope| {
             let mut loader = Loader::start(scope, &source, first_epoch, 3, workers, 2);
-            (first_epoch * 4..12)
-                .map(|_| {
-                    let (x, y) = loader.next_batch().unwrap();
-                    [x.to_vec_f32().unwrap(), y.to_vec_f32().unwrap()].concat()
-                })
-                .collect()
+            (first_epoch * 4..12).map(|_| flat(loader.next_batch().unwrap())).collect()
         })
     };
     let inline = batches(0, 0);
     assert_eq!(batches(0, 1), inline, "one worker thread");
     assert_eq!(batches(0, 3), inline, "three worker threads");
     assert_eq!(batches(1, 3), inline[4..], "a run resumed at epoch 1");
-    let (x, y) = source.batch(2, 1).unwrap();
-    assert_eq!([x.to_vec_f32().unwrap(), y.to_vec_f32().unwrap()].concat(), inline[9], "epoch 2, iteration 1");
+    let b = source.batch(2, 1).unwrap();
+    // The worker's reduced labels are the full-size labels reduced (nearest, the loss's own reduction).
+    assert_eq!(b.targets.len(), 3);
+    for (t, size) in b.targets.iter().zip(&source.target_sizes) {
+        assert_eq!(&t.shape()[2..], &size[..]);
+        let reduced = downsample_labels(&b.targets[0], size).unwrap();
+        assert_eq!(t.to_vec_f32().unwrap(), reduced.to_vec_f32().unwrap());
+    }
+    assert_eq!(flat(b), inline[9], "epoch 2, iteration 1");
     assert!(inline.windows(2).all(|b| b[0] != b[1]), "consecutive iterations drew the same batch");
     // A loader dropped long before its last epoch stops its workers (the scope would otherwise never end).
     std::thread::scope(|scope| Loader::start(scope, &source, 0, 1000, 3, 1).next_batch().map(drop)).unwrap();

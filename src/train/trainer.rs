@@ -18,7 +18,6 @@ use std::time::Instant;
 use super::checkpoint;
 use super::distributed::{rank_seed, Replica};
 use super::loader::{BatchSource, Loader};
-use super::loss::downsample_labels;
 use super::run_dir::{CHECKPOINT, METRICS};
 use super::step::{replica_step, StepInput};
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
@@ -200,6 +199,7 @@ impl Run<'_> {
             batch: o.batch,
             seed: rank_seed(o.seed, replica.map_or(0, Replica::rank)),
             iters_per_epoch: o.iters_per_epoch,
+            target_sizes: cfg.output_sizes(&cfg.patch),
         };
         std::thread::scope(|scope| {
             let batches = Loader::start(scope, &source, start.epoch, o.epochs, o.loader_workers, LOADER_DEPTH);
@@ -261,13 +261,15 @@ impl Run<'_> {
             }
             for it in 0..o.iters_per_epoch {
                 let t_it = Instant::now();
-                let (x, y) = {
+                let batch = {
                     let _phase = phase("sample");
                     batches.next_batch()?
                 };
                 let (x, targets) = {
                     let _phase = phase("to_device");
-                    (x.to_device(&self.device)?, self.targets(&y)?)
+                    let targets =
+                        batch.targets.iter().map(|t| t.to_device(&self.device)).collect::<Result<Vec<_>>>()?;
+                    (batch.image.to_device(&self.device)?, targets)
                 };
                 let step = StepInput {
                     model: self.model,
@@ -328,10 +330,6 @@ impl Run<'_> {
 
     /// The label map of a host batch reduced to every output's resolution on the host, then moved to the device once
     /// (reducing device labels would copy them back to the host every step).
-    fn targets(&self, y: &Tensor) -> Result<Vec<Tensor>> {
-        let cfg = &self.model.config;
-        cfg.output_sizes(&cfg.patch).iter().map(|s| downsample_labels(y, s)?.to_device(&self.device)).collect()
-    }
 
     /// Mean Dice per foreground class over the validation cases (sliding window, no mirroring).
     fn validate(&self, params: &Params, val: &[Case]) -> Result<Vec<Option<f64>>> {
