@@ -325,7 +325,7 @@ static_assert(WG_ROWS == 16 && WG_ROWS % WG_GROUP == 0 && THREADS % BM == 0 && W
 template <typename T, class Ok>
 __device__ __forceinline__ void stage_word(unsigned* dst, const T* at, bool aligned, Ok ok) {
     if (PER_WORD<T> == 1 || aligned) {
-        mma::cp_async4(dst, at, ok(0));
+        mma::cp_async4(dst, at, ok(0) ? 4 : 0);
     } else {
         *dst = operand_word(at, 1, ok(0), ok(1));
     }

@@ -119,46 +119,51 @@ template <int BN>
 using TcShape = mma::Shape<GEMM_TC_BM, BN, GEMM_TC_BK, GEMM_TC_STAGES, 4, 2>;
 static_assert(TcShape<GEMM_TC_BN>::THREADS == GEMM_TC_THREADS, "8 warps");
 
+// How a stage's tile of an operand is copied: 16 bytes at a time (16-byte aligned base and rows), for bf16 a pair of
+// elements at a time (4-byte aligned base, rows of an even number of elements: x_proj's rows of dt_rank + 2 N = 34,
+// its dt slice's rows of 2), else one element at a time.
+enum class Copy { Vec16, Pairs, Elements };
+template <typename T>
+__device__ __forceinline__ Copy copy_mode(const T* base, int64_t ld) {
+    const int64_t row_bytes = ld * (int64_t)sizeof(T);
+    if (((uintptr_t)base & 15) == 0 && row_bytes % 16 == 0) return Copy::Vec16;
+    if (sizeof(T) == 2 && ((uintptr_t)base & 3) == 0 && row_bytes % 4 == 0) return Copy::Pairs;
+    return Copy::Elements;
+}
+
 // Issues the copies of the R x C block at (r0, c0) of a row-major operand of T elements whose rows are ld elements
 // apart and of which rows < r_end and columns < c_end exist (the rest is zero-filled), into shared rows of sld
-// elements. vec: 16-byte cp.async copies (the operand's base is 16-byte aligned and ld a multiple of 16 bytes; c0
-// is); else one element at a time (cp.async for 4-byte elements; a plain load and store for bf16, which cp.async
-// cannot copy alone: visible to the block after the pipeline's next barrier all the same).
+// elements, as `mode` says (c0 and sld are multiples of 16 bytes). Element copies: cp.async for 4-byte elements; a
+// plain load and store for bf16, which cp.async cannot copy alone (visible to the block after the pipeline's next
+// barrier all the same, but not in flight during the products).
 template <int R, int C, int THREADS, typename T>
 __device__ __forceinline__ void load_block(T* dst, int sld, const T* src, int64_t ld, int64_t r0, int64_t r_end,
-                                           int64_t c0, int64_t c_end, bool vec) {
-    constexpr int E = 16 / sizeof(T);  // elements per 16 bytes
-    if (vec) {
-        constexpr int V = R * C / E;
-        static_assert(C % E == 0 && (V % THREADS == 0 || THREADS % V == 0), "whole 16-byte chunks per thread");
+                                           int64_t c0, int64_t c_end, Copy mode) {
+    // E elements per copy of B bytes: the first `count` of them from src, the rest zero.
+    auto copies = [&](auto per_copy, auto issue) {
+        constexpr int E = decltype(per_copy)::value, V = R * C / E;
+        static_assert(C % E == 0 && (V % THREADS == 0 || THREADS % V == 0), "whole copies per thread");
 #pragma unroll
         for (int i = 0; i < (V + THREADS - 1) / THREADS; ++i) {
             const int e = threadIdx.x + i * THREADS, r = e / (C / E), c = e % (C / E) * E;
             if (V < THREADS && e >= V) break;
             const int64_t gr = r0 + r, gc = c0 + c;
             const int count = gr < r_end ? (int)max((int64_t)0, min((int64_t)E, c_end - gc)) : 0;
-            mma::cp_async16(dst + r * sld + c, count > 0 ? src + gr * ld + gc : src, count);
+            issue(dst + r * sld + c, count > 0 ? src + gr * ld + gc : src, count);
         }
+    };
+    if (mode == Copy::Vec16) {
+        copies(std::integral_constant<int, 16 / (int)sizeof(T)>{},
+               [](T* d, const T* s, int count) { mma::cp_async16(d, s, count); });
+    } else if (sizeof(T) == 2 && mode == Copy::Pairs) {
+        copies(std::integral_constant<int, 2>{},
+               [](T* d, const T* s, int count) { mma::cp_async4(d, s, count * (int)sizeof(T)); });
+    } else if constexpr (sizeof(T) == 4) {
+        copies(std::integral_constant<int, 1>{},
+               [](T* d, const T* s, int count) { mma::cp_async4(d, s, count * (int)sizeof(T)); });
     } else {
-        static_assert((R * C) % THREADS == 0, "whole elements per thread (a block of at least THREADS)");
-#pragma unroll
-        for (int i = 0; i < R * C / THREADS; ++i) {
-            const int e = threadIdx.x + i * THREADS, r = e / C, c = e % C;
-            const int64_t gr = r0 + r, gc = c0 + c;
-            const bool ok = gr < r_end && gc < c_end;
-            if constexpr (sizeof(T) == 4) {
-                mma::cp_async4(dst + r * sld + c, ok ? src + gr * ld + gc : src, ok);
-            } else {
-                dst[r * sld + c] = ok ? src[gr * ld + gc] : T(0.0f);
-            }
-        }
+        copies(std::integral_constant<int, 1>{}, [](T* d, const T* s, int count) { *d = count ? *s : T(0.0f); });
     }
-}
-
-// Whether an operand can be copied 16 bytes at a time: 16-byte aligned base and rows.
-template <typename T>
-__device__ __forceinline__ bool aligned16(const T* base, int64_t ld) {
-    return ((uintptr_t)base & 15) == 0 && (ld * (int64_t)sizeof(T)) % 16 == 0;
 }
 
 // Writes the block's accumulators (+ bias[j] when given) to out, row-major (M, N), as float or rounded to bf16;
@@ -212,19 +217,19 @@ __device__ __forceinline__ void gemm_tc(const GemmParams<T>& p) {
     const int64_t i0 = (int64_t)blockIdx.x * BM, j0 = (int64_t)blockIdx.y * BN;
     const int64_t k_begin = (int64_t)blockIdx.z * p.k_slice, k_end = min(p.K, k_begin + p.k_slice);
     const int64_t a_ld = A_K_MAJOR ? p.a_sk : p.a_si, b_ld = B_K_MAJOR ? p.b_sk : p.b_sj;
-    const bool a_vec = aligned16(p.a, a_ld), b_vec = aligned16(p.b, b_ld);
+    const Copy a_copy = copy_mode(p.a, a_ld), b_copy = copy_mode(p.b, b_ld);
 
     auto no_table = [](int, int) {};
     auto load = [&](int stage, int slot) {
         const int64_t k0 = k_begin + (int64_t)stage * BK;
         if (A_K_MAJOR)
-            load_block<BK, BM, S::THREADS>(tiles.a[slot], tiles.A_LD, p.a, a_ld, k0, k_end, i0, p.M, a_vec);
+            load_block<BK, BM, S::THREADS>(tiles.a[slot], tiles.A_LD, p.a, a_ld, k0, k_end, i0, p.M, a_copy);
         else
-            load_block<BM, BK, S::THREADS>(tiles.a[slot], tiles.A_LD, p.a, a_ld, i0, p.M, k0, k_end, a_vec);
+            load_block<BM, BK, S::THREADS>(tiles.a[slot], tiles.A_LD, p.a, a_ld, i0, p.M, k0, k_end, a_copy);
         if (B_K_MAJOR)
-            load_block<BK, BN, S::THREADS>(tiles.b[slot], tiles.B_LD, p.b, b_ld, k0, k_end, j0, p.N, b_vec);
+            load_block<BK, BN, S::THREADS>(tiles.b[slot], tiles.B_LD, p.b, b_ld, k0, k_end, j0, p.N, b_copy);
         else
-            load_block<BN, BK, S::THREADS>(tiles.b[slot], tiles.B_LD, p.b, b_ld, j0, p.N, k0, k_end, b_vec);
+            load_block<BN, BK, S::THREADS>(tiles.b[slot], tiles.B_LD, p.b, b_ld, j0, p.N, k0, k_end, b_copy);
     };
     Acc acc;
     mma::pipeline(tiles, (int)((k_end - k_begin + BK - 1) / BK), no_table, load, acc);
@@ -240,9 +245,10 @@ __device__ __forceinline__ void gemm_tc(const GemmParams<T>& p) {
 }  // namespace
 
 // One name per role and storage type (the storage each role reads fixes the tile layouts), _n32 for at most 32
-// output columns.
+// output columns. Two blocks per SM: with three copy modes ptxas gave the bf16 products up to 182 registers (one
+// block); held to 128, at most 20 bytes spill.
 #define LINEAR_TC_KERNEL(NAME, T, BN, A_K_MAJOR, B_K_MAJOR, ACC)                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMM_TC_THREADS) NAME(const GemmParams<T> p) {                  \
+    extern "C" __global__ void __launch_bounds__(GEMM_TC_THREADS, 2) NAME(const GemmParams<T> p) {                  \
         gemm_tc<T, BN, A_K_MAJOR, B_K_MAJOR, ACC>(p);                                                            \
     }
 LINEAR_TC_KERNEL(linear_fprop_tf32, float, GEMM_TC_BN, false, false, false)  // y = x W^T: x along k, W along k

@@ -25,10 +25,11 @@ struct Shape {
     static_assert(BM % (16 * WARPS_M) == 0 && BN % (8 * WARPS_N) == 0 && BK % 8 == 0, "whole mma fragments");
 };
 
-// dst <- 4 bytes at src when valid, else 0 (a zero-byte copy fills the destination with zeros); both 4-byte aligned.
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+// The 4 bytes at dst <- the first `bytes` (0, 2 or 4) bytes at src, the rest 0 (a zero-byte copy fills the
+// destination with zeros); both 4-byte aligned.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 4 : 0));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(bytes));
 }
 // The 16 bytes at dst <- the first `count` elements at src (0 to 16 / sizeof(T)), the rest 0. dst and src 16-byte
 // aligned.
@@ -45,7 +46,7 @@ template <typename T, int N>
 struct Stager;
 template <int N>
 struct Stager<float, N> {
-    __device__ __forceinline__ void put(int, float* dst, const float* src, bool valid) { cp_async4(dst, src, valid); }
+    __device__ __forceinline__ void put(int, float* dst, const float* src, bool valid) { cp_async4(dst, src, valid ? 4 : 0); }
     __device__ __forceinline__ void flush() {}
 };
 template <int N>

@@ -111,10 +111,13 @@ fn linear_bf16_case(name: &str, x_shape: &[usize], n_out: usize, bias: bool, see
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_linear_bf16() {
-    // 16-byte copies (K, N multiples of 8), 64- and 32-column tiles, the element-wise loads of odd sizes, and the
-    // reference in_proj with its split weight gradient.
+    // 16-byte copies (K, N multiples of 8), 64- and 32-column tiles, pair copies (rows of an even number of
+    // elements that are not whole 16 bytes: x_proj's 34 outputs, dt_proj's 2 inputs), the element-wise loads of odd
+    // sizes, and the reference in_proj with its split weight gradient.
     linear_bf16_case("linear 1001x64 -> 96 + bias", &[1001, 64], 96, true, 40);
     linear_bf16_case("linear 999x40 -> 20", &[999, 40], 20, false, 43);
+    linear_bf16_case("linear x_proj 2001x64 -> 34", &[2001, 64], 34, false, 52);
+    linear_bf16_case("linear dt_proj 1999x2 -> 64 + bias", &[1999, 2], 64, true, 55);
     linear_bf16_case("linear 1000x37 -> 53 + bias", &[1000, 37], 53, true, 46);
     linear_bf16_case("linear in_proj (100003, 32) -> 128", &[100_003, 32], 128, false, 49);
 }
