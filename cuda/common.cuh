@@ -59,7 +59,8 @@ __device__ __forceinline__ void split3(int i, const int e[3], int out[3]) {
 
 // 2^x by the special-function unit alone (ex2.approx.ftz: relative error about 2^-22). exp2f compiles to the same
 // instruction wrapped in three more that only make a subnormal result (below 2^-126) come out subnormal instead of 0;
-// the scan's decays exp2(dt A log2 e) take it per state and token, where those three are a tenth of its instructions.
+// the scan backward's decays exp2(dt A log2 e) take it per state and token, where those three were a tenth of its
+// instructions (-16% time on the H200).
 __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -150,7 +150,9 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                 float acc = 0.0f;
 #pragma unroll
                 for (int k = 0; k < NMAX; ++k) {
-                    h[k] = exp2_approx(dt * a2[k]) * h[k] + du * sb[tt][k];
+                    // exp2f, not exp2_approx as in the backward: with it this loop ran 12% slower on the H200
+                    // (PiM stage 0 of flare-3d, 3.04 -> 3.42 ms, 93 -> 99 registers), fewer instructions or not.
+                    h[k] = exp2f(dt * a2[k]) * h[k] + du * sb[tt][k];
                     if (!SUMMARY) acc += sc[tt][k] * h[k];
                 }
                 if (!SUMMARY) {
