@@ -208,18 +208,20 @@ fn check_gpu(d: ConvDims) -> Result<()> {
         Shape,
         "causal_conv1d on the GPU supports kernels up to {CONV1D_MAX_K} taps, got K = {k}"
     );
-    // The kernels index tokens and runs with 32-bit integers (element offsets are 64-bit).
+    // The kernels index tokens, runs and channels with 32-bit integers (element offsets are 64-bit), and the blocks
+    // along the channels are the grid's y dimension (at most 65,535).
     ensure!(
-        g * l < 1 << 30 && c * (k + 1) < 1 << 30,
+        g * l < 1 << 30 && c * (k + 1) < 1 << 30 && c.div_ceil(CHANNEL_LANES) <= 65_535,
         Shape,
-        "causal_conv1d on the GPU supports fewer than 2^30 tokens and C (K + 1) < 2^30, got (G, L, C) = ({g}, {l}, {c}), \
-         K = {k}"
+        "causal_conv1d on the GPU supports fewer than 2^30 tokens and at most {} channels, got (G, L, C) = ({g}, {l}, \
+         {c}), K = {k}",
+        65_535 * CHANNEL_LANES
     );
     Ok(())
 }
 
-/// How a conv1d kernel covers the tokens: the vector or the scalar instance, its channels per thread, and blocks of
-/// (channel lanes, run lanes) over runs of `CONV1D_RUN` tokens (cuda/conv1d.cu).
+/// How a conv1d kernel covers the tokens: the vector or the scalar instance, and blocks of (channel lanes, run lanes)
+/// over groups of channels and runs of `CONV1D_RUN` tokens (cuda/conv1d.cu).
 #[derive(Debug)]
 struct Plan {
     vector: bool,
