@@ -4,122 +4,312 @@
 //   forward:  y[g, t, c]  = b[c] + sum_{k<K} w[c, k] x[g, t - (K-1) + k, c]           (terms with index < 0 dropped)
 //   input:    dx[g, s, c] = sum_{k<K} w[c, k] gy[g, s + (K-1) - k, c]                  (terms with index >= L dropped)
 //   weight:   dw[c, k]    = sum_{g, t} gy[g, t, c] x[g, t - (K-1) + k, c]
+//                         = sum_{g, s} x[g, s, c] gy[g, s + (K-1) - k, c]              (s = t - (K-1) + k)
 //   bias:     db[c]       = sum_{g, t} gy[g, t, c]
 //
 // Storage: every kernel is a template over the storage type T of the tokens x, gy and the output (float or
-// __nv_bfloat16), in two instances NAME_f32 and NAME_bf16 that compute in float32 (each element read with to_f32, each
+// __nv_bfloat16), in instances NAME_f32 and NAME_bf16 that compute in float32 (each element read with to_f32, each
 // output rounded once with from_f32<T>); the weight, the bias and the partial sums of their gradients are float32.
 //
-// Flat index i = (g L + t) C + c; moving by one token moves i by C. The forward and the input gradient run one thread
-// per element; consecutive threads take consecutive channels, so every load and store is coalesced.
+// Work: a thread takes a group of W channels [c, c + W) and a run of CONV1D_RUN consecutive tokens of one sequence,
+// [t0, t0 + CONV1D_RUN) (run q = g runs + t0 / CONV1D_RUN, runs = ceil(L / CONV1D_RUN); tokens at or past L are
+// padding, computed on zeros and not stored). It streams the run token by token through a window of NT rows of W
+// channels in registers, so each row of x or gy is read once per run, plus NT - 1 rows of halo that the neighbouring
+// run (the next run lane of the same block) reads too, mostly from L1. Token and channel come from the block and
+// thread indices: one 32-bit division per run, none per element. Blocks are (channel lanes, run lanes), channel lanes
+// consecutive in memory, so a warp's accesses are whole rows of W consecutive channels of neighbouring runs. A run
+// wholly inside its sequence (all but a sequence's last run when CONV1D_RUN does not divide L) is unrolled without
+// conditions on its stores, which lets the compiler issue all of the run's loads before its first store.
+//   vector kernels (NAME_f32, NAME_bf16): NT = K = CONV1D_TAPS (4, Mamba's d_conv); the forward moves W = VEC<T>
+//     channels per access (16 bytes), the backward W = CONV1D_BACKWARD_WIDTH = 4 (16 bytes of float32, 8 of bf16),
+//     which keeps its taps, window and sums in registers. The host takes them when K = 4, C is a multiple of W and
+//     every buffer is 16-byte aligned.
+//   scalar kernels (NAME_scalar_f32, _bf16): W = 1 channel, any K <= NT = CONV1D_MAX_K; window position j holds tap
+//     k = j - (NT - K), and positions j < NT - K are skipped.
 //
-// The parameter gradients reduce over all G L tokens, deterministically in two stages: causal_conv1d_param_partials
-// gives each block 32 channels and one fixed slice of rows_per_slice token rows (r = g L + t); its 8 row lanes add
-// rows ty, ty + 8, ... in order, lane 0 adds the 8 lane sums in order, and the block writes one partial row
-// (32 = CONV1D_COLS and 8 = CONV1D_LANES of conv1d.cuh, where Conv1dParams, taken by all three kernels, is declared)
-//   part[s, c K + k] = slice-s part of dw[c, k],    part[s, C K + c] = slice-s part of db[c]
-// which sum_rows_f32 (gemm.cu) then sums over the slices s in order.
+// causal_conv1d_forward: window win[j] = x[t - (NT-1) + j], y[t] = b + sum_k w[k] win[k + NT - K] in the order of k.
+// causal_conv1d_backward: window gw[d] = gy[s + d] (zero past the sequence) and the row x[s]; from the same loads
+//   dx[s] = sum_k w[k] gw[K-1-k],   dw[k] += x[s] gw[K-1-k],   db += gw[0]
+// (the second form of dw above), so dx, dw and db read x and gy once. The parameter gradients reduce over all G L
+// tokens deterministically: a thread adds its runs in order (iters runs, a block's run lanes apart), the block adds
+// its run lanes in order (lane 0 first) in shared memory and writes one partial row per block of runs
+//   part[r, c K + k] = run block r's part of dw[c, k],    part[r, C K + c] = its part of db[c]
+// which sum_rows_f32 (gemm.cu) then sums over the run blocks r in order. Every order depends on the shape only.
 //
 // Cost per element of x, K taps, in units of the storage size E (4 bytes float32, 2 bf16; bytes: least traffic;
-// FLOPs: adds and multiplies count one each; see src/ops/mod.rs): causal_conv1d_forward and
-// causal_conv1d_backward_input 2E bytes and 2K FLOPs; causal_conv1d_param_partials 2E bytes (x and gy) and 2K + 1
-// FLOPs. Memory-bound.
+// FLOPs: adds and multiplies count one each; see src/ops/mod.rs): causal_conv1d_forward 2E bytes (read x, write y)
+// and 2K FLOPs; causal_conv1d_backward 3E bytes (read x and gy, write dx) and 4K + 1 FLOPs, plus 4 (C K + C) bytes
+// of partial sums per block of runs (about 1% more at Mamba's shapes). Memory-bound: the vector kernels issue about
+// 9 instructions per element on the forward and 14 (float32) to 18 (bf16) on the backward (sm_90 SASS of a whole
+// run), a third or less of the time the bytes take on an H200.
 #include "common.cuh"
 #include "conv1d.cuh"
 
 namespace {
 
-template <typename T>
-__device__ void causal_conv1d_forward(const Conv1dParams<T>& p) {
-    const T* __restrict__ x = p.x;
-    const float* __restrict__ w = p.w;
-    const float* __restrict__ bias = p.bias;
-    T* __restrict__ y = p.out;
-    const int64_t L = p.L, C = p.C;
-    const int K = p.K;
-    FOR_EACH(i, p.G * L * C) {
-        const int64_t c = i % C, t = (i / C) % L;
-        float s = bias[c];
-        for (int k = 0; k < K; ++k) {
-            const int64_t src = t - (K - 1) + k;
-            if (src >= 0) s += w[c * K + k] * to_f32(x[i + (src - t) * C]);
-        }
-        y[i] = from_f32<T>(s);
+// Taps held in registers by a thread of W channels: the vector kernels (W > 1) take K = CONV1D_TAPS, the scalar ones
+// any K up to CONV1D_MAX_K.
+template <int W>
+constexpr int TAPS = W > 1 ? CONV1D_TAPS : CONV1D_MAX_K;
+
+// A row of W channels of T as one access: one element, 16 bytes (common.cuh's load_vec / store_vec), or 8 bytes (the
+// bf16 rows of the vector backward, 4 channels).
+template <typename T, int W>
+__device__ __forceinline__ void load_row(const T* at, float (&v)[W]) {
+    if constexpr (W == 1) {
+        v[0] = to_f32(*at);
+    } else if constexpr (W == VEC<T>) {
+        load_vec<T>(at, v);
+    } else {
+        static_assert(W * sizeof(T) == 8, "rows are 1 element, 16 bytes or 8 bytes");
+        const uint2 raw = *reinterpret_cast<const uint2*>(at);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < W; ++k) v[k] = to_f32(e[k]);
+    }
+}
+template <typename T, int W>
+__device__ __forceinline__ void store_row(T* at, const float (&v)[W]) {
+    if constexpr (W == 1) {
+        *at = from_f32<T>(v[0]);
+    } else if constexpr (W == VEC<T>) {
+        store_vec<T>(at, v);
+    } else {
+        static_assert(W * sizeof(T) == 8, "rows are 1 element, 16 bytes or 8 bytes");
+        uint2 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < W; ++k) e[k] = from_f32<T>(v[k]);
+        *reinterpret_cast<uint2*>(at) = raw;
     }
 }
 
-template <typename T>
-__device__ void causal_conv1d_backward_input(const Conv1dParams<T>& p) {
-    const T* __restrict__ gy = p.gy;
-    const float* __restrict__ w = p.w;
-    T* __restrict__ dx = p.out;
-    const int64_t L = p.L, C = p.C;
-    const int K = p.K;
-    FOR_EACH(i, p.G * L * C) {
-        const int64_t c = i % C, s = (i / C) % L;
-        float acc = 0.0f;
-        for (int k = 0; k < K; ++k) {
-            const int64_t t = s + (K - 1) - k;
-            if (t < L) acc += w[c * K + k] * to_f32(gy[i + (t - s) * C]);
-        }
-        dx[i] = from_f32<T>(acc);
+// The row of W channels at base[at] when `inside` its sequence, else the zeros of the padding. `at` is only added
+// to base when inside, so no address outside the buffer is formed.
+template <typename T, int W>
+__device__ __forceinline__ void load_token(const T* __restrict__ base, int64_t at, bool inside, float (&v)[W]) {
+    if (inside) {
+        load_row<T, W>(base + at, v);
+    } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) v[e] = 0.0f;
     }
 }
 
-// Block (CONV1D_COLS, CONV1D_LANES), grid (ceil(C / CONV1D_COLS), slices). part has one row of C K + C values per
-// slice.
+// W float32 values at `at`: 16-byte loads when W is a multiple of 4 (`at` is then 16-byte aligned).
+template <int W>
+__device__ __forceinline__ void load_f32(const float* __restrict__ at, float (&v)[W]) {
+    if constexpr (W % 4 == 0) {
+#pragma unroll
+        for (int e = 0; e < W; e += 4) {
+            const float4 r = *reinterpret_cast<const float4*>(at + e);
+            v[e] = r.x, v[e + 1] = r.y, v[e + 2] = r.z, v[e + 3] = r.w;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) v[e] = at[e];
+    }
+}
+
+// The taps of channels [c, c + W) by window position: wt[j][e] = w[c + e, j - (NT - K)], zero for j < NT - K.
+template <int W, int NT>
+__device__ __forceinline__ void load_taps(const float* __restrict__ w, int c, int K, float (&wt)[NT][W]) {
+    if constexpr (W > 1) {
+        // The vector kernels: K = NT = 4, so channel c's taps are the 16-byte row w[c, 0..4).
+        static_assert(NT == 4, "the vector kernels read one float4 of taps per channel");
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+            const float4 r = *reinterpret_cast<const float4*>(w + (int64_t)(c + e) * NT);
+            wt[0][e] = r.x, wt[1][e] = r.y, wt[2][e] = r.z, wt[3][e] = r.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) wt[j][0] = j >= NT - K ? w[(int64_t)c * K + j - (NT - K)] : 0.0f;
+    }
+}
+
+// Run q: tokens [t0, t0 + CONV1D_RUN) of sequence g = q / runs, and the index of x[g, t0, c].
+struct Run {
+    int t0;
+    int64_t at;
+};
 template <typename T>
-__device__ void causal_conv1d_param_partials(const Conv1dParams<T>& p) {
-    const T* __restrict__ x = p.x;
-    const T* __restrict__ gy = p.gy;
-    float* __restrict__ part = p.part;
-    const int64_t L = p.L, C = p.C;
-    const int K = p.K;
-    __shared__ float lanes[CONV1D_LANES][CONV1D_MAX_K + 1][CONV1D_COLS];
-    const int64_t c = (int64_t)blockIdx.x * CONV1D_COLS + threadIdx.x;
-    const int64_t r_begin = (int64_t)blockIdx.y * p.rows_per_slice;
-    const int64_t r_end = min(p.G * L, r_begin + p.rows_per_slice);
-    float acc[CONV1D_MAX_K + 1];  // acc[k] for the weight taps, acc[CONV1D_MAX_K] for the bias
+__device__ __forceinline__ Run run_at(const Conv1dParams<T>& p, int q, int c) {
+    const int g = q / p.runs;
+    const int t0 = (q - g * p.runs) * CONV1D_RUN;
+    return {t0, ((int64_t)g * p.L + t0) * p.C + c};
+}
+
+// One run of the forward; FULL: all of its tokens are inside the sequence.
+template <typename T, int W, int NT, bool FULL>
+__device__ __forceinline__ void forward_run(const Conv1dParams<T>& p, const Run r, int first, const float (&wt)[NT][W],
+                                            const float (&b)[W]) {
+    const int64_t C = p.C;
+    // win[j] = x[t - (NT-1) + j] at the current token t (win[NT - 1] = x[t]); rows before the sequence are zero.
+    float win[NT][W];
 #pragma unroll
-    for (int k = 0; k <= CONV1D_MAX_K; ++k) acc[k] = 0.0f;
-    if (c < C) {
-        for (int64_t r = r_begin + threadIdx.y; r < r_end; r += CONV1D_LANES) {
-            const int64_t t = r % L;
-            const float g = to_f32(gy[r * C + c]);
-            acc[CONV1D_MAX_K] += g;
+    for (int j = 0; j < NT - 1; ++j) {
+        const int back = NT - 1 - j;
+        load_token<T, W>(p.x, r.at - back * C, j >= first && r.t0 >= back, win[j]);
+    }
 #pragma unroll
-            for (int k = 0; k < CONV1D_MAX_K; ++k) {
-                const int64_t src = t - (K - 1) + k;
-                if (k < K && src >= 0) acc[k] += g * to_f32(x[(r + src - t) * C + c]);
+    for (int i = 0; i < CONV1D_RUN; ++i) {
+        const bool inside = FULL || r.t0 + i < p.L;
+        load_token<T, W>(p.x, r.at + i * C, inside, win[NT - 1]);
+        float y[W];
+#pragma unroll
+        for (int e = 0; e < W; ++e) y[e] = b[e];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (j >= first) {
+#pragma unroll
+                for (int e = 0; e < W; ++e) y[e] += wt[j][e] * win[j][e];
+            }
+        }
+        if (inside) store_row<T, W>(p.out + r.at + i * C, y);
+#pragma unroll
+        for (int j = 0; j + 1 < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < W; ++e) win[j][e] = win[j + 1][e];
+        }
+    }
+}
+
+// Block (channel lanes, run lanes), grid (ceil(G runs / run lanes), ceil(C / (W channel lanes))): one run per thread.
+template <typename T, int W>
+__device__ __forceinline__ void causal_conv1d_forward(const Conv1dParams<T>& p) {
+    constexpr int NT = TAPS<W>;
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * W;
+    const int q = blockIdx.x * blockDim.y + threadIdx.y;
+    if (c >= p.C || q >= p.G * p.runs) return;
+    const int first = W > 1 ? 0 : NT - p.K;  // the first window position with a tap
+    float wt[NT][W], b[W];
+    load_taps<W, NT>(p.w, c, p.K, wt);
+    load_f32<W>(p.bias + c, b);
+    const Run r = run_at(p, q, c);
+    // A whole run inside its sequence (every run but the last of a sequence whose L is not a multiple of the run)
+    // stores without conditions, so the loads of the unrolled run can be scheduled ahead of the stores.
+    if (r.t0 + CONV1D_RUN <= p.L) {
+        forward_run<T, W, NT, true>(p, r, first, wt, b);
+    } else {
+        forward_run<T, W, NT, false>(p, r, first, wt, b);
+    }
+}
+
+// One run of the backward: dx of its tokens, and its terms of dw and db added to acc (acc[j]: window position j's
+// tap, acc[NT]: the bias); FULL: all of its tokens are inside the sequence.
+template <typename T, int W, int NT, bool FULL>
+__device__ __forceinline__ void backward_run(const Conv1dParams<T>& p, const Run r, int first,
+                                             const float (&wt)[NT][W], float (&acc)[NT + 1][W]) {
+    const int64_t C = p.C;
+    // gw[d] = gy[s + d] at the current token s; rows at or past the sequence end are zero. Position NT - 1 - j pairs
+    // with tap j: gy[s + (K-1) - k] for k = j - first.
+    float gw[NT][W];
+#pragma unroll
+    for (int d = 0; d < NT - 1; ++d) load_token<T, W>(p.gy, r.at + d * C, r.t0 + d < p.L, gw[d]);
+#pragma unroll
+    for (int i = 0; i < CONV1D_RUN; ++i) {
+        const int s = r.t0 + i;
+        load_token<T, W>(p.gy, r.at + (i + NT - 1) * C, s + NT - 1 < p.L, gw[NT - 1]);
+        float xs[W], dx[W];
+        const bool inside = FULL || s < p.L;
+        load_token<T, W>(p.x, r.at + i * C, inside, xs);
+#pragma unroll
+        for (int e = 0; e < W; ++e) dx[e] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            if (j >= first) {
+#pragma unroll
+                for (int e = 0; e < W; ++e) {
+                    dx[e] += wt[j][e] * gw[NT - 1 - j][e];
+                    acc[j][e] += xs[e] * gw[NT - 1 - j][e];
+                }
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[NT][e] += gw[0][e];
+        if (inside) store_row<T, W>(p.out + r.at + i * C, dx);
+#pragma unroll
+        for (int d = 0; d + 1 < NT; ++d) {
+#pragma unroll
+            for (int e = 0; e < W; ++e) gw[d][e] = gw[d + 1][e];
+        }
+    }
+}
+
+// Block (channel lanes, run lanes), grid (run blocks, ceil(C / (W channel lanes))): run block r takes the runs
+// [r iters lanes, (r + 1) iters lanes), thread lane y the runs r iters lanes + i lanes + y for i < iters; part has one
+// row of C K + C values per run block.
+template <typename T, int W>
+__device__ __forceinline__ void causal_conv1d_backward(const Conv1dParams<T>& p) {
+    constexpr int NT = TAPS<W>;
+    // lanes[(y (NT + 1) + j) cw + cl]: run lane y's sum for window position j (NT: the bias) of the block's channel cl.
+    __shared__ __align__(16) float lanes[CONV1D_THREADS * (NT + 1) * W];
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * W;
+    const int first = W > 1 ? 0 : NT - p.K;
+    float acc[NT + 1][W];
+#pragma unroll
+    for (int j = 0; j <= NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[j][e] = 0.0f;
+    }
+    if (c < p.C) {
+        float wt[NT][W];
+        load_taps<W, NT>(p.w, c, p.K, wt);
+        const int runs = p.G * p.runs;
+        for (int i = 0; i < p.iters; ++i) {
+            const int q = (blockIdx.x * p.iters + i) * blockDim.y + threadIdx.y;
+            if (q >= runs) break;
+            const Run r = run_at(p, q, c);
+            if (r.t0 + CONV1D_RUN <= p.L) {  // as in the forward
+                backward_run<T, W, NT, true>(p, r, first, wt, acc);
+            } else {
+                backward_run<T, W, NT, false>(p, r, first, wt, acc);
             }
         }
     }
+    if (p.part == nullptr) return;  // the same for the whole grid
+    const int cw = blockDim.x * W;
+    float* mine = lanes + threadIdx.y * (NT + 1) * cw + threadIdx.x * W;
 #pragma unroll
-    for (int k = 0; k <= CONV1D_MAX_K; ++k) lanes[threadIdx.y][k][threadIdx.x] = acc[k];
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        float* row = part + (int64_t)blockIdx.y * (C * K + C);
-        for (int k = 0; k <= K; ++k) {
-            const int slot = k < K ? k : CONV1D_MAX_K;
-            float s = 0.0f;
+    for (int j = 0; j <= NT; ++j) {
+        if constexpr (W % 4 == 0) {
 #pragma unroll
-            for (int l = 0; l < CONV1D_LANES; ++l) s += lanes[l][slot][threadIdx.x];
-            if (k < K) row[c * K + k] = s;
-            else row[C * K + c] = s;
+            for (int e = 0; e < W; e += 4) {
+                *reinterpret_cast<float4*>(mine + j * cw + e) =
+                    make_float4(acc[j][e], acc[j][e + 1], acc[j][e + 2], acc[j][e + 3]);
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < W; ++e) mine[j * cw + e] = acc[j][e];
         }
+    }
+    __syncthreads();
+    // The block's n channels from c0: output o = k n + cl is dw[c0 + cl, k] for k < K, db[c0 + cl] for k = K.
+    const int K = W > 1 ? NT : p.K;
+    const int c0 = blockIdx.y * cw, n = min(cw, p.C - c0);
+    float* row = p.part + (int64_t)blockIdx.x * ((int64_t)p.C * (K + 1));
+    for (int o = threadIdx.y * blockDim.x + threadIdx.x; o < n * (K + 1); o += blockDim.x * blockDim.y) {
+        const int k = o / n, cl = o - k * n;
+        const int j = k < K ? first + k : NT;
+        float s = 0.0f;
+        for (int y = 0; y < (int)blockDim.y; ++y) s += lanes[(y * (NT + 1) + j) * cw + cl];
+        row[k < K ? (int64_t)(c0 + cl) * K + k : (int64_t)p.C * K + c0 + cl] = s;
     }
 }
 
 }  // namespace
 
-TYPED_KERNEL(causal_conv1d_forward_f32, causal_conv1d_forward_bf16, causal_conv1d_forward, Conv1dParams)
-TYPED_KERNEL(causal_conv1d_backward_input_f32, causal_conv1d_backward_input_bf16, causal_conv1d_backward_input,
-             Conv1dParams)
-
-// The parameter partials with their launch bounds (a block of CONV1D_COLS x CONV1D_LANES threads), in both instances.
-#define PARAM_PARTIALS_KERNEL(NAME, TYPE)                                                                       \
-    extern "C" __global__ void __launch_bounds__(CONV1D_COLS * CONV1D_LANES) NAME(const Conv1dParams<TYPE> p) { \
-        causal_conv1d_param_partials<TYPE>(p);                                                                  \
+// The instances for one storage type TYPE, vector (VECTOR) or scalar, with blocks of at most CONV1D_THREADS and two
+// blocks per SM (at most 128 registers: the vector kernels use them to issue a whole run's loads at once).
+#define CAUSAL_CONV_KERNEL(FORWARD, BACKWARD, TYPE, VECTOR)                                                \
+    extern "C" __global__ void __launch_bounds__(CONV1D_THREADS, 2) FORWARD(const Conv1dParams<TYPE> p) {  \
+        causal_conv1d_forward<TYPE, VECTOR ? VEC<TYPE> : 1>(p);                                            \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(CONV1D_THREADS, 2) BACKWARD(const Conv1dParams<TYPE> p) { \
+        causal_conv1d_backward<TYPE, VECTOR ? CONV1D_BACKWARD_WIDTH : 1>(p);                               \
     }
-PARAM_PARTIALS_KERNEL(causal_conv1d_param_partials_f32, float)
-PARAM_PARTIALS_KERNEL(causal_conv1d_param_partials_bf16, __nv_bfloat16)
+CAUSAL_CONV_KERNEL(causal_conv1d_forward_f32, causal_conv1d_backward_f32, float, true)
+CAUSAL_CONV_KERNEL(causal_conv1d_forward_bf16, causal_conv1d_backward_bf16, __nv_bfloat16, true)
+CAUSAL_CONV_KERNEL(causal_conv1d_forward_scalar_f32, causal_conv1d_backward_scalar_f32, float, false)
+CAUSAL_CONV_KERNEL(causal_conv1d_forward_scalar_bf16, causal_conv1d_backward_scalar_bf16, __nv_bfloat16, false)

@@ -3,37 +3,46 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// The largest kernel size the parameter-gradient kernel keeps in registers (Mamba uses 4).
+// The taps of the vector kernels (Mamba's d_conv); the scalar kernels take any K up to CONV1D_MAX_K.
+constexpr int CONV1D_TAPS = 4;
 constexpr int CONV1D_MAX_K = 8;
-// causal_conv1d_param_partials: block (CONV1D_COLS, CONV1D_LANES), CONV1D_COLS channels per block, CONV1D_LANES row
-// lanes.
-constexpr int CONV1D_COLS = 32;
-constexpr int CONV1D_LANES = 8;
+// Channels per thread of the vector backward kernels (the forward's are common.cuh's VEC<T>, 16 bytes): 16 bytes of
+// float32, 8 of bf16, so that the taps, the window and the sums of dw and db fit in registers.
+constexpr int CONV1D_BACKWARD_WIDTH = 4;
+// Consecutive tokens of one sequence per thread (a run), and threads per block: block (channel lanes, run lanes) with
+// channel lanes * run lanes <= CONV1D_THREADS.
+constexpr int CONV1D_RUN = 8;
+constexpr int CONV1D_THREADS = 256;
 
 // Tokens (G, L, C) channels last, weight (C, K), bias (C). The tokens x, gy and out are of the storage type T (float
-// or __nv_bfloat16); the weight, the bias and the partial sums of their gradients are float32.
+// or __nv_bfloat16); the weight, the bias and the partial sums of their gradients are float32. Blocks (channel lanes,
+// run lanes), at most CONV1D_THREADS threads; grid (run blocks, channel blocks). A thread takes a group of channels
+// and, per iteration, a run of CONV1D_RUN tokens of one sequence; the sizes fit int (the host checks G L < 2^30).
 template <typename T>
 struct Conv1dParams {
-    const T* x;              // the input tokens (forward, param_partials)
-    const float* w;          // the weight (forward, backward_input)
-    const float* bias;       // the bias (forward)
-    const T* gy;             // the gradient of the output (backward_input, param_partials)
-    T* out;                  // y (forward) or dx (backward_input)
-    float* part;             // param_partials: one row [dw (C K) | db (C)] per slice of token rows
-    int64_t G;               // sequences
-    int64_t L;               // tokens per sequence
-    int64_t C;               // channels
-    int K;                   // taps
-    int64_t rows_per_slice;  // param_partials: token rows per slice (grid y)
+    const T* x;          // the input tokens
+    const float* w;      // the weight
+    const float* bias;   // forward: the bias
+    const T* gy;         // backward: the gradient of the output
+    T* out;              // y (forward) or dx (backward)
+    float* part;         // backward: one row [dw (C K) | db (C)] per run block (null: not wanted)
+    int G;               // sequences
+    int L;               // tokens per sequence
+    int C;               // channels
+    int K;               // taps
+    int runs;            // runs per sequence, ceil(L / CONV1D_RUN)
+    int iters;           // backward: runs per thread; run block r takes runs [r iters lanes, (r + 1) iters lanes)
 };
 
-// Each in a float32 and a bf16 instance (computing in float32).
-// One thread per element, any grid.
+// Each in a float32 and a bf16 instance (computing in float32). The vector kernels need K = CONV1D_TAPS, C a multiple
+// of their channels per thread (forward VEC<T>, backward CONV1D_BACKWARD_WIDTH) and every buffer 16-byte aligned; the
+// scalar kernels (one channel per thread) take the rest.
 extern "C" __global__ void causal_conv1d_forward_f32(const Conv1dParams<float> p);
 extern "C" __global__ void causal_conv1d_forward_bf16(const Conv1dParams<__nv_bfloat16> p);
-// One thread per element, any grid.
-extern "C" __global__ void causal_conv1d_backward_input_f32(const Conv1dParams<float> p);
-extern "C" __global__ void causal_conv1d_backward_input_bf16(const Conv1dParams<__nv_bfloat16> p);
-// Grid (ceil(C / 32), slices).
-extern "C" __global__ void causal_conv1d_param_partials_f32(const Conv1dParams<float> p);
-extern "C" __global__ void causal_conv1d_param_partials_bf16(const Conv1dParams<__nv_bfloat16> p);
+extern "C" __global__ void causal_conv1d_forward_scalar_f32(const Conv1dParams<float> p);
+extern "C" __global__ void causal_conv1d_forward_scalar_bf16(const Conv1dParams<__nv_bfloat16> p);
+// dx and the per-block partial sums of dw and db, from one read of x and gy.
+extern "C" __global__ void causal_conv1d_backward_f32(const Conv1dParams<float> p);
+extern "C" __global__ void causal_conv1d_backward_bf16(const Conv1dParams<__nv_bfloat16> p);
+extern "C" __global__ void causal_conv1d_backward_scalar_f32(const Conv1dParams<float> p);
+extern "C" __global__ void causal_conv1d_backward_scalar_bf16(const Conv1dParams<__nv_bfloat16> p);

@@ -79,8 +79,23 @@ fn gpu_bf16_layer_norm() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_bf16_causal_conv1d() {
-    // Odd channel counts, L < K, and 3000 token rows: three slices of the weight-gradient partial sums.
-    for (g, l, c, k, seed) in [(5, 37, 19, 4, 30), (3, 11, 70, 3, 33), (7, 2, 33, 4, 36), (2, 1500, 24, 4, 39)] {
+    // The scalar kernels (odd C, K = 3), L < K; the vector kernels (K = 4; forward 8 channels per thread, backward 4)
+    // at C = 24, 64 and 128 with L not a multiple of their 8-token runs, L < K and L = 1; C = 36 (the scalar forward
+    // beside the vector backward); C = 6; and enough runs for two per backward thread, vector and scalar.
+    let cases = [
+        (5, 37, 19, 4, 30),
+        (3, 11, 70, 3, 33),
+        (7, 2, 33, 4, 36),
+        (2, 1500, 24, 4, 39),
+        (3, 37, 64, 4, 70),
+        (4, 3, 128, 4, 73),
+        (2, 1, 64, 4, 76),
+        (2, 13, 36, 4, 79),
+        (3, 17, 6, 4, 82),
+        (4099, 67, 64, 4, 85),
+        (1001, 75, 37, 4, 88),
+    ];
+    for (g, l, c, k, seed) in cases {
         let inputs = [randn32(&[g, l, c], 1.0, seed), randn32(&[c, k], 0.5, seed + 1), randn32(&[c], 1.0, seed + 2)];
         let name = format!("causal_conv1d ({g}, {l}, {c}) k{k}");
         check_op_bf16(&name, &inputs, &[true; 3], &ACT_PARAM_PARAM, TOL, |t, x| {

@@ -186,6 +186,49 @@ fn gpu_causal_conv1d_shorter_than_kernel() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d_vector() {
+    // The vector kernels (K = 4, C a multiple of 4: 16-byte float32 accesses) over runs of 8 tokens: L = 37 ends on a
+    // partial run, L = 3 < K and L = 1 fit in one; C = 36 takes 9 channel lanes. C = 6: the scalar kernels.
+    conv_case("causal_conv1d (3, 37, 64) k4", 3, 37, 64, 4, 40);
+    conv_case("causal_conv1d (4, 3, 128) k4", 4, 3, 128, 4, 43);
+    conv_case("causal_conv1d (2, 1, 64) k4", 2, 1, 64, 4, 46);
+    conv_case("causal_conv1d (2, 13, 36) k4", 2, 13, 36, 4, 49);
+    conv_case("causal_conv1d (3, 17, 6) k4", 3, 17, 6, 4, 52);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d_runs_per_thread() {
+    // Enough runs that the backward gives each thread two (over 2048 blocks of runs), the last block of runs partly
+    // filled: the vector kernels at C = 64 (36,891 runs of 8 tokens) and the scalar ones at C = 37 (two blocks of
+    // channels).
+    conv_case("causal_conv1d (4099, 67, 64) k4", 4099, 67, 64, 4, 55);
+    conv_case("causal_conv1d (1001, 75, 37) k4", 1001, 75, 37, 4, 58);
+}
+
+/// The weight and bias gradients reduce over all tokens in a fixed order: two runs give the same bits, in float32 and
+/// with bf16 tokens, for the vector and the scalar kernels, with several runs per thread.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d_deterministic() {
+    let gpu = gpu();
+    for (g, l, c, seed) in [(4099, 67, 64, 61), (1001, 75, 37, 64), (5, 37, 128, 67)] {
+        let inputs = [randn32(&[g, l, c], 1.0, seed), randn32(&[c, 4], 0.5, seed + 1), randn32(&[c], 1.0, seed + 2)];
+        let f32_conv = |t: &mut Tape, x: &[Tensor]| causal_conv1d(t, &x[0], &x[1], &x[2]);
+        let bf16_conv = |t: &mut Tape, x: &[Tensor]| {
+            let xb = cast(t, &x[0], DType::BF16)?;
+            let y = causal_conv1d(t, &xb, &x[1], &x[2])?;
+            cast(t, &y, DType::F32)
+        };
+        let (a, b) = (gpu_grads(&gpu, &inputs, f32_conv), gpu_grads(&gpu, &inputs, f32_conv));
+        assert_eq!(a, b, "causal_conv1d ({g}, {l}, {c}): float32 gradients differ between two runs");
+        let (a, b) = (gpu_grads(&gpu, &inputs, bf16_conv), gpu_grads(&gpu, &inputs, bf16_conv));
+        assert_eq!(a, b, "causal_conv1d ({g}, {l}, {c}): bf16 gradients differ between two runs");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn gpu_causal_conv1d_reference_shape() {
     // PaM at stage 0: 2 sequences of 26,880 tokens, d_inner = 64 channels, kernel 4 (several weight-gradient slices).
     conv_case("causal_conv1d (2, 26880, 64) k4", 2, 26_880, 64, 4, 35);

@@ -14,21 +14,25 @@
 //! CPU: the loops keep the channel axis innermost, where tokens are contiguous; the weight is used transposed to
 //! (K, C) so that its rows are contiguous too.
 //!
-//! GPU (cuda/conv1d.cu): the forward and dx run one thread per element; dw and db reduce over all G L tokens in two
-//! fixed-order stages (per-slice partials, then `sum_rows`), so they are deterministic. The tokens (x, y, dL/dy,
-//! dL/dx) are stored as float32 or bf16 and computed on in float32; the weight, the bias and their gradients are
-//! float32 for both (the precision policy, README "GPU").
+//! GPU (cuda/conv1d.cu): each thread streams a run of `CONV1D_RUN` tokens of one sequence over a group of channels
+//! (16-byte accesses when K = 4 and the channels allow it, one channel per thread otherwise), keeping the last K rows
+//! in registers, so every token row is read once. One backward kernel computes dL/dx and, from the same loads, per
+//! block partial sums of dL/dw and dL/db, which `sum_rows` then adds in a fixed order: the gradients are the same bits
+//! on every run. The tokens (x, y, dL/dy, dL/dx) are stored as float32 or bf16 and computed on in float32; the weight,
+//! the bias and their gradients are float32 for both (the precision policy, README "GPU").
 //!
 //! Cost per element of x (G L C), with K taps, in units of the storage size E of the tokens (4 bytes float32, 2 bf16;
 //! the counting rules are in [`ops`](crate::ops)): forward 2E bytes (read x, write y) and 2K FLOPs; backward 3E bytes
-//! (read x and dL/dy, write dL/dx) and 4K + 1 FLOPs (2K for dL/dx, 2K for dL/dw, 1 for dL/db); the GPU's two backward
-//! kernels read dL/dy twice (4E bytes).
+//! (read x and dL/dy, write dL/dx) and 4K + 1 FLOPs (2K for dL/dx, 2K for dL/dw, 1 for dL/db), which the GPU's one
+//! backward kernel moves, plus its partial sums (about 1% more at Mamba's shapes).
 
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuElement};
-use crate::device::params::{kernel, Conv1dParams, CONV1D_COLS, CONV1D_LANES, CONV1D_MAX_K};
+use crate::device::cuda::GpuElement;
+use crate::device::params::{
+    kernel, Conv1dParams, CONV1D_BACKWARD_WIDTH, CONV1D_MAX_K, CONV1D_RUN, CONV1D_TAPS, CONV1D_THREADS,
+};
 use crate::ops::linear::sum_rows;
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
@@ -188,8 +192,13 @@ impl Backward for CausalConv1dBackward {
 // ---------------------------------------------------------------------------------------------------------------
 // GPU
 
-/// Token rows per block of the weight- and bias-gradient partial sums.
-const PARAM_SLICE_ROWS: usize = 1024;
+/// Blocks of the backward beyond which its threads take several runs each (fewer partial rows to sum); about eight
+/// per SM of an H200.
+const BACKWARD_BLOCKS: usize = 1024;
+/// The most runs per thread of the backward.
+const BACKWARD_MAX_ITERS: usize = 4;
+/// The most channel lanes of a block (a warp's width): the rest of its threads are run lanes.
+const CHANNEL_LANES: usize = 32;
 
 fn check_gpu(d: ConvDims) -> Result<()> {
     let ConvDims { g, l, c, k } = d;
@@ -199,13 +208,76 @@ fn check_gpu(d: ConvDims) -> Result<()> {
         Shape,
         "causal_conv1d on the GPU supports kernels up to {CONV1D_MAX_K} taps, got K = {k}"
     );
+    // The kernels index tokens, runs and channels with 32-bit integers (element offsets are 64-bit), and the blocks
+    // along the channels are the grid's y dimension (at most 65,535).
+    ensure!(
+        g * l < 1 << 30 && c * (k + 1) < 1 << 30 && c.div_ceil(CHANNEL_LANES) <= 65_535,
+        Shape,
+        "causal_conv1d on the GPU supports fewer than 2^30 tokens and at most {} channels, got (G, L, C) = ({g}, {l}, \
+         {c}), K = {k}",
+        65_535 * CHANNEL_LANES
+    );
     Ok(())
+}
+
+/// How a conv1d kernel covers the tokens: the vector or the scalar instance, and blocks of (channel lanes, run lanes)
+/// over groups of channels and runs of `CONV1D_RUN` tokens (cuda/conv1d.cu).
+#[derive(Debug)]
+struct Plan {
+    vector: bool,
+    /// Channel lanes and run lanes of a block.
+    lanes: (usize, usize),
+    /// Blocks along the channels.
+    channel_blocks: usize,
+    /// Runs of all sequences, G ceil(L / CONV1D_RUN).
+    runs: usize,
+}
+
+impl Plan {
+    /// The vector kernels, `width` channels per thread, when K is theirs, `width` divides C and every buffer at
+    /// `addresses` is 16-byte aligned; else the scalar kernels, one channel per thread.
+    fn of(d: ConvDims, width: usize, addresses: &[u64]) -> Plan {
+        let vector = d.k == CONV1D_TAPS && d.c % width == 0 && addresses.iter().all(|a| a % 16 == 0);
+        let groups = d.c.div_ceil(if vector { width } else { 1 });
+        let channel_lanes = groups.min(CHANNEL_LANES);
+        Plan {
+            vector,
+            lanes: (channel_lanes, CONV1D_THREADS / channel_lanes),
+            channel_blocks: groups.div_ceil(channel_lanes),
+            runs: d.g * d.l.div_ceil(CONV1D_RUN),
+        }
+    }
+
+    /// The launch over `run_blocks` blocks of runs.
+    fn config(&self, run_blocks: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (run_blocks as u32, self.channel_blocks as u32, 1),
+            block_dim: (self.lanes.0 as u32, self.lanes.1 as u32, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The backward's runs per thread: one, or up to `BACKWARD_MAX_ITERS` while that leaves `BACKWARD_BLOCKS`
+    /// blocks; the partial sums of dw and db (one row per block of runs) and their order follow from the shape alone.
+    fn backward_iters(&self) -> usize {
+        let blocks = self.runs.div_ceil(self.lanes.1) * self.channel_blocks;
+        (blocks / BACKWARD_BLOCKS).clamp(1, BACKWARD_MAX_ITERS)
+    }
 }
 
 /// The parameters shared by the kernels of one conv1d on the GPU; each launch fills in its own pointers.
 fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
     let ConvDims { g, l, c, k } = d;
-    Conv1dParams { G: g as i64, L: l as i64, C: c as i64, K: k as i32, ..Default::default() }
+    let runs = l.div_ceil(CONV1D_RUN);
+    Conv1dParams {
+        G: g as i32,
+        L: l as i32,
+        C: c as i32,
+        K: k as i32,
+        runs: runs as i32,
+        iters: 1,
+        ..Default::default()
+    }
 }
 
 /// y (G, L, C) stored as `T`, like x.
@@ -217,11 +289,17 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims
     let gpu = &xb.gpu;
     let mut y = gpu.alloc_of::<T>(g * l * c, "causal_conv1d output")?;
     let p = Conv1dParams { x: xb.ptr(), w: wb.ptr(), bias: bb.ptr(), out: y.ptr_mut(), ..gpu_params(d) };
-    gpu.launch(kernel::causal_conv1d_forward::<T>(), grid_1d(g * l * c), &p, &format!("causal_conv1d {d:?}"))?;
+    let addresses = [p.x.address(), p.w.address(), p.bias.address(), p.out.address()];
+    let plan = Plan::of(d, 16 / std::mem::size_of::<T>(), &addresses);
+    let kernel =
+        if plan.vector { kernel::causal_conv1d_forward::<T>() } else { kernel::causal_conv1d_forward_scalar::<T>() };
+    let cfg = plan.config(plan.runs.div_ceil(plan.lanes.1));
+    gpu.launch(kernel, cfg, &p, &format!("causal_conv1d {d:?}"))?;
     Tensor::from_gpu(y, x.shape())
 }
 
-/// dx (G, L, C) stored as `T`, like x, and the float32 dw (C, K) and db (C), each only when wanted.
+/// dx (G, L, C) stored as `T`, like x, and the float32 dw (C, K) and db (C), each only when wanted. One kernel
+/// computes dx and the per-block partial sums of dw and db from one read of x and dL/dy.
 fn backward_gpu<T: GpuElement>(
     x: &Tensor,
     w: &Tensor,
@@ -235,43 +313,38 @@ fn backward_gpu<T: GpuElement>(
     let (xb, wb, gy) = (x.gpu_operand::<T>(op)?, w.gpu_operand::<f32>(op)?, grad_out.gpu_operand::<T>(op)?);
     let gpu = &xb.gpu;
     let shapes = format!("causal_conv1d backward {d:?}");
-    let dx = if needs[0] {
-        let mut dx = gpu.alloc_of::<T>(g * l * c, "causal_conv1d dx")?;
-        let p = Conv1dParams { gy: gy.ptr(), w: wb.ptr(), out: dx.ptr_mut(), ..gpu_params(d) };
-        gpu.launch(kernel::causal_conv1d_backward_input::<T>(), grid_1d(g * l * c), &p, &shapes)?;
-        Some(Tensor::from_gpu(dx, x.shape())?)
+    // The kernel always writes dx: from the loads it needs for dw and db anyway.
+    let mut dx = gpu.alloc_of::<T>(g * l * c, "causal_conv1d dx")?;
+    let mut p = Conv1dParams { x: xb.ptr(), w: wb.ptr(), gy: gy.ptr(), out: dx.ptr_mut(), ..gpu_params(d) };
+    let addresses = [p.x.address(), p.w.address(), p.gy.address(), p.out.address()];
+    let plan = Plan::of(d, CONV1D_BACKWARD_WIDTH, &addresses);
+    let iters = plan.backward_iters();
+    let run_blocks = plan.runs.div_ceil(plan.lanes.1 * iters);
+    // One partial row [dw (C K) | db (C)] per block of runs, then fixed-order sums over them.
+    let width = c * k + c;
+    let mut part = if needs[1] || needs[2] {
+        Some(gpu.alloc(run_blocks * width, "causal_conv1d parameter partial sums")?)
     } else {
         None
     };
+    p.iters = iters as i32;
+    if let Some(part) = part.as_mut() {
+        p.part = part.ptr_mut();
+    }
+    let kernel =
+        if plan.vector { kernel::causal_conv1d_backward::<T>() } else { kernel::causal_conv1d_backward_scalar::<T>() };
+    gpu.launch(kernel, plan.config(run_blocks), &p, &shapes)?;
     let (mut dw, mut db) = (None, None);
-    if needs[1] || needs[2] {
-        // One partial row [dw (C K) | db (C)] per fixed slice of token rows, then fixed-order sums over the slices.
-        let rows = g * l;
-        let per_slice = PARAM_SLICE_ROWS.max(rows.div_ceil(65_535));
-        let slices = rows.div_ceil(per_slice);
-        let width = c * k + c;
-        let mut part = gpu.alloc(slices * width, "causal_conv1d parameter partial sums")?;
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(CONV1D_COLS) as u32, slices as u32, 1),
-            block_dim: (CONV1D_COLS as u32, CONV1D_LANES as u32, 1),
-            shared_mem_bytes: 0,
-        };
-        let p = Conv1dParams {
-            x: xb.ptr(),
-            gy: gy.ptr(),
-            part: part.ptr_mut(),
-            rows_per_slice: per_slice as i64,
-            ..gpu_params(d)
-        };
-        gpu.launch(kernel::causal_conv1d_param_partials::<T>(), cfg, &p, &shapes)?;
+    if let Some(part) = &part {
         if needs[1] {
-            let sums = sum_rows(gpu, &part.slice.slice(..), slices, c * k, width, "causal_conv1d dw")?;
+            let sums = sum_rows(gpu, &part.slice.slice(..), run_blocks, c * k, width, "causal_conv1d dw")?;
             dw = Some(Tensor::from_gpu(sums, w.shape())?);
         }
         if needs[2] {
-            let sums = sum_rows(gpu, &part.slice.slice(c * k..), slices, c, width, "causal_conv1d db")?;
+            let sums = sum_rows(gpu, &part.slice.slice(c * k..), run_blocks, c, width, "causal_conv1d db")?;
             db = Some(Tensor::from_gpu(sums, &[c])?);
         }
     }
+    let dx = if needs[0] { Some(Tensor::from_gpu(dx, x.shape())?) } else { None };
     Ok(vec![dx, dw, db])
 }
