@@ -141,10 +141,21 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
             }
             __syncthreads();
             if (!active) continue;
+            // Token tt's u, delta and z, loaded a token ahead: the load of token tt + 1 is in flight while token
+            // tt's states are updated, instead of each token waiting on its own loads.
+            float next_u, next_delta, next_z = 0.0f;
+            auto fetch = [&](int tt) {
+                const int64_t i = (row0 + tt) * D + d;
+                next_u = to_f32(u[i]);
+                next_delta = to_f32(delta[i]);
+                if (!SUMMARY) next_z = to_f32(z[i]);
+            };
+            fetch(0);
             for (int tt = 0; tt < ns; ++tt) {
                 const int64_t i = (row0 + tt) * D + d;
-                const float ut = to_f32(u[i]);
-                const float dt = softplusf(to_f32(delta[i]) + bias);
+                const float ut = next_u, delta_t = next_delta, zt = next_z;
+                if (tt + 1 < ns) fetch(tt + 1);
+                const float dt = softplusf(delta_t + bias);
                 const float du = dt * ut;
                 dt_sum += dt;
                 float acc = 0.0f;
@@ -155,10 +166,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                     h[k] = exp2f(dt * a2[k]) * h[k] + du * sb[tt][k];
                     if (!SUMMARY) acc += sc[tt][k] * h[k];
                 }
-                if (!SUMMARY) {
-                    const float zt = to_f32(z[i]);
-                    y[i] = from_f32<E>((acc + dsk * ut) * (zt * sigmoidf(zt)));
-                }
+                if (!SUMMARY) y[i] = from_f32<E>((acc + dsk * ut) * (zt * sigmoidf(zt)));
             }
         }
     }
