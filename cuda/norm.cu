@@ -36,21 +36,20 @@
 //
 // LayerNorm. x is (R, C): R rows of C contiguous channels. A team of L = p.lanes lanes (a power of two, at most 32)
 // works on a row, 32 / L rows per warp: lane s of its team holds the row's groups j*L + s, channels (j*L + s)*8 + e,
-// e < 8, j < G (G = 1: rows of up to LN_NARROW_CHANNELS = 32*8 channels; the _wide instances G = LN_WIDE_GROUPS). The
-// host takes the smallest power of two L >= C / 8 (at most 32), so a warp's access is contiguous and a team's sums
-// take log2(L) shuffles.
+// e < 8, j < G (G = 1: rows of up to LN_NARROW_CHANNELS = 32*8 channels; the _wide instances G = LN_WIDE_GROUPS, up to
+// LN_WIDE_CHANNELS). The host takes the smallest power of two L >= C / 8 (at most 32), so a warp's access is
+// contiguous and a team's sums take log2(L) shuffles. Block b of teams = blockDim.x / L teams takes the rows
+// [b rows_per_block, (b+1) rows_per_block), its team t the rows b rows_per_block + i teams + t, i = 0, 1, ... in that
+// order; with G = 1 the next row's loads are issued before the current row is used.
 //   layer_norm_forward:  mu_r = (1/C) sum_c x_rc,  var_r = (1/C) sum_c (x_rc - mu_r)^2 (second pass over the row held
-//                        in registers), rstd_r = 1/sqrt(var_r + eps),  y_rc = (x_rc - mu_r) rstd_r gamma_c + beta_c;
-//                        one row per team
+//                        in registers), rstd_r = 1/sqrt(var_r + eps),  y_rc = (x_rc - mu_r) rstd_r gamma_c + beta_c
 //   layer_norm_backward: h_rc = gamma_c g_rc,
 //                        dx_rc = rstd_r (h_rc - (1/C) sum_c h_rc - xhat_rc (1/C) sum_c h_rc xhat_rc)
-//                        and, from the same reads of x and g, the parameter gradients' partial sums of block b over
-//                        its rows [b rows_per_block, (b+1) rows_per_block):
-//                        Pgamma[c, b] = sum_r g_rc xhat_rc,  Pbeta[c, b] = sum_r g_rc
-//                        team t takes the rows b rows_per_block + i teams + t, i = 0, 1, ... in that order (each lane
-//                        for its channels), then the teams of a warp are added by shuffles (a fixed butterfly) and
-//                        the warps in order w = 0, 1, ... through shared memory; layer_norm_sum_partials then gives
-//                        dgamma_c = sum_b Pgamma[c, b], the same for beta.
+//                        and, from the same reads of x and g, the parameter gradients' partial sums of block b:
+//                        Pgamma[c, b] = sum_r g_rc xhat_rc,  Pbeta[c, b] = sum_r g_rc  over the block's rows
+//                        (each lane over its team's rows in order, for its channels; then the teams of a warp by
+//                        shuffles, a fixed butterfly; then the warps in order w = 0, 1, ... through shared memory);
+//                        layer_norm_sum_partials then gives dgamma_c = sum_b Pgamma[c, b], the same for beta.
 //   Row sums: per lane in the order j, e, then over the team by shuffles (a fixed butterfly).
 //
 //   norm_sum_rows:       out_r = sum_j a[r, j] for a (rows, len) row-major: one block per row, block_sum (kernels
@@ -90,10 +89,29 @@ __device__ __forceinline__ int in_chunk_count(int64_t v, int64_t k) {
     return rest < 0 ? 0 : (rest < IN_CHUNK ? (int)rest : IN_CHUNK);
 }
 
-// The gradient reaching y = affine(x): g itself, or with a fused activation (act >= 0) g act'(y), y formed as in
+// An activation code (common.cuh's ActivationCode, or -1 for none) as a type: a chunk body instantiated for it has no
+// per-element switch.
+template <int A>
+struct ActCode {
+    static constexpr int value = A;
+};
+
+// Calls f(ActCode<act>()): one instance of f's body per fused activation, chosen once per warp.
+template <typename F>
+__device__ __forceinline__ void with_act(int act, F&& f) {
+    switch (act) {
+        case ACT_LEAKY_RELU: f(ActCode<ACT_LEAKY_RELU>()); break;
+        case ACT_SILU: f(ActCode<ACT_SILU>()); break;
+        case ACT_SOFTPLUS: f(ActCode<ACT_SOFTPLUS>()); break;
+        default: f(ActCode<-1>()); break;
+    }
+}
+
+// The gradient reaching y = affine(x): g itself, or with a fused activation (ACT >= 0) g act'(y), y formed as in
 // instance_norm_apply (scale = rstd_p gamma_c, shift = beta_c).
-__device__ __forceinline__ float grad_at_affine(int act, float gv, float xv, float mu, float scale, float shift) {
-    return act < 0 ? gv : gv * activation_derivative(act, (xv - mu) * scale + shift);
+template <int ACT>
+__device__ __forceinline__ float grad_at_affine(float gv, float xv, float mu, float scale, float shift) {
+    return ACT < 0 ? gv : gv * activation_derivative(ACT, (xv - mu) * scale + shift);
 }
 
 namespace {
@@ -174,21 +192,25 @@ __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
     const bool vec = aligned16(x) && aligned16(y);
     const int64_t c = ck.plane % args.C;
     const float mu = args.mean[ck.plane], scale = args.rstd[ck.plane] * args.gamma[c], shift = args.beta[c];
+    with_act(args.act, [&](auto act) {
+        constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
-        float v[IN_BATCH][VEC<T>];
+        for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
+            float v[IN_BATCH][VEC<T>];
 #pragma unroll
-        for (int b = 0; b < IN_BATCH; b++) load_span(x + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
+            for (int b = 0; b < IN_BATCH; b++)
+                load_span(x + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
 #pragma unroll
-        for (int b = 0; b < IN_BATCH; b++) {
+            for (int b = 0; b < IN_BATCH; b++) {
 #pragma unroll
-            for (int e = 0; e < VEC<T>; e++) {
-                const float yv = (v[b][e] - mu) * scale + shift;
-                v[b][e] = args.act < 0 ? yv : activation_value(args.act, yv);
+                for (int e = 0; e < VEC<T>; e++) {
+                    const float yv = (v[b][e] - mu) * scale + shift;
+                    v[b][e] = ACT < 0 ? yv : activation_value(ACT, yv);
+                }
+                store_span(y + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
             }
-            store_span(y + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
         }
-    }
+    });
 }
 
 template <typename T>
@@ -203,25 +225,28 @@ __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args)
     const int64_t c = ck.plane % args.C;
     const float scale = args.act < 0 ? 0.0f : r * args.gamma[c], shift = args.act < 0 ? 0.0f : args.beta[c];
     float sg = 0.0f, sgx = 0.0f;
+    with_act(args.act, [&](auto act) {
+        constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
-        float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
+        for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
+            float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
 #pragma unroll
-        for (int b = 0; b < IN_BATCH; b++) {
-            const int at = in_span<T>(j0 + b);
-            load_span(x + at, ck.n - at, vec, xv[b]);
-            load_span(g + at, ck.n - at, vec, gv[b]);
+            for (int b = 0; b < IN_BATCH; b++) {
+                const int at = in_span<T>(j0 + b);
+                load_span(x + at, ck.n - at, vec, xv[b]);
+                load_span(g + at, ck.n - at, vec, gv[b]);
+            }
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++)
+#pragma unroll
+                for (int e = 0; e < VEC<T>; e++)
+                    if (in_span<T>(j0 + b) + e < ck.n) {
+                        const float gy = grad_at_affine<ACT>(gv[b][e], xv[b][e], mu, scale, shift);
+                        sg += gy;
+                        sgx += gy * ((xv[b][e] - mu) * r);
+                    }
         }
-#pragma unroll
-        for (int b = 0; b < IN_BATCH; b++)
-#pragma unroll
-            for (int e = 0; e < VEC<T>; e++)
-                if (in_span<T>(j0 + b) + e < ck.n) {
-                    const float gy = grad_at_affine(args.act, gv[b][e], xv[b][e], mu, scale, shift);
-                    sg += gy;
-                    sgx += gy * ((xv[b][e] - mu) * r);
-                }
-    }
+    });
     sg = team_sum(sg, 32);
     sgx = team_sum(sgx, 32);
     if ((threadIdx.x & 31) == 0) {
@@ -244,32 +269,36 @@ __device__ void instance_norm_backward_dx(const InstanceNormParams<T>& args) {
     // The apply kernel's scale and shift (rstd gamma, in that order), for a fused activation's derivative.
     const float y_scale = r * args.gamma[c], y_shift = args.act < 0 ? 0.0f : args.beta[c];
     const float mean_g = args.sum_g[ck.plane] * inv_v, mean_gx = args.sum_gx[ck.plane] * inv_v;
+    with_act(args.act, [&](auto act) {
+        constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
-        float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
+        for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
+            float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
 #pragma unroll
-        for (int b = 0; b < IN_BATCH; b++) {
-            const int at = in_span<T>(j0 + b);
-            load_span(x + at, ck.n - at, vec, xv[b]);
-            load_span(g + at, ck.n - at, vec, gv[b]);
-        }
-#pragma unroll
-        for (int b = 0; b < IN_BATCH; b++) {
-#pragma unroll
-            for (int e = 0; e < VEC<T>; e++) {
-                const float xhat = (xv[b][e] - mu) * r;
-                const float gy = grad_at_affine(args.act, gv[b][e], xv[b][e], mu, y_scale, y_shift);
-                xv[b][e] = scale * (gy - mean_g - xhat * mean_gx);
+            for (int b = 0; b < IN_BATCH; b++) {
+                const int at = in_span<T>(j0 + b);
+                load_span(x + at, ck.n - at, vec, xv[b]);
+                load_span(g + at, ck.n - at, vec, gv[b]);
             }
-            const int at = in_span<T>(j0 + b);
-            store_span(dx + at, ck.n - at, vec, xv[b]);
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++) {
+#pragma unroll
+                for (int e = 0; e < VEC<T>; e++) {
+                    const float xhat = (xv[b][e] - mu) * r;
+                    const float gy = grad_at_affine<ACT>(gv[b][e], xv[b][e], mu, y_scale, y_shift);
+                    xv[b][e] = scale * (gy - mean_g - xhat * mean_gx);
+                }
+                const int at = in_span<T>(j0 + b);
+                store_span(dx + at, ck.n - at, vec, xv[b]);
+            }
         }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// LayerNorm. The row kernels take blockDim.x a multiple of 32 and of p.lanes; G groups per lane (1, or
-// LN_WIDE_GROUPS for the _wide instances).
+// LayerNorm. The row kernels take blockDim.x a multiple of 32 and of p.lanes, and grid ceil(rows / rows_per_block)
+// (at least one block); G groups per lane (1, or LN_WIDE_GROUPS for the _wide instances). A row past the last one is
+// read and written as an empty row (no channels), so that its team still takes part in the shuffles.
 
 // The calling lane's place: lane s of team `team`, of `teams` teams of `lanes` lanes per block.
 struct LnTeam {
@@ -284,60 +313,104 @@ __device__ __forceinline__ LnTeam ln_team(int lanes) {
 // The first channel of the calling lane's group j.
 __device__ __forceinline__ int ln_group(const LnTeam& t, int j) { return (j * t.lanes + t.s) * LN_GROUP; }
 
-// One row per team; grid ceil(rows / teams), at least one block.
+// The channels of a row that exist: C, or 0 past the last row.
+template <typename T>
+__device__ __forceinline__ int ln_width(const LayerNormParams<T>& p, int64_t row) {
+    return row < p.rows ? (int)p.C : 0;
+}
+
+// The calling lane's groups of `row` of a (rows, C) tensor `a`, 0 where the row has no channel.
+template <int G, typename T>
+__device__ __forceinline__ void ln_load(const T* a, const LayerNormParams<T>& p, const LnTeam& t, int64_t row,
+                                        float (&v)[G][LN_GROUP]) {
+    const int c = ln_width(p, row);
+    const T* r = a + (c > 0 ? row * p.C : 0);
+    const bool vec = aligned16(r);
+#pragma unroll
+    for (int j = 0; j < G; j++) load_span(r + ln_group(t, j), c - ln_group(t, j), vec, v[j]);
+}
+
+// Stores the calling lane's groups of `row` of `a` (nothing past the last row).
+template <int G, typename T>
+__device__ __forceinline__ void ln_store(T* a, const LayerNormParams<T>& p, const LnTeam& t, int64_t row,
+                                         const float (&v)[G][LN_GROUP]) {
+    const int c = ln_width(p, row);
+    T* r = a + (c > 0 ? row * p.C : 0);
+    const bool vec = aligned16(r);
+#pragma unroll
+    for (int j = 0; j < G; j++) store_span(r + ln_group(t, j), c - ln_group(t, j), vec, v[j]);
+}
+
+// With one group per lane a team's next row is loaded before the current one is used (two rows of loads in flight
+// per lane: the loads of one row are too few to hide the memory's latency); the wide kernels have G groups in flight.
+template <int G>
+constexpr bool LN_PREFETCH = G == 1;
+
+template <int G>
+__device__ __forceinline__ void ln_copy(float (&to)[G][LN_GROUP], const float (&from)[G][LN_GROUP]) {
+#pragma unroll
+    for (int j = 0; j < G; j++)
+#pragma unroll
+        for (int e = 0; e < LN_GROUP; e++) to[j][e] = from[j][e];
+}
+
 template <int G, typename T>
 __device__ void layer_norm_forward_rows(const LayerNormParams<T>& p) {
     const LnTeam t = ln_team(p.lanes);
-    const int64_t row = (int64_t)blockIdx.x * t.teams + t.team;
-    // A team past the last row reads and writes nothing (c = 0) but takes part in the shuffles.
-    const bool valid = row < p.rows;
-    const int c = valid ? (int)p.C : 0;
-    const int64_t start = valid ? row * p.C : 0;
-    const T* x = p.x + start;
-    T* y = p.out + start;
-    const bool vec = aligned16(x) && aligned16(y), pvec = aligned16(p.gamma) && aligned16(p.beta);
+    const int64_t first = (int64_t)blockIdx.x * p.rows_per_block + t.team;
+    const int rows_per_team = (int)(p.rows_per_block / t.teams);
     const float inv_c = 1.0f / (float)p.C;
-    float v[G][LN_GROUP];
-#pragma unroll
-    for (int j = 0; j < G; j++) load_span(x + ln_group(t, j), c - ln_group(t, j), vec, v[j]);
-    float s = 0.0f;  // the zeros past C add nothing
-#pragma unroll
-    for (int j = 0; j < G; j++)
-#pragma unroll
-        for (int e = 0; e < LN_GROUP; e++) s += v[j][e];
-    const float mu = team_sum(s, t.lanes) * inv_c;
-    float q = 0.0f;
-#pragma unroll
-    for (int j = 0; j < G; j++)
-#pragma unroll
-        for (int e = 0; e < LN_GROUP; e++) {
-            const float d = v[j][e] - mu;
-            if (ln_group(t, j) + e < c) q += d * d;
-        }
-    const float r = 1.0f / sqrtf(team_sum(q, t.lanes) * inv_c + p.eps);
+    // gamma and beta of the lane's channels, the same in all its rows.
+    float gm[G][LN_GROUP], bt[G][LN_GROUP];
+    const bool pvec = aligned16(p.gamma) && aligned16(p.beta);
 #pragma unroll
     for (int j = 0; j < G; j++) {
-        const int at = ln_group(t, j);
-        if (at >= c) continue;
-        float gm[LN_GROUP], bt[LN_GROUP];
-        load_span(p.gamma + at, c - at, pvec, gm);
-        load_span(p.beta + at, c - at, pvec, bt);
-#pragma unroll
-        for (int e = 0; e < LN_GROUP; e++) v[j][e] = (v[j][e] - mu) * r * gm[e] + bt[e];
-        store_span(y + at, c - at, vec, v[j]);
+        load_span(p.gamma + ln_group(t, j), (int)p.C - ln_group(t, j), pvec, gm[j]);
+        load_span(p.beta + ln_group(t, j), (int)p.C - ln_group(t, j), pvec, bt[j]);
     }
-    if (valid && t.s == 0) {
-        p.mean_out[row] = mu;
-        p.rstd_out[row] = r;
+    float v[G][LN_GROUP], next[G][LN_GROUP];
+    ln_load(p.x, p, t, first, v);
+    for (int i = 0; i < rows_per_team; i++) {
+        const int64_t row = first + (int64_t)i * t.teams;
+        const bool more = LN_PREFETCH<G> && i + 1 < rows_per_team;
+        if (more) ln_load(p.x, p, t, row + t.teams, next);
+        const int c = ln_width(p, row);
+        float s = 0.0f;  // the zeros past C add nothing
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++) s += v[j][e];
+        const float mu = team_sum(s, t.lanes) * inv_c;
+        float q = 0.0f;
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++) {
+                const float d = v[j][e] - mu;
+                if (ln_group(t, j) + e < c) q += d * d;
+            }
+        const float r = 1.0f / sqrtf(team_sum(q, t.lanes) * inv_c + p.eps);
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++) v[j][e] = (v[j][e] - mu) * r * gm[j][e] + bt[j][e];
+        ln_store(p.out, p, t, row, v);
+        if (c > 0 && t.s == 0) {
+            p.mean_out[row] = mu;
+            p.rstd_out[row] = r;
+        }
+        if (more) ln_copy(v, next);
+        else if (i + 1 < rows_per_team) ln_load(p.x, p, t, row + t.teams, v);
     }
 }
 
-// Grid ceil(rows / rows_per_block), at least one block (with no rows it writes zero partial sums).
 template <int G, typename T>
 __device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
     extern __shared__ float ln_warp_sums[];  // (warps, C), with parameter gradients
     const LnTeam t = ln_team(p.lanes);
     const int cols = (int)p.C;
+    const int64_t first = (int64_t)blockIdx.x * p.rows_per_block + t.team;
+    const int rows_per_team = (int)(p.rows_per_block / t.teams);
     const float inv_c = 1.0f / (float)p.C;
     const bool want_dx = p.out != nullptr, want_params = p.pgamma != nullptr;
     // gamma of the lane's channels, the same in all its rows.
@@ -346,25 +419,18 @@ __device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
 #pragma unroll
     for (int j = 0; j < G; j++) load_span(p.gamma + ln_group(t, j), cols - ln_group(t, j), gvec, gm[j]);
     float acc_g[G][LN_GROUP] = {}, acc_gx[G][LN_GROUP] = {};
-    const int64_t first = (int64_t)blockIdx.x * p.rows_per_block;
-    const int rows_per_team = (int)(p.rows_per_block / t.teams);
+    float xv[G][LN_GROUP], gv[G][LN_GROUP], xn[G][LN_GROUP], gn[G][LN_GROUP];
+    ln_load(p.x, p, t, first, xv);
+    ln_load(p.g, p, t, first, gv);
     for (int i = 0; i < rows_per_team; i++) {
-        const int64_t row = first + (int64_t)i * t.teams + t.team;
-        const bool valid = row < p.rows;  // as in the forward: an idle team still shuffles
-        const int c = valid ? cols : 0;
-        const int64_t start = valid ? row * p.C : 0;
-        const T* x = p.x + start;
-        const T* g = p.g + start;
-        T* dx = want_dx ? p.out + start : p.out;
-        const bool vec = aligned16(x) && aligned16(g) && aligned16(dx);
-        float xv[G][LN_GROUP], gv[G][LN_GROUP];
-#pragma unroll
-        for (int j = 0; j < G; j++) {
-            const int at = ln_group(t, j);
-            load_span(x + at, c - at, vec, xv[j]);
-            load_span(g + at, c - at, vec, gv[j]);
+        const int64_t row = first + (int64_t)i * t.teams;
+        const bool more = LN_PREFETCH<G> && i + 1 < rows_per_team;
+        if (more) {
+            ln_load(p.x, p, t, row + t.teams, xn);
+            ln_load(p.g, p, t, row + t.teams, gn);
         }
-        const float mu = valid ? p.mean[row] : 0.0f, r = valid ? p.rstd[row] : 0.0f;
+        const int c = ln_width(p, row);
+        const float mu = c > 0 ? p.mean[row] : 0.0f, r = c > 0 ? p.rstd[row] : 0.0f;
         float sh = 0.0f, shx = 0.0f;
 #pragma unroll
         for (int j = 0; j < G; j++)
@@ -380,14 +446,20 @@ __device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
                     xv[j][e] = xhat;
                 }
         const float mean_h = team_sum(sh, t.lanes) * inv_c, mean_hx = team_sum(shx, t.lanes) * inv_c;
-        if (!want_dx) continue;
+        if (want_dx) {
 #pragma unroll
-        for (int j = 0; j < G; j++) {
-            const int at = ln_group(t, j);
-            if (at >= c) continue;
+            for (int j = 0; j < G; j++)
 #pragma unroll
-            for (int e = 0; e < LN_GROUP; e++) xv[j][e] = r * (gm[j][e] * gv[j][e] - mean_h - xv[j][e] * mean_hx);
-            store_span(dx + at, c - at, vec, xv[j]);
+                for (int e = 0; e < LN_GROUP; e++)
+                    xv[j][e] = r * (gm[j][e] * gv[j][e] - mean_h - xv[j][e] * mean_hx);
+            ln_store(p.out, p, t, row, xv);
+        }
+        if (more) {
+            ln_copy(xv, xn);
+            ln_copy(gv, gn);
+        } else if (i + 1 < rows_per_team) {
+            ln_load(p.x, p, t, row + t.teams, xv);
+            ln_load(p.g, p, t, row + t.teams, gv);
         }
     }
     if (!want_params) return;  // the same for the whole block: no barrier is skipped by part of it
@@ -400,7 +472,7 @@ __device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
                 acc_g[j][e] += __shfl_xor_sync(0xffffffffu, acc_g[j][e], o);
                 acc_gx[j][e] += __shfl_xor_sync(0xffffffffu, acc_gx[j][e], o);
             }
-    // Then the warps, in order, through shared memory: first sum g xhat (into pgamma), then sum g (pbeta).
+    // Then the warps, in order, through shared memory: first the sums of g xhat (into pgamma), then those of g.
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
 #pragma unroll
     for (int round = 0; round < 2; round++) {

@@ -12,8 +12,8 @@ constexpr int IN_THREADS = IN_WARPS * 32;
 // block of the row kernels, groups per lane of the _wide kernels, and the widest rows each kernel pair takes (one
 // group per lane of a warp; LN_WIDE_GROUPS).
 constexpr int LN_GROUP = 8;
-constexpr int LN_THREADS = 256;
-constexpr int LN_WIDE_GROUPS = 4;
+constexpr int LN_THREADS = 128;
+constexpr int LN_WIDE_GROUPS = 2;
 constexpr int LN_NARROW_CHANNELS = 32 * LN_GROUP;
 constexpr int LN_WIDE_CHANNELS = 32 * LN_GROUP * LN_WIDE_GROUPS;
 
@@ -65,7 +65,7 @@ struct LayerNormParams {
     float* pbeta;          // backward: (C, row blocks)
     int64_t rows;
     int64_t C;
-    int64_t rows_per_block;  // backward: rows of one block, a multiple of its teams (blockDim.x / lanes)
+    int64_t rows_per_block;  // rows of one block, a multiple of its teams (blockDim.x / lanes)
     int lanes;             // lanes per row (its team): a power of two <= 32 with lanes * LN_GROUP * groups >= C
     float eps;
 };

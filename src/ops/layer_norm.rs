@@ -32,7 +32,7 @@
 //! kernel forms dL/dx and, from the same reads, the parameter gradients' per-block partial sums (each team adds its
 //! rows in order, then the teams of a block in a fixed order); one block per channel then adds the blocks' partials in
 //! a fixed order, so dL/dgamma and dL/dbeta are deterministic. The GPU kernels take rows of up to
-//! `LN_WIDE_CHANNELS` (1024) channels.
+//! `LN_WIDE_CHANNELS` (512) channels.
 //!
 //! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
 //! [`ops`](crate::ops)): forward 2E bytes (read x, write y; a row stays in registers between the passes) and about 8
@@ -168,9 +168,10 @@ fn backward_cpu<T: Real>(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool
     ])
 }
 
-/// The backward keeps at least this many blocks before its teams take more than one row each.
-const LN_MIN_BLOCKS: usize = 1024;
-/// The most rows one team of the backward takes (their parameter-gradient sums stay in its registers meanwhile).
+/// The row kernels keep at least this many blocks (several waves on any GPU) before their teams take more than one
+/// row each.
+const LN_MIN_BLOCKS: usize = 2048;
+/// The most rows one team takes (fewer blocks: fewer partial sums of the parameter gradients to add).
 const LN_MAX_ROWS_PER_TEAM: usize = 16;
 /// Threads per block of the final per-channel sums (any multiple of 32).
 const REDUCE_THREADS: u32 = 256;
@@ -193,9 +194,12 @@ impl RowLayout {
         Ok(RowLayout { lanes: c.div_ceil(LN_GROUP).next_power_of_two().min(32), wide: c > LN_NARROW_CHANNELS })
     }
 
-    /// Rows (teams) per block of `LN_THREADS` threads.
-    fn teams(&self) -> usize {
-        LN_THREADS / self.lanes
+    /// Rows per block of `LN_THREADS` threads for `rows` rows: its teams (one row each at a time) times the rows
+    /// each team takes, up to `LN_MAX_ROWS_PER_TEAM` while `LN_MIN_BLOCKS` blocks remain. It depends on the shape
+    /// alone, and so do the order of the parameter-gradient sums and their bits.
+    fn rows_per_block(&self, rows: usize) -> usize {
+        let teams = LN_THREADS / self.lanes;
+        teams * (rows / (teams * LN_MIN_BLOCKS)).clamp(1, LN_MAX_ROWS_PER_TEAM)
     }
 }
 
@@ -229,12 +233,13 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
         rstd_out: rstd.ptr_mut(),
         rows: rows as i64,
         C: c as i64,
+        rows_per_block: layout.rows_per_block(rows) as i64,
         lanes: layout.lanes as i32,
         eps: eps as f32,
         ..Default::default()
     };
     let k = if layout.wide { kernel::layer_norm_forward_wide::<T>() } else { kernel::layer_norm_forward::<T>() };
-    let cfg = launch_config(rows.div_ceil(layout.teams()), LN_THREADS, 0, x.shape())?;
+    let cfg = launch_config(rows.div_ceil(layout.rows_per_block(rows)), LN_THREADS, 0, x.shape())?;
     gpu.launch(k, cfg, &p, &format!("layer_norm {:?}", x.shape()))?;
     Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &[rows])?, Tensor::from_gpu(rstd, &[rows])?))
 }
@@ -258,10 +263,7 @@ fn backward_gpu<T: GpuElement>(
     if !needs[0] && !want_params {
         return Ok(vec![None, None, None]);
     }
-    // Each team takes up to LN_MAX_ROWS_PER_TEAM rows (fewer partial sums to add), as long as LN_MIN_BLOCKS blocks
-    // remain. The layout depends on the shape alone, so the sums' order, and their bits, do too.
-    let teams = layout.teams();
-    let rows_per_block = teams * (rows / (teams * LN_MIN_BLOCKS)).clamp(1, LN_MAX_ROWS_PER_TEAM);
+    let rows_per_block = layout.rows_per_block(rows);
     let blocks = rows.div_ceil(rows_per_block).max(1);
     let mut dx = if needs[0] { Some(gpu.alloc_of::<T>(b.x.numel(), "layer_norm input gradient")?) } else { None };
     // Per-(channel, block) partial sums, laid out (c, blocks) so that the final sums read each channel's partials
