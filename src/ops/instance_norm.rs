@@ -38,9 +38,9 @@
 //! deviation M2_k (two passes over the chunk held in registers), then per plane mu = (1/V) sum_k n_k m_k and
 //! var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2), sums of squares that no common offset can cancel. mu and rstd are
 //! saved as float32 GPU tensors. The backward's plane sums of g and g xhat are per-chunk warp sums added per plane in
-//! a fixed order; dgamma, dbeta add the planes over n in order. With bf16 activations (x, y, dL/dy, dL/dx in bf16) gamma, beta, the statistics, every sum and dL/dgamma,
-//! dL/dbeta stay float32 (the precision policy: normalisation statistics in float32); each bf16 output is rounded
-//! once.
+//! a fixed order; dgamma, dbeta add the planes over n in order. With bf16 activations (x, y, dL/dy, dL/dx in bf16)
+//! gamma, beta, the statistics, every sum and dL/dgamma, dL/dbeta stay float32 (the precision policy: normalisation
+//! statistics in float32); each bf16 output is rounded once.
 //!
 //! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
 //! [`ops`](crate::ops)): forward at least 2E bytes (read x, write y) and about 8 FLOPs (mean 1, squared deviation 3,
