@@ -9,8 +9,8 @@ constexpr int IN_CHUNK = 2048;
 constexpr int IN_WARPS = 4;
 constexpr int IN_THREADS = IN_WARPS * 32;
 // LayerNorm: channels per group (one lane's contiguous span of a row: 16 bytes of bf16, 32 of float32), threads per
-// block of the row kernels, groups per lane of the _wide kernels, and the widest rows each kernel pair takes (one
-// group per lane of a warp; LN_WIDE_GROUPS).
+// block of the row kernels, groups per lane of the _wide kernels, and the widest rows of the row kernels (a group per
+// lane of a warp) and of the _wide ones.
 constexpr int LN_GROUP = 8;
 constexpr int LN_THREADS = 128;
 constexpr int LN_WIDE_GROUPS = 2;
