@@ -184,11 +184,57 @@ fn cases(dev: &Device) -> Vec<Case> {
         shape: format!("{tokens}x32"),
         bytes: 2.0 * map_bytes,
         flops: 0.0,
-        inputs: vec![tok.clone(), gamma, beta],
+        inputs: vec![tok.clone(), gamma.clone(), beta.clone()],
         f: Box::new(|t, i| ops::layer_norm::layer_norm(t, &i[0], &i[1], &i[2], 1e-5)),
         backward: true,
         math: Math::Exact,
     });
+    // The memory-bound ops of a bf16 training step at the same shapes: bf16 activations, float32 norm parameters
+    // (bytes: each activation read once, each output written once, 2 bytes an element).
+    let (x16, tok16) = (x.to_dtype(DType::BF16).unwrap(), tok.to_dtype(DType::BF16).unwrap());
+    let bf16_cases: [(&'static str, String, f64, Vec<Tensor>, OpFn); 5] = [
+        (
+            "instance_norm bf16",
+            "2x32x40x224x192".into(),
+            map_bytes / 2.0,
+            vec![x16.clone(), gamma.clone(), beta.clone()],
+            Box::new(|t, i| ops::instance_norm::instance_norm(t, &i[0], &i[1], &i[2], 1e-5)),
+        ),
+        (
+            "instance_norm_leaky_relu bf16",
+            "2x32x40x224x192".into(),
+            map_bytes / 2.0,
+            vec![x16.clone(), gamma.clone(), beta.clone()],
+            Box::new(|t, i| {
+                let act = Some(ops::activation::Activation::LeakyRelu);
+                ops::instance_norm::instance_norm_act(t, &i[0], &i[1], &i[2], 1e-5, act)
+            }),
+        ),
+        (
+            "layer_norm bf16",
+            format!("{tokens}x32"),
+            map_bytes / 2.0,
+            vec![tok16, gamma, beta],
+            Box::new(|t, i| ops::layer_norm::layer_norm(t, &i[0], &i[1], &i[2], 1e-5)),
+        ),
+        (
+            "add bf16",
+            "2x32x40x224x192".into(),
+            0.75 * map_bytes,
+            vec![x16.clone(), randn(dev, &map, 1.0, 19).to_dtype(DType::BF16).unwrap()],
+            Box::new(|t, i| ops::add::add(t, &i[0], &i[1])),
+        ),
+        (
+            "silu bf16",
+            "2x32x40x224x192".into(),
+            map_bytes / 2.0,
+            vec![x16],
+            Box::new(|t, i| ops::activation::silu(t, &i[0])),
+        ),
+    ];
+    for (name, shape, bytes, inputs, f) in bf16_cases {
+        v.push(Case { name, shape, bytes, flops: 0.0, inputs, f, backward: true, math: Math::Bf16 });
+    }
     v.push(Case {
         name: "pim partition strided",
         shape: "2x32x40x224x192 / (20,28,24)".into(),

@@ -38,6 +38,33 @@ __device__ __forceinline__ void store_vec(T* at, const float (&in)[VEC<T>]) {
     for (int k = 0; k < VEC<T>; ++k) e[k] = from_f32<T>(in[k]);
     *reinterpret_cast<uint4*>(at) = raw;
 }
+// The N elements at `at` (N a multiple of VEC<T>) as float32, 0 from `count` on (count < N where the data ends; it
+// may be <= 0, then nothing is read): N / VEC<T> 16-byte loads when `vec` (at is then 16-byte aligned) and the span is
+// whole, else element loads. Both give the same values, so which path ran never changes a result.
+template <int N, typename T>
+__device__ __forceinline__ void load_span(const T* at, int count, bool vec, float (&out)[N]) {
+    static_assert(N % VEC<T> == 0, "a span is a whole number of vectors");
+    if (vec && count >= N) {
+#pragma unroll
+        for (int h = 0; h < N; h += VEC<T>) load_vec(at + h, *reinterpret_cast<float(*)[VEC<T>]>(out + h));
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; k++) out[k] = k < count ? to_f32(at[k]) : 0.0f;
+    }
+}
+// Stores the first min(count, N) of N values at `at`, each rounded once to T; vector stores as load_span loads.
+template <int N, typename T>
+__device__ __forceinline__ void store_span(T* at, int count, bool vec, const float (&in)[N]) {
+    static_assert(N % VEC<T> == 0, "a span is a whole number of vectors");
+    if (vec && count >= N) {
+#pragma unroll
+        for (int h = 0; h < N; h += VEC<T>) store_vec(at + h, *reinterpret_cast<const float(*)[VEC<T>]>(in + h));
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; k++)
+            if (k < count) at[k] = from_f32<T>(in[k]);
+    }
+}
 
 // Instances of a kernel template over both storage types: TYPED_KERNEL(add_f32, add_bf16, add_kernel, Params) defines
 // add_f32(const Params<float>) and add_bf16(const Params<__nv_bfloat16>), each calling the device template BODY<T>.

@@ -1,44 +1,71 @@
-// Elementwise kernels, one thread per element (grid-stride), all taking EltwiseParams<T> (elementwise.cuh), each in a
-// float32 and a bf16 instance that computes in float32:
+// Elementwise kernels, all taking EltwiseParams<T> (elementwise.cuh), each in a float32 and a bf16 instance that
+// computes in float32 and rounds each result once:
 //   add:        y = a + b   (also in place, y == a: tensor::add_assign, the tape's gradient accumulation)
 //   mul:        y = a * b
 //   scale:      y = s * a
 //   {f}_forward: y = f(x),  {f}_backward: dx = g * f'(x)   for f = leaky_relu (slope 0.01), silu, softplus (common.cuh)
+//
+// Threads. One thread per group of VEC<T> consecutive elements (4 float32, 8 bf16; grid-stride over the
+// ceil(n / VEC<T>) groups, so any grid): one 16-byte load per operand and one 16-byte store when every pointer is
+// 16-byte aligned (the host's buffers are), element access otherwise and for the last group when n is not a multiple
+// of VEC<T>. The value of each element does not depend on the path. In place (y == a) each thread reads its whole
+// group before writing it, and no two threads share a group.
 //
 // Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; FLOPs: adds, multiplies, divisions,
 // comparisons, exponentials and logarithms count one each; see src/ops/mod.rs):
 //   add, mul: 3E bytes, 1 FLOP        scale: 2E bytes, 1 FLOP
 //   {f}_forward: 2E bytes and 2 (leaky_relu), 4 (silu) or 3 (softplus) FLOPs;   {f}_backward: 3E bytes and 2, 8 or
 //   5 FLOPs
+// Instructions: per group one 16-byte load per operand, one store, and the group's index arithmetic (64-bit, once
+// per VEC<T> elements); the rest is the conversions and the function itself, so the kernels are bound by memory
+// bandwidth except silu and softplus (expf and an IEEE division per element).
 #include "common.cuh"
 #include "elementwise.cuh"
 
 namespace {
 
+// y[i] = f(a[i], b[i]) for every i < n (b read only when READS_B; f gets 0 for it otherwise), by groups of VEC<T>.
+template <bool READS_B, typename T, typename F>
+__device__ __forceinline__ void for_each_group(const EltwiseParams<T>& p, F f) {
+    const bool vec = aligned16(p.a) && (!READS_B || aligned16(p.b)) && aligned16(p.y);
+    const int64_t groups = (p.n + VEC<T> - 1) / VEC<T>;
+    FOR_EACH(q, groups) {
+        const int64_t at = q * VEC<T>;
+        const int count = p.n - at < VEC<T> ? (int)(p.n - at) : VEC<T>;
+        float a[VEC<T>], b[VEC<T>] = {}, y[VEC<T>];
+        load_span(p.a + at, count, vec, a);
+        if (READS_B) load_span(p.b + at, count, vec, b);
+#pragma unroll
+        for (int k = 0; k < VEC<T>; k++) y[k] = f(a[k], b[k]);
+        store_span(p.y + at, count, vec, y);
+    }
+}
+
 template <typename T>
 __device__ void add(const EltwiseParams<T>& p) {
-    FOR_EACH(i, p.n) p.y[i] = from_f32<T>(to_f32(p.a[i]) + to_f32(p.b[i]));
+    for_each_group<true>(p, [](float a, float b) { return a + b; });
 }
 
 template <typename T>
 __device__ void mul(const EltwiseParams<T>& p) {
-    FOR_EACH(i, p.n) p.y[i] = from_f32<T>(to_f32(p.a[i]) * to_f32(p.b[i]));
+    for_each_group<true>(p, [](float a, float b) { return a * b; });
 }
 
 template <typename T>
 __device__ void scale(const EltwiseParams<T>& p) {
-    FOR_EACH(i, p.n) p.y[i] = from_f32<T>(p.s * to_f32(p.a[i]));
+    const float s = p.s;
+    for_each_group<false>(p, [s](float a, float) { return s * a; });
 }
 
 // One forward and one backward kernel per activation, so a profile names the function (the switch folds away).
 template <int ACT, typename T>
 __device__ void activation_forward(const EltwiseParams<T>& p) {
-    FOR_EACH(i, p.n) p.y[i] = from_f32<T>(activation_value(ACT, to_f32(p.a[i])));
+    for_each_group<false>(p, [](float x, float) { return activation_value(ACT, x); });
 }
 
 template <int ACT, typename T>
 __device__ void activation_backward(const EltwiseParams<T>& p) {
-    FOR_EACH(i, p.n) p.y[i] = from_f32<T>(to_f32(p.b[i]) * activation_derivative(ACT, to_f32(p.a[i])));
+    for_each_group<true>(p, [](float x, float g) { return g * activation_derivative(ACT, x); });
 }
 
 template <typename T>

@@ -1,4 +1,4 @@
-// Parameters of the elementwise kernels of elementwise.cu (one thread per element, grid-stride, so any grid).
+// Parameters of the elementwise kernels of elementwise.cu (one thread per group of 16 bytes, grid-stride, so any grid).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>

@@ -3,17 +3,25 @@
 //
 // Storage. The kernels that touch x, g = dL/dy or the output (y or dx) are templates over its storage type T and come
 // in two instances, NAME_f32 and NAME_bf16 (common.cuh's TYPED_KERNEL); both compute in float32, reading each element
-// with to_f32 and rounding each output once with from_f32<T>, so the float32 instance is the float32 kernel it always
-// was. gamma, beta, the statistics (mean, rstd), every chunk, plane and partial sum, and dgamma, dbeta are float32 for
-// both (the precision policy: normalisation statistics in float32); the kernels that see only those
-// (instance_norm_combine, instance_norm_param_grads, the row sums) have one instance.
+// with to_f32 and rounding each output once with from_f32<T>. gamma, beta, the statistics (mean, rstd), every chunk,
+// plane and partial sum, and dgamma, dbeta are float32 for both (the precision policy: normalisation statistics in
+// float32); the kernels that see only those (instance_norm_combine, instance_norm_param_grads, the row sums) have one
+// instance.
 //
-// InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of
-// IN_CHUNK = IN_THREADS * IN_ITEMS voxels; chunk k holds voxels [k*IN_CHUNK, k*IN_CHUNK + n_k), n_k = min(IN_CHUNK,
-// V - k*IN_CHUNK), and one block of IN_THREADS threads works on one (plane, chunk): blockIdx.x = p*chunks + k, its
-// thread t touching voxels k*IN_CHUNK + j*IN_THREADS + t, j < IN_ITEMS (coalesced).
+// Memory access. Each lane reads and writes spans of consecutive elements: VEC<T> (4 float32, 8 bf16) in the
+// InstanceNorm chunks, LN_GROUP = 8 channels in the LayerNorm rows, with 16-byte vectors where every pointer of the
+// chunk or row is 16-byte aligned (for every chunk when V is a multiple of VEC<T>, for every row when C is), else
+// element by element (common.cuh's load_span, store_span). Which elements a lane sums, and in which order, does not
+// depend on that choice, so the vector and the element path give the same bits.
+//
+// InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of IN_CHUNK
+// voxels; chunk k holds voxels [k*IN_CHUNK, k*IN_CHUNK + n_k), n_k = min(IN_CHUNK, V - k*IN_CHUNK), and one warp works
+// on one (plane, chunk), IN_WARPS per block: warp w of block b takes chunk b*IN_WARPS + w = p*chunks + k. Its lane l
+// holds the spans j*32 + l, j < IN_CHUNK / (32 VEC<T>), of the chunk: voxels (j*32 + l)*VEC<T> + e, e < VEC<T> (a
+// warp's access is 512 contiguous bytes), 64 voxels per lane.
 //   instance_norm_chunk_moments:  m_k = (1/n_k) sum_{i in k} x_i,  M2_k = sum_{i in k} (x_i - m_k)^2
-//                                 (two passes over the chunk held in registers)
+//                                 (two passes over the chunk held in registers; each sum per lane in the order j, e,
+//                                 then over the lanes by shuffles, a fixed butterfly)
 //   instance_norm_combine:        mu = (1/V) sum_k n_k m_k,  var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2),
 //                                 rstd = 1/sqrt(var + eps)
 //     Every term of var is a sum of squares, so a large common offset of x cancels nothing away (the exact
@@ -21,26 +29,34 @@
 //   instance_norm_apply:          y_i = (x_i - mu_p) * rstd_p * gamma_c + beta_c,  out_i = act(y_i) (act >= 0) or y_i
 // Backward, g = dL/dy, xhat_i = (x_i - mu_p) rstd_p; with a fused activation g_i = dL/dout_i act'(y_i), y_i
 // recomputed exactly as the apply kernel computed it (the same bits as an unfused norm then activation):
-//   instance_norm_chunk_grad_sums: per chunk  sum g_i  and  sum g_i xhat_i;  norm_sum_rows then adds the chunks of
-//                                  each plane: Sg_p, Sgx_p
+//   instance_norm_chunk_grad_sums: per chunk  sum g_i  and  sum g_i xhat_i (summed as the moments are);
+//                                  instance_norm_sum_chunks then adds the chunks of each plane: Sg_p, Sgx_p
 //   instance_norm_backward_dx:     dx_i = gamma_c rstd_p (g_i - Sg_p / V - xhat_i Sgx_p / V)
 //   instance_norm_param_grads:     dgamma_c = sum_n Sgx_(n,c),  dbeta_c = sum_n Sg_(n,c)   (n in increasing order)
 //
-// LayerNorm. x is (R, C): R rows of C contiguous channels; one warp per row (lane l takes channels l, l+32, ...),
-// LN_ROWS_PER_BLOCK = blockDim.x / 32 rows per block.
-//   layer_norm_forward:  mu_r = (1/C) sum_c x_rc,  var_r = (1/C) sum_c (x_rc - mu_r)^2 (second pass),
-//                        rstd_r = 1/sqrt(var_r + eps),  y_rc = (x_rc - mu_r) rstd_r gamma_c + beta_c
-//   layer_norm_backward_dx: h_rc = gamma_c g_rc,  dx_rc = rstd_r (h_rc - (1/C) sum_c h_rc - xhat_rc (1/C) sum_c h_rc xhat_rc)
-//   layer_norm_param_partials: block (bx, by) of 32 x LN_PARAM_SUBROWS threads sums rows
-//                        [bx*rows_per_block, (bx+1)*rows_per_block) for channels by*32 + threadIdx.x:
-//                        Pgamma[c, bx] = sum_r g_rc xhat_rc,  Pbeta[c, bx] = sum_r g_rc
-//                        (thread row ty takes rows ty, ty + LN_PARAM_SUBROWS, ...; the sub-rows are then added in
-//                        order ty = 0, 1, ...); norm_sum_rows then gives dgamma_c = sum_bx Pgamma[c, bx], same for beta.
+// LayerNorm. x is (R, C): R rows of C contiguous channels. A team of L = p.lanes lanes (a power of two, at most 32)
+// works on a row, 32 / L rows per warp: lane s of its team holds the row's groups j*L + s, channels (j*L + s)*8 + e,
+// e < 8, j < G (G = 1: rows of up to LN_NARROW_CHANNELS = 32*8 channels; the _wide instances G = LN_WIDE_GROUPS, up to
+// LN_WIDE_CHANNELS). The host takes the smallest power of two L >= C / 8 (at most 32), so a warp's access is
+// contiguous and a team's sums take log2(L) shuffles. Block b of teams = blockDim.x / L teams takes the rows
+// [b rows_per_block, (b+1) rows_per_block), its team t the rows b rows_per_block + i teams + t, i = 0, 1, ... in that
+// order; with G = 1 the next row's loads are issued before the current row is used.
+//   layer_norm_forward:  mu_r = (1/C) sum_c x_rc,  var_r = (1/C) sum_c (x_rc - mu_r)^2 (second pass over the row held
+//                        in registers), rstd_r = 1/sqrt(var_r + eps),  y_rc = (x_rc - mu_r) rstd_r gamma_c + beta_c
+//   layer_norm_backward: h_rc = gamma_c g_rc,
+//                        dx_rc = rstd_r (h_rc - (1/C) sum_c h_rc - xhat_rc (1/C) sum_c h_rc xhat_rc)
+//                        and, from the same reads of x and g, the parameter gradients' partial sums of block b:
+//                        Pgamma[c, b] = sum_r g_rc xhat_rc,  Pbeta[c, b] = sum_r g_rc  over the block's rows
+//                        (each lane over its team's rows in order, for its channels; then the teams of a warp by
+//                        shuffles, a fixed butterfly; then the warps in order w = 0, 1, ... through shared memory);
+//                        layer_norm_sum_partials then gives dgamma_c = sum_b Pgamma[c, b], the same for beta.
+//   Row sums: per lane in the order j, e, then over the team by shuffles (a fixed butterfly).
 //
 //   norm_sum_rows:       out_r = sum_j a[r, j] for a (rows, len) row-major: one block per row, block_sum (kernels
 //                        instance_norm_sum_chunks and layer_norm_sum_partials).
 //
-// Every reduction has a fixed order (per-thread loops, then block_sum's fixed tree), so results are reproducible.
+// Every reduction has a fixed order (per-lane loops, then fixed shuffle and block_sum trees), so results are the same
+// bits on every run.
 //
 // Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; bytes: least traffic, then what these
 // kernels move; the float32 statistics are per plane or row, negligible; FLOPs: adds, multiplies, divisions and
@@ -49,260 +65,445 @@
 //                         does not fit in cache); about 8 FLOPs
 //   InstanceNorm backward at least 3E bytes, 5E as written (x and g read by the chunk sums and by the dx kernel);
 //                         about 12 FLOPs
-//   LayerNorm forward     2E bytes (a row stays in cache across the passes); about 8 FLOPs
-//   LayerNorm backward    at least 3E bytes, 5E as written (layer_norm_param_partials reads x and g again); about
+//   LayerNorm forward     2E bytes (the row stays in registers across the passes); about 8 FLOPs
+//   LayerNorm backward    3E bytes (dx and the parameter gradients' partial sums from one read of x and g); about
 //                         15 FLOPs
+// Instructions: one 16-byte load or store per VEC<T> elements on the vector path; a chunk's plane and channel, a
+// row's statistics and a span's address are formed once per chunk, row or span (64-bit only for the chunk's or row's
+// first element), so what remains per element is its conversion and the arithmetic above. The chunk kernels have no
+// block barrier (a warp owns its chunk).
 #include "common.cuh"
 
 #include "norm.cuh"
 
-// Sum over the 32 lanes of a warp; every lane gets the result.
-__device__ __forceinline__ float norm_warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Sum over the `lanes` lanes of an aligned team (a power of two, at most 32: 32 is the warp) by a fixed butterfly;
+// every lane of the team gets the result. Every lane of the warp must call it (the shuffles name the whole warp).
+__device__ __forceinline__ float team_sum(float v, int lanes) {
+    for (int o = lanes >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
 // The number of voxels of chunk k of a plane of v voxels (0 only for an empty plane).
-__device__ __forceinline__ int64_t in_chunk_count(int64_t v, int64_t k) {
+__device__ __forceinline__ int in_chunk_count(int64_t v, int64_t k) {
     int64_t rest = v - k * IN_CHUNK;
-    return rest < 0 ? 0 : (rest < IN_CHUNK ? rest : IN_CHUNK);
+    return rest < 0 ? 0 : (rest < IN_CHUNK ? (int)rest : IN_CHUNK);
 }
 
-// The gradient reaching y = affine(x): g itself, or with a fused activation (act >= 0) g act'(y), y formed as in
+// An activation code (common.cuh's ActivationCode, or -1 for none) as a type: a chunk body instantiated for it has no
+// per-element switch.
+template <int A>
+struct ActCode {
+    static constexpr int value = A;
+};
+
+// Calls f(ActCode<act>()): one instance of f's body per fused activation, chosen once per warp.
+template <typename F>
+__device__ __forceinline__ void with_act(int act, F&& f) {
+    switch (act) {
+        case ACT_LEAKY_RELU: f(ActCode<ACT_LEAKY_RELU>()); break;
+        case ACT_SILU: f(ActCode<ACT_SILU>()); break;
+        case ACT_SOFTPLUS: f(ActCode<ACT_SOFTPLUS>()); break;
+        default: f(ActCode<-1>()); break;
+    }
+}
+
+// The gradient reaching y = affine(x): g itself, or with a fused activation (ACT >= 0) g act'(y), y formed as in
 // instance_norm_apply (scale = rstd_p gamma_c, shift = beta_c).
-__device__ __forceinline__ float grad_at_affine(int act, float gv, float xv, float mu, float scale, float shift) {
-    return act < 0 ? gv : gv * activation_derivative(act, (xv - mu) * scale + shift);
+template <int ACT>
+__device__ __forceinline__ float grad_at_affine(float gv, float xv, float mu, float scale, float shift) {
+    return ACT < 0 ? gv : gv * activation_derivative(ACT, (xv - mu) * scale + shift);
 }
 
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
-// InstanceNorm. Launch the chunk kernels with IN_THREADS threads and planes * chunks blocks.
+// InstanceNorm. Launch the chunk kernels with IN_THREADS threads and ceil(planes * chunks / IN_WARPS) blocks.
+
+// Spans of VEC<T> voxels per lane of a chunk; spans per batch of the streaming kernels (apply, grad sums, dx), whose
+// loads are issued together before any of them is used.
+template <typename T>
+constexpr int IN_SPANS = IN_CHUNK / (32 * VEC<T>);
+constexpr int IN_BATCH = 4;
+static_assert(IN_CHUNK % (32 * 8 * IN_BATCH) == 0, "a chunk is whole batches for both storage types");
+
+// The chunk of the calling warp: its index p * chunks + k, plane p, the offset of its first voxel in the map, and
+// its voxel count; valid is false for a warp past the last chunk.
+struct InChunk {
+    bool valid;
+    int n;
+    int64_t id, plane, start;
+};
+
+template <typename T>
+__device__ __forceinline__ InChunk in_chunk(const InstanceNormParams<T>& a) {
+    InChunk ck;
+    ck.id = (int64_t)blockIdx.x * IN_WARPS + (threadIdx.x >> 5);
+    ck.valid = ck.id < a.N * a.C * a.chunks;
+    ck.plane = ck.id / a.chunks;
+    const int64_t k = ck.id - ck.plane * a.chunks;
+    ck.start = ck.plane * a.V + k * IN_CHUNK;
+    ck.n = in_chunk_count(a.V, k);
+    return ck;
+}
+
+// The first voxel, within the chunk, of span j of the calling lane.
+template <typename T>
+__device__ __forceinline__ int in_span(int j) {
+    return (j * 32 + (int)(threadIdx.x & 31)) * VEC<T>;
+}
 
 template <typename T>
 __device__ void instance_norm_chunk_moments(const InstanceNormParams<T>& args) {
-    const T* x = args.x;
-    float* chunk_mean = args.chunk_mean;
-    float* chunk_m2 = args.chunk_m2;
-    const int64_t v = args.V, chunks = args.chunks;
-    __shared__ float scratch[32];
-    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
-    const int64_t n = in_chunk_count(v, k);
-    const T* xc = x + p * v + k * IN_CHUNK;
-    float vals[IN_ITEMS];
-    float s = 0.0f;
+    const InChunk ck = in_chunk(args);
+    if (!ck.valid) return;  // the whole warp, and nothing below involves another warp
+    const T* x = args.x + ck.start;
+    const bool vec = aligned16(x);
+    float v[IN_SPANS<T>][VEC<T>];
 #pragma unroll
-    for (int j = 0; j < IN_ITEMS; j++) {
-        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
-        vals[j] = i < n ? to_f32(xc[i]) : 0.0f;
-        s += vals[j];
-    }
-    s = block_sum(s, scratch);
-    const float m = n > 0 ? s / (float)n : 0.0f;
+    for (int j = 0; j < IN_SPANS<T>; j++) load_span(x + in_span<T>(j), ck.n - in_span<T>(j), vec, v[j]);
+    float s = 0.0f;  // the zeros past n_k add nothing
+#pragma unroll
+    for (int j = 0; j < IN_SPANS<T>; j++)
+#pragma unroll
+        for (int e = 0; e < VEC<T>; e++) s += v[j][e];
+    s = team_sum(s, 32);
+    const float m = ck.n > 0 ? s / (float)ck.n : 0.0f;
     float q = 0.0f;
 #pragma unroll
-    for (int j = 0; j < IN_ITEMS; j++) {
-        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
-        float d = vals[j] - m;
-        if (i < n) q += d * d;
-    }
-    q = block_sum(q, scratch);
-    if (threadIdx.x == 0) {
-        chunk_mean[b] = m;
-        chunk_m2[b] = q;
+    for (int j = 0; j < IN_SPANS<T>; j++)
+#pragma unroll
+        for (int e = 0; e < VEC<T>; e++) {
+            const float d = v[j][e] - m;
+            if (in_span<T>(j) + e < ck.n) q += d * d;
+        }
+    q = team_sum(q, 32);
+    if ((threadIdx.x & 31) == 0) {
+        args.chunk_mean[ck.id] = m;
+        args.chunk_m2[ck.id] = q;
     }
 }
 
 template <typename T>
 __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
-    const T* x = args.x;
-    const float* mean = args.mean;
-    const float* rstd = args.rstd;
-    const float* gamma = args.gamma;
-    const float* beta = args.beta;
-    T* y = args.out;
-    const int64_t v = args.V, c = args.C, chunks = args.chunks;
-    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
-    const int64_t n = in_chunk_count(v, k);
-    const int64_t base = p * v + k * IN_CHUNK;
-    const float mu = mean[p], scale = rstd[p] * gamma[p % c], shift = beta[p % c];
+    const InChunk ck = in_chunk(args);
+    if (!ck.valid) return;
+    const T* x = args.x + ck.start;
+    T* y = args.out + ck.start;
+    const bool vec = aligned16(x) && aligned16(y);
+    const int64_t c = ck.plane % args.C;
+    const float mu = args.mean[ck.plane], scale = args.rstd[ck.plane] * args.gamma[c], shift = args.beta[c];
+    with_act(args.act, [&](auto act) {
+        constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int j = 0; j < IN_ITEMS; j++) {
-        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
-        if (i < n) {
-            const float yv = (to_f32(x[base + i]) - mu) * scale + shift;
-            y[base + i] = from_f32<T>(args.act < 0 ? yv : activation_value(args.act, yv));
+        for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
+            float v[IN_BATCH][VEC<T>];
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++)
+                load_span(x + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++) {
+#pragma unroll
+                for (int e = 0; e < VEC<T>; e++) {
+                    const float yv = (v[b][e] - mu) * scale + shift;
+                    v[b][e] = ACT < 0 ? yv : activation_value(ACT, yv);
+                }
+                store_span(y + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
+            }
         }
-    }
+    });
 }
 
 template <typename T>
 __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args) {
-    const T* x = args.x;
-    const T* g = args.g;
-    const float* mean = args.mean;
-    const float* rstd = args.rstd;
-    float* chunk_g = args.chunk_g;
-    float* chunk_gx = args.chunk_gx;
-    const int64_t v = args.V, chunks = args.chunks;
-    __shared__ float scratch[32];
-    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
-    const int64_t n = in_chunk_count(v, k);
-    const int64_t base = p * v + k * IN_CHUNK;
-    const float mu = mean[p], r = rstd[p];
+    const InChunk ck = in_chunk(args);
+    if (!ck.valid) return;
+    const T* x = args.x + ck.start;
+    const T* g = args.g + ck.start;
+    const bool vec = aligned16(x) && aligned16(g);
+    const float mu = args.mean[ck.plane], r = args.rstd[ck.plane];
     // Read only with a fused activation (gamma and beta are null otherwise).
-    const int64_t c = p % args.C;
+    const int64_t c = ck.plane % args.C;
     const float scale = args.act < 0 ? 0.0f : r * args.gamma[c], shift = args.act < 0 ? 0.0f : args.beta[c];
     float sg = 0.0f, sgx = 0.0f;
+    with_act(args.act, [&](auto act) {
+        constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int j = 0; j < IN_ITEMS; j++) {
-        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
-        if (i < n) {
-            float gv = grad_at_affine(args.act, to_f32(g[base + i]), to_f32(x[base + i]), mu, scale, shift);
-            sg += gv;
-            sgx += gv * ((to_f32(x[base + i]) - mu) * r);
+        for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
+            float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++) {
+                const int at = in_span<T>(j0 + b);
+                load_span(x + at, ck.n - at, vec, xv[b]);
+                load_span(g + at, ck.n - at, vec, gv[b]);
+            }
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++)
+#pragma unroll
+                for (int e = 0; e < VEC<T>; e++)
+                    if (in_span<T>(j0 + b) + e < ck.n) {
+                        const float gy = grad_at_affine<ACT>(gv[b][e], xv[b][e], mu, scale, shift);
+                        sg += gy;
+                        sgx += gy * ((xv[b][e] - mu) * r);
+                    }
         }
-    }
-    sg = block_sum(sg, scratch);
-    sgx = block_sum(sgx, scratch);
-    if (threadIdx.x == 0) {
-        chunk_g[b] = sg;
-        chunk_gx[b] = sgx;
+    });
+    sg = team_sum(sg, 32);
+    sgx = team_sum(sgx, 32);
+    if ((threadIdx.x & 31) == 0) {
+        args.chunk_g[ck.id] = sg;
+        args.chunk_gx[ck.id] = sgx;
     }
 }
 
 template <typename T>
 __device__ void instance_norm_backward_dx(const InstanceNormParams<T>& args) {
-    const T* x = args.x;
-    const T* g = args.g;
-    const float* mean = args.mean;
-    const float* rstd = args.rstd;
-    const float* gamma = args.gamma;
-    const float* sum_g = args.sum_g;
-    const float* sum_gx = args.sum_gx;
-    T* dx = args.out;
-    const int64_t v = args.V, c = args.C, chunks = args.chunks;
-    const int64_t b = blockIdx.x, p = b / chunks, k = b % chunks;
-    const int64_t n = in_chunk_count(v, k);
-    const int64_t base = p * v + k * IN_CHUNK;
+    const InChunk ck = in_chunk(args);
+    if (!ck.valid) return;
+    const T* x = args.x + ck.start;
+    const T* g = args.g + ck.start;
+    T* dx = args.out + ck.start;
+    const bool vec = aligned16(x) && aligned16(g) && aligned16(dx);
+    const int64_t v = args.V, c = ck.plane % args.C;
     const float inv_v = 1.0f / (float)(v > 0 ? v : 1);
-    const float mu = mean[p], r = rstd[p], scale = gamma[p % c] * r;
+    const float mu = args.mean[ck.plane], r = args.rstd[ck.plane], scale = args.gamma[c] * r;
     // The apply kernel's scale and shift (rstd gamma, in that order), for a fused activation's derivative.
-    const float y_scale = r * gamma[p % c], y_shift = args.act < 0 ? 0.0f : args.beta[p % c];
-    const float mean_g = sum_g[p] * inv_v, mean_gx = sum_gx[p] * inv_v;
+    const float y_scale = r * args.gamma[c], y_shift = args.act < 0 ? 0.0f : args.beta[c];
+    const float mean_g = args.sum_g[ck.plane] * inv_v, mean_gx = args.sum_gx[ck.plane] * inv_v;
+    with_act(args.act, [&](auto act) {
+        constexpr int ACT = decltype(act)::value;
 #pragma unroll
-    for (int j = 0; j < IN_ITEMS; j++) {
-        int64_t i = (int64_t)j * IN_THREADS + threadIdx.x;
-        if (i < n) {
-            const float xv = to_f32(x[base + i]);
-            float xhat = (xv - mu) * r;
-            const float gv = grad_at_affine(args.act, to_f32(g[base + i]), xv, mu, y_scale, y_shift);
-            dx[base + i] = from_f32<T>(scale * (gv - mean_g - xhat * mean_gx));
+        for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
+            float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++) {
+                const int at = in_span<T>(j0 + b);
+                load_span(x + at, ck.n - at, vec, xv[b]);
+                load_span(g + at, ck.n - at, vec, gv[b]);
+            }
+#pragma unroll
+            for (int b = 0; b < IN_BATCH; b++) {
+#pragma unroll
+                for (int e = 0; e < VEC<T>; e++) {
+                    const float xhat = (xv[b][e] - mu) * r;
+                    const float gy = grad_at_affine<ACT>(gv[b][e], xv[b][e], mu, y_scale, y_shift);
+                    xv[b][e] = scale * (gy - mean_g - xhat * mean_gx);
+                }
+                const int at = in_span<T>(j0 + b);
+                store_span(dx + at, ck.n - at, vec, xv[b]);
+            }
         }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// LayerNorm. The row kernels take blockDim.x a multiple of 32; a warp past the last row exits as a whole.
+// LayerNorm. The row kernels take blockDim.x a multiple of 32 and of p.lanes, and grid ceil(rows / rows_per_block)
+// (at least one block); G groups per lane (1, or LN_WIDE_GROUPS for the _wide instances). A row past the last one is
+// read and written as an empty row (no channels), so that its team still takes part in the shuffles.
 
+// The calling lane's place: lane s of team `team`, of `teams` teams of `lanes` lanes per block.
+struct LnTeam {
+    int lanes, s, team, teams;
+};
+
+__device__ __forceinline__ LnTeam ln_team(int lanes) {
+    const int shift = __ffs(lanes) - 1;
+    return LnTeam{lanes, (int)(threadIdx.x & (lanes - 1)), (int)(threadIdx.x >> shift), (int)(blockDim.x >> shift)};
+}
+
+// The first channel of the calling lane's group j.
+__device__ __forceinline__ int ln_group(const LnTeam& t, int j) { return (j * t.lanes + t.s) * LN_GROUP; }
+
+// The channels of a row that exist: C, or 0 past the last row.
 template <typename T>
-__device__ void layer_norm_forward(const LayerNormParams<T>& p) {
-    const T* x = p.x;
-    const float* gamma = p.gamma;
-    const float* beta = p.beta;
-    T* y = p.out;
-    float* mean = p.mean_out;
-    float* rstd = p.rstd_out;
-    const int64_t rows = p.rows, c = p.C;
-    const float eps = p.eps;
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const T* xr = x + row * c;
-    T* yr = y + row * c;
-    const float inv_c = 1.0f / (float)c;
-    float s = 0.0f;
-    for (int64_t j = lane; j < c; j += 32) s += to_f32(xr[j]);
-    const float mu = norm_warp_sum(s) * inv_c;
-    float q = 0.0f;
-    for (int64_t j = lane; j < c; j += 32) {
-        float d = to_f32(xr[j]) - mu;
-        q += d * d;
+__device__ __forceinline__ int ln_width(const LayerNormParams<T>& p, int64_t row) {
+    return row < p.rows ? (int)p.C : 0;
+}
+
+// The calling lane's groups of `row` of a (rows, C) tensor `a`, 0 where the row has no channel.
+template <int G, typename T>
+__device__ __forceinline__ void ln_load(const T* a, const LayerNormParams<T>& p, const LnTeam& t, int64_t row,
+                                        float (&v)[G][LN_GROUP]) {
+    const int c = ln_width(p, row);
+    const T* r = a + (c > 0 ? row * p.C : 0);
+    const bool vec = aligned16(r);
+#pragma unroll
+    for (int j = 0; j < G; j++) load_span(r + ln_group(t, j), c - ln_group(t, j), vec, v[j]);
+}
+
+// Stores the calling lane's groups of `row` of `a` (nothing past the last row).
+template <int G, typename T>
+__device__ __forceinline__ void ln_store(T* a, const LayerNormParams<T>& p, const LnTeam& t, int64_t row,
+                                         const float (&v)[G][LN_GROUP]) {
+    const int c = ln_width(p, row);
+    T* r = a + (c > 0 ? row * p.C : 0);
+    const bool vec = aligned16(r);
+#pragma unroll
+    for (int j = 0; j < G; j++) store_span(r + ln_group(t, j), c - ln_group(t, j), vec, v[j]);
+}
+
+// With one group per lane a team's next row is loaded before the current one is used (two rows of loads in flight
+// per lane: the loads of one row are too few to hide the memory's latency); the wide kernels have G groups in flight.
+template <int G>
+constexpr bool LN_PREFETCH = G == 1;
+
+template <int G>
+__device__ __forceinline__ void ln_copy(float (&to)[G][LN_GROUP], const float (&from)[G][LN_GROUP]) {
+#pragma unroll
+    for (int j = 0; j < G; j++)
+#pragma unroll
+        for (int e = 0; e < LN_GROUP; e++) to[j][e] = from[j][e];
+}
+
+template <int G, typename T>
+__device__ void layer_norm_forward_rows(const LayerNormParams<T>& p) {
+    const LnTeam t = ln_team(p.lanes);
+    const int64_t first = (int64_t)blockIdx.x * p.rows_per_block + t.team;
+    const int rows_per_team = (int)(p.rows_per_block / t.teams);
+    const float inv_c = 1.0f / (float)p.C;
+    // gamma and beta of the lane's channels, the same in all its rows.
+    float gm[G][LN_GROUP], bt[G][LN_GROUP];
+    const bool pvec = aligned16(p.gamma) && aligned16(p.beta);
+#pragma unroll
+    for (int j = 0; j < G; j++) {
+        load_span(p.gamma + ln_group(t, j), (int)p.C - ln_group(t, j), pvec, gm[j]);
+        load_span(p.beta + ln_group(t, j), (int)p.C - ln_group(t, j), pvec, bt[j]);
     }
-    const float r = 1.0f / sqrtf(norm_warp_sum(q) * inv_c + eps);
-    for (int64_t j = lane; j < c; j += 32) yr[j] = from_f32<T>((to_f32(xr[j]) - mu) * r * gamma[j] + beta[j]);
-    if (lane == 0) {
-        mean[row] = mu;
-        rstd[row] = r;
+    float v[G][LN_GROUP], next[G][LN_GROUP];
+    ln_load(p.x, p, t, first, v);
+    for (int i = 0; i < rows_per_team; i++) {
+        const int64_t row = first + (int64_t)i * t.teams;
+        const bool more = LN_PREFETCH<G> && i + 1 < rows_per_team;
+        if (more) ln_load(p.x, p, t, row + t.teams, next);
+        const int c = ln_width(p, row);
+        float s = 0.0f;  // the zeros past C add nothing
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++) s += v[j][e];
+        const float mu = team_sum(s, t.lanes) * inv_c;
+        float q = 0.0f;
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++) {
+                const float d = v[j][e] - mu;
+                if (ln_group(t, j) + e < c) q += d * d;
+            }
+        const float r = 1.0f / sqrtf(team_sum(q, t.lanes) * inv_c + p.eps);
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++) v[j][e] = (v[j][e] - mu) * r * gm[j][e] + bt[j][e];
+        ln_store(p.out, p, t, row, v);
+        if (c > 0 && t.s == 0) {
+            p.mean_out[row] = mu;
+            p.rstd_out[row] = r;
+        }
+        if (more) ln_copy(v, next);
+        else if (i + 1 < rows_per_team) ln_load(p.x, p, t, row + t.teams, v);
     }
 }
 
-template <typename T>
-__device__ void layer_norm_backward_dx(const LayerNormParams<T>& p) {
-    const T* x = p.x;
-    const T* g = p.g;
-    const float* mean = p.mean;
-    const float* rstd = p.rstd;
-    const float* gamma = p.gamma;
-    T* dx = p.out;
-    const int64_t rows = p.rows, c = p.C;
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const T* xr = x + row * c;
-    const T* gr = g + row * c;
-    T* dxr = dx + row * c;
-    const float mu = mean[row], r = rstd[row], inv_c = 1.0f / (float)c;
-    float sh = 0.0f, shx = 0.0f;
-    for (int64_t j = lane; j < c; j += 32) {
-        float h = gamma[j] * to_f32(gr[j]);
-        sh += h;
-        shx += h * ((to_f32(xr[j]) - mu) * r);
-    }
-    const float mean_h = norm_warp_sum(sh) * inv_c, mean_hx = norm_warp_sum(shx) * inv_c;
-    for (int64_t j = lane; j < c; j += 32) {
-        float xhat = (to_f32(xr[j]) - mu) * r;
-        dxr[j] = from_f32<T>(r * (gamma[j] * to_f32(gr[j]) - mean_h - xhat * mean_hx));
-    }
-}
-
-// Block (32, LN_PARAM_SUBROWS); grid (row blocks, ceil(c / 32)). Writes Pgamma, Pbeta as (c, row blocks).
-template <typename T>
-__device__ void layer_norm_param_partials(const LayerNormParams<T>& p) {
-    const T* x = p.x;
-    const T* g = p.g;
-    const float* mean = p.mean;
-    const float* rstd = p.rstd;
-    float* pgamma = p.pgamma;
-    float* pbeta = p.pbeta;
-    const int64_t rows = p.rows, c = p.C, rows_per_block = p.rows_per_block;
-    __shared__ float sh_gx[LN_PARAM_SUBROWS][32];
-    __shared__ float sh_g[LN_PARAM_SUBROWS][32];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int64_t ch = (int64_t)blockIdx.y * 32 + tx;
-    const int64_t row0 = (int64_t)blockIdx.x * rows_per_block;
-    const int64_t row1 = row0 + rows_per_block < rows ? row0 + rows_per_block : rows;
-    float sgx = 0.0f, sg = 0.0f;
-    if (ch < c) {
-        for (int64_t r = row0 + ty; r < row1; r += LN_PARAM_SUBROWS) {
-            float gv = to_f32(g[r * c + ch]);
-            sg += gv;
-            sgx += gv * ((to_f32(x[r * c + ch]) - mean[r]) * rstd[r]);
+template <int G, typename T>
+__device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
+    extern __shared__ float ln_warp_sums[];  // (warps, C), with parameter gradients
+    const LnTeam t = ln_team(p.lanes);
+    const int cols = (int)p.C;
+    const int64_t first = (int64_t)blockIdx.x * p.rows_per_block + t.team;
+    const int rows_per_team = (int)(p.rows_per_block / t.teams);
+    const float inv_c = 1.0f / (float)p.C;
+    const bool want_dx = p.out != nullptr, want_params = p.pgamma != nullptr;
+    // gamma of the lane's channels, the same in all its rows.
+    float gm[G][LN_GROUP];
+    const bool gvec = aligned16(p.gamma);
+#pragma unroll
+    for (int j = 0; j < G; j++) load_span(p.gamma + ln_group(t, j), cols - ln_group(t, j), gvec, gm[j]);
+    float acc_g[G][LN_GROUP] = {}, acc_gx[G][LN_GROUP] = {};
+    float xv[G][LN_GROUP], gv[G][LN_GROUP], xn[G][LN_GROUP], gn[G][LN_GROUP];
+    ln_load(p.x, p, t, first, xv);
+    ln_load(p.g, p, t, first, gv);
+    for (int i = 0; i < rows_per_team; i++) {
+        const int64_t row = first + (int64_t)i * t.teams;
+        const bool more = LN_PREFETCH<G> && i + 1 < rows_per_team;
+        if (more) {
+            ln_load(p.x, p, t, row + t.teams, xn);
+            ln_load(p.g, p, t, row + t.teams, gn);
+        }
+        const int c = ln_width(p, row);
+        const float mu = c > 0 ? p.mean[row] : 0.0f, r = c > 0 ? p.rstd[row] : 0.0f;
+        float sh = 0.0f, shx = 0.0f;
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int e = 0; e < LN_GROUP; e++)
+                if (ln_group(t, j) + e < c) {
+                    const float xhat = (xv[j][e] - mu) * r;
+                    const float h = gm[j][e] * gv[j][e];
+                    sh += h;
+                    shx += h * xhat;
+                    acc_g[j][e] += gv[j][e];
+                    acc_gx[j][e] += gv[j][e] * xhat;
+                    xv[j][e] = xhat;
+                }
+        const float mean_h = team_sum(sh, t.lanes) * inv_c, mean_hx = team_sum(shx, t.lanes) * inv_c;
+        if (want_dx) {
+#pragma unroll
+            for (int j = 0; j < G; j++)
+#pragma unroll
+                for (int e = 0; e < LN_GROUP; e++)
+                    xv[j][e] = r * (gm[j][e] * gv[j][e] - mean_h - xv[j][e] * mean_hx);
+            ln_store(p.out, p, t, row, xv);
+        }
+        if (more) {
+            ln_copy(xv, xn);
+            ln_copy(gv, gn);
+        } else if (i + 1 < rows_per_team) {
+            ln_load(p.x, p, t, row + t.teams, xv);
+            ln_load(p.g, p, t, row + t.teams, gv);
         }
     }
-    sh_gx[ty][tx] = sgx;
-    sh_g[ty][tx] = sg;
-    __syncthreads();
-    if (ty == 0 && ch < c) {
-        float a = 0.0f, s = 0.0f;
-        for (int i = 0; i < LN_PARAM_SUBROWS; i++) {
-            a += sh_gx[i][tx];
-            s += sh_g[i][tx];
+    if (!want_params) return;  // the same for the whole block: no barrier is skipped by part of it
+    // The teams of a warp hold the same channels: add them (lane offsets lanes, 2 lanes, ..., 16).
+#pragma unroll
+    for (int j = 0; j < G; j++)
+#pragma unroll
+        for (int e = 0; e < LN_GROUP; e++)
+            for (int o = t.lanes; o < 32; o <<= 1) {
+                acc_g[j][e] += __shfl_xor_sync(0xffffffffu, acc_g[j][e], o);
+                acc_gx[j][e] += __shfl_xor_sync(0xffffffffu, acc_gx[j][e], o);
+            }
+    // Then the warps, in order, through shared memory: first the sums of g xhat (into pgamma), then those of g.
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+    for (int round = 0; round < 2; round++) {
+        if ((int)(threadIdx.x & 31) < t.lanes) {  // team 0 of the warp
+#pragma unroll
+            for (int j = 0; j < G; j++)
+#pragma unroll
+                for (int e = 0; e < LN_GROUP; e++) {
+                    const int ch = ln_group(t, j) + e;
+                    if (ch < cols) ln_warp_sums[warp * cols + ch] = round == 0 ? acc_gx[j][e] : acc_g[j][e];
+                }
         }
-        pgamma[ch * gridDim.x + blockIdx.x] = a;
-        pbeta[ch * gridDim.x + blockIdx.x] = s;
+        __syncthreads();
+        float* out = round == 0 ? p.pgamma : p.pbeta;
+        for (int ch = threadIdx.x; ch < cols; ch += blockDim.x) {
+            float sum = 0.0f;
+            for (int w = 0; w < warps; w++) sum += ln_warp_sums[w * cols + ch];
+            out[(int64_t)ch * gridDim.x + blockIdx.x] = sum;
+        }
+        __syncthreads();
     }
 }
+
+template <typename T>
+__device__ void layer_norm_forward(const LayerNormParams<T>& p) { layer_norm_forward_rows<1>(p); }
+template <typename T>
+__device__ void layer_norm_forward_wide(const LayerNormParams<T>& p) { layer_norm_forward_rows<LN_WIDE_GROUPS>(p); }
+template <typename T>
+__device__ void layer_norm_backward(const LayerNormParams<T>& p) { layer_norm_backward_rows<1>(p); }
+template <typename T>
+__device__ void layer_norm_backward_wide(const LayerNormParams<T>& p) { layer_norm_backward_rows<LN_WIDE_GROUPS>(p); }
 
 }  // namespace
 
@@ -314,9 +515,9 @@ TYPED_KERNEL(instance_norm_chunk_grad_sums_f32, instance_norm_chunk_grad_sums_bf
 TYPED_KERNEL(instance_norm_backward_dx_f32, instance_norm_backward_dx_bf16, instance_norm_backward_dx,
              InstanceNormParams)
 TYPED_KERNEL(layer_norm_forward_f32, layer_norm_forward_bf16, layer_norm_forward, LayerNormParams)
-TYPED_KERNEL(layer_norm_backward_dx_f32, layer_norm_backward_dx_bf16, layer_norm_backward_dx, LayerNormParams)
-TYPED_KERNEL(layer_norm_param_partials_f32, layer_norm_param_partials_bf16, layer_norm_param_partials,
-             LayerNormParams)
+TYPED_KERNEL(layer_norm_forward_wide_f32, layer_norm_forward_wide_bf16, layer_norm_forward_wide, LayerNormParams)
+TYPED_KERNEL(layer_norm_backward_f32, layer_norm_backward_bf16, layer_norm_backward, LayerNormParams)
+TYPED_KERNEL(layer_norm_backward_wide_f32, layer_norm_backward_wide_bf16, layer_norm_backward_wide, LayerNormParams)
 
 // ---------------------------------------------------------------------------------------------------------------
 // The float32-only kernels (statistics and sums; one instance for both storage types).

@@ -54,20 +54,38 @@ fn check_instance_norm(shape: &[usize], act: Option<Activation>, seed: u64) {
 #[ignore = "needs a CUDA device"]
 fn gpu_bf16_instance_norm() {
     // 2D: one partial chunk per plane (1517 voxels), two chunks with a ragged last one (3015); 3D: 3059 voxels (2
-    // chunks), a tiny plane of 3 voxels.
+    // chunks), a tiny plane of 3 voxels: element access. Planes of a multiple of 8 voxels, on 16-byte vectors: 3072
+    // (a whole chunk and a half one), 4096 (two whole chunks), 16 (two lanes); 420 voxels (a multiple of 4, not of
+    // 8): every other plane starts 8 bytes past a 16-byte boundary and takes the element path, the others vectors.
     for act in [None, Some(Activation::LeakyRelu)] {
         check_instance_norm(&[2, 3, 37, 41], act, 1);
         check_instance_norm(&[3, 5, 67, 45], act, 4);
         check_instance_norm(&[2, 5, 7, 19, 23], act, 7);
         check_instance_norm(&[3, 7, 1, 1, 3], act, 10);
+        check_instance_norm(&[2, 3, 8, 16, 24], act, 13);
+        check_instance_norm(&[1, 3, 16, 16, 16], act, 16);
+        check_instance_norm(&[3, 2, 4, 4], act, 19);
+        check_instance_norm(&[2, 5, 10, 7, 6], act, 22);
     }
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_bf16_layer_norm() {
-    // C = 32, 7 and 70 (not multiples of the warp), rows 111, 13 and 600 (past two 256-row parameter blocks).
-    for (shape, seed) in [(&[3, 37, 32][..], 20), (&[13, 7][..], 23), (&[2, 300, 70][..], 26)] {
+    // C = 32 (4 lanes per row), 7 and 70 (not multiples of the 8-channel groups: element access, rows start
+    // unaligned), 12 (every other row starts 8 bytes past a 16-byte boundary), 64 and 256 (vectors, 8 and 32 lanes),
+    // 320 (the wide kernels); rows 111, 13, 600, 45, 5000, 37, 90, and 140,000 (the backward's teams take two
+    // rows each).
+    for (shape, seed) in [
+        (&[3, 37, 32][..], 20),
+        (&[13, 7][..], 23),
+        (&[2, 300, 70][..], 26),
+        (&[5, 9, 12][..], 29),
+        (&[5000, 64][..], 32),
+        (&[37, 256][..], 35),
+        (&[2, 45, 320][..], 38),
+        (&[2, 70_000, 32][..], 41),
+    ] {
         let c = *shape.last().unwrap();
         let name = format!("layer_norm {shape:?}");
         check_op_bf16(&name, &norm_inputs(shape, c, seed), &[true; 3], &ACT_PARAM_PARAM, TOL, |t, x| {

@@ -1,12 +1,14 @@
 //! The CUDA kernels of instance norm, layer norm (`cuda/norm.cu`), average pooling and nearest upsampling
 //! (`cuda/pool.cu`) against their CPU references: forward and every gradient, 2D and 3D, odd and ragged sizes
 //! (planes that are not a whole number of the kernels' 2048-voxel chunks, channel counts that are not multiples of
-//! 32, row counts that are not multiples of the 8 rows per block or the 256 rows per parameter-gradient block),
-//! NaN-poisoned outputs. Run on a GPU machine with `cargo test --release --test gpu_norm_pool -- --ignored`.
+//! the 8-channel groups or of 32, row counts that are not multiples of a block's rows), both memory paths of the
+//! norms (16-byte vectors where the plane or row size is a multiple of 4 float32, element access where it is not),
+//! NaN-poisoned outputs, and two runs giving the same bits. Run on a GPU machine with
+//! `cargo test --release --test gpu_norm_pool -- --ignored`.
 
 mod common;
 
-use common::{check_op, randn32};
+use common::{check_op, randn32, seeded_step};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::{leaky_relu, Activation::LeakyRelu};
@@ -53,6 +55,49 @@ fn gpu_instance_norm_reference_plane() {
     // The stage-0 planes of the 3D reference configuration (40 x 224 x 192 = 1,720,320 voxels, 840 chunks), with 2
     // channels and batch 1 instead of 32 and 2 so that the float64 CPU reference (forward and backward) stays cheap.
     check_instance_norm(&[1, 2, 40, 224, 192], 16);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_vector_path() {
+    // Planes of a multiple of 4 voxels: every chunk on 16-byte vectors. 3072 voxels (a whole chunk and a half one),
+    // 4096 (two whole chunks), 420 (one partial chunk; with bf16 every other plane starts unaligned, see
+    // tests/gpu_bf16_mamba.rs), 8 (a lane or two).
+    check_instance_norm(&[2, 3, 8, 16, 24], 50);
+    check_instance_norm(&[1, 3, 16, 16, 16], 53);
+    check_instance_norm(&[2, 5, 10, 7, 6], 56);
+    check_instance_norm(&[3, 2, 2, 4], 59);
+}
+
+/// Two runs of a norm's forward and backward give the same bits: output and every gradient.
+fn assert_twice_same_bits(
+    name: &str,
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Tensor]) -> lkm_engine::Result<Tensor>,
+) {
+    let dev = Device::Cuda(common::gpu());
+    let xs: Vec<Tensor> = inputs.iter().map(|x| x.to_device(&dev).unwrap()).collect();
+    let all = vec![true; xs.len()];
+    let (a, b) = (seeded_step(name, &xs, &all, &dev, f), seeded_step(name, &xs, &all, &dev, f));
+    assert!(a == b, "{name}: two runs differ");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_norms_twice_same_bits() {
+    // Instance norm: the vector path (3072 voxels) and the element path (3059); layer norm: one row per team (C =
+    // 32, 2,000 rows) and, with 140,000 rows, two rows per team; a wide row (C = 300).
+    for shape in [&[2, 3, 8, 16, 24][..], &[2, 5, 7, 19, 23][..]] {
+        let inputs = [shifted(shape, 60), randn32(&[shape[1]], 1.0, 61), randn32(&[shape[1]], 1.0, 62)];
+        let f = |t: &mut Tape, x: &[Tensor]| instance_norm_act(t, &x[0], &x[1], &x[2], IN_EPS, Some(LeakyRelu));
+        assert_twice_same_bits(&format!("instance_norm_leaky_relu {shape:?}"), &inputs, &f);
+    }
+    for shape in [&[2000, 32][..], &[140_000, 32][..], &[50, 300][..]] {
+        let c = shape[1];
+        let inputs = [shifted(shape, 63), randn32(&[c], 1.0, 64), randn32(&[c], 1.0, 65)];
+        let f = |t: &mut Tape, x: &[Tensor]| layer_norm(t, &x[0], &x[1], &x[2], LN_EPS);
+        assert_twice_same_bits(&format!("layer_norm {shape:?}"), &inputs, &f);
+    }
 }
 
 /// The fused norm + LeakyReLU against float64 on the CPU, and against the two separate ops on the GPU, bit for bit.
@@ -113,12 +158,74 @@ fn check_layer_norm(shape: &[usize], seed: u64) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_layer_norm_channels() {
-    // C = 32 (stage 0), 48 and 7 (not multiples of the warp), 320 (stage 4); row counts 3 * 37 = 111, 517, 13, 45.
+    // C = 32 (stage 0, 4 lanes per row), 48 (8 lanes, 2 idle), 7 (one lane per row, element access: rows of 28
+    // bytes), 320 (stage 4: the wide kernels, two groups on some lanes), 96; row counts 3 * 37 = 111, 517, 13, 45, 210.
     check_layer_norm(&[3, 37, 32], 31);
     check_layer_norm(&[11, 47, 48], 34);
     check_layer_norm(&[13, 7], 37);
     check_layer_norm(&[5, 9, 320], 40);
     check_layer_norm(&[2, 3, 5, 7, 96], 43);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_norm_row_layouts() {
+    // Every team size and both kernel widths: C = 8 (one lane, one vector group), 12 (two lanes, the second one
+    // ragged), 4 and 5 (less than a group), 256 (the widest narrow row: a warp, one group each), 264 (the narrowest
+    // wide one), 512 (the widest: two groups on every lane); row counts not multiples of a block's teams.
+    check_layer_norm(&[67, 8], 70);
+    check_layer_norm(&[5, 11, 12], 71);
+    check_layer_norm(&[33, 4], 72);
+    check_layer_norm(&[29, 5], 73);
+    check_layer_norm(&[3, 13, 256], 74);
+    check_layer_norm(&[21, 264], 75);
+    check_layer_norm(&[2, 9, 512], 76);
+}
+
+/// Wider rows than the GPU kernels take are refused by name (the CPU takes any width).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_norm_refuses_too_wide_rows() {
+    let dev = Device::Cuda(common::gpu());
+    let on = |x: Tensor| x.to_device(&dev).unwrap();
+    let (x, gamma, beta) =
+        (on(randn32(&[3, 513], 1.0, 80)), on(randn32(&[513], 1.0, 81)), on(randn32(&[513], 1.0, 82)));
+    let err = layer_norm(&mut Tape::new(), &x, &gamma, &beta, LN_EPS).unwrap_err().to_string();
+    assert!(err.contains("layer_norm") && err.contains("512") && err.contains("513"), "{err}");
+}
+
+/// Only some inputs need gradients: the backward kernel runs without the input gradient (only the parameters') or
+/// without the parameters' (no partial sums), and what it gives still matches the CPU.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_norm_partial_needs() {
+    let shape = [7, 45, 32];
+    let (x, gamma, beta) = (shifted(&shape, 90), randn32(&[32], 1.0, 91), randn32(&[32], 1.0, 92));
+    let grads = |device: &Device, watch_x: bool| {
+        let on = |t: &Tensor| t.to_device(device).unwrap();
+        let (x, gamma, beta) = (on(&x), on(&gamma), on(&beta));
+        let mut tape = Tape::new();
+        if watch_x {
+            tape.watch(&x);
+        } else {
+            tape.watch(&gamma);
+            tape.watch(&beta);
+        }
+        let y = layer_norm(&mut tape, &x, &gamma, &beta, LN_EPS).unwrap();
+        let seed = randn32(y.shape(), 1.0, 93).to_device(device).unwrap();
+        let mut g = tape.backward_from(&y, seed).unwrap();
+        [&x, &gamma, &beta].map(|t| g.take(t).map(|g| g.to_vec_f64().unwrap()))
+    };
+    let gpu = Device::Cuda(common::gpu());
+    for watch_x in [true, false] {
+        let (on_gpu, on_cpu) = (grads(&gpu, watch_x), grads(&Device::Cpu, watch_x));
+        for (i, (g, r)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            assert_eq!(g.is_some(), i == 0 && watch_x || i > 0 && !watch_x, "gradient {i}, watch_x {watch_x}");
+            if let (Some(g), Some(r)) = (g, r) {
+                common::assert_rel_err(&format!("layer_norm gradient {i}"), g, r, 1e-4);
+            }
+        }
+    }
 }
 
 #[test]

@@ -78,6 +78,11 @@ macro_rules! device_pointer {
             pub fn address(self) -> u64 {
                 self.0
             }
+
+            /// The address `elements` elements of `T` further on: a part of a buffer that holds several arrays.
+            pub fn offset(self, elements: usize) -> Self {
+                $name(self.0 + (elements * std::mem::size_of::<T>()) as u64, PhantomData)
+            }
         }
 
         impl<T> Clone for $name<T> {

@@ -33,14 +33,14 @@
 //! of y and dL/dx to the tensor's dtype remains. The backward recomputes exactly the xhat of the forward.
 //!
 //! On the GPU (kernels in `cuda/norm.cu`, x and y stored as float32 or bf16, computed in float32) each plane is cut
-//! into chunks of `IN_CHUNK` voxels, one block per (plane, chunk). The statistics are the exact two-pass ones
-//! regrouped by chunk: each chunk's mean m_k and squared deviation M2_k (two passes over the chunk held in
-//! registers), then per plane mu = (1/V) sum_k n_k m_k and var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2), sums of
-//! squares that no common offset can cancel. mu and rstd are saved as float32 GPU tensors. The backward's plane sums
-//! of g and g xhat are per-chunk block sums added per plane in a fixed order; dgamma, dbeta add the planes over n in
-//! order. With bf16 activations (x, y, dL/dy, dL/dx in bf16) gamma, beta, the statistics, every sum and dL/dgamma,
-//! dL/dbeta stay float32 (the precision policy: normalisation statistics in float32); each bf16 output is rounded
-//! once.
+//! into chunks of `IN_CHUNK` voxels, one warp per (plane, chunk), each lane reading 16-byte vectors where the plane
+//! size allows it. The statistics are the exact two-pass ones regrouped by chunk: each chunk's mean m_k and squared
+//! deviation M2_k (two passes over the chunk held in registers), then per plane mu = (1/V) sum_k n_k m_k and
+//! var = (1/V) sum_k (M2_k + n_k (m_k - mu)^2), sums of squares that no common offset can cancel. mu and rstd are
+//! saved as float32 GPU tensors. The backward's plane sums of g and g xhat are per-chunk warp sums added per plane in
+//! a fixed order; dgamma, dbeta add the planes over n in order. With bf16 activations (x, y, dL/dy, dL/dx in bf16)
+//! gamma, beta, the statistics, every sum and dL/dgamma, dL/dbeta stay float32 (the precision policy: normalisation
+//! statistics in float32); each bf16 output is rounded once.
 //!
 //! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
 //! [`ops`](crate::ops)): forward at least 2E bytes (read x, write y) and about 8 FLOPs (mean 1, squared deviation 3,
@@ -54,7 +54,7 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuElement};
-use crate::device::params::{kernel, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS};
+use crate::device::params::{kernel, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS, IN_WARPS};
 use crate::ops::activation::Activation;
 use crate::ops::{check_param_kind, MapDims};
 use crate::profile;
@@ -275,6 +275,11 @@ fn chunking(dims: MapDims) -> (usize, usize) {
     (dims.n * dims.c, dims.voxels().div_ceil(IN_CHUNK).max(1))
 }
 
+/// The launch of the chunk kernels: one warp per chunk, `IN_WARPS` per block.
+fn chunk_blocks(planes: usize, chunks: usize, shape: &[usize]) -> Result<LaunchConfig> {
+    blocks_of((planes * chunks).div_ceil(IN_WARPS), IN_THREADS as u32, shape)
+}
+
 /// Returns y (stored as `T`, like x) and the per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
 fn forward_gpu<T: GpuElement>(
     x: &Tensor,
@@ -299,7 +304,7 @@ fn forward_gpu<T: GpuElement>(
         ));
     }
     let shapes = format!("instance_norm {:?}", x.shape());
-    let chunked = blocks_of(planes * chunks, IN_THREADS as u32, x.shape())?;
+    let chunked = chunk_blocks(planes, chunks, x.shape())?;
     let per_plane = blocks_of(planes, REDUCE_THREADS, x.shape())?;
     let base = InstanceNormParams { x: xb.ptr(), eps: eps as f32, act: act_code(act), ..gpu_params(dims, chunks) };
 
@@ -361,7 +366,7 @@ fn backward_gpu<T: GpuElement>(
         ]);
     }
     let shapes = format!("instance_norm backward {:?}", b.x.shape());
-    let chunked = blocks_of(planes * chunks, IN_THREADS as u32, b.x.shape())?;
+    let chunked = chunk_blocks(planes, chunks, b.x.shape())?;
     // gamma and beta are read by the gradient sums only to recompute a fused activation's input.
     let beta = b.beta.gpu_operand::<f32>(op)?;
     let base = InstanceNormParams {
@@ -375,19 +380,18 @@ fn backward_gpu<T: GpuElement>(
         ..gpu_params(dims, chunks)
     };
 
-    // Plane sums of g and g * xhat: per chunk, then the chunks of each plane in order.
-    let mut chunk_g = gpu.alloc(planes * chunks, "instance_norm chunk sums of g")?;
-    let mut chunk_gx = gpu.alloc(planes * chunks, "instance_norm chunk sums of g xhat")?;
-    let p = InstanceNormParams { chunk_g: chunk_g.ptr_mut(), chunk_gx: chunk_gx.ptr_mut(), ..base };
+    // Plane sums of g and g * xhat: per chunk, then the chunks of each plane in order. One buffer holds the chunk
+    // sums of g, then those of g xhat, so that one launch of 2 * planes rows adds both into the plane sums of g, then
+    // those of g xhat.
+    let mut chunk_sums = gpu.alloc(2 * planes * chunks, "instance_norm chunk sums of g and g xhat")?;
+    let chunk_g = chunk_sums.ptr_mut();
+    let p = InstanceNormParams { chunk_g, chunk_gx: chunk_g.offset(planes * chunks), ..base };
     gpu.launch(kernel::instance_norm_chunk_grad_sums::<T>(), chunked, &p, &shapes)?;
-    let per_plane = blocks_of(planes, REDUCE_THREADS, b.x.shape())?;
-    let mut sum_g = gpu.alloc(planes, "instance_norm plane sums of g")?;
-    let mut sum_gx = gpu.alloc(planes, "instance_norm plane sums of g xhat")?;
-    for (chunk_sums, plane_sums) in [(&chunk_g, &mut sum_g), (&chunk_gx, &mut sum_gx)] {
-        let p = NormSumRowsParams { a: chunk_sums.ptr(), out: plane_sums.ptr_mut(), len: chunks as i64 };
-        gpu.launch(kernel::instance_norm_sum_chunks, per_plane, &p, &shapes)?;
-    }
-    let base = InstanceNormParams { sum_g: sum_g.ptr(), sum_gx: sum_gx.ptr(), ..base };
+    let mut plane_sums = gpu.alloc(2 * planes, "instance_norm plane sums of g and g xhat")?;
+    let p = NormSumRowsParams { a: chunk_sums.ptr(), out: plane_sums.ptr_mut(), len: chunks as i64 };
+    gpu.launch(kernel::instance_norm_sum_chunks, blocks_of(2 * planes, REDUCE_THREADS, b.x.shape())?, &p, &shapes)?;
+    let (sum_g, sum_gx) = (plane_sums.ptr(), plane_sums.ptr().offset(planes));
+    let base = InstanceNormParams { sum_g, sum_gx, ..base };
 
     let dx = if needs[0] {
         let mut dx = gpu.alloc_of::<T>(b.x.numel(), "instance_norm input gradient")?;
@@ -402,8 +406,8 @@ fn backward_gpu<T: GpuElement>(
         let mut dbeta = gpu.alloc(dims.c, "instance_norm beta gradient")?;
         // Reads only the float32 plane sums: its one instance takes the float32 struct.
         let p = InstanceNormParams::<f32> {
-            sum_g: sum_g.ptr(),
-            sum_gx: sum_gx.ptr(),
+            sum_g,
+            sum_gx,
             dgamma: dgamma.ptr_mut(),
             dbeta: dbeta.ptr_mut(),
             ..gpu_params(dims, chunks)

@@ -24,23 +24,28 @@
 //! As in instance norm, the statistics use two passes with float64 accumulation, mu and rstd are saved per row in
 //! float64, and xhat is formed in float64 in both passes, so only the final rounding to the tensor's dtype remains.
 //!
-//! On the GPU (kernels in `cuda/norm.cu`, x and y stored as float32 or bf16, computed in float32) one warp normalises
-//! one row, with the same two passes (mean, then squared deviations) over the row; mu and rstd are saved as float32 GPU
-//! tensors. With bf16 activations (x, y, dL/dy, dL/dx) gamma, beta, the statistics, the partial sums and dL/dgamma,
-//! dL/dbeta stay float32 (the precision policy: normalisation statistics in float32). dL/dgamma and dL/dbeta are sums
-//! over all rows, made deterministic in two stages: each block of `LN_ROWS_PER_PARAM_BLOCK` rows writes its per-channel
-//! partial sums, then one block per channel adds those partials in a fixed order.
+//! On the GPU (kernels in `cuda/norm.cu`, x and y stored as float32 or bf16, computed in float32) a team of lanes
+//! normalises one row (the smallest power of two, at most a warp, that gives each lane 8 channels: 4 lanes for 32
+//! channels), holding it in registers for the same two passes (mean, then squared deviations); mu and rstd are saved
+//! as float32 GPU tensors. With bf16 activations (x, y, dL/dy, dL/dx) gamma, beta, the statistics, the partial sums
+//! and dL/dgamma, dL/dbeta stay float32 (the precision policy: normalisation statistics in float32). The backward
+//! kernel forms dL/dx and, from the same reads, the parameter gradients' per-block partial sums (each team adds its
+//! rows in order, then the teams of a block in a fixed order); one block per channel then adds the blocks' partials in
+//! a fixed order, so dL/dgamma and dL/dbeta are deterministic. The GPU kernels take rows of up to
+//! `LN_WIDE_CHANNELS` (512) channels.
 //!
 //! Cost per element, in units of the storage size E (4 bytes float32, 2 bf16; the counting rules are in
-//! [`ops`](crate::ops)): forward 2E bytes (read x, write y; a row stays in cache between the passes) and about 8
-//! FLOPs; backward at least 3E bytes (read x and dL/dy, write dL/dx) and about 15 FLOPs (10 for dL/dx, 5 for dL/dgamma
-//! and dL/dbeta); the GPU's parameter-gradient kernel reads x and dL/dy a second time (5E bytes). Memory-bound.
+//! [`ops`](crate::ops)): forward 2E bytes (read x, write y; a row stays in registers between the passes) and about 8
+//! FLOPs; backward 3E bytes (read x and dL/dy, write dL/dx) and about 15 FLOPs (10 for dL/dx, 5 for dL/dgamma and
+//! dL/dbeta). Memory-bound.
 
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuElement;
-use crate::device::params::{kernel, LayerNormParams, NormSumRowsParams, LN_PARAM_SUBROWS};
+use crate::device::params::{
+    kernel, LayerNormParams, NormSumRowsParams, LN_GROUP, LN_NARROW_CHANNELS, LN_THREADS, LN_WIDE_CHANNELS,
+};
 use crate::ops::check_param_kind;
 use crate::ops::instance_norm::moments;
 use crate::profile;
@@ -163,24 +168,49 @@ fn backward_cpu<T: Real>(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool
     ])
 }
 
-/// Threads per block of the one-warp-per-row kernels (8 rows per block).
-const LN_THREADS: u32 = 256;
-/// Rows whose gamma/beta gradients one block of `layer_norm_param_partials` sums.
-const LN_ROWS_PER_PARAM_BLOCK: usize = 256;
+/// The row kernels keep at least this many blocks (several waves on any GPU) before their teams take more than one
+/// row each.
+const LN_MIN_BLOCKS: usize = 2048;
+/// The most rows one team takes (fewer blocks: fewer partial sums of the parameter gradients to add).
+const LN_MAX_ROWS_PER_TEAM: usize = 16;
 /// Threads per block of the final per-channel sums (any multiple of 32).
 const REDUCE_THREADS: u32 = 256;
 
-/// A grid of `blocks` (at least one) in x and `blocks_y` in y, failing cleanly past the grid limits.
-fn launch_config(blocks: usize, blocks_y: usize, threads: (u32, u32), shape: &[usize]) -> Result<LaunchConfig> {
-    let too_many = || Error::Shape(format!("layer_norm: shape {shape:?} needs {blocks} x {blocks_y} blocks, too many"));
-    let gx = u32::try_from(blocks.max(1)).ok().filter(|&g| g < (1 << 31)).ok_or_else(too_many)?;
-    let gy = u32::try_from(blocks_y.max(1)).ok().filter(|&g| g < (1 << 16)).ok_or_else(too_many)?;
-    Ok(LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (threads.0, threads.1, 1), shared_mem_bytes: 0 })
+/// How the row kernels lay out rows of `c` channels: the lanes per row (the smallest power of two that gives each
+/// lane at most one group of `LN_GROUP` channels, at most 32) and whether the `_wide` kernels (several groups per
+/// lane) are needed.
+struct RowLayout {
+    lanes: usize,
+    wide: bool,
 }
 
-/// One warp per row: blocks of LN_THREADS threads.
-fn row_config(rows: usize, shape: &[usize]) -> Result<LaunchConfig> {
-    launch_config(rows.div_ceil((LN_THREADS / 32) as usize), 1, (LN_THREADS, 1), shape)
+impl RowLayout {
+    fn of(c: usize, shape: &[usize]) -> Result<RowLayout> {
+        ensure!(
+            c <= LN_WIDE_CHANNELS,
+            Shape,
+            "layer_norm: the GPU kernels take rows of up to {LN_WIDE_CHANNELS} channels, got {c} (shape {shape:?})"
+        );
+        Ok(RowLayout { lanes: c.div_ceil(LN_GROUP).next_power_of_two().min(32), wide: c > LN_NARROW_CHANNELS })
+    }
+
+    /// Rows per block of `LN_THREADS` threads for `rows` rows: its teams (one row each at a time) times the rows
+    /// each team takes, up to `LN_MAX_ROWS_PER_TEAM` while `LN_MIN_BLOCKS` blocks remain. It depends on the shape
+    /// alone, and so do the order of the parameter-gradient sums and their bits.
+    fn rows_per_block(&self, rows: usize) -> usize {
+        let teams = LN_THREADS / self.lanes;
+        teams * (rows / (teams * LN_MIN_BLOCKS)).clamp(1, LN_MAX_ROWS_PER_TEAM)
+    }
+}
+
+/// A launch of `blocks` (at least one) blocks of `threads` threads with `shared` bytes of dynamic shared memory,
+/// failing cleanly past the grid limit.
+fn launch_config(blocks: usize, threads: usize, shared: usize, shape: &[usize]) -> Result<LaunchConfig> {
+    let grid = u32::try_from(blocks.max(1))
+        .ok()
+        .filter(|&g| g < (1 << 31))
+        .ok_or_else(|| Error::Shape(format!("layer_norm: shape {shape:?} needs {blocks} blocks, too many")))?;
+    Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: shared as u32 })
 }
 
 /// Returns y (stored as `T`, like x) and the per-row mean and rstd, each of shape (rows) in float32 on the GPU.
@@ -190,6 +220,7 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
     let gpu = &xb.gpu;
     let c = gamma.numel();
     let rows = x.numel() / c;
+    let layout = RowLayout::of(c, x.shape())?;
     let mut y = gpu.alloc_of::<T>(x.numel(), "layer_norm output")?;
     let mut mean = gpu.alloc(rows, "layer_norm mean")?;
     let mut rstd = gpu.alloc(rows, "layer_norm rstd")?;
@@ -202,11 +233,14 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
         rstd_out: rstd.ptr_mut(),
         rows: rows as i64,
         C: c as i64,
+        rows_per_block: layout.rows_per_block(rows) as i64,
+        lanes: layout.lanes as i32,
         eps: eps as f32,
         ..Default::default()
     };
-    let cfg = row_config(rows, x.shape())?;
-    gpu.launch(kernel::layer_norm_forward::<T>(), cfg, &p, &format!("layer_norm {:?}", x.shape()))?;
+    let k = if layout.wide { kernel::layer_norm_forward_wide::<T>() } else { kernel::layer_norm_forward::<T>() };
+    let cfg = launch_config(rows.div_ceil(layout.rows_per_block(rows)), LN_THREADS, 0, x.shape())?;
+    gpu.launch(k, cfg, &p, &format!("layer_norm {:?}", x.shape()))?;
     Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &[rows])?, Tensor::from_gpu(rstd, &[rows])?))
 }
 
@@ -224,44 +258,52 @@ fn backward_gpu<T: GpuElement>(
     let c = b.gamma.numel();
     let rows = b.x.numel() / c;
     let shapes = format!("layer_norm backward {:?}", b.x.shape());
-    let base = LayerNormParams {
-        x: xb.ptr(),
-        g: gb.ptr(),
-        mean: mb.ptr(),
-        rstd: rb.ptr(),
-        rows: rows as i64,
-        C: c as i64,
-        ..Default::default()
-    };
-
-    let dx = if needs[0] {
-        let mut dx = gpu.alloc_of::<T>(b.x.numel(), "layer_norm input gradient")?;
-        let p = LayerNormParams { gamma: gammab.ptr(), out: dx.ptr_mut(), ..base };
-        gpu.launch(kernel::layer_norm_backward_dx::<T>(), row_config(rows, b.x.shape())?, &p, &shapes)?;
-        Some(Tensor::from_gpu(dx, b.x.shape())?)
+    let layout = RowLayout::of(c, b.x.shape())?;
+    let want_params = needs[1] || needs[2];
+    if !needs[0] && !want_params {
+        return Ok(vec![None, None, None]);
+    }
+    let rows_per_block = layout.rows_per_block(rows);
+    let blocks = rows.div_ceil(rows_per_block).max(1);
+    let mut dx = if needs[0] { Some(gpu.alloc_of::<T>(b.x.numel(), "layer_norm input gradient")?) } else { None };
+    // Per-(channel, block) partial sums, laid out (c, blocks) so that the final sums read each channel's partials
+    // contiguously. A tensor without rows still gets one block, which writes zeros.
+    let mut partials = if want_params {
+        Some((
+            gpu.alloc(c * blocks, "layer_norm gamma gradient partials")?,
+            gpu.alloc(c * blocks, "layer_norm beta gradient partials")?,
+        ))
     } else {
         None
     };
-    let (dgamma, dbeta) = if needs[1] || needs[2] {
-        // Stage 1: per-(channel, row block) partial sums, laid out (c, row blocks) so stage 2 reads each channel's
-        // partials contiguously. A tensor without rows still gets one block, which writes zeros.
-        let row_blocks = rows.div_ceil(LN_ROWS_PER_PARAM_BLOCK).max(1);
-        let mut pgamma = gpu.alloc(c * row_blocks, "layer_norm gamma gradient partials")?;
-        let mut pbeta = gpu.alloc(c * row_blocks, "layer_norm beta gradient partials")?;
-        let p = LayerNormParams {
-            pgamma: pgamma.ptr_mut(),
-            pbeta: pbeta.ptr_mut(),
-            rows_per_block: LN_ROWS_PER_PARAM_BLOCK as i64,
-            ..base
-        };
-        let cfg = launch_config(row_blocks, c.div_ceil(32), (32, LN_PARAM_SUBROWS as u32), b.x.shape())?;
-        gpu.launch(kernel::layer_norm_param_partials::<T>(), cfg, &p, &shapes)?;
-        // Stage 2: one block per channel adds its partials in a fixed order.
-        let per_channel = launch_config(c, 1, (REDUCE_THREADS, 1), b.x.shape())?;
+    let (pgamma, pbeta) = partials.as_mut().map_or(Default::default(), |(g, b)| (g.ptr_mut(), b.ptr_mut()));
+    let p = LayerNormParams {
+        x: xb.ptr(),
+        g: gb.ptr(),
+        gamma: gammab.ptr(),
+        mean: mb.ptr(),
+        rstd: rb.ptr(),
+        out: dx.as_mut().map_or(Default::default(), |d| d.ptr_mut()),
+        pgamma,
+        pbeta,
+        rows: rows as i64,
+        C: c as i64,
+        rows_per_block: rows_per_block as i64,
+        lanes: layout.lanes as i32,
+        ..Default::default()
+    };
+    // The blocks add their warps' parameter sums through shared memory: (warps, c) floats.
+    let shared = if want_params { LN_THREADS / 32 * c * std::mem::size_of::<f32>() } else { 0 };
+    let k = if layout.wide { kernel::layer_norm_backward_wide::<T>() } else { kernel::layer_norm_backward::<T>() };
+    gpu.launch(k, launch_config(blocks, LN_THREADS, shared, b.x.shape())?, &p, &shapes)?;
+    let dx = dx.map(|d| Tensor::from_gpu(d, b.x.shape())).transpose()?;
+    let (dgamma, dbeta) = if let Some((pgamma, pbeta)) = &partials {
+        // One block per channel adds its partials in a fixed order.
+        let per_channel = launch_config(c, REDUCE_THREADS as usize, 0, b.x.shape())?;
         let mut dgamma = gpu.alloc(c, "layer_norm gamma gradient")?;
         let mut dbeta = gpu.alloc(c, "layer_norm beta gradient")?;
-        for (partials, sums) in [(&pgamma, &mut dgamma), (&pbeta, &mut dbeta)] {
-            let p = NormSumRowsParams { a: partials.ptr(), out: sums.ptr_mut(), len: row_blocks as i64 };
+        for (partials, sums) in [(pgamma, &mut dgamma), (pbeta, &mut dbeta)] {
+            let p = NormSumRowsParams { a: partials.ptr(), out: sums.ptr_mut(), len: blocks as i64 };
             gpu.launch(kernel::layer_norm_sum_partials, per_channel, &p, &shapes)?;
         }
         (Some(Tensor::from_gpu(dgamma, &[c])?), Some(Tensor::from_gpu(dbeta, &[c])?))
