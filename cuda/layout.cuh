@@ -52,12 +52,12 @@ extern "C" __global__ void pim_partition_bf16(const PimParams<__nv_bfloat16> p);
 // the same launch
 extern "C" __global__ void pim_merge_f32(const PimParams<float> p);
 extern "C" __global__ void pim_merge_bf16(const PimParams<__nv_bfloat16> p);
-// one thread per element, any grid
+// one chunk of VEC<T> elements of the copied rows per thread (grid_vec), any grid
 extern "C" __global__ void copy_rows_f32(const CopyRowsParams<float> p);
 extern "C" __global__ void copy_rows_bf16(const CopyRowsParams<__nv_bfloat16> p);
-// one thread per element of dx, any grid
+// one chunk of VEC<T> elements of dx per thread (grid_vec), any grid
 extern "C" __global__ void narrow_backward_f32(const CopyRowsParams<float> p);
 extern "C" __global__ void narrow_backward_bf16(const CopyRowsParams<__nv_bfloat16> p);
-// one thread per element, any grid
+// one chunk of VEC<T> elements of y per thread (grid_vec), any grid
 extern "C" __global__ void flip_seq_f32(const FlipParams<float> p);
 extern "C" __global__ void flip_seq_bf16(const FlipParams<__nv_bfloat16> p);
