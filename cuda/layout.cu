@@ -13,15 +13,18 @@
 // for the layout (Window: i picks the group, j the token; Strided: the other way round). pim_voxel_row is that map,
 // used by both kernels; partition writes t from x and merge, the inverse permutation, writes x from t.
 //
-// Both are transposes between a C-major and a C-minor layout, done through a shared tile of PIM_TILE channels x
-// PIM_TILE voxels: the map side is read or written along consecutive voxels v (contiguous within a channel), the
-// token side along consecutive channels c (contiguous within a row). Each tile row is padded by one 4-byte word
-// (PIM_PAD<T> elements: 1 float, 2 bf16), so a row spans an odd number of words (33 float, 17 bf16): the column-wise
-// pass hits 32 distinct banks, and the row-wise pass reads consecutive words (two bf16 threads share one word, which
-// is no conflict). Block (PIM_TILE, PIM_ROWS) threads; grid
-// (N * ceil(V / PIM_TILE), ceil(C / PIM_TILE)): block x covers voxels [v0, v0 + PIM_TILE) of sample n, block y
+// Both are transposes between a C-major and a C-minor layout, done through a shared tile of PIM_TILE = 32 channels x
+// PIM_VOXELS = PIM_SPAN * PIM_TILE = 128 voxels: the map side is read or written along consecutive voxels v
+// (contiguous within a channel), the token side along consecutive channels c (contiguous within a row). Each tile
+// row is padded by one 4-byte word (PIM_PAD<T> elements: 1 float, 2 bf16), so a row spans an odd number of words
+// (129 float, 65 bf16): the column-wise pass hits 32 distinct banks, and the row-wise pass reads consecutive words
+// (two bf16 threads share one word, which is no conflict). Block (PIM_TILE, PIM_ROWS) threads; grid
+// (N * ceil(V / PIM_VOXELS), ceil(C / PIM_TILE)): block x covers voxels [v0, v0 + PIM_VOXELS) of sample n, block y
 // channels [c0, c0 + PIM_TILE). A tile's voxels may span several lines of W; the token rows of its voxels are
-// computed once per block and shared by all its channels.
+// computed once per block (by its first PIM_SPAN warps, one voxel per thread) and shared by all its channels. Each
+// thread moves 16 elements and issues its 16 loads together (partition: before computing the token rows, which
+// then overlap the loads' latency), so a block keeps 16 elements per thread in flight where 32 x 32 tiles kept 4
+// behind a serial row computation.
 //
 // Copies (parameters CopyRowsParams and FlipParams of layout.cuh):
 //   copy_rows:   dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k],  r < rows, k < len
@@ -67,67 +70,85 @@ __device__ __forceinline__ int64_t pim_voxel_row(const PimParams<T>& p, int64_t 
            (w / pw) * p.outer[2] + (w % pw) * p.inner[2];
 }
 
-// Fills rows[k] with the token row of voxel v0 + k of sample n (for k with v0 + k < V), then syncs the block.
-template <typename T>
-__device__ __forceinline__ void pim_tile_rows(const PimParams<T>& p, int64_t* rows, int64_t n, int64_t v0, int64_t V) {
-    const int64_t v = v0 + threadIdx.x;
-    if (threadIdx.y == 0 && v < V) {
-        rows[threadIdx.x] = n * V + pim_voxel_row(p, v);
-    }
-    __syncthreads();
-}
+// The voxels of one PiM block, and the elements each thread moves on either side of its tile.
+constexpr int PIM_VOXELS = PIM_TILE * PIM_SPAN;
+constexpr int PIM_MAP_ELEMS = PIM_TILE / PIM_ROWS * PIM_SPAN;  // channel rows ty + PIM_ROWS m, sub-tiles s
+constexpr int PIM_TOKEN_ELEMS = PIM_VOXELS / PIM_ROWS;         // token rows (voxels) ty + PIM_ROWS m
 
-// t (G, L, C) from x (N, C, D, H, W). Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_TILE),
-// ceil(C / PIM_TILE)).
+// One PiM block's tile: PIM_TILE channels from c0 by PIM_VOXELS voxels from v0 of sample n, rows[k] the token row of
+// voxel v0 + k. Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_VOXELS), ceil(C / PIM_TILE)).
+template <typename T>
+struct PimTile {
+    int64_t C, V, n, v0, c0;
+    __device__ explicit PimTile(const PimParams<T>& p) : C(p.C), V(p.size[0] * p.size[1] * p.size[2]) {
+        const int64_t tiles = (V + PIM_VOXELS - 1) / PIM_VOXELS;
+        n = blockIdx.x / tiles;
+        v0 = (blockIdx.x % tiles) * PIM_VOXELS;
+        c0 = (int64_t)blockIdx.y * PIM_TILE;
+    }
+    // Map element m of this thread (channel row cy = ty + PIM_ROWS (m / PIM_SPAN), voxel column vx = PIM_TILE
+    // (m % PIM_SPAN) + tx): a warp takes PIM_TILE consecutive voxels of one channel.
+    __device__ int cy(int m) const { return threadIdx.y + PIM_ROWS * (m / PIM_SPAN); }
+    __device__ int vx(int m) const { return PIM_TILE * (m % PIM_SPAN) + threadIdx.x; }
+    __device__ bool on_map(int m) const { return c0 + cy(m) < C && v0 + vx(m) < V; }
+    __device__ int64_t map_at(int m) const { return (n * C + c0 + cy(m)) * V + v0 + vx(m); }
+    // Token element m of this thread (voxel vy = ty + PIM_ROWS m, channel c0 + tx): a warp takes PIM_TILE
+    // consecutive channels of one token row.
+    __device__ int vy(int m) const { return threadIdx.y + PIM_ROWS * m; }
+    __device__ bool on_tokens(int m) const { return c0 + threadIdx.x < C && v0 + vy(m) < V; }
+    // The token rows of the tile's voxels, computed by the first PIM_SPAN thread rows, one voxel each; the caller
+    // syncs before reading them.
+    __device__ void token_rows(const PimParams<T>& p, int64_t* rows) const {
+        const int k = threadIdx.y * PIM_TILE + threadIdx.x;
+        if (threadIdx.y < PIM_SPAN && v0 + k < V) rows[k] = n * V + pim_voxel_row(p, v0 + k);
+    }
+};
+
+// t (G, L, C) from x (N, C, D, H, W). The map loads are issued first and the token rows computed while they are in
+// flight.
 template <typename T>
 __device__ void pim_partition(const PimParams<T>& p) {
     const T* __restrict__ x = p.src;
     T* __restrict__ t = p.dst;
-    const int64_t C = p.C;
-    __shared__ T tile[PIM_TILE][PIM_TILE + PIM_PAD<T>];  // [channel - c0][voxel - v0]
-    __shared__ int64_t rows[PIM_TILE];
-    const int64_t V = p.size[0] * p.size[1] * p.size[2];
-    const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
-    const int64_t n = blockIdx.x / tiles, v0 = (blockIdx.x % tiles) * PIM_TILE, c0 = (int64_t)blockIdx.y * PIM_TILE;
-    const int tx = threadIdx.x;
-    pim_tile_rows(p, rows, n, v0, V);
-    // Read along voxels: thread tx takes voxel v0 + tx of channel c0 + cy.
-    for (int cy = threadIdx.y; cy < PIM_TILE; cy += PIM_ROWS) {
-        const int64_t c = c0 + cy, v = v0 + tx;
-        if (c < C && v < V) tile[cy][tx] = x[(n * C + c) * V + v];
-    }
+    __shared__ T tile[PIM_TILE][PIM_VOXELS + PIM_PAD<T>];  // [channel - c0][voxel - v0]
+    __shared__ int64_t rows[PIM_VOXELS];
+    const PimTile<T> b(p);
+    T in[PIM_MAP_ELEMS];
+#pragma unroll
+    for (int m = 0; m < PIM_MAP_ELEMS; ++m)
+        if (b.on_map(m)) in[m] = x[b.map_at(m)];
+    b.token_rows(p, rows);
+#pragma unroll
+    for (int m = 0; m < PIM_MAP_ELEMS; ++m)
+        if (b.on_map(m)) tile[b.cy(m)][b.vx(m)] = in[m];
     __syncthreads();
-    // Write along channels: thread tx takes channel c0 + tx of voxel v0 + vy's token row.
-    for (int vy = threadIdx.y; vy < PIM_TILE; vy += PIM_ROWS) {
-        const int64_t c = c0 + tx, v = v0 + vy;
-        if (c < C && v < V) t[rows[vy] * C + c] = tile[tx][vy];
-    }
+#pragma unroll
+    for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
+        if (b.on_tokens(m)) t[rows[b.vy(m)] * b.C + b.c0 + threadIdx.x] = tile[threadIdx.x][b.vy(m)];
 }
 
-// x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch.
+// x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch. The token rows come first (the
+// loads need them), then all loads of the thread together.
 template <typename T>
 __device__ void pim_merge(const PimParams<T>& p) {
     const T* __restrict__ t = p.src;
     T* __restrict__ x = p.dst;
-    const int64_t C = p.C;
-    __shared__ T tile[PIM_TILE][PIM_TILE + PIM_PAD<T>];  // [channel - c0][voxel - v0]
-    __shared__ int64_t rows[PIM_TILE];
-    const int64_t V = p.size[0] * p.size[1] * p.size[2];
-    const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
-    const int64_t n = blockIdx.x / tiles, v0 = (blockIdx.x % tiles) * PIM_TILE, c0 = (int64_t)blockIdx.y * PIM_TILE;
-    const int tx = threadIdx.x;
-    pim_tile_rows(p, rows, n, v0, V);
-    // Read along channels of each token row.
-    for (int vy = threadIdx.y; vy < PIM_TILE; vy += PIM_ROWS) {
-        const int64_t c = c0 + tx, v = v0 + vy;
-        if (c < C && v < V) tile[tx][vy] = t[rows[vy] * C + c];
-    }
+    __shared__ T tile[PIM_TILE][PIM_VOXELS + PIM_PAD<T>];  // [channel - c0][voxel - v0]
+    __shared__ int64_t rows[PIM_VOXELS];
+    const PimTile<T> b(p);
+    b.token_rows(p, rows);
     __syncthreads();
-    // Write along voxels of each channel.
-    for (int cy = threadIdx.y; cy < PIM_TILE; cy += PIM_ROWS) {
-        const int64_t c = c0 + cy, v = v0 + tx;
-        if (c < C && v < V) x[(n * C + c) * V + v] = tile[cy][tx];
-    }
+    T in[PIM_TOKEN_ELEMS];
+#pragma unroll
+    for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
+        if (b.on_tokens(m)) in[m] = t[rows[b.vy(m)] * b.C + b.c0 + threadIdx.x];
+#pragma unroll
+    for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
+        if (b.on_tokens(m)) tile[threadIdx.x][b.vy(m)] = in[m];
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < PIM_MAP_ELEMS; ++m)
+        if (b.on_map(m)) x[b.map_at(m)] = tile[b.cy(m)][b.vx(m)];
 }
 
 // Columns [j_lo, j_lo + width) of every row of dst (rows x dst_row), with the slice [s_lo, s_hi) = [dst_off,

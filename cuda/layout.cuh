@@ -4,10 +4,12 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// pim_partition / pim_merge: the side of the square tile (channels x voxels) one block moves, and its thread rows
-// (block (PIM_TILE, PIM_ROWS); each thread moves PIM_TILE / PIM_ROWS elements).
+// pim_partition / pim_merge: one block moves a tile of PIM_TILE channels x PIM_SPAN * PIM_TILE voxels with
+// PIM_TILE x PIM_ROWS threads (block (PIM_TILE, PIM_ROWS); each thread moves PIM_SPAN * PIM_TILE / PIM_ROWS
+// elements).
 constexpr int PIM_TILE = 32;
 constexpr int PIM_ROWS = 8;
+constexpr int PIM_SPAN = 4;
 
 // A map (N, C, D, H, W) and its tokens (G, L, C); per spatial axis a (d, h, w), the token row of voxel coordinate s is
 // (s / window[a]) outer[a] + (s % window[a]) inner[a], summed over the axes, plus n D H W.
