@@ -4,9 +4,10 @@
 //                      largest bf16 become infinite), as the `half` crate's bf16::from_f32 rounds on the host
 //   cast_bf16_to_f32:  y_i = x_i, exact (every bf16 is a float32 with the low 16 significand bits zero)
 //
-// One chunk of CAST_CHUNK = 8 elements per thread, grid-stride: 32 bytes of float32 (two 16-byte vectors) and 16 of
+// One chunk of VEC<bf16> = 8 elements per thread, grid-stride: 32 bytes of float32 (two 16-byte vectors) and 16 of
 // bf16 (one), where the buffers are 16-byte aligned (the host's always are) and the chunk whole; the short last chunk
-// element by element. The host launches vec_chunks<bf16>(n) threads (device::cuda::grid_vec::<bf16>).
+// element by element. The host launches vec_chunks<bf16>(n) threads (device::cuda::grid_vec::<bf16>). The rounding
+// is the same __float2bfloat16_rn per element as one thread per element did (store_vec's from_f32).
 //
 // Cost per element: 6 bytes, no FLOPs; memory-bound.
 #include "cast.cuh"

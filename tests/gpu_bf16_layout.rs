@@ -1,13 +1,13 @@
 //! The layout kernels (`cuda/layout.cu`: PiM partition and merge, channel concatenation and its split, slice and its
-//! backward, sequence flip) and the pooling kernels (`cuda/pool.cu`: average pooling, nearest upsampling) on bf16
-//! GPU tensors: forward and every gradient against the float64 CPU reference on the same bf16-rounded inputs
-//! (engine.md's bf16 tolerance, 1e-2), 2D and 3D, both PiM layouts, odd sizes that are not multiples of the 32 x 32
+//! backward, sequence flip) and the pooling kernels (`cuda/pool.cu`: average pooling, nearest upsampling) on bf16 GPU
+//! tensors: forward and every gradient against the float64 CPU reference on the same bf16-rounded inputs (engine.md's
+//! bf16 tolerance, 1e-2), 2D and 3D, both PiM layouts, odd sizes that are not multiples of the 32-channel x 128-voxel
 //! PiM tile or of a block. And bit for bit against the float32 kernels on the same rounded inputs and seed gradient:
 //! the pure moves (PiM, concat, narrow, flip, the upsampling forward) give the float32 path's values themselves, the
 //! averaging and summing ones (avg_pool both ways, the upsampling backward) the float32 values rounded once to bf16.
 //! The copies and the pooling kernels move 16-byte chunks (8 bf16) where the sizes allow and element by element
-//! elsewhere; the cases below take both paths, chunks across rows and the short last chunk.
-//! Run on a GPU machine with `cargo test --release --test gpu_bf16_layout -- --ignored`.
+//! elsewhere; the cases below take both paths, chunks across rows and the short last chunk. Run on a GPU machine with
+//! `cargo test --release --test gpu_bf16_layout -- --ignored`.
 
 mod common;
 
@@ -116,7 +116,7 @@ fn check_pim(map: &[usize], window: &[usize], seed: u64) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_bf16_pim_3d() {
-    // V = 252 voxels (7 full tiles and a partial one), C = 5 (a partial channel tile), W = 7.
+    // V = 252 voxels (a full 128-voxel tile and a partial one), C = 5 (a partial channel tile), W = 7.
     check_pim(&[2, 5, 4, 9, 7], &[2, 3, 7], 1);
     // C = 37: two channel tiles, the second with 5 channels.
     check_pim(&[1, 37, 6, 10, 15], &[3, 5, 5], 3);

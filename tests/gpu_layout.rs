@@ -1,8 +1,9 @@
-//! The layout kernels of `cuda/layout.cu` against their CPU references: PiM partition and merge (both layouts, 2D
-//! and 3D), channel concatenation, sequence flip, last-axis slice and reshape, forward and backward, on odd sizes
-//! (C = 5 and 37, W = 7, windows and voxel counts that are not multiples of the 32 x 32 PiM tile), NaN-poisoned
+//! The layout kernels of `cuda/layout.cu` against their CPU references: PiM partition and merge (both layouts, 2D and
+//! 3D), channel concatenation, sequence flip, last-axis slice and reshape, forward and backward, on odd sizes (C = 5
+//! and 37, W = 7, windows and voxel counts that are not multiples of the 32-channel x 128-voxel PiM tile), NaN-poisoned
 //! outputs, and PiM at the 3D reference patch. The copies move 16-byte chunks (4 float32) where rows, offsets and
-//! lengths allow and element by element elsewhere: the cases below take both paths and the short last chunk. Run on a GPU machine with `cargo test --release -- --ignored`.
+//! lengths allow and element by element elsewhere: the cases below take both paths and the short last chunk. Run on a
+//! GPU machine with `cargo test --release -- --ignored`.
 //!
 //! These ops only move elements, so GPU and CPU must agree exactly: the tolerance is 1e-12, not 1e-5.
 
@@ -38,12 +39,14 @@ fn check_pim(map: &[usize], window: &[usize], seed: u64) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_pim_3d_odd() {
-    // V = 252 voxels (7 full tiles and a partial one), C = 5 (a partial channel tile), W = 7.
+    // V = 252 voxels (a full 128-voxel tile and a partial one), C = 5 (a partial channel tile), W = 7.
     check_pim(&[2, 5, 4, 9, 7], &[2, 3, 7], 1);
     // C = 37: two channel tiles, the second with 5 channels; windows of 3 x 5 x 5.
     check_pim(&[1, 37, 6, 10, 15], &[3, 5, 5], 3);
     // Window 1 on some axes, and W = 7 with window 7.
     check_pim(&[3, 5, 3, 4, 7], &[1, 2, 7], 5);
+    // V = 1280: ten whole voxel tiles, each across several lines of W = 40; C = 64: two whole channel tiles.
+    check_pim(&[1, 64, 4, 8, 40], &[2, 4, 8], 7);
 }
 
 #[test]
