@@ -65,6 +65,36 @@ __device__ __forceinline__ void store_span(T* at, int count, bool vec, const flo
             if (k < count) at[k] = from_f32<T>(in[k]);
     }
 }
+// Moves VEC<T> elements from src to dst (both 16-byte aligned) as raw bits: a bit-exact copy in either type.
+template <typename T>
+__device__ __forceinline__ void copy_vec(T* dst, const T* src) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
+// Writes dst[e] = value(e) for e < n (n <= VEC<T>), calling value in increasing e (so it may advance a walker over
+// the sources): one 16-byte store where the chunk is whole (n == VEC<T>) and dst 16-byte aligned, else one store
+// per element. The values are stored as they are (moves stay bit-exact).
+template <typename T, typename F>
+__device__ __forceinline__ void store_chunk(T* dst, int n, F&& value) {
+    if (n == VEC<T> && aligned16(dst)) {
+        uint4 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < VEC<T>; ++k) e[k] = value(k);
+        *reinterpret_cast<uint4*>(dst) = raw;
+    } else {
+        for (int k = 0; k < n; ++k) dst[k] = value(k);
+    }
+}
+// Chunks of VEC<T> consecutive elements: n elements make vec_chunks<T>(n) chunks, chunk c starts at element
+// c VEC<T> and holds chunk_len<T>(c VEC<T>, n) of them (VEC<T>, or fewer in the last chunk).
+template <typename T>
+__device__ __forceinline__ int64_t vec_chunks(int64_t n) {
+    return (n + VEC<T> - 1) / VEC<T>;
+}
+template <typename T>
+__device__ __forceinline__ int chunk_len(int64_t i0, int64_t n) {
+    return n - i0 < VEC<T> ? (int)(n - i0) : VEC<T>;
+}
 
 // Instances of a kernel template over both storage types: TYPED_KERNEL(add_f32, add_bf16, add_kernel, Params) defines
 // add_f32(const Params<float>) and add_bf16(const Params<__nv_bfloat16>), each calling the device template BODY<T>.

@@ -28,10 +28,9 @@ namespace {
 template <bool READS_B, typename T, typename F>
 __device__ __forceinline__ void for_each_group(const EltwiseParams<T>& p, F f) {
     const bool vec = aligned16(p.a) && (!READS_B || aligned16(p.b)) && aligned16(p.y);
-    const int64_t groups = (p.n + VEC<T> - 1) / VEC<T>;
-    FOR_EACH(q, groups) {
+    FOR_EACH(q, vec_chunks<T>(p.n)) {
         const int64_t at = q * VEC<T>;
-        const int count = p.n - at < VEC<T> ? (int)(p.n - at) : VEC<T>;
+        const int count = chunk_len<T>(at, p.n);
         float a[VEC<T>], b[VEC<T>] = {}, y[VEC<T>];
         load_span(p.a + at, count, vec, a);
         if (READS_B) load_span(p.b + at, count, vec, b);

@@ -13,28 +13,44 @@
 // for the layout (Window: i picks the group, j the token; Strided: the other way round). pim_voxel_row is that map,
 // used by both kernels; partition writes t from x and merge, the inverse permutation, writes x from t.
 //
-// Both are transposes between a C-major and a C-minor layout, done through a shared tile of PIM_TILE channels x
-// PIM_TILE voxels: the map side is read or written along consecutive voxels v (contiguous within a channel), the
-// token side along consecutive channels c (contiguous within a row). Each tile row is padded by one 4-byte word
-// (PIM_PAD<T> elements: 1 float, 2 bf16), so a row spans an odd number of words (33 float, 17 bf16): the column-wise
-// pass hits 32 distinct banks, and the row-wise pass reads consecutive words (two bf16 threads share one word, which
-// is no conflict). Block (PIM_TILE, PIM_ROWS) threads; grid
-// (N * ceil(V / PIM_TILE), ceil(C / PIM_TILE)): block x covers voxels [v0, v0 + PIM_TILE) of sample n, block y
+// Both are transposes between a C-major and a C-minor layout, done through a shared tile of PIM_TILE = 32 channels x
+// PIM_VOXELS = PIM_SPAN * PIM_TILE = 128 voxels: the map side is read or written along consecutive voxels v
+// (contiguous within a channel), the token side along consecutive channels c (contiguous within a row). Each tile
+// row is padded by one 4-byte word (PIM_PAD<T> elements: 1 float, 2 bf16), so a row spans an odd number of words
+// (129 float, 65 bf16): the column-wise pass hits 32 distinct banks, and the row-wise pass reads consecutive words
+// (two bf16 threads share one word, which is no conflict). Block (PIM_TILE, PIM_ROWS) threads; grid
+// (N * ceil(V / PIM_VOXELS), ceil(C / PIM_TILE)): block x covers voxels [v0, v0 + PIM_VOXELS) of sample n, block y
 // channels [c0, c0 + PIM_TILE). A tile's voxels may span several lines of W; the token rows of its voxels are
-// computed once per block and shared by all its channels.
+// computed once per block (by its first PIM_SPAN warps, one voxel per thread) and shared by all its channels. Each
+// thread moves 16 elements and issues its 16 loads together (partition: before computing the token rows, which
+// then overlap the loads' latency), so a block keeps 16 elements per thread in flight where 32 x 32 tiles kept 4
+// behind a serial row computation.
 //
-// Copies (one thread per element, grid-stride, consecutive threads on consecutive addresses on both sides; parameters
-// CopyRowsParams and FlipParams of layout.cuh):
+// Copies (parameters CopyRowsParams and FlipParams of layout.cuh):
 //   copy_rows:   dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k],  r < rows, k < len
 //                (concat forward: one launch per input places its (C_k * inner) block of each sample; concat
 //                backward: the inverse split; narrow forward: a slice of each last-axis row)
 //   narrow_backward: dx[r, j] = g[r, j - start] for start <= j < start + len, else 0   (dx: rows x K; writes all;
 //                start = dst_off, K = dst_row)
 //   flip_seq:    y[g, l, c] = x[g, L - 1 - l, c]   (its own inverse, so also the backward)
+// Each thread takes chunks of VEC<T> consecutive elements (16 bytes: 4 float32, 8 bf16) of the index space it
+// writes, grid-stride (the host launches grid_vec::<T>(elements) threads); the chunk's coordinates cost one or two
+// 64-bit divisions (which run as 32-bit ones for sizes below 2^32), once per chunk, and the elements inside a chunk
+// walk their coordinates by increments, without dividing.
+//   copy_rows and narrow_backward are one walk, move_rows, over the rows x width columns [j_lo, j_lo + width) of dst
+//   (copy_rows: the slice's len columns; narrow_backward: all K). A chunk is read with one 16-byte load where it lies
+//   in one row inside the slice (or the source rows follow each other) and its source address is 16-byte aligned,
+//   which holds for every chunk when rows, offsets and len are multiples of VEC<T> (concat of maps whose planes are
+//   whole vectors, slices at multiples of VEC<T> columns); it is zero where it lies outside the slice; otherwise each
+//   element is loaded on its own. It is written with one 16-byte store on the same conditions on the destination
+//   (always for narrow_backward and narrow forward, whose destination is contiguous), else element by element.
+//   flip_seq copies one aligned vector per chunk when C is a multiple of VEC<T> (each chunk then lies in one token
+//   row); otherwise it loads the chunk's elements walking (row, l, c) and stores them as one vector.
 //
 // Cost, in units of the storage size E (4 bytes float32, 2 bf16; least traffic, see src/ops/mod.rs): every kernel
 // here moves each element once, 2E bytes per element and no FLOPs; narrow_backward writes all K columns of dx and
-// reads only the len columns of g, E (1 + len/K) bytes per element of dx.
+// reads only the len columns of g, E (1 + len/K) bytes per element of dx. 16-byte accesses and per-chunk index math
+// keep the copies memory-bound (one thread per element with 2 to 3 divisions each ran at 0.5 to 1.5 TB/s).
 #include "common.cuh"
 #include "layout.cuh"
 
@@ -54,100 +70,169 @@ __device__ __forceinline__ int64_t pim_voxel_row(const PimParams<T>& p, int64_t 
            (w / pw) * p.outer[2] + (w % pw) * p.inner[2];
 }
 
-// Fills rows[k] with the token row of voxel v0 + k of sample n (for k with v0 + k < V), then syncs the block.
-template <typename T>
-__device__ __forceinline__ void pim_tile_rows(const PimParams<T>& p, int64_t* rows, int64_t n, int64_t v0, int64_t V) {
-    const int64_t v = v0 + threadIdx.x;
-    if (threadIdx.y == 0 && v < V) {
-        rows[threadIdx.x] = n * V + pim_voxel_row(p, v);
-    }
-    __syncthreads();
-}
+// The voxels of one PiM block, and the elements each thread moves on either side of its tile.
+constexpr int PIM_VOXELS = PIM_TILE * PIM_SPAN;
+constexpr int PIM_MAP_ELEMS = PIM_TILE / PIM_ROWS * PIM_SPAN;  // channel rows ty + PIM_ROWS m, sub-tiles s
+constexpr int PIM_TOKEN_ELEMS = PIM_VOXELS / PIM_ROWS;         // token rows (voxels) ty + PIM_ROWS m
 
-// t (G, L, C) from x (N, C, D, H, W). Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_TILE),
-// ceil(C / PIM_TILE)).
+// One PiM block's tile: PIM_TILE channels from c0 by PIM_VOXELS voxels from v0 of sample n, rows[k] the token row of
+// voxel v0 + k. Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_VOXELS), ceil(C / PIM_TILE)).
+template <typename T>
+struct PimTile {
+    int64_t C, V, n, v0, c0;
+    __device__ explicit PimTile(const PimParams<T>& p) : C(p.C), V(p.size[0] * p.size[1] * p.size[2]) {
+        const int64_t tiles = (V + PIM_VOXELS - 1) / PIM_VOXELS;
+        n = blockIdx.x / tiles;
+        v0 = (blockIdx.x % tiles) * PIM_VOXELS;
+        c0 = (int64_t)blockIdx.y * PIM_TILE;
+    }
+    // Map element m of this thread (channel row cy = ty + PIM_ROWS (m / PIM_SPAN), voxel column vx = PIM_TILE
+    // (m % PIM_SPAN) + tx): a warp takes PIM_TILE consecutive voxels of one channel.
+    __device__ int cy(int m) const { return threadIdx.y + PIM_ROWS * (m / PIM_SPAN); }
+    __device__ int vx(int m) const { return PIM_TILE * (m % PIM_SPAN) + threadIdx.x; }
+    __device__ bool on_map(int m) const { return c0 + cy(m) < C && v0 + vx(m) < V; }
+    __device__ int64_t map_at(int m) const { return (n * C + c0 + cy(m)) * V + v0 + vx(m); }
+    // Token element m of this thread (voxel vy = ty + PIM_ROWS m, channel c0 + tx): a warp takes PIM_TILE
+    // consecutive channels of one token row.
+    __device__ int vy(int m) const { return threadIdx.y + PIM_ROWS * m; }
+    __device__ bool on_tokens(int m) const { return c0 + threadIdx.x < C && v0 + vy(m) < V; }
+    // The token rows of the tile's voxels, computed by the first PIM_SPAN thread rows, one voxel each; the caller
+    // syncs before reading them.
+    __device__ void token_rows(const PimParams<T>& p, int64_t* rows) const {
+        const int k = threadIdx.y * PIM_TILE + threadIdx.x;
+        if (threadIdx.y < PIM_SPAN && v0 + k < V) rows[k] = n * V + pim_voxel_row(p, v0 + k);
+    }
+};
+
+// t (G, L, C) from x (N, C, D, H, W). The map loads are issued first and the token rows computed while they are in
+// flight.
 template <typename T>
 __device__ void pim_partition(const PimParams<T>& p) {
     const T* __restrict__ x = p.src;
     T* __restrict__ t = p.dst;
-    const int64_t C = p.C;
-    __shared__ T tile[PIM_TILE][PIM_TILE + PIM_PAD<T>];  // [channel - c0][voxel - v0]
-    __shared__ int64_t rows[PIM_TILE];
-    const int64_t V = p.size[0] * p.size[1] * p.size[2];
-    const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
-    const int64_t n = blockIdx.x / tiles, v0 = (blockIdx.x % tiles) * PIM_TILE, c0 = (int64_t)blockIdx.y * PIM_TILE;
-    const int tx = threadIdx.x;
-    pim_tile_rows(p, rows, n, v0, V);
-    // Read along voxels: thread tx takes voxel v0 + tx of channel c0 + cy.
-    for (int cy = threadIdx.y; cy < PIM_TILE; cy += PIM_ROWS) {
-        const int64_t c = c0 + cy, v = v0 + tx;
-        if (c < C && v < V) tile[cy][tx] = x[(n * C + c) * V + v];
-    }
+    __shared__ T tile[PIM_TILE][PIM_VOXELS + PIM_PAD<T>];  // [channel - c0][voxel - v0]
+    __shared__ int64_t rows[PIM_VOXELS];
+    const PimTile<T> b(p);
+    T in[PIM_MAP_ELEMS];
+#pragma unroll
+    for (int m = 0; m < PIM_MAP_ELEMS; ++m)
+        if (b.on_map(m)) in[m] = x[b.map_at(m)];
+    b.token_rows(p, rows);
+#pragma unroll
+    for (int m = 0; m < PIM_MAP_ELEMS; ++m)
+        if (b.on_map(m)) tile[b.cy(m)][b.vx(m)] = in[m];
     __syncthreads();
-    // Write along channels: thread tx takes channel c0 + tx of voxel v0 + vy's token row.
-    for (int vy = threadIdx.y; vy < PIM_TILE; vy += PIM_ROWS) {
-        const int64_t c = c0 + tx, v = v0 + vy;
-        if (c < C && v < V) t[rows[vy] * C + c] = tile[tx][vy];
-    }
+#pragma unroll
+    for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
+        if (b.on_tokens(m)) t[rows[b.vy(m)] * b.C + b.c0 + threadIdx.x] = tile[threadIdx.x][b.vy(m)];
 }
 
-// x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch.
+// x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch. The token rows come first (the
+// loads need them), then all loads of the thread together.
 template <typename T>
 __device__ void pim_merge(const PimParams<T>& p) {
     const T* __restrict__ t = p.src;
     T* __restrict__ x = p.dst;
-    const int64_t C = p.C;
-    __shared__ T tile[PIM_TILE][PIM_TILE + PIM_PAD<T>];  // [channel - c0][voxel - v0]
-    __shared__ int64_t rows[PIM_TILE];
-    const int64_t V = p.size[0] * p.size[1] * p.size[2];
-    const int64_t tiles = (V + PIM_TILE - 1) / PIM_TILE;
-    const int64_t n = blockIdx.x / tiles, v0 = (blockIdx.x % tiles) * PIM_TILE, c0 = (int64_t)blockIdx.y * PIM_TILE;
-    const int tx = threadIdx.x;
-    pim_tile_rows(p, rows, n, v0, V);
-    // Read along channels of each token row.
-    for (int vy = threadIdx.y; vy < PIM_TILE; vy += PIM_ROWS) {
-        const int64_t c = c0 + tx, v = v0 + vy;
-        if (c < C && v < V) tile[tx][vy] = t[rows[vy] * C + c];
-    }
+    __shared__ T tile[PIM_TILE][PIM_VOXELS + PIM_PAD<T>];  // [channel - c0][voxel - v0]
+    __shared__ int64_t rows[PIM_VOXELS];
+    const PimTile<T> b(p);
+    b.token_rows(p, rows);
     __syncthreads();
-    // Write along voxels of each channel.
-    for (int cy = threadIdx.y; cy < PIM_TILE; cy += PIM_ROWS) {
-        const int64_t c = c0 + cy, v = v0 + tx;
-        if (c < C && v < V) x[(n * C + c) * V + v] = tile[cy][tx];
+    T in[PIM_TOKEN_ELEMS];
+#pragma unroll
+    for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
+        if (b.on_tokens(m)) in[m] = t[rows[b.vy(m)] * b.C + b.c0 + threadIdx.x];
+#pragma unroll
+    for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
+        if (b.on_tokens(m)) tile[threadIdx.x][b.vy(m)] = in[m];
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < PIM_MAP_ELEMS; ++m)
+        if (b.on_map(m)) x[b.map_at(m)] = tile[b.cy(m)][b.vx(m)];
+}
+
+// Columns [j_lo, j_lo + width) of every row of dst (rows x dst_row), with the slice [s_lo, s_hi) = [dst_off,
+// dst_off + len) of them taken from src: dst[r, j] = src[r src_row + src_off + j - s_lo] for s_lo <= j < s_hi, else
+// 0. copy_rows covers exactly the slice (j_lo = s_lo, width = len), narrow_backward whole rows (j_lo = 0, width =
+// dst_row), zeros around the slice. See the header for the chunks and their vector cases.
+template <typename T>
+__device__ void move_rows(const CopyRowsParams<T>& p, const int64_t j_lo, const int64_t width) {
+    constexpr int V = VEC<T>;
+    const T* __restrict__ src = p.src;
+    T* __restrict__ dst = p.dst;
+    const int64_t s_lo = p.dst_off, s_hi = p.dst_off + p.len, j_hi = j_lo + width;
+    const int64_t total = p.rows * width;
+    // Rows that follow each other in memory on one side: a chunk crossing rows is still one run there.
+    const bool src_flat = s_lo <= j_lo && j_hi <= s_hi && p.src_row == width;
+    const bool dst_flat = p.dst_row == width;
+    auto src_at = [&](int64_t r, int64_t j) { return src + r * p.src_row + p.src_off + (j - s_lo); };
+    FOR_EACH(c, vec_chunks<T>(total)) {
+        const int64_t i0 = c * V;
+        const int n = chunk_len<T>(i0, total);
+        const int64_t r0 = i0 / width, j0 = j_lo + (i0 - r0 * width);
+        const bool whole = n == V, one_row = whole && j0 + V <= j_hi;
+        uint4 raw;
+        T* v = reinterpret_cast<T*>(&raw);
+        if (whole && (one_row ? s_lo <= j0 && j0 + V <= s_hi : src_flat) && aligned16(src_at(r0, j0))) {
+            raw = *reinterpret_cast<const uint4*>(src_at(r0, j0));
+        } else if (one_row && (j0 + V <= s_lo || s_hi <= j0)) {
+            raw = make_uint4(0u, 0u, 0u, 0u);  // +0 in either type, as from_f32<T>(0.0f)
+        } else {
+            int64_t r = r0, j = j0;
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                if (e < n) v[e] = s_lo <= j && j < s_hi ? *src_at(r, j) : from_f32<T>(0.0f);
+                if (++j == j_hi) j = j_lo, ++r;
+            }
+        }
+        T* d0 = dst + r0 * p.dst_row + j0;
+        if ((one_row || (whole && dst_flat)) && aligned16(d0)) {
+            *reinterpret_cast<uint4*>(d0) = raw;
+        } else {
+            int64_t r = r0, j = j0;
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                if (e < n) dst[r * p.dst_row + j] = v[e];
+                if (++j == j_hi) j = j_lo, ++r;
+            }
+        }
     }
 }
 
 template <typename T>
 __device__ void copy_rows(const CopyRowsParams<T>& p) {
-    const T* __restrict__ src = p.src;
-    T* __restrict__ dst = p.dst;
-    const int64_t len = p.len;
-    FOR_EACH(i, p.rows * len) {
-        const int64_t r = i / len, k = i % len;
-        dst[r * p.dst_row + p.dst_off + k] = src[r * p.src_row + p.src_off + k];
-    }
+    move_rows(p, p.dst_off, p.len);
 }
 
-// dx = dst (rows x K, K = dst_row), g = src (rows x len), start = dst_off.
+// dx = dst (rows x K, K = dst_row), g = src (rows x len, src_row = len, src_off = 0), start = dst_off.
 template <typename T>
 __device__ void narrow_backward(const CopyRowsParams<T>& p) {
-    const T* __restrict__ g = p.src;
-    T* __restrict__ dx = p.dst;
-    const int64_t K = p.dst_row, start = p.dst_off, len = p.len;
-    FOR_EACH(i, p.rows * K) {
-        const int64_t r = i / K, j = i % K - start;
-        dx[i] = (j >= 0 && j < len) ? g[r * len + j] : from_f32<T>(0.0f);
-    }
+    move_rows(p, 0, p.dst_row);
 }
 
 template <typename T>
 __device__ void flip_seq(const FlipParams<T>& p) {
+    constexpr int V = VEC<T>;
     const T* __restrict__ x = p.x;
     T* __restrict__ y = p.y;
-    const int64_t L = p.L, C = p.C;
-    FOR_EACH(i, p.G * L * C) {
-        const int64_t c = i % C, l = (i / C) % L, g = i / (C * L);
-        y[i] = x[(g * L + (L - 1 - l)) * C + c];
+    const int64_t L = p.L, C = p.C, total = p.G * L * C;
+    const bool rows_of_vectors = C % V == 0 && aligned16(x) && aligned16(y);
+    FOR_EACH(c, vec_chunks<T>(total)) {
+        const int64_t i0 = c * V;
+        // Element i0 is channel k of y's token row `row` = g L + l, whose source is x's row g L + L - 1 - l.
+        int64_t row = i0 / C, k = i0 - row * C, l = row % L;
+        if (rows_of_vectors) {
+            copy_vec(y + i0, x + (row + L - 1 - 2 * l) * C + k);
+        } else {
+            store_chunk(y + i0, chunk_len<T>(i0, total), [&](int) {
+                const T v = x[(row + L - 1 - 2 * l) * C + k];
+                if (++k == C) {
+                    k = 0, ++row;
+                    if (++l == L) l = 0;
+                }
+                return v;
+            });
+        }
     }
 }
 

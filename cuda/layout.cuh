@@ -4,10 +4,12 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// pim_partition / pim_merge: the side of the square tile (channels x voxels) one block moves, and its thread rows
-// (block (PIM_TILE, PIM_ROWS); each thread moves PIM_TILE / PIM_ROWS elements).
+// pim_partition / pim_merge: one block moves a tile of PIM_TILE channels x PIM_SPAN * PIM_TILE voxels with
+// PIM_TILE x PIM_ROWS threads (block (PIM_TILE, PIM_ROWS); each thread moves PIM_SPAN * PIM_TILE / PIM_ROWS
+// elements).
 constexpr int PIM_TILE = 32;
 constexpr int PIM_ROWS = 8;
+constexpr int PIM_SPAN = 4;
 
 // A map (N, C, D, H, W) and its tokens (G, L, C); per spatial axis a (d, h, w), the token row of voxel coordinate s is
 // (s / window[a]) outer[a] + (s % window[a]) inner[a], summed over the axes, plus n D H W.
@@ -52,12 +54,12 @@ extern "C" __global__ void pim_partition_bf16(const PimParams<__nv_bfloat16> p);
 // the same launch
 extern "C" __global__ void pim_merge_f32(const PimParams<float> p);
 extern "C" __global__ void pim_merge_bf16(const PimParams<__nv_bfloat16> p);
-// one thread per element, any grid
+// one chunk of VEC<T> elements of the copied rows per thread (grid_vec), any grid
 extern "C" __global__ void copy_rows_f32(const CopyRowsParams<float> p);
 extern "C" __global__ void copy_rows_bf16(const CopyRowsParams<__nv_bfloat16> p);
-// one thread per element of dx, any grid
+// one chunk of VEC<T> elements of dx per thread (grid_vec), any grid
 extern "C" __global__ void narrow_backward_f32(const CopyRowsParams<float> p);
 extern "C" __global__ void narrow_backward_bf16(const CopyRowsParams<__nv_bfloat16> p);
-// one thread per element, any grid
+// one chunk of VEC<T> elements of y per thread (grid_vec), any grid
 extern "C" __global__ void flip_seq_f32(const FlipParams<float> p);
 extern "C" __global__ void flip_seq_bf16(const FlipParams<__nv_bfloat16> p);

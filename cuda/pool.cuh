@@ -1,6 +1,6 @@
-// Parameters of the average pooling and nearest upsampling kernels of pool.cu (one thread per written element,
-// grid-stride, so any grid), generic over the storage type T (float or __nv_bfloat16); every kernel comes in a float32
-// and a bf16 instance, NAME_f32 and NAME_bf16.
+// Parameters of the average pooling and nearest upsampling kernels of pool.cu (one chunk of VEC<T> written elements per
+// thread, grid-stride, so any grid; the host launches grid_vec), generic over the storage type T (float or
+// __nv_bfloat16); every kernel comes in a float32 and a bf16 instance, NAME_f32 and NAME_bf16.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>

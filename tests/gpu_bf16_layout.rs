@@ -1,11 +1,13 @@
 //! The layout kernels (`cuda/layout.cu`: PiM partition and merge, channel concatenation and its split, slice and its
-//! backward, sequence flip) and the pooling kernels (`cuda/pool.cu`: average pooling, nearest upsampling) on bf16
-//! GPU tensors: forward and every gradient against the float64 CPU reference on the same bf16-rounded inputs
-//! (engine.md's bf16 tolerance, 1e-2), 2D and 3D, both PiM layouts, odd sizes that are not multiples of the 32 x 32
+//! backward, sequence flip) and the pooling kernels (`cuda/pool.cu`: average pooling, nearest upsampling) on bf16 GPU
+//! tensors: forward and every gradient against the float64 CPU reference on the same bf16-rounded inputs (engine.md's
+//! bf16 tolerance, 1e-2), 2D and 3D, both PiM layouts, odd sizes that are not multiples of the 32-channel x 128-voxel
 //! PiM tile or of a block. And bit for bit against the float32 kernels on the same rounded inputs and seed gradient:
 //! the pure moves (PiM, concat, narrow, flip, the upsampling forward) give the float32 path's values themselves, the
 //! averaging and summing ones (avg_pool both ways, the upsampling backward) the float32 values rounded once to bf16.
-//! Run on a GPU machine with `cargo test --release --test gpu_bf16_layout -- --ignored`.
+//! The copies and the pooling kernels move 16-byte chunks (8 bf16) where the sizes allow and element by element
+//! elsewhere; the cases below take both paths, chunks across rows and the short last chunk. Run on a GPU machine with
+//! `cargo test --release --test gpu_bf16_layout -- --ignored`.
 
 mod common;
 
@@ -114,7 +116,7 @@ fn check_pim(map: &[usize], window: &[usize], seed: u64) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_bf16_pim_3d() {
-    // V = 252 voxels (7 full tiles and a partial one), C = 5 (a partial channel tile), W = 7.
+    // V = 252 voxels (a full 128-voxel tile and a partial one), C = 5 (a partial channel tile), W = 7.
     check_pim(&[2, 5, 4, 9, 7], &[2, 3, 7], 1);
     // C = 37: two channel tiles, the second with 5 channels.
     check_pim(&[1, 37, 6, 10, 15], &[3, 5, 5], 3);
@@ -141,6 +143,12 @@ fn gpu_bf16_concat_channels() {
     });
     let rank2 = [randn32(&[5, 3], 1.0, 46), randn32(&[5, 7], 1.0, 47)];
     check_bf16("concat rank 2", &rank2, Bf16Exact::Moves, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    // Odd channel counts on planes of 128 voxels: every block and offset a whole number of vectors.
+    let aligned = [randn32(&[2, 3, 4, 4, 8], 1.0, 50), randn32(&[2, 5, 4, 4, 8], 1.0, 51)];
+    check_bf16("concat aligned", &aligned, Bf16Exact::Moves, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    // A decoder level of the 3D network at a sixteenth of the patch (planes of 10 x 28 x 24 voxels).
+    let decoder = [randn32(&[2, 8, 10, 28, 24], 1.0, 48), randn32(&[2, 8, 10, 28, 24], 1.0, 49)];
+    check_bf16("concat decoder", &decoder, Bf16Exact::Moves, |t, x| concat_channels(t, &[&x[0], &x[1]]));
     // Only the second input needs a gradient: the other split is skipped.
     check_op_bf16("concat one gradient", &two_3d, &[false, true], &[true; 2], BF16_TOL, |t, x| {
         concat_channels(t, &[&x[0], &x[1]])
@@ -167,8 +175,18 @@ fn gpu_bf16_narrow() {
         ("narrow one", &[2, 3, 5, 7, 9], 4, 8, 1, 64),
         ("narrow axis 2 of 5", &[2, 3, 5, 7, 9], 2, 1, 3, 67),
         ("narrow rows, odd", &[37, 3, 5], 0, 11, 19, 70),
-        // x_proj's output at d_model 32 (34 columns), its B columns.
+        // x_proj's output at d_model 32 (34 columns): dt, B and C; some rows of B and C start on a vector.
+        ("narrow dt", &[1_341, 34], 1, 0, 2, 65),
         ("narrow B", &[1_341, 34], 1, 2, 16, 66),
+        ("narrow C", &[1_341, 34], 1, 18, 16, 68),
+        // Mamba's in_proj weight at d_model 32: one run of 2048 elements at offset 2048.
+        ("narrow in_proj z rows", &[128, 32], 0, 64, 64, 69),
+        // Rows, offset and length multiples of 8: 16-byte chunks on both sides.
+        ("narrow aligned", &[9, 64], 1, 16, 32, 71),
+        ("narrow aligned short rows", &[7, 24], 1, 8, 8, 72),
+        // Rows of 100: the backward's chunks outside the slice (zeros), inside it, across its edges and rows.
+        ("narrow zeros around", &[5, 100], 1, 40, 24, 73),
+        ("narrow odd start, aligned length", &[6, 45], 1, 3, 32, 74),
     ] {
         check_bf16(name, &[randn32(shape, 1.0, seed)], Bf16Exact::Moves, |t, x| narrow(t, &x[0], axis, start, len));
     }
@@ -180,6 +198,10 @@ fn gpu_bf16_flip_seq() {
     check_bf16("flip small", &[randn32(&[3, 37, 5], 1.0, 51)], Bf16Exact::Moves, |t, x| flip_seq(t, &x[0]));
     check_bf16("flip one token", &[randn32(&[2, 1, 7], 1.0, 52)], Bf16Exact::Moves, |t, x| flip_seq(t, &x[0]));
     check_bf16("flip long", &[randn32(&[2, 1_001, 33], 1.0, 53)], Bf16Exact::Moves, |t, x| flip_seq(t, &x[0]));
+    // C a multiple of 8: one vector per chunk; C = 4 and 12: chunks across token rows, gathered element by element.
+    check_bf16("flip vectors", &[randn32(&[3, 9, 64], 1.0, 54)], Bf16Exact::Moves, |t, x| flip_seq(t, &x[0]));
+    check_bf16("flip C = 4", &[randn32(&[2, 7, 4], 1.0, 55)], Bf16Exact::Moves, |t, x| flip_seq(t, &x[0]));
+    check_bf16("flip C = 12", &[randn32(&[3, 5, 12], 1.0, 56)], Bf16Exact::Moves, |t, x| flip_seq(t, &x[0]));
 }
 
 #[test]
@@ -218,6 +240,13 @@ fn gpu_bf16_avg_pool() {
         (&[1, 2, 5, 7], &[7, 1], 53),
         (&[2, 3, 9, 19, 23], &[2, 2, 2], 54),
         (&[1, 5, 11, 13, 17], &[3, 4, 5], 56),
+        // Rows of a multiple of 8 with k_w = 4, 2, 1: the forward reads window rows as vectors (short windows along
+        // d and h included), the backward stores whole vectors.
+        (&[2, 3, 9, 19, 64], &[2, 2, 4], 57),
+        (&[1, 4, 6, 20, 48], &[1, 2, 2], 58),
+        (&[2, 3, 6, 10, 16], &[2, 2, 1], 59),
+        // 2D with pooled rows of 20: chunks within a row and across two.
+        (&[2, 3, 7, 40], &[2, 2], 60),
     ] {
         let name = format!("avg_pool {shape:?} / {factor:?}");
         check_bf16(&name, &[randn32(shape, 1.0, seed)], Bf16Exact::RoundsOnce, |t, x| avg_pool(t, &x[0], factor));
@@ -232,6 +261,11 @@ fn gpu_bf16_upsample_nearest() {
         (&[2, 3, 13, 11], &[3, 1], 62),
         (&[2, 3, 5, 9, 11], &[2, 2, 2], 63),
         (&[1, 5, 3, 7, 5], &[1, 3, 4], 64),
+        // Vector paths: forward rows of 32, 24 (f_w = 3: source runs across chunk edges) and 32; backward windows
+        // read as vectors for f_w = 2 and 4.
+        (&[2, 3, 4, 6, 16], &[2, 2, 2], 65),
+        (&[2, 3, 4, 8], &[1, 3], 66),
+        (&[1, 2, 3, 5, 8], &[1, 2, 4], 67),
     ] {
         let name = format!("upsample_nearest {shape:?} * {factor:?}");
         let x = [randn32(shape, 1.0, seed)];

@@ -64,6 +64,32 @@ fn gpu_bf16_rounding_matches_the_host_bit_for_bit() {
     assert!(back.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
 }
 
+/// The kernels convert chunks of 8 elements (two 16-byte float32 vectors, one bf16 vector) and the short last chunk
+/// element by element: every length from 1 to 17, and one past a multiple of 8, round as the host does both ways.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_bf16_rounding_at_every_chunk_tail() {
+    let dev = Device::Cuda(gpu());
+    let all = hard_values();
+    for n in (1..=17).chain([4097]) {
+        let v = &all[..n];
+        let x = Tensor::from_vec(v.to_vec(), &[n]).unwrap().to_device(&dev).unwrap();
+        let y = x.to_dtype(DType::BF16).unwrap();
+        let got = y.to_vec_f32().unwrap();
+        let back = y.to_dtype(DType::F32).unwrap().to_vec_f32().unwrap();
+        for (i, &x) in v.iter().enumerate() {
+            let want = f32::from(bf16::from_f32(x));
+            let same = |g: f32| g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
+            assert!(
+                same(got[i]) && same(back[i]),
+                "length {n}, element {i}: bf16({x:e}) = {} / {} on the GPU, {want:e} on the host",
+                got[i],
+                back[i]
+            );
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_cast_op_carries_the_gradient_back_to_float32() {

@@ -1,7 +1,9 @@
-//! The layout kernels of `cuda/layout.cu` against their CPU references: PiM partition and merge (both layouts, 2D
-//! and 3D), channel concatenation, sequence flip, last-axis slice and reshape, forward and backward, on odd sizes
-//! (C = 5 and 37, W = 7, windows and voxel counts that are not multiples of the 32 x 32 PiM tile), NaN-poisoned
-//! outputs, and PiM at the 3D reference patch. Run on a GPU machine with `cargo test --release -- --ignored`.
+//! The layout kernels of `cuda/layout.cu` against their CPU references: PiM partition and merge (both layouts, 2D and
+//! 3D), channel concatenation, sequence flip, last-axis slice and reshape, forward and backward, on odd sizes (C = 5
+//! and 37, W = 7, windows and voxel counts that are not multiples of the 32-channel x 128-voxel PiM tile), NaN-poisoned
+//! outputs, and PiM at the 3D reference patch. The copies move 16-byte chunks (4 float32) where rows, offsets and
+//! lengths allow and element by element elsewhere: the cases below take both paths and the short last chunk. Run on a
+//! GPU machine with `cargo test --release -- --ignored`.
 //!
 //! These ops only move elements, so GPU and CPU must agree exactly: the tolerance is 1e-12, not 1e-5.
 
@@ -37,12 +39,14 @@ fn check_pim(map: &[usize], window: &[usize], seed: u64) {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_pim_3d_odd() {
-    // V = 252 voxels (7 full tiles and a partial one), C = 5 (a partial channel tile), W = 7.
+    // V = 252 voxels (a full 128-voxel tile and a partial one), C = 5 (a partial channel tile), W = 7.
     check_pim(&[2, 5, 4, 9, 7], &[2, 3, 7], 1);
     // C = 37: two channel tiles, the second with 5 channels; windows of 3 x 5 x 5.
     check_pim(&[1, 37, 6, 10, 15], &[3, 5, 5], 3);
     // Window 1 on some axes, and W = 7 with window 7.
     check_pim(&[3, 5, 3, 4, 7], &[1, 2, 7], 5);
+    // V = 1280: ten whole voxel tiles, each across several lines of W = 40; C = 64: two whole channel tiles.
+    check_pim(&[1, 64, 4, 8, 40], &[2, 4, 8], 7);
 }
 
 #[test]
@@ -105,6 +109,12 @@ fn gpu_concat_channels() {
     check_op("concat 2d three inputs", &three_2d, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1], &x[2]]));
     let rank2 = [randn32(&[5, 3], 1.0, 46), randn32(&[5, 7], 1.0, 47)];
     check_op("concat rank 2", &rank2, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    // Odd channel counts on planes of 128 voxels: every block and offset a whole number of vectors.
+    let aligned = [randn32(&[2, 3, 4, 4, 8], 1.0, 50), randn32(&[2, 5, 4, 4, 8], 1.0, 51)];
+    check_op("concat aligned", &aligned, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
+    // Planes of 6 voxels: blocks of 18 and 12, chunks across samples.
+    let ragged = [randn32(&[3, 3, 2, 3], 1.0, 52), randn32(&[3, 2, 2, 3], 1.0, 53)];
+    check_op("concat ragged", &ragged, EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
     // Only the skip connection needs a gradient: the other input's split is skipped.
     check_op_inputs("concat one gradient", &two_3d, &[false, true], EXACT, |t, x| concat_channels(t, &[&x[0], &x[1]]));
     // A decoder level of the 3D network (upsampled 32 channels, skip 32 channels) at a quarter of the patch.
@@ -127,6 +137,10 @@ fn gpu_concat_rejects_mixed_devices() {
 fn gpu_flip_seq() {
     check_op("flip small", &[randn32(&[3, 37, 5], 1.0, 51)], EXACT, |t, x| flip_seq(t, &x[0]));
     check_op("flip one token", &[randn32(&[2, 1, 7], 1.0, 52)], EXACT, |t, x| flip_seq(t, &x[0]));
+    // C a multiple of 4: one vector per chunk; C = 6: chunks across token rows, gathered element by element.
+    check_op("flip vectors", &[randn32(&[3, 9, 8], 1.0, 54)], EXACT, |t, x| flip_seq(t, &x[0]));
+    check_op("flip C = 4", &[randn32(&[2, 5, 4], 1.0, 55)], EXACT, |t, x| flip_seq(t, &x[0]));
+    check_op("flip C = 6", &[randn32(&[3, 7, 6], 1.0, 56)], EXACT, |t, x| flip_seq(t, &x[0]));
     // PaM at stage 0 of the 3D reference (one sequence per sample of 26,880 tokens, d_inner = 64).
     check_op("flip pam", &[randn32(&[2, 26_880, 64], 1.0, 53)], EXACT, |t, x| flip_seq(t, &x[0]));
 }
@@ -146,6 +160,13 @@ fn gpu_narrow() {
         ("narrow in_proj x rows", &[128, 32], 0, 0, 64, 68),
         ("narrow in_proj z rows", &[128, 32], 0, 64, 64, 69),
         ("narrow rows, odd", &[37, 3, 5], 0, 11, 19, 70),
+        // Rows, offset and length multiples of 4: 16-byte chunks on both sides, forward and backward.
+        ("narrow aligned", &[9, 64], 1, 16, 32, 71),
+        ("narrow aligned short rows", &[7, 24], 1, 8, 8, 72),
+        // Rows of 100 (not a multiple of 8): the backward's chunks lie outside the slice (zeros), inside it, across
+        // its edges and across rows.
+        ("narrow zeros around", &[5, 100], 1, 40, 24, 73),
+        ("narrow odd start, aligned length", &[6, 45], 1, 3, 32, 74),
     ] {
         check_op(name, &[randn32(shape, 1.0, seed)], EXACT, |t, x| narrow(t, &x[0], axis, start, len));
     }

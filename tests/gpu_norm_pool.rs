@@ -259,6 +259,18 @@ fn gpu_avg_pool_3d() {
     check_avg_pool(&[1, 5, 11, 13, 17], &[3, 4, 5], 56);
 }
 
+/// Rows whose windows are whole 16-byte vectors: the forward's vector path for k_w = 4, 2 and 1 (short windows
+/// along d and h included) and the backward's vector stores; pooled rows of 10 mix chunks within a row and across
+/// two.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_avg_pool_vectors() {
+    check_avg_pool(&[2, 3, 9, 19, 64], &[2, 2, 4], 58);
+    check_avg_pool(&[1, 4, 6, 20, 48], &[1, 2, 2], 59);
+    check_avg_pool(&[2, 3, 6, 10, 16], &[2, 2, 1], 60);
+    check_avg_pool(&[2, 3, 7, 40], &[2, 4], 61);
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_avg_pool_reference() {
@@ -284,6 +296,17 @@ fn gpu_upsample_2d() {
 fn gpu_upsample_3d() {
     check_upsample(&[2, 3, 5, 9, 11], &[2, 2, 2], 63);
     check_upsample(&[1, 5, 3, 7, 5], &[1, 3, 4], 64);
+}
+
+/// The vector paths: forward rows of 32, 24 (f_w = 3: source runs across chunk edges) and 32, backward windows read
+/// as vectors for f_w = 2 and 4; rows of 10 (f_w = 1) mix chunks within a row and across two.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_upsample_vectors() {
+    check_upsample(&[2, 3, 4, 6, 16], &[2, 2, 2], 66);
+    check_upsample(&[2, 3, 4, 8], &[1, 3], 67);
+    check_upsample(&[1, 2, 3, 5, 8], &[1, 2, 4], 68);
+    check_upsample(&[2, 3, 6, 10], &[2, 1], 69);
 }
 
 #[test]

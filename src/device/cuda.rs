@@ -394,6 +394,12 @@ pub fn grid_1d(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// [`grid_1d`] over the chunks of one 16-byte vector (common.cuh's `VEC<T>`: 4 float32, 8 bf16) of `n` elements of
+/// `T`, for the kernels that take a chunk per thread (elementwise, layout, pooling and cast kernels).
+pub fn grid_vec<T>(n: usize) -> LaunchConfig {
+    grid_1d(n.div_ceil(16 / std::mem::size_of::<T>()))
+}
+
 /// Checks a launch result, naming the kernel and the shapes it ran on.
 pub fn check_launch<T>(r: std::result::Result<T, DriverError>, kernel: &str, shapes: &str) -> Result<T> {
     r.map_err(|e| Error::Device(format!("launching {kernel} on {shapes}: {e}")))

@@ -12,8 +12,10 @@
 //!
 //! Every input voxel lies in exactly one window, so the backward is a scatter without overlap.
 //!
-//! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element summing its window, and the backward
-//! one thread per input-gradient element reading its window's gradient (a gather: no atomics).
+//! On the GPU (`cuda/pool.cu`) each thread writes a chunk of 16 bytes of the result (4 float32 or 8 bf16 values, one
+//! vector store): the forward sums each output's window (its rows read as 16-byte vectors where k_w is 1, 2 or 4 and
+//! the rows are whole vectors), in the same order as one output at a time, and the backward reads each element's
+//! window gradient (a gather: no atomics).
 //!
 //! x may be float32 or bf16 on the GPU; y and dL/dx have its storage type, computed in float32 and rounded once.
 //!
@@ -23,7 +25,7 @@
 //! write dL/dx) and 1 FLOP.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuElement};
+use crate::device::cuda::{grid_vec, GpuElement};
 use crate::device::params::{kernel, Kernel, PoolParams};
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
@@ -197,6 +199,6 @@ pub(crate) fn resample_gpu<T: GpuElement>(
         out_size: sizes(out),
         factor: sizes(factor),
     };
-    gpu.launch(k, grid_1d(numel), &p, &format!("{what} {:?} factor {factor:?}", src.shape()))?;
+    gpu.launch(k, grid_vec::<T>(numel), &p, &format!("{what} {:?} factor {factor:?}", src.shape()))?;
     Tensor::from_gpu(dst, &shape)
 }

@@ -16,7 +16,7 @@
 //! bf16): 2E bytes (one read, one write) and no FLOPs, in both directions.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
+use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, CopyRowsParams};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -92,7 +92,7 @@ pub(crate) fn copy_rows_gpu<T: GpuElement>(
         dst_row,
         dst_off,
     };
-    src.gpu.launch(kernel::copy_rows::<T>(), grid_1d(rows * len), &p, shapes)
+    src.gpu.launch(kernel::copy_rows::<T>(), grid_vec::<T>(rows * len), &p, shapes)
 }
 
 /// The GPU forward, for storage type `T`: each input's block of each sample goes to its channel offset in the output.

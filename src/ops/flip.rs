@@ -3,8 +3,9 @@
 //! ```text
 //!   y[g, l, c] = x[g, L - 1 - l, c]        dL/dx = flip(dL/dy)    (the flip is its own inverse and transpose)
 //! ```
-//! Each token's C channels are contiguous, so a flip copies whole rows of C (on the GPU, one thread per output
-//! element, reading the mirrored row's same channel).
+//! Each token's C channels are contiguous, so a flip copies whole rows of C (on the GPU, a thread per 16 bytes of
+//! the output: one aligned vector copy when C is a multiple of 16 bytes' elements, else an element-wise gather
+//! stored as one vector; `cuda/layout.cu`).
 //!
 //! On the GPU x may be float32 or bf16; y and dL/dx have its storage type, and the flip is a bit-exact copy.
 //!
@@ -12,7 +13,7 @@
 //! bf16): 2E bytes (one read, one write) and no FLOPs, in both directions.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuElement};
+use crate::device::cuda::{grid_vec, GpuElement};
 use crate::device::params::{kernel, FlipParams};
 use crate::ops::seq_dims;
 use crate::profile;
@@ -44,7 +45,7 @@ fn flip_gpu<T: GpuElement>(x: &Tensor, (g, l, c): (usize, usize, usize)) -> Resu
     let mut y = gpu.alloc_of::<T>(x.numel(), "flip_seq")?;
     let [g, l, c] = [g, l, c].map(|v| v as i64);
     let p = FlipParams { x: xb.ptr(), y: y.ptr_mut(), G: g, L: l, C: c };
-    gpu.launch(kernel::flip_seq::<T>(), grid_1d(x.numel()), &p, &format!("{:?}", x.shape()))?;
+    gpu.launch(kernel::flip_seq::<T>(), grid_vec::<T>(x.numel()), &p, &format!("{:?}", x.shape()))?;
     Tensor::from_gpu(y, x.shape())
 }
 

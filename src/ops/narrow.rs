@@ -21,7 +21,7 @@
 //! written, zeros included; dL/dy read once) and no FLOPs.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_1d, GpuElement};
+use crate::device::cuda::{grid_vec, GpuElement};
 use crate::device::params::{kernel, CopyRowsParams};
 use crate::ops::concat::copy_rows_gpu;
 use crate::profile;
@@ -160,6 +160,6 @@ fn widen_gpu<T: GpuElement>(g: &Tensor, s: &RowSlice) -> Result<Tensor> {
         dst_row: row,
         dst_off: start,
     };
-    gpu.launch(kernel::narrow_backward::<T>(), grid_1d(numel), &p, &s.describe("narrow backward"))?;
+    gpu.launch(kernel::narrow_backward::<T>(), grid_vec::<T>(numel), &p, &s.describe("narrow backward"))?;
     Tensor::from_gpu(dx, &s.shape)
 }

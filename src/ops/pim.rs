@@ -39,7 +39,7 @@
 //!
 //! On the GPU (`cuda/layout.cu`) each term is computed from two multipliers per axis,
 //! `R_a[s] = (s / p_a) mi_a + (s % p_a) mj_a`, and both directions are a tiled transpose through shared memory:
-//! a block moves 32 channels x 32 consecutive voxels, touching the map along voxels and the tokens along channels.
+//! a block moves 32 channels x 128 consecutive voxels, touching the map along voxels and the tokens along channels.
 //!
 //! Both run on float32 and bf16 GPU tensors alike (the output and the gradient in the input's storage type); a move
 //! does no arithmetic, so it is bit-exact in either type.
@@ -51,7 +51,7 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::GpuElement;
-use crate::device::params::{kernel, PimParams, PIM_ROWS, PIM_TILE};
+use crate::device::params::{kernel, PimParams, PIM_ROWS, PIM_SPAN, PIM_TILE};
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -243,7 +243,7 @@ fn permute_gpu<T: GpuElement>(grouping: &Grouping, input: &Tensor, dir: Directio
     let input = input.gpu_operand::<T>("PiM")?;
     let gpu = &input.gpu;
     let (n, c, [d, h, w]) = (grouping.dims.n, grouping.dims.c, grouping.dims.s);
-    let voxel_tiles = grouping.dims.voxels().div_ceil(PIM_TILE);
+    let voxel_tiles = grouping.dims.voxels().div_ceil(PIM_TILE * PIM_SPAN);
     let (blocks_x, blocks_y) = (n * voxel_tiles, c.div_ceil(PIM_TILE));
     ensure!(
         blocks_x <= i32::MAX as usize && blocks_y <= u16::MAX as usize,

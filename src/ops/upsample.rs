@@ -11,9 +11,10 @@
 //!
 //! Upsampling by f is the adjoint of summing over f-blocks, so `avg_pool(upsample_nearest(x, f), f) = x`.
 //!
-//! On the GPU (`cuda/pool.cu`) the forward runs one thread per output element copying its source, and the backward
-//! one thread per input-gradient element summing its f-block of the gradient in a fixed order (a gather: no
-//! atomics).
+//! On the GPU (`cuda/pool.cu`) each thread writes a chunk of 16 bytes of the result (4 float32 or 8 bf16 values, one
+//! vector store): the forward copies each element's source, and the backward sums each input-gradient element's
+//! f-block of the gradient in a fixed order (its rows read as 16-byte vectors where f_w is 1, 2 or 4 and the rows are
+//! whole vectors; a gather: no atomics).
 //!
 //! x may be float32 or bf16 on the GPU; y and dL/dx have its storage type: the forward is a bit-exact copy, the
 //! backward sums in float32 and rounds once.

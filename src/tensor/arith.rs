@@ -1,10 +1,9 @@
 //! Elementwise arithmetic on whole tensors, without autograd: the building blocks that the autograd layer (gradient
 //! accumulation), the ops' backward passes and the optimiser share.
 
-use cudarc::driver::LaunchConfig;
 
 use super::{Real, Storage, Tensor};
-use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
+use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, ConstPtr, EltwiseParams, Kernel};
 use crate::{ensure, Result};
 
@@ -93,7 +92,7 @@ fn add_in_place_gpu<T: GpuElement>(y: &mut GpuBuffer<T>, b: &GpuBuffer<T>, shape
     let n = y.slice.len();
     let out = y.ptr_mut();
     let p = EltwiseParams { a: ConstPtr::from_raw(out.address()), b: b.ptr(), y: out, s: 1.0, n: n as i64 };
-    y.gpu.launch(kernel::add::<T>(), eltwise_grid::<T>(n), &p, shapes)
+    y.gpu.launch(kernel::add::<T>(), grid_vec::<T>(n), &p, shapes)
 }
 
 /// `s * a`.
@@ -128,14 +127,8 @@ pub(crate) fn eltwise_gpu<T: GpuElement>(
     let gpu = &a.gpu;
     let mut y = gpu.alloc_of::<T>(n, what)?;
     let p = EltwiseParams { a: a.ptr(), b: b.map_or(ConstPtr::NULL, GpuBuffer::ptr), y: y.ptr_mut(), s, n: n as i64 };
-    gpu.launch(k, eltwise_grid::<T>(n), &p, shapes)?;
+    gpu.launch(k, grid_vec::<T>(n), &p, shapes)?;
     Ok(y)
-}
-
-/// The launch of an elementwise kernel over `n` elements of `T`: one thread per 16 bytes (4 float32 or 8 bf16
-/// elements, the kernels' vector; see cuda/elementwise.cu).
-fn eltwise_grid<T: GpuElement>(n: usize) -> LaunchConfig {
-    grid_1d(n.div_ceil(16 / std::mem::size_of::<T>()))
 }
 
 /// The sum of all elements, accumulated in f64, as a host number.

@@ -4,7 +4,7 @@
 
 use half::bf16;
 
-use crate::device::cuda::{grid_1d, GpuBuffer};
+use crate::device::cuda::{grid_vec, GpuBuffer};
 use crate::device::params::{kernel, CastParams};
 use crate::Result;
 
@@ -13,7 +13,7 @@ pub(crate) fn to_bf16(x: &GpuBuffer) -> Result<GpuBuffer<bf16>> {
     let n = x.slice.len();
     let mut y = x.gpu.alloc_of::<bf16>(n, "bf16 copy")?;
     let p = CastParams { f32_in: x.ptr(), bf16_out: y.ptr_mut(), n: n as i64, ..Default::default() };
-    x.gpu.launch(kernel::cast_f32_to_bf16, grid_1d(n), &p, &format!("{n} elements"))?;
+    x.gpu.launch(kernel::cast_f32_to_bf16, grid_vec::<bf16>(n), &p, &format!("{n} elements"))?;
     Ok(y)
 }
 
@@ -22,6 +22,6 @@ pub(crate) fn to_f32(x: &GpuBuffer<bf16>) -> Result<GpuBuffer> {
     let n = x.slice.len();
     let mut y = x.gpu.alloc(n, "float32 copy")?;
     let p = CastParams { bf16_in: x.ptr(), f32_out: y.ptr_mut(), n: n as i64, ..Default::default() };
-    x.gpu.launch(kernel::cast_bf16_to_f32, grid_1d(n), &p, &format!("{n} elements"))?;
+    x.gpu.launch(kernel::cast_bf16_to_f32, grid_vec::<bf16>(n), &p, &format!("{n} elements"))?;
     Ok(y)
 }
