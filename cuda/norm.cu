@@ -108,10 +108,13 @@ __device__ __forceinline__ void with_act(int act, F&& f) {
 }
 
 // The gradient reaching y = affine(x): g itself, or with a fused activation (ACT >= 0) g act'(y), y formed as in
-// instance_norm_apply (scale = rstd_p gamma_c, shift = beta_c).
+// instance_norm_apply (scale = rstd_p gamma_c, shift = beta_c). The product is rounded on its own (__fmul_rn, which
+// the compiler never contracts into a following add): the unfused activation's backward stores it rounded, and the
+// fused kernels must give the same bits (the dx kernel's g act'(y) - mean_g became one FMA otherwise, 9e-10 apart on
+// the H200).
 template <int ACT>
 __device__ __forceinline__ float grad_at_affine(float gv, float xv, float mu, float scale, float shift) {
-    return ACT < 0 ? gv : gv * activation_derivative(ACT, (xv - mu) * scale + shift);
+    return ACT < 0 ? gv : __fmul_rn(gv, activation_derivative(ACT, (xv - mu) * scale + shift));
 }
 
 namespace {
