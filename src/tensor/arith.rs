@@ -1,7 +1,6 @@
 //! Elementwise arithmetic on whole tensors, without autograd: the building blocks that the autograd layer (gradient
 //! accumulation), the ops' backward passes and the optimiser share.
 
-
 use super::{Real, Storage, Tensor};
 use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, ConstPtr, EltwiseParams, Kernel};

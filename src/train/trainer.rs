@@ -328,9 +328,6 @@ impl Run<'_> {
         Ok((records, params))
     }
 
-    /// The label map of a host batch reduced to every output's resolution on the host, then moved to the device once
-    /// (reducing device labels would copy them back to the host every step).
-
     /// Mean Dice per foreground class over the validation cases (sliding window, no mirroring).
     fn validate(&self, params: &Params, val: &[Case]) -> Result<Vec<Option<f64>>> {
         let k = self.model.config.num_classes;
