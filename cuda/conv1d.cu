@@ -128,6 +128,16 @@ __device__ __forceinline__ void load_taps(const float* __restrict__ w, int c, in
     }
 }
 
+// Moves a window of NT rows one token on: row j takes row j + 1 (the last row is then loaded anew).
+template <int NT, int W>
+__device__ __forceinline__ void slide(float (&win)[NT][W]) {
+#pragma unroll
+    for (int j = 0; j + 1 < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) win[j][e] = win[j + 1][e];
+    }
+}
+
 // Run q: tokens [t0, t0 + CONV1D_RUN) of sequence g = q / runs, and the index of x[g, t0, c].
 struct Run {
     int t0;
@@ -167,11 +177,7 @@ __device__ __forceinline__ void forward_run(const Conv1dParams<T>& p, const Run 
             }
         }
         if (inside) store_row<T, W>(p.out + r.at + i * C, y);
-#pragma unroll
-        for (int j = 0; j + 1 < NT; ++j) {
-#pragma unroll
-            for (int e = 0; e < W; ++e) win[j][e] = win[j + 1][e];
-        }
+        slide(win);
     }
 }
 
@@ -229,11 +235,7 @@ __device__ __forceinline__ void backward_run(const Conv1dParams<T>& p, const Run
 #pragma unroll
         for (int e = 0; e < W; ++e) acc[NT][e] += gw[0][e];
         if (inside) store_row<T, W>(p.out + r.at + i * C, dx);
-#pragma unroll
-        for (int d = 0; d + 1 < NT; ++d) {
-#pragma unroll
-            for (int e = 0; e < W; ++e) gw[d][e] = gw[d + 1][e];
-        }
+        slide(gw);
     }
 }
 

@@ -216,6 +216,19 @@ __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
     });
 }
 
+// The spans j0 .. j0 + IN_BATCH - 1 of this lane in a chunk of n voxels, of x and of g, all loads issued before any
+// is used (the backward's two chunk kernels).
+template <typename T>
+__device__ __forceinline__ void load_batch(const T* x, const T* g, int n, bool vec, int j0,
+                                           float (&xv)[IN_BATCH][VEC<T>], float (&gv)[IN_BATCH][VEC<T>]) {
+#pragma unroll
+    for (int b = 0; b < IN_BATCH; b++) {
+        const int at = in_span<T>(j0 + b);
+        load_span(x + at, n - at, vec, xv[b]);
+        load_span(g + at, n - at, vec, gv[b]);
+    }
+}
+
 template <typename T>
 __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args) {
     const InChunk ck = in_chunk(args);
@@ -233,12 +246,7 @@ __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args)
 #pragma unroll
         for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
             float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
-#pragma unroll
-            for (int b = 0; b < IN_BATCH; b++) {
-                const int at = in_span<T>(j0 + b);
-                load_span(x + at, ck.n - at, vec, xv[b]);
-                load_span(g + at, ck.n - at, vec, gv[b]);
-            }
+            load_batch(x, g, ck.n, vec, j0, xv, gv);
 #pragma unroll
             for (int b = 0; b < IN_BATCH; b++)
 #pragma unroll
@@ -277,12 +285,7 @@ __device__ void instance_norm_backward_dx(const InstanceNormParams<T>& args) {
 #pragma unroll
         for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
             float xv[IN_BATCH][VEC<T>], gv[IN_BATCH][VEC<T>];
-#pragma unroll
-            for (int b = 0; b < IN_BATCH; b++) {
-                const int at = in_span<T>(j0 + b);
-                load_span(x + at, ck.n - at, vec, xv[b]);
-                load_span(g + at, ck.n - at, vec, gv[b]);
-            }
+            load_batch(x, g, ck.n, vec, j0, xv, gv);
 #pragma unroll
             for (int b = 0; b < IN_BATCH; b++) {
 #pragma unroll
