@@ -189,7 +189,8 @@ impl RowLayout {
         ensure!(
             c <= LN_WIDE_CHANNELS,
             Shape,
-            "layer_norm: the GPU kernels take rows of up to {LN_WIDE_CHANNELS} channels, got {c} (shape {shape:?})"
+            "layer_norm: the GPU kernels take rows of up to {LN_WIDE_CHANNELS} channels, got {c} (shape {shape:?}); \
+             a model this wide needs LN_WIDE_GROUPS raised in cuda/norm.cuh (or runs on the CPU)"
         );
         Ok(RowLayout { lanes: c.div_ceil(LN_GROUP).next_power_of_two().min(32), wide: c > LN_NARROW_CHANNELS })
     }
