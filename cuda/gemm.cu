@@ -126,7 +126,7 @@ enum class Copy { Vec16, Pairs, Elements };
 template <typename T>
 __device__ __forceinline__ Copy copy_mode(const T* base, int64_t ld) {
     const int64_t row_bytes = ld * (int64_t)sizeof(T);
-    if (((uintptr_t)base & 15) == 0 && row_bytes % 16 == 0) return Copy::Vec16;
+    if (aligned16(base) && row_bytes % 16 == 0) return Copy::Vec16;
     if (sizeof(T) == 2 && ((uintptr_t)base & 3) == 0 && row_bytes % 4 == 0) return Copy::Pairs;
     return Copy::Elements;
 }
