@@ -1,10 +1,11 @@
 // Stride-1 convolutions on the tensor cores from a halo tile (bf16 operands from bf16 storage, or tf32 operands from
 // float32 storage; float32 accumulation):
 //
-//   out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
+//   out[n, col, dst_mul r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
 //
-// the conv forward of a stride-1 convolution (lo = -pad) and its input gradient (the same sum over the output
-// gradient with the kernel flipped and its channel axes swapped: conv.rs's wide_from_narrow of a stride-1 pairing).
+// the conv forward of a stride-1 convolution (lo = -pad, dst_mul = 1) and the input gradient of any convolution (the
+// same sum over the output gradient with the kernel flipped and its channel axes swapped: conv.rs's wide_from_narrow,
+// one product per stride phase, written at every stride-th position).
 // conv_tc.cu gathers each A element once per tap that reads it (27 times for a 3x3x3 kernel), one element at a time;
 // here a block reads the source box its 128 outputs need once per channel chunk:
 // - A block owns a box of 1 x tile_y x tile_x output positions (tile_x * tile_y = 128) of one batch item and BN
@@ -254,7 +255,7 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     }
 
     const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
-    const int64_t dst_z = (int64_t)(z + p.dst_add[0]) * p.dst_size[1];
+    const int64_t dst_z = (int64_t)(p.dst_mul[0] * z + p.dst_add[0]) * p.dst_size[1];
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
@@ -262,7 +263,8 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
             const int m = WTM * wm + 16 * i + g + 8 * h, y = y0 + m / tile_x, x = x0 + m % tile_x;
             if (y >= p.rows[1] || x >= p.rows[2]) continue;
             const int64_t out = (int64_t)n * p.c_dst * dst_vox +
-                                (dst_z + y + p.dst_add[1]) * p.dst_size[2] + x + p.dst_add[2];
+                                (dst_z + p.dst_mul[1] * y + p.dst_add[1]) * p.dst_size[2] + p.dst_mul[2] * x +
+                                p.dst_add[2];
 #pragma unroll
             for (int j = 0; j < NI; ++j)
 #pragma unroll
