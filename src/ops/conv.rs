@@ -1620,18 +1620,12 @@ mod tests {
             {
                 for (products, src, want) in &roles {
                     let mut got = vec![f64::NAN; want.len()];
+                    let mut writes = vec![0; want.len()];
                     for product in products {
                         // A phase of one tap (kernel 3, stride 2: the odd positions' phase) stays on the gathers.
                         if !halo_suits(&ConvGemmParams { c_src: 16, ..*product }) {
                             assert_eq!(product.taps.iter().product::<i32>(), 1, "{p:?}: {product:?}");
-                            conv_gemm(
-                                product,
-                                src,
-                                &w,
-                                Some(&b[..product.c_dst as usize]),
-                                &mut got,
-                                &mut vec![0; got.len()],
-                            );
+                            conv_gemm(product, src, &w, Some(&b[..product.c_dst as usize]), &mut got, &mut writes);
                             continue;
                         }
                         let (pack, h, boxes) = halo_params(product, tile_n, positions);
