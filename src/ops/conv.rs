@@ -779,8 +779,8 @@ fn halo_params<T: GpuElement>(
         dst_size: p.dst_size,
         rows: p.rows,
         lo,
-        dst_mul: p.dst_mul,
-        dst_add: p.dst_add,
+        dst_base: (p.dst_add[0] * p.dst_size[1] + p.dst_add[1]) * p.dst_size[2] + p.dst_add[2],
+        dst_step: [p.dst_mul[0] * p.dst_size[1] * p.dst_size[2], p.dst_mul[1] * p.dst_size[2], p.dst_mul[2]],
         taps: p.taps,
         tile_x,
         ..ConvHaloParams::default()
@@ -1536,7 +1536,7 @@ mod tests {
     }
 
     /// What conv_pack_* and the halo product compute for `p` (cuda/conv_halo.cuh), in float64: the packed weight,
-    /// then out[n, col, dst_mul r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col].
+    /// then out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col].
     fn conv_halo(
         (pack, h): (&ConvPackParams<f32>, &ConvHaloParams<f32>),
         src: &[f64],
@@ -1566,7 +1566,7 @@ mod tests {
         let (c_src, c_dst) = (h.c_src as usize, h.c_dst as usize);
         for n in 0..h.batch as usize {
             for r in points(usize3(h.rows)) {
-                let out_at = usize3([0, 1, 2].map(|d| h.dst_mul[d] * r[d] as i32 + h.dst_add[d]));
+                let out_at = (0..3).map(|d| h.dst_step[d] * r[d] as i32).sum::<i32>() + h.dst_base;
                 for col in 0..c_dst {
                     let mut acc = b.map_or(0.0, |b| b[col]);
                     for c in 0..c_src {
@@ -1579,7 +1579,7 @@ mod tests {
                             }
                         }
                     }
-                    dst[(n * c_dst + col) * voxels(dst_size) + flat(out_at, dst_size)] = acc;
+                    dst[(n * c_dst + col) * voxels(dst_size) + out_at as usize] = acc;
                 }
             }
         }
