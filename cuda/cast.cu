@@ -6,7 +6,7 @@
 //
 // One chunk of VEC<bf16> = 8 elements per thread, grid-stride: 32 bytes of float32 (two 16-byte vectors) and 16 of
 // bf16 (one), where the buffers are 16-byte aligned (the host's always are) and the chunk whole; the short last chunk
-// element by element. The host launches vec_chunks<bf16>(n) threads (device::cuda::grid_vec::<bf16>). The rounding
+// element by element (common.cuh's load_span / store_span). The host launches vec_chunks<bf16>(n) threads (device::cuda::grid_vec::<bf16>). The rounding
 // is the same __float2bfloat16_rn per element as one thread per element did (store_vec's from_f32).
 //
 // Cost per element: 6 bytes, no FLOPs; memory-bound.
@@ -23,15 +23,9 @@ __device__ void cast_chunks(const S* __restrict__ in, D* __restrict__ out, int64
     FOR_EACH(c, vec_chunks<__nv_bfloat16>(n)) {
         const int64_t i0 = c * N;
         const int len = chunk_len<__nv_bfloat16>(i0, n);
-        if (vec && len == N) {
-            float v[N];
-#pragma unroll
-            for (int h = 0; h < N; h += VEC<S>) load_vec(in + i0 + h, *reinterpret_cast<float(*)[VEC<S>]>(v + h));
-#pragma unroll
-            for (int h = 0; h < N; h += VEC<D>) store_vec(out + i0 + h, *reinterpret_cast<float(*)[VEC<D>]>(v + h));
-        } else {
-            for (int e = 0; e < len; ++e) out[i0 + e] = from_f32<D>(to_f32(in[i0 + e]));
-        }
+        float v[N];
+        load_span(in + i0, len, vec, v);
+        store_span(out + i0, len, vec, v);
     }
 }
 
