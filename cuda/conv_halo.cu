@@ -432,6 +432,11 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
     // The staged word of box position o (o % tile_x a multiple of PER).
     auto word_of = [&](int o) { return (o >> tx_shift) * rw + (o & (tile_x - 1)) / PER; };
     float acc[WG_TAPS_PER_WARP][NI][4] = {};
+    // The B fragments of column tiles j and j + 1 in one ldmatrix.x4 (words t and t + 4 of the k-step in row g of
+    // each): lane l addresses row l % 8 of matrix l / 8, column 8 (l / 16) + l % 8 of the pair, words 4 ((l / 8) % 2)
+    // on.
+    static_assert(NI % 2 == 0 && L::GS % 4 == 0, "column tiles in pairs, rows of whole 16 bytes");
+    const int g_lane = (8 * (lane >> 4) + (lane & 7)) * L::GS + 4 * ((lane >> 3) & 1);
 
     if (box_begin < box_end) stage(box_begin, 0);
     mma::cp_async_commit();
@@ -445,12 +450,12 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
         const unsigned* gs = xs + WG_ROWS * L::XS;
 #pragma unroll 2
         for (int k0 = 0; k0 < BM; k0 += KSTEP) {
-            unsigned bf[NI][2];
+            unsigned bf[NI / 2][4];
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const unsigned* row = gs + (8 * j + g) * L::GS + k0 / PER;
-                bf[j][0] = operand_of(row[tq], T{});
-                bf[j][1] = operand_of(row[tq + 4], T{});
+            for (int j = 0; j < NI / 2; ++j) {
+                mma::ldmatrix_x4<false>(bf[j], gs + g_lane + 16 * L::GS * j + k0 / PER);
+#pragma unroll
+                for (int h = 0; h < 4; ++h) bf[j][h] = operand_of(bf[j][h], T{});
             }
             const int w_lo = word_of(k0 + PER * tq), w_hi = word_of(k0 + PER * (tq + 4));
 #pragma unroll
@@ -463,7 +468,8 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
                 for (int h = 0; h < 4; ++h)
                     a[h] = operand_of(straddles[j] ? __byte_perm(xs[at[h]], xs[at[h] + 1], 0x5432) : xs[at[h]], T{});
 #pragma unroll
-                for (int i = 0; i < NI; ++i) mma::mma_k<T>(acc[j][i], a, bf[i][0], bf[i][1]);
+                for (int i = 0; i < NI; ++i)
+                    mma::mma_k<T>(acc[j][i], a, bf[i / 2][i % 2 * 2], bf[i / 2][i % 2 * 2 + 1]);
             }
         }
         __syncthreads();
