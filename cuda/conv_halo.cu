@@ -1,10 +1,11 @@
 // Stride-1 convolutions on the tensor cores from a halo tile (bf16 operands from bf16 storage, or tf32 operands from
 // float32 storage; float32 accumulation):
 //
-//   out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
+//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
 //
-// the conv forward of a stride-1 convolution (lo = -pad) and its input gradient (the same sum over the output
-// gradient with the kernel flipped and its channel axes swapped: conv.rs's wide_from_narrow of a stride-1 pairing).
+// the conv forward of a stride-1 convolution (lo = -pad, the output rows in order) and the input gradient of any
+// convolution (the same sum over the output gradient with the kernel flipped and its channel axes swapped: conv.rs's
+// wide_from_narrow, one product per stride phase, written at every stride-th position).
 // conv_tc.cu gathers each A element once per tap that reads it (27 times for a 3x3x3 kernel), one element at a time;
 // here a block reads the source box its 128 outputs need once per channel chunk:
 // - A block owns a box of 1 x tile_y x tile_x output positions (tile_x * tile_y = 128) of one batch item and BN
@@ -191,6 +192,12 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
             row_vox[i][h] = m / tile_x * hx + m % tile_x;
         }
     float acc[MI][NI][4] = {};
+    // The B fragments of column tiles j and j + 1 in one ldmatrix.x4 (the words t and t + 4 of column g of each: with
+    // 32-bit words as pairs of 16-bit elements, row g's word t of each 8 x 8 matrix): lane l addresses row l % 8 of
+    // matrix l / 8, that is column 8 (l / 16) + l % 8 of the pair and its half (l / 8) % 2, swapped as stored.
+    static_assert(NI % 2 == 0, "column tiles in pairs");
+    const int b_lane =
+        (wn * WTN + 8 * (lane >> 4) + (lane & 7)) * WORDS + 4 * (((lane >> 3) & 1) ^ ((lane >> 2) & 1));
 
     const int chunks = (p.c_src + CK - 1) / CK;
     load_weights(0, 0);
@@ -209,7 +216,7 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
         const unsigned* b_s = weights_of(buf);
         // The taps q = (qz, qy, qx) in order, two fragment sets in registers: tap q + 1's are loaded while tap q's
         // mma run (the tap counts are runtime values, so the compiler cannot overlap them by unrolling).
-        unsigned a[2][MI][4], bf[2][NI][2];
+        unsigned a[2][MI][4], bf[2][NI / 2][4];
         int qz = 0, qy = 0, qx = 0;  // the next tap to load
         auto load = [&](int set, int q) {
             const int shift = (qz * hy + qy) * hx + qx;
@@ -221,12 +228,8 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
                 a[set][i][3] = a_s[(tq + 4) * PS + row_vox[i][1] + shift];
             }
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const int col = wn * WTN + 8 * j + g, swap = (col & 4);
-                const unsigned* row = b_s + (q * BN + col) * WORDS;
-                bf[set][j][0] = row[tq ^ swap];
-                bf[set][j][1] = row[(tq + 4) ^ swap];
-            }
+            for (int j = 0; j < NI / 2; ++j)
+                mma::ldmatrix_x4<false>(bf[set][j], b_s + q * BN * WORDS + b_lane + 16 * WORDS * j);
             if (++qx == p.taps[2]) {
                 qx = 0;
                 if (++qy == p.taps[1]) {
@@ -239,7 +242,8 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < NI; ++j) mma::mma_k<T>(acc[i][j], a[set][i], bf[set][j][0], bf[set][j][1]);
+                for (int j = 0; j < NI; ++j)
+                    mma::mma_k<T>(acc[i][j], a[set][i], bf[set][j / 2][j % 2 * 2], bf[set][j / 2][j % 2 * 2 + 1]);
         };
         load(0, 0);
         for (int q = 0; q < taps; q += 2) {
@@ -254,15 +258,15 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     }
 
     const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
-    const int64_t dst_z = (int64_t)(z + p.dst_add[0]) * p.dst_size[1];
+    // Output row (z, y, x) at dst_base + z dst_step[0] + y dst_step[1] + x dst_step[2].
+    const int64_t dst_zn = (int64_t)n * p.c_dst * dst_vox + p.dst_base + (int64_t)z * p.dst_step[0];
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = WTM * wm + 16 * i + g + 8 * h, y = y0 + m / tile_x, x = x0 + m % tile_x;
             if (y >= p.rows[1] || x >= p.rows[2]) continue;
-            const int64_t out = (int64_t)n * p.c_dst * dst_vox +
-                                (dst_z + y + p.dst_add[1]) * p.dst_size[2] + x + p.dst_add[2];
+            const int64_t out = dst_zn + y * p.dst_step[1] + x * p.dst_step[2];
 #pragma unroll
             for (int j = 0; j < NI; ++j)
 #pragma unroll
@@ -428,6 +432,11 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
     // The staged word of box position o (o % tile_x a multiple of PER).
     auto word_of = [&](int o) { return (o >> tx_shift) * rw + (o & (tile_x - 1)) / PER; };
     float acc[WG_TAPS_PER_WARP][NI][4] = {};
+    // The B fragments of column tiles j and j + 1 in one ldmatrix.x4 (words t and t + 4 of the k-step in row g of
+    // each): lane l addresses row l % 8 of matrix l / 8, column 8 (l / 16) + l % 8 of the pair, words 4 ((l / 8) % 2)
+    // on.
+    static_assert(NI % 2 == 0 && L::GS % 4 == 0, "column tiles in pairs, rows of whole 16 bytes");
+    const int g_lane = (8 * (lane >> 4) + (lane & 7)) * L::GS + 4 * ((lane >> 3) & 1);
 
     if (box_begin < box_end) stage(box_begin, 0);
     mma::cp_async_commit();
@@ -441,12 +450,12 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
         const unsigned* gs = xs + WG_ROWS * L::XS;
 #pragma unroll 2
         for (int k0 = 0; k0 < BM; k0 += KSTEP) {
-            unsigned bf[NI][2];
+            unsigned bf[NI / 2][4];
 #pragma unroll
-            for (int j = 0; j < NI; ++j) {
-                const unsigned* row = gs + (8 * j + g) * L::GS + k0 / PER;
-                bf[j][0] = operand_of(row[tq], T{});
-                bf[j][1] = operand_of(row[tq + 4], T{});
+            for (int j = 0; j < NI / 2; ++j) {
+                mma::ldmatrix_x4<false>(bf[j], gs + g_lane + 16 * L::GS * j + k0 / PER);
+#pragma unroll
+                for (int h = 0; h < 4; ++h) bf[j][h] = operand_of(bf[j][h], T{});
             }
             const int w_lo = word_of(k0 + PER * tq), w_hi = word_of(k0 + PER * (tq + 4));
 #pragma unroll
@@ -459,7 +468,8 @@ __device__ __forceinline__ void conv_wgrad_halo(const ConvWgradHaloParams<T>& p)
                 for (int h = 0; h < 4; ++h)
                     a[h] = operand_of(straddles[j] ? __byte_perm(xs[at[h]], xs[at[h] + 1], 0x5432) : xs[at[h]], T{});
 #pragma unroll
-                for (int i = 0; i < NI; ++i) mma::mma_k<T>(acc[j][i], a, bf[i][0], bf[i][1]);
+                for (int i = 0; i < NI; ++i)
+                    mma::mma_k<T>(acc[j][i], a, bf[i / 2][i % 2 * 2], bf[i / 2][i % 2 * 2 + 1]);
             }
         }
         __syncthreads();

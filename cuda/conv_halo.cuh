@@ -23,9 +23,11 @@ constexpr int CONV_HALO_MAX_TAPS = 3;
 constexpr int CONV_HALO_PAIR_STRIDE = 616;
 constexpr int CONV_HALO_PAIR_STRIDE_LARGE = 1032;
 
-// One stride-1 product out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] over
-// output positions r in rows (per axis), source channels c < c_src and taps q in taps (per axis), source positions
-// outside src_size reading 0; Wp is the packed weight of conv_pack_*: [ceil(c_src / chunk)][prod(taps)]
+// One product out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] (the
+// output at a flat position of its map) over output positions r in rows (per axis), source channels c < c_src and
+// taps q in taps (per axis), source positions outside src_size reading 0: the source is walked one position per row
+// and per tap (stride 1), the output may be written at a stride (dst_step: a stride phase of a strided conv's input
+// gradient, conv.rs's wide_from_narrow); Wp is the packed weight of conv_pack_*: [ceil(c_src / chunk)][prod(taps)]
 // [c_dst_pad][chunk], chunk = CONV_HALO_WORDS * 4 / sizeof(T) channels. Grid (batch * rows[0] *
 // ceil(rows[1] / tile_y) * ceil(rows[2] / tile_x), ceil(c_dst / BN)) with tile_y = BM / tile_x, CONV_HALO_THREADS
 // threads, dynamic shared memory 2 * 4 * CONV_HALO_WORDS * (pair stride + prod(taps) * BN) bytes (the pair stride
@@ -44,7 +46,8 @@ struct ConvHaloParams {
     int dst_size[3];
     int rows[3];
     int lo[3];  // source offset of tap 0 from the output position
-    int dst_add[3];
+    int dst_base;  // flat output position of row (0, 0, 0)
+    int dst_step[3];  // flat output steps per row along each axis (the map's strides, times the output stride)
     int taps[3];
     int tile_x;  // 8, 16 or 32: output positions of the box along the last axis
 };

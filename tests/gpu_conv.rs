@@ -111,7 +111,8 @@ fn gpu_conv2d_many_channels() {
 /// stride-1 product with the kernel flipped; boxes of 256 positions for outputs of more than 32 channels where
 /// those cover little more of the map than boxes of 128) and, on maps of at least 8192 positions, the weight
 /// gradient (at least 16 input channels: row tiles of 16, boxes dealt to several slices) all go through them. The
-/// 1x1x1 case is the gathers' (no halo).
+/// input gradient of a strided conv goes through them too, one product per stride phase (each writing every
+/// stride-th position; a phase of one tap stays on the gathers). The 1x1x1 case is the gathers' (no halo).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {
@@ -127,6 +128,16 @@ fn gpu_conv_halo_tiles() {
     // boxes of 128 cover).
     check_conv("conv3d 3x3x3 35 -> 40, 33000 positions", &[1, 35, 5, 66, 100], &[40, 35, 3, 3, 3], &[1, 1, 1], 470);
     check_conv("conv2d 3x3 40 -> 36, 3 x 100 x 115", &[3, 40, 100, 115], &[36, 40, 3, 3], &[1, 1], 480);
+    // Strided: the input gradient's phases (source: the 20 or 70 output-gradient channels) on the halo tiles.
+    check_conv(
+        "conv3d 3x3x3 stride 1,2,2 9 -> 20, 5 x 23 x 70",
+        &[1, 9, 5, 23, 70],
+        &[20, 9, 3, 3, 3],
+        &[1, 2, 2],
+        490,
+    );
+    check_conv("conv3d 3x3x3 stride 2 13 -> 70, 7 x 9 x 37", &[2, 13, 7, 9, 37], &[70, 13, 3, 3, 3], &[2, 2, 2], 500);
+    check_conv("conv2d 3x3 stride 2 24 -> 33, 2 x 41 x 66", &[2, 24, 41, 66], &[33, 24, 3, 3], &[2, 2], 510);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

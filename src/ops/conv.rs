@@ -44,10 +44,11 @@
 //! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
 //! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones: tf32 from
 //! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
-//! tensor-core maths run the stride-1 passes of up to 3x3x3 taps (the conv's forward, input gradient and weight
-//! gradient, the latter on maps of at least 8192 positions) on the halo-tile kernels of cuda/conv_halo.cu instead
-//! (`halo_suits`, `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256
-//! positions: `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
+//! tensor-core maths run the passes of up to 3x3x3 taps that walk their source at stride 1 (a stride-1 conv's
+//! forward and weight gradient, the latter on maps of at least 8192 positions, and every conv's input gradient, whose
+//! stride phases are stride-1 products) on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`,
+//! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
+//! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
@@ -712,18 +713,15 @@ fn halo_chunk<T>() -> usize {
     CONV_HALO_WORDS * 4 / std::mem::size_of::<T>()
 }
 
-/// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a stride-1 product (source and output walked one
-/// position per row, the source one position per tap, either way) of at most [`CONV_HALO_MAX_TAPS`] taps per axis
-/// and more than one tap, with at least one whole stage of source channels. The others stay on conv_tc.cu's
-/// gathers: fewer channels would leave most of each product zero (the 1-channel stem), and a 1x1x1 product reuses no
-/// staged voxel (measured on the H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
+/// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a product whose source is walked one position per
+/// row and one per tap, either way (the forward of a stride-1 conv, the input gradient's stride phases of any conv:
+/// their output positions may step by the stride), of at most [`CONV_HALO_MAX_TAPS`] taps per axis and more than one
+/// tap, with at least one whole stage of source channels. The others stay on conv_tc.cu's gathers: a strided
+/// forward's source steps by the stride, fewer channels would leave most of each product zero (the 1-channel stem),
+/// and a 1x1x1 product reuses no staged voxel (measured on the H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
 fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    (0..3).all(|d| {
-        p.src_mul[d] == 1
-            && p.dst_mul[d] == 1
-            && p.src_tap[d].abs() == 1
-            && (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d])
-    }) && p.taps.iter().product::<i32>() > 1
+    (0..3).all(|d| p.src_mul[d] == 1 && p.src_tap[d].abs() == 1 && (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d]))
+        && p.taps.iter().product::<i32>() > 1
         && p.c_src as usize >= halo_chunk::<T>()
 }
 
@@ -781,7 +779,8 @@ fn halo_params<T: GpuElement>(
         dst_size: p.dst_size,
         rows: p.rows,
         lo,
-        dst_add: p.dst_add,
+        dst_base: (p.dst_add[0] * p.dst_size[1] + p.dst_add[1]) * p.dst_size[2] + p.dst_add[2],
+        dst_step: [p.dst_mul[0] * p.dst_size[1] * p.dst_size[2], p.dst_mul[1] * p.dst_size[2], p.dst_mul[2]],
         taps: p.taps,
         tile_x,
         ..ConvHaloParams::default()
@@ -1537,7 +1536,7 @@ mod tests {
     }
 
     /// What conv_pack_* and the halo product compute for `p` (cuda/conv_halo.cuh), in float64: the packed weight,
-    /// then out[n, col, r + dst_add] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col].
+    /// then out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col].
     fn conv_halo(
         (pack, h): (&ConvPackParams<f32>, &ConvHaloParams<f32>),
         src: &[f64],
@@ -1567,7 +1566,7 @@ mod tests {
         let (c_src, c_dst) = (h.c_src as usize, h.c_dst as usize);
         for n in 0..h.batch as usize {
             for r in points(usize3(h.rows)) {
-                let out_at = usize3([0, 1, 2].map(|d| r[d] as i32 + h.dst_add[d]));
+                let out_at = (0..3).map(|d| h.dst_step[d] * r[d] as i32).sum::<i32>() + h.dst_base;
                 for col in 0..c_dst {
                     let mut acc = b.map_or(0.0, |b| b[col]);
                     for c in 0..c_src {
@@ -1580,24 +1579,28 @@ mod tests {
                             }
                         }
                     }
-                    dst[(n * c_dst + col) * voxels(dst_size) + flat(out_at, dst_size)] = acc;
+                    dst[(n * c_dst + col) * voxels(dst_size) + out_at as usize] = acc;
                 }
             }
         }
     }
 
-    /// The halo-tile kernels' parameters ([`halo_params`]) compute the stride-1 products: the forward and the input
-    /// gradient (its taps walked backwards, the kernel flipped by the packing) of the stride-1 pairings, in both
-    /// tile widths; the strided products are not theirs.
+    /// The halo-tile kernels' parameters ([`halo_params`]) compute the products whose source is walked at stride 1:
+    /// the forward of the stride-1 pairings and the input gradient (its taps walked backwards, the kernel flipped by
+    /// the packing) of every pairing, the strided ones' stride phases writing every stride-th position, in both tile
+    /// widths and box sizes; a strided forward is not theirs.
     #[test]
-    fn halo_products_compute_the_stride_1_pairing_products() {
+    fn halo_products_compute_the_pairing_products_they_take() {
         let mut rng = StdRng::seed_from_u64(13);
-        let stride_1 = [
+        let pairings = [
             pairing(2, 19, 21, [3, 4, 5], [3, 3, 3], [1, 1, 1]),
             pairing(1, 9, 40, [1, 7, 6], [1, 3, 3], [1, 1, 1]),
             pairing(1, 10, 3, [4, 1, 9], [3, 1, 3], [1, 1, 1]),
+            pairing(2, 7, 18, [3, 9, 10], [3, 3, 3], [1, 2, 2]),
+            pairing(1, 5, 17, [3, 4, 5], [1, 3, 3], [1, 2, 2]),
+            pairing(1, 6, 11, [5, 6, 7], [3, 3, 3], [2, 2, 2]),
         ];
-        for p in stride_1 {
+        for p in pairings {
             let d = p.kernel_dims("test").unwrap();
             let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
             let xw = random(p.batch * p.c_wide * vw, &mut rng);
@@ -1605,35 +1608,43 @@ mod tests {
             let w = random(p.c_narrow * p.c_wide * taps, &mut rng);
             let b = random(p.c_narrow.max(p.c_wide), &mut rng);
             let forward = d.narrow_from_wide::<f32>();
-            let [backward]: [ConvGemmParams<f32>; 1] = d.wide_from_narrow().try_into().unwrap();
+            let strided = p.stride != [1; 3];
+            assert_eq!(halo_suits(&ConvGemmParams { c_src: 16, ..forward }), !strided, "{p:?}: forward");
+            let mut roles =
+                vec![(d.wide_from_narrow(), &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide])))];
+            if !strided {
+                roles.push((vec![forward], &xw, narrow_from_wide_direct(&p, &xw, &w, Some(&b[..p.c_narrow]))));
+            }
             for (tile_n, positions) in
                 [(CONV_HALO_BN_NARROW, CONV_HALO_BM), (CONV_HALO_BN, CONV_HALO_BM), (CONV_HALO_BN, CONV_HALO_BM_LARGE)]
             {
-                for (product, src, want) in [
-                    (forward, &xw, narrow_from_wide_direct(&p, &xw, &w, Some(&b[..p.c_narrow]))),
-                    (backward, &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide]))),
-                ] {
-                    assert!(halo_suits(&ConvGemmParams { c_src: 16, ..product }), "{p:?}: a stride-1 product");
-                    let (pack, h, boxes) = halo_params(&product, tile_n, positions);
-                    let box_rows = positions as i32 / h.tile_x;
-                    assert!(
-                        boxes as i32
-                            == h.batch
-                                * h.rows[0]
-                                * ((h.rows[1] + box_rows - 1) / box_rows)
-                                * ((h.rows[2] + h.tile_x - 1) / h.tile_x)
-                            && h.tile_x * box_rows == positions as i32,
-                        "{p:?}: whole boxes of {positions} positions cover the rows"
-                    );
+                for (products, src, want) in &roles {
                     let mut got = vec![f64::NAN; want.len()];
-                    conv_halo((&pack, &h), src, &w, Some(&b[..product.c_dst as usize]), &mut got);
-                    assert_near(&got, &want, &format!("{p:?} halo, {tile_n} columns, boxes of {positions}"));
+                    let mut writes = vec![0; want.len()];
+                    for product in products {
+                        // A phase of one tap (kernel 3, stride 2: the odd positions' phase) stays on the gathers.
+                        if !halo_suits(&ConvGemmParams { c_src: 16, ..*product }) {
+                            assert_eq!(product.taps.iter().product::<i32>(), 1, "{p:?}: {product:?}");
+                            conv_gemm(product, src, &w, Some(&b[..product.c_dst as usize]), &mut got, &mut writes);
+                            continue;
+                        }
+                        let (pack, h, boxes) = halo_params(product, tile_n, positions);
+                        let box_rows = positions as i32 / h.tile_x;
+                        assert!(
+                            boxes as i32
+                                == h.batch
+                                    * h.rows[0]
+                                    * ((h.rows[1] + box_rows - 1) / box_rows)
+                                    * ((h.rows[2] + h.tile_x - 1) / h.tile_x)
+                                && h.tile_x * box_rows == positions as i32,
+                            "{p:?}: whole boxes of {positions} positions cover the rows"
+                        );
+                        conv_halo((&pack, &h), src, &w, Some(&b[..product.c_dst as usize]), &mut got);
+                    }
+                    assert_near(&got, want, &format!("{p:?} halo, {tile_n} columns, boxes of {positions}"));
                 }
             }
         }
-        let strided = pairing(1, 16, 16, [5, 4, 7], [3, 3, 3], [1, 2, 2]).kernel_dims("test").unwrap();
-        assert!(!halo_suits(&strided.narrow_from_wide::<f32>()), "a strided forward is conv_tc.cu's");
-        assert!(strided.wide_from_narrow::<f32>().iter().all(|p| !halo_suits(p)), "so are its input gradient's phases");
         let one_tap = pairing(1, 16, 16, [5, 4, 7], [1, 1, 1], [1, 1, 1]).kernel_dims("test").unwrap();
         assert!(!halo_suits(&one_tap.narrow_from_wide::<f32>()), "a 1x1x1 product is conv_tc.cu's");
     }
