@@ -21,7 +21,8 @@
 // - Two stages in flight: while the tensor cores work through the taps of chunk i, the weights of chunk i + 1 are in
 //   flight through cp.async and its halo through registers (element loads, stored as operand words after the
 //   products).
-// - Warp (wm, wn) of the 4 x 2 warps computes positions 32 wm .. 32 wm + 31 and BN / 2 columns with mma.sync
+// - Warp (wm, wn) of the 4 x 2 warps (the narrow tile: 8 x 1) computes positions 32 wm .. 32 wm + 31 and BN / 2
+//   columns (16 wm .. 16 wm + 15 and all 32) with mma.sync
 //   (PTX ISA, "Matrix Fragments": with g = lane / 4, t = lane % 4, m16n8k16 bf16 takes in A the pairs (g, 2t..2t+1),
 //   (g + 8, 2t..), (g, 2t+8..), (g + 8, 2t+8..) and in B the pairs (2t..2t+1, g), (2t+8..2t+9, g); m16n8k8 tf32 the
 //   single elements (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) and (t, g), (t + 4, g): in both, the words
@@ -40,12 +41,19 @@
 namespace {
 
 constexpr int BM = CONV_HALO_BM, WORDS = CONV_HALO_WORDS, THREADS = CONV_HALO_THREADS;
-constexpr int WARPS_M = 4, WARPS_N = 2;
-static_assert(WARPS_M * WARPS_N * 32 == THREADS && WORDS == 8, "warp layout, one mma k-step per tap");
+constexpr int WARPS = THREADS / 32;
+static_assert(WARPS == 8 && WORDS == 8, "warp layout, one mma k-step per tap");
+// Warps along the output channels of a tile of BN columns (the rest along the positions): two for the wide tile, one
+// for the narrow, whose 8 warps then each take 16 positions x 32 columns (4 A-fragment loads per tap for 4 mma; as
+// 4 x 2 warps of 32 x 16 it took 8 for 4).
+template <int BN>
+constexpr int WARPS_N = BN == CONV_HALO_BN_NARROW ? 1 : 2;
+template <int BN>
+constexpr int WARPS_M = WARPS / WARPS_N<BN>;
 
 // The forward / input-gradient box of POSITIONS positions: its most halo voxels (over tile_x 8, 16 and 32, 3 taps
-// per axis), the pair stride of its staged halo, the halo voxels a thread stages per chunk (each for every word) and
-// the 16-row fragments per warp.
+// per axis), the pair stride of its staged halo and the halo voxels a thread stages per chunk (each for every
+// word).
 constexpr int halo_voxels(int positions, int tile_x) {
     return CONV_HALO_MAX_TAPS * (positions / tile_x + CONV_HALO_MAX_TAPS - 1) * (tile_x + CONV_HALO_MAX_TAPS - 1);
 }
@@ -56,9 +64,8 @@ struct Box {
                                           : halo_voxels(POSITIONS, 32);
     static constexpr int PS = POSITIONS == CONV_HALO_BM ? CONV_HALO_PAIR_STRIDE : CONV_HALO_PAIR_STRIDE_LARGE;
     static constexpr int HALO_VOX = (MAX_VOXELS + THREADS - 1) / THREADS;
-    static constexpr int MI = POSITIONS / WARPS_M / 16;
     static_assert((POSITIONS == CONV_HALO_BM || POSITIONS == CONV_HALO_BM_LARGE) && PS >= MAX_VOXELS &&
-                      halo_voxels(POSITIONS, 16) <= MAX_VOXELS && PS % 32 == 8 && POSITIONS % (16 * WARPS_M) == 0,
+                      halo_voxels(POSITIONS, 16) <= MAX_VOXELS && PS % 32 == 8 && POSITIONS % (16 * WARPS) == 0,
                   "pair rows hold the halo, 8 banks apart; whole fragments");
 };
 
@@ -112,11 +119,11 @@ __device__ __forceinline__ void conv_pack(const ConvPackParams<T>& p) {
 template <int POSITIONS, int BN, typename T>
 __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     using B = Box<POSITIONS>;
-    constexpr int PS = B::PS, HALO_VOX = B::HALO_VOX, MI = B::MI, WTM = POSITIONS / WARPS_M;
-    constexpr int WTN = BN / WARPS_N, NI = WTN / 8, CK = CHUNK<T>, PER = PER_WORD<T>;
+    constexpr int WM = WARPS_M<BN>, WTM = POSITIONS / WM, MI = WTM / 16, PS = B::PS, HALO_VOX = B::HALO_VOX;
+    constexpr int WTN = BN / WARPS_N<BN>, NI = WTN / 8, CK = CHUNK<T>, PER = PER_WORD<T>;
     extern __shared__ __align__(16) unsigned smem[];
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, tq = lane & 3;
-    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+    const int wm = warp % WM, wn = warp / WM;
 
     const int taps = p.taps[0] * p.taps[1] * p.taps[2];
     const int tile_x = p.tile_x, tile_y = POSITIONS / tile_x;

@@ -8,7 +8,7 @@
 // CONV_HALO_BN_NARROW output channels; per pipeline stage
 // a chunk of source channels of CONV_HALO_WORDS 32-bit operand words (16 bf16 channels as pairs, or 8 float32
 // channels: one mma k-step per tap); CONV_HALO_THREADS threads (8 warps: 4 along the positions x 2 along the
-// channels). The weight gradient's box is CONV_HALO_BM positions.
+// channels, or for the narrow tile 8 along the positions). The weight gradient's box is CONV_HALO_BM positions.
 constexpr int CONV_HALO_BM = 128;
 constexpr int CONV_HALO_BM_LARGE = 256;
 constexpr int CONV_HALO_BN = 64;
