@@ -1,5 +1,5 @@
-// Stride-1 convolutions on the tensor cores from a halo tile (bf16 operands from bf16 storage, or tf32 operands from
-// float32 storage; float32 accumulation):
+// Convolution products that walk their source at stride 1, on the tensor cores from a halo tile (bf16 operands from
+// bf16 storage, or tf32 operands from float32 storage; float32 accumulation):
 //
 //   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
 //

@@ -1,4 +1,5 @@
-// Parameters of the halo-tile convolution products of conv_halo.cu (stride 1, at most 3 taps per axis; bf16 or tf32).
+// Parameters of the halo-tile convolution products of conv_halo.cu (source walked at stride 1, at most 3 taps per axis;
+// bf16 or tf32).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
