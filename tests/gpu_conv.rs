@@ -113,7 +113,8 @@ fn gpu_conv2d_many_channels() {
 /// gradient (at least 16 input channels: row tiles of 16, boxes dealt to several slices) all go through them. The
 /// input gradient of a strided conv goes through them too, one product per stride phase (each writing every
 /// stride-th position; a phase of one tap stays on the gathers), and so does its forward at strides (1, 2, 2) and
-/// (2, 2, 2) (boxes of 64 positions, the halo split by phase). The 1x1x1 case is the gathers' (no halo).
+/// (2, 2, 2) (boxes of 64 positions, the halo split by phase; of 3x3x3 kernels from 128 source channels). The 1x1x1
+/// case is the gathers' (no halo).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {
@@ -139,8 +140,22 @@ fn gpu_conv_halo_tiles() {
     );
     check_conv("conv3d 3x3x3 stride 2 13 -> 70, 7 x 9 x 37", &[2, 13, 7, 9, 37], &[70, 13, 3, 3, 3], &[2, 2, 2], 500);
     check_conv("conv2d 3x3 stride 2 24 -> 33, 2 x 41 x 66", &[2, 24, 41, 66], &[33, 24, 3, 3], &[2, 2], 510);
-    // Strided forwards (sources of at least one channel chunk) in boxes of 64: maps no box divides, more than 64
-    // output columns, at most 32, 1x3x3.
+    // Strided forwards in boxes of 64 (3x3x3 from 128 source channels, conv.rs's HALO_STRIDED_MIN_CHANNELS; fewer
+    // take the gathers): maps no box divides, more than 64 output columns, at most 32, 1x3x3.
+    check_conv(
+        "conv3d 3x3x3 stride 1,2,2 128 -> 20, 3 x 11 x 19",
+        &[1, 128, 3, 11, 19],
+        &[20, 128, 3, 3, 3],
+        &[1, 2, 2],
+        515,
+    );
+    check_conv(
+        "conv3d 3x3x3 stride 2 130 -> 66, 4 x 9 x 14",
+        &[1, 130, 4, 9, 14],
+        &[66, 130, 3, 3, 3],
+        &[2, 2, 2],
+        525,
+    );
     check_conv(
         "conv3d 3x3x3 stride 1,2,2 24 -> 40, 3 x 30 x 45",
         &[2, 24, 3, 30, 45],

@@ -46,7 +46,7 @@
 //! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
 //! tensor-core maths run the forward and input gradient of up to 3x3x3 taps (a strided conv's input gradient as
 //! stride-1 products, one per stride phase; its forward, at strides (1 or 2, 2, 2), in boxes of 64 positions whose
-//! halo is split by phase) and the stride-1 weight gradient on maps of at least 8192 positions on the halo-tile
+//! halo is split by phase, 3x3x3 kernels from 128 source channels) and the stride-1 weight gradient on maps of at least 8192 positions on the halo-tile
 //! kernels of cuda/conv_halo.cu instead (`halo_suits`, `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover
 //! little more of the map, 256 positions: `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
@@ -721,11 +721,23 @@ fn halo_chunk<T>() -> usize {
 /// leave most of each product zero (the 1-channel stem), and a 1x1x1 product reuses no staged voxel (measured on the
 /// H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
 fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    let walk = (0..3).all(|d| p.src_mul[d] == 1 && p.src_tap[d].abs() == 1) || halo_strided(p);
+    let taps = p.taps.iter().product::<i32>() as usize;
+    let strided_wins = taps <= HALO_STRIDED_FEW_TAPS || p.c_src as usize >= HALO_STRIDED_MIN_CHANNELS;
+    let walk = (0..3).all(|d| p.src_mul[d] == 1 && p.src_tap[d].abs() == 1) || (halo_strided(p) && strided_wins);
     walk && (0..3).all(|d| (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d]))
         && p.taps.iter().product::<i32>() > 1
         && p.c_src as usize >= halo_chunk::<T>()
 }
+
+/// A strided forward of more than this many taps runs on the halo tiles only from [`HALO_STRIDED_MIN_CHANNELS`] source
+/// channels on: its boxes of 64 positions then hold 176 KB of shared memory (one block per SM), and on the large maps
+/// of few channels the gathers measured faster (H200, 2026-12-03, flare-3d b2 bf16, gathers against halo: 32 -> 64 at
+/// 40x224x192 [1,2,2] 1.515 against 1.599 ms, 64 -> 128 [2,2,2] 0.766 against 0.816; from 128 channels the halo won:
+/// 0.466 -> 0.414, 0.459 -> 0.375, 0.420 -> 0.148; every amos-2d 3x3 stride-2 forward won, 32 channels included:
+/// 0.242 -> 0.233 ... 0.232 -> 0.099).
+const HALO_STRIDED_FEW_TAPS: usize = 9;
+/// See [`HALO_STRIDED_FEW_TAPS`].
+const HALO_STRIDED_MIN_CHANNELS: usize = 128;
 
 /// Whether `p` walks its source forwards at the strides of the halo kernels' strided boxes
 /// ([`CONV_HALO_BM_STRIDED`]): 2 along y and x, 1 or 2 along z.
@@ -1639,7 +1651,11 @@ mod tests {
             let w = random(p.c_narrow * p.c_wide * taps, &mut rng);
             let b = random(p.c_narrow.max(p.c_wide), &mut rng);
             let forward = d.narrow_from_wide::<f32>();
-            assert!(halo_suits(&ConvGemmParams { c_src: 16, ..forward }), "{p:?}: forward");
+            let wide_forward = ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..forward };
+            assert!(halo_suits(&wide_forward), "{p:?}: forward");
+            if p.stride != [1; 3] && taps > HALO_STRIDED_FEW_TAPS {
+                assert!(!halo_suits(&ConvGemmParams { c_src: 127, ..forward }), "{p:?}: few channels, many taps");
+            }
             assert_eq!(halo_strided(&forward), p.stride != [1; 3], "{p:?}: forward at a stride");
             let roles = [
                 (d.wide_from_narrow(), &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide]))),
@@ -1660,7 +1676,7 @@ mod tests {
                     let mut writes = vec![0; want.len()];
                     for product in products {
                         // A phase of one tap (kernel 3, stride 2: the odd positions' phase) stays on the gathers.
-                        if !halo_suits(&ConvGemmParams { c_src: 16, ..*product }) {
+                        if !halo_suits(&ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..*product }) {
                             assert_eq!(product.taps.iter().product::<i32>(), 1, "{p:?}: {product:?}");
                             conv_gemm(product, src, &w, Some(&b[..product.c_dst as usize]), &mut got, &mut writes);
                             continue;
