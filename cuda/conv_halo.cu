@@ -1,11 +1,11 @@
-// Convolution products that walk their source at stride 1, on the tensor cores from a halo tile (bf16 operands from
-// bf16 storage, or tf32 operands from float32 storage; float32 accumulation):
+// Convolution products on the tensor cores from a halo tile (bf16 operands from bf16 storage, or tf32 operands from
+// float32 storage; float32 accumulation):
 //
-//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
+//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, s r + lo + q] Wp[c, q, col],
 //
-// the conv forward of a stride-1 convolution (lo = -pad, the output rows in order) and the input gradient of any
-// convolution (the same sum over the output gradient with the kernel flipped and its channel axes swapped: conv.rs's
-// wide_from_narrow, one product per stride phase, written at every stride-th position).
+// the conv forward (lo = -pad, s the stride, the output rows in order) and the input gradient of any convolution (the
+// same sum over the output gradient with the kernel flipped and its channel axes swapped: conv.rs's
+// wide_from_narrow, one product per stride phase, s = 1, written at every stride-th position).
 // conv_tc.cu gathers each A element once per tap that reads it (27 times for a 3x3x3 kernel), one element at a time;
 // here a block reads the source box its 128 outputs need once per channel chunk:
 // - A block owns a box of 1 x tile_y x tile_x output positions (tile_x * tile_y = 128) of one batch item and BN
@@ -51,22 +51,27 @@ constexpr int WARPS_N = BN == CONV_HALO_BN_NARROW ? 1 : 2;
 template <int BN>
 constexpr int WARPS_M = WARPS / WARPS_N<BN>;
 
-// The forward / input-gradient box of POSITIONS positions: its most halo voxels (over tile_x 8, 16 and 32, 3 taps
-// per axis), the pair stride of its staged halo and the halo voxels a thread stages per chunk (each for every
-// word).
-constexpr int halo_voxels(int positions, int tile_x) {
-    return CONV_HALO_MAX_TAPS * (positions / tile_x + CONV_HALO_MAX_TAPS - 1) * (tile_x + CONV_HALO_MAX_TAPS - 1);
+// The forward / input-gradient box of POSITIONS positions: its most halo voxels (over the tile_x it takes, 3 taps
+// per axis, its source stride), the pair stride of its staged halo and the halo voxels a thread stages per chunk
+// (each for every word). Along y and x a source walked at stride s is staged split by phase (conv_halo below):
+// extent s (tile + (taps - 1) / s) per axis; along z a box is one slice, its halo taps[0] slices at any stride.
+constexpr int halo_extent(int tile, int stride) { return stride * (tile + (CONV_HALO_MAX_TAPS - 1) / stride); }
+constexpr int halo_voxels(int positions, int tile_x, int stride) {
+    return CONV_HALO_MAX_TAPS * halo_extent(positions / tile_x, stride) * halo_extent(tile_x, stride);
 }
+constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 template <int POSITIONS>
 struct Box {
-    static constexpr int MAX_VOXELS = halo_voxels(POSITIONS, 8) > halo_voxels(POSITIONS, 32)
-                                          ? halo_voxels(POSITIONS, 8)
-                                          : halo_voxels(POSITIONS, 32);
+    // Boxes of CONV_HALO_BM_STRIDED positions take sources at stride 2, tile_x 8 or 16 (conv.rs's halo_tile_x).
+    static constexpr bool STRIDED = POSITIONS == CONV_HALO_BM_STRIDED;
+    static constexpr int MAX_VOXELS =
+        STRIDED ? max3(halo_voxels(POSITIONS, 8, 2), halo_voxels(POSITIONS, 16, 2), 0)
+                : max3(halo_voxels(POSITIONS, 8, 1), halo_voxels(POSITIONS, 16, 1), halo_voxels(POSITIONS, 32, 1));
     static constexpr int PS = POSITIONS == CONV_HALO_BM ? CONV_HALO_PAIR_STRIDE : CONV_HALO_PAIR_STRIDE_LARGE;
     static constexpr int HALO_VOX = (MAX_VOXELS + THREADS - 1) / THREADS;
-    static_assert((POSITIONS == CONV_HALO_BM || POSITIONS == CONV_HALO_BM_LARGE) && PS >= MAX_VOXELS &&
-                      halo_voxels(POSITIONS, 16) <= MAX_VOXELS && PS % 32 == 8 && POSITIONS % (16 * WARPS) == 0,
-                  "pair rows hold the halo, 8 banks apart; whole fragments");
+    static_assert((POSITIONS == CONV_HALO_BM || POSITIONS == CONV_HALO_BM_LARGE || STRIDED) && PS >= MAX_VOXELS &&
+                      PS % 32 == 8,
+                  "pair rows hold the halo, 8 banks apart");
 };
 
 // Channels per 32-bit word and per chunk of T storage (bf16: pairs, 16 channels; float: 8 channels).
@@ -116,18 +121,25 @@ __device__ __forceinline__ void conv_pack(const ConvPackParams<T>& p) {
     }
 }
 
-template <int POSITIONS, int BN, typename T>
+template <int POSITIONS, int BN, typename T, int SZ = 1>
 __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     using B = Box<POSITIONS>;
     constexpr int WM = WARPS_M<BN>, WTM = POSITIONS / WM, MI = WTM / 16, PS = B::PS, HALO_VOX = B::HALO_VOX;
     constexpr int WTN = BN / WARPS_N<BN>, NI = WTN / 8, CK = CHUNK<T>, PER = PER_WORD<T>;
+    static_assert(WTM % 16 == 0, "whole fragments");
     extern __shared__ __align__(16) unsigned smem[];
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5, g = lane >> 2, tq = lane & 3;
     const int wm = warp % WM, wn = warp / WM;
 
     const int taps = p.taps[0] * p.taps[1] * p.taps[2];
     const int tile_x = p.tile_x, tile_y = POSITIONS / tile_x;
-    const int hz = p.taps[0], hy = tile_y + p.taps[1] - 1, hx = tile_x + p.taps[2] - 1;
+    // The halo, split by phase along y and x: line ly = phase * len_y + j holds source row S (y0 + j) + phase + lo
+    // (S the stride along y and x: 2 in the strided boxes, else 1, and then j = ly), and likewise columns; tap q then
+    // reads line (q % S) len + q / S past the output row's. Its slices along z are the taps[0] source slices
+    // SZ z + lo[0] + qz. The strides are constants of the kernel, so that the stride-1 kernels keep their code.
+    constexpr int S = B::STRIDED ? 2 : 1;
+    const int len_y = tile_y + (p.taps[1] - 1) / S, len_x = tile_x + (p.taps[2] - 1) / S;
+    const int hz = p.taps[0], hy = S * len_y, hx = S * len_x;
     const int halo_vox = hz * hy * hx;
     const int weight_words = taps * BN * WORDS;
     // Stage b: its halo at smem + b * stage_words, its weights after the halo.
@@ -154,7 +166,12 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     for (int i = 0; i < HALO_VOX; ++i) {
         const int v = t + i * THREADS;
         const int vz = v / (hy * hx), vy = v / hx % hy, vx = v % hx;
-        const int sz = z + p.lo[0] + vz, sy = y0 + p.lo[1] + vy, sx = x0 + p.lo[2] + vx;
+        int sz = z + p.lo[0] + vz, sy = y0 + p.lo[1] + vy, sx = x0 + p.lo[2] + vx;
+        if constexpr (B::STRIDED) {
+            sz = SZ * z + p.lo[0] + vz;
+            sy = S * (y0 + vy % len_y) + vy / len_y + p.lo[1];
+            sx = S * (x0 + vx % len_x) + vx / len_x + p.lo[2];
+        }
         const bool inside = (unsigned)sz < (unsigned)p.src_size[0] && (unsigned)sy < (unsigned)p.src_size[1] &&
                             (unsigned)sx < (unsigned)p.src_size[2];
         off[i] = v < halo_vox && inside ? (sz * p.src_size[1] + sy) * p.src_size[2] + sx : -1;
@@ -226,7 +243,7 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
         unsigned a[2][MI][4], bf[2][NI / 2][4];
         int qz = 0, qy = 0, qx = 0;  // the next tap to load
         auto load = [&](int set, int q) {
-            const int shift = (qz * hy + qy) * hx + qx;
+            const int shift = (qz * hy + qy % S * len_y + qy / S) * hx + qx % S * len_x + qx / S;
 #pragma unroll
             for (int i = 0; i < MI; ++i) {
                 a[set][i][0] = a_s[tq * PS + row_vox[i][0] + shift];
@@ -507,22 +524,26 @@ extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p) {
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat16> p) { conv_pack(p); }
 
-// Boxes of 128 positions ask for two blocks per SM (127 registers, no spills; shared memory lets two in where the
-// kernel has at most 9 taps: 76 KB each for the wide tile), boxes of 256 for one (211 registers).
-#define CONV_HALO_KERNEL(NAME, POSITIONS, BN, T)                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS, POSITIONS == CONV_HALO_BM ? 2 : 1)                  \
+// Boxes of 128 and 64 positions ask for two blocks per SM (at most 127 registers, no spills; shared memory lets two in
+// where the kernel has at most 9 taps: 76 KB each for the wide tile of 128), boxes of 256 for one (210 registers).
+#define CONV_HALO_KERNEL(NAME, POSITIONS, BN, T, ...)                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, POSITIONS == CONV_HALO_BM_LARGE ? 1 : 2)            \
         NAME(const ConvHaloParams<T> p) {                                                                        \
-        conv_halo<POSITIONS, BN>(p);                                                                           \
+        conv_halo<POSITIONS, BN, T __VA_OPT__(, ) __VA_ARGS__>(p);                                             \
     }
 CONV_HALO_KERNEL(conv_fprop_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv forward
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_fprop_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
+CONV_HALO_KERNEL(conv_fprop_halo_tf32_s64, CONV_HALO_BM_STRIDED, CONV_HALO_BN, float)  // source at stride 1, 2, 2
+CONV_HALO_KERNEL(conv_fprop_halo_tf32_s64z2, CONV_HALO_BM_STRIDED, CONV_HALO_BN, float, 2)  // 2, 2, 2
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32, CONV_HALO_BM, CONV_HALO_BN, float)  // conv input gradient
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, float)
 CONV_HALO_KERNEL(conv_dgrad_halo_tf32_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, float)
 CONV_HALO_KERNEL(conv_fprop_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)  // the same in bf16
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_fprop_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_fprop_halo_bf16_s64, CONV_HALO_BM_STRIDED, CONV_HALO_BN, __nv_bfloat16)
+CONV_HALO_KERNEL(conv_fprop_halo_bf16_s64z2, CONV_HALO_BM_STRIDED, CONV_HALO_BN, __nv_bfloat16, 2)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16, CONV_HALO_BM, CONV_HALO_BN, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_n32, CONV_HALO_BM, CONV_HALO_BN_NARROW, __nv_bfloat16)
 CONV_HALO_KERNEL(conv_dgrad_halo_bf16_m256, CONV_HALO_BM_LARGE, CONV_HALO_BN, __nv_bfloat16)

@@ -1,5 +1,4 @@
-// Parameters of the halo-tile convolution products of conv_halo.cu (source walked at stride 1, at most 3 taps per axis;
-// bf16 or tf32).
+// Parameters of the halo-tile convolution products of conv_halo.cu (at most 3 taps per axis; bf16 or tf32).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -12,6 +11,10 @@
 // channels, or for the narrow tile 8 along the positions). The weight gradient's box is CONV_HALO_BM positions.
 constexpr int CONV_HALO_BM = 128;
 constexpr int CONV_HALO_BM_LARGE = 256;
+// Boxes of the products whose source steps by 2 along y and x (a strided conv's forward; along z by 1 or 2, a constant
+// of the kernel: _s64, _s64z2): their halo is split by phase and about four times the box (tile_x 8 or 16), held at
+// CONV_HALO_PAIR_STRIDE_LARGE.
+constexpr int CONV_HALO_BM_STRIDED = 64;
 constexpr int CONV_HALO_BN = 64;
 constexpr int CONV_HALO_BN_NARROW = 32;
 constexpr int CONV_HALO_WORDS = 8;
@@ -24,15 +27,16 @@ constexpr int CONV_HALO_MAX_TAPS = 3;
 constexpr int CONV_HALO_PAIR_STRIDE = 616;
 constexpr int CONV_HALO_PAIR_STRIDE_LARGE = 1032;
 
-// One product out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] (the
+// One product out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, s r + lo + q] Wp[c, q, col] (the
 // output at a flat position of its map) over output positions r in rows (per axis), source channels c < c_src and
-// taps q in taps (per axis), source positions outside src_size reading 0: the source is walked one position per row
-// and per tap (stride 1), the output may be written at a stride (dst_step: a stride phase of a strided conv's input
-// gradient, conv.rs's wide_from_narrow); Wp is the packed weight of conv_pack_*: [ceil(c_src / chunk)][prod(taps)]
+// taps q in taps (per axis), source positions outside src_size reading 0: the source is walked one position per tap
+// and, per row, s = 1 or, in the kernels of boxes of CONV_HALO_BM_STRIDED, s = (1 or 2, 2, 2) (a strided conv's
+// forward); the output may be written at a stride (dst_step: a stride phase of a strided conv's input gradient,
+// conv.rs's wide_from_narrow); Wp is the packed weight of conv_pack_*: [ceil(c_src / chunk)][prod(taps)]
 // [c_dst_pad][chunk], chunk = CONV_HALO_WORDS * 4 / sizeof(T) channels. Grid (batch * rows[0] *
 // ceil(rows[1] / tile_y) * ceil(rows[2] / tile_x), ceil(c_dst / BN)) with tile_y = BM / tile_x, CONV_HALO_THREADS
 // threads, dynamic shared memory 2 * 4 * CONV_HALO_WORDS * (pair stride + prod(taps) * BN) bytes (the pair stride
-// of the kernel's box: CONV_HALO_PAIR_STRIDE or _LARGE).
+// of the kernel's box: CONV_HALO_PAIR_STRIDE for CONV_HALO_BM, else _LARGE).
 template <typename T>
 struct ConvHaloParams {
     const T* src;
@@ -106,7 +110,8 @@ constexpr int CONV_HALO_WG_STAGES = 2;
 constexpr int CONV_HALO_WG_SHARED_WORDS = CONV_HALO_WG_STAGES * (CONV_HALO_WG_ROWS * 612 + CONV_HALO_WG_COLS * 132);
 
 // One name per role (conv forward, conv input gradient) and math, each its weight packing and its product; _n32 for
-// outputs of at most 32 channels, _m256 for boxes of CONV_HALO_BM_LARGE positions.
+// outputs of at most 32 channels, _m256 for boxes of CONV_HALO_BM_LARGE positions, _s64 / _s64z2 for the strided
+// forward's boxes of CONV_HALO_BM_STRIDED (source stride (1, 2, 2) / (2, 2, 2)).
 extern "C" __global__ void conv_fprop_pack_tf32(const ConvPackParams<float> p);
 extern "C" __global__ void conv_dgrad_pack_tf32(const ConvPackParams<float> p);
 extern "C" __global__ void conv_fprop_pack_bf16(const ConvPackParams<__nv_bfloat16> p);
@@ -114,12 +119,16 @@ extern "C" __global__ void conv_dgrad_pack_bf16(const ConvPackParams<__nv_bfloat
 extern "C" __global__ void conv_fprop_halo_tf32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_fprop_halo_tf32_n32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_fprop_halo_tf32_m256(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_fprop_halo_tf32_s64(const ConvHaloParams<float> p);
+extern "C" __global__ void conv_fprop_halo_tf32_s64z2(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_dgrad_halo_tf32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_dgrad_halo_tf32_n32(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_dgrad_halo_tf32_m256(const ConvHaloParams<float> p);
 extern "C" __global__ void conv_fprop_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_halo_bf16_m256(const ConvHaloParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_halo_bf16_s64(const ConvHaloParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_halo_bf16_s64z2(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16_n32(const ConvHaloParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_halo_bf16_m256(const ConvHaloParams<__nv_bfloat16> p);

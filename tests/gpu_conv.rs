@@ -112,7 +112,9 @@ fn gpu_conv2d_many_channels() {
 /// those cover little more of the map than boxes of 128) and, on maps of at least 8192 positions, the weight
 /// gradient (at least 16 input channels: row tiles of 16, boxes dealt to several slices) all go through them. The
 /// input gradient of a strided conv goes through them too, one product per stride phase (each writing every
-/// stride-th position; a phase of one tap stays on the gathers). The 1x1x1 case is the gathers' (no halo).
+/// stride-th position; a phase of one tap stays on the gathers), and so does its forward at strides (1, 2, 2) and
+/// (2, 2, 2) (boxes of 64 positions, the halo split by phase; of 3x3x3 kernels from 128 source channels). The 1x1x1
+/// case is the gathers' (no halo).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {
@@ -138,6 +140,38 @@ fn gpu_conv_halo_tiles() {
     );
     check_conv("conv3d 3x3x3 stride 2 13 -> 70, 7 x 9 x 37", &[2, 13, 7, 9, 37], &[70, 13, 3, 3, 3], &[2, 2, 2], 500);
     check_conv("conv2d 3x3 stride 2 24 -> 33, 2 x 41 x 66", &[2, 24, 41, 66], &[33, 24, 3, 3], &[2, 2], 510);
+    // Strided forwards in boxes of 64 (3x3x3 from 128 source channels, conv.rs's HALO_STRIDED_MIN_CHANNELS; fewer
+    // take the gathers): maps no box divides, more than 64 output columns, at most 32, 1x3x3.
+    check_conv(
+        "conv3d 3x3x3 stride 1,2,2 128 -> 20, 3 x 11 x 19",
+        &[1, 128, 3, 11, 19],
+        &[20, 128, 3, 3, 3],
+        &[1, 2, 2],
+        515,
+    );
+    check_conv(
+        "conv3d 3x3x3 stride 2 130 -> 66, 4 x 9 x 14",
+        &[1, 130, 4, 9, 14],
+        &[66, 130, 3, 3, 3],
+        &[2, 2, 2],
+        525,
+    );
+    check_conv(
+        "conv3d 3x3x3 stride 1,2,2 24 -> 40, 3 x 30 x 45",
+        &[2, 24, 3, 30, 45],
+        &[40, 24, 3, 3, 3],
+        &[1, 2, 2],
+        520,
+    );
+    check_conv("conv3d 3x3x3 stride 2 17 -> 70, 5 x 18 x 37", &[1, 17, 5, 18, 37], &[70, 17, 3, 3, 3], &[2, 2, 2], 530);
+    check_conv("conv2d 3x3 stride 2 20 -> 20, 2 x 41 x 66", &[2, 20, 41, 66], &[20, 20, 3, 3], &[2, 2], 540);
+    check_conv(
+        "conv3d 1x3x3 stride 1,2,2 16 -> 33, 2 x 19 x 34",
+        &[1, 16, 2, 19, 34],
+        &[33, 16, 1, 3, 3],
+        &[1, 2, 2],
+        550,
+    );
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

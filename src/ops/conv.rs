@@ -44,11 +44,11 @@
 //! product's parameters (cuda/conv.cuh's `ConvGemmParams`, `ConvWgradParams`) are built once from the pairing's
 //! sizes and launched on the exact float32 kernels or, with the same fields, on the tensor-core ones: tf32 from
 //! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
-//! tensor-core maths run the passes of up to 3x3x3 taps that walk their source at stride 1 (a stride-1 conv's
-//! forward and weight gradient, the latter on maps of at least 8192 positions, and every conv's input gradient, whose
-//! stride phases are stride-1 products) on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`,
-//! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
-//! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
+//! tensor-core maths run the forward and input gradient of up to 3x3x3 taps (a strided conv's input gradient as
+//! stride-1 products, one per stride phase; its forward, at strides (1 or 2, 2, 2), in boxes of 64 positions whose
+//! halo is split by phase, 3x3x3 kernels from 128 source channels) and the stride-1 weight gradient on maps of at least 8192 positions on the halo-tile
+//! kernels of cuda/conv_halo.cu instead (`halo_suits`, `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover
+//! little more of the map, 256 positions: `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
@@ -72,10 +72,10 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradHaloParams, ConvWgradParams,
-    Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BN,
-    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
-    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
-    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
+    Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED,
+    CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE,
+    CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK,
+    CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -647,7 +647,7 @@ impl KernelDims {
     /// The stride-1 weight gradient on the halo-tile kernel (pointers left null), and its slice count: boxes of
     /// CONV_HALO_BM narrow positions, dealt in runs of equal length to about WGRAD_TARGET_BLOCKS / tiles slices.
     fn weight_grad_halo<T: GpuElement>(&self) -> (ConvWgradHaloParams<T>, usize) {
-        let (tile_x, boxes) = halo_boxes(self.batch, self.narrow, self.k, CONV_HALO_BM);
+        let (tile_x, boxes) = halo_boxes(self.batch, self.narrow, self.k, [1; 3], CONV_HALO_BM);
         let tiles =
             (self.c_wide as usize).div_ceil(CONV_HALO_WG_ROWS) * (self.c_narrow as usize).div_ceil(CONV_HALO_WG_COLS);
         let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).clamp(1, boxes.min(65535));
@@ -713,30 +713,56 @@ fn halo_chunk<T>() -> usize {
     CONV_HALO_WORDS * 4 / std::mem::size_of::<T>()
 }
 
-/// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a product whose source is walked one position per
-/// row and one per tap, either way (the forward of a stride-1 conv, the input gradient's stride phases of any conv:
-/// their output positions may step by the stride), of at most [`CONV_HALO_MAX_TAPS`] taps per axis and more than one
-/// tap, with at least one whole stage of source channels. The others stay on conv_tc.cu's gathers: a strided
-/// forward's source steps by the stride, fewer channels would leave most of each product zero (the 1-channel stem),
-/// and a 1x1x1 product reuses no staged voxel (measured on the H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
+/// Whether the halo-tile kernels of cuda/conv_halo.cu compute `p`: a product of at most [`CONV_HALO_MAX_TAPS`] taps
+/// per axis and more than one tap, with at least one whole stage of source channels, whose source is walked one
+/// position per tap and either one per row, either way (the forward of a stride-1 conv, the input gradient's stride
+/// phases of any conv: their output positions may step by the stride), or forwards by 2 along y and x and 1 or 2 along
+/// z (a strided conv's forward, [`halo_strided`]). The others stay on conv_tc.cu's gathers: fewer channels would
+/// leave most of each product zero (the 1-channel stem), and a 1x1x1 product reuses no staged voxel (measured on the
+/// H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
 fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    (0..3).all(|d| p.src_mul[d] == 1 && p.src_tap[d].abs() == 1 && (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d]))
+    let taps = p.taps.iter().product::<i32>() as usize;
+    let strided_wins = taps <= HALO_STRIDED_FEW_TAPS || p.c_src as usize >= HALO_STRIDED_MIN_CHANNELS;
+    let walk = (0..3).all(|d| p.src_mul[d] == 1 && p.src_tap[d].abs() == 1) || (halo_strided(p) && strided_wins);
+    walk && (0..3).all(|d| (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d]))
         && p.taps.iter().product::<i32>() > 1
         && p.c_src as usize >= halo_chunk::<T>()
 }
 
-/// The extent along the last axis (8, 16 or 32) of a halo box of `positions` positions: the one that stages the
-/// fewest halo voxels over the map, counting the positions past its edge that a box covers for nothing.
-fn halo_tile_x(rows: [i32; 3], taps: [i32; 3], positions: usize) -> i32 {
-    let cost = |tile_x: i32| {
-        let tile_y = positions as i32 / tile_x;
-        let along = |len: i32, tile: i32, taps: i32| ((len + tile - 1) / tile) as i64 * (tile + taps - 1) as i64;
-        (along(rows[2], tile_x, taps[2]) * along(rows[1], tile_y, taps[1]), -tile_x)
-    };
-    [32, 16, 8].into_iter().min_by_key(|&t| cost(t)).expect("three candidates")
+/// A strided forward of more than this many taps runs on the halo tiles only from [`HALO_STRIDED_MIN_CHANNELS`] source
+/// channels on: its boxes of 64 positions then hold 176 KB of shared memory (one block per SM), and on the large maps
+/// of few channels the gathers measured faster (H200, 2026-12-03, flare-3d b2 bf16, gathers against halo: 32 -> 64 at
+/// 40x224x192 [1,2,2] 1.515 against 1.599 ms, 64 -> 128 [2,2,2] 0.766 against 0.816; from 128 channels the halo won:
+/// 0.466 -> 0.414, 0.459 -> 0.375, 0.420 -> 0.148; every amos-2d 3x3 stride-2 forward won, 32 channels included:
+/// 0.242 -> 0.233 ... 0.232 -> 0.099).
+const HALO_STRIDED_FEW_TAPS: usize = 9;
+/// See [`HALO_STRIDED_FEW_TAPS`].
+const HALO_STRIDED_MIN_CHANNELS: usize = 128;
+
+/// Whether `p` walks its source forwards at the strides of the halo kernels' strided boxes
+/// ([`CONV_HALO_BM_STRIDED`]): 2 along y and x, 1 or 2 along z.
+fn halo_strided<T: Copy>(p: &ConvGemmParams<T>) -> bool {
+    matches!(p.src_mul, [1 | 2, 2, 2]) && p.src_tap == [1; 3]
 }
 
-/// The halo-tile launch of the stride-1 product `p` for tiles of `tile_n` columns and boxes of `positions`
+/// The extent along the last axis of a halo box of `positions` positions: the one that stages the fewest halo voxels
+/// over the map, counting the positions past its edge that a box covers for nothing. A source walked at stride s
+/// (`src_mul`) is staged split by phase, s (tile + (taps - 1) / s) lines per axis; boxes of
+/// [`CONV_HALO_BM_STRIDED`] take 8 or 16 (2 x 32 would stage more than their pair stride holds), the others 8, 16
+/// or 32.
+fn halo_tile_x(rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], positions: usize) -> i32 {
+    let cost = |tile_x: i32| {
+        let tile_y = positions as i32 / tile_x;
+        let along = |len: i32, tile: i32, taps: i32, s: i32| {
+            ((len + tile - 1) / tile) as i64 * (s * (tile + (taps - 1) / s)) as i64
+        };
+        (along(rows[2], tile_x, taps[2], src_mul[2]) * along(rows[1], tile_y, taps[1], src_mul[1]), -tile_x)
+    };
+    let candidates: &[i32] = if positions == CONV_HALO_BM_STRIDED { &[16, 8] } else { &[32, 16, 8] };
+    candidates.iter().copied().min_by_key(|&t| cost(t)).expect("a candidate")
+}
+
+/// The halo-tile launch of the product `p` ([`halo_suits`]) for tiles of `tile_n` columns and boxes of `positions`
 /// positions: the weight packing's parameters (pointers left null) and the product's (its `packed` pointer null),
 /// with the grid's box count.
 fn halo_params<T: GpuElement>(
@@ -764,7 +790,7 @@ fn halo_params<T: GpuElement>(
         len: len as i64,
         ..ConvPackParams::default()
     };
-    let (tile_x, boxes) = halo_boxes(p.batch, p.rows, p.taps, positions);
+    let (tile_x, boxes) = halo_boxes(p.batch, p.rows, p.taps, p.src_mul, positions);
     // A tap walked backwards (src_tap -1) starts taps - 1 positions before src_add.
     let lo = [0, 1, 2].map(|d| p.src_add[d] - if p.src_tap[d] < 0 { p.taps[d] - 1 } else { 0 });
     let product = ConvHaloParams {
@@ -788,10 +814,10 @@ fn halo_params<T: GpuElement>(
     (pack, product, boxes)
 }
 
-/// The halo boxes of `positions` positions over `batch` maps of `rows` for `taps`: the box's extent along the last
-/// axis ([`halo_tile_x`]) and the box count.
-fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], positions: usize) -> (i32, usize) {
-    let tile_x = halo_tile_x(rows, taps, positions);
+/// The halo boxes of `positions` positions over `batch` maps of `rows` for `taps` and a source walked at `src_mul`:
+/// the box's extent along the last axis ([`halo_tile_x`]) and the box count.
+fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], positions: usize) -> (i32, usize) {
+    let tile_x = halo_tile_x(rows, taps, src_mul, positions);
     let tile_y = positions as i32 / tile_x;
     let boxes = batch as usize
         * rows[0] as usize
@@ -800,7 +826,7 @@ fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], positions: usize) -> (
     (tile_x, boxes)
 }
 
-/// Launches the stride-1 product `p` (pointers filled) on the halo-tile kernels: packs the weight for the product's
+/// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the product's
 /// taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
 fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
     let (product, tile_n, positions, pair_stride) = halo.for_product(p);
@@ -854,6 +880,9 @@ pub(crate) struct HaloKernels<T: Copy> {
     pack: Kernel<ConvPackParams<T>>,
     small: TcPair<ConvHaloParams<T>>,
     large: Kernel<ConvHaloParams<T>>,
+    /// The forward's boxes of [`CONV_HALO_BM_STRIDED`] for sources walked at (1, 2, 2) and (2, 2, 2) (the input
+    /// gradient has none: its products walk their source at stride 1).
+    strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
 }
 
 /// A wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between
@@ -868,8 +897,13 @@ const HALO_LARGE_MAX_COVER_PERCENT: usize = 115;
 impl<T: Copy> HaloKernels<T> {
     /// The product kernel for `p`, its tile width, its box's positions and its halo's pair stride.
     fn for_product(self, p: &ConvGemmParams<T>) -> (Kernel<ConvHaloParams<T>>, usize, usize, usize) {
+        if halo_strided(p) {
+            let kernels = self.strided.expect("only the forward's products walk their source at a stride");
+            let kernel = kernels[(p.src_mul[0] == 2) as usize];
+            return (kernel, CONV_HALO_BN, CONV_HALO_BM_STRIDED, CONV_HALO_PAIR_STRIDE_LARGE);
+        }
         let (kernel, tile_n) = self.small.for_columns(p.c_dst as usize);
-        let cover = |positions| halo_boxes(p.batch, p.rows, p.taps, positions).1 * positions;
+        let cover = |positions| halo_boxes(p.batch, p.rows, p.taps, p.src_mul, positions).1 * positions;
         if tile_n == CONV_HALO_BN
             && 100 * cover(CONV_HALO_BM_LARGE) <= HALO_LARGE_MAX_COVER_PERCENT * cover(CONV_HALO_BM)
         {
@@ -927,8 +961,10 @@ const fn halo<T: Copy>(
     pack: Kernel<ConvPackParams<T>>,
     [wide, narrow]: [Kernel<ConvHaloParams<T>>; 2],
     large: Kernel<ConvHaloParams<T>>,
+    strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
 ) -> HaloKernels<T> {
-    HaloKernels { pack, small: TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) }, large }
+    let small = TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) };
+    HaloKernels { pack, small, large, strided }
 }
 
 impl ConvElement for f32 {
@@ -960,11 +996,13 @@ impl ConvElement for f32 {
             kernel::conv_fprop_pack_tf32,
             [kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32],
             kernel::conv_fprop_halo_tf32_m256,
+            Some([kernel::conv_fprop_halo_tf32_s64, kernel::conv_fprop_halo_tf32_s64z2]),
         ),
         halo(
             kernel::conv_dgrad_pack_tf32,
             [kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32],
             kernel::conv_dgrad_halo_tf32_m256,
+            None,
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
@@ -991,11 +1029,13 @@ impl ConvElement for bf16 {
             kernel::conv_fprop_pack_bf16,
             [kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32],
             kernel::conv_fprop_halo_bf16_m256,
+            Some([kernel::conv_fprop_halo_bf16_s64, kernel::conv_fprop_halo_bf16_s64z2]),
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
             [kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32],
             kernel::conv_dgrad_halo_bf16_m256,
+            None,
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
@@ -1536,9 +1576,11 @@ mod tests {
     }
 
     /// What conv_pack_* and the halo product compute for `p` (cuda/conv_halo.cuh), in float64: the packed weight,
-    /// then out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col].
+    /// then out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, src_mul r + lo + q] Wp[c, q, col]
+    /// (src_mul: the product's, a constant of the kernel that takes it).
     fn conv_halo(
         (pack, h): (&ConvPackParams<f32>, &ConvHaloParams<f32>),
+        src_mul: [i32; 3],
         src: &[f64],
         w: &[f64],
         b: Option<&[f64]>,
@@ -1571,7 +1613,7 @@ mod tests {
                     let mut acc = b.map_or(0.0, |b| b[col]);
                     for c in 0..c_src {
                         for (q, qd) in points(usize3(h.taps)).enumerate() {
-                            let at = [0, 1, 2].map(|d| r[d] as i32 + h.lo[d] + qd[d] as i32);
+                            let at = [0, 1, 2].map(|d| src_mul[d] * r[d] as i32 + h.lo[d] + qd[d] as i32);
                             if (0..3).all(|d| at[d] >= 0 && at[d] < h.src_size[d]) {
                                 let wp = ((c / chunk * taps + q) * c_pad + col) * chunk + c % chunk;
                                 acc +=
@@ -1585,10 +1627,10 @@ mod tests {
         }
     }
 
-    /// The halo-tile kernels' parameters ([`halo_params`]) compute the products whose source is walked at stride 1:
-    /// the forward of the stride-1 pairings and the input gradient (its taps walked backwards, the kernel flipped by
-    /// the packing) of every pairing, the strided ones' stride phases writing every stride-th position, in both tile
-    /// widths and box sizes; a strided forward is not theirs.
+    /// The halo-tile kernels' parameters ([`halo_params`]) compute the products they take: the forward of every
+    /// pairing (the strided ones' in boxes of 64 positions, their halo within the pair stride) and the input gradient
+    /// (its taps walked backwards, the kernel flipped by the packing; a strided pairing's stride phases writing every
+    /// stride-th position), in every tile width and box size a product may take.
     #[test]
     fn halo_products_compute_the_pairing_products_they_take() {
         let mut rng = StdRng::seed_from_u64(13);
@@ -1599,6 +1641,7 @@ mod tests {
             pairing(2, 7, 18, [3, 9, 10], [3, 3, 3], [1, 2, 2]),
             pairing(1, 5, 17, [3, 4, 5], [1, 3, 3], [1, 2, 2]),
             pairing(1, 6, 11, [5, 6, 7], [3, 3, 3], [2, 2, 2]),
+            pairing(1, 4, 9, [1, 37, 70], [1, 3, 3], [1, 2, 2]),
         ];
         for p in pairings {
             let d = p.kernel_dims("test").unwrap();
@@ -1608,22 +1651,32 @@ mod tests {
             let w = random(p.c_narrow * p.c_wide * taps, &mut rng);
             let b = random(p.c_narrow.max(p.c_wide), &mut rng);
             let forward = d.narrow_from_wide::<f32>();
-            let strided = p.stride != [1; 3];
-            assert_eq!(halo_suits(&ConvGemmParams { c_src: 16, ..forward }), !strided, "{p:?}: forward");
-            let mut roles =
-                vec![(d.wide_from_narrow(), &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide])))];
-            if !strided {
-                roles.push((vec![forward], &xw, narrow_from_wide_direct(&p, &xw, &w, Some(&b[..p.c_narrow]))));
+            let wide_forward = ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..forward };
+            assert!(halo_suits(&wide_forward), "{p:?}: forward");
+            if p.stride != [1; 3] && taps > HALO_STRIDED_FEW_TAPS {
+                assert!(!halo_suits(&ConvGemmParams { c_src: 127, ..forward }), "{p:?}: few channels, many taps");
             }
-            for (tile_n, positions) in
-                [(CONV_HALO_BN_NARROW, CONV_HALO_BM), (CONV_HALO_BN, CONV_HALO_BM), (CONV_HALO_BN, CONV_HALO_BM_LARGE)]
-            {
-                for (products, src, want) in &roles {
+            assert_eq!(halo_strided(&forward), p.stride != [1; 3], "{p:?}: forward at a stride");
+            let roles = [
+                (d.wide_from_narrow(), &xn, wide_from_narrow_direct(&p, &xn, &w, Some(&b[..p.c_wide]))),
+                (vec![forward], &xw, narrow_from_wide_direct(&p, &xw, &w, Some(&b[..p.c_narrow]))),
+            ];
+            for (products, src, want) in &roles {
+                let shapes = if products.iter().any(halo_strided) {
+                    vec![(CONV_HALO_BN, CONV_HALO_BM_STRIDED)]
+                } else {
+                    vec![
+                        (CONV_HALO_BN_NARROW, CONV_HALO_BM),
+                        (CONV_HALO_BN, CONV_HALO_BM),
+                        (CONV_HALO_BN, CONV_HALO_BM_LARGE),
+                    ]
+                };
+                for (tile_n, positions) in shapes {
                     let mut got = vec![f64::NAN; want.len()];
                     let mut writes = vec![0; want.len()];
                     for product in products {
                         // A phase of one tap (kernel 3, stride 2: the odd positions' phase) stays on the gathers.
-                        if !halo_suits(&ConvGemmParams { c_src: 16, ..*product }) {
+                        if !halo_suits(&ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..*product }) {
                             assert_eq!(product.taps.iter().product::<i32>(), 1, "{p:?}: {product:?}");
                             conv_gemm(product, src, &w, Some(&b[..product.c_dst as usize]), &mut got, &mut writes);
                             continue;
@@ -1639,11 +1692,27 @@ mod tests {
                                 && h.tile_x * box_rows == positions as i32,
                             "{p:?}: whole boxes of {positions} positions cover the rows"
                         );
-                        conv_halo((&pack, &h), src, &w, Some(&b[..product.c_dst as usize]), &mut got);
+                        if halo_strided(product) {
+                            // The phase-split halo (cuda/conv_halo.cu) of the largest kernel fits the pair stride.
+                            let extent = |tile: i32| 2 * (tile + (CONV_HALO_MAX_TAPS as i32 - 1) / 2);
+                            let halo = CONV_HALO_MAX_TAPS as i32 * extent(box_rows) * extent(h.tile_x);
+                            assert!(halo as usize <= CONV_HALO_PAIR_STRIDE_LARGE, "{p:?}: tile_x {}", h.tile_x);
+                        }
+                        conv_halo((&pack, &h), product.src_mul, src, &w, Some(&b[..product.c_dst as usize]), &mut got);
                     }
                     assert_near(&got, want, &format!("{p:?} halo, {tile_n} columns, boxes of {positions}"));
                 }
             }
+        }
+        // The strided forward's kernels: z stride 1 or 2.
+        for (stride, name) in [([1, 2, 2], "_s64"), ([2, 2, 2], "_s64z2")] {
+            let d = pairing(1, 16, 64, [6, 20, 20], [3, 3, 3], stride).kernel_dims("test").unwrap();
+            let (kernel, tile_n, positions, pair_stride) = bf16::HALO[0].for_product(&d.narrow_from_wide::<bf16>());
+            assert!(kernel.name().ends_with(name), "{stride:?}: {}", kernel.name());
+            assert_eq!(
+                (tile_n, positions, pair_stride),
+                (CONV_HALO_BN, CONV_HALO_BM_STRIDED, CONV_HALO_PAIR_STRIDE_LARGE)
+            );
         }
         let one_tap = pairing(1, 16, 16, [5, 4, 7], [1, 1, 1], [1, 1, 1]).kernel_dims("test").unwrap();
         assert!(!halo_suits(&one_tap.narrow_from_wide::<f32>()), "a 1x1x1 product is conv_tc.cu's");
