@@ -46,9 +46,10 @@
 //! float32 storage, bf16 from bf16 storage (`ConvElement` holds each type's kernels; bf16 has no exact ones); the
 //! tensor-core maths run the forward and input gradient of up to 3x3x3 taps (a strided conv's input gradient as
 //! stride-1 products, one per stride phase; its forward, at strides (1 or 2, 2, 2), in boxes of 64 positions whose
-//! halo is split by phase, 3x3x3 kernels from 128 source channels) and the stride-1 weight gradient on maps of at least 8192 positions on the halo-tile
-//! kernels of cuda/conv_halo.cu instead (`halo_suits`, `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover
-//! little more of the map, 256 positions: `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
+//! halo is split by phase, 3x3x3 kernels from 128 source channels) and the stride-1 weight gradient on maps of at
+//! least 8192 positions on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`,
+//! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
+//! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
 //! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
@@ -717,15 +718,15 @@ fn halo_chunk<T>() -> usize {
 /// per axis and more than one tap, with at least one whole stage of source channels, whose source is walked one
 /// position per tap and either one per row, either way (the forward of a stride-1 conv, the input gradient's stride
 /// phases of any conv: their output positions may step by the stride), or forwards by 2 along y and x and 1 or 2 along
-/// z (a strided conv's forward, [`halo_strided`]). The others stay on conv_tc.cu's gathers: fewer channels would
-/// leave most of each product zero (the 1-channel stem), and a 1x1x1 product reuses no staged voxel (measured on the
-/// H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
+/// z (a strided conv's forward, [`halo_strided`], where [`HALO_STRIDED_FEW_TAPS`] says it wins). The others stay on
+/// conv_tc.cu's gathers: fewer channels would leave most of each product zero (the 1-channel stem), and a 1x1x1
+/// product reuses no staged voxel (measured on the H200: 0.69-1.33x the gathers there, benches/RESULTS.md).
 fn halo_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     let taps = p.taps.iter().product::<i32>() as usize;
     let strided_wins = taps <= HALO_STRIDED_FEW_TAPS || p.c_src as usize >= HALO_STRIDED_MIN_CHANNELS;
     let walk = (0..3).all(|d| p.src_mul[d] == 1 && p.src_tap[d].abs() == 1) || (halo_strided(p) && strided_wins);
     walk && (0..3).all(|d| (1..=CONV_HALO_MAX_TAPS as i32).contains(&p.taps[d]))
-        && p.taps.iter().product::<i32>() > 1
+        && taps > 1
         && p.c_src as usize >= halo_chunk::<T>()
 }
 
@@ -826,8 +827,8 @@ fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], pos
     (tile_x, boxes)
 }
 
-/// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the product's
-/// taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
+/// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the
+/// product's taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
 fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
     let (product, tile_n, positions, pair_stride) = halo.for_product(p);
     let (pack, params, boxes) = halo_params(p, tile_n, positions);
