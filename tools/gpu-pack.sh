@@ -6,40 +6,51 @@
 # There: bash tools/gpu-run.sh. The binaries are stripped, and also packed into .gpu.tar.xz (about a fifth of the
 # size) for carriers with a size limit: there, `tar xJf .gpu.tar.xz` first. The device tool carries at most 64 MiB:
 # with every test binary the archive is larger (83 MB with xz -3 at 30 binaries), so PACK_TESTS="gpu_ops gpu_layout ..."
-# (names of .gpu/tests) packs only those tests into the archive (the release binary, the benchmark and the --before
+# (names of .gpu/tests) packs only those tests into the archive (the release binary, the benchmark and the --rev
 # binaries always), and the script says when the archive is over 64 MiB.
 #
-# --before REV: also builds revision REV (a detached worktree in target/before-src, its own target dir
-# target/before, so later builds are incremental) and adds its release binary and kernel benchmark as
-# .gpu/before/lkm-engine and .gpu/before/kernels: a before/after pair measured in one device call
-# (BIN=.gpu/before/lkm-engine bash tools/gpu-step.sh beside the plain run).
+# --rev NAME=REV (repeatable): also builds revision REV (a branch, a commit) and adds its release binary and kernel
+# benchmark as .gpu/NAME/lkm-engine and .gpu/NAME/kernels, so that several variants are timed in one device call
+# (BIN=.gpu/NAME/lkm-engine bash tools/gpu-step.sh beside the plain run; .gpu/NAME/kernels --convs ... beside
+# .gpu/tests/kernels). Each is built in a detached worktree (target/rev-src) into one target dir (target/revs), so a
+# revision that differs from the last in a few files rebuilds only those. --before REV is --rev before=REV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LKM_REQUIRE_NVCC=1
-before=""
-case "${1:-}" in
-  --before) before=${2:?--before needs a revision} ;;
-  "") ;;
-  *) echo "usage: $0 [--before REV]" >&2; exit 2 ;;
-esac
+revs=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --before) revs+=("before=${2:?--before needs a revision}"); shift 2 ;;
+    --rev)
+      case "${2:-}" in
+        ?*=?*) revs+=("$2"); shift 2 ;;
+        *) echo "--rev needs NAME=REV" >&2; exit 2 ;;
+      esac ;;
+    *) echo "usage: $0 [--before REV] [--rev NAME=REV]..." >&2; exit 2 ;;
+  esac
+done
 rm -rf .gpu && mkdir -p .gpu/tests
-if [ -n "$before" ]; then
-  root=$PWD
-  git worktree remove --force target/before-src 2>/dev/null || true
-  git worktree add --detach target/before-src "$before" >/dev/null
-  (cd target/before-src && CARGO_TARGET_DIR="$root/target/before" cargo build --release &&
-    CARGO_TARGET_DIR="$root/target/before" cargo bench --no-run --bench kernels --message-format=json 2>/dev/null |
+root=$PWD
+for rev in "${revs[@]}"; do
+  name=${rev%%=*} commit=${rev#*=}
+  case "$name" in
+    tests | lkm-engine | *[!A-Za-z0-9._-]*) echo "--rev: NAME must be letters, digits, . _ - and not $name" >&2; exit 2 ;;
+  esac
+  git worktree remove --force target/rev-src 2>/dev/null || true
+  git worktree add --detach target/rev-src "$commit" >/dev/null
+  (cd target/rev-src && CARGO_TARGET_DIR="$root/target/revs" cargo build --release &&
+    CARGO_TARGET_DIR="$root/target/revs" cargo bench --no-run --bench kernels --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
-        print(m["executable"])' >"$root/target/before-kernels.txt")
-  mkdir -p .gpu/before
-  cp target/before/release/lkm-engine .gpu/before/
-  cp "$(cat target/before-kernels.txt)" .gpu/before/kernels
-  git worktree remove --force target/before-src
-  strip .gpu/before/*
-fi
+        print(m["executable"])' >"$root/target/rev-kernels.txt")
+  mkdir -p ".gpu/$name"
+  cp target/revs/release/lkm-engine ".gpu/$name/"
+  cp "$(cat target/rev-kernels.txt)" ".gpu/$name/kernels"
+  git worktree remove --force target/rev-src
+  strip ".gpu/$name"/*
+done
 cargo build --release
 cp target/release/lkm-engine .gpu/
 for kind in "test --release --no-run" "bench --no-run"; do
@@ -60,7 +71,7 @@ for line in sys.stdin:
 done
 strip .gpu/lkm-engine .gpu/tests/*
 packed=(.gpu/lkm-engine)
-[ -d .gpu/before ] && packed+=(.gpu/before)
+for rev in "${revs[@]}"; do packed+=(".gpu/${rev%%=*}"); done
 if [ -n "${PACK_TESTS:-}" ]; then
   for t in $PACK_TESTS kernels; do
     [ -e ".gpu/tests/$t" ] || { echo "PACK_TESTS: no test executable .gpu/tests/$t" >&2; exit 2; }
