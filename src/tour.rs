@@ -73,6 +73,17 @@
 //! instead of storing it). A [`ResidualBlock`] is two of these (the second without the LeakyReLU) plus a shortcut:
 //! `LReLU(branch(x) + skip(x))` ([`leaky_relu`], which saves its output: its derivative depends only on the sign).
 //!
+//! On the GPU each pass of a conv is an implicit matrix product over (position, output channel) with the reduction
+//! over (input channel, tap), and most run on `cuda/conv_halo.cu`: a block takes a box of output positions (128, say
+//! 4 x 32), copies the box's source *halo* (the box grown by the kernel, 6 x 34 for 3 x 3 taps) into shared memory
+//! once per chunk of 16 input channels, and then runs one tensor-core product per tap on the halo rows shifted by that
+//! tap, instead of gathering every input element once per tap (9 or 27 times). The input gradient of a strided conv
+//! is the same kind of product, one per *stride phase* (the input positions of one residue modulo the stride, reached
+//! from whole output positions by the taps `s q + phase`); a strided forward stages its halo split by phase (even
+//! source columns first, then odd), so that the rows a tap reads are again consecutive. Which kernel takes which pass
+//! is decided from measured shapes (`halo_suits` in [`conv`]'s module); the exact float32 kernels of `cuda/conv.cu`
+//! remain for the parity checks (`--math exact`).
+//!
 //! ## 4b. A PiM layer
 //!
 //! [`BiMambaLayer::forward`] computes `x + merge(out_proj(fwd(t) + flip(bwd(flip(t)))))` with `t = LN(partition(x))`:
