@@ -59,14 +59,15 @@ constexpr int halo_extent(int tile, int stride) { return stride * (tile + (CONV_
 constexpr int halo_voxels(int positions, int tile_x, int stride) {
     return CONV_HALO_MAX_TAPS * halo_extent(positions / tile_x, stride) * halo_extent(tile_x, stride);
 }
-constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+constexpr int max2(int a, int b) { return a > b ? a : b; }
 template <int POSITIONS>
 struct Box {
     // Boxes of CONV_HALO_BM_STRIDED positions take sources at stride 2, tile_x 8 or 16 (conv.rs's halo_tile_x).
     static constexpr bool STRIDED = POSITIONS == CONV_HALO_BM_STRIDED;
     static constexpr int MAX_VOXELS =
-        STRIDED ? max3(halo_voxels(POSITIONS, 8, 2), halo_voxels(POSITIONS, 16, 2), 0)
-                : max3(halo_voxels(POSITIONS, 8, 1), halo_voxels(POSITIONS, 16, 1), halo_voxels(POSITIONS, 32, 1));
+        STRIDED ? max2(halo_voxels(POSITIONS, 8, 2), halo_voxels(POSITIONS, 16, 2))
+                : max2(max2(halo_voxels(POSITIONS, 8, 1), halo_voxels(POSITIONS, 16, 1)),
+                       halo_voxels(POSITIONS, 32, 1));
     static constexpr int PS = POSITIONS == CONV_HALO_BM ? CONV_HALO_PAIR_STRIDE : CONV_HALO_PAIR_STRIDE_LARGE;
     static constexpr int HALO_VOX = (MAX_VOXELS + THREADS - 1) / THREADS;
     static_assert((POSITIONS == CONV_HALO_BM || POSITIONS == CONV_HALO_BM_LARGE || STRIDED) && PS >= MAX_VOXELS &&
@@ -166,9 +167,11 @@ __device__ __forceinline__ void conv_halo(const ConvHaloParams<T>& p) {
     for (int i = 0; i < HALO_VOX; ++i) {
         const int v = t + i * THREADS;
         const int vz = v / (hy * hx), vy = v / hx % hy, vx = v % hx;
-        int sz = z + p.lo[0] + vz, sy = y0 + p.lo[1] + vy, sx = x0 + p.lo[2] + vx;
+        // Along y and x the phase-split lines (with S = 1 simply y0 + lo + vy, written so, as the compiler cannot
+        // see that vy < len_y there).
+        const int sz = SZ * z + p.lo[0] + vz;
+        int sy = y0 + p.lo[1] + vy, sx = x0 + p.lo[2] + vx;
         if constexpr (B::STRIDED) {
-            sz = SZ * z + p.lo[0] + vz;
             sy = S * (y0 + vy % len_y) + vy / len_y + p.lo[1];
             sx = S * (x0 + vx % len_x) + vx / len_x + p.lo[2];
         }
