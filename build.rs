@@ -320,6 +320,16 @@ fn layout_check_cu(headers: &[(String, header::Header)]) -> String {
     code
 }
 
+/// Kernel files that use instructions of one chip only (wgmma: `sm_90a`). They are built for that chip's
+/// arch-specific target when the build is for sm_90 and left out otherwise; the engine loads them where the GPU takes
+/// them and routes to their kernels only then (src/device/cuda.rs, `Gpu::has_kernel`).
+const ARCH_SPECIFIC: &[&str] = &["conv_wgmma"];
+
+/// A source file's stem: `conv` for cuda/conv.cu.
+fn stem_of(src: &Path) -> String {
+    src.file_stem().unwrap().to_string_lossy().to_string()
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(lkm_kernels)");
     println!("cargo::rerun-if-changed=cuda");
@@ -360,12 +370,19 @@ fn main() {
                 let handles: Vec<_> = sources
                     .iter()
                     .chain([&check])
+                    .filter(|src| arch == "90" || !ARCH_SPECIFIC.contains(&stem_of(src).as_str()))
                     .map(|src| {
-                        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+                        let stem = stem_of(src);
                         let fatbin = out.join(format!("{stem}.fatbin"));
+                        // An arch-specific file's machine code runs on sm_90 only: no PTX for newer chips beside it.
+                        let target = if ARCH_SPECIFIC.contains(&stem.as_str()) {
+                            format!("-gencode=arch=compute_{arch}a,code=sm_{arch}a")
+                        } else {
+                            format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]")
+                        };
                         let mut cmd = Command::new(nvcc);
                         cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"])
-                            .arg(format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"))
+                            .arg(target)
                             .arg("-I")
                             .arg(root.join("cuda"))
                             .arg("-o")
@@ -391,8 +408,10 @@ fn main() {
                 if src == check {
                     continue;
                 }
-                let stem = src.file_stem().unwrap().to_string_lossy().to_string();
-                entries.push(format!("    ({stem:?}, include_bytes!({:?})),", fatbin.display().to_string()));
+                let stem = stem_of(&src);
+                let specific = ARCH_SPECIFIC.contains(&stem.as_str());
+                entries
+                    .push(format!("    ({stem:?}, include_bytes!({:?}), {specific}),", fatbin.display().to_string()));
                 for kernel in kernel_names(&fs::read_to_string(&src).unwrap()) {
                     names.push(format!("    ({kernel:?}, {stem:?}),"));
                 }
@@ -401,7 +420,8 @@ fn main() {
         }
     }
     let code = format!(
-        "/// The compiled kernel files: (file stem, sm_{} fatbin).\npub const KERNEL_FILES: &[(&str, &[u8])] = &[\n{}\n];\n\
+        "/// The compiled kernel files: (file stem, sm_{} fatbin, whether it is built for the arch-specific target only).\n\
+         pub const KERNEL_FILES: &[(&str, &[u8], bool)] = &[\n{}\n];\n\
          /// Which file defines each kernel: (kernel name, file stem).\npub const KERNEL_NAMES: &[(&str, &str)] = &[\n{}\n];\n",
         env::var("LKM_NVCC_ARCH").unwrap_or_else(|_| "90".into()),
         entries.join("\n"),

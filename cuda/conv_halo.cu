@@ -98,14 +98,16 @@ __device__ __forceinline__ float pack_value(float w) { return __uint_as_float(mm
 template <typename T>
 __device__ __forceinline__ void conv_pack(const ConvPackParams<T>& p) {
     constexpr int CK = CHUNK<T>;
-    const int taps = p.taps[0] * p.taps[1] * p.taps[2];
+    const int taps = p.taps[0] * p.taps[1] * p.taps[2], part_len = CK / p.parts;
     FOR_EACH(e, p.len) {
-        const int k_in = (int)(e % CK);
-        int64_t rest = e / CK;
+        const int k_in = (int)(e % part_len);
+        int64_t rest = e / part_len;
         const int col = (int)(rest % p.c_dst_pad);
         rest /= p.c_dst_pad;
+        const int part = (int)(rest % p.parts);
+        rest /= p.parts;
         const int q = (int)(rest % taps);
-        const int c = (int)(rest / taps) * CK + k_in;
+        const int c = (int)(rest / taps) * CK + part * part_len + k_in;
         T v = from_f32<T>(0.0f);
         if (c < p.c_src && col < p.c_dst) {
             int qd[3];

@@ -57,7 +57,9 @@ struct ConvHaloParams {
     int tile_x;  // 8, 16 or 32: output positions of the box along the last axis
 };
 
-// packed[((k / chunk * prod(taps) + q) * c_dst_pad + col) * chunk + k % chunk] = w[col*w_dst + k*w_src + tap(a)]
+// packed[(((k / chunk * prod(taps) + q) * parts + part) * c_dst_pad + col) * (chunk / parts) + k % (chunk / parts)] =
+// w[col*w_dst + k*w_src + tap(a)] with part = k % chunk / (chunk / parts) (parts 1: a row of the chunk's channels per
+// column, the halo products'; 2: conv_wgmma.cu's two halves of 8 channels, each a row per column)
 // (float32 rounded to tf32) for source channel k < c_src and col < c_dst (else 0), the tap a of the product's
 // enumeration (conv.cuh's ConvGemmParams) for halo tap q: per axis q' = taps - 1 - q where flip is set (the product
 // walks the source backwards), else q, and a = tap_mul*q' + tap_add, tap(a) flat over kernel. Grid-stride over len.
@@ -75,6 +77,7 @@ struct ConvPackParams {
     int tap_mul[3];
     int tap_add[3];
     int flip[3];
+    int parts;  // 1 or 2
     int64_t len;
 };
 

@@ -31,6 +31,8 @@ pub struct Gpu {
     exact_f32: AtomicBool,
     /// Whether runs store activations in bf16 ([`Gpu::set_precision`]).
     bf16: AtomicBool,
+    /// Streaming multiprocessors, read once ([`Gpu::resident_blocks`]).
+    multiprocessors: usize,
 }
 
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
@@ -133,12 +135,18 @@ impl Gpu {
         let stream = ctx.default_stream();
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         keep_pool_memory(&ctx).map_err(driver_err(format!("configuring the memory pool of {name}")))?;
+        let multiprocessors =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(driver_err(format!("reading the multiprocessor count of {name}")))? as usize;
         let mut modules = Vec::new();
-        for (file, image) in KERNEL_FILES {
-            let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                .map_err(driver_err(format!("loading kernels of cuda/{file}.cu on {name}")))?;
-            modules.push((*file, m));
+        for &(file, image, arch_specific) in KERNEL_FILES {
+            match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec())) {
+                Ok(m) => modules.push((file, m)),
+                // Machine code for one chip only (build.rs's ARCH_SPECIFIC, e.g. sm_90a's wgmma): on another GPU
+                // the driver refuses it, and the ops route to their other kernels (`Gpu::has_kernel`).
+                Err(_) if arch_specific => {}
+                Err(e) => return Err(driver_err(format!("loading kernels of cuda/{file}.cu on {name}"))(e)),
+            }
         }
         Ok(Arc::new(Gpu {
             ctx,
@@ -149,6 +157,7 @@ impl Gpu {
             poison: AtomicBool::new(false),
             exact_f32: AtomicBool::new(false),
             bf16: AtomicBool::new(false),
+            multiprocessors,
         }))
     }
 
@@ -234,10 +243,26 @@ impl Gpu {
             .find(|(k, _)| *k == name)
             .map(|(_, f)| *f)
             .ok_or_else(|| Error::Device(format!("kernel {name} is not defined in any cuda/*.cu file")))?;
-        let module = &self.modules.iter().find(|(f, _)| *f == file).expect("every kernel file is loaded").1;
+        let module = &self
+            .modules
+            .iter()
+            .find(|(f, _)| *f == file)
+            .ok_or_else(|| {
+                Error::Device(format!("kernel {name}: cuda/{file}.cu is built for another GPU than {}", self.name))
+            })?
+            .1;
         let f = module.load_function(name).map_err(driver_err(format!("loading kernel {name} from cuda/{file}.cu")))?;
         cache.insert(name, f.clone());
         Ok(f)
+    }
+
+    /// Whether this GPU runs `kernel`: its file was built (build.rs leaves arch-specific files out of builds for
+    /// other chips) and loaded (the driver refuses arch-specific machine code of another chip).
+    pub fn has_kernel<P>(&self, kernel: Kernel<P>) -> bool {
+        KERNEL_NAMES
+            .iter()
+            .find(|(k, _)| *k == kernel.name())
+            .is_some_and(|(_, file)| self.modules.iter().any(|(f, _)| f == file))
     }
 
     /// Launches `kernel` on the stream with its parameter struct, checking the launch and naming the kernel and
@@ -245,26 +270,48 @@ impl Gpu {
     /// The caller fills the struct with pointers to buffers sized for `cfg` and the struct's sizes, as the kernel's
     /// header comment describes; that is the contract every launch of the engine keeps.
     pub fn launch<P: DeviceRepr>(&self, kernel: Kernel<P>, cfg: LaunchConfig, params: &P, shapes: &str) -> Result<()> {
-        let function = self.function(kernel.name())?;
-        if cfg.shared_mem_bytes > STATIC_SHARED_LIMIT {
-            // Dynamic shared memory beyond the default 48 KB must be asked for per function (sm_90: up to 227 KB).
-            function
-                .set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shared_mem_bytes as i32,
-                )
-                .map_err(driver_err(format!(
-                    "{}: {} bytes of shared memory ({shapes})",
-                    kernel.name(),
-                    cfg.shared_mem_bytes
-                )))?;
-        }
+        let function = self.function_for(kernel, cfg.shared_mem_bytes, shapes)?;
         let mut builder = self.stream.launch_builder(&function);
         builder.arg(params);
         // SAFETY: the one argument is the struct the kernel declares in its header (the Kernel type says so, and nvcc
         // checked the definition against that declaration); its pointers come from live buffers of this GPU, which the
         // stream-ordered pool frees only after queued work, and the caller sized them for the launch.
         check_launch(unsafe { builder.launch(cfg) }, kernel.name(), shapes).map(|_| ())
+    }
+
+    /// `kernel`'s function, allowed `shared_mem_bytes` of dynamic shared memory: beyond the default 48 KB that must
+    /// be asked for per function (sm_90: up to 227 KB).
+    fn function_for<P>(&self, kernel: Kernel<P>, shared_mem_bytes: u32, shapes: &str) -> Result<CudaFunction> {
+        let function = self.function(kernel.name())?;
+        if shared_mem_bytes > STATIC_SHARED_LIMIT {
+            function
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_mem_bytes as i32,
+                )
+                .map_err(driver_err(format!(
+                    "{}: {shared_mem_bytes} bytes of shared memory ({shapes})",
+                    kernel.name()
+                )))?;
+        }
+        Ok(function)
+    }
+
+    /// How many blocks of `kernel` with `block_threads` threads and `shared_mem_bytes` of dynamic shared memory the
+    /// whole GPU holds at once (blocks per multiprocessor, by the driver's occupancy calculator, times the
+    /// multiprocessors): the grid of a kernel whose blocks loop over the work.
+    pub fn resident_blocks<P>(
+        &self,
+        kernel: Kernel<P>,
+        block_threads: u32,
+        shared_mem_bytes: u32,
+        shapes: &str,
+    ) -> Result<usize> {
+        let function = self.function_for(kernel, shared_mem_bytes, shapes)?;
+        let per_sm = function
+            .occupancy_max_active_blocks_per_multiprocessor(block_threads, shared_mem_bytes as usize, None)
+            .map_err(driver_err(format!("{}: occupancy ({shapes})", kernel.name())))?;
+        Ok(per_sm as usize * self.multiprocessors)
     }
 
     /// The device address of `memory` (a buffer, a slice or a view of one) for a kernel to read.

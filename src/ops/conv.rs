@@ -49,8 +49,9 @@
 //! halo is split by phase, 3x3x3 kernels from 128 source channels) and the stride-1 weight gradient on maps of at
 //! least 8192 positions on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`,
 //! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
-//! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. With a
-//! bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
+//! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
+//! run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile from shared memory
+//! themselves; `wgmma_suits`, `launch_wgmma`). With a bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
 //! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
 //! with the roles of its maps swapped.
 //!
@@ -72,11 +73,13 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgradHaloParams, ConvWgradParams,
-    Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED,
-    CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE,
-    CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK,
-    CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgmmaParams, ConvWgradHaloParams,
+    ConvWgradParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE,
+    CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE,
+    CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS,
+    CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
+    CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS,
+    CONV_WGMMA_TILES, CONV_WGMMA_TILE_X,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -788,6 +791,7 @@ fn halo_params<T: GpuElement>(
         tap_mul: p.tap_mul,
         tap_add: p.tap_add,
         flip: p.src_tap.map(|t| (t < 0) as i32),
+        parts: 1,
         len: len as i64,
         ..ConvPackParams::default()
     };
@@ -830,6 +834,9 @@ fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], pos
 /// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the
 /// product's taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
 fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
+    if let Some(wgmma) = halo.wgmma.filter(|w| wgmma_suits(p) && gpu.has_kernel(w.wide.0)) {
+        return launch_wgmma(halo.pack, wgmma, p, gpu, what);
+    }
     let (product, tile_n, positions, pair_stride) = halo.for_product(p);
     let (pack, params, boxes) = halo_params(p, tile_n, positions);
     let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
@@ -842,6 +849,89 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
         shared_mem_bytes: (2 * stage_bytes) as u32,
     };
     gpu.launch(product, cfg, &ConvHaloParams { packed: packed.ptr(), ..params }, what)
+}
+
+/// Launches the stride-1 product `p` ([`halo_suits`], pointers filled) on the wgmma kernels of cuda/conv_wgmma.cu:
+/// the same weight packing as the halo tiles', then the product in boxes of [`CONV_WGMMA_TILES`] tiles of 64
+/// positions, `box_z` slices deep ([`wgmma_box_z`]).
+fn launch_wgmma<T: ConvElement>(
+    pack_kernel: Kernel<ConvPackParams<T>>,
+    kernels: TcPair<ConvWgmmaParams<T>>,
+    p: &ConvGemmParams<T>,
+    gpu: &Arc<Gpu>,
+    what: &str,
+) -> Result<()> {
+    debug_assert_eq!(halo_chunk::<T>(), CONV_WGMMA_CHUNK, "the packing's chunk is one wgmma k-step");
+    let (product, tile_n) = kernels.for_columns(p.c_dst as usize);
+    let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
+    // Two halves of 8 channels per tap and column: each a core matrix row of the B operand, copied whole.
+    let pack = ConvPackParams { parts: 2, ..pack };
+    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
+    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
+    let box_z = wgmma_box_z(p.rows, p.taps);
+    let box_ = wgmma_box(box_z);
+    let boxes = p.batch as usize * (0..3).map(|d| (p.rows[d] as usize).div_ceil(box_[d])).product::<usize>();
+    let halo: usize = (0..3).map(|d| box_[d] + p.taps[d] as usize - 1).product();
+    let taps = p.taps.iter().product::<i32>() as usize;
+    debug_assert!(halo <= CONV_WGMMA_MAX_HALO, "{halo} halo voxels");
+    // As many blocks as the GPU holds at once (each takes its boxes in turn, its pipeline running on from box to
+    // box), at most one per box.
+    let shared_mem_bytes = (2 * 16 * (2 * halo + 2 * taps * tile_n)) as u32;
+    let column_tiles = (p.c_dst as usize).div_ceil(tile_n);
+    let resident = gpu.resident_blocks(product, CONV_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
+    let cfg = LaunchConfig {
+        grid_dim: (boxes.min(resident.div_ceil(column_tiles)).max(1) as u32, column_tiles as u32, 1),
+        block_dim: (CONV_WGMMA_THREADS as u32, 1, 1),
+        shared_mem_bytes,
+    };
+    let params = ConvWgmmaParams {
+        src: h.src,
+        packed: packed.ptr(),
+        bias: h.bias,
+        dst: h.dst,
+        c_src: h.c_src,
+        c_dst: h.c_dst,
+        c_dst_pad: h.c_dst_pad,
+        src_size: h.src_size,
+        dst_size: h.dst_size,
+        rows: h.rows,
+        lo: h.lo,
+        dst_base: h.dst_base,
+        dst_step: h.dst_step,
+        taps: h.taps,
+        box_z: box_z as i32,
+        boxes: boxes as i32,
+    };
+    gpu.launch(product, cfg, &params, what)
+}
+
+/// Whether the wgmma kernels take the halo product `p`: a stride-1 walk of a 3D source whose channels' elements
+/// (c_src x voxels per batch item) have 32-bit indices. On the H200 (2026-12-03, bf16, beside the halo tiles in the
+/// same calls) they were faster on flare-3d's 3x3x3 products (stage 1's 64 -> 64 at 40x112x96 1.07 -> 0.86 ms forward,
+/// 128 -> 128 at 20x56x48 0.60 -> 0.43) and slower on most of amos-2d's 2D ones (512 -> 512 at 10x10 0.13 -> 0.17:
+/// boxes of 32 x 8 rows cover small maps poorly), which stay on the halo tiles.
+fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
+    let src_vox = p.src_size.iter().map(|&s| s as i64).product::<i64>();
+    !halo_strided(p) && p.src_size[0] > 1 && p.c_src as i64 * src_vox < i32::MAX as i64
+}
+
+/// A wgmma box of `box_z` slices (1, 2 or 4): its extent per axis, [`CONV_WGMMA_TILES`] tiles of 8 rows of
+/// [`CONV_WGMMA_TILE_X`].
+fn wgmma_box(box_z: usize) -> [usize; 3] {
+    [box_z, 8 * (CONV_WGMMA_TILES / box_z), CONV_WGMMA_TILE_X]
+}
+
+/// The slices per wgmma box for `taps` over maps of `rows`: the one that stages the fewest halo voxels over the map
+/// (a deeper box shares its rows' halo along z, a flatter one along y), counting the positions past its edge. A
+/// kernel of 3 taps along z takes boxes of 2 or 4 slices (one slice would stage 3 x 34 x 10 voxels, more than
+/// [`CONV_WGMMA_MAX_HALO`]).
+fn wgmma_box_z(rows: [i32; 3], taps: [i32; 3]) -> usize {
+    let staged = |box_z: usize| {
+        let b = wgmma_box(box_z);
+        (0..2).map(|d| (rows[d] as usize).div_ceil(b[d]) * (b[d] + taps[d] as usize - 1)).product::<usize>()
+    };
+    let candidates: &[usize] = if taps[0] > 1 { &[4, 2] } else { &[4, 2, 1] };
+    candidates.iter().copied().min_by_key(|&z| staged(z)).expect("a candidate")
 }
 
 /// The tensor-core kernels keep a mask of at most [`CONV_TC_MAX_TAPS`] taps per axis (cuda/conv_tc.cu).
@@ -884,6 +974,9 @@ pub(crate) struct HaloKernels<T: Copy> {
     /// The forward's boxes of [`CONV_HALO_BM_STRIDED`] for sources walked at (1, 2, 2) and (2, 2, 2) (the input
     /// gradient has none: its products walk their source at stride 1).
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
+    /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only), in their two tile widths: they take
+    /// every stride-1 product of the halo tiles where the GPU has them ([`launch_wgmma`]).
+    wgmma: Option<TcPair<ConvWgmmaParams<T>>>,
 }
 
 /// A wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between
@@ -963,9 +1056,14 @@ const fn halo<T: Copy>(
     [wide, narrow]: [Kernel<ConvHaloParams<T>>; 2],
     large: Kernel<ConvHaloParams<T>>,
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
+    wgmma: Option<[Kernel<ConvWgmmaParams<T>>; 2]>,
 ) -> HaloKernels<T> {
     let small = TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) };
-    HaloKernels { pack, small, large, strided }
+    let wgmma = match wgmma {
+        Some([wide, narrow]) => Some(TcPair { wide: (wide, CONV_WGMMA_BN), narrow: (narrow, CONV_WGMMA_BN_NARROW) }),
+        None => None,
+    };
+    HaloKernels { pack, small, large, strided, wgmma }
 }
 
 impl ConvElement for f32 {
@@ -998,11 +1096,13 @@ impl ConvElement for f32 {
             [kernel::conv_fprop_halo_tf32, kernel::conv_fprop_halo_tf32_n32],
             kernel::conv_fprop_halo_tf32_m256,
             Some([kernel::conv_fprop_halo_tf32_s64, kernel::conv_fprop_halo_tf32_s64z2]),
+            None,
         ),
         halo(
             kernel::conv_dgrad_pack_tf32,
             [kernel::conv_dgrad_halo_tf32, kernel::conv_dgrad_halo_tf32_n32],
             kernel::conv_dgrad_halo_tf32_m256,
+            None,
             None,
         ),
     ];
@@ -1031,12 +1131,14 @@ impl ConvElement for bf16 {
             [kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32],
             kernel::conv_fprop_halo_bf16_m256,
             Some([kernel::conv_fprop_halo_bf16_s64, kernel::conv_fprop_halo_bf16_s64z2]),
+            Some([kernel::conv_fprop_wgmma_bf16, kernel::conv_fprop_wgmma_bf16_n32]),
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
             [kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32],
             kernel::conv_dgrad_halo_bf16_m256,
             None,
+            Some([kernel::conv_dgrad_wgmma_bf16, kernel::conv_dgrad_wgmma_bf16_n32]),
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
@@ -1591,9 +1693,11 @@ mod tests {
         let (taps, c_pad) = (voxels(usize3(pack.taps)), pack.c_dst_pad as usize);
         let packed: Vec<f64> = (0..pack.len as usize)
             .map(|e| {
-                let (k_in, rest) = (e % chunk, e / chunk);
+                let (parts, part_len) = (pack.parts as usize, chunk / pack.parts as usize);
+                let (k_in, rest) = (e % part_len, e / part_len);
                 let (col, rest) = (rest % c_pad, rest / c_pad);
-                let (q, c) = (rest % taps, rest / taps * chunk + k_in);
+                let (part, rest) = (rest % parts, rest / parts);
+                let (q, c) = (rest % taps, rest / taps * chunk + part * part_len + k_in);
                 if c >= pack.c_src as usize || col >= pack.c_dst as usize {
                     return 0.0;
                 }
@@ -1742,6 +1846,53 @@ mod tests {
             assert_eq!(chosen(batch, 64, rows, k), (large, CONV_HALO_BN), "{rows:?}");
         }
         assert_eq!(chosen(2, 32, [40, 224, 192], [1, 3, 3]), (false, CONV_HALO_BN_NARROW), "32 columns");
+    }
+
+    /// The wgmma kernels' boxes ([`wgmma_box_z`], cuda/conv_wgmma.cu): every output position in exactly one box's
+    /// tile row, and the halo voxel that the tile's operand descriptor reads for row m and tap q (((z + qz) h_y + 8
+    /// (tile's row group) + m / 8 + qy) h_x + m % 8 + qx) is inside the staged halo, at most
+    /// [`CONV_WGMMA_MAX_HALO`] voxels, and holds the source position the product needs (output + lo + q).
+    #[test]
+    fn wgmma_boxes_cover_every_output_once_within_their_halo() {
+        for (rows, taps) in [
+            ([40, 112, 96], [3, 3, 3]),
+            ([10, 14, 12], [3, 3, 3]),
+            ([5, 9, 37], [3, 3, 3]),
+            ([1, 20, 20], [1, 3, 3]),
+            ([3, 70, 13], [1, 3, 3]),
+            ([4, 3, 70], [3, 1, 3]),
+            ([7, 5, 11], [2, 2, 1]),
+        ] {
+            let box_z = wgmma_box_z(rows, taps);
+            let b = wgmma_box(box_z);
+            let h = [0, 1, 2].map(|d| b[d] + taps[d] as usize - 1);
+            assert!(h.iter().product::<usize>() <= CONV_WGMMA_MAX_HALO, "{rows:?} {taps:?}: halo {h:?}");
+            let rows = usize3(rows);
+            let tiles = [0, 1, 2].map(|d| rows[d].div_ceil(b[d]));
+            let mut seen = vec![0; voxels(rows)];
+            for boxed in 0..voxels(tiles) {
+                let t = [boxed / tiles[2] / tiles[1], boxed / tiles[2] % tiles[1], boxed % tiles[2]];
+                let origin = [0, 1, 2].map(|d| t[d] * b[d]);
+                for tile in 0..CONV_WGMMA_TILES {
+                    let (tz, ty) = (tile / (CONV_WGMMA_TILES / box_z), tile % (CONV_WGMMA_TILES / box_z));
+                    for m in 0..64 {
+                        let o = [origin[0] + tz, origin[1] + 8 * ty + m / 8, origin[2] + m % 8];
+                        if (0..3).any(|d| o[d] >= rows[d]) {
+                            continue;
+                        }
+                        seen[flat(o, rows)] += 1;
+                        for q in points(usize3(taps)) {
+                            let v = ((tz + q[0]) * h[1] + 8 * ty + m / 8 + q[1]) * h[2] + m % 8 + q[2];
+                            assert!(v < voxels(h), "{rows:?} {taps:?}: voxel {v} of {h:?}");
+                            // The staged voxel v holds source position origin + lo + (v's place in the halo).
+                            let staged = [v / (h[1] * h[2]), v / h[2] % h[1], v % h[2]];
+                            assert_eq!([0, 1, 2].map(|d| origin[d] + staged[d]), [0, 1, 2].map(|d| o[d] + q[d]));
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{rows:?} {taps:?}: every position once");
+        }
     }
 
     /// What conv_wgrad_halo and sum_slices compute for `h` (cuda/conv_halo.cuh), in float64: per slice, its run of

@@ -1,0 +1,52 @@
+// Parameters of the halo-tile convolution products on Hopper's warpgroup matrix products (conv_wgmma.cu, sm_90a;
+// bf16 operands, float32 accumulation): the stride-1 products of conv_halo.cuh's ConvHaloParams (a stride-1 conv's
+// forward, the input gradient's stride phases of any conv) computed by wgmma from the same packed weight.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// A block: CONV_WGMMA_THREADS threads (two warpgroups), a box of CONV_WGMMA_TILES tiles of 64 output positions (8
+// rows of CONV_WGMMA_TILE_X along the last axis, the m of one wgmma) and BN = 64 or (the _n32 kernels) 32 output
+// channels; per pipeline stage a chunk of CONV_WGMMA_CHUNK source channels (one k-step of 16 per tap).
+constexpr int CONV_WGMMA_THREADS = 256;
+constexpr int CONV_WGMMA_TILES = 4;
+constexpr int CONV_WGMMA_TILE_X = 8;
+constexpr int CONV_WGMMA_CHUNK = 16;
+constexpr int CONV_WGMMA_BN = 64;
+constexpr int CONV_WGMMA_BN_NARROW = 32;
+// The most halo voxels a box stages (a halo of 3 slices comes in boxes of 2 or 4: 4 x 18 x 10 at most; one of 1 in
+// any box, 1 x 34 x 10 at most).
+constexpr int CONV_WGMMA_MAX_HALO = 720;
+
+// out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] over output rows r in
+// rows (per axis), source channels c < c_src and taps q in taps (at most 3 per axis), source positions outside
+// src_size reading 0; Wp is conv_halo.cuh's packed weight (conv_pack_bf16, chunk 16, c_dst_pad a multiple of BN).
+// The box is box_z (1, 2 or 4) slices x 8 (4 / box_z) rows x 8 columns of output positions, its halo = prod(box +
+// taps - 1) voxels at most CONV_WGMMA_MAX_HALO; the boxes (batch * ceil(rows[0] / box_z) * ceil(rows[1] / (8 (4 /
+// box_z))) * ceil(rows[2] / 8) of them) are dealt to the blocks in turn: block x takes boxes x, x + grid x, ... Grid
+// (at most boxes, ceil(c_dst / BN)), dynamic shared memory 2 * 16 * (2 halo + prod(taps) 2 BN) bytes.
+template <typename T>
+struct ConvWgmmaParams {
+    const T* src;
+    const T* packed;  // the packed weight
+    const T* bias;  // (c_dst), or null for none
+    T* dst;
+    int c_src;
+    int c_dst;
+    int c_dst_pad;
+    int src_size[3];
+    int dst_size[3];
+    int rows[3];
+    int lo[3];  // source offset of tap 0 from the output position
+    int dst_base;  // flat output position of row (0, 0, 0)
+    int dst_step[3];  // flat output steps per row along each axis
+    int taps[3];
+    int box_z;  // output slices per box: 1, 2 or 4
+    int boxes;
+};
+
+// One name per role (conv forward, conv input gradient); _n32 for outputs of at most 32 channels.
+extern "C" __global__ void conv_fprop_wgmma_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_n32(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_n32(const ConvWgmmaParams<__nv_bfloat16> p);

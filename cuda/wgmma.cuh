@@ -1,0 +1,68 @@
+// Hopper's warpgroup matrix products (wgmma, sm_90a): a warpgroup of 4 consecutive warps computes
+//
+//   d[m, n] (+)= sum_k A[m, k] B[n, k]   for a 64 x N tile, k < 16 (bf16 operands, float32 accumulation),
+//
+// with A and B read by the tensor cores straight from shared memory, each described by a 64-bit matrix descriptor
+// (PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout"). Both operands here are K-major without
+// swizzle: the matrix is made of core matrices of 8 rows x 16 bytes (8 bf16 along k), each 128 contiguous bytes;
+// the descriptor gives the first one's address, the byte offset between core matrices adjacent along k (the
+// "leading dimension byte offset") and between core matrices adjacent along m or n (the "stride dimension byte
+// offset"): element (r, k) of the tile lies at start + (r / 8) sbo + (k / 8) lbo + (r % 8) 16 + (k % 8) 2.
+// Accumulator fragment (as mma.sync's m16n8, repeated): thread l of warp w of the warpgroup holds d[4 j + 2 h + e] =
+// D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e].
+// The products run asynchronously: fence() before the first of a batch, commit() after its last, wait<N>() until at
+// most N batches are still running; the accumulators must not be touched in between. Shared memory written by
+// ordinary stores or cp.async must be published to the tensor cores' (async) proxy with fence_proxy_async() by each
+// writer before the barrier that precedes the products.
+// Not a parameter header (no wgmma.cu beside it): included only by files built for sm_90a (build.rs).
+#pragma once
+#include <stdint.h>
+
+namespace wgmma {
+
+// The descriptor of a K-major, unswizzled operand at shared address `at` (16-byte aligned, below 256 KB).
+__device__ __forceinline__ uint64_t descriptor(uint32_t at, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((at & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
+           (uint64_t)((sbo & 0x3FFFF) >> 4) << 32;
+}
+
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Orders this thread's earlier ordinary and cp.async writes to shared memory before later reads by the tensor cores.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d (+)= A B for a 64 x N tile, k 16, bf16 (accumulate false: d = A B). The operand lists are spelled out: inline
+// assembly takes no arrays.
+template <int N>
+__device__ __forceinline__ void mma_async(float (&d)[N / 2], uint64_t a, uint64_t b, bool accumulate);
+template <>
+__device__ __forceinline__ void mma_async<32>(float (&d)[16], uint64_t a, uint64_t b, bool accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"((int)accumulate));
+}
+
+template <>
+__device__ __forceinline__ void mma_async<64>(float (&d)[32], uint64_t a, uint64_t b, bool accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"((int)accumulate));
+}
+}  // namespace wgmma
