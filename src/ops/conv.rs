@@ -51,9 +51,9 @@
 //! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
 //! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
 //! run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile from shared memory
-//! themselves; `wgmma_suits`, `launch_wgmma`). With a bf16 input, a float32 weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the
-//! float32 masters); dW and db are summed in float32 and rounded once. conv_transpose runs on the same three products
-//! with the roles of its maps swapped.
+//! themselves; `wgmma_suits`, `launch_wgmma`). With a bf16 input, a float32 weight and bias are rounded to bf16 first
+//! ([`cast_like`]: their gradients return to the float32 masters); dW and db are summed in float32 and rounded once.
+//! conv_transpose runs on the same three products with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
 //! [`ops`](crate::ops)): forward 2 Cin k FLOPs (a multiply and an add per input channel and tap) and at least
@@ -851,9 +851,9 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
     gpu.launch(product, cfg, &ConvHaloParams { packed: packed.ptr(), ..params }, what)
 }
 
-/// Launches the stride-1 product `p` ([`halo_suits`], pointers filled) on the wgmma kernels of cuda/conv_wgmma.cu:
-/// the same weight packing as the halo tiles', then the product in boxes of [`CONV_WGMMA_TILES`] tiles of 64
-/// positions, `box_z` slices deep ([`wgmma_box_z`]).
+/// Launches the stride-1 product `p` ([`halo_suits`], [`wgmma_suits`], pointers filled) on the wgmma kernels of
+/// cuda/conv_wgmma.cu: the halo tiles' weight packing in two parts per column, then the product in boxes of
+/// [`CONV_WGMMA_TILES`] tiles of 64 positions, `box_z` slices deep ([`wgmma_box_z`]).
 fn launch_wgmma<T: ConvElement>(
     pack_kernel: Kernel<ConvPackParams<T>>,
     kernels: TcPair<ConvWgmmaParams<T>>,
@@ -907,9 +907,10 @@ fn launch_wgmma<T: ConvElement>(
 
 /// Whether the wgmma kernels take the halo product `p`: a stride-1 walk of a 3D source whose channels' elements
 /// (c_src x voxels per batch item) have 32-bit indices. On the H200 (2026-12-03, bf16, beside the halo tiles in the
-/// same calls) they were faster on flare-3d's 3x3x3 products (stage 1's 64 -> 64 at 40x112x96 1.07 -> 0.86 ms forward,
-/// 128 -> 128 at 20x56x48 0.60 -> 0.43) and slower on most of amos-2d's 2D ones (512 -> 512 at 10x10 0.13 -> 0.17:
-/// boxes of 32 x 8 rows cover small maps poorly), which stay on the halo tiles.
+/// same calls; benches/RESULTS.md) they were faster on almost every stride-1 product of flare-3d (stage 1's 64 -> 64
+/// at 40x112x96 1.093 -> 0.688 ms forward, 128 -> 128 at 20x56x48 0.600 -> 0.324, stage 0's 1x3x3 32 -> 32 0.834 ->
+/// 0.598) and, in their first version, slower on most of amos-2d's 2D ones (512 -> 512 at 10x10 0.125 -> 0.173:
+/// boxes of 32 x 8 positions cover small maps poorly), which stay on the halo tiles.
 fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     let src_vox = p.src_size.iter().map(|&s| s as i64).product::<i64>();
     !halo_strided(p) && p.src_size[0] > 1 && p.c_src as i64 * src_vox < i32::MAX as i64
