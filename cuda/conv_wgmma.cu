@@ -26,9 +26,10 @@
 //   after its last chunk's products, while the loads of the next one are in flight.
 // - Warpgroup g of the two computes tiles 2 g and 2 g + 1 (the accumulators of both: BN floats per thread); the
 //   narrow tile (BN 32) fits 128 registers and runs two blocks per SM.
-// - The ncu of the first version (flare-3d stage 1, 3x3x3 64 -> 64): tensor pipe 24%, issue-limited by the halo's
-//   element loads (long_scoreboard the top stall; 9.4 of each 32-byte sector used: the maps are NCDHW, so a voxel's
-//   16 channels are 16 loads); channels-last storage would make them 16-byte copies.
+// - ncu of the persistent version before the packing in halves (flare-3d stage 1, 3x3x3 64 -> 64, benches/RESULTS.md):
+//   tensor pipe 24%, issue-limited by the halo's element loads (long_scoreboard the top stall; 9.4 of each 32-byte
+//   sector used: the maps are NCDHW, so a voxel's 16 channels are 16 loads); channels-last storage would make them
+//   16-byte copies (loading two voxels per 4-byte word measured slower: branch halo-pairs).
 // Each output is one sum in a fixed order (chunks, taps, and the tensor core's own within a k-step): results do not
 // depend on scheduling.
 //
