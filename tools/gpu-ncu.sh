@@ -7,9 +7,10 @@
 # Usage: bash tools/gpu-ncu.sh CONFIG LAYER[,LAYER...]                   e.g. flare-3d encoder.stages.1.blocks.0.conv2
 #        bash tools/gpu-ncu.sh --only ROW_SUBSTRING [KERNEL_REGEX]        e.g. --only "selective_scan PiM stage 0" scan_backward
 # The convolution form runs each layer in bf16 (`kernels --convs` on a list cut to it) and profiles the first
-# launch of each role's product kernel (forward, input gradient, weight gradient: conv_ROLE_bf16, its _halo_, _wgmma_ and
-# _n32 forms, conv_transpose_ROLE_*; not the weight packing). The --only form profiles the first LAUNCHES (default 2)
-# launches whose name matches KERNEL_REGEX (default: any). --set full replays each launch about 40 times.
+# launch of each role's product kernel (forward, input gradient, weight gradient: conv_ROLE_bf16, its _halo_,
+# _wgmma_ and _n32 forms, conv_transpose_ROLE_*; not the weight packing). The --only form profiles the first LAUNCHES (default 2)
+# launches whose name matches KERNEL_REGEX (default: any). --set full replays each launch about 40 times; the clocks
+# are left as the card runs them (--clock-control none: ncu would otherwise hold the SM at its base clock, 1.36 GHz).
 # Writes ${OUT:-/tmp/out}/ncu_<tag>_<part>.{ncu-rep,csv,log} and ncu_<tag>.md; prints the table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +48,8 @@ for part in "${parts[@]}"; do
   [ -n "$list" ] && cmd=("$kernels" --convs "$list" --maths bf16)
   rep="$out/ncu_${tag}_$(echo "$name" | tr -c 'A-Za-z0-9' '_')"
   echo "### $name" >>"$out/ncu_$tag.md"
-  if ! timeout "${NCU_TIMEOUT:-300}" "$ncu" --set full --kernel-name "regex:$regex" --launch-count "$count" -f \
-    -o "$rep" "${cmd[@]}" >"$rep.log" 2>&1; then
+  if ! timeout "${NCU_TIMEOUT:-300}" "$ncu" --set full --clock-control none --kernel-name "regex:$regex" \
+    --launch-count "$count" -f -o "$rep" "${cmd[@]}" >"$rep.log" 2>&1; then
     echo "ncu failed: $(tail -n 3 "$rep.log")" >>"$out/ncu_$tag.md"
     continue
   fi
