@@ -8,9 +8,10 @@
 #        bash tools/gpu-ncu.sh --only ROW_SUBSTRING [KERNEL_REGEX]        e.g. --only "selective_scan PiM stage 0" scan_backward
 # The convolution form runs each layer in bf16 (`kernels --convs` on a list cut to it) and profiles the first
 # launch of each role's product kernel (forward, input gradient, weight gradient: conv_ROLE_bf16, its _halo_,
-# _wgmma_ and _n32 forms, conv_transpose_ROLE_*; not the weight packing). The --only form profiles the first LAUNCHES (default 2)
-# launches whose name matches KERNEL_REGEX (default: any). --set full replays each launch about 40 times; the clocks
-# are left as the card runs them (--clock-control none: ncu would otherwise hold the SM at its base clock, 1.36 GHz).
+# _wgmma_ and _n32 forms, conv_transpose_ROLE_*; not the weight packing). The --only form profiles the first
+# LAUNCHES (default 2) launches whose name matches KERNEL_REGEX (default: any). --set full replays each launch about
+# 40 times; the clocks are left as the card runs them (--clock-control none: ncu would otherwise hold the SM at its
+# base clock, 1.36 GHz).
 # Writes ${OUT:-/tmp/out}/ncu_<tag>_<part>.{ncu-rep,csv,log} and ncu_<tag>.md; prints the table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
