@@ -225,6 +225,182 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     }
 }
 
+// dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] over the block's boxes (formula in
+// conv_wgmma.cuh): per box of 256 narrow positions, 16 k-steps of 16 positions (two rows of 8), and per k-step and
+// tap one wgmma m64n16k16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by ldmatrix
+// from its staged rows and used by every tap; B = the wide map's halo shifted by the tap (n = cw, k = position),
+// staged as in the products (two planes of 16-byte voxels of 8 channels) and read N-major: the 8 k-rows of a core
+// matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k (the next row) and a plane apart along n.
+// While the tensor cores work on box i, box i + 1's narrow rows are in flight through cp.async and its halo through
+// registers. Each output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
+template <int TAPS>
+__device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16>& p) {
+    constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = CONV_WGMMA_WG_COLS, PITCH = CONV_WGMMA_WG_PITCH;
+    constexpr int BOX = TILES * 64, KSTEPS = BOX / 16, BOX_ROWS = BOX / TILE_X;
+    static_assert(ROWS == 64 && COLS == 16 && PITCH >= BOX_ROWS && PITCH % 8 == 1 && KSTEPS % 2 == 0,
+                  "one m64n16 wgmma per tap and k-step; staged rows in 8 bank groups; k-steps in pairs");
+    extern __shared__ __align__(16) uint4 smem[];
+    const int t = threadIdx.x, group = t >> 7, lane = t & 31, warp = (t >> 5) & 3, g = lane >> 2, tq = lane & 3;
+
+    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2];
+    const int box_z = p.box_z, box_y = BOX_ROWS / box_z;
+    const int hz = box_z + p.kernel[0] - 1, hy = box_y + p.kernel[1] - 1, hx = TILE_X + p.kernel[2] - 1;
+    const int halo_vox = hz * hy * hx;
+    // Stage b (16-byte units): halo planes [2][halo_vox], then the narrow rows [ROWS][PITCH].
+    const int stage_units = 2 * halo_vox + ROWS * PITCH;
+    const int cn0 = blockIdx.x * ROWS, cw0 = blockIdx.y * COLS;
+    const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
+    const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
+    const int x_tiles = (p.narrow_size[2] + TILE_X - 1) / TILE_X, y_tiles = (p.narrow_size[1] + box_y - 1) / box_y;
+    const int z_tiles = (p.narrow_size[0] + box_z - 1) / box_z;
+    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) {
+        x0 = b % x_tiles * TILE_X;
+        b /= x_tiles;
+        y0 = b % y_tiles * box_y;
+        b /= y_tiles;
+        z0 = b % z_tiles * box_z;
+        n = b / z_tiles;
+    };
+    const int box_begin = blockIdx.z * p.boxes_per_slice, box_end = min(p.boxes, box_begin + p.boxes_per_slice);
+    // Narrow rows of 8 positions start at 16-byte boundaries where the rows are whole multiples of 8 positions.
+    const bool aligned = p.narrow_size[2] % TILE_X == 0 && (uintptr_t)p.narrow % 16 == 0;
+
+    // Box b into stage buf: the narrow rows (u = (cn, box row), 8 positions each) by cp.async or element loads, zero
+    // outside the map or past c_narrow; the halo into `staged` (stored by store_halo), 0 outside the wide map.
+    unsigned staged[HALO_VOX][8];
+    auto load = [&](int b, int buf) {
+        int n, z0, y0, x0;
+        origin(b, n, z0, y0, x0);
+        uint4* rows = smem + buf * stage_units + 2 * halo_vox;
+        const unsigned short* narrow_n = reinterpret_cast<const unsigned short*>(p.narrow) +
+                                         ((int64_t)n * p.c_narrow + cn0) * narrow_vox;
+        for (int u = t; u < ROWS * BOX_ROWS; u += THREADS) {
+            const int cn = u / BOX_ROWS, r = u % BOX_ROWS, z = z0 + r / box_y, y = y0 + r % box_y;
+            const bool ok = cn0 + cn < p.c_narrow && z < p.narrow_size[0] && y < p.narrow_size[1];
+            const int at = cn * narrow_vox + (z * p.narrow_size[1] + y) * p.narrow_size[2] + x0;
+            if (aligned) {
+                mma::cp_async16(reinterpret_cast<unsigned short*>(rows + cn * PITCH + r), narrow_n + (ok ? at : 0),
+                                ok ? 8 : 0);
+            } else {
+                unsigned w[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool lo = ok && x0 + 2 * e < p.narrow_size[2], hi = ok && x0 + 2 * e + 1 < p.narrow_size[2];
+                    w[e] = (lo ? narrow_n[at + 2 * e] : 0u) | (hi ? narrow_n[at + 2 * e + 1] : 0u) << 16;
+                }
+                rows[cn * PITCH + r] = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+        mma::cp_async_commit();
+        const unsigned short* wide_c = reinterpret_cast<const unsigned short*>(p.wide) +
+                                       ((int64_t)n * p.c_wide + cw0) * wide_vox;
+#pragma unroll
+        for (int i = 0; i < HALO_VOX; ++i) {
+            const int v = t + i * THREADS;
+            const int sz = z0 - p.pad[0] + v / (hy * hx), sy = y0 - p.pad[1] + v / hx % hy, sx = x0 - p.pad[2] + v % hx;
+            const bool inside = v < halo_vox && (unsigned)sz < (unsigned)p.wide_size[0] &&
+                                (unsigned)sy < (unsigned)p.wide_size[1] && (unsigned)sx < (unsigned)p.wide_size[2];
+            const int off = (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+#pragma unroll
+            for (int w = 0; w < 8; ++w) {
+                const unsigned lo = inside && cw0 + 2 * w < p.c_wide ? wide_c[2 * w * wide_vox + off] : 0u;
+                const unsigned hi = inside && cw0 + 2 * w + 1 < p.c_wide ? wide_c[(2 * w + 1) * wide_vox + off] : 0u;
+                staged[i][w] = lo | hi << 16;
+            }
+        }
+    };
+    auto store_halo = [&](int buf) {
+        uint4* halo = smem + buf * stage_units;
+#pragma unroll
+        for (int i = 0; i < HALO_VOX; ++i) {
+            const int v = t + i * THREADS;
+            if (v < halo_vox) {
+                halo[v] = make_uint4(staged[i][0], staged[i][1], staged[i][2], staged[i][3]);
+                halo[halo_vox + v] = make_uint4(staged[i][4], staged[i][5], staged[i][6], staged[i][7]);
+            }
+        }
+    };
+
+    // This warpgroup's first tap, (qz0, qy0, qx0).
+    const int tap0 = group == 0 ? 0 : taps - TAPS;
+    const int qz0 = tap0 / (p.kernel[1] * p.kernel[2]), qy0 = tap0 / p.kernel[2] % p.kernel[1];
+    const int qx0 = tap0 % p.kernel[2];
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
+    // B of stage 0 at tap (0, 0, 0) and k-step 0; a stage, a row and a tap shift it by whole 16-byte units.
+    const uint64_t b_desc = wgmma::descriptor(base, 16 * hx, 16 * halo_vox);
+    // The ldmatrix row of this lane at k-step 0: row l % 8 of matrix l / 8, matrices (cn 0-7, k 0-7), (cn 8-15, k
+    // 0-7), (cn 0-7, k 8-15), (cn 8-15, k 8-15) of the warp's 16 channels, the fragment's order.
+    const uint32_t a_row = base + 16 * (2 * halo_vox + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * PITCH +
+                                        (lane >> 4));
+
+    float acc[TAPS][8] = {};
+    if (box_begin < box_end) {
+        load(box_begin, 0);
+        store_halo(0);
+    }
+    mma::cp_async_wait<0>();
+    wgmma::fence_proxy_async();
+    __syncthreads();
+    for (int b = box_begin, buf = 0; b < box_end; ++b, buf ^= 1) {
+        const bool more = b + 1 < box_end;
+        if (more) load(b + 1, buf ^ 1);
+        unsigned a[2][4];
+#pragma unroll 1
+        for (int s = 0; s < KSTEPS; s += 2) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                // k-step s + h: box rows r, r + 1 (one slice: box_y is even).
+                const int r = 2 * (s + h);
+                const uint32_t row_at = a_row + 16 * (buf * stage_units + r);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(a[h][0]), "=r"(a[h][1]), "=r"(a[h][2]), "=r"(a[h][3])
+                             : "r"(row_at));
+                const uint64_t row_b =
+                    b_desc + buf * stage_units + (uint64_t)((r / box_y * hy + r % box_y) * hx);
+                wgmma::fence();
+                int qz = qz0, qy = qy0, qx = qx0;
+#pragma unroll
+                for (int j = 0; j < TAPS; ++j) {
+                    wgmma::mma_async_regs_n16(acc[j], a[h], row_b + (uint64_t)((qz * hy + qy) * hx + qx));
+                    if (++qx == p.kernel[2]) {
+                        qx = 0;
+                        if (++qy == p.kernel[1]) {
+                            qy = 0;
+                            ++qz;
+                        }
+                    }
+                }
+                wgmma::commit();
+                // The batch before this one has completed: its A registers may be loaded again.
+                wgmma::wait<1>();
+            }
+        }
+        if (more) store_halo(buf ^ 1);
+        wgmma::wait<0>();
+        mma::cp_async_wait<0>();
+        wgmma::fence_proxy_async();
+        __syncthreads();
+    }
+
+    // Thread (warp w, lane 4 g + tq) holds D[cn 16 w + g + 8 h][cw 8 k + 2 tq + e] of each of its taps.
+    const int rows_out = p.c_wide * taps;
+    float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * rows_out;
+#pragma unroll
+    for (int j = 0; j < TAPS; ++j) {
+        const int q = tap0 + j;
+        if (group == 1 && q < TAPS) continue;  // warpgroup 0's
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int cn = cn0 + 16 * warp + g + 8 * h, cw = cw0 + 8 * k + 2 * tq + e;
+                    if (cn < p.c_narrow && cw < p.c_wide) out[(int64_t)cn * rows_out + cw * taps + q] = acc[j][4 * k + 2 * h + e];
+                }
+    }
+}
+
 }  // namespace
 
 // The narrow tile asks for two blocks per SM (at most 128 registers), the wide one gets one.
@@ -237,3 +413,11 @@ CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16, CONV_WGMMA_BN)  // conv forward
 CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW)
 CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16, CONV_WGMMA_BN)  // conv input gradient
 CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW)
+
+// The weight gradient: one block per SM (its accumulators, TAPS x 8 floats per thread, and two stages of 57 KB).
+#define CONV_WGRAD_WGMMA_KERNEL(NAME, TAPS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvWgradWgmmaParams<bf16> p) {        \
+        conv_wgrad_wgmma<TAPS>(p);                                                                               \
+    }
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_t14, 14)
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_t5, 5)

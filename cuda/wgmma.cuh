@@ -20,7 +20,8 @@
 
 namespace wgmma {
 
-// The descriptor of a K-major, unswizzled operand at shared address `at` (16-byte aligned, below 256 KB).
+// The descriptor of an unswizzled operand at shared address `at` (16-byte aligned, below 256 KB): lbo the byte offset
+// between core matrices adjacent along k, sbo along m or n, for K-major operands and N-major ones alike.
 __device__ __forceinline__ uint64_t descriptor(uint32_t at, uint32_t lbo, uint32_t sbo) {
     return (uint64_t)((at & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
            (uint64_t)((sbo & 0x3FFFF) >> 4) << 32;
@@ -64,5 +65,19 @@ __device__ __forceinline__ void mma_async<64>(float (&d)[32], uint64_t a, uint64
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(a), "l"(b), "r"((int)accumulate));
+}
+
+// d += A B for a 64 x 16 tile, k 16, bf16, with A from registers and B N-major: A as mma.sync's m16n8k16 fragment per
+// warp (warp w of the warpgroup rows 16 w .., the pairs (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..) with
+// g = lane / 4, t = lane % 4); B unswizzled N-major: core matrices of 8 k-rows x 16 bytes (8 bf16 along n), element
+// (n, k) at start + (n / 8) sbo + (k / 8) lbo + (k % 8) 16 + (n % 8) 2 (PTX ISA, canonical layouts: MN-major,
+// interleaved). A's registers must stay unchanged until the batch that reads them has completed.
+__device__ __forceinline__ void mma_async_regs_n16(float (&d)[8], const unsigned (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 }  // namespace wgmma

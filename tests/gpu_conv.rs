@@ -174,6 +174,37 @@ fn gpu_conv_halo_tiles() {
     );
 }
 
+/// The bf16 weight gradient of stride-1 convs of 5 to 10 or 14 to 28 taps on maps of at least 8192 positions runs on
+/// the wgmma kernels of cuda/conv_wgmma.cu on an H100/H200 (boxes of 256 narrow positions, 64 output channels x 16
+/// input channels per block, both warpgroups' taps): rows of the narrow map a whole number of 16 bytes (copied by
+/// cp.async) and not (element loads; gpu_conv_halo_tiles' cases), more than one tile of output channels, a 1x3x3
+/// kernel in boxes 4 slices deep, a 2D map, and both passes twice, bit for bit.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_wgrad_wgmma() {
+    check_conv("conv3d 3x3x3 24 -> 70, x 96", &[1, 24, 5, 20, 96], &[70, 24, 3, 3, 3], &[1, 1, 1], 600);
+    check_conv("conv3d 1x3x3 40 -> 33, x 64", &[2, 40, 3, 26, 64], &[33, 40, 1, 3, 3], &[1, 1, 1], 610);
+    check_conv("conv2d 3x3 17 -> 66, 90 x 96", &[1, 17, 90, 96], &[66, 17, 3, 3], &[1, 1], 620);
+
+    let dev = Device::Cuda(common::gpu());
+    let on_gpu = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let x = on_gpu(randn32(&[2, 32, 6, 18, 40], 1.0, 630));
+    let w = on_gpu(randn32(&[40, 32, 3, 3, 3], 0.3, 631));
+    let seed = on_gpu(randn32(&[2, 40, 6, 18, 40], 1.0, 632));
+    let run = || {
+        let mut tape = Tape::new();
+        tape.watch(&x);
+        tape.watch(&w);
+        let y = conv(&mut tape, &x, &w, None, &[1, 1, 1]).unwrap();
+        let mut g = tape.backward_from(&y, seed.clone()).unwrap();
+        [y, g.take(&x).unwrap(), g.take(&w).unwrap()].map(|t| t.to_vec_f32().unwrap())
+    };
+    let (a, b) = (run(), run());
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "bf16 output {i} differs between two runs");
+    }
+}
+
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
 /// so and names the way out, not computed wrongly.
 #[test]

@@ -74,12 +74,13 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgmmaParams, ConvWgradHaloParams,
-    ConvWgradParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE,
-    CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE,
-    CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS,
-    CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
-    CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS,
-    CONV_WGMMA_TILES, CONV_WGMMA_TILE_X,
+    ConvWgradParams, ConvWgradWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM,
+    CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
+    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
+    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -905,16 +906,22 @@ fn launch_wgmma<T: ConvElement>(
     gpu.launch(product, cfg, &params, what)
 }
 
-/// Whether the wgmma kernels take the halo product `p`: a stride-1 walk of a 3D source whose channels' elements
-/// (c_src x voxels per batch item) have 32-bit indices. On the H200 (2026-12-03, bf16, beside the halo tiles in the
-/// same calls; benches/RESULTS.md) they were faster on almost every stride-1 product of flare-3d (stage 1's 64 -> 64
-/// at 40x112x96 1.093 -> 0.688 ms forward, 128 -> 128 at 20x56x48 0.600 -> 0.324, stage 0's 1x3x3 32 -> 32 0.834 ->
-/// 0.598) and, in their first version, slower on most of amos-2d's 2D ones (512 -> 512 at 10x10 0.125 -> 0.173:
-/// boxes of 32 x 8 positions cover small maps poorly), which stay on the halo tiles.
+/// Whether the wgmma kernels take the halo product `p`: a stride-1 walk of a 3D source, or of a 2D one of at least
+/// [`WGMMA_2D_MIN_POSITIONS`] output positions, whose channels' elements (c_src x voxels per batch item) have 32-bit
+/// indices. On the H200 (2026-12-03, bf16, beside the halo tiles in the same calls; benches/RESULTS.md) they were
+/// faster on almost every stride-1 product of flare-3d (stage 1's 64 -> 64 at 40x112x96 1.093 -> 0.688 ms forward,
+/// 128 -> 128 at 20x56x48 0.600 -> 0.324, stage 0's 1x3x3 32 -> 32 0.834 -> 0.598) and on amos-2d's from 80x80 (32 ->
+/// 32 at 320x320 0.305 -> 0.222, 256 -> 128 at 80x80 0.358 -> 0.317), slower on smaller 2D maps (512 -> 256 at 40x40
+/// input gradient 0.338 -> 0.565, 512 -> 512 at 10x10 0.133 -> 0.165: boxes of 32 x 8 positions, one block per SM),
+/// which stay on the halo tiles.
 fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     let src_vox = p.src_size.iter().map(|&s| s as i64).product::<i64>();
-    !halo_strided(p) && p.src_size[0] > 1 && p.c_src as i64 * src_vox < i32::MAX as i64
+    let large_2d = (p.rows[1] * p.rows[2]) as usize >= WGMMA_2D_MIN_POSITIONS;
+    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && p.c_src as i64 * src_vox < i32::MAX as i64
 }
+
+/// The fewest output positions of a 2D product on the wgmma kernels: 80x80 ([`wgmma_suits`]).
+const WGMMA_2D_MIN_POSITIONS: usize = 6400;
 
 /// A wgmma box of `box_z` slices (1, 2 or 4): its extent per axis, [`CONV_WGMMA_TILES`] tiles of 8 rows of
 /// [`CONV_WGMMA_TILE_X`].
@@ -1046,6 +1053,9 @@ pub(crate) trait ConvElement: GpuElement {
     const HALO: [HaloKernels<Self>; 2];
     /// The halo-tile kernel of the conv's weight gradient.
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<Self>>;
+    /// The wgmma kernels of the conv's weight gradient, if the type has them: (taps per warpgroup, kernel), fewest
+    /// first.
+    const WGMMA_WGRAD: Option<[(usize, Kernel<ConvWgradWgmmaParams<Self>>); 2]>;
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -1108,6 +1118,7 @@ impl ConvElement for f32 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
+    const WGMMA_WGRAD: Option<[(usize, Kernel<ConvWgradWgmmaParams<f32>>); 2]> = None;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -1143,6 +1154,8 @@ impl ConvElement for bf16 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
+    const WGMMA_WGRAD: Option<[(usize, Kernel<ConvWgradWgmmaParams<bf16>>); 2]> =
+        Some([(5, kernel::conv_wgrad_wgmma_bf16_t5), (14, kernel::conv_wgrad_wgmma_bf16_t14)]);
 }
 
 impl Pairing {
@@ -1296,6 +1309,9 @@ impl Pairing {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
         if self.halo_wgrad_suits() && !gpu.exact_f32() {
+            if let Some(wgmma) = self.wgmma_wgrad_kernel::<T>(gpu) {
+                return self.weight_grad_wgmma(&d, wgmma, narrow, wide, what);
+            }
             return self.weight_grad_halo(&d, narrow, wide, what);
         }
         let taps = self.taps();
@@ -1371,6 +1387,71 @@ impl Pairing {
             shared_mem_bytes: (4 * CONV_HALO_WG_SHARED_WORDS) as u32,
         };
         gpu.launch(T::HALO_WGRAD, cfg, &params, what)?;
+        sum_slices(gpu, out, slices, numel, what)
+    }
+
+    /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu`, if the
+    /// type has them, the GPU loaded them (sm_90) and they take it: `TAPS` <= taps <= 2 `TAPS` for one of them, and
+    /// each map's elements per batch item (channels x voxels) with 32-bit indices.
+    fn wgmma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<Kernel<ConvWgradWgmmaParams<T>>> {
+        let fits = |c: usize, s: [usize; 3]| c * s.iter().product::<usize>() < i32::MAX as usize;
+        if !fits(self.c_narrow, self.narrow) || !fits(self.c_wide, self.wide) {
+            return None;
+        }
+        let taps = self.taps();
+        T::WGMMA_WGRAD?
+            .into_iter()
+            .find(|&(per_group, kernel)| per_group <= taps && taps <= 2 * per_group && gpu.has_kernel(kernel))
+            .map(|(_, kernel)| kernel)
+    }
+
+    /// [`Pairing::weight_grad`] on the wgmma kernel `kernel` of cuda/conv_wgmma.cu: boxes of
+    /// [`CONV_WGMMA_TILES`] x 64 narrow positions, `box_z` slices deep ([`wgmma_box_z`]), dealt in fixed runs to
+    /// about two slices per block the GPU holds at once over the channel tiles, the slices summed in order.
+    fn weight_grad_wgmma<T: ConvElement>(
+        &self,
+        d: &KernelDims,
+        kernel: Kernel<ConvWgradWgmmaParams<T>>,
+        narrow: &GpuBuffer<T>,
+        wide: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
+        let gpu = &narrow.gpu;
+        let box_z = wgmma_box_z(d.narrow, d.k);
+        let box_ = wgmma_box(box_z);
+        let boxes = self.batch * (0..3).map(|a| self.narrow[a].div_ceil(box_[a])).product::<usize>();
+        let halo: usize = (0..3).map(|a| box_[a] + self.k[a] - 1).product();
+        debug_assert!(halo <= CONV_WGMMA_MAX_HALO, "{halo} halo voxels");
+        let shared_mem_bytes = (2 * 16 * (2 * halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH)) as u32;
+        let (row_tiles, col_tiles) =
+            (self.c_narrow.div_ceil(CONV_WGMMA_WG_ROWS), self.c_wide.div_ceil(CONV_WGMMA_WG_COLS));
+        let resident = gpu.resident_blocks(kernel, CONV_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
+        let wanted = (2 * resident).div_ceil(row_tiles * col_tiles).clamp(1, boxes.min(65535));
+        let boxes_per_slice = boxes.div_ceil(wanted);
+        let slices = boxes.div_ceil(boxes_per_slice);
+        let numel = self.c_narrow * self.c_wide * self.taps();
+        let mut out = gpu.alloc(slices * numel, what)?;
+        let params = ConvWgradWgmmaParams {
+            narrow: narrow.ptr(),
+            wide: wide.ptr(),
+            partial: out.ptr_mut(),
+            c_narrow: d.c_narrow,
+            c_wide: d.c_wide,
+            narrow_size: d.narrow,
+            wide_size: d.wide,
+            kernel: d.k,
+            pad: d.pad,
+            box_z: box_z as i32,
+            // At most batch * prod(narrow), which kernel_dims bounds.
+            boxes: boxes as i32,
+            boxes_per_slice: boxes_per_slice as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (row_tiles as u32, col_tiles as u32, slices as u32),
+            block_dim: (CONV_WGMMA_THREADS as u32, 1, 1),
+            shared_mem_bytes,
+        };
+        gpu.launch(kernel, cfg, &params, what)?;
         sum_slices(gpu, out, slices, numel, what)
     }
 }
