@@ -49,8 +49,8 @@ struct ConvWgmmaParams {
 // a - pad] (a over kernel, at most 3 taps per axis, c_narrow x narrow voxels and c_wide x wide voxels below 2^31):
 // block (x, y, z) computes narrow channels cn of tile x (CONV_WGMMA_WG_ROWS, the m of the wgmma), wide channels cw of
 // tile y (CONV_WGMMA_WG_COLS, its n) and every tap, over the boxes of narrow positions (box_z x 8 (4 / box_z) x 8, as
-// the products' boxes, enumerated over batch x narrow_size) z boxes_per_slice .. min(boxes, (z + 1) boxes_per_slice)
-// - 1, and writes partial[z, cn, cw prod(kernel) + a] (conv.cuh's slice layout, summed in order by sum_slices). Its
+// the products' boxes, enumerated over batch x narrow_size) from z boxes_per_slice up to min(boxes, (z + 1)
+// boxes_per_slice), and writes partial[z, cn, cw prod(kernel) + a] (conv.cuh's slice layout, summed in order by sum_slices). Its
 // two warpgroups take TAPS taps each (the kernel's suffix): warpgroup 0 taps 0 .., warpgroup 1 taps prod(kernel) -
 // TAPS .. (TAPS <= prod(kernel) <= 2 TAPS; a tap both compute is written by warpgroup 0). Grid (ceil(c_narrow /
 // CONV_WGMMA_WG_ROWS), ceil(c_wide / CONV_WGMMA_WG_COLS), slices), CONV_WGMMA_THREADS threads, dynamic shared memory
