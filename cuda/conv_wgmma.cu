@@ -51,14 +51,31 @@ constexpr int HALO_VOX = (CONV_WGMMA_MAX_HALO + THREADS - 1) / THREADS;
 
 using bf16 = __nv_bfloat16;
 
-template <int BN>
+// Taps per warpgroup of the weight gradient of a KZ x 3 x 3 kernel: the two warpgroups' sets overlap by one tap
+// (3x3x3: 14 + 14 for 27; 1x3x3: 5 + 5 for 9) rather than leave one warpgroup a tap short.
+template <int KZ>
+constexpr int WGRAD_TAPS_PER_GROUP = KZ == 3 ? 14 : 5;
+
+// An int as a type, to pass a warpgroup's first tap to the products as a constant.
+template <int V>
+struct Int {
+    static constexpr int value = V;
+};
+
+// KZ 0: any taps (at most 3 per axis) and box depth, read from p; KZ 1 or 3: a KZ x 3 x 3 kernel in boxes of BOX_Z
+// slices, the kernel's own geometry (p.taps and p.box_z ignored), so that every shared-memory offset of the products
+// is a constant and a wgmma's descriptors one uniform add from its stage's (computed at run time they took about 18
+// instructions per tap, which the tensor cores waited on).
+template <int BN, int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     extern __shared__ __align__(16) uint4 smem[];  // 16-byte units
     const int t = threadIdx.x, group = t >> 7, warp = (t >> 5) & 3, g = (t & 31) >> 2, tq = t & 3;
 
-    const int taps = p.taps[0] * p.taps[1] * p.taps[2];
-    const int box_z = p.box_z, box_y = 8 * (TILES / box_z);
-    const int hz = box_z + p.taps[0] - 1, hy = box_y + p.taps[1] - 1, hx = TILE_X + p.taps[2] - 1;
+    static_assert(KZ == 0 || ((KZ == 1 || KZ == 3) && (BOX_Z == 1 || BOX_Z == 2 || BOX_Z == 4)), "a geometry");
+    const int kz = KZ ? KZ : p.taps[0], ky = KZ ? 3 : p.taps[1], kx = KZ ? 3 : p.taps[2];
+    const int taps = kz * ky * kx;
+    const int box_z = KZ ? BOX_Z : p.box_z, box_y = 8 * (TILES / box_z);
+    const int hz = box_z + kz - 1, hy = box_y + ky - 1, hx = TILE_X + kx - 1;
     const int halo_vox = hz * hy * hx;
     // Stage b (16-byte units): halo planes [2][halo_vox], then the weights [taps][2][BN].
     const int stage_units = 2 * halo_vox + 2 * taps * BN;
@@ -193,17 +210,29 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
         for (int chunk = 0; chunk < chunks; ++chunk) {
             const int item = i * chunks + chunk, buf = item & 1;
             wgmma::fence();
-            int qz = 0, qy = 0, qx = 0;
-            for (int q = 0; q < taps; ++q) {
-                const uint64_t shift = buf * stage_step + (uint64_t)((qz * hy + qy) * hx + qx);
-                const uint64_t b = b_desc + buf * stage_step + q * tap_b_step;
+            if constexpr (KZ != 0) {
 #pragma unroll
-                for (int j = 0; j < TILES_PER_GROUP; ++j) wgmma::mma_async<BN>(acc[j], a_desc[j] + shift, b, true);
-                if (++qx == p.taps[2]) {
-                    qx = 0;
-                    if (++qy == p.taps[1]) {
-                        qy = 0;
-                        ++qz;
+                for (int q = 0; q < KZ * 9; ++q) {
+                    const uint64_t shift = buf * stage_step + (uint64_t)((q / 9 * hy + q / 3 % 3) * hx + q % 3);
+                    const uint64_t b = b_desc + buf * stage_step + q * tap_b_step;
+#pragma unroll
+                    for (int j = 0; j < TILES_PER_GROUP; ++j)
+                        wgmma::mma_async<BN>(acc[j], a_desc[j] + shift, b, true);
+                }
+            } else {
+                int qz = 0, qy = 0, qx = 0;
+                for (int q = 0; q < taps; ++q) {
+                    const uint64_t shift = buf * stage_step + (uint64_t)((qz * hy + qy) * hx + qx);
+                    const uint64_t b = b_desc + buf * stage_step + q * tap_b_step;
+#pragma unroll
+                    for (int j = 0; j < TILES_PER_GROUP; ++j)
+                        wgmma::mma_async<BN>(acc[j], a_desc[j] + shift, b, true);
+                    if (++qx == kx) {
+                        qx = 0;
+                        if (++qy == ky) {
+                            qy = 0;
+                            ++qz;
+                        }
                     }
                 }
             }
@@ -233,21 +262,26 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 // matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k (the next row) and a plane apart along n.
 // While the tensor cores work on box i, box i + 1's narrow rows are in flight through cp.async and its halo through
 // registers. Each output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
-template <int TAPS>
+template <int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16>& p) {
     constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = CONV_WGMMA_WG_COLS, PITCH = CONV_WGMMA_WG_PITCH;
     constexpr int BOX = TILES * 64, KSTEPS = BOX / 16, BOX_ROWS = BOX / TILE_X;
-    static_assert(ROWS == 64 && COLS == 16 && PITCH >= BOX_ROWS && PITCH % 8 == 1 && KSTEPS % 2 == 0,
-                  "one m64n16 wgmma per tap and k-step; staged rows in 8 bank groups; k-steps in pairs");
+    static_assert(ROWS == 64 && COLS == 16 && PITCH >= BOX_ROWS && PITCH % 8 == 1,
+                  "one m64n16 wgmma per tap and k-step; staged rows in 8 bank groups");
+    // The geometry is the kernel's own (KZ x 3 x 3 taps, boxes of BOX_Z slices): every shared-memory offset of the
+    // products below is a constant, so a wgmma's descriptor is one uniform add from its stage's (computed at run time
+    // they took about 25 instructions per wgmma, and the tensor cores waited on them).
+    constexpr int TAPS_ALL = KZ * 9, TAPS = WGRAD_TAPS_PER_GROUP<KZ>;
+    static_assert((KZ == 1 || KZ == 3) && TAPS <= TAPS_ALL && TAPS_ALL <= 2 * TAPS, "two warpgroups cover the taps");
+    constexpr int box_z = BOX_Z, box_y = BOX_ROWS / box_z;
+    constexpr int hz = box_z + KZ - 1, hy = box_y + 2, hx = TILE_X + 2;
+    constexpr int halo_vox = hz * hy * hx;
+    static_assert(halo_vox <= CONV_WGMMA_MAX_HALO && box_y % 2 == 0, "the halo fits; a k-step's two rows share a slice");
+    // Stage b (16-byte units): halo planes [2][halo_vox], then the narrow rows [ROWS][PITCH].
+    constexpr int stage_units = 2 * halo_vox + ROWS * PITCH;
     extern __shared__ __align__(16) uint4 smem[];
     const int t = threadIdx.x, group = t >> 7, lane = t & 31, warp = (t >> 5) & 3, g = lane >> 2, tq = lane & 3;
-
-    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2];
-    const int box_z = p.box_z, box_y = BOX_ROWS / box_z;
-    const int hz = box_z + p.kernel[0] - 1, hy = box_y + p.kernel[1] - 1, hx = TILE_X + p.kernel[2] - 1;
-    const int halo_vox = hz * hy * hx;
-    // Stage b (16-byte units): halo planes [2][halo_vox], then the narrow rows [ROWS][PITCH].
-    const int stage_units = 2 * halo_vox + ROWS * PITCH;
+    const int taps = TAPS_ALL;
     const int cn0 = blockIdx.x * ROWS, cw0 = blockIdx.y * COLS;
     const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
     const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
@@ -321,10 +355,6 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
         }
     };
 
-    // This warpgroup's first tap, (qz0, qy0, qx0).
-    const int tap0 = group == 0 ? 0 : taps - TAPS;
-    const int qz0 = tap0 / (p.kernel[1] * p.kernel[2]), qy0 = tap0 / p.kernel[2] % p.kernel[1];
-    const int qx0 = tap0 % p.kernel[2];
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
     // B of stage 0 at tap (0, 0, 0) and k-step 0; a stage, a row and a tap shift it by whole 16-byte units.
     const uint64_t b_desc = wgmma::descriptor(base, 16 * hx, 16 * halo_vox);
@@ -332,8 +362,33 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     // 0-7), (cn 0-7, k 8-15), (cn 8-15, k 8-15) of the warp's 16 channels, the fragment's order.
     const uint32_t a_row = base + 16 * (2 * halo_vox + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * PITCH +
                                         (lane >> 4));
-
+    // The products of one staged box for taps T0 .. T0 + TAPS - 1: per k-step (box rows 2 ks, 2 ks + 1) A by one
+    // ldmatrix into the registers the batch before last read, then one wgmma per tap.
     float acc[TAPS][8] = {};
+    auto products = [&](int buf, auto first_tap) {
+        constexpr int T0 = decltype(first_tap)::value;
+        unsigned a[2][4];
+        const uint32_t a_stage = a_row + 16 * buf * stage_units;
+        const uint64_t b_stage = b_desc + buf * stage_units;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+            const int r = 2 * ks;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(a[ks & 1][0]), "=r"(a[ks & 1][1]), "=r"(a[ks & 1][2]), "=r"(a[ks & 1][3])
+                         : "r"(a_stage + 16 * r));
+            wgmma::fence();
+#pragma unroll
+            for (int j = 0; j < TAPS; ++j) {
+                const int q = T0 + j, qz = q / 9, qy = q / 3 % 3, qx = q % 3;
+                const int shift = ((r / box_y + qz) * hy + r % box_y + qy) * hx + qx;
+                wgmma::mma_async_regs_n16(acc[j], a[ks & 1], b_stage + (uint64_t)shift);
+            }
+            wgmma::commit();
+            // The batch before this one has completed: its A registers may be loaded again.
+            wgmma::wait<1>();
+        }
+    };
+
     if (box_begin < box_end) {
         load(box_begin, 0);
         store_halo(0);
@@ -344,37 +399,10 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     for (int b = box_begin, buf = 0; b < box_end; ++b, buf ^= 1) {
         const bool more = b + 1 < box_end;
         if (more) load(b + 1, buf ^ 1);
-        unsigned a[2][4];
-#pragma unroll 1
-        for (int s = 0; s < KSTEPS; s += 2) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                // k-step s + h: box rows r, r + 1 (one slice: box_y is even).
-                const int r = 2 * (s + h);
-                const uint32_t row_at = a_row + 16 * (buf * stage_units + r);
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                             : "=r"(a[h][0]), "=r"(a[h][1]), "=r"(a[h][2]), "=r"(a[h][3])
-                             : "r"(row_at));
-                const uint64_t row_b =
-                    b_desc + buf * stage_units + (uint64_t)((r / box_y * hy + r % box_y) * hx);
-                wgmma::fence();
-                int qz = qz0, qy = qy0, qx = qx0;
-#pragma unroll
-                for (int j = 0; j < TAPS; ++j) {
-                    wgmma::mma_async_regs_n16(acc[j], a[h], row_b + (uint64_t)((qz * hy + qy) * hx + qx));
-                    if (++qx == p.kernel[2]) {
-                        qx = 0;
-                        if (++qy == p.kernel[1]) {
-                            qy = 0;
-                            ++qz;
-                        }
-                    }
-                }
-                wgmma::commit();
-                // The batch before this one has completed: its A registers may be loaded again.
-                wgmma::wait<1>();
-            }
-        }
+        if (group == 0)
+            products(buf, Int<0>{});
+        else
+            products(buf, Int<TAPS_ALL - TAPS>{});
         if (more) store_halo(buf ^ 1);
         wgmma::wait<0>();
         mma::cp_async_wait<0>();
@@ -387,7 +415,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * rows_out;
 #pragma unroll
     for (int j = 0; j < TAPS; ++j) {
-        const int q = tap0 + j;
+        const int q = (group == 0 ? 0 : TAPS_ALL - TAPS) + j;
         if (group == 1 && q < TAPS) continue;  // warpgroup 0's
 #pragma unroll
         for (int k = 0; k < 2; ++k)
@@ -403,21 +431,46 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
 
 }  // namespace
 
-// The narrow tile asks for two blocks per SM (at most 128 registers), the wide one gets one.
-#define CONV_WGMMA_KERNEL(NAME, BN)                                                                               \
+// The narrow tile asks for two blocks per SM (at most 128 registers), the wide one gets one. Per role and tile the
+// generic kernel and the fixed geometries (_k333_z4: a 3x3x3 kernel in boxes of 4 slices, ...).
+#define CONV_WGMMA_KERNEL(NAME, BN, KZ, BOX_Z)                                                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, BN == CONV_WGMMA_BN_NARROW ? 2 : 1)                    \
         NAME(const ConvWgmmaParams<bf16> p) {                                                                     \
-        conv_wgmma<BN>(p);                                                                                        \
+        conv_wgmma<BN, KZ, BOX_Z>(p);                                                                             \
     }
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16, CONV_WGMMA_BN)  // conv forward
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16, CONV_WGMMA_BN)  // conv input gradient
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16, CONV_WGMMA_BN, 0, 0)  // conv forward
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k333_z4, CONV_WGMMA_BN, 3, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k333_z2, CONV_WGMMA_BN, 3, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z4, CONV_WGMMA_BN, 1, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z2, CONV_WGMMA_BN, 1, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z1, CONV_WGMMA_BN, 1, 1)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW, 0, 0)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k333_z4, CONV_WGMMA_BN_NARROW, 3, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k333_z2, CONV_WGMMA_BN_NARROW, 3, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z4, CONV_WGMMA_BN_NARROW, 1, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z2, CONV_WGMMA_BN_NARROW, 1, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z1, CONV_WGMMA_BN_NARROW, 1, 1)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16, CONV_WGMMA_BN, 0, 0)  // conv input gradient
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k333_z4, CONV_WGMMA_BN, 3, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k333_z2, CONV_WGMMA_BN, 3, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z4, CONV_WGMMA_BN, 1, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z2, CONV_WGMMA_BN, 1, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z1, CONV_WGMMA_BN, 1, 1)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW, 0, 0)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k333_z4, CONV_WGMMA_BN_NARROW, 3, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k333_z2, CONV_WGMMA_BN_NARROW, 3, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z4, CONV_WGMMA_BN_NARROW, 1, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z2, CONV_WGMMA_BN_NARROW, 1, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z1, CONV_WGMMA_BN_NARROW, 1, 1)
 
-// The weight gradient: one block per SM (its accumulators, TAPS x 8 floats per thread, and two stages of 57 KB).
-#define CONV_WGRAD_WGMMA_KERNEL(NAME, TAPS)                                                                      \
+// The weight gradient: one block per SM (its accumulators, 14 x 8 floats per thread for 3x3x3, and two stages of up
+// to 57 KB).
+#define CONV_WGRAD_WGMMA_KERNEL(NAME, KZ, BOX_Z)                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvWgradWgmmaParams<bf16> p) {        \
-        conv_wgrad_wgmma<TAPS>(p);                                                                               \
+        conv_wgrad_wgmma<KZ, BOX_Z>(p);                                                                          \
     }
-CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_t14, 14)
-CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_t5, 5)
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_k333_z4, 3, 4)
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_k333_z2, 3, 2)
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_k133_z4, 1, 4)
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_k133_z2, 1, 2)
+CONV_WGRAD_WGMMA_KERNEL(conv_wgrad_wgmma_bf16_k133_z1, 1, 1)

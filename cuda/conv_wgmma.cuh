@@ -45,16 +45,16 @@ struct ConvWgmmaParams {
     int boxes;
 };
 
-// The weight gradient of a stride-1 convolution on wgmma, dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o +
-// a - pad] (a over kernel, at most 3 taps per axis, c_narrow x narrow voxels and c_wide x wide voxels below 2^31):
-// block (x, y, z) computes narrow channels cn of tile x (CONV_WGMMA_WG_ROWS, the m of the wgmma), wide channels cw of
-// tile y (CONV_WGMMA_WG_COLS, its n) and every tap, over the boxes of narrow positions (box_z x 8 (4 / box_z) x 8, as
-// the products' boxes, enumerated over batch x narrow_size) from z boxes_per_slice up to min(boxes, (z + 1)
-// boxes_per_slice), and writes partial[z, cn, cw prod(kernel) + a] (conv.cuh's slice layout, summed in order by sum_slices). Its
-// two warpgroups take TAPS taps each (the kernel's suffix): warpgroup 0 taps 0 .., warpgroup 1 taps prod(kernel) -
-// TAPS .. (TAPS <= prod(kernel) <= 2 TAPS; a tap both compute is written by warpgroup 0). Grid (ceil(c_narrow /
+// The weight gradient of a stride-1 convolution of a KZ x 3 x 3 kernel (KZ 1 or 3; a 2D 3x3 conv is 1x3x3 here) on
+// wgmma, dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] (c_narrow x narrow voxels and c_wide x
+// wide voxels below 2^31): block (x, y, z) computes narrow channels cn of tile x (CONV_WGMMA_WG_ROWS, the m of the
+// wgmma), wide channels cw of tile y (CONV_WGMMA_WG_COLS, its n) and every tap, over the boxes of narrow positions
+// (BOX_Z x 8 (4 / BOX_Z) x 8, the products' boxes, enumerated over batch x narrow_size) from z boxes_per_slice up to
+// min(boxes, (z + 1) boxes_per_slice), and writes partial[z, cn, cw 9 KZ + a] (conv.cuh's slice layout, summed in
+// order by sum_slices). KZ and BOX_Z are the kernel's (its name: _k333_z4 is KZ 3, BOX_Z 4). Grid (ceil(c_narrow /
 // CONV_WGMMA_WG_ROWS), ceil(c_wide / CONV_WGMMA_WG_COLS), slices), CONV_WGMMA_THREADS threads, dynamic shared memory
-// 2 * 16 * (2 halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH) bytes with halo = prod(box + kernel - 1) voxels.
+// 2 * 16 * (2 halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH) bytes with halo = (BOX_Z + KZ - 1) (8 (4 / BOX_Z) +
+// 2) 10 voxels.
 template <typename T>
 struct ConvWgradWgmmaParams {
     const T* narrow;
@@ -64,9 +64,7 @@ struct ConvWgradWgmmaParams {
     int c_wide;
     int narrow_size[3];
     int wide_size[3];
-    int kernel[3];
     int pad[3];
-    int box_z;  // narrow slices per box: 1, 2 or 4
     int boxes;
     int boxes_per_slice;
 };
@@ -76,11 +74,36 @@ constexpr int CONV_WGMMA_WG_COLS = 16;
 // rows of an ldmatrix fall in 8 different bank groups.
 constexpr int CONV_WGMMA_WG_PITCH = 33;
 
-// One name per role (conv forward, conv input gradient); _n32 for outputs of at most 32 channels.
+// One name per role (conv forward, conv input gradient); _n32 for outputs of at most 32 channels. The plain names take
+// any taps (at most 3 per axis) and box depth from the parameters; _k333_z4 and the like are a 3x3x3 or 1x3x3
+// kernel in boxes of 4, 2 or 1 slices, their own geometry (p.taps and p.box_z must match it).
 extern "C" __global__ void conv_fprop_wgmma_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_wgmma_bf16_n32(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_n32_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_n32_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_n32_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_n32_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_bf16_n32_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_wgmma_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_wgmma_bf16_n32(const ConvWgmmaParams<__nv_bfloat16> p);
-// conv weight gradient, 14 taps per warpgroup (kernels of 14 to 28 taps: 3x3x3) or 5 (5 to 10: 1x3x3, 3x3).
-extern "C" __global__ void conv_wgrad_wgmma_bf16_t14(const ConvWgradWgmmaParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_wgrad_wgmma_bf16_t5(const ConvWgradWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
+// conv weight gradient, per kernel (3x3x3, 1x3x3) and box depth (4, 2, 1 slices).
+extern "C" __global__ void conv_wgrad_wgmma_bf16_k333_z4(const ConvWgradWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_wgrad_wgmma_bf16_k333_z2(const ConvWgradWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_wgrad_wgmma_bf16_k133_z4(const ConvWgradWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_wgrad_wgmma_bf16_k133_z2(const ConvWgradWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_wgrad_wgmma_bf16_k133_z1(const ConvWgradWgmmaParams<__nv_bfloat16> p);

@@ -835,7 +835,7 @@ fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], pos
 /// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the
 /// product's taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
 fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
-    if let Some(wgmma) = halo.wgmma.filter(|w| wgmma_suits(p) && gpu.has_kernel(w.wide.0)) {
+    if let Some(wgmma) = halo.wgmma.filter(|w| wgmma_suits(p) && gpu.has_kernel(w.generic.wide.0)) {
         return launch_wgmma(halo.pack, wgmma, p, gpu, what);
     }
     let (product, tile_n, positions, pair_stride) = halo.for_product(p);
@@ -857,19 +857,19 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
 /// [`CONV_WGMMA_TILES`] tiles of 64 positions, `box_z` slices deep ([`wgmma_box_z`]).
 fn launch_wgmma<T: ConvElement>(
     pack_kernel: Kernel<ConvPackParams<T>>,
-    kernels: TcPair<ConvWgmmaParams<T>>,
+    kernels: WgmmaKernels<T>,
     p: &ConvGemmParams<T>,
     gpu: &Arc<Gpu>,
     what: &str,
 ) -> Result<()> {
     debug_assert_eq!(halo_chunk::<T>(), CONV_WGMMA_CHUNK, "the packing's chunk is one wgmma k-step");
-    let (product, tile_n) = kernels.for_columns(p.c_dst as usize);
+    let box_z = wgmma_box_z(p.rows, p.taps);
+    let (product, tile_n) = kernels.for_geometry(p.taps, box_z).for_columns(p.c_dst as usize);
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
     // Two halves of 8 channels per tap and column: each a core matrix row of the B operand, copied whole.
     let pack = ConvPackParams { parts: 2, ..pack };
     let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
     gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
-    let box_z = wgmma_box_z(p.rows, p.taps);
     let box_ = wgmma_box(box_z);
     let boxes = p.batch as usize * (0..3).map(|d| (p.rows[d] as usize).div_ceil(box_[d])).product::<usize>();
     let halo: usize = (0..3).map(|d| box_[d] + p.taps[d] as usize - 1).product();
@@ -982,9 +982,48 @@ pub(crate) struct HaloKernels<T: Copy> {
     /// The forward's boxes of [`CONV_HALO_BM_STRIDED`] for sources walked at (1, 2, 2) and (2, 2, 2) (the input
     /// gradient has none: its products walk their source at stride 1).
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
-    /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only), in their two tile widths: they take
-    /// every stride-1 product of the halo tiles where the GPU has them ([`launch_wgmma`]).
-    wgmma: Option<TcPair<ConvWgmmaParams<T>>>,
+    /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only): they take every stride-1 product of
+    /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]).
+    wgmma: Option<WgmmaKernels<T>>,
+}
+
+/// The wgmma products of one role, each in its two tile widths: the generic pair (any taps, box depth from the
+/// parameters) and the pairs of a fixed geometry (kernel taps, box slices), whose shared-memory offsets are
+/// constants: the 3x3x3 and 1x3x3 products take those.
+#[derive(Clone, Copy)]
+pub(crate) struct WgmmaKernels<T: Copy> {
+    generic: TcPair<ConvWgmmaParams<T>>,
+    fixed: [([i32; 3], usize, TcPair<ConvWgmmaParams<T>>); 5],
+}
+
+impl<T: Copy> WgmmaKernels<T> {
+    /// The pair for a product of `taps` in boxes of `box_z` slices.
+    fn for_geometry(&self, taps: [i32; 3], box_z: usize) -> TcPair<ConvWgmmaParams<T>> {
+        self.fixed.iter().find(|&&(k, z, _)| k == taps && z == box_z).map_or(self.generic, |&(_, _, pair)| pair)
+    }
+}
+
+/// The geometries of [`WgmmaKernels::fixed`], in the order of the kernel names below.
+const WGMMA_GEOMETRIES: [([i32; 3], usize); 5] =
+    [([3, 3, 3], 4), ([3, 3, 3], 2), ([1, 3, 3], 4), ([1, 3, 3], 2), ([1, 3, 3], 1)];
+
+/// A role's wgmma kernels from its (wide, narrow) pairs: generic first, then [`WGMMA_GEOMETRIES`]'s.
+const fn wgmma_kernels<T: Copy>(pairs: [[Kernel<ConvWgmmaParams<T>>; 2]; 6]) -> WgmmaKernels<T> {
+    const fn pair<T: Copy>([wide, narrow]: [Kernel<ConvWgmmaParams<T>>; 2]) -> TcPair<ConvWgmmaParams<T>> {
+        TcPair { wide: (wide, CONV_WGMMA_BN), narrow: (narrow, CONV_WGMMA_BN_NARROW) }
+    }
+    let [generic, a, b, c, d, e] = pairs;
+    let g = WGMMA_GEOMETRIES;
+    WgmmaKernels {
+        generic: pair(generic),
+        fixed: [
+            (g[0].0, g[0].1, pair(a)),
+            (g[1].0, g[1].1, pair(b)),
+            (g[2].0, g[2].1, pair(c)),
+            (g[3].0, g[3].1, pair(d)),
+            (g[4].0, g[4].1, pair(e)),
+        ],
+    }
 }
 
 /// A wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between
@@ -1019,6 +1058,9 @@ impl<T: Copy> HaloKernels<T> {
 /// The kernel of one implicit product of cuda/conv.cu's `conv_gemm`: the exact float32 SIMT kernel (parity
 /// checks), or a tensor-core pair and, for a conv (not a transposed one), the halo-tile kernels that take the
 /// stride-1 products ([`halo_suits`]).
+// The tensor-core variant carries the role's kernel table (a few hundred bytes of names): chosen once per product and
+// passed by value, so its size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy)]
 enum GemmKernel<T: Copy> {
     Exact(Kernel<ConvGemmParams<T>>),
@@ -1053,9 +1095,8 @@ pub(crate) trait ConvElement: GpuElement {
     const HALO: [HaloKernels<Self>; 2];
     /// The halo-tile kernel of the conv's weight gradient.
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<Self>>;
-    /// The wgmma kernels of the conv's weight gradient, if the type has them: (taps per warpgroup, kernel), fewest
-    /// first.
-    const WGMMA_WGRAD: Option<[(usize, Kernel<ConvWgradWgmmaParams<Self>>); 2]>;
+    /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
+    const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -1067,13 +1108,9 @@ const fn halo<T: Copy>(
     [wide, narrow]: [Kernel<ConvHaloParams<T>>; 2],
     large: Kernel<ConvHaloParams<T>>,
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
-    wgmma: Option<[Kernel<ConvWgmmaParams<T>>; 2]>,
+    wgmma: Option<WgmmaKernels<T>>,
 ) -> HaloKernels<T> {
     let small = TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) };
-    let wgmma = match wgmma {
-        Some([wide, narrow]) => Some(TcPair { wide: (wide, CONV_WGMMA_BN), narrow: (narrow, CONV_WGMMA_BN_NARROW) }),
-        None => None,
-    };
     HaloKernels { pack, small, large, strided, wgmma }
 }
 
@@ -1118,7 +1155,7 @@ impl ConvElement for f32 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
-    const WGMMA_WGRAD: Option<[(usize, Kernel<ConvWgradWgmmaParams<f32>>); 2]> = None;
+    const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -1143,19 +1180,38 @@ impl ConvElement for bf16 {
             [kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32],
             kernel::conv_fprop_halo_bf16_m256,
             Some([kernel::conv_fprop_halo_bf16_s64, kernel::conv_fprop_halo_bf16_s64z2]),
-            Some([kernel::conv_fprop_wgmma_bf16, kernel::conv_fprop_wgmma_bf16_n32]),
+            Some(wgmma_kernels([
+                [kernel::conv_fprop_wgmma_bf16, kernel::conv_fprop_wgmma_bf16_n32],
+                [kernel::conv_fprop_wgmma_bf16_k333_z4, kernel::conv_fprop_wgmma_bf16_n32_k333_z4],
+                [kernel::conv_fprop_wgmma_bf16_k333_z2, kernel::conv_fprop_wgmma_bf16_n32_k333_z2],
+                [kernel::conv_fprop_wgmma_bf16_k133_z4, kernel::conv_fprop_wgmma_bf16_n32_k133_z4],
+                [kernel::conv_fprop_wgmma_bf16_k133_z2, kernel::conv_fprop_wgmma_bf16_n32_k133_z2],
+                [kernel::conv_fprop_wgmma_bf16_k133_z1, kernel::conv_fprop_wgmma_bf16_n32_k133_z1],
+            ])),
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
             [kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32],
             kernel::conv_dgrad_halo_bf16_m256,
             None,
-            Some([kernel::conv_dgrad_wgmma_bf16, kernel::conv_dgrad_wgmma_bf16_n32]),
+            Some(wgmma_kernels([
+                [kernel::conv_dgrad_wgmma_bf16, kernel::conv_dgrad_wgmma_bf16_n32],
+                [kernel::conv_dgrad_wgmma_bf16_k333_z4, kernel::conv_dgrad_wgmma_bf16_n32_k333_z4],
+                [kernel::conv_dgrad_wgmma_bf16_k333_z2, kernel::conv_dgrad_wgmma_bf16_n32_k333_z2],
+                [kernel::conv_dgrad_wgmma_bf16_k133_z4, kernel::conv_dgrad_wgmma_bf16_n32_k133_z4],
+                [kernel::conv_dgrad_wgmma_bf16_k133_z2, kernel::conv_dgrad_wgmma_bf16_n32_k133_z2],
+                [kernel::conv_dgrad_wgmma_bf16_k133_z1, kernel::conv_dgrad_wgmma_bf16_n32_k133_z1],
+            ])),
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
-    const WGMMA_WGRAD: Option<[(usize, Kernel<ConvWgradWgmmaParams<bf16>>); 2]> =
-        Some([(5, kernel::conv_wgrad_wgmma_bf16_t5), (14, kernel::conv_wgrad_wgmma_bf16_t14)]);
+    const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<bf16>>; 5]> = Some([
+        kernel::conv_wgrad_wgmma_bf16_k333_z4,
+        kernel::conv_wgrad_wgmma_bf16_k333_z2,
+        kernel::conv_wgrad_wgmma_bf16_k133_z4,
+        kernel::conv_wgrad_wgmma_bf16_k133_z2,
+        kernel::conv_wgrad_wgmma_bf16_k133_z1,
+    ]);
 }
 
 impl Pairing {
@@ -1309,8 +1365,8 @@ impl Pairing {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
         if self.halo_wgrad_suits() && !gpu.exact_f32() {
-            if let Some(wgmma) = self.wgmma_wgrad_kernel::<T>(gpu) {
-                return self.weight_grad_wgmma(&d, wgmma, narrow, wide, what);
+            if let Some((wgmma, box_z)) = self.wgmma_wgrad_kernel::<T>(gpu) {
+                return self.weight_grad_wgmma(&d, wgmma, box_z, narrow, wide, what);
             }
             return self.weight_grad_halo(&d, narrow, wide, what);
         }
@@ -1390,34 +1446,34 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
-    /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu`, if the
-    /// type has them, the GPU loaded them (sm_90) and they take it: `TAPS` <= taps <= 2 `TAPS` for one of them, and
-    /// each map's elements per batch item (channels x voxels) with 32-bit indices.
-    fn wgmma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<Kernel<ConvWgradWgmmaParams<T>>> {
+    /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu` and its
+    /// box slices, if the type has them, the GPU loaded them (sm_90) and they take it: a 3x3x3 or 1x3x3 kernel (a 2D
+    /// 3x3 is 1x3x3), each map's elements per batch item (channels x voxels) with 32-bit indices.
+    fn wgmma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<(Kernel<ConvWgradWgmmaParams<T>>, usize)> {
         let fits = |c: usize, s: [usize; 3]| c * s.iter().product::<usize>() < i32::MAX as usize;
         if !fits(self.c_narrow, self.narrow) || !fits(self.c_wide, self.wide) {
             return None;
         }
-        let taps = self.taps();
-        T::WGMMA_WGRAD?
-            .into_iter()
-            .find(|&(per_group, kernel)| per_group <= taps && taps <= 2 * per_group && gpu.has_kernel(kernel))
-            .map(|(_, kernel)| kernel)
+        let (narrow, k) = (self.narrow.map(|v| v as i32), self.k.map(|v| v as i32));
+        let box_z = wgmma_box_z(narrow, k);
+        let at = WGMMA_GEOMETRIES.iter().position(|&g| g == (k, box_z))?;
+        let kernel = T::WGMMA_WGRAD?[at];
+        gpu.has_kernel(kernel).then_some((kernel, box_z))
     }
 
     /// [`Pairing::weight_grad`] on the wgmma kernel `kernel` of cuda/conv_wgmma.cu: boxes of
-    /// [`CONV_WGMMA_TILES`] x 64 narrow positions, `box_z` slices deep ([`wgmma_box_z`]), dealt in fixed runs to
+    /// [`CONV_WGMMA_TILES`] x 64 narrow positions, `box_z` slices deep (the kernel's), dealt in fixed runs to
     /// about two slices per block the GPU holds at once over the channel tiles, the slices summed in order.
     fn weight_grad_wgmma<T: ConvElement>(
         &self,
         d: &KernelDims,
         kernel: Kernel<ConvWgradWgmmaParams<T>>,
+        box_z: usize,
         narrow: &GpuBuffer<T>,
         wide: &GpuBuffer<T>,
         what: &str,
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
-        let box_z = wgmma_box_z(d.narrow, d.k);
         let box_ = wgmma_box(box_z);
         let boxes = self.batch * (0..3).map(|a| self.narrow[a].div_ceil(box_[a])).product::<usize>();
         let halo: usize = (0..3).map(|a| box_[a] + self.k[a] - 1).product();
@@ -1439,9 +1495,7 @@ impl Pairing {
             c_wide: d.c_wide,
             narrow_size: d.narrow,
             wide_size: d.wide,
-            kernel: d.k,
             pad: d.pad,
-            box_z: box_z as i32,
             // At most batch * prod(narrow), which kernel_dims bounds.
             boxes: boxes as i32,
             boxes_per_slice: boxes_per_slice as i32,
