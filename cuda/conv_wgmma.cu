@@ -362,28 +362,39 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     // 0-7), (cn 0-7, k 8-15), (cn 8-15, k 8-15) of the warp's 16 channels, the fragment's order.
     const uint32_t a_row = base + 16 * (2 * halo_vox + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * PITCH +
                                         (lane >> 4));
-    // The products of one staged box for taps T0 .. T0 + TAPS - 1: per k-step (box rows 2 ks, 2 ks + 1) A by one
-    // ldmatrix into the registers the batch before last read, then one wgmma per tap.
+    // The products of one staged box for taps T0 .. T0 + TAPS - 1, in batches of CH k-steps (k-step ks: box rows
+    // 2 ks, 2 ks + 1): a batch's A fragments by ldmatrix into the registers the batch before last read, one fence,
+    // then per k-step one wgmma per tap. `between` runs while the first batch is in flight: the next box's loads, its
+    // halo stored before the second batch's fence (a fence waits for every register write in flight: with the loads
+    // pending at a fence, the tensor cores waited for them). CH is 8 where the accumulators leave room for two
+    // batches' fragments, else 4 (3x3x3: 112 accumulators; at 8 ptxas serialised the wgmmas for want of registers).
     float acc[TAPS][8] = {};
-    auto products = [&](int buf, auto first_tap) {
-        constexpr int T0 = decltype(first_tap)::value;
-        unsigned a[2][4];
+    auto products = [&](int buf, auto first_tap, auto between) {
+        constexpr int T0 = decltype(first_tap)::value, CH = KZ == 3 ? 4 : 8;
+        static_assert(KSTEPS % CH == 0, "whole batches");
+        unsigned a[2][CH][4];
         const uint32_t a_stage = a_row + 16 * buf * stage_units;
         const uint64_t b_stage = b_desc + buf * stage_units;
 #pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-            const int r = 2 * ks;
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(a[ks & 1][0]), "=r"(a[ks & 1][1]), "=r"(a[ks & 1][2]), "=r"(a[ks & 1][3])
-                         : "r"(a_stage + 16 * r));
+        for (int c = 0; c < KSTEPS / CH; ++c) {
+#pragma unroll
+            for (int i = 0; i < CH; ++i)
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(a[c & 1][i][0]), "=r"(a[c & 1][i][1]), "=r"(a[c & 1][i][2]), "=r"(a[c & 1][i][3])
+                             : "r"(a_stage + 16 * 2 * (CH * c + i)));
             wgmma::fence();
 #pragma unroll
-            for (int j = 0; j < TAPS; ++j) {
-                const int q = T0 + j, qz = q / 9, qy = q / 3 % 3, qx = q % 3;
-                const int shift = ((r / box_y + qz) * hy + r % box_y + qy) * hx + qx;
-                wgmma::mma_async_regs_n16(acc[j], a[ks & 1], b_stage + (uint64_t)shift);
+            for (int i = 0; i < CH; ++i) {
+                const int r = 2 * (CH * c + i);
+#pragma unroll
+                for (int j = 0; j < TAPS; ++j) {
+                    const int q = T0 + j, qz = q / 9, qy = q / 3 % 3, qx = q % 3;
+                    const int shift = ((r / box_y + qz) * hy + r % box_y + qy) * hx + qx;
+                    wgmma::mma_async_regs_n16(acc[j], a[c & 1][i], b_stage + (uint64_t)shift);
+                }
             }
             wgmma::commit();
+            if (c == 0) between();
             // The batch before this one has completed: its A registers may be loaded again.
             wgmma::wait<1>();
         }
@@ -398,12 +409,16 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     __syncthreads();
     for (int b = box_begin, buf = 0; b < box_end; ++b, buf ^= 1) {
         const bool more = b + 1 < box_end;
-        if (more) load(b + 1, buf ^ 1);
+        auto next = [&] {
+            if (more) {
+                load(b + 1, buf ^ 1);
+                store_halo(buf ^ 1);
+            }
+        };
         if (group == 0)
-            products(buf, Int<0>{});
+            products(buf, Int<0>{}, next);
         else
-            products(buf, Int<TAPS_ALL - TAPS>{});
-        if (more) store_halo(buf ^ 1);
+            products(buf, Int<TAPS_ALL - TAPS>{}, next);
         wgmma::wait<0>();
         mma::cp_async_wait<0>();
         wgmma::fence_proxy_async();
