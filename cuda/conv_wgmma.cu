@@ -300,8 +300,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     const bool aligned = p.narrow_size[2] % TILE_X == 0 && (uintptr_t)p.narrow % 16 == 0;
 
     // Box b into stage buf: the narrow rows (u = (cn, box row), 8 positions each) by cp.async or element loads, zero
-    // outside the map or past c_narrow; the halo into `staged` (stored by store_halo), 0 outside the wide map.
-    unsigned staged[HALO_VOX][8];
+    // outside the map or past c_narrow; the halo, 0 outside the wide map.
+    constexpr int hz_hy = hz * hy, halo_items = 2 * hz_hy * 4, HALO_ITEMS = (halo_items + THREADS - 1) / THREADS;
     auto load = [&](int b, int buf) {
         int n, z0, y0, x0;
         origin(b, n, z0, y0, x0);
@@ -326,31 +326,44 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
             }
         }
         mma::cp_async_commit();
+        // The halo: item (plane, row, quad) loads 4 consecutive voxels x0 - 4 + 4 quad .. of 8 channels with one
+        // 8-byte load per channel (a 2-byte load per voxel and channel kept the load queue full: ncu, lg_throttle the
+        // top stall), then stores the voxels the halo holds (columns x0 - 1 .. x0 + 8) as 16-byte units.
         const unsigned short* wide_c = reinterpret_cast<const unsigned short*>(p.wide) +
                                        ((int64_t)n * p.c_wide + cw0) * wide_vox;
+        uint2 quads[HALO_ITEMS][8];
 #pragma unroll
-        for (int i = 0; i < HALO_VOX; ++i) {
-            const int v = t + i * THREADS;
-            const int sz = z0 - p.pad[0] + v / (hy * hx), sy = y0 - p.pad[1] + v / hx % hy, sx = x0 - p.pad[2] + v % hx;
-            const bool inside = v < halo_vox && (unsigned)sz < (unsigned)p.wide_size[0] &&
+        for (int i = 0; i < HALO_ITEMS; ++i) {
+            const int it = t + THREADS * i, quad = it % 4, row = it / 4 % hz_hy, plane = it / (4 * hz_hy);
+            const int sz = z0 - p.pad[0] + row / hy, sy = y0 - 1 + row % hy, sx = x0 - 4 + 4 * quad;
+            // sx and the map's width are multiples of 4: a quad is inside or outside as a whole.
+            const bool inside = it < halo_items && (unsigned)sz < (unsigned)p.wide_size[0] &&
                                 (unsigned)sy < (unsigned)p.wide_size[1] && (unsigned)sx < (unsigned)p.wide_size[2];
             const int off = (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
 #pragma unroll
-            for (int w = 0; w < 8; ++w) {
-                const unsigned lo = inside && cw0 + 2 * w < p.c_wide ? wide_c[2 * w * wide_vox + off] : 0u;
-                const unsigned hi = inside && cw0 + 2 * w + 1 < p.c_wide ? wide_c[(2 * w + 1) * wide_vox + off] : 0u;
-                staged[i][w] = lo | hi << 16;
+            for (int e = 0; e < 8; ++e) {
+                const int c = 8 * plane + e;
+                quads[i][e] = inside && cw0 + c < p.c_wide
+                                  ? *reinterpret_cast<const uint2*>(wide_c + (int64_t)c * wide_vox + off)
+                                  : make_uint2(0u, 0u);
             }
         }
-    };
-    auto store_halo = [&](int buf) {
         uint4* halo = smem + buf * stage_units;
 #pragma unroll
-        for (int i = 0; i < HALO_VOX; ++i) {
-            const int v = t + i * THREADS;
-            if (v < halo_vox) {
-                halo[v] = make_uint4(staged[i][0], staged[i][1], staged[i][2], staged[i][3]);
-                halo[halo_vox + v] = make_uint4(staged[i][4], staged[i][5], staged[i][6], staged[i][7]);
+        for (int i = 0; i < HALO_ITEMS; ++i) {
+            const int it = t + THREADS * i, quad = it % 4, row = it / 4 % hz_hy, plane = it / (4 * hz_hy);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int column = 4 * quad - 3 + k;  // in the halo: x0 - 1 is column 0
+                if (it >= halo_items || column < 0 || column >= hx) continue;
+                unsigned w[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const unsigned lo = k < 2 ? quads[i][2 * j].x : quads[i][2 * j].y;
+                    const unsigned hi = k < 2 ? quads[i][2 * j + 1].x : quads[i][2 * j + 1].y;
+                    w[j] = __byte_perm(lo, hi, k % 2 ? 0x7632 : 0x5410);
+                }
+                halo[plane * halo_vox + row * hx + column] = make_uint4(w[0], w[1], w[2], w[3]);
             }
         }
     };
@@ -400,20 +413,14 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
         }
     };
 
-    if (box_begin < box_end) {
-        load(box_begin, 0);
-        store_halo(0);
-    }
+    if (box_begin < box_end) load(box_begin, 0);
     mma::cp_async_wait<0>();
     wgmma::fence_proxy_async();
     __syncthreads();
     for (int b = box_begin, buf = 0; b < box_end; ++b, buf ^= 1) {
         const bool more = b + 1 < box_end;
         auto next = [&] {
-            if (more) {
-                load(b + 1, buf ^ 1);
-                store_halo(buf ^ 1);
-            }
+            if (more) load(b + 1, buf ^ 1);
         };
         if (group == 0)
             products(buf, Int<0>{}, next);

@@ -1365,7 +1365,7 @@ impl Pairing {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
         if self.halo_wgrad_suits() && !gpu.exact_f32() {
-            if let Some((wgmma, box_z)) = self.wgmma_wgrad_kernel::<T>(gpu) {
+            if let Some((wgmma, box_z)) = self.wgmma_wgrad_kernel(gpu, wide) {
                 return self.weight_grad_wgmma(&d, wgmma, box_z, narrow, wide, what);
             }
             return self.weight_grad_halo(&d, narrow, wide, what);
@@ -1448,10 +1448,17 @@ impl Pairing {
 
     /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu` and its
     /// box slices, if the type has them, the GPU loaded them (sm_90) and they take it: a 3x3x3 or 1x3x3 kernel (a 2D
-    /// 3x3 is 1x3x3), each map's elements per batch item (channels x voxels) with 32-bit indices.
-    fn wgmma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<(Kernel<ConvWgradWgmmaParams<T>>, usize)> {
+    /// 3x3 is 1x3x3) padded by 1 in-plane, each map's elements per batch item (channels x voxels) with 32-bit
+    /// indices, and the wide map's rows in whole 8-byte words (width a multiple of 4, `wide` 8-byte aligned: the
+    /// kernel loads its halo 4 voxels at a time).
+    fn wgmma_wgrad_kernel<T: ConvElement>(
+        &self,
+        gpu: &Gpu,
+        wide: &GpuBuffer<T>,
+    ) -> Option<(Kernel<ConvWgradWgmmaParams<T>>, usize)> {
         let fits = |c: usize, s: [usize; 3]| c * s.iter().product::<usize>() < i32::MAX as usize;
-        if !fits(self.c_narrow, self.narrow) || !fits(self.c_wide, self.wide) {
+        let quads = self.wide[2] % 4 == 0 && wide.ptr().address() % 8 == 0;
+        if !fits(self.c_narrow, self.narrow) || !fits(self.c_wide, self.wide) || !quads || self.pad[1..] != [1, 1] {
             return None;
         }
         let (narrow, k) = (self.narrow.map(|v| v as i32), self.k.map(|v| v as i32));
