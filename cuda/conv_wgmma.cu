@@ -51,6 +51,18 @@ constexpr int HALO_VOX = (CONV_WGMMA_MAX_HALO + THREADS - 1) / THREADS;
 
 using bf16 = __nv_bfloat16;
 
+// Voxel k (0-3) of a quad load of 8 channels (q[e]: 4 consecutive voxels of channel e) as one 16-byte unit: channel
+// pairs (2 j, 2 j + 1) as operand words, the even channel in the low half.
+__device__ __forceinline__ uint4 quad_voxel(const uint2 (&q)[8], int k) {
+    unsigned w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const unsigned lo = k < 2 ? q[2 * j].x : q[2 * j].y, hi = k < 2 ? q[2 * j + 1].x : q[2 * j + 1].y;
+        w[j] = __byte_perm(lo, hi, k % 2 ? 0x7632 : 0x5410);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Taps per warpgroup of the weight gradient of a KZ x 3 x 3 kernel: the two warpgroups' sets overlap by one tap
 // (3x3x3: 14 + 14 for 27; 1x3x3: 5 + 5 for 9) rather than leave one warpgroup a tap short.
 template <int KZ>
@@ -99,13 +111,31 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     auto box_of = [&](int item) { return blockIdx.x + item / chunks * gridDim.x; };
 
     // The halo voxels this thread stages for the box being loaded, v = t + THREADS i: their source offsets, -1
-    // outside the map or past the halo.
+    // outside the map or past the halo. The wide tile of a fixed geometry stages quads instead (QUADS): item (plane,
+    // row, quad) of the halo, 4 consecutive voxels x0 - 4 + 4 quad .. of 8 channels by one 8-byte load per channel
+    // (the source's rows whole 8-byte words, lo = -1 along y and x: checked by the launch), kept where the halo holds
+    // them (columns x0 - 1 .. x0 + 8). The narrow tile keeps the element loads: at its 128 registers the quads spilled.
+    constexpr bool QUADS = KZ != 0 && BN == CONV_WGMMA_BN;
+    constexpr int Q_ROWS = QUADS ? (BOX_Z + KZ - 1) * (8 * (TILES / (QUADS ? BOX_Z : 1)) + 2) : 1;
+    constexpr int Q_ITEMS = 2 * Q_ROWS * 4, QI = QUADS ? (Q_ITEMS + THREADS - 1) / THREADS : 1;
     const bf16* src_n = p.src;
-    int off[HALO_VOX];
+    int off[QUADS ? QI : HALO_VOX];
     auto start_box = [&](int b) {
         int n, z0, y0, x0;
         origin(b, n, z0, y0, x0);
         src_n = p.src + (int64_t)n * p.c_src * src_vox;
+        if constexpr (QUADS) {
+#pragma unroll
+            for (int i = 0; i < QI; ++i) {
+                const int it = t + THREADS * i, quad = it % 4, row = it / 4 % Q_ROWS;
+                const int sz = z0 + p.lo[0] + row / hy, sy = y0 - 1 + row % hy, sx = x0 - 4 + 4 * quad;
+                // sx and the map's width are multiples of 4: a quad is inside or outside as a whole.
+                const bool inside = (unsigned)sz < (unsigned)p.src_size[0] &&
+                                    (unsigned)sy < (unsigned)p.src_size[1] && (unsigned)sx < (unsigned)p.src_size[2];
+                off[i] = it < Q_ITEMS && inside ? (sz * p.src_size[1] + sy) * p.src_size[2] + sx : -1;
+            }
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < HALO_VOX; ++i) {
             const int v = t + i * THREADS;
@@ -116,9 +146,23 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
         }
     };
     // Channel pairs (c, c + 1) as operand words, the even channel in the low half: words 0-3 are plane 0's voxel.
-    unsigned staged[HALO_VOX][8];
+    unsigned staged[QUADS ? 1 : HALO_VOX][8];
+    uint2 quads[QI][QUADS ? 8 : 1];
     auto store_halo = [&](int buf) {
         uint4* halo = smem + buf * stage_units;
+        if constexpr (QUADS) {
+#pragma unroll
+            for (int i = 0; i < QI; ++i) {
+                const int it = t + THREADS * i, quad = it % 4, row = it / 4 % Q_ROWS, plane = it / (4 * Q_ROWS);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int column = 4 * quad - 3 + k;  // in the halo: x0 - 1 is column 0
+                    if (it >= Q_ITEMS || column < 0 || column >= hx) continue;
+                    halo[plane * halo_vox + row * hx + column] = quad_voxel(quads[i], k);
+                }
+            }
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < HALO_VOX; ++i) {
             const int v = t + i * THREADS;
@@ -143,6 +187,20 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
         // Element indices within the batch item fit 32 bits (c_src * src_vox: checked by the launch).
         const int c0 = chunk * CONV_WGMMA_CHUNK;
         const unsigned short* src_c = reinterpret_cast<const unsigned short*>(src_n) + c0 * src_vox;
+        if constexpr (QUADS) {
+#pragma unroll
+            for (int i = 0; i < QI; ++i) {
+                const int plane = (t + THREADS * i) / (4 * Q_ROWS);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int c = 8 * plane + e;
+                    quads[i][e] = off[i] >= 0 && c0 + c < p.c_src
+                                      ? *reinterpret_cast<const uint2*>(src_c + c * src_vox + off[i])
+                                      : make_uint2(0u, 0u);
+                }
+            }
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < HALO_VOX; ++i)
 #pragma unroll
@@ -356,14 +414,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
             for (int k = 0; k < 4; ++k) {
                 const int column = 4 * quad - 3 + k;  // in the halo: x0 - 1 is column 0
                 if (it >= halo_items || column < 0 || column >= hx) continue;
-                unsigned w[4];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const unsigned lo = k < 2 ? quads[i][2 * j].x : quads[i][2 * j].y;
-                    const unsigned hi = k < 2 ? quads[i][2 * j + 1].x : quads[i][2 * j + 1].y;
-                    w[j] = __byte_perm(lo, hi, k % 2 ? 0x7632 : 0x5410);
-                }
-                halo[plane * halo_vox + row * hx + column] = make_uint4(w[0], w[1], w[2], w[3]);
+                halo[plane * halo_vox + row * hx + column] = quad_voxel(quads[i], k);
             }
         }
     };

@@ -76,7 +76,8 @@ constexpr int CONV_WGMMA_WG_PITCH = 33;
 
 // One name per role (conv forward, conv input gradient); _n32 for outputs of at most 32 channels. The plain names take
 // any taps (at most 3 per axis) and box depth from the parameters; _k333_z4 and the like are a 3x3x3 or 1x3x3
-// kernel in boxes of 4, 2 or 1 slices, their own geometry (p.taps and p.box_z must match it).
+// kernel in boxes of 4, 2 or 1 slices, their own geometry (p.taps and p.box_z must match it; lo -1 along y and x, the
+// source's width a multiple of 4 and src 8-byte aligned).
 extern "C" __global__ void conv_fprop_wgmma_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_wgmma_bf16_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_wgmma_bf16_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);

@@ -864,8 +864,12 @@ fn launch_wgmma<T: ConvElement>(
 ) -> Result<()> {
     debug_assert_eq!(halo_chunk::<T>(), CONV_WGMMA_CHUNK, "the packing's chunk is one wgmma k-step");
     let box_z = wgmma_box_z(p.rows, p.taps);
-    let (product, tile_n) = kernels.for_geometry(p.taps, box_z).for_columns(p.c_dst as usize);
+    let tile_n = kernels.generic.for_columns(p.c_dst as usize).1;
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
+    // The fixed geometries' wide tile loads the halo 4 voxels at a time from x - 1 on: rows of whole 8-byte words.
+    let quads = h.lo[1..] == [-1, -1] && h.src_size[2] % 4 == 0 && h.src.address() % 8 == 0;
+    let pair = if quads { kernels.for_geometry(p.taps, box_z) } else { kernels.generic };
+    let product = pair.for_columns(p.c_dst as usize).0;
     // Two halves of 8 channels per tap and column: each a core matrix row of the B operand, copied whole.
     let pack = ConvPackParams { parts: 2, ..pack };
     let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
@@ -989,7 +993,8 @@ pub(crate) struct HaloKernels<T: Copy> {
 
 /// The wgmma products of one role, each in its two tile widths: the generic pair (any taps, box depth from the
 /// parameters) and the pairs of a fixed geometry (kernel taps, box slices), whose shared-memory offsets are
-/// constants: the 3x3x3 and 1x3x3 products take those.
+/// constants and whose wide tile loads the halo 4 voxels per load: the 3x3x3 and 1x3x3 products padded by 1 in-plane
+/// over sources of rows in whole 8-byte words take those ([`launch_wgmma`]).
 #[derive(Clone, Copy)]
 pub(crate) struct WgmmaKernels<T: Copy> {
     generic: TcPair<ConvWgmmaParams<T>>,
