@@ -21,15 +21,21 @@
 //   along n and 16 BN bytes along k.
 // - Two stages, and the pipeline runs on across boxes: a block takes its boxes in turn, and while the tensor cores
 //   run the taps of one chunk (asynchronously, one commit per chunk), the next chunk's weights (the next box's first
-//   at a box's end) are in flight through cp.async and its halo through registers (element loads, stored as 16-byte
-//   voxels), published to the tensor cores by fence.proxy.async before the barrier. A box's outputs are written
+//   at a box's end) are in flight through cp.async and its halo through registers (element loads, or in the wide tile
+//   of a fixed geometry one 8-byte load per 4 voxels of a channel; stored as 16-byte voxels), published to the
+//   tensor cores by fence.proxy.async before the barrier. A box's outputs are written
 //   after its last chunk's products, while the loads of the next one are in flight.
 // - Warpgroup g of the two computes tiles 2 g and 2 g + 1 (the accumulators of both: BN floats per thread); the
 //   narrow tile (BN 32) fits 128 registers and runs two blocks per SM.
 // - ncu of the persistent version before the packing in halves (flare-3d stage 1, 3x3x3 64 -> 64, benches/RESULTS.md):
 //   tensor pipe 24%, issue-limited by the halo's element loads (long_scoreboard the top stall; 9.4 of each 32-byte
 //   sector used: the maps are NCDHW, so a voxel's 16 channels are 16 loads); channels-last storage would make them
-//   16-byte copies (loading two voxels per 4-byte word measured slower: branch halo-pairs).
+//   16-byte copies (loading two voxels per 4-byte word measured slower: branch halo-pairs; four per 8-byte word in
+//   the fixed geometries, 2026-12-04, slightly faster: flare-3d input gradients 22.77 -> 21.99 ms per step).
+// - The 3x3x3 and 1x3x3 kernels are also compiled for their own geometry (KZ, BOX_Z: the _k333_z4 names): every
+//   shared-memory offset is then a constant and a wgmma's descriptor one uniform add from its stage's; computed at run
+//   time, about 18 instructions per tap pair sat between the wgmmas in the SASS.
+// - The weight gradient (conv_wgrad_wgmma, below) turns the product around: positions are the reduction.
 // Each output is one sum in a fixed order (chunks, taps, and the tensor core's own within a k-step): results do not
 // depend on scheduling.
 //
@@ -51,6 +57,26 @@ constexpr int HALO_VOX = (CONV_WGMMA_MAX_HALO + THREADS - 1) / THREADS;
 
 using bf16 = __nv_bfloat16;
 
+// The boxes of box_z x box_y x TILE_X positions over a map of `rows` per batch item, numbered x fastest, then y, z and
+// the batch item: box b's batch item n and first position (z0, y0, x0).
+struct BoxGrid {
+    int x_tiles, y_tiles, z_tiles, box_y, box_z;
+    __device__ __forceinline__ BoxGrid(const int (&rows)[3], int box_z, int box_y)
+        : x_tiles((rows[2] + TILE_X - 1) / TILE_X),
+          y_tiles((rows[1] + box_y - 1) / box_y),
+          z_tiles((rows[0] + box_z - 1) / box_z),
+          box_y(box_y),
+          box_z(box_z) {}
+    __device__ __forceinline__ void origin(int b, int& n, int& z0, int& y0, int& x0) const {
+        x0 = b % x_tiles * TILE_X;
+        b /= x_tiles;
+        y0 = b % y_tiles * box_y;
+        b /= y_tiles;
+        z0 = b % z_tiles * box_z;
+        n = b / z_tiles;
+    }
+};
+
 // Voxel k (0-3) of a quad load of 8 channels (q[e]: 4 consecutive voxels of channel e) as one 16-byte unit: channel
 // pairs (2 j, 2 j + 1) as operand words, the even channel in the low half.
 __device__ __forceinline__ uint4 quad_voxel(const uint2 (&q)[8], int k) {
@@ -61,6 +87,23 @@ __device__ __forceinline__ uint4 quad_voxel(const uint2 (&q)[8], int k) {
         w[j] = __byte_perm(lo, hi, k % 2 ? 0x7632 : 0x5410);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Stores this thread's quad items into the halo's two planes of halo_vox 16-byte voxels (rows of hx = 10 voxels, from
+// x0 - 1): item it = t + THREADS i is (plane it / (4 rows), halo row it / 4 % rows, quad it % 4), 4 voxels from x0 - 4 +
+// 4 quad, of which those in columns 0 .. hx - 1 are kept.
+template <int N>
+__device__ __forceinline__ void store_quads(uint4* halo, const uint2 (&quads)[N][8], int rows, int halo_vox, int hx) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const int it = threadIdx.x + THREADS * i, quad = it % 4, row = it / 4 % rows, plane = it / (4 * rows);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int column = 4 * quad - 3 + k;
+            if (it >= 8 * rows || column < 0 || column >= hx) continue;
+            halo[plane * halo_vox + row * hx + column] = quad_voxel(quads[i], k);
+        }
+    }
 }
 
 // Taps per warpgroup of the weight gradient of a KZ x 3 x 3 kernel: the two warpgroups' sets overlap by one tap
@@ -94,17 +137,8 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     const int col0 = blockIdx.y * BN;
     const int src_vox = p.src_size[0] * p.src_size[1] * p.src_size[2];
 
-    // Box b: batch item n, output slices z0 .., rows y0 .., columns x0 ...
-    const int x_tiles = (p.rows[2] + TILE_X - 1) / TILE_X, y_tiles = (p.rows[1] + box_y - 1) / box_y;
-    const int z_tiles = (p.rows[0] + box_z - 1) / box_z;
-    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) {
-        x0 = b % x_tiles * TILE_X;
-        b /= x_tiles;
-        y0 = b % y_tiles * box_y;
-        b /= y_tiles;
-        z0 = b % z_tiles * box_z;
-        n = b / z_tiles;
-    };
+    const BoxGrid grid(p.rows, box_z, box_y);
+    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) { grid.origin(b, n, z0, y0, x0); };
     // This block's work: items (box, chunk) in order, box blockIdx.x + i gridDim.x.
     const int chunks = (p.c_src + CONV_WGMMA_CHUNK - 1) / CONV_WGMMA_CHUNK;
     const int items = (p.boxes - blockIdx.x + gridDim.x - 1) / gridDim.x * chunks;
@@ -151,16 +185,7 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     auto store_halo = [&](int buf) {
         uint4* halo = smem + buf * stage_units;
         if constexpr (QUADS) {
-#pragma unroll
-            for (int i = 0; i < QI; ++i) {
-                const int it = t + THREADS * i, quad = it % 4, row = it / 4 % Q_ROWS, plane = it / (4 * Q_ROWS);
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int column = 4 * quad - 3 + k;  // in the halo: x0 - 1 is column 0
-                    if (it >= Q_ITEMS || column < 0 || column >= hx) continue;
-                    halo[plane * halo_vox + row * hx + column] = quad_voxel(quads[i], k);
-                }
-            }
+            store_quads(halo, quads, Q_ROWS, halo_vox, hx);
             return;
         }
 #pragma unroll
@@ -316,10 +341,15 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 // conv_wgmma.cuh): per box of 256 narrow positions, 16 k-steps of 16 positions (two rows of 8), and per k-step and
 // tap one wgmma m64n16k16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by ldmatrix
 // from its staged rows and used by every tap; B = the wide map's halo shifted by the tap (n = cw, k = position),
-// staged as in the products (two planes of 16-byte voxels of 8 channels) and read N-major: the 8 k-rows of a core
-// matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k (the next row) and a plane apart along n.
-// While the tensor cores work on box i, box i + 1's narrow rows are in flight through cp.async and its halo through
-// registers. Each output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
+// staged as in the products (two planes of 16-byte voxels of 8 channels, loaded 4 voxels of a channel per 8-byte load)
+// and read N-major: the 8 k-rows of a core matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k
+// (the next row) and a plane apart along n. While the tensor cores work on box i's first k-steps, box i + 1's narrow
+// rows are put in flight through cp.async and its halo loaded and stored. Each output is one sum in a fixed order
+// (boxes, k-steps, the tensor core's own within a k-step).
+// Measured (H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms (cuDNN 0.695); ncu of the version
+// with 2-byte halo loads: issue slots 23% busy, 0.28 eligible warps per scheduler (8 warps per SM: the accumulators
+// take 112 registers per thread), long_scoreboard, wait (the fixed-latency waits around the wgmma batches) and
+// lg_throttle (the load queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle alone 34%.
 template <int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16>& p) {
     constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = CONV_WGMMA_WG_COLS, PITCH = CONV_WGMMA_WG_PITCH;
@@ -343,16 +373,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     const int cn0 = blockIdx.x * ROWS, cw0 = blockIdx.y * COLS;
     const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
     const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
-    const int x_tiles = (p.narrow_size[2] + TILE_X - 1) / TILE_X, y_tiles = (p.narrow_size[1] + box_y - 1) / box_y;
-    const int z_tiles = (p.narrow_size[0] + box_z - 1) / box_z;
-    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) {
-        x0 = b % x_tiles * TILE_X;
-        b /= x_tiles;
-        y0 = b % y_tiles * box_y;
-        b /= y_tiles;
-        z0 = b % z_tiles * box_z;
-        n = b / z_tiles;
-    };
+    const BoxGrid grid(p.narrow_size, box_z, box_y);
+    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) { grid.origin(b, n, z0, y0, x0); };
     const int box_begin = blockIdx.z * p.boxes_per_slice, box_end = min(p.boxes, box_begin + p.boxes_per_slice);
     // Narrow rows of 8 positions start at 16-byte boundaries where the rows are whole multiples of 8 positions.
     const bool aligned = p.narrow_size[2] % TILE_X == 0 && (uintptr_t)p.narrow % 16 == 0;
@@ -406,17 +428,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
                                   : make_uint2(0u, 0u);
             }
         }
-        uint4* halo = smem + buf * stage_units;
-#pragma unroll
-        for (int i = 0; i < HALO_ITEMS; ++i) {
-            const int it = t + THREADS * i, quad = it % 4, row = it / 4 % hz_hy, plane = it / (4 * hz_hy);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int column = 4 * quad - 3 + k;  // in the halo: x0 - 1 is column 0
-                if (it >= halo_items || column < 0 || column >= hx) continue;
-                halo[plane * halo_vox + row * hx + column] = quad_voxel(quads[i], k);
-            }
-        }
+        store_quads(smem + buf * stage_units, quads, hz_hy, halo_vox, hx);
     };
 
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);

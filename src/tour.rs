@@ -81,11 +81,16 @@
 //! is the same kind of product, one per *stride phase* (the input positions of one residue modulo the stride, reached
 //! from whole output positions by the taps `s q + phase`); a strided forward stages its halo split by phase (even
 //! source columns first, then odd), so that the rows a tap reads are again consecutive. On Hopper (sm_90) the bf16
-//! stride-1 products of 3D maps run on `cuda/conv_wgmma.cu` instead: the halo is staged as 16-byte voxels (8
-//! channels each), so 8 consecutive output positions of a row read 128 contiguous bytes at every tap, and the tensor
-//! cores read them from shared memory themselves (`wgmma`, a descriptor per operand: the tap only moves its start
-//! address). Which kernel takes which pass is decided from measured shapes (`halo_suits`, `wgmma_suits` in [`conv`]'s
-//! module); the exact float32 kernels of `cuda/conv.cu` remain for the parity checks (`--math exact`).
+//! stride-1 products of 3D maps (and of 2D maps from 80x80) run on `cuda/conv_wgmma.cu` instead: the halo is staged
+//! as 16-byte voxels (8 channels each), so 8 consecutive output positions of a row read 128 contiguous bytes at every
+//! tap, and the tensor cores read them from shared memory themselves (`wgmma`, a descriptor per operand: the tap only
+//! moves its start address). The weight gradient there turns the product around: the output gradient's box is the
+//! operand A, loaded into registers once per 16 positions and used by all 27 taps, and the halo, read N-major (the
+//! 16 positions along k are consecutive voxels), is B. The 3x3x3 and 1x3x3 kernels are compiled for their own
+//! geometry, so every offset is a constant: computed at run time, the descriptor arithmetic between two `wgmma`s
+//! held up the tensor cores. Which kernel takes which pass is decided from measured shapes (`halo_suits`,
+//! `wgmma_suits` in [`conv`]'s module); the exact float32 kernels of `cuda/conv.cu` remain for the parity checks
+//! (`--math exact`).
 //!
 //! ## 4b. A PiM layer
 //!
@@ -324,7 +329,7 @@
 //! | [`cast`](crate::ops::cast) | `src/tensor/cast.rs` `to_bf16` `to_f32` (the host's rounding: half::bf16::from_f32) | `cuda/cast.cu` `cast_f32_to_bf16` `cast_bf16_to_f32` | - (rounding; the gradient passes through) `tests/dtype.rs` `cast_op_gradient_returns_in_the_input_type` | `tests/gpu_cast.rs` `gpu_bf16_rounding_matches_the_host_bit_for_bit` | - |
 //! | [`causal_conv1d`](crate::ops::causal_conv1d) | `src/ops/causal_conv1d.rs` `forward_cpu` `backward_cpu` | `cuda/conv1d.cu` `causal_conv1d_forward_f32` `causal_conv1d_backward_f32` `causal_conv1d_forward_scalar_f32` `causal_conv1d_backward_scalar_f32` | `tests/grad_mamba_ops.rs` `grad_causal_conv1d` | `tests/gpu_mamba_ops.rs` `gpu_causal_conv1d` | `causal_conv1d depthwise` |
 //! | [`concat`](crate::ops::concat) | `src/ops/concat.rs` `forward_cpu` `split_cpu` | `cuda/layout.cu` `copy_rows_f32` | `tests/grad_layout.rs` `grad_concat_two` | `tests/gpu_layout.rs` `gpu_concat_channels` | - |
-//! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_fprop_f32` `conv_dgrad_f32` `conv_wgrad_f32` `sum_slices` `channel_sums_f32`, `cuda/conv_tc.cu` `conv_fprop_tf32` `conv_dgrad_tf32` `conv_wgrad_tf32` `conv_fprop_bf16` `conv_dgrad_bf16` `conv_wgrad_bf16`, `cuda/conv_halo.cu` `conv_fprop_pack_tf32` `conv_fprop_halo_tf32` `conv_dgrad_halo_tf32` `conv_fprop_halo_bf16` `conv_dgrad_halo_bf16` `conv_fprop_halo_bf16_m256` `conv_fprop_halo_bf16_s64` `conv_wgrad_halo_tf32` `conv_wgrad_halo_bf16`, `cuda/conv_wgmma.cu` `conv_fprop_wgmma_bf16` `conv_dgrad_wgmma_bf16` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` `gpu_conv_halo_tiles` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` `conv3d 3x3x3 tf32` `conv3d 1x3x3 tf32` `conv3d 3x3x3 bf16` `conv3d 1x3x3 bf16` |
+//! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_fprop_f32` `conv_dgrad_f32` `conv_wgrad_f32` `sum_slices` `channel_sums_f32`, `cuda/conv_tc.cu` `conv_fprop_tf32` `conv_dgrad_tf32` `conv_wgrad_tf32` `conv_fprop_bf16` `conv_dgrad_bf16` `conv_wgrad_bf16`, `cuda/conv_halo.cu` `conv_fprop_pack_tf32` `conv_fprop_halo_tf32` `conv_dgrad_halo_tf32` `conv_fprop_halo_bf16` `conv_dgrad_halo_bf16` `conv_fprop_halo_bf16_m256` `conv_fprop_halo_bf16_s64` `conv_wgrad_halo_tf32` `conv_wgrad_halo_bf16`, `cuda/conv_wgmma.cu` `conv_fprop_wgmma_bf16` `conv_dgrad_wgmma_bf16` `conv_fprop_wgmma_bf16_k333_z4` `conv_wgrad_wgmma_bf16_k333_z4` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` `gpu_conv_halo_tiles` `gpu_conv_wgrad_wgmma` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` `conv3d 3x3x3 tf32` `conv3d 1x3x3 tf32` `conv3d 3x3x3 bf16` `conv3d 1x3x3 bf16` |
 //! | [`conv_transpose`](crate::ops::conv_transpose) | `src/ops/conv_transpose.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_transpose_fprop_f32` `conv_transpose_dgrad_f32` `conv_transpose_wgrad_f32` `sum_slices` `channel_sums_bf16`, `cuda/conv_tc.cu` `conv_transpose_fprop_tf32` `conv_transpose_dgrad_tf32` `conv_transpose_wgrad_tf32` `conv_transpose_fprop_bf16` | `tests/grad_conv.rs` `grad_conv_transpose3d` | `tests/gpu_conv.rs` `gpu_conv_transpose3d` | - |
 //! | [`cross_entropy`](crate::ops::cross_entropy) | `src/ops/cross_entropy.rs` `forward_cpu` `backward_cpu` | `cuda/loss.cu` `cross_entropy_partial` `loss_sum_partials` `cross_entropy_backward` | `tests/grad_loss.rs` `grad_cross_entropy_3d_k4` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `cross_entropy` |
 //! | [`dice`](crate::ops::dice) | `src/ops/dice.rs` `group_sums_cpu` `backward_cpu` | `cuda/loss.cu` `dice_partial_sums` `dice_finish` `dice_backward` | `tests/grad_loss.rs` `grad_soft_dice_batch_3d_k3` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `soft_dice` |

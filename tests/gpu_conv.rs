@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{assert_rel_err, check_op_bf16, check_op_on, randn32, tf32_gpu};
+use common::{assert_conv_repeats, assert_rel_err, check_op_bf16, check_op_on, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::conv::conv;
@@ -191,18 +191,7 @@ fn gpu_conv_wgrad_wgmma() {
     let x = on_gpu(randn32(&[2, 32, 6, 18, 40], 1.0, 630));
     let w = on_gpu(randn32(&[40, 32, 3, 3, 3], 0.3, 631));
     let seed = on_gpu(randn32(&[2, 40, 6, 18, 40], 1.0, 632));
-    let run = || {
-        let mut tape = Tape::new();
-        tape.watch(&x);
-        tape.watch(&w);
-        let y = conv(&mut tape, &x, &w, None, &[1, 1, 1]).unwrap();
-        let mut g = tape.backward_from(&y, seed.clone()).unwrap();
-        [y, g.take(&x).unwrap(), g.take(&w).unwrap()].map(|t| t.to_vec_f32().unwrap())
-    };
-    let (a, b) = (run(), run());
-    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-        assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "bf16 output {i} differs between two runs");
-    }
+    assert_conv_repeats("conv3d 3x3x3 32 -> 40 bf16", &x, &w, &seed);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

@@ -11,7 +11,7 @@ use lkm_engine::ops::conv_transpose::conv_transpose;
 use lkm_engine::DType;
 
 mod common;
-use common::{assert_close, device_test, randn_on, tensor_on};
+use common::{assert_close, assert_conv_repeats, device_test, randn_on, tensor_on};
 
 /// Gradient check of conv for input shape `x`, weight shape `w` and `stride`, with or without bias.
 fn check_conv(x: &[usize], w: &[usize], stride: &[usize], with_bias: bool, seed: u64) {
@@ -239,18 +239,7 @@ fn conv_twice_same_bits(dev: &Device) {
     let x = randn_on(dev, &[2, 33, 9, 19, 23], 1.0, 400);
     let w = randn_on(dev, &[37, 33, 3, 3, 3], 0.3, 401);
     let seed = randn_on(dev, &[2, 37, 9, 19, 23], 1.0, 402);
-    let run = || {
-        let mut tape = Tape::new();
-        tape.watch(&x);
-        tape.watch(&w);
-        let y = conv(&mut tape, &x, &w, None, &[1, 1, 1]).unwrap();
-        let mut g = tape.backward_from(&y, seed.clone()).unwrap();
-        [y, g.take(&x).unwrap(), g.take(&w).unwrap()].map(|t| t.to_vec_f32().unwrap())
-    };
-    let (a, b) = (run(), run());
-    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-        assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "output {i} differs between two runs");
-    }
+    assert_conv_repeats("conv3d 3x3x3 33 -> 37", &x, &w, &seed);
 }
 device_test!(conv_twice_same_bits, tf32);
 

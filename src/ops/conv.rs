@@ -50,8 +50,9 @@
 //! least 8192 positions on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`,
 //! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
 //! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
-//! run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile from shared memory
-//! themselves; `wgmma_suits`, `launch_wgmma`). With a bf16 input, a float32 weight and bias are rounded to bf16 first
+//! and of 2D maps from 80x80 run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile
+//! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
+//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`). With a bf16 input, a float32 weight and bias are rounded to bf16 first
 //! ([`cast_like`]: their gradients return to the float32 masters); dW and db are summed in float32 and rounded once.
 //! conv_transpose runs on the same three products with the roles of its maps swapped.
 //!

@@ -202,6 +202,28 @@ pub fn seeded_step(
     (out, xs.iter().map(|x| grads.take(x).map(|g| g.to_vec_f64().unwrap())).collect())
 }
 
+/// Asserts that two runs of a stride-1 conv (no bias) of `x` with `w`, forward and backward for the output gradient
+/// `seed`, give the same output, input gradient and weight gradient bit for bit (the reductions run in a fixed order:
+/// no atomics, split-K slices summed in order).
+pub fn assert_conv_repeats(name: &str, x: &Tensor, w: &Tensor, seed: &Tensor) {
+    let stride = vec![1; x.shape().len() - 2];
+    let run = || {
+        let mut tape = Tape::new();
+        tape.watch(x);
+        tape.watch(w);
+        let y = lkm_engine::ops::conv::conv(&mut tape, x, w, None, &stride).unwrap();
+        let mut g = tape.backward_from(&y, seed.clone()).unwrap();
+        [y, g.take(x).unwrap(), g.take(w).unwrap()].map(|t| t.to_vec_f32().unwrap())
+    };
+    let (a, b) = (run(), run());
+    for (what, (a, b)) in ["output", "input gradient", "weight gradient"].iter().zip(a.iter().zip(&b)) {
+        assert!(
+            a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{name}: the {what} differs between two runs"
+        );
+    }
+}
+
 /// Asserts that `f` and `g` give the same output and input gradients, bit for bit, on `xs` (already on `device`), for
 /// the seed gradient of [`seeded_step`]: a fused op against the ops it replaces.
 pub fn assert_same_bits(
