@@ -89,9 +89,9 @@ __device__ __forceinline__ uint4 quad_voxel(const uint2 (&q)[8], int k) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Stores this thread's quad items into the halo's two planes of halo_vox 16-byte voxels (rows of hx = 10 voxels, from
-// x0 - 1): item it = t + THREADS i is (plane it / (4 rows), halo row it / 4 % rows, quad it % 4), 4 voxels from x0 - 4 +
-// 4 quad, of which those in columns 0 .. hx - 1 are kept.
+// Stores this thread's quad items into the halo's two planes of halo_vox 16-byte voxels (rows of hx = 10 voxels,
+// from x0 - 1): item it = t + THREADS i is (plane it / (4 rows), halo row it / 4 % rows, quad it % 4), 4 voxels from
+// x0 - 4 + 4 quad, of which those in columns 0 .. hx - 1 are kept.
 template <int N>
 __device__ __forceinline__ void store_quads(uint4* halo, const uint2 (&quads)[N][8], int rows, int halo_vox, int hx) {
 #pragma unroll
@@ -120,7 +120,7 @@ struct Int {
 // KZ 0: any taps (at most 3 per axis) and box depth, read from p; KZ 1 or 3: a KZ x 3 x 3 kernel in boxes of BOX_Z
 // slices, the kernel's own geometry (p.taps and p.box_z ignored), so that every shared-memory offset of the products
 // is a constant and a wgmma's descriptors one uniform add from its stage's (computed at run time they took about 18
-// instructions per tap, which the tensor cores waited on).
+// instructions per tap pair).
 template <int BN, int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     extern __shared__ __align__(16) uint4 smem[];  // 16-byte units
@@ -346,7 +346,8 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 // (the next row) and a plane apart along n. While the tensor cores work on box i's first k-steps, box i + 1's narrow
 // rows are put in flight through cp.async and its halo loaded and stored. Each output is one sum in a fixed order
 // (boxes, k-steps, the tensor core's own within a k-step).
-// Measured (H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms (cuDNN 0.695); ncu of the version
+// Measured (H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms, 235 TFLOP/s (cuDNN 0.630 in the
+// same run); ncu of the version
 // with 2-byte halo loads: issue slots 23% busy, 0.28 eligible warps per scheduler (8 warps per SM: the accumulators
 // take 112 registers per thread), long_scoreboard, wait (the fixed-latency waits around the wgmma batches) and
 // lg_throttle (the load queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle alone 34%.
@@ -364,7 +365,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     constexpr int box_z = BOX_Z, box_y = BOX_ROWS / box_z;
     constexpr int hz = box_z + KZ - 1, hy = box_y + 2, hx = TILE_X + 2;
     constexpr int halo_vox = hz * hy * hx;
-    static_assert(halo_vox <= CONV_WGMMA_MAX_HALO && box_y % 2 == 0, "the halo fits; a k-step's two rows share a slice");
+    static_assert(halo_vox <= CONV_WGMMA_MAX_HALO && box_y % 2 == 0,
+                  "the halo fits; a k-step's two rows share a slice");
     // Stage b (16-byte units): halo planes [2][halo_vox], then the narrow rows [ROWS][PITCH].
     constexpr int stage_units = 2 * halo_vox + ROWS * PITCH;
     extern __shared__ __align__(16) uint4 smem[];
@@ -441,9 +443,9 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     // The products of one staged box for taps T0 .. T0 + TAPS - 1, in batches of CH k-steps (k-step ks: box rows
     // 2 ks, 2 ks + 1): a batch's A fragments by ldmatrix into the registers the batch before last read, one fence,
     // then per k-step one wgmma per tap. `between` runs while the first batch is in flight: the next box's loads, its
-    // halo stored before the second batch's fence (a fence waits for every register write in flight: with the loads
-    // pending at a fence, the tensor cores waited for them). CH is 8 where the accumulators leave room for two
-    // batches' fragments, else 4 (3x3x3: 112 accumulators; at 8 ptxas serialised the wgmmas for want of registers).
+    // halo stored before the second batch's fence (a fence waits for every register write in flight, the loads' too).
+    // CH is 8 where the accumulators leave room for two batches' fragments, else 4 (3x3x3: 112 accumulators; at 8
+    // ptxas serialised the wgmmas for want of registers).
     float acc[TAPS][8] = {};
     auto products = [&](int buf, auto first_tap, auto between) {
         constexpr int T0 = decltype(first_tap)::value, CH = KZ == 3 ? 4 : 8;
@@ -509,7 +511,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int cn = cn0 + 16 * warp + g + 8 * h, cw = cw0 + 8 * k + 2 * tq + e;
-                    if (cn < p.c_narrow && cw < p.c_wide) out[(int64_t)cn * rows_out + cw * taps + q] = acc[j][4 * k + 2 * h + e];
+                    if (cn < p.c_narrow && cw < p.c_wide)
+                        out[(int64_t)cn * rows_out + cw * taps + q] = acc[j][4 * k + 2 * h + e];
                 }
     }
 }

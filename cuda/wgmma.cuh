@@ -3,15 +3,17 @@
 //   d[m, n] (+)= sum_k A[m, k] B[n, k]   for a 64 x N tile, k < 16 (bf16 operands, float32 accumulation),
 //
 // with A and B read by the tensor cores straight from shared memory, each described by a 64-bit matrix descriptor
-// (PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout"). Both operands here are K-major without
-// swizzle: the matrix is made of core matrices of 8 rows x 16 bytes (8 bf16 along k), each 128 contiguous bytes;
+// (PTX ISA, "Asynchronous Warpgroup Level Matrix Shared Memory Layout"), or A from registers (mma_async_regs_n16,
+// with an N-major B). The operands of mma_async are K-major without swizzle: the matrix is made of core matrices of
+// 8 rows x 16 bytes (8 bf16 along k), each 128 contiguous bytes;
 // the descriptor gives the first one's address, the byte offset between core matrices adjacent along k (the
 // "leading dimension byte offset") and between core matrices adjacent along m or n (the "stride dimension byte
 // offset"): element (r, k) of the tile lies at start + (r / 8) sbo + (k / 8) lbo + (r % 8) 16 + (k % 8) 2.
 // Accumulator fragment (as mma.sync's m16n8, repeated): thread l of warp w of the warpgroup holds d[4 j + 2 h + e] =
 // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e].
 // The products run asynchronously: fence() before the first of a batch, commit() after its last, wait<N>() until at
-// most N batches are still running; the accumulators must not be touched in between. Shared memory written by
+// most N batches are still running; the accumulators must not be touched in between. A fence also waits for every
+// register write of the warp still in flight (a global load's, for one). Shared memory written by
 // ordinary stores or cp.async must be published to the tensor cores' (async) proxy with fence_proxy_async() by each
 // writer before the barrier that precedes the products.
 // Not a parameter header (no wgmma.cu beside it): included only by files built for sm_90a (build.rs).
