@@ -14,6 +14,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conv_totals  # noqa: E402
 import ncu_summary  # noqa: E402
 import safetensors_io as st  # noqa: E402
 
@@ -394,6 +395,35 @@ def test_ncu_summary_columns_by_pattern():
     header[3], units[5], rows[2][5] = "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "KB", "150"
     got = dict(zip(cols, ncu_summary.summarise(rows)[1][0]))
     assert got["smem KB"] == "150" and got["DRAM %"] == "12.5", got
+
+
+def test_conv_totals():
+    """conv_totals: per-step totals (ms x count), cuDNN ratios and the rows below 0.7, and a comparison's changes."""
+    head = ("| config | layer (count) | input | weight | stride | role | ours bf16 ms | TFLOP/s (% bf16) "
+            "| cuDNN bf16 ms | ratio | ours tf32 ms | cuDNN tf32 ms | ratio |\n" + "|---" * 13 + "|\n")
+
+    def table(rows):
+        path = _tmp("convs.md")
+        with open(path, "w") as f:
+            f.write("GPU: test\n\n" + head + "".join(
+                f"| flare-3d | {layer} | [1] | [1] | [1] | {role} | {ours} | 1.0 (0.1%) | {cudnn} | {ratio} "
+                "| - | - | - |\n" for layer, role, ours, cudnn, ratio in rows))
+        return path
+
+    before = table([("a (6)", "wgrad", 1.0, 0.5, 0.5), ("b (1)", "wgrad", 2.0, 4.0, 2.0),
+                    ("a (6)", "fprop", 0.5, "-", "-")])
+    rows = conv_totals.read_table(before)
+    assert rows[("flare-3d", "a (6)", "wgrad")] == {"count": 6, "ours": 1.0, "cudnn": 0.5, "ratio": 0.5}, rows
+    lines = conv_totals.summary_lines(rows)
+    assert lines[0] == "flare-3d fprop: ours 3.00 ms", lines
+    assert lines[1] == ("flare-3d wgrad: ours 8.00 ms, cuDNN 7.00 ms; cuDNN/ours median 1.25 (min 0.50), "
+                        "1 of 2 below 0.7"), lines
+    assert lines[2] == "below 0.7: 1 of 2 rows", lines
+    after = table([("a (6)", "wgrad", 0.9, 0.5, 0.56), ("b (1)", "wgrad", 2.01, 4.0, 2.0),
+                   ("a (6)", "fprop", 0.5, "-", "-")])
+    lines = conv_totals.comparison_lines(rows, conv_totals.read_table(after), 0.05)
+    assert "flare-3d wgrad: 8.00 -> 7.41 ms" in lines, lines
+    assert "  flare-3d a (6) wgrad: 1.000 -> 0.900 ms" in lines and not any("b (1)" in x for x in lines), lines
 
 
 def main(argv):
