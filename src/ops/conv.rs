@@ -2045,6 +2045,40 @@ mod tests {
         }
     }
 
+    /// Every kernel and map the wgmma weight gradient and the fixed-geometry products take find their kernel: the box
+    /// depth [`wgmma_box_z`] picks for a 3x3x3 or 1x3x3 kernel is one of [`WGMMA_GEOMETRIES`].
+    #[test]
+    fn wgmma_box_depths_have_fixed_geometry_kernels() {
+        for k in [[3, 3, 3], [1, 3, 3]] {
+            for rows in
+                [[40, 224, 192], [40, 112, 96], [10, 14, 12], [10, 7, 6], [1, 320, 320], [1, 10, 10], [5, 9, 37]]
+            {
+                let box_z = wgmma_box_z(rows, k);
+                assert!(WGMMA_GEOMETRIES.contains(&(k, box_z)), "{k:?} over {rows:?}: boxes of {box_z} slices");
+            }
+        }
+    }
+
+    /// The quad staging of cuda/conv_wgmma.cu (store_quads): item it of a halo of `rows` rows is (plane it / (4 rows),
+    /// row it / 4 % rows, quad it % 4), whose 4 voxels from x0 - 4 + 4 quad are kept in columns 0 .. 9 (x0 - 1 ..
+    /// x0 + 8): every voxel of both planes once, holding source column x0 - 1 + column.
+    #[test]
+    fn wgmma_quads_stage_every_halo_voxel_once() {
+        const HX: usize = CONV_WGMMA_TILE_X + 2;
+        for rows in [10, 34, 36, 40, 60, 72] {
+            let mut seen = vec![0; 2 * rows * HX];
+            for it in 0..8 * rows {
+                let (plane, row, quad) = (it / (4 * rows), it / 4 % rows, it % 4);
+                for k in 0..4 {
+                    // Source column x0 - 4 + 4 quad + k is halo column 4 quad + k - 3.
+                    let Some(column) = (4 * quad + k).checked_sub(3).filter(|&c| c < HX) else { continue };
+                    seen[(plane * rows + row) * HX + column] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{rows} rows: every voxel once");
+        }
+    }
+
     /// What conv_wgrad_halo and sum_slices compute for `h` (cuda/conv_halo.cuh), in float64: per slice, its run of
     /// boxes (1 x (CONV_HALO_BM / tile_x) x tile_x narrow positions, enumerated over batch x narrow), every position of
     /// a box inside the narrow map adding narrow[n, cn, o] wide[n, cw, o + a - pad]; then the slices in order.
