@@ -138,7 +138,6 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     const int src_vox = p.src_size[0] * p.src_size[1] * p.src_size[2];
 
     const BoxGrid grid(p.rows, box_z, box_y);
-    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) { grid.origin(b, n, z0, y0, x0); };
     // This block's work: items (box, chunk) in order, box blockIdx.x + i gridDim.x.
     const int chunks = (p.c_src + CONV_WGMMA_CHUNK - 1) / CONV_WGMMA_CHUNK;
     const int items = (p.boxes - blockIdx.x + gridDim.x - 1) / gridDim.x * chunks;
@@ -156,7 +155,7 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     int off[QUADS ? QI : HALO_VOX];
     auto start_box = [&](int b) {
         int n, z0, y0, x0;
-        origin(b, n, z0, y0, x0);
+        grid.origin(b, n, z0, y0, x0);
         src_n = p.src + (int64_t)n * p.c_src * src_vox;
         if constexpr (QUADS) {
 #pragma unroll
@@ -258,7 +257,7 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
     auto write = [&](int b) {
         int n, z0, y0, x0;
-        origin(b, n, z0, y0, x0);
+        grid.origin(b, n, z0, y0, x0);
         const int64_t dst_n = (int64_t)n * p.c_dst * dst_vox + p.dst_base;
 #pragma unroll
         for (int j = 0; j < TILES_PER_GROUP; ++j) {
@@ -376,7 +375,6 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
     const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
     const BoxGrid grid(p.narrow_size, box_z, box_y);
-    auto origin = [&](int b, int& n, int& z0, int& y0, int& x0) { grid.origin(b, n, z0, y0, x0); };
     const int box_begin = blockIdx.z * p.boxes_per_slice, box_end = min(p.boxes, box_begin + p.boxes_per_slice);
     // Narrow rows of 8 positions start at 16-byte boundaries where the rows are whole multiples of 8 positions.
     const bool aligned = p.narrow_size[2] % TILE_X == 0 && (uintptr_t)p.narrow % 16 == 0;
@@ -386,7 +384,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     constexpr int hz_hy = hz * hy, halo_items = 2 * hz_hy * 4, HALO_ITEMS = (halo_items + THREADS - 1) / THREADS;
     auto load = [&](int b, int buf) {
         int n, z0, y0, x0;
-        origin(b, n, z0, y0, x0);
+        grid.origin(b, n, z0, y0, x0);
         uint4* rows = smem + buf * stage_units + 2 * halo_vox;
         const unsigned short* narrow_n = reinterpret_cast<const unsigned short*>(p.narrow) +
                                          ((int64_t)n * p.c_narrow + cn0) * narrow_vox;

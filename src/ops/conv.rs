@@ -1000,19 +1000,27 @@ pub(crate) struct HaloKernels<T: Copy> {
 #[derive(Clone, Copy)]
 pub(crate) struct WgmmaKernels<T: Copy> {
     generic: TcPair<ConvWgmmaParams<T>>,
-    fixed: [([i32; 3], usize, TcPair<ConvWgmmaParams<T>>); 5],
+    /// One per [`WGMMA_GEOMETRIES`] entry.
+    fixed: [TcPair<ConvWgmmaParams<T>>; 5],
 }
 
 impl<T: Copy> WgmmaKernels<T> {
     /// The pair for a product of `taps` in boxes of `box_z` slices.
     fn for_geometry(&self, taps: [i32; 3], box_z: usize) -> TcPair<ConvWgmmaParams<T>> {
-        self.fixed.iter().find(|&&(k, z, _)| k == taps && z == box_z).map_or(self.generic, |&(_, _, pair)| pair)
+        fixed_geometry(taps, box_z).map_or(self.generic, |at| self.fixed[at])
     }
 }
 
-/// The geometries of [`WgmmaKernels::fixed`], in the order of the kernel names below.
+/// The geometries (kernel taps, box slices) compiled as kernels of their own, in the order of their names
+/// (`_k333_z4`, `_k333_z2`, `_k133_z4`, `_k133_z2`, `_k133_z1`).
 const WGMMA_GEOMETRIES: [([i32; 3], usize); 5] =
     [([3, 3, 3], 4), ([3, 3, 3], 2), ([1, 3, 3], 4), ([1, 3, 3], 2), ([1, 3, 3], 1)];
+
+/// The index in [`WGMMA_GEOMETRIES`] of a product or weight gradient of `taps` in boxes of `box_z` slices, if it has
+/// kernels of its own.
+fn fixed_geometry(taps: [i32; 3], box_z: usize) -> Option<usize> {
+    WGMMA_GEOMETRIES.iter().position(|&g| g == (taps, box_z))
+}
 
 /// A role's wgmma kernels from its (wide, narrow) pairs: generic first, then [`WGMMA_GEOMETRIES`]'s.
 const fn wgmma_kernels<T: Copy>(pairs: [[Kernel<ConvWgmmaParams<T>>; 2]; 6]) -> WgmmaKernels<T> {
@@ -1020,17 +1028,7 @@ const fn wgmma_kernels<T: Copy>(pairs: [[Kernel<ConvWgmmaParams<T>>; 2]; 6]) -> 
         TcPair { wide: (wide, CONV_WGMMA_BN), narrow: (narrow, CONV_WGMMA_BN_NARROW) }
     }
     let [generic, a, b, c, d, e] = pairs;
-    let g = WGMMA_GEOMETRIES;
-    WgmmaKernels {
-        generic: pair(generic),
-        fixed: [
-            (g[0].0, g[0].1, pair(a)),
-            (g[1].0, g[1].1, pair(b)),
-            (g[2].0, g[2].1, pair(c)),
-            (g[3].0, g[3].1, pair(d)),
-            (g[4].0, g[4].1, pair(e)),
-        ],
-    }
+    WgmmaKernels { generic: pair(generic), fixed: [pair(a), pair(b), pair(c), pair(d), pair(e)] }
 }
 
 /// A wide-tile halo product takes boxes of [`CONV_HALO_BM_LARGE`] positions (twice the mma work per warp between
@@ -1470,7 +1468,7 @@ impl Pairing {
         }
         let (narrow, k) = (self.narrow.map(|v| v as i32), self.k.map(|v| v as i32));
         let box_z = wgmma_box_z(narrow, k);
-        let at = WGMMA_GEOMETRIES.iter().position(|&g| g == (k, box_z))?;
+        let at = fixed_geometry(k, box_z)?;
         let kernel = T::WGMMA_WGRAD?[at];
         gpu.has_kernel(kernel).then_some((kernel, box_z))
     }
