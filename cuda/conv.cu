@@ -371,3 +371,37 @@ __device__ void channel_sums(const ChannelSumsParams<T>& p) {
 }
 }  // namespace
 TYPED_KERNEL(channel_sums_f32, channel_sums_bf16, channel_sums, ChannelSumsParams)
+
+// col[n, c taps + a, o] = src[n, c, o + a - pad], 0 outside the map: a thread writes 8 consecutive positions o of one
+// row as a 16-byte piece, walking the coordinates from the first one's (no division per position).
+extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16> p) {
+    const int positions = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
+    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = positions / 8;
+    const int64_t src_voxels = (int64_t)p.src_size[0] * p.src_size[1] * p.src_size[2];
+    FOR_EACH(piece, p.pieces) {
+        const int64_t row = piece / pieces_per_row;  // (n channels + c) taps + a
+        const int a_flat = (int)(row % taps);
+        int a[3], o[3];
+        split3(a_flat, p.kernel, a);
+        split3((int)(piece % pieces_per_row) * 8, p.narrow_size, o);
+        const __nv_bfloat16* src = p.src + row / taps * src_voxels;
+        unsigned w[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int z = o[0] + a[0] - p.pad[0], y = o[1] + a[1] - p.pad[1], x = o[2] + a[2] - p.pad[2];
+            const bool inside = z >= 0 && z < p.src_size[0] && y >= 0 && y < p.src_size[1] && x >= 0 &&
+                                x < p.src_size[2];
+            if (inside)
+                w[e / 2] |= (unsigned)__bfloat16_as_ushort(src[((int64_t)z * p.src_size[1] + y) * p.src_size[2] + x])
+                            << 16 * (e % 2);
+            if (++o[2] == p.narrow_size[2]) {
+                o[2] = 0;
+                if (++o[1] == p.narrow_size[1]) {
+                    o[1] = 0;
+                    ++o[0];
+                }
+            }
+        }
+        *reinterpret_cast<uint4*>(p.col + piece * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}

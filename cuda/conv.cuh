@@ -90,6 +90,23 @@ struct ChannelSumsParams {
     int chunks;
 };
 
+// The columns of a stride-1 convolution's wide map over its narrow positions, per batch item n a (channels x taps) x
+// positions matrix: col[n, c taps + a, o] = src[n, c, o + a - pad] (0 outside src_size), o over narrow_size (row-major,
+// prod(narrow_size) a multiple of 8: rows of whole 16-byte pieces), a over the kernel's taps (row-major). A thread
+// writes one 16-byte piece (8 positions) of a row: pieces = batch x channels x taps x prod(narrow_size) / 8.
+// Grid-stride: any grid. The B operand of gemm_wgmma.cu's conv_wgrad_gemm_wgmma_bf16.
+template <typename T>
+struct ConvIm2colParams {
+    const T* src;
+    T* col;
+    int channels;
+    int src_size[3];
+    int narrow_size[3];
+    int kernel[3];
+    int pad[3];
+    int64_t pieces;
+};
+
 // One name per role of the same product, so that a profile says which pass it is timing.
 
 // The exact float32 SIMT kernels (the parity path, --math exact), one name per role:
@@ -110,3 +127,5 @@ extern "C" __global__ void sum_slices(const SumSlicesParams p);
 // one level of the bias gradient's per-channel sums, from either storage type
 extern "C" __global__ void channel_sums_f32(const ChannelSumsParams<float> p);
 extern "C" __global__ void channel_sums_bf16(const ChannelSumsParams<__nv_bfloat16> p);
+// the wide map's columns for the weight gradient as one explicit product (gemm_wgmma.cu)
+extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16> p);

@@ -75,14 +75,15 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvPackParams, ConvWgmmaParams, ConvWgradHaloParams,
-    ConvWgradParams, ConvWgradWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvPackParams, ConvWgmmaParams,
+    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM,
     CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
     CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
     CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
     CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
     CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
-    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
+    GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
@@ -1102,6 +1103,16 @@ pub(crate) trait ConvElement: GpuElement {
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<Self>>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
+    /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
+    /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
+    const GEMM_WGRAD: Option<GemmWgrad<Self>>;
+}
+
+/// The two kernels of [`Pairing::weight_grad_gemm`].
+#[derive(Clone, Copy)]
+pub(crate) struct GemmWgrad<T> {
+    im2col: Kernel<ConvIm2colParams<T>>,
+    product: Kernel<GemmWgmmaParams<T>>,
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -1161,6 +1172,7 @@ impl ConvElement for f32 {
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
+    const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -1217,6 +1229,8 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
     ]);
+    const GEMM_WGRAD: Option<GemmWgrad<bf16>> =
+        Some(GemmWgrad { im2col: kernel::conv_im2col_bf16, product: kernel::conv_wgrad_gemm_wgmma_bf16 });
 }
 
 impl Pairing {
@@ -1369,6 +1383,9 @@ impl Pairing {
     ) -> Result<GpuBuffer> {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
+        if let Some(kernels) = self.gemm_wgrad_kernels(gpu, narrow, wide) {
+            return self.weight_grad_gemm(&d, kernels, narrow, wide, what);
+        }
         if self.halo_wgrad_suits() && !gpu.exact_f32() {
             if let Some((wgmma, box_z)) = self.wgmma_wgrad_kernel(gpu, wide) {
                 return self.weight_grad_wgmma(&d, wgmma, box_z, narrow, wide, what);
@@ -1451,6 +1468,105 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
+    /// The kernels of the explicit weight gradient for this pairing on `gpu`, if the type has them, the GPU loaded
+    /// them (sm_90) and they take it: a stride-1 conv (not transposed) whose narrow map's rows of positions are whole
+    /// 16-byte pieces (the product copies 8 positions at a time), both maps 16-byte aligned, and a 1x1x1 kernel (the
+    /// wide map is then the product's operand as it is) or columns of at most [`GEMM_WGRAD_MAX_COLUMN_BYTES`].
+    fn gemm_wgrad_kernels<T: ConvElement>(
+        &self,
+        gpu: &Gpu,
+        narrow: &GpuBuffer<T>,
+        wide: &GpuBuffer<T>,
+    ) -> Option<GemmWgrad<T>> {
+        let kernels = T::GEMM_WGRAD?;
+        let positions: usize = self.narrow.iter().product();
+        let columns = self.batch * self.c_wide * self.taps() * positions * std::mem::size_of::<T>();
+        let fits = |v: usize| v < i32::MAX as usize;
+        let suits = !self.transposed
+            && !gpu.exact_f32()
+            && self.stride.iter().all(|&s| s == 1)
+            && positions % 8 == 0
+            && narrow.ptr().address() % 16 == 0
+            && wide.ptr().address() % 16 == 0
+            && fits(self.c_wide * self.taps())
+            && fits(positions)
+            && self.batch * positions / WGRAD_MAX_SLICE < 65535
+            && (self.taps() == 1 || columns <= GEMM_WGRAD_MAX_COLUMN_BYTES);
+        (suits && gpu.has_kernel(kernels.im2col) && gpu.has_kernel(kernels.product)).then_some(kernels)
+    }
+
+    /// [`Pairing::weight_grad`] as one explicit product per batch item, dW[cn, (cw, a)] = sum_o Xn[n, cn, o]
+    /// col[n, (cw, a), o] with col[n, (cw, a), o] = Xw[n, cw, o + a - p] written out first (a 1x1x1 conv's col is Xw
+    /// itself), on gemm_wgmma.cu's wgmma tiles: the reduction over the batch and the positions cut into fixed slices,
+    /// summed in order.
+    fn weight_grad_gemm<T: ConvElement>(
+        &self,
+        d: &KernelDims,
+        kernels: GemmWgrad<T>,
+        narrow: &GpuBuffer<T>,
+        wide: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
+        let gpu = &narrow.gpu;
+        let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
+        let (rows, cols) = (self.c_narrow, self.c_wide * taps);
+        let column_len = cols * positions;
+        let mut columns = None;
+        if taps > 1 {
+            let mut col = gpu.alloc_of::<T>(self.batch * column_len, what)?;
+            let pieces = self.batch * column_len / 8;
+            let params = ConvIm2colParams {
+                src: wide.ptr(),
+                col: col.ptr_mut(),
+                channels: d.c_wide,
+                src_size: d.wide,
+                narrow_size: d.narrow,
+                kernel: d.k,
+                pad: d.pad,
+                pieces: pieces as i64,
+            };
+            gpu.launch(kernels.im2col, grid_1d(pieces), &params, what)?;
+            columns = Some(col);
+        }
+        let b = columns.as_ref().unwrap_or(wide);
+        let shared_mem_bytes = (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32;
+        let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(GEMM_WGMMA_BN);
+        let resident =
+            gpu.resident_blocks(kernels.product, GEMM_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
+        // The reduction runs over (item, position) in steps of GEMM_WGMMA_BK positions of one item, cut into slices
+        // of whole steps: enough for about two blocks per block the GPU holds at once, each of at most
+        // WGRAD_MAX_SLICE terms.
+        let steps = self.batch * positions.div_ceil(GEMM_WGMMA_BK);
+        let wanted = (2 * resident).div_ceil(tiles).max(steps.div_ceil(WGRAD_MAX_SLICE / GEMM_WGMMA_BK));
+        let slice_steps = steps.div_ceil(wanted.clamp(1, steps));
+        let slices = steps.div_ceil(slice_steps);
+        let numel = rows * cols;
+        let mut out = gpu.alloc(slices * numel, what)?;
+        // Every count below is at most a map's or the weight's elements, which kernel_dims and
+        // gemm_wgrad_kernels bound.
+        let params = GemmWgmmaParams {
+            a: narrow.ptr(),
+            b: b.ptr(),
+            c: out.ptr_mut(),
+            a_ld: positions as i64,
+            b_ld: positions as i64,
+            a_item: (rows * positions) as i64,
+            b_item: column_len as i64,
+            m: rows as i32,
+            n: cols as i32,
+            k: positions as i32,
+            items: d.batch,
+            slice_steps: slice_steps as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(GEMM_WGMMA_BM) as u32, cols.div_ceil(GEMM_WGMMA_BN) as u32, slices as u32),
+            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+            shared_mem_bytes,
+        };
+        gpu.launch(kernels.product, cfg, &params, what)?;
+        sum_slices(gpu, out, slices, numel, what)
+    }
+
     /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu` and its
     /// box slices, if the type has them, the GPU loaded them (sm_90) and they take it: a 3x3x3 or 1x3x3 kernel (a 2D
     /// 3x3 is 1x3x3) padded by 1 in-plane, each map's elements per batch item (channels x voxels) with 32-bit
@@ -1521,6 +1637,10 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 }
+
+/// The explicit weight gradient ([`Pairing::weight_grad_gemm`]) takes a map whose columns (batch x wide channels x
+/// taps x narrow positions, bf16) fit in this many bytes; a 1x1x1 conv needs none.
+const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 30;
 
 /// The weight gradient from its `slices` partial sums of `numel` each: `partial` itself for one slice, else their
 /// sum in slice order (conv.cu's sum_slices).
