@@ -372,7 +372,7 @@ __device__ void channel_sums(const ChannelSumsParams<T>& p) {
 }  // namespace
 TYPED_KERNEL(channel_sums_f32, channel_sums_bf16, channel_sums, ChannelSumsParams)
 
-// col[n, c taps + a, o] = src[n, c, o + a - pad], 0 outside the map: a thread writes 8 consecutive positions o of one
+// col[n, c taps + a, o] = src[n, c, o stride + a - pad], 0 outside the map: a thread writes 8 consecutive positions o of one
 // row as a 16-byte piece, walking the coordinates from the first one's (no division per position).
 extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16> p) {
     const int positions = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
@@ -388,7 +388,8 @@ extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16
         unsigned w[4] = {0, 0, 0, 0};
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            const int z = o[0] + a[0] - p.pad[0], y = o[1] + a[1] - p.pad[1], x = o[2] + a[2] - p.pad[2];
+            const int z = o[0] * p.stride[0] + a[0] - p.pad[0], y = o[1] * p.stride[1] + a[1] - p.pad[1],
+                      x = o[2] * p.stride[2] + a[2] - p.pad[2];
             const bool inside = z >= 0 && z < p.src_size[0] && y >= 0 && y < p.src_size[1] && x >= 0 &&
                                 x < p.src_size[2];
             if (inside)

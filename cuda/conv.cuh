@@ -90,8 +90,8 @@ struct ChannelSumsParams {
     int chunks;
 };
 
-// The columns of a stride-1 convolution's wide map over its narrow positions, per batch item n a (channels x taps) x
-// positions matrix: col[n, c taps + a, o] = src[n, c, o + a - pad] (0 outside src_size), o over narrow_size (row-major,
+// The columns of a convolution's wide map over its narrow positions, per batch item n a (channels x taps) x positions
+// matrix: col[n, c taps + a, o] = src[n, c, o stride + a - pad] (0 outside src_size), o over narrow_size (row-major,
 // prod(narrow_size) a multiple of 8: rows of whole 16-byte pieces), a over the kernel's taps (row-major). A thread
 // writes one 16-byte piece (8 positions) of a row: pieces = batch x channels x taps x prod(narrow_size) / 8.
 // Grid-stride: any grid. The B operand of gemm_wgmma.cu's conv_wgrad_gemm_wgmma_bf16.
@@ -103,6 +103,7 @@ struct ConvIm2colParams {
     int src_size[3];
     int narrow_size[3];
     int kernel[3];
+    int stride[3];
     int pad[3];
     int64_t pieces;
 };

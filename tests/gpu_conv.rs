@@ -194,23 +194,32 @@ fn gpu_conv_wgrad_wgmma() {
     assert_conv_repeats("conv3d 3x3x3 32 -> 40 bf16", &x, &w, &seed);
 }
 
-/// The explicit weight gradient (cuda/gemm_wgmma.cu, sm_90; conv.rs `Pairing::weight_grad_gemm`): deep maps of few
-/// positions through the columns (conv_im2col_bf16) and 1x1x1 kernels straight from the map. 130 output channels
-/// leave the second 128-row tile two rows, 37 x 27 = 999 weight columns an odd last pair, and the positions span
-/// several slices of 32; then forward and backward twice bit for bit.
+/// The explicit weight gradient (cuda/gemm_wgmma.cu, sm_90; conv.rs `Pairing::weight_grad_gemm`, which takes these
+/// shapes: conv.rs's `explicit_weight_gradient_takes_the_shapes_it_pays_on`): deep maps of few positions through the
+/// columns (conv_im2col_bf16; a strided conv's too) and 1x1x1 kernels straight from the map. 330 output channels
+/// leave the third 128-row tile 74 rows, 37 x 27 = 999 weight columns an odd last pair, positions that are not whole
+/// steps of 32 a short last step per batch item, and the reduction runs in several slices; then forward and backward
+/// twice bit for bit.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_wgrad_gemm() {
-    check_conv("conv3d 3x3x3 37 -> 130, 4x6x8", &[2, 37, 4, 6, 8], &[130, 37, 3, 3, 3], &[1, 1, 1], 640);
-    check_conv("conv3d 1x1x1 20 -> 9, 4x6x40", &[2, 20, 4, 6, 40], &[9, 20, 1, 1, 1], &[1, 1, 1], 650);
-    check_conv("conv2d 3x3 24 -> 48, 16 x 12", &[3, 24, 16, 12], &[48, 24, 3, 3], &[1, 1], 660);
+    check_conv("conv3d 3x3x3 37 -> 330, 4x6x10", &[2, 37, 4, 6, 10], &[330, 37, 3, 3, 3], &[1, 1, 1], 640);
+    check_conv("conv3d 1x1x1 20 -> 9, 3x6x44", &[2, 20, 3, 6, 44], &[9, 20, 1, 1, 1], &[1, 1, 1], 650);
+    check_conv("conv2d 3x3 24 -> 320, 18 x 12", &[3, 24, 18, 12], &[320, 24, 3, 3], &[1, 1], 660);
+    check_conv(
+        "conv3d 3x3x3 21 -> 320 stride 1,2,2, 5x12x16",
+        &[2, 21, 5, 12, 16],
+        &[320, 21, 3, 3, 3],
+        &[1, 2, 2],
+        665,
+    );
 
     let dev = Device::Cuda(common::gpu());
     let on_gpu = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
-    let x = on_gpu(randn32(&[2, 64, 4, 6, 8], 1.0, 670));
-    let w = on_gpu(randn32(&[136, 64, 3, 3, 3], 0.3, 671));
-    let seed = on_gpu(randn32(&[2, 136, 4, 6, 8], 1.0, 672));
-    assert_conv_repeats("conv3d 3x3x3 64 -> 136 bf16", &x, &w, &seed);
+    let x = on_gpu(randn32(&[2, 64, 4, 6, 10], 1.0, 670));
+    let w = on_gpu(randn32(&[320, 64, 3, 3, 3], 0.3, 671));
+    let seed = on_gpu(randn32(&[2, 320, 4, 6, 10], 1.0, 672));
+    assert_conv_repeats("conv3d 3x3x3 64 -> 320 bf16", &x, &w, &seed);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

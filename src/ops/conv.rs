@@ -76,12 +76,12 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvPackParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM,
-    CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
-    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
-    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
-    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
-    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK,
+    CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW,
+    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS,
+    CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
+    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
+    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
     CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
     GEMM_WGMMA_THREADS,
 };
@@ -1469,9 +1469,8 @@ impl Pairing {
     }
 
     /// The kernels of the explicit weight gradient for this pairing on `gpu`, if the type has them, the GPU loaded
-    /// them (sm_90) and they take it: a stride-1 conv (not transposed) whose narrow map's rows of positions are whole
-    /// 16-byte pieces (the product copies 8 positions at a time), both maps 16-byte aligned, and a 1x1x1 kernel (the
-    /// wide map is then the product's operand as it is) or columns of at most [`GEMM_WGRAD_MAX_COLUMN_BYTES`].
+    /// them (sm_90), the pairing suits them ([`Pairing::gemm_wgrad_suits`]) and both maps are 16-byte aligned (the
+    /// product copies 8 positions at a time).
     fn gemm_wgrad_kernels<T: ConvElement>(
         &self,
         gpu: &Gpu,
@@ -1479,24 +1478,34 @@ impl Pairing {
         wide: &GpuBuffer<T>,
     ) -> Option<GemmWgrad<T>> {
         let kernels = T::GEMM_WGRAD?;
-        let positions: usize = self.narrow.iter().product();
-        let columns = self.batch * self.c_wide * self.taps() * positions * std::mem::size_of::<T>();
+        let aligned = narrow.ptr().address() % 16 == 0 && wide.ptr().address() % 16 == 0;
+        let loaded = gpu.has_kernel(kernels.im2col) && gpu.has_kernel(kernels.product);
+        (!gpu.exact_f32() && aligned && loaded && self.gemm_wgrad_suits()).then_some(kernels)
+    }
+
+    /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: a conv (not
+    /// transposed) whose narrow map's rows of positions are whole 16-byte pieces, and a 1x1x1 kernel of stride 1 (no
+    /// columns: the wide map is the product's operand as it is), or bf16 columns of at most
+    /// [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or from one wide
+    /// channel.
+    fn gemm_wgrad_suits(&self) -> bool {
+        let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
+        let columns = self.batch * self.c_wide * taps * positions * std::mem::size_of::<bf16>();
         let fits = |v: usize| v < i32::MAX as usize;
-        let suits = !self.transposed
-            && !gpu.exact_f32()
-            && self.stride.iter().all(|&s| s == 1)
+        let pays = taps == 1
+            || (columns <= GEMM_WGRAD_MAX_COLUMN_BYTES
+                && (self.c_narrow >= GEMM_WGRAD_MIN_CHANNELS || self.c_wide == 1));
+        !self.transposed
+            && (taps > 1 || self.stride.iter().all(|&s| s == 1))
             && positions % 8 == 0
-            && narrow.ptr().address() % 16 == 0
-            && wide.ptr().address() % 16 == 0
-            && fits(self.c_wide * self.taps())
+            && fits(self.c_wide * taps)
             && fits(positions)
             && self.batch * positions / WGRAD_MAX_SLICE < 65535
-            && (self.taps() == 1 || columns <= GEMM_WGRAD_MAX_COLUMN_BYTES);
-        (suits && gpu.has_kernel(kernels.im2col) && gpu.has_kernel(kernels.product)).then_some(kernels)
+            && pays
     }
 
     /// [`Pairing::weight_grad`] as one explicit product per batch item, dW[cn, (cw, a)] = sum_o Xn[n, cn, o]
-    /// col[n, (cw, a), o] with col[n, (cw, a), o] = Xw[n, cw, o + a - p] written out first (a 1x1x1 conv's col is Xw
+    /// col[n, (cw, a), o] with col[n, (cw, a), o] = Xw[n, cw, o s + a - p] written out first (a 1x1x1 conv's col is Xw
     /// itself), on gemm_wgmma.cu's wgmma tiles: the reduction over the batch and the positions cut into fixed slices,
     /// summed in order.
     fn weight_grad_gemm<T: ConvElement>(
@@ -1522,6 +1531,7 @@ impl Pairing {
                 src_size: d.wide,
                 narrow_size: d.narrow,
                 kernel: d.k,
+                stride: d.stride,
                 pad: d.pad,
                 pieces: pieces as i64,
             };
@@ -1531,8 +1541,7 @@ impl Pairing {
         let b = columns.as_ref().unwrap_or(wide);
         let shared_mem_bytes = (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32;
         let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(GEMM_WGMMA_BN);
-        let resident =
-            gpu.resident_blocks(kernels.product, GEMM_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
+        let resident = gpu.resident_blocks(kernels.product, GEMM_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
         // The reduction runs over (item, position) in steps of GEMM_WGMMA_BK positions of one item, cut into slices
         // of whole steps: enough for about two blocks per block the GPU holds at once, each of at most
         // WGRAD_MAX_SLICE terms.
@@ -1640,7 +1649,14 @@ impl Pairing {
 
 /// The explicit weight gradient ([`Pairing::weight_grad_gemm`]) takes a map whose columns (batch x wide channels x
 /// taps x narrow positions, bf16) fit in this many bytes; a 1x1x1 conv needs none.
-const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 30;
+const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
+/// ... and, for a kernel of more than one tap, at least this many narrow channels, each column element meeting that
+/// many in the product (or a wide map of one channel, whose columns are few). Measured on the H200 (2026-12-04,
+/// flare-3d b2 and amos-2d b12 bf16, beside the wgmma weight gradient in the same call): at 320 and 512 channels it
+/// took 0.39 -> 0.26 ms (320 x 10x14x12), 0.74 -> 0.46 (640 -> 320 at 10x14x12), 0.45 -> 0.26 (512 x 20x20); at 256
+/// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
+/// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
+const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
 
 /// The weight gradient from its `slices` partial sums of `numel` each: `partial` itself for one slice, else their
 /// sum in slice order (conv.cu's sum_slices).
@@ -2232,6 +2248,37 @@ mod tests {
             dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
         }
         dw
+    }
+
+    /// The explicit weight gradient takes the shapes it was measured faster on (1x1x1 kernels, the deep 320- and
+    /// 512-channel maps, the one-channel stems) and leaves the rest to the implicit kernels; the GPU tests'
+    /// shapes (tests/gpu_conv.rs) fall on the side their names say.
+    #[test]
+    fn explicit_weight_gradient_takes_the_shapes_it_pays_on() {
+        let one = [1, 1, 1];
+        let cases = [
+            ("flare-3d stage 4", pairing(2, 320, 320, [10, 14, 12], [3, 3, 3], one), true),
+            ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], [3, 3, 3], one), false),
+            ("flare-3d stem", pairing(2, 1, 32, [40, 224, 192], [1, 3, 3], one), true),
+            ("flare-3d stage 0", pairing(2, 32, 32, [40, 224, 192], [1, 3, 3], one), false),
+            ("flare-3d segmentation head", pairing(2, 32, 14, [40, 224, 192], one, one), true),
+            ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], [1, 3, 3], one), true),
+            ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], [1, 3, 3], one), false),
+            ("flare-3d stage 4 entry, strided", pairing(2, 256, 320, [10, 28, 24], [3, 3, 3], [1, 2, 2]), true),
+            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], [3, 3, 3], [2, 2, 2]), false),
+            ("1x1x1 strided", pairing(2, 64, 32, [10, 28, 24], one, [1, 2, 2]), false),
+            ("gpu_conv_wgrad_gemm strided", pairing(2, 21, 320, [5, 12, 16], [3, 3, 3], [1, 2, 2]), true),
+            ("transposed", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), false),
+            ("gpu_conv_wgrad_gemm 3x3x3", pairing(2, 37, 330, [4, 6, 10], [3, 3, 3], one), true),
+            ("gpu_conv_wgrad_gemm 1x1x1", pairing(2, 20, 9, [3, 6, 44], one, one), true),
+            ("gpu_conv_wgrad_gemm 2D", pairing(3, 24, 320, [1, 18, 12], [1, 3, 3], one), true),
+            ("gpu_conv_wgrad_wgmma 3x3x3", pairing(1, 24, 70, [5, 20, 96], [3, 3, 3], one), false),
+            ("gpu_conv_wgrad_wgmma 1x3x3", pairing(2, 40, 33, [3, 26, 64], [1, 3, 3], one), false),
+            ("gpu_conv_wgrad_wgmma 2D", pairing(1, 17, 66, [1, 90, 96], [1, 3, 3], one), false),
+        ];
+        for (name, p, want) in cases {
+            assert_eq!(p.gemm_wgrad_suits(), want, "{name}: {p:?}");
+        }
     }
 
     /// The halo weight gradient's boxes and slices ([`KernelDims::weight_grad_halo`]) cover every narrow position
