@@ -52,7 +52,9 @@
 //! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
 //! and of 2D maps from 80x80 run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile
 //! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
-//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`). With a bf16 input, a float32 weight and bias are rounded to
+//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`), and the weight gradients of 1x1x1 kernels, of at least 320
+//! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
+//! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`). With a bf16 input, a float32 weight and bias are rounded to
 //! bf16 first ([`cast_like`]: their gradients return to the float32 masters); dW and db are summed in float32 and
 //! rounded once.
 //! conv_transpose runs on the same three products with the roles of its maps swapped.
