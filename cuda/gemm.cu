@@ -166,13 +166,11 @@ __device__ __forceinline__ void load_block(T* dst, int sld, const T* src, int64_
     }
 }
 
-// Writes the block's accumulators (+ bias[j] when given) to out, row-major (M, N), as float or rounded to bf16;
-// two adjacent columns at once where N and out allow (the weight gradient's float32 partial products: 8-byte pairs,
-// whole 32-byte sectors per 4 lanes).
-template <class Acc, typename O, typename B>
-__device__ __forceinline__ void store_tile(const Acc& acc, O* out, int64_t i0, int64_t j0, int64_t M, int64_t N,
-                                           const B* bias) {
-    const bool pairs = N % 2 == 0 && ((uintptr_t)out & (2 * sizeof(O) - 1)) == 0;
+// Writes the block's float32 accumulators to out, row-major (M, N) (the weight gradient's partial products): two
+// adjacent columns at once where N and out allow, 8-byte pairs that fill whole 32-byte sectors per 4 lanes.
+template <class Acc>
+__device__ __forceinline__ void store_tile(const Acc& acc, float* out, int64_t i0, int64_t j0, int64_t M, int64_t N) {
+    const bool pairs = N % 2 == 0 && ((uintptr_t)out & 7) == 0;
 #pragma unroll
     for (int i = 0; i < Acc::MI; ++i)
 #pragma unroll
@@ -182,30 +180,20 @@ __device__ __forceinline__ void store_tile(const Acc& acc, O* out, int64_t i0, i
 #pragma unroll
             for (int j = 0; j < Acc::NI; ++j) {
                 const int64_t col = j0 + Acc::col(j, 0);
-                float v0 = acc.v[i][j][2 * half], v1 = acc.v[i][j][2 * half + 1];
-                if (bias) {
-                    if (col < N) v0 += (float)bias[col];
-                    if (col + 1 < N) v1 += (float)bias[col + 1];
+                const float v0 = acc.v[i][j][2 * half], v1 = acc.v[i][j][2 * half + 1];
+                float* at = out + row * N + col;
+                if (pairs && col + 1 < N) {
+                    *reinterpret_cast<float2*>(at) = make_float2(v0, v1);
+                    continue;
                 }
-                O* at = out + row * N + col;
-                if constexpr (std::is_same<O, float>::value) {
-                    if (pairs && col + 1 < N) {
-                        *reinterpret_cast<float2*>(at) = make_float2(v0, v1);
-                        continue;
-                    }
-                } else {
-                    if (pairs && col + 1 < N) {
-                        *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(v0, v1);
-                        continue;
-                    }
-                }
-                if (col < N) at[0] = O(v0);
-                if (col + 1 < N) at[1] = O(v1);
+                if (col < N) at[0] = v0;
+                if (col + 1 < N) at[1] = v1;
             }
         }
 }
 
-// store_tile through shared memory: the block's BM x BN accumulators (+ bias) staged at `stage` (the pipeline's
+// The products' outputs (+ bias[j] when given) in the storage type, row-major (M, N): the block's BM x BN accumulators
+// staged at `stage` (the pipeline's
 // tiles, free once every warp has finished with them) in rows padded by 16 bytes (the fragment pairs of 8 rows then
 // fall on different banks), and written out as whole rows of 16-byte pieces where N and out allow. Stored straight
 // from the fragments, a bf16 store instruction writes 16 bytes into each of 8 rows: half sectors, which kept L2 at 73%
@@ -277,7 +265,7 @@ __device__ __forceinline__ void gemm_tc(const GemmParams<T>& p) {
 
     if constexpr (ACC) {
         float* out = p.c_acc + (int64_t)blockIdx.z * p.c_slice;
-        store_tile<Acc>(acc, out, i0, j0, p.M, p.N, (const float*)nullptr);
+        store_tile<Acc>(acc, out, i0, j0, p.M, p.N);
     } else {
         static_assert(sizeof(tiles) >= BM * (BN + 16 / sizeof(T)) * sizeof(T), "the staged tile fits in the stages");
         store_tile_staged<Acc, BM, BN>(acc, reinterpret_cast<unsigned char*>(&tiles), p.c, i0, j0, p.M, p.N, p.bias);

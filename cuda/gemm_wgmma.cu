@@ -1,6 +1,6 @@
 // Explicit matrix products on Hopper's warpgroup matrix products (wgmma, sm_90a), bf16 operands, float32 sums:
 //
-//   C[z, m, n] = sum_{k in slice z} A[m, k] B[n, k],
+//   C[z, m, n] = sum_{(i, k) in slice z} A[i, m, k] B[i, n, k]   (i a batch item),
 //
 // both operands row-major along the reduction (every row of A and of B a contiguous run of k). Where a convolution's
 // map is small and its channels many (the deep stages: 320 channels on 10 x 14 x 12 positions), the implicit
@@ -17,8 +17,8 @@
 // - Five stages: the copies run three stages ahead of the products, and the products of one stage run while the next
 //   is issued (wgmma.wait_group 1). A stage's slot is refilled two iterations after its products were issued: each
 //   warpgroup has by then waited for them, and the barrier between says so for both.
-// - Rows past M or N and reduction indices past the slice's end are copied as zeros (cp.async with fewer source
-//   bytes), so any M, N and K work; the products of those zeros are not written out.
+// - Rows past M or N and reduction indices past an item's K are copied as zeros (cp.async with fewer source bytes),
+//   so any M, N and K work; the products of those zeros are not written out.
 // Every output is one sum in a fixed order (k-steps in order, the tensor core's own within one): results do not
 // depend on scheduling.
 //

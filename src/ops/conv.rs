@@ -1506,7 +1506,7 @@ impl Pairing {
             && pays
     }
 
-    /// [`Pairing::weight_grad`] as one explicit product per batch item, dW[cn, (cw, a)] = sum_o Xn[n, cn, o]
+    /// [`Pairing::weight_grad`] as one explicit product, dW[cn, (cw, a)] = sum_{n, o} Xn[n, cn, o]
     /// col[n, (cw, a), o] with col[n, (cw, a), o] = Xw[n, cw, o s + a - p] written out first (a 1x1x1 conv's col is Xw
     /// itself), on gemm_wgmma.cu's wgmma tiles: the reduction over the batch and the positions cut into fixed slices,
     /// summed in order.
