@@ -52,6 +52,19 @@ fn check_conv_transpose(name: &str, x_shape: &[usize], w_shape: &[usize], seed: 
     check_all_maths(name, inputs, |t, v| conv_transpose(t, &v[0], &v[1], v.get(2)));
 }
 
+/// A stride-1 conv of an input of `x_shape` and a weight of `w_shape` in bf16 on the GPU (inputs from seeds `seed`,
+/// `seed + 1`, `seed + 2`): its output and both gradients are the same bits on two runs.
+fn check_bf16_conv_repeats(name: &str, x_shape: &[usize], w_shape: &[usize], seed: u64) {
+    let dev = Device::Cuda(common::gpu());
+    let on_gpu = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let mut y_shape = x_shape.to_vec();
+    y_shape[1] = w_shape[0];
+    let x = on_gpu(randn32(x_shape, 1.0, seed));
+    let w = on_gpu(randn32(w_shape, 0.3, seed + 1));
+    let g = on_gpu(randn32(&y_shape, 1.0, seed + 2));
+    assert_conv_repeats(name, &x, &w, &g);
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv3d_k333() {
@@ -185,13 +198,7 @@ fn gpu_conv_wgrad_wgmma() {
     check_conv("conv3d 3x3x3 24 -> 70, x 96", &[1, 24, 5, 20, 96], &[70, 24, 3, 3, 3], &[1, 1, 1], 600);
     check_conv("conv3d 1x3x3 40 -> 33, x 64", &[2, 40, 3, 26, 64], &[33, 40, 1, 3, 3], &[1, 1, 1], 610);
     check_conv("conv2d 3x3 17 -> 66, 90 x 96", &[1, 17, 90, 96], &[66, 17, 3, 3], &[1, 1], 620);
-
-    let dev = Device::Cuda(common::gpu());
-    let on_gpu = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
-    let x = on_gpu(randn32(&[2, 32, 6, 18, 40], 1.0, 630));
-    let w = on_gpu(randn32(&[40, 32, 3, 3, 3], 0.3, 631));
-    let seed = on_gpu(randn32(&[2, 40, 6, 18, 40], 1.0, 632));
-    assert_conv_repeats("conv3d 3x3x3 32 -> 40 bf16", &x, &w, &seed);
+    check_bf16_conv_repeats("conv3d 3x3x3 32 -> 40 bf16", &[2, 32, 6, 18, 40], &[40, 32, 3, 3, 3], 630);
 }
 
 /// The explicit weight gradient (cuda/gemm_wgmma.cu, sm_90; conv.rs `Pairing::weight_grad_gemm`, which takes these
@@ -213,13 +220,7 @@ fn gpu_conv_wgrad_gemm() {
         &[1, 2, 2],
         665,
     );
-
-    let dev = Device::Cuda(common::gpu());
-    let on_gpu = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
-    let x = on_gpu(randn32(&[2, 64, 4, 6, 10], 1.0, 670));
-    let w = on_gpu(randn32(&[320, 64, 3, 3, 3], 0.3, 671));
-    let seed = on_gpu(randn32(&[2, 320, 4, 6, 10], 1.0, 672));
-    assert_conv_repeats("conv3d 3x3x3 64 -> 320 bf16", &x, &w, &seed);
+    check_bf16_conv_repeats("conv3d 3x3x3 64 -> 320 bf16", &[2, 64, 4, 6, 10], &[320, 64, 3, 3, 3], 670);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

@@ -660,8 +660,7 @@ impl KernelDims {
         let (tile_x, boxes) = halo_boxes(self.batch, self.narrow, self.k, [1; 3], CONV_HALO_BM);
         let tiles =
             (self.c_wide as usize).div_ceil(CONV_HALO_WG_ROWS) * (self.c_narrow as usize).div_ceil(CONV_HALO_WG_COLS);
-        let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).clamp(1, boxes.min(65535));
-        let boxes_per_slice = boxes.div_ceil(wanted);
+        let (boxes_per_slice, slices) = split_reduction(boxes, WGRAD_TARGET_BLOCKS.div_ceil(tiles));
         let params = ConvWgradHaloParams {
             batch: self.batch,
             c_narrow: self.c_narrow,
@@ -676,7 +675,7 @@ impl KernelDims {
             boxes_per_slice: boxes_per_slice as i32,
             ..ConvWgradHaloParams::default()
         };
-        (params, boxes.div_ceil(boxes_per_slice))
+        (params, slices)
     }
 }
 
@@ -1405,8 +1404,8 @@ impl Pairing {
         let tiles = rows.div_ceil(tile_m) * cols.div_ceil(tile_n);
         let k_stages = k.div_ceil(CONV_BK);
         let wanted = WGRAD_TARGET_BLOCKS.div_ceil(tiles).max(k.div_ceil(WGRAD_MAX_SLICE));
-        let slice_len = k_stages.div_ceil(wanted.clamp(1, k_stages.min(65535))) * CONV_BK;
-        let slices = k.div_ceil(slice_len);
+        let (stages_per_slice, slices) = split_reduction(k_stages, wanted);
+        let slice_len = stages_per_slice * CONV_BK;
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(tile_m) as u32, cols.div_ceil(tile_n) as u32, slices as u32),
             block_dim: (threads as u32, 1, 1),
@@ -1549,8 +1548,7 @@ impl Pairing {
         // WGRAD_MAX_SLICE terms.
         let steps = self.batch * positions.div_ceil(GEMM_WGMMA_BK);
         let wanted = (2 * resident).div_ceil(tiles).max(steps.div_ceil(WGRAD_MAX_SLICE / GEMM_WGMMA_BK));
-        let slice_steps = steps.div_ceil(wanted.clamp(1, steps));
-        let slices = steps.div_ceil(slice_steps);
+        let (slice_steps, slices) = split_reduction(steps, wanted);
         let numel = rows * cols;
         let mut out = gpu.alloc(slices * numel, what)?;
         // Every count below is at most a map's or the weight's elements, which kernel_dims and
@@ -1621,9 +1619,7 @@ impl Pairing {
         let (row_tiles, col_tiles) =
             (self.c_narrow.div_ceil(CONV_WGMMA_WG_ROWS), self.c_wide.div_ceil(CONV_WGMMA_WG_COLS));
         let resident = gpu.resident_blocks(kernel, CONV_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
-        let wanted = (2 * resident).div_ceil(row_tiles * col_tiles).clamp(1, boxes.min(65535));
-        let boxes_per_slice = boxes.div_ceil(wanted);
-        let slices = boxes.div_ceil(boxes_per_slice);
+        let (boxes_per_slice, slices) = split_reduction(boxes, (2 * resident).div_ceil(row_tiles * col_tiles));
         let numel = self.c_narrow * self.c_wide * self.taps();
         let mut out = gpu.alloc(slices * numel, what)?;
         let params = ConvWgradWgmmaParams {
@@ -1659,6 +1655,14 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 /// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
 /// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
+
+/// Cuts a weight gradient's reduction of `units` (k-stages, boxes, steps: at least one) into runs of whole units for
+/// about `wanted` slices, at most the grid's 65535: (units per slice, slices). A function of the shapes alone, so
+/// the summation order is the same on every run.
+fn split_reduction(units: usize, wanted: usize) -> (usize, usize) {
+    let per_slice = units.div_ceil(wanted.clamp(1, units.min(65535)));
+    (per_slice, units.div_ceil(per_slice))
+}
 
 /// The weight gradient from its `slices` partial sums of `numel` each: `partial` itself for one slice, else their
 /// sum in slice order (conv.cu's sum_slices).
