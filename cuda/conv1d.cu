@@ -7,6 +7,11 @@
 //                         = sum_{g, s} x[g, s, c] gy[g, s + (K-1) - k, c]              (s = t - (K-1) + k)
 //   bias:     db[c]       = sum_{g, t} gy[g, t, c]
 //
+// With silu (Mamba's x = SiLU(conv1d(x)) as one op) the forward stores SiLU(y), and the backward, given gy = dL/dSiLU(y),
+// recomputes y from x and the bias instead of reading a stored copy, and works on g in place of gy:
+//   y[g, t, c] as above,   g[g, t, c] = gy[g, t, c] SiLU'(y[g, t, c]),   SiLU'(v) = s(v) (1 + v (1 - s(v)))
+// so the pre-activation y is never stored (one (G, L, C) tensor less per Mamba block, and no separate SiLU passes).
+//
 // Storage: every kernel is a template over the storage type T of the tokens x, gy and the output (float or
 // __nv_bfloat16), in instances NAME_f32 and NAME_bf16 that compute in float32 (each element read with to_f32, each
 // output rounded once with from_f32<T>); the weight, the bias and the partial sums of their gradients are float32.
@@ -30,7 +35,9 @@
 // causal_conv1d_forward: window win[j] = x[t - (NT-1) + j], y[t] = b + sum_k w[k] win[k + NT - K] in the order of k.
 // causal_conv1d_backward: window gw[d] = gy[s + d] (zero past the sequence) and the row x[s]; from the same loads
 //   dx[s] = sum_k w[k] gw[K-1-k],   dw[k] += x[s] gw[K-1-k],   db += gw[0]
-// (the second form of dw above), so dx, dw and db read x and gy once. The parameter gradients reduce over all G L
+// (the second form of dw above), so dx, dw and db read x and gy once. With silu, gw[d] = g[s + d], and a second window
+// xw of NT rows of x runs NT - 1 tokens ahead of s: xw[j] = x[s + j], what y[s + NT - 1] (the token whose g enters
+// gw next) reads, and xw[0] = x[s] is the row dw needs, so x is still read once (plus the halo). The parameter gradients reduce over all G L
 // tokens deterministically: a thread adds its runs in order (iters runs, a block's run lanes apart), the block adds
 // its run lanes in order (lane 0 first) in shared memory and writes one partial row per block of runs
 //   part[r, c K + k] = run block r's part of dw[c, k],    part[r, C K + c] = its part of db[c]
@@ -176,6 +183,10 @@ __device__ __forceinline__ void forward_run(const Conv1dParams<T>& p, const Run 
                 for (int e = 0; e < W; ++e) y[e] += wt[j][e] * win[j][e];
             }
         }
+        if (p.silu) {
+#pragma unroll
+            for (int e = 0; e < W; ++e) y[e] *= sigmoidf(y[e]);
+        }
         if (inside) store_row<T, W>(p.out + r.at + i * C, y);
         slide(win);
     }
@@ -203,23 +214,57 @@ __device__ __forceinline__ void causal_conv1d_forward(const Conv1dParams<T>& p) 
 }
 
 // One run of the backward: dx of its tokens, and its terms of dw and db added to acc (acc[j]: window position j's
-// tap, acc[NT]: the bias); FULL: all of its tokens are inside the sequence.
-template <typename T, int W, int NT, bool FULL>
+// tap, acc[NT]: the bias); FULL: all of its tokens are inside the sequence; SILU: the op is SiLU(conv) (b: the bias).
+template <typename T, int W, int NT, bool FULL, bool SILU>
 __device__ __forceinline__ void backward_run(const Conv1dParams<T>& p, const Run r, int first,
-                                             const float (&wt)[NT][W], float (&acc)[NT + 1][W]) {
+                                             const float (&wt)[NT][W], const float (&b)[W],
+                                             float (&acc)[NT + 1][W]) {
     const int64_t C = p.C;
-    // gw[d] = gy[s + d] at the current token s; rows at or past the sequence end are zero. Position NT - 1 - j pairs
-    // with tap j: gy[s + (K-1) - k] for k = j - first.
+    // SILU: xw[j] = x[t - (NT-1) + j] after grad_at(t - t0), rows before the sequence zero (positions j < first, which
+    // have no tap, are not loaded); it starts as the rows before the run.
+    float xw[NT][W];
+    if constexpr (SILU) {
+#pragma unroll
+        for (int j = 1; j < NT; ++j) {
+            const int back = NT - j;
+            load_token<T, W>(p.x, r.at - back * C, j - 1 >= first && r.t0 >= back, xw[j]);
+        }
+    }
+    // The gradient entering the conv at token t0 + d: gy, times SiLU'(y) recomputed from the window of x.
+    auto grad_at = [&](int d, float (&g)[W]) {
+        const bool inside = r.t0 + d < p.L;
+        load_token<T, W>(p.gy, r.at + d * C, inside, g);
+        if constexpr (SILU) {
+            slide(xw);
+            load_token<T, W>(p.x, r.at + d * C, inside, xw[NT - 1]);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+                float y = b[e];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    if (j >= first) y += wt[j][e] * xw[j][e];
+                }
+                g[e] *= activation_derivative(ACT_SILU, y);
+            }
+        }
+    };
+    // gw[d] = g[s + d] at the current token s; rows at or past the sequence end are zero. Position NT - 1 - j pairs
+    // with tap j: g[s + (K-1) - k] for k = j - first.
     float gw[NT][W];
 #pragma unroll
-    for (int d = 0; d < NT - 1; ++d) load_token<T, W>(p.gy, r.at + d * C, r.t0 + d < p.L, gw[d]);
+    for (int d = 0; d < NT - 1; ++d) grad_at(d, gw[d]);
 #pragma unroll
     for (int i = 0; i < CONV1D_RUN; ++i) {
         const int s = r.t0 + i;
-        load_token<T, W>(p.gy, r.at + (i + NT - 1) * C, s + NT - 1 < p.L, gw[NT - 1]);
+        grad_at(i + NT - 1, gw[NT - 1]);
         float xs[W], dx[W];
         const bool inside = FULL || s < p.L;
-        load_token<T, W>(p.x, r.at + i * C, inside, xs);
+        if constexpr (SILU) {
+#pragma unroll
+            for (int e = 0; e < W; ++e) xs[e] = xw[0][e];  // x[s], zero past the sequence
+        } else {
+            load_token<T, W>(p.x, r.at + i * C, inside, xs);
+        }
 #pragma unroll
         for (int e = 0; e < W; ++e) dx[e] = 0.0f;
 #pragma unroll
@@ -256,17 +301,21 @@ __device__ __forceinline__ void causal_conv1d_backward(const Conv1dParams<T>& p)
         for (int e = 0; e < W; ++e) acc[j][e] = 0.0f;
     }
     if (c < p.C) {
-        float wt[NT][W];
+        float wt[NT][W], b[W] = {};
         load_taps<W, NT>(p.w, c, p.K, wt);
+        if (p.silu) load_f32<W>(p.bias + c, b);
         const int runs = p.G * p.runs;
         for (int i = 0; i < p.iters; ++i) {
             const int q = (blockIdx.x * p.iters + i) * blockDim.y + threadIdx.y;
             if (q >= runs) break;
             const Run r = run_at(p, q, c);
-            if (r.t0 + CONV1D_RUN <= p.L) {  // as in the forward
-                backward_run<T, W, NT, true>(p, r, first, wt, acc);
+            const bool full = r.t0 + CONV1D_RUN <= p.L;  // as in the forward
+            if (p.silu) {
+                if (full) backward_run<T, W, NT, true, true>(p, r, first, wt, b, acc);
+                else backward_run<T, W, NT, false, true>(p, r, first, wt, b, acc);
             } else {
-                backward_run<T, W, NT, false>(p, r, first, wt, acc);
+                if (full) backward_run<T, W, NT, true, false>(p, r, first, wt, b, acc);
+                else backward_run<T, W, NT, false, false>(p, r, first, wt, b, acc);
             }
         }
     }

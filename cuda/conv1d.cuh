@@ -32,6 +32,8 @@ struct Conv1dParams {
     int K;               // taps
     int runs;            // runs per sequence, ceil(L / CONV1D_RUN)
     int iters;           // backward: runs per thread; run block r takes runs [r iters lanes, (r + 1) iters lanes)
+    int silu;            // 1: the op is SiLU(conv): the forward applies it, the backward recomputes its input from x
+                         // (and the bias) and multiplies gy by SiLU' (Mamba's x = SiLU(conv1d(x)) as one op)
 };
 
 // Each in a float32 and a bf16 instance (computing in float32). The vector kernels need K = CONV1D_TAPS, C a multiple
@@ -41,7 +43,7 @@ extern "C" __global__ void causal_conv1d_forward_f32(const Conv1dParams<float> p
 extern "C" __global__ void causal_conv1d_forward_bf16(const Conv1dParams<__nv_bfloat16> p);
 extern "C" __global__ void causal_conv1d_forward_scalar_f32(const Conv1dParams<float> p);
 extern "C" __global__ void causal_conv1d_forward_scalar_bf16(const Conv1dParams<__nv_bfloat16> p);
-// dx and the per-block partial sums of dw and db, from one read of x and gy.
+// dx and the per-block partial sums of dw and db, from one read of x and gy (with silu, also of the bias).
 extern "C" __global__ void causal_conv1d_backward_f32(const Conv1dParams<float> p);
 extern "C" __global__ void causal_conv1d_backward_bf16(const Conv1dParams<__nv_bfloat16> p);
 extern "C" __global__ void causal_conv1d_backward_scalar_f32(const Conv1dParams<float> p);

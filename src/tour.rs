@@ -108,7 +108,8 @@
 //! 3. The bidirectional Mamba: one [`Mamba`] block on the tokens and one on the reversed tokens ([`flip_seq`]),
 //!    the second's output reversed back and [`add`]ed to the first's. [`Mamba::forward`] is
 //!    `[x, z] = in_proj(u)` (two [`linear`]s, one per half of the weight's rows, cut by [`narrow`]),
-//!    `x = SiLU(causal_conv1d(x))` ([`causal_conv1d`], [`silu`]), `[dt, B, C] = x_proj(x)` (its output cut by
+//!    `x = SiLU(causal_conv1d(x))` (one op, [`causal_conv1d_silu`], whose backward recomputes the conv's output from
+//!    x instead of keeping it), `[dt, B, C] = x_proj(x)` (its output cut by
 //!    [`narrow`]), `delta = dt_proj.weight dt` (the projection's bias is the scan's `delta_bias`), then the selective
 //!    scan.
 //! 4. `out_proj` ([`linear`]), [`merge`] back to the map, and the residual [`add`].
@@ -330,7 +331,7 @@
 //! | [`argmax`](crate::ops::argmax) | `src/ops/argmax.rs` `argmax_cpu` | `cuda/loss.cu` `argmax_classes` | - (not differentiable) `tests/grad_loss.rs` `argmax_3d_matches_naive` | `tests/gpu_loss.rs` `gpu_argmax_matches_cpu_exactly` | - |
 //! | [`avg_pool`](crate::ops::avg_pool) | `src/ops/avg_pool.rs` `forward_cpu` `backward_cpu` | `cuda/pool.cu` `avg_pool_forward_f32` `avg_pool_backward_f32` | `tests/grad_norm_pool.rs` `grad_avg_pool_3d_ragged` | `tests/gpu_norm_pool.rs` `gpu_avg_pool_3d` | - |
 //! | [`cast`](crate::ops::cast) | `src/tensor/cast.rs` `to_bf16` `to_f32` (the host's rounding: half::bf16::from_f32) | `cuda/cast.cu` `cast_f32_to_bf16` `cast_bf16_to_f32` | - (rounding; the gradient passes through) `tests/dtype.rs` `cast_op_gradient_returns_in_the_input_type` | `tests/gpu_cast.rs` `gpu_bf16_rounding_matches_the_host_bit_for_bit` | - |
-//! | [`causal_conv1d`](crate::ops::causal_conv1d) | `src/ops/causal_conv1d.rs` `forward_cpu` `backward_cpu` | `cuda/conv1d.cu` `causal_conv1d_forward_f32` `causal_conv1d_backward_f32` `causal_conv1d_forward_scalar_f32` `causal_conv1d_backward_scalar_f32` | `tests/grad_mamba_ops.rs` `grad_causal_conv1d` | `tests/gpu_mamba_ops.rs` `gpu_causal_conv1d` | `causal_conv1d depthwise` |
+//! | [`causal_conv1d`](crate::ops::causal_conv1d) | `src/ops/causal_conv1d.rs` `forward_cpu` `backward_cpu` | `cuda/conv1d.cu` `causal_conv1d_forward_f32` `causal_conv1d_backward_f32` `causal_conv1d_forward_scalar_f32` `causal_conv1d_backward_scalar_f32` | `tests/grad_mamba_ops.rs` `grad_causal_conv1d` `grad_causal_conv1d_silu` | `tests/gpu_mamba_ops.rs` `gpu_causal_conv1d` | `causal_conv1d depthwise` |
 //! | [`concat`](crate::ops::concat) | `src/ops/concat.rs` `forward_cpu` `split_cpu` | `cuda/layout.cu` `copy_rows_f32` | `tests/grad_layout.rs` `grad_concat_two` | `tests/gpu_layout.rs` `gpu_concat_channels` | - |
 //! | [`conv`](crate::ops::conv) | `src/ops/conv.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_fprop_f32` `conv_dgrad_f32` `conv_wgrad_f32` `sum_slices` `channel_sums_f32`, `cuda/conv_tc.cu` `conv_fprop_tf32` `conv_dgrad_tf32` `conv_wgrad_tf32` `conv_fprop_bf16` `conv_dgrad_bf16` `conv_wgrad_bf16`, `cuda/conv_halo.cu` `conv_fprop_pack_tf32` `conv_fprop_halo_tf32` `conv_dgrad_halo_tf32` `conv_fprop_halo_bf16` `conv_dgrad_halo_bf16` `conv_fprop_halo_bf16_m256` `conv_fprop_halo_bf16_s64` `conv_wgrad_halo_tf32` `conv_wgrad_halo_bf16`, `cuda/conv_wgmma.cu` `conv_fprop_wgmma_bf16` `conv_dgrad_wgmma_bf16` `conv_fprop_wgmma_bf16_k333_z4` `conv_wgrad_wgmma_bf16_k333_z4`, `cuda/gemm_wgmma.cu` `conv_wgrad_gemm_wgmma_bf16`, `cuda/conv.cu` `conv_im2col_bf16` | `tests/grad_conv.rs` `grad_conv3d_k3` `grad_conv3d_stride2` | `tests/gpu_conv.rs` `gpu_conv3d_k333` `gpu_conv_halo_tiles` `gpu_conv_wgrad_wgmma` `gpu_conv_wgrad_gemm` | `conv3d 3x3x3 fp32` `conv3d 1x3x3 fp32` `conv3d 3x3x3 tf32` `conv3d 1x3x3 tf32` `conv3d 3x3x3 bf16` `conv3d 1x3x3 bf16` |
 //! | [`conv_transpose`](crate::ops::conv_transpose) | `src/ops/conv_transpose.rs` `forward_cpu` `grad_input_cpu` `grad_weight_cpu` | `cuda/conv.cu` `conv_transpose_fprop_f32` `conv_transpose_dgrad_f32` `conv_transpose_wgrad_f32` `sum_slices` `channel_sums_bf16`, `cuda/conv_tc.cu` `conv_transpose_fprop_tf32` `conv_transpose_dgrad_tf32` `conv_transpose_wgrad_tf32` `conv_transpose_fprop_bf16` | `tests/grad_conv.rs` `grad_conv_transpose3d` | `tests/gpu_conv.rs` `gpu_conv_transpose3d` | - |
@@ -406,7 +407,6 @@
 //! [`instance_norm`]: crate::ops::instance_norm::instance_norm
 //! [`instance_norm_act`]: crate::ops::instance_norm::instance_norm_act
 //! [`leaky_relu`]: crate::ops::activation::leaky_relu
-//! [`silu`]: crate::ops::activation::silu
 //! [`partition`]: crate::ops::pim::partition
 //! [`merge`]: crate::ops::pim::merge
 //! [`PimLayout::Window`]: crate::ops::pim::PimLayout::Window
@@ -416,7 +416,7 @@
 //! [`add`]: crate::ops::add::add
 //! [`linear`]: crate::ops::linear::linear
 //! [`narrow`]: crate::ops::narrow::narrow
-//! [`causal_conv1d`]: crate::ops::causal_conv1d::causal_conv1d
+//! [`causal_conv1d_silu`]: crate::ops::causal_conv1d::causal_conv1d_silu
 //! [`selective_scan`]: crate::ops::selective_scan::selective_scan
 //! [`Gpu::alloc`]: crate::device::cuda::Gpu::alloc
 //! [`Gpu::function`]: crate::device::cuda::Gpu::function

@@ -12,7 +12,7 @@ use common::{check_op_bf16, gpu, randn32};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::Activation;
-use lkm_engine::ops::causal_conv1d::causal_conv1d;
+use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
 use lkm_engine::ops::instance_norm::{instance_norm_act, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
@@ -118,6 +118,9 @@ fn gpu_bf16_causal_conv1d() {
         let name = format!("causal_conv1d ({g}, {l}, {c}) k{k}");
         check_op_bf16(&name, &inputs, &[true; 3], &ACT_PARAM_PARAM, TOL, |t, x| {
             bf16_out(causal_conv1d(t, &x[0], &x[1], &x[2])?)
+        });
+        check_op_bf16(&format!("{name} + silu"), &inputs, &[true; 3], &ACT_PARAM_PARAM, TOL, |t, x| {
+            bf16_out(causal_conv1d_silu(t, &x[0], &x[1], &x[2])?)
         });
     }
 }

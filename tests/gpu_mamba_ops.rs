@@ -16,7 +16,7 @@ use common::{assert_rel_err, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::ops::cast::cast;
-use lkm_engine::ops::causal_conv1d::causal_conv1d;
+use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::DType;
@@ -161,11 +161,18 @@ fn gpu_linear_deterministic() {
 // ---------------------------------------------------------------------------------------------------------------
 // causal conv1d
 
+/// The conv1d ops of a GPU test: the conv alone and SiLU(conv) as one op, whose backward recomputes the conv.
+const CONV1D_OPS: [(&str, Conv1dOp); 2] = [("", causal_conv1d), (" + silu", causal_conv1d_silu)];
+type Conv1dOp = fn(&mut Tape, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
 fn conv_case(name: &str, g: usize, l: usize, c: usize, k: usize, seed: u64) {
     let inputs = [randn32(&[g, l, c], 1.0, seed), randn32(&[c, k], 0.5, seed + 1), randn32(&[c], 1.0, seed + 2)];
-    let f = |t: &mut Tape, x: &[Tensor]| causal_conv1d(t, &x[0], &x[1], &x[2]);
-    check_forward(name, &inputs, 1e-5, f);
-    check_op(name, &inputs, 1e-4, f);
+    for (suffix, op) in CONV1D_OPS {
+        let f = |t: &mut Tape, x: &[Tensor]| op(t, &x[0], &x[1], &x[2]);
+        let name = format!("{name}{suffix}");
+        check_forward(&name, &inputs, 1e-5, f);
+        check_op(&name, &inputs, 1e-4, f);
+    }
 }
 
 #[test]
@@ -214,16 +221,18 @@ fn gpu_causal_conv1d_deterministic() {
     let gpu = gpu();
     for (g, l, c, seed) in [(4099, 67, 64, 61), (1001, 75, 37, 64), (5, 37, 128, 67)] {
         let inputs = [randn32(&[g, l, c], 1.0, seed), randn32(&[c, 4], 0.5, seed + 1), randn32(&[c], 1.0, seed + 2)];
-        let f32_conv = |t: &mut Tape, x: &[Tensor]| causal_conv1d(t, &x[0], &x[1], &x[2]);
-        let bf16_conv = |t: &mut Tape, x: &[Tensor]| {
-            let xb = cast(t, &x[0], DType::BF16)?;
-            let y = causal_conv1d(t, &xb, &x[1], &x[2])?;
-            cast(t, &y, DType::F32)
-        };
-        let (a, b) = (gpu_grads(&gpu, &inputs, f32_conv), gpu_grads(&gpu, &inputs, f32_conv));
-        assert_eq!(a, b, "causal_conv1d ({g}, {l}, {c}): float32 gradients differ between two runs");
-        let (a, b) = (gpu_grads(&gpu, &inputs, bf16_conv), gpu_grads(&gpu, &inputs, bf16_conv));
-        assert_eq!(a, b, "causal_conv1d ({g}, {l}, {c}): bf16 gradients differ between two runs");
+        for (suffix, op) in CONV1D_OPS {
+            let f32_conv = |t: &mut Tape, x: &[Tensor]| op(t, &x[0], &x[1], &x[2]);
+            let bf16_conv = |t: &mut Tape, x: &[Tensor]| {
+                let xb = cast(t, &x[0], DType::BF16)?;
+                let y = op(t, &xb, &x[1], &x[2])?;
+                cast(t, &y, DType::F32)
+            };
+            let (a, b) = (gpu_grads(&gpu, &inputs, f32_conv), gpu_grads(&gpu, &inputs, f32_conv));
+            assert_eq!(a, b, "causal_conv1d{suffix} ({g}, {l}, {c}): float32 gradients differ between two runs");
+            let (a, b) = (gpu_grads(&gpu, &inputs, bf16_conv), gpu_grads(&gpu, &inputs, bf16_conv));
+            assert_eq!(a, b, "causal_conv1d{suffix} ({g}, {l}, {c}): bf16 gradients differ between two runs");
+        }
     }
 }
 

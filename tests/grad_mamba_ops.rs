@@ -2,13 +2,15 @@
 
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
-use lkm_engine::ops::causal_conv1d::causal_conv1d;
+use lkm_engine::device::Device;
+use lkm_engine::ops::activation::silu;
+use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
 use lkm_engine::ops::linear::linear;
 use lkm_engine::{DType, Tensor};
 
 mod common;
-use common::assert_close;
 use common::mamba::scan;
+use common::{assert_close, seeded_step};
 
 /// `f(randn)` elementwise, as a new f64 tensor.
 fn randn_map(shape: &[usize], seed: u64, f: impl Fn(usize, f64) -> f64) -> Tensor {
@@ -88,6 +90,32 @@ fn grad_causal_conv1d_shorter_than_kernel() {
     // L = 2 < K = 4: every output reads padding.
     let inputs = [randn64(&[3, 2, 5], 13), randn64(&[5, 4], 14), randn64(&[5], 15)];
     assert_gradients(&inputs, 1e-6, |t, x| causal_conv1d(t, &x[0], &x[1], &x[2]));
+}
+
+#[test]
+fn grad_causal_conv1d_silu() {
+    // The fused op's backward recomputes the conv's output; L = 2 < K reads padding.
+    for (shape, seed) in [([2, 7, 3], 16), ([3, 2, 5], 19)] {
+        let c = shape[2];
+        let inputs = [randn64(&shape, seed), randn64(&[c, 4], seed + 1), randn64(&[c], seed + 2)];
+        assert_gradients(&inputs, 1e-6, |t, x| causal_conv1d_silu(t, &x[0], &x[1], &x[2]));
+    }
+}
+
+#[test]
+fn causal_conv1d_silu_is_silu_of_the_conv() {
+    // One op against the two, forward and every gradient, in float64 (the same arithmetic up to rounding).
+    let inputs = [randn64(&[3, 11, 6], 22), randn64(&[6, 4], 23), randn64(&[6], 24)];
+    let all = [true; 3];
+    let fused = seeded_step("fused", &inputs, &all, &Device::Cpu, &|t, x| causal_conv1d_silu(t, &x[0], &x[1], &x[2]));
+    let two = seeded_step("two ops", &inputs, &all, &Device::Cpu, &|t, x| {
+        let y = causal_conv1d(t, &x[0], &x[1], &x[2])?;
+        silu(t, &y)
+    });
+    assert_close("output", &fused.0, &two.0, 1e-12, 1e-12);
+    for (i, (a, b)) in fused.1.iter().zip(&two.1).enumerate() {
+        assert_close(&format!("gradient of input {i}"), a.as_ref().unwrap(), b.as_ref().unwrap(), 1e-12, 1e-12);
+    }
 }
 
 #[test]

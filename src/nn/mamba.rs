@@ -3,7 +3,7 @@
 //! A [`Mamba`] block (Mamba v1 without its out_proj) maps tokens u (G, L, d_model) to (G, L, d_inner):
 //! ```text
 //!   [x, z] = in_proj(u)                      d_model -> 2 d_inner (x and z from the two halves of its weight's rows)
-//!   x      = SiLU(causal_conv1d(x))          kernel d_conv, per channel
+//!   x      = SiLU(causal_conv1d(x))          kernel d_conv, per channel (one op, causal_conv1d_silu)
 //!   [dt, B, C] = x_proj(x)                   d_inner -> dt_rank + 2 d_state
 //!   delta  = dt_proj.weight @ dt             dt_rank -> d_inner (its bias is the scan's delta_bias)
 //!   y      = selective_scan(x, delta, A_log, B, C, D, z, dt_proj.bias)
@@ -20,10 +20,9 @@ use super::init::{constant, default_uniform};
 use super::params::{ParamId, Params};
 use crate::autograd::checkpoint::checkpoint;
 use crate::autograd::Tape;
-use crate::ops::activation::silu;
 use crate::ops::add::add;
 use crate::ops::avg_pool::avg_pool;
-use crate::ops::causal_conv1d::causal_conv1d;
+use crate::ops::causal_conv1d::causal_conv1d_silu;
 use crate::ops::flip::flip_seq;
 use crate::ops::layer_norm::{layer_norm, LN_EPS};
 use crate::ops::linear::linear;
@@ -150,8 +149,7 @@ impl Mamba {
                 linear(t, &v[0], &v[1], None)?
             };
             let _layer = profile::sublayer(&prefix, "conv1d");
-            let x = causal_conv1d(t, &x, &v[2], &v[3])?;
-            silu(t, &x)
+            causal_conv1d_silu(t, &x, &v[2], &v[3])
         };
         let inputs = [u, &w_rows, &conv_w, p.get(self.conv_b)];
         let x = piece(tape, self.recompute, "mamba input branch", &inputs, branch)?;

@@ -11,6 +11,10 @@
 //!   dL/db[c]       = sum_{g, t} g[g, t, c]
 //! ```
 //!
+//! [`causal_conv1d_silu`] is SiLU of the same conv as one op, Mamba's `x = SiLU(conv1d(x))`. Its backward recomputes
+//! the conv's output y from x (which it reads anyway) instead of keeping it, and uses dL/dy = dL/dout SiLU'(y) in the
+//! formulas above: a (G, L, C) tensor fewer kept per Mamba block, and no SiLU passes over memory.
+//!
 //! CPU: the loops keep the channel axis innermost, where tokens are contiguous; the weight is used transposed to
 //! (K, C) so that its rows are contiguous too.
 //!
@@ -24,7 +28,8 @@
 //! Cost per element of x (G L C), with K taps, in units of the storage size E of the tokens (4 bytes float32, 2 bf16;
 //! the counting rules are in [`ops`](crate::ops)): forward 2E bytes (read x, write y) and 2K FLOPs; backward 3E bytes
 //! (read x and dL/dy, write dL/dx) and 4K + 1 FLOPs (2K for dL/dx, 2K for dL/dw, 1 for dL/db), which the GPU's one
-//! backward kernel moves, plus its partial sums (about 1% more at Mamba's shapes).
+//! backward kernel moves, plus its partial sums (about 1% more at Mamba's shapes). With SiLU the bytes are the same,
+//! and the FLOPs grow by 4 forward, 2K + 8 backward (the conv recomputed, SiLU').
 
 use cudarc::driver::LaunchConfig;
 
@@ -33,6 +38,7 @@ use crate::device::cuda::GpuElement;
 use crate::device::params::{
     kernel, Conv1dParams, CONV1D_BACKWARD_WIDTH, CONV1D_MAX_K, CONV1D_RUN, CONV1D_TAPS, CONV1D_THREADS,
 };
+use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
@@ -42,33 +48,55 @@ use crate::{by_dtype, by_gpu_type, ensure, Result};
 /// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C) of x's dtype. `w`
 /// and `bias` have x's dtype, or float32 for bf16 tokens.
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let d = ConvDims::of(x, w, bias)?;
-    let range = profile::forward("causal_conv1d", &[x, w, bias], d.flops());
+    conv_op(tape, x, w, bias, false)
+}
+
+/// SiLU([`causal_conv1d`]) as one op (Mamba's `x = SiLU(conv1d(x))`): the same arguments and result as the two ops,
+/// but the conv's output is never stored; the backward pass recomputes it from `x` (which it reads anyway) to form
+/// dL/dconv = dL/dout SiLU'(conv).
+pub fn causal_conv1d_silu(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv_op(tape, x, w, bias, true)
+}
+
+fn conv_op(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor, silu: bool) -> Result<Tensor> {
+    let d = ConvDims::of(x, w, bias, silu)?;
+    let range = profile::forward(d.name(), &[x, w, bias], d.flops());
     let y = match by_gpu_type!(x, forward_gpu(x, w, bias, d)) {
         Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?,
     };
     range.done([&y]);
-    tape.record(&[x, w, bias], &y, CausalConv1dBackward { x: x.clone(), w: w.clone(), dims: d });
+    let saved = CausalConv1dBackward { x: x.clone(), w: w.clone(), bias: silu.then(|| bias.clone()), dims: d };
+    tape.record(&[x, w, bias], &y, saved);
     Ok(y)
 }
 
-/// Sequences G, length L, channels C, kernel size K.
+/// Sequences G, length L, channels C, kernel size K, and whether SiLU follows the conv in the same op.
 #[derive(Clone, Copy, Debug)]
 struct ConvDims {
     g: usize,
     l: usize,
     c: usize,
     k: usize,
+    silu: bool,
 }
 
 impl ConvDims {
-    /// Forward FLOPs, 2 G L C k.
+    /// Forward FLOPs, 2 G L C k, and 4 G L C for the SiLU.
     fn flops(&self) -> f64 {
-        2.0 * (self.g * self.l * self.c * self.k) as f64
+        let silu = if self.silu { 4.0 } else { 0.0 };
+        (2.0 * self.k as f64 + silu) * (self.g * self.l * self.c) as f64
     }
 
-    fn of(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<ConvDims> {
+    fn name(&self) -> &'static str {
+        if self.silu {
+            "causal_conv1d_silu"
+        } else {
+            "causal_conv1d"
+        }
+    }
+
+    fn of(x: &Tensor, w: &Tensor, bias: &Tensor, silu: bool) -> Result<ConvDims> {
         let (g, l, c) = seq_dims(x, "causal_conv1d")?;
         ensure!(
             w.rank() == 2 && w.shape()[0] == c && w.shape()[1] > 0,
@@ -80,7 +108,7 @@ impl ConvDims {
         check_param_kind(x, w, "causal_conv1d weight")?;
         check_param_kind(x, bias, "causal_conv1d bias")?;
         bias.check_shape(&[c], "causal_conv1d: bias (C)")?;
-        Ok(ConvDims { g, l, c, k: w.shape()[1] })
+        Ok(ConvDims { g, l, c, k: w.shape()[1], silu })
     }
 }
 
@@ -96,7 +124,16 @@ fn transpose_weight<T: Real>(w: &[T], c: usize, k: usize) -> Vec<T> {
 }
 
 fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> Result<Tensor> {
-    let ConvDims { g, l, c, k } = d;
+    let mut y = conv_cpu::<T>(x, w, bias, d)?;
+    if d.silu {
+        y.iter_mut().for_each(|v| *v = Activation::Silu.value(*v));
+    }
+    Tensor::from_vec(y, x.shape())
+}
+
+/// The conv's output (before any SiLU), channels last.
+fn conv_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> Result<Vec<T>> {
+    let ConvDims { g, l, c, k, .. } = d;
     let (xv, bv) = (x.cpu::<T>()?, bias.cpu::<T>()?);
     let wt = transpose_weight(w.cpu::<T>()?, c, k);
     let mut y = vec![T::zero(); g * l * c];
@@ -115,24 +152,37 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> R
             }
         }
     }
-    Tensor::from_vec(y, x.shape())
+    Ok(y)
 }
 
 struct CausalConv1dBackward {
     x: Tensor,
     w: Tensor,
+    /// With SiLU: the bias, to recompute the conv's output.
+    bias: Option<Tensor>,
     dims: ConvDims,
 }
 
 fn backward_cpu<T: Real>(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     gout: &Tensor,
     d: ConvDims,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
-    let ConvDims { g, l, c, k } = d;
-    let (xv, gv) = (x.cpu::<T>()?, gout.cpu::<T>()?);
+    let ConvDims { g, l, c, k, .. } = d;
+    let xv = x.cpu::<T>()?;
+    // With SiLU the gradient entering the conv is dL/dout SiLU'(y), y the conv's output recomputed.
+    let gsilu: Vec<T>;
+    let gv = match bias {
+        Some(bias) => {
+            let y = conv_cpu::<T>(x, w, bias, d)?;
+            gsilu = y.iter().zip(gout.cpu::<T>()?).map(|(&y, &g)| g * Activation::Silu.derivative(y)).collect();
+            &gsilu[..]
+        }
+        None => gout.cpu::<T>()?,
+    };
     let wt = transpose_weight(w.cpu::<T>()?, c, k);
     let mut dx = needs[0].then(|| vec![T::zero(); g * l * c]);
     let mut dwt = needs[1].then(|| vec![T::zero(); k * c]);
@@ -173,18 +223,27 @@ fn backward_cpu<T: Real>(
 
 impl Backward for CausalConv1dBackward {
     fn name(&self) -> &'static str {
-        "causal_conv1d"
+        self.dims.name()
     }
 
+    /// The conv's input and parameter gradients (4 G L C K), and with SiLU the conv recomputed (2 G L C K) and its
+    /// derivative (8 G L C).
     fn flops(&self) -> f64 {
-        2.0 * self.dims.flops()
+        let n = (self.dims.g * self.dims.l * self.dims.c) as f64;
+        let k = self.dims.k as f64;
+        if self.dims.silu {
+            (6.0 * k + 8.0) * n
+        } else {
+            4.0 * k * n
+        }
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         self.x.check_same_kind(grad_out, "causal_conv1d backward")?;
-        match by_gpu_type!(self.x, backward_gpu(&self.x, &self.w, grad_out, self.dims, needs)) {
+        let (x, w, bias, d) = (&self.x, &self.w, self.bias.as_ref(), self.dims);
+        match by_gpu_type!(x, backward_gpu(x, w, bias, grad_out, d, needs)) {
             Some(grads) => grads,
-            None => by_dtype!(self.x.dtype(), backward_cpu(&self.x, &self.w, grad_out, self.dims, needs)),
+            None => by_dtype!(x.dtype(), backward_cpu(x, w, bias, grad_out, d, needs)),
         }
     }
 }
@@ -201,7 +260,7 @@ const BACKWARD_MAX_ITERS: usize = 4;
 const CHANNEL_LANES: usize = 32;
 
 fn check_gpu(d: ConvDims) -> Result<()> {
-    let ConvDims { g, l, c, k } = d;
+    let ConvDims { g, l, c, k, .. } = d;
     ensure!(g * l * c > 0, Shape, "causal_conv1d on the GPU: empty input (G, L, C) = ({g}, {l}, {c})");
     ensure!(
         k <= CONV1D_MAX_K,
@@ -267,7 +326,7 @@ impl Plan {
 
 /// The parameters shared by the kernels of one conv1d on the GPU; each launch fills in its own pointers.
 fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
-    let ConvDims { g, l, c, k } = d;
+    let ConvDims { g, l, c, k, silu } = d;
     let runs = l.div_ceil(CONV1D_RUN);
     Conv1dParams {
         G: g as i32,
@@ -276,6 +335,7 @@ fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
         K: k as i32,
         runs: runs as i32,
         iters: 1,
+        silu: silu as i32,
         ..Default::default()
     }
 }
@@ -284,7 +344,7 @@ fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
 fn forward_gpu<T: GpuElement>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> Result<Tensor> {
     check_gpu(d)?;
     let ConvDims { g, l, c, .. } = d;
-    let op = "causal_conv1d";
+    let op = d.name();
     let (xb, wb, bb) = (x.gpu_operand::<T>(op)?, w.gpu_operand::<f32>(op)?, bias.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let mut y = gpu.alloc_of::<T>(g * l * c, "causal_conv1d output")?;
@@ -294,7 +354,7 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims
     let kernel =
         if plan.vector { kernel::causal_conv1d_forward::<T>() } else { kernel::causal_conv1d_forward_scalar::<T>() };
     let cfg = plan.config(plan.runs.div_ceil(plan.lanes.1));
-    gpu.launch(kernel, cfg, &p, &format!("causal_conv1d {d:?}"))?;
+    gpu.launch(kernel, cfg, &p, &format!("{op} {d:?}"))?;
     Tensor::from_gpu(y, x.shape())
 }
 
@@ -303,20 +363,25 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims
 fn backward_gpu<T: GpuElement>(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     grad_out: &Tensor,
     d: ConvDims,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
     check_gpu(d)?;
-    let ConvDims { g, l, c, k } = d;
+    let ConvDims { g, l, c, k, .. } = d;
     let op = "causal_conv1d backward";
     let (xb, wb, gy) = (x.gpu_operand::<T>(op)?, w.gpu_operand::<f32>(op)?, grad_out.gpu_operand::<T>(op)?);
+    let bb = bias.map(|b| b.gpu_operand::<f32>(op)).transpose()?;
     let gpu = &xb.gpu;
-    let shapes = format!("causal_conv1d backward {d:?}");
+    let shapes = format!("{} backward {d:?}", d.name());
     // The kernel always writes dx: from the loads it needs for dw and db anyway.
     let mut dx = gpu.alloc_of::<T>(g * l * c, "causal_conv1d dx")?;
     let mut p = Conv1dParams { x: xb.ptr(), w: wb.ptr(), gy: gy.ptr(), out: dx.ptr_mut(), ..gpu_params(d) };
-    let addresses = [p.x.address(), p.w.address(), p.gy.address(), p.out.address()];
+    if let Some(bb) = &bb {
+        p.bias = bb.ptr();
+    }
+    let addresses = [p.x.address(), p.w.address(), p.bias.address(), p.gy.address(), p.out.address()];
     let plan = Plan::of(d, CONV1D_BACKWARD_WIDTH, &addresses);
     let iters = plan.backward_iters();
     let run_blocks = plan.runs.div_ceil(plan.lanes.1 * iters);
