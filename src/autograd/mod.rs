@@ -14,6 +14,24 @@
 //! [`Tape::trace`] on keeps every node's output and incoming gradient ([`Gradients::trace`]), so that two runs of one
 //! graph (the GPU and the CPU, float32 and float64) can be compared op by op.
 //!
+//! What the backward pass keeps (the saved-tensor policy; each op's file gives its reasons). A tensor stays alive while
+//! some node holds it, so an op's output costs nothing extra when the next op saves it as its input anyway; what is
+//! cheap to rebuild from a kept tensor is rebuilt instead. `lkm-engine profile` prints what is alive at the memory
+//! peak, grouped by the op that made it.
+//!
+//! | op | keeps | rebuilds in the backward pass |
+//! |---|---|---|
+//! | conv, conv_transpose, linear | input, weight | - |
+//! | instance_norm_act | input, gamma, beta, per-plane mean and 1/std | the norm's output, for LeakyReLU' |
+//! | layer_norm | input, gamma, per-row mean and 1/std | - |
+//! | leaky_relu | its output (the sign is the input's; the next conv keeps it anyway) | - |
+//! | silu, softplus | input | - |
+//! | causal_conv1d, causal_conv1d_silu | input, weight (and bias with SiLU) | the conv's output, for SiLU' |
+//! | selective_scan | its inputs; on the GPU the state at each chunk start | every other state, chunk by chunk |
+//! | cross_entropy, soft_dice_loss | logits, target (Dice: per-group sums) | the softmax |
+//! | add, cast, flip, reshape, narrow, concat, partition, merge, pooling, upsampling | shapes only | - |
+//! | checkpoint (`--recompute mamba`) | the piece's inputs | the whole piece, then its backward |
+//!
 //! An op forward and backward, by hand: `y = LeakyReLU(x W^T)` for one row x, seeded with `dL/dy = 1`, so that
 //! `dL/dW[j, k] = LeakyReLU'(h_j) x_k` with `h = x W^T`.
 //!
