@@ -372,8 +372,8 @@ __device__ void channel_sums(const ChannelSumsParams<T>& p) {
 }  // namespace
 TYPED_KERNEL(channel_sums_f32, channel_sums_bf16, channel_sums, ChannelSumsParams)
 
-// col[n, c taps + a, o] = src[n, c, o stride + a - pad], 0 outside the map: a thread writes 8 consecutive positions o of one
-// row as a 16-byte piece, walking the coordinates from the first one's (no division per position).
+// col[n, c taps + a, o] = src[n, c, o stride + a - pad], 0 outside the map: a thread writes 8 consecutive positions o
+// of one row as a 16-byte piece, walking the coordinates from the first one's (no division per position).
 extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16> p) {
     const int positions = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
     const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = positions / 8;

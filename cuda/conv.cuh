@@ -99,7 +99,6 @@ template <typename T>
 struct ConvIm2colParams {
     const T* src;
     T* col;
-    int channels;
     int src_size[3];
     int narrow_size[3];
     int kernel[3];

@@ -346,10 +346,10 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 // rows are put in flight through cp.async and its halo loaded and stored. Each output is one sum in a fixed order
 // (boxes, k-steps, the tensor core's own within a k-step).
 // Measured (H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms, 235 TFLOP/s (cuDNN 0.630 in the
-// same run); ncu of the version
-// with 2-byte halo loads: issue slots 23% busy, 0.28 eligible warps per scheduler (8 warps per SM: the accumulators
-// take 112 registers per thread), long_scoreboard, wait (the fixed-latency waits around the wgmma batches) and
-// lg_throttle (the load queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle alone 34%.
+// same run); ncu of the version with 2-byte halo loads: issue slots 23% busy, 0.28 eligible warps per scheduler (8
+// warps per SM: the accumulators take 112 registers per thread), long_scoreboard, wait (the fixed-latency waits around
+// the wgmma batches) and lg_throttle (the load queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle
+// alone 34%.
 template <int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16>& p) {
     constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = CONV_WGMMA_WG_COLS, PITCH = CONV_WGMMA_WG_PITCH;

@@ -193,9 +193,9 @@ __device__ __forceinline__ void store_tile(const Acc& acc, float* out, int64_t i
 }
 
 // The products' outputs (+ bias[j] when given) in the storage type, row-major (M, N): the block's BM x BN accumulators
-// staged at `stage` (the pipeline's
-// tiles, free once every warp has finished with them) in rows padded by 16 bytes (the fragment pairs of 8 rows then
-// fall on different banks), and written out as whole rows of 16-byte pieces where N and out allow. Stored straight
+// staged at `stage` (the pipeline's tiles, free once every warp has finished with them) in rows padded by 16 bytes
+// (the fragment pairs of 8 rows then fall on different banks), and written out as whole rows of 16-byte pieces where
+// N and out allow. Stored straight
 // from the fragments, a bf16 store instruction writes 16 bytes into each of 8 rows: half sectors, which kept L2 at 73%
 // of its throughput with DRAM at 31% (ncu, the stage-0 in_proj forward, 2026-12-04).
 template <class Acc, int BM, int BN, typename O, typename B>

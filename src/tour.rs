@@ -92,8 +92,8 @@
 //! the weight gradient is instead one plain matrix product, `cuda/gemm_wgmma.cu`: the input's *columns* (each input
 //! channel shifted by each tap, one row of positions per pair, written out by `conv_im2col_bf16`) against the output
 //! gradient, both operands runs of positions, as wgmma reads them. Which kernel takes which pass is decided from
-//! measured shapes (`halo_suits`, `wgmma_suits`, `gemm_wgrad_suits` in [`conv`]'s module); the exact float32 kernels of `cuda/conv.cu` remain for the parity checks
-//! (`--math exact`).
+//! measured shapes (`halo_suits`, `wgmma_suits`, `gemm_wgrad_suits` in [`conv`]'s module); the exact float32
+//! kernels of `cuda/conv.cu` remain for the parity checks (`--math exact`).
 //!
 //! ## 4b. A PiM layer
 //!

@@ -54,9 +54,9 @@
 //! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
 //! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`), and the weight gradients of 1x1x1 kernels, of at least 320
 //! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
-//! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`). With a bf16 input, a float32 weight and bias are rounded to
-//! bf16 first ([`cast_like`]: their gradients return to the float32 masters); dW and db are summed in float32 and
-//! rounded once.
+//! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`). With a bf16 input, a float32
+//! weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the float32 masters); dW and
+//! db are summed in float32 and rounded once.
 //! conv_transpose runs on the same three products with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
@@ -1528,7 +1528,6 @@ impl Pairing {
             let params = ConvIm2colParams {
                 src: wide.ptr(),
                 col: col.ptr_mut(),
-                channels: d.c_wide,
                 src_size: d.wide,
                 narrow_size: d.narrow,
                 kernel: d.k,
