@@ -224,6 +224,10 @@ struct PlanArgs {
     /// Features of the first stage (nnU-Net: 32); smaller for quick experiments.
     #[arg(long, default_value_t = 32)]
     base_features: usize,
+    /// The precision the run will train in, fp32 or bf16 (a GPU run's default): bf16 activations take about half the
+    /// memory, so a bf16 plan gets a larger patch or batch for the same budget.
+    #[arg(long, default_value = "bf16")]
+    precision: String,
 }
 
 #[derive(clap::Args)]
@@ -418,6 +422,7 @@ fn plan_command(a: &PlanArgs) -> Result<()> {
         gpu_memory_gib: planning_memory_gib(a.gpu_memory, &Device::cuda(0).unwrap_or(Device::Cpu))?,
         dims: a.dims.as_deref().map(Dims::parse).transpose()?,
         base_features: a.base_features,
+        precision: Precision::parse(&a.precision)?,
         ..PlanOptions::default()
     };
     let plans = plan::plan_dataset(&a.data, &opts)?;
@@ -430,12 +435,26 @@ fn plan_command(a: &PlanArgs) -> Result<()> {
 /// The plan of a run: the --plans file, or, for --data without --config or --resume, one made now.
 fn run_plan(a: &TrainArgs, device: &Device) -> Result<Option<Plan>> {
     if let Some(path) = &a.plans {
-        return Ok(Some(Plans::load(path)?.plan));
+        let plan = Plans::load(path)?.plan;
+        if plan.precision == Precision::Bf16 && device.precision() == Precision::Fp32 && !device.is_cpu() {
+            let fp32 = plan::memory::estimate_gib(&plan.model, plan.batch, Precision::Fp32);
+            eprintln!(
+                "note: {} was planned for bf16 ({:.1} GiB); this run is fp32 and needs about {fp32:.1} GiB of the \
+                 {:.1} GiB budget: plan with --precision fp32, or train in bf16",
+                path.display(),
+                plan.estimated_gib,
+                plan.budget_gib
+            );
+        }
+        return Ok(Some(plan));
     }
     match (&a.data, &a.config, &a.resume) {
         (Some(dir), None, None) => {
-            let opts =
-                PlanOptions { gpu_memory_gib: planning_memory_gib(a.gpu_memory, device)?, ..PlanOptions::default() };
+            let opts = PlanOptions {
+                gpu_memory_gib: planning_memory_gib(a.gpu_memory, device)?,
+                precision: device.precision(),
+                ..PlanOptions::default()
+            };
             let plans = plan::plan_dataset(dir, &opts)?;
             eprint!("no --config: planned the dataset\n{}", plan::summary(&plans.fingerprint, &plans.plan));
             Ok(Some(plans.plan))

@@ -5,6 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lkm_engine::autograd::Tape;
+use lkm_engine::device::Precision;
 use lkm_engine::nn::{LkmUnet, ModelConfig};
 use lkm_engine::plan::memory::sample_bytes;
 use lkm_engine::train::loss::{deep_supervision_loss, downsample_labels};
@@ -63,7 +64,7 @@ fn one_more_sample_costs_what_the_model_says_on_the_cpu() {
     let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 1).unwrap();
     let (one, two) = (step_peak(&model, &params, 1), step_peak(&model, &params, 2));
     let measured = two as f64 - one as f64;
-    let predicted = sample_bytes(&model.config);
+    let predicted = sample_bytes(&model.config, Precision::Fp32);
     eprintln!("tiny-3d on the CPU: peak {one} B (batch 1), {two} B (batch 2); per sample {measured:.0} B, model {predicted:.0} B");
     assert!((measured / predicted - 1.0).abs() < 0.15, "measured {measured:.0} B per sample, model {predicted:.0} B");
 }

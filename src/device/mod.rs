@@ -44,7 +44,8 @@ pub use cuda::Gpu;
 /// and writes bf16 activations (computing in float32 inside its kernels), the convolutions and linear layers take
 /// their float32 weights rounded to bf16 ([`crate::ops::cast::cast_like`]), normalisations keep float32 statistics
 /// and parameters, the scan a float32 state, and the logits return to float32 before the losses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Float32 storage everywhere (products on the tf32 tensor cores, or exact with `--math exact`).
     #[default]

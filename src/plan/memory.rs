@@ -1,10 +1,11 @@
 //! How much GPU memory a training step of this engine needs: the planner's memory model.
 //!
-//! A float32 training step holds the weights, their gradients and the momentum (12 bytes per parameter), and the
-//! activations the backward pass needs, which grow with the patch voxels times the batch. The model is
+//! A training step holds the weights, their gradients and the momentum (12 bytes per parameter, float32 in either
+//! precision; a bf16 step also keeps the weights rounded to bf16 that its products read: 14), and the activations the
+//! backward pass needs, which grow with the patch voxels times the batch. The model is
 //!
 //! ```text
-//! peak bytes = 12 P + batch * k * E(config, patch)
+//! peak bytes = (12 or 14) P + batch * k * E(config, patch)
 //! ```
 //!
 //! with P the parameter count ([`parameter_count`], exact) and E the number of activation values one sample keeps
@@ -23,16 +24,25 @@
 //! - 2D: the AMOS reference configuration, batch 12, patch 320 x 320: 17.4 GiB (same card and day).
 //!
 //! So the model is linear in voxels x batch within a family, exact at the two measured points, and its structure
-//! decides how it extrapolates to other depths, widths and windows. The two fits give k = 3.10 bytes (3D) and 3.01
-//! (2D): the count overestimates what the engine keeps in float32 by the same factor of about 1.3 in both families
-//! (the test `memory_model_counts_parameters_exactly_and_is_exact_at_the_measured_peaks` holds them within 5%),
-//! which is what makes the extrapolation credible. A third check, on another architecture (tiny-3d: 4 stages, one
-//! block per stage, d_state 8): on the CPU one more sample raises the heap's peak during a training step by 61.4 MB,
-//! and the model predicts 71.3 MB (`tests/plan_memory.rs`, a counting allocator, within 15%). It was 71.7 MB against
-//! 72.0 until the conv1d and SiLU became one op (2026-12-04): the two fitted peaks were measured before that and still
-//! hold the pre-activation, so the model now overestimates by about that tensor until they are measured again (the
-//! planner's budget errs on the safe side).
+//! decides how it extrapolates to other depths, widths and windows. The two float32 fits give k = 3.10 bytes (3D) and
+//! 3.01 (2D): the count overestimates what the engine keeps in float32 by the same factor of about 1.3 in both families
+//! (the test `memory_model_counts_parameters_exactly_and_is_exact_at_the_measured_peaks` holds them within 5%), which
+//! is what makes the extrapolation credible. A third check, on another architecture (tiny-3d: 4 stages, one block per
+//! stage, d_state 8): on the CPU one more sample raises the heap's peak during a training step by 61.4 MB, and the
+//! model predicts 71.3 MB (`tests/plan_memory.rs`, a counting allocator, within 15%). It was 71.7 MB against 72.0 until
+//! the conv1d and SiLU became one op (2026-12-04): the two fitted peaks were measured before that and still hold the
+//! pre-activation, so the model now overestimates by about that tensor until they are measured again (the planner's
+//! budget errs on the safe side).
+//!
+//! bf16 storage (a GPU run's default) has its own two calibration points, so that a bf16 plan gets the patch and batch
+//! that bf16 holds rather than half of them: flare-3d batch 2 17.19 GiB and amos-2d batch 12 7.57 GiB (H200,
+//! 2026-12-04, `dump-step --precision bf16 --math tf32` of commit 145e259, strided PiM; `benches/step.json`), which
+//! give k = 1.26 bytes (3D) and 1.19 (2D) per counted value of the same count E. They agree to 6.2%, less closely than
+//! the fp32 pair: E counts float32 tensors (the loss's, the norms' statistics) like bf16 ones, and it still counts
+//! what the fusions since the fp32 points stopped keeping. The planner takes the precision the run will use
+//! ([`crate::plan::PlanOptions::precision`]); a plans file records it.
 
+use crate::device::Precision;
 use crate::nn::mamba::MambaConfig;
 use crate::nn::ModelConfig;
 
@@ -46,13 +56,27 @@ struct Measured {
     peak_gib: f64,
 }
 
-/// The 3D calibration point (see the module header).
-const MEASURED_3D: Measured = Measured { config: ModelConfig::flare_3d, batch: 2, peak_gib: 40.8 };
-/// The 2D calibration point.
-const MEASURED_2D: Measured = Measured { config: ModelConfig::amos_2d, batch: 12, peak_gib: 17.4 };
+/// The calibration point of a family (`rank` 3 or 2) and precision (see the module header).
+fn measured(rank: usize, precision: Precision) -> Measured {
+    let (config, batch): (fn() -> ModelConfig, usize) =
+        if rank == 2 { (ModelConfig::amos_2d, 12) } else { (ModelConfig::flare_3d, 2) };
+    let peak_gib = match (rank == 2, precision) {
+        (false, Precision::Fp32) => 40.8,
+        (true, Precision::Fp32) => 17.4,
+        (false, Precision::Bf16) => 17.19,
+        (true, Precision::Bf16) => 7.57,
+    };
+    Measured { config, batch, peak_gib }
+}
 
-/// Bytes per parameter held during training: the weight, its gradient and its momentum, float32.
-const BYTES_PER_PARAMETER: f64 = 12.0;
+/// Bytes per parameter held during training: the weight, its gradient and its momentum, float32; in bf16 also the
+/// weight rounded to bf16, which the conv or linear op that reads it keeps for its backward pass.
+fn bytes_per_parameter(precision: Precision) -> f64 {
+    match precision {
+        Precision::Fp32 => 12.0,
+        Precision::Bf16 => 14.0,
+    }
+}
 
 /// The number of parameters of the network `cfg` builds (equal to `LkmUnet::new(cfg)`'s count).
 pub fn parameter_count(cfg: &ModelConfig) -> usize {
@@ -140,26 +164,26 @@ pub fn activation_elements(cfg: &ModelConfig) -> f64 {
     total
 }
 
-/// The fitted bytes per counted activation value of a family (3D or 2D, by `rank`): its measured peak less the
-/// parameters' share, over batch x values.
-pub fn bytes_per_value(rank: usize) -> f64 {
-    let m = if rank == 2 { &MEASURED_2D } else { &MEASURED_3D };
+/// The fitted bytes per counted activation value of a family (3D or 2D, by `rank`) in `precision`: its measured
+/// peak less the parameters' share, over batch x values.
+pub fn bytes_per_value(rank: usize, precision: Precision) -> f64 {
+    let m = measured(rank, precision);
     let cfg = (m.config)();
-    let fixed = BYTES_PER_PARAMETER * parameter_count(&cfg) as f64;
+    let fixed = bytes_per_parameter(precision) * parameter_count(&cfg) as f64;
     (m.peak_gib * GIB - fixed) / (m.batch as f64 * activation_elements(&cfg))
 }
 
-/// Estimated peak GiB of a training step of `cfg` (at its patch) with `batch` samples.
-pub fn estimate_gib(cfg: &ModelConfig, batch: usize) -> f64 {
-    (fixed_bytes(cfg) + batch as f64 * sample_bytes(cfg)) / GIB
+/// Estimated peak GiB of a training step of `cfg` (at its patch) with `batch` samples in `precision`.
+pub fn estimate_gib(cfg: &ModelConfig, batch: usize, precision: Precision) -> f64 {
+    (fixed_bytes(cfg, precision) + batch as f64 * sample_bytes(cfg, precision)) / GIB
 }
 
-/// Bytes independent of the batch: weights, gradients, momentum.
-pub fn fixed_bytes(cfg: &ModelConfig) -> f64 {
-    BYTES_PER_PARAMETER * parameter_count(cfg) as f64
+/// Bytes independent of the batch: weights, gradients, momentum (and the bf16 weights).
+pub fn fixed_bytes(cfg: &ModelConfig, precision: Precision) -> f64 {
+    bytes_per_parameter(precision) * parameter_count(cfg) as f64
 }
 
-/// Bytes each sample of the batch adds.
-pub fn sample_bytes(cfg: &ModelConfig) -> f64 {
-    bytes_per_value(cfg.spatial_rank()) * activation_elements(cfg)
+/// Bytes each sample of the batch adds in `precision`.
+pub fn sample_bytes(cfg: &ModelConfig, precision: Precision) -> f64 {
+    bytes_per_value(cfg.spatial_rank(), precision) * activation_elements(cfg)
 }

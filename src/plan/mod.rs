@@ -20,9 +20,11 @@
 //!    std; any other channel is z-scored per image, over the nonzero voxels only when cropping to the nonzero region
 //!    keeps less than three quarters of the median case (nnU-Net's `use_mask_for_norm`).
 //!
-//! The memory budget is the card's memory times [`USABLE_MEMORY_FRACTION`]. Differences from nnU-Net: no axis
-//! transposition (volumes keep their (D, H, W) = (z, y, x) order, so a 2D plan slices along z), no low-resolution
-//! cascade, and the batch is the floor, not the rounding, of what fits (the model is an absolute estimate in bytes).
+//! The memory budget is the card's memory times [`USABLE_MEMORY_FRACTION`], and the memory model's estimates are those
+//! of the precision the run will train in ([`PlanOptions::precision`]: bf16 by default, as a GPU run). Differences from
+//! nnU-Net: no axis transposition (volumes keep their (D, H, W) = (z, y, x) order, so a 2D plan slices along z), no
+//! low-resolution cascade, and the batch is the floor, not the rounding, of what fits (the model is an absolute
+//! estimate in bytes).
 
 pub mod memory;
 pub mod topology;
@@ -32,6 +34,7 @@ use std::path::Path;
 use crate::data::fingerprint::{median, percentile_of, Fingerprint};
 use crate::data::normalize::{ChannelNorm, Normalization};
 use crate::data::resample::resampled_shape;
+use crate::device::Precision;
 use crate::nn::mamba::MambaConfig;
 use crate::nn::ModelConfig;
 use crate::ops::pim::PimLayout;
@@ -89,10 +92,14 @@ pub struct PlanOptions {
     pub blocks_per_stage: usize,
     /// Mamba hyper-parameters.
     pub mamba: MambaConfig,
+    /// The storage the run will train in, which sets the memory model ([`memory`]): bf16 activations take about
+    /// half the memory of float32 ones.
+    pub precision: Precision,
 }
 
 impl Default for PlanOptions {
-    /// nnU-Net's default 8 GiB target, nnU-Net's widths, two blocks per stage, Mamba's defaults.
+    /// nnU-Net's default 8 GiB target, nnU-Net's widths, two blocks per stage, Mamba's defaults, and bf16 (the
+    /// default of a GPU run).
     fn default() -> Self {
         PlanOptions {
             gpu_memory_gib: 8.0,
@@ -100,6 +107,7 @@ impl Default for PlanOptions {
             base_features: 32,
             blocks_per_stage: 2,
             mamba: MambaConfig::default(),
+            precision: Precision::Bf16,
         }
     }
 }
@@ -125,6 +133,9 @@ pub struct Plan {
     pub estimated_gib: f64,
     /// The memory budget planned for, GiB.
     pub budget_gib: f64,
+    /// The storage the estimate is for (plans written before it was recorded were made for fp32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Plan {
@@ -244,7 +255,7 @@ fn fit_to_budget(
     opts: &PlanOptions,
 ) -> Result<ModelConfig> {
     let (mut cfg, mut divisor) = network(sp, start, fp, opts);
-    while memory::estimate_gib(&cfg, MIN_BATCH) > budget {
+    while memory::estimate_gib(&cfg, MIN_BATCH, opts.precision) > budget {
         // Shrink the axis largest relative to the median shape (ties: the last), by the divisibility step of the
         // shrunk patch (nnU-Net subtracts, re-derives the step, and subtracts that, so that no valid size is skipped).
         let ratio = |a: usize| cfg.patch[a] as f64 / med[a] as f64;
@@ -254,7 +265,7 @@ fn fit_to_budget(
                 "--gpu-memory {} GiB: even a batch of {MIN_BATCH} patches of {:?} needs about {:.3} GiB; give more memory",
                 opts.gpu_memory_gib,
                 cfg.patch,
-                memory::estimate_gib(&cfg, MIN_BATCH)
+                memory::estimate_gib(&cfg, MIN_BATCH, opts.precision)
             ))
         };
         let mut smaller = cfg.patch.clone();
@@ -311,7 +322,8 @@ pub fn plan(fp: &Fingerprint, opts: &PlanOptions) -> Result<Plan> {
         ))
     })?;
     // Rule 5.
-    let fits = ((budget * memory::GIB - memory::fixed_bytes(&cfg)) / memory::sample_bytes(&cfg)).floor() as usize;
+    let p = opts.precision;
+    let fits = ((budget * memory::GIB - memory::fixed_bytes(&cfg, p)) / memory::sample_bytes(&cfg, p)).floor() as usize;
     let dataset_voxels = med.iter().product::<usize>() as f64 * fp.cases.len() as f64;
     let covered = (dataset_voxels * MAX_DATASET_COVERED / cfg.patch.iter().product::<usize>() as f64).round() as usize;
     let batch = fits.min(covered).max(MIN_BATCH);
@@ -321,8 +333,9 @@ pub fn plan(fp: &Fingerprint, opts: &PlanOptions) -> Result<Plan> {
         anisotropic,
         median_shape: shape,
         batch,
-        estimated_gib: memory::estimate_gib(&cfg, batch),
+        estimated_gib: memory::estimate_gib(&cfg, batch, p),
         budget_gib: budget,
+        precision: p,
         model: cfg,
         normalization: normalization(fp),
     })
@@ -396,7 +409,7 @@ pub fn summary(fp: &Fingerprint, plan: &Plan) -> String {
     let m = &plan.model;
     out += &format!(
         "plan ({}): target spacing {} mm{}; median shape after resampling {}\n  patch {}, batch {}; estimated peak \
-         {:.1} GiB of a {:.1} GiB budget\n",
+         {:.1} GiB of a {:.1} GiB budget in {}\n",
         if plan.dims == Dims::ThreeD { "3d" } else { "2d" },
         mm(&plan.spacing),
         if plan.anisotropic { " (anisotropic: the coarse axis takes its 10th-percentile spacing)" } else { "" },
@@ -404,7 +417,8 @@ pub fn summary(fp: &Fingerprint, plan: &Plan) -> String {
         x(&m.patch),
         plan.batch,
         plan.estimated_gib,
-        plan.budget_gib
+        plan.budget_gib,
+        plan.precision
     );
     out += "  stage  map          features  kernel  stride  PiM window  PaM pool\n";
     for (s, map) in m.stage_sizes(&m.patch).iter().enumerate() {
