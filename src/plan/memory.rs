@@ -169,8 +169,7 @@ pub fn activation_elements(cfg: &ModelConfig) -> f64 {
 pub fn bytes_per_value(rank: usize, precision: Precision) -> f64 {
     let m = measured(rank, precision);
     let cfg = (m.config)();
-    let fixed = bytes_per_parameter(precision) * parameter_count(&cfg) as f64;
-    (m.peak_gib * GIB - fixed) / (m.batch as f64 * activation_elements(&cfg))
+    (m.peak_gib * GIB - fixed_bytes(&cfg, precision)) / (m.batch as f64 * activation_elements(&cfg))
 }
 
 /// Estimated peak GiB of a training step of `cfg` (at its patch) with `batch` samples in `precision`.
