@@ -179,12 +179,17 @@ fn a_fresh_train_refuses_a_folder_holding_a_run_and_a_locked_folder() {
     let _ = expect_error(&train(&[]), &d, &["run", "--overwrite", "--resume"]);
     assert_eq!(hashes(&d.join("run")), before, "a refused train changed the run");
     // A lock held by a live lkm-engine process: a second training is refused while it runs.
-    let mut holder = Command::new(BIN)
-        .args([&["train", "--data", &data, "--epochs", "100", "--out", "holder"], QUICK].concat())
-        .current_dir(&d)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut holder =
+        spawn_train(&[&["train", "--data", &data, "--epochs", "100", "--out", "holder"], QUICK].concat(), &d);
+    // `spawn` can return before the kernel renames the child (a vfork-style spawn resumes the parent before exec
+    // sets the new name), and a pid named after this test binary reads as stale. The holder's own lock shows it runs
+    // as lkm-engine.
+    let started = std::time::Instant::now();
+    while !d.join("holder/train.lock").exists() {
+        assert!(holder.try_wait().unwrap().is_none(), "the lock holder exited early");
+        assert!(started.elapsed().as_secs() < 60, "the lock holder did not start within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     std::fs::write(d.join("run/train.lock"), format!("{}\n", holder.id())).unwrap();
     let refused = run(&train(&["--overwrite"]), &d);
     holder.kill().unwrap();
