@@ -63,30 +63,41 @@ fn a_90_degree_rotation_is_a_flip_and_with_a_mirror_a_transpose() {
 }
 
 #[test]
-fn no_rotation_and_scaling_one_is_a_plain_crop_with_zero_padding() {
+fn no_rotation_and_scaling_one_is_a_plain_crop_with_zero_padding_mirrored_or_not() {
+    // Patch voxel v reads origin + v, or along a mirrored axis origin + p - 1 - v; zero outside the volume. The
+    // patches stick out of the volume before it (d), after it (h) and on both sides (w: 10 > 8).
     let shape = [7, 9, 8];
     let x = random_volume(shape, 3);
     let labels: Vec<u8> = (0..x.len()).map(|i| (i % 4) as u8).collect();
-    let (patch, origin) = ([4, 5, 6], [-1i64, 2, 3]);
-    let grid = PatchGrid {
-        patch,
-        centre: [0, 1, 2].map(|a| origin[a] as f64 + (patch[a] as f64 - 1.0) / 2.0),
-        matrix: IDENTITY,
-    };
-    let (image, label) = (grid.sample_linear(&x, shape), grid.sample_nearest(&labels, shape));
-    for d in 0..patch[0] {
-        for h in 0..patch[1] {
-            for w in 0..patch[2] {
-                let src = [d as i64 + origin[0], h as i64 + origin[1], w as i64 + origin[2]];
-                let inside = (0..3).all(|a| src[a] >= 0 && src[a] < shape[a] as i64);
-                let (want_x, want_l) = if inside {
-                    let i = index(shape, src[0] as usize, src[1] as usize, src[2] as usize);
-                    (x[i], labels[i])
-                } else {
-                    (0.0, 0)
-                };
-                assert_eq!(image[index(patch, d, h, w)], want_x, "image at {d},{h},{w}");
-                assert_eq!(label[index(patch, d, h, w)], want_l, "label at {d},{h},{w}");
+    for (patch, origin) in [([4, 5, 6], [-1i64, 2, 3]), ([3, 4, 10], [2, 7, -1]), ([7, 9, 8], [0, 0, 0])] {
+        for mirrors in 0..8 {
+            let mirrored = [0, 1, 2].map(|a| mirrors >> a & 1 == 1);
+            let mut matrix = IDENTITY;
+            (0..3).filter(|&a| mirrored[a]).for_each(|a| matrix[a][a] = -1.0);
+            let grid = PatchGrid {
+                patch,
+                centre: [0, 1, 2].map(|a| origin[a] as f64 + (patch[a] as f64 - 1.0) / 2.0),
+                matrix,
+            };
+            let (image, label) = (grid.sample_linear(&x, shape), grid.sample_nearest(&labels, shape));
+            for d in 0..patch[0] {
+                for h in 0..patch[1] {
+                    for w in 0..patch[2] {
+                        let v = [d, h, w];
+                        let src = [0, 1, 2]
+                            .map(|a| origin[a] + if mirrored[a] { (patch[a] - 1 - v[a]) as i64 } else { v[a] as i64 });
+                        let inside = (0..3).all(|a| src[a] >= 0 && src[a] < shape[a] as i64);
+                        let (want_x, want_l) = if inside {
+                            let i = index(shape, src[0] as usize, src[1] as usize, src[2] as usize);
+                            (x[i], labels[i])
+                        } else {
+                            (0.0, 0)
+                        };
+                        let at = format!("at {v:?} of patch {patch:?} from {origin:?}, mirrored {mirrored:?}");
+                        assert_eq!(image[index(patch, d, h, w)], want_x, "image {at}");
+                        assert_eq!(label[index(patch, d, h, w)], want_l, "label {at}");
+                    }
+                }
             }
         }
     }
