@@ -4,8 +4,9 @@
 //!
 //! Issue 14 asks that `train` run within 5% of `dump-step`'s step time, so a batch must be ready before the GPU
 //! finishes the previous step. The table gives, per configuration, the median single-thread time of each stage, the
-//! loader's time per batch with w workers (batches/s of a steady stream), and that time as a fraction of the step
-//! measured on the H200 (`benches/step.json`) and of issue 14's target step: below 1, the loader keeps up.
+//! loader's time per batch with w workers (batches/s of a steady stream), and that time as a fraction of the bf16 step
+//! last measured on a GPU (the latest row of `benches/step.json`) and of issue 14's target step: below 1, the loader
+//! keeps up.
 //!
 //! The cases are synthetic phantoms (`lkm-engine synth`) of a real scan's size; what a batch costs depends on the
 //! patch and the augmentation, not on the intensities.
@@ -19,24 +20,40 @@ use lkm_engine::data::synth::{phantom_dataset, SynthConfig};
 use lkm_engine::nn::lkm_unet::ModelConfig;
 use lkm_engine::train::loader::{BatchSource, Loader};
 use lkm_engine::train::loss::downsample_labels;
-use lkm_engine::Result;
+use lkm_engine::{Error, Result};
 
-/// A reference configuration's loader: its batch, the size of the synthetic cases it samples from, and the GPU
-/// steps it is set against (ms, bf16 on the H200: measured, and issue 14's target).
+/// A reference configuration's loader: its batch, the size of the synthetic cases it samples from, and issue 14's
+/// target step (ms, bf16, one GPU).
 struct Setup {
     config: &'static str,
     batch: usize,
     case_shape: [usize; 3],
-    step_ms: f64,
     target_ms: f64,
 }
 
 const SETUPS: [Setup; 2] = [
     // FLARE22 cases after resampling to the median spacing are about 100 x 512 x 512 at 0.8 mm in plane; the
     // phantoms keep memory modest with 64 x 256 x 224, larger than the 40 x 224 x 192 patch on every axis.
-    Setup { config: "flare-3d", batch: 2, case_shape: [64, 256, 224], step_ms: 192.0, target_ms: 127.0 },
-    Setup { config: "amos-2d", batch: 12, case_shape: [48, 384, 384], step_ms: 108.0, target_ms: 67.0 },
+    Setup { config: "flare-3d", batch: 2, case_shape: [64, 256, 224], target_ms: 127.0 },
+    Setup { config: "amos-2d", batch: 12, case_shape: [48, 384, 384], target_ms: 67.0 },
 ];
+
+/// The bf16 step of `s` (strided PiM) last measured on a GPU: the latest such row of benches/step.json, and its GPU.
+fn measured_step(s: &Setup) -> Result<(f64, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/step.json");
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io(format!("reading {path}: {e}")))?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{path}: {e}")))?;
+    rows.iter()
+        .rev()
+        .find(|r| {
+            r["config"] == s.config
+                && r["batch"] == s.batch
+                && r["pim_layout"] == "strided"
+                && r["precision"] == "bf16 storage, bf16 matrix products"
+        })
+        .and_then(|r| Some((r["ms_per_step"].as_f64()?, r["gpu"].as_str()?.to_string())))
+        .ok_or_else(|| Error::Data(format!("{path}: no bf16 strided step of {} batch {}", s.config, s.batch)))
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -60,7 +77,7 @@ fn main() {
     }
     println!("\nCPU: {} ({} threads available)", cpu_name(), threads());
     println!(
-        "| config | batch | case | stage | ms per batch | of the H200 step (ms) | of issue 14's step (ms) |\n\
+        "| config | batch | case | stage | ms per batch | of the GPU step (ms) | of issue 14's step (ms) |\n\
          |---|---|---|---|---|---|---|"
     );
     for r in rows {
@@ -72,6 +89,8 @@ fn main() {
 /// worker count; table rows.
 fn measure(s: &Setup, batches: usize, workers: &[usize]) -> Result<Vec<String>> {
     let cfg = ModelConfig::by_name(s.config)?;
+    let (step_ms, gpu) = measured_step(s)?;
+    eprintln!("{}: the step last measured, bf16 strided: {step_ms} ms on {gpu} (benches/step.json)", s.config);
     let started = Instant::now();
     let cases = phantom_dataset(&SynthConfig { cases: 4, shape: s.case_shape, seed: 1 });
     let fg: Vec<ForegroundIndex> = cases.iter().map(|c| ForegroundIndex::new(c, cfg.num_classes)).collect();
@@ -91,8 +110,8 @@ fn measure(s: &Setup, batches: usize, workers: &[usize]) -> Result<Vec<String>> 
             s.config,
             s.batch,
             s.case_shape,
-            ms / s.step_ms,
-            s.step_ms,
+            ms / step_ms,
+            step_ms,
             ms / s.target_ms,
             s.target_ms
         )
