@@ -18,7 +18,7 @@
 //! and the schedule `lr(epoch) = base * (1 - epoch / max_epochs)^0.9`.
 //!
 //! On the GPU (kernels in `cuda/optim.cu`) the step is one elementwise launch over every parameter (a table of the
-//! tensors in device memory, [`TensorTable`]), updating each parameter and its momentum buffer (which lives on the
+//! tensors in device memory, `TensorTable`), updating each parameter and its momentum buffer (which lives on the
 //! GPU) in place; each operation is rounded separately in the order above, so a GPU step gives the same float32 bits
 //! as the CPU's. The first step writes b = g into a fresh buffer instead of zeroing one. `clip_grad_norm` sums the
 //! squares of each gradient in float64 per block (a fixed tree; the blocks of a gradient depend on its size only) in
