@@ -1,12 +1,14 @@
-// Optimiser kernels, one thread per element (grid-stride), on float32 parameters and gradients; all take
-// OptimParams (optim.cuh).
+// Optimiser kernels on float32 parameters and gradients, each launch over a table of tensors (optim.cuh): a block
+// finds its tensor by a binary search of the table's first blocks and strides over that tensor's elements. The
+// arithmetic per element does not depend on how the tensors are grouped into launches.
 //
 //   sgd_nesterov_step:  g = grad + wd p;   b = first ? g : mu b + g;   p = p - lr (g + mu b)
 //     PyTorch's SGD(nesterov=True, dampening=0); the first step sets the buffer to g (PyTorch's copy), so a fresh
 //     buffer need not be zeroed. Every operation is rounded separately (__fmul_rn/__fadd_rn: no fused multiply-add),
 //     in the order of the CPU path, so both give the same float32 bits.
-//   optim_sum_squares_partial:  partial[block] = sum of g_i^2 over the elements the block visits, in float64
-//     (fixed tree order; the host adds the partials in order, see src/optim.rs).
+//   optim_sum_squares_partial:  partial[b] = sum of g_i^2 over the elements block b of the tensor visits, in float64
+//     (fixed tree order; the host adds the partials in order, see src/optim.rs; the blocks per tensor depend on its
+//     size only).
 //   optim_scale_in_place:  x = s x
 //
 // Cost per parameter element (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see
@@ -15,28 +17,68 @@
 #include "common.cuh"
 #include "optim.cuh"
 
-extern "C" __global__ void sgd_nesterov_step(const OptimParams q) {
+namespace {
+
+// The table entry of the tensor that this block works on, and the block's index within that tensor's blocks.
+struct Mine {
+    const int64_t* t;
+    int64_t block;
+};
+__device__ __forceinline__ Mine my_tensor(const OptimParams& q) {
+    int lo = 0, hi = q.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (q.table[(int64_t)mid * OPTIM_WORDS + OPTIM_BLOCK0] <= (int64_t)blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    const int64_t* t = q.table + (int64_t)lo * OPTIM_WORDS;
+    return {t, (int64_t)blockIdx.x - t[OPTIM_BLOCK0]};
+}
+
+template <typename P>
+__device__ __forceinline__ P* at(const int64_t* t, int word) {
+    return reinterpret_cast<P*>(t[word]);
+}
+
+}  // namespace
+
+// The elements of this block's tensor, i = block * OPTIM_THREADS + thread + k * blocks * OPTIM_THREADS.
+#define FOR_MY_ELEMENTS(i, m)                                                                     \
+    for (int64_t i = (m).block * blockDim.x + threadIdx.x, n_ = (m).t[OPTIM_N],                  \
+                 step_ = (m).t[OPTIM_BLOCKS] * blockDim.x;                                        \
+         i < n_; i += step_)
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) sgd_nesterov_step(const OptimParams q) {
     const float lr = q.lr, mu = q.mu, wd = q.wd;
-    FOR_EACH(i, q.n) {
-        float pi = q.param[i];
-        float g = __fadd_rn(q.grad[i], __fmul_rn(wd, pi));
-        float b = q.first ? g : __fadd_rn(__fmul_rn(mu, q.buf[i]), g);
-        q.buf[i] = b;
-        q.param[i] = __fsub_rn(pi, __fmul_rn(lr, __fadd_rn(g, __fmul_rn(mu, b))));
+    const Mine m = my_tensor(q);
+    float* param = at<float>(m.t, OPTIM_PARAM);
+    const float* grad = at<const float>(m.t, OPTIM_GRAD);
+    float* buf = at<float>(m.t, OPTIM_BUF);
+    const bool first = m.t[OPTIM_FIRST] != 0;
+    FOR_MY_ELEMENTS(i, m) {
+        float pi = param[i];
+        float g = __fadd_rn(grad[i], __fmul_rn(wd, pi));
+        float b = first ? g : __fadd_rn(__fmul_rn(mu, buf[i]), g);
+        buf[i] = b;
+        param[i] = __fsub_rn(pi, __fmul_rn(lr, __fadd_rn(g, __fmul_rn(mu, b))));
     }
 }
 
-extern "C" __global__ void optim_sum_squares_partial(const OptimParams q) {
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) optim_sum_squares_partial(const OptimParams q) {
     __shared__ double scratch[32];
+    const Mine m = my_tensor(q);
+    const float* grad = at<const float>(m.t, OPTIM_GRAD);
     double acc = 0.0;
-    FOR_EACH(i, q.n) {
-        double x = q.grad[i];
+    FOR_MY_ELEMENTS(i, m) {
+        double x = grad[i];
         acc += x * x;
     }
     acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) q.partial[blockIdx.x] = acc;
+    if (threadIdx.x == 0) at<double>(m.t, OPTIM_PARTIAL)[m.block] = acc;
 }
 
-extern "C" __global__ void optim_scale_in_place(const OptimParams q) {
-    FOR_EACH(i, q.n) q.param[i] *= q.scale;
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) optim_scale_in_place(const OptimParams q) {
+    const Mine m = my_tensor(q);
+    float* x = at<float>(m.t, OPTIM_PARAM);
+    FOR_MY_ELEMENTS(i, m) x[i] *= q.scale;
 }

@@ -172,7 +172,9 @@ fn gpu_argmax_matches_cpu_exactly() {
 }
 
 /// Parameter shapes with odd sizes, one larger than a grid-stride pass of a small grid.
-const PARAM_SHAPES: [&[usize]; 4] = [&[1031], &[3, 5, 7], &[1], &[32, 17, 3, 3, 3]];
+/// The parameters of the optimiser tests, stepped in one launch: odd sizes, one element, and one tensor larger than the
+/// 1024 blocks of 256 threads a tensor gets (so its blocks stride over it).
+const PARAM_SHAPES: [&[usize]; 5] = [&[1031], &[3, 5, 7], &[1], &[32, 17, 3, 3, 3], &[300_007]];
 
 fn host(ts: &[Tensor]) -> Vec<Vec<f64>> {
     ts.iter().map(|t| t.to_vec_f64().unwrap()).collect()
