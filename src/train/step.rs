@@ -7,7 +7,7 @@ use super::distributed::Replica;
 use super::loss::deep_supervision_loss;
 use crate::autograd::Tape;
 use crate::nn::{LkmUnet, Params};
-use crate::optim::{clip_for_step, Sgd};
+use crate::optim::{clip_for_step, Clip, Sgd};
 use crate::profile::phase;
 use crate::tensor::Tensor;
 use crate::Result;
@@ -51,6 +51,34 @@ pub fn train_step(
 /// this is the single-device step. Nothing waits for the GPU before the optimiser's launch: the one read-back is the
 /// clipping status, at the end.
 pub fn replica_step(input: &StepInput, params: &mut Params, sgd: &mut Sgd, replica: Option<&Replica>) -> Result<f64> {
+    queue_step(input, params, sgd, replica)?.finish()
+}
+
+/// A training step whose work is queued on the device ([`queue_step`]).
+pub struct QueuedStep {
+    clip: Clip,
+}
+
+impl QueuedStep {
+    /// Waits for the step (reading its clipping status back) and returns its loss, as [`replica_step`] does.
+    pub fn finish(self) -> Result<f64> {
+        let report = self.clip.finish()?;
+        if !report.loss.is_finite() {
+            return Ok(report.loss);
+        }
+        report.norm()?;
+        Ok(report.loss)
+    }
+}
+
+/// [`replica_step`] up to its read-back: everything is queued, nothing waited for, so the caller can prepare the
+/// next batch while the GPU works, then [`QueuedStep::finish`].
+pub fn queue_step(
+    input: &StepInput,
+    params: &mut Params,
+    sgd: &mut Sgd,
+    replica: Option<&Replica>,
+) -> Result<QueuedStep> {
     let mut tape = Tape::new();
     params.watch(&mut tape);
     let outputs = {
@@ -86,10 +114,5 @@ pub fn replica_step(input: &StepInput, params: &mut Params, sgd: &mut Sgd, repli
         let _phase = phase("optimiser");
         sgd.step_clipped(params.tensors_mut(), &g, &clip)?;
     }
-    let report = clip.finish()?;
-    if !report.loss.is_finite() {
-        return Ok(report.loss);
-    }
-    report.norm()?;
-    Ok(report.loss)
+    Ok(QueuedStep { clip })
 }
