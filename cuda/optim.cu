@@ -3,13 +3,17 @@
 // arithmetic per element does not depend on how the tensors are grouped into launches.
 //
 //   sgd_nesterov_step:  g = grad + wd p;   b = first ? g : mu b + g;   p = p - lr (g + mu b)
-//     PyTorch's SGD(nesterov=True, dampening=0); the first step sets the buffer to g (PyTorch's copy), so a fresh
-//     buffer need not be zeroed. Every operation is rounded separately (__fmul_rn/__fadd_rn: no fused multiply-add),
-//     in the order of the CPU path, so both give the same float32 bits.
+//     PyTorch's SGD(nesterov=True, dampening=0); the first step sets the buffer to g (PyTorch's copy) without reading
+//     it (the host zeroes a fresh buffer anyway, for a first step that a status skips). Every operation is rounded
+//     separately (__fmul_rn/__fadd_rn: no fused multiply-add), in the order of the CPU path, so both give the same
+//     float32 bits.
 //   optim_sum_squares_partial:  partial[b] = sum of g_i^2 over the elements block b of the tensor visits, in float64
-//     (fixed tree order; the host adds the partials in order, see src/optim.rs; the blocks per tensor depend on its
-//     size only).
-//   optim_scale_in_place:  x = s x
+//     (fixed tree order; the blocks per tensor depend on its size only).
+//   optim_clip_status (one block):  sq_t = sum_b partial_t[b] (in order),  total = sum_t sq_t (in order),
+//     norm = sqrt(total),  ratio = max_norm / (norm + eps),  ok = finite(norm) and finite(loss)
+//     float64 additions in the order of the host's sums, so the norm is the same bits on either side.
+//   optim_scale_in_place:  x = ratio x,  only where ok and ratio < 1
+//   sgd_nesterov_step changes nothing where a status says not ok (a non-finite loss or gradient norm).
 //
 // Cost per parameter element (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see
 // src/ops/mod.rs): sgd_nesterov_step 20 bytes (read p, grad, buf; write p, buf; 16 on the first step, which does not
@@ -49,6 +53,7 @@ __device__ __forceinline__ P* at(const int64_t* t, int word) {
          i < n_; i += step_)
 
 extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) sgd_nesterov_step(const OptimParams q) {
+    if (q.status != nullptr && q.status[OPTIM_STATUS_OK] == 0.0) return;
     const float lr = q.lr, mu = q.mu, wd = q.wd;
     const Mine m = my_tensor(q);
     float* param = at<float>(m.t, OPTIM_PARAM);
@@ -77,8 +82,32 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) optim_sum_squares_pa
     if (threadIdx.x == 0) at<double>(m.t, OPTIM_PARTIAL)[m.block] = acc;
 }
 
+extern "C" __global__ void __launch_bounds__(OPTIM_STATUS_THREADS) optim_clip_status(const OptimParams q) {
+    double* status = q.status;
+    for (int t = threadIdx.x; t < q.count; t += blockDim.x) {
+        const int64_t* e = q.table + (int64_t)t * OPTIM_WORDS;
+        const double* partial = at<const double>(e, OPTIM_PARTIAL);
+        double s = 0.0;
+        for (int64_t b = 0; b < e[OPTIM_BLOCKS]; ++b) s += partial[b];
+        status[OPTIM_STATUS_SUMS + t] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    double total = 0.0;
+    for (int t = 0; t < q.count; ++t) total += status[OPTIM_STATUS_SUMS + t];
+    const double norm = sqrt(total);
+    const double loss = q.loss != nullptr ? (double)*q.loss : 0.0;
+    status[OPTIM_STATUS_NORM] = norm;
+    status[OPTIM_STATUS_RATIO] = __ddiv_rn(q.max_norm, __dadd_rn(norm, q.eps));
+    status[OPTIM_STATUS_OK] = isfinite(norm) && isfinite(loss) ? 1.0 : 0.0;
+    status[OPTIM_STATUS_LOSS] = loss;
+}
+
 extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) optim_scale_in_place(const OptimParams q) {
+    const double ratio = q.status[OPTIM_STATUS_RATIO];
+    if (q.status[OPTIM_STATUS_OK] == 0.0 || !(ratio < 1.0)) return;
+    const float scale = (float)ratio;
     const Mine m = my_tensor(q);
     float* x = at<float>(m.t, OPTIM_PARAM);
-    FOR_MY_ELEMENTS(i, m) x[i] *= q.scale;
+    FOR_MY_ELEMENTS(i, m) x[i] *= scale;
 }

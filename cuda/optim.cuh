@@ -20,6 +20,17 @@ constexpr int OPTIM_BLOCK0 = 5;   // the tensor's first block
 constexpr int OPTIM_BLOCKS = 6;   // its blocks
 constexpr int OPTIM_FIRST = 7;    // sgd_nesterov_step: 1 on the tensor's first step (its buffer is not read)
 
+// The clipping status that optim_clip_status writes (float64 words) and optim_scale_in_place and sgd_nesterov_step
+// read, so that the decision to clip or to skip a step needs no copy to the host in the middle of a step.
+constexpr int OPTIM_STATUS_NORM = 0;   // the global L2 norm of the gradients
+constexpr int OPTIM_STATUS_RATIO = 1;  // max_norm / (norm + eps); the gradients are scaled by it when it is < 1
+constexpr int OPTIM_STATUS_OK = 2;     // 1 when the loss (if given) and the norm are finite; else 0: nothing is
+                                       // scaled and the step changes no parameter and no momentum
+constexpr int OPTIM_STATUS_LOSS = 3;   // the loss (0 when none was given)
+constexpr int OPTIM_STATUS_SUMS = 4;   // from here, one word per tensor: its sum of squares
+// optim_clip_status's threads (one block).
+constexpr int OPTIM_STATUS_THREADS = 256;
+
 // The operands of an optimiser launch; each kernel below says which it uses.
 struct OptimParams {
     const int64_t* table;  // OPTIM_WORDS words per tensor
@@ -27,9 +38,14 @@ struct OptimParams {
     float lr;              // sgd_nesterov_step: learning rate
     float mu;              // sgd_nesterov_step: momentum
     float wd;              // sgd_nesterov_step: weight decay
-    float scale;           // optim_scale_in_place: the factor
+    double max_norm;       // optim_clip_status: the bound on the norm
+    double eps;            // optim_clip_status: added to the norm in the ratio
+    const float* loss;     // optim_clip_status: the step's loss, one value (nullptr: none)
+    double* status;        // optim_clip_status writes it, optim_scale_in_place reads it; sgd_nesterov_step steps
+                           // only where it says OK (nullptr: always)
 };
 
 extern "C" __global__ void sgd_nesterov_step(const OptimParams p);          // param, grad, buf, first; lr, mu, wd
 extern "C" __global__ void optim_sum_squares_partial(const OptimParams p);  // grad -> partial
-extern "C" __global__ void optim_scale_in_place(const OptimParams p);       // param *= scale
+extern "C" __global__ void optim_clip_status(const OptimParams p);          // partial, loss -> status
+extern "C" __global__ void optim_scale_in_place(const OptimParams p);       // param *= ratio of status

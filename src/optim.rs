@@ -18,14 +18,18 @@
 //! and the schedule `lr(epoch) = base * (1 - epoch / max_epochs)^0.9`.
 //!
 //! On the GPU (kernels in `cuda/optim.cu`) the step is one elementwise launch over every parameter (a table of the
-//! tensors in device memory, `TensorTable`), updating each parameter and its momentum buffer (which lives on the
-//! GPU) in place; each operation is rounded separately in the order above, so a GPU step gives the same float32 bits
-//! as the CPU's. The first step writes b = g into a fresh buffer instead of zeroing one. `clip_grad_norm` sums the
+//! tensors in device memory, `TensorTable`), updating each parameter and its momentum buffer (which lives on the GPU)
+//! in place; each operation is rounded separately in the order above, so a GPU step gives the same float32 bits as the
+//! CPU's. The first step writes b = g (into a zeroed fresh buffer, which it does not read). `clip_grad_norm` sums the
 //! squares of each gradient in float64 per block (a fixed tree; the blocks of a gradient depend on its size only) in
-//! one launch, copies those partial sums to the host and adds them there in order (deterministic): that copy is the
-//! one host synchronisation of a training step, needed because the decision to scale, and the non-finite check,
-//! happen on the host. Scaling is then one in-place launch over every gradient. (One launch per tensor instead cost
-//! 3.3 ms of a 192 ms flare-3d step: about 300 launches the GPU waited on.)
+//! one launch; a second, of one block, adds them in order into each gradient's sum and the total (float64, the order of
+//! the CPU's sums, so the same bits), and writes the norm, the ratio and whether the step may proceed (the loss and the
+//! norm finite) into a small status buffer in device memory ([`Clip`]). The scaling (one in-place launch over every
+//! gradient) and the optimiser step read that status there: a training step queues all its work without waiting for the
+//! GPU, and reads the status back once, after its last launch ([`Clip::finish`]), to report the loss and a non-finite
+//! norm. (One launch per tensor instead cost 3.3 ms of a 192 ms flare-3d step: about 300 launches the GPU waited on.
+//! A read-back in the middle of a step holds the host until the GPU has caught up, instead of queueing the rest of the
+//! step while the GPU works.)
 //!
 //! One clipped step by hand: the gradient (3, 4) has norm 5 and is scaled to norm 2.5, then the first Nesterov step
 //! (b = g) moves p by `-lr (1 + mu) g`.
@@ -50,9 +54,12 @@
 use std::sync::Arc;
 
 use crate::device::cuda::{driver_err, Gpu, GpuBuffer};
+use cudarc::driver::CudaSlice;
+
 use crate::device::params::{
-    kernel, Kernel, OptimParams, OPTIM_BLOCK0, OPTIM_BLOCKS, OPTIM_BUF, OPTIM_FIRST, OPTIM_GRAD, OPTIM_N, OPTIM_PARAM,
-    OPTIM_PARTIAL, OPTIM_THREADS, OPTIM_WORDS,
+    kernel, ConstPtr, Kernel, MutPtr, OptimParams, OPTIM_BLOCK0, OPTIM_BLOCKS, OPTIM_BUF, OPTIM_FIRST, OPTIM_GRAD,
+    OPTIM_N, OPTIM_PARAM, OPTIM_PARTIAL, OPTIM_STATUS_LOSS, OPTIM_STATUS_NORM, OPTIM_STATUS_OK, OPTIM_STATUS_RATIO,
+    OPTIM_STATUS_SUMS, OPTIM_STATUS_THREADS, OPTIM_THREADS, OPTIM_WORDS,
 };
 use crate::tensor::{Real, Storage, Tensor};
 use crate::{bail, by_dtype, ensure, Error, Result};
@@ -123,6 +130,17 @@ impl Sgd {
     /// deepest deep-supervision output, whose loss weight is 0) is left untouched with its momentum, as PyTorch's
     /// SGD skips parameters whose `.grad` is None.
     pub fn step_partial(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()> {
+        self.step_guarded(params, grads, None)
+    }
+
+    /// [`Sgd::step_partial`] after `clip` clipped `grads`: where `clip` found the loss or the gradient norm not
+    /// finite, the step changes no parameter and no momentum buffer (on the GPU the kernel reads that decision from
+    /// device memory, so nothing waits for it here).
+    pub fn step_clipped(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>], clip: &Clip) -> Result<()> {
+        self.step_guarded(params, grads, Some(clip))
+    }
+
+    fn step_guarded(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>], clip: Option<&Clip>) -> Result<()> {
         for (name, value) in [("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay)] {
             ensure!(value.is_finite() && value >= 0.0, Config, "Sgd: {name} must be finite and >= 0, got {value}");
         }
@@ -155,6 +173,9 @@ impl Sgd {
             }
             p.storage_mut()?;
         }
+        if clip.is_some_and(|c| c.skips_on_host()) {
+            return Ok(());
+        }
         let hyper = [self.lr, self.momentum, self.weight_decay];
         let mut table = TensorTable::default();
         for ((p, g), b) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()) {
@@ -170,7 +191,11 @@ impl Sgd {
             by_dtype!(p.dtype(), update_cpu(p, g, b, hyper))?;
         }
         let [lr, mu, wd] = hyper.map(|v| v as f32);
-        table.launch(kernel::sgd_nesterov_step, OptimParams { lr, mu, wd, ..Default::default() }, "Sgd::step")
+        let status = match clip.map(|c| &c.decided) {
+            Some(Decided::Device { status_at, .. }) => *status_at,
+            _ => MutPtr::NULL,
+        };
+        table.launch(kernel::sgd_nesterov_step, OptimParams { lr, mu, wd, status, ..Default::default() }, "Sgd::step")
     }
 }
 
@@ -216,20 +241,62 @@ impl TensorTable {
 
     /// One launch of `kernel` over every tensor added (nothing when none was); `p` gives the scalars.
     fn launch(self, kernel: Kernel<OptimParams>, p: OptimParams, what: &str) -> Result<()> {
-        let Some(gpu) = self.gpu else { return Ok(()) };
-        let table = gpu.stream().clone_htod(&self.words).map_err(driver_err(format!("copying the {what} table")))?;
-        let p = OptimParams { table: gpu.ptr(&table), count: (self.words.len() / OPTIM_WORDS) as i32, ..p };
-        let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (self.blocks as u32, 1, 1),
-            block_dim: (OPTIM_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        gpu.launch(kernel, cfg, &p, &format!("{what} ({} tensors)", p.count))
+        match self.upload(what)? {
+            Some(table) => table.launch(kernel, p, what),
+            None => Ok(()),
+        }
+    }
+
+    /// The table in device memory, for one or more launches (`None` when no tensor was added).
+    fn upload(self, what: &str) -> Result<Option<Uploaded>> {
+        let Some(gpu) = self.gpu else { return Ok(None) };
+        let words = gpu.stream().clone_htod(&self.words).map_err(driver_err(format!("copying the {what} table")))?;
+        let count = (self.words.len() / OPTIM_WORDS) as i32;
+        Ok(Some(Uploaded { gpu, words, count, blocks: self.blocks }))
     }
 }
 
-/// Adds the step of one GPU parameter to `table`: `buf` is created (written with b = g by the kernel) on the first
-/// step, and replaced by a private copy when its storage is shared (a checkpoint snapshot keeps its values).
+/// A [`TensorTable`] in device memory.
+struct Uploaded {
+    gpu: Arc<Gpu>,
+    words: CudaSlice<i64>,
+    count: i32,
+    blocks: usize,
+}
+
+impl Uploaded {
+    /// `kernel` over the table's blocks; `p` gives the scalars.
+    fn launch(&self, kernel: Kernel<OptimParams>, p: OptimParams, what: &str) -> Result<()> {
+        self.launch_on(kernel, p, self.blocks, OPTIM_THREADS, what)
+    }
+
+    /// `kernel` as one block of `threads` threads.
+    fn launch_one_block(&self, kernel: Kernel<OptimParams>, p: OptimParams, threads: usize, what: &str) -> Result<()> {
+        self.launch_on(kernel, p, 1, threads, what)
+    }
+
+    fn launch_on(
+        &self,
+        kernel: Kernel<OptimParams>,
+        p: OptimParams,
+        blocks: usize,
+        threads: usize,
+        what: &str,
+    ) -> Result<()> {
+        let p = OptimParams { table: self.gpu.ptr(&self.words), count: self.count, ..p };
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.gpu.launch(kernel, cfg, &p, &format!("{what} ({} tensors)", p.count))
+    }
+}
+
+/// Adds the step of one GPU parameter to `table`: `buf` is created on the first step (zeroed, though the kernel writes
+/// b = g there without reading it: a first step that a [`Clip`] skips on the GPU leaves zeros, which the next step
+/// reads as PyTorch's fresh buffer), and replaced by a private copy when its storage is shared (a checkpoint snapshot
+/// keeps its values).
 fn add_gpu_update(table: &mut TensorTable, param: &mut Tensor, grad: &Tensor, buf: &mut Option<Tensor>) -> Result<()> {
     let shape = param.shape().to_vec();
     let g = grad.gpu_buffer().ok_or_else(|| {
@@ -244,7 +311,7 @@ fn add_gpu_update(table: &mut TensorTable, param: &mut Tensor, grad: &Tensor, bu
             }
             b
         }
-        None => buf.insert(Tensor::from_gpu(gpu.alloc(param.numel(), "momentum buffer")?, &shape)?),
+        None => buf.insert(Tensor::from_gpu(gpu.zeros(param.numel(), "momentum buffer")?, &shape)?),
     };
     let b = gpu_mut(buf)?.ptr_mut().address();
     let p = gpu_mut(param)?.ptr_mut().address();
@@ -300,45 +367,135 @@ fn unique_host_mut<T: Real>(t: &mut Tensor) -> Result<&mut [T]> {
 /// Clips the global L2 norm of `grads` to `max_norm` like PyTorch's `clip_grad_norm_`: computes the norm over every
 /// element of every gradient (accumulated in f64) and returns it, and, when `max_norm / (norm + 1e-6) < 1`, scales
 /// each gradient by that ratio (replacing the tensors in the slice; shared ones are copied first). A NaN or infinite
-/// norm is an [`Error::NonFinite`] that leaves the gradients untouched.
+/// norm is an [`Error::NonFinite`] that leaves the gradients untouched. (Reads the norm back from the GPU; a training
+/// step uses [`clip_for_step`] instead, which does not wait.)
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    clip(grads, max_norm, None)?.finish()?.norm()
+}
+
+/// [`clip_grad_norm`] over the gradients that exist (`None`: no gradient reached that parameter).
+pub fn clip_present_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    clip_present(grads, max_norm, None)?.finish()?.norm()
+}
+
+/// Clipping as a training step does it: as [`clip_present_grad_norm`], but on the GPU the decision stays in device
+/// memory (nothing here waits for the GPU), and it also covers the step's `loss` (one value): where the loss or the
+/// norm is not finite, nothing is scaled and [`Sgd::step_clipped`] changes nothing. [`Clip::finish`], after the
+/// step's last launch, reads the loss and the norm back.
+pub fn clip_for_step(grads: &mut [Option<Tensor>], max_norm: f64, loss: &Tensor) -> Result<Clip> {
+    clip_present(grads, max_norm, Some(loss))
+}
+
+fn clip_present(grads: &mut [Option<Tensor>], max_norm: f64, loss: Option<&Tensor>) -> Result<Clip> {
+    let mut present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
+    let clip = clip(&mut present, max_norm, loss)?;
+    let mut clipped = present.into_iter();
+    for g in grads.iter_mut().flatten() {
+        *g = clipped.next().expect("one clipped gradient per present gradient");
+    }
+    Ok(clip)
+}
+
+/// A clipping decision: made at once for host gradients, or held in device memory (`cuda/optim.cuh`'s status words)
+/// for GPU gradients, where the scaling and [`Sgd::step_clipped`] read it.
+pub struct Clip {
+    decided: Decided,
+    /// The gradients' shapes, for the message naming a non-finite one.
+    shapes: Vec<Vec<usize>>,
+}
+
+enum Decided {
+    /// The status words, computed on the host.
+    Host(Vec<f64>),
+    /// The status words in device memory, and their address for the kernels.
+    Device { gpu: Arc<Gpu>, status: CudaSlice<f64>, status_at: MutPtr<f64> },
+}
+
+/// What a [`Clip`] found, read back.
+#[derive(Clone, Debug)]
+pub struct ClipReport {
+    /// The global L2 norm of the gradients.
+    pub norm_value: f64,
+    /// The step's loss (0 when none was given).
+    pub loss: f64,
+    /// The message of a non-finite norm: which gradient was first not finite.
+    first_bad: Option<String>,
+}
+
+impl ClipReport {
+    /// The norm, or the [`Error::NonFinite`] of a NaN or infinite one (the gradients were left unchanged).
+    pub fn norm(&self) -> Result<f64> {
+        let norm = self.norm_value;
+        if norm.is_finite() {
+            return Ok(norm);
+        }
+        let at = self.first_bad.clone().unwrap_or_else(|| "the sum of squares overflowed".into());
+        Err(Error::NonFinite(format!(
+            "gradient norm is NaN or infinite ({norm}; {at}); the gradients were left unchanged: lower the learning \
+             rate or check the data"
+        )))
+    }
+}
+
+impl Clip {
+    /// Whether the decision is known on the host and says not to step.
+    fn skips_on_host(&self) -> bool {
+        matches!(&self.decided, Decided::Host(words) if words[OPTIM_STATUS_OK] == 0.0)
+    }
+
+    /// The loss and the norm (one copy from the GPU, which waits for the work queued so far).
+    pub fn finish(self) -> Result<ClipReport> {
+        let words = match self.decided {
+            Decided::Host(words) => words,
+            Decided::Device { gpu, status, .. } => {
+                gpu.stream().clone_dtoh(&status).map_err(driver_err("reading the clipping status back"))?
+            }
+        };
+        let sums = &words[OPTIM_STATUS_SUMS..];
+        let first_bad = sums
+            .iter()
+            .position(|s| !s.is_finite())
+            .map(|i| format!("first in gradient {i} of shape {:?}", self.shapes[i]));
+        Ok(ClipReport { norm_value: words[OPTIM_STATUS_NORM], loss: words[OPTIM_STATUS_LOSS], first_bad })
+    }
+}
+
+/// The status words of `sums` (each gradient's sum of squares) and `loss`, as `optim_clip_status` computes them: the
+/// same float64 operations in the same order.
+fn status_words(sums: &[f64], loss: f64, max_norm: f64) -> Vec<f64> {
+    let total = sums.iter().fold(0.0f64, |t, &s| t + s);
+    let norm = total.sqrt();
+    let mut words = vec![0.0; OPTIM_STATUS_SUMS];
+    words[OPTIM_STATUS_NORM] = norm;
+    words[OPTIM_STATUS_RATIO] = max_norm / (norm + CLIP_EPS);
+    words[OPTIM_STATUS_OK] = f64::from(u8::from(norm.is_finite() && loss.is_finite()));
+    words[OPTIM_STATUS_LOSS] = loss;
+    words.extend_from_slice(sums);
+    words
+}
+
+fn clip(grads: &mut [Tensor], max_norm: f64, loss: Option<&Tensor>) -> Result<Clip> {
     if max_norm.is_nan() || max_norm <= 0.0 {
         bail!(Config, "clip_grad_norm: max_norm must be positive, got {max_norm}");
     }
-    let squares = match grads.iter().position(|g| g.gpu_buffer().is_some()) {
-        Some(first_gpu) => sum_squares_gpu(grads, first_gpu)?,
-        None => grads.iter().map(|g| by_dtype!(g.dtype(), sum_squares_cpu(g))).collect::<Result<Vec<f64>>>()?,
-    };
-    let mut total = 0.0f64;
-    let mut first_bad = None;
-    for (i, (g, &sq)) in grads.iter().zip(&squares).enumerate() {
-        if !sq.is_finite() && first_bad.is_none() {
-            first_bad = Some(format!("first in gradient {i} of shape {:?}", g.shape()));
-        }
-        total += sq;
+    if let Some(loss) = loss {
+        ensure!(loss.numel() == 1, Shape, "clipping: the loss must be one value, got shape {:?}", loss.shape());
     }
-    let norm = total.sqrt();
-    if !norm.is_finite() {
-        let at = first_bad.unwrap_or_else(|| "the sum of squares overflowed".into());
-        return Err(Error::NonFinite(format!(
-            "gradient norm is NaN or infinite ({norm}; {at}); the gradients were left unchanged: lower the learning \
-             rate or check the data"
-        )));
+    let shapes = grads.iter().map(|g| g.shape().to_vec()).collect();
+    if let Some(first_gpu) = grads.iter().position(|g| g.gpu_buffer().is_some()) {
+        let decided = clip_gpu(grads, first_gpu, max_norm, loss)?;
+        return Ok(Clip { decided, shapes });
     }
-    let ratio = max_norm / (norm + CLIP_EPS);
-    if ratio < 1.0 {
-        let mut table = TensorTable::default();
+    let sums = grads.iter().map(|g| by_dtype!(g.dtype(), sum_squares_cpu(g))).collect::<Result<Vec<f64>>>()?;
+    let loss = loss.map(Tensor::scalar).transpose()?.unwrap_or(0.0);
+    let words = status_words(&sums, loss, max_norm);
+    let ratio = words[OPTIM_STATUS_RATIO];
+    if words[OPTIM_STATUS_OK] != 0.0 && ratio < 1.0 {
         for g in grads.iter_mut() {
-            if g.gpu_buffer().is_some() {
-                add_gpu_scale(&mut table, g, ratio)?;
-            } else {
-                by_dtype!(g.dtype(), scale_in_place_cpu(g, ratio))?;
-            }
+            by_dtype!(g.dtype(), scale_in_place_cpu(g, ratio))?;
         }
-        let p = OptimParams { scale: ratio as f32, ..Default::default() };
-        table.launch(kernel::optim_scale_in_place, p, "clip_grad_norm scale")?;
     }
-    Ok(norm)
+    Ok(Clip { decided: Decided::Host(words), shapes })
 }
 
 fn sum_squares_cpu<T: Real>(g: &Tensor) -> Result<f64> {
@@ -349,15 +506,19 @@ fn sum_squares_cpu<T: Real>(g: &Tensor) -> Result<f64> {
 /// only on the gradient's size.
 const SQUARES_MAX_BLOCKS: usize = 512;
 
-/// The sum of squares of every gradient, when they are all on the GPU of `grads[first_gpu]`: per-block float64
-/// partial sums on the device, one copy of them to the host (which synchronises), added there in order.
-fn sum_squares_gpu(grads: &[Tensor], first_gpu: usize) -> Result<Vec<f64>> {
-    let reference = &grads[first_gpu];
+/// Clipping of gradients that are all on the GPU of `grads[first_gpu]`, in three launches and no copy back: per-block
+/// float64 partial sums of squares, the status (`optim_clip_status`), and the scaling, which reads the status.
+fn clip_gpu(grads: &mut [Tensor], first_gpu: usize, max_norm: f64, loss: Option<&Tensor>) -> Result<Decided> {
+    let reference = grads[first_gpu].clone();
     for (i, g) in grads.iter().enumerate() {
         reference.check_same_kind(g, &format!("clip_grad_norm: gradient {i}"))?;
     }
     let not_on_gpu = |i: usize| Error::Mismatch(format!("clip_grad_norm: gradient {i} is not on the GPU"));
     let gpu = reference.gpu_buffer().ok_or_else(|| not_on_gpu(first_gpu))?.gpu.clone();
+    let loss = loss.map(|l| l.gpu_operand::<f32>("clipping: the loss")).transpose()?;
+    if let Some(l) = &loss {
+        ensure!(Arc::ptr_eq(&l.gpu, &gpu), Mismatch, "clipping: the loss and the gradients are on different GPUs");
+    }
     let blocks: Vec<usize> =
         grads.iter().map(|g| g.numel().div_ceil(OPTIM_THREADS).clamp(1, SQUARES_MAX_BLOCKS)).collect();
     let mut partial = gpu
@@ -372,23 +533,35 @@ fn sum_squares_gpu(grads: &[Tensor], first_gpu: usize) -> Result<Vec<f64>> {
         table.push(&gpu, [0, b.ptr().address(), 0, partial_at.offset(offset).address()], g.numel(), nb, false)?;
         offset += nb;
     }
-    table.launch(kernel::optim_sum_squares_partial, OptimParams::default(), "clip_grad_norm")?;
-    let host = gpu.stream().clone_dtoh(&partial).map_err(driver_err("reading the gradient norm back"))?;
-    let mut sums = Vec::with_capacity(grads.len());
-    let mut rest = host.as_slice();
-    for &nb in &blocks {
-        let (mine, tail) = rest.split_at(nb);
-        sums.push(mine.iter().sum());
-        rest = tail;
+    let mut status = gpu
+        .stream()
+        .alloc_zeros::<f64>(OPTIM_STATUS_SUMS + grads.len())
+        .map_err(driver_err("allocating the clipping status"))?;
+    let status_at = gpu.ptr_mut(&mut status);
+    let p = OptimParams {
+        max_norm,
+        eps: CLIP_EPS,
+        loss: loss.as_ref().map_or(ConstPtr::NULL, |l| l.ptr()),
+        status: status_at,
+        ..Default::default()
+    };
+    if let Some(table) = table.upload("clip_grad_norm")? {
+        table.launch(kernel::optim_sum_squares_partial, p, "clip_grad_norm")?;
+        table.launch_one_block(kernel::optim_clip_status, p, OPTIM_STATUS_THREADS, "clip_grad_norm status")?;
     }
-    Ok(sums)
+    let mut scaling = TensorTable::default();
+    for g in grads.iter_mut() {
+        add_gpu_scale(&mut scaling, g)?;
+    }
+    scaling.launch(kernel::optim_scale_in_place, p, "clip_grad_norm scale")?;
+    Ok(Decided::Device { gpu, status, status_at })
 }
 
-/// Adds a GPU gradient to the in-place scaling `table`, or, when its storage is shared, replaces it by a scaled copy.
-fn add_gpu_scale(table: &mut TensorTable, g: &mut Tensor, ratio: f64) -> Result<()> {
+/// Adds a GPU gradient to the in-place scaling `table`, replacing it by a private copy first when its storage is
+/// shared (whether it is scaled is decided on the GPU).
+fn add_gpu_scale(table: &mut TensorTable, g: &mut Tensor) -> Result<()> {
     if g.storage_mut().is_err() {
-        *g = crate::tensor::scale(g, ratio)?;
-        return Ok(());
+        *g = gpu_copy(g)?;
     }
     let n = g.numel();
     let b = gpu_mut(g)?;
@@ -402,17 +575,6 @@ fn scale_in_place_cpu<T: Real>(g: &mut Tensor, ratio: f64) -> Result<()> {
         *x *= ratio;
     }
     Ok(())
-}
-
-/// [`clip_grad_norm`] over the gradients that exist (`None`: no gradient reached that parameter).
-pub fn clip_present_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut present: Vec<Tensor> = grads.iter().flatten().cloned().collect();
-    let norm = clip_grad_norm(&mut present, max_norm)?;
-    let mut clipped = present.into_iter();
-    for g in grads.iter_mut().flatten() {
-        *g = clipped.next().expect("one clipped gradient per present gradient");
-    }
-    Ok(norm)
 }
 
 /// nnU-Net's polynomial learning-rate schedule, `base_lr * (1 - epoch / max_epochs)^0.9`; 0 from `max_epochs` on.

@@ -3,7 +3,7 @@
 //! (`common::device_test!`; `NAME::gpu` with `cargo test --release --test optim -- --ignored` on a GPU machine).
 
 use lkm_engine::device::Device;
-use lkm_engine::optim::{clip_grad_norm, poly_lr, Sgd, DEFAULT_GRAD_CLIP, DEFAULT_LR, DEFAULT_MOMENTUM};
+use lkm_engine::optim::{clip_for_step, clip_grad_norm, poly_lr, Sgd, DEFAULT_GRAD_CLIP, DEFAULT_LR, DEFAULT_MOMENTUM};
 use lkm_engine::{Error, Tensor};
 
 mod common;
@@ -181,6 +181,49 @@ fn clip_grad_norm_rejects_non_finite_and_keeps_gradients(dev: &Device) {
     }
 }
 device_test!(clip_grad_norm_rejects_non_finite_and_keeps_gradients);
+
+/// A training step's clipping and SGD where the loss, or the gradient norm, is not finite: nothing changes (on the GPU
+/// the kernels read that from the clipping status, with no read-back before `finish`), `finish` reports it, and the
+/// next finite step moves the parameters exactly as a fresh optimiser's first step would.
+fn a_non_finite_step_changes_nothing(dev: &Device) {
+    let start = [t_on(dev, &[1.0, -2.0]), t_on(dev, &[0.5])];
+    let grads = || vec![Some(t_on(dev, &[30.0, 40.0])), Some(t_on(dev, &[1.0]))];
+    let loss = |v: f32| t_on(dev, &[v]);
+    let fresh_step = |params: &mut [Tensor]| {
+        let mut g = grads();
+        let clip = clip_for_step(&mut g, 5.0, &loss(0.5)).unwrap();
+        let mut sgd = Sgd::new(0.1, 0.9, 0.01);
+        sgd.step_clipped(params, &g, &clip).unwrap();
+        let report = clip.finish().unwrap();
+        assert_eq!((report.loss, report.norm().unwrap()), (0.5, (30f64 * 30.0 + 40.0 * 40.0 + 1.0).sqrt()));
+    };
+    let mut reference: Vec<Tensor> = start.iter().map(|p| p.deep_copy().unwrap()).collect();
+    fresh_step(&mut reference);
+    for (bad_loss, bad_grad) in [(f32::NAN, 1.0), (f32::INFINITY, 1.0), (0.5, f32::NAN)] {
+        let mut params: Vec<Tensor> = start.iter().map(|p| p.deep_copy().unwrap()).collect();
+        let mut sgd = Sgd::new(0.1, 0.9, 0.01);
+        let mut g = vec![Some(t_on(dev, &[30.0, 40.0])), Some(t_on(dev, &[bad_grad]))];
+        let clip = clip_for_step(&mut g, 5.0, &loss(bad_loss)).unwrap();
+        sgd.step_clipped(&mut params, &g, &clip).unwrap();
+        let report = clip.finish().unwrap();
+        let what = format!("loss {bad_loss}, gradient {bad_grad}");
+        assert_eq!(report.loss.is_finite(), bad_loss.is_finite(), "{what}");
+        assert_eq!(report.norm().is_ok(), bad_grad.is_finite(), "{what}");
+        for (p, s) in params.iter().zip(&start) {
+            assert_eq!(values(p), values(s), "{what}: a parameter changed");
+        }
+        assert_eq!(values(g[0].as_ref().unwrap()), vec![30.0, 40.0], "{what}: a gradient was scaled");
+        // The next step, finite, from the optimiser that skipped: as the first step of a fresh one.
+        let mut g = grads();
+        let clip = clip_for_step(&mut g, 5.0, &loss(0.5)).unwrap();
+        sgd.step_clipped(&mut params, &g, &clip).unwrap();
+        clip.finish().unwrap().norm().unwrap();
+        for (p, r) in params.iter().zip(&reference) {
+            assert_eq!(values(p), values(r), "{what}: the step after the skipped one");
+        }
+    }
+}
+device_test!(a_non_finite_step_changes_nothing);
 
 #[test]
 fn poly_lr_schedule() {

@@ -220,6 +220,32 @@ fn a_nan_loss_stops_training_with_a_clear_error() {
     assert!(err.to_string().contains("lower --lr"), "{err}");
 }
 
+/// A step whose input holds a NaN: the loss comes back NaN and the parameters and momentum are as they were (the
+/// backward pass ran, but on the GPU clipping and SGD read from device memory that the step must not change anything).
+fn a_nan_step_leaves_the_parameters_as_they_were(dev: &Device) {
+    let cfg = common::micro_config();
+    let (model, params) = LkmUnet::new(cfg.clone(), 5).unwrap();
+    let mut params = params.to(DType::F32, dev).unwrap().deep_copy().unwrap();
+    let before: Vec<Vec<f64>> = params.tensors().iter().map(|p| p.to_vec_f64().unwrap()).collect();
+    let mut shape = vec![1, 1];
+    shape.extend_from_slice(&cfg.patch);
+    let x = Tensor::from_fn(&shape, DType::F32, |i| if i == 7 { f64::NAN } else { (i % 5) as f64 }).unwrap();
+    let y = Tensor::from_fn(&[&[1, 1][..], &cfg.patch].concat(), DType::F32, |i| (i % 4) as f64).unwrap();
+    let targets: Vec<Tensor> = cfg
+        .output_sizes(&cfg.patch)
+        .iter()
+        .map(|s| downsample_labels(&y, s).unwrap().to_device(dev).unwrap())
+        .collect();
+    let mut sgd = lkm_engine::optim::Sgd::default();
+    let x = x.to_device(dev).unwrap();
+    let loss = lkm_engine::train::step::train_step(&model, &mut params, &mut sgd, &x, &targets, true, 12.0).unwrap();
+    assert!(loss.is_nan(), "{loss}");
+    for (p, b) in params.tensors().iter().zip(&before) {
+        assert_eq!(&p.to_vec_f64().unwrap(), b);
+    }
+}
+common::device_test!(a_nan_step_leaves_the_parameters_as_they_were);
+
 #[test]
 fn predict_writes_labels_on_the_input_grid() {
     let dir = temp_dir("predict");

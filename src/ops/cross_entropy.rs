@@ -22,9 +22,10 @@
 //! step, so it relies on the data loader, which validates every label map before upload. As a last line of
 //! defence the kernels never index with a bad label (no out-of-bounds read) and flag it in band instead: the
 //! voxel's loss term and its gradient become NaN. A device-side error word would have no reader, since these
-//! losses never synchronise; the NaN reaches the loss (seen whenever it is read) and the gradients, where
-//! [`clip_grad_norm`](crate::optim::clip_grad_norm), which reads the gradient norm back every step, stops training
-//! with [`Error::NonFinite`](crate::Error::NonFinite). Nothing is clamped. The soft Dice loss follows the same rule.
+//! losses never synchronise; the NaN reaches the loss and the gradients, which a training step's clipping status
+//! reads back at the end of every step ([`Clip::finish`](crate::optim::Clip::finish)): the step changes no parameter
+//! and training stops with [`Error::NonFinite`](crate::Error::NonFinite). Nothing is clamped. The soft Dice loss
+//! follows the same rule.
 //!
 //! Cost per voxel with K classes (the counting rules are in [`ops`](crate::ops)): forward 4 (K + 1) bytes (read K
 //! logits and the label) and about 4K FLOPs (max, shift, exponential, sum; one logarithm); backward 4 (2K + 1) bytes

@@ -270,7 +270,7 @@ pub fn render(
     }
     let between =
         step_ms - ["forward", "loss", "backward", "clip", "optimiser"].iter().map(|p| phase_ms(p)).sum::<f64>();
-    let _ = writeln!(s, "  between phases (loss read-back, gradient gathering): {between:.3} ms");
+    let _ = writeln!(s, "  between phases (the clipping status read back, gradient gathering): {between:.3} ms");
     let _ = writeln!(s, "\nmemory:");
     match pool_peak_bytes {
         Some(p) => {

@@ -7,7 +7,7 @@ use super::distributed::Replica;
 use super::loss::deep_supervision_loss;
 use crate::autograd::Tape;
 use crate::nn::{LkmUnet, Params};
-use crate::optim::{clip_present_grad_norm, Sgd};
+use crate::optim::{clip_for_step, Clip, Sgd};
 use crate::profile::phase;
 use crate::tensor::Tensor;
 use crate::Result;
@@ -28,8 +28,10 @@ pub struct StepInput<'a> {
 }
 
 /// Runs one optimisation step of `model` on the device batch `x` with the labels at every output's resolution
-/// (`targets`) and returns the loss, read back from the device. A non-finite loss is returned before the backward
-/// pass, leaving the parameters as they were.
+/// (`targets`) and returns the loss, read back from the device once the whole step is queued. A non-finite loss is
+/// returned with the parameters as they were: the backward pass runs, but clipping and SGD change nothing (on the GPU
+/// they read that decision from device memory). A non-finite gradient norm with a finite loss is an
+/// [`Error::NonFinite`](crate::Error::NonFinite), the parameters likewise unchanged.
 pub fn train_step(
     model: &LkmUnet,
     params: &mut Params,
@@ -46,8 +48,37 @@ pub fn train_step(
 /// the replicas (every replica reads the same value, so all stop together on a non-finite one), and every gradient is
 /// the mean over the replicas, reduced by NCCL in buckets while the backward pass runs ([`Replica::backward`]).
 /// Clipping and SGD then see the same gradients on every replica, so the weights stay identical. Without a replica
-/// this is the single-device step.
+/// this is the single-device step. Nothing waits for the GPU before the optimiser's launch: the one read-back is the
+/// clipping status, at the end.
 pub fn replica_step(input: &StepInput, params: &mut Params, sgd: &mut Sgd, replica: Option<&Replica>) -> Result<f64> {
+    queue_step(input, params, sgd, replica)?.finish()
+}
+
+/// A training step whose work is queued on the device ([`queue_step`]).
+pub struct QueuedStep {
+    clip: Clip,
+}
+
+impl QueuedStep {
+    /// Waits for the step (reading its clipping status back) and returns its loss, as [`replica_step`] does.
+    pub fn finish(self) -> Result<f64> {
+        let report = self.clip.finish()?;
+        if !report.loss.is_finite() {
+            return Ok(report.loss);
+        }
+        report.norm()?;
+        Ok(report.loss)
+    }
+}
+
+/// [`replica_step`] up to its read-back: everything is queued, nothing waited for, so the caller can prepare the
+/// next batch while the GPU works, then [`QueuedStep::finish`].
+pub fn queue_step(
+    input: &StepInput,
+    params: &mut Params,
+    sgd: &mut Sgd,
+    replica: Option<&Replica>,
+) -> Result<QueuedStep> {
     let mut tape = Tape::new();
     params.watch(&mut tape);
     let outputs = {
@@ -60,13 +91,10 @@ pub fn replica_step(input: &StepInput, params: &mut Params, sgd: &mut Sgd, repli
         deep_supervision_loss(&mut tape, &outputs, input.targets, input.batch_dice)?
     };
     drop(outputs);
-    let value = match replica {
-        Some(r) => r.average_loss(&loss)?.scalar()?,
-        None => loss.scalar()?,
+    let mean_loss = match replica {
+        Some(r) => r.average_loss(&loss)?,
+        None => loss.clone(),
     };
-    if !value.is_finite() {
-        return Ok(value);
-    }
     // Parameters no gradient reaches (the deepest seg head: loss weight 0) are skipped, as PyTorch does.
     let mut g: Vec<Option<Tensor>> = {
         let _phase = phase("backward");
@@ -78,10 +106,13 @@ pub fn replica_step(input: &StepInput, params: &mut Params, sgd: &mut Sgd, repli
             }
         }
     };
-    {
+    let clip = {
         let _phase = phase("clip");
-        clip_present_grad_norm(&mut g, input.grad_clip)?;
+        clip_for_step(&mut g, input.grad_clip, &mean_loss)?
+    };
+    {
+        let _phase = phase("optimiser");
+        sgd.step_clipped(params.tensors_mut(), &g, &clip)?;
     }
-    let _phase = phase("optimiser");
-    sgd.step_partial(params.tensors_mut(), &g).map(|_| value)
+    Ok(QueuedStep { clip })
 }

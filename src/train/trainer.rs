@@ -19,7 +19,7 @@ use super::checkpoint;
 use super::distributed::{rank_seed, Replica};
 use super::loader::{BatchSource, Loader};
 use super::run_dir::{CHECKPOINT, METRICS};
-use super::step::{replica_step, StepInput};
+use super::step::{queue_step, StepInput};
 use crate::data::sampler::{ForegroundIndex, PatchSampler};
 use crate::data::Case;
 use crate::device::Device;
@@ -259,18 +259,15 @@ impl Run<'_> {
             if let Device::Cuda(gpu) = &self.device {
                 gpu.reset_peak_memory()?;
             }
+            // Each iteration's batch is taken and copied to the device while the GPU still works on the previous
+            // step (the copy is queued after it), so the GPU does not wait for the host between steps.
+            let mut upcoming = match o.iters_per_epoch {
+                0 => None,
+                _ => Some(self.next_on_device(&mut batches)?),
+            };
             for it in 0..o.iters_per_epoch {
                 let t_it = Instant::now();
-                let batch = {
-                    let _phase = phase("sample");
-                    batches.next_batch()?
-                };
-                let (x, targets) = {
-                    let _phase = phase("to_device");
-                    let targets =
-                        batch.targets.iter().map(|t| t.to_device(&self.device)).collect::<Result<Vec<_>>>()?;
-                    (batch.image.to_device(&self.device)?, targets)
-                };
+                let (x, targets) = upcoming.take().expect("each iteration's batch is taken before it");
                 let step = StepInput {
                     model: self.model,
                     x: &x,
@@ -278,7 +275,11 @@ impl Run<'_> {
                     batch_dice: o.batch_dice,
                     grad_clip: o.grad_clip,
                 };
-                let loss = replica_step(&step, &mut params, &mut sgd, replica)?;
+                let queued = queue_step(&step, &mut params, &mut sgd, replica)?;
+                if it + 1 < o.iters_per_epoch {
+                    upcoming = Some(self.next_on_device(&mut batches)?);
+                }
+                let loss = queued.finish()?;
                 if !loss.is_finite() {
                     bail!(NonFinite, "{}", self.diverged(loss, epoch, it, start.epoch, loss_sum / it.max(1) as f64));
                 }
@@ -360,6 +361,17 @@ impl Run<'_> {
             }
         }
         Ok(sums.iter().map(|&(s, n)| (n > 0).then(|| s / n as f64)).collect())
+    }
+
+    /// The loader's next batch, on the run's device: the image and the labels at every output's resolution.
+    fn next_on_device(&self, batches: &mut Loader) -> Result<(Tensor, Vec<Tensor>)> {
+        let batch = {
+            let _phase = phase("sample");
+            batches.next_batch()?
+        };
+        let _phase = phase("to_device");
+        let targets = batch.targets.iter().map(|t| t.to_device(&self.device)).collect::<Result<Vec<_>>>()?;
+        Ok((batch.image.to_device(&self.device)?, targets))
     }
 
     /// The message for a non-finite loss at (`epoch`, `it`) of a run started at `start_epoch`: which checkpoint
