@@ -26,7 +26,7 @@
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, grid_vec, GpuElement};
-use crate::device::params::{kernel, CopyRowsParams};
+use crate::device::params::{kernel, ConstPtr, CopyRowsParams, MutPtr};
 use crate::ops::concat::copy_rows_gpu;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -89,6 +89,13 @@ impl RowSlice {
             start: start * inner,
             len: len * inner,
         }
+    }
+
+    /// The rows of a slice's gradient `src` (rows x len) at column `start` of the rows of the input's gradient `dst`
+    /// (rows x row): the narrow backward kernels' parameters.
+    fn gradient_params<T>(&self, src: ConstPtr<T>, dst: MutPtr<T>) -> CopyRowsParams<T> {
+        let [rows, row, start, len] = [self.rows, self.row, self.start, self.len].map(|v| v as i64);
+        CopyRowsParams { src, dst, rows, len, src_row: len, src_off: 0, dst_row: row, dst_off: start }
     }
 
     /// The input's and output's shapes with the slice, for GPU error messages.
@@ -168,17 +175,7 @@ fn add_slice_gpu<T: GpuElement>(g: &Tensor, dx: &mut Tensor, s: &RowSlice) -> Re
     let g = g.gpu_operand::<T>("narrow backward")?;
     let gpu = g.gpu.clone();
     let dst = T::buffer_mut(dx.storage_mut()?).expect("checked: a GPU tensor of g's dtype");
-    let [rows, row, start, len] = [s.rows, s.row, s.start, s.len].map(|v| v as i64);
-    let p = CopyRowsParams {
-        src: g.ptr(),
-        dst: dst.ptr_mut(),
-        rows,
-        len,
-        src_row: len,
-        src_off: 0,
-        dst_row: row,
-        dst_off: start,
-    };
+    let p = s.gradient_params(g.ptr(), dst.ptr_mut());
     gpu.launch(kernel::narrow_add_backward::<T>(), grid_1d(s.rows * s.len), &p, &s.describe("narrow backward, added"))
 }
 
@@ -199,18 +196,7 @@ fn widen_gpu<T: GpuElement>(g: &Tensor, s: &RowSlice) -> Result<Tensor> {
     let numel = s.rows * s.row;
     let gpu = &g.gpu;
     let mut dx = gpu.alloc_of::<T>(numel, "narrow gradient")?;
-    let [rows, row, start, len] = [s.rows, s.row, s.start, s.len].map(|v| v as i64);
-    // dx is rows x row; g, rows x len, lands at column `start` of each row.
-    let p = CopyRowsParams {
-        src: g.ptr(),
-        dst: dx.ptr_mut(),
-        rows,
-        len,
-        src_row: len,
-        src_off: 0,
-        dst_row: row,
-        dst_off: start,
-    };
+    let p = s.gradient_params(g.ptr(), dx.ptr_mut());
     gpu.launch(kernel::narrow_backward::<T>(), grid_vec::<T>(numel), &p, &s.describe("narrow backward"))?;
     Tensor::from_gpu(dx, &s.shape)
 }
