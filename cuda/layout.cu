@@ -32,6 +32,9 @@
 //                backward: the inverse split; narrow forward: a slice of each last-axis row)
 //   narrow_backward: dx[r, j] = g[r, j - start] for start <= j < start + len, else 0   (dx: rows x K; writes all;
 //                start = dst_off, K = dst_row)
+//   narrow_add_backward: dx[r, start + k] += g[r, k] for k < len   (dx: the input's gradient so far, from another
+//                use of the input; only the slice is read and written, element by element: x_proj's slices are 2 to
+//                32 columns of short rows, so no 16-byte chunk would lie in one of them)
 //   flip_seq:    y[g, l, c] = x[g, L - 1 - l, c]   (its own inverse, so also the backward)
 // Each thread takes chunks of VEC<T> consecutive elements (16 bytes: 4 float32, 8 bf16) of the index space it
 // writes, grid-stride (the host launches grid_vec::<T>(elements) threads); the chunk's coordinates cost one or two
@@ -210,6 +213,17 @@ __device__ void narrow_backward(const CopyRowsParams<T>& p) {
     move_rows(p, 0, p.dst_row);
 }
 
+// dx = dst (rows x K, K = dst_row), g = src (rows x len, src_row = len, src_off = 0), start = dst_off; the sum is
+// rounded once, as the tape's elementwise add would round it.
+template <typename T>
+__device__ void narrow_add_backward(const CopyRowsParams<T>& p) {
+    FOR_EACH(i, p.rows * p.len) {
+        const int64_t r = i / p.len, k = i - r * p.len;
+        T* d = p.dst + r * p.dst_row + p.dst_off + k;
+        *d = from_f32<T>(to_f32(*d) + to_f32(p.src[r * p.src_row + p.src_off + k]));
+    }
+}
+
 template <typename T>
 __device__ void flip_seq(const FlipParams<T>& p) {
     constexpr int V = VEC<T>;
@@ -242,4 +256,5 @@ TYPED_KERNEL(pim_partition_f32, pim_partition_bf16, pim_partition, PimParams)
 TYPED_KERNEL(pim_merge_f32, pim_merge_bf16, pim_merge, PimParams)
 TYPED_KERNEL(copy_rows_f32, copy_rows_bf16, copy_rows, CopyRowsParams)
 TYPED_KERNEL(narrow_backward_f32, narrow_backward_bf16, narrow_backward, CopyRowsParams)
+TYPED_KERNEL(narrow_add_backward_f32, narrow_add_backward_bf16, narrow_add_backward, CopyRowsParams)
 TYPED_KERNEL(flip_seq_f32, flip_seq_bf16, flip_seq, FlipParams)

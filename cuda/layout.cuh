@@ -26,6 +26,7 @@ struct PimParams {
 
 // copy_rows: dst[r * dst_row + dst_off + k] = src[r * src_row + src_off + k] for r < rows, k < len.
 // narrow_backward: dx (rows x dst_row) from g (rows x len): dx[r, j] = g[r, j - dst_off] inside the slice, else 0.
+// narrow_add_backward: dx[r, dst_off + k] += g[r, k] for r < rows, k < len: dx is the input's gradient so far.
 template <typename T>
 struct CopyRowsParams {
     const T* src;
@@ -60,6 +61,8 @@ extern "C" __global__ void copy_rows_bf16(const CopyRowsParams<__nv_bfloat16> p)
 // one chunk of VEC<T> elements of dx per thread (grid_vec), any grid
 extern "C" __global__ void narrow_backward_f32(const CopyRowsParams<float> p);
 extern "C" __global__ void narrow_backward_bf16(const CopyRowsParams<__nv_bfloat16> p);
+extern "C" __global__ void narrow_add_backward_f32(const CopyRowsParams<float> p);
+extern "C" __global__ void narrow_add_backward_bf16(const CopyRowsParams<__nv_bfloat16> p);
 // one chunk of VEC<T> elements of y per thread (grid_vec), any grid
 extern "C" __global__ void flip_seq_f32(const FlipParams<float> p);
 extern "C" __global__ void flip_seq_bf16(const FlipParams<__nv_bfloat16> p);

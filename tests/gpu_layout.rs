@@ -12,11 +12,13 @@ mod common;
 use common::{check_op, check_op_inputs, randn32};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
+use lkm_engine::ops::add::add;
 use lkm_engine::ops::concat::concat_channels;
 use lkm_engine::ops::flip::flip_seq;
 use lkm_engine::ops::narrow::narrow;
 use lkm_engine::ops::pim::{grouping, merge, partition, PimLayout};
 use lkm_engine::ops::reshape::reshape;
+use lkm_engine::Tensor;
 
 /// Moves are exact in float32.
 const EXACT: f64 = 1e-12;
@@ -170,6 +172,31 @@ fn gpu_narrow() {
     ] {
         check_op(name, &[randn32(shape, 1.0, seed)], EXACT, |t, x| narrow(t, &x[0], axis, start, len));
     }
+    // Four 16-column slices of one (rows, 34) tensor, two of them overlapping, summed: the first slice's gradient to
+    // run in the backward pass is widened with zeros, the other three are added into it in place
+    // (narrow_add_backward), the overlap adding twice. Row slices of a weight, as Mamba's in_proj takes them, too.
+    let sum_of_slices = |axis: usize, starts: [usize; 4]| {
+        move |t: &mut Tape, x: &[Tensor]| {
+            let mut y = narrow(t, &x[0], axis, starts[0], 16)?;
+            for start in &starts[1..] {
+                let s = narrow(t, &x[0], axis, *start, 16)?;
+                y = add(t, &y, &s)?;
+            }
+            Ok(y)
+        }
+    };
+    check_op(
+        "narrow slices added in place",
+        &[randn32(&[13_441, 34], 1.0, 75)],
+        SUMMED,
+        sum_of_slices(1, [0, 16, 2, 18]),
+    );
+    check_op(
+        "narrow row slices added in place",
+        &[randn32(&[64, 5], 1.0, 76)],
+        SUMMED,
+        sum_of_slices(0, [0, 48, 16, 20]),
+    );
     // Mamba's x_proj output for d_model 32: dt_rank 2 + 2 x d_state 16 = 34 columns, split into dt, B and C.
     let xp = [randn32(&[13_441, 34], 1.0, 66)];
     check_op("narrow dt", &xp, EXACT, |t, x| narrow(t, &x[0], 1, 0, 2));

@@ -7,6 +7,7 @@
 use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
+use lkm_engine::ops::add::add;
 use lkm_engine::ops::concat::concat_channels;
 use lkm_engine::ops::flip::flip_seq;
 use lkm_engine::ops::linear::linear;
@@ -348,6 +349,21 @@ fn grad_narrow_two_row_slices_of_one_weight() {
         let a = linear(t, &v[0], &w_a, None)?;
         let b = linear(t, &v[0], &w_b, None)?;
         concat_channels(t, &[&a, &b])
+    });
+}
+
+/// Overlapping slices of one tensor, each weighted by its own product: the second and later slices' gradients are
+/// added into the first's in place (`Backward::add_into`), the overlap twice; finite differences agree.
+#[test]
+fn grad_narrow_overlapping_slices_add_into_one_gradient() {
+    let xs = [randn64(&[5, 34], 54), randn64(&[3, 16], 55), randn64(&[3, 16], 56), randn64(&[3, 9], 57)];
+    assert_gradients(&xs, 1e-6, |t, v| {
+        let (sa, sb, sc) = (narrow(t, &v[0], 1, 2, 16)?, narrow(t, &v[0], 1, 18, 16)?, narrow(t, &v[0], 1, 10, 9)?);
+        let a = linear(t, &sa, &v[1], None)?;
+        let b = linear(t, &sb, &v[2], None)?;
+        let c = linear(t, &sc, &v[3], None)?;
+        let ab = add(t, &a, &b)?;
+        add(t, &ab, &c)
     });
 }
 

@@ -80,6 +80,13 @@ pub trait Backward {
     fn flops(&self) -> f64 {
         0.0
     }
+
+    /// For an op of one input whose gradient is zero outside a part of it (a slice): adds dL/d(input) into `grad`,
+    /// that input's gradient so far (from its other uses), in place, and returns true; the tape then makes no
+    /// full-size gradient for it and adds nothing. Returns false, touching nothing, where it cannot (the default).
+    fn add_into(&self, _grad_out: &Tensor, _grad: &mut Tensor) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 struct Node {
@@ -323,6 +330,15 @@ impl Tape {
         }
         let needs: Vec<bool> = node.inputs.iter().map(|id| self.tracked.contains(id)).collect();
         let range = crate::profile::backward(node.op.name(), node.layer, &grad_out, node.op.flops());
+        // A slice of an input that already has a gradient: added into it in place (Backward::add_into).
+        if let ([id], [true]) = (&node.inputs[..], &needs[..]) {
+            if let Some(grad) = grads.get_mut(id) {
+                if node.op.add_into(&grad_out, grad)? {
+                    range.done([&grad_out]);
+                    return Ok(());
+                }
+            }
+        }
         let input_grads = node.op.backward(&grad_out, &needs)?;
         range.done(input_grads.iter().flatten());
         ensure!(

@@ -55,6 +55,8 @@ pub trait GpuElement:
     fn storage(buffer: GpuBuffer<Self>) -> crate::tensor::Storage;
     /// The buffer of a storage of this type, if it is one.
     fn buffer(storage: &crate::tensor::Storage) -> Option<&GpuBuffer<Self>>;
+    /// [`GpuElement::buffer`], for writing.
+    fn buffer_mut(storage: &mut crate::tensor::Storage) -> Option<&mut GpuBuffer<Self>>;
 }
 
 impl GpuElement for f32 {
@@ -68,6 +70,12 @@ impl GpuElement for f32 {
             _ => None,
         }
     }
+    fn buffer_mut(storage: &mut crate::tensor::Storage) -> Option<&mut GpuBuffer<f32>> {
+        match storage {
+            crate::tensor::Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
 }
 
 impl GpuElement for half::bf16 {
@@ -76,6 +84,12 @@ impl GpuElement for half::bf16 {
         crate::tensor::Storage::CudaBf16(buffer)
     }
     fn buffer(storage: &crate::tensor::Storage) -> Option<&GpuBuffer<half::bf16>> {
+        match storage {
+            crate::tensor::Storage::CudaBf16(b) => Some(b),
+            _ => None,
+        }
+    }
+    fn buffer_mut(storage: &mut crate::tensor::Storage) -> Option<&mut GpuBuffer<half::bf16>> {
         match storage {
             crate::tensor::Storage::CudaBf16(b) => Some(b),
             _ => None,

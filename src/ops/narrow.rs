@@ -11,18 +11,22 @@
 //! In memory x is `outer` rows of K = s_a * inner contiguous elements, and the slice is the contiguous run
 //! [start * inner, (start + len) * inner) of each row, so one row copy serves every axis: a slice of the last axis
 //! is a short run of every row, a slice of the first axis (rows of a weight (Cout, Cin)) one contiguous range.
-//! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer; when
-//! two slices of one tensor are used (in_proj's x and z rows), the tape adds their two gradients.
+//! On the GPU the backward writes every element of dL/dx, zeros included, so it needs no zero-filled buffer. When
+//! several slices of one tensor are used (in_proj's x and z rows; x_proj's dt, B and C), only the first of them to
+//! run in the backward pass makes that full gradient: every later one adds its slice into it in place
+//! (`Backward::add_into`, kernel `narrow_add_backward`), so no further full-size gradient is made, zero-filled or
+//! added by the tape.
 //!
 //! On the GPU x may be float32 or bf16; y and dL/dx have its storage type, and both directions are bit-exact copies.
 //!
 //! Cost (the counting rules are in [`ops`](crate::ops)), with E the storage size (4 bytes float32, 2 bf16): forward
 //! 2E bytes per element of y and no FLOPs; backward E (1 + len/s_a) bytes per element of dL/dx (all of dL/dx
-//! written, zeros included; dL/dy read once) and no FLOPs.
+//! written, zeros included; dL/dy read once) and no FLOPs, or, added into an existing gradient, 3E bytes per element
+//! of the slice and one FLOP.
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::{grid_vec, GpuElement};
-use crate::device::params::{kernel, CopyRowsParams};
+use crate::device::cuda::{grid_1d, grid_vec, GpuElement};
+use crate::device::params::{kernel, ConstPtr, CopyRowsParams, MutPtr};
 use crate::ops::concat::copy_rows_gpu;
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -87,6 +91,13 @@ impl RowSlice {
         }
     }
 
+    /// The rows of a slice's gradient `src` (rows x len) at column `start` of the rows of the input's gradient `dst`
+    /// (rows x row): the narrow backward kernels' parameters.
+    fn gradient_params<T>(&self, src: ConstPtr<T>, dst: MutPtr<T>) -> CopyRowsParams<T> {
+        let [rows, row, start, len] = [self.rows, self.row, self.start, self.len].map(|v| v as i64);
+        CopyRowsParams { src, dst, rows, len, src_row: len, src_off: 0, dst_row: row, dst_off: start }
+    }
+
     /// The input's and output's shapes with the slice, for GPU error messages.
     fn describe(&self, what: &str) -> String {
         let (s, l) = (self.start, self.len);
@@ -129,6 +140,43 @@ impl Backward for NarrowBackward {
         };
         Ok(vec![Some(dx)])
     }
+
+    /// dL/dx's slice added into the input's gradient so far, in place, when nothing else holds its storage: no
+    /// zero-filled (rows x K) gradient and no full-size add for the second and later slices of one tensor (x_proj's
+    /// dt, B and C; in_proj's weight rows).
+    fn add_into(&self, grad_out: &Tensor, grad: &mut Tensor) -> Result<bool> {
+        grad.check_shape(&self.slice.shape, "narrow backward: the input's gradient")?;
+        grad.check_same_kind(grad_out, "narrow backward")?;
+        if grad.storage_mut().is_err() {
+            return Ok(false);
+        }
+        match by_gpu_type!(grad_out, add_slice_gpu(grad_out, grad, &self.slice)) {
+            Some(done) => done?,
+            None => by_dtype!(grad_out.dtype(), add_slice_cpu(grad_out, grad, &self.slice))?,
+        }
+        Ok(true)
+    }
+}
+
+/// `dx[r, start + k] += g[r, k]` on the host, dx unshared.
+fn add_slice_cpu<T: Real>(g: &Tensor, dx: &mut Tensor, s: &RowSlice) -> Result<()> {
+    let src = g.cpu::<T>()?;
+    let dst = T::slice_mut(dx.storage_mut()?).expect("checked: a host tensor of g's dtype");
+    for (row, grow) in dst.chunks_exact_mut(s.row.max(1)).zip(src.chunks_exact(s.len.max(1))) {
+        for (d, &v) in row[s.start..s.start + s.len].iter_mut().zip(grow) {
+            *d += v;
+        }
+    }
+    Ok(())
+}
+
+/// The GPU version of [`add_slice_cpu`] (`narrow_add_backward`), for storage type `T`.
+fn add_slice_gpu<T: GpuElement>(g: &Tensor, dx: &mut Tensor, s: &RowSlice) -> Result<()> {
+    let g = g.gpu_operand::<T>("narrow backward")?;
+    let gpu = g.gpu.clone();
+    let dst = T::buffer_mut(dx.storage_mut()?).expect("checked: a GPU tensor of g's dtype");
+    let p = s.gradient_params(g.ptr(), dst.ptr_mut());
+    gpu.launch(kernel::narrow_add_backward::<T>(), grid_1d(s.rows * s.len), &p, &s.describe("narrow backward, added"))
 }
 
 /// The gradient `g` of the slice written into zeros of the input's shape.
@@ -148,18 +196,7 @@ fn widen_gpu<T: GpuElement>(g: &Tensor, s: &RowSlice) -> Result<Tensor> {
     let numel = s.rows * s.row;
     let gpu = &g.gpu;
     let mut dx = gpu.alloc_of::<T>(numel, "narrow gradient")?;
-    let [rows, row, start, len] = [s.rows, s.row, s.start, s.len].map(|v| v as i64);
-    // dx is rows x row; g, rows x len, lands at column `start` of each row.
-    let p = CopyRowsParams {
-        src: g.ptr(),
-        dst: dx.ptr_mut(),
-        rows,
-        len,
-        src_row: len,
-        src_off: 0,
-        dst_row: row,
-        dst_off: start,
-    };
+    let p = s.gradient_params(g.ptr(), dx.ptr_mut());
     gpu.launch(kernel::narrow_backward::<T>(), grid_vec::<T>(numel), &p, &s.describe("narrow backward"))?;
     Tensor::from_gpu(dx, &s.shape)
 }
