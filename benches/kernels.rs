@@ -317,7 +317,7 @@ fn cases(dev: &Device) -> Vec<Case> {
             f: Box::new(|t, i| {
                 let s = ops::selective_scan::ScanInputs {
                     u: &i[0],
-                    delta: &i[1],
+                    delta: ops::selective_scan::Delta::Full(&i[1]),
                     a_log: &i[2],
                     b: &i[3],
                     c: &i[4],

@@ -132,7 +132,7 @@
 //!
 //! ```
 //! use lkm_engine::autograd::Tape;
-//! use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
+//! use lkm_engine::ops::selective_scan::{selective_scan, Delta, ScanInputs};
 //! use lkm_engine::Tensor;
 //!
 //! # fn main() -> lkm_engine::Result<()> {
@@ -145,7 +145,7 @@
 //!     &mut Tape::no_grad(),
 //!     &ScanInputs {
 //!         u: &t(&u, &[1, 3, 1])?,
-//!         delta: &t(&delta, &[1, 3, 1])?,
+//!         delta: Delta::Full(&t(&delta, &[1, 3, 1])?),
 //!         a_log: &t(&a_log, &[1, 2])?,
 //!         b: &t(b.as_flattened(), &[1, 3, 2])?,
 //!         c: &t(c.as_flattened(), &[1, 3, 2])?,

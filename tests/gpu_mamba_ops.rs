@@ -11,8 +11,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::mamba::{scan, scan_inputs};
-use common::{assert_rel_err, check_op, check_op_on, gpu, randn32, tf32_gpu};
+use common::mamba::{projected_scan, projected_scan_inputs, scan, scan_inputs};
+use common::{assert_rel_err, assert_same_bits, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::ops::cast::cast;
@@ -275,6 +275,26 @@ fn gpu_selective_scan_chunk_boundary() {
 fn gpu_selective_scan_long() {
     // Few long sequences (the PaM regime): 79 chunks carried forward (states) and backward (adjoints).
     scan_case("selective_scan G2 L5000 D8 N16", 2, 5000, 8, 16, 60);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_projected_delta() {
+    // Delta::Projected (Mamba's delta = dt w^T, rebuilt in the backward pass) against the float64 reference, and
+    // against delta made by linear and kept (Delta::Full): the same bits, output and all nine gradients. One chunk of
+    // many sequences, whole sequences of several chunks, and few long ones (the chunked parallel scan).
+    let device = Device::Cuda(gpu());
+    for (g, l, d, r, seed) in [(300, 7, 37, 3, 70), (260, 150, 64, 4, 72), (2, 700, 40, 3, 74)] {
+        let x = projected_scan_inputs(g, l, d, 16, r, seed);
+        let name = format!("selective_scan projected G{g} L{l} D{d} R{r}");
+        check_op(&name, &x, 1e-4, |t, v| projected_scan(t, v, false));
+        let on_gpu: Vec<Tensor> = x.iter().map(|t| t.to_device(&device).unwrap()).collect();
+        let (projected, full) = (
+            |t: &mut Tape, v: &[Tensor]| projected_scan(t, v, false),
+            |t: &mut Tape, v: &[Tensor]| projected_scan(t, v, true),
+        );
+        assert_same_bits(&name, &on_gpu, &device, &projected, &full);
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use lkm_engine::ops::linear::linear;
 use lkm_engine::{DType, Tensor};
 
 mod common;
-use common::mamba::scan;
+use common::mamba::{projected_scan, projected_scan_inputs, scan};
 use common::{assert_close, seeded_step};
 
 /// `f(randn)` elementwise, as a new f64 tensor.
@@ -183,6 +183,23 @@ fn grad_selective_scan_softplus_linear() {
         x[1].to_vec_f64().unwrap().iter().enumerate().map(|(i, d)| d + x[7].to_vec_f64().unwrap()[i % dch]).collect();
     assert!(pre.iter().filter(|&&v| v > 20.0).count() == g * l / 2, "test setup: linear branch not reached");
     assert_gradients(&x, 1e-6, scan);
+}
+
+#[test]
+fn selective_scan_projected_delta_is_the_product_then_the_scan() {
+    // Delta::Projected keeps dt and w and rebuilds delta in the backward pass: the same output and the same gradients,
+    // bit for bit, as delta made by linear and kept (Delta::Full), for all nine inputs; and finite differences agree.
+    let x: Vec<Tensor> =
+        projected_scan_inputs(3, 11, 5, 4, 2, 52).iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+    let all = [true; 9];
+    let projected = seeded_step("projected", &x, &all, &Device::Cpu, &|t, v| projected_scan(t, v, false));
+    let full = seeded_step("full", &x, &all, &Device::Cpu, &|t, v| projected_scan(t, v, true));
+    assert_eq!(projected, full);
+    assert_gradients(
+        &projected_scan_inputs(2, 7, 3, 4, 2, 53).iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect::<Vec<_>>(),
+        1e-6,
+        |t, v| projected_scan(t, v, false),
+    );
 }
 
 #[test]

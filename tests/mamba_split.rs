@@ -19,7 +19,7 @@ use lkm_engine::ops::causal_conv1d::causal_conv1d;
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::narrow::narrow;
 use lkm_engine::ops::reshape::reshape;
-use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
+use lkm_engine::ops::selective_scan::{selective_scan, Delta, ScanInputs};
 use lkm_engine::tensor::DType;
 use lkm_engine::{Result, Tensor};
 use rand::rngs::StdRng;
@@ -52,7 +52,7 @@ fn old_forward(tape: &mut Tape, p: &Params, u: &Tensor, cfg: MambaConfig) -> Res
     let delta = linear(tape, &dt, param(p, "dt_proj.weight"), None)?;
     let inputs = ScanInputs {
         u: &x,
-        delta: &delta,
+        delta: Delta::Full(&delta),
         a_log: param(p, "A_log"),
         b: &b,
         c: &c,

@@ -29,7 +29,7 @@ use crate::ops::linear::linear;
 use crate::ops::narrow::narrow;
 use crate::ops::pim::{merge, partition, PimLayout};
 use crate::ops::reshape::reshape;
-use crate::ops::selective_scan::{selective_scan, ScanInputs};
+use crate::ops::selective_scan::{selective_scan, Delta, ScanInputs};
 use crate::ops::upsample::upsample_nearest;
 use crate::profile;
 use crate::tensor::{DType, Tensor};
@@ -44,10 +44,11 @@ pub struct MambaConfig {
     pub d_conv: usize,
     /// d_inner = expand * d_model (2).
     pub expand: usize,
-    /// Recompute in the backward pass, instead of keeping, each block's input branch (in_proj's x half, the causal
-    /// conv1d and SiLU: two (G, L, d_inner) intermediates) and its step sizes and scan (delta, (G, L, d_inner), and
-    /// the scan's per-chunk states), as two [`checkpoint`]s (`--recompute mamba`): less memory, the same gradients;
-    /// per block one more small product, conv1d, SiLU, dt product and scan forward. Off by default.
+    /// Recompute in the backward pass, instead of keeping, each block's input branch (in_proj's x half, a (G, L,
+    /// d_inner) intermediate, and the causal conv1d with SiLU) and its scan (the scan's per-chunk states), as two
+    /// [`checkpoint`]s (`--recompute mamba`): less memory, the same gradients; per block one more small product,
+    /// conv1d and scan forward. Off by default. (delta is never kept: the scan rebuilds it from dt, see
+    /// [`Delta::Projected`].)
     #[serde(default)]
     pub recompute: bool,
 }
@@ -168,20 +169,16 @@ impl Mamba {
             let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
             (narrow(tape, &dbc, 2, 0, r)?, narrow(tape, &dbc, 2, r, n)?, narrow(tape, &dbc, 2, r + n, n)?)
         };
-        // delta = dt W_dt^T, then the scan. As a checkpoint (recompute) it keeps dt (dt_rank channels) instead of
-        // delta (d_inner) and the scan's per-chunk states, and reruns the small product and the scan's forward in the
-        // backward pass; x, B, C and z are kept either way (the scan's inputs).
+        // delta = dt W_dt^T, then the scan: the scan op makes delta itself (Delta::Projected) and keeps dt
+        // (dt_rank channels) and W_dt instead of delta (d_inner), rebuilding it in the backward pass. As a checkpoint
+        // (recompute) it also drops the scan's per-chunk states and reruns the scan's forward in the backward pass;
+        // x, B, C and z are kept either way (the scan's inputs).
         let (dt_w, a_log, d_skip, dt_b) =
             (p.get(self.dt_proj_w), p.get(self.a_log), p.get(self.d_skip), p.get(self.dt_proj_b));
-        let prefix = self.prefix.clone();
         let scan = move |t: &mut Tape, v: &[Tensor]| {
-            let delta = {
-                let _layer = profile::sublayer(&prefix, "dt_proj");
-                linear(t, &v[1], &v[2], None)?
-            };
             let inputs = ScanInputs {
                 u: &v[0],
-                delta: &delta,
+                delta: Delta::Projected { dt: &v[1], w: &v[2] },
                 a_log: &v[3],
                 b: &v[4],
                 c: &v[5],
