@@ -132,7 +132,8 @@
 //!
 //! ```
 //! use lkm_engine::autograd::Tape;
-//! use lkm_engine::ops::selective_scan::{selective_scan, Delta, ScanInputs};
+//! use lkm_engine::ops::linear::Operand;
+//! use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 //! use lkm_engine::Tensor;
 //!
 //! # fn main() -> lkm_engine::Result<()> {
@@ -145,12 +146,12 @@
 //!     &mut Tape::no_grad(),
 //!     &ScanInputs {
 //!         u: &t(&u, &[1, 3, 1])?,
-//!         delta: Delta::Full(&t(&delta, &[1, 3, 1])?),
+//!         delta: Operand::Tensor(&t(&delta, &[1, 3, 1])?),
 //!         a_log: &t(&a_log, &[1, 2])?,
 //!         b: &t(b.as_flattened(), &[1, 3, 2])?,
 //!         c: &t(c.as_flattened(), &[1, 3, 2])?,
 //!         d_skip: &t(&[d_skip], &[1])?,
-//!         z: &t(&z, &[1, 3, 1])?,
+//!         z: Operand::Tensor(&t(&z, &[1, 3, 1])?),
 //!         delta_bias: &t(&[delta_bias], &[1])?,
 //!     },
 //! )?

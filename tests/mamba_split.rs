@@ -16,10 +16,10 @@ use lkm_engine::nn::mamba::{Mamba, MambaConfig};
 use lkm_engine::nn::Params;
 use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
-use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::linear::{linear, Operand};
 use lkm_engine::ops::narrow::narrow;
 use lkm_engine::ops::reshape::reshape;
-use lkm_engine::ops::selective_scan::{selective_scan, Delta, ScanInputs};
+use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::tensor::DType;
 use lkm_engine::{Result, Tensor};
 use rand::rngs::StdRng;
@@ -52,12 +52,12 @@ fn old_forward(tape: &mut Tape, p: &Params, u: &Tensor, cfg: MambaConfig) -> Res
     let delta = linear(tape, &dt, param(p, "dt_proj.weight"), None)?;
     let inputs = ScanInputs {
         u: &x,
-        delta: Delta::Full(&delta),
+        delta: Operand::Tensor(&delta),
         a_log: param(p, "A_log"),
         b: &b,
         c: &c,
         d_skip: param(p, "D"),
-        z: &z,
+        z: Operand::Tensor(&z),
         delta_bias: param(p, "dt_proj.bias"),
     };
     selective_scan(tape, &inputs)

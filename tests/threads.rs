@@ -5,8 +5,8 @@ use lkm_engine::autograd::gradcheck::randn64;
 use lkm_engine::autograd::Tape;
 use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
-use lkm_engine::ops::linear::linear;
-use lkm_engine::ops::selective_scan::{selective_scan, Delta, ScanInputs};
+use lkm_engine::ops::linear::{linear, Operand};
+use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{DType, Result, Tensor};
 
 /// The bits of the output of `f` and of the gradients of all `inputs` (converted to `dtype`), for a random seed
@@ -88,12 +88,12 @@ fn threads_selective_scan() {
     assert_thread_count_invariant("selective_scan", &inputs, |t, v| {
         let inp = ScanInputs {
             u: &v[0],
-            delta: Delta::Full(&v[1]),
+            delta: Operand::Tensor(&v[1]),
             a_log: &v[2],
             b: &v[3],
             c: &v[4],
             d_skip: &v[5],
-            z: &v[6],
+            z: Operand::Tensor(&v[6]),
             delta_bias: &v[7],
         };
         selective_scan(t, &inp)

@@ -85,38 +85,24 @@ use crate::device::params::{
     SCAN_FWD_THREADS,
 };
 use crate::ops::activation::Activation;
-use crate::ops::linear::{linear, sum_rows};
+use crate::ops::linear::{sum_rows, Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, by_gpu_type, ensure, Result};
 
-/// How [`selective_scan`] gets its step sizes delta (before bias and softplus, (G, L, Dch)).
-#[derive(Clone, Copy, Debug)]
-pub enum Delta<'a> {
-    /// delta itself, kept for the backward pass.
-    Full(&'a Tensor),
-    /// Mamba's low-rank form delta = dt w^T (dt_proj without its bias, which is the scan's delta_bias), dt (G, L, R)
-    /// and w (Dch, R): the op computes delta by [`linear`] and keeps dt and w instead of it, recomputing delta (the
-    /// same bits) in its backward pass. One (G, L, Dch) tensor fewer is kept per scan for one more small product
-    /// (the saved-tensor policy of the Mamba blocks: what is cheap to rebuild is not kept).
-    Projected {
-        /// The low-rank step sizes (G, L, R), of the token-shaped inputs' dtype.
-        dt: &'a Tensor,
-        /// dt_proj's weight (Dch, R).
-        w: &'a Tensor,
-    },
-}
-
-/// The inputs of [`selective_scan`]; they are recorded on the tape in this order, delta by the tensor it is or by the
-/// product that makes it. The token-shaped ones (u, delta, b, c, z) share one dtype; the parameters (a_log, d_skip,
-/// delta_bias) have it too, or are float32 when it is bf16.
+/// The inputs of [`selective_scan`]; they are recorded on the tape in this order. delta and z may be given as the
+/// linear products that make them ([`Operand::Product`]: Mamba's delta = dt dt_proj^T, and z = u W_z^T, in_proj's z
+/// half): the op then keeps their operands instead and rebuilds them, the same bits, in its backward pass, two
+/// (G, L, Dch) tensors fewer kept per scan for two more products. The token-shaped ones (u, delta, b, c, z) share one
+/// dtype; the parameters (a_log, d_skip, delta_bias) have it too, or are float32 when it is bf16.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanInputs<'a> {
     /// The scanned signal u (G, L, Dch).
     pub u: &'a Tensor,
-    /// The step size before bias and softplus (G, L, Dch), or its low-rank factors.
-    pub delta: Delta<'a>,
+    /// The step size before bias and softplus (G, L, Dch), or the product that makes it (from dt (G, L, R) and
+    /// dt_proj's weight (Dch, R)).
+    pub delta: Operand<'a>,
     /// log(-A), the state matrix's parameter (Dch, N).
     pub a_log: &'a Tensor,
     /// Input projection of each token, shared by all channels (G, L, N).
@@ -125,27 +111,24 @@ pub struct ScanInputs<'a> {
     pub c: &'a Tensor,
     /// Skip weight D (Dch).
     pub d_skip: &'a Tensor,
-    /// Gate input z (G, L, Dch); the output is multiplied by SiLU(z).
-    pub z: &'a Tensor,
+    /// Gate input z (G, L, Dch), or the product that makes it; the output is multiplied by SiLU(z).
+    pub z: Operand<'a>,
     /// Bias added to delta before the softplus (Dch).
     pub delta_bias: &'a Tensor,
 }
 
 /// The fused selective scan (see the module doc); returns y (G, L, Dch).
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
-    let (delta, kept) = match inp.delta {
-        Delta::Full(delta) => (delta.clone(), KeptDelta::Tensor(delta.clone())),
-        Delta::Projected { dt, w } => (linear(tape, dt, w, None)?, KeptDelta::Factors { dt: dt.clone(), w: w.clone() }),
-    };
-    let all = [inp.u, &delta, inp.a_log, inp.b, inp.c, inp.d_skip, inp.z, inp.delta_bias];
+    let all = [inp.u, inp.delta.value(), inp.a_log, inp.b, inp.c, inp.d_skip, inp.z.value(), inp.delta_bias];
     let dims = ScanDims::of(all)?;
     let range = profile::forward("selective_scan", &all, dims.flops());
     let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(all, dims, tape.needs_grad(&all))) {
         Some(out) => out?,
         None => (by_dtype!(inp.u.dtype(), forward_cpu(all, dims))?, None),
     };
-    let [u, _, a_log, b, c, d_skip, z, delta_bias] = all.map(Tensor::clone);
-    let saved = ScanBackward { rest: [u, a_log, b, c, d_skip, z, delta_bias], delta: kept, dims, chunk_states };
+    let [u, _, a_log, b, c, d_skip, _, delta_bias] = all.map(Tensor::clone);
+    let rest = [u, a_log, b, c, d_skip, delta_bias];
+    let saved = ScanBackward { rest, delta: inp.delta.keep(), z: inp.z.keep(), dims, chunk_states };
     range.done([&y]);
     tape.record(&all, &y, saved);
     Ok(y)
@@ -291,31 +274,22 @@ fn forward_cpu<T: Real>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Tensor> 
     Tensor::from_vec(y, inputs[0].shape())
 }
 
-/// What the backward pass keeps of delta: the tensor, or the factors of [`Delta::Projected`].
-enum KeptDelta {
-    Tensor(Tensor),
-    Factors { dt: Tensor, w: Tensor },
-}
-
 struct ScanBackward {
-    /// u, a_log, b, c, d_skip, z, delta_bias: the inputs but delta, in the order of [`ScanInputs`].
-    rest: [Tensor; 7],
-    delta: KeptDelta,
+    /// u, a_log, b, c, d_skip, delta_bias: the inputs but delta and z, in the order of [`ScanInputs`].
+    rest: [Tensor; 6],
+    delta: Kept,
+    z: Kept,
     dims: ScanDims,
     /// GPU sequences longer than one chunk: the state at each chunk start (G, chunks, Dch, N).
     chunk_states: Option<Tensor>,
 }
 
 impl ScanBackward {
-    /// The eight inputs in the order of [`ScanInputs`], delta recomputed from its factors when only they were kept
-    /// (the same product on the same operands as in the forward pass: the same bits).
+    /// The eight inputs in the order of [`ScanInputs`], delta and z rebuilt where only their products' operands were
+    /// kept.
     fn inputs(&self) -> Result<[Tensor; 8]> {
-        let delta = match &self.delta {
-            KeptDelta::Tensor(delta) => delta.clone(),
-            KeptDelta::Factors { dt, w } => linear(&mut Tape::no_grad(), dt, w, None)?,
-        };
-        let [u, a_log, b, c, d_skip, z, delta_bias] = self.rest.clone();
-        Ok([u, delta, a_log, b, c, d_skip, z, delta_bias])
+        let [u, a_log, b, c, d_skip, delta_bias] = self.rest.clone();
+        Ok([u, self.delta.get()?, a_log, b, c, d_skip, self.z.get()?, delta_bias])
     }
 }
 

@@ -12,10 +12,10 @@
 //! for the backward pass, counted from the network's structure ([`activation_elements`]): per residual block seven
 //! maps of its width (two convolutions, two norms, the activation, the sum, the output activation), plus its
 //! shortcut's pooled input and projection; per Mamba layer, for every token, six values per channel of the layer (norm,
-//! partition, flip, projection back, unpartition, residual) and per direction five of the inner width (the two halves
-//! of in_proj, SiLU of the convolution (one op that keeps no pre-activation), scan output, gate; the scan rebuilds
-//! delta from dt) and x_proj's outputs; per decoder level the upsampled map, the concatenation and its blocks; the logits and the loss's
-//! softmax. The count is a proxy: the engine's temporaries, the pool's rounding and anything the count misses are
+//! partition, flip, projection back, unpartition, residual) and per direction two of the inner width (SiLU of the
+//! convolution, the scan output: in_proj's halves and delta are rebuilt by the ops that take them, `Operand::Product`)
+//! and x_proj's outputs; per decoder level the upsampled map, the concatenation and its blocks; the logits and the
+//! loss's softmax. The count is a proxy: the engine's temporaries, the pool's rounding and anything the count misses are
 //! absorbed by k, the bytes per counted value, which is fitted per configuration family (3D, 2D) to one measured
 //! peak of the engine:
 //!
@@ -34,8 +34,8 @@
 //! pre-activation, so the model now overestimates by about that tensor until they are measured again (the planner's
 //! budget errs on the safe side).
 //!
-//! TO DO before this branch merges: with delta no longer kept one sample costs 55.3 MB on the CPU, and
-//! `tests/plan_memory.rs` fails until the two peaks are measured again on a GPU (`dump-step --precision fp32` of
+//! TO DO before this branch merges: with in_proj's halves and delta no longer kept one sample costs 43.1 MB on the CPU,
+//! and `tests/plan_memory.rs` fails until the two peaks are measured again on a GPU (`dump-step --precision fp32` of
 //! flare-3d b2 and amos-2d b12) and written above with the new k.
 //!
 //! bf16 storage (a GPU run's default) has its own two calibration points, so that a bf16 plan gets the patch and batch
@@ -119,7 +119,7 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
 /// Values one Mamba layer keeps per token at width `f` (see the module header).
 fn mamba_values_per_token(f: usize, m: MambaConfig) -> usize {
     let d = m.expand * f;
-    6 * f + 2 * (5 * d + f.div_ceil(16) + 2 * m.d_state) + 2 * d
+    6 * f + 2 * (2 * d + f.div_ceil(16) + 2 * m.d_state) + 2 * d
 }
 
 /// Values one residual block keeps per voxel: seven maps of `cout`, the pooled input of a strided block, the
