@@ -15,7 +15,7 @@ use lkm_engine::ops::activation::Activation;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
 use lkm_engine::ops::instance_norm::{instance_norm_act, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
-use lkm_engine::ops::linear::Operand;
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::{map, DType};
 use lkm_engine::{Result, Tensor};

@@ -5,7 +5,8 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
-use lkm_engine::ops::linear::{linear, Operand, Product};
+use lkm_engine::ops::linear::{linear, Product};
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::{DType, Tensor};
 
 mod common;

@@ -6,7 +6,8 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::{leaky_relu, Activation};
 use lkm_engine::ops::avg_pool::avg_pool;
-use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, IN_EPS};
+use lkm_engine::ops::conv::conv;
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, Normalized, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::upsample::upsample_nearest;
 use lkm_engine::{DType, Tensor};
@@ -68,6 +69,36 @@ fn instance_norm_leaky_relu_equals_the_two_ops() {
         let name = format!("instance_norm_leaky_relu {dtype:?}");
         common::assert_same_bits(&name, &inputs, &Device::Cpu, &fused_norm_leaky_relu, &norm_then_leaky_relu);
     }
+}
+
+/// A conv of a normalised map given as [`Normalized`] (kept: the norm's input and statistics; the map rebuilt in the
+/// conv's backward pass) against the map kept: the same bits, output and every gradient, in both dtypes; and finite
+/// differences agree.
+#[test]
+fn conv_of_a_normalized_map_rebuilds_it() {
+    let act = Some(Activation::LeakyRelu);
+    let rebuilt = |t: &mut Tape, x: &[Tensor]| {
+        let n = Normalized::new(t, &x[0], &x[1], &x[2], IN_EPS, act)?;
+        conv(t, &n, &x[3], Some(&x[4]), &[1, 2, 1])
+    };
+    let kept = |t: &mut Tape, x: &[Tensor]| {
+        let y = instance_norm_act(t, &x[0], &x[1], &x[2], IN_EPS, act)?;
+        conv(t, &y, &x[3], Some(&x[4]), &[1, 2, 1])
+    };
+    // x, gamma, beta, the conv's weight (strided along H) and bias.
+    let inputs = [
+        shifted(&[2, 3, 3, 6, 5], 20),
+        randn64(&[3], 21),
+        randn64(&[3], 22),
+        randn64(&[4, 3, 1, 3, 3], 23),
+        randn64(&[4], 24),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let name = format!("conv of a normalised map {dtype:?}");
+        common::assert_same_bits(&name, &inputs, &Device::Cpu, &rebuilt, &kept);
+    }
+    assert_gradients(&inputs, 1e-6, rebuilt);
 }
 
 #[test]

@@ -5,7 +5,8 @@ use lkm_engine::autograd::gradcheck::randn64;
 use lkm_engine::autograd::Tape;
 use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
-use lkm_engine::ops::linear::{linear, Operand};
+use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{DType, Result, Tensor};
 

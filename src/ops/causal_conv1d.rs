@@ -39,7 +39,8 @@ use crate::device::params::{
     kernel, Conv1dParams, CONV1D_BACKWARD_WIDTH, CONV1D_MAX_K, CONV1D_RUN, CONV1D_TAPS, CONV1D_THREADS,
 };
 use crate::ops::activation::Activation;
-use crate::ops::linear::{sum_rows, Kept, Operand};
+use crate::ops::linear::sum_rows;
+use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};

@@ -91,11 +91,13 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
 /// same kernel on the same operands: the same bits). For products wider than their input, whose input the product's
 /// own node keeps anyway (Mamba's in_proj halves and dt_proj), the op then keeps nothing of its own for that operand,
 /// for one more product in the backward pass. Drop the `Product` after the op: its value is then freed.
+///
+/// [`Operand`]: crate::ops::operand::Operand
 #[derive(Debug)]
 pub struct Product {
-    value: Tensor,
-    x: Tensor,
-    w: Tensor,
+    pub(crate) value: Tensor,
+    pub(crate) x: Tensor,
+    pub(crate) w: Tensor,
 }
 
 impl Product {
@@ -107,56 +109,6 @@ impl Product {
     /// The product.
     pub fn value(&self) -> &Tensor {
         &self.value
-    }
-}
-
-/// An input of an op: a tensor the op keeps for its backward pass, or a [`Product`] it rebuilds there.
-#[derive(Clone, Copy, Debug)]
-pub enum Operand<'a> {
-    /// The tensor itself, kept.
-    Tensor(&'a Tensor),
-    /// A linear product, rebuilt in the backward pass from its operands.
-    Product(&'a Product),
-}
-
-impl<'a> Operand<'a> {
-    /// The operand's value.
-    pub fn value(self) -> &'a Tensor {
-        match self {
-            Operand::Tensor(t) => t,
-            Operand::Product(p) => &p.value,
-        }
-    }
-
-    /// What an op keeps of it.
-    pub fn keep(self) -> Kept {
-        match self {
-            Operand::Tensor(t) => Kept::Tensor(t.clone()),
-            Operand::Product(p) => Kept::Product { x: p.x.clone(), w: p.w.clone() },
-        }
-    }
-}
-
-/// What an op keeps of an [`Operand`] for its backward pass.
-pub enum Kept {
-    /// The tensor.
-    Tensor(Tensor),
-    /// The operands of the product.
-    Product {
-        /// The product's input.
-        x: Tensor,
-        /// The weight.
-        w: Tensor,
-    },
-}
-
-impl Kept {
-    /// The operand's value: the tensor, or the product made again (recording nothing).
-    pub fn get(&self) -> Result<Tensor> {
-        match self {
-            Kept::Tensor(t) => Ok(t.clone()),
-            Kept::Product { x, w } => linear(&mut Tape::no_grad(), x, w, None),
-        }
     }
 }
 

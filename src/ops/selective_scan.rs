@@ -85,7 +85,8 @@ use crate::device::params::{
     SCAN_FWD_THREADS,
 };
 use crate::ops::activation::Activation;
-use crate::ops::linear::{sum_rows, Kept, Operand};
+use crate::ops::linear::sum_rows;
+use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};

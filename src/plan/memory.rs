@@ -9,9 +9,9 @@
 //! ```
 //!
 //! with P the parameter count ([`parameter_count`], exact) and E the number of activation values one sample keeps
-//! for the backward pass, counted from the network's structure ([`activation_elements`]): per residual block seven
-//! maps of its width (two convolutions, two norms, the activation, the sum, the output activation), plus its
-//! shortcut's pooled input and projection; per Mamba layer, for every token, six values per channel of the layer (norm,
+//! for the backward pass, counted from the network's structure ([`activation_elements`]): per residual block three
+//! maps of its width (the two conv outputs, which the norms keep, and the block's output; the first norm's output is
+//! rebuilt by the second conv, `Operand::Normalized`), plus its shortcut's pooled input and projection's conv output; per Mamba layer, for every token, six values per channel of the layer (norm,
 //! partition, flip, projection back, unpartition, residual) and per direction two of the inner width (SiLU of the
 //! convolution, the scan output: in_proj's halves and delta are rebuilt by the ops that take them, `Operand::Product`)
 //! and x_proj's outputs; per decoder level the upsampled map, the concatenation and its blocks; the logits and the
@@ -35,8 +35,9 @@
 //! budget errs on the safe side).
 //!
 //! TO DO before this branch merges: with in_proj's halves and delta no longer kept one sample costs 43.1 MB on the CPU,
-//! and `tests/plan_memory.rs` fails until the two peaks are measured again on a GPU (`dump-step --precision fp32` of
-//! flare-3d b2 and amos-2d b12) and written above with the new k.
+//! and 41.4 MB with each block's first normalised map rebuilt by its second conv (branch rebuild-norms; the count of a
+//! block went from seven maps to three), and `tests/plan_memory.rs` fails until the two peaks are measured again on a
+//! GPU (`dump-step --precision fp32` of flare-3d b2 and amos-2d b12) and written above with the new k.
 //!
 //! bf16 storage (a GPU run's default) has its own two calibration points, so that a bf16 plan gets the patch and batch
 //! that bf16 holds rather than half of them: flare-3d batch 2 17.19 GiB and amos-2d batch 12 7.57 GiB (H200,
@@ -122,10 +123,10 @@ fn mamba_values_per_token(f: usize, m: MambaConfig) -> usize {
     6 * f + 2 * (2 * d + f.div_ceil(16) + 2 * m.d_state) + 2 * d
 }
 
-/// Values one residual block keeps per voxel: seven maps of `cout`, the pooled input of a strided block, the
-/// projection and its norm when the width changes.
+/// Values one residual block keeps per voxel: three maps of `cout`, the pooled input of a strided block, the
+/// projection's conv output when the width changes.
 fn block_values_per_voxel(cin: usize, cout: usize, strided: bool) -> usize {
-    7 * cout + if strided { cin } else { 0 } + if cin != cout { 2 * cout } else { 0 }
+    3 * cout + if strided { cin } else { 0 } + if cin != cout { cout } else { 0 }
 }
 
 /// Activation values one sample keeps for the backward pass at `cfg.patch` (see the module header).

@@ -2,7 +2,8 @@
 //! tests/gpu_mamba_ops.rs in float32 and tests/gpu_bf16_mamba.rs in bf16).
 
 use lkm_engine::autograd::Tape;
-use lkm_engine::ops::linear::{linear, Operand, Product};
+use lkm_engine::ops::linear::{linear, Product};
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{Result, Tensor};
 
