@@ -28,7 +28,7 @@ use crate::ops::layer_norm::{layer_norm, LN_EPS};
 use crate::ops::linear::{linear, Product};
 use crate::ops::narrow::narrow;
 use crate::ops::operand::Operand;
-use crate::ops::pim::{merge, partition, PimLayout};
+use crate::ops::pim::{merge, Partitioned, PimLayout};
 use crate::ops::reshape::reshape;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
 use crate::ops::upsample::upsample_nearest;
@@ -278,10 +278,16 @@ impl BiMambaLayer {
                 (pooled.clone(), pooled.shape().to_vec(), whole, PimLayout::Window)
             }
         };
-        let t = partition(tape, &tokens_of, &window, layout)?;
         let t = {
+            let sequences = Partitioned::new(tape, &tokens_of, &window, layout)?;
             let _layer = profile::sublayer(&self.prefix, "norm");
-            layer_norm(tape, &t, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?
+            // PiM's map is its stage's output, which that stage's last LeakyReLU keeps: the norm keeps the map and cuts
+            // it again in its backward pass instead of keeping the sequences. PaM's pooled map is kept by no one.
+            let input = match &self.grouping {
+                Grouping::Pixel { .. } => Operand::Partitioned(&sequences),
+                Grouping::Patch { .. } => Operand::Tensor(sequences.value()),
+            };
+            layer_norm(tape, input, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?
         };
         let yf = self.forw.forward(tape, p, &t)?;
         let tb = flip_seq(tape, &t)?;

@@ -7,17 +7,20 @@
 //!   pass (Mamba's in_proj halves and dt_proj's delta: each wider than its input);
 //! - the output of an instance norm and its activation ([`Normalized`]) from the norm's input and its per-plane
 //!   statistics, which the norm's node keeps (the first norm of a residual block, whose output only the block's
-//!   second convolution reads).
+//!   second convolution reads);
+//! - a map cut into token sequences ([`Partitioned`]) from the map, which the stage's last LeakyReLU keeps (PiM's
+//!   sequences, which its LayerNorm reads).
 //!
 //! An op that takes such an input as an [`Operand`] keeps what makes it ([`Kept`]) and rebuilds it in its backward
 //! pass by the same kernel on the same values, so the gradients are the same bits as with the value kept. The value
-//! itself lives only as long as the forward pass uses it: drop the `Product` or `Normalized` after the op. The price
-//! is one more product or one more normalisation pass in the backward pass; the saving one full tensor per operand
-//! held from the forward pass to the backward pass, which is where the peak is.
+//! itself lives only as long as the forward pass uses it: drop the `Product`, `Normalized` or `Partitioned` after the
+//! op. The price is one more product, normalisation or partition pass in the backward pass; the saving one full
+//! tensor per operand held from the forward pass to the backward pass, which is where the peak is.
 
 use crate::autograd::Tape;
 use crate::ops::instance_norm::{Normalization, Normalized};
 use crate::ops::linear::{linear, Product};
+use crate::ops::pim::{partition, Partitioned, PimLayout};
 use crate::tensor::Tensor;
 use crate::Result;
 
@@ -30,6 +33,8 @@ pub enum Operand<'a> {
     Product(&'a Product),
     /// A normalised (and activated) map, rebuilt from the norm's input and statistics.
     Normalized(&'a Normalized),
+    /// Token sequences, cut again from their map.
+    Partitioned(&'a Partitioned),
 }
 
 impl<'a> Operand<'a> {
@@ -39,6 +44,7 @@ impl<'a> Operand<'a> {
             Operand::Tensor(t) => t,
             Operand::Product(p) => &p.value,
             Operand::Normalized(n) => n.value(),
+            Operand::Partitioned(p) => &p.value,
         }
     }
 
@@ -48,6 +54,7 @@ impl<'a> Operand<'a> {
             Operand::Tensor(t) => Kept::Tensor(t.clone()),
             Operand::Product(p) => Kept::Product { x: p.x.clone(), w: p.w.clone() },
             Operand::Normalized(n) => Kept::Normalized(n.normalization().clone()),
+            Operand::Partitioned(p) => Kept::Partitioned { x: p.x.clone(), window: p.window.clone(), layout: p.layout },
         }
     }
 }
@@ -70,6 +77,12 @@ impl<'a> From<&'a Normalized> for Operand<'a> {
     }
 }
 
+impl<'a> From<&'a Partitioned> for Operand<'a> {
+    fn from(p: &'a Partitioned) -> Operand<'a> {
+        Operand::Partitioned(p)
+    }
+}
+
 /// What an op keeps of an [`Operand`] for its backward pass.
 pub(crate) enum Kept {
     /// The tensor.
@@ -78,6 +91,8 @@ pub(crate) enum Kept {
     Product { x: Tensor, w: Tensor },
     /// The norm's input, parameters and statistics.
     Normalized(Normalization),
+    /// The map and how it is cut.
+    Partitioned { x: Tensor, window: Vec<usize>, layout: PimLayout },
 }
 
 impl Kept {
@@ -87,6 +102,7 @@ impl Kept {
             Kept::Tensor(t) => Ok(t.clone()),
             Kept::Product { x, w } => linear(&mut Tape::no_grad(), x, w, None),
             Kept::Normalized(n) => n.apply(),
+            Kept::Partitioned { x, window, layout } => partition(&mut Tape::no_grad(), x, window, *layout),
         }
     }
 }
