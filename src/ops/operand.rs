@@ -11,7 +11,7 @@
 //! - a map cut into token sequences ([`Partitioned`]) from the map, which the stage's last LeakyReLU keeps (PiM's
 //!   sequences, which its LayerNorm reads).
 //!
-//! An op that takes such an input as an [`Operand`] keeps what makes it ([`Kept`]) and rebuilds it in its backward
+//! An op that takes such an input as an [`Operand`] keeps what makes it (`Kept`) and rebuilds it in its backward
 //! pass by the same kernel on the same values, so the gradients are the same bits as with the value kept. The value
 //! itself lives only as long as the forward pass uses it: drop the `Product`, `Normalized` or `Partitioned` after the
 //! op. The price is one more product, normalisation or partition pass in the backward pass; the saving one full
