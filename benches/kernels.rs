@@ -317,12 +317,12 @@ fn cases(dev: &Device) -> Vec<Case> {
             f: Box::new(|t, i| {
                 let s = ops::selective_scan::ScanInputs {
                     u: &i[0],
-                    delta: &i[1],
+                    delta: ops::operand::Operand::Tensor(&i[1]),
                     a_log: &i[2],
                     b: &i[3],
                     c: &i[4],
                     d_skip: &i[5],
-                    z: &i[6],
+                    z: ops::operand::Operand::Tensor(&i[6]),
                     delta_bias: &i[7],
                 };
                 ops::selective_scan::selective_scan(t, &s)

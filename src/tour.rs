@@ -132,6 +132,7 @@
 //!
 //! ```
 //! use lkm_engine::autograd::Tape;
+//! use lkm_engine::ops::operand::Operand;
 //! use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 //! use lkm_engine::Tensor;
 //!
@@ -145,12 +146,12 @@
 //!     &mut Tape::no_grad(),
 //!     &ScanInputs {
 //!         u: &t(&u, &[1, 3, 1])?,
-//!         delta: &t(&delta, &[1, 3, 1])?,
+//!         delta: Operand::Tensor(&t(&delta, &[1, 3, 1])?),
 //!         a_log: &t(&a_log, &[1, 2])?,
 //!         b: &t(b.as_flattened(), &[1, 3, 2])?,
 //!         c: &t(c.as_flattened(), &[1, 3, 2])?,
 //!         d_skip: &t(&[d_skip], &[1])?,
-//!         z: &t(&z, &[1, 3, 1])?,
+//!         z: Operand::Tensor(&t(&z, &[1, 3, 1])?),
 //!         delta_bias: &t(&[delta_bias], &[1])?,
 //!     },
 //! )?
@@ -338,10 +339,11 @@
 //! | [`cross_entropy`](crate::ops::cross_entropy) | `src/ops/cross_entropy.rs` `forward_cpu` `backward_cpu` | `cuda/loss.cu` `cross_entropy_partial` `loss_sum_partials` `cross_entropy_backward` | `tests/grad_loss.rs` `grad_cross_entropy_3d_k4` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `cross_entropy` |
 //! | [`dice`](crate::ops::dice) | `src/ops/dice.rs` `group_sums_cpu` `backward_cpu` | `cuda/loss.cu` `dice_partial_sums` `dice_finish` `dice_backward` | `tests/grad_loss.rs` `grad_soft_dice_batch_3d_k3` | `tests/gpu_loss.rs` `gpu_losses_3d_k14` | `soft_dice` |
 //! | [`flip`](crate::ops::flip) | `src/ops/flip.rs` `flip_cpu` | `cuda/layout.cu` `flip_seq_f32` | `tests/grad_layout.rs` `grad_flip_seq` | `tests/gpu_layout.rs` `gpu_flip_seq` | - |
-//! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments_f32` `instance_norm_combine` `instance_norm_apply_f32` `instance_norm_chunk_grad_sums_f32` `instance_norm_backward_dx_f32` `instance_norm_param_grads` `instance_norm_sum_chunks` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` `grad_instance_norm_leaky_relu` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` `gpu_instance_norm_leaky_relu` | `instance_norm` |
+//! | [`instance_norm`](crate::ops::instance_norm) | `src/ops/instance_norm.rs` `moments_cpu` `apply_cpu` `backward_cpu` | `cuda/norm.cu` `instance_norm_chunk_moments_f32` `instance_norm_combine` `instance_norm_apply_f32` `instance_norm_chunk_grad_sums_f32` `instance_norm_backward_dx_f32` `instance_norm_param_grads` `instance_norm_sum_chunks` | `tests/grad_norm_pool.rs` `grad_instance_norm_3d` `grad_instance_norm_leaky_relu` | `tests/gpu_norm_pool.rs` `gpu_instance_norm_3d` `gpu_instance_norm_leaky_relu` | `instance_norm` |
 //! | [`layer_norm`](crate::ops::layer_norm) | `src/ops/layer_norm.rs` `forward_cpu` `backward_cpu` | `cuda/norm.cu` `layer_norm_forward_f32` `layer_norm_forward_wide_f32` `layer_norm_backward_f32` `layer_norm_backward_wide_f32` `layer_norm_sum_partials` | `tests/grad_norm_pool.rs` `grad_layer_norm` | `tests/gpu_norm_pool.rs` `gpu_layer_norm_channels` | `layer_norm` |
 //! | [`linear`](crate::ops::linear) | `src/ops/linear.rs` `forward_cpu` `backward_cpu` | `cuda/gemm.cu` `linear_fprop_tf32` `linear_dgrad_tf32` `linear_wgrad_tf32` `linear_fprop_bf16` `linear_dgrad_bf16` `linear_wgrad_bf16` `linear_fprop_f32` `linear_dgrad_f32` `linear_wgrad_f32` `sum_rows_f32` | `tests/grad_mamba_ops.rs` `grad_linear_bias` | `tests/gpu_mamba_ops.rs` `gpu_linear_bias` `gpu_linear_bf16` | `linear in_proj tf32` |
 //! | [`narrow`](crate::ops::narrow) | `src/ops/narrow.rs` `narrow_cpu` `widen_cpu` `add_slice_cpu` | `cuda/layout.cu` `copy_rows_f32` `narrow_backward_f32` `narrow_add_backward_f32` | `tests/grad_layout.rs` `grad_narrow_each_axis` `grad_narrow_overlapping_slices_add_into_one_gradient` | `tests/gpu_layout.rs` `gpu_narrow` | - |
+//! | [`operand`](crate::ops::operand) (not an op: an input rebuilt in the backward pass) | `src/ops/operand.rs` `get` | - (the rebuilt value's own: `cuda/gemm.cu` `linear_fprop_tf32`, `cuda/norm.cu` `instance_norm_apply_f32`, `cuda/layout.cu` `pim_partition_f32`) | `tests/grad_norm_pool.rs` `conv_of_a_normalized_map_rebuilds_it` `layer_norm_of_partitioned_sequences_rebuilds_them`, `tests/grad_mamba_ops.rs` `causal_conv1d_silu_of_a_product_rebuilds_it` | `tests/gpu_norm_pool.rs` `gpu_conv_of_a_normalized_map` `gpu_layer_norm_of_partitioned_sequences` | - |
 //! | [`pim`](crate::ops::pim) | `src/ops/pim.rs` `permute_cpu` | `cuda/layout.cu` `pim_partition_f32` `pim_merge_f32` | `tests/grad_layout.rs` `grad_pim_window_3d` `grad_pim_strided_3d` | `tests/gpu_layout.rs` `gpu_pim_3d_odd` | `pim partition strided` |
 //! | [`reshape`](crate::ops::reshape) | `src/ops/reshape.rs` `reshape` (no copy) | - (no kernel) | `tests/grad_layout.rs` `grad_reshape` | `tests/gpu_layout.rs` `gpu_reshape` | - |
 //! | [`scale_f32`](crate::ops::scale) | `src/tensor/arith.rs` `scale` | `cuda/elementwise.cu` `scale_f32` | `tests/grad_activation.rs` `grad_scale` | - (in `tests/gpu_train_step.rs` `gpu_training_step_matches_cpu`) | - |

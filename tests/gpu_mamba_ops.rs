@@ -11,13 +11,14 @@ mod common;
 
 use std::sync::Arc;
 
-use common::mamba::{scan, scan_inputs};
-use common::{assert_rel_err, check_op, check_op_on, gpu, randn32, tf32_gpu};
+use common::mamba::{projected_scan, projected_scan_inputs, scan, scan_inputs};
+use common::{assert_rel_err, assert_same_bits, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::ops::cast::cast;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
-use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::linear::{linear, Product};
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::DType;
 use lkm_engine::{Result, Tensor};
@@ -162,8 +163,12 @@ fn gpu_linear_deterministic() {
 // causal conv1d
 
 /// The conv1d ops of a GPU test: the conv alone and SiLU(conv) as one op, whose backward recomputes the conv.
-const CONV1D_OPS: [(&str, Conv1dOp); 2] = [("", causal_conv1d), (" + silu", causal_conv1d_silu)];
+const CONV1D_OPS: [(&str, Conv1dOp); 2] = [("", causal_conv1d), (" + silu", conv1d_silu)];
 type Conv1dOp = fn(&mut Tape, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+fn conv1d_silu(t: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    causal_conv1d_silu(t, Operand::Tensor(x), w, bias)
+}
 
 fn conv_case(name: &str, g: usize, l: usize, c: usize, k: usize, seed: u64) {
     let inputs = [randn32(&[g, l, c], 1.0, seed), randn32(&[c, k], 0.5, seed + 1), randn32(&[c], 1.0, seed + 2)];
@@ -238,6 +243,28 @@ fn gpu_causal_conv1d_deterministic() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn gpu_causal_conv1d_silu_of_a_product() {
+    // x = v w^T given as the product (Operand::Product: v and w kept, x rebuilt in the backward pass) against the
+    // float64 reference, and against x made by linear and kept: the same bits.
+    let device = Device::Cuda(gpu());
+    let (g, l, k, c) = (300, 37, 32, 64);
+    let x =
+        [randn32(&[g, l, k], 1.0, 80), randn32(&[c, k], 0.2, 81), randn32(&[c, 4], 0.5, 82), randn32(&[c], 1.0, 83)];
+    let product = |t: &mut Tape, v: &[Tensor]| {
+        let made = Product::new(t, &v[0], &v[1])?;
+        causal_conv1d_silu(t, Operand::Product(&made), &v[2], &v[3])
+    };
+    let kept = |t: &mut Tape, v: &[Tensor]| {
+        let made = linear(t, &v[0], &v[1], None)?;
+        causal_conv1d_silu(t, Operand::Tensor(&made), &v[2], &v[3])
+    };
+    check_op("causal_conv1d_silu of a product", &x, 1e-4, product);
+    let on_gpu: Vec<Tensor> = x.iter().map(|t| t.to_device(&device).unwrap()).collect();
+    assert_same_bits("causal_conv1d_silu of a product", &on_gpu, &device, &product, &kept);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn gpu_causal_conv1d_reference_shape() {
     // PaM at stage 0: 2 sequences of 26,880 tokens, d_inner = 64 channels, kernel 4 (several weight-gradient slices).
     conv_case("causal_conv1d (2, 26880, 64) k4", 2, 26_880, 64, 4, 35);
@@ -275,6 +302,27 @@ fn gpu_selective_scan_chunk_boundary() {
 fn gpu_selective_scan_long() {
     // Few long sequences (the PaM regime): 79 chunks carried forward (states) and backward (adjoints).
     scan_case("selective_scan G2 L5000 D8 N16", 2, 5000, 8, 16, 60);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_selective_scan_of_products() {
+    // Operand::Product (Mamba's delta = dt w^T and z = u W_z^T, rebuilt in the backward pass) against the float64
+    // reference, and against delta and z made by linear and kept (Operand::Tensor): the same bits, output and all ten
+    // gradients. One chunk of many sequences, whole sequences of several chunks, and few long ones (the chunked
+    // parallel scan).
+    let device = Device::Cuda(gpu());
+    for (g, l, d, r, seed) in [(300, 7, 37, 3, 70), (260, 150, 64, 4, 72), (2, 700, 40, 3, 74)] {
+        let x = projected_scan_inputs(g, l, d, 16, r, seed);
+        let name = format!("selective_scan of products G{g} L{l} D{d} R{r}");
+        check_op(&name, &x, 1e-4, |t, v| projected_scan(t, v, false));
+        let on_gpu: Vec<Tensor> = x.iter().map(|t| t.to_device(&device).unwrap()).collect();
+        let (projected, full) = (
+            |t: &mut Tape, v: &[Tensor]| projected_scan(t, v, false),
+            |t: &mut Tape, v: &[Tensor]| projected_scan(t, v, true),
+        );
+        assert_same_bits(&name, &on_gpu, &device, &projected, &full);
+    }
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //! (planes that are not a whole number of the kernels' 2048-voxel chunks, channel counts that are not multiples of
 //! the 8-channel groups or of 32, row counts that are not multiples of a block's rows), both memory paths of the
 //! norms (16-byte vectors where the plane or row size is a multiple of 4 float32, element access where it is not),
-//! NaN-poisoned outputs, and two runs giving the same bits. Run on a GPU machine with
-//! `cargo test --release --test gpu_norm_pool -- --ignored`.
+//! NaN-poisoned outputs, two runs giving the same bits, and a conv and a layer norm that rebuild their inputs. Run on
+//! a GPU machine with `cargo test --release --test gpu_norm_pool -- --ignored`.
 
 mod common;
 
@@ -13,11 +13,13 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::{leaky_relu, Activation::LeakyRelu};
 use lkm_engine::ops::avg_pool::avg_pool;
-use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, IN_EPS};
+use lkm_engine::ops::conv::conv;
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, Normalized, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
+use lkm_engine::ops::pim::{partition, Partitioned, PimLayout};
 use lkm_engine::ops::upsample::upsample_nearest;
 use lkm_engine::tensor::map;
-use lkm_engine::Tensor;
+use lkm_engine::{DType, Tensor};
 
 /// 3 randn + 2 in float32: a nonzero mean and a scale other than 1, so the normalisation has work to do.
 fn shifted(shape: &[usize], seed: u64) -> Tensor {
@@ -118,6 +120,73 @@ fn gpu_instance_norm_leaky_relu() {
         let on_gpu: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
         let name = format!("fused against two ops {shape:?}");
         common::assert_same_bits(&name, &on_gpu, &dev, &fused, &two_ops);
+    }
+}
+
+/// A conv of a normalised map given as [`Normalized`] (the map rebuilt in the conv's backward pass by the norm's apply
+/// kernel) against the map kept: the same bits on the GPU in float32 and bf16; and float32 against float64 on the
+/// CPU. 3D strided (1, 2, 2) and 2D at stride 1.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_of_a_normalized_map() {
+    let dev = Device::Cuda(common::gpu());
+    for (shape, stride, seed) in [(&[2, 8, 5, 12, 10][..], &[1, 2, 2][..], 40), (&[2, 16, 20, 24][..], &[1, 1][..], 45)]
+    {
+        let (c, cout) = (shape[1], 2 * shape[1] - 3);
+        let mut w_shape = vec![cout, c];
+        w_shape.extend(vec![3; shape.len() - 2]);
+        let inputs = [
+            shifted(shape, seed),
+            randn32(&[c], 1.0, seed + 1),
+            randn32(&[c], 0.5, seed + 2),
+            randn32(&w_shape, 0.2, seed + 3),
+            randn32(&[cout], 1.0, seed + 4),
+        ];
+        let rebuilt = |t: &mut Tape, x: &[Tensor]| {
+            let n = Normalized::new(t, &x[0], &x[1], &x[2], IN_EPS, Some(LeakyRelu))?;
+            conv(t, &n, &x[3], Some(&x[4]), stride)
+        };
+        let kept = |t: &mut Tape, x: &[Tensor]| {
+            let y = instance_norm_act(t, &x[0], &x[1], &x[2], IN_EPS, Some(LeakyRelu))?;
+            conv(t, &y, &x[3], Some(&x[4]), stride)
+        };
+        check_op(&format!("conv of a normalised map {shape:?}"), &inputs, 1e-4, rebuilt);
+        for dtype in [DType::F32, DType::BF16] {
+            let mut xs: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+            xs[0] = xs[0].to_dtype(dtype).unwrap();
+            let name = format!("conv of a normalised map {shape:?} {dtype:?}, rebuilt against kept");
+            common::assert_same_bits(&name, &xs, &dev, &rebuilt, &kept);
+        }
+    }
+}
+
+/// A layer norm of PiM sequences given as [`Partitioned`] (cut again from the map in the norm's backward pass)
+/// against the sequences kept: the same bits on the GPU in float32 and bf16; and float32 against float64 on the CPU.
+/// 32 channels (4 lanes per row) and 300 (the wide kernel, a last 8-channel group half full).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_layer_norm_of_partitioned_sequences() {
+    let dev = Device::Cuda(common::gpu());
+    for (shape, window, seed) in
+        [(&[2, 32, 4, 12, 10][..], &[2, 3, 5][..], 70), (&[2, 300, 12, 8][..], &[4, 2][..], 75)]
+    {
+        let c = shape[1];
+        let inputs = [shifted(shape, seed), randn32(&[c], 1.0, seed + 1), randn32(&[c], 0.5, seed + 2)];
+        let rebuilt = |t: &mut Tape, x: &[Tensor]| {
+            let sequences = Partitioned::new(t, &x[0], window, PimLayout::Strided)?;
+            layer_norm(t, &sequences, &x[1], &x[2], LN_EPS)
+        };
+        let kept = |t: &mut Tape, x: &[Tensor]| {
+            let sequences = partition(t, &x[0], window, PimLayout::Strided)?;
+            layer_norm(t, &sequences, &x[1], &x[2], LN_EPS)
+        };
+        check_op(&format!("layer norm of partitioned sequences {shape:?}"), &inputs, 1e-4, rebuilt);
+        for dtype in [DType::F32, DType::BF16] {
+            let mut xs: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+            xs[0] = xs[0].to_dtype(dtype).unwrap();
+            let name = format!("layer norm of partitioned sequences {shape:?} {dtype:?}, rebuilt against kept");
+            common::assert_same_bits(&name, &xs, &dev, &rebuilt, &kept);
+        }
     }
 }
 

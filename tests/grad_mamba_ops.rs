@@ -5,11 +5,12 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
-use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::linear::{linear, Product};
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::{DType, Tensor};
 
 mod common;
-use common::mamba::scan;
+use common::mamba::{projected_scan, projected_scan_inputs, scan};
 use common::{assert_close, seeded_step};
 
 /// `f(randn)` elementwise, as a new f64 tensor.
@@ -98,8 +99,29 @@ fn grad_causal_conv1d_silu() {
     for (shape, seed) in [([2, 7, 3], 16), ([3, 2, 5], 19)] {
         let c = shape[2];
         let inputs = [randn64(&shape, seed), randn64(&[c, 4], seed + 1), randn64(&[c], seed + 2)];
-        assert_gradients(&inputs, 1e-6, |t, x| causal_conv1d_silu(t, &x[0], &x[1], &x[2]));
+        assert_gradients(&inputs, 1e-6, |t, x| causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2]));
     }
+}
+
+#[test]
+fn causal_conv1d_silu_of_a_product_rebuilds_it() {
+    // x = v w^T given as the product (kept: v and w, x rebuilt in the backward pass) against x made by linear and kept:
+    // the same bits, output and every gradient; and finite differences agree.
+    let inputs = [randn64(&[3, 11, 5], 26), randn64(&[6, 5], 27), randn64(&[6, 4], 28), randn64(&[6], 29)];
+    let all = [true; 4];
+    let product = |t: &mut Tape, x: &[Tensor]| {
+        let made = Product::new(t, &x[0], &x[1])?;
+        causal_conv1d_silu(t, Operand::Product(&made), &x[2], &x[3])
+    };
+    let kept = |t: &mut Tape, x: &[Tensor]| {
+        let made = linear(t, &x[0], &x[1], None)?;
+        causal_conv1d_silu(t, Operand::Tensor(&made), &x[2], &x[3])
+    };
+    assert_eq!(
+        seeded_step("product", &inputs, &all, &Device::Cpu, &product),
+        seeded_step("kept", &inputs, &all, &Device::Cpu, &kept)
+    );
+    assert_gradients(&inputs, 1e-6, product);
 }
 
 #[test]
@@ -107,7 +129,9 @@ fn causal_conv1d_silu_is_silu_of_the_conv() {
     // One op against the two, forward and every gradient, in float64 (the same arithmetic up to rounding).
     let inputs = [randn64(&[3, 11, 6], 22), randn64(&[6, 4], 23), randn64(&[6], 24)];
     let all = [true; 3];
-    let fused = seeded_step("fused", &inputs, &all, &Device::Cpu, &|t, x| causal_conv1d_silu(t, &x[0], &x[1], &x[2]));
+    let fused = seeded_step("fused", &inputs, &all, &Device::Cpu, &|t, x| {
+        causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2])
+    });
     let two = seeded_step("two ops", &inputs, &all, &Device::Cpu, &|t, x| {
         let y = causal_conv1d(t, &x[0], &x[1], &x[2])?;
         silu(t, &y)
@@ -183,6 +207,24 @@ fn grad_selective_scan_softplus_linear() {
         x[1].to_vec_f64().unwrap().iter().enumerate().map(|(i, d)| d + x[7].to_vec_f64().unwrap()[i % dch]).collect();
     assert!(pre.iter().filter(|&&v| v > 20.0).count() == g * l / 2, "test setup: linear branch not reached");
     assert_gradients(&x, 1e-6, scan);
+}
+
+#[test]
+fn selective_scan_projected_delta_is_the_product_then_the_scan() {
+    // Operand::Product keeps the products' operands and rebuilds delta and z in the backward pass: the same output and
+    // the same gradients, bit for bit, as delta and z made by linear and kept (Operand::Tensor), for all ten inputs;
+    // and finite differences agree.
+    let x: Vec<Tensor> =
+        projected_scan_inputs(3, 11, 5, 4, 2, 52).iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
+    let all = [true; 10];
+    let projected = seeded_step("projected", &x, &all, &Device::Cpu, &|t, v| projected_scan(t, v, false));
+    let full = seeded_step("full", &x, &all, &Device::Cpu, &|t, v| projected_scan(t, v, true));
+    assert_eq!(projected, full);
+    assert_gradients(
+        &projected_scan_inputs(2, 7, 3, 4, 2, 53).iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect::<Vec<_>>(),
+        1e-6,
+        |t, v| projected_scan(t, v, false),
+    );
 }
 
 #[test]

@@ -6,8 +6,10 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::{leaky_relu, Activation};
 use lkm_engine::ops::avg_pool::avg_pool;
-use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, IN_EPS};
+use lkm_engine::ops::conv::conv;
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, Normalized, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
+use lkm_engine::ops::pim::{partition, Partitioned, PimLayout};
 use lkm_engine::ops::upsample::upsample_nearest;
 use lkm_engine::{DType, Tensor};
 
@@ -68,6 +70,59 @@ fn instance_norm_leaky_relu_equals_the_two_ops() {
         let name = format!("instance_norm_leaky_relu {dtype:?}");
         common::assert_same_bits(&name, &inputs, &Device::Cpu, &fused_norm_leaky_relu, &norm_then_leaky_relu);
     }
+}
+
+/// A conv of a normalised map given as [`Normalized`] (kept: the norm's input and statistics; the map rebuilt in the
+/// conv's backward pass) against the map kept: the same bits, output and every gradient, in both dtypes; and finite
+/// differences agree.
+#[test]
+fn conv_of_a_normalized_map_rebuilds_it() {
+    let act = Some(Activation::LeakyRelu);
+    let rebuilt = |t: &mut Tape, x: &[Tensor]| {
+        let n = Normalized::new(t, &x[0], &x[1], &x[2], IN_EPS, act)?;
+        conv(t, &n, &x[3], Some(&x[4]), &[1, 2, 1])
+    };
+    let kept = |t: &mut Tape, x: &[Tensor]| {
+        let y = instance_norm_act(t, &x[0], &x[1], &x[2], IN_EPS, act)?;
+        conv(t, &y, &x[3], Some(&x[4]), &[1, 2, 1])
+    };
+    // x, gamma, beta, the conv's weight (strided along H) and bias.
+    let inputs = [
+        shifted(&[2, 3, 3, 6, 5], 20),
+        randn64(&[3], 21),
+        randn64(&[3], 22),
+        randn64(&[4, 3, 1, 3, 3], 23),
+        randn64(&[4], 24),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let name = format!("conv of a normalised map {dtype:?}");
+        common::assert_same_bits(&name, &inputs, &Device::Cpu, &rebuilt, &kept);
+    }
+    assert_gradients(&inputs, 1e-6, rebuilt);
+}
+
+/// A layer norm of a map's PiM sequences given as [`Partitioned`] (kept: the map; the sequences cut again in the
+/// norm's backward pass) against the sequences kept: the same bits, output and every gradient, in both dtypes; and
+/// finite differences agree.
+#[test]
+fn layer_norm_of_partitioned_sequences_rebuilds_them() {
+    let rebuilt = |t: &mut Tape, x: &[Tensor]| {
+        let sequences = Partitioned::new(t, &x[0], &[1, 2, 3], PimLayout::Strided)?;
+        layer_norm(t, &sequences, &x[1], &x[2], LN_EPS)
+    };
+    let kept = |t: &mut Tape, x: &[Tensor]| {
+        let sequences = partition(t, &x[0], &[1, 2, 3], PimLayout::Strided)?;
+        layer_norm(t, &sequences, &x[1], &x[2], LN_EPS)
+    };
+    // The map (N, C, D, H, W), gamma and beta over its 4 channels.
+    let inputs = [shifted(&[2, 4, 3, 4, 6], 25), randn64(&[4], 26), randn64(&[4], 27)];
+    for dtype in [DType::F32, DType::F64] {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let name = format!("layer norm of partitioned sequences {dtype:?}");
+        common::assert_same_bits(&name, &inputs, &Device::Cpu, &rebuilt, &kept);
+    }
+    assert_gradients(&inputs, 1e-6, rebuilt);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::narrow::narrow;
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::reshape::reshape;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::tensor::DType;
@@ -52,12 +53,12 @@ fn old_forward(tape: &mut Tape, p: &Params, u: &Tensor, cfg: MambaConfig) -> Res
     let delta = linear(tape, &dt, param(p, "dt_proj.weight"), None)?;
     let inputs = ScanInputs {
         u: &x,
-        delta: &delta,
+        delta: Operand::Tensor(&delta),
         a_log: param(p, "A_log"),
         b: &b,
         c: &c,
         d_skip: param(p, "D"),
-        z: &z,
+        z: Operand::Tensor(&z),
         delta_bias: param(p, "dt_proj.bias"),
     };
     selective_scan(tape, &inputs)

@@ -6,6 +6,7 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
 use lkm_engine::ops::linear::linear;
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{DType, Result, Tensor};
 
@@ -88,12 +89,12 @@ fn threads_selective_scan() {
     assert_thread_count_invariant("selective_scan", &inputs, |t, v| {
         let inp = ScanInputs {
             u: &v[0],
-            delta: &v[1],
+            delta: Operand::Tensor(&v[1]),
             a_log: &v[2],
             b: &v[3],
             c: &v[4],
             d_skip: &v[5],
-            z: &v[6],
+            z: Operand::Tensor(&v[6]),
             delta_bias: &v[7],
         };
         selective_scan(t, &inp)

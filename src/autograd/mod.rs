@@ -21,16 +21,22 @@
 //!
 //! | op | keeps | rebuilds in the backward pass |
 //! |---|---|---|
-//! | conv, conv_transpose, linear | input, weight | - |
+//! | conv, conv_transpose, linear | input, weight | a residual block's second conv: its input (below) |
 //! | instance_norm_act | input, gamma, beta, per-plane mean and 1/std | the norm's output, for LeakyReLU' |
-//! | layer_norm | input, gamma, per-row mean and 1/std | - |
+//! | layer_norm | input, gamma, per-row mean and 1/std | PiM's: its input, the map's sequences (below) |
 //! | leaky_relu | its output (the sign is the input's; the next conv keeps it anyway) | - |
 //! | silu, softplus | input | - |
-//! | causal_conv1d, causal_conv1d_silu | input, weight (and bias with SiLU) | the conv's output, for SiLU' |
-//! | selective_scan | its inputs; on the GPU the state at each chunk start | every other state, chunk by chunk |
+//! | causal_conv1d, causal_conv1d_silu | input, weight (and bias with SiLU) | the conv's output; Mamba's input |
+//! | selective_scan | its inputs; on the GPU the state at each chunk start | Mamba's delta and z; every other state |
 //! | cross_entropy, soft_dice_loss | logits, target (Dice: per-group sums) | the softmax |
 //! | add, cast, flip, reshape, narrow, concat, partition, merge, pooling, upsampling | shapes only | - |
 //! | checkpoint (`--recompute mamba`) | the piece's inputs | the whole piece, then its backward |
+//!
+//! "Below": an op may take an input as an [`Operand`](crate::ops::operand::Operand) and keep, instead of it, what
+//! makes it, which other nodes keep anyway; its backward pass rebuilds the input, the same bits. Mamba's in_proj
+//! halves and delta are linear products (the scan and causal_conv1d_silu keep their operands), a residual block's
+//! first normalised map is rebuilt by its second conv from the map's conv output and norm statistics, and a PiM
+//! layer's sequences by its LayerNorm from the stage's output.
 //!
 //! An op forward and backward, by hand: `y = LeakyReLU(x W^T)` for one row x, seeded with `dL/dy = 1`, so that
 //! `dL/dW[j, k] = LeakyReLU'(h_j) x_k` with `h = x W^T`.

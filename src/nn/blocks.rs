@@ -2,10 +2,12 @@
 //!
 //! - [`ConvNormAct`] (`ConvDropoutNormReLU`): `y = act(IN(conv(x)))`, act = LeakyReLU(0.01) or none (fused into the
 //!   norm op, which recomputes its input in the backward pass instead of storing it).
+//!   Kept for the backward pass: the conv's input and output (the norm's input), and the norm's statistics.
 //! - [`ResidualBlock`] (`BasicBlockD`): `y = LReLU(IN(conv2(LReLU(IN(conv1_stride(x))))) + skip(x))` where
 //!   `skip = [AvgPool(stride)] -> [conv 1x1 (no bias) -> IN]` when the stride is not 1 / the channels change.
 //!   The second IN starts with scale 0, so every block starts as its shortcut (nnU-Net's
-//!   init_last_bn_before_add_to_0).
+//!   init_last_bn_before_add_to_0). conv2 rebuilds its input, conv1's normalised map, in its backward pass
+//!   ([`Normalized`]), so a block keeps three maps of its width: the two conv outputs and its output.
 
 use rand::rngs::StdRng;
 
@@ -16,7 +18,8 @@ use crate::ops::activation::{leaky_relu, Activation};
 use crate::ops::add::add;
 use crate::ops::avg_pool::avg_pool;
 use crate::ops::conv::conv;
-use crate::ops::instance_norm::{instance_norm_act, IN_EPS};
+use crate::ops::instance_norm::{Normalized, IN_EPS};
+use crate::ops::operand::Operand;
 use crate::profile;
 use crate::tensor::Tensor;
 use crate::Result;
@@ -64,11 +67,17 @@ impl ConvNormAct {
     }
 
     /// `act(IN(conv(x)))`.
-    pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
+    pub fn forward<'a>(&self, tape: &mut Tape, p: &Params, x: impl Into<Operand<'a>>) -> Result<Tensor> {
+        Ok(self.normalized(tape, p, x)?.value().clone())
+    }
+
+    /// [`ConvNormAct::forward`] for a block whose output only a convolution reads: that convolution takes it as an
+    /// [`Operand::Normalized`] and rebuilds it in its backward pass instead of keeping it.
+    pub fn normalized<'a>(&self, tape: &mut Tape, p: &Params, x: impl Into<Operand<'a>>) -> Result<Normalized> {
         let _layer = profile::layer(&self.prefix);
         let y = conv(tape, x, p.get(self.weight), self.bias.map(|b| p.get(b)), &self.stride)?;
         let act = self.act.then_some(Activation::LeakyRelu);
-        instance_norm_act(tape, &y, p.get(self.norm_w), p.get(self.norm_b), IN_EPS, act)
+        Normalized::new(tape, &y, p.get(self.norm_w), p.get(self.norm_b), IN_EPS, act)
     }
 }
 
@@ -109,7 +118,9 @@ impl ResidualBlock {
     /// `LReLU(branch(x) + skip(x))`.
     pub fn forward(&self, tape: &mut Tape, p: &Params, x: &Tensor) -> Result<Tensor> {
         let _layer = profile::layer(&self.prefix);
-        let y = self.conv1.forward(tape, p, x)?;
+        // conv2 keeps what makes conv1's output (conv1's conv output and norm statistics, which conv1's norm keeps
+        // anyway), not the output itself.
+        let y = self.conv1.normalized(tape, p, x)?;
         let y = self.conv2.forward(tape, p, &y)?;
         let mut skip = match &self.pool {
             Some(f) => avg_pool(tape, x, f)?,

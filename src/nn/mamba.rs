@@ -25,9 +25,10 @@ use crate::ops::avg_pool::avg_pool;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
 use crate::ops::flip::flip_seq;
 use crate::ops::layer_norm::{layer_norm, LN_EPS};
-use crate::ops::linear::linear;
+use crate::ops::linear::{linear, Product};
 use crate::ops::narrow::narrow;
-use crate::ops::pim::{merge, partition, PimLayout};
+use crate::ops::operand::Operand;
+use crate::ops::pim::{merge, Partitioned, PimLayout};
 use crate::ops::reshape::reshape;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
 use crate::ops::upsample::upsample_nearest;
@@ -44,10 +45,11 @@ pub struct MambaConfig {
     pub d_conv: usize,
     /// d_inner = expand * d_model (2).
     pub expand: usize,
-    /// Recompute in the backward pass, instead of keeping, each block's input branch (in_proj's x half, the causal
-    /// conv1d and SiLU: two (G, L, d_inner) intermediates) and its step sizes and scan (delta, (G, L, d_inner), and
-    /// the scan's per-chunk states), as two [`checkpoint`]s (`--recompute mamba`): less memory, the same gradients;
-    /// per block one more small product, conv1d, SiLU, dt product and scan forward. Off by default.
+    /// Recompute in the backward pass, instead of keeping, each block's input branch (in_proj's x half, a (G, L,
+    /// d_inner) intermediate, and the causal conv1d with SiLU) and its scan (the scan's per-chunk states), as two
+    /// [`checkpoint`]s (`--recompute mamba`): less memory, the same gradients; per block one more small product,
+    /// conv1d and scan forward. Off by default. (in_proj's halves and delta are never kept: the ops that take them
+    /// rebuild them, see [`Product`].)
     #[serde(default)]
     pub recompute: bool,
 }
@@ -132,8 +134,9 @@ impl Mamba {
         // of x and z flow back without a zero-filled (G, L, 2 d_inner) gradient. The tape adds the two row slices'
         // gradients into W's, and the two products' gradients into u's.
         let rows = |tape: &mut Tape, start| narrow(tape, p.get(self.in_proj), 0, start, di);
-        // The input branch x = SiLU(conv1d(u W[0..di]^T)). As a checkpoint (recompute) it keeps u (which z's product
-        // keeps anyway) and the small weights, and rebuilds its two (G, L, d_inner) intermediates in the backward pass.
+        // The input branch x = SiLU(conv1d(u W[0..di]^T)): one op that makes in_proj's x half itself and keeps u and
+        // the weight rows instead of it (Operand::Product), rebuilding the product in its backward pass. As a
+        // checkpoint (recompute) it keeps nothing more and reruns the product and the conv in the backward pass.
         let w_rows = {
             let _layer = profile::sublayer(&self.prefix, "in_proj");
             rows(tape, 0)?
@@ -146,17 +149,16 @@ impl Mamba {
         let branch = move |t: &mut Tape, v: &[Tensor]| {
             let x = {
                 let _layer = profile::sublayer(&prefix, "in_proj");
-                linear(t, &v[0], &v[1], None)?
+                Product::new(t, &v[0], &v[1])?
             };
             let _layer = profile::sublayer(&prefix, "conv1d");
-            causal_conv1d_silu(t, &x, &v[2], &v[3])
+            causal_conv1d_silu(t, Operand::Product(&x), &v[2], &v[3])
         };
         let inputs = [u, &w_rows, &conv_w, p.get(self.conv_b)];
         let x = piece(tape, self.recompute, "mamba input branch", &inputs, branch)?;
-        let z = {
+        let z_rows = {
             let _layer = profile::sublayer(&self.prefix, "in_proj");
-            let w_rows = rows(tape, di)?;
-            linear(tape, u, &w_rows, None)?
+            rows(tape, di)?
         };
         // x_proj's output (G, L, dt_rank + 2 d_state) is sliced along its last axis, not through its weight as in_proj
         // is: here the output is narrower than x (34 columns against 64 at d_model 32), and three products would read
@@ -168,30 +170,35 @@ impl Mamba {
             let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
             (narrow(tape, &dbc, 2, 0, r)?, narrow(tape, &dbc, 2, r, n)?, narrow(tape, &dbc, 2, r + n, n)?)
         };
-        // delta = dt W_dt^T, then the scan. As a checkpoint (recompute) it keeps dt (dt_rank channels) instead of
-        // delta (d_inner) and the scan's per-chunk states, and reruns the small product and the scan's forward in the
-        // backward pass; x, B, C and z are kept either way (the scan's inputs).
+        // delta = dt W_dt^T and z = u W[di..2di]^T, then the scan: the scan op makes delta and z itself
+        // (Operand::Product) and keeps their products' operands instead of them (dt_rank and d_model channels against
+        // d_inner each), rebuilding them in its backward pass. As a checkpoint (recompute) it also drops the scan's
+        // per-chunk states and reruns the scan's forward in the backward pass; x, B and C are kept either way.
         let (dt_w, a_log, d_skip, dt_b) =
             (p.get(self.dt_proj_w), p.get(self.a_log), p.get(self.d_skip), p.get(self.dt_proj_b));
         let prefix = self.prefix.clone();
         let scan = move |t: &mut Tape, v: &[Tensor]| {
             let delta = {
                 let _layer = profile::sublayer(&prefix, "dt_proj");
-                linear(t, &v[1], &v[2], None)?
+                Product::new(t, &v[1], &v[2])?
+            };
+            let z = {
+                let _layer = profile::sublayer(&prefix, "in_proj");
+                Product::new(t, &v[7], &v[8])?
             };
             let inputs = ScanInputs {
                 u: &v[0],
-                delta: &delta,
+                delta: Operand::Product(&delta),
                 a_log: &v[3],
                 b: &v[4],
                 c: &v[5],
                 d_skip: &v[6],
-                z: &v[7],
-                delta_bias: &v[8],
+                z: Operand::Product(&z),
+                delta_bias: &v[9],
             };
             selective_scan(t, &inputs)
         };
-        let inputs = [&x, &dt, dt_w, a_log, &b, &c, d_skip, &z, dt_b];
+        let inputs = [&x, &dt, dt_w, a_log, &b, &c, d_skip, u, &z_rows, dt_b];
         piece(tape, self.recompute, "mamba scan", &inputs, scan)
     }
 }
@@ -271,10 +278,16 @@ impl BiMambaLayer {
                 (pooled.clone(), pooled.shape().to_vec(), whole, PimLayout::Window)
             }
         };
-        let t = partition(tape, &tokens_of, &window, layout)?;
         let t = {
+            let sequences = Partitioned::new(tape, &tokens_of, &window, layout)?;
             let _layer = profile::sublayer(&self.prefix, "norm");
-            layer_norm(tape, &t, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?
+            // PiM's map is its stage's output, which that stage's last LeakyReLU keeps: the norm keeps the map and cuts
+            // it again in its backward pass instead of keeping the sequences. PaM's pooled map is kept by no one.
+            let input = match &self.grouping {
+                Grouping::Pixel { .. } => Operand::Partitioned(&sequences),
+                Grouping::Patch { .. } => Operand::Tensor(sequences.value()),
+            };
+            layer_norm(tape, input, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?
         };
         let yf = self.forw.forward(tape, p, &t)?;
         let tb = flip_seq(tape, &t)?;

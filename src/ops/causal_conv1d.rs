@@ -40,6 +40,7 @@ use crate::device::params::{
 };
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
+use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -48,17 +49,19 @@ use crate::{by_dtype, by_gpu_type, ensure, Result};
 /// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C) of x's dtype. `w`
 /// and `bias` have x's dtype, or float32 for bf16 tokens.
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv_op(tape, x, w, bias, false)
+    conv_op(tape, Operand::Tensor(x), w, bias, false)
 }
 
-/// SiLU([`causal_conv1d`]) as one op (Mamba's `x = SiLU(conv1d(x))`): the same arguments and result as the two ops,
-/// but the conv's output is never stored; the backward pass recomputes it from `x` (which it reads anyway) to form
-/// dL/dconv = dL/dout SiLU'(conv).
-pub fn causal_conv1d_silu(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// SiLU([`causal_conv1d`]) as one op (Mamba's `x = SiLU(conv1d(x))`): the same result as the two ops, but the conv's
+/// output is never stored; the backward pass recomputes it from `x` (which it reads anyway) to form
+/// dL/dconv = dL/dout SiLU'(conv). `x` may be given as the product that makes it (Mamba's in_proj x half,
+/// [`Operand::Product`]): then not even `x` is kept, but rebuilt in the backward pass.
+pub fn causal_conv1d_silu(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     conv_op(tape, x, w, bias, true)
 }
 
-fn conv_op(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor, silu: bool) -> Result<Tensor> {
+fn conv_op(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor, silu: bool) -> Result<Tensor> {
+    let (x, kept) = (x.value(), x.keep());
     let d = ConvDims::of(x, w, bias, silu)?;
     let range = profile::forward(d.name(), &[x, w, bias], d.flops());
     let y = match by_gpu_type!(x, forward_gpu(x, w, bias, d)) {
@@ -66,7 +69,7 @@ fn conv_op(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor, silu: bool) -
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?,
     };
     range.done([&y]);
-    let saved = CausalConv1dBackward { x: x.clone(), w: w.clone(), bias: silu.then(|| bias.clone()), dims: d };
+    let saved = CausalConv1dBackward { x: kept, w: w.clone(), bias: silu.then(|| bias.clone()), dims: d };
     tape.record(&[x, w, bias], &y, saved);
     Ok(y)
 }
@@ -156,7 +159,7 @@ fn conv_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> Resu
 }
 
 struct CausalConv1dBackward {
-    x: Tensor,
+    x: Kept,
     w: Tensor,
     /// With SiLU: the bias, to recompute the conv's output.
     bias: Option<Tensor>,
@@ -239,8 +242,9 @@ impl Backward for CausalConv1dBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        self.x.check_same_kind(grad_out, "causal_conv1d backward")?;
-        let (x, w, bias, d) = (&self.x, &self.w, self.bias.as_ref(), self.dims);
+        let x = &self.x.get()?;
+        x.check_same_kind(grad_out, "causal_conv1d backward")?;
+        let (w, bias, d) = (&self.w, self.bias.as_ref(), self.dims);
         match by_gpu_type!(x, backward_gpu(x, w, bias, grad_out, d, needs)) {
             Some(grads) => grads,
             None => by_dtype!(x.dtype(), backward_cpu(x, w, bias, grad_out, d, needs)),

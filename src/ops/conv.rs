@@ -89,16 +89,28 @@ use crate::device::params::{
 };
 use crate::device::Gpu;
 use crate::ops::cast::cast_like;
+use crate::ops::operand::{Kept, Operand};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
-use crate::{by_dtype, by_gpu_type, ensure, Result};
+use crate::{by_dtype, by_gpu_type, ensure, Error, Result};
 
 /// Cross-correlation of `x` (N, Cin, \[D,\] H, W) with `w` (Cout, Cin, \[kd,\] kh, kw) plus an optional `bias` (Cout),
 /// zero-padded by k/2 per axis (kernel sizes must be odd), with `stride` given for each spatial axis of the map.
 /// The output is (N, Cout, \[Do,\] Ho, Wo) with O = (I - 1)/s + 1 per axis, as PyTorch's Conv2d/Conv3d with
-/// `padding = k // 2`.
-pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: &[usize]) -> Result<Tensor> {
+/// `padding = k // 2`. `x` is a tensor, kept for the weight gradient, or an [`Operand`] that the backward pass
+/// rebuilds (a residual block's normalised map, [`Operand::Normalized`]).
+pub fn conv<'a>(
+    tape: &mut Tape,
+    x: impl Into<Operand<'a>>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: &[usize],
+) -> Result<Tensor> {
+    let (x, kept) = {
+        let x = x.into();
+        (x.value(), x.keep())
+    };
     let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
     let bias = bias.as_ref();
     let geom = ConvGeom::new(x, w, bias, stride)?;
@@ -112,7 +124,7 @@ pub fn conv(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stri
         Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
-    let saved = ConvBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
+    let saved = ConvBackward { x: kept, x_shape: x.shape().to_vec(), w: w.clone(), has_bias: bias.is_some(), geom };
     range.done([&y]);
     match bias {
         Some(b) => tape.record(&[x, w, b], &y, saved),
@@ -444,7 +456,10 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &Conv
 }
 
 struct ConvBackward {
-    x: Tensor,
+    /// The input, or what rebuilds it: read only for the weight gradient.
+    x: Kept,
+    x_shape: Vec<usize>,
+    /// The weight, cast to the input's dtype.
     w: Tensor,
     has_bias: bool,
     geom: ConvGeom,
@@ -462,22 +477,28 @@ impl Backward for ConvBackward {
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let g = &self.geom;
         grad_out.check_shape(&g.out_shape(), "conv backward: output gradient")?;
-        grad_out.check_same_kind(&self.x, "conv backward")?;
-        fn gpu<T: ConvElement>(s: &ConvBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        grad_out.check_same_kind(&self.w, "conv backward")?;
+        let x = if needs[1] { Some(self.x.get()?) } else { None };
+        fn gpu<T: ConvElement>(
+            s: &ConvBackward,
+            x: Option<&Tensor>,
+            grad_out: &Tensor,
+            needs: &[bool],
+        ) -> Result<Vec<Option<Tensor>>> {
             let (g, what) = (&s.geom, format!("{} backward", s.geom.describe()));
             let gb = grad_out.gpu_operand::<T>("conv backward")?;
-            let (x, w) = (s.x.gpu_operand::<T>("conv input")?, s.w.gpu_operand::<T>("conv weight")?);
-            g.pairing().backward(gb, x, w, needs, [s.x.shape(), s.w.shape()], &what)
+            let x = x.map(|x| x.gpu_operand::<T>("conv input")).transpose()?;
+            let w = s.w.gpu_operand::<T>("conv weight")?;
+            g.pairing().backward(gb, x, w, needs, [&s.x_shape, s.w.shape()], &what)
         }
-        if let Some(grads) = by_gpu_type!(grad_out, gpu(self, grad_out, needs)) {
+        if let Some(grads) = by_gpu_type!(grad_out, gpu(self, x.as_ref(), grad_out, needs)) {
             return grads;
         }
-        let dtype = self.x.dtype();
+        let dtype = grad_out.dtype();
         let dx = if needs[0] { Some(by_dtype!(dtype, grad_input_cpu(grad_out, &self.w, g))?) } else { None };
-        let dw = if needs[1] {
-            Some(by_dtype!(dtype, grad_weight_cpu(grad_out, &self.x, self.w.shape(), g))?)
-        } else {
-            None
+        let dw = match &x {
+            Some(x) => Some(by_dtype!(dtype, grad_weight_cpu(grad_out, x, self.w.shape(), g))?),
+            None => None,
         };
         let mut grads = vec![dx, dw];
         if self.has_bias {
@@ -1256,15 +1277,15 @@ impl Pairing {
         }
     }
 
-    /// The GPU backward pass of the op this pairing serves, from dL/dy `g`, the op's input `x` and weight `w`: the
-    /// gradients [dx, dW] and, when `needs` has a third entry, db (each `None` unless `needs` asks for it), in the
-    /// storage type; `shapes` are x's and W's. dW and db are summed in float32 and rounded once. conv: x is the wide
-    /// map, dx = wide_from_narrow(g), dW = weight_grad(g, x); transposed: x is the narrow map, dx =
-    /// narrow_from_wide(g), dW = weight_grad(x, g).
+    /// The GPU backward pass of the op this pairing serves, from dL/dy `g`, the op's input `x` (needed only for dW)
+    /// and weight `w`: the gradients [dx, dW] and, when `needs` has a third entry, db (each `None` unless `needs` asks
+    /// for it), in the storage type; `shapes` are x's and W's. dW and db are summed in float32 and rounded once.
+    /// conv: x is the wide map, dx = wide_from_narrow(g), dW = weight_grad(g, x); transposed: x is the narrow map,
+    /// dx = narrow_from_wide(g), dW = weight_grad(x, g).
     pub(crate) fn backward<T: ConvElement>(
         &self,
         g: &GpuBuffer<T>,
-        x: &GpuBuffer<T>,
+        x: Option<&GpuBuffer<T>>,
         w: &GpuBuffer<T>,
         needs: &[bool],
         shapes: [&[usize]; 2],
@@ -1279,6 +1300,7 @@ impl Pairing {
             grads[0] = Some(Tensor::from_gpu(dx, shapes[0])?);
         }
         if needs[1] {
+            let x = x.ok_or_else(|| Error::Mismatch(format!("{what}: the weight gradient needs the input")))?;
             let (narrow, wide) = if self.transposed { (x, g) } else { (g, x) };
             grads[1] = Some(Tensor::from_gpu(self.weight_grad(narrow, wide, what)?, shapes[1])?.to_dtype(T::DTYPE)?);
         }

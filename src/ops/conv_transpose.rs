@@ -351,7 +351,7 @@ impl Backward for ConvTransposeBackward {
             let gb = grad_out.gpu_operand::<T>("conv_transpose backward")?;
             let x = s.x.gpu_operand::<T>("conv_transpose input")?;
             let w = s.w.gpu_operand::<T>("conv_transpose weight")?;
-            g.pairing().backward(gb, x, w, needs, [s.x.shape(), s.w.shape()], &what)
+            g.pairing().backward(gb, Some(x), w, needs, [s.x.shape(), s.w.shape()], &what)
         }
         if let Some(grads) = by_gpu_type!(grad_out, gpu(self, grad_out, needs)) {
             return grads;

@@ -81,24 +81,88 @@ pub fn instance_norm_act(
     eps: f64,
     act: Option<Activation>,
 ) -> Result<Tensor> {
-    let dims = MapDims::of(x, "instance_norm")?;
-    check_param_kind(x, gamma, "instance_norm gamma")?;
-    check_param_kind(x, beta, "instance_norm beta")?;
-    gamma.check_shape(&[dims.c], "instance_norm gamma (one per channel of the input)")?;
-    beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
-    ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
+    Ok(Normalized::new(tape, x, gamma, beta, eps, act)?.value)
+}
 
-    let name = op_name(act);
-    let range = profile::forward(name, &[x], 0.0);
-    let (y, mean, rstd) = match by_gpu_type!(x, forward_gpu(x, gamma, beta, dims, eps, act)) {
-        Some(out) => out?,
-        None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, dims, eps, act))?,
-    };
-    range.done([&y]);
-    let saved =
-        InstanceNormBackward { x: x.clone(), gamma: gamma.clone(), beta: beta.clone(), mean, rstd, dims, act, name };
-    tape.record(&[x, gamma, beta], &y, saved);
-    Ok(y)
+/// The output of [`instance_norm_act`] together with what makes it, for an op that takes it as an [`Operand`] (a
+/// residual block's second convolution): that op keeps the norm's input, parameters and statistics, which the norm's
+/// own node keeps anyway, instead of the output, and rebuilds the output in its backward pass by the same kernel on
+/// the same values (the same bits). Drop the `Normalized` after the op: its value is then freed.
+///
+/// [`Operand`]: crate::ops::operand::Operand
+#[derive(Debug)]
+pub struct Normalized {
+    value: Tensor,
+    normalization: Normalization,
+}
+
+impl Normalized {
+    /// [`instance_norm_act`], recorded on `tape` as usual.
+    pub fn new(
+        tape: &mut Tape,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+        act: Option<Activation>,
+    ) -> Result<Normalized> {
+        let dims = MapDims::of(x, "instance_norm")?;
+        check_param_kind(x, gamma, "instance_norm gamma")?;
+        check_param_kind(x, beta, "instance_norm beta")?;
+        gamma.check_shape(&[dims.c], "instance_norm gamma (one per channel of the input)")?;
+        beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
+        ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
+
+        let name = op_name(act);
+        let range = profile::forward(name, &[x], 0.0);
+        let (mean, rstd) = match by_gpu_type!(x, moments_gpu(x, dims, eps)) {
+            Some(stats) => stats?,
+            None => by_dtype!(x.dtype(), moments_cpu(x, dims, eps))?,
+        };
+        let (gamma, beta) = (gamma.clone(), beta.clone());
+        let normalization = Normalization { x: x.clone(), gamma, beta, mean, rstd, dims, act };
+        let value = normalization.apply()?;
+        range.done([&value]);
+        let n = &normalization;
+        tape.record(&[x, &n.gamma, &n.beta], &value, InstanceNormBackward { n: normalization.clone(), name });
+        Ok(Normalized { value, normalization })
+    }
+
+    /// The norm's (activated) output.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+
+    /// What makes the output again.
+    pub(crate) fn normalization(&self) -> &Normalization {
+        &self.normalization
+    }
+}
+
+/// One instance norm as its backward pass and [`Normalized`]'s consumers see it: the input, the parameters, the
+/// per-plane statistics and the activation. [`Normalization::apply`] makes the output from them.
+#[derive(Clone, Debug)]
+pub(crate) struct Normalization {
+    x: Tensor,
+    gamma: Tensor,
+    /// Read by the backward pass only with a fused activation (to recompute its input).
+    beta: Tensor,
+    /// Per-plane mean, shape (N, C): float64 on the CPU, float32 on the GPU.
+    mean: Tensor,
+    /// Per-plane 1/sqrt(var + eps), shape (N, C): float64 on the CPU, float32 on the GPU.
+    rstd: Tensor,
+    dims: MapDims,
+    act: Option<Activation>,
+}
+
+impl Normalization {
+    /// `act(gamma (x - mean) rstd + beta)`, stored like x: the forward pass's output, made the same way each time.
+    pub(crate) fn apply(&self) -> Result<Tensor> {
+        match by_gpu_type!(self.x, apply_gpu(self)) {
+            Some(y) => y,
+            None => by_dtype!(self.x.dtype(), apply_cpu(self)),
+        }
+    }
 }
 
 /// The op's name in traces and profiles.
@@ -132,35 +196,30 @@ pub(crate) fn moments<T: Real>(v: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// Returns y and the per-plane mean and rstd, each of shape (N, C) in float64.
-fn forward_cpu<T: Real>(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    dims: MapDims,
-    eps: f64,
-    act: Option<Activation>,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (xs, gs, bs) = (x.cpu::<T>()?, gamma.cpu::<T>()?, beta.cpu::<T>()?);
+/// The per-plane mean and rstd, each of shape (N, C) in float64.
+fn moments_cpu<T: Real>(x: &Tensor, dims: MapDims, eps: f64) -> Result<(Tensor, Tensor)> {
+    let xs = x.cpu::<T>()?;
     let v = dims.voxels();
-    let planes = dims.n * dims.c;
-    let mut y = vec![T::zero(); xs.len()];
-    let mut mean = Vec::with_capacity(planes);
-    let mut rstd = Vec::with_capacity(planes);
-    for p in 0..planes {
-        let c = p % dims.c;
-        let xp = &xs[p * v..(p + 1) * v];
-        let (m, r) = moments(xp, eps);
-        let scale = gs[c].to_f64() * r;
-        let shift = bs[c].to_f64();
-        for (yv, &xv) in y[p * v..(p + 1) * v].iter_mut().zip(xp) {
-            *yv = activated(act, T::from_f64((xv.to_f64() - m) * scale + shift));
-        }
-        mean.push(m);
-        rstd.push(r);
-    }
+    let (mean, rstd): (Vec<f64>, Vec<f64>) =
+        (0..dims.n * dims.c).map(|p| moments(&xs[p * v..(p + 1) * v], eps)).unzip();
     let stats_shape = [dims.n, dims.c];
-    Ok((Tensor::from_vec(y, x.shape())?, Tensor::from_vec(mean, &stats_shape)?, Tensor::from_vec(rstd, &stats_shape)?))
+    Ok((Tensor::from_vec(mean, &stats_shape)?, Tensor::from_vec(rstd, &stats_shape)?))
+}
+
+/// The output from the saved statistics.
+fn apply_cpu<T: Real>(n: &Normalization) -> Result<Tensor> {
+    let (xs, gs, bs) = (n.x.cpu::<T>()?, n.gamma.cpu::<T>()?, n.beta.cpu::<T>()?);
+    let (ms, rs) = (n.mean.cpu::<f64>()?, n.rstd.cpu::<f64>()?);
+    let (dims, v) = (n.dims, n.dims.voxels());
+    let mut y = vec![T::zero(); xs.len()];
+    for p in 0..dims.n * dims.c {
+        let c = p % dims.c;
+        let (m, scale, shift) = (ms[p], gs[c].to_f64() * rs[p], bs[c].to_f64());
+        for (yv, &xv) in y[p * v..(p + 1) * v].iter_mut().zip(&xs[p * v..(p + 1) * v]) {
+            *yv = activated(n.act, T::from_f64((xv.to_f64() - m) * scale + shift));
+        }
+    }
+    Tensor::from_vec(y, n.x.shape())
 }
 
 /// `act(y)`, or y without an activation.
@@ -169,16 +228,7 @@ fn activated<T: Real>(act: Option<Activation>, y: T) -> T {
 }
 
 struct InstanceNormBackward {
-    x: Tensor,
-    gamma: Tensor,
-    /// Read by the backward pass only with a fused activation (to recompute its input).
-    beta: Tensor,
-    /// Per-plane mean, shape (N, C): float64 on the CPU, float32 on the GPU.
-    mean: Tensor,
-    /// Per-plane 1/sqrt(var + eps), shape (N, C): float64 on the CPU, float32 on the GPU.
-    rstd: Tensor,
-    dims: MapDims,
-    act: Option<Activation>,
+    n: Normalization,
     name: &'static str,
 }
 
@@ -188,16 +238,17 @@ impl Backward for InstanceNormBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        self.x.check_same_kind(grad_out, "instance_norm backward")?;
-        grad_out.check_shape(self.x.shape(), "instance_norm backward gradient")?;
-        match by_gpu_type!(self.x, backward_gpu(self, grad_out, needs)) {
+        let n = &self.n;
+        n.x.check_same_kind(grad_out, "instance_norm backward")?;
+        grad_out.check_shape(n.x.shape(), "instance_norm backward gradient")?;
+        match by_gpu_type!(n.x, backward_gpu(n, grad_out, needs)) {
             Some(grads) => grads,
-            None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
+            None => by_dtype!(n.x.dtype(), backward_cpu(n, grad_out, needs)),
         }
     }
 }
 
-fn backward_cpu<T: Real>(b: &InstanceNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+fn backward_cpu<T: Real>(b: &Normalization, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let (xs, gs, gamma, beta) = (b.x.cpu::<T>()?, grad_out.cpu::<T>()?, b.gamma.cpu::<T>()?, b.beta.cpu::<T>()?);
     let (ms, rs) = (b.mean.cpu::<f64>()?, b.rstd.cpu::<f64>()?);
     let dims = b.dims;
@@ -280,70 +331,63 @@ fn chunk_blocks(planes: usize, chunks: usize, shape: &[usize]) -> Result<LaunchC
     blocks_of((planes * chunks).div_ceil(IN_WARPS), IN_THREADS as u32, shape)
 }
 
-/// Returns y (stored as `T`, like x) and the per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
-fn forward_gpu<T: GpuElement>(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    dims: MapDims,
-    eps: f64,
-    act: Option<Activation>,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let op = "instance_norm";
-    let (xb, gb, bb) = (x.gpu_operand::<T>(op)?, gamma.gpu_operand::<f32>(op)?, beta.gpu_operand::<f32>(op)?);
+/// The per-plane mean and rstd, each of shape (N, C) in float32 on the GPU.
+fn moments_gpu<T: GpuElement>(x: &Tensor, dims: MapDims, eps: f64) -> Result<(Tensor, Tensor)> {
+    let xb = x.gpu_operand::<T>("instance_norm")?;
     let gpu = &xb.gpu;
     let (planes, chunks) = chunking(dims);
     let stats_shape = [dims.n, dims.c];
-    if planes == 0 {
-        // No plane, nothing to launch (a grid of zero blocks is not a valid launch).
-        let empty = |what| -> Result<Tensor> { Tensor::from_gpu(gpu.alloc(0, what)?, &stats_shape) };
-        return Ok((
-            Tensor::from_gpu(gpu.alloc_of::<T>(0, "instance_norm output")?, x.shape())?,
-            empty("mean")?,
-            empty("rstd")?,
-        ));
-    }
-    let shapes = format!("instance_norm {:?}", x.shape());
-    let chunked = chunk_blocks(planes, chunks, x.shape())?;
-    let per_plane = blocks_of(planes, REDUCE_THREADS, x.shape())?;
-    let base = InstanceNormParams { x: xb.ptr(), eps: eps as f32, act: act_code(act), ..gpu_params(dims, chunks) };
-
-    let mut chunk_mean = gpu.alloc(planes * chunks, "instance_norm chunk means")?;
-    let mut chunk_m2 = gpu.alloc(planes * chunks, "instance_norm chunk squared deviations")?;
-    let (chunk_mean, chunk_m2) = (chunk_mean.ptr_mut(), chunk_m2.ptr_mut());
-    let p = InstanceNormParams { chunk_mean, chunk_m2, ..base };
-    gpu.launch(kernel::instance_norm_chunk_moments::<T>(), chunked, &p, &shapes)?;
     let mut mean = gpu.alloc(planes, "instance_norm mean")?;
     let mut rstd = gpu.alloc(planes, "instance_norm rstd")?;
-    // The combine reads only float32 chunk statistics: its one instance takes the float32 struct.
-    let p = InstanceNormParams::<f32> {
-        chunk_mean,
-        chunk_m2,
-        mean_out: mean.ptr_mut(),
-        rstd_out: rstd.ptr_mut(),
-        eps: eps as f32,
-        ..gpu_params(dims, chunks)
-    };
-    gpu.launch(kernel::instance_norm_combine, per_plane, &p, &shapes)?;
-    let mut y = gpu.alloc_of::<T>(x.numel(), "instance_norm output")?;
-    let p = InstanceNormParams {
-        mean: mean.ptr(),
-        rstd: rstd.ptr(),
-        gamma: gb.ptr(),
-        beta: bb.ptr(),
-        out: y.ptr_mut(),
-        ..base
-    };
-    gpu.launch(kernel::instance_norm_apply::<T>(), chunked, &p, &shapes)?;
-    Ok((Tensor::from_gpu(y, x.shape())?, Tensor::from_gpu(mean, &stats_shape)?, Tensor::from_gpu(rstd, &stats_shape)?))
+    if planes > 0 {
+        // (With no plane there is nothing to launch: a grid of zero blocks is not a valid launch.)
+        let shapes = format!("instance_norm {:?}", x.shape());
+        let mut chunk_mean = gpu.alloc(planes * chunks, "instance_norm chunk means")?;
+        let mut chunk_m2 = gpu.alloc(planes * chunks, "instance_norm chunk squared deviations")?;
+        let (chunk_mean, chunk_m2) = (chunk_mean.ptr_mut(), chunk_m2.ptr_mut());
+        let p = InstanceNormParams { x: xb.ptr(), chunk_mean, chunk_m2, ..gpu_params(dims, chunks) };
+        gpu.launch(kernel::instance_norm_chunk_moments::<T>(), chunk_blocks(planes, chunks, x.shape())?, &p, &shapes)?;
+        // The combine reads only float32 chunk statistics: its one instance takes the float32 struct.
+        let p = InstanceNormParams::<f32> {
+            chunk_mean,
+            chunk_m2,
+            mean_out: mean.ptr_mut(),
+            rstd_out: rstd.ptr_mut(),
+            eps: eps as f32,
+            ..gpu_params(dims, chunks)
+        };
+        gpu.launch(kernel::instance_norm_combine, blocks_of(planes, REDUCE_THREADS, x.shape())?, &p, &shapes)?;
+    }
+    Ok((Tensor::from_gpu(mean, &stats_shape)?, Tensor::from_gpu(rstd, &stats_shape)?))
+}
+
+/// The output (stored as `T`, like x) from the saved statistics.
+fn apply_gpu<T: GpuElement>(n: &Normalization) -> Result<Tensor> {
+    let op = "instance_norm";
+    let (xb, gb, bb) = (n.x.gpu_operand::<T>(op)?, n.gamma.gpu_operand::<f32>(op)?, n.beta.gpu_operand::<f32>(op)?);
+    let (mb, rb) = (n.mean.gpu_operand::<f32>(op)?, n.rstd.gpu_operand::<f32>(op)?);
+    let gpu = &xb.gpu;
+    let (planes, chunks) = chunking(n.dims);
+    let mut y = gpu.alloc_of::<T>(n.x.numel(), "instance_norm output")?;
+    if planes > 0 {
+        let p = InstanceNormParams {
+            x: xb.ptr(),
+            mean: mb.ptr(),
+            rstd: rb.ptr(),
+            gamma: gb.ptr(),
+            beta: bb.ptr(),
+            out: y.ptr_mut(),
+            act: act_code(n.act),
+            ..gpu_params(n.dims, chunks)
+        };
+        let (launch, shapes) = (chunk_blocks(planes, chunks, n.x.shape())?, format!("instance_norm {:?}", n.x.shape()));
+        gpu.launch(kernel::instance_norm_apply::<T>(), launch, &p, &shapes)?;
+    }
+    Tensor::from_gpu(y, n.x.shape())
 }
 
 /// dL/dx (stored as `T`, like x) and the float32 dL/dgamma, dL/dbeta, each when `needs` asks.
-fn backward_gpu<T: GpuElement>(
-    b: &InstanceNormBackward,
-    grad_out: &Tensor,
-    needs: &[bool],
-) -> Result<Vec<Option<Tensor>>> {
+fn backward_gpu<T: GpuElement>(b: &Normalization, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
     let op = "instance_norm backward";
     let (xb, gb) = (b.x.gpu_operand::<T>(op)?, grad_out.gpu_operand::<T>(op)?);
     let (gammab, mb, rb) =

@@ -48,6 +48,7 @@ use crate::device::params::{
 };
 use crate::ops::check_param_kind;
 use crate::ops::instance_norm::moments;
+use crate::ops::operand::{Kept, Operand};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Error, Result};
@@ -58,7 +59,17 @@ pub const LN_EPS: f64 = 1e-5;
 /// Layer normalisation of `x` over its last axis (size C) with `eps`, then `gamma[c] * xhat + beta[c]` (`gamma`,
 /// `beta` of shape (C), of x's dtype, or float32 for a bf16 `x`). `x` may have any rank; every position of the
 /// leading axes is one row.
-pub fn layer_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm<'a>(
+    tape: &mut Tape,
+    x: impl Into<Operand<'a>>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (x, kept) = {
+        let x = x.into();
+        (x.value(), x.keep())
+    };
     let c = x.shape().last().copied().unwrap_or(0);
     ensure!(c > 0, Shape, "layer_norm: the last axis (channels) of x is empty, shape {:?}", x.shape());
     check_param_kind(x, gamma, "layer_norm gamma")?;
@@ -73,7 +84,7 @@ pub fn layer_norm(tape: &mut Tape, x: &Tensor, gamma: &Tensor, beta: &Tensor, ep
         None => by_dtype!(x.dtype(), forward_cpu(x, gamma, beta, eps))?,
     };
     range.done([&y]);
-    tape.record(&[x, gamma, beta], &y, LayerNormBackward { x: x.clone(), gamma: gamma.clone(), mean, rstd });
+    tape.record(&[x, gamma, beta], &y, LayerNormBackward { x: kept, gamma: gamma.clone(), mean, rstd });
     Ok(y)
 }
 
@@ -99,7 +110,8 @@ fn forward_cpu<T: Real>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> 
 }
 
 struct LayerNormBackward {
-    x: Tensor,
+    /// The input, or what rebuilds it.
+    x: Kept,
     gamma: Tensor,
     /// Per-row mean, shape (rows): float64 on the CPU, float32 on the GPU.
     mean: Tensor,
@@ -113,17 +125,23 @@ impl Backward for LayerNormBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        self.x.check_same_kind(grad_out, "layer_norm backward")?;
-        grad_out.check_shape(self.x.shape(), "layer_norm backward gradient")?;
-        match by_gpu_type!(self.x, backward_gpu(self, grad_out, needs)) {
+        let x = &self.x.get()?;
+        x.check_same_kind(grad_out, "layer_norm backward")?;
+        grad_out.check_shape(x.shape(), "layer_norm backward gradient")?;
+        match by_gpu_type!(x, backward_gpu(self, x, grad_out, needs)) {
             Some(grads) => grads,
-            None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
+            None => by_dtype!(x.dtype(), backward_cpu(self, x, grad_out, needs)),
         }
     }
 }
 
-fn backward_cpu<T: Real>(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let (xs, gs, gamma) = (b.x.cpu::<T>()?, grad_out.cpu::<T>()?, b.gamma.cpu::<T>()?);
+fn backward_cpu<T: Real>(
+    b: &LayerNormBackward,
+    x: &Tensor,
+    grad_out: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let (xs, gs, gamma) = (x.cpu::<T>()?, grad_out.cpu::<T>()?, b.gamma.cpu::<T>()?);
     let (ms, rs) = (b.mean.cpu::<f64>()?, b.rstd.cpu::<f64>()?);
     let c = gamma.len();
     let inv_c = 1.0 / c as f64;
@@ -162,7 +180,7 @@ fn backward_cpu<T: Real>(b: &LayerNormBackward, grad_out: &Tensor, needs: &[bool
     }
     let per_channel = |s: Vec<f64>| Tensor::from_vec(s.into_iter().map(T::from_f64).collect::<Vec<T>>(), &[c]);
     Ok(vec![
-        if needs[0] { Some(Tensor::from_vec(dx, b.x.shape())?) } else { None },
+        if needs[0] { Some(Tensor::from_vec(dx, x.shape())?) } else { None },
         if needs[1] { Some(per_channel(dgamma)?) } else { None },
         if needs[2] { Some(per_channel(dbeta)?) } else { None },
     ])
@@ -248,25 +266,26 @@ fn forward_gpu<T: GpuElement>(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
 /// dL/dx (stored as `T`, like x) and the float32 dL/dgamma, dL/dbeta, each when `needs` asks.
 fn backward_gpu<T: GpuElement>(
     b: &LayerNormBackward,
+    x: &Tensor,
     grad_out: &Tensor,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
     let op = "layer_norm backward";
-    let (xb, gb) = (b.x.gpu_operand::<T>(op)?, grad_out.gpu_operand::<T>(op)?);
+    let (xb, gb) = (x.gpu_operand::<T>(op)?, grad_out.gpu_operand::<T>(op)?);
     let (gammab, mb, rb) =
         (b.gamma.gpu_operand::<f32>(op)?, b.mean.gpu_operand::<f32>(op)?, b.rstd.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let c = b.gamma.numel();
-    let rows = b.x.numel() / c;
-    let shapes = format!("layer_norm backward {:?}", b.x.shape());
-    let layout = RowLayout::of(c, b.x.shape())?;
+    let rows = x.numel() / c;
+    let shapes = format!("layer_norm backward {:?}", x.shape());
+    let layout = RowLayout::of(c, x.shape())?;
     let want_params = needs[1] || needs[2];
     if !needs[0] && !want_params {
         return Ok(vec![None, None, None]);
     }
     let rows_per_block = layout.rows_per_block(rows);
     let blocks = rows.div_ceil(rows_per_block).max(1);
-    let mut dx = if needs[0] { Some(gpu.alloc_of::<T>(b.x.numel(), "layer_norm input gradient")?) } else { None };
+    let mut dx = if needs[0] { Some(gpu.alloc_of::<T>(x.numel(), "layer_norm input gradient")?) } else { None };
     // Per-(channel, block) partial sums, laid out (c, blocks) so that the final sums read each channel's partials
     // contiguously. A tensor without rows still gets one block, which writes zeros.
     let mut partials = if want_params {
@@ -296,11 +315,11 @@ fn backward_gpu<T: GpuElement>(
     // The blocks add their warps' parameter sums through shared memory: (warps, c) floats.
     let shared = if want_params { LN_THREADS / 32 * c * std::mem::size_of::<f32>() } else { 0 };
     let k = if layout.wide { kernel::layer_norm_backward_wide::<T>() } else { kernel::layer_norm_backward::<T>() };
-    gpu.launch(k, launch_config(blocks, LN_THREADS, shared, b.x.shape())?, &p, &shapes)?;
-    let dx = dx.map(|d| Tensor::from_gpu(d, b.x.shape())).transpose()?;
+    gpu.launch(k, launch_config(blocks, LN_THREADS, shared, x.shape())?, &p, &shapes)?;
+    let dx = dx.map(|d| Tensor::from_gpu(d, x.shape())).transpose()?;
     let (dgamma, dbeta) = if let Some((pgamma, pbeta)) = &partials {
         // One block per channel adds its partials in a fixed order.
-        let per_channel = launch_config(c, REDUCE_THREADS as usize, 0, b.x.shape())?;
+        let per_channel = launch_config(c, REDUCE_THREADS as usize, 0, x.shape())?;
         let mut dgamma = gpu.alloc(c, "layer_norm gamma gradient")?;
         let mut dbeta = gpu.alloc(c, "layer_norm beta gradient")?;
         for (partials, sums) in [(pgamma, &mut dgamma), (pbeta, &mut dbeta)] {

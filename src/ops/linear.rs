@@ -86,6 +86,32 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
     Ok(y)
 }
 
+/// A linear product `x w^T` (no bias) made by [`Product::new`] together with its operands, for an op that takes it as
+/// an [`Operand`]: the op keeps `x` and `w` instead of the product and rebuilds the product in its backward pass (the
+/// same kernel on the same operands: the same bits). For products wider than their input, whose input the product's
+/// own node keeps anyway (Mamba's in_proj halves and dt_proj), the op then keeps nothing of its own for that operand,
+/// for one more product in the backward pass. Drop the `Product` after the op: its value is then freed.
+///
+/// [`Operand`]: crate::ops::operand::Operand
+#[derive(Debug)]
+pub struct Product {
+    pub(crate) value: Tensor,
+    pub(crate) x: Tensor,
+    pub(crate) w: Tensor,
+}
+
+impl Product {
+    /// `x w^T` by [`linear`], recorded on `tape` as usual.
+    pub fn new(tape: &mut Tape, x: &Tensor, w: &Tensor) -> Result<Product> {
+        Ok(Product { value: linear(tape, x, w, None)?, x: x.clone(), w: w.clone() })
+    }
+
+    /// The product.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+}
+
 /// Rows M, input features K, output features N.
 #[derive(Clone, Copy, Debug)]
 struct LinearDims {

@@ -52,6 +52,7 @@ pub mod instance_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod narrow;
+pub mod operand;
 pub mod pim;
 pub mod reshape;
 pub mod scale;

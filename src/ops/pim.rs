@@ -93,6 +93,33 @@ pub fn partition(tape: &mut Tape, x: &Tensor, window: &[usize], layout: PimLayou
     Ok(t)
 }
 
+/// The sequences [`partition`] makes of a map, together with the map, for an op that takes them as an [`Operand`] (a
+/// PiM layer's LayerNorm): that op keeps the map, which another node keeps anyway (the stage's output, kept by its
+/// LeakyReLU), instead of the sequences, and cuts them again in its backward pass (a permutation: the same values).
+/// Drop the `Partitioned` after the op: its value is then freed.
+///
+/// [`Operand`]: crate::ops::operand::Operand
+#[derive(Debug)]
+pub struct Partitioned {
+    pub(crate) value: Tensor,
+    pub(crate) x: Tensor,
+    pub(crate) window: Vec<usize>,
+    pub(crate) layout: PimLayout,
+}
+
+impl Partitioned {
+    /// [`partition`], recorded on `tape` as usual.
+    pub fn new(tape: &mut Tape, x: &Tensor, window: &[usize], layout: PimLayout) -> Result<Partitioned> {
+        let value = partition(tape, x, window, layout)?;
+        Ok(Partitioned { value, x: x.clone(), window: window.to_vec(), layout })
+    }
+
+    /// The sequences.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+}
+
 /// Puts token sequences (G, L, C) made by [`partition`] with the same window and layout back into a map of shape
 /// `map_shape`.
 pub fn merge(

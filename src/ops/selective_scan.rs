@@ -86,19 +86,24 @@ use crate::device::params::{
 };
 use crate::ops::activation::Activation;
 use crate::ops::linear::sum_rows;
+use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{bail, by_dtype, by_gpu_type, ensure, Result};
 
-/// The eight inputs of [`selective_scan`], in the order they are recorded on the tape. The token-shaped ones (u, delta,
-/// b, c, z) share one dtype; the parameters (a_log, d_skip, delta_bias) have it too, or are float32 when it is bf16.
+/// The inputs of [`selective_scan`]; they are recorded on the tape in this order. delta and z may be given as the
+/// linear products that make them ([`Operand::Product`]: Mamba's delta = dt dt_proj^T, and z = u W_z^T, in_proj's z
+/// half): the op then keeps their operands instead and rebuilds them, the same bits, in its backward pass, two
+/// (G, L, Dch) tensors fewer kept per scan for two more products. The token-shaped ones (u, delta, b, c, z) share one
+/// dtype; the parameters (a_log, d_skip, delta_bias) have it too, or are float32 when it is bf16.
 #[derive(Clone, Copy, Debug)]
 pub struct ScanInputs<'a> {
     /// The scanned signal u (G, L, Dch).
     pub u: &'a Tensor,
-    /// The step size before bias and softplus (G, L, Dch).
-    pub delta: &'a Tensor,
+    /// The step size before bias and softplus (G, L, Dch), or the product that makes it (from dt (G, L, R) and
+    /// dt_proj's weight (Dch, R)).
+    pub delta: Operand<'a>,
     /// log(-A), the state matrix's parameter (Dch, N).
     pub a_log: &'a Tensor,
     /// Input projection of each token, shared by all channels (G, L, N).
@@ -107,28 +112,24 @@ pub struct ScanInputs<'a> {
     pub c: &'a Tensor,
     /// Skip weight D (Dch).
     pub d_skip: &'a Tensor,
-    /// Gate input z (G, L, Dch); the output is multiplied by SiLU(z).
-    pub z: &'a Tensor,
+    /// Gate input z (G, L, Dch), or the product that makes it; the output is multiplied by SiLU(z).
+    pub z: Operand<'a>,
     /// Bias added to delta before the softplus (Dch).
     pub delta_bias: &'a Tensor,
 }
 
-impl<'a> ScanInputs<'a> {
-    fn all(&self) -> [&'a Tensor; 8] {
-        [self.u, self.delta, self.a_log, self.b, self.c, self.d_skip, self.z, self.delta_bias]
-    }
-}
-
 /// The fused selective scan (see the module doc); returns y (G, L, Dch).
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
-    let dims = ScanDims::of(inp)?;
-    let all = inp.all();
+    let all = [inp.u, inp.delta.value(), inp.a_log, inp.b, inp.c, inp.d_skip, inp.z.value(), inp.delta_bias];
+    let dims = ScanDims::of(all)?;
     let range = profile::forward("selective_scan", &all, dims.flops());
-    let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(inp, dims, tape.needs_grad(&all))) {
+    let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(all, dims, tape.needs_grad(&all))) {
         Some(out) => out?,
-        None => (by_dtype!(inp.u.dtype(), forward_cpu(inp, dims))?, None),
+        None => (by_dtype!(inp.u.dtype(), forward_cpu(all, dims))?, None),
     };
-    let saved = ScanBackward { inputs: all.map(|t| t.clone()), dims, chunk_states };
+    let [u, _, a_log, b, c, d_skip, _, delta_bias] = all.map(Tensor::clone);
+    let rest = [u, a_log, b, c, d_skip, delta_bias];
+    let saved = ScanBackward { rest, delta: inp.delta.keep(), z: inp.z.keep(), dims, chunk_states };
     range.done([&y]);
     tape.record(&all, &y, saved);
     Ok(y)
@@ -150,30 +151,32 @@ impl ScanDims {
         7.0 * (self.g * self.l * self.dch * self.n) as f64
     }
 
-    fn of(inp: &ScanInputs) -> Result<ScanDims> {
+    /// The sizes of the eight inputs in the order of [`ScanInputs`], after checking their shapes and kinds.
+    fn of(inputs: [&Tensor; 8]) -> Result<ScanDims> {
         let op = "selective_scan";
-        let (g, l, dch) = seq_dims(inp.u, op)?;
-        for (t, what) in [(inp.delta, "delta"), (inp.b, "b"), (inp.c, "c"), (inp.z, "z")] {
-            inp.u.check_same_kind(t, &format!("{op}: u and {what}"))?;
+        let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs;
+        let (g, l, dch) = seq_dims(u, op)?;
+        for (t, what) in [(delta, "delta"), (b, "b"), (c, "c"), (z, "z")] {
+            u.check_same_kind(t, &format!("{op}: u and {what}"))?;
         }
-        for (t, what) in [(inp.a_log, "a_log"), (inp.d_skip, "d_skip"), (inp.delta_bias, "delta_bias")] {
-            check_param_kind(inp.u, t, &format!("{op}: {what}"))?;
+        for (t, what) in [(a_log, "a_log"), (d_skip, "d_skip"), (delta_bias, "delta_bias")] {
+            check_param_kind(u, t, &format!("{op}: {what}"))?;
         }
         ensure!(
-            inp.a_log.rank() == 2 && inp.a_log.shape()[0] == dch,
+            a_log.rank() == 2 && a_log.shape()[0] == dch,
             Shape,
             "{op}: a_log must be (Dch, N) with Dch = {dch} channels of u {:?}, got shape {:?}",
-            inp.u.shape(),
-            inp.a_log.shape()
+            u.shape(),
+            a_log.shape()
         );
-        let n = inp.a_log.shape()[1];
-        ensure!(n > 0, Shape, "{op}: a_log {:?} must have at least one state (N >= 1)", inp.a_log.shape());
-        inp.delta.check_shape(&[g, l, dch], "selective_scan: delta (G, L, Dch) like u")?;
-        inp.z.check_shape(&[g, l, dch], "selective_scan: z (G, L, Dch) like u")?;
-        inp.b.check_shape(&[g, l, n], "selective_scan: b (G, L, N), N from a_log")?;
-        inp.c.check_shape(&[g, l, n], "selective_scan: c (G, L, N), N from a_log")?;
-        inp.d_skip.check_shape(&[dch], "selective_scan: d_skip (Dch)")?;
-        inp.delta_bias.check_shape(&[dch], "selective_scan: delta_bias (Dch)")?;
+        let n = a_log.shape()[1];
+        ensure!(n > 0, Shape, "{op}: a_log {:?} must have at least one state (N >= 1)", a_log.shape());
+        delta.check_shape(&[g, l, dch], "selective_scan: delta (G, L, Dch) like u")?;
+        z.check_shape(&[g, l, dch], "selective_scan: z (G, L, Dch) like u")?;
+        b.check_shape(&[g, l, n], "selective_scan: b (G, L, N), N from a_log")?;
+        c.check_shape(&[g, l, n], "selective_scan: c (G, L, N), N from a_log")?;
+        d_skip.check_shape(&[dch], "selective_scan: d_skip (Dch)")?;
+        delta_bias.check_shape(&[dch], "selective_scan: delta_bias (Dch)")?;
         Ok(ScanDims { g, l, dch, n })
     }
 }
@@ -250,9 +253,9 @@ fn recurrence_step<T: Real>(a: &[T], tok: &Token<T>, h: &mut [T], da: &mut [T]) 
     acc
 }
 
-fn forward_cpu<T: Real>(inp: &ScanInputs, dims: ScanDims) -> Result<Tensor> {
+fn forward_cpu<T: Real>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Tensor> {
     let ScanDims { g, l, dch, n } = dims;
-    let s = Slices::<T>::of(inp.all())?;
+    let s = Slices::<T>::of(inputs)?;
     let mut y = vec![T::zero(); g * l * dch];
     // One task per sequence gi, which owns its rows of y; each task has its own A and state buffers.
     y.par_chunks_mut((l * dch).max(1)).enumerate().for_each_init(
@@ -269,14 +272,26 @@ fn forward_cpu<T: Real>(inp: &ScanInputs, dims: ScanDims) -> Result<Tensor> {
             }
         },
     );
-    Tensor::from_vec(y, inp.u.shape())
+    Tensor::from_vec(y, inputs[0].shape())
 }
 
 struct ScanBackward {
-    inputs: [Tensor; 8],
+    /// u, a_log, b, c, d_skip, delta_bias: the inputs but delta and z, in the order of [`ScanInputs`].
+    rest: [Tensor; 6],
+    delta: Kept,
+    z: Kept,
     dims: ScanDims,
     /// GPU sequences longer than one chunk: the state at each chunk start (G, chunks, Dch, N).
     chunk_states: Option<Tensor>,
+}
+
+impl ScanBackward {
+    /// The eight inputs in the order of [`ScanInputs`], delta and z rebuilt where only their products' operands were
+    /// kept.
+    fn inputs(&self) -> Result<[Tensor; 8]> {
+        let [u, a_log, b, c, d_skip, delta_bias] = self.rest.clone();
+        Ok([u, self.delta.get()?, a_log, b, c, d_skip, self.z.get()?, delta_bias])
+    }
 }
 
 /// The gradients that belong to one sequence g: its rows of the token-shaped gradients, and its partial sums of the
@@ -369,9 +384,14 @@ fn backward_sequence<T: Real>(
     }
 }
 
-fn backward_cpu<T: Real>(op: &ScanBackward, gout: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let ScanDims { g, l, dch, n } = op.dims;
-    let s = Slices::<T>::of(op.inputs.each_ref())?;
+fn backward_cpu<T: Real>(
+    inputs: [&Tensor; 8],
+    dims: ScanDims,
+    gout: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let ScanDims { g, l, dch, n } = dims;
+    let s = Slices::<T>::of(inputs)?;
     let gy = gout.cpu::<T>()?;
     // Per sequence: L Dch token gradients, L N of dB and dC, and the partial sums of the parameter gradients.
     let (tok, bc, width) = (l * dch, l * n, dch * n + 2 * dch);
@@ -395,7 +415,7 @@ fn backward_cpu<T: Real>(op: &ScanBackward, gout: &Tensor, needs: &[bool]) -> Re
         .for_each_init(
             || Scratch::new(l, n),
             |w, (gi, (u, delta, z, b, c, part))| {
-                backward_sequence(&s, gy, gi, op.dims, SeqGrads { u, delta, z, b, c, part }, w)
+                backward_sequence(&s, gy, gi, dims, SeqGrads { u, delta, z, b, c, part }, w)
             },
         );
     // The parameter gradients: the sequences' partial sums added in sequence order.
@@ -420,7 +440,7 @@ fn backward_cpu<T: Real>(op: &ScanBackward, gout: &Tensor, needs: &[bool]) -> Re
     let grads = [gu, gdelta, ga, gb, gc, gd, gz, gbias];
     grads
         .into_iter()
-        .zip(&op.inputs)
+        .zip(inputs)
         .zip(needs)
         .map(|((v, x), &need)| need.then(|| Tensor::from_vec(v, x.shape())).transpose())
         .collect()
@@ -437,10 +457,12 @@ impl Backward for ScanBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        self.inputs[0].check_same_kind(grad_out, "selective_scan backward")?;
-        match by_gpu_type!(self.inputs[0], backward_gpu(self, grad_out, needs)) {
+        let inputs = self.inputs()?;
+        let (u, inputs, dims) = (&inputs[0], inputs.each_ref(), self.dims);
+        u.check_same_kind(grad_out, "selective_scan backward")?;
+        match by_gpu_type!(u, backward_gpu(inputs, dims, self.chunk_states.as_ref(), grad_out, needs)) {
             Some(grads) => grads,
-            None => by_dtype!(self.inputs[0].dtype(), backward_cpu(self, grad_out, needs)),
+            None => by_dtype!(u.dtype(), backward_cpu(inputs, dims, grad_out, needs)),
         }
     }
 }
@@ -571,11 +593,11 @@ fn combine_params<T: GpuElement>(p: &ScanParams<T>) -> ScanParams<f32> {
 
 /// y (stored as `T`, like u), and for sequences of several chunks (when `keep` asks) the float32 state at every
 /// chunk start, (G, chunks, Dch, N).
-fn forward_gpu<T: GpuElement>(inp: &ScanInputs, dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+fn forward_gpu<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
     let ScanDims { g, l, dch, n } = dims;
     let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
-    let gpu = &inp.u.gpu_operand::<T>("selective_scan")?.gpu;
+    let gpu = &inputs[0].gpu_operand::<T>("selective_scan")?.gpu;
     let threads = dch.next_multiple_of(32).min(SCAN_FWD_THREADS);
     // Whole sequences per block (cpb = nc), or one chunk per block for the parallel scan.
     let whole = nc == 1 || g * dch >= SEQUENTIAL_MIN_THREADS;
@@ -587,7 +609,7 @@ fn forward_gpu<T: GpuElement>(inp: &ScanInputs, dims: ScanDims, keep: bool) -> R
     };
     let shapes = format!("selective_scan {dims:?}");
     let mut y = gpu.alloc_of::<T>(g * l * dch, "selective_scan output")?;
-    let base = ScanParams { y: y.ptr_mut(), cpb: cpb as i64, ..scan_params::<T>(inp.all(), dims)? };
+    let base = ScanParams { y: y.ptr_mut(), cpb: cpb as i64, ..scan_params::<T>(inputs, dims)? };
     if nc == 1 {
         // From h = 0, nothing to record.
         gpu.launch(variant.forward, cfg, &base, &shapes)?;
@@ -621,8 +643,13 @@ fn forward_gpu<T: GpuElement>(inp: &ScanInputs, dims: ScanDims, keep: bool) -> R
 
 /// The gradients of the eight inputs, each when `needs` asks: the token-shaped ones stored as `T` (like their
 /// inputs), those of a_log, D and delta_bias as float32.
-fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-    let dims = op.dims;
+fn backward_gpu<T: GpuElement>(
+    inputs: [&Tensor; 8],
+    dims: ScanDims,
+    chunk_states: Option<&Tensor>,
+    grad_out: &Tensor,
+    needs: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
     let ScanDims { g, l, dch, n } = dims;
     let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
@@ -633,7 +660,7 @@ fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bo
     // A block sweeps a whole sequence when its dB, dC accumulator fits, else one chunk.
     let cpb = if l <= variant.whole_sequence_max { nc } else { 1 };
     let groups = nc.div_ceil(cpb);
-    let states = match (&op.chunk_states, nc > 1) {
+    let states = match (chunk_states, nc > 1) {
         (Some(s), true) => Some(s.gpu_operand::<f32>("selective_scan backward: chunk states")?),
         (_, false) => None,
         (None, true) => {
@@ -645,7 +672,7 @@ fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bo
         // Without saved states (a single chunk) every chunk starts from 0.
         h_init: states.map_or(ConstPtr::NULL, GpuBuffer::ptr),
         cpb: cpb as i64,
-        ..scan_params::<T>(op.inputs.each_ref(), dims)?
+        ..scan_params::<T>(inputs, dims)?
     };
     // Sequences split over several blocks: the adjoint carry entering each chunk from the right.
     let carry = if groups > 1 {
@@ -702,7 +729,7 @@ fn backward_gpu<T: GpuElement>(op: &ScanBackward, grad_out: &Tensor, needs: &[bo
     let dbias = sum_rows(gpu, &part.slice.slice(dch * n + dch..), rows, dch, width, "selective_scan ddelta_bias")?;
 
     // Each gradient has its input's shape and storage type: T for the token-shaped ones, float32 for the parameters.
-    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = op.inputs.each_ref().map(Tensor::shape);
+    let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs.map(Tensor::shape);
     let grads = [
         Tensor::from_gpu(du, u)?,
         Tensor::from_gpu(ddelta, delta)?,

@@ -2,6 +2,8 @@
 //! tests/gpu_mamba_ops.rs in float32 and tests/gpu_bf16_mamba.rs in bf16).
 
 use lkm_engine::autograd::Tape;
+use lkm_engine::ops::linear::{linear, Product};
+use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 use lkm_engine::{Result, Tensor};
 
@@ -35,13 +37,41 @@ pub fn scan_inputs(g: usize, l: usize, d: usize, n: usize, seed: u64) -> Vec<Ten
 pub fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
     let inp = ScanInputs {
         u: &x[0],
-        delta: &x[1],
+        delta: Operand::Tensor(&x[1]),
         a_log: &x[2],
         b: &x[3],
         c: &x[4],
         d_skip: &x[5],
-        z: &x[6],
+        z: Operand::Tensor(&x[6]),
         delta_bias: &x[7],
     };
+    selective_scan(t, &inp)
+}
+
+/// The inputs of a scan whose step sizes and gate come from Mamba's products, delta = dt w^T with dt (G, L, R) and
+/// w (Dch, R), z = v wz^T with v (G, L, K) and wz (Dch, K): u, dt, w, a_log, B, C, D, v, wz, delta_bias (the others
+/// as [`scan_inputs`] makes them; dt, v ~ N(0, 1) and the weights ~ N(0, 0.25 / R), N(0, 1 / K), so delta ~ 0.5 N(0, 1)
+/// and z ~ N(0, 1)).
+pub fn projected_scan_inputs(g: usize, l: usize, d: usize, n: usize, r: usize, seed: u64) -> Vec<Tensor> {
+    let k = 5;
+    let x = scan_inputs(g, l, d, n, seed);
+    let (dt, w) = (randn32(&[g, l, r], 1.0, seed + 9), randn32(&[d, r], 0.5 / (r as f64).sqrt(), seed + 8));
+    let (v, wz) = (randn32(&[g, l, k], 1.0, seed + 10), randn32(&[d, k], 1.0 / (k as f64).sqrt(), seed + 11));
+    let [u, _, a_log, b, c, d_skip, _, delta_bias] = <[Tensor; 8]>::try_from(x).unwrap();
+    vec![u, dt, w, a_log, b, c, d_skip, v, wz, delta_bias]
+}
+
+/// The scan of [`projected_scan_inputs`]: delta and z made and rebuilt by the scan op (`Operand::Product`), or, with
+/// `full`, made by `linear` beforehand and kept (`Operand::Tensor`).
+pub fn projected_scan(t: &mut Tape, x: &[Tensor], full: bool) -> Result<Tensor> {
+    let (made, products);
+    let (delta, z) = if full {
+        made = [linear(t, &x[1], &x[2], None)?, linear(t, &x[7], &x[8], None)?];
+        (Operand::Tensor(&made[0]), Operand::Tensor(&made[1]))
+    } else {
+        products = [Product::new(t, &x[1], &x[2])?, Product::new(t, &x[7], &x[8])?];
+        (Operand::Product(&products[0]), Operand::Product(&products[1]))
+    };
+    let inp = ScanInputs { u: &x[0], delta, a_log: &x[3], b: &x[4], c: &x[5], d_skip: &x[6], z, delta_bias: &x[9] };
     selective_scan(t, &inp)
 }
