@@ -26,7 +26,9 @@
 //                                 rstd = 1/sqrt(var + eps)
 //     Every term of var is a sum of squares, so a large common offset of x cancels nothing away (the exact
 //     two-pass variance, regrouped by chunk).
-//   instance_norm_apply:          y_i = (x_i - mu_p) * rstd_p * gamma_c + beta_c,  out_i = act(y_i) (act >= 0) or y_i
+//   instance_norm_apply:          y_i = (x_i - mu_p) * rstd_p * gamma_c + beta_c,  out_i = act(y_i) (act >= 0) or y_i;
+//                                 with a skip map s: out_i = act(y_i + s_i), y_i and y_i + s_i each rounded to T
+//                                 first, as the unfused norm, add and activation store them (the same bits)
 // Backward, g = dL/dy, xhat_i = (x_i - mu_p) rstd_p; with a fused activation g_i = dL/dout_i act'(y_i), y_i
 // recomputed exactly as the apply kernel computed it (the same bits as an unfused norm then activation):
 //   instance_norm_chunk_grad_sums: per chunk  sum g_i  and  sum g_i xhat_i (summed as the moments are);
@@ -192,22 +194,28 @@ __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
     if (!ck.valid) return;
     const T* x = args.x + ck.start;
     T* y = args.out + ck.start;
-    const bool vec = aligned16(x) && aligned16(y);
+    const T* skip = args.skip != nullptr ? args.skip + ck.start : nullptr;
+    const bool vec = aligned16(x) && aligned16(y) && (skip == nullptr || aligned16(skip));
     const int64_t c = ck.plane % args.C;
     const float mu = args.mean[ck.plane], scale = args.rstd[ck.plane] * args.gamma[c], shift = args.beta[c];
+    // T's rounding of a float32 value, as a store and a load of T make it.
+    const auto stored = [](float f) { return to_f32(from_f32<T>(f)); };
     with_act(args.act, [&](auto act) {
         constexpr int ACT = decltype(act)::value;
 #pragma unroll
         for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
-            float v[IN_BATCH][VEC<T>];
+            float v[IN_BATCH][VEC<T>], s[IN_BATCH][VEC<T>];
 #pragma unroll
-            for (int b = 0; b < IN_BATCH; b++)
+            for (int b = 0; b < IN_BATCH; b++) {
                 load_span(x + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
+                if (skip != nullptr) load_span(skip + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, s[b]);
+            }
 #pragma unroll
             for (int b = 0; b < IN_BATCH; b++) {
 #pragma unroll
                 for (int e = 0; e < VEC<T>; e++) {
-                    const float yv = (v[b][e] - mu) * scale + shift;
+                    float yv = (v[b][e] - mu) * scale + shift;
+                    if (skip != nullptr) yv = stored(stored(yv) + s[b][e]);
                     v[b][e] = ACT < 0 ? yv : activation_value(ACT, yv);
                 }
                 store_span(y + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);

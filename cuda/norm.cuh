@@ -37,6 +37,7 @@ struct InstanceNormParams {
     float* chunk_gx;     // per chunk: sum of g xhat
     float* mean_out;     // combine: per-plane mean
     float* rstd_out;     // combine: per-plane rstd
+    const T* skip;       // apply: a map added to y before the activation (a residual block's shortcut), or null
     T* out;              // y (apply) or dx (backward_dx)
     float* dgamma;       // param_grads
     float* dbeta;        // param_grads

@@ -12,9 +12,10 @@ use common::{check_op, randn32, seeded_step};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::{leaky_relu, Activation::LeakyRelu};
+use lkm_engine::ops::add::add;
 use lkm_engine::ops::avg_pool::avg_pool;
 use lkm_engine::ops::conv::conv;
-use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, Normalized, IN_EPS};
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, instance_norm_add_act, Normalized, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::pim::{partition, Partitioned, PimLayout};
 use lkm_engine::ops::upsample::upsample_nearest;
@@ -156,6 +157,39 @@ fn gpu_conv_of_a_normalized_map() {
             xs[0] = xs[0].to_dtype(dtype).unwrap();
             let name = format!("conv of a normalised map {shape:?} {dtype:?}, rebuilt against kept");
             common::assert_same_bits(&name, &xs, &dev, &rebuilt, &kept);
+        }
+    }
+}
+
+/// instance_norm_add_act (a residual block's end as one op) on the GPU: float32 against float64 on the CPU, and
+/// against instance_norm, add and LeakyReLU the same bits in float32 and bf16 (the fused kernel rounds y and y + skip
+/// as the three ops store them). 3D, 2D, and a plane of 693 voxels (no 16-byte vectors).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_instance_norm_add_act() {
+    let dev = Device::Cuda(common::gpu());
+    let fused = |t: &mut Tape, x: &[Tensor]| instance_norm_add_act(t, &x[0], &x[1], &x[2], IN_EPS, &x[3], LeakyRelu);
+    let three = |t: &mut Tape, x: &[Tensor]| {
+        let y = instance_norm(t, &x[0], &x[1], &x[2], IN_EPS)?;
+        let y = add(t, &y, &x[3])?;
+        leaky_relu(t, &y)
+    };
+    for (shape, seed) in [(&[2, 8, 5, 12, 10][..], 80), (&[2, 16, 20, 24][..], 85), (&[2, 3, 7, 9, 11][..], 90)] {
+        let c = shape[1];
+        let inputs = [
+            shifted(shape, seed),
+            randn32(&[c], 1.0, seed + 1),
+            randn32(&[c], 0.5, seed + 2),
+            randn32(shape, 1.0, seed + 3),
+        ];
+        check_op(&format!("instance_norm_add_act {shape:?}"), &inputs, 1e-4, fused);
+        for dtype in [DType::F32, DType::BF16] {
+            let mut xs: Vec<Tensor> = inputs.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+            for i in [0, 3] {
+                xs[i] = xs[i].to_dtype(dtype).unwrap();
+            }
+            let name = format!("instance_norm_add_act {shape:?} {dtype:?}, one op against three");
+            common::assert_same_bits(&name, &xs, &dev, &fused, &three);
         }
     }
 }

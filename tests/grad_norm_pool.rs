@@ -5,9 +5,10 @@ use lkm_engine::autograd::gradcheck::{assert_gradients, randn64};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::{leaky_relu, Activation};
+use lkm_engine::ops::add::add;
 use lkm_engine::ops::avg_pool::avg_pool;
 use lkm_engine::ops::conv::conv;
-use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, Normalized, IN_EPS};
+use lkm_engine::ops::instance_norm::{instance_norm, instance_norm_act, instance_norm_add_act, Normalized, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::pim::{partition, Partitioned, PimLayout};
 use lkm_engine::ops::upsample::upsample_nearest;
@@ -100,6 +101,35 @@ fn conv_of_a_normalized_map_rebuilds_it() {
         common::assert_same_bits(&name, &inputs, &Device::Cpu, &rebuilt, &kept);
     }
     assert_gradients(&inputs, 1e-6, rebuilt);
+}
+
+/// instance_norm_add_act (one op) against instance_norm, add and LeakyReLU: the same bits, output and every gradient
+/// (x, gamma, beta and the skip), in both dtypes; finite differences agree; an activation whose derivative cannot be
+/// taken from its output is refused.
+#[test]
+fn instance_norm_add_act_equals_the_three_ops() {
+    let fused = |t: &mut Tape, x: &[Tensor]| {
+        instance_norm_add_act(t, &x[0], &x[1], &x[2], IN_EPS, &x[3], Activation::LeakyRelu)
+    };
+    let three = |t: &mut Tape, x: &[Tensor]| {
+        let y = instance_norm(t, &x[0], &x[1], &x[2], IN_EPS)?;
+        let y = add(t, &y, &x[3])?;
+        leaky_relu(t, &y)
+    };
+    // x, gamma, beta and the skip (a map of x's shape).
+    let inputs = [shifted(&[2, 3, 3, 6, 5], 30), randn64(&[3], 31), randn64(&[3], 32), randn64(&[2, 3, 3, 6, 5], 33)];
+    for dtype in [DType::F32, DType::F64] {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let name = format!("instance_norm_add_act {dtype:?}");
+        common::assert_same_bits(&name, &inputs, &Device::Cpu, &fused, &three);
+    }
+    assert_gradients(&inputs, 1e-6, fused);
+    let [x, gamma, beta, skip] = &inputs;
+    let err = instance_norm_add_act(&mut Tape::new(), x, gamma, beta, IN_EPS, skip, Activation::Silu).unwrap_err();
+    assert!(err.to_string().contains("LeakyReLU"), "{err}");
+    let wrong = randn64(&[2, 3, 3, 6, 4], 34);
+    let err = instance_norm_add_act(&mut Tape::new(), x, gamma, beta, IN_EPS, &wrong, Activation::LeakyRelu);
+    assert!(err.unwrap_err().to_string().contains("skip"));
 }
 
 /// A layer norm of a map's PiM sequences given as [`Partitioned`] (kept: the map; the sequences cut again in the

@@ -24,7 +24,7 @@ fn check_profile(p: &Profile) {
         "encoder.stages.0.blocks.0.conv1/conv3d.fwd",
         "encoder.stages.0.blocks.0.conv1/conv3d.bwd",
         "encoder.stages.0.blocks.0.conv1/instance_norm_leaky_relu.fwd",
-        "encoder.stages.0.blocks.0.conv2/instance_norm.fwd",
+        "encoder.stages.0.blocks.0.conv2/instance_norm_add_leaky_relu.fwd",
         "encoder.mamba_layers.0.mamba_forw/selective_scan.fwd",
         "encoder.mamba_layers.0.mamba_backw/selective_scan.bwd",
         "encoder.mamba_layers.0.mamba_forw.in_proj/linear.bwd",

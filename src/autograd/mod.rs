@@ -23,6 +23,7 @@
 //! |---|---|---|
 //! | conv, conv_transpose, linear | input, weight | a residual block's second conv: its input (below) |
 //! | instance_norm_act | input, gamma, beta, per-plane mean and 1/std | the norm's output, for LeakyReLU' |
+//! | instance_norm_add_act | input, gamma, beta, per-plane statistics, its output (LeakyReLU') | - |
 //! | layer_norm | input, gamma, per-row mean and 1/std | PiM's: its input, the map's sequences (below) |
 //! | leaky_relu | its output (the sign is the input's; the next conv keeps it anyway) | - |
 //! | silu, softplus | input | - |

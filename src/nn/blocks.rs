@@ -7,22 +7,22 @@
 //!   `skip = [AvgPool(stride)] -> [conv 1x1 (no bias) -> IN]` when the stride is not 1 / the channels change.
 //!   The second IN starts with scale 0, so every block starts as its shortcut (nnU-Net's
 //!   init_last_bn_before_add_to_0). conv2 rebuilds its input, conv1's normalised map, in its backward pass
-//!   ([`Normalized`]), so a block keeps three maps of its width: the two conv outputs and its output.
+//!   ([`Normalized`]), so a block keeps three maps of its width: the two conv outputs and its output. The second IN,
+//!   the sum and the LeakyReLU are one op ([`instance_norm_add_act`]), which writes only the block's output.
 
 use rand::rngs::StdRng;
 
 use super::init::{constant, he_normal};
 use super::params::{ParamId, Params};
 use crate::autograd::Tape;
-use crate::ops::activation::{leaky_relu, Activation};
-use crate::ops::add::add;
+use crate::ops::activation::Activation;
 use crate::ops::avg_pool::avg_pool;
 use crate::ops::conv::conv;
-use crate::ops::instance_norm::{Normalized, IN_EPS};
+use crate::ops::instance_norm::{instance_norm_add_act, Normalized, IN_EPS};
 use crate::ops::operand::Operand;
 use crate::profile;
 use crate::tensor::Tensor;
-use crate::Result;
+use crate::{ensure, Result};
 
 /// conv -> InstanceNorm -> optional LeakyReLU.
 pub struct ConvNormAct {
@@ -69,6 +69,21 @@ impl ConvNormAct {
     /// `act(IN(conv(x)))`.
     pub fn forward<'a>(&self, tape: &mut Tape, p: &Params, x: impl Into<Operand<'a>>) -> Result<Tensor> {
         Ok(self.normalized(tape, p, x)?.value().clone())
+    }
+
+    /// `LeakyReLU(IN(conv(x)) + skip)`, the norm, the sum and the activation as one op ([`instance_norm_add_act`]): a
+    /// residual block's second conv (which has no activation of its own) and the block's end.
+    pub fn forward_add_act<'a>(
+        &self,
+        tape: &mut Tape,
+        p: &Params,
+        x: impl Into<Operand<'a>>,
+        skip: &Tensor,
+    ) -> Result<Tensor> {
+        ensure!(!self.act, Config, "{}: forward_add_act is for a conv block without an activation", self.prefix);
+        let _layer = profile::layer(&self.prefix);
+        let y = conv(tape, x, p.get(self.weight), self.bias.map(|b| p.get(b)), &self.stride)?;
+        instance_norm_add_act(tape, &y, p.get(self.norm_w), p.get(self.norm_b), IN_EPS, skip, Activation::LeakyRelu)
     }
 
     /// [`ConvNormAct::forward`] for a block whose output only a convolution reads: that convolution takes it as an
@@ -121,7 +136,6 @@ impl ResidualBlock {
         // conv2 keeps what makes conv1's output (conv1's conv output and norm statistics, which conv1's norm keeps
         // anyway), not the output itself.
         let y = self.conv1.normalized(tape, p, x)?;
-        let y = self.conv2.forward(tape, p, &y)?;
         let mut skip = match &self.pool {
             Some(f) => avg_pool(tape, x, f)?,
             None => x.clone(),
@@ -129,8 +143,7 @@ impl ResidualBlock {
         if let Some(proj) = &self.projection {
             skip = proj.forward(tape, p, &skip)?;
         }
-        let y = add(tape, &y, &skip)?;
-        leaky_relu(tape, &y)
+        self.conv2.forward_add_act(tape, p, &y, &skip)
     }
 }
 

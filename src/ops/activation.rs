@@ -154,20 +154,24 @@ impl Backward for ActivationBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        fn cpu<T: Real>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
-            zip_map::<T>(x, g, |x, g| g * act.derivative(x))
-        }
-        fn gpu<T: GpuElement>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
-            let shapes = format!("{} {:?}", act.name(), x.shape());
-            let (xb, gb) = (x.gpu_operand::<T>(act.name())?, g.gpu_operand::<T>(act.name())?);
-            Tensor::from_gpu(eltwise_gpu(act.kernels::<T>().1, xb, Some(gb), 1.0, act.name(), &shapes)?, x.shape())
-        }
-        let at = &self.saved;
-        at.check_same_kind(grad_out, "activation backward")?;
-        let dx = match by_gpu_type!(at, gpu(at, grad_out, self.act)) {
-            Some(dx) => dx?,
-            None => by_dtype!(at.dtype(), cpu(at, grad_out, self.act))?,
-        };
-        Ok(vec![Some(dx)])
+        Ok(vec![Some(activation_grad(&self.saved, grad_out, self.act)?)])
+    }
+}
+
+/// `grad_out * act'(at)`: an activation's backward, with `at` where its derivative is taken (the output for
+/// LeakyReLU, the input otherwise; see [`activation`]).
+pub(crate) fn activation_grad(at: &Tensor, grad_out: &Tensor, act: Activation) -> Result<Tensor> {
+    fn cpu<T: Real>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
+        zip_map::<T>(x, g, |x, g| g * act.derivative(x))
+    }
+    fn gpu<T: GpuElement>(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor> {
+        let shapes = format!("{} {:?}", act.name(), x.shape());
+        let (xb, gb) = (x.gpu_operand::<T>(act.name())?, g.gpu_operand::<T>(act.name())?);
+        Tensor::from_gpu(eltwise_gpu(act.kernels::<T>().1, xb, Some(gb), 1.0, act.name(), &shapes)?, x.shape())
+    }
+    at.check_same_kind(grad_out, "activation backward")?;
+    match by_gpu_type!(at, gpu(at, grad_out, act)) {
+        Some(dx) => dx,
+        None => by_dtype!(at.dtype(), cpu(at, grad_out, act)),
     }
 }

@@ -26,6 +26,12 @@
 //! formed by the same expression in the forward and the backward, so the results are the same bits as
 //! instance_norm followed by the activation op.
 //!
+//! Fused residual ([`instance_norm_add_act`], a residual block's end: InstanceNorm, the shortcut added, LeakyReLU):
+//! out = act(y + s) by the same kernel, y and y + s rounded to the storage type on the way as the three unfused ops
+//! store them (the same bits), so neither y nor y + s is written and read back. The backward takes act' from the
+//! kept output (LeakyReLU's derivative has its output's sign; the next op keeps that output anyway), which gives the
+//! shortcut's gradient dL/ds = dL/dout act', and runs the norm's backward on it.
+//!
 //! The statistics are computed in two passes (mean, then the mean squared deviation) with float64 accumulation for
 //! both dtypes, so a large common offset in x does not cancel the variance away. mu and rstd are saved per plane in
 //! float64 (N*C numbers), and xhat is formed in float64 in both passes: rounding mu to float32 would shift a map
@@ -54,8 +60,8 @@ use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_1d, GpuElement};
-use crate::device::params::{kernel, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS, IN_WARPS};
-use crate::ops::activation::Activation;
+use crate::device::params::{kernel, ConstPtr, InstanceNormParams, NormSumRowsParams, IN_CHUNK, IN_THREADS, IN_WARPS};
+use crate::ops::activation::{activation_grad, Activation};
 use crate::ops::{check_param_kind, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -84,6 +90,37 @@ pub fn instance_norm_act(
     Ok(Normalized::new(tape, x, gamma, beta, eps, act)?.value)
 }
 
+/// `act(instance_norm(x) + skip)` in one op (see the module docs): a residual block's second norm, its shortcut
+/// `skip` (x's shape and dtype) and the block's LeakyReLU. `act` must be LeakyReLU, whose derivative the backward
+/// pass takes from the output.
+pub fn instance_norm_add_act(
+    tape: &mut Tape,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    skip: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    ensure!(
+        act == Activation::LeakyRelu,
+        Config,
+        "instance_norm_add_act: the backward pass takes the activation's derivative from its output, which only \
+         LeakyReLU allows; got {act:?}"
+    );
+    x.check_same_kind(skip, "instance_norm_add_act (input vs skip)")?;
+    skip.check_shape(x.shape(), "instance_norm_add_act skip (the shortcut, of the input's shape)")?;
+    let dims = check_instance_norm(x, gamma, beta, eps)?;
+    let name = "instance_norm_add_leaky_relu";
+    let range = profile::forward(name, &[x, skip], 0.0);
+    let n = normalization(x, gamma, beta, dims, eps, None)?;
+    let out = n.apply_with(Some(skip), Some(act))?;
+    range.done([&out]);
+    let saved = InstanceNormAddActBackward { n, out: out.clone(), act };
+    tape.record(&[x, gamma, beta, skip], &out, saved);
+    Ok(out)
+}
+
 /// The output of [`instance_norm_act`] together with what makes it, for an op that takes it as an [`Operand`] (a
 /// residual block's second convolution): that op keeps the norm's input, parameters and statistics, which the norm's
 /// own node keeps anyway, instead of the output, and rebuilds the output in its backward pass by the same kernel on
@@ -106,21 +143,10 @@ impl Normalized {
         eps: f64,
         act: Option<Activation>,
     ) -> Result<Normalized> {
-        let dims = MapDims::of(x, "instance_norm")?;
-        check_param_kind(x, gamma, "instance_norm gamma")?;
-        check_param_kind(x, beta, "instance_norm beta")?;
-        gamma.check_shape(&[dims.c], "instance_norm gamma (one per channel of the input)")?;
-        beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
-        ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
-
+        let dims = check_instance_norm(x, gamma, beta, eps)?;
         let name = op_name(act);
         let range = profile::forward(name, &[x], 0.0);
-        let (mean, rstd) = match by_gpu_type!(x, moments_gpu(x, dims, eps)) {
-            Some(stats) => stats?,
-            None => by_dtype!(x.dtype(), moments_cpu(x, dims, eps))?,
-        };
-        let (gamma, beta) = (gamma.clone(), beta.clone());
-        let normalization = Normalization { x: x.clone(), gamma, beta, mean, rstd, dims, act };
+        let normalization = normalization(x, gamma, beta, dims, eps, act)?;
         let value = normalization.apply()?;
         range.done([&value]);
         let n = &normalization;
@@ -158,11 +184,44 @@ pub(crate) struct Normalization {
 impl Normalization {
     /// `act(gamma (x - mean) rstd + beta)`, stored like x: the forward pass's output, made the same way each time.
     pub(crate) fn apply(&self) -> Result<Tensor> {
-        match by_gpu_type!(self.x, apply_gpu(self)) {
+        self.apply_with(None, self.act)
+    }
+
+    /// `act(y + skip)` with y = `gamma (x - mean) rstd + beta`, y and y + skip rounded to x's type first (as the
+    /// norm, add and activation ops store them); without `skip`, `act(y)`.
+    fn apply_with(&self, skip: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+        match by_gpu_type!(self.x, apply_gpu(self, skip, act)) {
             Some(y) => y,
-            None => by_dtype!(self.x.dtype(), apply_cpu(self)),
+            None => by_dtype!(self.x.dtype(), apply_cpu(self, skip, act)),
         }
     }
+}
+
+/// Checks an instance norm's operands; returns x's dimensions.
+fn check_instance_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<MapDims> {
+    let dims = MapDims::of(x, "instance_norm")?;
+    check_param_kind(x, gamma, "instance_norm gamma")?;
+    check_param_kind(x, beta, "instance_norm beta")?;
+    gamma.check_shape(&[dims.c], "instance_norm gamma (one per channel of the input)")?;
+    beta.check_shape(&[dims.c], "instance_norm beta (one per channel of the input)")?;
+    ensure!(eps.is_finite() && eps > 0.0, Shape, "instance_norm: eps must be positive and finite, got {eps}");
+    Ok(dims)
+}
+
+/// The per-plane statistics of `x` with what the output is made from.
+fn normalization(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    dims: MapDims,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<Normalization> {
+    let (mean, rstd) = match by_gpu_type!(x, moments_gpu(x, dims, eps)) {
+        Some(stats) => stats?,
+        None => by_dtype!(x.dtype(), moments_cpu(x, dims, eps))?,
+    };
+    Ok(Normalization { x: x.clone(), gamma: gamma.clone(), beta: beta.clone(), mean, rstd, dims, act })
 }
 
 /// The op's name in traces and profiles.
@@ -206,17 +265,19 @@ fn moments_cpu<T: Real>(x: &Tensor, dims: MapDims, eps: f64) -> Result<(Tensor, 
     Ok((Tensor::from_vec(mean, &stats_shape)?, Tensor::from_vec(rstd, &stats_shape)?))
 }
 
-/// The output from the saved statistics.
-fn apply_cpu<T: Real>(n: &Normalization) -> Result<Tensor> {
+/// The output from the saved statistics (see [`Normalization::apply_with`]).
+fn apply_cpu<T: Real>(n: &Normalization, skip: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
     let (xs, gs, bs) = (n.x.cpu::<T>()?, n.gamma.cpu::<T>()?, n.beta.cpu::<T>()?);
+    let skip = skip.map(|s| s.cpu::<T>()).transpose()?;
     let (ms, rs) = (n.mean.cpu::<f64>()?, n.rstd.cpu::<f64>()?);
     let (dims, v) = (n.dims, n.dims.voxels());
     let mut y = vec![T::zero(); xs.len()];
     for p in 0..dims.n * dims.c {
         let c = p % dims.c;
         let (m, scale, shift) = (ms[p], gs[c].to_f64() * rs[p], bs[c].to_f64());
-        for (yv, &xv) in y[p * v..(p + 1) * v].iter_mut().zip(&xs[p * v..(p + 1) * v]) {
-            *yv = activated(n.act, T::from_f64((xv.to_f64() - m) * scale + shift));
+        for (i, (yv, &xv)) in y[p * v..(p + 1) * v].iter_mut().zip(&xs[p * v..(p + 1) * v]).enumerate() {
+            let normed = T::from_f64((xv.to_f64() - m) * scale + shift);
+            *yv = activated(act, skip.map_or(normed, |s| normed + s[p * v + i]));
         }
     }
     Tensor::from_vec(y, n.x.shape())
@@ -245,6 +306,28 @@ impl Backward for InstanceNormBackward {
             Some(grads) => grads,
             None => by_dtype!(n.x.dtype(), backward_cpu(n, grad_out, needs)),
         }
+    }
+}
+
+/// [`instance_norm_add_act`]'s backward: dL/d(y + skip) = dL/dout act' from the kept output, which is the skip's
+/// gradient and, through the norm's backward (no activation), gives dx, dgamma, dbeta.
+struct InstanceNormAddActBackward {
+    /// The norm, without the activation.
+    n: Normalization,
+    out: Tensor,
+    act: Activation,
+}
+
+impl Backward for InstanceNormAddActBackward {
+    fn name(&self) -> &'static str {
+        "instance_norm_add_leaky_relu"
+    }
+
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let g = activation_grad(&self.out, grad_out, self.act)?;
+        let mut grads = InstanceNormBackward { n: self.n.clone(), name: self.name() }.backward(&g, &needs[..3])?;
+        grads.push(needs[3].then_some(g));
+        Ok(grads)
     }
 }
 
@@ -361,10 +444,11 @@ fn moments_gpu<T: GpuElement>(x: &Tensor, dims: MapDims, eps: f64) -> Result<(Te
     Ok((Tensor::from_gpu(mean, &stats_shape)?, Tensor::from_gpu(rstd, &stats_shape)?))
 }
 
-/// The output (stored as `T`, like x) from the saved statistics.
-fn apply_gpu<T: GpuElement>(n: &Normalization) -> Result<Tensor> {
+/// The output (stored as `T`, like x) from the saved statistics (see [`Normalization::apply_with`]).
+fn apply_gpu<T: GpuElement>(n: &Normalization, skip: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
     let op = "instance_norm";
     let (xb, gb, bb) = (n.x.gpu_operand::<T>(op)?, n.gamma.gpu_operand::<f32>(op)?, n.beta.gpu_operand::<f32>(op)?);
+    let skip = skip.map(|s| s.gpu_operand::<T>("instance_norm skip")).transpose()?;
     let (mb, rb) = (n.mean.gpu_operand::<f32>(op)?, n.rstd.gpu_operand::<f32>(op)?);
     let gpu = &xb.gpu;
     let (planes, chunks) = chunking(n.dims);
@@ -376,8 +460,9 @@ fn apply_gpu<T: GpuElement>(n: &Normalization) -> Result<Tensor> {
             rstd: rb.ptr(),
             gamma: gb.ptr(),
             beta: bb.ptr(),
+            skip: skip.map_or(ConstPtr::NULL, |s| s.ptr()),
             out: y.ptr_mut(),
-            act: act_code(n.act),
+            act: act_code(act),
             ..gpu_params(n.dims, chunks)
         };
         let (launch, shapes) = (chunk_blocks(planes, chunks, n.x.shape())?, format!("instance_norm {:?}", n.x.shape()));
