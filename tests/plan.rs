@@ -71,17 +71,17 @@ fn memory_model_counts_parameters_exactly_and_is_exact_at_the_measured_peaks() {
         assert_eq!(parameter_count(&cfg), params.count(), "features {:?}", cfg.features);
     }
     let (fp32, bf16) = (Precision::Fp32, Precision::Bf16);
-    assert!((estimate_gib(&ModelConfig::flare_3d(), 2, fp32) - 40.8).abs() < 1e-9);
-    assert!((estimate_gib(&ModelConfig::amos_2d(), 12, fp32) - 17.4).abs() < 1e-9);
-    assert!((estimate_gib(&ModelConfig::flare_3d(), 2, bf16) - 17.19).abs() < 1e-9);
-    assert!((estimate_gib(&ModelConfig::amos_2d(), 12, bf16) - 7.57).abs() < 1e-9);
+    assert!((estimate_gib(&ModelConfig::flare_3d(), 2, fp32) - 21.28).abs() < 1e-9);
+    assert!((estimate_gib(&ModelConfig::amos_2d(), 12, fp32) - 9.15).abs() < 1e-9);
+    assert!((estimate_gib(&ModelConfig::flare_3d(), 2, bf16) - 11.26).abs() < 1e-9);
+    assert!((estimate_gib(&ModelConfig::amos_2d(), 12, bf16) - 5.07).abs() < 1e-9);
     // Linear in the batch: each sample adds the same bytes.
     let f = ModelConfig::flare_3d();
     let step = estimate_gib(&f, 3, fp32) - estimate_gib(&f, 2, fp32);
-    assert!((estimate_gib(&f, 2, fp32) - estimate_gib(&f, 1, fp32) - step).abs() < 1e-9 && step > 15.0, "{step}");
-    // The two families' fitted bytes per counted value agree (fp32 within 5%, bf16 within 7%: 6.2% measured, see
-    // plan::memory): the count follows what the engine keeps.
-    for (precision, tolerance) in [(fp32, 0.05), (bf16, 0.07)] {
+    assert!((estimate_gib(&f, 2, fp32) - estimate_gib(&f, 1, fp32) - step).abs() < 1e-9 && step > 8.0, "{step}");
+    // The two families' fitted bytes per counted value agree (fp32 within 5%: 5.0% measured; bf16 within 10%: 9.3%
+    // measured, see plan::memory): the count follows what the engine keeps.
+    for (precision, tolerance) in [(fp32, 0.05), (bf16, 0.10)] {
         let k = |rank| lkm_engine::plan::memory::bytes_per_value(rank, precision);
         let (k3, k2) = (k(3), k(2));
         assert!((k3 / k2 - 1.0).abs() < tolerance, "{precision}: 3D {k3:.3} vs 2D {k2:.3} bytes per counted value");
@@ -95,13 +95,13 @@ fn a_flare_like_dataset_gets_the_papers_patch() {
     let at = |gib: f64, precision| {
         plan(&fp, &PlanOptions { gpu_memory_gib: gib, precision, ..PlanOptions::default() }).unwrap()
     };
-    // In bf16 a budget that holds the engine's measured 17.19 GiB at this patch, and not the next patch on the path.
-    let p = at(21.0, Precision::Bf16);
+    // In bf16 a budget that holds the engine's measured 11.26 GiB at this patch, and not the next patch on the path.
+    let p = at(14.0, Precision::Bf16);
     assert_eq!((p.model.patch.as_slice(), p.batch), (&[40, 224, 192][..], 2));
-    // (Its network differs from flare_3d's in small ways, e.g. the window layout, so its estimate is near 17.19.)
-    assert!(p.estimated_gib <= p.budget_gib && (p.estimated_gib / 17.19 - 1.0).abs() < 0.01, "{}", p.estimated_gib);
-    // The same in fp32, whose measured peak is 40.8 GiB.
-    let p = at(48.0, Precision::Fp32);
+    // (Its network differs from flare_3d's in small ways, e.g. the window layout, so its estimate is near 11.26.)
+    assert!(p.estimated_gib <= p.budget_gib && (p.estimated_gib / 11.26 - 1.0).abs() < 0.01, "{}", p.estimated_gib);
+    // The same in fp32, whose measured peak is 21.28 GiB.
+    let p = at(26.0, Precision::Fp32);
     assert_eq!(p.dims, Dims::ThreeD);
     assert_eq!(p.model.patch, vec![40, 224, 192]);
     assert_eq!(p.batch, 2);
@@ -115,17 +115,11 @@ fn a_flare_like_dataset_gets_the_papers_patch() {
         .collect();
     assert_eq!(p.model.pim_windows, w);
     assert_eq!(p.model.pam_pools.iter().map(|v| v[0]).collect::<Vec<_>>(), vec![4, 4, 2, 2, 1, 1]);
-    // 80 GiB in fp32: the same network on a patch at most one divisibility step larger per axis, batch 2.
+    // 80 GiB in fp32: a patch larger than the paper's along every axis (deep enough for a seventh stage), batch 2.
     let p = at(80.0, Precision::Fp32);
     let (patch, paper) = (&p.model.patch, [40, 224, 192]);
-    assert!(
-        patch
-            .iter()
-            .zip(paper)
-            .all(|(&a, b)| a >= b && a <= b + [8, 32, 32][paper.iter().position(|&x| x == b).unwrap()]),
-        "{patch:?}"
-    );
-    assert_eq!((p.batch, p.model.features.len()), (2, 6));
+    assert!(patch.iter().zip(paper).all(|(&a, b)| a > b), "{patch:?}");
+    assert_eq!((p.batch, p.model.features.len()), (2, 7));
     assert!(p.estimated_gib <= p.budget_gib && p.budget_gib < 80.0);
 }
 
@@ -177,7 +171,7 @@ fn topology_windows_and_factors_divide_every_stage_map() {
 #[test]
 fn two_d_data_plans_two_d_and_the_batch_follows_memory_and_the_dataset() {
     let fp = fingerprint(&[[1, 300, 260]], &[[5.0, 0.7, 0.7]], 400, "T2", 1.0);
-    let small = plan(&fp, &PlanOptions { gpu_memory_gib: 8.0, ..PlanOptions::default() }).unwrap();
+    let small = plan(&fp, &PlanOptions { gpu_memory_gib: 4.0, ..PlanOptions::default() }).unwrap();
     assert_eq!((small.dims, small.model.patch.len()), (Dims::TwoD, 2));
     assert!(small.model.patch.iter().zip([300, 260]).all(|(&p, m)| p <= m + 64));
     let large = plan(&fp, &PlanOptions { gpu_memory_gib: 80.0, ..PlanOptions::default() }).unwrap();

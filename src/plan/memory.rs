@@ -20,35 +20,28 @@
 //! the pool's rounding and anything the count misses are absorbed by k, the bytes per counted value, which is fitted
 //! per configuration family (3D, 2D) to one measured peak of the engine:
 //!
-//! - 3D: the FLARE reference configuration, batch 2, patch 40 x 224 x 192, fp32: 40.8 GiB (H200, 2026-12-02,
-//!   `anchors.md`);
-//! - 2D: the AMOS reference configuration, batch 12, patch 320 x 320: 17.4 GiB (same card and day).
+//! - 3D: the FLARE reference configuration, batch 2, patch 40 x 224 x 192, fp32 storage with tf32 products: 21.28
+//!   GiB (H200, 2026-12-05, `dump-step --precision fp32 --math tf32`, strided PiM; `benches/step.json`);
+//! - 2D: the AMOS reference configuration, batch 12, patch 320 x 320: 9.15 GiB (same card and call).
 //!
 //! So the model is linear in voxels x batch within a family, exact at the two measured points, and its structure
-//! decides how it extrapolates to other depths, widths and windows. The two float32 fits give k = 3.10 bytes (3D) and
-//! 3.01 (2D): the count overestimates what the engine keeps in float32 by the same factor of about 1.3 in both families
-//! (the test `memory_model_counts_parameters_exactly_and_is_exact_at_the_measured_peaks` holds them within 5%), which
-//! is what makes the extrapolation credible. A third check, on another architecture (tiny-3d: 4 stages, one block per
-//! stage, d_state 8): on the CPU one more sample raises the heap's peak during a training step by 61.4 MB, and the
-//! model predicts 71.3 MB (`tests/plan_memory.rs`, a counting allocator, within 15%). It was 71.7 MB against 72.0 until
-//! the conv1d and SiLU became one op (2026-12-04): the two fitted peaks were measured before that and still hold the
-//! pre-activation, so the model now overestimates by about that tensor until they are measured again (the planner's
-//! budget errs on the safe side).
+//! decides how it extrapolates to other depths, widths and windows. The two float32 fits give k = 2.95 bytes (3D) and
+//! 2.81 (2D), 5.0% apart (the test `memory_model_counts_parameters_exactly_and_is_exact_at_the_measured_peaks` holds
+//! them within 5%), which is what makes the extrapolation credible. A third check, on another architecture (tiny-3d:
+//! 4 stages, one block per stage, d_state 8): on the CPU one more sample raises the heap's peak during a training step
+//! by 37.9 MB, and the model predicts 39.4 MB (`tests/plan_memory.rs`, a counting allocator, within 15%).
 //!
-//! TO DO before this branch merges: with in_proj's halves and delta no longer kept one sample costs 43.1 MB on the CPU;
-//! 41.4 MB with each block's first normalised map rebuilt by its second conv (branch rebuild-norms; a block's count
-//! went from seven maps to three), and 40.0 MB with PiM's sequences rebuilt by its LayerNorm (amos-2d, one sample, the
-//! same counting allocator: 1214.4 MB on main, 771.3 MB with all three). `tests/plan_memory.rs` fails until the four
-//! peaks are measured again on a GPU (`dump-step --precision fp32` and `--precision bf16 --math tf32` of flare-3d b2
-//! and amos-2d b12) and written here, with the new k and the families' agreement.
+//! The peaks were measured with every input that is cheap to rebuild rebuilt instead of kept (`ops::operand`: Mamba's
+//! in_proj halves and delta, a residual block's first normalised map, PiM's sequences) and a block's end as one op
+//! (`instance_norm_add_act`): 33.19 and 14.24 GiB in fp32, 17.19 and 7.57 in bf16 before those, in the same call.
 //!
 //! bf16 storage (a GPU run's default) has its own two calibration points, so that a bf16 plan gets the patch and batch
-//! that bf16 holds rather than half of them: flare-3d batch 2 17.19 GiB and amos-2d batch 12 7.57 GiB (H200,
-//! 2026-12-04, `dump-step --precision bf16 --math tf32` of commit 145e259, strided PiM; `benches/step.json`), which
-//! give k = 1.26 bytes (3D) and 1.19 (2D) per counted value of the same count E. They agree to 6.2%, less closely than
-//! the fp32 pair: E counts float32 tensors (the loss's, the norms' statistics) like bf16 ones, and it still counts
-//! what the fusions since the fp32 points stopped keeping. The planner takes the precision the run will use
-//! ([`crate::plan::PlanOptions::precision`]); a plans file records it.
+//! that bf16 holds rather than half of them: flare-3d batch 2 11.26 GiB and amos-2d batch 12 5.07 GiB (H200,
+//! 2026-12-05, `dump-step --precision bf16 --math tf32`, strided PiM; `benches/step.json`), which give k = 1.50 bytes
+//! (3D) and 1.37 (2D) per counted value of the same count E. They agree to 9.3%, less closely than the fp32 pair: E
+//! counts the float32 tensors of a bf16 step (the loss's, the norms' statistics, the weight gradients' float32 slices)
+//! like bf16 ones, and those weigh more where the maps are small (2D's deep stages). The planner takes the precision
+//! the run will use ([`crate::plan::PlanOptions::precision`]); a plans file records it.
 
 use crate::device::Precision;
 use crate::nn::mamba::MambaConfig;
@@ -69,10 +62,10 @@ fn measured(rank: usize, precision: Precision) -> Measured {
     let (config, batch): (fn() -> ModelConfig, usize) =
         if rank == 2 { (ModelConfig::amos_2d, 12) } else { (ModelConfig::flare_3d, 2) };
     let peak_gib = match (rank == 2, precision) {
-        (false, Precision::Fp32) => 40.8,
-        (true, Precision::Fp32) => 17.4,
-        (false, Precision::Bf16) => 17.19,
-        (true, Precision::Bf16) => 7.57,
+        (false, Precision::Fp32) => 21.28,
+        (true, Precision::Fp32) => 9.15,
+        (false, Precision::Bf16) => 11.26,
+        (true, Precision::Bf16) => 5.07,
     };
     Measured { config, batch, peak_gib }
 }
