@@ -36,6 +36,8 @@
 //                use of the input; only the slice is read and written, element by element: x_proj's slices are 2 to
 //                32 columns of short rows, so no 16-byte chunk would lie in one of them)
 //   flip_seq:    y[g, l, c] = x[g, L - 1 - l, c]   (its own inverse, so also the backward)
+//   depth_to_space:  y[n, c, d kd + a, h kh + b, w kw + e] = z[n, c K + (a kh + b) kw + e, d, h, w],  K = kd kh kw
+//                    (a transposed conv's taps, computed as channels, moved to their voxels: conv_transpose.rs)
 // Each thread takes chunks of VEC<T> consecutive elements (16 bytes: 4 float32, 8 bf16) of the index space it
 // writes, grid-stride (the host launches grid_vec::<T>(elements) threads); the chunk's coordinates cost one or two
 // 64-bit divisions (which run as 32-bit ones for sizes below 2^32), once per chunk, and the elements inside a chunk
@@ -250,6 +252,42 @@ __device__ void flip_seq(const FlipParams<T>& p) {
     }
 }
 
+// Walks a chunk of y along its row (the innermost axis): within a row the source index moves along one of the kw
+// interleaved planes of z; a row's first source is found once per row.
+template <typename T>
+__device__ void depth_to_space(const DepthToSpaceParams<T>& p) {
+    const int64_t kd = p.k[0], kh = p.k[1], kw = p.k[2], D = p.size[0], H = p.size[1], W = p.size[2];
+    const int64_t Do = D * kd, Ho = H * kh, Wo = W * kw, K = kd * kh * kw, plane = D * H * W;
+    const int64_t total = p.N * p.C * Do * Ho * Wo;
+    const T* __restrict__ z = p.src;
+    T* __restrict__ y = p.dst;
+    FOR_EACH(chunk, vec_chunks<T>(total)) {
+        const int64_t i0 = chunk * VEC<T>;
+        // y's row (nc, od, oh) and column ow; z's index of that row's w = 0 for the taps (a, b, 0), its column w = ow
+        // / kw and tap e = ow % kw (z's channel stride apart).
+        int64_t row = i0 / Wo, ow = i0 - row * Wo, base = 0;
+        auto start_row = [&]() {
+            const int64_t oh = row % Ho, r = row / Ho, od = r % Do, nc = r / Do;
+            base = ((nc * K + (od % kd * kh + oh % kh) * kw) * D + od / kd) * H * W + oh / kh * W;
+        };
+        start_row();
+        int64_t w = ow / kw, e = ow % kw;
+        store_chunk(y + i0, chunk_len<T>(i0, total), [&](int) {
+            const T v = z[base + e * plane + w];
+            if (++e == kw) {
+                e = 0;
+                ++w;
+            }
+            if (++ow == Wo) {
+                ow = w = e = 0;
+                ++row;
+                start_row();
+            }
+            return v;
+        });
+    }
+}
+
 }  // namespace
 
 TYPED_KERNEL(pim_partition_f32, pim_partition_bf16, pim_partition, PimParams)
@@ -258,3 +296,4 @@ TYPED_KERNEL(copy_rows_f32, copy_rows_bf16, copy_rows, CopyRowsParams)
 TYPED_KERNEL(narrow_backward_f32, narrow_backward_bf16, narrow_backward, CopyRowsParams)
 TYPED_KERNEL(narrow_add_backward_f32, narrow_add_backward_bf16, narrow_add_backward, CopyRowsParams)
 TYPED_KERNEL(flip_seq_f32, flip_seq_bf16, flip_seq, FlipParams)
+TYPED_KERNEL(depth_to_space_f32, depth_to_space_bf16, depth_to_space, DepthToSpaceParams)

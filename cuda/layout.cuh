@@ -49,6 +49,19 @@ struct FlipParams {
     int64_t C;
 };
 
+// depth_to_space: taps as channels moved to their voxels (a transposed conv whose kernel equals its stride): z (N, C K,
+// D, H, W) with K = kd kh kw and y (N, C, D kd, H kh, W kw) hold the same elements,
+// y[n, c, d kd + a, h kh + b, w kw + e] = z[n, c K + (a kh + b) kw + e, d, h, w].
+template <typename T>
+struct DepthToSpaceParams {
+    const T* src;     // z
+    T* dst;           // y
+    int64_t N;        // batch
+    int64_t C;        // channels of y
+    int64_t size[3];  // D, H, W: z's spatial sizes
+    int64_t k[3];     // kd, kh, kw
+};
+
 // block (PIM_TILE, PIM_ROWS), grid in layout.cu
 extern "C" __global__ void pim_partition_f32(const PimParams<float> p);
 extern "C" __global__ void pim_partition_bf16(const PimParams<__nv_bfloat16> p);
@@ -66,3 +79,6 @@ extern "C" __global__ void narrow_add_backward_bf16(const CopyRowsParams<__nv_bf
 // one chunk of VEC<T> elements of y per thread (grid_vec), any grid
 extern "C" __global__ void flip_seq_f32(const FlipParams<float> p);
 extern "C" __global__ void flip_seq_bf16(const FlipParams<__nv_bfloat16> p);
+// one chunk of VEC<T> elements of the destination per thread (grid_vec), any grid
+extern "C" __global__ void depth_to_space_f32(const DepthToSpaceParams<float> p);
+extern "C" __global__ void depth_to_space_bf16(const DepthToSpaceParams<__nv_bfloat16> p);

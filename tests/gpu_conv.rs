@@ -248,6 +248,8 @@ fn gpu_conv3d_reference_channels() {
 fn gpu_conv_transpose3d() {
     check_conv_transpose("conv_transpose3d 2x2x2", &[2, 5, 3, 5, 7], &[5, 7, 2, 2, 2], 200);
     check_conv_transpose("conv_transpose3d 1x2x2", &[2, 5, 3, 5, 7], &[5, 7, 1, 2, 2], 210);
+    // Input positions a whole number of 8s (16-byte rows in bf16).
+    check_conv_transpose("conv_transpose3d 2x2x2, 64 positions", &[2, 5, 2, 4, 8], &[5, 7, 2, 2, 2], 215);
 }
 
 #[test]
@@ -255,6 +257,7 @@ fn gpu_conv_transpose3d() {
 fn gpu_conv_transpose2d() {
     check_conv_transpose("conv_transpose2d 2x2", &[2, 5, 9, 11], &[5, 7, 2, 2], 220);
     check_conv_transpose("conv_transpose2d 33 -> 37 channels", &[2, 33, 9, 11], &[33, 37, 2, 2], 230);
+    check_conv_transpose("conv_transpose2d 33 -> 37 channels, 96 positions", &[2, 33, 8, 12], &[33, 37, 2, 2], 235);
 }
 
 /// The stage-0 convolutions of the 3D configuration (lkm-unet.md section 5: 32 -> 32 channels, kernels 1x3x3 and

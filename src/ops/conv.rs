@@ -1260,7 +1260,7 @@ impl Pairing {
     /// [`Gpu::set_exact_f32`] asks for it and the type has one, else the tensor cores (tf32 or bf16).
     fn gemm_kernel<T: ConvElement>(&self, product: Product, gpu: &Gpu) -> GemmKernel<T> {
         let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
-        // The transposed conv's products are never stride 1 here (its kernel is its stride): no halo kernels.
+        // The transposed conv's products (its forward's 1x1, its backward's of stride = kernel): no halo kernels.
         let halo = (!self.transposed).then_some(T::HALO[product as usize]);
         match exact {
             Some(k) if gpu.exact_f32() => GemmKernel::Exact(k),

@@ -27,10 +27,22 @@
 //! (n, co), dx over input channels (n, ci), dw over weight slices (ci, co). Each of these is computed whole by one
 //! thread in the same order as a single-threaded run, so the results are the same bits for any number of threads.
 //!
-//! GPU: the products of conv's `Pairing` with x as the narrow map and y as the wide one (stride k, padding 0,
-//! and the weight (Cin, Cout, k) is exactly the pairing's (narrow, wide, k) weight): y is wide-from-narrow (one
-//! launch per tap phase, each a product over Cin), dx is narrow-from-wide, dw the pairing's weight gradient with
-//! x as the narrow map and g as the wide one, db conv's per-channel sum.
+//! GPU forward: since every output voxel takes exactly one tap, the taps are channels. With K = kd kh kw and
+//! t = (a kh + b) kw + c,
+//!
+//! ```text
+//!   z[n, co K + t, id, ih, iw] = b[co] + sum_ci x[n,ci,id,ih,iw] * w[ci, co K + t]      (one 1x1 product, Cout K
+//!                                                                                     channels at x's positions)
+//!   y[n, co, id*kd+a, ih*kh+b, iw*kw+c] = z[n, co K + t, id, ih, iw]                    (depth_to_space: a move)
+//! ```
+//!
+//! w as it lies in memory is the 1x1 product's (Cin, Cout K, 1) weight, so the product is conv's `Pairing` with x as
+//! the narrow map and z as the wide one (stride 1, no padding). One product over all the taps measured faster than
+//! one per tap phase, whose outputs are a strided subset of y (flare-3d's five upsamplings 2.34 -> 1.95 ms forward,
+//! benches/RESULTS.md). GPU backward: the products of the pairing with y as the wide map (stride k, padding 0; the
+//! weight (Cin, Cout, k) is exactly the pairing's (narrow, wide, k) weight): dx is narrow-from-wide, dw the pairing's
+//! weight gradient with x as the narrow map and g as the wide one, db conv's per-channel sum. (The taps-as-channels
+//! form of the backward, g moved into z's shape first, measured slower: input gradient 0.93 -> 1.35 ms.)
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps (= the stride) (the counting rules are in [`ops`](crate::ops)):
 //! forward 2 Cin FLOPs (one tap per output, a multiply and an add per input channel) and at least
@@ -40,7 +52,10 @@
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
+use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
+use crate::device::params::{kernel, DepthToSpaceParams};
 use crate::ops::cast::cast_like;
+use crate::ops::concat::copy_rows_gpu;
 use crate::ops::conv::{ConvElement, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
@@ -56,9 +71,12 @@ pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Ten
     let geom = UpGeom::new(x, w, bias)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &UpGeom) -> Result<Tensor> {
+        let what = geom.describe();
         let b = bias.map(|b| b.gpu_operand::<T>("conv_transpose bias")).transpose()?;
+        let bias_z = b.map(|b| geom.bias_per_tap(b, &what)).transpose()?;
         let (xb, wb) = (x.gpu_operand::<T>("conv_transpose input")?, w.gpu_operand::<T>("conv_transpose weight")?);
-        Tensor::from_gpu(geom.pairing().wide_from_narrow(xb, wb, b, &geom.describe())?, &geom.out_shape())
+        let z = geom.taps_as_channels().wide_from_narrow(xb, wb, bias_z.as_ref(), &what)?;
+        Tensor::from_gpu(geom.depth_to_space(&z, &what)?, &geom.out_shape())
     }
     let y = match by_gpu_type!(x, gpu(x, w, bias, &geom)) {
         Some(y) => y?,
@@ -148,6 +166,7 @@ impl UpGeom {
     }
 
     /// The input is the narrow map, the output the wide one; stride k, no padding.
+    /// The GPU backward's pairing: x narrow, y wide, stride = kernel, no padding (see the module header).
     fn pairing(&self) -> Pairing {
         Pairing {
             batch: self.dims.n,
@@ -160,6 +179,47 @@ impl UpGeom {
             pad: [0; 3],
             transposed: true,
         }
+    }
+
+    /// The GPU forward's 1x1 product from x to z, the taps as channels (see the module header).
+    fn taps_as_channels(&self) -> Pairing {
+        Pairing {
+            batch: self.dims.n,
+            c_wide: self.cout * self.taps(),
+            c_narrow: self.dims.c,
+            wide: self.dims.s,
+            narrow: self.dims.s,
+            k: [1; 3],
+            stride: [1; 3],
+            pad: [0; 3],
+            transposed: true,
+        }
+    }
+
+    /// z's bias, `b_z[co K + t] = b[co]`: K strided copies of b.
+    fn bias_per_tap<T: GpuElement>(&self, b: &GpuBuffer<T>, what: &str) -> Result<GpuBuffer<T>> {
+        let taps = self.taps();
+        let mut bias_z = b.gpu.alloc_of::<T>(self.cout * taps, what)?;
+        for t in 0..taps {
+            copy_rows_gpu(b, &mut bias_z, self.cout, 1, (1, 0), (taps, t), what)?;
+        }
+        Ok(bias_z)
+    }
+
+    /// y from z (the taps as channels), by cuda/layout.cu's depth_to_space.
+    fn depth_to_space<T: GpuElement>(&self, z: &GpuBuffer<T>, what: &str) -> Result<GpuBuffer<T>> {
+        let len = self.dims.n * self.cout * self.out_voxels();
+        let mut y = z.gpu.alloc_of::<T>(len, what)?;
+        let p = DepthToSpaceParams {
+            src: z.ptr(),
+            dst: y.ptr_mut(),
+            N: self.dims.n as i64,
+            C: self.cout as i64,
+            size: self.dims.s.map(|s| s as i64),
+            k: self.k.map(|k| k as i64),
+        };
+        z.gpu.launch(kernel::depth_to_space::<T>(), grid_vec::<T>(len), &p, what)?;
+        Ok(y)
     }
 
     /// The sizes, for error messages.
