@@ -111,8 +111,7 @@ pub fn instance_norm_add_act(
     x.check_same_kind(skip, "instance_norm_add_act (input vs skip)")?;
     skip.check_shape(x.shape(), "instance_norm_add_act skip (the shortcut, of the input's shape)")?;
     let dims = check_instance_norm(x, gamma, beta, eps)?;
-    let name = "instance_norm_add_leaky_relu";
-    let range = profile::forward(name, &[x, skip], 0.0);
+    let range = profile::forward(ADD_ACT_NAME, &[x, skip], 0.0);
     let n = normalization(x, gamma, beta, dims, eps, None)?;
     let out = n.apply_with(Some(skip), Some(act))?;
     range.done([&out]);
@@ -195,6 +194,16 @@ impl Normalization {
             None => by_dtype!(self.x.dtype(), apply_cpu(self, skip, act)),
         }
     }
+
+    /// [dL/dx, dL/dgamma, dL/dbeta] from dL/d(output) `grad_out`, each where `needs` asks.
+    fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        self.x.check_same_kind(grad_out, "instance_norm backward")?;
+        grad_out.check_shape(self.x.shape(), "instance_norm backward gradient")?;
+        match by_gpu_type!(self.x, backward_gpu(self, grad_out, needs)) {
+            Some(grads) => grads,
+            None => by_dtype!(self.x.dtype(), backward_cpu(self, grad_out, needs)),
+        }
+    }
 }
 
 /// Checks an instance norm's operands; returns x's dimensions.
@@ -223,6 +232,9 @@ fn normalization(
     };
     Ok(Normalization { x: x.clone(), gamma: gamma.clone(), beta: beta.clone(), mean, rstd, dims, act })
 }
+
+/// [`instance_norm_add_act`]'s name in traces and profiles.
+const ADD_ACT_NAME: &str = "instance_norm_add_leaky_relu";
 
 /// The op's name in traces and profiles.
 fn op_name(act: Option<Activation>) -> &'static str {
@@ -299,13 +311,7 @@ impl Backward for InstanceNormBackward {
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let n = &self.n;
-        n.x.check_same_kind(grad_out, "instance_norm backward")?;
-        grad_out.check_shape(n.x.shape(), "instance_norm backward gradient")?;
-        match by_gpu_type!(n.x, backward_gpu(n, grad_out, needs)) {
-            Some(grads) => grads,
-            None => by_dtype!(n.x.dtype(), backward_cpu(n, grad_out, needs)),
-        }
+        self.n.backward(grad_out, needs)
     }
 }
 
@@ -320,12 +326,12 @@ struct InstanceNormAddActBackward {
 
 impl Backward for InstanceNormAddActBackward {
     fn name(&self) -> &'static str {
-        "instance_norm_add_leaky_relu"
+        ADD_ACT_NAME
     }
 
     fn backward(&self, grad_out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let g = activation_grad(&self.out, grad_out, self.act)?;
-        let mut grads = InstanceNormBackward { n: self.n.clone(), name: self.name() }.backward(&g, &needs[..3])?;
+        let mut grads = self.n.backward(&g, &needs[..3])?;
         grads.push(needs[3].then_some(g));
         Ok(grads)
     }
