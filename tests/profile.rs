@@ -43,8 +43,12 @@ fn check_profile(p: &Profile) {
     let conv = ops.iter().find(|r| r.kind == "conv3d" && r.pass == Pass::Forward).expect("a conv forward");
     assert!(conv.flops > 0.0 && conv.bytes > 0.0, "conv3d.fwd has no FLOPs or bytes: {conv:?}");
 
+    // Queueing is part of the step: it cannot take longer than the whole step (the host's clock around both).
+    let t = &p.times;
+    assert!(t.queue_ms > 0.0 && t.queue_ms <= t.plain_ms, "queued in {} ms of a {} ms step", t.queue_ms, t.plain_ms);
     let table = render("tiny-3d", &p.recording, &p.times, &p.ceilings, p.pool_peak_bytes, 10);
-    for part in ["conv3d.bwd", "by op kind:", "by stage:", "encoder 0", "by phase", "memory:"] {
+    for part in ["conv3d.bwd", "queued by the host in", "by op kind:", "by stage:", "encoder 0", "by phase", "memory:"]
+    {
         assert!(table.contains(part), "the report lacks {part:?}:\n{table}");
     }
     let total: f64 = rows(&p.recording, 1).iter().map(|r| r.calls).sum();

@@ -1,7 +1,8 @@
 //! `lkm-engine profile`: where a training step's time and memory go, op by op.
 //!
 //! After warm-up steps it measures the step three ways on the same batch: plain (host clock around a synchronised
-//! step, no per-op events, NVTX off), with NVTX ranges pushed (the cost of the ranges when no tool is attached), and
+//! step, no per-op events, NVTX off; and the host's time to queue it, which says whether the GPU waits for launches),
+//! with NVTX ranges pushed (the cost of the ranges when no tool is attached), and
 //! recorded (every op forward and backward between CUDA events, or the wall clock on the CPU, with its shapes, bytes
 //! and FLOPs, and every allocation tracked). [`crate::profile::report`] turns the recording into tables.
 
@@ -9,10 +10,10 @@ use std::time::Instant;
 
 use super::dump::random_batch;
 use super::loss::downsample_labels;
-use super::step::train_step;
+use super::step::{queue_step, StepInput};
 use crate::device::Device;
 use crate::nn::{LkmUnet, ModelConfig};
-use crate::optim::Sgd;
+use crate::optim::{Sgd, DEFAULT_GRAD_CLIP};
 use crate::profile::report::{Ceilings, StepTimes};
 use crate::profile::{self, Recorder, Recording};
 use crate::tensor::{DType, Tensor};
@@ -58,34 +59,44 @@ pub fn run(opts: &ProfileOptions) -> Result<Profile> {
         .map(|s| downsample_labels(&y, s)?.to_device(device))
         .collect::<Result<Vec<Tensor>>>()?;
     let mut sgd = Sgd::default();
-    let mut step = || -> Result<()> {
+    let input = StepInput { model: &model, x: &x, targets: &targets, batch_dice: true, grad_clip: DEFAULT_GRAD_CLIP };
+    // One step; returns the host's milliseconds until everything is queued (before the read-back that waits).
+    let mut step = || -> Result<f64> {
         let _phase = profile::phase("train_step");
-        train_step(&model, &mut params, &mut sgd, &x, &targets, true, crate::optim::DEFAULT_GRAD_CLIP).map(|_| ())
+        let t0 = Instant::now();
+        let queued = queue_step(&input, &mut params, &mut sgd, None)?;
+        let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
+        queued.finish()?;
+        Ok(queue_ms)
     };
     let sync = || match device {
         Device::Cuda(gpu) => gpu.synchronize(),
         Device::Cpu => Ok(()),
     };
-    let median_step = |step: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut times = Vec::with_capacity(opts.steps);
+    // Medians of the whole step and of its queueing.
+    let median_step = |step: &mut dyn FnMut() -> Result<f64>| -> Result<(f64, f64)> {
+        let (mut times, mut queued) = (Vec::with_capacity(opts.steps), Vec::with_capacity(opts.steps));
         for _ in 0..opts.steps {
             sync()?;
             let t0 = Instant::now();
-            step()?;
+            queued.push(step()?);
             sync()?;
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(times), median(queued)))
     };
     for _ in 0..2 {
         step()?;
     }
     let nvtx_before = profile::nvtx_enabled();
     profile::set_nvtx(false);
-    let plain_ms = median_step(&mut step)?;
+    let (plain_ms, queue_ms) = median_step(&mut step)?;
     profile::set_nvtx(true);
-    let nvtx_ms = median_step(&mut step)?;
+    let (nvtx_ms, _) = median_step(&mut step)?;
     profile::set_nvtx(nvtx_before);
 
     sync()?;
@@ -93,12 +104,17 @@ pub fn run(opts: &ProfileOptions) -> Result<Profile> {
         gpu.reset_peak_memory()?;
     }
     Recorder::install(device)?;
-    let recorded: Result<()> = (0..opts.steps).try_for_each(|_| step());
+    let recorded: Result<()> = (0..opts.steps).try_for_each(|_| step().map(|_| ()));
     let recording = Recorder::finish()?;
     recorded?;
     let pool_peak_bytes = match device {
         Device::Cuda(gpu) => Some(gpu.peak_memory()?),
         Device::Cpu => None,
     };
-    Ok(Profile { recording, times: StepTimes { plain_ms, nvtx_ms, steps: opts.steps }, ceilings, pool_peak_bytes })
+    Ok(Profile {
+        recording,
+        times: StepTimes { plain_ms, queue_ms, nvtx_ms, steps: opts.steps },
+        ceilings,
+        pool_peak_bytes,
+    })
 }
