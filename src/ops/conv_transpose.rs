@@ -165,7 +165,6 @@ impl UpGeom {
         self.dims.shape_with(self.cout, self.out)
     }
 
-    /// The input is the narrow map, the output the wide one; stride k, no padding.
     /// The GPU backward's pairing: x narrow, y wide, stride = kernel, no padding (see the module header).
     fn pairing(&self) -> Pairing {
         Pairing {
