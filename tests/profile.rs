@@ -47,8 +47,16 @@ fn check_profile(p: &Profile) {
     let t = &p.times;
     assert!(t.queue_ms > 0.0 && t.queue_ms <= t.plain_ms, "queued in {} ms of a {} ms step", t.queue_ms, t.plain_ms);
     let table = render("tiny-3d", &p.recording, &p.times, &p.ceilings, p.pool_peak_bytes, 10);
-    for part in ["conv3d.bwd", "queued by the host in", "by op kind:", "by stage:", "encoder 0", "by phase", "memory:"]
-    {
+    for part in [
+        "conv3d.bwd",
+        "queued by the host in",
+        "kernel launches",
+        "by op kind:",
+        "by stage:",
+        "encoder 0",
+        "by phase",
+        "memory:",
+    ] {
         assert!(table.contains(part), "the report lacks {part:?}:\n{table}");
     }
     let total: f64 = rows(&p.recording, 1).iter().map(|r| r.calls).sum();
@@ -68,6 +76,7 @@ fn profile_tiny_cpu() {
     let p = profile_tiny(Device::Cpu);
     check_profile(&p);
     assert!(p.pool_peak_bytes.is_none() && p.ceilings.bf16_tflops.is_none());
+    assert_eq!(p.times.launches, 0.0, "the CPU launches no kernel");
 }
 
 #[test]
@@ -75,6 +84,8 @@ fn profile_tiny_cpu() {
 fn profile_tiny_gpu() {
     let p = profile_tiny(Device::cuda(0).expect("a CUDA device"));
     check_profile(&p);
+    // A step is hundreds of launches at least (every op one or more).
+    assert!(p.times.launches >= p.recording.ops.len() as f64 / 2.0, "{} launches per step", p.times.launches);
     let peak = p.pool_peak_bytes.expect("the pool peak on the GPU");
     assert!(peak > 0 && p.recording.peak_bytes > 0 && !p.recording.at_peak.is_empty(), "memory was not tracked");
     assert!(p.recording.at_peak.windows(2).all(|w| w[0].bytes >= w[1].bytes), "largest tensors not sorted");

@@ -2,7 +2,7 @@
 //! kernels of `cuda/*.cu`, compiled by `build.rs` and embedded in the binary.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -33,6 +33,8 @@ pub struct Gpu {
     bf16: AtomicBool,
     /// Streaming multiprocessors, read once ([`Gpu::resident_blocks`]).
     multiprocessors: usize,
+    /// Kernel launches so far ([`Gpu::launches`]).
+    launches: AtomicU64,
 }
 
 /// An element type the GPU stores: float32 (every op) or bf16 (`half::bf16`, the low-precision storage of
@@ -169,6 +171,7 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
+            launches: AtomicU64::new(0),
             exact_f32: AtomicBool::new(false),
             bf16: AtomicBool::new(false),
             multiprocessors,
@@ -270,6 +273,12 @@ impl Gpu {
         Ok(f)
     }
 
+    /// The kernel launches queued on this GPU so far (`profile` reports them per step beside the host's queueing
+    /// time: the host's cost per launch).
+    pub fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
+    }
+
     /// Whether this GPU runs `kernel`: its file was built (build.rs leaves arch-specific files out of builds for
     /// other chips) and loaded (the driver refuses arch-specific machine code of another chip).
     pub fn has_kernel<P>(&self, kernel: Kernel<P>) -> bool {
@@ -285,6 +294,7 @@ impl Gpu {
     /// header comment describes; that is the contract every launch of the engine keeps.
     pub fn launch<P: DeviceRepr>(&self, kernel: Kernel<P>, cfg: LaunchConfig, params: &P, shapes: &str) -> Result<()> {
         let function = self.function_for(kernel, cfg.shared_mem_bytes, shapes)?;
+        self.launches.fetch_add(1, Ordering::Relaxed);
         let mut builder = self.stream.launch_builder(&function);
         builder.arg(params);
         // SAFETY: the one argument is the struct the kernel declares in its header (the Kernel type says so, and nvcc

@@ -176,6 +176,8 @@ pub struct StepTimes {
     /// Median host time to queue that step (everything launched, before the read-back that waits for the GPU): near
     /// `plain_ms`, the GPU waits for the host's launches.
     pub queue_ms: f64,
+    /// Kernel launches per step (0 on the CPU): with `queue_ms`, the host's time per launch.
+    pub launches: f64,
     /// Median host-timed step with NVTX ranges pushed (no per-op events).
     pub nvtx_ms: f64,
     /// Steps recorded per op.
@@ -217,10 +219,11 @@ pub fn render(
     );
     let _ = writeln!(
         s,
-        "step: {:.2} ms (median, no per-op events, NVTX off; queued by the host in {:.2} ms), {:.2} ms with NVTX ranges \
-         pushed; recorded step {:.2} ms, sum of its op times {:.2} ms ({}%)\n",
+        "step: {:.2} ms (median, no per-op events, NVTX off; queued by the host in {:.2} ms, {:.0} kernel launches), \
+         {:.2} ms with NVTX ranges pushed; recorded step {:.2} ms, sum of its op times {:.2} ms ({}%)\n",
         times.plain_ms,
         times.queue_ms,
+        times.launches,
         times.nvtx_ms,
         step_ms,
         ops_ms,

@@ -94,7 +94,13 @@ pub fn run(opts: &ProfileOptions) -> Result<Profile> {
     }
     let nvtx_before = profile::nvtx_enabled();
     profile::set_nvtx(false);
+    let launched = || match device {
+        Device::Cuda(gpu) => gpu.launches(),
+        Device::Cpu => 0,
+    };
+    let before = launched();
     let (plain_ms, queue_ms) = median_step(&mut step)?;
+    let launches = (launched() - before) as f64 / opts.steps.max(1) as f64;
     profile::set_nvtx(true);
     let (nvtx_ms, _) = median_step(&mut step)?;
     profile::set_nvtx(nvtx_before);
@@ -113,7 +119,7 @@ pub fn run(opts: &ProfileOptions) -> Result<Profile> {
     };
     Ok(Profile {
         recording,
-        times: StepTimes { plain_ms, queue_ms, nvtx_ms, steps: opts.steps },
+        times: StepTimes { plain_ms, queue_ms, launches, nvtx_ms, steps: opts.steps },
         ceilings,
         pool_peak_bytes,
     })
