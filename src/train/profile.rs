@@ -1,8 +1,8 @@
 //! `lkm-engine profile`: where a training step's time and memory go, op by op.
 //!
 //! After warm-up steps it measures the step three ways on the same batch: plain (host clock around a synchronised
-//! step, no per-op events, NVTX off; and the host's time to queue it, which says whether the GPU waits for launches),
-//! with NVTX ranges pushed (the cost of the ranges when no tool is attached), and
+//! step, no per-op events, NVTX off; with the host's time to queue it and the kernel launches it made, which say
+//! whether the GPU waits for launches), with NVTX ranges pushed (the cost of the ranges when no tool is attached), and
 //! recorded (every op forward and backward between CUDA events, or the wall clock on the CPU, with its shapes, bytes
 //! and FLOPs, and every allocation tracked). [`crate::profile::report`] turns the recording into tables.
 
