@@ -1,0 +1,25 @@
+// cuda-emu internals shared by driver.cpp (fibers, memory, the driver API) and ptx.cpp (the PTX instructions).
+#pragma once
+#include "emu.h"
+
+namespace emu {
+
+/// A collective of `size` consecutive lanes (a warp: 32, a warpgroup: 128) starting at a multiple of size: every
+/// present lane calls it with its own context (on its stack, valid while it waits); the last to arrive calls
+/// complete(ctx, present, size) for all of them, then all go on. `op` names the operation, so that lanes of one group
+/// at different collectives are reported instead of mixed.
+void group(int size, const char* op, void* ctx, void (*complete)(void** ctx, const bool* present, int size));
+
+/// The lane index within the group of `size` lanes of the running thread.
+int group_lane(int size);
+
+/// The address of shared address `at` (32 bits), checked to lie in the running block's shared window.
+unsigned char* shared_at(uint32_t at, int bytes);
+
+/// The arena address of a wgmma descriptor's start address field (14 bits of address / 16; the arena starts at a
+/// 256 KB boundary of the shared window).
+unsigned char* descriptor_at(uint64_t desc, int bytes);
+
+/// The name of the kernel now running, for messages.
+extern const char* kernel_name;
+}  // namespace emu
