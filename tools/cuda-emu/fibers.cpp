@@ -220,7 +220,10 @@ uint32_t ballot(bool pred) {
 void syncwarp() { group(32, "syncwarp", nullptr, complete_nothing); }
 
 // Runs kernel `fn` with `args` over the grid, one block after another.
+// Threads run in order of their index from one barrier to the next, so a missing barrier shows where a thread reads
+// what a later thread writes (it reads the NaN fill); CUDA_EMU_REVERSE=1 runs them from the last, for the other half.
 void launch(const char* name, void (*fn)(void**), void** args, uint3 grid, uint3 block, unsigned smem) {
+    static const bool reverse = getenv("CUDA_EMU_REVERSE") != nullptr;
     if (smem > ARENA) trap("more dynamic shared memory than the emulator's arena");
     kernel_name = name;
     grid_dim = grid;
@@ -264,7 +267,8 @@ void launch(const char* name, void (*fn)(void**), void** args, uint3 grid, uint3
                 }
                 while (done < threads) {
                     bool ran = false;
-                    for (int i = 0; i < threads; ++i) {
+                    for (int k = 0; k < threads; ++k) {
+                        const int i = reverse ? threads - 1 - k : k;
                         if (fibers[i].state != RUNNABLE) continue;
                         running = i;
                         current = &fibers[i].t;
