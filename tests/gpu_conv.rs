@@ -55,7 +55,7 @@ fn check_conv_transpose(name: &str, x_shape: &[usize], w_shape: &[usize], seed: 
 /// A stride-1 conv of an input of `x_shape` and a weight of `w_shape` in bf16 on the GPU (inputs from seeds `seed`,
 /// `seed + 1`, `seed + 2`): its output and both gradients are the same bits on two runs.
 fn check_bf16_conv_repeats(name: &str, x_shape: &[usize], w_shape: &[usize], seed: u64) {
-    let dev = Device::Cuda(common::gpu());
+    let dev = Device::Cuda(tf32_gpu());
     let on_gpu = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
     let mut y_shape = x_shape.to_vec();
     y_shape[1] = w_shape[0];
