@@ -124,10 +124,9 @@ unsigned char* shared_base = arena - (size_t(1) << 31);
 }
 
 unsigned char* shared_at(uint32_t at, int bytes) {
-    unsigned char* p = shared_base + at;
-    if (at < (1u << 31) - (1u << 30) || bytes < 0) trap("a shared address outside the shared window");
-    (void)bytes;
-    return p;
+    // The library's static __shared__ variables and the arena lie within 1 GB of the arena's offset 2^31.
+    if (at < (1u << 30) || (uint64_t)at + (uint64_t)bytes > (3ull << 30)) trap("a shared address outside the shared window");
+    return shared_base + at;
 }
 
 unsigned char* descriptor_at(uint64_t desc, int bytes) {
@@ -135,8 +134,6 @@ unsigned char* descriptor_at(uint64_t desc, int bytes) {
     if (off + (uint32_t)bytes > ARENA) trap("a wgmma operand outside the dynamic shared memory");
     return arena + off;
 }
-
-int group_lane(int size) { return current->linear % size; }
 
 void syncthreads() {
     fibers[running].state = WAITING;

@@ -10,9 +10,6 @@ namespace emu {
 /// at different collectives are reported instead of mixed.
 void group(int size, const char* op, void* ctx, void (*complete)(void** ctx, const bool* present, int size));
 
-/// The lane index within the group of `size` lanes of the running thread.
-int group_lane(int size);
-
 /// The address of shared address `at` (32 bits), checked to lie in the running block's shared window.
 unsigned char* shared_at(uint32_t at, int bytes);
 
