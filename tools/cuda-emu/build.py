@@ -128,6 +128,21 @@ def kernels(preprocessed):
     return found
 
 
+def write_if_changed(path, text):
+    """Writes text to path unless it already holds it (so that make-style staleness checks see no change)."""
+    if not os.path.exists(path) or open(path).read() != text:
+        open(path, "w").write(text)
+
+
+def compile_if_stale(flags, src, obj, deps, what):
+    """Compiles src to obj with flags when obj is older than src or any of deps."""
+    if os.path.exists(obj) and os.path.getmtime(obj) >= max(os.path.getmtime(d) for d in deps + [src]):
+        return
+    r = subprocess.run(flags + ["-c", src, "-o", obj], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"cuda-emu: compiling {what} failed:\n{r.stderr[:20000]}")
+
+
 def main():
     include = cuda_include()
     os.makedirs(SRC, exist_ok=True)
@@ -135,10 +150,7 @@ def main():
     files = sorted(f for f in os.listdir(cuda_dir) if f.endswith((".cu", ".cuh")) and f not in SKIP)
     for f in files:
         text = open(os.path.join(cuda_dir, f)).read()
-        new = rewrite_shared(rewrite_asm(text))
-        path = os.path.join(SRC, f)
-        if not os.path.exists(path) or open(path).read() != new:
-            open(path, "w").write(new)
+        write_if_changed(os.path.join(SRC, f), rewrite_shared(rewrite_asm(text)))
     flags = ["g++", "-std=c++20", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-w",
              "-include", os.path.join(HERE, "emu.h"), "-I", SRC, "-I", HERE, "-I", include]
 
@@ -156,15 +168,9 @@ def main():
             args = ", ".join(f"*reinterpret_cast<std::remove_cv_t<{t}>*>(a[{i}])" for i, t in enumerate(types))
             lines.append(f'        emu_register("{name}", [](void** a) {{ {name}({args}); }});')
         lines += ["    }", "} emu_register_" + f[:-3] + ";", "}  // namespace", ""]
-        text = "\n".join(lines)
-        if not os.path.exists(unit) or open(unit).read() != text:
-            open(unit, "w").write(text)
+        write_if_changed(unit, "\n".join(lines))
         obj = unit[:-4] + ".o"
-        deps = [os.path.join(SRC, g) for g in files] + [os.path.join(HERE, "emu.h")]
-        if not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(d) for d in deps + [unit]):
-            r = subprocess.run(flags + ["-c", unit, "-o", obj], capture_output=True, text=True)
-            if r.returncode:
-                sys.exit(f"cuda-emu: compiling {f} failed:\n{r.stderr[:20000]}")
+        compile_if_stale(flags, unit, obj, [os.path.join(SRC, g) for g in files] + [os.path.join(HERE, "emu.h")], f)
         return obj, len(found)
 
     units = [f for f in files if f.endswith(".cu")]
@@ -172,12 +178,7 @@ def main():
 
     def build_runtime(f):
         obj = os.path.join(OUT, f[:-4] + ".o")
-        src = os.path.join(HERE, f)
-        deps = [src, os.path.join(HERE, "emu.h"), os.path.join(HERE, "internal.h")]
-        if not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(d) for d in deps):
-            r = subprocess.run(flags + ["-c", src, "-o", obj], capture_output=True, text=True)
-            if r.returncode:
-                sys.exit(f"cuda-emu: compiling {f} failed:\n{r.stderr[:20000]}")
+        compile_if_stale(flags, os.path.join(HERE, f), obj, [os.path.join(HERE, h) for h in ("emu.h", "internal.h")], f)
         return obj
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

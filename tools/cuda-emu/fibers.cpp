@@ -102,12 +102,13 @@ void release_group(int size, int index) {
 
 std::vector<Group>& groups_of(int size) { return size == 32 ? warps : warpgroups; }
 
-void try_complete(Group& g, int size) {
-    if (g.arrived == 0 || g.arrived + g.exited < size) return;
+// Group `index` of `size` lanes once every lane has arrived or exited: its collective done, its lanes released.
+void complete_group(Group& g, int size, int index) {
     g.complete(g.ctx, g.present, size);
     for (int i = 0; i < size; ++i) g.present[i] = false;
     g.arrived = 0;
     g.op = nullptr;
+    release_group(size, index);
 }
 }  // namespace
 
@@ -160,8 +161,7 @@ void group(int size, const char* op, void* ctx, void (*complete)(void**, const b
     g.present[lane] = true;
     ++g.arrived;
     if (g.arrived + g.exited == size) {
-        try_complete(g, size);
-        release_group(size, index);
+        complete_group(g, size, index);
         return;
     }
     fibers[running].state = WAITING;
@@ -301,10 +301,7 @@ extern "C" void emu_fiber_main() {
     for (int size : {32, 128}) {
         Group& g = groups_of(size)[t / size];
         ++g.exited;
-        if (g.arrived > 0 && g.arrived + g.exited == size) {
-            try_complete(g, size);
-            release_group(size, t / size);
-        }
+        if (g.arrived > 0 && g.arrived + g.exited == size) complete_group(g, size, t / size);
     }
     emu_switch(&f.sp, scheduler_sp);
     __builtin_unreachable();

@@ -126,6 +126,14 @@ float bf16_at(const unsigned char* p) {
     memcpy(&v, p, 2);
     return __uint_as_float((uint32_t)v << 16);
 }
+// Element (r, k) of an unswizzled operand (r along m or n, k < 16): core matrices of 8 rows x 16 bytes, sbo apart
+// along r, lbo apart along k; K-major rows hold 8 k, MN-major ones (mn_major) 8 r.
+float operand_at(uint64_t desc, int r, int k, bool mn_major) {
+    const uint32_t lbo = (uint32_t)(desc >> 16 & 0x3FFF) << 4, sbo = (uint32_t)(desc >> 32 & 0x3FFF) << 4;
+    const uint32_t inner = mn_major ? (k % 8) * 16 + (r % 8) * 2 : (r % 8) * 16 + (k % 8) * 2;
+    const uint32_t off = (r / 8) * sbo + (k / 8) * lbo + inner;
+    return bf16_at(descriptor_at(desc, (int)off + 2) + off);
+}
 void complete_wgmma(void** ctx, const bool* present, int) {
     for (int i = 0; i < 128; ++i)
         if (!present[i]) trap("wgmma with exited lanes");
@@ -143,26 +151,11 @@ void complete_wgmma(void** ctx, const bool* present, int) {
             }
         }
     } else {
-        const uint32_t lbo = (uint32_t)(w0.a_desc >> 16 & 0x3FFF) << 4, sbo = (uint32_t)(w0.a_desc >> 32 & 0x3FFF) << 4;
-        const unsigned char* at = descriptor_at(w0.a_desc, 0);
         for (int m = 0; m < 64; ++m)
-            for (int k = 0; k < 16; ++k) {
-                const uint32_t off = (m / 8) * sbo + (k / 8) * lbo + (m % 8) * 16 + (k % 8) * 2;
-                descriptor_at(w0.a_desc, (int)off + 2);
-                A[m][k] = bf16_at(at + off);
-            }
+            for (int k = 0; k < 16; ++k) A[m][k] = operand_at(w0.a_desc, m, k, false);
     }
-    {
-        const uint32_t lbo = (uint32_t)(w0.b_desc >> 16 & 0x3FFF) << 4, sbo = (uint32_t)(w0.b_desc >> 32 & 0x3FFF) << 4;
-        const unsigned char* at = descriptor_at(w0.b_desc, 0);
-        for (int n = 0; n < N; ++n)
-            for (int k = 0; k < 16; ++k) {
-                const uint32_t off = w0.trans_b ? (n / 8) * sbo + (k / 8) * lbo + (k % 8) * 16 + (n % 8) * 2
-                                                : (n / 8) * sbo + (k / 8) * lbo + (n % 8) * 16 + (k % 8) * 2;
-                descriptor_at(w0.b_desc, (int)off + 2);
-                B[n][k] = bf16_at(at + off);
-            }
-    }
+    for (int n = 0; n < N; ++n)
+        for (int k = 0; k < 16; ++k) B[n][k] = operand_at(w0.b_desc, n, k, w0.trans_b);
     for (int l = 0; l < 128; ++l) {
         const Wgmma& w = *(Wgmma*)ctx[l];
         const int warp = l / 32, g = l % 32 / 4, t = l % 4;
