@@ -2,11 +2,13 @@
 // finds its tensor by a binary search of the table's first blocks and strides over that tensor's elements. The
 // arithmetic per element does not depend on how the tensors are grouped into launches.
 //
-//   sgd_nesterov_step:  g = grad + wd p;   b = first ? g : mu b + g;   p = p - lr (g + mu b)
+//   sgd_nesterov_step:  g = grad + wd p;   b = first ? g : mu b + g;   p = p - lr (g + mu b);   copy = bf16(p)
 //     PyTorch's SGD(nesterov=True, dampening=0); the first step sets the buffer to g (PyTorch's copy) without reading
 //     it (the host zeroes a fresh buffer anyway, for a first step that a status skips). Every operation is rounded
 //     separately (__fmul_rn/__fadd_rn: no fused multiply-add), in the order of the CPU path, so both give the same
-//     float32 bits.
+//     float32 bits. Where the parameter has a bf16 copy (what a bf16 step's convolutions and linear layers read), the
+//     copy is rewritten from the new value (round to nearest even, as the cast kernel does) in the same pass, so that
+//     no step casts its weights.
 //   optim_sum_squares_partial:  partial[b] = sum of g_i^2 over the elements block b of the tensor visits, in float64
 //     (fixed tree order; the blocks per tensor depend on its size only).
 //   optim_clip_status (one block):  sq_t = sum_b partial_t[b] (in order),  total = sum_t sq_t (in order),
@@ -17,7 +19,8 @@
 //
 // Cost per parameter element (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see
 // src/ops/mod.rs): sgd_nesterov_step 20 bytes (read p, grad, buf; write p, buf; 16 on the first step, which does not
-// read buf) and 8 FLOPs; optim_sum_squares_partial 4 bytes and 2 FLOPs; optim_scale_in_place 8 bytes and 1 FLOP.
+// read buf; 2 more with a bf16 copy) and 8 FLOPs; optim_sum_squares_partial 4 bytes and 2 FLOPs;
+// optim_scale_in_place 8 bytes and 1 FLOP.
 #include "common.cuh"
 #include "optim.cuh"
 
@@ -59,13 +62,16 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS) sgd_nesterov_step(co
     float* param = at<float>(m.t, OPTIM_PARAM);
     const float* grad = at<const float>(m.t, OPTIM_GRAD);
     float* buf = at<float>(m.t, OPTIM_BUF);
+    __nv_bfloat16* copy = at<__nv_bfloat16>(m.t, OPTIM_COPY);
     const bool first = m.t[OPTIM_FIRST] != 0;
     FOR_MY_ELEMENTS(i, m) {
         float pi = param[i];
         float g = __fadd_rn(grad[i], __fmul_rn(wd, pi));
         float b = first ? g : __fadd_rn(__fmul_rn(mu, buf[i]), g);
         buf[i] = b;
-        param[i] = __fsub_rn(pi, __fmul_rn(lr, __fadd_rn(g, __fmul_rn(mu, b))));
+        pi = __fsub_rn(pi, __fmul_rn(lr, __fadd_rn(g, __fmul_rn(mu, b))));
+        param[i] = pi;
+        if (copy != nullptr) copy[i] = __float2bfloat16_rn(pi);
     }
 }
 

@@ -9,7 +9,7 @@ constexpr int OPTIM_THREADS = 256;
 // The tensor table: OPTIM_WORDS int64 words per tensor (device addresses as integers), at these positions, tensors in
 // increasing first block; tensor i's blocks are [block0, block0 + blocks), and its block b visits the elements
 // (b - block0) * OPTIM_THREADS + thread + k * blocks * OPTIM_THREADS, k = 0, 1, ...
-constexpr int OPTIM_WORDS = 8;
+constexpr int OPTIM_WORDS = 9;
 constexpr int OPTIM_PARAM = 0;    // float*: sgd_nesterov_step: the parameters, updated in place;
                                   // optim_scale_in_place: the values scaled
 constexpr int OPTIM_GRAD = 1;     // const float*: the gradient (sgd_nesterov_step, optim_sum_squares_partial)
@@ -19,6 +19,8 @@ constexpr int OPTIM_N = 4;        // elements
 constexpr int OPTIM_BLOCK0 = 5;   // the tensor's first block
 constexpr int OPTIM_BLOCKS = 6;   // its blocks
 constexpr int OPTIM_FIRST = 7;    // sgd_nesterov_step: 1 on the tensor's first step (its buffer is not read)
+constexpr int OPTIM_COPY = 8;     // __nv_bfloat16*: sgd_nesterov_step: the parameter's bf16 copy, rewritten from the
+                                  // updated parameter (0: the parameter has none)
 
 // The clipping status that optim_clip_status writes (float64 words) and optim_scale_in_place and sgd_nesterov_step
 // read, so that the decision to clip or to skip a step needs no copy to the host in the middle of a step.
@@ -45,7 +47,7 @@ struct OptimParams {
                            // only where it says OK (nullptr: always)
 };
 
-extern "C" __global__ void sgd_nesterov_step(const OptimParams p);          // param, grad, buf, first; lr, mu, wd
+extern "C" __global__ void sgd_nesterov_step(const OptimParams p);          // param, grad, buf, first, copy; lr, mu, wd
 extern "C" __global__ void optim_sum_squares_partial(const OptimParams p);  // grad -> partial
 extern "C" __global__ void optim_clip_status(const OptimParams p);          // partial, loss -> status
 extern "C" __global__ void optim_scale_in_place(const OptimParams p);       // param *= ratio of status

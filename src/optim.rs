@@ -57,11 +57,11 @@ use crate::device::cuda::{driver_err, Gpu, GpuBuffer};
 use cudarc::driver::CudaSlice;
 
 use crate::device::params::{
-    kernel, ConstPtr, Kernel, MutPtr, OptimParams, OPTIM_BLOCK0, OPTIM_BLOCKS, OPTIM_BUF, OPTIM_FIRST, OPTIM_GRAD,
-    OPTIM_N, OPTIM_PARAM, OPTIM_PARTIAL, OPTIM_STATUS_LOSS, OPTIM_STATUS_NORM, OPTIM_STATUS_OK, OPTIM_STATUS_RATIO,
-    OPTIM_STATUS_SUMS, OPTIM_STATUS_THREADS, OPTIM_THREADS, OPTIM_WORDS,
+    kernel, ConstPtr, Kernel, MutPtr, OptimParams, OPTIM_BLOCK0, OPTIM_BLOCKS, OPTIM_BUF, OPTIM_COPY, OPTIM_FIRST,
+    OPTIM_GRAD, OPTIM_N, OPTIM_PARAM, OPTIM_PARTIAL, OPTIM_STATUS_LOSS, OPTIM_STATUS_NORM, OPTIM_STATUS_OK,
+    OPTIM_STATUS_RATIO, OPTIM_STATUS_SUMS, OPTIM_STATUS_THREADS, OPTIM_THREADS, OPTIM_WORDS,
 };
-use crate::tensor::{Real, Storage, Tensor};
+use crate::tensor::{DType, Real, Storage, Tensor};
 use crate::{bail, by_dtype, ensure, Error, Result};
 
 /// nnU-Net's initial learning rate.
@@ -130,17 +130,31 @@ impl Sgd {
     /// deepest deep-supervision output, whose loss weight is 0) is left untouched with its momentum, as PyTorch's
     /// SGD skips parameters whose `.grad` is None.
     pub fn step_partial(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()> {
-        self.step_guarded(params, grads, None)
+        self.step_guarded(params, &mut [], grads, None)
     }
 
     /// [`Sgd::step_partial`] after `clip` clipped `grads`: where `clip` found the loss or the gradient norm not
     /// finite, the step changes no parameter and no momentum buffer (on the GPU the kernel reads that decision from
-    /// device memory, so nothing waits for it here).
-    pub fn step_clipped(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>], clip: &Clip) -> Result<()> {
-        self.step_guarded(params, grads, Some(clip))
+    /// device memory, so nothing waits for it here). `copies` (empty, or one entry per parameter) are bf16 copies of
+    /// float32 GPU parameters that the same kernel rewrites from each updated parameter
+    /// ([`crate::nn::Params::for_optimiser`]); a copy whose storage is shared is replaced by a new one.
+    pub fn step_clipped(
+        &mut self,
+        params: &mut [Tensor],
+        copies: &mut [Option<Tensor>],
+        grads: &[Option<Tensor>],
+        clip: &Clip,
+    ) -> Result<()> {
+        self.step_guarded(params, copies, grads, Some(clip))
     }
 
-    fn step_guarded(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>], clip: Option<&Clip>) -> Result<()> {
+    fn step_guarded(
+        &mut self,
+        params: &mut [Tensor],
+        copies: &mut [Option<Tensor>],
+        grads: &[Option<Tensor>],
+        clip: Option<&Clip>,
+    ) -> Result<()> {
         for (name, value) in [("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay)] {
             ensure!(value.is_finite() && value >= 0.0, Config, "Sgd: {name} must be finite and >= 0, got {value}");
         }
@@ -161,6 +175,24 @@ impl Sgd {
             params.len(),
             self.buffers.len()
         );
+        ensure!(
+            copies.is_empty() || copies.len() == params.len(),
+            Shape,
+            "Sgd::step: {} parameters but {} bf16 copies",
+            params.len(),
+            copies.len()
+        );
+        for (i, (p, c)) in params.iter().zip(copies.iter()).enumerate() {
+            let Some(c) = c else { continue };
+            let what = format!("Sgd::step: bf16 copy of parameter {i}");
+            ensure!(
+                p.gpu_buffer().is_some() && p.dtype() == DType::F32 && c.dtype() == DType::BF16,
+                Mismatch,
+                "{what}: only a float32 GPU parameter has a bf16 copy, got {:?} for {p:?}",
+                c.dtype()
+            );
+            c.check_shape(p.shape(), &what)?;
+        }
         for (i, ((p, g), b)) in params.iter_mut().zip(grads).zip(&self.buffers).enumerate() {
             let Some(g) = g else { continue };
             let what = format!("Sgd::step: gradient of parameter {i}");
@@ -178,10 +210,10 @@ impl Sgd {
         }
         let hyper = [self.lr, self.momentum, self.weight_decay];
         let mut table = TensorTable::default();
-        for ((p, g), b) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()) {
+        for (i, ((p, g), b)) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()).enumerate() {
             let Some(g) = g else { continue };
             if p.gpu_buffer().is_some() {
-                add_gpu_update(&mut table, p, g, b)?;
+                add_gpu_update(&mut table, p, g, b, copies.get_mut(i).and_then(Option::as_mut))?;
                 continue;
             }
             let b = match b {
@@ -212,9 +244,9 @@ struct TensorTable {
 const ELEMENTWISE_MAX_BLOCKS: usize = 1024;
 
 impl TensorTable {
-    /// Adds a tensor of `n` elements on `gpu` with `blocks` blocks; `addresses` are the param, grad, buf and partial
-    /// addresses (0 for those the kernel does not use).
-    fn push(&mut self, gpu: &Arc<Gpu>, addresses: [u64; 4], n: usize, blocks: usize, first: bool) -> Result<()> {
+    /// Adds a tensor of `n` elements on `gpu` with `blocks` blocks; `addresses` are the param, grad, buf, partial and
+    /// copy addresses (0 for those the kernel does not use).
+    fn push(&mut self, gpu: &Arc<Gpu>, addresses: [u64; 5], n: usize, blocks: usize, first: bool) -> Result<()> {
         let launcher = self.gpu.get_or_insert_with(|| gpu.clone());
         ensure!(
             Arc::ptr_eq(launcher, gpu),
@@ -222,7 +254,9 @@ impl TensorTable {
             "optimiser: the tensors of one step are on different GPUs; step each device's parameters separately"
         );
         let mut entry = [0i64; OPTIM_WORDS];
-        for (word, address) in [OPTIM_PARAM, OPTIM_GRAD, OPTIM_BUF, OPTIM_PARTIAL].into_iter().zip(addresses) {
+        for (word, address) in
+            [OPTIM_PARAM, OPTIM_GRAD, OPTIM_BUF, OPTIM_PARTIAL, OPTIM_COPY].into_iter().zip(addresses)
+        {
             entry[word] = address as i64;
         }
         entry[OPTIM_N] = n as i64;
@@ -296,8 +330,15 @@ impl Uploaded {
 /// Adds the step of one GPU parameter to `table`: `buf` is created on the first step (zeroed, though the kernel writes
 /// b = g there without reading it: a first step that a [`Clip`] skips on the GPU leaves zeros, which the next step
 /// reads as PyTorch's fresh buffer), and replaced by a private copy when its storage is shared (a checkpoint snapshot
-/// keeps its values).
-fn add_gpu_update(table: &mut TensorTable, param: &mut Tensor, grad: &Tensor, buf: &mut Option<Tensor>) -> Result<()> {
+/// keeps its values). `copy`, the parameter's bf16 copy if it has one, is rewritten by the kernel, a shared one first
+/// replaced by a private copy of it (a step that the status skips leaves it as it was, as it leaves the parameter).
+fn add_gpu_update(
+    table: &mut TensorTable,
+    param: &mut Tensor,
+    grad: &Tensor,
+    buf: &mut Option<Tensor>,
+    copy: Option<&mut Tensor>,
+) -> Result<()> {
     let shape = param.shape().to_vec();
     let g = grad.gpu_buffer().ok_or_else(|| {
         Error::Mismatch(format!("Sgd::step: the gradient of a GPU parameter {shape:?} is not on the GPU"))
@@ -315,8 +356,20 @@ fn add_gpu_update(table: &mut TensorTable, param: &mut Tensor, grad: &Tensor, bu
     };
     let b = gpu_mut(buf)?.ptr_mut().address();
     let p = gpu_mut(param)?.ptr_mut().address();
+    let c = match copy {
+        Some(c) => {
+            if c.storage_mut().is_err() {
+                *c = c.deep_copy()?;
+            }
+            match c.storage_mut()? {
+                Storage::CudaBf16(b) => b.ptr_mut().address(),
+                _ => bail!(Mismatch, "optimiser: the bf16 copy of a parameter {shape:?} is not a bf16 GPU tensor"),
+            }
+        }
+        None => 0,
+    };
     let n = shape.iter().product::<usize>();
-    table.push(&gpu, [p, g.ptr().address(), b, 0], n, TensorTable::elementwise_blocks(n), first)
+    table.push(&gpu, [p, g.ptr().address(), b, 0, c], n, TensorTable::elementwise_blocks(n), first)
 }
 
 /// The device buffer of an unshared GPU tensor, for writing.
@@ -530,7 +583,7 @@ fn clip_gpu(grads: &mut [Tensor], first_gpu: usize, max_norm: f64, loss: Option<
     let mut offset = 0;
     for (i, (g, &nb)) in grads.iter().zip(&blocks).enumerate() {
         let b = g.gpu_buffer().ok_or_else(|| not_on_gpu(i))?;
-        table.push(&gpu, [0, b.ptr().address(), 0, partial_at.offset(offset).address()], g.numel(), nb, false)?;
+        table.push(&gpu, [0, b.ptr().address(), 0, partial_at.offset(offset).address(), 0], g.numel(), nb, false)?;
         offset += nb;
     }
     let mut status = gpu
@@ -566,7 +619,7 @@ fn add_gpu_scale(table: &mut TensorTable, g: &mut Tensor) -> Result<()> {
     let n = g.numel();
     let b = gpu_mut(g)?;
     let gpu = b.gpu.clone();
-    table.push(&gpu, [b.ptr_mut().address(), 0, 0, 0], n, TensorTable::elementwise_blocks(n), false)
+    table.push(&gpu, [b.ptr_mut().address(), 0, 0, 0, 0], n, TensorTable::elementwise_blocks(n), false)
 }
 
 fn scale_in_place_cpu<T: Real>(g: &mut Tensor, ratio: f64) -> Result<()> {

@@ -51,8 +51,9 @@
 //!
 //! [`LkmUnet::forward`] first rounds its input to bf16 when the GPU runs in bf16 (`--precision`, the GPU default:
 //! [`Precision`](crate::device::Precision)); from there every activation is stored as bf16, each convolution and
-//! linear layer takes its float32 weight rounded by [`cast_like`](crate::ops::cast::cast_like) (the gradient returns
-//! to the float32 weight through that cast), and the logits return to float32 before the loss. In fp32 nothing is
+//! linear layer reads its float32 weight's bf16 copy ([`Weight`](crate::ops::cast::Weight): made once per step, in
+//! training by the optimiser; the weight gradient returns to the float32 weight in float32), and the logits return
+//! to float32 before the loss. In fp32 nothing is
 //! cast. Then it runs the encoder: a stem [`ConvNormAct`], then per stage a [`ResidualStage`] of
 //! [`ResidualBlock`]s followed by two residual [`BiMambaLayer`]s, PiM ([`Grouping::Pixel`]: windows of adjacent
 //! pixels) and PaM ([`Grouping::Patch`]: one sequence over the average-pooled map). The decoder upsamples with

@@ -13,8 +13,11 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::Activation;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
+use lkm_engine::ops::conv::conv;
+use lkm_engine::ops::conv_transpose::conv_transpose;
 use lkm_engine::ops::instance_norm::{instance_norm_act, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
+use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
 use lkm_engine::tensor::{map, DType};
@@ -149,7 +152,9 @@ fn gpu_bf16_selective_scan() {
     check_scan("selective_scan bf16 G260 L150 D64 N16", 260, 150, 64, 16, 46);
 }
 
-/// Gradients take their input's storage type: bf16 for activations, float32 for parameters.
+/// Gradients take their input's storage type: bf16 for activations, float32 for parameters. A float32 weight or bias
+/// of a convolution or linear layer beside a bf16 input gets its gradient as the kernels sum it, in float32: not a
+/// bf16 value widened (some element has bits below bf16's significand).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_bf16_gradient_types() {
@@ -167,7 +172,12 @@ fn gpu_bf16_gradient_types() {
         let seed = Tensor::full(y.shape(), 1.0, y.dtype(), &y.device()).unwrap();
         let mut grads = tape.backward_from(&y, seed).unwrap();
         for (i, x) in xs.iter().enumerate() {
-            assert_eq!(grads.take(x).unwrap().dtype(), x.dtype(), "{name}: the gradient of input {i}");
+            let g = grads.take(x).unwrap();
+            assert_eq!(g.dtype(), x.dtype(), "{name}: the gradient of input {i}");
+            if x.dtype() == DType::F32 && xs[0].dtype() == DType::BF16 && WEIGHT_OPS.contains(&name) {
+                let below_bf16 = g.to_vec_f64().unwrap().iter().any(|&v| (v as f32).to_bits() & 0xffff != 0);
+                assert!(below_bf16, "{name}: the float32 gradient of input {i} holds bf16 values only");
+            }
         }
     };
     let norm = on_gpu(&norm_inputs(&[2, 3, 5, 7], 3, 50), &ACT_PARAM_PARAM);
@@ -176,13 +186,27 @@ fn gpu_bf16_gradient_types() {
     });
     let tokens = on_gpu(&norm_inputs(&[2, 5, 6], 6, 53), &ACT_PARAM_PARAM);
     check("layer_norm", &tokens, &|t, x| layer_norm(t, &x[0], &x[1], &x[2], LN_EPS));
-    let conv = on_gpu(
+    let conv1d = on_gpu(
         &[randn32(&[2, 5, 6], 1.0, 56), randn32(&[6, 4], 0.5, 57), randn32(&[6], 1.0, 58)],
         &[true, false, false],
     );
-    check("causal_conv1d", &conv, &|t, x| causal_conv1d(t, &x[0], &x[1], &x[2]));
+    check("causal_conv1d", &conv1d, &|t, x| causal_conv1d(t, &x[0], &x[1], &x[2]));
     check("selective_scan", &on_gpu(&scan_inputs(2, 70, 5, 16, 60), &SCAN_BF16), &|t, x| scan(t, x));
+    let with = |shapes: [&[usize]; 3], seed: u64| {
+        let scales = [1.0, 0.3, 1.0];
+        let ts: Vec<Tensor> = (0..3).map(|i| randn32(shapes[i], scales[i], seed + i as u64)).collect();
+        on_gpu(&ts, &ACT_PARAM_PARAM)
+    };
+    let lin = with([&[300, 24], &[40, 24], &[40]], 80);
+    check("linear", &lin, &|t, x| linear(t, &x[0], &x[1], Some(&x[2])));
+    let cv = with([&[2, 8, 4, 6, 8], &[16, 8, 3, 3, 3], &[16]], 83);
+    check("conv", &cv, &|t, x| conv(t, &x[0], &x[1], Some(&x[2]), &[1, 1, 1]));
+    let up = with([&[2, 16, 2, 3, 4], &[16, 8, 2, 2, 2], &[8]], 86);
+    check("conv_transpose", &up, &|t, x| conv_transpose(t, &x[0], &x[1], Some(&x[2])));
 }
+
+/// The ops whose float32 parameters' gradients beside a bf16 input are float32 sums, never rounded.
+const WEIGHT_OPS: [&str; 3] = ["linear", "conv", "conv_transpose"];
 
 /// bf16 activations with bf16 parameters, or with float32 activations beside them, are refused by name.
 #[test]

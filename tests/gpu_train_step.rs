@@ -24,6 +24,7 @@ use lkm_engine::optim::{clip_present_grad_norm, Sgd};
 use lkm_engine::tensor::DType;
 use lkm_engine::train::dump::{random_batch, randomise_norms_and_biases};
 use lkm_engine::train::loss::{deep_supervision_loss, downsample_labels};
+use lkm_engine::train::step::train_step;
 use lkm_engine::Tensor;
 
 struct StepResult {
@@ -145,4 +146,46 @@ fn errors(got: &StepResult, exact: &StepResult, names: &[String], before: &[Vec<
         }
     }
     out
+}
+
+/// bf16 training steps that read the weights' bf16 copies kept by the optimiser (`Params::keep_copies`,
+/// `Sgd::step_clipped`) give the same bits, loss and parameters, as steps that cast every weight afresh
+/// (`Params::tensors_mut` drops the copies before each step).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_bf16_weight_copies_change_no_bit() {
+    let gpu = common::tf32_gpu();
+    gpu.set_precision(lkm_engine::device::Precision::Bf16);
+    let dev = Device::Cuda(gpu);
+    let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 3).unwrap();
+    let params = randomise_norms_and_biases(&params, 3).unwrap().to(DType::F32, &dev).unwrap();
+    let (x, labels) = random_batch(&model.config, 2, 4).unwrap();
+    let x = x.to_device(&dev).unwrap();
+    let targets: Vec<Tensor> = model
+        .config
+        .output_sizes(&model.config.patch)
+        .iter()
+        .map(|s| downsample_labels(&labels, s).unwrap().to_device(&dev).unwrap())
+        .collect();
+    let run = |keep: bool| {
+        let mut params = params.deep_copy().unwrap();
+        let mut sgd = Sgd::new(1e-2, 0.99, 3e-5);
+        let mut losses = Vec::new();
+        for step in 0..3 {
+            if !keep {
+                params.tensors_mut();
+            }
+            losses.push(train_step(&model, &mut params, &mut sgd, &x, &targets, true, 12.0).unwrap());
+            let copies = params.copy_count();
+            assert!(if keep { copies > 0 } else { copies == 0 }, "step {step}: {copies} copies kept");
+        }
+        let values: Vec<Vec<f64>> = params.tensors().iter().map(|t| t.to_vec_f64().unwrap()).collect();
+        (losses, values, params.copy_count())
+    };
+    let (kept, fresh) = (run(true), run(false));
+    assert_eq!(kept.0, fresh.0, "the losses differ");
+    for (i, (a, b)) in kept.1.iter().zip(&fresh.1).enumerate() {
+        assert!(a == b, "parameter {} differs after three steps", params.names()[i]);
+    }
+    eprintln!("{} bf16 copies kept for {} parameters", kept.2, params.len());
 }

@@ -4,7 +4,7 @@
 
 use lkm_engine::device::Device;
 use lkm_engine::optim::{clip_for_step, clip_grad_norm, poly_lr, Sgd, DEFAULT_GRAD_CLIP, DEFAULT_LR, DEFAULT_MOMENTUM};
-use lkm_engine::{Error, Tensor};
+use lkm_engine::{DType, Error, Tensor};
 
 mod common;
 use common::{assert_close, device_test};
@@ -193,7 +193,7 @@ fn a_non_finite_step_changes_nothing(dev: &Device) {
         let mut g = grads();
         let clip = clip_for_step(&mut g, 5.0, &loss(0.5)).unwrap();
         let mut sgd = Sgd::new(0.1, 0.9, 0.01);
-        sgd.step_clipped(params, &g, &clip).unwrap();
+        sgd.step_clipped(params, &mut [], &g, &clip).unwrap();
         let report = clip.finish().unwrap();
         assert_eq!((report.loss, report.norm().unwrap()), (0.5, (30f64 * 30.0 + 40.0 * 40.0 + 1.0).sqrt()));
     };
@@ -204,7 +204,7 @@ fn a_non_finite_step_changes_nothing(dev: &Device) {
         let mut sgd = Sgd::new(0.1, 0.9, 0.01);
         let mut g = vec![Some(t_on(dev, &[30.0, 40.0])), Some(t_on(dev, &[bad_grad]))];
         let clip = clip_for_step(&mut g, 5.0, &loss(bad_loss)).unwrap();
-        sgd.step_clipped(&mut params, &g, &clip).unwrap();
+        sgd.step_clipped(&mut params, &mut [], &g, &clip).unwrap();
         let report = clip.finish().unwrap();
         let what = format!("loss {bad_loss}, gradient {bad_grad}");
         assert_eq!(report.loss.is_finite(), bad_loss.is_finite(), "{what}");
@@ -216,7 +216,7 @@ fn a_non_finite_step_changes_nothing(dev: &Device) {
         // The next step, finite, from the optimiser that skipped: as the first step of a fresh one.
         let mut g = grads();
         let clip = clip_for_step(&mut g, 5.0, &loss(0.5)).unwrap();
-        sgd.step_clipped(&mut params, &g, &clip).unwrap();
+        sgd.step_clipped(&mut params, &mut [], &g, &clip).unwrap();
         clip.finish().unwrap().norm().unwrap();
         for (p, r) in params.iter().zip(&reference) {
             assert_eq!(values(p), values(r), "{what}: the step after the skipped one");
@@ -237,4 +237,56 @@ fn poly_lr_schedule() {
     assert_eq!(poly_lr(DEFAULT_LR, 1000, 1000), 0.0);
     assert_eq!(poly_lr(DEFAULT_LR, 1200, 1000), 0.0);
     assert_eq!(DEFAULT_MOMENTUM, 0.99);
+}
+
+/// The bf16 copies the optimiser keeps beside float32 GPU parameters ([`Sgd::step_clipped`]'s `copies`): after a step
+/// each is the updated parameter rounded to bf16, the same bits as the cast; a shared copy is replaced, so its other
+/// holder keeps the old values; a step that the clipping status skips leaves parameter and copy as they were; a copy
+/// of the wrong type or shape is refused.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sgd_rewrites_bf16_copies() {
+    let dev = Device::Cuda(common::gpu());
+    let start: Vec<f64> = (0..1000).map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.0123).collect();
+    let p0 = Tensor::from_vec(start.clone(), &[1000]).unwrap().to_dtype(DType::F32).unwrap().to_device(&dev).unwrap();
+    let bf16_of = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec_f64().unwrap();
+    let grad = || vec![Some(Tensor::from_vec(start.iter().map(|v| v.sin()).collect(), &[1000]).unwrap())];
+    let grad = || grad().into_iter().map(|g| g.map(|g| g.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap()));
+    let loss = |v: f32| Tensor::from_vec(vec![v], &[1]).unwrap().to_device(&dev).unwrap();
+    let mut params = vec![p0.deep_copy().unwrap()];
+    let first_copy = p0.to_dtype(DType::BF16).unwrap();
+    let other_holder = first_copy.clone();
+    let mut copies = vec![Some(first_copy)];
+    let mut sgd = Sgd::new(0.1, 0.9, 0.01);
+    for step in 0..3 {
+        let mut g: Vec<Option<Tensor>> = grad().collect();
+        let clip = clip_for_step(&mut g, 100.0, &loss(0.5)).unwrap();
+        sgd.step_clipped(&mut params, &mut copies, &g, &clip).unwrap();
+        clip.finish().unwrap();
+        let copy = copies[0].as_ref().unwrap();
+        assert_eq!(copy.dtype(), DType::BF16);
+        let copy = copy.to_dtype(DType::F32).unwrap().to_vec_f64().unwrap();
+        assert_eq!(copy, bf16_of(&params[0]), "step {step}: the copy is not the parameter rounded to bf16");
+        assert_ne!(values(&params[0]), values(&p0), "step {step}: the parameter did not move");
+    }
+    assert_eq!(bf16_of(&other_holder), bf16_of(&p0), "the shared copy was written over");
+    // A skipped step (non-finite loss): neither moves.
+    let (p_before, c_before) = (values(&params[0]), values(copies[0].as_ref().unwrap()));
+    let mut g: Vec<Option<Tensor>> = grad().collect();
+    let clip = clip_for_step(&mut g, 100.0, &loss(f32::NAN)).unwrap();
+    sgd.step_clipped(&mut params, &mut copies, &g, &clip).unwrap();
+    clip.finish().unwrap();
+    assert_eq!((values(&params[0]), values(copies[0].as_ref().unwrap())), (p_before, c_before));
+    // Refusals: a float32 "copy", a copy of another shape, a count that does not match.
+    let g: Vec<Option<Tensor>> = grad().collect();
+    let clip = clip_for_step(&mut g.clone(), 100.0, &loss(0.5)).unwrap();
+    for (bad, what) in [
+        (vec![Some(params[0].deep_copy().unwrap())], "bf16 copy"),
+        (vec![Some(params[0].to_dtype(DType::BF16).unwrap().with_shape(&[10, 100]).unwrap())], "shape"),
+        (vec![None, None], "2 bf16 copies"),
+    ] {
+        let mut bad = bad;
+        let err = sgd.step_clipped(&mut params, &mut bad, &g, &clip).unwrap_err().to_string();
+        assert!(err.contains(what), "{what}: {err}");
+    }
 }

@@ -127,6 +127,8 @@ pub struct Tape {
     tracked: HashSet<TensorId>,
     leaves: HashSet<TensorId>,
     tracing: bool,
+    /// bf16 copies of float32 weights, by the master's id ([`Tape::bf16_copy`]).
+    copies: HashMap<TensorId, Tensor>,
 }
 
 /// Gradients of the watched tensors after [`Tape::backward`].
@@ -172,7 +174,14 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records ops.
     pub fn new() -> Tape {
-        Tape { enabled: true, nodes: Vec::new(), tracked: HashSet::new(), leaves: HashSet::new(), tracing: false }
+        Tape {
+            enabled: true,
+            nodes: Vec::new(),
+            tracked: HashSet::new(),
+            leaves: HashSet::new(),
+            tracing: false,
+            copies: HashMap::new(),
+        }
     }
 
     /// A tape that records nothing: ops run forward only and save nothing.
@@ -202,6 +211,33 @@ impl Tape {
             self.tracked.insert(t.id());
             self.leaves.insert(t.id());
         }
+    }
+
+    /// Gives the tape `copy`, the bf16 copy of the float32 tensor `master`, for [`Tape::bf16_copy`] to hand out
+    /// instead of casting: the copies the optimiser keeps in step with the parameters ([`crate::nn::Params`]), which
+    /// this tape or an earlier one made from the same tensor.
+    pub(crate) fn provide_copy(&mut self, master: &Tensor, copy: Tensor) {
+        debug_assert!(copy.dtype() == crate::DType::BF16 && copy.shape() == master.shape());
+        self.copies.insert(master.id(), copy);
+    }
+
+    /// `t` (float32) rounded to bf16, made once per tape: the copy given by [`Tape::provide_copy`] or made by the
+    /// first call, so that every use of a weight in a step (its products rebuilt in the backward pass too) reads
+    /// one copy. Weights do not change while a tape records; [`Tape::backward`] forgets the copies.
+    pub fn bf16_copy(&mut self, t: &Tensor) -> Result<Tensor> {
+        if let Some(copy) = self.copies.get(&t.id()) {
+            return Ok(copy.clone());
+        }
+        let range = crate::profile::forward("cast", &[t], 0.0);
+        let copy = t.to_dtype(crate::DType::BF16)?;
+        range.done([&copy]);
+        self.copies.insert(t.id(), copy.clone());
+        Ok(copy)
+    }
+
+    /// The bf16 copies this tape holds, by the master's id (for keeping them across steps).
+    pub fn copies(&self) -> &HashMap<TensorId, Tensor> {
+        &self.copies
     }
 
     /// Whether a gradient will flow to `t`.
@@ -364,11 +400,12 @@ impl Tape {
         Ok(())
     }
 
-    /// Drops every recorded node and what it saved, and forgets the watched tensors.
+    /// Drops every recorded node and what it saved, and forgets the watched tensors and the bf16 copies.
     pub fn clear(&mut self) {
         self.nodes.clear();
         self.tracked.clear();
         self.leaves.clear();
+        self.copies.clear();
     }
 }
 

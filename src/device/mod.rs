@@ -42,7 +42,7 @@ pub use cuda::Gpu;
 /// The storage type of a GPU run's activations (`--precision`). Master weights, gradients of the weights and the
 /// optimiser state stay float32 in both; with `Bf16` the network's input is rounded to bf16 on entry, every op reads
 /// and writes bf16 activations (computing in float32 inside its kernels), the convolutions and linear layers take
-/// their float32 weights rounded to bf16 ([`crate::ops::cast::cast_like`]), normalisations keep float32 statistics
+/// their float32 weights' bf16 copies ([`crate::ops::cast::Weight`]), normalisations keep float32 statistics
 /// and parameters, the scan a float32 state, and the logits return to float32 before the losses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,11 +11,20 @@ use crate::{ensure, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParamId(usize);
 
-/// An ordered list of named parameter tensors.
+/// An ordered list of named parameter tensors, and the bf16 copies of those that a bf16 step's convolutions and linear
+/// layers read.
+///
+/// The copies: a training step gives them to its tape ([`Params::watch`]), so that the ops
+/// read them instead of casting their weights ([`crate::ops::cast::Weight`]); the tape makes those it lacks, which
+/// [`Params::keep_copies`] keeps; the optimiser rewrites them from the updated values in its own pass
+/// ([`Params::for_optimiser`]). Whoever changes the values otherwise ([`Params::tensors_mut`]) drops them, so a copy
+/// is never stale.
 #[derive(Clone, Default)]
 pub struct Params {
     names: Vec<String>,
     tensors: Vec<Tensor>,
+    /// Empty, or one entry per tensor: its bf16 copy, if one is kept.
+    copies: Vec<Option<Tensor>>,
 }
 
 impl Params {
@@ -58,9 +67,37 @@ impl Params {
         &self.tensors
     }
 
-    /// The tensors for in-place updates (the optimiser).
+    /// The tensors for in-place updates; drops the bf16 copies, which the changes would leave stale.
     pub fn tensors_mut(&mut self) -> &mut [Tensor] {
+        self.copies.clear();
         &mut self.tensors
+    }
+
+    /// The tensors and their bf16 copies (one entry per tensor), for the optimiser, which updates both in one pass
+    /// ([`crate::optim::Sgd::step_clipped`]).
+    pub fn for_optimiser(&mut self) -> (&mut [Tensor], &mut [Option<Tensor>]) {
+        self.copies.resize(self.tensors.len(), None);
+        (&mut self.tensors, &mut self.copies)
+    }
+
+    /// Keeps the bf16 copies that `tape` made of these tensors during a forward pass (call it before the backward
+    /// pass, which forgets them), for the optimiser to keep in step and the next step's tape to read.
+    pub fn keep_copies(&mut self, tape: &Tape) {
+        let made = tape.copies();
+        if made.is_empty() {
+            return;
+        }
+        self.copies.resize(self.tensors.len(), None);
+        for (t, copy) in self.tensors.iter().zip(&mut self.copies) {
+            if let Some(c) = made.get(&t.id()) {
+                *copy = Some(c.clone());
+            }
+        }
+    }
+
+    /// The number of bf16 copies kept.
+    pub fn copy_count(&self) -> usize {
+        self.copies.iter().flatten().count()
     }
 
     /// The total number of scalar parameters.
@@ -74,26 +111,31 @@ impl Params {
         for ((name, old), new) in self.names.iter().zip(&self.tensors).zip(&tensors) {
             new.check_shape(old.shape(), name)?;
         }
-        Ok(Params { names: self.names.clone(), tensors })
+        Ok(Params { names: self.names.clone(), tensors, copies: Vec::new() })
     }
 
     /// Every parameter converted to `dtype` and moved to `device`.
     pub fn to(&self, dtype: DType, device: &Device) -> Result<Params> {
         let tensors = self.tensors.iter().map(|t| t.to_dtype(dtype)?.to_device(device)).collect::<Result<_>>()?;
-        Ok(Params { names: self.names.clone(), tensors })
+        Ok(Params { names: self.names.clone(), tensors, copies: Vec::new() })
     }
 
     /// A copy whose tensors own their storage, so the optimiser may update them in place whatever else holds the
     /// originals (a checkpoint, the caller's initial parameters).
     pub fn deep_copy(&self) -> Result<Params> {
         let tensors = self.tensors.iter().map(Tensor::deep_copy).collect::<Result<_>>()?;
-        Ok(Params { names: self.names.clone(), tensors })
+        Ok(Params { names: self.names.clone(), tensors, copies: Vec::new() })
     }
 
-    /// Registers every parameter on the tape as a leaf that wants a gradient.
+    /// Registers every parameter on the tape as a leaf that wants a gradient, and gives it the bf16 copies kept.
     pub fn watch(&self, tape: &mut Tape) {
         for t in &self.tensors {
             tape.watch(t);
+        }
+        for (t, copy) in self.tensors.iter().zip(&self.copies) {
+            if let Some(c) = copy {
+                tape.provide_copy(t, c.clone());
+            }
         }
     }
 }

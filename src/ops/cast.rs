@@ -29,15 +29,33 @@ pub fn cast(tape: &mut Tape, x: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(y)
 }
 
-/// A parameter `t` as the op whose input is `x` takes it: a float32 weight or bias of a convolution or linear layer
-/// whose input is bf16 is rounded to bf16 here, recorded on the tape, so that its gradient returns to the float32
-/// master as float32 (autocast's rule for these ops); otherwise `t` itself. The one place where the precision policy
-/// turns a weight into the activations' storage type.
-pub fn cast_like(tape: &mut Tape, t: &Tensor, x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::BF16 && t.dtype() == DType::F32 {
-        cast(tape, t, DType::BF16)
-    } else {
-        Ok(t.clone())
+/// A weight or bias as a convolution or linear layer takes it ([`Weight::like`]): `value`, what the kernels read, in
+/// the storage type of the op's input, and `master`, the parameter itself, which the op records on the tape and whose
+/// gradient it returns in the master's type.
+///
+/// autocast's rule for these ops, with one difference: a float32 master's bf16 copy (the value) is made once per step,
+/// not once per use (the tape keeps it, [`Tape::bf16_copy`]; in training the optimiser writes it with the update,
+/// [`crate::nn::Params`]), and no cast is recorded: the op's weight gradient, which its kernels sum in float32, goes
+/// to the float32 master as it is instead of being rounded to bf16 and widened again.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    /// The tensor the kernels read: `master`, or its bf16 copy when the op's input is bf16.
+    pub value: Tensor,
+    /// The parameter: the tape's input of the op, the gradient's type.
+    pub master: Tensor,
+}
+
+impl Weight {
+    /// `t` as the op whose input is `x` takes it: a float32 `t` beside a bf16 `x` reads as its bf16 copy; otherwise
+    /// `t` itself. The one place where the precision policy turns a weight into the activations' storage type.
+    pub fn like(tape: &mut Tape, t: &Tensor, x: &Tensor) -> Result<Weight> {
+        let value = if x.dtype() == DType::BF16 && t.dtype() == DType::F32 { tape.bf16_copy(t)? } else { t.clone() };
+        Ok(Weight { value, master: t.clone() })
+    }
+
+    /// The type of the master and of its gradient.
+    pub fn dtype(&self) -> DType {
+        self.master.dtype()
     }
 }
 

@@ -55,8 +55,8 @@
 //! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`), and the weight gradients of 1x1x1 kernels, of at least 320
 //! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
 //! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`). With a bf16 input, a float32
-//! weight and bias are rounded to bf16 first ([`cast_like`]: their gradients return to the float32 masters); dW and
-//! db are summed in float32 and rounded once.
+//! weight and bias are read as their bf16 copies ([`Weight`]); dW and db are summed in float32 and returned in the
+//! masters' type (a float32 master's gradient is never rounded).
 //! conv_transpose runs on the same three products with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
@@ -88,11 +88,11 @@ use crate::device::params::{
     GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
-use crate::ops::cast::cast_like;
+use crate::ops::cast::Weight;
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
-use crate::tensor::{Real, Tensor};
+use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Error, Result};
 
 /// Cross-correlation of `x` (N, Cin, \[D,\] H, W) with `w` (Cout, Cin, \[kd,\] kh, kw) plus an optional `bias` (Cout),
@@ -111,8 +111,8 @@ pub fn conv<'a>(
         let x = x.into();
         (x.value(), x.keep())
     };
-    let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
-    let bias = bias.as_ref();
+    let (weight, bias_weight) = (Weight::like(tape, w, x)?, bias.map(|b| Weight::like(tape, b, x)).transpose()?);
+    let (w, bias) = (&weight.value, bias_weight.as_ref().map(|b| &b.value));
     let geom = ConvGeom::new(x, w, bias, stride)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &ConvGeom) -> Result<Tensor> {
@@ -124,11 +124,18 @@ pub fn conv<'a>(
         Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
-    let saved = ConvBackward { x: kept, x_shape: x.shape().to_vec(), w: w.clone(), has_bias: bias.is_some(), geom };
+    let saved = ConvBackward {
+        x: kept,
+        x_shape: x.shape().to_vec(),
+        w: w.clone(),
+        has_bias: bias.is_some(),
+        grad_dtype: weight.dtype(),
+        geom,
+    };
     range.done([&y]);
-    match bias {
-        Some(b) => tape.record(&[x, w, b], &y, saved),
-        None => tape.record(&[x, w], &y, saved),
+    match &bias_weight {
+        Some(b) => tape.record(&[x, &weight.master, &b.master], &y, saved),
+        None => tape.record(&[x, &weight.master], &y, saved),
     }
     Ok(y)
 }
@@ -459,9 +466,11 @@ struct ConvBackward {
     /// The input, or what rebuilds it: read only for the weight gradient.
     x: Kept,
     x_shape: Vec<usize>,
-    /// The weight, cast to the input's dtype.
+    /// The weight as the kernels read it (in the input's dtype).
     w: Tensor,
     has_bias: bool,
+    /// The masters' type, which dW and db are returned in.
+    grad_dtype: DType,
     geom: ConvGeom,
 }
 
@@ -489,7 +498,7 @@ impl Backward for ConvBackward {
             let gb = grad_out.gpu_operand::<T>("conv backward")?;
             let x = x.map(|x| x.gpu_operand::<T>("conv input")).transpose()?;
             let w = s.w.gpu_operand::<T>("conv weight")?;
-            g.pairing().backward(gb, x, w, needs, [&s.x_shape, s.w.shape()], &what)
+            params_in(s.grad_dtype, g.pairing().backward(gb, x, w, needs, [&s.x_shape, s.w.shape()], &what)?)
         }
         if let Some(grads) = by_gpu_type!(grad_out, gpu(self, x.as_ref(), grad_out, needs)) {
             return grads;
@@ -1279,7 +1288,8 @@ impl Pairing {
 
     /// The GPU backward pass of the op this pairing serves, from dL/dy `g`, the op's input `x` (needed only for dW)
     /// and weight `w`: the gradients [dx, dW] and, when `needs` has a third entry, db (each `None` unless `needs` asks
-    /// for it), in the storage type; `shapes` are x's and W's. dW and db are summed in float32 and rounded once.
+    /// for it): dx in the storage type, dW and db summed and returned in float32 (see [`params_in`]); `shapes` are
+    /// x's and W's.
     /// conv: x is the wide map, dx = wide_from_narrow(g), dW = weight_grad(g, x); transposed: x is the narrow map,
     /// dx = narrow_from_wide(g), dW = weight_grad(x, g).
     pub(crate) fn backward<T: ConvElement>(
@@ -1302,7 +1312,7 @@ impl Pairing {
         if needs[1] {
             let x = x.ok_or_else(|| Error::Mismatch(format!("{what}: the weight gradient needs the input")))?;
             let (narrow, wide) = if self.transposed { (x, g) } else { (g, x) };
-            grads[1] = Some(Tensor::from_gpu(self.weight_grad(narrow, wide, what)?, shapes[1])?.to_dtype(T::DTYPE)?);
+            grads[1] = Some(Tensor::from_gpu(self.weight_grad(narrow, wide, what)?, shapes[1])?);
         }
         if needs.len() > 2 {
             // The bias gradient sums g over the batch and the positions of the map it lives on.
@@ -1311,7 +1321,7 @@ impl Pairing {
                 true => Some(channel_sums(g, self.batch, channels, map.iter().product(), what)?),
                 false => None,
             };
-            grads.push(db.map(|db| Tensor::from_gpu(db, &[channels])?.to_dtype(T::DTYPE)).transpose()?);
+            grads.push(db.map(|db| Tensor::from_gpu(db, &[channels])).transpose()?);
         }
         Ok(grads)
     }
@@ -1676,6 +1686,15 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 /// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
 /// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
+
+/// The gradients [dx, dW, db?] of a convolution's GPU backward pass with dW and db (float32, as the kernels sum them)
+/// in `dtype`, the type of the op's masters: unchanged for float32 masters, rounded once for bf16 ones.
+pub(crate) fn params_in(dtype: DType, mut grads: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    for g in grads.iter_mut().skip(1) {
+        *g = g.take().map(|g| g.to_dtype(dtype)).transpose()?;
+    }
+    Ok(grads)
+}
 
 /// Cuts a weight gradient's reduction of `units` (k-stages, boxes, steps: at least one) into runs of whole units for
 /// about `wanted` slices, at most the grid's 65535: (units per slice, slices). A function of the shapes alone, so

@@ -54,20 +54,20 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
 use crate::device::params::{kernel, DepthToSpaceParams};
-use crate::ops::cast::cast_like;
+use crate::ops::cast::Weight;
 use crate::ops::concat::copy_rows_gpu;
-use crate::ops::conv::{ConvElement, Pairing};
+use crate::ops::conv::{params_in, ConvElement, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
-use crate::tensor::{Real, Tensor};
+use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// Transposed convolution of `x` (N, Cin, \[D,\] H, W) with `w` (Cin, Cout, \[kd,\] kh, kw) plus an optional `bias`
 /// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
 /// (N, Cout, \[D*kd,\] H*kh, W*kw).
 pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
-    let bias = bias.as_ref();
+    let (weight, bias_weight) = (Weight::like(tape, w, x)?, bias.map(|b| Weight::like(tape, b, x)).transpose()?);
+    let (w, bias) = (&weight.value, bias_weight.as_ref().map(|b| &b.value));
     let geom = UpGeom::new(x, w, bias)?;
     let range = profile::forward(geom.kind(), &[x, w], geom.flops());
     fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &UpGeom) -> Result<Tensor> {
@@ -82,11 +82,17 @@ pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Ten
         Some(y) => y?,
         None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, &geom))?,
     };
-    let saved = ConvTransposeBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), geom };
+    let saved = ConvTransposeBackward {
+        x: x.clone(),
+        w: w.clone(),
+        has_bias: bias.is_some(),
+        grad_dtype: weight.dtype(),
+        geom,
+    };
     range.done([&y]);
-    match bias {
-        Some(b) => tape.record(&[x, w, b], &y, saved),
-        None => tape.record(&[x, w], &y, saved),
+    match &bias_weight {
+        Some(b) => tape.record(&[x, &weight.master, &b.master], &y, saved),
+        None => tape.record(&[x, &weight.master], &y, saved),
     }
     Ok(y)
 }
@@ -383,8 +389,11 @@ fn grad_weight_cpu<T: Real>(gy: &Tensor, x: &Tensor, w_shape: &[usize], g: &UpGe
 
 struct ConvTransposeBackward {
     x: Tensor,
+    /// The weight as the kernels read it (in the input's dtype).
     w: Tensor,
     has_bias: bool,
+    /// The masters' type, which dW and db are returned in.
+    grad_dtype: DType,
     geom: UpGeom,
 }
 
@@ -410,7 +419,7 @@ impl Backward for ConvTransposeBackward {
             let gb = grad_out.gpu_operand::<T>("conv_transpose backward")?;
             let x = s.x.gpu_operand::<T>("conv_transpose input")?;
             let w = s.w.gpu_operand::<T>("conv_transpose weight")?;
-            g.pairing().backward(gb, Some(x), w, needs, [s.x.shape(), s.w.shape()], &what)
+            params_in(s.grad_dtype, g.pairing().backward(gb, Some(x), w, needs, [s.x.shape(), s.w.shape()], &what)?)
         }
         if let Some(grads) = by_gpu_type!(grad_out, gpu(self, grad_out, needs)) {
             return grads;

@@ -24,12 +24,12 @@
 //! They run on the tensor cores (cuda/gemm.cu, `linear_fprop_tf32`, `linear_dgrad_tf32`, `linear_wgrad_tf32`: tf32
 //! operands, float32 accumulation, the cp.async pipeline and warp tiles of cuda/mma.cuh that the convolutions
 //! share), or, when the GPU's math is exact float32 ([`Gpu::set_exact_f32`], `--math exact`, the parity checks),
-//! on float32 SIMT tiles whose rounding matches the CPU's (`linear_*_f32`). Operands stored as bf16 (all of x, W, b
-//! and the gradient, e.g. cast by [`crate::ops::cast`]) run on `linear_*_bf16` (mma.sync m16n8k16, float32
-//! accumulation) and give bf16 results; the weight gradient's slices stay float32 until they are summed, then round
-//! once. dW reduces over all M tokens while its output is
-//! small, so that reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed
-//! order (`sum_rows`, also used for db); results are the same bits from run to run.
+//! on float32 SIMT tiles whose rounding matches the CPU's (`linear_*_f32`). Operands stored as bf16 (x, the gradient,
+//! and W and b as read, a float32 master's bf16 copy: [`Weight`]) run on `linear_*_bf16` (mma.sync m16n8k16, float32
+//! accumulation) and give bf16 activations; dW and db are summed in float32 and returned in the masters' type (a
+//! float32 master's gradient is never rounded). dW reduces over all M tokens while its output is small, so that
+//! reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed order
+//! (`sum_rows`, also used for db); results are the same bits from run to run.
 //!
 //! Cost per element of y (M rows, N outputs, K inputs; the counting rules are in [`ops`](crate::ops)): forward 2K
 //! FLOPs and at least 4 (1 + K/N + K/M) bytes, about 4 (1 + K/N) for many tokens; backward 4K FLOPs (dL/dx and
@@ -49,16 +49,22 @@ use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
     GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
-use crate::ops::cast::cast_like;
+use crate::ops::cast::Weight;
 use crate::profile;
-use crate::tensor::{Real, Tensor};
+use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
 
 /// `y = x W^T + b` over the last axis of `x` (..., Cin), with `w` (Cout, Cin) and `bias` (Cout); returns (..., Cout).
 pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (w, bias) = (&cast_like(tape, w, x)?, bias.map(|b| cast_like(tape, b, x)).transpose()?);
-    let bias = bias.as_ref();
-    let d = LinearDims::of(x, w, bias)?;
+    let w = Weight::like(tape, w, x)?;
+    linear_of(tape, x, &w, bias)
+}
+
+/// [`linear`] with the weight as [`Weight::like`] gave it.
+fn linear_of(tape: &mut Tape, x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let bias = bias.map(|b| Weight::like(tape, b, x)).transpose()?;
+    let (w, b_value) = (&weight.value, bias.as_ref().map(|b| &b.value));
+    let d = LinearDims::of(x, w, b_value)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank checked") = d.n;
     let range = profile::forward("linear", &[x, w], d.flops());
@@ -73,15 +79,16 @@ pub fn linear(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) ->
         let y = forward_gpu(x.gpu_operand::<T>("linear input")?, w.gpu_operand::<T>("linear weight")?, b, d)?;
         Tensor::from_gpu(y, out)
     }
-    let y = match by_gpu_type!(x, gpu(x, w, bias, d, &out_shape)) {
+    let y = match by_gpu_type!(x, gpu(x, w, b_value, d, &out_shape)) {
         Some(y) => y?,
-        None => by_dtype!(x.dtype(), forward_cpu(x, w, bias, d))?.with_shape(&out_shape)?,
+        None => by_dtype!(x.dtype(), forward_cpu(x, w, b_value, d))?.with_shape(&out_shape)?,
     };
-    let saved = || LinearBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), dims: d };
+    let saved =
+        || LinearBackward { x: x.clone(), w: w.clone(), has_bias: bias.is_some(), grad_dtype: weight.dtype(), dims: d };
     range.done([&y]);
-    match bias {
-        Some(b) => tape.record(&[x, w, b], &y, saved()),
-        None => tape.record(&[x, w], &y, saved()),
+    match &bias {
+        Some(b) => tape.record(&[x, &weight.master, &b.master], &y, saved()),
+        None => tape.record(&[x, &weight.master], &y, saved()),
     }
     Ok(y)
 }
@@ -101,9 +108,11 @@ pub struct Product {
 }
 
 impl Product {
-    /// `x w^T` by [`linear`], recorded on `tape` as usual.
+    /// `x w^T` by [`linear`], recorded on `tape` as usual; the product keeps the weight as the kernels read it (a
+    /// float32 weight's bf16 copy in a bf16 step), so rebuilding it casts nothing.
     pub fn new(tape: &mut Tape, x: &Tensor, w: &Tensor) -> Result<Product> {
-        Ok(Product { value: linear(tape, x, w, None)?, x: x.clone(), w: w.clone() })
+        let w = Weight::like(tape, w, x)?;
+        Ok(Product { value: linear_of(tape, x, &w, None)?, x: x.clone(), w: w.value })
     }
 
     /// The product.
@@ -229,8 +238,11 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, d: Linear
 
 struct LinearBackward {
     x: Tensor,
+    /// The weight as the kernels read it.
     w: Tensor,
     has_bias: bool,
+    /// The masters' type, which dW and db are returned in.
+    grad_dtype: DType,
     dims: LinearDims,
 }
 
@@ -325,7 +337,8 @@ impl Backward for LinearBackward {
     }
 }
 
-/// The wanted gradients of `op` on the GPU, every operand stored as `T`.
+/// The wanted gradients of `op` on the GPU, every operand stored as `T`: dx in `T`, dW and db (summed in float32)
+/// in the masters' type.
 fn backward_on_gpu<T: LinearElement>(op: &LinearBackward, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
     let (xb, wb, gb) = (
         op.x.gpu_operand::<T>("linear backward: x")?,
@@ -333,8 +346,14 @@ fn backward_on_gpu<T: LinearElement>(op: &LinearBackward, g: &Tensor, want: [boo
         g.gpu_operand::<T>("linear backward: the gradient")?,
     );
     let (dx, dw, db) = backward_gpu(xb, wb, gb, op.dims, want)?;
-    let wrap = |b: Option<GpuBuffer<T>>, shape: &[usize]| b.map(|b| Tensor::from_gpu(b, shape)).transpose();
-    Ok([wrap(dx, op.x.shape())?, wrap(dw, op.w.shape())?, wrap(db, &[op.dims.n])?])
+    let param = |b: Option<GpuBuffer>, shape: &[usize]| {
+        b.map(|b| Tensor::from_gpu(b, shape)?.to_dtype(op.grad_dtype)).transpose()
+    };
+    Ok([
+        dx.map(|dx| Tensor::from_gpu(dx, op.x.shape())).transpose()?,
+        param(dw, op.w.shape())?,
+        param(db, &[op.dims.n])?,
+    ])
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -363,9 +382,7 @@ trait LinearElement: GpuElement {
     const KERNELS: [[Kernel<GemmParams<Self>>; 3]; 3];
     /// Whether `--math exact` can select float32 SIMT kernels for this type.
     const HAS_EXACT: bool;
-    /// The float32 weight gradient (summed slices) in this type.
-    fn from_f32(dw: GpuBuffer) -> Result<GpuBuffer<Self>>;
-    /// The column sums of g (M, N) in float32: the bias gradient before [`LinearElement::from_f32`].
+    /// The column sums of g (M, N) in float32: the bias gradient.
     fn column_sums(g: &GpuBuffer<Self>, m: usize, n: usize) -> Result<GpuBuffer>;
 }
 
@@ -376,9 +393,6 @@ impl LinearElement for f32 {
         [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
     ];
     const HAS_EXACT: bool = true;
-    fn from_f32(dw: GpuBuffer) -> Result<GpuBuffer> {
-        Ok(dw)
-    }
     fn column_sums(g: &GpuBuffer, m: usize, n: usize) -> Result<GpuBuffer> {
         sum_rows(&g.gpu, &g.slice.slice(..), m, n, n, "linear db")
     }
@@ -391,9 +405,6 @@ impl LinearElement for bf16 {
         [kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16_n32],
     ];
     const HAS_EXACT: bool = false;
-    fn from_f32(dw: GpuBuffer) -> Result<GpuBuffer<bf16>> {
-        crate::tensor::cast::to_bf16(&dw)
-    }
     fn column_sums(g: &GpuBuffer<bf16>, m: usize, n: usize) -> Result<GpuBuffer> {
         f32::column_sums(&crate::tensor::cast::to_f32(g)?, m, n)
     }
@@ -576,8 +587,8 @@ fn forward_gpu<T: LinearElement>(
     Ok(y)
 }
 
-/// dx (M, K), dW (N, K) and db (N) on the GPU, each only when wanted.
-type GpuLinearGrads<T> = (Option<GpuBuffer<T>>, Option<GpuBuffer<T>>, Option<GpuBuffer<T>>);
+/// dx (M, K) in the storage type, dW (N, K) and db (N) in float32, on the GPU, each only when wanted.
+type GpuLinearGrads<T> = (Option<GpuBuffer<T>>, Option<GpuBuffer>, Option<GpuBuffer>);
 
 fn backward_gpu<T: LinearElement>(
     x: &GpuBuffer<T>,
@@ -612,7 +623,7 @@ fn backward_gpu<T: LinearElement>(
     };
     let dw = if needs[1] {
         // dW = g^T x reduces over the M tokens: fixed slices of M with float32 partial products, then a fixed-order
-        // sum of the slices (float32), then the weight's storage type.
+        // sum of the slices (float32).
         let role = GemmRole::WeightGrad;
         let prod = Gemm {
             a: g.ptr(),
@@ -635,10 +646,10 @@ fn backward_gpu<T: LinearElement>(
         } else {
             sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?
         };
-        Some(T::from_f32(dw)?)
+        Some(dw)
     } else {
         None
     };
-    let db = if needs[2] { Some(T::from_f32(T::column_sums(g, m, n)?)?) } else { None };
+    let db = if needs[2] { Some(T::column_sums(g, m, n)?) } else { None };
     Ok((dx, dw, db))
 }

@@ -85,6 +85,7 @@ pub fn queue_step(
         let _phase = phase("forward");
         input.model.forward(&mut tape, params, input.x)?
     };
+    params.keep_copies(&tape);
     let loss = {
         let _phase = phase("loss");
         let _layer = crate::profile::layer("loss");
@@ -112,7 +113,8 @@ pub fn queue_step(
     };
     {
         let _phase = phase("optimiser");
-        sgd.step_clipped(params.tensors_mut(), &g, &clip)?;
+        let (tensors, copies) = params.for_optimiser();
+        sgd.step_clipped(tensors, copies, &g, &clip)?;
     }
     Ok(QueuedStep { clip })
 }
