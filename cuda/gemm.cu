@@ -26,9 +26,7 @@
 // sum_rows_f32: y[s, q] = sum_{p in slice s} x[p * ld + q] for q < cols, slices of rows_per_slice rows. A block
 // covers 32 columns with 8 row lanes; lane ty adds rows ty, ty + 8, ... in order, then lane 0 adds the 8 lane sums in
 // order. Large row counts run in two rounds (slices, then the sum of the slices), chosen by the host from the
-// shapes alone, so the summation order is fixed. The last round may write its columns to up to four buffers
-// (SumRowsParams' parts), so that an op's parameter gradients, kept side by side in one row of partial sums, are
-// summed by one launch.
+// shapes alone, so the summation order is fixed.
 //
 // Cost (bytes: least traffic, 4 per float; FLOPs: adds and multiplies count one each; see src/ops/mod.rs):
 // linear_fprop, linear_dgrad, linear_wgrad 2K FLOPs per element of C (K the reduction) for at least
@@ -316,9 +314,6 @@ extern "C" __global__ void __launch_bounds__(SUM_ROWS_COLS * SUM_ROWS_LANES) sum
         float t = 0.0f;
 #pragma unroll
         for (int l = 0; l < 8; ++l) t += lanes[l][threadIdx.x];
-        const int k = (q >= p.split[0]) + (q >= p.split[1]) + (q >= p.split[2]);
-        float* const out[SUM_ROWS_PARTS] = {y, p.y1, p.y2, p.y3};
-        const int64_t start = k == 0 ? 0 : p.split[k - 1], end = k == SUM_ROWS_PARTS - 1 ? cols : p.split[k];
-        out[k][(int64_t)blockIdx.y * (end - start) + q - start] = t;
+        y[(int64_t)blockIdx.y * cols + q] = t;
     }
 }

@@ -44,21 +44,10 @@ struct GemmParams {
     int64_t c_slice;  // elements between the slices' partial products
 };
 
-// Parts of a column sum's output: its columns may go to up to this many buffers (the parameter gradients that an op
-// keeps side by side in one row of partial sums, summed by one launch).
-constexpr int SUM_ROWS_PARTS = 4;
-
-// sum[s, q] = sum_{p in slice s} x[p ld + q] for q < cols, slices of rows_per_slice rows. Grid (ceil(cols / 32),
-// slices). The columns are cut into SUM_ROWS_PARTS parts at split[0] <= split[1] <= split[2] (<= cols; a part may be
-// empty): part k, columns [start_k, end_k) with start_0 = 0 and end_3 = cols, is written to its own buffer,
-// sum[s, q] at out_k[s (end_k - start_k) + q - start_k].
+// y[s, q] = sum_{p in slice s} x[p ld + q] for q < cols, slices of rows_per_slice rows. Grid (ceil(cols / 32), slices).
 struct SumRowsParams {
     const float* x;
-    float* y;           // out_0
-    float* y1;          // out_1
-    float* y2;          // out_2
-    float* y3;          // out_3
-    int64_t split[3];   // the parts' boundaries
+    float* y;
     int64_t rows;
     int64_t cols;
     int64_t ld;

@@ -39,7 +39,7 @@ use crate::device::params::{
     kernel, Conv1dParams, CONV1D_BACKWARD_WIDTH, CONV1D_MAX_K, CONV1D_RUN, CONV1D_TAPS, CONV1D_THREADS,
 };
 use crate::ops::activation::Activation;
-use crate::ops::linear::sum_rows_parts;
+use crate::ops::linear::sum_rows;
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
@@ -405,11 +405,14 @@ fn backward_gpu<T: GpuElement>(
     gpu.launch(kernel, plan.config(run_blocks), &p, &shapes)?;
     let (mut dw, mut db) = (None, None);
     if let Some(part) = &part {
-        // Both sums in one launch, whichever is wanted (the other is c k or c values).
-        let [w_sums, b_sums] =
-            sum_rows_parts(gpu, &part.slice.slice(..), run_blocks, [c * k, c], width, "causal_conv1d dw, db")?;
-        dw = needs[1].then(|| Tensor::from_gpu(w_sums, w.shape())).transpose()?;
-        db = needs[2].then(|| Tensor::from_gpu(b_sums, &[c])).transpose()?;
+        if needs[1] {
+            let sums = sum_rows(gpu, &part.slice.slice(..), run_blocks, c * k, width, "causal_conv1d dw")?;
+            dw = Some(Tensor::from_gpu(sums, w.shape())?);
+        }
+        if needs[2] {
+            let sums = sum_rows(gpu, &part.slice.slice(c * k..), run_blocks, c, width, "causal_conv1d db")?;
+            db = Some(Tensor::from_gpu(sums, &[c])?);
+        }
     }
     let dx = if needs[0] { Some(Tensor::from_gpu(dx, x.shape())?) } else { None };
     Ok(vec![dx, dw, db])

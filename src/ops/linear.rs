@@ -47,7 +47,7 @@ use half::bf16;
 use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
-    GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES, SUM_ROWS_PARTS,
+    GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::Weight;
 use crate::profile;
@@ -526,61 +526,27 @@ pub(crate) fn sum_rows(
     ld: usize,
     what: &str,
 ) -> Result<GpuBuffer> {
-    let [y] = sum_rows_parts(gpu, x, rows, [cols], ld, what)?;
-    Ok(y)
-}
-
-/// [`sum_rows`] over `widths.iter().sum()` columns, one launch per round, the sums of each run of `widths[k]`
-/// columns in a buffer of its own: the parameter gradients an op keeps side by side in one row of partial sums.
-pub(crate) fn sum_rows_parts<const P: usize>(
-    gpu: &Arc<Gpu>,
-    x: &CudaView<'_, f32>,
-    rows: usize,
-    widths: [usize; P],
-    ld: usize,
-    what: &str,
-) -> Result<[GpuBuffer; P]> {
-    const { assert!(P >= 1 && P <= SUM_ROWS_PARTS) };
-    let cols = widths.iter().sum::<usize>();
     let per_slice = if rows <= SUM_ONE_ROUND_ROWS { rows.max(1) } else { SUM_SLICE_ROWS.max(rows.div_ceil(65_535)) };
     let slices = rows.div_ceil(per_slice).max(1);
-    let launch = |outs: &mut [GpuBuffer], split: [usize; 3], slices: usize| {
-        let cfg = LaunchConfig {
-            grid_dim: (cols.div_ceil(SUM_ROWS_COLS) as u32, slices as u32, 1),
-            block_dim: (SUM_ROWS_COLS as u32, SUM_ROWS_LANES as u32, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut out = outs.iter_mut().map(GpuBuffer::ptr_mut);
-        let y = out.next().expect("at least one part");
-        let [y1, y2, y3] = std::array::from_fn(|_| out.next().unwrap_or(MutPtr::NULL));
-        let p = SumRowsParams {
-            x: gpu.ptr(x),
-            y,
-            y1,
-            y2,
-            y3,
-            split: split.map(|s| s as i64),
-            rows: rows as i64,
-            cols: cols as i64,
-            ld: ld as i64,
-            rows_per_slice: per_slice as i64,
-        };
-        gpu.launch(kernel::sum_rows_f32, cfg, &p, &format!("{what}: sum of {rows} rows x {cols}"))
+    let mut y = gpu.alloc(slices * cols, what)?;
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(SUM_ROWS_COLS) as u32, slices as u32, 1),
+        block_dim: (SUM_ROWS_COLS as u32, SUM_ROWS_LANES as u32, 1),
+        shared_mem_bytes: 0,
     };
-    if slices > 1 {
-        // The slices' sums, all columns in one buffer, then their sum into the parts.
-        let mut sums = [gpu.alloc(slices * cols, what)?];
-        launch(&mut sums, [cols; 3], slices)?;
-        return sum_rows_parts(gpu, &sums[0].slice.slice(..), slices, widths, cols, what);
+    let p = SumRowsParams {
+        x: gpu.ptr(x),
+        y: y.ptr_mut(),
+        rows: rows as i64,
+        cols: cols as i64,
+        ld: ld as i64,
+        rows_per_slice: per_slice as i64,
+    };
+    gpu.launch(kernel::sum_rows_f32, cfg, &p, &format!("{what}: sum of {rows} rows x {cols}"))?;
+    if slices == 1 {
+        return Ok(y);
     }
-    let mut parts = Vec::with_capacity(P);
-    for w in widths {
-        parts.push(gpu.alloc(w, what)?);
-    }
-    // Part k ends where the widths up to it add up to; the parts this call lacks are empty, at the end.
-    let split = std::array::from_fn(|k| widths[..(k + 1).min(P)].iter().sum());
-    launch(&mut parts, split, 1)?;
-    Ok(parts.try_into().unwrap_or_else(|_| unreachable!("one buffer per width")))
+    sum_rows(gpu, &y.slice.slice(..), slices, cols, cols, what)
 }
 
 fn check_nonempty(d: LinearDims) -> Result<()> {

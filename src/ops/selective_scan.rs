@@ -85,7 +85,7 @@ use crate::device::params::{
     SCAN_FWD_THREADS,
 };
 use crate::ops::activation::Activation;
-use crate::ops::linear::sum_rows_parts;
+use crate::ops::linear::sum_rows;
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
 use crate::profile;
@@ -724,14 +724,9 @@ fn backward_gpu<T: GpuElement>(
     }
 
     let rows = g * groups;
-    let [da_log, dd, dbias] = sum_rows_parts(
-        gpu,
-        &part.slice.slice(..),
-        rows,
-        [dch * n, dch, dch],
-        width,
-        "selective_scan da_log, dD, ddelta_bias",
-    )?;
+    let da_log = sum_rows(gpu, &part.slice.slice(..), rows, dch * n, width, "selective_scan da_log")?;
+    let dd = sum_rows(gpu, &part.slice.slice(dch * n..), rows, dch, width, "selective_scan dD")?;
+    let dbias = sum_rows(gpu, &part.slice.slice(dch * n + dch..), rows, dch, width, "selective_scan ddelta_bias")?;
 
     // Each gradient has its input's shape and storage type: T for the token-shaped ones, float32 for the parameters.
     let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs.map(Tensor::shape);
