@@ -174,10 +174,11 @@ fn gpu_bf16_weight_copies_change_no_bit() {
         for step in 0..3 {
             if !keep {
                 params.tensors_mut();
+                assert_eq!(params.copy_count(), 0, "step {step}: copies left after tensors_mut");
             }
             losses.push(train_step(&model, &mut params, &mut sgd, &x, &targets, true, 12.0).unwrap());
-            let copies = params.copy_count();
-            assert!(if keep { copies > 0 } else { copies == 0 }, "step {step}: {copies} copies kept");
+            // The step's tape made the copies it lacked and the parameters keep them.
+            assert!(params.copy_count() > 0, "step {step}: no bf16 copy kept");
         }
         let values: Vec<Vec<f64>> = params.tensors().iter().map(|t| t.to_vec_f64().unwrap()).collect();
         (losses, values, params.copy_count())
