@@ -1,7 +1,9 @@
 // The fused Mamba v1 selective scan, forward and backward (math and CPU reference: src/ops/selective_scan.rs).
 //
 // Layout: u, delta, z, y (G, L, D) channels last, so token (g, t) of channel d is at (g L + t) D + d; B, C (G, L, N),
-// one row of N per token shared by all channels; a_log (D, N); d_skip, delta_bias (D). Per sequence g and channel d,
+// one row of N per token shared by all channels, rows bc_ld elements apart (N when B and C are tensors of their own;
+// Mamba's are columns of x_proj's output [dt | B | C], read where they lie, and dB, dC are written into the columns
+// of its gradient); a_log (D, N); d_skip, delta_bias (D). Per sequence g and channel d,
 // with A[n] = -exp(a_log[d, n]) and h_{-1} = 0:
 //
 //   dt_t = softplus(delta_t + delta_bias[d]),   dA_t[n] = exp(dt_t A[n]) = exp2(dt_t A[n] log2 e)
@@ -102,7 +104,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                                                    const float* __restrict__ h_init, int has_init,
                                                    E* __restrict__ y, float* __restrict__ states,
                                                    float* __restrict__ sum_dt, int record, int64_t L, int64_t D,
-                                                   int N, int64_t T, int64_t cpb) {
+                                                   int N, int64_t bc_ld, int64_t T, int64_t cpb) {
     __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
     __shared__ __align__(16) float sc[SCAN_STAGE][NMAX];
     const int64_t nc = (L + T - 1) / T, groups = (nc + cpb - 1) / cpb;
@@ -136,8 +138,8 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
             for (int e = threadIdx.x; e < SCAN_STAGE * NMAX; e += blockDim.x) {
                 const int tt = e / NMAX, k = e % NMAX;
                 const bool on = tt < ns && k < N;
-                sb[tt][k] = on ? to_f32(bmat[(row0 + tt) * N + k]) : 0.0f;
-                if (!SUMMARY) sc[tt][k] = on ? to_f32(cmat[(row0 + tt) * N + k]) : 0.0f;
+                sb[tt][k] = on ? to_f32(bmat[(row0 + tt) * bc_ld + k]) : 0.0f;
+                if (!SUMMARY) sc[tt][k] = on ? to_f32(cmat[(row0 + tt) * bc_ld + k]) : 0.0f;
             }
             __syncthreads();
             if (!active) continue;
@@ -186,11 +188,11 @@ __device__ __forceinline__ void scan_forward(const ScanParams<E>& p) {
     if (p.summary)
         scan_forward_group<E, NMAX, true>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
                                           p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
-                                          p.N, SCAN_CHUNK, p.cpb);
+                                          p.N, p.bc_ld, SCAN_CHUNK, p.cpb);
     else
         scan_forward_group<E, NMAX, false>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
                                            p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
-                                           p.N, SCAN_CHUNK, p.cpb);
+                                           p.N, p.bc_ld, SCAN_CHUNK, p.cpb);
 }
 
 // The float32 and bf16 instances of the scan kernel BODY<E, NSTATES> (NSTATES padded states), with its launch bounds;
@@ -260,7 +262,7 @@ __device__ void scan_backward_carry(const ScanParams<E>& p) {
             const float q = to_f32(gy[at]) * zt * sigmoidf(zt);
             const float dt = softplusf(to_f32(delta[at]) + bias);
             dt_sum += dt;
-            x = exp2_approx(dt * a2) * (x + to_f32(cmat[row * N + n]) * q);
+            x = exp2_approx(dt * a2) * (x + to_f32(cmat[row * p.bc_ld + n]) * q);
         }
         carry[i] = x;
         if (n == 0) sum_dt[gc * D + d] = dt_sum;
@@ -293,7 +295,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     E* __restrict__ ddelta = prm.ddelta;
     E* __restrict__ dz = prm.dz;
     float* __restrict__ part = prm.part;
-    const int64_t L = prm.L, D = prm.D, T = SCAN_CHUNK, cpb = prm.cpb;
+    const int64_t L = prm.L, D = prm.D, T = SCAN_CHUNK, cpb = prm.cpb, bc_ld = prm.bc_ld;
     const int N = prm.N, acc_rows = prm.acc_rows;
     constexpr int THREADS = SCAN_BWD_THREADS, S = SCAN_BWD_SUB, R = SCAN_BWD_R;
     constexpr int P = NP / R;             // lanes per channel
@@ -364,7 +366,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
         for (int j = 0; j < ROW_PER_THREAD; ++j) {
             const int e = tid + j * THREADS, i = e / NP, k = e % NP;
             const bool on = e < S * NP && i < count && k < N;
-            const int64_t at = (g * L + t_first + i) * N + k;
+            const int64_t at = (g * L + t_first + i) * bc_ld + k;
             f.b[j] = on ? to_f32(bmat[at]) : 0.0f;
             f.c[j] = on && full ? to_f32(cmat[at]) : 0.0f;
         }
@@ -574,8 +576,8 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
         const int t = e / N, k = e % N;
         const int64_t row = g * L + tok_begin + t;
         if (gridDim.y == 1) {
-            prm.db[row * N + k] = from_f32<E>(acc[t * V + k]);
-            prm.dc[row * N + k] = from_f32<E>(acc[t * V + NP + k]);
+            prm.db[row * bc_ld + k] = from_f32<E>(acc[t * V + k]);
+            prm.dc[row * bc_ld + k] = from_f32<E>(acc[t * V + NP + k]);
         } else {
             float* out = prm.bc_part + (blockIdx.y * prm.G * L + row) * 2 * N;
             out[k] = acc[t * V + k];
@@ -607,8 +609,8 @@ __device__ void scan_sum_bc(const ScanParams<E>& p) {
             sb += at[n];
             sc += at[p.N + n];
         }
-        p.db[i] = from_f32<E>(sb);
-        p.dc[i] = from_f32<E>(sc);
+        p.db[row * p.bc_ld + n] = from_f32<E>(sb);
+        p.dc[row * p.bc_ld + n] = from_f32<E>(sc);
     }
 }
 TYPED_KERNEL(scan_sum_bc_f32, scan_sum_bc_bf16, scan_sum_bc, ScanParams)

@@ -15,7 +15,8 @@ constexpr int SCAN_BWD_THREADS = 128;
 constexpr int SCAN_BWD_SUB = 8;
 constexpr int SCAN_BWD_R = 4;
 
-// One selective scan: u, delta, z, y (G, L, D) channels last; B, C (G, L, N); a_log (D, N); d_skip, delta_bias (D);
+// One selective scan: u, delta, z, y (G, L, D) channels last; B, C (G, L, N), rows bc_ld apart; a_log (D, N); d_skip,
+// delta_bias (D);
 // per-chunk tensors (G, nc, D, N) and (G, nc, D) with nc = ceil(L / SCAN_CHUNK). Each kernel's comment in scan.cu
 // says which fields it uses; the others may be null. The token-shaped tensors (u, delta, B, C, z, y, dL/dy and
 // their gradients) are of the storage type T (float or __nv_bfloat16); the parameters a_log, d_skip, delta_bias, the
@@ -50,6 +51,8 @@ struct ScanParams {
     int64_t L;                // tokens per sequence
     int64_t D;                // channels
     int N;                    // states
+    int64_t bc_ld;            // elements between consecutive token rows of B and C, and of dB and dC: N for tensors
+                              // of their own, the row width when they are columns of a wider tensor
     int64_t cpb;              // chunks per block (a group)
     int record;               // forward: store the state at each chunk start
     int summary;              // forward pass 1 of the chunked scan: end states and sums of dt only

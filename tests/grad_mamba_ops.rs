@@ -7,11 +7,12 @@ use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
 use lkm_engine::ops::linear::{linear, Product};
 use lkm_engine::ops::operand::Operand;
+use lkm_engine::ops::selective_scan::{selective_scan, Columns, ScanInputs};
 use lkm_engine::{DType, Tensor};
 
 mod common;
 use common::mamba::{projected_scan, projected_scan_inputs, scan};
-use common::{assert_close, seeded_step};
+use common::{assert_close, device_test, seeded_step};
 
 /// `f(randn)` elementwise, as a new f64 tensor.
 fn randn_map(shape: &[usize], seed: u64, f: impl Fn(usize, f64) -> f64) -> Tensor {
@@ -209,6 +210,75 @@ fn grad_selective_scan_softplus_linear() {
     assert_gradients(&x, 1e-6, scan);
 }
 
+/// The scan of `x` = [u, delta, a_log, bc, d_skip, z, delta_bias] with B and C the N columns of bc (G, L, W) from
+/// columns `at[0]` and `at[1]`.
+fn packed_scan(t: &mut Tape, x: &[Tensor], at: [usize; 2]) -> lkm_engine::Result<Tensor> {
+    let inp = ScanInputs {
+        u: &x[0],
+        delta: Operand::Tensor(&x[1]),
+        a_log: &x[2],
+        b: Columns { t: &x[3], at: at[0] },
+        c: Columns { t: &x[3], at: at[1] },
+        d_skip: &x[4],
+        z: Operand::Tensor(&x[5]),
+        delta_bias: &x[6],
+    };
+    selective_scan(t, &inp)
+}
+
+/// B and C read as columns of one wider tensor, as Mamba's x_proj output [dt | B | C] (and in the other order): the
+/// same output, the same bits, as from tensors of their own, and one gradient holding dB and dC in their columns and
+/// zeros in the others; finite differences agree (CPU). On the GPU the second shape's backward splits its 100
+/// channels over several blocks (the dB, dC sums then added in split order, as for PaM's layers).
+fn selective_scan_of_packed_columns(dev: &Device) {
+    for (g, l, dch) in [(2, 70, 5), (1, 70, 100)] {
+        packed_columns_case(dev, g, l, dch);
+    }
+}
+device_test!(selective_scan_of_packed_columns);
+
+fn packed_columns_case(dev: &Device, g: usize, l: usize, dch: usize) {
+    let (n, r) = (4, 2);
+    let host = scan_inputs(g, l, dch, n, 90);
+    let x: Vec<Tensor> = host.iter().map(|t| t.to_dtype(DType::F32).unwrap().to_device(dev).unwrap()).collect();
+    let cols = |t: &Tensor| t.to_vec_f64().unwrap();
+    let (b, c) = (cols(&host[3]), cols(&host[4]));
+    let extra = randn64(&[g, l, r], 91).to_vec_f64().unwrap();
+    let apart = seeded_step("apart", &x, &[true; 8], dev, &scan);
+    for (b_at, c_at) in [(r, r + n), (r + n, r)] {
+        let w = r + 2 * n;
+        let mut bc = vec![0.0; g * l * w];
+        for row in 0..g * l {
+            bc[row * w..row * w + r].copy_from_slice(&extra[row * r..(row + 1) * r]);
+            bc[row * w + b_at..][..n].copy_from_slice(&b[row * n..(row + 1) * n]);
+            bc[row * w + c_at..][..n].copy_from_slice(&c[row * n..(row + 1) * n]);
+        }
+        let bc = Tensor::from_vec(bc, &[g, l, w]).unwrap().to_dtype(DType::F32).unwrap().to_device(dev).unwrap();
+        let packed_inputs = [&x[0], &x[1], &x[2], &bc, &x[5], &x[6], &x[7]].map(Tensor::clone);
+        let what = format!("{g} x {l} x {dch}, B at column {b_at}, C at {c_at}");
+        let (out, grads) = seeded_step(&what, &packed_inputs, &[true; 7], dev, &|t, v| packed_scan(t, v, [b_at, c_at]));
+        assert!(out == apart.0, "{what}: the output differs");
+        let gbc = grads[3].as_ref().expect("a gradient for B and C's tensor");
+        let (gb, gc) = (apart.1[3].as_ref().unwrap(), apart.1[4].as_ref().unwrap());
+        for row in 0..g * l {
+            let at = |k: usize| gbc[row * w + k];
+            assert!((0..r).all(|k| at(k) == 0.0), "{what}: row {row}: the dt columns' gradient is not zero");
+            assert!((0..n).all(|k| at(b_at + k) == gb[row * n + k]), "{what}: row {row}: dB differs");
+            assert!((0..n).all(|k| at(c_at + k) == gc[row * n + k]), "{what}: row {row}: dC differs");
+        }
+        for (i, j) in [(0, 0), (1, 1), (2, 2), (4, 5), (5, 6), (6, 7)] {
+            assert!(grads[i] == apart.1[j], "{what}: the gradient of input {j} differs");
+        }
+        if matches!(dev, Device::Cpu) && dch < 10 {
+            let small = scan_inputs(2, 5, 3, 2, 92);
+            let bc = randn64(&[2, 5, 5], 93);
+            let x = [&small[0], &small[1], &small[2], &bc, &small[5], &small[6], &small[7]].map(Tensor::clone);
+            let at = if b_at < c_at { [1, 3] } else { [3, 1] };
+            assert_gradients(&x, 1e-6, |t, v| packed_scan(t, v, at));
+        }
+    }
+}
+
 #[test]
 fn selective_scan_projected_delta_is_the_product_then_the_scan() {
     // Operand::Product keeps the products' operands and rebuilds delta and z in the backward pass: the same output and
@@ -299,7 +369,15 @@ fn selective_scan_rejects_wrong_state_size() {
     let mut x = scan_inputs(2, 5, 3, 4, 70);
     x[3] = randn64(&[2, 5, 3], 0);
     let msg = scan(&mut Tape::new(), &x).unwrap_err().to_string();
-    assert!(msg.contains("selective_scan") && msg.contains("b (G, L, N)") && msg.contains("[2, 5, 4]"), "{msg}");
+    assert!(msg.contains("selective_scan: b must be N = 4 columns") && msg.contains("[2, 5, 3]"), "{msg}");
+    // B and C as columns of one tensor: past its last column, or overlapping, is refused.
+    let x = scan_inputs(2, 5, 3, 4, 71);
+    let bc = randn64(&[2, 5, 9], 72);
+    let packed = [&x[0], &x[1], &x[2], &bc, &x[5], &x[6], &x[7]].map(Tensor::clone);
+    let msg = packed_scan(&mut Tape::new(), &packed, [1, 6]).unwrap_err().to_string();
+    assert!(msg.contains("c must be N = 4 columns (from column 6)"), "{msg}");
+    let msg = packed_scan(&mut Tape::new(), &packed, [1, 3]).unwrap_err().to_string();
+    assert!(msg.contains("overlap"), "{msg}");
 }
 
 #[test]

@@ -409,7 +409,12 @@ impl Gpu {
 
     /// A zero-filled buffer of `len` floats.
     pub fn zeros(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer> {
-        let mut b = self.alloc(len, what)?;
+        self.zeros_of::<f32>(len, what)
+    }
+
+    /// [`Gpu::zeros`] for elements of type `T`.
+    pub fn zeros_of<T: GpuElement>(self: &Arc<Self>, len: usize, what: &str) -> Result<GpuBuffer<T>> {
+        let mut b = self.alloc_of::<T>(len, what)?;
         self.stream.memset_zeros(&mut b.slice).map_err(driver_err(format!("zeroing {what}")))?;
         Ok(b)
     }

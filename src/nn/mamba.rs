@@ -30,7 +30,7 @@ use crate::ops::narrow::narrow;
 use crate::ops::operand::Operand;
 use crate::ops::pim::{merge, Partitioned, PimLayout};
 use crate::ops::reshape::reshape;
-use crate::ops::selective_scan::{selective_scan, ScanInputs};
+use crate::ops::selective_scan::{selective_scan, Columns, ScanInputs};
 use crate::ops::upsample::upsample_nearest;
 use crate::profile;
 use crate::tensor::{DType, Tensor};
@@ -163,12 +163,14 @@ impl Mamba {
         // x_proj's output (G, L, dt_rank + 2 d_state) is sliced along its last axis, not through its weight as in_proj
         // is: here the output is narrower than x (34 columns against 64 at d_model 32), and three products would read
         // x three times forward and in dW, add three (G, L, d_inner) gradients into x's, and (gemm_f32 computes 64 x 64
-        // output tiles) each do the arithmetic of the one 34-column product. The output itself is saved by no op, so
-        // it is freed at the end of this block, before the scan runs.
-        let (dt, b, c) = {
+        // output tiles) each do the arithmetic of the one 34-column product. The scan reads B and C where they lie
+        // in the output (columns r.. and r + n..) and writes their gradients into its gradient; only dt is cut out,
+        // for dt_proj.
+        let (dbc, dt) = {
             let _layer = profile::sublayer(&self.prefix, "x_proj");
             let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
-            (narrow(tape, &dbc, 2, 0, r)?, narrow(tape, &dbc, 2, r, n)?, narrow(tape, &dbc, 2, r + n, n)?)
+            let dt = narrow(tape, &dbc, 2, 0, r)?;
+            (dbc, dt)
         };
         // delta = dt W_dt^T and z = u W[di..2di]^T, then the scan: the scan op makes delta and z itself
         // (Operand::Product) and keeps their products' operands instead of them (dt_rank and d_model channels against
@@ -184,21 +186,21 @@ impl Mamba {
             };
             let z = {
                 let _layer = profile::sublayer(&prefix, "in_proj");
-                Product::new(t, &v[7], &v[8])?
+                Product::new(t, &v[6], &v[7])?
             };
             let inputs = ScanInputs {
                 u: &v[0],
                 delta: Operand::Product(&delta),
                 a_log: &v[3],
-                b: &v[4],
-                c: &v[5],
-                d_skip: &v[6],
+                b: Columns { t: &v[4], at: r },
+                c: Columns { t: &v[4], at: r + n },
+                d_skip: &v[5],
                 z: Operand::Product(&z),
-                delta_bias: &v[9],
+                delta_bias: &v[8],
             };
             selective_scan(t, &inputs)
         };
-        let inputs = [&x, &dt, dt_w, a_log, &b, &c, d_skip, u, &z_rows, dt_b];
+        let inputs = [&x, &dt, dt_w, a_log, &dbc, d_skip, u, &z_rows, dt_b];
         piece(tape, self.recompute, "mamba scan", &inputs, scan)
     }
 }

@@ -3,6 +3,9 @@
 //! delta_softplus=True)` with B and C shared by all channels (one per token).
 //!
 //! Shapes: u, delta, z (G, L, Dch); a_log (Dch, N); b, c (G, L, N); d_skip, delta_bias (Dch); output y (G, L, Dch).
+//! B and C may also be N columns of a wider (G, L, W) tensor ([`Columns`]): Mamba's are columns of x_proj's output
+//! [dt | B | C], which the op reads where they lie and whose gradient it writes whole (dB and dC in their columns,
+//! zeros elsewhere), so that neither B nor C nor their gradients are copied out.
 //! For each sequence g and channel d (indices g and d dropped below), with state h_t in R^N and h_{-1} = 0:
 //!
 //! ```text
@@ -106,10 +109,11 @@ pub struct ScanInputs<'a> {
     pub delta: Operand<'a>,
     /// log(-A), the state matrix's parameter (Dch, N).
     pub a_log: &'a Tensor,
-    /// Input projection of each token, shared by all channels (G, L, N).
-    pub b: &'a Tensor,
-    /// Output projection of each token, shared by all channels (G, L, N).
-    pub c: &'a Tensor,
+    /// Input projection of each token, shared by all channels (G, L, N): N columns of a (G, L, W) tensor.
+    pub b: Columns<'a>,
+    /// Output projection of each token, shared by all channels (G, L, N): N columns of a (G, L, W) tensor, the same
+    /// W as b's (when both are columns of one tensor, their columns may not overlap).
+    pub c: Columns<'a>,
     /// Skip weight D (Dch).
     pub d_skip: &'a Tensor,
     /// Gate input z (G, L, Dch), or the product that makes it; the output is multiplied by SiLU(z).
@@ -118,10 +122,26 @@ pub struct ScanInputs<'a> {
     pub delta_bias: &'a Tensor,
 }
 
+/// N columns of a (G, L, W) tensor, from column `at`: a tensor of its own (`Columns::from(&t)`: W = N, `at` 0), or
+/// columns of a wider one (Mamba's B and C in x_proj's output [dt | B | C]).
+#[derive(Clone, Copy, Debug)]
+pub struct Columns<'a> {
+    /// The tensor (G, L, W).
+    pub t: &'a Tensor,
+    /// The first of the N columns.
+    pub at: usize,
+}
+
+impl<'a> From<&'a Tensor> for Columns<'a> {
+    fn from(t: &'a Tensor) -> Columns<'a> {
+        Columns { t, at: 0 }
+    }
+}
+
 /// The fused selective scan (see the module doc); returns y (G, L, Dch).
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
-    let all = [inp.u, inp.delta.value(), inp.a_log, inp.b, inp.c, inp.d_skip, inp.z.value(), inp.delta_bias];
-    let dims = ScanDims::of(all)?;
+    let all = [inp.u, inp.delta.value(), inp.a_log, inp.b.t, inp.c.t, inp.d_skip, inp.z.value(), inp.delta_bias];
+    let dims = ScanDims::of(all, [inp.b.at, inp.c.at])?;
     let range = profile::forward("selective_scan", &all, dims.flops());
     let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(all, dims, tape.needs_grad(&all))) {
         Some(out) => out?,
@@ -131,17 +151,73 @@ pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
     let rest = [u, a_log, b, c, d_skip, delta_bias];
     let saved = ScanBackward { rest, delta: inp.delta.keep(), z: inp.z.keep(), dims, chunk_states };
     range.done([&y]);
-    tape.record(&all, &y, saved);
+    tape.record(&dims.bc.recorded(&all), &y, saved);
     Ok(y)
 }
 
-/// Sequences G, length L, channels Dch, state size N.
+/// Where B and C lie: in rows of `ld` elements per token, from columns `b_at` and `c_at`, of one tensor (`shared`)
+/// or of two.
+#[derive(Clone, Copy, Debug)]
+struct BcLayout {
+    ld: usize,
+    b_at: usize,
+    c_at: usize,
+    shared: bool,
+}
+
+impl BcLayout {
+    /// The op's inputs as the tape records them: the eight slots of [`ScanInputs`], B and C's tensor once when they
+    /// share it.
+    fn recorded<'t>(&self, all: &[&'t Tensor; 8]) -> Vec<&'t Tensor> {
+        let mut v = all.to_vec();
+        if self.shared {
+            v.remove(4);
+        }
+        v
+    }
+
+    /// The eight slots' gradients (c's `None` when it shares b's tensor, whose gradient holds both) in the order the
+    /// tape recorded the inputs ([`BcLayout::recorded`]), each only where `needs` asks.
+    fn wanted(&self, mut grads: Vec<Option<Tensor>>, needs: &[bool]) -> Vec<Option<Tensor>> {
+        if self.shared {
+            grads.remove(4);
+        }
+        grads.into_iter().zip(needs).map(|(g, &need)| g.filter(|_| need)).collect()
+    }
+
+    /// Whether the B and C columns fill their tensors' rows (else the gradients' other columns must be zeroed).
+    fn fills_rows(&self, n: usize) -> bool {
+        self.ld == if self.shared { 2 * n } else { n }
+    }
+
+    /// Token t's rows of dB and dC (N each) within a sequence's gradient rows: `gb` (and `gc`, or `gb` again when
+    /// B and C share one tensor, whose columns do not overlap).
+    fn rows<'b, T>(&self, gb: &'b mut [T], gc: Option<&'b mut [T]>, t: usize, n: usize) -> (&'b mut [T], &'b mut [T]) {
+        let row = t * self.ld;
+        match gc {
+            Some(gc) => (&mut gb[row + self.b_at..][..n], &mut gc[row + self.c_at..][..n]),
+            None => {
+                let row = &mut gb[row..row + self.ld];
+                if self.b_at < self.c_at {
+                    let (lo, hi) = row.split_at_mut(self.c_at);
+                    (&mut lo[self.b_at..][..n], &mut hi[..n])
+                } else {
+                    let (lo, hi) = row.split_at_mut(self.b_at);
+                    (&mut hi[..n], &mut lo[self.c_at..][..n])
+                }
+            }
+        }
+    }
+}
+
+/// Sequences G, length L, channels Dch, state size N, and where B and C lie.
 #[derive(Clone, Copy, Debug)]
 struct ScanDims {
     g: usize,
     l: usize,
     dch: usize,
     n: usize,
+    bc: BcLayout,
 }
 
 impl ScanDims {
@@ -151,8 +227,9 @@ impl ScanDims {
         7.0 * (self.g * self.l * self.dch * self.n) as f64
     }
 
-    /// The sizes of the eight inputs in the order of [`ScanInputs`], after checking their shapes and kinds.
-    fn of(inputs: [&Tensor; 8]) -> Result<ScanDims> {
+    /// The sizes of the eight inputs in the order of [`ScanInputs`] (b and c the tensors that hold them, from columns
+    /// `bc_at`), after checking their shapes and kinds.
+    fn of(inputs: [&Tensor; 8], bc_at: [usize; 2]) -> Result<ScanDims> {
         let op = "selective_scan";
         let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs;
         let (g, l, dch) = seq_dims(u, op)?;
@@ -173,11 +250,28 @@ impl ScanDims {
         ensure!(n > 0, Shape, "{op}: a_log {:?} must have at least one state (N >= 1)", a_log.shape());
         delta.check_shape(&[g, l, dch], "selective_scan: delta (G, L, Dch) like u")?;
         z.check_shape(&[g, l, dch], "selective_scan: z (G, L, Dch) like u")?;
-        b.check_shape(&[g, l, n], "selective_scan: b (G, L, N), N from a_log")?;
-        c.check_shape(&[g, l, n], "selective_scan: c (G, L, N), N from a_log")?;
+        let ld = b.shape().last().copied().unwrap_or(0);
+        let [b_at, c_at] = bc_at;
+        for (t, at, what) in [(b, b_at, "b"), (c, c_at, "c")] {
+            ensure!(
+                t.rank() == 3 && t.shape()[..2] == [g, l] && at + n <= t.shape()[2] && t.shape()[2] == ld,
+                Shape,
+                "{op}: {what} must be N = {n} columns (from column {at}) of a (G, L, W) tensor with (G, L) = ({g}, {l}) \
+                 like u and the same W for b and c, got shape {:?} (b's {:?})",
+                t.shape(),
+                b.shape()
+            );
+        }
+        let shared = b.id() == c.id();
+        ensure!(
+            !shared || b_at + n <= c_at || c_at + n <= b_at,
+            Shape,
+            "{op}: b (columns {b_at}..) and c (columns {c_at}..) overlap in one tensor of shape {:?}",
+            b.shape()
+        );
         d_skip.check_shape(&[dch], "selective_scan: d_skip (Dch)")?;
         delta_bias.check_shape(&[dch], "selective_scan: delta_bias (Dch)")?;
-        Ok(ScanDims { g, l, dch, n })
+        Ok(ScanDims { g, l, dch, n, bc: BcLayout { ld, b_at, c_at, shared } })
     }
 }
 
@@ -229,12 +323,12 @@ struct Token<'a, T> {
 
 impl<'a, T: Real> Slices<'a, T> {
     fn token(&self, dims: ScanDims, gi: usize, t: usize, d: usize) -> Token<'a, T> {
-        let ScanDims { l, dch, n, .. } = dims;
+        let ScanDims { l, dch, n, bc, .. } = dims;
         let i = (gi * l + t) * dch + d;
-        let row = (gi * l + t) * n;
+        let row = (gi * l + t) * bc.ld;
         let u = self.u[i];
         let dt = Activation::Softplus.value(self.delta[i] + self.delta_bias[d]);
-        Token { i, u, dt, du: dt * u, b: &self.b[row..row + n], c: &self.c[row..row + n] }
+        Token { i, u, dt, du: dt * u, b: &self.b[row + bc.b_at..][..n], c: &self.c[row + bc.c_at..][..n] }
     }
 }
 
@@ -254,7 +348,7 @@ fn recurrence_step<T: Real>(a: &[T], tok: &Token<T>, h: &mut [T], da: &mut [T]) 
 }
 
 fn forward_cpu<T: Real>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Tensor> {
-    let ScanDims { g, l, dch, n } = dims;
+    let ScanDims { g, l, dch, n, .. } = dims;
     let s = Slices::<T>::of(inputs)?;
     let mut y = vec![T::zero(); g * l * dch];
     // One task per sequence gi, which owns its rows of y; each task has its own A and state buffers.
@@ -294,14 +388,15 @@ impl ScanBackward {
     }
 }
 
-/// The gradients that belong to one sequence g: its rows of the token-shaped gradients, and its partial sums of the
-/// parameter gradients, `part` = [sum_t e_t[n] dt_t per (d, n) (Dch N) | sum_t q_t u_t (Dch) | sum_t ddelta_t (Dch)].
+/// The gradients that belong to one sequence g: its rows of the token-shaped gradients (dB and dC in the rows of b's
+/// gradient and of c's, `None` when they share b's), and its partial sums of the parameter gradients,
+/// `part` = [sum_t e_t[n] dt_t per (d, n) (Dch N) | sum_t q_t u_t (Dch) | sum_t ddelta_t (Dch)].
 struct SeqGrads<'a, T> {
     u: &'a mut [T],
     delta: &'a mut [T],
     z: &'a mut [T],
     b: &'a mut [T],
-    c: &'a mut [T],
+    c: Option<&'a mut [T]>,
     part: &'a mut [T],
 }
 
@@ -333,7 +428,8 @@ fn backward_sequence<T: Real>(
     out: SeqGrads<T>,
     w: &mut Scratch<T>,
 ) {
-    let ScanDims { l, dch, n, .. } = dims;
+    let ScanDims { l, dch, n, bc, .. } = dims;
+    let mut out = out;
     let (part_a, part_rest) = out.part.split_at_mut(dch * n);
     let (part_d, part_bias) = part_rest.split_at_mut(dch);
     for d in 0..dch {
@@ -359,7 +455,7 @@ fn backward_sequence<T: Real>(
             out.z[t * dch + d] = gy[i] * w.ss[t] * Activation::Silu.derivative(z);
             let q = gy[i] * Activation::Silu.value(z);
             gd_acc += q * u;
-            let (gbt, gct) = (&mut out.b[t * n..(t + 1) * n], &mut out.c[t * n..(t + 1) * n]);
+            let (gbt, gct) = bc.rows(out.b, out.c.as_deref_mut(), t, n);
             let (hp, hc) = (&w.hs[t * n..(t + 1) * n], &w.hs[(t + 1) * n..(t + 2) * n]);
             let dat = &w.das[t * n..(t + 1) * n];
             let (mut dh_b, mut e_a) = (T::zero(), T::zero());
@@ -390,24 +486,30 @@ fn backward_cpu<T: Real>(
     gout: &Tensor,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
-    let ScanDims { g, l, dch, n } = dims;
+    let ScanDims { g, l, dch, n, bc: layout } = dims;
     let s = Slices::<T>::of(inputs)?;
     let gy = gout.cpu::<T>()?;
-    // Per sequence: L Dch token gradients, L N of dB and dC, and the partial sums of the parameter gradients.
-    let (tok, bc, width) = (l * dch, l * n, dch * n + 2 * dch);
+    // Per sequence: L Dch token gradients, L rows of dB and dC (in b's gradient, and c's unless they share it), and
+    // the partial sums of the parameter gradients.
+    let (tok, bc, width) = (l * dch, l * layout.ld, dch * n + 2 * dch);
     let (mut gu, mut gdelta, mut gz) = (vec![T::zero(); g * tok], vec![T::zero(); g * tok], vec![T::zero(); g * tok]);
-    let (mut gb, mut gc) = (vec![T::zero(); g * bc], vec![T::zero(); g * bc]);
+    let mut gb = vec![T::zero(); g * bc];
+    let mut gc = if layout.shared { Vec::new() } else { vec![T::zero(); g * bc] };
     let mut part = vec![T::zero(); g * width];
     // One task per sequence gi: it owns its rows of every token-shaped gradient (dB and dC sum over its channels)
     // and its row of partial sums; each task has its own recompute buffers. (Every chunk length is positive when
     // the buffer is not empty: N >= 1 is checked, and Dch = 0 or L = 0 leaves nothing to compute.)
     let rows = |len: usize| len.max(1);
+    let gc_rows: Vec<Option<&mut [T]>> = match layout.shared {
+        true => (0..g).map(|_| None).collect(),
+        false => gc.chunks_mut(rows(bc)).map(Some).collect(),
+    };
     (
         gu.par_chunks_mut(rows(tok)),
         gdelta.par_chunks_mut(rows(tok)),
         gz.par_chunks_mut(rows(tok)),
         gb.par_chunks_mut(rows(bc)),
-        gc.par_chunks_mut(rows(bc)),
+        gc_rows,
         part.par_chunks_mut(rows(width)),
     )
         .into_par_iter()
@@ -438,12 +540,13 @@ fn backward_cpu<T: Real>(
     }
 
     let grads = [gu, gdelta, ga, gb, gc, gd, gz, gbias];
-    grads
+    let grads: Vec<Option<Tensor>> = grads
         .into_iter()
         .zip(inputs)
-        .zip(needs)
-        .map(|((v, x), &need)| need.then(|| Tensor::from_vec(v, x.shape())).transpose())
-        .collect()
+        .enumerate()
+        .map(|(i, (v, x))| (i != 4 || !layout.shared).then(|| Tensor::from_vec(v, x.shape())).transpose())
+        .collect::<Result<_>>()?;
+    Ok(layout.wanted(grads, needs))
 }
 
 impl Backward for ScanBackward {
@@ -540,7 +643,7 @@ fn backward_splits(blocks: usize, tiles: usize) -> usize {
 
 /// Chunks per sequence, after checking that the sizes suit the kernels.
 fn gpu_chunks(dims: ScanDims) -> Result<usize> {
-    let ScanDims { g, l, dch, n } = dims;
+    let ScanDims { g, l, dch, n, .. } = dims;
     ensure!(g * l * dch * n > 0, Shape, "selective_scan on the GPU: empty input {dims:?}");
     let nc = l.div_ceil(GPU_CHUNK);
     ensure!(
@@ -562,8 +665,8 @@ fn scan_params<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Sc
         u: token(u)?,
         delta: token(delta)?,
         a_log: param(a_log)?,
-        b: token(b)?,
-        c: token(c)?,
+        b: token(b)?.offset(dims.bc.b_at),
+        c: token(c)?.offset(dims.bc.c_at),
         d_skip: param(d_skip)?,
         z: token(z)?,
         delta_bias: param(delta_bias)?,
@@ -571,6 +674,7 @@ fn scan_params<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Sc
         L: dims.l as i64,
         D: dims.dch as i64,
         N: dims.n as i32,
+        bc_ld: dims.bc.ld as i64,
         ..Default::default()
     })
 }
@@ -594,7 +698,7 @@ fn combine_params<T: GpuElement>(p: &ScanParams<T>) -> ScanParams<f32> {
 /// y (stored as `T`, like u), and for sequences of several chunks (when `keep` asks) the float32 state at every
 /// chunk start, (G, chunks, Dch, N).
 fn forward_gpu<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
-    let ScanDims { g, l, dch, n } = dims;
+    let ScanDims { g, l, dch, n, .. } = dims;
     let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
     let gpu = &inputs[0].gpu_operand::<T>("selective_scan")?.gpu;
@@ -650,7 +754,7 @@ fn backward_gpu<T: GpuElement>(
     grad_out: &Tensor,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
-    let ScanDims { g, l, dch, n } = dims;
+    let ScanDims { g, l, dch, n, bc: layout } = dims;
     let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
     let gy = grad_out.gpu_operand::<T>("selective_scan backward")?;
@@ -690,8 +794,15 @@ fn backward_gpu<T: GpuElement>(
     let mut du = gpu.alloc_of::<T>(tokens, "selective_scan du")?;
     let mut ddelta = gpu.alloc_of::<T>(tokens, "selective_scan ddelta")?;
     let mut dz = gpu.alloc_of::<T>(tokens, "selective_scan dz")?;
-    let mut db = gpu.alloc_of::<T>(g * l * n, "selective_scan dB")?;
-    let mut dc = gpu.alloc_of::<T>(g * l * n, "selective_scan dC")?;
+    // dB and dC in the columns of b's gradient and c's (one buffer when they share a tensor), zero elsewhere.
+    let bc_grad = |what| match layout.fills_rows(n) {
+        true => gpu.alloc_of::<T>(g * l * layout.ld, what),
+        false => gpu.zeros_of::<T>(g * l * layout.ld, what),
+    };
+    let mut db = bc_grad("selective_scan dB")?;
+    let mut dc = if layout.shared { None } else { Some(bc_grad("selective_scan dC")?) };
+    let db_at = db.ptr_mut().offset(layout.b_at);
+    let dc_at = dc.as_mut().unwrap_or(&mut db).ptr_mut().offset(layout.c_at);
     // One row per (g, group): [A sum e dt (Dch N) | sum q u (Dch) | sum ddelta (Dch)].
     let width = dch * n + 2 * dch;
     let mut part = gpu.alloc(g * groups * width, "selective_scan parameter partial sums")?;
@@ -710,8 +821,8 @@ fn backward_gpu<T: GpuElement>(
         du: du.ptr_mut(),
         ddelta: ddelta.ptr_mut(),
         dz: dz.ptr_mut(),
-        db: db.ptr_mut(),
-        dc: dc.ptr_mut(),
+        db: db_at,
+        dc: dc_at,
         part: part.ptr_mut(),
         bc_part: bc_part.as_mut().map_or(MutPtr::NULL, GpuBuffer::ptr_mut),
         splits: splits as i32,
@@ -730,17 +841,17 @@ fn backward_gpu<T: GpuElement>(
 
     // Each gradient has its input's shape and storage type: T for the token-shaped ones, float32 for the parameters.
     let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs.map(Tensor::shape);
-    let grads = [
-        Tensor::from_gpu(du, u)?,
-        Tensor::from_gpu(ddelta, delta)?,
-        Tensor::from_gpu(da_log, a_log)?,
-        Tensor::from_gpu(db, b)?,
-        Tensor::from_gpu(dc, c)?,
-        Tensor::from_gpu(dd, d_skip)?,
-        Tensor::from_gpu(dz, z)?,
-        Tensor::from_gpu(dbias, delta_bias)?,
+    let grads = vec![
+        Some(Tensor::from_gpu(du, u)?),
+        Some(Tensor::from_gpu(ddelta, delta)?),
+        Some(Tensor::from_gpu(da_log, a_log)?),
+        Some(Tensor::from_gpu(db, b)?),
+        dc.map(|dc| Tensor::from_gpu(dc, c)).transpose()?,
+        Some(Tensor::from_gpu(dd, d_skip)?),
+        Some(Tensor::from_gpu(dz, z)?),
+        Some(Tensor::from_gpu(dbias, delta_bias)?),
     ];
-    Ok(grads.into_iter().zip(needs).map(|(grad, &need)| need.then_some(grad)).collect())
+    Ok(layout.wanted(grads, needs))
 }
 
 #[cfg(test)]

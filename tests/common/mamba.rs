@@ -39,8 +39,8 @@ pub fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
         u: &x[0],
         delta: Operand::Tensor(&x[1]),
         a_log: &x[2],
-        b: &x[3],
-        c: &x[4],
+        b: (&x[3]).into(),
+        c: (&x[4]).into(),
         d_skip: &x[5],
         z: Operand::Tensor(&x[6]),
         delta_bias: &x[7],
@@ -72,6 +72,7 @@ pub fn projected_scan(t: &mut Tape, x: &[Tensor], full: bool) -> Result<Tensor> 
         products = [Product::new(t, &x[1], &x[2])?, Product::new(t, &x[7], &x[8])?];
         (Operand::Product(&products[0]), Operand::Product(&products[1]))
     };
-    let inp = ScanInputs { u: &x[0], delta, a_log: &x[3], b: &x[4], c: &x[5], d_skip: &x[6], z, delta_bias: &x[9] };
+    let (b, c) = ((&x[4]).into(), (&x[5]).into());
+    let inp = ScanInputs { u: &x[0], delta, a_log: &x[3], b, c, d_skip: &x[6], z, delta_bias: &x[9] };
     selective_scan(t, &inp)
 }
