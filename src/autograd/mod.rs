@@ -221,8 +221,8 @@ impl Tape {
         self.copies.insert(master.id(), copy);
     }
 
-    /// `t` (float32) rounded to bf16, made once per tape: the copy given by [`Tape::provide_copy`] or made by the
-    /// first call, so that every use of a weight in a step (its products rebuilt in the backward pass too) reads
+    /// `t` (float32) rounded to bf16, made once per tape: the copy the parameters gave ([`crate::nn::Params::watch`])
+    /// or the one made by the first call, so that every use of a weight in a step (its products rebuilt in the backward pass too) reads
     /// one copy. Weights do not change while a tape records; [`Tape::backward`] forgets the copies.
     pub fn bf16_copy(&mut self, t: &Tensor) -> Result<Tensor> {
         if let Some(copy) = self.copies.get(&t.id()) {
