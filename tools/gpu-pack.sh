@@ -16,7 +16,8 @@
 # revision that differs from the last in a few files rebuilds only those. --before REV is --rev before=REV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export LKM_REQUIRE_NVCC=1
+# The worktrees of --rev builds have no .toolchain of their own: nvcc comes from this checkout's (tools/install-nvcc.sh).
+export LKM_REQUIRE_NVCC=1 PATH="$PWD/.toolchain/cuda/bin:$PATH"
 revs=()
 while [ $# -gt 0 ]; do
   case "$1" in
