@@ -110,9 +110,9 @@
 //!    the second's output reversed back and [`add`]ed to the first's. [`Mamba::forward`] is
 //!    `[x, z] = in_proj(u)` (two [`linear`]s, one per half of the weight's rows, cut by [`narrow`]),
 //!    `x = SiLU(causal_conv1d(x))` (one op, [`causal_conv1d_silu`], whose backward recomputes the conv's output from
-//!    x instead of keeping it), `[dt, B, C] = x_proj(x)` (its output cut by
-//!    [`narrow`]), `delta = dt_proj.weight dt` (the projection's bias is the scan's `delta_bias`), then the selective
-//!    scan.
+//!    x instead of keeping it), `[dt, B, C] = x_proj(x)` (dt cut out by [`narrow`]; the scan reads B and C where
+//!    they lie in the output), `delta = dt_proj.weight dt` (the projection's bias is the scan's `delta_bias`), then
+//!    the selective scan.
 //! 4. `out_proj` ([`linear`]), [`merge`] back to the map, and the residual [`add`].
 //!
 //! ## 4c. The selective scan
