@@ -222,8 +222,9 @@ impl Tape {
     }
 
     /// `t` (float32) rounded to bf16, made once per tape: the copy the parameters gave ([`crate::nn::Params::watch`])
-    /// or the one made by the first call, so that every use of a weight in a step (its products rebuilt in the backward pass too) reads
-    /// one copy. Weights do not change while a tape records; [`Tape::backward`] forgets the copies.
+    /// or the one made by the first call, so that every use of a weight in a step (its products rebuilt in the
+    /// backward pass too) reads one copy. Weights do not change while a tape records; [`Tape::backward`] forgets the
+    /// copies.
     pub fn bf16_copy(&mut self, t: &Tensor) -> Result<Tensor> {
         if let Some(copy) = self.copies.get(&t.id()) {
             return Ok(copy.clone());

@@ -14,11 +14,10 @@ pub struct ParamId(usize);
 /// An ordered list of named parameter tensors, and the bf16 copies of those that a bf16 step's convolutions and linear
 /// layers read.
 ///
-/// The copies: a training step gives them to its tape ([`Params::watch`]), so that the ops
-/// read them instead of casting their weights ([`crate::ops::cast::Weight`]); the tape makes those it lacks, which
-/// [`Params::keep_copies`] keeps; the optimiser rewrites them from the updated values in its own pass
-/// ([`Params::for_optimiser`]). Whoever changes the values otherwise ([`Params::tensors_mut`]) drops them, so a copy
-/// is never stale.
+/// The copies: a training step gives them to its tape ([`Params::watch`]), so that the ops read them instead of
+/// casting their weights ([`crate::ops::cast::Weight`]); the tape makes those it lacks, which [`Params::keep_copies`]
+/// keeps; the optimiser rewrites them from the updated values in its own pass ([`Params::for_optimiser`]). Whoever
+/// changes the values otherwise ([`Params::tensors_mut`]) drops them, so a copy is never stale.
 #[derive(Clone, Default)]
 pub struct Params {
     names: Vec<String>,
