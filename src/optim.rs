@@ -137,7 +137,7 @@ impl Sgd {
     /// finite, the step changes no parameter and no momentum buffer (on the GPU the kernel reads that decision from
     /// device memory, so nothing waits for it here). `copies` (empty, or one entry per parameter) are bf16 copies of
     /// float32 GPU parameters that the same kernel rewrites from each updated parameter
-    /// ([`crate::nn::Params::for_optimiser`]); a copy whose storage is shared is replaced by a new one.
+    /// ([`crate::nn::Params::for_optimiser`]); a copy whose storage is shared is first replaced by a private copy.
     pub fn step_clipped(
         &mut self,
         params: &mut [Tensor],
