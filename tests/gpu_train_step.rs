@@ -148,7 +148,7 @@ fn errors(got: &StepResult, exact: &StepResult, names: &[String], before: &[Vec<
     out
 }
 
-/// bf16 training steps that read the weights' bf16 copies kept by the optimiser (`Params::keep_copies`,
+/// Two bf16 training steps that read the weights' bf16 copies kept by the optimiser (`Params::keep_copies`,
 /// `Sgd::step_clipped`) give the same bits, loss and parameters, as steps that cast every weight afresh
 /// (`Params::tensors_mut` drops the copies before each step).
 #[test]
@@ -159,7 +159,7 @@ fn gpu_bf16_weight_copies_change_no_bit() {
     let dev = Device::Cuda(gpu);
     let (model, params) = LkmUnet::new(ModelConfig::tiny_3d(), 3).unwrap();
     let params = randomise_norms_and_biases(&params, 3).unwrap().to(DType::F32, &dev).unwrap();
-    let (x, labels) = random_batch(&model.config, 2, 4).unwrap();
+    let (x, labels) = random_batch(&model.config, 1, 4).unwrap();
     let x = x.to_device(&dev).unwrap();
     let targets: Vec<Tensor> = model
         .config
@@ -171,7 +171,8 @@ fn gpu_bf16_weight_copies_change_no_bit() {
         let mut params = params.deep_copy().unwrap();
         let mut sgd = Sgd::new(1e-2, 0.99, 3e-5);
         let mut losses = Vec::new();
-        for step in 0..3 {
+        // Two steps: the second reads the copies the first step's optimiser wrote (or, fresh, casts again).
+        for step in 0..2 {
             if !keep {
                 params.tensors_mut();
                 assert_eq!(params.copy_count(), 0, "step {step}: copies left after tensors_mut");
@@ -186,7 +187,7 @@ fn gpu_bf16_weight_copies_change_no_bit() {
     let (kept, fresh) = (run(true), run(false));
     assert_eq!(kept.0, fresh.0, "the losses differ");
     for (i, (a, b)) in kept.1.iter().zip(&fresh.1).enumerate() {
-        assert!(a == b, "parameter {} differs after three steps", params.names()[i]);
+        assert!(a == b, "parameter {} differs after two steps", params.names()[i]);
     }
     eprintln!("{} bf16 copies kept for {} parameters", kept.2, params.len());
 }
