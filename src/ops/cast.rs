@@ -59,6 +59,16 @@ impl Weight {
     }
 }
 
+/// The gradients [dx, dW, db?] of a convolution's or linear layer's GPU backward pass with dW and db (float32, as the
+/// kernels sum them) in `dtype`, the type of the op's masters ([`Weight::dtype`]): unchanged for float32 masters,
+/// rounded once for bf16 ones.
+pub(crate) fn params_in(dtype: DType, mut grads: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    for g in grads.iter_mut().skip(1) {
+        *g = g.take().map(|g| g.to_dtype(dtype)).transpose()?;
+    }
+    Ok(grads)
+}
+
 /// The input's dtype, which the gradient is converted back to.
 struct CastBackward(DType);
 

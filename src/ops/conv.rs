@@ -88,7 +88,7 @@ use crate::device::params::{
     GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
-use crate::ops::cast::Weight;
+use crate::ops::cast::{params_in, Weight};
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
@@ -1686,15 +1686,6 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 /// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
 /// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
-
-/// The gradients [dx, dW, db?] of a convolution's GPU backward pass with dW and db (float32, as the kernels sum them)
-/// in `dtype`, the type of the op's masters: unchanged for float32 masters, rounded once for bf16 ones.
-pub(crate) fn params_in(dtype: DType, mut grads: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
-    for g in grads.iter_mut().skip(1) {
-        *g = g.take().map(|g| g.to_dtype(dtype)).transpose()?;
-    }
-    Ok(grads)
-}
 
 /// Cuts a weight gradient's reduction of `units` (k-stages, boxes, steps: at least one) into runs of whole units for
 /// about `wanted` slices, at most the grid's 65535: (units per slice, slices). A function of the shapes alone, so

@@ -49,7 +49,7 @@ use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
     GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
-use crate::ops::cast::Weight;
+use crate::ops::cast::{params_in, Weight};
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
@@ -346,14 +346,13 @@ fn backward_on_gpu<T: LinearElement>(op: &LinearBackward, g: &Tensor, want: [boo
         g.gpu_operand::<T>("linear backward: the gradient")?,
     );
     let (dx, dw, db) = backward_gpu(xb, wb, gb, op.dims, want)?;
-    let param = |b: Option<GpuBuffer>, shape: &[usize]| {
-        b.map(|b| Tensor::from_gpu(b, shape)?.to_dtype(op.grad_dtype)).transpose()
-    };
-    Ok([
+    let grads = vec![
         dx.map(|dx| Tensor::from_gpu(dx, op.x.shape())).transpose()?,
-        param(dw, op.w.shape())?,
-        param(db, &[op.dims.n])?,
-    ])
+        dw.map(|dw| Tensor::from_gpu(dw, op.w.shape())).transpose()?,
+        db.map(|db| Tensor::from_gpu(db, &[op.dims.n])).transpose()?,
+    ];
+    let [dx, dw, db] = params_in(op.grad_dtype, grads)?.try_into().expect("three gradients");
+    Ok([dx, dw, db])
 }
 
 // ---------------------------------------------------------------------------------------------------------------
