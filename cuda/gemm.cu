@@ -294,6 +294,154 @@ LINEAR_TC_KERNEL(linear_dgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, false,
 LINEAR_TC_KERNEL(linear_wgrad_bf16, __nv_bfloat16, GEMM_TC_BN, true, true, true)
 LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, true, true)
 
+// The streaming products (linear_fprop_stream_bf16_nBN, linear_dgrad_stream_bf16_nBN): y = x W^T and dx = g W when
+// the reduction is short (K <= GEMM_STREAM_MAX_K) and the rows are many (tokens), which makes the product a copy
+// with a little arithmetic: about 2 (K + N) bytes per row for 2 K N FLOPs. The tiled products above then wait on
+// memory with little of it in flight: a block loads its whole reduction (two stages at K = 32), multiplies, stores,
+// and only then loads again (957 GB/s for the stage-0 in_proj forward on the H200, 2026-12-05). Here a block keeps
+// its BN columns of W in shared memory for its whole life and walks row tiles i = blockIdx.x, + gridDim.x, ...
+// (gridDim.x is what the GPU holds at once, gridDim.y = ceil(N / BN)), GEMM_STREAM_STAGES - 1 tiles of A ahead by
+// cp.async while it multiplies and stores the current one:
+//
+//   C[i, j] = sum_{k < K} A(i, k) B(k, j) (+ bias[j]),   A(i, k) = a[i a_si + k] (rows 16-byte aligned: K % 8 == 0),
+//   B(k, j) = b[k b_sk + j b_sj]: fprop W[j, k] (b_sk = 1, stored [j][k]), dgrad W[k, j] (b_sj = 1, stored [k][j]).
+//
+// Tile: GEMM_STREAM_BM = 64 rows, warp w of 4 owns rows 16 w .. 16 w + 15 and all BN columns (BN / 8 m16n8k16
+// accumulators). K is padded to KP = ceil(K / 16) 16 with zeros. Shared memory (dynamic, bf16 elements; rows padded
+// by 16 bytes so that ldmatrix's 8 rows fall in 8 bank groups): the A ring [STAGES][BM][KP + 8], B as [BN][KP + 8]
+// (fprop) or [KP][BN + 8] (dgrad), and each warp's output rows [16][BN + 8], written from the fragments and then
+// copied out as whole 16-byte pieces of rows. The host sizes it with the same formula (linear.rs,
+// `stream_shared_bytes`); a launch with less traps.
+namespace {
+
+// Copies rows [r0, r0 + rows) x columns [0, cols) (cols a multiple of 8) of a row-major bf16 operand whose rows are
+// ld elements apart, rows >= r_end and columns >= c_end read as zero, into shared rows of sld elements: 16-byte
+// cp.async pieces when mode is Vec16 (in flight until the caller waits), else element by element (plain loads,
+// visible after the caller's next barrier).
+__device__ __forceinline__ void copy_rows_bf16(__nv_bfloat16* dst, int sld, const __nv_bfloat16* src, int64_t ld,
+                                               int64_t r0, int rows, int64_t r_end, int cols, int64_t c_end,
+                                               Copy mode) {
+    if (mode == Copy::Vec16) {
+        const int pieces = cols / 8;
+        for (int e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
+            const int r = e / pieces, c = e % pieces * 8;
+            const int64_t gr = r0 + r;
+            const int count = gr < r_end ? (int)max((int64_t)0, min((int64_t)8, c_end - c)) : 0;
+            mma::cp_async16(dst + r * sld + c, count > 0 ? src + gr * ld + c : src, count);
+        }
+    } else {
+        for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+            const int r = e / cols, c = e % cols;
+            const int64_t gr = r0 + r;
+            dst[r * sld + c] = gr < r_end && c < c_end ? src[gr * ld + c] : __float2bfloat16(0.0f);
+        }
+    }
+}
+
+template <int BN, bool B_K_MAJOR>
+__device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
+    using bf16 = __nv_bfloat16;
+    constexpr int BM = GEMM_STREAM_BM, STAGES = GEMM_STREAM_STAGES, NT = BN / 8;
+    static_assert(GEMM_STREAM_THREADS == 32 * (BM / 16) && BN % 16 == 0, "a warp per 16 rows, n-tiles in pairs");
+    const int KP = (int)(p.K + 15) / 16 * 16, ALD = KP + 8, BLD = B_K_MAJOR ? BN + 8 : KP + 8, OLD = BN + 8;
+    extern __shared__ __align__(16) unsigned char stream_smem[];
+    bf16* as = reinterpret_cast<bf16*>(stream_smem);   // [STAGES][BM][ALD]
+    bf16* bs = as + STAGES * BM * ALD;                  // [BN][BLD] or [KP][BLD]
+    bf16* os = bs + (B_K_MAJOR ? KP : BN) * BLD;        // [warps][16][OLD]
+    unsigned smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    if ((size_t)(os + (BM / 16) * 16 * OLD) - (size_t)stream_smem > smem_bytes || p.K > GEMM_STREAM_MAX_K) __trap();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const int r8 = lane & 7, mat = lane >> 3;
+    const int64_t j0 = (int64_t)blockIdx.y * BN, tiles = (p.M + BM - 1) / BM;
+    if (B_K_MAJOR)
+        copy_rows_bf16(bs, BLD, p.b + j0, p.b_sk, 0, KP, p.K, BN, p.N - j0, copy_mode(p.b + j0, p.b_sk));
+    else
+        copy_rows_bf16(bs, BLD, p.b + j0 * p.b_sj, p.b_sj, 0, BN, p.N - j0, KP, p.K, copy_mode(p.b + j0 * p.b_sj, p.b_sj));
+    auto load_a = [&](int64_t it) {
+        const int64_t tile = blockIdx.x + it * gridDim.x;
+        if (tile < tiles)
+            copy_rows_bf16(as + (it % STAGES) * BM * ALD, ALD, p.a, p.a_si, tile * BM, BM, p.M, KP, p.K, Copy::Vec16);
+        mma::cp_async_commit();
+    };
+#pragma unroll
+    for (int it = 0; it < STAGES - 1; ++it) load_a(it);
+
+    float bias[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t col = j0 + 8 * j + 2 * tq + h;
+            bias[j][h] = p.bias && col < p.N ? __bfloat162float(p.bias[col]) : 0.0f;
+        }
+    bf16* out_rows = os + warp * 16 * OLD;
+    const bool vec_out = (p.N * 2) % 16 == 0 && aligned16(p.c) && j0 % 8 == 0;
+
+    for (int64_t it = 0; blockIdx.x + it * gridDim.x < tiles; ++it) {
+        mma::cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile it has landed for every thread; slot (it - 1) % STAGES has been read by all
+        load_a(it + STAGES - 1);
+        const bf16* at = as + (it % STAGES) * BM * ALD + warp * 16 * ALD;
+        float acc[NT][4] = {};
+        for (int k0 = 0; k0 < KP; k0 += 16) {
+            unsigned a[4];
+            mma::ldmatrix_x4<false>(a, at + (r8 + 8 * (mat & 1)) * ALD + k0 + 8 * (mat >> 1));
+#pragma unroll
+            for (int j = 0; j < NT; j += 2) {
+                // Matrix m of the x4: n-tile j + m / 2, reduction indices k0 + 8 (m % 2) .. + 7.
+                unsigned b[4];
+                const int n = 8 * (j + (mat >> 1)), k = k0 + 8 * (mat & 1);
+                if constexpr (B_K_MAJOR)
+                    mma::ldmatrix_x4<true>(b, bs + (k + r8) * BLD + n);
+                else
+                    mma::ldmatrix_x4<false>(b, bs + (n + r8) * BLD + k);
+                const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+                mma::mma_bf16(acc[j], a, b0[0], b0[1]);
+                mma::mma_bf16(acc[j + 1], a, b1[0], b1[1]);
+            }
+        }
+        // acc[j][h]: row g + 8 (h / 2), column 8 j + 2 tq + h % 2 of the warp's 16 x BN.
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int h = 0; h < 4; h += 2)
+                *reinterpret_cast<__nv_bfloat162*>(out_rows + (g + 4 * h) * OLD + 8 * j + 2 * tq) =
+                    __floats2bfloat162_rn(acc[j][h] + bias[j][0], acc[j][h + 1] + bias[j][1]);
+        __syncwarp();
+        const int64_t row0 = (blockIdx.x + it * gridDim.x) * BM + warp * 16;
+        constexpr int PIECES = BN / 8;
+        for (int e = lane; e < 16 * PIECES; e += 32) {
+            const int r = e / PIECES, c = e % PIECES * 8;
+            const int64_t row = row0 + r, col = j0 + c;
+            if (row >= p.M || col >= p.N) continue;
+            bf16* dst = p.c + row * p.N + col;
+            const bf16* src = out_rows + r * OLD + c;
+            if (vec_out && col + 8 <= p.N) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+                for (int q = 0; q < 8 && col + q < p.N; ++q) dst[q] = src[q];
+            }
+        }
+        __syncwarp();  // the rows are read before the next tile writes them
+    }
+    mma::cp_async_wait<0>();
+}
+
+}  // namespace
+
+#define LINEAR_STREAM_KERNEL(NAME, BN, B_K_MAJOR)                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMM_STREAM_THREADS) NAME(const GemmParams<__nv_bfloat16> p) { \
+        gemm_stream_bf16<BN, B_K_MAJOR>(p);                                                                    \
+    }
+LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n32, 32, false)  // y = x W^T: W stored [j][k]
+LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n64, 64, false)
+LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n128, 128, false)
+LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n32, 32, true)  // dx = g W: W stored [k][j]
+LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n64, 64, true)
+LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n128, 128, true)
+
 // Block (SUM_ROWS_COLS, SUM_ROWS_LANES) = (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid
 // (ceil(cols / 32), slices).
 static_assert(SUM_ROWS_COLS == 32 && SUM_ROWS_LANES == 8, "the lane sums below are written for blocks of (32, 8)");

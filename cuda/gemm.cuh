@@ -18,6 +18,12 @@ constexpr int GEMM_TC_BN_NARROW = 32;
 constexpr int GEMM_TC_BK = 16;
 constexpr int GEMM_TC_STAGES = 3;
 constexpr int GEMM_TC_THREADS = 256;
+// The streaming products (linear_*_stream_bf16_nBN): row tiles of GEMM_STREAM_BM rows, GEMM_STREAM_THREADS threads
+// (a warp per 16 rows), GEMM_STREAM_STAGES tiles of A in the ring, reductions of at most GEMM_STREAM_MAX_K.
+constexpr int GEMM_STREAM_BM = 64;
+constexpr int GEMM_STREAM_THREADS = 128;
+constexpr int GEMM_STREAM_STAGES = 4;
+constexpr int GEMM_STREAM_MAX_K = 128;
 // sum_rows_f32: block (SUM_ROWS_COLS, SUM_ROWS_LANES): columns per block, row lanes.
 constexpr int SUM_ROWS_COLS = 32;
 constexpr int SUM_ROWS_LANES = 8;
@@ -73,4 +79,14 @@ extern "C" __global__ void linear_dgrad_bf16(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_dgrad_bf16_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_bf16(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_bf16_n32(const GemmParams<__nv_bfloat16> p);
+// y = x W^T and dx = g W for short reductions over many rows (K <= GEMM_STREAM_MAX_K, K % 8 == 0, a_sk = 1, the
+// rows of A 16-byte aligned), bf16, BN = 32, 64 or 128 columns per block: each block keeps its columns of W in shared
+// memory and walks row tiles blockIdx.x, + gridDim.x, ... (grid: (resident blocks / gridDim.y, ceil(N / BN))), with
+// dynamic shared memory as gemm.cu states. fprop b_sk = 1, dgrad b_sj = 1.
+extern "C" __global__ void linear_fprop_stream_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_fprop_stream_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_fprop_stream_bf16_n128(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_stream_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_stream_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_stream_bf16_n128(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void sum_rows_f32(const SumRowsParams p);

@@ -123,6 +123,53 @@ fn gpu_linear_bf16() {
     linear_bf16_case("linear in_proj (100003, 32) -> 128", &[100_003, 32], 128, false, 49);
 }
 
+/// The bf16 linear's output and every gradient, element by element, against float64 on the same bf16 inputs and the
+/// same bf16 seed gradient: each (y, dx, and dW and db, float32 sums over the rows returned in the bf16 weight's type)
+/// is one rounding to bf16 away from exact (|error| <= 2^-8 |exact|), plus float32 summation noise.
+fn linear_bf16_elementwise(m: usize, k: usize, n: usize, bias: bool, seed: u64) {
+    let name = format!("linear bf16 ({m}, {k}) -> {n}{}", if bias { " + bias" } else { "" });
+    let dev = Device::Cuda(tf32_gpu());
+    let on_gpu: Vec<Tensor> = linear_inputs(&[m, k], n, bias, seed)
+        .iter()
+        .map(|x| x.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap())
+        .collect();
+    let on_cpu: Vec<Tensor> =
+        on_gpu.iter().map(|x| Tensor::from_vec(x.to_vec_f64().unwrap(), x.shape()).unwrap()).collect();
+    let g = randn32(&[m, n], 1.0, seed + 7).to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let g_cpu = Tensor::from_vec(g.to_vec_f64().unwrap(), g.shape()).unwrap();
+    let run = |xs: &[Tensor], g: Tensor| {
+        let mut tape = Tape::new();
+        xs.iter().for_each(|x| tape.watch(x));
+        let y = linear(&mut tape, &xs[0], &xs[1], xs.get(2)).unwrap();
+        let mut grads = tape.backward_from(&y, g).unwrap();
+        let mut out = vec![y.to_vec_f64().unwrap()];
+        out.extend(xs.iter().map(|x| grads.take(x).unwrap().to_vec_f64().unwrap()));
+        out
+    };
+    let (got, want) = (run(&on_gpu, g), run(&on_cpu, g_cpu));
+    for (i, what) in ["output", "dx", "dW", "db"].iter().enumerate().take(got.len()) {
+        let scale = want[i].iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        common::assert_close(&format!("{name}: {what}"), &got[i], &want[i], 1.0 / 256.0, 1e-5 * scale);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_stream() {
+    // The streaming products (cuda/gemm.cu, short reductions over many rows) in each column width, and the shapes
+    // around them: in_proj's (fprop 128 columns, dgrad 32 over a reduction of 128), x_proj's 34 outputs (element
+    // stores), reductions padded to 16 (K = 40, 56; dgrad over 24), bias, N = 56 in 64-column tiles, two column
+    // blocks (N = 200), fewer rows than a tile, dt_proj's dgrad to 2 columns; tiled products where K is not whole
+    // 16-byte rows (x_proj's dgrad over 34, K = 2).
+    linear_bf16_elementwise(100_003, 32, 128, false, 60);
+    linear_bf16_elementwise(5_001, 64, 34, false, 61);
+    linear_bf16_elementwise(3_001, 40, 100, true, 62);
+    linear_bf16_elementwise(2_001, 56, 24, true, 63);
+    linear_bf16_elementwise(777, 8, 200, true, 64);
+    linear_bf16_elementwise(40, 128, 16, false, 65);
+    linear_bf16_elementwise(1_999, 2, 64, false, 66);
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_linear_aligned_rows() {

@@ -46,8 +46,9 @@ use half::bf16;
 
 use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
-    GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
+    kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_STREAM_BM, GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES,
+    GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW, GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK,
+    GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::{params_in, Weight};
 use crate::profile;
@@ -379,6 +380,9 @@ enum GemmRole {
 /// (its exact entry is the tensor-core one).
 trait LinearElement: GpuElement {
     const KERNELS: [[Kernel<GemmParams<Self>>; 3]; 3];
+    /// The streaming products for short reductions (forward, input gradient), each for 32, 64 and 128 columns per
+    /// block (cuda/gemm.cu's `linear_*_stream_*`), where this type has them.
+    const STREAM: Option<[[Kernel<GemmParams<Self>>; 3]; 2]>;
     /// Whether `--math exact` can select float32 SIMT kernels for this type.
     const HAS_EXACT: bool;
     /// The column sums of g (M, N) in float32: the bias gradient.
@@ -391,6 +395,7 @@ impl LinearElement for f32 {
         [kernel::linear_dgrad_f32, kernel::linear_dgrad_tf32, kernel::linear_dgrad_tf32_n32],
         [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
     ];
+    const STREAM: Option<[[Kernel<GemmParams<f32>>; 3]; 2]> = None;
     const HAS_EXACT: bool = true;
     fn column_sums(g: &GpuBuffer, m: usize, n: usize) -> Result<GpuBuffer> {
         sum_rows(&g.gpu, &g.slice.slice(..), m, n, n, "linear db")
@@ -403,6 +408,18 @@ impl LinearElement for bf16 {
         [kernel::linear_dgrad_bf16, kernel::linear_dgrad_bf16, kernel::linear_dgrad_bf16_n32],
         [kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16_n32],
     ];
+    const STREAM: Option<[[Kernel<GemmParams<bf16>>; 3]; 2]> = Some([
+        [
+            kernel::linear_fprop_stream_bf16_n32,
+            kernel::linear_fprop_stream_bf16_n64,
+            kernel::linear_fprop_stream_bf16_n128,
+        ],
+        [
+            kernel::linear_dgrad_stream_bf16_n32,
+            kernel::linear_dgrad_stream_bf16_n64,
+            kernel::linear_dgrad_stream_bf16_n128,
+        ],
+    ]);
     const HAS_EXACT: bool = false;
     fn column_sums(g: &GpuBuffer<bf16>, m: usize, n: usize) -> Result<GpuBuffer> {
         f32::column_sums(&crate::tensor::cast::to_f32(g)?, m, n)
@@ -463,6 +480,9 @@ impl<T: LinearElement> Gemm<T> {
     /// Runs the product into `c` (forward, input gradient) or `c_acc` (the weight gradient's float32 partial
     /// products), its reduction cut into `slices` slices of `k_slice` (slice z written at c_acc + z m n).
     fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<T>, c_acc: MutPtr<f32>, k_slice: usize, slices: usize) -> Result<()> {
+        if let Some((kernel, bn)) = self.stream_kernel(gpu) {
+            return self.run_stream(gpu, kernel, bn, c);
+        }
         let (k, what) = self.role.kernel::<T>(gpu, self.n);
         let (bm, bn) = k.tile;
         ensure!(
@@ -497,6 +517,65 @@ impl<T: LinearElement> Gemm<T> {
         gpu.launch(k.kernel, cfg, &p, &shapes)
     }
 
+    /// The streaming product and its columns per block, when it takes this one: a forward or input-gradient
+    /// product (not `--math exact`) of a type that has one, whose reduction is at most GEMM_STREAM_MAX_K long and
+    /// whose A rows are whole 16-byte pieces (cuda/gemm.cu says why these products gain from it).
+    fn stream_kernel(&self, gpu: &Gpu) -> Option<(Kernel<GemmParams<T>>, usize)> {
+        let [fprop, dgrad] = T::STREAM?;
+        let kernels = match self.role {
+            GemmRole::Forward => fprop,
+            GemmRole::InputGrad => dgrad,
+            GemmRole::WeightGrad => return None,
+        };
+        let a_rows_whole = self.a_sk == 1 && (self.a_si * size_of::<T>()) % 16 == 0 && self.a.address() % 16 == 0;
+        if gpu.exact_f32() || !a_rows_whole || self.k > GEMM_STREAM_MAX_K || self.k % 8 != 0 {
+            return None;
+        }
+        Some(match self.n {
+            ..=32 => (kernels[0], 32),
+            33..=64 => (kernels[1], 64),
+            _ => (kernels[2], 128),
+        })
+    }
+
+    /// Runs the streaming product `kernel` (`bn` columns per block) into `c`: as many blocks as the GPU holds at
+    /// once, each walking row tiles.
+    fn run_stream(&self, gpu: &Arc<Gpu>, kernel: Kernel<GemmParams<T>>, bn: usize, c: MutPtr<T>) -> Result<()> {
+        let what = match self.role {
+            GemmRole::Forward => "linear forward (streaming)",
+            _ => "linear dx = g W (streaming)",
+        };
+        let shapes = format!("{what}: ({}, {}) x ({}, {})", self.m, self.k, self.k, self.n);
+        let b_k_major = matches!(self.role, GemmRole::InputGrad);
+        let shared = stream_shared_bytes(self.k, bn, b_k_major);
+        let columns = self.n.div_ceil(bn);
+        ensure!(columns <= 65_535, Shape, "{shapes}: too many output columns for the GPU grid");
+        let resident = gpu.resident_blocks(kernel, GEMM_STREAM_THREADS as u32, shared as u32, &shapes)?;
+        let tiles = self.m.div_ceil(GEMM_STREAM_BM);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles.min((resident / columns).max(1)) as u32, columns as u32, 1),
+            block_dim: (GEMM_STREAM_THREADS as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let p = GemmParams {
+            a: self.a,
+            b: self.b,
+            bias: self.bias,
+            c,
+            c_acc: MutPtr::NULL,
+            a_si: self.a_si as i64,
+            a_sk: 1,
+            b_sk: self.b_sk as i64,
+            b_sj: self.b_sj as i64,
+            M: self.m as i64,
+            N: self.n as i64,
+            K: self.k as i64,
+            k_slice: self.k as i64,
+            c_slice: 0,
+        };
+        gpu.launch(kernel, cfg, &p, &shapes)
+    }
+
     /// The split of the reduction (k_slice, slices) that gives about GEMM_SPLIT_BLOCKS blocks, in slices of at least
     /// GEMM_MIN_SLICE rows and a multiple of the kernel's stage depth: a function of the shapes and the math alone,
     /// so the summation order is the same on every run.
@@ -507,6 +586,16 @@ impl<T: LinearElement> Gemm<T> {
         let k_slice = self.k.div_ceil(want).next_multiple_of(k.depth).max(GEMM_MIN_SLICE);
         (k_slice, self.k.div_ceil(k_slice))
     }
+}
+
+/// The dynamic shared memory of a streaming product (cuda/gemm.cu's layout, in bf16 elements): the ring of A tiles
+/// [GEMM_STREAM_STAGES][GEMM_STREAM_BM][KP + 8], the block's columns of W ([bn][KP + 8], or [KP][bn + 8] for the input
+/// gradient) and each warp's output rows [16][bn + 8], with KP = k rounded up to 16.
+fn stream_shared_bytes(k: usize, bn: usize, b_k_major: bool) -> usize {
+    let kp = k.next_multiple_of(16);
+    let b = if b_k_major { kp * (bn + 8) } else { bn * (kp + 8) };
+    let warps = GEMM_STREAM_THREADS / 32;
+    2 * (GEMM_STREAM_STAGES * GEMM_STREAM_BM * (kp + 8) + b + warps * 16 * (bn + 8))
 }
 
 /// Rows summed per block in the first round of `sum_rows` when one round would leave too few blocks.

@@ -113,6 +113,7 @@ void complete_group(Group& g, int size, int index) {
 }  // namespace
 
 unsigned char* dyn_smem = arena;
+unsigned dyn_smem_bytes = 0;
 unsigned char* shared_base = arena - (size_t(1) << 31);
 
 [[noreturn]] void trap(const char* what) {
@@ -223,6 +224,7 @@ void launch(const char* name, void (*fn)(void**), void** args, uint3 grid, uint3
     static const bool reverse = getenv("CUDA_EMU_REVERSE") != nullptr;
     if (smem > ARENA) trap("more dynamic shared memory than the emulator's arena");
     kernel_name = name;
+    dyn_smem_bytes = smem;
     grid_dim = grid;
     block_dim = block;
     threads = (int)(block.x * block.y * block.z);

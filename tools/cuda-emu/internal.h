@@ -19,4 +19,6 @@ unsigned char* descriptor_at(uint64_t desc, int bytes);
 
 /// The name of the kernel now running, for messages.
 extern const char* kernel_name;
+/// The running launch's dynamic shared memory in bytes (PTX's %dynamic_smem_size).
+extern unsigned dyn_smem_bytes;
 }  // namespace emu

@@ -185,6 +185,8 @@ void ptx(const char* tmpl, std::initializer_list<Operand> list) {
         float y = exp2f(freg(ops, 1));
         if (fabsf(y) < 1.17549435e-38f) y = 0.0f;  // .ftz: a subnormal result is flushed to zero
         setf(ops, 0, y);
+    } else if (has(tmpl, "%%dynamic_smem_size")) {
+        set(ops, 0, dyn_smem_bytes);
     } else if (has(tmpl, "cvt.rna.tf32.f32")) {
         uint32_t b = reg(ops, 1);
         if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;  // nearest, ties away from zero
