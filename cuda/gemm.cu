@@ -429,6 +429,79 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
     mma::cp_async_wait<0>();
 }
 
+// The weight gradient dW = g^T x of the same layers, streamed the same way: C[i, j] = sum_k A(i, k) B(k, j) with the
+// reduction over the tokens k, A(i, k) = g[k, i] (a_si = 1, rows a_sk apart), B(k, j) = x[k, j] (b_sj = 1, rows b_sk
+// apart), both rows whole 16-byte pieces. Block (s, t): dW tile t (BMW x BNW, of ceil(M / BMW) x ceil(N / BNW), row
+// major), token tiles s, s + gridDim.x, ... of GEMM_STREAM_BM tokens each, GEMM_STREAM_STAGES - 1 of them in flight;
+// its float32 sums go to c_acc + s c_slice (row-major (M, N)), which sum_rows_f32 then adds in slice order (no
+// atomics: the same bits on every run). Warps 2 x 2 over the tile, both operands read by ldmatrix.trans from their
+// token-major tiles [GEMM_STREAM_BM][BMW + 8] and [GEMM_STREAM_BM][BNW + 8] (dynamic shared memory, the ring of both;
+// `stream_wgrad_shared_bytes` in linear.rs).
+template <int BMW, int BNW>
+__device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
+    using bf16 = __nv_bfloat16;
+    using S = mma::Shape<BMW, BNW, 16, GEMM_STREAM_STAGES, 2, 2>;
+    using Acc = mma::Acc<S>;
+    constexpr int BK = GEMM_STREAM_BM, STAGES = GEMM_STREAM_STAGES, ALD = BMW + 8, BLD = BNW + 8;
+    static_assert(S::THREADS == GEMM_STREAM_THREADS && Acc::NI % 2 == 0, "4 warps, n-tiles in pairs");
+    extern __shared__ __align__(16) unsigned char stream_smem[];
+    bf16* as = reinterpret_cast<bf16*>(stream_smem);  // [STAGES][BK][ALD]
+    bf16* bs = as + STAGES * BK * ALD;                 // [STAGES][BK][BLD]
+    unsigned smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    if (sizeof(bf16) * STAGES * BK * (ALD + BLD) > smem_bytes) __trap();
+
+    const int64_t tiles_n = (p.N + BNW - 1) / BNW;
+    const int64_t i0 = blockIdx.y / tiles_n * BMW, j0 = blockIdx.y % tiles_n * BNW;
+    const int64_t tiles = (p.K + BK - 1) / BK;
+    auto load = [&](int64_t it) {
+        const int64_t tile = blockIdx.x + it * gridDim.x;
+        if (tile < tiles) {
+            const int slot = (int)(it % STAGES);
+            copy_rows_bf16(as + slot * BK * ALD, ALD, p.a + i0, p.a_sk, tile * BK, BK, p.K, BMW, p.M - i0, Copy::Vec16);
+            copy_rows_bf16(bs + slot * BK * BLD, BLD, p.b + j0, p.b_sk, tile * BK, BK, p.K, BNW, p.N - j0, Copy::Vec16);
+        }
+        mma::cp_async_commit();
+    };
+#pragma unroll
+    for (int it = 0; it < STAGES - 1; ++it) load(it);
+
+    const int lane = threadIdx.x & 31, r8 = lane & 7, mat = lane >> 3;
+    const int wm = (threadIdx.x >> 5) % 2 * Acc::WTM, wn = (threadIdx.x >> 5) / 2 * Acc::WTN;
+    Acc acc;
+    for (int64_t it = 0; blockIdx.x + it * gridDim.x < tiles; ++it) {
+        mma::cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile it has landed for every thread; slot (it - 1) % STAGES has been read by all
+        load(it + STAGES - 1);
+        const bf16* at = as + (it % STAGES) * BK * ALD;
+        const bf16* bt = bs + (it % STAGES) * BK * BLD;
+#pragma unroll
+        for (int k0 = 0; k0 < BK; k0 += 16) {
+            // A (x4, transposed): matrix m holds dW rows wm + 16 i + 8 (m % 2) .. + 7, tokens k0 + 8 (m / 2) .. + 7;
+            // B (x4, transposed): n-tile j + m / 2, tokens k0 + 8 (m % 2) .. + 7.
+            unsigned a[Acc::MI][4], b[Acc::NI][2];
+#pragma unroll
+            for (int i = 0; i < Acc::MI; ++i)
+                mma::ldmatrix_x4<true>(a[i], at + (k0 + 8 * (mat >> 1) + r8) * ALD + wm + 16 * i + 8 * (mat & 1));
+#pragma unroll
+            for (int j = 0; j < Acc::NI; j += 2) {
+                unsigned q[4];
+                mma::ldmatrix_x4<true>(q, bt + (k0 + 8 * (mat & 1) + r8) * BLD + wn + 8 * (j + (mat >> 1)));
+                b[j][0] = q[0];
+                b[j][1] = q[1];
+                b[j + 1][0] = q[2];
+                b[j + 1][1] = q[3];
+            }
+#pragma unroll
+            for (int i = 0; i < Acc::MI; ++i)
+#pragma unroll
+                for (int j = 0; j < Acc::NI; ++j) mma::mma_bf16(acc.v[i][j], a[i], b[j][0], b[j][1]);
+        }
+    }
+    mma::cp_async_wait<0>();
+    store_tile<Acc>(acc, p.c_acc + (int64_t)blockIdx.x * p.c_slice, i0, j0, p.M, p.N);
+}
+
 }  // namespace
 
 #define LINEAR_STREAM_KERNEL(NAME, BN, B_K_MAJOR)                                                                 \
@@ -441,6 +514,16 @@ LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n128, 128, false)
 LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n32, 32, true)  // dx = g W: W stored [k][j]
 LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n64, 64, true)
 LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n128, 128, true)
+#define LINEAR_WGRAD_STREAM_KERNEL(NAME, BMW, BNW)                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMM_STREAM_THREADS) NAME(const GemmParams<__nv_bfloat16> p) { \
+        gemm_wgrad_stream_bf16<BMW, BNW>(p);                                                                   \
+    }
+LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m32_n32, 32, 32)  // dW = g^T x, dW tiles of BMW x BNW
+LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m32_n64, 32, 64)
+LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m64_n32, 64, 32)
+LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m64_n64, 64, 64)
+LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m128_n32, 128, 32)
+LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m128_n64, 128, 64)
 
 // Block (SUM_ROWS_COLS, SUM_ROWS_LANES) = (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid
 // (ceil(cols / 32), slices).

@@ -157,11 +157,13 @@ fn linear_bf16_elementwise(m: usize, k: usize, n: usize, bias: bool, seed: u64) 
 #[ignore = "needs a CUDA device"]
 fn gpu_linear_stream() {
     // The streaming products (cuda/gemm.cu, short reductions over many rows) in each column width, and the shapes
-    // around them: in_proj's (fprop 128 columns, dgrad 32 over a reduction of 128), x_proj's 34 outputs (element
-    // stores), reductions padded to 16 (K = 40, 56; dgrad over 24), bias, N = 56 in 64-column tiles, two column
-    // blocks (N = 200), fewer rows than a tile, dt_proj's dgrad to 2 columns; tiled products where K is not whole
-    // 16-byte rows (x_proj's dgrad over 34, K = 2).
+    // around them: in_proj's (fprop 128 columns, dgrad 32 over a reduction of 128, dW 128 x 32), 64 -> 64 (dW
+    // 64 x 64), x_proj's 34 outputs (element stores), reductions padded to 16 (K = 40, 56; dgrad over 24), bias,
+    // N = 56 in 64-column tiles (dW 24 x 56 in a 32 x 64 tile), two column blocks (N = 200), fewer rows than a tile
+    // (dW 16 x 128 in two tiles), dt_proj's dgrad to 2 columns; tiled products where rows are not whole 16 bytes
+    // (x_proj's dgrad over 34, K = 2, dW of 100 or 200 rows).
     linear_bf16_elementwise(100_003, 32, 128, false, 60);
+    linear_bf16_elementwise(50_001, 64, 64, true, 67);
     linear_bf16_elementwise(5_001, 64, 34, false, 61);
     linear_bf16_elementwise(3_001, 40, 100, true, 62);
     linear_bf16_elementwise(2_001, 56, 24, true, 63);

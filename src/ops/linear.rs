@@ -380,10 +380,9 @@ enum GemmRole {
 /// (its exact entry is the tensor-core one).
 trait LinearElement: GpuElement {
     const KERNELS: [[Kernel<GemmParams<Self>>; 3]; 3];
-    /// The streaming products for short reductions (forward, input gradient), each for 32, 64 and 128 columns per
-    /// block (cuda/gemm.cu's `linear_*_stream_*`), where this type has them.
-    const STREAM: Option<[[Kernel<GemmParams<Self>>; 3]; 2]>;
-    /// Whether `--math exact` can select float32 SIMT kernels for this type.
+    /// The streaming products for many tokens and short reductions (cuda/gemm.cu's `linear_*_stream_*`), where this
+    /// type has them.
+    const STREAM: Option<StreamKernels<Self>>;
     const HAS_EXACT: bool;
     /// The column sums of g (M, N) in float32: the bias gradient.
     fn column_sums(g: &GpuBuffer<Self>, m: usize, n: usize) -> Result<GpuBuffer>;
@@ -395,7 +394,7 @@ impl LinearElement for f32 {
         [kernel::linear_dgrad_f32, kernel::linear_dgrad_tf32, kernel::linear_dgrad_tf32_n32],
         [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
     ];
-    const STREAM: Option<[[Kernel<GemmParams<f32>>; 3]; 2]> = None;
+    const STREAM: Option<StreamKernels<f32>> = None;
     const HAS_EXACT: bool = true;
     fn column_sums(g: &GpuBuffer, m: usize, n: usize) -> Result<GpuBuffer> {
         sum_rows(&g.gpu, &g.slice.slice(..), m, n, n, "linear db")
@@ -408,22 +407,43 @@ impl LinearElement for bf16 {
         [kernel::linear_dgrad_bf16, kernel::linear_dgrad_bf16, kernel::linear_dgrad_bf16_n32],
         [kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16, kernel::linear_wgrad_bf16_n32],
     ];
-    const STREAM: Option<[[Kernel<GemmParams<bf16>>; 3]; 2]> = Some([
-        [
+    const STREAM: Option<StreamKernels<bf16>> = Some(StreamKernels {
+        fprop: [
             kernel::linear_fprop_stream_bf16_n32,
             kernel::linear_fprop_stream_bf16_n64,
             kernel::linear_fprop_stream_bf16_n128,
         ],
-        [
+        dgrad: [
             kernel::linear_dgrad_stream_bf16_n32,
             kernel::linear_dgrad_stream_bf16_n64,
             kernel::linear_dgrad_stream_bf16_n128,
         ],
-    ]);
+        wgrad: [
+            [kernel::linear_wgrad_stream_bf16_m32_n32, kernel::linear_wgrad_stream_bf16_m32_n64],
+            [kernel::linear_wgrad_stream_bf16_m64_n32, kernel::linear_wgrad_stream_bf16_m64_n64],
+            [kernel::linear_wgrad_stream_bf16_m128_n32, kernel::linear_wgrad_stream_bf16_m128_n64],
+        ],
+    });
     const HAS_EXACT: bool = false;
     fn column_sums(g: &GpuBuffer<bf16>, m: usize, n: usize) -> Result<GpuBuffer> {
         f32::column_sums(&crate::tensor::cast::to_f32(g)?, m, n)
     }
+}
+
+/// The streaming kernels of a storage type: forward and input gradient for 32, 64 and 128 output columns per block,
+/// the weight gradient for dW tiles of 32, 64 or 128 rows by 32 or 64 columns.
+struct StreamKernels<T> {
+    fprop: [Kernel<GemmParams<T>>; 3],
+    dgrad: [Kernel<GemmParams<T>>; 3],
+    wgrad: [[Kernel<GemmParams<T>>; 2]; 3],
+}
+
+/// A streaming product chosen for one [`Gemm`]: its kernel, the output tile of a block (rows, columns) and its
+/// dynamic shared memory in bytes.
+struct StreamKernel<T> {
+    kernel: Kernel<GemmParams<T>>,
+    tile: (usize, usize),
+    shared: usize,
 }
 
 /// A product's kernel and the block tile it covers.
@@ -480,8 +500,8 @@ impl<T: LinearElement> Gemm<T> {
     /// Runs the product into `c` (forward, input gradient) or `c_acc` (the weight gradient's float32 partial
     /// products), its reduction cut into `slices` slices of `k_slice` (slice z written at c_acc + z m n).
     fn run(&self, gpu: &Arc<Gpu>, c: MutPtr<T>, c_acc: MutPtr<f32>, k_slice: usize, slices: usize) -> Result<()> {
-        if let Some((kernel, bn)) = self.stream_kernel(gpu) {
-            return self.run_stream(gpu, kernel, bn, c);
+        if let Some(s) = self.stream_kernel(gpu) {
+            return self.run_stream(gpu, &s, c, c_acc, slices);
         }
         let (k, what) = self.role.kernel::<T>(gpu, self.n);
         let (bm, bn) = k.tile;
@@ -517,69 +537,102 @@ impl<T: LinearElement> Gemm<T> {
         gpu.launch(k.kernel, cfg, &p, &shapes)
     }
 
-    /// The streaming product and its columns per block, when it takes this one: a forward or input-gradient
-    /// product (not `--math exact`) of a type that has one, whose reduction is at most GEMM_STREAM_MAX_K long and
-    /// whose A rows are whole 16-byte pieces (cuda/gemm.cu says why these products gain from it).
-    fn stream_kernel(&self, gpu: &Gpu) -> Option<(Kernel<GemmParams<T>>, usize)> {
-        let [fprop, dgrad] = T::STREAM?;
-        let kernels = match self.role {
-            GemmRole::Forward => fprop,
-            GemmRole::InputGrad => dgrad,
-            GemmRole::WeightGrad => return None,
-        };
-        let a_rows_whole = self.a_sk == 1 && (self.a_si * size_of::<T>()) % 16 == 0 && self.a.address() % 16 == 0;
-        if gpu.exact_f32() || !a_rows_whole || self.k > GEMM_STREAM_MAX_K || self.k % 8 != 0 {
-            return None;
+    /// The streaming product that takes this one, if any (cuda/gemm.cu says why they gain): not `--math exact`, a
+    /// type that has them, operands whose rows are whole 16-byte pieces; the forward and input gradient for
+    /// reductions of at most GEMM_STREAM_MAX_K, the weight gradient for at most 128 x 128 outputs.
+    fn stream_kernel(&self, gpu: &Gpu) -> Option<StreamKernel<T>> {
+        let kernels = T::STREAM.filter(|_| !gpu.exact_f32())?;
+        let whole = |p: ConstPtr<T>, ld: usize| p.address() % 16 == 0 && (ld * size_of::<T>()) % 16 == 0;
+        let by_columns = |n: usize| usize::from(n > 32) + usize::from(n > 64);
+        match self.role {
+            GemmRole::Forward | GemmRole::InputGrad => {
+                let fits = self.a_sk == 1 && whole(self.a, self.a_si) && self.k <= GEMM_STREAM_MAX_K;
+                if !fits || self.k % 8 != 0 {
+                    return None;
+                }
+                let width = by_columns(self.n);
+                let dgrad = matches!(self.role, GemmRole::InputGrad);
+                let kernel = if dgrad { kernels.dgrad } else { kernels.fprop }[width];
+                let bn = 32 << width;
+                Some(StreamKernel {
+                    kernel,
+                    tile: (GEMM_STREAM_BM, bn),
+                    shared: stream_shared_bytes(self.k, bn, dgrad),
+                })
+            }
+            GemmRole::WeightGrad => {
+                let fits = self.a_si == 1 && self.b_sj == 1 && whole(self.a, self.a_sk) && whole(self.b, self.b_sk);
+                if !fits || self.m > 128 || self.n > 128 {
+                    return None;
+                }
+                let (rows, cols) = (by_columns(self.m), usize::from(self.n > 32));
+                let tile = (32 << rows, 32 << cols);
+                let shared = 2 * GEMM_STREAM_STAGES * GEMM_STREAM_BM * (tile.0 + 8 + tile.1 + 8);
+                Some(StreamKernel { kernel: kernels.wgrad[rows][cols], tile, shared })
+            }
         }
-        Some(match self.n {
-            ..=32 => (kernels[0], 32),
-            33..=64 => (kernels[1], 64),
-            _ => (kernels[2], 128),
-        })
     }
 
-    /// Runs the streaming product `kernel` (`bn` columns per block) into `c`: as many blocks as the GPU holds at
-    /// once, each walking row tiles.
-    fn run_stream(&self, gpu: &Arc<Gpu>, kernel: Kernel<GemmParams<T>>, bn: usize, c: MutPtr<T>) -> Result<()> {
+    /// Runs the streaming product `s` into `c` (forward, input gradient: as many blocks as the GPU holds at once,
+    /// each walking row tiles) or, for the weight gradient, into `slices` float32 partial sums at `c_acc`.
+    fn run_stream(
+        &self,
+        gpu: &Arc<Gpu>,
+        s: &StreamKernel<T>,
+        c: MutPtr<T>,
+        c_acc: MutPtr<f32>,
+        slices: usize,
+    ) -> Result<()> {
         let what = match self.role {
             GemmRole::Forward => "linear forward (streaming)",
-            _ => "linear dx = g W (streaming)",
+            GemmRole::InputGrad => "linear dx = g W (streaming)",
+            GemmRole::WeightGrad => "linear dW = g^T x (streaming)",
         };
         let shapes = format!("{what}: ({}, {}) x ({}, {})", self.m, self.k, self.k, self.n);
-        let b_k_major = matches!(self.role, GemmRole::InputGrad);
-        let shared = stream_shared_bytes(self.k, bn, b_k_major);
-        let columns = self.n.div_ceil(bn);
-        ensure!(columns <= 65_535, Shape, "{shapes}: too many output columns for the GPU grid");
-        let resident = gpu.resident_blocks(kernel, GEMM_STREAM_THREADS as u32, shared as u32, &shapes)?;
-        let tiles = self.m.div_ceil(GEMM_STREAM_BM);
+        let tiles = self.m.div_ceil(s.tile.0) * self.n.div_ceil(s.tile.1);
+        let grid = match self.role {
+            GemmRole::WeightGrad => (slices, tiles),
+            _ => {
+                let columns = self.n.div_ceil(s.tile.1);
+                let resident = gpu.resident_blocks(s.kernel, GEMM_STREAM_THREADS as u32, s.shared as u32, &shapes)?;
+                (self.m.div_ceil(GEMM_STREAM_BM).min((resident / columns).max(1)), columns)
+            }
+        };
+        ensure!(grid.1 <= 65_535, Shape, "{shapes}: too many output tiles for the GPU grid");
         let cfg = LaunchConfig {
-            grid_dim: (tiles.min((resident / columns).max(1)) as u32, columns as u32, 1),
+            grid_dim: (grid.0 as u32, grid.1 as u32, 1),
             block_dim: (GEMM_STREAM_THREADS as u32, 1, 1),
-            shared_mem_bytes: shared as u32,
+            shared_mem_bytes: s.shared as u32,
         };
         let p = GemmParams {
             a: self.a,
             b: self.b,
             bias: self.bias,
             c,
-            c_acc: MutPtr::NULL,
+            c_acc,
             a_si: self.a_si as i64,
-            a_sk: 1,
+            a_sk: self.a_sk as i64,
             b_sk: self.b_sk as i64,
             b_sj: self.b_sj as i64,
             M: self.m as i64,
             N: self.n as i64,
             K: self.k as i64,
-            k_slice: self.k as i64,
-            c_slice: 0,
+            k_slice: GEMM_STREAM_BM as i64,
+            c_slice: (self.m * self.n) as i64,
         };
-        gpu.launch(kernel, cfg, &p, &shapes)
+        gpu.launch(s.kernel, cfg, &p, &shapes)
     }
 
     /// The split of the reduction (k_slice, slices) that gives about GEMM_SPLIT_BLOCKS blocks, in slices of at least
     /// GEMM_MIN_SLICE rows and a multiple of the kernel's stage depth: a function of the shapes and the math alone,
     /// so the summation order is the same on every run.
+    /// A streaming weight gradient interleaves token tiles instead: slice s takes tiles s, s + slices, ...
     fn split(&self, gpu: &Gpu) -> (usize, usize) {
+        if let Some(s) = self.stream_kernel(gpu) {
+            let tiles = self.m.div_ceil(s.tile.0) * self.n.div_ceil(s.tile.1);
+            let slices = self.k.div_ceil(GEMM_STREAM_BM).min((GEMM_SPLIT_BLOCKS / tiles).max(1));
+            return (GEMM_STREAM_BM, slices);
+        }
         let (k, _) = self.role.kernel::<T>(gpu, self.n);
         let tiles = self.m.div_ceil(k.tile.0) * self.n.div_ceil(k.tile.1);
         let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
