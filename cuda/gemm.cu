@@ -303,7 +303,7 @@ LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, 
 // (gridDim.x is what the GPU holds at once, gridDim.y = ceil(N / BN)), GEMM_STREAM_STAGES - 1 tiles of A ahead by
 // cp.async while it multiplies and stores the current one:
 //
-//   C[i, j] = sum_{k < K} A(i, k) B(k, j) (+ bias[j]),   A(i, k) = a[i a_si + k] (rows 16-byte aligned: K % 8 == 0),
+//   C[i, j] = sum_{k < K} A(i, k) B(k, j) (+ bias[j]),   A(i, k) = a[i a_si + k] (rows of whole 16-byte pieces or pairs),
 //   B(k, j) = b[k b_sk + j b_sj]: fprop W[j, k] (b_sk = 1, stored [j][k]), dgrad W[k, j] (b_sj = 1, stored [k][j]).
 //
 // Tile: GEMM_STREAM_BM = 64 rows, warp w of 4 owns rows 16 w .. 16 w + 15 and all BN columns (BN / 8 m16n8k16
@@ -315,26 +315,30 @@ LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, 
 namespace {
 
 // Copies rows [r0, r0 + rows) x columns [0, cols) (cols a multiple of 8) of a row-major bf16 operand whose rows are
-// ld elements apart, rows >= r_end and columns >= c_end read as zero, into shared rows of sld elements: 16-byte
-// cp.async pieces when mode is Vec16 (in flight until the caller waits), else element by element (plain loads,
-// visible after the caller's next barrier).
+// ld elements apart, rows >= r_end and columns >= c_end read as zero, into shared rows of sld elements: by cp.async
+// (in flight until the caller waits) in 16-byte pieces (mode Vec16) or pairs of elements (Pairs: x_proj's rows of
+// 34, dt's of 2), else element by element (plain loads, visible after the caller's next barrier).
 __device__ __forceinline__ void copy_rows_bf16(__nv_bfloat16* dst, int sld, const __nv_bfloat16* src, int64_t ld,
                                                int64_t r0, int rows, int64_t r_end, int cols, int64_t c_end,
                                                Copy mode) {
-    if (mode == Copy::Vec16) {
-        const int pieces = cols / 8;
-        for (int e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
-            const int r = e / pieces, c = e % pieces * 8;
-            const int64_t gr = r0 + r;
-            const int count = gr < r_end ? (int)max((int64_t)0, min((int64_t)8, c_end - c)) : 0;
-            mma::cp_async16(dst + r * sld + c, count > 0 ? src + gr * ld + c : src, count);
-        }
-    } else {
+    if (mode == Copy::Elements) {
         for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
             const int r = e / cols, c = e % cols;
             const int64_t gr = r0 + r;
             dst[r * sld + c] = gr < r_end && c < c_end ? src[gr * ld + c] : __float2bfloat16(0.0f);
         }
+        return;
+    }
+    const int width = mode == Copy::Vec16 ? 8 : 2, pieces = cols / width;
+    for (int e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
+        const int r = e / pieces, c = e % pieces * width;
+        const int64_t gr = r0 + r;
+        const int count = gr < r_end ? (int)max((int64_t)0, min((int64_t)width, c_end - c)) : 0;
+        const __nv_bfloat16* from = count > 0 ? src + gr * ld + c : src;
+        if (width == 8)
+            mma::cp_async16(dst + r * sld + c, from, count);
+        else
+            mma::cp_async4(dst + r * sld + c, from, 2 * count);
     }
 }
 
@@ -359,10 +363,11 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
         copy_rows_bf16(bs, BLD, p.b + j0, p.b_sk, 0, KP, p.K, BN, p.N - j0, copy_mode(p.b + j0, p.b_sk));
     else
         copy_rows_bf16(bs, BLD, p.b + j0 * p.b_sj, p.b_sj, 0, BN, p.N - j0, KP, p.K, copy_mode(p.b + j0 * p.b_sj, p.b_sj));
+    const Copy a_mode = copy_mode(p.a, p.a_si);  // Vec16 or Pairs: the host routes no other
     auto load_a = [&](int64_t it) {
         const int64_t tile = blockIdx.x + it * gridDim.x;
         if (tile < tiles)
-            copy_rows_bf16(as + (it % STAGES) * BM * ALD, ALD, p.a, p.a_si, tile * BM, BM, p.M, KP, p.K, Copy::Vec16);
+            copy_rows_bf16(as + (it % STAGES) * BM * ALD, ALD, p.a, p.a_si, tile * BM, BM, p.M, KP, p.K, a_mode);
         mma::cp_async_commit();
     };
 #pragma unroll
@@ -431,7 +436,7 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
 
 // The weight gradient dW = g^T x of the same layers, streamed the same way: C[i, j] = sum_k A(i, k) B(k, j) with the
 // reduction over the tokens k, A(i, k) = g[k, i] (a_si = 1, rows a_sk apart), B(k, j) = x[k, j] (b_sj = 1, rows b_sk
-// apart), both rows whole 16-byte pieces. Block (s, t): dW tile t (BMW x BNW, of ceil(M / BMW) x ceil(N / BNW), row
+// apart), both rows whole 16-byte pieces or pairs. Block (s, t): dW tile t (BMW x BNW, of ceil(M / BMW) x ceil(N / BNW), row
 // major), token tiles s, s + gridDim.x, ... of GEMM_STREAM_BM tokens each, GEMM_STREAM_STAGES - 1 of them in flight;
 // its float32 sums go to c_acc + s c_slice (row-major (M, N)), which sum_rows_f32 then adds in slice order (no
 // atomics: the same bits on every run). Warps 2 x 2 over the tile, both operands read by ldmatrix.trans from their
@@ -454,12 +459,13 @@ __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfl
     const int64_t tiles_n = (p.N + BNW - 1) / BNW;
     const int64_t i0 = blockIdx.y / tiles_n * BMW, j0 = blockIdx.y % tiles_n * BNW;
     const int64_t tiles = (p.K + BK - 1) / BK;
+    const Copy a_mode = copy_mode(p.a, p.a_sk), b_mode = copy_mode(p.b, p.b_sk);  // Vec16 or Pairs, as routed
     auto load = [&](int64_t it) {
         const int64_t tile = blockIdx.x + it * gridDim.x;
         if (tile < tiles) {
             const int slot = (int)(it % STAGES);
-            copy_rows_bf16(as + slot * BK * ALD, ALD, p.a + i0, p.a_sk, tile * BK, BK, p.K, BMW, p.M - i0, Copy::Vec16);
-            copy_rows_bf16(bs + slot * BK * BLD, BLD, p.b + j0, p.b_sk, tile * BK, BK, p.K, BNW, p.N - j0, Copy::Vec16);
+            copy_rows_bf16(as + slot * BK * ALD, ALD, p.a + i0, p.a_sk, tile * BK, BK, p.K, BMW, p.M - i0, a_mode);
+            copy_rows_bf16(bs + slot * BK * BLD, BLD, p.b + j0, p.b_sk, tile * BK, BK, p.K, BNW, p.N - j0, b_mode);
         }
         mma::cp_async_commit();
     };

@@ -79,8 +79,8 @@ extern "C" __global__ void linear_dgrad_bf16(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_dgrad_bf16_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_bf16(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_bf16_n32(const GemmParams<__nv_bfloat16> p);
-// y = x W^T and dx = g W for short reductions over many rows (K <= GEMM_STREAM_MAX_K, K % 8 == 0, a_sk = 1, the
-// rows of A 16-byte aligned), bf16, BN = 32, 64 or 128 columns per block: each block keeps its columns of W in shared
+// y = x W^T and dx = g W for short reductions over many rows (K <= GEMM_STREAM_MAX_K, a_sk = 1, the rows of A whole
+// 16-byte pieces or pairs), bf16, BN = 32, 64 or 128 columns per block: each block keeps its columns of W in shared
 // memory and walks row tiles blockIdx.x, + gridDim.x, ... (grid: (resident blocks / gridDim.y, ceil(N / BN))), with
 // dynamic shared memory as gemm.cu states. fprop b_sk = 1, dgrad b_sj = 1.
 extern "C" __global__ void linear_fprop_stream_bf16_n32(const GemmParams<__nv_bfloat16> p);
@@ -89,7 +89,7 @@ extern "C" __global__ void linear_fprop_stream_bf16_n128(const GemmParams<__nv_b
 extern "C" __global__ void linear_dgrad_stream_bf16_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_dgrad_stream_bf16_n64(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_dgrad_stream_bf16_n128(const GemmParams<__nv_bfloat16> p);
-// dW = g^T x over many tokens (a_si = b_sj = 1, rows of g and x whole 16-byte pieces), bf16, in dW tiles of 32, 64 or
+// dW = g^T x over many tokens (a_si = b_sj = 1, rows of g and x whole 16-byte pieces or pairs), bf16, in dW tiles of 32, 64 or
 // 128 rows x 32 or 64 columns: grid (slices, tiles of dW); slice s sums the token tiles s, s + slices, ... into
 // c_acc + s c_slice (float32), dynamic shared memory as gemm.cu states.
 extern "C" __global__ void linear_wgrad_stream_bf16_m32_n32(const GemmParams<__nv_bfloat16> p);

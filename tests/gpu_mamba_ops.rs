@@ -158,10 +158,10 @@ fn linear_bf16_elementwise(m: usize, k: usize, n: usize, bias: bool, seed: u64) 
 fn gpu_linear_stream() {
     // The streaming products (cuda/gemm.cu, short reductions over many rows) in each column width, and the shapes
     // around them: in_proj's (fprop 128 columns, dgrad 32 over a reduction of 128, dW 128 x 32), 64 -> 64 (dW
-    // 64 x 64), x_proj's 34 outputs (element stores), reductions padded to 16 (K = 40, 56; dgrad over 24), bias,
-    // N = 56 in 64-column tiles (dW 24 x 56 in a 32 x 64 tile), two column blocks (N = 200), fewer rows than a tile
-    // (dW 16 x 128 in two tiles), dt_proj's dgrad to 2 columns; tiled products where rows are not whole 16 bytes
-    // (x_proj's dgrad over 34, K = 2, dW of 100 or 200 rows).
+    // 64 x 64), x_proj's 34 outputs (element stores; its dgrad and dW read rows of 34 by pairs), reductions padded
+    // to 16 (K = 40, 56; dgrad over 24 and 100), bias, N = 56 in 64-column tiles (dW 24 x 56 in a 32 x 64 tile), two
+    // column blocks (N = 200), fewer rows than a tile (dW 16 x 128 in two tiles), dt_proj's rows of 2 (fprop, dgrad
+    // to 2 columns, dW 64 x 2); the tiled products for a dgrad over 200 and a dW of 200 rows.
     linear_bf16_elementwise(100_003, 32, 128, false, 60);
     linear_bf16_elementwise(50_001, 64, 64, true, 67);
     linear_bf16_elementwise(5_001, 64, 34, false, 61);

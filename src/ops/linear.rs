@@ -26,7 +26,11 @@
 //! share), or, when the GPU's math is exact float32 ([`Gpu::set_exact_f32`], `--math exact`, the parity checks),
 //! on float32 SIMT tiles whose rounding matches the CPU's (`linear_*_f32`). Operands stored as bf16 (x, the gradient,
 //! and W and b as read, a float32 master's bf16 copy: [`Weight`]) run on `linear_*_bf16` (mma.sync m16n8k16, float32
-//! accumulation) and give bf16 activations; dW and db are summed in float32 and returned in the masters' type (a
+//! accumulation) and give bf16 activations; over many tokens with short reductions (Mamba's projections: K and the
+//! output rows of dW at most 128, rows of an even number of elements) they run on the streaming products instead
+//! (`linear_*_stream_bf16_*`: each block keeps its slice of W, or its dW tile, for its whole life and walks the
+//! token tiles with three in flight, where the tiled products wait on memory between load, product and store); dW
+//! and db are summed in float32 and returned in the masters' type (a
 //! float32 master's gradient is never rounded). dW reduces over all M tokens while its output is small, so that
 //! reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed order
 //! (`sum_rows`, also used for db); results are the same bits from run to run.
@@ -538,16 +542,17 @@ impl<T: LinearElement> Gemm<T> {
     }
 
     /// The streaming product that takes this one, if any (cuda/gemm.cu says why they gain): not `--math exact`, a
-    /// type that has them, operands whose rows are whole 16-byte pieces; the forward and input gradient for
+    /// type that has them, operands whose rows are whole 16-byte pieces or pairs; the forward and input gradient for
     /// reductions of at most GEMM_STREAM_MAX_K, the weight gradient for at most 128 x 128 outputs.
     fn stream_kernel(&self, gpu: &Gpu) -> Option<StreamKernel<T>> {
         let kernels = T::STREAM.filter(|_| !gpu.exact_f32())?;
-        let whole = |p: ConstPtr<T>, ld: usize| p.address() % 16 == 0 && (ld * size_of::<T>()) % 16 == 0;
+        // Rows the kernels copy by cp.async: whole 16-byte pieces or whole pairs (cuda/gemm.cu's copy_mode).
+        let whole = |p: ConstPtr<T>, ld: usize| p.address() % 4 == 0 && (ld * size_of::<T>()) % 4 == 0;
         let by_columns = |n: usize| usize::from(n > 32) + usize::from(n > 64);
         match self.role {
             GemmRole::Forward | GemmRole::InputGrad => {
                 let fits = self.a_sk == 1 && whole(self.a, self.a_si) && self.k <= GEMM_STREAM_MAX_K;
-                if !fits || self.k % 8 != 0 {
+                if !fits {
                     return None;
                 }
                 let width = by_columns(self.n);
