@@ -521,7 +521,15 @@ impl<T: LinearElement> Gemm<T> {
             block_dim: (k.threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let p = GemmParams {
+        let p = self.params(c, c_acc, k_slice);
+        let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
+        gpu.launch(k.kernel, cfg, &p, &shapes)
+    }
+
+    /// The kernels' parameters for this product, writing `c` or `c_acc` (slices of `k_slice` reduction indices, slice
+    /// z at c_acc + z m n).
+    fn params(&self, c: MutPtr<T>, c_acc: MutPtr<f32>, k_slice: usize) -> GemmParams<T> {
+        GemmParams {
             a: self.a,
             b: self.b,
             bias: self.bias,
@@ -536,9 +544,7 @@ impl<T: LinearElement> Gemm<T> {
             K: self.k as i64,
             k_slice: k_slice as i64,
             c_slice: (self.m * self.n) as i64,
-        };
-        let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
-        gpu.launch(k.kernel, cfg, &p, &shapes)
+        }
     }
 
     /// The streaming product that takes this one, if any (cuda/gemm.cu says why they gain): not `--math exact`, a
@@ -609,22 +615,7 @@ impl<T: LinearElement> Gemm<T> {
             block_dim: (GEMM_STREAM_THREADS as u32, 1, 1),
             shared_mem_bytes: s.shared as u32,
         };
-        let p = GemmParams {
-            a: self.a,
-            b: self.b,
-            bias: self.bias,
-            c,
-            c_acc,
-            a_si: self.a_si as i64,
-            a_sk: self.a_sk as i64,
-            b_sk: self.b_sk as i64,
-            b_sj: self.b_sj as i64,
-            M: self.m as i64,
-            N: self.n as i64,
-            K: self.k as i64,
-            k_slice: GEMM_STREAM_BM as i64,
-            c_slice: (self.m * self.n) as i64,
-        };
+        let p = self.params(c, c_acc, GEMM_STREAM_BM);
         gpu.launch(s.kernel, cfg, &p, &shapes)
     }
 
