@@ -245,32 +245,32 @@ fn cases(dev: &Device) -> Vec<Case> {
         backward: true,
         math: Math::Exact,
     });
-    // Stage 0's Mamba projections: in_proj (32 -> 2 x 64) and out_proj (64 -> 32), named as PyTorch's rows of the
-    // same math (fp32: cuBLAS with TF32 off; tf32: on).
+    // Stage 0's Mamba projections: in_proj (32 -> 2 x 64), x_proj (64 -> dt_rank 2 + 2 x 16), dt_proj (2 -> 64) and
+    // out_proj (64 -> 32), named as PyTorch's rows of the same math (fp32: cuBLAS with TF32 off; tf32: on).
     let tok64 = randn(dev, &[tokens, 64], 1.0, 11);
-    let projections = [("in_proj", &tok, 32usize, 128usize), ("out_proj", &tok64, 64, 32)];
-    let maths = |p| [(p, Math::Exact), (p, Math::Tf32), (p, Math::Bf16)];
-    for ((proj, x_in, k_in, n_out), math) in projections.into_iter().flat_map(maths) {
-        let name = match (proj, math) {
-            ("in_proj", Math::Exact) => "linear in_proj fp32",
-            ("in_proj", Math::Tf32) => "linear in_proj tf32",
-            ("in_proj", Math::Bf16) => "linear in_proj bf16",
-            (_, Math::Exact) => "linear out_proj fp32",
-            (_, Math::Tf32) => "linear out_proj tf32",
-            (_, Math::Bf16) => "linear out_proj bf16",
-        };
-        let dtype = if matches!(math, Math::Bf16) { DType::BF16 } else { DType::F32 };
-        let inputs = [x_in.clone(), randn(dev, &[n_out, k_in], 0.1, 7)];
-        v.push(Case {
-            name,
-            shape: format!("{tokens}x{k_in}->{n_out}"),
-            bytes: tokens as f64 * (k_in + n_out) as f64 * dtype.size() as f64,
-            flops: 2.0 * (tokens * k_in * n_out) as f64,
-            inputs: inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect(),
-            f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
-            backward: true,
-            math,
-        });
+    let tok2 = randn(dev, &[tokens, 2], 1.0, 12);
+    let projections = [
+        (&tok, 128usize, ["linear in_proj fp32", "linear in_proj tf32", "linear in_proj bf16"]),
+        (&tok64, 34, ["linear x_proj fp32", "linear x_proj tf32", "linear x_proj bf16"]),
+        (&tok2, 64, ["linear dt_proj fp32", "linear dt_proj tf32", "linear dt_proj bf16"]),
+        (&tok64, 32, ["linear out_proj fp32", "linear out_proj tf32", "linear out_proj bf16"]),
+    ];
+    for (x_in, n_out, names) in projections {
+        for (name, math) in names.into_iter().zip([Math::Exact, Math::Tf32, Math::Bf16]) {
+            let k_in = x_in.shape()[1];
+            let dtype = if matches!(math, Math::Bf16) { DType::BF16 } else { DType::F32 };
+            let inputs = [x_in.clone(), randn(dev, &[n_out, k_in], 0.1, 7)];
+            v.push(Case {
+                name,
+                shape: format!("{tokens}x{k_in}->{n_out}"),
+                bytes: tokens as f64 * (k_in + n_out) as f64 * dtype.size() as f64,
+                flops: 2.0 * (tokens * k_in * n_out) as f64,
+                inputs: inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect(),
+                f: Box::new(|t, i| ops::linear::linear(t, &i[0], &i[1], None)),
+                backward: true,
+                math,
+            });
+        }
     }
     let (g, l, din, ns) = (26880usize, 128usize, 64usize, 16usize);
     let xs = randn(dev, &[g, l, din], 1.0, 8);

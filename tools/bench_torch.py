@@ -180,9 +180,11 @@ def main():
     tok = x.permute(0, 2, 3, 4, 1).reshape(-1, Cc).contiguous()
     rows.append(bench("layer_norm", f"{tok.shape[0]}x32", lambda a, gg, bb: F.layer_norm(a, (Cc,), gg, bb, 1e-5),
                       [tok.clone(), g.clone(), bt.clone()], nbytes=2 * tok.numel() * 4))
-    # Stage 0's Mamba projections: in_proj (32 -> 2 x 64) and out_proj (64 -> 32), in both float32 maths.
-    tok64 = r(tok.shape[0], 64)
-    for (proj, a, k_in, n_out) in [("in_proj", tok, 32, 128), ("out_proj", tok64, 64, 32)]:
+    # Stage 0's Mamba projections: in_proj (32 -> 2 x 64), x_proj (64 -> 2 + 2 x 16), dt_proj (2 -> 64), out_proj
+    # (64 -> 32), in both float32 maths and bf16.
+    tok64, tok2 = r(tok.shape[0], 64), r(tok.shape[0], 2)
+    for (proj, a, k_in, n_out) in [("in_proj", tok, 32, 128), ("x_proj", tok64, 64, 34), ("dt_proj", tok2, 2, 64),
+                                   ("out_proj", tok64, 64, 32)]:
         wi = r(n_out, k_in) * 0.1
         for mode in ["fp32", "tf32", "bf16"]:
             torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
@@ -191,7 +193,7 @@ def main():
                               [ai.clone(), wii.clone()], flops=2 * a.shape[0] * k_in * n_out,
                               nbytes=a.shape[0] * (k_in + n_out) * (2 if mode == "bf16" else 4)))
     torch.backends.cuda.matmul.allow_tf32 = False
-    del tok64
+    del tok64, tok2
     # Mamba on PiM stage-0 sequences: 26,880 sequences of 128 tokens, d_inner 64 (the PyTorch loop's autograd
     # graph does not fit at the full count, so the scan runs a quarter of them: 6,720; ours runs both).
     G, L, Din, Ns = 26880, 128, 64, 16
