@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine, after `tools/gpu-pack.sh --rev base=REV` here: one change's whole check in one device call, each
 # part under its own time limit so that the summary is always printed, last:
-#   tests    every packed test binary (.gpu/tests/*, the benchmark excepted) with --ignored, one thread: the GPU tests
-#            and the device_test files' NAME::gpu runs; a file's "test result" line, or that it timed out
+#   tests    every packed test binary (.gpu/tests/*, the benchmark excepted; TESTS="gpu_mamba_ops ..." names some)
+#            with --ignored, one thread: the GPU tests and the device_test files' NAME::gpu runs; each file's
+#            "test result" line and failed tests, or that it timed out
 #   revs     the step of base and the packed binary, ROUNDS rounds (tools/gpu-revs.sh; MATHS, RUNS as there)
 #   rows     the kernel benchmark's rows whose names contain ROWS (default "linear"), base's binary and the packed one
 #   profile  `profile` of the packed binary: flare-3d b2 bf16, strided PiM, the top ops
@@ -22,7 +23,9 @@ gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/nu
 for part in ${PARTS:-tests revs rows profile parity}; do
   case "$part" in
     tests)
-      for exe in .gpu/tests/*; do
+      exes=(.gpu/tests/*)
+      [ -n "${TESTS:-}" ] && read -ra exes <<<"$(printf '.gpu/tests/%s ' $TESTS)"
+      for exe in "${exes[@]}"; do
         name=$(basename "$exe")
         [ "$name" = kernels ] && continue
         timeout "${TESTS_S:-150}" "$exe" --ignored --test-threads 1 >"$out/test_$name.log" 2>&1
