@@ -298,7 +298,8 @@ LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, 
 // the reduction is short (K <= GEMM_STREAM_MAX_K) and the rows are many (tokens), which makes the product a copy
 // with a little arithmetic: about 2 (K + N) bytes per row for 2 K N FLOPs. The tiled products above then wait on
 // memory with little of it in flight: a block loads its whole reduction (two stages at K = 32), multiplies, stores,
-// and only then loads again (957 GB/s for the stage-0 in_proj forward on the H200, 2026-12-05). Here a block keeps
+// and only then loads again (in_proj's products moved 0.96 TB/s inside the flare-3d step on the H200, `profile`
+// 2026-12-05; 1.65 TB/s alone in the kernels bench, of the card's 4.8). Here a block keeps
 // its BN columns of W in shared memory for its whole life and walks row tiles i = blockIdx.x, + gridDim.x, ...
 // (gridDim.x is what the GPU holds at once, gridDim.y = ceil(N / BN)), GEMM_STREAM_STAGES - 1 tiles of A ahead by
 // cp.async while it multiplies and stores the current one:
@@ -362,7 +363,8 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
     if (B_K_MAJOR)
         copy_rows_bf16(bs, BLD, p.b + j0, p.b_sk, 0, KP, p.K, BN, p.N - j0, copy_mode(p.b + j0, p.b_sk));
     else
-        copy_rows_bf16(bs, BLD, p.b + j0 * p.b_sj, p.b_sj, 0, BN, p.N - j0, KP, p.K, copy_mode(p.b + j0 * p.b_sj, p.b_sj));
+        copy_rows_bf16(bs, BLD, p.b + j0 * p.b_sj, p.b_sj, 0, BN, p.N - j0, KP, p.K,
+                       copy_mode(p.b + j0 * p.b_sj, p.b_sj));
     const Copy a_mode = copy_mode(p.a, p.a_si);  // Vec16 or Pairs: the host routes no other
     auto load_a = [&](int64_t it) {
         const int64_t tile = blockIdx.x + it * gridDim.x;

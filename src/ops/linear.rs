@@ -387,6 +387,7 @@ trait LinearElement: GpuElement {
     /// The streaming products for many tokens and short reductions (cuda/gemm.cu's `linear_*_stream_*`), where this
     /// type has them.
     const STREAM: Option<StreamKernels<Self>>;
+    /// Whether `--math exact` can select float32 SIMT kernels for this type.
     const HAS_EXACT: bool;
     /// The column sums of g (M, N) in float32: the bias gradient.
     fn column_sums(g: &GpuBuffer<Self>, m: usize, n: usize) -> Result<GpuBuffer>;
@@ -578,7 +579,7 @@ impl<T: LinearElement> Gemm<T> {
                 }
                 let (rows, cols) = (by_columns(self.m), usize::from(self.n > 32));
                 let tile = (32 << rows, 32 << cols);
-                let shared = 2 * GEMM_STREAM_STAGES * GEMM_STREAM_BM * (tile.0 + 8 + tile.1 + 8);
+                let shared = stream_wgrad_shared_bytes(tile);
                 Some(StreamKernel { kernel: kernels.wgrad[rows][cols], tile, shared })
             }
         }
@@ -645,6 +646,13 @@ fn stream_shared_bytes(k: usize, bn: usize, b_k_major: bool) -> usize {
     let b = if b_k_major { kp * (bn + 8) } else { bn * (kp + 8) };
     let warps = GEMM_STREAM_THREADS / 32;
     2 * (GEMM_STREAM_STAGES * GEMM_STREAM_BM * (kp + 8) + b + warps * 16 * (bn + 8))
+}
+
+/// The dynamic shared memory of a streaming weight gradient with dW tiles of `tile` (rows, columns) (cuda/gemm.cu's
+/// layout, in bf16 elements): the rings of g's and x's token tiles, [GEMM_STREAM_STAGES][GEMM_STREAM_BM][rows + 8] and
+/// [GEMM_STREAM_STAGES][GEMM_STREAM_BM][columns + 8].
+fn stream_wgrad_shared_bytes((rows, cols): (usize, usize)) -> usize {
+    2 * GEMM_STREAM_STAGES * GEMM_STREAM_BM * (rows + 8 + cols + 8)
 }
 
 /// Rows summed per block in the first round of `sum_rows` when one round would leave too few blocks.
