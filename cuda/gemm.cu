@@ -304,7 +304,7 @@ LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, 
 // (gridDim.x is what the GPU holds at once, gridDim.y = ceil(N / BN)), GEMM_STREAM_STAGES - 1 tiles of A ahead by
 // cp.async while it multiplies and stores the current one:
 //
-//   C[i, j] = sum_{k < K} A(i, k) B(k, j) (+ bias[j]),   A(i, k) = a[i a_si + k] (rows of whole 16-byte pieces or pairs),
+//   C[i, j] = sum_{k < K} A(i, k) B(k, j) (+ bias[j]),   A(i, k) = a[i a_si + k] (rows in 16-byte pieces or pairs),
 //   B(k, j) = b[k b_sk + j b_sj]: fprop W[j, k] (b_sk = 1, stored [j][k]), dgrad W[k, j] (b_sj = 1, stored [k][j]).
 //
 // Tile: GEMM_STREAM_BM = 64 rows, warp w of 4 owns rows 16 w .. 16 w + 15 and all BN columns (BN / 8 m16n8k16
@@ -438,12 +438,12 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
 
 // The weight gradient dW = g^T x of the same layers, streamed the same way: C[i, j] = sum_k A(i, k) B(k, j) with the
 // reduction over the tokens k, A(i, k) = g[k, i] (a_si = 1, rows a_sk apart), B(k, j) = x[k, j] (b_sj = 1, rows b_sk
-// apart), both rows whole 16-byte pieces or pairs. Block (s, t): dW tile t (BMW x BNW, of ceil(M / BMW) x ceil(N / BNW), row
-// major), token tiles s, s + gridDim.x, ... of GEMM_STREAM_BM tokens each, GEMM_STREAM_STAGES - 1 of them in flight;
-// its float32 sums go to c_acc + s c_slice (row-major (M, N)), which sum_rows_f32 then adds in slice order (no
-// atomics: the same bits on every run). Warps 2 x 2 over the tile, both operands read by ldmatrix.trans from their
-// token-major tiles [GEMM_STREAM_BM][BMW + 8] and [GEMM_STREAM_BM][BNW + 8] (dynamic shared memory, the ring of both;
-// `stream_wgrad_shared_bytes` in linear.rs).
+// apart), both rows whole 16-byte pieces or pairs. Block (s, t): dW tile t (BMW x BNW, of ceil(M / BMW) x
+// ceil(N / BNW), row major), token tiles s, s + gridDim.x, ... of GEMM_STREAM_BM tokens each, GEMM_STREAM_STAGES - 1
+// of them in flight; its float32 sums go to c_acc + s c_slice (row-major (M, N)), which sum_rows_f32 then adds in
+// slice order (no atomics: the same bits on every run). Warps 2 x 2 over the tile, both operands read by
+// ldmatrix.trans from their token-major tiles [GEMM_STREAM_BM][BMW + 8] and [GEMM_STREAM_BM][BNW + 8] (dynamic shared
+// memory, the ring of both; `stream_wgrad_shared_bytes` in linear.rs).
 template <int BMW, int BNW>
 __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
     using bf16 = __nv_bfloat16;

@@ -89,9 +89,9 @@ extern "C" __global__ void linear_fprop_stream_bf16_n128(const GemmParams<__nv_b
 extern "C" __global__ void linear_dgrad_stream_bf16_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_dgrad_stream_bf16_n64(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_dgrad_stream_bf16_n128(const GemmParams<__nv_bfloat16> p);
-// dW = g^T x over many tokens (a_si = b_sj = 1, rows of g and x whole 16-byte pieces or pairs), bf16, in dW tiles of 32, 64 or
-// 128 rows x 32 or 64 columns: grid (slices, tiles of dW); slice s sums the token tiles s, s + slices, ... into
-// c_acc + s c_slice (float32), dynamic shared memory as gemm.cu states.
+// dW = g^T x over many tokens (a_si = b_sj = 1, rows of g and x whole 16-byte pieces or pairs), bf16, in dW tiles of
+// 32, 64 or 128 rows x 32 or 64 columns: grid (slices, tiles of dW); slice s sums the token tiles s, s + slices, ...
+// into c_acc + s c_slice (float32), dynamic shared memory as gemm.cu states.
 extern "C" __global__ void linear_wgrad_stream_bf16_m32_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_stream_bf16_m32_n64(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_stream_bf16_m64_n32(const GemmParams<__nv_bfloat16> p);
