@@ -343,6 +343,24 @@ __device__ __forceinline__ void copy_rows_bf16(__nv_bfloat16* dst, int sld, cons
     }
 }
 
+// The token-tile loop of the streaming products: tiles blockIdx.x, + gridDim.x, ... below `tiles`. load(it) issues
+// tile it's copies into ring slot it % GEMM_STREAM_STAGES as one cp.async group (an empty group past the last tile),
+// GEMM_STREAM_STAGES - 1 iterations ahead of body(it), which reads that slot. The barrier before each body publishes
+// its tile and frees the slot the next load overwrites (the previous body's).
+template <typename Load, typename Body>
+__device__ __forceinline__ void stream_tiles(int64_t tiles, Load load, Body body) {
+    constexpr int STAGES = GEMM_STREAM_STAGES;
+#pragma unroll
+    for (int it = 0; it < STAGES - 1; ++it) load(it);
+    for (int64_t it = 0; blockIdx.x + it * gridDim.x < tiles; ++it) {
+        mma::cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        load(it + STAGES - 1);
+        body(it);
+    }
+    mma::cp_async_wait<0>();
+}
+
 template <int BN, bool B_K_MAJOR>
 __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
     using bf16 = __nv_bfloat16;
@@ -372,8 +390,6 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
             copy_rows_bf16(as + (it % STAGES) * BM * ALD, ALD, p.a, p.a_si, tile * BM, BM, p.M, KP, p.K, a_mode);
         mma::cp_async_commit();
     };
-#pragma unroll
-    for (int it = 0; it < STAGES - 1; ++it) load_a(it);
 
     float bias[NT][2];
 #pragma unroll
@@ -386,10 +402,7 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
     bf16* out_rows = os + warp * 16 * OLD;
     const bool vec_out = (p.N * 2) % 16 == 0 && aligned16(p.c) && j0 % 8 == 0;
 
-    for (int64_t it = 0; blockIdx.x + it * gridDim.x < tiles; ++it) {
-        mma::cp_async_wait<STAGES - 2>();
-        __syncthreads();  // tile it has landed for every thread; slot (it - 1) % STAGES has been read by all
-        load_a(it + STAGES - 1);
+    stream_tiles(tiles, load_a, [&](int64_t it) {
         const bf16* at = as + (it % STAGES) * BM * ALD + warp * 16 * ALD;
         float acc[NT][4] = {};
         for (int k0 = 0; k0 < KP; k0 += 16) {
@@ -404,9 +417,8 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
                     mma::ldmatrix_x4<true>(b, bs + (k + r8) * BLD + n);
                 else
                     mma::ldmatrix_x4<false>(b, bs + (n + r8) * BLD + k);
-                const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-                mma::mma_bf16(acc[j], a, b0[0], b0[1]);
-                mma::mma_bf16(acc[j + 1], a, b1[0], b1[1]);
+                mma::mma_bf16(acc[j], a, b[0], b[1]);
+                mma::mma_bf16(acc[j + 1], a, b[2], b[3]);
             }
         }
         // acc[j][h]: row g + 8 (h / 2), column 8 j + 2 tq + h % 2 of the warp's 16 x BN.
@@ -432,8 +444,7 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
             }
         }
         __syncwarp();  // the rows are read before the next tile writes them
-    }
-    mma::cp_async_wait<0>();
+    });
 }
 
 // The weight gradient dW = g^T x of the same layers, streamed the same way: C[i, j] = sum_k A(i, k) B(k, j) with the
@@ -471,16 +482,11 @@ __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfl
         }
         mma::cp_async_commit();
     };
-#pragma unroll
-    for (int it = 0; it < STAGES - 1; ++it) load(it);
 
     const int lane = threadIdx.x & 31, r8 = lane & 7, mat = lane >> 3;
     const int wm = (threadIdx.x >> 5) % 2 * Acc::WTM, wn = (threadIdx.x >> 5) / 2 * Acc::WTN;
     Acc acc;
-    for (int64_t it = 0; blockIdx.x + it * gridDim.x < tiles; ++it) {
-        mma::cp_async_wait<STAGES - 2>();
-        __syncthreads();  // tile it has landed for every thread; slot (it - 1) % STAGES has been read by all
-        load(it + STAGES - 1);
+    stream_tiles(tiles, load, [&](int64_t it) {
         const bf16* at = as + (it % STAGES) * BK * ALD;
         const bf16* bt = bs + (it % STAGES) * BK * BLD;
 #pragma unroll
@@ -505,8 +511,7 @@ __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfl
 #pragma unroll
                 for (int j = 0; j < Acc::NI; ++j) mma::mma_bf16(acc.v[i][j], a[i], b[j][0], b[j][1]);
         }
-    }
-    mma::cp_async_wait<0>();
+    });
     store_tile<Acc>(acc, p.c_acc + (int64_t)blockIdx.x * p.c_slice, i0, j0, p.M, p.N);
 }
 
