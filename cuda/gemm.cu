@@ -313,6 +313,12 @@ LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, 
 // (fprop) or [KP][BN + 8] (dgrad), and each warp's output rows [16][BN + 8], written from the fragments and then
 // copied out as whole 16-byte pieces of rows. The host sizes it with the same formula (linear.rs,
 // `stream_shared_bytes`); a launch with less traps.
+//
+// Channels first (CF; conv_*_pointwise_bf16_nBN, the 1x1x1 convolutions of (N, C, positions) maps): the rows are the
+// positions of batch item b, A(i, k) = a[b a_sb + k a_sk + i] and C(i, j) = c[b c_sb + j M + i], so a row tile of A is
+// K rows of 64 consecutive positions, copied into [KP][BM + 8] and read by ldmatrix.trans, and each warp stages its
+// output as columns [BN][16 + 8], stored as two 16-byte pieces of each of C's rows. Row tiles are per item (M is a
+// multiple of 8, the host's rule); the fragments and the ring are the same.
 namespace {
 
 // Copies rows [r0, r0 + rows) x columns [0, cols) (cols a multiple of 8) of a row-major bf16 operand whose rows are
@@ -361,33 +367,45 @@ __device__ __forceinline__ void stream_tiles(int64_t tiles, Load load, Body body
     mma::cp_async_wait<0>();
 }
 
-template <int BN, bool B_K_MAJOR>
+template <int BN, bool B_K_MAJOR, bool CF>
 __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
     using bf16 = __nv_bfloat16;
     constexpr int BM = GEMM_STREAM_BM, STAGES = GEMM_STREAM_STAGES, NT = BN / 8;
     static_assert(GEMM_STREAM_THREADS == 32 * (BM / 16) && BN % 16 == 0, "a warp per 16 rows, n-tiles in pairs");
-    const int KP = (int)(p.K + 15) / 16 * 16, ALD = KP + 8, BLD = B_K_MAJOR ? BN + 8 : KP + 8, OLD = BN + 8;
+    // CF (channels first): A's tiles k-major [KP][BM + 8], the output staged as columns [BN][16 + 8] per warp.
+    const int KP = (int)(p.K + 15) / 16 * 16, ALD = CF ? BM + 8 : KP + 8, BLD = B_K_MAJOR ? BN + 8 : KP + 8;
+    constexpr int OLD = CF ? 16 + 8 : BN + 8, OUT = CF ? BN : 16;
     extern __shared__ __align__(16) unsigned char stream_smem[];
-    bf16* as = reinterpret_cast<bf16*>(stream_smem);   // [STAGES][BM][ALD]
-    bf16* bs = as + STAGES * BM * ALD;                  // [BN][BLD] or [KP][BLD]
-    bf16* os = bs + (B_K_MAJOR ? KP : BN) * BLD;        // [warps][16][OLD]
+    bf16* as = reinterpret_cast<bf16*>(stream_smem);   // [STAGES][BM][ALD] or [STAGES][KP][ALD]
+    const int a_size = (CF ? KP : BM) * ALD;
+    bf16* bs = as + STAGES * a_size;                    // [BN][BLD] or [KP][BLD]
+    bf16* os = bs + (B_K_MAJOR ? KP : BN) * BLD;        // [warps][16][OLD] or [warps][BN][OLD]
     unsigned smem_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
-    if ((size_t)(os + (BM / 16) * 16 * OLD) - (size_t)stream_smem > smem_bytes || p.K > GEMM_STREAM_MAX_K) __trap();
+    if ((size_t)(os + (BM / 16) * OUT * OLD) - (size_t)stream_smem > smem_bytes || p.K > GEMM_STREAM_MAX_K) __trap();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     const int r8 = lane & 7, mat = lane >> 3;
-    const int64_t j0 = (int64_t)blockIdx.y * BN, tiles = (p.M + BM - 1) / BM;
+    // Row tiles: per item (CF: batch items of M rows, tiles never straddle two) ceil(M / BM) of them.
+    const int64_t j0 = (int64_t)blockIdx.y * BN, item_tiles = (p.M + BM - 1) / BM;
+    const int64_t tiles = item_tiles * (CF ? p.batch : 1);
     if (B_K_MAJOR)
         copy_rows_bf16(bs, BLD, p.b + j0, p.b_sk, 0, KP, p.K, BN, p.N - j0, copy_mode(p.b + j0, p.b_sk));
     else
         copy_rows_bf16(bs, BLD, p.b + j0 * p.b_sj, p.b_sj, 0, BN, p.N - j0, KP, p.K,
                        copy_mode(p.b + j0 * p.b_sj, p.b_sj));
-    const Copy a_mode = copy_mode(p.a, p.a_si);  // Vec16 or Pairs: the host routes no other
+    const Copy a_mode = copy_mode(p.a, CF ? p.a_sk : p.a_si);  // Vec16 or Pairs: the host routes no other
     auto load_a = [&](int64_t it) {
         const int64_t tile = blockIdx.x + it * gridDim.x;
-        if (tile < tiles)
-            copy_rows_bf16(as + (it % STAGES) * BM * ALD, ALD, p.a, p.a_si, tile * BM, BM, p.M, KP, p.K, a_mode);
+        bf16* dst = as + (it % STAGES) * a_size;
+        if (tile < tiles) {
+            if constexpr (CF) {
+                const int64_t item = tile / item_tiles, i0 = tile % item_tiles * BM;
+                copy_rows_bf16(dst, ALD, p.a + item * p.a_sb + i0, p.a_sk, 0, KP, p.K, BM, p.M - i0, a_mode);
+            } else {
+                copy_rows_bf16(dst, ALD, p.a, p.a_si, tile * BM, BM, p.M, KP, p.K, a_mode);
+            }
+        }
         mma::cp_async_commit();
     };
 
@@ -399,15 +417,20 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
             const int64_t col = j0 + 8 * j + 2 * tq + h;
             bias[j][h] = p.bias && col < p.N ? __bfloat162float(p.bias[col]) : 0.0f;
         }
-    bf16* out_rows = os + warp * 16 * OLD;
-    const bool vec_out = (p.N * 2) % 16 == 0 && aligned16(p.c) && j0 % 8 == 0;
+    bf16* out_rows = os + warp * OUT * OLD;
+    const bool vec_out = CF ? p.M % 8 == 0 && p.c_sb % 8 == 0 && aligned16(p.c)
+                            : (p.N * 2) % 16 == 0 && aligned16(p.c) && j0 % 8 == 0;
 
     stream_tiles(tiles, load_a, [&](int64_t it) {
-        const bf16* at = as + (it % STAGES) * BM * ALD + warp * 16 * ALD;
+        const bf16* at = as + (it % STAGES) * a_size;
         float acc[NT][4] = {};
         for (int k0 = 0; k0 < KP; k0 += 16) {
+            // Matrix m of the x4: rows 16 warp + 8 (m % 2) .. + 7, reduction indices k0 + 8 (m / 2) .. + 7.
             unsigned a[4];
-            mma::ldmatrix_x4<false>(a, at + (r8 + 8 * (mat & 1)) * ALD + k0 + 8 * (mat >> 1));
+            if constexpr (CF)
+                mma::ldmatrix_x4<true>(a, at + (k0 + 8 * (mat >> 1) + r8) * ALD + warp * 16 + 8 * (mat & 1));
+            else
+                mma::ldmatrix_x4<false>(a, at + (warp * 16 + r8 + 8 * (mat & 1)) * ALD + k0 + 8 * (mat >> 1));
 #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 // Matrix m of the x4: n-tile j + m / 2, reduction indices k0 + 8 (m % 2) .. + 7.
@@ -425,22 +448,46 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int h = 0; h < 4; h += 2)
-                *reinterpret_cast<__nv_bfloat162*>(out_rows + (g + 4 * h) * OLD + 8 * j + 2 * tq) =
-                    __floats2bfloat162_rn(acc[j][h] + bias[j][0], acc[j][h + 1] + bias[j][1]);
+            for (int h = 0; h < 4; h += 2) {
+                const float v0 = acc[j][h] + bias[j][0], v1 = acc[j][h + 1] + bias[j][1];
+                const int r = g + 4 * h, c = 8 * j + 2 * tq;
+                if constexpr (CF) {
+                    out_rows[c * OLD + r] = __float2bfloat16(v0);
+                    out_rows[(c + 1) * OLD + r] = __float2bfloat16(v1);
+                } else {
+                    *reinterpret_cast<__nv_bfloat162*>(out_rows + r * OLD + c) = __floats2bfloat162_rn(v0, v1);
+                }
+            }
         __syncwarp();
-        const int64_t row0 = (blockIdx.x + it * gridDim.x) * BM + warp * 16;
-        constexpr int PIECES = BN / 8;
-        for (int e = lane; e < 16 * PIECES; e += 32) {
-            const int r = e / PIECES, c = e % PIECES * 8;
-            const int64_t row = row0 + r, col = j0 + c;
-            if (row >= p.M || col >= p.N) continue;
-            bf16* dst = p.c + row * p.N + col;
-            const bf16* src = out_rows + r * OLD + c;
-            if (vec_out && col + 8 <= p.N) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-                for (int q = 0; q < 8 && col + q < p.N; ++q) dst[q] = src[q];
+        const int64_t tile = blockIdx.x + it * gridDim.x;
+        if constexpr (CF) {
+            // Column j of the warp's rows: 16 positions, two 16-byte pieces of C's row j.
+            const int64_t item = tile / item_tiles, row0 = tile % item_tiles * BM + warp * 16;
+            for (int e = lane; e < 2 * BN; e += 32) {
+                const int c = e / 2, r = e % 2 * 8;
+                const int64_t row = row0 + r, col = j0 + c;
+                if (row >= p.M || col >= p.N) continue;
+                bf16* dst = p.c + item * p.c_sb + col * p.M + row;
+                const bf16* src = out_rows + c * OLD + r;
+                if (vec_out)
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                else
+                    for (int q = 0; q < 8 && row + q < p.M; ++q) dst[q] = src[q];
+            }
+        } else {
+            const int64_t row0 = tile * BM + warp * 16;
+            constexpr int PIECES = BN / 8;
+            for (int e = lane; e < 16 * PIECES; e += 32) {
+                const int r = e / PIECES, c = e % PIECES * 8;
+                const int64_t row = row0 + r, col = j0 + c;
+                if (row >= p.M || col >= p.N) continue;
+                bf16* dst = p.c + row * p.N + col;
+                const bf16* src = out_rows + r * OLD + c;
+                if (vec_out && col + 8 <= p.N) {
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    for (int q = 0; q < 8 && col + q < p.N; ++q) dst[q] = src[q];
+                }
             }
         }
         __syncwarp();  // the rows are read before the next tile writes them
@@ -517,16 +564,25 @@ __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfl
 
 }  // namespace
 
-#define LINEAR_STREAM_KERNEL(NAME, BN, B_K_MAJOR)                                                                 \
+#define GEMM_STREAM_KERNEL(NAME, BN, B_K_MAJOR, CF)                                                               \
     extern "C" __global__ void __launch_bounds__(GEMM_STREAM_THREADS) NAME(const GemmParams<__nv_bfloat16> p) { \
-        gemm_stream_bf16<BN, B_K_MAJOR>(p);                                                                    \
+        gemm_stream_bf16<BN, B_K_MAJOR, CF>(p);                                                                \
     }
-LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n32, 32, false)  // y = x W^T: W stored [j][k]
-LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n64, 64, false)
-LINEAR_STREAM_KERNEL(linear_fprop_stream_bf16_n128, 128, false)
-LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n32, 32, true)  // dx = g W: W stored [k][j]
-LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n64, 64, true)
-LINEAR_STREAM_KERNEL(linear_dgrad_stream_bf16_n128, 128, true)
+GEMM_STREAM_KERNEL(linear_fprop_stream_bf16_n32, 32, false, false)  // y = x W^T: W stored [j][k]
+GEMM_STREAM_KERNEL(linear_fprop_stream_bf16_n64, 64, false, false)
+GEMM_STREAM_KERNEL(linear_fprop_stream_bf16_n128, 128, false, false)
+GEMM_STREAM_KERNEL(linear_dgrad_stream_bf16_n32, 32, true, false)  // dx = g W: W stored [k][j]
+GEMM_STREAM_KERNEL(linear_dgrad_stream_bf16_n64, 64, true, false)
+GEMM_STREAM_KERNEL(linear_dgrad_stream_bf16_n128, 128, true, false)
+GEMM_STREAM_KERNEL(conv_fprop_pointwise_bf16_n32, 32, false, true)  // y = W x: W stored [j][k]
+GEMM_STREAM_KERNEL(conv_fprop_pointwise_bf16_n64, 64, false, true)
+GEMM_STREAM_KERNEL(conv_fprop_pointwise_bf16_n128, 128, false, true)
+GEMM_STREAM_KERNEL(conv_dgrad_pointwise_bf16_n32, 32, true, true)  // dx = W^T g: W stored [k][j]
+GEMM_STREAM_KERNEL(conv_dgrad_pointwise_bf16_n64, 64, true, true)
+GEMM_STREAM_KERNEL(conv_dgrad_pointwise_bf16_n128, 128, true, true)
+GEMM_STREAM_KERNEL(conv_transpose_fprop_pointwise_bf16_n32, 32, true, true)  // z = W^T x: W stored [k][j]
+GEMM_STREAM_KERNEL(conv_transpose_fprop_pointwise_bf16_n64, 64, true, true)
+GEMM_STREAM_KERNEL(conv_transpose_fprop_pointwise_bf16_n128, 128, true, true)
 #define LINEAR_WGRAD_STREAM_KERNEL(NAME, BMW, BNW)                                                                \
     extern "C" __global__ void __launch_bounds__(GEMM_STREAM_THREADS) NAME(const GemmParams<__nv_bfloat16> p) { \
         gemm_wgrad_stream_bf16<BMW, BNW>(p);                                                                   \

@@ -48,6 +48,11 @@ struct GemmParams {
     int64_t K;
     int64_t k_slice;  // reduction rows per slice (blockIdx.z)
     int64_t c_slice;  // elements between the slices' partial products
+    // The channels-first products (conv_*_pointwise_bf16_nBN) run `batch` items of M rows each: item b's A at
+    // a + b a_sb and its C at c + b c_sb, C(i, j) at j M + i. The linear products leave these 0.
+    int64_t batch;
+    int64_t a_sb;
+    int64_t c_sb;
 };
 
 // y[s, q] = sum_{p in slice s} x[p ld + q] for q < cols, slices of rows_per_slice rows. Grid (ceil(cols / 32), slices).
@@ -98,4 +103,18 @@ extern "C" __global__ void linear_wgrad_stream_bf16_m64_n32(const GemmParams<__n
 extern "C" __global__ void linear_wgrad_stream_bf16_m64_n64(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_stream_bf16_m128_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_stream_bf16_m128_n64(const GemmParams<__nv_bfloat16> p);
+// The same streaming products on channels-first maps (N, C, positions), for the 1x1x1 convolutions: per item b,
+// C[b](i, j) = sum_k A[b](i, k) B(k, j) (+ bias[j]) over the positions i, A[b](i, k) = a[b a_sb + k a_sk + i] (a_si = 1,
+// a_sk = M, M a multiple of 8) and C[b](i, j) = c[b c_sb + j M + i]: conv_fprop (y = W x, W stored [j][k], b_sk = 1),
+// conv_dgrad (dx = W^T g, W stored [k][j], b_sj = 1) and conv_transpose_fprop (its taps as channels, z = W^T x,
+// b_sj = 1). Grid (resident blocks / gridDim.y, ceil(N / BN)).
+extern "C" __global__ void conv_fprop_pointwise_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_pointwise_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_pointwise_bf16_n128(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_pointwise_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_pointwise_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_pointwise_bf16_n128(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_transpose_fprop_pointwise_bf16_n32(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_transpose_fprop_pointwise_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_transpose_fprop_pointwise_bf16_n128(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void sum_rows_f32(const SumRowsParams p);

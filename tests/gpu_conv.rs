@@ -225,6 +225,21 @@ fn gpu_conv_wgrad_gemm() {
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
 /// so and names the way out, not computed wrongly.
+/// The bf16 1x1x1 products of maps whose channels are whole 16-byte pieces run on the channels-first streaming kernels
+/// (cuda/gemm.cu's conv_*_pointwise_bf16_n*): the conv's forward and input gradient and the transposed conv's forward,
+/// in each column width (9 and 20 channels in n32, 64 in n64, 80 and 100 in n128, 130 in two column blocks), with
+/// reductions padded to 16 (20, 40, 100), batches whose positions are not whole 64-position tiles (312, 160, 192) and
+/// 2D maps. The float32 and tf32 runs of check_conv take the other kernels, as before.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_pointwise() {
+    check_conv("conv3d 1x1x1 20 -> 9, 3 x 3x8x13", &[3, 20, 3, 8, 13], &[9, 20, 1, 1, 1], &[1, 1, 1], 700);
+    check_conv("conv3d 1x1x1 64 -> 100, 2 x 2x4x24", &[2, 64, 2, 4, 24], &[100, 64, 1, 1, 1], &[1, 1, 1], 710);
+    check_conv("conv3d 1x1x1 40 -> 130, 1 x 1x8x8", &[1, 40, 1, 8, 8], &[130, 40, 1, 1, 1], &[1, 1, 1], 720);
+    check_conv("conv2d 1x1 33 -> 47, 3 x 16x10", &[3, 33, 16, 10], &[47, 33, 1, 1], &[1, 1], 730);
+    check_conv_transpose("conv_transpose3d 1x2x2 40 -> 20, 2 x 2x4x8", &[2, 40, 2, 4, 8], &[40, 20, 1, 2, 2], 740);
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_tf32_refuses_kernels_beyond_ten_taps() {

@@ -78,17 +78,18 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvPackParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK,
-    CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW,
-    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS,
-    CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
-    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
-    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
-    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
-    GEMM_WGMMA_THREADS,
+    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
+    CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
+    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
+    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
+    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
+    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
+    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
+    GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
+use crate::ops::linear::{Pointwise, PointwiseKernels};
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
@@ -735,15 +736,44 @@ fn launch_product<T: ConvElement>(
         shared_mem_bytes: 0,
     };
     let gpu = &src.gpu;
+    if let GemmKernel::TensorCore(_, _, Some(kernels)) = kernel {
+        if let Some(pw) = pointwise(&p, kernels).filter(|pw| pw.suits(p.src, p.dst)) {
+            return pw.run(gpu, p.src, p.w, p.bias, p.dst, what);
+        }
+    }
     match kernel {
         GemmKernel::Exact(exact) => gpu.launch(exact, grid(CONV_BM, CONV_BN, CONV_THREADS), &p, what),
-        GemmKernel::TensorCore(_, Some(halo)) if halo_suits(&p) => launch_halo(halo, &p, gpu, what),
-        GemmKernel::TensorCore(pair, _) => {
+        GemmKernel::TensorCore(_, Some(halo), _) if halo_suits(&p) => launch_halo(halo, &p, gpu, what),
+        GemmKernel::TensorCore(pair, _, _) => {
             check_tc_taps(p.taps, what)?;
             let (tc, tile_n) = pair.for_columns(columns);
             gpu.launch(tc, grid(CONV_TC_BM, tile_n, CONV_TC_THREADS), &p, what)
         }
     }
+}
+
+/// `p` as a channels-first 1x1x1 product on `kernels`, if it is one: a single tap, every output position from the
+/// source position of the same index, and W laid out as the role's kernels read it.
+fn pointwise<T: GpuElement>(p: &ConvGemmParams<T>, kernels: PointwiseKernels<T>) -> Option<Pointwise<T>> {
+    let same = p.rows == p.src_size
+        && p.rows == p.dst_size
+        && p.taps == [1; 3]
+        && p.kernel == [1; 3]
+        && p.src_mul == [1; 3]
+        && p.dst_mul == [1; 3]
+        && p.src_add == [0; 3]
+        && p.dst_add == [0; 3];
+    let layout = match kernels.w_k_major {
+        false => p.w_src == 1 && p.w_dst == p.c_src,
+        true => p.w_dst == 1 && p.w_src == p.c_dst,
+    };
+    (same && layout).then(|| Pointwise {
+        kernels,
+        batch: p.batch as usize,
+        k: p.c_src as usize,
+        n: p.c_dst as usize,
+        positions: p.rows.iter().map(|&r| r as usize).product(),
+    })
 }
 
 /// Source channels per stage of the halo-tile kernels: [`CONV_HALO_WORDS`] 32-bit operand words (bf16 pairs or
@@ -1101,7 +1131,9 @@ impl<T: Copy> HaloKernels<T> {
 #[derive(Clone, Copy)]
 enum GemmKernel<T: Copy> {
     Exact(Kernel<ConvGemmParams<T>>),
-    TensorCore(TcPair<ConvGemmParams<T>>, Option<HaloKernels<T>>),
+    /// The tensor-core pair, the halo-tile kernels where the role has them, and the channels-first streaming kernels
+    /// of 1x1x1 products (n32, n64, n128) where the type and role have them.
+    TensorCore(TcPair<ConvGemmParams<T>>, Option<HaloKernels<T>>, Option<PointwiseKernels<T>>),
 }
 
 /// The kernel of the weight gradient: the exact float32 SIMT kernel of cuda/conv.cu, or a tensor-core pair.
@@ -1132,6 +1164,9 @@ pub(crate) trait ConvElement: GpuElement {
     const HALO: [HaloKernels<Self>; 2];
     /// The halo-tile kernel of the conv's weight gradient.
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<Self>>;
+    /// The channels-first streaming kernels of 1x1x1 products, if the type has them: the conv's forward, its input
+    /// gradient and the transposed conv's forward (its taps as channels).
+    const POINTWISE: Option<[[Kernel<GemmParams<Self>>; 3]; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
@@ -1202,6 +1237,7 @@ impl ConvElement for f32 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
+    const POINTWISE: Option<[[Kernel<GemmParams<f32>>; 3]; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
 }
@@ -1253,6 +1289,23 @@ impl ConvElement for bf16 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
+    const POINTWISE: Option<[[Kernel<GemmParams<bf16>>; 3]; 3]> = Some([
+        [
+            kernel::conv_fprop_pointwise_bf16_n32,
+            kernel::conv_fprop_pointwise_bf16_n64,
+            kernel::conv_fprop_pointwise_bf16_n128,
+        ],
+        [
+            kernel::conv_dgrad_pointwise_bf16_n32,
+            kernel::conv_dgrad_pointwise_bf16_n64,
+            kernel::conv_dgrad_pointwise_bf16_n128,
+        ],
+        [
+            kernel::conv_transpose_fprop_pointwise_bf16_n32,
+            kernel::conv_transpose_fprop_pointwise_bf16_n64,
+            kernel::conv_transpose_fprop_pointwise_bf16_n128,
+        ],
+    ]);
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<bf16>>; 5]> = Some([
         kernel::conv_wgrad_wgmma_bf16_k333_z4,
         kernel::conv_wgrad_wgmma_bf16_k333_z2,
@@ -1271,9 +1324,15 @@ impl Pairing {
         let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
         // The transposed conv's products (its forward's 1x1, its backward's of stride = kernel): no halo kernels.
         let halo = (!self.transposed).then_some(T::HALO[product as usize]);
+        let pointwise = T::POINTWISE.and_then(|[fprop, dgrad, transpose_fprop]| match (self.transposed, product) {
+            (false, Product::NarrowFromWide) => Some(PointwiseKernels { kernels: fprop, w_k_major: false }),
+            (false, Product::WideFromNarrow) => Some(PointwiseKernels { kernels: dgrad, w_k_major: true }),
+            (true, Product::WideFromNarrow) => Some(PointwiseKernels { kernels: transpose_fprop, w_k_major: true }),
+            (true, Product::NarrowFromWide) => None,
+        });
         match exact {
             Some(k) if gpu.exact_f32() => GemmKernel::Exact(k),
-            _ => GemmKernel::TensorCore(pair, halo),
+            _ => GemmKernel::TensorCore(pair, halo, pointwise),
         }
     }
 

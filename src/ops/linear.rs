@@ -545,6 +545,7 @@ impl<T: LinearElement> Gemm<T> {
             K: self.k as i64,
             k_slice: k_slice as i64,
             c_slice: (self.m * self.n) as i64,
+            ..GemmParams::default()
         }
     }
 
@@ -569,7 +570,7 @@ impl<T: LinearElement> Gemm<T> {
                 Some(StreamKernel {
                     kernel,
                     tile: (GEMM_STREAM_BM, bn),
-                    shared: stream_shared_bytes(self.k, bn, dgrad),
+                    shared: stream_shared_bytes(self.k, bn, dgrad, false),
                 })
             }
             GemmRole::WeightGrad => {
@@ -602,19 +603,9 @@ impl<T: LinearElement> Gemm<T> {
         };
         let shapes = format!("{what}: ({}, {}) x ({}, {})", self.m, self.k, self.k, self.n);
         let tiles = self.m.div_ceil(s.tile.0) * self.n.div_ceil(s.tile.1);
-        let grid = match self.role {
-            GemmRole::WeightGrad => (slices, tiles),
-            _ => {
-                let columns = self.n.div_ceil(s.tile.1);
-                let resident = gpu.resident_blocks(s.kernel, GEMM_STREAM_THREADS as u32, s.shared as u32, &shapes)?;
-                (self.m.div_ceil(GEMM_STREAM_BM).min((resident / columns).max(1)), columns)
-            }
-        };
-        ensure!(grid.1 <= 65_535, Shape, "{shapes}: too many output tiles for the GPU grid");
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0 as u32, grid.1 as u32, 1),
-            block_dim: (GEMM_STREAM_THREADS as u32, 1, 1),
-            shared_mem_bytes: s.shared as u32,
+        let cfg = match self.role {
+            GemmRole::WeightGrad => stream_config((slices, tiles), s.shared, &shapes)?,
+            _ => stream_tile_config(gpu, s, self.m.div_ceil(GEMM_STREAM_BM), self.n, &shapes)?,
         };
         let p = self.params(c, c_acc, GEMM_STREAM_BM);
         gpu.launch(s.kernel, cfg, &p, &shapes)
@@ -638,14 +629,120 @@ impl<T: LinearElement> Gemm<T> {
     }
 }
 
+/// The launch of a streaming product whose blocks walk `row_tiles` row tiles for `n` output columns (forward, input
+/// gradient): as many blocks as the GPU holds at once, spread over the column tiles.
+fn stream_tile_config<T>(
+    gpu: &Gpu,
+    s: &StreamKernel<T>,
+    row_tiles: usize,
+    n: usize,
+    shapes: &str,
+) -> Result<LaunchConfig> {
+    let columns = n.div_ceil(s.tile.1);
+    let resident = gpu.resident_blocks(s.kernel, GEMM_STREAM_THREADS as u32, s.shared as u32, shapes)?;
+    stream_config((row_tiles.min((resident / columns).max(1)), columns), s.shared, shapes)
+}
+
+/// A streaming product's launch of `grid` blocks with `shared` bytes of dynamic shared memory.
+fn stream_config(grid: (usize, usize), shared: usize, shapes: &str) -> Result<LaunchConfig> {
+    ensure!(grid.1 <= 65_535, Shape, "{shapes}: too many output tiles for the GPU grid");
+    Ok(LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (GEMM_STREAM_THREADS as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    })
+}
+
 /// The dynamic shared memory of a streaming product (cuda/gemm.cu's layout, in bf16 elements): the ring of A tiles
-/// [GEMM_STREAM_STAGES][GEMM_STREAM_BM][KP + 8], the block's columns of W ([bn][KP + 8], or [KP][bn + 8] for the input
-/// gradient) and each warp's output rows [16][bn + 8], with KP = k rounded up to 16.
-fn stream_shared_bytes(k: usize, bn: usize, b_k_major: bool) -> usize {
+/// [GEMM_STREAM_STAGES][GEMM_STREAM_BM][KP + 8] (channels first: [GEMM_STREAM_STAGES][KP][GEMM_STREAM_BM + 8]), the
+/// block's columns of W ([bn][KP + 8], or [KP][bn + 8] for W stored [k][j]) and each warp's output rows [16][bn + 8]
+/// (channels first: columns [bn][16 + 8]), with KP = k rounded up to 16.
+fn stream_shared_bytes(k: usize, bn: usize, b_k_major: bool, channels_first: bool) -> usize {
     let kp = k.next_multiple_of(16);
     let b = if b_k_major { kp * (bn + 8) } else { bn * (kp + 8) };
+    let (ring, out) = match channels_first {
+        false => (GEMM_STREAM_BM * (kp + 8), 16 * (bn + 8)),
+        true => (kp * (GEMM_STREAM_BM + 8), bn * (16 + 8)),
+    };
     let warps = GEMM_STREAM_THREADS / 32;
-    2 * (GEMM_STREAM_STAGES * GEMM_STREAM_BM * (kp + 8) + b + warps * 16 * (bn + 8))
+    2 * (GEMM_STREAM_STAGES * ring + b + warps * out)
+}
+
+/// The channels-first streaming kernels of one role's 1x1x1 products (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`).
+#[derive(Clone, Copy)]
+pub(crate) struct PointwiseKernels<T> {
+    /// The kernels for 32, 64 and 128 output channels per block.
+    pub kernels: [Kernel<GemmParams<T>>; 3],
+    /// How the role's kernels read W: stored [k][j] (true) or [j][k].
+    pub w_k_major: bool,
+}
+
+/// One 1x1x1 convolution product on channels-first maps, for the streaming kernels' channels-first instances
+/// (cuda/gemm.cu): per batch item b, `dst[b, j, i] = sum_k w(k, j) src[b, k, i] (+ bias[j])` over the `positions` i,
+/// with `w(k, j) = w[j K + k]` (the conv's forward, W (Cout, Cin)) or `w[k N + j]` (W stored [k][j]: the conv's input
+/// gradient and the transposed conv's forward, W (Cin, Cout)).
+pub(crate) struct Pointwise<T> {
+    /// The role's kernels.
+    pub kernels: PointwiseKernels<T>,
+    /// Batch items.
+    pub batch: usize,
+    /// Source channels (the reduction).
+    pub k: usize,
+    /// Output channels.
+    pub n: usize,
+    /// Positions per channel of an item.
+    pub positions: usize,
+}
+
+impl<T: GpuElement> Pointwise<T> {
+    /// Whether the kernels take this product on these buffers: a reduction of at most GEMM_STREAM_MAX_K channels and
+    /// channels of whole 16-byte pieces (positions a multiple of 8, 16-byte aligned maps).
+    pub fn suits(&self, src: ConstPtr<T>, dst: MutPtr<T>) -> bool {
+        let piece = 16 / size_of::<T>();
+        self.k <= GEMM_STREAM_MAX_K && self.positions % piece == 0 && src.address() % 16 == 0 && dst.address() % 16 == 0
+    }
+
+    /// Runs the product (which [`Pointwise::suits`] the buffers) on `gpu`.
+    pub fn run(
+        &self,
+        gpu: &Gpu,
+        src: ConstPtr<T>,
+        w: ConstPtr<T>,
+        bias: ConstPtr<T>,
+        dst: MutPtr<T>,
+        what: &str,
+    ) -> Result<()> {
+        let width = usize::from(self.n > 32) + usize::from(self.n > 64);
+        let bn = 32 << width;
+        let w_k_major = self.kernels.w_k_major;
+        let shared = stream_shared_bytes(self.k, bn, w_k_major, true);
+        let s = StreamKernel { kernel: self.kernels.kernels[width], tile: (GEMM_STREAM_BM, bn), shared };
+        let shapes = format!(
+            "{what} (channels first, streaming): {} x ({} -> {} channels) x {} positions",
+            self.batch, self.k, self.n, self.positions
+        );
+        let row_tiles = self.batch * self.positions.div_ceil(GEMM_STREAM_BM);
+        let cfg = stream_tile_config(gpu, &s, row_tiles, self.n, &shapes)?;
+        let (b_sk, b_sj) = if w_k_major { (self.n, 1) } else { (1, self.k) };
+        let p = GemmParams {
+            a: src,
+            b: w,
+            bias,
+            c: dst,
+            a_si: 1,
+            a_sk: self.positions as i64,
+            b_sk: b_sk as i64,
+            b_sj: b_sj as i64,
+            M: self.positions as i64,
+            N: self.n as i64,
+            K: self.k as i64,
+            batch: self.batch as i64,
+            a_sb: (self.k * self.positions) as i64,
+            c_sb: (self.n * self.positions) as i64,
+            ..GemmParams::default()
+        };
+        gpu.launch(s.kernel, cfg, &p, &shapes)
+    }
 }
 
 /// The dynamic shared memory of a streaming weight gradient with dW tiles of `tile` (rows, columns) (cuda/gemm.cu's
