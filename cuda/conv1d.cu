@@ -58,13 +58,9 @@
 
 namespace {
 
-// s(v) = 1 / (1 + e^-v) by the approximate exponential and reciprocal (MUFU.EX2, MUFU.RCP: about 5 instructions
-// against about 20 for expf and an IEEE division): with the accurate ones the SiLU forward issued 3.5 times the
+// SiLU's sigmoid by common.cuh's fast_sigmoid: with expf and an IEEE division the SiLU forward issued 3.5 times the
 // instructions of the conv alone and ran at 1364 GB/s against its 3127 (flare-3d profile, H200, 2026-12-04). The
-// relative error is a few 1e-7 for |v| < 20, far below the bf16 rounding of the output; for v < -88 e^-v is infinite
-// and s(v) = 0, as it should. The forward and the backward's recompute call the same function, so SiLU' is taken at
-// the value the forward used.
-__device__ __forceinline__ float fast_sigmoid(float v) { return __fdividef(1.0f, 1.0f + __expf(-v)); }
+// forward and the backward's recompute call the same function, so SiLU' is taken at the value the forward used.
 
 // Taps held in registers by a thread of W channels: the vector kernels (W > 1) take K = CONV1D_TAPS, the scalar ones
 // any K up to CONV1D_MAX_K.

@@ -168,7 +168,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                     h[k] = exp2f(dt * a2[k]) * h[k] + du * sb[tt][k];
                     if (!SUMMARY) acc += sc[tt][k] * h[k];
                 }
-                if (!SUMMARY) y[i] = from_f32<E>((acc + dsk * ut) * (zt * sigmoidf(zt)));
+                if (!SUMMARY) y[i] = from_f32<E>((acc + dsk * ut) * (zt * fast_sigmoid(zt)));
             }
         }
     }
@@ -259,7 +259,7 @@ __device__ void scan_backward_carry(const ScanParams<E>& p) {
         for (int64_t t = len - 1; t >= 0; --t) {
             const int64_t row = g * L + t0 + t, at = row * D + d;
             const float zt = to_f32(z[at]);
-            const float q = to_f32(gy[at]) * zt * sigmoidf(zt);
+            const float q = to_f32(gy[at]) * zt * fast_sigmoid(zt);
             const float dt = softplusf(to_f32(delta[at]) + bias);
             dt_sum += dt;
             x = exp2_approx(dt * a2) * (x + to_f32(cmat[row * p.bc_ld + n]) * q);
@@ -383,9 +383,12 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                 const float pre = f.delta[j] + delta_bias[dd], zt = f.z[j];
                 dt = softplusf(pre);
                 if (full) {
-                    q = f.gy[j] * zt * sigmoidf(zt);
-                    gzc = f.gy[j] * activation_derivative(ACT_SILU, zt);
-                    sp = activation_derivative(ACT_SOFTPLUS, pre);
+                    // SiLU(z) = z s(z), SiLU'(z) = s(z) (1 + z (1 - s(z))), softplus'(x) = s(x) (1 above 20, where
+                    // softplus is linear): one sigmoid each, by fast_sigmoid (common.cuh says why).
+                    const float sz = fast_sigmoid(zt);
+                    q = f.gy[j] * zt * sz;
+                    gzc = f.gy[j] * (sz * (1.0f + zt * (1.0f - sz)));
+                    sp = pre > 20.0f ? 1.0f : fast_sigmoid(pre);
                 }
             }
             st_dt[e] = dt;
