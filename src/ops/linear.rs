@@ -556,14 +556,13 @@ impl<T: LinearElement> Gemm<T> {
         let kernels = T::STREAM.filter(|_| !gpu.exact_f32())?;
         // Rows the kernels copy by cp.async: whole 16-byte pieces or whole pairs (cuda/gemm.cu's copy_mode).
         let whole = |p: ConstPtr<T>, ld: usize| p.address() % 4 == 0 && (ld * size_of::<T>()) % 4 == 0;
-        let by_columns = |n: usize| usize::from(n > 32) + usize::from(n > 64);
         match self.role {
             GemmRole::Forward | GemmRole::InputGrad => {
                 let fits = self.a_sk == 1 && whole(self.a, self.a_si) && self.k <= GEMM_STREAM_MAX_K;
                 if !fits {
                     return None;
                 }
-                let width = by_columns(self.n);
+                let width = stream_width(self.n);
                 let dgrad = matches!(self.role, GemmRole::InputGrad);
                 let kernel = if dgrad { kernels.dgrad } else { kernels.fprop }[width];
                 let bn = 32 << width;
@@ -578,7 +577,7 @@ impl<T: LinearElement> Gemm<T> {
                 if !fits || self.m > 128 || self.n > 128 {
                     return None;
                 }
-                let (rows, cols) = (by_columns(self.m), usize::from(self.n > 32));
+                let (rows, cols) = (stream_width(self.m), usize::from(self.n > 32));
                 let tile = (32 << rows, 32 << cols);
                 let shared = stream_wgrad_shared_bytes(tile);
                 Some(StreamKernel { kernel: kernels.wgrad[rows][cols], tile, shared })
@@ -627,6 +626,12 @@ impl<T: LinearElement> Gemm<T> {
         let k_slice = self.k.div_ceil(want).next_multiple_of(k.depth).max(GEMM_MIN_SLICE);
         (k_slice, self.k.div_ceil(k_slice))
     }
+}
+
+/// The width w of the streaming tile (32 << w output columns, or dW rows) for `n` of them: 32 up to 32, 64 up to 64,
+/// else 128.
+fn stream_width(n: usize) -> usize {
+    usize::from(n > 32) + usize::from(n > 64)
 }
 
 /// The launch of a streaming product whose blocks walk `row_tiles` row tiles for `n` output columns (forward, input
@@ -712,7 +717,7 @@ impl<T: GpuElement> Pointwise<T> {
         dst: MutPtr<T>,
         what: &str,
     ) -> Result<()> {
-        let width = usize::from(self.n > 32) + usize::from(self.n > 64);
+        let width = stream_width(self.n);
         let bn = 32 << width;
         let w_k_major = self.kernels.w_k_major;
         let shared = stream_shared_bytes(self.k, bn, w_k_major, true);
