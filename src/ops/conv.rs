@@ -1329,7 +1329,9 @@ impl Pairing {
         let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
         // The transposed conv's products (its forward's 1x1, its backward's of stride = kernel): no halo kernels.
         let halo = (!self.transposed).then_some(T::HALO[product as usize]);
-        let pointwise = T::POINTWISE.and_then(|[fprop, dgrad, transpose_fprop]| match (self.transposed, product) {
+        // The streaming kernels are not for `--math exact` (as the linear layers' and the explicit weight gradient).
+        let streaming = T::POINTWISE.filter(|_| !gpu.exact_f32());
+        let pointwise = streaming.and_then(|[fprop, dgrad, transpose_fprop]| match (self.transposed, product) {
             (false, Product::NarrowFromWide) => Some(PointwiseKernels { kernels: fprop, w_k_major: false }),
             (false, Product::WideFromNarrow) => Some(PointwiseKernels { kernels: dgrad, w_k_major: true }),
             (true, Product::WideFromNarrow) => Some(PointwiseKernels { kernels: transpose_fprop, w_k_major: true }),
