@@ -318,7 +318,8 @@ LINEAR_TC_KERNEL(linear_wgrad_bf16_n32, __nv_bfloat16, GEMM_TC_BN_NARROW, true, 
 // positions of batch item b, A(i, k) = a[b a_sb + k a_sk + i] and C(i, j) = c[b c_sb + j M + i], so a row tile of A is
 // K rows of 64 consecutive positions, copied into [KP][BM + 8] and read by ldmatrix.trans, and each warp stages its
 // output as columns [BN][16 + 8], stored as two 16-byte pieces of each of C's rows. Row tiles are per item (M is a
-// multiple of 8, the host's rule); the fragments and the ring are the same.
+// multiple of 8 and C 16-byte aligned, the host's rule: a launch that breaks it traps); the fragments and the ring
+// are the same.
 namespace {
 
 // Copies rows [r0, r0 + rows) x columns [0, cols) (cols a multiple of 8) of a row-major bf16 operand whose rows are
@@ -383,6 +384,8 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
     unsigned smem_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
     if ((size_t)(os + (BM / 16) * OUT * OLD) - (size_t)stream_smem > smem_bytes || p.K > GEMM_STREAM_MAX_K) __trap();
+    // CF: every channel of every item is whole 16-byte pieces (the host's rule), so C is stored by pieces only.
+    if (CF && (p.M % 8 != 0 || p.c_sb % 8 != 0 || !aligned16(p.c))) __trap();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     const int r8 = lane & 7, mat = lane >> 3;
@@ -418,8 +421,7 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
             bias[j][h] = p.bias && col < p.N ? __bfloat162float(p.bias[col]) : 0.0f;
         }
     bf16* out_rows = os + warp * OUT * OLD;
-    const bool vec_out = CF ? p.M % 8 == 0 && p.c_sb % 8 == 0 && aligned16(p.c)
-                            : (p.N * 2) % 16 == 0 && aligned16(p.c) && j0 % 8 == 0;
+    const bool vec_out = (p.N * 2) % 16 == 0 && aligned16(p.c) && j0 % 8 == 0;  // rows of C (not CF)
 
     stream_tiles(tiles, load_a, [&](int64_t it) {
         const bf16* at = as + (it % STAGES) * a_size;
@@ -467,12 +469,8 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
                 const int c = e / 2, r = e % 2 * 8;
                 const int64_t row = row0 + r, col = j0 + c;
                 if (row >= p.M || col >= p.N) continue;
-                bf16* dst = p.c + item * p.c_sb + col * p.M + row;
-                const bf16* src = out_rows + c * OLD + r;
-                if (vec_out)
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-                else
-                    for (int q = 0; q < 8 && row + q < p.M; ++q) dst[q] = src[q];
+                *reinterpret_cast<uint4*>(p.c + item * p.c_sb + col * p.M + row) =
+                    *reinterpret_cast<const uint4*>(out_rows + c * OLD + r);
             }
         } else {
             const int64_t row0 = tile * BM + warp * 16;
