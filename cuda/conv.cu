@@ -406,3 +406,59 @@ extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16
         *reinterpret_cast<uint4*>(p.col + piece * 8) = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
+
+// rows[n S + o, c taps + a] = src[n, c, o + a - pad], 0 outside the map: a thread writes 8 consecutive (c, a) of one
+// position's row as a 16-byte piece, walking the taps and channels from the first one's (no division per element).
+// Consecutive threads write consecutive pieces; their reads gather from the source (a small map: from L2).
+extern "C" __global__ void conv_im2row_bf16(const ConvIm2rowParams<__nv_bfloat16> p) {
+    const int positions = p.size[0] * p.size[1] * p.size[2];
+    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = p.channels * taps / 8;
+    const unsigned short* src = reinterpret_cast<const unsigned short*>(p.src);
+    FOR_EACH(piece, p.pieces) {
+        const int64_t row = piece / pieces_per_row;  // n S + o
+        const int k0 = (int)(piece % pieces_per_row) * 8, n = (int)(row / positions);
+        int o[3], a[3];
+        split3((int)(row % positions), p.size, o);
+        int c = k0 / taps;
+        split3(k0 % taps, p.kernel, a);
+        unsigned w[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int z = o[0] + a[0] - p.pad[0], y = o[1] + a[1] - p.pad[1], x = o[2] + a[2] - p.pad[2];
+            if (z >= 0 && z < p.size[0] && y >= 0 && y < p.size[1] && x >= 0 && x < p.size[2])
+                w[e / 2] |= (unsigned)src[((int64_t)n * p.channels + c) * positions +
+                                          (z * p.size[1] + y) * p.size[2] + x]
+                            << 16 * (e % 2);
+            if (++a[2] == p.kernel[2]) {
+                a[2] = 0;
+                if (++a[1] == p.kernel[1]) {
+                    a[1] = 0;
+                    if (++a[0] == p.kernel[0]) {
+                        a[0] = 0;
+                        ++c;
+                    }
+                }
+            }
+        }
+        *reinterpret_cast<uint4*>(p.rows + piece * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
+// out[cw, cn taps + a] = w[cn, cw, taps - 1 - a].
+extern "C" __global__ void conv_weight_flip_bf16(const ConvWeightFlipParams<__nv_bfloat16> p) {
+    FOR_EACH(e, p.len) {
+        const int a = (int)(e % p.taps), cn = (int)(e / p.taps % p.c_narrow);
+        const int cw = (int)(e / ((int64_t)p.taps * p.c_narrow));
+        p.out[e] = p.w[((int64_t)cn * p.c_wide + cw) * p.taps + p.taps - 1 - a];
+    }
+}
+
+// dst[n, c, o] = c_rows[c, n positions + o] + bias[c], rounded once.
+extern "C" __global__ void conv_rows_store_bf16(const ConvRowsStoreParams<__nv_bfloat16> p) {
+    FOR_EACH(e, p.len) {
+        const int o = (int)(e % p.positions), c = (int)(e / p.positions % p.channels);
+        const int n = (int)(e / ((int64_t)p.positions * p.channels));
+        const float b = p.bias != nullptr ? __bfloat162float(p.bias[c]) : 0.0f;
+        p.dst[e] = __float2bfloat16(p.c_rows[((int64_t)c * p.batch + n) * p.positions + o] + b);
+    }
+}

@@ -107,6 +107,48 @@ struct ConvIm2colParams {
     int64_t pieces;
 };
 
+// The explicit forward and input gradient of a stride-1 convolution (Pairing::explicit_product): the source map
+// written out as one row per position, rows[n S + o, c taps + a] = src[n, c, o + a - pad] (0 outside the map; S =
+// prod(size) positions o, row-major, the same for source and output at stride 1; a over the kernel's taps,
+// row-major), K = channels x taps a multiple of 8: a thread writes one 16-byte piece (8 consecutive (c, a)) of a row,
+// pieces = batch S K / 8. Grid-stride: any grid. The B operand of gemm_wgmma.cu's conv_fprop_gemm_wgmma_bf16 and
+// conv_dgrad_gemm_wgmma_bf16.
+template <typename T>
+struct ConvIm2rowParams {
+    const T* src;
+    T* rows;
+    int size[3];
+    int kernel[3];
+    int pad[3];
+    int channels;
+    int64_t pieces;
+};
+
+// The input gradient's weight as a forward product's: out[cw, cn taps + a] = w[cn, cw, taps - 1 - a] (the kernel
+// flipped and its two channel axes swapped), len = c_narrow c_wide taps elements. Grid-stride: any grid.
+template <typename T>
+struct ConvWeightFlipParams {
+    const T* w;
+    T* out;
+    int c_narrow;
+    int c_wide;
+    int taps;
+    int64_t len;
+};
+
+// The explicit product's float32 result in the map's layout: dst[n, c, o] = c_rows[c, n positions + o] + bias[c]
+// (bias may be null), rounded once to T; len = batch channels positions elements. Grid-stride: any grid.
+template <typename T>
+struct ConvRowsStoreParams {
+    const float* c_rows;
+    const T* bias;
+    T* dst;
+    int channels;
+    int positions;
+    int batch;
+    int64_t len;
+};
+
 // One name per role of the same product, so that a profile says which pass it is timing.
 
 // The exact float32 SIMT kernels (the parity path, --math exact), one name per role:
@@ -129,3 +171,8 @@ extern "C" __global__ void channel_sums_f32(const ChannelSumsParams<float> p);
 extern "C" __global__ void channel_sums_bf16(const ChannelSumsParams<__nv_bfloat16> p);
 // the wide map's columns for the weight gradient as one explicit product (gemm_wgmma.cu)
 extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16> p);
+// the explicit forward and input gradient of stride-1 convs (gemm_wgmma.cu's products between): the source map's
+// rows, the input gradient's weight, the float32 result stored into the map with the bias
+extern "C" __global__ void conv_im2row_bf16(const ConvIm2rowParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_weight_flip_bf16(const ConvWeightFlipParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_rows_store_bf16(const ConvRowsStoreParams<__nv_bfloat16> p);

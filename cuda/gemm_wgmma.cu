@@ -131,3 +131,11 @@ extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 2)
     conv_wgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p) {
     gemm_tn(p);
 }
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 2)
+    conv_fprop_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p) {
+    gemm_tn(p);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 2)
+    conv_dgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p) {
+    gemm_tn(p);
+}

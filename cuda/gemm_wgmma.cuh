@@ -40,3 +40,8 @@ struct GemmWgmmaParams {
 // conv weight gradient from the wide map's columns (conv.cu's conv_im2col_bf16): dW[cn, (cw, a)] = sum_o
 // narrow[cn, o] col[(cw, a), o] per batch item and slice.
 extern "C" __global__ void conv_wgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);
+// conv forward and input gradient as explicit products (Pairing::explicit_product): out[c, (n, o)] = sum_k W[c, k]
+// rows[(n, o), k] with conv.cu's conv_im2row_bf16 rows of the source map (the input gradient's W flipped first by
+// conv_weight_flip_bf16), one slice
+extern "C" __global__ void conv_fprop_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);

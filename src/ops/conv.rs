@@ -82,15 +82,16 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvPackParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
-    CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
-    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
-    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
-    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
-    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
-    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
-    GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams, ConvPackParams,
+    ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams,
+    ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
+    CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
+    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
+    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
+    GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -1177,6 +1178,18 @@ pub(crate) trait ConvElement: GpuElement {
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
+    /// The explicit forward and input gradient of stride-1 convs, if the type has them ([`Pairing::explicit_product`]).
+    const EXPLICIT: Option<ExplicitConv<Self>>;
+}
+
+/// The kernels of [`Pairing::explicit_product`]: the source map's rows (conv.cu's conv_im2row), the input gradient's
+/// weight (conv_weight_flip), the product per role indexed by [`Product`] (gemm_wgmma.cu) and the store into the map.
+#[derive(Clone, Copy)]
+pub(crate) struct ExplicitConv<T> {
+    im2row: Kernel<ConvIm2rowParams<T>>,
+    flip: Kernel<ConvWeightFlipParams<T>>,
+    product: [Kernel<GemmWgmmaParams<T>>; 2],
+    store: Kernel<ConvRowsStoreParams<T>>,
 }
 
 /// The two kernels of [`Pairing::weight_grad_gemm`].
@@ -1245,6 +1258,7 @@ impl ConvElement for f32 {
     const POINTWISE: Option<[[Kernel<GemmParams<f32>>; 3]; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
+    const EXPLICIT: Option<ExplicitConv<f32>> = None;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -1320,6 +1334,12 @@ impl ConvElement for bf16 {
     ]);
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> =
         Some(GemmWgrad { im2col: kernel::conv_im2col_bf16, product: kernel::conv_wgrad_gemm_wgmma_bf16 });
+    const EXPLICIT: Option<ExplicitConv<bf16>> = Some(ExplicitConv {
+        im2row: kernel::conv_im2row_bf16,
+        flip: kernel::conv_weight_flip_bf16,
+        product: [kernel::conv_fprop_gemm_wgmma_bf16, kernel::conv_dgrad_gemm_wgmma_bf16],
+        store: kernel::conv_rows_store_bf16,
+    });
 }
 
 impl Pairing {
@@ -1443,9 +1463,14 @@ impl Pairing {
         bias: Option<&GpuBuffer<T>>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
-        let product = self.kernel_dims(what)?.narrow_from_wide();
+        let d = self.kernel_dims(what)?;
+        let product = d.narrow_from_wide();
         let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
         let mut out = wide.gpu.alloc_of::<T>(len, what)?;
+        if let Some(kernels) = self.explicit_kernels(Product::NarrowFromWide, &wide.gpu, wide, w) {
+            self.explicit_product(&d, kernels, Product::NarrowFromWide, wide, w, bias, &mut out, what)?;
+            return Ok(out);
+        }
         let kernel = self.gemm_kernel(Product::NarrowFromWide, &wide.gpu);
         launch_product(kernel, product, wide, w, bias, &mut out, what)?;
         Ok(out)
@@ -1461,9 +1486,14 @@ impl Pairing {
         bias: Option<&GpuBuffer<T>>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
-        let products = self.kernel_dims(what)?.wide_from_narrow();
+        let d = self.kernel_dims(what)?;
+        let products = d.wide_from_narrow();
         let len = self.batch * self.c_wide * self.wide.iter().product::<usize>();
         let mut out = narrow.gpu.alloc_of::<T>(len, what)?;
+        if let Some(kernels) = self.explicit_kernels(Product::WideFromNarrow, &narrow.gpu, narrow, w) {
+            self.explicit_product(&d, kernels, Product::WideFromNarrow, narrow, w, bias, &mut out, what)?;
+            return Ok(out);
+        }
         let kernel = self.gemm_kernel(Product::WideFromNarrow, &narrow.gpu);
         for product in products {
             launch_product(kernel, product, narrow, w, bias, &mut out, what)?;
@@ -1673,6 +1703,137 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
+    /// The kernels of the explicit `product` for this pairing on `gpu`, if the type has them, the GPU loaded them
+    /// (sm_90), the pairing suits them ([`Pairing::explicit_suits`]) and the source map and the weight are 16-byte
+    /// aligned (the product copies 8 reduction indices at a time). Not under `--math exact`, as the other products of
+    /// gemm_wgmma.cu.
+    fn explicit_kernels<T: ConvElement>(
+        &self,
+        product: Product,
+        gpu: &Gpu,
+        src: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+    ) -> Option<ExplicitConv<T>> {
+        let kernels = T::EXPLICIT?;
+        let aligned = src.ptr().address() % 16 == 0 && w.ptr().address() % 16 == 0;
+        let loaded = gpu.has_kernel(kernels.im2row)
+            && gpu.has_kernel(kernels.flip)
+            && gpu.has_kernel(kernels.product[product as usize])
+            && gpu.has_kernel(kernels.store);
+        (!gpu.exact_f32() && aligned && loaded && self.explicit_suits(product)).then_some(kernels)
+    }
+
+    /// Whether the explicit product takes this pairing's forward (`NarrowFromWide`) or input gradient: a conv (not
+    /// transposed) of stride 1 and more than one tap, whose source rows (channels x taps, bf16) are whole 16-byte
+    /// pieces and many ([`EXPLICIT_MIN_ROW`]), all of them at most [`EXPLICIT_MAX_ROWS_BYTES`]: the deep stages'
+    /// small maps, where the implicit products have few positions to share out and reload the map per channel tile.
+    fn explicit_suits(&self, product: Product) -> bool {
+        let src_channels = match product {
+            Product::NarrowFromWide => self.c_wide,
+            Product::WideFromNarrow => self.c_narrow,
+        };
+        let (row, positions) = (src_channels * self.taps(), self.narrow.iter().product::<usize>());
+        let rows_bytes = self.batch * positions * row * std::mem::size_of::<bf16>();
+        !self.transposed
+            && self.taps() > 1
+            && self.stride.iter().all(|&s| s == 1)
+            && row % 8 == 0
+            && row >= EXPLICIT_MIN_ROW
+            && rows_bytes <= EXPLICIT_MAX_ROWS_BYTES
+            && self.batch * positions < i32::MAX as usize
+    }
+
+    /// The forward (`NarrowFromWide`) or input gradient of a stride-1 conv as one explicit product on gemm_wgmma.cu's
+    /// tiles: the source map written out as rows, rows[(n, o), (c, a)] = src[n, c, o + a - p] (conv_im2row), then
+    /// out[c', (n, o)] = sum_{(c, a)} W'[c', (c, a)] rows[(n, o), (c, a)] in float32 (one slice: no partial sums),
+    /// stored into the map with the bias (conv_rows_store). The forward's W' is W itself (Cout, Cin, taps); the input
+    /// gradient's is W flipped, W'[cw, (cn, a)] = W[cn, cw, taps - 1 - a] (conv_weight_flip), the transposed
+    /// correlation of a stride-1 conv with padding (k - 1) / 2 on both sides.
+    #[allow(clippy::too_many_arguments)]
+    fn explicit_product<T: ConvElement>(
+        &self,
+        d: &KernelDims,
+        kernels: ExplicitConv<T>,
+        product: Product,
+        src: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        bias: Option<&GpuBuffer<T>>,
+        out: &mut GpuBuffer<T>,
+        what: &str,
+    ) -> Result<()> {
+        let gpu = &src.gpu;
+        let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
+        let (src_channels, dst_channels) = match product {
+            Product::NarrowFromWide => (self.c_wide, self.c_narrow),
+            Product::WideFromNarrow => (self.c_narrow, self.c_wide),
+        };
+        let (row, columns) = (src_channels * taps, self.batch * positions);
+        let mut rows = gpu.alloc_of::<T>(columns * row, what)?;
+        let pieces = columns * row / 8;
+        let im2row = ConvIm2rowParams {
+            src: src.ptr(),
+            rows: rows.ptr_mut(),
+            size: d.narrow,
+            kernel: d.k,
+            pad: d.pad,
+            channels: src_channels as i32,
+            pieces: pieces as i64,
+        };
+        gpu.launch(kernels.im2row, grid_1d(pieces), &im2row, what)?;
+        let flipped = match product {
+            Product::NarrowFromWide => None,
+            Product::WideFromNarrow => {
+                let len = self.c_narrow * self.c_wide * taps;
+                let mut flipped = gpu.alloc_of::<T>(len, what)?;
+                let params = ConvWeightFlipParams {
+                    w: w.ptr(),
+                    out: flipped.ptr_mut(),
+                    c_narrow: d.c_narrow,
+                    c_wide: d.c_wide,
+                    taps: taps as i32,
+                    len: len as i64,
+                };
+                gpu.launch(kernels.flip, grid_1d(len), &params, what)?;
+                Some(flipped)
+            }
+        };
+        let a = flipped.as_ref().unwrap_or(w);
+        let mut c_rows = gpu.alloc(dst_channels * columns, what)?;
+        // Every count below is at most a map's or the weight's elements (kernel_dims, explicit_suits).
+        let params = GemmWgmmaParams {
+            a: a.ptr(),
+            b: rows.ptr(),
+            c: c_rows.ptr_mut(),
+            a_ld: row as i64,
+            b_ld: row as i64,
+            a_item: 0,
+            b_item: 0,
+            m: dst_channels as i32,
+            n: columns as i32,
+            k: row as i32,
+            items: 1,
+            slice_steps: row.div_ceil(GEMM_WGMMA_BK) as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (dst_channels.div_ceil(GEMM_WGMMA_BM) as u32, columns.div_ceil(GEMM_WGMMA_BN) as u32, 1),
+            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+            shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32,
+        };
+        gpu.launch(kernels.product[product as usize], cfg, &params, what)?;
+        drop(rows);
+        let len = dst_channels * columns;
+        let store = ConvRowsStoreParams {
+            c_rows: c_rows.ptr(),
+            bias: bias.map(GpuBuffer::ptr).unwrap_or_default(),
+            dst: out.ptr_mut(),
+            channels: dst_channels as i32,
+            positions: positions as i32,
+            batch: d.batch,
+            len: len as i64,
+        };
+        gpu.launch(kernels.store, grid_1d(len), &store, what)
+    }
+
     /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu` and its
     /// box slices, if the type has them, the GPU loaded them (sm_90) and they take it: a 3x3x3 or 1x3x3 kernel (a 2D
     /// 3x3 is 1x3x3) padded by 1 in-plane, each map's elements per batch item (channels x voxels) with 32-bit
@@ -1752,6 +1913,12 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 /// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
 /// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
+
+/// The explicit forward and input gradient ([`Pairing::explicit_product`]) take sources of at least this many
+/// elements per row (channels x taps: 256 channels of a 3x3 kernel) ...
+const EXPLICIT_MIN_ROW: usize = 2304;
+/// ... whose rows fit in this many bytes (bf16).
+const EXPLICIT_MAX_ROWS_BYTES: usize = 1 << 27;
 
 /// Cuts a weight gradient's reduction of `units` (k-stages, boxes, steps: at least one) into runs of whole units for
 /// about `wanted` slices, at most the grid's 65535: (units per slice, slices). A function of the shapes alone, so
