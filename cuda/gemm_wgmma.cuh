@@ -9,8 +9,8 @@
 constexpr int GEMM_WGMMA_THREADS = 256;
 constexpr int GEMM_WGMMA_BM = 128;
 constexpr int GEMM_WGMMA_BN = 128;
-constexpr int GEMM_WGMMA_BK = 32;
-constexpr int GEMM_WGMMA_STAGES = 5;
+constexpr int GEMM_WGMMA_BK = 64;
+constexpr int GEMM_WGMMA_STAGES = 4;
 
 // C[z, m, n] = sum_{(i, k) in slice z} A[i, m, k] B[i, n, k] for m < M, n < N: a reduction over batch items i <
 // items and k < K, taken in steps of GEMM_WGMMA_BK indices of one item (an item's last step may be short), the steps

@@ -29,6 +29,16 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t at, uint32_t lbo, uint32
            (uint64_t)((sbo & 0x3FFFF) >> 4) << 32;
 }
 
+// The descriptor of a K-major operand with the 128-byte swizzle at shared address `at` (below 256 KB): rows of 64 bf16
+// (128 bytes) along k, 8-row atoms of 1024 bytes `sbo` apart along m or n, the 16-byte piece j of row r stored at
+// piece j ^ (r % 8) of its row (the hardware XORs address bits 4-6 with bits 7-9, so the atoms lie on 1024-byte
+// boundaries); k-step s of the row is the descriptor of `at + 32 s`. Unlike the unswizzled layout, the 8 rows a
+// core matrix reads lie in 8 different 16-byte bank groups of their rows.
+__device__ __forceinline__ uint64_t descriptor_sw128(uint32_t at, uint32_t sbo) {
+    return (uint64_t)((at & 0x3FFFF) >> 4) | (uint64_t)1 << 16 | (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 |
+           (uint64_t)1 << 62;
+}
+
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>

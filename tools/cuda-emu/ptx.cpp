@@ -128,8 +128,19 @@ float bf16_at(const unsigned char* p) {
 }
 // Element (r, k) of an unswizzled operand (r along m or n, k < 16): core matrices of 8 rows x 16 bytes, sbo apart
 // along r, lbo apart along k; K-major rows hold 8 k, MN-major ones (mn_major) 8 r.
+// With the 128-byte swizzle (layout type 1, bits 62-63; K-major only): rows of 128 bytes (64 k), 8-row atoms sbo
+// apart, and the 16-byte piece of each byte address XORed with its address bits 7-9 (the row within the atom: the
+// atoms lie on 1024-byte boundaries, and the start may step by 32 bytes per k-step within a row).
 float operand_at(uint64_t desc, int r, int k, bool mn_major) {
     const uint32_t lbo = (uint32_t)(desc >> 16 & 0x3FFF) << 4, sbo = (uint32_t)(desc >> 32 & 0x3FFF) << 4;
+    if ((desc >> 62) == 1) {
+        if (mn_major) trap("a 128-byte swizzled MN-major wgmma operand (the emulator knows K-major ones)");
+        const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
+        uint32_t addr = start + (r / 8) * sbo + (r % 8) * 128 + k * 2;
+        addr ^= ((addr >> 7) & 7) << 4;
+        return bf16_at(descriptor_at(desc & ~0x3FFFull, (int)addr + 2) + addr);
+    }
+    if ((desc >> 62) != 0) trap("a wgmma operand of a swizzle the emulator does not know (64 or 32 bytes)");
     const uint32_t inner = mn_major ? (k % 8) * 16 + (r % 8) * 2 : (r % 8) * 16 + (k % 8) * 2;
     const uint32_t off = (r / 8) * sbo + (k / 8) * lbo + inner;
     return bf16_at(descriptor_at(desc, (int)off + 2) + off);
