@@ -409,14 +409,18 @@ extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16
 
 // rows[n S + o, c taps + a] = src[n, c, o + a - pad], 0 outside the map: a thread writes 8 consecutive (c, a) of one
 // position's row as a 16-byte piece, walking the taps and channels from the first one's (no division per element).
-// Consecutive threads write consecutive pieces; their reads gather from the source (a small map: from L2).
+// The pieces are numbered position fastest (piece i: row i % rows, piece i / rows of it), so that a warp's 32 lanes
+// gather each (c, a) at 32 consecutive positions (contiguous bytes of the source) and write 32 rows' pieces; numbered
+// along the row instead, each lane's gathers fell in other channels and the source's sectors were read ~16 times over
+// (H100: 512 x 20x20, batch 12, forward 0.24 ms against cuDNN's 0.09).
 extern "C" __global__ void conv_im2row_bf16(const ConvIm2rowParams<__nv_bfloat16> p) {
     const int positions = p.size[0] * p.size[1] * p.size[2];
     const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = p.channels * taps / 8;
+    const int64_t rows = p.pieces / pieces_per_row;
     const unsigned short* src = reinterpret_cast<const unsigned short*>(p.src);
-    FOR_EACH(piece, p.pieces) {
-        const int64_t row = piece / pieces_per_row;  // n S + o
-        const int k0 = (int)(piece % pieces_per_row) * 8, n = (int)(row / positions);
+    FOR_EACH(i, p.pieces) {
+        const int64_t row = i % rows;  // n S + o
+        const int k0 = (int)(i / rows) * 8, n = (int)(row / positions);
         int o[3], a[3];
         split3((int)(row % positions), p.size, o);
         int c = k0 / taps;
@@ -440,7 +444,7 @@ extern "C" __global__ void conv_im2row_bf16(const ConvIm2rowParams<__nv_bfloat16
                 }
             }
         }
-        *reinterpret_cast<uint4*>(p.rows + piece * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+        *reinterpret_cast<uint4*>(p.rows + row * pieces_per_row * 8 + k0) = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
 
