@@ -223,17 +223,17 @@ fn gpu_conv_wgrad_gemm() {
     check_bf16_conv_repeats("conv3d 3x3x3 64 -> 320 bf16", &[2, 64, 4, 6, 10], &[320, 64, 3, 3, 3], 670);
 }
 
-/// The bf16 forward and input gradient of stride-1 convs with long source rows (channels x taps of at least 2304)
-/// run as explicit products (conv.cu's conv_im2row_bf16, gemm_wgmma.cu's conv_fprop_gemm_wgmma_bf16 and
+/// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as
+/// explicit products (conv.cu's conv_im2row_bf16, gemm_wgmma.cu's conv_fprop_gemm_wgmma_bf16 and
 /// conv_dgrad_gemm_wgmma_bf16 after conv_weight_flip_bf16, conv_rows_store_bf16): output channels that are not whole
-/// 128-row tiles (264, 88), positions that are not whole 128-column tiles (70, 120), 2D and 3D kernels, a batch of 3.
+/// 128-row tiles (520, 8), positions that are not whole 128-column tiles (70, 72), 2D and 3D kernels, a batch of 3.
 /// The float32 and tf32 runs of check_conv take the implicit kernels, as before.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_explicit_products() {
-    check_conv("conv2d 3x3 256 -> 264, 2 x 5x7", &[2, 256, 5, 7], &[264, 256, 3, 3], &[1, 1], 760);
-    check_conv("conv3d 3x3x3 96 -> 88, 3 x 2x4x5", &[3, 96, 2, 4, 5], &[88, 96, 3, 3, 3], &[1, 1, 1], 770);
-    check_bf16_conv_repeats("conv2d 3x3 256 -> 264 bf16", &[2, 256, 5, 7], &[264, 256, 3, 3], 780);
+    check_conv("conv2d 3x3 512 -> 520, 2 x 5x7", &[2, 512, 5, 7], &[520, 512, 3, 3], &[1, 1], 760);
+    check_conv("conv3d 3x3x3 512 -> 8, 3 x 2x3x4", &[3, 512, 2, 3, 4], &[8, 512, 3, 3, 3], &[1, 1, 1], 770);
+    check_bf16_conv_repeats("conv2d 3x3 512 -> 520 bf16", &[2, 512, 5, 7], &[520, 512, 3, 3], 780);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

@@ -1724,9 +1724,10 @@ impl Pairing {
     }
 
     /// Whether the explicit product takes this pairing's forward (`NarrowFromWide`) or input gradient: a conv (not
-    /// transposed) of stride 1 and more than one tap, whose source rows (channels x taps, bf16) are whole 16-byte
-    /// pieces and many ([`EXPLICIT_MIN_ROW`]), all of them at most [`EXPLICIT_MAX_ROWS_BYTES`]: the deep stages'
-    /// small maps, where the implicit products have few positions to share out and reload the map per channel tile.
+    /// transposed) of stride 1 and more than one tap whose source has at least [`EXPLICIT_MIN_CHANNELS`] channels
+    /// (its rows whole 16-byte pieces) on at most [`EXPLICIT_MAX_POSITIONS`] positions per batch item, the rows at most
+    /// [`EXPLICIT_MAX_ROWS_BYTES`]: the deep 2D stages' small maps, where the implicit products have few positions
+    /// to share out and reload the map per channel tile.
     fn explicit_suits(&self, product: Product) -> bool {
         let src_channels = match product {
             Product::NarrowFromWide => self.c_wide,
@@ -1738,9 +1739,9 @@ impl Pairing {
             && self.taps() > 1
             && self.stride.iter().all(|&s| s == 1)
             && row % 8 == 0
-            && row >= EXPLICIT_MIN_ROW
+            && src_channels >= EXPLICIT_MIN_CHANNELS
+            && positions <= EXPLICIT_MAX_POSITIONS
             && rows_bytes <= EXPLICIT_MAX_ROWS_BYTES
-            && self.batch * positions < i32::MAX as usize
     }
 
     /// The forward (`NarrowFromWide`) or input gradient of a stride-1 conv as one explicit product on gemm_wgmma.cu's
@@ -1915,8 +1916,15 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
 
 /// The explicit forward and input gradient ([`Pairing::explicit_product`]) take sources of at least this many
-/// elements per row (channels x taps: 256 channels of a 3x3 kernel) ...
-const EXPLICIT_MIN_ROW: usize = 2304;
+/// channels ... Measured on the H100 (2026-12-06, amos-2d b12 and flare-3d b2 bf16, beside the implicit kernels in the
+/// same call; benches/RESULTS.md): faster from 512 channels on at most 20x20 positions (1024 -> 512 at 10x10 input
+/// gradient 0.286 -> 0.132 ms, forward 0.245 -> 0.180; at 20x20 0.490 -> 0.338 and 0.501 -> 0.462; 512 x 10x10
+/// forward 0.130 -> 0.099), slower on 256 channels at 40x40 (0.189 -> 0.333), on 512 -> 256 at 40x40 (input gradient
+/// 0.332 -> 0.442) and on flare-3d's 320 channels at 10x14x12 (0.128 -> 0.245), where the implicit products have
+/// positions enough.
+const EXPLICIT_MIN_CHANNELS: usize = 512;
+/// ... on at most this many positions per batch item ...
+const EXPLICIT_MAX_POSITIONS: usize = 400;
 /// ... whose rows fit in this many bytes (bf16).
 const EXPLICIT_MAX_ROWS_BYTES: usize = 1 << 27;
 
@@ -2548,6 +2556,32 @@ mod tests {
         ];
         for (name, p, want) in cases {
             assert_eq!(p.gemm_wgrad_suits(), want, "{name}: {p:?}");
+        }
+    }
+
+    /// The explicit forward and input gradient take the shapes they were measured faster on (512 and more source
+    /// channels on small 2D maps) and leave the rest to the implicit kernels; the GPU test's shapes
+    /// (tests/gpu_conv.rs) take them.
+    #[test]
+    fn explicit_product_takes_the_shapes_it_pays_on() {
+        let one = [1, 1, 1];
+        let k33 = [1, 3, 3];
+        let both = |p: &Pairing| [Product::NarrowFromWide, Product::WideFromNarrow].map(|r| p.explicit_suits(r));
+        let cases = [
+            ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], k33, one), [true, true]),
+            ("amos-2d stage 5", pairing(12, 512, 512, [1, 10, 10], k33, one), [true, true]),
+            ("amos-2d decoder 1024 -> 512", pairing(12, 1024, 512, [1, 20, 20], k33, one), [true, true]),
+            ("amos-2d decoder 512 -> 256 at 40x40", pairing(12, 512, 256, [1, 40, 40], k33, one), [false, false]),
+            ("amos-2d stage 3", pairing(12, 256, 256, [1, 40, 40], k33, one), [false, false]),
+            ("flare-3d stage 4", pairing(2, 320, 320, [10, 14, 12], [3, 3, 3], one), [false, false]),
+            ("amos-2d stage 5 entry, strided", pairing(12, 512, 512, [1, 20, 20], k33, [1, 2, 2]), [false, false]),
+            ("1x1 of 1024 channels", pairing(12, 1024, 512, [1, 20, 20], one, one), [false, false]),
+            ("transposed", transposed(12, 1024, 512, [1, 10, 10], [1, 2, 2]), [false, false]),
+            ("gpu_conv_explicit_products 2D", pairing(2, 512, 520, [1, 5, 7], k33, one), [true, true]),
+            ("gpu_conv_explicit_products 3D", pairing(3, 512, 8, [2, 3, 4], [3, 3, 3], one), [true, false]),
+        ];
+        for (name, p, want) in cases {
+            assert_eq!(both(&p), want, "{name}: {p:?}");
         }
     }
 
