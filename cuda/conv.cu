@@ -407,50 +407,44 @@ extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16
     }
 }
 
-// rows[n S + o, c taps + a] = src[n, c, o + a - pad], 0 outside the map: a thread writes CONV_IM2ROW_PIECES
-// consecutive 16-byte pieces (8 (c, a) each) of one position's row, walking the taps and channels from its first one's
-// (the divisions that place a position and a piece once per thread, not per piece). The threads are numbered position
-// fastest (thread i: row i % rows, its pieces from CONV_IM2ROW_PIECES (i / rows)), so that a warp's 32 lanes gather
-// each (c, a) at 32 consecutive positions (contiguous bytes of the source). Numbered along the row, with one piece a
-// thread, each lane's gathers fell in other channels (H100: 512 x 20x20, batch 12, forward 0.24 ms against cuDNN's
-// 0.09); position fastest with one piece a thread, the divisions made it issue-bound (0.16 ms for 88 MB of rows, ncu).
+// rows[n S + o, c taps + a] = src[n, c, o + a - pad], 0 outside the map: a thread writes 8 consecutive (c, a) of one
+// position's row as a 16-byte piece, walking the taps and channels from the first one's (no division per element).
+// The pieces are numbered position fastest (piece i: row i % rows, piece i / rows of it), so that a warp's 32 lanes
+// gather each (c, a) at 32 consecutive positions (contiguous bytes of the source) and write 32 rows' pieces; numbered
+// along the row instead, each lane's gathers fell in other channels and the source's sectors were read ~16 times over
+// (H100: 512 x 20x20, batch 12, forward 0.24 ms against cuDNN's 0.09).
 extern "C" __global__ void conv_im2row_bf16(const ConvIm2rowParams<__nv_bfloat16> p) {
     const int positions = p.size[0] * p.size[1] * p.size[2];
     const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = p.channels * taps / 8;
     const int64_t rows = p.pieces / pieces_per_row;
-    const int groups = (pieces_per_row + CONV_IM2ROW_PIECES - 1) / CONV_IM2ROW_PIECES;
     const unsigned short* src = reinterpret_cast<const unsigned short*>(p.src);
-    FOR_EACH(i, rows * groups) {
+    FOR_EACH(i, p.pieces) {
         const int64_t row = i % rows;  // n S + o
-        const int piece0 = (int)(i / rows) * CONV_IM2ROW_PIECES;
-        const int pieces = min(CONV_IM2ROW_PIECES, pieces_per_row - piece0), n = (int)(row / positions);
+        const int k0 = (int)(i / rows) * 8, n = (int)(row / positions);
         int o[3], a[3];
         split3((int)(row % positions), p.size, o);
-        int c = piece0 * 8 / taps;
-        split3(piece0 * 8 % taps, p.kernel, a);
-        const unsigned short* src_n = src + (int64_t)n * p.channels * positions;
-        uint4* out = reinterpret_cast<uint4*>(p.rows + row * pieces_per_row * 8) + piece0;
-        for (int j = 0; j < pieces; ++j) {
-            unsigned w[4] = {0, 0, 0, 0};
+        int c = k0 / taps;
+        split3(k0 % taps, p.kernel, a);
+        unsigned w[4] = {0, 0, 0, 0};
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int z = o[0] + a[0] - p.pad[0], y = o[1] + a[1] - p.pad[1], x = o[2] + a[2] - p.pad[2];
-                if (z >= 0 && z < p.size[0] && y >= 0 && y < p.size[1] && x >= 0 && x < p.size[2])
-                    w[e / 2] |= (unsigned)src_n[(int64_t)c * positions + (z * p.size[1] + y) * p.size[2] + x]
-                                << 16 * (e % 2);
-                if (++a[2] == p.kernel[2]) {
-                    a[2] = 0;
-                    if (++a[1] == p.kernel[1]) {
-                        a[1] = 0;
-                        if (++a[0] == p.kernel[0]) {
-                            a[0] = 0;
-                            ++c;
-                        }
+        for (int e = 0; e < 8; ++e) {
+            const int z = o[0] + a[0] - p.pad[0], y = o[1] + a[1] - p.pad[1], x = o[2] + a[2] - p.pad[2];
+            if (z >= 0 && z < p.size[0] && y >= 0 && y < p.size[1] && x >= 0 && x < p.size[2])
+                w[e / 2] |= (unsigned)src[((int64_t)n * p.channels + c) * positions +
+                                          (z * p.size[1] + y) * p.size[2] + x]
+                            << 16 * (e % 2);
+            if (++a[2] == p.kernel[2]) {
+                a[2] = 0;
+                if (++a[1] == p.kernel[1]) {
+                    a[1] = 0;
+                    if (++a[0] == p.kernel[0]) {
+                        a[0] = 0;
+                        ++c;
                     }
                 }
             }
-            out[j] = make_uint4(w[0], w[1], w[2], w[3]);
         }
+        *reinterpret_cast<uint4*>(p.rows + row * pieces_per_row * 8 + k0) = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
 

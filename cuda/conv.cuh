@@ -110,11 +110,9 @@ struct ConvIm2colParams {
 // The explicit forward and input gradient of a stride-1 convolution (Pairing::explicit_product): the source map
 // written out as one row per position, rows[n S + o, c taps + a] = src[n, c, o + a - pad] (0 outside the map; S =
 // prod(size) positions o, row-major, the same for source and output at stride 1; a over the kernel's taps,
-// row-major), K = channels x taps a multiple of 8, in 16-byte pieces of 8 consecutive (c, a): pieces = batch S K / 8.
-// A thread writes CONV_IM2ROW_PIECES consecutive pieces of a row (the row's last thread fewer), so batch S
-// ceil(K / (8 CONV_IM2ROW_PIECES)) threads cover them. Grid-stride: any grid. The B operand of
-// gemm_wgmma.cu's conv_fprop_gemm_wgmma_bf16 and conv_dgrad_gemm_wgmma_bf16.
-constexpr int CONV_IM2ROW_PIECES = 16;
+// row-major), K = channels x taps a multiple of 8: a thread writes one 16-byte piece (8 consecutive (c, a)) of a row,
+// pieces = batch S K / 8. Grid-stride: any grid. The B operand of gemm_wgmma.cu's conv_fprop_gemm_wgmma_bf16 and
+// conv_dgrad_gemm_wgmma_bf16.
 template <typename T>
 struct ConvIm2rowParams {
     const T* src;

@@ -87,9 +87,9 @@ use crate::device::params::{
     ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
     CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
     CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
-    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_IM2ROW_PIECES, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
-    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
-    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
+    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
     CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
     GEMM_WGMMA_THREADS,
 };
@@ -1780,8 +1780,7 @@ impl Pairing {
             channels: src_channels as i32,
             pieces: pieces as i64,
         };
-        let threads = columns * (row / 8).div_ceil(CONV_IM2ROW_PIECES);
-        gpu.launch(kernels.im2row, grid_1d(threads), &im2row, what)?;
+        gpu.launch(kernels.im2row, grid_1d(pieces), &im2row, what)?;
         let flipped = match product {
             Product::NarrowFromWide => None,
             Product::WideFromNarrow => {
