@@ -6,7 +6,10 @@
 // map is small and its channels many (the deep stages: 320 channels on 10 x 14 x 12 positions), the implicit
 // products of conv_wgmma.cu have few positions to share out and many channel tiles, each reloading the map; written
 // out as columns once (conv.cu's conv_im2col_bf16), the weight gradient is this one product with long rows on both
-// sides, dW[cn, (cw, a)] = sum_o narrow[cn, o] col[(cw, a), o].
+// sides, dW[cn, (cw, a)] = sum_o narrow[cn, o] col[(cw, a), o]. The forward and input gradient of such convs from
+// 512 channels on small 2D maps are the same product the other way round, over the source map's rows (conv.cu's
+// conv_im2row_bf16): out[c', (n, o)] = sum_{(c, a)} W'[c', (c, a)] rows[(n, o), (c, a)] (conv_fprop_gemm_wgmma_bf16,
+// conv_dgrad_gemm_wgmma_bf16 with the weight flipped; one slice).
 // - A block computes a 128 x 128 tile of C: warpgroup g of its two the rows 64 g .. 64 g + 63, one wgmma m64n128k16
 //   per 16 reduction indices (64 float32 accumulators per thread).
 // - Each stage holds 64 reduction indices of the A and B rows, one 128-byte row per operand row, in the K-major layout

@@ -54,7 +54,9 @@
 //! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
 //! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`), and the weight gradients of 1x1x1 kernels, of at least 320
 //! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
-//! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`). The bf16 1x1x1 products (a 1x1x1
+//! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`), and the forward and input gradient
+//! of stride-1 convs of at least 512 source channels on small maps as the same product over the source map's rows
+//! (`Pairing::explicit_suits`, `Pairing::explicit_product`). The bf16 1x1x1 products (a 1x1x1
 //! conv's forward and input gradient, the transposed conv's forward with its taps as channels) of at most
 //! GEMM_STREAM_MAX_K source channels on maps of whole 16-byte channels run on the linear layers' streaming products in
 //! their channels-first form (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`, `pointwise`): a block keeps its columns of
