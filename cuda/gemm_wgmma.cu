@@ -130,15 +130,12 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
-    conv_wgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p) {
-    gemm_tn(p);
-}
-extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
-    conv_fprop_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p) {
-    gemm_tn(p);
-}
-extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
-    conv_dgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p) {
-    gemm_tn(p);
-}
+// One entry per role (gemm_wgmma.cuh), so that a profile tells the passes apart.
+#define GEMM_WGMMA_KERNEL(NAME)                                                                   \
+    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)                           \
+        NAME(const GemmWgmmaParams<__nv_bfloat16> p) {                                            \
+        gemm_tn(p);                                                                               \
+    }
+GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16)
+GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16)
+GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16)

@@ -1669,9 +1669,9 @@ impl Pairing {
             columns = Some(col);
         }
         let b = columns.as_ref().unwrap_or(wide);
-        let shared_mem_bytes = (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32;
         let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(GEMM_WGMMA_BN);
-        let resident = gpu.resident_blocks(kernels.product, GEMM_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
+        let resident =
+            gpu.resident_blocks(kernels.product, GEMM_WGMMA_THREADS as u32, GEMM_WGMMA_SHARED_BYTES, what)?;
         // The reduction runs over (item, position) in steps of GEMM_WGMMA_BK positions of one item, cut into slices
         // of whole steps: enough for about two blocks per block the GPU holds at once, each of at most
         // WGRAD_MAX_SLICE terms.
@@ -1696,12 +1696,7 @@ impl Pairing {
             items: d.batch,
             slice_steps: slice_steps as i32,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(GEMM_WGMMA_BM) as u32, cols.div_ceil(GEMM_WGMMA_BN) as u32, slices as u32),
-            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-            shared_mem_bytes,
-        };
-        gpu.launch(kernels.product, cfg, &params, what)?;
+        launch_gemm_wgmma(gpu, kernels.product, &params, slices, what)?;
         sum_slices(gpu, out, slices, numel, what)
     }
 
@@ -1817,12 +1812,7 @@ impl Pairing {
             items: 1,
             slice_steps: row.div_ceil(GEMM_WGMMA_BK) as i32,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (dst_channels.div_ceil(GEMM_WGMMA_BM) as u32, columns.div_ceil(GEMM_WGMMA_BN) as u32, 1),
-            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-            shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32,
-        };
-        gpu.launch(kernels.product[product as usize], cfg, &params, what)?;
+        launch_gemm_wgmma(gpu, kernels.product[product as usize], &params, 1, what)?;
         drop(rows);
         let len = dst_channels * columns;
         let store = ConvRowsStoreParams {
@@ -1936,6 +1926,26 @@ const EXPLICIT_MAX_ROWS_BYTES: usize = 1 << 27;
 fn split_reduction(units: usize, wanted: usize) -> (usize, usize) {
     let per_slice = units.div_ceil(wanted.clamp(1, units.min(65535)));
     (per_slice, units.div_ceil(per_slice))
+}
+
+/// Shared memory of a gemm_wgmma.cu block: its stages of A and B rows (bf16).
+const GEMM_WGMMA_SHARED_BYTES: u32 = (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32;
+
+/// Launches gemm_wgmma.cu's product `kernel` on `params` (pointers filled): one block per tile of C and slice.
+fn launch_gemm_wgmma<T: GpuElement>(
+    gpu: &Arc<Gpu>,
+    kernel: Kernel<GemmWgmmaParams<T>>,
+    params: &GemmWgmmaParams<T>,
+    slices: usize,
+    what: &str,
+) -> Result<()> {
+    let tiles = |len: i32, tile: usize| (len as usize).div_ceil(tile) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles(params.m, GEMM_WGMMA_BM), tiles(params.n, GEMM_WGMMA_BN), slices as u32),
+        block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+        shared_mem_bytes: GEMM_WGMMA_SHARED_BYTES,
+    };
+    gpu.launch(kernel, cfg, params, what)
 }
 
 /// The weight gradient from its `slices` partial sums of `numel` each: `partial` itself for one slice, else their
