@@ -132,10 +132,7 @@ constexpr int IN_BATCH = 4;
 static_assert(IN_CHUNK % (32 * 8 * IN_BATCH) == 0, "a chunk is whole batches for both storage types");
 
 // The chunk of the calling warp: its index p * chunks + k, plane p, the offset of its first voxel in the map, and
-// its voxel count; valid is false for a warp past the last chunk. The second pass over a map (apply after the
-// moments, dx after the gradient sums) takes the blocks last first (`last_first`): the GPU starts blocks in about
-// the order of their index, so it begins on the chunks the first pass read last, which L2 may still hold (a stage-0
-// map of 110-220 MB does not fit; the tail of one does).
+// its voxel count; valid is false for a warp past the last chunk.
 struct InChunk {
     bool valid;
     int n;
@@ -143,10 +140,9 @@ struct InChunk {
 };
 
 template <typename T>
-__device__ __forceinline__ InChunk in_chunk(const InstanceNormParams<T>& a, bool last_first = false) {
+__device__ __forceinline__ InChunk in_chunk(const InstanceNormParams<T>& a) {
     InChunk ck;
-    const int64_t block = last_first ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    ck.id = block * IN_WARPS + (threadIdx.x >> 5);
+    ck.id = (int64_t)blockIdx.x * IN_WARPS + (threadIdx.x >> 5);
     ck.valid = ck.id < a.N * a.C * a.chunks;
     ck.plane = ck.id / a.chunks;
     const int64_t k = ck.id - ck.plane * a.chunks;
@@ -194,7 +190,7 @@ __device__ void instance_norm_chunk_moments(const InstanceNormParams<T>& args) {
 
 template <typename T>
 __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
-    const InChunk ck = in_chunk(args, true);
+    const InChunk ck = in_chunk(args);
     if (!ck.valid) return;
     const T* x = args.x + ck.start;
     T* y = args.out + ck.start;
@@ -280,7 +276,7 @@ __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args)
 
 template <typename T>
 __device__ void instance_norm_backward_dx(const InstanceNormParams<T>& args) {
-    const InChunk ck = in_chunk(args, true);
+    const InChunk ck = in_chunk(args);
     if (!ck.valid) return;
     const T* x = args.x + ck.start;
     const T* g = args.g + ck.start;
