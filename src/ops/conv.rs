@@ -1465,17 +1465,7 @@ impl Pairing {
         bias: Option<&GpuBuffer<T>>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
-        let d = self.kernel_dims(what)?;
-        let product = d.narrow_from_wide();
-        let len = self.batch * self.c_narrow * self.narrow.iter().product::<usize>();
-        let mut out = wide.gpu.alloc_of::<T>(len, what)?;
-        if let Some(kernels) = self.explicit_kernels(Product::NarrowFromWide, &wide.gpu, wide, w) {
-            self.explicit_product(&d, kernels, Product::NarrowFromWide, wide, w, bias, &mut out, what)?;
-            return Ok(out);
-        }
-        let kernel = self.gemm_kernel(Product::NarrowFromWide, &wide.gpu);
-        launch_product(kernel, product, wide, w, bias, &mut out, what)?;
-        Ok(out)
+        self.product(Product::NarrowFromWide, wide, w, bias, what)
     }
 
     /// `Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i} W[cn,cw,a] Xn[n,cn,o]`: one implicit product per stride
@@ -1488,17 +1478,36 @@ impl Pairing {
         bias: Option<&GpuBuffer<T>>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
+        self.product(Product::WideFromNarrow, narrow, w, bias, what)
+    }
+
+    /// [`Pairing::narrow_from_wide`] or [`Pairing::wide_from_narrow`] from `src`: the explicit product where it takes
+    /// the pass ([`Pairing::explicit_kernels`]), else the implicit products, into a new map.
+    fn product<T: ConvElement>(
+        &self,
+        which: Product,
+        src: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        bias: Option<&GpuBuffer<T>>,
+        what: &str,
+    ) -> Result<GpuBuffer<T>> {
         let d = self.kernel_dims(what)?;
-        let products = d.wide_from_narrow();
-        let len = self.batch * self.c_wide * self.wide.iter().product::<usize>();
-        let mut out = narrow.gpu.alloc_of::<T>(len, what)?;
-        if let Some(kernels) = self.explicit_kernels(Product::WideFromNarrow, &narrow.gpu, narrow, w) {
-            self.explicit_product(&d, kernels, Product::WideFromNarrow, narrow, w, bias, &mut out, what)?;
+        let (channels, size) = match which {
+            Product::NarrowFromWide => (self.c_narrow, self.narrow),
+            Product::WideFromNarrow => (self.c_wide, self.wide),
+        };
+        let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
+        if let Some(kernels) = self.explicit_kernels(which, &src.gpu, src, w) {
+            self.explicit_product(&d, kernels, which, src, w, bias, &mut out, what)?;
             return Ok(out);
         }
-        let kernel = self.gemm_kernel(Product::WideFromNarrow, &narrow.gpu);
+        let products = match which {
+            Product::NarrowFromWide => vec![d.narrow_from_wide()],
+            Product::WideFromNarrow => d.wide_from_narrow(),
+        };
+        let kernel = self.gemm_kernel(which, &src.gpu);
         for product in products {
-            launch_product(kernel, product, narrow, w, bias, &mut out, what)?;
+            launch_product(kernel, product, src, w, bias, &mut out, what)?;
         }
         Ok(out)
     }
