@@ -21,6 +21,8 @@
 // - Four stages: the copies run two stages ahead of the products, and the products of one stage run while the next
 //   is issued (wgmma.wait_group 1). A stage's slot is refilled two iterations after its products were issued: each
 //   warpgroup has by then waited for them, and the barrier between says so for both.
+// - Rows past M or N and reduction indices past an item's K are copied as zeros (cp.async with fewer source bytes),
+//   so any M, N and K work; the products of those zeros are not written out.
 // Every output is one sum in a fixed order (k-steps in order, the tensor core's own within one): results do not
 // depend on scheduling.
 //

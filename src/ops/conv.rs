@@ -1497,7 +1497,7 @@ impl Pairing {
             Product::WideFromNarrow => (self.c_wide, self.wide),
         };
         let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
-        if let Some(kernels) = self.explicit_kernels(which, &src.gpu, src, w) {
+        if let Some(kernels) = self.explicit_kernels(which, src, w) {
             self.explicit_product(&d, kernels, which, src, w, bias, &mut out, what)?;
             return Ok(out);
         }
@@ -1709,18 +1709,17 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
-    /// The kernels of the explicit `product` for this pairing on `gpu`, if the type has them, the GPU loaded them
+    /// The kernels of the explicit `product` for this pairing from `src`, if the type has them, its GPU loaded them
     /// (sm_90), the pairing suits them ([`Pairing::explicit_suits`]) and the source map and the weight are 16-byte
     /// aligned (the product copies 8 reduction indices at a time). Not under `--math exact`, as the other products of
     /// gemm_wgmma.cu.
     fn explicit_kernels<T: ConvElement>(
         &self,
         product: Product,
-        gpu: &Gpu,
         src: &GpuBuffer<T>,
         w: &GpuBuffer<T>,
     ) -> Option<ExplicitConv<T>> {
-        let kernels = T::EXPLICIT?;
+        let (kernels, gpu) = (T::EXPLICIT?, &src.gpu);
         let aligned = src.ptr().address() % 16 == 0 && w.ptr().address() % 16 == 0;
         let loaded = gpu.has_kernel(kernels.im2row)
             && gpu.has_kernel(kernels.flip)
