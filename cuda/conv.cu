@@ -466,3 +466,56 @@ extern "C" __global__ void conv_rows_store_bf16(const ConvRowsStoreParams<__nv_b
         p.dst[e] = __float2bfloat16(p.c_rows[((int64_t)c * p.batch + n) * p.positions + o] + b);
     }
 }
+
+// dst[n, c P + (pz s1 + py) 2 + px, z, y, x] = src[n, c, s0 z + pz, s1 y + py, 2 x + px]: the pair (px = 0, 1) is one
+// 32-bit load (consecutive threads, consecutive words) and two 16-bit stores, each plane's by consecutive threads.
+extern "C" __global__ void conv_to_depth_bf16(const ConvToDepthParams<__nv_bfloat16> p) {
+    const int half_x = p.size[2] / 2, phases = p.stride[0] * p.stride[1] * 2;
+    const int out_size[3] = {p.size[0] / p.stride[0], p.size[1] / p.stride[1], half_x};
+    const int64_t out_plane = (int64_t)out_size[0] * out_size[1] * out_size[2];
+    const unsigned* src = reinterpret_cast<const unsigned*>(p.src);
+    unsigned short* dst = reinterpret_cast<unsigned short*>(p.dst);
+    FOR_EACH(i, p.pairs) {
+        const int x = (int)(i % half_x);
+        int64_t r = i / half_x;
+        const int y = (int)(r % p.size[1]);
+        r /= p.size[1];
+        const int z = (int)(r % p.size[0]);
+        const int64_t nc = r / p.size[0];  // n channels + c
+        const int phase = (z % p.stride[0] * p.stride[1] + y % p.stride[1]) * 2;
+        const unsigned pair = src[i];
+        const int64_t at = (nc * phases + phase) * out_plane +
+                           ((int64_t)(z / p.stride[0]) * out_size[1] + y / p.stride[1]) * out_size[2] + x;
+        dst[at] = (unsigned short)(pair & 0xffffu);
+        dst[at + out_plane] = (unsigned short)(pair >> 16);
+    }
+}
+
+// out[co, c P + phase, t] = w[co, c, a] with a_d = 2 t_d + phase_d - 1 along stride-2 axes and t_d along the others
+// (0 where some a_d < 0).
+extern "C" __global__ void conv_weight_to_depth_bf16(const ConvWeightToDepthParams<__nv_bfloat16> p) {
+    int k_out[3], phases = 1;
+#pragma unroll
+    for (int d = 0; d < 3; ++d) {
+        k_out[d] = p.stride[d] == 2 ? 2 : p.kernel[d];
+        phases *= p.stride[d];
+    }
+    const int taps_out = k_out[0] * k_out[1] * k_out[2], taps = p.kernel[0] * p.kernel[1] * p.kernel[2];
+    FOR_EACH(e, p.len) {
+        int t[3], ph[3];
+        split3((int)(e % taps_out), k_out, t);
+        const int64_t row = e / taps_out;  // co c_src P + c P + phase
+        const int phase = (int)(row % phases);
+        const int64_t src_row = row / phases;  // co c_src + c
+        split3(phase, p.stride, ph);
+        int a[3];
+        bool in = true;
+#pragma unroll
+        for (int d = 0; d < 3; ++d) {
+            a[d] = p.stride[d] == 2 ? 2 * t[d] + ph[d] - 1 : t[d];
+            in = in && a[d] >= 0;
+        }
+        p.out[e] = in ? p.w[src_row * taps + (a[0] * p.kernel[1] + a[1]) * p.kernel[2] + a[2]] : __float2bfloat16(0.0f);
+    }
+}
+
