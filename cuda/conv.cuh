@@ -149,36 +149,6 @@ struct ConvRowsStoreParams {
     int64_t len;
 };
 
-// A strided conv's forward as a stride-1 one (Pairing::depth_product): the source map's stride phases moved into its
-// channels (space to depth), with P = stride[0] stride[1] stride[2] phases and stride[2] == 2:
-//   dst[n, c P + (pz stride[1] + py) 2 + px, z, y, x] = src[n, c, stride[0] z + pz, stride[1] y + py, 2 x + px]
-// over a source of `size` (each a multiple of its stride). A thread moves one pair of x-neighbours (px = 0, 1: one
-// 4- or 8-byte load, two stores into neighbouring planes), pairs = batch channels size[0] size[1] size[2] / 2.
-// Grid-stride: any grid.
-template <typename T>
-struct ConvToDepthParams {
-    const T* src;
-    T* dst;
-    int size[3];
-    int stride[3];
-    int64_t pairs;
-};
-
-// The weight of that stride-1 conv: along an axis of stride 2 (a kernel of 3 taps a, padding 1) the depth map's
-// position o + t - 1 (t = 0, 1) holds the source's 2 (o + t - 1) + ph, which tap a = 2 t + ph - 1 read; along an axis
-// of stride 1, tap t is a. So
-//   out[co, c P + phase, t] = w[co, c, a]  (0 where some a_d is -1),  out's kernel 2 along stride-2 axes, else kernel,
-// len = c_dst c_src P prod(out's kernel) elements. Grid-stride: any grid.
-template <typename T>
-struct ConvWeightToDepthParams {
-    const T* w;
-    T* out;
-    int c_src;
-    int kernel[3];
-    int stride[3];
-    int64_t len;
-};
-
 // One name per role of the same product, so that a profile says which pass it is timing.
 
 // The exact float32 SIMT kernels (the parity path, --math exact), one name per role:
@@ -206,7 +176,3 @@ extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16
 extern "C" __global__ void conv_im2row_bf16(const ConvIm2rowParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_weight_flip_bf16(const ConvWeightFlipParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_rows_store_bf16(const ConvRowsStoreParams<__nv_bfloat16> p);
-// a strided conv's forward as a stride-1 one over the source's space-to-depth map (Pairing::depth_product): the map
-// and the weight rearranged
-extern "C" __global__ void conv_to_depth_bf16(const ConvToDepthParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_weight_to_depth_bf16(const ConvWeightToDepthParams<__nv_bfloat16> p);

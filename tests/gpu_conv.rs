@@ -236,36 +236,6 @@ fn gpu_conv_explicit_products() {
     check_bf16_conv_repeats("conv2d 3x3 512 -> 520 bf16", &[2, 512, 5, 7], &[520, 512, 3, 3], 780);
 }
 
-/// The bf16 forward of convs of stride 2 along x and 1 or 2 along the other axes, kernel 3 and an even source size
-/// along each stride-2 axis, runs as a stride-1 conv over the source's space-to-depth map (conv.cu's
-/// conv_to_depth_bf16 and conv_weight_to_depth_bf16, then the stride-1 products: conv.rs's `Pairing::depth_product`):
-/// strides (1, 2, 2) and (2, 2, 2), 1x3x3 kernels, 2D maps, depth maps whose channels are not whole chunks of 16 (5 x
-/// 4), that take wgmma (3D, 2D from 80x80 output positions), the halo tiles (smaller 2D maps) and the explicit product
-/// (512 depth channels on 42 positions). Their input and weight gradients, and the float32 and tf32 runs of
-/// check_conv, keep the strided kernels.
-#[test]
-#[ignore = "needs a CUDA device"]
-fn gpu_conv_space_to_depth() {
-    check_conv(
-        "conv3d 3x3x3 stride 1,2,2 9 -> 20, 3 x 10 x 14",
-        &[2, 9, 3, 10, 14],
-        &[20, 9, 3, 3, 3],
-        &[1, 2, 2],
-        800,
-    );
-    check_conv("conv3d 3x3x3 stride 2 13 -> 70, 4 x 8 x 18", &[1, 13, 4, 8, 18], &[70, 13, 3, 3, 3], &[2, 2, 2], 810);
-    check_conv(
-        "conv3d 1x3x3 stride 1,2,2 5 -> 33, 3 x 12 x 20",
-        &[2, 5, 3, 12, 20],
-        &[33, 5, 1, 3, 3],
-        &[1, 2, 2],
-        820,
-    );
-    check_conv("conv2d 3x3 stride 2 7 -> 37, 20 x 34", &[2, 7, 20, 34], &[37, 7, 3, 3], &[2, 2], 830);
-    check_conv("conv2d 3x3 stride 2 8 -> 16, 160 x 162", &[1, 8, 160, 162], &[16, 8, 3, 3], &[2, 2], 840);
-    check_conv("conv2d 3x3 stride 2 128 -> 24, 12 x 14", &[2, 128, 12, 14], &[24, 128, 3, 3], &[2, 2], 850);
-}
-
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
 /// so and names the way out, not computed wrongly.
 /// The bf16 1x1x1 products of maps whose channels are whole 16-byte pieces run on the channels-first streaming kernels

@@ -85,15 +85,15 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams, ConvPackParams,
-    ConvRowsStoreParams, ConvToDepthParams, ConvWeightFlipParams, ConvWeightToDepthParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
-    CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
-    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
-    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
-    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
-    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
-    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
-    GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams,
+    ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
+    CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
+    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
+    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
+    GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -1182,17 +1182,6 @@ pub(crate) trait ConvElement: GpuElement {
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
     /// The explicit forward and input gradient of stride-1 convs, if the type has them ([`Pairing::explicit_product`]).
     const EXPLICIT: Option<ExplicitConv<Self>>;
-    /// A strided conv's forward as a stride-1 one over the space-to-depth map, if the type has it
-    /// ([`Pairing::depth_product`]).
-    const TO_DEPTH: Option<ToDepth<Self>>;
-}
-
-/// The kernels of [`Pairing::depth_product`]: the source map's stride phases moved into its channels and the weight
-/// rearranged to match (conv.cu's conv_to_depth, conv_weight_to_depth).
-#[derive(Clone, Copy)]
-pub(crate) struct ToDepth<T> {
-    map: Kernel<ConvToDepthParams<T>>,
-    weight: Kernel<ConvWeightToDepthParams<T>>,
 }
 
 /// The kernels of [`Pairing::explicit_product`]: the source map's rows (conv.cu's conv_im2row), the input gradient's
@@ -1272,7 +1261,6 @@ impl ConvElement for f32 {
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
-    const TO_DEPTH: Option<ToDepth<f32>> = None;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -1354,8 +1342,6 @@ impl ConvElement for bf16 {
         product: [kernel::conv_fprop_gemm_wgmma_bf16, kernel::conv_dgrad_gemm_wgmma_bf16],
         store: kernel::conv_rows_store_bf16,
     });
-    const TO_DEPTH: Option<ToDepth<bf16>> =
-        Some(ToDepth { map: kernel::conv_to_depth_bf16, weight: kernel::conv_weight_to_depth_bf16 });
 }
 
 impl Pairing {
@@ -1506,9 +1492,6 @@ impl Pairing {
         what: &str,
     ) -> Result<GpuBuffer<T>> {
         let d = self.kernel_dims(what)?;
-        if let (Product::NarrowFromWide, Some((kernels, depth))) = (which, self.depth_kernels(src)) {
-            return self.depth_product(kernels, &depth, src, w, bias, what);
-        }
         let (channels, size) = match which {
             Product::NarrowFromWide => (self.c_narrow, self.narrow),
             Product::WideFromNarrow => (self.c_wide, self.wide),
@@ -1743,77 +1726,6 @@ impl Pairing {
             && gpu.has_kernel(kernels.product[product as usize])
             && gpu.has_kernel(kernels.store);
         (!gpu.exact_f32() && aligned && loaded && self.explicit_suits(product)).then_some(kernels)
-    }
-
-    /// The space-to-depth kernels and the stride-1 pairing over the depth map ([`Pairing::depth_pairing`]) of this
-    /// conv's forward, if the type has them, the GPU loaded them and the pairing takes them: not `--math exact`, the
-    /// source's rows whole 4-byte words (the map kernel moves x-neighbours in pairs).
-    fn depth_kernels<T: ConvElement>(&self, src: &GpuBuffer<T>) -> Option<(ToDepth<T>, Pairing)> {
-        let (kernels, gpu) = (T::TO_DEPTH?, &src.gpu);
-        let loaded = gpu.has_kernel(kernels.map) && gpu.has_kernel(kernels.weight);
-        let depth = self.depth_pairing()?;
-        (!gpu.exact_f32() && loaded && src.ptr().address() % 4 == 0).then_some((kernels, depth))
-    }
-
-    /// A strided conv's forward as a stride-1 conv: a conv (not transposed) of stride 2 along x and 1 or 2 along the
-    /// other axes, each stride-2 axis of kernel 3, padding 1 and an even source size (so the output is half of it).
-    /// Moving the source's P = s0 s1 s2 stride phases into its channels (space to depth) gives a map of P Cw channels
-    /// at the output's size, over which output o along a stride-2 axis reads depth positions o - 1 and o (phase 1 of
-    /// the first: tap 0; phase 0 and 1 of the second: taps 1 and 2): a stride-1 conv of kernel 2 and padding 1 there,
-    /// which the stride-1 products (wgmma, the explicit product) run where the strided ones read the source by gathers
-    /// or phase-split halos. It does 16/9 of the FLOPs per stride-2 axis pair (the 7 zero taps of 2x2x4 per 9 of 3x3).
-    fn depth_pairing(&self) -> Option<Pairing> {
-        let strided = |d: usize| self.stride[d] == 2;
-        let takes = !self.transposed
-            && strided(2)
-            && self.stride.iter().all(|&s| s == 1 || s == 2)
-            && (0..3).all(|d| !strided(d) || (self.k[d] == 3 && self.pad[d] == 1 && self.wide[d] % 2 == 0));
-        takes.then(|| Pairing {
-            c_wide: self.c_wide * self.stride.iter().product::<usize>(),
-            wide: [0, 1, 2].map(|d| self.wide[d] / self.stride[d]),
-            k: [0, 1, 2].map(|d| if strided(d) { 2 } else { self.k[d] }),
-            stride: [1; 3],
-            pad: [0, 1, 2].map(|d| if strided(d) { 1 } else { self.pad[d] }),
-            ..*self
-        })
-    }
-
-    /// The forward of a strided conv ([`Pairing::depth_pairing`]) as `depth`'s: the source moved into the depth map
-    /// (conv_to_depth), the weight into the depth pairing's (conv_weight_to_depth), then depth's forward with the same
-    /// bias, which writes the same output map. Both copies live only for the product.
-    fn depth_product<T: ConvElement>(
-        &self,
-        kernels: ToDepth<T>,
-        depth: &Pairing,
-        src: &GpuBuffer<T>,
-        w: &GpuBuffer<T>,
-        bias: Option<&GpuBuffer<T>>,
-        what: &str,
-    ) -> Result<GpuBuffer<T>> {
-        debug_assert_eq!(depth.wide, self.narrow, "the depth map is the output's size");
-        let (d, gpu) = (self.kernel_dims(what)?, &src.gpu);
-        let pairs = self.batch * self.c_wide * self.wide.iter().product::<usize>() / 2;
-        let mut map = gpu.alloc_of::<T>(2 * pairs, what)?;
-        let params = ConvToDepthParams {
-            src: src.ptr(),
-            dst: map.ptr_mut(),
-            size: d.wide,
-            stride: d.stride,
-            pairs: pairs as i64,
-        };
-        gpu.launch(kernels.map, grid_1d(pairs), &params, what)?;
-        let len = depth.c_narrow * depth.c_wide * depth.taps();
-        let mut weight = gpu.alloc_of::<T>(len, what)?;
-        let params = ConvWeightToDepthParams {
-            w: w.ptr(),
-            out: weight.ptr_mut(),
-            c_src: d.c_wide,
-            kernel: d.k,
-            stride: d.stride,
-            len: len as i64,
-        };
-        gpu.launch(kernels.weight, grid_1d(len), &params, what)?;
-        depth.narrow_from_wide(&map, &weight, bias, what)
     }
 
     /// Whether the explicit product takes this pairing's forward (`NarrowFromWide`) or input gradient: a conv (not
@@ -2690,72 +2602,6 @@ mod tests {
         ];
         for (name, p, want) in cases {
             assert_eq!(both(&p), want, "{name}: {p:?}");
-        }
-    }
-
-    /// A strided conv's forward equals the stride-1 forward of its [`Pairing::depth_pairing`] over the source moved
-    /// into depth and the weight rearranged as conv.cu's conv_to_depth and conv_weight_to_depth do (their formulas,
-    /// in float64), for strides (1, 2, 2) and (2, 2, 2), 1x3x3 kernels and 2D maps; the pairings it does not take
-    /// (odd sizes, stride 2 off the x axis only, even kernels, transposed convs) are left alone.
-    #[test]
-    fn strided_forward_is_a_stride_one_forward_over_the_depth_map() {
-        let mut rng = StdRng::seed_from_u64(21);
-        for p in [
-            pairing(2, 3, 4, [4, 6, 8], [3, 3, 3], [1, 2, 2]),
-            pairing(1, 2, 3, [4, 6, 4], [3, 3, 3], [2, 2, 2]),
-            pairing(2, 3, 2, [3, 4, 6], [1, 3, 3], [1, 2, 2]),
-            pairing(1, 2, 5, [1, 8, 10], [1, 3, 3], [1, 2, 2]),
-        ] {
-            let depth = p.depth_pairing().unwrap_or_else(|| panic!("{p:?} takes the depth map"));
-            assert_eq!((depth.stride, depth.wide, depth.narrow), ([1; 3], p.narrow, p.narrow), "{p:?}");
-            let phases: usize = p.stride.iter().product();
-            let xw = random(p.batch * p.c_wide * voxels(p.wide), &mut rng);
-            let w = random(p.c_narrow * p.c_wide * p.taps(), &mut rng);
-            let b = random(p.c_narrow, &mut rng);
-            // conv_to_depth: dst[n, c P + phase, o] = src[n, c, s o + phase]
-            let mut map = vec![f64::NAN; xw.len()];
-            for n in 0..p.batch {
-                for c in 0..p.c_wide {
-                    for i in points(p.wide) {
-                        let (o, ph) = ([0, 1, 2].map(|d| i[d] / p.stride[d]), [0, 1, 2].map(|d| i[d] % p.stride[d]));
-                        let channel = c * phases + flat(ph, p.stride);
-                        map[(n * depth.c_wide + channel) * voxels(depth.wide) + flat(o, depth.wide)] =
-                            xw[(n * p.c_wide + c) * voxels(p.wide) + flat(i, p.wide)];
-                    }
-                }
-            }
-            // conv_weight_to_depth: out[co, c P + phase, t] = w[co, c, a], a = 2 t + phase - 1 along stride-2 axes
-            let mut weight = vec![0.0; p.c_narrow * depth.c_wide * depth.taps()];
-            for co in 0..p.c_narrow {
-                for c in 0..p.c_wide {
-                    for ph in points(p.stride) {
-                        for t in points(depth.k) {
-                            let a = [0, 1, 2].map(|d| if p.stride[d] == 2 { 2 * t[d] + ph[d] } else { t[d] + 1 });
-                            if a.iter().all(|&a| a >= 1) {
-                                let a = a.map(|a| a - 1);
-                                let row = co * depth.c_wide + c * phases + flat(ph, p.stride);
-                                weight[row * depth.taps() + flat(t, depth.k)] =
-                                    w[(co * p.c_wide + c) * p.taps() + flat(a, p.k)];
-                            }
-                        }
-                    }
-                }
-            }
-            assert_near(
-                &narrow_from_wide_direct(&depth, &map, &weight, Some(&b)),
-                &narrow_from_wide_direct(&p, &xw, &w, Some(&b)),
-                &format!("{p:?} over its depth map"),
-            );
-        }
-        for p in [
-            pairing(2, 3, 4, [4, 7, 8], [3, 3, 3], [1, 2, 2]),
-            pairing(1, 2, 3, [5, 6, 4], [3, 3, 3], [2, 2, 2]),
-            pairing(1, 2, 3, [4, 6, 4], [3, 3, 3], [1, 2, 1]),
-            pairing(1, 2, 3, [4, 6, 4], [1, 1, 1], [1, 2, 2]),
-            pairing(1, 2, 3, [4, 6, 4], [3, 3, 3], [1, 1, 1]),
-            transposed(1, 2, 3, [2, 3, 2], [2, 2, 2]),
-        ] {
-            assert!(p.depth_pairing().is_none(), "{p:?} keeps its own products");
         }
     }
 
