@@ -23,6 +23,7 @@ use crate::autograd::Tape;
 use crate::ops::add::add;
 use crate::ops::avg_pool::avg_pool;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
+use crate::ops::concat::concat_channels;
 use crate::ops::flip::flip_seq;
 use crate::ops::layer_norm::{layer_norm, LN_EPS};
 use crate::ops::linear::{linear, Product};
@@ -165,10 +166,12 @@ impl Mamba {
         // x three times forward and in dW, add three (G, L, d_inner) gradients into x's, and (gemm_f32 computes 64 x 64
         // output tiles) each do the arithmetic of the one 34-column product. The scan reads B and C where they lie
         // in the output (columns r.. and r + n..) and writes their gradients into its gradient; only dt is cut out,
-        // for dt_proj.
+        // for dt_proj. Its rows are padded with zero columns to whole 16-byte pieces ([`padded_rows`]), which the
+        // streaming products copy and store as such (34 or 36 columns would go by 4-byte pairs).
         let (dbc, dt) = {
             let _layer = profile::sublayer(&self.prefix, "x_proj");
-            let dbc = linear(tape, &x, p.get(self.x_proj), None)?;
+            let w = padded_rows(tape, p.get(self.x_proj))?;
+            let dbc = linear(tape, &x, &w, None)?;
             let dt = narrow(tape, &dbc, 2, 0, r)?;
             (dbc, dt)
         };
@@ -203,6 +206,30 @@ impl Mamba {
         let inputs = [&x, &dt, dt_w, a_log, &dbc, d_skip, u, &z_rows, dt_b];
         piece(tape, self.recompute, "mamba scan", &inputs, scan)
     }
+}
+
+/// The weight `w` (N, K) with zero rows appended up to a multiple of [`ROW_PIECE`] rows (itself when it has one): the
+/// product x w^T then has rows of whole 16-byte pieces in bf16 and float32, the extra columns zero (0 x = 0 exactly)
+/// and their gradients dropped by the concatenation's backward pass, so every other value is unchanged.
+fn padded_rows(tape: &mut Tape, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let padded = n.next_multiple_of(ROW_PIECE);
+    if padded == n {
+        return Ok(w.clone());
+    }
+    let zeros = Tensor::zeros(&[1, padded - n, k], w.dtype(), &w.device())?;
+    let rows = reshape(tape, w, &[1, n, k])?;
+    let rows = concat_channels(tape, &[&rows, &zeros])?;
+    reshape(tape, &rows, &[padded, k])
+}
+
+/// Output columns per 16-byte piece of a bf16 row (two pieces of float32).
+const ROW_PIECE: usize = 8;
+
+/// The width of x_proj's output as the engine stores it ([`padded_rows`]): dt_rank + 2 d_state columns and the zero
+/// ones up to a multiple of [`ROW_PIECE`].
+pub(crate) fn x_proj_width(dt_rank: usize, d_state: usize) -> usize {
+    (dt_rank + 2 * d_state).next_multiple_of(ROW_PIECE)
 }
 
 /// `f(inputs)` as a [`checkpoint`] named `name` (recomputed in the backward pass) when `recompute`, else recorded

@@ -44,7 +44,7 @@
 //! the run will use ([`crate::plan::PlanOptions::precision`]); a plans file records it.
 
 use crate::device::Precision;
-use crate::nn::mamba::MambaConfig;
+use crate::nn::mamba::{x_proj_width, MambaConfig};
 use crate::nn::ModelConfig;
 
 /// One GiB in bytes.
@@ -116,7 +116,7 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
 /// Values one Mamba layer keeps per token at width `f` (see the module header).
 fn mamba_values_per_token(f: usize, m: MambaConfig) -> usize {
     let d = m.expand * f;
-    6 * f + 2 * (2 * d + f.div_ceil(16) + 2 * m.d_state) + 2 * d
+    6 * f + 2 * (2 * d + x_proj_width(f.div_ceil(16), m.d_state)) + 2 * d
 }
 
 /// Values one residual block keeps per voxel: three maps of `cout`, the pooled input of a strided block, the
