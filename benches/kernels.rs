@@ -324,6 +324,7 @@ fn cases(dev: &Device) -> Vec<Case> {
                     d_skip: &i[5],
                     z: ops::operand::Operand::Tensor(&i[6]),
                     delta_bias: &i[7],
+                    order: ops::flip::Order::Stored,
                 };
                 ops::selective_scan::selective_scan(t, &s)
             }),

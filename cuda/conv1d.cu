@@ -7,6 +7,10 @@
 //                         = sum_{g, s} x[g, s, c] gy[g, s + (K-1) - k, c]              (s = t - (K-1) + k)
 //   bias:     db[c]       = sum_{g, t} gy[g, t, c]
 //
+// With flip the sequences are read from their last token: token t of sequence g is row g L + L - 1 - t of x, gy and
+// the output, and the formulas hold in that token order (the backward Mamba's conv, anti-causal in memory, on its
+// tokens in place instead of flipped copies).
+//
 // With silu (Mamba's x = SiLU(conv1d(x)) as one op) the forward stores SiLU(y), and the backward, given
 // gy = dL/dSiLU(y), recomputes y from x and the bias instead of reading a stored copy, and works on g in place of gy:
 //   y[g, t, c] as above,   g[g, t, c] = gy[g, t, c] SiLU'(y[g, t, c]),   SiLU'(v) = s(v) (1 + v (1 - s(v)))
@@ -153,23 +157,26 @@ __device__ __forceinline__ void slide(float (&win)[NT][W]) {
     }
 }
 
-// Run q: tokens [t0, t0 + CONV1D_RUN) of sequence g = q / runs, and the index of x[g, t0, c].
+// Run q: tokens [t0, t0 + CONV1D_RUN) of sequence g = q / runs, the index of x[g, t0, c] and the step between
+// consecutive tokens' rows (C, or -C when the sequence runs backwards through memory: flip).
 struct Run {
     int t0;
     int64_t at;
+    int64_t step;
 };
 template <typename T>
 __device__ __forceinline__ Run run_at(const Conv1dParams<T>& p, int q, int c) {
     const int g = q / p.runs;
     const int t0 = (q - g * p.runs) * CONV1D_RUN;
-    return {t0, ((int64_t)g * p.L + t0) * p.C + c};
+    const int64_t row = (int64_t)g * p.L + (p.flip ? p.L - 1 - t0 : t0);
+    return {t0, row * p.C + c, p.flip ? -(int64_t)p.C : (int64_t)p.C};
 }
 
 // One run of the forward; FULL: all of its tokens are inside the sequence.
 template <typename T, int W, int NT, bool FULL>
 __device__ __forceinline__ void forward_run(const Conv1dParams<T>& p, const Run r, int first, const float (&wt)[NT][W],
                                             const float (&b)[W]) {
-    const int64_t C = p.C;
+    const int64_t C = r.step;  // the next token's row, forwards or backwards through memory
     // win[j] = x[t - (NT-1) + j] at the current token t (win[NT - 1] = x[t]); rows before the sequence are zero.
     float win[NT][W];
 #pragma unroll
@@ -227,7 +234,7 @@ template <typename T, int W, int NT, bool FULL, bool SILU>
 __device__ __forceinline__ void backward_run(const Conv1dParams<T>& p, const Run r, int first,
                                              const float (&wt)[NT][W], const float (&b)[W],
                                              float (&acc)[NT + 1][W]) {
-    const int64_t C = p.C;
+    const int64_t C = r.step;  // the next token's row, forwards or backwards through memory
     // SILU: xw[j] = x[t - (NT-1) + j] after grad_at(t - t0), rows before the sequence zero (positions j < first, which
     // have no tap, are not loaded); it starts as the rows before the run.
     float xw[NT][W];

@@ -34,6 +34,8 @@ struct Conv1dParams {
     int iters;           // backward: runs per thread; run block r takes runs [r iters lanes, (r + 1) iters lanes)
     int silu;            // 1: the op is SiLU(conv): the forward applies it, the backward recomputes its input from x
                          // (and the bias) and multiplies gy by SiLU' (Mamba's x = SiLU(conv1d(x)) as one op)
+    int flip;            // 1: the sequences run backwards through memory: token t of sequence g is row g L + L - 1 - t
+                         // of x, gy and out (the backward Mamba's, read in place instead of flipped copies)
 };
 
 // Each in a float32 and a bf16 instance (computing in float32). The vector kernels need K = CONV1D_TAPS, C a multiple

@@ -1,6 +1,7 @@
 // The fused Mamba v1 selective scan, forward and backward (math and CPU reference: src/ops/selective_scan.rs).
 //
-// Layout: u, delta, z, y (G, L, D) channels last, so token (g, t) of channel d is at (g L + t) D + d; B, C (G, L, N),
+// Layout: u, delta, z, y (G, L, D) channels last, so token (g, t) of channel d is at (g L + t) D + d (with flip, at
+// (g L + L - 1 - t) D + d: the sequences are scanned from their last token, the backward Mamba's, in place); B, C (G, L, N),
 // one row of N per token shared by all channels, rows bc_ld elements apart (N when B and C are tensors of their own;
 // Mamba's are columns of x_proj's output [dt | B | C], read where they lie, and dB, dC are written into the columns
 // of its gradient); a_log (D, N); d_skip, delta_bias (D). Per sequence g and channel d,
@@ -91,6 +92,12 @@
 
 #define SCAN_LOG2E 1.4426950408889634f
 #define FULL_MASK 0xffffffffu
+
+// The memory row of token t of sequence g: g L + t, or with flip (a sequence scanned from its last token) g L + L - 1
+// - t. Every token-shaped access goes through it; chunks, states and carries are in scan order.
+__device__ __forceinline__ int64_t token_row(int64_t g, int64_t t, int64_t L, int flip) {
+    return g * L + (flip ? L - 1 - t : t);
+}
 static_assert(SCAN_CHUNK % SCAN_BWD_SUB == 0, "a chunk is a whole number of backward sub-chunks");
 
 // One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x. SUMMARY (cpb = 1): from h = 0, leaves the
@@ -104,7 +111,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                                                    const float* __restrict__ h_init, int has_init,
                                                    E* __restrict__ y, float* __restrict__ states,
                                                    float* __restrict__ sum_dt, int record, int64_t L, int64_t D,
-                                                   int N, int64_t bc_ld, int64_t T, int64_t cpb) {
+                                                   int N, int64_t bc_ld, int64_t T, int64_t cpb, int flip) {
     __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
     __shared__ __align__(16) float sc[SCAN_STAGE][NMAX];
     const int64_t nc = (L + T - 1) / T, groups = (nc + cpb - 1) / cpb;
@@ -133,13 +140,13 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
         const int64_t t0 = c * T, len = min(T, L - t0);
         for (int64_t s0 = 0; s0 < len; s0 += SCAN_STAGE) {
             const int ns = (int)min((int64_t)SCAN_STAGE, len - s0);
-            const int64_t row0 = g * L + t0 + s0;  // token row (g, t0 + s0)
-            __syncthreads();                       // the previous stage has been read by everyone
+            auto row = [&](int tt) { return token_row(g, t0 + s0 + tt, L, flip); };  // stage token tt's row
+            __syncthreads();  // the previous stage has been read by everyone
             for (int e = threadIdx.x; e < SCAN_STAGE * NMAX; e += blockDim.x) {
                 const int tt = e / NMAX, k = e % NMAX;
                 const bool on = tt < ns && k < N;
-                sb[tt][k] = on ? to_f32(bmat[(row0 + tt) * bc_ld + k]) : 0.0f;
-                if (!SUMMARY) sc[tt][k] = on ? to_f32(cmat[(row0 + tt) * bc_ld + k]) : 0.0f;
+                sb[tt][k] = on ? to_f32(bmat[row(tt) * bc_ld + k]) : 0.0f;
+                if (!SUMMARY) sc[tt][k] = on ? to_f32(cmat[row(tt) * bc_ld + k]) : 0.0f;
             }
             __syncthreads();
             if (!active) continue;
@@ -147,14 +154,14 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
             // tt's states are updated, instead of each token waiting on its own loads.
             float next_u, next_delta, next_z = 0.0f;
             auto fetch = [&](int tt) {
-                const int64_t i = (row0 + tt) * D + d;
+                const int64_t i = row(tt) * D + d;
                 next_u = to_f32(u[i]);
                 next_delta = to_f32(delta[i]);
                 if (!SUMMARY) next_z = to_f32(z[i]);
             };
             fetch(0);
             for (int tt = 0; tt < ns; ++tt) {
-                const int64_t i = (row0 + tt) * D + d;
+                const int64_t i = row(tt) * D + d;
                 const float ut = next_u, delta_t = next_delta, zt = next_z;
                 if (tt + 1 < ns) fetch(tt + 1);
                 const float dt = softplusf(delta_t + bias);
@@ -188,11 +195,11 @@ __device__ __forceinline__ void scan_forward(const ScanParams<E>& p) {
     if (p.summary)
         scan_forward_group<E, NMAX, true>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
                                           p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
-                                          p.N, p.bc_ld, SCAN_CHUNK, p.cpb);
+                                          p.N, p.bc_ld, SCAN_CHUNK, p.cpb, p.flip);
     else
         scan_forward_group<E, NMAX, false>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
                                            p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
-                                           p.N, p.bc_ld, SCAN_CHUNK, p.cpb);
+                                           p.N, p.bc_ld, SCAN_CHUNK, p.cpb, p.flip);
 }
 
 // The float32 and bf16 instances of the scan kernel BODY<E, NSTATES> (NSTATES padded states), with its launch bounds;
@@ -257,7 +264,7 @@ __device__ void scan_backward_carry(const ScanParams<E>& p) {
         const int64_t t0 = c * T, len = min(T, L - t0);
         float x = 0.0f, dt_sum = 0.0f;
         for (int64_t t = len - 1; t >= 0; --t) {
-            const int64_t row = g * L + t0 + t, at = row * D + d;
+            const int64_t row = token_row(g, t0 + t, L, p.flip), at = row * D + d;
             const float zt = to_f32(z[at]);
             const float q = to_f32(gy[at]) * zt * fast_sigmoid(zt);
             const float dt = softplusf(to_f32(delta[at]) + bias);
@@ -296,7 +303,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     E* __restrict__ dz = prm.dz;
     float* __restrict__ part = prm.part;
     const int64_t L = prm.L, D = prm.D, T = SCAN_CHUNK, cpb = prm.cpb, bc_ld = prm.bc_ld;
-    const int N = prm.N, acc_rows = prm.acc_rows;
+    const int N = prm.N, acc_rows = prm.acc_rows, flip = prm.flip;
     constexpr int THREADS = SCAN_BWD_THREADS, S = SCAN_BWD_SUB, R = SCAN_BWD_R;
     constexpr int P = NP / R;             // lanes per channel
     constexpr int CH = THREADS / P;       // channels per tile
@@ -355,7 +362,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
 #pragma unroll
         for (int j = 0; j < TOK_PER_THREAD; ++j) {
             const int e = tid + j * THREADS, i = e / CH;
-            const int64_t dd = d0 + ech, at = (g * L + t_first + i) * D + dd;
+            const int64_t dd = d0 + ech, at = token_row(g, t_first + i, L, flip) * D + dd;
             const bool on = e < S * CH && i < count && dd < D;
             f.delta[j] = on ? to_f32(delta[at]) : 0.0f;
             f.u[j] = on ? to_f32(u[at]) : 0.0f;
@@ -366,7 +373,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
         for (int j = 0; j < ROW_PER_THREAD; ++j) {
             const int e = tid + j * THREADS, i = e / NP, k = e % NP;
             const bool on = e < S * NP && i < count && k < N;
-            const int64_t at = (g * L + t_first + i) * bc_ld + k;
+            const int64_t at = token_row(g, t_first + i, L, flip) * bc_ld + k;
             f.b[j] = on ? to_f32(bmat[at]) : 0.0f;
             f.c[j] = on && full ? to_f32(cmat[at]) : 0.0f;
         }
@@ -530,14 +537,13 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                     }
                 }
                 __syncthreads();
-                const int64_t row0 = g * L + t0 + j * S;
                 for (int e = tid; e < sublen * CH; e += THREADS) {
                     if (!e_on) continue;
                     const int i = e / CH;
                     const float* s = sums + e * 3;
                     const float dt = st_dt[e], ut = st_u[e], q = st_q[e];
                     const float gdl = (ut * s[1] + s[2]) * st_sp[e];
-                    const int64_t at = (row0 + i) * D + d0 + ech;
+                    const int64_t at = token_row(g, t0 + j * S + i, L, flip) * D + d0 + ech;
                     du[at] = from_f32<E>(q * e_dsk + dt * s[1]);
                     ddelta[at] = from_f32<E>(gdl);
                     dz[at] = from_f32<E>(st_gz[e] * (s[0] + e_dsk * ut));
@@ -577,7 +583,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     // dB, dC of the group's tokens: final when one block covers every channel, else this split's partial sums.
     for (int e = tid; e < rows * N; e += THREADS) {
         const int t = e / N, k = e % N;
-        const int64_t row = g * L + tok_begin + t;
+        const int64_t row = token_row(g, tok_begin + t, L, flip);
         if (gridDim.y == 1) {
             prm.db[row * bc_ld + k] = from_f32<E>(acc[t * V + k]);
             prm.dc[row * bc_ld + k] = from_f32<E>(acc[t * V + NP + k]);

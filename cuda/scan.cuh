@@ -57,6 +57,8 @@ struct ScanParams {
     int record;               // forward: store the state at each chunk start
     int summary;              // forward pass 1 of the chunked scan: end states and sums of dt only
     int reverse;              // combine: backwards over the chunks (adjoint carries)
+    int flip;                 // the sequences run backwards through memory: token t of sequence g is row
+                              // g L + L - 1 - t of every token-shaped tensor (the backward Mamba's, read in place)
     int acc_rows;             // backward: rows of the dB | dC accumulator in shared memory
 };
 

@@ -110,8 +110,10 @@
 //!    sequence is one window of adjacent pixels), with [`PimLayout::Strided`] the other way round. [`merge`] is the
 //!    inverse. Both are pure permutations, so each is the other's backward.
 //! 2. [`layer_norm`] over the channels of each token.
-//! 3. The bidirectional Mamba: one [`Mamba`] block on the tokens and one on the reversed tokens ([`flip_seq`]),
-//!    the second's output reversed back and [`add`]ed to the first's. [`Mamba::forward`] is
+//! 3. The bidirectional Mamba: one [`Mamba`] block on the tokens and one on the reversed tokens, the second's output
+//!    reversed back and [`add`]ed to the first's; the reversal is no copy ([`flip_seq`] of the tokens would be): the
+//!    second block's conv1d and scan walk each sequence from its last token ([`Order::Reversed`]), and its
+//!    projections are per token. [`Mamba::forward`] is
 //!    `[x, z] = in_proj(u)` (two [`linear`]s, one per half of the weight's rows, cut by [`narrow`]),
 //!    `x = SiLU(causal_conv1d(x))` (one op, [`causal_conv1d_silu`], whose backward recomputes the conv's output from
 //!    x instead of keeping it), `[dt, B, C] = x_proj(x)` (dt cut out by [`narrow`]; the scan reads B and C where
@@ -137,6 +139,7 @@
 //!
 //! ```
 //! use lkm_engine::autograd::Tape;
+//! use lkm_engine::ops::flip::Order;
 //! use lkm_engine::ops::operand::Operand;
 //! use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
 //! use lkm_engine::Tensor;
@@ -158,6 +161,7 @@
 //!         d_skip: &t(&[d_skip], &[1])?,
 //!         z: Operand::Tensor(&t(&z, &[1, 3, 1])?),
 //!         delta_bias: &t(&[delta_bias], &[1])?,
+//!         order: Order::Stored,
 //!     },
 //! )?
 //! .to_vec_f64()?;
@@ -420,6 +424,7 @@
 //! [`PimLayout::Strided`]: crate::ops::pim::PimLayout::Strided
 //! [`layer_norm`]: crate::ops::layer_norm::layer_norm
 //! [`flip_seq`]: crate::ops::flip::flip_seq
+//! [`Order::Reversed`]: crate::ops::flip::Order::Reversed
 //! [`add`]: crate::ops::add::add
 //! [`linear`]: crate::ops::linear::linear
 //! [`narrow`]: crate::ops::narrow::narrow

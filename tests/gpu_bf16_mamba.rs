@@ -15,6 +15,7 @@ use lkm_engine::ops::activation::Activation;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
 use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
+use lkm_engine::ops::flip::Order;
 use lkm_engine::ops::instance_norm::{instance_norm_act, IN_EPS};
 use lkm_engine::ops::layer_norm::{layer_norm, LN_EPS};
 use lkm_engine::ops::linear::linear;
@@ -124,7 +125,7 @@ fn gpu_bf16_causal_conv1d() {
             bf16_out(causal_conv1d(t, &x[0], &x[1], &x[2])?)
         });
         check_op_bf16(&format!("{name} + silu"), &inputs, &[true; 3], &ACT_PARAM_PARAM, TOL, |t, x| {
-            bf16_out(causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2])?)
+            bf16_out(causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2], Order::Stored)?)
         });
     }
 }

@@ -11,12 +11,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::mamba::{projected_scan, projected_scan_inputs, scan, scan_inputs};
+use common::mamba::{projected_scan, projected_scan_inputs, scan, scan_inputs, scan_reversed};
 use common::{assert_rel_err, assert_same_bits, check_op, check_op_on, gpu, randn32, tf32_gpu};
 use lkm_engine::autograd::Tape;
 use lkm_engine::device::{Device, Gpu};
 use lkm_engine::ops::cast::cast;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
+use lkm_engine::ops::flip::Order;
 use lkm_engine::ops::linear::{linear, Product};
 use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::GPU_CHUNK;
@@ -211,12 +212,18 @@ fn gpu_linear_deterministic() {
 // ---------------------------------------------------------------------------------------------------------------
 // causal conv1d
 
-/// The conv1d ops of a GPU test: the conv alone and SiLU(conv) as one op, whose backward recomputes the conv.
-const CONV1D_OPS: [(&str, Conv1dOp); 2] = [("", causal_conv1d), (" + silu", conv1d_silu)];
+/// The conv1d ops of a GPU test: the conv alone, SiLU(conv) as one op, whose backward recomputes the conv, and that
+/// op walking the sequences from their last token (the kernels stepping through memory backwards).
+const CONV1D_OPS: [(&str, Conv1dOp); 3] =
+    [("", causal_conv1d), (" + silu", conv1d_silu), (" + silu, reversed", conv1d_silu_reversed)];
 type Conv1dOp = fn(&mut Tape, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
 
 fn conv1d_silu(t: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    causal_conv1d_silu(t, Operand::Tensor(x), w, bias)
+    causal_conv1d_silu(t, Operand::Tensor(x), w, bias, Order::Stored)
+}
+
+fn conv1d_silu_reversed(t: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    causal_conv1d_silu(t, Operand::Tensor(x), w, bias, Order::Reversed)
 }
 
 fn conv_case(name: &str, g: usize, l: usize, c: usize, k: usize, seed: u64) {
@@ -301,11 +308,11 @@ fn gpu_causal_conv1d_silu_of_a_product() {
         [randn32(&[g, l, k], 1.0, 80), randn32(&[c, k], 0.2, 81), randn32(&[c, 4], 0.5, 82), randn32(&[c], 1.0, 83)];
     let product = |t: &mut Tape, v: &[Tensor]| {
         let made = Product::new(t, &v[0], &v[1])?;
-        causal_conv1d_silu(t, Operand::Product(&made), &v[2], &v[3])
+        causal_conv1d_silu(t, Operand::Product(&made), &v[2], &v[3], Order::Stored)
     };
     let kept = |t: &mut Tape, v: &[Tensor]| {
         let made = linear(t, &v[0], &v[1], None)?;
-        causal_conv1d_silu(t, Operand::Tensor(&made), &v[2], &v[3])
+        causal_conv1d_silu(t, Operand::Tensor(&made), &v[2], &v[3], Order::Stored)
     };
     check_op("causal_conv1d_silu of a product", &x, 1e-4, product);
     let on_gpu: Vec<Tensor> = x.iter().map(|t| t.to_device(&device).unwrap()).collect();
@@ -322,8 +329,12 @@ fn gpu_causal_conv1d_reference_shape() {
 // ---------------------------------------------------------------------------------------------------------------
 // selective scan
 
+/// The scan of these sizes in both orders: as stored, and from each sequence's last token (every token-shaped access
+/// of the kernels mirrored) against the CPU's.
 fn scan_case(name: &str, g: usize, l: usize, d: usize, n: usize, seed: u64) {
-    check_op(name, &scan_inputs(g, l, d, n, seed), 1e-4, scan);
+    let inputs = scan_inputs(g, l, d, n, seed);
+    check_op(name, &inputs, 1e-4, scan);
+    check_op(&format!("{name} reversed"), &inputs, 1e-4, scan_reversed);
 }
 
 #[test]

@@ -5,14 +5,15 @@ use lkm_engine::autograd::Tape;
 use lkm_engine::device::Device;
 use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::{causal_conv1d, causal_conv1d_silu};
+use lkm_engine::ops::flip::Order;
 use lkm_engine::ops::linear::{linear, Product};
 use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, Columns, ScanInputs};
 use lkm_engine::{DType, Tensor};
 
 mod common;
-use common::mamba::{projected_scan, projected_scan_inputs, scan};
-use common::{assert_close, device_test, seeded_step};
+use common::mamba::{on_flipped, projected_scan, projected_scan_inputs, scan, scan_reversed, SCAN_TOKENS};
+use common::{assert_close, assert_rel_err, device_test, seeded_step};
 
 /// `f(randn)` elementwise, as a new f64 tensor.
 fn randn_map(shape: &[usize], seed: u64, f: impl Fn(usize, f64) -> f64) -> Tensor {
@@ -100,7 +101,9 @@ fn grad_causal_conv1d_silu() {
     for (shape, seed) in [([2, 7, 3], 16), ([3, 2, 5], 19)] {
         let c = shape[2];
         let inputs = [randn64(&shape, seed), randn64(&[c, 4], seed + 1), randn64(&[c], seed + 2)];
-        assert_gradients(&inputs, 1e-6, |t, x| causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2]));
+        assert_gradients(&inputs, 1e-6, |t, x| {
+            causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2], Order::Stored)
+        });
     }
 }
 
@@ -112,11 +115,11 @@ fn causal_conv1d_silu_of_a_product_rebuilds_it() {
     let all = [true; 4];
     let product = |t: &mut Tape, x: &[Tensor]| {
         let made = Product::new(t, &x[0], &x[1])?;
-        causal_conv1d_silu(t, Operand::Product(&made), &x[2], &x[3])
+        causal_conv1d_silu(t, Operand::Product(&made), &x[2], &x[3], Order::Stored)
     };
     let kept = |t: &mut Tape, x: &[Tensor]| {
         let made = linear(t, &x[0], &x[1], None)?;
-        causal_conv1d_silu(t, Operand::Tensor(&made), &x[2], &x[3])
+        causal_conv1d_silu(t, Operand::Tensor(&made), &x[2], &x[3], Order::Stored)
     };
     assert_eq!(
         seeded_step("product", &inputs, &all, &Device::Cpu, &product),
@@ -131,7 +134,7 @@ fn causal_conv1d_silu_is_silu_of_the_conv() {
     let inputs = [randn64(&[3, 11, 6], 22), randn64(&[6, 4], 23), randn64(&[6], 24)];
     let all = [true; 3];
     let fused = seeded_step("fused", &inputs, &all, &Device::Cpu, &|t, x| {
-        causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2])
+        causal_conv1d_silu(t, Operand::Tensor(&x[0]), &x[1], &x[2], Order::Stored)
     });
     let two = seeded_step("two ops", &inputs, &all, &Device::Cpu, &|t, x| {
         let y = causal_conv1d(t, &x[0], &x[1], &x[2])?;
@@ -210,6 +213,42 @@ fn grad_selective_scan_softplus_linear() {
     assert_gradients(&x, 1e-6, scan);
 }
 
+/// The scan and SiLU(conv1d) walking each sequence from its last token (`Order::Reversed`) are the ops on the
+/// reversed sequences, reversed back: the same output and input gradients as with `flip_seq` around them (float64, to
+/// rounding: the same terms in the same order), and their gradients pass finite differences.
+#[test]
+fn reversed_ops_are_the_ops_of_flipped_sequences() {
+    assert_reversed_is_flipped("selective_scan", &scan_inputs(2, 9, 3, 4, 50), &SCAN_TOKENS, &scan_reversed, &scan);
+    let conv =
+        |order| move |t: &mut Tape, v: &[Tensor]| causal_conv1d_silu(t, Operand::Tensor(&v[0]), &v[1], &v[2], order);
+    let x = [randn64(&[2, 7, 3], 60), randn64(&[3, 4], 61), randn64(&[3], 62)];
+    assert_reversed_is_flipped(
+        "causal_conv1d_silu",
+        &x,
+        &[true, false, false],
+        &conv(Order::Reversed),
+        &conv(Order::Stored),
+    );
+}
+
+/// An op of the Mamba block on a tape.
+type Op<'a> = &'a dyn Fn(&mut Tape, &[Tensor]) -> lkm_engine::Result<Tensor>;
+
+/// `reversed` on `x` against `stored` on `x` with its token-shaped inputs (`tokens`) flipped and its output flipped
+/// back: output and every gradient (float64, CPU), then finite differences of `reversed`.
+fn assert_reversed_is_flipped(name: &str, x: &[Tensor], tokens: &[bool], reversed: Op, stored: Op) {
+    let all = vec![true; x.len()];
+    let (out, grads) = seeded_step(name, x, &all, &Device::Cpu, reversed);
+    let flipped = |t: &mut Tape, v: &[Tensor]| on_flipped(t, v, tokens, stored);
+    let (want_out, want_grads) = seeded_step(name, x, &all, &Device::Cpu, &flipped);
+    assert_rel_err(&format!("{name} reversed: output"), &out, &want_out, 1e-13);
+    for (i, (g, w)) in grads.iter().zip(&want_grads).enumerate() {
+        let (g, w) = (g.as_ref().unwrap(), w.as_ref().unwrap());
+        assert_rel_err(&format!("{name} reversed: gradient of input {i}"), g, w, 1e-13);
+    }
+    assert_gradients(x, 1e-6, reversed);
+}
+
 /// The scan of `x` = [u, delta, a_log, bc, d_skip, z, delta_bias] with B and C the N columns of bc (G, L, W) from
 /// columns `at[0]` and `at[1]`.
 fn packed_scan(t: &mut Tape, x: &[Tensor], at: [usize; 2]) -> lkm_engine::Result<Tensor> {
@@ -222,6 +261,7 @@ fn packed_scan(t: &mut Tape, x: &[Tensor], at: [usize; 2]) -> lkm_engine::Result
         d_skip: &x[4],
         z: Operand::Tensor(&x[5]),
         delta_bias: &x[6],
+        order: Order::Stored,
     };
     selective_scan(t, &inp)
 }

@@ -16,6 +16,7 @@ use lkm_engine::nn::mamba::{Mamba, MambaConfig};
 use lkm_engine::nn::Params;
 use lkm_engine::ops::activation::silu;
 use lkm_engine::ops::causal_conv1d::causal_conv1d;
+use lkm_engine::ops::flip::Order;
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::narrow::narrow;
 use lkm_engine::ops::operand::Operand;
@@ -60,6 +61,7 @@ fn old_forward(tape: &mut Tape, p: &Params, u: &Tensor, cfg: MambaConfig) -> Res
         d_skip: param(p, "D"),
         z: Operand::Tensor(&z),
         delta_bias: param(p, "dt_proj.bias"),
+        order: Order::Stored,
     };
     selective_scan(tape, &inputs)
 }
@@ -89,7 +91,7 @@ fn in_proj_weight_split_matches_output_split() {
     let p = params.to(DType::F64, &Device::Cpu).unwrap();
     let u = randn64(&[3, 9, d_model], 4);
 
-    let (y_new, g_new) = step(&p, &u, |t| block.forward(t, &p, &u));
+    let (y_new, g_new) = step(&p, &u, |t| block.forward(t, &p, &u, Order::Stored));
     let (y_old, g_old) = step(&p, &u, |t| old_forward(t, &p, &u, cfg));
 
     // The forward products are the same dot products in the same order: the same bits.

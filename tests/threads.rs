@@ -5,6 +5,7 @@ use lkm_engine::autograd::gradcheck::randn64;
 use lkm_engine::autograd::Tape;
 use lkm_engine::ops::conv::conv;
 use lkm_engine::ops::conv_transpose::conv_transpose;
+use lkm_engine::ops::flip::Order;
 use lkm_engine::ops::linear::linear;
 use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
@@ -96,6 +97,7 @@ fn threads_selective_scan() {
             d_skip: &v[5],
             z: Operand::Tensor(&v[6]),
             delta_bias: &v[7],
+            order: Order::Stored,
         };
         selective_scan(t, &inp)
     });

@@ -9,7 +9,8 @@
 //!   y      = selective_scan(x, delta, A_log, B, C, D, z, dt_proj.bias)
 //! ```
 //! A [`BiMambaLayer`] runs two blocks over LayerNorm'd tokens, one on the reversed sequence, and projects their sum
-//! back with one shared out_proj: `out = x + ungroup(out_proj(fwd(t) + flip(bwd(flip(t)))))`, t = LN(group(x)).
+//! back with one shared out_proj: `out = x + ungroup(out_proj(fwd(t) + flip(bwd(flip(t)))))`, t = LN(group(x)); the
+//! flips are not copies: bwd's conv1d and scan walk t's sequences from their last token ([`Order::Reversed`]).
 //! PiM groups pixels into windows ([`Grouping::Pixel`]); PaM averages r^3 patches, runs one sequence per sample
 //! over the pooled map and upsamples back ([`Grouping::Patch`]).
 
@@ -24,7 +25,7 @@ use crate::ops::add::add;
 use crate::ops::avg_pool::avg_pool;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
 use crate::ops::concat::concat_channels;
-use crate::ops::flip::flip_seq;
+use crate::ops::flip::Order;
 use crate::ops::layer_norm::{layer_norm, LN_EPS};
 use crate::ops::linear::{linear, Product};
 use crate::ops::narrow::narrow;
@@ -125,8 +126,10 @@ impl Mamba {
         }
     }
 
-    /// Tokens u (G, L, d_model) to y (G, L, d_inner).
-    pub fn forward(&self, tape: &mut Tape, p: &Params, u: &Tensor) -> Result<Tensor> {
+    /// Tokens u (G, L, d_model) to y (G, L, d_inner), each sequence walked in `order`: [`Order::Reversed`] is the
+    /// block on the reversed sequences, written back in stored order (its conv1d and scan walk the tokens backwards;
+    /// the projections are per token), `flip_seq(forward(flip_seq(u)))` without the copies.
+    pub fn forward(&self, tape: &mut Tape, p: &Params, u: &Tensor, order: Order) -> Result<Tensor> {
         let _layer = profile::layer(&self.prefix);
         let (di, r, n) = (self.d_inner, self.dt_rank, self.d_state);
         // in_proj's output [x, z] is split by splitting its weight (2 d_inner, d_model) into the rows that make x and
@@ -153,7 +156,7 @@ impl Mamba {
                 Product::new(t, &v[0], &v[1])?
             };
             let _layer = profile::sublayer(&prefix, "conv1d");
-            causal_conv1d_silu(t, Operand::Product(&x), &v[2], &v[3])
+            causal_conv1d_silu(t, Operand::Product(&x), &v[2], &v[3], order)
         };
         let inputs = [u, &w_rows, &conv_w, p.get(self.conv_b)];
         let x = piece(tape, self.recompute, "mamba input branch", &inputs, branch)?;
@@ -200,6 +203,7 @@ impl Mamba {
                 d_skip: &v[5],
                 z: Operand::Product(&z),
                 delta_bias: &v[8],
+                order,
             };
             selective_scan(t, &inputs)
         };
@@ -318,10 +322,8 @@ impl BiMambaLayer {
             };
             layer_norm(tape, input, p.get(self.norm_w), p.get(self.norm_b), LN_EPS)?
         };
-        let yf = self.forw.forward(tape, p, &t)?;
-        let tb = flip_seq(tape, &t)?;
-        let yb = self.backw.forward(tape, p, &tb)?;
-        let yb = flip_seq(tape, &yb)?;
+        let yf = self.forw.forward(tape, p, &t, Order::Stored)?;
+        let yb = self.backw.forward(tape, p, &t, Order::Reversed)?;
         let y = add(tape, &yf, &yb)?;
         let y = {
             let _layer = profile::sublayer(&self.prefix, "out_proj");

@@ -11,6 +11,10 @@
 //!   dL/db[c]       = sum_{g, t} g[g, t, c]
 //! ```
 //!
+//! With [`Order::Reversed`] the sequences are walked from their last token (token t above is the (L - 1 - t)-th
+//! stored): the conv of the reversed sequences, written back in stored order, without flipped copies (the backward
+//! Mamba's; on the GPU the kernels step through memory backwards).
+//!
 //! [`causal_conv1d_silu`] is SiLU of the same conv as one op, Mamba's `x = SiLU(conv1d(x))`. Its backward recomputes
 //! the conv's output y from x (which it reads anyway) instead of keeping it, and uses dL/dy = dL/dout SiLU'(y) in the
 //! formulas above: a (G, L, C) tensor fewer kept per Mamba block, and no SiLU passes over memory.
@@ -39,6 +43,7 @@ use crate::device::params::{
     kernel, Conv1dParams, CONV1D_BACKWARD_WIDTH, CONV1D_MAX_K, CONV1D_RUN, CONV1D_TAPS, CONV1D_THREADS,
 };
 use crate::ops::activation::Activation;
+use crate::ops::flip::Order;
 use crate::ops::linear::sum_rows;
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
@@ -49,20 +54,21 @@ use crate::{by_dtype, by_gpu_type, ensure, Result};
 /// Causal depthwise conv of tokens `x` (G, L, C) with `w` (C, K) and `bias` (C); returns (G, L, C) of x's dtype. `w`
 /// and `bias` have x's dtype, or float32 for bf16 tokens.
 pub fn causal_conv1d(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv_op(tape, Operand::Tensor(x), w, bias, false)
+    conv_op(tape, Operand::Tensor(x), w, bias, false, Order::Stored)
 }
 
 /// SiLU([`causal_conv1d`]) as one op (Mamba's `x = SiLU(conv1d(x))`): the same result as the two ops, but the conv's
 /// output is never stored; the backward pass recomputes it from `x` (which it reads anyway) to form
 /// dL/dconv = dL/dout SiLU'(conv). `x` may be given as the product that makes it (Mamba's in_proj x half,
-/// [`Operand::Product`]): then not even `x` is kept, but rebuilt in the backward pass.
-pub fn causal_conv1d_silu(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv_op(tape, x, w, bias, true)
+/// [`Operand::Product`]): then not even `x` is kept, but rebuilt in the backward pass. `order` walks the sequences as
+/// stored or from their last token ([`Order`]).
+pub fn causal_conv1d_silu(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor, order: Order) -> Result<Tensor> {
+    conv_op(tape, x, w, bias, true, order)
 }
 
-fn conv_op(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor, silu: bool) -> Result<Tensor> {
+fn conv_op(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor, silu: bool, order: Order) -> Result<Tensor> {
     let (x, kept) = (x.value(), x.keep());
-    let d = ConvDims::of(x, w, bias, silu)?;
+    let d = ConvDims { order, ..ConvDims::of(x, w, bias, silu)? };
     let range = profile::forward(d.name(), &[x, w, bias], d.flops());
     let y = match by_gpu_type!(x, forward_gpu(x, w, bias, d)) {
         Some(y) => y?,
@@ -74,7 +80,8 @@ fn conv_op(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor, silu: bool) -
     Ok(y)
 }
 
-/// Sequences G, length L, channels C, kernel size K, and whether SiLU follows the conv in the same op.
+/// Sequences G, length L, channels C, kernel size K, whether SiLU follows the conv in the same op, and the order of
+/// the tokens.
 #[derive(Clone, Copy, Debug)]
 struct ConvDims {
     g: usize,
@@ -82,6 +89,7 @@ struct ConvDims {
     c: usize,
     k: usize,
     silu: bool,
+    order: Order,
 }
 
 impl ConvDims {
@@ -111,7 +119,7 @@ impl ConvDims {
         check_param_kind(x, w, "causal_conv1d weight")?;
         check_param_kind(x, bias, "causal_conv1d bias")?;
         bias.check_shape(&[c], "causal_conv1d: bias (C)")?;
-        Ok(ConvDims { g, l, c, k: w.shape()[1], silu })
+        Ok(ConvDims { g, l, c, k: w.shape()[1], silu, order: Order::Stored })
     }
 }
 
@@ -136,18 +144,19 @@ fn forward_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> R
 
 /// The conv's output (before any SiLU), channels last.
 fn conv_cpu<T: Real>(x: &Tensor, w: &Tensor, bias: &Tensor, d: ConvDims) -> Result<Vec<T>> {
-    let ConvDims { g, l, c, k, .. } = d;
+    let ConvDims { g, l, c, k, order, .. } = d;
     let (xv, bv) = (x.cpu::<T>()?, bias.cpu::<T>()?);
     let wt = transpose_weight(w.cpu::<T>()?, c, k);
     let mut y = vec![T::zero(); g * l * c];
     for gi in 0..g {
         let xs = &xv[gi * l * c..(gi + 1) * l * c];
         for t in 0..l {
-            let yr = &mut y[(gi * l + t) * c..(gi * l + t + 1) * c];
+            let at = gi * l + order.position(t, l);
+            let yr = &mut y[at * c..(at + 1) * c];
             yr.copy_from_slice(bv);
             // Tap k reads token t - (K-1) + k; the first valid tap is K-1-t when t < K-1.
             for ki in (k - 1).saturating_sub(t)..k {
-                let s = t + ki + 1 - k;
+                let s = order.position(t + ki + 1 - k, l);
                 let (xr, wr) = (&xs[s * c..(s + 1) * c], &wt[ki * c..(ki + 1) * c]);
                 for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(wr) {
                     *yv += wv * xv;
@@ -174,7 +183,7 @@ fn backward_cpu<T: Real>(
     d: ConvDims,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
-    let ConvDims { g, l, c, k, .. } = d;
+    let ConvDims { g, l, c, k, order, .. } = d;
     let xv = x.cpu::<T>()?;
     // With SiLU the gradient entering the conv is dL/dout SiLU'(y), y the conv's output recomputed.
     let gsilu: Vec<T>;
@@ -193,14 +202,15 @@ fn backward_cpu<T: Real>(
     for gi in 0..g {
         let base = gi * l * c;
         for t in 0..l {
-            let gr = &gv[base + t * c..base + (t + 1) * c];
+            let at = base + order.position(t, l) * c;
+            let gr = &gv[at..at + c];
             if let Some(db) = db.as_mut() {
                 for (dbv, &gvv) in db.iter_mut().zip(gr) {
                     *dbv += gvv;
                 }
             }
             for ki in (k - 1).saturating_sub(t)..k {
-                let s = base + (t + ki + 1 - k) * c;
+                let s = base + order.position(t + ki + 1 - k, l) * c;
                 if let Some(dx) = dx.as_mut() {
                     let wr = &wt[ki * c..(ki + 1) * c];
                     for ((dxv, &wv), &gvv) in dx[s..s + c].iter_mut().zip(wr).zip(gr) {
@@ -330,7 +340,7 @@ impl Plan {
 
 /// The parameters shared by the kernels of one conv1d on the GPU; each launch fills in its own pointers.
 fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
-    let ConvDims { g, l, c, k, silu } = d;
+    let ConvDims { g, l, c, k, silu, order } = d;
     let runs = l.div_ceil(CONV1D_RUN);
     Conv1dParams {
         G: g as i32,
@@ -340,6 +350,7 @@ fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
         runs: runs as i32,
         iters: 1,
         silu: silu as i32,
+        flip: (order == Order::Reversed) as i32,
         ..Default::default()
     }
 }

@@ -20,6 +20,28 @@ use crate::profile;
 use crate::tensor::{Real, Tensor};
 use crate::{by_dtype, by_gpu_type, Result};
 
+/// The order in which a sequence op (the causal conv1d, the selective scan) walks each sequence's tokens: as stored,
+/// or from the last token to the first. `Reversed` gives the op on reversed sequences, written back in stored order,
+/// `flip_seq(op(flip_seq(x)))`, without the two copies: the backward-direction Mamba of a bidirectional layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Token t is the sequence's t-th stored token.
+    #[default]
+    Stored,
+    /// Token t is the sequence's (L - 1 - t)-th stored token.
+    Reversed,
+}
+
+impl Order {
+    /// Where token `t` of a sequence of `len` tokens is stored.
+    pub fn position(self, t: usize, len: usize) -> usize {
+        match self {
+            Order::Stored => t,
+            Order::Reversed => len - 1 - t,
+        }
+    }
+}
+
 /// Reverses the L axis of token sequences (G, L, C).
 pub fn flip_seq(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
     let range = profile::forward("flip_seq", &[x], 0.0);

@@ -6,6 +6,9 @@
 //! B and C may also be N columns of a wider (G, L, W) tensor ([`Columns`]): Mamba's are columns of x_proj's output
 //! [dt | B | C], which the op reads where they lie and whose gradient it writes whole (dB and dC in their columns,
 //! zeros elsewhere), so that neither B nor C nor their gradients are copied out.
+//! With [`Order::Reversed`] (the backward Mamba's) the scan walks each sequence from its last token: token t below is
+//! the (L - 1 - t)-th stored one, in every input and output, so the op is the scan of the reversed sequences written
+//! back in stored order, without flipped copies.
 //! For each sequence g and channel d (indices g and d dropped below), with state h_t in R^N and h_{-1} = 0:
 //!
 //! ```text
@@ -88,6 +91,7 @@ use crate::device::params::{
     SCAN_FWD_THREADS,
 };
 use crate::ops::activation::Activation;
+use crate::ops::flip::Order;
 use crate::ops::linear::sum_rows;
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{check_param_kind, seq_dims};
@@ -120,6 +124,9 @@ pub struct ScanInputs<'a> {
     pub z: Operand<'a>,
     /// Bias added to delta before the softplus (Dch).
     pub delta_bias: &'a Tensor,
+    /// The order the scan walks each sequence's tokens in: as stored, or from the last ([`Order::Reversed`]: the scan
+    /// of the reversed sequences, written back in stored order, without flipped copies).
+    pub order: Order,
 }
 
 /// N columns of a (G, L, W) tensor, from column `at`: a tensor of its own (`Columns::from(&t)`: W = N, `at` 0), or
@@ -141,7 +148,7 @@ impl<'a> From<&'a Tensor> for Columns<'a> {
 /// The fused selective scan (see the module doc); returns y (G, L, Dch).
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
     let all = [inp.u, inp.delta.value(), inp.a_log, inp.b.t, inp.c.t, inp.d_skip, inp.z.value(), inp.delta_bias];
-    let dims = ScanDims::of(all, [inp.b.at, inp.c.at])?;
+    let dims = ScanDims { order: inp.order, ..ScanDims::of(all, [inp.b.at, inp.c.at])? };
     let range = profile::forward("selective_scan", &all, dims.flops());
     let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(all, dims, tape.needs_grad(&all))) {
         Some(out) => out?,
@@ -210,7 +217,7 @@ impl BcLayout {
     }
 }
 
-/// Sequences G, length L, channels Dch, state size N, and where B and C lie.
+/// Sequences G, length L, channels Dch, state size N, where B and C lie, and the order of the tokens.
 #[derive(Clone, Copy, Debug)]
 struct ScanDims {
     g: usize,
@@ -218,6 +225,14 @@ struct ScanDims {
     dch: usize,
     n: usize,
     bc: BcLayout,
+    order: Order,
+}
+
+impl ScanDims {
+    /// Where the scan's token t of a sequence is stored.
+    fn position(&self, t: usize) -> usize {
+        self.order.position(t, self.l)
+    }
 }
 
 impl ScanDims {
@@ -271,7 +286,7 @@ impl ScanDims {
         );
         d_skip.check_shape(&[dch], "selective_scan: d_skip (Dch)")?;
         delta_bias.check_shape(&[dch], "selective_scan: delta_bias (Dch)")?;
-        Ok(ScanDims { g, l, dch, n, bc: BcLayout { ld, b_at, c_at, shared } })
+        Ok(ScanDims { g, l, dch, n, bc: BcLayout { ld, b_at, c_at, shared }, order: Order::Stored })
     }
 }
 
@@ -324,8 +339,8 @@ struct Token<'a, T> {
 impl<'a, T: Real> Slices<'a, T> {
     fn token(&self, dims: ScanDims, gi: usize, t: usize, d: usize) -> Token<'a, T> {
         let ScanDims { l, dch, n, bc, .. } = dims;
-        let i = (gi * l + t) * dch + d;
-        let row = (gi * l + t) * bc.ld;
+        let at = gi * l + dims.position(t);
+        let (i, row) = (at * dch + d, at * bc.ld);
         let u = self.u[i];
         let dt = Activation::Softplus.value(self.delta[i] + self.delta_bias[d]);
         Token { i, u, dt, du: dt * u, b: &self.b[row + bc.b_at..][..n], c: &self.c[row + bc.c_at..][..n] }
@@ -361,7 +376,7 @@ fn forward_cpu<T: Real>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Tensor> 
                 for t in 0..l {
                     let tok = s.token(dims, gi, t, d);
                     let acc = recurrence_step(a, &tok, h, da);
-                    yg[t * dch + d] = (acc + s.d_skip[d] * tok.u) * Activation::Silu.value(s.z[tok.i]);
+                    yg[dims.position(t) * dch + d] = (acc + s.d_skip[d] * tok.u) * Activation::Silu.value(s.z[tok.i]);
                 }
             }
         },
@@ -451,11 +466,11 @@ fn backward_sequence<T: Real>(
         let (mut gd_acc, mut gbias_acc) = (T::zero(), T::zero());
         for t in (0..l).rev() {
             let Token { i, u, dt, du, b: bt, c: ct } = s.token(dims, gi, t, d);
-            let z = s.z[i];
-            out.z[t * dch + d] = gy[i] * w.ss[t] * Activation::Silu.derivative(z);
+            let (z, at) = (s.z[i], dims.position(t));
+            out.z[at * dch + d] = gy[i] * w.ss[t] * Activation::Silu.derivative(z);
             let q = gy[i] * Activation::Silu.value(z);
             gd_acc += q * u;
-            let (gbt, gct) = bc.rows(out.b, out.c.as_deref_mut(), t, n);
+            let (gbt, gct) = bc.rows(out.b, out.c.as_deref_mut(), at, n);
             let (hp, hc) = (&w.hs[t * n..(t + 1) * n], &w.hs[(t + 1) * n..(t + 2) * n]);
             let dat = &w.das[t * n..(t + 1) * n];
             let (mut dh_b, mut e_a) = (T::zero(), T::zero());
@@ -469,10 +484,10 @@ fn backward_sequence<T: Real>(
                 ga[n_] += e * dt;
                 w.dh[n_] = dhn * dat[n_];
             }
-            out.u[t * dch + d] = q * dd + dt * dh_b;
+            out.u[at * dch + d] = q * dd + dt * dh_b;
             let gdt = u * dh_b + e_a;
             let gdl = gdt * Activation::Softplus.derivative(s.delta[i] + bias);
-            out.delta[t * dch + d] = gdl;
+            out.delta[at * dch + d] = gdl;
             gbias_acc += gdl;
         }
         part_d[d] = gd_acc;
@@ -486,7 +501,7 @@ fn backward_cpu<T: Real>(
     gout: &Tensor,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
-    let ScanDims { g, l, dch, n, bc: layout } = dims;
+    let ScanDims { g, l, dch, n, bc: layout, .. } = dims;
     let s = Slices::<T>::of(inputs)?;
     let gy = gout.cpu::<T>()?;
     // Per sequence: L Dch token gradients, L rows of dB and dC (in b's gradient, and c's unless they share it), and
@@ -675,6 +690,7 @@ fn scan_params<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Sc
         D: dims.dch as i64,
         N: dims.n as i32,
         bc_ld: dims.bc.ld as i64,
+        flip: (dims.order == Order::Reversed) as i32,
         ..Default::default()
     })
 }
@@ -754,7 +770,7 @@ fn backward_gpu<T: GpuElement>(
     grad_out: &Tensor,
     needs: &[bool],
 ) -> Result<Vec<Option<Tensor>>> {
-    let ScanDims { g, l, dch, n, bc: layout } = dims;
+    let ScanDims { g, l, dch, n, bc: layout, .. } = dims;
     let variant = Variant::<T>::for_states(n)?;
     let nc = gpu_chunks(dims)?;
     let gy = grad_out.gpu_operand::<T>("selective_scan backward")?;

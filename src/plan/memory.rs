@@ -12,8 +12,9 @@
 //! for the backward pass, counted from the network's structure ([`activation_elements`]): per residual block three
 //! maps of its width (the two conv outputs, which the norms keep, and the block's output; the first norm's output is
 //! rebuilt by the second conv, `Operand::Normalized`), plus its shortcut's pooled input and projection's conv output;
-//! per Mamba layer, for every token, six values per channel of the layer (norm, partition, flip, projection back,
-//! unpartition, residual; five for PiM, whose LayerNorm rebuilds its sequences from the map, `Operand::Partitioned`)
+//! per Mamba layer, for every token, five values per channel of the layer (norm, partition, projection back,
+//! unpartition, residual; four for PiM, whose LayerNorm rebuilds its sequences from the map, `Operand::Partitioned`;
+//! the backward direction reads the norm's tokens in place, `Order::Reversed`)
 //! and per direction two of the inner width (SiLU of the convolution, the scan output: in_proj's halves and delta are
 //! rebuilt by the ops that take them, `Operand::Product`) and x_proj's outputs; per decoder level the upsampled map,
 //! the concatenation and its blocks; the logits and the loss's softmax. The count is a proxy: the engine's temporaries,
@@ -116,7 +117,7 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
 /// Values one Mamba layer keeps per token at width `f` (see the module header).
 fn mamba_values_per_token(f: usize, m: MambaConfig) -> usize {
     let d = m.expand * f;
-    6 * f + 2 * (2 * d + x_proj_width(f.div_ceil(16), m.d_state)) + 2 * d
+    5 * f + 2 * (2 * d + x_proj_width(f.div_ceil(16), m.d_state)) + 2 * d
 }
 
 /// Values one residual block keeps per voxel: three maps of `cout`, the pooled input of a strided block, the

@@ -2,6 +2,7 @@
 //! tests/gpu_mamba_ops.rs in float32 and tests/gpu_bf16_mamba.rs in bf16).
 
 use lkm_engine::autograd::Tape;
+use lkm_engine::ops::flip::{flip_seq, Order};
 use lkm_engine::ops::linear::{linear, Product};
 use lkm_engine::ops::operand::Operand;
 use lkm_engine::ops::selective_scan::{selective_scan, ScanInputs};
@@ -35,6 +36,35 @@ pub fn scan_inputs(g: usize, l: usize, d: usize, n: usize, seed: u64) -> Vec<Ten
 
 /// The selective scan of `x`, the eight inputs in the order of `ScanInputs` (as [`scan_inputs`] makes them).
 pub fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
+    scan_in(t, x, Order::Stored)
+}
+
+/// [`scan`] walking each sequence from its last token ([`Order::Reversed`]).
+pub fn scan_reversed(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
+    scan_in(t, x, Order::Reversed)
+}
+
+/// What an op with [`Order::Reversed`] must give: `f` on the inputs with `tokens[i]` (the (G, L, C) ones) reversed
+/// along L by `flip_seq`, its output reversed back; the gradients flow back through the flips.
+pub fn on_flipped(
+    t: &mut Tape,
+    x: &[Tensor],
+    tokens: &[bool],
+    f: impl Fn(&mut Tape, &[Tensor]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let flipped: Vec<Tensor> = x
+        .iter()
+        .zip(tokens)
+        .map(|(x, &tok)| if tok { flip_seq(t, x) } else { Ok(x.clone()) })
+        .collect::<Result<_>>()?;
+    let y = f(t, &flipped)?;
+    flip_seq(t, &y)
+}
+
+/// Which of the scan's eight inputs (the order of `ScanInputs`) are token-shaped: u, delta, B, C, z.
+pub const SCAN_TOKENS: [bool; 8] = [true, true, false, true, true, false, true, false];
+
+fn scan_in(t: &mut Tape, x: &[Tensor], order: Order) -> Result<Tensor> {
     let inp = ScanInputs {
         u: &x[0],
         delta: Operand::Tensor(&x[1]),
@@ -44,6 +74,7 @@ pub fn scan(t: &mut Tape, x: &[Tensor]) -> Result<Tensor> {
         d_skip: &x[5],
         z: Operand::Tensor(&x[6]),
         delta_bias: &x[7],
+        order,
     };
     selective_scan(t, &inp)
 }
@@ -73,6 +104,7 @@ pub fn projected_scan(t: &mut Tape, x: &[Tensor], full: bool) -> Result<Tensor> 
         (Operand::Product(&products[0]), Operand::Product(&products[1]))
     };
     let (b, c) = ((&x[4]).into(), (&x[5]).into());
-    let inp = ScanInputs { u: &x[0], delta, a_log: &x[3], b, c, d_skip: &x[6], z, delta_bias: &x[9] };
+    let order = Order::Stored;
+    let inp = ScanInputs { u: &x[0], delta, a_log: &x[3], b, c, d_skip: &x[6], z, delta_bias: &x[9], order };
     selective_scan(t, &inp)
 }
