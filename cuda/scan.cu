@@ -103,7 +103,7 @@ static_assert(SCAN_CHUNK % SCAN_BWD_SUB == 0, "a chunk is a whole number of back
 // One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x. SUMMARY (cpb = 1): from h = 0, leaves the
 // chunk's end state and sum of dt. Otherwise: from h_init of the group's first chunk (or 0), writes y, and with
 // record stores the state at the start of each chunk.
-template <typename E, int NMAX, bool SUMMARY>
+template <typename E, int NMAX, bool SUMMARY, bool FLIP>
 __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, const E* __restrict__ delta,
                                                    const float* __restrict__ a_log, const E* __restrict__ bmat,
                                                    const E* __restrict__ cmat, const float* __restrict__ d_skip,
@@ -111,7 +111,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
                                                    const float* __restrict__ h_init, int has_init,
                                                    E* __restrict__ y, float* __restrict__ states,
                                                    float* __restrict__ sum_dt, int record, int64_t L, int64_t D,
-                                                   int N, int64_t bc_ld, int64_t T, int64_t cpb, int flip) {
+                                                   int N, int64_t bc_ld, int64_t T, int64_t cpb) {
     __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
     __shared__ __align__(16) float sc[SCAN_STAGE][NMAX];
     const int64_t nc = (L + T - 1) / T, groups = (nc + cpb - 1) / cpb;
@@ -140,7 +140,7 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
         const int64_t t0 = c * T, len = min(T, L - t0);
         for (int64_t s0 = 0; s0 < len; s0 += SCAN_STAGE) {
             const int ns = (int)min((int64_t)SCAN_STAGE, len - s0);
-            auto row = [&](int tt) { return token_row(g, t0 + s0 + tt, L, flip); };  // stage token tt's row
+            auto row = [&](int tt) { return token_row(g, t0 + s0 + tt, L, FLIP); };  // stage token tt's row
             __syncthreads();  // the previous stage has been read by everyone
             for (int e = threadIdx.x; e < SCAN_STAGE * NMAX; e += blockDim.x) {
                 const int tt = e / NMAX, k = e % NMAX;
@@ -187,19 +187,25 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
     }
 }
 
+template <typename E, int NMAX, bool SUMMARY, bool FLIP>
+__device__ __forceinline__ void scan_forward_pass(const ScanParams<E>& p) {
+    scan_forward_group<E, NMAX, SUMMARY, FLIP>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
+                                               p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L,
+                                               p.D, p.N, p.bc_ld, SCAN_CHUNK, p.cpb);
+}
+
 // Grid (G * groups, ceil(D / blockDim.x)), blockDim.x <= SCAN_FWD_THREADS. summary = 1: pass 1 (y, C, z, d_skip,
 // h_init unused; writes chunk_states and chunk_dt); summary = 0: y from h_init (when not null) or from 0, chunk-start
 // states stored in chunk_states when record (chunk_dt unused).
+// The direction (flip) is a template argument: computed per token at run time it cost the forward 8 registers (95 ->
+// 103, n16 bf16: four blocks of 128 threads per SM instead of five) and 30% of its time (flare-3d's PiM stage 0, H100).
+// Each of the four passes has its own stage buffers (static shared memory, 12 KB per block for n16).
 template <typename E, int NMAX>
 __device__ __forceinline__ void scan_forward(const ScanParams<E>& p) {
     if (p.summary)
-        scan_forward_group<E, NMAX, true>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
-                                          p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
-                                          p.N, p.bc_ld, SCAN_CHUNK, p.cpb, p.flip);
+        p.flip ? scan_forward_pass<E, NMAX, true, true>(p) : scan_forward_pass<E, NMAX, true, false>(p);
     else
-        scan_forward_group<E, NMAX, false>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
-                                           p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L, p.D,
-                                           p.N, p.bc_ld, SCAN_CHUNK, p.cpb, p.flip);
+        p.flip ? scan_forward_pass<E, NMAX, false, true>(p) : scan_forward_pass<E, NMAX, false, false>(p);
 }
 
 // The float32 and bf16 instances of the scan kernel BODY<E, NSTATES> (NSTATES padded states), with its launch bounds;
@@ -211,8 +217,11 @@ __device__ __forceinline__ void scan_forward(const ScanParams<E>& p) {
     extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME_BF16(const ScanParams<__nv_bfloat16> p) {  \
         BODY<__nv_bfloat16, NSTATES>(p);                                                                              \
     }
+// n16 is held to five blocks of 128 threads per SM (at most 102 registers): with both directions in one kernel ptxas
+// gave it 105 (four blocks); held, 93-94 and no spills, as the stored direction alone had (95). n32 is left alone (held
+// to five it spills).
 #define SCAN_FORWARD_KERNEL(NAME_F32, NAME_BF16, NMAX) \
-    SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_forward, NMAX, SCAN_FWD_THREADS, 1)
+    SCAN_INSTANCES(NAME_F32, NAME_BF16, scan_forward, NMAX, SCAN_FWD_THREADS, NMAX == 16 ? 5 : 1)
 // scan_forward_n16 (N <= 16) and scan_forward_n32 (N <= 32), each in both instances; the host picks one with
 // kernel::scan_forward_n16::<T>().
 SCAN_FORWARD_KERNEL(scan_forward_n16_f32, scan_forward_n16_bf16, 16)
