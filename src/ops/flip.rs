@@ -1,4 +1,7 @@
-//! Reversal of token sequences, for the backward-direction Mamba of a bidirectional layer.
+//! Reversal of token sequences, and the order ([`Order`]) in which the sequence ops walk them. The backward-direction
+//! Mamba of a bidirectional layer no longer copies its tokens reversed: its conv1d and scan take
+//! [`Order::Reversed`]. `flip_seq` stays the op that defines what they must give (`flip_seq(op(flip_seq(x)))`, which
+//! their tests check them against).
 //!
 //! ```text
 //!   y[g, l, c] = x[g, L - 1 - l, c]        dL/dx = flip(dL/dy)    (the flip is its own inverse and transpose)
