@@ -68,8 +68,8 @@ struct RoleSummary {
     cudnn_ms: f64,
 }
 
-/// Median milliseconds of forward, forward + input gradient and forward + weight (and bias) gradient of one shape,
-/// inputs stored as `dtype`.
+/// Median milliseconds of the forward, the input gradient and the weight (and bias) gradient of one shape, inputs
+/// stored as `dtype`: each gradient role is its backward pass timed alone, after an untimed forward that records it.
 fn time_roles(gpu: &Arc<Gpu>, c: &ConvUse, dtype: DType) -> Result<[f64; 3]> {
     let dev = Device::Cuda(gpu.clone());
     let randn = |shape: &[usize], scale: f64, seed: u64| super::randn(&dev, shape, scale, seed).to_dtype(dtype);
@@ -90,17 +90,19 @@ fn time_roles(gpu: &Arc<Gpu>, c: &ConvUse, dtype: DType) -> Result<[f64; 3]> {
     let (warmup, reps) = (2, 7);
     let fwd = median(gpu.time_ms(warmup, reps, || forward(&mut Tape::no_grad(), &inputs).map(drop))?);
     // A role's backward computes only the gradients of the inputs its tape watches.
-    let with_backward = |watched: &[usize]| -> Result<f64> {
-        Ok(median(gpu.time_ms(warmup, reps, || {
+    let backward = |watched: &[usize]| -> Result<f64> {
+        let recorded = || -> Result<(Tape, Tensor)> {
             let mut tape = Tape::new();
             for &i in watched.iter().filter(|&&i| i < 2 || bias) {
                 tape.watch(&inputs[i]);
             }
             let y = forward(&mut tape, &inputs)?;
-            tape.backward_from(&y, seed.clone()).map(drop)
-        })?))
+            Ok((tape, y))
+        };
+        let run = |(mut tape, y): (Tape, Tensor)| tape.backward_from(&y, seed.clone()).map(drop);
+        Ok(median(gpu.time_ms_after(warmup, reps, recorded, run)?))
     };
-    Ok([fwd, with_backward(&[0])? - fwd, with_backward(&[1, 2])? - fwd])
+    Ok([fwd, backward(&[0])?, backward(&[1, 2])?])
 }
 
 /// Times every shape in both maths and prints (and writes to `out`) the table beside cuDNN's rows of

@@ -518,14 +518,28 @@ impl Gpu {
     /// Runs `f` `warmup` times, then times each of `reps` further runs with CUDA events on the stream and returns the
     /// times in milliseconds (one per run), for benchmarks.
     pub fn time_ms(&self, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+        self.time_ms_after(warmup, reps, || Ok(()), |()| f())
+    }
+
+    /// As [`Gpu::time_ms`], with `setup` run before each run of `f` and outside its timing (its result handed to
+    /// `f`): a backward pass timed alone after the forward pass that records its tape, rather than as the difference
+    /// of two timed runs, which the noise of a large forward can make negative for a small backward.
+    pub fn time_ms_after<S>(
+        &self,
+        warmup: usize,
+        reps: usize,
+        mut setup: impl FnMut() -> Result<S>,
+        mut f: impl FnMut(S) -> Result<()>,
+    ) -> Result<Vec<f64>> {
         for _ in 0..warmup {
-            f()?;
+            f(setup()?)?;
         }
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
+            let state = setup()?;
             let start = self.stream.record_event(flags).map_err(driver_err("recording a timing event"))?;
-            f()?;
+            f(state)?;
             let end = self.stream.record_event(flags).map_err(driver_err("recording a timing event"))?;
             end.synchronize().map_err(driver_err("waiting for a timed run"))?;
             times.push(start.elapsed_ms(&end).map_err(driver_err("reading a timing event"))? as f64);
