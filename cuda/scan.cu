@@ -1,10 +1,10 @@
 // The fused Mamba v1 selective scan, forward and backward (math and CPU reference: src/ops/selective_scan.rs).
 //
 // Layout: u, delta, z, y (G, L, D) channels last, so token (g, t) of channel d is at (g L + t) D + d (with flip, at
-// (g L + L - 1 - t) D + d: the sequences are scanned from their last token, the backward Mamba's, in place); B, C (G, L, N),
-// one row of N per token shared by all channels, rows bc_ld elements apart (N when B and C are tensors of their own;
-// Mamba's are columns of x_proj's output [dt | B | C], read where they lie, and dB, dC are written into the columns
-// of its gradient); a_log (D, N); d_skip, delta_bias (D). Per sequence g and channel d,
+// (g L + L - 1 - t) D + d: the sequences are scanned from their last token, the backward Mamba's, in place); B, C
+// (G, L, N), one row of N per token shared by all channels, rows bc_ld elements apart (N when B and C are tensors of
+// their own; Mamba's are columns of x_proj's output [dt | B | C], read where they lie, and dB, dC are written into the
+// columns of its gradient); a_log (D, N); d_skip, delta_bias (D). Per sequence g and channel d,
 // with A[n] = -exp(a_log[d, n]) and h_{-1} = 0:
 //
 //   dt_t = softplus(delta_t + delta_bias[d]),   dA_t[n] = exp(dt_t A[n]) = exp2(dt_t A[n] log2 e)
