@@ -6,16 +6,22 @@ Per kernel (each launch in the report): duration, tensor-pipe activity, SM and D
 achieved occupancy, registers per thread, dynamic shared memory per block, and the four largest stall reasons
 (warps stalled per issued instruction: long_scoreboard = waiting on global memory, barrier = __syncthreads,
 short_scoreboard = shared memory, mio_throttle = the shared-memory queue, math_pipe_throttle = a busy pipe, ...).
-Metric names differ between ncu versions; columns are found by pattern, and one that is missing prints "-"."""
+Metric names differ between ncu versions; each column is the first of its candidate metric names that the report
+has, and one that has none prints "-". The tensor-pipe column is the pipe's active cycles (mma.sync and wgmma alike);
+the ncu of 2026-12-06 showed that the HMMA instruction-issue rate this column used to read stays at a few percent
+for wgmma kernels whose pipe is 13% busy, and that the first column matching "dram" was an empty
+FBSP.TriageCompute.dramc__ one."""
 import csv
 import sys
 
-# (label, substrings that must all appear in the column name), first match wins.
+# (label, candidate metric names in order of preference): the first that the report has is the column.
 COLUMNS = [
     ("ms", ["gpu__time_duration.sum"]),
-    ("tensor %", ["pipe_tensor_op_hmma", "pct_of_peak_sustained_active"]),
+    ("tensor %", ["sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+                  "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"]),
     ("SM %", ["sm__throughput.avg.pct_of_peak_sustained_elapsed"]),
-    ("DRAM %", ["dram", "throughput.avg.pct_of_peak_sustained_elapsed"]),
+    ("DRAM %", ["gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                "dram__throughput.avg.pct_of_peak_sustained_elapsed"]),
     ("occupancy %", ["sm__warps_active.avg.pct_of_peak_sustained_active"]),
     ("regs", ["launch__registers_per_thread"]),
     ("smem KB", ["launch__shared_mem_per_block_dynamic"]),
@@ -37,9 +43,8 @@ def summarise(rows):
     index = {name: i for i, name in enumerate(header)}
     name_col = index.get("Kernel Name", index.get("Function Name"))
     picked = []
-    for label, parts in COLUMNS:
-        col = next((i for i, h in enumerate(header) if all(p in h for p in parts)), None)
-        picked.append((label, col))
+    for label, names in COLUMNS:
+        picked.append((label, next((index[n] for n in names if n in index), None)))
     stalls = [i for i, h in enumerate(header) if h.startswith(STALL_PREFIX) and h.endswith(STALL_SUFFIX)]
     lines = []
     for row in data:

@@ -378,23 +378,31 @@ def check_engine_names(path, config):
 
 def test_ncu_summary_columns_by_pattern():
     # ncu's raw CSV page: header, units, one row per kernel; a missing metric prints "-", units are converted, the
-    # stall columns are ranked.
+    # stall columns are ranked; a decoy whose name also holds "dram" and "throughput" (empty in ncu 2025's reports)
+    # is not the DRAM column.
     stall = ncu_summary.STALL_PREFIX + "{}" + ncu_summary.STALL_SUFFIX
-    header = ["ID", "Kernel Name", "gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum",
+              "FBSP.TriageCompute.dramc__throughput.avg.pct_of_peak_sustained_elapsed",
+              "dram__throughput.avg.pct_of_peak_sustained_elapsed",
               "launch__registers_per_thread", "launch__shared_mem_per_block_dynamic",
               stall.format("long_scoreboard"), stall.format("barrier"), stall.format("wait")]
-    units = ["", "", "usecond", "%", "register/thread", "byte", "", "", ""]
-    rows = [header, units, ["0", "conv_wgrad_halo_bf16", "3,700.5", "12.5", "125", "56320", "9.5", "2.25", "0"]]
+    units = ["", "", "usecond", "%", "%", "register/thread", "byte", "", "", ""]
+    rows = [header, units, ["0", "conv_wgrad_halo_bf16", "3,700.5", "", "12.5", "125", "56320", "9.5", "2.25", "0"]]
     cols, lines = ncu_summary.summarise(rows)
     got = dict(zip(cols, lines[0]))
     assert got["kernel"] == "conv_wgrad_halo_bf16" and got["ms"] == "3.7", got
     assert got["DRAM %"] == "12.5" and got["tensor %"] == "-" and got["regs"] == "125", got
     assert got["smem KB"] == "55", got
     assert got["top stalls (warps per issue)"] == "long_scoreboard 9.50, barrier 2.25", got
-    # Newer ncu: KB, and DRAM throughput named gpu__dram_throughput.
-    header[3], units[5], rows[2][5] = "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "KB", "150"
+    # Newer ncu: KB, DRAM throughput named gpu__dram_throughput, and the tensor pipe's active cycles (wgmma included)
+    # beside the HMMA-only ones: the first is the column.
+    header[4], units[6], rows[2][6] = "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "KB", "150"
+    header += ["sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+               "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"]
+    units += ["%", "%"]
+    rows[2] += ["1.7", "13.2"]
     got = dict(zip(cols, ncu_summary.summarise(rows)[1][0]))
-    assert got["smem KB"] == "150" and got["DRAM %"] == "12.5", got
+    assert got["smem KB"] == "150" and got["DRAM %"] == "12.5" and got["tensor %"] == "13.2", got
 
 
 def test_conv_totals():
