@@ -68,7 +68,7 @@ pub fn causal_conv1d_silu(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor
 
 fn conv_op(tape: &mut Tape, x: Operand, w: &Tensor, bias: &Tensor, silu: bool, order: Order) -> Result<Tensor> {
     let (x, kept) = (x.value(), x.keep());
-    let d = ConvDims { order, ..ConvDims::of(x, w, bias, silu)? };
+    let d = ConvDims::of(x, w, bias, silu, order)?;
     let range = profile::forward(d.name(), &[x, w, bias], d.flops());
     let y = match by_gpu_type!(x, forward_gpu(x, w, bias, d)) {
         Some(y) => y?,
@@ -107,7 +107,7 @@ impl ConvDims {
         }
     }
 
-    fn of(x: &Tensor, w: &Tensor, bias: &Tensor, silu: bool) -> Result<ConvDims> {
+    fn of(x: &Tensor, w: &Tensor, bias: &Tensor, silu: bool, order: Order) -> Result<ConvDims> {
         let (g, l, c) = seq_dims(x, "causal_conv1d")?;
         ensure!(
             w.rank() == 2 && w.shape()[0] == c && w.shape()[1] > 0,
@@ -119,7 +119,7 @@ impl ConvDims {
         check_param_kind(x, w, "causal_conv1d weight")?;
         check_param_kind(x, bias, "causal_conv1d bias")?;
         bias.check_shape(&[c], "causal_conv1d: bias (C)")?;
-        Ok(ConvDims { g, l, c, k: w.shape()[1], silu, order: Order::Stored })
+        Ok(ConvDims { g, l, c, k: w.shape()[1], silu, order })
     }
 }
 

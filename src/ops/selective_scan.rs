@@ -148,7 +148,7 @@ impl<'a> From<&'a Tensor> for Columns<'a> {
 /// The fused selective scan (see the module doc); returns y (G, L, Dch).
 pub fn selective_scan(tape: &mut Tape, inp: &ScanInputs) -> Result<Tensor> {
     let all = [inp.u, inp.delta.value(), inp.a_log, inp.b.t, inp.c.t, inp.d_skip, inp.z.value(), inp.delta_bias];
-    let dims = ScanDims { order: inp.order, ..ScanDims::of(all, [inp.b.at, inp.c.at])? };
+    let dims = ScanDims::of(all, [inp.b.at, inp.c.at], inp.order)?;
     let range = profile::forward("selective_scan", &all, dims.flops());
     let (y, chunk_states) = match by_gpu_type!(inp.u, forward_gpu(all, dims, tape.needs_grad(&all))) {
         Some(out) => out?,
@@ -243,8 +243,8 @@ impl ScanDims {
     }
 
     /// The sizes of the eight inputs in the order of [`ScanInputs`] (b and c the tensors that hold them, from columns
-    /// `bc_at`), after checking their shapes and kinds.
-    fn of(inputs: [&Tensor; 8], bc_at: [usize; 2]) -> Result<ScanDims> {
+    /// `bc_at`), after checking their shapes and kinds, walked in `order`.
+    fn of(inputs: [&Tensor; 8], bc_at: [usize; 2], order: Order) -> Result<ScanDims> {
         let op = "selective_scan";
         let [u, delta, a_log, b, c, d_skip, z, delta_bias] = inputs;
         let (g, l, dch) = seq_dims(u, op)?;
@@ -286,7 +286,7 @@ impl ScanDims {
         );
         d_skip.check_shape(&[dch], "selective_scan: d_skip (Dch)")?;
         delta_bias.check_shape(&[dch], "selective_scan: delta_bias (Dch)")?;
-        Ok(ScanDims { g, l, dch, n, bc: BcLayout { ld, b_at, c_at, shared }, order: Order::Stored })
+        Ok(ScanDims { g, l, dch, n, bc: BcLayout { ld, b_at, c_at, shared }, order })
     }
 }
 
