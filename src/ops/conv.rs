@@ -959,17 +959,7 @@ fn launch_wgmma<T: ConvElement>(
     let tile_n = kernels.generic.for_columns(p.c_dst as usize).1;
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
     let product = kernels.for_geometry(p.taps, box_z).for_columns(p.c_dst as usize).0;
-    let src = match src_last {
-        Some(copy) => copy.ptr(),
-        None => {
-            let voxels = h.src_size.iter().map(|&s| s as usize).product();
-            src_last.insert(channels_last(gpu, h.src, p.batch as usize, p.c_src as usize, voxels, what)?).ptr()
-        }
-    };
-    // Two halves of 8 channels per tap and column: each a core matrix row of the B operand, copied whole.
-    let pack = ConvPackParams { parts: 2, ..pack };
-    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
-    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
+    let (packed, src) = wgmma_operands(pack_kernel, pack, p, src_last, gpu, what)?;
     let box_ = wgmma_box(box_z);
     let boxes = p.batch as usize * (0..3).map(|d| (p.rows[d] as usize).div_ceil(box_[d])).product::<usize>();
     let halo: usize = (0..3).map(|d| box_[d] + p.taps[d] as usize - 1).product();
@@ -1006,6 +996,30 @@ fn launch_wgmma<T: ConvElement>(
     gpu.launch(product, cfg, &params, what)
 }
 
+/// The operands of a wgmma product `p` ([`launch_wgmma`], [`launch_implicit`]): the weight packed by `pack` in two
+/// halves of 8 channels per tap and column (each a core-matrix row of the B operand, copied whole), and the source's
+/// channels-last copy ([`channels_last`]), made here unless `src_last` holds it (an earlier stride phase's).
+fn wgmma_operands<T: ConvElement>(
+    pack_kernel: Kernel<ConvPackParams<T>>,
+    pack: ConvPackParams<T>,
+    p: &ConvGemmParams<T>,
+    src_last: &mut Option<GpuBuffer<T>>,
+    gpu: &Arc<Gpu>,
+    what: &str,
+) -> Result<(GpuBuffer<T>, ConstPtr<T>)> {
+    let pack = ConvPackParams { parts: 2, ..pack };
+    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
+    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
+    let src = match src_last {
+        Some(copy) => copy.ptr(),
+        None => {
+            let voxels = p.src_size.iter().map(|&s| s as usize).product();
+            src_last.insert(channels_last(gpu, p.src, p.batch as usize, p.c_src as usize, voxels, what)?).ptr()
+        }
+    };
+    Ok((packed, src))
+}
+
 /// Whether the implicit wgmma products take `p` ([`launch_implicit`]): a product of more than one tap and at least one
 /// chunk of 16 source channels whose source is walked one position per tap, that the halo products of
 /// [`launch_wgmma`] do not take ([`wgmma_suits`]): a strided conv's forward, the products of 2D maps below
@@ -1035,16 +1049,7 @@ fn launch_implicit<T: ConvElement>(
 ) -> Result<()> {
     let (product, tile_n) = kernels.for_columns(p.c_dst as usize);
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
-    let pack = ConvPackParams { parts: 2, ..pack };
-    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
-    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
-    let src = match src_last {
-        Some(copy) => copy.ptr(),
-        None => {
-            let voxels = h.src_size.iter().map(|&s| s as usize).product();
-            src_last.insert(channels_last(gpu, h.src, p.batch as usize, p.c_src as usize, voxels, what)?).ptr()
-        }
-    };
+    let (packed, src) = wgmma_operands(pack_kernel, pack, p, src_last, gpu, what)?;
     let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
     let cfg = LaunchConfig {
         grid_dim: (positions.div_ceil(GEMM_WGMMA_BM) as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
