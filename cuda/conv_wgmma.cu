@@ -1,9 +1,8 @@
 // Convolution products on Hopper's warpgroup matrix products (wgmma, sm_90a) from a halo tile, bf16 operands with
 // float32 accumulation:
 //
-//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, r + lo + q, c] Wp[c, q, col]
+//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
 //
-// (src channels last: conv_channels_last_bf16, at the end of this file, writes that copy of the channels-first map),
 // the stride-1 products of conv_halo.cu (a stride-1 conv's forward; the input gradient's stride phases of any conv,
 // written at every stride-th position) computed by the tensor cores straight from shared memory: conv_halo.cu's
 // mma.sync kernels load every operand fragment into registers first, one 32-bit word per lane and tap, and measured
@@ -22,16 +21,17 @@
 //   along n and 16 BN bytes along k.
 // - Two stages, and the pipeline runs on across boxes: a block takes its boxes in turn, and while the tensor cores
 //   run the taps of one chunk (asynchronously, one commit per chunk), the next chunk's weights (the next box's first
-//   at a box's end) and its halo (two 16-byte pieces per voxel from the channels-last source) are in flight through
-//   cp.async, published to the tensor cores by fence.proxy.async before the barrier. A box's outputs are written
+//   at a box's end) are in flight through cp.async and its halo through registers (element loads, or in the wide tile
+//   of a fixed geometry one 8-byte load per 4 voxels of a channel; stored as 16-byte voxels), published to the
+//   tensor cores by fence.proxy.async before the barrier. A box's outputs are written
 //   after its last chunk's products, while the loads of the next one are in flight.
 // - Warpgroup g of the two computes tiles 2 g and 2 g + 1 (the accumulators of both: BN floats per thread); the
 //   narrow tile (BN 32) fits 128 registers and runs two blocks per SM.
 // - ncu of the persistent version before the packing in halves (flare-3d stage 1, 3x3x3 64 -> 64, benches/RESULTS.md):
 //   tensor pipe 24%, issue-limited by the halo's element loads (long_scoreboard the top stall; 9.4 of each 32-byte
-//   sector used: the maps are NCDHW, so a voxel's 16 channels were 16 loads through registers; four voxels per 8-byte
-//   load, 2026-12-04, were slightly faster, and the deep 3x3x3 tile still took 252 registers); hence the
-//   channels-last copy, whose 16-byte pieces go by cp.async, without registers.
+//   sector used: the maps are NCDHW, so a voxel's 16 channels are 16 loads); channels-last storage would make them
+//   16-byte copies (loading two voxels per 4-byte word measured slower: branch halo-pairs; four per 8-byte word in
+//   the fixed geometries, 2026-12-04, slightly faster: flare-3d input gradients 22.77 -> 21.99 ms per step).
 // - The 3x3x3 and 1x3x3 kernels are also compiled for their own geometry (KZ, BOX_Z: the _k333_z4 names): every
 //   shared-memory offset is then a constant and a wgmma's descriptor one uniform add from its stage's; computed at run
 //   time, about 18 instructions per tap pair sat between the wgmmas in the SASS.
@@ -77,16 +77,32 @@ struct BoxGrid {
     }
 };
 
-// Queues the cp.async of halo voxel v's two 16-byte pieces (channels c0 .. c0 + 7 and c0 + 8 .. c0 + 15 of a
-// channels-last source of c_pad channels per voxel, src_voxel its first channel, or null outside the map) into planes
-// 0 and 1 of the halo; a piece outside the map or past c_pad is zero-filled.
-__device__ __forceinline__ void stage_voxel(uint4* halo, int halo_vox, int v, const bf16* src_voxel, int c0,
-                                            int c_pad, const bf16* any) {
+// Voxel k (0-3) of a quad load of 8 channels (q[e]: 4 consecutive voxels of channel e) as one 16-byte unit: channel
+// pairs (2 j, 2 j + 1) as operand words, the even channel in the low half.
+__device__ __forceinline__ uint4 quad_voxel(const uint2 (&q)[8], int k) {
+    unsigned w[4];
 #pragma unroll
-    for (int plane = 0; plane < 2; ++plane) {
-        const int c = c0 + 8 * plane;
-        const bool ok = src_voxel != nullptr && c < c_pad;
-        mma::cp_async16(reinterpret_cast<bf16*>(halo + plane * halo_vox + v), ok ? src_voxel + c : any, ok ? 8 : 0);
+    for (int j = 0; j < 4; ++j) {
+        const unsigned lo = k < 2 ? q[2 * j].x : q[2 * j].y, hi = k < 2 ? q[2 * j + 1].x : q[2 * j + 1].y;
+        w[j] = __byte_perm(lo, hi, k % 2 ? 0x7632 : 0x5410);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Stores this thread's quad items into the halo's two planes of halo_vox 16-byte voxels (rows of hx = 10 voxels,
+// from x0 - 1): item it = t + THREADS i is (plane it / (4 rows), halo row it / 4 % rows, quad it % 4), 4 voxels from
+// x0 - 4 + 4 quad, of which those in columns 0 .. hx - 1 are kept.
+template <int N>
+__device__ __forceinline__ void store_quads(uint4* halo, const uint2 (&quads)[N][8], int rows, int halo_vox, int hx) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const int it = threadIdx.x + THREADS * i, quad = it % 4, row = it / 4 % rows, plane = it / (4 * rows);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int column = 4 * quad - 3 + k;
+            if (it >= 8 * rows || column < 0 || column >= hx) continue;
+            halo[plane * halo_vox + row * hx + column] = quad_voxel(quads[i], k);
+        }
     }
 }
 
@@ -127,25 +143,60 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     const int items = (p.boxes - blockIdx.x + gridDim.x - 1) / gridDim.x * chunks;
     auto box_of = [&](int item) { return blockIdx.x + item / chunks * gridDim.x; };
 
-    // The halo voxels this thread stages for the box being loaded, v = t + THREADS i: the source offsets of their
-    // first channel (channels last, c_pad per voxel), -1 outside the map or past the halo.
-    const int c_pad = (p.c_src + 7) & ~7;
+    // The halo voxels this thread stages for the box being loaded, v = t + THREADS i: their source offsets, -1
+    // outside the map or past the halo. The wide tile of a fixed geometry stages quads instead (QUADS): item (plane,
+    // row, quad) of the halo, 4 consecutive voxels x0 - 4 + 4 quad .. of 8 channels by one 8-byte load per channel
+    // (the source's rows whole 8-byte words, lo = -1 along y and x: checked by the launch), kept where the halo holds
+    // them (columns x0 - 1 .. x0 + 8). The narrow tile keeps the element loads: at its 128 registers the quads spilled.
+    constexpr bool QUADS = KZ != 0 && BN == CONV_WGMMA_BN;
+    constexpr int Q_ROWS = QUADS ? (BOX_Z + KZ - 1) * (8 * (TILES / (QUADS ? BOX_Z : 1)) + 2) : 1;
+    constexpr int Q_ITEMS = 2 * Q_ROWS * 4, QI = QUADS ? (Q_ITEMS + THREADS - 1) / THREADS : 1;
     const bf16* src_n = p.src;
-    int off[HALO_VOX];
+    int off[QUADS ? QI : HALO_VOX];
     auto start_box = [&](int b) {
         int n, z0, y0, x0;
         grid.origin(b, n, z0, y0, x0);
-        src_n = p.src + (int64_t)n * c_pad * src_vox;
+        src_n = p.src + (int64_t)n * p.c_src * src_vox;
+        if constexpr (QUADS) {
+#pragma unroll
+            for (int i = 0; i < QI; ++i) {
+                const int it = t + THREADS * i, quad = it % 4, row = it / 4 % Q_ROWS;
+                const int sz = z0 + p.lo[0] + row / hy, sy = y0 - 1 + row % hy, sx = x0 - 4 + 4 * quad;
+                // sx and the map's width are multiples of 4: a quad is inside or outside as a whole.
+                const bool inside = (unsigned)sz < (unsigned)p.src_size[0] &&
+                                    (unsigned)sy < (unsigned)p.src_size[1] && (unsigned)sx < (unsigned)p.src_size[2];
+                off[i] = it < Q_ITEMS && inside ? (sz * p.src_size[1] + sy) * p.src_size[2] + sx : -1;
+            }
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < HALO_VOX; ++i) {
             const int v = t + i * THREADS;
             const int sz = z0 + p.lo[0] + v / (hy * hx), sy = y0 + p.lo[1] + v / hx % hy, sx = x0 + p.lo[2] + v % hx;
             const bool inside = (unsigned)sz < (unsigned)p.src_size[0] && (unsigned)sy < (unsigned)p.src_size[1] &&
                                 (unsigned)sx < (unsigned)p.src_size[2];
-            off[i] = v < halo_vox && inside ? ((sz * p.src_size[1] + sy) * p.src_size[2] + sx) * c_pad : -1;
+            off[i] = v < halo_vox && inside ? (sz * p.src_size[1] + sy) * p.src_size[2] + sx : -1;
         }
     };
-    // Item `item` into stage buf: its weights and its halo by cp.async, one commit.
+    // Channel pairs (c, c + 1) as operand words, the even channel in the low half: words 0-3 are plane 0's voxel.
+    unsigned staged[QUADS ? 1 : HALO_VOX][8];
+    uint2 quads[QI][QUADS ? 8 : 1];
+    auto store_halo = [&](int buf) {
+        uint4* halo = smem + buf * stage_units;
+        if constexpr (QUADS) {
+            store_quads(halo, quads, Q_ROWS, halo_vox, hx);
+            return;
+        }
+#pragma unroll
+        for (int i = 0; i < HALO_VOX; ++i) {
+            const int v = t + i * THREADS;
+            if (v < halo_vox) {
+                halo[v] = make_uint4(staged[i][0], staged[i][1], staged[i][2], staged[i][3]);
+                halo[halo_vox + v] = make_uint4(staged[i][4], staged[i][5], staged[i][6], staged[i][7]);
+            }
+        }
+    };
+    // Item `item` into stage buf: its weights by cp.async, its halo into `staged` (stored by store_halo).
     auto load = [&](int item, int buf) {
         const int chunk = item % chunks;
         if (chunk == 0) start_box(box_of(item));
@@ -156,14 +207,33 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
             const int row = u / BN, col = u - row * BN;
             mma::cp_async16(reinterpret_cast<bf16*>(weights + u), from + ((int64_t)row * p.c_dst_pad + col) * 8, 8);
         }
-#pragma unroll
-        for (int i = 0; i < HALO_VOX; ++i) {
-            const int v = t + i * THREADS;
-            if (v < halo_vox)
-                stage_voxel(smem + buf * stage_units, halo_vox, v, off[i] >= 0 ? src_n + off[i] : nullptr,
-                            chunk * CONV_WGMMA_CHUNK, c_pad, p.src);
-        }
         mma::cp_async_commit();
+        // Element indices within the batch item fit 32 bits (c_src * src_vox: checked by the launch).
+        const int c0 = chunk * CONV_WGMMA_CHUNK;
+        const unsigned short* src_c = reinterpret_cast<const unsigned short*>(src_n) + c0 * src_vox;
+        if constexpr (QUADS) {
+#pragma unroll
+            for (int i = 0; i < QI; ++i) {
+                const int plane = (t + THREADS * i) / (4 * Q_ROWS);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int c = 8 * plane + e;
+                    quads[i][e] = off[i] >= 0 && c0 + c < p.c_src
+                                      ? *reinterpret_cast<const uint2*>(src_c + c * src_vox + off[i])
+                                      : make_uint2(0u, 0u);
+                }
+            }
+            return;
+        }
+#pragma unroll
+        for (int i = 0; i < HALO_VOX; ++i)
+#pragma unroll
+            for (int w = 0; w < 8; ++w) {
+                const bool ok = off[i] >= 0;
+                const unsigned lo = ok && c0 + 2 * w < p.c_src ? src_c[2 * w * src_vox + off[i]] : 0u;
+                const unsigned hi = ok && c0 + 2 * w + 1 < p.c_src ? src_c[(2 * w + 1) * src_vox + off[i]] : 0u;
+                staged[i][w] = lo | hi << 16;
+            }
     };
 
     // The descriptors of stage 0: this warpgroup's tiles at tap 0 (tile j: slice j / tiles_per_slice, rows 8 (j %
@@ -213,6 +283,7 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     };
 
     load(0, 0);
+    store_halo(0);
     mma::cp_async_wait<0>();
     wgmma::fence_proxy_async();
     __syncthreads();
@@ -248,7 +319,10 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
                 }
             }
             wgmma::commit();
-            if (item + 1 < items) load(item + 1, buf ^ 1);
+            if (item + 1 < items) {
+                load(item + 1, buf ^ 1);
+                store_halo(buf ^ 1);
+            }
             wgmma::wait<0>();
             mma::cp_async_wait<0>();
             wgmma::fence_proxy_async();
@@ -266,10 +340,10 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 // conv_wgmma.cuh): per box of 256 narrow positions, 16 k-steps of 16 positions (two rows of 8), and per k-step and
 // tap one wgmma m64n16k16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by ldmatrix
 // from its staged rows and used by every tap; B = the wide map's halo shifted by the tap (n = cw, k = position),
-// staged as in the products (two planes of 16-byte voxels of 8 channels, cp.async from the channels-last copy) and
-// read N-major: the 8 k-rows of a core matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k
+// staged as in the products (two planes of 16-byte voxels of 8 channels, loaded 4 voxels of a channel per 8-byte load)
+// and read N-major: the 8 k-rows of a core matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k
 // (the next row) and a plane apart along n. While the tensor cores work on box i's first k-steps, box i + 1's narrow
-// rows and its halo are put in flight through cp.async. Each output is one sum in a fixed order
+// rows are put in flight through cp.async and its halo loaded and stored. Each output is one sum in a fixed order
 // (boxes, k-steps, the tensor core's own within a k-step).
 // Measured (H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms, 235 TFLOP/s (cuDNN 0.630 in the
 // same run); ncu of the version with 2-byte halo loads: issue slots 23% busy, 0.28 eligible warps per scheduler (8
@@ -306,8 +380,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     const bool aligned = p.narrow_size[2] % TILE_X == 0 && (uintptr_t)p.narrow % 16 == 0;
 
     // Box b into stage buf: the narrow rows (u = (cn, box row), 8 positions each) by cp.async or element loads, zero
-    // outside the map or past c_narrow; the halo by cp.async, 0 outside the wide map.
-    const int c_pad = (p.c_wide + 7) & ~7;
+    // outside the map or past c_narrow; the halo, 0 outside the wide map.
+    constexpr int hz_hy = hz * hy, halo_items = 2 * hz_hy * 4, HALO_ITEMS = (halo_items + THREADS - 1) / THREADS;
     auto load = [&](int b, int buf) {
         int n, z0, y0, x0;
         grid.origin(b, n, z0, y0, x0);
@@ -331,17 +405,30 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
                 rows[cn * PITCH + r] = make_uint4(w[0], w[1], w[2], w[3]);
             }
         }
-        // The halo: the wide map's voxels, channels last (c_pad per voxel), cw0 .. cw0 + 15 of each by cp.async.
-        const bf16* wide_n = p.wide + (int64_t)n * c_pad * wide_vox;
-        for (int v = t; v < halo_vox; v += THREADS) {
-            const int sz = z0 - p.pad[0] + v / (hy * hx), sy = y0 - p.pad[1] + v / hx % hy,
-                      sx = x0 - p.pad[2] + v % hx;
-            const bool inside = (unsigned)sz < (unsigned)p.wide_size[0] && (unsigned)sy < (unsigned)p.wide_size[1] &&
-                                (unsigned)sx < (unsigned)p.wide_size[2];
-            const bf16* voxel = inside ? wide_n + ((sz * p.wide_size[1] + sy) * p.wide_size[2] + sx) * c_pad : nullptr;
-            stage_voxel(smem + buf * stage_units, halo_vox, v, voxel, cw0, c_pad, p.wide);
-        }
         mma::cp_async_commit();
+        // The halo: item (plane, row, quad) loads 4 consecutive voxels x0 - 4 + 4 quad .. of 8 channels with one
+        // 8-byte load per channel (a 2-byte load per voxel and channel kept the load queue full: ncu, lg_throttle the
+        // top stall), then stores the voxels the halo holds (columns x0 - 1 .. x0 + 8) as 16-byte units.
+        const unsigned short* wide_c = reinterpret_cast<const unsigned short*>(p.wide) +
+                                       ((int64_t)n * p.c_wide + cw0) * wide_vox;
+        uint2 quads[HALO_ITEMS][8];
+#pragma unroll
+        for (int i = 0; i < HALO_ITEMS; ++i) {
+            const int it = t + THREADS * i, quad = it % 4, row = it / 4 % hz_hy, plane = it / (4 * hz_hy);
+            const int sz = z0 - p.pad[0] + row / hy, sy = y0 - 1 + row % hy, sx = x0 - 4 + 4 * quad;
+            // sx and the map's width are multiples of 4: a quad is inside or outside as a whole.
+            const bool inside = it < halo_items && (unsigned)sz < (unsigned)p.wide_size[0] &&
+                                (unsigned)sy < (unsigned)p.wide_size[1] && (unsigned)sx < (unsigned)p.wide_size[2];
+            const int off = (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int c = 8 * plane + e;
+                quads[i][e] = inside && cw0 + c < p.c_wide
+                                  ? *reinterpret_cast<const uint2*>(wide_c + (int64_t)c * wide_vox + off)
+                                  : make_uint2(0u, 0u);
+            }
+        }
+        store_quads(smem + buf * stage_units, quads, hz_hy, halo_vox, hx);
     };
 
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
@@ -353,8 +440,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
                                         (lane >> 4));
     // The products of one staged box for taps T0 .. T0 + TAPS - 1, in batches of CH k-steps (k-step ks: box rows
     // 2 ks, 2 ks + 1): a batch's A fragments by ldmatrix into the registers the batch before last read, one fence,
-    // then per k-step one wgmma per tap. `between` runs while the first batch is in flight: the next box's loads, put
-    // in flight by cp.async.
+    // then per k-step one wgmma per tap. `between` runs while the first batch is in flight: the next box's loads, its
+    // halo stored before the second batch's fence (a fence waits for every register write in flight, the loads' too).
     // CH is 8 where the accumulators leave room for two batches' fragments, else 4 (3x3x3: 112 accumulators; at 8
     // ptxas serialised the wgmmas for want of registers).
     float acc[TAPS][8] = {};
@@ -429,39 +516,6 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
 }
 
 }  // namespace
-
-// dst[n, v, c] = src[n, c, v] (zero for c >= channels) over a tile of CONV_CL_CHANNELS channels x CONV_CL_VOXELS
-// voxels: read along voxels (consecutive threads, consecutive 2-byte elements of a channel), written along channels
-// (16-byte pieces of 8 channels of a voxel). Rows of the shared tile are CONV_CL_VOXELS + 2 elements (an odd count of
-// 4-byte words): the 8 channels a thread gathers fall in distinct banks but for a 2-way conflict between the pieces
-// 4 apart.
-extern "C" __global__ void __launch_bounds__(THREADS) conv_channels_last_bf16(const ConvChannelsLastParams<bf16> p) {
-    constexpr int TV = CONV_CL_VOXELS, TC = CONV_CL_CHANNELS, PITCH = TV + 2, PIECES = TC / 8;
-    static_assert(TC * TV % THREADS == 0 && TV * PIECES % THREADS == 0, "whole rounds of the block");
-    __shared__ unsigned short tile[TC * PITCH];
-    const int t = threadIdx.x, v0 = blockIdx.x * TV, c0 = blockIdx.y * TC, n = blockIdx.z;
-    const int c_pad = (p.channels + 7) & ~7;
-    const unsigned short* src = reinterpret_cast<const unsigned short*>(p.src) + (int64_t)n * p.channels * p.voxels;
-#pragma unroll
-    for (int i = 0; i < TC * TV / THREADS; ++i) {
-        const int k = t + THREADS * i, c = c0 + k / TV, v = v0 + k % TV;
-        tile[k / TV * PITCH + k % TV] = c < p.channels && v < p.voxels ? src[(int64_t)c * p.voxels + v] : 0;
-    }
-    __syncthreads();
-    uint4* dst = reinterpret_cast<uint4*>(p.dst);
-#pragma unroll
-    for (int i = 0; i < TV * PIECES / THREADS; ++i) {
-        const int k = t + THREADS * i, v = k / PIECES, piece = k % PIECES, c = c0 + 8 * piece;
-        if (v0 + v >= p.voxels || c >= c_pad) continue;
-        unsigned w[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const unsigned short* at = tile + (8 * piece + 2 * j) * PITCH + v;
-            w[j] = at[0] | (unsigned)at[PITCH] << 16;
-        }
-        dst[(((int64_t)n * p.voxels + v0 + v) * c_pad + c) / 8] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-}
 
 // The narrow tile asks for two blocks per SM (at most 128 registers), the wide one gets one. Per role and tile the
 // generic kernel and the fixed geometries (_k333_z4: a 3x3x3 kernel in boxes of 4 slices, ...).

@@ -52,11 +52,7 @@
 //! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
 //! and of 2D maps from 80x80 run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile
 //! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
-//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`); both read their source from a channels-last copy
-//! (`channels_last`), a halo voxel's 16 channels two 16-byte copies. The other products of more than one tap and
-//! 16 source channels (a strided conv's forward, the products of smaller 2D maps) run there as implicit matrix
-//! products, each position's row gathered tap by tap from the same copy (cuda/gemm_wgmma.cu, `implicit_suits`,
-//! `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320
+//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`), and the weight gradients of 1x1x1 kernels, of at least 320
 //! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
 //! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`), and the forward and input gradient
 //! of stride-1 convs of at least 512 source channels on small maps as the same product over the source map's rows
@@ -88,16 +84,16 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConstPtr, ConvChannelsLastParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams,
-    ConvIm2rowParams, ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
-    CONV_BK, CONV_BM, CONV_BN, CONV_CL_CHANNELS, CONV_CL_VOXELS, CONV_HALO_BM, CONV_HALO_BM_LARGE,
-    CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE,
-    CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS,
-    CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
-    CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS,
-    CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK,
-    GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams, ConvPackParams,
+    ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams,
+    ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
+    CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
+    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
+    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
+    GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -723,14 +719,11 @@ impl KernelDims {
 }
 
 /// Launches one `conv_gemm` product, `product` (pointers null) on the buffers, with `kernel`: it writes every output
-/// position the product enumerates. `src_last` holds `src`'s channels-last copy once a wgmma product has made it
-/// ([`launch_wgmma`]), for the next product from the same source (the input gradient's stride phases).
-#[allow(clippy::too_many_arguments)]
+/// position the product enumerates.
 fn launch_product<T: ConvElement>(
     kernel: GemmKernel<T>,
     product: ConvGemmParams<T>,
     src: &GpuBuffer<T>,
-    src_last: &mut Option<GpuBuffer<T>>,
     w: &GpuBuffer<T>,
     bias: Option<&GpuBuffer<T>>,
     dst: &mut GpuBuffer<T>,
@@ -758,12 +751,7 @@ fn launch_product<T: ConvElement>(
     }
     match kernel {
         GemmKernel::Exact(exact) => gpu.launch(exact, grid(CONV_BM, CONV_BN, CONV_THREADS), &p, what),
-        GemmKernel::TensorCore(_, Some(HaloKernels { pack, implicit: Some(implicit), .. }), _)
-            if implicit_suits(&p) && gpu.has_kernel(implicit.wide.0) =>
-        {
-            launch_implicit(pack, implicit, &p, src_last, gpu, what)
-        }
-        GemmKernel::TensorCore(_, Some(halo), _) if halo_suits(&p) => launch_halo(halo, &p, src_last, gpu, what),
+        GemmKernel::TensorCore(_, Some(halo), _) if halo_suits(&p) => launch_halo(halo, &p, gpu, what),
         GemmKernel::TensorCore(pair, _, _) => {
             check_tc_taps(p.taps, what)?;
             let (tc, tile_n) = pair.for_columns(columns);
@@ -918,15 +906,9 @@ fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], pos
 
 /// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the
 /// product's taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
-fn launch_halo<T: ConvElement>(
-    halo: HaloKernels<T>,
-    p: &ConvGemmParams<T>,
-    src_last: &mut Option<GpuBuffer<T>>,
-    gpu: &Arc<Gpu>,
-    what: &str,
-) -> Result<()> {
+fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
     if let Some(wgmma) = halo.wgmma.filter(|w| wgmma_suits(p) && gpu.has_kernel(w.generic.wide.0)) {
-        return launch_wgmma(halo.pack, wgmma, p, src_last, gpu, what);
+        return launch_wgmma(halo.pack, wgmma, p, gpu, what);
     }
     let (product, tile_n, positions, pair_stride) = halo.for_product(p);
     let (pack, params, boxes) = halo_params(p, tile_n, positions);
@@ -944,13 +926,11 @@ fn launch_halo<T: ConvElement>(
 
 /// Launches the stride-1 product `p` ([`halo_suits`], [`wgmma_suits`], pointers filled) on the wgmma kernels of
 /// cuda/conv_wgmma.cu: the halo tiles' weight packing in two parts per column, then the product in boxes of
-/// [`CONV_WGMMA_TILES`] tiles of 64 positions, `box_z` slices deep ([`wgmma_box_z`]), from the source's
-/// channels-last copy ([`channels_last`]; made here unless `src_last` holds it).
+/// [`CONV_WGMMA_TILES`] tiles of 64 positions, `box_z` slices deep ([`wgmma_box_z`]).
 fn launch_wgmma<T: ConvElement>(
     pack_kernel: Kernel<ConvPackParams<T>>,
     kernels: WgmmaKernels<T>,
     p: &ConvGemmParams<T>,
-    src_last: &mut Option<GpuBuffer<T>>,
     gpu: &Arc<Gpu>,
     what: &str,
 ) -> Result<()> {
@@ -958,8 +938,14 @@ fn launch_wgmma<T: ConvElement>(
     let box_z = wgmma_box_z(p.rows, p.taps);
     let tile_n = kernels.generic.for_columns(p.c_dst as usize).1;
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
-    let product = kernels.for_geometry(p.taps, box_z).for_columns(p.c_dst as usize).0;
-    let (packed, src) = wgmma_operands(pack_kernel, pack, p, src_last, gpu, what)?;
+    // The fixed geometries' wide tile loads the halo 4 voxels at a time from x - 1 on: rows of whole 8-byte words.
+    let quads = h.lo[1..] == [-1, -1] && h.src_size[2] % 4 == 0 && h.src.address() % 8 == 0;
+    let pair = if quads { kernels.for_geometry(p.taps, box_z) } else { kernels.generic };
+    let product = pair.for_columns(p.c_dst as usize).0;
+    // Two halves of 8 channels per tap and column: each a core matrix row of the B operand, copied whole.
+    let pack = ConvPackParams { parts: 2, ..pack };
+    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
+    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
     let box_ = wgmma_box(box_z);
     let boxes = p.batch as usize * (0..3).map(|d| (p.rows[d] as usize).div_ceil(box_[d])).product::<usize>();
     let halo: usize = (0..3).map(|d| box_[d] + p.taps[d] as usize - 1).product();
@@ -976,7 +962,7 @@ fn launch_wgmma<T: ConvElement>(
         shared_mem_bytes,
     };
     let params = ConvWgmmaParams {
-        src,
+        src: h.src,
         packed: packed.ptr(),
         bias: h.bias,
         dst: h.dst,
@@ -996,87 +982,6 @@ fn launch_wgmma<T: ConvElement>(
     gpu.launch(product, cfg, &params, what)
 }
 
-/// The operands of a wgmma product `p` ([`launch_wgmma`], [`launch_implicit`]): the weight packed by `pack` in two
-/// halves of 8 channels per tap and column (each a core-matrix row of the B operand, copied whole), and the source's
-/// channels-last copy ([`channels_last`]), made here unless `src_last` holds it (an earlier stride phase's).
-fn wgmma_operands<T: ConvElement>(
-    pack_kernel: Kernel<ConvPackParams<T>>,
-    pack: ConvPackParams<T>,
-    p: &ConvGemmParams<T>,
-    src_last: &mut Option<GpuBuffer<T>>,
-    gpu: &Arc<Gpu>,
-    what: &str,
-) -> Result<(GpuBuffer<T>, ConstPtr<T>)> {
-    let pack = ConvPackParams { parts: 2, ..pack };
-    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
-    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
-    let src = match src_last {
-        Some(copy) => copy.ptr(),
-        None => {
-            let voxels = p.src_size.iter().map(|&s| s as usize).product();
-            src_last.insert(channels_last(gpu, p.src, p.batch as usize, p.c_src as usize, voxels, what)?).ptr()
-        }
-    };
-    Ok((packed, src))
-}
-
-/// Whether the implicit wgmma products take `p` ([`launch_implicit`]): a product of more than one tap and at least one
-/// chunk of 16 source channels whose source is walked one position per tap, that the halo products of
-/// [`launch_wgmma`] do not take ([`wgmma_suits`]): a strided conv's forward, the products of 2D maps below
-/// [`WGMMA_2D_MIN_POSITIONS`] positions.
-fn implicit_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
-    let src_vox = p.src_size.iter().map(|&s| s as usize).product::<usize>();
-    let taps = p.taps.iter().product::<i32>();
-    let walk = p.src_tap.iter().all(|t| t.abs() == 1) && (p.src_mul != [1; 3] || !wgmma_suits(p));
-    walk && taps > 1
-        && p.c_src as usize >= CONV_WGMMA_CHUNK
-        && positions < i32::MAX as usize
-        && channels_last_fits(p.c_src as usize, src_vox)
-}
-
-/// Launches the product `p` ([`implicit_suits`], pointers filled) as one implicit matrix product on wgmma
-/// (cuda/gemm_wgmma.cu's conv_*_implicit_wgmma_bf16, formula in its header): the weight packed in two parts per
-/// column as for [`launch_wgmma`], the source's channels-last copy ([`channels_last`]; made here unless `src_last`
-/// holds it), then tiles of [`GEMM_WGMMA_BM`] positions and 128 or 64 output channels.
-fn launch_implicit<T: ConvElement>(
-    pack_kernel: Kernel<ConvPackParams<T>>,
-    kernels: TcPair<ConvImplicitParams<T>>,
-    p: &ConvGemmParams<T>,
-    src_last: &mut Option<GpuBuffer<T>>,
-    gpu: &Arc<Gpu>,
-    what: &str,
-) -> Result<()> {
-    let (product, tile_n) = kernels.for_columns(p.c_dst as usize);
-    let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
-    let (packed, src) = wgmma_operands(pack_kernel, pack, p, src_last, gpu, what)?;
-    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
-    let cfg = LaunchConfig {
-        grid_dim: (positions.div_ceil(GEMM_WGMMA_BM) as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
-        block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + tile_n) * GEMM_WGMMA_BK * 2) as u32,
-    };
-    let params = ConvImplicitParams {
-        src,
-        packed: packed.ptr(),
-        bias: h.bias,
-        dst: h.dst,
-        batch: p.batch,
-        c_src: h.c_src,
-        c_dst: h.c_dst,
-        c_dst_pad: h.c_dst_pad,
-        src_size: h.src_size,
-        dst_size: h.dst_size,
-        rows: h.rows,
-        src_mul: p.src_mul,
-        lo: h.lo,
-        dst_base: h.dst_base,
-        dst_step: h.dst_step,
-        taps: h.taps,
-    };
-    gpu.launch(product, cfg, &params, what)
-}
-
 /// Whether the wgmma kernels take the halo product `p`: a stride-1 walk of a 3D source, or of a 2D one of at least
 /// [`WGMMA_2D_MIN_POSITIONS`] output positions, whose channels' elements (c_src x voxels per batch item) have 32-bit
 /// indices. On the H200 (2026-12-03, bf16, beside the halo tiles in the same calls; benches/RESULTS.md) they were
@@ -1086,44 +991,9 @@ fn launch_implicit<T: ConvElement>(
 /// input gradient 0.338 -> 0.565, 512 -> 512 at 10x10 0.133 -> 0.165: boxes of 32 x 8 positions, one block per SM),
 /// which stay on the halo tiles.
 fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    let src_vox = p.src_size.iter().map(|&s| s as usize).product::<usize>();
+    let src_vox = p.src_size.iter().map(|&s| s as i64).product::<i64>();
     let large_2d = (p.rows[1] * p.rows[2]) as usize >= WGMMA_2D_MIN_POSITIONS;
-    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && channels_last_fits(p.c_src as usize, src_vox)
-}
-
-/// Whether a channels-last map of `channels` (rounded up to 8, [`channels_last`]) x `voxels` per batch item has
-/// 32-bit element indices, as the wgmma kernels compute them.
-fn channels_last_fits(channels: usize, voxels: usize) -> bool {
-    channels.next_multiple_of(8) * voxels < i32::MAX as usize
-}
-
-/// The channels-last copy of `batch` channels-first maps of `channels` x `voxels` at `src`, each voxel's channels
-/// rounded up to a multiple of 8 with zeros: the source layout of the wgmma kernels (conv_channels_last_bf16 of
-/// cuda/conv_wgmma.cu, formula in cuda/conv_wgmma.cuh).
-fn channels_last<T: ConvElement>(
-    gpu: &Arc<Gpu>,
-    src: ConstPtr<T>,
-    batch: usize,
-    channels: usize,
-    voxels: usize,
-    what: &str,
-) -> Result<GpuBuffer<T>> {
-    let kernel = T::CHANNELS_LAST.expect("the types with wgmma kernels have their channels-last copy");
-    let c_pad = channels.next_multiple_of(8);
-    ensure!(
-        batch <= u16::MAX as usize && channels_last_fits(channels, voxels),
-        Shape,
-        "{what}: {batch} maps of {channels} x {voxels} are too large for the channels-last copy of the wgmma kernels"
-    );
-    let mut dst = gpu.alloc_of::<T>(batch * c_pad * voxels, what)?;
-    let cfg = LaunchConfig {
-        grid_dim: (voxels.div_ceil(CONV_CL_VOXELS) as u32, c_pad.div_ceil(CONV_CL_CHANNELS) as u32, batch as u32),
-        block_dim: (CONV_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let params = ConvChannelsLastParams { src, dst: dst.ptr_mut(), channels: channels as i32, voxels: voxels as i32 };
-    gpu.launch(kernel, cfg, &params, what)?;
-    Ok(dst)
+    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && p.c_src as i64 * src_vox < i32::MAX as i64
 }
 
 /// The fewest output positions of a 2D product on the wgmma kernels: 80x80 ([`wgmma_suits`]).
@@ -1191,14 +1061,12 @@ pub(crate) struct HaloKernels<T: Copy> {
     /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only): they take every stride-1 product of
     /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]).
     wgmma: Option<WgmmaKernels<T>>,
-    /// The implicit products on wgmma (cuda/gemm_wgmma.cu, bf16 on sm_90 only) in their two tile widths: the
-    /// products [`implicit_suits`] picks ([`launch_implicit`]).
-    implicit: Option<TcPair<ConvImplicitParams<T>>>,
 }
 
 /// The wgmma products of one role, each in its two tile widths: the generic pair (any taps, box depth from the
 /// parameters) and the pairs of a fixed geometry (kernel taps, box slices), whose shared-memory offsets are
-/// constants: the 3x3x3 and 1x3x3 products take those ([`launch_wgmma`]).
+/// constants and whose wide tile loads the halo 4 voxels per load: the 3x3x3 and 1x3x3 products padded by 1 in-plane
+/// over sources of rows in whole 8-byte words take those ([`launch_wgmma`]).
 #[derive(Clone, Copy)]
 pub(crate) struct WgmmaKernels<T: Copy> {
     generic: TcPair<ConvWgmmaParams<T>>,
@@ -1309,8 +1177,6 @@ pub(crate) trait ConvElement: GpuElement {
     const POINTWISE: Option<[[Kernel<GemmParams<Self>>; 3]; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
-    /// The channels-last copy the wgmma kernels read their source from ([`channels_last`]), if the type has them.
-    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<Self>>>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
@@ -1345,18 +1211,10 @@ const fn halo<T: Copy>(
     large: Kernel<ConvHaloParams<T>>,
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
     wgmma: Option<WgmmaKernels<T>>,
-    implicit: Option<[Kernel<ConvImplicitParams<T>>; 2]>,
 ) -> HaloKernels<T> {
     let small = TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) };
-    let implicit = match implicit {
-        Some([wide, narrow]) => Some(TcPair { wide: (wide, GEMM_WGMMA_BN), narrow: (narrow, IMPLICIT_BN_NARROW) }),
-        None => None,
-    };
-    HaloKernels { pack, small, large, strided, wgmma, implicit }
+    HaloKernels { pack, small, large, strided, wgmma }
 }
-
-/// The narrow tile of the implicit products (the _n64 kernels of cuda/gemm_wgmma.cu).
-const IMPLICIT_BN_NARROW: usize = 64;
 
 impl ConvElement for f32 {
     const GEMM: [[RoleKernels<ConvGemmParams<f32>>; 2]; 2] = [
@@ -1389,7 +1247,6 @@ impl ConvElement for f32 {
             kernel::conv_fprop_halo_tf32_m256,
             Some([kernel::conv_fprop_halo_tf32_s64, kernel::conv_fprop_halo_tf32_s64z2]),
             None,
-            None,
         ),
         halo(
             kernel::conv_dgrad_pack_tf32,
@@ -1397,13 +1254,11 @@ impl ConvElement for f32 {
             kernel::conv_dgrad_halo_tf32_m256,
             None,
             None,
-            None,
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
     const POINTWISE: Option<[[Kernel<GemmParams<f32>>; 3]; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
-    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<f32>>> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
 }
@@ -1438,7 +1293,6 @@ impl ConvElement for bf16 {
                 [kernel::conv_fprop_wgmma_bf16_k133_z2, kernel::conv_fprop_wgmma_bf16_n32_k133_z2],
                 [kernel::conv_fprop_wgmma_bf16_k133_z1, kernel::conv_fprop_wgmma_bf16_n32_k133_z1],
             ])),
-            Some([kernel::conv_fprop_implicit_wgmma_bf16, kernel::conv_fprop_implicit_wgmma_bf16_n64]),
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
@@ -1453,7 +1307,6 @@ impl ConvElement for bf16 {
                 [kernel::conv_dgrad_wgmma_bf16_k133_z2, kernel::conv_dgrad_wgmma_bf16_n32_k133_z2],
                 [kernel::conv_dgrad_wgmma_bf16_k133_z1, kernel::conv_dgrad_wgmma_bf16_n32_k133_z1],
             ])),
-            Some([kernel::conv_dgrad_implicit_wgmma_bf16, kernel::conv_dgrad_implicit_wgmma_bf16_n64]),
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
@@ -1481,7 +1334,6 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
     ]);
-    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<bf16>>> = Some(kernel::conv_channels_last_bf16);
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> =
         Some(GemmWgrad { im2col: kernel::conv_im2col_bf16, product: kernel::conv_wgrad_gemm_wgmma_bf16 });
     const EXPLICIT: Option<ExplicitConv<bf16>> = Some(ExplicitConv {
@@ -1654,9 +1506,8 @@ impl Pairing {
             Product::WideFromNarrow => d.wide_from_narrow(),
         };
         let kernel = self.gemm_kernel(which, &src.gpu);
-        let mut src_last = None;
         for product in products {
-            launch_product(kernel, product, src, &mut src_last, w, bias, &mut out, what)?;
+            launch_product(kernel, product, src, w, bias, &mut out, what)?;
         }
         Ok(out)
     }
@@ -1676,7 +1527,7 @@ impl Pairing {
             return self.weight_grad_gemm(&d, kernels, narrow, wide, what);
         }
         if self.halo_wgrad_suits() && !gpu.exact_f32() {
-            if let Some((wgmma, box_z)) = self.wgmma_wgrad_kernel(gpu) {
+            if let Some((wgmma, box_z)) = self.wgmma_wgrad_kernel(gpu, wide) {
                 return self.weight_grad_wgmma(&d, wgmma, box_z, narrow, wide, what);
             }
             return self.weight_grad_halo(&d, narrow, wide, what);
@@ -1986,13 +1837,17 @@ impl Pairing {
 
     /// The wgmma weight-gradient kernel for this pairing ([`Pairing::halo_wgrad_suits`] assumed) on `gpu` and its
     /// box slices, if the type has them, the GPU loaded them (sm_90) and they take it: a 3x3x3 or 1x3x3 kernel (a 2D
-    /// 3x3 is 1x3x3) padded by 1 in-plane, each map's elements per batch item (channels x voxels, the wide map's
-    /// channels last and rounded up to 8) with 32-bit indices.
-    fn wgmma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<(Kernel<ConvWgradWgmmaParams<T>>, usize)> {
-        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
-        let fits = self.c_narrow * voxels(self.narrow) < i32::MAX as usize
-            && channels_last_fits(self.c_wide, voxels(self.wide));
-        if !fits || self.pad[1..] != [1, 1] {
+    /// 3x3 is 1x3x3) padded by 1 in-plane, each map's elements per batch item (channels x voxels) with 32-bit
+    /// indices, and the wide map's rows in whole 8-byte words (width a multiple of 4, `wide` 8-byte aligned: the
+    /// kernel loads its halo 4 voxels at a time).
+    fn wgmma_wgrad_kernel<T: ConvElement>(
+        &self,
+        gpu: &Gpu,
+        wide: &GpuBuffer<T>,
+    ) -> Option<(Kernel<ConvWgradWgmmaParams<T>>, usize)> {
+        let fits = |c: usize, s: [usize; 3]| c * s.iter().product::<usize>() < i32::MAX as usize;
+        let quads = self.wide[2] % 4 == 0 && wide.ptr().address() % 8 == 0;
+        if !fits(self.c_narrow, self.narrow) || !fits(self.c_wide, self.wide) || !quads || self.pad[1..] != [1, 1] {
             return None;
         }
         let (narrow, k) = (self.narrow.map(|v| v as i32), self.k.map(|v| v as i32));
@@ -2025,11 +1880,10 @@ impl Pairing {
         let resident = gpu.resident_blocks(kernel, CONV_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
         let (boxes_per_slice, slices) = split_reduction(boxes, (2 * resident).div_ceil(row_tiles * col_tiles));
         let numel = self.c_narrow * self.c_wide * self.taps();
-        let wide_last = channels_last(gpu, wide.ptr(), self.batch, self.c_wide, self.wide.iter().product(), what)?;
         let mut out = gpu.alloc(slices * numel, what)?;
         let params = ConvWgradWgmmaParams {
             narrow: narrow.ptr(),
-            wide: wide_last.ptr(),
+            wide: wide.ptr(),
             partial: out.ptr_mut(),
             c_narrow: d.c_narrow,
             c_wide: d.c_wide,
