@@ -5,7 +5,9 @@
 # --convs: only the per-shape convolution table (every convolution of the flare-3d and amos-2d steps, each role, bf16
 # and tf32, beside cuDNN bf16 channels-last and tf32; benches/kernels/convs.rs), no tests: $OUT/convs.md. Both
 # configurations and maths take about 6 minutes; CONVS_CONFIG (flare-3d or amos-2d) and CONVS_MATHS (bf16 or tf32)
-# time a part of it.
+# time a part of it. The kernel benchmark of every --rev binary of tools/gpu-pack.sh (.gpu/NAME/kernels) is timed
+# too, against the same cuDNN run, into $OUT/convs-NAME.md, each compared with the packed tree's by
+# tools/conv_totals.py (the shapes whose time changed by more than 5%): a change's per-shape table in one call.
 #
 # --sanitize: also runs every GPU test binary under compute-sanitizer memcheck (out-of-bounds and misaligned
 # accesses, use of freed memory, API errors), and the kernel-heavy ones, whose threads share memory (scan, norms,
@@ -41,6 +43,15 @@ json.dump(shapes, open(sys.argv[1], "w"))' "$out/convs.json" "$CONVS_CONFIG"
   .gpu/tests/kernels --convs "$out/convs.json" --torch "$out/torch_convs.json" --out "$out/convs.md" --maths "$maths" \
     2>"$out/kernels_convs.log" >/dev/null || tail -n 5 "$out/kernels_convs.log"
   cat "$out/convs.md"
+  for bin in .gpu/*/kernels; do
+    [ -x "$bin" ] || continue
+    name=$(basename "$(dirname "$bin")")
+    [ "$name" = tests ] && continue
+    "$bin" --convs "$out/convs.json" --torch "$out/torch_convs.json" --out "$out/convs-$name.md" --maths "$maths" \
+      2>"$out/kernels_convs-$name.log" >/dev/null || tail -n 5 "$out/kernels_convs-$name.log"
+    echo "== $name (before) against the packed tree (after)"
+    python3 tools/conv_totals.py "$out/convs-$name.md" "$out/convs.md" --min-change 0.05
+  done
   exit 0
 fi
 # NCCL for gpu_distributed: cudarc loads `libnccl.so`; where only libnccl.so.2 exists (the system's, or PyTorch's
