@@ -350,7 +350,7 @@ fn gpu_params<T: GpuElement>(d: ConvDims) -> Conv1dParams<T> {
         runs: runs as i32,
         iters: 1,
         silu: silu as i32,
-        flip: (order == Order::Reversed) as i32,
+        flip: order.kernel_flip(),
         ..Default::default()
     }
 }

@@ -43,6 +43,11 @@ impl Order {
             Order::Reversed => len - 1 - t,
         }
     }
+
+    /// The kernels' `flip` field (cuda/conv1d.cuh's Conv1dParams, cuda/scan.cuh's ScanParams): 1 for `Reversed`.
+    pub(crate) fn kernel_flip(self) -> i32 {
+        (self == Order::Reversed) as i32
+    }
 }
 
 /// Reverses the L axis of token sequences (G, L, C).

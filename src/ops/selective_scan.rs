@@ -233,9 +233,7 @@ impl ScanDims {
     fn position(&self, t: usize) -> usize {
         self.order.position(t, self.l)
     }
-}
 
-impl ScanDims {
     /// Forward FLOPs counted per (token, channel, state): exp(delta A), the state update delta B u + dA h (4) and
     /// the C contraction (2), so 7 G L Dch N; softplus, the D skip and the gate are per (token, channel) and left out.
     fn flops(&self) -> f64 {
@@ -690,7 +688,7 @@ fn scan_params<T: GpuElement>(inputs: [&Tensor; 8], dims: ScanDims) -> Result<Sc
         D: dims.dch as i64,
         N: dims.n as i32,
         bc_ld: dims.bc.ld as i64,
-        flip: (dims.order == Order::Reversed) as i32,
+        flip: dims.order.kernel_flip(),
         ..Default::default()
     })
 }
