@@ -1,8 +1,9 @@
 // Convolution products on Hopper's warpgroup matrix products (wgmma, sm_90a) from a halo tile, bf16 operands with
 // float32 accumulation:
 //
-//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col],
+//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col]
 //
+// (src channels first, or channels last as src[n, r + lo + q, c]: conv_wgmma.cuh),
 // the stride-1 products of conv_halo.cu (a stride-1 conv's forward; the input gradient's stride phases of any conv,
 // written at every stride-th position) computed by the tensor cores straight from shared memory: conv_halo.cu's
 // mma.sync kernels load every operand fragment into registers first, one 32-bit word per lane and tap, and measured
@@ -21,17 +22,22 @@
 //   along n and 16 BN bytes along k.
 // - Two stages, and the pipeline runs on across boxes: a block takes its boxes in turn, and while the tensor cores
 //   run the taps of one chunk (asynchronously, one commit per chunk), the next chunk's weights (the next box's first
-//   at a box's end) are in flight through cp.async and its halo through registers (element loads, or in the wide tile
-//   of a fixed geometry one 8-byte load per 4 voxels of a channel; stored as 16-byte voxels), published to the
-//   tensor cores by fence.proxy.async before the barrier. A box's outputs are written
-//   after its last chunk's products, while the loads of the next one are in flight.
+//   at a box's end) are in flight through cp.async, and its halo too: from a channels-first source (the plain names)
+//   through registers (element loads, or in the wide tile of a fixed geometry one 8-byte load per 4 voxels of a
+//   channel; stored as 16-byte voxels), from a channels-last copy (the _cl names, conv_channels_last_bf16 at the end
+//   of this file) as two 16-byte cp.async pieces per voxel. Both are published to the tensor cores by
+//   fence.proxy.async before the barrier. A box's outputs are written after its last chunk's products, while the
+//   loads of the next one are in flight.
 // - Warpgroup g of the two computes tiles 2 g and 2 g + 1 (the accumulators of both: BN floats per thread); the
 //   narrow tile (BN 32) fits 128 registers and runs two blocks per SM.
 // - ncu of the persistent version before the packing in halves (flare-3d stage 1, 3x3x3 64 -> 64, benches/RESULTS.md):
 //   tensor pipe 24%, issue-limited by the halo's element loads (long_scoreboard the top stall; 9.4 of each 32-byte
-//   sector used: the maps are NCDHW, so a voxel's 16 channels are 16 loads); channels-last storage would make them
-//   16-byte copies (loading two voxels per 4-byte word measured slower: branch halo-pairs; four per 8-byte word in
-//   the fixed geometries, 2026-12-04, slightly faster: flare-3d input gradients 22.77 -> 21.99 ms per step).
+//   sector used: from NCDHW maps a voxel's 16 channels are 16 loads; four voxels per 8-byte load in the fixed
+//   geometries, 2026-12-04, were slightly faster: flare-3d input gradients 22.77 -> 21.99 ms per step). The
+//   channels-last copy makes them 16-byte copies without registers (3x3x3 wide tile 252 -> 187 registers) at the
+//   price of one more read and write of the source: it pays where each source voxel meets many products (taps x
+//   output channels, conv.rs `wgmma_channels_last`; H100, 2026-12-06: flare-3d 128 -> 128 at 20x56x48 forward
+//   0.309 -> 0.274 ms), not on the full-resolution maps of few channels (32 -> 32 1x3x3 at 40x224x192 0.571 -> 0.915).
 // - The 3x3x3 and 1x3x3 kernels are also compiled for their own geometry (KZ, BOX_Z: the _k333_z4 names): every
 //   shared-memory offset is then a constant and a wgmma's descriptor one uniform add from its stage's; computed at run
 //   time, about 18 instructions per tap pair sat between the wgmmas in the SASS.
@@ -77,6 +83,19 @@ struct BoxGrid {
     }
 };
 
+// Queues the cp.async of halo voxel v's two 16-byte pieces (channels c0 .. c0 + 7 and c0 + 8 .. c0 + 15 of a
+// channels-last source of c_pad channels per voxel, src_voxel its first channel, or null outside the map) into planes
+// 0 and 1 of the halo; a piece outside the map or past c_pad is zero-filled.
+__device__ __forceinline__ void stage_voxel(uint4* halo, int halo_vox, int v, const bf16* src_voxel, int c0,
+                                            int c_pad, const bf16* any) {
+#pragma unroll
+    for (int plane = 0; plane < 2; ++plane) {
+        const int c = c0 + 8 * plane;
+        const bool ok = src_voxel != nullptr && c < c_pad;
+        mma::cp_async16(reinterpret_cast<bf16*>(halo + plane * halo_vox + v), ok ? src_voxel + c : any, ok ? 8 : 0);
+    }
+}
+
 // Voxel k (0-3) of a quad load of 8 channels (q[e]: 4 consecutive voxels of channel e) as one 16-byte unit: channel
 // pairs (2 j, 2 j + 1) as operand words, the even channel in the low half.
 __device__ __forceinline__ uint4 quad_voxel(const uint2 (&q)[8], int k) {
@@ -120,8 +139,8 @@ struct Int {
 // KZ 0: any taps (at most 3 per axis) and box depth, read from p; KZ 1 or 3: a KZ x 3 x 3 kernel in boxes of BOX_Z
 // slices, the kernel's own geometry (p.taps and p.box_z ignored), so that every shared-memory offset of the products
 // is a constant and a wgmma's descriptors one uniform add from its stage's (computed at run time they took about 18
-// instructions per tap pair).
-template <int BN, int KZ, int BOX_Z>
+// instructions per tap pair). CL: the source is channels last (c_pad channels per voxel), its halo staged by cp.async.
+template <bool CL, int BN, int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     extern __shared__ __align__(16) uint4 smem[];  // 16-byte units
     const int t = threadIdx.x, group = t >> 7, warp = (t >> 5) & 3, g = (t & 31) >> 2, tq = t & 3;
@@ -148,15 +167,16 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
     // row, quad) of the halo, 4 consecutive voxels x0 - 4 + 4 quad .. of 8 channels by one 8-byte load per channel
     // (the source's rows whole 8-byte words, lo = -1 along y and x: checked by the launch), kept where the halo holds
     // them (columns x0 - 1 .. x0 + 8). The narrow tile keeps the element loads: at its 128 registers the quads spilled.
-    constexpr bool QUADS = KZ != 0 && BN == CONV_WGMMA_BN;
+    constexpr bool QUADS = !CL && KZ != 0 && BN == CONV_WGMMA_BN;
     constexpr int Q_ROWS = QUADS ? (BOX_Z + KZ - 1) * (8 * (TILES / (QUADS ? BOX_Z : 1)) + 2) : 1;
     constexpr int Q_ITEMS = 2 * Q_ROWS * 4, QI = QUADS ? (Q_ITEMS + THREADS - 1) / THREADS : 1;
+    const int c_pad = CL ? (p.c_src + 7) & ~7 : p.c_src;  // channels per voxel (CL) or per map
     const bf16* src_n = p.src;
     int off[QUADS ? QI : HALO_VOX];
     auto start_box = [&](int b) {
         int n, z0, y0, x0;
         grid.origin(b, n, z0, y0, x0);
-        src_n = p.src + (int64_t)n * p.c_src * src_vox;
+        src_n = p.src + (int64_t)n * c_pad * src_vox;
         if constexpr (QUADS) {
 #pragma unroll
             for (int i = 0; i < QI; ++i) {
@@ -175,14 +195,15 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
             const int sz = z0 + p.lo[0] + v / (hy * hx), sy = y0 + p.lo[1] + v / hx % hy, sx = x0 + p.lo[2] + v % hx;
             const bool inside = (unsigned)sz < (unsigned)p.src_size[0] && (unsigned)sy < (unsigned)p.src_size[1] &&
                                 (unsigned)sx < (unsigned)p.src_size[2];
-            off[i] = v < halo_vox && inside ? (sz * p.src_size[1] + sy) * p.src_size[2] + sx : -1;
+            off[i] = v < halo_vox && inside ? ((sz * p.src_size[1] + sy) * p.src_size[2] + sx) * (CL ? c_pad : 1) : -1;
         }
     };
     // Channel pairs (c, c + 1) as operand words, the even channel in the low half: words 0-3 are plane 0's voxel.
-    unsigned staged[QUADS ? 1 : HALO_VOX][8];
+    unsigned staged[QUADS || CL ? 1 : HALO_VOX][8];
     uint2 quads[QI][QUADS ? 8 : 1];
     auto store_halo = [&](int buf) {
         uint4* halo = smem + buf * stage_units;
+        if constexpr (CL) return;  // staged by cp.async in `load`
         if constexpr (QUADS) {
             store_quads(halo, quads, Q_ROWS, halo_vox, hx);
             return;
@@ -196,7 +217,8 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
             }
         }
     };
-    // Item `item` into stage buf: its weights by cp.async, its halo into `staged` (stored by store_halo).
+    // Item `item` into stage buf: its weights by cp.async, its halo by cp.async too (CL, one commit) or into `staged`
+    // (stored by store_halo).
     auto load = [&](int item, int buf) {
         const int chunk = item % chunks;
         if (chunk == 0) start_box(box_of(item));
@@ -207,9 +229,19 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
             const int row = u / BN, col = u - row * BN;
             mma::cp_async16(reinterpret_cast<bf16*>(weights + u), from + ((int64_t)row * p.c_dst_pad + col) * 8, 8);
         }
-        mma::cp_async_commit();
-        // Element indices within the batch item fit 32 bits (c_src * src_vox: checked by the launch).
         const int c0 = chunk * CONV_WGMMA_CHUNK;
+        if constexpr (CL) {
+#pragma unroll
+            for (int i = 0; i < HALO_VOX; ++i) {
+                const int v = t + i * THREADS;
+                if (v < halo_vox)
+                    stage_voxel(smem + buf * stage_units, halo_vox, v, off[i] >= 0 ? src_n + off[i] : nullptr, c0,
+                                c_pad, p.src);
+            }
+        }
+        mma::cp_async_commit();
+        if constexpr (CL) return;
+        // Element indices within the batch item fit 32 bits (c_src * src_vox: checked by the launch).
         const unsigned short* src_c = reinterpret_cast<const unsigned short*>(src_n) + c0 * src_vox;
         if constexpr (QUADS) {
 #pragma unroll
@@ -517,37 +549,95 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
 
 }  // namespace
 
+// dst[n, v, c] = src[n, c, v] (zero for c >= channels) over a tile of CONV_CL_CHANNELS channels x CONV_CL_VOXELS
+// voxels: read along voxels (consecutive threads, consecutive 2-byte elements of a channel), written along channels
+// (16-byte pieces of 8 channels of a voxel). Rows of the shared tile are CONV_CL_VOXELS + 2 elements (an odd count of
+// 4-byte words): the 8 channels a thread gathers fall in distinct banks but for a 2-way conflict between the pieces
+// 4 apart.
+extern "C" __global__ void __launch_bounds__(THREADS) conv_channels_last_bf16(const ConvChannelsLastParams<bf16> p) {
+    constexpr int TV = CONV_CL_VOXELS, TC = CONV_CL_CHANNELS, PITCH = TV + 2, PIECES = TC / 8;
+    static_assert(TC * TV % THREADS == 0 && TV * PIECES % THREADS == 0, "whole rounds of the block");
+    __shared__ unsigned short tile[TC * PITCH];
+    const int t = threadIdx.x, v0 = blockIdx.x * TV, c0 = blockIdx.y * TC, n = blockIdx.z;
+    const int c_pad = (p.channels + 7) & ~7;
+    const unsigned short* src = reinterpret_cast<const unsigned short*>(p.src) + (int64_t)n * p.channels * p.voxels;
+#pragma unroll
+    for (int i = 0; i < TC * TV / THREADS; ++i) {
+        const int k = t + THREADS * i, c = c0 + k / TV, v = v0 + k % TV;
+        tile[k / TV * PITCH + k % TV] = c < p.channels && v < p.voxels ? src[(int64_t)c * p.voxels + v] : 0;
+    }
+    __syncthreads();
+    uint4* dst = reinterpret_cast<uint4*>(p.dst);
+#pragma unroll
+    for (int i = 0; i < TV * PIECES / THREADS; ++i) {
+        const int k = t + THREADS * i, v = k / PIECES, piece = k % PIECES, c = c0 + 8 * piece;
+        if (v0 + v >= p.voxels || c >= c_pad) continue;
+        unsigned w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const unsigned short* at = tile + (8 * piece + 2 * j) * PITCH + v;
+            w[j] = at[0] | (unsigned)at[PITCH] << 16;
+        }
+        dst[(((int64_t)n * p.voxels + v0 + v) * c_pad + c) / 8] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
 // The narrow tile asks for two blocks per SM (at most 128 registers), the wide one gets one. Per role and tile the
-// generic kernel and the fixed geometries (_k333_z4: a 3x3x3 kernel in boxes of 4 slices, ...).
-#define CONV_WGMMA_KERNEL(NAME, BN, KZ, BOX_Z)                                                                    \
+// generic kernel and the fixed geometries (_k333_z4: a 3x3x3 kernel in boxes of 4 slices, ...), each from a
+// channels-first source and (_cl) from a channels-last copy.
+#define CONV_WGMMA_KERNEL(NAME, CL, BN, KZ, BOX_Z)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS, BN == CONV_WGMMA_BN_NARROW ? 2 : 1)                    \
         NAME(const ConvWgmmaParams<bf16> p) {                                                                     \
-        conv_wgmma<BN, KZ, BOX_Z>(p);                                                                             \
+        conv_wgmma<CL, BN, KZ, BOX_Z>(p);                                                                         \
     }
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16, CONV_WGMMA_BN, 0, 0)  // conv forward
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k333_z4, CONV_WGMMA_BN, 3, 4)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k333_z2, CONV_WGMMA_BN, 3, 2)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z4, CONV_WGMMA_BN, 1, 4)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z2, CONV_WGMMA_BN, 1, 2)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z1, CONV_WGMMA_BN, 1, 1)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW, 0, 0)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k333_z4, CONV_WGMMA_BN_NARROW, 3, 4)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k333_z2, CONV_WGMMA_BN_NARROW, 3, 2)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z4, CONV_WGMMA_BN_NARROW, 1, 4)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z2, CONV_WGMMA_BN_NARROW, 1, 2)
-CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z1, CONV_WGMMA_BN_NARROW, 1, 1)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16, CONV_WGMMA_BN, 0, 0)  // conv input gradient
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k333_z4, CONV_WGMMA_BN, 3, 4)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k333_z2, CONV_WGMMA_BN, 3, 2)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z4, CONV_WGMMA_BN, 1, 4)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z2, CONV_WGMMA_BN, 1, 2)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z1, CONV_WGMMA_BN, 1, 1)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32, CONV_WGMMA_BN_NARROW, 0, 0)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k333_z4, CONV_WGMMA_BN_NARROW, 3, 4)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k333_z2, CONV_WGMMA_BN_NARROW, 3, 2)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z4, CONV_WGMMA_BN_NARROW, 1, 4)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z2, CONV_WGMMA_BN_NARROW, 1, 2)
-CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z1, CONV_WGMMA_BN_NARROW, 1, 1)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16, false, CONV_WGMMA_BN, 0, 0)  // conv forward
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k333_z4, false, CONV_WGMMA_BN, 3, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k333_z2, false, CONV_WGMMA_BN, 3, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z4, false, CONV_WGMMA_BN, 1, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z2, false, CONV_WGMMA_BN, 1, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_k133_z1, false, CONV_WGMMA_BN, 1, 1)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32, false, CONV_WGMMA_BN_NARROW, 0, 0)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k333_z4, false, CONV_WGMMA_BN_NARROW, 3, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k333_z2, false, CONV_WGMMA_BN_NARROW, 3, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z4, false, CONV_WGMMA_BN_NARROW, 1, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z2, false, CONV_WGMMA_BN_NARROW, 1, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_bf16_n32_k133_z1, false, CONV_WGMMA_BN_NARROW, 1, 1)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16, false, CONV_WGMMA_BN, 0, 0)  // conv input gradient
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k333_z4, false, CONV_WGMMA_BN, 3, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k333_z2, false, CONV_WGMMA_BN, 3, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z4, false, CONV_WGMMA_BN, 1, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z2, false, CONV_WGMMA_BN, 1, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_k133_z1, false, CONV_WGMMA_BN, 1, 1)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32, false, CONV_WGMMA_BN_NARROW, 0, 0)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k333_z4, false, CONV_WGMMA_BN_NARROW, 3, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k333_z2, false, CONV_WGMMA_BN_NARROW, 3, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z4, false, CONV_WGMMA_BN_NARROW, 1, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z2, false, CONV_WGMMA_BN_NARROW, 1, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_bf16_n32_k133_z1, false, CONV_WGMMA_BN_NARROW, 1, 1)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16, true, CONV_WGMMA_BN, 0, 0)  // conv forward
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_k333_z4, true, CONV_WGMMA_BN, 3, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_k333_z2, true, CONV_WGMMA_BN, 3, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_k133_z4, true, CONV_WGMMA_BN, 1, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_k133_z2, true, CONV_WGMMA_BN, 1, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_k133_z1, true, CONV_WGMMA_BN, 1, 1)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_n32, true, CONV_WGMMA_BN_NARROW, 0, 0)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_n32_k333_z4, true, CONV_WGMMA_BN_NARROW, 3, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_n32_k333_z2, true, CONV_WGMMA_BN_NARROW, 3, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_n32_k133_z4, true, CONV_WGMMA_BN_NARROW, 1, 4)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_n32_k133_z2, true, CONV_WGMMA_BN_NARROW, 1, 2)
+CONV_WGMMA_KERNEL(conv_fprop_wgmma_cl_bf16_n32_k133_z1, true, CONV_WGMMA_BN_NARROW, 1, 1)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16, true, CONV_WGMMA_BN, 0, 0)  // conv input gradient
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_k333_z4, true, CONV_WGMMA_BN, 3, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_k333_z2, true, CONV_WGMMA_BN, 3, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_k133_z4, true, CONV_WGMMA_BN, 1, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_k133_z2, true, CONV_WGMMA_BN, 1, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_k133_z1, true, CONV_WGMMA_BN, 1, 1)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32, true, CONV_WGMMA_BN_NARROW, 0, 0)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k333_z4, true, CONV_WGMMA_BN_NARROW, 3, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k333_z2, true, CONV_WGMMA_BN_NARROW, 3, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z4, true, CONV_WGMMA_BN_NARROW, 1, 4)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z2, true, CONV_WGMMA_BN_NARROW, 1, 2)
+CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z1, true, CONV_WGMMA_BN_NARROW, 1, 1)
 
 // The weight gradient: one block per SM (its accumulators, 14 x 8 floats per thread for 3x3x3, and two stages of up
 // to 57 KB).

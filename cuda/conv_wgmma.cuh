@@ -18,9 +18,27 @@ constexpr int CONV_WGMMA_BN_NARROW = 32;
 // any box, 1 x 34 x 10 at most).
 constexpr int CONV_WGMMA_MAX_HALO = 720;
 
+// The products' _cl kernels read their source (ConvWgmmaParams' src) channels last, src[n, v, c] at (n V + v) c_pad + c
+// with c_pad = c rounded up to a multiple of 8 (the channels past c zero): a halo voxel's 16 channels of a stage are
+// then two 16-byte cp.async copies, where from channels-first maps they are 16 element loads through registers (or
+// 8-byte loads of 4 voxels). conv_channels_last_bf16 writes that copy of a channels-first map,
+//   dst[n, v, c] = c < channels ? src[n, c, v] : 0    for v < voxels, c < c_pad,
+// through a shared tile of CONV_CL_CHANNELS x CONV_CL_VOXELS. Grid (ceil(voxels / CONV_CL_VOXELS), ceil(c_pad /
+// CONV_CL_CHANNELS), batch), CONV_WGMMA_THREADS threads.
+template <typename T>
+struct ConvChannelsLastParams {
+    const T* src;
+    T* dst;
+    int channels;
+    int voxels;
+};
+constexpr int CONV_CL_VOXELS = 64;
+constexpr int CONV_CL_CHANNELS = 64;
+
 // out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] over output rows r in
 // rows (per axis), source channels c < c_src and taps q in taps (at most 3 per axis), source positions outside
-// src_size reading 0; Wp is conv_halo.cuh's packed weight (conv_pack_bf16, chunk 16, c_dst_pad a multiple of BN).
+// src_size reading 0 (src channels first, or last for the _cl kernels, above); Wp is conv_halo.cuh's packed weight
+// (conv_pack_bf16, chunk 16, c_dst_pad a multiple of BN).
 // The box is box_z (1, 2 or 4) slices x 8 (4 / box_z) rows x 8 columns of output positions, its halo = prod(box +
 // taps - 1) voxels at most CONV_WGMMA_MAX_HALO; the boxes (batch * ceil(rows[0] / box_z) * ceil(rows[1] / (8 (4 /
 // box_z))) * ceil(rows[2] / 8) of them) are dealt to the blocks in turn: block x takes boxes x, x + grid x, ... Grid
@@ -77,8 +95,9 @@ constexpr int CONV_WGMMA_WG_PITCH = 33;
 
 // One name per role (conv forward, conv input gradient); _n32 for outputs of at most 32 channels. The plain names take
 // any taps (at most 3 per axis) and box depth from the parameters; _k333_z4 and the like are a 3x3x3 or 1x3x3
-// kernel in boxes of 4, 2 or 1 slices, their own geometry (p.taps and p.box_z must match it; lo -1 along y and x, the
-// source's width a multiple of 4 and src 8-byte aligned).
+// kernel in boxes of 4, 2 or 1 slices, their own geometry (p.taps and p.box_z must match it; from a channels-first
+// source lo -1 along y and x, the source's width a multiple of 4 and src 8-byte aligned). The _cl names read a
+// channels-last source (above), with no condition on its width or alignment.
 extern "C" __global__ void conv_fprop_wgmma_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_wgmma_bf16_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_wgmma_bf16_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
@@ -103,6 +122,31 @@ extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k333_z2(const ConvWgmmaPara
 extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_wgmma_bf16_n32_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_n32(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_n32_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_n32_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_n32_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_n32_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_wgmma_cl_bf16_n32_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k333_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k333_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_channels_last_bf16(const ConvChannelsLastParams<__nv_bfloat16> p);
 // conv weight gradient, per kernel (3x3x3, 1x3x3) and box depth (4, 2, 1 slices).
 extern "C" __global__ void conv_wgrad_wgmma_bf16_k333_z4(const ConvWgradWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_wgrad_wgmma_bf16_k333_z2(const ConvWgradWgmmaParams<__nv_bfloat16> p);

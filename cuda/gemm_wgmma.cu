@@ -35,58 +35,56 @@
 
 namespace {
 
-constexpr int THREADS = GEMM_WGMMA_THREADS, BM = GEMM_WGMMA_BM, BN = GEMM_WGMMA_BN, BK = GEMM_WGMMA_BK;
+constexpr int THREADS = GEMM_WGMMA_THREADS, BM = GEMM_WGMMA_BM, BK = GEMM_WGMMA_BK;
 constexpr int STAGES = GEMM_WGMMA_STAGES;
-static_assert(THREADS == 256 && BM == 128 && BN == 128, "two warpgroups of 64 rows, m64n128 products");
+static_assert(THREADS == 256 && BM == 128 && GEMM_WGMMA_BN == 128, "two warpgroups of 64 rows, m64n128 products");
 static_assert(BK == 64 && STAGES >= 3, "one 128-byte swizzled row per operand row; a slot refilled two iterations "
                                        "after its products");
 constexpr int ROW = BK * 2;      // bytes of a staged row
 constexpr int ATOM = 8 * ROW;    // bytes of 8 rows: the swizzle's period and the stride byte offset
-constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+constexpr int A_BYTES = BM * BK * 2;
+template <int BN>
+constexpr int STAGE_BYTES = (BM + BN) * BK * 2;
+// A thread's 16-byte pieces of a stage's operand of R rows: piece e = threadIdx.x + THREADS i is row e / PIECES_PER_ROW,
+// piece kg = e % PIECES_PER_ROW of it (the same kg for every i: THREADS is a multiple of PIECES_PER_ROW).
+constexpr int PIECES_PER_ROW = BK / 8;
+static_assert(THREADS % PIECES_PER_ROW == 0, "a thread's pieces share their place in the row");
 
 using bf16 = __nv_bfloat16;
 
-// Issues the cp.async copies of rows r0 .. r0 + R - 1 (those below r_end; the rest zeros) and reduction indices
-// k0 .. k0 + BK - 1 (those below k_end) of the operand at src (rows ld elements apart) into the stage's layout at dst.
-template <int R>
-__device__ __forceinline__ void load_rows(unsigned char* dst, const bf16* src, int64_t ld, int r0, int r_end,
-                                          int64_t k0, int64_t k_end) {
-    constexpr int PIECES = R * BK / 8;
+// Where a staged 16-byte piece comes from: `count` elements at src (0 to 8), the rest zero-filled.
+struct Piece {
+    const bf16* src;
+    int count;
+};
+
+// Issues the cp.async copies of a stage's R operand rows into the layout at dst: the thread's piece i (row r, piece
+// kg) from at(i, r, kg).
+template <int R, class At>
+__device__ __forceinline__ void load_pieces(unsigned char* dst, At at) {
+    constexpr int PIECES = R * PIECES_PER_ROW;
     static_assert(PIECES % THREADS == 0, "whole 16-byte pieces per thread");
 #pragma unroll
     for (int i = 0; i < PIECES / THREADS; ++i) {
-        const int e = threadIdx.x + THREADS * i, r = e / (BK / 8), kg = e % (BK / 8);
-        const int64_t k = k0 + 8 * kg;
-        const int count = r0 + r < r_end ? (int)max((int64_t)0, min((int64_t)8, k_end - k)) : 0;
-        const bf16* from = count > 0 ? src + (int64_t)(r0 + r) * ld + k : src;
-        mma::cp_async16(reinterpret_cast<bf16*>(dst + r * ROW + (kg ^ (r % 8)) * 16), from, count);
+        const int e = threadIdx.x + THREADS * i, r = e / PIECES_PER_ROW, kg = e % PIECES_PER_ROW;
+        const Piece piece = at(i, r, kg);
+        mma::cp_async16(reinterpret_cast<bf16*>(dst + r * ROW + (kg ^ (r % 8)) * 16), piece.src, piece.count);
     }
 }
 
-__device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
+// The products of one block's tile over `steps` k-steps: stage_in(step, slot) issues the cp.async copies of step's BM
+// A rows (at slot) and BN B rows (at slot + A_BYTES) through load_pieces; d receives the warpgroup's 64 x BN sums.
+template <int BN, class StageIn>
+__device__ __forceinline__ void pipeline(int steps, StageIn stage_in, float (&d)[BN / 2]) {
     extern __shared__ __align__(1024) unsigned char smem[];
-    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int item_steps = (p.k + BK - 1) / BK;
-    const int64_t first = (int64_t)blockIdx.z * p.slice_steps;
-    const int steps = (int)max((int64_t)0, min((int64_t)p.slice_steps, (int64_t)p.items * item_steps - first));
-
-    // Stage `step` of the slice (item (first + step) / item_steps) into its slot; one commit group per call (empty
-    // past the last step) keeps the count uniform.
+    const int group = threadIdx.x / 128;
+    // One commit group per call (empty past the last step) keeps the count uniform.
     auto load = [&](int step) {
-        if (step < steps) {
-            unsigned char* slot = smem + step % STAGES * STAGE_BYTES;
-            const int64_t global = first + step, item = global / item_steps;
-            const int64_t k0 = global % item_steps * BK;
-            load_rows<BM>(slot, p.a + item * p.a_item, p.a_ld, m0, p.m, k0, p.k);
-            load_rows<BN>(slot + A_BYTES, p.b + item * p.b_item, p.b_ld, n0, p.n, k0, p.k);
-        }
+        if (step < steps) stage_in(step, smem + step % STAGES * STAGE_BYTES<BN>);
         mma::cp_async_commit();
     };
 #pragma unroll
     for (int step = 0; step < STAGES - 2; ++step) load(step);
-
-    float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
@@ -95,7 +93,7 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
         wgmma::fence_proxy_async();
         __syncthreads();
         load(step + STAGES - 2);
-        const uint32_t at = base + step % STAGES * STAGE_BYTES;
+        const uint32_t at = base + step % STAGES * STAGE_BYTES<BN>;
         const uint32_t a_at = at + group * 64 * ROW, b_at = at + A_BYTES;
         wgmma::fence();
 #pragma unroll
@@ -107,6 +105,37 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
     }
     wgmma::wait<0>();
     mma::cp_async_wait<0>();
+}
+
+// Rows r0 .. r0 + R - 1 of an operand at src (rows ld elements apart; those from r_end on zeros), reduction indices
+// k0 .. k0 + BK - 1 (those from k_end on zeros).
+template <int R>
+__device__ __forceinline__ void load_rows(unsigned char* dst, const bf16* src, int64_t ld, int r0, int r_end,
+                                          int64_t k0, int64_t k_end) {
+    load_pieces<R>(dst, [&](int, int r, int kg) {
+        const int64_t k = k0 + 8 * kg;
+        const int count = r0 + r < r_end ? (int)max((int64_t)0, min((int64_t)8, k_end - k)) : 0;
+        return Piece{count > 0 ? src + (int64_t)(r0 + r) * ld + k : src, count};
+    });
+}
+
+__device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
+    constexpr int BN = GEMM_WGMMA_BN;
+    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int item_steps = (p.k + BK - 1) / BK;
+    const int64_t first = (int64_t)blockIdx.z * p.slice_steps;
+    const int steps = (int)max((int64_t)0, min((int64_t)p.slice_steps, (int64_t)p.items * item_steps - first));
+
+    // Step `step` of the slice: item (first + step) / item_steps.
+    auto stage_in = [&](int step, unsigned char* slot) {
+        const int64_t global = first + step, item = global / item_steps;
+        const int64_t k0 = global % item_steps * BK;
+        load_rows<BM>(slot, p.a + item * p.a_item, p.a_ld, m0, p.m, k0, p.k);
+        load_rows<BN>(slot + A_BYTES, p.b + item * p.b_item, p.b_ld, n0, p.n, k0, p.k);
+    };
+    float d[BN / 2];
+    pipeline<BN>(steps, stage_in, d);
 
     // d[4 j + 2 h + e] = C[16 warp + lane / 4 + 8 h, 8 j + 2 (lane % 4) + e] of the warpgroup's 64 x 128.
     float* c = p.c + (int64_t)blockIdx.z * p.m * p.n;
@@ -130,6 +159,85 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
     }
 }
 
+// The implicit convolution product (formula in gemm_wgmma.cuh): C = positions x output channels, A's row of a
+// position gathered per k-step from the channels-last source (one tap's 8-channel pieces: kk = q c_pad + c), B the
+// packed weight's rows. A thread's A pieces share their k-piece kg (load_pieces), so one (q, c) per k-step serves
+// all four of its rows, whose source coordinates at tap 0 are computed once.
+template <int BN>
+__device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p) {
+    constexpr int A_PIECES = BM * PIECES_PER_ROW / THREADS;
+    const int t = threadIdx.x, kg = t % PIECES_PER_ROW;
+    const int taps = p.taps[0] * p.taps[1] * p.taps[2], c_pad = (p.c_src + 7) & ~7;
+    const int steps = (taps * c_pad + BK - 1) / BK;
+    const int rows = p.rows[0] * p.rows[1] * p.rows[2], positions = p.batch * rows;
+    const int src_vox = p.src_size[0] * p.src_size[1] * p.src_size[2];
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    // Position m's batch item and row coordinates.
+    auto position = [&](int m, int& n, int (&r)[3]) {
+        n = m / rows;
+        int rest = m - n * rows;
+        r[2] = rest % p.rows[2];
+        rest /= p.rows[2];
+        r[1] = rest % p.rows[1];
+        r[0] = rest / p.rows[1];
+    };
+    // This thread's A rows t / PIECES_PER_ROW + (THREADS / PIECES_PER_ROW) i: their source coordinates at tap 0
+    // (far outside for rows past the positions) and their batch item's source.
+    int at0[A_PIECES][3];
+    const bf16* item[A_PIECES];
+#pragma unroll
+    for (int i = 0; i < A_PIECES; ++i) {
+        const int m = m0 + (t + THREADS * i) / PIECES_PER_ROW;
+        int n = 0, r[3] = {0, 0, 0};
+        if (m < positions) position(m, n, r);
+#pragma unroll
+        for (int a = 0; a < 3; ++a) at0[i][a] = m < positions ? p.src_mul[a] * r[a] + p.lo[a] : -(1 << 30);
+        item[i] = p.src + (int64_t)n * src_vox * c_pad;
+    }
+    auto stage_in = [&](int step, unsigned char* slot) {
+        const int kk = step * BK + 8 * kg, q = kk / c_pad, c = kk - q * c_pad;
+        const bool k_ok = q < taps;
+        const int q2 = q % p.taps[2], q1 = q / p.taps[2] % p.taps[1], q0 = q / (p.taps[2] * p.taps[1]);
+        load_pieces<BM>(slot, [&](int i, int, int) {
+            const int s0 = at0[i][0] + q0, s1 = at0[i][1] + q1, s2 = at0[i][2] + q2;
+            const bool ok = k_ok && (unsigned)s0 < (unsigned)p.src_size[0] && (unsigned)s1 < (unsigned)p.src_size[1] &&
+                            (unsigned)s2 < (unsigned)p.src_size[2];
+            return Piece{ok ? item[i] + (int64_t)((s0 * p.src_size[1] + s1) * p.src_size[2] + s2) * c_pad + c : p.src,
+                         ok ? 8 : 0};
+        });
+        // The packed weight's piece (chunk c / 16, half c / 8 % 2, tap q) of column n0 + r; c_dst_pad is a multiple
+        // of BN, so every column of the tile is packed (zeros past c_dst).
+        const bf16* w = p.packed + ((((int64_t)(c / 16) * taps + q) * 2 + c / 8 % 2) * p.c_dst_pad + n0) * 8;
+        load_pieces<BN>(slot + A_BYTES, [&](int, int r, int) {
+            return Piece{k_ok ? w + (int64_t)r * 8 : p.packed, k_ok ? 8 : 0};
+        });
+    };
+    float d[BN / 2];
+    pipeline<BN>(steps, stage_in, d);
+
+    // d[4 j + 2 h + e] = C[64 group + 16 warp + lane / 4 + 8 h, 8 j + 2 (lane % 4) + e].
+    const int group = t / 128, warp = t / 32 % 4, lane = t % 32;
+    const int dst_vox = p.dst_size[0] * p.dst_size[1] * p.dst_size[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = m0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
+        if (m >= positions) continue;
+        int n, r[3];
+        position(m, n, r);
+        bf16* out = p.dst + (int64_t)n * p.c_dst * dst_vox + p.dst_base + r[0] * p.dst_step[0] +
+                    r[1] * p.dst_step[1] + r[2] * p.dst_step[2];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = n0 + 8 * j + 2 * (lane % 4) + e;
+                if (col < p.c_dst)
+                    out[(int64_t)col * dst_vox] = __float2bfloat16(
+                        d[4 * j + 2 * h + e] + (p.bias ? __bfloat162float(p.bias[col]) : 0.0f));
+            }
+    }
+}
+
 }  // namespace
 
 // One entry per role (gemm_wgmma.cuh), so that a profile tells the passes apart.
@@ -141,3 +249,15 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
 GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16)
 GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16)
 GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16)
+
+// The implicit products per role and tile width (gemm_wgmma.cuh); the narrow tile's 96 KB of stages let two blocks
+// share an SM.
+#define CONV_IMPLICIT_KERNEL(NAME, BN)                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, BN == 64 ? 2 : 1)                    \
+        NAME(const ConvImplicitParams<__nv_bfloat16> p) {                                                 \
+        conv_implicit<BN>(p);                                                                             \
+    }
+CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16, 128)
+CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16_n64, 64)
+CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16, 128)
+CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n64, 64)

@@ -45,3 +45,39 @@ extern "C" __global__ void conv_wgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv
 // conv_weight_flip_bf16), one slice
 extern "C" __global__ void conv_fprop_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);
+
+// The implicit convolution products (Pairing::implicit_product): one stride-phase product of conv.cuh's
+// ConvGemmParams over a channels-last source (conv_wgmma.cuh: src[n, v, c] at (n V + v) c_pad + c, c_pad = c_src
+// rounded up to 8),
+//   out[n, col, dst_base + dst_step . r] = b[col] + sum_{q, c} src[n, src_mul r + lo + q, c] Wp[c, q, col]
+// over output rows r (rows per axis), taps q (taps per axis) and c < c_src, source positions outside src_size
+// reading 0, as one matrix product: C[(n, r), col] with the reduction over kk = q c_pad + c in k-steps of
+// GEMM_WGMMA_BK (a step may span taps), A gathered from the source, B from Wp, conv_halo.cuh's packed weight with
+// two parts ([ceil(c_src / 16)][prod(taps)][2][c_dst_pad][8], c_dst_pad a multiple of the tile's columns). Any
+// source stride: a strided conv's forward, the input gradient's stride phases. Grid (ceil(batch prod(rows) /
+// GEMM_WGMMA_BM), ceil(c_dst / BN)) with BN = GEMM_WGMMA_BN or 64 (the _n64 kernels), GEMM_WGMMA_THREADS threads,
+// dynamic shared memory GEMM_WGMMA_STAGES x (GEMM_WGMMA_BM + BN) x GEMM_WGMMA_BK x 2 bytes; batch prod(rows) and
+// c_pad prod(src_size) below 2^31.
+template <typename T>
+struct ConvImplicitParams {
+    const T* src;
+    const T* packed;
+    const T* bias;  // (c_dst), or null for none
+    T* dst;
+    int batch;
+    int c_src;
+    int c_dst;
+    int c_dst_pad;
+    int src_size[3];
+    int dst_size[3];
+    int rows[3];
+    int src_mul[3];
+    int lo[3];  // source offset of tap 0 from src_mul r
+    int dst_base;
+    int dst_step[3];
+    int taps[3];
+};
+extern "C" __global__ void conv_fprop_implicit_wgmma_bf16(const ConvImplicitParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_implicit_wgmma_bf16_n64(const ConvImplicitParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16(const ConvImplicitParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16_n64(const ConvImplicitParams<__nv_bfloat16> p);

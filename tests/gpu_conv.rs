@@ -185,6 +185,9 @@ fn gpu_conv_halo_tiles() {
         &[1, 2, 2],
         550,
     );
+    // A strided forward on the implicit wgmma products' wide tile (more than 64 output columns, at least 1024
+    // positions: conv.rs's implicit_suits), a source chunk of 16 channels cut short.
+    check_conv("conv3d 3x3x3 stride 2 40 -> 80, 4 x 16 x 17", &[1, 40, 8, 32, 34], &[80, 40, 3, 3, 3], &[2, 2, 2], 560);
 }
 
 /// The bf16 weight gradient of stride-1 convs of 5 to 10 or 14 to 28 taps on maps of at least 8192 positions runs on

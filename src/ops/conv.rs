@@ -52,7 +52,12 @@
 //! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
 //! and of 2D maps from 80x80 run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile
 //! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
-//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`), and the weight gradients of 1x1x1 kernels, of at least 320
+//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`); the products read their source from a channels-last copy
+//! (`channels_last`, a halo voxel's 16 channels two 16-byte copies) where each source element meets enough products
+//! to pay for the copy (`Pairing::wgmma_channels_last`), else from the map itself. The other products of more than
+//! one tap and 16 source channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D
+//! maps) run there as implicit matrix products, each position's row gathered tap by tap from the copy
+//! (cuda/gemm_wgmma.cu, `implicit_suits`, `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320
 //! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
 //! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`), and the forward and input gradient
 //! of stride-1 convs of at least 512 source channels on small maps as the same product over the source map's rows
@@ -84,16 +89,16 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams, ConvPackParams,
-    ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams,
-    ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK, CONV_BM, CONV_BN,
-    CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
-    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
-    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
-    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK,
-    CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
-    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES,
-    GEMM_WGMMA_THREADS,
+    kernel, ChannelSumsParams, ConstPtr, ConvChannelsLastParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams,
+    ConvIm2rowParams, ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams,
+    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
+    CONV_BK, CONV_BM, CONV_BN, CONV_CL_CHANNELS, CONV_CL_VOXELS, CONV_HALO_BM, CONV_HALO_BM_LARGE,
+    CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE,
+    CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS,
+    CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
+    CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS,
+    CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK,
+    GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -719,11 +724,14 @@ impl KernelDims {
 }
 
 /// Launches one `conv_gemm` product, `product` (pointers null) on the buffers, with `kernel`: it writes every output
-/// position the product enumerates.
+/// position the product enumerates. `src_last` keeps `src`'s channels-last copy once a wgmma product has made it, for
+/// the next product from the same source (the input gradient's stride phases).
+#[allow(clippy::too_many_arguments)]
 fn launch_product<T: ConvElement>(
     kernel: GemmKernel<T>,
     product: ConvGemmParams<T>,
     src: &GpuBuffer<T>,
+    src_last: &mut SourceLast<T>,
     w: &GpuBuffer<T>,
     bias: Option<&GpuBuffer<T>>,
     dst: &mut GpuBuffer<T>,
@@ -751,7 +759,12 @@ fn launch_product<T: ConvElement>(
     }
     match kernel {
         GemmKernel::Exact(exact) => gpu.launch(exact, grid(CONV_BM, CONV_BN, CONV_THREADS), &p, what),
-        GemmKernel::TensorCore(_, Some(halo), _) if halo_suits(&p) => launch_halo(halo, &p, gpu, what),
+        GemmKernel::TensorCore(_, Some(HaloKernels { pack, implicit: Some(implicit), .. }), _)
+            if implicit_suits(&p) && gpu.has_kernel(implicit.wide.0) =>
+        {
+            launch_implicit(pack, implicit, &p, src_last, gpu, what)
+        }
+        GemmKernel::TensorCore(_, Some(halo), _) if halo_suits(&p) => launch_halo(halo, &p, src_last, gpu, what),
         GemmKernel::TensorCore(pair, _, _) => {
             check_tc_taps(p.taps, what)?;
             let (tc, tile_n) = pair.for_columns(columns);
@@ -906,9 +919,15 @@ fn halo_boxes(batch: i32, rows: [i32; 3], taps: [i32; 3], src_mul: [i32; 3], pos
 
 /// Launches the product `p` ([`halo_suits`], pointers filled) on the halo-tile kernels: packs the weight for the
 /// product's taps (conv_pack_*), then runs the product from it (formulas in cuda/conv_halo.cuh).
-fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<()> {
-    if let Some(wgmma) = halo.wgmma.filter(|w| wgmma_suits(p) && gpu.has_kernel(w.generic.wide.0)) {
-        return launch_wgmma(halo.pack, wgmma, p, gpu, what);
+fn launch_halo<T: ConvElement>(
+    halo: HaloKernels<T>,
+    p: &ConvGemmParams<T>,
+    src_last: &mut SourceLast<T>,
+    gpu: &Arc<Gpu>,
+    what: &str,
+) -> Result<()> {
+    if let Some(wgmma) = halo.wgmma.filter(|w| wgmma_suits(p) && gpu.has_kernel(w.first.generic.wide.0)) {
+        return launch_wgmma(halo.pack, wgmma, p, src_last, gpu, what);
     }
     let (product, tile_n, positions, pair_stride) = halo.for_product(p);
     let (pack, params, boxes) = halo_params(p, tile_n, positions);
@@ -926,26 +945,30 @@ fn launch_halo<T: ConvElement>(halo: HaloKernels<T>, p: &ConvGemmParams<T>, gpu:
 
 /// Launches the stride-1 product `p` ([`halo_suits`], [`wgmma_suits`], pointers filled) on the wgmma kernels of
 /// cuda/conv_wgmma.cu: the halo tiles' weight packing in two parts per column, then the product in boxes of
-/// [`CONV_WGMMA_TILES`] tiles of 64 positions, `box_z` slices deep ([`wgmma_box_z`]).
+/// [`CONV_WGMMA_TILES`] tiles of 64 positions, `box_z` slices deep ([`wgmma_box_z`]), from the channels-first source
+/// or, where `src_last` asks for it, from its channels-last copy (the _cl kernels).
 fn launch_wgmma<T: ConvElement>(
     pack_kernel: Kernel<ConvPackParams<T>>,
-    kernels: WgmmaKernels<T>,
+    kernels: WgmmaLayouts<T>,
     p: &ConvGemmParams<T>,
+    src_last: &mut SourceLast<T>,
     gpu: &Arc<Gpu>,
     what: &str,
 ) -> Result<()> {
     debug_assert_eq!(halo_chunk::<T>(), CONV_WGMMA_CHUNK, "the packing's chunk is one wgmma k-step");
     let box_z = wgmma_box_z(p.rows, p.taps);
-    let tile_n = kernels.generic.for_columns(p.c_dst as usize).1;
+    let tile_n = kernels.first.generic.for_columns(p.c_dst as usize).1;
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
-    // The fixed geometries' wide tile loads the halo 4 voxels at a time from x - 1 on: rows of whole 8-byte words.
-    let quads = h.lo[1..] == [-1, -1] && h.src_size[2] % 4 == 0 && h.src.address() % 8 == 0;
-    let pair = if quads { kernels.for_geometry(p.taps, box_z) } else { kernels.generic };
+    let packed = pack_halves(pack_kernel, pack, gpu, what)?;
+    let (pair, src) = if src_last.halo {
+        (kernels.last.for_geometry(p.taps, box_z), src_last.get(p, gpu, what)?)
+    } else {
+        // The fixed geometries' wide tile loads a channels-first halo 4 voxels at a time from x - 1 on: rows of
+        // whole 8-byte words.
+        let quads = h.lo[1..] == [-1, -1] && h.src_size[2] % 4 == 0 && h.src.address() % 8 == 0;
+        (if quads { kernels.first.for_geometry(p.taps, box_z) } else { kernels.first.generic }, h.src)
+    };
     let product = pair.for_columns(p.c_dst as usize).0;
-    // Two halves of 8 channels per tap and column: each a core matrix row of the B operand, copied whole.
-    let pack = ConvPackParams { parts: 2, ..pack };
-    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
-    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
     let box_ = wgmma_box(box_z);
     let boxes = p.batch as usize * (0..3).map(|d| (p.rows[d] as usize).div_ceil(box_[d])).product::<usize>();
     let halo: usize = (0..3).map(|d| box_[d] + p.taps[d] as usize - 1).product();
@@ -962,7 +985,7 @@ fn launch_wgmma<T: ConvElement>(
         shared_mem_bytes,
     };
     let params = ConvWgmmaParams {
-        src: h.src,
+        src,
         packed: packed.ptr(),
         bias: h.bias,
         dst: h.dst,
@@ -982,6 +1005,97 @@ fn launch_wgmma<T: ConvElement>(
     gpu.launch(product, cfg, &params, what)
 }
 
+/// The weight of a wgmma product ([`launch_wgmma`], [`launch_implicit`]) packed by `pack_kernel` in two halves of 8
+/// channels per tap and column, each a core-matrix row of the B operand, copied whole.
+fn pack_halves<T: ConvElement>(
+    pack_kernel: Kernel<ConvPackParams<T>>,
+    pack: ConvPackParams<T>,
+    gpu: &Arc<Gpu>,
+    what: &str,
+) -> Result<GpuBuffer<T>> {
+    let pack = ConvPackParams { parts: 2, ..pack };
+    let mut packed = gpu.alloc_of::<T>(pack.len as usize, what)?;
+    gpu.launch(pack_kernel, grid_1d(pack.len as usize), &ConvPackParams { packed: packed.ptr_mut(), ..pack }, what)?;
+    Ok(packed)
+}
+
+/// The channels-last copy of the source of a pass's products ([`channels_last`]): made by the first wgmma product
+/// that reads it and kept for the next from the same source (the input gradient's stride phases). The implicit
+/// products always read it, the halo wgmma products where `halo` says so ([`Pairing::wgmma_channels_last`]).
+struct SourceLast<T: GpuElement> {
+    copy: Option<GpuBuffer<T>>,
+    halo: bool,
+}
+
+impl<T: ConvElement> SourceLast<T> {
+    /// The copy of `p`'s source, made now unless an earlier product made it.
+    fn get(&mut self, p: &ConvGemmParams<T>, gpu: &Arc<Gpu>, what: &str) -> Result<ConstPtr<T>> {
+        if let Some(copy) = &self.copy {
+            return Ok(copy.ptr());
+        }
+        let voxels = p.src_size.iter().map(|&s| s as usize).product();
+        Ok(self.copy.insert(channels_last(gpu, p.src, p.batch as usize, p.c_src as usize, voxels, what)?).ptr())
+    }
+}
+
+/// Whether the implicit wgmma products take `p` ([`launch_implicit`]): a product of more than one tap and at least one
+/// chunk of 16 source channels whose source is walked one position per tap, that the halo products of
+/// [`launch_wgmma`] do not take ([`wgmma_suits`]): a strided conv's forward, the products of 2D maps below
+/// [`WGMMA_2D_MIN_POSITIONS`] positions; with at least [`IMPLICIT_MIN_POSITIONS`] output positions.
+fn implicit_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
+    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+    let src_vox = p.src_size.iter().map(|&s| s as usize).product::<usize>();
+    let taps = p.taps.iter().product::<i32>();
+    let walk = p.src_tap.iter().all(|t| t.abs() == 1) && (p.src_mul != [1; 3] || !wgmma_suits(p));
+    walk && taps > 1
+        && p.c_src as usize >= CONV_WGMMA_CHUNK
+        && (IMPLICIT_MIN_POSITIONS..i32::MAX as usize).contains(&positions)
+        && channels_last_fits(p.c_src as usize, src_vox)
+}
+
+/// Launches the product `p` ([`implicit_suits`], pointers filled) as one implicit matrix product on wgmma
+/// (cuda/gemm_wgmma.cu's conv_*_implicit_wgmma_bf16, formula in its header): the weight packed in two parts per
+/// column as for [`launch_wgmma`], the source's channels-last copy ([`SourceLast`]), then tiles of
+/// [`GEMM_WGMMA_BM`] positions and 128 or 64 output channels.
+fn launch_implicit<T: ConvElement>(
+    pack_kernel: Kernel<ConvPackParams<T>>,
+    kernels: TcPair<ConvImplicitParams<T>>,
+    p: &ConvGemmParams<T>,
+    src_last: &mut SourceLast<T>,
+    gpu: &Arc<Gpu>,
+    what: &str,
+) -> Result<()> {
+    let (product, tile_n) = kernels.for_columns(p.c_dst as usize);
+    let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
+    let packed = pack_halves(pack_kernel, pack, gpu, what)?;
+    let src = src_last.get(p, gpu, what)?;
+    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+    let cfg = LaunchConfig {
+        grid_dim: (positions.div_ceil(GEMM_WGMMA_BM) as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
+        block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+        shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + tile_n) * GEMM_WGMMA_BK * 2) as u32,
+    };
+    let params = ConvImplicitParams {
+        src,
+        packed: packed.ptr(),
+        bias: h.bias,
+        dst: h.dst,
+        batch: p.batch,
+        c_src: h.c_src,
+        c_dst: h.c_dst,
+        c_dst_pad: h.c_dst_pad,
+        src_size: h.src_size,
+        dst_size: h.dst_size,
+        rows: h.rows,
+        src_mul: p.src_mul,
+        lo: h.lo,
+        dst_base: h.dst_base,
+        dst_step: h.dst_step,
+        taps: h.taps,
+    };
+    gpu.launch(product, cfg, &params, what)
+}
+
 /// Whether the wgmma kernels take the halo product `p`: a stride-1 walk of a 3D source, or of a 2D one of at least
 /// [`WGMMA_2D_MIN_POSITIONS`] output positions, whose channels' elements (c_src x voxels per batch item) have 32-bit
 /// indices. On the H200 (2026-12-03, bf16, beside the halo tiles in the same calls; benches/RESULTS.md) they were
@@ -991,13 +1105,59 @@ fn launch_wgmma<T: ConvElement>(
 /// input gradient 0.338 -> 0.565, 512 -> 512 at 10x10 0.133 -> 0.165: boxes of 32 x 8 positions, one block per SM),
 /// which stay on the halo tiles.
 fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    let src_vox = p.src_size.iter().map(|&s| s as i64).product::<i64>();
+    let src_vox = p.src_size.iter().map(|&s| s as usize).product::<usize>();
     let large_2d = (p.rows[1] * p.rows[2]) as usize >= WGMMA_2D_MIN_POSITIONS;
-    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && p.c_src as i64 * src_vox < i32::MAX as i64
+    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && channels_last_fits(p.c_src as usize, src_vox)
+}
+
+/// Whether a channels-last map of `channels` (rounded up to 8, [`channels_last`]) x `voxels` per batch item has
+/// 32-bit element indices, as the wgmma kernels compute them.
+fn channels_last_fits(channels: usize, voxels: usize) -> bool {
+    channels.next_multiple_of(8) * voxels < i32::MAX as usize
+}
+
+/// The channels-last copy of `batch` channels-first maps of `channels` x `voxels` at `src`, each voxel's channels
+/// rounded up to a multiple of 8 with zeros: the source layout of the wgmma kernels (conv_channels_last_bf16 of
+/// cuda/conv_wgmma.cu, formula in cuda/conv_wgmma.cuh).
+fn channels_last<T: ConvElement>(
+    gpu: &Arc<Gpu>,
+    src: ConstPtr<T>,
+    batch: usize,
+    channels: usize,
+    voxels: usize,
+    what: &str,
+) -> Result<GpuBuffer<T>> {
+    let kernel = T::CHANNELS_LAST.expect("the types with wgmma kernels have their channels-last copy");
+    let c_pad = channels.next_multiple_of(8);
+    ensure!(
+        batch <= u16::MAX as usize && channels_last_fits(channels, voxels),
+        Shape,
+        "{what}: {batch} maps of {channels} x {voxels} are too large for the channels-last copy of the wgmma kernels"
+    );
+    let mut dst = gpu.alloc_of::<T>(batch * c_pad * voxels, what)?;
+    let cfg = LaunchConfig {
+        grid_dim: (voxels.div_ceil(CONV_CL_VOXELS) as u32, c_pad.div_ceil(CONV_CL_CHANNELS) as u32, batch as u32),
+        block_dim: (CONV_WGMMA_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let params = ConvChannelsLastParams { src, dst: dst.ptr_mut(), channels: channels as i32, voxels: voxels as i32 };
+    gpu.launch(kernel, cfg, &params, what)?;
+    Ok(dst)
 }
 
 /// The fewest output positions of a 2D product on the wgmma kernels: 80x80 ([`wgmma_suits`]).
 const WGMMA_2D_MIN_POSITIONS: usize = 6400;
+
+/// The fewest multiply-adds per source element (kernel taps x output channels x output positions per source position)
+/// at which the halo wgmma products read a channels-last copy of their source ([`Pairing::wgmma_channels_last`]).
+/// Measured on the H100 (2026-12-06, bf16, every flare-3d and amos-2d product both ways in one call:
+/// benches/tables/convs-cl-all-h100.md against convs-cl-all-base-h100.md): the copy paid from 1152 (flare-3d 3x3x3
+/// 64 -> 64 at 40x112x96 forward 0.661 -> 0.610 ms, 128 -> 128 at 20x56x48 0.309 -> 0.274; amos-2d 3x3 128 -> 128 at
+/// 80x80 0.170 -> 0.134, the input gradient of 128 -> 64 at 160x160 0.257 -> 0.239) and lost up to 576 (1x3x3 32 ->
+/// 32 at 40x224x192 0.571 -> 0.915, 64 -> 32 0.863 -> 1.140; amos-2d 3x3 32 -> 32 at 320x320 0.210 -> 0.270, the
+/// input gradient of 64 -> 64 at 160x160 0.145 -> 0.152): a full-resolution map of few channels costs as much to
+/// copy as its products save.
+const WGMMA_CL_MIN_USES: usize = 1024;
 
 /// A wgmma box of `box_z` slices (1, 2 or 4): its extent per axis, [`CONV_WGMMA_TILES`] tiles of 8 rows of
 /// [`CONV_WGMMA_TILE_X`].
@@ -1060,13 +1220,26 @@ pub(crate) struct HaloKernels<T: Copy> {
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
     /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only): they take every stride-1 product of
     /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]).
-    wgmma: Option<WgmmaKernels<T>>,
+    wgmma: Option<WgmmaLayouts<T>>,
+    /// The implicit products on wgmma (cuda/gemm_wgmma.cu, bf16 on sm_90 only) in their two tile widths: the
+    /// products [`implicit_suits`] picks ([`launch_implicit`]).
+    implicit: Option<TcPair<ConvImplicitParams<T>>>,
 }
 
-/// The wgmma products of one role, each in its two tile widths: the generic pair (any taps, box depth from the
-/// parameters) and the pairs of a fixed geometry (kernel taps, box slices), whose shared-memory offsets are
-/// constants and whose wide tile loads the halo 4 voxels per load: the 3x3x3 and 1x3x3 products padded by 1 in-plane
-/// over sources of rows in whole 8-byte words take those ([`launch_wgmma`]).
+/// The wgmma products of one role from each source layout ([`SourceLast`]).
+#[derive(Clone, Copy)]
+pub(crate) struct WgmmaLayouts<T: Copy> {
+    /// From the channels-first map.
+    first: WgmmaKernels<T>,
+    /// From its channels-last copy (the _cl kernels).
+    last: WgmmaKernels<T>,
+}
+
+/// The wgmma products of one role and source layout, each in its two tile widths: the generic pair (any taps, box
+/// depth from the parameters) and the pairs of a fixed geometry (kernel taps, box slices), whose shared-memory offsets
+/// are constants and whose wide tile loads a channels-first halo 4 voxels per load: the 3x3x3 and 1x3x3 products
+/// take those (from a channels-first source, those padded by 1 in-plane over rows in whole 8-byte words;
+/// [`launch_wgmma`]).
 #[derive(Clone, Copy)]
 pub(crate) struct WgmmaKernels<T: Copy> {
     generic: TcPair<ConvWgmmaParams<T>>,
@@ -1177,6 +1350,8 @@ pub(crate) trait ConvElement: GpuElement {
     const POINTWISE: Option<[[Kernel<GemmParams<Self>>; 3]; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
+    /// The channels-last copy the wgmma kernels read their source from ([`channels_last`]), if the type has them.
+    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<Self>>>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
@@ -1210,11 +1385,27 @@ const fn halo<T: Copy>(
     [wide, narrow]: [Kernel<ConvHaloParams<T>>; 2],
     large: Kernel<ConvHaloParams<T>>,
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
-    wgmma: Option<WgmmaKernels<T>>,
+    wgmma: Option<WgmmaLayouts<T>>,
+    implicit: Option<[Kernel<ConvImplicitParams<T>>; 2]>,
 ) -> HaloKernels<T> {
     let small = TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) };
-    HaloKernels { pack, small, large, strided, wgmma }
+    let implicit = match implicit {
+        Some([wide, narrow]) => Some(TcPair { wide: (wide, GEMM_WGMMA_BN), narrow: (narrow, IMPLICIT_BN_NARROW) }),
+        None => None,
+    };
+    HaloKernels { pack, small, large, strided, wgmma, implicit }
 }
+
+/// The narrow tile of the implicit products (the _n64 kernels of cuda/gemm_wgmma.cu).
+const IMPLICIT_BN_NARROW: usize = 64;
+
+/// The fewest output positions of an implicit product ([`implicit_suits`]): below, its tiles of [`GEMM_WGMMA_BM`]
+/// positions leave most SMs idle, and the halo tiles or gathers are faster. Measured on the H100 (2026-12-06, bf16,
+/// beside them in one call; benches/tables/convs-cl-all-h100.md): the strided forwards of 840 positions (flare-3d
+/// 320 -> 320 at 10x14x12, stride 1,2,2) 0.150 -> 0.201 ms and 300 (amos-2d 512 -> 512 at 10x10, stride 2) 0.099 ->
+/// 0.124, while from 1200 (amos-2d 512 -> 512 at 20x20) they won, 0.205 -> 0.120, and on larger maps more (flare-3d
+/// 32 -> 64 at 40x224x192, stride 1,2,2, 1.493 -> 0.993; 64 -> 128 at 40x112x96, stride 2, 0.753 -> 0.366).
+const IMPLICIT_MIN_POSITIONS: usize = 1024;
 
 impl ConvElement for f32 {
     const GEMM: [[RoleKernels<ConvGemmParams<f32>>; 2]; 2] = [
@@ -1247,6 +1438,7 @@ impl ConvElement for f32 {
             kernel::conv_fprop_halo_tf32_m256,
             Some([kernel::conv_fprop_halo_tf32_s64, kernel::conv_fprop_halo_tf32_s64z2]),
             None,
+            None,
         ),
         halo(
             kernel::conv_dgrad_pack_tf32,
@@ -1254,11 +1446,13 @@ impl ConvElement for f32 {
             kernel::conv_dgrad_halo_tf32_m256,
             None,
             None,
+            None,
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
     const POINTWISE: Option<[[Kernel<GemmParams<f32>>; 3]; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
+    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<f32>>> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
 }
@@ -1285,28 +1479,50 @@ impl ConvElement for bf16 {
             [kernel::conv_fprop_halo_bf16, kernel::conv_fprop_halo_bf16_n32],
             kernel::conv_fprop_halo_bf16_m256,
             Some([kernel::conv_fprop_halo_bf16_s64, kernel::conv_fprop_halo_bf16_s64z2]),
-            Some(wgmma_kernels([
-                [kernel::conv_fprop_wgmma_bf16, kernel::conv_fprop_wgmma_bf16_n32],
-                [kernel::conv_fprop_wgmma_bf16_k333_z4, kernel::conv_fprop_wgmma_bf16_n32_k333_z4],
-                [kernel::conv_fprop_wgmma_bf16_k333_z2, kernel::conv_fprop_wgmma_bf16_n32_k333_z2],
-                [kernel::conv_fprop_wgmma_bf16_k133_z4, kernel::conv_fprop_wgmma_bf16_n32_k133_z4],
-                [kernel::conv_fprop_wgmma_bf16_k133_z2, kernel::conv_fprop_wgmma_bf16_n32_k133_z2],
-                [kernel::conv_fprop_wgmma_bf16_k133_z1, kernel::conv_fprop_wgmma_bf16_n32_k133_z1],
-            ])),
+            Some(WgmmaLayouts {
+                first: wgmma_kernels([
+                    [kernel::conv_fprop_wgmma_bf16, kernel::conv_fprop_wgmma_bf16_n32],
+                    [kernel::conv_fprop_wgmma_bf16_k333_z4, kernel::conv_fprop_wgmma_bf16_n32_k333_z4],
+                    [kernel::conv_fprop_wgmma_bf16_k333_z2, kernel::conv_fprop_wgmma_bf16_n32_k333_z2],
+                    [kernel::conv_fprop_wgmma_bf16_k133_z4, kernel::conv_fprop_wgmma_bf16_n32_k133_z4],
+                    [kernel::conv_fprop_wgmma_bf16_k133_z2, kernel::conv_fprop_wgmma_bf16_n32_k133_z2],
+                    [kernel::conv_fprop_wgmma_bf16_k133_z1, kernel::conv_fprop_wgmma_bf16_n32_k133_z1],
+                ]),
+                last: wgmma_kernels([
+                    [kernel::conv_fprop_wgmma_cl_bf16, kernel::conv_fprop_wgmma_cl_bf16_n32],
+                    [kernel::conv_fprop_wgmma_cl_bf16_k333_z4, kernel::conv_fprop_wgmma_cl_bf16_n32_k333_z4],
+                    [kernel::conv_fprop_wgmma_cl_bf16_k333_z2, kernel::conv_fprop_wgmma_cl_bf16_n32_k333_z2],
+                    [kernel::conv_fprop_wgmma_cl_bf16_k133_z4, kernel::conv_fprop_wgmma_cl_bf16_n32_k133_z4],
+                    [kernel::conv_fprop_wgmma_cl_bf16_k133_z2, kernel::conv_fprop_wgmma_cl_bf16_n32_k133_z2],
+                    [kernel::conv_fprop_wgmma_cl_bf16_k133_z1, kernel::conv_fprop_wgmma_cl_bf16_n32_k133_z1],
+                ]),
+            }),
+            Some([kernel::conv_fprop_implicit_wgmma_bf16, kernel::conv_fprop_implicit_wgmma_bf16_n64]),
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
             [kernel::conv_dgrad_halo_bf16, kernel::conv_dgrad_halo_bf16_n32],
             kernel::conv_dgrad_halo_bf16_m256,
             None,
-            Some(wgmma_kernels([
-                [kernel::conv_dgrad_wgmma_bf16, kernel::conv_dgrad_wgmma_bf16_n32],
-                [kernel::conv_dgrad_wgmma_bf16_k333_z4, kernel::conv_dgrad_wgmma_bf16_n32_k333_z4],
-                [kernel::conv_dgrad_wgmma_bf16_k333_z2, kernel::conv_dgrad_wgmma_bf16_n32_k333_z2],
-                [kernel::conv_dgrad_wgmma_bf16_k133_z4, kernel::conv_dgrad_wgmma_bf16_n32_k133_z4],
-                [kernel::conv_dgrad_wgmma_bf16_k133_z2, kernel::conv_dgrad_wgmma_bf16_n32_k133_z2],
-                [kernel::conv_dgrad_wgmma_bf16_k133_z1, kernel::conv_dgrad_wgmma_bf16_n32_k133_z1],
-            ])),
+            Some(WgmmaLayouts {
+                first: wgmma_kernels([
+                    [kernel::conv_dgrad_wgmma_bf16, kernel::conv_dgrad_wgmma_bf16_n32],
+                    [kernel::conv_dgrad_wgmma_bf16_k333_z4, kernel::conv_dgrad_wgmma_bf16_n32_k333_z4],
+                    [kernel::conv_dgrad_wgmma_bf16_k333_z2, kernel::conv_dgrad_wgmma_bf16_n32_k333_z2],
+                    [kernel::conv_dgrad_wgmma_bf16_k133_z4, kernel::conv_dgrad_wgmma_bf16_n32_k133_z4],
+                    [kernel::conv_dgrad_wgmma_bf16_k133_z2, kernel::conv_dgrad_wgmma_bf16_n32_k133_z2],
+                    [kernel::conv_dgrad_wgmma_bf16_k133_z1, kernel::conv_dgrad_wgmma_bf16_n32_k133_z1],
+                ]),
+                last: wgmma_kernels([
+                    [kernel::conv_dgrad_wgmma_cl_bf16, kernel::conv_dgrad_wgmma_cl_bf16_n32],
+                    [kernel::conv_dgrad_wgmma_cl_bf16_k333_z4, kernel::conv_dgrad_wgmma_cl_bf16_n32_k333_z4],
+                    [kernel::conv_dgrad_wgmma_cl_bf16_k333_z2, kernel::conv_dgrad_wgmma_cl_bf16_n32_k333_z2],
+                    [kernel::conv_dgrad_wgmma_cl_bf16_k133_z4, kernel::conv_dgrad_wgmma_cl_bf16_n32_k133_z4],
+                    [kernel::conv_dgrad_wgmma_cl_bf16_k133_z2, kernel::conv_dgrad_wgmma_cl_bf16_n32_k133_z2],
+                    [kernel::conv_dgrad_wgmma_cl_bf16_k133_z1, kernel::conv_dgrad_wgmma_cl_bf16_n32_k133_z1],
+                ]),
+            }),
+            Some([kernel::conv_dgrad_implicit_wgmma_bf16, kernel::conv_dgrad_implicit_wgmma_bf16_n64]),
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
@@ -1334,6 +1550,7 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
     ]);
+    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<bf16>>> = Some(kernel::conv_channels_last_bf16);
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> =
         Some(GemmWgrad { im2col: kernel::conv_im2col_bf16, product: kernel::conv_wgrad_gemm_wgmma_bf16 });
     const EXPLICIT: Option<ExplicitConv<bf16>> = Some(ExplicitConv {
@@ -1506,8 +1723,9 @@ impl Pairing {
             Product::WideFromNarrow => d.wide_from_narrow(),
         };
         let kernel = self.gemm_kernel(which, &src.gpu);
+        let mut src_last = SourceLast { copy: None, halo: self.wgmma_channels_last(which) };
         for product in products {
-            launch_product(kernel, product, src, w, bias, &mut out, what)?;
+            launch_product(kernel, product, src, &mut src_last, w, bias, &mut out, what)?;
         }
         Ok(out)
     }
@@ -1568,6 +1786,19 @@ impl Pairing {
             }
         }
         sum_slices(gpu, out, slices, numel, what)
+    }
+
+    /// Whether the halo wgmma products of pass `which` read their source from its channels-last copy ([`SourceLast`])
+    /// rather than from the channels-first map: where each source element meets at least [`WGMMA_CL_MIN_USES`]
+    /// multiply-adds, so that the copy (one read and one write of the source) costs less than its 16-byte halo loads
+    /// save. Counted over the whole pass, as the input gradient's stride phases share one copy.
+    fn wgmma_channels_last(&self, which: Product) -> bool {
+        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
+        let (src, dst, c_dst) = match which {
+            Product::NarrowFromWide => (self.wide, self.narrow, self.c_narrow),
+            Product::WideFromNarrow => (self.narrow, self.wide, self.c_wide),
+        };
+        self.taps() * c_dst * voxels(dst) >= WGMMA_CL_MIN_USES * voxels(src)
     }
 
     /// Whether the halo-tile weight gradient of cuda/conv_halo.cu computes this pairing's: a stride-1 conv (not
@@ -1839,7 +2070,10 @@ impl Pairing {
     /// box slices, if the type has them, the GPU loaded them (sm_90) and they take it: a 3x3x3 or 1x3x3 kernel (a 2D
     /// 3x3 is 1x3x3) padded by 1 in-plane, each map's elements per batch item (channels x voxels) with 32-bit
     /// indices, and the wide map's rows in whole 8-byte words (width a multiple of 4, `wide` 8-byte aligned: the
-    /// kernel loads its halo 4 voxels at a time).
+    /// kernel loads its halo 4 voxels at a time). It reads the wide map channels first: from a channels-last copy
+    /// (as the products may, [`Pairing::wgmma_channels_last`]) it was slower on 21 of 24 shapes of flare-3d and
+    /// amos-2d (H100, 2026-12-06: flare-3d 1x3x3 32 -> 32 at 40x224x192 0.842 -> 1.030 ms, 3x3x3 64 -> 64 at
+    /// 40x112x96 0.832 -> 0.877), the copy costing more than the 16-byte halo loads saved.
     fn wgmma_wgrad_kernel<T: ConvElement>(
         &self,
         gpu: &Gpu,
