@@ -100,18 +100,26 @@ __device__ __forceinline__ int64_t token_row(int64_t g, int64_t t, int64_t L, in
 }
 static_assert(SCAN_CHUNK % SCAN_BWD_SUB == 0, "a chunk is a whole number of backward sub-chunks");
 
-// One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x. SUMMARY (cpb = 1): from h = 0, leaves the
-// chunk's end state and sum of dt. Otherwise: from h_init of the group's first chunk (or 0), writes y, and with
-// record stores the state at the start of each chunk.
+// One (g, group) block, channels blockIdx.y * blockDim.x + threadIdx.x, chunks of T = SCAN_CHUNK tokens. SUMMARY
+// (cpb = 1): from h = 0, leaves the chunk's end state and sum of dt. Otherwise: from h_init of the group's first chunk
+// (or 0), writes y, and with record stores the state at the start of each chunk.
 template <typename E, int NMAX, bool SUMMARY, bool FLIP>
-__device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, const E* __restrict__ delta,
-                                                   const float* __restrict__ a_log, const E* __restrict__ bmat,
-                                                   const E* __restrict__ cmat, const float* __restrict__ d_skip,
-                                                   const E* __restrict__ z, const float* __restrict__ delta_bias,
-                                                   const float* __restrict__ h_init, int has_init,
-                                                   E* __restrict__ y, float* __restrict__ states,
-                                                   float* __restrict__ sum_dt, int record, int64_t L, int64_t D,
-                                                   int N, int64_t bc_ld, int64_t T, int64_t cpb) {
+__device__ __forceinline__ void scan_forward_pass(const ScanParams<E>& p) {
+    const E* __restrict__ u = p.u;
+    const E* __restrict__ delta = p.delta;
+    const float* __restrict__ a_log = p.a_log;
+    const E* __restrict__ bmat = p.b;
+    const E* __restrict__ cmat = p.c;
+    const float* __restrict__ d_skip = p.d_skip;
+    const E* __restrict__ z = p.z;
+    const float* __restrict__ delta_bias = p.delta_bias;
+    const float* __restrict__ h_init = p.h_init;
+    E* __restrict__ y = p.y;
+    float* __restrict__ states = p.chunk_states;
+    float* __restrict__ sum_dt = p.chunk_dt;
+    const bool has_init = h_init != nullptr;
+    const int record = p.record, N = p.N;
+    const int64_t L = p.L, D = p.D, bc_ld = p.bc_ld, T = SCAN_CHUNK, cpb = p.cpb;
     __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
     __shared__ __align__(16) float sc[SCAN_STAGE][NMAX];
     const int64_t nc = (L + T - 1) / T, groups = (nc + cpb - 1) / cpb;
@@ -185,13 +193,6 @@ __device__ __forceinline__ void scan_forward_group(const E* __restrict__ u, cons
             if (k < N) states[((g * nc + c_begin) * D + d) * N + k] = h[k];
         sum_dt[(g * nc + c_begin) * D + d] = dt_sum;
     }
-}
-
-template <typename E, int NMAX, bool SUMMARY, bool FLIP>
-__device__ __forceinline__ void scan_forward_pass(const ScanParams<E>& p) {
-    scan_forward_group<E, NMAX, SUMMARY, FLIP>(p.u, p.delta, p.a_log, p.b, p.c, p.d_skip, p.z, p.delta_bias, p.h_init,
-                                               p.h_init != nullptr, p.y, p.chunk_states, p.chunk_dt, p.record, p.L,
-                                               p.D, p.N, p.bc_ld, SCAN_CHUNK, p.cpb);
 }
 
 // Grid (G * groups, ceil(D / blockDim.x)), blockDim.x <= SCAN_FWD_THREADS. summary = 1: pass 1 (y, C, z, d_skip,
