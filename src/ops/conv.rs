@@ -1117,8 +1117,8 @@ fn channels_last_fits(channels: usize, voxels: usize) -> bool {
 }
 
 /// The channels-last copy of `batch` channels-first maps of `channels` x `voxels` at `src`, each voxel's channels
-/// rounded up to a multiple of 8 with zeros: the source layout of the wgmma kernels (conv_channels_last_bf16 of
-/// cuda/conv_wgmma.cu, formula in cuda/conv_wgmma.cuh).
+/// rounded up to a multiple of 8 with zeros: the source layout of the _cl wgmma products and the implicit products
+/// (conv_channels_last_bf16 of cuda/conv_wgmma.cu, formula in cuda/conv_wgmma.cuh).
 fn channels_last<T: ConvElement>(
     gpu: &Arc<Gpu>,
     src: ConstPtr<T>,
@@ -1350,7 +1350,8 @@ pub(crate) trait ConvElement: GpuElement {
     const POINTWISE: Option<[[Kernel<GemmParams<Self>>; 3]; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
-    /// The channels-last copy the wgmma kernels read their source from ([`channels_last`]), if the type has them.
+    /// The channels-last copy the _cl wgmma products and the implicit products read their source from
+    /// ([`channels_last`]), if the type has them.
     const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<Self>>>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
