@@ -73,7 +73,8 @@ __device__ __forceinline__ void load_pieces(unsigned char* dst, At at) {
 }
 
 // The products of one block's tile over `steps` k-steps: stage_in(step, slot) issues the cp.async copies of step's BM
-// A rows (at slot) and BN B rows (at slot + A_BYTES) through load_pieces; d receives the warpgroup's 64 x BN sums.
+// A rows (at slot) and BN B rows (at slot + A_BYTES) through load_pieces, called once per step, in order; d receives
+// the warpgroup's 64 x BN sums.
 template <int BN, class StageIn>
 __device__ __forceinline__ void pipeline(int steps, StageIn stage_in, float (&d)[BN / 2]) {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -127,12 +128,16 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
     const int64_t first = (int64_t)blockIdx.z * p.slice_steps;
     const int steps = (int)max((int64_t)0, min((int64_t)p.slice_steps, (int64_t)p.items * item_steps - first));
 
-    // Step `step` of the slice: item (first + step) / item_steps.
-    auto stage_in = [&](int step, unsigned char* slot) {
-        const int64_t global = first + step, item = global / item_steps;
-        const int64_t k0 = global % item_steps * BK;
+    // Step `step` of the slice is the slice's first + step of all: item (first + step) / item_steps, reduction
+    // indices from k0 = (first + step) % item_steps BK, carried from step to step (`pipeline` stages the steps in
+    // order) rather than divided out each step.
+    int64_t item = first / item_steps;
+    int k0 = (int)(first % item_steps) * BK;
+    auto stage_in = [&](int, unsigned char* slot) {
         load_rows<BM>(slot, p.a + item * p.a_item, p.a_ld, m0, p.m, k0, p.k);
         load_rows<BN>(slot + A_BYTES, p.b + item * p.b_item, p.b_ld, n0, p.n, k0, p.k);
+        k0 += BK;
+        if (k0 >= p.k) k0 = 0, ++item;
     };
     float d[BN / 2];
     pipeline<BN>(steps, stage_in, d);
@@ -182,9 +187,10 @@ __device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p)
         r[0] = rest / p.rows[1];
     };
     // This thread's A rows t / PIECES_PER_ROW + (THREADS / PIECES_PER_ROW) i: their source coordinates at tap 0
-    // (far outside for rows past the positions) and their batch item's source.
+    // (far outside for rows past the positions) and the source element of (tap 0, channel 0), so that a k-step's
+    // piece is that plus one offset shared by all four rows (tap q's voxel shift times c_pad, plus the channel).
     int at0[A_PIECES][3];
-    const bf16* item[A_PIECES];
+    const bf16* row0[A_PIECES];
 #pragma unroll
     for (int i = 0; i < A_PIECES; ++i) {
         const int m = m0 + (t + THREADS * i) / PIECES_PER_ROW;
@@ -192,18 +198,33 @@ __device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p)
         if (m < positions) position(m, n, r);
 #pragma unroll
         for (int a = 0; a < 3; ++a) at0[i][a] = m < positions ? p.src_mul[a] * r[a] + p.lo[a] : -(1 << 30);
-        item[i] = p.src + (int64_t)n * src_vox * c_pad;
+        const int64_t voxel0 = m < positions ? ((int64_t)at0[i][0] * p.src_size[1] + at0[i][1]) * p.src_size[2] +
+                                                   at0[i][2]
+                                             : 0;
+        row0[i] = p.src + ((int64_t)n * src_vox + voxel0) * c_pad;
     }
-    auto stage_in = [&](int step, unsigned char* slot) {
-        const int kk = step * BK + 8 * kg, q = kk / c_pad, c = kk - q * c_pad;
+    // This thread's k-piece kk = step BK + 8 kg = q c_pad + c (tap q = (q0, q1, q2)), carried from step to step:
+    // `pipeline` stages steps 0, 1, 2, ... in order, and the divisions that would find (q, c) from kk each step were a
+    // third of the loop's instructions (PTX).
+    int q = 0, q0 = 0, q1 = 0, q2 = 0, c = 8 * kg;
+    auto carry = [&]() {
+        for (; c >= c_pad; c -= c_pad) {
+            ++q;
+            if (++q2 == p.taps[2]) {
+                q2 = 0;
+                if (++q1 == p.taps[1]) q1 = 0, ++q0;
+            }
+        }
+    };
+    carry();
+    auto stage_in = [&](int, unsigned char* slot) {
         const bool k_ok = q < taps;
-        const int q2 = q % p.taps[2], q1 = q / p.taps[2] % p.taps[1], q0 = q / (p.taps[2] * p.taps[1]);
+        const int shift = ((q0 * p.src_size[1] + q1) * p.src_size[2] + q2) * c_pad + c;
         load_pieces<BM>(slot, [&](int i, int, int) {
-            const int s0 = at0[i][0] + q0, s1 = at0[i][1] + q1, s2 = at0[i][2] + q2;
-            const bool ok = k_ok && (unsigned)s0 < (unsigned)p.src_size[0] && (unsigned)s1 < (unsigned)p.src_size[1] &&
-                            (unsigned)s2 < (unsigned)p.src_size[2];
-            return Piece{ok ? item[i] + (int64_t)((s0 * p.src_size[1] + s1) * p.src_size[2] + s2) * c_pad + c : p.src,
-                         ok ? 8 : 0};
+            const bool ok = k_ok && (unsigned)(at0[i][0] + q0) < (unsigned)p.src_size[0] &&
+                            (unsigned)(at0[i][1] + q1) < (unsigned)p.src_size[1] &&
+                            (unsigned)(at0[i][2] + q2) < (unsigned)p.src_size[2];
+            return Piece{ok ? row0[i] + shift : p.src, ok ? 8 : 0};
         });
         // The packed weight's piece (chunk c / 16, half c / 8 % 2, tap q) of column n0 + r; c_dst_pad is a multiple
         // of BN, so every column of the tile is packed (zeros past c_dst).
@@ -211,6 +232,8 @@ __device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p)
         load_pieces<BN>(slot + A_BYTES, [&](int, int r, int) {
             return Piece{k_ok ? w + (int64_t)r * 8 : p.packed, k_ok ? 8 : 0};
         });
+        c += BK;
+        carry();
     };
     float d[BN / 2];
     pipeline<BN>(steps, stage_in, d);
