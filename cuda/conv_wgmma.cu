@@ -24,8 +24,8 @@
 //   run the taps of one chunk (asynchronously, one commit per chunk), the next chunk's weights (the next box's first
 //   at a box's end) are in flight through cp.async, and its halo too: from a channels-first source (the plain names)
 //   through registers (element loads, or in the wide tile of a fixed geometry one 8-byte load per 4 voxels of a
-//   channel; stored as 16-byte voxels), from a channels-last copy (the _cl names, conv_channels_last_bf16 at the end
-//   of this file) as two 16-byte cp.async pieces per voxel. Both are published to the tensor cores by
+//   channel; stored as 16-byte voxels), from a channels-last copy (the _cl names; layout.cu's pim_partition makes it)
+//   as two 16-byte cp.async pieces per voxel. Both are published to the tensor cores by
 //   fence.proxy.async before the barrier. A box's outputs are written after its last chunk's products, while the
 //   loads of the next one are in flight.
 // - Warpgroup g of the two computes tiles 2 g and 2 g + 1 (the accumulators of both: BN floats per thread); the
@@ -548,39 +548,6 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
 }
 
 }  // namespace
-
-// dst[n, v, c] = src[n, c, v] (zero for c >= channels) over a tile of CONV_CL_CHANNELS channels x CONV_CL_VOXELS
-// voxels: read along voxels (consecutive threads, consecutive 2-byte elements of a channel), written along channels
-// (16-byte pieces of 8 channels of a voxel). Rows of the shared tile are CONV_CL_VOXELS + 2 elements (an odd count of
-// 4-byte words): the 8 channels a thread gathers fall in distinct banks but for a 2-way conflict between the pieces
-// 4 apart.
-extern "C" __global__ void __launch_bounds__(THREADS) conv_channels_last_bf16(const ConvChannelsLastParams<bf16> p) {
-    constexpr int TV = CONV_CL_VOXELS, TC = CONV_CL_CHANNELS, PITCH = TV + 2, PIECES = TC / 8;
-    static_assert(TC * TV % THREADS == 0 && TV * PIECES % THREADS == 0, "whole rounds of the block");
-    __shared__ unsigned short tile[TC * PITCH];
-    const int t = threadIdx.x, v0 = blockIdx.x * TV, c0 = blockIdx.y * TC, n = blockIdx.z;
-    const int c_pad = (p.channels + 7) & ~7;
-    const unsigned short* src = reinterpret_cast<const unsigned short*>(p.src) + (int64_t)n * p.channels * p.voxels;
-#pragma unroll
-    for (int i = 0; i < TC * TV / THREADS; ++i) {
-        const int k = t + THREADS * i, c = c0 + k / TV, v = v0 + k % TV;
-        tile[k / TV * PITCH + k % TV] = c < p.channels && v < p.voxels ? src[(int64_t)c * p.voxels + v] : 0;
-    }
-    __syncthreads();
-    uint4* dst = reinterpret_cast<uint4*>(p.dst);
-#pragma unroll
-    for (int i = 0; i < TV * PIECES / THREADS; ++i) {
-        const int k = t + THREADS * i, v = k / PIECES, piece = k % PIECES, c = c0 + 8 * piece;
-        if (v0 + v >= p.voxels || c >= c_pad) continue;
-        unsigned w[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const unsigned short* at = tile + (8 * piece + 2 * j) * PITCH + v;
-            w[j] = at[0] | (unsigned)at[PITCH] << 16;
-        }
-        dst[(((int64_t)n * p.voxels + v0 + v) * c_pad + c) / 8] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-}
 
 // The narrow tile asks for two blocks per SM (at most 128 registers), the wide one gets one. Per role and tile the
 // generic kernel and the fixed geometries (_k333_z4: a 3x3x3 kernel in boxes of 4 slices, ...), each from a

@@ -21,19 +21,8 @@ constexpr int CONV_WGMMA_MAX_HALO = 720;
 // The products' _cl kernels read their source (ConvWgmmaParams' src) channels last, src[n, v, c] at (n V + v) c_pad + c
 // with c_pad = c rounded up to a multiple of 8 (the channels past c zero): a halo voxel's 16 channels of a stage are
 // then two 16-byte cp.async copies, where from channels-first maps they are 16 element loads through registers (or
-// 8-byte loads of 4 voxels). conv_channels_last_bf16 writes that copy of a channels-first map,
-//   dst[n, v, c] = c < channels ? src[n, c, v] : 0    for v < voxels, c < c_pad,
-// through a shared tile of CONV_CL_CHANNELS x CONV_CL_VOXELS. Grid (ceil(voxels / CONV_CL_VOXELS), ceil(c_pad /
-// CONV_CL_CHANNELS), batch), CONV_WGMMA_THREADS threads.
-template <typename T>
-struct ConvChannelsLastParams {
-    const T* src;
-    T* dst;
-    int channels;
-    int voxels;
-};
-constexpr int CONV_CL_VOXELS = 64;
-constexpr int CONV_CL_CHANNELS = 64;
+// 8-byte loads of 4 voxels). layout.cu's pim_partition writes that copy of a channels-first map (one window over
+// the whole map, token rows of c_pad elements: src/ops/conv.rs's channels_last).
 
 // out[n, col, dst_base + dst_step . r] = b[col] + sum_{c, q} src[n, c, r + lo + q] Wp[c, q, col] over output rows r in
 // rows (per axis), source channels c < c_src and taps q in taps (at most 3 per axis), source positions outside
@@ -146,7 +135,6 @@ extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k333_z2(const ConvWgmmaP
 extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k133_z4(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k133_z2(const ConvWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_wgmma_cl_bf16_n32_k133_z1(const ConvWgmmaParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_channels_last_bf16(const ConvChannelsLastParams<__nv_bfloat16> p);
 // conv weight gradient, per kernel (3x3x3, 1x3x3) and box depth (4, 2, 1 slices).
 extern "C" __global__ void conv_wgrad_wgmma_bf16_k333_z4(const ConvWgradWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_wgrad_wgmma_bf16_k333_z2(const ConvWgradWgmmaParams<__nv_bfloat16> p);

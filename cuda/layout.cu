@@ -20,7 +20,8 @@
 // (129 float, 65 bf16): the column-wise pass hits 32 distinct banks, and the row-wise pass reads consecutive words
 // (two bf16 threads share one word, which is no conflict). Block (PIM_TILE, PIM_ROWS) threads; grid
 // (N * ceil(V / PIM_VOXELS), ceil(C / PIM_TILE)): block x covers voxels [v0, v0 + PIM_VOXELS) of sample n, block y
-// channels [c0, c0 + PIM_TILE). A tile's voxels may span several lines of W; the token rows of its voxels are
+// channels [c0, c0 + PIM_TILE). A token row may be longer than C (PimParams' row): partition then also covers the
+// row's zeros after the channels (grid y ceil(row / PIM_TILE)), merge skips them. A tile's voxels may span several lines of W; the token rows of its voxels are
 // computed once per block (by its first PIM_SPAN warps, one voxel per thread) and shared by all its channels. Each
 // thread moves 16 elements and issues its 16 loads together (partition: before computing the token rows, which
 // then overlap the loads' latency), so a block keeps 16 elements per thread in flight where 32 x 32 tiles kept 4
@@ -81,11 +82,12 @@ constexpr int PIM_MAP_ELEMS = PIM_TILE / PIM_ROWS * PIM_SPAN;  // channel rows t
 constexpr int PIM_TOKEN_ELEMS = PIM_VOXELS / PIM_ROWS;         // token rows (voxels) ty + PIM_ROWS m
 
 // One PiM block's tile: PIM_TILE channels from c0 by PIM_VOXELS voxels from v0 of sample n, rows[k] the token row of
-// voxel v0 + k. Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_VOXELS), ceil(C / PIM_TILE)).
+// voxel v0 + k. Launch: block (PIM_TILE, PIM_ROWS), grid (N * ceil(V / PIM_VOXELS), ceil(row / PIM_TILE))
+// for partition, (..., ceil(C / PIM_TILE)) for merge.
 template <typename T>
 struct PimTile {
-    int64_t C, V, n, v0, c0;
-    __device__ explicit PimTile(const PimParams<T>& p) : C(p.C), V(p.size[0] * p.size[1] * p.size[2]) {
+    int64_t C, row, V, n, v0, c0;
+    __device__ explicit PimTile(const PimParams<T>& p) : C(p.C), row(p.row), V(p.size[0] * p.size[1] * p.size[2]) {
         const int64_t tiles = (V + PIM_VOXELS - 1) / PIM_VOXELS;
         n = blockIdx.x / tiles;
         v0 = (blockIdx.x % tiles) * PIM_VOXELS;
@@ -97,10 +99,11 @@ struct PimTile {
     __device__ int vx(int m) const { return PIM_TILE * (m % PIM_SPAN) + threadIdx.x; }
     __device__ bool on_map(int m) const { return c0 + cy(m) < C && v0 + vx(m) < V; }
     __device__ int64_t map_at(int m) const { return (n * C + c0 + cy(m)) * V + v0 + vx(m); }
-    // Token element m of this thread (voxel vy = ty + PIM_ROWS m, channel c0 + tx): a warp takes PIM_TILE
-    // consecutive channels of one token row.
+    // Token element m of this thread (voxel vy = ty + PIM_ROWS m, channel c0 + tx, below `channels`: C, or the row
+    // with its zeros): a warp takes PIM_TILE consecutive channels of one token row.
     __device__ int vy(int m) const { return threadIdx.y + PIM_ROWS * m; }
-    __device__ bool on_tokens(int m) const { return c0 + threadIdx.x < C && v0 + vy(m) < V; }
+    __device__ bool on_tokens(int m, int64_t channels) const { return c0 + threadIdx.x < channels && v0 + vy(m) < V; }
+    __device__ int64_t token_at(const int64_t* rows, int m) const { return rows[vy(m)] * row + c0 + threadIdx.x; }
     // The token rows of the tile's voxels, computed by the first PIM_SPAN thread rows, one voxel each; the caller
     // syncs before reading them.
     __device__ void token_rows(const PimParams<T>& p, int64_t* rows) const {
@@ -109,8 +112,8 @@ struct PimTile {
     }
 };
 
-// t (G, L, C) from x (N, C, D, H, W). The map loads are issued first and the token rows computed while they are in
-// flight.
+// t (G, L, row) from x (N, C, D, H, W), zeros in channels C .. row - 1. The map loads are issued first and the token
+// rows computed while they are in flight.
 template <typename T>
 __device__ void pim_partition(const PimParams<T>& p) {
     const T* __restrict__ x = p.src;
@@ -129,7 +132,8 @@ __device__ void pim_partition(const PimParams<T>& p) {
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
-        if (b.on_tokens(m)) t[rows[b.vy(m)] * b.C + b.c0 + threadIdx.x] = tile[threadIdx.x][b.vy(m)];
+        if (b.on_tokens(m, b.row))
+            t[b.token_at(rows, m)] = b.c0 + threadIdx.x < b.C ? tile[threadIdx.x][b.vy(m)] : from_f32<T>(0.0f);
 }
 
 // x (N, C, D, H, W) from t (G, L, C): the inverse of pim_partition, same launch. The token rows come first (the
@@ -146,10 +150,10 @@ __device__ void pim_merge(const PimParams<T>& p) {
     T in[PIM_TOKEN_ELEMS];
 #pragma unroll
     for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
-        if (b.on_tokens(m)) in[m] = t[rows[b.vy(m)] * b.C + b.c0 + threadIdx.x];
+        if (b.on_tokens(m, b.C)) in[m] = t[b.token_at(rows, m)];
 #pragma unroll
     for (int m = 0; m < PIM_TOKEN_ELEMS; ++m)
-        if (b.on_tokens(m)) tile[threadIdx.x][b.vy(m)] = in[m];
+        if (b.on_tokens(m, b.C)) tile[threadIdx.x][b.vy(m)] = in[m];
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < PIM_MAP_ELEMS; ++m)

@@ -11,13 +11,17 @@ constexpr int PIM_TILE = 32;
 constexpr int PIM_ROWS = 8;
 constexpr int PIM_SPAN = 4;
 
-// A map (N, C, D, H, W) and its tokens (G, L, C); per spatial axis a (d, h, w), the token row of voxel coordinate s is
-// (s / window[a]) outer[a] + (s % window[a]) inner[a], summed over the axes, plus n D H W.
+// A map (N, C, D, H, W) and its tokens (G, L, row); per spatial axis a (d, h, w), the token row of voxel coordinate s is
+// (s / window[a]) outer[a] + (s % window[a]) inner[a], summed over the axes, plus n D H W. A token row holds the C
+// channels and, where row > C, zeros after them (partition writes them, merge skips them): with one window per axis
+// and row-major inner multipliers, partition is the channels-last copy of the wgmma convolutions (src/ops/conv.rs's
+// channels_last, row = C rounded up to 8). Grid y of partition: ceil(row / PIM_TILE); of merge: ceil(C / PIM_TILE).
 template <typename T>
 struct PimParams {
     const T* src;       // the map (partition) or the tokens (merge)
     T* dst;             // the tokens (partition) or the map (merge)
     int64_t C;          // channels
+    int64_t row;        // elements per token row, >= C
     int64_t size[3];    // D, H, W
     int64_t window[3];  // p_d, p_h, p_w
     int64_t outer[3];   // mi_a: the row multiplier of the block index s / p_a

@@ -89,22 +89,22 @@ use half::bf16;
 
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ChannelSumsParams, ConstPtr, ConvChannelsLastParams, ConvGemmParams, ConvHaloParams, ConvIm2colParams,
-    ConvIm2rowParams, ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams,
+    kernel, ChannelSumsParams, ConstPtr, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams,
+    ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams,
     ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
-    CONV_BK, CONV_BM, CONV_BN, CONV_CL_CHANNELS, CONV_CL_VOXELS, CONV_HALO_BM, CONV_HALO_BM_LARGE,
-    CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE,
-    CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS,
-    CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS,
-    CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS,
-    CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK,
-    GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
+    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
+    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
+    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
+    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
+    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
+    GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
 use crate::ops::linear::{Pointwise, PointwiseKernels};
 use crate::ops::operand::{Kept, Operand};
-use crate::ops::{channel_sums_cpu, per_axis, MapDims};
+use crate::ops::{channel_sums_cpu, per_axis, pim, MapDims};
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Error, Result};
@@ -1118,7 +1118,7 @@ fn channels_last_fits(channels: usize, voxels: usize) -> bool {
 
 /// The channels-last copy of `batch` channels-first maps of `channels` x `voxels` at `src`, each voxel's channels
 /// rounded up to a multiple of 8 with zeros: the source layout of the _cl wgmma products and the implicit products
-/// (conv_channels_last_bf16 of cuda/conv_wgmma.cu, formula in cuda/conv_wgmma.cuh).
+/// (cuda/conv_wgmma.cuh), made by the PiM partition with one window over the map ([`pim::channels_last`]).
 fn channels_last<T: ConvElement>(
     gpu: &Arc<Gpu>,
     src: ConstPtr<T>,
@@ -1127,22 +1127,12 @@ fn channels_last<T: ConvElement>(
     voxels: usize,
     what: &str,
 ) -> Result<GpuBuffer<T>> {
-    let kernel = T::CHANNELS_LAST.expect("the types with wgmma kernels have their channels-last copy");
-    let c_pad = channels.next_multiple_of(8);
     ensure!(
-        batch <= u16::MAX as usize && channels_last_fits(channels, voxels),
+        channels_last_fits(channels, voxels),
         Shape,
-        "{what}: {batch} maps of {channels} x {voxels} are too large for the channels-last copy of the wgmma kernels"
+        "{what}: maps of {channels} x {voxels} are too large for the channels-last copy of the wgmma kernels"
     );
-    let mut dst = gpu.alloc_of::<T>(batch * c_pad * voxels, what)?;
-    let cfg = LaunchConfig {
-        grid_dim: (voxels.div_ceil(CONV_CL_VOXELS) as u32, c_pad.div_ceil(CONV_CL_CHANNELS) as u32, batch as u32),
-        block_dim: (CONV_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let params = ConvChannelsLastParams { src, dst: dst.ptr_mut(), channels: channels as i32, voxels: voxels as i32 };
-    gpu.launch(kernel, cfg, &params, what)?;
-    Ok(dst)
+    pim::channels_last(gpu, src, batch, channels, channels.next_multiple_of(8), voxels, what)
 }
 
 /// The fewest output positions of a 2D product on the wgmma kernels: 80x80 ([`wgmma_suits`]).
@@ -1350,9 +1340,6 @@ pub(crate) trait ConvElement: GpuElement {
     const POINTWISE: Option<[[Kernel<GemmParams<Self>>; 3]; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
-    /// The channels-last copy the _cl wgmma products and the implicit products read their source from
-    /// ([`channels_last`]), if the type has them.
-    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<Self>>>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
@@ -1453,7 +1440,6 @@ impl ConvElement for f32 {
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
     const POINTWISE: Option<[[Kernel<GemmParams<f32>>; 3]; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
-    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<f32>>> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
 }
@@ -1551,7 +1537,6 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
     ]);
-    const CHANNELS_LAST: Option<Kernel<ConvChannelsLastParams<bf16>>> = Some(kernel::conv_channels_last_bf16);
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> =
         Some(GemmWgrad { im2col: kernel::conv_im2col_bf16, product: kernel::conv_wgrad_gemm_wgmma_bf16 });
     const EXPLICIT: Option<ExplicitConv<bf16>> = Some(ExplicitConv {

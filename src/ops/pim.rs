@@ -47,11 +47,14 @@
 //! Cost per element (the counting rules are in [`ops`](crate::ops)), with E the storage size (4 bytes float32, 2
 //! bf16): 2E bytes (one read, one write) and no FLOPs, in both directions.
 
+use std::sync::Arc;
+
 use cudarc::driver::LaunchConfig;
 
 use crate::autograd::{Backward, Tape};
-use crate::device::cuda::GpuElement;
-use crate::device::params::{kernel, PimParams, PIM_ROWS, PIM_SPAN, PIM_TILE};
+use crate::device::cuda::{GpuBuffer, GpuElement};
+use crate::device::params::{kernel, ConstPtr, PimParams, PIM_ROWS, PIM_SPAN, PIM_TILE};
+use crate::device::Gpu;
 use crate::ops::{per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{Real, Tensor};
@@ -270,40 +273,80 @@ fn permute_gpu<T: GpuElement>(grouping: &Grouping, input: &Tensor, dir: Directio
     let input = input.gpu_operand::<T>("PiM")?;
     let gpu = &input.gpu;
     let (n, c, [d, h, w]) = (grouping.dims.n, grouping.dims.c, grouping.dims.s);
-    let voxel_tiles = grouping.dims.voxels().div_ceil(PIM_TILE * PIM_SPAN);
-    let (blocks_x, blocks_y) = (n * voxel_tiles, c.div_ceil(PIM_TILE));
-    ensure!(
-        blocks_x <= i32::MAX as usize && blocks_y <= u16::MAX as usize,
-        Shape,
-        "PiM: map {:?} is too large for one launch ({blocks_x} x {blocks_y} blocks)",
-        grouping.map_shape
-    );
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_x.max(1) as u32, blocks_y.max(1) as u32, 1),
-        block_dim: (PIM_TILE as u32, PIM_ROWS as u32, 1),
-        shared_mem_bytes: 0,
-    };
     let shapes = format!("map {:?} window {:?}", grouping.map_shape, grouping.window);
     let mut out = gpu.alloc_of::<T>(input.slice.len(), "PiM output")?;
     let p = PimParams {
         src: input.ptr(),
         dst: out.ptr_mut(),
         C: c as i64,
+        row: c as i64,
         size: [d, h, w].map(|v| v as i64),
         window: grouping.window.map(|v| v as i64),
         outer: grouping.axis_mults.map(|[i, _]| i as i64),
         inner: grouping.axis_mults.map(|[_, j]| j as i64),
     };
-    match dir {
-        // An empty map has nothing to move (and no voxel tiles to index blocks by).
-        _ if input.slice.is_empty() => {}
-        Direction::ToTokens => gpu.launch(kernel::pim_partition::<T>(), cfg, &p, &shapes)?,
-        Direction::ToMap => gpu.launch(kernel::pim_merge::<T>(), cfg, &p, &shapes)?,
-    }
+    launch(gpu, &p, n, dir, &shapes)?;
     match dir {
         Direction::ToTokens => Tensor::from_gpu(out, &grouping.token_shape()),
         Direction::ToMap => Tensor::from_gpu(out, &grouping.map_shape),
     }
+}
+
+/// Launches `pim_partition` or `pim_merge` over `batch` maps of `p`'s geometry (one block per PIM_TILE channels of
+/// a token row, partition, or of the map, merge, and PIM_TILE * PIM_SPAN voxels; `what` names the maps in errors).
+fn launch<T: GpuElement>(gpu: &Arc<Gpu>, p: &PimParams<T>, batch: usize, dir: Direction, what: &str) -> Result<()> {
+    let voxels = p.size.iter().product::<i64>() as usize;
+    let channels = match dir {
+        Direction::ToTokens => p.row,
+        Direction::ToMap => p.C,
+    } as usize;
+    let (blocks_x, blocks_y) = (batch * voxels.div_ceil(PIM_TILE * PIM_SPAN), channels.div_ceil(PIM_TILE));
+    ensure!(
+        blocks_x <= i32::MAX as usize && blocks_y <= u16::MAX as usize,
+        Shape,
+        "PiM: {what} is too large for one launch ({blocks_x} x {blocks_y} blocks)"
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_x as u32, blocks_y as u32, 1),
+        block_dim: (PIM_TILE as u32, PIM_ROWS as u32, 1),
+        shared_mem_bytes: 0,
+    };
+    match dir {
+        // An empty map has nothing to move (and no voxel tiles to index blocks by).
+        _ if blocks_x == 0 || blocks_y == 0 => Ok(()),
+        Direction::ToTokens => gpu.launch(kernel::pim_partition::<T>(), cfg, p, what),
+        Direction::ToMap => gpu.launch(kernel::pim_merge::<T>(), cfg, p, what),
+    }
+}
+
+/// The channels-last copy of `batch` channels-first maps of `channels` x `voxels` at `src`: one row of `row`
+/// elements per voxel, its channels and then zeros (`row >= channels`), `dst[(n voxels + v) row + c] = src[(n
+/// channels + c) voxels + v]`. This is the partition with one window over the whole map (a single sequence per map,
+/// the voxels in raster order); the wgmma convolutions read their sources this way (src/ops/conv.rs).
+pub(crate) fn channels_last<T: GpuElement>(
+    gpu: &Arc<Gpu>,
+    src: ConstPtr<T>,
+    batch: usize,
+    channels: usize,
+    row: usize,
+    voxels: usize,
+    what: &str,
+) -> Result<GpuBuffer<T>> {
+    assert!(row >= channels, "a token row holds its channels");
+    let mut dst = gpu.alloc_of::<T>(batch * row * voxels, what)?;
+    let v = voxels as i64;
+    let p = PimParams {
+        src,
+        dst: dst.ptr_mut(),
+        C: channels as i64,
+        row: row as i64,
+        size: [1, 1, v],
+        window: [1, 1, v],
+        outer: [0; 3],
+        inner: [0, 0, 1],
+    };
+    launch(gpu, &p, batch, Direction::ToTokens, what)?;
+    Ok(dst)
 }
 
 /// One line of W voxels at a time, channel by channel: the map side is read or written in contiguous runs of W,
