@@ -13,7 +13,8 @@
 # LAUNCHES (default 2) launches whose name matches KERNEL_REGEX (default: any). --set full replays each launch about
 # 40 times; the clocks are left as the card runs them (--clock-control none: ncu would otherwise hold the SM at its
 # base clock, 1.36 GHz).
-# Writes ${OUT:-/tmp/out}/ncu_<tag>_<part>.{ncu-rep,csv,log} and ncu_<tag>.md; prints the table.
+# Writes ${OUT:-/tmp/out}/ncu_<tag>_<part>.{ncu-rep,csv,log} and ncu_<tag>.md; prints the table. SASS=1 also writes
+# each part's per-instruction source page, ncu_<tag>_<part>.sass.csv (tools/ncu_sass.py ranks its stalls).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/out}
@@ -59,5 +60,10 @@ for part in "${parts[@]}"; do
   fi
   "$ncu" --import "$rep.ncu-rep" --page raw --csv >"$rep.csv" 2>>"$rep.log"
   python3 tools/ncu_summary.py "$rep.csv" >>"$out/ncu_$tag.md" 2>&1
+  # SASS=1: also the per-instruction page (stall samples of every SASS instruction), for tools/ncu_sass.py.
+  if [ "${SASS:-0}" = 1 ]; then
+    "$ncu" --import "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>>"$rep.log" ||
+      echo "sass page failed: $(tail -n 2 "$rep.log")" >>"$out/ncu_$tag.md"
+  fi
 done
 cat "$out/ncu_$tag.md"
