@@ -10,8 +10,12 @@
 // 512 channels on small 2D maps are the same product the other way round, over the source map's rows (conv.cu's
 // conv_im2row_bf16): out[c', (n, o)] = sum_{(c, a)} W'[c', (c, a)] rows[(n, o), (c, a)] (conv_fprop_gemm_wgmma_bf16,
 // conv_dgrad_gemm_wgmma_bf16 with the weight flipped; one slice).
-// - A block computes a 128 x 128 tile of C: warpgroup g of its two the rows 64 g .. 64 g + 63, one wgmma m64n128k16
-//   per 16 reduction indices (64 float32 accumulators per thread).
+// - A block computes a 128 x BN tile of C, BN 128 or 256 (the _n256 kernels): warpgroup g of its two the rows 64 g ..
+//   64 g + 63, one wgmma m64nBNk16 per 16 reduction indices (BN / 2 float32 accumulators per thread). Both operands
+//   come from L2 once per tile, so the tile's bytes per multiply-add set the speed: ncu of the 128 x 128 tile
+//   (2026-12-06, H100, amos-2d 512 -> 512 at 20x20) had its warps waiting on the cp.async copies most of the time at
+//   2.7 TB/s from L2, and the implicit products at 2.4 TB/s; 128 x 256 moves a quarter fewer bytes per multiply-add,
+//   in half as many blocks (the host picks the width that finishes first: conv.rs's widest_pays).
 // - Each stage holds 64 reduction indices of the A and B rows, one 128-byte row per operand row, in the K-major layout
 //   with the 128-byte swizzle (wgmma.cuh's descriptor_sw128: piece j of row r at piece j ^ (r % 8)); the unswizzled
 //   layout of core matrices ran these products at 80-90 TFLOP/s on the H100 (2026-12-06: 512 x 20x20 weight gradient
@@ -26,7 +30,7 @@
 // Every output is one sum in a fixed order (k-steps in order, the tensor core's own within one): results do not
 // depend on scheduling.
 //
-// Cost: 2 K FLOPs per element of C; bytes A and B once per tile column and row (ceil(N / 128) and ceil(M / 128)
+// Cost: 2 K FLOPs per element of C; bytes A and B once per tile column and row (ceil(N / BN) and ceil(M / 128)
 // times, much of it from L2), C once as float32.
 #include "common.cuh"
 #include "gemm_wgmma.cuh"
@@ -37,7 +41,7 @@ namespace {
 
 constexpr int THREADS = GEMM_WGMMA_THREADS, BM = GEMM_WGMMA_BM, BK = GEMM_WGMMA_BK;
 constexpr int STAGES = GEMM_WGMMA_STAGES;
-static_assert(THREADS == 256 && BM == 128 && GEMM_WGMMA_BN == 128, "two warpgroups of 64 rows, m64n128 products");
+static_assert(THREADS == 256 && BM == 128, "two warpgroups of 64 rows");
 static_assert(BK == 64 && STAGES >= 3, "one 128-byte swizzled row per operand row; a slot refilled two iterations "
                                        "after its products");
 constexpr int ROW = BK * 2;      // bytes of a staged row
@@ -120,8 +124,8 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const bf16* src, i
     });
 }
 
+template <int BN>
 __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
-    constexpr int BN = GEMM_WGMMA_BN;
     const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int item_steps = (p.k + BK - 1) / BK;
@@ -264,23 +268,29 @@ __device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p)
 }  // namespace
 
 // One entry per role (gemm_wgmma.cuh), so that a profile tells the passes apart.
-#define GEMM_WGMMA_KERNEL(NAME)                                                                   \
+#define GEMM_WGMMA_KERNEL(NAME, BN)                                                               \
     extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)                           \
         NAME(const GemmWgmmaParams<__nv_bfloat16> p) {                                            \
-        gemm_tn(p);                                                                               \
+        gemm_tn<BN>(p);                                                                           \
     }
-GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16)
-GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16)
-GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16)
+GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16, GEMM_WGMMA_BN)
+GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16, GEMM_WGMMA_BN)
+GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16, GEMM_WGMMA_BN)
+GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
+GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
+GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
 
 // The implicit products per role and tile width (gemm_wgmma.cuh); the narrow tile's 96 KB of stages let two blocks
-// share an SM.
+// share an SM, the widest (_n256: 128 accumulators per thread, 192 KB of stages) reads each gathered A row once for
+// 256 output channels, a quarter fewer bytes per multiply-add than two 128-column tiles.
 #define CONV_IMPLICIT_KERNEL(NAME, BN)                                                                    \
     extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, BN == 64 ? 2 : 1)                    \
         NAME(const ConvImplicitParams<__nv_bfloat16> p) {                                                 \
         conv_implicit<BN>(p);                                                                             \
     }
-CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16, 128)
+CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16, GEMM_WGMMA_BN)
 CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16_n64, 64)
-CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16, 128)
+CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
+CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16, GEMM_WGMMA_BN)
 CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n64, 64)
+CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)

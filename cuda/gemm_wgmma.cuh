@@ -4,11 +4,13 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// A block: GEMM_WGMMA_THREADS threads (two warpgroups of 64 rows each) compute a GEMM_WGMMA_BM x GEMM_WGMMA_BN tile of
-// C from GEMM_WGMMA_STAGES shared-memory stages of GEMM_WGMMA_BK reduction indices each.
+// A block: GEMM_WGMMA_THREADS threads (two warpgroups of 64 rows each) compute a GEMM_WGMMA_BM x BN tile of C from
+// GEMM_WGMMA_STAGES shared-memory stages of GEMM_WGMMA_BK reduction indices each; BN is GEMM_WGMMA_BN, or
+// GEMM_WGMMA_BN_WIDE for the _n256 kernels (and 64 for the implicit products' _n64 ones).
 constexpr int GEMM_WGMMA_THREADS = 256;
 constexpr int GEMM_WGMMA_BM = 128;
 constexpr int GEMM_WGMMA_BN = 128;
+constexpr int GEMM_WGMMA_BN_WIDE = 256;
 constexpr int GEMM_WGMMA_BK = 64;
 constexpr int GEMM_WGMMA_STAGES = 4;
 
@@ -18,8 +20,9 @@ constexpr int GEMM_WGMMA_STAGES = 4;
 // (the "TN" product: every row a contiguous run of k): A[i, m, k] = a[i a_item + m a_ld + k], B[i, n, k] = b[i b_item +
 // n b_ld + k]; a, b 16-byte aligned, a_ld, b_ld, a_item, b_item multiples of 8. C is float32, row-major (M, N), slice
 // z at c + z M N: the partial sums of a split reduction, added in order afterwards (conv.cu's sum_slices), so the
-// result does not depend on scheduling. Grid (ceil(M / GEMM_WGMMA_BM), ceil(N / GEMM_WGMMA_BN), slices),
-// GEMM_WGMMA_THREADS threads, dynamic shared memory GEMM_WGMMA_STAGES x (GEMM_WGMMA_BM + GEMM_WGMMA_BN) x
+// result does not depend on scheduling. Grid (ceil(M / GEMM_WGMMA_BM), ceil(N / BN), slices) with BN =
+// GEMM_WGMMA_BN or GEMM_WGMMA_BN_WIDE (_n256), GEMM_WGMMA_THREADS threads, dynamic shared memory GEMM_WGMMA_STAGES x
+// (GEMM_WGMMA_BM + BN) x
 // GEMM_WGMMA_BK x 2 bytes.
 template <typename T>
 struct GemmWgmmaParams {
@@ -45,6 +48,9 @@ extern "C" __global__ void conv_wgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv
 // conv_weight_flip_bf16), one slice
 extern "C" __global__ void conv_fprop_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_wgrad_gemm_wgmma_bf16_n256(const GemmWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_gemm_wgmma_bf16_n256(const GemmWgmmaParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_gemm_wgmma_bf16_n256(const GemmWgmmaParams<__nv_bfloat16> p);
 
 // The implicit convolution products (Pairing::implicit_product): one stride-phase product of conv.cuh's
 // ConvGemmParams over a channels-last source (conv_wgmma.cuh: src[n, v, c] at (n V + v) c_pad + c, c_pad = c_src
@@ -55,9 +61,9 @@ extern "C" __global__ void conv_dgrad_gemm_wgmma_bf16(const GemmWgmmaParams<__nv
 // GEMM_WGMMA_BK (a step may span taps), A gathered from the source, B from Wp, conv_halo.cuh's packed weight with
 // two parts ([ceil(c_src / 16)][prod(taps)][2][c_dst_pad][8], c_dst_pad a multiple of the tile's columns). Any
 // source stride: a strided conv's forward, the input gradient's stride phases. Grid (ceil(batch prod(rows) /
-// GEMM_WGMMA_BM), ceil(c_dst / BN)) with BN = GEMM_WGMMA_BN or 64 (the _n64 kernels), GEMM_WGMMA_THREADS threads,
-// dynamic shared memory GEMM_WGMMA_STAGES x (GEMM_WGMMA_BM + BN) x GEMM_WGMMA_BK x 2 bytes; batch prod(rows) and
-// c_pad prod(src_size) below 2^31.
+// GEMM_WGMMA_BM), ceil(c_dst / BN)) with BN = GEMM_WGMMA_BN, 64 (the _n64 kernels) or GEMM_WGMMA_BN_WIDE (_n256),
+// GEMM_WGMMA_THREADS threads, dynamic shared memory GEMM_WGMMA_STAGES x (GEMM_WGMMA_BM + BN) x GEMM_WGMMA_BK x 2
+// bytes; batch prod(rows) and c_pad prod(src_size) below 2^31.
 template <typename T>
 struct ConvImplicitParams {
     const T* src;
@@ -81,3 +87,5 @@ extern "C" __global__ void conv_fprop_implicit_wgmma_bf16(const ConvImplicitPara
 extern "C" __global__ void conv_fprop_implicit_wgmma_bf16_n64(const ConvImplicitParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16(const ConvImplicitParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16_n64(const ConvImplicitParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_implicit_wgmma_bf16_n256(const ConvImplicitParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16_n256(const ConvImplicitParams<__nv_bfloat16> p);

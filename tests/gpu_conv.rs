@@ -188,6 +188,11 @@ fn gpu_conv_halo_tiles() {
     // A strided forward on the implicit wgmma products' wide tile (more than 64 output columns, at least 1024
     // positions: conv.rs's implicit_suits), a source chunk of 16 channels cut short.
     check_conv("conv3d 3x3x3 stride 2 40 -> 80, 4 x 16 x 17", &[1, 40, 8, 32, 34], &[80, 40, 3, 3, 3], &[2, 2, 2], 560);
+    // The implicit products' widest tile (256 output columns, taken where it halves the waves of blocks: 67 to 132
+    // tiles of 128 positions on a GPU of 132 SMs, conv.rs's widest_pays): a strided forward, and the input gradient
+    // of a 2D stride-1 conv from 256 channels below the wgmma halo products' 6400 positions.
+    check_conv("conv2d 3x3 stride 2 20 -> 256, 2 x 70 x 66", &[2, 20, 140, 132], &[256, 20, 3, 3], &[2, 2], 570);
+    check_conv("conv2d 3x3 256 -> 24, 3 x 60 x 60", &[3, 256, 60, 60], &[24, 256, 3, 3], &[1, 1], 580);
 }
 
 /// The bf16 weight gradient of stride-1 convs of 5 to 10 or 14 to 28 taps on maps of at least 8192 positions runs on
@@ -224,6 +229,8 @@ fn gpu_conv_wgrad_gemm() {
         665,
     );
     check_bf16_conv_repeats("conv3d 3x3x3 64 -> 320 bf16", &[2, 64, 4, 6, 10], &[320, 64, 3, 3, 3], 670);
+    // 256-column tiles (133 tiles of 128 weight columns, 67 of 256: conv.rs's widest_pays on a GPU of 132 SMs).
+    check_conv("conv2d 1x1 17000 -> 64, 2 x 2x4", &[2, 17000, 2, 4], &[64, 17000, 1, 1], &[1, 1], 675);
 }
 
 /// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as
@@ -237,6 +244,10 @@ fn gpu_conv_explicit_products() {
     check_conv("conv2d 3x3 512 -> 520, 2 x 5x7", &[2, 512, 5, 7], &[520, 512, 3, 3], &[1, 1], 760);
     check_conv("conv3d 3x3x3 512 -> 8, 3 x 2x3x4", &[3, 512, 2, 3, 4], &[8, 512, 3, 3, 3], &[1, 1, 1], 770);
     check_bf16_conv_repeats("conv2d 3x3 512 -> 520 bf16", &[2, 512, 5, 7], &[520, 512, 3, 3], 780);
+    // 256-column tiles where they halve the waves of blocks on a GPU of 132 SMs (conv.rs's widest_pays): the input
+    // gradient's 4 x 35 tiles of 128 positions, then the forward's 1 x 135.
+    check_conv("conv2d 3x3 512 -> 8, 11 x 20x20", &[11, 512, 20, 20], &[8, 512, 3, 3], &[1, 1], 790);
+    check_conv("conv2d 3x3 512 -> 8, 43 x 20x20", &[43, 512, 20, 20], &[8, 512, 3, 3], &[1, 1], 795);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says

@@ -178,6 +178,11 @@ impl Gpu {
         }))
     }
 
+    /// Its streaming multiprocessors.
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
+    }
+
     /// The device index.
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()

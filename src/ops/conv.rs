@@ -98,7 +98,7 @@ use crate::device::params::{
     CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
     CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
     CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
-    GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -760,7 +760,7 @@ fn launch_product<T: ConvElement>(
     match kernel {
         GemmKernel::Exact(exact) => gpu.launch(exact, grid(CONV_BM, CONV_BN, CONV_THREADS), &p, what),
         GemmKernel::TensorCore(_, Some(HaloKernels { pack, implicit: Some(implicit), .. }), _)
-            if implicit_suits(&p) && gpu.has_kernel(implicit.wide.0) =>
+            if implicit_suits(&p) && gpu.has_kernel(implicit.tiles.wide) =>
         {
             launch_implicit(pack, implicit, &p, src_last, gpu, what)
         }
@@ -1056,24 +1056,24 @@ fn implicit_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
 /// Launches the product `p` ([`implicit_suits`], pointers filled) as one implicit matrix product on wgmma
 /// (cuda/gemm_wgmma.cu's conv_*_implicit_wgmma_bf16, formula in its header): the weight packed in two parts per
 /// column as for [`launch_wgmma`], the source's channels-last copy ([`SourceLast`]), then tiles of
-/// [`GEMM_WGMMA_BM`] positions and 128 or 64 output channels.
+/// [`GEMM_WGMMA_BM`] positions and 256, 128 or 64 output channels ([`ImplicitTiles::pick`]).
 fn launch_implicit<T: ConvElement>(
     pack_kernel: Kernel<ConvPackParams<T>>,
-    kernels: TcPair<ConvImplicitParams<T>>,
+    kernels: ImplicitTiles<T>,
     p: &ConvGemmParams<T>,
     src_last: &mut SourceLast<T>,
     gpu: &Arc<Gpu>,
     what: &str,
 ) -> Result<()> {
-    let (product, tile_n) = kernels.for_columns(p.c_dst as usize);
+    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+    let (product, tile_n) = kernels.pick(gpu, positions, p.c_dst as usize);
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
     let packed = pack_halves(pack_kernel, pack, gpu, what)?;
     let src = src_last.get(p, gpu, what)?;
-    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
     let cfg = LaunchConfig {
         grid_dim: (positions.div_ceil(GEMM_WGMMA_BM) as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
         block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + tile_n) * GEMM_WGMMA_BK * 2) as u32,
+        shared_mem_bytes: gemm_wgmma_shared_bytes(tile_n),
     };
     let params = ConvImplicitParams {
         src,
@@ -1211,9 +1211,62 @@ pub(crate) struct HaloKernels<T: Copy> {
     /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only): they take every stride-1 product of
     /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]).
     wgmma: Option<WgmmaLayouts<T>>,
-    /// The implicit products on wgmma (cuda/gemm_wgmma.cu, bf16 on sm_90 only) in their two tile widths: the
+    /// The implicit products on wgmma (cuda/gemm_wgmma.cu, bf16 on sm_90 only) in their three tile widths: the
     /// products [`implicit_suits`] picks ([`launch_implicit`]).
-    implicit: Option<TcPair<ConvImplicitParams<T>>>,
+    implicit: Option<ImplicitTiles<T>>,
+}
+
+/// The implicit products of one role in tiles of 128 ([`GEMM_WGMMA_BN`]) and 256 output channels, and of 64.
+#[derive(Clone, Copy)]
+pub(crate) struct ImplicitTiles<T: Copy> {
+    tiles: GemmTiles<ConvImplicitParams<T>>,
+    narrow: Kernel<ConvImplicitParams<T>>,
+}
+
+impl<T: Copy> ImplicitTiles<T> {
+    /// The kernel for `positions` x `columns` output channels and its tile width: 64 up to 64 columns, 256 where
+    /// they are whole 256-column tiles and [`widest_pays`], else 128 (256 columns that are not whole tiles would pad
+    /// the packed weight).
+    fn pick(self, gpu: &Gpu, positions: usize, columns: usize) -> (Kernel<ConvImplicitParams<T>>, usize) {
+        if columns <= IMPLICIT_BN_NARROW {
+            (self.narrow, IMPLICIT_BN_NARROW)
+        } else if columns % GEMM_WGMMA_BN_WIDE == 0 {
+            self.tiles.pick(gpu, positions, columns)
+        } else {
+            (self.tiles.wide, GEMM_WGMMA_BN)
+        }
+    }
+}
+
+/// A gemm_wgmma.cu product in its tiles of 128 ([`GEMM_WGMMA_BN`]) and 256 ([`GEMM_WGMMA_BN_WIDE`]) columns.
+#[derive(Clone, Copy)]
+pub(crate) struct GemmTiles<P: Copy> {
+    wide: Kernel<P>,
+    widest: Kernel<P>,
+}
+
+impl<P: Copy> GemmTiles<P> {
+    /// The kernel for an `m` x `n` product (C's rows, columns) on `gpu`, and its tile width ([`widest_pays`]).
+    fn pick(self, gpu: &Gpu, m: usize, n: usize) -> (Kernel<P>, usize) {
+        if widest_pays(gpu, m, n) {
+            (self.widest, GEMM_WGMMA_BN_WIDE)
+        } else {
+            (self.wide, GEMM_WGMMA_BN)
+        }
+    }
+}
+
+/// Whether an `m` x `n` product of gemm_wgmma.cu finishes sooner in 256-column tiles than in 128-column ones: the
+/// blocks run in waves of one per SM either way (128 and 192 KB of stages), and a 256-column block takes 1.7 times
+/// a 128-column one (twice the products from 1.5 times the bytes, both bound by what L2 delivers). Fitted on the
+/// H100 (2026-12-06, bf16, both widths everywhere in one call; benches/RESULTS.md): 256 columns won where they
+/// halved the waves (amos-2d 512 -> 512 at 20x20, 152 -> 76 blocks: forward 0.234 -> 0.207 ms, input gradient 0.245
+/// -> 0.221, weight gradient 0.214 -> 0.199; the strided 256 -> 512 forward at 40x40 0.119 -> 0.105) and lost where
+/// the blocks were fewer than the SMs already (512 -> 512 at 10x10, 40 -> 20 blocks: 0.097 -> 0.136) or the waves
+/// went from 5 to 3 (512 -> 256 at 40x40 input gradient, 600 -> 300 blocks: 0.293 -> 0.315).
+fn widest_pays(gpu: &Gpu, m: usize, n: usize) -> bool {
+    let waves = |columns: usize| (m.div_ceil(GEMM_WGMMA_BM) * n.div_ceil(columns)).div_ceil(gpu.multiprocessors());
+    10 * waves(GEMM_WGMMA_BN) > 17 * waves(GEMM_WGMMA_BN_WIDE)
 }
 
 /// The wgmma products of one role from each source layout ([`SourceLast`]).
@@ -1350,18 +1403,18 @@ pub(crate) trait ConvElement: GpuElement {
 /// The kernels of [`Pairing::explicit_product`]: the source map's rows (conv.cu's conv_im2row), the input gradient's
 /// weight (conv_weight_flip), the product per role indexed by [`Product`] (gemm_wgmma.cu) and the store into the map.
 #[derive(Clone, Copy)]
-pub(crate) struct ExplicitConv<T> {
+pub(crate) struct ExplicitConv<T: Copy> {
     im2row: Kernel<ConvIm2rowParams<T>>,
     flip: Kernel<ConvWeightFlipParams<T>>,
-    product: [Kernel<GemmWgmmaParams<T>>; 2],
+    product: [GemmTiles<GemmWgmmaParams<T>>; 2],
     store: Kernel<ConvRowsStoreParams<T>>,
 }
 
 /// The two kernels of [`Pairing::weight_grad_gemm`].
 #[derive(Clone, Copy)]
-pub(crate) struct GemmWgrad<T> {
+pub(crate) struct GemmWgrad<T: Copy> {
     im2col: Kernel<ConvIm2colParams<T>>,
-    product: Kernel<GemmWgmmaParams<T>>,
+    product: GemmTiles<GemmWgmmaParams<T>>,
 }
 
 const fn tc<P: Copy>(wide: Kernel<P>, narrow: Kernel<P>) -> TcPair<P> {
@@ -1374,13 +1427,9 @@ const fn halo<T: Copy>(
     large: Kernel<ConvHaloParams<T>>,
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
     wgmma: Option<WgmmaLayouts<T>>,
-    implicit: Option<[Kernel<ConvImplicitParams<T>>; 2]>,
+    implicit: Option<ImplicitTiles<T>>,
 ) -> HaloKernels<T> {
     let small = TcPair { wide: (wide, CONV_HALO_BN), narrow: (narrow, CONV_HALO_BN_NARROW) };
-    let implicit = match implicit {
-        Some([wide, narrow]) => Some(TcPair { wide: (wide, GEMM_WGMMA_BN), narrow: (narrow, IMPLICIT_BN_NARROW) }),
-        None => None,
-    };
     HaloKernels { pack, small, large, strided, wgmma, implicit }
 }
 
@@ -1484,7 +1533,13 @@ impl ConvElement for bf16 {
                     [kernel::conv_fprop_wgmma_cl_bf16_k133_z1, kernel::conv_fprop_wgmma_cl_bf16_n32_k133_z1],
                 ]),
             }),
-            Some([kernel::conv_fprop_implicit_wgmma_bf16, kernel::conv_fprop_implicit_wgmma_bf16_n64]),
+            Some(ImplicitTiles {
+                tiles: GemmTiles {
+                    wide: kernel::conv_fprop_implicit_wgmma_bf16,
+                    widest: kernel::conv_fprop_implicit_wgmma_bf16_n256,
+                },
+                narrow: kernel::conv_fprop_implicit_wgmma_bf16_n64,
+            }),
         ),
         halo(
             kernel::conv_dgrad_pack_bf16,
@@ -1509,7 +1564,13 @@ impl ConvElement for bf16 {
                     [kernel::conv_dgrad_wgmma_cl_bf16_k133_z1, kernel::conv_dgrad_wgmma_cl_bf16_n32_k133_z1],
                 ]),
             }),
-            Some([kernel::conv_dgrad_implicit_wgmma_bf16, kernel::conv_dgrad_implicit_wgmma_bf16_n64]),
+            Some(ImplicitTiles {
+                tiles: GemmTiles {
+                    wide: kernel::conv_dgrad_implicit_wgmma_bf16,
+                    widest: kernel::conv_dgrad_implicit_wgmma_bf16_n256,
+                },
+                narrow: kernel::conv_dgrad_implicit_wgmma_bf16_n64,
+            }),
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
@@ -1537,12 +1598,20 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
     ]);
-    const GEMM_WGRAD: Option<GemmWgrad<bf16>> =
-        Some(GemmWgrad { im2col: kernel::conv_im2col_bf16, product: kernel::conv_wgrad_gemm_wgmma_bf16 });
+    const GEMM_WGRAD: Option<GemmWgrad<bf16>> = Some(GemmWgrad {
+        im2col: kernel::conv_im2col_bf16,
+        product: GemmTiles {
+            wide: kernel::conv_wgrad_gemm_wgmma_bf16,
+            widest: kernel::conv_wgrad_gemm_wgmma_bf16_n256,
+        },
+    });
     const EXPLICIT: Option<ExplicitConv<bf16>> = Some(ExplicitConv {
         im2row: kernel::conv_im2row_bf16,
         flip: kernel::conv_weight_flip_bf16,
-        product: [kernel::conv_fprop_gemm_wgmma_bf16, kernel::conv_dgrad_gemm_wgmma_bf16],
+        product: [
+            GemmTiles { wide: kernel::conv_fprop_gemm_wgmma_bf16, widest: kernel::conv_fprop_gemm_wgmma_bf16_n256 },
+            GemmTiles { wide: kernel::conv_dgrad_gemm_wgmma_bf16, widest: kernel::conv_dgrad_gemm_wgmma_bf16_n256 },
+        ],
         store: kernel::conv_rows_store_bf16,
     });
 }
@@ -1836,7 +1905,7 @@ impl Pairing {
     ) -> Option<GemmWgrad<T>> {
         let kernels = T::GEMM_WGRAD?;
         let aligned = narrow.ptr().address() % 16 == 0 && wide.ptr().address() % 16 == 0;
-        let loaded = gpu.has_kernel(kernels.im2col) && gpu.has_kernel(kernels.product);
+        let loaded = gpu.has_kernel(kernels.im2col) && gpu.has_kernel(kernels.product.wide);
         (!gpu.exact_f32() && aligned && loaded && self.gemm_wgrad_suits()).then_some(kernels)
     }
 
@@ -1895,9 +1964,10 @@ impl Pairing {
             columns = Some(col);
         }
         let b = columns.as_ref().unwrap_or(wide);
-        let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(GEMM_WGMMA_BN);
-        let resident =
-            gpu.resident_blocks(kernels.product, GEMM_WGMMA_THREADS as u32, GEMM_WGMMA_SHARED_BYTES, what)?;
+        let product = kernels.product.pick(gpu, rows, cols);
+        let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(product.1);
+        let shared = gemm_wgmma_shared_bytes(product.1);
+        let resident = gpu.resident_blocks(product.0, GEMM_WGMMA_THREADS as u32, shared, what)?;
         // The reduction runs over (item, position) in steps of GEMM_WGMMA_BK positions of one item, cut into slices
         // of whole steps: enough for about two blocks per block the GPU holds at once, each of at most
         // WGRAD_MAX_SLICE terms.
@@ -1922,7 +1992,7 @@ impl Pairing {
             items: d.batch,
             slice_steps: slice_steps as i32,
         };
-        launch_gemm_wgmma(gpu, kernels.product, &params, slices, what)?;
+        launch_gemm_wgmma(gpu, product, &params, slices, what)?;
         sum_slices(gpu, out, slices, numel, what)
     }
 
@@ -1940,7 +2010,7 @@ impl Pairing {
         let aligned = src.ptr().address() % 16 == 0 && w.ptr().address() % 16 == 0;
         let loaded = gpu.has_kernel(kernels.im2row)
             && gpu.has_kernel(kernels.flip)
-            && gpu.has_kernel(kernels.product[product as usize])
+            && gpu.has_kernel(kernels.product[product as usize].wide)
             && gpu.has_kernel(kernels.store);
         (!gpu.exact_f32() && aligned && loaded && self.explicit_suits(product)).then_some(kernels)
     }
@@ -2037,7 +2107,8 @@ impl Pairing {
             items: 1,
             slice_steps: row.div_ceil(GEMM_WGMMA_BK) as i32,
         };
-        launch_gemm_wgmma(gpu, kernels.product[product as usize], &params, 1, what)?;
+        let tiles = kernels.product[product as usize].pick(gpu, dst_channels, columns);
+        launch_gemm_wgmma(gpu, tiles, &params, 1, what)?;
         drop(rows);
         let len = dst_channels * columns;
         let store = ConvRowsStoreParams {
@@ -2156,22 +2227,25 @@ fn split_reduction(units: usize, wanted: usize) -> (usize, usize) {
     (per_slice, units.div_ceil(per_slice))
 }
 
-/// Shared memory of a gemm_wgmma.cu block: its stages of A and B rows (bf16).
-const GEMM_WGMMA_SHARED_BYTES: u32 = (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32;
+/// Shared memory of a gemm_wgmma.cu block of `columns`-column tiles: its stages of A and B rows (bf16).
+fn gemm_wgmma_shared_bytes(columns: usize) -> u32 {
+    (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + columns) * GEMM_WGMMA_BK * 2) as u32
+}
 
-/// Launches gemm_wgmma.cu's product `kernel` on `params` (pointers filled): one block per tile of C and slice.
+/// Launches gemm_wgmma.cu's product `kernel` of `columns`-column tiles ([`GemmTiles::pick`]) on `params` (pointers
+/// filled): one block per tile of C and slice.
 fn launch_gemm_wgmma<T: GpuElement>(
     gpu: &Arc<Gpu>,
-    kernel: Kernel<GemmWgmmaParams<T>>,
+    (kernel, columns): (Kernel<GemmWgmmaParams<T>>, usize),
     params: &GemmWgmmaParams<T>,
     slices: usize,
     what: &str,
 ) -> Result<()> {
     let tiles = |len: i32, tile: usize| (len as usize).div_ceil(tile) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (tiles(params.m, GEMM_WGMMA_BM), tiles(params.n, GEMM_WGMMA_BN), slices as u32),
+        grid_dim: (tiles(params.m, GEMM_WGMMA_BM), tiles(params.n, columns), slices as u32),
         block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: GEMM_WGMMA_SHARED_BYTES,
+        shared_mem_bytes: gemm_wgmma_shared_bytes(columns),
     };
     gpu.launch(kernel, cfg, params, what)
 }

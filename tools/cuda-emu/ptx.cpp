@@ -119,7 +119,7 @@ struct Wgmma {
     bool a_regs, trans_b, accumulate;
     uint64_t a_desc, b_desc;
     uint32_t a[4];
-    float* d[64];
+    float* d[128];  // N / 2 accumulators per thread, up to m64n256
 };
 float bf16_at(const unsigned char* p) {
     uint16_t v;
@@ -234,6 +234,7 @@ void ptx(const char* tmpl, std::initializer_list<Operand> list) {
         Wgmma w{};
         w.n = shape_n(tmpl);
         const int nd = w.n / 2;
+        if (nd > 128) trap("wgmma: wider than m64n256");
         // Operands: d[0 .. N/2), then A (a descriptor, or four registers), the B descriptor, the scale-d predicate.
         w.a_regs = count == nd + 6;
         if (!w.a_regs && count != nd + 3) trap("wgmma: unexpected operand count");
