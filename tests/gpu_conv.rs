@@ -244,10 +244,11 @@ fn gpu_conv_explicit_products() {
     check_conv("conv2d 3x3 512 -> 520, 2 x 5x7", &[2, 512, 5, 7], &[520, 512, 3, 3], &[1, 1], 760);
     check_conv("conv3d 3x3x3 512 -> 8, 3 x 2x3x4", &[3, 512, 2, 3, 4], &[8, 512, 3, 3, 3], &[1, 1, 1], 770);
     check_bf16_conv_repeats("conv2d 3x3 512 -> 520 bf16", &[2, 512, 5, 7], &[520, 512, 3, 3], 780);
-    // 256-column tiles where they halve the waves of blocks on a GPU of 132 SMs (conv.rs's widest_pays): the input
-    // gradient's 4 x 35 tiles of 128 positions, then the forward's 1 x 135.
-    check_conv("conv2d 3x3 512 -> 8, 11 x 20x20", &[11, 512, 20, 20], &[8, 512, 3, 3], &[1, 1], 790);
-    check_conv("conv2d 3x3 512 -> 8, 43 x 20x20", &[43, 512, 20, 20], &[8, 512, 3, 3], &[1, 1], 795);
+    // 256-column tiles where they halve the waves of blocks on a GPU of 132 SMs (conv.rs's widest_pays): 135 tiles
+    // of 128 positions, 68 of 256, in the forward and then the input gradient (whose source is the 512-channel
+    // side); 3x1 kernels keep the rows within EXPLICIT_MAX_ROWS_BYTES and the CPU reference short.
+    check_conv("conv2d 3x1 512 -> 8, 43 x 20x20", &[43, 512, 20, 20], &[8, 512, 3, 1], &[1, 1], 790);
+    check_conv("conv2d 3x1 8 -> 512, 43 x 20x20", &[43, 8, 20, 20], &[512, 8, 3, 1], &[1, 1], 795);
 }
 
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
