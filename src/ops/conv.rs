@@ -1248,7 +1248,7 @@ pub(crate) struct GemmTiles<P: Copy> {
 impl<P: Copy> GemmTiles<P> {
     /// The kernel for an `m` x `n` product (C's rows, columns) on `gpu`, and its tile width ([`widest_pays`]).
     fn pick(self, gpu: &Gpu, m: usize, n: usize) -> (Kernel<P>, usize) {
-        if widest_pays(gpu, m, n) {
+        if widest_pays(gpu.multiprocessors(), m, n) {
             (self.widest, GEMM_WGMMA_BN_WIDE)
         } else {
             (self.wide, GEMM_WGMMA_BN)
@@ -1256,16 +1256,17 @@ impl<P: Copy> GemmTiles<P> {
     }
 }
 
-/// Whether an `m` x `n` product of gemm_wgmma.cu finishes sooner in 256-column tiles than in 128-column ones: the
-/// blocks run in waves of one per SM either way (128 and 192 KB of stages), and a 256-column block takes 1.7 times
-/// a 128-column one (twice the products from 1.5 times the bytes, both bound by what L2 delivers). Fitted on the
-/// H100 (2026-12-06, bf16, both widths everywhere in one call; benches/RESULTS.md): 256 columns won where they
-/// halved the waves (amos-2d 512 -> 512 at 20x20, 152 -> 76 blocks: forward 0.234 -> 0.207 ms, input gradient 0.245
-/// -> 0.221, weight gradient 0.214 -> 0.199; the strided 256 -> 512 forward at 40x40 0.119 -> 0.105) and lost where
-/// the blocks were fewer than the SMs already (512 -> 512 at 10x10, 40 -> 20 blocks: 0.097 -> 0.136) or the waves
-/// went from 5 to 3 (512 -> 256 at 40x40 input gradient, 600 -> 300 blocks: 0.293 -> 0.315).
-fn widest_pays(gpu: &Gpu, m: usize, n: usize) -> bool {
-    let waves = |columns: usize| (m.div_ceil(GEMM_WGMMA_BM) * n.div_ceil(columns)).div_ceil(gpu.multiprocessors());
+/// Whether an `m` x `n` product of gemm_wgmma.cu finishes sooner in 256-column tiles than in 128-column ones on a
+/// GPU of `sms` multiprocessors: the blocks run in waves of one per SM either way (128 and 192 KB of stages), and a
+/// 256-column block takes 1.7 times a 128-column one (twice the products from 1.5 times the bytes, both bound by
+/// what L2 delivers). Fitted on the H100 (2026-12-06, bf16, both widths everywhere in one call; benches/RESULTS.md):
+/// 256 columns won where they halved the waves (amos-2d 512 -> 512 at 20x20, 152 -> 76 blocks: forward 0.234 ->
+/// 0.207 ms, input gradient 0.245 -> 0.221, weight gradient 0.214 -> 0.199; the strided 256 -> 512 forward at 40x40
+/// 0.119 -> 0.105) and lost where the blocks were fewer than the SMs already (512 -> 512 at 10x10, 40 -> 20 blocks:
+/// 0.097 -> 0.136) or the waves went from 5 to 3 (512 -> 256 at 40x40 input gradient, 600 -> 300 blocks: 0.293 ->
+/// 0.315).
+fn widest_pays(sms: usize, m: usize, n: usize) -> bool {
+    let waves = |columns: usize| (m.div_ceil(GEMM_WGMMA_BM) * n.div_ceil(columns)).div_ceil(sms);
     10 * waves(GEMM_WGMMA_BN) > 17 * waves(GEMM_WGMMA_BN_WIDE)
 }
 
@@ -2929,5 +2930,27 @@ mod tests {
         let phases: Vec<(i32, i32, i32)> = (0..3).filter_map(|rho| d.phase(2, rho)).collect();
         // Wide positions 0, 3, 6 (phase 0, the one tap), 1, 4 and 2, 5 (no tap).
         assert_eq!(phases, vec![(0, 3, 1), (0, 2, 0), (0, 2, 0)]);
+    }
+
+    /// [`widest_pays`] on the H100's 132 SMs: 256 columns for the products where they won on the H100
+    /// (benches/RESULTS.md, "256-column wgmma tiles"), 128 where they lost, and 256 for the GPU tests' cases that
+    /// exist to run them.
+    #[test]
+    fn widest_tiles_where_the_waves_halve() {
+        let sms = 132;
+        // (M, N) of C: amos-2d b12's 512 -> 512 at 20x20 (explicit: channels x positions), its weight gradient
+        // (channels x channels taps), the strided 256 -> 512 forward (implicit: positions x channels), flare-3d's
+        // 320 -> 320 weight gradient; then gpu_conv's cases.
+        let wins =
+            [(512, 4800), (512, 4608), (4800, 512), (320, 8640), (8, 17200), (64, 17000), (9240, 256), (10800, 256)];
+        // 512 -> 512 at 10x10 (explicit), the strided entries' input-gradient phases (implicit), a 1x1 weight
+        // gradient, the amos-2d stem's, 512 -> 256 at 40x40's input gradient (implicit, 5 waves to 3).
+        let losses = [(512, 1200), (4800, 256), (256, 512), (32, 9), (19200, 512)];
+        for (m, n) in wins {
+            assert!(widest_pays(sms, m, n), "{m} x {n}: 256 columns won on the H100");
+        }
+        for (m, n) in losses {
+            assert!(!widest_pays(sms, m, n), "{m} x {n}: 256 columns lost on the H100");
+        }
     }
 }
