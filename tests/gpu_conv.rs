@@ -188,11 +188,6 @@ fn gpu_conv_halo_tiles() {
     // A strided forward on the implicit wgmma products' wide tile (more than 64 output columns, at least 1024
     // positions: conv.rs's implicit_suits), a source chunk of 16 channels cut short.
     check_conv("conv3d 3x3x3 stride 2 40 -> 80, 4 x 16 x 17", &[1, 40, 8, 32, 34], &[80, 40, 3, 3, 3], &[2, 2, 2], 560);
-    // The implicit products' widest tile (256 output columns, taken where it halves the waves of blocks: 67 to 132
-    // tiles of 128 positions on a GPU of 132 SMs, conv.rs's widest_pays): a strided forward, and the input gradient
-    // of a 2D stride-1 conv from 256 channels below the wgmma halo products' 6400 positions.
-    check_conv("conv2d 3x3 stride 2 20 -> 256, 2 x 70 x 66", &[2, 20, 140, 132], &[256, 20, 3, 3], &[2, 2], 570);
-    check_conv("conv2d 3x3 256 -> 24, 3 x 60 x 60", &[3, 256, 60, 60], &[24, 256, 3, 3], &[1, 1], 580);
 }
 
 /// The bf16 weight gradient of stride-1 convs of 5 to 10 or 14 to 28 taps on maps of at least 8192 positions runs on
@@ -229,8 +224,6 @@ fn gpu_conv_wgrad_gemm() {
         665,
     );
     check_bf16_conv_repeats("conv3d 3x3x3 64 -> 320 bf16", &[2, 64, 4, 6, 10], &[320, 64, 3, 3, 3], 670);
-    // 256-column tiles (133 tiles of 128 weight columns, 67 of 256: conv.rs's widest_pays on a GPU of 132 SMs).
-    check_conv("conv2d 1x1 17000 -> 64, 2 x 2x4", &[2, 17000, 2, 4], &[64, 17000, 1, 1], &[1, 1], 675);
 }
 
 /// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as
@@ -244,15 +237,26 @@ fn gpu_conv_explicit_products() {
     check_conv("conv2d 3x3 512 -> 520, 2 x 5x7", &[2, 512, 5, 7], &[520, 512, 3, 3], &[1, 1], 760);
     check_conv("conv3d 3x3x3 512 -> 8, 3 x 2x3x4", &[3, 512, 2, 3, 4], &[8, 512, 3, 3, 3], &[1, 1, 1], 770);
     check_bf16_conv_repeats("conv2d 3x3 512 -> 520 bf16", &[2, 512, 5, 7], &[520, 512, 3, 3], 780);
-    // 256-column tiles where they halve the waves of blocks on a GPU of 132 SMs (conv.rs's widest_pays): 135 tiles
-    // of 128 positions, 68 of 256, in the forward and then the input gradient (whose source is the 512-channel
-    // side); 3x1 kernels keep the rows within EXPLICIT_MAX_ROWS_BYTES and the CPU reference short.
+}
+
+/// The bf16 wgmma GEMM products in 256-column tiles (cuda/gemm_wgmma.cu's _n256 kernels), which conv.rs's
+/// widest_pays takes where they halve the waves of blocks: on a GPU of 132 SMs (H100, H200) these shapes have 133
+/// to 264 tiles of 128 columns and at most 132 of 256 (conv.rs's unit test widest_tiles_where_the_waves_halve checks
+/// the count). The implicit products: a strided forward to 256 channels, and the input gradient of a 2D stride-1 conv
+/// from 256 channels below the wgmma halo products' 6400 positions; the explicit weight gradient of a 1x1 conv with
+/// 17000 input channels; the explicit forward and input gradient of 512-channel 3x1 convs on 43 x 20x20 (3x1 keeps
+/// the rows within EXPLICIT_MAX_ROWS_BYTES and the CPU reference short; an input gradient's source is the narrow
+/// side). Their own test, not in the others: cuda-emu (CI) would take long over these sizes.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_widest_tiles() {
+    check_conv("conv2d 3x3 stride 2 20 -> 256, 2 x 70 x 66", &[2, 20, 140, 132], &[256, 20, 3, 3], &[2, 2], 570);
+    check_conv("conv2d 3x3 256 -> 24, 3 x 60 x 60", &[3, 256, 60, 60], &[24, 256, 3, 3], &[1, 1], 580);
+    check_conv("conv2d 1x1 17000 -> 64, 2 x 2x4", &[2, 17000, 2, 4], &[64, 17000, 1, 1], &[1, 1], 675);
     check_conv("conv2d 3x1 512 -> 8, 43 x 20x20", &[43, 512, 20, 20], &[8, 512, 3, 1], &[1, 1], 790);
     check_conv("conv2d 3x1 8 -> 512, 43 x 20x20", &[43, 8, 20, 20], &[512, 8, 3, 1], &[1, 1], 795);
 }
 
-/// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
-/// so and names the way out, not computed wrongly.
 /// The bf16 1x1x1 products of maps whose channels are whole 16-byte pieces run on the channels-first streaming kernels
 /// (cuda/gemm.cu's conv_*_pointwise_bf16_n*): the conv's forward and input gradient and the transposed conv's forward,
 /// in each column width (9 and 20 channels in n32, 64 in n64, 80 and 100 in n128, 130 in two column blocks), with
@@ -268,6 +272,8 @@ fn gpu_conv_pointwise() {
     check_conv_transpose("conv_transpose3d 1x2x2 40 -> 20, 2 x 2x4x8", &[2, 40, 2, 4, 8], &[40, 20, 1, 2, 2], 740);
 }
 
+/// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
+/// so and names the way out, not computed wrongly.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_tf32_refuses_kernels_beyond_ten_taps() {
