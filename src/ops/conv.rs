@@ -744,7 +744,7 @@ fn launch_product<T: ConvElement>(
         dst: dst.ptr_mut(),
         ..product
     };
-    let rows = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+    let rows = output_positions(&p);
     let columns = p.c_dst as usize;
     let grid = |tile_m: usize, tile_n: usize, threads: usize| LaunchConfig {
         grid_dim: (rows.div_ceil(tile_m) as u32, columns.div_ceil(tile_n) as u32, 1),
@@ -1033,8 +1033,8 @@ impl<T: ConvElement> SourceLast<T> {
         if let Some(copy) = &self.copy {
             return Ok(copy.ptr());
         }
-        let voxels = p.src_size.iter().map(|&s| s as usize).product();
-        Ok(self.copy.insert(channels_last(gpu, p.src, p.batch as usize, p.c_src as usize, voxels, what)?).ptr())
+        let copy = channels_last(gpu, p.src, p.batch as usize, p.c_src as usize, source_voxels(p), what)?;
+        Ok(self.copy.insert(copy).ptr())
     }
 }
 
@@ -1043,14 +1043,23 @@ impl<T: ConvElement> SourceLast<T> {
 /// [`launch_wgmma`] do not take ([`wgmma_suits`]): a strided conv's forward, the products of 2D maps below
 /// [`WGMMA_2D_MIN_POSITIONS`] positions; with at least [`IMPLICIT_MIN_POSITIONS`] output positions.
 fn implicit_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
-    let src_vox = p.src_size.iter().map(|&s| s as usize).product::<usize>();
+    let positions = output_positions(p);
     let taps = p.taps.iter().product::<i32>();
     let walk = p.src_tap.iter().all(|t| t.abs() == 1) && (p.src_mul != [1; 3] || !wgmma_suits(p));
     walk && taps > 1
         && p.c_src as usize >= CONV_WGMMA_CHUNK
         && (IMPLICIT_MIN_POSITIONS..i32::MAX as usize).contains(&positions)
-        && channels_last_fits(p.c_src as usize, src_vox)
+        && channels_last_fits(p.c_src as usize, source_voxels(p))
+}
+
+/// The output positions of a product over the batch (the rows of its matrix product).
+fn output_positions<T: Copy>(p: &ConvGemmParams<T>) -> usize {
+    p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>()
+}
+
+/// The voxels of one batch item's source map of a product.
+fn source_voxels<T: Copy>(p: &ConvGemmParams<T>) -> usize {
+    p.src_size.iter().map(|&s| s as usize).product()
 }
 
 /// Launches the product `p` ([`implicit_suits`], pointers filled) as one implicit matrix product on wgmma
@@ -1065,7 +1074,7 @@ fn launch_implicit<T: ConvElement>(
     gpu: &Arc<Gpu>,
     what: &str,
 ) -> Result<()> {
-    let positions = p.batch as usize * p.rows.iter().map(|&r| r as usize).product::<usize>();
+    let positions = output_positions(p);
     let (product, tile_n) = kernels.pick(gpu, positions, p.c_dst as usize);
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
     let packed = pack_halves(pack_kernel, pack, gpu, what)?;
@@ -1105,9 +1114,8 @@ fn launch_implicit<T: ConvElement>(
 /// input gradient 0.338 -> 0.565, 512 -> 512 at 10x10 0.133 -> 0.165: boxes of 32 x 8 positions, one block per SM),
 /// which stay on the halo tiles.
 fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
-    let src_vox = p.src_size.iter().map(|&s| s as usize).product::<usize>();
     let large_2d = (p.rows[1] * p.rows[2]) as usize >= WGMMA_2D_MIN_POSITIONS;
-    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && channels_last_fits(p.c_src as usize, src_vox)
+    !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && channels_last_fits(p.c_src as usize, source_voxels(p))
 }
 
 /// Whether a channels-last map of `channels` (rounded up to 8, [`channels_last`]) x `voxels` per batch item has
