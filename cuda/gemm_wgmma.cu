@@ -33,6 +33,7 @@
 // Cost: 2 K FLOPs per element of C; bytes A and B once per tile column and row (ceil(N / BN) and ceil(M / 128)
 // times, much of it from L2), C once as float32.
 #include "common.cuh"
+#include "gemm.cuh"
 #include "gemm_wgmma.cuh"
 #include "mma.cuh"
 #include "wgmma.cuh"
@@ -76,10 +77,18 @@ __device__ __forceinline__ void load_pieces(unsigned char* dst, At at) {
     }
 }
 
-// The products of one block's tile over `steps` k-steps: stage_in(step, slot) issues the cp.async copies of step's BM
-// A rows (at slot) and BN B rows (at slot + A_BYTES) through load_pieces, called once per step, in order; d receives
-// the warpgroup's 64 x BN sums.
-template <int BN, class StageIn>
+// The descriptor of k-step ks of an operand staged at `at` by load_pieces: K-major (each 128-byte row an operand row,
+// 64 k), the k-step 32 bytes along the rows; MN-major (each row 64 consecutive m or n of one k, blocks of 64 rows for
+// the next 64 m or n), the k-step 16 rows further.
+template <bool MN>
+__device__ __forceinline__ uint64_t operand(uint32_t at, int ks) {
+    return MN ? wgmma::descriptor_sw128(at + 2 * ATOM * ks, ATOM, BK * ROW) : wgmma::descriptor_sw128(at + 32 * ks, ATOM);
+}
+
+// The products of one block's tile over `steps` k-steps: stage_in(step, slot) issues the cp.async copies of step's
+// BM x BK of A (at slot) and BN x BK of B (at slot + A_BYTES) through load_pieces, K-major or (A_MN, B_MN) MN-major,
+// called once per step, in order; d receives the warpgroup's 64 x BN sums.
+template <int BN, bool A_MN = false, bool B_MN = false, class StageIn>
 __device__ __forceinline__ void pipeline(int steps, StageIn stage_in, float (&d)[BN / 2]) {
     extern __shared__ __align__(1024) unsigned char smem[];
     const int group = threadIdx.x / 128;
@@ -103,8 +112,7 @@ __device__ __forceinline__ void pipeline(int steps, StageIn stage_in, float (&d)
         wgmma::fence();
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ++ks)
-            wgmma::mma_async<BN>(d, wgmma::descriptor_sw128(a_at + 32 * ks, ATOM),
-                                 wgmma::descriptor_sw128(b_at + 32 * ks, ATOM), true);
+            wgmma::mma_async<BN, A_MN, B_MN>(d, operand<A_MN>(a_at, ks), operand<B_MN>(b_at, ks), true);
         wgmma::commit();
         wgmma::wait<1>();
     }
@@ -265,6 +273,63 @@ __device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p)
     }
 }
 
+// Rows k0 .. k0 + BK - 1 of an operand stored MN-major at src (row k: R consecutive m or n from mn0, rows ld elements
+// apart; those from k_end and the m or n from mn_end read as zeros; mn0, mn_end and ld multiples of 8), staged as
+// `operand<true>` reads them: row r of the stage is k = r % BK of block r / BK of 64 m or n.
+template <int R>
+__device__ __forceinline__ void load_mn_rows(unsigned char* dst, const bf16* src, int64_t ld, int mn0, int mn_end,
+                                             int64_t k0, int64_t k_end) {
+    load_pieces<R>(dst, [&](int, int r, int kg) {
+        const int64_t k = k0 + r % BK;
+        const int mn = mn0 + r / BK * 64 + 8 * kg;
+        const bool ok = k < k_end && mn < mn_end;
+        return Piece{ok ? src + k * ld + mn : src, ok ? 8 : 0};
+    });
+}
+
+// The 1x1x1 convolution products on channels-first maps (formula in gemm_wgmma.cuh): D[j, i] = sum_k W(k, j)
+// X[k, i] per batch item, j the output channels (the wgmma's m, BM per block), i the positions (its n, BN per block), k
+// the source channels. X's rows (a channel's positions) and W's are staged MN-major where they are stored so (the map
+// always; W stored [k][j] for the input gradient and the transposed conv), W's K-major where stored [j][k] (the
+// forward): no copy of either in another layout. Each thread stores its accumulators' position pairs into the
+// channel rows of C with the bias.
+template <bool W_KJ>
+__device__ __forceinline__ void conv_pointwise(const GemmParams<bf16>& p) {
+    constexpr int BN = GEMM_WGMMA_BN;
+    const int j0 = blockIdx.x * BM, i0 = blockIdx.y * BN;
+    const int64_t item = blockIdx.z;
+    const bf16* x = p.a + item * p.a_sb;
+    const int steps = (int)((p.K + BK - 1) / BK);
+    int64_t k0 = 0;
+    auto stage_in = [&](int, unsigned char* slot) {
+        if (W_KJ)
+            load_mn_rows<BM>(slot, p.b, p.b_sk, j0, (int)p.N, k0, p.K);
+        else
+            load_rows<BM>(slot, p.b, p.b_sj, j0, (int)p.N, k0, p.K);
+        load_mn_rows<BN>(slot + A_BYTES, x, p.a_sk, i0, (int)p.M, k0, p.K);
+        k0 += BK;
+    };
+    float d[BN / 2];
+    pipeline<BN, W_KJ, true>(steps, stage_in, d);
+
+    // d[4 jj + 2 h + e] = D[64 group + 16 warp + lane / 4 + 8 h, 8 jj + 2 (lane % 4) + e]; M (the positions) is even.
+    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = j0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
+        if (j >= p.N) continue;
+        const float b = p.bias ? __bfloat162float(p.bias[j]) : 0.0f;
+        bf16* out = p.c + item * p.c_sb + (int64_t)j * p.M;
+#pragma unroll
+        for (int jj = 0; jj < BN / 8; ++jj) {
+            const int i = i0 + 8 * jj + 2 * (lane % 4);
+            if (i < p.M)
+                *reinterpret_cast<__nv_bfloat162*>(out + i) =
+                    __floats2bfloat162_rn(d[4 * jj + 2 * h] + b, d[4 * jj + 2 * h + 1] + b);
+        }
+    }
+}
+
 }  // namespace
 
 // One entry per role (gemm_wgmma.cuh), so that a profile tells the passes apart.
@@ -294,3 +359,13 @@ CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
 CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16, GEMM_WGMMA_BN)
 CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n64, 64)
 CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
+
+// The channels-first 1x1x1 products per role (gemm_wgmma.cuh): W stored [j][k] (the forward) or [k][j] (W_KJ).
+#define CONV_POINTWISE_KERNEL(NAME, W_KJ)                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)                               \
+        NAME(const GemmParams<__nv_bfloat16> p) {                                                     \
+        conv_pointwise<W_KJ>(p);                                                                      \
+    }
+CONV_POINTWISE_KERNEL(conv_fprop_pointwise_wgmma_bf16, false)
+CONV_POINTWISE_KERNEL(conv_dgrad_pointwise_wgmma_bf16, true)
+CONV_POINTWISE_KERNEL(conv_transpose_fprop_pointwise_wgmma_bf16, true)

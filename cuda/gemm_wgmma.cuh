@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "gemm.cuh"
+
 // A block: GEMM_WGMMA_THREADS threads (two warpgroups of 64 rows each) compute a GEMM_WGMMA_BM x BN tile of C from
 // GEMM_WGMMA_STAGES shared-memory stages of GEMM_WGMMA_BK reduction indices each; BN is GEMM_WGMMA_BN, or
 // GEMM_WGMMA_BN_WIDE for the _n256 kernels (and 64 for the implicit products' _n64 ones).
@@ -89,3 +91,14 @@ extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16(const ConvImplicitPara
 extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16_n64(const ConvImplicitParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_implicit_wgmma_bf16_n256(const ConvImplicitParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16_n256(const ConvImplicitParams<__nv_bfloat16> p);
+
+// The 1x1x1 convolution products on channels-first maps, gemm.cuh's GemmParams in their channels-first form (the
+// contract of gemm.cu's conv_*_pointwise_bf16_n* streaming kernels): per item b, C[b](i, j) = sum_k A[b](i, k) B(k, j)
+// (+ bias[j]) with A[b](i, k) = a[b a_sb + k a_sk + i] (the source map, a_sk = M positions) and C[b](i, j) = c[b c_sb +
+// j M + i]; conv_fprop: W stored [j][k] (b_sk = 1, b_sj = K), conv_dgrad and conv_transpose_fprop: [k][j] (b_sk = N,
+// b_sj = 1). Any K; M, the [k][j] kinds' N and the [j][k] kind's K multiples of 8, a, b, c 16-byte aligned. Grid
+// (ceil(N / GEMM_WGMMA_BM), ceil(M / GEMM_WGMMA_BN), batch), GEMM_WGMMA_THREADS threads, dynamic shared memory
+// GEMM_WGMMA_STAGES x (GEMM_WGMMA_BM + GEMM_WGMMA_BN) x GEMM_WGMMA_BK x 2 bytes.
+extern "C" __global__ void conv_fprop_pointwise_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_pointwise_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_transpose_fprop_pointwise_wgmma_bf16(const GemmParams<__nv_bfloat16> p);

@@ -272,6 +272,22 @@ fn gpu_conv_pointwise() {
     check_conv_transpose("conv_transpose3d 1x2x2 40 -> 20, 2 x 2x4x8", &[2, 40, 2, 4, 8], &[40, 20, 1, 2, 2], 740);
 }
 
+/// The bf16 1x1x1 products of more than GEMM_STREAM_MAX_K (128) source channels run on the channels-first wgmma kernels
+/// (cuda/gemm_wgmma.cu's conv_*_pointwise_wgmma_bf16, sm_90): the forward reads W K-major, the input gradient and the
+/// transposed conv's forward read it and every map MN-major. Reductions not whole 64-channel steps (200, 136, 264,
+/// 144), output channels past one 128-row tile (136, 160, 200) or below it (24), positions not whole 128-position
+/// tiles (288, 160, 96), 2D and 3D maps; the other role of each conv (24 or fewer source channels) stays on the
+/// streaming kernels.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_conv_pointwise_wgmma() {
+    check_conv("conv3d 1x1x1 200 -> 136, 2 x 3x8x12", &[2, 200, 3, 8, 12], &[136, 200, 1, 1, 1], &[1, 1, 1], 750);
+    check_conv("conv2d 1x1 256 -> 24, 3 x 10x16", &[3, 256, 10, 16], &[24, 256, 1, 1], &[1, 1], 755);
+    check_conv("conv2d 1x1 24 -> 264, 1 x 8x16", &[1, 24, 8, 16], &[264, 24, 1, 1], &[1, 1], 760);
+    check_conv_transpose("conv_transpose3d 1x2x2 192 -> 40, 2 x 2x4x8", &[2, 192, 2, 4, 8], &[192, 40, 1, 2, 2], 765);
+    check_conv_transpose("conv_transpose2d 2x2 144 -> 36, 3 x 8x12", &[3, 144, 8, 12], &[144, 36, 2, 2], 770);
+}
+
 /// The tensor-core kernels enumerate at most 10 taps per axis: a larger kernel is refused with a message that says
 /// so and names the way out, not computed wrongly.
 #[test]

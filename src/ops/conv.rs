@@ -65,7 +65,9 @@
 //! conv's forward and input gradient, the transposed conv's forward with its taps as channels) of at most
 //! GEMM_STREAM_MAX_K source channels on maps of whole 16-byte channels run on the linear layers' streaming products in
 //! their channels-first form (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`, `pointwise`): a block keeps its columns of
-//! W and walks 64-position tiles with three in flight, where the gathers above load, multiply and store in turn. With
+//! W and walks 64-position tiles with three in flight, where the gathers above load, multiply and store in turn; those
+//! of more source channels on sm_90 as wgmma products in the same form (cuda/gemm_wgmma.cu's
+//! `conv_*_pointwise_wgmma_bf16`: the map's channel rows and W staged MN-major as they lie, no copy). With
 //! a bf16 input, a float32
 //! weight and bias are read as their bf16 copies ([`Weight`]); dW and db are summed in float32 and returned in the
 //! masters' type (a float32 master's gradient is never rounded).
@@ -91,14 +93,14 @@ use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConstPtr, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams,
     ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmParams, GemmWgmmaParams, Kernel, SumSlicesParams,
-    CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
-    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
-    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
-    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
-    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
-    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
-    GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK,
+    CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW,
+    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS,
+    CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
+    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
+    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE,
+    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -753,7 +755,7 @@ fn launch_product<T: ConvElement>(
     };
     let gpu = &src.gpu;
     if let GemmKernel::TensorCore(_, _, Some(kernels)) = kernel {
-        if let Some(pw) = pointwise(&p, kernels).filter(|pw| pw.suits(p.src, p.dst)) {
+        if let Some(pw) = pointwise(&p, kernels).filter(|pw| pw.suits(gpu, p.src, p.dst)) {
             return pw.run(gpu, p.src, p.w, p.bias, p.dst, what);
         }
     }
@@ -1397,9 +1399,9 @@ pub(crate) trait ConvElement: GpuElement {
     const HALO: [HaloKernels<Self>; 2];
     /// The halo-tile kernel of the conv's weight gradient.
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<Self>>;
-    /// The channels-first streaming kernels of 1x1x1 products, if the type has them: the conv's forward, its input
-    /// gradient and the transposed conv's forward (its taps as channels).
-    const POINTWISE: Option<[[Kernel<GemmParams<Self>>; 3]; 3]>;
+    /// The channels-first kernels of 1x1x1 products, if the type has them: the conv's forward, its input gradient and
+    /// the transposed conv's forward (its taps as channels).
+    const POINTWISE: Option<[PointwiseKernels<Self>; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
@@ -1496,7 +1498,7 @@ impl ConvElement for f32 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
-    const POINTWISE: Option<[[Kernel<GemmParams<f32>>; 3]; 3]> = None;
+    const POINTWISE: Option<[PointwiseKernels<f32>; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
@@ -1583,22 +1585,34 @@ impl ConvElement for bf16 {
         ),
     ];
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<bf16>> = kernel::conv_wgrad_halo_bf16;
-    const POINTWISE: Option<[[Kernel<GemmParams<bf16>>; 3]; 3]> = Some([
-        [
-            kernel::conv_fprop_pointwise_bf16_n32,
-            kernel::conv_fprop_pointwise_bf16_n64,
-            kernel::conv_fprop_pointwise_bf16_n128,
-        ],
-        [
-            kernel::conv_dgrad_pointwise_bf16_n32,
-            kernel::conv_dgrad_pointwise_bf16_n64,
-            kernel::conv_dgrad_pointwise_bf16_n128,
-        ],
-        [
-            kernel::conv_transpose_fprop_pointwise_bf16_n32,
-            kernel::conv_transpose_fprop_pointwise_bf16_n64,
-            kernel::conv_transpose_fprop_pointwise_bf16_n128,
-        ],
+    const POINTWISE: Option<[PointwiseKernels<bf16>; 3]> = Some([
+        PointwiseKernels {
+            streaming: [
+                kernel::conv_fprop_pointwise_bf16_n32,
+                kernel::conv_fprop_pointwise_bf16_n64,
+                kernel::conv_fprop_pointwise_bf16_n128,
+            ],
+            wgmma: kernel::conv_fprop_pointwise_wgmma_bf16,
+            w_k_major: false,
+        },
+        PointwiseKernels {
+            streaming: [
+                kernel::conv_dgrad_pointwise_bf16_n32,
+                kernel::conv_dgrad_pointwise_bf16_n64,
+                kernel::conv_dgrad_pointwise_bf16_n128,
+            ],
+            wgmma: kernel::conv_dgrad_pointwise_wgmma_bf16,
+            w_k_major: true,
+        },
+        PointwiseKernels {
+            streaming: [
+                kernel::conv_transpose_fprop_pointwise_bf16_n32,
+                kernel::conv_transpose_fprop_pointwise_bf16_n64,
+                kernel::conv_transpose_fprop_pointwise_bf16_n128,
+            ],
+            wgmma: kernel::conv_transpose_fprop_pointwise_wgmma_bf16,
+            w_k_major: true,
+        },
     ]);
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<bf16>>; 5]> = Some([
         kernel::conv_wgrad_wgmma_bf16_k333_z4,
@@ -1632,12 +1646,12 @@ impl Pairing {
         let (exact, pair) = T::GEMM[self.transposed as usize][product as usize];
         // The transposed conv's products (its forward's 1x1, its backward's of stride = kernel): no halo kernels.
         let halo = (!self.transposed).then_some(T::HALO[product as usize]);
-        // The streaming kernels are not for `--math exact` (as the linear layers' and the explicit weight gradient).
-        let streaming = T::POINTWISE.filter(|_| !gpu.exact_f32());
-        let pointwise = streaming.and_then(|[fprop, dgrad, transpose_fprop]| match (self.transposed, product) {
-            (false, Product::NarrowFromWide) => Some(PointwiseKernels { kernels: fprop, w_k_major: false }),
-            (false, Product::WideFromNarrow) => Some(PointwiseKernels { kernels: dgrad, w_k_major: true }),
-            (true, Product::WideFromNarrow) => Some(PointwiseKernels { kernels: transpose_fprop, w_k_major: true }),
+        // The 1x1x1 kernels are not for `--math exact` (as the linear layers' and the explicit weight gradient).
+        let pointwise = T::POINTWISE.filter(|_| !gpu.exact_f32());
+        let pointwise = pointwise.and_then(|[fprop, dgrad, transpose_fprop]| match (self.transposed, product) {
+            (false, Product::NarrowFromWide) => Some(fprop),
+            (false, Product::WideFromNarrow) => Some(dgrad),
+            (true, Product::WideFromNarrow) => Some(transpose_fprop),
             (true, Product::NarrowFromWide) => None,
         });
         match exact {
@@ -2938,6 +2952,25 @@ mod tests {
         let phases: Vec<(i32, i32, i32)> = (0..3).filter_map(|rho| d.phase(2, rho)).collect();
         // Wide positions 0, 3, 6 (phase 0, the one tap), 1, 4 and 2, 5 (no tap).
         assert_eq!(phases, vec![(0, 3, 1), (0, 2, 0), (0, 2, 0)]);
+    }
+
+    /// The products of the GPU test gpu_conv_pointwise_wgmma that exist to run the channels-first wgmma kernels are
+    /// ones they take (so that the test does not pass on the streaming kernels or the gathers instead), and the others
+    /// are not.
+    #[test]
+    fn pointwise_products_beyond_the_streaming_reduction_are_wgmma_products() {
+        let [fprop, dgrad, transpose_fprop] = <bf16 as ConvElement>::POINTWISE.unwrap();
+        let fits = |kernels, k, n| Pointwise { kernels, batch: 1, k, n, positions: 64 }.wgmma_fits();
+        // 200 -> 136 both ways, 256 -> 24 forward, 24 -> 264 input gradient, the transposed 192 -> 40 x 4 taps and
+        // 144 -> 36 x 4 taps.
+        let wgmma = [(fprop, 200, 136), (dgrad, 136, 200), (fprop, 256, 24), (dgrad, 264, 24)];
+        for (kernels, k, n) in wgmma.into_iter().chain([(transpose_fprop, 192, 160), (transpose_fprop, 144, 144)]) {
+            assert!(fits(kernels, k, n), "{k} -> {n}: a wgmma product");
+        }
+        // Reductions the streaming kernels take; W's rows of 130 channels, not whole 16-byte pieces.
+        for (kernels, k, n) in [(dgrad, 24, 256), (fprop, 24, 264), (fprop, 128, 512), (fprop, 130, 64)] {
+            assert!(!fits(kernels, k, n), "{k} -> {n}: not a wgmma product");
+        }
     }
 
     /// [`widest_pays`] on the H100's 132 SMs: 256 columns for the products where they won on the H100

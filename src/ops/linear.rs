@@ -52,7 +52,8 @@ use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_STREAM_BM, GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES,
     GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW, GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK,
-    GEMM_TM, GEMM_TN, SUM_ROWS_COLS, SUM_ROWS_LANES,
+    GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::{params_in, Weight};
 use crate::profile;
@@ -673,11 +674,15 @@ fn stream_shared_bytes(k: usize, bn: usize, b_k_major: bool, channels_first: boo
     2 * (GEMM_STREAM_STAGES * ring + b + warps * out)
 }
 
-/// The channels-first streaming kernels of one role's 1x1x1 products (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`).
+/// The channels-first kernels of one role's 1x1x1 products: the streaming ones (cuda/gemm.cu's
+/// `conv_*_pointwise_bf16_n*`) up to GEMM_STREAM_MAX_K source channels, the wgmma one (cuda/gemm_wgmma.cu's
+/// `conv_*_pointwise_wgmma_bf16`, sm_90) beyond, where the streaming kernels' whole columns of W no longer fit.
 #[derive(Clone, Copy)]
 pub(crate) struct PointwiseKernels<T> {
-    /// The kernels for 32, 64 and 128 output channels per block.
-    pub kernels: [Kernel<GemmParams<T>>; 3],
+    /// The streaming kernels for 32, 64 and 128 output channels per block.
+    pub streaming: [Kernel<GemmParams<T>>; 3],
+    /// The wgmma kernel: tiles of GEMM_WGMMA_BM output channels x GEMM_WGMMA_BN positions, any reduction.
+    pub wgmma: Kernel<GemmParams<T>>,
     /// How the role's kernels read W: stored [k][j] (true) or [j][k].
     pub w_k_major: bool,
 }
@@ -700,11 +705,25 @@ pub(crate) struct Pointwise<T> {
 }
 
 impl<T: GpuElement> Pointwise<T> {
-    /// Whether the kernels take this product on these buffers: a reduction of at most GEMM_STREAM_MAX_K channels and
-    /// channels of whole 16-byte pieces (positions a multiple of 8, 16-byte aligned maps).
-    pub fn suits(&self, src: ConstPtr<T>, dst: MutPtr<T>) -> bool {
+    /// Whether the kernels take this product on these buffers on `gpu`: channels of whole 16-byte pieces (positions a
+    /// multiple of 8, 16-byte aligned maps) and a reduction of at most GEMM_STREAM_MAX_K channels or one the wgmma
+    /// kernel takes ([`Pointwise::on_wgmma`]).
+    pub fn suits(&self, gpu: &Gpu, src: ConstPtr<T>, dst: MutPtr<T>) -> bool {
         let piece = 16 / size_of::<T>();
-        self.k <= GEMM_STREAM_MAX_K && self.positions % piece == 0 && src.address() % 16 == 0 && dst.address() % 16 == 0
+        let whole = self.positions % piece == 0 && src.address() % 16 == 0 && dst.address() % 16 == 0;
+        whole && (self.k <= GEMM_STREAM_MAX_K || self.on_wgmma(gpu))
+    }
+
+    /// Whether the product runs on the wgmma kernel: on a GPU that has it, where [`Pointwise::wgmma_fits`].
+    fn on_wgmma(&self, gpu: &Gpu) -> bool {
+        self.wgmma_fits() && gpu.has_kernel(self.kernels.wgmma)
+    }
+
+    /// Whether the product is one for the wgmma kernel: a reduction beyond GEMM_STREAM_MAX_K, W's rows whole 16-byte
+    /// pieces (its stored rows: N output channels for [k][j], K for [j][k]).
+    pub fn wgmma_fits(&self) -> bool {
+        let row = if self.kernels.w_k_major { self.n } else { self.k };
+        self.k > GEMM_STREAM_MAX_K && row % (16 / size_of::<T>()) == 0
     }
 
     /// Runs the product (which [`Pointwise::suits`] the buffers) on `gpu`.
@@ -717,18 +736,7 @@ impl<T: GpuElement> Pointwise<T> {
         dst: MutPtr<T>,
         what: &str,
     ) -> Result<()> {
-        let width = stream_width(self.n);
-        let bn = 32 << width;
-        let w_k_major = self.kernels.w_k_major;
-        let shared = stream_shared_bytes(self.k, bn, w_k_major, true);
-        let s = StreamKernel { kernel: self.kernels.kernels[width], tile: (GEMM_STREAM_BM, bn), shared };
-        let shapes = format!(
-            "{what} (channels first, streaming): {} x ({} -> {} channels) x {} positions",
-            self.batch, self.k, self.n, self.positions
-        );
-        let row_tiles = self.batch * self.positions.div_ceil(GEMM_STREAM_BM);
-        let cfg = stream_tile_config(gpu, &s, row_tiles, self.n, &shapes)?;
-        let (b_sk, b_sj) = if w_k_major { (self.n, 1) } else { (1, self.k) };
+        let (b_sk, b_sj) = if self.kernels.w_k_major { (self.n, 1) } else { (1, self.k) };
         let p = GemmParams {
             a: src,
             b: w,
@@ -746,6 +754,29 @@ impl<T: GpuElement> Pointwise<T> {
             c_sb: (self.n * self.positions) as i64,
             ..GemmParams::default()
         };
+        let kind = if self.on_wgmma(gpu) { "wgmma" } else { "streaming" };
+        let shapes = format!(
+            "{what} (channels first, {kind}): {} x ({} -> {} channels) x {} positions",
+            self.batch, self.k, self.n, self.positions
+        );
+        if self.on_wgmma(gpu) {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    self.n.div_ceil(GEMM_WGMMA_BM) as u32,
+                    self.positions.div_ceil(GEMM_WGMMA_BN) as u32,
+                    self.batch as u32,
+                ),
+                block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+                shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32,
+            };
+            return gpu.launch(self.kernels.wgmma, cfg, &p, &shapes);
+        }
+        let width = stream_width(self.n);
+        let bn = 32 << width;
+        let shared = stream_shared_bytes(self.k, bn, self.kernels.w_k_major, true);
+        let s = StreamKernel { kernel: self.kernels.streaming[width], tile: (GEMM_STREAM_BM, bn), shared };
+        let row_tiles = self.batch * self.positions.div_ceil(GEMM_STREAM_BM);
+        let cfg = stream_tile_config(gpu, &s, row_tiles, self.n, &shapes)?;
         gpu.launch(s.kernel, cfg, &p, &shapes)
     }
 }

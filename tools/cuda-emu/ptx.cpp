@@ -112,11 +112,11 @@ void complete_mma(void** ctx, const bool* present, int) {
     }
 }
 
-// wgmma.mma_async m64nNk16 bf16, float32 accumulators: A K-major from a descriptor or (n16) from registers, B
-// K-major (descriptor) or N-major (trans_b).
+// wgmma.mma_async m64nNk16 bf16, float32 accumulators: A from a descriptor, K-major or M-major (trans_a), or (n16)
+// from registers, B K-major or N-major (trans_b).
 struct Wgmma {
     int n;
-    bool a_regs, trans_b, accumulate;
+    bool a_regs, trans_a, trans_b, accumulate;
     uint64_t a_desc, b_desc;
     uint32_t a[4];
     float* d[128];  // N / 2 accumulators per thread, up to m64n256
@@ -128,15 +128,16 @@ float bf16_at(const unsigned char* p) {
 }
 // Element (r, k) of an unswizzled operand (r along m or n, k < 16): core matrices of 8 rows x 16 bytes, sbo apart
 // along r, lbo apart along k; K-major rows hold 8 k, MN-major ones (mn_major) 8 r.
-// With the 128-byte swizzle (layout type 1, bits 62-63; K-major only): rows of 128 bytes (64 k), 8-row atoms sbo
-// apart, and the 16-byte piece of each byte address XORed with its address bits 7-9 (the row within the atom: the
-// atoms lie on 1024-byte boundaries, and the start may step by 32 bytes per k-step within a row).
+// With the 128-byte swizzle (layout type 1, bits 62-63): rows of 128 bytes, K-major ones of 64 k in 8-row atoms sbo
+// apart along r, MN-major ones of 64 r (one row per k) in 8-row atoms sbo apart along k and blocks of 64 r lbo apart;
+// the 16-byte piece of each byte address XORed with its address bits 7-9 (the row within the atom: the atoms lie on
+// 1024-byte boundaries, and a K-major start may step by 32 bytes per k-step within a row).
 float operand_at(uint64_t desc, int r, int k, bool mn_major) {
     const uint32_t lbo = (uint32_t)(desc >> 16 & 0x3FFF) << 4, sbo = (uint32_t)(desc >> 32 & 0x3FFF) << 4;
     if ((desc >> 62) == 1) {
-        if (mn_major) trap("a 128-byte swizzled MN-major wgmma operand (the emulator knows K-major ones)");
         const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
-        uint32_t addr = start + (r / 8) * sbo + (r % 8) * 128 + k * 2;
+        uint32_t addr = mn_major ? start + (r / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (r % 64) * 2
+                                 : start + (r / 8) * sbo + (r % 8) * 128 + k * 2;
         addr ^= ((addr >> 7) & 7) << 4;
         return bf16_at(descriptor_at(desc & ~0x3FFFull, (int)addr + 2) + addr);
     }
@@ -163,7 +164,7 @@ void complete_wgmma(void** ctx, const bool* present, int) {
         }
     } else {
         for (int m = 0; m < 64; ++m)
-            for (int k = 0; k < 16; ++k) A[m][k] = operand_at(w0.a_desc, m, k, false);
+            for (int k = 0; k < 16; ++k) A[m][k] = operand_at(w0.a_desc, m, k, w0.trans_a);
     }
     for (int n = 0; n < N; ++n)
         for (int k = 0; k < 16; ++k) B[n][k] = operand_at(w0.b_desc, n, k, w0.trans_b);
@@ -235,9 +236,10 @@ void ptx(const char* tmpl, std::initializer_list<Operand> list) {
         w.n = shape_n(tmpl);
         const int nd = w.n / 2;
         if (nd > 128) trap("wgmma: wider than m64n256");
-        // Operands: d[0 .. N/2), then A (a descriptor, or four registers), the B descriptor, the scale-d predicate.
+        // Operands: d[0 .. N/2), then A (a descriptor, or four registers), the B descriptor, the scale-d predicate and,
+        // with A's descriptor, the transpose immediates of A and B (wgmma.cuh's mma_async).
         w.a_regs = count == nd + 6;
-        if (!w.a_regs && count != nd + 3) trap("wgmma: unexpected operand count");
+        if (!w.a_regs && count != nd + 5) trap("wgmma: unexpected operand count");
         for (int i = 0; i < nd; ++i) w.d[i] = (float*)ops[i].at;
         if (w.a_regs) {
             for (int i = 0; i < 4; ++i) w.a[i] = reg(ops, nd + i);
@@ -248,7 +250,8 @@ void ptx(const char* tmpl, std::initializer_list<Operand> list) {
             w.a_desc = in_bits(ops, nd);
             w.b_desc = in_bits(ops, nd + 1);
             w.accumulate = reg(ops, nd + 2) != 0;
-            w.trans_b = has(tmpl, "p, 1, 1, 0, 1;");
+            w.trans_a = reg(ops, nd + 3) != 0;
+            w.trans_b = reg(ops, nd + 4) != 0;
         }
         group(128, "wgmma", &w, complete_wgmma);
     } else {
