@@ -332,40 +332,31 @@ __device__ __forceinline__ void conv_pointwise(const GemmParams<bf16>& p) {
 
 }  // namespace
 
-// One entry per role (gemm_wgmma.cuh), so that a profile tells the passes apart.
-#define GEMM_WGMMA_KERNEL(NAME, BN)                                                               \
-    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)                           \
-        NAME(const GemmWgmmaParams<__nv_bfloat16> p) {                                            \
-        gemm_tn<BN>(p);                                                                           \
+// One entry per role and tile width (gemm_wgmma.cuh), so that a profile tells the passes apart: kernel NAME on
+// PARAMS<bf16> runs BODY(p) with BLOCKS blocks per SM.
+#define GEMM_WGMMA_KERNEL(NAME, PARAMS, BLOCKS, BODY)                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, BLOCKS)                              \
+        NAME(const PARAMS<__nv_bfloat16> p) {                                                             \
+        BODY(p);                                                                                          \
     }
-GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16, GEMM_WGMMA_BN)
-GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16, GEMM_WGMMA_BN)
-GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16, GEMM_WGMMA_BN)
-GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
-GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
-GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
+GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16, GemmWgmmaParams, 1, gemm_tn<GEMM_WGMMA_BN>)
+GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16, GemmWgmmaParams, 1, gemm_tn<GEMM_WGMMA_BN>)
+GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16, GemmWgmmaParams, 1, gemm_tn<GEMM_WGMMA_BN>)
+GEMM_WGMMA_KERNEL(conv_wgrad_gemm_wgmma_bf16_n256, GemmWgmmaParams, 1, gemm_tn<GEMM_WGMMA_BN_WIDE>)
+GEMM_WGMMA_KERNEL(conv_fprop_gemm_wgmma_bf16_n256, GemmWgmmaParams, 1, gemm_tn<GEMM_WGMMA_BN_WIDE>)
+GEMM_WGMMA_KERNEL(conv_dgrad_gemm_wgmma_bf16_n256, GemmWgmmaParams, 1, gemm_tn<GEMM_WGMMA_BN_WIDE>)
 
-// The implicit products per role and tile width (gemm_wgmma.cuh); the narrow tile's 96 KB of stages let two blocks
-// share an SM, the widest (_n256: 128 accumulators per thread, 192 KB of stages) reads each gathered A row once for
-// 256 output channels, a quarter fewer bytes per multiply-add than two 128-column tiles.
-#define CONV_IMPLICIT_KERNEL(NAME, BN)                                                                    \
-    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, BN == 64 ? 2 : 1)                    \
-        NAME(const ConvImplicitParams<__nv_bfloat16> p) {                                                 \
-        conv_implicit<BN>(p);                                                                             \
-    }
-CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16, GEMM_WGMMA_BN)
-CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16_n64, 64)
-CONV_IMPLICIT_KERNEL(conv_fprop_implicit_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
-CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16, GEMM_WGMMA_BN)
-CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n64, 64)
-CONV_IMPLICIT_KERNEL(conv_dgrad_implicit_wgmma_bf16_n256, GEMM_WGMMA_BN_WIDE)
+// The implicit products: the narrow tile's 96 KB of stages let two blocks share an SM, the widest (_n256: 128
+// accumulators per thread, 192 KB of stages) reads each gathered A row once for 256 output channels, a quarter fewer
+// bytes per multiply-add than two 128-column tiles.
+GEMM_WGMMA_KERNEL(conv_fprop_implicit_wgmma_bf16, ConvImplicitParams, 1, conv_implicit<GEMM_WGMMA_BN>)
+GEMM_WGMMA_KERNEL(conv_fprop_implicit_wgmma_bf16_n64, ConvImplicitParams, 2, conv_implicit<64>)
+GEMM_WGMMA_KERNEL(conv_fprop_implicit_wgmma_bf16_n256, ConvImplicitParams, 1, conv_implicit<GEMM_WGMMA_BN_WIDE>)
+GEMM_WGMMA_KERNEL(conv_dgrad_implicit_wgmma_bf16, ConvImplicitParams, 1, conv_implicit<GEMM_WGMMA_BN>)
+GEMM_WGMMA_KERNEL(conv_dgrad_implicit_wgmma_bf16_n64, ConvImplicitParams, 2, conv_implicit<64>)
+GEMM_WGMMA_KERNEL(conv_dgrad_implicit_wgmma_bf16_n256, ConvImplicitParams, 1, conv_implicit<GEMM_WGMMA_BN_WIDE>)
 
-// The channels-first 1x1x1 products per role (gemm_wgmma.cuh): W stored [j][k] (the forward) or [k][j] (W_KJ).
-#define CONV_POINTWISE_KERNEL(NAME, W_KJ)                                                                 \
-    extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)                               \
-        NAME(const GemmParams<__nv_bfloat16> p) {                                                     \
-        conv_pointwise<W_KJ>(p);                                                                      \
-    }
-CONV_POINTWISE_KERNEL(conv_fprop_pointwise_wgmma_bf16, false)
-CONV_POINTWISE_KERNEL(conv_dgrad_pointwise_wgmma_bf16, true)
-CONV_POINTWISE_KERNEL(conv_transpose_fprop_pointwise_wgmma_bf16, true)
+// The channels-first 1x1x1 products: W stored [j][k] (the forward) or [k][j] (conv_pointwise<true>).
+GEMM_WGMMA_KERNEL(conv_fprop_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<false>)
+GEMM_WGMMA_KERNEL(conv_dgrad_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<true>)
+GEMM_WGMMA_KERNEL(conv_transpose_fprop_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<true>)
