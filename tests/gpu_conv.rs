@@ -276,8 +276,8 @@ fn gpu_conv_pointwise() {
 /// (cuda/gemm_wgmma.cu's conv_*_pointwise_wgmma_bf16, sm_90): the forward reads W K-major, the input gradient and the
 /// transposed conv's forward read it and every map MN-major. Reductions not whole 64-channel steps (200, 136, 264,
 /// 144), output channels past one 128-row tile (136, 160, 200) or below it (24), positions not whole 128-position
-/// tiles (288, 160, 96), 2D and 3D maps; the other role of each conv (24 or fewer source channels) stays on the
-/// streaming kernels.
+/// tiles (288, 160, 96), 2D and 3D maps; the 2D convs' other role (24 source channels) stays on the streaming
+/// kernels.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_pointwise_wgmma() {

@@ -687,8 +687,8 @@ pub(crate) struct PointwiseKernels<T> {
     pub w_k_major: bool,
 }
 
-/// One 1x1x1 convolution product on channels-first maps, for the streaming kernels' channels-first instances
-/// (cuda/gemm.cu): per batch item b, `dst[b, j, i] = sum_k w(k, j) src[b, k, i] (+ bias[j])` over the `positions` i,
+/// One 1x1x1 convolution product on channels-first maps, for [`PointwiseKernels`] (the streaming kernels'
+/// channels-first instances, cuda/gemm.cu, or the wgmma ones, cuda/gemm_wgmma.cu): per batch item b, `dst[b, j, i] = sum_k w(k, j) src[b, k, i] (+ bias[j])` over the `positions` i,
 /// with `w(k, j) = w[j K + k]` (the conv's forward, W (Cout, Cin)) or `w[k N + j]` (W stored [k][j]: the conv's input
 /// gradient and the transposed conv's forward, W (Cin, Cout)).
 pub(crate) struct Pointwise<T> {
@@ -754,12 +754,13 @@ impl<T: GpuElement> Pointwise<T> {
             c_sb: (self.n * self.positions) as i64,
             ..GemmParams::default()
         };
-        let kind = if self.on_wgmma(gpu) { "wgmma" } else { "streaming" };
+        let on_wgmma = self.on_wgmma(gpu);
+        let kind = if on_wgmma { "wgmma" } else { "streaming" };
         let shapes = format!(
             "{what} (channels first, {kind}): {} x ({} -> {} channels) x {} positions",
             self.batch, self.k, self.n, self.positions
         );
-        if self.on_wgmma(gpu) {
+        if on_wgmma {
             let cfg = LaunchConfig {
                 grid_dim: (
                     self.n.div_ceil(GEMM_WGMMA_BM) as u32,
