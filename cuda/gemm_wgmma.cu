@@ -9,7 +9,10 @@
 // sides, dW[cn, (cw, a)] = sum_o narrow[cn, o] col[(cw, a), o]. The forward and input gradient of such convs from
 // 512 channels on small 2D maps are the same product the other way round, over the source map's rows (conv.cu's
 // conv_im2row_bf16): out[c', (n, o)] = sum_{(c, a)} W'[c', (c, a)] rows[(n, o), (c, a)] (conv_fprop_gemm_wgmma_bf16,
-// conv_dgrad_gemm_wgmma_bf16 with the weight flipped; one slice).
+// conv_dgrad_gemm_wgmma_bf16 with the weight flipped; one slice). The 1x1x1 convolutions of more than 128 channels
+// are such products straight over the channels-first maps, D[j, i] = sum_k W(k, j) X[k, i] per batch item
+// (conv_pointwise): a map's rows run along the positions, so they are staged MN-major (64 positions per 128-byte row,
+// wgmma's transpose immediate) rather than copied channels-last first.
 // - A block computes a 128 x BN tile of C, BN 128 or 256 (the _n256 kernels): warpgroup g of its two the rows 64 g ..
 //   64 g + 63, one wgmma m64nBNk16 per 16 reduction indices (BN / 2 float32 accumulators per thread). Both operands
 //   come from L2 once per tile, so the tile's bytes per multiply-add set the speed: ncu of the 128 x 128 tile
