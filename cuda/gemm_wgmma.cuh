@@ -24,8 +24,7 @@ constexpr int GEMM_WGMMA_STAGES = 4;
 // z at c + z M N: the partial sums of a split reduction, added in order afterwards (conv.cu's sum_slices), so the
 // result does not depend on scheduling. Grid (ceil(M / GEMM_WGMMA_BM), ceil(N / BN), slices) with BN =
 // GEMM_WGMMA_BN or GEMM_WGMMA_BN_WIDE (_n256), GEMM_WGMMA_THREADS threads, dynamic shared memory GEMM_WGMMA_STAGES x
-// (GEMM_WGMMA_BM + BN) x
-// GEMM_WGMMA_BK x 2 bytes.
+// (GEMM_WGMMA_BM + BN) x GEMM_WGMMA_BK x 2 bytes.
 template <typename T>
 struct GemmWgmmaParams {
     const T* a;

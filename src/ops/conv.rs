@@ -2251,7 +2251,7 @@ fn split_reduction(units: usize, wanted: usize) -> (usize, usize) {
 }
 
 /// Shared memory of a gemm_wgmma.cu block of `columns`-column tiles: its stages of A and B rows (bf16).
-fn gemm_wgmma_shared_bytes(columns: usize) -> u32 {
+pub(crate) fn gemm_wgmma_shared_bytes(columns: usize) -> u32 {
     (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + columns) * GEMM_WGMMA_BK * 2) as u32
 }
 
@@ -2963,8 +2963,15 @@ mod tests {
         let fits = |kernels, k, n| Pointwise { kernels, batch: 1, k, n, positions: 64 }.wgmma_fits();
         // 200 -> 136 both ways, 256 -> 24 forward, 24 -> 264 input gradient, the transposed 192 -> 40 x 4 taps and
         // 144 -> 36 x 4 taps.
-        let wgmma = [(fprop, 200, 136), (dgrad, 136, 200), (fprop, 256, 24), (dgrad, 264, 24)];
-        for (kernels, k, n) in wgmma.into_iter().chain([(transpose_fprop, 192, 160), (transpose_fprop, 144, 144)]) {
+        let wgmma = [
+            (fprop, 200, 136),
+            (dgrad, 136, 200),
+            (fprop, 256, 24),
+            (dgrad, 264, 24),
+            (transpose_fprop, 192, 160),
+            (transpose_fprop, 144, 144),
+        ];
+        for (kernels, k, n) in wgmma {
             assert!(fits(kernels, k, n), "{k} -> {n}: a wgmma product");
         }
         // Reductions the streaming kernels take; W's rows of 130 channels, not whole 16-byte pieces.

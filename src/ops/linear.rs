@@ -52,10 +52,10 @@ use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_STREAM_BM, GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES,
     GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW, GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK,
-    GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
-    SUM_ROWS_COLS, SUM_ROWS_LANES,
+    GEMM_TM, GEMM_TN, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_THREADS, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::{params_in, Weight};
+use crate::ops::conv::gemm_wgmma_shared_bytes;
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
@@ -768,7 +768,7 @@ impl<T: GpuElement> Pointwise<T> {
                     self.batch as u32,
                 ),
                 block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-                shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32,
+                shared_mem_bytes: gemm_wgmma_shared_bytes(GEMM_WGMMA_BN),
             };
             return gpu.launch(self.kernels.wgmma, cfg, &p, &shapes);
         }
