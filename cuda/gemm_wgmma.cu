@@ -290,30 +290,36 @@ __device__ __forceinline__ void load_mn_rows(unsigned char* dst, const bf16* src
     });
 }
 
-// The 1x1x1 convolution products on channels-first maps (formula in gemm_wgmma.cuh): D[j, i] = sum_k W(k, j)
-// X[k, i] per batch item, j the output channels (the wgmma's m, BM per block), i the positions (its n, BN per block), k
-// the source channels. X's rows (a channel's positions) and W's are staged MN-major where they are stored so (the map
-// always; W stored [k][j] for the input gradient and the transposed conv), W's K-major where stored [j][k] (the
-// forward): no copy of either in another layout. Each thread stores its accumulators' position pairs into the
-// channel rows of C with the bias.
+// The main loop of the 1x1x1 convolution products on channels-first maps: d receives the warpgroup's 64 x BN of
+// D[j, i] = sum_k W(k, j) X[k, i] for the block's tile (j0, i0), j the output channels (the wgmma's m, BM per block), i
+// the positions (its n, BN per block), k < kk the source channels; X's rows (a channel's `positions`) at x, W stored
+// [k][j] (W_KJ: rows of n) or [j][k] (rows of kk) at w. X's rows are staged MN-major as they lie, W MN-major or
+// K-major as it lies: no copy of either in another layout.
+template <int BN, bool W_KJ>
+__device__ __forceinline__ void pointwise_product(const bf16* x, int positions, const bf16* w, int n, int64_t kk,
+                                                  int j0, int i0, float (&d)[BN / 2]) {
+    const int steps = (int)((kk + BK - 1) / BK);
+    int64_t k0 = 0;
+    auto stage_in = [&](int, unsigned char* slot) {
+        if (W_KJ)
+            load_mn_rows<BM>(slot, w, n, j0, n, k0, kk);
+        else
+            load_rows<BM>(slot, w, kk, j0, n, k0, kk);
+        load_mn_rows<BN>(slot + A_BYTES, x, positions, i0, positions, k0, kk);
+        k0 += BK;
+    };
+    pipeline<BN, W_KJ, true>(steps, stage_in, d);
+}
+
+// The 1x1x1 convolution products (formula in gemm_wgmma.cuh) per batch item: each thread stores its accumulators'
+// position pairs into the channel rows of C with the bias.
 template <bool W_KJ>
 __device__ __forceinline__ void conv_pointwise(const GemmParams<bf16>& p) {
     constexpr int BN = GEMM_WGMMA_BN;
     const int j0 = blockIdx.x * BM, i0 = blockIdx.y * BN;
     const int64_t item = blockIdx.z;
-    const bf16* x = p.a + item * p.a_sb;
-    const int steps = (int)((p.K + BK - 1) / BK);
-    int64_t k0 = 0;
-    auto stage_in = [&](int, unsigned char* slot) {
-        if (W_KJ)
-            load_mn_rows<BM>(slot, p.b, p.b_sk, j0, (int)p.N, k0, p.K);
-        else
-            load_rows<BM>(slot, p.b, p.b_sj, j0, (int)p.N, k0, p.K);
-        load_mn_rows<BN>(slot + A_BYTES, x, p.a_sk, i0, (int)p.M, k0, p.K);
-        k0 += BK;
-    };
     float d[BN / 2];
-    pipeline<BN, W_KJ, true>(steps, stage_in, d);
+    pointwise_product<BN, W_KJ>(p.a + item * p.a_sb, (int)p.M, p.b, (int)p.N, p.K, j0, i0, d);
 
     // d[4 jj + 2 h + e] = D[64 group + 16 warp + lane / 4 + 8 h, 8 jj + 2 (lane % 4) + e]; M (the positions) is even.
     const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
@@ -330,6 +336,58 @@ __device__ __forceinline__ void conv_pointwise(const GemmParams<bf16>& p) {
                 *reinterpret_cast<__nv_bfloat162*>(out + i) =
                     __floats2bfloat162_rn(d[4 * jj + 2 * h] + b, d[4 * jj + 2 * h + 1] + b);
         }
+    }
+}
+
+// The transposed convolution's forward (formula in gemm_wgmma.cuh): the 1x1x1 product of its taps as channels, j = co
+// K + t, each sum stored straight into its voxel of y with b[co] (no z, no bias per tap, no depth_to_space pass). A
+// thread's positions i0 + 8 jj + 2 (lane % 4) + e are carried voxel by voxel from the first (one division), its two
+// rows' (co, tap) found once.
+template <int BN>
+__device__ __forceinline__ void conv_transpose_fused(const ConvTransposeWgmmaParams<bf16>& p) {
+    const int taps = p.k[0] * p.k[1] * p.k[2], n = p.c_out * taps;
+    const int positions = p.size[0] * p.size[1] * p.size[2];
+    const int j0 = blockIdx.x * BM, i0 = blockIdx.y * BN;
+    const int64_t item = blockIdx.z;
+    float d[BN / 2];
+    pointwise_product<BN, true>(p.x + item * p.c_in * positions, positions, p.w, n, p.c_in, j0, i0, d);
+
+    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+    const int hy = p.size[1] * p.k[1], wy = p.size[2] * p.k[2];
+    const int64_t vy = (int64_t)p.size[0] * p.k[0] * hy * wy;
+    // Row h's element offset in y at voxel (0, 0, 0) of the input (channel co, tap (a, b, c)), and its bias.
+    int64_t row[2];
+    float bias[2];
+    bool live[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = j0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
+        live[h] = j < n;
+        const int co = j / taps, t = j % taps;
+        const int c = t % p.k[2], b = t / p.k[2] % p.k[1], a = t / (p.k[1] * p.k[2]);
+        row[h] = (item * p.c_out + co) * vy + ((int64_t)a * hy + b) * wy + c;
+        bias[h] = live[h] && p.bias ? __bfloat162float(p.bias[co]) : 0.0f;
+    }
+    // The input voxel (id, ih, iw) of position i, advanced `by` positions at a time.
+    int i = i0 + 2 * (lane % 4);
+    int iw = i % p.size[2], ih = i / p.size[2] % p.size[1], id = i / (p.size[1] * p.size[2]);
+    auto advance = [&](int by) {
+        for (iw += by; iw >= p.size[2]; iw -= p.size[2])
+            if (++ih == p.size[1]) ih = 0, ++id;
+    };
+#pragma unroll
+    for (int jj = 0; jj < BN / 8; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (i + e < positions) {
+                const int64_t voxel = ((int64_t)id * p.k[0] * hy + ih * p.k[1]) * wy + iw * p.k[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    if (live[h]) p.y[row[h] + voxel] = __float2bfloat16(d[4 * jj + 2 * h + e] + bias[h]);
+            }
+            advance(e == 0 ? 1 : 7);
+        }
+        i += 8;
     }
 }
 
@@ -363,3 +421,4 @@ GEMM_WGMMA_KERNEL(conv_dgrad_implicit_wgmma_bf16_n256, ConvImplicitParams, 1, co
 GEMM_WGMMA_KERNEL(conv_fprop_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<false>)
 GEMM_WGMMA_KERNEL(conv_dgrad_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<true>)
 GEMM_WGMMA_KERNEL(conv_transpose_fprop_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<true>)
+GEMM_WGMMA_KERNEL(conv_transpose_fprop_wgmma_bf16, ConvTransposeWgmmaParams, 1, conv_transpose_fused<GEMM_WGMMA_BN>)

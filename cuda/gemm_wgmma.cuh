@@ -101,3 +101,24 @@ extern "C" __global__ void conv_dgrad_implicit_wgmma_bf16_n256(const ConvImplici
 extern "C" __global__ void conv_fprop_pointwise_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_pointwise_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_transpose_fprop_pointwise_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
+
+// The transposed convolution's forward (kernel = stride, no padding) as one channels-first 1x1x1 product of its taps
+// as channels, stored straight into y:
+//   y[n, co, id kd + a, ih kh + b, iw kw + c] = b[co] + sum_ci x[n, ci, id, ih, iw] w[ci, co K + t],
+// t = (a kh + b) kw + c, K = kd kh kw; x (batch, c_in, D, H, W), w (c_in, c_out K) as PyTorch stores it, y (batch,
+// c_out, D kd, H kh, W kw). D H W and c_out K multiples of 8, x and w 16-byte aligned, y's elements per item below
+// 2^31. Grid (ceil(c_out K / GEMM_WGMMA_BM), ceil(D H W / GEMM_WGMMA_BN), batch), GEMM_WGMMA_THREADS threads, dynamic
+// shared memory as the 1x1x1 products above.
+template <typename T>
+struct ConvTransposeWgmmaParams {
+    const T* x;
+    const T* w;
+    const T* bias;  // (c_out), or null for none
+    T* y;
+    int batch;
+    int c_in;
+    int c_out;
+    int size[3];  // D, H, W of x
+    int k[3];     // kd, kh, kw
+};
+extern "C" __global__ void conv_transpose_fprop_wgmma_bf16(const ConvTransposeWgmmaParams<__nv_bfloat16> p);

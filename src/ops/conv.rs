@@ -92,15 +92,15 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConstPtr, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams,
-    ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvWeightFlipParams, ConvWgmmaParams,
-    ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, CONV_BK,
-    CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW,
-    CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS,
-    CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN,
-    CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
-    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS,
-    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE,
-    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvTransposeWgmmaParams, ConvWeightFlipParams,
+    ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel,
+    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
+    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
+    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
+    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
+    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
+    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
+    GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -1409,6 +1409,9 @@ pub(crate) trait ConvElement: GpuElement {
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
     /// The explicit forward and input gradient of stride-1 convs, if the type has them ([`Pairing::explicit_product`]).
     const EXPLICIT: Option<ExplicitConv<Self>>;
+    /// The transposed conv's forward as one wgmma product stored straight into its output, if the type has it
+    /// (cuda/gemm_wgmma.cu's conv_transpose_fprop_wgmma_bf16, sm_90).
+    const TRANSPOSE_FPROP_WGMMA: Option<Kernel<ConvTransposeWgmmaParams<Self>>>;
 }
 
 /// The kernels of [`Pairing::explicit_product`]: the source map's rows (conv.cu's conv_im2row), the input gradient's
@@ -1502,6 +1505,7 @@ impl ConvElement for f32 {
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
+    const TRANSPOSE_FPROP_WGMMA: Option<Kernel<ConvTransposeWgmmaParams<f32>>> = None;
 }
 
 /// bf16 has tensor-core kernels only (`--math exact` is a float32 setting).
@@ -1637,6 +1641,8 @@ impl ConvElement for bf16 {
         ],
         store: kernel::conv_rows_store_bf16,
     });
+    const TRANSPOSE_FPROP_WGMMA: Option<Kernel<ConvTransposeWgmmaParams<bf16>>> =
+        Some(kernel::conv_transpose_fprop_wgmma_bf16);
 }
 
 impl Pairing {

@@ -37,7 +37,10 @@
 //! ```
 //!
 //! w as it lies in memory is the 1x1 product's (Cin, Cout K, 1) weight, so the product is conv's `Pairing` with x as
-//! the narrow map and z as the wide one (stride 1, no padding). One product over all the taps measured faster than
+//! the narrow map and z as the wide one (stride 1, no padding). In bf16 on sm_90 (input positions and Cout K whole
+//! 16-byte pieces) both lines are one kernel, cuda/gemm_wgmma.cu's conv_transpose_fprop_wgmma_bf16: the product on
+//! wgmma from x's channel rows and w as they lie, each sum stored straight into its voxel of y with b(co) (no z, no
+//! per-tap bias, no depth_to_space pass; `UpGeom::fused_forward`). One product over all the taps measured faster than
 //! one per tap phase, whose outputs are a strided subset of y (flare-3d's five upsamplings 2.34 -> 1.95 ms forward,
 //! benches/RESULTS.md). GPU backward: the products of the pairing with y as the wide map (stride k, padding 0; the
 //! weight (Cin, Cout, k) is exactly the pairing's (narrow, wide, k) weight): dx is narrow-from-wide, dw the pairing's
@@ -53,7 +56,10 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
-use crate::device::params::{kernel, DepthToSpaceParams};
+use crate::device::params::{
+    kernel, ConvTransposeWgmmaParams, DepthToSpaceParams, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN,
+    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+};
 use crate::ops::cast::{params_in, Weight};
 use crate::ops::concat::copy_rows_gpu;
 use crate::ops::conv::{ConvElement, Pairing};
@@ -61,6 +67,7 @@ use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
+use cudarc::driver::LaunchConfig;
 
 /// Transposed convolution of `x` (N, Cin, \[D,\] H, W) with `w` (Cin, Cout, \[kd,\] kh, kw) plus an optional `bias`
 /// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
@@ -73,8 +80,11 @@ pub fn conv_transpose(tape: &mut Tape, x: &Tensor, w: &Tensor, bias: Option<&Ten
     fn gpu<T: ConvElement>(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geom: &UpGeom) -> Result<Tensor> {
         let what = geom.describe();
         let b = bias.map(|b| b.gpu_operand::<T>("conv_transpose bias")).transpose()?;
-        let bias_z = b.map(|b| geom.bias_per_tap(b, &what)).transpose()?;
         let (xb, wb) = (x.gpu_operand::<T>("conv_transpose input")?, w.gpu_operand::<T>("conv_transpose weight")?);
+        if let Some(y) = geom.fused_forward(xb, wb, b, &what)? {
+            return Tensor::from_gpu(y, &geom.out_shape());
+        }
+        let bias_z = b.map(|b| geom.bias_per_tap(b, &what)).transpose()?;
         let z = geom.taps_as_channels().wide_from_narrow(xb, wb, bias_z.as_ref(), &what)?;
         Tensor::from_gpu(geom.depth_to_space(&z, &what)?, &geom.out_shape())
     }
@@ -199,6 +209,48 @@ impl UpGeom {
             pad: [0; 3],
             transposed: true,
         }
+    }
+
+    /// The forward as one wgmma product whose epilogue stores each tap into its voxel of y (cuda/gemm_wgmma.cu's
+    /// conv_transpose_fprop_wgmma_bf16: no z, no bias per tap, no depth_to_space), where the type and the GPU have it
+    /// and the sizes suit it (input positions and Cout K whole 16-byte pieces, y's elements per item below 2^31);
+    /// `None` otherwise.
+    fn fused_forward<T: ConvElement>(
+        &self,
+        x: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        b: Option<&GpuBuffer<T>>,
+        what: &str,
+    ) -> Result<Option<GpuBuffer<T>>> {
+        let gpu = &x.gpu;
+        let Some(kernel) = T::TRANSPOSE_FPROP_WGMMA.filter(|&k| gpu.has_kernel(k)) else {
+            return Ok(None);
+        };
+        let (positions, n) = (self.dims.s.iter().product::<usize>(), self.cout * self.taps());
+        let piece = 16 / size_of::<T>();
+        let aligned = x.ptr().address() % 16 == 0 && w.ptr().address() % 16 == 0;
+        if positions % piece != 0 || n % piece != 0 || !aligned || self.cout * self.out_voxels() > i32::MAX as usize {
+            return Ok(None);
+        }
+        let mut y = gpu.alloc_of::<T>(self.dims.n * self.cout * self.out_voxels(), what)?;
+        let p = ConvTransposeWgmmaParams {
+            x: x.ptr(),
+            w: w.ptr(),
+            bias: b.map(GpuBuffer::ptr).unwrap_or_default(),
+            y: y.ptr_mut(),
+            batch: self.dims.n as i32,
+            c_in: self.dims.c as i32,
+            c_out: self.cout as i32,
+            size: self.dims.s.map(|s| s as i32),
+            k: self.k.map(|k| k as i32),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(GEMM_WGMMA_BM) as u32, positions.div_ceil(GEMM_WGMMA_BN) as u32, self.dims.n as u32),
+            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+            shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32,
+        };
+        gpu.launch(kernel, cfg, &p, what)?;
+        Ok(Some(y))
     }
 
     /// z's bias, `b_z[co K + t] = b[co]`: K strided copies of b.
