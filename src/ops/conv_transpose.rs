@@ -57,12 +57,11 @@ use rayon::prelude::*;
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ConvTransposeWgmmaParams, DepthToSpaceParams, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN,
-    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    kernel, ConvTransposeWgmmaParams, DepthToSpaceParams, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_THREADS,
 };
 use crate::ops::cast::{params_in, Weight};
 use crate::ops::concat::copy_rows_gpu;
-use crate::ops::conv::{ConvElement, Pairing};
+use crate::ops::conv::{gemm_wgmma_shared_bytes, ConvElement, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
@@ -247,7 +246,7 @@ impl UpGeom {
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(GEMM_WGMMA_BM) as u32, positions.div_ceil(GEMM_WGMMA_BN) as u32, self.dims.n as u32),
             block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-            shared_mem_bytes: (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + GEMM_WGMMA_BN) * GEMM_WGMMA_BK * 2) as u32,
+            shared_mem_bytes: gemm_wgmma_shared_bytes(GEMM_WGMMA_BN),
         };
         gpu.launch(kernel, cfg, &p, what)?;
         Ok(Some(y))
