@@ -82,9 +82,10 @@ def bench(name, shape, fwd, inputs, flops=None, nbytes=None, reps=10, backward=T
     return row
 
 
-def conv_roles(c, variant):
+def conv_roles(c, variant, graphs=False):
     """Milliseconds of one convolution shape's forward, input gradient and weight (+ bias) gradient, each alone:
-    variant "bf16_cl" (bf16, channels-last) or "tf32" (float32 storage, TF32 on)."""
+    variant "bf16_cl" (bf16, channels-last) or "tf32" (float32 storage, TF32 on); with `graphs`, each role timed as
+    the replay of a CUDA graph (the GPU's time alone), else as PyTorch runs it eagerly."""
     torch.backends.cudnn.allow_tf32 = variant == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
     dtype = torch.bfloat16 if variant == "bf16_cl" else torch.float32
@@ -102,29 +103,54 @@ def conv_roles(c, variant):
     else:
         conv = F.conv3d if spatial == 3 else F.conv2d
         fwd = lambda: conv(x, w, b, stride=c["stride"], padding=[kk // 2 for kk in k])
-    y = fwd()
-    g = torch.randn_like(y)
+    # With graphs, y is made on the side stream that captures the roles: autograd runs each backward op on the stream
+    # of its forward op, so the gradients' kernels land in the capture. Eager, everything stays on the current stream.
+    side = torch.cuda.Stream() if graphs else torch.cuda.current_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = fwd()
+        g = torch.randn_like(y)
+    torch.cuda.current_stream().wait_stream(side)
     wrt = [w] + ([b] if b is not None else [])
-    times = [timed(lambda: fwd(), warmup=2, reps=7),
-             timed(lambda: torch.autograd.grad(y, [x], g, retain_graph=True), warmup=2, reps=7),
-             timed(lambda: torch.autograd.grad(y, wrt, g, retain_graph=True), warmup=2, reps=7)]
-    del x, w, b, y, g
+    roles = [lambda: fwd(),
+             lambda: torch.autograd.grad(y, [x], g, retain_graph=True),
+             lambda: torch.autograd.grad(y, wrt, g, retain_graph=True)]
+    if graphs:
+        roles = [replayed(role, side) for role in roles]
+    times = [timed(role, warmup=2, reps=7) for role in roles]
+    del x, w, b, y, g, roles
     return times
 
 
-def bench_convs(path, out, variants):
-    """cuDNN beside lkm-engine's per-shape convolution table (benches/kernels/convs.rs), in the given variants."""
+def replayed(fn, stream):
+    """fn captured into a CUDA graph on `stream` after three warm-up runs there (cudnn.benchmark's search among them):
+    the replay launches the same kernels without Python's and autograd's host time, which is the floor of a small
+    shape's eager timing (about 0.08 ms a call for autograd.grad on an H100 host)."""
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
+def bench_convs(path, out, variants, graphs=False):
+    """cuDNN beside lkm-engine's per-shape convolution table (benches/kernels/convs.rs), in the given variants, each
+    role eager or (graphs) from a CUDA graph."""
     torch.backends.cudnn.benchmark = True
     shapes = json.load(open(path))
     rows = []
     for c in shapes:
         for variant, math in [(v, m) for v, m in [("bf16_cl", 0), ("tf32", 1)] if v in variants]:
-            for role, ms in zip(["fprop", "dgrad", "wgrad"], conv_roles(c, variant)):
+            for role, ms in zip(["fprop", "dgrad", "wgrad"], conv_roles(c, variant, graphs)):
                 names = c["names"][["fprop", "dgrad", "wgrad"].index(role)]
                 rows.append({"name": names[math], "variant": variant, "ms": ms})
         print(f"{c['config']} {c['layer']}: " + " ".join(f"{r['ms']:.3f}" for r in rows[-3 * len(variants):]),
               flush=True)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+           "timing": "CUDA graph replays" if graphs else "eager",
            "ceilings": ceilings(), "rows": rows}
     with open(os.path.join(out, "torch_convs.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -135,11 +161,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--convs", help="the convolution list of `kernels --list-convs`: time cuDNN on it instead")
     ap.add_argument("--variants", default="bf16_cl,tf32", help="with --convs: bf16_cl (channels-last bf16), tf32")
+    ap.add_argument("--eager", action="store_true",
+                    help="with --convs: time each role as PyTorch runs it eagerly (host time included) rather than as "
+                         "a CUDA graph replay")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.convs:
         torch.manual_seed(0)
-        bench_convs(args.convs, args.out, args.variants.split(","))
+        bench_convs(args.convs, args.out, args.variants.split(","), graphs=not args.eager)
         return
     torch.manual_seed(0)
     # cuDNN picks its fastest algorithm per shape (what a tuned PyTorch training run uses).

@@ -38,7 +38,10 @@ json.dump(shapes, open(sys.argv[1], "w"))' "$out/convs.json" "$CONVS_CONFIG"
   fi
   maths=${CONVS_MATHS:-bf16,tf32}
   variants=$(echo "$maths" | sed 's/bf16/bf16_cl/')
-  python3 tools/bench_torch.py --convs "$out/convs.json" --out "$out" --variants "$variants" >"$out/torch_convs.log" 2>&1 ||
+  # cuDNN's roles are timed as CUDA graph replays, the GPU's time alone as ours is; CONVS_EAGER=1 times them as
+  # PyTorch runs them eagerly (autograd's host time of about 0.08 ms a call included: tools/bench_torch.py --eager).
+  python3 tools/bench_torch.py --convs "$out/convs.json" --out "$out" --variants "$variants" ${CONVS_EAGER:+--eager} \
+    >"$out/torch_convs.log" 2>&1 ||
     { echo "torch conv bench failed"; tail -n 5 "$out/torch_convs.log"; }
   .gpu/tests/kernels --convs "$out/convs.json" --torch "$out/torch_convs.json" --out "$out/convs.md" --maths "$maths" \
     2>"$out/kernels_convs.log" >/dev/null || tail -n 5 "$out/kernels_convs.log"
