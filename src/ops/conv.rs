@@ -1691,17 +1691,29 @@ impl Pairing {
         what: &str,
     ) -> Result<Vec<Option<Tensor>>> {
         let mut grads = vec![None, None];
+        // The transposed conv's g unfolded once for both gradients ([`Pairing::unfolded`]).
+        let unfolded = match self.transposed && (needs[0] || needs[1]) {
+            true => self.unfolded(g, x.unwrap_or(g), what)?,
+            false => None,
+        };
         if needs[0] {
-            let dx = match self.transposed {
-                false => self.wide_from_narrow(g, w, None, what)?,
-                true => self.narrow_from_wide(g, w, None, what)?,
+            let dx = match (self.transposed, &unfolded) {
+                (false, _) => self.wide_from_narrow(g, w, None, what)?,
+                (true, Some((_, col))) => self.unfolded_pairing().narrow_from_wide(col, w, None, what)?,
+                (true, None) => self.narrow_from_wide(g, w, None, what)?,
             };
             grads[0] = Some(Tensor::from_gpu(dx, shapes[0])?);
         }
         if needs[1] {
             let x = x.ok_or_else(|| Error::Mismatch(format!("{what}: the weight gradient needs the input")))?;
             let (narrow, wide) = if self.transposed { (x, g) } else { (g, x) };
-            grads[1] = Some(Tensor::from_gpu(self.weight_grad(narrow, wide, what)?, shapes[1])?);
+            let dw = match &unfolded {
+                Some((kernels, col)) => {
+                    self.weight_grad_of_columns(&self.kernel_dims(what)?, *kernels, x, col, what)?
+                }
+                None => self.weight_grad(narrow, wide, what)?,
+            };
+            grads[1] = Some(Tensor::from_gpu(dw, shapes[1])?);
         }
         if needs.len() > 2 {
             // The bias gradient sums g over the batch and the positions of the map it lives on.
@@ -1717,6 +1729,40 @@ impl Pairing {
 
     fn taps(&self) -> usize {
         self.k.iter().product()
+    }
+
+    /// The transposed conv's output gradient `g` unfolded into the columns of the explicit weight gradient,
+    /// col[n, (cw, a), o] = g[n, cw, o s + a] ([`Pairing::columns`]; the kernel is the stride, so col is g rearranged
+    /// and no bigger), with the kernels, where they take the pairing ([`Pairing::gemm_wgrad_kernels`]; `x` the op's
+    /// input, or g again where dW is not asked for): dW is then the product over col, and dx a 1x1x1 conv's forward
+    /// over it ([`Pairing::unfolded_pairing`]) on the 1x1x1 products, where the gathers of a conv of stride = kernel
+    /// read g's channels per tap at stride-s positions (H200, 2026-12-06: amos-2d's transposed 64 -> 32 x 2x2 input
+    /// gradient 0.146 ms, cuDNN 0.038).
+    fn unfolded<T: ConvElement>(
+        &self,
+        g: &GpuBuffer<T>,
+        x: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<Option<(GemmWgrad<T>, GpuBuffer<T>)>> {
+        match self.gemm_wgrad_kernels(&g.gpu, x, g) {
+            Some(kernels) => Ok(Some((kernels, self.columns(&self.kernel_dims(what)?, kernels, g, what)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The 1x1x1 conv whose forward over the columns of [`Pairing::unfolded`] is the transposed conv's input
+    /// gradient: dx[n, cn, o] = sum_{(cw, a)} W[cn, (cw, a)] col[n, (cw, a), o], the transposed conv's weight
+    /// (Cn, Cw, k) read as (Cn, Cw k, 1).
+    fn unfolded_pairing(&self) -> Pairing {
+        Pairing {
+            c_wide: self.c_wide * self.taps(),
+            wide: self.narrow,
+            k: [1; 3],
+            stride: [1; 3],
+            pad: [0; 3],
+            transposed: false,
+            ..*self
+        }
     }
 
     /// The pairing's sizes as the kernels' ints, after checking that they fit: the kernels index rows, reduction
@@ -1938,20 +1984,20 @@ impl Pairing {
         (!gpu.exact_f32() && aligned && loaded && self.gemm_wgrad_suits()).then_some(kernels)
     }
 
-    /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: a conv (not
-    /// transposed) whose narrow map's rows of positions are whole 16-byte pieces, and a 1x1x1 kernel of stride 1 (no
-    /// columns: the wide map is the product's operand as it is), or bf16 columns of at most
-    /// [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or from one wide
-    /// channel.
+    /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: the narrow map's
+    /// rows of positions are whole 16-byte pieces, and a 1x1x1 kernel of stride 1 (no columns: the wide map is the
+    /// product's operand as it is), a transposed conv (its kernel is its stride: the columns are the wide map
+    /// rearranged, no bigger), or bf16 columns of at most [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least
+    /// [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or from one wide channel.
     fn gemm_wgrad_suits(&self) -> bool {
         let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
         let columns = self.batch * self.c_wide * taps * positions * std::mem::size_of::<bf16>();
         let fits = |v: usize| v < i32::MAX as usize;
         let pays = taps == 1
+            || self.transposed
             || (columns <= GEMM_WGRAD_MAX_COLUMN_BYTES
                 && (self.c_narrow >= GEMM_WGRAD_MIN_CHANNELS || self.c_wide == 1));
-        !self.transposed
-            && (taps > 1 || self.stride.iter().all(|&s| s == 1))
+        (taps > 1 || self.stride.iter().all(|&s| s == 1))
             && positions % 8 == 0
             && fits(self.c_wide * taps)
             && fits(positions)
@@ -1960,9 +2006,9 @@ impl Pairing {
     }
 
     /// [`Pairing::weight_grad`] as one explicit product, dW[cn, (cw, a)] = sum_{n, o} Xn[n, cn, o]
-    /// col[n, (cw, a), o] with col[n, (cw, a), o] = Xw[n, cw, o s + a - p] written out first (a 1x1x1 conv's col is Xw
-    /// itself), on gemm_wgmma.cu's wgmma tiles: the reduction over the batch and the positions cut into fixed slices,
-    /// summed in order.
+    /// col[n, (cw, a), o] with col[n, (cw, a), o] = Xw[n, cw, o s + a - p] written out first ([`Pairing::columns`];
+    /// a 1x1x1 conv's col is Xw itself), on gemm_wgmma.cu's wgmma tiles: the reduction over the batch and the
+    /// positions cut into fixed slices, summed in order.
     fn weight_grad_gemm<T: ConvElement>(
         &self,
         d: &KernelDims,
@@ -1971,28 +2017,48 @@ impl Pairing {
         wide: &GpuBuffer<T>,
         what: &str,
     ) -> Result<GpuBuffer> {
+        let columns = (self.taps() > 1).then(|| self.columns(d, kernels, wide, what)).transpose()?;
+        self.weight_grad_of_columns(d, kernels, narrow, columns.as_ref().unwrap_or(wide), what)
+    }
+
+    /// The wide map's columns, col[n, (cw, a), o] = Xw[n, cw, o s + a - p] (0 outside the map), by conv.cu's
+    /// conv_im2col: taps times the narrow map's positions per wide channel.
+    fn columns<T: ConvElement>(
+        &self,
+        d: &KernelDims,
+        kernels: GemmWgrad<T>,
+        wide: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer<T>> {
+        let pieces = self.batch * self.c_wide * self.taps() * self.narrow.iter().product::<usize>() / 8;
+        let mut col = wide.gpu.alloc_of::<T>(8 * pieces, what)?;
+        let params = ConvIm2colParams {
+            src: wide.ptr(),
+            col: col.ptr_mut(),
+            src_size: d.wide,
+            narrow_size: d.narrow,
+            kernel: d.k,
+            stride: d.stride,
+            pad: d.pad,
+            pieces: pieces as i64,
+        };
+        wide.gpu.launch(kernels.im2col, grid_1d(pieces), &params, what)?;
+        Ok(col)
+    }
+
+    /// The product of [`Pairing::weight_grad_gemm`] over the columns `b` (or a 1x1x1 conv's wide map).
+    fn weight_grad_of_columns<T: ConvElement>(
+        &self,
+        d: &KernelDims,
+        kernels: GemmWgrad<T>,
+        narrow: &GpuBuffer<T>,
+        b: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
         let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
         let (rows, cols) = (self.c_narrow, self.c_wide * taps);
         let column_len = cols * positions;
-        let mut columns = None;
-        if taps > 1 {
-            let mut col = gpu.alloc_of::<T>(self.batch * column_len, what)?;
-            let pieces = self.batch * column_len / 8;
-            let params = ConvIm2colParams {
-                src: wide.ptr(),
-                col: col.ptr_mut(),
-                src_size: d.wide,
-                narrow_size: d.narrow,
-                kernel: d.k,
-                stride: d.stride,
-                pad: d.pad,
-                pieces: pieces as i64,
-            };
-            gpu.launch(kernels.im2col, grid_1d(pieces), &params, what)?;
-            columns = Some(col);
-        }
-        let b = columns.as_ref().unwrap_or(wide);
         let product = kernels.product.pick(gpu, rows, cols);
         let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(product.1);
         let shared = gemm_wgmma_shared_bytes(product.1);
@@ -2983,6 +3049,38 @@ mod tests {
         // Reductions the streaming kernels take; W's rows of 130 channels, not whole 16-byte pieces.
         for (kernels, k, n) in [(dgrad, 24, 256), (fprop, 24, 264), (fprop, 128, 512), (fprop, 130, 64)] {
             assert!(!fits(kernels, k, n), "{k} -> {n}: not a wgmma product");
+        }
+    }
+
+    /// The transposed conv's backward unfolds g where the explicit weight gradient takes the pairing: gpu_conv's
+    /// transposed cases whose input positions are whole 16-byte pieces do (so that the GPU test runs the unfolded
+    /// path), the others keep the gathers; the unfolded input gradient is a 1x1x1 conv over Cw k channels.
+    #[test]
+    fn transposed_backward_unfolds_g_where_positions_are_whole_pieces() {
+        let transposed = |c: [usize; 2], narrow: [usize; 3], k: [usize; 3]| Pairing {
+            batch: 2,
+            c_wide: c[1],
+            c_narrow: c[0],
+            wide: [0, 1, 2].map(|i| narrow[i] * k[i]),
+            narrow,
+            k,
+            stride: k,
+            pad: [0; 3],
+            transposed: true,
+        };
+        for (c, narrow, k) in
+            [([5, 7], [2, 4, 8], [2; 3]), ([24, 20], [3, 8, 11], [2; 3]), ([33, 37], [1, 8, 12], [1, 2, 2])]
+        {
+            let p = transposed(c, narrow, k);
+            assert!(p.gemm_wgrad_suits(), "{c:?} at {narrow:?}: unfolded");
+            let one = p.unfolded_pairing();
+            assert_eq!(
+                (one.c_wide, one.c_narrow, one.wide, one.narrow, one.k),
+                (c[1] * p.taps(), c[0], narrow, narrow, [1; 3])
+            );
+        }
+        for (c, narrow, k) in [([5, 7], [3, 5, 7], [2; 3]), ([33, 37], [1, 9, 11], [1, 2, 2])] {
+            assert!(!transposed(c, narrow, k).gemm_wgrad_suits(), "{c:?} at {narrow:?}: positions not whole pieces");
         }
     }
 
