@@ -2938,7 +2938,7 @@ mod tests {
     }
 
     /// The explicit weight gradient takes the shapes it was measured faster on (1x1x1 kernels, the deep 320- and
-    /// 512-channel maps, the one-channel stems) and leaves the rest to the implicit kernels; the GPU tests'
+    /// 512-channel maps, the one-channel stems, the transposed convs) and leaves the rest to the implicit kernels; the GPU tests'
     /// shapes (tests/gpu_conv.rs) fall on the side their names say.
     #[test]
     fn explicit_weight_gradient_takes_the_shapes_it_pays_on() {
@@ -2955,7 +2955,7 @@ mod tests {
             ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], [3, 3, 3], [2, 2, 2]), false),
             ("1x1x1 strided", pairing(2, 64, 32, [10, 28, 24], one, [1, 2, 2]), false),
             ("gpu_conv_wgrad_gemm strided", pairing(2, 21, 320, [5, 12, 16], [3, 3, 3], [1, 2, 2]), true),
-            ("transposed", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), false),
+            ("transposed: the columns are g rearranged", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), true),
             ("gpu_conv_wgrad_gemm 3x3x3", pairing(2, 37, 330, [4, 6, 10], [3, 3, 3], one), true),
             ("gpu_conv_wgrad_gemm 1x1x1", pairing(2, 20, 9, [3, 6, 44], one, one), true),
             ("gpu_conv_wgrad_gemm 2D", pairing(3, 24, 320, [1, 18, 12], [1, 3, 3], one), true),
