@@ -1987,14 +1987,17 @@ impl Pairing {
     /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: the narrow map's
     /// rows of positions are whole 16-byte pieces, and a 1x1x1 kernel of stride 1 (no columns: the wide map is the
     /// product's operand as it is), a transposed conv (its kernel is its stride: the columns are the wide map
-    /// rearranged, no bigger), or bf16 columns of at most [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least
-    /// [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or from one wide channel.
+    /// rearranged, no bigger), a strided conv's columns of at most [`GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES`], or bf16
+    /// columns of at most [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or
+    /// from one wide channel.
     fn gemm_wgrad_suits(&self) -> bool {
         let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
         let columns = self.batch * self.c_wide * taps * positions * std::mem::size_of::<bf16>();
         let fits = |v: usize| v < i32::MAX as usize;
+        let strided = self.stride.iter().any(|&s| s > 1);
         let pays = taps == 1
             || self.transposed
+            || (strided && columns <= GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES)
             || (columns <= GEMM_WGRAD_MAX_COLUMN_BYTES
                 && (self.c_narrow >= GEMM_WGRAD_MIN_CHANNELS || self.c_wide == 1));
         (taps > 1 || self.stride.iter().all(|&s| s == 1))
@@ -2300,6 +2303,9 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 /// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
 /// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
+/// A strided conv's weight gradient takes the explicit product for any channel count where its columns fit in this
+/// many bytes: the other kernel for it is the conv_tc gathers (the halo and wgmma weight gradients are stride 1 only).
+const GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES: usize = 1 << 29;
 
 /// The explicit forward and input gradient ([`Pairing::explicit_product`]) take sources of at least this many
 /// channels ... Measured on the H100 (2026-12-06, amos-2d b12 and flare-3d b2 bf16, beside the implicit kernels in the
@@ -2952,7 +2958,12 @@ mod tests {
             ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], [1, 3, 3], one), true),
             ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], [1, 3, 3], one), false),
             ("flare-3d stage 4 entry, strided", pairing(2, 256, 320, [10, 28, 24], [3, 3, 3], [1, 2, 2]), true),
-            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], [3, 3, 3], [2, 2, 2]), false),
+            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], [3, 3, 3], [2, 2, 2]), true),
+            (
+                "flare-3d stage 1 entry: 1.5 GB of columns",
+                pairing(2, 32, 64, [40, 224, 192], [3, 3, 3], [1, 2, 2]),
+                false,
+            ),
             ("1x1x1 strided", pairing(2, 64, 32, [10, 28, 24], one, [1, 2, 2]), false),
             ("gpu_conv_wgrad_gemm strided", pairing(2, 21, 320, [5, 12, 16], [3, 3, 3], [1, 2, 2]), true),
             ("transposed: the columns are g rearranged", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), true),
