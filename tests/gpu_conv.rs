@@ -71,6 +71,8 @@ fn gpu_conv3d_k333() {
     check_conv("conv3d 3x3x3 stride 1", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[1, 1, 1], 10);
     check_conv("conv3d 3x3x3 stride 2", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[2, 2, 2], 20);
     check_conv("conv3d 3x3x3 stride 1,2,2", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[1, 2, 2], 30);
+    // In bf16 on sm_90: the weight gradient on the explicit product (64 wide channels).
+    check_conv("conv3d 3x3x3 stride 2, 64 -> 24 channels", &[2, 64, 8, 16, 32], &[24, 64, 3, 3, 3], &[2, 2, 2], 35);
 }
 
 #[test]
@@ -317,6 +319,8 @@ fn gpu_conv_transpose3d() {
     // stores carry each position to its voxel; rows of 11 (position pairs across rows), three position tiles.
     check_conv_transpose("conv_transpose3d 2x2x2, 64 positions", &[2, 5, 2, 4, 8], &[5, 7, 2, 2, 2], 215);
     check_conv_transpose("conv_transpose3d 2x2x2 24 -> 20, 3x8x11", &[2, 24, 3, 8, 11], &[24, 20, 2, 2, 2], 217);
+    // 64 output channels: in bf16 on sm_90 the backward from g unfolded (dx a 1x1x1 product, dW the explicit one).
+    check_conv_transpose("conv_transpose3d 2x2x2 24 -> 64, 2x4x8", &[2, 24, 2, 4, 8], &[24, 64, 2, 2, 2], 218);
 }
 
 #[test]

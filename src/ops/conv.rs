@@ -1986,20 +1986,26 @@ impl Pairing {
 
     /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: the narrow map's
     /// rows of positions are whole 16-byte pieces, and a 1x1x1 kernel of stride 1 (no columns: the wide map is the
-    /// product's operand as it is), a transposed conv (its kernel is its stride: the columns are the wide map
-    /// rearranged, no bigger), a strided conv's columns of at most [`GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES`], or bf16
-    /// columns of at most [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or
-    /// from one wide channel.
+    /// product's operand as it is), a transposed conv of at least [`UNFOLD_MIN_WIDE_CHANNELS`] wide channels (its
+    /// kernel is its stride: the columns are the wide map rearranged, no bigger), a strided conv from as many with
+    /// columns of at most [`GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES`], or bf16 columns of at most
+    /// [`GEMM_WGRAD_MAX_COLUMN_BYTES`] for at least [`GEMM_WGRAD_MIN_CHANNELS`] narrow channels or from one wide
+    /// channel.
     fn gemm_wgrad_suits(&self) -> bool {
         let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
         let columns = self.batch * self.c_wide * taps * positions * std::mem::size_of::<bf16>();
         let fits = |v: usize| v < i32::MAX as usize;
         let strided = self.stride.iter().any(|&s| s > 1);
-        let pays = taps == 1
-            || self.transposed
-            || (strided && columns <= GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES)
-            || (columns <= GEMM_WGRAD_MAX_COLUMN_BYTES
-                && (self.c_narrow >= GEMM_WGRAD_MIN_CHANNELS || self.c_wide == 1));
+        let wide_enough = self.c_wide >= UNFOLD_MIN_WIDE_CHANNELS;
+        let pays = match self.transposed {
+            true => wide_enough,
+            false => {
+                taps == 1
+                    || (strided && wide_enough && columns <= GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES)
+                    || (columns <= GEMM_WGRAD_MAX_COLUMN_BYTES
+                        && (self.c_narrow >= GEMM_WGRAD_MIN_CHANNELS || self.c_wide == 1))
+            }
+        };
         (taps > 1 || self.stride.iter().all(|&s| s == 1))
             && positions % 8 == 0
             && fits(self.c_wide * taps)
@@ -2303,9 +2309,20 @@ const GEMM_WGRAD_MAX_COLUMN_BYTES: usize = 1 << 28;
 /// it lost (0.40 -> 0.58 ms at 256 x 10x28x24, 0.28 -> 0.30 at 256 x 40x40): writing the columns (0.22 ms of the
 /// 0.58) and reading them again cost more than the product saves; the stems (1 channel, 3x3) 1.12 -> 0.73 ms.
 const GEMM_WGRAD_MIN_CHANNELS: usize = 320;
-/// A strided conv's weight gradient takes the explicit product for any channel count where its columns fit in this
-/// many bytes: the other kernel for it is the conv_tc gathers (the halo and wgmma weight gradients are stride 1 only).
+/// A strided conv's weight gradient takes the explicit product for any narrow channel count where its columns fit in
+/// this many bytes (and the wide map has [`UNFOLD_MIN_WIDE_CHANNELS`]): the other kernel for it is the conv_tc
+/// gathers (the halo and wgmma weight gradients are stride 1 only). H100, 2026-12-06, beside the gathers in one call:
+/// flare-3d 64 -> 128 at 40x112x96, stride 2 (372 MB of columns), 0.890 -> 0.732 ms; 128 -> 256 at 20x56x48 0.503 ->
+/// 0.267; amos-2d 64 -> 128 at 160x160 0.281 -> 0.212, 128 -> 256 at 80x80 0.248 -> 0.152.
 const GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES: usize = 1 << 29;
+/// The fewest wide channels at which a strided conv's weight gradient and a transposed conv's backward unfold the
+/// wide map into columns ([`Pairing::gemm_wgrad_suits`], [`Pairing::unfolded`]). From 32 the columns cost more than
+/// the gathers they replace (H100, 2026-12-06, one call: amos-2d's strided 32 -> 64 at 320x320 weight gradient 0.349
+/// -> 0.382 ms; the transposed 64 -> 32 x 1x2x2 at 40x112x96 input gradient 0.389 -> 0.410, weight gradient 0.535 ->
+/// 0.604, 64 -> 32 x 2x2 at 160x160 0.146 -> 0.156); from 64 they won (the transposed 128 -> 64 x 2x2x2 at 20x56x48
+/// 0.268 -> 0.216 and 0.388 -> 0.321, 256 -> 128 at 10x28x24 0.147 -> 0.072 and 0.203 -> 0.119; amos-2d 512 -> 256
+/// at 20x20 0.121 -> 0.050 and 0.144 -> 0.077).
+const UNFOLD_MIN_WIDE_CHANNELS: usize = 64;
 
 /// The explicit forward and input gradient ([`Pairing::explicit_product`]) take sources of at least this many
 /// channels ... Measured on the H100 (2026-12-06, amos-2d b12 and flare-3d b2 bf16, beside the implicit kernels in the
@@ -2964,6 +2981,12 @@ mod tests {
                 pairing(2, 32, 64, [40, 224, 192], [3, 3, 3], [1, 2, 2]),
                 false,
             ),
+            (
+                "amos-2d stage 1 entry: 32 wide channels",
+                pairing(12, 32, 64, [1, 320, 320], [1, 3, 3], [1, 2, 2]),
+                false,
+            ),
+            ("gpu_conv3d_k333 strided 64 -> 24", pairing(2, 64, 24, [8, 16, 32], [3, 3, 3], [2, 2, 2]), true),
             ("1x1x1 strided", pairing(2, 64, 32, [10, 28, 24], one, [1, 2, 2]), false),
             ("gpu_conv_wgrad_gemm strided", pairing(2, 21, 320, [5, 12, 16], [3, 3, 3], [1, 2, 2]), true),
             ("transposed: the columns are g rearranged", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), true),
@@ -3063,35 +3086,26 @@ mod tests {
         }
     }
 
-    /// The transposed conv's backward unfolds g where the explicit weight gradient takes the pairing: gpu_conv's
-    /// transposed cases whose input positions are whole 16-byte pieces do (so that the GPU test runs the unfolded
-    /// path), the others keep the gathers; the unfolded input gradient is a 1x1x1 conv over Cw k channels.
+    /// The transposed conv's backward unfolds g where the explicit weight gradient takes the pairing: from
+    /// [`UNFOLD_MIN_WIDE_CHANNELS`] wide channels on input positions of whole 16-byte pieces, as gpu_conv's
+    /// transposed 24 -> 64 case (so that the GPU test runs the unfolded path); the unfolded input gradient is a 1x1x1
+    /// conv over Cw k channels.
     #[test]
-    fn transposed_backward_unfolds_g_where_positions_are_whole_pieces() {
-        let transposed = |c: [usize; 2], narrow: [usize; 3], k: [usize; 3]| Pairing {
-            batch: 2,
-            c_wide: c[1],
-            c_narrow: c[0],
-            wide: [0, 1, 2].map(|i| narrow[i] * k[i]),
-            narrow,
-            k,
-            stride: k,
-            pad: [0; 3],
-            transposed: true,
-        };
-        for (c, narrow, k) in
-            [([5, 7], [2, 4, 8], [2; 3]), ([24, 20], [3, 8, 11], [2; 3]), ([33, 37], [1, 8, 12], [1, 2, 2])]
+    fn transposed_backward_unfolds_g_from_enough_wide_channels() {
+        // (c_wide, c_narrow, narrow, k): gpu_conv's 24 -> 64 x 2x2x2 at 2x4x8, flare-3d's 256 -> 128 and amos-2d's
+        // 512 -> 256; then amos-2d's 64 -> 32 and gpu_conv's 5 -> 7 (too few wide channels), 24 -> 64 at 3x5x7.
+        for (c_wide, c_narrow, narrow, k) in
+            [(64, 24, [2, 4, 8], [2; 3]), (128, 256, [10, 28, 24], [2; 3]), (256, 512, [1, 20, 20], [1, 2, 2])]
         {
-            let p = transposed(c, narrow, k);
-            assert!(p.gemm_wgrad_suits(), "{c:?} at {narrow:?}: unfolded");
+            let p = transposed(2, c_wide, c_narrow, narrow, k);
+            assert!(p.gemm_wgrad_suits(), "{c_narrow} -> {c_wide} at {narrow:?}: unfolded");
             let one = p.unfolded_pairing();
-            assert_eq!(
-                (one.c_wide, one.c_narrow, one.wide, one.narrow, one.k),
-                (c[1] * p.taps(), c[0], narrow, narrow, [1; 3])
-            );
+            assert_eq!((one.c_wide, one.c_narrow, one.wide, one.k), (c_wide * p.taps(), c_narrow, narrow, [1; 3]));
         }
-        for (c, narrow, k) in [([5, 7], [3, 5, 7], [2; 3]), ([33, 37], [1, 9, 11], [1, 2, 2])] {
-            assert!(!transposed(c, narrow, k).gemm_wgrad_suits(), "{c:?} at {narrow:?}: positions not whole pieces");
+        for (c_wide, c_narrow, narrow, k) in
+            [(32, 64, [1, 160, 160], [1, 2, 2]), (7, 5, [2, 4, 8], [2; 3]), (64, 24, [3, 5, 7], [2; 3])]
+        {
+            assert!(!transposed(2, c_wide, c_narrow, narrow, k).gemm_wgrad_suits(), "{c_narrow} -> {c_wide}");
         }
     }
 
