@@ -58,10 +58,12 @@
 //! one tap and 16 source channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D
 //! maps) run there as implicit matrix products, each position's row gathered tap by tap from the copy
 //! (cuda/gemm_wgmma.cu, `implicit_suits`, `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320
-//! narrow channels on small maps and of one-channel inputs run as one explicit product over the wide map's columns
-//! (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`), and the forward and input gradient
-//! of stride-1 convs of at least 512 source channels on small maps as the same product over the source map's rows
-//! (`Pairing::explicit_suits`, `Pairing::explicit_product`). The bf16 1x1x1 products (a 1x1x1
+//! narrow channels on small maps, of one-channel inputs and of strided convs from 64 wide channels run as one explicit
+//! product over the wide map's columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
+//! a transposed conv's backward from 64 wide channels unfolds g into such columns once (its kernel is its stride:
+//! they are g rearranged) and runs dW as that product and dx as a 1x1x1 conv's forward over them
+//! (`Pairing::unfolded`); the forward and input gradient of stride-1 convs of at least 512 source channels on small
+//! maps run as the same product over the source map's rows (`Pairing::explicit_suits`, `Pairing::explicit_product`). The bf16 1x1x1 products (a 1x1x1
 //! conv's forward and input gradient, the transposed conv's forward with its taps as channels) of at most
 //! GEMM_STREAM_MAX_K source channels on maps of whole 16-byte channels run on the linear layers' streaming products in
 //! their channels-first form (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`, `pointwise`): a block keeps its columns of
