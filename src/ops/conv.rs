@@ -1711,7 +1711,7 @@ impl Pairing {
             let (narrow, wide) = if self.transposed { (x, g) } else { (g, x) };
             let dw = match &unfolded {
                 Some((kernels, col)) => {
-                    self.weight_grad_of_columns(&self.kernel_dims(what)?, *kernels, x, col, what)?
+                    self.weight_grad_of_columns(&self.kernel_dims(what)?, *kernels, narrow, col, what)?
                 }
                 None => self.weight_grad(narrow, wide, what)?,
             };
