@@ -44,8 +44,11 @@
 //! one per tap phase, whose outputs are a strided subset of y (flare-3d's five upsamplings 2.34 -> 1.95 ms forward,
 //! benches/RESULTS.md). GPU backward: the products of the pairing with y as the wide map (stride k, padding 0; the
 //! weight (Cin, Cout, k) is exactly the pairing's (narrow, wide, k) weight): dx is narrow-from-wide, dw the pairing's
-//! weight gradient with x as the narrow map and g as the wide one, db conv's per-channel sum. (The taps-as-channels
-//! form of the backward, g moved into z's shape first, measured slower: input gradient 0.93 -> 1.35 ms.)
+//! weight gradient with x as the narrow map and g as the wide one, db conv's per-channel sum. In bf16 on sm_90 from 64
+//! output channels the backward takes g into z's shape first instead (`Pairing::unfolded`: conv's im2col, which for
+//! a kernel equal to its stride only rearranges g) and runs dx as the 1x1 product over it and dw as the explicit
+//! product (H100, 2026-12-06: flare-3d's 256 -> 128 input gradient 0.147 -> 0.072 ms, weight gradient 0.203 ->
+//! 0.119; from 32 output channels it lost, as this form did on the gathers of 2026-12-02: 0.93 -> 1.35 ms).
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps (= the stride) (the counting rules are in [`ops`](crate::ops)):
 //! forward 2 Cin FLOPs (one tap per output, a multiply and an add per input channel) and at least
