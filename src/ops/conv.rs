@@ -63,8 +63,9 @@
 //! a transposed conv's backward from 64 wide channels unfolds g into such columns once (its kernel is its stride:
 //! they are g rearranged) and runs dW as that product and dx as a 1x1x1 conv's forward over them
 //! (`Pairing::unfolded`); the forward and input gradient of stride-1 convs of at least 512 source channels on small
-//! maps run as the same product over the source map's rows (`Pairing::explicit_suits`, `Pairing::explicit_product`). The bf16 1x1x1 products (a 1x1x1
-//! conv's forward and input gradient, the transposed conv's forward with its taps as channels) of at most
+//! maps run as the same product over the source map's rows (`Pairing::explicit_suits`, `Pairing::explicit_product`).
+//! The bf16 1x1x1 products (a 1x1x1 conv's forward and input gradient, the transposed conv's forward with its taps as
+//! channels) of at most
 //! GEMM_STREAM_MAX_K source channels on maps of whole 16-byte channels run on the linear layers' streaming products in
 //! their channels-first form (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`, `pointwise`): a block keeps its columns of
 //! W and walks 64-position tiles with three in flight, where the gathers above load, multiply and store in turn; those
@@ -2963,8 +2964,8 @@ mod tests {
     }
 
     /// The explicit weight gradient takes the shapes it was measured faster on (1x1x1 kernels, the deep 320- and
-    /// 512-channel maps, the one-channel stems, the transposed convs) and leaves the rest to the implicit kernels; the GPU tests'
-    /// shapes (tests/gpu_conv.rs) fall on the side their names say.
+    /// 512-channel maps, the one-channel stems, the transposed convs) and leaves the rest to the implicit kernels; the
+    /// GPU tests' shapes (tests/gpu_conv.rs) fall on the side their names say.
     #[test]
     fn explicit_weight_gradient_takes_the_shapes_it_pays_on() {
         let one = [1, 1, 1];

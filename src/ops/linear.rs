@@ -688,9 +688,10 @@ pub(crate) struct PointwiseKernels<T> {
 }
 
 /// One 1x1x1 convolution product on channels-first maps, for [`PointwiseKernels`] (the streaming kernels'
-/// channels-first instances, cuda/gemm.cu, or the wgmma ones, cuda/gemm_wgmma.cu): per batch item b, `dst[b, j, i] = sum_k w(k, j) src[b, k, i] (+ bias[j])` over the `positions` i,
-/// with `w(k, j) = w[j K + k]` (the conv's forward, W (Cout, Cin)) or `w[k N + j]` (W stored [k][j]: the conv's input
-/// gradient and the transposed conv's forward, W (Cin, Cout)).
+/// channels-first instances, cuda/gemm.cu, or the wgmma ones, cuda/gemm_wgmma.cu): per batch item b,
+/// `dst[b, j, i] = sum_k w(k, j) src[b, k, i] (+ bias[j])` over the `positions` i, with `w(k, j) = w[j K + k]` (the
+/// conv's forward, W (Cout, Cin)) or `w[k N + j]` (W stored [k][j]: the conv's input gradient and the transposed
+/// conv's forward, W (Cin, Cout)).
 pub(crate) struct Pointwise<T> {
     /// The role's kernels.
     pub kernels: PointwiseKernels<T>,
