@@ -65,16 +65,14 @@
 //! (`Pairing::unfolded`); the forward and input gradient of stride-1 convs of at least 512 source channels on small
 //! maps run as the same product over the source map's rows (`Pairing::explicit_suits`, `Pairing::explicit_product`).
 //! The bf16 1x1x1 products (a 1x1x1 conv's forward and input gradient, the transposed conv's forward with its taps as
-//! channels) of at most
-//! GEMM_STREAM_MAX_K source channels on maps of whole 16-byte channels run on the linear layers' streaming products in
-//! their channels-first form (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`, `pointwise`): a block keeps its columns of
-//! W and walks 64-position tiles with three in flight, where the gathers above load, multiply and store in turn; those
-//! of more source channels on sm_90 as wgmma products in the same form (cuda/gemm_wgmma.cu's
-//! `conv_*_pointwise_wgmma_bf16`: the map's channel rows and W staged MN-major as they lie, no copy). With
-//! a bf16 input, a float32
-//! weight and bias are read as their bf16 copies ([`Weight`]); dW and db are summed in float32 and returned in the
-//! masters' type (a float32 master's gradient is never rounded).
-//! conv_transpose runs on the same three products with the roles of its maps swapped.
+//! channels) of at most GEMM_STREAM_MAX_K source channels on maps of whole 16-byte channels run on the linear layers'
+//! streaming products in their channels-first form (cuda/gemm.cu's `conv_*_pointwise_bf16_n*`, `pointwise`): a block
+//! keeps its columns of W and walks 64-position tiles with three in flight, where the gathers above load, multiply and
+//! store in turn; those of more source channels on sm_90 as wgmma products in the same form (cuda/gemm_wgmma.cu's
+//! `conv_*_pointwise_wgmma_bf16`: the map's channel rows and W staged MN-major as they lie, no copy). With a bf16
+//! input, a float32 weight and bias are read as their bf16 copies ([`Weight`]); dW and db are summed in float32 and
+//! returned in the masters' type (a float32 master's gradient is never rounded). conv_transpose runs on the same three
+//! products with the roles of its maps swapped.
 //!
 //! Cost per element of y, with k = k_d k_h k_w taps and a stride of s = s_d s_h s_w (the counting rules are in
 //! [`ops`](crate::ops)): forward 2 Cin k FLOPs (a multiply and an add per input channel and tap) and at least
@@ -1695,10 +1693,8 @@ impl Pairing {
     ) -> Result<Vec<Option<Tensor>>> {
         let mut grads = vec![None, None];
         // The transposed conv's g unfolded once for both gradients ([`Pairing::unfolded`]).
-        let unfolded = match self.transposed && (needs[0] || needs[1]) {
-            true => self.unfolded(g, x.unwrap_or(g), what)?,
-            false => None,
-        };
+        let unfolded =
+            if self.transposed && (needs[0] || needs[1]) { self.unfolded(g, x.unwrap_or(g), what)? } else { None };
         if needs[0] {
             let dx = match (self.transposed, &unfolded) {
                 (false, _) => self.wide_from_narrow(g, w, None, what)?,
