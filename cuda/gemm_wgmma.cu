@@ -123,6 +123,46 @@ __device__ __forceinline__ void pipeline(int steps, StageIn stage_in, float (&d)
     mma::cp_async_wait<0>();
 }
 
+// Calls store(row, col, v0, v1) for the pairs of C this thread holds after `pipeline`: v0, v1 = C[row, col],
+// C[row, col + 1] of the block's tile at (m0, n0), d[4 j + 2 h + e] = C[m0 + 64 group + 16 warp + lane / 4 + 8 h, n0 +
+// 8 j + 2 (lane % 4) + e], for rows below m_end and col below n_end (col + 1 may be past it: `store` checks).
+template <int BN, class Store>
+__device__ __forceinline__ void store_rows(const float (&d)[BN / 2], int64_t m0, int64_t n0, int64_t m_end,
+                                           int64_t n_end, Store store) {
+    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int64_t row = m0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
+        if (row >= m_end) continue;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+            if (col < n_end) store(row, (int)col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+        }
+    }
+}
+
+// out[0] = v0 and, where `both`, out[1] = v1: one 8-byte store where `pairs` (rows of an even length, so that an even
+// column is 8-byte aligned), else two.
+__device__ __forceinline__ void store_pair(float* out, float v0, float v1, bool both, bool pairs) {
+    if (both && pairs) {
+        *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+        return;
+    }
+    out[0] = v0;
+    if (both) out[1] = v1;
+}
+
+// The same in bf16: one 4-byte store where `pairs`.
+__device__ __forceinline__ void store_pair(bf16* out, float v0, float v1, bool both, bool pairs) {
+    if (both && pairs) {
+        *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(v0, v1);
+        return;
+    }
+    out[0] = __float2bfloat16(v0);
+    if (both) out[1] = __float2bfloat16(v1);
+}
+
 // Rows r0 .. r0 + R - 1 of an operand at src (rows ld elements apart; those from r_end on zeros), reduction indices
 // k0 .. k0 + BK - 1 (those from k_end on zeros).
 template <int R>
@@ -137,7 +177,6 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const bf16* src, i
 
 template <int BN>
 __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
-    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int item_steps = (p.k + BK - 1) / BK;
     const int64_t first = (int64_t)blockIdx.z * p.slice_steps;
@@ -157,26 +196,10 @@ __device__ __forceinline__ void gemm_tn(const GemmWgmmaParams<bf16>& p) {
     float d[BN / 2];
     pipeline<BN>(steps, stage_in, d);
 
-    // d[4 j + 2 h + e] = C[16 warp + lane / 4 + 8 h, 8 j + 2 (lane % 4) + e] of the warpgroup's 64 x 128.
     float* c = p.c + (int64_t)blockIdx.z * p.m * p.n;
-    const bool pairs = p.n % 2 == 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = m0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
-        if (row >= p.m) continue;
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-            const int col = n0 + 8 * j + 2 * (lane % 4);
-            float* out = c + (int64_t)row * p.n + col;
-            const float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
-            if (pairs && col + 1 < p.n) {
-                *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
-            } else {
-                if (col < p.n) out[0] = v0;
-                if (col + 1 < p.n) out[1] = v1;
-            }
-        }
-    }
+    store_rows<BN>(d, m0, n0, p.m, p.n, [&](int64_t row, int col, float v0, float v1) {
+        store_pair(c + row * p.n + col, v0, v1, col + 1 < p.n, p.n % 2 == 0);
+    });
 }
 
 // The implicit convolution product (formula in gemm_wgmma.cuh): C = positions x output channels, A's row of a
@@ -277,7 +300,7 @@ __device__ __forceinline__ void conv_implicit(const ConvImplicitParams<bf16>& p)
 }
 
 // Rows k0 .. k0 + BK - 1 of an operand stored MN-major at src (row k: R consecutive m or n from mn0, rows ld elements
-// apart; those from k_end and the m or n from mn_end read as zeros; mn0, mn_end and ld multiples of 8), staged as
+// apart; those from k_end and the m or n from mn_end read as zeros; mn0 and ld multiples of 8), staged as
 // `operand<true>` reads them: row r of the stage is k = r % BK of block r / BK of 64 m or n.
 template <int R>
 __device__ __forceinline__ void load_mn_rows(unsigned char* dst, const bf16* src, int64_t ld, int mn0, int mn_end,
@@ -285,8 +308,8 @@ __device__ __forceinline__ void load_mn_rows(unsigned char* dst, const bf16* src
     load_pieces<R>(dst, [&](int, int r, int kg) {
         const int64_t k = k0 + r % BK;
         const int mn = mn0 + r / BK * 64 + 8 * kg;
-        const bool ok = k < k_end && mn < mn_end;
-        return Piece{ok ? src + k * ld + mn : src, ok ? 8 : 0};
+        const int count = k < k_end ? max(0, min(8, mn_end - mn)) : 0;
+        return Piece{count > 0 ? src + k * ld + mn : src, count};
     });
 }
 
@@ -321,21 +344,56 @@ __device__ __forceinline__ void conv_pointwise(const GemmParams<bf16>& p) {
     float d[BN / 2];
     pointwise_product<BN, W_KJ>(p.a + item * p.a_sb, (int)p.M, p.b, (int)p.N, p.K, j0, i0, d);
 
-    // d[4 jj + 2 h + e] = D[64 group + 16 warp + lane / 4 + 8 h, 8 jj + 2 (lane % 4) + e]; M (the positions) is even.
-    const int group = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int j = j0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
-        if (j >= p.N) continue;
+    // D[j, i] at c + item c_sb + j M + i; M (the positions) is even, so every pair is whole.
+    bf16* c = p.c + item * p.c_sb;
+    store_rows<BN>(d, j0, i0, p.N, p.M, [&](int64_t j, int i, float v0, float v1) {
         const float b = p.bias ? __bfloat162float(p.bias[j]) : 0.0f;
-        bf16* out = p.c + item * p.c_sb + (int64_t)j * p.M;
-#pragma unroll
-        for (int jj = 0; jj < BN / 8; ++jj) {
-            const int i = i0 + 8 * jj + 2 * (lane % 4);
-            if (i < p.M)
-                *reinterpret_cast<__nv_bfloat162*>(out + i) =
-                    __floats2bfloat162_rn(d[4 * jj + 2 * h] + b, d[4 * jj + 2 * h + 1] + b);
-        }
+        store_pair(c + j * p.M + i, v0 + b, v1 + b, true, true);
+    });
+}
+
+// The linear layers' products (formula in gemm_wgmma.cuh), each operand staged as it lies: K-major (its rows along the
+// reduction: x and g as A, W's rows in the forward) through load_rows, MN-major (rows along m or n: W in dx = g W, g
+// and x in dW = g^T x) through load_mn_rows and wgmma's transpose bits, so no operand is copied first. PARTIAL: the
+// weight gradient's slice blockIdx.z of k_slice reduction indices (tokens) into float32 c_acc + z c_slice; otherwise
+// the whole reduction into C in bf16, with the bias.
+template <int BN, bool A_MN, bool B_MN, bool PARTIAL>
+__device__ __forceinline__ void linear_product(const GemmParams<bf16>& p) {
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int64_t k_begin = PARTIAL ? blockIdx.z * p.k_slice : 0;
+    const int64_t k_end = PARTIAL ? min(p.K, k_begin + p.k_slice) : p.K;
+    const int steps = (int)((k_end - k_begin + BK - 1) / BK);
+    const int m = (int)p.M, n = (int)p.N;
+    int64_t k0 = k_begin;
+    auto stage_in = [&](int, unsigned char* slot) {
+        if (A_MN)
+            load_mn_rows<BM>(slot, p.a, p.a_sk, m0, m, k0, k_end);
+        else
+            load_rows<BM>(slot, p.a, p.a_si, m0, m, k0, k_end);
+        if (B_MN)
+            load_mn_rows<BN>(slot + A_BYTES, p.b, p.b_sk, n0, n, k0, k_end);
+        else
+            load_rows<BN>(slot + A_BYTES, p.b, p.b_sj, n0, n, k0, k_end);
+        k0 += BK;
+    };
+    float d[BN / 2];
+    pipeline<BN, A_MN, B_MN>(steps, stage_in, d);
+
+    if constexpr (PARTIAL) {
+        float* c = p.c_acc + blockIdx.z * p.c_slice;
+        store_rows<BN>(d, m0, n0, m, n, [&](int64_t row, int col, float v0, float v1) {
+            store_pair(c + row * n + col, v0, v1, col + 1 < n, n % 2 == 0);
+        });
+    } else {
+        const bool pairs = n % 2 == 0 && (uintptr_t)p.c % 4 == 0;
+        store_rows<BN>(d, m0, n0, m, n, [&](int64_t row, int col, float v0, float v1) {
+            const bool both = col + 1 < n;
+            if (p.bias) {
+                v0 += __bfloat162float(p.bias[col]);
+                if (both) v1 += __bfloat162float(p.bias[col + 1]);
+            }
+            store_pair(p.c + row * n + col, v0, v1, both, pairs);
+        });
     }
 }
 
@@ -422,3 +480,12 @@ GEMM_WGMMA_KERNEL(conv_fprop_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise
 GEMM_WGMMA_KERNEL(conv_dgrad_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<true>)
 GEMM_WGMMA_KERNEL(conv_transpose_fprop_pointwise_wgmma_bf16, GemmParams, 1, conv_pointwise<true>)
 GEMM_WGMMA_KERNEL(conv_transpose_fprop_wgmma_bf16, ConvTransposeWgmmaParams, 1, conv_transpose_fused<GEMM_WGMMA_BN>)
+
+// The linear layers' products (gemm_wgmma.cuh): y = x W^T (A, B K-major), dx = g W (B MN-major), dW = g^T x (both
+// MN-major, float32 slices); 128 output columns per block, or 64 (_n64: two blocks per SM).
+GEMM_WGMMA_KERNEL(linear_fprop_wgmma_bf16, GemmParams, 1, (linear_product<GEMM_WGMMA_BN, false, false, false>))
+GEMM_WGMMA_KERNEL(linear_fprop_wgmma_bf16_n64, GemmParams, 2, (linear_product<64, false, false, false>))
+GEMM_WGMMA_KERNEL(linear_dgrad_wgmma_bf16, GemmParams, 1, (linear_product<GEMM_WGMMA_BN, false, true, false>))
+GEMM_WGMMA_KERNEL(linear_dgrad_wgmma_bf16_n64, GemmParams, 2, (linear_product<64, false, true, false>))
+GEMM_WGMMA_KERNEL(linear_wgrad_wgmma_bf16, GemmParams, 1, (linear_product<GEMM_WGMMA_BN, true, true, true>))
+GEMM_WGMMA_KERNEL(linear_wgrad_wgmma_bf16_n64, GemmParams, 2, (linear_product<64, true, true, true>))

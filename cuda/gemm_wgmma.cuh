@@ -122,3 +122,18 @@ struct ConvTransposeWgmmaParams {
     int k[3];     // kd, kh, kw
 };
 extern "C" __global__ void conv_transpose_fprop_wgmma_bf16(const ConvTransposeWgmmaParams<__nv_bfloat16> p);
+
+// The linear layers' products that gemm.cu's streaming kernels do not take (reductions beyond GEMM_STREAM_MAX_K,
+// weight gradients beyond 128 x 128: the deep Mamba layers' in_proj, x_proj and out_proj), gemm.cuh's GemmParams with
+// each role's unit strides (gemm.cuh): forward C = y = x W^T (+ bias) and input gradient C = dx = g W in bf16, weight
+// gradient dW = g^T x as float32 slices (slice z: reduction indices [z k_slice, (z + 1) k_slice), k_slice a multiple
+// of GEMM_WGMMA_BK, at c_acc + z c_slice). The strides that are not 1 (the rows' lengths) multiples of 8, a and b
+// 16-byte aligned; any M, N, K. Grid (ceil(M / GEMM_WGMMA_BM), ceil(N / BN), slices) with BN = GEMM_WGMMA_BN or 64
+// (the _n64 kernels), GEMM_WGMMA_THREADS threads, dynamic shared memory GEMM_WGMMA_STAGES x (GEMM_WGMMA_BM + BN) x
+// GEMM_WGMMA_BK x 2 bytes.
+extern "C" __global__ void linear_fprop_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_fprop_wgmma_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_dgrad_wgmma_bf16_n64(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_wgrad_wgmma_bf16(const GemmParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_wgrad_wgmma_bf16_n64(const GemmParams<__nv_bfloat16> p);

@@ -175,6 +175,21 @@ fn gpu_linear_stream() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn gpu_linear_wgmma() {
+    // The wgmma products (cuda/gemm_wgmma.cu, sm_90: what the streaming kernels do not take) and their edges: a
+    // reduction of 200 (not whole 64-index steps) into 136 outputs with bias (two 128-column tiles, the second short;
+    // dx over 136 with W MN-major; dW 136 x 200 in 4 float32 slices of 256 tokens), x_proj-like 256 -> 48 (the 64-column
+    // forward; dW 48 x 256, fewer rows than a tile), in_proj at 64 channels (dx and dW in 64-column tiles), fewer
+    // tokens than a row tile; and rows of 130 elements, which are not whole 16-byte pieces: the mma.sync tiles.
+    linear_bf16_elementwise(1_000, 200, 136, true, 70);
+    linear_bf16_elementwise(777, 256, 48, false, 71);
+    linear_bf16_elementwise(3_001, 64, 256, false, 72);
+    linear_bf16_elementwise(40, 256, 200, true, 73);
+    linear_bf16_elementwise(500, 130, 200, true, 74);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn gpu_linear_aligned_rows() {
     // K and N multiples of 4 (the tensor-core kernels' 16-byte copies), M odd, N past one 64-column tile.
     linear_case("linear 1001x64 -> 96 + bias", &[1001, 64], 96, true, 21);

@@ -29,9 +29,11 @@
 //! accumulation) and give bf16 activations; over many tokens with short reductions (Mamba's projections: K and the
 //! output rows of dW at most 128, rows of an even number of elements) they run on the streaming products instead
 //! (`linear_*_stream_bf16_*`: each block keeps its slice of W, or its dW tile, for its whole life and walks the
-//! token tiles with three in flight, where the tiled products wait on memory between load, product and store); dW
-//! and db are summed in float32 and returned in the masters' type (a
-//! float32 master's gradient is never rounded). dW reduces over all M tokens while its output is small, so that
+//! token tiles with three in flight, where the tiled products wait on memory between load, product and store); the
+//! bf16 products they do not take (the deep layers' reductions beyond 128, weight gradients beyond 128 x 128) run on
+//! Hopper's warpgroup products (`linear_*_wgmma_bf16`, cuda/gemm_wgmma.cu: 128-row tiles, each operand staged as it
+//! lies through wgmma's transpose bits) where the GPU has them, else on the mma.sync tiles; dW and db are summed in
+//! float32 and returned in the masters' type (a float32 master's gradient is never rounded). dW reduces over all M tokens while its output is small, so that
 //! reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed order
 //! (`sum_rows`, also used for db); results are the same bits from run to run.
 //!
@@ -52,7 +54,7 @@ use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_STREAM_BM, GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES,
     GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW, GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK,
-    GEMM_TM, GEMM_TN, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_THREADS, SUM_ROWS_COLS, SUM_ROWS_LANES,
+    GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_THREADS, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::{params_in, Weight};
 use crate::ops::conv::gemm_wgmma_shared_bytes;
@@ -368,6 +370,9 @@ fn backward_on_gpu<T: LinearElement>(op: &LinearBackward, g: &Tensor, want: [boo
 const GEMM_SPLIT_BLOCKS: usize = 1024;
 /// ... with at least this many rows of M per slice, so each block does real work.
 const GEMM_MIN_SLICE: usize = 256;
+/// The wgmma weight gradient's split aims at about two waves of its one-block-per-SM tiles on 132 SMs: its float32
+/// slices are written and summed again, 64 KB per 128 x 128 tile, so it takes fewer than the mma.sync tiles.
+const GEMM_WGMMA_SPLIT_BLOCKS: usize = 264;
 
 /// Which product of a linear layer a [`Gemm`] computes: each role has its own kernel names (cuda/gemm.cu).
 #[derive(Clone, Copy)]
@@ -388,6 +393,10 @@ trait LinearElement: GpuElement {
     /// The streaming products for many tokens and short reductions (cuda/gemm.cu's `linear_*_stream_*`), where this
     /// type has them.
     const STREAM: Option<StreamKernels<Self>>;
+    /// The wgmma products per role (forward, input gradient, weight gradient) in 64- and 128-column tiles
+    /// (cuda/gemm_wgmma.cu's `linear_*_wgmma_*`, sm_90), where this type has them: the products the streaming kernels
+    /// do not take.
+    const WGMMA: Option<[[Kernel<GemmParams<Self>>; 2]; 3]>;
     /// Whether `--math exact` can select float32 SIMT kernels for this type.
     const HAS_EXACT: bool;
     /// The column sums of g (M, N) in float32: the bias gradient.
@@ -401,6 +410,7 @@ impl LinearElement for f32 {
         [kernel::linear_wgrad_f32, kernel::linear_wgrad_tf32, kernel::linear_wgrad_tf32_n32],
     ];
     const STREAM: Option<StreamKernels<f32>> = None;
+    const WGMMA: Option<[[Kernel<GemmParams<f32>>; 2]; 3]> = None;
     const HAS_EXACT: bool = true;
     fn column_sums(g: &GpuBuffer, m: usize, n: usize) -> Result<GpuBuffer> {
         sum_rows(&g.gpu, &g.slice.slice(..), m, n, n, "linear db")
@@ -430,6 +440,11 @@ impl LinearElement for bf16 {
             [kernel::linear_wgrad_stream_bf16_m128_n32, kernel::linear_wgrad_stream_bf16_m128_n64],
         ],
     });
+    const WGMMA: Option<[[Kernel<GemmParams<bf16>>; 2]; 3]> = Some([
+        [kernel::linear_fprop_wgmma_bf16_n64, kernel::linear_fprop_wgmma_bf16],
+        [kernel::linear_dgrad_wgmma_bf16_n64, kernel::linear_dgrad_wgmma_bf16],
+        [kernel::linear_wgrad_wgmma_bf16_n64, kernel::linear_wgrad_wgmma_bf16],
+    ]);
     const HAS_EXACT: bool = false;
     fn column_sums(g: &GpuBuffer<bf16>, m: usize, n: usize) -> Result<GpuBuffer> {
         f32::column_sums(&crate::tensor::cast::to_f32(g)?, m, n)
@@ -509,6 +524,9 @@ impl<T: LinearElement> Gemm<T> {
         if let Some(s) = self.stream_kernel(gpu) {
             return self.run_stream(gpu, &s, c, c_acc, slices);
         }
+        if let Some(w) = self.wgmma_kernel(gpu) {
+            return self.run_wgmma(gpu, w, c, c_acc, k_slice, slices);
+        }
         let (k, what) = self.role.kernel::<T>(gpu, self.n);
         let (bm, bn) = k.tile;
         ensure!(
@@ -586,6 +604,60 @@ impl<T: LinearElement> Gemm<T> {
         }
     }
 
+    /// The wgmma product that takes this one, if the streaming kernels do not ([`Gemm::stream_kernel`] first), and its
+    /// tile's columns: not `--math exact`, a type and GPU that have them (sm_90), the role's unit strides, and both
+    /// operands' rows whole 16-byte pieces from 16-byte aligned starts (cuda/gemm_wgmma.cuh); 64 columns per block up
+    /// to 64 outputs (x_proj's forward, in_proj's dx and dW at 64 channels), else 128. Where it does not apply, the
+    /// mma.sync tiles of [`GemmRole::kernel`] run the product.
+    fn wgmma_kernel(&self, gpu: &Gpu) -> Option<(Kernel<GemmParams<T>>, usize)> {
+        let [fprop, dgrad, wgrad] = T::WGMMA.filter(|_| !gpu.exact_f32())?;
+        let rows = |p: ConstPtr<T>, ld: usize| p.address() % 16 == 0 && (ld * size_of::<T>()) % 16 == 0;
+        let (kernels, fits) = match self.role {
+            GemmRole::Forward => {
+                (fprop, self.a_sk == 1 && self.b_sk == 1 && rows(self.a, self.a_si) && rows(self.b, self.b_sj))
+            }
+            GemmRole::InputGrad => {
+                (dgrad, self.a_sk == 1 && self.b_sj == 1 && rows(self.a, self.a_si) && rows(self.b, self.b_sk))
+            }
+            GemmRole::WeightGrad => {
+                (wgrad, self.a_si == 1 && self.b_sj == 1 && rows(self.a, self.a_sk) && rows(self.b, self.b_sk))
+            }
+        };
+        let wide = usize::from(self.n > 64);
+        let small = self.m.max(self.n) < i32::MAX as usize;
+        (fits && small && gpu.has_kernel(kernels[wide])).then_some((kernels[wide], 64 << wide))
+    }
+
+    /// Runs the wgmma product (`kernel`, `columns` per block) into `c`, or for the weight gradient into `slices`
+    /// float32 partial products of `k_slice` reduction indices at `c_acc`.
+    fn run_wgmma(
+        &self,
+        gpu: &Arc<Gpu>,
+        (kernel, columns): (Kernel<GemmParams<T>>, usize),
+        c: MutPtr<T>,
+        c_acc: MutPtr<f32>,
+        k_slice: usize,
+        slices: usize,
+    ) -> Result<()> {
+        let what = match self.role {
+            GemmRole::Forward => "linear forward (wgmma)",
+            GemmRole::InputGrad => "linear dx = g W (wgmma)",
+            GemmRole::WeightGrad => "linear dW = g^T x (wgmma)",
+        };
+        let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
+        ensure!(
+            self.n.div_ceil(columns) <= 65_535 && slices <= 65_535,
+            Shape,
+            "{shapes}: too many output columns or slices for the GPU grid"
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (self.m.div_ceil(GEMM_WGMMA_BM) as u32, self.n.div_ceil(columns) as u32, slices as u32),
+            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+            shared_mem_bytes: gemm_wgmma_shared_bytes(columns),
+        };
+        gpu.launch(kernel, cfg, &self.params(c, c_acc, k_slice), &shapes)
+    }
+
     /// Runs the streaming product `s` into `c` (forward, input gradient: as many blocks as the GPU holds at once,
     /// each walking row tiles) or, for the weight gradient, into `slices` float32 partial sums at `c_acc`.
     fn run_stream(
@@ -621,10 +693,16 @@ impl<T: LinearElement> Gemm<T> {
             let slices = self.k.div_ceil(GEMM_STREAM_BM).min((GEMM_SPLIT_BLOCKS / tiles).max(1));
             return (GEMM_STREAM_BM, slices);
         }
-        let (k, _) = self.role.kernel::<T>(gpu, self.n);
-        let tiles = self.m.div_ceil(k.tile.0) * self.n.div_ceil(k.tile.1);
-        let want = (GEMM_SPLIT_BLOCKS / tiles).max(1);
-        let k_slice = self.k.div_ceil(want).next_multiple_of(k.depth).max(GEMM_MIN_SLICE);
+        let ((tile, depth), blocks) = match self.wgmma_kernel(gpu) {
+            Some((_, bn)) => (((GEMM_WGMMA_BM, bn), GEMM_WGMMA_BK), GEMM_WGMMA_SPLIT_BLOCKS),
+            None => {
+                let (k, _) = self.role.kernel::<T>(gpu, self.n);
+                ((k.tile, k.depth), GEMM_SPLIT_BLOCKS)
+            }
+        };
+        let tiles = self.m.div_ceil(tile.0) * self.n.div_ceil(tile.1);
+        let want = (blocks / tiles).max(1);
+        let k_slice = self.k.div_ceil(want).next_multiple_of(depth).max(GEMM_MIN_SLICE);
         (k_slice, self.k.div_ceil(k_slice))
     }
 }
