@@ -457,12 +457,14 @@ extern "C" __global__ void conv_weight_flip_bf16(const ConvWeightFlipParams<__nv
     }
 }
 
-// dst[n, c, o] = c_rows[c, n positions + o] + bias[c], rounded once.
+// dst[n, c, o] = sum_z c_rows[z, c, n positions + o] + bias[c], the slices in order, rounded once.
 extern "C" __global__ void conv_rows_store_bf16(const ConvRowsStoreParams<__nv_bfloat16> p) {
     FOR_EACH(e, p.len) {
         const int o = (int)(e % p.positions), c = (int)(e / p.positions % p.channels);
         const int n = (int)(e / ((int64_t)p.positions * p.channels));
-        const float b = p.bias != nullptr ? __bfloat162float(p.bias[c]) : 0.0f;
-        p.dst[e] = __float2bfloat16(p.c_rows[((int64_t)c * p.batch + n) * p.positions + o] + b);
+        const float* sums = p.c_rows + ((int64_t)c * p.batch + n) * p.positions + o;
+        float v = 0.0f;
+        for (int z = 0; z < p.slices; ++z) v += sums[z * p.len];
+        p.dst[e] = __float2bfloat16(v + (p.bias != nullptr ? __bfloat162float(p.bias[c]) : 0.0f));
     }
 }

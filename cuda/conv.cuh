@@ -136,8 +136,9 @@ struct ConvWeightFlipParams {
     int64_t len;
 };
 
-// The explicit product's float32 result in the map's layout: dst[n, c, o] = c_rows[c, n positions + o] + bias[c]
-// (bias may be null), rounded once to T; len = batch channels positions elements. Grid-stride: any grid.
+// The explicit product's float32 result in the map's layout: dst[n, c, o] = sum_z c_rows[z, c, n positions + o] +
+// bias[c] (the slices z < slices of the split reduction added in order, each of len elements; bias may be null),
+// rounded once to T; len = batch channels positions elements. Grid-stride: any grid.
 template <typename T>
 struct ConvRowsStoreParams {
     const float* c_rows;
@@ -147,6 +148,7 @@ struct ConvRowsStoreParams {
     int positions;
     int batch;
     int64_t len;
+    int slices;
 };
 
 // One name per role of the same product, so that a profile says which pass it is timing.

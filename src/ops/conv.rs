@@ -2141,10 +2141,11 @@ impl Pairing {
 
     /// The forward (`NarrowFromWide`) or input gradient of a stride-1 conv as one explicit product on gemm_wgmma.cu's
     /// tiles: the source map written out as rows, rows[(n, o), (c, a)] = src[n, c, o + a - p] (conv_im2row), then
-    /// out[c', (n, o)] = sum_{(c, a)} W'[c', (c, a)] rows[(n, o), (c, a)] in float32 (one slice: no partial sums),
-    /// stored into the map with the bias (conv_rows_store). The forward's W' is W itself (Cout, Cin, taps); the input
-    /// gradient's is W flipped, W'[cw, (cn, a)] = W[cn, cw, taps - 1 - a] (conv_weight_flip), the transposed
-    /// correlation of a stride-1 conv with padding (k - 1) / 2 on both sides.
+    /// out[c', (n, o)] = sum_{(c, a)} W'[c', (c, a)] rows[(n, o), (c, a)] in float32, the reduction cut into
+    /// [`explicit_slices`] slices whose partial sums conv_rows_store adds in order, stored into the map with the bias.
+    /// The forward's W' is W itself (Cout, Cin, taps); the input gradient's is W flipped, W'[cw, (cn, a)] = W[cn, cw,
+    /// taps - 1 - a] (conv_weight_flip), the transposed correlation of a stride-1 conv with padding (k - 1) / 2 on
+    /// both sides.
     #[allow(clippy::too_many_arguments)]
     fn explicit_product<T: ConvElement>(
         &self,
@@ -2194,7 +2195,12 @@ impl Pairing {
             }
         };
         let a = flipped.as_ref().unwrap_or(w);
-        let mut c_rows = gpu.alloc(dst_channels * columns, what)?;
+        let tiles = kernels.product[product as usize].pick(gpu, dst_channels, columns);
+        let steps = row.div_ceil(GEMM_WGMMA_BK);
+        let blocks = dst_channels.div_ceil(GEMM_WGMMA_BM) * columns.div_ceil(tiles.1);
+        let (slice_steps, slices) = split_reduction(steps, explicit_slices(gpu.multiprocessors(), blocks, steps));
+        let len = dst_channels * columns;
+        let mut c_rows = gpu.alloc(slices * len, what)?;
         // Every count below is at most a map's or the weight's elements (kernel_dims, explicit_suits).
         let params = GemmWgmmaParams {
             a: a.ptr(),
@@ -2208,12 +2214,10 @@ impl Pairing {
             n: columns as i32,
             k: row as i32,
             items: 1,
-            slice_steps: row.div_ceil(GEMM_WGMMA_BK) as i32,
+            slice_steps: slice_steps as i32,
         };
-        let tiles = kernels.product[product as usize].pick(gpu, dst_channels, columns);
-        launch_gemm_wgmma(gpu, tiles, &params, 1, what)?;
+        launch_gemm_wgmma(gpu, tiles, &params, slices, what)?;
         drop(rows);
-        let len = dst_channels * columns;
         let store = ConvRowsStoreParams {
             c_rows: c_rows.ptr(),
             bias: bias.map(GpuBuffer::ptr).unwrap_or_default(),
@@ -2222,6 +2226,7 @@ impl Pairing {
             positions: positions as i32,
             batch: d.batch,
             len: len as i64,
+            slices: slices as i32,
         };
         gpu.launch(kernels.store, grid_1d(len), &store, what)
     }
@@ -2335,6 +2340,19 @@ const EXPLICIT_MIN_CHANNELS: usize = 512;
 const EXPLICIT_MAX_POSITIONS: usize = 400;
 /// ... whose rows fit in this many bytes (bf16).
 const EXPLICIT_MAX_ROWS_BYTES: usize = 1 << 27;
+
+/// The slices of an explicit forward's or input gradient's reduction of `steps` k-steps over `blocks` output tiles on
+/// a GPU of `sms` multiprocessors: as many as fill about two waves of one block per SM, with at least
+/// [`EXPLICIT_MIN_SLICE_STEPS`] k-steps each. The deep 2D stages' products have few tiles (amos-2d 512 -> 512 at 10x10,
+/// batch 12: 4 x 10 = 40 tiles of 128 x 128 on 132 SMs; at 5x5, 12), so in one slice most SMs idle while a few run
+/// the whole reduction of 72 k-steps (H200, 2026-12-06: 0.097 and 0.084 ms against cuDNN's 0.023 and 0.018). A
+/// function of the shapes and the GPU's SM count, so the sum's order is the same on every run on that GPU.
+fn explicit_slices(sms: usize, blocks: usize, steps: usize) -> usize {
+    (2 * sms / blocks.max(1)).clamp(1, (steps / EXPLICIT_MIN_SLICE_STEPS).max(1))
+}
+
+/// The fewest k-steps of an explicit product's slice ([`explicit_slices`]).
+const EXPLICIT_MIN_SLICE_STEPS: usize = 8;
 
 /// Cuts a weight gradient's reduction of `units` (k-stages, boxes, steps: at least one) into runs of whole units for
 /// about `wanted` slices, at most the grid's 65535: (units per slice, slices). A function of the shapes alone, so
@@ -3024,6 +3042,23 @@ mod tests {
         ];
         for (name, p, want) in cases {
             assert_eq!(both(&p), want, "{name}: {p:?}");
+        }
+    }
+
+    /// The explicit products split their reduction where their tiles leave SMs idle (the deep 2D stages: amos-2d's
+    /// 512 channels at 20x20 in 76 tiles of 128 x 256, at 10x10 in 40 of 128 x 128, at 5x5 in 12), never below
+    /// [`EXPLICIT_MIN_SLICE_STEPS`] k-steps a slice, and not where the tiles fill two waves.
+    #[test]
+    fn explicit_products_split_where_sms_would_idle() {
+        assert_eq!(explicit_slices(132, 76, 72), 3);
+        assert_eq!(explicit_slices(132, 40, 72), 6);
+        assert_eq!(explicit_slices(132, 12, 72), 9);
+        assert_eq!(explicit_slices(132, 300, 72), 1);
+        assert_eq!(explicit_slices(132, 5, 7), 1);
+        for (blocks, steps) in [(1, 72), (12, 144), (40, 9), (76, 200)] {
+            let (per_slice, slices) = split_reduction(steps, explicit_slices(132, blocks, steps));
+            assert!(per_slice >= EXPLICIT_MIN_SLICE_STEPS.min(steps) && per_slice * slices >= steps);
+            assert!(blocks * slices <= 2 * 132 || slices == 1, "{blocks} tiles, {slices} slices");
         }
     }
 
