@@ -130,9 +130,9 @@ fn gpu_conv2d_many_channels() {
 /// input gradient of a strided conv goes through them too, one product per stride phase (each writing every
 /// stride-th position; a phase of one tap stays on the gathers), and so does its forward at strides (1, 2, 2) and
 /// (2, 2, 2) (boxes of 64 positions, the halo split by phase; of 3x3x3 kernels from 128 source channels). The 1x1x1
-/// case is the gathers' (no halo). In bf16 on sm_90 the stride phases of at least 16 source channels and 1024
-/// positions, one-tap ones included, run on the implicit wgmma products instead (conv.rs's implicit_suits): here those
-/// of the 9 -> 20, 24 -> 40 and 40 -> 80 3D cases and of the 2D 24 -> 33 and 20 -> 20 ones.
+/// case is the gathers' (no halo). In bf16 on sm_90 the stride phases into more than 32 channels of at least 16
+/// source channels and 1024 positions, one-tap ones included, run on the implicit wgmma products instead (conv.rs's
+/// implicit_suits): here those of the 40 -> 80 3D case.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {
@@ -149,7 +149,7 @@ fn gpu_conv_halo_tiles() {
     check_conv("conv3d 3x3x3 35 -> 40, 33000 positions", &[1, 35, 5, 66, 100], &[40, 35, 3, 3, 3], &[1, 1, 1], 470);
     check_conv("conv2d 3x3 40 -> 36, 3 x 100 x 115", &[3, 40, 100, 115], &[36, 40, 3, 3], &[1, 1], 480);
     // Strided: the input gradient's phases (source: the 20 or 70 output-gradient channels) on the halo tiles (in bf16
-    // on sm_90 the implicit products take those of at least 1024 positions).
+    // on sm_90 the implicit products take those into more than 32 channels of at least 1024 positions).
     check_conv(
         "conv3d 3x3x3 stride 1,2,2 9 -> 20, 5 x 23 x 70",
         &[1, 9, 5, 23, 70],

@@ -1046,16 +1046,19 @@ impl<T: ConvElement> SourceLast<T> {
 /// Whether the implicit wgmma products take `p` ([`launch_implicit`]): a product of at least one chunk of 16 source
 /// channels and [`IMPLICIT_MIN_POSITIONS`] output positions whose source is walked one position per tap, and either
 /// - a stride phase of a strided conv's input gradient (its output positions step by the stride, `dst_mul`; those of
-///   a forward and of a stride-1 input gradient step by 1) of any number of taps from one, where the halo wgmma
-///   products stage the whole halo box for a phase's few taps and the one-tap phases ran on the gathers (H100,
-///   2026-12-06, benches/RESULTS.md: flare-3d stage 2's strided input gradient 0.884 ms against cuDNN's 0.145, its
-///   one-tap phase alone 0.108 ms for 1.8 GFLOP). This routing is not yet measured on a GPU; or
+///   a forward and of a stride-1 input gradient step by 1) into more than [`CONV_WGMMA_BN_NARROW`] channels, of any
+///   number of taps from one, where the halo wgmma products stage the whole halo box for a phase's few taps and the
+///   one-tap phases ran on the gathers. Measured on the H100 (2026-12-07, benches/RESULTS.md, against the halo
+///   products and gathers in the same call): flare-3d's entries 64 -> 128 at 40x112x96 0.888 -> 0.735 ms, 128 -> 256
+///   0.324 -> 0.262, 256 -> 320 0.195 -> 0.184; amos-2d's 64 -> 128 at 160x160 0.266 -> 0.222 ... 512 -> 512 at
+///   20x20 0.147 -> 0.129. Into 32 channels the halo products' 32-column tile wins (flare-3d 32 -> 64 at 40x224x192:
+///   1.323 ms there, 1.581 on the implicit products' 64-column tile); or
 /// - another product of more than one tap that the halo products of [`launch_wgmma`] do not take ([`wgmma_suits`]):
 ///   a strided conv's forward, the products of 2D maps below [`WGMMA_2D_MIN_POSITIONS`] positions.
 fn implicit_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     let positions = output_positions(p);
     let taps = p.taps.iter().product::<i32>();
-    let phase = p.dst_mul != [1; 3];
+    let phase = p.dst_mul != [1; 3] && p.c_dst as usize > CONV_WGMMA_BN_NARROW;
     let fewest_taps = if phase { 1 } else { 2 };
     let walk = p.src_tap.iter().all(|t| t.abs() == 1) && (phase || p.src_mul != [1; 3] || !wgmma_suits(p));
     walk && taps >= fewest_taps
@@ -2786,13 +2789,13 @@ mod tests {
                     let mut got = vec![f64::NAN; want.len()];
                     for product in products {
                         // A phase of one tap (kernel 3, stride 2: the odd positions' phase) is not the halo tiles':
-                        // the implicit products take it from the same parameters (launch_implicit), whose formula
-                        // is conv_halo's over a channels-last source.
+                        // the implicit products take it (into more than 32 channels) from the same parameters
+                        // (launch_implicit), whose formula is conv_halo's over a channels-last source.
                         let many = ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..*product };
                         if !halo_suits(&many) {
                             assert_eq!(product.taps.iter().product::<i32>(), 1, "{p:?}: {product:?}");
-                            let batch = IMPLICIT_MIN_POSITIONS as i32;
-                            assert!(implicit_suits(&ConvGemmParams { batch, ..many }), "{p:?}: {product:?}");
+                            let (batch, c_dst) = (IMPLICIT_MIN_POSITIONS as i32, 2 * CONV_WGMMA_BN_NARROW as i32);
+                            assert!(implicit_suits(&ConvGemmParams { batch, c_dst, ..many }), "{p:?}: {product:?}");
                         }
                         let (pack, h, boxes) = halo_params(product, tile_n, positions);
                         let box_rows = positions as i32 / h.tile_x;
@@ -3074,10 +3077,10 @@ mod tests {
         assert_eq!(phases, vec![(0, 3, 1), (0, 2, 0), (0, 2, 0)]);
     }
 
-    /// A strided conv's input-gradient stride phases take the implicit products from one tap up wherever they have
-    /// [`CONV_WGMMA_CHUNK`] source channels and [`IMPLICIT_MIN_POSITIONS`] positions, the 3D and large 2D ones that
-    /// the halo wgmma products took before included; phases without taps, of too few channels or positions do not,
-    /// and the stride-1 products and the forwards keep their routes.
+    /// A strided conv's input-gradient stride phases into more than 32 channels take the implicit products from one
+    /// tap up wherever they have [`CONV_WGMMA_CHUNK`] source channels and [`IMPLICIT_MIN_POSITIONS`] positions, the 3D
+    /// and large 2D ones that the halo wgmma products took before included; phases without taps, into 32 channels,
+    /// of too few channels or positions do not, and the stride-1 products and the forwards keep their routes.
     #[test]
     fn strided_input_gradient_phases_take_the_implicit_products() {
         let (one, k333) = ([1, 1, 1], [3, 3, 3]);
@@ -3086,8 +3089,8 @@ mod tests {
         // (name, pairing, each phase's taps): every phase implicit, the one-tap ones included.
         for (name, p, taps) in [
             ("flare-3d stage 2 entry", pairing(2, 64, 128, [40, 112, 96], k333, [2, 2, 2]), stride2.clone()),
-            ("flare-3d stage 1 entry", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), vec![12, 6, 6, 3]),
-            ("amos-2d stage 1 entry", pairing(12, 32, 64, [1, 320, 320], [1, 3, 3], [1, 2, 2]), vec![4, 2, 2, 1]),
+            ("flare-3d stage 4 entry", pairing(2, 256, 320, [10, 28, 24], k333, [1, 2, 2]), vec![12, 6, 6, 3]),
+            ("amos-2d stage 2 entry", pairing(12, 64, 128, [1, 160, 160], [1, 3, 3], [1, 2, 2]), vec![4, 2, 2, 1]),
             (
                 "gpu_conv3d_k333 64 -> 24: 1024 positions a phase",
                 pairing(2, 64, 24, [8, 16, 32], k333, [2; 3]),
@@ -3107,6 +3110,13 @@ mod tests {
         let [_, dgrad, _] = <bf16 as ConvElement>::POINTWISE.unwrap();
         assert!(pointwise(&strided_1x1[0], dgrad).is_none(), "a phase writes every stride-th position");
         assert!(!phases(pairing(2, 64, 8, [40, 112, 96], k333, [2; 3])).iter().any(implicit_suits), "8 channels");
+        // Into 32 channels (the stage-1 entries) the phases keep the halo products and the gathers.
+        for p in [
+            pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]),
+            pairing(12, 32, 64, [1, 320, 320], [1, 3, 3], [1, 2, 2]),
+        ] {
+            assert!(!phases(p).iter().any(implicit_suits), "32 output channels");
+        }
         assert!(!phases(pairing(2, 64, 24, [8, 16, 30], k333, [2; 3])).iter().any(implicit_suits), "960 positions");
         // Only the bf16 input gradient has implicit kernels.
         assert!(bf16::HALO[1].implicit.is_some() && f32::HALO[1].implicit.is_none());
