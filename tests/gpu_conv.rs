@@ -71,7 +71,8 @@ fn gpu_conv3d_k333() {
     check_conv("conv3d 3x3x3 stride 1", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[1, 1, 1], 10);
     check_conv("conv3d 3x3x3 stride 2", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[2, 2, 2], 20);
     check_conv("conv3d 3x3x3 stride 1,2,2", &[2, 5, 7, 9, 11], &[7, 5, 3, 3, 3], &[1, 2, 2], 30);
-    // In bf16 on sm_90: the weight gradient on the explicit product (64 wide channels).
+    // In bf16 on sm_90: the weight gradient on the explicit product (64 wide channels), the input gradient's eight
+    // stride phases of 1024 positions each (one of one tap) on the implicit products.
     check_conv("conv3d 3x3x3 stride 2, 64 -> 24 channels", &[2, 64, 8, 16, 32], &[24, 64, 3, 3, 3], &[2, 2, 2], 35);
 }
 
@@ -129,7 +130,9 @@ fn gpu_conv2d_many_channels() {
 /// input gradient of a strided conv goes through them too, one product per stride phase (each writing every
 /// stride-th position; a phase of one tap stays on the gathers), and so does its forward at strides (1, 2, 2) and
 /// (2, 2, 2) (boxes of 64 positions, the halo split by phase; of 3x3x3 kernels from 128 source channels). The 1x1x1
-/// case is the gathers' (no halo).
+/// case is the gathers' (no halo). In bf16 on sm_90 the stride phases into more than 32 channels of at least 16
+/// source channels and 1024 positions, one-tap ones included, run on the implicit wgmma products instead (conv.rs's
+/// implicit_suits): here those of the 40 -> 80 3D case.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_conv_halo_tiles() {
@@ -145,7 +148,8 @@ fn gpu_conv_halo_tiles() {
     // boxes of 128 cover).
     check_conv("conv3d 3x3x3 35 -> 40, 33000 positions", &[1, 35, 5, 66, 100], &[40, 35, 3, 3, 3], &[1, 1, 1], 470);
     check_conv("conv2d 3x3 40 -> 36, 3 x 100 x 115", &[3, 40, 100, 115], &[36, 40, 3, 3], &[1, 1], 480);
-    // Strided: the input gradient's phases (source: the 20 or 70 output-gradient channels) on the halo tiles.
+    // Strided: the input gradient's phases (source: the 20 or 70 output-gradient channels) on the halo tiles (in bf16
+    // on sm_90 the implicit products take those into more than 32 channels of at least 1024 positions).
     check_conv(
         "conv3d 3x3x3 stride 1,2,2 9 -> 20, 5 x 23 x 70",
         &[1, 9, 5, 23, 70],

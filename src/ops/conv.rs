@@ -50,16 +50,18 @@
 //! least 8192 positions on the halo-tile kernels of cuda/conv_halo.cu instead (`halo_suits`,
 //! `Pairing::halo_wgrad_suits`; boxes of 128 or, where they cover little more of the map, 256 positions:
 //! `HaloKernels::for_product`), the rest on cuda/conv_tc.cu's gathers. On sm_90 the bf16 stride-1 products of 3D maps
-//! and of 2D maps from 80x80 run on Hopper's wgmma instead (cuda/conv_wgmma.cu: the tensor cores read the halo tile
-//! from shared memory themselves; `wgmma_suits`, `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3,
-//! 1x3x3 and 3x3 kernels (`Pairing::wgmma_wgrad_kernel`); the products read their source from a channels-last copy
-//! (`channels_last`, a halo voxel's 16 channels two 16-byte copies) where each source element meets enough products
-//! to pay for the copy (`Pairing::wgmma_channels_last`), else from the map itself. The other products of more than
-//! one tap and 16 source channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D
-//! maps) run there as implicit matrix products, each position's row gathered tap by tap from the copy
-//! (cuda/gemm_wgmma.cu, `implicit_suits`, `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320
-//! narrow channels on small maps, of one-channel inputs and of strided convs from 64 wide channels run as one explicit
-//! product over the wide map's columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
+//! and of 2D maps from 80x80 (other than a strided conv's input-gradient stride phases) run on Hopper's wgmma instead
+//! (cuda/conv_wgmma.cu: the tensor cores read the halo tile from shared memory themselves; `wgmma_suits`,
+//! `launch_wgmma`), and so does the stride-1 weight gradient of 3x3x3, 1x3x3 and 3x3 kernels
+//! (`Pairing::wgmma_wgrad_kernel`); the products read their source from a channels-last copy (`channels_last`, a halo
+//! voxel's 16 channels two 16-byte copies) where each source element meets enough products to pay for the copy
+//! (`Pairing::wgmma_channels_last`), else from the map itself. The other products of more than one tap and 16 source
+//! channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D maps), and such a conv's
+//! input-gradient stride phases from one tap up (this last not yet measured on a GPU), run there as implicit matrix
+//! products, each position's row gathered tap by tap from the copy (cuda/gemm_wgmma.cu, `implicit_suits`,
+//! `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320 narrow channels on small maps, of
+//! one-channel inputs and of strided convs from 64 wide channels run as one explicit product over the wide map's
+//! columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
 //! a transposed conv's backward from 64 wide channels unfolds g into such columns once (its kernel is its stride:
 //! they are g rearranged) and runs dW as that product and dx as a 1x1x1 conv's forward over them
 //! (`Pairing::unfolded`); the forward and input gradient of stride-1 convs of at least 512 source channels on small
@@ -1041,15 +1043,25 @@ impl<T: ConvElement> SourceLast<T> {
     }
 }
 
-/// Whether the implicit wgmma products take `p` ([`launch_implicit`]): a product of more than one tap and at least one
-/// chunk of 16 source channels whose source is walked one position per tap, that the halo products of
-/// [`launch_wgmma`] do not take ([`wgmma_suits`]): a strided conv's forward, the products of 2D maps below
-/// [`WGMMA_2D_MIN_POSITIONS`] positions; with at least [`IMPLICIT_MIN_POSITIONS`] output positions.
+/// Whether the implicit wgmma products take `p` ([`launch_implicit`]): a product of at least one chunk of 16 source
+/// channels and [`IMPLICIT_MIN_POSITIONS`] output positions whose source is walked one position per tap, and either
+/// - a stride phase of a strided conv's input gradient (its output positions step by the stride, `dst_mul`; those of
+///   a forward and of a stride-1 input gradient step by 1) into more than [`CONV_WGMMA_BN_NARROW`] channels, of any
+///   number of taps from one, where the halo wgmma products stage the whole halo box for a phase's few taps and the
+///   one-tap phases ran on the gathers. Measured on the H100 (2026-12-07, benches/RESULTS.md, against the halo
+///   products and gathers in the same call): flare-3d's entries 64 -> 128 at 40x112x96 0.888 -> 0.735 ms, 128 -> 256
+///   0.324 -> 0.262, 256 -> 320 0.195 -> 0.184; amos-2d's 64 -> 128 at 160x160 0.266 -> 0.222 ... 512 -> 512 at
+///   20x20 0.147 -> 0.129. Into 32 channels the halo products' 32-column tile wins (flare-3d 32 -> 64 at 40x224x192:
+///   1.323 ms there, 1.581 on the implicit products' 64-column tile); or
+/// - another product of more than one tap that the halo products of [`launch_wgmma`] do not take ([`wgmma_suits`]):
+///   a strided conv's forward, the products of 2D maps below [`WGMMA_2D_MIN_POSITIONS`] positions.
 fn implicit_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     let positions = output_positions(p);
     let taps = p.taps.iter().product::<i32>();
-    let walk = p.src_tap.iter().all(|t| t.abs() == 1) && (p.src_mul != [1; 3] || !wgmma_suits(p));
-    walk && taps > 1
+    let phase = p.dst_mul != [1; 3] && p.c_dst as usize > CONV_WGMMA_BN_NARROW;
+    let fewest_taps = if phase { 1 } else { 2 };
+    let walk = p.src_tap.iter().all(|t| t.abs() == 1) && (phase || p.src_mul != [1; 3] || !wgmma_suits(p));
+    walk && taps >= fewest_taps
         && p.c_src as usize >= CONV_WGMMA_CHUNK
         && (IMPLICIT_MIN_POSITIONS..i32::MAX as usize).contains(&positions)
         && channels_last_fits(p.c_src as usize, source_voxels(p))
@@ -1115,7 +1127,8 @@ fn launch_implicit<T: ConvElement>(
 /// 128 -> 128 at 20x56x48 0.600 -> 0.324, stage 0's 1x3x3 32 -> 32 0.834 -> 0.598) and on amos-2d's from 80x80 (32 ->
 /// 32 at 320x320 0.305 -> 0.222, 256 -> 128 at 80x80 0.358 -> 0.317), slower on smaller 2D maps (512 -> 256 at 40x40
 /// input gradient 0.338 -> 0.565, 512 -> 512 at 10x10 0.133 -> 0.165: boxes of 32 x 8 positions, one block per SM),
-/// which stay on the halo tiles.
+/// which stay on the halo tiles. A strided conv's input-gradient stride phases reach them only where the implicit
+/// products do not take those ([`implicit_suits`]).
 fn wgmma_suits<T: Copy>(p: &ConvGemmParams<T>) -> bool {
     let large_2d = (p.rows[1] * p.rows[2]) as usize >= WGMMA_2D_MIN_POSITIONS;
     !halo_strided(p) && (p.src_size[0] > 1 || large_2d) && channels_last_fits(p.c_src as usize, source_voxels(p))
@@ -1220,7 +1233,8 @@ pub(crate) struct HaloKernels<T: Copy> {
     /// gradient has none: its products walk their source at stride 1).
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
     /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only): they take every stride-1 product of
-    /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]).
+    /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]) and the implicit products do not
+    /// ([`implicit_suits`]: the input gradient's stride phases, for one).
     wgmma: Option<WgmmaLayouts<T>>,
     /// The implicit products on wgmma (cuda/gemm_wgmma.cu, bf16 on sm_90 only) in their three tile widths: the
     /// products [`implicit_suits`] picks ([`launch_implicit`]).
@@ -1456,7 +1470,8 @@ const IMPLICIT_BN_NARROW: usize = 64;
 /// beside them in one call; benches/tables/convs-cl-all-h100.md): the strided forwards of 840 positions (flare-3d
 /// 320 -> 320 at 10x14x12, stride 1,2,2) 0.150 -> 0.201 ms and 300 (amos-2d 512 -> 512 at 10x10, stride 2) 0.099 ->
 /// 0.124, while from 1200 (amos-2d 512 -> 512 at 20x20) they won, 0.205 -> 0.120, and on larger maps more (flare-3d
-/// 32 -> 64 at 40x224x192, stride 1,2,2, 1.493 -> 0.993; 64 -> 128 at 40x112x96, stride 2, 0.753 -> 0.366).
+/// 32 -> 64 at 40x224x192, stride 1,2,2, 1.493 -> 0.993; 64 -> 128 at 40x112x96, stride 2, 0.753 -> 0.366). The
+/// input gradient's stride phases take the same bound, not yet measured on a GPU for them.
 const IMPLICIT_MIN_POSITIONS: usize = 1024;
 
 impl ConvElement for f32 {
@@ -2746,7 +2761,8 @@ mod tests {
     /// The halo-tile kernels' parameters ([`halo_params`]) compute the products they take: the forward of every
     /// pairing (the strided ones' in boxes of 64 positions, their halo within the pair stride) and the input gradient
     /// (its taps walked backwards, the kernel flipped by the packing; a strided pairing's stride phases writing every
-    /// stride-th position), in every tile width and box size a product may take.
+    /// stride-th position), in every tile width and box size a product may take; and so do a strided input
+    /// gradient's one-tap phases, which only the implicit products take, from the same parameters.
     #[test]
     fn halo_products_compute_the_pairing_products_they_take() {
         let mut rng = StdRng::seed_from_u64(13);
@@ -2789,13 +2805,15 @@ mod tests {
                 };
                 for (tile_n, positions) in shapes {
                     let mut got = vec![f64::NAN; want.len()];
-                    let mut writes = vec![0; want.len()];
                     for product in products {
-                        // A phase of one tap (kernel 3, stride 2: the odd positions' phase) stays on the gathers.
-                        if !halo_suits(&ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..*product }) {
+                        // A phase of one tap (kernel 3, stride 2: the odd positions' phase) is not the halo tiles':
+                        // the implicit products take it (into more than 32 channels) from the same parameters
+                        // (launch_implicit), whose formula is conv_halo's over a channels-last source.
+                        let many = ConvGemmParams { c_src: HALO_STRIDED_MIN_CHANNELS as i32, ..*product };
+                        if !halo_suits(&many) {
                             assert_eq!(product.taps.iter().product::<i32>(), 1, "{p:?}: {product:?}");
-                            conv_gemm(product, src, &w, Some(&b[..product.c_dst as usize]), &mut got, &mut writes);
-                            continue;
+                            let (batch, c_dst) = (IMPLICIT_MIN_POSITIONS as i32, 2 * CONV_WGMMA_BN_NARROW as i32);
+                            assert!(implicit_suits(&ConvGemmParams { batch, c_dst, ..many }), "{p:?}: {product:?}");
                         }
                         let (pack, h, boxes) = halo_params(product, tile_n, positions);
                         let box_rows = positions as i32 / h.tile_x;
@@ -3092,6 +3110,69 @@ mod tests {
         let phases: Vec<(i32, i32, i32)> = (0..3).filter_map(|rho| d.phase(2, rho)).collect();
         // Wide positions 0, 3, 6 (phase 0, the one tap), 1, 4 and 2, 5 (no tap).
         assert_eq!(phases, vec![(0, 3, 1), (0, 2, 0), (0, 2, 0)]);
+    }
+
+    /// A strided conv's input-gradient stride phases into more than 32 channels take the implicit products from one
+    /// tap up wherever they have [`CONV_WGMMA_CHUNK`] source channels and [`IMPLICIT_MIN_POSITIONS`] positions, the 3D
+    /// and large 2D ones that the halo wgmma products took before included; phases without taps, into 32 channels,
+    /// of too few channels or positions do not, and the stride-1 products and the forwards keep their routes.
+    #[test]
+    fn strided_input_gradient_phases_take_the_implicit_products() {
+        let (one, k333) = ([1, 1, 1], [3, 3, 3]);
+        let phases = |p: Pairing| p.kernel_dims("test").unwrap().wide_from_narrow::<bf16>();
+        let stride2 = vec![8, 4, 4, 2, 4, 2, 2, 1];
+        // (name, pairing, each phase's taps): every phase implicit, the one-tap ones included.
+        for (name, p, taps) in [
+            ("flare-3d stage 2 entry", pairing(2, 64, 128, [40, 112, 96], k333, [2, 2, 2]), stride2.clone()),
+            ("flare-3d stage 4 entry", pairing(2, 256, 320, [10, 28, 24], k333, [1, 2, 2]), vec![12, 6, 6, 3]),
+            ("amos-2d stage 2 entry", pairing(12, 64, 128, [1, 160, 160], [1, 3, 3], [1, 2, 2]), vec![4, 2, 2, 1]),
+            (
+                "gpu_conv3d_k333 64 -> 24: 1024 positions a phase",
+                pairing(2, 64, 24, [8, 16, 32], k333, [2; 3]),
+                stride2,
+            ),
+        ] {
+            let phases = phases(p);
+            assert_eq!(phases.iter().map(|q| q.taps.iter().product::<i32>()).collect::<Vec<_>>(), taps, "{name}");
+            for q in &phases {
+                assert!(implicit_suits(q), "{name}: {q:?}");
+            }
+        }
+        // A 1x1x1 kernel at stride (1, 2, 2): its one-tap phase is implicit (not a channels-first 1x1x1 product, which
+        // launch_product tries first), its phases without taps are not.
+        let strided_1x1 = phases(pairing(2, 64, 32, [10, 28, 24], one, [1, 2, 2]));
+        assert_eq!(strided_1x1.iter().map(implicit_suits).collect::<Vec<_>>(), [true, false, false, false]);
+        let [_, dgrad, _] = <bf16 as ConvElement>::POINTWISE.unwrap();
+        assert!(pointwise(&strided_1x1[0], dgrad).is_none(), "a phase writes every stride-th position");
+        assert!(!phases(pairing(2, 64, 8, [40, 112, 96], k333, [2; 3])).iter().any(implicit_suits), "8 channels");
+        // Into 32 channels (the stage-1 entries) the phases keep the halo products and the gathers.
+        for p in [
+            pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]),
+            pairing(12, 32, 64, [1, 320, 320], [1, 3, 3], [1, 2, 2]),
+        ] {
+            assert!(!phases(p).iter().any(implicit_suits), "32 output channels");
+        }
+        assert!(!phases(pairing(2, 64, 24, [8, 16, 30], k333, [2; 3])).iter().any(implicit_suits), "960 positions");
+        // Only the bf16 input gradient has implicit kernels.
+        assert!(bf16::HALO[1].implicit.is_some() && f32::HALO[1].implicit.is_none());
+
+        // The stride-1 products and the forwards as before: a 3D stride-1 input gradient on the halo wgmma products,
+        // a 2D one below 80x80 and a strided forward on the implicit ones, 1x1x1 products on neither.
+        let d = pairing(2, 64, 64, [40, 112, 96], k333, one).kernel_dims("test").unwrap();
+        let dgrad = d.wide_from_narrow::<bf16>()[0];
+        assert!(!implicit_suits(&dgrad) && halo_suits(&dgrad) && wgmma_suits(&dgrad), "3D stride-1 input gradient");
+        assert!(!implicit_suits(&d.narrow_from_wide::<bf16>()), "3D stride-1 forward");
+        let d = pairing(12, 256, 256, [1, 40, 40], [1, 3, 3], one).kernel_dims("test").unwrap();
+        assert!(implicit_suits(&d.wide_from_narrow::<bf16>()[0]), "2D stride-1 input gradient at 40x40");
+        assert!(implicit_suits(&d.narrow_from_wide::<bf16>()), "2D stride-1 forward at 40x40");
+        let d = pairing(2, 64, 128, [40, 112, 96], k333, [2; 3]).kernel_dims("test").unwrap();
+        assert!(implicit_suits(&d.narrow_from_wide::<bf16>()), "strided forward");
+        for (stride, what) in [(one, "stride 1"), ([2; 3], "stride 2")] {
+            let d = pairing(2, 64, 64, [10, 28, 24], one, stride).kernel_dims("test").unwrap();
+            assert!(!implicit_suits(&d.narrow_from_wide::<bf16>()), "1x1x1 forward, {what}");
+        }
+        let d = pairing(2, 64, 64, [10, 28, 24], one, one).kernel_dims("test").unwrap();
+        assert!(!implicit_suits(&d.wide_from_narrow::<bf16>()[0]), "1x1x1 stride-1 input gradient");
     }
 
     /// The products of the GPU test gpu_conv_pointwise_wgmma that exist to run the channels-first wgmma kernels are
