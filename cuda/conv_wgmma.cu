@@ -125,20 +125,13 @@ __device__ __forceinline__ void store_quads(uint4* halo, const uint2 (&quads)[N]
     }
 }
 
-// The weight gradient of a KZ x 3 x 3 kernel: the blocks per column tile, which share its taps, and the taps of each
-// of their warpgroups (slots 0 .. 2 WGRAD_TAP_BLOCKS - 1, slot = 2 (blockIdx.y % blocks) + warpgroup). The slots'
-// sets cover the kernel, the last overlapping the one before where they do not divide it (3x3x3: 7 x 4 for 27 in two
-// blocks; 1x3x3: 5 x 2 for 9 in one) rather than leave one slot a tap short; an overlapping tap is written by the
-// slot before.
+// The weight gradient of a KZ x 3 x 3 kernel: its wide channels per block (the n of its wgmmas) and the taps per
+// warpgroup, the two warpgroups' sets overlapping by one tap (3x3x3: 14 + 14 for 27; 1x3x3: 5 + 5 for 9) rather than
+// leave one warpgroup a tap short.
 template <int KZ>
-constexpr int WGRAD_TAP_BLOCKS = KZ == 3 ? CONV_WGMMA_WG_TAP_BLOCKS_K3 : CONV_WGMMA_WG_TAP_BLOCKS_K1;
+constexpr int WGRAD_COLS = KZ == 3 ? CONV_WGMMA_WG_COLS_K3 : CONV_WGMMA_WG_COLS_K1;
 template <int KZ>
-constexpr int WGRAD_TAPS_PER_GROUP = (KZ * 9 + 2 * WGRAD_TAP_BLOCKS<KZ> - 1) / (2 * WGRAD_TAP_BLOCKS<KZ>);
-template <int KZ>
-__host__ __device__ constexpr int wgrad_first_tap(int slot) {
-    return slot * WGRAD_TAPS_PER_GROUP<KZ> < KZ * 9 - WGRAD_TAPS_PER_GROUP<KZ> ? slot * WGRAD_TAPS_PER_GROUP<KZ>
-                                                                              : KZ * 9 - WGRAD_TAPS_PER_GROUP<KZ>;
-}
+constexpr int WGRAD_TAPS_PER_GROUP = (KZ * 9 + 1) / 2;
 
 // An int as a type, to pass a warpgroup's first tap to the products as a constant.
 template <int V>
@@ -380,23 +373,28 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 
 // dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] over the block's boxes (formula in
 // conv_wgmma.cuh): per box of 256 narrow positions, 16 k-steps of 16 positions (two rows of 8), and per k-step and
-// tap one wgmma m64n32k16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by ldmatrix
-// from its staged rows and used by every tap of the warpgroup; B = the wide map's halo shifted by the tap (n = cw, k =
-// position), staged as in the products (four planes of 16-byte voxels of 8 channels, loaded 4 voxels of a channel per
-// 8-byte load, 16 channels at a time) and read N-major: the 8 k-rows of a core matrix are 8 consecutive voxels, core
+// tap one wgmma m64nCOLSk16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by
+// ldmatrix from its staged rows and used by every tap of the warpgroup; B = the wide map's halo shifted by the tap (n =
+// cw, k = position), staged as in the products (COLS / 8 planes of 16-byte voxels of 8 channels, loaded 4 voxels of a
+// channel per 8-byte load, 16 channels at a time) and read N-major: the 8 k-rows of a core matrix are 8 consecutive
+// voxels, core
 // matrices 16 h_x bytes apart along k (the next row) and a plane apart along n. While the tensor cores work on box
 // i's first k-steps, box i + 1's narrow rows are put in flight through cp.async and its halo loaded and stored. Each
 // output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
-// Why 32 columns: the m64n16k16 tiles before (all 27 taps in one block, 14 per warpgroup) ran the 3x3x3 gradients at
-// 110-230 TFLOP/s against cuDNN's 400-500 (H100, 2026-12-06), issue-bound (ncu: issue slots 23% busy, 8 warps per
-// SM); m64n32k16 halves the wgmmas and ldmatrix per multiply-add for the same 112 accumulators per thread, at the
-// price of a 3x3x3 column tile's halo being loaded by two blocks (7 taps per warpgroup).
+// COLS: 32 for the 1x3x3 kernel (m64n32k16, 80 accumulators per thread), 16 for the 3x3x3 one (m64n16k16, 14 x 8).
+// An m64n16k16 from registers takes 13 of the tensor cores' clocks where its multiply-adds need 8, an m64n32k16 16
+// (tools/wgmma_rate.cu, H100, 2026-12-07), so the wider tile issues half the wgmmas and ldmatrix for the same work;
+// for 3x3x3 it needs two blocks per column tile (7 taps per warpgroup, the halo loaded twice), and that measured
+// slower where the maps are large (H100, 2026-12-07: 64 -> 64 at 40x112x96 0.832 -> 0.884 ms, 128 -> 64 1.363 ->
+// 1.445; 256 -> 256 at 10x28x24 0.439 -> 0.409), while the 1x3x3 and 2D 3x3 gradients gained (flare-3d 64 -> 32
+// at 40x224x192 1.451 -> 1.197, amos-2d 256 -> 256 at 40x40 0.292 -> 0.261, 256 -> 128 at 80x80 0.455 -> 0.316;
+// lost only at 64 channels on 160x160, 0.229 -> 0.249).
 // Measured before (m64n16, H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms, 235 TFLOP/s (cuDNN
 // 0.630 in the same run); ncu of the version with 2-byte halo loads: long_scoreboard, wait and lg_throttle (the load
 // queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle alone 34%.
 template <int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16>& p) {
-    constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = CONV_WGMMA_WG_COLS, PITCH = CONV_WGMMA_WG_PITCH;
+    constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = WGRAD_COLS<KZ>, PITCH = CONV_WGMMA_WG_PITCH;
     constexpr int PLANES = COLS / 8, PASSES = COLS / 16;
     constexpr int BOX = TILES * 64, KSTEPS = BOX / 16, BOX_ROWS = BOX / TILE_X;
     static_assert(ROWS == 64 && (COLS == 16 || COLS == 32) && PITCH >= BOX_ROWS && PITCH % 8 == 1,
@@ -404,8 +402,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     // The geometry is the kernel's own (KZ x 3 x 3 taps, boxes of BOX_Z slices): every shared-memory offset of the
     // products below is a constant, so a wgmma's descriptor is one uniform add from its stage's (computed at run time
     // they took about 25 instructions per wgmma, and the tensor cores waited on them).
-    constexpr int TAPS_ALL = KZ * 9, TAPS = WGRAD_TAPS_PER_GROUP<KZ>, BLOCKS = WGRAD_TAP_BLOCKS<KZ>;
-    static_assert((KZ == 1 || KZ == 3) && TAPS <= TAPS_ALL && TAPS_ALL <= 2 * BLOCKS * TAPS, "the slots cover the taps");
+    constexpr int TAPS_ALL = KZ * 9, TAPS = WGRAD_TAPS_PER_GROUP<KZ>;
+    static_assert((KZ == 1 || KZ == 3) && TAPS <= TAPS_ALL && TAPS_ALL <= 2 * TAPS, "two warpgroups cover the taps");
     constexpr int box_z = BOX_Z, box_y = BOX_ROWS / box_z;
     constexpr int hz = box_z + KZ - 1, hy = box_y + 2, hx = TILE_X + 2;
     constexpr int halo_vox = hz * hy * hx;
@@ -416,8 +414,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     extern __shared__ __align__(16) uint4 smem[];
     const int t = threadIdx.x, group = t >> 7, lane = t & 31, warp = (t >> 5) & 3, g = lane >> 2, tq = lane & 3;
     const int taps = TAPS_ALL;
-    const int slot = 2 * (blockIdx.y % BLOCKS) + group;
-    const int cn0 = blockIdx.x * ROWS, cw0 = blockIdx.y / BLOCKS * COLS;
+    const int cn0 = blockIdx.x * ROWS, cw0 = blockIdx.y * COLS;
     const int narrow_vox = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
     const int wide_vox = p.wide_size[0] * p.wide_size[1] * p.wide_size[2];
     const BoxGrid grid(p.narrow_size, box_z, box_y);
@@ -492,11 +489,11 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     // 2 ks, 2 ks + 1): a batch's A fragments by ldmatrix into the registers the batch before last read, one fence,
     // then per k-step one wgmma per tap. `between` runs while the first batch is in flight: the next box's loads, its
     // halo stored before the second batch's fence (a fence waits for every register write in flight, the loads' too).
-    // CH is 4 where the accumulators leave room for two batches' fragments, else 2 (3x3x3: 112 accumulators, at 4
-    // ptxas serialised the wgmmas for want of registers).
+    // CH is 4: two batches' fragments beside 80 or 112 accumulators (at 8, 3x3x3's wgmmas were serialised by ptxas
+    // for want of registers).
     float acc[TAPS][COLS / 2] = {};
     auto products = [&](int buf, auto first_tap, auto between) {
-        constexpr int T0 = decltype(first_tap)::value, CH = KZ == 3 ? 2 : 4;
+        constexpr int T0 = decltype(first_tap)::value, CH = 4;
         static_assert(KSTEPS % CH == 0, "whole batches");
         unsigned a[2][CH][4];
         const uint32_t a_stage = a_row + 16 * buf * stage_units;
@@ -535,34 +532,23 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
         auto next = [&] {
             if (more) load(b + 1, buf ^ 1);
         };
-        // The slot's first tap as a constant (Int): each slot's products are their own code.
-        if (slot == 0)
-            products(buf, Int<wgrad_first_tap<KZ>(0)>{}, next);
-        else if (slot == 1)
-            products(buf, Int<wgrad_first_tap<KZ>(1)>{}, next);
-        else if constexpr (BLOCKS > 1) {
-            if (slot == 2)
-                products(buf, Int<wgrad_first_tap<KZ>(2)>{}, next);
-            else
-                products(buf, Int<wgrad_first_tap<KZ>(3)>{}, next);
-        }
+        if (group == 0)
+            products(buf, Int<0>{}, next);
+        else
+            products(buf, Int<TAPS_ALL - TAPS>{}, next);
         wgmma::wait<0>();
         mma::cp_async_wait<0>();
         wgmma::fence_proxy_async();
         __syncthreads();
     }
 
-    // Thread (warp w, lane 4 g + tq) holds D[cn 16 w + g + 8 h][cw 8 k + 2 tq + e] of each of its taps; a tap the
-    // slot before also holds (the overlap) is written by that one.
-    static_assert(BLOCKS <= 2, "four slots at most");
+    // Thread (warp w, lane 4 g + tq) holds D[cn 16 w + g + 8 h][cw 8 k + 2 tq + e] of each of its taps.
     const int rows_out = p.c_wide * taps;
-    const int first = slot == 0 ? wgrad_first_tap<KZ>(0) : slot == 1 ? wgrad_first_tap<KZ>(1)
-                                                        : slot == 2 ? wgrad_first_tap<KZ>(2) : wgrad_first_tap<KZ>(3);
     float* out = p.partial + (int64_t)blockIdx.z * p.c_narrow * rows_out;
 #pragma unroll
     for (int j = 0; j < TAPS; ++j) {
-        const int q = first + j;
-        if (q < slot * TAPS) continue;
+        const int q = (group == 0 ? 0 : TAPS_ALL - TAPS) + j;
+        if (group == 1 && q < TAPS) continue;  // warpgroup 0's
 #pragma unroll
         for (int k = 0; k < COLS / 8; ++k)
 #pragma unroll
@@ -635,8 +621,8 @@ CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z4, true, CONV_WGMMA_BN_NARR
 CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z2, true, CONV_WGMMA_BN_NARROW, 1, 2)
 CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z1, true, CONV_WGMMA_BN_NARROW, 1, 1)
 
-// The weight gradient: one block per SM (its accumulators, 7 x 16 floats per thread for 3x3x3, and two stages of up
-// to 72 KB).
+// The weight gradient: one block per SM (its accumulators, 14 x 8 floats per thread for 3x3x3, 5 x 16 for 1x3x3, and
+// two stages of up to 57 KB).
 #define CONV_WGRAD_WGMMA_KERNEL(NAME, KZ, BOX_Z)                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvWgradWgmmaParams<bf16> p) {        \
         conv_wgrad_wgmma<KZ, BOX_Z>(p);                                                                          \
