@@ -125,10 +125,13 @@ __device__ __forceinline__ void store_quads(uint4* halo, const uint2 (&quads)[N]
     }
 }
 
-// Taps per warpgroup of the weight gradient of a KZ x 3 x 3 kernel: the two warpgroups' sets overlap by one tap
-// (3x3x3: 14 + 14 for 27; 1x3x3: 5 + 5 for 9) rather than leave one warpgroup a tap short.
+// The weight gradient of a KZ x 3 x 3 kernel: its wide channels per block (the n of its wgmmas) and the taps per
+// warpgroup, the two warpgroups' sets overlapping by one tap (3x3x3: 14 + 14 for 27; 1x3x3: 5 + 5 for 9) rather than
+// leave one warpgroup a tap short.
 template <int KZ>
-constexpr int WGRAD_TAPS_PER_GROUP = KZ == 3 ? 14 : 5;
+constexpr int WGRAD_COLS = KZ == 3 ? CONV_WGMMA_WG_COLS_K3 : CONV_WGMMA_WG_COLS_K1;
+template <int KZ>
+constexpr int WGRAD_TAPS_PER_GROUP = (KZ * 9 + 1) / 2;
 
 // An int as a type, to pass a warpgroup's first tap to the products as a constant.
 template <int V>
@@ -370,24 +373,32 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 
 // dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] over the block's boxes (formula in
 // conv_wgmma.cuh): per box of 256 narrow positions, 16 k-steps of 16 positions (two rows of 8), and per k-step and
-// tap one wgmma m64n16k16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by ldmatrix
-// from its staged rows and used by every tap; B = the wide map's halo shifted by the tap (n = cw, k = position),
-// staged as in the products (two planes of 16-byte voxels of 8 channels, loaded 4 voxels of a channel per 8-byte load)
-// and read N-major: the 8 k-rows of a core matrix are 8 consecutive voxels, core matrices 16 h_x bytes apart along k
-// (the next row) and a plane apart along n. While the tensor cores work on box i's first k-steps, box i + 1's narrow
-// rows are put in flight through cp.async and its halo loaded and stored. Each output is one sum in a fixed order
-// (boxes, k-steps, the tensor core's own within a k-step).
-// Measured (H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms, 235 TFLOP/s (cuDNN 0.630 in the
-// same run); ncu of the version with 2-byte halo loads: issue slots 23% busy, 0.28 eligible warps per scheduler (8
-// warps per SM: the accumulators take 112 registers per thread), long_scoreboard, wait (the fixed-latency waits around
-// the wgmma batches) and lg_throttle (the load queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle
-// alone 34%.
+// tap one wgmma m64nCOLSk16: A = the narrow box (m = cn, k = position) in registers, loaded once per k-step by
+// ldmatrix from its staged rows and used by every tap of the warpgroup; B = the wide map's halo shifted by the tap (n =
+// cw, k = position), staged as in the products (COLS / 8 planes of 16-byte voxels of 8 channels, loaded 4 voxels of a
+// channel per 8-byte load, 16 channels at a time) and read N-major: the 8 k-rows of a core matrix are 8 consecutive
+// voxels, core
+// matrices 16 h_x bytes apart along k (the next row) and a plane apart along n. While the tensor cores work on box
+// i's first k-steps, box i + 1's narrow rows are put in flight through cp.async and its halo loaded and stored. Each
+// output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
+// COLS: 32 for the 1x3x3 kernel (m64n32k16, 80 accumulators per thread), 16 for the 3x3x3 one (m64n16k16, 14 x 8).
+// An m64n16k16 from registers takes 13 of the tensor cores' clocks where its multiply-adds need 8, an m64n32k16 16
+// (tools/wgmma_rate.cu, H100, 2026-12-07), so the wider tile issues half the wgmmas and ldmatrix for the same work;
+// for 3x3x3 it needs two blocks per column tile (7 taps per warpgroup, the halo loaded twice), and that measured
+// slower where the maps are large (H100, 2026-12-07: 64 -> 64 at 40x112x96 0.832 -> 0.884 ms, 128 -> 64 1.363 ->
+// 1.445; 256 -> 256 at 10x28x24 0.439 -> 0.409), while the 1x3x3 and 2D 3x3 gradients gained (flare-3d 64 -> 32
+// at 40x224x192 1.451 -> 1.197, amos-2d 256 -> 256 at 40x40 0.292 -> 0.261, 256 -> 128 at 80x80 0.455 -> 0.316;
+// lost only at 64 channels on 160x160, 0.229 -> 0.249).
+// Measured before (m64n16, H200, 2026-12-04, flare-3d stage 1's 64 -> 64 at 40x112x96): 0.809 ms, 235 TFLOP/s (cuDNN
+// 0.630 in the same run); ncu of the version with 2-byte halo loads: long_scoreboard, wait and lg_throttle (the load
+// queue) the top stalls; on stage 3 (256 -> 256 at 10x28x24) lg_throttle alone 34%.
 template <int KZ, int BOX_Z>
 __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16>& p) {
-    constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = CONV_WGMMA_WG_COLS, PITCH = CONV_WGMMA_WG_PITCH;
+    constexpr int ROWS = CONV_WGMMA_WG_ROWS, COLS = WGRAD_COLS<KZ>, PITCH = CONV_WGMMA_WG_PITCH;
+    constexpr int PLANES = COLS / 8, PASSES = COLS / 16;
     constexpr int BOX = TILES * 64, KSTEPS = BOX / 16, BOX_ROWS = BOX / TILE_X;
-    static_assert(ROWS == 64 && COLS == 16 && PITCH >= BOX_ROWS && PITCH % 8 == 1,
-                  "one m64n16 wgmma per tap and k-step; staged rows in 8 bank groups");
+    static_assert(ROWS == 64 && (COLS == 16 || COLS == 32) && PITCH >= BOX_ROWS && PITCH % 8 == 1,
+                  "one m64nCOLS wgmma per tap and k-step; staged rows in 8 bank groups");
     // The geometry is the kernel's own (KZ x 3 x 3 taps, boxes of BOX_Z slices): every shared-memory offset of the
     // products below is a constant, so a wgmma's descriptor is one uniform add from its stage's (computed at run time
     // they took about 25 instructions per wgmma, and the tensor cores waited on them).
@@ -398,8 +409,8 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     constexpr int halo_vox = hz * hy * hx;
     static_assert(halo_vox <= CONV_WGMMA_MAX_HALO && box_y % 2 == 0,
                   "the halo fits; a k-step's two rows share a slice");
-    // Stage b (16-byte units): halo planes [2][halo_vox], then the narrow rows [ROWS][PITCH].
-    constexpr int stage_units = 2 * halo_vox + ROWS * PITCH;
+    // Stage b (16-byte units): halo planes [PLANES][halo_vox], then the narrow rows [ROWS][PITCH].
+    constexpr int stage_units = PLANES * halo_vox + ROWS * PITCH;
     extern __shared__ __align__(16) uint4 smem[];
     const int t = threadIdx.x, group = t >> 7, lane = t & 31, warp = (t >> 5) & 3, g = lane >> 2, tq = lane & 3;
     const int taps = TAPS_ALL;
@@ -417,7 +428,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     auto load = [&](int b, int buf) {
         int n, z0, y0, x0;
         grid.origin(b, n, z0, y0, x0);
-        uint4* rows = smem + buf * stage_units + 2 * halo_vox;
+        uint4* rows = smem + buf * stage_units + PLANES * halo_vox;
         const unsigned short* narrow_n = reinterpret_cast<const unsigned short*>(p.narrow) +
                                          ((int64_t)n * p.c_narrow + cn0) * narrow_vox;
         for (int u = t; u < ROWS * BOX_ROWS; u += THREADS) {
@@ -438,29 +449,33 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
             }
         }
         mma::cp_async_commit();
-        // The halo: item (plane, row, quad) loads 4 consecutive voxels x0 - 4 + 4 quad .. of 8 channels with one
-        // 8-byte load per channel (a 2-byte load per voxel and channel kept the load queue full: ncu, lg_throttle the
-        // top stall), then stores the voxels the halo holds (columns x0 - 1 .. x0 + 8) as 16-byte units.
+        // The halo, 16 channels (two planes) per pass: item (plane, row, quad) loads 4 consecutive voxels x0 - 4 +
+        // 4 quad .. of 8 channels with one 8-byte load per channel (a 2-byte load per voxel and channel kept the load
+        // queue full: ncu, lg_throttle the top stall), then stores the voxels the halo holds (columns x0 - 1 .. x0 +
+        // 8) as 16-byte units.
         const unsigned short* wide_c = reinterpret_cast<const unsigned short*>(p.wide) +
                                        ((int64_t)n * p.c_wide + cw0) * wide_vox;
-        uint2 quads[HALO_ITEMS][8];
 #pragma unroll
-        for (int i = 0; i < HALO_ITEMS; ++i) {
-            const int it = t + THREADS * i, quad = it % 4, row = it / 4 % hz_hy, plane = it / (4 * hz_hy);
-            const int sz = z0 - p.pad[0] + row / hy, sy = y0 - 1 + row % hy, sx = x0 - 4 + 4 * quad;
-            // sx and the map's width are multiples of 4: a quad is inside or outside as a whole.
-            const bool inside = it < halo_items && (unsigned)sz < (unsigned)p.wide_size[0] &&
-                                (unsigned)sy < (unsigned)p.wide_size[1] && (unsigned)sx < (unsigned)p.wide_size[2];
-            const int off = (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+        for (int pass = 0; pass < PASSES; ++pass) {
+            uint2 quads[HALO_ITEMS][8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int c = 8 * plane + e;
-                quads[i][e] = inside && cw0 + c < p.c_wide
-                                  ? *reinterpret_cast<const uint2*>(wide_c + (int64_t)c * wide_vox + off)
-                                  : make_uint2(0u, 0u);
+            for (int i = 0; i < HALO_ITEMS; ++i) {
+                const int it = t + THREADS * i, quad = it % 4, row = it / 4 % hz_hy, plane = it / (4 * hz_hy);
+                const int sz = z0 - p.pad[0] + row / hy, sy = y0 - 1 + row % hy, sx = x0 - 4 + 4 * quad;
+                // sx and the map's width are multiples of 4: a quad is inside or outside as a whole.
+                const bool inside = it < halo_items && (unsigned)sz < (unsigned)p.wide_size[0] &&
+                                    (unsigned)sy < (unsigned)p.wide_size[1] && (unsigned)sx < (unsigned)p.wide_size[2];
+                const int off = (sz * p.wide_size[1] + sy) * p.wide_size[2] + sx;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int c = 16 * pass + 8 * plane + e;
+                    quads[i][e] = inside && cw0 + c < p.c_wide
+                                      ? *reinterpret_cast<const uint2*>(wide_c + (int64_t)c * wide_vox + off)
+                                      : make_uint2(0u, 0u);
+                }
             }
+            store_quads(smem + buf * stage_units + 2 * pass * halo_vox, quads, hz_hy, halo_vox, hx);
         }
-        store_quads(smem + buf * stage_units, quads, hz_hy, halo_vox, hx);
     };
 
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
@@ -468,17 +483,17 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
     const uint64_t b_desc = wgmma::descriptor(base, 16 * hx, 16 * halo_vox);
     // The ldmatrix row of this lane at k-step 0: row l % 8 of matrix l / 8, matrices (cn 0-7, k 0-7), (cn 8-15, k
     // 0-7), (cn 0-7, k 8-15), (cn 8-15, k 8-15) of the warp's 16 channels, the fragment's order.
-    const uint32_t a_row = base + 16 * (2 * halo_vox + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * PITCH +
+    const uint32_t a_row = base + 16 * (PLANES * halo_vox + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * PITCH +
                                         (lane >> 4));
     // The products of one staged box for taps T0 .. T0 + TAPS - 1, in batches of CH k-steps (k-step ks: box rows
     // 2 ks, 2 ks + 1): a batch's A fragments by ldmatrix into the registers the batch before last read, one fence,
     // then per k-step one wgmma per tap. `between` runs while the first batch is in flight: the next box's loads, its
     // halo stored before the second batch's fence (a fence waits for every register write in flight, the loads' too).
-    // CH is 8 where the accumulators leave room for two batches' fragments, else 4 (3x3x3: 112 accumulators; at 8
-    // ptxas serialised the wgmmas for want of registers).
-    float acc[TAPS][8] = {};
+    // CH is 4: two batches' fragments beside 80 or 112 accumulators (at 8, 3x3x3's wgmmas were serialised by ptxas
+    // for want of registers).
+    float acc[TAPS][COLS / 2] = {};
     auto products = [&](int buf, auto first_tap, auto between) {
-        constexpr int T0 = decltype(first_tap)::value, CH = KZ == 3 ? 4 : 8;
+        constexpr int T0 = decltype(first_tap)::value, CH = 4;
         static_assert(KSTEPS % CH == 0, "whole batches");
         unsigned a[2][CH][4];
         const uint32_t a_stage = a_row + 16 * buf * stage_units;
@@ -498,7 +513,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
                 for (int j = 0; j < TAPS; ++j) {
                     const int q = T0 + j, qz = q / 9, qy = q / 3 % 3, qx = q % 3;
                     const int shift = ((r / box_y + qz) * hy + r % box_y + qy) * hx + qx;
-                    wgmma::mma_async_regs_n16(acc[j], a[c & 1][i], b_stage + (uint64_t)shift);
+                    wgmma::mma_async_regs<COLS>(acc[j], a[c & 1][i], b_stage + (uint64_t)shift);
                 }
             }
             wgmma::commit();
@@ -535,7 +550,7 @@ __device__ __forceinline__ void conv_wgrad_wgmma(const ConvWgradWgmmaParams<bf16
         const int q = (group == 0 ? 0 : TAPS_ALL - TAPS) + j;
         if (group == 1 && q < TAPS) continue;  // warpgroup 0's
 #pragma unroll
-        for (int k = 0; k < 2; ++k)
+        for (int k = 0; k < COLS / 8; ++k)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -606,8 +621,8 @@ CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z4, true, CONV_WGMMA_BN_NARR
 CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z2, true, CONV_WGMMA_BN_NARROW, 1, 2)
 CONV_WGMMA_KERNEL(conv_dgrad_wgmma_cl_bf16_n32_k133_z1, true, CONV_WGMMA_BN_NARROW, 1, 1)
 
-// The weight gradient: one block per SM (its accumulators, 14 x 8 floats per thread for 3x3x3, and two stages of up
-// to 57 KB).
+// The weight gradient: one block per SM (its accumulators, 14 x 8 floats per thread for 3x3x3, 5 x 16 for 1x3x3, and
+// two stages of up to 57 KB).
 #define CONV_WGRAD_WGMMA_KERNEL(NAME, KZ, BOX_Z)                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const ConvWgradWgmmaParams<bf16> p) {        \
         conv_wgrad_wgmma<KZ, BOX_Z>(p);                                                                          \

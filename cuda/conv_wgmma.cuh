@@ -56,13 +56,13 @@ struct ConvWgmmaParams {
 // wgmma, dW[cn, cw, a] = sum_{n, o} narrow[n, cn, o] wide[n, cw, o + a - pad] (c_narrow x narrow voxels and c_wide x
 // wide voxels below 2^31; pad 1 along y and x; the wide map's width a multiple of 4 and `wide` 8-byte aligned): block
 // (x, y, z) computes narrow channels cn of tile x (CONV_WGMMA_WG_ROWS, the m of the wgmma), wide channels cw of tile y
-// (CONV_WGMMA_WG_COLS, its n) and every tap, over the boxes of narrow positions
+// (COLS = CONV_WGMMA_WG_COLS_K3 or _K1 by the kernel's depth, its n) and every tap, over the boxes of narrow positions
 // (BOX_Z x 8 (4 / BOX_Z) x 8, the products' boxes, enumerated over batch x narrow_size) from z boxes_per_slice up to
 // min(boxes, (z + 1) boxes_per_slice), and writes partial[z, cn, cw 9 KZ + a] (conv.cuh's slice layout, summed in
 // order by sum_slices). KZ and BOX_Z are the kernel's (its name: _k333_z4 is KZ 3, BOX_Z 4). Grid (ceil(c_narrow /
-// CONV_WGMMA_WG_ROWS), ceil(c_wide / CONV_WGMMA_WG_COLS), slices), CONV_WGMMA_THREADS threads, dynamic shared memory
-// 2 * 16 * (2 halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH) bytes with halo = (BOX_Z + KZ - 1) (8 (4 / BOX_Z) +
-// 2) 10 voxels.
+// CONV_WGMMA_WG_ROWS), ceil(c_wide / COLS), slices), CONV_WGMMA_THREADS threads, dynamic shared memory 2 * 16 * (COLS
+// / 8 halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH) bytes with halo = (BOX_Z + KZ - 1) (8 (4 / BOX_Z) + 2) 10
+// voxels.
 template <typename T>
 struct ConvWgradWgmmaParams {
     const T* narrow;
@@ -77,7 +77,8 @@ struct ConvWgradWgmmaParams {
     int boxes_per_slice;
 };
 constexpr int CONV_WGMMA_WG_ROWS = 64;
-constexpr int CONV_WGMMA_WG_COLS = 16;
+constexpr int CONV_WGMMA_WG_COLS_K3 = 16;
+constexpr int CONV_WGMMA_WG_COLS_K1 = 32;
 // 16-byte units between two narrow channels' staged rows: a box's 32 rows of 8 positions and one more, so that the 8
 // rows of an ldmatrix fall in 8 different bank groups.
 constexpr int CONV_WGMMA_WG_PITCH = 33;

@@ -130,17 +130,30 @@ __device__ __forceinline__ void mma_async(float (&d)[N / 2], uint64_t a, uint64_
     }
 }
 
-// d += A B for a 64 x 16 tile, k 16, bf16, with A from registers and B N-major: A as mma.sync's m16n8k16 fragment per
-// warp (warp w of the warpgroup rows 16 w .., the pairs (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..) with
-// g = lane / 4, t = lane % 4); B unswizzled N-major: core matrices of 8 k-rows x 16 bytes (8 bf16 along n), element
-// (n, k) at start + (n / 8) sbo + (k / 8) lbo + (k % 8) 16 + (n % 8) 2 (PTX ISA, canonical layouts: MN-major,
-// interleaved). A's registers must stay unchanged until the batch that reads them has completed.
-__device__ __forceinline__ void mma_async_regs_n16(float (&d)[8], const unsigned (&a)[4], uint64_t b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+// d += A B for a 64 x N tile (N 16 or 32), k 16, bf16, with A from registers and B N-major: A as mma.sync's m16n8k16
+// fragment per warp (warp w of the warpgroup rows 16 w .., the pairs (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8,
+// 2t + 8..) with g = lane / 4, t = lane % 4); B unswizzled N-major: core matrices of 8 k-rows x 16 bytes (8 bf16 along
+// n), element (n, k) at start + (n / 8) sbo + (k / 8) lbo + (k % 8) 16 + (n % 8) 2 (PTX ISA, canonical layouts:
+// MN-major, interleaved). A's registers must stay unchanged until the batch that reads them has completed.
+template <int N>
+__device__ __forceinline__ void mma_async_regs(float (&d)[N / 2], const unsigned (&a)[4], uint64_t b) {
+    static_assert(N == 16 || N == 32, "the weight gradient's tile widths");
+    if constexpr (N == 16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, "
+            "1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    }
 }
 }  // namespace wgmma

@@ -198,7 +198,8 @@ fn gpu_conv_halo_tiles() {
 
 /// The bf16 weight gradient of stride-1 convs of 5 to 10 or 14 to 28 taps on maps of at least 8192 positions runs on
 /// the wgmma kernels of cuda/conv_wgmma.cu on an H100/H200 (boxes of 256 narrow positions, 64 output channels x 16
-/// input channels per block, both warpgroups' taps): rows of the narrow map a whole number of 16 bytes (copied by
+/// (3x3x3) or 32 (1x3x3: 17 and 40 input channels leave the second 16-channel halo pass partly empty) input channels
+/// per block, both warpgroups' taps): rows of the narrow map a whole number of 16 bytes (copied by
 /// cp.async) and not (element loads; gpu_conv_halo_tiles' cases), more than one tile of output channels, a 1x3x3
 /// kernel in boxes 4 slices deep, a 2D map, and both passes twice, bit for bit.
 #[test]

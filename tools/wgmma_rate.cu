@@ -70,11 +70,11 @@ constexpr int SMEM = 120 * 1024;  // > half of the 228 KB an SM has: one block p
                      : __VA_ARGS__                                                                              \
                      : "l"(b), "r"(1), "l"(ad))
 
-// d += A B, 64 x N, k 16: the header's wrappers where it has the form (SS N >= 32, RS n16), else the tool's.
+// d += A B, 64 x N, k 16: the header's wrappers where it has the form (SS N >= 32, RS n16 and n32), else the tool's.
 template <int N, bool RS>
 __device__ __forceinline__ void mma(float (&d)[N / 2], const unsigned (&a)[4], uint64_t ad, uint64_t b) {
     if constexpr (!RS && N >= 32) wgmma::mma_async<N>(d, ad, b, true);
-    else if constexpr (RS && N == 16) wgmma::mma_async_regs_n16(d, a, b);
+    else if constexpr (RS && N <= 32) wgmma::mma_async_regs<N>(d, a, b);
     else if constexpr (N == 16) { WG("m64n16k16", L8, "8", "9", "10", "11", "12", "13", F8(0)); }
     else if constexpr (N == 32) { WG("m64n32k16", L16, "16", "17", "18", "19", "20", "21", F16(0)); }
     else if constexpr (N == 64) { WG("m64n64k16", L32, "32", "33", "34", "35", "36", "37", F32(0)); }

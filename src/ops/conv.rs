@@ -102,8 +102,8 @@ use crate::device::params::{
     CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
     CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
     CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
-    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM,
-    GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS,
+    GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -2288,9 +2288,10 @@ impl Pairing {
         let boxes = self.batch * (0..3).map(|a| self.narrow[a].div_ceil(box_[a])).product::<usize>();
         let halo: usize = (0..3).map(|a| box_[a] + self.k[a] - 1).product();
         debug_assert!(halo <= CONV_WGMMA_MAX_HALO, "{halo} halo voxels");
-        let shared_mem_bytes = (2 * 16 * (2 * halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH)) as u32;
-        let (row_tiles, col_tiles) =
-            (self.c_narrow.div_ceil(CONV_WGMMA_WG_ROWS), self.c_wide.div_ceil(CONV_WGMMA_WG_COLS));
+        // The kernel's wide channels per block, by its depth.
+        let cols = if self.k[0] == 3 { CONV_WGMMA_WG_COLS_K3 } else { CONV_WGMMA_WG_COLS_K1 };
+        let shared_mem_bytes = (2 * 16 * (cols / 8 * halo + CONV_WGMMA_WG_ROWS * CONV_WGMMA_WG_PITCH)) as u32;
+        let (row_tiles, col_tiles) = (self.c_narrow.div_ceil(CONV_WGMMA_WG_ROWS), self.c_wide.div_ceil(cols));
         let resident = gpu.resident_blocks(kernel, CONV_WGMMA_THREADS as u32, shared_mem_bytes, what)?;
         let (boxes_per_slice, slices) = split_reduction(boxes, (2 * resident).div_ceil(row_tiles * col_tiles));
         let numel = self.c_narrow * self.c_wide * self.taps();
