@@ -478,15 +478,21 @@ struct GemmKernel<T> {
 }
 
 impl GemmRole {
+    /// The product as errors name it.
+    fn what(self) -> &'static str {
+        match self {
+            GemmRole::Forward => "linear forward",
+            GemmRole::InputGrad => "linear dx = g W",
+            GemmRole::WeightGrad => "linear dW = g^T x",
+        }
+    }
+
     /// The role's kernel for storage `T` and the GPU's math ([`Gpu::exact_f32`]: exact float32 SIMT tiles for
     /// float32; otherwise the tensor cores, tf32 or bf16, 32 columns wide for at most 32 output columns), and its
     /// description for errors.
     fn kernel<T: LinearElement>(self, gpu: &Gpu, n: usize) -> (GemmKernel<T>, &'static str) {
-        let ([exact, tf32, tf32_n32], what) = match self {
-            GemmRole::Forward => (T::KERNELS[0], "linear forward"),
-            GemmRole::InputGrad => (T::KERNELS[1], "linear dx = g W"),
-            GemmRole::WeightGrad => (T::KERNELS[2], "linear dW = g^T x"),
-        };
+        let [exact, tf32, tf32_n32] = T::KERNELS[self as usize];
+        let what = self.what();
         let tc =
             |kernel, bn| GemmKernel { kernel, tile: (GEMM_TC_BM, bn), depth: GEMM_TC_BK, threads: GEMM_TC_THREADS };
         let k = if gpu.exact_f32() && T::HAS_EXACT {
@@ -639,12 +645,8 @@ impl<T: LinearElement> Gemm<T> {
         k_slice: usize,
         slices: usize,
     ) -> Result<()> {
-        let what = match self.role {
-            GemmRole::Forward => "linear forward (wgmma)",
-            GemmRole::InputGrad => "linear dx = g W (wgmma)",
-            GemmRole::WeightGrad => "linear dW = g^T x (wgmma)",
-        };
-        let shapes = format!("{what}: ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
+        let what = self.role.what();
+        let shapes = format!("{what} (wgmma): ({}, {}) x ({}, {}), {slices} slice(s)", self.m, self.k, self.k, self.n);
         ensure!(
             self.n.div_ceil(columns) <= 65_535 && slices <= 65_535,
             Shape,
@@ -668,12 +670,8 @@ impl<T: LinearElement> Gemm<T> {
         c_acc: MutPtr<f32>,
         slices: usize,
     ) -> Result<()> {
-        let what = match self.role {
-            GemmRole::Forward => "linear forward (streaming)",
-            GemmRole::InputGrad => "linear dx = g W (streaming)",
-            GemmRole::WeightGrad => "linear dW = g^T x (streaming)",
-        };
-        let shapes = format!("{what}: ({}, {}) x ({}, {})", self.m, self.k, self.k, self.n);
+        let what = self.role.what();
+        let shapes = format!("{what} (streaming): ({}, {}) x ({}, {})", self.m, self.k, self.k, self.n);
         let tiles = self.m.div_ceil(s.tile.0) * self.n.div_ceil(s.tile.1);
         let cfg = match self.role {
             GemmRole::WeightGrad => stream_config((slices, tiles), s.shared, &shapes)?,
