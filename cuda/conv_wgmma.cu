@@ -377,10 +377,9 @@ __device__ __forceinline__ void conv_wgmma(const ConvWgmmaParams<bf16>& p) {
 // ldmatrix from its staged rows and used by every tap of the warpgroup; B = the wide map's halo shifted by the tap (n =
 // cw, k = position), staged as in the products (COLS / 8 planes of 16-byte voxels of 8 channels, loaded 4 voxels of a
 // channel per 8-byte load, 16 channels at a time) and read N-major: the 8 k-rows of a core matrix are 8 consecutive
-// voxels, core
-// matrices 16 h_x bytes apart along k (the next row) and a plane apart along n. While the tensor cores work on box
-// i's first k-steps, box i + 1's narrow rows are put in flight through cp.async and its halo loaded and stored. Each
-// output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
+// voxels, core matrices 16 h_x bytes apart along k (the next row) and a plane apart along n. While the tensor cores
+// work on box i's first k-steps, box i + 1's narrow rows are put in flight through cp.async and its halo loaded and
+// stored. Each output is one sum in a fixed order (boxes, k-steps, the tensor core's own within a k-step).
 // COLS: 32 for the 1x3x3 kernel (m64n32k16, 80 accumulators per thread), 16 for the 3x3x3 one (m64n16k16, 14 x 8).
 // An m64n16k16 from registers takes 13 of the tensor cores' clocks where its multiply-adds need 8, an m64n32k16 16
 // (tools/wgmma_rate.cu, H100, 2026-12-07), so the wider tile issues half the wgmmas and ldmatrix for the same work;
