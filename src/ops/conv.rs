@@ -57,7 +57,7 @@
 //! voxel's 16 channels two 16-byte copies) where each source element meets enough products to pay for the copy
 //! (`Pairing::wgmma_channels_last`), else from the map itself. The other products of more than one tap and 16 source
 //! channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D maps), and such a conv's
-//! input-gradient stride phases from one tap up (this last not yet measured on a GPU), run there as implicit matrix
+//! input-gradient stride phases into more than 32 channels from one tap up, run there as implicit matrix
 //! products, each position's row gathered tap by tap from the copy (cuda/gemm_wgmma.cu, `implicit_suits`,
 //! `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320 narrow channels on small maps, of
 //! one-channel inputs and of strided convs from 64 wide channels run as one explicit product over the wide map's
@@ -1234,7 +1234,7 @@ pub(crate) struct HaloKernels<T: Copy> {
     strided: Option<[Kernel<ConvHaloParams<T>>; 2]>,
     /// The stride-1 products on wgmma (cuda/conv_wgmma.cu, bf16 on sm_90 only): they take every stride-1 product of
     /// the halo tiles where the GPU has them ([`launch_wgmma`], [`wgmma_suits`]) and the implicit products do not
-    /// ([`implicit_suits`]: the input gradient's stride phases, for one).
+    /// ([`implicit_suits`]: the input gradient's stride phases into more than 32 channels, for one).
     wgmma: Option<WgmmaLayouts<T>>,
     /// The implicit products on wgmma (cuda/gemm_wgmma.cu, bf16 on sm_90 only) in their three tile widths: the
     /// products [`implicit_suits`] picks ([`launch_implicit`]).
@@ -1471,7 +1471,8 @@ const IMPLICIT_BN_NARROW: usize = 64;
 /// 320 -> 320 at 10x14x12, stride 1,2,2) 0.150 -> 0.201 ms and 300 (amos-2d 512 -> 512 at 10x10, stride 2) 0.099 ->
 /// 0.124, while from 1200 (amos-2d 512 -> 512 at 20x20) they won, 0.205 -> 0.120, and on larger maps more (flare-3d
 /// 32 -> 64 at 40x224x192, stride 1,2,2, 1.493 -> 0.993; 64 -> 128 at 40x112x96, stride 2, 0.753 -> 0.366). The
-/// input gradient's stride phases take the same bound, not yet measured on a GPU for them.
+/// input gradient's stride phases take the same bound, not measured separately for them (amos-2d's last entry, 512
+/// channels at 10x10, has phases of 300 positions, which stay on the halo products).
 const IMPLICIT_MIN_POSITIONS: usize = 1024;
 
 impl ConvElement for f32 {
