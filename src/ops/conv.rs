@@ -1472,7 +1472,7 @@ const IMPLICIT_BN_NARROW: usize = 64;
 /// 0.124, while from 1200 (amos-2d 512 -> 512 at 20x20) they won, 0.205 -> 0.120, and on larger maps more (flare-3d
 /// 32 -> 64 at 40x224x192, stride 1,2,2, 1.493 -> 0.993; 64 -> 128 at 40x112x96, stride 2, 0.753 -> 0.366). The
 /// input gradient's stride phases take the same bound, not measured separately for them (amos-2d's last entry, 512
-/// channels at 10x10, has phases of 300 positions, which stay on the halo products).
+/// channels at 10x10, has phases of 300 positions, which stay on the halo tiles and the gathers).
 const IMPLICIT_MIN_POSITIONS: usize = 1024;
 
 impl ConvElement for f32 {
