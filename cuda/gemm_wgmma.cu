@@ -313,6 +313,17 @@ __device__ __forceinline__ void load_mn_rows(unsigned char* dst, const bf16* src
     });
 }
 
+// Rows of an operand stored K-major (load_rows: R rows of k from mn0, ld apart) or MN-major (load_mn_rows: rows of k,
+// ld apart, of R / BK blocks of 64 m or n from mn0), as `operand<MN>` reads them.
+template <int R, bool MN>
+__device__ __forceinline__ void load_operand(unsigned char* dst, const bf16* src, int64_t ld, int mn0, int mn_end,
+                                             int64_t k0, int64_t k_end) {
+    if constexpr (MN)
+        load_mn_rows<R>(dst, src, ld, mn0, mn_end, k0, k_end);
+    else
+        load_rows<R>(dst, src, ld, mn0, mn_end, k0, k_end);
+}
+
 // The main loop of the 1x1x1 convolution products on channels-first maps: d receives the warpgroup's 64 x BN of
 // D[j, i] = sum_k W(k, j) X[k, i] for the block's tile (j0, i0), j the output channels (the wgmma's m, BM per block), i
 // the positions (its n, BN per block), k < kk the source channels; X's rows (a channel's `positions`) at x, W stored
@@ -324,10 +335,7 @@ __device__ __forceinline__ void pointwise_product(const bf16* x, int positions, 
     const int steps = (int)((kk + BK - 1) / BK);
     int64_t k0 = 0;
     auto stage_in = [&](int, unsigned char* slot) {
-        if (W_KJ)
-            load_mn_rows<BM>(slot, w, n, j0, n, k0, kk);
-        else
-            load_rows<BM>(slot, w, kk, j0, n, k0, kk);
+        load_operand<BM, W_KJ>(slot, w, W_KJ ? n : kk, j0, n, k0, kk);
         load_mn_rows<BN>(slot + A_BYTES, x, positions, i0, positions, k0, kk);
         k0 += BK;
     };
@@ -366,14 +374,9 @@ __device__ __forceinline__ void linear_product(const GemmParams<bf16>& p) {
     const int m = (int)p.M, n = (int)p.N;
     int64_t k0 = k_begin;
     auto stage_in = [&](int, unsigned char* slot) {
-        if (A_MN)
-            load_mn_rows<BM>(slot, p.a, p.a_sk, m0, m, k0, k_end);
-        else
-            load_rows<BM>(slot, p.a, p.a_si, m0, m, k0, k_end);
-        if (B_MN)
-            load_mn_rows<BN>(slot + A_BYTES, p.b, p.b_sk, n0, n, k0, k_end);
-        else
-            load_rows<BN>(slot + A_BYTES, p.b, p.b_sj, n0, n, k0, k_end);
+        // A(i, k) = a[i a_si + k a_sk]: its rows are a_sk apart when MN-major, a_si when K-major; B likewise.
+        load_operand<BM, A_MN>(slot, p.a, A_MN ? p.a_sk : p.a_si, m0, m, k0, k_end);
+        load_operand<BN, B_MN>(slot + A_BYTES, p.b, B_MN ? p.b_sk : p.b_sj, n0, n, k0, k_end);
         k0 += BK;
     };
     float d[BN / 2];

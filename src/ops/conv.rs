@@ -1094,11 +1094,7 @@ fn launch_implicit<T: ConvElement>(
     let (pack, h, _) = halo_params(p, tile_n, CONV_HALO_BM);
     let packed = pack_halves(pack_kernel, pack, gpu, what)?;
     let src = src_last.get(p, gpu, what)?;
-    let cfg = LaunchConfig {
-        grid_dim: (positions.div_ceil(GEMM_WGMMA_BM) as u32, (p.c_dst as usize).div_ceil(tile_n) as u32, 1),
-        block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: gemm_wgmma_shared_bytes(tile_n),
-    };
+    let cfg = gemm_wgmma_config(positions, p.c_dst as usize, tile_n, 1);
     let params = ConvImplicitParams {
         src,
         packed: packed.ptr(),
@@ -2380,8 +2376,18 @@ fn split_reduction(units: usize, wanted: usize) -> (usize, usize) {
 }
 
 /// Shared memory of a gemm_wgmma.cu block of `columns`-column tiles: its stages of A and B rows (bf16).
-pub(crate) fn gemm_wgmma_shared_bytes(columns: usize) -> u32 {
+fn gemm_wgmma_shared_bytes(columns: usize) -> u32 {
     (GEMM_WGMMA_STAGES * (GEMM_WGMMA_BM + columns) * GEMM_WGMMA_BK * 2) as u32
+}
+
+/// The launch of a gemm_wgmma.cu kernel over an `m` x `n` result in tiles of [`GEMM_WGMMA_BM`] rows and `columns`
+/// columns, `z` deep (slices or batch items): one block per tile and z, its stages in dynamic shared memory.
+pub(crate) fn gemm_wgmma_config(m: usize, n: usize, columns: usize, z: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (m.div_ceil(GEMM_WGMMA_BM) as u32, n.div_ceil(columns) as u32, z as u32),
+        block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
+        shared_mem_bytes: gemm_wgmma_shared_bytes(columns),
+    }
 }
 
 /// Launches gemm_wgmma.cu's product `kernel` of `columns`-column tiles ([`GemmTiles::pick`]) on `params` (pointers
@@ -2393,12 +2399,7 @@ fn launch_gemm_wgmma<T: GpuElement>(
     slices: usize,
     what: &str,
 ) -> Result<()> {
-    let tiles = |len: i32, tile: usize| (len as usize).div_ceil(tile) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (tiles(params.m, GEMM_WGMMA_BM), tiles(params.n, columns), slices as u32),
-        block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-        shared_mem_bytes: gemm_wgmma_shared_bytes(columns),
-    };
+    let cfg = gemm_wgmma_config(params.m as usize, params.n as usize, columns, slices);
     gpu.launch(kernel, cfg, params, what)
 }
 

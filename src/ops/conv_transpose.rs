@@ -59,17 +59,14 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, Tape};
 use crate::device::cuda::{grid_vec, GpuBuffer, GpuElement};
-use crate::device::params::{
-    kernel, ConvTransposeWgmmaParams, DepthToSpaceParams, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_THREADS,
-};
+use crate::device::params::{kernel, ConvTransposeWgmmaParams, DepthToSpaceParams, GEMM_WGMMA_BN};
 use crate::ops::cast::{params_in, Weight};
 use crate::ops::concat::copy_rows_gpu;
-use crate::ops::conv::{gemm_wgmma_shared_bytes, ConvElement, Pairing};
+use crate::ops::conv::{gemm_wgmma_config, ConvElement, Pairing};
 use crate::ops::{channel_sums_cpu, per_axis, MapDims};
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
-use cudarc::driver::LaunchConfig;
 
 /// Transposed convolution of `x` (N, Cin, \[D,\] H, W) with `w` (Cin, Cout, \[kd,\] kh, kw) plus an optional `bias`
 /// (Cout), with stride equal to the kernel size on every axis and no padding: the output is
@@ -246,11 +243,7 @@ impl UpGeom {
             size: self.dims.s.map(|s| s as i32),
             k: self.k.map(|k| k as i32),
         };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(GEMM_WGMMA_BM) as u32, positions.div_ceil(GEMM_WGMMA_BN) as u32, self.dims.n as u32),
-            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-            shared_mem_bytes: gemm_wgmma_shared_bytes(GEMM_WGMMA_BN),
-        };
+        let cfg = gemm_wgmma_config(n, positions, GEMM_WGMMA_BN, self.dims.n);
         gpu.launch(kernel, cfg, &p, what)?;
         Ok(Some(y))
     }

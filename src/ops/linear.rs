@@ -33,9 +33,9 @@
 //! bf16 products they do not take (the deep layers' reductions beyond 128, weight gradients beyond 128 x 128) run on
 //! Hopper's warpgroup products (`linear_*_wgmma_bf16`, cuda/gemm_wgmma.cu: 128-row tiles, each operand staged as it
 //! lies through wgmma's transpose bits) where the GPU has them, else on the mma.sync tiles; dW and db are summed in
-//! float32 and returned in the masters' type (a float32 master's gradient is never rounded). dW reduces over all M tokens while its output is small, so that
-//! reduction is split into fixed slices of M whose partial products are summed afterwards in a fixed order
-//! (`sum_rows`, also used for db); results are the same bits from run to run.
+//! float32 and returned in the masters' type (a float32 master's gradient is never rounded). dW reduces over all M
+//! tokens while its output is small, so that reduction is split into fixed slices of M whose partial products are
+//! summed afterwards in a fixed order (`sum_rows`, also used for db); results are the same bits from run to run.
 //!
 //! Cost per element of y (M rows, N outputs, K inputs; the counting rules are in [`ops`](crate::ops)): forward 2K
 //! FLOPs and at least 4 (1 + K/N + K/M) bytes, about 4 (1 + K/N) for many tokens; backward 4K FLOPs (dL/dx and
@@ -54,10 +54,10 @@ use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_STREAM_BM, GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES,
     GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW, GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK,
-    GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_THREADS, SUM_ROWS_COLS, SUM_ROWS_LANES,
+    GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::{params_in, Weight};
-use crate::ops::conv::gemm_wgmma_shared_bytes;
+use crate::ops::conv::gemm_wgmma_config;
 use crate::profile;
 use crate::tensor::{DType, Real, Tensor};
 use crate::{by_dtype, by_gpu_type, ensure, Result};
@@ -652,11 +652,7 @@ impl<T: LinearElement> Gemm<T> {
             Shape,
             "{shapes}: too many output columns or slices for the GPU grid"
         );
-        let cfg = LaunchConfig {
-            grid_dim: (self.m.div_ceil(GEMM_WGMMA_BM) as u32, self.n.div_ceil(columns) as u32, slices as u32),
-            block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-            shared_mem_bytes: gemm_wgmma_shared_bytes(columns),
-        };
+        let cfg = gemm_wgmma_config(self.m, self.n, columns, slices);
         gpu.launch(kernel, cfg, &self.params(c, c_acc, k_slice), &shapes)
     }
 
@@ -838,15 +834,7 @@ impl<T: GpuElement> Pointwise<T> {
             self.batch, self.k, self.n, self.positions
         );
         if on_wgmma {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    self.n.div_ceil(GEMM_WGMMA_BM) as u32,
-                    self.positions.div_ceil(GEMM_WGMMA_BN) as u32,
-                    self.batch as u32,
-                ),
-                block_dim: (GEMM_WGMMA_THREADS as u32, 1, 1),
-                shared_mem_bytes: gemm_wgmma_shared_bytes(GEMM_WGMMA_BN),
-            };
+            let cfg = gemm_wgmma_config(self.n, self.positions, GEMM_WGMMA_BN, self.batch);
             return gpu.launch(self.kernels.wgmma, cfg, &p, &shapes);
         }
         let width = stream_width(self.n);
