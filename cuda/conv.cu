@@ -376,22 +376,23 @@ TYPED_KERNEL(channel_sums_f32, channel_sums_bf16, channel_sums, ChannelSumsParam
 // of one row as a 16-byte piece, walking the coordinates from the first one's (no division per position).
 extern "C" __global__ void conv_im2col_bf16(const ConvIm2colParams<__nv_bfloat16> p) {
     const int positions = p.narrow_size[0] * p.narrow_size[1] * p.narrow_size[2];
-    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = positions / 8;
+    const int taps = p.kernel[0] * p.kernel[1] * p.kernel[2], pieces_per_row = p.row / 8;
     const int64_t src_voxels = (int64_t)p.src_size[0] * p.src_size[1] * p.src_size[2];
     FOR_EACH(piece, p.pieces) {
         const int64_t row = piece / pieces_per_row;  // (n channels + c) taps + a
         const int a_flat = (int)(row % taps);
         int a[3], o[3];
         split3(a_flat, p.kernel, a);
-        split3((int)(piece % pieces_per_row) * 8, p.narrow_size, o);
+        const int o0 = (int)(piece % pieces_per_row) * 8;
+        split3(min(o0, positions - 1), p.narrow_size, o);
         const __nv_bfloat16* src = p.src + row / taps * src_voxels;
         unsigned w[4] = {0, 0, 0, 0};
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const int z = o[0] * p.stride[0] + a[0] - p.pad[0], y = o[1] * p.stride[1] + a[1] - p.pad[1],
                       x = o[2] * p.stride[2] + a[2] - p.pad[2];
-            const bool inside = z >= 0 && z < p.src_size[0] && y >= 0 && y < p.src_size[1] && x >= 0 &&
-                                x < p.src_size[2];
+            const bool inside = o0 + e < positions && z >= 0 && z < p.src_size[0] && y >= 0 && y < p.src_size[1] &&
+                                x >= 0 && x < p.src_size[2];
             if (inside)
                 w[e / 2] |= (unsigned)__bfloat16_as_ushort(src[((int64_t)z * p.src_size[1] + y) * p.src_size[2] + x])
                             << 16 * (e % 2);

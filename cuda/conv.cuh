@@ -91,10 +91,11 @@ struct ChannelSumsParams {
 };
 
 // The columns of a convolution's wide map over its narrow positions, per batch item n a (channels x taps) x positions
-// matrix: col[n, c taps + a, o] = src[n, c, o stride + a - pad] (0 outside src_size), o over narrow_size (row-major,
-// prod(narrow_size) a multiple of 8: rows of whole 16-byte pieces), a over the kernel's taps (row-major). A thread
-// writes one 16-byte piece (8 positions) of a row: pieces = batch x channels x taps x prod(narrow_size) / 8.
-// Grid-stride: any grid. The B operand of gemm_wgmma.cu's conv_wgrad_gemm_wgmma_bf16.
+// matrix: col[n, c taps + a, o] = src[n, c, o stride + a - pad] (0 outside src_size), o over narrow_size (row-major),
+// a over the kernel's taps (row-major), each row `row` elements long (prod(narrow_size) rounded up to a multiple of 8:
+// whole 16-byte pieces; the positions past prod(narrow_size) written as 0). A thread writes one 16-byte piece (8
+// positions) of a row: pieces = batch x channels x taps x row / 8. Grid-stride: any grid. The B operand of
+// gemm_wgmma.cu's conv_wgrad_gemm_wgmma_bf16.
 template <typename T>
 struct ConvIm2colParams {
     const T* src;
@@ -104,6 +105,7 @@ struct ConvIm2colParams {
     int kernel[3];
     int stride[3];
     int pad[3];
+    int row;
     int64_t pieces;
 };
 

@@ -222,6 +222,10 @@ fn gpu_conv_wgrad_wgmma() {
 fn gpu_conv_wgrad_gemm() {
     check_conv("conv3d 3x3x3 37 -> 330, 4x6x10", &[2, 37, 4, 6, 10], &[330, 37, 3, 3, 3], &[1, 1, 1], 640);
     check_conv("conv3d 1x1x1 20 -> 9, 3x6x44", &[2, 20, 3, 6, 44], &[9, 20, 1, 1, 1], &[1, 1, 1], 650);
+    // Rows of positions that are not whole 16-byte pieces (35 and 105): the narrow map, the columns and the 1x1x1
+    // conv's wide map in rows padded to 40 and 112.
+    check_conv("conv2d 3x3 24 -> 320, 5 x 7", &[2, 24, 5, 7], &[320, 24, 3, 3], &[1, 1], 655);
+    check_conv("conv3d 1x1x1 20 -> 9, 3x5x7", &[2, 20, 3, 5, 7], &[9, 20, 1, 1, 1], &[1, 1, 1], 657);
     check_conv("conv2d 3x3 24 -> 320, 18 x 12", &[3, 24, 18, 12], &[320, 24, 3, 3], &[1, 1], 660);
     check_conv(
         "conv3d 3x3x3 21 -> 320 stride 1,2,2, 5x12x16",

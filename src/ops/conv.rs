@@ -107,6 +107,7 @@ use crate::device::params::{
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
+use crate::ops::concat::copy_rows_gpu;
 use crate::ops::linear::{Pointwise, PointwiseKernels};
 use crate::ops::operand::{Kept, Operand};
 use crate::ops::{channel_sums_cpu, per_axis, pim, MapDims};
@@ -1995,8 +1996,9 @@ impl Pairing {
         (!gpu.exact_f32() && aligned && loaded && self.gemm_wgrad_suits()).then_some(kernels)
     }
 
-    /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: the narrow map's
-    /// rows of positions are whole 16-byte pieces, and a 1x1x1 kernel of stride 1 (no columns: the wide map is the
+    /// Whether the explicit weight gradient takes this pairing and beats the other kernels on it: a transposed conv's
+    /// narrow rows of positions are whole 16-byte pieces (its columns feed its input gradient too; the others' rows
+    /// are padded, [`Pairing::column_row`]), and a 1x1x1 kernel of stride 1 (no columns: the wide map is the
     /// product's operand as it is), a transposed conv of at least [`UNFOLD_MIN_WIDE_CHANNELS`] wide channels (its
     /// kernel is its stride: the columns are the wide map rearranged, no bigger), a strided conv from as many with
     /// columns of at most [`GEMM_WGRAD_MAX_STRIDED_COLUMN_BYTES`], or bf16 columns of at most
@@ -2018,7 +2020,7 @@ impl Pairing {
             }
         };
         (taps > 1 || self.stride.iter().all(|&s| s == 1))
-            && positions % 8 == 0
+            && (positions % 8 == 0 || !self.transposed)
             && fits(self.c_wide * taps)
             && fits(positions)
             && self.batch * positions / WGRAD_MAX_SLICE < 65535
@@ -2041,8 +2043,18 @@ impl Pairing {
         self.weight_grad_of_columns(d, kernels, narrow, columns.as_ref().unwrap_or(wide), what)
     }
 
+    /// The length of the explicit weight gradient's operand rows: the narrow map's positions rounded up to whole
+    /// 16-byte pieces (the product copies 8 positions at a time and reads none past the positions: the padding is
+    /// never summed). Measured on the H100 (2026-12-07, ncu): amos-2d's 512-channel weight gradients at 10x10 (100
+    /// positions) and 5x5 ran on the mma.sync gathers for want of whole pieces, 0.123 ms of 0.162 at 10x10; padded
+    /// (same day, one call) 512 x 10x10 0.162 -> 0.105 ms, 1024 -> 512 at 20x20 0.273 -> 0.139, flare-3d's 320 x
+    /// 5x7x6 0.151 -> 0.096.
+    fn column_row(&self) -> usize {
+        self.narrow.iter().product::<usize>().next_multiple_of(8)
+    }
+
     /// The wide map's columns, col[n, (cw, a), o] = Xw[n, cw, o s + a - p] (0 outside the map), by conv.cu's
-    /// conv_im2col: taps times the narrow map's positions per wide channel.
+    /// conv_im2col: taps times the narrow map's positions per wide channel, each row [`Pairing::column_row`] long.
     fn columns<T: ConvElement>(
         &self,
         d: &KernelDims,
@@ -2050,7 +2062,8 @@ impl Pairing {
         wide: &GpuBuffer<T>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
-        let pieces = self.batch * self.c_wide * self.taps() * self.narrow.iter().product::<usize>() / 8;
+        let row = self.column_row();
+        let pieces = self.batch * self.c_wide * self.taps() * row / 8;
         let mut col = wide.gpu.alloc_of::<T>(8 * pieces, what)?;
         let params = ConvIm2colParams {
             src: wide.ptr(),
@@ -2060,6 +2073,8 @@ impl Pairing {
             kernel: d.k,
             stride: d.stride,
             pad: d.pad,
+            // At most the map's positions plus 7 (kernel_dims).
+            row: row as i32,
             pieces: pieces as i64,
         };
         wide.gpu.launch(kernels.im2col, grid_1d(pieces), &params, what)?;
@@ -2076,9 +2091,21 @@ impl Pairing {
         what: &str,
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
-        let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
+        let (taps, positions, row) = (self.taps(), self.narrow.iter().product::<usize>(), self.column_row());
         let (rows, cols) = (self.c_narrow, self.c_wide * taps);
-        let column_len = cols * positions;
+        // The operands' rows `row` long: the columns are written so; the narrow map, and a 1x1x1 conv's wide map
+        // (its own columns), are copied so where their rows are shorter.
+        let padded = |map: &GpuBuffer<T>, channels: usize| -> Result<Option<GpuBuffer<T>>> {
+            if row == positions {
+                return Ok(None);
+            }
+            let mut out = gpu.alloc_of::<T>(self.batch * channels * row, what)?;
+            copy_rows_gpu(map, &mut out, self.batch * channels, positions, (positions, 0), (row, 0), what)?;
+            Ok(Some(out))
+        };
+        let narrow_rows = padded(narrow, rows)?;
+        let wide_rows = if taps == 1 { padded(b, cols)? } else { None };
+        let (a, b) = (narrow_rows.as_ref().unwrap_or(narrow), wide_rows.as_ref().unwrap_or(b));
         let product = kernels.product.pick(gpu, rows, cols);
         let tiles = rows.div_ceil(GEMM_WGMMA_BM) * cols.div_ceil(product.1);
         let shared = gemm_wgmma_shared_bytes(product.1);
@@ -2094,13 +2121,13 @@ impl Pairing {
         // Every count below is at most a map's or the weight's elements, which kernel_dims and
         // gemm_wgrad_kernels bound.
         let params = GemmWgmmaParams {
-            a: narrow.ptr(),
+            a: a.ptr(),
             b: b.ptr(),
             c: out.ptr_mut(),
-            a_ld: positions as i64,
-            b_ld: positions as i64,
-            a_item: (rows * positions) as i64,
-            b_item: column_len as i64,
+            a_ld: row as i64,
+            b_ld: row as i64,
+            a_item: (rows * row) as i64,
+            b_item: (cols * row) as i64,
             m: rows as i32,
             n: cols as i32,
             k: positions as i32,
@@ -3011,7 +3038,7 @@ mod tests {
             ("flare-3d stage 0", pairing(2, 32, 32, [40, 224, 192], [1, 3, 3], one), false),
             ("flare-3d segmentation head", pairing(2, 32, 14, [40, 224, 192], one, one), true),
             ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], [1, 3, 3], one), true),
-            ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], [1, 3, 3], one), false),
+            ("amos-2d stage 5: 100 positions, rows of 104", pairing(12, 512, 512, [1, 10, 10], [1, 3, 3], one), true),
             ("flare-3d stage 4 entry, strided", pairing(2, 256, 320, [10, 28, 24], [3, 3, 3], [1, 2, 2]), true),
             ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], [3, 3, 3], [2, 2, 2]), true),
             (
@@ -3028,6 +3055,11 @@ mod tests {
             ("1x1x1 strided", pairing(2, 64, 32, [10, 28, 24], one, [1, 2, 2]), false),
             ("gpu_conv_wgrad_gemm strided", pairing(2, 21, 320, [5, 12, 16], [3, 3, 3], [1, 2, 2]), true),
             ("transposed: the columns are g rearranged", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), true),
+            (
+                "transposed, 25 positions: its columns feed dx too",
+                transposed(12, 512, 512, [1, 5, 5], [1, 2, 2]),
+                false,
+            ),
             ("gpu_conv_wgrad_gemm 3x3x3", pairing(2, 37, 330, [4, 6, 10], [3, 3, 3], one), true),
             ("gpu_conv_wgrad_gemm 1x1x1", pairing(2, 20, 9, [3, 6, 44], one, one), true),
             ("gpu_conv_wgrad_gemm 2D", pairing(3, 24, 320, [1, 18, 12], [1, 3, 3], one), true),
