@@ -167,6 +167,7 @@ fn rust_type(f: &header::Field, param: Option<&str>) -> String {
             };
             format!("{}<{t}>", if mutable { "MutPtr" } else { "ConstPtr" })
         }
+        FieldType::TensorMap => "TensorMap".to_string(),
     };
     match f.count {
         Some(n) => format!("[{elem}; {n}]"),
@@ -323,7 +324,7 @@ fn layout_check_cu(headers: &[(String, header::Header)]) -> String {
 /// Kernel files that use instructions of one chip only (wgmma: `sm_90a`). They are built for that chip's
 /// arch-specific target when the build is for sm_90 and left out otherwise; the engine loads them where the GPU takes
 /// them and routes to their kernels only then (src/device/cuda.rs, `Gpu::has_kernel`).
-const ARCH_SPECIFIC: &[&str] = &["conv_wgmma", "gemm_wgmma"];
+const ARCH_SPECIFIC: &[&str] = &["conv_tma", "conv_wgmma", "gemm_wgmma"];
 
 /// A source file's stem: `conv` for cuda/conv.cu.
 fn stem_of(src: &Path) -> String {

@@ -12,7 +12,7 @@ use cudarc::driver::{
 
 pub use cudarc::driver::LaunchConfig;
 
-use crate::device::params::{ConstPtr, Kernel, MutPtr};
+use crate::device::params::{ConstPtr, Kernel, MutPtr, TensorMap};
 use crate::{bail, Error, Result};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -341,6 +341,50 @@ impl Gpu {
             .occupancy_max_active_blocks_per_multiprocessor(block_threads, shared_mem_bytes as usize, None)
             .map_err(driver_err(format!("{}: occupancy ({shapes})", kernel.name())))?;
         Ok(per_sm as usize * self.multiprocessors)
+    }
+
+    /// The TMA descriptor of a bf16 tensor at `address` of `dims` elements per axis (innermost first; the innermost
+    /// contiguous) and `strides` bytes between consecutive indices of the other axes, copied in boxes of `boxes`
+    /// elements into shared memory with the 128-byte swizzle (the innermost box row must be 128 bytes: 64 elements),
+    /// zeros where a box reaches outside the tensor. The driver checks the rest (address and strides multiples of 16
+    /// bytes, at most 5 axes, boxes of at most 256 per axis) and its refusal names `what`.
+    pub fn tensor_map_bf16(
+        &self,
+        address: u64,
+        dims: &[u64],
+        strides: &[u64],
+        boxes: &[u32],
+        what: &str,
+    ) -> Result<TensorMap> {
+        use cudarc::driver::sys;
+        let rank = dims.len();
+        if strides.len() + 1 != rank || boxes.len() != rank || boxes[0] != 64 {
+            bail!(Device, "{what}: a tensor map of {dims:?} / {strides:?} / boxes {boxes:?} is malformed");
+        }
+        let ones = [1u32; 5];
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        // SAFETY: every array holds `rank` (strides rank - 1) entries, as the call reads; the map is written by the
+        // driver and copied out.
+        let result = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                rank as u32,
+                address as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                ones.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        result.result().map_err(driver_err(format!(
+            "{what}: the tensor map of {dims:?} elements, strides {strides:?} bytes, boxes {boxes:?}"
+        )))?;
+        Ok(TensorMap(map.opaque))
     }
 
     /// The device address of `memory` (a buffer, a slice or a view of one) for a kernel to read.

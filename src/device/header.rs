@@ -9,10 +9,15 @@
 //!   template <typename T> struct Name { ... };     the same, generic over a storage type T (pointers to T)
 //!   extern "C" __global__ void kernel(const Name p);          the kernels taking it, by value
 //!   extern "C" __global__ void kernel(const Name<float> p);   (a generic struct, instantiated)
+//!   extern "C" __global__ void kernel(const __grid_constant__ Name p);   (a struct holding tensor maps)
 //!
 //!   FIELD:  int a  |  int64_t b  |  float c  |  double d  |  int e[3]  |  int64_t f[NAME]
 //!           const float* x  |  float* y    (pointers to int, int64_t, float, double, __nv_bfloat16 or T)
+//!           CUtensorMap m   (cuda.h's TMA descriptor: 128 opaque bytes aligned to 128 (CUDA 13), Rust `TensorMap`)
 //! ```
+//!
+//! A kernel whose struct holds a `CUtensorMap` takes it `const __grid_constant__`: the tensor copies read the map
+//! where the launch put it, in the parameter space, which only a grid-constant parameter lets them address.
 //!
 //! The `//` lines right above an item or field (no blank line between) and a `//` comment after a field on its line
 //! are its documentation. Anything else (block comments, `#define`, other types, `unsigned`, `__restrict__`) is an
@@ -89,6 +94,8 @@ pub enum FieldType {
         /// Whether the pointer is to non-const memory.
         mutable: bool,
     },
+    /// cuda.h's `CUtensorMap`: the descriptor of a tensor that TMA copies read (128 bytes, aligned to 128).
+    TensorMap,
 }
 
 impl FieldType {
@@ -97,6 +104,7 @@ impl FieldType {
         match self {
             FieldType::Scalar(s) => s.size(),
             FieldType::Ptr { .. } => 8,
+            FieldType::TensorMap => 128,
         }
     }
 }
@@ -445,6 +453,10 @@ impl Parser<'_> {
                 let name = self.ident("the kernel's name")?;
                 self.punct('(')?;
                 self.keyword("const")?;
+                let grid_constant = self.peek() == Some(&Tok::Ident("__grid_constant__".into()));
+                if grid_constant {
+                    self.at += 1;
+                }
                 let params = self.ident("the parameter struct")?;
                 let Some(s) = self.header.structs.iter().chain(self.included).find(|s| s.name == params) else {
                     return self.err(format!(
@@ -452,6 +464,14 @@ impl Parser<'_> {
                     ));
                 };
                 let generic = s.param.is_some();
+                let maps = s.fields.iter().any(|f| f.ty == FieldType::TensorMap);
+                if maps != grid_constant {
+                    return self.err(format!(
+                        "`{params}` {}: declare the parameter {}",
+                        if maps { "holds a CUtensorMap" } else { "holds no CUtensorMap" },
+                        if maps { "`const __grid_constant__`" } else { "without __grid_constant__" }
+                    ));
+                }
                 let arg = if self.peek() == Some(&Tok::Punct('<')) {
                     self.at += 1;
                     let t = self.ident("a type argument")?;
@@ -508,6 +528,16 @@ impl Parser<'_> {
                 self.at += 1;
             }
             let ty_name = self.ident("a field type")?;
+            if ty_name == "CUtensorMap" && !is_const {
+                let field = self.ident("a field name")?;
+                if fields.iter().any(|f| f.name == field) {
+                    return self.err(format!("field `{field}` is declared twice"));
+                }
+                self.punct(';')?;
+                doc.extend(self.trailing_doc());
+                fields.push(Field { name: field, ty: FieldType::TensorMap, count: None, doc });
+                continue;
+            }
             let pointee = if Some(&ty_name) == param.as_ref() {
                 Pointee::Param
             } else {
@@ -708,6 +738,22 @@ extern "C" __global__ void gen_f32(const Gen<float> p);
         assert_eq!(g.fields[0].ty, FieldType::Ptr { pointee: Pointee::Param, mutable: false });
         assert_eq!(layout(g), Layout { size: 16, align: 8, offsets: vec![0, 8] });
         assert_eq!(h.kernels[1].arg, Some(Scalar::F32));
+    }
+
+    /// A tensor map is 128 bytes aligned to 128, and its struct's kernels take it `const __grid_constant__`.
+    #[test]
+    fn tensor_maps_are_aligned_and_grid_constant() {
+        let text = "struct M {\n  int a;\n  CUtensorMap map;\n  float* y;\n};\n\
+                    extern \"C\" __global__ void k(const __grid_constant__ M p);";
+        let h = parse("m.cuh", text).unwrap();
+        assert_eq!(h.structs[0].fields[1].ty, FieldType::TensorMap);
+        assert_eq!(layout(&h.structs[0]), Layout { size: 384, align: 128, offsets: vec![0, 128, 256] });
+        let plain = text.replace("const __grid_constant__ M", "const M");
+        let e = parse("m.cuh", &plain).unwrap_err();
+        assert!(e.message.contains("`const __grid_constant__`"), "{e}");
+        let e = parse("n.cuh", "struct N { int a; };\nextern \"C\" __global__ void k(const __grid_constant__ N p);")
+            .unwrap_err();
+        assert!(e.message.contains("holds no CUtensorMap"), "{e}");
     }
 
     /// Each error names the file and the line of the offending text.

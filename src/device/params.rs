@@ -110,6 +110,12 @@ macro_rules! device_pointer {
 device_pointer!(ConstPtr);
 device_pointer!(MutPtr);
 
+/// cuda.h's `CUtensorMap` (`CUtensorMap m` in a header): the opaque descriptor of a tensor in device memory that a
+/// kernel's TMA copies read boxes of, made by the driver ([`Gpu::tensor_map_bf16`]); zero (no tensor) by default.
+#[repr(C, align(128))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TensorMap(pub [u64; 16]);
+
 /// A kernel of `cuda/*.cu` by name, typed by the parameter struct it takes (see [`kernel`]).
 pub struct Kernel<P> {
     name: &'static str,

@@ -59,7 +59,11 @@
 //! channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D maps), and such a conv's
 //! input-gradient stride phases into more than 32 channels from one tap up, run there as implicit matrix
 //! products, each position's row gathered tap by tap from the copy (cuda/gemm_wgmma.cu, `implicit_suits`,
-//! `launch_implicit`). The weight gradients of 1x1x1 kernels, of at least 320 narrow channels on small maps, of
+//! `launch_implicit`). The bf16 stride-1 weight gradients of 3x3 kernels (1x3x3, and 3x3x3 into more than 64
+//! channels) between maps of at least 64 channels run on sm_90 as warpgroup products over boxes that the TMA unit
+//! copies from channels-last copies of both maps, a tap's box its corner shifted by the tap (cuda/conv_tma.cu,
+//! `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`). The other weight gradients of 1x1x1 kernels, of at least
+//! 320 narrow channels on small maps, of
 //! one-channel inputs and of strided convs from 64 wide channels run as one explicit product over the wide map's
 //! columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
 //! a transposed conv's backward from 64 wide channels unfolds g into such columns once (its kernel is its stride:
@@ -96,14 +100,16 @@ use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConstPtr, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams,
     ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvTransposeWgmmaParams, ConvWeightFlipParams,
-    ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel,
-    SumSlicesParams, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
-    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
-    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
-    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_WGMMA_BN,
-    CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES,
-    CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS,
-    GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams, ConvWgradTmaParams, ConvWgradTmaSumParams,
+    ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, TensorMap, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM,
+    CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
+    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
+    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
+    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS, CONV_TMA_POSITIONS, CONV_TMA_SHARED_BYTES_M128,
+    CONV_TMA_SHARED_BYTES_M64, CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
+    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X,
+    CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK,
+    GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -1416,6 +1422,9 @@ pub(crate) trait ConvElement: GpuElement {
     const POINTWISE: Option<[PointwiseKernels<Self>; 3]>;
     /// The wgmma kernels of the conv's weight gradient, if the type has them, one per [`WGMMA_GEOMETRIES`] entry.
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
+    /// The TMA kernels of the conv's weight gradient (cuda/conv_tma.cu), if the type has them: 3x3x3 and 1x3x3 in
+    /// blocks of 128 narrow channels, 1x3x3 in blocks of 64.
+    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
@@ -1517,6 +1526,7 @@ impl ConvElement for f32 {
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
     const POINTWISE: Option<[PointwiseKernels<f32>; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
+    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
     const TRANSPOSE_FPROP_WGMMA: Option<Kernel<ConvTransposeWgmmaParams<f32>>> = None;
@@ -1638,6 +1648,11 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z4,
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
+    ]);
+    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]> = Some([
+        kernel::conv_wgrad_tma_bf16_k333_m128,
+        kernel::conv_wgrad_tma_bf16_k133_m128,
+        kernel::conv_wgrad_tma_bf16_k133_m64,
     ]);
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> = Some(GemmWgrad {
         im2col: kernel::conv_im2col_bf16,
@@ -1883,6 +1898,9 @@ impl Pairing {
     ) -> Result<GpuBuffer> {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
+        if let Some(tma) = self.tma_wgrad_kernel::<T>(gpu) {
+            return self.weight_grad_tma(tma, narrow, wide, what);
+        }
         if let Some(kernels) = self.gemm_wgrad_kernels(gpu, narrow, wide) {
             return self.weight_grad_gemm(&d, kernels, narrow, wide, what);
         }
@@ -1928,6 +1946,116 @@ impl Pairing {
             }
         }
         sum_slices(gpu, out, slices, numel, what)
+    }
+
+    /// Whether the TMA weight gradient of cuda/conv_tma.cu takes this pairing, and in blocks of how many narrow
+    /// channels: a stride-1 conv (not transposed) between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels whose
+    /// channels-last copies have 32-bit element counts per batch item ([`channels_last`]), of a 1x3x3 kernel (a 2D
+    /// 3x3 is 1x3x3), in blocks of 64 narrow channels where there are at most 64 (a 128-row tile would be half empty),
+    /// else 128, or of a 3x3x3 kernel into more than 64 channels, in blocks of 128. Measured on the H100 (2026-12-07,
+    /// one call, every flare-3d and amos-2d weight gradient it took against the kernels before it): faster on 20 of
+    /// 22 shapes (flare-3d 256 x 10x28x24 0.431 -> 0.199 ms, 128 x 20x56x48 0.561 -> 0.301, 256 -> 128 at 20x56x48
+    /// 0.924 -> 0.480; amos-2d 256 x 40x40 0.254 -> 0.111, 64 x 160x160 0.248 -> 0.207), slower on flare-3d's two
+    /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
+    /// channels-last copies of 110 and 220 MB cost more than the products saved; those stay on the halo wgmma kernel.
+    fn tma_wgrad_rows(&self) -> Option<usize> {
+        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
+        let suits = !self.transposed
+            && self.stride == [1, 1, 1]
+            && self.c_narrow.min(self.c_wide) >= TMA_WGRAD_MIN_CHANNELS
+            && channels_last_fits(self.c_narrow, voxels(self.narrow))
+            && channels_last_fits(self.c_wide, voxels(self.wide));
+        match (self.k, self.c_narrow <= 64) {
+            _ if !suits => None,
+            ([3, 3, 3], false) | ([1, 3, 3], false) => Some(128),
+            ([1, 3, 3], true) => Some(64),
+            _ => None,
+        }
+    }
+
+    /// The TMA weight-gradient kernel for this pairing on `gpu` and its narrow channels per block, if the type has
+    /// it, the GPU loaded it (sm_90) and it takes the pairing ([`Pairing::tma_wgrad_rows`]).
+    fn tma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<(Kernel<ConvWgradTmaParams>, usize)> {
+        let [k333, k133, k133_m64] = T::TMA_WGRAD?;
+        let rows = self.tma_wgrad_rows()?;
+        let kernel = match (self.k[0], rows) {
+            (3, _) => k333,
+            (_, 128) => k133,
+            _ => k133_m64,
+        };
+        gpu.has_kernel(kernel).then_some((kernel, rows))
+    }
+
+    /// [`Pairing::weight_grad`] on the TMA kernel `kernel`: both maps copied channels last, each described to the TMA
+    /// unit by a tensor map of boxes of 64 channels x 64 positions ([`tma_box`]), the k-blocks (boxes of narrow
+    /// positions) dealt in equal runs to the slices ([`tma_slices`]), the slices summed in order into dW's layout.
+    fn weight_grad_tma<T: ConvElement>(
+        &self,
+        (kernel, rows): (Kernel<ConvWgradTmaParams>, usize),
+        narrow: &GpuBuffer<T>,
+        wide: &GpuBuffer<T>,
+        what: &str,
+    ) -> Result<GpuBuffer> {
+        let gpu = &narrow.gpu;
+        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
+        let (box_x, box_y) = tma_box(self.narrow[2], self.narrow[1]);
+        // Axes (channels rounded up to 8, x, y, z, batch item), strides in bytes.
+        let map = |src: &GpuBuffer<T>, channels: usize, size: [usize; 3]| -> Result<(GpuBuffer<T>, TensorMap)> {
+            let last = channels_last(gpu, src.ptr(), self.batch, channels, voxels(size), what)?;
+            let row = channels.next_multiple_of(8) as u64;
+            let [d, h, w] = size.map(|v| v as u64);
+            let dims = [row, w, h, d, self.batch as u64];
+            let strides = [2 * row, 2 * row * w, 2 * row * w * h, 2 * row * w * h * d];
+            let boxes = [64, box_x as u32, box_y as u32, 1, 1];
+            let map = gpu.tensor_map_bf16(last.ptr().address(), &dims, &strides, &boxes, what)?;
+            Ok((last, map))
+        };
+        let (_narrow_last, narrow_map) = map(narrow, self.c_narrow, self.narrow)?;
+        let (_wide_last, wide_map) = map(wide, self.c_wide, self.wide)?;
+        let (x_blocks, y_blocks) = (self.narrow[2].div_ceil(box_x), self.narrow[1].div_ceil(box_y));
+        let kblocks = self.batch * self.narrow[0] * y_blocks * x_blocks;
+        let (row_tiles, col_tiles) =
+            (self.c_narrow.div_ceil(rows), self.c_wide.div_ceil(CONV_TMA_COLS) * self.k[0] * 3);
+        let (per_slice, slices) = tma_slices(row_tiles * col_tiles, kblocks, gpu.multiprocessors());
+        let (pairs, taps) = (self.c_narrow * self.c_wide, self.taps());
+        let mut partial = gpu.alloc(slices * pairs * taps, what)?;
+        // Every count is at most a map's elements per batch item, which tma_wgrad_kernel bounds.
+        let params = ConvWgradTmaParams {
+            narrow_map,
+            wide_map,
+            partial: partial.ptr_mut(),
+            c_narrow: self.c_narrow as i32,
+            c_wide: self.c_wide as i32,
+            depth: self.narrow[0] as i32,
+            pad: self.pad.map(|v| v as i32),
+            box_x: box_x as i32,
+            box_y: box_y as i32,
+            x_blocks: x_blocks as i32,
+            y_blocks: y_blocks as i32,
+            kblocks: kblocks as i32,
+            kblocks_per_slice: per_slice as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (row_tiles as u32, col_tiles as u32, slices as u32),
+            block_dim: (CONV_TMA_THREADS as u32, 1, 1),
+            shared_mem_bytes: if rows == 128 { CONV_TMA_SHARED_BYTES_M128 } else { CONV_TMA_SHARED_BYTES_M64 } as u32,
+        };
+        gpu.launch(kernel, cfg, &params, what)?;
+        let mut out = gpu.alloc(pairs * taps, what)?;
+        let sum = ConvWgradTmaSumParams {
+            partial: partial.ptr(),
+            out: out.ptr_mut(),
+            pairs: pairs as i64,
+            taps: taps as i32,
+            slices: slices as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (pairs.div_ceil(CONV_TMA_SUM_PAIRS) as u32, 1, 1),
+            block_dim: (CONV_TMA_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        gpu.launch(kernel::conv_wgrad_tma_sum, cfg, &sum, what)?;
+        Ok(out)
     }
 
     /// Whether the halo wgmma products of pass `which` read their source from its channels-last copy ([`SourceLast`])
@@ -2428,6 +2556,37 @@ fn launch_gemm_wgmma<T: GpuElement>(
 ) -> Result<()> {
     let cfg = gemm_wgmma_config(params.m as usize, params.n as usize, columns, slices);
     gpu.launch(kernel, cfg, params, what)
+}
+
+/// The fewest channels on either side of a conv whose weight gradient runs on the TMA kernel
+/// ([`Pairing::tma_wgrad_kernel`]): its boxes are 64 channels wide.
+const TMA_WGRAD_MIN_CHANNELS: usize = 64;
+
+/// The fewest k-blocks of a slice of the TMA weight gradient ([`tma_slices`]).
+const TMA_MIN_SLICE: usize = 16;
+
+/// The box of narrow positions (box_x along x, box_y along y, [`CONV_TMA_POSITIONS`] in all) of the TMA weight
+/// gradient over a map `width` x `height`: of the shapes from 64 x 1 to 1 x 64, the one that covers the map in the
+/// fewest boxes (the positions past the map are zeros the products still multiply), the widest of equals.
+fn tma_box(width: usize, height: usize) -> (usize, usize) {
+    let shapes = (0..7).map(|i| (CONV_TMA_POSITIONS >> i, 1usize << i));
+    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("seven shapes")
+}
+
+/// The slices of the TMA weight gradient's `kblocks` among `tiles` blocks each, on `multiprocessors` that hold one
+/// block at a time: (k-blocks per slice, slices). Of 1 to 64 slices, the count whose blocks fill their waves best, the
+/// fewest of equals: each slice adds a partial sum of dW to write and add (a block's sums are as many bytes as 2.4
+/// k-blocks of its boxes), so a slice has at least [`TMA_MIN_SLICE`] k-blocks. (The few tiles of a large map of 64
+/// channels, 9 of 3x3x3, need dozens of slices to fill the GPU.)
+fn tma_slices(tiles: usize, kblocks: usize, multiprocessors: usize) -> (usize, usize) {
+    let most = (kblocks / TMA_MIN_SLICE).clamp(1, 64);
+    let fill = |s: usize| {
+        let blocks = tiles * s;
+        blocks as f64 / (blocks.div_ceil(multiprocessors) * multiprocessors) as f64
+    };
+    let best = (1..=most).fold(1, |best, s| if fill(s) > fill(best) + 1e-9 { s } else { best });
+    let per_slice = kblocks.div_ceil(best);
+    (per_slice, kblocks.div_ceil(per_slice))
 }
 
 /// The weight gradient from its `slices` partial sums of `numel` each: `partial` itself for one slice, else their
@@ -3070,6 +3229,40 @@ mod tests {
         for (name, p, want) in cases {
             assert_eq!(p.gemm_wgrad_suits(), want, "{name}: {p:?}");
         }
+    }
+
+    /// The TMA weight gradient takes the stride-1 3x3 convs it was measured faster on, in blocks of 64 narrow channels
+    /// where there are no more; its boxes cover a map in the fewest k-blocks and its slices fill the GPU's waves; the
+    /// GPU tests' shapes (tests/gpu_conv.rs) fall on the side their names say.
+    #[test]
+    fn tma_weight_gradient_takes_the_shapes_it_pays_on() {
+        let (one, k333, k133) = ([1, 1, 1], [3, 3, 3], [1, 3, 3]);
+        let cases = [
+            ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), Some(128)),
+            ("flare-3d decoder stage 2", pairing(2, 256, 128, [20, 56, 48], k333, one), Some(128)),
+            ("flare-3d stage 1: 3x3x3 into 64", pairing(2, 64, 64, [40, 112, 96], k333, one), None),
+            ("flare-3d decoder stage 3: 3x3x3 into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), None),
+            ("flare-3d stage 0: 32 channels", pairing(2, 32, 32, [40, 224, 192], k133, one), None),
+            ("amos-2d stage 1: 64 rows", pairing(12, 64, 64, [1, 160, 160], k133, one), Some(64)),
+            ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], k133, one), Some(128)),
+            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), None),
+            ("transposed", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), None),
+            ("1x1x1", pairing(2, 256, 128, [10, 28, 24], one, one), None),
+            ("gpu_conv_wgrad_tma 3x3x3", pairing(2, 65, 67, [3, 6, 10], k333, one), Some(128)),
+            ("gpu_conv_wgrad_tma 1x3x3", pairing(1, 64, 130, [2, 9, 20], k133, one), Some(128)),
+            ("gpu_conv_wgrad_tma 2D, 64 rows", pairing(2, 96, 64, [1, 40, 48], k133, one), Some(64)),
+            ("gpu_conv_wgrad_gemm 3x3x3 48 -> 320", pairing(2, 48, 320, [4, 6, 10], k333, one), None),
+            ("gpu_conv_wgrad_wgmma 3x3x3", pairing(1, 24, 70, [5, 20, 96], k333, one), None),
+        ];
+        for (name, p, want) in cases {
+            assert_eq!(p.tma_wgrad_rows(), want, "{name}: {p:?}");
+        }
+        // 10 x 6 in 16 x 4 boxes (2 k-blocks, as 8 x 8); 24 x 28 in 8 x 8 (12); 12 x 14 in 4 x 16 (3).
+        assert_eq!([tma_box(10, 6), tma_box(24, 28), tma_box(12, 14)], [(16, 4), (8, 8), (4, 16)]);
+        // flare-3d stage 3: 72 tiles, 240 k-blocks: 11 slices of 22 fill 6 waves of 132; stage 5's 20 k-blocks
+        // are one slice.
+        assert_eq!(tma_slices(72, 240, 132), (22, 11));
+        assert_eq!(tma_slices(135, 20, 132), (20, 1));
     }
 
     /// The explicit forward and input gradient take the shapes they were measured faster on (512 and more source

@@ -356,6 +356,46 @@ API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned
     emu::launch(k->name, k->fn, params, make_uint3(gx, gy, gz), make_uint3(bx, by, bz), smem);
     return CUDA_SUCCESS;
 }
+// Checks what the driver checks (PTX ISA and the driver API's requirements for tiled maps) for the maps the kernels
+// make: no interleave, element strides of 1, the 128-byte swizzle or none.
+API cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* address,
+                           const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                           const cuuint32_t* element_strides, CUtensorMapInterleave interleave,
+                           CUtensorMapSwizzle swizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill fill) {
+    int elem = 0;
+    switch (type) {
+        case CU_TENSOR_MAP_DATA_TYPE_BFLOAT16:
+        case CU_TENSOR_MAP_DATA_TYPE_FLOAT16:
+        case CU_TENSOR_MAP_DATA_TYPE_UINT16: elem = 2; break;
+        case CU_TENSOR_MAP_DATA_TYPE_FLOAT32: elem = 4; break;
+        default: return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if ((uintptr_t)map % 64 || rank < 1 || rank > 5 || (uintptr_t)address % 16 || interleave != CU_TENSOR_MAP_INTERLEAVE_NONE ||
+        (swizzle != CU_TENSOR_MAP_SWIZZLE_NONE && swizzle != CU_TENSOR_MAP_SWIZZLE_128B) ||
+        fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+        return CUDA_ERROR_INVALID_VALUE;
+    emu::TensorMap m{};
+    m.magic = emu::TENSOR_MAP_MAGIC;
+    m.address = (uint64_t)address;
+    m.rank = rank;
+    m.swizzle_bytes = swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? 128 : 0;
+    m.elem = elem;
+    for (cuuint32_t i = 0; i < rank; ++i) {
+        if (dims[i] == 0 || dims[i] > (1ull << 32) || box[i] == 0 || box[i] > 256 || element_strides[i] != 1)
+            return CUDA_ERROR_INVALID_VALUE;
+        m.dims[i] = dims[i];
+        m.box[i] = box[i];
+        if (i > 0) {
+            if (strides[i - 1] % 16 || strides[i - 1] >= (1ull << 40)) return CUDA_ERROR_INVALID_VALUE;
+            m.strides[i - 1] = strides[i - 1];
+        }
+    }
+    const uint64_t row = (uint64_t)box[0] * elem;
+    if (row % 16 || (m.swizzle_bytes && row > m.swizzle_bytes)) return CUDA_ERROR_INVALID_VALUE;
+    memset(map, 0, sizeof *map);
+    memcpy(map, &m, sizeof m);
+    return CUDA_SUCCESS;
+}
 API cuLaunchHostFunc(CUstream, CUhostFn fn, void* data) {
     fn(data);
     return CUDA_SUCCESS;

@@ -147,6 +147,17 @@ void syncthreads() {
     yield();
 }
 
+void spin(const char* what) {
+    // A thread that waits on memory the others will write (an mbarrier phase) lets them run; a block whose threads
+    // have waited 100 million times is taken to wait forever.
+    static uint3 block = {~0u, ~0u, ~0u};
+    static long spins = 0;
+    if (block.x != block_idx.x || block.y != block_idx.y || block.z != block_idx.z) spins = 0;
+    block = block_idx;
+    if (++spins > 100000000) trap(what);
+    yield();
+}
+
 void group(int size, const char* op, void* ctx, void (*complete)(void**, const bool*, int)) {
     const int lane = current->linear % size, index = current->linear / size;
     Group& g = groups_of(size)[index];

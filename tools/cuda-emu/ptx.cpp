@@ -183,6 +183,58 @@ void complete_wgmma(void** ctx, const bool* present, int) {
     }
 }
 
+// An mbarrier as the emulator keeps it in its 8 bytes of shared memory: arrivals still expected this phase, the count
+// each phase starts with, bytes still expected from copies, and the phase's parity.
+struct Mbarrier {
+    uint16_t pending, count;
+    uint32_t tx : 31, phase : 1;
+};
+static_assert(sizeof(Mbarrier) == 8, "an mbarrier is 8 bytes");
+Mbarrier* mbarrier_at(uint32_t at) {
+    if (at % 8) trap("an mbarrier not 8-byte aligned");
+    return (Mbarrier*)shared_at(at, 8);
+}
+// The phase completes when every arrival and every expected byte has come: the next begins.
+void mbarrier_step(Mbarrier* b) {
+    if (b->pending == 0 && b->tx == 0) {
+        b->phase ^= 1;
+        b->pending = b->count;
+    }
+}
+
+// cp.async.bulk.tensor, tile mode: the box of the map at coordinates c into shared memory at dst (dense, innermost
+// axis fastest, each 16-byte piece of a 128-byte row at piece ^ (row % 8) with the 128-byte swizzle), zeros where
+// the box leaves the tensor; then its bytes complete on the mbarrier.
+void tensor_copy(uint32_t dst, const TensorMap* m, const int* c, int rank, uint32_t bar) {
+    if (m->magic != TENSOR_MAP_MAGIC) trap("cp.async.bulk.tensor: not a tensor map made by cuTensorMapEncodeTiled");
+    if ((int)m->rank != rank) trap("cp.async.bulk.tensor: the instruction's rank is not the map's");
+    if (dst % (m->swizzle_bytes ? 1024 : 128)) trap("cp.async.bulk.tensor: shared destination misaligned");
+    uint64_t count = 1;
+    for (int i = 0; i < rank; ++i) count *= m->box[i];
+    const uint32_t bytes = (uint32_t)(count * m->elem);
+    unsigned char* out = shared_at(dst, (int)bytes);
+    for (uint64_t e = 0; e < count; ++e) {
+        uint64_t rest = e, at = m->address;
+        bool inside = true;
+        for (int i = 0; i < rank; ++i) {
+            const int64_t x = (int64_t)c[i] + (int64_t)(rest % m->box[i]);
+            rest /= m->box[i];
+            inside = inside && x >= 0 && (uint64_t)x < m->dims[i];
+            at += (uint64_t)x * (i == 0 ? m->elem : m->strides[i - 1]);
+        }
+        uint32_t off = (uint32_t)(e * m->elem);
+        if (m->swizzle_bytes) off ^= ((dst + off) >> 7 & 7) << 4;
+        if (inside)
+            memcpy(out + off, (const void*)at, m->elem);
+        else
+            memset(out + off, 0, m->elem);
+    }
+    Mbarrier* b = mbarrier_at(bar);
+    if (b->tx < bytes) trap("cp.async.bulk.tensor: more bytes than the mbarrier expects");
+    b->tx -= bytes;
+    mbarrier_step(b);
+}
+
 bool has(const char* tmpl, const char* what) { return strstr(tmpl, what) != nullptr; }
 int shape_n(const char* tmpl) {
     const char* p = strstr(tmpl, ".m64n");
@@ -215,6 +267,30 @@ void ptx(const char* tmpl, std::initializer_list<Operand> list) {
                has(tmpl, "wgmma.fence") || has(tmpl, "wgmma.commit_group") || has(tmpl, "wgmma.wait_group") ||
                has(tmpl, "fence.proxy.async")) {
         // Every copy and product was done when issued.
+    } else if (has(tmpl, "mbarrier.init.shared")) {
+        Mbarrier* b = mbarrier_at(reg(ops, 0));
+        const uint32_t n = reg(ops, 1);
+        if (n == 0 || n > 0xffff) trap("mbarrier.init: an arrival count the emulator does not keep");
+        *b = Mbarrier{(uint16_t)n, (uint16_t)n, 0, 0};
+    } else if (has(tmpl, "fence.mbarrier_init")) {
+        // The barriers were written when initialised.
+    } else if (has(tmpl, "mbarrier.arrive.expect_tx.shared")) {
+        Mbarrier* b = mbarrier_at(reg(ops, 0));
+        if (b->pending == 0) trap("mbarrier.arrive: more arrivals than the barrier counts");
+        b->tx += reg(ops, 1);
+        --b->pending;
+        mbarrier_step(b);
+    } else if (has(tmpl, "mbarrier.try_wait.parity.shared")) {
+        const uint32_t bar = reg(ops, 1), parity = reg(ops, 2) & 1;
+        const bool ready = mbarrier_at(bar)->phase != parity;
+        set(ops, 0, ready ? 1 : 0);
+        if (!ready) spin("an mbarrier phase that never completes (a copy never issued, or bytes never expected)");
+    } else if (has(tmpl, "cp.async.bulk.tensor.") && has(tmpl, ".tile.mbarrier::complete_tx::bytes")) {
+        const int rank = atoi(strstr(tmpl, "cp.async.bulk.tensor.") + 21);
+        if (count != rank + 3) trap("cp.async.bulk.tensor: unexpected operand count");
+        int c[5];
+        for (int i = 0; i < rank; ++i) c[i] = (int)reg(ops, 2 + i);
+        tensor_copy(reg(ops, 0), (const TensorMap*)in_bits(ops, 1), c, rank, reg(ops, 2 + rank));
     } else if (has(tmpl, "ldmatrix.sync.aligned.m8n8")) {
         Ldmatrix l{};
         l.count = has(tmpl, ".x4") ? 4 : has(tmpl, ".x2") ? 2 : 1;

@@ -1,0 +1,224 @@
+// The weight gradient of a stride-1 convolution as warpgroup products over boxes that the TMA unit copies from
+// channels-last maps (formula and parameters in conv_tma.cuh):
+//
+//   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, o + a - pad, cw]
+//
+// a GEMM per tap with the positions as its reduction: m = cn, n = cw, k = o.
+// - Why TMA: the halo kernels of conv_wgmma.cu load channels-first maps element by element (16 loads per voxel of 16
+//   channels) and shift the halo by a tap within shared memory; here a tap's operand is a box of the wide map whose
+//   corner is shifted by the tap, and the TMA unit copies it with one instruction, zeros outside the map (the padding)
+//   included. In a channels-last map a position is a row of 64 channels (128 bytes), so a box of 64 positions is 64
+//   such rows whatever the shift: no sector is read for less than its bytes.
+// - A block owns ROWS narrow channels, 64 wide channels and one row of taps (az, ay, ax = 0..2), and sums over its
+//   slice of k-blocks: per k-block (64 positions, box_x x box_y of one slice z of one item) the narrow boxes (ROWS / 64
+//   of 64 channels) and the three wide boxes of its taps are one stage (40 or 32 KB). In shared memory a box is 64 rows
+//   (positions, in box order) of 64 channels with the 128-byte swizzle, which is wgmma's MN-major operand layout for m
+//   (narrow) and n (wide) alike: per k-step of 16 positions one m64n64k16 per tap. ROWS 128: warpgroup g takes narrow
+//   box g and every k-step; ROWS 64 (maps of at most 64 narrow channels, which would leave half of a 128-row tile
+//   empty): both take the one narrow box, warpgroup g k-steps 2 g and 2 g + 1, and the second's sums are added to the
+//   first's at the end.
+// - Pipeline: thread 0 puts CONV_TMA_STAGES k-blocks in flight, each stage's copies completing its barrier (expected
+//   bytes, PTX mbarrier); the warpgroups wait on a stage's barrier, issue its 12 products, and once the previous
+//   k-block's products are done (wgmma wait 1) and both warpgroups are past them (a block barrier) thread 0 refills
+//   that stage with the k-block CONV_TMA_STAGES further on.
+// - A block writes its sums tap by tap as whole rows of 64 wide channels, partial[slice, a, cn, cw], and
+//   conv_wgrad_tma_sum adds the slices in order into dW[cn, cw, a] (written in dW's order, each tap's element a
+//   separate 4-byte store, the weight gradient of a deep 3D stage took 0.27 ms for 1.2 GFLOP: ncu, 13.8 million sector
+//   writes). Each output is one sum in a fixed order: results do not depend on scheduling.
+//
+// Cost: 2 prod(taps) c_narrow c_wide FLOPs per narrow position; per block and k-block 40 KB of boxes (from L2: a
+// wide position is read by 3 x 3 tap rows x its column tiles).
+#include "common.cuh"
+#include "conv_tma.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+constexpr int THREADS = CONV_TMA_THREADS, STAGES = CONV_TMA_STAGES, BOX = CONV_TMA_BOX_BYTES;
+constexpr int TAPS_X = CONV_TMA_TAPS_X, KSTEPS = CONV_TMA_POSITIONS / 16;
+// The most taps of a kernel here (3x3x3), for conv_wgrad_tma_sum's staging.
+constexpr int KZ_MAX_TAPS = 27;
+static_assert(CONV_TMA_COLS == 64 && THREADS == 256, "two warpgroups of m64, one n64 per tap");
+static_assert(CONV_TMA_POSITIONS % 16 == 0 && BOX % 1024 == 0, "whole k-steps; boxes on swizzle atoms");
+
+// The PTX barrier of a stage (mbarrier: an arrival count and a count of bytes still expected; a phase completes when
+// both reach zero, and its parity flips).
+__device__ __forceinline__ void barrier_init(uint32_t bar, int arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+// Publishes the initialised barriers to the TMA unit (the async proxy).
+__device__ __forceinline__ void barrier_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` to come from copies completing on the barrier.
+__device__ __forceinline__ void barrier_expect(uint32_t bar, int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void barrier_wait(uint32_t bar, int parity) {
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+// The box of `map` whose first element is at coordinates (c0 .. c4) into shared memory at dst, completing `bar`.
+__device__ __forceinline__ void copy_box(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, int c4,
+                                         uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+        "%6}], [%7];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+        : "memory");
+}
+
+// The MN-major descriptor of k-step s of a box at shared address `at`: rows of 64 channels, 8-row atoms 1024 bytes
+// apart along k (one 64-wide block along m or n: its offset is never used).
+__device__ __forceinline__ uint64_t box_operand(uint32_t at, int s) {
+    return wgmma::descriptor_sw128(at + 2 * 1024 * s, 1024, BOX);
+}
+
+}  // namespace
+
+template <int KZ, int ROWS>
+__device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
+    constexpr int NARROW = ROWS / 64, STAGE = (NARROW + TAPS_X) * BOX;
+    constexpr int SHARED = ROWS == 128 ? CONV_TMA_SHARED_BYTES_M128 : CONV_TMA_SHARED_BYTES_M64;
+    static_assert((ROWS == 128 || ROWS == 64) && STAGES * STAGE + 1024 + 8 * STAGES == SHARED, "the header's sizes");
+    // Warpgroup g's k-steps of a k-block: all of them (ROWS 128), or its half (ROWS 64).
+    constexpr int STEPS = ROWS == 128 ? KSTEPS : KSTEPS / 2;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t base = (raw + 1023) & ~1023u, bars = base + STAGES * STAGE;
+    const int t = threadIdx.x, group = t >> 7;
+    const int cn0 = blockIdx.x * ROWS, tap_row = blockIdx.y % (KZ * 3);
+    const int cw0 = blockIdx.y / (KZ * 3) * CONV_TMA_COLS, az = tap_row / 3, ay = tap_row % 3;
+    const int kb0 = blockIdx.z * p.kblocks_per_slice, count = min(p.kblocks, kb0 + p.kblocks_per_slice) - kb0;
+
+    if (t == 0) {
+        for (int s = 0; s < STAGES; ++s) barrier_init(bars + 8 * s, 1);
+        barrier_init_fence();
+    }
+    __syncthreads();
+
+    // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide box of each tap (az, ay, ax), its
+    // corner shifted by the tap less the padding.
+    auto issue = [&](int i) {
+        int b = kb0 + i;
+        const int x0 = b % p.x_blocks * p.box_x;
+        b /= p.x_blocks;
+        const int y0 = b % p.y_blocks * p.box_y;
+        b /= p.y_blocks;
+        const int z = b % p.depth, n = b / p.depth;
+        const uint32_t at = base + i % STAGES * STAGE, bar = bars + 8 * (i % STAGES);
+        barrier_expect(bar, STAGE);
+        for (int h = 0; h < NARROW; ++h) copy_box(at + h * BOX, &p.narrow_map, cn0 + 64 * h, x0, y0, z, n, bar);
+        for (int ax = 0; ax < TAPS_X; ++ax)
+            copy_box(at + (NARROW + ax) * BOX, &p.wide_map, cw0, x0 + ax - p.pad[2], y0 + ay - p.pad[1],
+                     z + az - p.pad[0], n, bar);
+    };
+    if (t == 0)
+        for (int i = 0; i < min(STAGES, count); ++i) issue(i);
+
+    float acc[TAPS_X][CONV_TMA_COLS / 2];
+#pragma unroll
+    for (int ax = 0; ax < TAPS_X; ++ax)
+#pragma unroll
+        for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ax][k] = 0.0f;
+
+    const int narrow_box = ROWS == 128 ? group : 0, first_step = ROWS == 128 ? 0 : group * STEPS;
+    for (int i = 0; i < count; ++i) {
+        const uint32_t at = base + i % STAGES * STAGE;
+        barrier_wait(bars + 8 * (i % STAGES), i / STAGES & 1);
+        wgmma::fence();
+#pragma unroll
+        for (int s = first_step; s < first_step + STEPS; ++s) {
+            const uint64_t a = box_operand(at + narrow_box * BOX, s);
+#pragma unroll
+            for (int ax = 0; ax < TAPS_X; ++ax)
+                wgmma::mma_async<CONV_TMA_COLS, true, true>(acc[ax], a, box_operand(at + (NARROW + ax) * BOX, s),
+                                                             true);
+        }
+        wgmma::commit();
+        // k-block i - 1's products are done in this warpgroup, and after the barrier in both: its stage is free.
+        wgmma::wait<1>();
+        __syncthreads();
+        if (t == 0 && i >= 1 && i - 1 + STAGES < count) issue(i - 1 + STAGES);
+    }
+    wgmma::wait<0>();
+
+    // Thread l of warp w of a warpgroup holds D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] of each tap's 64 x 64 tile
+    // (wgmma.cuh) at acc[ax][4 j + 2 h + e]. ROWS 64: the second warpgroup's sums (the other half of the positions)
+    // through the free stages, added by the first, which alone writes.
+    if constexpr (ROWS == 64) {
+        float* other = reinterpret_cast<float*>(smem_raw + (base - raw));
+        const int lane128 = t & 127;
+        __syncthreads();
+        if (group == 1)
+#pragma unroll
+            for (int ax = 0; ax < TAPS_X; ++ax)
+#pragma unroll
+                for (int k = 0; k < CONV_TMA_COLS / 2; ++k) other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128] = acc[ax][k];
+        __syncthreads();
+        if (group == 1) return;
+#pragma unroll
+        for (int ax = 0; ax < TAPS_X; ++ax)
+#pragma unroll
+            for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ax][k] += other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128];
+    }
+    const int lane = t & 31, warp = (t >> 5) & 3;
+    const int64_t plane = (int64_t)p.c_narrow * p.c_wide;
+    float* out = p.partial + (int64_t)blockIdx.z * KZ * 9 * plane;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int cn = cn0 + 64 * (ROWS == 128 ? group : 0) + 16 * warp + lane / 4 + 8 * h;
+        if (cn >= p.c_narrow) continue;
+#pragma unroll
+        for (int j = 0; j < CONV_TMA_COLS / 8; ++j) {
+            const int cw = cw0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+            for (int ax = 0; ax < TAPS_X; ++ax) {
+                float* at = out + (tap_row * 3 + ax) * plane + (int64_t)cn * p.c_wide + cw;
+                const float v0 = acc[ax][4 * j + 2 * h], v1 = acc[ax][4 * j + 2 * h + 1];
+                // A pair of wide channels as one 8-byte store where both exist and the pair is 8-byte aligned.
+                if (cw + 1 < p.c_wide && (reinterpret_cast<uintptr_t>(at) & 7) == 0) {
+                    *reinterpret_cast<float2*>(at) = make_float2(v0, v1);
+                } else {
+                    if (cw < p.c_wide) at[0] = v0;
+                    if (cw + 1 < p.c_wide) at[1] = v1;
+                }
+            }
+        }
+    }
+}
+
+#define CONV_WGRAD_TMA_KERNEL(NAME, KZ, ROWS)                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ ConvWgradTmaParams p) { \
+        conv_wgrad_tma<KZ, ROWS>(p);                                                                           \
+    }
+CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k333_m128, 3, 128)
+CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k133_m128, 1, 128)
+CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k133_m64, 1, 64)
+
+// dW[pair, a] = sum_s partial[s, a, pair] with pair = cn c_wide + cw (formula in conv_tma.cuh): a block's pairs' taps
+// read as rows of pairs, staged [a][pair] (one float of padding per row against bank conflicts) and written as the
+// block's one run of pairs x taps.
+extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const ConvWgradTmaSumParams p) {
+    constexpr int PAIRS = CONV_TMA_SUM_PAIRS, PITCH = PAIRS + 1;
+    __shared__ float staged[KZ_MAX_TAPS * PITCH];
+    const int64_t pair0 = (int64_t)blockIdx.x * PAIRS;
+    const int pairs = (int)min((int64_t)PAIRS, p.pairs - pair0);
+    for (int e = threadIdx.x; e < p.taps * PAIRS; e += THREADS) {
+        const int a = e / PAIRS, q = e % PAIRS;
+        if (q >= pairs) continue;
+        float s = 0.0f;
+        for (int slice = 0; slice < p.slices; ++slice) s += p.partial[((int64_t)slice * p.taps + a) * p.pairs + pair0 + q];
+        staged[a * PITCH + q] = s;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < pairs * p.taps; e += THREADS)
+        p.out[pair0 * p.taps + e] = staged[e % p.taps * PITCH + e / p.taps];
+}

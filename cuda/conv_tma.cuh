@@ -1,0 +1,70 @@
+// The convolution weight gradient on Hopper's tensor memory accelerator (TMA) and warpgroup products (conv_tma.cu):
+//
+//   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, o + a - pad, cw]        (0 outside the wide map)
+//
+// over channels-last copies of both maps (each voxel's channels contiguous, rounded up to a multiple of 8), kernel
+// taps a = (az, ay, ax) of KZ x 3 x 3, stride 1. Each map is described to the TMA unit by a CUtensorMap of 5 axes
+// (channels, x, y, z, batch item; bf16, 128-byte swizzle) made by the host (src/ops/conv.rs, Gpu::tensor_map_bf16)
+// with boxes of 64 channels x box_x x box_y positions (box_x box_y = 64).
+#pragma once
+#include <cuda.h>
+
+// Threads per block: two warpgroups.
+constexpr int CONV_TMA_THREADS = 256;
+// Narrow channels per block (the wgmma's m) are 128 in the _m128 kernels (each warpgroup 64 of them) and 64 in the _m64
+// ones (both warpgroups on the same 64, each over half of every k-block's positions, for maps of at most 64 narrow
+// channels); wide channels per block and tap (its n):
+constexpr int CONV_TMA_COLS = 64;
+// Positions per k-block (one box of box_x x box_y), and the taps along x that a block computes: one row (az, ay).
+constexpr int CONV_TMA_POSITIONS = 64;
+constexpr int CONV_TMA_TAPS_X = 3;
+// Stages of the pipeline, each the narrow boxes (two, or one for _m64) and 3 wide ones of 64 x 64 bf16.
+constexpr int CONV_TMA_STAGES = 4;
+constexpr int CONV_TMA_BOX_BYTES = CONV_TMA_POSITIONS * 64 * 2;
+// Dynamic shared memory: the stages, 1024 bytes to align them to the swizzle's atoms, and the stages' barriers.
+constexpr int CONV_TMA_SHARED_BYTES_M128 =
+    CONV_TMA_STAGES * (2 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 8 * CONV_TMA_STAGES;
+constexpr int CONV_TMA_SHARED_BYTES_M64 =
+    CONV_TMA_STAGES * (1 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 8 * CONV_TMA_STAGES;
+
+// Grid (ceil(c_narrow / rows), ceil(c_wide / 64) x KZ x 3 tap rows, slices); slice s sums the k-blocks
+// [s kblocks_per_slice, (s + 1) kblocks_per_slice) of the kblocks = batch x depth x y_blocks x x_blocks boxes of
+// narrow positions (box b: x block b % x_blocks, then y block, z, batch item) into partial[s, a, cn, cw] (float32,
+// taps outermost so that a block's rows are whole; conv_wgrad_tma_sum adds the slices into dW's layout).
+struct ConvWgradTmaParams {
+    // The narrow map, channels last: axes (c_narrow rounded up to 8, x, y, z, batch).
+    CUtensorMap narrow_map;
+    // The wide map, channels last: axes (c_wide rounded up to 8, x, y, z, batch).
+    CUtensorMap wide_map;
+    float* partial;
+    int c_narrow;
+    int c_wide;
+    // The narrow map's depth (z positions per batch item).
+    int depth;
+    int pad[3];
+    int box_x;
+    int box_y;
+    int x_blocks;
+    int y_blocks;
+    int kblocks;
+    int kblocks_per_slice;
+};
+
+// 3x3x3 and 1x3x3 (or 2D 3x3) kernels of 128 narrow channels per block, and 1x3x3 of 64 (conv.rs says why not
+// 3x3x3).
+extern "C" __global__ void conv_wgrad_tma_bf16_k333_m128(const __grid_constant__ ConvWgradTmaParams p);
+extern "C" __global__ void conv_wgrad_tma_bf16_k133_m128(const __grid_constant__ ConvWgradTmaParams p);
+extern "C" __global__ void conv_wgrad_tma_bf16_k133_m64(const __grid_constant__ ConvWgradTmaParams p);
+
+// dW[cn, cw, a] = sum over slices s (in order) of partial[s, a, cn, cw]: one thread per (cn, cw) and tap, blocks of
+// CONV_TMA_SUM_PAIRS (cn, cw) pairs, their taps transposed through shared memory so that both sides are read and
+// written in whole rows. Grid ceil(c_narrow c_wide / CONV_TMA_SUM_PAIRS), CONV_TMA_THREADS threads.
+struct ConvWgradTmaSumParams {
+    const float* partial;
+    float* out;
+    int64_t pairs;
+    int taps;
+    int slices;
+};
+constexpr int CONV_TMA_SUM_PAIRS = 64;
+extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
