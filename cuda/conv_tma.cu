@@ -1,5 +1,6 @@
-// The weight gradient of a stride-1 convolution as warpgroup products over boxes that the TMA unit copies from
-// channels-last maps (formula and parameters in conv_tma.cuh):
+// The weight gradient of a stride-1 convolution, and below its forward and input gradient (conv_tma_product), as
+// warpgroup products over boxes that the TMA unit copies from channels-last maps (formulas and parameters in
+// conv_tma.cuh). The weight gradient:
 //
 //   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, o + a - pad, cw]
 //
@@ -72,6 +73,15 @@ __device__ __forceinline__ void copy_box(uint32_t dst, const CUtensorMap* map, i
         "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
         "%6}], [%7];\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+        : "memory");
+}
+
+// The same for a box of a 3-axis map.
+__device__ __forceinline__ void copy_box(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
         : "memory");
 }
 
@@ -161,13 +171,15 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
 #pragma unroll
             for (int ax = 0; ax < TAPS_X; ++ax)
 #pragma unroll
-                for (int k = 0; k < CONV_TMA_COLS / 2; ++k) other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128] = acc[ax][k];
+                for (int k = 0; k < CONV_TMA_COLS / 2; ++k)
+                    other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128] = acc[ax][k];
         __syncthreads();
         if (group == 1) return;
 #pragma unroll
         for (int ax = 0; ax < TAPS_X; ++ax)
 #pragma unroll
-            for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ax][k] += other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128];
+            for (int k = 0; k < CONV_TMA_COLS / 2; ++k)
+                acc[ax][k] += other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128];
     }
     const int lane = t & 31, warp = (t >> 5) & 3;
     const int64_t plane = (int64_t)p.c_narrow * p.c_wide;
@@ -215,10 +227,111 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
         const int a = e / PAIRS, q = e % PAIRS;
         if (q >= pairs) continue;
         float s = 0.0f;
-        for (int slice = 0; slice < p.slices; ++slice) s += p.partial[((int64_t)slice * p.taps + a) * p.pairs + pair0 + q];
+        for (int slice = 0; slice < p.slices; ++slice)
+            s += p.partial[((int64_t)slice * p.taps + a) * p.pairs + pair0 + q];
         staged[a * PITCH + q] = s;
     }
     __syncthreads();
     for (int e = threadIdx.x; e < pairs * p.taps; e += THREADS)
         p.out[pair0 * p.taps + e] = staged[e % p.taps * PITCH + e / p.taps];
+}
+
+// out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k] (conv_tma.cuh): a block owns 128 rows m (two
+// warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item), and walks the
+// k-blocks (tap a, 64 channels k): per k-block the TMA unit copies Wp's 128 x 64 box and the source box of 128
+// positions x 64 channels whose corner the tap shifts (zeros outside the map: the padding), both K-major rows of 128
+// bytes in the 128-byte swizzle; per k-step of 16 channels one m64n128k16 per warpgroup. The same pipeline as the
+// weight gradient's, CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
+template <int KZ>
+__device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
+    constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = CONV_TMA_PRODUCT_POSITIONS, TILE = 128 * 64 * 2;
+    constexpr int STAGE = 2 * TILE, TAPS = KZ * 9;
+    static_assert(STAGES_P * STAGE + 1024 + 8 * STAGES_P == CONV_TMA_PRODUCT_SHARED && N == 128, "the header's sizes");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t base = (raw + 1023) & ~1023u, bars = base + STAGES_P * STAGE;
+    const int t = threadIdx.x, group = t >> 7;
+    const int m0 = blockIdx.x * 128;
+    int b = blockIdx.y;
+    const int x0 = b % p.x_blocks * p.box_x;
+    b /= p.x_blocks;
+    const int y0 = b % p.y_blocks * p.box_y;
+    b /= p.y_blocks;
+    const int z = b % p.size[0], n = b / p.size[0];
+    const int chunks = (p.c_src + 63) / 64, count = TAPS * chunks;
+
+    if (t == 0) {
+        for (int s = 0; s < STAGES_P; ++s) barrier_init(bars + 8 * s, 1);
+        barrier_init_fence();
+    }
+    __syncthreads();
+    // k-block i (tap i / chunks, channels 64 (i % chunks) ...) into stage i % STAGES_P.
+    auto issue = [&](int i) {
+        const int a = i / chunks, k0 = i % chunks * 64;
+        const int az = a / 9, ay = a / 3 % 3, ax = a % 3;
+        const uint32_t at = base + i % STAGES_P * STAGE, bar = bars + 8 * (i % STAGES_P);
+        barrier_expect(bar, STAGE);
+        copy_box(at, &p.weight_map, k0, m0, a, bar);
+        copy_box(at + TILE, &p.src_map, k0, x0 + ax - p.pad[2], y0 + ay - p.pad[1], z + az - p.pad[0], n, bar);
+    };
+    if (t == 0)
+        for (int i = 0; i < min(STAGES_P, count); ++i) issue(i);
+
+    float acc[N / 2];
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
+    for (int i = 0; i < count; ++i) {
+        const uint32_t at = base + i % STAGES_P * STAGE;
+        barrier_wait(bars + 8 * (i % STAGES_P), i / STAGES_P & 1);
+        wgmma::fence();
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+            wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + group * 64 * 128 + 32 * s, 1024),
+                                wgmma::descriptor_sw128(at + TILE + 32 * s, 1024), true);
+        wgmma::commit();
+        wgmma::wait<1>();
+        __syncthreads();
+        if (t == 0 && i >= 1 && i - 1 + STAGES_P < count) issue(i - 1 + STAGES_P);
+    }
+    wgmma::wait<0>();
+
+    // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + 64 g + that, position q of the box
+    // (x0 + q % box_x, y0 + q / box_x).
+    const int lane = t & 31, warp = (t >> 5) & 3;
+    const int64_t plane = (int64_t)p.size[1] * p.size[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = m0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
+        if (m >= p.c_out) continue;
+        const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
+        __nv_bfloat16* row = p.out + (((int64_t)n * p.c_out + m) * p.size[0] + z) * plane;
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int q = 8 * j + 2 * (lane % 4) + e, x = x0 + q % p.box_x, y = y0 + q / p.box_x;
+                if (x < p.size[2] && y < p.size[1])
+                    row[(int64_t)y * p.size[2] + x] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
+            }
+    }
+}
+
+#define CONV_TMA_PRODUCT_KERNEL(NAME, KZ)                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                        \
+        NAME(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p) {                                       \
+        conv_tma_product<KZ>(p);                                                                                     \
+    }
+CONV_TMA_PRODUCT_KERNEL(conv_tma_product_bf16_k333, 3)
+CONV_TMA_PRODUCT_KERNEL(conv_tma_product_bf16_k133, 1)
+
+// Wp[a, m, k] from W (conv_tma.cuh): element e = (a c_out + m) k_pad + k.
+extern "C" __global__ void conv_tma_pack_bf16(const ConvTmaPackParams<__nv_bfloat16> p) {
+    FOR_EACH(e, p.elements) {
+        const int k = (int)(e % p.k_pad), m = (int)(e / p.k_pad % p.c_out), a = (int)(e / p.k_pad / p.c_out);
+        __nv_bfloat16 v = __float2bfloat16_rn(0.0f);
+        if (k < p.c_src)
+            v = p.flip ? p.w[((int64_t)k * p.c_out + m) * p.taps + p.taps - 1 - a]
+                       : p.w[((int64_t)m * p.c_src + k) * p.taps + a];
+        p.out[e] = v;
+    }
 }

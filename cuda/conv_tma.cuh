@@ -8,6 +8,8 @@
 // with boxes of 64 channels x box_x x box_y positions (box_x box_y = 64).
 #pragma once
 #include <cuda.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
 
 // Threads per block: two warpgroups.
 constexpr int CONV_TMA_THREADS = 256;
@@ -68,3 +70,55 @@ struct ConvWgradTmaSumParams {
 };
 constexpr int CONV_TMA_SUM_PAIRS = 64;
 extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
+
+// The forward and the input gradient of a stride-1 conv as the same product over TMA boxes (conv_tma.cu):
+//
+//   out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k]
+//
+// src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x box_y =
+// CONV_TMA_PRODUCT_POSITIONS positions), Wp packed by conv_tma_pack_bf16 (axes k, m, a: weight_map, boxes of 64 x 128
+// x 1), out channels first (c_out channels, the map `size`), bias b (c_out, or null). The forward: m = the conv's
+// output channel, k its input channel, Wp[a, m, k] = W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m =
+// its input channel, k its output channel, Wp[a, m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's.
+// Grid (ceil(c_out / 128), batch x size[0] x y_blocks x x_blocks), CONV_TMA_THREADS threads, CONV_TMA_PRODUCT_SHARED
+// bytes of dynamic shared memory.
+template <typename T>
+struct ConvTmaProductParams {
+    // The source map, channels last: axes (c_src rounded up to 8, x, y, z, batch).
+    CUtensorMap src_map;
+    // The packed weight: axes (c_src rounded up to 8, c_out, taps).
+    CUtensorMap weight_map;
+    T* out;
+    const T* bias;
+    int c_src;
+    int c_out;
+    int size[3];
+    int pad[3];
+    int box_x;
+    int box_y;
+    int x_blocks;
+    int y_blocks;
+};
+constexpr int CONV_TMA_PRODUCT_POSITIONS = 128;
+constexpr int CONV_TMA_PRODUCT_STAGES = 5;
+// A stage: 128 rows of the packed weight and 128 positions, 64 channels each (16 KB + 16 KB).
+constexpr int CONV_TMA_PRODUCT_SHARED =
+    CONV_TMA_PRODUCT_STAGES * 2 * 128 * 64 * 2 + 1024 + 8 * CONV_TMA_PRODUCT_STAGES;
+extern "C" __global__ void conv_tma_product_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_tma_product_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+
+// Wp[a, m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad: the
+// A operand of conv_tma_product from a conv's weight W (c_narrow, c_wide, taps). One thread per element of Wp
+// (elements = taps c_out k_pad), grid-stride.
+template <typename T>
+struct ConvTmaPackParams {
+    const T* w;
+    T* out;
+    int c_out;
+    int c_src;
+    int k_pad;
+    int taps;
+    int flip;
+    int64_t elements;
+};
+extern "C" __global__ void conv_tma_pack_bf16(const ConvTmaPackParams<__nv_bfloat16> p);

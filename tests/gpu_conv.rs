@@ -237,8 +237,8 @@ fn gpu_conv_wgrad_gemm() {
     check_bf16_conv_repeats("conv3d 3x3x3 48 -> 320 bf16", &[2, 48, 4, 6, 10], &[320, 48, 3, 3, 3], 670);
 }
 
-/// The TMA weight gradient (cuda/conv_tma.cu, sm_90; conv.rs `Pairing::tma_wgrad_rows` says which stride-1 3x3x3
-/// and 1x3x3 convs it takes): boxes of 16 x 4 positions over a map 10 wide (the last 6 columns of each box past the
+/// The TMA kernels (cuda/conv_tma.cu, sm_90). The weight gradient (conv.rs `Pairing::tma_wgrad_rows` says which
+/// stride-1 3x3x3 and 1x3x3 convs it takes): boxes of 16 x 4 positions over a map 10 wide (the last 6 columns of each box past the
 /// map, zeros), 67 output channels (the 128-row tile's second warpgroup on 3 of its 64), 65 input channels (the copy
 /// rounds them to 72, the second 64-channel box mostly past them; 67 x 65 sums per tap, so that every other row of
 /// the partial sums starts at an odd float), two batch items; a 1x3x3 kernel into 130 channels (three row tiles, the
@@ -246,11 +246,18 @@ fn gpu_conv_wgrad_gemm() {
 /// 60 k-blocks (slices of the reduction) and a 1x3x3 of 68, the latter bit for bit twice.
 #[test]
 #[ignore = "needs a CUDA device"]
-fn gpu_conv_wgrad_tma() {
+fn gpu_conv_tma() {
     check_conv("conv3d 3x3x3 65 -> 67, 3x6x10", &[2, 65, 3, 6, 10], &[67, 65, 3, 3, 3], &[1, 1, 1], 680);
     check_conv("conv3d 1x3x3 64 -> 130, 2x9x20", &[1, 64, 2, 9, 20], &[130, 64, 1, 3, 3], &[1, 1, 1], 685);
     check_conv("conv2d 3x3 96 -> 64, 40 x 48", &[2, 96, 40, 48], &[64, 96, 3, 3], &[1, 1], 690);
     check_bf16_conv_repeats("conv3d 1x3x3 64 -> 64 bf16", &[2, 64, 34, 8, 8], &[64, 64, 1, 3, 3], 695);
+    // The forward and input gradient on the TMA product (`Pairing::tma_product_suits`: 128 channels and more on both
+    // sides): 130 source channels (three 64-channel k-blocks per tap, the last of 2 and the packed weight's zeros
+    // past them), 136 outputs (a second 128-row tile of 8), 16 x 8 boxes over a map 10 wide; a 2D map 20 wide in 32 x
+    // 4 boxes; bit for bit twice.
+    check_conv("conv3d 3x3x3 130 -> 136, 3x6x10", &[2, 130, 3, 6, 10], &[136, 130, 3, 3, 3], &[1, 1, 1], 696);
+    check_conv("conv2d 3x3 128 -> 128, 9 x 20", &[1, 128, 9, 20], &[128, 128, 3, 3], &[1, 1], 697);
+    check_bf16_conv_repeats("conv3d 3x3x3 128 -> 128 bf16", &[1, 128, 4, 8, 16], &[128, 128, 3, 3, 3], 698);
 }
 
 /// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as

@@ -62,7 +62,9 @@
 //! `launch_implicit`). The bf16 stride-1 weight gradients of 3x3 kernels (1x3x3, and 3x3x3 into more than 64
 //! channels) between maps of at least 64 channels run on sm_90 as warpgroup products over boxes that the TMA unit
 //! copies from channels-last copies of both maps, a tap's box its corner shifted by the tap (cuda/conv_tma.cu,
-//! `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`). The other weight gradients of 1x1x1 kernels, of at least
+//! `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`), and so do the forward and input gradient of such convs
+//! between maps of at least 128 channels and 64 positions (the weight packed as the product's rows,
+//! `Pairing::tma_product_suits`, `Pairing::tma_product`). The other weight gradients of 1x1x1 kernels, of at least
 //! 320 narrow channels on small maps, of
 //! one-channel inputs and of strided convs from 64 wide channels run as one explicit product over the wide map's
 //! columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
@@ -99,17 +101,18 @@ use half::bf16;
 use crate::device::cuda::{grid_1d, GpuBuffer, GpuElement};
 use crate::device::params::{
     kernel, ChannelSumsParams, ConstPtr, ConvGemmParams, ConvHaloParams, ConvIm2colParams, ConvIm2rowParams,
-    ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvTransposeWgmmaParams, ConvWeightFlipParams,
-    ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams, ConvWgradTmaParams, ConvWgradTmaSumParams,
-    ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams, TensorMap, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM,
-    CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN, CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS,
-    CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS, CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS,
-    CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM, CONV_TC_BN, CONV_TC_BN_NARROW,
-    CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS, CONV_TMA_POSITIONS, CONV_TMA_SHARED_BYTES_M128,
-    CONV_TMA_SHARED_BYTES_M64, CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
-    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X,
-    CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK,
-    GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    ConvImplicitParams, ConvPackParams, ConvRowsStoreParams, ConvTmaPackParams, ConvTmaProductParams,
+    ConvTransposeWgmmaParams, ConvWeightFlipParams, ConvWgmmaParams, ConvWgradHaloParams, ConvWgradParams,
+    ConvWgradTmaParams, ConvWgradTmaSumParams, ConvWgradWgmmaParams, GemmWgmmaParams, Kernel, SumSlicesParams,
+    TensorMap, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
+    CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
+    CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
+    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS, CONV_TMA_POSITIONS,
+    CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_SHARED, CONV_TMA_SHARED_BYTES_M128, CONV_TMA_SHARED_BYTES_M64,
+    CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO,
+    CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE,
+    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -1425,6 +1428,8 @@ pub(crate) trait ConvElement: GpuElement {
     /// The TMA kernels of the conv's weight gradient (cuda/conv_tma.cu), if the type has them: 3x3x3 and 1x3x3 in
     /// blocks of 128 narrow channels, 1x3x3 in blocks of 64.
     const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]>;
+    /// The TMA kernels of the stride-1 forward and input gradient (cuda/conv_tma.cu), if the type has them.
+    const TMA_PRODUCT: Option<TmaProduct<Self>>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
     /// product that reduces them, or a 1x1x1 conv's wide map itself, against the narrow map (gemm_wgmma.cu).
     const GEMM_WGRAD: Option<GemmWgrad<Self>>;
@@ -1443,6 +1448,14 @@ pub(crate) struct ExplicitConv<T: Copy> {
     flip: Kernel<ConvWeightFlipParams<T>>,
     product: [GemmTiles<GemmWgmmaParams<T>>; 2],
     store: Kernel<ConvRowsStoreParams<T>>,
+}
+
+/// The kernels of [`Pairing::tma_product`]: the products of 3x3x3 and 1x3x3 kernels, and the weight packing.
+#[derive(Clone, Copy)]
+pub(crate) struct TmaProduct<T: Copy> {
+    k333: Kernel<ConvTmaProductParams<T>>,
+    k133: Kernel<ConvTmaProductParams<T>>,
+    pack: Kernel<ConvTmaPackParams<T>>,
 }
 
 /// The two kernels of [`Pairing::weight_grad_gemm`].
@@ -1527,6 +1540,7 @@ impl ConvElement for f32 {
     const POINTWISE: Option<[PointwiseKernels<f32>; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
     const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]> = None;
+    const TMA_PRODUCT: Option<TmaProduct<f32>> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
     const TRANSPOSE_FPROP_WGMMA: Option<Kernel<ConvTransposeWgmmaParams<f32>>> = None;
@@ -1654,6 +1668,11 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_tma_bf16_k133_m128,
         kernel::conv_wgrad_tma_bf16_k133_m64,
     ]);
+    const TMA_PRODUCT: Option<TmaProduct<bf16>> = Some(TmaProduct {
+        k333: kernel::conv_tma_product_bf16_k333,
+        k133: kernel::conv_tma_product_bf16_k133,
+        pack: kernel::conv_tma_pack_bf16,
+    });
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> = Some(GemmWgrad {
         im2col: kernel::conv_im2col_bf16,
         product: GemmTiles {
@@ -1871,6 +1890,10 @@ impl Pairing {
             Product::WideFromNarrow => (self.c_wide, self.wide),
         };
         let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
+        if let Some((kernels, kernel)) = self.tma_product_kernel::<T>(&src.gpu) {
+            self.tma_product(kernels.pack, kernel, which, src, w, bias, &mut out, what)?;
+            return Ok(out);
+        }
         if let Some(kernels) = self.explicit_kernels(which, src, w) {
             self.explicit_product(&d, kernels, which, src, w, bias, &mut out, what)?;
             return Ok(out);
@@ -1948,6 +1971,117 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
+    /// Whether the TMA product of cuda/conv_tma.cu takes the forward and the input gradient of this pairing: a
+    /// stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at least [`TMA_PRODUCT_MIN_CHANNELS`]
+    /// channels and [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item, whose channels-last copies have 32-bit
+    /// element counts. Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d
+    /// between maps of 64 channels and more, against the kernels before it): from 128 channels faster on every shape
+    /// of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x
+    /// 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256
+    /// at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a fifth
+    /// full) and wherever a side has 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d
+    /// 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps).
+    fn tma_product_suits(&self) -> bool {
+        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
+        !self.transposed
+            && self.stride == [1, 1, 1]
+            && (self.k == [3, 3, 3] || self.k == [1, 3, 3])
+            && self.c_narrow.min(self.c_wide) >= TMA_PRODUCT_MIN_CHANNELS
+            && 2 * voxels(self.narrow) >= CONV_TMA_PRODUCT_POSITIONS
+            && channels_last_fits(self.c_narrow, voxels(self.narrow))
+            && channels_last_fits(self.c_wide, voxels(self.wide))
+    }
+
+    /// The TMA product kernels for this pairing on `gpu` and the one of its kernel, if the type has them, the GPU
+    /// loaded them (sm_90) and they take the pairing ([`Pairing::tma_product_suits`]).
+    fn tma_product_kernel<T: ConvElement>(
+        &self,
+        gpu: &Gpu,
+    ) -> Option<(TmaProduct<T>, Kernel<ConvTmaProductParams<T>>)> {
+        let kernels = T::TMA_PRODUCT?;
+        let kernel = if self.k[0] == 3 { kernels.k333 } else { kernels.k133 };
+        (self.tma_product_suits() && gpu.has_kernel(kernel)).then_some((kernels, kernel))
+    }
+
+    /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
+    /// input gradient's flipped and its channel roles swapped, its padding kernel - 1 - the conv's), the source copied
+    /// channels last, both described to the TMA unit by tensor maps; one block per 128 output channels and box of
+    /// [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_box`]).
+    #[allow(clippy::too_many_arguments)]
+    fn tma_product<T: ConvElement>(
+        &self,
+        pack: Kernel<ConvTmaPackParams<T>>,
+        kernel: Kernel<ConvTmaProductParams<T>>,
+        which: Product,
+        src: &GpuBuffer<T>,
+        w: &GpuBuffer<T>,
+        bias: Option<&GpuBuffer<T>>,
+        out: &mut GpuBuffer<T>,
+        what: &str,
+    ) -> Result<()> {
+        let gpu = &src.gpu;
+        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
+        let (c_src, src_size, c_out, size, flip) = match which {
+            Product::NarrowFromWide => (self.c_wide, self.wide, self.c_narrow, self.narrow, false),
+            Product::WideFromNarrow => (self.c_narrow, self.narrow, self.c_wide, self.wide, true),
+        };
+        let pad: [usize; 3] = std::array::from_fn(|d| if flip { self.k[d] - 1 - self.pad[d] } else { self.pad[d] });
+        let (taps, k_pad) = (self.taps(), c_src.next_multiple_of(8));
+        let elements = taps * c_out * k_pad;
+        let mut packed = gpu.alloc_of::<T>(elements, what)?;
+        let params = ConvTmaPackParams {
+            w: w.ptr(),
+            out: packed.ptr_mut(),
+            c_out: c_out as i32,
+            c_src: c_src as i32,
+            k_pad: k_pad as i32,
+            taps: taps as i32,
+            flip: flip as i32,
+            elements: elements as i64,
+        };
+        gpu.launch(pack, grid_1d(elements), &params, what)?;
+        let k = k_pad as u64;
+        let weight_map = gpu.tensor_map_bf16(
+            packed.ptr().address(),
+            &[k, c_out as u64, taps as u64],
+            &[2 * k, 2 * k * c_out as u64],
+            &[64, 128, 1],
+            what,
+        )?;
+        let (box_x, box_y) = tma_box(size[2], size[1], CONV_TMA_PRODUCT_POSITIONS);
+        let last = channels_last(gpu, src.ptr(), self.batch, c_src, voxels(src_size), what)?;
+        let [d, h, wd] = src_size.map(|v| v as u64);
+        let src_map = gpu.tensor_map_bf16(
+            last.ptr().address(),
+            &[k, wd, h, d, self.batch as u64],
+            &[2 * k, 2 * k * wd, 2 * k * wd * h, 2 * k * wd * h * d],
+            &[64, box_x as u32, box_y as u32, 1, 1],
+            what,
+        )?;
+        let (x_blocks, y_blocks) = (size[2].div_ceil(box_x), size[1].div_ceil(box_y));
+        // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
+        let params = ConvTmaProductParams {
+            src_map,
+            weight_map,
+            out: out.ptr_mut(),
+            bias: bias.map_or(ConstPtr::NULL, |b| b.ptr()),
+            c_src: c_src as i32,
+            c_out: c_out as i32,
+            size: size.map(|v| v as i32),
+            pad: pad.map(|v| v as i32),
+            box_x: box_x as i32,
+            box_y: box_y as i32,
+            x_blocks: x_blocks as i32,
+            y_blocks: y_blocks as i32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (c_out.div_ceil(128) as u32, (self.batch * size[0] * y_blocks * x_blocks) as u32, 1),
+            block_dim: (CONV_TMA_THREADS as u32, 1, 1),
+            shared_mem_bytes: CONV_TMA_PRODUCT_SHARED as u32,
+        };
+        gpu.launch(kernel, cfg, &params, what)
+    }
+
     /// Whether the TMA weight gradient of cuda/conv_tma.cu takes this pairing, and in blocks of how many narrow
     /// channels: a stride-1 conv (not transposed) between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels whose
     /// channels-last copies have 32-bit element counts per batch item ([`channels_last`]), of a 1x3x3 kernel (a 2D
@@ -1998,7 +2132,7 @@ impl Pairing {
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
         let voxels = |s: [usize; 3]| s.iter().product::<usize>();
-        let (box_x, box_y) = tma_box(self.narrow[2], self.narrow[1]);
+        let (box_x, box_y) = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS);
         // Axes (channels rounded up to 8, x, y, z, batch item), strides in bytes.
         let map = |src: &GpuBuffer<T>, channels: usize, size: [usize; 3]| -> Result<(GpuBuffer<T>, TensorMap)> {
             let last = channels_last(gpu, src.ptr(), self.batch, channels, voxels(size), what)?;
@@ -2562,15 +2696,20 @@ fn launch_gemm_wgmma<T: GpuElement>(
 /// ([`Pairing::tma_wgrad_kernel`]): its boxes are 64 channels wide.
 const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 
+/// The fewest channels on either side of a conv whose forward and input gradient run on the TMA product
+/// ([`Pairing::tma_product_suits`]).
+const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
+
 /// The fewest k-blocks of a slice of the TMA weight gradient ([`tma_slices`]).
 const TMA_MIN_SLICE: usize = 16;
 
-/// The box of narrow positions (box_x along x, box_y along y, [`CONV_TMA_POSITIONS`] in all) of the TMA weight
-/// gradient over a map `width` x `height`: of the shapes from 64 x 1 to 1 x 64, the one that covers the map in the
+/// The box of `positions` (a power of two: box_x along x, box_y along y) of a TMA kernel over a map `width` x
+/// `height` ([`CONV_TMA_POSITIONS`] narrow positions of the weight gradient, [`CONV_TMA_PRODUCT_POSITIONS`] output
+/// positions of the products): of the shapes from positions x 1 to 1 x positions, the one that covers the map in the
 /// fewest boxes (the positions past the map are zeros the products still multiply), the widest of equals.
-fn tma_box(width: usize, height: usize) -> (usize, usize) {
-    let shapes = (0..7).map(|i| (CONV_TMA_POSITIONS >> i, 1usize << i));
-    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("seven shapes")
+fn tma_box(width: usize, height: usize, positions: usize) -> (usize, usize) {
+    let shapes = (0..=positions.trailing_zeros()).map(|i| (positions >> i, 1usize << i));
+    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("a power of two has shapes")
 }
 
 /// The slices of the TMA weight gradient's `kblocks` among `tiles` blocks each, on `multiprocessors` that hold one
@@ -3232,10 +3371,11 @@ mod tests {
     }
 
     /// The TMA weight gradient takes the stride-1 3x3 convs it was measured faster on, in blocks of 64 narrow channels
-    /// where there are no more; its boxes cover a map in the fewest k-blocks and its slices fill the GPU's waves; the
-    /// GPU tests' shapes (tests/gpu_conv.rs) fall on the side their names say.
+    /// where there are no more, and the TMA product the forwards and input gradients it was faster on; its boxes
+    /// cover a map in the fewest k-blocks and its slices fill the GPU's waves; the GPU tests' shapes
+    /// (tests/gpu_conv.rs) fall on the side their names say.
     #[test]
-    fn tma_weight_gradient_takes_the_shapes_it_pays_on() {
+    fn tma_kernels_take_the_shapes_they_pay_on() {
         let (one, k333, k133) = ([1, 1, 1], [3, 3, 3], [1, 3, 3]);
         let cases = [
             ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), Some(128)),
@@ -3248,17 +3388,35 @@ mod tests {
             ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), None),
             ("transposed", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), None),
             ("1x1x1", pairing(2, 256, 128, [10, 28, 24], one, one), None),
-            ("gpu_conv_wgrad_tma 3x3x3", pairing(2, 65, 67, [3, 6, 10], k333, one), Some(128)),
-            ("gpu_conv_wgrad_tma 1x3x3", pairing(1, 64, 130, [2, 9, 20], k133, one), Some(128)),
-            ("gpu_conv_wgrad_tma 2D, 64 rows", pairing(2, 96, 64, [1, 40, 48], k133, one), Some(64)),
+            ("gpu_conv_tma 3x3x3", pairing(2, 65, 67, [3, 6, 10], k333, one), Some(128)),
+            ("gpu_conv_tma 1x3x3", pairing(1, 64, 130, [2, 9, 20], k133, one), Some(128)),
+            ("gpu_conv_tma 2D, 64 rows", pairing(2, 96, 64, [1, 40, 48], k133, one), Some(64)),
             ("gpu_conv_wgrad_gemm 3x3x3 48 -> 320", pairing(2, 48, 320, [4, 6, 10], k333, one), None),
             ("gpu_conv_wgrad_wgmma 3x3x3", pairing(1, 24, 70, [5, 20, 96], k333, one), None),
         ];
         for (name, p, want) in cases {
             assert_eq!(p.tma_wgrad_rows(), want, "{name}: {p:?}");
         }
+        let products = [
+            ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), true),
+            ("flare-3d stage 5: 420 positions", pairing(2, 320, 320, [10, 7, 6], k333, one), true),
+            ("flare-3d stage 1: 64 channels", pairing(2, 64, 64, [40, 112, 96], k333, one), false),
+            ("flare-3d decoder stage 3: into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), false),
+            ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], k133, one), true),
+            ("amos-2d stage 6: 25 positions", pairing(12, 512, 512, [1, 5, 5], k133, one), false),
+            ("strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), false),
+            ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), true),
+            ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), true),
+            ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), false),
+        ];
+        for (name, p, want) in products {
+            assert_eq!(p.tma_product_suits(), want, "{name}: {p:?}");
+        }
         // 10 x 6 in 16 x 4 boxes (2 k-blocks, as 8 x 8); 24 x 28 in 8 x 8 (12); 12 x 14 in 4 x 16 (3).
-        assert_eq!([tma_box(10, 6), tma_box(24, 28), tma_box(12, 14)], [(16, 4), (8, 8), (4, 16)]);
+        assert_eq!(
+            [10, 6, 24, 28, 12, 14].chunks(2).map(|s| tma_box(s[0], s[1], 64)).collect::<Vec<_>>(),
+            [(16, 4), (8, 8), (4, 16)]
+        );
         // flare-3d stage 3: 72 tiles, 240 k-blocks: 11 slices of 22 fill 6 waves of 132; stage 5's 20 k-blocks
         // are one slice.
         assert_eq!(tma_slices(72, 240, 132), (22, 11));
