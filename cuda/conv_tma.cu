@@ -18,10 +18,10 @@
 //   box g and every k-step; ROWS 64 (maps of at most 64 narrow channels, which would leave half of a 128-row tile
 //   empty): both take the one narrow box, warpgroup g k-steps 2 g and 2 g + 1, and the second's sums are added to the
 //   first's at the end.
-// - Pipeline: thread 0 puts CONV_TMA_STAGES k-blocks in flight, each stage's copies completing its barrier (expected
-//   bytes, PTX mbarrier); the warpgroups wait on a stage's barrier, issue its 12 products, and once the previous
-//   k-block's products are done (wgmma wait 1) and both warpgroups are past them (a block barrier) thread 0 refills
-//   that stage with the k-block CONV_TMA_STAGES further on.
+// - Pipeline (tma_pipeline, shared with the products): thread 0 puts CONV_TMA_STAGES k-blocks in flight, each
+//   stage's copies completing its barrier (expected bytes, PTX mbarrier); the warpgroups wait on a stage's barrier,
+//   issue its products, and once the previous k-block's products are done (wgmma wait 1) and both warpgroups are past
+//   them (a block barrier) thread 0 refills that stage with the k-block CONV_TMA_STAGES further on.
 // - A block writes its sums tap by tap as whole rows of 64 wide channels, partial[slice, a, cn, cw], and
 //   conv_wgrad_tma_sum adds the slices in order into dW[cn, cw, a] (written in dW's order, each tap's element a
 //   separate 4-byte store, the weight gradient of a deep 3D stage took 0.27 ms for 1.2 GFLOP: ncu, 13.8 million sector
@@ -91,6 +91,33 @@ __device__ __forceinline__ uint64_t box_operand(uint32_t at, int s) {
     return wgmma::descriptor_sw128(at + 2 * 1024 * s, 1024, BOX);
 }
 
+// The k-block pipeline of both kernels: thread 0 initialises the stages' barriers at `bars` and puts the first
+// `STAGES` k-blocks in flight (issue(i): k-block i's copies into stage i % STAGES, completing its barrier); then for
+// each k-block every thread waits on its stage's barrier and the warpgroups issue its products (consume(i), between a
+// wgmma fence and commit); once k-block i - 1's products are done (wait 1) in both warpgroups (the block barrier),
+// thread 0 refills that stage with k-block i - 1 + STAGES. Returns with every product done.
+template <int STAGES_N, typename Issue, typename Consume>
+__device__ __forceinline__ void tma_pipeline(uint32_t bars, int count, Issue&& issue, Consume&& consume) {
+    const bool leader = threadIdx.x == 0;
+    if (leader) {
+        for (int s = 0; s < STAGES_N; ++s) barrier_init(bars + 8 * s, 1);
+        barrier_init_fence();
+    }
+    __syncthreads();
+    if (leader)
+        for (int i = 0; i < min(STAGES_N, count); ++i) issue(i);
+    for (int i = 0; i < count; ++i) {
+        barrier_wait(bars + 8 * (i % STAGES_N), i / STAGES_N & 1);
+        wgmma::fence();
+        consume(i);
+        wgmma::commit();
+        wgmma::wait<1>();
+        __syncthreads();
+        if (leader && i >= 1 && i - 1 + STAGES_N < count) issue(i - 1 + STAGES_N);
+    }
+    wgmma::wait<0>();
+}
+
 }  // namespace
 
 template <int KZ, int ROWS>
@@ -108,12 +135,6 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     const int cw0 = blockIdx.y / (KZ * 3) * CONV_TMA_COLS, az = tap_row / 3, ay = tap_row % 3;
     const int kb0 = blockIdx.z * p.kblocks_per_slice, count = min(p.kblocks, kb0 + p.kblocks_per_slice) - kb0;
 
-    if (t == 0) {
-        for (int s = 0; s < STAGES; ++s) barrier_init(bars + 8 * s, 1);
-        barrier_init_fence();
-    }
-    __syncthreads();
-
     // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide box of each tap (az, ay, ax), its
     // corner shifted by the tap less the padding.
     auto issue = [&](int i) {
@@ -130,20 +151,14 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
             copy_box(at + (NARROW + ax) * BOX, &p.wide_map, cw0, x0 + ax - p.pad[2], y0 + ay - p.pad[1],
                      z + az - p.pad[0], n, bar);
     };
-    if (t == 0)
-        for (int i = 0; i < min(STAGES, count); ++i) issue(i);
-
     float acc[TAPS_X][CONV_TMA_COLS / 2];
 #pragma unroll
     for (int ax = 0; ax < TAPS_X; ++ax)
 #pragma unroll
         for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ax][k] = 0.0f;
-
     const int narrow_box = ROWS == 128 ? group : 0, first_step = ROWS == 128 ? 0 : group * STEPS;
-    for (int i = 0; i < count; ++i) {
+    tma_pipeline<STAGES>(bars, count, issue, [&](int i) {
         const uint32_t at = base + i % STAGES * STAGE;
-        barrier_wait(bars + 8 * (i % STAGES), i / STAGES & 1);
-        wgmma::fence();
 #pragma unroll
         for (int s = first_step; s < first_step + STEPS; ++s) {
             const uint64_t a = box_operand(at + narrow_box * BOX, s);
@@ -152,13 +167,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
                 wgmma::mma_async<CONV_TMA_COLS, true, true>(acc[ax], a, box_operand(at + (NARROW + ax) * BOX, s),
                                                              true);
         }
-        wgmma::commit();
-        // k-block i - 1's products are done in this warpgroup, and after the barrier in both: its stage is free.
-        wgmma::wait<1>();
-        __syncthreads();
-        if (t == 0 && i >= 1 && i - 1 + STAGES < count) issue(i - 1 + STAGES);
-    }
-    wgmma::wait<0>();
+    });
 
     // Thread l of warp w of a warpgroup holds D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] of each tap's 64 x 64 tile
     // (wgmma.cuh) at acc[ax][4 j + 2 h + e]. ROWS 64: the second warpgroup's sums (the other half of the positions)
@@ -241,7 +250,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 // k-blocks (tap a, 64 channels k): per k-block the TMA unit copies Wp's 128 x 64 box and the source box of 128
 // positions x 64 channels whose corner the tap shifts (zeros outside the map: the padding), both K-major rows of 128
 // bytes in the 128-byte swizzle; per k-step of 16 channels one m64n128k16 per warpgroup. The same pipeline as the
-// weight gradient's, CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
+// weight gradient's (tma_pipeline), CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed
+// order.
 template <int KZ>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
     constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = CONV_TMA_PRODUCT_POSITIONS, TILE = 128 * 64 * 2;
@@ -260,11 +270,6 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
     const int z = b % p.size[0], n = b / p.size[0];
     const int chunks = (p.c_src + 63) / 64, count = TAPS * chunks;
 
-    if (t == 0) {
-        for (int s = 0; s < STAGES_P; ++s) barrier_init(bars + 8 * s, 1);
-        barrier_init_fence();
-    }
-    __syncthreads();
     // k-block i (tap i / chunks, channels 64 (i % chunks) ...) into stage i % STAGES_P.
     auto issue = [&](int i) {
         const int a = i / chunks, k0 = i % chunks * 64;
@@ -274,26 +279,16 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
         copy_box(at, &p.weight_map, k0, m0, a, bar);
         copy_box(at + TILE, &p.src_map, k0, x0 + ax - p.pad[2], y0 + ay - p.pad[1], z + az - p.pad[0], n, bar);
     };
-    if (t == 0)
-        for (int i = 0; i < min(STAGES_P, count); ++i) issue(i);
-
     float acc[N / 2];
 #pragma unroll
     for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
-    for (int i = 0; i < count; ++i) {
+    tma_pipeline<STAGES_P>(bars, count, issue, [&](int i) {
         const uint32_t at = base + i % STAGES_P * STAGE;
-        barrier_wait(bars + 8 * (i % STAGES_P), i / STAGES_P & 1);
-        wgmma::fence();
 #pragma unroll
         for (int s = 0; s < 4; ++s)
             wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + group * 64 * 128 + 32 * s, 1024),
                                 wgmma::descriptor_sw128(at + TILE + 32 * s, 1024), true);
-        wgmma::commit();
-        wgmma::wait<1>();
-        __syncthreads();
-        if (t == 0 && i >= 1 && i - 1 + STAGES_P < count) issue(i - 1 + STAGES_P);
-    }
-    wgmma::wait<0>();
+    });
 
     // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + 64 g + that, position q of the box
     // (x0 + q % box_x, y0 + q / box_x).
