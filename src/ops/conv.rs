@@ -1974,7 +1974,7 @@ impl Pairing {
     /// Whether the TMA product of cuda/conv_tma.cu takes the forward and the input gradient of this pairing: a
     /// stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at least [`TMA_PRODUCT_MIN_CHANNELS`]
     /// channels and [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item, whose channels-last copies have 32-bit
-    /// element counts. Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d
+    /// element counts and whose output maps are at most 65535 boxes (the grid's y). Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d
     /// between maps of 64 channels and more, against the kernels before it): from 128 channels faster on every shape
     /// of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x
     /// 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256
@@ -1983,7 +1983,13 @@ impl Pairing {
     /// 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps).
     fn tma_product_suits(&self) -> bool {
         let voxels = |s: [usize; 3]| s.iter().product::<usize>();
-        !self.transposed
+        // One block per box of output positions along the grid's y, at most 65535 of them.
+        let boxes = |s: [usize; 3]| {
+            let (x, y) = tma_box(s[2], s[1], CONV_TMA_PRODUCT_POSITIONS);
+            self.batch * s[0] * s[1].div_ceil(y) * s[2].div_ceil(x)
+        };
+        boxes(self.narrow).max(boxes(self.wide)) <= u16::MAX as usize
+            && !self.transposed
             && self.stride == [1, 1, 1]
             && (self.k == [3, 3, 3] || self.k == [1, 3, 3])
             && self.c_narrow.min(self.c_wide) >= TMA_PRODUCT_MIN_CHANNELS
@@ -3408,6 +3414,7 @@ mod tests {
             ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), true),
             ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), true),
             ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), false),
+            ("2 x 96x256x256: 98304 boxes", pairing(2, 128, 128, [96, 256, 256], k333, one), false),
         ];
         for (name, p, want) in products {
             assert_eq!(p.tma_product_suits(), want, "{name}: {p:?}");
