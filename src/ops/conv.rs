@@ -1742,9 +1742,16 @@ impl Pairing {
         // The transposed conv's g unfolded once for both gradients ([`Pairing::unfolded`]).
         let unfolded =
             if self.transposed && (needs[0] || needs[1]) { self.unfolded(g, x.unwrap_or(g), what)? } else { None };
+        // The conv's g copied channels last once where both gradients run on the TMA kernels, which read it so.
+        let gpu = &g.gpu;
+        let tma_both = self.tma_product_kernel::<T>(gpu).is_some() && self.tma_wgrad_kernel::<T>(gpu).is_some();
+        let g_last = match !self.transposed && needs[0] && needs[1] && tma_both {
+            true => Some(self.channels_last_of(g, Product::WideFromNarrow, what)?),
+            false => None,
+        };
         if needs[0] {
             let dx = match (self.transposed, &unfolded) {
-                (false, _) => self.wide_from_narrow(g, w, None, what)?,
+                (false, _) => self.product(Product::WideFromNarrow, g, g_last.as_ref(), w, None, what)?,
                 (true, Some((_, col))) => self.unfolded_pairing().narrow_from_wide(col, w, None, what)?,
                 (true, None) => self.narrow_from_wide(g, w, None, what)?,
             };
@@ -1757,7 +1764,7 @@ impl Pairing {
                 Some((kernels, col)) => {
                     self.weight_grad_of_columns(&self.kernel_dims(what)?, *kernels, narrow, col, what)?
                 }
-                None => self.weight_grad(narrow, wide, what)?,
+                None => self.weight_grad(narrow, g_last.as_ref(), wide, what)?,
             };
             grads[1] = Some(Tensor::from_gpu(dw, shapes[1])?);
         }
@@ -1858,7 +1865,7 @@ impl Pairing {
         bias: Option<&GpuBuffer<T>>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
-        self.product(Product::NarrowFromWide, wide, w, bias, what)
+        self.product(Product::NarrowFromWide, wide, None, w, bias, what)
     }
 
     /// `Xw[n,cw,i] = b[cw] + sum_{cn,a,o : o*s + a - p = i} W[cn,cw,a] Xn[n,cn,o]`: one implicit product per stride
@@ -1871,15 +1878,18 @@ impl Pairing {
         bias: Option<&GpuBuffer<T>>,
         what: &str,
     ) -> Result<GpuBuffer<T>> {
-        self.product(Product::WideFromNarrow, narrow, w, bias, what)
+        self.product(Product::WideFromNarrow, narrow, None, w, bias, what)
     }
 
-    /// [`Pairing::narrow_from_wide`] or [`Pairing::wide_from_narrow`] from `src`: the explicit product where it takes
-    /// the pass ([`Pairing::explicit_kernels`]), else the implicit products, into a new map.
+    /// [`Pairing::narrow_from_wide`] or [`Pairing::wide_from_narrow`] from `src` (`src_last`: its channels-last copy,
+    /// if the caller made one for the TMA product): the TMA product where it takes the pass
+    /// ([`Pairing::tma_product_kernel`]), the explicit product where it does ([`Pairing::explicit_kernels`]), else
+    /// the implicit products, into a new map.
     fn product<T: ConvElement>(
         &self,
         which: Product,
         src: &GpuBuffer<T>,
+        src_last: Option<&GpuBuffer<T>>,
         w: &GpuBuffer<T>,
         bias: Option<&GpuBuffer<T>>,
         what: &str,
@@ -1891,7 +1901,7 @@ impl Pairing {
         };
         let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
         if let Some((kernels, kernel)) = self.tma_product_kernel::<T>(&src.gpu) {
-            self.tma_product(kernels.pack, kernel, which, src, w, bias, &mut out, what)?;
+            self.tma_product(kernels.pack, kernel, which, (src, src_last), w, bias, &mut out, what)?;
             return Ok(out);
         }
         if let Some(kernels) = self.explicit_kernels(which, src, w) {
@@ -1913,16 +1923,18 @@ impl Pairing {
     /// `dW[cn,cw,a] = sum_{n,o} Xn[n,cn,o] Xw[n,cw, o*s + a - p]`, shape (Cn, Cw, k): rows (cw, a), columns cn, the
     /// reduction over (n, o) cut into fixed slices summed in order afterwards, so the result does not depend on
     /// scheduling. float32 whatever the maps' storage type.
+    /// `narrow_last`: the narrow map's channels-last copy, if the caller made one for the TMA kernels.
     pub(crate) fn weight_grad<T: ConvElement>(
         &self,
         narrow: &GpuBuffer<T>,
+        narrow_last: Option<&GpuBuffer<T>>,
         wide: &GpuBuffer<T>,
         what: &str,
     ) -> Result<GpuBuffer> {
         let d = self.kernel_dims(what)?;
         let gpu = &narrow.gpu;
         if let Some(tma) = self.tma_wgrad_kernel::<T>(gpu) {
-            return self.weight_grad_tma(tma, narrow, wide, what);
+            return self.weight_grad_tma(tma, (narrow, narrow_last), wide, what);
         }
         if let Some(kernels) = self.gemm_wgrad_kernels(gpu, narrow, wide) {
             return self.weight_grad_gemm(&d, kernels, narrow, wide, what);
@@ -1971,31 +1983,81 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
-    /// Whether the TMA product of cuda/conv_tma.cu takes the forward and the input gradient of this pairing: a
-    /// stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at least [`TMA_PRODUCT_MIN_CHANNELS`]
-    /// channels and [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item, whose channels-last copies have 32-bit
-    /// element counts and whose output maps are at most 65535 boxes (the grid's y). Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d
-    /// between maps of 64 channels and more, against the kernels before it): from 128 channels faster on every shape
-    /// of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x
-    /// 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256
-    /// at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a fifth
-    /// full) and wherever a side has 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d
-    /// 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps).
+    /// Whether the TMA product of cuda/conv_tma.cu takes the forward and the input gradient of this pairing: a stride-1
+    /// conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at least [`TMA_PRODUCT_MIN_CHANNELS`] channels
+    /// and [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item ([`Pairing::tma_suits`]) whose output maps are at most
+    /// 65535 boxes (the grid's y). Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and
+    /// amos-2d between maps of 64 channels and more, against the kernels before it): from 128 channels faster on every
+    /// shape of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092;
+    /// 512 x 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 ->
+    /// 256 at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a
+    /// fifth full) and wherever a side has 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022,
+    /// amos-2d 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps).
     fn tma_product_suits(&self) -> bool {
-        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
         // One block per box of output positions along the grid's y, at most 65535 of them.
         let boxes = |s: [usize; 3]| {
             let (x, y) = tma_box(s[2], s[1], CONV_TMA_PRODUCT_POSITIONS);
             self.batch * s[0] * s[1].div_ceil(y) * s[2].div_ceil(x)
         };
-        boxes(self.narrow).max(boxes(self.wide)) <= u16::MAX as usize
-            && !self.transposed
+        self.tma_suits(TMA_PRODUCT_MIN_CHANNELS)
+            && 2 * self.narrow.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
+            && boxes(self.narrow).max(boxes(self.wide)) <= u16::MAX as usize
+    }
+
+    /// What both TMA paths ask of a pairing: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps
+    /// of at least `min_channels` channels whose channels-last copies have 32-bit element counts per batch item
+    /// ([`channels_last`]).
+    fn tma_suits(&self, min_channels: usize) -> bool {
+        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
+        !self.transposed
             && self.stride == [1, 1, 1]
             && (self.k == [3, 3, 3] || self.k == [1, 3, 3])
-            && self.c_narrow.min(self.c_wide) >= TMA_PRODUCT_MIN_CHANNELS
-            && 2 * voxels(self.narrow) >= CONV_TMA_PRODUCT_POSITIONS
+            && self.c_narrow.min(self.c_wide) >= min_channels
             && channels_last_fits(self.c_narrow, voxels(self.narrow))
             && channels_last_fits(self.c_wide, voxels(self.wide))
+    }
+
+    /// The channels-last copy ([`channels_last`]) of the source of pass `which` (the wide map for the forward, the
+    /// narrow one for the input gradient), `src`.
+    fn channels_last_of<T: ConvElement>(&self, src: &GpuBuffer<T>, which: Product, what: &str) -> Result<GpuBuffer<T>> {
+        let (channels, size) = match which {
+            Product::NarrowFromWide => (self.c_wide, self.wide),
+            Product::WideFromNarrow => (self.c_narrow, self.narrow),
+        };
+        channels_last(&src.gpu, src.ptr(), self.batch, channels, size.iter().product(), what)
+    }
+
+    /// `given`, the channels-last copy of `src` that a caller made, or else that copy made here into `made`
+    /// ([`Pairing::channels_last_of`]).
+    fn channels_last_unless<'a, T: ConvElement>(
+        &self,
+        given: Option<&'a GpuBuffer<T>>,
+        made: &'a mut Option<GpuBuffer<T>>,
+        src: &GpuBuffer<T>,
+        which: Product,
+        what: &str,
+    ) -> Result<&'a GpuBuffer<T>> {
+        match given {
+            Some(last) => Ok(last),
+            None => Ok(made.insert(self.channels_last_of(src, which, what)?)),
+        }
+    }
+
+    /// The TMA descriptor of `last`, the channels-last copy of this pairing's maps of `channels` x `size`: axes
+    /// (channels rounded up to 8, x, y, z, batch item), strides in bytes, boxes of 64 channels x box_x x box_y.
+    fn channels_last_map<T: ConvElement>(
+        &self,
+        last: &GpuBuffer<T>,
+        channels: usize,
+        size: [usize; 3],
+        (box_x, box_y): (usize, usize),
+        what: &str,
+    ) -> Result<TensorMap> {
+        let row = channels.next_multiple_of(8) as u64;
+        let [d, h, w] = size.map(|v| v as u64);
+        let dims = [row, w, h, d, self.batch as u64];
+        let strides = [2 * row, 2 * row * w, 2 * row * w * h, 2 * row * w * h * d];
+        last.gpu.tensor_map_bf16(last.ptr().address(), &dims, &strides, &[64, box_x as u32, box_y as u32, 1, 1], what)
     }
 
     /// The TMA product kernels for this pairing on `gpu` and the one of its kernel, if the type has them, the GPU
@@ -2011,22 +2073,21 @@ impl Pairing {
 
     /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
     /// input gradient's flipped and its channel roles swapped, its padding kernel - 1 - the conv's), the source copied
-    /// channels last, both described to the TMA unit by tensor maps; one block per 128 output channels and box of
-    /// [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_box`]).
+    /// channels last (unless `src_last` is that copy), both described to the TMA unit by tensor maps; one block per 128
+    /// output channels and box of [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_box`]).
     #[allow(clippy::too_many_arguments)]
     fn tma_product<T: ConvElement>(
         &self,
         pack: Kernel<ConvTmaPackParams<T>>,
         kernel: Kernel<ConvTmaProductParams<T>>,
         which: Product,
-        src: &GpuBuffer<T>,
+        (src, src_last): (&GpuBuffer<T>, Option<&GpuBuffer<T>>),
         w: &GpuBuffer<T>,
         bias: Option<&GpuBuffer<T>>,
         out: &mut GpuBuffer<T>,
         what: &str,
     ) -> Result<()> {
         let gpu = &src.gpu;
-        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
         let (c_src, src_size, c_out, size, flip) = match which {
             Product::NarrowFromWide => (self.c_wide, self.wide, self.c_narrow, self.narrow, false),
             Product::WideFromNarrow => (self.c_narrow, self.narrow, self.c_wide, self.wide, true),
@@ -2055,15 +2116,9 @@ impl Pairing {
             what,
         )?;
         let (box_x, box_y) = tma_box(size[2], size[1], CONV_TMA_PRODUCT_POSITIONS);
-        let last = channels_last(gpu, src.ptr(), self.batch, c_src, voxels(src_size), what)?;
-        let [d, h, wd] = src_size.map(|v| v as u64);
-        let src_map = gpu.tensor_map_bf16(
-            last.ptr().address(),
-            &[k, wd, h, d, self.batch as u64],
-            &[2 * k, 2 * k * wd, 2 * k * wd * h, 2 * k * wd * h * d],
-            &[64, box_x as u32, box_y as u32, 1, 1],
-            what,
-        )?;
+        let mut made = None;
+        let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
+        let src_map = self.channels_last_map(last, c_src, src_size, (box_x, box_y), what)?;
         let (x_blocks, y_blocks) = (size[2].div_ceil(box_x), size[1].div_ceil(box_y));
         // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
         let params = ConvTmaProductParams {
@@ -2089,8 +2144,8 @@ impl Pairing {
     }
 
     /// Whether the TMA weight gradient of cuda/conv_tma.cu takes this pairing, and in blocks of how many narrow
-    /// channels: a stride-1 conv (not transposed) between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels whose
-    /// channels-last copies have 32-bit element counts per batch item ([`channels_last`]), of a 1x3x3 kernel (a 2D
+    /// channels: a stride-1 conv between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels ([`Pairing::tma_suits`])
+    /// of a 1x3x3 kernel (a 2D
     /// 3x3 is 1x3x3), in blocks of 64 narrow channels where there are at most 64 (a 128-row tile would be half empty),
     /// else 128, or of a 3x3x3 kernel into more than 64 channels, in blocks of 128. Measured on the H100 (2026-12-07,
     /// one call, every flare-3d and amos-2d weight gradient it took against the kernels before it): faster on 20 of
@@ -2099,14 +2154,8 @@ impl Pairing {
     /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
     /// channels-last copies of 110 and 220 MB cost more than the products saved; those stay on the halo wgmma kernel.
     fn tma_wgrad_rows(&self) -> Option<usize> {
-        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
-        let suits = !self.transposed
-            && self.stride == [1, 1, 1]
-            && self.c_narrow.min(self.c_wide) >= TMA_WGRAD_MIN_CHANNELS
-            && channels_last_fits(self.c_narrow, voxels(self.narrow))
-            && channels_last_fits(self.c_wide, voxels(self.wide));
         match (self.k, self.c_narrow <= 64) {
-            _ if !suits => None,
+            _ if !self.tma_suits(TMA_WGRAD_MIN_CHANNELS) => None,
             ([3, 3, 3], false) | ([1, 3, 3], false) => Some(128),
             ([1, 3, 3], true) => Some(64),
             _ => None,
@@ -2126,32 +2175,25 @@ impl Pairing {
         gpu.has_kernel(kernel).then_some((kernel, rows))
     }
 
-    /// [`Pairing::weight_grad`] on the TMA kernel `kernel`: both maps copied channels last, each described to the TMA
+    /// [`Pairing::weight_grad`] on the TMA kernel `kernel`: both maps copied channels last (the narrow one unless
+    /// `narrow_last` is that copy), each described to the TMA
     /// unit by a tensor map of boxes of 64 channels x 64 positions ([`tma_box`]), the k-blocks (boxes of narrow
     /// positions) dealt in equal runs to the slices ([`tma_slices`]), the slices summed in order into dW's layout.
     fn weight_grad_tma<T: ConvElement>(
         &self,
         (kernel, rows): (Kernel<ConvWgradTmaParams>, usize),
-        narrow: &GpuBuffer<T>,
+        (narrow, narrow_last): (&GpuBuffer<T>, Option<&GpuBuffer<T>>),
         wide: &GpuBuffer<T>,
         what: &str,
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
-        let voxels = |s: [usize; 3]| s.iter().product::<usize>();
-        let (box_x, box_y) = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS);
-        // Axes (channels rounded up to 8, x, y, z, batch item), strides in bytes.
-        let map = |src: &GpuBuffer<T>, channels: usize, size: [usize; 3]| -> Result<(GpuBuffer<T>, TensorMap)> {
-            let last = channels_last(gpu, src.ptr(), self.batch, channels, voxels(size), what)?;
-            let row = channels.next_multiple_of(8) as u64;
-            let [d, h, w] = size.map(|v| v as u64);
-            let dims = [row, w, h, d, self.batch as u64];
-            let strides = [2 * row, 2 * row * w, 2 * row * w * h, 2 * row * w * h * d];
-            let boxes = [64, box_x as u32, box_y as u32, 1, 1];
-            let map = gpu.tensor_map_bf16(last.ptr().address(), &dims, &strides, &boxes, what)?;
-            Ok((last, map))
-        };
-        let (_narrow_last, narrow_map) = map(narrow, self.c_narrow, self.narrow)?;
-        let (_wide_last, wide_map) = map(wide, self.c_wide, self.wide)?;
+        let boxes = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS);
+        let (box_x, box_y) = boxes;
+        let mut made = None;
+        let narrow_last = self.channels_last_unless(narrow_last, &mut made, narrow, Product::WideFromNarrow, what)?;
+        let wide_last = self.channels_last_of(wide, Product::NarrowFromWide, what)?;
+        let narrow_map = self.channels_last_map(narrow_last, self.c_narrow, self.narrow, boxes, what)?;
+        let wide_map = self.channels_last_map(&wide_last, self.c_wide, self.wide, boxes, what)?;
         let (x_blocks, y_blocks) = (self.narrow[2].div_ceil(box_x), self.narrow[1].div_ceil(box_y));
         let kblocks = self.batch * self.narrow[0] * y_blocks * x_blocks;
         let (row_tiles, col_tiles) =
