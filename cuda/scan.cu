@@ -492,59 +492,61 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
 #pragma unroll
                     for (int r = 0; r < R; ++r) hist[i + 1][r] = exp2_approx(dt * a2[r]) * hist[i][r] + dtu * bv[r];
                 }
+                // Every token of the sub-chunk, also those past the sequence (sublen < S, the last sub-chunk only):
+                // their staged dt, u, q, B and C are 0, so dA = 1, x passes unchanged and they add 0 to every sum
+                // that is kept. (A branch around them kept ptxas from overlapping one token's reductions with the
+                // next one's exponentials.)
 #pragma unroll
                 for (int i = S - 1; i >= 0; --i) {
-                    if (i < sublen) {  // block-uniform, so the shuffles below see every lane
-                        const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
-                        const float q = st_q[i * CH + slot];
-                        const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
-                        const float4 c4 = *reinterpret_cast<const float4*>(st_c + i * NP + p * R);
-                        const float bv[R] = {b4.x, b4.y, b4.z, b4.w}, cv[R] = {c4.x, c4.y, c4.z, c4.w};
-                        float rs = 0.0f, rb = 0.0f, ra = 0.0f;
-                        float vals[2 * R];  // this channel's dB (first R) and dC (last R) terms
+                    const float dt = st_dt[i * CH + slot], dtu = dt * st_u[i * CH + slot];
+                    const float q = st_q[i * CH + slot];
+                    const float4 b4 = *reinterpret_cast<const float4*>(st_b + i * NP + p * R);
+                    const float4 c4 = *reinterpret_cast<const float4*>(st_c + i * NP + p * R);
+                    const float bv[R] = {b4.x, b4.y, b4.z, b4.w}, cv[R] = {c4.x, c4.y, c4.z, c4.w};
+                    float rs = 0.0f, rb = 0.0f, ra = 0.0f;
+                    float vals[2 * R];  // this channel's dB (first R) and dC (last R) terms
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            const float da = exp2_approx(dt * a2[r]), hp = hist[i][r], hc = hist[i + 1][r];
-                            const float dh = x[r] + cv[r] * q;
-                            const float e = dh * da * hp;
-                            rs += cv[r] * hc;
-                            rb += dh * bv[r];
-                            ra += e * a[r];
-                            ga[r] += e * dt;
-                            vals[r] = dh * dtu;
-                            vals[R + r] = q * hc;
-                            x[r] = da * dh;
-                        }
-#pragma unroll
-                        for (int o = P / 2; o > 0; o >>= 1) {
-                            rs += __shfl_xor_sync(FULL_MASK, rs, o);
-                            rb += __shfl_xor_sync(FULL_MASK, rb, o);
-                            ra += __shfl_xor_sync(FULL_MASK, ra, o);
-                        }
-                        if (p == 0) {
-                            float* s = sums + (i * CH + slot) * 3;
-                            s[0] = rs;
-                            s[1] = rb;
-                            s[2] = ra;
-                        }
-                        // Sum the warp's channels (lanes that differ in the bits >= P): at each step a lane keeps
-                        // half of its values, adds the partner's copy of that half, and hands over the other half.
-#pragma unroll
-                        for (int off = 16, cnt = 2 * R; off >= P; off >>= 1) {
-                            const int half = cnt / 2;
-                            const bool upper = (lane & off) != 0;
-#pragma unroll
-                            for (int k = 0; k < half; ++k) {
-                                const float send = upper ? vals[k] : vals[k + half];
-                                const float keep = upper ? vals[k + half] : vals[k];
-                                vals[k] = keep + __shfl_xor_sync(FULL_MASK, send, off);
-                            }
-                            cnt = half;
-                        }
-                        float* w = red + (i * WARPS + warp) * V;
-#pragma unroll
-                        for (int k = 0; k < RED_PER_LANE; ++k) w[red_at[k]] = vals[k];
+                    for (int r = 0; r < R; ++r) {
+                        const float da = exp2_approx(dt * a2[r]), hp = hist[i][r], hc = hist[i + 1][r];
+                        const float dh = x[r] + cv[r] * q;
+                        const float e = dh * da * hp;
+                        rs += cv[r] * hc;
+                        rb += dh * bv[r];
+                        ra += e * a[r];
+                        ga[r] += e * dt;
+                        vals[r] = dh * dtu;
+                        vals[R + r] = q * hc;
+                        x[r] = da * dh;
                     }
+#pragma unroll
+                    for (int o = P / 2; o > 0; o >>= 1) {
+                        rs += __shfl_xor_sync(FULL_MASK, rs, o);
+                        rb += __shfl_xor_sync(FULL_MASK, rb, o);
+                        ra += __shfl_xor_sync(FULL_MASK, ra, o);
+                    }
+                    if (p == 0) {
+                        float* s = sums + (i * CH + slot) * 3;
+                        s[0] = rs;
+                        s[1] = rb;
+                        s[2] = ra;
+                    }
+                    // Sum the warp's channels (lanes that differ in the bits >= P): at each step a lane keeps
+                    // half of its values, adds the partner's copy of that half, and hands over the other half.
+#pragma unroll
+                    for (int off = 16, cnt = 2 * R; off >= P; off >>= 1) {
+                        const int half = cnt / 2;
+                        const bool upper = (lane & off) != 0;
+#pragma unroll
+                        for (int k = 0; k < half; ++k) {
+                            const float send = upper ? vals[k] : vals[k + half];
+                            const float keep = upper ? vals[k + half] : vals[k];
+                            vals[k] = keep + __shfl_xor_sync(FULL_MASK, send, off);
+                        }
+                        cnt = half;
+                    }
+                    float* w = red + (i * WARPS + warp) * V;
+#pragma unroll
+                    for (int k = 0; k < RED_PER_LANE; ++k) w[red_at[k]] = vals[k];
                 }
                 __syncthreads();
                 for (int e = tid; e < sublen * CH; e += THREADS) {
