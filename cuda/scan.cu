@@ -360,56 +360,57 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
 
     // Staging, in two halves so that a sub-chunk's global loads are in flight while the previous one is computed:
     // fetch reads S tokens from t_first (count of them real, the rest zero) of the tile's channels into registers:
-    // delta and u, and with full also z, gy and C, and the B rows; put (between barriers) writes what every lane
-    // reads into shared memory: dt, u, and with full q, gy SiLU'(z), softplus'(.) and C. Zero-padded tokens leave
-    // states and carries unchanged.
+    // delta and u, and with full also z, gy and C, and the B rows, as stored (E: converted to float32 by put, so
+    // that no instruction waits on a load before put's barrier; converted in fetch, those waits were 13% of the
+    // warps' stall samples, ncu on the H100); put (between barriers) writes what every lane reads into shared memory:
+    // dt, u, and with full q, gy SiLU'(z), softplus'(.) and C. Zero-padded tokens leave states and carries unchanged.
     constexpr int TOK_PER_THREAD = (S * CH + THREADS - 1) / THREADS, ROW_PER_THREAD = (S * NP + THREADS - 1) / THREADS;
     struct Fetched {
-        float delta[TOK_PER_THREAD], u[TOK_PER_THREAD], z[TOK_PER_THREAD], gy[TOK_PER_THREAD];
-        float b[ROW_PER_THREAD], c[ROW_PER_THREAD];
+        E delta[TOK_PER_THREAD], u[TOK_PER_THREAD], z[TOK_PER_THREAD], gy[TOK_PER_THREAD];
+        E b[ROW_PER_THREAD], c[ROW_PER_THREAD];
     } f;
+    const E zero = from_f32<E>(0.0f);
     auto fetch = [&](int64_t d0, int64_t t_first, int count, bool full) {
 #pragma unroll
         for (int j = 0; j < TOK_PER_THREAD; ++j) {
             const int e = tid + j * THREADS, i = e / CH;
             const int64_t dd = d0 + ech, at = token_row(g, t_first + i, L, flip) * D + dd;
             const bool on = e < S * CH && i < count && dd < D;
-            f.delta[j] = on ? to_f32(delta[at]) : 0.0f;
-            f.u[j] = on ? to_f32(u[at]) : 0.0f;
-            f.z[j] = on && full ? to_f32(z[at]) : 0.0f;
-            f.gy[j] = on && full ? to_f32(gy[at]) : 0.0f;
+            f.delta[j] = on ? delta[at] : zero;
+            f.u[j] = on ? u[at] : zero;
+            f.z[j] = on && full ? z[at] : zero;
+            f.gy[j] = on && full ? gy[at] : zero;
         }
 #pragma unroll
         for (int j = 0; j < ROW_PER_THREAD; ++j) {
             const int e = tid + j * THREADS, i = e / NP, k = e % NP;
             const bool on = e < S * NP && i < count && k < N;
             const int64_t at = token_row(g, t_first + i, L, flip) * bc_ld + k;
-            f.b[j] = on ? to_f32(bmat[at]) : 0.0f;
-            f.c[j] = on && full ? to_f32(cmat[at]) : 0.0f;
+            f.b[j] = on ? bmat[at] : zero;
+            f.c[j] = on && full ? cmat[at] : zero;
         }
     };
-    auto put = [&](int64_t d0, int count, bool full) {
+    auto put = [&](bool e_on, float e_bias, int count, bool full) {
         __syncthreads();  // the previous contents have been read
 #pragma unroll
         for (int j = 0; j < TOK_PER_THREAD; ++j) {
             const int e = tid + j * THREADS, i = e / CH;
             if (e >= S * CH) break;
-            const int64_t dd = d0 + ech;
             float dt = 0.0f, q = 0.0f, gzc = 0.0f, sp = 0.0f;
-            if (i < count && dd < D) {
-                const float pre = f.delta[j] + delta_bias[dd], zt = f.z[j];
+            if (i < count && e_on) {
+                const float pre = to_f32(f.delta[j]) + e_bias, zt = to_f32(f.z[j]), gyt = to_f32(f.gy[j]);
                 dt = softplusf(pre);
                 if (full) {
                     // SiLU(z) = z s(z), SiLU'(z) = s(z) (1 + z (1 - s(z))), softplus'(x) = s(x) (1 above 20, where
                     // softplus is linear): one sigmoid each, by fast_sigmoid (common.cuh says why).
                     const float sz = fast_sigmoid(zt);
-                    q = f.gy[j] * zt * sz;
-                    gzc = f.gy[j] * (sz * (1.0f + zt * (1.0f - sz)));
+                    q = gyt * zt * sz;
+                    gzc = gyt * (sz * (1.0f + zt * (1.0f - sz)));
                     sp = pre > 20.0f ? 1.0f : fast_sigmoid(pre);
                 }
             }
             st_dt[e] = dt;
-            st_u[e] = f.u[j];
+            st_u[e] = to_f32(f.u[j]);
             if (full) {
                 st_q[e] = q;
                 st_gz[e] = gzc;
@@ -420,8 +421,8 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
         for (int j = 0; j < ROW_PER_THREAD; ++j) {
             const int e = tid + j * THREADS;
             if (e >= S * NP) break;
-            st_b[e] = f.b[j];
-            if (full) st_c[e] = f.c[j];
+            st_b[e] = to_f32(f.b[j]);
+            if (full) st_c[e] = to_f32(f.c[j]);
         }
         __syncthreads();
     };
@@ -443,7 +444,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
             ga[r] = 0.0f;
         }
         const bool e_on = d0 + ech < D;
-        const float e_dsk = e_on ? d_skip[d0 + ech] : 0.0f;
+        const float e_dsk = e_on ? d_skip[d0 + ech] : 0.0f, e_bias = e_on ? delta_bias[d0 + ech] : 0.0f;
         float gd = 0.0f, gbias = 0.0f;  // channel ech: sum q u, sum ddelta
 
         for (int64_t c = c_end - 1; c >= c_begin; --c) {
@@ -462,7 +463,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) ckpt[(j * R + r) * THREADS + tid] = h[r];
                 if (j + 1 == nsub) break;
-                put(d0, S, false);
+                put(e_on, e_bias, S, false);
                 if (j + 2 < nsub) fetch(d0, t0 + (j + 1) * S, S, false);
 #pragma unroll
                 for (int i = 0; i < S; ++i) {
@@ -478,7 +479,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
             fetch(d0, t0 + (nsub - 1) * S, len - (nsub - 1) * S, true);
             for (int j = nsub - 1; j >= 0; --j) {
                 const int sublen = min(S, len - j * S);  // the same for the whole block
-                put(d0, sublen, true);
+                put(e_on, e_bias, sublen, true);
                 if (j > 0) fetch(d0, t0 + (j - 1) * S, S, true);
                 // The states of the sub-chunk: hist[i] = h_{t-1} and hist[i + 1] = h_t of its token i.
                 float hist[S + 1][R];
