@@ -118,6 +118,7 @@ __device__ __forceinline__ void scan_forward_pass(const ScanParams<E>& p) {
     float* __restrict__ states = p.chunk_states;
     float* __restrict__ sum_dt = p.chunk_dt;
     const bool has_init = h_init != nullptr;
+    const E zero = from_f32<E>(0.0f);
     const int record = p.record, N = p.N;
     const int64_t L = p.L, D = p.D, bc_ld = p.bc_ld, T = SCAN_CHUNK, cpb = p.cpb;
     __shared__ __align__(16) float sb[SCAN_STAGE][NMAX];
@@ -150,27 +151,42 @@ __device__ __forceinline__ void scan_forward_pass(const ScanParams<E>& p) {
             const int ns = (int)min((int64_t)SCAN_STAGE, len - s0);
             auto row = [&](int tt) { return token_row(g, t0 + s0 + tt, L, FLIP); };  // stage token tt's row
             __syncthreads();  // the previous stage has been read by everyone
-            for (int e = threadIdx.x; e < SCAN_STAGE * NMAX; e += blockDim.x) {
-                const int tt = e / NMAX, k = e % NMAX;
-                const bool on = tt < ns && k < N;
-                sb[tt][k] = on ? to_f32(bmat[row(tt) * bc_ld + k]) : 0.0f;
-                if (!SUMMARY) sc[tt][k] = on ? to_f32(cmat[row(tt) * bc_ld + k]) : 0.0f;
+            // BATCH elements of B and C per thread loaded before any is converted and stored, so that their loads
+            // are in flight together rather than one after the other.
+            constexpr int BATCH = 4;
+            for (int e0 = threadIdx.x; e0 < SCAN_STAGE * NMAX; e0 += BATCH * blockDim.x) {
+                E vb[BATCH], vc[BATCH];
+#pragma unroll
+                for (int q = 0; q < BATCH; ++q) {
+                    const int e = e0 + q * blockDim.x, tt = e / NMAX, k = e % NMAX;
+                    const bool on = e < SCAN_STAGE * NMAX && tt < ns && k < N;
+                    vb[q] = on ? bmat[row(tt) * bc_ld + k] : zero;
+                    vc[q] = on && !SUMMARY ? cmat[row(tt) * bc_ld + k] : zero;
+                }
+#pragma unroll
+                for (int q = 0; q < BATCH; ++q) {
+                    const int e = e0 + q * blockDim.x;
+                    if (e >= SCAN_STAGE * NMAX) break;
+                    sb[e / NMAX][e % NMAX] = to_f32(vb[q]);
+                    if (!SUMMARY) sc[e / NMAX][e % NMAX] = to_f32(vc[q]);
+                }
             }
             __syncthreads();
             if (!active) continue;
-            // Token tt's u, delta and z, loaded a token ahead: the load of token tt + 1 is in flight while token
-            // tt's states are updated, instead of each token waiting on its own loads.
-            float next_u, next_delta, next_z = 0.0f;
+            // Token tt's u, delta and z, loaded a token ahead and kept as stored (converted where they are used): the
+            // load of token tt + 1 is in flight while token tt's states are updated, instead of each token waiting
+            // on its own loads.
+            E next_u, next_delta, next_z = zero;
             auto fetch = [&](int tt) {
                 const int64_t i = row(tt) * D + d;
-                next_u = to_f32(u[i]);
-                next_delta = to_f32(delta[i]);
-                if (!SUMMARY) next_z = to_f32(z[i]);
+                next_u = u[i];
+                next_delta = delta[i];
+                if (!SUMMARY) next_z = z[i];
             };
             fetch(0);
             for (int tt = 0; tt < ns; ++tt) {
                 const int64_t i = row(tt) * D + d;
-                const float ut = next_u, delta_t = next_delta, zt = next_z;
+                const float ut = to_f32(next_u), delta_t = to_f32(next_delta), zt = to_f32(next_z);
                 if (tt + 1 < ns) fetch(tt + 1);
                 const float dt = softplusf(delta_t + bias);
                 const float du = dt * ut;
@@ -365,6 +381,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
     // warps' stall samples, ncu on the H100); put (between barriers) writes what every lane reads into shared memory:
     // dt, u, and with full q, gy SiLU'(z), softplus'(.) and C. Zero-padded tokens leave states and carries unchanged.
     constexpr int TOK_PER_THREAD = (S * CH + THREADS - 1) / THREADS, ROW_PER_THREAD = (S * NP + THREADS - 1) / THREADS;
+    constexpr int ACC_PER_THREAD = (S * V + THREADS - 1) / THREADS;
     struct Fetched {
         E delta[TOK_PER_THREAD], u[TOK_PER_THREAD], z[TOK_PER_THREAD], gy[TOK_PER_THREAD];
         E b[ROW_PER_THREAD], c[ROW_PER_THREAD];
@@ -550,9 +567,13 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                     for (int k = 0; k < RED_PER_LANE; ++k) w[red_at[k]] = vals[k];
                 }
                 __syncthreads();
-                for (int e = tid; e < sublen * CH; e += THREADS) {
-                    if (!e_on) continue;
-                    const int i = e / CH;
+                // This thread's (token, channel) elements of the sub-chunk, then its elements of the block's dB | dC
+                // rows, in loops of fixed length (as runtime loops over sublen they took 10% of the kernel's
+                // instructions, ncu on the H100), the tokens past sublen skipped.
+#pragma unroll
+                for (int k = 0; k < TOK_PER_THREAD; ++k) {
+                    const int e = tid + k * THREADS, i = e / CH;
+                    if (e >= S * CH || i >= sublen || !e_on) continue;
                     const float* s = sums + e * 3;
                     const float dt = st_dt[e], ut = st_u[e], q = st_q[e];
                     const float gdl = (ut * s[1] + s[2]) * st_sp[e];
@@ -564,8 +585,10 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
                     gbias += gdl;
                 }
                 const int acc0 = (int)(t0 + j * S - tok_begin);
-                for (int e = tid; e < sublen * V; e += THREADS) {
-                    const int i = e / V, v = e % V;
+#pragma unroll
+                for (int k = 0; k < ACC_PER_THREAD; ++k) {
+                    const int e = tid + k * THREADS, i = e / V, v = e % V;
+                    if (e >= S * V || i >= sublen) continue;
                     float s = 0.0f;
 #pragma unroll
                     for (int w = 0; w < WARPS; ++w) s += red[(i * WARPS + w) * V + v];
