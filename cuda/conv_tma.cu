@@ -91,6 +91,26 @@ __device__ __forceinline__ uint64_t box_operand(uint32_t at, int s) {
     return wgmma::descriptor_sw128(at + 2 * 1024 * s, 1024, BOX);
 }
 
+// The first 1024-byte boundary of the dynamic shared memory at smem: the 128-byte swizzle repeats every 1024 bytes,
+// and the TMA unit and the wgmma descriptors address the boxes from such a boundary (the header's sizes reserve the
+// 1024 bytes this may skip).
+__device__ __forceinline__ uint32_t swizzle_base(const unsigned char* smem) {
+    return ((uint32_t)__cvta_generic_to_shared(smem) + 1023) & ~1023u;
+}
+
+// The corner of box b of a map cut into boxes of box_x x box_y positions: x block b % x_blocks, then the y block, the
+// depth index z (of depth) and the batch item n.
+struct BoxCorner {
+    int x, y, z, n;
+};
+__device__ __forceinline__ BoxCorner box_corner(int b, int x_blocks, int y_blocks, int box_x, int box_y, int depth) {
+    const int x = b % x_blocks * box_x;
+    b /= x_blocks;
+    const int y = b % y_blocks * box_y;
+    b /= y_blocks;
+    return {x, y, b % depth, b / depth};
+}
+
 // The k-block pipeline of both kernels: thread 0 initialises the stages' barriers at `bars` and puts the first
 // `STAGES` k-blocks in flight (issue(i): k-block i's copies into stage i % STAGES, completing its barrier); then for
 // each k-block every thread waits on its stage's barrier and the warpgroups issue its products (consume(i), between a
@@ -128,8 +148,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     // Warpgroup g's k-steps of a k-block: all of them (ROWS 128), or its half (ROWS 64).
     constexpr int STEPS = ROWS == 128 ? KSTEPS : KSTEPS / 2;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
-    const uint32_t base = (raw + 1023) & ~1023u, bars = base + STAGES * STAGE;
+    const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES * STAGE;
     const int t = threadIdx.x, group = t >> 7;
     const int cn0 = blockIdx.x * ROWS, tap_row = blockIdx.y % (KZ * 3);
     const int cw0 = blockIdx.y / (KZ * 3) * CONV_TMA_COLS, az = tap_row / 3, ay = tap_row % 3;
@@ -138,12 +157,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide box of each tap (az, ay, ax), its
     // corner shifted by the tap less the padding.
     auto issue = [&](int i) {
-        int b = kb0 + i;
-        const int x0 = b % p.x_blocks * p.box_x;
-        b /= p.x_blocks;
-        const int y0 = b % p.y_blocks * p.box_y;
-        b /= p.y_blocks;
-        const int z = b % p.depth, n = b / p.depth;
+        const auto [x0, y0, z, n] = box_corner(kb0 + i, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.depth);
         const uint32_t at = base + i % STAGES * STAGE, bar = bars + 8 * (i % STAGES);
         barrier_expect(bar, STAGE);
         for (int h = 0; h < NARROW; ++h) copy_box(at + h * BOX, &p.narrow_map, cn0 + 64 * h, x0, y0, z, n, bar);
@@ -173,7 +187,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     // (wgmma.cuh) at acc[ax][4 j + 2 h + e]. ROWS 64: the second warpgroup's sums (the other half of the positions)
     // through the free stages, added by the first, which alone writes.
     if constexpr (ROWS == 64) {
-        float* other = reinterpret_cast<float*>(smem_raw + (base - raw));
+        float* other = reinterpret_cast<float*>(smem_raw + (base - (uint32_t)__cvta_generic_to_shared(smem_raw)));
         const int lane128 = t & 127;
         __syncthreads();
         if (group == 1)
@@ -258,16 +272,11 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
     constexpr int STAGE = 2 * TILE, TAPS = KZ * 9;
     static_assert(STAGES_P * STAGE + 1024 + 8 * STAGES_P == CONV_TMA_PRODUCT_SHARED && N == 128, "the header's sizes");
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
-    const uint32_t base = (raw + 1023) & ~1023u, bars = base + STAGES_P * STAGE;
+    const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES_P * STAGE;
     const int t = threadIdx.x, group = t >> 7;
     const int m0 = blockIdx.x * 128;
-    int b = blockIdx.y;
-    const int x0 = b % p.x_blocks * p.box_x;
-    b /= p.x_blocks;
-    const int y0 = b % p.y_blocks * p.box_y;
-    b /= p.y_blocks;
-    const int z = b % p.size[0], n = b / p.size[0];
+    const BoxCorner box = box_corner(blockIdx.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
+    const int x0 = box.x, y0 = box.y, z = box.z, n = box.n;
     const int chunks = (p.c_src + 63) / 64, count = TAPS * chunks;
 
     // k-block i (tap i / chunks, channels 64 (i % chunks) ...) into stage i % STAGES_P.
