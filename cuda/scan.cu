@@ -90,8 +90,21 @@
 #include "common.cuh"
 #include "scan.cuh"
 
+#include <type_traits>
+
 #define SCAN_LOG2E 1.4426950408889634f
 #define FULL_MASK 0xffffffffu
+
+// dt = softplus(delta + delta_bias) of the forward, its backward recompute and the carry kernel, the same function in
+// all three: fast_softplus for bf16 storage (common.cuh: within 3e-6, where delta itself is rounded to 2^-9), the
+// exact softplusf for float32.
+template <typename E>
+__device__ __forceinline__ float scan_softplus(float x) {
+    if constexpr (std::is_same_v<E, float>)
+        return softplusf(x);
+    else
+        return fast_softplus(x);
+}
 
 // The memory row of token t of sequence g: g L + t, or with flip (a sequence scanned from its last token) g L + L - 1
 // - t. Every token-shaped access goes through it; chunks, states and carries are in scan order.
@@ -188,7 +201,7 @@ __device__ __forceinline__ void scan_forward_pass(const ScanParams<E>& p) {
                 const int64_t i = row(tt) * D + d;
                 const float ut = to_f32(next_u), delta_t = to_f32(next_delta), zt = to_f32(next_z);
                 if (tt + 1 < ns) fetch(tt + 1);
-                const float dt = softplusf(delta_t + bias);
+                const float dt = scan_softplus<E>(delta_t + bias);
                 const float du = dt * ut;
                 dt_sum += dt;
                 float acc = 0.0f;
@@ -293,7 +306,7 @@ __device__ void scan_backward_carry(const ScanParams<E>& p) {
             const int64_t row = token_row(g, t0 + t, L, p.flip), at = row * D + d;
             const float zt = to_f32(z[at]);
             const float q = to_f32(gy[at]) * zt * fast_sigmoid(zt);
-            const float dt = softplusf(to_f32(delta[at]) + bias);
+            const float dt = scan_softplus<E>(to_f32(delta[at]) + bias);
             dt_sum += dt;
             x = exp2_approx(dt * a2) * (x + to_f32(cmat[row * p.bc_ld + n]) * q);
         }
@@ -416,7 +429,7 @@ __device__ __forceinline__ void scan_backward(const ScanParams<E>& prm) {
             float dt = 0.0f, q = 0.0f, gzc = 0.0f, sp = 0.0f;
             if (i < count && e_on) {
                 const float pre = to_f32(f.delta[j]) + e_bias, zt = to_f32(f.z[j]), gyt = to_f32(f.gy[j]);
-                dt = softplusf(pre);
+                dt = scan_softplus<E>(pre);
                 if (full) {
                     // SiLU(z) = z s(z), SiLU'(z) = s(z) (1 + z (1 - s(z))), softplus'(x) = s(x) (1 above 20, where
                     // softplus is linear): one sigmoid each, by fast_sigmoid (common.cuh says why).
