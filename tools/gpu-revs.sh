@@ -10,6 +10,10 @@
 # prints, last, per binary and configuration the median ms of the rounds, each round's ms, the peak GiB, and the
 # ratio to the reference's median.
 #
+# PROFILE=1: then also `lkm-engine profile --csv` of every binary at each configuration (bf16 storage, STEPS steps),
+# into $OUT/revs/profile_NAME_CONFIG.csv, and per configuration a table of the op kinds' ms per step side by side
+# (tools/op_totals.py): where a change acted, beside the step times that say how much it gave.
+#
 # Usage: bash tools/gpu-revs.sh [NAME ...]   (default: base if packed, every other .gpu/*/lkm-engine, then packed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,3 +68,21 @@ for (name, config, batch, layout, precision), (ms, peaks) in sorted(
     print(f"| {name} | {config} | {batch} | {layout} | {precision} | {median:.1f} | "
           f"{', '.join(f'{m:.1f}' for m in ms)} | {peak if peak is not None else '-'} | {ratio} |")
 PY
+if [ "${PROFILE:-0}" = 1 ]; then
+  IFS=';' read -ra profile_runs <<<"$RUNS"
+  for run in "${profile_runs[@]}"; do
+    read -r config batch layout <<<"$run"
+    files=()
+    for name in "${names[@]}"; do
+      bin=.gpu/lkm-engine
+      [ "$name" = packed ] || bin=.gpu/$name/lkm-engine
+      csv="$out/profile_${name}_${config}.csv"
+      timeout 300 "$bin" profile --config "$config" --batch "$batch" --pim-layout "$layout" --steps "$STEPS" \
+        --device cuda --precision bf16 --csv "$csv" >"$out/profile_${name}_${config}.txt" 2>&1 &&
+        files+=("$name=$csv") || echo "$name $config: profile failed: $(tail -n 3 "$out/profile_${name}_${config}.txt")" >&2
+    done
+    echo
+    echo "$config b$batch $layout, per op kind (lkm-engine profile, recorded):"
+    [ ${#files[@]} -gt 0 ] && python3 tools/op_totals.py "${files[@]}"
+  done
+fi

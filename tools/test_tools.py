@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conv_totals  # noqa: E402
 import ncu_summary  # noqa: E402
+import op_totals  # noqa: E402
 import safetensors_io as st  # noqa: E402
 
 try:
@@ -403,6 +404,29 @@ def test_ncu_summary_columns_by_pattern():
     rows[2] += ["1.7", "13.2"]
     got = dict(zip(cols, ncu_summary.summarise(rows)[1][0]))
     assert got["smem KB"] == "150" and got["DRAM %"] == "12.5" and got["tensor %"] == "13.2", got
+
+
+def test_op_totals():
+    """op_totals: kinds summed over layers, ordered by the first file, ratios to it, kinds only a later file has."""
+    head = "op,layer,stage,shapes,calls_per_step,ms_per_step,bytes_per_step,flops_per_step,gbps,tflops\n"
+
+    def profile(name, rows):
+        path = _tmp(name)
+        with open(path, "w") as f:
+            f.write(head + "".join(f'{op},{layer},s,"[1, 2]",1,{ms},0,0,0,0\n' for op, layer, ms in rows))
+        return path
+
+    base = op_totals.totals(profile("base.csv", [("scan.bwd", "a", 4.0), ("scan.bwd", "b", 2.0),
+                                                  ("conv.fwd", "a", 3.0)]))
+    new = op_totals.totals(profile("new.csv", [("scan.bwd", "a", 3.0), ("conv.fwd", "a", 3.0), ("cast.fwd", "a", 0.5)]))
+    assert base == {"scan.bwd": 6.0, "conv.fwd": 3.0}, base
+    lines = op_totals.table([("base", base), ("new", new)], top=12)
+    assert lines[0] == "| op kind | base ms | new ms | new / base |", lines
+    assert lines[2] == "| scan.bwd | 6.00 | 3.00 | 0.500 |", lines
+    assert lines[3] == "| conv.fwd | 3.00 | 3.00 | 1.000 |", lines
+    assert lines[4] == "| cast.fwd | 0.00 | 0.50 | - |", lines
+    assert lines[5] == "| all ops | 9.00 | 6.50 | 0.722 |", lines
+    assert len(op_totals.table([("base", base), ("new", new)], top=1)) == 5  # scan.bwd, cast.fwd (new only), sums
 
 
 def test_conv_totals():
