@@ -28,11 +28,12 @@ if [ ${#names[@]} -eq 0 ]; then
   done
   names+=(packed)
 fi
+# The binary of NAME: the packed working tree's, or a --rev build's.
+bin_of() { if [ "$1" = packed ]; then echo .gpu/lkm-engine; else echo ".gpu/$1/lkm-engine"; fi; }
 export RUNS=${RUNS:-"flare-3d 2 strided;amos-2d 12 strided"} MATHS=${MATHS:-bf16} STEPS=${STEPS:-4}
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for name in "${names[@]}"; do
-    bin=.gpu/lkm-engine
-    [ "$name" = packed ] || bin=.gpu/$name/lkm-engine
+    bin=$(bin_of "$name")
     if [ ! -x "$bin" ]; then
       echo "$name: no binary $bin (tools/gpu-pack.sh --rev $name=REV packs it)" >&2
       continue
@@ -74,8 +75,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
     read -r config batch layout <<<"$run"
     files=()
     for name in "${names[@]}"; do
-      bin=.gpu/lkm-engine
-      [ "$name" = packed ] || bin=.gpu/$name/lkm-engine
+      bin=$(bin_of "$name")
       csv="$out/profile_${name}_${config}.csv"
       timeout 300 "$bin" profile --config "$config" --batch "$batch" --pim-layout "$layout" --steps "$STEPS" \
         --device cuda --precision bf16 --csv "$csv" >"$out/profile_${name}_${config}.txt" 2>&1 &&

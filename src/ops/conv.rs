@@ -1400,7 +1400,7 @@ enum WgradKernel<T: Copy> {
 }
 
 /// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Product {
     NarrowFromWide,
     WideFromNarrow,
@@ -1784,6 +1784,23 @@ impl Pairing {
         self.k.iter().product()
     }
 
+    /// The channels and spatial size of pass `which`'s source map: the wide map for the forward, the narrow one for
+    /// the input gradient.
+    fn source(&self, which: Product) -> (usize, [usize; 3]) {
+        match which {
+            Product::NarrowFromWide => (self.c_wide, self.wide),
+            Product::WideFromNarrow => (self.c_narrow, self.narrow),
+        }
+    }
+
+    /// The channels and spatial size of pass `which`'s output map (the other map of [`Pairing::source`]).
+    fn output(&self, which: Product) -> (usize, [usize; 3]) {
+        match which {
+            Product::NarrowFromWide => (self.c_narrow, self.narrow),
+            Product::WideFromNarrow => (self.c_wide, self.wide),
+        }
+    }
+
     /// The transposed conv's output gradient `g` unfolded into the columns of the explicit weight gradient,
     /// col[n, (cw, a), o] = g[n, cw, o s + a] ([`Pairing::columns`]; the kernel is the stride, so col is g rearranged
     /// and no bigger), with the kernels, where they take the pairing ([`Pairing::gemm_wgrad_kernels`]; `x` the op's
@@ -1895,10 +1912,7 @@ impl Pairing {
         what: &str,
     ) -> Result<GpuBuffer<T>> {
         let d = self.kernel_dims(what)?;
-        let (channels, size) = match which {
-            Product::NarrowFromWide => (self.c_narrow, self.narrow),
-            Product::WideFromNarrow => (self.c_wide, self.wide),
-        };
+        let (channels, size) = self.output(which);
         let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
         if let Some((kernels, kernel)) = self.tma_product_kernel::<T>(&src.gpu) {
             self.tma_product(kernels.pack, kernel, which, (src, src_last), w, bias, &mut out, what)?;
@@ -2017,13 +2031,9 @@ impl Pairing {
             && channels_last_fits(self.c_wide, voxels(self.wide))
     }
 
-    /// The channels-last copy ([`channels_last`]) of the source of pass `which` (the wide map for the forward, the
-    /// narrow one for the input gradient), `src`.
+    /// The channels-last copy ([`channels_last`]) of `src`, the source of pass `which` ([`Pairing::source`]).
     fn channels_last_of<T: ConvElement>(&self, src: &GpuBuffer<T>, which: Product, what: &str) -> Result<GpuBuffer<T>> {
-        let (channels, size) = match which {
-            Product::NarrowFromWide => (self.c_wide, self.wide),
-            Product::WideFromNarrow => (self.c_narrow, self.narrow),
-        };
+        let (channels, size) = self.source(which);
         channels_last(&src.gpu, src.ptr(), self.batch, channels, size.iter().product(), what)
     }
 
@@ -2088,10 +2098,8 @@ impl Pairing {
         what: &str,
     ) -> Result<()> {
         let gpu = &src.gpu;
-        let (c_src, src_size, c_out, size, flip) = match which {
-            Product::NarrowFromWide => (self.c_wide, self.wide, self.c_narrow, self.narrow, false),
-            Product::WideFromNarrow => (self.c_narrow, self.narrow, self.c_wide, self.wide, true),
-        };
+        let ((c_src, src_size), (c_out, size)) = (self.source(which), self.output(which));
+        let flip = which == Product::WideFromNarrow;
         let pad: [usize; 3] = std::array::from_fn(|d| if flip { self.k[d] - 1 - self.pad[d] } else { self.pad[d] });
         let (taps, k_pad) = (self.taps(), c_src.next_multiple_of(8));
         let elements = taps * c_out * k_pad;
@@ -2246,10 +2254,7 @@ impl Pairing {
     /// save. Counted over the whole pass, as the input gradient's stride phases share one copy.
     fn wgmma_channels_last(&self, which: Product) -> bool {
         let voxels = |s: [usize; 3]| s.iter().product::<usize>();
-        let (src, dst, c_dst) = match which {
-            Product::NarrowFromWide => (self.wide, self.narrow, self.c_narrow),
-            Product::WideFromNarrow => (self.narrow, self.wide, self.c_wide),
-        };
+        let ((_, src), (c_dst, dst)) = (self.source(which), self.output(which));
         self.taps() * c_dst * voxels(dst) >= WGMMA_CL_MIN_USES * voxels(src)
     }
 
@@ -2473,10 +2478,7 @@ impl Pairing {
     /// [`EXPLICIT_MAX_ROWS_BYTES`]: the deep 2D stages' small maps, where the implicit products have few positions
     /// to share out and reload the map per channel tile.
     fn explicit_suits(&self, product: Product) -> bool {
-        let src_channels = match product {
-            Product::NarrowFromWide => self.c_wide,
-            Product::WideFromNarrow => self.c_narrow,
-        };
+        let (src_channels, _) = self.source(product);
         let (row, positions) = (src_channels * self.taps(), self.narrow.iter().product::<usize>());
         let rows_bytes = self.batch * positions * row * std::mem::size_of::<bf16>();
         !self.transposed
@@ -2509,10 +2511,7 @@ impl Pairing {
     ) -> Result<()> {
         let gpu = &src.gpu;
         let (taps, positions) = (self.taps(), self.narrow.iter().product::<usize>());
-        let (src_channels, dst_channels) = match product {
-            Product::NarrowFromWide => (self.c_wide, self.c_narrow),
-            Product::WideFromNarrow => (self.c_narrow, self.c_wide),
-        };
+        let ((src_channels, _), (dst_channels, _)) = (self.source(product), self.output(product));
         let (row, columns) = (src_channels * taps, self.batch * positions);
         let mut rows = gpu.alloc_of::<T>(columns * row, what)?;
         let pieces = columns * row / 8;
