@@ -260,43 +260,54 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 }
 
 // out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k] (conv_tma.cuh): a block owns 128 rows m (two
-// warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item), and walks the
-// k-blocks (tap a, 64 channels k): per k-block the TMA unit copies Wp's 128 x 64 box and the source box of 128
-// positions x 64 channels whose corner the tap shifts (zeros outside the map: the padding), both K-major rows of 128
-// bytes in the 128-byte swizzle; per k-step of 16 channels one m64n128k16 per warpgroup. The same pipeline as the
-// weight gradient's (tma_pipeline), CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed
-// order.
+// warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8 or 16),
+// and walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay =
+// 0, 1, 2 of Wp, 3 x 128 x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose
+// corner the tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row
+// ay box_x on: the output box shifted by ay rows, 128 consecutive positions. All are K-major rows of 128 bytes in the
+// 128-byte swizzle, and ay box_x rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor
+// form serves the three taps. Per k-step of 16 channels one m64n128k16 per warpgroup and tap.
+// Why a tap column per k-block: the products run from L2 (the boxes of every block), and a box per tap made them
+// L2-bound (32 KB per 128 x 128 x 64 product: 15 TB/s at the tensor cores' rate); the three taps of a column share
+// one source box, 68 KB instead of 96 per three products. The same pipeline as the weight gradient's
+// (tma_pipeline), CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
 template <int KZ>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
     constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = CONV_TMA_PRODUCT_POSITIONS, TILE = 128 * 64 * 2;
-    constexpr int STAGE = 2 * TILE, TAPS = KZ * 9;
+    constexpr int STAGE = CONV_TMA_PRODUCT_STAGE_BYTES;
     static_assert(STAGES_P * STAGE + 1024 + 8 * STAGES_P == CONV_TMA_PRODUCT_SHARED && N == 128, "the header's sizes");
+    static_assert(STAGE % 1024 == 0 && 3 * TILE % 1024 == 0, "stages and source boxes start on swizzle atoms");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES_P * STAGE;
     const int t = threadIdx.x, group = t >> 7;
     const int m0 = blockIdx.x * 128;
     const BoxCorner box = box_corner(blockIdx.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
     const int x0 = box.x, y0 = box.y, z = box.z, n = box.n;
-    const int chunks = (p.c_src + 63) / 64, count = TAPS * chunks;
+    const int chunks = (p.c_src + 63) / 64, count = KZ * 3 * chunks;
+    const uint32_t bytes = 3 * TILE + p.box_x * (p.box_y + 2) * 128;
 
-    // k-block i (tap i / chunks, channels 64 (i % chunks) ...) into stage i % STAGES_P.
+    // k-block i (tap column c = i / chunks = 3 az + ax, channels 64 (i % chunks) ...) into stage i % STAGES_P: Wp's
+    // taps 3 c .. 3 c + 2 (packed column by column: a' = 3 (3 az + ax) + ay), then the source box.
     auto issue = [&](int i) {
-        const int a = i / chunks, k0 = i % chunks * 64;
-        const int az = a / 9, ay = a / 3 % 3, ax = a % 3;
+        const int c = i / chunks, k0 = i % chunks * 64;
+        const int az = c / 3, ax = c % 3;
         const uint32_t at = base + i % STAGES_P * STAGE, bar = bars + 8 * (i % STAGES_P);
-        barrier_expect(bar, STAGE);
-        copy_box(at, &p.weight_map, k0, m0, a, bar);
-        copy_box(at + TILE, &p.src_map, k0, x0 + ax - p.pad[2], y0 + ay - p.pad[1], z + az - p.pad[0], n, bar);
+        barrier_expect(bar, bytes);
+        copy_box(at, &p.weight_map, k0, m0, 3 * c, bar);
+        copy_box(at + 3 * TILE, &p.src_map, k0, x0 + ax - p.pad[2], y0 - p.pad[1], z + az - p.pad[0], n, bar);
     };
     float acc[N / 2];
 #pragma unroll
     for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
+    const uint32_t row_shift = p.box_x * 128;  // one row of the box: a tap ay further
     tma_pipeline<STAGES_P>(bars, count, issue, [&](int i) {
         const uint32_t at = base + i % STAGES_P * STAGE;
 #pragma unroll
-        for (int s = 0; s < 4; ++s)
-            wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + group * 64 * 128 + 32 * s, 1024),
-                                wgmma::descriptor_sw128(at + TILE + 32 * s, 1024), true);
+        for (int ay = 0; ay < 3; ++ay)
+#pragma unroll
+            for (int s = 0; s < 4; ++s)
+                wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + ay * TILE + group * 64 * 128 + 32 * s, 1024),
+                                    wgmma::descriptor_sw128(at + 3 * TILE + ay * row_shift + 32 * s, 1024), true);
     });
 
     // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + 64 g + that, position q of the box
@@ -328,10 +339,12 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
 CONV_TMA_PRODUCT_KERNEL(conv_tma_product_bf16_k333, 3)
 CONV_TMA_PRODUCT_KERNEL(conv_tma_product_bf16_k133, 1)
 
-// Wp[a, m, k] from W (conv_tma.cuh): element e = (a c_out + m) k_pad + k.
+// Wp[a', m, k] from W (conv_tma.cuh): element e = (a' c_out + m) k_pad + k, tap a = (az, ay, ax) at a' = 3 (3 az +
+// ax) + ay.
 extern "C" __global__ void conv_tma_pack_bf16(const ConvTmaPackParams<__nv_bfloat16> p) {
     FOR_EACH(e, p.elements) {
-        const int k = (int)(e % p.k_pad), m = (int)(e / p.k_pad % p.c_out), a = (int)(e / p.k_pad / p.c_out);
+        const int k = (int)(e % p.k_pad), m = (int)(e / p.k_pad % p.c_out), packed = (int)(e / p.k_pad / p.c_out);
+        const int a = packed / 9 * 9 + packed % 3 * 3 + packed / 3 % 3;
         __nv_bfloat16 v = __float2bfloat16_rn(0.0f);
         if (k < p.c_src)
             v = p.flip ? p.w[((int64_t)k * p.c_out + m) * p.taps + p.taps - 1 - a]

@@ -75,9 +75,10 @@ extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
 //
 //   out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k]
 //
-// src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x box_y =
-// CONV_TMA_PRODUCT_POSITIONS positions), Wp packed by conv_tma_pack_bf16 (axes k, m, a: weight_map, boxes of 64 x 128
-// x 1), out channels first (c_out channels, the map `size`), bias b (c_out, or null). The forward: m = the conv's
+// src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x (box_y + 2)
+// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8 or 16, and the two rows
+// its taps along y add), Wp packed by conv_tma_pack_bf16 (axes k, m, a' with a' = 3 (3 az + ax) + ay for tap a = (az,
+// ay, ax): weight_map, boxes of 64 x 128 x 3, the three taps of a column), out channels first (c_out channels, the map `size`), bias b (c_out, or null). The forward: m = the conv's
 // output channel, k its input channel, Wp[a, m, k] = W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m =
 // its input channel, k its output channel, Wp[a, m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's.
 // Grid (ceil(c_out / 128), batch x size[0] x y_blocks x x_blocks), CONV_TMA_THREADS threads, CONV_TMA_PRODUCT_SHARED
@@ -100,15 +101,20 @@ struct ConvTmaProductParams {
     int y_blocks;
 };
 constexpr int CONV_TMA_PRODUCT_POSITIONS = 128;
-constexpr int CONV_TMA_PRODUCT_STAGES = 5;
-// A stage: 128 rows of the packed weight and 128 positions, 64 channels each (16 KB + 16 KB).
+// The widest output box (box_x is 8 or 16: whole 8-row swizzle atoms per row of the box).
+constexpr int CONV_TMA_PRODUCT_BOX_X_MAX = 16;
+constexpr int CONV_TMA_PRODUCT_STAGES = 3;
+// A stage: three taps of 128 rows of the packed weight (48 KB), and the source box of at most 128 + 2 x 16 positions
+// (20 KB), 64 channels each.
+constexpr int CONV_TMA_PRODUCT_STAGE_BYTES =
+    3 * 128 * 64 * 2 + (CONV_TMA_PRODUCT_POSITIONS + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 64 * 2;
 constexpr int CONV_TMA_PRODUCT_SHARED =
-    CONV_TMA_PRODUCT_STAGES * 2 * 128 * 64 * 2 + 1024 + 8 * CONV_TMA_PRODUCT_STAGES;
+    CONV_TMA_PRODUCT_STAGES * CONV_TMA_PRODUCT_STAGE_BYTES + 1024 + 8 * CONV_TMA_PRODUCT_STAGES;
 extern "C" __global__ void conv_tma_product_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_tma_product_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 
-// Wp[a, m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad: the
-// A operand of conv_tma_product from a conv's weight W (c_narrow, c_wide, taps). One thread per element of Wp
+// Wp[a', m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad, tap
+// a = (az, ay, ax) at a' = 3 (3 az + ax) + ay (a column's taps together, for one box): the A operand of conv_tma_product from a conv's weight W (c_narrow, c_wide, taps). One thread per element of Wp
 // (elements = taps c_out k_pad), grid-stride.
 template <typename T>
 struct ConvTmaPackParams {

@@ -108,11 +108,11 @@ use crate::device::params::{
     CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
     CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
     CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS, CONV_TMA_POSITIONS,
-    CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_SHARED, CONV_TMA_SHARED_BYTES_M128, CONV_TMA_SHARED_BYTES_M64,
-    CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO,
-    CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3,
-    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE,
-    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
+    CONV_TMA_PRODUCT_BOX_X_MAX, CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_SHARED, CONV_TMA_SHARED_BYTES_M128,
+    CONV_TMA_SHARED_BYTES_M64, CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW,
+    CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X,
+    CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3, CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK,
+    GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -2010,7 +2010,7 @@ impl Pairing {
     fn tma_product_suits(&self) -> bool {
         // One block per box of output positions along the grid's y, at most 65535 of them.
         let boxes = |s: [usize; 3]| {
-            let (x, y) = tma_box(s[2], s[1], CONV_TMA_PRODUCT_POSITIONS);
+            let (x, y) = tma_product_box(s[2], s[1]);
             self.batch * s[0] * s[1].div_ceil(y) * s[2].div_ceil(x)
         };
         self.tma_suits(TMA_PRODUCT_MIN_CHANNELS)
@@ -2084,7 +2084,7 @@ impl Pairing {
     /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
     /// input gradient's flipped and its channel roles swapped, its padding kernel - 1 - the conv's), the source copied
     /// channels last (unless `src_last` is that copy), both described to the TMA unit by tensor maps; one block per 128
-    /// output channels and box of [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_box`]).
+    /// output channels and box of [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_product_box`]).
     #[allow(clippy::too_many_arguments)]
     fn tma_product<T: ConvElement>(
         &self,
@@ -2116,17 +2116,19 @@ impl Pairing {
         };
         gpu.launch(pack, grid_1d(elements), &params, what)?;
         let k = k_pad as u64;
+        // Boxes of a tap column: the three taps along y of one (az, ax), packed together.
         let weight_map = gpu.tensor_map_bf16(
             packed.ptr().address(),
             &[k, c_out as u64, taps as u64],
             &[2 * k, 2 * k * c_out as u64],
-            &[64, 128, 1],
+            &[64, 128, 3],
             what,
         )?;
-        let (box_x, box_y) = tma_box(size[2], size[1], CONV_TMA_PRODUCT_POSITIONS);
+        let (box_x, box_y) = tma_product_box(size[2], size[1]);
         let mut made = None;
         let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
-        let src_map = self.channels_last_map(last, c_src, src_size, (box_x, box_y), what)?;
+        // The source box: the output box and the two rows that its taps along y add.
+        let src_map = self.channels_last_map(last, c_src, src_size, (box_x, box_y + 2), what)?;
         let (x_blocks, y_blocks) = (size[2].div_ceil(box_x), size[1].div_ceil(box_y));
         // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
         let params = ConvTmaProductParams {
@@ -2747,12 +2749,26 @@ const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 /// ([`Pairing::tma_product_suits`]).
 const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
 
+/// The output box of the TMA product over a map `width` x `height`: of [`CONV_TMA_PRODUCT_BOX_X_MAX`] x 8 and 8 x 16
+/// positions ([`CONV_TMA_PRODUCT_POSITIONS`]), the one that covers the map in fewer boxes, the wider of equals. Its
+/// width is a multiple of 8 so that each of its rows is whole swizzle atoms (cuda/conv_tma.cu: the taps along y
+/// shift the source box by whole rows).
+fn tma_product_box(width: usize, height: usize) -> (usize, usize) {
+    let wide = (CONV_TMA_PRODUCT_BOX_X_MAX, CONV_TMA_PRODUCT_POSITIONS / CONV_TMA_PRODUCT_BOX_X_MAX);
+    let narrow = (8, CONV_TMA_PRODUCT_POSITIONS / 8);
+    let boxes = |(x, y): (usize, usize)| width.div_ceil(x) * height.div_ceil(y);
+    if boxes(narrow) < boxes(wide) {
+        narrow
+    } else {
+        wide
+    }
+}
+
 /// The fewest k-blocks of a slice of the TMA weight gradient ([`tma_slices`]).
 const TMA_MIN_SLICE: usize = 16;
 
-/// The box of `positions` (a power of two: box_x along x, box_y along y) of a TMA kernel over a map `width` x
-/// `height` ([`CONV_TMA_POSITIONS`] narrow positions of the weight gradient, [`CONV_TMA_PRODUCT_POSITIONS`] output
-/// positions of the products): of the shapes from positions x 1 to 1 x positions, the one that covers the map in the
+/// The box of `positions` (a power of two: box_x along x, box_y along y) of the TMA weight gradient over a map `width`
+/// x `height` ([`CONV_TMA_POSITIONS`] narrow positions): of the shapes from positions x 1 to 1 x positions, the one that covers the map in the
 /// fewest boxes (the positions past the map are zeros the products still multiply), the widest of equals.
 fn tma_box(width: usize, height: usize, positions: usize) -> (usize, usize) {
     let shapes = (0..=positions.trailing_zeros()).map(|i| (positions >> i, 1usize << i));
@@ -3464,6 +3480,12 @@ mod tests {
         assert_eq!(
             [10, 6, 24, 28, 12, 14].chunks(2).map(|s| tma_box(s[0], s[1], 64)).collect::<Vec<_>>(),
             [(16, 4), (8, 8), (4, 16)]
+        );
+        // The products' boxes: flare-3d 48 x 56 in 16 x 8 (21 boxes, 24 as 8 x 16), 24 x 28 in 8 x 16 (6, 8 as 16 x 8),
+        // 12 x 14 in 16 x 8 (2 either way); amos-2d 80 x 80 in 16 x 8 (50 either way).
+        assert_eq!(
+            [48, 56, 24, 28, 12, 14, 80, 80].chunks(2).map(|s| tma_product_box(s[0], s[1])).collect::<Vec<_>>(),
+            [(16, 8), (8, 16), (16, 8), (16, 8)]
         );
         // flare-3d stage 3: 72 tiles, 240 k-blocks: 11 slices of 22 fill 6 waves of 132; stage 5's 20 k-blocks
         // are one slice.
