@@ -2,7 +2,8 @@
 """One line per profiled kernel from Nsight Compute's raw CSV page, for the tensor-core convolution issue's analysis
 of slow shapes: `ncu --import REPORT.ncu-rep --page raw --csv > raw.csv; python3 tools/ncu_summary.py raw.csv`.
 
-Per kernel (each launch in the report): duration, tensor-pipe activity, SM and DRAM throughput (% of peak),
+Per kernel (each launch in the report): duration, tensor-pipe activity, SM, DRAM and L2 throughput (% of peak:
+the L2 column says whether a tile's operand loads outrun the cache),
 achieved occupancy, registers per thread, dynamic shared memory per block, and the four largest stall reasons
 (warps stalled per issued instruction: long_scoreboard = waiting on global memory, barrier = __syncthreads,
 short_scoreboard = shared memory, mio_throttle = the shared-memory queue, math_pipe_throttle = a busy pipe, ...).
@@ -22,6 +23,8 @@ COLUMNS = [
     ("SM %", ["sm__throughput.avg.pct_of_peak_sustained_elapsed"]),
     ("DRAM %", ["gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
                 "dram__throughput.avg.pct_of_peak_sustained_elapsed"]),
+    ("L2 %", ["lts__t_sectors.avg.pct_of_peak_sustained_elapsed",
+              "lts__throughput.avg.pct_of_peak_sustained_elapsed"]),
     ("occupancy %", ["sm__warps_active.avg.pct_of_peak_sustained_active"]),
     ("regs", ["launch__registers_per_thread"]),
     ("smem KB", ["launch__shared_mem_per_block_dynamic"]),

@@ -399,11 +399,13 @@ def test_ncu_summary_columns_by_pattern():
     # beside the HMMA-only ones: the first is the column.
     header[4], units[6], rows[2][6] = "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "KB", "150"
     header += ["sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
-               "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"]
-    units += ["%", "%"]
-    rows[2] += ["1.7", "13.2"]
+               "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+               "lts__t_sectors.avg.pct_of_peak_sustained_elapsed"]
+    units += ["%", "%", "%"]
+    rows[2] += ["1.7", "13.2", "71.5"]
     got = dict(zip(cols, ncu_summary.summarise(rows)[1][0]))
     assert got["smem KB"] == "150" and got["DRAM %"] == "12.5" and got["tensor %"] == "13.2", got
+    assert got["L2 %"] == "71.5", got
 
 
 def test_op_totals():
