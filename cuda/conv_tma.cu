@@ -260,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 }
 
 // out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k] (conv_tma.cuh): a block owns 128 rows m (two
-// warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8 or 16),
+// warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8, 16 or 32),
 // and walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay =
 // 0, 1, 2 of Wp, 3 x 128 x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose
 // corner the tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row

@@ -76,7 +76,7 @@ extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
 //   out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k]
 //
 // src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x (box_y + 2)
-// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8 or 16, and the two rows
+// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the two rows
 // its taps along y add), Wp packed by conv_tma_pack_bf16 (axes k, m, a' with a' = 3 (3 az + ax) + ay for tap a = (az,
 // ay, ax): weight_map, boxes of 64 x 128 x 3, the three taps of a column), out channels first (c_out channels, the map `size`), bias b (c_out, or null). The forward: m = the conv's
 // output channel, k its input channel, Wp[a, m, k] = W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m =
@@ -101,11 +101,11 @@ struct ConvTmaProductParams {
     int y_blocks;
 };
 constexpr int CONV_TMA_PRODUCT_POSITIONS = 128;
-// The widest output box (box_x is 8 or 16: whole 8-row swizzle atoms per row of the box).
-constexpr int CONV_TMA_PRODUCT_BOX_X_MAX = 16;
+// The widest output box (box_x is 8, 16 or 32: whole 8-row swizzle atoms per row of the box).
+constexpr int CONV_TMA_PRODUCT_BOX_X_MAX = 32;
 constexpr int CONV_TMA_PRODUCT_STAGES = 3;
-// A stage: three taps of 128 rows of the packed weight (48 KB), and the source box of at most 128 + 2 x 16 positions
-// (20 KB), 64 channels each.
+// A stage: three taps of 128 rows of the packed weight (48 KB), and the source box of at most 128 + 2 x 32 positions
+// (24 KB), 64 channels each.
 constexpr int CONV_TMA_PRODUCT_STAGE_BYTES =
     3 * 128 * 64 * 2 + (CONV_TMA_PRODUCT_POSITIONS + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 64 * 2;
 constexpr int CONV_TMA_PRODUCT_SHARED =

@@ -253,10 +253,12 @@ fn gpu_conv_tma() {
     check_bf16_conv_repeats("conv3d 1x3x3 64 -> 64 bf16", &[2, 64, 34, 8, 8], &[64, 64, 1, 3, 3], 695);
     // The forward and input gradient on the TMA product (`Pairing::tma_product_suits`: 128 channels and more on both
     // sides): 130 source channels (three 64-channel k-blocks per tap, the last of 2 and the packed weight's zeros
-    // past them), 136 outputs (a second 128-row tile of 8), 16 x 8 boxes over a map 10 wide; a 2D map 20 wide in 32 x
-    // 4 boxes; bit for bit twice.
+    // past them), 136 outputs (a second 128-row tile of 8), 16 x 8 boxes over a map 10 wide; 2D maps 20 wide in 32 x 4
+    // boxes and 8 wide in 8 x 16 (30 rows: the second box's last two past the map), the three box widths; bit for bit
+    // twice.
     check_conv("conv3d 3x3x3 130 -> 136, 3x6x10", &[2, 130, 3, 6, 10], &[136, 130, 3, 3, 3], &[1, 1, 1], 696);
     check_conv("conv2d 3x3 128 -> 128, 9 x 20", &[1, 128, 9, 20], &[128, 128, 3, 3], &[1, 1], 697);
+    check_conv("conv2d 3x3 128 -> 128, 30 x 8", &[1, 128, 30, 8], &[128, 128, 3, 3], &[1, 1], 699);
     check_bf16_conv_repeats("conv3d 3x3x3 128 -> 128 bf16", &[1, 128, 4, 8, 16], &[128, 128, 3, 3, 3], 698);
 }
 

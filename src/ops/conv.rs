@@ -2749,19 +2749,14 @@ const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 /// ([`Pairing::tma_product_suits`]).
 const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
 
-/// The output box of the TMA product over a map `width` x `height`: of [`CONV_TMA_PRODUCT_BOX_X_MAX`] x 8 and 8 x 16
-/// positions ([`CONV_TMA_PRODUCT_POSITIONS`]), the one that covers the map in fewer boxes, the wider of equals. Its
-/// width is a multiple of 8 so that each of its rows is whole swizzle atoms (cuda/conv_tma.cu: the taps along y
-/// shift the source box by whole rows).
+/// The output box of the TMA product over a map `width` x `height`: of the boxes of [`CONV_TMA_PRODUCT_POSITIONS`]
+/// positions from [`CONV_TMA_PRODUCT_BOX_X_MAX`] x 4 to 8 x 16, the one that covers the map in the fewest boxes, the
+/// widest of equals. Its width is a multiple of 8 so that each of its rows is whole swizzle atoms (cuda/conv_tma.cu:
+/// the taps along y shift the source box by whole rows).
 fn tma_product_box(width: usize, height: usize) -> (usize, usize) {
-    let wide = (CONV_TMA_PRODUCT_BOX_X_MAX, CONV_TMA_PRODUCT_POSITIONS / CONV_TMA_PRODUCT_BOX_X_MAX);
-    let narrow = (8, CONV_TMA_PRODUCT_POSITIONS / 8);
-    let boxes = |(x, y): (usize, usize)| width.div_ceil(x) * height.div_ceil(y);
-    if boxes(narrow) < boxes(wide) {
-        narrow
-    } else {
-        wide
-    }
+    let shapes =
+        (3..=CONV_TMA_PRODUCT_BOX_X_MAX.trailing_zeros()).rev().map(|i| (1usize << i, CONV_TMA_PRODUCT_POSITIONS >> i));
+    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("boxes 8 wide and wider")
 }
 
 /// The fewest k-blocks of a slice of the TMA weight gradient ([`tma_slices`]).
@@ -3481,11 +3476,12 @@ mod tests {
             [10, 6, 24, 28, 12, 14].chunks(2).map(|s| tma_box(s[0], s[1], 64)).collect::<Vec<_>>(),
             [(16, 4), (8, 8), (4, 16)]
         );
-        // The products' boxes: flare-3d 48 x 56 in 16 x 8 (21 boxes, 24 as 8 x 16), 24 x 28 in 8 x 16 (6, 8 as 16 x 8),
-        // 12 x 14 in 16 x 8 (2 either way); amos-2d 80 x 80 in 16 x 8 (50 either way).
+        // The products' boxes: flare-3d 48 x 56 in 16 x 8 (21 boxes, 24 as 8 x 16, 28 as 32 x 4), 24 x 28 in 8 x 16 (6,
+        // 8 as 16 x 8), 12 x 14 in 16 x 8 (2, 4 as 32 x 4); amos-2d 80 x 80 in 16 x 8 (50 as 8 x 16 too), 20 x 20 in 32
+        // x 4 (5, 6 as 16 x 8).
         assert_eq!(
-            [48, 56, 24, 28, 12, 14, 80, 80].chunks(2).map(|s| tma_product_box(s[0], s[1])).collect::<Vec<_>>(),
-            [(16, 8), (8, 16), (16, 8), (16, 8)]
+            [48, 56, 24, 28, 12, 14, 80, 80, 20, 20].chunks(2).map(|s| tma_product_box(s[0], s[1])).collect::<Vec<_>>(),
+            [(16, 8), (8, 16), (16, 8), (16, 8), (32, 4)]
         );
         // flare-3d stage 3: 72 tiles, 240 k-blocks: 11 slices of 22 fill 6 waves of 132; stage 5's 20 k-blocks
         // are one slice.
