@@ -18,10 +18,14 @@
 //   box g and every k-step; ROWS 64 (maps of at most 64 narrow channels, which would leave half of a 128-row tile
 //   empty): both take the one narrow box, warpgroup g k-steps 2 g and 2 g + 1, and the second's sums are added to the
 //   first's at the end.
-// - Pipeline (tma_pipeline, shared with the products): thread 0 puts CONV_TMA_STAGES k-blocks in flight, each
-//   stage's copies completing its barrier (expected bytes, PTX mbarrier); the warpgroups wait on a stage's barrier,
-//   issue its products, and once the previous k-block's products are done (wgmma wait 1) and both warpgroups are past
-//   them (a block barrier) thread 0 refills that stage with the k-block CONV_TMA_STAGES further on.
+// - Pipeline (tma_produce, tma_consume; shared with the products): a producer warp, beside the two warpgroups, issues
+//   the copies of each k-block into its stage, CONV_TMA_STAGES k-blocks ahead, each stage's copies completing its full
+// barrier (expected bytes, PTX mbarrier); the warpgroups wait on a stage's full barrier and issue its products, and
+// each
+//   warp, once the previous k-block's products are done (wgmma wait 1), arrives on that stage's empty barrier, which
+//   the producer waits on before refilling the stage. No block barrier per k-block: a warpgroup that runs ahead does
+//   not wait for the other (with the issuing thread among the warpgroups and a block barrier per k-block, ncu counted
+//   2.1 warps stalled on the barrier per issued instruction in the product).
 // - A block writes its sums tap by tap as whole rows of 64 wide channels, partial[slice, a, cn, cw], and
 //   conv_wgrad_tma_sum adds the slices in order into dW[cn, cw, a] (written in dW's order, each tap's element a
 //   separate 4-byte store, the weight gradient of a deep 3D stage took 0.27 ms for 1.2 GFLOP: ncu, 13.8 million sector
@@ -36,6 +40,7 @@
 namespace {
 
 constexpr int THREADS = CONV_TMA_THREADS, STAGES = CONV_TMA_STAGES, BOX = CONV_TMA_BOX_BYTES;
+constexpr int PIPELINE_THREADS = CONV_TMA_PIPELINE_THREADS;
 constexpr int TAPS_X = CONV_TMA_TAPS_X, KSTEPS = CONV_TMA_POSITIONS / 16;
 // The most taps of a kernel here (3x3x3), for conv_wgrad_tma_sum's staging.
 constexpr int KZ_MAX_TAPS = 27;
@@ -50,6 +55,10 @@ __device__ __forceinline__ void barrier_init(uint32_t bar, int arrivals) {
 // Publishes the initialised barriers to the TMA unit (the async proxy).
 __device__ __forceinline__ void barrier_init_fence() {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival.
+__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 // One arrival that also announces `bytes` to come from copies completing on the barrier.
 __device__ __forceinline__ void barrier_expect(uint32_t bar, int bytes) {
@@ -111,32 +120,53 @@ __device__ __forceinline__ BoxCorner box_corner(int b, int x_blocks, int y_block
     return {x, y, b % depth, b / depth};
 }
 
-// The k-block pipeline of both kernels: thread 0 initialises the stages' barriers at `bars` and puts the first
-// `STAGES` k-blocks in flight (issue(i): k-block i's copies into stage i % STAGES, completing its barrier); then for
-// each k-block every thread waits on its stage's barrier and the warpgroups issue its products (consume(i), between a
-// wgmma fence and commit); once k-block i - 1's products are done (wait 1) in both warpgroups (the block barrier),
-// thread 0 refills that stage with k-block i - 1 + STAGES. Returns with every product done.
-template <int STAGES_N, typename Issue, typename Consume>
-__device__ __forceinline__ void tma_pipeline(uint32_t bars, int count, Issue&& issue, Consume&& consume) {
-    const bool leader = threadIdx.x == 0;
-    if (leader) {
-        for (int s = 0; s < STAGES_N; ++s) barrier_init(bars + 8 * s, 1);
+// The k-block pipeline of both kernels, over STAGES_N stages whose barriers lie at `bars`: full[s] at bars + 8 s (one
+// arrival, the producer's, and the copies' bytes) and empty[s] at bars + 8 (STAGES_N + s) (one arrival per consumer
+// warp); the k-th completion of a barrier has parity k & 1. tma_pipeline_init initialises them (every thread calls
+// it), then the producer warp runs tma_produce and leaves, and the two warpgroups run tma_consume.
+template <int STAGES_N>
+__device__ __forceinline__ void tma_pipeline_init(uint32_t bars) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES_N; ++s) {
+            barrier_init(bars + 8 * s, 1);
+            barrier_init(bars + 8 * (STAGES_N + s), THREADS / 32);
+        }
         barrier_init_fence();
     }
     __syncthreads();
-    if (leader)
-        for (int i = 0; i < min(STAGES_N, count); ++i) issue(i);
+}
+
+// The producer warp: its first thread issues k-block i into stage i % STAGES_N (issue(i): its copies, completing the
+// stage's full barrier), for i >= STAGES_N once the empty barrier says that k-block i - STAGES_N's products are done.
+template <int STAGES_N, typename Issue>
+__device__ __forceinline__ void tma_produce(uint32_t bars, int count, Issue&& issue) {
+    if (threadIdx.x != THREADS) return;
+    for (int i = 0; i < count; ++i) {
+        if (i >= STAGES_N) barrier_wait(bars + 8 * (STAGES_N + i % STAGES_N), (i / STAGES_N - 1) & 1);
+        issue(i);
+    }
+}
+
+// The two warpgroups: each waits on a k-block's full barrier, issues its products (consume(i), between a wgmma fence
+// and commit), and once k-block i - 1's products are done (wait 1) each of its warps arrives on that stage's empty
+// barrier. Returns with every product done.
+template <int STAGES_N, typename Consume>
+__device__ __forceinline__ void tma_consume(uint32_t bars, int count, Consume&& consume) {
+    // The lane read once: read between two k-blocks' products, ptxas serialised the wgmma instructions (C7515).
+    const bool arriving = (threadIdx.x & 31) == 0;
     for (int i = 0; i < count; ++i) {
         barrier_wait(bars + 8 * (i % STAGES_N), i / STAGES_N & 1);
         wgmma::fence();
         consume(i);
         wgmma::commit();
         wgmma::wait<1>();
-        __syncthreads();
-        if (leader && i >= 1 && i - 1 + STAGES_N < count) issue(i - 1 + STAGES_N);
+        if (i >= 1 && arriving) barrier_arrive(bars + 8 * (STAGES_N + (i - 1) % STAGES_N));
     }
     wgmma::wait<0>();
 }
+
+// A barrier of the two warpgroups alone (named barrier 1; the producer warp has left).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory"); }
 
 }  // namespace
 
@@ -144,7 +174,7 @@ template <int KZ, int ROWS>
 __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     constexpr int NARROW = ROWS / 64, STAGE = (NARROW + TAPS_X) * BOX;
     constexpr int SHARED = ROWS == 128 ? CONV_TMA_SHARED_BYTES_M128 : CONV_TMA_SHARED_BYTES_M64;
-    static_assert((ROWS == 128 || ROWS == 64) && STAGES * STAGE + 1024 + 8 * STAGES == SHARED, "the header's sizes");
+    static_assert((ROWS == 128 || ROWS == 64) && STAGES * STAGE + 1024 + 16 * STAGES == SHARED, "the header's sizes");
     // Warpgroup g's k-steps of a k-block: all of them (ROWS 128), or its half (ROWS 64).
     constexpr int STEPS = ROWS == 128 ? KSTEPS : KSTEPS / 2;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -165,13 +195,15 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
             copy_box(at + (NARROW + ax) * BOX, &p.wide_map, cw0, x0 + ax - p.pad[2], y0 + ay - p.pad[1],
                      z + az - p.pad[0], n, bar);
     };
+    tma_pipeline_init<STAGES>(bars);
+    if (t >= THREADS) return tma_produce<STAGES>(bars, count, issue);
     float acc[TAPS_X][CONV_TMA_COLS / 2];
 #pragma unroll
     for (int ax = 0; ax < TAPS_X; ++ax)
 #pragma unroll
         for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ax][k] = 0.0f;
     const int narrow_box = ROWS == 128 ? group : 0, first_step = ROWS == 128 ? 0 : group * STEPS;
-    tma_pipeline<STAGES>(bars, count, issue, [&](int i) {
+    tma_consume<STAGES>(bars, count, [&](int i) {
         const uint32_t at = base + i % STAGES * STAGE;
 #pragma unroll
         for (int s = first_step; s < first_step + STEPS; ++s) {
@@ -189,14 +221,14 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     if constexpr (ROWS == 64) {
         float* other = reinterpret_cast<float*>(smem_raw + (base - (uint32_t)__cvta_generic_to_shared(smem_raw)));
         const int lane128 = t & 127;
-        __syncthreads();
+        consumers_sync();
         if (group == 1)
 #pragma unroll
             for (int ax = 0; ax < TAPS_X; ++ax)
 #pragma unroll
                 for (int k = 0; k < CONV_TMA_COLS / 2; ++k)
                     other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128] = acc[ax][k];
-        __syncthreads();
+        consumers_sync();
         if (group == 1) return;
 #pragma unroll
         for (int ax = 0; ax < TAPS_X; ++ax)
@@ -231,7 +263,8 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
 }
 
 #define CONV_WGRAD_TMA_KERNEL(NAME, KZ, ROWS)                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(const __grid_constant__ ConvWgradTmaParams p) { \
+    extern "C" __global__ void __launch_bounds__(PIPELINE_THREADS, 1)                                          \
+        NAME(const __grid_constant__ ConvWgradTmaParams p) {                                                   \
         conv_wgrad_tma<KZ, ROWS>(p);                                                                           \
     }
 CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k333_m128, 3, 128)
@@ -261,21 +294,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 
 // out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k] (conv_tma.cuh): a block owns 128 rows m (two
 // warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8, 16 or 32),
-// and walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay =
-// 0, 1, 2 of Wp, 3 x 128 x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose
-// corner the tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row
-// ay box_x on: the output box shifted by ay rows, 128 consecutive positions. All are K-major rows of 128 bytes in the
-// 128-byte swizzle, and ay box_x rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor
-// form serves the three taps. Per k-step of 16 channels one m64n128k16 per warpgroup and tap.
-// Why a tap column per k-block: the products run from L2 (the boxes of every block), and a box per tap made them
-// L2-bound (32 KB per 128 x 128 x 64 product: 15 TB/s at the tensor cores' rate); the three taps of a column share
-// one source box, 68 KB instead of 96 per three products. The same pipeline as the weight gradient's
-// (tma_pipeline), CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
+// and walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay = 0,
+// 1, 2 of Wp, 3 x 128 x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose corner
+// the tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row ay box_x on:
+// the output box shifted by ay rows, 128 consecutive positions. All are K-major rows of 128 bytes in the 128-byte
+// swizzle, and ay box_x rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves
+// the three taps. Per k-step of 16 channels one m64n128k16 per warpgroup and tap. Why a tap column per k-block: every
+// box comes from L2, and with a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate);
+// the three taps of a column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x
+// 20x56x48 forward: 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to
+// wait for rather than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
+// CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
 template <int KZ>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
     constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = CONV_TMA_PRODUCT_POSITIONS, TILE = 128 * 64 * 2;
     constexpr int STAGE = CONV_TMA_PRODUCT_STAGE_BYTES;
-    static_assert(STAGES_P * STAGE + 1024 + 8 * STAGES_P == CONV_TMA_PRODUCT_SHARED && N == 128, "the header's sizes");
+    static_assert(STAGES_P * STAGE + 1024 + 16 * STAGES_P == CONV_TMA_PRODUCT_SHARED && N == 128, "the header's sizes");
     static_assert(STAGE % 1024 == 0 && 3 * TILE % 1024 == 0, "stages and source boxes start on swizzle atoms");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES_P * STAGE;
@@ -296,11 +330,13 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
         copy_box(at, &p.weight_map, k0, m0, 3 * c, bar);
         copy_box(at + 3 * TILE, &p.src_map, k0, x0 + ax - p.pad[2], y0 - p.pad[1], z + az - p.pad[0], n, bar);
     };
+    tma_pipeline_init<STAGES_P>(bars);
+    if (t >= THREADS) return tma_produce<STAGES_P>(bars, count, issue);
     float acc[N / 2];
 #pragma unroll
     for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
     const uint32_t row_shift = p.box_x * 128;  // one row of the box: a tap ay further
-    tma_pipeline<STAGES_P>(bars, count, issue, [&](int i) {
+    tma_consume<STAGES_P>(bars, count, [&](int i) {
         const uint32_t at = base + i % STAGES_P * STAGE;
 #pragma unroll
         for (int ay = 0; ay < 3; ++ay)
@@ -332,7 +368,7 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
 }
 
 #define CONV_TMA_PRODUCT_KERNEL(NAME, KZ)                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                        \
+    extern "C" __global__ void __launch_bounds__(PIPELINE_THREADS, 1)                                               \
         NAME(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p) {                                       \
         conv_tma_product<KZ>(p);                                                                                     \
     }

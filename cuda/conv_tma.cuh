@@ -11,8 +11,11 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// Threads per block: two warpgroups.
+// Threads per block of conv_wgrad_tma_sum, and the consumers of the pipelined kernels: two warpgroups.
 constexpr int CONV_TMA_THREADS = 256;
+// Threads per block of the pipelined kernels (the weight gradient and the products): the two warpgroups that multiply
+// and one producer warp that issues the copies.
+constexpr int CONV_TMA_PIPELINE_THREADS = CONV_TMA_THREADS + 32;
 // Narrow channels per block (the wgmma's m) are 128 in the _m128 kernels (each warpgroup 64 of them) and 64 in the _m64
 // ones (both warpgroups on the same 64, each over half of every k-block's positions, for maps of at most 64 narrow
 // channels); wide channels per block and tap (its n):
@@ -23,16 +26,18 @@ constexpr int CONV_TMA_TAPS_X = 3;
 // Stages of the pipeline, each the narrow boxes (two, or one for _m64) and 3 wide ones of 64 x 64 bf16.
 constexpr int CONV_TMA_STAGES = 4;
 constexpr int CONV_TMA_BOX_BYTES = CONV_TMA_POSITIONS * 64 * 2;
-// Dynamic shared memory: the stages, 1024 bytes to align them to the swizzle's atoms, and the stages' barriers.
+// Dynamic shared memory: the stages, 1024 bytes to align them to the swizzle's atoms, and the stages' two barriers
+// (full, empty) of 8 bytes each.
 constexpr int CONV_TMA_SHARED_BYTES_M128 =
-    CONV_TMA_STAGES * (2 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 8 * CONV_TMA_STAGES;
+    CONV_TMA_STAGES * (2 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 16 * CONV_TMA_STAGES;
 constexpr int CONV_TMA_SHARED_BYTES_M64 =
-    CONV_TMA_STAGES * (1 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 8 * CONV_TMA_STAGES;
+    CONV_TMA_STAGES * (1 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 16 * CONV_TMA_STAGES;
 
 // Grid (ceil(c_narrow / rows), ceil(c_wide / 64) x KZ x 3 tap rows, slices); slice s sums the k-blocks
 // [s kblocks_per_slice, (s + 1) kblocks_per_slice) of the kblocks = batch x depth x y_blocks x x_blocks boxes of
 // narrow positions (box b: x block b % x_blocks, then y block, z, batch item) into partial[s, a, cn, cw] (float32,
-// taps outermost so that a block's rows are whole; conv_wgrad_tma_sum adds the slices into dW's layout).
+// taps outermost so that a block's rows are whole; conv_wgrad_tma_sum adds the slices into dW's layout);
+// CONV_TMA_PIPELINE_THREADS threads.
 struct ConvWgradTmaParams {
     // The narrow map, channels last: axes (c_narrow rounded up to 8, x, y, z, batch).
     CUtensorMap narrow_map;
@@ -76,13 +81,13 @@ extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
 //   out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k]
 //
 // src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x (box_y + 2)
-// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the two rows
-// its taps along y add), Wp packed by conv_tma_pack_bf16 (axes k, m, a' with a' = 3 (3 az + ax) + ay for tap a = (az,
-// ay, ax): weight_map, boxes of 64 x 128 x 3, the three taps of a column), out channels first (c_out channels, the map `size`), bias b (c_out, or null). The forward: m = the conv's
-// output channel, k its input channel, Wp[a, m, k] = W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m =
-// its input channel, k its output channel, Wp[a, m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's.
-// Grid (ceil(c_out / 128), batch x size[0] x y_blocks x x_blocks), CONV_TMA_THREADS threads, CONV_TMA_PRODUCT_SHARED
-// bytes of dynamic shared memory.
+// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the two
+// rows its taps along y add), Wp packed by conv_tma_pack_bf16 (axes k, m, a' with a' = 3 (3 az + ax) + ay for tap a =
+// (az, ay, ax): weight_map, boxes of 64 x 128 x 3, the three taps of a column), out channels first (c_out channels, the
+// map `size`), bias b (c_out, or null). The forward: m = the conv's output channel, k its input channel, Wp[a, m, k] =
+// W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m = its input channel, k its output channel, Wp[a,
+// m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's. Grid (ceil(c_out / 128), batch x size[0] x y_blocks x
+// x_blocks), CONV_TMA_PIPELINE_THREADS threads, CONV_TMA_PRODUCT_SHARED bytes of dynamic shared memory.
 template <typename T>
 struct ConvTmaProductParams {
     // The source map, channels last: axes (c_src rounded up to 8, x, y, z, batch).
@@ -109,13 +114,14 @@ constexpr int CONV_TMA_PRODUCT_STAGES = 3;
 constexpr int CONV_TMA_PRODUCT_STAGE_BYTES =
     3 * 128 * 64 * 2 + (CONV_TMA_PRODUCT_POSITIONS + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 64 * 2;
 constexpr int CONV_TMA_PRODUCT_SHARED =
-    CONV_TMA_PRODUCT_STAGES * CONV_TMA_PRODUCT_STAGE_BYTES + 1024 + 8 * CONV_TMA_PRODUCT_STAGES;
+    CONV_TMA_PRODUCT_STAGES * CONV_TMA_PRODUCT_STAGE_BYTES + 1024 + 16 * CONV_TMA_PRODUCT_STAGES;
 extern "C" __global__ void conv_tma_product_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_tma_product_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 
-// Wp[a', m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad, tap
-// a = (az, ay, ax) at a' = 3 (3 az + ax) + ay (a column's taps together, for one box): the A operand of conv_tma_product from a conv's weight W (c_narrow, c_wide, taps). One thread per element of Wp
-// (elements = taps c_out k_pad), grid-stride.
+// Wp[a', m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad, tap a =
+// (az, ay, ax) at a' = 3 (3 az + ax) + ay (a column's taps together, for one box): the A operand of conv_tma_product
+// from a conv's weight W (c_narrow, c_wide, taps). One thread per element of Wp (elements = taps c_out k_pad),
+// grid-stride.
 template <typename T>
 struct ConvTmaPackParams {
     const T* w;

@@ -267,6 +267,16 @@ void ptx(const char* tmpl, std::initializer_list<Operand> list) {
                has(tmpl, "wgmma.fence") || has(tmpl, "wgmma.commit_group") || has(tmpl, "wgmma.wait_group") ||
                has(tmpl, "fence.proxy.async")) {
         // Every copy and product was done when issued.
+    } else if (has(tmpl, "bar.sync")) {
+        // A named barrier of some of the block's threads (conv_tma.cu's consumers_sync, once the producer warp has
+        // left): the block's barrier, which counts threads that have left as arrived. A named barrier that threads
+        // still running never reach would wait forever here.
+        syncthreads();
+    } else if (has(tmpl, "mbarrier.arrive.shared")) {
+        Mbarrier* b = mbarrier_at(reg(ops, 0));
+        if (b->pending == 0) trap("mbarrier.arrive: more arrivals than the barrier counts");
+        --b->pending;
+        mbarrier_step(b);
     } else if (has(tmpl, "mbarrier.init.shared")) {
         Mbarrier* b = mbarrier_at(reg(ops, 0));
         const uint32_t n = reg(ops, 1);
