@@ -10,11 +10,14 @@
 //   corner is shifted by the tap, and the TMA unit copies it with one instruction, zeros outside the map (the padding)
 //   included. In a channels-last map a position is a row of 64 channels (128 bytes), so a box of 64 positions is 64
 //   such rows whatever the shift: no sector is read for less than its bytes.
-// - A block owns ROWS narrow channels, 64 wide channels and one row of taps (az, ay, ax = 0..2), and sums over its
-//   slice of k-blocks: per k-block (64 positions, box_x x box_y of one slice z of one item) the narrow boxes (ROWS / 64
-//   of 64 channels) and the three wide boxes of its taps are one stage (40 or 32 KB). In shared memory a box is 64 rows
-//   (positions, in box order) of 64 channels with the 128-byte swizzle, which is wgmma's MN-major operand layout for m
-//   (narrow) and n (wide) alike: per k-step of 16 positions one m64n64k16 per tap. ROWS 128: warpgroup g takes narrow
+// - A block owns ROWS narrow channels, 64 wide channels and one column of taps (az, ay = 0..2, ax), and sums over its
+//   slice of k-blocks: per k-block (64 positions, box_x x box_y of one slice z of one item, box_x a multiple of 8) the
+//   narrow boxes (ROWS / 64 of 64 channels) and one wide box of box_x x (box_y + 2) positions, its corner shifted by
+//   (az, ax), are one stage (at most 40 or 32 KB). In shared memory a box is rows (positions, in box order) of 64
+//   channels with the 128-byte swizzle, which is wgmma's MN-major operand layout for m (narrow) and n (wide) alike; tap
+//   ay's wide operand is the wide box from row ay box_x on (the narrow box shifted by ay rows: whole 8-row atoms), so
+//   the three taps share one box (24 KB of boxes per k-block of 16 x 4 positions instead of 3 x 8: as the products'
+//   tap columns). Per k-step of 16 positions one m64n64k16 per tap. ROWS 128: warpgroup g takes narrow
 //   box g and every k-step; ROWS 64 (maps of at most 64 narrow channels, which would leave half of a 128-row tile
 //   empty): both take the one narrow box, warpgroup g k-steps 2 g and 2 g + 1, and the second's sums are added to the
 //   first's at the end.
@@ -31,8 +34,8 @@
 //   separate 4-byte store, the weight gradient of a deep 3D stage took 0.27 ms for 1.2 GFLOP: ncu, 13.8 million sector
 //   writes). Each output is one sum in a fixed order: results do not depend on scheduling.
 //
-// Cost: 2 prod(taps) c_narrow c_wide FLOPs per narrow position; per block and k-block 40 KB of boxes (from L2: a
-// wide position is read by 3 x 3 tap rows x its column tiles).
+// Cost: 2 prod(taps) c_narrow c_wide FLOPs per narrow position; per block and k-block at most 40 KB of boxes (from
+// L2: a wide position is read by 3 x 3 tap columns x its column tiles).
 #include "common.cuh"
 #include "conv_tma.cuh"
 #include "wgmma.cuh"
@@ -41,7 +44,7 @@ namespace {
 
 constexpr int THREADS = CONV_TMA_THREADS, STAGES = CONV_TMA_STAGES, BOX = CONV_TMA_BOX_BYTES;
 constexpr int PIPELINE_THREADS = CONV_TMA_PIPELINE_THREADS;
-constexpr int TAPS_X = CONV_TMA_TAPS_X, KSTEPS = CONV_TMA_POSITIONS / 16;
+constexpr int COLUMN_TAPS = CONV_TMA_COLUMN_TAPS, KSTEPS = CONV_TMA_POSITIONS / 16;
 // The most taps of a kernel here (3x3x3), for conv_wgrad_tma_sum's staging.
 constexpr int KZ_MAX_TAPS = 27;
 static_assert(CONV_TMA_COLS == 64 && THREADS == 256, "two warpgroups of m64, one n64 per tap");
@@ -172,7 +175,7 @@ __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;
 
 template <int KZ, int ROWS>
 __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
-    constexpr int NARROW = ROWS / 64, STAGE = (NARROW + TAPS_X) * BOX;
+    constexpr int NARROW = ROWS / 64, STAGE = (NARROW + COLUMN_TAPS) * BOX;
     constexpr int SHARED = ROWS == 128 ? CONV_TMA_SHARED_BYTES_M128 : CONV_TMA_SHARED_BYTES_M64;
     static_assert((ROWS == 128 || ROWS == 64) && STAGES * STAGE + 1024 + 16 * STAGES == SHARED, "the header's sizes");
     // Warpgroup g's k-steps of a k-block: all of them (ROWS 128), or its half (ROWS 64).
@@ -180,28 +183,28 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES * STAGE;
     const int t = threadIdx.x, group = t >> 7;
-    const int cn0 = blockIdx.x * ROWS, tap_row = blockIdx.y % (KZ * 3);
-    const int cw0 = blockIdx.y / (KZ * 3) * CONV_TMA_COLS, az = tap_row / 3, ay = tap_row % 3;
+    const int cn0 = blockIdx.x * ROWS, column = blockIdx.y % (KZ * 3);
+    const int cw0 = blockIdx.y / (KZ * 3) * CONV_TMA_COLS, az = column / 3, ax = column % 3;
     const int kb0 = blockIdx.z * p.kblocks_per_slice, count = min(p.kblocks, kb0 + p.kblocks_per_slice) - kb0;
+    const int bytes = NARROW * BOX + p.box_x * (p.box_y + 2) * 128;
 
-    // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide box of each tap (az, ay, ax), its
-    // corner shifted by the tap less the padding.
+    // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide box of the column's taps, its
+    // corner shifted by (az, 0, ax) less the padding.
     auto issue = [&](int i) {
         const auto [x0, y0, z, n] = box_corner(kb0 + i, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.depth);
         const uint32_t at = base + i % STAGES * STAGE, bar = bars + 8 * (i % STAGES);
-        barrier_expect(bar, STAGE);
+        barrier_expect(bar, bytes);
         for (int h = 0; h < NARROW; ++h) copy_box(at + h * BOX, &p.narrow_map, cn0 + 64 * h, x0, y0, z, n, bar);
-        for (int ax = 0; ax < TAPS_X; ++ax)
-            copy_box(at + (NARROW + ax) * BOX, &p.wide_map, cw0, x0 + ax - p.pad[2], y0 + ay - p.pad[1],
-                     z + az - p.pad[0], n, bar);
+        copy_box(at + NARROW * BOX, &p.wide_map, cw0, x0 + ax - p.pad[2], y0 - p.pad[1], z + az - p.pad[0], n, bar);
     };
     tma_pipeline_init<STAGES>(bars);
     if (t >= THREADS) return tma_produce<STAGES>(bars, count, issue);
-    float acc[TAPS_X][CONV_TMA_COLS / 2];
+    float acc[COLUMN_TAPS][CONV_TMA_COLS / 2];
 #pragma unroll
-    for (int ax = 0; ax < TAPS_X; ++ax)
+    for (int ay = 0; ay < COLUMN_TAPS; ++ay)
 #pragma unroll
-        for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ax][k] = 0.0f;
+        for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ay][k] = 0.0f;
+    const uint32_t row_shift = p.box_x * 128;  // one row of the wide box: a tap ay further
     const int narrow_box = ROWS == 128 ? group : 0, first_step = ROWS == 128 ? 0 : group * STEPS;
     tma_consume<STAGES>(bars, count, [&](int i) {
         const uint32_t at = base + i % STAGES * STAGE;
@@ -209,14 +212,14 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
         for (int s = first_step; s < first_step + STEPS; ++s) {
             const uint64_t a = box_operand(at + narrow_box * BOX, s);
 #pragma unroll
-            for (int ax = 0; ax < TAPS_X; ++ax)
-                wgmma::mma_async<CONV_TMA_COLS, true, true>(acc[ax], a, box_operand(at + (NARROW + ax) * BOX, s),
-                                                             true);
+            for (int ay = 0; ay < COLUMN_TAPS; ++ay)
+                wgmma::mma_async<CONV_TMA_COLS, true, true>(
+                    acc[ay], a, box_operand(at + NARROW * BOX + ay * row_shift, s), true);
         }
     });
 
     // Thread l of warp w of a warpgroup holds D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] of each tap's 64 x 64 tile
-    // (wgmma.cuh) at acc[ax][4 j + 2 h + e]. ROWS 64: the second warpgroup's sums (the other half of the positions)
+    // (wgmma.cuh) at acc[ay][4 j + 2 h + e]. ROWS 64: the second warpgroup's sums (the other half of the positions)
     // through the free stages, added by the first, which alone writes.
     if constexpr (ROWS == 64) {
         float* other = reinterpret_cast<float*>(smem_raw + (base - (uint32_t)__cvta_generic_to_shared(smem_raw)));
@@ -224,17 +227,17 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
         consumers_sync();
         if (group == 1)
 #pragma unroll
-            for (int ax = 0; ax < TAPS_X; ++ax)
+            for (int ay = 0; ay < COLUMN_TAPS; ++ay)
 #pragma unroll
                 for (int k = 0; k < CONV_TMA_COLS / 2; ++k)
-                    other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128] = acc[ax][k];
+                    other[(ay * CONV_TMA_COLS / 2 + k) * 128 + lane128] = acc[ay][k];
         consumers_sync();
         if (group == 1) return;
 #pragma unroll
-        for (int ax = 0; ax < TAPS_X; ++ax)
+        for (int ay = 0; ay < COLUMN_TAPS; ++ay)
 #pragma unroll
             for (int k = 0; k < CONV_TMA_COLS / 2; ++k)
-                acc[ax][k] += other[(ax * CONV_TMA_COLS / 2 + k) * 128 + lane128];
+                acc[ay][k] += other[(ay * CONV_TMA_COLS / 2 + k) * 128 + lane128];
     }
     const int lane = t & 31, warp = (t >> 5) & 3;
     const int64_t plane = (int64_t)p.c_narrow * p.c_wide;
@@ -247,9 +250,9 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
         for (int j = 0; j < CONV_TMA_COLS / 8; ++j) {
             const int cw = cw0 + 8 * j + 2 * (lane % 4);
 #pragma unroll
-            for (int ax = 0; ax < TAPS_X; ++ax) {
-                float* at = out + (tap_row * 3 + ax) * plane + (int64_t)cn * p.c_wide + cw;
-                const float v0 = acc[ax][4 * j + 2 * h], v1 = acc[ax][4 * j + 2 * h + 1];
+            for (int ay = 0; ay < COLUMN_TAPS; ++ay) {
+                float* at = out + ((az * 3 + ay) * 3 + ax) * plane + (int64_t)cn * p.c_wide + cw;
+                const float v0 = acc[ay][4 * j + 2 * h], v1 = acc[ay][4 * j + 2 * h + 1];
                 // A pair of wide channels as one 8-byte store where both exist and the pair is 8-byte aligned.
                 if (cw + 1 < p.c_wide && (reinterpret_cast<uintptr_t>(at) & 7) == 0) {
                     *reinterpret_cast<float2*>(at) = make_float2(v0, v1);

@@ -5,7 +5,8 @@
 // over channels-last copies of both maps (each voxel's channels contiguous, rounded up to a multiple of 8), kernel
 // taps a = (az, ay, ax) of KZ x 3 x 3, stride 1. Each map is described to the TMA unit by a CUtensorMap of 5 axes
 // (channels, x, y, z, batch item; bf16, 128-byte swizzle) made by the host (src/ops/conv.rs, Gpu::tensor_map_bf16)
-// with boxes of 64 channels x box_x x box_y positions (box_x box_y = 64).
+// with boxes of 64 channels x box_x x box_y positions (box_x box_y = 64, box_x a multiple of 8): the narrow map's, and
+// the wide map's box_x x (box_y + 2), the positions of a narrow box and the two rows its taps along y add.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -20,20 +21,22 @@ constexpr int CONV_TMA_PIPELINE_THREADS = CONV_TMA_THREADS + 32;
 // ones (both warpgroups on the same 64, each over half of every k-block's positions, for maps of at most 64 narrow
 // channels); wide channels per block and tap (its n):
 constexpr int CONV_TMA_COLS = 64;
-// Positions per k-block (one box of box_x x box_y), and the taps along x that a block computes: one row (az, ay).
+// Positions per k-block (one box of box_x x box_y), and the taps that a block computes: one column (az, ax), ay = 0..2,
+// whose wide operands lie in one box of box_x x (box_y + 2) positions, at most 3 x 64 (box_x 64).
 constexpr int CONV_TMA_POSITIONS = 64;
-constexpr int CONV_TMA_TAPS_X = 3;
-// Stages of the pipeline, each the narrow boxes (two, or one for _m64) and 3 wide ones of 64 x 64 bf16.
+constexpr int CONV_TMA_COLUMN_TAPS = 3;
+// Stages of the pipeline, each the narrow boxes (two, or one for _m64) of 64 x 64 bf16 and the wide box (at most the
+// bytes of 3 narrow ones).
 constexpr int CONV_TMA_STAGES = 4;
 constexpr int CONV_TMA_BOX_BYTES = CONV_TMA_POSITIONS * 64 * 2;
 // Dynamic shared memory: the stages, 1024 bytes to align them to the swizzle's atoms, and the stages' two barriers
 // (full, empty) of 8 bytes each.
 constexpr int CONV_TMA_SHARED_BYTES_M128 =
-    CONV_TMA_STAGES * (2 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 16 * CONV_TMA_STAGES;
+    CONV_TMA_STAGES * (2 + CONV_TMA_COLUMN_TAPS) * CONV_TMA_BOX_BYTES + 1024 + 16 * CONV_TMA_STAGES;
 constexpr int CONV_TMA_SHARED_BYTES_M64 =
-    CONV_TMA_STAGES * (1 + CONV_TMA_TAPS_X) * CONV_TMA_BOX_BYTES + 1024 + 16 * CONV_TMA_STAGES;
+    CONV_TMA_STAGES * (1 + CONV_TMA_COLUMN_TAPS) * CONV_TMA_BOX_BYTES + 1024 + 16 * CONV_TMA_STAGES;
 
-// Grid (ceil(c_narrow / rows), ceil(c_wide / 64) x KZ x 3 tap rows, slices); slice s sums the k-blocks
+// Grid (ceil(c_narrow / rows), ceil(c_wide / 64) x KZ x 3 tap columns, slices); slice s sums the k-blocks
 // [s kblocks_per_slice, (s + 1) kblocks_per_slice) of the kblocks = batch x depth x y_blocks x x_blocks boxes of
 // narrow positions (box b: x block b % x_blocks, then y block, z, batch item) into partial[s, a, cn, cw] (float32,
 // taps outermost so that a block's rows are whole; conv_wgrad_tma_sum adds the slices into dW's layout);

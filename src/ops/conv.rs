@@ -2011,7 +2011,7 @@ impl Pairing {
     fn tma_product_suits(&self) -> bool {
         // One block per box of output positions along the grid's y, at most 65535 of them.
         let boxes = |s: [usize; 3]| {
-            let (x, y) = tma_product_box(s[2], s[1]);
+            let (x, y) = tma_box(s[2], s[1], CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX);
             self.batch * s[0] * s[1].div_ceil(y) * s[2].div_ceil(x)
         };
         self.tma_suits(TMA_PRODUCT_MIN_CHANNELS)
@@ -2085,7 +2085,7 @@ impl Pairing {
     /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
     /// input gradient's flipped and its channel roles swapped, its padding kernel - 1 - the conv's), the source copied
     /// channels last (unless `src_last` is that copy), both described to the TMA unit by tensor maps; one block per 128
-    /// output channels and box of [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_product_box`]).
+    /// output channels and box of [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_box`]).
     #[allow(clippy::too_many_arguments)]
     fn tma_product<T: ConvElement>(
         &self,
@@ -2125,7 +2125,7 @@ impl Pairing {
             &[64, 128, 3],
             what,
         )?;
-        let (box_x, box_y) = tma_product_box(size[2], size[1]);
+        let (box_x, box_y) = tma_box(size[2], size[1], CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX);
         let mut made = None;
         let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
         // The source box: the output box and the two rows that its taps along y add.
@@ -2198,13 +2198,14 @@ impl Pairing {
         what: &str,
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
-        let boxes = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS);
+        let boxes = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS, CONV_TMA_POSITIONS);
         let (box_x, box_y) = boxes;
         let mut made = None;
         let narrow_last = self.channels_last_unless(narrow_last, &mut made, narrow, Product::WideFromNarrow, what)?;
         let wide_last = self.channels_last_of(wide, Product::NarrowFromWide, what)?;
         let narrow_map = self.channels_last_map(narrow_last, self.c_narrow, self.narrow, boxes, what)?;
-        let wide_map = self.channels_last_map(&wide_last, self.c_wide, self.wide, boxes, what)?;
+        // The wide box: the narrow box and the two rows that the taps along y add.
+        let wide_map = self.channels_last_map(&wide_last, self.c_wide, self.wide, (box_x, box_y + 2), what)?;
         let (x_blocks, y_blocks) = (self.narrow[2].div_ceil(box_x), self.narrow[1].div_ceil(box_y));
         let kblocks = self.batch * self.narrow[0] * y_blocks * x_blocks;
         let (row_tiles, col_tiles) =
@@ -2750,25 +2751,18 @@ const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 /// ([`Pairing::tma_product_suits`]).
 const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
 
-/// The output box of the TMA product over a map `width` x `height`: of the boxes of [`CONV_TMA_PRODUCT_POSITIONS`]
-/// positions from [`CONV_TMA_PRODUCT_BOX_X_MAX`] x 4 to 8 x 16, the one that covers the map in the fewest boxes, the
-/// widest of equals. Its width is a multiple of 8 so that each of its rows is whole swizzle atoms (cuda/conv_tma.cu:
-/// the taps along y shift the source box by whole rows).
-fn tma_product_box(width: usize, height: usize) -> (usize, usize) {
-    let shapes =
-        (3..=CONV_TMA_PRODUCT_BOX_X_MAX.trailing_zeros()).rev().map(|i| (1usize << i, CONV_TMA_PRODUCT_POSITIONS >> i));
-    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("boxes 8 wide and wider")
-}
-
 /// The fewest k-blocks of a slice of the TMA weight gradient ([`tma_slices`]).
 const TMA_MIN_SLICE: usize = 16;
 
-/// The box of `positions` (a power of two: box_x along x, box_y along y) of the TMA weight gradient over a map `width`
-/// x `height` ([`CONV_TMA_POSITIONS`] narrow positions): of the shapes from positions x 1 to 1 x positions, the one that covers the map in the
-/// fewest boxes (the positions past the map are zeros the products still multiply), the widest of equals.
-fn tma_box(width: usize, height: usize, positions: usize) -> (usize, usize) {
-    let shapes = (0..=positions.trailing_zeros()).map(|i| (positions >> i, 1usize << i));
-    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("a power of two has shapes")
+/// The box of `positions` (a power of two: box_x along x, box_y along y) of a TMA kernel over a map `width` x
+/// `height` ([`CONV_TMA_POSITIONS`] narrow positions of the weight gradient, [`CONV_TMA_PRODUCT_POSITIONS`] output
+/// positions of the products): of the shapes from `widest` x (positions / widest) to 8 x (positions / 8), the one
+/// that covers the map in the fewest boxes (the positions past the map are zeros the products still multiply), the
+/// widest of equals. Its width is a multiple of 8 so that each of its rows is whole swizzle atoms (cuda/conv_tma.cu:
+/// the taps along y shift a box by whole rows).
+fn tma_box(width: usize, height: usize, positions: usize, widest: usize) -> (usize, usize) {
+    let shapes = (3..=widest.trailing_zeros()).rev().map(|i| (1usize << i, positions >> i));
+    shapes.min_by_key(|&(x, y)| width.div_ceil(x) * height.div_ceil(y)).expect("boxes 8 wide and wider")
 }
 
 /// The slices of the TMA weight gradient's `kblocks` among `tiles` blocks each, on `multiprocessors` that hold one
@@ -3472,16 +3466,20 @@ mod tests {
         for (name, p, want) in products {
             assert_eq!(p.tma_product_suits(), want, "{name}: {p:?}");
         }
-        // 10 x 6 in 16 x 4 boxes (2 k-blocks, as 8 x 8); 24 x 28 in 8 x 8 (12); 12 x 14 in 4 x 16 (3).
+        // The weight gradient's: 10 x 6 in 16 x 4 boxes (2 k-blocks, as 8 x 8); 24 x 28 in 8 x 8 (12); 12 x 14 in 16 x
+        // 4 (4, as 8 x 8).
         assert_eq!(
-            [10, 6, 24, 28, 12, 14].chunks(2).map(|s| tma_box(s[0], s[1], 64)).collect::<Vec<_>>(),
-            [(16, 4), (8, 8), (4, 16)]
+            [10, 6, 24, 28, 12, 14].chunks(2).map(|s| tma_box(s[0], s[1], 64, 64)).collect::<Vec<_>>(),
+            [(16, 4), (8, 8), (16, 4)]
         );
         // The products' boxes: flare-3d 48 x 56 in 16 x 8 (21 boxes, 24 as 8 x 16, 28 as 32 x 4), 24 x 28 in 8 x 16 (6,
         // 8 as 16 x 8), 12 x 14 in 16 x 8 (2, 4 as 32 x 4); amos-2d 80 x 80 in 16 x 8 (50 as 8 x 16 too), 20 x 20 in 32
         // x 4 (5, 6 as 16 x 8).
         assert_eq!(
-            [48, 56, 24, 28, 12, 14, 80, 80, 20, 20].chunks(2).map(|s| tma_product_box(s[0], s[1])).collect::<Vec<_>>(),
+            [48, 56, 24, 28, 12, 14, 80, 80, 20, 20]
+                .chunks(2)
+                .map(|s| tma_box(s[0], s[1], CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX))
+                .collect::<Vec<_>>(),
             [(16, 8), (8, 16), (16, 8), (16, 8), (32, 4)]
         );
         // flare-3d stage 3: 72 tiles, 240 k-blocks: 11 slices of 22 fill 6 waves of 132; stage 5's 20 k-blocks
