@@ -1,6 +1,6 @@
-// The weight gradient of a stride-1 convolution, and below its forward and input gradient (conv_tma_product), as
-// warpgroup products over boxes that the TMA unit copies from channels-last maps (formulas and parameters in
-// conv_tma.cuh). The weight gradient:
+// The weight gradient of a stride-1 convolution, and below its forward and input gradient (conv_tma_product: the
+// kernels conv_fprop_tma_bf16_* and conv_dgrad_tma_bf16_*), as warpgroup products over boxes that the TMA unit copies
+// from channels-last maps (formulas and parameters in conv_tma.cuh). The weight gradient:
 //
 //   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, o + a - pad, cw]
 //
@@ -375,8 +375,11 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
         NAME(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p) {                                       \
         conv_tma_product<KZ>(p);                                                                                     \
     }
-CONV_TMA_PRODUCT_KERNEL(conv_tma_product_bf16_k333, 3)
-CONV_TMA_PRODUCT_KERNEL(conv_tma_product_bf16_k133, 1)
+// The same product under a name per role (the forward, the input gradient), so that a profile tells them apart.
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k333, 3)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k133, 1)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k333, 3)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k133, 1)
 
 // Wp[a', m, k] from W (conv_tma.cuh): element e = (a' c_out + m) k_pad + k, tap a = (az, ay, ax) at a' = 3 (3 az +
 // ax) + ay.

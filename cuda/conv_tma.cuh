@@ -118,8 +118,11 @@ constexpr int CONV_TMA_PRODUCT_STAGE_BYTES =
     3 * 128 * 64 * 2 + (CONV_TMA_PRODUCT_POSITIONS + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 64 * 2;
 constexpr int CONV_TMA_PRODUCT_SHARED =
     CONV_TMA_PRODUCT_STAGES * CONV_TMA_PRODUCT_STAGE_BYTES + 1024 + 16 * CONV_TMA_PRODUCT_STAGES;
-extern "C" __global__ void conv_tma_product_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_tma_product_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+// The forward's and the input gradient's kernels (the same code), of 3x3x3 and 1x3x3 kernels.
+extern "C" __global__ void conv_fprop_tma_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_tma_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_tma_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_tma_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 
 // Wp[a', m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad, tap a =
 // (az, ay, ax) at a' = 3 (3 az + ax) + ay (a column's taps together, for one box): the A operand of conv_tma_product

@@ -8,8 +8,8 @@
 #        bash tools/gpu-ncu.sh --only ROW_SUBSTRING [KERNEL_REGEX]        e.g. --only "selective_scan PiM stage 0" scan_backward
 # The convolution form runs each layer in bf16 (`kernels --convs` on a list cut to it) and profiles the first
 # launch of each role's product kernel (forward, input gradient, weight gradient: conv_ROLE_bf16, its _halo_,
-# _wgmma_, _wgmma_cl_, _implicit_wgmma_, _gemm_wgmma_ and _n32 forms, conv_transpose_ROLE_*; not the weight packing,
-# the channels-last copy or the explicit products' row gathers). The --only form profiles the first
+# _wgmma_, _wgmma_cl_, _implicit_wgmma_, _gemm_wgmma_, _tma_ and _n32 forms, conv_transpose_ROLE_*; not the weight
+# packing, the channels-last copy or the explicit products' row gathers). The --only form profiles the first
 # LAUNCHES (default 2) launches whose name matches KERNEL_REGEX (default: any). --set full replays each launch about
 # 40 times; the clocks are left as the card runs them (--clock-control none: ncu would otherwise hold the SM at its
 # base clock, 1.36 GHz).
@@ -43,7 +43,8 @@ if not shapes:
     sys.exit(f"no shape of {sys.argv[2]} is named {sys.argv[3]} (kernels --list-convs lists them)")
 json.dump(shapes, open(sys.argv[4], "w"))' "$out/ncu_all.json" "$config" "$layer" "$list" || exit 1
     for role in fprop dgrad wgrad; do
-      parts+=("$layer $role:^conv_(transpose_)?${role}_((halo|wgmma|wgmma_cl|implicit_wgmma|gemm_wgmma)_)?bf16:1:$list")
+      kinds="halo|wgmma|wgmma_cl|implicit_wgmma|gemm_wgmma|tma"
+      parts+=("$layer $role:^conv_(transpose_)?${role}_(($kinds)_)?bf16:1:$list")
     done
   done
 fi

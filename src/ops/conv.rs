@@ -1454,8 +1454,9 @@ pub(crate) struct ExplicitConv<T: Copy> {
 /// The kernels of [`Pairing::tma_product`]: the products of 3x3x3 and 1x3x3 kernels, and the weight packing.
 #[derive(Clone, Copy)]
 pub(crate) struct TmaProduct<T: Copy> {
-    k333: Kernel<ConvTmaProductParams<T>>,
-    k133: Kernel<ConvTmaProductParams<T>>,
+    /// Indexed [product][kernel]: the forward (NarrowFromWide) and the input gradient (WideFromNarrow), each of a
+    /// 3x3x3 and a 1x3x3 kernel: one name per role, as [`ConvElement`]'s kernels.
+    products: [[Kernel<ConvTmaProductParams<T>>; 2]; 2],
     pack: Kernel<ConvTmaPackParams<T>>,
 }
 
@@ -1670,8 +1671,10 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_tma_bf16_k133_m64,
     ]);
     const TMA_PRODUCT: Option<TmaProduct<bf16>> = Some(TmaProduct {
-        k333: kernel::conv_tma_product_bf16_k333,
-        k133: kernel::conv_tma_product_bf16_k133,
+        products: [
+            [kernel::conv_fprop_tma_bf16_k333, kernel::conv_fprop_tma_bf16_k133],
+            [kernel::conv_dgrad_tma_bf16_k333, kernel::conv_dgrad_tma_bf16_k133],
+        ],
         pack: kernel::conv_tma_pack_bf16,
     });
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> = Some(GemmWgrad {
@@ -1745,7 +1748,8 @@ impl Pairing {
             if self.transposed && (needs[0] || needs[1]) { self.unfolded(g, x.unwrap_or(g), what)? } else { None };
         // The conv's g copied channels last once where both gradients run on the TMA kernels, which read it so.
         let gpu = &g.gpu;
-        let tma_both = self.tma_product_kernel::<T>(gpu).is_some() && self.tma_wgrad_kernel::<T>(gpu).is_some();
+        let tma_both = self.tma_product_kernel::<T>(Product::WideFromNarrow, gpu).is_some()
+            && self.tma_wgrad_kernel::<T>(gpu).is_some();
         let g_last = match !self.transposed && needs[0] && needs[1] && tma_both {
             true => Some(self.channels_last_of(g, Product::WideFromNarrow, what)?),
             false => None,
@@ -1915,7 +1919,7 @@ impl Pairing {
         let d = self.kernel_dims(what)?;
         let (channels, size) = self.output(which);
         let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
-        if let Some((kernels, kernel)) = self.tma_product_kernel::<T>(&src.gpu) {
+        if let Some((kernels, kernel)) = self.tma_product_kernel::<T>(which, &src.gpu) {
             self.tma_product(kernels.pack, kernel, which, (src, src_last), w, bias, &mut out, what)?;
             return Ok(out);
         }
@@ -2075,10 +2079,11 @@ impl Pairing {
     /// loaded them (sm_90) and they take the pairing ([`Pairing::tma_product_suits`]).
     fn tma_product_kernel<T: ConvElement>(
         &self,
+        which: Product,
         gpu: &Gpu,
     ) -> Option<(TmaProduct<T>, Kernel<ConvTmaProductParams<T>>)> {
         let kernels = T::TMA_PRODUCT?;
-        let kernel = if self.k[0] == 3 { kernels.k333 } else { kernels.k133 };
+        let kernel = kernels.products[which as usize][usize::from(self.k[0] != 3)];
         (self.tma_product_suits() && gpu.has_kernel(kernel)).then_some((kernels, kernel))
     }
 
