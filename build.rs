@@ -3,7 +3,9 @@
 //!
 //! nvcc is looked up in `$NVCC`, then `.toolchain/cuda/bin/nvcc` (where `tools/install-nvcc.sh` puts it), then
 //! `$CUDA_HOME/bin`, `/usr/local/cuda/bin` and `PATH`. Without nvcc the crate still builds, CPU-only, and says so; with
-//! `LKM_REQUIRE_NVCC=1` (CI) a missing nvcc or a kernel that does not compile fails the build.
+//! `LKM_REQUIRE_NVCC=1` (CI) a missing nvcc or a kernel that does not compile fails the build. So does a wgmma kernel
+//! whose products ptxas serialises (its note C7515, asked for with `-Xptxas -v` on the sm_90a files): the tensor cores
+//! would idle between them, a slowdown nothing else reports.
 //!
 //! It also reads the kernel parameter headers, `cuda/X.cuh` beside each `cuda/X.cu` (the subset of C++ described in
 //! src/device/header.rs), and generates their Rust side, `params.rs` (structs, constants and typed kernel handles,
@@ -384,6 +386,8 @@ fn main() {
                         let mut cmd = Command::new(nvcc);
                         cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"])
                             .arg(target)
+                            // ptxas's report on the wgmma files, for the check on C7515 below.
+                            .args(if ARCH_SPECIFIC.contains(&stem.as_str()) { &["-Xptxas", "-v"][..] } else { &[] })
                             .arg("-I")
                             .arg(root.join("cuda"))
                             .arg("-o")
@@ -408,6 +412,17 @@ fn main() {
                 }
                 if src == check {
                     continue;
+                }
+                // ptxas says C7515 (only with -v) where it serialises a kernel's wgmma instructions, the tensor cores
+                // then idle between products: a silent slowdown, so it fails the build (conv_tma.cu's tma_consume
+                // names one cause: a register read between two k-blocks' products).
+                let serialised: Vec<_> = String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .filter(|l| l.contains("C7515"))
+                    .map(String::from)
+                    .collect();
+                if !serialised.is_empty() {
+                    panic!("ptxas serialised wgmma instructions in {}:\n{}", src.display(), serialised.join("\n"));
                 }
                 let stem = stem_of(&src);
                 let specific = ARCH_SPECIFIC.contains(&stem.as_str());
