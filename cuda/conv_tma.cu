@@ -296,28 +296,34 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 }
 
 // out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k] (conv_tma.cuh): a block owns 128 rows m (two
-// warpgroups of m64) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8, 16 or 32),
-// and walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay = 0,
-// 1, 2 of Wp, 3 x 128 x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose corner
-// the tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row ay box_x on:
-// the output box shifted by ay rows, 128 consecutive positions. All are K-major rows of 128 bytes in the 128-byte
-// swizzle, and ay box_x rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves
-// the three taps. Per k-step of 16 channels one m64n128k16 per warpgroup and tap. Why a tap column per k-block: every
-// box comes from L2, and with a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate);
-// the three taps of a column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x
-// 20x56x48 forward: 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to
-// wait for rather than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
+// warpgroups of m64; or 64 rows for both and 256 positions, 128 each, in the _m64 kernels, for at most 64 output
+// channels) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8, 16 or 32), and
+// walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay = 0, 1, 2
+// of Wp, 3 x rows x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose corner the
+// tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row ay box_x on: the
+// output box shifted by ay rows, 128 consecutive positions. All are K-major rows of 128 bytes in the 128-byte swizzle,
+// and ay box_x rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves the three
+// taps. Per k-step of 16 channels one m64n128k16 per warpgroup and tap. Why a tap column per k-block: every box comes
+// from L2, and with a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate); the three
+// taps of a column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x 20x56x48 forward:
+// 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to wait for rather
+// than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
 // CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
-template <int KZ>
+template <int KZ, int ROWS>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
-    constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = CONV_TMA_PRODUCT_POSITIONS, TILE = 128 * 64 * 2;
-    constexpr int STAGE = CONV_TMA_PRODUCT_STAGE_BYTES;
-    static_assert(STAGES_P * STAGE + 1024 + 16 * STAGES_P == CONV_TMA_PRODUCT_SHARED && N == 128, "the header's sizes");
+    // ROWS 128: each warpgroup 64 of the rows and all P = 128 positions; ROWS 64 (at most 64 output channels, which
+    // would leave half of a 128-row tile empty): both on the 64 rows, warpgroup g on positions 128 g .. 128 g + 127 of
+    // a box of P = 256.
+    constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = 128, P = ROWS == 128 ? N : 2 * N;
+    constexpr int TILE = ROWS * 64 * 2, STAGE = CONV_TMA_PRODUCT_STAGE_BYTES;
+    static_assert(STAGES_P * STAGE + 1024 + 16 * STAGES_P == CONV_TMA_PRODUCT_SHARED, "the header's sizes");
+    static_assert(P == (ROWS == 128 ? CONV_TMA_PRODUCT_POSITIONS : CONV_TMA_PRODUCT_POSITIONS_M64), "the header's");
     static_assert(STAGE % 1024 == 0 && 3 * TILE % 1024 == 0, "stages and source boxes start on swizzle atoms");
+    static_assert(3 * TILE + (P + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 128 <= STAGE, "a stage holds the boxes");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES_P * STAGE;
     const int t = threadIdx.x, group = t >> 7;
-    const int m0 = blockIdx.x * 128;
+    const int m0 = blockIdx.x * ROWS;
     const BoxCorner box = box_corner(blockIdx.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
     const int x0 = box.x, y0 = box.y, z = box.z, n = box.n;
     const int chunks = (p.c_src + 63) / 64, count = KZ * 3 * chunks;
@@ -339,23 +345,27 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
 #pragma unroll
     for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
     const uint32_t row_shift = p.box_x * 128;  // one row of the box: a tap ay further
+    // This warpgroup's rows of Wp's boxes and first position of the output box.
+    const uint32_t a_rows = ROWS == 128 ? group * 64 * 128 : 0, b_first = ROWS == 128 ? 0 : group * N * 128;
     tma_consume<STAGES_P>(bars, count, [&](int i) {
         const uint32_t at = base + i % STAGES_P * STAGE;
 #pragma unroll
         for (int ay = 0; ay < 3; ++ay)
 #pragma unroll
             for (int s = 0; s < 4; ++s)
-                wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + ay * TILE + group * 64 * 128 + 32 * s, 1024),
-                                    wgmma::descriptor_sw128(at + 3 * TILE + ay * row_shift + 32 * s, 1024), true);
+                wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + ay * TILE + a_rows + 32 * s, 1024),
+                                    wgmma::descriptor_sw128(at + 3 * TILE + b_first + ay * row_shift + 32 * s, 1024),
+                                    true);
     });
 
-    // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + 64 g + that, position q of the box
-    // (x0 + q % box_x, y0 + q / box_x).
+    // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + (ROWS 128: 64 g) + that, position
+    // (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x).
     const int lane = t & 31, warp = (t >> 5) & 3;
     const int64_t plane = (int64_t)p.size[1] * p.size[2];
+    const int q0 = ROWS == 128 ? 0 : group * N;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int m = m0 + 64 * group + 16 * warp + lane / 4 + 8 * h;
+        const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
         if (m >= p.c_out) continue;
         const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
         __nv_bfloat16* row = p.out + (((int64_t)n * p.c_out + m) * p.size[0] + z) * plane;
@@ -363,23 +373,27 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
         for (int j = 0; j < N / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int q = 8 * j + 2 * (lane % 4) + e, x = x0 + q % p.box_x, y = y0 + q / p.box_x;
+                const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = x0 + q % p.box_x, y = y0 + q / p.box_x;
                 if (x < p.size[2] && y < p.size[1])
                     row[(int64_t)y * p.size[2] + x] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
             }
     }
 }
 
-#define CONV_TMA_PRODUCT_KERNEL(NAME, KZ)                                                                            \
+#define CONV_TMA_PRODUCT_KERNEL(NAME, KZ, ROWS)                                                                      \
     extern "C" __global__ void __launch_bounds__(PIPELINE_THREADS, 1)                                               \
         NAME(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p) {                                       \
-        conv_tma_product<KZ>(p);                                                                                     \
+        conv_tma_product<KZ, ROWS>(p);                                                                               \
     }
 // The same product under a name per role (the forward, the input gradient), so that a profile tells them apart.
-CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k333, 3)
-CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k133, 1)
-CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k333, 3)
-CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k133, 1)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k333, 3, 128)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k133, 1, 128)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k333, 3, 128)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k133, 1, 128)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k333_m64, 3, 64)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k133_m64, 1, 64)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k333_m64, 3, 64)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k133_m64, 1, 64)
 
 // Wp[a', m, k] from W (conv_tma.cuh): element e = (a' c_out + m) k_pad + k, tap a = (az, ay, ax) at a' = 3 (3 az +
 // ax) + ay.

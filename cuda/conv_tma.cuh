@@ -86,11 +86,11 @@ extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
 // src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x (box_y + 2)
 // positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the two
 // rows its taps along y add), Wp packed by conv_tma_pack_bf16 (axes k, m, a' with a' = 3 (3 az + ax) + ay for tap a =
-// (az, ay, ax): weight_map, boxes of 64 x 128 x 3, the three taps of a column), out channels first (c_out channels, the
-// map `size`), bias b (c_out, or null). The forward: m = the conv's output channel, k its input channel, Wp[a, m, k] =
-// W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m = its input channel, k its output channel, Wp[a,
-// m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's. Grid (ceil(c_out / 128), batch x size[0] x y_blocks x
-// x_blocks), CONV_TMA_PIPELINE_THREADS threads, CONV_TMA_PRODUCT_SHARED bytes of dynamic shared memory.
+// (az, ay, ax): weight_map, boxes of 64 x rows x 3, the three taps of a column), out channels first (c_out channels,
+// the map `size`), bias b (c_out, or null). The forward: m = the conv's output channel, k its input channel, Wp[a, m,
+// k] = W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m = its input channel, k its output channel,
+// Wp[a, m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's. Grid (ceil(c_out / rows), batch x size[0] x
+// y_blocks x x_blocks), CONV_TMA_PIPELINE_THREADS threads, CONV_TMA_PRODUCT_SHARED bytes of dynamic shared memory.
 template <typename T>
 struct ConvTmaProductParams {
     // The source map, channels last: axes (c_src rounded up to 8, x, y, z, batch).
@@ -108,21 +108,29 @@ struct ConvTmaProductParams {
     int x_blocks;
     int y_blocks;
 };
+// Output positions per block: 128 (128 rows of output channels), 256 in the _m64 kernels (64 rows, at most 64 output
+// channels: each warpgroup on 128 of the positions).
 constexpr int CONV_TMA_PRODUCT_POSITIONS = 128;
+constexpr int CONV_TMA_PRODUCT_POSITIONS_M64 = 256;
 // The widest output box (box_x is 8, 16 or 32: whole 8-row swizzle atoms per row of the box).
 constexpr int CONV_TMA_PRODUCT_BOX_X_MAX = 32;
 constexpr int CONV_TMA_PRODUCT_STAGES = 3;
 // A stage: three taps of 128 rows of the packed weight (48 KB), and the source box of at most 128 + 2 x 32 positions
-// (24 KB), 64 channels each.
+// (24 KB), 64 channels each (the _m64 kernels: 3 x 64 rows, 24 KB, and at most 256 + 2 x 32 positions, 40 KB).
 constexpr int CONV_TMA_PRODUCT_STAGE_BYTES =
     3 * 128 * 64 * 2 + (CONV_TMA_PRODUCT_POSITIONS + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 64 * 2;
 constexpr int CONV_TMA_PRODUCT_SHARED =
     CONV_TMA_PRODUCT_STAGES * CONV_TMA_PRODUCT_STAGE_BYTES + 1024 + 16 * CONV_TMA_PRODUCT_STAGES;
-// The forward's and the input gradient's kernels (the same code), of 3x3x3 and 1x3x3 kernels.
+// The forward's and the input gradient's kernels (the same code), of 3x3x3 and 1x3x3 kernels, in blocks of 128 and
+// (_m64) 64 output channels.
 extern "C" __global__ void conv_fprop_tma_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_tma_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_tma_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_tma_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_tma_bf16_k333_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_tma_bf16_k133_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_tma_bf16_k333_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_tma_bf16_k133_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 
 // Wp[a', m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad, tap a =
 // (az, ay, ax) at a' = 3 (3 az + ax) + ay (a column's taps together, for one box): the A operand of conv_tma_product

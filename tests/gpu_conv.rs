@@ -251,7 +251,7 @@ fn gpu_conv_tma() {
     check_conv("conv3d 1x3x3 64 -> 130, 2x9x20", &[1, 64, 2, 9, 20], &[130, 64, 1, 3, 3], &[1, 1, 1], 685);
     check_conv("conv2d 3x3 96 -> 64, 40 x 48", &[2, 96, 40, 48], &[64, 96, 3, 3], &[1, 1], 690);
     check_bf16_conv_repeats("conv3d 1x3x3 64 -> 64 bf16", &[2, 64, 34, 8, 8], &[64, 64, 1, 3, 3], 695);
-    // The forward and input gradient on the TMA product (`Pairing::tma_product_suits`: 128 channels and more on both
+    // The forward and input gradient on the TMA product (`Pairing::tma_product_rows`: 128 channels and more on both
     // sides): 130 source channels (three 64-channel k-blocks per tap, the last of 2 and the packed weight's zeros
     // past them), 136 outputs (a second 128-row tile of 8), 16 x 8 boxes over a map 10 wide; 2D maps 20 wide in 32 x 4
     // boxes and 8 wide in 8 x 16 (30 rows: the second box's last two past the map), the three box widths; bit for bit
@@ -259,6 +259,10 @@ fn gpu_conv_tma() {
     check_conv("conv3d 3x3x3 130 -> 136, 3x6x10", &[2, 130, 3, 6, 10], &[136, 130, 3, 3, 3], &[1, 1, 1], 696);
     check_conv("conv2d 3x3 128 -> 128, 9 x 20", &[1, 128, 9, 20], &[128, 128, 3, 3], &[1, 1], 697);
     check_conv("conv2d 3x3 128 -> 128, 30 x 8", &[1, 128, 30, 8], &[128, 128, 3, 3], &[1, 1], 699);
+    // The forward into at most 64 channels in blocks of 64 rows and 256 positions (`Pairing::tma_product_rows`): 40
+    // outputs (the block's rows past them), 72 sources (the second k-block of 8), one 32 x 8 box over 20 x 6; its
+    // input gradient stays on the other kernels.
+    check_conv("conv3d 3x3x3 72 -> 40, 3x6x20", &[2, 72, 3, 6, 20], &[40, 72, 3, 3, 3], &[1, 1, 1], 701);
     check_bf16_conv_repeats("conv3d 3x3x3 128 -> 128 bf16", &[1, 128, 4, 8, 16], &[128, 128, 3, 3, 3], 698);
 }
 

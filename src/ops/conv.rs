@@ -64,7 +64,7 @@
 //! copies from channels-last copies of both maps, a tap's box its corner shifted by the tap (cuda/conv_tma.cu,
 //! `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`), and so do the forward and input gradient of such convs
 //! between maps of at least 128 channels and 64 positions (the weight packed as the product's rows,
-//! `Pairing::tma_product_suits`, `Pairing::tma_product`). The other weight gradients of 1x1x1 kernels, of at least
+//! `Pairing::tma_product_rows`, `Pairing::tma_product`). The other weight gradients of 1x1x1 kernels, of at least
 //! 320 narrow channels on small maps, of
 //! one-channel inputs and of strided convs from 64 wide channels run as one explicit product over the wide map's
 //! columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
@@ -109,11 +109,11 @@ use crate::device::params::{
     CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
     CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS,
     CONV_TMA_PIPELINE_THREADS, CONV_TMA_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX, CONV_TMA_PRODUCT_POSITIONS,
-    CONV_TMA_PRODUCT_SHARED, CONV_TMA_SHARED_BYTES_M128, CONV_TMA_SHARED_BYTES_M64, CONV_TMA_SUM_PAIRS,
-    CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO, CONV_WGMMA_THREADS,
-    CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3, CONV_WGMMA_WG_PITCH,
-    CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE, GEMM_WGMMA_STAGES,
-    GEMM_WGMMA_THREADS,
+    CONV_TMA_PRODUCT_POSITIONS_M64, CONV_TMA_PRODUCT_SHARED, CONV_TMA_SHARED_BYTES_M128, CONV_TMA_SHARED_BYTES_M64,
+    CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO,
+    CONV_WGMMA_THREADS, CONV_WGMMA_TILES, CONV_WGMMA_TILE_X, CONV_WGMMA_WG_COLS_K1, CONV_WGMMA_WG_COLS_K3,
+    CONV_WGMMA_WG_PITCH, CONV_WGMMA_WG_ROWS, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, GEMM_WGMMA_BN_WIDE,
+    GEMM_WGMMA_STAGES, GEMM_WGMMA_THREADS,
 };
 use crate::device::Gpu;
 use crate::ops::cast::{params_in, Weight};
@@ -1454,9 +1454,10 @@ pub(crate) struct ExplicitConv<T: Copy> {
 /// The kernels of [`Pairing::tma_product`]: the products of 3x3x3 and 1x3x3 kernels, and the weight packing.
 #[derive(Clone, Copy)]
 pub(crate) struct TmaProduct<T: Copy> {
-    /// Indexed [product][kernel]: the forward (NarrowFromWide) and the input gradient (WideFromNarrow), each of a
-    /// 3x3x3 and a 1x3x3 kernel: one name per role, as [`ConvElement`]'s kernels.
-    products: [[Kernel<ConvTmaProductParams<T>>; 2]; 2],
+    /// Indexed [product][tile][kernel]: the forward (NarrowFromWide) and the input gradient (WideFromNarrow), blocks
+    /// of 128 and of 64 output channels ([`Pairing::tma_product_rows`]), a 3x3x3 and a 1x3x3 kernel: one name per
+    /// role, as [`ConvElement`]'s kernels.
+    products: [[[Kernel<ConvTmaProductParams<T>>; 2]; 2]; 2],
     pack: Kernel<ConvTmaPackParams<T>>,
 }
 
@@ -1672,8 +1673,14 @@ impl ConvElement for bf16 {
     ]);
     const TMA_PRODUCT: Option<TmaProduct<bf16>> = Some(TmaProduct {
         products: [
-            [kernel::conv_fprop_tma_bf16_k333, kernel::conv_fprop_tma_bf16_k133],
-            [kernel::conv_dgrad_tma_bf16_k333, kernel::conv_dgrad_tma_bf16_k133],
+            [
+                [kernel::conv_fprop_tma_bf16_k333, kernel::conv_fprop_tma_bf16_k133],
+                [kernel::conv_fprop_tma_bf16_k333_m64, kernel::conv_fprop_tma_bf16_k133_m64],
+            ],
+            [
+                [kernel::conv_dgrad_tma_bf16_k333, kernel::conv_dgrad_tma_bf16_k133],
+                [kernel::conv_dgrad_tma_bf16_k333_m64, kernel::conv_dgrad_tma_bf16_k133_m64],
+            ],
         ],
         pack: kernel::conv_tma_pack_bf16,
     });
@@ -1919,8 +1926,8 @@ impl Pairing {
         let d = self.kernel_dims(what)?;
         let (channels, size) = self.output(which);
         let mut out = src.gpu.alloc_of::<T>(self.batch * channels * size.iter().product::<usize>(), what)?;
-        if let Some((kernels, kernel)) = self.tma_product_kernel::<T>(which, &src.gpu) {
-            self.tma_product(kernels.pack, kernel, which, (src, src_last), w, bias, &mut out, what)?;
+        if let Some((kernels, kernel, rows)) = self.tma_product_kernel::<T>(which, &src.gpu) {
+            self.tma_product(kernels.pack, (kernel, rows), which, (src, src_last), w, bias, &mut out, what)?;
             return Ok(out);
         }
         if let Some(kernels) = self.explicit_kernels(which, src, w) {
@@ -2002,25 +2009,36 @@ impl Pairing {
         sum_slices(gpu, out, slices, numel, what)
     }
 
-    /// Whether the TMA product of cuda/conv_tma.cu takes the forward and the input gradient of this pairing: a stride-1
-    /// conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at least [`TMA_PRODUCT_MIN_CHANNELS`] channels
-    /// and [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item ([`Pairing::tma_suits`]) whose output maps are at most
-    /// 65535 boxes (the grid's y). Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and
-    /// amos-2d between maps of 64 channels and more, against the kernels before it): from 128 channels faster on every
-    /// shape of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092;
-    /// 512 x 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 ->
-    /// 256 at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a
-    /// fifth full) and wherever a side has 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022,
-    /// amos-2d 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps).
-    fn tma_product_suits(&self) -> bool {
-        // One block per box of output positions along the grid's y, at most 65535 of them.
-        let boxes = |s: [usize; 3]| {
-            let (x, y) = tma_box(s[2], s[1], CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX);
-            self.batch * s[0] * s[1].div_ceil(y) * s[2].div_ceil(x)
+    /// The output channels per block of the TMA product of cuda/conv_tma.cu on pass `which` of this pairing, if it
+    /// takes the pass: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) whose
+    /// output maps have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item and are at most 65535 boxes (the
+    /// grid's y); blocks of 128 where the source and the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels,
+    /// of 64 (each of 256 positions) where the output has 33 to 64 and the source at least 64. Measured on the H100
+    /// (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more,
+    /// against the kernels before it, with 128-row blocks and a box per tap): from 128 channels faster on every shape
+    /// of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x
+    /// 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256
+    /// at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a fifth
+    /// full) and wherever a side had 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d
+    /// 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps), which the
+    /// 64-row blocks are for (not yet timed).
+    fn tma_product_rows(&self, which: Product) -> Option<usize> {
+        let ((c_src, _), (c_out, size)) = (self.source(which), self.output(which));
+        let rows = if c_src.min(c_out) >= TMA_PRODUCT_MIN_CHANNELS {
+            128
+        } else if c_src >= 64 && (33..=64).contains(&c_out) {
+            64
+        } else {
+            return None;
         };
-        self.tma_suits(TMA_PRODUCT_MIN_CHANNELS)
-            && 2 * self.narrow.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
-            && boxes(self.narrow).max(boxes(self.wide)) <= u16::MAX as usize
+        let positions = tma_product_positions(rows);
+        // One block per box of output positions along the grid's y, at most 65535 of them.
+        let (x, y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
+        let boxes = self.batch * size[0] * size[1].div_ceil(y) * size[2].div_ceil(x);
+        let fits = self.tma_suits(33)
+            && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
+            && boxes <= u16::MAX as usize;
+        fits.then_some(rows)
     }
 
     /// What both TMA paths ask of a pairing: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps
@@ -2076,15 +2094,16 @@ impl Pairing {
     }
 
     /// The TMA product kernels for this pairing on `gpu` and the one of its kernel, if the type has them, the GPU
-    /// loaded them (sm_90) and they take the pairing ([`Pairing::tma_product_suits`]).
+    /// loaded them (sm_90) and they take the pass ([`Pairing::tma_product_rows`]), with its output channels per block.
     fn tma_product_kernel<T: ConvElement>(
         &self,
         which: Product,
         gpu: &Gpu,
-    ) -> Option<(TmaProduct<T>, Kernel<ConvTmaProductParams<T>>)> {
+    ) -> Option<(TmaProduct<T>, Kernel<ConvTmaProductParams<T>>, usize)> {
         let kernels = T::TMA_PRODUCT?;
-        let kernel = kernels.products[which as usize][usize::from(self.k[0] != 3)];
-        (self.tma_product_suits() && gpu.has_kernel(kernel)).then_some((kernels, kernel))
+        let rows = self.tma_product_rows(which)?;
+        let kernel = kernels.products[which as usize][usize::from(rows == 64)][usize::from(self.k[0] != 3)];
+        gpu.has_kernel(kernel).then_some((kernels, kernel, rows))
     }
 
     /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
@@ -2095,7 +2114,7 @@ impl Pairing {
     fn tma_product<T: ConvElement>(
         &self,
         pack: Kernel<ConvTmaPackParams<T>>,
-        kernel: Kernel<ConvTmaProductParams<T>>,
+        (kernel, rows): (Kernel<ConvTmaProductParams<T>>, usize),
         which: Product,
         (src, src_last): (&GpuBuffer<T>, Option<&GpuBuffer<T>>),
         w: &GpuBuffer<T>,
@@ -2104,6 +2123,7 @@ impl Pairing {
         what: &str,
     ) -> Result<()> {
         let gpu = &src.gpu;
+        let positions = tma_product_positions(rows);
         let ((c_src, src_size), (c_out, size)) = (self.source(which), self.output(which));
         let flip = which == Product::WideFromNarrow;
         let pad: [usize; 3] = std::array::from_fn(|d| if flip { self.k[d] - 1 - self.pad[d] } else { self.pad[d] });
@@ -2127,10 +2147,10 @@ impl Pairing {
             packed.ptr().address(),
             &[k, c_out as u64, taps as u64],
             &[2 * k, 2 * k * c_out as u64],
-            &[64, 128, 3],
+            &[64, rows as u32, 3],
             what,
         )?;
-        let (box_x, box_y) = tma_box(size[2], size[1], CONV_TMA_PRODUCT_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX);
+        let (box_x, box_y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let mut made = None;
         let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
         // The source box: the output box and the two rows that its taps along y add.
@@ -2152,7 +2172,7 @@ impl Pairing {
             y_blocks: y_blocks as i32,
         };
         let cfg = LaunchConfig {
-            grid_dim: (c_out.div_ceil(128) as u32, (self.batch * size[0] * y_blocks * x_blocks) as u32, 1),
+            grid_dim: (c_out.div_ceil(rows) as u32, (self.batch * size[0] * y_blocks * x_blocks) as u32, 1),
             block_dim: (CONV_TMA_PIPELINE_THREADS as u32, 1, 1),
             shared_mem_bytes: CONV_TMA_PRODUCT_SHARED as u32,
         };
@@ -2753,8 +2773,17 @@ fn launch_gemm_wgmma<T: GpuElement>(
 const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 
 /// The fewest channels on either side of a conv whose forward and input gradient run on the TMA product
-/// ([`Pairing::tma_product_suits`]).
+/// ([`Pairing::tma_product_rows`]).
 const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
+
+/// The output positions per block of the TMA product in blocks of `rows` output channels (cuda/conv_tma.cuh).
+fn tma_product_positions(rows: usize) -> usize {
+    if rows == 128 {
+        CONV_TMA_PRODUCT_POSITIONS
+    } else {
+        CONV_TMA_PRODUCT_POSITIONS_M64
+    }
+}
 
 /// The fewest k-blocks of a slice of the TMA weight gradient ([`tma_slices`]).
 const TMA_MIN_SLICE: usize = 16;
@@ -3455,21 +3484,26 @@ mod tests {
         for (name, p, want) in cases {
             assert_eq!(p.tma_wgrad_rows(), want, "{name}: {p:?}");
         }
+        // (forward, input gradient): output channels per block.
+        let (m128, m64) = ([Some(128), Some(128)], [Some(64), Some(64)]);
         let products = [
-            ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), true),
-            ("flare-3d stage 5: 420 positions", pairing(2, 320, 320, [10, 7, 6], k333, one), true),
-            ("flare-3d stage 1: 64 channels", pairing(2, 64, 64, [40, 112, 96], k333, one), false),
-            ("flare-3d decoder stage 3: into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), false),
-            ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], k133, one), true),
-            ("amos-2d stage 6: 25 positions", pairing(12, 512, 512, [1, 5, 5], k133, one), false),
-            ("strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), false),
-            ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), true),
-            ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), true),
-            ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), false),
-            ("2 x 96x256x256: 98304 boxes", pairing(2, 128, 128, [96, 256, 256], k333, one), false),
+            ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), m128),
+            ("flare-3d stage 5: 420 positions", pairing(2, 320, 320, [10, 7, 6], k333, one), m128),
+            ("flare-3d stage 1: 64 channels", pairing(2, 64, 64, [40, 112, 96], k333, one), m64),
+            ("flare-3d decoder stage 3: into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), [Some(64), None]),
+            ("flare-3d decoder stage 4: into 32", pairing(2, 64, 32, [40, 224, 192], k133, one), [None, None]),
+            ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], k133, one), m128),
+            ("amos-2d stage 6: 25 positions", pairing(12, 512, 512, [1, 5, 5], k133, one), [None, None]),
+            ("strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), [None, None]),
+            ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), m128),
+            ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), m128),
+            ("gpu_conv_tma 3x3x3 72 -> 40", pairing(2, 72, 40, [3, 6, 20], k333, one), [Some(64), None]),
+            ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), [None, None]),
+            ("2 x 96x256x256: 98304 boxes", pairing(2, 128, 128, [96, 256, 256], k333, one), [None, None]),
         ];
         for (name, p, want) in products {
-            assert_eq!(p.tma_product_suits(), want, "{name}: {p:?}");
+            let got = [Product::NarrowFromWide, Product::WideFromNarrow].map(|which| p.tma_product_rows(which));
+            assert_eq!(got, want, "{name}: {p:?}");
         }
         // The weight gradient's: 10 x 6 in 16 x 4 boxes (2 k-blocks, as 8 x 8); 24 x 28 in 8 x 8 (12); 12 x 14 in 16 x
         // 4 (4, as 8 x 8).
