@@ -327,7 +327,7 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
     const BoxCorner box = box_corner(blockIdx.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
     const int x0 = box.x, y0 = box.y, z = box.z, n = box.n;
     const int chunks = (p.c_src + 63) / 64, count = KZ * 3 * chunks;
-    const uint32_t bytes = 3 * TILE + p.box_x * (p.box_y + 2) * 128;
+    const int bytes = 3 * TILE + p.box_x * (p.box_y + 2) * 128;
 
     // k-block i (tap column c = i / chunks = 3 az + ax, channels 64 (i % chunks) ...) into stage i % STAGES_P: Wp's
     // taps 3 c .. 3 c + 2 (packed column by column: a' = 3 (3 az + ax) + ay), then the source box.

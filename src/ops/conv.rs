@@ -2026,7 +2026,7 @@ impl Pairing {
         let ((c_src, _), (c_out, size)) = (self.source(which), self.output(which));
         let rows = if c_src.min(c_out) >= TMA_PRODUCT_MIN_CHANNELS {
             128
-        } else if c_src >= 64 && (33..=64).contains(&c_out) {
+        } else if c_src >= 64 && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
             64
         } else {
             return None;
@@ -2035,7 +2035,7 @@ impl Pairing {
         // One block per box of output positions along the grid's y, at most 65535 of them.
         let (x, y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let boxes = self.batch * size[0] * size[1].div_ceil(y) * size[2].div_ceil(x);
-        let fits = self.tma_suits(33)
+        let fits = self.tma_suits(*TMA_PRODUCT_M64_OUTPUTS.start())
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
             && boxes <= u16::MAX as usize;
         fits.then_some(rows)
@@ -2772,9 +2772,13 @@ fn launch_gemm_wgmma<T: GpuElement>(
 /// ([`Pairing::tma_wgrad_kernel`]): its boxes are 64 channels wide.
 const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 
-/// The fewest channels on either side of a conv whose forward and input gradient run on the TMA product
-/// ([`Pairing::tma_product_rows`]).
+/// The fewest channels on either side of a conv whose forward and input gradient run on the TMA product in blocks of
+/// 128 output channels ([`Pairing::tma_product_rows`]).
 const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
+
+/// The output channels of a pass that runs on the TMA product in blocks of 64 (from at least 64 source channels):
+/// fewer than 33 would leave more than half of a block's rows empty ([`Pairing::tma_product_rows`]).
+const TMA_PRODUCT_M64_OUTPUTS: std::ops::RangeInclusive<usize> = 33..=64;
 
 /// The output positions per block of the TMA product in blocks of `rows` output channels (cuda/conv_tma.cuh).
 fn tma_product_positions(rows: usize) -> usize {
