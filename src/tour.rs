@@ -104,10 +104,10 @@
 //! it (a third of the copies for those taps; the boxes come from L2, and every byte less is a wait less). The copies
 //! complete on an `mbarrier` in shared memory that the warpgroups wait on; a producer warp issues them a few k-blocks
 //! ahead, and each warp hands a stage back through a second, "empty" mbarrier once its products are done, so no block
-//! barrier stands between two k-blocks. The forward and input gradient of the deeper such convs (128 channels and
-//! more, or into 64 channels in blocks of 64 rows over 256 positions) read the same boxes the other way round: the
-//! source box (128 positions x 64 channels, two rows taller for the column) is the operand B, K-major by channel, and
-//! a box of the weight, packed once per call as rows of output channels with a column's three taps together, is A.
+//! barrier stands between two k-blocks. The forward and input gradient of the deeper such convs (128 channels and more,
+//! or from 128 into 64 channels in blocks of 64 rows over 256 positions) read the same boxes the other way round: the
+//! source box (128 positions x 64 channels, two rows taller for the column) is the operand B, K-major by channel, and a
+//! box of the weight, packed once per call as rows of output channels with a column's three taps together, is A.
 //! The deep 2D stages' forward and input gradient (512 channels and more on at most 20x20 positions) take the same
 //! product the other way round, over the source map written out as one row per position (`conv_im2row_bf16`). Which
 //! kernel takes which pass is decided from measured shapes (`halo_suits`, `wgmma_suits`, `gemm_wgrad_suits`,

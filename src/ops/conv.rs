@@ -2013,7 +2013,8 @@ impl Pairing {
     /// takes the pass: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) whose
     /// output maps have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item and are at most 65535 boxes (the
     /// grid's y); blocks of 128 where the source and the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels,
-    /// of 64 (each of 256 positions) where the output has 33 to 64 and the source at least 64. Measured on the H100
+    /// of 64 (each of 256 positions) where the output has 33 to 64 and the source at least
+    /// [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100
     /// (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more,
     /// against the kernels before it, with 128-row blocks and a box per tap): from 128 channels faster on every shape
     /// of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x
@@ -2021,12 +2022,15 @@ impl Pairing {
     /// at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a fifth
     /// full) and wherever a side had 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d
     /// 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps), which the
-    /// 64-row blocks are for (not yet timed).
+    /// 64-row blocks are for: measured the same way (2026-12-07, H100, one call, against the kernels before them) they
+    /// win from 128 sources (flare-3d 128 -> 64 at 40x112x96 forward 1.102 -> 0.920 ms, amos-2d's 128 -> 64 at 320x320
+    /// 0.281 -> 0.248) and not from 64 (flare-3d 64 x 40x112x96 forward 0.623 -> 0.618, input gradient 0.581 -> 0.584;
+    /// amos-2d 64 x 160x160 0.173 -> 0.179 and 0.146 -> 0.168).
     fn tma_product_rows(&self, which: Product) -> Option<usize> {
         let ((c_src, _), (c_out, size)) = (self.source(which), self.output(which));
         let rows = if c_src.min(c_out) >= TMA_PRODUCT_MIN_CHANNELS {
             128
-        } else if c_src >= 64 && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
+        } else if c_src >= TMA_PRODUCT_M64_MIN_SOURCES && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
             64
         } else {
             return None;
@@ -2776,9 +2780,14 @@ const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 /// 128 output channels ([`Pairing::tma_product_rows`]).
 const TMA_PRODUCT_MIN_CHANNELS: usize = 128;
 
-/// The output channels of a pass that runs on the TMA product in blocks of 64 (from at least 64 source channels):
-/// fewer than 33 would leave more than half of a block's rows empty ([`Pairing::tma_product_rows`]).
+/// The output channels of a pass that runs on the TMA product in blocks of 64 (from at least
+/// [`TMA_PRODUCT_M64_MIN_SOURCES`] source channels): fewer than 33 would leave more than half of a block's rows empty
+/// ([`Pairing::tma_product_rows`]).
 const TMA_PRODUCT_M64_OUTPUTS: std::ops::RangeInclusive<usize> = 33..=64;
+
+/// The fewest source channels of a pass on the TMA product in blocks of 64 outputs: from 64 (two k-blocks per tap)
+/// the halo and implicit kernels were as fast or faster (H100, [`Pairing::tma_product_rows`]).
+const TMA_PRODUCT_M64_MIN_SOURCES: usize = 128;
 
 /// The output positions per block of the TMA product in blocks of `rows` output channels (cuda/conv_tma.cuh).
 fn tma_product_positions(rows: usize) -> usize {
@@ -3489,11 +3498,11 @@ mod tests {
             assert_eq!(p.tma_wgrad_rows(), want, "{name}: {p:?}");
         }
         // (forward, input gradient): output channels per block.
-        let (m128, m64) = ([Some(128), Some(128)], [Some(64), Some(64)]);
+        let m128 = [Some(128), Some(128)];
         let products = [
             ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), m128),
             ("flare-3d stage 5: 420 positions", pairing(2, 320, 320, [10, 7, 6], k333, one), m128),
-            ("flare-3d stage 1: 64 channels", pairing(2, 64, 64, [40, 112, 96], k333, one), m64),
+            ("flare-3d stage 1: 64 channels", pairing(2, 64, 64, [40, 112, 96], k333, one), [None, None]),
             ("flare-3d decoder stage 3: into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), [Some(64), None]),
             ("flare-3d decoder stage 4: into 32", pairing(2, 64, 32, [40, 224, 192], k133, one), [None, None]),
             ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], k133, one), m128),
@@ -3501,7 +3510,8 @@ mod tests {
             ("strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), [None, None]),
             ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), m128),
             ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), m128),
-            ("gpu_conv_tma 3x3x3 72 -> 40", pairing(2, 72, 40, [3, 6, 20], k333, one), [Some(64), None]),
+            ("gpu_conv_tma 3x3x3 136 -> 40", pairing(2, 136, 40, [3, 6, 20], k333, one), [Some(64), None]),
+            ("3x3x3 72 -> 40: 72 sources", pairing(2, 72, 40, [3, 6, 20], k333, one), [None, None]),
             ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), [None, None]),
             ("2 x 96x256x256: 98304 boxes", pairing(2, 128, 128, [96, 256, 256], k333, one), [None, None]),
         ];
