@@ -21,13 +21,33 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { retu
 template <typename T>
 constexpr int VEC = 16 / (int)sizeof(T);
 __device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
-// The VEC<T> elements at `at` (16-byte aligned), as float32.
+// The VEC<T> elements of a raw 16-byte vector, as float32.
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* at, float (&out)[VEC<T>]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(at);
+__device__ __forceinline__ void unpack_vec(const uint4& raw, float (&out)[VEC<T>]) {
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int k = 0; k < VEC<T>; ++k) out[k] = to_f32(e[k]);
+}
+// The VEC<T> elements at `at` (16-byte aligned), as float32.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* at, float (&out)[VEC<T>]) {
+    unpack_vec<T>(*reinterpret_cast<const uint4*>(at), out);
+}
+// Loads apart from their use. The SM waits for a load's value at its first use, so a kernel that converts each
+// vector in the branch that chose how to load it waits for that load before it issues the next: one load in flight
+// per warp. Streaming kernels load a batch raw with load_raw, every load issued before the first unpack_vec (the
+// InstanceNorm chunk kernels ran at 57-70% of HBM bandwidth with a conversion after each load, ncu on the H100).
+// The VEC<T> elements at `at` as a raw 16-byte vector, zeros from `count` on: one 16-byte load when `vec` (at is then
+// 16-byte aligned) and count >= VEC<T>, else element loads (the same bits).
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* at, int count, bool vec) {
+    if (vec && count >= VEC<T>) return *reinterpret_cast<const uint4*>(at);
+    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < VEC<T>; ++k)
+        if (k < count) e[k] = at[k];
+    return raw;
 }
 // Stores VEC<T> values at `at` (16-byte aligned), each rounded once to T.
 template <typename T>
@@ -39,18 +59,16 @@ __device__ __forceinline__ void store_vec(T* at, const float (&in)[VEC<T>]) {
     *reinterpret_cast<uint4*>(at) = raw;
 }
 // The N elements at `at` (N a multiple of VEC<T>) as float32, 0 from `count` on (count < N where the data ends; it
-// may be <= 0, then nothing is read): N / VEC<T> 16-byte loads when `vec` (at is then 16-byte aligned) and the span is
-// whole, else element loads. Both give the same values, so which path ran never changes a result.
+// may be <= 0, then nothing is read): load_raw per VEC<T> elements, all issued before the first is converted. Both of
+// its paths give the same values, so which ran never changes a result.
 template <int N, typename T>
 __device__ __forceinline__ void load_span(const T* at, int count, bool vec, float (&out)[N]) {
     static_assert(N % VEC<T> == 0, "a span is a whole number of vectors");
-    if (vec && count >= N) {
+    uint4 raw[N / VEC<T>];
 #pragma unroll
-        for (int h = 0; h < N; h += VEC<T>) load_vec(at + h, *reinterpret_cast<float(*)[VEC<T>]>(out + h));
-    } else {
+    for (int h = 0; h < N / VEC<T>; h++) raw[h] = load_raw(at + h * VEC<T>, count - h * VEC<T>, vec);
 #pragma unroll
-        for (int k = 0; k < N; k++) out[k] = k < count ? to_f32(at[k]) : 0.0f;
-    }
+    for (int h = 0; h < N / VEC<T>; h++) unpack_vec<T>(raw[h], *reinterpret_cast<float(*)[VEC<T>]>(out + h * VEC<T>));
 }
 // Stores the first min(count, N) of N values at `at`, each rounded once to T; vector stores as load_span loads.
 template <int N, typename T>

@@ -31,9 +31,12 @@ __device__ __forceinline__ void for_each_group(const EltwiseParams<T>& p, F f) {
     FOR_EACH(q, vec_chunks<T>(p.n)) {
         const int64_t at = q * VEC<T>;
         const int count = chunk_len<T>(at, p.n);
-        float a[VEC<T>], b[VEC<T>] = {}, y[VEC<T>];
-        load_span(p.a + at, count, vec, a);
-        if (READS_B) load_span(p.b + at, count, vec, b);
+        // Both operands' loads issued before either is converted (common.cuh's load_raw).
+        const uint4 ra = load_raw(p.a + at, count, vec);
+        const uint4 rb = READS_B ? load_raw(p.b + at, count, vec) : make_uint4(0u, 0u, 0u, 0u);
+        float a[VEC<T>], b[VEC<T>], y[VEC<T>];
+        unpack_vec<T>(ra, a);
+        unpack_vec<T>(rb, b);
 #pragma unroll
         for (int k = 0; k < VEC<T>; k++) y[k] = f(a[k], b[k]);
         store_span(p.y + at, count, vec, y);

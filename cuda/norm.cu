@@ -11,8 +11,9 @@
 // Memory access. Each lane reads and writes spans of consecutive elements: VEC<T> (4 float32, 8 bf16) in the
 // InstanceNorm chunks, LN_GROUP = 8 channels in the LayerNorm rows, with 16-byte vectors where every pointer of the
 // chunk or row is 16-byte aligned (for every chunk when V is a multiple of VEC<T>, for every row when C is), else
-// element by element (common.cuh's load_span, store_span). Which elements a lane sums, and in which order, does not
-// depend on that choice, so the vector and the element path give the same bits.
+// element by element (common.cuh's load_raw, load_span, store_span), every load of a batch issued before the first is
+// used. Which elements a lane sums, and in which order, does not depend on that choice, so the vector and the element
+// path give the same bits.
 //
 // InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of IN_CHUNK
 // voxels; chunk k holds voxels [k*IN_CHUNK, k*IN_CHUNK + n_k), n_k = min(IN_CHUNK, V - k*IN_CHUNK), and one warp works
@@ -157,15 +158,25 @@ __device__ __forceinline__ int in_span(int j) {
     return (j * 32 + (int)(threadIdx.x & 31)) * VEC<T>;
 }
 
+// Spans j0 .. j0 + S - 1 of the calling lane in a chunk of n voxels of `a`, raw (load_raw: 16-byte loads where `vec`
+// and the span is whole): every load issued before any is unpacked.
+template <int S, typename T>
+__device__ __forceinline__ void in_load(const T* a, int n, bool vec, int j0, uint4 (&raw)[S]) {
+#pragma unroll
+    for (int s = 0; s < S; s++) raw[s] = load_raw(a + in_span<T>(j0 + s), n - in_span<T>(j0 + s), vec);
+}
+
 template <typename T>
 __device__ void instance_norm_chunk_moments(const InstanceNormParams<T>& args) {
     const InChunk ck = in_chunk(args);
     if (!ck.valid) return;  // the whole warp, and nothing below involves another warp
     const T* x = args.x + ck.start;
     const bool vec = aligned16(x);
+    uint4 raw[IN_SPANS<T>];
+    in_load(x, ck.n, vec, 0, raw);
     float v[IN_SPANS<T>][VEC<T>];
 #pragma unroll
-    for (int j = 0; j < IN_SPANS<T>; j++) load_span(x + in_span<T>(j), ck.n - in_span<T>(j), vec, v[j]);
+    for (int j = 0; j < IN_SPANS<T>; j++) unpack_vec<T>(raw[j], v[j]);
     float s = 0.0f;  // the zeros past n_k add nothing
 #pragma unroll
     for (int j = 0; j < IN_SPANS<T>; j++)
@@ -204,21 +215,21 @@ __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
         constexpr int ACT = decltype(act)::value;
 #pragma unroll
         for (int j0 = 0; j0 < IN_SPANS<T>; j0 += IN_BATCH) {
-            float v[IN_BATCH][VEC<T>], s[IN_BATCH][VEC<T>];
+            uint4 xr[IN_BATCH], sr[IN_BATCH];
+            in_load(x, ck.n, vec, j0, xr);
+            if (skip != nullptr) in_load(skip, ck.n, vec, j0, sr);
 #pragma unroll
             for (int b = 0; b < IN_BATCH; b++) {
-                load_span(x + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
-                if (skip != nullptr) load_span(skip + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, s[b]);
-            }
-#pragma unroll
-            for (int b = 0; b < IN_BATCH; b++) {
+                float v[VEC<T>], s[VEC<T>];
+                unpack_vec<T>(xr[b], v);
+                if (skip != nullptr) unpack_vec<T>(sr[b], s);
 #pragma unroll
                 for (int e = 0; e < VEC<T>; e++) {
-                    float yv = (v[b][e] - mu) * scale + shift;
-                    if (skip != nullptr) yv = stored(stored(yv) + s[b][e]);
-                    v[b][e] = ACT < 0 ? yv : activation_value(ACT, yv);
+                    float yv = (v[e] - mu) * scale + shift;
+                    if (skip != nullptr) yv = stored(stored(yv) + s[e]);
+                    v[e] = ACT < 0 ? yv : activation_value(ACT, yv);
                 }
-                store_span(y + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v[b]);
+                store_span(y + in_span<T>(j0 + b), ck.n - in_span<T>(j0 + b), vec, v);
             }
         }
     });
@@ -229,11 +240,13 @@ __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
 template <typename T>
 __device__ __forceinline__ void load_batch(const T* x, const T* g, int n, bool vec, int j0,
                                            float (&xv)[IN_BATCH][VEC<T>], float (&gv)[IN_BATCH][VEC<T>]) {
+    uint4 xr[IN_BATCH], gr[IN_BATCH];
+    in_load(x, n, vec, j0, xr);
+    in_load(g, n, vec, j0, gr);
 #pragma unroll
     for (int b = 0; b < IN_BATCH; b++) {
-        const int at = in_span<T>(j0 + b);
-        load_span(x + at, n - at, vec, xv[b]);
-        load_span(g + at, n - at, vec, gv[b]);
+        unpack_vec<T>(xr[b], xv[b]);
+        unpack_vec<T>(gr[b], gv[b]);
     }
 }
 
@@ -333,15 +346,39 @@ __device__ __forceinline__ int ln_width(const LayerNormParams<T>& p, int64_t row
     return row < p.rows ? (int)p.C : 0;
 }
 
-// The calling lane's groups of `row` of a (rows, C) tensor `a`, 0 where the row has no channel.
+// A lane's G groups of a row as loaded, LN_GROUP / VEC<T> raw 16-byte vectors each (common.cuh's load_raw): the
+// next row's loads stay in flight until ln_unpack uses them.
 template <int G, typename T>
-__device__ __forceinline__ void ln_load(const T* a, const LayerNormParams<T>& p, const LnTeam& t, int64_t row,
-                                        float (&v)[G][LN_GROUP]) {
+struct LnRaw {
+    uint4 v[G][LN_GROUP / VEC<T>];
+};
+
+// The calling lane's groups of `row` of a (rows, C) tensor `a`, raw, 0 where the row has no channel.
+template <int G, typename T>
+__device__ __forceinline__ LnRaw<G, T> ln_load(const T* a, const LayerNormParams<T>& p, const LnTeam& t,
+                                               int64_t row) {
     const int c = ln_width(p, row);
     const T* r = a + (c > 0 ? row * p.C : 0);
     const bool vec = aligned16(r);
+    LnRaw<G, T> raw;
 #pragma unroll
-    for (int j = 0; j < G; j++) load_span(r + ln_group(t, j), c - ln_group(t, j), vec, v[j]);
+    for (int j = 0; j < G; j++)
+#pragma unroll
+        for (int h = 0; h < LN_GROUP / VEC<T>; h++) {
+            const int at = ln_group(t, j) + h * VEC<T>;
+            raw.v[j][h] = load_raw(r + at, c - at, vec);
+        }
+    return raw;
+}
+
+// The groups of ln_load as float32.
+template <int G, typename T>
+__device__ __forceinline__ void ln_unpack(const LnRaw<G, T>& raw, float (&v)[G][LN_GROUP]) {
+#pragma unroll
+    for (int j = 0; j < G; j++)
+#pragma unroll
+        for (int h = 0; h < LN_GROUP / VEC<T>; h++)
+            unpack_vec<T>(raw.v[j][h], *reinterpret_cast<float(*)[VEC<T>]>(&v[j][h * VEC<T>]));
 }
 
 // Stores the calling lane's groups of `row` of `a` (nothing past the last row).
@@ -360,14 +397,6 @@ __device__ __forceinline__ void ln_store(T* a, const LayerNormParams<T>& p, cons
 template <int G>
 constexpr bool LN_PREFETCH = G == 1;
 
-template <int G>
-__device__ __forceinline__ void ln_copy(float (&to)[G][LN_GROUP], const float (&from)[G][LN_GROUP]) {
-#pragma unroll
-    for (int j = 0; j < G; j++)
-#pragma unroll
-        for (int e = 0; e < LN_GROUP; e++) to[j][e] = from[j][e];
-}
-
 template <int G, typename T>
 __device__ void layer_norm_forward_rows(const LayerNormParams<T>& p) {
     const LnTeam t = ln_team(p.lanes);
@@ -382,12 +411,13 @@ __device__ void layer_norm_forward_rows(const LayerNormParams<T>& p) {
         load_span(p.gamma + ln_group(t, j), (int)p.C - ln_group(t, j), pvec, gm[j]);
         load_span(p.beta + ln_group(t, j), (int)p.C - ln_group(t, j), pvec, bt[j]);
     }
-    float v[G][LN_GROUP], next[G][LN_GROUP];
-    ln_load(p.x, p, t, first, v);
+    LnRaw<G, T> cur = ln_load<G>(p.x, p, t, first), next;
     for (int i = 0; i < rows_per_team; i++) {
         const int64_t row = first + (int64_t)i * t.teams;
         const bool more = LN_PREFETCH<G> && i + 1 < rows_per_team;
-        if (more) ln_load(p.x, p, t, row + t.teams, next);
+        if (more) next = ln_load<G>(p.x, p, t, row + t.teams);
+        float v[G][LN_GROUP];
+        ln_unpack(cur, v);
         const int c = ln_width(p, row);
         float s = 0.0f;  // the zeros past C add nothing
 #pragma unroll
@@ -413,8 +443,8 @@ __device__ void layer_norm_forward_rows(const LayerNormParams<T>& p) {
             p.mean_out[row] = mu;
             p.rstd_out[row] = r;
         }
-        if (more) ln_copy(v, next);
-        else if (i + 1 < rows_per_team) ln_load(p.x, p, t, row + t.teams, v);
+        if (more) cur = next;
+        else if (i + 1 < rows_per_team) cur = ln_load<G>(p.x, p, t, row + t.teams);
     }
 }
 
@@ -433,16 +463,17 @@ __device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
 #pragma unroll
     for (int j = 0; j < G; j++) load_span(p.gamma + ln_group(t, j), cols - ln_group(t, j), gvec, gm[j]);
     float acc_g[G][LN_GROUP] = {}, acc_gx[G][LN_GROUP] = {};
-    float xv[G][LN_GROUP], gv[G][LN_GROUP], xn[G][LN_GROUP], gn[G][LN_GROUP];
-    ln_load(p.x, p, t, first, xv);
-    ln_load(p.g, p, t, first, gv);
+    LnRaw<G, T> xr = ln_load<G>(p.x, p, t, first), gr = ln_load<G>(p.g, p, t, first), xn, gn;
     for (int i = 0; i < rows_per_team; i++) {
         const int64_t row = first + (int64_t)i * t.teams;
         const bool more = LN_PREFETCH<G> && i + 1 < rows_per_team;
         if (more) {
-            ln_load(p.x, p, t, row + t.teams, xn);
-            ln_load(p.g, p, t, row + t.teams, gn);
+            xn = ln_load<G>(p.x, p, t, row + t.teams);
+            gn = ln_load<G>(p.g, p, t, row + t.teams);
         }
+        float xv[G][LN_GROUP], gv[G][LN_GROUP];
+        ln_unpack(xr, xv);
+        ln_unpack(gr, gv);
         const int c = ln_width(p, row);
         const float mu = c > 0 ? p.mean[row] : 0.0f, r = c > 0 ? p.rstd[row] : 0.0f;
         float sh = 0.0f, shx = 0.0f;
@@ -469,11 +500,11 @@ __device__ void layer_norm_backward_rows(const LayerNormParams<T>& p) {
             ln_store(p.out, p, t, row, xv);
         }
         if (more) {
-            ln_copy(xv, xn);
-            ln_copy(gv, gn);
+            xr = xn;
+            gr = gn;
         } else if (i + 1 < rows_per_team) {
-            ln_load(p.x, p, t, row + t.teams, xv);
-            ln_load(p.g, p, t, row + t.teams, gv);
+            xr = ln_load<G>(p.x, p, t, row + t.teams);
+            gr = ln_load<G>(p.g, p, t, row + t.teams);
         }
     }
     if (!want_params) return;  // the same for the whole block: no barrier is skipped by part of it
