@@ -17,7 +17,8 @@
 //
 // InstanceNorm. x is (N, C, V) with V = D*H*W voxels per plane p = n*C + c. A plane is cut into chunks of IN_CHUNK
 // voxels; chunk k holds voxels [k*IN_CHUNK, k*IN_CHUNK + n_k), n_k = min(IN_CHUNK, V - k*IN_CHUNK), and one warp works
-// on one (plane, chunk), IN_WARPS per block: warp w of block b takes chunk b*IN_WARPS + w = p*chunks + k. Its lane l
+// on one (plane, chunk), IN_WARPS per block: warp w of block b takes chunk b*IN_WARPS + w = p*chunks + k, counted
+// from the last chunk in the sums kernels (so that each kernel starts on what is still in L2, in_chunk). Its lane l
 // holds the spans j*32 + l, j < IN_CHUNK / (32 VEC<T>), of the chunk: voxels (j*32 + l)*VEC<T> + e, e < VEC<T> (a
 // warp's access is 512 contiguous bytes), 64 voxels per lane.
 //   instance_norm_chunk_moments:  m_k = (1/n_k) sum_{i in k} x_i,  M2_k = sum_{i in k} (x_i - m_k)^2
@@ -133,18 +134,26 @@ constexpr int IN_BATCH = 4;
 static_assert(IN_CHUNK % (32 * 8 * IN_BATCH) == 0, "a chunk is whole batches for both storage types");
 
 // The chunk of the calling warp: its index p * chunks + k, plane p, the offset of its first voxel in the map, and
-// its voxel count; valid is false for a warp past the last chunk.
+// its voxel count; valid is false for a warp past the last chunk. The sums kernels take the chunks from the last
+// (InWalk).
 struct InChunk {
     bool valid;
     int n;
     int64_t id, plane, start;
 };
 
+// The chunk sums (moments, grad sums) walk the map from its last chunk and the streaming kernels (apply, dx) from its
+// first, so each starts where the kernel before it ended: the sums on the map's end, which its producer (a conv,
+// walking its positions forwards) wrote last, and the streaming kernel on the map's start, which the sums read last;
+// both still in L2 (50 MB on the H100 and H200) for a map too large to stay there whole.
+enum class InWalk { from_first, from_last };
+
 template <typename T>
-__device__ __forceinline__ InChunk in_chunk(const InstanceNormParams<T>& a) {
+__device__ __forceinline__ InChunk in_chunk(const InstanceNormParams<T>& a, InWalk walk) {
     InChunk ck;
-    ck.id = (int64_t)blockIdx.x * IN_WARPS + (threadIdx.x >> 5);
-    ck.valid = ck.id < a.N * a.C * a.chunks;
+    const int64_t total = a.N * a.C * a.chunks, warp = (int64_t)blockIdx.x * IN_WARPS + (threadIdx.x >> 5);
+    ck.id = walk == InWalk::from_last ? total - 1 - warp : warp;
+    ck.valid = warp < total;
     ck.plane = ck.id / a.chunks;
     const int64_t k = ck.id - ck.plane * a.chunks;
     ck.start = ck.plane * a.V + k * IN_CHUNK;
@@ -168,7 +177,7 @@ __device__ __forceinline__ void in_load(const T* a, int n, bool vec, int j0, uin
 
 template <typename T>
 __device__ void instance_norm_chunk_moments(const InstanceNormParams<T>& args) {
-    const InChunk ck = in_chunk(args);
+    const InChunk ck = in_chunk(args, InWalk::from_last);
     if (!ck.valid) return;  // the whole warp, and nothing below involves another warp
     const T* x = args.x + ck.start;
     const bool vec = aligned16(x);
@@ -201,7 +210,7 @@ __device__ void instance_norm_chunk_moments(const InstanceNormParams<T>& args) {
 
 template <typename T>
 __device__ void instance_norm_apply(const InstanceNormParams<T>& args) {
-    const InChunk ck = in_chunk(args);
+    const InChunk ck = in_chunk(args, InWalk::from_first);
     if (!ck.valid) return;
     const T* x = args.x + ck.start;
     T* y = args.out + ck.start;
@@ -252,7 +261,7 @@ __device__ __forceinline__ void load_batch(const T* x, const T* g, int n, bool v
 
 template <typename T>
 __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args) {
-    const InChunk ck = in_chunk(args);
+    const InChunk ck = in_chunk(args, InWalk::from_last);
     if (!ck.valid) return;
     const T* x = args.x + ck.start;
     const T* g = args.g + ck.start;
@@ -289,7 +298,7 @@ __device__ void instance_norm_chunk_grad_sums(const InstanceNormParams<T>& args)
 
 template <typename T>
 __device__ void instance_norm_backward_dx(const InstanceNormParams<T>& args) {
-    const InChunk ck = in_chunk(args);
+    const InChunk ck = in_chunk(args, InWalk::from_first);
     if (!ck.valid) return;
     const T* x = args.x + ck.start;
     const T* g = args.g + ck.start;
