@@ -368,6 +368,68 @@ __device__ __forceinline__ void stream_tiles(int64_t tiles, Load load, Body body
     mma::cp_async_wait<0>();
 }
 
+// The calling warp's 16 rows x BN columns of a streaming tile: acc[j] += A B over the reduction [0, KP) (a multiple
+// of 16), A the tile's rows 16 warp .. + 15 (at, rows ALD apart; CF: k-major, [KP][ALD]), B the block's columns of W
+// (bs, [BN][BLD] or, B_K_MAJOR, [KP][BLD]). acc[j][h]: row g + 8 (h / 2), column 8 j + 2 tq + h % 2.
+template <int BN, bool B_K_MAJOR, bool CF>
+__device__ __forceinline__ void stream_rows_mma(const __nv_bfloat16* at, int ALD, const __nv_bfloat16* bs, int BLD, int KP,
+                                                float (&acc)[BN / 8][4]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r8 = lane & 7, mat = lane >> 3;
+    for (int k0 = 0; k0 < KP; k0 += 16) {
+        // Matrix m of the x4: rows 16 warp + 8 (m % 2) .. + 7, reduction indices k0 + 8 (m / 2) .. + 7.
+        unsigned a[4];
+        if constexpr (CF)
+            mma::ldmatrix_x4<true>(a, at + (k0 + 8 * (mat >> 1) + r8) * ALD + warp * 16 + 8 * (mat & 1));
+        else
+            mma::ldmatrix_x4<false>(a, at + (warp * 16 + r8 + 8 * (mat & 1)) * ALD + k0 + 8 * (mat >> 1));
+#pragma unroll
+        for (int j = 0; j < BN / 8; j += 2) {
+            // Matrix m of the x4: n-tile j + m / 2, reduction indices k0 + 8 (m % 2) .. + 7.
+            unsigned b[4];
+            const int n = 8 * (j + (mat >> 1)), k = k0 + 8 * (mat & 1);
+            if constexpr (B_K_MAJOR)
+                mma::ldmatrix_x4<true>(b, bs + (k + r8) * BLD + n);
+            else
+                mma::ldmatrix_x4<false>(b, bs + (n + r8) * BLD + k);
+            mma::mma_bf16(acc[j], a, b[0], b[1]);
+            mma::mma_bf16(acc[j + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Stores the calling warp's rows of stream_rows_mma (+ bias[j]) into C's rows row0 .. row0 + 15 (below M), columns
+// j0 .. j0 + BN - 1 (below N), rows ldc apart: through the warp's staging rows out_rows ([16][BN + 8]) as whole
+// 16-byte pieces where `vec` (C 16-byte aligned, ldc and j0 multiples of 8), else element by element.
+template <int BN>
+__device__ __forceinline__ void stream_store_rows(const float (&acc)[BN / 8][4], const float (&bias)[BN / 8][2],
+                                                  __nv_bfloat16* out_rows, __nv_bfloat16* c, int64_t ldc, int64_t row0,
+                                                  int64_t M, int64_t N, int64_t j0, bool vec) {
+    constexpr int OLD = BN + 8, PIECES = BN / 8;
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 4; h += 2) {
+            const int r = g + 4 * h, col = 8 * j + 2 * tq;
+            *reinterpret_cast<__nv_bfloat162*>(out_rows + r * OLD + col) =
+                __floats2bfloat162_rn(acc[j][h] + bias[j][0], acc[j][h + 1] + bias[j][1]);
+        }
+    __syncwarp();
+    for (int e = lane; e < 16 * PIECES; e += 32) {
+        const int r = e / PIECES, cc = e % PIECES * 8;
+        const int64_t row = row0 + r, col = j0 + cc;
+        if (row >= M || col >= N) continue;
+        __nv_bfloat16* dst = c + row * ldc + col;
+        const __nv_bfloat16* src = out_rows + r * OLD + cc;
+        if (vec && col + 8 <= N) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+            for (int q = 0; q < 8 && col + q < N; ++q) dst[q] = src[q];
+        }
+    }
+    __syncwarp();  // the rows are read before the next tile writes them
+}
+
 template <int BN, bool B_K_MAJOR, bool CF>
 __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
     using bf16 = __nv_bfloat16;
@@ -388,7 +450,6 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
     if (CF && (p.M % 8 != 0 || p.c_sb % 8 != 0 || !aligned16(p.c))) __trap();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-    const int r8 = lane & 7, mat = lane >> 3;
     // Row tiles: per item (CF: batch items of M rows, tiles never straddle two) ceil(M / BM) of them.
     const int64_t j0 = (int64_t)blockIdx.y * BN, item_tiles = (p.M + BM - 1) / BM;
     const int64_t tiles = item_tiles * (CF ? p.batch : 1);
@@ -426,43 +487,18 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
     stream_tiles(tiles, load_a, [&](int64_t it) {
         const bf16* at = as + (it % STAGES) * a_size;
         float acc[NT][4] = {};
-        for (int k0 = 0; k0 < KP; k0 += 16) {
-            // Matrix m of the x4: rows 16 warp + 8 (m % 2) .. + 7, reduction indices k0 + 8 (m / 2) .. + 7.
-            unsigned a[4];
-            if constexpr (CF)
-                mma::ldmatrix_x4<true>(a, at + (k0 + 8 * (mat >> 1) + r8) * ALD + warp * 16 + 8 * (mat & 1));
-            else
-                mma::ldmatrix_x4<false>(a, at + (warp * 16 + r8 + 8 * (mat & 1)) * ALD + k0 + 8 * (mat >> 1));
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                // Matrix m of the x4: n-tile j + m / 2, reduction indices k0 + 8 (m % 2) .. + 7.
-                unsigned b[4];
-                const int n = 8 * (j + (mat >> 1)), k = k0 + 8 * (mat & 1);
-                if constexpr (B_K_MAJOR)
-                    mma::ldmatrix_x4<true>(b, bs + (k + r8) * BLD + n);
-                else
-                    mma::ldmatrix_x4<false>(b, bs + (n + r8) * BLD + k);
-                mma::mma_bf16(acc[j], a, b[0], b[1]);
-                mma::mma_bf16(acc[j + 1], a, b[2], b[3]);
-            }
-        }
-        // acc[j][h]: row g + 8 (h / 2), column 8 j + 2 tq + h % 2 of the warp's 16 x BN.
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int h = 0; h < 4; h += 2) {
-                const float v0 = acc[j][h] + bias[j][0], v1 = acc[j][h + 1] + bias[j][1];
-                const int r = g + 4 * h, c = 8 * j + 2 * tq;
-                if constexpr (CF) {
-                    out_rows[c * OLD + r] = __float2bfloat16(v0);
-                    out_rows[(c + 1) * OLD + r] = __float2bfloat16(v1);
-                } else {
-                    *reinterpret_cast<__nv_bfloat162*>(out_rows + r * OLD + c) = __floats2bfloat162_rn(v0, v1);
-                }
-            }
-        __syncwarp();
+        stream_rows_mma<BN, B_K_MAJOR, CF>(at, ALD, bs, BLD, KP, acc);
         const int64_t tile = blockIdx.x + it * gridDim.x;
         if constexpr (CF) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int h = 0; h < 4; h += 2) {
+                    const int r = g + 4 * h, c = 8 * j + 2 * tq;
+                    out_rows[c * OLD + r] = __float2bfloat16(acc[j][h] + bias[j][0]);
+                    out_rows[(c + 1) * OLD + r] = __float2bfloat16(acc[j][h + 1] + bias[j][1]);
+                }
+            __syncwarp();
             // Column j of the warp's rows: 16 positions, two 16-byte pieces of C's row j.
             const int64_t item = tile / item_tiles, row0 = tile % item_tiles * BM + warp * 16;
             for (int e = lane; e < 2 * BN; e += 32) {
@@ -472,23 +508,10 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
                 *reinterpret_cast<uint4*>(p.c + item * p.c_sb + col * p.M + row) =
                     *reinterpret_cast<const uint4*>(out_rows + c * OLD + r);
             }
+            __syncwarp();  // the rows are read before the next tile writes them
         } else {
-            const int64_t row0 = tile * BM + warp * 16;
-            constexpr int PIECES = BN / 8;
-            for (int e = lane; e < 16 * PIECES; e += 32) {
-                const int r = e / PIECES, c = e % PIECES * 8;
-                const int64_t row = row0 + r, col = j0 + c;
-                if (row >= p.M || col >= p.N) continue;
-                bf16* dst = p.c + row * p.N + col;
-                const bf16* src = out_rows + r * OLD + c;
-                if (vec_out && col + 8 <= p.N) {
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-                } else {
-                    for (int q = 0; q < 8 && col + q < p.N; ++q) dst[q] = src[q];
-                }
-            }
+            stream_store_rows<BN>(acc, bias, out_rows, p.c, p.N, tile * BM + warp * 16, p.M, p.N, j0, vec_out);
         }
-        __syncwarp();  // the rows are read before the next tile writes them
     });
 }
 
@@ -500,6 +523,37 @@ __device__ __forceinline__ void gemm_stream_bf16(const GemmParams<__nv_bfloat16>
 // slice order (no atomics: the same bits on every run). Warps 2 x 2 over the tile, both operands read by
 // ldmatrix.trans from their token-major tiles [GEMM_STREAM_BM][BMW + 8] and [GEMM_STREAM_BM][BNW + 8] (dynamic shared
 // memory, the ring of both; `stream_wgrad_shared_bytes` in linear.rs).
+// acc += A B over one token tile of GEMM_STREAM_BM tokens: A(i, t) = at[t ALD + i] (g's tile, token-major), B(t, j) =
+// bt[t BLD + j] (x's tile), both read by ldmatrix.trans; warps 2 x 2 over the BMW x BNW tile of Acc.
+template <typename Acc>
+__device__ __forceinline__ void stream_wgrad_mma(const __nv_bfloat16* at, int ALD, const __nv_bfloat16* bt, int BLD,
+                                                 Acc& acc) {
+    const int lane = threadIdx.x & 31, r8 = lane & 7, mat = lane >> 3;
+    const int wm = (threadIdx.x >> 5) % 2 * Acc::WTM, wn = (threadIdx.x >> 5) / 2 * Acc::WTN;
+#pragma unroll
+    for (int k0 = 0; k0 < GEMM_STREAM_BM; k0 += 16) {
+        // A (x4, transposed): matrix m holds dW rows wm + 16 i + 8 (m % 2) .. + 7, tokens k0 + 8 (m / 2) .. + 7;
+        // B (x4, transposed): n-tile j + m / 2, tokens k0 + 8 (m % 2) .. + 7.
+        unsigned a[Acc::MI][4], b[Acc::NI][2];
+#pragma unroll
+        for (int i = 0; i < Acc::MI; ++i)
+            mma::ldmatrix_x4<true>(a[i], at + (k0 + 8 * (mat >> 1) + r8) * ALD + wm + 16 * i + 8 * (mat & 1));
+#pragma unroll
+        for (int j = 0; j < Acc::NI; j += 2) {
+            unsigned q[4];
+            mma::ldmatrix_x4<true>(q, bt + (k0 + 8 * (mat & 1) + r8) * BLD + wn + 8 * (j + (mat >> 1)));
+            b[j][0] = q[0];
+            b[j][1] = q[1];
+            b[j + 1][0] = q[2];
+            b[j + 1][1] = q[3];
+        }
+#pragma unroll
+        for (int i = 0; i < Acc::MI; ++i)
+#pragma unroll
+            for (int j = 0; j < Acc::NI; ++j) mma::mma_bf16(acc.v[i][j], a[i], b[j][0], b[j][1]);
+    }
+}
+
 template <int BMW, int BNW>
 __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfloat16>& p) {
     using bf16 = __nv_bfloat16;
@@ -528,36 +582,64 @@ __device__ __forceinline__ void gemm_wgrad_stream_bf16(const GemmParams<__nv_bfl
         mma::cp_async_commit();
     };
 
-    const int lane = threadIdx.x & 31, r8 = lane & 7, mat = lane >> 3;
-    const int wm = (threadIdx.x >> 5) % 2 * Acc::WTM, wn = (threadIdx.x >> 5) / 2 * Acc::WTN;
     Acc acc;
     stream_tiles(tiles, load, [&](int64_t it) {
-        const bf16* at = as + (it % STAGES) * BK * ALD;
-        const bf16* bt = bs + (it % STAGES) * BK * BLD;
-#pragma unroll
-        for (int k0 = 0; k0 < BK; k0 += 16) {
-            // A (x4, transposed): matrix m holds dW rows wm + 16 i + 8 (m % 2) .. + 7, tokens k0 + 8 (m / 2) .. + 7;
-            // B (x4, transposed): n-tile j + m / 2, tokens k0 + 8 (m % 2) .. + 7.
-            unsigned a[Acc::MI][4], b[Acc::NI][2];
-#pragma unroll
-            for (int i = 0; i < Acc::MI; ++i)
-                mma::ldmatrix_x4<true>(a[i], at + (k0 + 8 * (mat >> 1) + r8) * ALD + wm + 16 * i + 8 * (mat & 1));
-#pragma unroll
-            for (int j = 0; j < Acc::NI; j += 2) {
-                unsigned q[4];
-                mma::ldmatrix_x4<true>(q, bt + (k0 + 8 * (mat & 1) + r8) * BLD + wn + 8 * (j + (mat >> 1)));
-                b[j][0] = q[0];
-                b[j][1] = q[1];
-                b[j + 1][0] = q[2];
-                b[j + 1][1] = q[3];
-            }
-#pragma unroll
-            for (int i = 0; i < Acc::MI; ++i)
-#pragma unroll
-                for (int j = 0; j < Acc::NI; ++j) mma::mma_bf16(acc.v[i][j], a[i], b[j][0], b[j][1]);
-        }
+        stream_wgrad_mma(as + (it % STAGES) * BK * ALD, ALD, bs + (it % STAGES) * BK * BLD, BLD, acc);
     });
     store_tile<Acc>(acc, p.c_acc + (int64_t)blockIdx.x * p.c_slice, i0, j0, p.M, p.N);
+}
+
+// The fused backward of LinearBackwardParams (gemm.cuh): the input gradient of gemm_stream_bf16<BK, true, false> and
+// the weight gradient of gemm_wgrad_stream_bf16<BMW, BK> from the same tiles, so g is read once instead of twice (an
+// in_proj of 32 -> 128 channels moves 384 bytes per token instead of 640). A block keeps W ([BMW][BK + 8], rows j,
+// zero past N: the input gradient's B) for its life and walks the token tiles s = blockIdx.x, + gridDim.x, ...,
+// GEMM_STREAM_STAGES - 1 tiles of g ([BM][BMW + 8]) and x ([BM][BK + 8]) ahead; per tile each warp stores its 16 rows
+// of dx (stream_rows_mma over the reduction j < KP = ceil(N / 16) 16) and adds the tile's g^T x into the block's dW
+// (stream_wgrad_mma, warps 2 x 2), written at the end as slice s. The same fragments in the same order as the two
+// separate products: the same bits. Shared memory (bf16 elements): the two rings, W, then the warps' staging rows
+// [4][16][BK + 8] (`backward_stream_shared_bytes` in linear.rs); a launch with less traps.
+template <int BK, int BMW>
+__device__ __forceinline__ void linear_backward_stream_bf16(const LinearBackwardParams<__nv_bfloat16>& p) {
+    using bf16 = __nv_bfloat16;
+    using S = mma::Shape<BMW, BK, 16, GEMM_STREAM_STAGES, 2, 2>;
+    using Acc = mma::Acc<S>;
+    constexpr int BM = GEMM_STREAM_BM, STAGES = GEMM_STREAM_STAGES, GLD = BMW + 8, XLD = BK + 8, WLD = BK + 8;
+    static_assert(S::THREADS == GEMM_STREAM_THREADS && Acc::NI % 2 == 0 && BMW <= GEMM_STREAM_MAX_K, "as the parts");
+    extern __shared__ __align__(16) unsigned char stream_smem[];
+    bf16* gs = reinterpret_cast<bf16*>(stream_smem);  // [STAGES][BM][GLD]
+    bf16* xs = gs + STAGES * BM * GLD;                 // [STAGES][BM][XLD]
+    bf16* ws = xs + STAGES * BM * XLD;                 // [BMW][WLD]
+    bf16* os = ws + BMW * WLD;                         // [warps][16][WLD]
+    unsigned smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    if ((size_t)(os + (BM / 16) * 16 * WLD) - (size_t)stream_smem > smem_bytes || p.N > BMW || p.K > BK) __trap();
+
+    const int KP = (int)(p.N + 15) / 16 * 16;
+    copy_rows_bf16(ws, WLD, p.w, p.K, 0, KP, p.N, BK, p.K, copy_mode(p.w, p.K));
+    const int64_t tiles = (p.M + BM - 1) / BM;
+    const Copy g_mode = copy_mode(p.g, p.g_ld), x_mode = copy_mode(p.x, p.x_ld);  // Vec16 or Pairs, as routed
+    auto load = [&](int64_t it) {
+        const int64_t tile = blockIdx.x + it * gridDim.x;
+        if (tile < tiles) {
+            const int slot = (int)(it % STAGES);
+            copy_rows_bf16(gs + slot * BM * GLD, GLD, p.g, p.g_ld, tile * BM, BM, p.M, BMW, p.N, g_mode);
+            copy_rows_bf16(xs + slot * BM * XLD, XLD, p.x, p.x_ld, tile * BM, BM, p.M, BK, p.K, x_mode);
+        }
+        mma::cp_async_commit();
+    };
+    const float no_bias[BK / 8][2] = {};
+    const int warp = threadIdx.x >> 5;
+    const bool vec_dx = p.K % 8 == 0 && aligned16(p.dx);
+    Acc dw;
+    stream_tiles(tiles, load, [&](int64_t it) {
+        const bf16* gt = gs + (it % STAGES) * BM * GLD;
+        float acc[BK / 8][4] = {};
+        stream_rows_mma<BK, true, false>(gt, GLD, ws, WLD, KP, acc);
+        const int64_t row0 = (blockIdx.x + it * gridDim.x) * BM + warp * 16;
+        stream_store_rows<BK>(acc, no_bias, os + warp * 16 * WLD, p.dx, p.K, row0, p.M, p.K, 0, vec_dx);
+        stream_wgrad_mma(gt, GLD, xs + (it % STAGES) * BM * XLD, XLD, dw);
+    });
+    store_tile<Acc>(dw, p.dw_acc + (int64_t)blockIdx.x * p.dw_slice, 0, 0, p.N, p.K);
 }
 
 }  // namespace
@@ -591,6 +673,17 @@ LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m64_n32, 64, 32)
 LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m64_n64, 64, 64)
 LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m128_n32, 128, 32)
 LINEAR_WGRAD_STREAM_KERNEL(linear_wgrad_stream_bf16_m128_n64, 128, 64)
+#define LINEAR_BACKWARD_STREAM_KERNEL(NAME, BK, BMW)                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMM_STREAM_THREADS)                                       \
+        NAME(const LinearBackwardParams<__nv_bfloat16> p) {                                                 \
+        linear_backward_stream_bf16<BK, BMW>(p);                                                            \
+    }
+LINEAR_BACKWARD_STREAM_KERNEL(linear_backward_stream_bf16_k32_m32, 32, 32)  // K <= 32 inputs, N <= 32 outputs
+LINEAR_BACKWARD_STREAM_KERNEL(linear_backward_stream_bf16_k32_m64, 32, 64)
+LINEAR_BACKWARD_STREAM_KERNEL(linear_backward_stream_bf16_k32_m128, 32, 128)
+LINEAR_BACKWARD_STREAM_KERNEL(linear_backward_stream_bf16_k64_m32, 64, 32)
+LINEAR_BACKWARD_STREAM_KERNEL(linear_backward_stream_bf16_k64_m64, 64, 64)
+LINEAR_BACKWARD_STREAM_KERNEL(linear_backward_stream_bf16_k64_m128, 64, 128)
 
 // Block (SUM_ROWS_COLS, SUM_ROWS_LANES) = (32, 8): threadIdx.x picks the column, threadIdx.y the row lane; grid
 // (ceil(cols / 32), slices).

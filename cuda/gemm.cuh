@@ -55,6 +55,27 @@ struct GemmParams {
     int64_t c_sb;
 };
 
+// The backward of a streaming linear layer from one read of g (linear_backward_stream_bf16_kBK_mBMW): over M tokens
+// t, with N outputs j and K inputs k,
+//   dx[t, k] = sum_j g[t, j] W[j, k],     dW_s[j, k] = sum_{t in slice s} g[t, j] x[t, k]
+// (the input and weight gradients of linear.rs's streaming products, which read g once each). Slice s = blockIdx.x
+// takes the token tiles s, s + gridDim.x, ... and writes its float32 dW_s at dw_acc + s dw_slice (summed over the
+// slices in order afterwards). g, x rows whole 16-byte pieces or pairs, W (N, K) row-major, dx (M, K) row-major.
+template <typename T>
+struct LinearBackwardParams {
+    const T* g;  // (M, N), rows g_ld apart
+    const T* x;  // (M, K), rows x_ld apart
+    const T* w;  // (N, K)
+    T* dx;       // (M, K)
+    float* dw_acc;
+    int64_t g_ld;
+    int64_t x_ld;
+    int64_t M;
+    int64_t N;
+    int64_t K;
+    int64_t dw_slice;
+};
+
 // y[s, q] = sum_{p in slice s} x[p ld + q] for q < cols, slices of rows_per_slice rows. Grid (ceil(cols / 32), slices).
 struct SumRowsParams {
     const float* x;
@@ -103,6 +124,14 @@ extern "C" __global__ void linear_wgrad_stream_bf16_m64_n32(const GemmParams<__n
 extern "C" __global__ void linear_wgrad_stream_bf16_m64_n64(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_stream_bf16_m128_n32(const GemmParams<__nv_bfloat16> p);
 extern "C" __global__ void linear_wgrad_stream_bf16_m128_n64(const GemmParams<__nv_bfloat16> p);
+// The fused backward: K <= BK inputs (32 or 64), N <= BMW outputs (32, 64 or 128; BMW <= GEMM_STREAM_MAX_K), grid
+// (slices), dynamic shared memory as gemm.cu states.
+extern "C" __global__ void linear_backward_stream_bf16_k32_m32(const LinearBackwardParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_backward_stream_bf16_k32_m64(const LinearBackwardParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_backward_stream_bf16_k32_m128(const LinearBackwardParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_backward_stream_bf16_k64_m32(const LinearBackwardParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_backward_stream_bf16_k64_m64(const LinearBackwardParams<__nv_bfloat16> p);
+extern "C" __global__ void linear_backward_stream_bf16_k64_m128(const LinearBackwardParams<__nv_bfloat16> p);
 // The same streaming products on channels-first maps (N, C, positions), for the 1x1x1 convolutions: per item b,
 // C[b](i, j) = sum_k A[b](i, k) B(k, j) (+ bias[j]) over the positions i, A[b](i, k) = a[b a_sb + k a_sk + i] (a_si = 1,
 // a_sk = M, M a multiple of 8) and C[b](i, j) = c[b c_sb + j M + i]: conv_fprop (y = W x, W stored [j][k], b_sk = 1),

@@ -162,15 +162,34 @@ fn gpu_linear_stream() {
     // 64 x 64), x_proj's 34 outputs (element stores; its dgrad and dW read rows of 34 by pairs), reductions padded
     // to 16 (K = 40, 56; dgrad over 24 and 100), bias, N = 56 in 64-column tiles (dW 24 x 56 in a 32 x 64 tile), two
     // column blocks (N = 200), fewer rows than a tile (dW 16 x 128 in two tiles), dt_proj's rows of 2 (fprop, dgrad
-    // to 2 columns, dW 64 x 2); the tiled products for a dgrad over 200 and a dW of 200 rows.
+    // to 2 columns, dW 64 x 2); the tiled products for a dgrad over 200 and a dW of 200 rows. Where both gradients
+    // stream and the layer has at most 64 inputs they come from the fused backward (linear.rs's fused_backward: all
+    // of the above but 8 -> 200 and 128 -> 16; 32 -> 24 adds its 32 x 32 instance), and on their own kernels from 96
+    // inputs (dx over 128, dW 128 x 96 in two 64-column tiles).
     linear_bf16_elementwise(100_003, 32, 128, false, 60);
     linear_bf16_elementwise(50_001, 64, 64, true, 67);
     linear_bf16_elementwise(5_001, 64, 34, false, 61);
     linear_bf16_elementwise(3_001, 40, 100, true, 62);
     linear_bf16_elementwise(2_001, 56, 24, true, 63);
+    linear_bf16_elementwise(2_001, 32, 24, true, 69);
     linear_bf16_elementwise(777, 8, 200, true, 64);
     linear_bf16_elementwise(40, 128, 16, false, 65);
     linear_bf16_elementwise(1_999, 2, 64, false, 66);
+    linear_bf16_elementwise(3_001, 96, 128, false, 68);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_linear_backward_fused_twice() {
+    // The fused backward's dW sums its slices in a fixed order (gpu_linear_stream checks its values): in_proj's 32 ->
+    // 128 over 469 token tiles, bit for bit twice.
+    let dev = Device::Cuda(tf32_gpu());
+    let inputs: Vec<Tensor> = linear_inputs(&[30_001, 32], 128, false, 97)
+        .iter()
+        .map(|x| x.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap())
+        .collect();
+    let in_proj = |t: &mut Tape, x: &[Tensor]| linear(t, &x[0], &x[1], None);
+    assert_same_bits("fused linear backward, twice", &inputs, &dev, &in_proj, &in_proj);
 }
 
 #[test]

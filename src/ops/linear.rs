@@ -28,14 +28,16 @@
 //! and W and b as read, a float32 master's bf16 copy: [`Weight`]) run on `linear_*_bf16` (mma.sync m16n8k16, float32
 //! accumulation) and give bf16 activations; over many tokens with short reductions (Mamba's projections: K and the
 //! output rows of dW at most 128, rows of an even number of elements) they run on the streaming products instead
-//! (`linear_*_stream_bf16_*`: each block keeps its slice of W, or its dW tile, for its whole life and walks the
-//! token tiles with three in flight, where the tiled products wait on memory between load, product and store); the
-//! bf16 products they do not take (the deep layers' reductions beyond 128, weight gradients beyond 128 x 128) run on
-//! Hopper's warpgroup products (`linear_*_wgmma_bf16`, cuda/gemm_wgmma.cu: 128-row tiles, each operand staged as it
-//! lies through wgmma's transpose bits) where the GPU has them, else on the mma.sync tiles; dW and db are summed in
-//! float32 and returned in the masters' type (a float32 master's gradient is never rounded). dW reduces over all M
-//! tokens while its output is small, so that reduction is split into fixed slices of M whose partial products are
-//! summed afterwards in a fixed order (`sum_rows`, also used for db); results are the same bits from run to run.
+//! (`linear_*_stream_bf16_*`: each block keeps its slice of W, or its dW tile, for its whole life and walks the token
+//! tiles with three in flight, where the tiled products wait on memory between load, product and store), and a layer of
+//! at most 64 inputs whose dx and dW both stream takes them from one read of g (`linear_backward_stream_bf16_*`,
+//! `fused_backward`: the same tiles and sums, so the same bits); the bf16 products they do not take (the deep layers'
+//! reductions beyond 128, weight gradients beyond 128 x 128) run on Hopper's warpgroup products (`linear_*_wgmma_bf16`,
+//! cuda/gemm_wgmma.cu: 128-row tiles, each operand staged as it lies through wgmma's transpose bits) where the GPU has
+//! them, else on the mma.sync tiles; dW and db are summed in float32 and returned in the masters' type (a float32
+//! master's gradient is never rounded). dW reduces over all M tokens while its output is small, so that reduction is
+//! split into fixed slices of M whose partial products are summed afterwards in a fixed order (`sum_rows`, also used
+//! for db); results are the same bits from run to run.
 //!
 //! Cost per element of y (M rows, N outputs, K inputs; the counting rules are in [`ops`](crate::ops)): forward 2K
 //! FLOPs and at least 4 (1 + K/N + K/M) bytes, about 4 (1 + K/N) for many tokens; backward 4K FLOPs (dL/dx and
@@ -52,9 +54,10 @@ use half::bf16;
 
 use crate::device::cuda::{Gpu, GpuBuffer, GpuElement};
 use crate::device::params::{
-    kernel, ConstPtr, GemmParams, Kernel, MutPtr, SumRowsParams, GEMM_STREAM_BM, GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES,
-    GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW, GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK,
-    GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN, SUM_ROWS_COLS, SUM_ROWS_LANES,
+    kernel, ConstPtr, GemmParams, Kernel, LinearBackwardParams, MutPtr, SumRowsParams, GEMM_STREAM_BM,
+    GEMM_STREAM_MAX_K, GEMM_STREAM_STAGES, GEMM_STREAM_THREADS, GEMM_TC_BK, GEMM_TC_BM, GEMM_TC_BN, GEMM_TC_BN_NARROW,
+    GEMM_TC_THREADS, GEMM_THREADS, GEMM_TK, GEMM_TM, GEMM_TN, GEMM_WGMMA_BK, GEMM_WGMMA_BM, GEMM_WGMMA_BN,
+    SUM_ROWS_COLS, SUM_ROWS_LANES,
 };
 use crate::ops::cast::{params_in, Weight};
 use crate::ops::conv::gemm_wgmma_config;
@@ -439,6 +442,18 @@ impl LinearElement for bf16 {
             [kernel::linear_wgrad_stream_bf16_m64_n32, kernel::linear_wgrad_stream_bf16_m64_n64],
             [kernel::linear_wgrad_stream_bf16_m128_n32, kernel::linear_wgrad_stream_bf16_m128_n64],
         ],
+        backward: [
+            [
+                kernel::linear_backward_stream_bf16_k32_m32,
+                kernel::linear_backward_stream_bf16_k32_m64,
+                kernel::linear_backward_stream_bf16_k32_m128,
+            ],
+            [
+                kernel::linear_backward_stream_bf16_k64_m32,
+                kernel::linear_backward_stream_bf16_k64_m64,
+                kernel::linear_backward_stream_bf16_k64_m128,
+            ],
+        ],
     });
     const WGMMA: Option<[[Kernel<GemmParams<bf16>>; 2]; 3]> = Some([
         [kernel::linear_fprop_wgmma_bf16_n64, kernel::linear_fprop_wgmma_bf16],
@@ -452,11 +467,13 @@ impl LinearElement for bf16 {
 }
 
 /// The streaming kernels of a storage type: forward and input gradient for 32, 64 and 128 output columns per block,
-/// the weight gradient for dW tiles of 32, 64 or 128 rows by 32 or 64 columns.
+/// the weight gradient for dW tiles of 32, 64 or 128 rows by 32 or 64 columns, and both gradients from one read of g
+/// ([`fused_backward`]) for 32 or 64 inputs by 32, 64 or 128 outputs.
 struct StreamKernels<T> {
     fprop: [Kernel<GemmParams<T>>; 3],
     dgrad: [Kernel<GemmParams<T>>; 3],
     wgrad: [[Kernel<GemmParams<T>>; 2]; 3],
+    backward: [[Kernel<LinearBackwardParams<T>>; 3]; 2],
 }
 
 /// A streaming product chosen for one [`Gemm`]: its kernel, the output tile of a block (rows, columns) and its
@@ -944,56 +961,105 @@ fn backward_gpu<T: LinearElement>(
     check_nonempty(d)?;
     let gpu = &x.gpu;
     let LinearDims { m, k, n } = d;
-    let dx = if needs[0] {
-        let mut dx = gpu.alloc_of::<T>(m * k, "linear dx")?;
-        let role = GemmRole::InputGrad;
-        let prod = Gemm {
-            a: g.ptr(),
-            a_si: n,
-            a_sk: 1,
-            b: w.ptr(),
-            b_sk: k,
-            b_sj: 1,
-            bias: ConstPtr::NULL,
-            m,
-            n: k,
-            k: n,
-            role,
-        };
-        prod.run(gpu, dx.ptr_mut(), MutPtr::NULL, n, 1)?;
-        Some(dx)
-    } else {
-        None
+    let dx_prod = Gemm {
+        a: g.ptr(),
+        a_si: n,
+        a_sk: 1,
+        b: w.ptr(),
+        b_sk: k,
+        b_sj: 1,
+        bias: ConstPtr::NULL,
+        m,
+        n: k,
+        k: n,
+        role: GemmRole::InputGrad,
     };
-    let dw = if needs[1] {
-        // dW = g^T x reduces over the M tokens: fixed slices of M with float32 partial products, then a fixed-order
-        // sum of the slices (float32).
-        let role = GemmRole::WeightGrad;
-        let prod = Gemm {
-            a: g.ptr(),
-            a_si: 1,
-            a_sk: n,
-            b: x.ptr(),
-            b_sk: k,
-            b_sj: 1,
-            bias: ConstPtr::NULL,
-            m: n,
-            n: k,
-            k: m,
-            role,
-        };
-        let (k_slice, slices) = prod.split(gpu);
+    // dW = g^T x reduces over the M tokens: fixed slices of M with float32 partial products, then a fixed-order sum
+    // of the slices (float32).
+    let dw_prod = Gemm {
+        a: g.ptr(),
+        a_si: 1,
+        a_sk: n,
+        b: x.ptr(),
+        b_sk: k,
+        b_sj: 1,
+        bias: ConstPtr::NULL,
+        m: n,
+        n: k,
+        k: m,
+        role: GemmRole::WeightGrad,
+    };
+    let fused = if needs[0] && needs[1] { fused_backward(gpu, &dx_prod, &dw_prod) } else { None };
+    let (dx, dw) = if let Some((kernel, shared)) = fused {
+        let (_, slices) = dw_prod.split(gpu);
+        let mut dx = gpu.alloc_of::<T>(m * k, "linear dx")?;
         let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
-        prod.run(gpu, MutPtr::NULL, partial.ptr_mut(), k_slice, slices)?;
-        let dw = if slices == 1 {
-            partial
-        } else {
-            sum_rows(gpu, &partial.slice.slice(..), slices, n * k, n * k, "linear dW")?
+        let p = LinearBackwardParams {
+            g: g.ptr(),
+            x: x.ptr(),
+            w: w.ptr(),
+            dx: dx.ptr_mut(),
+            dw_acc: partial.ptr_mut(),
+            g_ld: n as i64,
+            x_ld: k as i64,
+            M: m as i64,
+            N: n as i64,
+            K: k as i64,
+            dw_slice: (n * k) as i64,
         };
-        Some(dw)
+        let shapes = format!("linear dx and dW (streaming, one read of g): g ({m}, {n}), x ({m}, {k})");
+        gpu.launch(kernel, stream_config((slices, 1), shared, &shapes)?, &p, &shapes)?;
+        (Some(dx), Some(sum_slices(gpu, partial, slices, n * k)?))
     } else {
-        None
+        let dx = if needs[0] {
+            let mut dx = gpu.alloc_of::<T>(m * k, "linear dx")?;
+            dx_prod.run(gpu, dx.ptr_mut(), MutPtr::NULL, n, 1)?;
+            Some(dx)
+        } else {
+            None
+        };
+        let dw = if needs[1] {
+            let (k_slice, slices) = dw_prod.split(gpu);
+            let mut partial = gpu.alloc(slices * n * k, "linear dW partial products")?;
+            dw_prod.run(gpu, MutPtr::NULL, partial.ptr_mut(), k_slice, slices)?;
+            Some(sum_slices(gpu, partial, slices, n * k)?)
+        } else {
+            None
+        };
+        (dx, dw)
     };
     let db = if needs[2] { Some(T::column_sums(g, m, n)?) } else { None };
     Ok((dx, dw, db))
+}
+
+/// dW from its `slices` float32 partial products of `numel` values each: the slices summed in order (or the one).
+fn sum_slices(gpu: &Arc<Gpu>, partial: GpuBuffer, slices: usize, numel: usize) -> Result<GpuBuffer> {
+    if slices == 1 {
+        return Ok(partial);
+    }
+    sum_rows(gpu, &partial.slice.slice(..), slices, numel, numel, "linear dW")
+}
+
+/// The fused backward (cuda/gemm.cu's `linear_backward_stream_bf16_kBK_mBMW`: dx and dW from one read of g) with its
+/// dynamic shared memory, where it takes a layer's two gradients: both would run on the streaming kernels
+/// ([`Gemm::stream_kernel`]: the same tiles, fragments and slices, so the same bits) and the layer has at most 64
+/// inputs (one dx tile per block): Mamba's in_proj, x_proj and out_proj at d_model 32 (the reference configurations'
+/// stage 0).
+fn fused_backward<T: LinearElement>(
+    gpu: &Gpu,
+    dx: &Gemm<T>,
+    dw: &Gemm<T>,
+) -> Option<(Kernel<LinearBackwardParams<T>>, usize)> {
+    let kernels = T::STREAM.filter(|_| !gpu.exact_f32())?.backward;
+    let fits = dx.n <= 64 && dx.stream_kernel(gpu).is_some() && dw.stream_kernel(gpu).is_some();
+    let (inputs, outputs) = (usize::from(dx.n > 32), stream_width(dw.m));
+    fits.then(|| (kernels[inputs][outputs], backward_stream_shared_bytes(32 << inputs, 32 << outputs)))
+}
+
+/// The dynamic shared memory of the fused backward for `bk` inputs and `bmw` outputs per block (cuda/gemm.cu's layout,
+/// in bf16 elements): the rings of g's and x's token tiles, [GEMM_STREAM_STAGES][GEMM_STREAM_BM][bmw + 8] and
+/// [GEMM_STREAM_STAGES][GEMM_STREAM_BM][bk + 8], W [bmw][bk + 8] and each warp's dx rows [16][bk + 8].
+fn backward_stream_shared_bytes(bk: usize, bmw: usize) -> usize {
+    let warps = GEMM_STREAM_THREADS / 32;
+    stream_wgrad_shared_bytes((bmw, bk)) + 2 * (bmw + warps * 16) * (bk + 8)
 }
