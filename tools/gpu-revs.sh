@@ -12,7 +12,8 @@
 #
 # PROFILE=1: then also `lkm-engine profile --csv` of every binary at each configuration (bf16 storage, STEPS steps),
 # into $OUT/revs/profile_NAME_CONFIG.csv, and per configuration a table of the op kinds' ms per step side by side
-# (tools/op_totals.py): where a change acted, beside the step times that say how much it gave.
+# (tools/op_totals.py, the OPS_TOP (default 30) largest by the first binary's time; the device tool may not bring the
+# CSVs back, so the table is the record): where a change acted, beside the step times that say how much it gave.
 #
 # Usage: bash tools/gpu-revs.sh [NAME ...]   (default: base if packed, every other .gpu/*/lkm-engine, then packed)
 set -uo pipefail
@@ -83,6 +84,6 @@ if [ "${PROFILE:-0}" = 1 ]; then
     done
     echo
     echo "$config b$batch $layout, per op kind (lkm-engine profile, recorded):"
-    [ ${#files[@]} -gt 0 ] && python3 tools/op_totals.py "${files[@]}"
+    [ ${#files[@]} -gt 0 ] && python3 tools/op_totals.py "${files[@]}" --top "${OPS_TOP:-30}"
   done
 fi
