@@ -2012,20 +2012,20 @@ impl Pairing {
     /// The output channels per block of the TMA product of cuda/conv_tma.cu on pass `which` of this pairing, if it
     /// takes the pass: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) whose
     /// output maps have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item and are at most 65535 boxes (the
-    /// grid's y); blocks of 128 where the source and the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels,
-    /// of 64 (each of 256 positions) where the output has 33 to 64 and the source at least
-    /// [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100
-    /// (2026-12-07, one call, every stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more,
-    /// against the kernels before it, with 128-row blocks and a box per tap): from 128 channels faster on every shape
-    /// of at least 100 positions (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x
-    /// 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256
-    /// at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a fifth
-    /// full) and wherever a side had 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d
-    /// 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and the channels-last copies of the large maps), which the
-    /// 64-row blocks are for: measured the same way (2026-12-07, H100, one call, against the kernels before them) they
-    /// win from 128 sources (flare-3d 128 -> 64 at 40x112x96 forward 1.102 -> 0.920 ms, amos-2d's 128 -> 64 at 320x320
-    /// 0.281 -> 0.248) and not from 64 (flare-3d 64 x 40x112x96 forward 0.623 -> 0.618, input gradient 0.581 -> 0.584;
-    /// amos-2d 64 x 160x160 0.173 -> 0.179 and 0.146 -> 0.168).
+    /// grid's y); blocks of 128 where the source and the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of
+    /// 64 (each of 256 positions) where the output has 33 to 64 and the source at least
+    /// [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d
+    /// and amos-2d between maps of 64 channels and more, against the kernels before it, with 128-row blocks and a box
+    /// per tap): from 128 channels faster on every shape of at least 100 positions (amos-2d 256 x 40x40 forward 0.185
+    /// -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x
+    /// 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256 at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at
+    /// 5x5 (0.036 -> 0.055: a box of 128 positions a fifth full) and wherever a side had 64 channels (flare-3d 64 x
+    /// 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and
+    /// the channels-last copies of the large maps), which the 64-row blocks are for: measured the same way (2026-12-07,
+    /// H100, one call, against the kernels before them) they win from 128 sources (flare-3d 128 -> 64 at 40x112x96
+    /// forward 1.102 -> 0.920 ms, amos-2d's 128 -> 64 at 320x320 0.281 -> 0.248) and not from 64 (flare-3d 64 x
+    /// 40x112x96 forward 0.623 -> 0.618, input gradient 0.581 -> 0.584; amos-2d 64 x 160x160 0.173 -> 0.179 and 0.146
+    /// -> 0.168).
     fn tma_product_rows(&self, which: Product) -> Option<usize> {
         let ((c_src, _), (c_out, size)) = (self.source(which), self.output(which));
         let rows = if c_src.min(c_out) >= TMA_PRODUCT_MIN_CHANNELS {
@@ -2112,8 +2112,8 @@ impl Pairing {
 
     /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
     /// input gradient's flipped and its channel roles swapped, its padding kernel - 1 - the conv's), the source copied
-    /// channels last (unless `src_last` is that copy), both described to the TMA unit by tensor maps; one block per 128
-    /// output channels and box of [`CONV_TMA_PRODUCT_POSITIONS`] output positions ([`tma_box`]).
+    /// channels last (unless `src_last` is that copy), both described to the TMA unit by tensor maps; one block per
+    /// `rows` output channels and box of [`tma_product_positions`] output positions ([`tma_box`]).
     #[allow(clippy::too_many_arguments)]
     fn tma_product<T: ConvElement>(
         &self,
