@@ -3511,6 +3511,7 @@ mod tests {
             ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), m128),
             ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), m128),
             ("gpu_conv_tma 3x3x3 136 -> 40", pairing(2, 136, 40, [3, 6, 20], k333, one), [Some(64), None]),
+            ("gpu_conv_tma 3x3x3 40 -> 136", pairing(2, 40, 136, [3, 6, 20], k333, one), [None, Some(64)]),
             ("3x3x3 72 -> 40: 72 sources", pairing(2, 72, 40, [3, 6, 20], k333, one), [None, None]),
             ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), [None, None]),
             ("2 x 96x256x256: 98304 boxes", pairing(2, 128, 128, [96, 256, 256], k333, one), [None, None]),
