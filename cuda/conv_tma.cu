@@ -1,8 +1,9 @@
-// The weight gradient of a stride-1 convolution, and below its forward and input gradient (conv_tma_product: the
-// kernels conv_fprop_tma_bf16_* and conv_dgrad_tma_bf16_*), as warpgroup products over boxes that the TMA unit copies
-// from channels-last maps (formulas and parameters in conv_tma.cuh). The weight gradient:
+// The weight gradient of a convolution of stride 1 or 2 per axis, and below the forward and input gradient of a
+// stride-1 one (conv_tma_product: the kernels conv_fprop_tma_bf16_* and conv_dgrad_tma_bf16_*), as warpgroup products
+// over boxes that the TMA unit copies from channels-last maps (formulas and parameters in conv_tma.cuh). The weight
+// gradient:
 //
-//   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, o + a - pad, cw]
+//   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, s o + a - pad, cw]
 //
 // a GEMM per tap with the positions as its reduction: m = cn, n = cw, k = o.
 // - Why TMA: the halo kernels of conv_wgmma.cu load channels-first maps element by element (16 loads per voxel of 16
@@ -16,11 +17,14 @@
 //   (az, ax), are one stage (at most 40 or 32 KB). In shared memory a box is rows (positions, in box order) of 64
 //   channels with the 128-byte swizzle, which is wgmma's MN-major operand layout for m (narrow) and n (wide) alike; tap
 //   ay's wide operand is the wide box from row ay box_x on (the narrow box shifted by ay rows: whole 8-row atoms), so
-//   the three taps share one box (24 KB of boxes per k-block of 16 x 4 positions instead of 3 x 8: as the products'
-//   tap columns). Per k-step of 16 positions one m64n64k16 per tap. ROWS 128: warpgroup g takes narrow
-//   box g and every k-step; ROWS 64 (maps of at most 64 narrow channels, which would leave half of a 128-row tile
-//   empty): both take the one narrow box, warpgroup g k-steps 2 g and 2 g + 1, and the second's sums are added to the
-//   first's at the end.
+//   the three taps share one box (24 KB of boxes per k-block of 16 x 4 positions instead of 3 x 8: as the products' tap
+//   columns). A strided conv's wide box is taken at steps of s (TMA element strides), the narrow box's corner times s:
+//   its rows are then the positions that the narrow box's taps read, as at stride 1; at stride 2 along y the even taps
+//   ay = 0, 2 read rows 2 y - 1 and 2 y + 1 of one box of box_y + 1 rows at steps of 2 (a row apart), and the odd tap
+//   another, from 2 y (box_x at most 32, so that both fit where the stride-1 box did). Per k-step of 16 positions one
+//   m64n64k16 per tap. ROWS 128: warpgroup g takes narrow box g and every k-step; ROWS 64 (maps of at most 64 narrow
+//   channels, which would leave half of a 128-row tile empty): both take the one narrow box, warpgroup g k-steps 2 g
+//   and 2 g + 1, and the second's sums are added to the first's at the end.
 // - Pipeline (tma_produce, tma_consume; shared with the products): a producer warp, beside the two warpgroups, issues
 //   the copies of each k-block into its stage, CONV_TMA_STAGES k-blocks ahead, each stage's copies completing its full
 //   barrier (expected bytes, PTX mbarrier); the warpgroups wait on a stage's full barrier and issue its products, and
@@ -185,16 +189,22 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     const int cn0 = blockIdx.x * ROWS, column = blockIdx.y % (KZ * 3);
     const int cw0 = blockIdx.y / (KZ * 3) * CONV_TMA_COLS, az = column / 3, ax = column % 3;
     const int kb0 = blockIdx.z * p.kblocks_per_slice, count = min(p.kblocks, kb0 + p.kblocks_per_slice) - kb0;
-    const int bytes = NARROW * BOX + p.box_x * (p.box_y + 2) * 128;
+    // The wide boxes of a k-block (the header's layout): sy of box_x x (box_y + 2 / sy) positions each.
+    const int sy = p.stride[1];
+    const uint32_t wide_box = p.box_x * (p.box_y + 2 / sy) * 128;
+    const int bytes = NARROW * BOX + sy * wide_box;
 
-    // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide box of the column's taps, its
-    // corner shifted by (az, 0, ax) less the padding.
+    // k-block i of the slice into stage i % STAGES: the narrow boxes, then the wide boxes of the column's taps, the
+    // narrow box's corner times the stride, shifted by (az, 0 or 1 (the odd taps' box at stride 2), ax) less the
+    // padding.
     auto issue = [&](int i) {
         const auto [x0, y0, z, n] = box_corner(kb0 + i, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.depth);
         const uint32_t at = base + i % STAGES * STAGE, bar = bars + 8 * (i % STAGES);
         barrier_expect(bar, bytes);
         for (int h = 0; h < NARROW; ++h) copy_box(at + h * BOX, &p.narrow_map, cn0 + 64 * h, x0, y0, z, n, bar);
-        copy_box(at + NARROW * BOX, &p.wide_map, cw0, x0 + ax - p.pad[2], y0 - p.pad[1], z + az - p.pad[0], n, bar);
+        const int wx = p.stride[2] * x0 + ax - p.pad[2], wz = p.stride[0] * z + az - p.pad[0];
+        for (int b = 0; b < sy; ++b)
+            copy_box(at + NARROW * BOX + b * wide_box, &p.wide_map, cw0, wx, sy * y0 - p.pad[1] + b, wz, n, bar);
     };
     tma_pipeline_init<STAGES>(bars);
     if (t >= THREADS) return tma_produce<STAGES>(bars, count, issue);
@@ -203,7 +213,11 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     for (int ay = 0; ay < COLUMN_TAPS; ++ay)
 #pragma unroll
         for (int k = 0; k < CONV_TMA_COLS / 2; ++k) acc[ay][k] = 0.0f;
-    const uint32_t row_shift = p.box_x * 128;  // one row of the wide box: a tap ay further
+    // Tap ay's wide operand: box ay % sy from row ay / sy on (a row of a box: box_x positions, one tap along y
+    // further at stride 1, two at stride 2).
+    uint32_t tap_at[COLUMN_TAPS];
+#pragma unroll
+    for (int ay = 0; ay < COLUMN_TAPS; ++ay) tap_at[ay] = NARROW * BOX + ay % sy * wide_box + ay / sy * p.box_x * 128;
     const int narrow_box = ROWS == 128 ? group : 0, first_step = ROWS == 128 ? 0 : group * STEPS;
     tma_consume<STAGES>(bars, count, [&](int i) {
         const uint32_t at = base + i % STAGES * STAGE;
@@ -212,8 +226,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
             const uint64_t a = box_operand(at + narrow_box * BOX, s);
 #pragma unroll
             for (int ay = 0; ay < COLUMN_TAPS; ++ay)
-                wgmma::mma_async<CONV_TMA_COLS, true, true>(
-                    acc[ay], a, box_operand(at + NARROW * BOX + ay * row_shift, s), true);
+                wgmma::mma_async<CONV_TMA_COLS, true, true>(acc[ay], a, box_operand(at + tap_at[ay], s), true);
         }
     });
 

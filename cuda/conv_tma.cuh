@@ -1,12 +1,15 @@
 // The convolution weight gradient on Hopper's tensor memory accelerator (TMA) and warpgroup products (conv_tma.cu):
 //
-//   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, o + a - pad, cw]        (0 outside the wide map)
+//   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, s o + a - pad, cw]        (0 outside the wide map)
 //
 // over channels-last copies of both maps (each voxel's channels contiguous, rounded up to a multiple of 8), kernel
-// taps a = (az, ay, ax) of KZ x 3 x 3, stride 1. Each map is described to the TMA unit by a CUtensorMap of 5 axes
-// (channels, x, y, z, batch item; bf16, 128-byte swizzle) made by the host (src/ops/conv.rs, Gpu::tensor_map_bf16)
-// with boxes of 64 channels x box_x x box_y positions (box_x box_y = 64, box_x a multiple of 8): the narrow map's, and
-// the wide map's box_x x (box_y + 2), the positions of a narrow box and the two rows its taps along y add.
+// taps a = (az, ay, ax) of KZ x 3 x 3, stride s of 1 or 2 per axis. Each map is described to the TMA unit by a
+// CUtensorMap of 5 axes (channels, x, y, z, batch item; bf16, 128-byte swizzle) made by the host (src/ops/conv.rs,
+// Gpu::tensor_map_bf16) with boxes of 64 channels x box_x x box_y positions (box_x box_y = 64, box_x a multiple of
+// 8): the narrow map's, and the wide map's of box_x x (box_y + 2) positions at stride 1 along y (the positions of a
+// narrow box and the two rows its taps along y add), or at stride 2 two boxes of box_x x (box_y + 1) positions
+// taken at steps of 2 along y (the even taps' rows from 2 y0 - pad, the odd tap's from 2 y0 - pad + 1), and every
+// box taken at steps of s along x (the map's element strides).
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -52,6 +55,9 @@ struct ConvWgradTmaParams {
     // The narrow map's depth (z positions per batch item).
     int depth;
     int pad[3];
+    // The conv's stride per axis (z, y, x), each 1 or 2 (along y the box layout above; the wide map's box steps s
+    // along x and y).
+    int stride[3];
     int box_x;
     int box_y;
     int x_blocks;

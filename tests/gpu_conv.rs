@@ -238,7 +238,7 @@ fn gpu_conv_wgrad_gemm() {
 }
 
 /// The TMA kernels (cuda/conv_tma.cu, sm_90). The weight gradient (conv.rs `Pairing::tma_wgrad_rows` says which
-/// stride-1 3x3x3 and 1x3x3 convs it takes): boxes of 16 x 4 positions over a map 10 wide (the last 6 columns of each box past the
+/// 3x3x3 and 1x3x3 convs of stride 1 or 2 it takes): boxes of 16 x 4 positions over a map 10 wide (the last 6 columns of each box past the
 /// map, zeros), 67 output channels (the 128-row tile's second warpgroup on 3 of its 64), 65 input channels (the copy
 /// rounds them to 72, the second 64-channel box mostly past them; 67 x 65 sums per tap, so that every other row of
 /// the partial sums starts at an odd float), two batch items; a 1x3x3 kernel into 130 channels (three row tiles, the
@@ -266,6 +266,12 @@ fn gpu_conv_tma() {
     check_conv("conv3d 3x3x3 136 -> 40, 3x6x20", &[2, 136, 3, 6, 20], &[40, 136, 3, 3, 3], &[1, 1, 1], 701);
     check_conv("conv3d 3x3x3 40 -> 136, 3x6x20", &[2, 40, 3, 6, 20], &[136, 40, 3, 3, 3], &[1, 1, 1], 702);
     check_bf16_conv_repeats("conv3d 3x3x3 128 -> 128 bf16", &[1, 128, 4, 8, 16], &[128, 128, 3, 3, 3], 698);
+    // The weight gradient of strided convs (the wide boxes at steps of 2): stride (2, 2, 2) over odd sizes (each
+    // axis' last output reads past the map) in 16 x 4 boxes, 72 -> 136; stride (1, 2, 2), 64 -> 130 (three row
+    // tiles); a 2D stride 2 into 64 channels (blocks of 64 rows) over 18 x 37 (narrow 9 x 19, boxes 32 x 2).
+    check_conv("conv3d 3x3x3 stride 2 72 -> 136, 5x13x21", &[2, 72, 5, 13, 21], &[136, 72, 3, 3, 3], &[2, 2, 2], 703);
+    check_conv("conv3d 3x3x3 stride (1, 2, 2) 64 -> 130", &[1, 64, 3, 10, 12], &[130, 64, 3, 3, 3], &[1, 2, 2], 704);
+    check_conv("conv2d 3x3 stride 2 64 -> 64, 18 x 37", &[2, 64, 18, 37], &[64, 64, 3, 3], &[2, 2], 705);
 }
 
 /// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as

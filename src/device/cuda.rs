@@ -346,22 +346,28 @@ impl Gpu {
     /// The TMA descriptor of a bf16 tensor at `address` of `dims` elements per axis (innermost first; the innermost
     /// contiguous) and `strides` bytes between consecutive indices of the other axes, copied in boxes of `boxes`
     /// elements into shared memory with the 128-byte swizzle (the innermost box row must be 128 bytes: 64 elements),
-    /// zeros where a box reaches outside the tensor. The driver checks the rest (address and strides multiples of 16
-    /// bytes, at most 5 axes, boxes of at most 256 per axis) and its refusal names `what`.
+    /// zeros where a box reaches outside the tensor. Along axis i a box copies every `steps[i]`-th index (the
+    /// driver's element strides, 1 to 8; the innermost axis' must be 1): `boxes[i]` indices c, c + `steps[i]`, ... from
+    /// the corner c that a copy names. The driver checks the rest (address and strides multiples of 16 bytes, at most
+    /// 5 axes, boxes spanning at most 256 indices per axis) and its refusal names `what`.
     pub fn tensor_map_bf16(
         &self,
         address: u64,
         dims: &[u64],
         strides: &[u64],
-        boxes: &[u32],
+        (boxes, steps): (&[u32], &[u32]),
         what: &str,
     ) -> Result<TensorMap> {
         use cudarc::driver::sys;
         let rank = dims.len();
-        if strides.len() + 1 != rank || boxes.len() != rank || boxes[0] != 64 {
-            bail!(Device, "{what}: a tensor map of {dims:?} / {strides:?} / boxes {boxes:?} is malformed");
+        if strides.len() + 1 != rank || boxes.len() != rank || steps.len() != rank || boxes[0] != 64 || steps[0] != 1 {
+            bail!(
+                Device,
+                "{what}: a tensor map of {dims:?} / {strides:?} / boxes {boxes:?} / steps {steps:?} is malformed"
+            );
         }
-        let ones = [1u32; 5];
+        // The driver's boxDim is the span of a box: to copy n indices at steps of s it takes n s.
+        let spans: Vec<u32> = boxes.iter().zip(steps).map(|(&n, &s)| n * s).collect();
         let mut map = sys::CUtensorMap { opaque: [0; 16] };
         // SAFETY: every array holds `rank` (strides rank - 1) entries, as the call reads; the map is written by the
         // driver and copied out.
@@ -373,8 +379,8 @@ impl Gpu {
                 address as *mut std::ffi::c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),
-                boxes.as_ptr(),
-                ones.as_ptr(),
+                spans.as_ptr(),
+                steps.as_ptr(),
                 sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
                 sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
                 sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -382,7 +388,7 @@ impl Gpu {
             )
         };
         result.result().map_err(driver_err(format!(
-            "{what}: the tensor map of {dims:?} elements, strides {strides:?} bytes, boxes {boxes:?}"
+            "{what}: the tensor map of {dims:?} elements, strides {strides:?} bytes, boxes {boxes:?} at steps {steps:?}"
         )))?;
         Ok(TensorMap(map.opaque))
     }

@@ -59,15 +59,15 @@
 //! channels and at least 1024 positions (a strided conv's forward, the products of smaller 2D maps), and such a conv's
 //! input-gradient stride phases into more than 32 channels from one tap up, run there as implicit matrix
 //! products, each position's row gathered tap by tap from the copy (cuda/gemm_wgmma.cu, `implicit_suits`,
-//! `launch_implicit`). The bf16 stride-1 weight gradients of 3x3 kernels (1x3x3, and 3x3x3 into more than 64
-//! channels) between maps of at least 64 channels run on sm_90 as warpgroup products over boxes that the TMA unit
-//! copies from channels-last copies of both maps, a tap's box its corner shifted by the tap (cuda/conv_tma.cu,
-//! `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`), and so do the forward and input gradient of such convs
-//! between maps of at least 128 channels and 64 positions (the weight packed as the product's rows,
-//! `Pairing::tma_product_rows`, `Pairing::tma_product`). The other weight gradients of 1x1x1 kernels, of at least
-//! 320 narrow channels on small maps, of
-//! one-channel inputs and of strided convs from 64 wide channels run as one explicit product over the wide map's
-//! columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
+//! `launch_implicit`). The bf16 weight gradients of 3x3 kernels (1x3x3, and 3x3x3 into more than 64 channels) of stride
+//! 1 or 2 between maps of at least 64 channels run on sm_90 as warpgroup products over boxes that the TMA unit copies
+//! from channels-last copies of both maps, a tap's box its corner shifted by the tap (at stride 2 taken at steps of 2:
+//! cuda/conv_tma.cu, `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`), and so do the forward and input gradient
+//! of such stride-1 convs between maps of at least 128 channels and 64 positions (the weight packed as the product's
+//! rows, `Pairing::tma_product_rows`, `Pairing::tma_product`). The other weight gradients of 1x1x1 kernels, of at least
+//! 320 narrow channels on small maps, of one-channel inputs and of the other strided convs from 64 wide channels run as
+//! one explicit product over the wide map's columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`,
+//! `Pairing::weight_grad_gemm`);
 //! a transposed conv's backward from 64 wide channels unfolds g into such columns once (its kernel is its stride:
 //! they are g rearranged) and runs dW as that product and dx as a 1x1x1 conv's forward over them
 //! (`Pairing::unfolded`); the forward and input gradient of stride-1 convs of at least 512 source channels on small
@@ -2039,19 +2039,19 @@ impl Pairing {
         // One block per box of output positions along the grid's y, at most 65535 of them.
         let (x, y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let boxes = self.batch * size[0] * size[1].div_ceil(y) * size[2].div_ceil(x);
-        let fits = self.tma_suits(*TMA_PRODUCT_M64_OUTPUTS.start())
+        let fits = self.stride == [1, 1, 1]
+            && self.tma_suits(*TMA_PRODUCT_M64_OUTPUTS.start())
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
             && boxes <= u16::MAX as usize;
         fits.then_some(rows)
     }
 
-    /// What both TMA paths ask of a pairing: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps
-    /// of at least `min_channels` channels whose channels-last copies have 32-bit element counts per batch item
-    /// ([`channels_last`]).
+    /// What both TMA paths ask of a pairing: a conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at
+    /// least `min_channels` channels whose channels-last copies have 32-bit element counts per batch item
+    /// ([`channels_last`]). (The products take stride 1 only, the weight gradient 1 or 2 per axis.)
     fn tma_suits(&self, min_channels: usize) -> bool {
         let voxels = |s: [usize; 3]| s.iter().product::<usize>();
         !self.transposed
-            && self.stride == [1, 1, 1]
             && (self.k == [3, 3, 3] || self.k == [1, 3, 3])
             && self.c_narrow.min(self.c_wide) >= min_channels
             && channels_last_fits(self.c_narrow, voxels(self.narrow))
@@ -2081,20 +2081,22 @@ impl Pairing {
     }
 
     /// The TMA descriptor of `last`, the channels-last copy of this pairing's maps of `channels` x `size`: axes
-    /// (channels rounded up to 8, x, y, z, batch item), strides in bytes, boxes of 64 channels x box_x x box_y.
+    /// (channels rounded up to 8, x, y, z, batch item), strides in bytes, boxes of 64 channels x box_x x box_y
+    /// positions taken at steps of (step_x, step_y) (a strided conv's wide map, read at its output positions).
     fn channels_last_map<T: ConvElement>(
         &self,
         last: &GpuBuffer<T>,
-        channels: usize,
-        size: [usize; 3],
+        (channels, size): (usize, [usize; 3]),
         (box_x, box_y): (usize, usize),
+        (step_x, step_y): (usize, usize),
         what: &str,
     ) -> Result<TensorMap> {
         let row = channels.next_multiple_of(8) as u64;
         let [d, h, w] = size.map(|v| v as u64);
         let dims = [row, w, h, d, self.batch as u64];
         let strides = [2 * row, 2 * row * w, 2 * row * w * h, 2 * row * w * h * d];
-        last.gpu.tensor_map_bf16(last.ptr().address(), &dims, &strides, &[64, box_x as u32, box_y as u32, 1, 1], what)
+        let (boxes, steps) = ([64, box_x as u32, box_y as u32, 1, 1], [1, step_x as u32, step_y as u32, 1, 1]);
+        last.gpu.tensor_map_bf16(last.ptr().address(), &dims, &strides, (&boxes, &steps), what)
     }
 
     /// The TMA product kernels for this pairing on `gpu` and the one of its kernel, if the type has them, the GPU
@@ -2151,14 +2153,14 @@ impl Pairing {
             packed.ptr().address(),
             &[k, c_out as u64, taps as u64],
             &[2 * k, 2 * k * c_out as u64],
-            &[64, rows as u32, 3],
+            (&[64, rows as u32, 3], &[1, 1, 1]),
             what,
         )?;
         let (box_x, box_y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let mut made = None;
         let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
         // The source box: the output box and the two rows that its taps along y add.
-        let src_map = self.channels_last_map(last, c_src, src_size, (box_x, box_y + 2), what)?;
+        let src_map = self.channels_last_map(last, (c_src, src_size), (box_x, box_y + 2), (1, 1), what)?;
         let (x_blocks, y_blocks) = (size[2].div_ceil(box_x), size[1].div_ceil(box_y));
         // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
         let params = ConvTmaProductParams {
@@ -2184,18 +2186,19 @@ impl Pairing {
     }
 
     /// Whether the TMA weight gradient of cuda/conv_tma.cu takes this pairing, and in blocks of how many narrow
-    /// channels: a stride-1 conv between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels ([`Pairing::tma_suits`])
-    /// of a 1x3x3 kernel (a 2D
-    /// 3x3 is 1x3x3), in blocks of 64 narrow channels where there are at most 64 (a 128-row tile would be half empty),
+    /// channels: a conv of stride 1 or 2 per axis between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels
+    /// ([`Pairing::tma_suits`]) of a 1x3x3 kernel (a 2D 3x3 is 1x3x3), in blocks of 64 narrow channels where there
+    /// are at most 64 (a 128-row tile would be half empty),
     /// else 128, or of a 3x3x3 kernel into more than 64 channels, in blocks of 128. Measured on the H100 (2026-12-07,
     /// one call, every flare-3d and amos-2d weight gradient it took against the kernels before it): faster on 20 of
     /// 22 shapes (flare-3d 256 x 10x28x24 0.431 -> 0.199 ms, 128 x 20x56x48 0.561 -> 0.301, 256 -> 128 at 20x56x48
     /// 0.924 -> 0.480; amos-2d 256 x 40x40 0.254 -> 0.111, 64 x 160x160 0.248 -> 0.207), slower on flare-3d's two
     /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
     /// channels-last copies of 110 and 220 MB cost more than the products saved; those stay on the halo wgmma kernel.
+    /// The strided stage entries take the same kernels, their wide boxes at steps of 2 (cuda/conv_tma.cu).
     fn tma_wgrad_rows(&self) -> Option<usize> {
         match (self.k, self.c_narrow <= 64) {
-            _ if !self.tma_suits(TMA_WGRAD_MIN_CHANNELS) => None,
+            _ if !self.tma_suits(TMA_WGRAD_MIN_CHANNELS) || self.stride.iter().any(|&s| s > 2) => None,
             ([3, 3, 3], false) | ([1, 3, 3], false) => Some(128),
             ([1, 3, 3], true) => Some(64),
             _ => None,
@@ -2216,9 +2219,10 @@ impl Pairing {
     }
 
     /// [`Pairing::weight_grad`] on the TMA kernel `kernel`: both maps copied channels last (the narrow one unless
-    /// `narrow_last` is that copy), each described to the TMA
-    /// unit by a tensor map of boxes of 64 channels x 64 positions ([`tma_box`]), the k-blocks (boxes of narrow
-    /// positions) dealt in equal runs to the slices ([`tma_slices`]), the slices summed in order into dW's layout.
+    /// `narrow_last` is that copy), each described to the TMA unit by a tensor map of boxes of 64 channels x 64
+    /// positions ([`tma_box`]; the wide map's at the conv's stride, at most 32 wide at stride 2 along y: two boxes
+    /// take the place of one), the k-blocks (boxes of narrow positions) dealt in equal runs to the slices
+    /// ([`tma_slices`]), the slices summed in order into dW's layout.
     fn weight_grad_tma<T: ConvElement>(
         &self,
         (kernel, rows): (Kernel<ConvWgradTmaParams>, usize),
@@ -2227,14 +2231,18 @@ impl Pairing {
         what: &str,
     ) -> Result<GpuBuffer> {
         let gpu = &narrow.gpu;
-        let boxes = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS, CONV_TMA_POSITIONS);
+        let [_, sy, sx] = self.stride;
+        let widest = if sy == 2 { CONV_TMA_POSITIONS / 2 } else { CONV_TMA_POSITIONS };
+        let boxes = tma_box(self.narrow[2], self.narrow[1], CONV_TMA_POSITIONS, widest);
         let (box_x, box_y) = boxes;
         let mut made = None;
         let narrow_last = self.channels_last_unless(narrow_last, &mut made, narrow, Product::WideFromNarrow, what)?;
         let wide_last = self.channels_last_of(wide, Product::NarrowFromWide, what)?;
-        let narrow_map = self.channels_last_map(narrow_last, self.c_narrow, self.narrow, boxes, what)?;
-        // The wide box: the narrow box and the two rows that the taps along y add.
-        let wide_map = self.channels_last_map(&wide_last, self.c_wide, self.wide, (box_x, box_y + 2), what)?;
+        let narrow_map = self.channels_last_map(narrow_last, (self.c_narrow, self.narrow), boxes, (1, 1), what)?;
+        // The wide box: the narrow box and the two rows that the taps along y add; at stride 2 along y one of two
+        // boxes, each the narrow box's rows and one more.
+        let wide_box = (box_x, box_y + 2 / sy);
+        let wide_map = self.channels_last_map(&wide_last, (self.c_wide, self.wide), wide_box, (sx, sy), what)?;
         let (x_blocks, y_blocks) = (self.narrow[2].div_ceil(box_x), self.narrow[1].div_ceil(box_y));
         let kblocks = self.batch * self.narrow[0] * y_blocks * x_blocks;
         let (row_tiles, col_tiles) =
@@ -2251,6 +2259,7 @@ impl Pairing {
             c_wide: self.c_wide as i32,
             depth: self.narrow[0] as i32,
             pad: self.pad.map(|v| v as i32),
+            stride: self.stride.map(|v| v as i32),
             box_x: box_x as i32,
             box_y: box_y as i32,
             x_blocks: x_blocks as i32,
@@ -3485,7 +3494,14 @@ mod tests {
             ("flare-3d stage 0: 32 channels", pairing(2, 32, 32, [40, 224, 192], k133, one), None),
             ("amos-2d stage 1: 64 rows", pairing(12, 64, 64, [1, 160, 160], k133, one), Some(64)),
             ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], k133, one), Some(128)),
-            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), None),
+            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), Some(128)),
+            ("flare-3d stage 4 entry, strided", pairing(2, 256, 320, [10, 28, 24], k333, [1, 2, 2]), Some(128)),
+            ("flare-3d stage 1 entry: 32 channels", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), None),
+            ("amos-2d stage 2 entry, strided", pairing(12, 64, 128, [1, 160, 160], k133, [1, 2, 2]), Some(128)),
+            ("stride 3", pairing(2, 128, 256, [20, 56, 48], k333, [1, 3, 3]), None),
+            ("gpu_conv_tma strided 3x3x3", pairing(2, 72, 136, [5, 13, 21], k333, [2, 2, 2]), Some(128)),
+            ("gpu_conv_tma strided (1, 2, 2)", pairing(1, 64, 130, [3, 10, 12], k333, [1, 2, 2]), Some(128)),
+            ("gpu_conv_tma strided 2D, 64 rows", pairing(2, 64, 64, [1, 18, 37], k133, [1, 2, 2]), Some(64)),
             ("transposed", transposed(2, 320, 320, [10, 14, 12], [2, 2, 2]), None),
             ("1x1x1", pairing(2, 256, 128, [10, 28, 24], one, one), None),
             ("gpu_conv_tma 3x3x3", pairing(2, 65, 67, [3, 6, 10], k333, one), Some(128)),

@@ -357,7 +357,8 @@ API cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned
     return CUDA_SUCCESS;
 }
 // Checks what the driver checks (PTX ISA and the driver API's requirements for tiled maps) for the maps the kernels
-// make: no interleave, element strides of 1, the 128-byte swizzle or none.
+// make: no interleave, element strides of 1 to 8 (the innermost axis' ignored, as without interleave the hardware
+// ignores it), the 128-byte swizzle or none.
 API cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, void* address,
                            const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
                            const cuuint32_t* element_strides, CUtensorMapInterleave interleave,
@@ -381,10 +382,12 @@ API cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_
     m.swizzle_bytes = swizzle == CU_TENSOR_MAP_SWIZZLE_128B ? 128 : 0;
     m.elem = elem;
     for (cuuint32_t i = 0; i < rank; ++i) {
-        if (dims[i] == 0 || dims[i] > (1ull << 32) || box[i] == 0 || box[i] > 256 || element_strides[i] != 1)
+        if (dims[i] == 0 || dims[i] > (1ull << 32) || box[i] == 0 || box[i] > 256 || element_strides[i] == 0 ||
+            element_strides[i] > 8)
             return CUDA_ERROR_INVALID_VALUE;
         m.dims[i] = dims[i];
         m.box[i] = box[i];
+        m.steps[i] = i == 0 ? 1 : element_strides[i];
         if (i > 0) {
             if (strides[i - 1] % 16 || strides[i - 1] >= (1ull << 40)) return CUDA_ERROR_INVALID_VALUE;
             m.strides[i - 1] = strides[i - 1];

@@ -29,7 +29,8 @@ struct TensorMap {
     uint32_t rank, swizzle_bytes;  // swizzle_bytes: 0 (none) or 128
     uint64_t dims[5];
     uint64_t strides[4];  // bytes between indices of axes 1..4
-    uint32_t box[5];
+    uint16_t box[5];   // boxDim: the box spans box[i] indices of axis i ...
+    uint8_t steps[5];  // ... of which it copies every steps[i]-th (elementStrides): ceil(box / steps) of them
     uint32_t elem;
 };
 constexpr uint64_t TENSOR_MAP_MAGIC = 0x70616d726f736e65ull;

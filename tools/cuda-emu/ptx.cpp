@@ -204,21 +204,25 @@ void mbarrier_step(Mbarrier* b) {
 
 // cp.async.bulk.tensor, tile mode: the box of the map at coordinates c into shared memory at dst (dense, innermost
 // axis fastest, each 16-byte piece of a 128-byte row at piece ^ (row % 8) with the 128-byte swizzle), zeros where
-// the box leaves the tensor; then its bytes complete on the mbarrier.
+// the box leaves the tensor; then its bytes complete on the mbarrier. Along axis i the box copies the ceil(box[i] /
+// steps[i]) indices c[i], c[i] + steps[i], ... (the map's element strides; the driver API's cuTensorMapEncodeTiled).
 void tensor_copy(uint32_t dst, const TensorMap* m, const int* c, int rank, uint32_t bar) {
     if (m->magic != TENSOR_MAP_MAGIC) trap("cp.async.bulk.tensor: not a tensor map made by cuTensorMapEncodeTiled");
     if ((int)m->rank != rank) trap("cp.async.bulk.tensor: the instruction's rank is not the map's");
     if (dst % (m->swizzle_bytes ? 1024 : 128)) trap("cp.async.bulk.tensor: shared destination misaligned");
-    uint64_t count = 1;
-    for (int i = 0; i < rank; ++i) count *= m->box[i];
+    uint64_t count = 1, copied[5];
+    for (int i = 0; i < rank; ++i) {
+        copied[i] = (m->box[i] + m->steps[i] - 1) / m->steps[i];
+        count *= copied[i];
+    }
     const uint32_t bytes = (uint32_t)(count * m->elem);
     unsigned char* out = shared_at(dst, (int)bytes);
     for (uint64_t e = 0; e < count; ++e) {
         uint64_t rest = e, at = m->address;
         bool inside = true;
         for (int i = 0; i < rank; ++i) {
-            const int64_t x = (int64_t)c[i] + (int64_t)(rest % m->box[i]);
-            rest /= m->box[i];
+            const int64_t x = (int64_t)c[i] + (int64_t)(rest % copied[i]) * m->steps[i];
+            rest /= copied[i];
             inside = inside && x >= 0 && (uint64_t)x < m->dims[i];
             at += (uint64_t)x * (i == 0 ? m->elem : m->strides[i - 1]);
         }
