@@ -1,7 +1,6 @@
-// The weight gradient of a convolution of stride 1 or 2 per axis, and below the forward and input gradient of a
-// stride-1 one (conv_tma_product: the kernels conv_fprop_tma_bf16_* and conv_dgrad_tma_bf16_*), as warpgroup products
-// over boxes that the TMA unit copies from channels-last maps (formulas and parameters in conv_tma.cuh). The weight
-// gradient:
+// The weight gradient of a convolution of stride 1 or 2 per axis, and below its forward and input gradient
+// (conv_tma_product: the kernels conv_fprop_tma_bf16* and conv_dgrad_tma_bf16*), as warpgroup products over boxes that
+// the TMA unit copies from channels-last maps (formulas and parameters in conv_tma.cuh). The weight gradient:
 //
 //   dW[cn, cw, a] = sum_{n, o} narrow[n, o, cn] wide[n, s o + a - pad, cw]
 //
@@ -43,13 +42,13 @@
 #include "conv_tma.cuh"
 #include "wgmma.cuh"
 
+#include <type_traits>
+
 namespace {
 
 constexpr int THREADS = CONV_TMA_THREADS, STAGES = CONV_TMA_STAGES, BOX = CONV_TMA_BOX_BYTES;
 constexpr int PIPELINE_THREADS = CONV_TMA_PIPELINE_THREADS;
 constexpr int COLUMN_TAPS = CONV_TMA_COLUMN_TAPS, KSTEPS = CONV_TMA_POSITIONS / 16;
-// The most taps of a kernel here (3x3x3), for conv_wgrad_tma_sum's staging.
-constexpr int KZ_MAX_TAPS = 27;
 static_assert(CONV_TMA_COLS == 64 && THREADS == 256, "two warpgroups of m64, one n64 per tap");
 static_assert(CONV_TMA_POSITIONS % 16 == 0 && BOX % 1024 == 0, "whole k-steps; boxes on swizzle atoms");
 
@@ -153,14 +152,16 @@ __device__ __forceinline__ void tma_produce(uint32_t bars, int count, Issue&& is
     }
 }
 
-// The two warpgroups: each waits on a k-block's full barrier, issues its products (consume(i), between a wgmma fence
-// and commit), and once k-block i - 1's products are done (wait 1) each of its warps arrives on that stage's empty
-// barrier. Returns with every product done.
+// The two warpgroups, over k-blocks begin .. end - 1: each waits on a k-block's full barrier, issues its products
+// (consume(i), between a wgmma fence and commit), and once k-block i - 1's products are done (wait 1) each of its
+// warps arrives on that stage's empty barrier. Returns with every product done. (consume must issue its products
+// unconditionally: a wgmma under a branch is serialised by ptxas, C7520; k-blocks of different products are
+// consumed by successive calls.)
 template <int STAGES_N, typename Consume>
-__device__ __forceinline__ void tma_consume(uint32_t bars, int count, Consume&& consume) {
+__device__ __forceinline__ void tma_consume(uint32_t bars, int begin, int end, Consume&& consume) {
     // The lane read once: read between two k-blocks' products, ptxas serialised the wgmma instructions (C7515).
     const bool arriving = (threadIdx.x & 31) == 0;
-    for (int i = 0; i < count; ++i) {
+    for (int i = begin; i < end; ++i) {
         barrier_wait(bars + 8 * (i % STAGES_N), i / STAGES_N & 1);
         wgmma::fence();
         consume(i);
@@ -219,7 +220,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
 #pragma unroll
     for (int ay = 0; ay < COLUMN_TAPS; ++ay) tap_at[ay] = NARROW * BOX + ay % sy * wide_box + ay / sy * p.box_x * 128;
     const int narrow_box = ROWS == 128 ? group : 0, first_step = ROWS == 128 ? 0 : group * STEPS;
-    tma_consume<STAGES>(bars, count, [&](int i) {
+    tma_consume<STAGES>(bars, 0, count, [&](int i) {
         const uint32_t at = base + i % STAGES * STAGE;
 #pragma unroll
         for (int s = first_step; s < first_step + STEPS; ++s) {
@@ -291,7 +292,7 @@ CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k133_m64, 1, 64)
 // block's one run of pairs x taps.
 extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const ConvWgradTmaSumParams p) {
     constexpr int PAIRS = CONV_TMA_SUM_PAIRS, PITCH = PAIRS + 1;
-    __shared__ float staged[KZ_MAX_TAPS * PITCH];
+    __shared__ float staged[CONV_TMA_MAX_TAPS * PITCH];
     const int64_t pair0 = (int64_t)blockIdx.x * PAIRS;
     const int pairs = (int)min((int64_t)PAIRS, p.pairs - pair0);
     for (int e = threadIdx.x; e < p.taps * PAIRS; e += THREADS) {
@@ -307,21 +308,23 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
         p.out[pair0 * p.taps + e] = staged[e % p.taps * PITCH + e / p.taps];
 }
 
-// out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k] (conv_tma.cuh): a block owns 128 rows m (two
-// warpgroups of m64; or 64 rows for both and 256 positions, 128 each, in the _m64 kernels, for at most 64 output
-// channels) and one box of 128 output positions (box_x x box_y of one slice z of one item, box_x 8, 16 or 32), and
-// walks the k-blocks (tap column (az, ax), 64 channels k). Per k-block the TMA unit copies the three taps ay = 0, 1, 2
-// of Wp, 3 x rows x 64 in one box, and one source box of box_x x (box_y + 2) positions x 64 channels whose corner the
-// tap column shifts (zeros outside the map: the padding); tap ay's source operand is that box from row ay box_x on: the
-// output box shifted by ay rows, 128 consecutive positions. All are K-major rows of 128 bytes in the 128-byte swizzle,
-// and ay box_x rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves the three
-// taps. Per k-step of 16 channels one m64n128k16 per warpgroup and tap. Why a tap column per k-block: every box comes
-// from L2, and with a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate); the three
-// taps of a column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x 20x56x48 forward:
-// 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to wait for rather
-// than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
+// out[n, m, step o + phase] = b[m] + sum over the tap columns c and their taps i of sum_k Wp[w_c + i, m, k]
+// src[n, mul o + off_c + i e_y, k] (conv_tma.cuh: the columns, the forward, the input gradient and its stride phases).
+// A block owns 128 rows m (two warpgroups of m64; or 64 rows for both and 256 positions, 128 each, in the _m64
+// kernels, for at most 64 output channels) and one box of 128 output positions o (box_x x box_y of one slice z of
+// one item, box_x 8, 16 or 32), and walks the k-blocks (a tap column c, 64 channels k). Per k-block the TMA unit
+// copies the column's taps of Wp (1 to 3 boxes of rows x 64) and one source box of box_x x box_rows positions x 64
+// channels at the column's offset (zeros outside the map: the padding; at the map's steps along x and y, a strided
+// forward's); tap i's source operand is that box from row i box_x on: the output box shifted by i rows, 128
+// consecutive positions. All are K-major rows of 128 bytes in the 128-byte swizzle, and i box_x rows are whole
+// 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves every tap. Per k-step of 16
+// channels one m64n128k16 per warpgroup and tap. Why a column of taps per k-block: every box comes from L2, and with
+// a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate); the three taps of a
+// stride-1 column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x 20x56x48
+// forward: 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to wait
+// for rather than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
 // CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
-template <int KZ, int ROWS>
+template <int ROWS>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
     // ROWS 128: each warpgroup 64 of the rows and all P = 128 positions; ROWS 64 (at most 64 output channels, which
     // would leave half of a 128-row tile empty): both on the 64 rows, warpgroup g on positions 128 g .. 128 g + 127 of
@@ -338,85 +341,93 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
     const int m0 = blockIdx.x * ROWS;
     const BoxCorner box = box_corner(blockIdx.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
     const int x0 = box.x, y0 = box.y, z = box.z, n = box.n;
-    const int chunks = (p.c_src + 63) / 64, count = KZ * 3 * chunks;
-    const int bytes = 3 * TILE + p.box_x * (p.box_y + 2) * 128;
+    const int chunks = (p.c_src + 63) / 64, count = p.columns * chunks;
+    const int source_bytes = p.box_x * p.box_rows * 128;
 
-    // k-block i (tap column c = i / chunks = 3 az + ax, channels 64 (i % chunks) ...) into stage i % STAGES_P: Wp's
-    // taps 3 c .. 3 c + 2 (packed column by column: a' = 3 (3 az + ax) + ay), then the source box.
+    // k-block i (tap column c = i / chunks, channels 64 (i % chunks) ...) into stage i % STAGES_P: the column's taps
+    // of Wp, then the source box.
     auto issue = [&](int i) {
-        const int c = i / chunks, k0 = i % chunks * 64;
-        const int az = c / 3, ax = c % 3;
+        const int c = i / chunks, k0 = i % chunks * 64, taps = p.col_taps[c];
         const uint32_t at = base + i % STAGES_P * STAGE, bar = bars + 8 * (i % STAGES_P);
-        barrier_expect(bar, bytes);
-        copy_box(at, &p.weight_map, k0, m0, 3 * c, bar);
-        copy_box(at + 3 * TILE, &p.src_map, k0, x0 + ax - p.pad[2], y0 - p.pad[1], z + az - p.pad[0], n, bar);
+        barrier_expect(bar, taps * TILE + source_bytes);
+        for (int j = 0; j < taps; ++j) copy_box(at + j * TILE, &p.weight_map, k0, m0, p.col_weight[c] + j, bar);
+        copy_box(at + 3 * TILE, &p.src_map, k0, p.src_mul[2] * x0 + p.col_x[c], p.src_mul[1] * y0 + p.col_y[c],
+                 p.src_mul[0] * z + p.col_z[c], n, bar);
     };
     tma_pipeline_init<STAGES_P>(bars);
     if (t >= THREADS) return tma_produce<STAGES_P>(bars, count, issue);
     float acc[N / 2];
 #pragma unroll
     for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
-    const uint32_t row_shift = p.box_x * 128;  // one row of the box: a tap ay further
+    const uint32_t row_shift = p.box_x * 128;  // one row of the box: a tap further
     // This warpgroup's rows of Wp's boxes and first position of the output box.
     const uint32_t a_rows = ROWS == 128 ? group * 64 * 128 : 0, b_first = ROWS == 128 ? 0 : group * N * 128;
-    tma_consume<STAGES_P>(bars, count, [&](int i) {
-        const uint32_t at = base + i % STAGES_P * STAGE;
+    // The columns of 3, then of 2, then of 1 tap (the host's order), each run of k-blocks consumed with its count of
+    // products fixed.
+    int begin = 0;
+    auto consume_columns = [&](auto taps_of_run) {
+        constexpr int TAPS = decltype(taps_of_run)::value;
+        int run = 0;
+        for (int c = 0; c < p.columns; ++c) run += p.col_taps[c] == TAPS;
+        tma_consume<STAGES_P>(bars, begin, begin + run * chunks, [&](int i) {
+            const uint32_t at = base + i % STAGES_P * STAGE;
 #pragma unroll
-        for (int ay = 0; ay < 3; ++ay)
+            for (int j = 0; j < TAPS; ++j)
 #pragma unroll
-            for (int s = 0; s < 4; ++s)
-                wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + ay * TILE + a_rows + 32 * s, 1024),
-                                    wgmma::descriptor_sw128(at + 3 * TILE + b_first + ay * row_shift + 32 * s, 1024),
-                                    true);
-    });
+                for (int s = 0; s < 4; ++s)
+                    wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + j * TILE + a_rows + 32 * s, 1024),
+                                        wgmma::descriptor_sw128(at + 3 * TILE + b_first + j * row_shift + 32 * s, 1024),
+                                        true);
+        });
+        begin += run * chunks;
+    };
+    consume_columns(std::integral_constant<int, 3>());
+    consume_columns(std::integral_constant<int, 2>());
+    consume_columns(std::integral_constant<int, 1>());
 
     // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + (ROWS 128: 64 g) + that, position
-    // (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x).
+    // (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x), at out_step o + out_phase in the output map.
     const int lane = t & 31, warp = (t >> 5) & 3;
-    const int64_t plane = (int64_t)p.size[1] * p.size[2];
+    const int64_t plane = (int64_t)p.out_size[1] * p.out_size[2];
     const int q0 = ROWS == 128 ? 0 : group * N;
+    const int zo = p.out_step[0] * z + p.out_phase[0];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
         if (m >= p.c_out) continue;
         const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
-        __nv_bfloat16* row = p.out + (((int64_t)n * p.c_out + m) * p.size[0] + z) * plane;
+        __nv_bfloat16* row = p.out + (((int64_t)n * p.c_out + m) * p.out_size[0] + zo) * plane;
 #pragma unroll
         for (int j = 0; j < N / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = x0 + q % p.box_x, y = y0 + q / p.box_x;
                 if (x < p.size[2] && y < p.size[1])
-                    row[(int64_t)y * p.size[2] + x] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
+                    row[(int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
+                        p.out_phase[2]] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
             }
     }
 }
 
-#define CONV_TMA_PRODUCT_KERNEL(NAME, KZ, ROWS)                                                                      \
+#define CONV_TMA_PRODUCT_KERNEL(NAME, ROWS)                                                                          \
     extern "C" __global__ void __launch_bounds__(PIPELINE_THREADS, 1)                                               \
         NAME(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p) {                                       \
-        conv_tma_product<KZ, ROWS>(p);                                                                               \
+        conv_tma_product<ROWS>(p);                                                                                   \
     }
 // The same product under a name per role (the forward, the input gradient), so that a profile tells them apart.
-CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k333, 3, 128)
-CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k133, 1, 128)
-CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k333, 3, 128)
-CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k133, 1, 128)
-CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k333_m64, 3, 64)
-CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_k133_m64, 1, 64)
-CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k333_m64, 3, 64)
-CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_k133_m64, 1, 64)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16, 128)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16, 128)
+CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_m64, 64)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_m64, 64)
 
-// Wp[a', m, k] from W (conv_tma.cuh): element e = (a' c_out + m) k_pad + k, tap a = (az, ay, ax) at a' = 3 (3 az +
-// ax) + ay.
+// Wp[a', m, k] from W (conv_tma.cuh): element e = (a' c_out + m) k_pad + k holds tap a = tap_of[a'] of W[m, k] (flip
+// 0) or of W[k, m] (flip 1).
 extern "C" __global__ void conv_tma_pack_bf16(const ConvTmaPackParams<__nv_bfloat16> p) {
     FOR_EACH(e, p.elements) {
-        const int k = (int)(e % p.k_pad), m = (int)(e / p.k_pad % p.c_out), packed = (int)(e / p.k_pad / p.c_out);
-        const int a = packed / 9 * 9 + packed % 3 * 3 + packed / 3 % 3;
+        const int k = (int)(e % p.k_pad), m = (int)(e / p.k_pad % p.c_out), a = p.tap_of[e / p.k_pad / p.c_out];
         __nv_bfloat16 v = __float2bfloat16_rn(0.0f);
         if (k < p.c_src)
-            v = p.flip ? p.w[((int64_t)k * p.c_out + m) * p.taps + p.taps - 1 - a]
-                       : p.w[((int64_t)m * p.c_src + k) * p.taps + a];
+            v = p.flip ? p.w[((int64_t)k * p.c_out + m) * p.taps + a] : p.w[((int64_t)m * p.c_src + k) * p.taps + a];
         p.out[e] = v;
     }
 }

@@ -85,32 +85,59 @@ struct ConvWgradTmaSumParams {
 constexpr int CONV_TMA_SUM_PAIRS = 64;
 extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
 
-// The forward and the input gradient of a stride-1 conv as the same product over TMA boxes (conv_tma.cu):
+// The forward and the input gradient of a conv as the same product over TMA boxes (conv_tma.cu), of stride 1 or 2
+// per axis, on a grid of output positions o (size) that lie at out_step o + out_phase in the output map (out_size):
 //
-//   out[n, m, o] = b[m] + sum_{a, k} Wp[a, m, k] src[n, o + a - pad, k]
+//   out[n, m, out_step o + out_phase] = b[m] + sum_c sum_{i < taps_c} sum_k Wp[w_c + i, m, k]
+//                                                                         src[n, mul o + off_c + i e_y, k]
 //
-// src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x (box_y + 2)
-// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the two
-// rows its taps along y add), Wp packed by conv_tma_pack_bf16 (axes k, m, a' with a' = 3 (3 az + ax) + ay for tap a =
-// (az, ay, ax): weight_map, boxes of 64 x rows x 3, the three taps of a column), out channels first (c_out channels,
-// the map `size`), bias b (c_out, or null). The forward: m = the conv's output channel, k its input channel, Wp[a, m,
-// k] = W[m, k, a], pad the conv's; the input gradient of a stride-1 conv: m = its input channel, k its output channel,
-// Wp[a, m, k] = W[k, m, taps - 1 - a], pad = kernel - 1 - the conv's. Grid (ceil(c_out / rows), batch x size[0] x
+// over tap columns c (col_*: at most CONV_TMA_MAX_COLUMNS), each a source offset off_c = (col_z, col_y, col_x) and a
+// run of taps_c (1 to 3) taps whose source rows follow one another (e_y: one index of the source box along y, which
+// steps by the map's step along y), their packed weights from w_c on (col_weight); the columns of 3 taps first, then
+// those of 2, then of 1 (the kernel consumes each run with its count of products fixed). The host (src/ops/conv.rs,
+// `Pairing::tma_launches`) builds the columns of each pass. The forward of a conv of kernel k, stride s and padding
+// p: m = its output channel, k its input channel, mul = s, the source map taken at steps of s along x and y (TMA
+// element strides), one column per (az, ax) and residue r of ay modulo s_y, its taps ay = r, r + s_y, ... (a stride-1
+// column: the three taps along y), off = (az - p_z, r - p_y, ax - p_x). The input gradient: m = its input channel, k
+// its output channel, src = the conv's output gradient g (the narrow map), one product per stride phase rho (the
+// input positions s o + rho: mul = 1, out_step = s, out_phase = rho; a stride-1 conv's one phase is the whole map):
+// the taps a with a = rho + p (mod s) per axis, which read g at o + (rho + p - a) / s, a column per (az, ax), its taps
+// ay in decreasing order (increasing source rows).
+// src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x box_rows
+// positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the rows
+// that the longest run of taps adds), Wp packed by conv_tma_pack_bf16 (axes k, m, a': weight_map, boxes of 64 x rows
+// x 1 tap), out channels first (c_out channels), bias b (c_out, or null). Grid (ceil(c_out / rows), batch x size[0] x
 // y_blocks x x_blocks), CONV_TMA_PIPELINE_THREADS threads, CONV_TMA_PRODUCT_SHARED bytes of dynamic shared memory.
+constexpr int CONV_TMA_MAX_COLUMNS = 18;
 template <typename T>
 struct ConvTmaProductParams {
     // The source map, channels last: axes (c_src rounded up to 8, x, y, z, batch).
     CUtensorMap src_map;
-    // The packed weight: axes (c_src rounded up to 8, c_out, taps).
+    // The packed weight: axes (c_src rounded up to 8, c_out, packed taps).
     CUtensorMap weight_map;
     T* out;
     const T* bias;
     int c_src;
     int c_out;
+    // The grid of output positions (z, y, x) of this product, and the output map's size.
     int size[3];
-    int pad[3];
+    int out_size[3];
+    // Output position o of the grid lies at out_step o + out_phase in the output map (per axis z, y, x).
+    int out_step[3];
+    int out_phase[3];
+    // A column's source box for the output box at corner o: mul o + its offset (per axis z, y, x).
+    int src_mul[3];
+    int columns;
+    int col_z[CONV_TMA_MAX_COLUMNS];
+    int col_y[CONV_TMA_MAX_COLUMNS];
+    int col_x[CONV_TMA_MAX_COLUMNS];
+    // Taps of the column (1 to 3), and its first tap in the packed weight.
+    int col_taps[CONV_TMA_MAX_COLUMNS];
+    int col_weight[CONV_TMA_MAX_COLUMNS];
     int box_x;
     int box_y;
+    // Rows of a source box: box_y and the rows that the longest run of taps adds.
+    int box_rows;
     int x_blocks;
     int y_blocks;
 };
@@ -127,20 +154,17 @@ constexpr int CONV_TMA_PRODUCT_STAGE_BYTES =
     3 * 128 * 64 * 2 + (CONV_TMA_PRODUCT_POSITIONS + 2 * CONV_TMA_PRODUCT_BOX_X_MAX) * 64 * 2;
 constexpr int CONV_TMA_PRODUCT_SHARED =
     CONV_TMA_PRODUCT_STAGES * CONV_TMA_PRODUCT_STAGE_BYTES + 1024 + 16 * CONV_TMA_PRODUCT_STAGES;
-// The forward's and the input gradient's kernels (the same code), of 3x3x3 and 1x3x3 kernels, in blocks of 128 and
-// (_m64) 64 output channels.
-extern "C" __global__ void conv_fprop_tma_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_fprop_tma_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_dgrad_tma_bf16_k333(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_dgrad_tma_bf16_k133(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_fprop_tma_bf16_k333_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_fprop_tma_bf16_k133_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_dgrad_tma_bf16_k333_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
-extern "C" __global__ void conv_dgrad_tma_bf16_k133_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+// The forward's and the input gradient's kernels (the same code), in blocks of 128 and (_m64) 64 output channels.
+extern "C" __global__ void conv_fprop_tma_bf16(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_tma_bf16(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_fprop_tma_bf16_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+extern "C" __global__ void conv_dgrad_tma_bf16_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 
-// Wp[a', m, k] = W[m, k, a] (flip 0) or W[k, m, taps - 1 - a] (flip 1) for k < c_src, 0 for c_src <= k < k_pad, tap a =
-// (az, ay, ax) at a' = 3 (3 az + ax) + ay (a column's taps together, for one box): the A operand of conv_tma_product
-// from a conv's weight W (c_narrow, c_wide, taps). One thread per element of Wp (elements = taps c_out k_pad),
+// The most taps of a kernel here (3x3x3), each packed once.
+constexpr int CONV_TMA_MAX_TAPS = 27;
+// Wp[a', m, k] = W[m, k, tap_of[a']] (flip 0, the forward) or W[k, m, tap_of[a']] (flip 1, the input gradient) for
+// k < c_src, 0 for c_src <= k < k_pad: the A operand of conv_tma_product from a conv's weight W (c_narrow, c_wide,
+// taps), its taps in the order of the product's columns. One thread per element of Wp (elements = taps c_out k_pad),
 // grid-stride.
 template <typename T>
 struct ConvTmaPackParams {
@@ -151,6 +175,7 @@ struct ConvTmaPackParams {
     int k_pad;
     int taps;
     int flip;
+    int tap_of[CONV_TMA_MAX_TAPS];
     int64_t elements;
 };
 extern "C" __global__ void conv_tma_pack_bf16(const ConvTmaPackParams<__nv_bfloat16> p);

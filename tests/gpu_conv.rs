@@ -237,12 +237,12 @@ fn gpu_conv_wgrad_gemm() {
     check_bf16_conv_repeats("conv3d 3x3x3 48 -> 320 bf16", &[2, 48, 4, 6, 10], &[320, 48, 3, 3, 3], 670);
 }
 
-/// The TMA kernels (cuda/conv_tma.cu, sm_90). The weight gradient (conv.rs `Pairing::tma_wgrad_rows` says which
-/// 3x3x3 and 1x3x3 convs of stride 1 or 2 it takes): boxes of 16 x 4 positions over a map 10 wide (the last 6 columns of each box past the
-/// map, zeros), 67 output channels (the 128-row tile's second warpgroup on 3 of its 64), 65 input channels (the copy
-/// rounds them to 72, the second 64-channel box mostly past them; 67 x 65 sums per tap, so that every other row of
-/// the partial sums starts at an odd float), two batch items; a 1x3x3 kernel into 130 channels (three row tiles, the
-/// last of 2); 64 output channels (blocks of 64 rows, the warpgroups on the halves of each k-block) in a 2D 3x3 of
+/// The TMA kernels (cuda/conv_tma.cu, sm_90). The weight gradient (conv.rs `Pairing::tma_wgrad_rows` says which 3x3x3
+/// and 1x3x3 convs of stride 1 or 2 it takes): boxes of 16 x 4 positions over a map 10 wide (the last 6 columns of each
+/// box past the map, zeros), 67 output channels (the 128-row tile's second warpgroup on 3 of its 64), 65 input channels
+/// (the copy rounds them to 72, the second 64-channel box mostly past them; 67 x 65 sums per tap, so that every other
+/// row of the partial sums starts at an odd float), two batch items; a 1x3x3 kernel into 130 channels (three row tiles,
+/// the last of 2); 64 output channels (blocks of 64 rows, the warpgroups on the halves of each k-block) in a 2D 3x3 of
 /// 60 k-blocks (slices of the reduction) and a 1x3x3 of 68, the latter bit for bit twice.
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -272,6 +272,20 @@ fn gpu_conv_tma() {
     check_conv("conv3d 3x3x3 stride 2 72 -> 136, 5x13x21", &[2, 72, 5, 13, 21], &[136, 72, 3, 3, 3], &[2, 2, 2], 703);
     check_conv("conv3d 3x3x3 stride (1, 2, 2) 64 -> 130", &[1, 64, 3, 10, 12], &[130, 64, 3, 3, 3], &[1, 2, 2], 704);
     check_conv("conv2d 3x3 stride 2 64 -> 64, 18 x 37", &[2, 64, 18, 37], &[64, 64, 3, 3], &[2, 2], 705);
+    // The forward and input gradient of strided convs on the TMA product (`Pairing::tma_launches`: the forward's
+    // source at steps of 2, its columns of 2 and of 1 tap along y; the input gradient by stride phases, each written
+    // at steps of 2): 136 -> 130 at stride 2 over odd sizes (both passes, 128 rows); 2D 128 -> 40 (the forward in 64
+    // rows) and 40 -> 128 (the input gradient in 64 rows, its four phases of 2 x 2, 2 x 1, 1 x 2 and 1 x 1 taps);
+    // the (1, 2, 2) 64 -> 130 above takes the input gradient in 64 rows, three taps along z per phase.
+    check_conv(
+        "conv3d 3x3x3 stride 2 136 -> 130, 5x13x21",
+        &[2, 136, 5, 13, 21],
+        &[130, 136, 3, 3, 3],
+        &[2, 2, 2],
+        706,
+    );
+    check_conv("conv2d 3x3 stride 2 128 -> 40, 30 x 37", &[2, 128, 30, 37], &[40, 128, 3, 3], &[2, 2], 707);
+    check_conv("conv2d 3x3 stride 2 40 -> 128, 30 x 37", &[2, 40, 30, 37], &[128, 40, 3, 3], &[2, 2], 708);
 }
 
 /// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as

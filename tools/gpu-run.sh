@@ -4,8 +4,8 @@
 #
 # --convs: only the per-shape convolution table (every convolution of the flare-3d and amos-2d steps, each role, bf16
 # and tf32, beside cuDNN bf16 channels-last and tf32; benches/kernels/convs.rs), no tests: $OUT/convs.md. Both
-# configurations and maths take about 6 minutes; CONVS_CONFIG (flare-3d or amos-2d) and CONVS_MATHS (bf16 or tf32)
-# time a part of it. The kernel benchmark of every --rev binary of tools/gpu-pack.sh (.gpu/NAME/kernels) is timed
+# configurations and maths take about 6 minutes; CONVS_CONFIG (flare-3d or amos-2d), CONVS_MATHS (bf16 or tf32) and
+# CONVS_STRIDED=1 (the strided convs only, not the transposed: the stage entries) time a part of it. The kernel benchmark of every --rev binary of tools/gpu-pack.sh (.gpu/NAME/kernels) is timed
 # too, against the same cuDNN run, into $OUT/convs-NAME.md, each compared with the packed tree's by
 # tools/conv_totals.py (the shapes whose time changed by more than 5%): a change's per-shape table in one call.
 #
@@ -31,11 +31,11 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if [ "$convs" = 1 ]; then
   .gpu/tests/kernels --list-convs "$out/convs.json"
-  if [ -n "${CONVS_CONFIG:-}" ]; then
-    python3 -c 'import json, sys
-shapes = [c for c in json.load(open(sys.argv[1])) if c["config"] == sys.argv[2]]
-json.dump(shapes, open(sys.argv[1], "w"))' "$out/convs.json" "$CONVS_CONFIG"
-  fi
+  python3 -c 'import json, sys
+config, strided = sys.argv[2], sys.argv[3] == "1"
+shapes = [c for c in json.load(open(sys.argv[1])) if config in ("", c["config"])]
+shapes = [c for c in shapes if not strided or (max(c["stride"]) > 1 and not c["transposed"])]
+json.dump(shapes, open(sys.argv[1], "w"))' "$out/convs.json" "${CONVS_CONFIG:-}" "${CONVS_STRIDED:-0}"
   maths=${CONVS_MATHS:-bf16,tf32}
   variants=$(echo "$maths" | sed 's/bf16/bf16_cl/')
   # cuDNN's roles are timed as CUDA graph replays, the GPU's time alone as ours is; CONVS_EAGER=1 times them as

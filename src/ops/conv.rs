@@ -63,11 +63,12 @@
 //! 1 or 2 between maps of at least 64 channels run on sm_90 as warpgroup products over boxes that the TMA unit copies
 //! from channels-last copies of both maps, a tap's box its corner shifted by the tap (at stride 2 taken at steps of 2:
 //! cuda/conv_tma.cu, `Pairing::tma_wgrad_rows`, `Pairing::weight_grad_tma`), and so do the forward and input gradient
-//! of such stride-1 convs between maps of at least 128 channels and 64 positions (the weight packed as the product's
-//! rows, `Pairing::tma_product_rows`, `Pairing::tma_product`). The other weight gradients of 1x1x1 kernels, of at least
-//! 320 narrow channels on small maps, of one-channel inputs and of the other strided convs from 64 wide channels run as
-//! one explicit product over the wide map's columns (cuda/gemm_wgmma.cu, `Pairing::gemm_wgrad_suits`,
-//! `Pairing::weight_grad_gemm`);
+//! of such convs between maps of at least 128 channels and 64 positions (the weight packed as the product's rows, its
+//! taps in columns that share a source box; a strided forward's source at steps of the stride, a strided input gradient
+//! one product per stride phase: `Pairing::tma_product_rows`, `Pairing::tma_launches`). The other weight gradients of
+//! 1x1x1 kernels, of at least 320 narrow channels on small maps, of one-channel inputs and of the other strided convs
+//! from 64 wide channels run as one explicit product over the wide map's columns (cuda/gemm_wgmma.cu,
+//! `Pairing::gemm_wgrad_suits`, `Pairing::weight_grad_gemm`);
 //! a transposed conv's backward from 64 wide channels unfolds g into such columns once (its kernel is its stride:
 //! they are g rearranged) and runs dW as that product and dx as a 1x1x1 conv's forward over them
 //! (`Pairing::unfolded`); the forward and input gradient of stride-1 convs of at least 512 source channels on small
@@ -107,7 +108,7 @@ use crate::device::params::{
     TensorMap, CONV_BK, CONV_BM, CONV_BN, CONV_HALO_BM, CONV_HALO_BM_LARGE, CONV_HALO_BM_STRIDED, CONV_HALO_BN,
     CONV_HALO_BN_NARROW, CONV_HALO_MAX_TAPS, CONV_HALO_PAIR_STRIDE, CONV_HALO_PAIR_STRIDE_LARGE, CONV_HALO_THREADS,
     CONV_HALO_WG_COLS, CONV_HALO_WG_ROWS, CONV_HALO_WG_SHARED_WORDS, CONV_HALO_WORDS, CONV_TC_BK, CONV_TC_BM,
-    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS,
+    CONV_TC_BN, CONV_TC_BN_NARROW, CONV_TC_MAX_TAPS, CONV_TC_THREADS, CONV_THREADS, CONV_TMA_COLS, CONV_TMA_MAX_TAPS,
     CONV_TMA_PIPELINE_THREADS, CONV_TMA_POSITIONS, CONV_TMA_PRODUCT_BOX_X_MAX, CONV_TMA_PRODUCT_POSITIONS,
     CONV_TMA_PRODUCT_POSITIONS_M64, CONV_TMA_PRODUCT_SHARED, CONV_TMA_SHARED_BYTES_M128, CONV_TMA_SHARED_BYTES_M64,
     CONV_TMA_SUM_PAIRS, CONV_TMA_THREADS, CONV_WGMMA_BN, CONV_WGMMA_BN_NARROW, CONV_WGMMA_CHUNK, CONV_WGMMA_MAX_HALO,
@@ -1401,7 +1402,7 @@ enum WgradKernel<T: Copy> {
 }
 
 /// The two `conv_gemm` products of a [`Pairing`] (the third, the weight gradient, has kernels of its own).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Product {
     NarrowFromWide,
     WideFromNarrow,
@@ -1451,13 +1452,30 @@ pub(crate) struct ExplicitConv<T: Copy> {
     store: Kernel<ConvRowsStoreParams<T>>,
 }
 
-/// The kernels of [`Pairing::tma_product`]: the products of 3x3x3 and 1x3x3 kernels, and the weight packing.
+/// One launch of the TMA product ([`Pairing::tma_launches`], cuda/conv_tma.cuh): its grid of output positions o,
+/// which lie at `step` o + `phase` in the output map, its source boxes' corners `src_mul` o + a column's offset, and
+/// its tap columns.
+struct TmaLaunch {
+    grid: [usize; 3],
+    step: [usize; 3],
+    phase: [usize; 3],
+    src_mul: [usize; 3],
+    columns: Vec<TmaColumn>,
+}
+
+/// A tap column of a [`TmaLaunch`]: the source offset (z, y, x) of its first tap and its taps (indices into the
+/// conv's kernel), whose sources lie a row of the source box apart.
+struct TmaColumn {
+    offset: [i32; 3],
+    taps: Vec<usize>,
+}
+
+/// The kernels of [`Pairing::tma_product`]: the products, and the weight packing.
 #[derive(Clone, Copy)]
 pub(crate) struct TmaProduct<T: Copy> {
-    /// Indexed [product][tile][kernel]: the forward (NarrowFromWide) and the input gradient (WideFromNarrow), blocks
-    /// of 128 and of 64 output channels ([`Pairing::tma_product_rows`]), a 3x3x3 and a 1x3x3 kernel: one name per
-    /// role, as [`ConvElement`]'s kernels.
-    products: [[[Kernel<ConvTmaProductParams<T>>; 2]; 2]; 2],
+    /// Indexed [product][tile]: the forward (NarrowFromWide) and the input gradient (WideFromNarrow), blocks of 128
+    /// and of 64 output channels ([`Pairing::tma_product_rows`]): one name per role, as [`ConvElement`]'s kernels.
+    products: [[Kernel<ConvTmaProductParams<T>>; 2]; 2],
     pack: Kernel<ConvTmaPackParams<T>>,
 }
 
@@ -1673,14 +1691,8 @@ impl ConvElement for bf16 {
     ]);
     const TMA_PRODUCT: Option<TmaProduct<bf16>> = Some(TmaProduct {
         products: [
-            [
-                [kernel::conv_fprop_tma_bf16_k333, kernel::conv_fprop_tma_bf16_k133],
-                [kernel::conv_fprop_tma_bf16_k333_m64, kernel::conv_fprop_tma_bf16_k133_m64],
-            ],
-            [
-                [kernel::conv_dgrad_tma_bf16_k333, kernel::conv_dgrad_tma_bf16_k133],
-                [kernel::conv_dgrad_tma_bf16_k333_m64, kernel::conv_dgrad_tma_bf16_k133_m64],
-            ],
+            [kernel::conv_fprop_tma_bf16, kernel::conv_fprop_tma_bf16_m64],
+            [kernel::conv_dgrad_tma_bf16, kernel::conv_dgrad_tma_bf16_m64],
         ],
         pack: kernel::conv_tma_pack_bf16,
     });
@@ -2010,24 +2022,25 @@ impl Pairing {
     }
 
     /// The output channels per block of the TMA product of cuda/conv_tma.cu on pass `which` of this pairing, if it
-    /// takes the pass: a stride-1 conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) whose
-    /// output maps have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2 positions per item and are at most 65535 boxes (the
-    /// grid's y); blocks of 128 where the source and the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of
-    /// 64 (each of 256 positions) where the output has 33 to 64 and the source at least
-    /// [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every stride-1 3x3 pass of flare-3d
-    /// and amos-2d between maps of 64 channels and more, against the kernels before it, with 128-row blocks and a box
-    /// per tap): from 128 channels faster on every shape of at least 100 positions (amos-2d 256 x 40x40 forward 0.185
-    /// -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x 20x20 0.194 -> 0.106 and 0.196 -> 0.110; flare-3d 256 x
-    /// 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256 at 10x28x24 0.387 -> 0.243 and 0.486 -> 0.276), slower at
-    /// 5x5 (0.036 -> 0.055: a box of 128 positions a fifth full) and wherever a side had 64 channels (flare-3d 64 x
-    /// 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d 64 x 160x160 0.172 -> 0.224: half-empty 128-row tiles and
-    /// the channels-last copies of the large maps), which the 64-row blocks are for: measured the same way (2026-12-07,
-    /// H100, one call, against the kernels before them) they win from 128 sources (flare-3d 128 -> 64 at 40x112x96
-    /// forward 1.102 -> 0.920 ms, amos-2d's 128 -> 64 at 320x320 0.281 -> 0.248) and not from 64 (flare-3d 64 x
-    /// 40x112x96 forward 0.623 -> 0.618, input gradient 0.581 -> 0.584; amos-2d 64 x 160x160 0.173 -> 0.179 and 0.146
-    /// -> 0.168).
+    /// takes the pass: a conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) of stride 1 or 2 per
+    /// axis (the input gradient's stride phases each with taps: a kernel at least as long as the stride) whose
+    /// products' grids (the narrow map, [`Pairing::tma_launches`]) have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2
+    /// positions per item and are at most 65535 boxes (the grid's y); blocks of 128 where the source and the output
+    /// have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of 64 (each of 256 positions) where the output has 33 to 64
+    /// and the source at least [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every
+    /// stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more, against the kernels before it,
+    /// with 128-row blocks and a box per tap): from 128 channels faster on every shape of at least 100 positions
+    /// (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x 20x20 0.194 -> 0.106 and
+    /// 0.196 -> 0.110; flare-3d 256 x 10x28x24 0.205 -> 0.133 and 0.197 -> 0.137, 512 -> 256 at 10x28x24 0.387 -> 0.243
+    /// and 0.486 -> 0.276), slower at 5x5 (0.036 -> 0.055: a box of 128 positions a fifth full) and wherever a side had
+    /// 64 channels (flare-3d 64 x 40x112x96 0.609 -> 1.027 and 0.572 -> 1.022, amos-2d 64 x 160x160 0.172 -> 0.224:
+    /// half-empty 128-row tiles and the channels-last copies of the large maps), which the 64-row blocks are for:
+    /// measured the same way (2026-12-07, H100, one call, against the kernels before them) they win from 128 sources
+    /// (flare-3d 128 -> 64 at 40x112x96 forward 1.102 -> 0.920 ms, amos-2d's 128 -> 64 at 320x320 0.281 -> 0.248) and
+    /// not from 64 (flare-3d 64 x 40x112x96 forward 0.623 -> 0.618, input gradient 0.581 -> 0.584; amos-2d 64 x 160x160
+    /// 0.173 -> 0.179 and 0.146 -> 0.168).
     fn tma_product_rows(&self, which: Product) -> Option<usize> {
-        let ((c_src, _), (c_out, size)) = (self.source(which), self.output(which));
+        let ((c_src, _), (c_out, _)) = (self.source(which), self.output(which));
         let rows = if c_src.min(c_out) >= TMA_PRODUCT_MIN_CHANNELS {
             128
         } else if c_src >= TMA_PRODUCT_M64_MIN_SOURCES && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
@@ -2036,10 +2049,14 @@ impl Pairing {
             return None;
         };
         let positions = tma_product_positions(rows);
-        // One block per box of output positions along the grid's y, at most 65535 of them.
+        // One block per box of output positions along the grid's y, at most 65535 of them; the largest grid of a
+        // pass is the narrow map (the input gradient's first stride phase).
+        let size = self.narrow;
         let (x, y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let boxes = self.batch * size[0] * size[1].div_ceil(y) * size[2].div_ceil(x);
-        let fits = self.stride == [1, 1, 1]
+        let phases_have_taps = which == Product::NarrowFromWide || (0..3).all(|d| self.k[d] >= self.stride[d]);
+        let fits = self.stride.iter().all(|&s| s <= 2)
+            && phases_have_taps
             && self.tma_suits(*TMA_PRODUCT_M64_OUTPUTS.start())
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
             && boxes <= u16::MAX as usize;
@@ -2048,7 +2065,7 @@ impl Pairing {
 
     /// What both TMA paths ask of a pairing: a conv (not transposed) of a 3x3x3 or 1x3x3 kernel between maps of at
     /// least `min_channels` channels whose channels-last copies have 32-bit element counts per batch item
-    /// ([`channels_last`]). (The products take stride 1 only, the weight gradient 1 or 2 per axis.)
+    /// ([`channels_last`]).
     fn tma_suits(&self, min_channels: usize) -> bool {
         let voxels = |s: [usize; 3]| s.iter().product::<usize>();
         !self.transposed
@@ -2108,14 +2125,70 @@ impl Pairing {
     ) -> Option<(TmaProduct<T>, Kernel<ConvTmaProductParams<T>>, usize)> {
         let kernels = T::TMA_PRODUCT?;
         let rows = self.tma_product_rows(which)?;
-        let kernel = kernels.products[which as usize][usize::from(rows == 64)][usize::from(self.k[0] != 3)];
+        let kernel = kernels.products[which as usize][usize::from(rows == 64)];
         gpu.has_kernel(kernel).then_some((kernels, kernel, rows))
     }
 
-    /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows (the
-    /// input gradient's flipped and its channel roles swapped, its padding kernel - 1 - the conv's), the source copied
-    /// channels last (unless `src_last` is that copy), both described to the TMA unit by tensor maps; one block per
-    /// `rows` output channels and box of [`tma_product_positions`] output positions ([`tma_box`]).
+    /// The launches of the TMA product on pass `which` (cuda/conv_tma.cuh gives the math): the forward one, over the
+    /// narrow map, its columns a tap (az, ax) and a residue of ay modulo the stride along y each (the source taken at
+    /// steps of the stride); the input gradient one per stride phase rho (the wide positions s o + rho, o on a grid
+    /// of ceil((wide - rho) / s) per axis), its columns the taps a = rho + pad (mod s) per axis, which read g at o +
+    /// (rho + pad - a) / s, each column's taps along y in decreasing order (increasing rows of g). Together the
+    /// launches' columns hold every tap once.
+    fn tma_launches(&self, which: Product) -> Vec<TmaLaunch> {
+        let [kz, ky, kx] = self.k;
+        let tap = |az: usize, ay: usize, ax: usize| (az * ky + ay) * kx + ax;
+        let one = [1; 3];
+        if which == Product::NarrowFromWide {
+            let (p, s) = (self.pad.map(|v| v as i32), self.stride);
+            let mut columns = Vec::new();
+            for az in 0..kz {
+                for ax in 0..kx {
+                    for r in 0..s[1].min(ky) {
+                        let taps = (r..ky).step_by(s[1]).map(|ay| tap(az, ay, ax)).collect();
+                        columns.push(TmaColumn { offset: [az as i32 - p[0], r as i32 - p[1], ax as i32 - p[2]], taps });
+                    }
+                }
+            }
+            // The kernel takes the columns of 3 taps, then of 2, then of 1 (stride 2 along y: ay = 0, 2 and ay = 1).
+            columns.sort_by_key(|c| std::cmp::Reverse(c.taps.len()));
+            return vec![TmaLaunch { grid: self.narrow, step: one, phase: [0; 3], src_mul: s, columns }];
+        }
+        // Per axis d and phase rho: the taps a with (rho + pad - a) / s exact, in decreasing order, and that offset.
+        let phase_taps = |d: usize, rho: usize| -> Vec<(usize, i32)> {
+            let (s, reach) = (self.stride[d] as i32, (rho + self.pad[d]) as i32);
+            (0..self.k[d] as i32)
+                .rev()
+                .filter(|a| (reach - a).rem_euclid(s) == 0)
+                .map(|a| (a as usize, (reach - a) / s))
+                .collect()
+        };
+        let [sz, sy, sx] = self.stride;
+        let mut launches = Vec::new();
+        for rho in (0..sz).flat_map(|z| (0..sy).flat_map(move |y| (0..sx).map(move |x| [z, y, x]))) {
+            let grid: [usize; 3] =
+                std::array::from_fn(|d| self.wide[d].saturating_sub(rho[d]).div_ceil(self.stride[d]));
+            if grid.contains(&0) {
+                continue;
+            }
+            let (along_y, first_y) = (phase_taps(1, rho[1]), phase_taps(1, rho[1])[0].1);
+            let mut columns = Vec::new();
+            for &(az, oz) in &phase_taps(0, rho[0]) {
+                for &(ax, ox) in &phase_taps(2, rho[2]) {
+                    let taps = along_y.iter().map(|&(ay, _)| tap(az, ay, ax)).collect();
+                    columns.push(TmaColumn { offset: [oz, first_y, ox], taps });
+                }
+            }
+            launches.push(TmaLaunch { grid, step: self.stride, phase: rho, src_mul: one, columns });
+        }
+        launches
+    }
+
+    /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows, its
+    /// taps in the order of the launches' columns ([`Pairing::tma_launches`]; the input gradient's with its channel
+    /// roles swapped), the source copied channels last (unless `src_last` is that copy), both described to the TMA
+    /// unit by tensor maps (the forward's source at steps of the stride); per launch one block per `rows` output
+    /// channels and box of [`tma_product_positions`] output positions ([`tma_box`]).
     #[allow(clippy::too_many_arguments)]
     fn tma_product<T: ConvElement>(
         &self,
@@ -2131,9 +2204,14 @@ impl Pairing {
         let gpu = &src.gpu;
         let positions = tma_product_positions(rows);
         let ((c_src, src_size), (c_out, size)) = (self.source(which), self.output(which));
-        let flip = which == Product::WideFromNarrow;
-        let pad: [usize; 3] = std::array::from_fn(|d| if flip { self.k[d] - 1 - self.pad[d] } else { self.pad[d] });
+        let launches = self.tma_launches(which);
+        let tap_order: Vec<usize> =
+            launches.iter().flat_map(|l| l.columns.iter().flat_map(|c| c.taps.clone())).collect();
         let (taps, k_pad) = (self.taps(), c_src.next_multiple_of(8));
+        let mut tap_of = [0; CONV_TMA_MAX_TAPS];
+        for (slot, &a) in tap_of.iter_mut().zip(&tap_order) {
+            *slot = a as i32;
+        }
         let elements = taps * c_out * k_pad;
         let mut packed = gpu.alloc_of::<T>(elements, what)?;
         let params = ConvTmaPackParams {
@@ -2143,46 +2221,65 @@ impl Pairing {
             c_src: c_src as i32,
             k_pad: k_pad as i32,
             taps: taps as i32,
-            flip: flip as i32,
+            flip: (which == Product::WideFromNarrow) as i32,
+            tap_of,
             elements: elements as i64,
         };
         gpu.launch(pack, grid_1d(elements), &params, what)?;
         let k = k_pad as u64;
-        // Boxes of a tap column: the three taps along y of one (az, ax), packed together.
         let weight_map = gpu.tensor_map_bf16(
             packed.ptr().address(),
             &[k, c_out as u64, taps as u64],
             &[2 * k, 2 * k * c_out as u64],
-            (&[64, rows as u32, 3], &[1, 1, 1]),
+            (&[64, rows as u32, 1], &[1, 1, 1]),
             what,
         )?;
-        let (box_x, box_y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let mut made = None;
         let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
-        // The source box: the output box and the two rows that its taps along y add.
-        let src_map = self.channels_last_map(last, (c_src, src_size), (box_x, box_y + 2), (1, 1), what)?;
-        let (x_blocks, y_blocks) = (size[2].div_ceil(box_x), size[1].div_ceil(box_y));
-        // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
-        let params = ConvTmaProductParams {
-            src_map,
-            weight_map,
-            out: out.ptr_mut(),
-            bias: bias.map_or(ConstPtr::NULL, |b| b.ptr()),
-            c_src: c_src as i32,
-            c_out: c_out as i32,
-            size: size.map(|v| v as i32),
-            pad: pad.map(|v| v as i32),
-            box_x: box_x as i32,
-            box_y: box_y as i32,
-            x_blocks: x_blocks as i32,
-            y_blocks: y_blocks as i32,
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (c_out.div_ceil(rows) as u32, (self.batch * size[0] * y_blocks * x_blocks) as u32, 1),
-            block_dim: (CONV_TMA_PIPELINE_THREADS as u32, 1, 1),
-            shared_mem_bytes: CONV_TMA_PRODUCT_SHARED as u32,
-        };
-        gpu.launch(kernel, cfg, &params, what)
+        let mut first_tap = 0;
+        for launch in launches {
+            let grid = launch.grid;
+            let (box_x, box_y) = tma_box(grid[2], grid[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
+            // The source box: the output box and the rows that the longest run of taps adds.
+            let box_rows = box_y + launch.columns.iter().map(|c| c.taps.len()).max().unwrap_or(1) - 1;
+            let steps = (launch.src_mul[2], launch.src_mul[1]);
+            let src_map = self.channels_last_map(last, (c_src, src_size), (box_x, box_rows), steps, what)?;
+            let (x_blocks, y_blocks) = (grid[2].div_ceil(box_x), grid[1].div_ceil(box_y));
+            let mut params = ConvTmaProductParams {
+                src_map,
+                weight_map,
+                out: out.ptr_mut(),
+                bias: bias.map_or(ConstPtr::NULL, |b| b.ptr()),
+                c_src: c_src as i32,
+                c_out: c_out as i32,
+                size: grid.map(|v| v as i32),
+                out_size: size.map(|v| v as i32),
+                out_step: launch.step.map(|v| v as i32),
+                out_phase: launch.phase.map(|v| v as i32),
+                src_mul: launch.src_mul.map(|v| v as i32),
+                columns: launch.columns.len() as i32,
+                box_x: box_x as i32,
+                box_y: box_y as i32,
+                box_rows: box_rows as i32,
+                x_blocks: x_blocks as i32,
+                y_blocks: y_blocks as i32,
+                ..Default::default()
+            };
+            for (c, column) in launch.columns.iter().enumerate() {
+                [params.col_z[c], params.col_y[c], params.col_x[c]] = column.offset;
+                params.col_taps[c] = column.taps.len() as i32;
+                params.col_weight[c] = first_tap as i32;
+                first_tap += column.taps.len();
+            }
+            // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
+            let cfg = LaunchConfig {
+                grid_dim: (c_out.div_ceil(rows) as u32, (self.batch * grid[0] * y_blocks * x_blocks) as u32, 1),
+                block_dim: (CONV_TMA_PIPELINE_THREADS as u32, 1, 1),
+                shared_mem_bytes: CONV_TMA_PRODUCT_SHARED as u32,
+            };
+            gpu.launch(kernel, cfg, &params, what)?;
+        }
+        Ok(())
     }
 
     /// Whether the TMA weight gradient of cuda/conv_tma.cu takes this pairing, and in blocks of how many narrow
@@ -3479,6 +3576,101 @@ mod tests {
         }
     }
 
+    /// The TMA product's launches compute the conv (cuda/conv_tma.cuh's formula, evaluated here in float64): the
+    /// forward and the input gradient of stride-1, strided and mixed-stride 3D and 2D convs over odd sizes match the
+    /// direct sums, every output position is written by exactly one launch (a stride phase without taps, as of a
+    /// 1x3x3 kernel at stride 2 along z, by a launch of no columns: zeros), every tap is packed once, and the columns
+    /// run from 3 taps down (the kernel's order).
+    #[test]
+    fn tma_launches_compute_the_conv() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let cases = [
+            pairing(1, 2, 3, [3, 5, 6], [3, 3, 3], [1, 1, 1]),
+            pairing(1, 2, 3, [5, 7, 9], [3, 3, 3], [2, 2, 2]),
+            pairing(2, 3, 2, [4, 8, 7], [3, 3, 3], [1, 2, 2]),
+            pairing(1, 2, 2, [1, 9, 8], [1, 3, 3], [1, 2, 2]),
+            pairing(1, 2, 2, [3, 6, 7], [1, 3, 3], [2, 2, 1]),
+        ];
+        for p in cases {
+            let (vw, vn, taps) = (voxels(p.wide), voxels(p.narrow), voxels(p.k));
+            let xw = random(p.batch * p.c_wide * vw, &mut rng);
+            let xn = random(p.batch * p.c_narrow * vn, &mut rng);
+            let w = random(p.c_narrow * p.c_wide * taps, &mut rng);
+            let at = |size: [usize; 3], pos: [i64; 3]| -> Option<usize> {
+                let inside = (0..3).all(|d| pos[d] >= 0 && (pos[d] as usize) < size[d]);
+                inside.then(|| (pos[0] as usize * size[1] + pos[1] as usize) * size[2] + pos[2] as usize)
+            };
+            let tap_pos = |t: usize| [t / (p.k[1] * p.k[2]), t / p.k[2] % p.k[1], t % p.k[2]];
+            // Direct sums: y = conv(x), dx = conv's input gradient of g = xn.
+            let mut y = vec![0.0; xn.len()];
+            let mut dx = vec![0.0; xw.len()];
+            for n in 0..p.batch {
+                for o in 0..vn {
+                    let oc = [o / (p.narrow[1] * p.narrow[2]), o / p.narrow[2] % p.narrow[1], o % p.narrow[2]];
+                    for t in 0..taps {
+                        let a = tap_pos(t);
+                        let src = [0, 1, 2].map(|d| (oc[d] * p.stride[d] + a[d]) as i64 - p.pad[d] as i64);
+                        let Some(i) = at(p.wide, src) else { continue };
+                        for cn in 0..p.c_narrow {
+                            for cw in 0..p.c_wide {
+                                let wv = w[(cn * p.c_wide + cw) * taps + t];
+                                y[(n * p.c_narrow + cn) * vn + o] += wv * xw[(n * p.c_wide + cw) * vw + i];
+                                dx[(n * p.c_wide + cw) * vw + i] += wv * xn[(n * p.c_narrow + cn) * vn + o];
+                            }
+                        }
+                    }
+                }
+            }
+            for (which, src, want) in [(Product::NarrowFromWide, &xw, &y), (Product::WideFromNarrow, &xn, &dx)] {
+                let ((c_src, src_size), (c_out, out_size)) = (p.source(which), p.output(which));
+                let (vs, vo) = (voxels(src_size), voxels(out_size));
+                let launches = p.tma_launches(which);
+                let mut packed: Vec<usize> =
+                    launches.iter().flat_map(|l| l.columns.iter().flat_map(|c| c.taps.clone())).collect();
+                packed.sort();
+                assert_eq!(packed, (0..taps).collect::<Vec<_>>(), "{p:?} {which:?}: each tap packed once");
+                let mut got = vec![0.0; want.len()];
+                let mut writes = vec![0; want.len()];
+                for l in &launches {
+                    let runs: Vec<usize> = l.columns.iter().map(|c| c.taps.len()).collect();
+                    let ordered = runs.windows(2).all(|r| r[0] >= r[1]) && runs.iter().all(|&r| r <= 3);
+                    assert!(ordered, "{p:?} {which:?}: runs {runs:?}");
+                    for n in 0..p.batch {
+                        for o in 0..voxels(l.grid) {
+                            let oc = [o / (l.grid[1] * l.grid[2]), o / l.grid[2] % l.grid[1], o % l.grid[2]];
+                            let dst = at(out_size, [0, 1, 2].map(|d| (l.step[d] * oc[d] + l.phase[d]) as i64)).unwrap();
+                            for m in 0..c_out {
+                                let mut sum = 0.0;
+                                for c in &l.columns {
+                                    for (i, &t) in c.taps.iter().enumerate() {
+                                        // The source box's rows along y step by the map's step, src_mul[1].
+                                        let pos = [0, 1, 2].map(|d| {
+                                            let row = if d == 1 { (i * l.src_mul[1]) as i64 } else { 0 };
+                                            (l.src_mul[d] * oc[d]) as i64 + c.offset[d] as i64 + row
+                                        });
+                                        let Some(si) = at(src_size, pos) else { continue };
+                                        for k in 0..c_src {
+                                            let wv = match which {
+                                                Product::NarrowFromWide => w[(m * p.c_wide + k) * taps + t],
+                                                Product::WideFromNarrow => w[(k * p.c_wide + m) * taps + t],
+                                            };
+                                            sum += wv * src[(n * c_src + k) * vs + si];
+                                        }
+                                    }
+                                }
+                                got[(n * c_out + m) * vo + dst] += sum;
+                                writes[(n * c_out + m) * vo + dst] += 1;
+                            }
+                        }
+                    }
+                }
+                assert!(writes.iter().all(|&k| k == 1), "{p:?} {which:?}: every output written once");
+                let worst = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(worst < 1e-12, "{p:?} {which:?}: off by {worst}");
+            }
+        }
+    }
+
     /// The TMA weight gradient takes the stride-1 3x3 convs it was measured faster on, in blocks of 64 narrow channels
     /// where there are no more, and the TMA product the forwards and input gradients it was faster on; its boxes
     /// cover a map in the fewest k-blocks and its slices fill the GPU's waves; the GPU tests' shapes
@@ -3523,7 +3715,22 @@ mod tests {
             ("flare-3d decoder stage 4: into 32", pairing(2, 64, 32, [40, 224, 192], k133, one), [None, None]),
             ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], k133, one), m128),
             ("amos-2d stage 6: 25 positions", pairing(12, 512, 512, [1, 5, 5], k133, one), [None, None]),
-            ("strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), [None, None]),
+            ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), m128),
+            (
+                "flare-3d stage 2 entry: 64 sources",
+                pairing(2, 64, 128, [40, 112, 96], k333, [2, 2, 2]),
+                [None, Some(64)],
+            ),
+            ("amos-2d stage 1 entry: 32 channels", pairing(12, 32, 64, [1, 320, 320], k133, [1, 2, 2]), [None, None]),
+            (
+                "1x3x3 of stride 2 along z: phases without taps",
+                pairing(2, 128, 128, [4, 16, 16], k133, [2, 2, 2]),
+                [Some(128), None],
+            ),
+            ("stride 3", pairing(2, 128, 128, [9, 9, 9], k333, [3, 3, 3]), [None, None]),
+            ("gpu_conv_tma strided 136 -> 130", pairing(2, 136, 130, [5, 13, 21], k333, [2, 2, 2]), m128),
+            ("gpu_conv_tma strided 2D 128 -> 40", pairing(2, 128, 40, [1, 30, 37], k133, [1, 2, 2]), [Some(64), None]),
+            ("gpu_conv_tma strided 2D 40 -> 128", pairing(2, 40, 128, [1, 30, 37], k133, [1, 2, 2]), [None, Some(64)]),
             ("gpu_conv_tma 3x3x3 130 -> 136", pairing(2, 130, 136, [3, 6, 10], k333, one), m128),
             ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), m128),
             ("gpu_conv_tma 3x3x3 136 -> 40", pairing(2, 136, 40, [3, 6, 20], k333, one), [Some(64), None]),
