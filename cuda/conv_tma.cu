@@ -285,6 +285,7 @@ __device__ __forceinline__ void conv_wgrad_tma(const ConvWgradTmaParams& p) {
     }
 CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k333_m128, 3, 128)
 CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k133_m128, 1, 128)
+CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k333_m64, 3, 64)
 CONV_WGRAD_TMA_KERNEL(conv_wgrad_tma_bf16_k133_m64, 1, 64)
 
 // dW[pair, a] = sum_s partial[s, a, pair] with pair = cn c_wide + cw (formula in conv_tma.cuh): a block's pairs' taps

@@ -66,10 +66,11 @@ struct ConvWgradTmaParams {
     int kblocks_per_slice;
 };
 
-// 3x3x3 and 1x3x3 (or 2D 3x3) kernels of 128 narrow channels per block, and 1x3x3 of 64 (conv.rs says why not
-// 3x3x3).
+// 3x3x3 and 1x3x3 (or 2D 3x3) kernels of 128 narrow channels per block, and of 64 (3x3x3 for strided convs only:
+// conv.rs says why).
 extern "C" __global__ void conv_wgrad_tma_bf16_k333_m128(const __grid_constant__ ConvWgradTmaParams p);
 extern "C" __global__ void conv_wgrad_tma_bf16_k133_m128(const __grid_constant__ ConvWgradTmaParams p);
+extern "C" __global__ void conv_wgrad_tma_bf16_k333_m64(const __grid_constant__ ConvWgradTmaParams p);
 extern "C" __global__ void conv_wgrad_tma_bf16_k133_m64(const __grid_constant__ ConvWgradTmaParams p);
 
 // dW[cn, cw, a] = sum over slices s (in order) of partial[s, a, cn, cw]: one thread per (cn, cw) and tap, blocks of

@@ -272,6 +272,10 @@ fn gpu_conv_tma() {
     check_conv("conv3d 3x3x3 stride 2 72 -> 136, 5x13x21", &[2, 72, 5, 13, 21], &[136, 72, 3, 3, 3], &[2, 2, 2], 703);
     check_conv("conv3d 3x3x3 stride (1, 2, 2) 64 -> 130", &[1, 64, 3, 10, 12], &[130, 64, 3, 3, 3], &[1, 2, 2], 704);
     check_conv("conv2d 3x3 stride 2 64 -> 64, 18 x 37", &[2, 64, 18, 37], &[64, 64, 3, 3], &[2, 2], 705);
+    // From fewer than 64 wide channels (a box's channels past the map's are the TMA unit's zeros): 40 -> 64 3x3x3 at
+    // (1, 2, 2) in blocks of 64 rows, 2D 32 -> 64.
+    check_conv("conv3d 3x3x3 stride (1, 2, 2) 40 -> 64", &[1, 40, 3, 10, 12], &[64, 40, 3, 3, 3], &[1, 2, 2], 709);
+    check_conv("conv2d 3x3 stride 2 32 -> 64, 18 x 37", &[2, 32, 18, 37], &[64, 32, 3, 3], &[2, 2], 710);
     // The forward and input gradient of strided convs on the TMA product (`Pairing::tma_launches`: the forward's
     // source at steps of 2, its columns of 2 and of 1 tap along y; the input gradient by stride phases, each written
     // at steps of 2): 136 -> 130 at stride 2 over odd sizes (both passes, 128 rows); 2D 128 -> 40 (the forward in 64

@@ -1429,7 +1429,7 @@ pub(crate) trait ConvElement: GpuElement {
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<Self>>; 5]>;
     /// The TMA kernels of the conv's weight gradient (cuda/conv_tma.cu), if the type has them: 3x3x3 and 1x3x3 in
     /// blocks of 128 narrow channels, 1x3x3 in blocks of 64.
-    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]>;
+    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 4]>;
     /// The TMA kernels of the stride-1 forward and input gradient (cuda/conv_tma.cu), if the type has them.
     const TMA_PRODUCT: Option<TmaProduct<Self>>;
     /// The explicit weight gradient, if the type has it: the wide map's columns (conv.cu's conv_im2col) and the wgmma
@@ -1560,7 +1560,7 @@ impl ConvElement for f32 {
     const HALO_WGRAD: Kernel<ConvWgradHaloParams<f32>> = kernel::conv_wgrad_halo_tf32;
     const POINTWISE: Option<[PointwiseKernels<f32>; 3]> = None;
     const WGMMA_WGRAD: Option<[Kernel<ConvWgradWgmmaParams<f32>>; 5]> = None;
-    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]> = None;
+    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 4]> = None;
     const TMA_PRODUCT: Option<TmaProduct<f32>> = None;
     const GEMM_WGRAD: Option<GemmWgrad<f32>> = None;
     const EXPLICIT: Option<ExplicitConv<f32>> = None;
@@ -1684,9 +1684,10 @@ impl ConvElement for bf16 {
         kernel::conv_wgrad_wgmma_bf16_k133_z2,
         kernel::conv_wgrad_wgmma_bf16_k133_z1,
     ]);
-    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 3]> = Some([
+    const TMA_WGRAD: Option<[Kernel<ConvWgradTmaParams>; 4]> = Some([
         kernel::conv_wgrad_tma_bf16_k333_m128,
         kernel::conv_wgrad_tma_bf16_k133_m128,
+        kernel::conv_wgrad_tma_bf16_k333_m64,
         kernel::conv_wgrad_tma_bf16_k133_m64,
     ]);
     const TMA_PRODUCT: Option<TmaProduct<bf16>> = Some(TmaProduct {
@@ -2292,12 +2293,19 @@ impl Pairing {
     /// 0.924 -> 0.480; amos-2d 256 x 40x40 0.254 -> 0.111, 64 x 160x160 0.248 -> 0.207), slower on flare-3d's two
     /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
     /// channels-last copies of 110 and 220 MB cost more than the products saved; those stay on the halo wgmma kernel.
-    /// The strided stage entries take the same kernels, their wide boxes at steps of 2 (cuda/conv_tma.cu).
+    /// The strided stage entries take the same kernels, their wide boxes at steps of 2 (cuda/conv_tma.cu), also
+    /// from [`TMA_WGRAD_MIN_WIDE_STRIDED`] wide channels (the TMA unit fills a box's channels past the map with zeros)
+    /// and a 3x3x3 kernel into 64 channels, in blocks of 64: their other kernels (the gathers) ran flare-3d's 32 -> 64
+    /// entry at 54 TFLOP/s.
     fn tma_wgrad_rows(&self) -> Option<usize> {
+        let strided = self.stride != [1, 1, 1];
+        let min_wide = if strided { TMA_WGRAD_MIN_WIDE_STRIDED } else { TMA_WGRAD_MIN_CHANNELS };
+        let suits = self.tma_suits(min_wide) && self.c_narrow >= TMA_WGRAD_MIN_CHANNELS;
         match (self.k, self.c_narrow <= 64) {
-            _ if !self.tma_suits(TMA_WGRAD_MIN_CHANNELS) || self.stride.iter().any(|&s| s > 2) => None,
+            _ if !suits || self.stride.iter().any(|&s| s > 2) => None,
             ([3, 3, 3], false) | ([1, 3, 3], false) => Some(128),
             ([1, 3, 3], true) => Some(64),
+            ([3, 3, 3], true) if strided => Some(64),
             _ => None,
         }
     }
@@ -2305,11 +2313,12 @@ impl Pairing {
     /// The TMA weight-gradient kernel for this pairing on `gpu` and its narrow channels per block, if the type has
     /// it, the GPU loaded it (sm_90) and it takes the pairing ([`Pairing::tma_wgrad_rows`]).
     fn tma_wgrad_kernel<T: ConvElement>(&self, gpu: &Gpu) -> Option<(Kernel<ConvWgradTmaParams>, usize)> {
-        let [k333, k133, k133_m64] = T::TMA_WGRAD?;
+        let [k333, k133, k333_m64, k133_m64] = T::TMA_WGRAD?;
         let rows = self.tma_wgrad_rows()?;
         let kernel = match (self.k[0], rows) {
-            (3, _) => k333,
+            (3, 128) => k333,
             (_, 128) => k133,
+            (3, _) => k333_m64,
             _ => k133_m64,
         };
         gpu.has_kernel(kernel).then_some((kernel, rows))
@@ -2881,6 +2890,10 @@ fn launch_gemm_wgmma<T: GpuElement>(
 /// The fewest channels on either side of a conv whose weight gradient runs on the TMA kernel
 /// ([`Pairing::tma_wgrad_kernel`]): its boxes are 64 channels wide.
 const TMA_WGRAD_MIN_CHANNELS: usize = 64;
+
+/// The fewest wide channels of a strided conv whose weight gradient runs on the TMA kernel: a box's 64 channels then
+/// hold zeros past the map's ([`Pairing::tma_wgrad_rows`]).
+const TMA_WGRAD_MIN_WIDE_STRIDED: usize = 32;
 
 /// The fewest channels on either side of a conv whose forward and input gradient run on the TMA product in blocks of
 /// 128 output channels ([`Pairing::tma_product_rows`]).
@@ -3688,7 +3701,12 @@ mod tests {
             ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], k133, one), Some(128)),
             ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), Some(128)),
             ("flare-3d stage 4 entry, strided", pairing(2, 256, 320, [10, 28, 24], k333, [1, 2, 2]), Some(128)),
-            ("flare-3d stage 1 entry: 32 channels", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), None),
+            ("flare-3d stage 1 entry: 32 wide, 64 rows", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), Some(64)),
+            ("amos-2d stage 1 entry: 32 wide", pairing(12, 32, 64, [1, 320, 320], k133, [1, 2, 2]), Some(64)),
+            ("strided 16 wide", pairing(2, 16, 64, [4, 16, 16], k333, [2, 2, 2]), None),
+            ("strided into 32", pairing(2, 64, 32, [4, 16, 16], k333, [2, 2, 2]), None),
+            ("gpu_conv_tma strided 40 -> 64", pairing(1, 40, 64, [3, 10, 12], k333, [1, 2, 2]), Some(64)),
+            ("gpu_conv_tma strided 2D 32 -> 64", pairing(2, 32, 64, [1, 18, 37], k133, [1, 2, 2]), Some(64)),
             ("amos-2d stage 2 entry, strided", pairing(12, 64, 128, [1, 160, 160], k133, [1, 2, 2]), Some(128)),
             ("stride 3", pairing(2, 128, 256, [20, 56, 48], k333, [1, 3, 3]), None),
             ("gpu_conv_tma strided 3x3x3", pairing(2, 72, 136, [5, 13, 21], k333, [2, 2, 2]), Some(128)),
