@@ -2042,9 +2042,14 @@ impl Pairing {
     /// 0.173 -> 0.179 and 0.146 -> 0.168).
     fn tma_product_rows(&self, which: Product) -> Option<usize> {
         let ((c_src, _), (c_out, _)) = (self.source(which), self.output(which));
+        let strided = self.stride != [1, 1, 1];
         let rows = if c_src.min(c_out) >= TMA_PRODUCT_MIN_CHANNELS {
             128
         } else if c_src >= TMA_PRODUCT_M64_MIN_SOURCES && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
+            64
+        } else if strided && c_src.min(c_out) >= 64 && c_out > 64 {
+            128
+        } else if strided && c_src >= 32 && (32..=64).contains(&c_out) {
             64
         } else {
             return None;
@@ -2058,7 +2063,7 @@ impl Pairing {
         let phases_have_taps = which == Product::NarrowFromWide || (0..3).all(|d| self.k[d] >= self.stride[d]);
         let fits = self.stride.iter().all(|&s| s <= 2)
             && phases_have_taps
-            && self.tma_suits(*TMA_PRODUCT_M64_OUTPUTS.start())
+            && self.tma_suits(32)
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
             && boxes <= u16::MAX as usize;
         fits.then_some(rows)
@@ -3734,12 +3739,10 @@ mod tests {
             ("amos-2d stage 5: 100 positions", pairing(12, 512, 512, [1, 10, 10], k133, one), m128),
             ("amos-2d stage 6: 25 positions", pairing(12, 512, 512, [1, 5, 5], k133, one), [None, None]),
             ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), m128),
-            (
-                "flare-3d stage 2 entry: 64 sources",
-                pairing(2, 64, 128, [40, 112, 96], k333, [2, 2, 2]),
-                [None, Some(64)],
-            ),
-            ("amos-2d stage 1 entry: 32 channels", pairing(12, 32, 64, [1, 320, 320], k133, [1, 2, 2]), [None, None]),
+            ("flare-3d stage 2 entry", pairing(2, 64, 128, [40, 112, 96], k333, [2, 2, 2]), [Some(128), Some(64)]),
+            ("flare-3d stage 1 entry", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), [Some(64), Some(64)]),
+            ("amos-2d stage 1 entry", pairing(12, 32, 64, [1, 320, 320], k133, [1, 2, 2]), [Some(64), Some(64)]),
+            ("strided 16 -> 64", pairing(2, 16, 64, [4, 16, 16], k333, [2, 2, 2]), [None, None]),
             (
                 "1x3x3 of stride 2 along z: phases without taps",
                 pairing(2, 128, 128, [4, 16, 16], k133, [2, 2, 2]),
