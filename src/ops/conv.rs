@@ -2039,7 +2039,10 @@ impl Pairing {
     /// measured the same way (2026-12-07, H100, one call, against the kernels before them) they win from 128 sources
     /// (flare-3d 128 -> 64 at 40x112x96 forward 1.102 -> 0.920 ms, amos-2d's 128 -> 64 at 320x320 0.281 -> 0.248) and
     /// not from 64 (flare-3d 64 x 40x112x96 forward 0.623 -> 0.618, input gradient 0.581 -> 0.584; amos-2d 64 x 160x160
-    /// 0.173 -> 0.179 and 0.146 -> 0.168).
+    /// 0.173 -> 0.179 and 0.146 -> 0.168). Strided convs (the stage entries, whose other kernels are gathers) also
+    /// from 32 source channels into 32 to 64 outputs in blocks of 64, and between 64 channels and more than 64 outputs
+    /// in blocks of 128 (the TMA unit fills a box's channels past the map, and a weight box's rows past the outputs,
+    /// with zeros).
     fn tma_product_rows(&self, which: Product) -> Option<usize> {
         let ((c_src, _), (c_out, _)) = (self.source(which), self.output(which));
         let strided = self.stride != [1, 1, 1];
