@@ -261,7 +261,7 @@ fn gpu_conv_tma() {
     check_conv("conv2d 3x3 128 -> 128, 30 x 8", &[1, 128, 30, 8], &[128, 128, 3, 3], &[1, 1], 699);
     // The forward into at most 64 channels in blocks of 64 rows and 256 positions (`Pairing::tma_product_rows`): 40
     // outputs (the block's rows past them), 136 sources (the third k-block of 8), one 32 x 8 box over 20 x 6; its
-    // input gradient stays on the other kernels. The input gradient on those blocks (conv_dgrad_tma_bf16_k333_m64):
+    // input gradient stays on the other kernels. The input gradient on those blocks (conv_dgrad_tma_bf16_m64):
     // 40 -> 136, whose forward stays on the other kernels.
     check_conv("conv3d 3x3x3 136 -> 40, 3x6x20", &[2, 136, 3, 6, 20], &[40, 136, 3, 3, 3], &[1, 1, 1], 701);
     check_conv("conv3d 3x3x3 40 -> 136, 3x6x20", &[2, 40, 3, 6, 20], &[136, 40, 3, 3, 3], &[1, 1, 1], 702);
