@@ -314,7 +314,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 // A block owns 128 rows m (two warpgroups of m64; or 64 rows for both and 256 positions, 128 each, in the _m64
 // kernels, for at most 64 output channels) and one box of 128 output positions o (box_x x box_y of one slice z of
 // one item, box_x 8, 16 or 32), and walks the k-blocks (a tap column c, 64 channels k). Per k-block the TMA unit
-// copies the column's taps of Wp (1 to 3 boxes of rows x 64) and one source box of box_x x box_rows positions x 64
+// copies the column's taps of Wp (one box of 3 taps x rows x 64, or 1 or 2 of one tap each) and one source box of box_x x box_rows positions x 64
 // channels at the column's offset (zeros outside the map: the padding; at the map's steps along x and y, a strided
 // forward's); tap i's source operand is that box from row i box_x on: the output box shifted by i rows, 128
 // consecutive positions. All are K-major rows of 128 bytes in the 128-byte swizzle, and i box_x rows are whole
@@ -351,7 +351,10 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
         const int c = i / chunks, k0 = i % chunks * 64, taps = p.col_taps[c];
         const uint32_t at = base + i % STAGES_P * STAGE, bar = bars + 8 * (i % STAGES_P);
         barrier_expect(bar, taps * TILE + source_bytes);
-        for (int j = 0; j < taps; ++j) copy_box(at + j * TILE, &p.weight_map, k0, m0, p.col_weight[c] + j, bar);
+        if (taps == 3)
+            copy_box(at, &p.weight_map3, k0, m0, p.col_weight[c], bar);
+        else
+            for (int j = 0; j < taps; ++j) copy_box(at + j * TILE, &p.weight_map, k0, m0, p.col_weight[c] + j, bar);
         copy_box(at + 3 * TILE, &p.src_map, k0, p.src_mul[2] * x0 + p.col_x[c], p.src_mul[1] * y0 + p.col_y[c],
                  p.src_mul[0] * z + p.col_z[c], n, bar);
     };
