@@ -108,6 +108,12 @@
 //! or from 128 into 64 channels in blocks of 64 rows over 256 positions) read the same boxes the other way round: the
 //! source box (128 positions x 64 channels, two rows taller for the column) is the operand B, K-major by channel, and a
 //! box of the weight, packed once per call as rows of output channels with a column's three taps together, is A.
+//! The strided stage entries take the same kernels with one more trick of the TMA unit: a tensor map may step by 2
+//! along an axis (its element strides), so the box of a stride-2 conv's source holds exactly the positions its output
+//! box reads, in the same layout, and the products do not change. Along y the taps then split by parity (ay = 0 and 2
+//! are one box row apart, ay = 1 needs a box of its own), so the host describes a product as a list of tap columns,
+//! each a source offset and a run of taps (`Pairing::tma_launches`); the input gradient of a strided conv is one such
+//! product per stride phase (the input positions s o + rho), its taps those that reach that phase.
 //! The deep 2D stages' forward and input gradient (512 channels and more on at most 20x20 positions) take the same
 //! product the other way round, over the source map written out as one row per position (`conv_im2row_bf16`). Which
 //! kernel takes which pass is decided from measured shapes (`halo_suits`, `wgmma_suits`, `gemm_wgrad_suits`,
