@@ -2184,7 +2184,8 @@ impl Pairing {
             if grid.contains(&0) {
                 continue;
             }
-            let (along_y, first_y) = (phase_taps(1, rho[1]), phase_taps(1, rho[1])[0].1);
+            let along_y = phase_taps(1, rho[1]);
+            let first_y = along_y.first().map_or(0, |&(_, offset)| offset);
             let mut columns = Vec::new();
             for &(az, oz) in &phase_taps(0, rho[0]) {
                 for &(ax, ox) in &phase_taps(2, rho[2]) {
