@@ -2056,7 +2056,7 @@ impl Pairing {
             64
         } else if strided && c_src.min(c_out) >= 64 && c_out > 64 {
             128
-        } else if strided && c_src >= 32 && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
+        } else if strided && c_src >= TMA_STRIDED_MIN_SOURCES && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
             64
         } else {
             return None;
@@ -2070,7 +2070,7 @@ impl Pairing {
         let phases_have_taps = which == Product::NarrowFromWide || (0..3).all(|d| self.k[d] >= self.stride[d]);
         let fits = self.stride.iter().all(|&s| s <= 2)
             && phases_have_taps
-            && self.tma_suits(32)
+            && self.tma_suits(TMA_STRIDED_MIN_SOURCES)
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
             && boxes <= u16::MAX as usize;
         fits.then_some(rows)
@@ -2312,12 +2312,12 @@ impl Pairing {
     /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
     /// channels-last copies of 110 and 220 MB cost more than the products saved; those stay on the halo wgmma kernel.
     /// The strided stage entries take the same kernels, their wide boxes at steps of 2 (cuda/conv_tma.cu), also
-    /// from [`TMA_WGRAD_MIN_WIDE_STRIDED`] wide channels (the TMA unit fills a box's channels past the map with zeros)
+    /// from [`TMA_STRIDED_MIN_SOURCES`] wide channels (the TMA unit fills a box's channels past the map with zeros)
     /// and a 3x3x3 kernel into 64 channels, in blocks of 64: their other kernels (the gathers) ran flare-3d's 32 -> 64
     /// entry at 54 TFLOP/s.
     fn tma_wgrad_rows(&self) -> Option<usize> {
         let strided = self.stride != [1, 1, 1];
-        let min_wide = if strided { TMA_WGRAD_MIN_WIDE_STRIDED } else { TMA_WGRAD_MIN_CHANNELS };
+        let min_wide = if strided { TMA_STRIDED_MIN_SOURCES } else { TMA_WGRAD_MIN_CHANNELS };
         let suits = self.tma_suits(min_wide) && self.c_narrow >= TMA_WGRAD_MIN_CHANNELS;
         match (self.k, self.c_narrow <= 64) {
             _ if !suits || self.stride.iter().any(|&s| s > 2) => None,
@@ -2909,9 +2909,10 @@ fn launch_gemm_wgmma<T: GpuElement>(
 /// ([`Pairing::tma_wgrad_kernel`]): its boxes are 64 channels wide.
 const TMA_WGRAD_MIN_CHANNELS: usize = 64;
 
-/// The fewest wide channels of a strided conv whose weight gradient runs on the TMA kernel: a box's 64 channels then
-/// hold zeros past the map's ([`Pairing::tma_wgrad_rows`]).
-const TMA_WGRAD_MIN_WIDE_STRIDED: usize = 32;
+/// The fewest channels of the source of a strided conv's pass on the TMA kernels (the wide map of its weight gradient,
+/// the source of its products): a box's 64 channels then hold zeros past the map's ([`Pairing::tma_wgrad_rows`],
+/// [`Pairing::tma_product_rows`]).
+const TMA_STRIDED_MIN_SOURCES: usize = 32;
 
 /// The fewest channels on either side of a conv whose forward and input gradient run on the TMA product in blocks of
 /// 128 output channels ([`Pairing::tma_product_rows`]).
