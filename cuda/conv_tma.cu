@@ -309,22 +309,53 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
         p.out[pair0 * p.taps + e] = staged[e % p.taps * PITCH + e / p.taps];
 }
 
+// Writes a product's sums: D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e] is row m0 + (ROWS 128:
+// 64 g) + that, position (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x), at out_step o + out_phase in
+// the output map, plus the bias.
+template <int ROWS>
+__device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bfloat16>& p, const float* acc, int m0,
+                                              BoxCorner box) {
+    constexpr int N = 128;
+    const int t = threadIdx.x, group = t >> 7, lane = t & 31, warp = (t >> 5) & 3;
+    const int64_t plane = (int64_t)p.out_size[1] * p.out_size[2];
+    const int q0 = ROWS == 128 ? 0 : group * N;
+    const int zo = p.out_step[0] * box.z + p.out_phase[0];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
+        if (m >= p.c_out) continue;
+        const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
+        __nv_bfloat16* row = p.out + (((int64_t)box.n * p.c_out + m) * p.out_size[0] + zo) * plane;
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = box.x + q % p.box_x, y = box.y + q / p.box_x;
+                if (x < p.size[2] && y < p.size[1])
+                    row[(int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
+                        p.out_phase[2]] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
+            }
+    }
+}
+
 // out[n, m, step o + phase] = b[m] + sum over the tap columns c and their taps i of sum_k Wp[w_c + i, m, k]
 // src[n, mul o + off_c + i e_y, k] (conv_tma.cuh: the columns, the forward, the input gradient and its stride phases).
-// A block owns 128 rows m (two warpgroups of m64; or 64 rows for both and 256 positions, 128 each, in the _m64
-// kernels, for at most 64 output channels) and one box of 128 output positions o (box_x x box_y of one slice z of
-// one item, box_x 8, 16 or 32), and walks the k-blocks (a tap column c, 64 channels k). Per k-block the TMA unit
-// copies the column's taps of Wp (one box of 3 taps x rows x 64, or 1 or 2 of one tap each) and one source box of box_x x box_rows positions x 64
-// channels at the column's offset (zeros outside the map: the padding; at the map's steps along x and y, a strided
-// forward's); tap i's source operand is that box from row i box_x on: the output box shifted by i rows, 128
-// consecutive positions. All are K-major rows of 128 bytes in the 128-byte swizzle, and i box_x rows are whole
-// 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves every tap. Per k-step of 16
-// channels one m64n128k16 per warpgroup and tap. Why a column of taps per k-block: every box comes from L2, and with
-// a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate); the three taps of a
-// stride-1 column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x 20x56x48
-// forward: 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to wait
-// for rather than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
-// CONV_TMA_PRODUCT_STAGES k-blocks in flight. Each output is one sum in a fixed order.
+// A block owns 128 rows m (two warpgroups of m64; or 64 rows for both and 256 positions, 128 each, in the _m64 kernels,
+// for at most 64 output channels) and, one after the other, boxes of 128 output positions o (box_x x box_y of one slice
+// z of one item, box_x 8, 16 or 32), and per box walks the k-blocks (a tap column c, 64 channels k). Per k-block the
+// TMA unit copies the column's taps of Wp (one box of 3 taps x rows x 64, or 1 or 2 of one tap each) and one source box
+// of box_x x box_rows positions x 64 channels at the column's offset (zeros outside the map: the padding; at the map's
+// steps along x and y, a strided forward's); tap i's source operand is that box from row i box_x on: the output box
+// shifted by i rows, 128 consecutive positions. All are K-major rows of 128 bytes in the 128-byte swizzle, and i box_x
+// rows are whole 1024-byte swizzle atoms (box_x a multiple of 8), so one descriptor form serves every tap. Per k-step
+// of 16 channels one m64n128k16 per warpgroup and tap. Why a column of taps per k-block: every box comes from L2, and
+// with a box per tap a 128 x 128 x 64 product needed 32 KB (15 TB/s at the tensor cores' rate); the three taps of a
+// stride-1 column share one source box, 68 KB instead of 96 per three products (H100, flare-3d 128 x 20x56x48 forward:
+// 0.226 -> 0.191 ms, ncu's tensor pipe 49 -> 58% active, its L2 throughput 45 -> 41% of peak: less to wait for rather
+// than a saturated cache). The same pipeline as the weight gradient's (tma_produce, tma_consume),
+// CONV_TMA_PRODUCT_STAGES k-blocks in flight, the producer running on into the block's next box while the warpgroups
+// write a box's sums (with a block per box, each block's first copies waited on an empty pipeline and its last sums on
+// no copies). Each output is one sum in a fixed order.
 template <int ROWS>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
     // ROWS 128: each warpgroup 64 of the rows and all P = 128 positions; ROWS 64 (at most 64 output channels, which
@@ -340,35 +371,37 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
     const uint32_t base = swizzle_base(smem_raw), bars = base + STAGES_P * STAGE;
     const int t = threadIdx.x, group = t >> 7;
     const int m0 = blockIdx.x * ROWS;
-    const BoxCorner box = box_corner(blockIdx.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
-    const int x0 = box.x, y0 = box.y, z = box.z, n = box.n;
     const int chunks = (p.c_src + 63) / 64, count = p.columns * chunks;
     const int source_bytes = p.box_x * p.box_rows * 128;
+    // This block's boxes: blockIdx.y, then every gridDim.y-th.
+    const int boxes = (p.boxes - (int)blockIdx.y + (int)gridDim.y - 1) / (int)gridDim.y;
+    auto corner = [&](int b) {
+        return box_corner(blockIdx.y + b * gridDim.y, p.x_blocks, p.y_blocks, p.box_x, p.box_y, p.size[0]);
+    };
 
-    // k-block i (tap column c = i / chunks, channels 64 (i % chunks) ...) into stage i % STAGES_P: the column's taps
-    // of Wp, then the source box.
+    // k-block i (box i / count; tap column c, channels 64 (i % chunks) ... of it) into stage i % STAGES_P: the
+    // column's taps of Wp, then the source box.
     auto issue = [&](int i) {
-        const int c = i / chunks, k0 = i % chunks * 64, taps = p.col_taps[c];
+        const BoxCorner box = corner(i / count);
+        const int c = i % count / chunks, k0 = i % chunks * 64, taps = p.col_taps[c];
         const uint32_t at = base + i % STAGES_P * STAGE, bar = bars + 8 * (i % STAGES_P);
         barrier_expect(bar, taps * TILE + source_bytes);
         if (taps == 3)
             copy_box(at, &p.weight_map3, k0, m0, p.col_weight[c], bar);
         else
             for (int j = 0; j < taps; ++j) copy_box(at + j * TILE, &p.weight_map, k0, m0, p.col_weight[c] + j, bar);
-        copy_box(at + 3 * TILE, &p.src_map, k0, p.src_mul[2] * x0 + p.col_x[c], p.src_mul[1] * y0 + p.col_y[c],
-                 p.src_mul[0] * z + p.col_z[c], n, bar);
+        copy_box(at + 3 * TILE, &p.src_map, k0, p.src_mul[2] * box.x + p.col_x[c],
+                 p.src_mul[1] * box.y + p.col_y[c], p.src_mul[0] * box.z + p.col_z[c], box.n, bar);
     };
     tma_pipeline_init<STAGES_P>(bars);
-    if (t >= THREADS) return tma_produce<STAGES_P>(bars, count, issue);
+    if (t >= THREADS) return tma_produce<STAGES_P>(bars, boxes * count, issue);
     float acc[N / 2];
-#pragma unroll
-    for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
     const uint32_t row_shift = p.box_x * 128;  // one row of the box: a tap further
     // This warpgroup's rows of Wp's boxes and first position of the output box.
     const uint32_t a_rows = ROWS == 128 ? group * 64 * 128 : 0, b_first = ROWS == 128 ? 0 : group * N * 128;
     // The columns of 3, then of 2, then of 1 tap (the host's order), each run of k-blocks consumed with its count of
     // products fixed.
-    int begin = 0;
+    int begin;
     auto consume_columns = [&](auto taps_of_run) {
         constexpr int TAPS = decltype(taps_of_run)::value;
         int run = 0;
@@ -385,31 +418,15 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
         });
         begin += run * chunks;
     };
-    consume_columns(std::integral_constant<int, 3>());
-    consume_columns(std::integral_constant<int, 2>());
-    consume_columns(std::integral_constant<int, 1>());
-
-    // D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e]: row m0 + (ROWS 128: 64 g) + that, position
-    // (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x), at out_step o + out_phase in the output map.
-    const int lane = t & 31, warp = (t >> 5) & 3;
-    const int64_t plane = (int64_t)p.out_size[1] * p.out_size[2];
-    const int q0 = ROWS == 128 ? 0 : group * N;
-    const int zo = p.out_step[0] * z + p.out_phase[0];
+    for (int b = 0; b < boxes; ++b) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
-        if (m >= p.c_out) continue;
-        const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
-        __nv_bfloat16* row = p.out + (((int64_t)n * p.c_out + m) * p.out_size[0] + zo) * plane;
-#pragma unroll
-        for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = x0 + q % p.box_x, y = y0 + q / p.box_x;
-                if (x < p.size[2] && y < p.size[1])
-                    row[(int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
-                        p.out_phase[2]] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
-            }
+        for (int k = 0; k < N / 2; ++k) acc[k] = 0.0f;
+        begin = b * count;
+        consume_columns(std::integral_constant<int, 3>());
+        consume_columns(std::integral_constant<int, 2>());
+        consume_columns(std::integral_constant<int, 1>());
+        const BoxCorner box = corner(b);
+        store_product<ROWS>(p, acc, m0, box);
     }
 }
 

@@ -107,8 +107,10 @@ extern "C" __global__ void conv_wgrad_tma_sum(const ConvWgradTmaSumParams p);
 // src channels last (k < c_src rounded up to 8, described by src_map with boxes of 64 channels x box_x x box_rows
 // positions: the output box of box_x x box_y = CONV_TMA_PRODUCT_POSITIONS positions, box_x 8, 16 or 32, and the rows
 // that the longest run of taps adds), Wp packed by conv_tma_pack_bf16 (axes k, m, a': weight_map, boxes of 64 x rows
-// x 1 tap, and weight_map3 of 3 taps), out channels first (c_out channels), bias b (c_out, or null). Grid (ceil(c_out / rows), batch x size[0] x
-// y_blocks x x_blocks), CONV_TMA_PIPELINE_THREADS threads, CONV_TMA_PRODUCT_SHARED bytes of dynamic shared memory.
+// x 1 tap, and weight_map3 of 3 taps), out channels first (c_out channels), bias b (c_out, or null). Grid
+// (ceil(c_out / rows), at most `boxes`), CONV_TMA_PIPELINE_THREADS threads, CONV_TMA_PRODUCT_SHARED bytes of dynamic
+// shared memory: one block per SM, each walking its boxes so that the producer copies the next box's first k-blocks
+// while the warpgroups write the last one's sums.
 constexpr int CONV_TMA_MAX_COLUMNS = 18;
 template <typename T>
 struct ConvTmaProductParams {
@@ -143,6 +145,8 @@ struct ConvTmaProductParams {
     int box_rows;
     int x_blocks;
     int y_blocks;
+    // Output boxes of the grid (batch x size[0] x y_blocks x x_blocks): block (i, j) takes boxes j, j + gridDim.y, ...
+    int boxes;
 };
 // Output positions per block: 128 (128 rows of output channels), 256 in the _m64 kernels (64 rows, at most 64 output
 // channels: each warpgroup on 128 of the positions).

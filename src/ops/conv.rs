@@ -2026,7 +2026,7 @@ impl Pairing {
     /// takes the pass: a conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) of stride 1 or 2 per
     /// axis (the input gradient's stride phases each with taps: a kernel at least as long as the stride) whose
     /// products' grids (the narrow map, [`Pairing::tma_launches`]) have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2
-    /// positions per item and are at most 65535 boxes (the grid's y); blocks of 128 where the source and the output
+    /// positions per item (the boxes a 32-bit count); blocks of 128 where the source and the output
     /// have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of 64 (each of 256 positions) where the output has 33 to 64
     /// and the source at least [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every
     /// stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more, against the kernels before it,
@@ -2062,8 +2062,8 @@ impl Pairing {
             return None;
         };
         let positions = tma_product_positions(rows);
-        // One block per box of output positions along the grid's y, at most 65535 of them; the largest grid of a
-        // pass is the narrow map (the input gradient's first stride phase).
+        // The kernel counts the boxes of output positions in 32-bit ints; the largest grid of a pass is the narrow map
+        // (the input gradient's first stride phase).
         let size = self.narrow;
         let (x, y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
         let boxes = self.batch * size[0] * size[1].div_ceil(y) * size[2].div_ceil(x);
@@ -2072,7 +2072,7 @@ impl Pairing {
             && phases_have_taps
             && self.tma_suits(TMA_STRIDED_MIN_SOURCES)
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
-            && boxes <= u16::MAX as usize;
+            && boxes <= i32::MAX as usize;
         fits.then_some(rows)
     }
 
@@ -2201,8 +2201,8 @@ impl Pairing {
     /// Pass `which` on the TMA product `kernel` into `out`: the weight packed by `pack` as the product's rows, its
     /// taps in the order of the launches' columns ([`Pairing::tma_launches`]; the input gradient's with its channel
     /// roles swapped), the source copied channels last (unless `src_last` is that copy), both described to the TMA
-    /// unit by tensor maps (the forward's source at steps of the stride); per launch one block per `rows` output
-    /// channels and box of [`tma_product_positions`] output positions ([`tma_box`]).
+    /// unit by tensor maps (the forward's source at steps of the stride); per launch, per `rows` output channels, one
+    /// block per SM walking its share of the boxes of [`tma_product_positions`] output positions ([`tma_box`]).
     #[allow(clippy::too_many_arguments)]
     fn tma_product<T: ConvElement>(
         &self,
@@ -2255,6 +2255,9 @@ impl Pairing {
         let mut made = None;
         let last = self.channels_last_unless(src_last, &mut made, src, which, what)?;
         let mut first_tap = 0;
+        // One block per SM (the stages fill its shared memory), each walking its share of the boxes.
+        let row_tiles = c_out.div_ceil(rows);
+        let box_blocks = (gpu.multiprocessors() / row_tiles).max(1);
         for launch in launches {
             let grid = launch.grid;
             let (box_x, box_y) = tma_box(grid[2], grid[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
@@ -2263,6 +2266,7 @@ impl Pairing {
             let steps = (launch.src_mul[2], launch.src_mul[1]);
             let src_map = self.channels_last_map(last, (c_src, src_size), (box_x, box_rows), steps, what)?;
             let (x_blocks, y_blocks) = (grid[2].div_ceil(box_x), grid[1].div_ceil(box_y));
+            let boxes = self.batch * grid[0] * y_blocks * x_blocks;
             let mut params = ConvTmaProductParams {
                 src_map,
                 weight_map,
@@ -2282,6 +2286,7 @@ impl Pairing {
                 box_rows: box_rows as i32,
                 x_blocks: x_blocks as i32,
                 y_blocks: y_blocks as i32,
+                boxes: boxes as i32,
                 ..Default::default()
             };
             for (c, column) in launch.columns.iter().enumerate() {
@@ -2292,7 +2297,7 @@ impl Pairing {
             }
             // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
             let cfg = LaunchConfig {
-                grid_dim: (c_out.div_ceil(rows) as u32, (self.batch * grid[0] * y_blocks * x_blocks) as u32, 1),
+                grid_dim: (row_tiles as u32, boxes.min(box_blocks) as u32, 1),
                 block_dim: (CONV_TMA_PIPELINE_THREADS as u32, 1, 1),
                 shared_mem_bytes: CONV_TMA_PRODUCT_SHARED as u32,
             };
@@ -3772,7 +3777,11 @@ mod tests {
             ("gpu_conv_tma 3x3x3 40 -> 136", pairing(2, 40, 136, [3, 6, 20], k333, one), [None, Some(64)]),
             ("3x3x3 72 -> 40: 72 sources", pairing(2, 72, 40, [3, 6, 20], k333, one), [None, None]),
             ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), [None, None]),
-            ("2 x 96x256x256: 98304 boxes", pairing(2, 128, 128, [96, 256, 256], k333, one), [None, None]),
+            (
+                "2 x 96x256x256: 98304 boxes, walked by one block per SM",
+                pairing(2, 128, 128, [96, 256, 256], k333, one),
+                m128,
+            ),
         ];
         for (name, p, want) in products {
             let got = [Product::NarrowFromWide, Product::WideFromNarrow].map(|which| p.tma_product_rows(which));

@@ -143,10 +143,16 @@ API cuDeviceGetUuid_v2(CUuuid* u, CUdevice) {
     memset(u, 0, sizeof *u);
     return CUDA_SUCCESS;
 }
+// The SMs of an H200, or CUDA_EMU_SMS: with few, the kernels that walk several tiles per block (persistent grids
+// sized by the SM count) do so on the tests' small maps.
+static int multiprocessors() {
+    const char* sms = getenv("CUDA_EMU_SMS");
+    return sms && atoi(sms) > 0 ? atoi(sms) : 132;
+}
 // An H200's figures, as far as the engine reads them.
 API cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice) {
     switch (a) {
-        case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *v = 132; break;
+        case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *v = multiprocessors(); break;
         case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *v = 9; break;
         case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *v = 0; break;
         case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = 1024; break;

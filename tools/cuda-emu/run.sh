@@ -6,6 +6,7 @@
 #   bash tools/cuda-emu/run.sh gpu_conv gpu_mamba_ops          # these test files' GPU tests (their --ignored ones)
 #   bash tools/cuda-emu/run.sh gpu_conv -- gpu_conv_stride      # only the tests whose names contain a filter
 #   bash tools/cuda-emu/run.sh grad_mamba_ops -- ::gpu           # a file's device_test! GPU runs
+#   CUDA_EMU_SMS=3 bash tools/cuda-emu/run.sh gpu_conv -- tma   # a GPU of 3 SMs (default 132): persistent grids loop
 #
 # The kernels come from the library, built from the working tree's cuda/ (not from the test binary), so the two
 # must be of the same revision: the script builds both from the working tree. A kernel that deadlocks (a barrier some
