@@ -113,7 +113,10 @@
 //! box reads, in the same layout, and the products do not change. Along y the taps then split by parity (ay = 0 and 2
 //! are one box row apart, ay = 1 needs a box of its own), so the host describes a product as a list of tap columns,
 //! each a source offset and a run of taps (`Pairing::tma_launches`); the input gradient of a strided conv is one such
-//! product per stride phase (the input positions s o + rho), its taps those that reach that phase.
+//! product per stride phase (the input positions s o + rho), its taps those that reach that phase. These products
+//! are persistent: one block per SM walks its share of the output boxes, and since the producer warp's k-block count
+//! runs on from one box to the next, it is already copying the next box's first k-blocks while the warpgroups write
+//! the last box's sums (a block per box waited on an empty pipeline at its start and on no copies at its end).
 //! The deep 2D stages' forward and input gradient (512 channels and more on at most 20x20 positions) take the same
 //! product the other way round, over the source map written out as one row per position (`conv_im2row_bf16`). Which
 //! kernel takes which pass is decided from measured shapes (`halo_suits`, `wgmma_suits`, `gemm_wgrad_suits`,
