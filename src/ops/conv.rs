@@ -2026,8 +2026,8 @@ impl Pairing {
     /// takes the pass: a conv (not transposed) of a 3x3x3 or 1x3x3 kernel ([`Pairing::tma_suits`]) of stride 1 or 2 per
     /// axis (the input gradient's stride phases each with taps: a kernel at least as long as the stride) whose
     /// products' grids (the narrow map, [`Pairing::tma_launches`]) have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2
-    /// positions per item (the boxes a 32-bit count); blocks of 128 where the source and the output
-    /// have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of 64 (each of 256 positions) where the output has 33 to 64
+    /// positions per item and at most i32::MAX in all (the kernel's count of boxes); blocks of 128 where the source and
+    /// the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of 64 (each of 256 positions) where the output has 33 to 64
     /// and the source at least [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every
     /// stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more, against the kernels before it,
     /// with 128-row blocks and a box per tap): from 128 channels faster on every shape of at least 100 positions
@@ -2061,18 +2061,16 @@ impl Pairing {
         } else {
             return None;
         };
-        let positions = tma_product_positions(rows);
-        // The kernel counts the boxes of output positions in 32-bit ints; the largest grid of a pass is the narrow map
-        // (the input gradient's first stride phase).
+        // The kernel counts the boxes of output positions in 32-bit ints, which the positions bound; the largest grid
+        // of a pass is the narrow map (the input gradient's first stride phase).
         let size = self.narrow;
-        let (x, y) = tma_box(size[2], size[1], positions, CONV_TMA_PRODUCT_BOX_X_MAX);
-        let boxes = self.batch * size[0] * size[1].div_ceil(y) * size[2].div_ceil(x);
+        let positions = self.batch * size.iter().product::<usize>();
         let phases_have_taps = which == Product::NarrowFromWide || (0..3).all(|d| self.k[d] >= self.stride[d]);
         let fits = self.stride.iter().all(|&s| s <= 2)
             && phases_have_taps
             && self.tma_suits(TMA_STRIDED_MIN_SOURCES)
             && 2 * size.iter().product::<usize>() >= CONV_TMA_PRODUCT_POSITIONS
-            && boxes <= i32::MAX as usize;
+            && positions <= i32::MAX as usize;
         fits.then_some(rows)
     }
 
@@ -2295,7 +2293,8 @@ impl Pairing {
                 params.col_weight[c] = first_tap as i32;
                 first_tap += column.taps.len();
             }
-            // Every count is at most a map's elements per batch item, which tma_product_kernel bounds.
+            // Every count is at most a map's elements per batch item, or (the boxes) the positions of all items,
+            // which tma_product_kernel bounds.
             let cfg = LaunchConfig {
                 grid_dim: (row_tiles as u32, boxes.min(box_blocks) as u32, 1),
                 block_dim: (CONV_TMA_PIPELINE_THREADS as u32, 1, 1),
