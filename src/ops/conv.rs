@@ -2326,8 +2326,7 @@ impl Pairing {
         match (self.k, self.c_narrow <= 64) {
             _ if !suits || self.stride.iter().any(|&s| s > 2) => None,
             ([3, 3, 3], false) | ([1, 3, 3], false) => Some(128),
-            ([1, 3, 3], true) => Some(64),
-            ([3, 3, 3], true) if strided => Some(64),
+            ([1, 3, 3], true) | ([3, 3, 3], true) => Some(64),
             _ => None,
         }
     }
