@@ -2307,28 +2307,24 @@ impl Pairing {
 
     /// Whether the TMA weight gradient of cuda/conv_tma.cu takes this pairing, and in blocks of how many narrow
     /// channels: a conv of stride 1 or 2 per axis between maps of at least [`TMA_WGRAD_MIN_CHANNELS`] channels
-    /// ([`Pairing::tma_suits`]) of a 1x3x3 kernel (a 2D 3x3 is 1x3x3), in blocks of 64 narrow channels where there
-    /// are at most 64 (a 128-row tile would be half empty),
-    /// else 128, or of a 3x3x3 kernel into more than 64 channels, in blocks of 128. Measured on the H100 (2026-12-07,
-    /// one call, every flare-3d and amos-2d weight gradient it took against the kernels before it): faster on 20 of
-    /// 22 shapes (flare-3d 256 x 10x28x24 0.431 -> 0.199 ms, 128 x 20x56x48 0.561 -> 0.301, 256 -> 128 at 20x56x48
-    /// 0.924 -> 0.480; amos-2d 256 x 40x40 0.254 -> 0.111, 64 x 160x160 0.248 -> 0.207), slower on flare-3d's two
+    /// ([`Pairing::tma_suits`]) of a 1x3x3 or 3x3x3 kernel (a 2D 3x3 is 1x3x3), in blocks of 64 narrow channels where
+    /// there are at most 64 (a 128-row tile would be half empty), else 128. Measured on the H100 (2026-12-07, one
+    /// call, every flare-3d and amos-2d weight gradient it took against the kernels before it): faster on 20 of 22
+    /// shapes (flare-3d 256 x 10x28x24 0.431 -> 0.199 ms, 128 x 20x56x48 0.561 -> 0.301, 256 -> 128 at 20x56x48
+    /// 0.924 -> 0.480; amos-2d 256 x 40x40 0.254 -> 0.111, 64 x 160x160 0.248 -> 0.207), slower then on flare-3d's two
     /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
-    /// channels-last copies of 110 and 220 MB cost more than the products saved; those stay on the halo wgmma kernel.
-    /// The strided stage entries take the same kernels, their wide boxes at steps of 2 (cuda/conv_tma.cu), also
-    /// from [`TMA_STRIDED_MIN_SOURCES`] wide channels (the TMA unit fills a box's channels past the map with zeros)
-    /// and a 3x3x3 kernel into 64 channels, in blocks of 64: their other kernels (the gathers) ran flare-3d's 32 -> 64
-    /// entry at 54 TFLOP/s.
+    /// channels-last copies of 110 and 220 MB cost more than the products saved. Timed again with today's
+    /// kernel, the two tie with the halo wgmma kernel (H100, 2026-12-08, one call: 0.808 and 1.370
+    /// ms, no weight gradient of flare-3d 5% apart, all of them 23.20 -> 23.02 ms), so they take it and one rule
+    /// serves every kernel shape. The strided stage entries take the same kernels, their wide boxes at steps of 2
+    /// (cuda/conv_tma.cu), also from [`TMA_STRIDED_MIN_SOURCES`] wide channels (the TMA unit fills a box's channels
+    /// past the map with zeros): their other kernels (the gathers) ran flare-3d's 32 -> 64 entry at 54 TFLOP/s.
     fn tma_wgrad_rows(&self) -> Option<usize> {
         let strided = self.stride != [1, 1, 1];
         let min_wide = if strided { TMA_STRIDED_MIN_SOURCES } else { TMA_WGRAD_MIN_CHANNELS };
         let suits = self.tma_suits(min_wide) && self.c_narrow >= TMA_WGRAD_MIN_CHANNELS;
-        match (self.k, self.c_narrow <= 64) {
-            _ if !suits || self.stride.iter().any(|&s| s > 2) => None,
-            ([3, 3, 3], false) | ([1, 3, 3], false) => Some(128),
-            ([1, 3, 3], true) | ([3, 3, 3], true) => Some(64),
-            _ => None,
-        }
+        let fits = suits && self.stride.iter().all(|&s| s <= 2);
+        fits.then_some(if self.c_narrow <= 64 { 64 } else { 128 })
     }
 
     /// The TMA weight-gradient kernel for this pairing on `gpu` and its narrow channels per block, if the type has
@@ -3716,8 +3712,8 @@ mod tests {
         let cases = [
             ("flare-3d stage 3", pairing(2, 256, 256, [10, 28, 24], k333, one), Some(128)),
             ("flare-3d decoder stage 2", pairing(2, 256, 128, [20, 56, 48], k333, one), Some(128)),
-            ("flare-3d stage 1: 3x3x3 into 64", pairing(2, 64, 64, [40, 112, 96], k333, one), None),
-            ("flare-3d decoder stage 3: 3x3x3 into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), None),
+            ("flare-3d stage 1: 3x3x3 into 64", pairing(2, 64, 64, [40, 112, 96], k333, one), Some(64)),
+            ("flare-3d decoder stage 3: 3x3x3 into 64", pairing(2, 128, 64, [40, 112, 96], k333, one), Some(64)),
             ("flare-3d stage 0: 32 channels", pairing(2, 32, 32, [40, 224, 192], k133, one), None),
             ("amos-2d stage 1: 64 rows", pairing(12, 64, 64, [1, 160, 160], k133, one), Some(64)),
             ("amos-2d stage 4", pairing(12, 512, 512, [1, 20, 20], k133, one), Some(128)),
