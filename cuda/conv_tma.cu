@@ -312,6 +312,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 // Writes a product's sums: D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e] is row m0 + (ROWS 128:
 // 64 g) + that, position (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x), at out_step o + out_phase in
 // the output map, plus the bias.
+// ROWS 32 (the _n32 kernels): the positions are the product's m, the channels its n: D[16 w + l / 4 + 8 h, 8 j + 2 (l %
+// 4) + e] of warpgroup g's m64 tile i at acc[16 i + 4 j + 2 h + e] is position 128 g + 64 i + that row, channel that
+// column.
 template <int ROWS>
 __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bfloat16>& p, const float* acc, int m0,
                                               BoxCorner box) {
@@ -320,21 +323,46 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
     const int64_t plane = (int64_t)p.out_size[1] * p.out_size[2];
     const int q0 = ROWS == 128 ? 0 : group * N;
     const int zo = p.out_step[0] * box.z + p.out_phase[0];
+    if constexpr (ROWS == 32) {
+        const __nv_bfloat16* bias = p.bias;
+        __nv_bfloat16* slice = p.out + (int64_t)box.n * p.c_out * p.out_size[0] * plane + (int64_t)zo * plane;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
-        if (m >= p.c_out) continue;
-        const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
-        __nv_bfloat16* row = p.out + (((int64_t)box.n * p.c_out + m) * p.out_size[0] + zo) * plane;
+        for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < N / 8; ++j)
+            for (int h = 0; h < 2; ++h) {
+                const int q = q0 + 64 * i + 16 * warp + lane / 4 + 8 * h, x = box.x + q % p.box_x,
+                          y = box.y + q / p.box_x;
+                if (x >= p.size[2] || y >= p.size[1]) continue;
+                const int64_t at = (int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
+                                   p.out_phase[2];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = box.x + q % p.box_x, y = box.y + q / p.box_x;
-                if (x < p.size[2] && y < p.size[1])
-                    row[(int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
-                        p.out_phase[2]] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int m = 8 * j + 2 * (lane % 4) + e;
+                        if (m >= p.c_out) continue;
+                        const float b = bias ? __bfloat162float(bias[m]) : 0.0f;
+                        slice[(int64_t)m * p.out_size[0] * plane + at] =
+                            __float2bfloat16_rn(acc[16 * i + 4 * j + 2 * h + e] + b);
+                    }
             }
+    } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
+            if (m >= p.c_out) continue;
+            const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
+            __nv_bfloat16* row = p.out + (((int64_t)box.n * p.c_out + m) * p.out_size[0] + zo) * plane;
+#pragma unroll
+            for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = box.x + q % p.box_x, y = box.y + q / p.box_x;
+                    if (x < p.size[2] && y < p.size[1])
+                        row[(int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
+                            p.out_phase[2]] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
+                }
+        }
     }
 }
 
@@ -360,8 +388,10 @@ template <int ROWS>
 __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv_bfloat16>& p) {
     // ROWS 128: each warpgroup 64 of the rows and all P = 128 positions; ROWS 64 (at most 64 output channels, which
     // would leave half of a 128-row tile empty): both on the 64 rows, warpgroup g on positions 128 g .. 128 g + 127 of
-    // a box of P = 256.
+    // a box of P = 256; ROWS 32 (at most 32 output channels): the same positions, each warpgroup's 128 as two m64
+    // tiles of the product (the source box's rows are K-major as an A operand too) against the 32 rows of Wp as n.
     constexpr int STAGES_P = CONV_TMA_PRODUCT_STAGES, N = 128, P = ROWS == 128 ? N : 2 * N;
+    static_assert(ROWS == 128 || ROWS == 64 || ROWS == 32, "the three tiles");
     constexpr int TILE = ROWS * 64 * 2, STAGE = CONV_TMA_PRODUCT_STAGE_BYTES;
     static_assert(STAGES_P * STAGE + 1024 + 16 * STAGES_P == CONV_TMA_PRODUCT_SHARED, "the header's sizes");
     static_assert(P == (ROWS == 128 ? CONV_TMA_PRODUCT_POSITIONS : CONV_TMA_PRODUCT_POSITIONS_M64), "the header's");
@@ -411,10 +441,21 @@ __device__ __forceinline__ void conv_tma_product(const ConvTmaProductParams<__nv
 #pragma unroll
             for (int j = 0; j < TAPS; ++j)
 #pragma unroll
-                for (int s = 0; s < 4; ++s)
-                    wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(at + j * TILE + a_rows + 32 * s, 1024),
-                                        wgmma::descriptor_sw128(at + 3 * TILE + b_first + j * row_shift + 32 * s, 1024),
-                                        true);
+                for (int s = 0; s < 4; ++s) {
+                    const uint32_t weights = at + j * TILE + a_rows + 32 * s;
+                    const uint32_t source = at + 3 * TILE + b_first + j * row_shift + 32 * s;
+                    if constexpr (ROWS == 32) {
+                        // The positions as m (two m64 tiles of this warpgroup's 128), the 32 channels as n.
+#pragma unroll
+                        for (int tile = 0; tile < 2; ++tile)
+                            wgmma::mma_async<32>(*reinterpret_cast<float(*)[16]>(acc + 16 * tile),
+                                                 wgmma::descriptor_sw128(source + tile * 64 * 128, 1024),
+                                                 wgmma::descriptor_sw128(weights, 1024), true);
+                    } else {
+                        wgmma::mma_async<N>(acc, wgmma::descriptor_sw128(weights, 1024),
+                                            wgmma::descriptor_sw128(source, 1024), true);
+                    }
+                }
         });
         begin += run * chunks;
     };
@@ -440,6 +481,7 @@ CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16, 128)
 CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16, 128)
 CONV_TMA_PRODUCT_KERNEL(conv_fprop_tma_bf16_m64, 64)
 CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_m64, 64)
+CONV_TMA_PRODUCT_KERNEL(conv_dgrad_tma_bf16_n32, 32)
 
 // Wp[a', m, k] from W (conv_tma.cuh): element e = (a' c_out + m) k_pad + k holds tap a = tap_of[a'] of W[m, k] (flip
 // 0) or of W[k, m] (flip 1).

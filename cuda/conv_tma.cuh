@@ -166,6 +166,11 @@ extern "C" __global__ void conv_fprop_tma_bf16(const __grid_constant__ ConvTmaPr
 extern "C" __global__ void conv_dgrad_tma_bf16(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_fprop_tma_bf16_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 extern "C" __global__ void conv_dgrad_tma_bf16_m64(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
+// The input gradient into at most 32 channels in one block of 256 positions, the positions as the product's m (two
+// m64 tiles per warpgroup) and the channels as its n (m64n32k16): a 64-row tile would be at least half empty. (A
+// forward of this shape was slower than the halo kernels: flare-3d's last decoder stage 64 -> 32 at 40x224x192 0.874
+// -> 1.032 ms, H100, 2026-12-08.)
+extern "C" __global__ void conv_dgrad_tma_bf16_n32(const __grid_constant__ ConvTmaProductParams<__nv_bfloat16> p);
 
 // The most taps of a kernel here (3x3x3), each packed once.
 constexpr int CONV_TMA_MAX_TAPS = 27;

@@ -108,6 +108,9 @@
 //! or from 128 into 64 channels in blocks of 64 rows over 256 positions) read the same boxes the other way round: the
 //! source box (128 positions x 64 channels, two rows taller for the column) is the operand B, K-major by channel, and a
 //! box of the weight, packed once per call as rows of output channels with a column's three taps together, is A.
+//! An input gradient into 32 channels (the stage-1 entries') puts them back: the source box's positions are A, two
+//! tiles of 64 per warpgroup, and the weight's 32 rows are B (`conv_dgrad_tma_bf16_n32`), since a tile of 64 output
+//! channels would be half empty.
 //! The strided stage entries take the same kernels with one more trick of the TMA unit: a tensor map may step by 2
 //! along an axis (its element strides), so the box of a stride-2 conv's source holds exactly the positions its output
 //! box reads, in the same layout, and the products do not change. Along y the taps then split by parity (ay = 0 and 2

@@ -290,6 +290,11 @@ fn gpu_conv_tma() {
     );
     check_conv("conv2d 3x3 stride 2 128 -> 40, 30 x 37", &[2, 128, 30, 37], &[40, 128, 3, 3], &[2, 2], 707);
     check_conv("conv2d 3x3 stride 2 40 -> 128, 30 x 37", &[2, 40, 30, 37], &[128, 40, 3, 3], &[2, 2], 708);
+    // Input gradients into at most 32 channels from 64 and more (conv_dgrad_tma_bf16_n32: the positions as the
+    // product's m): 72 -> 32 of the conv 32 -> 72 (the source's second k-block of 8 channels), and those of the 2D
+    // 32 -> 64 at stride 2 above and of 32 -> 64 at (1, 2, 2) here, by stride phases.
+    check_conv("conv3d 3x3x3 32 -> 72, 3x6x20", &[2, 32, 3, 6, 20], &[72, 32, 3, 3, 3], &[1, 1, 1], 711);
+    check_conv("conv3d 3x3x3 stride (1, 2, 2) 32 -> 64", &[1, 32, 3, 10, 12], &[64, 32, 3, 3, 3], &[1, 2, 2], 712);
 }
 
 /// The bf16 forward and input gradient of stride-1 convs of at least 512 source channels on small maps run as

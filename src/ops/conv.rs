@@ -1476,6 +1476,8 @@ pub(crate) struct TmaProduct<T: Copy> {
     /// Indexed [product][tile]: the forward (NarrowFromWide) and the input gradient (WideFromNarrow), blocks of 128
     /// and of 64 output channels ([`Pairing::tma_product_rows`]): one name per role, as [`ConvElement`]'s kernels.
     products: [[Kernel<ConvTmaProductParams<T>>; 2]; 2],
+    /// The input gradient into at most 32 channels, the positions as the product's m.
+    dgrad_n32: Kernel<ConvTmaProductParams<T>>,
     pack: Kernel<ConvTmaPackParams<T>>,
 }
 
@@ -1695,6 +1697,7 @@ impl ConvElement for bf16 {
             [kernel::conv_fprop_tma_bf16, kernel::conv_fprop_tma_bf16_m64],
             [kernel::conv_dgrad_tma_bf16, kernel::conv_dgrad_tma_bf16_m64],
         ],
+        dgrad_n32: kernel::conv_dgrad_tma_bf16_n32,
         pack: kernel::conv_tma_pack_bf16,
     });
     const GEMM_WGRAD: Option<GemmWgrad<bf16>> = Some(GemmWgrad {
@@ -2027,8 +2030,10 @@ impl Pairing {
     /// axis (the input gradient's stride phases each with taps: a kernel at least as long as the stride) whose
     /// products' grids (the narrow map, [`Pairing::tma_launches`]) have at least [`CONV_TMA_PRODUCT_POSITIONS`] / 2
     /// positions per item and at most i32::MAX in all (the kernel's count of boxes); blocks of 128 where the source and
-    /// the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of 64 (each of 256 positions) where the output has 33 to 64
-    /// and the source at least [`TMA_PRODUCT_M64_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every
+    /// the output have at least [`TMA_PRODUCT_MIN_CHANNELS`] channels, of 64 (each of 256 positions) where the output
+    /// has 33 to 64 and the source at least [`TMA_PRODUCT_M64_MIN_SOURCES`], and for the input gradient of 32 (the
+    /// positions as the product's m) where the output has 17 to 32 ([`TMA_PRODUCT_N32_OUTPUTS`]) and the source at
+    /// least [`TMA_PRODUCT_N32_MIN_SOURCES`]. Measured on the H100 (2026-12-07, one call, every
     /// stride-1 3x3 pass of flare-3d and amos-2d between maps of 64 channels and more, against the kernels before it,
     /// with 128-row blocks and a box per tap): from 128 channels faster on every shape of at least 100 positions
     /// (amos-2d 256 x 40x40 forward 0.185 -> 0.092 ms, input gradient 0.176 -> 0.092; 512 x 20x20 0.194 -> 0.106 and
@@ -2045,8 +2050,10 @@ impl Pairing {
     /// with zeros). Measured (H200, 2026-12-07, one call, against the kernels before): flare-3d's stage entries
     /// forward 0.900 -> 0.807 ms (32 -> 64), 0.344 -> 0.276 (64 -> 128), 0.171 -> 0.118, 0.148 -> 0.093, 0.156 ->
     /// 0.092; input gradient 0.690 -> 0.639 (128 -> 64 in blocks of 64), 0.270 -> 0.162, 0.188 -> 0.121, 0.184 ->
-    /// 0.109; the input gradient into 32 channels (blocks of 64 half empty) was slower (flare-3d 1.178 -> 1.356,
-    /// amos-2d 0.387 -> 0.453) and stays on the gathers.
+    /// 0.109; the input gradient into 32 channels was slower in blocks of 64 half empty (flare-3d 1.178 -> 1.356,
+    /// amos-2d 0.387 -> 0.453) and faster in blocks of 32 (H100, 2026-12-08, one call against the gathers: flare-3d
+    /// 1.326 -> 1.074 ms, amos-2d 0.443 -> 0.343), where the forward 64 -> 32 (the last decoder stage) was slower
+    /// than the halo kernels (flare-3d 0.874 -> 1.032, amos-2d 0.324 -> 0.398) and stays on them.
     fn tma_product_rows(&self, which: Product) -> Option<usize> {
         let ((c_src, _), (c_out, _)) = (self.source(which), self.output(which));
         let strided = self.stride != [1, 1, 1];
@@ -2058,6 +2065,11 @@ impl Pairing {
             128
         } else if strided && c_src >= TMA_STRIDED_MIN_SOURCES && TMA_PRODUCT_M64_OUTPUTS.contains(&c_out) {
             64
+        } else if which == Product::WideFromNarrow
+            && c_src >= TMA_PRODUCT_N32_MIN_SOURCES
+            && TMA_PRODUCT_N32_OUTPUTS.contains(&c_out)
+        {
+            32
         } else {
             return None;
         };
@@ -2136,7 +2148,10 @@ impl Pairing {
     ) -> Option<(TmaProduct<T>, Kernel<ConvTmaProductParams<T>>, usize)> {
         let kernels = T::TMA_PRODUCT?;
         let rows = self.tma_product_rows(which)?;
-        let kernel = kernels.products[which as usize][usize::from(rows == 64)];
+        let kernel = match rows {
+            32 => kernels.dgrad_n32,
+            _ => kernels.products[which as usize][usize::from(rows == 64)],
+        };
         gpu.has_kernel(kernel).then_some((kernels, kernel, rows))
     }
 
@@ -2925,6 +2940,14 @@ const TMA_PRODUCT_M64_OUTPUTS: std::ops::RangeInclusive<usize> = 33..=64;
 /// The fewest source channels of a pass on the TMA product in blocks of 64 outputs: from 64 (two k-blocks per tap)
 /// the halo and implicit kernels were as fast or faster (H100, [`Pairing::tma_product_rows`]).
 const TMA_PRODUCT_M64_MIN_SOURCES: usize = 128;
+
+/// The output channels of an input gradient on the TMA product in one block of 32 (conv_dgrad_tma_bf16_n32: the positions as the
+/// product's m, the channels as its n): fewer than 17 would leave more than half of its n empty. (The TMA paths take
+/// maps of at least [`TMA_STRIDED_MIN_SOURCES`] channels, so only 32 reaches it today.)
+const TMA_PRODUCT_N32_OUTPUTS: std::ops::RangeInclusive<usize> = 17..=32;
+
+/// The fewest source channels of an input gradient on conv_dgrad_tma_bf16_n32: a box's 64 channels are then all the map's.
+const TMA_PRODUCT_N32_MIN_SOURCES: usize = 64;
 
 /// The output positions per block of the TMA product in blocks of `rows` output channels (cuda/conv_tma.cuh).
 fn tma_product_positions(rows: usize) -> usize {
@@ -3753,8 +3776,8 @@ mod tests {
             ("amos-2d stage 6: 25 positions", pairing(12, 512, 512, [1, 5, 5], k133, one), [None, None]),
             ("flare-3d stage 3 entry, strided", pairing(2, 128, 256, [20, 56, 48], k333, [2, 2, 2]), m128),
             ("flare-3d stage 2 entry", pairing(2, 64, 128, [40, 112, 96], k333, [2, 2, 2]), [Some(128), Some(64)]),
-            ("flare-3d stage 1 entry", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), [Some(64), None]),
-            ("amos-2d stage 1 entry", pairing(12, 32, 64, [1, 320, 320], k133, [1, 2, 2]), [Some(64), None]),
+            ("flare-3d stage 1 entry", pairing(2, 32, 64, [40, 224, 192], k333, [1, 2, 2]), [Some(64), Some(32)]),
+            ("amos-2d stage 1 entry", pairing(12, 32, 64, [1, 320, 320], k133, [1, 2, 2]), [Some(64), Some(32)]),
             ("strided 16 -> 64", pairing(2, 16, 64, [4, 16, 16], k333, [2, 2, 2]), [None, None]),
             (
                 "1x3x3 of stride 2 along z: phases without taps",
@@ -3769,6 +3792,8 @@ mod tests {
             ("gpu_conv_tma 2D 128 -> 128", pairing(1, 128, 128, [1, 9, 20], k133, one), m128),
             ("gpu_conv_tma 3x3x3 136 -> 40", pairing(2, 136, 40, [3, 6, 20], k333, one), [Some(64), None]),
             ("gpu_conv_tma 3x3x3 40 -> 136", pairing(2, 40, 136, [3, 6, 20], k333, one), [None, Some(64)]),
+            ("gpu_conv_tma 3x3x3 32 -> 72", pairing(2, 32, 72, [3, 6, 20], k333, one), [None, Some(32)]),
+            ("64 -> 32: no forward into 32", pairing(2, 64, 32, [3, 6, 20], k333, one), [None, None]),
             ("3x3x3 72 -> 40: 72 sources", pairing(2, 72, 40, [3, 6, 20], k333, one), [None, None]),
             ("gpu_conv_explicit_products 5x7", pairing(2, 512, 520, [1, 5, 7], k133, one), [None, None]),
             (
