@@ -347,6 +347,19 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
                     }
             }
     } else {
+        // This thread's positions q = q0 + 8 j + c + e (c = 2 (l % 4)) lie at x = box.x + c + 8 (j mod (box_x / 8)) +
+        // e, y = box.y + q0 / box_x + j / (box_x / 8), box_x = 8 << shift: no division, and as a box row is whole
+        // groups of 8, e = 0 and 1 lie in one row. The
+        // output's rows are then pairs of neighbours wherever the grid is the map itself (stride 1 along y and x: the
+        // forwards, a stride-1 input gradient) and a row of the map has an even length: one 4-byte store per pair. This
+        // is most of the epilogue, which the warpgroups run between a box's products and the next's while the tensor
+        // cores wait: with each element's position worked out by two divisions it was about 38 SASS instructions a
+        // 2-byte store, by that count more than half of the 20.3 M warp instructions ncu counted on amos-2d's 128 x
+        // 80x80 forward (H100, 2026-12-08); now about 18 a 4-byte store.
+        const int shift = __ffs(p.box_x) - 4, c = 2 * (lane % 4);
+        const int x0 = box.x + c, y0 = box.y + (q0 >> (shift + 3));
+        const bool pairs = p.out_step[1] == 1 && p.out_step[2] == 1 && p.out_phase[1] == 0 && p.out_phase[2] == 0 &&
+                           p.out_size[2] % 2 == 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = m0 + (ROWS == 128 ? 64 * group : 0) + 16 * warp + lane / 4 + 8 * h;
@@ -354,14 +367,19 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
             const float bias = p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
             __nv_bfloat16* row = p.out + (((int64_t)box.n * p.c_out + m) * p.out_size[0] + zo) * plane;
 #pragma unroll
-            for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int q = q0 + 8 * j + 2 * (lane % 4) + e, x = box.x + q % p.box_x, y = box.y + q / p.box_x;
-                    if (x < p.size[2] && y < p.size[1])
-                        row[(int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
-                            p.out_phase[2]] = __float2bfloat16_rn(acc[4 * j + 2 * h + e] + bias);
+            for (int j = 0; j < N / 8; ++j) {
+                const int x = x0 + 8 * (j & ((1 << shift) - 1)), y = y0 + (j >> shift);
+                if (y >= p.size[1]) continue;
+                const float v0 = acc[4 * j + 2 * h] + bias, v1 = acc[4 * j + 2 * h + 1] + bias;
+                if (pairs) {
+                    if (x < p.size[2])
+                        *reinterpret_cast<__nv_bfloat162*>(row + y * p.out_size[2] + x) = __floats2bfloat162_rn(v0, v1);
+                    continue;
                 }
+                const int64_t at = (int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_phase[2];
+                if (x < p.size[2]) row[at + p.out_step[2] * x] = __float2bfloat16_rn(v0);
+                if (x + 1 < p.size[2]) row[at + p.out_step[2] * (x + 1)] = __float2bfloat16_rn(v1);
+            }
         }
     }
 }
