@@ -312,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 // Writes a product's sums: D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e] is row m0 + (ROWS 128:
 // 64 g) + that, position (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x), at out_step o + out_phase in
 // the output map, plus the bias.
-// ROWS 32 (the _n32 kernels): the positions are the product's m, the channels its n: D[16 w + l / 4 + 8 h, 8 j + 2 (l %
+// ROWS 32 (conv_dgrad_tma_bf16_n32): the positions are the product's m, the channels its n: D[16 w + l / 4 + 8 h, 8 j + 2 (l %
 // 4) + e] of warpgroup g's m64 tile i at acc[16 i + 4 j + 2 h + e] is position 128 g + 64 i + that row, channel that
 // column.
 template <int ROWS>
@@ -349,13 +349,12 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
     } else {
         // This thread's positions q = q0 + 8 j + c + e (c = 2 (l % 4)) lie at x = box.x + c + 8 (j mod (box_x / 8)) +
         // e, y = box.y + q0 / box_x + j / (box_x / 8), box_x = 8 << shift: no division, and as a box row is whole
-        // groups of 8, e = 0 and 1 lie in one row. The
-        // output's rows are then pairs of neighbours wherever the grid is the map itself (stride 1 along y and x: the
-        // forwards, a stride-1 input gradient) and a row of the map has an even length: one 4-byte store per pair. This
-        // is most of the epilogue, which the warpgroups run between a box's products and the next's while the tensor
-        // cores wait: with each element's position worked out by two divisions it was about 38 SASS instructions a
-        // 2-byte store, by that count more than half of the 20.3 M warp instructions ncu counted on amos-2d's 128 x
-        // 80x80 forward (H100, 2026-12-08); now about 18 a 4-byte store.
+        // groups of 8, e = 0 and 1 lie in one row. The output's rows are then pairs of neighbours wherever the grid is
+        // the map itself (stride 1 along y and x: the forwards, a stride-1 input gradient) and a row of the map has an
+        // even length: one 4-byte store per pair. This is most of the epilogue, which the warpgroups run between a
+        // box's products and the next's while the tensor cores wait: with each element's position worked out by two
+        // divisions it was about 38 SASS instructions a 2-byte store, by that count more than half of the 20.3 M warp
+        // instructions ncu counted on amos-2d's 128 x 80x80 forward (H100, 2026-12-08); now about 18 a 4-byte store.
         const int shift = __ffs(p.box_x) - 4, c = 2 * (lane % 4);
         const int x0 = box.x + c, y0 = box.y + (q0 >> (shift + 3));
         const bool pairs = p.out_step[1] == 1 && p.out_step[2] == 1 && p.out_phase[1] == 0 && p.out_phase[2] == 0 &&
