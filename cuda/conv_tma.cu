@@ -324,27 +324,31 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
     const int q0 = ROWS == 128 ? 0 : group * N;
     const int zo = p.out_step[0] * box.z + p.out_phase[0];
     if constexpr (ROWS == 32) {
-        const __nv_bfloat16* bias = p.bias;
-        __nv_bfloat16* slice = p.out + (int64_t)box.n * p.c_out * p.out_size[0] * plane + (int64_t)zo * plane;
+        // This thread's 8 channels m = 8 j + 2 (l % 4) + e lie a plane of the output apart: their rows and biases
+        // once per box, not per element (a 64-bit channel offset and a bias load per element: about 25 SASS
+        // instructions a 2-byte store, now about 8), and the positions from box_x = 8 << shift without a division.
+        const int64_t channel = (int64_t)p.out_size[0] * plane;
+        __nv_bfloat16* slice = p.out + (int64_t)box.n * p.c_out * channel + (int64_t)zo * plane;
+        __nv_bfloat16* rows[8];
+        float bias[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int m = 8 * (k / 2) + 2 * (lane % 4) + k % 2;
+            rows[k] = m < p.c_out ? slice + m * channel : nullptr;
+            bias[k] = m < p.c_out && p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
+        }
+        const int shift = __ffs(p.box_x) - 4;
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int q = q0 + 64 * i + 16 * warp + lane / 4 + 8 * h, x = box.x + q % p.box_x,
-                          y = box.y + q / p.box_x;
+                const int q = q0 + 64 * i + 16 * warp + lane / 4 + 8 * h;
+                const int x = box.x + (q & (p.box_x - 1)), y = box.y + (q >> (shift + 3));
                 if (x >= p.size[2] || y >= p.size[1]) continue;
-                const int64_t at = (int64_t)(p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x +
-                                   p.out_phase[2];
+                const int at = (p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x + p.out_phase[2];
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int m = 8 * j + 2 * (lane % 4) + e;
-                        if (m >= p.c_out) continue;
-                        const float b = bias ? __bfloat162float(bias[m]) : 0.0f;
-                        slice[(int64_t)m * p.out_size[0] * plane + at] =
-                            __float2bfloat16_rn(acc[16 * i + 4 * j + 2 * h + e] + b);
-                    }
+                for (int k = 0; k < 8; ++k)
+                    if (rows[k]) rows[k][at] = __float2bfloat16_rn(acc[16 * i + 4 * (k / 2) + 2 * h + k % 2] + bias[k]);
             }
     } else {
         // This thread's positions q = q0 + 8 j + c + e (c = 2 (l % 4)) lie at x = box.x + c + 8 (j mod (box_x / 8)) +
