@@ -124,6 +124,10 @@ __device__ __forceinline__ BoxCorner box_corner(int b, int x_blocks, int y_block
     b /= y_blocks;
     return {x, y, b % depth, b / depth};
 }
+// Position q of the box at `box` in the map, the box 8 << shift positions wide (box_x 8, 16 or 32): no division.
+__device__ __forceinline__ int2 box_position(BoxCorner box, int q, int shift) {
+    return make_int2(box.x + (q & ((8 << shift) - 1)), box.y + (q >> (shift + 3)));
+}
 
 // The k-block pipeline of both kernels, over STAGES_N stages whose barriers lie at `bars`: full[s] at bars + 8 s (one
 // arrival, the producer's, and the copies' bytes) and empty[s] at bars + 8 (STAGES_N + s) (one arrival per consumer
@@ -312,9 +316,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_wgrad_tma_sum(const C
 // Writes a product's sums: D[16 w + l / 4 + 8 h, 8 j + 2 (l % 4) + e] at acc[4 j + 2 h + e] is row m0 + (ROWS 128:
 // 64 g) + that, position (ROWS 64: 128 g +) q of the box (x0 + q % box_x, y0 + q / box_x), at out_step o + out_phase in
 // the output map, plus the bias.
-// ROWS 32 (conv_dgrad_tma_bf16_n32): the positions are the product's m, the channels its n: D[16 w + l / 4 + 8 h, 8 j + 2 (l %
-// 4) + e] of warpgroup g's m64 tile i at acc[16 i + 4 j + 2 h + e] is position 128 g + 64 i + that row, channel that
-// column.
+// ROWS 32 (conv_dgrad_tma_bf16_n32): the positions are the product's m, the channels its n: D[16 w + l / 4 + 8 h,
+// 8 j + 2 (l % 4) + e] of warpgroup g's m64 tile i at acc[16 i + 4 j + 2 h + e] is position 128 g + 64 i + that row,
+// channel that column. Positions by box_position, without a division.
 template <int ROWS>
 __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bfloat16>& p, const float* acc, int m0,
                                               BoxCorner box) {
@@ -322,11 +326,11 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
     const int t = threadIdx.x, group = t >> 7, lane = t & 31, warp = (t >> 5) & 3;
     const int64_t plane = (int64_t)p.out_size[1] * p.out_size[2];
     const int q0 = ROWS == 128 ? 0 : group * N;
-    const int zo = p.out_step[0] * box.z + p.out_phase[0];
+    const int zo = p.out_step[0] * box.z + p.out_phase[0], shift = __ffs(p.box_x) - 4;
     if constexpr (ROWS == 32) {
         // This thread's 8 channels m = 8 j + 2 (l % 4) + e lie a plane of the output apart: their rows and biases
         // once per box, not per element (a 64-bit channel offset and a bias load per element: about 25 SASS
-        // instructions a 2-byte store, now about 8), and the positions from box_x = 8 << shift without a division.
+        // instructions a 2-byte store, now about 8).
         const int64_t channel = (int64_t)p.out_size[0] * plane;
         __nv_bfloat16* slice = p.out + (int64_t)box.n * p.c_out * channel + (int64_t)zo * plane;
         __nv_bfloat16* rows[8];
@@ -337,30 +341,27 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
             rows[k] = m < p.c_out ? slice + m * channel : nullptr;
             bias[k] = m < p.c_out && p.bias ? __bfloat162float(p.bias[m]) : 0.0f;
         }
-        const int shift = __ffs(p.box_x) - 4;
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int q = q0 + 64 * i + 16 * warp + lane / 4 + 8 * h;
-                const int x = box.x + (q & (p.box_x - 1)), y = box.y + (q >> (shift + 3));
-                if (x >= p.size[2] || y >= p.size[1]) continue;
-                const int at = (p.out_step[1] * y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * x + p.out_phase[2];
+                const int2 o = box_position(box, q0 + 64 * i + 16 * warp + lane / 4 + 8 * h, shift);
+                if (o.x >= p.size[2] || o.y >= p.size[1]) continue;
+                const int at =
+                    (p.out_step[1] * o.y + p.out_phase[1]) * p.out_size[2] + p.out_step[2] * o.x + p.out_phase[2];
 #pragma unroll
                 for (int k = 0; k < 8; ++k)
                     if (rows[k]) rows[k][at] = __float2bfloat16_rn(acc[16 * i + 4 * (k / 2) + 2 * h + k % 2] + bias[k]);
             }
     } else {
-        // This thread's positions q = q0 + 8 j + c + e (c = 2 (l % 4)) lie at x = box.x + c + 8 (j mod (box_x / 8)) +
-        // e, y = box.y + q0 / box_x + j / (box_x / 8), box_x = 8 << shift: no division, and as a box row is whole
-        // groups of 8, e = 0 and 1 lie in one row. The output's rows are then pairs of neighbours wherever the grid is
-        // the map itself (stride 1 along y and x: the forwards, a stride-1 input gradient) and a row of the map has an
-        // even length: one 4-byte store per pair. This is most of the epilogue, which the warpgroups run between a
-        // box's products and the next's while the tensor cores wait: with each element's position worked out by two
-        // divisions it was about 38 SASS instructions a 2-byte store, by that count more than half of the 20.3 M warp
-        // instructions ncu counted on amos-2d's 128 x 80x80 forward (H100, 2026-12-08); now about 18 a 4-byte store.
-        const int shift = __ffs(p.box_x) - 4, c = 2 * (lane % 4);
-        const int x0 = box.x + c, y0 = box.y + (q0 >> (shift + 3));
+        // This thread's positions q = q0 + 8 j + c + e (c = 2 (l % 4)): as a box row is whole groups of 8, e = 0 and 1
+        // lie in one row, so the output's rows are pairs of neighbours wherever the grid is the map itself (stride 1
+        // along y and x: the forwards, a stride-1 input gradient) and a row of the map has an even length: one 4-byte
+        // store per pair. This is most of the epilogue, which the warpgroups run between a box's products and the
+        // next's while the tensor cores wait: with each element's position worked out by two divisions it was about 38
+        // SASS instructions a 2-byte store, by that count more than half of the 20.3 M warp instructions ncu counted on
+        // amos-2d's 128 x 80x80 forward (H100, 2026-12-08); now about 18 a 4-byte store.
+        const int c = 2 * (lane % 4);
         const bool pairs = p.out_step[1] == 1 && p.out_step[2] == 1 && p.out_phase[1] == 0 && p.out_phase[2] == 0 &&
                            p.out_size[2] % 2 == 0;
 #pragma unroll
@@ -371,7 +372,8 @@ __device__ __forceinline__ void store_product(const ConvTmaProductParams<__nv_bf
             __nv_bfloat16* row = p.out + (((int64_t)box.n * p.c_out + m) * p.out_size[0] + zo) * plane;
 #pragma unroll
             for (int j = 0; j < N / 8; ++j) {
-                const int x = x0 + 8 * (j & ((1 << shift) - 1)), y = y0 + (j >> shift);
+                const int2 o = box_position(box, q0 + 8 * j + c, shift);
+                const int x = o.x, y = o.y;
                 if (y >= p.size[1]) continue;
                 const float v0 = acc[4 * j + 2 * h] + bias, v1 = acc[4 * j + 2 * h + 1] + bias;
                 if (pairs) {

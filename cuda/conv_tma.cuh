@@ -149,7 +149,7 @@ struct ConvTmaProductParams {
     int boxes;
 };
 // Output positions per block: 128 (128 rows of output channels), 256 in the _m64 kernels (64 rows, at most 64 output
-// channels: each warpgroup on 128 of the positions).
+// channels: each warpgroup on 128 of the positions) and in conv_dgrad_tma_bf16_n32.
 constexpr int CONV_TMA_PRODUCT_POSITIONS = 128;
 constexpr int CONV_TMA_PRODUCT_POSITIONS_M64 = 256;
 // The widest output box (box_x is 8, 16 or 32: whole 8-row swizzle atoms per row of the box).

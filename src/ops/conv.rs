@@ -2328,10 +2328,9 @@ impl Pairing {
     /// shapes (flare-3d 256 x 10x28x24 0.431 -> 0.199 ms, 128 x 20x56x48 0.561 -> 0.301, 256 -> 128 at 20x56x48
     /// 0.924 -> 0.480; amos-2d 256 x 40x40 0.254 -> 0.111, 64 x 160x160 0.248 -> 0.207), slower then on flare-3d's two
     /// 3x3x3 into 64 channels at 40x112x96 (64 -> 64 0.830 -> 0.862, 128 -> 64 1.365 -> 1.493), whose two
-    /// channels-last copies of 110 and 220 MB cost more than the products saved. Timed again with today's
-    /// kernel, the two tie with the halo wgmma kernel (H100, 2026-12-08, one call: 0.808 and 1.370
-    /// ms, no weight gradient of flare-3d 5% apart, all of them 23.20 -> 23.02 ms), so they take it and one rule
-    /// serves every kernel shape. The strided stage entries take the same kernels, their wide boxes at steps of 2
+    /// channels-last copies of 110 and 220 MB cost more than the products saved. Timed again on 2026-12-08 (H100, one
+    /// call), the two tie with the halo wgmma kernel (0.808 and 1.370 ms, no weight gradient of flare-3d 5% apart, all
+    /// of them 23.20 -> 23.02 ms), so they take it and one rule serves every kernel shape. The strided stage entries take the same kernels, their wide boxes at steps of 2
     /// (cuda/conv_tma.cu), also from [`TMA_STRIDED_MIN_SOURCES`] wide channels (the TMA unit fills a box's channels
     /// past the map with zeros): their other kernels (the gathers) ran flare-3d's 32 -> 64 entry at 54 TFLOP/s.
     fn tma_wgrad_rows(&self) -> Option<usize> {
@@ -2941,12 +2940,13 @@ const TMA_PRODUCT_M64_OUTPUTS: std::ops::RangeInclusive<usize> = 33..=64;
 /// the halo and implicit kernels were as fast or faster (H100, [`Pairing::tma_product_rows`]).
 const TMA_PRODUCT_M64_MIN_SOURCES: usize = 128;
 
-/// The output channels of an input gradient on the TMA product in one block of 32 (conv_dgrad_tma_bf16_n32: the positions as the
-/// product's m, the channels as its n): fewer than 17 would leave more than half of its n empty. (The TMA paths take
-/// maps of at least [`TMA_STRIDED_MIN_SOURCES`] channels, so only 32 reaches it today.)
+/// The output channels of an input gradient on the TMA product in one block of 32 (conv_dgrad_tma_bf16_n32: the
+/// positions as the product's m, the channels as its n): fewer than 17 would leave more than half of its n empty. (The
+/// TMA paths take maps of at least [`TMA_STRIDED_MIN_SOURCES`] channels, so only 32 reaches it today.)
 const TMA_PRODUCT_N32_OUTPUTS: std::ops::RangeInclusive<usize> = 17..=32;
 
-/// The fewest source channels of an input gradient on conv_dgrad_tma_bf16_n32: a box's 64 channels are then all the map's.
+/// The fewest source channels of an input gradient on conv_dgrad_tma_bf16_n32: a box's 64 channels are then all the
+/// map's.
 const TMA_PRODUCT_N32_MIN_SOURCES: usize = 64;
 
 /// The output positions per block of the TMA product in blocks of `rows` output channels (cuda/conv_tma.cuh).
